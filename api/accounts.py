@@ -1,0 +1,158 @@
+"""GraphQL binding of the Account entity."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import strawberry
+
+from api.common import (
+    CommandStatus,
+    Consistency,
+    EntityState,
+    Long,
+    new_entity_id,
+    read_entity,
+    read_fields,
+    send_command,
+    status_of,
+)
+from api.context import Info
+from api.gateway import EntityRead, Receipt
+from entities.account import AccountState, AccountStatus
+
+ENTITY = "account"
+
+strawberry.enum(AccountStatus, description="Where an account is in its lifecycle.")
+
+
+@strawberry.type(description="A customer's money account.")
+class Account(EntityState):
+    status: AccountStatus
+    owner_name: str
+    email: str
+    currency: str
+    balance: Long = strawberry.field(description="In minor units of `currency`.")
+    last_activity_at: datetime
+    suspension_reason: str | None
+    kyc_reference: str | None
+
+    @classmethod
+    def from_read(cls, read: EntityRead) -> Account:
+        state = AccountState.model_validate(read.snapshot.state)
+        return cls(
+            **read_fields(read),
+            status=state.status,
+            owner_name=state.owner_name,
+            email=state.email,
+            currency=state.currency,
+            balance=state.balance,
+            last_activity_at=state.last_activity_at,
+            suspension_reason=state.suspension_reason,
+            kyc_reference=state.kyc_reference,
+        )
+
+
+@strawberry.type(description="A command sent to an account; `account` is set when waited for.")
+class AccountCommandPayload:
+    account_id: strawberry.ID
+    command_id: str
+    status: CommandStatus
+    account: Account | None
+
+    @classmethod
+    def from_receipt(cls, receipt: Receipt) -> AccountCommandPayload:
+        return cls(
+            account_id=strawberry.ID(receipt.entity_id),
+            command_id=receipt.command_id,
+            status=status_of(receipt),
+            account=Account.from_read(receipt.read) if receipt.read else None,
+        )
+
+
+async def _command(
+    info: Info,
+    account_id: str,
+    command: str,
+    idempotency_key: str | None,
+    wait: bool,
+    **payload: object,
+) -> AccountCommandPayload:
+    receipt = await send_command(
+        info, ENTITY, account_id, command, payload, idempotency_key, wait
+    )
+    return AccountCommandPayload.from_receipt(receipt)
+
+
+@strawberry.type
+class AccountQuery:
+    @strawberry.field(description="An account, or null when it never existed.")
+    async def account(
+        self, info: Info, id: strawberry.ID, consistency: Consistency = Consistency.CACHED
+    ) -> Account | None:
+        read = await read_entity(info, ENTITY, id, consistency)
+        return Account.from_read(read) if read else None
+
+
+@strawberry.type
+class AccountMutation:
+    @strawberry.mutation(description="Open an account (PENDING until verified).")
+    async def open_account(
+        self,
+        info: Info,
+        owner_name: str,
+        email: str,
+        currency: str = "EUR",
+        id: strawberry.ID | None = None,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+    ) -> AccountCommandPayload:
+        account_id = id or new_entity_id(idempotency_key)
+        return await _command(
+            info, account_id, "open", idempotency_key, wait,
+            owner_name=owner_name, email=email, currency=currency,
+        )
+
+    @strawberry.mutation(description="Mark KYC as passed: PENDING -> ACTIVE.")
+    async def verify_account(
+        self, info: Info, id: strawberry.ID, kyc_reference: str | None = None,
+        idempotency_key: str | None = None, wait: bool = False,
+    ) -> AccountCommandPayload:
+        return await _command(
+            info, id, "verify", idempotency_key, wait, kyc_reference=kyc_reference
+        )
+
+    @strawberry.mutation(description="Add money; reactivates a DORMANT account.")
+    async def deposit_to_account(
+        self, info: Info, id: strawberry.ID, amount: Long,
+        idempotency_key: str | None = None, wait: bool = False,
+    ) -> AccountCommandPayload:
+        return await _command(info, id, "deposit", idempotency_key, wait, amount=amount)
+
+    @strawberry.mutation(description="Take money out; never beyond the balance.")
+    async def withdraw_from_account(
+        self, info: Info, id: strawberry.ID, amount: Long,
+        idempotency_key: str | None = None, wait: bool = False,
+    ) -> AccountCommandPayload:
+        return await _command(info, id, "withdraw", idempotency_key, wait, amount=amount)
+
+    @strawberry.mutation(description="Freeze an account: money commands are refused.")
+    async def suspend_account(
+        self, info: Info, id: strawberry.ID, reason: str | None = None,
+        idempotency_key: str | None = None, wait: bool = False,
+    ) -> AccountCommandPayload:
+        return await _command(info, id, "suspend", idempotency_key, wait, reason=reason)
+
+    @strawberry.mutation(description="Lift a suspension: SUSPENDED -> ACTIVE.")
+    async def reactivate_account(
+        self, info: Info, id: strawberry.ID,
+        idempotency_key: str | None = None, wait: bool = False,
+    ) -> AccountCommandPayload:
+        return await _command(info, id, "reactivate", idempotency_key, wait)
+
+    @strawberry.mutation(description="Close an account for good; its balance must be zero.")
+    async def close_account(
+        self, info: Info, id: strawberry.ID,
+        idempotency_key: str | None = None, wait: bool = False,
+    ) -> AccountCommandPayload:
+        return await _command(info, id, "close", idempotency_key, wait)

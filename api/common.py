@@ -1,0 +1,121 @@
+"""GraphQL building blocks shared by every entity binding: scalars, enums, the read contract
+and the command path."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import Enum
+from typing import Any, NewType
+
+import strawberry
+
+from api.context import Info
+from api.gateway import Consistency as GatewayConsistency
+from api.gateway import EntityRead, Receipt
+from entities.errors import ErrorCode, TenureError
+
+
+def _parse_long(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TenureError(ErrorCode.INVALID_INPUT, "expected a whole number")
+    return value
+
+
+Long = NewType("Long", int)
+"""A whole number beyond GraphQL's 32-bit Int, e.g. an amount in minor units (cents)."""
+
+SCALARS = {
+    Long: strawberry.scalar(
+        name="Long",
+        description="A whole number up to 2^53, e.g. an amount in minor units (cents).",
+        serialize=int,
+        parse_value=_parse_long,
+    )
+}
+
+
+@strawberry.enum(description="Where a read may come from.")
+class Consistency(Enum):
+    CACHED = "CACHED"
+    LIVE = "LIVE"
+
+
+@strawberry.enum(description="Where a read came from.")
+class Source(Enum):
+    CACHE = "CACHE"
+    LIVE = "LIVE"
+
+
+@strawberry.enum(description="What became of a command when the mutation returned.")
+class CommandStatus(Enum):
+    ACCEPTED = "ACCEPTED"
+    APPLIED = "APPLIED"
+
+
+@strawberry.interface(description="The read contract every entity honours.")
+class EntityState:
+    id: strawberry.ID
+    revision: int = strawberry.field(description="Raised by one with each applied command.")
+    updated_at: datetime | None = strawberry.field(description="When the state last changed.")
+    stale: bool = strawberry.field(
+        description="True when the entity could not be asked and this is its last-seen state."
+    )
+    source: Source
+    cached_at: datetime | None = strawberry.field(
+        description="When a CACHE read was written to the cache."
+    )
+
+
+def read_fields(read: EntityRead) -> dict[str, Any]:
+    """The EntityState fields of a read, to spread into an entity type's constructor."""
+    return {
+        "id": strawberry.ID(read.snapshot.entity_id),
+        "revision": read.snapshot.revision,
+        "updated_at": read.snapshot.updated_at,
+        "stale": read.stale,
+        "source": Source(read.source.value),
+        "cached_at": read.cached_at,
+    }
+
+
+async def read_entity(
+    info: Info, entity_type: str, entity_id: str, consistency: Consistency
+) -> EntityRead | None:
+    return await info.context.gateway.read(
+        entity_type, entity_id, GatewayConsistency(consistency.value)
+    )
+
+
+async def send_command(
+    info: Info,
+    entity_type: str,
+    entity_id: str,
+    command: str,
+    payload: dict[str, Any],
+    idempotency_key: str | None,
+    wait: bool,
+) -> Receipt:
+    return await info.context.gateway.send(
+        entity_type,
+        entity_id,
+        command,
+        {k: v for k, v in payload.items() if v is not None},
+        idempotency_key=idempotency_key,
+        wait=wait,
+    )
+
+
+def status_of(receipt: Receipt) -> CommandStatus:
+    return CommandStatus.APPLIED if receipt.applied else CommandStatus.ACCEPTED
+
+
+_ID_NAMESPACE = uuid.UUID("6f1c1d8e-3f4a-4c1e-9d7b-2a5b8e0c4f10")
+
+
+def new_entity_id(idempotency_key: str | None) -> str:
+    """An id for an entity the client did not name: derived from the idempotency key when
+    there is one, so a retried create names the same entity."""
+    if idempotency_key:
+        return str(uuid.uuid5(_ID_NAMESPACE, idempotency_key))
+    return str(uuid.uuid4())

@@ -1,0 +1,25 @@
+"""The typed GraphQL context every resolver receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket
+from strawberry.types import Info as StrawberryInfo
+
+from api.gateway import EntityGateway
+
+
+@dataclass
+class TenureContext:
+    """Request-scoped context: the request itself and the gateway owned by the app lifespan."""
+
+    request: Request | WebSocket
+    response: Response | None
+    gateway: EntityGateway
+
+
+Info = StrawberryInfo[TenureContext, Any]

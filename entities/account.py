@@ -1,0 +1,207 @@
+"""Account: a customer's money account, from opening and KYC to closing, with dormancy."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, Field, StringConstraints
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from entities.errors import ErrorCode, Rejected
+    from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
+    from entities.runtime.envelope import Snapshot
+
+Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Email = Annotated[
+    str, StringConstraints(strip_whitespace=True, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+]
+Amount = Annotated[int, Field(gt=0, le=10**15, description="minor units, e.g. cents")]
+
+
+class AccountStatus(StrEnum):
+    PENDING = "PENDING"
+    ACTIVE = "ACTIVE"
+    SUSPENDED = "SUSPENDED"
+    DORMANT = "DORMANT"
+    CLOSED = "CLOSED"
+
+
+class AccountState(BaseModel):
+    status: AccountStatus
+    owner_name: str
+    email: str
+    currency: str
+    balance: int = 0
+    last_activity_at: datetime
+    suspension_reason: str | None = None
+    kyc_reference: str | None = None
+
+
+class AccountOptions(BaseModel):
+    dormancy_seconds: float = Field(default=365 * 24 * 3600, gt=0)
+
+
+class OpenAccount(BaseModel, extra="forbid"):
+    owner_name: Name
+    email: Email
+    currency: Currency = "EUR"
+
+
+class VerifyAccount(BaseModel, extra="forbid"):
+    kyc_reference: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+
+class Deposit(BaseModel, extra="forbid"):
+    amount: Amount
+
+
+class Withdraw(BaseModel, extra="forbid"):
+    amount: Amount
+
+
+class Suspend(BaseModel, extra="forbid"):
+    reason: Annotated[str, StringConstraints(max_length=500)] | None = None
+
+
+class Reactivate(BaseModel, extra="forbid"):
+    pass
+
+
+class Close(BaseModel, extra="forbid"):
+    pass
+
+
+account: EntityType[AccountState, AccountOptions] = EntityType(
+    "account",
+    state=AccountState,
+    options=AccountOptions,
+    is_terminal=lambda s: s.status is AccountStatus.CLOSED,
+)
+
+Ctx = CommandContext[AccountOptions]
+
+
+def _require(state: AccountState, *allowed: AccountStatus, action: str) -> None:
+    if state.status not in allowed:
+        raise Rejected(
+            ErrorCode.INVALID_TRANSITION,
+            f"cannot {action} an account that is {state.status.value}",
+        )
+
+
+@account.command(OpenAccount, creates=True, name="open")
+def open_account(state: AccountState | None, cmd: OpenAccount, ctx: Ctx) -> AccountState:
+    if state is not None:
+        raise Rejected(ErrorCode.ALREADY_EXISTS, f"account {ctx.entity_id} is already open")
+    return AccountState(
+        status=AccountStatus.PENDING,
+        owner_name=cmd.owner_name,
+        email=cmd.email,
+        currency=cmd.currency,
+        last_activity_at=ctx.now,
+    )
+
+
+@account.command(VerifyAccount)
+def verify(state: AccountState, cmd: VerifyAccount, ctx: Ctx) -> AccountState:
+    _require(state, AccountStatus.PENDING, action="verify")
+    return state.model_copy(
+        update={
+            "status": AccountStatus.ACTIVE,
+            "kyc_reference": cmd.kyc_reference,
+            "last_activity_at": ctx.now,
+        }
+    )
+
+
+def _money_movable(state: AccountState, action: str) -> None:
+    _require(state, AccountStatus.ACTIVE, AccountStatus.DORMANT, action=action)
+
+
+@account.command(Deposit)
+def deposit(state: AccountState, cmd: Deposit, ctx: Ctx) -> AccountState:
+    _money_movable(state, "deposit to")
+    return state.model_copy(
+        update={
+            "status": AccountStatus.ACTIVE,
+            "balance": state.balance + cmd.amount,
+            "last_activity_at": ctx.now,
+        }
+    )
+
+
+@account.command(Withdraw)
+def withdraw(state: AccountState, cmd: Withdraw, ctx: Ctx) -> AccountState:
+    _money_movable(state, "withdraw from")
+    if cmd.amount > state.balance:
+        raise Rejected(
+            ErrorCode.INSUFFICIENT_FUNDS,
+            f"balance {state.balance} is less than {cmd.amount}",
+        )
+    return state.model_copy(
+        update={
+            "status": AccountStatus.ACTIVE,
+            "balance": state.balance - cmd.amount,
+            "last_activity_at": ctx.now,
+        }
+    )
+
+
+@account.command(Suspend)
+def suspend(state: AccountState, cmd: Suspend, ctx: Ctx) -> AccountState:
+    _require(state, AccountStatus.ACTIVE, AccountStatus.DORMANT, action="suspend")
+    return state.model_copy(
+        update={
+            "status": AccountStatus.SUSPENDED,
+            "suspension_reason": cmd.reason,
+            "last_activity_at": ctx.now,
+        }
+    )
+
+
+@account.command(Reactivate)
+def reactivate(state: AccountState, cmd: Reactivate, ctx: Ctx) -> AccountState:
+    _require(state, AccountStatus.SUSPENDED, action="reactivate")
+    return state.model_copy(
+        update={
+            "status": AccountStatus.ACTIVE,
+            "suspension_reason": None,
+            "last_activity_at": ctx.now,
+        }
+    )
+
+
+@account.command(Close)
+def close(state: AccountState, cmd: Close, ctx: Ctx) -> AccountState:
+    if state.balance != 0:
+        raise Rejected(
+            ErrorCode.INVALID_TRANSITION,
+            f"cannot close an account holding {state.balance}; withdraw it first",
+        )
+    return state.model_copy(update={"status": AccountStatus.CLOSED, "last_activity_at": ctx.now})
+
+
+def _dormant_after(state: AccountState, options: AccountOptions) -> datetime | None:
+    if state.status is not AccountStatus.ACTIVE:
+        return None
+    return state.last_activity_at + timedelta(seconds=options.dormancy_seconds)
+
+
+@account.timer(_dormant_after)
+def become_dormant(state: AccountState, ctx: Ctx) -> AccountState:
+    return state.model_copy(update={"status": AccountStatus.DORMANT})
+
+
+@workflow.defn(name="Account")
+class AccountWorkflow(EntityWorkflow):
+    """The Account actor."""
+
+    entity = account
+
+    @workflow.run
+    async def run(self, input: EntityRunInput) -> Snapshot:
+        return await self.run_entity()

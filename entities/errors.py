@@ -1,0 +1,32 @@
+"""Stable error codes shared by entities, the worker and the GraphQL API."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Codes a client can rely on; the message beside them is for humans and may change."""
+
+    INVALID_INPUT = "INVALID_INPUT"
+    INVALID_TRANSITION = "INVALID_TRANSITION"
+    INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
+    INSUFFICIENT_STOCK = "INSUFFICIENT_STOCK"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    CONFLICT = "CONFLICT"
+    UNAVAILABLE = "UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+
+
+class TenureError(Exception):
+    """A failure with a stable code, safe to show to a client."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Rejected(TenureError):
+    """A command the entity refused: recorded in its ledger, never raised out of a signal."""

@@ -1,0 +1,154 @@
+"""Declaring an entity type: its state, options, commands and durable timer, all pure."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from entities.errors import ErrorCode, Rejected
+
+S = TypeVar("S", bound=BaseModel)
+O = TypeVar("O", bound=BaseModel)
+C = TypeVar("C", bound=BaseModel)
+
+
+@dataclass
+class CommandContext(Generic[O]):
+    """What a transition may know besides state and command: deterministic time and options.
+
+    `effects` collects requests for the runtime to act on after the transition (for example
+    starting a saga); a transition only appends to it, the runtime carries them out.
+    """
+
+    entity_id: str
+    now: datetime
+    options: O
+    command_id: str = ""
+    effects: list[Any] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """One command of an entity type: its payload model and pure transition."""
+
+    name: str
+    model: type[BaseModel]
+    handler: Callable[[Any, Any, CommandContext[Any]], Any]
+    creates: bool
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """A one-line, client-safe summary of what was wrong with a payload."""
+    parts = []
+    for err in exc.errors(include_url=False, include_context=False, include_input=False):
+        where = ".".join(str(p) for p in err["loc"]) or "input"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+class EntityType(Generic[S, O]):
+    """An entity declaration that the generic runtime can host as a workflow.
+
+    Commands are registered with `@entity.command(Model)`; the function name is the command
+    name. A command marked `creates=True` may run against an entity that does not exist yet
+    (its handler then receives `None`); every other command on a missing entity is rejected
+    with NOT_FOUND.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        state: type[S],
+        options: type[O],
+        is_terminal: Callable[[S], bool] = lambda _s: False,
+    ) -> None:
+        self.name = name
+        self.state_model = state
+        self.options_model = options
+        self.is_terminal = is_terminal
+        self.commands: dict[str, CommandSpec] = {}
+        self._deadline: Callable[[S, O], datetime | None] | None = None
+        self._on_deadline: Callable[[S, CommandContext[O]], S] | None = None
+
+    def command(
+        self, model: type[C], *, creates: bool = False, name: str | None = None
+    ) -> Callable[[Callable[[Any, C, CommandContext[O]], S]], Callable[[Any, C, CommandContext[O]], S]]:
+        """Register a transition `fn(state, command, ctx) -> new_state` for `model`, named
+        `name` or after the function."""
+
+        def register(
+            fn: Callable[[Any, C, CommandContext[O]], S],
+        ) -> Callable[[Any, C, CommandContext[O]], S]:
+            command_name = name or fn.__name__
+            if command_name in self.commands:
+                raise ValueError(f"{self.name} already has a command {command_name!r}")
+            self.commands[command_name] = CommandSpec(command_name, model, fn, creates)
+            return fn
+
+        return register
+
+    def timer(
+        self, deadline: Callable[[S, O], datetime | None]
+    ) -> Callable[[Callable[[S, CommandContext[O]], S]], Callable[[S, CommandContext[O]], S]]:
+        """Declare a durable timer: `deadline(state, options)` says when, the decorated
+        function says what happens to the state once that moment has passed."""
+
+        def register(fn: Callable[[S, CommandContext[O]], S]) -> Callable[[S, CommandContext[O]], S]:
+            self._deadline = deadline
+            self._on_deadline = fn
+            return fn
+
+        return register
+
+    @property
+    def id_prefix(self) -> str:
+        return f"{self.name}:"
+
+    def workflow_id(self, entity_id: str) -> str:
+        """Readable, stable workflow id: `account:42`."""
+        return f"{self.name}:{entity_id}"
+
+    def spec(self, name: str) -> CommandSpec:
+        try:
+            return self.commands[name]
+        except KeyError:
+            raise Rejected(
+                ErrorCode.INVALID_INPUT, f"{self.name} has no command {name!r}"
+            ) from None
+
+    def parse(self, name: str, payload: Mapping[str, Any]) -> BaseModel:
+        """Validate a command payload, rejecting it with INVALID_INPUT when malformed."""
+        spec = self.spec(name)
+        try:
+            return spec.model.model_validate(payload)
+        except ValidationError as exc:
+            raise Rejected(ErrorCode.INVALID_INPUT, format_validation_error(exc)) from None
+
+    def apply(
+        self, state: S | None, name: str, payload: Mapping[str, Any], ctx: CommandContext[O]
+    ) -> S:
+        """Run one command's transition; raises Rejected when the entity refuses it."""
+        spec = self.spec(name)
+        command = self.parse(name, payload)
+        if state is None and not spec.creates:
+            raise Rejected(ErrorCode.NOT_FOUND, f"{self.name} {ctx.entity_id} does not exist")
+        if state is not None and self.is_terminal(state):
+            raise Rejected(
+                ErrorCode.INVALID_TRANSITION, f"{self.name} {ctx.entity_id} is closed"
+            )
+        result: S = spec.handler(state, command, ctx)
+        return result
+
+    def deadline(self, state: S | None, options: O) -> datetime | None:
+        if state is None or self._deadline is None:
+            return None
+        return self._deadline(state, options)
+
+    def fire_deadline(self, state: S, ctx: CommandContext[O]) -> S:
+        assert self._on_deadline is not None
+        return self._on_deadline(state, ctx)

@@ -1,0 +1,75 @@
+"""The payloads that cross the workflow boundary: commands, outcomes, snapshots, run input.
+
+Each is a pydantic model so fields can be added without breaking recorded histories.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class CommandEnvelope(BaseModel):
+    """A command as it travels in a signal: its idempotency key, name and raw payload."""
+
+    command_id: str
+    name: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutcomeStatus(StrEnum):
+    APPLIED = "APPLIED"
+    REJECTED = "REJECTED"
+    UNKNOWN = "UNKNOWN"
+
+
+class Outcome(BaseModel):
+    """What became of one command: applied at a revision, or rejected with a code."""
+
+    command_id: str
+    status: OutcomeStatus
+    revision: int = 0
+    code: str | None = None
+    message: str | None = None
+
+
+class Snapshot(BaseModel):
+    """An entity's state at a revision, as queried, cached and served."""
+
+    entity_type: str
+    entity_id: str
+    revision: int
+    updated_at: datetime | None = None
+    state: dict[str, Any] | None = None
+    closed: bool = False
+
+
+class CommandResult(BaseModel):
+    """A command's outcome together with the entity state after it."""
+
+    outcome: Outcome
+    snapshot: Snapshot
+
+
+class RuntimeOptions(BaseModel):
+    """How the runtime hosts an entity; set by whoever starts it, carried across runs."""
+
+    max_commands_per_run: int = Field(default=1000, ge=1)
+    ledger_size: int = Field(default=4096, ge=1)
+    publish_snapshots: bool = True
+
+
+class EntityRunInput(BaseModel):
+    """Input of one entity workflow run; continue-as-new carries the state forward in it."""
+
+    entity_id: str
+    runtime: RuntimeOptions = Field(default_factory=RuntimeOptions)
+    options: dict[str, Any] = Field(default_factory=dict)
+    state: dict[str, Any] | None = None
+    revision: int = 0
+    updated_at: datetime | None = None
+    ledger: list[Outcome] = Field(default_factory=list)
+    published_revision: int = 0

@@ -1,0 +1,252 @@
+"""The generic entity workflow: one long-lived actor per entity, driven by command signals."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Any, ClassVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError
+from temporalio.workflow import ParentClosePolicy
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel
+
+    from entities.errors import ErrorCode, Rejected
+    from entities.runtime.effects import StartWorkflow
+    from entities.runtime.entity import CommandContext, EntityType
+    from entities.runtime.envelope import (
+        CommandEnvelope,
+        CommandResult,
+        EntityRunInput,
+        Outcome,
+        OutcomeStatus,
+        Snapshot,
+    )
+    from entities.runtime.ledger import Ledger
+
+PUBLISH_ACTIVITY = "publish_snapshot"
+PUBLISH_TIMEOUT = timedelta(seconds=5)
+PUBLISH_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=2)
+PUBLISH_BACKOFF_MAX = timedelta(seconds=30)
+
+
+class EntityWorkflow:
+    """Hosts one entity of `entity`'s type. Subclasses set `entity` and define `run`.
+
+    Commands arrive on the `command` signal (or `commands`, a batch) and are applied in the
+    handler itself, so a query sent after a signal sees its outcome. Every applied command
+    raises the revision by one. The main loop publishes at most one snapshot per workflow
+    task, fires the entity's durable timer, carries out effects, and continues as new when
+    the run has seen enough commands or the server suggests it.
+    """
+
+    entity: ClassVar[EntityType[Any, Any]]
+    registry: ClassVar[dict[str, type[EntityWorkflow]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        EntityWorkflow.registry[cls.entity.name] = cls
+
+    @workflow.init
+    def __init__(self, input: EntityRunInput) -> None:
+        entity = self.entity
+        self._input = input
+        self._options: BaseModel = entity.options_model.model_validate(input.options)
+        self._state: BaseModel | None = (
+            entity.state_model.model_validate(input.state) if input.state is not None else None
+        )
+        self._revision = input.revision
+        self._updated_at = input.updated_at
+        self._ledger = Ledger(input.runtime.ledger_size, input.ledger)
+        self._received_this_run = 0
+        self._published_revision = input.published_revision
+        self._publish_backoff: asyncio.Task[None] | None = None
+        self._publish_failures = 0
+        self._effects: list[Any] = []
+
+    # -- commands -------------------------------------------------------------------------
+
+    @workflow.signal(name="command")
+    def command(self, envelope: CommandEnvelope) -> None:
+        """Apply one command, or record why it was refused; never raises."""
+        self._received_this_run += 1
+        if envelope.command_id in self._ledger:
+            return
+        now = workflow.now()
+        ctx = CommandContext(self._input.entity_id, now, self._options, envelope.command_id)
+        try:
+            new_state = self.entity.apply(self._state, envelope.name, envelope.payload, ctx)
+        except Rejected as rejection:
+            self._reject(envelope.command_id, rejection.code, rejection.message)
+            return
+        except Exception:
+            workflow.logger.exception("command %s failed in its transition", envelope.name)
+            self._reject(envelope.command_id, ErrorCode.INTERNAL, "internal error")
+            return
+        self._commit(new_state, now)
+        self._effects.extend(ctx.effects)
+        self._ledger.record(
+            Outcome(
+                command_id=envelope.command_id,
+                status=OutcomeStatus.APPLIED,
+                revision=self._revision,
+            )
+        )
+
+    @workflow.signal(name="commands")
+    def commands(self, batch: list[CommandEnvelope]) -> None:
+        """Apply a batch of commands in order, as if each had come in its own signal."""
+        for envelope in batch:
+            self.command(envelope)
+        self._received_this_run -= max(len(batch) - 1, 0)
+
+    def _reject(self, command_id: str, code: str, message: str) -> None:
+        self._ledger.record(
+            Outcome(
+                command_id=command_id,
+                status=OutcomeStatus.REJECTED,
+                revision=self._revision,
+                code=code,
+                message=message,
+            )
+        )
+
+    def _commit(self, state: BaseModel, now: datetime) -> None:
+        self._state = state
+        self._revision += 1
+        self._updated_at = now
+
+    # -- reads ----------------------------------------------------------------------------
+
+    @workflow.query(name="snapshot")
+    def snapshot(self) -> Snapshot:
+        """The current state with its revision."""
+        return Snapshot(
+            entity_type=self.entity.name,
+            entity_id=self._input.entity_id,
+            revision=self._revision,
+            updated_at=self._updated_at,
+            state=self._state.model_dump(mode="json") if self._state is not None else None,
+            closed=self._is_terminal(),
+        )
+
+    @workflow.query(name="outcome")
+    def outcome(self, command_id: str) -> CommandResult:
+        """What became of a command, with the state as it is now."""
+        outcome = self._ledger.get(command_id) or Outcome(
+            command_id=command_id, status=OutcomeStatus.UNKNOWN, revision=self._revision
+        )
+        return CommandResult(outcome=outcome, snapshot=self.snapshot())
+
+    # -- the main loop --------------------------------------------------------------------
+
+    def _is_terminal(self) -> bool:
+        return self._state is not None and self.entity.is_terminal(self._state)
+
+    def _should_continue_as_new(self) -> bool:
+        return (
+            self._received_this_run >= self._input.runtime.max_commands_per_run
+            or workflow.info().is_continue_as_new_suggested()
+        )
+
+    def _needs_publish(self) -> bool:
+        return (
+            self._input.runtime.publish_snapshots
+            and self._revision > self._published_revision
+            and (self._publish_backoff is None or self._publish_backoff.done())
+        )
+
+    async def run_entity(self) -> Snapshot:
+        """Serve commands until the entity reaches a terminal state; returns its last snapshot."""
+        timer: asyncio.Task[None] | None = None
+        armed_for: datetime | None = None
+        while True:
+            deadline = self.entity.deadline(self._state, self._options)
+            if deadline is not None and (armed_for is None or deadline < armed_for):
+                if timer is not None:
+                    timer.cancel()
+                delay = max((deadline - workflow.now()).total_seconds(), 0.0)
+                timer = asyncio.create_task(workflow.sleep(delay))
+                armed_for = deadline
+            armed = timer
+            await workflow.wait_condition(
+                lambda: self._needs_publish()
+                or bool(self._effects)
+                or self._is_terminal()
+                or self._should_continue_as_new()
+                or (armed is not None and armed.done())
+            )
+            if timer is not None and timer.done():
+                timer, armed_for = None, None
+                self._fire_deadline()
+            await self._run_effects()
+            if self._needs_publish():
+                await self._publish()
+            if self._is_terminal() or self._should_continue_as_new():
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                await self._run_effects()
+                if (
+                    self._input.runtime.publish_snapshots
+                    and self._revision > self._published_revision
+                ):
+                    await self._publish()
+                if self._is_terminal():
+                    return self.snapshot()
+                workflow.continue_as_new(self._carry_over())
+
+    def _fire_deadline(self) -> None:
+        deadline = self.entity.deadline(self._state, self._options)
+        now = workflow.now()
+        if self._state is None or deadline is None or deadline > now:
+            return
+        ctx = CommandContext(self._input.entity_id, now, self._options, "timer")
+        self._commit(self.entity.fire_deadline(self._state, ctx), now)
+        self._effects.extend(ctx.effects)
+
+    async def _run_effects(self) -> None:
+        while self._effects:
+            effect = self._effects.pop(0)
+            if isinstance(effect, StartWorkflow):
+                try:
+                    await workflow.start_child_workflow(
+                        effect.workflow,
+                        effect.input,
+                        id=effect.workflow_id,
+                        parent_close_policy=ParentClosePolicy.ABANDON,
+                    )
+                except (ChildWorkflowError, WorkflowAlreadyStartedError) as exc:
+                    workflow.logger.warning("effect %s not started: %s", effect.workflow_id, exc)
+
+    async def _publish(self) -> None:
+        snapshot = self.snapshot()
+        try:
+            await workflow.execute_local_activity(
+                PUBLISH_ACTIVITY,
+                snapshot,
+                start_to_close_timeout=PUBLISH_TIMEOUT,
+                retry_policy=PUBLISH_RETRY,
+            )
+        except ActivityError:
+            # The cache is best effort: the entity keeps serving, and retries later.
+            self._publish_failures += 1
+            backoff = min(timedelta(seconds=2**self._publish_failures), PUBLISH_BACKOFF_MAX)
+            self._publish_backoff = asyncio.create_task(workflow.sleep(backoff))
+            return
+        self._publish_failures = 0
+        self._publish_backoff = None
+        self._published_revision = snapshot.revision
+
+    def _carry_over(self) -> EntityRunInput:
+        return EntityRunInput(
+            entity_id=self._input.entity_id,
+            runtime=self._input.runtime,
+            options=self._input.options,
+            state=self._state.model_dump(mode="json") if self._state is not None else None,
+            revision=self._revision,
+            updated_at=self._updated_at,
+            ledger=self._ledger.entries(),
+            published_revision=self._published_revision,
+        )

@@ -1,0 +1,164 @@
+"""Session fixtures: a real Temporal dev server and a real Redis-compatible server.
+
+REDIS_URL, when set (CI sets it to the machine's Redis 7), is used instead of an embedded
+Valkey; every test session writes under a key prefix of its own, so it never sees other
+data there. Each test gets its own task queue and entity ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as redis
+from starlette.applications import Starlette
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Worker
+
+from api.app import create_app
+from deploy.embedded import EmbeddedRedis, EmbeddedTemporal
+from workers.cache import SnapshotCache, connect_redis
+from workers.settings import Settings
+from workers.worker import build_worker
+
+
+@pytest.fixture(scope="session")
+async def temporal_server() -> AsyncIterator[EmbeddedTemporal]:
+    async with EmbeddedTemporal() as server:
+        yield server  # type: ignore[misc]
+
+
+@pytest.fixture(scope="session")
+async def redis_url() -> AsyncIterator[str]:
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    async with EmbeddedRedis() as server:
+        yield server.url  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def redis_prefix() -> str:
+    return f"tenure-test:{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _clean_redis_prefix(redis_url: str, redis_prefix: str) -> AsyncIterator[None]:
+    yield
+    client = redis.from_url(redis_url)
+    async for key in client.scan_iter(match=f"{redis_prefix}*", count=1000):
+        await client.delete(key)
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+async def temporal_client(temporal_server: EmbeddedTemporal) -> Client:
+    return await Client.connect(
+        temporal_server.address, data_converter=pydantic_data_converter
+    )
+
+
+@pytest.fixture
+def settings(temporal_server: EmbeddedTemporal, redis_url: str, redis_prefix: str) -> Settings:
+    """Settings for one test: its own task queue, the session's servers."""
+    return Settings(
+        temporal_address=temporal_server.address,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        task_queue=f"test-{uuid.uuid4().hex}",
+        live_read_timeout=1.5,
+    )
+
+
+@pytest.fixture
+async def cache(settings: Settings) -> AsyncIterator[SnapshotCache]:
+    client = connect_redis(settings)
+    yield SnapshotCache(client, settings.redis_prefix)
+    await client.aclose()
+
+
+WorkerFactory = Callable[..., contextlib.AbstractAsyncContextManager[Worker]]
+
+
+@pytest.fixture
+def run_worker(temporal_client: Client, settings: Settings) -> WorkerFactory:
+    """`async with run_worker(): ...` runs a worker for this test's task queue."""
+
+    @contextlib.asynccontextmanager
+    async def running(
+        worker_settings: Settings | None = None, cache: SnapshotCache | None = None
+    ) -> AsyncIterator[Worker]:
+        chosen = worker_settings or settings
+        redis_client = connect_redis(chosen)
+        worker = build_worker(
+            temporal_client, chosen, cache or SnapshotCache(redis_client, chosen.redis_prefix)
+        )
+        try:
+            async with worker:
+                yield worker
+        finally:
+            await redis_client.aclose()
+
+    return running
+
+
+@pytest.fixture
+async def worker(run_worker: WorkerFactory) -> AsyncIterator[Worker]:
+    async with run_worker() as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def api_client(
+    settings: Settings, temporal_client: Client, cache: SnapshotCache | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    app: Starlette = create_app(settings, temporal_client=temporal_client, cache=cache)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tenure") as http:
+            yield http
+
+
+@pytest.fixture
+async def http(settings: Settings, temporal_client: Client) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(settings, temporal_client) as client:
+        yield client
+
+
+class GraphQLClient:
+    """Posts GraphQL documents and returns the decoded response body."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+
+    async def __call__(self, query: str, **variables: Any) -> dict[str, Any]:
+        response = await self.http.post("/graphql", json={"query": query, "variables": variables})
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def data(self, query: str, **variables: Any) -> dict[str, Any]:
+        body = await self(query, **variables)
+        assert "errors" not in body, body
+        data: dict[str, Any] = body["data"]
+        return data
+
+    async def error_code(self, query: str, **variables: Any) -> str:
+        body = await self(query, **variables)
+        assert body.get("errors"), body
+        code: str = body["errors"][0]["extensions"]["code"]
+        return code
+
+
+@pytest.fixture
+def gql(http: httpx.AsyncClient, worker: Worker) -> GraphQLClient:
+    return GraphQLClient(http)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,86 @@
+"""The last-seen cache: each entity's latest snapshot in Redis, never moved backwards."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from entities.runtime.envelope import Snapshot
+from workers.settings import Settings
+
+# Writes only when the incoming revision is newer, atomically: a retried, delayed or
+# replayed publish can never move the cache backwards.
+_PUT_IF_NEWER = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'revision') or '-1')
+if current >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'revision', ARGV[1], 'snapshot', ARGV[2], 'cached_at', ARGV[3])
+return 1
+"""
+
+
+class CacheUnavailable(Exception):
+    """Redis could not be reached or answered with an error."""
+
+
+@dataclass(frozen=True)
+class CachedSnapshot:
+    """A snapshot as the cache holds it, with when it was written."""
+
+    snapshot: Snapshot
+    cached_at: datetime
+
+
+def connect_redis(settings: Settings) -> redis.Redis:
+    """A Redis client with short timeouts, so a dead Redis costs a read milliseconds."""
+    if not settings.redis_url:
+        raise ValueError("REDIS_URL is not set")
+    return redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout,
+        socket_timeout=settings.redis_timeout,
+        retry_on_timeout=False,
+    )
+
+
+class SnapshotCache:
+    """Reads and conditional writes of entity snapshots under one key prefix."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "tenure:") -> None:
+        self._client = client
+        self._prefix = prefix
+        self._put_if_newer = client.register_script(_PUT_IF_NEWER)
+
+    def key(self, entity_type: str, entity_id: str) -> str:
+        return f"{self._prefix}entity:{entity_type}:{entity_id}"
+
+    async def put(self, snapshot: Snapshot) -> bool:
+        """Store `snapshot` unless the cache already holds this revision or a newer one."""
+        try:
+            written = await self._put_if_newer(
+                keys=[self.key(snapshot.entity_type, snapshot.entity_id)],
+                args=[snapshot.revision, snapshot.model_dump_json(), repr(time.time())],
+            )
+        except RedisError as exc:
+            raise CacheUnavailable(str(exc)) from exc
+        return bool(written)
+
+    async def get(self, entity_type: str, entity_id: str) -> CachedSnapshot | None:
+        """The last-seen snapshot, or None when the cache has never seen the entity."""
+        try:
+            raw = await self._client.hmget(
+                self.key(entity_type, entity_id), ["snapshot", "cached_at"]
+            )
+        except RedisError as exc:
+            raise CacheUnavailable(str(exc)) from exc
+        document, cached_at = raw
+        if document is None:
+            return None
+        return CachedSnapshot(
+            snapshot=Snapshot.model_validate(json.loads(document)),
+            cached_at=datetime.fromtimestamp(float(cached_at), tz=UTC),
+        )

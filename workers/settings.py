@@ -1,0 +1,90 @@
+"""The one settings object, built from the environment at each entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from entities.runtime.envelope import RuntimeOptions
+
+
+class Settings(BaseModel):
+    """Where Tenure's parts live and how they behave. `from_env` reads TEMPORAL_ADDRESS,
+    REDIS_URL and the TENURE_* variables; nothing reads the environment at import time."""
+
+    temporal_address: str | None = None
+    temporal_namespace: str = "default"
+    task_queue: str = "tenure"
+    redis_url: str | None = None
+    redis_prefix: str = "tenure:"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    data_dir: Path = Path(".data")
+    live_read_timeout: float = Field(default=2.0, gt=0)
+    redis_timeout: float = Field(default=1.0, gt=0)
+    runtime: RuntimeOptions = Field(default_factory=RuntimeOptions)
+    entity_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    max_cached_workflows: int = 10_000
+    max_concurrent_workflow_tasks: int = 100
+    workflow_sandbox: bool = True
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        plain = {
+            "TEMPORAL_ADDRESS": "temporal_address",
+            "TEMPORAL_NAMESPACE": "temporal_namespace",
+            "TENURE_TASK_QUEUE": "task_queue",
+            "REDIS_URL": "redis_url",
+            "TENURE_REDIS_PREFIX": "redis_prefix",
+            "API_HOST": "api_host",
+            "API_PORT": "api_port",
+            "TENURE_DATA_DIR": "data_dir",
+            "TENURE_LIVE_READ_TIMEOUT": "live_read_timeout",
+            "TENURE_MAX_CACHED_WORKFLOWS": "max_cached_workflows",
+            "TENURE_MAX_CONCURRENT_WORKFLOW_TASKS": "max_concurrent_workflow_tasks",
+            "TENURE_WORKFLOW_SANDBOX": "workflow_sandbox",
+        }
+        for var, field in plain.items():
+            if env.get(var):
+                values[field] = env[var]
+        runtime: dict[str, Any] = {}
+        if env.get("TENURE_MAX_COMMANDS_PER_RUN"):
+            runtime["max_commands_per_run"] = env["TENURE_MAX_COMMANDS_PER_RUN"]
+        if env.get("TENURE_LEDGER_SIZE"):
+            runtime["ledger_size"] = env["TENURE_LEDGER_SIZE"]
+        if runtime:
+            values["runtime"] = runtime
+        if env.get("TENURE_ENTITY_OPTIONS"):
+            values["entity_options"] = json.loads(env["TENURE_ENTITY_OPTIONS"])
+        values.update(overrides)
+        return cls.model_validate(values)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes `from_env` rebuild these settings in a child process."""
+        env = {
+            "TEMPORAL_NAMESPACE": self.temporal_namespace,
+            "TENURE_TASK_QUEUE": self.task_queue,
+            "TENURE_REDIS_PREFIX": self.redis_prefix,
+            "API_HOST": self.api_host,
+            "API_PORT": str(self.api_port),
+            "TENURE_DATA_DIR": str(self.data_dir),
+            "TENURE_LIVE_READ_TIMEOUT": str(self.live_read_timeout),
+            "TENURE_MAX_COMMANDS_PER_RUN": str(self.runtime.max_commands_per_run),
+            "TENURE_LEDGER_SIZE": str(self.runtime.ledger_size),
+            "TENURE_ENTITY_OPTIONS": json.dumps(self.entity_options),
+            "TENURE_MAX_CACHED_WORKFLOWS": str(self.max_cached_workflows),
+            "TENURE_MAX_CONCURRENT_WORKFLOW_TASKS": str(self.max_concurrent_workflow_tasks),
+            "TENURE_WORKFLOW_SANDBOX": "1" if self.workflow_sandbox else "0",
+        }
+        if self.temporal_address:
+            env["TEMPORAL_ADDRESS"] = self.temporal_address
+        if self.redis_url:
+            env["REDIS_URL"] = self.redis_url
+        return env
