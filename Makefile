@@ -1,0 +1,47 @@
+# The README's commands. Each sets up .venv first when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+BENCH_SCALE ?= default
+
+.PHONY: dev test check lint format typecheck bench worker api clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+dev: $(STAMP)  ## the whole stack, embedded; GraphiQL at http://127.0.0.1:8000/graphql
+	$(BIN)/python -m deploy.dev
+
+worker: $(STAMP)
+	$(BIN)/python -m workers
+
+api: $(STAMP)
+	$(BIN)/python -m api
+
+test: $(STAMP)  ## every test, against a real Temporal dev server and Redis
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check entities api workers deploy tests
+	$(BIN)/ruff check entities api workers deploy tests
+
+format: $(STAMP)
+	$(BIN)/ruff format entities api workers deploy tests
+	$(BIN)/ruff check --fix entities api workers deploy tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+bench: $(STAMP)  ## benchmarks against raw Temporal; BENCH_SCALE=small for a quick run
+	$(BIN)/python -m bench --scale $(BENCH_SCALE)
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache *.egg-info

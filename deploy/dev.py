@@ -1,0 +1,102 @@
+"""`make dev`: the whole stack in one process tree — Temporal, Redis, worker and API.
+
+Embedded servers persist to the data directory, so entities survive a restart. When
+TEMPORAL_ADDRESS or REDIS_URL is set, that server is used and none is started for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from deploy.embedded import EmbeddedRedis, EmbeddedTemporal, free_port, port_is_free
+from workers.settings import Settings
+
+log = logging.getLogger("tenure.dev")
+
+TEMPORAL_PORT = 7233
+REDIS_PORT = 6380  # a Redis on 6379 is common; never collide with it
+
+
+def _spawn(module: str, settings: Settings) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings.to_env()}
+    return subprocess.Popen([sys.executable, "-m", module], env=env)
+
+
+async def run(settings: Settings) -> int:
+    if not port_is_free(settings.api_port, settings.api_host):
+        print(
+            f"error: port {settings.api_port} is already in use (set API_PORT to use another)",
+            file=sys.stderr,
+        )
+        return 1
+    data = settings.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    servers: list[EmbeddedTemporal | EmbeddedRedis] = []
+    children: list[subprocess.Popen[bytes]] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if not settings.temporal_address:
+            temporal = EmbeddedTemporal(
+                port=free_port(TEMPORAL_PORT),
+                db_file=data / "temporal.db",
+                log_file=data / "temporal.log",
+                ui=True,
+            )
+            log.info("starting Temporal dev server on %s", temporal.address)
+            await temporal.start()
+            servers.append(temporal)
+            settings = settings.model_copy(update={"temporal_address": temporal.address})
+        if not settings.redis_url:
+            redis_server = EmbeddedRedis(
+                port=free_port(REDIS_PORT), data_dir=data / "redis", log_file=data / "redis.log"
+            )
+            log.info("starting Valkey on port %d", redis_server.port)
+            await redis_server.start()
+            servers.append(redis_server)
+            settings = settings.model_copy(update={"redis_url": redis_server.url})
+        children.append(_spawn("workers", settings))
+        children.append(_spawn("api", settings))
+        print(
+            f"\nTenure is up: GraphiQL at http://{settings.api_host}:{settings.api_port}/graphql"
+            f"\n  Temporal {settings.temporal_address}   Redis {settings.redis_url}"
+            "\n  Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        while not stop.is_set():
+            exited = [c for c in children if c.poll() is not None]
+            if exited:
+                log.error("a child process exited (code %s); stopping", exited[0].returncode)
+                return 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+        return 0
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        for server in reversed(servers):
+            server.stop()
+        log.info("stopped")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s dev %(levelname)s %(message)s")
+    sys.exit(asyncio.run(run(Settings.from_env())))
+
+
+if __name__ == "__main__":
+    main()
