@@ -19,7 +19,7 @@ Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max
 Email = Annotated[
     str, StringConstraints(strip_whitespace=True, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 ]
-Amount = Annotated[int, Field(gt=0, le=10**15, description="minor units, e.g. cents")]
+Amount = Annotated[int, Field(gt=0, le=10**15, strict=True, description="minor units, e.g. cents")]
 
 
 class AccountStatus(StrEnum):
@@ -60,6 +60,10 @@ class Deposit(BaseModel, extra="forbid"):
 
 
 class Withdraw(BaseModel, extra="forbid"):
+    amount: Amount
+
+
+class Refund(BaseModel, extra="forbid"):
     amount: Amount
 
 
@@ -148,6 +152,20 @@ def withdraw(state: AccountState, cmd: Withdraw, ctx: Ctx) -> AccountState:
             "balance": state.balance - cmd.amount,
             "last_activity_at": ctx.now,
         }
+    )
+
+
+@account.command(Refund)
+def refund(state: AccountState, cmd: Refund, ctx: Ctx) -> AccountState:
+    """Money coming back from a purchase taken back: accepted even while SUSPENDED, since
+    a suspension must not keep a customer's own money from returning."""
+    _require(
+        state, AccountStatus.ACTIVE, AccountStatus.DORMANT, AccountStatus.SUSPENDED,
+        action="refund to",
+    )
+    status = AccountStatus.ACTIVE if state.status is AccountStatus.DORMANT else state.status
+    return state.model_copy(
+        update={"status": status, "balance": state.balance + cmd.amount, "last_activity_at": ctx.now}
     )
 
 

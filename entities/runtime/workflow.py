@@ -63,6 +63,7 @@ class EntityWorkflow:
         self._ledger = Ledger(input.runtime.ledger_size, input.ledger)
         self._received_this_run = 0
         self._published_revision = input.published_revision
+        self._publishing: asyncio.Task[None] | None = None
         self._publish_backoff: asyncio.Task[None] | None = None
         self._publish_failures = 0
         self._effects: list[Any] = []
@@ -74,6 +75,8 @@ class EntityWorkflow:
         """Apply one command, or record why it was refused; never raises."""
         self._received_this_run += 1
         if envelope.command_id in self._ledger:
+            return
+        if envelope.undoes is not None and self._nothing_to_undo(envelope):
             return
         now = workflow.now()
         ctx = CommandContext(self._input.entity_id, now, self._options, envelope.command_id)
@@ -102,6 +105,27 @@ class EntityWorkflow:
         for envelope in batch:
             self.command(envelope)
         self._received_this_run -= max(len(batch) - 1, 0)
+
+    def _nothing_to_undo(self, envelope: CommandEnvelope) -> bool:
+        """Settle a compensating command whose undone command was not applied: there is
+        nothing to take back, and a command that never arrived is cancelled for good."""
+        assert envelope.undoes is not None
+        undone = self._ledger.get(envelope.undoes)
+        if undone is not None and undone.status is OutcomeStatus.APPLIED:
+            return False
+        if undone is None:
+            self._reject(
+                envelope.undoes, ErrorCode.CONFLICT, f"cancelled by {envelope.command_id}"
+            )
+        self._ledger.record(
+            Outcome(
+                command_id=envelope.command_id,
+                status=OutcomeStatus.APPLIED,
+                revision=self._revision,
+                message=f"nothing to undo: {envelope.undoes} was not applied",
+            )
+        )
+        return True
 
     def _reject(self, command_id: str, code: str, message: str) -> None:
         self._ledger.record(
@@ -156,11 +180,19 @@ class EntityWorkflow:
         return (
             self._input.runtime.publish_snapshots
             and self._revision > self._published_revision
+            and self._publishing is None
             and (self._publish_backoff is None or self._publish_backoff.done())
         )
 
     async def run_entity(self) -> Snapshot:
-        """Serve commands until the entity reaches a terminal state; returns its last snapshot."""
+        """Serve commands until the entity reaches a terminal state; returns its last snapshot.
+
+        The loop never blocks on anything but its wake-up condition: publishing runs beside
+        it. So the decision to continue as new is always taken in the activation that
+        delivered the commands crossing the threshold, never after a local activity resolves
+        from history, where signals that raced the previous attempt would be left out of
+        the carried-over state.
+        """
         timer: asyncio.Task[None] | None = None
         armed_for: datetime | None = None
         while True:
@@ -182,20 +214,21 @@ class EntityWorkflow:
             if timer is not None and timer.done():
                 timer, armed_for = None, None
                 self._fire_deadline()
-            await self._run_effects()
-            if self._needs_publish():
-                await self._publish()
-            if self._is_terminal() or self._should_continue_as_new():
+            if self._is_terminal():
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 await self._run_effects()
-                if (
-                    self._input.runtime.publish_snapshots
-                    and self._revision > self._published_revision
-                ):
+                if self._publishing is not None:
+                    await self._publishing
+                if self._input.runtime.publish_snapshots:
                     await self._publish()
-                if self._is_terminal():
-                    return self.snapshot()
+                return self.snapshot()
+            if self._should_continue_as_new():
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                # The next run publishes whatever this one did not.
                 workflow.continue_as_new(self._carry_over())
+            await self._run_effects()
+            if self._needs_publish():
+                self._publishing = asyncio.create_task(self._publish())
 
     def _fire_deadline(self) -> None:
         deadline = self.entity.deadline(self._state, self._options)
@@ -222,6 +255,12 @@ class EntityWorkflow:
 
     async def _publish(self) -> None:
         snapshot = self.snapshot()
+        try:
+            await self._publish_snapshot(snapshot)
+        finally:
+            self._publishing = None
+
+    async def _publish_snapshot(self, snapshot: Snapshot) -> None:
         try:
             await workflow.execute_local_activity(
                 PUBLISH_ACTIVITY,
