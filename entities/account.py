@@ -165,7 +165,11 @@ def refund(state: AccountState, cmd: Refund, ctx: Ctx) -> AccountState:
     )
     status = AccountStatus.ACTIVE if state.status is AccountStatus.DORMANT else state.status
     return state.model_copy(
-        update={"status": status, "balance": state.balance + cmd.amount, "last_activity_at": ctx.now}
+        update={
+            "status": status,
+            "balance": state.balance + cmd.amount,
+            "last_activity_at": ctx.now,
+        }
     )
 
 

@@ -13,11 +13,19 @@ from pydantic import BaseModel, Field
 
 
 class CommandEnvelope(BaseModel):
-    """A command as it travels in a signal: its idempotency key, name and raw payload."""
+    """A command as it travels in a signal: its idempotency key, name and raw payload.
+
+    A compensating command names in `undoes` the command it takes back. It is applied only
+    if that command was applied; if that command never arrived, it is recorded as cancelled
+    so that a late delivery can never apply it. The undone command must still be in the
+    entity's ledger (its last `ledger_size` commands), so a compensation whose step is known
+    to have been applied is sent without `undoes`.
+    """
 
     command_id: str
     name: str
     payload: dict[str, Any] = Field(default_factory=dict)
+    undoes: str | None = None
 
 
 class OutcomeStatus(StrEnum):
