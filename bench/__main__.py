@@ -1,0 +1,105 @@
+"""`python -m bench --scale small|default`: every scenario in one run, a progress line for
+each, results in bench/results.json and bench/results.md; exits 1 when any command was lost
+or applied twice (or any check failed), whatever the speed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import math
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from bench import report, scaling, scenarios
+from bench.scale import SCALES, Scale
+from bench.scenarios import Bench, Result
+from bench.stack import bench_stack
+
+RESULTS_DIR = Path(__file__).parent
+
+Scenario = Callable[[Bench], Awaitable[Result | list[Result]]]
+
+SCENARIOS: list[tuple[str, Scenario]] = [
+    ("raw SDK signals", scenarios.raw_signals),
+    ("GraphQL mutations", scenarios.graphql_mutations),
+    ("raw SDK signal, then query", scenarios.raw_signal_then_query),
+    ("GraphQL mutations, wait: true", scenarios.graphql_waited_mutations),
+    ("raw SDK queries", scenarios.raw_queries),
+    ("GraphQL reads, CACHED", scenarios.cached_reads),
+    ("GraphQL reads, LIVE", scenarios.live_reads),
+    ("raw SDK signals, one counter", scaling.raw_hot),
+    ("hot account", scaling.tenure_hot),
+    ("many live accounts", scaling.many_entities),
+]
+
+
+def _progress(result: Result, by_key: dict[str, Result]) -> str:
+    r = report.ratio(result, by_key)
+    p50, p99 = result.measured.p50_ms, result.measured.p99_ms
+    parts = [
+        f"{result.title:<36}",
+        f"{result.ops_per_s:>9,.0f} {result.unit}/s",
+        "" if math.isnan(p50) else f"p50 {p50:6.1f} ms  p99 {p99:6.1f} ms",
+        "" if r is None else f"ratio {r:.2f}",
+        f"rss {result.peak_rss_kib / 1024:.0f} MiB" if result.peak_rss_kib else "",
+        "ok" if not result.problems else "FAILED: " + "; ".join(result.problems[:3]),
+    ]
+    return "  ".join(p for p in parts if p)
+
+
+def _skipped() -> dict[str, str]:
+    if importlib.util.find_spec("entities.checkout") is None:
+        return {"checkout": "the checkout saga has not landed"}
+    return {"checkout": "the saga scenario is not written yet"}
+
+
+async def run(scale: Scale) -> int:
+    started = time.monotonic()
+    results: list[Result] = []
+    info = report.machine()
+    print(
+        f"bench: scale {scale.name}, {scale.concurrency} clients, "
+        f"load average {info['load_average'][0]:.2f}",
+        flush=True,
+    )
+    async with bench_stack(scale.concurrency) as stack:
+        bench = Bench(stack, scale)
+        for n, (name, scenario) in enumerate(SCENARIOS, 1):
+            print(f"[{n}/{len(SCENARIOS)}] {name} ...", flush=True)
+            outcome = await scenario(bench)
+            for result in outcome if isinstance(outcome, list) else [outcome]:
+                results.append(result)
+                print("      " + _progress(result, {r.key: r for r in results}), flush=True)
+        settings = stack.settings.model_dump(
+            mode="json",
+            include={
+                "runtime",
+                "max_cached_workflows",
+                "max_concurrent_workflow_tasks",
+                "workflow_sandbox",
+                "live_read_timeout",
+            },
+        )
+    info["load_average_after"] = report.machine()["load_average"]
+    json_path, md_path, _ = report.write(RESULTS_DIR, results, scale, info, _skipped(), settings)
+    print(f"\n{md_path.read_text()}")
+    print(f"wrote {json_path} and {md_path} in {time.monotonic() - started:.0f}s")
+    failed = [r for r in results if r.problems]
+    if failed:
+        print(f"FAILED: {', '.join(r.key for r in failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="default")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(run(SCALES[args.scale])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""After-the-fact checks: every command applied exactly once, and how long runs' histories
+grew. Both read the workflows themselves, the source of truth, not the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from entities.runtime.envelope import Snapshot
+
+QUERY_TIMEOUT = timedelta(seconds=10)
+SETTLE_TIMEOUT = 120.0
+
+
+async def _each(
+    ids: list[str], check: Callable[[str], Awaitable[str | None]], concurrency: int
+) -> list[str]:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(entity_id: str) -> str | None:
+        async with gate:
+            return await check(entity_id)
+
+    found = await asyncio.gather(*(one(i) for i in ids))
+    return [problem for problem in found if problem is not None]
+
+
+async def _settled(
+    read: Callable[[], Awaitable[int]], expected: int, timeout: float = SETTLE_TIMEOUT
+) -> int:
+    # A query already sees every signal accepted before it; asking again only covers
+    # commands the API accepted late, after a retry.
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await read()
+        if value >= expected or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.2)
+
+
+async def account_snapshot(client: Client, workflow_id: str) -> Snapshot:
+    snapshot: Snapshot = await client.get_workflow_handle(workflow_id).query(
+        "snapshot", result_type=Snapshot, rpc_timeout=QUERY_TIMEOUT
+    )
+    return snapshot
+
+
+async def check_accounts(
+    client: Client, expected: Mapping[str, int], base_revision: int, concurrency: int
+) -> list[str]:
+    """Problems with accounts whose balance should equal the deposits of 1 sent to them and
+    whose revision should be `base_revision` plus that count; empty when exactly once."""
+
+    async def check(account_id: str) -> str | None:
+        want = expected[account_id]
+        workflow_id = f"account:{account_id}"
+        try:
+            revision = await _settled(lambda: _revision(client, workflow_id), base_revision + want)
+            snapshot = await account_snapshot(client, workflow_id)
+        except RPCError as exc:
+            return f"{account_id}: cannot be read ({exc})"
+        balance = (snapshot.state or {}).get("balance")
+        if balance != want or revision != base_revision + want:
+            return (
+                f"{account_id}: balance {balance} revision {revision}, "
+                f"expected {want} and {base_revision + want}"
+            )
+        return None
+
+    return await _each(list(expected), check, concurrency)
+
+
+async def _revision(client: Client, workflow_id: str) -> int:
+    return (await account_snapshot(client, workflow_id)).revision
+
+
+async def check_counters(
+    client: Client, expected: Mapping[str, int], concurrency: int
+) -> list[str]:
+    """Problems with raw counters whose value should equal the signals sent to them."""
+
+    async def value(workflow_id: str) -> int:
+        result: int = await client.get_workflow_handle(workflow_id).query(
+            "value", result_type=int, rpc_timeout=QUERY_TIMEOUT
+        )
+        return result
+
+    async def check(workflow_id: str) -> str | None:
+        want = expected[workflow_id]
+        try:
+            got = await _settled(lambda: value(workflow_id), want)
+        except RPCError as exc:
+            return f"{workflow_id}: cannot be read ({exc})"
+        return None if got == want else f"{workflow_id}: value {got}, expected {want}"
+
+    return await _each(list(expected), check, concurrency)
+
+
+async def history_lengths(client: Client, workflow_id: str) -> list[int]:
+    """The history length of every run of `workflow_id`, from the server's own records."""
+    lengths = []
+    async for execution in client.list_workflows(f'WorkflowId = "{workflow_id}"'):
+        description: Any = await client.get_workflow_handle(
+            workflow_id, run_id=execution.run_id
+        ).describe()
+        lengths.append(int(description.history_length))
+    return lengths

@@ -1,0 +1,60 @@
+"""`python -m bench.counter_worker`: the raw counter's worker, with Tenure's worker settings.
+
+It reads the same settings as `python -m workers` and builds its worker the same way (cache
+size, concurrent workflow tasks, sandbox and its pass-through modules), so the baseline
+differs from Tenure only in the workflow it hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from bench.counter import CounterWorkflow
+from workers.settings import Settings
+from workers.worker import _PASSTHROUGH
+
+RAW_QUEUE_SUFFIX = "-raw"
+
+
+def build_counter_worker(client: Client, settings: Settings) -> Worker:
+    """A worker for the counter on `<task queue>-raw`, configured like Tenure's worker."""
+    runner: Any = UnsandboxedWorkflowRunner()
+    if settings.workflow_sandbox:
+        runner = SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(
+                *_PASSTHROUGH, "bench"
+            )
+        )
+    return Worker(
+        client,
+        task_queue=settings.task_queue + RAW_QUEUE_SUFFIX,
+        workflows=[CounterWorkflow],
+        max_cached_workflows=settings.max_cached_workflows,
+        max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+        workflow_runner=runner,
+    )
+
+
+async def _main() -> None:
+    settings = Settings.from_env()
+    if not settings.temporal_address:
+        raise SystemExit("TEMPORAL_ADDRESS is not set")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    async with build_counter_worker(client, settings):
+        await stop.wait()
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main())

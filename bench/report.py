@@ -1,0 +1,214 @@
+"""Turning scenario results into ratios, target verdicts, results.json and results.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from bench.scale import Scale
+from bench.scenarios import Result
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the issue's targets, with what was measured against it."""
+
+    name: str
+    measured: str
+    met: bool
+
+
+def ratio(result: Result, by_key: dict[str, Result]) -> float | None:
+    baseline = by_key.get(result.baseline or "")
+    if baseline is None or not baseline.ops_per_s:
+        return None
+    return result.ops_per_s / baseline.ops_per_s
+
+
+def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
+    found = []
+    if "mutations" in by_key:
+        r = ratio(by_key["mutations"], by_key) or 0.0
+        found.append(Target("GraphQL mutations >= 0.8 x raw SDK signals", f"{r:.2f} x", r >= 0.8))
+    if "cached_reads" in by_key:
+        cached = by_key["cached_reads"]
+        r = ratio(cached, by_key) or 0.0
+        found.append(Target("CACHED reads >= 10 x raw SDK queries", f"{r:.2f} x", r >= 10))
+        p99 = cached.measured.p99_ms
+        found.append(
+            Target(f"CACHED read p99 < 10 ms at {concurrency} clients", f"{p99:.1f} ms", p99 < 10)
+        )
+    if "hot" in by_key:
+        hot = by_key["hot"]
+        longest, bound = hot.details["max_history"], hot.details["history_bound"]
+        found.append(
+            Target(
+                "hot entity: every run's history under the bound",
+                f"{longest} events (bound {bound}, {hot.details['runs']} runs)",
+                longest <= bound,
+            )
+        )
+        r = ratio(hot, by_key) or 0.0
+        found.append(Target("hot entity >= raw counter's commands/s", f"{r:.2f} x", r >= 1.0))
+    many = [r for key, r in by_key.items() if key.startswith("many_")]
+    if many:
+        per_entity = [r.details["kib_per_entity"] for r in many]
+        found.append(
+            Target(
+                "worker memory < 100 KiB per cached Account",
+                " / ".join(
+                    f"{r.details['cached_entities']:,}: {k:.0f} KiB"
+                    for r, k in zip(many, per_entity, strict=True)
+                ),
+                per_entity[-1] < 100,
+            )
+        )
+    return found
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures were taken, so a reader can weigh them."""
+    cpu = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        mem_kib = int(meminfo.read_text().split()[1])
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / 2**20, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "temporalio": version("temporalio"),
+        "temporal_cli": _temporal_version(),
+        "load_average": os.getloadavg(),
+    }
+
+
+def _temporal_version() -> str:
+    from deploy.embedded import temporal_cli
+
+    try:
+        out = subprocess.run(
+            [temporal_cli(), "--version"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+def _ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1f}"
+
+
+def _row(result: Result, by_key: dict[str, Result]) -> str:
+    r = ratio(result, by_key)
+    against = "-" if r is None else f"{r:.2f} x {by_key[result.baseline or ''].title}"
+    rss = f"{result.peak_rss_kib / 1024:.0f}" if result.peak_rss_kib else "-"
+    verdict = "yes" if not result.problems else "**NO**"
+    return (
+        f"| {result.title} | {result.ops_per_s:,.0f} {result.unit}/s "
+        f"| {_ms(result.measured.p50_ms)} | {_ms(result.measured.p99_ms)} "
+        f"| {against} "
+        f"| {rss} | {verdict} |"
+    )
+
+
+def markdown(
+    results: list[Result],
+    found: list[Target],
+    scale: Scale,
+    info: dict[str, Any],
+    skipped: dict[str, str],
+) -> str:
+    by_key = {r.key: r for r in results}
+    lines = [
+        f"Scale `{scale.name}`, {scale.concurrency} concurrent clients; "
+        f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; "
+        f"Python {info['python']}, temporalio {info['temporalio']}, {info['temporal_cli']}.",
+        "",
+        "| scenario | throughput | p50 ms | p99 ms | ratio to baseline "
+        "| peak worker RSS MiB | verified |",
+        "| --- | ---: | ---: | ---: | --- | ---: | --- |",
+        *(_row(r, by_key) for r in results),
+        "",
+    ]
+    for key, why in skipped.items():
+        lines.append(f"- `{key}` not run: {why}")
+    hot = [r for r in results if "max_history" in r.details]
+    for r in hot:
+        lines.append(
+            f"- {r.title}: {r.details['runs']} runs, longest history "
+            f"{r.details['max_history']} events; commands accepted at "
+            f"{r.details['accepted_per_s']:,.0f}/s, applied at {r.ops_per_s:,.0f}/s."
+        )
+    for r in results:
+        if "kib_per_entity" in r.details:
+            lines.append(
+                f"- {r.title}: worker RSS {r.details['worker_rss_kib'] / 1024:.0f} MiB, "
+                f"{r.details['kib_per_entity']:.0f} KiB per cached account; opened at "
+                f"{r.details['open_commands_per_s']:,.0f} commands/s."
+            )
+    lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
+    lines += [f"| {t.name} | {t.measured} | {'yes' if t.met else 'no'} |" for t in found]
+    return "\n".join(lines) + "\n"
+
+
+def write(
+    directory: Path,
+    results: list[Result],
+    scale: Scale,
+    info: dict[str, Any],
+    skipped: dict[str, str],
+    settings: dict[str, Any],
+) -> tuple[Path, Path, list[Target]]:
+    """Write results.json and results.md into `directory`; returns their paths and the
+    target verdicts."""
+    by_key = {r.key: r for r in results}
+    found = targets(by_key, scale.concurrency)
+    document = {
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "scale": scale.name,
+        "concurrency": scale.concurrency,
+        "machine": info,
+        "settings": settings,
+        "scenarios": [
+            {
+                "key": r.key,
+                "title": r.title,
+                "ops": r.measured.ops,
+                "errors": r.measured.errors,
+                "elapsed_s": round(r.measured.elapsed, 3),
+                "ops_per_s": round(r.ops_per_s, 1),
+                "p50_ms": round(r.measured.p50_ms, 2),
+                "p99_ms": round(r.measured.p99_ms, 2),
+                "baseline": r.baseline,
+                "ratio": None if (x := ratio(r, by_key)) is None else round(x, 3),
+                "peak_worker_rss_kib": r.peak_rss_kib,
+                "exactly_once": not r.problems,
+                "problems": r.problems,
+                "details": r.details,
+            }
+            for r in results
+        ],
+        "skipped": skipped,
+        "targets": [{"name": t.name, "measured": t.measured, "met": t.met} for t in found],
+    }
+    json_path, md_path = directory / "results.json", directory / "results.md"
+    json_path.write_text(json.dumps(document, indent=2) + "\n")
+    md_path.write_text(markdown(results, found, scale, info, skipped))
+    return json_path, md_path, found

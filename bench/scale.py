@@ -1,0 +1,46 @@
+"""How big a benchmark run is: `small` for a quick look, `default` for stable figures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Operation counts of each scenario; every scenario uses the same client concurrency."""
+
+    name: str
+    concurrency: int
+    entities: int
+    writes: int
+    waited_writes: int
+    reads: int
+    hot_commands: int
+    many_entities: tuple[int, ...]
+    time_limit: float
+
+
+SCALES = {
+    "small": Scale(
+        name="small",
+        concurrency=32,
+        entities=50,
+        writes=1_500,
+        waited_writes=600,
+        reads=3_000,
+        hot_commands=3_000,
+        many_entities=(100, 1_000),
+        time_limit=60.0,
+    ),
+    "default": Scale(
+        name="default",
+        concurrency=32,
+        entities=100,
+        writes=10_000,
+        waited_writes=4_000,
+        reads=20_000,
+        hot_commands=10_000,
+        many_entities=(100, 1_000, 10_000),
+        time_limit=240.0,
+    ),
+}

@@ -1,0 +1,325 @@
+"""The scenarios: each raw Temporal baseline, then the Tenure path it is compared with,
+against the same server, worker settings and client concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from bench.checks import check_accounts, check_counters
+from bench.counter import WORKFLOW, CounterInput
+from bench.counter_worker import RAW_QUEUE_SUFFIX
+from bench.graphql import DEPOSIT, DEPOSIT_WAIT, READ, GraphQL
+from bench.load import Measured, drive
+from bench.scale import Scale
+from bench.stack import BenchStack, Child
+from workers.cache import SnapshotCache
+
+RPC_TIMEOUT = timedelta(seconds=10)
+OPENED_REVISION = 2  # open, then verify
+EVENTS_PER_COMMAND = 5  # its signal, one workflow task (3 events), one publish marker
+EVENTS_PER_RUN = 50  # start, first task, timers and the continue-as-new itself
+
+
+@dataclass
+class Result:
+    """One scenario's figures, and the problems that make the benchmark fail."""
+
+    key: str
+    title: str
+    unit: str
+    measured: Measured
+    baseline: str | None = None
+    ops_per_s: float = 0.0
+    peak_rss_kib: int | None = None
+    problems: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ops_per_s = self.ops_per_s or self.measured.ops_per_s
+        if self.measured.errors:
+            self.problems.insert(
+                0, f"{self.measured.errors} operations failed, first: {self.measured.first_error}"
+            )
+        if self.measured.timed_out:
+            self.problems.insert(0, "stopped at its time limit before sending everything")
+
+
+class Bench:
+    """State shared by the scenarios of one run: entities made so far and what each should
+    hold, so a later scenario can read what an earlier one wrote."""
+
+    def __init__(self, stack: BenchStack, scale: Scale) -> None:
+        self.stack = stack
+        self.scale = scale
+        self.tag = uuid.uuid4().hex[:6]
+        self.gql = GraphQL(stack.http)
+        self.counters: dict[str, int] = {}
+        self.accounts: dict[str, int] = {}
+
+    @property
+    def raw_queue(self) -> str:
+        return self.stack.settings.task_queue + RAW_QUEUE_SUFFIX
+
+    @property
+    def max_commands_per_run(self) -> int:
+        return self.stack.settings.runtime.max_commands_per_run
+
+    async def drive(self, operation: Callable[[int], Awaitable[object]], count: int) -> Measured:
+        self.stack.check_alive()
+        return await drive(operation, count, self.scale.concurrency, self.scale.time_limit)
+
+    async def setup(self, count: int, make: Callable[[int], Awaitable[object]]) -> None:
+        """Create entities before the clock starts; any failure here aborts the run."""
+        measured = await self.drive(make, count)
+        if measured.errors or measured.timed_out:
+            raise RuntimeError(f"setup failed: {measured.first_error or 'timed out'}")
+
+    async def start_counter(self, workflow_id: str) -> None:
+        handle = await self.stack.raw_client.start_workflow(
+            WORKFLOW,
+            CounterInput(max_signals_per_run=self.max_commands_per_run),
+            id=workflow_id,
+            task_queue=self.raw_queue,
+        )
+        # The first query waits for the worker: the counter is then live and cached.
+        await handle.query("value", rpc_timeout=RPC_TIMEOUT)
+
+    def measure_peak(self, child: Child) -> PeakWindow:
+        return PeakWindow(child)
+
+
+class PeakWindow:
+    """The peak resident memory of a worker between `start` and `read`."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        child.reset_peak()
+
+    def read(self) -> int:
+        return self.child.peak_rss_kib()
+
+
+def _spread(ids: list[str], i: int) -> str:
+    return ids[i % len(ids)]
+
+
+# -- writes ---------------------------------------------------------------------------------
+
+
+async def raw_signals(bench: Bench) -> Result:
+    ids = [f"counter:{bench.tag}-{i}" for i in range(bench.scale.entities)]
+    await bench.setup(len(ids), lambda i: bench.start_counter(ids[i]))
+    bench.counters = dict.fromkeys(ids, 0)
+    client = bench.stack.raw_client
+
+    async def signal(i: int) -> None:
+        workflow_id = _spread(ids, i)
+        await client.get_workflow_handle(workflow_id).signal("add", 1, rpc_timeout=RPC_TIMEOUT)
+        bench.counters[workflow_id] += 1
+
+    peak = bench.measure_peak(bench.stack.counter_worker)
+    measured = await bench.drive(signal, bench.scale.writes)
+    return await _checked_counters(bench, "raw_signals", "raw SDK signals", measured, peak)
+
+
+async def graphql_mutations(bench: Bench) -> Result:
+    ids = [f"{bench.tag}-m{i}" for i in range(bench.scale.entities)]
+    await bench.setup(len(ids), lambda i: bench.gql.open_account(ids[i], wait=True))
+    bench.accounts = dict.fromkeys(ids, 0)
+
+    async def deposit(i: int) -> None:
+        account_id = _spread(ids, i)
+        await bench.gql.command(DEPOSIT, id=account_id, amount=1, key=f"{bench.tag}-m-{i}")
+        bench.accounts[account_id] += 1
+
+    peak = bench.measure_peak(bench.stack.worker)
+    measured = await bench.drive(deposit, bench.scale.writes)
+    return await _checked_accounts(
+        bench, "mutations", "GraphQL mutations", measured, peak, baseline="raw_signals"
+    )
+
+
+async def raw_signal_then_query(bench: Bench) -> Result:
+    ids = list(bench.counters)
+    client = bench.stack.raw_client
+    stale = 0
+
+    async def round_trip(i: int) -> None:
+        nonlocal stale
+        workflow_id = _spread(ids, i)
+        handle = client.get_workflow_handle(workflow_id)
+        await handle.signal("add", 1, rpc_timeout=RPC_TIMEOUT)
+        bench.counters[workflow_id] += 1
+        # Every signal counted so far was accepted before this query was sent.
+        floor = bench.counters[workflow_id]
+        value = await handle.query("value", result_type=int, rpc_timeout=RPC_TIMEOUT)
+        stale += value < floor
+
+    peak = bench.measure_peak(bench.stack.counter_worker)
+    measured = await bench.drive(round_trip, bench.scale.waited_writes)
+    result = await _checked_counters(
+        bench, "raw_signal_query", "raw SDK signal, then query", measured, peak
+    )
+    if stale:
+        result.problems.append(f"{stale} queries did not see their own signal")
+    return result
+
+
+async def graphql_waited_mutations(bench: Bench) -> Result:
+    ids = list(bench.accounts)
+    unseen = 0
+
+    async def deposit(i: int) -> None:
+        nonlocal unseen
+        account_id = _spread(ids, i)
+        data = await bench.gql.command(
+            DEPOSIT_WAIT, id=account_id, amount=1, key=f"{bench.tag}-w-{i}"
+        )
+        bench.accounts[account_id] += 1
+        floor = OPENED_REVISION + bench.accounts[account_id]
+        payload = data["depositToAccount"]
+        unseen += payload["status"] != "APPLIED" or payload["account"]["revision"] < floor
+
+    peak = bench.measure_peak(bench.stack.worker)
+    measured = await bench.drive(deposit, bench.scale.waited_writes)
+    result = await _checked_accounts(
+        bench,
+        "mutations_wait",
+        "GraphQL mutations, wait: true",
+        measured,
+        peak,
+        baseline="raw_signal_query",
+    )
+    if unseen:
+        result.problems.append(f"{unseen} waited mutations did not see their own command")
+    return result
+
+
+async def _checked_counters(
+    bench: Bench, key: str, title: str, measured: Measured, peak: PeakWindow
+) -> Result:
+    started = time.perf_counter()
+    problems = await check_counters(bench.stack.raw_client, bench.counters, bench.scale.concurrency)
+    return Result(
+        key,
+        title,
+        "signals",
+        measured,
+        peak_rss_kib=peak.read(),
+        problems=problems[:5],
+        details={"check_s": round(time.perf_counter() - started, 2)},
+    )
+
+
+async def _checked_accounts(
+    bench: Bench,
+    key: str,
+    title: str,
+    measured: Measured,
+    peak: PeakWindow,
+    baseline: str,
+) -> Result:
+    started = time.perf_counter()
+    problems = await check_accounts(
+        bench.stack.client, bench.accounts, OPENED_REVISION, bench.scale.concurrency
+    )
+    return Result(
+        key,
+        title,
+        "commands",
+        measured,
+        baseline=baseline,
+        peak_rss_kib=peak.read(),
+        problems=problems[:5],
+        details={
+            "check_s": round(time.perf_counter() - started, 2),
+            "retries": bench.gql.retries,
+        },
+    )
+
+
+# -- reads ----------------------------------------------------------------------------------
+
+
+async def raw_queries(bench: Bench) -> Result:
+    ids = list(bench.counters)
+    client = bench.stack.raw_client
+    wrong = 0
+
+    async def query(i: int) -> None:
+        nonlocal wrong
+        workflow_id = _spread(ids, i)
+        value = await client.get_workflow_handle(workflow_id).query(
+            "value", result_type=int, rpc_timeout=RPC_TIMEOUT
+        )
+        wrong += value != bench.counters[workflow_id]
+
+    peak = bench.measure_peak(bench.stack.counter_worker)
+    measured = await bench.drive(query, bench.scale.reads)
+    problems = [f"{wrong} queries returned a wrong value"] if wrong else []
+    return Result(
+        "raw_queries",
+        "raw SDK queries",
+        "reads",
+        measured,
+        peak_rss_kib=peak.read(),
+        problems=problems,
+    )
+
+
+async def cached_reads(bench: Bench) -> Result:
+    await _wait_for_cache(bench)
+    return await _graphql_reads(bench, "cached_reads", "GraphQL reads, CACHED", "CACHED")
+
+
+async def live_reads(bench: Bench) -> Result:
+    return await _graphql_reads(bench, "live_reads", "GraphQL reads, LIVE", "LIVE")
+
+
+async def _graphql_reads(bench: Bench, key: str, title: str, consistency: str) -> Result:
+    ids = list(bench.accounts)
+    sources: Counter[str] = Counter()
+    wrong = 0
+
+    async def read(i: int) -> None:
+        nonlocal wrong
+        account_id = _spread(ids, i)
+        data = await bench.gql(READ, id=account_id, consistency=consistency)
+        account = data["account"]
+        sources[account["source"]] += 1
+        wrong += account["balance"] != bench.accounts[account_id] or account["stale"]
+
+    peak = bench.measure_peak(bench.stack.worker)
+    measured = await bench.drive(read, bench.scale.reads)
+    problems = [f"{wrong} reads returned a wrong or stale balance"] if wrong else []
+    return Result(
+        key,
+        title,
+        "reads",
+        measured,
+        baseline="raw_queries",
+        peak_rss_kib=peak.read(),
+        problems=problems,
+        details={"sources": dict(sources)},
+    )
+
+
+async def _wait_for_cache(bench: Bench, timeout: float = 60.0) -> None:
+    """Until the cache holds every account's final revision, so CACHED reads measure hits."""
+    cache = SnapshotCache(bench.stack.redis, bench.stack.settings.redis_prefix)
+    deadline = time.monotonic() + timeout
+    pending = dict(bench.accounts)
+    while pending and time.monotonic() < deadline:
+        for account_id, deposits in list(pending.items()):
+            raw = await bench.stack.redis.hget(cache.key("account", account_id), "revision")
+            if raw is not None and int(raw) >= OPENED_REVISION + deposits:
+                del pending[account_id]
+        if pending:
+            await asyncio.sleep(0.2)

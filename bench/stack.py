@@ -1,0 +1,198 @@
+"""The stack under test: Temporal, Redis, Tenure's worker, the raw counter's worker and the
+API, each in its own process on 127.0.0.1, so every worker's memory can be read apart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import redis.asyncio as redis
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from deploy.embedded import EmbeddedRedis, EmbeddedTemporal, _die_with_parent, free_port
+from workers.settings import Settings
+
+
+def _proc_status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise LookupError(f"{field} not in /proc/{pid}/status")
+
+
+class Child:
+    """A Python module run as a child process, whose resident memory can be read and whose
+    peak can be reset between scenarios."""
+
+    def __init__(self, name: str, module: str, env: dict[str, str], log_file: Path) -> None:
+        self.name = name
+        self.module = module
+        self.env = env
+        self.log_file = log_file
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module],
+                env={**os.environ, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, f"{self.name} is not running"
+        return self.process.pid
+
+    def check_alive(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
+            raise RuntimeError(f"{self.name} exited (code {code}); see {self.log_file}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def rss_kib(self) -> int:
+        return _proc_status_kib(self.pid, "VmRSS")
+
+    def peak_rss_kib(self) -> int:
+        return _proc_status_kib(self.pid, "VmHWM")
+
+    def reset_peak(self) -> None:
+        """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+
+
+class BenchStack:
+    """Everything a scenario talks to: clients for Temporal (Tenure's converter and the
+    SDK's default one), Redis and the API over HTTP, and the processes behind them."""
+
+    def __init__(self, settings: Settings, workdir: Path, concurrency: int) -> None:
+        self.settings = settings
+        self.workdir = workdir
+        env = settings.to_env()
+        self.worker = Child("tenure worker", "workers", env, workdir / "worker.log")
+        self.counter_worker = Child(
+            "counter worker", "bench.counter_worker", env, workdir / "counter-worker.log"
+        )
+        self.api = Child("api", "api", env, workdir / "api.log")
+        self.api_url = f"http://{settings.api_host}:{settings.api_port}"
+        self.concurrency = concurrency
+        self.client: Client
+        self.raw_client: Client
+        self.http: httpx.AsyncClient
+        self.redis: redis.Redis
+
+    async def wait_for_api(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.api.check_alive()
+            with contextlib.suppress(httpx.HTTPError):
+                if (await self.http.get("/healthz")).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the API did not answer in {timeout:.0f}s")
+            await asyncio.sleep(0.1)
+
+    def check_alive(self) -> None:
+        for child in (self.worker, self.counter_worker, self.api):
+            child.check_alive()
+
+    def restart_worker(self) -> None:
+        """A fresh Tenure worker process, so its memory starts from nothing cached."""
+        self.worker.stop()
+        self.worker.start()
+
+
+@contextlib.asynccontextmanager
+async def bench_stack(concurrency: int) -> AsyncIterator[BenchStack]:
+    """Start (or reuse, from TEMPORAL_ADDRESS and REDIS_URL) the servers and run the
+    processes under test on a task queue and Redis prefix of this run's own."""
+    run_id = uuid.uuid4().hex[:8]
+    workdir = Path(tempfile.mkdtemp(prefix="tenure-bench-"))
+    settings = Settings.from_env(
+        task_queue=f"bench-{run_id}",
+        redis_prefix=f"tenure-bench:{run_id}:",
+        api_host="127.0.0.1",
+        api_port=free_port(),
+        data_dir=workdir,
+    )
+    failed = False
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            if not settings.temporal_address:
+                temporal = EmbeddedTemporal(log_file=workdir / "temporal.log")
+                await temporal.start()
+                stack.callback(temporal.stop)
+                settings = settings.model_copy(update={"temporal_address": temporal.address})
+            if not settings.redis_url:
+                valkey = EmbeddedRedis(log_file=workdir / "redis.log")
+                await valkey.start()
+                stack.callback(valkey.stop)
+                settings = settings.model_copy(update={"redis_url": valkey.url})
+            assert settings.temporal_address and settings.redis_url
+            bench = BenchStack(settings, workdir, concurrency)
+            for child in (bench.worker, bench.counter_worker, bench.api):
+                child.start()
+                stack.callback(child.stop)
+            bench.client = await Client.connect(
+                settings.temporal_address,
+                namespace=settings.temporal_namespace,
+                data_converter=pydantic_data_converter,
+            )
+            bench.raw_client = await Client.connect(
+                settings.temporal_address, namespace=settings.temporal_namespace
+            )
+            bench.redis = redis.from_url(settings.redis_url)
+            stack.push_async_callback(_drop_prefix, bench.redis, settings.redis_prefix)
+            bench.http = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    base_url=bench.api_url,
+                    limits=httpx.Limits(
+                        max_connections=concurrency, max_keepalive_connections=concurrency
+                    ),
+                    timeout=httpx.Timeout(30.0),
+                    trust_env=False,
+                )
+            )
+            await bench.wait_for_api()
+            yield bench
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if failed:
+                print(f"logs kept in {workdir}", file=sys.stderr)
+    if not failed:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _drop_prefix(client: redis.Redis, prefix: str) -> None:
+    with contextlib.suppress(Exception):
+        async for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            await client.delete(key)
+    await client.aclose()
