@@ -56,7 +56,7 @@ def _skipped() -> dict[str, str]:
     return {"checkout": "the saga scenario is not written yet"}
 
 
-async def run(scale: Scale) -> int:
+async def run(scale: Scale, chosen: list[tuple[str, Scenario]]) -> int:
     started = time.monotonic()
     results: list[Result] = []
     info = report.machine()
@@ -67,8 +67,8 @@ async def run(scale: Scale) -> int:
     )
     async with bench_stack(scale.concurrency) as stack:
         bench = Bench(stack, scale)
-        for n, (name, scenario) in enumerate(SCENARIOS, 1):
-            print(f"[{n}/{len(SCENARIOS)}] {name} ...", flush=True)
+        for n, (name, scenario) in enumerate(chosen, 1):
+            print(f"[{n}/{len(chosen)}] {name} ...", flush=True)
             outcome = await scenario(bench)
             for result in outcome if isinstance(outcome, list) else [outcome]:
                 results.append(result)
@@ -97,8 +97,16 @@ async def run(scale: Scale) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--scale", choices=sorted(SCALES), default="default")
+    parser.add_argument(
+        "--only",
+        metavar="N,N",
+        help="run only these scenarios, by number (reads need the writes before them)",
+    )
     args = parser.parse_args()
-    sys.exit(asyncio.run(run(SCALES[args.scale])))
+    chosen = SCENARIOS
+    if args.only:
+        chosen = [SCENARIOS[int(n) - 1] for n in args.only.split(",")]
+    sys.exit(asyncio.run(run(SCALES[args.scale], chosen)))
 
 
 if __name__ == "__main__":

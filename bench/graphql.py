@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httpx
+from bench.http import HTTPClient, HTTPError
 
 OPEN = """mutation($id: ID!, $key: String, $wait: Boolean!) {
   openAccount(id: $id, ownerName: "Bench", email: "bench@example.com", idempotencyKey: $key,
@@ -36,15 +36,14 @@ class GraphQL:
     """Posts documents to /graphql; commands are retried with their idempotency key, which
     is what the API asks of a client whose command may or may not have been applied."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: HTTPClient) -> None:
         self.http = http
         self.retries = 0
 
     async def __call__(self, document: str, **variables: Any) -> dict[str, Any]:
-        response = await self.http.post(
-            "/graphql", json={"query": document, "variables": variables}
+        body: dict[str, Any] = await self.http.post(
+            "/graphql", {"query": document, "variables": variables}
         )
-        body: dict[str, Any] = response.json()
         if body.get("errors"):
             error = body["errors"][0]
             raise GraphQLFailed(error.get("extensions", {}).get("code", "?"), error["message"])
@@ -56,7 +55,7 @@ class GraphQL:
         for attempt in range(ATTEMPTS):
             try:
                 return await self(document, **variables)
-            except (GraphQLFailed, httpx.HTTPError) as exc:
+            except (GraphQLFailed, HTTPError) as exc:
                 transient = not isinstance(exc, GraphQLFailed) or exc.code in RETRYABLE
                 if not transient or attempt == ATTEMPTS - 1:
                     raise

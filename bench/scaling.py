@@ -33,7 +33,7 @@ async def raw_hot(bench: Bench) -> Result:
     async def signal(i: int) -> None:
         await client.get_workflow_handle(workflow_id).signal("add", 1, rpc_timeout=RPC_TIMEOUT)
 
-    peak = bench.measure_peak(bench.stack.counter_worker)
+    window = bench.stack.window(bench.stack.counter_worker)
     started = time.perf_counter()
     measured = await bench.drive(signal, count)
     sent = {workflow_id: measured.ops}
@@ -46,7 +46,7 @@ async def raw_hot(bench: Bench) -> Result:
         "signals",
         measured,
         ops_per_s=measured.ops / applied_s,
-        peak_rss_kib=peak.read(),
+        window=window,
         problems=problems,
         details=_history_details(bench, lengths, measured.ops_per_s),
     )
@@ -62,7 +62,7 @@ async def tenure_hot(bench: Bench) -> Result:
         await bench.gql.command(DEPOSIT, id=account_id, amount=1, key=f"{bench.tag}-h-{i}")
         sent[account_id] += 1
 
-    peak = bench.measure_peak(bench.stack.worker)
+    window = bench.stack.window(bench.stack.worker)
     started = time.perf_counter()
     measured = await bench.drive(deposit, count)
     problems = await check_accounts(
@@ -77,7 +77,7 @@ async def tenure_hot(bench: Bench) -> Result:
         measured,
         baseline="raw_hot",
         ops_per_s=measured.ops / applied_s,
-        peak_rss_kib=peak.read(),
+        window=window,
         problems=problems,
         details=_history_details(bench, lengths, measured.ops_per_s),
     )
@@ -109,7 +109,7 @@ async def many_entities(bench: Bench) -> list[Result]:
         ids += new
         balances.update(dict.fromkeys(new, 0))
 
-        peak = bench.measure_peak(stack.worker)
+        window = bench.stack.window(stack.worker)
         measured = await bench.drive(_depositor(bench, list(ids), balances, size), len(ids))
         problems = await check_accounts(
             stack.client, balances, OPENED_REVISION, bench.scale.concurrency
@@ -123,7 +123,7 @@ async def many_entities(bench: Bench) -> list[Result]:
                 f"{size:,} live accounts, a deposit each",
                 "commands",
                 measured,
-                peak_rss_kib=peak.read(),
+                window=window,
                 problems=problems[:5],
                 details={
                     "open_commands_per_s": round(2 * opened.ops_per_s, 1),

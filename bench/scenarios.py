@@ -8,7 +8,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -18,7 +18,7 @@ from bench.counter_worker import RAW_QUEUE_SUFFIX
 from bench.graphql import DEPOSIT, DEPOSIT_WAIT, READ, GraphQL
 from bench.load import Measured, drive
 from bench.scale import Scale
-from bench.stack import BenchStack, Child
+from bench.stack import BenchStack, Window
 from workers.cache import SnapshotCache
 
 RPC_TIMEOUT = timedelta(seconds=10)
@@ -40,9 +40,13 @@ class Result:
     peak_rss_kib: int | None = None
     problems: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    window: InitVar[Window | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, window: Window | None) -> None:
         self.ops_per_s = self.ops_per_s or self.measured.ops_per_s
+        if window is not None:
+            self.peak_rss_kib = window.peak_rss_kib()
+            self.details["cpu_ms_per_op"] = window.cpu_ms_per_op(self.measured.ops)
         if self.measured.errors:
             self.problems.insert(
                 0, f"{self.measured.errors} operations failed, first: {self.measured.first_error}"
@@ -91,20 +95,6 @@ class Bench:
         # The first query waits for the worker: the counter is then live and cached.
         await handle.query("value", rpc_timeout=RPC_TIMEOUT)
 
-    def measure_peak(self, child: Child) -> PeakWindow:
-        return PeakWindow(child)
-
-
-class PeakWindow:
-    """The peak resident memory of a worker between `start` and `read`."""
-
-    def __init__(self, child: Child) -> None:
-        self.child = child
-        child.reset_peak()
-
-    def read(self) -> int:
-        return self.child.peak_rss_kib()
-
 
 def _spread(ids: list[str], i: int) -> str:
     return ids[i % len(ids)]
@@ -124,9 +114,9 @@ async def raw_signals(bench: Bench) -> Result:
         await client.get_workflow_handle(workflow_id).signal("add", 1, rpc_timeout=RPC_TIMEOUT)
         bench.counters[workflow_id] += 1
 
-    peak = bench.measure_peak(bench.stack.counter_worker)
+    window = bench.stack.window(bench.stack.counter_worker)
     measured = await bench.drive(signal, bench.scale.writes)
-    return await _checked_counters(bench, "raw_signals", "raw SDK signals", measured, peak)
+    return await _checked_counters(bench, "raw_signals", "raw SDK signals", measured, window)
 
 
 async def graphql_mutations(bench: Bench) -> Result:
@@ -139,10 +129,10 @@ async def graphql_mutations(bench: Bench) -> Result:
         await bench.gql.command(DEPOSIT, id=account_id, amount=1, key=f"{bench.tag}-m-{i}")
         bench.accounts[account_id] += 1
 
-    peak = bench.measure_peak(bench.stack.worker)
+    window = bench.stack.window(bench.stack.worker)
     measured = await bench.drive(deposit, bench.scale.writes)
     return await _checked_accounts(
-        bench, "mutations", "GraphQL mutations", measured, peak, baseline="raw_signals"
+        bench, "mutations", "GraphQL mutations", measured, window, baseline="raw_signals"
     )
 
 
@@ -162,10 +152,10 @@ async def raw_signal_then_query(bench: Bench) -> Result:
         value = await handle.query("value", result_type=int, rpc_timeout=RPC_TIMEOUT)
         stale += value < floor
 
-    peak = bench.measure_peak(bench.stack.counter_worker)
+    window = bench.stack.window(bench.stack.counter_worker)
     measured = await bench.drive(round_trip, bench.scale.waited_writes)
     result = await _checked_counters(
-        bench, "raw_signal_query", "raw SDK signal, then query", measured, peak
+        bench, "raw_signal_query", "raw SDK signal, then query", measured, window
     )
     if stale:
         result.problems.append(f"{stale} queries did not see their own signal")
@@ -187,14 +177,14 @@ async def graphql_waited_mutations(bench: Bench) -> Result:
         payload = data["depositToAccount"]
         unseen += payload["status"] != "APPLIED" or payload["account"]["revision"] < floor
 
-    peak = bench.measure_peak(bench.stack.worker)
+    window = bench.stack.window(bench.stack.worker)
     measured = await bench.drive(deposit, bench.scale.waited_writes)
     result = await _checked_accounts(
         bench,
         "mutations_wait",
         "GraphQL mutations, wait: true",
         measured,
-        peak,
+        window,
         baseline="raw_signal_query",
     )
     if unseen:
@@ -203,7 +193,7 @@ async def graphql_waited_mutations(bench: Bench) -> Result:
 
 
 async def _checked_counters(
-    bench: Bench, key: str, title: str, measured: Measured, peak: PeakWindow
+    bench: Bench, key: str, title: str, measured: Measured, window: Window
 ) -> Result:
     started = time.perf_counter()
     problems = await check_counters(bench.stack.raw_client, bench.counters, bench.scale.concurrency)
@@ -212,7 +202,7 @@ async def _checked_counters(
         title,
         "signals",
         measured,
-        peak_rss_kib=peak.read(),
+        window=window,
         problems=problems[:5],
         details={"check_s": round(time.perf_counter() - started, 2)},
     )
@@ -223,7 +213,7 @@ async def _checked_accounts(
     key: str,
     title: str,
     measured: Measured,
-    peak: PeakWindow,
+    window: Window,
     baseline: str,
 ) -> Result:
     started = time.perf_counter()
@@ -236,7 +226,7 @@ async def _checked_accounts(
         "commands",
         measured,
         baseline=baseline,
-        peak_rss_kib=peak.read(),
+        window=window,
         problems=problems[:5],
         details={
             "check_s": round(time.perf_counter() - started, 2),
@@ -261,7 +251,7 @@ async def raw_queries(bench: Bench) -> Result:
         )
         wrong += value != bench.counters[workflow_id]
 
-    peak = bench.measure_peak(bench.stack.counter_worker)
+    window = bench.stack.window(bench.stack.counter_worker)
     measured = await bench.drive(query, bench.scale.reads)
     problems = [f"{wrong} queries returned a wrong value"] if wrong else []
     return Result(
@@ -269,7 +259,7 @@ async def raw_queries(bench: Bench) -> Result:
         "raw SDK queries",
         "reads",
         measured,
-        peak_rss_kib=peak.read(),
+        window=window,
         problems=problems,
     )
 
@@ -296,7 +286,7 @@ async def _graphql_reads(bench: Bench, key: str, title: str, consistency: str) -
         sources[account["source"]] += 1
         wrong += account["balance"] != bench.accounts[account_id] or account["stale"]
 
-    peak = bench.measure_peak(bench.stack.worker)
+    window = bench.stack.window(bench.stack.worker)
     measured = await bench.drive(read, bench.scale.reads)
     problems = [f"{wrong} reads returned a wrong or stale balance"] if wrong else []
     return Result(
@@ -305,7 +295,7 @@ async def _graphql_reads(bench: Bench, key: str, title: str, consistency: str) -
         "reads",
         measured,
         baseline="raw_queries",
-        peak_rss_kib=peak.read(),
+        window=window,
         problems=problems,
         details={"sources": dict(sources)},
     )

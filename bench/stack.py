@@ -16,12 +16,18 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import redis.asyncio as redis
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from deploy.embedded import EmbeddedRedis, EmbeddedTemporal, _die_with_parent, free_port
+from bench.http import HTTPClient, HTTPError
+from deploy.embedded import (
+    EmbeddedRedis,
+    EmbeddedServer,
+    EmbeddedTemporal,
+    _die_with_parent,
+    free_port,
+)
 from workers.settings import Settings
 
 
@@ -30,6 +36,12 @@ def _proc_status_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise LookupError(f"{field} not in /proc/{pid}/status")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Child:
@@ -100,19 +112,20 @@ class BenchStack:
             "counter worker", "bench.counter_worker", env, workdir / "counter-worker.log"
         )
         self.api = Child("api", "api", env, workdir / "api.log")
-        self.api_url = f"http://{settings.api_host}:{settings.api_port}"
         self.concurrency = concurrency
+        self.servers: dict[str, int] = {}
         self.client: Client
         self.raw_client: Client
-        self.http: httpx.AsyncClient
+        self.http = HTTPClient(settings.api_host, settings.api_port, concurrency)
         self.redis: redis.Redis
 
     async def wait_for_api(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             self.api.check_alive()
-            with contextlib.suppress(httpx.HTTPError):
-                if (await self.http.get("/healthz")).status_code == 200:
+            with contextlib.suppress(HTTPError):
+                status, _ = await self.http.request("GET", "/healthz")
+                if status == 200:
                     return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the API did not answer in {timeout:.0f}s")
@@ -122,10 +135,44 @@ class BenchStack:
         for child in (self.worker, self.counter_worker, self.api):
             child.check_alive()
 
+    def pids(self) -> dict[str, int]:
+        """Every process whose CPU time a scenario accounts for, by role."""
+        return {
+            **self.servers,
+            "tenure worker": self.worker.pid,
+            "counter worker": self.counter_worker.pid,
+            "api": self.api.pid,
+            "bench client": os.getpid(),
+        }
+
     def restart_worker(self) -> None:
         """A fresh Tenure worker process, so its memory starts from nothing cached."""
         self.worker.stop()
         self.worker.start()
+
+    def window(self, worker: Child) -> Window:
+        """Start measuring `worker`'s peak memory and every process's CPU time."""
+        return Window(self, worker)
+
+
+class Window:
+    """A worker's peak resident memory and each process's CPU time over one scenario."""
+
+    def __init__(self, stack: BenchStack, worker: Child) -> None:
+        self.worker = worker
+        self.pids = stack.pids()
+        worker.reset_peak()
+        self.cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def peak_rss_kib(self) -> int:
+        return self.worker.peak_rss_kib()
+
+    def cpu_ms_per_op(self, ops: int) -> dict[str, float]:
+        """CPU milliseconds each process spent per operation since the window opened."""
+        return {
+            name: round(1000 * (cpu_seconds(pid) - self.cpu[name]) / max(ops, 1), 3)
+            for name, pid in self.pids.items()
+        }
 
 
 @contextlib.asynccontextmanager
@@ -142,20 +189,26 @@ async def bench_stack(concurrency: int) -> AsyncIterator[BenchStack]:
         data_dir=workdir,
     )
     failed = False
+    servers: dict[str, EmbeddedServer] = {}
     async with contextlib.AsyncExitStack() as stack:
         try:
             if not settings.temporal_address:
                 temporal = EmbeddedTemporal(log_file=workdir / "temporal.log")
                 await temporal.start()
                 stack.callback(temporal.stop)
+                servers["temporal"] = temporal
                 settings = settings.model_copy(update={"temporal_address": temporal.address})
             if not settings.redis_url:
                 valkey = EmbeddedRedis(log_file=workdir / "redis.log")
                 await valkey.start()
                 stack.callback(valkey.stop)
+                servers["redis"] = valkey
                 settings = settings.model_copy(update={"redis_url": valkey.url})
             assert settings.temporal_address and settings.redis_url
             bench = BenchStack(settings, workdir, concurrency)
+            for name, server in servers.items():
+                assert server.process is not None
+                bench.servers[name] = server.process.pid
             for child in (bench.worker, bench.counter_worker, bench.api):
                 child.start()
                 stack.callback(child.stop)
@@ -169,16 +222,7 @@ async def bench_stack(concurrency: int) -> AsyncIterator[BenchStack]:
             )
             bench.redis = redis.from_url(settings.redis_url)
             stack.push_async_callback(_drop_prefix, bench.redis, settings.redis_prefix)
-            bench.http = await stack.enter_async_context(
-                httpx.AsyncClient(
-                    base_url=bench.api_url,
-                    limits=httpx.Limits(
-                        max_connections=concurrency, max_keepalive_connections=concurrency
-                    ),
-                    timeout=httpx.Timeout(30.0),
-                    trust_env=False,
-                )
-            )
+            stack.push_async_callback(bench.http.aclose)
             await bench.wait_for_api()
             yield bench
         except BaseException:
