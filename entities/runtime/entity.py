@@ -5,11 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, StringConstraints, ValidationError
 
 from entities.errors import ErrorCode, Rejected
+
+ENTITY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+
+EntityId = Annotated[str, StringConstraints(pattern=ENTITY_ID_PATTERN)]
+"""The id of an entity as a command names it, e.g. the account a cart belongs to."""
 
 S = TypeVar("S", bound=BaseModel)
 O = TypeVar("O", bound=BaseModel)

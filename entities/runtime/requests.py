@@ -1,0 +1,79 @@
+"""Requests from a workflow to an entity: a command delivered by an activity, and its outcome.
+
+Workflow code does no I/O, so a saga asks another entity through the `request_entity`
+activity, which the worker serves. The command id is the idempotency key: the same request
+retried, or replayed, is applied once.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel, Field
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
+
+with workflow.unsafe.imports_passed_through():
+    from entities.errors import ErrorCode, TenureError
+    from entities.runtime.envelope import Outcome
+
+REQUEST_ACTIVITY = "request_entity"
+
+
+class EntityRequest(BaseModel):
+    """One command for one entity, as the request activity carries it."""
+
+    entity_type: str
+    entity_id: str
+    command_id: str
+    command: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+    undoes: str | None = None
+
+
+class RequestFailed(TenureError):
+    """The entity refused the request, or it could not be delivered within its retries."""
+
+
+class RequestPolicy(BaseModel):
+    """How long one attempt may take and how often it is tried; `attempts=0` means until
+    it succeeds or is refused."""
+
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    attempts: int = Field(default=5, ge=0)
+    initial_interval_seconds: float = Field(default=1.0, gt=0)
+    maximum_interval_seconds: float = Field(default=30.0, gt=0)
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            initial_interval=timedelta(seconds=self.initial_interval_seconds),
+            maximum_interval=timedelta(seconds=self.maximum_interval_seconds),
+            maximum_attempts=self.attempts,
+        )
+
+
+async def request_entity(request: EntityRequest, policy: RequestPolicy) -> Outcome:
+    """Deliver `request` and wait for its outcome; raises RequestFailed with the entity's
+    code when refused, or UNAVAILABLE when the attempts ran out."""
+    try:
+        outcome: Outcome = await workflow.execute_activity(
+            REQUEST_ACTIVITY,
+            request,
+            result_type=Outcome,
+            start_to_close_timeout=timedelta(seconds=policy.timeout_seconds),
+            retry_policy=policy.retry_policy(),
+        )
+    except ActivityError as exc:
+        raise _failure(exc) from exc
+    return outcome
+
+
+def _failure(exc: ActivityError) -> RequestFailed:
+    cause = exc.cause
+    if isinstance(cause, ApplicationError) and cause.type and cause.type in ErrorCode.__members__:
+        return RequestFailed(ErrorCode[cause.type], cause.message)
+    if isinstance(cause, TimeoutError):
+        return RequestFailed(ErrorCode.UNAVAILABLE, "the entity did not answer in time")
+    return RequestFailed(ErrorCode.UNAVAILABLE, str(cause or exc))
