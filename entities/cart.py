@@ -1,0 +1,278 @@
+"""Cart: an account's basket of lines, checked out by the checkout saga, abandoned when idle."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, Field
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from entities.checkout import (
+        CHECKOUT_WORKFLOW,
+        CheckoutInput,
+        CheckoutLine,
+        CheckoutOptions,
+        checkout_workflow_id,
+    )
+    from entities.errors import ErrorCode, Rejected
+    from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
+    from entities.runtime.effects import StartWorkflow
+    from entities.runtime.entity import EntityId
+    from entities.runtime.envelope import Snapshot
+
+MAX_QUANTITY = 10_000
+Quantity = Annotated[int, Field(gt=0, le=MAX_QUANTITY, strict=True)]
+UnitPrice = Annotated[
+    int, Field(ge=0, le=10**12, strict=True, description="minor units, e.g. cents")
+]
+
+
+class CartStatus(StrEnum):
+    OPEN = "OPEN"
+    CHECKING_OUT = "CHECKING_OUT"
+    CHECKED_OUT = "CHECKED_OUT"
+    ABANDONED = "ABANDONED"
+
+
+class CartLine(BaseModel):
+    sku: str
+    quantity: int
+    unit_price: int
+
+
+class CartState(BaseModel):
+    account_id: str
+    status: CartStatus = CartStatus.OPEN
+    lines: list[CartLine] = Field(default_factory=list)
+    last_activity_at: datetime
+    checkout_attempts: int = 0
+    checkout_id: str | None = None
+    order_id: str | None = None
+    failure_code: str | None = None
+    failure_reason: str | None = None
+    abandoned_at: datetime | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(line.quantity * line.unit_price for line in self.lines)
+
+
+class CartOptions(BaseModel):
+    abandon_after_seconds: float = Field(default=7 * 24 * 3600, gt=0)
+    max_lines: int = Field(default=100, ge=1)
+    checkout: CheckoutOptions = Field(default_factory=CheckoutOptions)
+
+
+class CreateCart(BaseModel, extra="forbid"):
+    account_id: EntityId
+
+
+class AddCartItem(BaseModel, extra="forbid"):
+    sku: EntityId
+    quantity: Quantity
+    unit_price: UnitPrice
+
+
+class RemoveCartItem(BaseModel, extra="forbid"):
+    sku: EntityId
+
+
+class SetCartItemQuantity(BaseModel, extra="forbid"):
+    sku: EntityId
+    quantity: Annotated[int, Field(ge=0, le=MAX_QUANTITY, strict=True)]
+
+
+class ClearCart(BaseModel, extra="forbid"):
+    pass
+
+
+class CheckoutCart(BaseModel, extra="forbid"):
+    pass
+
+
+class CompleteCheckout(BaseModel, extra="forbid"):
+    checkout_id: str
+    order_id: str
+
+
+class FailCheckout(BaseModel, extra="forbid"):
+    checkout_id: str
+    code: str | None = None
+    reason: str | None = None
+
+
+cart: EntityType[CartState, CartOptions] = EntityType(
+    "cart",
+    state=CartState,
+    options=CartOptions,
+    is_terminal=lambda s: s.status is CartStatus.CHECKED_OUT,
+)
+
+Ctx = CommandContext[CartOptions]
+
+
+def _touched(state: CartState, ctx: Ctx, **changes: object) -> CartState:
+    """The cart after a customer's command: revived if it was abandoned, and active now.
+    While it is checking out, its lines are the checkout's and cannot change."""
+    if state.status is CartStatus.CHECKING_OUT:
+        raise Rejected(
+            ErrorCode.CHECKOUT_IN_PROGRESS,
+            f"cart {ctx.entity_id} is checking out ({state.checkout_id}); wait for its outcome",
+        )
+    return state.model_copy(
+        update={
+            "status": CartStatus.OPEN,
+            "abandoned_at": None,
+            "last_activity_at": ctx.now,
+            **changes,
+        }
+    )
+
+
+def _line(state: CartState, sku: str) -> CartLine | None:
+    return next((line for line in state.lines if line.sku == sku), None)
+
+
+@cart.command(CreateCart, creates=True, name="createCart")
+def create_cart(state: CartState | None, cmd: CreateCart, ctx: Ctx) -> CartState:
+    if state is not None:
+        raise Rejected(ErrorCode.ALREADY_EXISTS, f"cart {ctx.entity_id} already exists")
+    return CartState(account_id=cmd.account_id, last_activity_at=ctx.now)
+
+
+@cart.command(AddCartItem, name="addCartItem")
+def add_cart_item(state: CartState, cmd: AddCartItem, ctx: Ctx) -> CartState:
+    """Add units of a SKU; a SKU already in the cart gets more units at the new price."""
+    existing = _line(state, cmd.sku)
+    quantity = cmd.quantity + (existing.quantity if existing else 0)
+    if quantity > MAX_QUANTITY:
+        raise Rejected(ErrorCode.INVALID_INPUT, f"quantity: at most {MAX_QUANTITY} of a SKU")
+    if existing is None and len(state.lines) >= ctx.options.max_lines:
+        raise Rejected(
+            ErrorCode.INVALID_INPUT, f"a cart holds at most {ctx.options.max_lines} lines"
+        )
+    line = CartLine(sku=cmd.sku, quantity=quantity, unit_price=cmd.unit_price)
+    if existing is None:
+        lines = [*state.lines, line]
+    else:
+        lines = [line if other.sku == cmd.sku else other for other in state.lines]
+    return _touched(state, ctx, lines=lines)
+
+
+@cart.command(RemoveCartItem, name="removeCartItem")
+def remove_cart_item(state: CartState, cmd: RemoveCartItem, ctx: Ctx) -> CartState:
+    """Drop a SKU's line; removing one that is not there changes nothing but the clock."""
+    return _touched(state, ctx, lines=[line for line in state.lines if line.sku != cmd.sku])
+
+
+@cart.command(SetCartItemQuantity, name="setCartItemQuantity")
+def set_cart_item_quantity(state: CartState, cmd: SetCartItemQuantity, ctx: Ctx) -> CartState:
+    """Set a line's quantity; zero removes it."""
+    if _line(state, cmd.sku) is None:
+        raise Rejected(ErrorCode.NOT_FOUND, f"cart {ctx.entity_id} has no line for {cmd.sku}")
+    lines = [
+        line.model_copy(update={"quantity": cmd.quantity}) if line.sku == cmd.sku else line
+        for line in state.lines
+    ]
+    return _touched(state, ctx, lines=[line for line in lines if line.quantity > 0])
+
+
+@cart.command(ClearCart, name="clearCart")
+def clear_cart(state: CartState, cmd: ClearCart, ctx: Ctx) -> CartState:
+    return _touched(state, ctx, lines=[])
+
+
+@cart.command(CheckoutCart, name="checkoutCart")
+def checkout_cart(state: CartState, cmd: CheckoutCart, ctx: Ctx) -> CartState:
+    """Start the checkout saga for the cart's lines as they are now."""
+    if not state.lines:
+        raise Rejected(ErrorCode.INVALID_TRANSITION, f"cart {ctx.entity_id} is empty")
+    attempt = state.checkout_attempts + 1
+    checkout_id = f"{ctx.entity_id}-{attempt}"
+    checked_out = _touched(
+        state,
+        ctx,
+        status=CartStatus.CHECKING_OUT,
+        checkout_attempts=attempt,
+        checkout_id=checkout_id,
+        failure_code=None,
+        failure_reason=None,
+    )
+    checkout = CheckoutInput(
+        checkout_id=checkout_id,
+        cart_id=ctx.entity_id,
+        account_id=state.account_id,
+        lines=[CheckoutLine.model_validate(line.model_dump()) for line in state.lines],
+        options=ctx.options.checkout,
+    )
+    ctx.effects.append(
+        StartWorkflow(
+            workflow=CHECKOUT_WORKFLOW,
+            workflow_id=checkout_workflow_id(checkout_id),
+            input=checkout.model_dump(mode="json"),
+        )
+    )
+    return checked_out
+
+
+def _checking_out(state: CartState, checkout_id: str, ctx: Ctx) -> None:
+    if state.status is not CartStatus.CHECKING_OUT or state.checkout_id != checkout_id:
+        raise Rejected(
+            ErrorCode.CONFLICT,
+            f"cart {ctx.entity_id} is not checking out {checkout_id} (it is {state.status.value}"
+            f", checkout {state.checkout_id})",
+        )
+
+
+@cart.command(CompleteCheckout, name="completeCheckout")
+def complete_checkout(state: CartState, cmd: CompleteCheckout, ctx: Ctx) -> CartState:
+    """The checkout saga's report of success: the cart becomes an order."""
+    _checking_out(state, cmd.checkout_id, ctx)
+    return state.model_copy(
+        update={
+            "status": CartStatus.CHECKED_OUT,
+            "order_id": cmd.order_id,
+            "last_activity_at": ctx.now,
+        }
+    )
+
+
+@cart.command(FailCheckout, name="failCheckout")
+def fail_checkout(state: CartState, cmd: FailCheckout, ctx: Ctx) -> CartState:
+    """The checkout saga's report of failure, after it undid what it had done: the cart is
+    open again, with the reason."""
+    _checking_out(state, cmd.checkout_id, ctx)
+    return state.model_copy(
+        update={
+            "status": CartStatus.OPEN,
+            "failure_code": cmd.code,
+            "failure_reason": cmd.reason,
+            "last_activity_at": ctx.now,
+        }
+    )
+
+
+def _abandoned_after(state: CartState, options: CartOptions) -> datetime | None:
+    if state.status is not CartStatus.OPEN:
+        return None
+    return state.last_activity_at + timedelta(seconds=options.abandon_after_seconds)
+
+
+@cart.timer(_abandoned_after)
+def abandon(state: CartState, ctx: Ctx) -> CartState:
+    """Idle too long: marked abandoned, lines kept for analytics, revived by any command."""
+    return state.model_copy(update={"status": CartStatus.ABANDONED, "abandoned_at": ctx.now})
+
+
+@workflow.defn(name="Cart")
+class CartWorkflow(EntityWorkflow):
+    """The Cart actor."""
+
+    entity = cart
+
+    @workflow.run
+    async def run(self, input: EntityRunInput) -> Snapshot:
+        return await self.run_entity()

@@ -1,0 +1,209 @@
+"""Checkout: the saga that turns a cart into an order across inventory items and an account.
+
+Steps, each registering its compensation before it runs: reserve every line on its
+InventoryItem, withdraw the total from the Account, commit every reservation, and report the
+outcome to the Cart. A failure undoes the steps already taken, last first. Every request
+carries a command id derived from the checkout id and the step, so a retried activity or a
+replayed saga never reserves or charges twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from functools import partial
+from typing import Any
+
+from pydantic import BaseModel, Field
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from entities.runtime.envelope import Outcome
+    from entities.runtime.requests import (
+        EntityRequest,
+        RequestFailed,
+        RequestPolicy,
+        request_entity,
+    )
+    from entities.runtime.saga import Compensation, Saga, SagaLog
+
+CHECKOUT_WORKFLOW = "Checkout"
+
+
+def checkout_workflow_id(checkout_id: str) -> str:
+    """Readable, stable workflow id: `checkout:<cart id>-<attempt>`."""
+    return f"checkout:{checkout_id}"
+
+
+class CheckoutLine(BaseModel):
+    sku: str
+    quantity: int
+    unit_price: int
+
+
+class CheckoutOptions(BaseModel):
+    """How a checkout holds stock and retries: forward steps give up after `step.attempts`,
+    compensations and the final report are retried until they succeed or are refused."""
+
+    reservation_ttl_seconds: float = Field(default=15 * 60, gt=0)
+    step: RequestPolicy = Field(default_factory=RequestPolicy)
+    compensation: RequestPolicy = Field(default_factory=lambda: RequestPolicy(attempts=0))
+
+
+class CheckoutInput(BaseModel):
+    checkout_id: str
+    cart_id: str
+    account_id: str
+    lines: list[CheckoutLine]
+    options: CheckoutOptions = Field(default_factory=CheckoutOptions)
+
+
+class CheckoutState(SagaLog):
+    """A checkout as its `status` query answers: the saga log with what it is about."""
+
+    checkout_id: str
+    cart_id: str
+    account_id: str
+    lines: list[CheckoutLine]
+    total: int
+    order_id: str | None = None
+
+
+@workflow.defn(name=CHECKOUT_WORKFLOW)
+class CheckoutWorkflow:
+    """One checkout attempt of one cart."""
+
+    @workflow.init
+    def __init__(self, input: CheckoutInput) -> None:
+        self._input = input
+        self._options = input.options
+        self._state = CheckoutState(
+            checkout_id=input.checkout_id,
+            cart_id=input.cart_id,
+            account_id=input.account_id,
+            lines=input.lines,
+            total=sum(line.quantity * line.unit_price for line in input.lines),
+        )
+
+    @workflow.query(name="status")
+    def status(self) -> CheckoutState:
+        """Where the checkout is: steps taken, compensations run, and why."""
+        return self._state
+
+    @workflow.run
+    async def run(self, input: CheckoutInput) -> CheckoutState:
+        saga = Saga(self._state)
+        try:
+            await self._take_steps(saga)
+        except RequestFailed:
+            await saga.compensate()
+            report = partial(
+                self._report,
+                "failCheckout",
+                code=self._state.failure_code,
+                reason=self._state.failure_reason,
+            )
+        else:
+            self._state.order_id = f"order-{input.checkout_id}"
+            report = partial(self._report, "completeCheckout", order_id=self._state.order_id)
+        await saga.conclude("report", report)
+        return self._state
+
+    async def _take_steps(self, saga: Saga) -> None:
+        reservation = {"reservation_id": self._input.checkout_id}
+        for line in self._input.lines:
+            step = f"reserve:{line.sku}"
+            reserve = {
+                **reservation,
+                "quantity": line.quantity,
+                "ttl_seconds": self._options.reservation_ttl_seconds,
+            }
+            await saga.step(
+                step,
+                partial(self._step, "inventory", line.sku, step, "reserveStock", reserve),
+                (
+                    f"release:{line.sku}",
+                    self._undo("inventory", line.sku, step, "releaseReservation", reservation),
+                ),
+            )
+        if self._state.total > 0:
+            amount = {"amount": self._state.total}
+            await saga.step(
+                "withdraw",
+                partial(
+                    self._step, "account", self._input.account_id, "withdraw", "withdraw", amount
+                ),
+                (
+                    "refund",
+                    self._undo("account", self._input.account_id, "withdraw", "refund", amount),
+                ),
+            )
+        for line in self._input.lines:
+            step = f"commit:{line.sku}"
+            await saga.step(
+                step,
+                partial(self._step, "inventory", line.sku, step, "commitReservation", reservation),
+                (
+                    f"return:{line.sku}",
+                    self._undo("inventory", line.sku, step, "returnReservation", reservation),
+                ),
+            )
+
+    def _command_id(self, step: str) -> str:
+        return f"{checkout_workflow_id(self._input.checkout_id)}:{step}"
+
+    def _request(
+        self,
+        entity_type: str,
+        entity_id: str,
+        command_id: str,
+        command: str,
+        payload: dict[str, Any],
+        policy: RequestPolicy,
+        undoes: str | None = None,
+    ) -> Awaitable[Outcome]:
+        request = EntityRequest(
+            entity_type=entity_type,
+            entity_id=entity_id,
+            command_id=command_id,
+            command=command,
+            payload=payload,
+            undoes=undoes,
+        )
+        return request_entity(request, policy)
+
+    def _step(
+        self, entity_type: str, entity_id: str, step: str, command: str, payload: dict[str, Any]
+    ) -> Awaitable[Outcome]:
+        return self._request(
+            entity_type, entity_id, self._command_id(step), command, payload, self._options.step
+        )
+
+    def _undo(
+        self, entity_type: str, entity_id: str, step: str, command: str, payload: dict[str, Any]
+    ) -> Compensation:
+        """Take `step` back with `command`. Unless the step is known to have completed, the
+        entity applies it only if the step's command was applied, and cancels that command
+        if it never arrived."""
+
+        def undo(step_completed: bool) -> Awaitable[Outcome]:
+            return self._request(
+                entity_type,
+                entity_id,
+                self._command_id(f"undo-{step}"),
+                command,
+                payload,
+                self._options.compensation,
+                undoes=None if step_completed else self._command_id(step),
+            )
+
+        return undo
+
+    def _report(self, command: str, **payload: Any) -> Awaitable[Outcome]:
+        return self._request(
+            "cart",
+            self._input.cart_id,
+            self._command_id("report"),
+            command,
+            {"checkout_id": self._input.checkout_id, **payload},
+            self._options.compensation,
+        )

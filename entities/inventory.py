@@ -1,0 +1,263 @@
+"""InventoryItem: stock of one SKU, with reservations that are committed, released or expire.
+
+Available stock is what is on hand less what is reserved, and it never goes below zero: a
+reservation is refused rather than overselling. Reservation ids are remembered after a
+reservation settles, so each command is idempotent by its reservation id.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, Field, StringConstraints
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from entities.errors import ErrorCode, Rejected
+    from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
+    from entities.runtime.envelope import Snapshot
+
+Quantity = Annotated[int, Field(gt=0, le=10**9, strict=True)]
+ReservationId = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,200}$")]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+
+
+class Reservation(BaseModel):
+    reservation_id: str
+    quantity: int
+    expires_at: datetime
+
+
+class Settlement(StrEnum):
+    COMMITTED = "COMMITTED"
+    RELEASED = "RELEASED"
+    EXPIRED = "EXPIRED"
+    RETURNED = "RETURNED"
+
+
+class Settled(BaseModel):
+    """What became of a reservation that is no longer held."""
+
+    settlement: Settlement
+    quantity: int = 0
+
+
+class Adjustment(BaseModel):
+    delta: int
+    reason: str
+    at: datetime
+
+
+class InventoryState(BaseModel):
+    sku: str
+    name: str
+    on_hand: int = 0
+    sold: int = 0
+    reservations: list[Reservation] = Field(default_factory=list)
+    settled: dict[str, Settled] = Field(default_factory=dict)
+    adjustments: list[Adjustment] = Field(default_factory=list)
+
+    @property
+    def reserved(self) -> int:
+        return sum(r.quantity for r in self.reservations)
+
+    @property
+    def available(self) -> int:
+        return self.on_hand - self.reserved
+
+    def reservation(self, reservation_id: str) -> Reservation | None:
+        return next((r for r in self.reservations if r.reservation_id == reservation_id), None)
+
+
+class InventoryOptions(BaseModel):
+    default_ttl_seconds: float = Field(default=15 * 60, gt=0)
+    max_ttl_seconds: float = Field(default=7 * 24 * 3600, gt=0)
+    settled_memory: int = Field(
+        default=500, ge=1, description="How many settled reservation ids are remembered."
+    )
+    adjustment_memory: int = Field(default=20, ge=1)
+
+
+class Restock(BaseModel, extra="forbid"):
+    quantity: Quantity
+    name: Name | None = None
+
+
+class AdjustStock(BaseModel, extra="forbid"):
+    delta: Annotated[int, Field(ge=-(10**9), le=10**9, strict=True)]
+    reason: Reason
+
+
+class ReserveStock(BaseModel, extra="forbid"):
+    reservation_id: ReservationId
+    quantity: Quantity
+    ttl_seconds: Annotated[float, Field(gt=0)] | None = None
+
+
+class ReservationCommand(BaseModel, extra="forbid"):
+    reservation_id: ReservationId
+
+
+inventory: EntityType[InventoryState, InventoryOptions] = EntityType(
+    "inventory", state=InventoryState, options=InventoryOptions
+)
+
+Ctx = CommandContext[InventoryOptions]
+
+
+def _settle(
+    state: InventoryState, reservation_id: str, settled: Settled, options: InventoryOptions
+) -> dict[str, Settled]:
+    remembered = {k: v for k, v in state.settled.items() if k != reservation_id}
+    remembered[reservation_id] = settled
+    while len(remembered) > options.settled_memory:
+        del remembered[next(iter(remembered))]
+    return remembered
+
+
+def _without(state: InventoryState, reservation_id: str) -> list[Reservation]:
+    return [r for r in state.reservations if r.reservation_id != reservation_id]
+
+
+@inventory.command(Restock, creates=True, name="restock")
+def restock(state: InventoryState | None, cmd: Restock, ctx: Ctx) -> InventoryState:
+    """Receive units; the first restock of a SKU creates its item."""
+    if state is None:
+        state = InventoryState(sku=ctx.entity_id, name=cmd.name or ctx.entity_id)
+    return state.model_copy(
+        update={"on_hand": state.on_hand + cmd.quantity, "name": cmd.name or state.name}
+    )
+
+
+@inventory.command(AdjustStock, name="adjustStock")
+def adjust_stock(state: InventoryState, cmd: AdjustStock, ctx: Ctx) -> InventoryState:
+    """Correct the count (a stocktake, damage), never below what is reserved."""
+    if cmd.delta == 0:
+        raise Rejected(ErrorCode.INVALID_INPUT, "delta: must not be zero")
+    if state.available + cmd.delta < 0:
+        raise Rejected(
+            ErrorCode.INSUFFICIENT_STOCK,
+            f"cannot remove {-cmd.delta}: {state.available} available, {state.reserved} reserved",
+        )
+    adjustments = [*state.adjustments, Adjustment(delta=cmd.delta, reason=cmd.reason, at=ctx.now)]
+    return state.model_copy(
+        update={
+            "on_hand": state.on_hand + cmd.delta,
+            "adjustments": adjustments[-ctx.options.adjustment_memory :],
+        }
+    )
+
+
+@inventory.command(ReserveStock, name="reserveStock")
+def reserve_stock(state: InventoryState, cmd: ReserveStock, ctx: Ctx) -> InventoryState:
+    """Hold units for a while; a repeated reservation id holds them once."""
+    held = state.reservation(cmd.reservation_id)
+    if held is not None:
+        if held.quantity != cmd.quantity:
+            raise Rejected(
+                ErrorCode.CONFLICT,
+                f"reservation {cmd.reservation_id} already holds {held.quantity}",
+            )
+        return state
+    if cmd.reservation_id in state.settled:
+        settled = state.settled[cmd.reservation_id].settlement.value.lower()
+        raise Rejected(ErrorCode.CONFLICT, f"reservation {cmd.reservation_id} was {settled}")
+    if cmd.quantity > state.available:
+        raise Rejected(
+            ErrorCode.INSUFFICIENT_STOCK,
+            f"{state.available} of {state.sku} available, {cmd.quantity} requested",
+        )
+    ttl = min(cmd.ttl_seconds or ctx.options.default_ttl_seconds, ctx.options.max_ttl_seconds)
+    reservation = Reservation(
+        reservation_id=cmd.reservation_id,
+        quantity=cmd.quantity,
+        expires_at=ctx.now + timedelta(seconds=ttl),
+    )
+    return state.model_copy(update={"reservations": [*state.reservations, reservation]})
+
+
+@inventory.command(ReservationCommand, name="releaseReservation")
+def release_reservation(state: InventoryState, cmd: ReservationCommand, ctx: Ctx) -> InventoryState:
+    """Give held units back. Releasing an unknown id remembers it, so a reservation that
+    arrives late under that id is refused; releasing a settled one changes nothing."""
+    held = state.reservation(cmd.reservation_id)
+    if held is None and cmd.reservation_id in state.settled:
+        return state
+    settled = Settled(settlement=Settlement.RELEASED, quantity=held.quantity if held else 0)
+    return state.model_copy(
+        update={
+            "reservations": _without(state, cmd.reservation_id),
+            "settled": _settle(state, cmd.reservation_id, settled, ctx.options),
+        }
+    )
+
+
+@inventory.command(ReservationCommand, name="commitReservation")
+def commit_reservation(state: InventoryState, cmd: ReservationCommand, ctx: Ctx) -> InventoryState:
+    """Turn held units into a sale: they leave the stock for good."""
+    held = state.reservation(cmd.reservation_id)
+    if held is None:
+        settled = state.settled.get(cmd.reservation_id)
+        if settled is not None and settled.settlement is Settlement.COMMITTED:
+            return state
+        what = settled.settlement.value.lower() if settled else "unknown"
+        raise Rejected(ErrorCode.INVALID_TRANSITION, f"reservation {cmd.reservation_id} is {what}")
+    settled = Settled(settlement=Settlement.COMMITTED, quantity=held.quantity)
+    return state.model_copy(
+        update={
+            "on_hand": state.on_hand - held.quantity,
+            "sold": state.sold + held.quantity,
+            "reservations": _without(state, cmd.reservation_id),
+            "settled": _settle(state, cmd.reservation_id, settled, ctx.options),
+        }
+    )
+
+
+@inventory.command(ReservationCommand, name="returnReservation")
+def return_reservation(state: InventoryState, cmd: ReservationCommand, ctx: Ctx) -> InventoryState:
+    """Take back a committed sale: its units return to stock. Anything else is unchanged,
+    since there is no sale to take back."""
+    settled = state.settled.get(cmd.reservation_id)
+    if settled is None or settled.settlement is not Settlement.COMMITTED:
+        return state
+    returned = Settled(settlement=Settlement.RETURNED, quantity=settled.quantity)
+    return state.model_copy(
+        update={
+            "on_hand": state.on_hand + settled.quantity,
+            "sold": state.sold - settled.quantity,
+            "settled": _settle(state, cmd.reservation_id, returned, ctx.options),
+        }
+    )
+
+
+def _next_expiry(state: InventoryState, options: InventoryOptions) -> datetime | None:
+    return min((r.expires_at for r in state.reservations), default=None)
+
+
+@inventory.timer(_next_expiry)
+def expire_reservations(state: InventoryState, ctx: Ctx) -> InventoryState:
+    """Reservations neither committed nor released in time give their units back."""
+    expired = [r for r in state.reservations if r.expires_at <= ctx.now]
+    settled = state
+    for reservation in expired:
+        record = Settled(settlement=Settlement.EXPIRED, quantity=reservation.quantity)
+        settled = settled.model_copy(
+            update={"settled": _settle(settled, reservation.reservation_id, record, ctx.options)}
+        )
+    return settled.model_copy(
+        update={"reservations": [r for r in state.reservations if r.expires_at > ctx.now]}
+    )
+
+
+@workflow.defn(name="InventoryItem")
+class InventoryWorkflow(EntityWorkflow):
+    """The InventoryItem actor."""
+
+    entity = inventory
+
+    @workflow.run
+    async def run(self, input: EntityRunInput) -> Snapshot:
+        return await self.run_entity()
