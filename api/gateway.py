@@ -2,39 +2,36 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
-from temporalio.client import Client, WorkflowHandle
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from pydantic import BaseModel
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from entities import catalog
 from entities.errors import ErrorCode, Rejected, TenureError
-from entities.runtime.entity import EntityType
+from entities.runtime.entity import ENTITY_ID_PATTERN, EntityType
 from entities.runtime.envelope import (
     CommandEnvelope,
-    CommandResult,
     EntityRunInput,
     OutcomeStatus,
     Snapshot,
 )
 from workers.cache import CacheUnavailable, SnapshotCache
+from workers.delivery import CommandDelivery, unavailable
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ENTITY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+ENTITY_ID = re.compile(ENTITY_ID_PATTERN)
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
-SIGNAL_TIMEOUT = 5.0
-OUTCOME_ATTEMPTS = 5
+M = TypeVar("M", bound=BaseModel)
 
 
 class Source(StrEnum):
@@ -85,16 +82,13 @@ class EntityGateway:
         self._cache = cache
         self._settings = settings
         self._types = catalog.entity_types()
+        self._delivery = CommandDelivery(client, settings)
 
     def entity(self, entity_type: str) -> EntityType[Any, Any]:
         return self._types[entity_type]
 
     def start_input(self, entity_type: str, entity_id: str) -> EntityRunInput:
-        return EntityRunInput(
-            entity_id=entity_id,
-            runtime=self._settings.runtime,
-            options=self._settings.entity_options.get(entity_type, {}),
-        )
+        return self._delivery.start_input(entity_type, entity_id)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -123,10 +117,10 @@ class EntityGateway:
         envelope = CommandEnvelope(
             command_id=idempotency_key or str(uuid.uuid4()), name=command, payload=payload
         )
-        handle = await self._deliver(entity, entity_id, envelope)
+        handle = await self._delivery.deliver(entity, entity_id, envelope)
         if not wait:
             return Receipt(entity_id, envelope.command_id, applied=False)
-        result = await self._await_outcome(handle, envelope.command_id)
+        result = await self._delivery.await_outcome(handle, envelope.command_id)
         await self._remember(result.snapshot)
         if result.outcome.status is OutcomeStatus.REJECTED:
             raise TenureError(
@@ -135,74 +129,6 @@ class EntityGateway:
             )
         read = EntityRead(result.snapshot, Source.LIVE, stale=False)
         return Receipt(entity_id, envelope.command_id, applied=True, read=read)
-
-    async def _deliver(
-        self, entity: EntityType[Any, Any], entity_id: str, envelope: CommandEnvelope
-    ) -> WorkflowHandle[Any, Any]:
-        workflow_id = entity.workflow_id(entity_id)
-        try:
-            if entity.commands[envelope.name].creates:
-                return await self._client.start_workflow(
-                    catalog.workflow_for(entity.name).run,  # type: ignore[arg-type]
-                    self.start_input(entity.name, entity_id),
-                    id=workflow_id,
-                    task_queue=self._settings.task_queue,
-                    start_signal="command",
-                    start_signal_args=[envelope],
-                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
-                    rpc_timeout=timedelta(seconds=SIGNAL_TIMEOUT),
-                )
-            handle = self._client.get_workflow_handle(workflow_id)
-            await handle.signal("command", envelope, rpc_timeout=timedelta(seconds=SIGNAL_TIMEOUT))
-            return handle
-        except WorkflowAlreadyStartedError:
-            raise _closed(entity, entity_id) from None
-        except RPCError as exc:
-            if exc.status is RPCStatusCode.NOT_FOUND:
-                if await self._has_completed(workflow_id):
-                    raise _closed(entity, entity_id) from None
-                raise TenureError(
-                    ErrorCode.NOT_FOUND, f"{entity.name} {entity_id} does not exist"
-                ) from None
-            raise _unavailable(exc) from exc
-
-    async def _has_completed(self, workflow_id: str) -> bool:
-        try:
-            await self._client.get_workflow_handle(workflow_id).describe(
-                rpc_timeout=timedelta(seconds=SIGNAL_TIMEOUT)
-            )
-        except RPCError:
-            return False
-        return True
-
-    async def _await_outcome(
-        self, handle: WorkflowHandle[Any, Any], command_id: str
-    ) -> CommandResult:
-        # Queries are strongly consistent: one sent after the signal was accepted sees it
-        # applied. UNKNOWN can only mean a signal still being delivered; ask again briefly.
-        for attempt in range(OUTCOME_ATTEMPTS):
-            try:
-                result: CommandResult = await handle.query(
-                    "outcome",
-                    command_id,
-                    result_type=CommandResult,
-                    rpc_timeout=timedelta(seconds=self._settings.live_read_timeout),
-                )
-            except RPCError as exc:
-                raise TenureError(
-                    ErrorCode.UNAVAILABLE,
-                    f"command {command_id} was accepted but its outcome is not known yet "
-                    "(the entity is not answering); retry with the same idempotencyKey",
-                ) from exc
-            if result.outcome.status is not OutcomeStatus.UNKNOWN:
-                return result
-            await asyncio.sleep(0.05 * (attempt + 1))
-        raise TenureError(
-            ErrorCode.UNAVAILABLE,
-            f"command {command_id} was accepted but not yet applied; "
-            "retry with the same idempotencyKey",
-        )
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -233,11 +159,31 @@ class EntityGateway:
                 )
             if exc.status is RPCStatusCode.NOT_FOUND:
                 return None
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         if snapshot.state is None:
             return None
         await self._remember(snapshot)
         return EntityRead(snapshot, Source.LIVE, stale=False)
+
+    async def read_workflow(self, workflow_id: str, query: str, result_type: type[M]) -> M | None:
+        """A workflow that is not an entity (a saga): its answer to `query`, else, when no
+        worker can answer, its result if it has finished; None when it never existed."""
+        handle = self._client.get_workflow_handle(workflow_id, result_type=result_type)
+        timeout = timedelta(seconds=self._settings.live_read_timeout)
+        try:
+            value: M = await handle.query(query, result_type=result_type, rpc_timeout=timeout)
+        except RPCError as exc:
+            if exc.status is RPCStatusCode.NOT_FOUND:
+                return None
+            try:
+                description = await handle.describe(rpc_timeout=timeout)
+                if description.status is not WorkflowExecutionStatus.COMPLETED:
+                    raise unavailable(exc) from exc
+                result: M = await handle.result(rpc_timeout=timeout)
+                return result
+            except RPCError as again:
+                raise unavailable(again) from again
+        return value
 
     async def _cached(self, entity_type: str, entity_id: str) -> EntityRead | None:
         try:
@@ -254,12 +200,3 @@ class EntityGateway:
             await self._cache.put(snapshot)
         except CacheUnavailable as exc:
             log.warning("cache unavailable, not refreshed: %s", exc)
-
-
-def _closed(entity: EntityType[Any, Any], entity_id: str) -> TenureError:
-    return TenureError(ErrorCode.INVALID_TRANSITION, f"{entity.name} {entity_id} is closed")
-
-
-def _unavailable(exc: RPCError) -> TenureError:
-    log.warning("temporal unavailable: %s", exc)
-    return TenureError(ErrorCode.UNAVAILABLE, "the entity service is unavailable; try again")

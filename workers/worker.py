@@ -14,6 +14,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from entities import catalog
 from workers.activities import CacheActivities
 from workers.cache import SnapshotCache, connect_redis
+from workers.requests import EntityRequests
 from workers.settings import Settings
 from workers.temporal import connect_temporal
 
@@ -24,9 +25,12 @@ log = logging.getLogger(__name__)
 _PASSTHROUGH = ("pydantic", "pydantic_core", "annotated_types", "entities")
 
 
-def activity_functions(client: Client, cache: SnapshotCache) -> Sequence[Any]:
+def activity_functions(client: Client, cache: SnapshotCache, settings: Settings) -> Sequence[Any]:
     """Every activity the worker serves, bound to its clients."""
-    return [CacheActivities(cache).publish_snapshot]
+    return [
+        CacheActivities(cache).publish_snapshot,
+        EntityRequests(client, settings).request_entity,
+    ]
 
 
 def build_worker(
@@ -51,7 +55,7 @@ def build_worker(
         client,
         task_queue=task_queue or settings.task_queue,
         workflows=catalog.workflows(),
-        activities=activity_functions(client, cache),
+        activities=activity_functions(client, cache, settings),
         max_cached_workflows=settings.max_cached_workflows,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         **kwargs,

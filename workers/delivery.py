@@ -1,0 +1,147 @@
+"""Delivering a command to an entity and awaiting its outcome: the one path by which the API
+gateway and the request activity (one entity asking another) reach an entity."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from entities import catalog
+from entities.errors import ErrorCode, TenureError
+from entities.runtime.entity import EntityType
+from entities.runtime.envelope import (
+    CommandEnvelope,
+    CommandResult,
+    EntityRunInput,
+    OutcomeStatus,
+)
+from workers.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SIGNAL_TIMEOUT = 5.0
+OUTCOME_ATTEMPTS = 5
+
+
+class EntityClosed(TenureError):
+    """The entity's workflow has finished: it takes no more commands."""
+
+    def __init__(self, entity: EntityType[Any, Any], entity_id: str) -> None:
+        super().__init__(ErrorCode.INVALID_TRANSITION, f"{entity.name} {entity_id} is closed")
+
+
+def unavailable(exc: RPCError) -> TenureError:
+    log.warning("temporal unavailable: %s", exc)
+    return TenureError(ErrorCode.UNAVAILABLE, "the entity service is unavailable; try again")
+
+
+class CommandDelivery:
+    """Signals commands to entity workflows, starting those a command creates, and reads
+    back what became of them."""
+
+    def __init__(self, client: Client, settings: Settings) -> None:
+        self._client = client
+        self._settings = settings
+
+    def start_input(self, entity_type: str, entity_id: str) -> EntityRunInput:
+        return EntityRunInput(
+            entity_id=entity_id,
+            runtime=self._settings.runtime,
+            options=self._settings.entity_options.get(entity_type, {}),
+        )
+
+    async def deliver(
+        self, entity: EntityType[Any, Any], entity_id: str, envelope: CommandEnvelope
+    ) -> WorkflowHandle[Any, Any]:
+        """Hand the command to Temporal, durably; its outcome may not be known yet."""
+        workflow_id = entity.workflow_id(entity_id)
+        try:
+            if entity.spec(envelope.name).creates:
+                return await self._client.start_workflow(
+                    catalog.workflow_for(entity.name).run,  # type: ignore[attr-defined]
+                    self.start_input(entity.name, entity_id),
+                    id=workflow_id,
+                    task_queue=self._settings.task_queue,
+                    start_signal="command",
+                    start_signal_args=[envelope],
+                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+                    rpc_timeout=timedelta(seconds=SIGNAL_TIMEOUT),
+                )
+            handle = self._client.get_workflow_handle(workflow_id)
+            await handle.signal("command", envelope, rpc_timeout=timedelta(seconds=SIGNAL_TIMEOUT))
+            return handle
+        except WorkflowAlreadyStartedError:
+            raise EntityClosed(entity, entity_id) from None
+        except RPCError as exc:
+            if exc.status is RPCStatusCode.NOT_FOUND:
+                if await self._has_completed(workflow_id):
+                    raise EntityClosed(entity, entity_id) from None
+                raise TenureError(
+                    ErrorCode.NOT_FOUND, f"{entity.name} {entity_id} does not exist"
+                ) from None
+            raise unavailable(exc) from exc
+
+    async def _has_completed(self, workflow_id: str) -> bool:
+        try:
+            await self._client.get_workflow_handle(workflow_id).describe(
+                rpc_timeout=timedelta(seconds=SIGNAL_TIMEOUT)
+            )
+        except RPCError:
+            return False
+        return True
+
+    async def await_outcome(
+        self, handle: WorkflowHandle[Any, Any], command_id: str
+    ) -> CommandResult:
+        """The command's outcome with the state after it; UNAVAILABLE while not known."""
+        # Queries are strongly consistent: one sent after the signal was accepted sees it
+        # applied. UNKNOWN can only mean a signal still being delivered; ask again briefly.
+        for attempt in range(OUTCOME_ATTEMPTS):
+            result = await self._outcome(handle, command_id)
+            if result.outcome.status is not OutcomeStatus.UNKNOWN:
+                return result
+            await asyncio.sleep(0.05 * (attempt + 1))
+        raise TenureError(
+            ErrorCode.UNAVAILABLE,
+            f"command {command_id} was accepted but not yet applied; "
+            "retry with the same idempotencyKey",
+        )
+
+    async def _outcome(self, handle: WorkflowHandle[Any, Any], command_id: str) -> CommandResult:
+        try:
+            result: CommandResult = await handle.query(
+                "outcome",
+                command_id,
+                result_type=CommandResult,
+                rpc_timeout=timedelta(seconds=self._settings.live_read_timeout),
+            )
+        except RPCError as exc:
+            raise TenureError(
+                ErrorCode.UNAVAILABLE,
+                f"command {command_id} was accepted but its outcome is not known yet "
+                "(the entity is not answering); retry with the same idempotencyKey",
+            ) from exc
+        return result
+
+    async def request(
+        self, entity: EntityType[Any, Any], entity_id: str, envelope: CommandEnvelope
+    ) -> CommandResult:
+        """Deliver a command and wait for its outcome. Safe to repeat: when the entity has
+        finished since, perhaps because of this very command, its recorded outcome stands."""
+        try:
+            handle = await self.deliver(entity, entity_id, envelope)
+        except EntityClosed:
+            handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
+            result = await self._outcome(handle, envelope.command_id)
+            if result.outcome.status is OutcomeStatus.UNKNOWN:
+                raise
+            return result
+        return await self.await_outcome(handle, envelope.command_id)
