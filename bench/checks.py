@@ -7,7 +7,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
-from typing import Any
 
 from temporalio.client import Client
 from temporalio.service import RPCError
@@ -104,10 +103,13 @@ async def check_counters(
 
 async def history_lengths(client: Client, workflow_id: str) -> list[int]:
     """The history length of every run of `workflow_id`, from the server's own records."""
-    lengths = []
+    latest = await client.get_workflow_handle(workflow_id).describe()
+    lengths = {latest.run_id: latest.history_length}
+    # Visibility may lag behind the newest run; it is described directly above.
     async for execution in client.list_workflows(f'WorkflowId = "{workflow_id}"'):
-        description: Any = await client.get_workflow_handle(
-            workflow_id, run_id=execution.run_id
-        ).describe()
-        lengths.append(int(description.history_length))
-    return lengths
+        if execution.run_id not in lengths:
+            description = await client.get_workflow_handle(
+                workflow_id, run_id=execution.run_id
+            ).describe()
+            lengths[execution.run_id] = description.history_length
+    return list(lengths.values())

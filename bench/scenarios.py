@@ -18,7 +18,7 @@ from bench.counter_worker import RAW_QUEUE_SUFFIX
 from bench.graphql import DEPOSIT, DEPOSIT_WAIT, READ, GraphQL
 from bench.load import Measured, drive
 from bench.scale import Scale
-from bench.stack import BenchStack, Window
+from bench.stack import LOAD_GENERATOR, BenchStack, Window
 from workers.cache import SnapshotCache
 
 RPC_TIMEOUT = timedelta(seconds=10)
@@ -41,6 +41,15 @@ class Result:
     problems: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     window: InitVar[Window | None] = None
+
+    @property
+    def server_cpu_ms(self) -> float | None:
+        """CPU milliseconds per operation of every process but the load generator: a cost
+        that, unlike throughput, hardly moves when other work shares the machine."""
+        spent: dict[str, float] | None = self.details.get("cpu_ms_per_op")
+        if spent is None:
+            return None
+        return sum(ms for name, ms in spent.items() if name != LOAD_GENERATOR)
 
     def __post_init__(self, window: Window | None) -> None:
         self.ops_per_s = self.ops_per_s or self.measured.ops_per_s
@@ -145,10 +154,10 @@ async def raw_signal_then_query(bench: Bench) -> Result:
         nonlocal stale
         workflow_id = _spread(ids, i)
         handle = client.get_workflow_handle(workflow_id)
+        # Every signal acknowledged before this one was sent was applied before it.
+        floor = bench.counters[workflow_id] + 1
         await handle.signal("add", 1, rpc_timeout=RPC_TIMEOUT)
         bench.counters[workflow_id] += 1
-        # Every signal counted so far was accepted before this query was sent.
-        floor = bench.counters[workflow_id]
         value = await handle.query("value", result_type=int, rpc_timeout=RPC_TIMEOUT)
         stale += value < floor
 
@@ -169,11 +178,12 @@ async def graphql_waited_mutations(bench: Bench) -> Result:
     async def deposit(i: int) -> None:
         nonlocal unseen
         account_id = _spread(ids, i)
+        # Every deposit acknowledged before this one was sent was applied before it.
+        floor = OPENED_REVISION + bench.accounts[account_id] + 1
         data = await bench.gql.command(
             DEPOSIT_WAIT, id=account_id, amount=1, key=f"{bench.tag}-w-{i}"
         )
         bench.accounts[account_id] += 1
-        floor = OPENED_REVISION + bench.accounts[account_id]
         payload = data["depositToAccount"]
         unseen += payload["status"] != "APPLIED" or payload["account"]["revision"] < floor
 

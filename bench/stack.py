@@ -30,6 +30,8 @@ from deploy.embedded import (
 )
 from workers.settings import Settings
 
+LOAD_GENERATOR = "bench client"
+
 
 def _proc_status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -142,7 +144,7 @@ class BenchStack:
             "tenure worker": self.worker.pid,
             "counter worker": self.counter_worker.pid,
             "api": self.api.pid,
-            "bench client": os.getpid(),
+            LOAD_GENERATOR: os.getpid(),
         }
 
     def restart_worker(self) -> None:
