@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from entities.runtime.effects import StartWorkflow
+
 
 class CommandEnvelope(BaseModel):
     """A command as it travels in a signal: its idempotency key, name and raw payload.
@@ -81,3 +83,6 @@ class EntityRunInput(BaseModel):
     updated_at: datetime | None = None
     ledger: list[Outcome] = Field(default_factory=list)
     published_revision: int = 0
+    effects: list[StartWorkflow] = Field(
+        default_factory=list, description="Effects the previous run had not yet carried out."
+    )

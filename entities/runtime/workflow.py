@@ -66,7 +66,7 @@ class EntityWorkflow:
         self._publishing: asyncio.Task[None] | None = None
         self._publish_backoff: asyncio.Task[None] | None = None
         self._publish_failures = 0
-        self._effects: list[Any] = []
+        self._effects: list[Any] = list(input.effects)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -288,4 +288,5 @@ class EntityWorkflow:
             updated_at=self._updated_at,
             ledger=self._ledger.entries(),
             published_revision=self._published_revision,
+            effects=self._effects,
         )

@@ -1,0 +1,153 @@
+"""A customer's-eye driver for carts, stock and accounts in tests: commands go through the
+gateway as the API sends them, reads are live."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.gateway import Consistency, EntityGateway
+from entities.account import AccountState
+from entities.cart import CartState
+from entities.checkout import CheckoutState, checkout_workflow_id
+from entities.inventory import InventoryState
+from workers.cache import SnapshotCache
+from workers.settings import Settings
+
+T = TypeVar("T")
+
+FAST_STEP = {
+    "timeout_seconds": 10,
+    "attempts": 3,
+    "initial_interval_seconds": 0.1,
+    "maximum_interval_seconds": 0.5,
+}
+FAST_COMPENSATION = {**FAST_STEP, "attempts": 0}
+
+
+def shop_settings(
+    settings: Settings, *, checkout: dict[str, Any] | None = None, **entity_options: Any
+) -> Settings:
+    """`settings` with checkouts that retry quickly, plus any entity options given
+    (`cart={...}`, `inventory={...}`)."""
+    cart = {
+        "checkout": {"step": FAST_STEP, "compensation": FAST_COMPENSATION, **(checkout or {})},
+        **entity_options.pop("cart", {}),
+    }
+    options = {**settings.entity_options, "cart": cart, **entity_options}
+    return settings.model_copy(update={"entity_options": options})
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], timeout: float = 20.0
+) -> T:
+    """Ask `probe` until `ok` holds for its answer; fail with the last answer after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not there after {timeout}s: {value!r}")
+        await asyncio.sleep(0.05)
+
+
+class Shop:
+    """Accounts, stock and carts for one test, on its task queue."""
+
+    def __init__(self, client: Client, cache: SnapshotCache, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self.gateway = EntityGateway(client, cache, settings)
+
+    async def send(self, entity_type: str, entity_id: str, command: str, **payload: Any) -> None:
+        await self.gateway.send(entity_type, entity_id, command, payload, wait=True)
+
+    async def account(self, balance: int, account_id: str | None = None) -> str:
+        account_id = account_id or new_id("acct")
+        await self.send("account", account_id, "open", owner_name="Ada", email="ada@example.com")
+        await self.send("account", account_id, "verify")
+        if balance:
+            await self.send("account", account_id, "deposit", amount=balance)
+        return account_id
+
+    async def stock(self, units: int, sku: str | None = None) -> str:
+        sku = sku or new_id("sku")
+        await self.send("inventory", sku, "restock", quantity=units, name=f"Item {sku}")
+        return sku
+
+    async def cart(self, account_id: str, *lines: tuple[str, int, int]) -> str:
+        """A cart of (sku, quantity, unit price) lines."""
+        cart_id = new_id("cart")
+        await self.send("cart", cart_id, "createCart", account_id=account_id)
+        for sku, quantity, unit_price in lines:
+            await self.send(
+                "cart", cart_id, "addCartItem", sku=sku, quantity=quantity, unit_price=unit_price
+            )
+        return cart_id
+
+    async def checkout(self, cart_id: str) -> str:
+        """Start checking the cart out; its checkout id."""
+        receipt = await self.gateway.send("cart", cart_id, "checkoutCart", {}, wait=True)
+        assert receipt.read is not None and receipt.read.snapshot.state is not None
+        checkout_id: str = receipt.read.snapshot.state["checkout_id"]
+        return checkout_id
+
+    async def finished(self, checkout_id: str, timeout: float = 60.0) -> CheckoutState:
+        """The checkout's final state. The cart starts it just after taking the command, so
+        it may not exist yet when asked."""
+        handle = self.client.get_workflow_handle(
+            checkout_workflow_id(checkout_id), result_type=CheckoutState
+        )
+
+        async def started() -> bool:
+            try:
+                await handle.describe()
+            except RPCError as exc:
+                if exc.status is RPCStatusCode.NOT_FOUND:
+                    return False
+                raise
+            return True
+
+        await eventually(started, bool, timeout=10)
+        return await asyncio.wait_for(handle.result(), timeout)
+
+    async def progress(self, checkout_id: str) -> CheckoutState | None:
+        """The checkout's status query, or None while it cannot answer."""
+        handle = self.client.get_workflow_handle(checkout_workflow_id(checkout_id))
+        try:
+            state: CheckoutState = await handle.query(
+                "status", result_type=CheckoutState, rpc_timeout=timedelta(seconds=2)
+            )
+        except RPCError:
+            return None
+        return state
+
+    async def _state(self, entity_type: str, entity_id: str) -> dict[str, Any]:
+        read = await self.gateway.read(entity_type, entity_id, Consistency.LIVE)
+        assert read is not None and read.snapshot.state is not None, (entity_type, entity_id)
+        return read.snapshot.state
+
+    async def balance(self, account_id: str) -> int:
+        return AccountState.model_validate(await self._state("account", account_id)).balance
+
+    async def account_state(self, account_id: str) -> AccountState:
+        return AccountState.model_validate(await self._state("account", account_id))
+
+    async def item(self, sku: str) -> InventoryState:
+        return InventoryState.model_validate(await self._state("inventory", sku))
+
+    async def cart_state(self, cart_id: str) -> CartState:
+        return CartState.model_validate(await self._state("cart", cart_id))
