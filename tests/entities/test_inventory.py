@@ -1,0 +1,198 @@
+"""InventoryItem: its rules as pure transitions, then reservations on real servers."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+
+from entities.errors import ErrorCode, Rejected, TenureError
+from entities.inventory import InventoryOptions, InventoryState, Settlement, inventory
+from entities.runtime import CommandContext
+from tests.conftest import WorkerFactory
+from tests.entities.shop import Shop, eventually, shop_settings
+from workers.cache import SnapshotCache
+from workers.settings import Settings
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+OPTIONS = InventoryOptions(default_ttl_seconds=60, settled_memory=3, adjustment_memory=2)
+
+
+def ctx(at: datetime = T0) -> CommandContext[InventoryOptions]:
+    return CommandContext("sku-1", at, OPTIONS, "cmd")
+
+
+def apply(
+    state: InventoryState | None, command: str, /, at: datetime = T0, **payload: Any
+) -> InventoryState:
+    return inventory.apply(state, command, payload, ctx(at))
+
+
+def rejected(state: InventoryState | None, command: str, /, **payload: Any) -> ErrorCode:
+    with pytest.raises(Rejected) as info:
+        apply(state, command, **payload)
+    return info.value.code
+
+
+def stocked(units: int = 10) -> InventoryState:
+    return apply(None, "restock", quantity=units, name="Teapot")
+
+
+def test_restock_creates_the_item_and_adds_units() -> None:
+    state = stocked(10)
+    assert (state.sku, state.name, state.on_hand, state.available) == ("sku-1", "Teapot", 10, 10)
+    assert apply(state, "restock", quantity=5).on_hand == 15
+    assert apply(None, "restock", quantity=1).name == "sku-1"
+    assert rejected(state, "restock", quantity=0) is ErrorCode.INVALID_INPUT
+    assert rejected(None, "reserveStock", reservation_id="r", quantity=1) is ErrorCode.NOT_FOUND
+
+
+def test_adjustments_keep_a_reason_and_never_take_reserved_units() -> None:
+    state = apply(stocked(10), "reserveStock", reservation_id="r1", quantity=6)
+    state = apply(state, "adjustStock", delta=-4, reason="broken in transit")
+    assert (state.on_hand, state.available) == (6, 0)
+    assert rejected(state, "adjustStock", delta=-1, reason="lost") is ErrorCode.INSUFFICIENT_STOCK
+    assert rejected(state, "adjustStock", delta=0, reason="none") is ErrorCode.INVALID_INPUT
+    assert rejected(state, "adjustStock", delta=1, reason="") is ErrorCode.INVALID_INPUT
+    state = apply(state, "adjustStock", delta=2, reason="found")
+    state = apply(state, "adjustStock", delta=1, reason="found again")
+    assert [(a.delta, a.reason) for a in state.adjustments] == [(2, "found"), (1, "found again")]
+
+
+def test_a_reservation_is_idempotent_by_its_id_and_never_oversells() -> None:
+    state = apply(stocked(5), "reserveStock", reservation_id="r1", quantity=3)
+    assert (state.reserved, state.available) == (3, 2)
+    assert apply(state, "reserveStock", reservation_id="r1", quantity=3) == state
+    assert rejected(state, "reserveStock", reservation_id="r1", quantity=2) is ErrorCode.CONFLICT
+    assert rejected(state, "reserveStock", reservation_id="r2", quantity=3) is (
+        ErrorCode.INSUFFICIENT_STOCK
+    )
+    state = apply(state, "reserveStock", reservation_id="r2", quantity=2)
+    assert state.available == 0
+
+
+def test_release_commit_and_return() -> None:
+    state = apply(stocked(5), "reserveStock", reservation_id="r1", quantity=3)
+    released = apply(state, "releaseReservation", reservation_id="r1")
+    assert (released.on_hand, released.available, released.reservations) == (5, 5, [])
+    assert apply(released, "releaseReservation", reservation_id="r1") == released
+    assert rejected(released, "commitReservation", reservation_id="r1") is (
+        ErrorCode.INVALID_TRANSITION
+    )
+    assert rejected(released, "reserveStock", reservation_id="r1", quantity=1) is (
+        ErrorCode.CONFLICT
+    )
+
+    sold = apply(state, "commitReservation", reservation_id="r1")
+    assert (sold.on_hand, sold.sold, sold.available, sold.reservations) == (2, 3, 2, [])
+    assert apply(sold, "commitReservation", reservation_id="r1") == sold
+    assert apply(sold, "releaseReservation", reservation_id="r1") == sold
+
+    returned = apply(sold, "returnReservation", reservation_id="r1")
+    assert (returned.on_hand, returned.sold) == (5, 0)
+    assert apply(returned, "returnReservation", reservation_id="r1") == returned
+    # nothing was sold under an active reservation, so there is nothing to return
+    assert apply(state, "returnReservation", reservation_id="r1") == state
+
+
+def test_releasing_an_unknown_reservation_fences_off_a_late_one() -> None:
+    state = apply(stocked(5), "releaseReservation", reservation_id="late")
+    assert rejected(state, "reserveStock", reservation_id="late", quantity=1) is (
+        ErrorCode.CONFLICT
+    )
+    assert rejected(state, "commitReservation", reservation_id="never") is (
+        ErrorCode.INVALID_TRANSITION
+    )
+
+
+def test_settled_reservation_ids_are_remembered_up_to_a_bound() -> None:
+    state = stocked(10)
+    for n in range(5):
+        state = apply(state, "releaseReservation", reservation_id=f"r{n}")
+    assert list(state.settled) == ["r2", "r3", "r4"]
+
+
+def test_reservations_expire_at_their_ttl() -> None:
+    state = apply(stocked(5), "reserveStock", reservation_id="short", quantity=2, ttl_seconds=10)
+    state = apply(state, "reserveStock", reservation_id="long", quantity=1)
+    assert inventory.deadline(state, OPTIONS) == T0 + timedelta(seconds=10)
+    expired = inventory.fire_deadline(state, ctx(T0 + timedelta(seconds=10)))
+    assert [r.reservation_id for r in expired.reservations] == ["long"]
+    assert expired.available == 4
+    assert expired.settled["short"].settlement is Settlement.EXPIRED
+    assert inventory.deadline(expired, OPTIONS) == T0 + timedelta(seconds=60)
+    assert rejected(expired, "commitReservation", reservation_id="short") is (
+        ErrorCode.INVALID_TRANSITION
+    )
+
+
+def test_no_sequence_of_commands_oversells() -> None:
+    rng = random.Random(11)
+    state = stocked(20)
+    restocked = 20
+    for step in range(2000):
+        rid = f"r{rng.randrange(30)}"
+        name, payload = rng.choice(
+            [
+                ("reserveStock", {"reservation_id": rid, "quantity": rng.randint(1, 8)}),
+                ("releaseReservation", {"reservation_id": rid}),
+                ("commitReservation", {"reservation_id": rid}),
+                ("returnReservation", {"reservation_id": rid}),
+                ("restock", {"quantity": rng.randint(1, 3)}),
+                ("adjustStock", {"delta": rng.randint(-3, 3) or 1, "reason": "count"}),
+            ]
+        )
+        at = T0 + timedelta(seconds=step)
+        try:
+            state = apply(state, name, at, **payload)
+        except Rejected:
+            continue
+        if name == "restock":
+            restocked += payload["quantity"]
+        if name == "adjustStock":
+            restocked += payload["delta"]
+        if rng.random() < 0.05 and inventory.deadline(state, OPTIONS) is not None:
+            state = inventory.fire_deadline(state, ctx(at + timedelta(seconds=60)))
+        assert state.available >= 0
+        assert state.on_hand + state.sold == restocked
+
+
+async def test_a_reservation_expires_on_a_real_server_and_its_units_come_back(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    shop = Shop(temporal_client, cache, shop_settings(settings))
+    async with run_worker():
+        sku = await shop.stock(5)
+        await shop.send(
+            "inventory", sku, "reserveStock", reservation_id="r1", quantity=3, ttl_seconds=0.5
+        )
+        await shop.send(
+            "inventory", sku, "reserveStock", reservation_id="r2", quantity=1, ttl_seconds=600
+        )
+        assert (await shop.item(sku)).available == 1
+        expired = await eventually(lambda: shop.item(sku), lambda s: s.available == 4, 10)
+        assert [r.reservation_id for r in expired.reservations] == ["r2"]
+        assert expired.settled["r1"].settlement is Settlement.EXPIRED
+        with pytest.raises(TenureError) as info:
+            await shop.send("inventory", sku, "commitReservation", reservation_id="r1")
+        assert info.value.code is ErrorCode.INVALID_TRANSITION
+        await shop.send("inventory", sku, "commitReservation", reservation_id="r2")
+        assert (await shop.item(sku)).model_dump(include={"on_hand", "sold"}) == {
+            "on_hand": 4,
+            "sold": 1,
+        }
+
+
+async def test_a_repeated_reservation_reserves_once_on_a_real_server(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    shop = Shop(temporal_client, cache, shop_settings(settings))
+    async with run_worker():
+        sku = await shop.stock(5)
+        # different idempotency keys, same reservation id: the entity itself dedupes
+        for _ in range(3):
+            await shop.send("inventory", sku, "reserveStock", reservation_id="r1", quantity=2)
+        assert (await shop.item(sku)).available == 3
