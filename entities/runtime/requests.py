@@ -36,6 +36,12 @@ class EntityRequest(BaseModel):
 class RequestFailed(TenureError):
     """The entity refused the request, or it could not be delivered within its retries."""
 
+    @property
+    def refused(self) -> bool:
+        """The entity (or its absence) refused it, so it certainly did not take effect;
+        otherwise it may have."""
+        return self.code is not ErrorCode.UNAVAILABLE
+
 
 class RequestPolicy(BaseModel):
     """How long one attempt may take and how often it is tried; `attempts=0` means until

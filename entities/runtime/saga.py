@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
+    from entities.runtime.envelope import Outcome
     from entities.runtime.requests import RequestFailed
 
 T = TypeVar("T")
@@ -72,14 +73,17 @@ class _Registered:
 class Saga:
     """Runs steps in order and, after a failure, their compensations in reverse order.
 
-    Steps and compensations are workflow code that fails with RequestFailed. A compensation
-    that is refused is recorded and the others still run; the saga then ends FAILED.
+    Steps and compensations are workflow code that fails with RequestFailed. The
+    compensation of a step that was refused has nothing to undo and is only recorded. A
+    compensation that is refused is recorded and the others still run; the saga then ends
+    FAILED.
     """
 
     def __init__(self, log: SagaLog) -> None:
         self.log = log
         self._registered: list[_Registered] = []
         self._done: set[str] = set()
+        self._refused: set[str] = set()
 
     async def step(
         self, name: str, action: Callable[[], Awaitable[T]], undo: tuple[str, Compensation] | None
@@ -91,6 +95,8 @@ class Saga:
         try:
             result = await action()
         except RequestFailed as failure:
+            if failure.refused:
+                self._refused.add(name)
             self.log.steps.append(StepRecord(**_settled(name, failure)))
             self.log.failure_code = failure.code
             self.log.failure_reason = f"{name}: {failure.message}"
@@ -105,13 +111,20 @@ class Saga:
         while self._registered:
             registered = self._registered.pop()
             failure: RequestFailed | None = None
-            try:
-                await registered.undo(registered.step in self._done)
-            except RequestFailed as exc:
-                failure = exc
-            self.log.compensations.append(
-                CompensationRecord(**_settled(registered.name, failure), reason=reason)
-            )
+            note: str | None = None
+            if registered.step in self._refused:
+                note = f"nothing to undo: {registered.step} was refused"
+            else:
+                try:
+                    result = await registered.undo(registered.step in self._done)
+                except RequestFailed as exc:
+                    failure = exc
+                else:
+                    note = result.message if isinstance(result, Outcome) else None
+            record = CompensationRecord(**_settled(registered.name, failure), reason=reason)
+            if note is not None:
+                record.message = note
+            self.log.compensations.append(record)
 
     async def conclude(self, name: str, action: Callable[[], Awaitable[object]]) -> None:
         """Run the last step, which nothing undoes since the outcome is settled by then, and
