@@ -69,8 +69,15 @@ class Shop:
 
     def __init__(self, client: Client, cache: SnapshotCache, settings: Settings) -> None:
         self.client = client
+        self.cache = cache
         self.settings = settings
         self.gateway = EntityGateway(client, cache, settings)
+
+    def elsewhere(self) -> Shop:
+        """A shop whose new entities live on a task queue of their own, so that a test can
+        stop and start their worker apart from the rest."""
+        queue = f"{self.settings.task_queue}-elsewhere"
+        return Shop(self.client, self.cache, self.settings.model_copy(update={"task_queue": queue}))
 
     async def send(self, entity_type: str, entity_id: str, command: str, **payload: Any) -> None:
         await self.gateway.send(entity_type, entity_id, command, payload, wait=True)
@@ -123,6 +130,12 @@ class Shop:
 
         await eventually(started, bool, timeout=10)
         return await asyncio.wait_for(handle.result(), timeout)
+
+    async def pending_attempt(self, checkout_id: str) -> int:
+        """The attempt number of the checkout's activity in flight, 0 when there is none."""
+        handle = self.client.get_workflow_handle(checkout_workflow_id(checkout_id))
+        pending = (await handle.describe()).raw_description.pending_activities
+        return max((activity.attempt for activity in pending), default=0)
 
     async def progress(self, checkout_id: str) -> CheckoutState | None:
         """The checkout's status query, or None while it cannot answer."""

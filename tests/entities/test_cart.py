@@ -113,13 +113,14 @@ def test_checkout_starts_the_saga_with_an_id_from_the_cart_and_attempt() -> None
 
 def test_while_checking_out_the_lines_cannot_change() -> None:
     state = checking_out()
-    for name, payload in [
+    changes: list[tuple[str, dict[str, Any]]] = [
         ("addCartItem", {"sku": "s2", "quantity": 1, "unit_price": 1}),
         ("removeCartItem", {"sku": "s1"}),
         ("setCartItemQuantity", {"sku": "s1", "quantity": 1}),
         ("clearCart", {}),
         ("checkoutCart", {}),
-    ]:
+    ]
+    for name, payload in changes:
         assert rejected(state, name, **payload) is ErrorCode.CHECKOUT_IN_PROGRESS
 
 

@@ -135,16 +135,15 @@ def test_no_sequence_of_commands_oversells() -> None:
     restocked = 20
     for step in range(2000):
         rid = f"r{rng.randrange(30)}"
-        name, payload = rng.choice(
-            [
-                ("reserveStock", {"reservation_id": rid, "quantity": rng.randint(1, 8)}),
-                ("releaseReservation", {"reservation_id": rid}),
-                ("commitReservation", {"reservation_id": rid}),
-                ("returnReservation", {"reservation_id": rid}),
-                ("restock", {"quantity": rng.randint(1, 3)}),
-                ("adjustStock", {"delta": rng.randint(-3, 3) or 1, "reason": "count"}),
-            ]
-        )
+        ops: list[tuple[str, dict[str, Any]]] = [
+            ("reserveStock", {"reservation_id": rid, "quantity": rng.randint(1, 8)}),
+            ("releaseReservation", {"reservation_id": rid}),
+            ("commitReservation", {"reservation_id": rid}),
+            ("returnReservation", {"reservation_id": rid}),
+            ("restock", {"quantity": rng.randint(1, 3)}),
+            ("adjustStock", {"delta": rng.randint(-3, 3) or 1, "reason": "count"}),
+        ]
+        name, payload = rng.choice(ops)
         at = T0 + timedelta(seconds=step)
         try:
             state = apply(state, name, at, **payload)

@@ -1,0 +1,319 @@
+"""The checkout saga on real servers: the happy path, a failure at each step undone last
+first, a worker killed mid-saga, and fifty carts contending for ten units."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import pytest
+from temporalio.client import Client
+
+from entities.account import AccountOptions, AccountStatus, account
+from entities.cart import CartStatus
+from entities.checkout import CheckoutState
+from entities.errors import ErrorCode
+from entities.runtime import CommandContext
+from entities.runtime.saga import SagaStatus, StepRecord, StepStatus
+from tests.conftest import WorkerFactory
+from tests.entities.shop import FAST_STEP, Shop, eventually, shop_settings
+from workers.cache import SnapshotCache
+from workers.settings import Settings
+
+BALANCE = 10_000
+
+
+def names(records: Sequence[StepRecord]) -> list[str]:
+    return [r.name for r in records]
+
+
+def statuses(records: Sequence[StepRecord]) -> list[StepStatus]:
+    return [r.status for r in records]
+
+
+@pytest.fixture
+def shop(temporal_client: Client, cache: SnapshotCache, settings: Settings) -> Shop:
+    return Shop(temporal_client, cache, shop_settings(settings))
+
+
+async def stock_of(shop: Shop, *skus: str) -> list[tuple[int, int, int]]:
+    """(on hand, available, sold) of each SKU."""
+    items = [await shop.item(sku) for sku in skus]
+    return [(i.on_hand, i.available, i.sold) for i in items]
+
+
+def assert_compensated(done: CheckoutState, failed_step: str, code: ErrorCode) -> None:
+    assert done.status is SagaStatus.COMPENSATED
+    assert done.failure_code == code
+    failed = [s for s in done.steps if s.status is StepStatus.FAILED]
+    assert names(failed) == [failed_step]
+    assert all(c.status is StepStatus.DONE for c in done.compensations)
+    assert all(c.reason.startswith(f"{failed_step}:") for c in done.compensations)
+    assert names(done.steps)[-1] == "report"
+
+
+async def test_happy_path_sells_the_stock_charges_the_account_and_checks_the_cart_out(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    async with run_worker(shop.settings):
+        account_id = await shop.account(BALANCE)
+        a, b = await shop.stock(5), await shop.stock(3)
+        cart_id = await shop.cart(account_id, (a, 2, 1000), (b, 3, 500))
+        checkout_id = await shop.checkout(cart_id)
+        assert checkout_id == f"{cart_id}-1"
+        done = await shop.finished(checkout_id)
+
+        assert done.status is SagaStatus.COMPLETED
+        assert names(done.steps) == [
+            f"reserve:{a}",
+            f"reserve:{b}",
+            "withdraw",
+            f"commit:{a}",
+            f"commit:{b}",
+            "report",
+        ]
+        assert set(statuses(done.steps)) == {StepStatus.DONE}
+        assert done.compensations == []
+        assert done.total == 3500
+        cart = await shop.cart_state(cart_id)
+        assert (cart.status, cart.order_id) == (CartStatus.CHECKED_OUT, done.order_id)
+        assert await shop.balance(account_id) == BALANCE - 3500
+        assert await stock_of(shop, a, b) == [(3, 3, 2), (0, 0, 3)]
+        assert [(await shop.item(s)).reservations for s in (a, b)] == [[], []]
+
+
+async def test_not_enough_stock_for_one_line_releases_the_lines_already_reserved(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    async with run_worker(shop.settings):
+        account_id = await shop.account(BALANCE)
+        a, b, c = await shop.stock(5), await shop.stock(1), await shop.stock(4)
+        cart_id = await shop.cart(account_id, (a, 2, 100), (b, 3, 100), (c, 1, 100))
+        done = await shop.finished(await shop.checkout(cart_id))
+
+        assert_compensated(done, f"reserve:{b}", ErrorCode.INSUFFICIENT_STOCK)
+        assert names(done.steps) == [f"reserve:{a}", f"reserve:{b}", "report"]
+        assert names(done.compensations) == [f"release:{b}", f"release:{a}"]
+        assert await stock_of(shop, a, b, c) == [(5, 5, 0), (1, 1, 0), (4, 4, 0)]
+        assert await shop.balance(account_id) == BALANCE
+        cart = await shop.cart_state(cart_id)
+        assert (cart.status, cart.failure_code) == (CartStatus.OPEN, "INSUFFICIENT_STOCK")
+        assert cart.failure_reason is not None and b in cart.failure_reason
+
+
+async def test_not_enough_funds_releases_every_reservation_and_refunds_nothing(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    async with run_worker(shop.settings):
+        account_id = await shop.account(999)
+        a, b = await shop.stock(5), await shop.stock(3)
+        cart_id = await shop.cart(account_id, (a, 2, 300), (b, 1, 500))
+        done = await shop.finished(await shop.checkout(cart_id))
+
+        assert_compensated(done, "withdraw", ErrorCode.INSUFFICIENT_FUNDS)
+        assert names(done.compensations) == ["refund", f"release:{b}", f"release:{a}"]
+        # the refund undoes a withdrawal that was refused: it must not add money
+        assert await shop.balance(account_id) == 999
+        assert await stock_of(shop, a, b) == [(5, 5, 0), (3, 3, 0)]
+        assert (await shop.cart_state(cart_id)).failure_code == "INSUFFICIENT_FUNDS"
+
+
+async def test_a_suspended_account_releases_every_reservation(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    async with run_worker(shop.settings):
+        account_id = await shop.account(BALANCE)
+        await shop.send("account", account_id, "suspend", reason="fraud check")
+        a = await shop.stock(5)
+        cart_id = await shop.cart(account_id, (a, 2, 300))
+        done = await shop.finished(await shop.checkout(cart_id))
+
+        assert_compensated(done, "withdraw", ErrorCode.INVALID_TRANSITION)
+        assert names(done.compensations) == ["refund", f"release:{a}"]
+        state = await shop.account_state(account_id)
+        assert (state.status, state.balance) == (AccountStatus.SUSPENDED, BALANCE)
+        assert await stock_of(shop, a) == [(5, 5, 0)]
+        assert (await shop.cart_state(cart_id)).status is CartStatus.OPEN
+
+
+async def test_a_closed_account_releases_every_reservation(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    async with run_worker(shop.settings):
+        account_id = await shop.account(0)
+        await shop.send("account", account_id, "close")
+        a = await shop.stock(5)
+        cart_id = await shop.cart(account_id, (a, 2, 300))
+        done = await shop.finished(await shop.checkout(cart_id))
+
+        assert_compensated(done, "withdraw", ErrorCode.INVALID_TRANSITION)
+        assert await stock_of(shop, a) == [(5, 5, 0)]
+
+
+async def test_a_failed_commit_returns_the_sales_refunds_and_releases_last_first(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    # The account lives on a queue whose worker starts late, so the saga waits at the
+    # withdrawal; meanwhile one line's reservation is released behind its back, so that
+    # line's commit fails after the other line's has succeeded.
+    bank = shop.elsewhere()
+    async with run_worker(bank.settings):
+        account_id = await bank.account(BALANCE)
+    async with run_worker(shop.settings):
+        a, b = await shop.stock(5), await shop.stock(3)
+        cart_id = await shop.cart(account_id, (a, 2, 300), (b, 1, 500))
+        checkout_id = await shop.checkout(cart_id)
+        await eventually(
+            lambda: shop.progress(checkout_id), lambda p: p is not None and len(p.steps) == 2
+        )
+        await shop.send("inventory", b, "releaseReservation", reservation_id=checkout_id)
+        async with run_worker(bank.settings):
+            done = await shop.finished(checkout_id)
+
+            assert_compensated(done, f"commit:{b}", ErrorCode.INVALID_TRANSITION)
+            assert names(done.steps) == [
+                f"reserve:{a}",
+                f"reserve:{b}",
+                "withdraw",
+                f"commit:{a}",
+                f"commit:{b}",
+                "report",
+            ]
+            assert names(done.compensations) == [
+                f"return:{b}",
+                f"return:{a}",
+                "refund",
+                f"release:{b}",
+                f"release:{a}",
+            ]
+            assert await bank.balance(account_id) == BALANCE
+            assert await stock_of(shop, a, b) == [(5, 5, 0), (3, 3, 0)]
+            assert (await shop.cart_state(cart_id)).status is CartStatus.OPEN
+
+
+async def test_a_step_that_exhausts_its_retries_is_compensated_once_the_entity_answers(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    # No worker serves the account: the withdrawal is accepted by Temporal but never
+    # answered, so the step runs out of attempts. The refund is retried until the
+    # account's worker is back; it then sees the withdrawal applied, and takes it back.
+    bank = shop.elsewhere()
+    async with run_worker(bank.settings):
+        account_id = await bank.account(BALANCE)
+    async with run_worker(shop.settings):
+        a = await shop.stock(5)
+        cart_id = await shop.cart(account_id, (a, 2, 300))
+        checkout_id = await shop.checkout(cart_id)
+        waiting = await eventually(
+            lambda: shop.progress(checkout_id),
+            lambda p: p is not None and p.failure_code is not None,
+        )
+        assert waiting is not None and waiting.status is SagaStatus.RUNNING
+        assert waiting.failure_code == ErrorCode.UNAVAILABLE
+        assert names(waiting.compensations) == []  # the refund is still being retried
+        assert await stock_of(shop, a) == [(5, 3, 0)]
+
+        async with run_worker(bank.settings):
+            done = await shop.finished(checkout_id)
+            assert_compensated(done, "withdraw", ErrorCode.UNAVAILABLE)
+            assert names(done.compensations) == ["refund", f"release:{a}"]
+            assert await bank.balance(account_id) == BALANCE
+        assert await stock_of(shop, a) == [(5, 5, 0)]
+        assert (await shop.cart_state(cart_id)).failure_code == "UNAVAILABLE"
+
+
+async def test_a_worker_killed_mid_saga_is_replaced_and_the_saga_finishes_charging_once(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    # The account's worker is down, so the withdrawal is retried (each attempt delivers
+    # the command again); the saga's worker is then stopped mid-step and a new one started.
+    settings = shop_settings(settings, checkout={"step": {**FAST_STEP, "attempts": 50}})
+    shop = Shop(temporal_client, cache, settings)
+    bank = shop.elsewhere()
+    async with run_worker(bank.settings):
+        account_id = await bank.account(BALANCE)
+    async with run_worker(shop.settings):
+        a, b = await shop.stock(5), await shop.stock(3)
+        cart_id = await shop.cart(account_id, (a, 2, 300), (b, 3, 500))
+        checkout_id = await shop.checkout(cart_id)
+        await eventually(
+            lambda: shop.progress(checkout_id), lambda p: p is not None and len(p.steps) == 2
+        )
+        await eventually(lambda: shop.pending_attempt(checkout_id), lambda n: n >= 2)
+    async with run_worker(bank.settings), run_worker(shop.settings):
+        done = await shop.finished(checkout_id)
+        assert done.status is SagaStatus.COMPLETED
+        assert await bank.balance(account_id) == BALANCE - 2100
+        assert await stock_of(shop, a, b) == [(3, 3, 2), (0, 0, 3)]
+        assert (await shop.cart_state(cart_id)).status is CartStatus.CHECKED_OUT
+
+
+async def test_a_worker_killed_between_steps_leaves_stock_and_money_conserved(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    # A workflow task left in flight on the stopped worker holds its workflow for the
+    # task timeout (10 s); the steps' retries must outlast it.
+    settings = shop_settings(settings, checkout={"step": {**FAST_STEP, "attempts": 50}})
+    shop = Shop(temporal_client, cache, settings)
+    async with run_worker(shop.settings):
+        account_id = await shop.account(BALANCE)
+        skus = [await shop.stock(4) for _ in range(3)]
+        cart_id = await shop.cart(account_id, *[(sku, 2, 100) for sku in skus])
+        checkout_id = await shop.checkout(cart_id)
+        await eventually(
+            lambda: shop.progress(checkout_id), lambda p: p is not None and len(p.steps) >= 1
+        )
+    async with run_worker(shop.settings):
+        done = await shop.finished(checkout_id)
+        assert done.status is SagaStatus.COMPLETED
+        assert await shop.balance(account_id) == BALANCE - 600
+        for on_hand, available, sold in await stock_of(shop, *skus):
+            assert (on_hand + sold, available, sold) == (4, 2, 2)
+
+
+async def test_fifty_carts_contending_for_ten_units_sell_exactly_ten(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    # A busy two-core machine may take seconds to answer; that is load, not an outage.
+    settings = shop_settings(settings.model_copy(update={"live_read_timeout": 10.0}))
+    shop = Shop(temporal_client, cache, settings)
+    setup = asyncio.Semaphore(10)
+
+    async def customer() -> tuple[str, str]:
+        async with setup:
+            account_id = await shop.account(1000)
+            return account_id, await shop.cart(account_id, (sku, 1, 250))
+
+    async with run_worker(shop.settings):
+        sku = await shop.stock(10)
+        accounts, carts = zip(*await asyncio.gather(*(customer() for _ in range(50))), strict=True)
+        checkout_ids = await asyncio.gather(*(shop.checkout(c) for c in carts))
+        outcomes = await asyncio.gather(*(shop.finished(c) for c in checkout_ids))
+
+        completed = [o for o in outcomes if o.status is SagaStatus.COMPLETED]
+        compensated = [o for o in outcomes if o.status is SagaStatus.COMPENSATED]
+        assert (len(completed), len(compensated)) == (10, 40)
+        assert {o.failure_code for o in compensated} == {"INSUFFICIENT_STOCK"}
+        item = await shop.item(sku)
+        assert (item.on_hand, item.sold, item.available, item.reservations) == (0, 10, 0, [])
+        for outcome, cart_id, account_id in zip(outcomes, carts, accounts, strict=True):
+            cart = await shop.cart_state(cart_id)
+            balance = await shop.balance(account_id)
+            if outcome.status is SagaStatus.COMPLETED:
+                assert (cart.status, balance) == (CartStatus.CHECKED_OUT, 750)
+            else:
+                assert (cart.status, cart.failure_code, balance) == (
+                    CartStatus.OPEN,
+                    "INSUFFICIENT_STOCK",
+                    1000,
+                )
+
+
+def test_a_refund_reaches_a_suspended_account() -> None:
+    ctx = CommandContext("a1", datetime(2026, 1, 1, tzinfo=UTC), AccountOptions(), "cmd")
+    state = account.apply(None, "open", {"owner_name": "A", "email": "a@b.io"}, ctx)
+    state = account.apply(state, "verify", {}, ctx)
+    state = account.apply(state, "suspend", {}, ctx)
+    refunded = account.apply(state, "refund", {"amount": 40}, ctx)
+    assert (refunded.status, refunded.balance) == (AccountStatus.SUSPENDED, 40)
