@@ -1,0 +1,55 @@
+"""Compensating commands on a real server: a command that `undoes` another is applied only
+if that one was, and cancels one that never arrived."""
+
+from __future__ import annotations
+
+from temporalio.client import Client
+
+from entities.account import account
+from entities.errors import ErrorCode
+from entities.runtime.envelope import CommandEnvelope, CommandResult, OutcomeStatus
+from tests.conftest import WorkerFactory
+from tests.entities.shop import Shop
+from workers.cache import SnapshotCache
+from workers.delivery import CommandDelivery
+from workers.settings import Settings
+
+
+async def test_a_compensation_applies_only_when_what_it_undoes_was_applied(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    shop = Shop(temporal_client, cache, settings)
+    delivery = CommandDelivery(temporal_client, settings)
+
+    async def command(
+        command_id: str, name: str, amount: int, undoes: str | None = None
+    ) -> CommandResult:
+        envelope = CommandEnvelope(
+            command_id=command_id, name=name, payload={"amount": amount}, undoes=undoes
+        )
+        return await delivery.request(account, account_id, envelope)
+
+    async with run_worker():
+        account_id = await shop.account(100)
+
+        await command("w-1", "withdraw", 30)
+        undone = await command("r-1", "refund", 30, undoes="w-1")
+        assert undone.outcome.status is OutcomeStatus.APPLIED
+        assert await shop.balance(account_id) == 100
+
+        refused = await command("w-2", "withdraw", 1000)
+        assert refused.outcome.code == ErrorCode.INSUFFICIENT_FUNDS
+        nothing = await command("r-2", "refund", 1000, undoes="w-2")
+        assert nothing.outcome.status is OutcomeStatus.APPLIED
+        assert nothing.outcome.message == "nothing to undo: w-2 was not applied"
+        assert nothing.outcome.revision == undone.outcome.revision
+        assert await shop.balance(account_id) == 100
+
+        # the withdrawal never arrived: it is cancelled, so arriving late changes nothing
+        await command("r-3", "refund", 40, undoes="w-3")
+        late = await command("w-3", "withdraw", 40)
+        assert (late.outcome.status, late.outcome.code) == (
+            OutcomeStatus.REJECTED,
+            ErrorCode.CONFLICT,
+        )
+        assert await shop.balance(account_id) == 100
