@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from entities.runtime.envelope import Snapshot
@@ -39,12 +41,20 @@ def connect_redis(settings: Settings) -> redis.Redis:
     """A Redis client with short timeouts, so a dead Redis costs a read milliseconds."""
     if not settings.redis_url:
         raise ValueError("REDIS_URL is not set")
-    return redis.from_url(
+    # A blocking pool: a burst beyond the pool waits briefly for a connection instead of
+    # failing with "Too many connections".
+    pool = redis.BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
-        retry_on_timeout=False,
     )
+    client = redis.Redis.from_pool(pool)
+    # One immediate retry heals a pooled connection that a Redis restart broke; the
+    # client's default of backing off for seconds would stall every read during an outage.
+    client.set_retry(Retry(NoBackoff(), 1))
+    return client
 
 
 class SnapshotCache:

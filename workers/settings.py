@@ -27,6 +27,7 @@ class Settings(BaseModel):
     data_dir: Path = Path(".data")
     live_read_timeout: float = Field(default=2.0, gt=0)
     redis_timeout: float = Field(default=1.0, gt=0)
+    redis_max_connections: int = Field(default=64, ge=1)
     runtime: RuntimeOptions = Field(default_factory=RuntimeOptions)
     entity_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     max_cached_workflows: int = 10_000

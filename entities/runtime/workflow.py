@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError
+from temporalio.exceptions import ChildWorkflowError, FailureError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
@@ -268,7 +268,8 @@ class EntityWorkflow:
                 start_to_close_timeout=PUBLISH_TIMEOUT,
                 retry_policy=PUBLISH_RETRY,
             )
-        except ActivityError:
+        except FailureError:
+            # A local activity's failure arrives as its cause (ApplicationError, timeout).
             # The cache is best effort: the entity keeps serving, and retries later.
             self._publish_failures += 1
             backoff = min(timedelta(seconds=2**self._publish_failures), PUBLISH_BACKOFF_MAX)

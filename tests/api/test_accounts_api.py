@@ -1,0 +1,209 @@
+"""Every Account mutation and query through the ASGI app, with each error code a client sees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+
+from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
+from workers.settings import Settings
+
+ACCOUNT_FIELDS = """
+    id status ownerName email currency balance lastActivityAt suspensionReason kycReference
+    revision updatedAt stale source cachedAt
+"""
+
+OPEN = f"""
+mutation Open($id: ID, $key: String, $wait: Boolean = true, $email: String = "ada@example.com") {{
+  openAccount(id: $id, ownerName: "Ada Lovelace", email: $email, currency: "GBP",
+              idempotencyKey: $key, wait: $wait) {{
+    accountId commandId status account {{ {ACCOUNT_FIELDS} }}
+  }}
+}}"""
+
+
+def mutation(name: str, args: str = "", arg_types: str = "") -> str:
+    return f"""
+mutation($id: ID!, $key: String, $wait: Boolean = true {arg_types}) {{
+  {name}(id: $id, idempotencyKey: $key, wait: $wait {args}) {{
+    accountId commandId status account {{ {ACCOUNT_FIELDS} }}
+  }}
+}}"""
+
+
+VERIFY = mutation("verifyAccount", ", kycReference: $kyc", ", $kyc: String")
+DEPOSIT = mutation("depositToAccount", ", amount: $amount", ", $amount: Long!")
+WITHDRAW = mutation("withdrawFromAccount", ", amount: $amount", ", $amount: Long!")
+SUSPEND = mutation("suspendAccount", ", reason: $reason", ", $reason: String")
+REACTIVATE = mutation("reactivateAccount")
+CLOSE = mutation("closeAccount")
+READ = f"""
+query($id: ID!, $consistency: Consistency = CACHED) {{
+  account(id: $id, consistency: $consistency) {{ {ACCOUNT_FIELDS} }}
+}}"""
+
+
+async def open_active(gql: GraphQLClient, account_id: str) -> None:
+    await gql.data(OPEN, id=account_id)
+    await gql.data(VERIFY, id=account_id)
+
+
+def account_of(data: dict[str, Any], field: str) -> dict[str, Any]:
+    account: dict[str, Any] = data[field]["account"]
+    return account
+
+
+async def test_an_account_lifecycle_through_every_mutation(gql: GraphQLClient) -> None:
+    account_id = new_id()
+    opened = (await gql.data(OPEN, id=account_id))["openAccount"]
+    assert opened["accountId"] == account_id and opened["status"] == "APPLIED"
+    assert opened["commandId"]
+    account = opened["account"]
+    assert account["status"] == "PENDING" and account["balance"] == 0
+    assert account["ownerName"] == "Ada Lovelace" and account["currency"] == "GBP"
+    assert (account["revision"], account["source"], account["stale"]) == (1, "LIVE", False)
+
+    verified = account_of(await gql.data(VERIFY, id=account_id, kyc="kyc-7"), "verifyAccount")
+    assert (verified["status"], verified["kycReference"], verified["revision"]) == ("ACTIVE", "kyc-7", 2)
+    deposited = account_of(await gql.data(DEPOSIT, id=account_id, amount=5_000_000_000), "depositToAccount")
+    assert deposited["balance"] == 5_000_000_000  # beyond GraphQL's 32-bit Int
+    withdrawn = account_of(await gql.data(WITHDRAW, id=account_id, amount=4_999_999_000), "withdrawFromAccount")
+    assert withdrawn["balance"] == 1000
+    suspended = account_of(await gql.data(SUSPEND, id=account_id, reason="fraud check"), "suspendAccount")
+    assert (suspended["status"], suspended["suspensionReason"]) == ("SUSPENDED", "fraud check")
+    reactivated = account_of(await gql.data(REACTIVATE, id=account_id), "reactivateAccount")
+    assert (reactivated["status"], reactivated["suspensionReason"]) == ("ACTIVE", None)
+    await gql.data(WITHDRAW, id=account_id, amount=1000)
+    closed = account_of(await gql.data(CLOSE, id=account_id), "closeAccount")
+    assert closed["status"] == "CLOSED" and closed["revision"] == 8
+
+    read = (await gql.data(READ, id=account_id))["account"]
+    assert read["status"] == "CLOSED" and read["revision"] == 8
+    assert read["source"] == "CACHE" and read["stale"] is False and read["cachedAt"]
+    live = (await gql.data(READ, id=account_id, consistency="LIVE"))["account"]
+    assert (live["status"], live["revision"], live["source"]) == ("CLOSED", 8, "LIVE")
+    assert live["updatedAt"] == read["updatedAt"]
+
+
+async def test_a_mutation_without_wait_is_accepted_then_applied(gql: GraphQLClient) -> None:
+    account_id = new_id()
+    await open_active(gql, account_id)
+    accepted = (await gql.data(DEPOSIT, id=account_id, amount=25, wait=False))["depositToAccount"]
+    assert accepted["status"] == "ACCEPTED" and accepted["account"] is None
+    # A waited command sent after it is applied after it.
+    after = account_of(await gql.data(DEPOSIT, id=account_id, amount=5), "depositToAccount")
+    assert after["balance"] == 30 and after["revision"] == 4
+
+
+async def test_idempotency_key_applies_a_repeated_mutation_once(gql: GraphQLClient) -> None:
+    account_id = new_id()
+    await open_active(gql, account_id)
+    first = (await gql.data(DEPOSIT, id=account_id, amount=40, key="pay-1"))["depositToAccount"]
+    second = (await gql.data(DEPOSIT, id=account_id, amount=40, key="pay-1"))["depositToAccount"]
+    assert first["commandId"] == second["commandId"] == "pay-1"
+    assert second["account"]["balance"] == 40 and second["account"]["revision"] == 3
+
+
+async def test_open_without_an_id_derives_it_from_the_idempotency_key(gql: GraphQLClient) -> None:
+    key = new_id()
+    first = (await gql.data(OPEN, key=key))["openAccount"]
+    again = (await gql.data(OPEN, key=key))["openAccount"]
+    assert first["accountId"] == again["accountId"]
+    assert again["account"]["revision"] == 1
+    other = (await gql.data(OPEN))["openAccount"]
+    assert other["accountId"] != first["accountId"]
+
+
+async def test_reading_an_account_that_never_existed_is_null(gql: GraphQLClient) -> None:
+    for consistency in ("CACHED", "LIVE"):
+        assert (await gql.data(READ, id=new_id(), consistency=consistency))["account"] is None
+
+
+@pytest.mark.parametrize(
+    ("document", "variables"),
+    [
+        (DEPOSIT, {"amount": -5}),
+        (DEPOSIT, {"amount": 0}),
+        (DEPOSIT, {"amount": 1.5}),
+        (DEPOSIT, {"amount": "ten"}),
+        (READ, {"id": "bad id!"}),
+        (DEPOSIT, {"id": "x" * 200, "amount": 1}),
+        (DEPOSIT, {"amount": 1, "key": ""}),
+        ("mutation { depositToAccount(id: \"a\", amount: 1, colour: \"red\") { commandId } }", {}),
+        ("{ account(id: \"a\") { favouriteColour } }", {}),
+        ("{ account(id: ", {}),
+    ],
+)
+async def test_bad_input_is_invalid_input(
+    gql: GraphQLClient, document: str, variables: dict[str, Any]
+) -> None:
+    account_id = new_id()
+    await open_active(gql, account_id)
+    params = {"id": account_id, **variables}
+    assert await gql.error_code(document, **params) == "INVALID_INPUT"
+    read = (await gql.data(READ, id=account_id, consistency="LIVE"))["account"]
+    assert read["balance"] == 0 and read["revision"] == 2
+
+
+async def test_open_with_a_malformed_email_is_invalid_input(gql: GraphQLClient) -> None:
+    account_id = new_id()
+    assert await gql.error_code(OPEN, id=account_id, email="nope") == "INVALID_INPUT"
+    assert (await gql.data(READ, id=account_id))["account"] is None
+
+
+async def test_rejections_carry_their_codes_and_change_nothing(gql: GraphQLClient) -> None:
+    account_id = new_id()
+    await gql.data(OPEN, id=account_id)
+    assert await gql.error_code(DEPOSIT, id=account_id, amount=5) == "INVALID_TRANSITION"
+    assert await gql.error_code(OPEN, id=account_id) == "ALREADY_EXISTS"
+    await gql.data(VERIFY, id=account_id)
+    await gql.data(DEPOSIT, id=account_id, amount=10)
+    assert await gql.error_code(WITHDRAW, id=account_id, amount=11) == "INSUFFICIENT_FUNDS"
+    assert await gql.error_code(REACTIVATE, id=account_id) == "INVALID_TRANSITION"
+    assert await gql.error_code(CLOSE, id=account_id) == "INVALID_TRANSITION"
+    read = (await gql.data(READ, id=account_id, consistency="LIVE"))["account"]
+    assert (read["status"], read["balance"], read["revision"]) == ("ACTIVE", 10, 3)
+
+
+async def test_commands_to_a_missing_account_are_not_found(gql: GraphQLClient) -> None:
+    for document, extra in [(DEPOSIT, {"amount": 1}), (VERIFY, {}), (CLOSE, {})]:
+        assert await gql.error_code(document, id=new_id(), **extra) == "NOT_FOUND"
+
+
+async def test_commands_to_a_closed_account_are_invalid_transitions(gql: GraphQLClient) -> None:
+    account_id = new_id()
+    await gql.data(OPEN, id=account_id)
+    await gql.data(CLOSE, id=account_id)
+    for document, extra in [(DEPOSIT, {"amount": 1}), (REACTIVATE, {}), (CLOSE, {})]:
+        assert await gql.error_code(document, id=account_id, **extra) == "INVALID_TRANSITION"
+    assert await gql.error_code(OPEN, id=account_id) == "INVALID_TRANSITION"
+
+
+async def test_waiting_on_an_entity_with_no_worker_is_unavailable_then_retry_is_safe(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    account_id = new_id()
+    async with api_client(settings, temporal_client) as http:
+        gql = GraphQLClient(http)
+        async with run_worker():
+            await open_active(gql, account_id)
+        body = await gql(DEPOSIT, id=account_id, amount=9, key="late-1")
+        assert body["errors"][0]["extensions"]["code"] == "UNAVAILABLE"
+        assert "late-1" in body["errors"][0]["message"]
+        async with run_worker():
+            retried = await gql.data(DEPOSIT, id=account_id, amount=9, key="late-1")
+        assert retried["depositToAccount"]["account"]["balance"] == 9
+
+
+async def test_errors_never_leak_internals(http: httpx.AsyncClient, gql: GraphQLClient) -> None:
+    body = await gql(DEPOSIT, id=new_id(), amount=-1)
+    text = str(body)
+    assert "Traceback" not in text and "temporalio" not in text and "pydantic" not in text
+
+
+async def test_graphiql_is_served(http: httpx.AsyncClient) -> None:
+    page = await http.get("/graphql", headers={"accept": "text/html"})
+    assert page.status_code == 200 and "graphiql" in page.text.lower()

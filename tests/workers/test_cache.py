@@ -1,0 +1,124 @@
+"""The last-seen cache on a real Redis: conditional writes, stale reads, Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime
+
+import pytest
+from temporalio.client import Client
+
+from api.gateway import Consistency, EntityGateway
+from deploy.embedded import EmbeddedRedis
+from entities.runtime.envelope import Snapshot
+from tests.conftest import WorkerFactory, new_id
+from workers.cache import CacheUnavailable, SnapshotCache, connect_redis
+from workers.settings import Settings
+
+
+def snapshot(entity_id: str, revision: int, balance: int | None = None) -> Snapshot:
+    return Snapshot(
+        entity_type="account",
+        entity_id=entity_id,
+        revision=revision,
+        updated_at=datetime.now(UTC),
+        state={"balance": revision if balance is None else balance},
+    )
+
+
+async def test_a_write_never_moves_the_cache_backwards(cache: SnapshotCache) -> None:
+    entity_id = new_id()
+    assert await cache.put(snapshot(entity_id, 5))
+    assert not await cache.put(snapshot(entity_id, 3))
+    assert not await cache.put(snapshot(entity_id, 5, balance=999))
+    hit = await cache.get("account", entity_id)
+    assert hit is not None and hit.snapshot.revision == 5 and hit.snapshot.state == {"balance": 5}
+    assert await cache.put(snapshot(entity_id, 6))
+    hit = await cache.get("account", entity_id)
+    assert hit is not None and hit.snapshot.revision == 6
+
+
+async def test_racing_writes_leave_the_newest_revision(cache: SnapshotCache) -> None:
+    entity_id = new_id()
+    revisions = list(range(1, 201))
+    random.Random(3).shuffle(revisions)
+    await asyncio.gather(*(cache.put(snapshot(entity_id, r)) for r in revisions))
+    hit = await cache.get("account", entity_id)
+    assert hit is not None and hit.snapshot.revision == 200
+
+
+async def test_a_miss_is_none(cache: SnapshotCache) -> None:
+    assert await cache.get("account", new_id()) is None
+
+
+async def open_with_balance(gateway: EntityGateway, account_id: str, balance: int) -> None:
+    await gateway.send("account", account_id, "open", {"owner_name": "A", "email": "a@b.io"}, wait=True)
+    await gateway.send("account", account_id, "verify", {}, wait=True)
+    await gateway.send("account", account_id, "deposit", {"amount": balance}, wait=True)
+
+
+async def test_a_live_read_with_no_worker_returns_the_cached_state_marked_stale(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    async with run_worker():
+        await open_with_balance(gateway, account_id, 42)
+    # No worker polls now: the query cannot be answered, the cache still can.
+    read = await asyncio.wait_for(gateway.read("account", account_id, Consistency.LIVE), 10)
+    assert read is not None and read.stale and read.source == "CACHE"
+    assert read.snapshot.state is not None and read.snapshot.state["balance"] == 42
+    cached = await gateway.read("account", account_id, Consistency.CACHED)
+    assert cached is not None and not cached.stale and cached.snapshot.revision == 3
+    # Commands are still accepted durably and applied once a worker is back.
+    await gateway.send("account", account_id, "deposit", {"amount": 8}, idempotency_key="d2")
+    async with run_worker():
+        done = await gateway.send(
+            "account", account_id, "deposit", {"amount": 8}, idempotency_key="d2", wait=True
+        )
+    assert done.read is not None and done.read.snapshot.state["balance"] == 50  # type: ignore[index]
+
+
+@pytest.fixture
+async def own_redis() -> EmbeddedRedis:
+    server = EmbeddedRedis()
+    await server.start()
+    yield server  # type: ignore[misc]
+    server.stop()
+
+
+async def test_reads_and_writes_keep_working_while_redis_is_down(
+    temporal_client: Client, settings: Settings, run_worker: WorkerFactory, own_redis: EmbeddedRedis
+) -> None:
+    settings = settings.model_copy(update={"redis_url": own_redis.url, "redis_timeout": 0.5})
+    redis_client = connect_redis(settings)
+    cache = SnapshotCache(redis_client, settings.redis_prefix)
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    try:
+        async with run_worker(settings, cache):
+            await open_with_balance(gateway, account_id, 10)
+            own_redis.stop()
+            with pytest.raises(CacheUnavailable):
+                await cache.get("account", account_id)
+            # Writes, waited and not, and reads of both kinds still work, served live.
+            await gateway.send("account", account_id, "deposit", {"amount": 5})
+            applied = await gateway.send("account", account_id, "deposit", {"amount": 1}, wait=True)
+            assert applied.read is not None and applied.read.snapshot.state["balance"] == 16  # type: ignore[index]
+            for consistency in (Consistency.CACHED, Consistency.LIVE):
+                read = await gateway.read("account", account_id, consistency)
+                assert read is not None and read.source == "LIVE" and not read.stale
+                assert read.snapshot.revision == 5
+            # Redis comes back empty; the entity republishes its state without being asked.
+            await own_redis.start()
+            hit = None
+            for _ in range(150):
+                hit = await cache.get("account", account_id)
+                if hit is not None and hit.snapshot.revision == 5:
+                    break
+                await asyncio.sleep(0.1)
+            assert hit is not None and hit.snapshot.revision == 5
+            assert hit.snapshot.state is not None and hit.snapshot.state["balance"] == 16
+    finally:
+        await redis_client.aclose()
