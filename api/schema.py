@@ -9,11 +9,14 @@ from strawberry.schema.config import StrawberryConfig
 from strawberry.tools import merge_types
 
 from api.accounts import AccountMutation, AccountQuery
+from api.carts import CartMutation, CartQuery
+from api.checkouts import CheckoutQuery
 from api.common import SCALARS
 from api.errors import is_expected
+from api.inventory import InventoryMutation, InventoryQuery
 
-Query = merge_types("Query", (AccountQuery,))
-Mutation = merge_types("Mutation", (AccountMutation,))
+Query = merge_types("Query", (AccountQuery, CartQuery, CheckoutQuery, InventoryQuery))
+Mutation = merge_types("Mutation", (AccountMutation, CartMutation, InventoryMutation))
 
 
 

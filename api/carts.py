@@ -1,0 +1,218 @@
+"""GraphQL binding of the Cart entity."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import strawberry
+
+from api.common import (
+    CommandStatus,
+    Consistency,
+    EntityState,
+    Long,
+    new_entity_id,
+    read_entity,
+    read_fields,
+    send_command,
+    status_of,
+)
+from api.context import Info
+from api.gateway import EntityRead, Receipt
+from entities.cart import CartState, CartStatus
+
+ENTITY = "cart"
+
+strawberry.enum(CartStatus, description="Where a cart is: open, checking out, an order, idle.")
+
+
+@strawberry.type(description="Units of one SKU at a unit price.")
+class CartLine:
+    sku: str
+    quantity: int
+    unit_price: Long = strawberry.field(description="In minor units of the account's currency.")
+    line_total: Long
+
+
+@strawberry.type(description="An account's basket; checked out by a checkout saga.")
+class Cart(EntityState):
+    account_id: strawberry.ID
+    status: CartStatus
+    lines: list[CartLine]
+    total: Long
+    last_activity_at: datetime
+    checkout_attempts: int
+    checkout_id: strawberry.ID | None = strawberry.field(
+        description="The latest checkout; see `checkout(id)`."
+    )
+    order_id: str | None = strawberry.field(description="Set once CHECKED_OUT.")
+    failure_code: str | None = strawberry.field(description="Why the latest checkout failed.")
+    failure_reason: str | None
+    abandoned_at: datetime | None
+
+    @classmethod
+    def from_read(cls, read: EntityRead) -> Cart:
+        state = CartState.model_validate(read.snapshot.state)
+        return cls(
+            **read_fields(read),
+            account_id=strawberry.ID(state.account_id),
+            status=state.status,
+            lines=[
+                CartLine(
+                    sku=line.sku,
+                    quantity=line.quantity,
+                    unit_price=Long(line.unit_price),
+                    line_total=Long(line.quantity * line.unit_price),
+                )
+                for line in state.lines
+            ],
+            total=Long(state.total),
+            last_activity_at=state.last_activity_at,
+            checkout_attempts=state.checkout_attempts,
+            checkout_id=strawberry.ID(state.checkout_id) if state.checkout_id else None,
+            order_id=state.order_id,
+            failure_code=state.failure_code,
+            failure_reason=state.failure_reason,
+            abandoned_at=state.abandoned_at,
+        )
+
+
+@strawberry.type(description="A command sent to a cart; `cart` is set when waited for.")
+class CartCommandPayload:
+    cart_id: strawberry.ID
+    command_id: str
+    status: CommandStatus
+    cart: Cart | None
+
+    @classmethod
+    def from_receipt(cls, receipt: Receipt) -> CartCommandPayload:
+        return cls(
+            cart_id=strawberry.ID(receipt.entity_id),
+            command_id=receipt.command_id,
+            status=status_of(receipt),
+            cart=Cart.from_read(receipt.read) if receipt.read else None,
+        )
+
+
+@strawberry.type(description="A checkout started: follow it with `checkout(id)`.")
+class CheckoutCartPayload:
+    cart_id: strawberry.ID
+    command_id: str
+    checkout_id: strawberry.ID
+    cart: Cart
+
+
+async def _command(
+    info: Info,
+    cart_id: str,
+    command: str,
+    idempotency_key: str | None,
+    wait: bool,
+    **payload: object,
+) -> CartCommandPayload:
+    receipt = await send_command(info, ENTITY, cart_id, command, payload, idempotency_key, wait)
+    return CartCommandPayload.from_receipt(receipt)
+
+
+@strawberry.type
+class CartQuery:
+    @strawberry.field(description="A cart, or null when it never existed.")
+    async def cart(
+        self, info: Info, id: strawberry.ID, consistency: Consistency = Consistency.CACHED
+    ) -> Cart | None:
+        read = await read_entity(info, ENTITY, id, consistency)
+        return Cart.from_read(read) if read else None
+
+
+@strawberry.type
+class CartMutation:
+    @strawberry.mutation(description="Open an empty cart for an account.")
+    async def create_cart(
+        self,
+        info: Info,
+        account_id: strawberry.ID,
+        id: strawberry.ID | None = None,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+    ) -> CartCommandPayload:
+        cart_id = id or new_entity_id(idempotency_key)
+        return await _command(
+            info, cart_id, "createCart", idempotency_key, wait, account_id=account_id
+        )
+
+    @strawberry.mutation(description="Add units of a SKU; more of a SKU already there adds up.")
+    async def add_cart_item(
+        self,
+        info: Info,
+        cart_id: strawberry.ID,
+        sku: str,
+        quantity: int,
+        unit_price: Long,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+    ) -> CartCommandPayload:
+        return await _command(
+            info,
+            cart_id,
+            "addCartItem",
+            idempotency_key,
+            wait,
+            sku=sku,
+            quantity=quantity,
+            unit_price=unit_price,
+        )
+
+    @strawberry.mutation(description="Drop a SKU's line.")
+    async def remove_cart_item(
+        self,
+        info: Info,
+        cart_id: strawberry.ID,
+        sku: str,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+    ) -> CartCommandPayload:
+        return await _command(info, cart_id, "removeCartItem", idempotency_key, wait, sku=sku)
+
+    @strawberry.mutation(description="Set a line's quantity; zero removes it.")
+    async def set_cart_item_quantity(
+        self,
+        info: Info,
+        cart_id: strawberry.ID,
+        sku: str,
+        quantity: int,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+    ) -> CartCommandPayload:
+        return await _command(
+            info, cart_id, "setCartItemQuantity", idempotency_key, wait, sku=sku, quantity=quantity
+        )
+
+    @strawberry.mutation(description="Remove every line.")
+    async def clear_cart(
+        self,
+        info: Info,
+        cart_id: strawberry.ID,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+    ) -> CartCommandPayload:
+        return await _command(info, cart_id, "clearCart", idempotency_key, wait)
+
+    @strawberry.mutation(
+        description="Start checking the cart out: reserve stock, charge the account, sell. "
+        "Returns once the cart is CHECKING_OUT, with the checkout's id."
+    )
+    async def checkout_cart(
+        self, info: Info, cart_id: strawberry.ID, idempotency_key: str | None = None
+    ) -> CheckoutCartPayload:
+        receipt = await send_command(
+            info, ENTITY, cart_id, "checkoutCart", {}, idempotency_key, wait=True
+        )
+        assert receipt.read is not None
+        cart = Cart.from_read(receipt.read)
+        assert cart.checkout_id is not None
+        return CheckoutCartPayload(
+            cart_id=strawberry.ID(receipt.entity_id),
+            command_id=receipt.command_id,
+            checkout_id=cart.checkout_id,
+            cart=cart,
+        )

@@ -1,0 +1,114 @@
+"""GraphQL view of checkouts: the saga's status, steps and compensations."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import strawberry
+
+from api.carts import CartLine
+from api.common import Long
+from api.context import Info
+from api.gateway import check_entity_id
+from entities.checkout import CheckoutState, checkout_workflow_id
+from entities.errors import ErrorCode, TenureError
+from entities.runtime.saga import SagaStatus, StepStatus
+
+strawberry.enum(
+    SagaStatus,
+    name="CheckoutStatus",
+    description="RUNNING, then COMPLETED, or COMPENSATED after a failure was undone; FAILED "
+    "when something could not be undone and needs an operator.",
+)
+strawberry.enum(StepStatus, name="CheckoutStepStatus")
+
+
+@strawberry.type(description="A step the checkout took, and why it failed when it did.")
+class CheckoutStep:
+    name: str
+    status: StepStatus
+    at: datetime
+    code: str | None
+    message: str | None
+
+
+@strawberry.type(description="A step undone after a later one failed.")
+class CheckoutCompensation:
+    name: str
+    status: StepStatus
+    at: datetime
+    reason: str = strawberry.field(description="The failure that set it off.")
+    code: str | None
+    message: str | None
+
+
+@strawberry.type(description="One attempt to check a cart out.")
+class Checkout:
+    id: strawberry.ID
+    cart_id: strawberry.ID
+    account_id: strawberry.ID
+    status: SagaStatus
+    lines: list[CartLine]
+    total: Long
+    order_id: str | None
+    failure_code: str | None
+    failure_reason: str | None
+    steps: list[CheckoutStep] = strawberry.field(description="In the order taken.")
+    compensations: list[CheckoutCompensation] = strawberry.field(description="In the order run.")
+
+    @classmethod
+    def from_state(cls, state: CheckoutState) -> Checkout:
+        return cls(
+            id=strawberry.ID(state.checkout_id),
+            cart_id=strawberry.ID(state.cart_id),
+            account_id=strawberry.ID(state.account_id),
+            status=state.status,
+            lines=[
+                CartLine(
+                    sku=line.sku,
+                    quantity=line.quantity,
+                    unit_price=Long(line.unit_price),
+                    line_total=Long(line.quantity * line.unit_price),
+                )
+                for line in state.lines
+            ],
+            total=Long(state.total),
+            order_id=state.order_id,
+            failure_code=state.failure_code,
+            failure_reason=state.failure_reason,
+            steps=[
+                CheckoutStep(name=s.name, status=s.status, at=s.at, code=s.code, message=s.message)
+                for s in state.steps
+            ],
+            compensations=[
+                CheckoutCompensation(
+                    name=c.name,
+                    status=c.status,
+                    at=c.at,
+                    reason=c.reason,
+                    code=c.code,
+                    message=c.message,
+                )
+                for c in state.compensations
+            ],
+        )
+
+
+def _checked(checkout_id: str) -> str:
+    cart_id, _, attempt = checkout_id.rpartition("-")
+    if not attempt.isdigit():
+        raise TenureError(
+            ErrorCode.INVALID_INPUT, "a checkout id is a cart id and an attempt: <cart>-<n>"
+        )
+    check_entity_id(cart_id)
+    return checkout_id
+
+
+@strawberry.type
+class CheckoutQuery:
+    @strawberry.field(description="A checkout, live while it runs; null when it never existed.")
+    async def checkout(self, info: Info, id: strawberry.ID) -> Checkout | None:
+        state = await info.context.gateway.read_workflow(
+            checkout_workflow_id(_checked(id)), "status", CheckoutState
+        )
+        return Checkout.from_state(state) if state else None

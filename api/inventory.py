@@ -1,0 +1,210 @@
+"""GraphQL binding of the InventoryItem entity."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import strawberry
+
+from api.common import (
+    CommandStatus,
+    Consistency,
+    EntityState,
+    Long,
+    read_entity,
+    read_fields,
+    send_command,
+    status_of,
+)
+from api.context import Info
+from api.gateway import EntityRead, Receipt
+from entities.inventory import InventoryState
+
+ENTITY = "inventory"
+
+
+@strawberry.type(description="Units held for a while, until committed, released or expired.")
+class Reservation:
+    reservation_id: str
+    quantity: Long
+    expires_at: datetime
+
+
+@strawberry.type(description="A correction of the count, with its reason.")
+class StockAdjustment:
+    delta: Long
+    reason: str
+    at: datetime
+
+
+@strawberry.type(description="Stock of one SKU. `available` never goes below zero.")
+class InventoryItem(EntityState):
+    sku: str
+    name: str
+    on_hand: Long = strawberry.field(description="Units in stock, reserved ones included.")
+    reserved: Long
+    available: Long = strawberry.field(description="On hand less reserved.")
+    sold: Long = strawberry.field(description="Units sold through committed reservations.")
+    reservations: list[Reservation]
+    adjustments: list[StockAdjustment] = strawberry.field(description="The latest ones.")
+
+    @classmethod
+    def from_read(cls, read: EntityRead) -> InventoryItem:
+        state = InventoryState.model_validate(read.snapshot.state)
+        return cls(
+            **read_fields(read),
+            sku=state.sku,
+            name=state.name,
+            on_hand=Long(state.on_hand),
+            reserved=Long(state.reserved),
+            available=Long(state.available),
+            sold=Long(state.sold),
+            reservations=[
+                Reservation(
+                    reservation_id=r.reservation_id,
+                    quantity=Long(r.quantity),
+                    expires_at=r.expires_at,
+                )
+                for r in state.reservations
+            ],
+            adjustments=[
+                StockAdjustment(delta=Long(a.delta), reason=a.reason, at=a.at)
+                for a in state.adjustments
+            ],
+        )
+
+
+@strawberry.type(
+    description="A command sent to an inventory item; `inventoryItem` is set when waited for."
+)
+class InventoryCommandPayload:
+    sku: str
+    command_id: str
+    status: CommandStatus
+    inventory_item: InventoryItem | None
+
+    @classmethod
+    def from_receipt(cls, receipt: Receipt) -> InventoryCommandPayload:
+        return cls(
+            sku=receipt.entity_id,
+            command_id=receipt.command_id,
+            status=status_of(receipt),
+            inventory_item=InventoryItem.from_read(receipt.read) if receipt.read else None,
+        )
+
+
+async def _command(
+    info: Info,
+    sku: str,
+    command: str,
+    idempotency_key: str | None,
+    wait: bool,
+    **payload: object,
+) -> InventoryCommandPayload:
+    receipt = await send_command(info, ENTITY, sku, command, payload, idempotency_key, wait)
+    return InventoryCommandPayload.from_receipt(receipt)
+
+
+@strawberry.type
+class InventoryQuery:
+    @strawberry.field(description="An inventory item, or null when its SKU was never stocked.")
+    async def inventory_item(
+        self, info: Info, sku: str, consistency: Consistency = Consistency.CACHED
+    ) -> InventoryItem | None:
+        read = await read_entity(info, ENTITY, sku, consistency)
+        return InventoryItem.from_read(read) if read else None
+
+
+@strawberry.type
+class InventoryMutation:
+    @strawberry.mutation(description="Receive units; the first restock of a SKU creates it.")
+    async def restock(
+        self,
+        info: Info,
+        sku: str,
+        quantity: Long,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+    ) -> InventoryCommandPayload:
+        return await _command(
+            info, sku, "restock", idempotency_key, wait, quantity=quantity, name=name
+        )
+
+    @strawberry.mutation(description="Correct the count, never below what is reserved.")
+    async def adjust_stock(
+        self,
+        info: Info,
+        sku: str,
+        delta: Long,
+        reason: str,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+    ) -> InventoryCommandPayload:
+        return await _command(
+            info, sku, "adjustStock", idempotency_key, wait, delta=delta, reason=reason
+        )
+
+    @strawberry.mutation(
+        description="Hold units until committed or released, or for `ttlSeconds`; "
+        "a repeated reservation id holds them once."
+    )
+    async def reserve_stock(
+        self,
+        info: Info,
+        sku: str,
+        reservation_id: str,
+        quantity: Long,
+        ttl_seconds: float | None = None,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+    ) -> InventoryCommandPayload:
+        return await _command(
+            info,
+            sku,
+            "reserveStock",
+            idempotency_key,
+            wait,
+            reservation_id=reservation_id,
+            quantity=quantity,
+            ttl_seconds=ttl_seconds,
+        )
+
+    @strawberry.mutation(description="Give reserved units back.")
+    async def release_reservation(
+        self,
+        info: Info,
+        sku: str,
+        reservation_id: str,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+    ) -> InventoryCommandPayload:
+        return await _command(
+            info, sku, "releaseReservation", idempotency_key, wait, reservation_id=reservation_id
+        )
+
+    @strawberry.mutation(description="Turn reserved units into a sale.")
+    async def commit_reservation(
+        self,
+        info: Info,
+        sku: str,
+        reservation_id: str,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+    ) -> InventoryCommandPayload:
+        return await _command(
+            info, sku, "commitReservation", idempotency_key, wait, reservation_id=reservation_id
+        )
+
+    @strawberry.mutation(description="Take back a committed sale: its units return to stock.")
+    async def return_reservation(
+        self,
+        info: Info,
+        sku: str,
+        reservation_id: str,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+    ) -> InventoryCommandPayload:
+        return await _command(
+            info, sku, "returnReservation", idempotency_key, wait, reservation_id=reservation_id
+        )
