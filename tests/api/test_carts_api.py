@@ -1,0 +1,322 @@
+"""Carts, inventory and checkouts through GraphQL, against real servers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from temporalio.client import Client
+
+from tests.conftest import GraphQLClient, WorkerFactory, new_id
+from tests.entities.shop import Shop, eventually
+from workers.cache import SnapshotCache
+from workers.settings import Settings
+
+CART = """
+    id status revision updatedAt source stale accountId total checkoutId orderId
+    failureCode failureReason lines { sku quantity unitPrice lineTotal }
+"""
+ITEM = "sku name onHand reserved available sold revision source stale"
+CHECKOUT = """
+    id cartId accountId status total orderId failureCode failureReason
+    lines { sku quantity unitPrice }
+    steps { name status code message }
+    compensations { name status reason code message }
+"""
+
+
+async def open_account(gql: GraphQLClient, balance: int) -> str:
+    account_id = new_id()
+    await gql.data(
+        """mutation($id: ID!) { openAccount(id: $id, ownerName: "Ada", email: "a@b.io",
+           wait: true) { accountId } }""",
+        id=account_id,
+    )
+    await gql.data(
+        "mutation($id: ID!) { verifyAccount(id: $id, wait: true) { status } }", id=account_id
+    )
+    await gql.data(
+        "mutation($id: ID!, $n: Long!) { depositToAccount(id: $id, amount: $n, wait: true) "
+        "{ status } }",
+        id=account_id,
+        n=balance,
+    )
+    return account_id
+
+
+async def restock(gql: GraphQLClient, units: int) -> str:
+    sku = new_id()
+    await gql.data(
+        """mutation($sku: String!, $n: Long!) { restock(sku: $sku, quantity: $n, name: "Teapot",
+           wait: true) { inventoryItem { onHand } } }""",
+        sku=sku,
+        n=units,
+    )
+    return sku
+
+
+async def cart_with(gql: GraphQLClient, account_id: str, *lines: tuple[str, int, int]) -> str:
+    data = await gql.data(
+        "mutation($a: ID!) { createCart(accountId: $a, wait: true) { cartId cart { status } } }",
+        a=account_id,
+    )
+    cart_id: str = data["createCart"]["cartId"]
+    assert data["createCart"]["cart"]["status"] == "OPEN"
+    for sku, quantity, price in lines:
+        await gql.data(
+            """mutation($c: ID!, $s: String!, $q: Int!, $p: Long!) {
+                 addCartItem(cartId: $c, sku: $s, quantity: $q, unitPrice: $p, wait: true)
+                 { status } }""",
+            c=cart_id,
+            s=sku,
+            q=quantity,
+            p=price,
+        )
+    return cart_id
+
+
+async def checkout(gql: GraphQLClient, cart_id: str) -> str:
+    data = await gql.data(
+        "mutation($c: ID!) { checkoutCart(cartId: $c) { checkoutId cart { status } } }",
+        c=cart_id,
+    )
+    assert data["checkoutCart"]["cart"]["status"] == "CHECKING_OUT"
+    checkout_id: str = data["checkoutCart"]["checkoutId"]
+    return checkout_id
+
+
+async def checkout_state(gql: GraphQLClient, checkout_id: str) -> dict[str, Any] | None:
+    data = await gql.data(
+        f"query($id: ID!) {{ checkout(id: $id) {{ {CHECKOUT} }} }}", id=checkout_id
+    )
+    state: dict[str, Any] | None = data["checkout"]
+    return state
+
+
+async def finished(gql: GraphQLClient, checkout_id: str) -> dict[str, Any]:
+    state = await eventually(
+        lambda: checkout_state(gql, checkout_id),
+        lambda s: s is not None and s["status"] != "RUNNING",
+        30,
+    )
+    assert state is not None
+    return state
+
+
+async def live(gql: GraphQLClient, field: str, key: str, value: str, selection: str) -> Any:
+    data = await gql.data(
+        f"query($v: {'ID' if key == 'id' else 'String'}!) "
+        f"{{ {field}({key}: $v, consistency: LIVE) {{ {selection} }} }}",
+        v=value,
+    )
+    return data[field]
+
+
+async def test_a_cart_from_first_line_to_order(gql: GraphQLClient) -> None:
+    account_id = await open_account(gql, 10_000)
+    a, b = await restock(gql, 5), await restock(gql, 3)
+    cart_id = await cart_with(gql, account_id, (a, 1, 1000), (b, 3, 500), (a, 1, 900))
+    await gql.data(
+        """mutation($c: ID!, $s: String!) { setCartItemQuantity(cartId: $c, sku: $s,
+           quantity: 2, wait: true) { status } }""",
+        c=cart_id,
+        s=b,
+    )
+    cart = await live(gql, "cart", "id", cart_id, CART)
+    assert cart["lines"] == [
+        {"sku": a, "quantity": 2, "unitPrice": 900, "lineTotal": 1800},
+        {"sku": b, "quantity": 2, "unitPrice": 500, "lineTotal": 1000},
+    ]
+    assert (cart["total"], cart["source"], cart["stale"], cart["revision"]) == (
+        2800,
+        "LIVE",
+        False,
+        5,
+    )
+
+    checkout_id = await checkout(gql, cart_id)
+    assert checkout_id == f"{cart_id}-1"
+    done = await finished(gql, checkout_id)
+    assert done["status"] == "COMPLETED"
+    assert [s["name"] for s in done["steps"]] == [
+        f"reserve:{a}",
+        f"reserve:{b}",
+        "withdraw",
+        f"commit:{a}",
+        f"commit:{b}",
+        "report",
+    ]
+    assert (done["total"], done["compensations"]) == (2800, [])
+
+    cart = await eventually(
+        lambda: live(gql, "cart", "id", cart_id, CART), lambda c: c["status"] == "CHECKED_OUT"
+    )
+    assert cart["orderId"] == done["orderId"] is not None
+    account = await live(gql, "account", "id", account_id, "balance")
+    assert account["balance"] == 10_000 - 2800
+    item = await live(gql, "inventoryItem", "sku", a, ITEM)
+    assert (item["onHand"], item["available"], item["sold"], item["name"]) == (3, 3, 2, "Teapot")
+
+    # the cached read contract: same fields, from the cache once published
+    cached = await eventually(
+        lambda: gql.data("query($s: String!) { inventoryItem(sku: $s) { " + ITEM + " } }", s=a),
+        lambda d: d["inventoryItem"]["revision"] == item["revision"],
+    )
+    assert (cached["inventoryItem"]["source"], cached["inventoryItem"]["stale"]) == (
+        "CACHE",
+        False,
+    )
+    code = await gql.error_code(
+        """mutation($c: ID!, $s: String!) { addCartItem(cartId: $c, sku: $s, quantity: 1,
+           unitPrice: 1, wait: true) { status } }""",
+        c=cart_id,
+        s=a,
+    )
+    assert code == "INVALID_TRANSITION"
+
+
+async def test_a_failed_checkout_shows_its_compensations_and_reopens_the_cart(
+    gql: GraphQLClient,
+) -> None:
+    account_id = await open_account(gql, 100)
+    a = await restock(gql, 5)
+    cart_id = await cart_with(gql, account_id, (a, 2, 300))
+    checkout_id = await checkout(gql, cart_id)
+    done = await finished(gql, checkout_id)
+
+    assert (done["status"], done["failureCode"]) == ("COMPENSATED", "INSUFFICIENT_FUNDS")
+    assert [(s["name"], s["status"], s["code"]) for s in done["steps"]] == [
+        (f"reserve:{a}", "DONE", None),
+        ("withdraw", "FAILED", "INSUFFICIENT_FUNDS"),
+        ("report", "DONE", None),
+    ]
+    assert [(c["name"], c["status"]) for c in done["compensations"]] == [
+        ("refund", "DONE"),
+        (f"release:{a}", "DONE"),
+    ]
+    assert done["compensations"][0]["message"] == "nothing to undo: withdraw was refused"
+    assert all(c["reason"].startswith("withdraw:") for c in done["compensations"])
+
+    cart = await live(gql, "cart", "id", cart_id, CART)
+    assert (cart["status"], cart["failureCode"]) == ("OPEN", "INSUFFICIENT_FUNDS")
+    assert (await live(gql, "inventoryItem", "sku", a, ITEM))["available"] == 5
+    assert (await live(gql, "account", "id", account_id, "balance"))["balance"] == 100
+
+    # the cart is open again: a second attempt has an id of its own
+    await gql.data(
+        "mutation($a: ID!) { depositToAccount(id: $a, amount: 500, wait: true) { status } }",
+        a=account_id,
+    )
+    again = await checkout(gql, cart_id)
+    assert again == f"{cart_id}-2"
+    assert (await finished(gql, again))["status"] == "COMPLETED"
+
+
+async def test_line_changes_while_checking_out_are_refused_with_a_clear_code(
+    temporal_client: Client,
+    cache: SnapshotCache,
+    settings: Settings,
+    run_worker: WorkerFactory,
+    gql: GraphQLClient,
+) -> None:
+    # The account's worker is stopped, so the checkout waits at its withdrawal.
+    bank = Shop(temporal_client, cache, settings).elsewhere()
+    async with run_worker(bank.settings):
+        account_id = await bank.account(10_000)
+    a = await restock(gql, 5)
+    cart_id = await cart_with(gql, account_id, (a, 1, 100))
+    checkout_id = await checkout(gql, cart_id)
+    for mutation in [
+        f'addCartItem(cartId: $c, sku: "{a}", quantity: 1, unitPrice: 1, wait: true)',
+        f'removeCartItem(cartId: $c, sku: "{a}", wait: true)',
+        f'setCartItemQuantity(cartId: $c, sku: "{a}", quantity: 3, wait: true)',
+        "clearCart(cartId: $c, wait: true)",
+    ]:
+        code = await gql.error_code(f"mutation($c: ID!) {{ {mutation} {{ status }} }}", c=cart_id)
+        assert code == "CHECKOUT_IN_PROGRESS"
+    assert await gql.error_code(
+        "mutation($c: ID!) { checkoutCart(cartId: $c) { checkoutId } }", c=cart_id
+    ) == ("CHECKOUT_IN_PROGRESS")
+    running = await checkout_state(gql, checkout_id)
+    assert running is not None and running["status"] == "RUNNING"
+    async with run_worker(bank.settings):
+        assert (await finished(gql, checkout_id))["status"] == "COMPLETED"
+
+
+async def test_inventory_mutations(gql: GraphQLClient) -> None:
+    sku = await restock(gql, 5)
+
+    async def send(mutation: str) -> dict[str, Any]:
+        data = await gql.data(
+            f"mutation($s: String!) {{ m: {mutation} {{ sku inventoryItem {{ {ITEM} }} }} }}",
+            s=sku,
+        )
+        item: dict[str, Any] = data["m"]["inventoryItem"]
+        return item
+
+    item = await send('reserveStock(sku: $s, reservationId: "r1", quantity: 3, wait: true)')
+    assert (item["reserved"], item["available"]) == (3, 2)
+    item = await send('reserveStock(sku: $s, reservationId: "r1", quantity: 3, wait: true)')
+    assert item["reserved"] == 3
+    code = await gql.error_code(
+        'mutation($s: String!) { reserveStock(sku: $s, reservationId: "r2", quantity: 3, '
+        "wait: true) { sku } }",
+        s=sku,
+    )
+    assert code == "INSUFFICIENT_STOCK"
+    item = await send('commitReservation(sku: $s, reservationId: "r1", wait: true)')
+    assert (item["onHand"], item["sold"], item["available"]) == (2, 3, 2)
+    item = await send('returnReservation(sku: $s, reservationId: "r1", wait: true)')
+    assert (item["onHand"], item["sold"]) == (5, 0)
+    item = await send('reserveStock(sku: $s, reservationId: "r3", quantity: 1, wait: true)')
+    item = await send('releaseReservation(sku: $s, reservationId: "r3", wait: true)')
+    assert item["available"] == 5
+    item = await send('adjustStock(sku: $s, delta: -2, reason: "water damage", wait: true)')
+    assert item["onHand"] == 3
+    code = await gql.error_code(
+        'mutation($s: String!) { adjustStock(sku: $s, delta: -4, reason: "x", wait: true) '
+        "{ sku } }",
+        s=sku,
+    )
+    assert code == "INSUFFICIENT_STOCK"
+    data = await gql.data(
+        "query($s: String!) { inventoryItem(sku: $s, consistency: LIVE) "
+        "{ reservations { reservationId } adjustments { delta reason } } }",
+        s=sku,
+    )
+    assert data["inventoryItem"] == {
+        "reservations": [],
+        "adjustments": [{"delta": -2, "reason": "water damage"}],
+    }
+
+
+async def test_unknown_and_malformed_ids(gql: GraphQLClient) -> None:
+    assert await checkout_state(gql, f"{new_id()}-1") is None
+    data = await gql.data(
+        "query($id: ID!, $s: String!) { cart(id: $id) { id } inventoryItem(sku: $s) { sku } }",
+        id=new_id(),
+        s=new_id(),
+    )
+    assert data == {"cart": None, "inventoryItem": None}
+    for bad in ["no-attempt-x", "bad id-1", "-1"]:
+        assert await gql.error_code("query($id: ID!) { checkout(id: $id) { id } }", id=bad) == (
+            "INVALID_INPUT"
+        )
+    assert await gql.error_code(
+        'mutation($c: ID!) { addCartItem(cartId: $c, sku: "s", quantity: 1, unitPrice: 1, '
+        "wait: true) { status } }",
+        c=new_id(),
+    ) == ("NOT_FOUND")
+
+
+async def test_a_finished_checkout_is_read_from_its_history_when_no_worker_answers(
+    http: httpx.AsyncClient, run_worker: WorkerFactory
+) -> None:
+    gql = GraphQLClient(http)
+    async with run_worker():
+        account_id = await open_account(gql, 1000)
+        sku = await restock(gql, 2)
+        cart_id = await cart_with(gql, account_id, (sku, 1, 100))
+        checkout_id = await checkout(gql, cart_id)
+        done = await finished(gql, checkout_id)
+    assert await checkout_state(gql, checkout_id) == done
