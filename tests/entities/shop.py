@@ -95,9 +95,11 @@ class Shop:
         await self.send("inventory", sku, "restock", quantity=units, name=f"Item {sku}")
         return sku
 
-    async def cart(self, account_id: str, *lines: tuple[str, int, int]) -> str:
+    async def cart(
+        self, account_id: str, *lines: tuple[str, int, int], cart_id: str | None = None
+    ) -> str:
         """A cart of (sku, quantity, unit price) lines."""
-        cart_id = new_id("cart")
+        cart_id = cart_id or new_id("cart")
         await self.send("cart", cart_id, "createCart", account_id=account_id)
         for sku, quantity, unit_price in lines:
             await self.send(

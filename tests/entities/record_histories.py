@@ -1,0 +1,125 @@
+"""Records the histories that test_replay.py replays: `python -m tests.entities.record_histories`.
+
+Re-record only after a deliberate change to a workflow that old histories cannot replay
+against (and say so in the commit): the point of the replay tests is that running
+workflows survive a deploy. Starts its own Temporal and Valkey servers; writes
+tests/entities/histories/<entity type>.<id>.json, Temporal's own JSON history format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from deploy.embedded import EmbeddedRedis, EmbeddedTemporal
+from entities.cart import CartStatus
+from entities.inventory import Settlement
+from tests.entities.shop import FAST_COMPENSATION, FAST_STEP, Shop, eventually
+from workers.cache import SnapshotCache, connect_redis
+from workers.settings import Settings
+from workers.worker import build_worker
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+def workflow_id_of(path: Path) -> str:
+    """`checkout.cart-done-1.json` holds the history of workflow `checkout:cart-done-1`."""
+    return path.stem.replace(".", ":", 1)
+
+
+async def _scenarios(shop: Shop) -> list[str]:
+    """Drive the entities through their paths; the workflow ids whose histories to keep."""
+    teapot = await shop.stock(5, "sku-teapot")
+    kettle = await shop.stock(1, "sku-kettle")
+    ada = await shop.account(10_000, "acct-ada")
+    poor = await shop.account(100, "acct-poor")
+
+    # a checkout that completes: reserve, withdraw, commit, report
+    done = await shop.cart(ada, (teapot, 2, 1000), (kettle, 1, 500), cart_id="cart-done")
+    await shop.finished(await shop.checkout(done))
+
+    # one that runs out of stock (release) and one out of money (refund, release)
+    short = await shop.cart(ada, (teapot, 1, 1000), (kettle, 1, 500), cart_id="cart-short")
+    await shop.finished(await shop.checkout(short))
+    broke = await shop.cart(poor, (teapot, 1, 1000), cart_id="cart-broke")
+    await shop.finished(await shop.checkout(broke))
+
+    # the broke cart idles into ABANDONED and is revived
+    await eventually(lambda: shop.cart_state(broke), lambda s: s.status is CartStatus.ABANDONED, 10)
+    await shop.send("cart", broke, "addCartItem", sku=kettle, quantity=1, unit_price=500)
+
+    # the rest of the teapot's commands, and a reservation that expires
+    await shop.send(
+        "inventory", teapot, "reserveStock", reservation_id="r1", quantity=1, ttl_seconds=0.5
+    )
+    await eventually(
+        lambda: shop.item(teapot),
+        lambda s: "r1" in s.settled and s.settled["r1"].settlement is Settlement.EXPIRED,
+        10,
+    )
+    await shop.send("inventory", teapot, "reserveStock", reservation_id="r2", quantity=2)
+    await shop.send("inventory", teapot, "commitReservation", reservation_id="r2")
+    await shop.send("inventory", teapot, "returnReservation", reservation_id="r2")
+    await shop.send("inventory", teapot, "releaseReservation", reservation_id="r3")
+    await shop.send("inventory", teapot, "adjustStock", delta=-1, reason="chipped")
+    return [
+        f"checkout:{done}-1",
+        f"checkout:{short}-1",
+        f"checkout:{broke}-1",
+        f"cart:{done}",
+        f"cart:{broke}",
+        f"inventory:{teapot}",
+    ]
+
+
+async def record(into: Path = HISTORIES) -> list[Path]:
+    """Run the scenarios on fresh servers and write their histories into `into`."""
+    async with EmbeddedTemporal() as temporal, EmbeddedRedis() as valkey:
+        client = await Client.connect(
+            temporal.address,  # type: ignore[attr-defined]
+            data_converter=pydantic_data_converter,
+        )
+        settings = Settings(
+            temporal_address=temporal.address,  # type: ignore[attr-defined]
+            redis_url=valkey.url,  # type: ignore[attr-defined]
+            task_queue="record-histories",
+            entity_options={
+                "cart": {
+                    "abandon_after_seconds": 1,
+                    "checkout": {"step": FAST_STEP, "compensation": FAST_COMPENSATION},
+                }
+            },
+        )
+        redis_client = connect_redis(settings)
+        cache = SnapshotCache(redis_client, "record:")
+        shop = Shop(client, cache, settings)
+        try:
+            async with build_worker(client, settings, cache):
+                workflow_ids = await _scenarios(shop)
+                into.mkdir(parents=True, exist_ok=True)
+                written = []
+                for workflow_id in workflow_ids:
+                    history = await client.get_workflow_handle(workflow_id).fetch_history()
+                    path = into / f"{workflow_id.replace(':', '.', 1)}.json"
+                    path.write_text(history.to_json())
+                    written.append(path)
+                return written
+        finally:
+            await redis_client.aclose()
+
+
+def main() -> None:
+    # The scenarios' refusals are logged by the worker as failed activities: expected here.
+    logging.basicConfig(level=logging.ERROR)
+    with contextlib.suppress(KeyboardInterrupt):
+        for path in asyncio.run(record()):
+            print(path)
+
+
+if __name__ == "__main__":
+    main()
