@@ -1,0 +1,46 @@
+"""The one settings object: read from the environment, handed to child processes intact."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from workers.settings import Settings
+
+
+def test_defaults_need_no_environment() -> None:
+    settings = Settings.from_env({})
+    assert settings.temporal_address is None and settings.redis_url is None
+    assert (settings.api_host, settings.api_port) == ("127.0.0.1", 8000)
+    assert settings.runtime.max_commands_per_run == 1000
+
+
+def test_the_environment_sets_servers_runtime_and_entity_options() -> None:
+    settings = Settings.from_env(
+        {
+            "TEMPORAL_ADDRESS": "temporal:7233",
+            "REDIS_URL": "redis://cache:6379/2",
+            "API_PORT": "9000",
+            "TENURE_MAX_COMMANDS_PER_RUN": "50",
+            "TENURE_ENTITY_OPTIONS": '{"account": {"dormancy_seconds": 60}}',
+        }
+    )
+    assert settings.temporal_address == "temporal:7233"
+    assert settings.redis_url == "redis://cache:6379/2"
+    assert settings.api_port == 9000
+    assert settings.runtime.max_commands_per_run == 50
+    assert settings.entity_options == {"account": {"dormancy_seconds": 60}}
+
+
+def test_to_env_round_trips() -> None:
+    settings = Settings.from_env(
+        {"TEMPORAL_ADDRESS": "t:1", "REDIS_URL": "redis://r:2/0", "TENURE_LEDGER_SIZE": "77"}
+    )
+    assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_bad_values_are_refused_at_start() -> None:
+    with pytest.raises(ValidationError):
+        Settings.from_env({"API_PORT": "eighty"})
+    with pytest.raises(ValidationError):
+        Settings.from_env({"TENURE_MAX_COMMANDS_PER_RUN": "0"})
