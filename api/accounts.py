@@ -46,7 +46,7 @@ class Account(EntityState):
             owner_name=state.owner_name,
             email=state.email,
             currency=state.currency,
-            balance=state.balance,
+            balance=Long(state.balance),
             last_activity_at=state.last_activity_at,
             suspension_reason=state.suspension_reason,
             kyc_reference=state.kyc_reference,
@@ -78,9 +78,7 @@ async def _command(
     wait: bool,
     **payload: object,
 ) -> AccountCommandPayload:
-    receipt = await send_command(
-        info, ENTITY, account_id, command, payload, idempotency_key, wait
-    )
+    receipt = await send_command(info, ENTITY, account_id, command, payload, idempotency_key, wait)
     return AccountCommandPayload.from_receipt(receipt)
 
 
@@ -109,14 +107,24 @@ class AccountMutation:
     ) -> AccountCommandPayload:
         account_id = id or new_entity_id(idempotency_key)
         return await _command(
-            info, account_id, "open", idempotency_key, wait,
-            owner_name=owner_name, email=email, currency=currency,
+            info,
+            account_id,
+            "open",
+            idempotency_key,
+            wait,
+            owner_name=owner_name,
+            email=email,
+            currency=currency,
         )
 
     @strawberry.mutation(description="Mark KYC as passed: PENDING -> ACTIVE.")
     async def verify_account(
-        self, info: Info, id: strawberry.ID, kyc_reference: str | None = None,
-        idempotency_key: str | None = None, wait: bool = False,
+        self,
+        info: Info,
+        id: strawberry.ID,
+        kyc_reference: str | None = None,
+        idempotency_key: str | None = None,
+        wait: bool = False,
     ) -> AccountCommandPayload:
         return await _command(
             info, id, "verify", idempotency_key, wait, kyc_reference=kyc_reference
@@ -124,35 +132,53 @@ class AccountMutation:
 
     @strawberry.mutation(description="Add money; reactivates a DORMANT account.")
     async def deposit_to_account(
-        self, info: Info, id: strawberry.ID, amount: Long,
-        idempotency_key: str | None = None, wait: bool = False,
+        self,
+        info: Info,
+        id: strawberry.ID,
+        amount: Long,
+        idempotency_key: str | None = None,
+        wait: bool = False,
     ) -> AccountCommandPayload:
         return await _command(info, id, "deposit", idempotency_key, wait, amount=amount)
 
     @strawberry.mutation(description="Take money out; never beyond the balance.")
     async def withdraw_from_account(
-        self, info: Info, id: strawberry.ID, amount: Long,
-        idempotency_key: str | None = None, wait: bool = False,
+        self,
+        info: Info,
+        id: strawberry.ID,
+        amount: Long,
+        idempotency_key: str | None = None,
+        wait: bool = False,
     ) -> AccountCommandPayload:
         return await _command(info, id, "withdraw", idempotency_key, wait, amount=amount)
 
     @strawberry.mutation(description="Freeze an account: money commands are refused.")
     async def suspend_account(
-        self, info: Info, id: strawberry.ID, reason: str | None = None,
-        idempotency_key: str | None = None, wait: bool = False,
+        self,
+        info: Info,
+        id: strawberry.ID,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+        wait: bool = False,
     ) -> AccountCommandPayload:
         return await _command(info, id, "suspend", idempotency_key, wait, reason=reason)
 
     @strawberry.mutation(description="Lift a suspension: SUSPENDED -> ACTIVE.")
     async def reactivate_account(
-        self, info: Info, id: strawberry.ID,
-        idempotency_key: str | None = None, wait: bool = False,
+        self,
+        info: Info,
+        id: strawberry.ID,
+        idempotency_key: str | None = None,
+        wait: bool = False,
     ) -> AccountCommandPayload:
         return await _command(info, id, "reactivate", idempotency_key, wait)
 
     @strawberry.mutation(description="Close an account for good; its balance must be zero.")
     async def close_account(
-        self, info: Info, id: strawberry.ID,
-        idempotency_key: str | None = None, wait: bool = False,
+        self,
+        info: Info,
+        id: strawberry.ID,
+        idempotency_key: str | None = None,
+        wait: bool = False,
     ) -> AccountCommandPayload:
         return await _command(info, id, "close", idempotency_key, wait)

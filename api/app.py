@@ -38,7 +38,9 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
         )
 
     async def process_result(
-        self, request: Request | WebSocket, result: ExecutionResult  # type: ignore[override]
+        self,
+        request: Request | WebSocket,
+        result: ExecutionResult,  # type: ignore[override]
     ) -> GraphQLHTTPResponse:
         data: GraphQLHTTPResponse = {"data": result.data}
         if result.errors:

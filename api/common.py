@@ -9,6 +9,7 @@ from enum import Enum
 from typing import Any, NewType
 
 import strawberry
+from strawberry.types.scalar import ScalarDefinition
 
 from api.context import Info
 from api.gateway import Consistency as GatewayConsistency
@@ -25,7 +26,7 @@ def _parse_long(value: object) -> int:
 Long = NewType("Long", int)
 """A whole number beyond GraphQL's 32-bit Int, e.g. an amount in minor units (cents)."""
 
-SCALARS = {
+SCALARS: dict[object, ScalarDefinition] = {
     Long: strawberry.scalar(
         name="Long",
         description="A whole number up to 2^53, e.g. an amount in minor units (cents).",

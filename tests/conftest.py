@@ -59,9 +59,7 @@ async def _clean_redis_prefix(redis_url: str, redis_prefix: str) -> AsyncIterato
 
 @pytest.fixture(scope="session")
 async def temporal_client(temporal_server: EmbeddedTemporal) -> Client:
-    return await Client.connect(
-        temporal_server.address, data_converter=pydantic_data_converter
-    )
+    return await Client.connect(temporal_server.address, data_converter=pydantic_data_converter)
 
 
 @pytest.fixture

@@ -1,1 +1,2 @@
-"""Everything that talks to the world: settings, Temporal and Redis clients, activities, the worker."""
+"""Everything that talks to the world: settings, Temporal and Redis clients, activities,
+the worker."""

@@ -88,7 +88,7 @@ class SnapshotCache:
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
         document, cached_at = raw
-        if document is None:
+        if document is None or cached_at is None:
             return None
         return CachedSnapshot(
             snapshot=Snapshot.model_validate(json.loads(document)),

@@ -17,12 +17,12 @@ EntityId = Annotated[str, StringConstraints(pattern=ENTITY_ID_PATTERN)]
 """The id of an entity as a command names it, e.g. the account a cart belongs to."""
 
 S = TypeVar("S", bound=BaseModel)
-O = TypeVar("O", bound=BaseModel)
+Opt = TypeVar("Opt", bound=BaseModel)
 C = TypeVar("C", bound=BaseModel)
 
 
 @dataclass
-class CommandContext(Generic[O]):
+class CommandContext(Generic[Opt]):
     """What a transition may know besides state and command: deterministic time and options.
 
     `effects` collects requests for the runtime to act on after the transition (for example
@@ -31,7 +31,7 @@ class CommandContext(Generic[O]):
 
     entity_id: str
     now: datetime
-    options: O
+    options: Opt
     command_id: str = ""
     effects: list[Any] = field(default_factory=list)
 
@@ -55,7 +55,7 @@ def format_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-class EntityType(Generic[S, O]):
+class EntityType(Generic[S, Opt]):
     """An entity declaration that the generic runtime can host as a workflow.
 
     Commands are registered with `@entity.command(Model)`; the function name is the command
@@ -69,7 +69,7 @@ class EntityType(Generic[S, O]):
         name: str,
         *,
         state: type[S],
-        options: type[O],
+        options: type[Opt],
         is_terminal: Callable[[S], bool] = lambda _s: False,
     ) -> None:
         self.name = name
@@ -77,18 +77,20 @@ class EntityType(Generic[S, O]):
         self.options_model = options
         self.is_terminal = is_terminal
         self.commands: dict[str, CommandSpec] = {}
-        self._deadline: Callable[[S, O], datetime | None] | None = None
-        self._on_deadline: Callable[[S, CommandContext[O]], S] | None = None
+        self._deadline: Callable[[S, Opt], datetime | None] | None = None
+        self._on_deadline: Callable[[S, CommandContext[Opt]], S] | None = None
 
     def command(
         self, model: type[C], *, creates: bool = False, name: str | None = None
-    ) -> Callable[[Callable[[Any, C, CommandContext[O]], S]], Callable[[Any, C, CommandContext[O]], S]]:
+    ) -> Callable[
+        [Callable[[Any, C, CommandContext[Opt]], S]], Callable[[Any, C, CommandContext[Opt]], S]
+    ]:
         """Register a transition `fn(state, command, ctx) -> new_state` for `model`, named
         `name` or after the function."""
 
         def register(
-            fn: Callable[[Any, C, CommandContext[O]], S],
-        ) -> Callable[[Any, C, CommandContext[O]], S]:
+            fn: Callable[[Any, C, CommandContext[Opt]], S],
+        ) -> Callable[[Any, C, CommandContext[Opt]], S]:
             command_name = name or fn.__name__
             if command_name in self.commands:
                 raise ValueError(f"{self.name} already has a command {command_name!r}")
@@ -98,12 +100,14 @@ class EntityType(Generic[S, O]):
         return register
 
     def timer(
-        self, deadline: Callable[[S, O], datetime | None]
-    ) -> Callable[[Callable[[S, CommandContext[O]], S]], Callable[[S, CommandContext[O]], S]]:
+        self, deadline: Callable[[S, Opt], datetime | None]
+    ) -> Callable[[Callable[[S, CommandContext[Opt]], S]], Callable[[S, CommandContext[Opt]], S]]:
         """Declare a durable timer: `deadline(state, options)` says when, the decorated
         function says what happens to the state once that moment has passed."""
 
-        def register(fn: Callable[[S, CommandContext[O]], S]) -> Callable[[S, CommandContext[O]], S]:
+        def register(
+            fn: Callable[[S, CommandContext[Opt]], S],
+        ) -> Callable[[S, CommandContext[Opt]], S]:
             self._deadline = deadline
             self._on_deadline = fn
             return fn
@@ -135,7 +139,7 @@ class EntityType(Generic[S, O]):
             raise Rejected(ErrorCode.INVALID_INPUT, format_validation_error(exc)) from None
 
     def apply(
-        self, state: S | None, name: str, payload: Mapping[str, Any], ctx: CommandContext[O]
+        self, state: S | None, name: str, payload: Mapping[str, Any], ctx: CommandContext[Opt]
     ) -> S:
         """Run one command's transition; raises Rejected when the entity refuses it."""
         spec = self.spec(name)
@@ -143,17 +147,15 @@ class EntityType(Generic[S, O]):
         if state is None and not spec.creates:
             raise Rejected(ErrorCode.NOT_FOUND, f"{self.name} {ctx.entity_id} does not exist")
         if state is not None and self.is_terminal(state):
-            raise Rejected(
-                ErrorCode.INVALID_TRANSITION, f"{self.name} {ctx.entity_id} is closed"
-            )
+            raise Rejected(ErrorCode.INVALID_TRANSITION, f"{self.name} {ctx.entity_id} is closed")
         result: S = spec.handler(state, command, ctx)
         return result
 
-    def deadline(self, state: S | None, options: O) -> datetime | None:
+    def deadline(self, state: S | None, options: Opt) -> datetime | None:
         if state is None or self._deadline is None:
             return None
         return self._deadline(state, options)
 
-    def fire_deadline(self, state: S, ctx: CommandContext[O]) -> S:
+    def fire_deadline(self, state: S, ctx: CommandContext[Opt]) -> S:
         assert self._on_deadline is not None
         return self._on_deadline(state, ctx)

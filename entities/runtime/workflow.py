@@ -114,9 +114,7 @@ class EntityWorkflow:
         if undone is not None and undone.status is OutcomeStatus.APPLIED:
             return False
         if undone is None:
-            self._reject(
-                envelope.undoes, ErrorCode.CONFLICT, f"cancelled by {envelope.command_id}"
-            )
+            self._reject(envelope.undoes, ErrorCode.CONFLICT, f"cancelled by {envelope.command_id}")
         self._ledger.record(
             Outcome(
                 command_id=envelope.command_id,
@@ -203,14 +201,17 @@ class EntityWorkflow:
                 delay = max((deadline - workflow.now()).total_seconds(), 0.0)
                 timer = asyncio.create_task(workflow.sleep(delay))
                 armed_for = deadline
-            armed = timer
-            await workflow.wait_condition(
-                lambda: self._needs_publish()
-                or bool(self._effects)
-                or self._is_terminal()
-                or self._should_continue_as_new()
-                or (armed is not None and armed.done())
-            )
+
+            def has_work(armed: asyncio.Task[None] | None = timer) -> bool:
+                return (
+                    self._needs_publish()
+                    or bool(self._effects)
+                    or self._is_terminal()
+                    or self._should_continue_as_new()
+                    or (armed is not None and armed.done())
+                )
+
+            await workflow.wait_condition(has_work)
             if timer is not None and timer.done():
                 timer, armed_for = None, None
                 self._fire_deadline()

@@ -67,12 +67,22 @@ async def test_an_account_lifecycle_through_every_mutation(gql: GraphQLClient) -
     assert (account["revision"], account["source"], account["stale"]) == (1, "LIVE", False)
 
     verified = account_of(await gql.data(VERIFY, id=account_id, kyc="kyc-7"), "verifyAccount")
-    assert (verified["status"], verified["kycReference"], verified["revision"]) == ("ACTIVE", "kyc-7", 2)
-    deposited = account_of(await gql.data(DEPOSIT, id=account_id, amount=5_000_000_000), "depositToAccount")
+    assert (verified["status"], verified["kycReference"], verified["revision"]) == (
+        "ACTIVE",
+        "kyc-7",
+        2,
+    )
+    deposited = account_of(
+        await gql.data(DEPOSIT, id=account_id, amount=5_000_000_000), "depositToAccount"
+    )
     assert deposited["balance"] == 5_000_000_000  # beyond GraphQL's 32-bit Int
-    withdrawn = account_of(await gql.data(WITHDRAW, id=account_id, amount=4_999_999_000), "withdrawFromAccount")
+    withdrawn = account_of(
+        await gql.data(WITHDRAW, id=account_id, amount=4_999_999_000), "withdrawFromAccount"
+    )
     assert withdrawn["balance"] == 1000
-    suspended = account_of(await gql.data(SUSPEND, id=account_id, reason="fraud check"), "suspendAccount")
+    suspended = account_of(
+        await gql.data(SUSPEND, id=account_id, reason="fraud check"), "suspendAccount"
+    )
     assert (suspended["status"], suspended["suspensionReason"]) == ("SUSPENDED", "fraud check")
     reactivated = account_of(await gql.data(REACTIVATE, id=account_id), "reactivateAccount")
     assert (reactivated["status"], reactivated["suspensionReason"]) == ("ACTIVE", None)
@@ -132,8 +142,8 @@ async def test_reading_an_account_that_never_existed_is_null(gql: GraphQLClient)
         (READ, {"id": "bad id!"}),
         (DEPOSIT, {"id": "x" * 200, "amount": 1}),
         (DEPOSIT, {"amount": 1, "key": ""}),
-        ("mutation { depositToAccount(id: \"a\", amount: 1, colour: \"red\") { commandId } }", {}),
-        ("{ account(id: \"a\") { favouriteColour } }", {}),
+        ('mutation { depositToAccount(id: "a", amount: 1, colour: "red") { commandId } }', {}),
+        ('{ account(id: "a") { favouriteColour } }', {}),
         ("{ account(id: ", {}),
     ],
 )

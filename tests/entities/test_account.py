@@ -103,7 +103,10 @@ def test_withdraw_beyond_the_balance_is_insufficient_funds() -> None:
 
 def test_suspend_and_reactivate() -> None:
     suspended = apply(active(), "suspend", reason="fraud check")
-    assert (suspended.status, suspended.suspension_reason) == (AccountStatus.SUSPENDED, "fraud check")
+    assert (suspended.status, suspended.suspension_reason) == (
+        AccountStatus.SUSPENDED,
+        "fraud check",
+    )
     assert rejected(suspended, "suspend") == "INVALID_TRANSITION"
     back = apply(suspended, "reactivate")
     assert (back.status, back.suspension_reason) == (AccountStatus.ACTIVE, None)

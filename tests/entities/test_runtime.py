@@ -154,12 +154,13 @@ async def test_closing_completes_the_workflow_and_refuses_later_commands(
     await open_active(gateway, account_id)
     closed = await gateway.send("account", account_id, "close", {}, wait=True)
     assert closed.read is not None and closed.read.snapshot.closed
-    handle = temporal_client.get_workflow_handle_for(
-        AccountWorkflow.run, f"account:{account_id}"
-    )
+    handle = temporal_client.get_workflow_handle_for(AccountWorkflow.run, f"account:{account_id}")
     result = await handle.result()
     assert result.state is not None and result.state["status"] == "CLOSED"
-    for name, payload in [("deposit", {"amount": 1}), ("open", {"owner_name": "X", "email": "x@y.io"})]:
+    for name, payload in [
+        ("deposit", {"amount": 1}),
+        ("open", {"owner_name": "X", "email": "x@y.io"}),
+    ]:
         with pytest.raises(TenureError) as refused:
             await gateway.send("account", account_id, name, payload, wait=True)
         assert refused.value.code == "INVALID_TRANSITION"

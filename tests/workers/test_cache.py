@@ -53,7 +53,9 @@ async def test_a_miss_is_none(cache: SnapshotCache) -> None:
 
 
 async def open_with_balance(gateway: EntityGateway, account_id: str, balance: int) -> None:
-    await gateway.send("account", account_id, "open", {"owner_name": "A", "email": "a@b.io"}, wait=True)
+    await gateway.send(
+        "account", account_id, "open", {"owner_name": "A", "email": "a@b.io"}, wait=True
+    )
     await gateway.send("account", account_id, "verify", {}, wait=True)
     await gateway.send("account", account_id, "deposit", {"amount": balance}, wait=True)
 
