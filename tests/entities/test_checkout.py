@@ -17,7 +17,7 @@ from entities.errors import ErrorCode
 from entities.runtime import CommandContext
 from entities.runtime.saga import SagaStatus, StepRecord, StepStatus
 from tests.conftest import WorkerFactory
-from tests.entities.shop import FAST_STEP, Shop, eventually, shop_settings
+from tests.entities.shop import FAST_COMPENSATION, FAST_STEP, Shop, eventually, shop_settings
 from workers.cache import SnapshotCache
 from workers.settings import Settings
 
@@ -275,10 +275,18 @@ async def test_a_worker_killed_between_steps_leaves_stock_and_money_conserved(
 async def test_fifty_carts_contending_for_ten_units_sell_exactly_ten(
     temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
 ) -> None:
-    # A busy two-core machine may take seconds to answer; that is load, not an outage.
-    settings = shop_settings(settings.model_copy(update={"live_read_timeout": 10.0}))
+    # A busy two-core machine may take seconds to answer; that is load, not an outage, so
+    # reads and steps get time enough that only stock decides who buys.
+    patient = {"timeout_seconds": 30, "attempts": 10}
+    settings = shop_settings(
+        settings.model_copy(update={"live_read_timeout": 10.0}),
+        checkout={
+            "step": {**FAST_STEP, **patient},
+            "compensation": {**FAST_COMPENSATION, "timeout_seconds": 30},
+        },
+    )
     shop = Shop(temporal_client, cache, settings)
-    setup = asyncio.Semaphore(10)
+    setup = asyncio.Semaphore(25)
 
     async def customer() -> tuple[str, str]:
         async with setup:
