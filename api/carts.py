@@ -19,7 +19,9 @@ from api.common import (
 )
 from api.context import Info
 from api.gateway import EntityRead, Receipt
+from entities.cart import CartLine as CartLineState
 from entities.cart import CartState, CartStatus
+from entities.checkout import CheckoutLine
 
 ENTITY = "cart"
 
@@ -32,6 +34,15 @@ class CartLine:
     quantity: int
     unit_price: Long = strawberry.field(description="In minor units of the account's currency.")
     line_total: Long
+
+    @classmethod
+    def of(cls, line: CartLineState | CheckoutLine) -> CartLine:
+        return cls(
+            sku=line.sku,
+            quantity=line.quantity,
+            unit_price=Long(line.unit_price),
+            line_total=Long(line.quantity * line.unit_price),
+        )
 
 
 @strawberry.type(description="An account's basket; checked out by a checkout saga.")
@@ -57,15 +68,7 @@ class Cart(EntityState):
             **read_fields(read),
             account_id=strawberry.ID(state.account_id),
             status=state.status,
-            lines=[
-                CartLine(
-                    sku=line.sku,
-                    quantity=line.quantity,
-                    unit_price=Long(line.unit_price),
-                    line_total=Long(line.quantity * line.unit_price),
-                )
-                for line in state.lines
-            ],
+            lines=[CartLine.of(line) for line in state.lines],
             total=Long(state.total),
             last_activity_at=state.last_activity_at,
             checkout_attempts=state.checkout_attempts,

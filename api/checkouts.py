@@ -63,15 +63,7 @@ class Checkout:
             cart_id=strawberry.ID(state.cart_id),
             account_id=strawberry.ID(state.account_id),
             status=state.status,
-            lines=[
-                CartLine(
-                    sku=line.sku,
-                    quantity=line.quantity,
-                    unit_price=Long(line.unit_price),
-                    line_total=Long(line.quantity * line.unit_price),
-                )
-                for line in state.lines
-            ],
+            lines=[CartLine.of(line) for line in state.lines],
             total=Long(state.total),
             order_id=state.order_id,
             failure_code=state.failure_code,

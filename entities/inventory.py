@@ -108,11 +108,12 @@ inventory: EntityType[InventoryState, InventoryOptions] = EntityType(
 Ctx = CommandContext[InventoryOptions]
 
 
-def _settle(
-    state: InventoryState, reservation_id: str, settled: Settled, options: InventoryOptions
+def _remember(
+    settled: dict[str, Settled], reservation_id: str, record: Settled, options: InventoryOptions
 ) -> dict[str, Settled]:
-    remembered = {k: v for k, v in state.settled.items() if k != reservation_id}
-    remembered[reservation_id] = settled
+    """The settled reservations with this one as the latest, the oldest forgotten first."""
+    remembered = {k: v for k, v in settled.items() if k != reservation_id}
+    remembered[reservation_id] = record
     while len(remembered) > options.settled_memory:
         del remembered[next(iter(remembered))]
     return remembered
@@ -190,7 +191,7 @@ def release_reservation(state: InventoryState, cmd: ReservationCommand, ctx: Ctx
     return state.model_copy(
         update={
             "reservations": _without(state, cmd.reservation_id),
-            "settled": _settle(state, cmd.reservation_id, settled, ctx.options),
+            "settled": _remember(state.settled, cmd.reservation_id, settled, ctx.options),
         }
     )
 
@@ -211,7 +212,7 @@ def commit_reservation(state: InventoryState, cmd: ReservationCommand, ctx: Ctx)
             "on_hand": state.on_hand - held.quantity,
             "sold": state.sold + held.quantity,
             "reservations": _without(state, cmd.reservation_id),
-            "settled": _settle(state, cmd.reservation_id, settled, ctx.options),
+            "settled": _remember(state.settled, cmd.reservation_id, settled, ctx.options),
         }
     )
 
@@ -228,7 +229,7 @@ def return_reservation(state: InventoryState, cmd: ReservationCommand, ctx: Ctx)
         update={
             "on_hand": state.on_hand + settled.quantity,
             "sold": state.sold - settled.quantity,
-            "settled": _settle(state, cmd.reservation_id, returned, ctx.options),
+            "settled": _remember(state.settled, cmd.reservation_id, returned, ctx.options),
         }
     )
 
@@ -240,15 +241,16 @@ def _next_expiry(state: InventoryState, options: InventoryOptions) -> datetime |
 @inventory.timer(_next_expiry)
 def expire_reservations(state: InventoryState, ctx: Ctx) -> InventoryState:
     """Reservations neither committed nor released in time give their units back."""
-    expired = [r for r in state.reservations if r.expires_at <= ctx.now]
-    settled = state
-    for reservation in expired:
-        record = Settled(settlement=Settlement.EXPIRED, quantity=reservation.quantity)
-        settled = settled.model_copy(
-            update={"settled": _settle(settled, reservation.reservation_id, record, ctx.options)}
-        )
-    return settled.model_copy(
-        update={"reservations": [r for r in state.reservations if r.expires_at > ctx.now]}
+    remembered = state.settled
+    for reservation in state.reservations:
+        if reservation.expires_at <= ctx.now:
+            record = Settled(settlement=Settlement.EXPIRED, quantity=reservation.quantity)
+            remembered = _remember(remembered, reservation.reservation_id, record, ctx.options)
+    return state.model_copy(
+        update={
+            "reservations": [r for r in state.reservations if r.expires_at > ctx.now],
+            "settled": remembered,
+        }
     )
 
 
