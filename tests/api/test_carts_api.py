@@ -220,9 +220,9 @@ async def test_line_changes_while_checking_out_are_refused_with_a_clear_code(
     gql: GraphQLClient,
 ) -> None:
     # The account's worker is stopped, so the checkout waits at its withdrawal.
-    bank = Shop(temporal_client, cache, settings).elsewhere()
-    async with run_worker(bank.settings):
-        account_id = await bank.account(10_000)
+    bank, account_id = await Shop(temporal_client, cache, settings).unserved_account(
+        run_worker, 10_000
+    )
     a = await restock(gql, 5)
     cart_id = await cart_with(gql, account_id, (a, 1, 100))
     checkout_id = await checkout(gql, cart_id)

@@ -18,6 +18,7 @@ from entities.account import AccountState
 from entities.cart import CartState
 from entities.checkout import CheckoutState, checkout_workflow_id
 from entities.inventory import InventoryState
+from tests.conftest import WorkerFactory
 from workers.cache import SnapshotCache
 from workers.settings import Settings
 
@@ -79,6 +80,14 @@ class Shop:
         queue = f"{self.settings.task_queue}-elsewhere"
         return Shop(self.client, self.cache, self.settings.model_copy(update={"task_queue": queue}))
 
+    async def unserved_account(self, run_worker: WorkerFactory, balance: int) -> tuple[Shop, str]:
+        """An account opened elsewhere whose worker is then stopped: Temporal accepts its
+        commands, nothing answers them until `run_worker(bank.settings)` runs again.
+        Returns that shop (the bank) and the account id."""
+        bank = self.elsewhere()
+        async with run_worker(bank.settings):
+            return bank, await bank.account(balance)
+
     async def send(self, entity_type: str, entity_id: str, command: str, **payload: Any) -> None:
         await self.gateway.send(entity_type, entity_id, command, payload, wait=True)
 
@@ -138,6 +147,15 @@ class Shop:
         handle = self.client.get_workflow_handle(checkout_workflow_id(checkout_id))
         pending = (await handle.describe()).raw_description.pending_activities
         return max((activity.attempt for activity in pending), default=0)
+
+    async def steps_taken(self, checkout_id: str, count: int) -> CheckoutState:
+        """The checkout once it has taken at least `count` steps."""
+        state = await eventually(
+            lambda: self.progress(checkout_id),
+            lambda p: p is not None and len(p.steps) >= count,
+        )
+        assert state is not None
+        return state
 
     async def progress(self, checkout_id: str) -> CheckoutState | None:
         """The checkout's status query, or None while it cannot answer."""

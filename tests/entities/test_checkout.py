@@ -157,16 +157,12 @@ async def test_a_failed_commit_returns_the_sales_refunds_and_releases_last_first
     # The account lives on a queue whose worker starts late, so the saga waits at the
     # withdrawal; meanwhile one line's reservation is released behind its back, so that
     # line's commit fails after the other line's has succeeded.
-    bank = shop.elsewhere()
-    async with run_worker(bank.settings):
-        account_id = await bank.account(BALANCE)
+    bank, account_id = await shop.unserved_account(run_worker, BALANCE)
     async with run_worker(shop.settings):
         a, b = await shop.stock(5), await shop.stock(3)
         cart_id = await shop.cart(account_id, (a, 2, 300), (b, 1, 500))
         checkout_id = await shop.checkout(cart_id)
-        await eventually(
-            lambda: shop.progress(checkout_id), lambda p: p is not None and len(p.steps) == 2
-        )
+        await shop.steps_taken(checkout_id, 2)
         await shop.send("inventory", b, "releaseReservation", reservation_id=checkout_id)
         async with run_worker(bank.settings):
             done = await shop.finished(checkout_id)
@@ -198,9 +194,7 @@ async def test_a_step_that_exhausts_its_retries_is_compensated_once_the_entity_a
     # No worker serves the account: the withdrawal is accepted by Temporal but never
     # answered, so the step runs out of attempts. The refund is retried until the
     # account's worker is back; it then sees the withdrawal applied, and takes it back.
-    bank = shop.elsewhere()
-    async with run_worker(bank.settings):
-        account_id = await bank.account(BALANCE)
+    bank, account_id = await shop.unserved_account(run_worker, BALANCE)
     async with run_worker(shop.settings):
         a = await shop.stock(5)
         cart_id = await shop.cart(account_id, (a, 2, 300))
@@ -230,16 +224,12 @@ async def test_a_worker_killed_mid_saga_is_replaced_and_the_saga_finishes_chargi
     # the command again); the saga's worker is then stopped mid-step and a new one started.
     settings = shop_settings(settings, checkout={"step": {**FAST_STEP, "attempts": 50}})
     shop = Shop(temporal_client, cache, settings)
-    bank = shop.elsewhere()
-    async with run_worker(bank.settings):
-        account_id = await bank.account(BALANCE)
+    bank, account_id = await shop.unserved_account(run_worker, BALANCE)
     async with run_worker(shop.settings):
         a, b = await shop.stock(5), await shop.stock(3)
         cart_id = await shop.cart(account_id, (a, 2, 300), (b, 3, 500))
         checkout_id = await shop.checkout(cart_id)
-        await eventually(
-            lambda: shop.progress(checkout_id), lambda p: p is not None and len(p.steps) == 2
-        )
+        await shop.steps_taken(checkout_id, 2)
         await eventually(lambda: shop.pending_attempt(checkout_id), lambda n: n >= 2)
     async with run_worker(bank.settings), run_worker(shop.settings):
         done = await shop.finished(checkout_id)
@@ -261,9 +251,7 @@ async def test_a_worker_killed_between_steps_leaves_stock_and_money_conserved(
         skus = [await shop.stock(4) for _ in range(3)]
         cart_id = await shop.cart(account_id, *[(sku, 2, 100) for sku in skus])
         checkout_id = await shop.checkout(cart_id)
-        await eventually(
-            lambda: shop.progress(checkout_id), lambda p: p is not None and len(p.steps) >= 1
-        )
+        await shop.steps_taken(checkout_id, 1)
     async with run_worker(shop.settings):
         done = await shop.finished(checkout_id)
         assert done.status is SagaStatus.COMPLETED
