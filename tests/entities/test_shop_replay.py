@@ -9,7 +9,7 @@ from temporalio import workflow
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Replayer
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
 from entities import catalog
 from entities.checkout import CheckoutInput, CheckoutState, CheckoutWorkflow
@@ -55,8 +55,11 @@ class CheckoutWithoutWithdrawal(CheckoutWorkflow):
 
 
 async def test_replay_catches_a_change_to_the_saga_steps() -> None:
+    # Unsandboxed: the sandbox would re-import this test module, which is no workflow code.
     replayer = Replayer(
-        workflows=[CheckoutWithoutWithdrawal], data_converter=pydantic_data_converter
+        workflows=[CheckoutWithoutWithdrawal],
+        data_converter=pydantic_data_converter,
+        workflow_runner=UnsandboxedWorkflowRunner(),
     )
     with pytest.raises(workflow.NondeterminismError):
         await replayer.replay_workflow(history("checkout.cart-done-1"))
