@@ -22,15 +22,10 @@ RESULTS_DIR = Path(__file__).parent
 Scenario = Callable[[Bench], Awaitable[Result | list[Result]]]
 
 SCENARIOS: list[tuple[str, Scenario]] = [
-    ("raw SDK signals", scenarios.raw_signals),
-    ("GraphQL mutations", scenarios.graphql_mutations),
-    ("raw SDK signal, then query", scenarios.raw_signal_then_query),
-    ("GraphQL mutations, wait: true", scenarios.graphql_waited_mutations),
-    ("raw SDK queries", scenarios.raw_queries),
-    ("GraphQL reads, CACHED", scenarios.cached_reads),
-    ("GraphQL reads, LIVE", scenarios.live_reads),
-    ("raw SDK signals, one counter", scaling.raw_hot),
-    ("hot account", scaling.tenure_hot),
+    ("raw SDK signals and GraphQL mutations", scenarios.writes),
+    ("raw signal-then-query and mutations with wait: true", scenarios.waited_writes),
+    ("raw SDK queries and GraphQL reads", scenarios.reads),
+    ("one hot counter and one hot account", scaling.hot),
     ("checkout sagas", sagas.checkouts),
     ("many live accounts", scaling.many_entities),
 ]

@@ -30,11 +30,11 @@ async def _each(
     return [problem for problem in found if problem is not None]
 
 
-async def _settled(
+async def settled(
     read: Callable[[], Awaitable[int]], expected: int, timeout: float = SETTLE_TIMEOUT
 ) -> int:
-    # A query already sees every signal accepted before it; asking again only covers
-    # commands the API accepted late, after a retry.
+    """Read until the value reaches `expected` or the time is up; returns the last value.
+    A query already sees every signal accepted before it, so this mostly returns at once."""
     deadline = time.monotonic() + timeout
     while True:
         value = await read()
@@ -60,7 +60,7 @@ async def check_accounts(
         want = expected[account_id]
         workflow_id = f"account:{account_id}"
         try:
-            revision = await _settled(lambda: _revision(client, workflow_id), base_revision + want)
+            revision = await settled(lambda: _revision(client, workflow_id), base_revision + want)
             snapshot = await account_snapshot(client, workflow_id)
         except RPCError as exc:
             return f"{account_id}: cannot be read ({exc})"
@@ -93,7 +93,7 @@ async def check_counters(
     async def check(workflow_id: str) -> str | None:
         want = expected[workflow_id]
         try:
-            got = await _settled(lambda: value(workflow_id), want)
+            got = await settled(lambda: value(workflow_id), want)
         except RPCError as exc:
             return f"{workflow_id}: cannot be read ({exc})"
         return None if got == want else f"{workflow_id}: value {got}, expected {want}"

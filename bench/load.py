@@ -20,6 +20,17 @@ class Measured:
     latencies: list[float] = field(default_factory=list)
     first_error: str | None = None
     timed_out: bool = False
+    sending: float = 0.0
+
+    def add(self, part: Measured, elapsed: float) -> None:
+        """Count in one slice of a load that took `elapsed` seconds, settling included."""
+        self.ops += part.ops
+        self.errors += part.errors
+        self.latencies += part.latencies
+        self.first_error = self.first_error or part.first_error
+        self.timed_out = self.timed_out or part.timed_out
+        self.sending += part.elapsed
+        self.elapsed += elapsed
 
     @property
     def ops_per_s(self) -> float:
@@ -73,5 +84,5 @@ async def drive(
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(min(concurrency, max(count, 1)))))
-    measured.elapsed = time.perf_counter() - started
+    measured.elapsed = measured.sending = time.perf_counter() - started
     return measured

@@ -79,11 +79,20 @@ async def checkouts(bench: Bench) -> Result:
             )
 
     await bench.setup(count, prepare)
+    accepted: dict[str, float] = {}
+
+    async def check_out(i: int) -> None:
+        await send("cart", carts[i], "checkoutCart", {})
+        accepted[carts[i]] = time.perf_counter()
+
     window = bench.stack.window(bench.stack.worker)
-    started = time.perf_counter()
-    measured = await bench.drive(lambda i: send("cart", carts[i], "checkoutCart", {}), count)
-    problems = await _until_checked_out(send, carts, bench.scale.time_limit)
-    elapsed = time.perf_counter() - started
+    with window:
+        started = time.perf_counter()
+        measured = await bench.drive(check_out, count)
+        problems, measured.latencies = await _until_checked_out(
+            send, accepted, bench.scale.time_limit
+        )
+        elapsed = time.perf_counter() - started
     problems += await _check_accounts(send, accounts, FUNDS - LINES * UNIT_PRICE)
     sold = {sku: sum(cart_lines.count(sku) for cart_lines in lines) for sku in skus}
     problems += await _check_stock(send, stock, sold)
@@ -105,8 +114,13 @@ async def checkouts(bench: Bench) -> Result:
     )
 
 
-async def _until_checked_out(send: _Sender, carts: list[str], timeout: float) -> list[str]:
-    pending = set(carts)
+async def _until_checked_out(
+    send: _Sender, accepted: dict[str, float], timeout: float
+) -> tuple[list[str], list[float]]:
+    """Poll the carts until each is checked out. Returns the problems, and each checkout's
+    latency from its command's acceptance to its cart seen checked out (to within a poll)."""
+    pending = set(accepted)
+    latencies = []
     deadline = time.monotonic() + timeout
     gate = asyncio.Semaphore(send.bench.scale.concurrency)
 
@@ -119,11 +133,13 @@ async def _until_checked_out(send: _Sender, carts: list[str], timeout: float) ->
         for cart_id, state in await asyncio.gather(*(status(c) for c in pending)):
             if state == "CHECKED_OUT":
                 pending.discard(cart_id)
+                latencies.append(time.perf_counter() - accepted[cart_id])
             elif state == "OPEN":
-                return [f"cart {cart_id}: checkout failed, the cart is open again"]
+                return [f"cart {cart_id}: checkout failed, the cart is open again"], latencies
         if pending:
             await asyncio.sleep(0.25)
-    return [f"{len(pending)} carts not checked out in {timeout:.0f}s"] if pending else []
+    problems = [f"{len(pending)} carts not checked out in {timeout:.0f}s"] if pending else []
+    return problems, latencies
 
 
 async def _check_accounts(send: _Sender, accounts: list[str], balance: int) -> list[str]:

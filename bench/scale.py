@@ -19,6 +19,7 @@ class Scale:
     many_entities: tuple[int, ...]
     checkouts: int
     time_limit: float
+    rounds: int = 4
 
 
 SCALES = {
@@ -27,11 +28,11 @@ SCALES = {
         concurrency=32,
         entities=50,
         writes=1_200,
-        waited_writes=400,
+        waited_writes=300,
         reads=2_000,
-        hot_commands=2_500,
+        hot_commands=2_000,
         many_entities=(100, 1_000),
-        checkouts=60,
+        checkouts=30,
         time_limit=60.0,
     ),
     "default": Scale(

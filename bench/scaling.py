@@ -6,13 +6,21 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from bench.checks import check_accounts, check_counters, history_lengths
+from bench.checks import (
+    account_snapshot,
+    check_accounts,
+    check_counters,
+    history_lengths,
+    settled,
+)
 from bench.graphql import DEPOSIT
 from bench.scenarios import (
     EVENTS_PER_COMMAND,
     EVENTS_PER_RUN,
     OPENED_REVISION,
+    RPC_TIMEOUT,
     Bench,
+    Load,
     Result,
     raw_signal,
 )
@@ -24,68 +32,80 @@ def history_bound(bench: Bench) -> int:
     return bench.max_commands_per_run * EVENTS_PER_COMMAND + EVENTS_PER_RUN
 
 
-async def raw_hot(bench: Bench) -> Result:
-    workflow_id = f"counter:{bench.tag}-hot"
-    await bench.start_counter(workflow_id)
-    client = bench.stack.raw_client
-    count = bench.scale.hot_commands
+async def hot(bench: Bench) -> list[Result]:
+    """One counter and one account each taking `hot_commands` from every client at once;
+    throughput counts what was applied, and every run's history length is read back."""
+    counter = f"counter:{bench.tag}-hot"
+    account = f"{bench.tag}-hot"
+    await bench.start_counter(counter)
+    await bench.gql.open_account(account, wait=True)
+    raw_client, client = bench.stack.raw_client, bench.stack.client
+    sent = {counter: 0, account: 0}
 
     async def signal(i: int) -> None:
-        await raw_signal(client, workflow_id)
-
-    window = bench.stack.window(bench.stack.counter_worker)
-    started = time.perf_counter()
-    measured = await bench.drive(signal, count)
-    sent = {workflow_id: measured.ops}
-    problems = await check_counters(client, sent, bench.scale.concurrency)
-    applied_s = time.perf_counter() - started
-    lengths = await history_lengths(client, workflow_id)
-    return Result(
-        "raw_hot",
-        "raw SDK signals, one counter",
-        "signals",
-        measured,
-        ops_per_s=measured.ops / applied_s,
-        window=window,
-        problems=problems,
-        details=_history_details(bench, lengths, measured.ops_per_s),
-    )
-
-
-async def tenure_hot(bench: Bench) -> Result:
-    account_id = f"{bench.tag}-hot"
-    await bench.gql.open_account(account_id, wait=True)
-    count = bench.scale.hot_commands
-    sent = {account_id: 0}
+        await raw_signal(raw_client, counter)
+        sent[counter] += 1
 
     async def deposit(i: int) -> None:
-        await bench.gql.command(DEPOSIT, id=account_id, amount=1, key=f"{bench.tag}-h-{i}")
-        sent[account_id] += 1
+        await bench.gql.command(DEPOSIT, id=account, amount=1, key=f"{bench.tag}-h-{i}")
+        sent[account] += 1
 
-    window = bench.stack.window(bench.stack.worker)
-    started = time.perf_counter()
-    measured = await bench.drive(deposit, count)
-    problems = await check_accounts(
-        bench.stack.client, sent, OPENED_REVISION, bench.scale.concurrency
+    async def counted() -> int:
+        value: int = await raw_client.get_workflow_handle(counter).query(
+            "value", result_type=int, rpc_timeout=RPC_TIMEOUT
+        )
+        return value
+
+    async def applied() -> int:
+        snapshot = await account_snapshot(client, f"account:{account}")
+        return snapshot.revision - OPENED_REVISION
+
+    count = bench.scale.hot_commands
+    raw = Load(
+        signal,
+        count,
+        bench.stack.window(bench.stack.counter_worker),
+        settle=lambda: settled(counted, sent[counter]),
     )
-    applied_s = time.perf_counter() - started
-    lengths = await history_lengths(bench.stack.client, f"account:{account_id}")
-    return Result(
-        "hot",
-        "hot account, GraphQL mutations",
-        "commands",
-        measured,
-        baseline="raw_hot",
-        ops_per_s=measured.ops / applied_s,
-        window=window,
-        problems=problems,
-        details=_history_details(bench, lengths, measured.ops_per_s),
+    tenure = Load(
+        deposit,
+        count,
+        bench.stack.window(bench.stack.worker),
+        settle=lambda: settled(applied, sent[account]),
     )
+    await bench.alternate([raw, tenure])
+    concurrency = bench.scale.concurrency
+    raw_problems = await check_counters(raw_client, {counter: sent[counter]}, concurrency)
+    problems = await check_accounts(client, {account: sent[account]}, OPENED_REVISION, concurrency)
+    return [
+        Result(
+            "raw_hot",
+            "raw SDK signals, one counter",
+            "signals",
+            raw.measured,
+            window=raw.window,
+            problems=raw_problems,
+            details=_history_details(bench, await history_lengths(raw_client, counter), raw),
+        ),
+        Result(
+            "hot",
+            "hot account, GraphQL mutations",
+            "commands",
+            tenure.measured,
+            baseline="raw_hot",
+            window=tenure.window,
+            problems=problems,
+            details=_history_details(
+                bench, await history_lengths(client, f"account:{account}"), tenure
+            ),
+        ),
+    ]
 
 
-def _history_details(bench: Bench, lengths: list[int], accepted_per_s: float) -> dict[str, object]:
+def _history_details(bench: Bench, lengths: list[int], load: Load) -> dict[str, object]:
+    sending = load.measured.sending
     return {
-        "accepted_per_s": round(accepted_per_s, 1),
+        "accepted_per_s": round(load.measured.ops / sending, 1) if sending else 0.0,
         "runs": len(lengths),
         "max_history": max(lengths, default=0),
         "history_bound": history_bound(bench),
@@ -115,7 +135,8 @@ async def many_entities(bench: Bench) -> list[Result]:
         opened_s = time.perf_counter() - started
 
         window = bench.stack.window(stack.worker)
-        measured = await bench.drive(_depositor(bench, list(ids), balances, size), len(ids))
+        with window:
+            measured = await bench.drive(_depositor(bench, list(ids), balances, size), len(ids))
         problems += await check_accounts(
             stack.client, balances, OPENED_REVISION, bench.scale.concurrency
         )

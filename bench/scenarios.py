@@ -69,6 +69,26 @@ class Result:
             self.problems.insert(0, "stopped at its time limit before sending everything")
 
 
+@dataclass
+class Load:
+    """One side of a comparison: `count` operations, driven a slice at a time. `settle`,
+    when given, runs at the end of each slice and counts in its time (for loads whose
+    throughput is what was applied, not what was accepted)."""
+
+    operation: Callable[[int], Awaitable[object]]
+    count: int
+    window: Window
+    settle: Callable[[], Awaitable[object]] | None = None
+    measured: Measured = field(default_factory=Measured)
+    sent: int = 0
+
+    def slice(self, first: int) -> Callable[[int], Awaitable[object]]:
+        def operation(i: int) -> Awaitable[object]:
+            return self.operation(first + i)
+
+        return operation
+
+
 class Bench:
     """State shared by the scenarios of one run: entities made so far and what each should
     hold, so a later scenario can read what an earlier one wrote."""
@@ -92,6 +112,29 @@ class Bench:
     async def drive(self, operation: Callable[[int], Awaitable[object]], count: int) -> Measured:
         self.stack.check_alive()
         return await drive(operation, count, self.scale.concurrency, self.scale.time_limit)
+
+    async def alternate(self, loads: list[Load]) -> None:
+        """Drive the loads in turn, one slice of each per round, so that whatever else the
+        machine is doing meanwhile weighs on the baseline and on Tenure alike."""
+        rounds = self.scale.rounds
+        for _ in range(rounds):
+            for load in loads:
+                size = min(-(-load.count // rounds), load.count - load.sent)
+                if size <= 0:
+                    continue
+                self.stack.check_alive()
+                with load.window:
+                    started = time.perf_counter()
+                    part = await drive(
+                        load.slice(load.sent),
+                        size,
+                        self.scale.concurrency,
+                        self.scale.time_limit / rounds,
+                    )
+                    if load.settle is not None:
+                        await load.settle()
+                    load.measured.add(part, time.perf_counter() - started)
+                load.sent += size
 
     async def setup(self, count: int, make: Callable[[int], Awaitable[object]]) -> None:
         """Create entities before the clock starts; any failure here aborts the run."""
@@ -131,73 +174,57 @@ def _spread(ids: list[str], i: int) -> str:
 # -- writes ---------------------------------------------------------------------------------
 
 
-async def raw_signals(bench: Bench) -> Result:
-    ids = [f"counter:{bench.tag}-{i}" for i in range(bench.scale.entities)]
-    await bench.setup(len(ids), lambda i: bench.start_counter(ids[i]))
-    bench.counters = dict.fromkeys(ids, 0)
+async def writes(bench: Bench) -> list[Result]:
+    """Raw SDK signals to counters against GraphQL mutations to accounts, none waited for."""
+    counters = [f"counter:{bench.tag}-{i}" for i in range(bench.scale.entities)]
+    accounts = [f"{bench.tag}-m{i}" for i in range(bench.scale.entities)]
+    await bench.setup(len(counters), lambda i: bench.start_counter(counters[i]))
+    await bench.setup(len(accounts), lambda i: bench.gql.open_account(accounts[i], wait=True))
+    bench.counters = dict.fromkeys(counters, 0)
+    bench.accounts = dict.fromkeys(accounts, 0)
     client = bench.stack.raw_client
 
     async def signal(i: int) -> None:
-        workflow_id = _spread(ids, i)
+        workflow_id = _spread(counters, i)
         await raw_signal(client, workflow_id)
         bench.counters[workflow_id] += 1
 
-    window = bench.stack.window(bench.stack.counter_worker)
-    measured = await bench.drive(signal, bench.scale.writes)
-    return await _checked_counters(bench, "raw_signals", "raw SDK signals", measured, window)
-
-
-async def graphql_mutations(bench: Bench) -> Result:
-    ids = [f"{bench.tag}-m{i}" for i in range(bench.scale.entities)]
-    await bench.setup(len(ids), lambda i: bench.gql.open_account(ids[i], wait=True))
-    bench.accounts = dict.fromkeys(ids, 0)
-
     async def deposit(i: int) -> None:
-        account_id = _spread(ids, i)
+        account_id = _spread(accounts, i)
         await bench.gql.command(DEPOSIT, id=account_id, amount=1, key=f"{bench.tag}-m-{i}")
         bench.accounts[account_id] += 1
 
-    window = bench.stack.window(bench.stack.worker)
-    measured = await bench.drive(deposit, bench.scale.writes)
-    return await _checked_accounts(
-        bench, "mutations", "GraphQL mutations", measured, window, baseline="raw_signals"
-    )
+    raw = Load(signal, bench.scale.writes, bench.stack.window(bench.stack.counter_worker))
+    tenure = Load(deposit, bench.scale.writes, bench.stack.window(bench.stack.worker))
+    await bench.alternate([raw, tenure])
+    return [
+        await _checked_counters(bench, "raw_signals", "raw SDK signals", raw),
+        await _checked_accounts(
+            bench, "mutations", "GraphQL mutations", tenure, baseline="raw_signals"
+        ),
+    ]
 
 
-async def raw_signal_then_query(bench: Bench) -> Result:
-    ids = list(bench.counters)
+async def waited_writes(bench: Bench) -> list[Result]:
+    """A raw signal followed by a query of its effect, against GraphQL's `wait: true`."""
+    counters, accounts = list(bench.counters), list(bench.accounts)
     client = bench.stack.raw_client
-    stale = 0
+    stale = unseen = 0
 
     async def round_trip(i: int) -> None:
         nonlocal stale
-        workflow_id = _spread(ids, i)
-        handle = client.get_workflow_handle(workflow_id)
+        workflow_id = _spread(counters, i)
         # Every signal acknowledged before this one was sent was applied before it.
         floor = bench.counters[workflow_id] + 1
         await raw_signal(client, workflow_id)
         bench.counters[workflow_id] += 1
+        handle = client.get_workflow_handle(workflow_id)
         value = await handle.query("value", result_type=int, rpc_timeout=RPC_TIMEOUT)
         stale += value < floor
 
-    window = bench.stack.window(bench.stack.counter_worker)
-    measured = await bench.drive(round_trip, bench.scale.waited_writes)
-    result = await _checked_counters(
-        bench, "raw_signal_query", "raw SDK signal, then query", measured, window
-    )
-    if stale:
-        result.problems.append(f"{stale} queries did not see their own signal")
-    return result
-
-
-async def graphql_waited_mutations(bench: Bench) -> Result:
-    ids = list(bench.accounts)
-    unseen = 0
-
     async def deposit(i: int) -> None:
         nonlocal unseen
-        account_id = _spread(ids, i)
-        # Every deposit acknowledged before this one was sent was applied before it.
+        account_id = _spread(accounts, i)
         floor = OPENED_REVISION + bench.accounts[account_id] + 1
         data = await bench.gql.command(
             DEPOSIT_WAIT, id=account_id, amount=1, key=f"{bench.tag}-w-{i}"
@@ -206,44 +233,43 @@ async def graphql_waited_mutations(bench: Bench) -> Result:
         payload = data["depositToAccount"]
         unseen += payload["status"] != "APPLIED" or payload["account"]["revision"] < floor
 
-    window = bench.stack.window(bench.stack.worker)
-    measured = await bench.drive(deposit, bench.scale.waited_writes)
+    count = bench.scale.waited_writes
+    raw = Load(round_trip, count, bench.stack.window(bench.stack.counter_worker))
+    tenure = Load(deposit, count, bench.stack.window(bench.stack.worker))
+    await bench.alternate([raw, tenure])
+    raw_result = await _checked_counters(
+        bench, "raw_signal_query", "raw SDK signal, then query", raw
+    )
+    if stale:
+        raw_result.problems.append(f"{stale} queries did not see their own signal")
     result = await _checked_accounts(
         bench,
         "mutations_wait",
         "GraphQL mutations, wait: true",
-        measured,
-        window,
+        tenure,
         baseline="raw_signal_query",
     )
     if unseen:
         result.problems.append(f"{unseen} waited mutations did not see their own command")
-    return result
+    return [raw_result, result]
 
 
-async def _checked_counters(
-    bench: Bench, key: str, title: str, measured: Measured, window: Window
-) -> Result:
+async def _checked_counters(bench: Bench, key: str, title: str, load: Load) -> Result:
     started = time.perf_counter()
     problems = await check_counters(bench.stack.raw_client, bench.counters, bench.scale.concurrency)
     return Result(
         key,
         title,
         "signals",
-        measured,
-        window=window,
+        load.measured,
+        window=load.window,
         problems=problems[:5],
         details={"check_s": round(time.perf_counter() - started, 2)},
     )
 
 
 async def _checked_accounts(
-    bench: Bench,
-    key: str,
-    title: str,
-    measured: Measured,
-    window: Window,
-    baseline: str,
+    bench: Bench, key: str, title: str, load: Load, baseline: str
 ) -> Result:
     started = time.perf_counter()
     problems = await check_accounts(
@@ -253,9 +279,9 @@ async def _checked_accounts(
         key,
         title,
         "commands",
-        measured,
+        load.measured,
         baseline=baseline,
-        window=window,
+        window=load.window,
         problems=problems[:5],
         details={
             "check_s": round(time.perf_counter() - started, 2),
@@ -267,67 +293,71 @@ async def _checked_accounts(
 # -- reads ----------------------------------------------------------------------------------
 
 
-async def raw_queries(bench: Bench) -> Result:
-    ids = list(bench.counters)
+async def reads(bench: Bench) -> list[Result]:
+    """Raw SDK queries against GraphQL reads from the cache and from the workflow."""
+    await _wait_for_cache(bench)
+    counters, accounts = list(bench.counters), list(bench.accounts)
     client = bench.stack.raw_client
-    wrong = 0
+    wrong: Counter[str] = Counter()
+    sources: dict[str, Counter[str]] = {"CACHED": Counter(), "LIVE": Counter()}
 
     async def query(i: int) -> None:
-        nonlocal wrong
-        workflow_id = _spread(ids, i)
+        workflow_id = _spread(counters, i)
         value = await client.get_workflow_handle(workflow_id).query(
             "value", result_type=int, rpc_timeout=RPC_TIMEOUT
         )
-        wrong += value != bench.counters[workflow_id]
+        wrong["raw"] += value != bench.counters[workflow_id]
 
-    window = bench.stack.window(bench.stack.counter_worker)
-    measured = await bench.drive(query, bench.scale.reads)
-    problems = [f"{wrong} queries returned a wrong value"] if wrong else []
-    return Result(
-        "raw_queries",
-        "raw SDK queries",
-        "reads",
-        measured,
-        window=window,
-        problems=problems,
-    )
+    def reader(consistency: str) -> Callable[[int], Awaitable[None]]:
+        async def read(i: int) -> None:
+            account_id = _spread(accounts, i)
+            data = await bench.gql(READ, id=account_id, consistency=consistency)
+            account = data["account"]
+            sources[consistency][account["source"]] += 1
+            wrong[consistency] += account["balance"] != bench.accounts[account_id]
+            wrong[consistency] += account["stale"]
 
+        return read
 
-async def cached_reads(bench: Bench) -> Result:
-    await _wait_for_cache(bench)
-    return await _graphql_reads(bench, "cached_reads", "GraphQL reads, CACHED", "CACHED")
+    count = bench.scale.reads
+    raw = Load(query, count, bench.stack.window(bench.stack.counter_worker))
+    cached = Load(reader("CACHED"), count, bench.stack.window(bench.stack.worker))
+    live = Load(reader("LIVE"), count, bench.stack.window(bench.stack.worker))
+    await bench.alternate([raw, cached, live])
 
+    def problems(key: str) -> list[str]:
+        return [f"{wrong[key]} reads returned a wrong or stale value"] if wrong[key] else []
 
-async def live_reads(bench: Bench) -> Result:
-    return await _graphql_reads(bench, "live_reads", "GraphQL reads, LIVE", "LIVE")
-
-
-async def _graphql_reads(bench: Bench, key: str, title: str, consistency: str) -> Result:
-    ids = list(bench.accounts)
-    sources: Counter[str] = Counter()
-    wrong = 0
-
-    async def read(i: int) -> None:
-        nonlocal wrong
-        account_id = _spread(ids, i)
-        data = await bench.gql(READ, id=account_id, consistency=consistency)
-        account = data["account"]
-        sources[account["source"]] += 1
-        wrong += account["balance"] != bench.accounts[account_id] or account["stale"]
-
-    window = bench.stack.window(bench.stack.worker)
-    measured = await bench.drive(read, bench.scale.reads)
-    problems = [f"{wrong} reads returned a wrong or stale balance"] if wrong else []
-    return Result(
-        key,
-        title,
-        "reads",
-        measured,
-        baseline="raw_queries",
-        window=window,
-        problems=problems,
-        details={"sources": dict(sources)},
-    )
+    return [
+        Result(
+            "raw_queries",
+            "raw SDK queries",
+            "reads",
+            raw.measured,
+            window=raw.window,
+            problems=problems("raw"),
+        ),
+        Result(
+            "cached_reads",
+            "GraphQL reads, CACHED",
+            "reads",
+            cached.measured,
+            baseline="raw_queries",
+            window=cached.window,
+            problems=problems("CACHED"),
+            details={"sources": dict(sources["CACHED"])},
+        ),
+        Result(
+            "live_reads",
+            "GraphQL reads, LIVE",
+            "reads",
+            live.measured,
+            baseline="raw_queries",
+            window=live.window,
+            problems=problems("LIVE"),
+            details={"sources": dict(sources["LIVE"])},
+        ),
+    ]
 
 
 async def _wait_for_cache(bench: Bench, timeout: float = 60.0) -> None:

@@ -158,23 +158,30 @@ class BenchStack:
 
 
 class Window:
-    """A worker's peak resident memory and each process's CPU time over one scenario."""
+    """A worker's peak resident memory since the window was made, and each process's CPU
+    time while inside `with window:` blocks, which may be many."""
 
     def __init__(self, stack: BenchStack, worker: Child) -> None:
         self.worker = worker
         self.pids = stack.pids()
+        self.spent = dict.fromkeys(self.pids, 0.0)
+        self._entered: dict[str, float] = {}
         worker.reset_peak()
-        self.cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def __enter__(self) -> Window:
+        self._entered = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for name, pid in self.pids.items():
+            self.spent[name] += cpu_seconds(pid) - self._entered[name]
 
     def peak_rss_kib(self) -> int:
         return self.worker.peak_rss_kib()
 
     def cpu_ms_per_op(self, ops: int) -> dict[str, float]:
-        """CPU milliseconds each process spent per operation since the window opened."""
-        return {
-            name: round(1000 * (cpu_seconds(pid) - self.cpu[name]) / max(ops, 1), 3)
-            for name, pid in self.pids.items()
-        }
+        """CPU milliseconds each process spent per operation inside the window."""
+        return {name: round(1000 * spent / max(ops, 1), 3) for name, spent in self.spent.items()}
 
 
 @contextlib.asynccontextmanager
