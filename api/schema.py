@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import strawberry
 from graphql import GraphQLError
-from strawberry.types import ExecutionContext
 from strawberry.schema.config import StrawberryConfig
 from strawberry.tools import merge_types
+from strawberry.types import ExecutionContext
 
 from api.accounts import AccountMutation, AccountQuery
 from api.carts import CartMutation, CartQuery
@@ -17,7 +17,6 @@ from api.inventory import InventoryMutation, InventoryQuery
 
 Query = merge_types("Query", (AccountQuery, CartQuery, CheckoutQuery, InventoryQuery))
 Mutation = merge_types("Mutation", (AccountMutation, CartMutation, InventoryMutation))
-
 
 
 class TenureSchema(strawberry.Schema):
@@ -31,6 +30,4 @@ class TenureSchema(strawberry.Schema):
             super().process_errors(unexpected, execution_context)
 
 
-schema = TenureSchema(
-    query=Query, mutation=Mutation, config=StrawberryConfig(scalar_map=SCALARS)
-)
+schema = TenureSchema(query=Query, mutation=Mutation, config=StrawberryConfig(scalar_map=SCALARS))
