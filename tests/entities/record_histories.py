@@ -3,7 +3,7 @@
 Re-record only after a deliberate change to a workflow that old histories cannot replay
 against (and say so in the commit): the point of the replay tests is that running
 workflows survive a deploy. Starts its own Temporal and Valkey servers; writes
-tests/entities/histories/<entity type>.<id>.json, Temporal's own JSON history format.
+tests/entities/histories/<entity type>.<id>[.runN].json, Temporal's own JSON history format.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
+from api.gateway import EntityGateway
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal
 from entities.cart import CartStatus
+from entities.errors import TenureError
 from entities.inventory import Settlement
+from entities.runtime.envelope import RuntimeOptions
 from tests.entities.shop import FAST_COMPENSATION, FAST_STEP, Shop, eventually
 from workers.cache import SnapshotCache, connect_redis
 from workers.settings import Settings
@@ -28,8 +31,9 @@ HISTORIES = Path(__file__).parent / "histories"
 
 
 def workflow_id_of(path: Path) -> str:
-    """`checkout.cart-done-1.json` holds the history of workflow `checkout:cart-done-1`."""
-    return path.stem.replace(".", ":", 1)
+    """`checkout.cart-done-1.json` holds the history of workflow `checkout:cart-done-1`;
+    `account.acct-lifecycle.run2.json` the second run of `account:acct-lifecycle`."""
+    return path.stem.split(".run")[0].replace(".", ":", 1)
 
 
 async def _scenarios(shop: Shop) -> list[str]:
@@ -77,6 +81,43 @@ async def _scenarios(shop: Shop) -> list[str]:
     ]
 
 
+ACCOUNT_ID = "acct-lifecycle"
+
+
+async def _account_lifecycle(gateway: EntityGateway) -> None:
+    """Every Account command, a rejection, the dormancy timer, continue-as-new and close."""
+
+    async def send(name: str, **payload: object) -> None:
+        with contextlib.suppress(TenureError):  # rejections belong in the history too
+            await gateway.send("account", ACCOUNT_ID, name, dict(payload), wait=True)
+
+    await send("open", owner_name="Ada", email="ada@example.com", currency="GBP")
+    await send("verify", kyc_reference="kyc-1")
+    await send("deposit", amount=100)
+    await send("withdraw", amount=1000)  # refused: insufficient funds
+    await send("suspend", reason="check")
+    await send("reactivate")
+    await asyncio.sleep(1.5)  # dormancy_seconds=1: the durable timer fires
+    await send("withdraw", amount=100)
+    await send("close")
+
+
+async def _write_runs(client: Client, workflow_id: str, into: Path) -> list[Path]:
+    """Every run of `workflow_id`, oldest first: `<type>.<id>.json`, or `.runN.json` when
+    it continued as new."""
+    query = f'WorkflowId = "{workflow_id}"'
+    runs = sorted([r async for r in client.list_workflows(query)], key=lambda r: r.start_time)
+    written = []
+    for n, run in enumerate(runs, start=1):
+        handle = client.get_workflow_handle(workflow_id, run_id=run.run_id)
+        history = await handle.fetch_history()
+        suffix = f".run{n}" if len(runs) > 1 else ""
+        path = into / f"{workflow_id.replace(':', '.', 1)}{suffix}.json"
+        path.write_text(history.to_json())
+        written.append(path)
+    return written
+
+
 async def record(into: Path = HISTORIES) -> list[Path]:
     """Run the scenarios on fresh servers and write their histories into `into`."""
     async with EmbeddedTemporal() as temporal, EmbeddedRedis() as valkey:
@@ -95,20 +136,28 @@ async def record(into: Path = HISTORIES) -> list[Path]:
                 }
             },
         )
+        # A low continue-as-new threshold and a short dormancy period, on a queue of their own.
+        account_settings = settings.model_copy(
+            update={
+                "task_queue": "record-account",
+                "runtime": RuntimeOptions(max_commands_per_run=4),
+                "entity_options": {"account": {"dormancy_seconds": 1}},
+            }
+        )
         redis_client = connect_redis(settings)
         cache = SnapshotCache(redis_client, "record:")
         shop = Shop(client, cache, settings)
+        into.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
         try:
             async with build_worker(client, settings, cache):
                 workflow_ids = await _scenarios(shop)
-                into.mkdir(parents=True, exist_ok=True)
-                written = []
                 for workflow_id in workflow_ids:
-                    history = await client.get_workflow_handle(workflow_id).fetch_history()
-                    path = into / f"{workflow_id.replace(':', '.', 1)}.json"
-                    path.write_text(history.to_json())
-                    written.append(path)
-                return written
+                    written += await _write_runs(client, workflow_id, into)
+            async with build_worker(client, account_settings, cache):
+                await _account_lifecycle(EntityGateway(client, cache, account_settings))
+                written += await _write_runs(client, f"account:{ACCOUNT_ID}", into)
+            return written
         finally:
             await redis_client.aclose()
 
