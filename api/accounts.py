@@ -86,7 +86,7 @@ async def _command(
 class AccountQuery:
     @strawberry.field(description="An account, or null when it never existed.")
     async def account(
-        self, info: Info, id: strawberry.ID, consistency: Consistency = Consistency.CACHED
+        self, info: Info, id: strawberry.ID, consistency: Consistency | None = Consistency.CACHED
     ) -> Account | None:
         read = await read_entity(info, ENTITY, id, consistency)
         return Account.from_read(read) if read else None

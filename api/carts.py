@@ -121,7 +121,7 @@ async def _command(
 class CartQuery:
     @strawberry.field(description="A cart, or null when it never existed.")
     async def cart(
-        self, info: Info, id: strawberry.ID, consistency: Consistency = Consistency.CACHED
+        self, info: Info, id: strawberry.ID, consistency: Consistency | None = Consistency.CACHED
     ) -> Cart | None:
         read = await read_entity(info, ENTITY, id, consistency)
         return Cart.from_read(read) if read else None

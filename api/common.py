@@ -81,11 +81,11 @@ def read_fields(read: EntityRead) -> dict[str, Any]:
 
 
 async def read_entity(
-    info: Info, entity_type: str, entity_id: str, consistency: Consistency
+    info: Info, entity_type: str, entity_id: str, consistency: Consistency | None
 ) -> EntityRead | None:
-    return await info.context.gateway.read(
-        entity_type, entity_id, GatewayConsistency(consistency.value)
-    )
+    """Read an entity; a null `consistency` means the default, CACHED."""
+    chosen = GatewayConsistency((consistency or Consistency.CACHED).value)
+    return await info.context.gateway.read(entity_type, entity_id, chosen)
 
 
 async def send_command(

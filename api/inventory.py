@@ -109,7 +109,7 @@ async def _command(
 class InventoryQuery:
     @strawberry.field(description="An inventory item, or null when its SKU was never stocked.")
     async def inventory_item(
-        self, info: Info, sku: str, consistency: Consistency = Consistency.CACHED
+        self, info: Info, sku: str, consistency: Consistency | None = Consistency.CACHED
     ) -> InventoryItem | None:
         read = await read_entity(info, ENTITY, sku, consistency)
         return InventoryItem.from_read(read) if read else None

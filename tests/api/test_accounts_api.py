@@ -128,7 +128,7 @@ async def test_open_without_an_id_derives_it_from_the_idempotency_key(gql: Graph
 
 
 async def test_reading_an_account_that_never_existed_is_null(gql: GraphQLClient) -> None:
-    for consistency in ("CACHED", "LIVE"):
+    for consistency in ("CACHED", "LIVE", None):
         assert (await gql.data(READ, id=new_id(), consistency=consistency))["account"] is None
 
 
