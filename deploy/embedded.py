@@ -82,8 +82,20 @@ class EmbeddedServer:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    async def wait_ready(self, timeout: float) -> None:
+    async def is_ready(self) -> bool:
+        """Whether the server answers yet; errors count as not yet."""
         raise NotImplementedError
+
+    async def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            with contextlib.suppress(Exception):
+                if await self.is_ready():
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} did not start on port {self.port}")
+            await asyncio.sleep(0.1)
 
     async def start(self, timeout: float = 60.0) -> None:
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
@@ -174,18 +186,10 @@ class EmbeddedTemporal(EmbeddedServer):
             cmd += ["--db-filename", str(self.db_file)]
         return cmd
 
-    async def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self._check_alive()
-            try:
-                client = await Client.connect(self.address)
-                await client.workflow_service.get_system_info(GetSystemInfoRequest())
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
+    async def is_ready(self) -> bool:
+        client = await Client.connect(self.address)
+        await client.workflow_service.get_system_info(GetSystemInfoRequest())
+        return True
 
 
 class EmbeddedRedis(EmbeddedServer):
@@ -230,20 +234,12 @@ class EmbeddedRedis(EmbeddedServer):
             cmd += ["--appendonly", "no"]
         return cmd
 
-    async def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self._check_alive()
-            try:
-                _reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                writer.write(b"PING\r\n")
-                await writer.drain()
-                reply = await _reader.readline()
-                writer.close()
-                if reply.startswith(b"+PONG"):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} did not start on port {self.port}")
-            await asyncio.sleep(0.05)
+    async def is_ready(self) -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(b"PING\r\n")
+            await writer.drain()
+            return (await reader.readline()).startswith(b"+PONG")
+        finally:
+            writer.close()
+            await writer.wait_closed()
