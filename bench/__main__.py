@@ -9,6 +9,7 @@ import asyncio
 import math
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def _progress(result: Result, by_key: dict[str, Result]) -> str:
 async def run(scale: Scale, chosen: list[tuple[str, Scenario]]) -> int:
     started = time.monotonic()
     results: list[Result] = []
+    crashed: list[str] = []
     info = report.machine()
     print(
         f"bench: scale {scale.name}, {scale.concurrency} clients, "
@@ -58,7 +60,14 @@ async def run(scale: Scale, chosen: list[tuple[str, Scenario]]) -> int:
         bench = Bench(stack, scale)
         for n, (name, scenario) in enumerate(chosen, 1):
             print(f"[{n}/{len(chosen)}] {name} ...", flush=True)
-            outcome = await scenario(bench)
+            try:
+                outcome = await scenario(bench)
+            except Exception as exc:
+                # Later scenarios still run; the benchmark fails all the same.
+                crashed.append(name)
+                print(f"      FAILED: {type(exc).__name__}: {exc}", flush=True)
+                traceback.print_exc()
+                continue
             for result in outcome if isinstance(outcome, list) else [outcome]:
                 results.append(result)
                 print("      " + _progress(result, {r.key: r for r in results}), flush=True)
@@ -76,9 +85,9 @@ async def run(scale: Scale, chosen: list[tuple[str, Scenario]]) -> int:
     json_path, md_path, _ = report.write(RESULTS_DIR, results, scale, info, settings)
     print(f"\n{md_path.read_text()}")
     print(f"wrote {json_path} and {md_path} in {time.monotonic() - started:.0f}s")
-    failed = [r for r in results if r.problems]
+    failed = [r.key for r in results if r.problems] + crashed
     if failed:
-        print(f"FAILED: {', '.join(r.key for r in failed)}", file=sys.stderr)
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 

@@ -44,7 +44,7 @@ SCALES = {
         reads=10_000,
         hot_commands=10_000,
         many_entities=(100, 1_000, 10_000),
-        checkouts=400,
+        checkouts=200,
         time_limit=240.0,
     ),
 }
