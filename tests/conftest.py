@@ -71,6 +71,7 @@ def settings(temporal_server: EmbeddedTemporal, redis_url: str, redis_prefix: st
         redis_prefix=redis_prefix,
         task_queue=f"test-{uuid.uuid4().hex}",
         live_read_timeout=1.5,
+        command_wait_timeout=3.0,
     )
 
 

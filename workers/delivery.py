@@ -22,6 +22,7 @@ from entities.runtime.envelope import (
     EntityRunInput,
     OutcomeStatus,
 )
+from workers.coalescing import SignalCoalescer
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,15 @@ class CommandDelivery:
     def __init__(self, client: Client, settings: Settings) -> None:
         self._client = client
         self._settings = settings
+        self._coalescer = SignalCoalescer(self._signal)
+
+    async def _signal(self, workflow_id: str, batch: list[CommandEnvelope]) -> None:
+        handle = self._client.get_workflow_handle(workflow_id)
+        timeout = timedelta(seconds=SIGNAL_TIMEOUT)
+        if len(batch) == 1:
+            await handle.signal("command", batch[0], rpc_timeout=timeout)
+        else:
+            await handle.signal("commands", batch, rpc_timeout=timeout)
 
     def start_input(self, entity_type: str, entity_id: str) -> EntityRunInput:
         return EntityRunInput(
@@ -75,9 +85,8 @@ class CommandDelivery:
                     id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
                     rpc_timeout=timedelta(seconds=SIGNAL_TIMEOUT),
                 )
-            handle = self._client.get_workflow_handle(workflow_id)
-            await handle.signal("command", envelope, rpc_timeout=timedelta(seconds=SIGNAL_TIMEOUT))
-            return handle
+            await self._coalescer.send(workflow_id, envelope)
+            return self._client.get_workflow_handle(workflow_id)
         except WorkflowAlreadyStartedError:
             raise EntityClosed(entity, entity_id) from None
         except RPCError as exc:
@@ -121,7 +130,7 @@ class CommandDelivery:
                 "outcome",
                 command_id,
                 result_type=CommandResult,
-                rpc_timeout=timedelta(seconds=self._settings.live_read_timeout),
+                rpc_timeout=timedelta(seconds=self._settings.command_wait_timeout),
             )
         except RPCError as exc:
             raise TenureError(

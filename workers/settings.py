@@ -26,6 +26,7 @@ class Settings(BaseModel):
     api_port: int = 8000
     data_dir: Path = Path(".data")
     live_read_timeout: float = Field(default=2.0, gt=0)
+    command_wait_timeout: float = Field(default=10.0, gt=0)
     redis_timeout: float = Field(default=1.0, gt=0)
     redis_max_connections: int = Field(default=64, ge=1)
     runtime: RuntimeOptions = Field(default_factory=RuntimeOptions)
@@ -48,6 +49,7 @@ class Settings(BaseModel):
             "API_PORT": "api_port",
             "TENURE_DATA_DIR": "data_dir",
             "TENURE_LIVE_READ_TIMEOUT": "live_read_timeout",
+            "TENURE_COMMAND_WAIT_TIMEOUT": "command_wait_timeout",
             "TENURE_MAX_CACHED_WORKFLOWS": "max_cached_workflows",
             "TENURE_MAX_CONCURRENT_WORKFLOW_TASKS": "max_concurrent_workflow_tasks",
             "TENURE_WORKFLOW_SANDBOX": "workflow_sandbox",
@@ -77,6 +79,7 @@ class Settings(BaseModel):
             "API_PORT": str(self.api_port),
             "TENURE_DATA_DIR": str(self.data_dir),
             "TENURE_LIVE_READ_TIMEOUT": str(self.live_read_timeout),
+            "TENURE_COMMAND_WAIT_TIMEOUT": str(self.command_wait_timeout),
             "TENURE_MAX_COMMANDS_PER_RUN": str(self.runtime.max_commands_per_run),
             "TENURE_LEDGER_SIZE": str(self.runtime.ledger_size),
             "TENURE_ENTITY_OPTIONS": json.dumps(self.entity_options),

@@ -104,7 +104,6 @@ class EntityWorkflow:
         """Apply a batch of commands in order, as if each had come in its own signal."""
         for envelope in batch:
             self.command(envelope)
-        self._received_this_run -= max(len(batch) - 1, 0)
 
     def _nothing_to_undo(self, envelope: CommandEnvelope) -> bool:
         """Settle a compensating command whose undone command was not applied: there is
