@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import strawberry
 from graphql import GraphQLError
+from strawberry.extensions import ParserCache, ValidationCache
 from strawberry.schema.config import StrawberryConfig
 from strawberry.tools import merge_types
 from strawberry.types import ExecutionContext
@@ -30,4 +31,15 @@ class TenureSchema(strawberry.Schema):
             super().process_errors(unexpected, execution_context)
 
 
-schema = TenureSchema(query=Query, mutation=Mutation, config=StrawberryConfig(scalar_map=SCALARS))
+# Clients send the same few documents over and over: parse and validate each once.
+DOCUMENT_CACHE_SIZE = 256
+
+schema = TenureSchema(
+    query=Query,
+    mutation=Mutation,
+    config=StrawberryConfig(scalar_map=SCALARS),
+    extensions=[
+        lambda: ParserCache(maxsize=DOCUMENT_CACHE_SIZE),
+        lambda: ValidationCache(maxsize=DOCUMENT_CACHE_SIZE),
+    ],
+)
