@@ -28,12 +28,12 @@ test: $(STAMP)  ## every test, against a real Temporal dev server and Redis
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check entities api workers deploy tests
-	$(BIN)/ruff check entities api workers deploy tests
+	$(BIN)/ruff format --check entities api workers deploy bench tests
+	$(BIN)/ruff check entities api workers deploy bench tests
 
 format: $(STAMP)
-	$(BIN)/ruff format entities api workers deploy tests
-	$(BIN)/ruff check --fix entities api workers deploy tests
+	$(BIN)/ruff format entities api workers deploy bench tests
+	$(BIN)/ruff check --fix entities api workers deploy bench tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

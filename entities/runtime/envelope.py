@@ -67,7 +67,7 @@ class CommandResult(BaseModel):
 class RuntimeOptions(BaseModel):
     """How the runtime hosts an entity; set by whoever starts it, carried across runs."""
 
-    max_commands_per_run: int = Field(default=1000, ge=1)
+    max_commands_per_run: int = Field(default=4000, ge=1)
     ledger_size: int = Field(default=4096, ge=1)
     publish_snapshots: bool = True
 

@@ -12,7 +12,7 @@ def test_defaults_need_no_environment() -> None:
     settings = Settings.from_env({})
     assert settings.temporal_address is None and settings.redis_url is None
     assert (settings.api_host, settings.api_port) == ("127.0.0.1", 8000)
-    assert settings.runtime.max_commands_per_run == 1000
+    assert settings.runtime.max_commands_per_run == 4000
 
 
 def test_the_environment_sets_servers_runtime_and_entity_options() -> None:
