@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from deploy.embedded import (
     EmbeddedTemporal,
     _die_with_parent,
     free_port,
+    stop_process,
 )
 from workers.settings import Settings
 
@@ -80,14 +80,7 @@ class Child:
 
     def stop(self, timeout: float = 15.0) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout)
 
     def rss_kib(self) -> int:
         return _proc_status_kib(self.pid, "VmRSS")
