@@ -10,35 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from typing import Any
 
 from temporalio.client import Client
-from temporalio.worker import UnsandboxedWorkflowRunner, Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+from temporalio.worker import Worker
 
 from bench.counter import CounterWorkflow
 from workers.settings import Settings
-from workers.worker import _PASSTHROUGH
+from workers.worker import workflow_runner
 
 RAW_QUEUE_SUFFIX = "-raw"
 
 
 def build_counter_worker(client: Client, settings: Settings) -> Worker:
     """A worker for the counter on `<task queue>-raw`, configured like Tenure's worker."""
-    runner: Any = UnsandboxedWorkflowRunner()
-    if settings.workflow_sandbox:
-        runner = SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_modules(
-                *_PASSTHROUGH, "bench"
-            )
-        )
     return Worker(
         client,
         task_queue=settings.task_queue + RAW_QUEUE_SUFFIX,
         workflows=[CounterWorkflow],
         max_cached_workflows=settings.max_cached_workflows,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
-        workflow_runner=runner,
+        workflow_runner=workflow_runner(settings, "bench"),
     )
 
 

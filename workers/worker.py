@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from entities import catalog
@@ -23,6 +23,18 @@ log = logging.getLogger(__name__)
 # Domain code is pure and side-effect free, so the sandbox may share it between runs instead
 # of re-importing it for each workflow: less memory per cached entity, faster starts.
 _PASSTHROUGH = ("pydantic", "pydantic_core", "annotated_types", "entities")
+
+
+def workflow_runner(settings: Settings, *passthrough: str) -> WorkflowRunner:
+    """The sandbox, sharing the pure domain modules (and `passthrough`), unless the settings
+    turn it off."""
+    if not settings.workflow_sandbox:
+        return UnsandboxedWorkflowRunner()
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(
+            *_PASSTHROUGH, *passthrough
+        )
+    )
 
 
 def activity_functions(client: Client, cache: SnapshotCache, settings: Settings) -> Sequence[Any]:
@@ -41,16 +53,6 @@ def build_worker(
     task_queue: str | None = None,
 ) -> Worker:
     """A worker hosting every workflow declared in `entities` on the settings' task queue."""
-    runner = SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules(*_PASSTHROUGH)
-    )
-    kwargs: dict[str, Any] = {}
-    if not settings.workflow_sandbox:
-        from temporalio.worker import UnsandboxedWorkflowRunner
-
-        kwargs["workflow_runner"] = UnsandboxedWorkflowRunner()
-    else:
-        kwargs["workflow_runner"] = runner
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
@@ -58,7 +60,7 @@ def build_worker(
         activities=activity_functions(client, cache, settings),
         max_cached_workflows=settings.max_cached_workflows,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
-        **kwargs,
+        workflow_runner=workflow_runner(settings),
     )
 
 
