@@ -19,7 +19,6 @@ from entities.errors import ErrorCode, Rejected, TenureError
 from entities.runtime.entity import ENTITY_ID_PATTERN, EntityType
 from entities.runtime.envelope import (
     CommandEnvelope,
-    EntityRunInput,
     OutcomeStatus,
     Snapshot,
 )
@@ -86,9 +85,6 @@ class EntityGateway:
 
     def entity(self, entity_type: str) -> EntityType[Any, Any]:
         return self._types[entity_type]
-
-    def start_input(self, entity_type: str, entity_id: str) -> EntityRunInput:
-        return self._delivery.start_input(entity_type, entity_id)
 
     # -- commands -------------------------------------------------------------------------
 
