@@ -6,6 +6,7 @@ from datetime import datetime
 
 import strawberry
 
+from api.cached_reads import entity_read_field
 from api.common import (
     CommandStatus,
     Consistency,
@@ -90,6 +91,9 @@ class AccountQuery:
     ) -> Account | None:
         read = await read_entity(info, ENTITY, id, consistency)
         return Account.from_read(read) if read else None
+
+
+entity_read_field("account", ENTITY)
 
 
 @strawberry.type

@@ -16,6 +16,7 @@ from strawberry.asgi import GraphQL
 from strawberry.http import GraphQLHTTPResponse
 from temporalio.client import Client
 
+from api.cached_reads import SCOPE_KEY, CachedReadResponses
 from api.context import TenureContext
 from api.errors import present_error
 from api.gateway import EntityGateway
@@ -35,6 +36,7 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
             request=request,
             response=response if isinstance(response, Response) else None,
             gateway=request.app.state.gateway,
+            prefetched=request.scope.get(SCOPE_KEY),
         )
 
     async def process_result(
@@ -77,11 +79,14 @@ def create_app(
             yield
 
     graphql: Any = TenureGraphQL(schema, graphql_ide="graphiql")
-    return Starlette(
+    cached_reads = CachedReadResponses(graphql, schema._schema, size=settings.rendered_reads)
+    app = Starlette(
         routes=[
             Route("/", _home),
             Route("/healthz", _health),
-            Route("/graphql", graphql, methods=["GET", "POST"]),
+            Route("/graphql", cached_reads, methods=["GET", "POST"]),
         ],
         lifespan=lifespan,
     )
+    app.state.cached_reads = cached_reads
+    return app

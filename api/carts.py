@@ -6,6 +6,7 @@ from datetime import datetime
 
 import strawberry
 
+from api.cached_reads import entity_read_field
 from api.common import (
     CommandStatus,
     Consistency,
@@ -125,6 +126,9 @@ class CartQuery:
     ) -> Cart | None:
         read = await read_entity(info, ENTITY, id, consistency)
         return Cart.from_read(read) if read else None
+
+
+entity_read_field("cart", ENTITY)
 
 
 @strawberry.type

@@ -85,7 +85,12 @@ async def read_entity(
 ) -> EntityRead | None:
     """Read an entity; a null `consistency` means the default, CACHED."""
     chosen = GatewayConsistency((consistency or Consistency.CACHED).value)
-    return await info.context.gateway.read(entity_type, entity_id, chosen)
+    prefetched = info.context.prefetched
+    entry = prefetched.take(entity_type, entity_id) if prefetched else None
+    read = await info.context.gateway.read(entity_type, entity_id, chosen, prefetched=entry)
+    if prefetched is not None:
+        prefetched.note(read, entry)
+    return read
 
 
 async def send_command(

@@ -10,6 +10,7 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 from strawberry.types import Info as StrawberryInfo
 
+from api.cached_reads import PrefetchedReads
 from api.gateway import EntityGateway
 
 
@@ -20,6 +21,7 @@ class TenureContext:
     request: Request | WebSocket
     response: Response | None
     gateway: EntityGateway
+    prefetched: PrefetchedReads | None = None
 
 
 Info = StrawberryInfo[TenureContext, Any]

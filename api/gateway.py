@@ -22,7 +22,7 @@ from entities.runtime.envelope import (
     OutcomeStatus,
     Snapshot,
 )
-from workers.cache import CacheUnavailable, SnapshotCache
+from workers.cache import CachedSnapshot, CacheUnavailable, SnapshotCache
 from workers.delivery import CommandDelivery, unavailable
 from workers.settings import Settings
 
@@ -83,6 +83,10 @@ class EntityGateway:
         self._types = catalog.entity_types()
         self._delivery = CommandDelivery(client, settings)
 
+    @property
+    def cache(self) -> SnapshotCache:
+        return self._cache
+
     def entity(self, entity_type: str) -> EntityType[Any, Any]:
         return self._types[entity_type]
 
@@ -129,15 +133,24 @@ class EntityGateway:
     # -- reads ----------------------------------------------------------------------------
 
     async def read(
-        self, entity_type: str, entity_id: str, consistency: Consistency = Consistency.CACHED
+        self,
+        entity_type: str,
+        entity_id: str,
+        consistency: Consistency = Consistency.CACHED,
+        *,
+        prefetched: CachedSnapshot | None = None,
     ) -> EntityRead | None:
         """The entity's state: from the cache when allowed and present, else from the
-        workflow; the cached copy marked stale when the workflow cannot answer."""
+        workflow; the cached copy marked stale when the workflow cannot answer.
+        `prefetched` is the entity's cache entry when the caller has already fetched it."""
         entity = self.entity(entity_type)
         check_entity_id(entity_id)
         cached = None
         if consistency is Consistency.CACHED:
-            cached = await self._cached(entity_type, entity_id)
+            if prefetched is not None:
+                cached = self._from_cache(prefetched)
+            else:
+                cached = await self._cached(entity_type, entity_id)
             if cached is not None:
                 return cached
         handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
@@ -187,7 +200,11 @@ class EntityGateway:
         except CacheUnavailable as exc:
             log.warning("cache unavailable, reading live: %s", exc)
             return None
-        if hit is None or hit.snapshot.state is None:
+        return self._from_cache(hit) if hit is not None else None
+
+    @staticmethod
+    def _from_cache(hit: CachedSnapshot) -> EntityRead | None:
+        if hit.snapshot.state is None:
             return None
         return EntityRead(hit.snapshot, Source.CACHE, stale=False, cached_at=hit.cached_at)
 

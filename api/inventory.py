@@ -6,6 +6,7 @@ from datetime import datetime
 
 import strawberry
 
+from api.cached_reads import entity_read_field
 from api.common import (
     CommandStatus,
     Consistency,
@@ -113,6 +114,9 @@ class InventoryQuery:
     ) -> InventoryItem | None:
         read = await read_entity(info, ENTITY, sku, consistency)
         return InventoryItem.from_read(read) if read else None
+
+
+entity_read_field("inventoryItem", ENTITY, id_argument="sku")
 
 
 @strawberry.type

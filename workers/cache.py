@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,12 +28,24 @@ class CacheUnavailable(Exception):
     """Redis could not be reached or answered with an error."""
 
 
+RawEntry = tuple[bytes, bytes]
+"""A cache entry as stored: the snapshot's JSON and when it was written (epoch seconds)."""
+
+
 @dataclass(frozen=True)
 class CachedSnapshot:
     """A snapshot as the cache holds it, with when it was written."""
 
     snapshot: Snapshot
     cached_at: datetime
+
+    @classmethod
+    def from_raw(cls, entry: RawEntry) -> CachedSnapshot:
+        document, cached_at = entry
+        return cls(
+            snapshot=Snapshot.model_validate_json(document),
+            cached_at=datetime.fromtimestamp(float(cached_at), tz=UTC),
+        )
 
 
 def connect_redis(settings: Settings) -> redis.Redis:
@@ -81,16 +92,17 @@ class SnapshotCache:
 
     async def get(self, entity_type: str, entity_id: str) -> CachedSnapshot | None:
         """The last-seen snapshot, or None when the cache has never seen the entity."""
+        entry = await self.get_raw(entity_type, entity_id)
+        return CachedSnapshot.from_raw(entry) if entry is not None else None
+
+    async def get_raw(self, entity_type: str, entity_id: str) -> RawEntry | None:
+        """The entry as stored, unparsed; each write makes a different entry."""
         try:
-            raw = await self._client.hmget(
+            document, cached_at = await self._client.hmget(
                 self.key(entity_type, entity_id), ["snapshot", "cached_at"]
             )
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
-        document, cached_at = raw
-        if document is None or cached_at is None:
+        if not isinstance(document, bytes) or not isinstance(cached_at, bytes):
             return None
-        return CachedSnapshot(
-            snapshot=Snapshot.model_validate(json.loads(document)),
-            cached_at=datetime.fromtimestamp(float(cached_at), tz=UTC),
-        )
+        return document, cached_at

@@ -29,6 +29,9 @@ class Settings(BaseModel):
     command_wait_timeout: float = Field(default=10.0, gt=0)
     redis_timeout: float = Field(default=1.0, gt=0)
     redis_max_connections: int = Field(default=64, ge=1)
+    rendered_reads: int = Field(
+        default=4096, ge=0, description="Rendered CACHED-read responses the API keeps; 0: none."
+    )
     runtime: RuntimeOptions = Field(default_factory=RuntimeOptions)
     entity_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     max_cached_workflows: int = 10_000
@@ -53,6 +56,7 @@ class Settings(BaseModel):
             "TENURE_MAX_CACHED_WORKFLOWS": "max_cached_workflows",
             "TENURE_MAX_CONCURRENT_WORKFLOW_TASKS": "max_concurrent_workflow_tasks",
             "TENURE_WORKFLOW_SANDBOX": "workflow_sandbox",
+            "TENURE_RENDERED_READS": "rendered_reads",
         }
         for var, field in plain.items():
             if env.get(var):
@@ -86,6 +90,7 @@ class Settings(BaseModel):
             "TENURE_MAX_CACHED_WORKFLOWS": str(self.max_cached_workflows),
             "TENURE_MAX_CONCURRENT_WORKFLOW_TASKS": str(self.max_concurrent_workflow_tasks),
             "TENURE_WORKFLOW_SANDBOX": "1" if self.workflow_sandbox else "0",
+            "TENURE_RENDERED_READS": str(self.rendered_reads),
         }
         if self.temporal_address:
             env["TEMPORAL_ADDRESS"] = self.temporal_address

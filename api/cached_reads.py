@@ -1,0 +1,320 @@
+"""Rendered responses to CACHED reads, replayed while the cache entries behind them stand.
+
+A GraphQL document whose root fields are all entity reads served from the cache answers
+with bytes that depend only on the document, its variables and those cache entries. So the
+first such request is executed as usual, through Strawberry, with the entries fetched up
+front, and its response is kept under (request, entries). A later request for the same
+document, variables and entries (dashboards polling an entity that has not changed) is
+answered with those bytes, without executing GraphQL. A new revision writes a new entry, so
+it is a new key: nothing is ever invalidated, old responses age out of a bounded LRU.
+
+Anything else (mutations, LIVE reads, documents with fragments or directives at the root,
+invalid documents, entities the cache has not seen, Redis down) goes to Strawberry as is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphql import (
+    EnumValueNode,
+    FieldNode,
+    GraphQLSchema,
+    OperationDefinitionNode,
+    OperationType,
+    StringValueNode,
+    ValueNode,
+    VariableNode,
+    parse,
+    validate,
+)
+from graphql.error import GraphQLError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.gateway import EntityRead, Source
+from workers.cache import CachedSnapshot, CacheUnavailable, RawEntry, SnapshotCache
+
+SCOPE_KEY = "tenure.prefetched_reads"
+MAX_BODY = 64 * 1024
+MAX_PLANS = 256
+
+
+@dataclass(frozen=True)
+class EntityReadField:
+    """A root query field that reads one entity: its type and the argument naming it."""
+
+    entity_type: str
+    id_argument: str
+
+
+ENTITY_READ_FIELDS: dict[str, EntityReadField] = {}
+
+
+def entity_read_field(field_name: str, entity_type: str, id_argument: str = "id") -> None:
+    """Declare `field_name` (a root Query field taking `id_argument` and `consistency`) as a
+    read of `entity_type`, so its CACHED responses can be replayed."""
+    ENTITY_READ_FIELDS[field_name] = EntityReadField(entity_type, id_argument)
+
+
+@dataclass(frozen=True)
+class _Argument:
+    """An argument as written: a literal, or a variable with the literal it defaults to."""
+
+    literal: str | None = None
+    variable: str | None = None
+
+    @classmethod
+    def of(cls, value: ValueNode | None, defaults: dict[str, str]) -> _Argument | None:
+        if value is None:
+            return cls()
+        if isinstance(value, VariableNode):
+            name = value.name.value
+            return cls(literal=defaults.get(name), variable=name)
+        if isinstance(value, StringValueNode | EnumValueNode):
+            return cls(literal=value.value)
+        return None
+
+    def value(self, variables: dict[str, Any]) -> object:
+        if self.variable is not None and self.variable in variables:
+            return variables[self.variable]
+        return self.literal
+
+
+@dataclass(frozen=True)
+class _RootRead:
+    entity_type: str
+    entity_id: _Argument
+    consistency: _Argument
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """The entity reads a document's operation makes: one per root field."""
+
+    reads: tuple[_RootRead, ...]
+
+    def entities(self, variables: dict[str, Any]) -> list[tuple[str, str]] | None:
+        """The (type, id) pairs these variables read, or None if any read is not a CACHED
+        read of a named entity (Strawberry then answers, with its errors if need be)."""
+        chosen = []
+        for read in self.reads:
+            consistency = read.consistency.value(variables)
+            entity_id = read.entity_id.value(variables)
+            if consistency not in (None, "CACHED") or not isinstance(entity_id, str):
+                return None
+            chosen.append((read.entity_type, entity_id))
+        return chosen
+
+
+def plan_reads(schema: GraphQLSchema, query: str, operation_name: str | None) -> ReadPlan | None:
+    """The read plan of a valid query operation made only of entity reads, else None."""
+    try:
+        document = parse(query)
+    except GraphQLError:
+        return None
+    if validate(schema, document):
+        return None
+    operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+    if operation_name is not None:
+        operations = [o for o in operations if o.name and o.name.value == operation_name]
+    if len(operations) != 1 or operations[0].operation is not OperationType.QUERY:
+        return None
+    operation = operations[0]
+    if operation.directives:
+        return None
+    defaults = {
+        definition.variable.name.value: definition.default_value.value
+        for definition in operation.variable_definitions or ()
+        if isinstance(definition.default_value, StringValueNode | EnumValueNode)
+    }
+    reads = []
+    for selection in operation.selection_set.selections:
+        if not isinstance(selection, FieldNode) or selection.directives:
+            return None
+        declared = ENTITY_READ_FIELDS.get(selection.name.value)
+        if declared is None:
+            return None
+        arguments = {a.name.value: a.value for a in selection.arguments or ()}
+        entity_id = _Argument.of(arguments.pop(declared.id_argument, None), defaults)
+        consistency = _Argument.of(arguments.pop("consistency", None), defaults)
+        if arguments or entity_id is None or consistency is None:
+            return None
+        reads.append(_RootRead(declared.entity_type, entity_id, consistency))
+    return ReadPlan(tuple(reads)) if reads else None
+
+
+@dataclass
+class PrefetchedReads:
+    """Cache entries fetched before execution, for the resolvers to read from; `served`
+    counts the reads answered from them, unchanged and not stale."""
+
+    entries: dict[tuple[str, str], CachedSnapshot]
+    served: int = 0
+
+    def take(self, entity_type: str, entity_id: str) -> CachedSnapshot | None:
+        return self.entries.get((entity_type, entity_id))
+
+    def note(self, read: EntityRead | None, used: CachedSnapshot | None) -> None:
+        if (
+            used is not None
+            and read is not None
+            and read.source is Source.CACHE
+            and not read.stale
+            and read.snapshot is used.snapshot
+        ):
+            self.served += 1
+
+
+@dataclass
+class _Rendered:
+    start: Message
+    body: bytes
+
+
+@dataclass
+class _Plans:
+    schema: GraphQLSchema
+    plans: OrderedDict[tuple[str, str | None], ReadPlan | None] = field(default_factory=OrderedDict)
+
+    def get(self, query: str, operation_name: str | None) -> ReadPlan | None:
+        key = (query, operation_name)
+        if key in self.plans:
+            self.plans.move_to_end(key)
+            return self.plans[key]
+        plan = plan_reads(self.schema, query, operation_name)
+        self.plans[key] = plan
+        if len(self.plans) > MAX_PLANS:
+            self.plans.popitem(last=False)
+        return plan
+
+
+class CachedReadResponses:
+    """ASGI wrapper of the GraphQL endpoint that replays rendered CACHED-read responses."""
+
+    def __init__(self, app: ASGIApp, schema: GraphQLSchema, size: int) -> None:
+        self._app = app
+        self._plans = _Plans(schema)
+        self._size = size
+        self._rendered: OrderedDict[tuple[bytes, tuple[RawEntry, ...]], _Rendered] = OrderedDict()
+        self.replayed = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._size <= 0 or scope["type"] != "http" or scope["method"] != "POST":
+            await self._app(scope, receive, send)
+            return
+        body, whole = await _read_body(receive)
+        if not whole:
+            return  # the client went away before it finished sending
+        replay = _replaying(body, receive)
+        if len(body) > MAX_BODY:
+            await self._app(scope, replay, send)
+            return
+        request = _json_request(body)
+        plan = request and self._plans.get(request[0], request[2])
+        entities = plan.entities(request[1]) if plan and request else None
+        cache: SnapshotCache = scope["app"].state.gateway.cache
+        raw = await _fetch(cache, entities) if entities else None
+        if entities is None or raw is None:
+            await self._app(scope, replay, send)
+            return
+        key = (body, tuple(raw))
+        rendered = self._rendered.get(key)
+        if rendered is not None:
+            self._rendered.move_to_end(key)
+            self.replayed += 1
+            await send(rendered.start)
+            await send({"type": "http.response.body", "body": rendered.body})
+            return
+        prefetched = PrefetchedReads(
+            {
+                entity: CachedSnapshot.from_raw(entry)
+                for entity, entry in zip(entities, raw, strict=True)
+            }
+        )
+        scope[SCOPE_KEY] = prefetched
+        captured = await _capture(self._app, scope, replay, send)
+        if (
+            captured is not None
+            and prefetched.served == len(entities)
+            and captured.start["status"] == 200
+            and b'"errors"' not in captured.body
+        ):
+            self._rendered[key] = captured
+            if len(self._rendered) > self._size:
+                self._rendered.popitem(last=False)
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, bool]:
+    """The request body as far as it came, and whether it came whole."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), False
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks), True
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands the already-read body to the app first."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+def _json_request(body: bytes) -> tuple[str, dict[str, Any], str | None] | None:
+    """(query, variables, operationName) of a plain JSON GraphQL request, else None."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(request, dict) or set(request) - {"query", "variables", "operationName"}:
+        return None
+    query, variables, operation_name = (
+        request.get("query"),
+        request.get("variables") or {},
+        request.get("operationName"),
+    )
+    if not isinstance(query, str) or not isinstance(variables, dict):
+        return None
+    if operation_name is not None and not isinstance(operation_name, str):
+        return None
+    return query, variables, operation_name
+
+
+async def _fetch(cache: SnapshotCache, entities: list[tuple[str, str]]) -> list[RawEntry] | None:
+    """The raw cache entries of every entity, or None if any is missing or Redis is down."""
+    entries = []
+    for entity_type, entity_id in entities:
+        try:
+            entry = await cache.get_raw(entity_type, entity_id)
+        except CacheUnavailable:
+            return None
+        if entry is None:
+            return None
+        entries.append(entry)
+    return entries
+
+
+async def _capture(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> _Rendered | None:
+    """Run `app`, passing its response on, and return that response once it is complete."""
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def capturing(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+        await send(message)
+
+    await app(scope, receive, capturing)
+    return None if start is None else _Rendered(start, b"".join(chunks))

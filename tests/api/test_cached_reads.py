@@ -1,0 +1,126 @@
+"""CACHED reads answered from rendered responses: the same bytes as executing GraphQL, and
+never a response older than what the cache holds."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from api.cached_reads import plan_reads
+from api.schema import schema
+from tests.api.test_accounts_api import DEPOSIT, READ, open_active
+from tests.conftest import GraphQLClient, api_client, new_id
+from workers.cache import SnapshotCache
+from workers.settings import Settings
+
+PLAIN_READ = "query($id: ID!) { account(id: $id) { balance revision source stale } }"
+
+
+def plan(query: str, operation_name: str | None = None) -> list[tuple[str, str]] | None:
+    found = plan_reads(schema._schema, query, operation_name)
+    return found.entities({"id": "a1", "sku": "s1"}) if found else None
+
+
+def test_documents_made_only_of_cached_entity_reads_are_planned() -> None:
+    assert plan(PLAIN_READ) == [("account", "a1")]
+    assert plan('{ account(id: "x", consistency: CACHED) { balance } }') == [("account", "x")]
+    assert plan(
+        "query($id: ID!, $sku: String!) { a: account(id: $id) { balance } "
+        'b: account(id: "b2") { revision } inventoryItem(sku: $sku) { onHand } }'
+    ) == [("account", "a1"), ("account", "b2"), ("inventory", "s1")]
+    assert plan(READ) == [("account", "a1")]  # a variable defaulting to CACHED
+    two = 'query A { account(id: "1") { balance } } query B { cart(id: "2") { status } }'
+    assert plan(two, "B") == [("cart", "2")]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        '{ account(id: "x", consistency: LIVE) { balance } }',
+        'query($c: Consistency = LIVE) { account(id: "x", consistency: $c) { balance } }',
+        'mutation { depositToAccount(id: "x", amount: 1) { status } }',
+        '{ account(id: "x") { balance } checkout(id: "c") { status } }',
+        '{ ... on Query { account(id: "x") { balance } } }',
+        '{ account(id: "x") @include(if: true) { balance } }',
+        '{ account(id: "x") { noSuchField } }',
+        "{ account(id: ",
+        'query A { account(id: "1") { balance } } query B { cart(id: "2") { status } }',
+    ],
+)
+def test_anything_else_is_left_to_graphql(query: str) -> None:
+    assert plan(query) is None
+
+
+async def read(http: httpx.AsyncClient, query: str, **variables: Any) -> bytes:
+    response = await http.post("/graphql", json={"query": query, "variables": variables})
+    assert response.status_code == 200
+    return response.content
+
+
+async def wait_for_revision(cache: SnapshotCache, account_id: str, revision: int) -> None:
+    for _ in range(200):
+        hit = await cache.get("account", account_id)
+        if hit is not None and hit.snapshot.revision >= revision:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the cache never reached revision {revision}")
+
+
+async def test_a_repeated_read_replays_the_bytes_graphql_would_answer(
+    settings: Settings,
+    temporal_client: Client,
+    cache: SnapshotCache,
+    gql: GraphQLClient,
+    http: httpx.AsyncClient,
+) -> None:
+    account_id = new_id()
+    await open_active(gql, account_id)
+    await wait_for_revision(cache, account_id, 2)
+    replays = http._transport.app.state.cached_reads  # type: ignore[attr-defined]
+
+    first = await read(http, READ, id=account_id)
+    second = await read(http, READ, id=account_id)
+    assert replays.replayed == 1
+    assert second == first
+    async with api_client(
+        settings.model_copy(update={"rendered_reads": 0}), temporal_client
+    ) as plain:
+        assert await read(plain, READ, id=account_id) == first
+        assert plain._transport.app.state.cached_reads.replayed == 0  # type: ignore[attr-defined]
+
+
+async def test_a_read_after_a_change_shows_the_change(
+    cache: SnapshotCache, gql: GraphQLClient, http: httpx.AsyncClient
+) -> None:
+    account_id = new_id()
+    await open_active(gql, account_id)
+    await wait_for_revision(cache, account_id, 2)
+    for amount in (1, 2, 3):
+        await read(http, PLAIN_READ, id=account_id)
+        await gql.data(DEPOSIT, id=account_id, amount=amount, wait=False)
+        await wait_for_revision(cache, account_id, 2 + amount)
+        account = (await gql.data(PLAIN_READ, id=account_id))["account"]
+        assert account["balance"] == amount * (amount + 1) // 2
+        assert (account["revision"], account["source"]) == (2 + amount, "CACHE")
+
+
+async def test_reads_that_are_not_cache_hits_are_never_replayed(
+    cache: SnapshotCache, gql: GraphQLClient, http: httpx.AsyncClient, worker: Worker
+) -> None:
+    replays = http._transport.app.state.cached_reads  # type: ignore[attr-defined]
+    missing = new_id()
+    for _ in range(2):
+        assert (await gql.data(PLAIN_READ, id=missing))["account"] is None
+        assert await gql.error_code(PLAIN_READ, id="not an id!") == "INVALID_INPUT"
+    account_id = new_id()
+    await open_active(gql, account_id)
+    await wait_for_revision(cache, account_id, 2)
+    for _ in range(2):
+        live = (await gql.data(READ, id=account_id, consistency="LIVE"))["account"]
+        assert live["source"] == "LIVE"
+    assert replays.replayed == 0
