@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import uvicorn
@@ -15,8 +16,14 @@ def main() -> None:
     settings = Settings.from_env()
     if not port_is_free(settings.api_port, settings.api_host):
         sys.exit(f"error: port {settings.api_port} is already in use (set API_PORT to use another)")
+    app = create_app(settings)
+    # What is loaded by now (modules, the schema) lives as long as the process: keep it out
+    # of the collector's full passes, which stalled every request in flight for 50-60 ms
+    # about twice a second under load.
+    gc.collect()
+    gc.freeze()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.api_host,
         port=settings.api_port,
         log_level="warning",

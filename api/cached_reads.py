@@ -272,7 +272,7 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
 def _json_request(body: bytes) -> tuple[str, dict[str, Any], str | None] | None:
     """(query, variables, operationName) of a plain JSON GraphQL request, else None."""
     try:
-        request = json.loads(body)
+        request = json.loads(body.decode())  # GraphQL over HTTP is UTF-8
     except ValueError:
         return None
     if not isinstance(request, dict) or set(request) - {"query", "variables", "operationName"}:

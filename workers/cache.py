@@ -12,6 +12,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from entities.runtime.envelope import Snapshot
+from workers.read_batching import ReadBatcher
 from workers.settings import Settings
 
 # Writes only when the incoming revision is newer, atomically: a retried, delayed or
@@ -75,6 +76,7 @@ class SnapshotCache:
         self._client = client
         self._prefix = prefix
         self._put_if_newer = client.register_script(_PUT_IF_NEWER)
+        self._reads = ReadBatcher(client, ["snapshot", "cached_at"])
 
     def key(self, entity_type: str, entity_id: str) -> str:
         return f"{self._prefix}entity:{entity_type}:{entity_id}"
@@ -98,10 +100,8 @@ class SnapshotCache:
     async def get_raw(self, entity_type: str, entity_id: str) -> RawEntry | None:
         """The entry as stored, unparsed; each write makes a different entry."""
         try:
-            document, cached_at = await self._client.hmget(
-                self.key(entity_type, entity_id), ["snapshot", "cached_at"]
-            )
-        except RedisError as exc:
+            document, cached_at = await self._reads.hmget(self.key(entity_type, entity_id))
+        except (RedisError, OSError) as exc:
             raise CacheUnavailable(str(exc)) from exc
         if not isinstance(document, bytes) or not isinstance(cached_at, bytes):
             return None
