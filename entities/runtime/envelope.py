@@ -70,6 +70,12 @@ class RuntimeOptions(BaseModel):
     max_commands_per_run: int = Field(default=4000, ge=1)
     ledger_size: int = Field(default=4096, ge=1)
     publish_snapshots: bool = True
+    publish_interval_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="Under a stream of commands, publish at most once per interval (the "
+        "first change after a quiet interval is published at once, the last within one).",
+    )
 
 
 class EntityRunInput(BaseModel):

@@ -31,6 +31,9 @@ PUBLISH_ACTIVITY = "publish_snapshot"
 PUBLISH_TIMEOUT = timedelta(seconds=5)
 PUBLISH_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=2)
 PUBLISH_BACKOFF_MAX = timedelta(seconds=30)
+# Runs started before publishing was throttled published after every workflow task; their
+# histories replay that way.
+THROTTLED_PUBLISHING = "publish-interval"
 
 
 class EntityWorkflow:
@@ -38,9 +41,10 @@ class EntityWorkflow:
 
     Commands arrive on the `command` signal (or `commands`, a batch) and are applied in the
     handler itself, so a query sent after a signal sees its outcome. Every applied command
-    raises the revision by one. The main loop publishes at most one snapshot per workflow
-    task, fires the entity's durable timer, carries out effects, and continues as new when
-    the run has seen enough commands or the server suggests it.
+    raises the revision by one. The main loop publishes the snapshot (a change after a quiet
+    spell at once; under a stream of commands at most once per publish interval, the last
+    change by a timer), fires the entity's durable timer, carries out effects, and
+    continues as new when the run has seen enough commands or the server suggests it.
     """
 
     entity: ClassVar[EntityType[Any, Any]]
@@ -66,6 +70,9 @@ class EntityWorkflow:
         self._publishing: asyncio.Task[None] | None = None
         self._publish_backoff: asyncio.Task[None] | None = None
         self._publish_failures = 0
+        self._last_publish_at: datetime | None = None
+        self._throttled = False
+        self._publish_timer: asyncio.Task[None] | None = None
         self._effects: list[Any] = list(input.effects)
 
     # -- commands -------------------------------------------------------------------------
@@ -173,13 +180,42 @@ class EntityWorkflow:
             or workflow.info().is_continue_as_new_suggested()
         )
 
-    def _needs_publish(self) -> bool:
+    def _has_unpublished(self) -> bool:
         return (
             self._input.runtime.publish_snapshots
             and self._revision > self._published_revision
             and self._publishing is None
             and (self._publish_backoff is None or self._publish_backoff.done())
         )
+
+    def _publish_wait(self) -> float:
+        """Seconds until the next publish may start: 0 when it is due now."""
+        interval = self._input.runtime.publish_interval_seconds
+        if self._last_publish_at is None or not interval or not self._throttled:
+            return 0.0
+        elapsed = (workflow.now() - self._last_publish_at).total_seconds()
+        return max(interval - elapsed, 0.0)
+
+    def _needs_attention_to_publish(self) -> bool:
+        """A publish is due, or one will be and no timer is set for it yet."""
+        if self._publish_timer is not None and self._publish_timer.done():
+            return True
+        return self._has_unpublished() and (
+            self._publish_timer is None or self._publish_wait() == 0.0
+        )
+
+    def _schedule_publish(self) -> None:
+        """Publish now if due, else make sure a timer wakes the loop when it is."""
+        if self._publish_timer is not None and self._publish_timer.done():
+            self._publish_timer = None
+        if not self._has_unpublished():
+            return
+        wait = self._publish_wait()
+        if wait == 0.0:
+            self._last_publish_at = workflow.now()
+            self._publishing = asyncio.create_task(self._publish())
+        elif self._publish_timer is None:
+            self._publish_timer = asyncio.create_task(workflow.sleep(wait))
 
     async def run_entity(self) -> Snapshot:
         """Serve commands until the entity reaches a terminal state; returns its last snapshot.
@@ -190,6 +226,7 @@ class EntityWorkflow:
         from history, where signals that raced the previous attempt would be left out of
         the carried-over state.
         """
+        self._throttled = workflow.patched(THROTTLED_PUBLISHING)
         timer: asyncio.Task[None] | None = None
         armed_for: datetime | None = None
         while True:
@@ -203,7 +240,7 @@ class EntityWorkflow:
 
             def has_work(armed: asyncio.Task[None] | None = timer) -> bool:
                 return (
-                    self._needs_publish()
+                    self._needs_attention_to_publish()
                     or bool(self._effects)
                     or self._is_terminal()
                     or self._should_continue_as_new()
@@ -227,8 +264,7 @@ class EntityWorkflow:
                 # The next run publishes whatever this one did not.
                 workflow.continue_as_new(self._carry_over())
             await self._run_effects()
-            if self._needs_publish():
-                self._publishing = asyncio.create_task(self._publish())
+            self._schedule_publish()
 
     def _fire_deadline(self) -> None:
         deadline = self.entity.deadline(self._state, self._options)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 from temporalio.client import Client
@@ -82,6 +85,22 @@ async def _scenarios(shop: Shop) -> list[str]:
 
 
 ACCOUNT_ID = "acct-lifecycle"
+BURST_ID = "acct-burst"
+
+
+async def _account_burst(gateway: EntityGateway, cache: SnapshotCache) -> None:
+    """Commands faster than the publish interval: a timer brings the trailing publish."""
+    await gateway.send(
+        "account", BURST_ID, "open", {"owner_name": "Bo", "email": "bo@example.com"}, wait=True
+    )
+    await gateway.send("account", BURST_ID, "verify", {}, wait=True)
+    for amount in range(1, 11):
+        await gateway.send("account", BURST_ID, "deposit", {"amount": amount})
+    await eventually(
+        lambda: cache.get("account", BURST_ID),
+        lambda hit: hit is not None and hit.snapshot.revision == 12,
+        10,
+    )
 
 
 async def _account_lifecycle(gateway: EntityGateway) -> None:
@@ -152,6 +171,8 @@ async def record(into: Path = HISTORIES) -> list[Path]:
         try:
             async with build_worker(client, settings, cache):
                 workflow_ids = await _scenarios(shop)
+                await _account_burst(EntityGateway(client, cache, settings), cache)
+                workflow_ids.append(f"account:{BURST_ID}")
                 for workflow_id in workflow_ids:
                     written += await _write_runs(client, workflow_id, into)
             async with build_worker(client, account_settings, cache):
@@ -163,11 +184,17 @@ async def record(into: Path = HISTORIES) -> list[Path]:
 
 
 def main() -> None:
+    """Record every history, or with arguments only those whose names start with one of
+    them (`account.acct-burst`), leaving the others as they were recorded."""
     # The scenarios' refusals are logged by the worker as failed activities: expected here.
     logging.basicConfig(level=logging.ERROR)
-    with contextlib.suppress(KeyboardInterrupt):
-        for path in asyncio.run(record()):
-            print(path)
+    wanted = tuple(sys.argv[1:])
+    with contextlib.suppress(KeyboardInterrupt), tempfile.TemporaryDirectory() as scratch:
+        for path in asyncio.run(record(Path(scratch))):
+            if not wanted or path.stem.startswith(wanted):
+                kept = HISTORIES / path.name
+                shutil.copyfile(path, kept)
+                print(kept)
 
 
 if __name__ == "__main__":

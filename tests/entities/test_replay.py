@@ -26,6 +26,7 @@ RECORDED = {
     "inventory.sku-teapot": EventType.EVENT_TYPE_TIMER_FIRED,
     "account.acct-lifecycle.run1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
     "account.acct-lifecycle.run2": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+    "account.acct-burst": EventType.EVENT_TYPE_TIMER_FIRED,  # the trailing publish
 }
 
 
