@@ -34,6 +34,9 @@ PUBLISH_BACKOFF_MAX = timedelta(seconds=30)
 # Runs started before publishing was throttled published after every workflow task; their
 # histories replay that way.
 THROTTLED_PUBLISHING = "publish-interval"
+# Publishes allowed back to back before the interval applies: an entity made and set up in
+# two quick commands (open, verify) is published twice at once, with no timer.
+PUBLISH_BURST = 2.0
 
 
 class EntityWorkflow:
@@ -70,7 +73,8 @@ class EntityWorkflow:
         self._publishing: asyncio.Task[None] | None = None
         self._publish_backoff: asyncio.Task[None] | None = None
         self._publish_failures = 0
-        self._last_publish_at: datetime | None = None
+        self._publish_credit = PUBLISH_BURST
+        self._credited_at: datetime | None = None
         self._throttled = False
         self._publish_timer: asyncio.Task[None] | None = None
         self._effects: list[Any] = list(input.effects)
@@ -188,13 +192,23 @@ class EntityWorkflow:
             and (self._publish_backoff is None or self._publish_backoff.done())
         )
 
+    def _credit_now(self) -> float:
+        """Publishes that may start now: a token bucket of PUBLISH_BURST, refilled by one
+        per publish interval."""
+        interval = self._input.runtime.publish_interval_seconds
+        if self._credited_at is None or not interval:
+            return PUBLISH_BURST
+        elapsed = (workflow.now() - self._credited_at).total_seconds()
+        return min(PUBLISH_BURST, self._publish_credit + elapsed / interval)
+
     def _publish_wait(self) -> float:
         """Seconds until the next publish may start: 0 when it is due now."""
-        interval = self._input.runtime.publish_interval_seconds
-        if self._last_publish_at is None or not interval or not self._throttled:
+        if not self._throttled:
             return 0.0
-        elapsed = (workflow.now() - self._last_publish_at).total_seconds()
-        return max(interval - elapsed, 0.0)
+        credit = self._credit_now()
+        return (
+            0.0 if credit >= 1.0 else (1.0 - credit) * self._input.runtime.publish_interval_seconds
+        )
 
     def _needs_attention_to_publish(self) -> bool:
         """A publish is due, or one will be and no timer is set for it yet."""
@@ -212,7 +226,8 @@ class EntityWorkflow:
             return
         wait = self._publish_wait()
         if wait == 0.0:
-            self._last_publish_at = workflow.now()
+            self._publish_credit = self._credit_now() - 1.0
+            self._credited_at = workflow.now()
             self._publishing = asyncio.create_task(self._publish())
         elif self._publish_timer is None:
             self._publish_timer = asyncio.create_task(workflow.sleep(wait))
