@@ -66,6 +66,8 @@ class Settings(BaseModel):
             runtime["max_commands_per_run"] = env["TENURE_MAX_COMMANDS_PER_RUN"]
         if env.get("TENURE_LEDGER_SIZE"):
             runtime["ledger_size"] = env["TENURE_LEDGER_SIZE"]
+        if env.get("TENURE_PUBLISH_INTERVAL"):
+            runtime["publish_interval_seconds"] = env["TENURE_PUBLISH_INTERVAL"]
         if runtime:
             values["runtime"] = runtime
         if env.get("TENURE_ENTITY_OPTIONS"):
@@ -86,6 +88,7 @@ class Settings(BaseModel):
             "TENURE_COMMAND_WAIT_TIMEOUT": str(self.command_wait_timeout),
             "TENURE_MAX_COMMANDS_PER_RUN": str(self.runtime.max_commands_per_run),
             "TENURE_LEDGER_SIZE": str(self.runtime.ledger_size),
+            "TENURE_PUBLISH_INTERVAL": str(self.runtime.publish_interval_seconds),
             "TENURE_ENTITY_OPTIONS": json.dumps(self.entity_options),
             "TENURE_MAX_CACHED_WORKFLOWS": str(self.max_cached_workflows),
             "TENURE_MAX_CONCURRENT_WORKFLOW_TASKS": str(self.max_concurrent_workflow_tasks),

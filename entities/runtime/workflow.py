@@ -44,9 +44,9 @@ class EntityWorkflow:
 
     Commands arrive on the `command` signal (or `commands`, a batch) and are applied in the
     handler itself, so a query sent after a signal sees its outcome. Every applied command
-    raises the revision by one. The main loop publishes the snapshot (a change after a quiet
-    spell at once; under a stream of commands at most once per publish interval, the last
-    change by a timer), fires the entity's durable timer, carries out effects, and
+    raises the revision by one. The main loop publishes the snapshot (after each workflow
+    task, or with a publish interval at most once per interval under a stream of commands,
+    the last change by a timer), fires the entity's durable timer, carries out effects, and
     continues as new when the run has seen enough commands or the server suggests it.
     """
 
@@ -241,7 +241,9 @@ class EntityWorkflow:
         from history, where signals that raced the previous attempt would be left out of
         the carried-over state.
         """
-        self._throttled = workflow.patched(THROTTLED_PUBLISHING)
+        self._throttled = bool(self._input.runtime.publish_interval_seconds) and workflow.patched(
+            THROTTLED_PUBLISHING
+        )
         timer: asyncio.Task[None] | None = None
         armed_for: datetime | None = None
         while True:

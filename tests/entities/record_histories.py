@@ -89,7 +89,7 @@ BURST_ID = "acct-burst"
 
 
 async def _account_burst(gateway: EntityGateway, cache: SnapshotCache) -> None:
-    """Commands faster than the publish interval: a timer brings the trailing publish."""
+    """Commands faster than a publish interval of 1 s: a timer brings the trailing publish."""
     await gateway.send(
         "account", BURST_ID, "open", {"owner_name": "Bo", "email": "bo@example.com"}, wait=True
     )
@@ -171,7 +171,10 @@ async def record(into: Path = HISTORIES) -> list[Path]:
         try:
             async with build_worker(client, settings, cache):
                 workflow_ids = await _scenarios(shop)
-                await _account_burst(EntityGateway(client, cache, settings), cache)
+                throttled = settings.model_copy(
+                    update={"runtime": RuntimeOptions(publish_interval_seconds=1.0)}
+                )
+                await _account_burst(EntityGateway(client, cache, throttled), cache)
                 workflow_ids.append(f"account:{BURST_ID}")
                 for workflow_id in workflow_ids:
                     written += await _write_runs(client, workflow_id, into)
