@@ -10,6 +10,8 @@ it is a new key: nothing is ever invalidated, old responses age out of a bounded
 
 Anything else (mutations, LIVE reads, documents with fragments or directives at the root,
 invalid documents, entities the cache has not seen, Redis down) goes to Strawberry as is.
+Nothing about the caller goes into a read's response today; should reads ever depend on who
+asks (authorization), the caller's identity must become part of the key.
 """
 
 from __future__ import annotations
