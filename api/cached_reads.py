@@ -170,6 +170,19 @@ class PrefetchedReads:
             self.served += 1
 
 
+_Key = tuple[bytes, tuple[tuple[bytes, bytes], ...], tuple[RawEntry, ...]]
+"""What a rendered response depends on: the body, the headers that choose the response's
+form (content type asked for and sent) and the cache entries read."""
+
+
+def _negotiated(scope: Scope) -> tuple[tuple[bytes, bytes], ...]:
+    """The request headers that can change how the same document is answered."""
+    return tuple((name, value) for name, value in scope["headers"] if name in _NEGOTIATING)
+
+
+_NEGOTIATING = {b"accept", b"content-type"}
+
+
 @dataclass
 class _Rendered:
     start: Message
@@ -200,7 +213,7 @@ class CachedReadResponses:
         self._app = app
         self._plans = _Plans(schema)
         self._size = size
-        self._rendered: OrderedDict[tuple[bytes, tuple[RawEntry, ...]], _Rendered] = OrderedDict()
+        self._rendered: OrderedDict[_Key, _Rendered] = OrderedDict()
         self.replayed = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -222,7 +235,7 @@ class CachedReadResponses:
         if entities is None or raw is None:
             await self._app(scope, replay, send)
             return
-        key = (body, tuple(raw))
+        key = (body, _negotiated(scope), tuple(raw))
         rendered = self._rendered.get(key)
         if rendered is not None:
             self._rendered.move_to_end(key)

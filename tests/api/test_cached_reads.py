@@ -4,6 +4,7 @@ never a response older than what the cache holds."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -87,6 +88,14 @@ async def test_a_repeated_read_replays_the_bytes_graphql_would_answer(
     second = await read(http, READ, id=account_id)
     assert replays.replayed == 1
     assert second == first
+    # Asked for another form of response, the same document is executed again.
+    other = await http.post(
+        "/graphql",
+        json={"query": READ, "variables": {"id": account_id}},
+        headers={"accept": "application/graphql-response+json"},
+    )
+    assert other.status_code == 200 and other.json() == json.loads(first)
+    assert replays.replayed == 1
     async with api_client(
         settings.model_copy(update={"rendered_reads": 0}), temporal_client
     ) as plain:
