@@ -16,6 +16,8 @@ asks (authorization), the caller's identity must become part of the key.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from graphql import (
 from graphql.error import GraphQLError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.gateway import EntityRead, Source
+from api.gateway import CacheLookup, EntityRead, Source
 from workers.cache import CachedSnapshot, CacheUnavailable, RawEntry, SnapshotCache
 
 SCOPE_KEY = "tenure.prefetched_reads"
@@ -117,8 +119,6 @@ def plan_reads(schema: GraphQLSchema, query: str, operation_name: str | None) ->
         document = parse(query)
     except GraphQLError:
         return None
-    if validate(schema, document):
-        return None
     operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
     if operation_name is not None:
         operations = [o for o in operations if o.name and o.name.value == operation_name]
@@ -145,39 +145,46 @@ def plan_reads(schema: GraphQLSchema, query: str, operation_name: str | None) ->
         if arguments or entity_id is None or consistency is None:
             return None
         reads.append(_RootRead(declared.entity_type, entity_id, consistency))
-    return ReadPlan(tuple(reads)) if reads else None
+    if not reads or validate(schema, document):
+        return None
+    return ReadPlan(tuple(reads))
 
 
 @dataclass
 class PrefetchedReads:
-    """Cache entries fetched before execution, for the resolvers to read from; `served`
-    counts the reads answered from them, unchanged and not stale."""
+    """Cache entries read before execution, for the resolvers to use instead of asking
+    Redis again; `served` counts the reads answered from them, unchanged and not stale."""
 
-    entries: dict[tuple[str, str], CachedSnapshot]
+    entries: dict[tuple[str, str], CacheLookup]
     served: int = 0
 
-    def take(self, entity_type: str, entity_id: str) -> CachedSnapshot | None:
+    def lookup(self, entity_type: str, entity_id: str) -> CacheLookup | None:
         return self.entries.get((entity_type, entity_id))
 
-    def note(self, read: EntityRead | None, used: CachedSnapshot | None) -> None:
+    def note(self, read: EntityRead | None, looked_up: CacheLookup | None) -> None:
         if (
-            used is not None
+            looked_up is not None
+            and looked_up.entry is not None
             and read is not None
             and read.source is Source.CACHE
             and not read.stale
-            and read.snapshot is used.snapshot
+            and read.snapshot is looked_up.entry.snapshot
         ):
             self.served += 1
 
 
-_Key = tuple[bytes, tuple[tuple[bytes, bytes], ...], tuple[RawEntry, ...]]
-"""What a rendered response depends on: the body, the headers that choose the response's
-form (content type asked for and sent) and the cache entries read."""
-
-
-def _negotiated(scope: Scope) -> tuple[tuple[bytes, bytes], ...]:
-    """The request headers that can change how the same document is answered."""
-    return tuple((name, value) for name, value in scope["headers"] if name in _NEGOTIATING)
+def _key(body: bytes, scope: Scope, entries: list[RawEntry]) -> bytes:
+    """A digest of what a rendered response depends on: the body, the headers that choose
+    the response's form (content type asked for and sent) and the cache entries read."""
+    digest = hashlib.blake2b(digest_size=16)
+    parts = [body]
+    parts += [name + b":" + value for name, value in scope["headers"] if name in _NEGOTIATING]
+    for document, cached_at in entries:
+        parts += [document, cached_at]
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.digest()
 
 
 _NEGOTIATING = {b"accept", b"content-type"}
@@ -213,7 +220,7 @@ class CachedReadResponses:
         self._app = app
         self._plans = _Plans(schema)
         self._size = size
-        self._rendered: OrderedDict[_Key, _Rendered] = OrderedDict()
+        self._rendered: OrderedDict[bytes, _Rendered] = OrderedDict()
         self.replayed = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -224,18 +231,33 @@ class CachedReadResponses:
         if not whole:
             return  # the client went away before it finished sending
         replay = _replaying(body, receive)
-        if len(body) > MAX_BODY:
-            await self._app(scope, replay, send)
-            return
-        request = _json_request(body)
+        request = _json_request(body) if len(body) <= MAX_BODY else None
         plan = request and self._plans.get(request[0], request[2])
         entities = plan.entities(request[1]) if plan and request else None
-        cache: SnapshotCache = scope["app"].state.gateway.cache
-        raw = await _fetch(cache, entities) if entities else None
-        if entities is None or raw is None:
+        if not entities:
             await self._app(scope, replay, send)
             return
-        key = (body, _negotiated(scope), tuple(raw))
+        cache: SnapshotCache = scope["app"].state.gateway.cache
+        try:
+            raw = await asyncio.gather(*(cache.get_raw(*entity) for entity in entities))
+            parsed = [CachedSnapshot.from_raw(entry) if entry else None for entry in raw]
+        except CacheUnavailable:
+            # Redis is down: the resolvers go to the workflows without trying it again.
+            scope[SCOPE_KEY] = PrefetchedReads(dict.fromkeys(entities, CacheLookup(None)))
+            await self._app(scope, replay, send)
+            return
+        except ValueError:  # an entry this version cannot read: let the resolvers deal
+            await self._app(scope, replay, send)
+            return
+        prefetched = PrefetchedReads(
+            {entity: CacheLookup(entry) for entity, entry in zip(entities, parsed, strict=True)}
+        )
+        scope[SCOPE_KEY] = prefetched
+        present = [entry for entry in raw if entry is not None]
+        if len(present) < len(entities):  # read live and filled by the resolvers
+            await self._app(scope, replay, send)
+            return
+        key = _key(body, scope, present)
         rendered = self._rendered.get(key)
         if rendered is not None:
             self._rendered.move_to_end(key)
@@ -243,19 +265,13 @@ class CachedReadResponses:
             await send(rendered.start)
             await send({"type": "http.response.body", "body": rendered.body})
             return
-        prefetched = PrefetchedReads(
-            {
-                entity: CachedSnapshot.from_raw(entry)
-                for entity, entry in zip(entities, raw, strict=True)
-            }
-        )
-        scope[SCOPE_KEY] = prefetched
         captured = await _capture(self._app, scope, replay, send)
         if (
             captured is not None
             and prefetched.served == len(entities)
             and captured.start["status"] == 200
-            and b'"errors"' not in captured.body
+            and len(captured.body) <= MAX_BODY
+            and "errors" not in json.loads(captured.body)
         ):
             self._rendered[key] = captured
             if len(self._rendered) > self._size:
@@ -302,20 +318,6 @@ def _json_request(body: bytes) -> tuple[str, dict[str, Any], str | None] | None:
     if operation_name is not None and not isinstance(operation_name, str):
         return None
     return query, variables, operation_name
-
-
-async def _fetch(cache: SnapshotCache, entities: list[tuple[str, str]]) -> list[RawEntry] | None:
-    """The raw cache entries of every entity, or None if any is missing or Redis is down."""
-    entries = []
-    for entity_type, entity_id in entities:
-        try:
-            entry = await cache.get_raw(entity_type, entity_id)
-        except CacheUnavailable:
-            return None
-        if entry is None:
-            return None
-        entries.append(entry)
-    return entries
 
 
 async def _capture(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> _Rendered | None:

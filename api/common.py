@@ -86,10 +86,10 @@ async def read_entity(
     """Read an entity; a null `consistency` means the default, CACHED."""
     chosen = GatewayConsistency((consistency or Consistency.CACHED).value)
     prefetched = info.context.prefetched
-    entry = prefetched.take(entity_type, entity_id) if prefetched else None
-    read = await info.context.gateway.read(entity_type, entity_id, chosen, prefetched=entry)
+    looked_up = prefetched.lookup(entity_type, entity_id) if prefetched else None
+    read = await info.context.gateway.read(entity_type, entity_id, chosen, looked_up=looked_up)
     if prefetched is not None:
-        prefetched.note(read, entry)
+        prefetched.note(read, looked_up)
     return read
 
 

@@ -54,6 +54,14 @@ class EntityRead:
 
 
 @dataclass(frozen=True)
+class CacheLookup:
+    """An entity's cache entry as already looked up: None when the cache had none or could
+    not be read (the read then goes to the workflow without asking the cache again)."""
+
+    entry: CachedSnapshot | None
+
+
+@dataclass(frozen=True)
 class Receipt:
     """What a client learns about its command: accepted, or applied with the state after it."""
 
@@ -138,17 +146,17 @@ class EntityGateway:
         entity_id: str,
         consistency: Consistency = Consistency.CACHED,
         *,
-        prefetched: CachedSnapshot | None = None,
+        looked_up: CacheLookup | None = None,
     ) -> EntityRead | None:
         """The entity's state: from the cache when allowed and present, else from the
         workflow; the cached copy marked stale when the workflow cannot answer.
-        `prefetched` is the entity's cache entry when the caller has already fetched it."""
+        `looked_up` is the entity's cache entry when the caller has already read it."""
         entity = self.entity(entity_type)
         check_entity_id(entity_id)
         cached = None
         if consistency is Consistency.CACHED:
-            if prefetched is not None:
-                cached = self._from_cache(prefetched)
+            if looked_up is not None:
+                cached = self._from_cache(looked_up.entry) if looked_up.entry else None
             else:
                 cached = await self._cached(entity_type, entity_id)
             if cached is not None:
@@ -161,7 +169,9 @@ class EntityGateway:
                 rpc_timeout=timedelta(seconds=self._settings.live_read_timeout),
             )
         except RPCError as exc:
-            fallback = cached or await self._cached(entity_type, entity_id)
+            fallback = cached
+            if fallback is None and looked_up is None:
+                fallback = await self._cached(entity_type, entity_id)
             if fallback is not None:
                 return EntityRead(
                     fallback.snapshot, Source.CACHE, stale=True, cached_at=fallback.cached_at

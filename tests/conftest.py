@@ -76,6 +76,15 @@ def settings(temporal_server: EmbeddedTemporal, redis_url: str, redis_prefix: st
 
 
 @pytest.fixture
+async def own_redis() -> AsyncIterator[EmbeddedRedis]:
+    """A Redis-compatible server of the test's own, which it may stop and start."""
+    server = EmbeddedRedis()
+    await server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 async def cache(settings: Settings) -> AsyncIterator[SnapshotCache]:
     client = connect_redis(settings)
     yield SnapshotCache(client, settings.redis_prefix)

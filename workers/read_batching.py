@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Sequence
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
 
 Fields = list[bytes | str | None]
 
@@ -16,40 +15,56 @@ class ReadBatcher:
 
     Under load many requests reach their cache read together; one pipeline costs one pool
     checkout and one round trip for all of them instead of one each. A lone read waits one
-    loop turn at most. A Redis error fails every read of its batch with that error.
+    loop turn at most. An error fails every read of its batch with that error.
     """
 
     def __init__(self, client: redis.Redis, fields: Sequence[str]) -> None:
         self._client = client
         self._fields = list(fields)
         self._pending: list[tuple[str, asyncio.Future[Fields]]] = []
-        self._flushing: set[asyncio.Task[None]] = set()
+        self._flush: asyncio.Task[None] | None = None
 
     async def hmget(self, key: str) -> Fields:
         future: asyncio.Future[Fields] = asyncio.get_running_loop().create_future()
         self._pending.append((key, future))
-        if len(self._pending) == 1:
-            task = asyncio.create_task(self._flush())
-            self._flushing.add(task)
-            task.add_done_callback(self._flushing.discard)
+        if self._flush is None:
+            self._flush = asyncio.create_task(self._flush_next_turn())
         return await future
 
-    async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let the other requests of this turn join
-        batch, self._pending = self._pending, []
+    def _take_batch(self) -> list[tuple[str, asyncio.Future[Fields]]]:
+        batch, self._pending, self._flush = self._pending, [], None
+        return batch
+
+    async def _flush_next_turn(self) -> None:
+        batch = []
         try:
-            if len(batch) == 1:
-                results = [await self._client.hmget(batch[0][0], self._fields)]
-            else:
-                pipeline = self._client.pipeline(transaction=False)
-                for key, _ in batch:
-                    pipeline.hmget(key, self._fields)
-                results = await pipeline.execute()
-        except (RedisError, OSError) as exc:
+            await asyncio.sleep(0)  # let the other requests of this turn join
+            batch = self._take_batch()
+            results = await self._round_trip([key for key, _ in batch])
+        except BaseException as exc:
+            # Whatever went wrong, no reader is left waiting, and the next read starts a
+            # new batch.
+            if self._flush is asyncio.current_task():
+                batch = self._take_batch()
             for _, future in batch:
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(exc, Exception):
                     future.set_exception(exc)
+                else:
+                    future.cancel()
+            if not isinstance(exc, Exception):
+                raise
             return
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
+
+    async def _round_trip(self, keys: list[str]) -> list[Fields]:
+        if len(keys) == 1:
+            return [await self._client.hmget(keys[0], self._fields)]
+        pipeline = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipeline.hmget(key, self._fields)
+        results: list[Fields] = await pipeline.execute()
+        return results

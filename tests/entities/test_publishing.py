@@ -3,7 +3,6 @@ under a stream of commands, and never leaving the cache behind the entity."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from temporalio.api.enums.v1 import EventType
@@ -12,6 +11,7 @@ from temporalio.client import Client
 from api.gateway import EntityGateway
 from entities.runtime.envelope import RuntimeOptions
 from tests.conftest import WorkerFactory, new_id
+from tests.entities.shop import eventually
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache
 from workers.settings import Settings
@@ -23,11 +23,7 @@ async def cached_revision(cache: SnapshotCache, account_id: str) -> int | None:
 
 
 async def until_cached(cache: SnapshotCache, account_id: str, revision: int) -> None:
-    for _ in range(300):
-        if await cached_revision(cache, account_id) == revision:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"cache stuck at {await cached_revision(cache, account_id)}")
+    await eventually(lambda: cached_revision(cache, account_id), lambda r: r == revision, 15)
 
 
 async def publishes(client: Client, workflow_id: str) -> int:

@@ -82,14 +82,6 @@ async def test_a_live_read_with_no_worker_returns_the_cached_state_marked_stale(
     assert done.read is not None and done.read.snapshot.state["balance"] == 50  # type: ignore[index]
 
 
-@pytest.fixture
-async def own_redis() -> EmbeddedRedis:
-    server = EmbeddedRedis()
-    await server.start()
-    yield server  # type: ignore[misc]
-    server.stop()
-
-
 async def test_reads_and_writes_keep_working_while_redis_is_down(
     temporal_client: Client, settings: Settings, run_worker: WorkerFactory, own_redis: EmbeddedRedis
 ) -> None:
