@@ -31,9 +31,6 @@ PUBLISH_ACTIVITY = "publish_snapshot"
 PUBLISH_TIMEOUT = timedelta(seconds=5)
 PUBLISH_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=2)
 PUBLISH_BACKOFF_MAX = timedelta(seconds=30)
-# Runs started before publishing was throttled published after every workflow task; their
-# histories replay that way.
-THROTTLED_PUBLISHING = "publish-interval"
 # Publishes allowed back to back before the interval applies: an entity made and set up in
 # two quick commands (open, verify) is published twice at once, with no timer.
 PUBLISH_BURST = 2.0
@@ -75,7 +72,6 @@ class EntityWorkflow:
         self._publish_failures = 0
         self._publish_credit = PUBLISH_BURST
         self._credited_at: datetime | None = None
-        self._throttled = False
         self._publish_timer: asyncio.Task[None] | None = None
         self._effects: list[Any] = list(input.effects)
 
@@ -202,8 +198,10 @@ class EntityWorkflow:
         return min(PUBLISH_BURST, self._publish_credit + elapsed / interval)
 
     def _publish_wait(self) -> float:
-        """Seconds until the next publish may start: 0 when it is due now."""
-        if not self._throttled:
+        """Seconds until the next publish may start: 0 when it is due now. Runs started
+        before the interval existed carry none (0) in their input, so their histories
+        replay as they were made."""
+        if not self._input.runtime.publish_interval_seconds:
             return 0.0
         credit = self._credit_now()
         return (
@@ -241,9 +239,6 @@ class EntityWorkflow:
         from history, where signals that raced the previous attempt would be left out of
         the carried-over state.
         """
-        self._throttled = bool(self._input.runtime.publish_interval_seconds) and workflow.patched(
-            THROTTLED_PUBLISHING
-        )
         timer: asyncio.Task[None] | None = None
         armed_for: datetime | None = None
         while True:
