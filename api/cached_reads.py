@@ -239,31 +239,26 @@ class CachedReadResponses:
             return
         cache: SnapshotCache = scope["app"].state.gateway.cache
         try:
-            raw = await asyncio.gather(*(cache.get_raw(*entity) for entity in entities))
-            parsed = [CachedSnapshot.from_raw(entry) if entry else None for entry in raw]
+            raw = await _look_up(cache, entities)
         except CacheUnavailable:
             # Redis is down: the resolvers go to the workflows without trying it again.
             scope[SCOPE_KEY] = PrefetchedReads(dict.fromkeys(entities, CacheLookup(None)))
             await self._app(scope, replay, send)
             return
-        except ValueError:  # an entry this version cannot read: let the resolvers deal
-            await self._app(scope, replay, send)
-            return
-        prefetched = PrefetchedReads(
-            {entity: CacheLookup(entry) for entity, entry in zip(entities, parsed, strict=True)}
-        )
-        scope[SCOPE_KEY] = prefetched
         present = [entry for entry in raw if entry is not None]
-        if len(present) < len(entities):  # read live and filled by the resolvers
-            await self._app(scope, replay, send)
-            return
-        key = _key(body, scope, present)
-        rendered = self._rendered.get(key)
-        if rendered is not None:
+        key = _key(body, scope, present) if len(present) == len(entities) else None
+        rendered = self._rendered.get(key) if key else None
+        if key and rendered is not None:
             self._rendered.move_to_end(key)
             self.replayed += 1
             await send(rendered.start)
             await send({"type": "http.response.body", "body": rendered.body})
+            return
+        prefetched = _prefetched(entities, raw)
+        if prefetched is not None:
+            scope[SCOPE_KEY] = prefetched
+        if key is None or prefetched is None:  # read live (and filled) by the resolvers
+            await self._app(scope, replay, send)
             return
         captured = await _capture(self._app, scope, replay, send)
         if (
@@ -276,6 +271,27 @@ class CachedReadResponses:
             self._rendered[key] = captured
             if len(self._rendered) > self._size:
                 self._rendered.popitem(last=False)
+
+
+async def _look_up(cache: SnapshotCache, entities: list[tuple[str, str]]) -> list[RawEntry | None]:
+    """Each entity's raw cache entry, None where the cache has none."""
+    if len(entities) == 1:
+        return [await cache.get_raw(*entities[0])]
+    return list(await asyncio.gather(*(cache.get_raw(*entity) for entity in entities)))
+
+
+def _prefetched(
+    entities: list[tuple[str, str]], raw: list[RawEntry | None]
+) -> PrefetchedReads | None:
+    """The entries parsed for the resolvers; None when one cannot be read by this version
+    (the resolvers then meet it themselves and answer with an error)."""
+    try:
+        parsed = [CachedSnapshot.from_raw(entry) if entry else None for entry in raw]
+    except ValueError:
+        return None
+    return PrefetchedReads(
+        {entity: CacheLookup(entry) for entity, entry in zip(entities, parsed, strict=True)}
+    )
 
 
 async def _read_body(receive: Receive) -> tuple[bytes, bool]:
