@@ -37,12 +37,19 @@ async def publishes(client: Client, workflow_id: str) -> int:
     )
 
 
+def with_interval(
+    settings: Settings, client: Client, cache: SnapshotCache, seconds: float
+) -> tuple[Settings, EntityGateway]:
+    """Settings that start entities with this publish interval, and a gateway using them."""
+    runtime = RuntimeOptions(publish_interval_seconds=seconds)
+    settings = settings.model_copy(update={"runtime": runtime})
+    return settings, EntityGateway(client, cache, settings)
+
+
 async def test_a_stream_of_commands_is_published_once_per_interval_and_in_full(
     temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
 ) -> None:
-    runtime = RuntimeOptions(publish_interval_seconds=2.0)
-    settings = settings.model_copy(update={"runtime": runtime})
-    gateway = EntityGateway(temporal_client, cache, settings)
+    settings, gateway = with_interval(settings, temporal_client, cache, 2.0)
     account_id = new_id()
     async with run_worker(settings):
         started = time.monotonic()
@@ -67,9 +74,7 @@ async def test_a_change_after_a_quiet_spell_is_published_at_once(
     temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
 ) -> None:
     # An interval far longer than the test: only the leading publish can update the cache.
-    runtime = RuntimeOptions(publish_interval_seconds=3600.0)
-    settings = settings.model_copy(update={"runtime": runtime})
-    gateway = EntityGateway(temporal_client, cache, settings)
+    settings, gateway = with_interval(settings, temporal_client, cache, 3600.0)
     account_id = new_id()
     async with run_worker(settings):
         await gateway.send(
