@@ -199,9 +199,12 @@ async def test_a_step_that_exhausts_its_retries_is_compensated_once_the_entity_a
         a = await shop.stock(5)
         cart_id = await shop.cart(account_id, (a, 2, 300))
         checkout_id = await shop.checkout(cart_id)
+        # Three attempts, each waiting out a query no worker answers (3 s): allow for a
+        # loaded machine.
         waiting = await eventually(
             lambda: shop.progress(checkout_id),
             lambda p: p is not None and p.failure_code is not None,
+            60,
         )
         assert waiting is not None and waiting.status is SagaStatus.RUNNING
         assert waiting.failure_code == ErrorCode.UNAVAILABLE
