@@ -3,6 +3,7 @@ under a stream of commands, and never leaving the cache behind the entity."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from temporalio.api.enums.v1 import EventType
@@ -81,3 +82,21 @@ async def test_a_change_after_a_quiet_spell_is_published_at_once(
             "account", account_id, "open", {"owner_name": "Ada", "email": "ada@example.com"}
         )
         await until_cached(cache, account_id, 1)
+
+
+async def test_after_an_idle_interval_changes_are_published_without_waiting_again(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    settings, gateway = with_interval(settings, temporal_client, cache, 0.5)
+    account_id = new_id()
+    async with run_worker(settings):
+        await open_active(gateway, account_id)  # two publishes: the burst is spent
+        await until_cached(cache, account_id, 2)
+        await asyncio.sleep(1.2)  # idle for over two intervals: the burst is back
+        for amount in (1, 2):
+            await gateway.send("account", account_id, "deposit", {"amount": amount})
+        await until_cached(cache, account_id, 4)
+        history = await temporal_client.get_workflow_handle(f"account:{account_id}").fetch_history()
+    timers = [e for e in history.events if e.event_type is EventType.EVENT_TYPE_TIMER_STARTED]
+    # Only the account's dormancy timer: no publish had to wait for one.
+    assert len(timers) == 1, timers
