@@ -15,7 +15,7 @@ from api.schema import schema
 from deploy.embedded import EmbeddedRedis
 from tests.api.test_accounts_api import DEPOSIT, READ, open_active
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
-from tests.entities.shop import eventually
+from tests.entities.shop import until_cached
 from workers.cache import SnapshotCache
 from workers.settings import Settings
 
@@ -63,14 +63,6 @@ async def read(http: httpx.AsyncClient, query: str, **variables: Any) -> httpx.R
     return response
 
 
-async def wait_for_revision(cache: SnapshotCache, account_id: str, revision: int) -> None:
-    await eventually(
-        lambda: cache.get("account", account_id),
-        lambda hit: hit is not None and hit.snapshot.revision >= revision,
-        10,
-    )
-
-
 def replays_of(http: httpx.AsyncClient) -> CachedReadResponses:
     replays: CachedReadResponses = http._transport.app.state.cached_reads  # type: ignore[attr-defined]
     return replays
@@ -85,7 +77,7 @@ async def test_a_repeated_read_replays_the_bytes_graphql_would_answer(
 ) -> None:
     account_id = new_id()
     await open_active(gql, account_id)
-    await wait_for_revision(cache, account_id, 2)
+    await until_cached(cache, "account", account_id, 2)
     replays = replays_of(http)
 
     first = await read(http, READ, id=account_id)
@@ -114,11 +106,11 @@ async def test_a_read_after_a_change_shows_the_change(
 ) -> None:
     account_id = new_id()
     await open_active(gql, account_id)
-    await wait_for_revision(cache, account_id, 2)
+    await until_cached(cache, "account", account_id, 2)
     for amount in (1, 2, 3):
         await read(http, PLAIN_READ, id=account_id)
         await gql.data(DEPOSIT, id=account_id, amount=amount, wait=False)
-        await wait_for_revision(cache, account_id, 2 + amount)
+        await until_cached(cache, "account", account_id, 2 + amount)
         account = (await gql.data(PLAIN_READ, id=account_id))["account"]
         assert account["balance"] == amount * (amount + 1) // 2
         assert (account["revision"], account["source"]) == (2 + amount, "CACHE")
@@ -136,7 +128,7 @@ async def test_reads_that_are_not_cache_hits_are_never_replayed(
         assert await gql.error_code(PLAIN_READ, id="not an id!") == "INVALID_INPUT"
     account_id = new_id()
     await open_active(gql, account_id)
-    await wait_for_revision(cache, account_id, 2)
+    await until_cached(cache, "account", account_id, 2)
     for _ in range(2):
         live = (await gql.data(READ, id=account_id, consistency="LIVE"))["account"]
         assert live["source"] == "LIVE"

@@ -25,7 +25,7 @@ from entities.cart import CartStatus
 from entities.errors import TenureError
 from entities.inventory import Settlement
 from entities.runtime.envelope import RuntimeOptions
-from tests.entities.shop import FAST_COMPENSATION, FAST_STEP, Shop, eventually
+from tests.entities.shop import FAST_COMPENSATION, FAST_STEP, Shop, eventually, until_cached
 from workers.cache import SnapshotCache, connect_redis
 from workers.settings import Settings
 from workers.worker import build_worker
@@ -96,11 +96,7 @@ async def _account_burst(gateway: EntityGateway, cache: SnapshotCache) -> None:
     await gateway.send("account", BURST_ID, "verify", {}, wait=True)
     for amount in range(1, 11):
         await gateway.send("account", BURST_ID, "deposit", {"amount": amount})
-    await eventually(
-        lambda: cache.get("account", BURST_ID),
-        lambda hit: hit is not None and hit.snapshot.revision == 12,
-        10,
-    )
+    await until_cached(cache, "account", BURST_ID, 12)
 
 
 async def _account_lifecycle(gateway: EntityGateway) -> None:

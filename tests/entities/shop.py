@@ -19,7 +19,7 @@ from entities.cart import CartState
 from entities.checkout import CheckoutState, checkout_workflow_id
 from entities.inventory import InventoryState
 from tests.conftest import WorkerFactory
-from workers.cache import SnapshotCache
+from workers.cache import CachedSnapshot, SnapshotCache
 from workers.settings import Settings
 
 T = TypeVar("T")
@@ -63,6 +63,19 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"still not there after {timeout}s: {value!r}")
         await asyncio.sleep(0.05)
+
+
+async def until_cached(
+    cache: SnapshotCache, entity_type: str, entity_id: str, revision: int, timeout: float = 15.0
+) -> CachedSnapshot:
+    """The entity's cache entry once it holds `revision` or a later one."""
+    hit = await eventually(
+        lambda: cache.get(entity_type, entity_id),
+        lambda hit: hit is not None and hit.snapshot.revision >= revision,
+        timeout,
+    )
+    assert hit is not None
+    return hit
 
 
 class Shop:

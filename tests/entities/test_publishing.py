@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
@@ -12,29 +13,25 @@ from temporalio.client import Client
 from api.gateway import EntityGateway
 from entities.runtime.envelope import RuntimeOptions
 from tests.conftest import WorkerFactory, new_id
-from tests.entities.shop import eventually
+from tests.entities.shop import until_cached
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache
 from workers.settings import Settings
 
 
-async def cached_revision(cache: SnapshotCache, account_id: str) -> int | None:
-    hit = await cache.get("account", account_id)
-    return hit.snapshot.revision if hit else None
-
-
-async def until_cached(cache: SnapshotCache, account_id: str, revision: int) -> None:
-    await eventually(lambda: cached_revision(cache, account_id), lambda r: r == revision, 15)
+async def events(client: Client, workflow_id: str, event_type: EventType.ValueType) -> list[Any]:
+    """The events of one type in the workflow's current run."""
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    return [event for event in history.events if event.event_type == event_type]
 
 
 async def publishes(client: Client, workflow_id: str) -> int:
     """Local activity markers in the workflow's current run: one per publish."""
-    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    markers = await events(client, workflow_id, EventType.EVENT_TYPE_MARKER_RECORDED)
     return sum(
         1
-        for event in history.events
-        if event.event_type is EventType.EVENT_TYPE_MARKER_RECORDED
-        and event.marker_recorded_event_attributes.marker_name == "core_local_activity"
+        for event in markers
+        if event.marker_recorded_event_attributes.marker_name == "core_local_activity"
     )
 
 
@@ -55,14 +52,13 @@ async def test_a_stream_of_commands_is_published_once_per_interval_and_in_full(
     async with run_worker(settings):
         started = time.monotonic()
         await open_active(gateway, account_id)
-        await until_cached(cache, account_id, 2)
+        await until_cached(cache, "account", account_id, 2)
         # Forty deposits in quick succession: the last one reaches the cache, by the
         # interval's trailing publish, though no command follows it.
         for amount in range(1, 41):
             await gateway.send("account", account_id, "deposit", {"amount": amount})
-        await until_cached(cache, account_id, 42)
-        hit = await cache.get("account", account_id)
-        assert hit is not None and hit.snapshot.state is not None
+        hit = await until_cached(cache, "account", account_id, 42)
+        assert hit.snapshot.revision == 42 and hit.snapshot.state is not None
         assert hit.snapshot.state["balance"] == sum(range(1, 41))
         elapsed = time.monotonic() - started
         published = await publishes(temporal_client, f"account:{account_id}")
@@ -81,7 +77,7 @@ async def test_a_change_after_a_quiet_spell_is_published_at_once(
         await gateway.send(
             "account", account_id, "open", {"owner_name": "Ada", "email": "ada@example.com"}
         )
-        await until_cached(cache, account_id, 1)
+        await until_cached(cache, "account", account_id, 1)
 
 
 async def test_after_an_idle_interval_changes_are_published_without_waiting_again(
@@ -91,12 +87,13 @@ async def test_after_an_idle_interval_changes_are_published_without_waiting_agai
     account_id = new_id()
     async with run_worker(settings):
         await open_active(gateway, account_id)  # two publishes: the burst is spent
-        await until_cached(cache, account_id, 2)
+        await until_cached(cache, "account", account_id, 2)
         await asyncio.sleep(1.2)  # idle for over two intervals: the burst is back
         for amount in (1, 2):
             await gateway.send("account", account_id, "deposit", {"amount": amount})
-        await until_cached(cache, account_id, 4)
-        history = await temporal_client.get_workflow_handle(f"account:{account_id}").fetch_history()
-    timers = [e for e in history.events if e.event_type is EventType.EVENT_TYPE_TIMER_STARTED]
+        await until_cached(cache, "account", account_id, 4)
+        timers = await events(
+            temporal_client, f"account:{account_id}", EventType.EVENT_TYPE_TIMER_STARTED
+        )
     # Only the account's dormancy timer: no publish had to wait for one.
     assert len(timers) == 1, timers
