@@ -15,12 +15,21 @@ from entities.runtime.envelope import Snapshot
 from workers.read_batching import ReadBatcher
 from workers.settings import Settings
 
-# Writes only when the incoming revision is newer, atomically: a retried, delayed or
-# replayed publish can never move the cache backwards.
+# Writes only when the incoming snapshot is newer, atomically: a retried, delayed or
+# replayed publish can never move the cache backwards. Newer means a later incarnation of
+# the entity (its id used again after its closed workflow was deleted), whatever the
+# revisions, or the same incarnation at a higher revision. Entries written before
+# incarnations existed have none, which counts as the earliest.
 _PUT_IF_NEWER = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'revision') or '-1')
-if current >= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'revision', ARGV[1], 'snapshot', ARGV[2], 'cached_at', ARGV[3])
+local current = redis.call('HMGET', KEYS[1], 'incarnation', 'revision')
+local incarnation = tonumber(current[1] or '0')
+local revision = tonumber(current[2] or '-1')
+local new_incarnation = tonumber(ARGV[1])
+local new_revision = tonumber(ARGV[2])
+if new_incarnation < incarnation then return 0 end
+if new_incarnation == incarnation and new_revision <= revision then return 0 end
+redis.call('HSET', KEYS[1], 'incarnation', ARGV[1], 'revision', ARGV[2],
+           'snapshot', ARGV[3], 'cached_at', ARGV[4])
 return 1
 """
 
@@ -82,11 +91,17 @@ class SnapshotCache:
         return f"{self._prefix}entity:{entity_type}:{entity_id}"
 
     async def put(self, snapshot: Snapshot) -> bool:
-        """Store `snapshot` unless the cache already holds this revision or a newer one."""
+        """Store `snapshot` unless the cache already holds this revision or a newer one
+        (of this incarnation of the entity, or of a later one)."""
         try:
             written = await self._put_if_newer(
                 keys=[self.key(snapshot.entity_type, snapshot.entity_id)],
-                args=[snapshot.revision, snapshot.model_dump_json(), repr(time.time())],
+                args=[
+                    snapshot.incarnation,
+                    snapshot.revision,
+                    snapshot.model_dump_json(),
+                    repr(time.time()),
+                ],
             )
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc

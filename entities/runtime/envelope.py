@@ -55,6 +55,12 @@ class Snapshot(BaseModel):
     updated_at: datetime | None = None
     state: dict[str, Any] | None = None
     closed: bool = False
+    incarnation: int = Field(
+        default=0,
+        description="When this entity's workflow chain began, in epoch milliseconds. An id "
+        "used again once retention has deleted its closed workflow is a new incarnation, "
+        "whose revisions count from 1 again; 0 in snapshots made before incarnations.",
+    )
 
 
 class CommandResult(BaseModel):
@@ -91,6 +97,9 @@ class EntityRunInput(BaseModel):
     updated_at: datetime | None = None
     ledger: list[Outcome] = Field(default_factory=list)
     published_revision: int = 0
+    incarnation: int | None = Field(
+        default=None, description="Set by the first run of the chain and carried from then on."
+    )
     effects: list[StartWorkflow] = Field(
         default_factory=list, description="Effects the previous run had not yet carried out."
     )

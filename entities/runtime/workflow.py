@@ -64,6 +64,11 @@ class EntityWorkflow:
         )
         self._revision = input.revision
         self._updated_at = input.updated_at
+        self._incarnation = (
+            input.incarnation
+            if input.incarnation is not None
+            else int(workflow.now().timestamp() * 1000)
+        )
         self._ledger = Ledger(input.runtime.ledger_size, input.ledger)
         self._received_this_run = 0
         self._published_revision = input.published_revision
@@ -159,6 +164,7 @@ class EntityWorkflow:
             updated_at=self._updated_at,
             state=self._state.model_dump(mode="json") if self._state is not None else None,
             closed=self._is_terminal(),
+            incarnation=self._incarnation,
         )
 
     @workflow.query(name="outcome")
@@ -337,5 +343,6 @@ class EntityWorkflow:
             updated_at=self._updated_at,
             ledger=self._ledger.entries(),
             published_revision=self._published_revision,
+            incarnation=self._incarnation,
             effects=self._effects,
         )

@@ -7,8 +7,12 @@ from typing import Any
 import httpx
 import pytest
 from temporalio.client import Client
+from temporalio.common import WorkflowIDReusePolicy
 
+from entities.account import AccountWorkflow
+from entities.runtime.envelope import CommandEnvelope
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
+from workers.delivery import CommandDelivery
 from workers.settings import Settings
 
 ACCOUNT_FIELDS = """
@@ -190,6 +194,54 @@ async def test_commands_to_a_closed_account_are_invalid_transitions(gql: GraphQL
     for document, extra in [(DEPOSIT, {"amount": 1}), (REACTIVATE, {}), (CLOSE, {})]:
         assert await gql.error_code(document, id=account_id, **extra) == "INVALID_TRANSITION"
     assert await gql.error_code(OPEN, id=account_id) == "INVALID_TRANSITION"
+
+
+async def test_an_id_reused_after_its_closed_account_was_deleted_reads_as_the_new_account(
+    gql: GraphQLClient, temporal_client: Client, settings: Settings
+) -> None:
+    """Once the namespace's retention has deleted a closed account's workflow, its id can be
+    opened again: reads, cached ones included, show the new account, not the old one."""
+    account_id = new_id()
+    await open_active(gql, account_id)
+    await gql.data(DEPOSIT, id=account_id, amount=70)
+    await gql.data(WITHDRAW, id=account_id, amount=70)
+    await gql.data(CLOSE, id=account_id)
+    closed = await read_account(gql, account_id)
+    assert (closed["status"], closed["revision"]) == ("CLOSED", 5)
+
+    # The server takes half a minute to delete a workflow; starting a new chain over the
+    # closed one, which deletion permits, leaves Temporal and the cache as deletion would.
+    delivery = CommandDelivery(temporal_client, settings)
+    await temporal_client.start_workflow(
+        AccountWorkflow.run,
+        delivery.start_input("account", account_id),
+        id=f"account:{account_id}",
+        task_queue=settings.task_queue,
+        start_signal="command",
+        start_signal_args=[
+            CommandEnvelope(
+                command_id="reopen",
+                name="open",
+                payload={"owner_name": "Ada Lovelace", "email": "ada@example.com"},
+            )
+        ],
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+    )
+    for consistency in ("LIVE", "CACHED"):
+        account = await read_account(gql, account_id, consistency)
+        assert (account["status"], account["revision"], account["balance"]) == ("PENDING", 1, 0)
+    await gql.data(VERIFY, id=account_id)
+    account = await read_account(gql, account_id)
+    assert (account["status"], account["revision"], account["source"]) == ("ACTIVE", 2, "CACHE")
+
+
+async def read_account(
+    gql: GraphQLClient, account_id: str, consistency: str = "CACHED"
+) -> dict[str, Any]:
+    account: dict[str, Any] = (await gql.data(READ, id=account_id, consistency=consistency))[
+        "account"
+    ]
+    return account
 
 
 async def test_waiting_on_an_entity_with_no_worker_is_unavailable_then_retry_is_safe(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from datetime import UTC, datetime
 
@@ -17,13 +18,16 @@ from workers.cache import CacheUnavailable, SnapshotCache, connect_redis
 from workers.settings import Settings
 
 
-def snapshot(entity_id: str, revision: int, balance: int | None = None) -> Snapshot:
+def snapshot(
+    entity_id: str, revision: int, balance: int | None = None, incarnation: int = 1
+) -> Snapshot:
     return Snapshot(
         entity_type="account",
         entity_id=entity_id,
         revision=revision,
         updated_at=datetime.now(UTC),
         state={"balance": revision if balance is None else balance},
+        incarnation=incarnation,
     )
 
 
@@ -46,6 +50,40 @@ async def test_racing_writes_leave_the_newest_revision(cache: SnapshotCache) -> 
     await asyncio.gather(*(cache.put(snapshot(entity_id, r)) for r in revisions))
     hit = await cache.get("account", entity_id)
     assert hit is not None and hit.snapshot.revision == 200
+
+
+async def test_a_later_incarnation_replaces_the_entry_and_an_earlier_one_never_does(
+    cache: SnapshotCache,
+) -> None:
+    entity_id = new_id()
+    assert await cache.put(snapshot(entity_id, 57, incarnation=1_000))
+    # The id was reused after the closed entity was deleted: its revisions start again.
+    assert await cache.put(snapshot(entity_id, 1, balance=0, incarnation=2_000))
+    # A late write of the earlier incarnation, whatever its revision, is refused.
+    assert not await cache.put(snapshot(entity_id, 58, incarnation=1_000))
+    hit = await cache.get("account", entity_id)
+    assert hit is not None and hit.snapshot.incarnation == 2_000
+    assert hit.snapshot.revision == 1 and hit.snapshot.state == {"balance": 0}
+    assert await cache.put(snapshot(entity_id, 2, incarnation=2_000))
+
+
+async def test_an_entry_written_before_incarnations_gives_way_to_its_entity(
+    cache: SnapshotCache, settings: Settings
+) -> None:
+    entity_id = new_id()
+    key = cache.key("account", entity_id)
+    client = connect_redis(settings)
+    try:
+        old = snapshot(entity_id, 9).model_dump(mode="json", exclude={"incarnation"})
+        await client.hset(
+            key, mapping={"revision": 9, "snapshot": json.dumps(old), "cached_at": "1.0"}
+        )
+    finally:
+        await client.aclose()
+    hit = await cache.get("account", entity_id)
+    assert hit is not None and hit.snapshot.incarnation == 0 and hit.snapshot.revision == 9
+    assert not await cache.put(snapshot(entity_id, 9, incarnation=0))
+    assert await cache.put(snapshot(entity_id, 10, incarnation=5_000))
 
 
 async def test_a_miss_is_none(cache: SnapshotCache) -> None:
