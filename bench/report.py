@@ -33,15 +33,36 @@ def ratio(result: Result, by_key: dict[str, Result]) -> float | None:
     return result.ops_per_s * result.signals_per_op / baseline.ops_per_s
 
 
+def round_ratios(result: Result, by_key: dict[str, Result]) -> list[float] | None:
+    """The ratio in each round, where the result and its baseline ran in alternating slices:
+    how far a single figure can be trusted on this machine."""
+    baseline = by_key.get(result.baseline or "")
+    if baseline is None:
+        return None
+    ours, theirs = result.measured.slice_rates, baseline.measured.slice_rates
+    if len(ours) < 2 or len(ours) != len(theirs) or not all(theirs):
+        return None
+    return [o * result.signals_per_op / t for o, t in zip(ours, theirs, strict=True)]
+
+
+def _spread(result: Result, by_key: dict[str, Result]) -> str:
+    rounds = round_ratios(result, by_key)
+    return "" if rounds is None else f" (rounds {min(rounds):.2f}-{max(rounds):.2f})"
+
+
 def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
     found = []
     if "mutations" in by_key:
         r = ratio(by_key["mutations"], by_key) or 0.0
-        found.append(Target("GraphQL mutations >= 0.8 x raw SDK signals", f"{r:.2f} x", r >= 0.8))
+        spread = _spread(by_key["mutations"], by_key)
+        found.append(
+            Target("GraphQL mutations >= 0.8 x raw SDK signals", f"{r:.2f} x{spread}", r >= 0.8)
+        )
     if "cached_reads" in by_key:
         cached = by_key["cached_reads"]
         r = ratio(cached, by_key) or 0.0
-        found.append(Target("CACHED reads >= 10 x raw SDK queries", f"{r:.2f} x", r >= 10))
+        spread = _spread(cached, by_key)
+        found.append(Target("CACHED reads >= 10 x raw SDK queries", f"{r:.2f} x{spread}", r >= 10))
         p99 = cached.measured.p99_ms
         found.append(
             Target(f"CACHED read p99 < 10 ms at {concurrency} clients", f"{p99:.1f} ms", p99 < 10)
@@ -118,6 +139,7 @@ def _ms(value: float) -> str:
 def _row(result: Result, by_key: dict[str, Result]) -> str:
     r = ratio(result, by_key)
     against = "-" if r is None else f"{r:.2f} x {by_key[result.baseline or ''].title}"
+    against += "" if r is None else _spread(result, by_key)
     if r is not None and result.signals_per_op > 1:
         against += f", {result.signals_per_op} per {result.unit[:-1]}"
     rss = f"{result.peak_rss_kib / 1024:.0f}" if result.peak_rss_kib else "-"
@@ -165,6 +187,9 @@ def markdown(
             )
     lines += [
         "",
+        "Rounds: each comparison runs in alternating slices, baseline then Tenure; the range "
+        "is the lowest and highest ratio of a single round.",
+        "",
         "CPU ms/op: CPU time per operation of Temporal, Redis, both workers and the API "
         "together (not the load generator); it moves far less than throughput when other "
         "work shares the machine.",
@@ -203,6 +228,7 @@ def write(
                 "p99_ms": round(r.measured.p99_ms, 2),
                 "baseline": r.baseline,
                 "ratio": None if (x := ratio(r, by_key)) is None else round(x, 3),
+                "round_ratios": [round(x, 3) for x in round_ratios(r, by_key) or []],
                 "peak_worker_rss_kib": r.peak_rss_kib,
                 "server_cpu_ms_per_op": r.server_cpu_ms,
                 "exactly_once": not r.problems,
