@@ -128,7 +128,7 @@ class EntityGateway:
         handle = await self._delivery.deliver(entity, entity_id, envelope)
         if not wait:
             return Receipt(entity_id, envelope.command_id, applied=False)
-        result = await self._delivery.await_outcome(handle, envelope.command_id)
+        result = await self._delivery.await_outcome(handle, envelope)
         await self._remember(result.snapshot)
         if result.outcome.status is OutcomeStatus.REJECTED:
             raise TenureError(

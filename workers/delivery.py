@@ -108,19 +108,20 @@ class CommandDelivery:
         return True
 
     async def await_outcome(
-        self, handle: WorkflowHandle[Any, Any], command_id: str
+        self, handle: WorkflowHandle[Any, Any], envelope: CommandEnvelope
     ) -> CommandResult:
-        """The command's outcome with the state after it; UNAVAILABLE while not known."""
+        """The command's outcome with the state after it; UNAVAILABLE while not known,
+        IDEMPOTENCY_KEY_REUSED when its id belongs to another command."""
         # Queries are strongly consistent: one sent after the signal was accepted sees it
         # applied. UNKNOWN can only mean a signal still being delivered; ask again briefly.
         for attempt in range(OUTCOME_ATTEMPTS):
-            result = await self._outcome(handle, command_id)
+            result = await self._outcome(handle, envelope.command_id)
             if result.outcome.status is not OutcomeStatus.UNKNOWN:
-                return result
+                return _of_this_command(envelope, result)
             await asyncio.sleep(0.05 * (attempt + 1))
         raise TenureError(
             ErrorCode.UNAVAILABLE,
-            f"command {command_id} was accepted but not yet applied; "
+            f"command {envelope.command_id} was accepted but not yet applied; "
             "retry with the same idempotencyKey",
         )
 
@@ -152,5 +153,19 @@ class CommandDelivery:
             result = await self._outcome(handle, envelope.command_id)
             if result.outcome.status is OutcomeStatus.UNKNOWN:
                 raise
-            return result
-        return await self.await_outcome(handle, envelope.command_id)
+            return _of_this_command(envelope, result)
+        return await self.await_outcome(handle, envelope)
+
+
+def _of_this_command(envelope: CommandEnvelope, result: CommandResult) -> CommandResult:
+    """`result`, if it is the outcome of this very command and not of an earlier one that
+    came with the same id (the entity applied that one and ignored this one)."""
+    recorded = result.outcome.fingerprint
+    if recorded is not None and recorded != envelope.fingerprint:
+        raise TenureError(
+            ErrorCode.IDEMPOTENCY_KEY_REUSED,
+            f"idempotencyKey {envelope.command_id} was already used for a different command "
+            f"to {result.snapshot.entity_type} {result.snapshot.entity_id}; this one was not "
+            "applied: send it with a new key",
+        )
+    return result

@@ -5,11 +5,13 @@ Each is a pydantic model so fields can be added without breaking recorded histor
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from entities.runtime.effects import StartWorkflow
 
@@ -28,6 +30,24 @@ class CommandEnvelope(BaseModel):
     name: str
     payload: dict[str, Any] = Field(default_factory=dict)
     undoes: str | None = None
+    fingerprint: str | None = Field(
+        default=None,
+        description="What the command asks for (its name and payload), hashed; filled in "
+        "when not given. A command id seen again with another fingerprint is a reused key.",
+    )
+
+    @model_validator(mode="after")
+    def _fingerprinted(self) -> CommandEnvelope:
+        if self.fingerprint is None:
+            self.fingerprint = command_fingerprint(self.name, self.payload)
+        return self
+
+
+def command_fingerprint(name: str, payload: dict[str, Any]) -> str:
+    """A short hash of a command's name and payload, the same for the same command however
+    its payload's keys are ordered."""
+    canonical = json.dumps([name, payload], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
 
 
 class OutcomeStatus(StrEnum):
@@ -44,6 +64,9 @@ class Outcome(BaseModel):
     revision: int = 0
     code: str | None = None
     message: str | None = None
+    fingerprint: str | None = Field(
+        default=None, description="The command's fingerprint; None in outcomes recorded before."
+    )
 
 
 class Snapshot(BaseModel):

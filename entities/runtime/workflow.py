@@ -95,11 +95,11 @@ class EntityWorkflow:
         try:
             new_state = self.entity.apply(self._state, envelope.name, envelope.payload, ctx)
         except Rejected as rejection:
-            self._reject(envelope.command_id, rejection.code, rejection.message)
+            self._reject(envelope.command_id, rejection.code, rejection.message, envelope)
             return
         except Exception:
             workflow.logger.exception("command %s failed in its transition", envelope.name)
-            self._reject(envelope.command_id, ErrorCode.INTERNAL, "internal error")
+            self._reject(envelope.command_id, ErrorCode.INTERNAL, "internal error", envelope)
             return
         self._commit(new_state, now)
         self._effects.extend(ctx.effects)
@@ -108,6 +108,7 @@ class EntityWorkflow:
                 command_id=envelope.command_id,
                 status=OutcomeStatus.APPLIED,
                 revision=self._revision,
+                fingerprint=envelope.fingerprint,
             )
         )
 
@@ -132,11 +133,16 @@ class EntityWorkflow:
                 status=OutcomeStatus.APPLIED,
                 revision=self._revision,
                 message=f"nothing to undo: {envelope.undoes} was not applied",
+                fingerprint=envelope.fingerprint,
             )
         )
         return True
 
-    def _reject(self, command_id: str, code: str, message: str) -> None:
+    def _reject(
+        self, command_id: str, code: str, message: str, envelope: CommandEnvelope | None = None
+    ) -> None:
+        """Record the command as refused; `envelope` is the refused command itself, when it
+        is the one that arrived (not a command cancelled before it came)."""
         self._ledger.record(
             Outcome(
                 command_id=command_id,
@@ -144,6 +150,7 @@ class EntityWorkflow:
                 revision=self._revision,
                 code=code,
                 message=message,
+                fingerprint=envelope.fingerprint if envelope is not None else None,
             )
         )
 

@@ -10,7 +10,7 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
 
 from entities.account import AccountWorkflow
-from entities.runtime.envelope import CommandEnvelope
+from entities.runtime.envelope import CommandEnvelope, RuntimeOptions
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from workers.delivery import CommandDelivery
 from workers.settings import Settings
@@ -119,6 +119,44 @@ async def test_idempotency_key_applies_a_repeated_mutation_once(gql: GraphQLClie
     second = (await gql.data(DEPOSIT, id=account_id, amount=40, key="pay-1"))["depositToAccount"]
     assert first["commandId"] == second["commandId"] == "pay-1"
     assert second["account"]["balance"] == 40 and second["account"]["revision"] == 3
+
+
+async def test_an_idempotency_key_reused_for_another_command_is_refused(
+    gql: GraphQLClient,
+) -> None:
+    """A key names one command: sent again with other arguments, or for another mutation,
+    it is refused with IDEMPOTENCY_KEY_REUSED, not reported as the first command's success."""
+    account_id = new_id()
+    await open_active(gql, account_id)
+    await gql.data(DEPOSIT, id=account_id, amount=40, key="pay-1")
+    for document, extra in [(DEPOSIT, {"amount": 41}), (WITHDRAW, {"amount": 40})]:
+        body = await gql(document, id=account_id, key="pay-1", **extra)
+        assert body["errors"][0]["extensions"]["code"] == "IDEMPOTENCY_KEY_REUSED"
+        assert "pay-1" in body["errors"][0]["message"]
+    account = await read_account(gql, account_id, "LIVE")
+    assert (account["balance"], account["revision"]) == (40, 3)
+    # The same command again is still the same command.
+    again = account_of(
+        await gql.data(DEPOSIT, id=account_id, amount=40, key="pay-1"), "depositToAccount"
+    )
+    assert (again["balance"], again["revision"]) == (40, 3)
+
+
+async def test_a_reused_idempotency_key_is_recognised_after_continue_as_new(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    settings = settings.model_copy(update={"runtime": RuntimeOptions(max_commands_per_run=5)})
+    account_id = new_id()
+    async with api_client(settings, temporal_client) as http, run_worker(settings):
+        gql = GraphQLClient(http)
+        await open_active(gql, account_id)
+        await gql.data(DEPOSIT, id=account_id, amount=7, key="first")
+        for n in range(12):  # two more runs
+            await gql.data(DEPOSIT, id=account_id, amount=1, key=f"more-{n}")
+        body = await gql(WITHDRAW, id=account_id, key="first", amount=7)
+        assert body["errors"][0]["extensions"]["code"] == "IDEMPOTENCY_KEY_REUSED"
+        account = await read_account(gql, account_id, "LIVE")
+        assert (account["balance"], account["revision"]) == (19, 15)
 
 
 async def test_open_without_an_id_derives_it_from_the_idempotency_key(gql: GraphQLClient) -> None:

@@ -101,12 +101,15 @@ async def test_a_retried_command_reports_its_original_outcome(
         await gateway.send(
             "account", account_id, "withdraw", {"amount": 500}, idempotency_key="w1", wait=True
         )
+    # Funds arrive; the refused withdrawal, retried, is still the refused one: its outcome
+    # was decided when it first arrived, and a retry does not apply it anew.
+    await gateway.send("account", account_id, "deposit", {"amount": 1000}, wait=True)
     with pytest.raises(TenureError) as rejected_again:
         await gateway.send(
-            "account", account_id, "withdraw", {"amount": 5}, idempotency_key="w1", wait=True
+            "account", account_id, "withdraw", {"amount": 500}, idempotency_key="w1", wait=True
         )
     assert rejected.value.code == rejected_again.value.code == "INSUFFICIENT_FUNDS"
-    assert (await live(gateway, account_id)).state["balance"] == 70  # type: ignore[index]
+    assert (await live(gateway, account_id)).state["balance"] == 1070  # type: ignore[index]
 
 
 async def test_a_rejected_command_leaves_the_entity_running(
