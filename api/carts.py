@@ -15,6 +15,7 @@ from api.common import (
     new_entity_id,
     read_entity,
     read_fields,
+    require_open,
     send_command,
     status_of,
 )
@@ -133,7 +134,9 @@ entity_read_field("cart", ENTITY)
 
 @strawberry.type
 class CartMutation:
-    @strawberry.mutation(description="Open an empty cart for an account.")
+    @strawberry.mutation(
+        description="Open an empty cart for an account, which must exist and not be closed."
+    )
     async def create_cart(
         self,
         info: Info,
@@ -143,6 +146,7 @@ class CartMutation:
         wait: bool = False,
     ) -> CartCommandPayload:
         cart_id = id or new_entity_id(idempotency_key)
+        await require_open(info, "account", account_id)
         return await _command(
             info, cart_id, "createCart", idempotency_key, wait, account_id=account_id
         )

@@ -112,6 +112,16 @@ async def send_command(
     )
 
 
+async def require_open(info: Info, entity_type: str, entity_id: str) -> None:
+    """Refuse a command that names another entity (a cart's account) unless that entity
+    exists and is not closed; read from the cache when it can be."""
+    read = await info.context.gateway.read(entity_type, entity_id, GatewayConsistency.CACHED)
+    if read is None:
+        raise TenureError(ErrorCode.NOT_FOUND, f"{entity_type} {entity_id} does not exist")
+    if read.snapshot.closed:
+        raise TenureError(ErrorCode.INVALID_TRANSITION, f"{entity_type} {entity_id} is closed")
+
+
 def status_of(receipt: Receipt) -> CommandStatus:
     return CommandStatus.APPLIED if receipt.applied else CommandStatus.ACCEPTED
 

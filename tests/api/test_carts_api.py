@@ -290,6 +290,26 @@ async def test_inventory_mutations(gql: GraphQLClient) -> None:
     }
 
 
+async def test_a_cart_is_only_created_for_an_account_that_is_open(gql: GraphQLClient) -> None:
+    create = (
+        "mutation($id: ID!, $a: ID!) { createCart(id: $id, accountId: $a, wait: true) { status } }"
+    )
+    missing, closed = new_id(), new_id()
+    await gql.data(
+        """mutation($id: ID!) { openAccount(id: $id, ownerName: "Ada", email: "a@b.io",
+           wait: true) { accountId } }""",
+        id=closed,
+    )
+    await gql.data("mutation($id: ID!) { closeAccount(id: $id, wait: true) { status } }", id=closed)
+    for account_id, code in [(missing, "NOT_FOUND"), (closed, "INVALID_TRANSITION")]:
+        cart_id = new_id()
+        assert await gql.error_code(create, id=cart_id, a=account_id) == code
+        assert (await gql.data("query($id: ID!) { cart(id: $id) { id } }", id=cart_id)) == {
+            "cart": None
+        }
+    assert await gql.error_code(create, id=new_id(), a="not an id") == "INVALID_INPUT"
+
+
 async def test_unknown_and_malformed_ids(gql: GraphQLClient) -> None:
     assert await checkout_state(gql, f"{new_id()}-1") is None
     data = await gql.data(
