@@ -207,6 +207,7 @@ def checkout_cart(state: CartState, cmd: CheckoutCart, ctx: Ctx) -> CartState:
         account_id=state.account_id,
         lines=[CheckoutLine.model_validate(line.model_dump()) for line in state.lines],
         options=ctx.options.checkout,
+        started_at=int(ctx.now.timestamp() * 1000),
     )
     ctx.effects.append(
         StartWorkflow(

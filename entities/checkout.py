@@ -55,6 +55,20 @@ class CheckoutInput(BaseModel):
     account_id: str
     lines: list[CheckoutLine]
     options: CheckoutOptions = Field(default_factory=CheckoutOptions)
+    started_at: int | None = Field(
+        default=None,
+        description="When the cart started the checkout, in epoch milliseconds. It joins the "
+        "checkout id in the names of its requests, reservation and order, which must never "
+        "meet those of an earlier checkout with the same id (of a cart whose id was used "
+        "again once retention had deleted it). None in checkouts started before.",
+    )
+
+    @property
+    def key(self) -> str:
+        """What this checkout's requests, reservation and order are named after."""
+        if self.started_at is None:
+            return self.checkout_id
+        return f"{self.checkout_id}.{self.started_at}"
 
 
 class CheckoutState(SagaLog):
@@ -66,6 +80,9 @@ class CheckoutState(SagaLog):
     lines: list[CheckoutLine]
     total: int
     order_id: str | None = None
+    reservation_id: str | None = Field(
+        default=None, description="The id its stock is reserved under, on every line's item."
+    )
 
 
 @workflow.defn(name=CHECKOUT_WORKFLOW)
@@ -82,6 +99,7 @@ class CheckoutWorkflow:
             account_id=input.account_id,
             lines=input.lines,
             total=sum(line.quantity * line.unit_price for line in input.lines),
+            reservation_id=input.key,
         )
 
     @workflow.query(name="status")
@@ -103,13 +121,13 @@ class CheckoutWorkflow:
                 reason=self._state.failure_reason,
             )
         else:
-            self._state.order_id = f"order-{input.checkout_id}"
+            self._state.order_id = f"order-{input.key}"
             report = partial(self._report, "completeCheckout", order_id=self._state.order_id)
         await saga.conclude("report", report)
         return self._state
 
     async def _take_steps(self, saga: Saga) -> None:
-        reservation = {"reservation_id": self._input.checkout_id}
+        reservation = {"reservation_id": self._input.key}
         for line in self._input.lines:
             step = f"reserve:{line.sku}"
             reserve = {
@@ -149,7 +167,7 @@ class CheckoutWorkflow:
             )
 
     def _command_id(self, step: str) -> str:
-        return f"{checkout_workflow_id(self._input.checkout_id)}:{step}"
+        return f"{checkout_workflow_id(self._input.key)}:{step}"
 
     def _request(
         self,

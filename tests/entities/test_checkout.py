@@ -9,16 +9,19 @@ from datetime import UTC, datetime
 
 import pytest
 from temporalio.client import Client
+from temporalio.common import WorkflowIDReusePolicy
 
 from entities.account import AccountOptions, AccountStatus, account
-from entities.cart import CartStatus
-from entities.checkout import CheckoutState
+from entities.cart import CartStatus, CartWorkflow
+from entities.checkout import CheckoutState, checkout_workflow_id
 from entities.errors import ErrorCode
 from entities.runtime import CommandContext
+from entities.runtime.envelope import CommandEnvelope
 from entities.runtime.saga import SagaStatus, StepRecord, StepStatus
 from tests.conftest import WorkerFactory
 from tests.entities.shop import FAST_COMPENSATION, FAST_STEP, Shop, eventually, shop_settings
 from workers.cache import SnapshotCache
+from workers.delivery import CommandDelivery
 from workers.settings import Settings
 
 BALANCE = 10_000
@@ -81,6 +84,59 @@ async def test_happy_path_sells_the_stock_charges_the_account_and_checks_the_car
         assert await shop.balance(account_id) == BALANCE - 3500
         assert await stock_of(shop, a, b) == [(3, 3, 2), (0, 0, 3)]
         assert [(await shop.item(s)).reservations for s in (a, b)] == [[], []]
+
+
+async def test_a_cart_id_used_again_after_its_cart_was_deleted_checks_out_anew(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    """Once retention has deleted a checked-out cart, its id can be used for a new cart,
+    whose first checkout is `<cart id>-1` again. It must sell and charge anew, not be taken
+    for the first one by the account and the stock, whose ledgers still hold its requests."""
+    async with run_worker(shop.settings):
+        account_id = await shop.account(BALANCE)
+        a = await shop.stock(5)
+        cart_id = await shop.cart(account_id, (a, 1, 1000))
+        first = await shop.finished(await shop.checkout(cart_id))
+        assert first.status is SagaStatus.COMPLETED
+        first_run_id = (
+            await shop.client.get_workflow_handle(
+                checkout_workflow_id(first.checkout_id)
+            ).describe()
+        ).run_id
+
+        # Deletion takes the dev server half a minute; a new chain started over the
+        # finished cart leaves Temporal as deletion would.
+        await shop.client.start_workflow(
+            CartWorkflow.run,
+            CommandDelivery(shop.client, shop.settings).start_input("cart", cart_id),
+            id=f"cart:{cart_id}",
+            task_queue=shop.settings.task_queue,
+            start_signal="command",
+            start_signal_args=[
+                CommandEnvelope(
+                    command_id="create-again", name="createCart", payload={"account_id": account_id}
+                )
+            ],
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        )
+        await shop.send("cart", cart_id, "addCartItem", sku=a, quantity=1, unit_price=1000)
+        checkout_id = await shop.checkout(cart_id)
+        assert checkout_id == first.checkout_id
+        # The first checkout's workflow has the same id: wait for the new run.
+        handle = shop.client.get_workflow_handle(
+            checkout_workflow_id(checkout_id), result_type=CheckoutState
+        )
+        new_run = await eventually(
+            lambda: handle.describe(), lambda d: d.run_id != first_run_id, timeout=10
+        )
+        again = await shop.client.get_workflow_handle(
+            checkout_workflow_id(checkout_id), run_id=new_run.run_id, result_type=CheckoutState
+        ).result()
+
+        assert again.status is SagaStatus.COMPLETED
+        assert await shop.balance(account_id) == BALANCE - 2000
+        assert await stock_of(shop, a) == [(3, 3, 2)]
+        assert again.order_id != first.order_id
 
 
 async def test_not_enough_stock_for_one_line_releases_the_lines_already_reserved(
@@ -162,8 +218,9 @@ async def test_a_failed_commit_returns_the_sales_refunds_and_releases_last_first
         a, b = await shop.stock(5), await shop.stock(3)
         cart_id = await shop.cart(account_id, (a, 2, 300), (b, 1, 500))
         checkout_id = await shop.checkout(cart_id)
-        await shop.steps_taken(checkout_id, 2)
-        await shop.send("inventory", b, "releaseReservation", reservation_id=checkout_id)
+        taken = await shop.steps_taken(checkout_id, 2)
+        assert taken.reservation_id is not None and taken.reservation_id.startswith(checkout_id)
+        await shop.send("inventory", b, "releaseReservation", reservation_id=taken.reservation_id)
         async with run_worker(bank.settings):
             done = await shop.finished(checkout_id)
 
