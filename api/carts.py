@@ -24,6 +24,7 @@ from api.gateway import EntityRead, Receipt
 from entities.cart import CartLine as CartLineState
 from entities.cart import CartState, CartStatus
 from entities.checkout import CheckoutLine
+from entities.errors import TenureError
 
 ENTITY = "cart"
 
@@ -135,7 +136,8 @@ entity_read_field("cart", ENTITY)
 @strawberry.type
 class CartMutation:
     @strawberry.mutation(
-        description="Open an empty cart for an account, which must exist and not be closed."
+        description="Open an empty cart for an account, which must exist and not be closed "
+        "(checked when the cart is created, not held afterwards)."
     )
     async def create_cart(
         self,
@@ -146,7 +148,13 @@ class CartMutation:
         wait: bool = False,
     ) -> CartCommandPayload:
         cart_id = id or new_entity_id(idempotency_key)
-        await require_open(info, "account", account_id)
+        try:
+            await require_open(info, "account", account_id)
+        except TenureError:
+            # A create retried after the account closed is still answered by the cart it
+            # made (its original outcome); only a new cart needs an open account.
+            if await read_entity(info, ENTITY, cart_id, Consistency.CACHED) is None:
+                raise
         return await _command(
             info, cart_id, "createCart", idempotency_key, wait, account_id=account_id
         )

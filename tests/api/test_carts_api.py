@@ -310,6 +310,25 @@ async def test_a_cart_is_only_created_for_an_account_that_is_open(gql: GraphQLCl
     assert await gql.error_code(create, id=new_id(), a="not an id") == "INVALID_INPUT"
 
 
+async def test_a_create_retried_after_its_account_closed_still_gets_its_cart(
+    gql: GraphQLClient,
+) -> None:
+    account_id, cart_id = new_id(), new_id()
+    await gql.data(
+        """mutation($id: ID!) { openAccount(id: $id, ownerName: "Ada", email: "a@b.io",
+           wait: true) { accountId } }""",
+        id=account_id,
+    )
+    create = """mutation($id: ID!, $a: ID!) {
+        createCart(id: $id, accountId: $a, idempotencyKey: "cart-once", wait: true) {
+          status cart { status revision } } }"""
+    first = (await gql.data(create, id=cart_id, a=account_id))["createCart"]
+    await gql.data(
+        "mutation($id: ID!) { closeAccount(id: $id, wait: true) { status } }", id=account_id
+    )
+    assert (await gql.data(create, id=cart_id, a=account_id))["createCart"] == first
+
+
 async def test_unknown_and_malformed_ids(gql: GraphQLClient) -> None:
     assert await checkout_state(gql, f"{new_id()}-1") is None
     data = await gql.data(
