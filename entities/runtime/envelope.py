@@ -11,7 +11,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from entities.runtime.effects import StartWorkflow
 
@@ -67,6 +73,13 @@ class Outcome(BaseModel):
     fingerprint: str | None = Field(
         default=None, description="The command's fingerprint; None in outcomes recorded before."
     )
+
+    @model_serializer(mode="wrap")
+    def _without_nones(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave out empty fields: a full ledger of 4,096 outcomes travels in every
+        continue-as-new, and most outcomes have no code and no message."""
+        dumped: dict[str, Any] = handler(self)
+        return {name: value for name, value in dumped.items() if value is not None}
 
 
 class Snapshot(BaseModel):
