@@ -18,12 +18,16 @@ import pytest
 import redis.asyncio as redis
 from starlette.applications import Starlette
 from temporalio.client import Client
+from temporalio.common import WorkflowIDReusePolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
 from api.app import create_app
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal
+from entities import catalog
+from entities.runtime.envelope import CommandEnvelope
 from workers.cache import SnapshotCache, connect_redis
+from workers.delivery import CommandDelivery
 from workers.settings import Settings
 from workers.worker import build_worker
 
@@ -170,3 +174,26 @@ def gql(http: httpx.AsyncClient, worker: Worker) -> GraphQLClient:
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+async def start_over(
+    client: Client,
+    settings: Settings,
+    entity_type: str,
+    entity_id: str,
+    command: str,
+    payload: dict[str, Any],
+) -> None:
+    """Start a new workflow chain for an entity whose workflow has finished, with `command`,
+    as once retention has deleted it. The dev server takes half a minute to delete a
+    workflow; a chain started over the finished one leaves Temporal and the cache as
+    deletion would."""
+    await client.start_workflow(
+        catalog.workflow_for(entity_type).run,  # type: ignore[attr-defined]
+        CommandDelivery(client, settings).start_input(entity_type, entity_id),
+        id=f"{entity_type}:{entity_id}",
+        task_queue=settings.task_queue,
+        start_signal="command",
+        start_signal_args=[CommandEnvelope(command_id=new_id(), name=command, payload=payload)],
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+    )

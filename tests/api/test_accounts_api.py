@@ -7,12 +7,9 @@ from typing import Any
 import httpx
 import pytest
 from temporalio.client import Client
-from temporalio.common import WorkflowIDReusePolicy
 
-from entities.account import AccountWorkflow
-from entities.runtime.envelope import CommandEnvelope, RuntimeOptions
-from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
-from workers.delivery import CommandDelivery
+from entities.runtime.envelope import RuntimeOptions
+from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id, start_over
 from workers.settings import Settings
 
 ACCOUNT_FIELDS = """
@@ -247,23 +244,13 @@ async def test_an_id_reused_after_its_closed_account_was_deleted_reads_as_the_ne
     closed = await read_account(gql, account_id)
     assert (closed["status"], closed["revision"]) == ("CLOSED", 5)
 
-    # The server takes half a minute to delete a workflow; starting a new chain over the
-    # closed one, which deletion permits, leaves Temporal and the cache as deletion would.
-    delivery = CommandDelivery(temporal_client, settings)
-    await temporal_client.start_workflow(
-        AccountWorkflow.run,
-        delivery.start_input("account", account_id),
-        id=f"account:{account_id}",
-        task_queue=settings.task_queue,
-        start_signal="command",
-        start_signal_args=[
-            CommandEnvelope(
-                command_id="reopen",
-                name="open",
-                payload={"owner_name": "Ada Lovelace", "email": "ada@example.com"},
-            )
-        ],
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+    await start_over(
+        temporal_client,
+        settings,
+        "account",
+        account_id,
+        "open",
+        {"owner_name": "Ada Lovelace", "email": "ada@example.com"},
     )
     for consistency in ("LIVE", "CACHED"):
         account = await read_account(gql, account_id, consistency)

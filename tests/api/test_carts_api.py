@@ -35,12 +35,13 @@ async def open_account(gql: GraphQLClient, balance: int) -> str:
     await gql.data(
         "mutation($id: ID!) { verifyAccount(id: $id, wait: true) { status } }", id=account_id
     )
-    await gql.data(
-        "mutation($id: ID!, $n: Long!) { depositToAccount(id: $id, amount: $n, wait: true) "
-        "{ status } }",
-        id=account_id,
-        n=balance,
-    )
+    if balance:
+        await gql.data(
+            "mutation($id: ID!, $n: Long!) { depositToAccount(id: $id, amount: $n, wait: true) "
+            "{ status } }",
+            id=account_id,
+            n=balance,
+        )
     return account_id
 
 
@@ -294,12 +295,7 @@ async def test_a_cart_is_only_created_for_an_account_that_is_open(gql: GraphQLCl
     create = (
         "mutation($id: ID!, $a: ID!) { createCart(id: $id, accountId: $a, wait: true) { status } }"
     )
-    missing, closed = new_id(), new_id()
-    await gql.data(
-        """mutation($id: ID!) { openAccount(id: $id, ownerName: "Ada", email: "a@b.io",
-           wait: true) { accountId } }""",
-        id=closed,
-    )
+    missing, closed = new_id(), await open_account(gql, 0)
     await gql.data("mutation($id: ID!) { closeAccount(id: $id, wait: true) { status } }", id=closed)
     for account_id, code in [(missing, "NOT_FOUND"), (closed, "INVALID_TRANSITION")]:
         cart_id = new_id()
@@ -313,12 +309,7 @@ async def test_a_cart_is_only_created_for_an_account_that_is_open(gql: GraphQLCl
 async def test_a_create_retried_after_its_account_closed_still_gets_its_cart(
     gql: GraphQLClient,
 ) -> None:
-    account_id, cart_id = new_id(), new_id()
-    await gql.data(
-        """mutation($id: ID!) { openAccount(id: $id, ownerName: "Ada", email: "a@b.io",
-           wait: true) { accountId } }""",
-        id=account_id,
-    )
+    account_id, cart_id = await open_account(gql, 0), new_id()
     create = """mutation($id: ID!, $a: ID!) {
         createCart(id: $id, accountId: $a, idempotencyKey: "cart-once", wait: true) {
           status cart { status revision } } }"""

@@ -9,19 +9,16 @@ from datetime import UTC, datetime
 
 import pytest
 from temporalio.client import Client
-from temporalio.common import WorkflowIDReusePolicy
 
 from entities.account import AccountOptions, AccountStatus, account
-from entities.cart import CartStatus, CartWorkflow
+from entities.cart import CartStatus
 from entities.checkout import CheckoutState, checkout_workflow_id
 from entities.errors import ErrorCode
 from entities.runtime import CommandContext
-from entities.runtime.envelope import CommandEnvelope
 from entities.runtime.saga import SagaStatus, StepRecord, StepStatus
-from tests.conftest import WorkerFactory
+from tests.conftest import WorkerFactory, start_over
 from tests.entities.shop import FAST_COMPENSATION, FAST_STEP, Shop, eventually, shop_settings
 from workers.cache import SnapshotCache
-from workers.delivery import CommandDelivery
 from workers.settings import Settings
 
 BALANCE = 10_000
@@ -104,20 +101,8 @@ async def test_a_cart_id_used_again_after_its_cart_was_deleted_checks_out_anew(
             ).describe()
         ).run_id
 
-        # Deletion takes the dev server half a minute; a new chain started over the
-        # finished cart leaves Temporal as deletion would.
-        await shop.client.start_workflow(
-            CartWorkflow.run,
-            CommandDelivery(shop.client, shop.settings).start_input("cart", cart_id),
-            id=f"cart:{cart_id}",
-            task_queue=shop.settings.task_queue,
-            start_signal="command",
-            start_signal_args=[
-                CommandEnvelope(
-                    command_id="create-again", name="createCart", payload={"account_id": account_id}
-                )
-            ],
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        await start_over(
+            shop.client, shop.settings, "cart", cart_id, "createCart", {"account_id": account_id}
         )
         await shop.send("cart", cart_id, "addCartItem", sku=a, quantity=1, unit_price=1000)
         checkout_id = await shop.checkout(cart_id)
