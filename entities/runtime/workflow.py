@@ -277,19 +277,33 @@ class EntityWorkflow:
                 timer, armed_for = None, None
                 self._fire_deadline()
             if self._is_terminal():
-                await workflow.wait_condition(workflow.all_handlers_finished)
                 await self._run_effects()
-                if self._publishing is not None:
-                    await self._publishing
                 if self._input.runtime.publish_snapshots:
+                    await self._quiesce()
                     await self._publish()
+                await self._quiesce()
                 return self.snapshot()
             if self._should_continue_as_new():
-                await workflow.wait_condition(workflow.all_handlers_finished)
+                await self._quiesce()
                 # The next run publishes whatever this one did not.
                 workflow.continue_as_new(self._carry_over())
             await self._run_effects()
             self._schedule_publish()
+
+    async def _quiesce(self) -> None:
+        """Wait until nothing runs beside the main loop: no handler, no publish in flight.
+
+        A run's last command (continue-as-new, completion) must be the last in its workflow
+        task, but a local activity still running when it is issued gets its marker recorded
+        after it (temporalio/sdk-rust#659). The server refuses that sequence, and since a
+        retried task replays to the same point the entity would refuse it forever. So the
+        run ends only once the publish it started has resolved; the main loop alone starts
+        publishes, and it is here, so none starts in between. Signals that arrive meanwhile
+        are applied by their handlers and carried over with the state.
+        """
+        await workflow.wait_condition(
+            lambda: self._publishing is None and workflow.all_handlers_finished()
+        )
 
     def _fire_deadline(self) -> None:
         deadline = self.entity.deadline(self._state, self._options)
