@@ -25,6 +25,7 @@ from entities.runtime.envelope import (
 from workers.cache import CachedSnapshot, CacheUnavailable, SnapshotCache
 from workers.delivery import CommandDelivery, unavailable
 from workers.settings import Settings
+from workers.temporal import within
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +164,12 @@ class EntityGateway:
                 return cached
         handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
         try:
-            snapshot: Snapshot = await handle.query(
-                "snapshot",
-                result_type=Snapshot,
-                rpc_timeout=timedelta(seconds=self._settings.live_read_timeout),
+            timeout = self._settings.live_read_timeout
+            snapshot: Snapshot = await within(
+                timeout,
+                handle.query(
+                    "snapshot", result_type=Snapshot, rpc_timeout=timedelta(seconds=timeout)
+                ),
             )
         except RPCError as exc:
             fallback = cached
@@ -188,17 +191,20 @@ class EntityGateway:
         """A workflow that is not an entity (a saga): its answer to `query`, else, when no
         worker can answer, its result if it has finished; None when it never existed."""
         handle = self._client.get_workflow_handle(workflow_id, result_type=result_type)
-        timeout = timedelta(seconds=self._settings.live_read_timeout)
+        seconds = self._settings.live_read_timeout
+        timeout = timedelta(seconds=seconds)
         try:
-            value: M = await handle.query(query, result_type=result_type, rpc_timeout=timeout)
+            value: M = await within(
+                seconds, handle.query(query, result_type=result_type, rpc_timeout=timeout)
+            )
         except RPCError as exc:
             if exc.status is RPCStatusCode.NOT_FOUND:
                 return None
             try:
-                description = await handle.describe(rpc_timeout=timeout)
+                description = await within(seconds, handle.describe(rpc_timeout=timeout))
                 if description.status is not WorkflowExecutionStatus.COMPLETED:
                     raise unavailable(exc) from exc
-                result: M = await handle.result(rpc_timeout=timeout)
+                result: M = await within(seconds, handle.result(rpc_timeout=timeout))
                 return result
             except RPCError as again:
                 raise unavailable(again) from again
@@ -216,7 +222,9 @@ class EntityGateway:
     def _from_cache(hit: CachedSnapshot) -> EntityRead | None:
         if hit.snapshot.state is None:
             return None
-        return EntityRead(hit.snapshot, Source.CACHE, stale=False, cached_at=hit.cached_at)
+        return EntityRead(
+            hit.snapshot, Source.CACHE, stale=hit.stuck is not None, cached_at=hit.cached_at
+        )
 
     async def _remember(self, snapshot: Snapshot) -> None:
         try:

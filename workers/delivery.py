@@ -24,6 +24,7 @@ from entities.runtime.envelope import (
 )
 from workers.coalescing import SignalCoalescer
 from workers.settings import Settings
+from workers.temporal import within
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ class CommandDelivery:
         handle = self._client.get_workflow_handle(workflow_id)
         timeout = timedelta(seconds=SIGNAL_TIMEOUT)
         if len(batch) == 1:
-            await handle.signal("command", batch[0], rpc_timeout=timeout)
+            await within(SIGNAL_TIMEOUT, handle.signal("command", batch[0], rpc_timeout=timeout))
         else:
-            await handle.signal("commands", batch, rpc_timeout=timeout)
+            await within(SIGNAL_TIMEOUT, handle.signal("commands", batch, rpc_timeout=timeout))
 
     def start_input(self, entity_type: str, entity_id: str) -> EntityRunInput:
         return EntityRunInput(
@@ -127,11 +128,15 @@ class CommandDelivery:
 
     async def _outcome(self, handle: WorkflowHandle[Any, Any], command_id: str) -> CommandResult:
         try:
-            result: CommandResult = await handle.query(
-                "outcome",
-                command_id,
-                result_type=CommandResult,
-                rpc_timeout=timedelta(seconds=self._settings.command_wait_timeout),
+            timeout = self._settings.command_wait_timeout
+            result: CommandResult = await within(
+                timeout,
+                handle.query(
+                    "outcome",
+                    command_id,
+                    result_type=CommandResult,
+                    rpc_timeout=timedelta(seconds=timeout),
+                ),
             )
         except RPCError as exc:
             raise TenureError(

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError, RPCStatusCode
 
 from workers.settings import Settings
+
+T = TypeVar("T")
 
 
 async def connect_temporal(settings: Settings) -> Client:
@@ -17,3 +24,17 @@ async def connect_temporal(settings: Settings) -> Client:
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
     )
+
+
+async def within(seconds: float, call: Awaitable[T]) -> T:
+    """`call`, given up after `seconds` with the RPCError a deadline raises.
+
+    A call's own `rpc_timeout` is no hard bound: a query given 2 s was seen answering after
+    4.1 s (the client retries inside it), and with no worker polling a query waits about
+    30 s. Every Temporal call that a client waits on goes through here instead."""
+    try:
+        return await asyncio.wait_for(call, seconds)
+    except TimeoutError:
+        raise RPCError(
+            f"no answer within {seconds:g} s", RPCStatusCode.DEADLINE_EXCEEDED, b""
+        ) from None
