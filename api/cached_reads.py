@@ -179,8 +179,8 @@ def _key(body: bytes, scope: Scope, entries: list[RawEntry]) -> bytes:
     digest = hashlib.blake2b(digest_size=16)
     parts = [body]
     parts += [name + b":" + value for name, value in scope["headers"] if name in _NEGOTIATING]
-    for document, cached_at in entries:
-        parts += [document, cached_at]
+    for document, cached_at, stuck in entries:
+        parts += [document, cached_at, stuck or b""]
     for part in parts:
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -19,7 +22,8 @@ from workers.settings import Settings
 # replayed publish can never move the cache backwards. Newer means a later incarnation of
 # the entity (its id used again after its closed workflow was deleted), whatever the
 # revisions, or the same incarnation at a higher revision. Entries written before
-# incarnations existed have none, which counts as the earliest.
+# incarnations existed have none, which counts as the earliest. A newer snapshot is progress,
+# so it also clears the entity's stuck mark (see workers/watchdog.py).
 _PUT_IF_NEWER = """
 local current = redis.call('HMGET', KEYS[1], 'incarnation', 'revision')
 local incarnation = tonumber(current[1] or '0')
@@ -30,6 +34,7 @@ if new_incarnation < incarnation then return 0 end
 if new_incarnation == incarnation and new_revision <= revision then return 0 end
 redis.call('HSET', KEYS[1], 'incarnation', ARGV[1], 'revision', ARGV[2],
            'snapshot', ARGV[3], 'cached_at', ARGV[4])
+redis.call('HDEL', KEYS[1], 'stuck')
 return 1
 """
 
@@ -38,23 +43,27 @@ class CacheUnavailable(Exception):
     """Redis could not be reached or answered with an error."""
 
 
-RawEntry = tuple[bytes, bytes]
-"""A cache entry as stored: the snapshot's JSON and when it was written (epoch seconds)."""
+RawEntry = tuple[bytes, bytes, bytes | None]
+"""A cache entry as stored: the snapshot's JSON, when it was written (epoch seconds), and
+why the entity is stuck, when the watchdog found it so."""
 
 
 @dataclass(frozen=True)
 class CachedSnapshot:
-    """A snapshot as the cache holds it, with when it was written."""
+    """A snapshot as the cache holds it, with when it was written and, when its entity has
+    stopped making progress, why."""
 
     snapshot: Snapshot
     cached_at: datetime
+    stuck: str | None = None
 
     @classmethod
     def from_raw(cls, entry: RawEntry) -> CachedSnapshot:
-        document, cached_at = entry
+        document, cached_at, stuck = entry
         return cls(
             snapshot=Snapshot.model_validate_json(document),
             cached_at=datetime.fromtimestamp(float(cached_at), tz=UTC),
+            stuck=stuck.decode() if stuck is not None else None,
         )
 
 
@@ -85,14 +94,23 @@ class SnapshotCache:
         self._client = client
         self._prefix = prefix
         self._put_if_newer = client.register_script(_PUT_IF_NEWER)
-        self._reads = ReadBatcher(client, ["snapshot", "cached_at"])
+        self._reads = ReadBatcher(client, ["snapshot", "cached_at", "stuck"])
+        self._unsaved = UnsavedSnapshots(self._put)
 
     def key(self, entity_type: str, entity_id: str) -> str:
         return f"{self._prefix}entity:{entity_type}:{entity_id}"
 
     async def put(self, snapshot: Snapshot) -> bool:
         """Store `snapshot` unless the cache already holds this revision or a newer one
-        (of this incarnation of the entity, or of a later one)."""
+        (of this incarnation of the entity, or of a later one). When Redis cannot take it,
+        it is kept and written once Redis answers again (`UnsavedSnapshots`), and raises."""
+        try:
+            return await self._put(snapshot)
+        except CacheUnavailable:
+            self._unsaved.keep(snapshot)
+            raise
+
+    async def _put(self, snapshot: Snapshot) -> bool:
         try:
             written = await self._put_if_newer(
                 keys=[self.key(snapshot.entity_type, snapshot.entity_id)],
@@ -113,11 +131,102 @@ class SnapshotCache:
         return CachedSnapshot.from_raw(entry) if entry is not None else None
 
     async def get_raw(self, entity_type: str, entity_id: str) -> RawEntry | None:
-        """The entry as stored, unparsed; each write makes a different entry."""
+        """The entry as stored, unparsed; each write makes a different entry. A snapshot
+        this process learned but could not store yet stands in for an older entry, so a
+        reader never sees a revision go back after Redis returns from an outage."""
         try:
-            document, cached_at = await self._reads.hmget(self.key(entity_type, entity_id))
+            document, cached_at, stuck = await self._reads.hmget(self.key(entity_type, entity_id))
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(str(exc)) from exc
-        if not isinstance(document, bytes) or not isinstance(cached_at, bytes):
-            return None
-        return document, cached_at
+        stored = (
+            (document, cached_at, stuck if isinstance(stuck, bytes) else None)
+            if isinstance(document, bytes) and isinstance(cached_at, bytes)
+            else None
+        )
+        if self._unsaved:
+            return self._unsaved.newer_than(entity_type, entity_id, stored)
+        return stored
+
+    async def mark_stuck(self, entity_type: str, entity_id: str, reason: str) -> None:
+        """Note that the entity has stopped making progress: its cached reads are stale."""
+        try:
+            await self._client.hset(self.key(entity_type, entity_id), "stuck", reason)
+        except RedisError as exc:
+            raise CacheUnavailable(str(exc)) from exc
+
+    async def clear_stuck(self, entity_type: str, entity_id: str) -> None:
+        try:
+            await self._client.hdel(self.key(entity_type, entity_id), "stuck")
+        except RedisError as exc:
+            raise CacheUnavailable(str(exc)) from exc
+
+
+class UnsavedSnapshots:
+    """Snapshots whose cache write failed, newest per entity, written back once Redis
+    answers again.
+
+    Without them, a Redis outage made cached reads go back: the API had served revision 19
+    from the workflow while Redis was down, and once Redis returned it served the revision
+    3 it still held until the entity's next publish. While one is kept, reads of its
+    entity are answered from it if it is newer than Redis's entry, and a flusher retries
+    the writes every `retry_seconds`. At most `capacity` are kept; the oldest go first
+    (their entities publish again on their own, only later).
+    """
+
+    def __init__(
+        self,
+        write: Callable[[Snapshot], Awaitable[bool]],
+        capacity: int = 10_000,
+        retry_seconds: float = 0.25,
+    ) -> None:
+        self._write = write
+        self._capacity = capacity
+        self._retry_seconds = retry_seconds
+        self._kept: OrderedDict[tuple[str, str], tuple[Snapshot, float]] = OrderedDict()
+        self._flusher: asyncio.Task[None] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._kept)
+
+    def keep(self, snapshot: Snapshot) -> None:
+        key = (snapshot.entity_type, snapshot.entity_id)
+        held = self._kept.get(key)
+        if held is not None and _order(held[0]) >= _order(snapshot):
+            return
+        self._kept[key] = (snapshot, time.time())
+        self._kept.move_to_end(key)
+        while len(self._kept) > self._capacity:
+            self._kept.popitem(last=False)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
+    def newer_than(
+        self, entity_type: str, entity_id: str, stored: RawEntry | None
+    ) -> RawEntry | None:
+        held = self._kept.get((entity_type, entity_id))
+        if held is None:
+            return stored
+        snapshot, kept_at = held
+        if stored is not None:
+            try:
+                current = Snapshot.model_validate_json(stored[0])
+            except ValueError:
+                return stored
+            if _order(current) >= _order(snapshot):
+                return stored
+        return snapshot.model_dump_json().encode(), repr(kept_at).encode(), None
+
+    async def _flush(self) -> None:
+        while self._kept:
+            key, (snapshot, _) = next(iter(self._kept.items()))
+            try:
+                await self._write(snapshot)
+            except CacheUnavailable:
+                await asyncio.sleep(self._retry_seconds)
+                continue
+            if self._kept.get(key, (None,))[0] is snapshot:
+                del self._kept[key]
+
+
+def _order(snapshot: Snapshot) -> tuple[int, int]:
+    return snapshot.incarnation, snapshot.revision
