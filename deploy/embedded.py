@@ -41,6 +41,9 @@ def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 15.0)
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As a server binds: a port whose old connections linger in TIME_WAIT after a
+        # restart is free to listen on again.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -181,6 +184,10 @@ class EmbeddedTemporal(EmbeddedServer):
             str(free_port()),
             "--metrics-port",
             str(free_port()),
+            # Flag workflows whose tasks keep failing (TemporalReportedProblems), so that
+            # the worker's watchdog finds stuck entities.
+            "--dynamic-config-value",
+            "system.numConsecutiveWorkflowTaskProblemsToTriggerSearchAttribute=3",
         ]
         if self.ui:
             cmd += ["--ui-port", str(free_port(self.port + 1000))]

@@ -37,6 +37,9 @@ class Settings(BaseModel):
     max_cached_workflows: int = 10_000
     max_concurrent_workflow_tasks: int = 100
     workflow_sandbox: bool = True
+    watchdog_interval: float = Field(
+        default=10.0, ge=0, description="Seconds between looks for stuck entities; 0: none."
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -57,6 +60,7 @@ class Settings(BaseModel):
             "TENURE_MAX_CONCURRENT_WORKFLOW_TASKS": "max_concurrent_workflow_tasks",
             "TENURE_WORKFLOW_SANDBOX": "workflow_sandbox",
             "TENURE_RENDERED_READS": "rendered_reads",
+            "TENURE_WATCHDOG_INTERVAL": "watchdog_interval",
         }
         for var, field in plain.items():
             if env.get(var):
@@ -94,6 +98,7 @@ class Settings(BaseModel):
             "TENURE_MAX_CONCURRENT_WORKFLOW_TASKS": str(self.max_concurrent_workflow_tasks),
             "TENURE_WORKFLOW_SANDBOX": "1" if self.workflow_sandbox else "0",
             "TENURE_RENDERED_READS": str(self.rendered_reads),
+            "TENURE_WATCHDOG_INTERVAL": str(self.watchdog_interval),
         }
         if self.temporal_address:
             env["TEMPORAL_ADDRESS"] = self.temporal_address

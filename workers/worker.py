@@ -17,6 +17,7 @@ from workers.cache import SnapshotCache, connect_redis
 from workers.requests import EntityRequests
 from workers.settings import Settings
 from workers.temporal import connect_temporal
+from workers.watchdog import StuckEntityWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,13 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     redis_client = connect_redis(settings)
     cache = SnapshotCache(redis_client, settings.redis_prefix)
     worker = build_worker(client, settings, cache)
+    watchdog = StuckEntityWatchdog(client, cache, settings.task_queue, settings.watchdog_interval)
     log.info("worker polling task queue %r at %s", settings.task_queue, settings.temporal_address)
+    watching = asyncio.create_task(watchdog.run()) if settings.watchdog_interval else None
     try:
         async with worker:
             await (stop or asyncio.Event()).wait()
     finally:
+        if watching is not None:
+            watching.cancel()
         await redis_client.aclose()

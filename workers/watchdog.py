@@ -1,0 +1,123 @@
+"""Finding entities that have stopped making progress, and saying so once.
+
+An entity whose workflow tasks keep failing takes signals but applies none of them. Temporal
+flags such a workflow in visibility (the `TemporalReportedProblems` search attribute, set
+after a few consecutive task failures or timeouts and cleared by the next good task; a
+cluster turns it on with the dynamic config value
+`system.numConsecutiveWorkflowTaskProblemsToTriggerSearchAttribute`, the embedded dev server
+here sets it to 3). The watchdog asks for flagged entities of its task queue every
+`interval` seconds, marks each in the cache so that its cached reads say `stale: true`,
+logs it once with how to repair it, and clears the mark (and logs the recovery) when the
+flag goes. A newer snapshot clears the mark as well (see `workers/cache.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from entities import catalog
+from workers.cache import CacheUnavailable, SnapshotCache
+
+log = logging.getLogger(__name__)
+
+PROBLEMS = "TemporalReportedProblems"
+
+
+class StuckEntityWatchdog:
+    """Marks the entities of one task queue whose workflow tasks keep failing."""
+
+    def __init__(
+        self, client: Client, cache: SnapshotCache, task_queue: str, interval: float = 10.0
+    ) -> None:
+        self._client = client
+        self._cache = cache
+        self._task_queue = task_queue
+        self._interval = interval
+        self._types = set(catalog.entity_types())
+        self.stuck: dict[str, str] = {}
+        """Workflow id of each entity found stuck, and why."""
+
+    async def sweep(self) -> dict[str, str]:
+        """Look once; returns the entities stuck now, by workflow id."""
+        query = (
+            f'TaskQueue = "{self._task_queue}" AND ExecutionStatus = "Running" '
+            f"AND {PROBLEMS} IS NOT NULL"
+        )
+        found: dict[str, str] = {}
+        async for execution in self._client.list_workflows(query):
+            entity_type, _, entity_id = execution.id.partition(":")
+            if entity_type in self._types and entity_id:
+                found[execution.id] = _reason(execution.search_attributes.get(PROBLEMS))
+        for workflow_id, reason in found.items():
+            if workflow_id not in self.stuck:
+                log.error(
+                    "entity %s is stuck: its workflow tasks keep failing (%s). It takes "
+                    "commands but applies none, and its reads now say stale: true. Fix the "
+                    "cause, then run `tenure repair %s` to reset it to its last good task.",
+                    workflow_id,
+                    reason,
+                    workflow_id.replace(":", " ", 1),
+                )
+            await self._mark(workflow_id, reason)
+        for workflow_id in set(self.stuck) - set(found):
+            log.warning("entity %s makes progress again", workflow_id)
+            entity_type, _, entity_id = workflow_id.partition(":")
+            with contextlib.suppress(CacheUnavailable):
+                await self._cache.clear_stuck(entity_type, entity_id)
+        self.stuck = found
+        return found
+
+    async def _mark(self, workflow_id: str, reason: str) -> None:
+        entity_type, _, entity_id = workflow_id.partition(":")
+        try:
+            await self._cache.mark_stuck(entity_type, entity_id, reason)
+        except CacheUnavailable as exc:
+            log.warning("cache unavailable, %s not marked stuck: %s", workflow_id, exc)
+
+    async def run(self) -> None:
+        """Sweep every `interval` seconds until cancelled; a failed sweep is retried."""
+        while True:
+            try:
+                await self.sweep()
+            except (RPCError, CacheUnavailable) as exc:
+                log.warning("stuck-entity sweep failed: %s", exc)
+            await asyncio.sleep(self._interval)
+
+
+def _reason(problems: Any) -> str:
+    if isinstance(problems, list | tuple) and problems:
+        return ", ".join(str(p) for p in problems)
+    return "repeated workflow task failures"
+
+
+class RepeatedLogFilter(logging.Filter):
+    """Lets each distinct message through once per `window` seconds, with a count of the
+    repeats it held back. A stuck workflow makes the SDK log the same failure on every
+    retry (every 10 s, forever); the watchdog's one line says what to do about it."""
+
+    def __init__(self, window: float = 600.0, capacity: int = 1024) -> None:
+        super().__init__()
+        self._window = window
+        self._capacity = capacity
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = f"{record.name}:{record.getMessage()}"
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self._window:
+            self._seen[key] = (seen[0], seen[1] + 1)
+            return False
+        if seen is not None and seen[1]:
+            record.msg = f"{record.msg} (and {seen[1]} times more in the last {self._window:.0f} s)"
+        if len(self._seen) >= self._capacity:
+            self._seen.pop(next(iter(self._seen)))
+        self._seen[key] = (now, 0)
+        return True
