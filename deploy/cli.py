@@ -1,13 +1,55 @@
-"""The `tenure` console script: `tenure dev`, `tenure worker`, `tenure api`."""
+"""The `tenure` console script: `tenure dev`, `tenure worker`, `tenure api`, and
+`tenure repair <type> <id>` for an entity that is stuck."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import sys
 
+from entities.errors import TenureError
+from workers.settings import Settings
 
-def main() -> None:
-    commands = {"dev": "deploy.dev", "worker": "workers.__main__", "api": "api.__main__"}
-    if len(sys.argv) != 2 or sys.argv[1] not in commands:
-        sys.exit(f"usage: tenure {{{'|'.join(commands)}}}")
-    module = __import__(commands[sys.argv[1]], fromlist=["main"])
-    module.main()
+SERVERS = {"dev": "deploy.dev", "worker": "workers.__main__", "api": "api.__main__"}
+
+
+async def _repair(entity_type: str, entity_id: str, force: bool) -> int:
+    from workers.repair import repair
+    from workers.temporal import connect_temporal
+
+    client = await connect_temporal(Settings.from_env())
+    try:
+        done = await repair(client, entity_type, entity_id, force=force)
+    except TenureError as exc:
+        print(f"tenure repair: {exc.code.value}: {exc.message}", file=sys.stderr)
+        return 1
+    print(
+        f"{done.workflow_id}: reset to the task completed at event {done.reset_to_event} "
+        f"of run {done.old_run_id}; new run {done.new_run_id}, "
+        f"{done.signals_reapplied} signals re-applied"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in SERVERS and len(args) == 1:
+        module = __import__(SERVERS[args[0]], fromlist=["main"])
+        module.main()
+        return
+    parser = argparse.ArgumentParser(prog="tenure")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in SERVERS:
+        commands.add_parser(name, help=f"run the {name}")
+    fix = commands.add_parser(
+        "repair",
+        help="reset a stuck entity to its last good task, re-applying the signals after it",
+        description="Uses TEMPORAL_ADDRESS and TEMPORAL_NAMESPACE.",
+    )
+    fix.add_argument("entity_type", help="account, cart, inventory, ...")
+    fix.add_argument("entity_id")
+    fix.add_argument("--force", action="store_true", help="reset even if it is not stuck")
+    parsed = parser.parse_args(args)
+    if parsed.command == "repair":
+        sys.exit(asyncio.run(_repair(parsed.entity_type, parsed.entity_id, parsed.force)))
+    parser.error(f"{parsed.command} takes no arguments")

@@ -1,0 +1,114 @@
+"""Repairing a stuck entity: reset its workflow to its last good task, signals re-applied.
+
+An entity is stuck when its workflow tasks fail on every retry, typically because its
+history no longer replays with the code deployed (a bad deploy) or an SDK fault repeats on
+every replay. The remedy is Temporal's reset: a new run that keeps the history up to a
+workflow task, runs that task again with today's code, and re-applies every signal received
+after it. The last good task is the latest one whose history up to it replays with today's
+code, found with the SDK's replayer. The commands the re-applied signals carry are applied
+once: each entity's ledger knows the ones it had already applied.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.enums.v1 import EventType, ResetReapplyType
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
+from temporalio.client import Client, WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from entities import catalog
+from entities.errors import ErrorCode, TenureError
+
+
+@dataclass(frozen=True)
+class Repair:
+    """What a repair did: the task it reset to, the new run, how many signals came after."""
+
+    workflow_id: str
+    reset_to_event: int
+    old_run_id: str
+    new_run_id: str
+    signals_reapplied: int
+
+
+async def is_stuck(client: Client, workflow_id: str) -> bool:
+    """Whether the workflow's current task has failed or timed out at least once."""
+    description = await client.get_workflow_handle(workflow_id).describe()
+    pending = description.raw_description.pending_workflow_task
+    return description.raw_description.HasField("pending_workflow_task") and pending.attempt > 1
+
+
+async def last_good_task(workflow_id: str, events: list[HistoryEvent]) -> int:
+    """The index in `events` of the latest WORKFLOW_TASK_COMPLETED whose task, and all
+    history before it, replays with today's workflow code."""
+    replayer = Replayer(workflows=catalog.workflows(), data_converter=pydantic_data_converter)
+    completed = [
+        i
+        for i, event in enumerate(events)
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+    ]
+    if not completed:
+        raise TenureError(ErrorCode.NOT_FOUND, f"{workflow_id} has no completed task")
+
+    async def replays(index: int) -> bool:
+        history = WorkflowHistory(workflow_id, events[: index + 1])
+        result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+        return result.replay_failure is None
+
+    # A prefix that replays has only prefixes that replay: search for the boundary.
+    low, high = 0, len(completed) - 1
+    if not await replays(completed[low]):
+        raise TenureError(
+            ErrorCode.INVALID_TRANSITION,
+            f"{workflow_id}: not even its first task replays with the code deployed",
+        )
+    while low < high:
+        middle = (low + high + 1) // 2
+        if await replays(completed[middle]):
+            low = middle
+        else:
+            high = middle - 1
+    return completed[low]
+
+
+async def repair(
+    client: Client, entity_type: str, entity_id: str, *, force: bool = False
+) -> Repair:
+    """Reset the entity's current run to its last good task, re-applying later signals.
+    Refuses an entity that is not stuck unless `force`."""
+    entity = catalog.entity_types()[entity_type]
+    workflow_id = entity.workflow_id(entity_id)
+    handle = client.get_workflow_handle(workflow_id)
+    description = await handle.describe()
+    if not force and not await is_stuck(client, workflow_id):
+        raise TenureError(
+            ErrorCode.INVALID_TRANSITION, f"{workflow_id} is making progress; nothing to repair"
+        )
+    run_id = description.run_id
+    history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+    events = list(history.events)
+    index = await last_good_task(workflow_id, events)
+    # Reset re-runs the task that this event completed.
+    reset_to = events[index].event_id
+    signals = sum(
+        1
+        for event in events[index:]
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+    )
+    response = await client.workflow_service.reset_workflow_execution(
+        ResetWorkflowExecutionRequest(
+            namespace=client.namespace,
+            workflow_execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id),
+            reason="tenure repair: reset to the last task that replays",
+            workflow_task_finish_event_id=reset_to,
+            request_id=str(uuid.uuid4()),
+            reset_reapply_type=ResetReapplyType.RESET_REAPPLY_TYPE_SIGNAL,
+        )
+    )
+    return Repair(workflow_id, reset_to, run_id, response.run_id, signals)
