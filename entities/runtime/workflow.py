@@ -31,6 +31,22 @@ PUBLISH_ACTIVITY = "publish_snapshot"
 PUBLISH_TIMEOUT = timedelta(seconds=5)
 PUBLISH_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=2)
 PUBLISH_BACKOFF_MAX = timedelta(seconds=30)
+# Runs started from here on publish with an activity, not a local activity. A local
+# activity's marker is written when the activity resolves, wherever that falls, and the
+# SDK's core gets that wrong in two ways that froze entities for good: a marker recorded
+# after the run's final command (sdk-rust#659), and, when a workflow task's completion is
+# lost because Temporal restarts, results of that lost attempt's local activities recorded
+# in the next task, so that the history no longer replays ("Missing associated machine for
+# LocalActivity"). An activity is a command placed when it is scheduled and a result that
+# arrives as a history event, both replayed exactly. The server retries it (no workflow
+# timers), every 2 s at most, so the cache catches up within about 2 s of Redis returning.
+PUBLISH_BY_ACTIVITY = "publish-by-activity"
+PUBLISH_ACTIVITY_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=2),
+)
+PUBLISH_GIVE_UP = timedelta(minutes=10)
 # Publishes allowed back to back before the interval applies: an entity made and set up in
 # two quick commands (open, verify) is published twice at once, with no timer.
 PUBLISH_BURST = 2.0
@@ -73,6 +89,7 @@ class EntityWorkflow:
         self._received_this_run = 0
         self._published_revision = input.published_revision
         self._publishing: asyncio.Task[None] | None = None
+        self._publish_by_activity = False
         self._publish_backoff: asyncio.Task[None] | None = None
         self._publish_failures = 0
         self._publish_credit = PUBLISH_BURST
@@ -254,6 +271,7 @@ class EntityWorkflow:
         """
         timer: asyncio.Task[None] | None = None
         armed_for: datetime | None = None
+        self._publish_by_activity = workflow.patched(PUBLISH_BY_ACTIVITY)
         while True:
             deadline = self.entity.deadline(self._state, self._options)
             if deadline is not None and (armed_for is None or deadline < armed_for):
@@ -296,13 +314,18 @@ class EntityWorkflow:
         A run's last command (continue-as-new, completion) must be the last in its workflow
         task, but a local activity still running when it is issued gets its marker recorded
         after it (temporalio/sdk-rust#659). The server refuses that sequence, and since a
-        retried task replays to the same point the entity would refuse it forever. So the
-        run ends only once the publish it started has resolved; the main loop alone starts
-        publishes, and it is here, so none starts in between. Signals that arrive meanwhile
-        are applied by their handlers and carried over with the state.
+        retried task replays to the same point the entity would refuse it forever. So a run
+        that publishes with local activities (one started before PUBLISH_BY_ACTIVITY) ends
+        only once its publish has resolved; the main loop alone starts publishes, and it is
+        here, so none starts in between. An activity in flight is no obstacle: the next run
+        publishes again whatever this one has not seen confirmed. Signals that arrive
+        meanwhile are applied by their handlers and carried over with the state.
         """
         await workflow.wait_condition(
-            lambda: self._publishing is None and workflow.all_handlers_finished()
+            lambda: (
+                (self._publishing is None or self._publish_by_activity)
+                and workflow.all_handlers_finished()
+            )
         )
 
     def _fire_deadline(self) -> None:
@@ -337,12 +360,21 @@ class EntityWorkflow:
 
     async def _publish_snapshot(self, snapshot: Snapshot) -> None:
         try:
-            await workflow.execute_local_activity(
-                PUBLISH_ACTIVITY,
-                snapshot,
-                start_to_close_timeout=PUBLISH_TIMEOUT,
-                retry_policy=PUBLISH_RETRY,
-            )
+            if self._publish_by_activity:
+                await workflow.execute_activity(
+                    PUBLISH_ACTIVITY,
+                    snapshot,
+                    start_to_close_timeout=PUBLISH_TIMEOUT,
+                    schedule_to_close_timeout=PUBLISH_GIVE_UP,
+                    retry_policy=PUBLISH_ACTIVITY_RETRY,
+                )
+            else:
+                await workflow.execute_local_activity(
+                    PUBLISH_ACTIVITY,
+                    snapshot,
+                    start_to_close_timeout=PUBLISH_TIMEOUT,
+                    retry_policy=PUBLISH_RETRY,
+                )
         except FailureError:
             # A local activity's failure arrives as its cause (ApplicationError, timeout).
             # The cache is best effort: the entity keeps serving, and retries later.

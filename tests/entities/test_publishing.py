@@ -26,12 +26,12 @@ async def events(client: Client, workflow_id: str, event_type: EventType.ValueTy
 
 
 async def publishes(client: Client, workflow_id: str) -> int:
-    """Local activity markers in the workflow's current run: one per publish."""
-    markers = await events(client, workflow_id, EventType.EVENT_TYPE_MARKER_RECORDED)
+    """Publish activities scheduled in the workflow's current run."""
+    scheduled = await events(client, workflow_id, EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)
     return sum(
         1
-        for event in markers
-        if event.marker_recorded_event_attributes.marker_name == "core_local_activity"
+        for event in scheduled
+        if event.activity_task_scheduled_event_attributes.activity_type.name == "publish_snapshot"
     )
 
 
