@@ -130,13 +130,13 @@ class EntityGateway:
         if not wait:
             return Receipt(entity_id, envelope.command_id, applied=False)
         result = await self._delivery.await_outcome(handle, envelope)
-        await self._remember(result.snapshot)
+        snapshot = await self._cache.put_newest(result.snapshot)
         if result.outcome.status is OutcomeStatus.REJECTED:
             raise TenureError(
                 ErrorCode(result.outcome.code or ErrorCode.INTERNAL),
                 result.outcome.message or "command rejected",
             )
-        read = EntityRead(result.snapshot, Source.LIVE, stale=False)
+        read = EntityRead(snapshot, Source.LIVE, stale=False)
         return Receipt(entity_id, envelope.command_id, applied=True, read=read)
 
     # -- reads ----------------------------------------------------------------------------
@@ -184,8 +184,7 @@ class EntityGateway:
             raise unavailable(exc) from exc
         if snapshot.state is None:
             return None
-        await self._remember(snapshot)
-        return EntityRead(snapshot, Source.LIVE, stale=False)
+        return EntityRead(await self._cache.put_newest(snapshot), Source.LIVE, stale=False)
 
     async def read_workflow(self, workflow_id: str, query: str, result_type: type[M]) -> M | None:
         """A workflow that is not an entity (a saga): its answer to `query`, else, when no
@@ -225,9 +224,3 @@ class EntityGateway:
         return EntityRead(
             hit.snapshot, Source.CACHE, stale=hit.stuck is not None, cached_at=hit.cached_at
         )
-
-    async def _remember(self, snapshot: Snapshot) -> None:
-        try:
-            await self._cache.put(snapshot)
-        except CacheUnavailable as exc:
-            log.warning("cache unavailable, not refreshed: %s", exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,8 @@ from redis.exceptions import RedisError
 from entities.runtime.envelope import Snapshot
 from workers.read_batching import ReadBatcher
 from workers.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Writes only when the incoming snapshot is newer, atomically: a retried, delayed or
 # replayed publish can never move the cache backwards. Newer means a later incarnation of
@@ -36,6 +39,24 @@ redis.call('HSET', KEYS[1], 'incarnation', ARGV[1], 'revision', ARGV[2],
            'snapshot', ARGV[3], 'cached_at', ARGV[4])
 redis.call('HDEL', KEYS[1], 'stuck')
 return 1
+"""
+
+
+# The same write, answering with the stored snapshot when that one is newer (of the same
+# incarnation), so a caller can serve the newest state anyone has seen.
+_PUT_OR_GET_NEWER = """
+local current = redis.call('HMGET', KEYS[1], 'incarnation', 'revision', 'snapshot')
+local incarnation = tonumber(current[1] or '0')
+local revision = tonumber(current[2] or '-1')
+local new_incarnation = tonumber(ARGV[1])
+local new_revision = tonumber(ARGV[2])
+if new_incarnation < incarnation then return false end
+if new_incarnation == incarnation and new_revision < revision then return current[3] end
+if new_incarnation == incarnation and new_revision == revision then return false end
+redis.call('HSET', KEYS[1], 'incarnation', ARGV[1], 'revision', ARGV[2],
+           'snapshot', ARGV[3], 'cached_at', ARGV[4])
+redis.call('HDEL', KEYS[1], 'stuck')
+return false
 """
 
 
@@ -94,6 +115,7 @@ class SnapshotCache:
         self._client = client
         self._prefix = prefix
         self._put_if_newer = client.register_script(_PUT_IF_NEWER)
+        self._put_or_get_newer = client.register_script(_PUT_OR_GET_NEWER)
         self._reads = ReadBatcher(client, ["snapshot", "cached_at", "stuck"])
         self._unsaved = UnsavedSnapshots(self._put)
 
@@ -124,6 +146,29 @@ class SnapshotCache:
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
         return bool(written)
+
+    async def put_newest(self, snapshot: Snapshot) -> Snapshot:
+        """Store `snapshot` as `put` does, and return the newest state known of its entity:
+        `snapshot`, or the newer one the cache (or this process) already holds. A workflow
+        can answer from a task whose completion Temporal then lost (a restart): the history
+        goes back a few commands and applies them again. What a client was shown stays
+        shown."""
+        try:
+            newer = await self._put_or_get_newer(
+                keys=[self.key(snapshot.entity_type, snapshot.entity_id)],
+                args=[
+                    snapshot.incarnation,
+                    snapshot.revision,
+                    snapshot.model_dump_json(),
+                    repr(time.time()),
+                ],
+            )
+        except RedisError as exc:
+            if not self._unsaved:
+                log.warning("cache unavailable, keeping snapshots to write later: %s", exc)
+            self._unsaved.keep(snapshot)
+            return self._unsaved.newest(snapshot)
+        return Snapshot.model_validate_json(newer) if newer else snapshot
 
     async def get(self, entity_type: str, entity_id: str) -> CachedSnapshot | None:
         """The last-seen snapshot, or None when the cache has never seen the entity."""
@@ -199,6 +244,11 @@ class UnsavedSnapshots:
             self._kept.popitem(last=False)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
+
+    def newest(self, snapshot: Snapshot) -> Snapshot:
+        """`snapshot`, or the kept one of its entity if that is newer."""
+        held = self._kept.get((snapshot.entity_type, snapshot.entity_id))
+        return held[0] if held is not None and _order(held[0]) > _order(snapshot) else snapshot
 
     def newer_than(
         self, entity_type: str, entity_id: str, stored: RawEntry | None
