@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
@@ -93,6 +94,7 @@ class EmbeddedServer:
         self.port = port or free_port()
         self.log_file = log_file
         self.process: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -113,10 +115,11 @@ class EmbeddedServer:
             await asyncio.sleep(0.1)
 
     async def start(self, timeout: float = 60.0) -> None:
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        if self.log_file is not None and self._log is None:
+            self._log = open(self.log_file, "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             self.command(),
-            stdout=out,
+            stdout=self._log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
@@ -130,6 +133,9 @@ class EmbeddedServer:
     def stop(self, timeout: float = 15.0) -> None:
         process, self.process = self.process, None
         stop_process(process, timeout)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def _check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from temporalio.client import Client
@@ -20,6 +21,8 @@ from workers.temporal import connect_temporal
 from workers.watchdog import StuckEntityWatchdog
 
 log = logging.getLogger(__name__)
+
+STICKY_TIMEOUT = timedelta(seconds=3)
 
 # Domain code is pure and side-effect free, so the sandbox may share it between runs instead
 # of re-importing it for each workflow: less memory per cached entity, faster starts.
@@ -62,6 +65,9 @@ def build_worker(
         max_cached_workflows=settings.max_cached_workflows,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         workflow_runner=workflow_runner(settings),
+        # A task waiting on the queue of a worker that is gone (killed, or its queue lost
+        # in a Temporal restart) goes to the shared queue after this, not after 10 s.
+        sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
     )
 
 
