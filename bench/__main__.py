@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import report, sagas, scaling, scenarios
+from bench import mixed, report, sagas, scaling, scenarios
 from bench.scale import SCALES, Scale
 from bench.scenarios import Bench, Result
 from bench.stack import bench_stack
@@ -28,6 +28,7 @@ SCENARIOS: list[tuple[str, Scenario]] = [
     ("raw SDK queries and GraphQL reads", scenarios.reads),
     ("one hot counter and one hot account", scaling.hot),
     ("checkout sagas", sagas.checkouts),
+    (f"mixed traffic from {mixed.CLIENTS} clients", mixed.mixed),
     ("many live accounts", scaling.many_entities),
 ]
 
@@ -92,18 +93,31 @@ async def run(scale: Scale, chosen: list[tuple[str, Scenario]]) -> int:
     return 0
 
 
+def _choose(wanted: list[str]) -> list[tuple[str, Scenario]]:
+    chosen: list[tuple[str, Scenario]] = []
+    for item in wanted:
+        if item.isdigit():
+            chosen.append(SCENARIOS[int(item) - 1])
+        else:
+            chosen += [s for s in SCENARIOS if item.lower() in s[0].lower()]
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--scale", choices=sorted(SCALES), default="default")
     parser.add_argument(
         "--only",
         metavar="N,N",
-        help="run only these scenarios, by number (reads need the writes before them)",
+        help="run only these scenarios, by number or by a word of their name "
+        "(reads need the writes before them)",
     )
     args = parser.parse_args()
     chosen = SCENARIOS
     if args.only:
-        chosen = [SCENARIOS[int(n) - 1] for n in args.only.split(",")]
+        chosen = _choose(args.only.split(","))
+        if not chosen:
+            parser.error(f"no scenario matches {args.only!r}")
     sys.exit(asyncio.run(run(SCALES[args.scale], chosen)))
 
 

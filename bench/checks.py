@@ -51,13 +51,19 @@ async def account_snapshot(client: Client, workflow_id: str) -> Snapshot:
 
 
 async def check_accounts(
-    client: Client, expected: Mapping[str, int], base_revision: int, concurrency: int
+    client: Client,
+    expected: Mapping[str, int],
+    base_revision: int,
+    concurrency: int,
+    balances: Mapping[str, int] | None = None,
 ) -> list[str]:
-    """Problems with accounts whose balance should equal the deposits of 1 sent to them and
-    whose revision should be `base_revision` plus that count; empty when exactly once."""
+    """Problems with accounts whose revision should be `base_revision` plus the deposits
+    sent to them and whose balance should equal `balances`, or that count when every deposit
+    was of 1; empty when exactly once."""
 
     async def check(account_id: str) -> str | None:
         want = expected[account_id]
+        want_balance = want if balances is None else balances[account_id]
         workflow_id = f"account:{account_id}"
         try:
             revision = await settled(lambda: _revision(client, workflow_id), base_revision + want)
@@ -65,10 +71,10 @@ async def check_accounts(
         except RPCError as exc:
             return f"{account_id}: cannot be read ({exc})"
         balance = (snapshot.state or {}).get("balance")
-        if balance != want or revision != base_revision + want:
+        if balance != want_balance or revision != base_revision + want:
             return (
                 f"{account_id}: balance {balance} revision {revision}, "
-                f"expected {want} and {base_revision + want}"
+                f"expected {want_balance} and {base_revision + want}"
             )
         return None
 

@@ -179,6 +179,15 @@ def markdown(
             f"{r.details['accepted_per_s']:,.0f}/s, applied at {r.ops_per_s:,.0f}/s."
         )
     for r in results:
+        if "repeats" in r.details:
+            d = r.details
+            lines.append(
+                f"- {r.title}: {d['clients']} clients, {r.measured.ops:,} mutations, "
+                f"{d['waited']:,} with wait: true, {d['repeats']:,} repeating a key sent "
+                f"before; {d['keys']:,} distinct keys acknowledged, {d['retries']} attempts "
+                "retried with the same key."
+            )
+    for r in results:
         if "kib_per_entity" in r.details:
             lines.append(
                 f"- {r.title}: worker RSS {r.details['worker_rss_kib'] / 1024:.0f} MiB, "

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Scale:
-    """Operation counts of each scenario; every scenario uses the same client concurrency."""
+    """Operation counts of each scenario; every scenario but the mixed one, whose 64 clients
+    are part of what it tests, uses the same client concurrency."""
 
     name: str
     concurrency: int
@@ -18,6 +19,8 @@ class Scale:
     hot_commands: int
     many_entities: tuple[int, ...]
     checkouts: int
+    mixed_hot: int
+    mixed_spread: int
     time_limit: float
     rounds: int = 4
 
@@ -33,6 +36,8 @@ SCALES = {
         hot_commands=2_000,
         many_entities=(100, 1_000),
         checkouts=30,
+        mixed_hot=1_000,
+        mixed_spread=500,
         time_limit=60.0,
     ),
     "default": Scale(
@@ -45,6 +50,8 @@ SCALES = {
         hot_commands=10_000,
         many_entities=(100, 1_000, 10_000),
         checkouts=200,
+        mixed_hot=4_000,
+        mixed_spread=2_000,
         time_limit=240.0,
     ),
 }

@@ -86,7 +86,7 @@ async def hot(bench: Bench) -> list[Result]:
             raw.measured,
             window=raw.window,
             problems=raw_problems,
-            details=_history_details(bench, await history_lengths(raw_client, counter), raw),
+            details=history_details(bench, await history_lengths(raw_client, counter), raw),
         ),
         Result(
             "hot",
@@ -96,14 +96,16 @@ async def hot(bench: Bench) -> list[Result]:
             baseline="raw_hot",
             window=tenure.window,
             problems=problems,
-            details=_history_details(
+            details=history_details(
                 bench, await history_lengths(client, f"account:{account}"), tenure
             ),
         ),
     ]
 
 
-def _history_details(bench: Bench, lengths: list[int], load: Load) -> dict[str, object]:
+def history_details(bench: Bench, lengths: list[int], load: Load) -> dict[str, object]:
+    """How a hot entity's runs went: how many, the longest history against its bound, and
+    the rate commands were accepted at (throughput counts them applied)."""
     sending = load.measured.sending
     return {
         "accepted_per_s": round(load.measured.ops / sending, 1) if sending else 0.0,

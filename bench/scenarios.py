@@ -110,14 +110,23 @@ class Bench:
     def max_commands_per_run(self) -> int:
         return self.stack.settings.runtime.max_commands_per_run
 
-    async def drive(self, operation: Callable[[int], Awaitable[object]], count: int) -> Measured:
+    async def drive(
+        self,
+        operation: Callable[[int], Awaitable[object]],
+        count: int,
+        concurrency: int | None = None,
+    ) -> Measured:
+        """Run `count` operations from `concurrency` clients, the scale's by default."""
         self.stack.check_alive()
-        return await drive(operation, count, self.scale.concurrency, self.scale.time_limit)
+        clients = concurrency or self.scale.concurrency
+        return await drive(operation, count, clients, self.scale.time_limit)
 
-    async def alternate(self, loads: list[Load]) -> None:
+    async def alternate(self, loads: list[Load], concurrency: int | None = None) -> None:
         """Drive the loads in turn, one slice of each per round, so that whatever else the
-        machine is doing meanwhile weighs on the baseline and on Tenure alike."""
+        machine is doing meanwhile weighs on the baseline and on Tenure alike; from
+        `concurrency` clients, the scale's by default."""
         rounds = self.scale.rounds
+        clients = concurrency or self.scale.concurrency
         for _ in range(rounds):
             for load in loads:
                 size = min(-(-load.count // rounds), load.count - load.sent)
@@ -134,7 +143,7 @@ class Bench:
                         part = await drive(
                             load.slice(load.sent),
                             size,
-                            self.scale.concurrency,
+                            clients,
                             self.scale.time_limit / rounds,
                         )
                         if load.settle is not None:
