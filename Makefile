@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BENCH_SCALE ?= default
+SOAK_MINUTES ?= 30
 
-.PHONY: dev test check lint format typecheck bench worker api clean
+.PHONY: dev test check lint format typecheck bench soak worker api clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,9 @@ check: lint typecheck test
 
 bench: $(STAMP)  ## benchmarks against raw Temporal; BENCH_SCALE=small for a quick run
 	$(BIN)/python -m bench --scale $(BENCH_SCALE)
+
+soak: $(STAMP)  ## SOAK_MINUTES (default 30) of mixed traffic with faults; exits 1 on any loss
+	SOAK_MINUTES=$(SOAK_MINUTES) $(BIN)/python -m tests.soak
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache *.egg-info

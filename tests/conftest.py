@@ -187,7 +187,8 @@ async def start_over(
     """Start a new workflow chain for an entity whose workflow has finished, with `command`,
     as once retention has deleted it. The dev server takes half a minute to delete a
     workflow; a chain started over the finished one leaves Temporal and the cache as
-    deletion would."""
+    deletion would. It waits for the finishing run to end (its last publish)."""
+    await client.get_workflow_handle(f"{entity_type}:{entity_id}").result()
     await client.start_workflow(
         catalog.workflow_for(entity_type).run,  # type: ignore[attr-defined]
         CommandDelivery(client, settings).start_input(entity_type, entity_id),
