@@ -31,6 +31,9 @@ from workers.settings import Settings
 from workers.worker import build_worker
 
 HISTORIES = Path(__file__).parent / "histories"
+# Histories recorded since entities publish with an activity (PUBLISH_BY_ACTIVITY); those in
+# HISTORIES itself publish with local activities, as every run started before did.
+CURRENT = "publish-by-activity"
 
 
 def workflow_id_of(path: Path) -> str:
@@ -176,6 +179,8 @@ async def record(into: Path = HISTORIES) -> list[Path]:
                     written += await _write_runs(client, workflow_id, into)
             async with build_worker(client, account_settings, cache):
                 await _account_lifecycle(EntityGateway(client, cache, account_settings))
+                # Closed, it still publishes its last state before it completes.
+                await client.get_workflow_handle(f"account:{ACCOUNT_ID}").result()
                 written += await _write_runs(client, f"account:{ACCOUNT_ID}", into)
             return written
         finally:
@@ -183,15 +188,18 @@ async def record(into: Path = HISTORIES) -> list[Path]:
 
 
 def main() -> None:
-    """Record every history, or with arguments only those whose names start with one of
-    them (`account.acct-burst`), leaving the others as they were recorded."""
+    """Record every history into tests/entities/histories/<CURRENT>, or with arguments only
+    those whose names start with one of them (`account.acct-burst`), leaving the others as
+    they were recorded. The histories of older code stay in the folders named after it."""
     # The scenarios' refusals are logged by the worker as failed activities: expected here.
     logging.basicConfig(level=logging.ERROR)
     wanted = tuple(sys.argv[1:])
+    target = HISTORIES / CURRENT
+    target.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(KeyboardInterrupt), tempfile.TemporaryDirectory() as scratch:
         for path in asyncio.run(record(Path(scratch))):
             if not wanted or path.stem.startswith(wanted):
-                kept = HISTORIES / path.name
+                kept = target / path.name
                 shutil.copyfile(path, kept)
                 print(kept)
 
