@@ -88,6 +88,7 @@ class Report:
     errors: Counter[str] = field(default_factory=Counter)
     faults: list[str] = field(default_factory=list)
     runs: int = 0
+    suggested_runs: int = 0  # runs of the account that continues as new only when told to
     task_failures: Counter[str] = field(default_factory=Counter)
     backwards_reads: int = 0
     problems: list[str] = field(default_factory=list)
@@ -103,7 +104,8 @@ class Report:
             f"faults injected: {', '.join(self.faults) or 'none'}",
             "throughput back after: "
             + (", ".join(f"{k} {v:.1f} s" for k, v in self.recovery_seconds.items()) or "-"),
-            f"runs (continue-as-new chains) {self.runs}; workflow task failures and timeouts: "
+            f"runs {self.runs} ({self.suggested_runs} of them ended by the server's suggestion"
+            "); workflow task failures and timeouts: "
             f"{dict(self.task_failures) or 'none'}",
             f"reads that went back a revision: {self.backwards_reads}",
             "problems: " + ("; ".join(self.problems) if self.problems else "none"),
@@ -345,6 +347,7 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
     for account in traffic.accounts:
         async for execution in client.list_workflows(f"WorkflowId = 'account:{account.id}'"):
             report.runs += 1
+            report.suggested_runs += account.id.startswith("huge")
             handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
             async for event in handle.fetch_history_events():
                 if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
