@@ -23,6 +23,8 @@ from workers.watchdog import StuckEntityWatchdog
 log = logging.getLogger(__name__)
 
 STICKY_TIMEOUT = timedelta(seconds=3)
+GRACEFUL_SHUTDOWN = timedelta(seconds=5)
+SHUTDOWN_TIMEOUT = timedelta(seconds=10)
 
 # Domain code is pure and side-effect free, so the sandbox may share it between runs instead
 # of re-importing it for each workflow: less memory per cached entity, faster starts.
@@ -68,6 +70,7 @@ def build_worker(
         # A task waiting on the queue of a worker that is gone (killed, or its queue lost
         # in a Temporal restart) goes to the shared queue after this, not after 10 s.
         sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
+        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
     )
 
 
@@ -80,10 +83,24 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     watchdog = StuckEntityWatchdog(client, cache, settings.task_queue, settings.watchdog_interval)
     log.info("worker polling task queue %r at %s", settings.task_queue, settings.temporal_address)
     watching = asyncio.create_task(watchdog.run()) if settings.watchdog_interval else None
+    running = asyncio.create_task(worker.run())
     try:
-        async with worker:
-            await (stop or asyncio.Event()).wait()
+        await asyncio.wait(
+            [running, asyncio.create_task((stop or asyncio.Event()).wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
     finally:
         if watching is not None:
             watching.cancel()
+        # Activities in flight get GRACEFUL_SHUTDOWN to finish; a workflow task that
+        # cannot complete (an entity stuck on a failing task) must not keep the process
+        # up for good, so shutting down as a whole is bounded too.
+        try:
+            await asyncio.wait_for(worker.shutdown(), SHUTDOWN_TIMEOUT.total_seconds())
+        except TimeoutError:
+            log.error("worker did not shut down within %s; exiting anyway", SHUTDOWN_TIMEOUT)
+        failed = running.exception() if running.done() and not running.cancelled() else None
+        running.cancel()
         await redis_client.aclose()
+        if failed is not None:
+            raise failed
