@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, ClassVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
-from temporalio.exceptions import ChildWorkflowError, FailureError, WorkflowAlreadyStartedError
+from temporalio.exceptions import ChildWorkflowError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
@@ -26,30 +25,7 @@ with workflow.unsafe.imports_passed_through():
         Snapshot,
     )
     from entities.runtime.ledger import Ledger
-
-PUBLISH_ACTIVITY = "publish_snapshot"
-PUBLISH_TIMEOUT = timedelta(seconds=5)
-PUBLISH_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=2)
-PUBLISH_BACKOFF_MAX = timedelta(seconds=30)
-# Runs started from here on publish with an activity, not a local activity. A local
-# activity's marker is written when the activity resolves, wherever that falls, and the
-# SDK's core gets that wrong in two ways that froze entities for good: a marker recorded
-# after the run's final command (sdk-rust#659), and, when a workflow task's completion is
-# lost because Temporal restarts, results of that lost attempt's local activities recorded
-# in the next task, so that the history no longer replays ("Missing associated machine for
-# LocalActivity"). An activity is a command placed when it is scheduled and a result that
-# arrives as a history event, both replayed exactly. The server retries it (no workflow
-# timers), every 2 s at most, so the cache catches up within about 2 s of Redis returning.
-PUBLISH_BY_ACTIVITY = "publish-by-activity"
-PUBLISH_ACTIVITY_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=200),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=2),
-)
-PUBLISH_GIVE_UP = timedelta(minutes=10)
-# Publishes allowed back to back before the interval applies: an entity made and set up in
-# two quick commands (open, verify) is published twice at once, with no timer.
-PUBLISH_BURST = 2.0
+    from entities.runtime.publisher import SnapshotPublisher
 
 
 class EntityWorkflow:
@@ -57,10 +33,10 @@ class EntityWorkflow:
 
     Commands arrive on the `command` signal (or `commands`, a batch) and are applied in the
     handler itself, so a query sent after a signal sees its outcome. Every applied command
-    raises the revision by one. The main loop publishes the snapshot (after each workflow
-    task, or with a publish interval at most once per interval under a stream of commands,
-    the last change by a timer), fires the entity's durable timer, carries out effects, and
-    continues as new when the run has seen enough commands or the server suggests it.
+    raises the revision by one. The main loop has the snapshot published (`SnapshotPublisher`
+    decides when), fires the entity's durable timer, carries out effects, and continues as
+    new when the run has seen enough commands or the server suggests it, only once nothing
+    runs beside it (`_quiesce`).
     """
 
     entity: ClassVar[EntityType[Any, Any]]
@@ -87,14 +63,7 @@ class EntityWorkflow:
         )
         self._ledger = Ledger(input.runtime.ledger_size, input.ledger)
         self._received_this_run = 0
-        self._published_revision = input.published_revision
-        self._publishing: asyncio.Task[None] | None = None
-        self._publish_by_activity = False
-        self._publish_backoff: asyncio.Task[None] | None = None
-        self._publish_failures = 0
-        self._publish_credit = PUBLISH_BURST
-        self._credited_at: datetime | None = None
-        self._publish_timer: asyncio.Task[None] | None = None
+        self._publisher = SnapshotPublisher(input.runtime, self.snapshot, input.published_revision)
         self._effects: list[Any] = list(input.effects)
 
     # -- commands -------------------------------------------------------------------------
@@ -210,56 +179,6 @@ class EntityWorkflow:
             or workflow.info().is_continue_as_new_suggested()
         )
 
-    def _has_unpublished(self) -> bool:
-        return (
-            self._input.runtime.publish_snapshots
-            and self._revision > self._published_revision
-            and self._publishing is None
-            and (self._publish_backoff is None or self._publish_backoff.done())
-        )
-
-    def _credit_now(self) -> float:
-        """Publishes that may start now: a token bucket of PUBLISH_BURST, refilled by one
-        per publish interval."""
-        interval = self._input.runtime.publish_interval_seconds
-        if self._credited_at is None or not interval:
-            return PUBLISH_BURST
-        elapsed = (workflow.now() - self._credited_at).total_seconds()
-        return min(PUBLISH_BURST, self._publish_credit + elapsed / interval)
-
-    def _publish_wait(self) -> float:
-        """Seconds until the next publish may start: 0 when it is due now. Runs started
-        before the interval existed carry none (0) in their input, so their histories
-        replay as they were made."""
-        if not self._input.runtime.publish_interval_seconds:
-            return 0.0
-        credit = self._credit_now()
-        return (
-            0.0 if credit >= 1.0 else (1.0 - credit) * self._input.runtime.publish_interval_seconds
-        )
-
-    def _needs_attention_to_publish(self) -> bool:
-        """A publish is due, or one will be and no timer is set for it yet."""
-        if self._publish_timer is not None and self._publish_timer.done():
-            return True
-        return self._has_unpublished() and (
-            self._publish_timer is None or self._publish_wait() == 0.0
-        )
-
-    def _schedule_publish(self) -> None:
-        """Publish now if due, else make sure a timer wakes the loop when it is."""
-        if self._publish_timer is not None and self._publish_timer.done():
-            self._publish_timer = None
-        if not self._has_unpublished():
-            return
-        wait = self._publish_wait()
-        if wait == 0.0:
-            self._publish_credit = self._credit_now() - 1.0
-            self._credited_at = workflow.now()
-            self._publishing = asyncio.create_task(self._publish())
-        elif self._publish_timer is None:
-            self._publish_timer = asyncio.create_task(workflow.sleep(wait))
-
     async def run_entity(self) -> Snapshot:
         """Serve commands until the entity reaches a terminal state; returns its last snapshot.
 
@@ -271,7 +190,7 @@ class EntityWorkflow:
         """
         timer: asyncio.Task[None] | None = None
         armed_for: datetime | None = None
-        self._publish_by_activity = workflow.patched(PUBLISH_BY_ACTIVITY)
+        self._publisher.start_run()
         while True:
             deadline = self.entity.deadline(self._state, self._options)
             if deadline is not None and (armed_for is None or deadline < armed_for):
@@ -283,7 +202,7 @@ class EntityWorkflow:
 
             def has_work(armed: asyncio.Task[None] | None = timer) -> bool:
                 return (
-                    self._needs_attention_to_publish()
+                    self._publisher.needs_attention(self._revision)
                     or bool(self._effects)
                     or self._is_terminal()
                     or self._should_continue_as_new()
@@ -296,9 +215,9 @@ class EntityWorkflow:
                 self._fire_deadline()
             if self._is_terminal():
                 await self._run_effects()
-                if self._input.runtime.publish_snapshots:
+                if self._publisher.enabled:
                     await self._quiesce()
-                    await self._publish()
+                    await self._publisher.publish()
                 await self._quiesce()
                 return self.snapshot()
             if self._should_continue_as_new():
@@ -306,7 +225,7 @@ class EntityWorkflow:
                 # The next run publishes whatever this one did not.
                 workflow.continue_as_new(self._carry_over())
             await self._run_effects()
-            self._schedule_publish()
+            self._publisher.schedule(self._revision)
 
     async def _quiesce(self) -> None:
         """Wait until nothing runs beside the main loop: no handler, no publish in flight.
@@ -322,10 +241,7 @@ class EntityWorkflow:
         meanwhile are applied by their handlers and carried over with the state.
         """
         await workflow.wait_condition(
-            lambda: (
-                (self._publishing is None or self._publish_by_activity)
-                and workflow.all_handlers_finished()
-            )
+            lambda: self._publisher.lets_run_end() and workflow.all_handlers_finished()
         )
 
     def _fire_deadline(self) -> None:
@@ -351,41 +267,6 @@ class EntityWorkflow:
                 except (ChildWorkflowError, WorkflowAlreadyStartedError) as exc:
                     workflow.logger.warning("effect %s not started: %s", effect.workflow_id, exc)
 
-    async def _publish(self) -> None:
-        snapshot = self.snapshot()
-        try:
-            await self._publish_snapshot(snapshot)
-        finally:
-            self._publishing = None
-
-    async def _publish_snapshot(self, snapshot: Snapshot) -> None:
-        try:
-            if self._publish_by_activity:
-                await workflow.execute_activity(
-                    PUBLISH_ACTIVITY,
-                    snapshot,
-                    start_to_close_timeout=PUBLISH_TIMEOUT,
-                    schedule_to_close_timeout=PUBLISH_GIVE_UP,
-                    retry_policy=PUBLISH_ACTIVITY_RETRY,
-                )
-            else:
-                await workflow.execute_local_activity(
-                    PUBLISH_ACTIVITY,
-                    snapshot,
-                    start_to_close_timeout=PUBLISH_TIMEOUT,
-                    retry_policy=PUBLISH_RETRY,
-                )
-        except FailureError:
-            # A local activity's failure arrives as its cause (ApplicationError, timeout).
-            # The cache is best effort: the entity keeps serving, and retries later.
-            self._publish_failures += 1
-            backoff = min(timedelta(seconds=2**self._publish_failures), PUBLISH_BACKOFF_MAX)
-            self._publish_backoff = asyncio.create_task(workflow.sleep(backoff))
-            return
-        self._publish_failures = 0
-        self._publish_backoff = None
-        self._published_revision = snapshot.revision
-
     def _carry_over(self) -> EntityRunInput:
         return EntityRunInput(
             entity_id=self._input.entity_id,
@@ -395,7 +276,7 @@ class EntityWorkflow:
             revision=self._revision,
             updated_at=self._updated_at,
             ledger=self._ledger.entries(),
-            published_revision=self._published_revision,
+            published_revision=self._publisher.published_revision,
             incarnation=self._incarnation,
             effects=self._effects,
         )

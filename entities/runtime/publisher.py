@@ -1,0 +1,163 @@
+"""Publishing an entity's snapshot to the last-seen cache, from inside its workflow.
+
+One publish is in flight at a time, of the state as it is when it starts; a change made
+meanwhile is published once it ends. With a publish interval, a token bucket lets
+`PUBLISH_BURST` publishes through back to back and then one per interval, and a timer brings
+the last change of a stream. A publish that fails is retried after a backoff; the cache is
+best effort, the entity keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import FailureError
+
+with workflow.unsafe.imports_passed_through():
+    from entities.runtime.envelope import RuntimeOptions, Snapshot
+
+PUBLISH_ACTIVITY = "publish_snapshot"
+PUBLISH_TIMEOUT = timedelta(seconds=5)
+PUBLISH_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=2)
+PUBLISH_BACKOFF_MAX = timedelta(seconds=30)
+# Publishes allowed back to back before the interval applies: an entity made and set up in
+# two quick commands (open, verify) is published twice at once, with no timer.
+PUBLISH_BURST = 2.0
+# Runs started from here on publish with an activity, not a local activity. A local
+# activity's marker is written when the activity resolves, wherever that falls, and the
+# SDK's core gets that wrong in two ways that froze entities for good: a marker recorded
+# after the run's final command (sdk-rust#659), and, when a workflow task's completion is
+# lost because Temporal restarts, results of that lost attempt's local activities recorded
+# in the next task, so that the history no longer replays ("Missing associated machine for
+# LocalActivity"). An activity is a command placed when it is scheduled and a result that
+# arrives as a history event, both replayed exactly. The server retries it (no workflow
+# timers), every 2 s at most, so the cache catches up within about 2 s of Redis returning.
+PUBLISH_BY_ACTIVITY = "publish-by-activity"
+PUBLISH_ACTIVITY_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=2),
+)
+PUBLISH_GIVE_UP = timedelta(minutes=10)
+
+
+class SnapshotPublisher:
+    """Decides when an entity publishes its snapshot, and publishes it.
+
+    `snapshot` gives the entity's current snapshot; `published_revision` is the last one
+    known to be in the cache, carried across continue-as-new.
+    """
+
+    def __init__(
+        self, runtime: RuntimeOptions, snapshot: Callable[[], Snapshot], published_revision: int
+    ) -> None:
+        self._runtime = runtime
+        self._snapshot = snapshot
+        self.published_revision = published_revision
+        self._publishing: asyncio.Task[None] | None = None
+        self._by_activity = False
+        self._backoff: asyncio.Task[None] | None = None
+        self._failures = 0
+        self._credit = PUBLISH_BURST
+        self._credited_at: datetime | None = None
+        self._timer: asyncio.Task[None] | None = None
+
+    def start_run(self) -> None:
+        """Choose how this run publishes; called once, from the workflow's `run`."""
+        self._by_activity = workflow.patched(PUBLISH_BY_ACTIVITY)
+
+    @property
+    def enabled(self) -> bool:
+        return self._runtime.publish_snapshots
+
+    def lets_run_end(self) -> bool:
+        """Whether the run may issue its final command now: not while a local activity is
+        in flight, whose marker would land after it (see `EntityWorkflow._quiesce`)."""
+        return self._publishing is None or self._by_activity
+
+    def needs_attention(self, revision: int) -> bool:
+        """A publish is due, or one will be and no timer is set for it yet."""
+        if self._timer is not None and self._timer.done():
+            return True
+        return self._has_unpublished(revision) and (self._timer is None or self._wait() == 0.0)
+
+    def schedule(self, revision: int) -> None:
+        """Publish now if due, else make sure a timer wakes the loop when it is."""
+        if self._timer is not None and self._timer.done():
+            self._timer = None
+        if not self._has_unpublished(revision):
+            return
+        wait = self._wait()
+        if wait == 0.0:
+            self._credit = self._credit_now() - 1.0
+            self._credited_at = workflow.now()
+            self._publishing = asyncio.create_task(self.publish())
+        elif self._timer is None:
+            self._timer = asyncio.create_task(workflow.sleep(wait))
+
+    async def publish(self) -> None:
+        """Publish the current snapshot and wait for it."""
+        snapshot = self._snapshot()
+        try:
+            await self._publish(snapshot)
+        finally:
+            self._publishing = None
+
+    def _has_unpublished(self, revision: int) -> bool:
+        return (
+            self._runtime.publish_snapshots
+            and revision > self.published_revision
+            and self._publishing is None
+            and (self._backoff is None or self._backoff.done())
+        )
+
+    def _credit_now(self) -> float:
+        """Publishes that may start now: a token bucket of PUBLISH_BURST, refilled by one
+        per publish interval."""
+        interval = self._runtime.publish_interval_seconds
+        if self._credited_at is None or not interval:
+            return PUBLISH_BURST
+        elapsed = (workflow.now() - self._credited_at).total_seconds()
+        return min(PUBLISH_BURST, self._credit + elapsed / interval)
+
+    def _wait(self) -> float:
+        """Seconds until the next publish may start: 0 when it is due now. Runs started
+        before the interval existed carry none (0) in their input, so their histories
+        replay as they were made."""
+        interval = self._runtime.publish_interval_seconds
+        if not interval:
+            return 0.0
+        credit = self._credit_now()
+        return 0.0 if credit >= 1.0 else (1.0 - credit) * interval
+
+    async def _publish(self, snapshot: Snapshot) -> None:
+        try:
+            if self._by_activity:
+                await workflow.execute_activity(
+                    PUBLISH_ACTIVITY,
+                    snapshot,
+                    start_to_close_timeout=PUBLISH_TIMEOUT,
+                    schedule_to_close_timeout=PUBLISH_GIVE_UP,
+                    retry_policy=PUBLISH_ACTIVITY_RETRY,
+                )
+            else:
+                await workflow.execute_local_activity(
+                    PUBLISH_ACTIVITY,
+                    snapshot,
+                    start_to_close_timeout=PUBLISH_TIMEOUT,
+                    retry_policy=PUBLISH_RETRY,
+                )
+        except FailureError:
+            # A failure arrives as its cause (ApplicationError, timeout). The cache is best
+            # effort: the entity keeps serving, and retries later.
+            self._failures += 1
+            backoff = min(timedelta(seconds=2**self._failures), PUBLISH_BACKOFF_MAX)
+            self._backoff = asyncio.create_task(workflow.sleep(backoff))
+            return
+        self._failures = 0
+        self._backoff = None
+        self.published_revision = snapshot.revision
