@@ -23,7 +23,6 @@ from workers.watchdog import StuckEntityWatchdog
 log = logging.getLogger(__name__)
 
 STICKY_TIMEOUT = timedelta(seconds=3)
-GRACEFUL_SHUTDOWN = timedelta(seconds=5)
 SHUTDOWN_TIMEOUT = timedelta(seconds=10)
 
 # Domain code is pure and side-effect free, so the sandbox may share it between runs instead
@@ -70,7 +69,6 @@ def build_worker(
         # A task waiting on the queue of a worker that is gone (killed, or its queue lost
         # in a Temporal restart) goes to the shared queue after this, not after 10 s.
         sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
-        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
     )
 
 
@@ -92,9 +90,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     finally:
         if watching is not None:
             watching.cancel()
-        # Activities in flight get GRACEFUL_SHUTDOWN to finish; a workflow task that
-        # cannot complete (an entity stuck on a failing task) must not keep the process
-        # up for good, so shutting down as a whole is bounded too.
+        # Activities in flight are cancelled at once (the server retries them: publishing is
+        # idempotent); giving them time kept the worker's sticky queue alive, and every
+        # entity's next task waited for it. A workflow task that cannot complete (an entity
+        # stuck on a failing task) must not keep the process up for good: bounded.
         try:
             await asyncio.wait_for(worker.shutdown(), SHUTDOWN_TIMEOUT.total_seconds())
         except TimeoutError:
