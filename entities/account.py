@@ -13,6 +13,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
     from entities.runtime.envelope import Snapshot
+    from entities.runtime.policy import READ
 
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -220,6 +221,25 @@ def _dormant_after(state: AccountState, options: AccountOptions) -> datetime | N
 @account.timer(_dormant_after)
 def become_dormant(state: AccountState, ctx: Ctx) -> AccountState:
     return state.model_copy(update={"status": AccountStatus.DORMANT})
+
+
+account.permit(
+    actions=[
+        READ,
+        "open",
+        "verify",
+        "deposit",
+        "withdraw",
+        "refund",
+        "suspend",
+        "reactivate",
+        "close",
+    ],
+    # A customer reads and moves money on the accounts in its token; opening, KYC,
+    # suspension and closing are the operators' and integrations'.
+    customer=[READ, "deposit", "withdraw"],
+    owner=lambda account_id, _: account_id,
+)
 
 
 @workflow.defn(name="Account")

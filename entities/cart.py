@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.effects import StartWorkflow
     from entities.runtime.entity import EntityId
     from entities.runtime.envelope import Snapshot
+    from entities.runtime.policy import READ
 
 MAX_QUANTITY = 10_000
 Quantity = Annotated[int, Field(gt=0, le=MAX_QUANTITY, strict=True)]
@@ -266,6 +267,24 @@ def _abandoned_after(state: CartState, options: CartOptions) -> datetime | None:
 def abandon(state: CartState, ctx: Ctx) -> CartState:
     """Idle too long: marked abandoned, lines kept for analytics, revived by any command."""
     return state.model_copy(update={"status": CartStatus.ABANDONED, "abandoned_at": ctx.now})
+
+
+_SHOPPING = [
+    "createCart",
+    "addCartItem",
+    "removeCartItem",
+    "setCartItemQuantity",
+    "clearCart",
+    "checkoutCart",
+]
+
+cart.permit(
+    # completeCheckout and failCheckout are the checkout saga's report, sent by the worker.
+    actions=[READ, *_SHOPPING, "completeCheckout", "failCheckout"],
+    customer=[READ, *_SHOPPING],
+    # A cart is its account's: from its state, or from the createCart that makes it.
+    owner=lambda _, data: str(data["account_id"]) if data and "account_id" in data else None,
+)
 
 
 @workflow.defn(name="Cart")

@@ -18,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
     from entities.runtime.envelope import Snapshot
+    from entities.runtime.policy import READ
 
 Quantity = Annotated[int, Field(gt=0, le=10**9, strict=True)]
 ReservationId = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,200}$")]
@@ -252,6 +253,20 @@ def expire_reservations(state: InventoryState, ctx: Ctx) -> InventoryState:
             "settled": remembered,
         }
     )
+
+
+inventory.permit(
+    actions=[
+        READ,
+        "restock",
+        "adjustStock",
+        "reserveStock",
+        "releaseReservation",
+        "commitReservation",
+        "returnReservation",
+    ],
+    customer=[READ],  # every customer may see the stock; only staff and services change it
+)
 
 
 @workflow.defn(name="InventoryItem")

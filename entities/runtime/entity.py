@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
@@ -10,6 +10,7 @@ from typing import Annotated, Any, Generic, TypeVar
 from pydantic import BaseModel, StringConstraints, ValidationError
 
 from entities.errors import ErrorCode, Rejected
+from entities.runtime.policy import READ, Owner, Policy
 
 ENTITY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 
@@ -77,6 +78,8 @@ class EntityType(Generic[S, Opt]):
         self.options_model = options
         self.is_terminal = is_terminal
         self.commands: dict[str, CommandSpec] = {}
+        self.policy = Policy(frozenset())
+        """Who may read it and send it which command; nothing until declared."""
         self._deadline: Callable[[S, Opt], datetime | None] | None = None
         self._on_deadline: Callable[[S, CommandContext[Opt]], S] | None = None
 
@@ -98,6 +101,17 @@ class EntityType(Generic[S, Opt]):
             return fn
 
         return register
+
+    def permit(
+        self, *, actions: Iterable[str], customer: Iterable[str] = (), owner: Owner | None = None
+    ) -> None:
+        """Declare the entity type's policy: the actions (`read` and commands) that may be
+        done at all (admins may do them all, services what their scopes name), those a
+        customer may do to what it owns, and how to tell whose an entity is."""
+        unknown = set(actions) - set(self.commands) - {READ}
+        if unknown:
+            raise ValueError(f"{self.name} has no command {sorted(unknown)}")
+        self.policy = Policy.of(actions, customer, owner)
 
     def timer(
         self, deadline: Callable[[S, Opt], datetime | None]
