@@ -1,13 +1,16 @@
-"""The `tenure` console script: `tenure dev`, `tenure worker`, `tenure api`, and
-`tenure repair <type> <id>` for an entity that is stuck."""
+"""The `tenure` console script: `tenure dev`, `tenure worker`, `tenure api`,
+`tenure repair <type> <id>` for an entity that is stuck, and `tenure token` to mint a
+development token."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 
 from entities.errors import TenureError
+from entities.runtime.policy import Role
 from workers.settings import Settings
 
 SERVERS = {"dev": "deploy.dev", "worker": "workers.__main__", "api": "api.__main__"}
@@ -31,6 +34,32 @@ async def _repair(entity_type: str, entity_id: str, force: bool) -> int:
     return 0
 
 
+def _token(parsed: argparse.Namespace) -> int:
+    from deploy.tokens import dev_secret, mint
+
+    settings = Settings.from_env()
+    if not settings.auth_secret and (settings.auth_public_key_file or settings.auth_jwks_url):
+        print(
+            "tenure token: tokens are signed by your identity provider here "
+            "(TENURE_AUTH_PUBLIC_KEY_FILE or TENURE_AUTH_JWKS_URL is set)",
+            file=sys.stderr,
+        )
+        return 1
+    secret = settings.auth_secret or dev_secret(settings.data_dir)
+    print(
+        mint(
+            secret,
+            role=parsed.role,
+            sub=parsed.sub,
+            accounts=[a.strip() for a in parsed.accounts.split(",") if a.strip()],
+            scopes=[scope for scope in re.split(r"[\s,]+", parsed.scopes) if scope],
+            ttl_seconds=parsed.ttl,
+            settings=settings,
+        )
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in SERVERS and len(args) == 1:
@@ -49,7 +78,20 @@ def main(argv: list[str] | None = None) -> None:
     fix.add_argument("entity_type", help="account, cart, inventory, ...")
     fix.add_argument("entity_id")
     fix.add_argument("--force", action="store_true", help="reset even if it is not stuck")
+    token = commands.add_parser(
+        "token",
+        help="mint a token signed with TENURE_AUTH_SECRET, or else the development secret",
+        description="Prints the token alone. Without TENURE_AUTH_SECRET, signs with the "
+        "secret `make dev` keeps in TENURE_DATA_DIR (.data).",
+    )
+    token.add_argument("--role", required=True, choices=[r.value for r in Role])
+    token.add_argument("--sub", required=True, help="who the token names")
+    token.add_argument("--accounts", default="", help="accounts a customer owns: a,b")
+    token.add_argument("--scopes", default="", help="a service's scopes: 'account:deposit read:*'")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds it is valid (3600)")
     parsed = parser.parse_args(args)
+    if parsed.command == "token":
+        sys.exit(_token(parsed))
     if parsed.command == "repair":
         sys.exit(asyncio.run(_repair(parsed.entity_type, parsed.entity_id, parsed.force)))
     parser.error(f"{parsed.command} takes no arguments")

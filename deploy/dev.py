@@ -2,25 +2,62 @@
 
 Embedded servers persist to the data directory, so entities survive a restart. When
 TEMPORAL_ADDRESS or REDIS_URL is set, that server is used and none is started for it.
+Without a configured key source, tokens are signed with a secret kept in the data
+directory, and an admin and a customer token are printed at start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+from urllib.parse import quote
 
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal, free_port, port_is_free
+from deploy.tokens import dev_secret, mint
 from workers.settings import Settings
 
 log = logging.getLogger("tenure.dev")
 
 TEMPORAL_PORT = 7233
 REDIS_PORT = 6380  # a Redis on 6379 is common; never collide with it
+TOKEN_TTL = 12 * 3600  # a working day, so a restart is rarely needed for a new one
+
+
+def _tokens(settings: Settings) -> str:
+    """The lines that hand a developer an admin and a customer token, when we can sign."""
+    if not settings.auth_secret:
+        return ""
+    admin = mint(
+        settings.auth_secret,
+        role="admin",
+        sub="dev-admin",
+        ttl_seconds=TOKEN_TTL,
+        settings=settings,
+    )
+    customer = mint(
+        settings.auth_secret,
+        role="customer",
+        sub="ada",
+        accounts=["ada"],
+        ttl_seconds=TOKEN_TTL,
+        settings=settings,
+    )
+    hours = TOKEN_TTL // 3600
+    headers = json.dumps({"Authorization": f"Bearer {admin}"})
+    ide = f"http://{settings.api_host}:{settings.api_port}/graphql?headers={quote(headers)}"
+    return (
+        f"\n  Admin token (sub dev-admin, {hours} hours):\n    {admin}"
+        f"\n  Customer token (sub ada, owns account ada, {hours} hours):\n    {customer}"
+        '\n  In GraphiQL\'s headers pane: {"Authorization": "Bearer <token>"};'
+        " `tenure token --help` mints others."
+        f"\n  GraphiQL with the admin token in its headers:\n    {ide}"
+    )
 
 
 def _spawn(module: str, settings: Settings) -> subprocess.Popen[bytes]:
@@ -37,6 +74,10 @@ async def run(settings: Settings) -> int:
         return 1
     data = settings.data_dir
     data.mkdir(parents=True, exist_ok=True)
+    if not (settings.auth_secret or settings.auth_public_key_file or settings.auth_jwks_url):
+        settings = settings.model_copy(
+            update={"auth_secret": dev_secret(data), "environment": "development"}
+        )
     servers: list[EmbeddedTemporal | EmbeddedRedis] = []
     children: list[subprocess.Popen[bytes]] = []
     stop = asyncio.Event()
@@ -68,6 +109,7 @@ async def run(settings: Settings) -> int:
         print(
             f"\nTenure is up: GraphiQL at http://{settings.api_host}:{settings.api_port}/graphql"
             f"\n  Temporal {settings.temporal_address}   Redis {settings.redis_url}"
+            f"{_tokens(settings)}"
             "\n  Ctrl-C stops everything.\n",
             flush=True,
         )

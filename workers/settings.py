@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -37,6 +37,24 @@ class Settings(BaseModel):
     max_cached_workflows: int = 10_000
     max_concurrent_workflow_tasks: int = 100
     workflow_sandbox: bool = True
+    environment: Literal["development", "production"] = Field(
+        default="production",
+        description="development allows running without a key source (every caller is then "
+        "an admin), with a loud warning; production refuses to.",
+    )
+    auth_secret: str | None = Field(default=None, description="An HS256 signing secret.")
+    auth_public_key_file: Path | None = Field(
+        default=None, description="A PEM public key (RS256 or ES256) that signs tokens."
+    )
+    auth_jwks_url: str | None = Field(
+        default=None, description="An identity provider's JWKS URL (RS256 or ES256 keys)."
+    )
+    auth_issuer: str = "tenure"
+    auth_audience: str = "tenure-api"
+    auth_leeway: float = Field(default=30.0, ge=0, description="Clock leeway, seconds.")
+    auth_roles_claim: str = "roles"
+    auth_accounts_claim: str = "accounts"
+    auth_scopes_claim: str = "scope"
     watchdog_interval: float = Field(
         default=10.0, ge=0, description="Seconds between looks for stuck entities; 0: none."
     )
@@ -61,6 +79,16 @@ class Settings(BaseModel):
             "TENURE_WORKFLOW_SANDBOX": "workflow_sandbox",
             "TENURE_RENDERED_READS": "rendered_reads",
             "TENURE_WATCHDOG_INTERVAL": "watchdog_interval",
+            "TENURE_ENV": "environment",
+            "TENURE_AUTH_SECRET": "auth_secret",
+            "TENURE_AUTH_PUBLIC_KEY_FILE": "auth_public_key_file",
+            "TENURE_AUTH_JWKS_URL": "auth_jwks_url",
+            "TENURE_AUTH_ISSUER": "auth_issuer",
+            "TENURE_AUTH_AUDIENCE": "auth_audience",
+            "TENURE_AUTH_LEEWAY": "auth_leeway",
+            "TENURE_AUTH_ROLES_CLAIM": "auth_roles_claim",
+            "TENURE_AUTH_ACCOUNTS_CLAIM": "auth_accounts_claim",
+            "TENURE_AUTH_SCOPES_CLAIM": "auth_scopes_claim",
         }
         for var, field in plain.items():
             if env.get(var):
@@ -99,7 +127,20 @@ class Settings(BaseModel):
             "TENURE_WORKFLOW_SANDBOX": "1" if self.workflow_sandbox else "0",
             "TENURE_RENDERED_READS": str(self.rendered_reads),
             "TENURE_WATCHDOG_INTERVAL": str(self.watchdog_interval),
+            "TENURE_ENV": self.environment,
+            "TENURE_AUTH_ISSUER": self.auth_issuer,
+            "TENURE_AUTH_AUDIENCE": self.auth_audience,
+            "TENURE_AUTH_LEEWAY": str(self.auth_leeway),
+            "TENURE_AUTH_ROLES_CLAIM": self.auth_roles_claim,
+            "TENURE_AUTH_ACCOUNTS_CLAIM": self.auth_accounts_claim,
+            "TENURE_AUTH_SCOPES_CLAIM": self.auth_scopes_claim,
         }
+        optional = {
+            "TENURE_AUTH_SECRET": self.auth_secret,
+            "TENURE_AUTH_PUBLIC_KEY_FILE": self.auth_public_key_file,
+            "TENURE_AUTH_JWKS_URL": self.auth_jwks_url,
+        }
+        env.update({name: str(value) for name, value in optional.items() if value})
         if self.temporal_address:
             env["TEMPORAL_ADDRESS"] = self.temporal_address
         if self.redis_url:
