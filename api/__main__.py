@@ -16,7 +16,10 @@ def main() -> None:
     settings = Settings.from_env()
     if not port_is_free(settings.api_port, settings.api_host):
         sys.exit(f"error: port {settings.api_port} is already in use (set API_PORT to use another)")
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # a setting that cannot work, said in one line
+        sys.exit(f"error: {exc}")
     # What is loaded by now (modules, the schema) lives as long as the process: keep it out
     # of the collector's full passes, which stalled every request in flight for 50-60 ms
     # about twice a second under load.

@@ -10,8 +10,10 @@ it is a new key: nothing is ever invalidated, old responses age out of a bounded
 
 Anything else (mutations, LIVE reads, documents with fragments or directives at the root,
 invalid documents, entities the cache has not seen, Redis down) goes to Strawberry as is.
-Nothing about the caller goes into a read's response today; should reads ever depend on who
-asks (authorization), the caller's identity must become part of the key.
+Nothing about the caller goes into a read's response, so the caller is no part of the key;
+but a response is replayed only to a caller the policy lets read every entity in it without
+a look at their state (`Authorizer.decided_without_state`); others go through the resolvers,
+which check the long way.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from graphql import (
 from graphql.error import GraphQLError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.authentication import principal_of
+from api.authorization import Authorizer
 from api.gateway import CacheLookup, EntityRead, Source
 from workers.cache import CachedSnapshot, CacheUnavailable, RawEntry, SnapshotCache
 
@@ -234,7 +238,7 @@ class CachedReadResponses:
         request = _json_request(body) if len(body) <= MAX_BODY else None
         plan = request and self._plans.get(request[0], request[2])
         entities = plan.entities(request[1]) if plan and request else None
-        if not entities:
+        if not entities or not _allowed_at_once(scope, entities):
             await self._app(scope, replay, send)
             return
         cache: SnapshotCache = scope["app"].state.gateway.cache
@@ -271,6 +275,17 @@ class CachedReadResponses:
             self._rendered[key] = captured
             if len(self._rendered) > self._size:
                 self._rendered.popitem(last=False)
+
+
+def _allowed_at_once(scope: Scope, entities: list[tuple[str, str]]) -> bool:
+    """Whether the caller may read every one of these entities, as far as that can be told
+    without looking at them; otherwise the resolvers decide (and refuse) the long way."""
+    principal = principal_of(scope)
+    authorizer: Authorizer = scope["app"].state.authorizer
+    return principal is not None and all(
+        authorizer.decided_without_state(principal, entity_type, entity_id)
+        for entity_type, entity_id in entities
+    )
 
 
 async def _look_up(cache: SnapshotCache, entities: list[tuple[str, str]]) -> list[RawEntry | None]:

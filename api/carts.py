@@ -12,6 +12,7 @@ from api.common import (
     Consistency,
     EntityState,
     Long,
+    authorize,
     new_entity_id,
     read_entity,
     read_fields,
@@ -148,6 +149,8 @@ class CartMutation:
         wait: bool = False,
     ) -> CartCommandPayload:
         cart_id = id or new_entity_id(idempotency_key)
+        # Before anything is looked up, so a refusal tells nothing about what exists.
+        await authorize(info, ENTITY, cart_id, "createCart", {"account_id": account_id})
         try:
             await require_open(info, "account", account_id)
         except TenureError:

@@ -7,11 +7,12 @@ from datetime import datetime
 import strawberry
 
 from api.carts import CartLine
-from api.common import Long
+from api.common import Long, authorize
 from api.context import Info
 from api.gateway import check_entity_id
 from entities.checkout import CheckoutState, checkout_workflow_id
 from entities.errors import ErrorCode, TenureError
+from entities.runtime.policy import READ
 from entities.runtime.saga import SagaStatus, StepStatus
 
 strawberry.enum(
@@ -100,6 +101,8 @@ def _checked(checkout_id: str) -> str:
 class CheckoutQuery:
     @strawberry.field(description="A checkout, live while it runs; null when it never existed.")
     async def checkout(self, info: Info, id: strawberry.ID) -> Checkout | None:
+        # A checkout is its cart's: whoever may read the cart may read its checkouts.
+        await authorize(info, "cart", _checked(id).rpartition("-")[0], READ)
         state = await info.context.gateway.read_workflow(
             checkout_workflow_id(_checked(id)), "status", CheckoutState
         )

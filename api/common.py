@@ -15,6 +15,7 @@ from api.context import Info
 from api.gateway import Consistency as GatewayConsistency
 from api.gateway import EntityRead, Receipt
 from entities.errors import ErrorCode, TenureError
+from entities.runtime.policy import READ
 
 
 def _parse_long(value: object) -> int:
@@ -85,12 +86,26 @@ async def read_entity(
 ) -> EntityRead | None:
     """Read an entity; a null `consistency` means the default, CACHED."""
     chosen = GatewayConsistency((consistency or Consistency.CACHED).value)
+    await authorize(info, entity_type, entity_id, READ)
     prefetched = info.context.prefetched
     looked_up = prefetched.lookup(entity_type, entity_id) if prefetched else None
     read = await info.context.gateway.read(entity_type, entity_id, chosen, looked_up=looked_up)
     if prefetched is not None:
         prefetched.note(read, looked_up)
     return read
+
+
+async def authorize(
+    info: Info,
+    entity_type: str,
+    entity_id: str,
+    action: str,
+    payload: dict[str, Any] | None = None,
+) -> None:
+    """Refuse with FORBIDDEN unless the request's caller may do `action` to the entity."""
+    await info.context.authorizer.require(
+        info.context.principal, entity_type, entity_id, action, payload
+    )
 
 
 async def send_command(
@@ -102,13 +117,17 @@ async def send_command(
     idempotency_key: str | None,
     wait: bool,
 ) -> Receipt:
+    given = {k: v for k, v in payload.items() if v is not None}
+    await authorize(info, entity_type, entity_id, command, given)
+    principal = info.context.principal
     return await info.context.gateway.send(
         entity_type,
         entity_id,
         command,
-        {k: v for k, v in payload.items() if v is not None},
+        given,
         idempotency_key=idempotency_key,
         wait=wait,
+        sent_by=f"{principal.role.value}:{principal.subject}",
     )
 
 

@@ -10,17 +10,22 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 from strawberry.types import Info as StrawberryInfo
 
+from api.authorization import Authorizer
 from api.cached_reads import PrefetchedReads
 from api.gateway import EntityGateway
+from entities.runtime.policy import Principal
 
 
 @dataclass
 class TenureContext:
-    """Request-scoped context: the request itself and the gateway owned by the app lifespan."""
+    """Request-scoped context: the request, its authenticated caller, and the gateway and
+    authorizer owned by the app lifespan."""
 
     request: Request | WebSocket
     response: Response | None
     gateway: EntityGateway
+    authorizer: Authorizer
+    principal: Principal
     prefetched: PrefetchedReads | None = None
 
 

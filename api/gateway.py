@@ -110,6 +110,7 @@ class EntityGateway:
         *,
         idempotency_key: str | None = None,
         wait: bool = False,
+        sent_by: str | None = None,
     ) -> Receipt:
         """Deliver one command. With `wait`, return the state after it was applied, or raise
         its rejection; without, return as soon as Temporal has durably accepted it."""
@@ -124,7 +125,10 @@ class EntityGateway:
         except Rejected as exc:
             raise TenureError(exc.code, exc.message) from None
         envelope = CommandEnvelope(
-            command_id=idempotency_key or str(uuid.uuid4()), name=command, payload=payload
+            command_id=idempotency_key or str(uuid.uuid4()),
+            name=command,
+            payload=payload,
+            sent_by=sent_by,
         )
         handle = await self._delivery.deliver(entity, entity_id, envelope)
         if not wait:

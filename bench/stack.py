@@ -189,6 +189,8 @@ async def bench_stack(concurrency: int) -> AsyncIterator[BenchStack]:
         api_host="127.0.0.1",
         api_port=free_port(),
         data_dir=workdir,
+        # Callers are not authenticated here yet: every request is the development admin.
+        environment="development",
     )
     failed = False
     servers: dict[str, EmbeddedServer] = {}

@@ -76,6 +76,9 @@ def settings(temporal_server: EmbeddedTemporal, redis_url: str, redis_prefix: st
         task_queue=f"test-{uuid.uuid4().hex}",
         live_read_timeout=1.5,
         command_wait_timeout=3.0,
+        # No key source: every caller is the development admin. Tests of who may do what
+        # configure a key and mint their own tokens (tests/api/test_access.py).
+        environment="development",
     )
 
 

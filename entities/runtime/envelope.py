@@ -41,6 +41,12 @@ class CommandEnvelope(BaseModel):
         description="What the command asks for (its name and payload), hashed; filled in "
         "when not given. A command id seen again with another fingerprint is a reused key.",
     )
+    sent_by: str | None = Field(
+        default=None,
+        max_length=160,
+        description="Who sent it, as `role:subject` (`customer:ada`); None when it came from "
+        "inside (a saga) or before callers were recorded.",
+    )
 
     @model_validator(mode="after")
     def _fingerprinted(self) -> CommandEnvelope:
@@ -73,6 +79,7 @@ class Outcome(BaseModel):
     fingerprint: str | None = Field(
         default=None, description="The command's fingerprint; None in outcomes recorded before."
     )
+    sent_by: str | None = Field(default=None, description="Who sent it (`role:subject`).")
 
     @model_serializer(mode="wrap")
     def _without_nones(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -95,6 +95,7 @@ class EntityWorkflow:
                 status=OutcomeStatus.APPLIED,
                 revision=self._revision,
                 fingerprint=envelope.fingerprint,
+                sent_by=envelope.sent_by,
             )
         )
 
@@ -137,6 +138,7 @@ class EntityWorkflow:
                 code=code,
                 message=message,
                 fingerprint=envelope.fingerprint if envelope is not None else None,
+                sent_by=envelope.sent_by if envelope is not None else None,
             )
         )
 

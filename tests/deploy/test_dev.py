@@ -38,12 +38,28 @@ def start_stack(data_dir: Path, api_port: int) -> subprocess.Popen[bytes]:
         )
 
 
-def graphql(api_port: int, query: str, wait: float = 60) -> dict[str, object]:
+def printed_admin_token(data_dir: Path, wait: float = 60) -> str:
+    """The admin token the stack printed at start."""
+    deadline = time.monotonic() + wait
+    while True:
+        lines = (data_dir / "dev.out").read_text().splitlines()
+        for i, line in enumerate(lines[:-1]):
+            if line.strip().startswith("Admin token"):
+                return lines[i + 1].strip()
+        if time.monotonic() > deadline:
+            raise AssertionError("no admin token printed:\n" + "\n".join(lines))
+        time.sleep(0.2)
+
+
+def graphql(api_port: int, query: str, token: str, wait: float = 60) -> dict[str, object]:
     deadline = time.monotonic() + wait
     while True:
         try:
             response = httpx.post(
-                f"http://127.0.0.1:{api_port}/graphql", json={"query": query}, timeout=10
+                f"http://127.0.0.1:{api_port}/graphql",
+                json={"query": query},
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=10,
             )
             body: dict[str, object] = response.json()
             return body
@@ -67,8 +83,13 @@ def test_the_dev_stack_serves_graphql_persists_and_stops_cleanly(tmp_path: Path)
     api_port = free_port()
     stack = start_stack(tmp_path, api_port)
     try:
-        assert graphql(api_port, OPEN) == {
+        token = printed_admin_token(tmp_path)
+        assert graphql(api_port, OPEN, token) == {
             "data": {"openAccount": {"account": {"status": "PENDING", "revision": 1}}}
+        }
+        # No identity provider needed, and no token, no entry.
+        assert graphql(api_port, OPEN, "not-a-token")["errors"][0]["extensions"] == {  # type: ignore[index]
+            "code": "UNAUTHENTICATED"
         }
     finally:
         code = interrupt(stack)
@@ -78,13 +99,14 @@ def test_the_dev_stack_serves_graphql_persists_and_stops_cleanly(tmp_path: Path)
     again = start_stack(tmp_path, api_port)
     try:
         # Both the workflow (Temporal's SQLite file) and the cache (Valkey's AOF) survived.
+        # The signing key was kept in the data directory: the first start's token still works.
         for _ in range(100):
-            body = graphql(api_port, READ)
+            body = graphql(api_port, READ, token)
             if body["data"]["account"]["source"] == "LIVE":  # type: ignore[index]
                 break
             time.sleep(0.2)  # the new worker is still starting: served from the cache
         assert body == {"data": {"account": {"status": "PENDING", "revision": 1, "source": "LIVE"}}}
-        cached = graphql(api_port, READ.replace("LIVE", "CACHED"))
+        cached = graphql(api_port, READ.replace("LIVE", "CACHED"), token)
         assert cached["data"]["account"]["source"] == "CACHE"  # type: ignore[index]
     finally:
         assert interrupt(again) == 0
@@ -106,9 +128,19 @@ def test_a_busy_api_port_is_a_one_line_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("module", ["workers", "api"])
 def test_worker_and_api_refuse_to_start_without_servers(module: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("TEMPORAL_ADDRESS", "REDIS_URL")}
-    env["API_PORT"] = str(free_port())
+    env.update({"API_PORT": str(free_port()), "TENURE_ENV": "development"})
     done = subprocess.run(
         [sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode != 0
     assert "TEMPORAL_ADDRESS is not set" in done.stderr
+
+
+def test_the_api_refuses_to_start_in_production_without_a_key_source() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TENURE_AUTH", "TENURE_ENV"))}
+    env["API_PORT"] = str(free_port())
+    done = subprocess.run(
+        [sys.executable, "-m", "api"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "no key source" in done.stderr and "Traceback" not in done.stderr

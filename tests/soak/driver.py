@@ -389,6 +389,7 @@ async def soak(plan: Plan, progress: Callable[[str], None] = print) -> Report:
         live_read_timeout=2.0,
         command_wait_timeout=5.0,
         watchdog_interval=5.0,
+        environment="development",
     )
     async with soak_stack(settings) as stack:
         client = await Client.connect(

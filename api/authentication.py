@@ -1,0 +1,85 @@
+"""Who is calling: every GraphQL request's bearer token verified before anything else runs.
+
+A request without a valid token is answered 401 with `WWW-Authenticate: Bearer` and a
+GraphQL error coded UNAUTHENTICATED, before its body is read. With no key source configured
+(development only: `create_app` refuses it in production) every caller is the development
+admin. The GraphiQL page itself is served to anyone: it holds no data, and its requests
+carry the token pasted into its headers pane.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qs
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.auth import DEVELOPMENT_PRINCIPAL, TokenVerifier, Unauthenticated
+from entities.errors import ErrorCode
+from entities.runtime.policy import Principal
+
+PRINCIPAL_KEY = "tenure.principal"
+
+
+def principal_of(scope: Scope) -> Principal | None:
+    """The authenticated caller of this request, once `Authentication` let it through."""
+    principal: Principal | None = scope.get(PRINCIPAL_KEY)
+    return principal
+
+
+class Authentication:
+    """ASGI middleware: authenticates each HTTP request, or answers 401 itself."""
+
+    def __init__(self, app: ASGIApp, verifier: TokenVerifier | None) -> None:
+        self._app = app
+        self._verifier = verifier
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if self._verifier is None:
+            scope[PRINCIPAL_KEY] = DEVELOPMENT_PRINCIPAL
+        elif _is_ide_page(scope, headers):
+            pass
+        else:
+            try:
+                scope[PRINCIPAL_KEY] = await self._verifier.authenticate(
+                    headers.get("authorization")
+                )
+            except Unauthenticated as exc:
+                await _unauthenticated(send, exc.message, has_token="authorization" in headers)
+                return
+        await self._app(scope, receive, send)
+
+
+def _is_ide_page(scope: Scope, headers: Headers) -> bool:
+    """A browser asking for GraphiQL (which may carry its editors' state, `?headers=...`),
+    not a query sent by GET."""
+    return (
+        scope["method"] == "GET"
+        and "text/html" in headers.get("accept", "")
+        and "query" not in parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    )
+
+
+async def _unauthenticated(send: Send, message: str, has_token: bool) -> None:
+    # RFC 6750: a request with no credentials gets the bare challenge; a bad token says so.
+    challenge = 'Bearer realm="tenure"' + (', error="invalid_token"' if has_token else "")
+    body = json.dumps(
+        {"errors": [{"message": message, "extensions": {"code": ErrorCode.UNAUTHENTICATED}}]}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"www-authenticate", challenge.encode()),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,77 @@
+"""Enforcing each entity type's policy (`EntityType.permit`) for the caller of a request.
+
+Every read and every command of the API passes here before it costs anything else. A
+refusal is FORBIDDEN with the same message whether or not the entity exists, so that a
+customer cannot probe for other customers' accounts or carts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from api.gateway import Consistency, EntityGateway
+from entities import catalog
+from entities.errors import ErrorCode, TenureError
+from entities.runtime.policy import READ, Principal, Role
+
+
+class Forbidden(TenureError):
+    def __init__(self) -> None:
+        super().__init__(ErrorCode.FORBIDDEN, "not allowed for this caller")
+
+
+class Authorizer:
+    """Decides, per request, whether its principal may do an action to an entity."""
+
+    def __init__(self, gateway: EntityGateway) -> None:
+        self._gateway = gateway
+        self._types = catalog.entity_types()
+
+    def decided_without_state(self, principal: Principal, entity_type: str, entity_id: str) -> bool:
+        """Whether `principal` may read the entity, when that needs no look at its state;
+        False also when it would (the caller then goes the long way, through `require`)."""
+        policy = self._types[entity_type].policy
+        if principal.role is not Role.CUSTOMER or policy.owner is None:
+            return policy.allows(principal, entity_type, READ, owned=True)
+        owner = policy.owner(entity_id, None)
+        return owner is not None and policy.allows(
+            principal, entity_type, READ, owned=owner in principal.accounts
+        )
+
+    async def require(
+        self,
+        principal: Principal,
+        entity_type: str,
+        entity_id: str,
+        action: str,
+        payload: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Raise Forbidden unless `principal` may do `action` (`read` or a command with
+        `payload`) to the entity."""
+        entity = self._types[entity_type]
+        policy = entity.policy
+        if principal.role is not Role.CUSTOMER or policy.owner is None:
+            if not policy.allows(principal, entity_type, action, owned=True):
+                raise Forbidden()
+            return
+        if not policy.allows(principal, entity_type, action, owned=True):
+            raise Forbidden()  # not a customer's action at all: no need to look
+        owner = policy.owner(entity_id, None)
+        if owner is None:
+            owner = await self._owner_from_state(entity_type, entity_id)
+            creates = action != READ and entity.commands[action].creates
+            if creates and owner is None:
+                # A command that makes the entity names its owner; one that exists already
+                # keeps its own.
+                owner = policy.owner(entity_id, payload)
+        if owner is None or owner not in principal.accounts:
+            raise Forbidden()
+
+    async def _owner_from_state(self, entity_type: str, entity_id: str) -> str | None:
+        policy = self._types[entity_type].policy
+        assert policy.owner is not None
+        read = await self._gateway.read(entity_type, entity_id, Consistency.CACHED)
+        if read is None or read.snapshot.state is None:
+            return None
+        return policy.owner(entity_id, read.snapshot.state)

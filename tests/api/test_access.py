@@ -1,0 +1,299 @@
+"""Who may do what, as callers meet it over HTTP: every read and every mutation against every
+kind of caller, each allowed or refused with FORBIDDEN; no token, 401."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
+
+import httpx
+import jwt
+import pytest
+from temporalio.client import Client
+
+from api.authorization import Authorizer, Forbidden
+from api.gateway import EntityGateway
+from entities import catalog
+from entities.errors import ErrorCode
+from entities.runtime.policy import Policy, Principal, Role
+from tests.conftest import WorkerFactory, api_client, new_id
+from workers.settings import Settings
+
+SECRET = "test-secret-" + "x" * 32
+
+
+def token(role: str, sub: str, accounts: list[str] = [], scope: str = "") -> str:  # noqa: B006
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": sub,
+        "iss": "tenure",
+        "aud": "tenure-api",
+        "iat": now,
+        "exp": now + 600,
+        "roles": [role],
+        "accounts": accounts,
+        "scope": scope,
+    }
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+@pytest.fixture
+def secured(settings: Settings) -> Settings:
+    return settings.model_copy(update={"environment": "production", "auth_secret": SECRET})
+
+
+@pytest.fixture
+async def http(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with run_worker(secured), api_client(secured, temporal_client) as client:
+        yield client
+
+
+class Caller:
+    def __init__(self, http: httpx.AsyncClient, bearer: str | None) -> None:
+        self.http = http
+        self.headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+
+    async def post(self, query: str, **variables: Any) -> httpx.Response:
+        return await self.http.post(
+            "/graphql", json={"query": query, "variables": variables}, headers=self.headers
+        )
+
+    async def code(self, query: str, **variables: Any) -> str | None:
+        """The first error's code, None when the request succeeded."""
+        body = (await self.post(query, **variables)).json()
+        errors = body.get("errors")
+        return errors[0]["extensions"]["code"] if errors else None
+
+    async def data(self, query: str, **variables: Any) -> dict[str, Any]:
+        body = (await self.post(query, **variables)).json()
+        assert "errors" not in body, body
+        data: dict[str, Any] = body["data"]
+        return data
+
+
+OPEN = """mutation($id: ID!) { openAccount(id: $id, ownerName: "A", email: "a@b.cc", wait: true)
+  { commandId } }"""
+VERIFY = "mutation($id: ID!) { verifyAccount(id: $id, wait: true) { commandId } }"
+DEPOSIT = """mutation($id: ID!) { depositToAccount(id: $id, amount: 100, wait: true)
+  { commandId } }"""
+WITHDRAW = """mutation($id: ID!) { withdrawFromAccount(id: $id, amount: 1, wait: true)
+  { commandId } }"""
+SUSPEND = "mutation($id: ID!) { suspendAccount(id: $id, wait: true) { commandId } }"
+REACTIVATE = "mutation($id: ID!) { reactivateAccount(id: $id, wait: true) { commandId } }"
+CLOSE = "mutation($id: ID!) { closeAccount(id: $id, wait: true) { commandId } }"
+READ_ACCOUNT = "query($id: ID!) { account(id: $id) { balance revision } }"
+READ_ACCOUNT_LIVE = "query($id: ID!) { account(id: $id, consistency: LIVE) { revision } }"
+CREATE_CART = """mutation($id: ID!, $account: ID!) { createCart(id: $id, accountId: $account,
+  wait: true) { commandId } }"""
+ADD = """mutation($id: ID!, $sku: String!) { addCartItem(cartId: $id, sku: $sku, quantity: 1,
+  unitPrice: 10, wait: true) { commandId } }"""
+REMOVE = """mutation($id: ID!, $sku: String!) { removeCartItem(cartId: $id, sku: $sku,
+  wait: true) { commandId } }"""
+SET_QUANTITY = """mutation($id: ID!, $sku: String!) { setCartItemQuantity(cartId: $id, sku: $sku,
+  quantity: 2, wait: true) { commandId } }"""
+CLEAR = "mutation($id: ID!) { clearCart(cartId: $id, wait: true) { commandId } }"
+CHECKOUT = "mutation($id: ID!) { checkoutCart(cartId: $id) { checkoutId } }"
+READ_CART = "query($id: ID!) { cart(id: $id) { status } }"
+READ_CHECKOUT = "query($id: ID!) { checkout(id: $id) { status } }"
+RESTOCK = """mutation($sku: String!) { restock(sku: $sku, quantity: 5, name: "Pot", wait: true)
+  { commandId } }"""
+ADJUST = """mutation($sku: String!) { adjustStock(sku: $sku, delta: -1, reason: "chipped",
+  wait: true) { commandId } }"""
+RESERVE = """mutation($sku: String!) { reserveStock(sku: $sku, reservationId: "r1", quantity: 1,
+  wait: true) { commandId } }"""
+RELEASE = """mutation($sku: String!) { releaseReservation(sku: $sku, reservationId: "r1",
+  wait: true) { commandId } }"""
+COMMIT = """mutation($sku: String!) { commitReservation(sku: $sku, reservationId: "r1",
+  wait: true) { commandId } }"""
+RETURN = """mutation($sku: String!) { returnReservation(sku: $sku, reservationId: "r1",
+  wait: true) { commandId } }"""
+READ_ITEM = "query($sku: String!) { inventoryItem(sku: $sku) { onHand } }"
+
+# The issue's words, as a table: for each kind of caller, what it may do. Customers own the
+# account "mine" (and so its cart); "theirs" is another customer's.
+ADMIN, SERVICE, STOCKIST, CUSTOMER, STRANGER = (
+    "admin",
+    "service account:* read:*",
+    "service inventory:*",
+    "customer of mine",
+    "customer of theirs",
+)
+CALLERS = [ADMIN, SERVICE, STOCKIST, CUSTOMER, STRANGER]
+
+Case = tuple[str, str, Callable[[dict[str, str]], dict[str, str]], set[str]]
+CASES: list[Case] = [
+    ("read my account", READ_ACCOUNT, lambda e: {"id": e["mine"]}, {ADMIN, SERVICE, CUSTOMER}),
+    ("read it live", READ_ACCOUNT_LIVE, lambda e: {"id": e["mine"]}, {ADMIN, SERVICE, CUSTOMER}),
+    ("read their account", READ_ACCOUNT, lambda e: {"id": e["theirs"]}, {ADMIN, SERVICE, STRANGER}),
+    ("open an account", OPEN, lambda e: {"id": new_id()}, {ADMIN, SERVICE}),
+    ("verify", VERIFY, lambda e: {"id": e["mine"]}, {ADMIN, SERVICE}),
+    ("deposit", DEPOSIT, lambda e: {"id": e["mine"]}, {ADMIN, SERVICE, CUSTOMER}),
+    ("withdraw", WITHDRAW, lambda e: {"id": e["mine"]}, {ADMIN, SERVICE, CUSTOMER}),
+    ("suspend", SUSPEND, lambda e: {"id": e["mine"]}, {ADMIN, SERVICE}),
+    ("reactivate", REACTIVATE, lambda e: {"id": e["mine"]}, {ADMIN, SERVICE}),
+    ("close", CLOSE, lambda e: {"id": e["spare"]}, {ADMIN, SERVICE}),
+    ("read my cart", READ_CART, lambda e: {"id": e["cart"]}, {ADMIN, SERVICE, CUSTOMER}),
+    (
+        "create a cart for my account",
+        CREATE_CART,
+        lambda e: {"id": new_id(), "account": e["mine"]},
+        {ADMIN, CUSTOMER},
+    ),
+    ("add an item", ADD, lambda e: {"id": e["cart"], "sku": e["sku"]}, {ADMIN, CUSTOMER}),
+    (
+        "set its quantity",
+        SET_QUANTITY,
+        lambda e: {"id": e["cart"], "sku": e["sku"]},
+        {ADMIN, CUSTOMER},
+    ),
+    ("remove it", REMOVE, lambda e: {"id": e["cart"], "sku": e["sku"]}, {ADMIN, CUSTOMER}),
+    ("clear the cart", CLEAR, lambda e: {"id": e["cart"]}, {ADMIN, CUSTOMER}),
+    ("check it out", CHECKOUT, lambda e: {"id": e["cart"]}, {ADMIN, CUSTOMER}),
+    (
+        "read its checkout",
+        READ_CHECKOUT,
+        lambda e: {"id": f"{e['cart']}-1"},
+        {ADMIN, SERVICE, CUSTOMER},
+    ),
+    ("read stock", READ_ITEM, lambda e: {"sku": e["sku"]}, set(CALLERS)),
+    ("restock", RESTOCK, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
+    ("adjust stock", ADJUST, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
+    ("reserve stock", RESERVE, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
+    ("commit it", COMMIT, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
+    ("return it", RETURN, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
+    ("release it", RELEASE, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
+]
+
+
+def callers(http: httpx.AsyncClient, entities: dict[str, str]) -> dict[str, Caller]:
+    return {
+        ADMIN: Caller(http, token("admin", "ops-1")),
+        SERVICE: Caller(http, token("service", "billing", scope="account:* read:*")),
+        STOCKIST: Caller(http, token("service", "warehouse", scope="inventory:*")),
+        CUSTOMER: Caller(http, token("customer", "ada", [entities["mine"]])),
+        STRANGER: Caller(http, token("customer", "bob", [entities["theirs"]])),
+    }
+
+
+async def setup(admin: Caller) -> dict[str, str]:
+    entities = {k: new_id() for k in ("mine", "theirs", "spare", "cart", "sku")}
+    for account in ("mine", "theirs", "spare"):
+        await admin.data(OPEN, id=entities[account])
+        await admin.data(VERIFY, id=entities[account])
+    await admin.data(RESTOCK, sku=entities["sku"])
+    await admin.data(CREATE_CART, id=entities["cart"], account=entities["mine"])
+    return entities
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+async def test_every_read_and_mutation_is_allowed_or_forbidden_by_role(
+    http: httpx.AsyncClient, caller: str
+) -> None:
+    admin = Caller(http, token("admin", "setup"))
+    entities = await setup(admin)
+    who = callers(http, entities)[caller]
+    outcomes = {}
+    for name, document, variables, allowed in CASES:
+        code = await who.code(document, **variables(entities))
+        outcomes[name] = code
+        if caller in allowed:
+            assert code not in (ErrorCode.FORBIDDEN, ErrorCode.UNAUTHENTICATED), (name, code)
+        else:
+            assert code == ErrorCode.FORBIDDEN, (name, code)
+    # Allowed commands did run: the matrix is not all refusals.
+    assert any(code is None for code in outcomes.values()), outcomes
+
+
+async def test_a_refusal_does_not_tell_whether_the_entity_exists(http: httpx.AsyncClient) -> None:
+    admin = Caller(http, token("admin", "setup"))
+    entities = await setup(admin)
+    stranger = callers(http, entities)[STRANGER]
+    for cart_id in (entities["cart"], new_id()):  # someone's cart, and no cart at all
+        assert await stranger.code(READ_CART, id=cart_id) == ErrorCode.FORBIDDEN
+        assert await stranger.code(CLEAR, id=cart_id) == ErrorCode.FORBIDDEN
+    for account_id in (entities["mine"], new_id()):
+        assert await stranger.code(READ_ACCOUNT, id=account_id) == ErrorCode.FORBIDDEN
+        assert await stranger.code(CREATE_CART, id=new_id(), account=account_id) == "FORBIDDEN"
+
+
+async def test_a_refused_command_stores_nothing(http: httpx.AsyncClient) -> None:
+    admin = Caller(http, token("admin", "setup"))
+    entities = await setup(admin)
+    await admin.data(DEPOSIT, id=entities["mine"])
+    before = (await admin.data(READ_ACCOUNT_LIVE, id=entities["mine"]))["account"]
+    stranger = callers(http, entities)[STRANGER]
+    assert await stranger.code(WITHDRAW, id=entities["mine"]) == ErrorCode.FORBIDDEN
+    assert await stranger.code(CLOSE, id=entities["mine"]) == ErrorCode.FORBIDDEN
+    after = (await admin.data(READ_ACCOUNT_LIVE, id=entities["mine"]))["account"]
+    assert after == before
+
+
+async def test_every_command_records_who_sent_it(
+    http: httpx.AsyncClient, temporal_client: Client
+) -> None:
+    admin = Caller(http, token("admin", "setup"))
+    entities = await setup(admin)
+    customer = callers(http, entities)[CUSTOMER]
+    body = await customer.data(DEPOSIT, id=entities["mine"])
+    command_id = body["depositToAccount"]["commandId"]
+    handle = temporal_client.get_workflow_handle(f"account:{entities['mine']}")
+    result = await handle.query("outcome", command_id)
+    assert result["outcome"]["sent_by"] == "customer:ada"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer nonsense"}, {"Authorization": "Basic YTpi"}],
+)
+async def test_no_valid_token_is_401_with_a_bearer_challenge(
+    http: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    response = await http.post(
+        "/graphql", json={"query": '{ account(id: "x") { revision } }'}, headers=headers
+    )
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert response.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+
+
+async def test_production_refuses_to_start_without_a_key_source(
+    settings: Settings, temporal_client: Client
+) -> None:
+    production = settings.model_copy(update={"environment": "production"})
+    with pytest.raises(ValueError, match="no key source"):
+        async with api_client(production, temporal_client):
+            pass
+
+
+def test_a_command_no_policy_names_is_refused_to_everyone() -> None:
+    policy = Policy.of(actions=["read", "deposit"], customer=["read"])
+    admin = Principal("ops", Role.ADMIN)
+    service = Principal("svc", Role.SERVICE, scopes=frozenset({"account:*"}))
+    for principal in (admin, service):
+        assert policy.allows(principal, "account", "deposit", owned=True)
+        assert not policy.allows(principal, "account", "close", owned=True)
+    # Every command of every entity type is named in its table, or no one may send it.
+    for entity in catalog.entity_types().values():
+        assert entity.policy.actions, entity.name
+
+
+async def test_the_authorizer_refuses_an_undeclared_command() -> None:
+    authorizer = Authorizer(cast(EntityGateway, None))  # an admin's check looks nothing up
+    admin = Principal("ops", Role.ADMIN)
+    with pytest.raises(Forbidden):
+        await authorizer.require(admin, "account", "acct-1", "launderMoney")
+
+
+async def test_graphiql_opens_without_a_token_and_queries_need_one(
+    http: httpx.AsyncClient,
+) -> None:
+    for url in ("/graphql", '/graphql?headers={"Authorization":"Bearer x"}'):
+        page = await http.get(url, headers={"accept": "text/html"})
+        assert page.status_code == 200 and "graphiql" in page.text.lower()
+    query = await http.get(
+        "/graphql", params={"query": "{ __typename }"}, headers={"accept": "text/html"}
+    )
+    assert query.status_code == 401
