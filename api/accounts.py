@@ -109,7 +109,7 @@ class AccountMutation:
         idempotency_key: str | None = None,
         wait: bool = False,
     ) -> AccountCommandPayload:
-        account_id = id or new_entity_id(idempotency_key)
+        account_id = id if id is not None else new_entity_id(idempotency_key)
         return await _command(
             info,
             account_id,

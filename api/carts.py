@@ -148,7 +148,7 @@ class CartMutation:
         idempotency_key: str | None = None,
         wait: bool = False,
     ) -> CartCommandPayload:
-        cart_id = id or new_entity_id(idempotency_key)
+        cart_id = id if id is not None else new_entity_id(idempotency_key)
         # Before anything is looked up, so a refusal tells nothing about what exists.
         await authorize(info, ENTITY, cart_id, "createCart", {"account_id": account_id})
         try:

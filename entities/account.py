@@ -12,11 +12,16 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
+    from entities.runtime.entity import MAX_MONEY, PRINTABLE
     from entities.runtime.envelope import Snapshot
     from entities.runtime.policy import READ
 
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=PRINTABLE),
+]
+Note = Annotated[str, StringConstraints(strip_whitespace=True, max_length=500, pattern=PRINTABLE)]
 Email = Annotated[
     str,
     StringConstraints(strip_whitespace=True, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"),
@@ -54,7 +59,7 @@ class OpenAccount(BaseModel, extra="forbid"):
 
 
 class VerifyAccount(BaseModel, extra="forbid"):
-    kyc_reference: Annotated[str, StringConstraints(max_length=200)] | None = None
+    kyc_reference: Annotated[Note, StringConstraints(max_length=200)] | None = None
 
 
 class Deposit(BaseModel, extra="forbid"):
@@ -70,7 +75,7 @@ class Refund(BaseModel, extra="forbid"):
 
 
 class Suspend(BaseModel, extra="forbid"):
-    reason: Annotated[str, StringConstraints(max_length=500)] | None = None
+    reason: Note | None = None
 
 
 class Reactivate(BaseModel, extra="forbid"):
@@ -128,9 +133,17 @@ def _money_movable(state: AccountState, action: str) -> None:
     _require(state, AccountStatus.ACTIVE, AccountStatus.DORMANT, action=action)
 
 
+def _within_limit(state: AccountState, amount: int) -> None:
+    if state.balance + amount > MAX_MONEY:
+        raise Rejected(
+            ErrorCode.LIMIT_REACHED, f"a balance is at most {MAX_MONEY} (2^53 - 1) minor units"
+        )
+
+
 @account.command(Deposit)
 def deposit(state: AccountState, cmd: Deposit, ctx: Ctx) -> AccountState:
     _money_movable(state, "deposit to")
+    _within_limit(state, cmd.amount)
     return state.model_copy(
         update={
             "status": AccountStatus.ACTIVE,
@@ -168,6 +181,7 @@ def refund(state: AccountState, cmd: Refund, ctx: Ctx) -> AccountState:
         AccountStatus.SUSPENDED,
         action="refund to",
     )
+    _within_limit(state, cmd.amount)
     status = AccountStatus.ACTIVE if state.status is AccountStatus.DORMANT else state.status
     return state.model_copy(
         update={

@@ -17,13 +17,20 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
+    from entities.runtime.entity import PRINTABLE
     from entities.runtime.envelope import Snapshot
     from entities.runtime.policy import READ
 
 Quantity = Annotated[int, Field(gt=0, le=10**9, strict=True)]
 ReservationId = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,200}$")]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=PRINTABLE),
+]
+Reason = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=500, pattern=PRINTABLE),
+]
 
 
 class Reservation(BaseModel):
@@ -80,6 +87,12 @@ class InventoryOptions(BaseModel):
         default=500, ge=1, description="How many settled reservation ids are remembered."
     )
     adjustment_memory: int = Field(default=20, ge=1)
+    max_reservations: int = Field(
+        default=1000,
+        ge=1,
+        description="Reservations held at once: each is kept in the item's state, which must "
+        "stay far under Temporal's 2 MB payload limit; one more is LIMIT_REACHED.",
+    )
 
 
 class Restock(BaseModel, extra="forbid"):
@@ -167,6 +180,12 @@ def reserve_stock(state: InventoryState, cmd: ReserveStock, ctx: Ctx) -> Invento
     if cmd.reservation_id in state.settled:
         settled = state.settled[cmd.reservation_id].settlement.value.lower()
         raise Rejected(ErrorCode.CONFLICT, f"reservation {cmd.reservation_id} was {settled}")
+    if len(state.reservations) >= ctx.options.max_reservations:
+        raise Rejected(
+            ErrorCode.LIMIT_REACHED,
+            f"{state.sku} holds {len(state.reservations)} reservations, its most; "
+            "settle some first",
+        )
     if cmd.quantity > state.available:
         raise Rejected(
             ErrorCode.INSUFFICIENT_STOCK,

@@ -17,6 +17,15 @@ ENTITY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 EntityId = Annotated[str, StringConstraints(pattern=ENTITY_ID_PATTERN)]
 """The id of an entity as a command names it, e.g. the account a cart belongs to."""
 
+MAX_MONEY = 2**53 - 1
+"""The largest amount or balance: what a GraphQL `Long` (a JSON number) carries exactly."""
+
+
+PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
+"""Text a person wrote has no control characters (they would be stored and shown to every
+reader): the pattern of every such field."""
+
+
 S = TypeVar("S", bound=BaseModel)
 Opt = TypeVar("Opt", bound=BaseModel)
 C = TypeVar("C", bound=BaseModel)

@@ -28,6 +28,13 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.publisher import SnapshotPublisher
 
 
+MAX_STATE_BYTES = 512 * 1024
+"""The most an entity's state may weigh as JSON. It travels in every snapshot and in the
+continue-as-new input, which Temporal refuses past 2 MB (and then fails the workflow task
+for good); each entity type bounds its collections well under this, and this refuses any
+command whose result would not fit, whatever the entity type forgot."""
+
+
 class EntityWorkflow:
     """Hosts one entity of `entity`'s type. Subclasses set `entity` and define `run`.
 
@@ -86,6 +93,14 @@ class EntityWorkflow:
         except Exception:
             workflow.logger.exception("command %s failed in its transition", envelope.name)
             self._reject(envelope.command_id, ErrorCode.INTERNAL, "internal error", envelope)
+            return
+        if len(new_state.model_dump_json()) > MAX_STATE_BYTES:
+            self._reject(
+                envelope.command_id,
+                ErrorCode.LIMIT_REACHED,
+                f"{self.entity.name} {self._input.entity_id} would grow past its size limit",
+                envelope,
+            )
             return
         self._commit(new_state, now)
         self._effects.extend(ctx.effects)

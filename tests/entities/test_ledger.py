@@ -31,3 +31,22 @@ def test_ledger_round_trips_through_its_entries() -> None:
     ledger = Ledger(4, [outcome(n) for n in range(6)])
     again = Ledger(4, ledger.entries())
     assert again.entries() == ledger.entries()
+
+
+def test_ledger_keeps_fewer_outcomes_when_they_would_weigh_too_much() -> None:
+    heavy = [
+        Outcome(
+            command_id=f"{n:0>128}",
+            status=OutcomeStatus.REJECTED,
+            code="INSUFFICIENT_FUNDS",
+            message="m" * 300,
+            sent_by="customer:" + "s" * 128,
+        )
+        for n in range(4096)
+    ]
+    ledger = Ledger(4096, heavy, max_bytes=640 * 1024)
+    # The newest are kept, as many as fit: what travels in continue-as-new stays small.
+    assert 0 < len(ledger) < 4096
+    assert ledger.entries()[-1] == heavy[-1]
+    serialized = sum(len(entry.model_dump_json()) for entry in ledger.entries())
+    assert serialized <= 640 * 1024

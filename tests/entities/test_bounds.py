@@ -1,0 +1,120 @@
+"""No entity can be broken from outside: every collection is bounded, with a clear code when
+full, and an entity at its fullest still continues as new and keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from temporalio.client import Client
+
+from api.gateway import Consistency, EntityGateway
+from entities.errors import ErrorCode, TenureError
+from entities.runtime.entity import MAX_MONEY
+from entities.runtime.envelope import RuntimeOptions
+from tests.conftest import WorkerFactory, new_id
+from tests.entities.shop import eventually
+from tests.entities.test_runtime import open_active
+from workers.cache import SnapshotCache
+from workers.settings import Settings
+
+
+async def runs_of(client: Client, workflow_id: str) -> int:
+    return len([r async for r in client.list_workflows(f"WorkflowId = '{workflow_id}'")])
+
+
+def bounded(settings: Settings, **entity_options: dict[str, object]) -> Settings:
+    return settings.model_copy(
+        update={
+            "runtime": RuntimeOptions(max_commands_per_run=150),
+            "entity_options": entity_options,
+        }
+    )
+
+
+async def code_of(send: object) -> ErrorCode:
+    with pytest.raises(TenureError) as refused:
+        await send  # type: ignore[misc]
+    return refused.value.code
+
+
+async def test_an_item_at_its_most_reservations_refuses_one_more_and_continues_as_new(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    settings = bounded(settings)  # the default bound: 1,000 reservations held at once
+    gateway = EntityGateway(temporal_client, cache, settings)
+    sku = new_id()
+    async with run_worker(settings):
+        await gateway.send("inventory", sku, "restock", {"quantity": 5000, "name": "Pot"})
+        gate = asyncio.Semaphore(64)
+
+        async def reserve(n: int) -> None:
+            async with gate:
+                payload = {"reservation_id": f"r{n}", "quantity": 1, "ttl_seconds": 3600}
+                await gateway.send("inventory", sku, "reserveStock", payload)
+
+        await asyncio.gather(*(reserve(n) for n in range(1000)))
+        full = {"reservation_id": "one-more", "quantity": 1}
+        assert (
+            await code_of(gateway.send("inventory", sku, "reserveStock", full, wait=True))
+            == ErrorCode.LIMIT_REACHED
+        )
+        await gateway.send(
+            "inventory", sku, "releaseReservation", {"reservation_id": "r0"}, wait=True
+        )
+        done = await gateway.send("inventory", sku, "reserveStock", full, wait=True)
+        assert done.read is not None and done.read.snapshot.state is not None
+        assert len(done.read.snapshot.state["reservations"]) == 1000
+    # It went through continue-as-new at its fullest, several times (visibility lags a bit).
+    assert await eventually(lambda: runs_of(temporal_client, f"inventory:{sku}"), lambda n: n >= 3)
+    assert len(done.read.snapshot.model_dump_json()) < 512 * 1024
+
+
+async def test_a_cart_at_its_most_lines_refuses_one_more_and_continues_as_new(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    settings = bounded(settings)  # the default bound: 100 lines
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id, cart_id = new_id(), new_id()
+    async with run_worker(settings):
+        await open_active(gateway, account_id)
+        await gateway.send("cart", cart_id, "createCart", {"account_id": account_id}, wait=True)
+        for n in range(100):
+            # Each line twice, with a new price: 200 commands, so more than one run.
+            for price in (1, 2):
+                line = {"sku": f"sku-{n:03}", "quantity": 1, "unit_price": price}
+                await gateway.send("cart", cart_id, "addCartItem", line)
+        extra = {"sku": "sku-extra", "quantity": 1, "unit_price": 1}
+        assert (
+            await code_of(gateway.send("cart", cart_id, "addCartItem", extra, wait=True))
+            == ErrorCode.INVALID_INPUT
+        )
+        read = await gateway.read("cart", cart_id, Consistency.LIVE)
+    assert await eventually(lambda: runs_of(temporal_client, f"cart:{cart_id}"), lambda n: n >= 2)
+    assert read is not None and read.snapshot.state is not None
+    assert len(read.snapshot.state["lines"]) == 100
+    assert read.snapshot.revision == 1 + 200
+
+
+async def test_a_balance_never_passes_what_a_long_carries(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    async with run_worker():
+        await open_active(gateway, account_id)
+        step = 10**15
+        for _ in range(MAX_MONEY // step):
+            await gateway.send("account", account_id, "deposit", {"amount": step})
+        last = await gateway.send(
+            "account", account_id, "deposit", {"amount": MAX_MONEY % step}, wait=True
+        )
+        assert last.read is not None and last.read.snapshot.state is not None
+        assert last.read.snapshot.state["balance"] == MAX_MONEY
+        assert (
+            await code_of(gateway.send("account", account_id, "deposit", {"amount": 1}, wait=True))
+            == ErrorCode.LIMIT_REACHED
+        )
+        again = await gateway.read("account", account_id, Consistency.LIVE)
+    assert again is not None and again.snapshot.state is not None
+    assert again.snapshot.state["balance"] == MAX_MONEY
