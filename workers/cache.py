@@ -26,37 +26,23 @@ log = logging.getLogger(__name__)
 # the entity (its id used again after its closed workflow was deleted), whatever the
 # revisions, or the same incarnation at a higher revision. Entries written before
 # incarnations existed have none, which counts as the earliest. A newer snapshot is progress,
-# so it also clears the entity's stuck mark (see workers/watchdog.py).
+# so it also clears the entity's stuck mark (see workers/watchdog.py). Answers 1 when it
+# wrote; the stored snapshot when that one is newer, of the same incarnation; else 0.
 _PUT_IF_NEWER = """
-local current = redis.call('HMGET', KEYS[1], 'incarnation', 'revision')
-local incarnation = tonumber(current[1] or '0')
-local revision = tonumber(current[2] or '-1')
-local new_incarnation = tonumber(ARGV[1])
-local new_revision = tonumber(ARGV[2])
-if new_incarnation < incarnation then return 0 end
-if new_incarnation == incarnation and new_revision <= revision then return 0 end
-redis.call('HSET', KEYS[1], 'incarnation', ARGV[1], 'revision', ARGV[2],
-           'snapshot', ARGV[3], 'cached_at', ARGV[4])
-redis.call('HDEL', KEYS[1], 'stuck')
-return 1
-"""
-
-
-# The same write, answering with the stored snapshot when that one is newer (of the same
-# incarnation), so a caller can serve the newest state anyone has seen.
-_PUT_OR_GET_NEWER = """
 local current = redis.call('HMGET', KEYS[1], 'incarnation', 'revision', 'snapshot')
 local incarnation = tonumber(current[1] or '0')
 local revision = tonumber(current[2] or '-1')
 local new_incarnation = tonumber(ARGV[1])
 local new_revision = tonumber(ARGV[2])
-if new_incarnation < incarnation then return false end
-if new_incarnation == incarnation and new_revision < revision then return current[3] end
-if new_incarnation == incarnation and new_revision == revision then return false end
+if new_incarnation < incarnation then return 0 end
+if new_incarnation == incarnation then
+  if new_revision < revision and current[3] then return current[3] end
+  if new_revision <= revision then return 0 end
+end
 redis.call('HSET', KEYS[1], 'incarnation', ARGV[1], 'revision', ARGV[2],
            'snapshot', ARGV[3], 'cached_at', ARGV[4])
 redis.call('HDEL', KEYS[1], 'stuck')
-return false
+return 1
 """
 
 
@@ -115,7 +101,6 @@ class SnapshotCache:
         self._client = client
         self._prefix = prefix
         self._put_if_newer = client.register_script(_PUT_IF_NEWER)
-        self._put_or_get_newer = client.register_script(_PUT_OR_GET_NEWER)
         self._reads = ReadBatcher(client, ["snapshot", "cached_at", "stuck"])
         self._unsaved = UnsavedSnapshots(self._put)
 
@@ -133,8 +118,12 @@ class SnapshotCache:
             raise
 
     async def _put(self, snapshot: Snapshot) -> bool:
+        return await self._write(snapshot) == 1
+
+    async def _write(self, snapshot: Snapshot) -> int | bytes:
+        """The script's answer: 1 written, 0 not, or the newer snapshot stored."""
         try:
-            written = await self._put_if_newer(
+            answer: int | bytes = await self._put_if_newer(
                 keys=[self.key(snapshot.entity_type, snapshot.entity_id)],
                 args=[
                     snapshot.incarnation,
@@ -145,7 +134,7 @@ class SnapshotCache:
             )
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
-        return bool(written)
+        return answer
 
     async def put_newest(self, snapshot: Snapshot) -> Snapshot:
         """Store `snapshot` as `put` does, and return the newest state known of its entity:
@@ -154,21 +143,13 @@ class SnapshotCache:
         goes back a few commands and applies them again. What a client was shown stays
         shown."""
         try:
-            newer = await self._put_or_get_newer(
-                keys=[self.key(snapshot.entity_type, snapshot.entity_id)],
-                args=[
-                    snapshot.incarnation,
-                    snapshot.revision,
-                    snapshot.model_dump_json(),
-                    repr(time.time()),
-                ],
-            )
-        except RedisError as exc:
+            answer = await self._write(snapshot)
+        except CacheUnavailable as exc:
             if not self._unsaved:
                 log.warning("cache unavailable, keeping snapshots to write later: %s", exc)
             self._unsaved.keep(snapshot)
             return self._unsaved.newest(snapshot)
-        return Snapshot.model_validate_json(newer) if newer else snapshot
+        return Snapshot.model_validate_json(answer) if isinstance(answer, bytes) else snapshot
 
     async def get(self, entity_type: str, entity_id: str) -> CachedSnapshot | None:
         """The last-seen snapshot, or None when the cache has never seen the entity."""
