@@ -9,13 +9,13 @@ carry the token pasted into its headers pane.
 
 from __future__ import annotations
 
-import json
 from urllib.parse import parse_qs
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import DEVELOPMENT_PRINCIPAL, TokenVerifier, Unauthenticated
+from api.responses import send_error
 from entities.errors import ErrorCode
 from entities.runtime.policy import Principal
 
@@ -68,18 +68,10 @@ def _is_ide_page(scope: Scope, headers: Headers) -> bool:
 async def _unauthenticated(send: Send, message: str, has_token: bool) -> None:
     # RFC 6750: a request with no credentials gets the bare challenge; a bad token says so.
     challenge = 'Bearer realm="tenure"' + (', error="invalid_token"' if has_token else "")
-    body = json.dumps(
-        {"errors": [{"message": message, "extensions": {"code": ErrorCode.UNAUTHENTICATED}}]}
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 401,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"www-authenticate", challenge.encode()),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
+    await send_error(
+        send,
+        401,
+        ErrorCode.UNAUTHENTICATED,
+        message,
+        [(b"www-authenticate", challenge.encode())],
     )
-    await send({"type": "http.response.body", "body": body})
