@@ -104,8 +104,8 @@ class Report:
             f"faults injected: {', '.join(self.faults) or 'none'}",
             "throughput back after: "
             + (", ".join(f"{k} {v:.1f} s" for k, v in self.recovery_seconds.items()) or "-"),
-            f"runs {self.runs} ({self.suggested_runs} of them ended by the server's suggestion"
-            "); workflow task failures and timeouts: "
+            f"runs {self.runs} ({max(0, self.suggested_runs - 1)} ended by the server's "
+            "suggestion); workflow task failures and timeouts: "
             f"{dict(self.task_failures) or 'none'}",
             f"reads that went back a revision: {self.backwards_reads}",
             "problems: " + ("; ".join(self.problems) if self.problems else "none"),
