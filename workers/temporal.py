@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError, RPCStatusCode
@@ -38,3 +39,28 @@ async def within(seconds: float, call: Awaitable[T]) -> T:
         raise RPCError(
             f"no answer within {seconds:g} s", RPCStatusCode.DEADLINE_EXCEEDED, b""
         ) from None
+
+
+PROBE_INTERVAL = 0.5
+
+
+async def _answers(client: Client) -> bool:
+    try:
+        await within(1.0, client.workflow_service.get_system_info(GetSystemInfoRequest()))
+    except RPCError:
+        return False
+    return True
+
+
+async def until_unreachable(client: Client, misses: int = 2) -> None:
+    """Return once Temporal has failed to answer `misses` probes in a row."""
+    missed = 0
+    while missed < misses:
+        await asyncio.sleep(PROBE_INTERVAL)
+        missed = 0 if await _answers(client) else missed + 1
+
+
+async def until_reachable(client: Client) -> None:
+    """Return once Temporal answers again."""
+    while not await _answers(client):
+        await asyncio.sleep(PROBE_INTERVAL)

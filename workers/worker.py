@@ -17,7 +17,7 @@ from workers.activities import CacheActivities
 from workers.cache import SnapshotCache, connect_redis
 from workers.requests import EntityRequests
 from workers.settings import Settings
-from workers.temporal import connect_temporal
+from workers.temporal import connect_temporal, until_reachable, until_unreachable
 from workers.watchdog import StuckEntityWatchdog
 
 log = logging.getLogger(__name__)
@@ -73,33 +73,55 @@ def build_worker(
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Connect to Temporal and Redis and serve until `stop` is set (or forever)."""
+    """Connect to Temporal and Redis and serve until `stop` is set (or forever).
+
+    When Temporal stops answering, the worker is shut down and a new one started once it
+    answers again. A workflow task whose completion an outage lost can leave the SDK's
+    cached workflows ahead of their histories; a task applied on top of that afterwards
+    records commands that the history then cannot replay (the soak froze entities so, with
+    "No command scheduled for event ActivityTaskScheduled"). A new worker has an empty cache
+    and replays every entity from its history.
+    """
     client = await connect_temporal(settings)
     redis_client = connect_redis(settings)
     cache = SnapshotCache(redis_client, settings.redis_prefix)
-    worker = build_worker(client, settings, cache)
     watchdog = StuckEntityWatchdog(client, cache, settings.task_queue, settings.watchdog_interval)
-    log.info("worker polling task queue %r at %s", settings.task_queue, settings.temporal_address)
     watching = asyncio.create_task(watchdog.run()) if settings.watchdog_interval else None
-    running = asyncio.create_task(worker.run())
+    stopping = asyncio.create_task((stop or asyncio.Event()).wait())
     try:
-        await asyncio.wait(
-            [running, asyncio.create_task((stop or asyncio.Event()).wait())],
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        while not stopping.done():
+            worker = build_worker(client, settings, cache)
+            log.info(
+                "worker polling task queue %r at %s", settings.task_queue, settings.temporal_address
+            )
+            running = asyncio.create_task(worker.run())
+            lost = asyncio.create_task(until_unreachable(client))
+            await asyncio.wait([running, lost, stopping], return_when=asyncio.FIRST_COMPLETED)
+            lost.cancel()
+            await _shut_down(worker, running)
+            if lost.done() and not lost.cancelled() and not stopping.done():
+                log.warning("Temporal is not answering: worker stopped, its cache dropped")
+                await asyncio.wait(
+                    [asyncio.create_task(until_reachable(client)), stopping],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
     finally:
+        stopping.cancel()
         if watching is not None:
             watching.cancel()
-        # Activities in flight are cancelled at once (the server retries them: publishing is
-        # idempotent); giving them time kept the worker's sticky queue alive, and every
-        # entity's next task waited for it. A workflow task that cannot complete (an entity
-        # stuck on a failing task) must not keep the process up for good: bounded.
-        try:
-            await asyncio.wait_for(worker.shutdown(), SHUTDOWN_TIMEOUT.total_seconds())
-        except TimeoutError:
-            log.error("worker did not shut down within %s; exiting anyway", SHUTDOWN_TIMEOUT)
-        failed = running.exception() if running.done() and not running.cancelled() else None
-        running.cancel()
         await redis_client.aclose()
-        if failed is not None:
-            raise failed
+
+
+async def _shut_down(worker: Worker, running: asyncio.Task[None]) -> None:
+    # Activities in flight are cancelled at once (the server retries them: publishing is
+    # idempotent); giving them time kept the worker's sticky queue alive, and every entity's
+    # next task waited for it. A workflow task that cannot complete (an entity stuck on a
+    # failing task, Temporal gone) must not keep the process up for good: bounded.
+    try:
+        await asyncio.wait_for(worker.shutdown(), SHUTDOWN_TIMEOUT.total_seconds())
+    except TimeoutError:
+        log.error("worker did not shut down within %s; going on anyway", SHUTDOWN_TIMEOUT)
+    failed = running.exception() if running.done() and not running.cancelled() else None
+    running.cancel()
+    if failed is not None:
+        raise failed
