@@ -1,4 +1,6 @@
-"""The Starlette application: its lifespan owns the Temporal and Redis clients."""
+"""The Starlette application: its lifespan owns the Temporal and Redis clients; every
+response carries the standard security headers, and browsers may call it cross-origin only
+from the configured origins."""
 
 from __future__ import annotations
 
@@ -7,14 +9,20 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from cross_web import HTTPException
 from graphql import ExecutionResult
 from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
-from strawberry.http import GraphQLHTTPResponse
+from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData, GraphQLRequestProtocol
+from strawberry.schema import BaseSchema
 from temporalio.client import Client
 
 from api.auth import TokenVerifier
@@ -22,10 +30,13 @@ from api.authentication import Authentication, principal_of
 from api.authorization import Authorizer
 from api.cached_reads import SCOPE_KEY, CachedReadResponses
 from api.context import TenureContext
-from api.errors import present_error
+from api.errors import LimitCode, RequestRefused, present_error
 from api.gateway import EntityGateway
-from api.schema import schema
-from entities.runtime.policy import NOBODY
+from api.limits import BodyLimit, DocumentLimits, decode_json
+from api.rate_limits import Limit, RateLimiter, RateLimits
+from api.schema import build_schema, introspection_enabled
+from entities.errors import ErrorCode
+from entities.runtime.policy import NOBODY, Role
 from workers.cache import SnapshotCache, connect_redis
 from workers.settings import Settings
 from workers.temporal import connect_temporal
@@ -34,7 +45,35 @@ log = logging.getLogger(__name__)
 
 
 class TenureGraphQL(GraphQL[TenureContext, None]):
-    """Strawberry's ASGI view with Tenure's context and error presentation."""
+    """Strawberry's ASGI view with Tenure's context and error presentation: a request it
+    refuses is answered with a GraphQL error and a code, as a query's errors are."""
+
+    def __init__(self, schema: BaseSchema, *, graphiql: bool, suggestions: bool) -> None:
+        super().__init__(schema, graphql_ide="graphiql" if graphiql else None)
+        self._suggestions = suggestions
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            response = await self.run(Request(scope, receive))
+        except RequestRefused as refused:
+            response = refused.response()
+        except HTTPException as exc:  # Strawberry's own refusals, plain text otherwise
+            code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_INPUT
+            response = RequestRefused(exc.status_code, code, exc.reason).response()
+        await response(scope, receive, send)
+
+    def decode_json(self, data: str | bytes) -> object:
+        return decode_json(data)
+
+    def _validate_batch_request(
+        self, request_data: list[GraphQLRequestData], protocol: GraphQLRequestProtocol
+    ) -> None:
+        raise RequestRefused(
+            400, LimitCode.BATCH_NOT_SUPPORTED, "send one GraphQL request, not an array of them"
+        )
 
     async def get_context(
         self, request: Request | WebSocket, response: Response | WebSocket | None = None
@@ -58,8 +97,53 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
     ) -> GraphQLHTTPResponse:
         data: GraphQLHTTPResponse = {"data": result.data}
         if result.errors:
-            data["errors"] = [present_error(err) for err in result.errors]
+            data["errors"] = [
+                present_error(err, suggestions=self._suggestions) for err in result.errors
+            ]
         return data
+
+
+# The API answers JSON only; the GraphiQL page, when served, loads its scripts and styles
+# from unpkg and runs one inline script.
+API_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+GRAPHIQL_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline' https://unpkg.com; "
+    "style-src 'unsafe-inline' https://unpkg.com; font-src data: https://unpkg.com; "
+    "img-src data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'none'"
+)
+HSTS = "max-age=31536000"
+
+
+class SecurityHeaders:
+    """ASGI middleware: the standard security headers on every response. HSTS only on a
+    request that came over TLS, as the server reports it (behind a TLS proxy, uvicorn takes
+    the scheme from X-Forwarded-Proto when FORWARDED_ALLOW_IPS names the proxy)."""
+
+    def __init__(self, app: ASGIApp, page_policy: str | None = None) -> None:
+        self._app = app
+        self._page_policy = page_policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        over_tls = scope.get("scheme") == "https"
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                page = headers.get("content-type", "").startswith("text/html")
+                policy = self._page_policy if page and self._page_policy else API_POLICY
+                headers.setdefault("content-security-policy", policy)
+                headers.setdefault("x-content-type-options", "nosniff")
+                headers.setdefault("x-frame-options", "DENY")
+                headers.setdefault("referrer-policy", "no-referrer")
+                if over_tls:
+                    headers.setdefault("strict-transport-security", HSTS)
+            await send(message)
+
+        await self._app(scope, receive, send_with_headers)
 
 
 async def _health(request: Request) -> JSONResponse:
@@ -89,6 +173,7 @@ def create_app(
                 snapshot_cache = SnapshotCache(redis_client, settings.redis_prefix)
             app.state.gateway = EntityGateway(client, snapshot_cache, settings)
             app.state.authorizer = Authorizer(app.state.gateway)
+            stack.push_async_callback(limits_redis.aclose)
             yield
 
     verifier = TokenVerifier.from_settings(settings)
@@ -102,13 +187,43 @@ def create_app(
             "NO AUTHENTICATION: no key source is configured and TENURE_ENV is development, "
             "so every caller is an admin. Never run like this where others can reach it."
         )
-    graphql: Any = TenureGraphQL(schema, graphql_ide="graphiql")
-    cached_reads = CachedReadResponses(graphql, schema._schema, size=settings.rendered_reads)
+    graphiql = settings.graphiql
+    if graphiql is None:
+        graphiql = settings.environment == "development"
+    schema = build_schema(settings)
+    graphql: Any = TenureGraphQL(
+        schema, graphiql=graphiql, suggestions=introspection_enabled(settings)
+    )
+    cached_reads = CachedReadResponses(
+        graphql,
+        schema._schema,
+        size=settings.rendered_reads,
+        limits=DocumentLimits.from_settings(settings),
+    )
+    limits_redis = connect_redis(settings)  # connects on first use
+    limiter = RateLimiter(
+        limits_redis,
+        settings.redis_prefix,
+        {Role(role): Limit(*limit) for role, limit in settings.rate_limits.items()},
+    )
+    endpoint = BodyLimit(
+        Authentication(RateLimits(cached_reads, limiter), verifier), settings.max_body_bytes
+    )
     app = Starlette(
         routes=[
             Route("/", _home),
             Route("/healthz", _health),
-            Route("/graphql", Authentication(cached_reads, verifier), methods=["GET", "POST"]),
+            Route("/graphql", endpoint, methods=["GET", "POST"]),
+        ],
+        middleware=[
+            Middleware(SecurityHeaders, page_policy=GRAPHIQL_POLICY if graphiql else None),
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["authorization", "content-type"],
+                max_age=600,
+            ),
         ],
         lifespan=lifespan,
     )

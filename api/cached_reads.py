@@ -35,6 +35,7 @@ from graphql import (
     ValueNode,
     VariableNode,
     parse,
+    specified_rules,
     validate,
 )
 from graphql.error import GraphQLError
@@ -42,7 +43,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.authentication import principal_of
 from api.authorization import Authorizer
+from api.errors import RequestRefused
 from api.gateway import CacheLookup, EntityRead, Source
+from api.limits import DocumentLimits, decode_json
 from workers.cache import CachedSnapshot, CacheUnavailable, RawEntry, SnapshotCache
 
 SCOPE_KEY = "tenure.prefetched_reads"
@@ -117,10 +120,16 @@ class ReadPlan:
         return chosen
 
 
-def plan_reads(schema: GraphQLSchema, query: str, operation_name: str | None) -> ReadPlan | None:
-    """The read plan of a valid query operation made only of entity reads, else None."""
+def plan_reads(
+    schema: GraphQLSchema,
+    query: str,
+    operation_name: str | None,
+    limits: DocumentLimits | None = None,
+) -> ReadPlan | None:
+    """The read plan of a valid query operation made only of entity reads, and within
+    `limits`, else None."""
     try:
-        document = parse(query)
+        document = limits.parse(query) if limits else parse(query)
     except GraphQLError:
         return None
     operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
@@ -149,7 +158,8 @@ def plan_reads(schema: GraphQLSchema, query: str, operation_name: str | None) ->
         if arguments or entity_id is None or consistency is None:
             return None
         reads.append(_RootRead(declared.entity_type, entity_id, consistency))
-    if not reads or validate(schema, document):
+    rules = [*specified_rules, limits.rule] if limits else None
+    if not reads or validate(schema, document, rules):
         return None
     return ReadPlan(tuple(reads))
 
@@ -203,6 +213,7 @@ class _Rendered:
 @dataclass
 class _Plans:
     schema: GraphQLSchema
+    limits: DocumentLimits | None
     plans: OrderedDict[tuple[str, str | None], ReadPlan | None] = field(default_factory=OrderedDict)
 
     def get(self, query: str, operation_name: str | None) -> ReadPlan | None:
@@ -210,7 +221,7 @@ class _Plans:
         if key in self.plans:
             self.plans.move_to_end(key)
             return self.plans[key]
-        plan = plan_reads(self.schema, query, operation_name)
+        plan = plan_reads(self.schema, query, operation_name, self.limits)
         self.plans[key] = plan
         if len(self.plans) > MAX_PLANS:
             self.plans.popitem(last=False)
@@ -220,9 +231,15 @@ class _Plans:
 class CachedReadResponses:
     """ASGI wrapper of the GraphQL endpoint that replays rendered CACHED-read responses."""
 
-    def __init__(self, app: ASGIApp, schema: GraphQLSchema, size: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        schema: GraphQLSchema,
+        size: int,
+        limits: DocumentLimits | None = None,
+    ) -> None:
         self._app = app
-        self._plans = _Plans(schema)
+        self._plans = _Plans(schema, limits)
         self._size = size
         self._rendered: OrderedDict[bytes, _Rendered] = OrderedDict()
         self.replayed = 0
@@ -255,7 +272,8 @@ class CachedReadResponses:
         if key and rendered is not None:
             self._rendered.move_to_end(key)
             self.replayed += 1
-            await send(rendered.start)
+            # Middleware outside adds its headers to the message it is sent: a copy each time.
+            await send({**rendered.start, "headers": list(rendered.start["headers"])})
             await send({"type": "http.response.body", "body": rendered.body})
             return
         prefetched = _prefetched(entities, raw)
@@ -334,8 +352,8 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
 def _json_request(body: bytes) -> tuple[str, dict[str, Any], str | None] | None:
     """(query, variables, operationName) of a plain JSON GraphQL request, else None."""
     try:
-        request = json.loads(body.decode())  # GraphQL over HTTP is UTF-8
-    except ValueError:
+        request = decode_json(body)
+    except RequestRefused:
         return None
     if not isinstance(request, dict) or set(request) - {"query", "variables", "operationName"}:
         return None
@@ -359,7 +377,7 @@ async def _capture(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> 
     async def capturing(message: Message) -> None:
         nonlocal start
         if message["type"] == "http.response.start":
-            start = message
+            start = {**message, "headers": list(message["headers"])}
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
         await send(message)

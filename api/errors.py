@@ -3,15 +3,50 @@
 from __future__ import annotations
 
 import logging
+from enum import StrEnum
 from typing import Any
 
 from graphql import GraphQLError
+from starlette.responses import JSONResponse
 
 from entities.errors import ErrorCode, TenureError
 
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "Internal error; it has been logged."
+
+
+class LimitCode(StrEnum):
+    """Codes of requests refused before anything runs: over a limit, or not one request."""
+
+    QUERY_TOO_DEEP = "QUERY_TOO_DEEP"
+    TOO_MANY_ALIASES = "TOO_MANY_ALIASES"
+    TOO_MANY_TOKENS = "TOO_MANY_TOKENS"
+    TOO_MANY_DIRECTIVES = "TOO_MANY_DIRECTIVES"
+    TOO_MANY_ROOT_FIELDS = "TOO_MANY_ROOT_FIELDS"
+    TOO_MANY_LIVE_READS = "TOO_MANY_LIVE_READS"
+    TOO_MANY_MUTATIONS = "TOO_MANY_MUTATIONS"
+    PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    BATCH_NOT_SUPPORTED = "BATCH_NOT_SUPPORTED"
+
+
+def over_limit(code: LimitCode, message: str) -> GraphQLError:
+    """A GraphQL error refusing a document over a limit; `present_error` keeps its code."""
+    return GraphQLError(message, extensions={"code": code.value})
+
+
+class RequestRefused(Exception):
+    """A request refused before GraphQL sees it, answered with an HTTP status and a code."""
+
+    def __init__(self, status: int, code: ErrorCode | LimitCode, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def response(self) -> JSONResponse:
+        body = {"errors": [{"message": self.message, "extensions": {"code": self.code.value}}]}
+        return JSONResponse(body, status_code=self.status)
 
 
 def _tenure_error(error: GraphQLError) -> TenureError | None:
@@ -25,8 +60,20 @@ def _tenure_error(error: GraphQLError) -> TenureError | None:
     return None
 
 
-def present_error(error: GraphQLError) -> dict[str, Any]:
-    """The client's view of one error: a message and `extensions.code`."""
+def _limit_code(error: GraphQLError) -> LimitCode | None:
+    code = (error.extensions or {}).get("code")
+    if error.original_error is not None or not isinstance(code, str):
+        return None
+    try:
+        return LimitCode(code)
+    except ValueError:
+        return None
+
+
+def present_error(error: GraphQLError, *, suggestions: bool = True) -> dict[str, Any]:
+    """The client's view of one error: a message and `extensions.code`. Without
+    `suggestions`, validation messages do not suggest names ("Did you mean 'account'?"),
+    which would give away the schema that disabled introspection keeps to itself."""
     presented: dict[str, Any] = {"message": error.message}
     if error.locations:
         presented["locations"] = [
@@ -35,12 +82,18 @@ def present_error(error: GraphQLError) -> dict[str, Any]:
     if error.path:
         presented["path"] = error.path
     known = _tenure_error(error)
+    limit = _limit_code(error)
+    code: ErrorCode | LimitCode
     if known is not None:
         presented["message"] = known.message
         code = known.code
+    elif limit is not None:
+        code = limit
     elif error.original_error is None or error.path is None:
         # Parse, validation and variable errors: the client sent something we cannot run.
         code = ErrorCode.INVALID_INPUT
+        if not suggestions:
+            presented["message"] = error.message.split(" Did you mean", 1)[0]
     else:
         log.error("internal error in %s", error.path, exc_info=error.original_error)
         presented["message"] = INTERNAL_MESSAGE

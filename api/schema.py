@@ -1,10 +1,18 @@
-"""The GraphQL schema: every entity binding's queries and mutations merged into one."""
+"""The GraphQL schema: every entity binding's queries and mutations merged into one, with
+the request limits and introspection the settings choose."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import strawberry
 from graphql import GraphQLError
-from strawberry.extensions import ParserCache, ValidationCache
+from strawberry.extensions import (
+    AddValidationRules,
+    DisableIntrospection,
+    SchemaExtension,
+    ValidationCache,
+)
 from strawberry.schema.config import StrawberryConfig
 from strawberry.tools import merge_types
 from strawberry.types import ExecutionContext
@@ -15,6 +23,8 @@ from api.checkouts import CheckoutQuery
 from api.common import SCALARS
 from api.errors import is_expected
 from api.inventory import InventoryMutation, InventoryQuery
+from api.limits import DocumentLimits, LimitedParser, LiveReadLimit
+from workers.settings import Settings
 
 Query = merge_types("Query", (AccountQuery, CartQuery, CheckoutQuery, InventoryQuery))
 Mutation = merge_types("Mutation", (AccountMutation, CartMutation, InventoryMutation))
@@ -31,15 +41,37 @@ class TenureSchema(strawberry.Schema):
             super().process_errors(unexpected, execution_context)
 
 
-# Clients send the same few documents over and over: parse and validate each once.
+# Clients send the same few documents over and over: parse and validate each once. A document
+# over the token limit is never parsed whole, so never kept.
 DOCUMENT_CACHE_SIZE = 256
 
-schema = TenureSchema(
-    query=Query,
-    mutation=Mutation,
-    config=StrawberryConfig(scalar_map=SCALARS),
-    extensions=[
-        lambda: ParserCache(maxsize=DOCUMENT_CACHE_SIZE),
+
+def introspection_enabled(settings: Settings) -> bool:
+    """Whether the schema answers introspection: as configured, else in development only."""
+    if settings.introspection is not None:
+        return settings.introspection
+    return settings.environment == "development"
+
+
+def build_schema(settings: Settings) -> TenureSchema:
+    """The schema with the limits and the introspection `settings` choose."""
+    limits = DocumentLimits.from_settings(settings)
+    parse = limits.cached_parser(DOCUMENT_CACHE_SIZE)
+    extensions: list[Callable[[], SchemaExtension]] = [
+        lambda: LimitedParser(parse),
+        lambda: AddValidationRules([limits.rule]),
         lambda: ValidationCache(maxsize=DOCUMENT_CACHE_SIZE),
-    ],
-)
+        lambda: LiveReadLimit(limits),
+    ]
+    if not introspection_enabled(settings):
+        extensions.append(DisableIntrospection)
+    return TenureSchema(
+        query=Query,
+        mutation=Mutation,
+        config=StrawberryConfig(scalar_map=SCALARS),
+        extensions=extensions,
+    )
+
+
+# Under the default settings (production: no introspection); `create_app` builds its own.
+schema = build_schema(Settings())

@@ -58,6 +58,28 @@ class Settings(BaseModel):
     watchdog_interval: float = Field(
         default=10.0, ge=0, description="Seconds between looks for stuck entities; 0: none."
     )
+    # request limits
+    max_query_depth: int = Field(default=8, ge=1, description="Fields nested deeper: refused.")
+    max_aliases: int = Field(default=15, ge=0, description="Aliases an operation may use.")
+    max_tokens: int = Field(default=1000, ge=1, description="Tokens in a document, comments too.")
+    max_directives: int = Field(default=50, ge=0, description="Directives an operation may use.")
+    max_root_fields: int = Field(default=20, ge=1, description="Root fields of an operation.")
+    max_live_reads: int = Field(default=5, ge=0, description="LIVE reads a request may make.")
+    max_mutations: int = Field(default=10, ge=1, description="Mutations a request may send.")
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="Request body size.")
+    graphiql: bool | None = Field(default=None, description="Serve GraphiQL; None: in development.")
+    introspection: bool | None = Field(
+        default=None, description="Answer introspection; None: in development."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins browsers may call the API from."
+    )
+    # rate limits
+    rate_limits: dict[str, tuple[float, int]] = Field(
+        default_factory=lambda: {"customer": (20.0, 40), "service": (500.0, 1000)},
+        description="Per role: requests per second and burst, each caller a bucket of its "
+        "own; a role not named (admin, by default) is not limited.",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -89,6 +111,17 @@ class Settings(BaseModel):
             "TENURE_AUTH_ROLES_CLAIM": "auth_roles_claim",
             "TENURE_AUTH_ACCOUNTS_CLAIM": "auth_accounts_claim",
             "TENURE_AUTH_SCOPES_CLAIM": "auth_scopes_claim",
+            # request limits
+            "TENURE_MAX_QUERY_DEPTH": "max_query_depth",
+            "TENURE_MAX_ALIASES": "max_aliases",
+            "TENURE_MAX_TOKENS": "max_tokens",
+            "TENURE_MAX_DIRECTIVES": "max_directives",
+            "TENURE_MAX_ROOT_FIELDS": "max_root_fields",
+            "TENURE_MAX_LIVE_READS": "max_live_reads",
+            "TENURE_MAX_MUTATIONS": "max_mutations",
+            "TENURE_MAX_BODY_BYTES": "max_body_bytes",
+            "TENURE_GRAPHIQL": "graphiql",
+            "TENURE_INTROSPECTION": "introspection",
         }
         for var, field in plain.items():
             if env.get(var):
@@ -102,8 +135,14 @@ class Settings(BaseModel):
             runtime["publish_interval_seconds"] = env["TENURE_PUBLISH_INTERVAL"]
         if runtime:
             values["runtime"] = runtime
+        if env.get("TENURE_RATE_LIMITS"):
+            values["rate_limits"] = json.loads(env["TENURE_RATE_LIMITS"])
         if env.get("TENURE_ENTITY_OPTIONS"):
             values["entity_options"] = json.loads(env["TENURE_ENTITY_OPTIONS"])
+        # request limits
+        if env.get("TENURE_CORS_ORIGINS"):
+            origins = env["TENURE_CORS_ORIGINS"].split(",")
+            values["cors_origins"] = [origin.strip() for origin in origins if origin.strip()]
         values.update(overrides)
         return cls.model_validate(values)
 
@@ -122,6 +161,7 @@ class Settings(BaseModel):
             "TENURE_LEDGER_SIZE": str(self.runtime.ledger_size),
             "TENURE_PUBLISH_INTERVAL": str(self.runtime.publish_interval_seconds),
             "TENURE_ENTITY_OPTIONS": json.dumps(self.entity_options),
+            "TENURE_RATE_LIMITS": json.dumps(self.rate_limits),
             "TENURE_MAX_CACHED_WORKFLOWS": str(self.max_cached_workflows),
             "TENURE_MAX_CONCURRENT_WORKFLOW_TASKS": str(self.max_concurrent_workflow_tasks),
             "TENURE_WORKFLOW_SANDBOX": "1" if self.workflow_sandbox else "0",
@@ -134,6 +174,20 @@ class Settings(BaseModel):
             "TENURE_AUTH_ROLES_CLAIM": self.auth_roles_claim,
             "TENURE_AUTH_ACCOUNTS_CLAIM": self.auth_accounts_claim,
             "TENURE_AUTH_SCOPES_CLAIM": self.auth_scopes_claim,
+            # request limits
+            "TENURE_MAX_QUERY_DEPTH": str(self.max_query_depth),
+            "TENURE_MAX_ALIASES": str(self.max_aliases),
+            "TENURE_MAX_TOKENS": str(self.max_tokens),
+            "TENURE_MAX_DIRECTIVES": str(self.max_directives),
+            "TENURE_MAX_ROOT_FIELDS": str(self.max_root_fields),
+            "TENURE_MAX_LIVE_READS": str(self.max_live_reads),
+            "TENURE_MAX_MUTATIONS": str(self.max_mutations),
+            "TENURE_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "TENURE_GRAPHIQL": "" if self.graphiql is None else str(int(self.graphiql)),
+            "TENURE_INTROSPECTION": ""
+            if self.introspection is None
+            else str(int(self.introspection)),
+            "TENURE_CORS_ORIGINS": ",".join(self.cors_origins),
         }
         optional = {
             "TENURE_AUTH_SECRET": self.auth_secret,

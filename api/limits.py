@@ -1,0 +1,372 @@
+"""Request limits: hostile input refused before it costs anything, each limit with its code.
+
+In the order a request meets them:
+
+- its body: more than `max_body_bytes` is answered 413 PAYLOAD_TOO_LARGE as soon as the
+  Content-Length header or the bytes received so far say so, and the rest is never read
+  (`BodyLimit`, outermost on /graphql, so nothing behind it can read more);
+- its JSON: what is not one JSON object in UTF-8 is 400 INVALID_INPUT, and a JSON array of
+  requests (a batch) 400 BATCH_NOT_SUPPORTED (`decode_json`, where all request JSON is read);
+- its document: parsing stops at `max_tokens` tokens, comments included (TOO_MANY_TOKENS), so
+  a huge document costs no more than a small one, and is never cached;
+- each operation in it: how deep its fields nest, its aliases, directives and root fields,
+  and a mutation's root fields, one command each (QUERY_TOO_DEEP, TOO_MANY_ALIASES,
+  TOO_MANY_DIRECTIVES, TOO_MANY_ROOT_FIELDS, TOO_MANY_MUTATIONS), checked while validating;
+  a fragment counts each time it is spread, as it would be executed;
+- the operation to run, with its variables: its LIVE reads, each a Temporal query
+  (TOO_MANY_LIVE_READS), checked just before execution.
+
+A refused request runs no resolver: it reads and stores nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from functools import cached_property, lru_cache
+from typing import Any, cast
+
+from graphql import (
+    DocumentNode,
+    EnumValueNode,
+    ExecutionResult,
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    GraphQLError,
+    GraphQLSyntaxError,
+    InlineFragmentNode,
+    OperationDefinitionNode,
+    OperationType,
+    SelectionSetNode,
+    ValidationContext,
+    ValidationRule,
+    VariableNode,
+    get_operation_ast,
+    parse,
+)
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from strawberry.extensions import SchemaExtension
+
+from api.errors import LimitCode, RequestRefused, over_limit
+from api.gateway import Consistency
+from entities.errors import ErrorCode
+from workers.settings import Settings
+
+# -- the body ---------------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """ASGI middleware: refuses a request body over `max_bytes` with 413, reading no further."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self._app = app
+        self._max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        await _BodyLimitResponder(self._app, self._max_bytes)(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    """Raised out of `receive` through the app, which gets no byte past the limit."""
+
+
+class _BodyLimitResponder:
+    _receive: Receive
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self._app = app
+        self._max_bytes = max_bytes
+        self._received = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        declared = Headers(scope=scope).get("content-length", "")
+        # More than 18 digits is over any limit (and thousands of them would not be an int).
+        if re.fullmatch(r"[0-9]+", declared) and (
+            len(declared) > 18 or int(declared) > self._max_bytes
+        ):
+            await self._refuse(scope, receive, send)
+            return
+        self._receive = receive
+        try:
+            await self._app(scope, self._receive_within_limit, send)
+        except _BodyTooLarge:
+            # Everything behind this reads the whole body before it answers, so nothing has
+            # been sent yet.
+            await self._refuse(scope, receive, send)
+
+    async def _receive_within_limit(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self._received += len(message.get("body", b""))
+            if self._received > self._max_bytes:
+                raise _BodyTooLarge
+        return message
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refused = RequestRefused(
+            413,
+            LimitCode.PAYLOAD_TOO_LARGE,
+            f"the request body is larger than {self._max_bytes} bytes",
+        )
+        response = refused.response()
+        response.headers["connection"] = "close"  # the server drops the rest of the body
+        await response(scope, receive, send)
+
+
+# -- the JSON ---------------------------------------------------------------------------------
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_json(data: str | bytes) -> Any:
+    """A request's JSON (its body, or a query parameter): an object, or an array of them,
+    which only a batch is. Whatever `json` cannot take whole, invalid UTF-8, a number of
+    thousands of digits, nesting deeper than the stack, NaN, an unpaired surrogate, is the
+    client's error (400 INVALID_INPUT), not the server's."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        value = json.loads(text, parse_constant=_no_constant)
+        if _SURROGATE_ESCAPE.search(text):
+            json.dumps(value, ensure_ascii=False).encode("utf-8")  # an unpaired one raises
+    except (ValueError, RecursionError) as exc:
+        raise RequestRefused(
+            400, ErrorCode.INVALID_INPUT, "the request is not well-formed JSON in UTF-8"
+        ) from exc
+    if not isinstance(value, dict | list):
+        raise RequestRefused(400, ErrorCode.INVALID_INPUT, "a GraphQL request is a JSON object")
+    return value
+
+
+# -- the document -----------------------------------------------------------------------------
+
+_TOKEN_LIMIT = "Document contains more than {} tokens"  # graphql-core's wording
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What a selection set asks for, through its fragments: `fields` at its own level, the
+    rest all the way down."""
+
+    depth: int = 0
+    fields: int = 0
+    aliases: int = 0
+    directives: int = 0
+    live_reads: int = 0
+
+    def beside(self, other: _Shape) -> _Shape:
+        return _Shape(
+            max(self.depth, other.depth),
+            self.fields + other.fields,
+            self.aliases + other.aliases,
+            self.directives + other.directives,
+            self.live_reads + other.live_reads,
+        )
+
+
+class _Measure:
+    """Measures a document's selection sets, counting a fragment's contents each time it is
+    spread while walking each fragment once."""
+
+    def __init__(
+        self, document: DocumentNode, is_live: Callable[[FieldNode], bool] = lambda _: False
+    ) -> None:
+        self._fragments = {
+            definition.name.value: definition
+            for definition in document.definitions
+            if isinstance(definition, FragmentDefinitionNode)
+        }
+        self._is_live = is_live
+        self._spread: dict[str, _Shape] = {}
+
+    def selection_set(self, selection_set: SelectionSetNode) -> _Shape:
+        total = _Shape()
+        for selection in selection_set.selections:
+            if isinstance(selection, FieldNode):
+                inner = _Shape()
+                if selection.selection_set is not None:
+                    inner = self.selection_set(selection.selection_set)
+                shape = _Shape(
+                    # Introspection is as deep as the type system, not the data: it has its
+                    # own switch.
+                    depth=1 if selection.name.value.startswith("__") else 1 + inner.depth,
+                    fields=1,
+                    aliases=inner.aliases + (selection.alias is not None),
+                    directives=inner.directives,
+                    live_reads=inner.live_reads + self._is_live(selection),
+                )
+            elif isinstance(selection, InlineFragmentNode):
+                shape = self.selection_set(selection.selection_set)
+            else:
+                shape = self._fragment(cast(FragmentSpreadNode, selection).name.value)
+            directives = shape.directives + len(selection.directives or ())
+            total = total.beside(replace(shape, directives=directives))
+        return total
+
+    def _fragment(self, name: str) -> _Shape:
+        if name not in self._spread:
+            self._spread[name] = _Shape()  # a fragment spread inside itself (invalid) is empty
+            fragment = self._fragments.get(name)
+            if fragment is not None:
+                self._spread[name] = self.selection_set(fragment.selection_set)
+        return self._spread[name]
+
+
+@dataclass(frozen=True)
+class DocumentLimits:
+    """The most a GraphQL document and the operation run from it may ask for."""
+
+    depth: int
+    aliases: int
+    tokens: int
+    directives: int
+    root_fields: int
+    mutations: int
+    live_reads: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DocumentLimits:
+        return cls(
+            depth=settings.max_query_depth,
+            aliases=settings.max_aliases,
+            tokens=settings.max_tokens,
+            directives=settings.max_directives,
+            root_fields=settings.max_root_fields,
+            mutations=settings.max_mutations,
+            live_reads=settings.max_live_reads,
+        )
+
+    def parse(self, query: str) -> DocumentNode:
+        """`query` parsed; refused (TOO_MANY_TOKENS) at its first token over the limit."""
+        try:
+            return parse(query, max_tokens=self.tokens)
+        except GraphQLSyntaxError as error:
+            if _TOKEN_LIMIT.format(self.tokens) not in error.message:
+                raise
+        raise over_limit(
+            LimitCode.TOO_MANY_TOKENS, f"the document has more than {self.tokens} tokens"
+        )
+
+    def cached_parser(self, size: int) -> Callable[[str], DocumentNode]:
+        """`parse` through an LRU of `size` documents; a refused one is never kept."""
+        return lru_cache(maxsize=size)(self.parse)
+
+    def check(self, document: DocumentNode) -> list[GraphQLError]:
+        """What each operation in `document` asks for beyond the limits."""
+        measure = _Measure(document)
+        errors = []
+        for operation in document.definitions:
+            if not isinstance(operation, OperationDefinitionNode):
+                continue
+            shape = measure.selection_set(operation.selection_set)
+            directives = shape.directives + len(operation.directives or ())
+            mutation = operation.operation is OperationType.MUTATION
+            checks = [
+                (shape.depth, self.depth, LimitCode.QUERY_TOO_DEEP, "fields nested {} deep"),
+                (shape.aliases, self.aliases, LimitCode.TOO_MANY_ALIASES, "{} aliases"),
+                (directives, self.directives, LimitCode.TOO_MANY_DIRECTIVES, "{} directives"),
+                (
+                    shape.fields if mutation else 0,
+                    self.mutations,
+                    LimitCode.TOO_MANY_MUTATIONS,
+                    "{} mutations",
+                ),
+                (shape.fields, self.root_fields, LimitCode.TOO_MANY_ROOT_FIELDS, "{} root fields"),
+            ]
+            errors += [
+                over_limit(code, f"the operation has {what.format(found)}; at most {limit}")
+                for found, limit, code, what in checks
+                if found > limit
+            ]
+        return errors
+
+    @cached_property
+    def rule(self) -> type[ValidationRule]:
+        """A validation rule reporting `check`'s errors; one class, so that validation
+        results can be cached."""
+        limits = self
+
+        class RequestLimits(ValidationRule):
+            def __init__(self, context: ValidationContext) -> None:
+                super().__init__(context)
+                for error in limits.check(context.document):
+                    context.report_error(error)
+
+        return RequestLimits
+
+    def check_live_reads(
+        self, document: DocumentNode, operation_name: str | None, variables: dict[str, Any]
+    ) -> GraphQLError | None:
+        """TOO_MANY_LIVE_READS if the operation run with these variables has too many fields
+        whose `consistency` is LIVE, written so or through a variable."""
+        operation = get_operation_ast(document, operation_name)
+        if operation is None:
+            return None
+        chosen: dict[str, object] = {
+            definition.variable.name.value: definition.default_value.value
+            for definition in operation.variable_definitions or ()
+            if isinstance(definition.default_value, EnumValueNode)
+        }
+        chosen.update(variables)
+
+        def is_live(selection: FieldNode) -> bool:
+            value = next(
+                (a.value for a in selection.arguments or () if a.name.value == "consistency"),
+                None,
+            )
+            if isinstance(value, VariableNode):
+                return chosen.get(value.name.value) == Consistency.LIVE
+            return isinstance(value, EnumValueNode) and value.value == Consistency.LIVE
+
+        found = _Measure(document, is_live).selection_set(operation.selection_set).live_reads
+        if found <= self.live_reads:
+            return None
+        return over_limit(
+            LimitCode.TOO_MANY_LIVE_READS,
+            f"the operation has {found} LIVE reads; at most {self.live_reads}",
+        )
+
+
+# -- Strawberry's hooks -----------------------------------------------------------------------
+
+
+class LimitedParser(SchemaExtension):
+    """Parses each document with `parse` (a `DocumentLimits.cached_parser`)."""
+
+    def __init__(self, parse: Callable[[str], DocumentNode]) -> None:
+        super().__init__()
+        self._parse = parse
+
+    def on_parse(self) -> Iterator[None]:
+        context = self.execution_context
+        if context.graphql_document is None and context.query:
+            context.graphql_document = self._parse(context.query)
+        yield
+
+
+class LiveReadLimit(SchemaExtension):
+    """Refuses, just before execution, an operation with more LIVE reads than `limits` allow."""
+
+    def __init__(self, limits: DocumentLimits) -> None:
+        super().__init__()
+        self._limits = limits
+
+    def on_execute(self) -> Iterator[None]:
+        context = self.execution_context
+        if context.graphql_document is not None and context.result is None:
+            error = self._limits.check_live_reads(
+                context.graphql_document, context.operation_name, context.variables or {}
+            )
+            if error is not None:
+                context.result = ExecutionResult(data=None, errors=[error])
+        yield

@@ -1,0 +1,372 @@
+"""Hostile input refused cheaply, each limit with its own code, through the real app: a
+request at a limit goes through, one just over it is refused, and a refused one stores
+nothing. Then malformed bodies (400, never 500) and production's defaults."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from graphql import GraphQLError
+from temporalio.client import Client
+
+from api.app import API_POLICY, GRAPHIQL_POLICY
+from api.errors import LimitCode, present_error
+from api.limits import DocumentLimits
+from tests.api.test_access import SECRET, token
+from tests.api.test_accounts_api import open_active, read_account
+from tests.conftest import GraphQLClient, api_client, new_id
+from workers.settings import Settings
+
+REFUSALS = {code.value for code in LimitCode} | {"INVALID_INPUT"}
+
+
+async def post(http: httpx.AsyncClient, query: str, **variables: Any) -> httpx.Response:
+    return await http.post("/graphql", json={"query": query, "variables": variables})
+
+
+def codes(response: httpx.Response) -> list[str]:
+    return [error["extensions"]["code"] for error in response.json().get("errors", [])]
+
+
+def aliases(n: int) -> str:
+    return "{ " + " ".join(f"a{i}: __typename" for i in range(n)) + " }"
+
+
+def root_fields(n: int) -> str:
+    return "{ " + "__typename " * n + "}"
+
+
+def tokens(n: int) -> str:
+    # `{ account ( id : "x" ) { id } }` is 11 tokens, and each comment one more.
+    return "# padding\n" * (n - 11) + '{ account(id: "x") { id } }'
+
+
+def directives(n: int) -> str:
+    return '{ account(id: "x") { ' + "id @include(if: true) " * n + "} }"
+
+
+def live_reads(n: int) -> str:
+    reads = " ".join(f'r{i}: account(id: "x", consistency: $c) {{ id }}' for i in range(n))
+    return "query($c: Consistency) { " + reads + " }"
+
+
+def deposits(n: int) -> str:
+    sent = " ".join(
+        f"d{i}: depositToAccount(id: $id, amount: 1, wait: true) {{ status }}" for i in range(n)
+    )
+    return "mutation($id: ID!) { " + sent + " }"
+
+
+CASES = {
+    # name: (settings, document at the limit, document just over it, variables, code)
+    "depth": (
+        {"max_query_depth": 2},
+        '{ cart(id: "x") { id } }',
+        '{ cart(id: "x") { lines { sku } } }',
+        {},
+        "QUERY_TOO_DEEP",
+    ),
+    "aliases": ({}, aliases(15), aliases(16), {}, "TOO_MANY_ALIASES"),
+    "tokens": ({}, tokens(1000), tokens(1001), {}, "TOO_MANY_TOKENS"),
+    "directives": ({}, directives(50), directives(51), {}, "TOO_MANY_DIRECTIVES"),
+    "root fields": ({}, root_fields(20), root_fields(21), {}, "TOO_MANY_ROOT_FIELDS"),
+    "live reads": ({}, live_reads(5), live_reads(6), {"c": "LIVE"}, "TOO_MANY_LIVE_READS"),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+async def test_a_document_at_each_limit_runs_and_one_over_it_is_refused_with_its_code(
+    settings: Settings,
+    temporal_client: Client,
+    case: tuple[dict[str, Any], str, str, dict[str, Any], str],
+) -> None:
+    update, within, over, variables, code = case
+    async with api_client(settings.model_copy(update=update), temporal_client) as http:
+        ran = await post(http, within, **variables)
+        assert ran.status_code == 200 and not set(codes(ran)) & REFUSALS, ran.json()
+        refused = await post(http, over, **variables)
+        assert refused.status_code == 200 and codes(refused) == [code], refused.json()
+        assert refused.json()["data"] is None
+
+
+async def test_the_default_depth_refuses_nine_levels(http: httpx.AsyncClient) -> None:
+    deep = "{ " + "a { " * 8 + "b" + " }" * 8 + " }"
+    assert codes(await post(http, deep))[0] == "QUERY_TOO_DEEP"
+
+
+async def test_a_fragment_counts_each_time_it_is_spread(http: httpx.AsyncClient) -> None:
+    eight = " ".join(f"a{i}: __typename" for i in range(8))
+    twice = "{ ...F ...F } fragment F on Query { " + eight + " }"
+    assert codes(await post(http, twice)) == ["TOO_MANY_ALIASES"]
+    # Each fragment spreads the next twice: 2^40 aliases, counted without 2^40 steps.
+    chain = " ".join(f"fragment F{i} on Query {{ ...F{i + 1} ...F{i + 1} }}" for i in range(40))
+    doubling = "{ ...F0 } " + chain + " fragment F40 on Query { a: __typename }"
+    assert codes(await post(http, doubling))[0] == "TOO_MANY_ALIASES"
+
+
+async def test_live_reads_are_counted_however_live_is_chosen(http: httpx.AsyncClient) -> None:
+    reads = (f'r{i}: account(id: "x", consistency: LIVE) {{ id }}' for i in range(6))
+    literal = "{ " + " ".join(reads) + " }"
+    assert codes(await post(http, literal)) == ["TOO_MANY_LIVE_READS"]
+    by_default = live_reads(6).replace("$c: Consistency", "$c: Consistency = LIVE")
+    assert codes(await post(http, by_default)) == ["TOO_MANY_LIVE_READS"]
+    cached = await post(http, live_reads(6), c="CACHED")
+    assert not set(codes(cached)) & REFUSALS
+
+
+async def test_a_refused_mutation_stores_nothing(
+    gql: GraphQLClient, http: httpx.AsyncClient
+) -> None:
+    account_id = new_id()
+    await open_active(gql, account_id)
+    ten = await post(http, deposits(10), id=account_id)
+    assert ten.json()["data"]["d9"]["status"] == "APPLIED", ten.json()
+    assert codes(await post(http, deposits(11), id=account_id)) == ["TOO_MANY_MUTATIONS"]
+    too_large = deposits(1) + " " * (256 * 1024)
+    refused = await post(http, too_large, id=account_id)
+    assert (refused.status_code, codes(refused)) == (413, ["PAYLOAD_TOO_LARGE"])
+    huge_amount = b'{"query": "%s", "variables": {"id": "%s", "a": %s}}' % (
+        b"mutation($id: ID!, $a: Long!) { depositToAccount(id: $id, amount: $a) { status } }",
+        account_id.encode(),
+        b"9" * 5000,
+    )
+    malformed = await http.post(
+        "/graphql", content=huge_amount, headers={"content-type": "application/json"}
+    )
+    assert (malformed.status_code, codes(malformed)) == (400, ["INVALID_INPUT"])
+    account = await read_account(gql, account_id, "LIVE")
+    assert (account["balance"], account["revision"]) == (10, 12)
+
+
+def request_of(size: int) -> bytes:
+    """A valid request of exactly `size` bytes, padded with whitespace."""
+    start, end = b'{"query": "{ __typename }"', b"}"
+    return start + b" " * (size - len(start) - len(end)) + end
+
+
+async def test_a_body_over_the_cap_is_refused_without_being_read(
+    http: httpx.AsyncClient,
+) -> None:
+    json = {"content-type": "application/json"}
+    cap = 256 * 1024
+    at = await http.post("/graphql", content=request_of(cap), headers=json)
+    assert at.status_code == 200 and at.json() == {"data": {"__typename": "Query"}}
+    over = await http.post("/graphql", content=request_of(cap + 1), headers=json)
+    assert (over.status_code, codes(over)) == (413, ["PAYLOAD_TOO_LARGE"])
+
+    sent = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(160):  # 10 MiB
+            sent += 1
+            yield b" " * 65536
+
+    # Sent without a length, the body is refused once 256 KiB have come in.
+    streamed = await http.post("/graphql", content=chunks(), headers=json)
+    assert (streamed.status_code, codes(streamed)) == (413, ["PAYLOAD_TOO_LARGE"])
+    assert sent <= 5
+    # With a length over the cap, before a byte of it is read.
+    sent = 0
+    declared = await http.post(
+        "/graphql", content=chunks(), headers={**json, "content-length": str(160 * 65536)}
+    )
+    assert (declared.status_code, codes(declared)) == (413, ["PAYLOAD_TOO_LARGE"])
+    assert sent == 0
+
+
+async def test_two_megabytes_of_aliases_are_refused_before_parsing_them_whole(
+    settings: Settings, temporal_client: Client, http: httpx.AsyncClient
+) -> None:
+    document = aliases(150_000)
+    assert len(document) > 2_000_000
+    assert codes(await post(http, document)) == ["PAYLOAD_TOO_LARGE"]
+    roomy = settings.model_copy(update={"max_body_bytes": 4 * 1024 * 1024})
+    async with api_client(roomy, temporal_client) as roomy_http:
+        assert codes(await post(roomy_http, document)) == ["TOO_MANY_TOKENS"]
+
+
+def test_a_document_over_the_token_limit_is_never_cached() -> None:
+    parse = DocumentLimits.from_settings(Settings()).cached_parser(8)
+    with pytest.raises(GraphQLError) as refused:
+        parse(tokens(1001))
+    assert refused.value.extensions == {"code": "TOO_MANY_TOKENS"}
+    assert parse.cache_info().currsize == 0  # type: ignore[attr-defined]
+    parse(tokens(1000))
+    assert parse.cache_info().currsize == 1  # type: ignore[attr-defined]
+
+
+MALFORMED = {
+    "invalid UTF-8": b'{"query": "{ __typename }", "variables": {"a": "\xff"}}',
+    "5000 digits": b'{"query": "{ __typename }", "variables": {"a": ' + b"9" * 5000 + b"}}",
+    "nested 100k deep": b'{"query": "{ __typename }", "variables": {"a": '
+    + b"[" * 100_000
+    + b"]" * 100_000
+    + b"}}",
+    "NaN": b'{"query": "{ __typename }", "variables": {"a": NaN}}',
+    "unpaired surrogate": b'{"query": "{ __typename }", "variables": {"a": "\\ud800"}}',
+    "not JSON": b'{"query": ',
+    "not an object": b'"{ __typename }"',
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_a_malformed_body_is_invalid_input_not_a_server_error(
+    http: httpx.AsyncClient, body: bytes
+) -> None:
+    response = await http.post(
+        "/graphql", content=body, headers={"content-type": "application/json"}
+    )
+    assert (response.status_code, codes(response)) == (400, ["INVALID_INPUT"])
+
+
+async def test_a_well_formed_body_with_astral_characters_is_taken(http: httpx.AsyncClient) -> None:
+    body = b'{"query": "{ __typename }", "variables": {"a": "\\ud83c\\udf53 \xf0\x9f\x8d\x93"}}'
+    response = await http.post(
+        "/graphql", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.json() == {"data": {"__typename": "Query"}}
+
+
+async def test_a_batch_is_refused_and_bad_variables_in_a_get_are_invalid_input(
+    http: httpx.AsyncClient,
+) -> None:
+    batch = await http.post("/graphql", json=[{"query": "{ __typename }"}] * 2)
+    assert (batch.status_code, codes(batch)) == (400, ["BATCH_NOT_SUPPORTED"])
+    get = await http.get("/graphql", params={"query": "{ __typename }", "variables": "[[[" * 9})
+    assert (get.status_code, codes(get)) == (400, ["INVALID_INPUT"])
+
+
+def test_a_limit_code_is_kept_only_on_an_error_the_api_raised_itself() -> None:
+    refused = GraphQLError("x", extensions={"code": "TOO_MANY_ALIASES"})
+    assert present_error(refused)["extensions"] == {"code": "TOO_MANY_ALIASES"}
+    boom = RuntimeError("boom")
+    wrapped = GraphQLError("x", extensions={"code": "TOO_MANY_ALIASES"}, original_error=boom)
+    assert present_error(wrapped)["extensions"] == {"code": "INVALID_INPUT"}
+
+
+# -- production ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def production(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={
+            "environment": "production",
+            "auth_secret": SECRET,
+            "cors_origins": ["https://shop.example"],
+        }
+    )
+
+
+ADMIN = {"authorization": f"Bearer {token('admin', 'ops')}"}
+INTROSPECTION = "{ __schema { queryType { name } } }"
+
+
+async def test_production_answers_no_introspection_graphiql_or_suggestions(
+    production: Settings, temporal_client: Client
+) -> None:
+    async with api_client(production, temporal_client) as http:
+        asked = await http.post("/graphql", json={"query": INTROSPECTION}, headers=ADMIN)
+        assert set(codes(asked)) == {"INVALID_INPUT"} and asked.json()["data"] is None
+        page = await http.get("/graphql", headers={"accept": "text/html"})
+        assert page.status_code == 404 and "graphiql" not in page.text.lower()
+        typo = await http.post("/graphql", json={"query": "{ acount { id } }"}, headers=ADMIN)
+        assert codes(typo) == ["INVALID_INPUT"]
+        assert "account" not in typo.json()["errors"][0]["message"]
+    opened = production.model_copy(update={"graphiql": True, "introspection": True})
+    async with api_client(opened, temporal_client) as http:
+        asked = await http.post("/graphql", json={"query": INTROSPECTION}, headers=ADMIN)
+        assert asked.json() == {"data": {"__schema": {"queryType": {"name": "Query"}}}}
+        page = await http.get("/graphql", headers={"accept": "text/html"})
+        assert page.status_code == 200 and "graphiql" in page.text.lower()
+
+
+async def test_development_serves_graphiql_with_a_policy_that_lets_it_load(
+    http: httpx.AsyncClient,
+) -> None:
+    page = await http.get("/graphql", headers={"accept": "text/html"})
+    assert page.status_code == 200 and page.headers["content-security-policy"] == GRAPHIQL_POLICY
+    asked = await post(http, INTROSPECTION)
+    assert asked.json() == {"data": {"__schema": {"queryType": {"name": "Query"}}}}
+    typo = await post(http, "{ acount { id } }")
+    assert "Did you mean 'account'?" in typo.json()["errors"][0]["message"]
+
+
+async def test_every_response_carries_the_security_headers(
+    production: Settings, temporal_client: Client
+) -> None:
+    async with api_client(production, temporal_client) as http:
+        responses = [
+            await http.post("/graphql", json={"query": "{ __typename }"}, headers=ADMIN),
+            await http.post("/graphql", json={"query": "{ __typename }"}),  # 401
+            await http.get("/healthz"),
+        ]
+        for response in responses:
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert response.headers["x-frame-options"] == "DENY"
+            assert response.headers["referrer-policy"] == "no-referrer"
+            assert response.headers["content-security-policy"] == API_POLICY
+            assert "strict-transport-security" not in response.headers  # not over TLS
+        assert [response.status_code for response in responses] == [200, 401, 200]
+        async with httpx.AsyncClient(transport=http._transport, base_url="https://t") as tls:
+            over_tls = await tls.get("/healthz")
+        assert over_tls.headers["strict-transport-security"] == "max-age=31536000"
+
+
+async def test_cors_preflight_is_allowed_from_the_allow_list_only(
+    production: Settings, temporal_client: Client
+) -> None:
+    def preflight(origin: str) -> dict[str, str]:
+        return {
+            "origin": origin,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type",
+        }
+
+    async with api_client(production, temporal_client) as http:
+        allowed = await http.options("/graphql", headers=preflight("https://shop.example"))
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://shop.example"
+        other = await http.options("/graphql", headers=preflight("https://evil.example"))
+        assert other.status_code == 400
+        assert "access-control-allow-origin" not in other.headers
+        simple = await http.post(
+            "/graphql",
+            json={"query": "{ __typename }"},
+            headers={**ADMIN, "origin": "https://evil.example"},
+        )
+        assert "access-control-allow-origin" not in simple.headers
+
+
+def test_the_limits_are_configured_from_the_environment_and_back() -> None:
+    env = {
+        "TENURE_MAX_QUERY_DEPTH": "4",
+        "TENURE_MAX_ALIASES": "3",
+        "TENURE_MAX_TOKENS": "500",
+        "TENURE_MAX_DIRECTIVES": "7",
+        "TENURE_MAX_ROOT_FIELDS": "9",
+        "TENURE_MAX_LIVE_READS": "2",
+        "TENURE_MAX_MUTATIONS": "1",
+        "TENURE_MAX_BODY_BYTES": "65536",
+        "TENURE_GRAPHIQL": "0",
+        "TENURE_INTROSPECTION": "1",
+        "TENURE_CORS_ORIGINS": "https://a.example, https://b.example",
+    }
+    settings = Settings.from_env(env)
+    assert DocumentLimits.from_settings(settings) == DocumentLimits(
+        depth=4, aliases=3, tokens=500, directives=7, root_fields=9, mutations=1, live_reads=2
+    )
+    assert (settings.max_body_bytes, settings.graphiql, settings.introspection) == (
+        65536,
+        False,
+        True,
+    )
+    assert settings.cors_origins == ["https://a.example", "https://b.example"]
+    assert Settings.from_env(settings.to_env()) == settings
+    defaults = Settings.from_env({})
+    assert Settings.from_env(defaults.to_env()) == defaults
+    assert (defaults.graphiql, defaults.introspection, defaults.cors_origins) == (None, None, [])
