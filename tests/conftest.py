@@ -75,7 +75,8 @@ def settings(temporal_server: EmbeddedTemporal, redis_url: str, redis_prefix: st
         redis_prefix=redis_prefix,
         task_queue=f"test-{uuid.uuid4().hex}",
         live_read_timeout=1.5,
-        command_wait_timeout=3.0,
+        # Room for a new worker to take over an entity (up to 3 s for a lost sticky queue).
+        command_wait_timeout=6.0,
         # No key source: every caller is the development admin. Tests of who may do what
         # configure a key and mint their own tokens (tests/api/test_access.py).
         environment="development",

@@ -288,12 +288,15 @@ async def test_the_authorizer_refuses_an_undeclared_command() -> None:
 
 
 async def test_graphiql_opens_without_a_token_and_queries_need_one(
-    http: httpx.AsyncClient,
+    secured: Settings, temporal_client: Client
 ) -> None:
-    for url in ("/graphql", '/graphql?headers={"Authorization":"Bearer x"}'):
-        page = await http.get(url, headers={"accept": "text/html"})
-        assert page.status_code == 200 and "graphiql" in page.text.lower()
-    query = await http.get(
-        "/graphql", params={"query": "{ __typename }"}, headers={"accept": "text/html"}
-    )
-    assert query.status_code == 401
+    # Production serves no GraphiQL unless asked to.
+    with_ide = secured.model_copy(update={"graphiql": True})
+    async with api_client(with_ide, temporal_client) as http:
+        for url in ("/graphql", '/graphql?headers={"Authorization":"Bearer x"}'):
+            page = await http.get(url, headers={"accept": "text/html"})
+            assert page.status_code == 200 and "graphiql" in page.text.lower()
+        query = await http.get(
+            "/graphql", params={"query": "{ __typename }"}, headers={"accept": "text/html"}
+        )
+        assert query.status_code == 401

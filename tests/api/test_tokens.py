@@ -147,8 +147,9 @@ def test_each_required_claim_is_required(claim: str) -> None:
     assert refused(verifier(), hs256(**{claim: None})) == f"token has no {claim} claim"
 
 
-def test_an_empty_subject_is_refused() -> None:
-    assert refused(verifier(), hs256(sub="")) == "token has no sub claim"
+def test_an_empty_or_overlong_subject_is_refused() -> None:
+    assert refused(verifier(), hs256(sub="")) == "token has no valid sub claim"
+    assert refused(verifier(), hs256(sub="s" * 129)) == "token has no valid sub claim"
 
 
 def test_a_bad_signature_is_refused() -> None:
