@@ -58,6 +58,10 @@ class Settings(BaseModel):
     watchdog_interval: float = Field(
         default=10.0, ge=0, description="Seconds between looks for stuck entities; 0: none."
     )
+    auto_repair: bool = Field(
+        default=True,
+        description="Repair at once an entity stuck because its history no longer replays.",
+    )
     # request limits
     max_query_depth: int = Field(default=8, ge=1, description="Fields nested deeper: refused.")
     max_aliases: int = Field(default=15, ge=0, description="Aliases an operation may use.")
@@ -101,6 +105,7 @@ class Settings(BaseModel):
             "TENURE_WORKFLOW_SANDBOX": "workflow_sandbox",
             "TENURE_RENDERED_READS": "rendered_reads",
             "TENURE_WATCHDOG_INTERVAL": "watchdog_interval",
+            "TENURE_AUTO_REPAIR": "auto_repair",
             "TENURE_ENV": "environment",
             "TENURE_AUTH_SECRET": "auth_secret",
             "TENURE_AUTH_PUBLIC_KEY_FILE": "auth_public_key_file",
@@ -167,6 +172,7 @@ class Settings(BaseModel):
             "TENURE_WORKFLOW_SANDBOX": "1" if self.workflow_sandbox else "0",
             "TENURE_RENDERED_READS": str(self.rendered_reads),
             "TENURE_WATCHDOG_INTERVAL": str(self.watchdog_interval),
+            "TENURE_AUTO_REPAIR": "1" if self.auto_repair else "0",
             "TENURE_ENV": self.environment,
             "TENURE_AUTH_ISSUER": self.auth_issuer,
             "TENURE_AUTH_AUDIENCE": self.auth_audience,

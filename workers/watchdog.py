@@ -8,7 +8,8 @@ cluster turns it on with the dynamic config value
 here sets it to 3). The watchdog asks for flagged entities of its task queue every
 `interval` seconds, marks each in the cache so that its cached reads say `stale: true`,
 logs it once with how to repair it, and clears the mark (and logs the recovery) when the
-flag goes. A newer snapshot clears the mark as well (see `workers/cache.py`).
+flag goes. A newer snapshot clears the mark as well (see `workers/cache.py`). With
+`auto_repair`, an entity stuck because its history no longer replays is repaired at once.
 """
 
 from __future__ import annotations
@@ -23,23 +24,32 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from entities import catalog
+from entities.errors import TenureError
 from workers.cache import CacheUnavailable, SnapshotCache
+from workers.repair import repair
 
 log = logging.getLogger(__name__)
 
 PROBLEMS = "TemporalReportedProblems"
+NONDETERMINISM = "NonDeterministicError"
 
 
 class StuckEntityWatchdog:
     """Marks the entities of one task queue whose workflow tasks keep failing."""
 
     def __init__(
-        self, client: Client, cache: SnapshotCache, task_queue: str, interval: float = 10.0
+        self,
+        client: Client,
+        cache: SnapshotCache,
+        task_queue: str,
+        interval: float = 10.0,
+        auto_repair: bool = False,
     ) -> None:
         self._client = client
         self._cache = cache
         self._task_queue = task_queue
         self._interval = interval
+        self._auto_repair = auto_repair
         self._types = set(catalog.entity_types())
         self.stuck: dict[str, str] = {}
         """Workflow id of each entity found stuck, and why."""
@@ -66,6 +76,8 @@ class StuckEntityWatchdog:
                     workflow_id.replace(":", " ", 1),
                 )
             await self._mark(workflow_id, reason)
+            if self._auto_repair and NONDETERMINISM in reason:
+                await self._repair(workflow_id)
         for workflow_id in set(self.stuck) - set(found):
             log.warning("entity %s makes progress again", workflow_id)
             entity_type, _, entity_id = workflow_id.partition(":")
@@ -73,6 +85,25 @@ class StuckEntityWatchdog:
                 await self._cache.clear_stuck(entity_type, entity_id)
         self.stuck = found
         return found
+
+    async def _repair(self, workflow_id: str) -> None:
+        """Reset an entity whose history its own code no longer replays to its last good
+        task, signals re-applied (each command still applied once: the ledger). The SDK's
+        core has written such histories itself, after a worker was killed mid-task (the
+        soak saw "No command scheduled for event ActivityTaskScheduled"); left alone, the
+        entity would take commands and apply none for good."""
+        entity_type, _, entity_id = workflow_id.partition(":")
+        try:
+            done = await repair(self._client, entity_type, entity_id)
+        except (TenureError, RPCError) as exc:
+            log.warning("could not repair %s: %s", workflow_id, exc)
+            return
+        log.error(
+            "entity %s repaired: reset to the task completed at event %d, %d signals re-applied",
+            workflow_id,
+            done.reset_to_event,
+            done.signals_reapplied,
+        )
 
     async def _mark(self, workflow_id: str, reason: str) -> None:
         entity_type, _, entity_id = workflow_id.partition(":")

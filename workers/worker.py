@@ -85,7 +85,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     client = await connect_temporal(settings)
     redis_client = connect_redis(settings)
     cache = SnapshotCache(redis_client, settings.redis_prefix)
-    watchdog = StuckEntityWatchdog(client, cache, settings.task_queue, settings.watchdog_interval)
+    watchdog = StuckEntityWatchdog(
+        client, cache, settings.task_queue, settings.watchdog_interval, settings.auto_repair
+    )
     watching = asyncio.create_task(watchdog.run()) if settings.watchdog_interval else None
     stopping = asyncio.create_task((stop or asyncio.Event()).wait())
     try:

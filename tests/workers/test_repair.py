@@ -120,3 +120,37 @@ async def test_repair_refuses_an_entity_that_makes_progress(
     with pytest.raises(TenureError) as refused:
         await repair(temporal_client, "account", account_id)
     assert refused.value.code is ErrorCode.INVALID_TRANSITION
+
+
+async def test_the_watchdog_repairs_an_entity_whose_history_no_longer_replays(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    bad = Worker(
+        temporal_client,
+        task_queue=settings.task_queue,
+        workflows=[BadDeployAccount],
+        activities=activity_functions(temporal_client, cache, settings),
+        workflow_runner=UnsandboxedWorkflowRunner(),
+    )
+    async with bad:
+        await gateway.send(
+            "account", account_id, "open", {"owner_name": "Ada", "email": "a@b.cc"}, wait=True
+        )
+        await gateway.send("account", account_id, "verify", {}, wait=True)
+        await deposit(gateway, account_id, POISON, wait=True)
+    async with run_worker():
+        await deposit(gateway, account_id, 11, idempotency_key=f"{account_id}-11")
+        watchdog = StuckEntityWatchdog(
+            temporal_client, cache, settings.task_queue, auto_repair=True
+        )
+
+        async def healed() -> Snapshot | None:
+            await watchdog.sweep()
+            read = await gateway.read("account", account_id, Consistency.LIVE)
+            return read.snapshot if read is not None and not read.stale else None
+
+        snapshot = await eventually(healed, lambda s: s is not None and s.revision == 4, 60)
+    assert snapshot is not None and snapshot.state is not None
+    assert snapshot.state["balance"] == POISON + 11
