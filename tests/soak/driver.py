@@ -366,6 +366,7 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
         "WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND",
         "TIMED_OUT",
         "WORKFLOW_TASK_FAILED_CAUSE_NON_DETERMINISTIC_ERROR",
+        "WORKFLOW_TASK_FAILED_CAUSE_RESET_WORKFLOW",  # how a repair's new run begins
     }
     bad = {cause: n for cause, n in report.task_failures.items() if cause not in benign}
     if bad:

@@ -12,6 +12,7 @@ from temporalio.client import Client
 
 from api.gateway import Consistency, EntityGateway
 from deploy.embedded import EmbeddedRedis
+from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import Snapshot
 from tests.conftest import WorkerFactory, new_id
 from workers.cache import CacheUnavailable, SnapshotCache, connect_redis
@@ -114,9 +115,15 @@ async def test_a_live_read_with_no_worker_returns_the_cached_state_marked_stale(
     # Commands are still accepted durably and applied once a worker is back.
     await gateway.send("account", account_id, "deposit", {"amount": 8}, idempotency_key="d2")
     async with run_worker():
-        done = await gateway.send(
-            "account", account_id, "deposit", {"amount": 8}, idempotency_key="d2", wait=True
-        )
+        # Retried with its key on UNAVAILABLE, as a client does while a worker takes over.
+        for attempt in range(5):
+            try:
+                done = await gateway.send(
+                    "account", account_id, "deposit", {"amount": 8}, idempotency_key="d2", wait=True
+                )
+                break
+            except TenureError as exc:
+                assert exc.code is ErrorCode.UNAVAILABLE and attempt < 4
     assert done.read is not None and done.read.snapshot.state["balance"] == 50  # type: ignore[index]
 
 
