@@ -24,7 +24,7 @@ from deploy.embedded import (
     EmbeddedRedis,
     EmbeddedServer,
     EmbeddedTemporal,
-    _die_with_parent,
+    die_with_parent,
     free_port,
     stop_process,
 )
@@ -65,7 +65,7 @@ class Child:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
 
     @property

@@ -21,9 +21,9 @@ from temporalio.client import Client
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    # Linux: the child gets SIGTERM if the process that started it dies, so an aborted test
-    # run or dev stack never leaves servers behind.
+def die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if the process that started it dies, so an aborted
+    test run or dev stack never leaves servers behind (a `preexec_fn`)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -122,7 +122,7 @@ class EmbeddedServer:
             stdout=self._log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         try:
             await self.wait_ready(timeout)

@@ -33,7 +33,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from api.app import create_app
-from deploy.embedded import EmbeddedRedis, EmbeddedTemporal, stop_process
+from deploy.embedded import EmbeddedRedis, EmbeddedTemporal, die_with_parent, stop_process
 from entities.runtime.envelope import RuntimeOptions
 from workers.settings import Settings
 
@@ -134,7 +134,11 @@ class Stack:
         env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         with open(self.data / "worker.log", "ab") as log:
             self.worker = subprocess.Popen(
-                [sys.executable, "-m", "workers"], env=env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "workers"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,  # an interrupted soak leaves no worker behind
             )
 
     def kill_worker(self) -> None:
