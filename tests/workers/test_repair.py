@@ -51,17 +51,22 @@ async def deposit(gateway: EntityGateway, account_id: str, amount: int, **kw: An
     await gateway.send("account", account_id, "deposit", {"amount": amount}, **kw)
 
 
-async def test_a_stuck_entity_reads_stale_and_repair_applies_every_command(
-    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
-) -> None:
-    gateway = EntityGateway(temporal_client, cache, settings)
+async def opened_by_a_bad_deploy(
+    gateway: EntityGateway,
+    client: Client,
+    cache: SnapshotCache,
+    settings: Settings,
+    before: int | None = None,
+    after: int | None = None,
+) -> str:
+    """An account opened, verified and given deposits (`before`, the poison, `after`) by
+    the bad deploy: today's code can no longer replay its history."""
     account_id = new_id()
-    workflow_id = f"account:{account_id}"
     bad = Worker(
-        temporal_client,
+        client,
         task_queue=settings.task_queue,
         workflows=[BadDeployAccount],
-        activities=activity_functions(temporal_client, cache, settings),
+        activities=activity_functions(client, cache, settings),
         workflow_runner=UnsandboxedWorkflowRunner(),
     )
     async with bad:
@@ -69,8 +74,18 @@ async def test_a_stuck_entity_reads_stale_and_repair_applies_every_command(
             "account", account_id, "open", {"owner_name": "Ada", "email": "a@b.cc"}, wait=True
         )
         await gateway.send("account", account_id, "verify", {}, wait=True)
-        for amount in (5, POISON, 7):
-            await deposit(gateway, account_id, amount, wait=True)
+        for amount in (before, POISON, after):
+            if amount is not None:
+                await deposit(gateway, account_id, amount, wait=True)
+    return account_id
+
+
+async def test_a_stuck_entity_reads_stale_and_repair_applies_every_command(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = await opened_by_a_bad_deploy(gateway, temporal_client, cache, settings, 5, 7)
+    workflow_id = f"account:{account_id}"
 
     async with run_worker():
         # Today's code replays the bad history, meets the stray timer and fails the task,
@@ -126,20 +141,7 @@ async def test_the_watchdog_repairs_an_entity_whose_history_no_longer_replays(
     temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
 ) -> None:
     gateway = EntityGateway(temporal_client, cache, settings)
-    account_id = new_id()
-    bad = Worker(
-        temporal_client,
-        task_queue=settings.task_queue,
-        workflows=[BadDeployAccount],
-        activities=activity_functions(temporal_client, cache, settings),
-        workflow_runner=UnsandboxedWorkflowRunner(),
-    )
-    async with bad:
-        await gateway.send(
-            "account", account_id, "open", {"owner_name": "Ada", "email": "a@b.cc"}, wait=True
-        )
-        await gateway.send("account", account_id, "verify", {}, wait=True)
-        await deposit(gateway, account_id, POISON, wait=True)
+    account_id = await opened_by_a_bad_deploy(gateway, temporal_client, cache, settings)
     async with run_worker():
         await deposit(gateway, account_id, 11, idempotency_key=f"{account_id}-11")
         watchdog = StuckEntityWatchdog(
