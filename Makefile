@@ -25,7 +25,12 @@ worker: $(STAMP)
 api: $(STAMP)
 	$(BIN)/python -m api
 
-test: $(STAMP)  ## every test, against a real Temporal dev server and Redis
+AUDIT := tests/api/http_audit
+
+$(AUDIT)/node_modules/.package-lock.json: $(AUDIT)/package-lock.json
+	npm ci --prefix $(AUDIT) --no-audit --no-fund --silent
+
+test: $(STAMP) $(AUDIT)/node_modules/.package-lock.json  ## every test, against a real Temporal dev server and Redis
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -48,4 +53,4 @@ soak: $(STAMP)  ## SOAK_MINUTES (default 30) of mixed traffic with faults; exits
 	SOAK_MINUTES=$(SOAK_MINUTES) $(BIN)/python -m tests.soak
 
 clean:
-	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(AUDIT)/node_modules .data .pytest_cache .mypy_cache .ruff_cache *.egg-info

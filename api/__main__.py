@@ -31,6 +31,7 @@ def main() -> None:
         port=settings.api_port,
         log_level="warning",
         access_log=False,
+        server_header=False,  # what serves the API is no client's business
     )
 
 

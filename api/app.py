@@ -23,6 +23,8 @@ from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData, GraphQLRequestProtocol
 from strawberry.schema import BaseSchema
+from strawberry.schema.exceptions import InvalidOperationTypeError
+from strawberry.types import ExecutionResult as StrawberryExecutionResult
 from temporalio.client import Client
 
 from api.auth import TokenVerifier
@@ -33,6 +35,7 @@ from api.context import TenureContext
 from api.errors import LimitCode, RequestRefused, present_error
 from api.gateway import EntityGateway
 from api.limits import BodyLimit, DocumentLimits, decode_json
+from api.over_http import GraphQLOverHTTP, view_status
 from api.rate_limits import Limit, RateLimiter, RateLimits
 from api.schema import build_schema, introspection_enabled
 from entities.errors import ErrorCode
@@ -42,6 +45,8 @@ from workers.settings import Settings
 from workers.temporal import connect_temporal
 
 log = logging.getLogger(__name__)
+
+_STATUS_KEY = "tenure.view_status"
 
 
 class TenureGraphQL(GraphQL[TenureContext, None]):
@@ -58,12 +63,28 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
             return
         try:
             response = await self.run(Request(scope, receive))
+            response.status_code = scope.get(_STATUS_KEY, response.status_code)
         except RequestRefused as refused:
             response = refused.response()
         except HTTPException as exc:  # Strawberry's own refusals, plain text otherwise
             code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_INPUT
             response = RequestRefused(exc.status_code, code, exc.reason).response()
         await response(scope, receive, send)
+
+    async def execute_single(
+        self, request: Request, request_adapter: Any, *args: Any, **kwargs: Any
+    ) -> StrawberryExecutionResult:
+        try:
+            return await super().execute_single(request, request_adapter, *args, **kwargs)
+        except HTTPException as exc:
+            if isinstance(exc.__cause__, InvalidOperationTypeError):
+                raise RequestRefused(
+                    405,
+                    LimitCode.METHOD_NOT_ALLOWED,
+                    "a mutation is sent by POST",
+                    headers={"allow": "POST"},
+                ) from exc
+            raise
 
     def decode_json(self, data: str | bytes) -> object:
         return decode_json(data)
@@ -95,7 +116,15 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
         request: Request | WebSocket,
         result: ExecutionResult,  # type: ignore[override]
     ) -> GraphQLHTTPResponse:
-        data: GraphQLHTTPResponse = {"data": result.data}
+        # An error before execution (parse, validation, variables, a limit) has no path,
+        # and leaves no data; a field's error always has a path.
+        request_error = result.data is None and all(err.path is None for err in result.errors or ())
+        status = view_status(request.scope, request_error=request_error)
+        data: GraphQLHTTPResponse = {}
+        if status == 200:
+            data["data"] = result.data
+        else:
+            request.scope[_STATUS_KEY] = status
         if result.errors:
             data["errors"] = [
                 present_error(err, suggestions=self._suggestions) for err in result.errors
@@ -206,14 +235,16 @@ def create_app(
         settings.redis_prefix,
         {Role(role): Limit(*limit) for role, limit in settings.rate_limits.items()},
     )
-    endpoint = BodyLimit(
-        Authentication(RateLimits(cached_reads, limiter), verifier), settings.max_body_bytes
+    endpoint = GraphQLOverHTTP(
+        BodyLimit(
+            Authentication(RateLimits(cached_reads, limiter), verifier), settings.max_body_bytes
+        )
     )
     app = Starlette(
         routes=[
             Route("/", _home),
             Route("/healthz", _health),
-            Route("/graphql", endpoint, methods=["GET", "POST"]),
+            Route("/graphql", endpoint),  # GraphQLOverHTTP answers other methods
         ],
         middleware=[
             Middleware(SecurityHeaders, page_policy=GRAPHIQL_POLICY if graphiql else None),

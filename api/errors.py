@@ -17,7 +17,8 @@ INTERNAL_MESSAGE = "Internal error; it has been logged."
 
 
 class LimitCode(StrEnum):
-    """Codes of requests refused before anything runs: over a limit, or not one request."""
+    """Codes of requests refused before anything runs: over a limit, or not a request that
+    `/graphql` takes (a batch, another method, a media type it cannot answer with)."""
 
     QUERY_TOO_DEEP = "QUERY_TOO_DEEP"
     TOO_MANY_ALIASES = "TOO_MANY_ALIASES"
@@ -28,6 +29,8 @@ class LimitCode(StrEnum):
     TOO_MANY_MUTATIONS = "TOO_MANY_MUTATIONS"
     PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
     BATCH_NOT_SUPPORTED = "BATCH_NOT_SUPPORTED"
+    METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+    NOT_ACCEPTABLE = "NOT_ACCEPTABLE"
 
 
 def over_limit(code: LimitCode, message: str) -> GraphQLError:
@@ -38,15 +41,22 @@ def over_limit(code: LimitCode, message: str) -> GraphQLError:
 class RequestRefused(Exception):
     """A request refused before GraphQL sees it, answered with an HTTP status and a code."""
 
-    def __init__(self, status: int, code: ErrorCode | LimitCode, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode | LimitCode,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         body = {"errors": [{"message": self.message, "extensions": {"code": self.code.value}}]}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def _tenure_error(error: GraphQLError) -> TenureError | None:
@@ -103,5 +113,7 @@ def present_error(error: GraphQLError, *, suggestions: bool = True) -> dict[str,
 
 
 def is_expected(error: GraphQLError) -> bool:
-    """Errors the client caused or the domain refused: reported to the client, not logged."""
-    return _tenure_error(error) is not None or error.original_error is None
+    """Errors the client caused or the domain refused: reported to the client, not logged.
+    Only a resolver's error has a path; one without came from the request itself (a
+    variable that does not coerce wraps the enum's KeyError, say)."""
+    return _tenure_error(error) is not None or error.original_error is None or error.path is None

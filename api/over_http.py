@@ -1,0 +1,148 @@
+"""GraphQL over HTTP, as its specification has it: which methods `/graphql` takes, which
+media type answers, and what a request error looks like in each.
+
+- Methods: GET (queries only) and POST. Any other is 405 METHOD_NOT_ALLOWED with `Allow`;
+  a mutation sent by GET is 405 too, with `Allow: POST` (raised by the view, which alone
+  knows the operation).
+- Media types: the client's `Accept` chooses `application/graphql-response+json` or
+  `application/json`. Wildcards and a missing header mean `application/json`, as the
+  specification asks of servers while clients move over; a header naming neither is 406
+  NOT_ACCEPTABLE. A browser asking for HTML on GET gets GraphiQL, where it is served.
+- Request errors: a request that fails before execution (a document that does not parse or
+  validate, variables that do not coerce, a limit) answered as
+  `application/graphql-response+json` has status 400 and no `data` entry; as
+  `application/json` it stays 200, which is what older clients expect. `view_status`
+  decides, for the view.
+
+The middleware sits outermost on `/graphql`, so every answer behind it, 401, 413 and 429
+included, carries the negotiated media type.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import LimitCode
+from api.responses import send_error
+
+GRAPHQL_RESPONSE = "application/graphql-response+json"
+JSON = "application/json"
+MEDIA_KEY = "tenure.media_type"
+METHODS = ("GET", "POST")
+
+_SPECIFIC = 2  # `type/subtype`, above `type/*` (1) and `*/*` (0)
+
+
+def _ranges(accept: str) -> list[tuple[str, str, float]]:
+    """The media ranges of an Accept header: (type, subtype, q), what cannot be read left
+    out. A q that is not a number between 0 and 1 counts as 1, as browsers treat it."""
+    ranges = []
+    for part in accept.split(","):
+        media, *params = (piece.strip() for piece in part.split(";"))
+        kind, slash, subtype = media.lower().partition("/")
+        if not slash or not kind or not subtype:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    q = 1.0
+        ranges.append((kind, subtype, q))
+    return ranges
+
+
+@lru_cache(maxsize=256)
+def negotiate(accept: str | None) -> str | None:
+    """The media type to answer a request with this Accept header, or None when it accepts
+    neither JSON type. Of two types accepted equally, a range naming
+    `application/graphql-response+json` exactly wins; a wildcard means `application/json`."""
+    if not accept or not accept.strip():
+        return JSON
+    best: tuple[float, int, bool] | None = None
+    chosen: str | None = None
+    for media in (GRAPHQL_RESPONSE, JSON):
+        kind, _, subtype = media.partition("/")
+        match: tuple[int, float] | None = None  # (specificity, q) of the closest range
+        for range_kind, range_subtype, q in _ranges(accept):
+            if (range_kind, range_subtype) == (kind, subtype):
+                specificity = _SPECIFIC
+            elif (range_kind, range_subtype) == (kind, "*"):
+                specificity = 1
+            elif (range_kind, range_subtype) == ("*", "*"):
+                specificity = 0
+            else:
+                continue
+            if match is None or specificity > match[0]:
+                match = (specificity, q)
+        if match is None or match[1] <= 0:
+            continue
+        specificity, q = match
+        rank = (q, specificity, media == JSON or specificity == _SPECIFIC)
+        if best is None or rank > best:
+            best, chosen = rank, media
+    return chosen
+
+
+def media_type_of(scope: Scope) -> str:
+    """The media type negotiated for this request (`application/json` outside `/graphql`)."""
+    media: str = scope.get(MEDIA_KEY, JSON)
+    return media
+
+
+def view_status(scope: Scope, *, request_error: bool) -> int:
+    """The status of a GraphQL response the view rendered: 400 for a request error answered
+    as `application/graphql-response+json`, 200 otherwise."""
+    return 400 if request_error and media_type_of(scope) == GRAPHQL_RESPONSE else 200
+
+
+def _wants_ide_page(scope: Scope, headers: Headers) -> bool:
+    return scope["method"] == "GET" and "text/html" in headers.get("accept", "")
+
+
+class GraphQLOverHTTP:
+    """ASGI middleware for `/graphql`: refuses other methods and unacceptable media types,
+    and labels every response with the negotiated media type."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        if scope["method"] not in METHODS:
+            await send_error(
+                send,
+                405,
+                LimitCode.METHOD_NOT_ALLOWED,
+                "/graphql takes GET (queries) and POST",
+                [(b"allow", b"GET, POST")],
+            )
+            return
+        headers = Headers(scope=scope)
+        media = negotiate(headers.get("accept"))
+        if media is None and not _wants_ide_page(scope, headers):
+            await send_error(
+                send,
+                406,
+                LimitCode.NOT_ACCEPTABLE,
+                f"this API answers {GRAPHQL_RESPONSE} or {JSON}; the Accept header names neither",
+            )
+            return
+        scope[MEDIA_KEY] = media or JSON
+
+        async def send_labelled(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response_headers = MutableHeaders(scope=message)
+                if response_headers.get("content-type", "").startswith(JSON):
+                    response_headers["content-type"] = f"{media or JSON}; charset=utf-8"
+                response_headers.add_vary_header("Accept")
+            await send(message)
+
+        await self._app(scope, receive, send_labelled)
