@@ -72,7 +72,10 @@ async def request_entity(request: EntityRequest, policy: RequestPolicy) -> Outco
             retry_policy=policy.retry_policy(),
         )
     except ActivityError as exc:
-        raise _failure(exc) from exc
+        failure = _failure(exc)
+        if failure.code is ErrorCode.UNAVAILABLE:
+            workflow.logger.warning("a request to %s failed: %s", request.entity_type, exc.cause)
+        raise failure from exc
     return outcome
 
 
@@ -82,4 +85,6 @@ def _failure(exc: ActivityError) -> RequestFailed:
         return RequestFailed(ErrorCode[cause.type], cause.message)
     if isinstance(cause, TimeoutError):
         return RequestFailed(ErrorCode.UNAVAILABLE, "the entity did not answer in time")
-    return RequestFailed(ErrorCode.UNAVAILABLE, str(cause or exc))
+    # Anything else is an internal failure, whose text (a workflow id, a host, a Redis key)
+    # must not reach a saga's reason, which clients read; `request_entity` logs it.
+    return RequestFailed(ErrorCode.UNAVAILABLE, "the entity could not be reached")

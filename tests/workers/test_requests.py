@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 from temporalio.client import Client
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from entities.errors import ErrorCode
 from entities.runtime.envelope import OutcomeStatus
-from entities.runtime.requests import EntityRequest
+from entities.runtime.requests import EntityRequest, RequestFailed, _failure
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import Shop
 from workers.cache import SnapshotCache
@@ -72,3 +72,34 @@ async def test_an_entity_that_does_not_answer_is_a_retryable_failure(
         account_id = await Shop(temporal_client, cache, settings).account(50)
     silent = await refusal(requests, request(account_id, "w1", "withdraw", amount=1))
     assert (silent.type, silent.non_retryable) == (ErrorCode.UNAVAILABLE, False)
+
+
+def test_an_internal_failure_reaches_a_saga_as_unavailable_with_nothing_internal() -> None:
+    """A saga keeps a failed step's message as its reason, which clients read: an internal
+    failure's text (a workflow id, a host) stays in the worker's log."""
+    failed = ActivityError(
+        "activity failed",
+        scheduled_event_id=5,
+        started_event_id=6,
+        identity="worker@host-17",
+        activity_type="request_entity",
+        activity_id="1",
+        retry_state=None,
+    )
+    failed.__cause__ = RuntimeError("account:ada on temporal-frontend.internal:7233 failed")
+    with pytest.raises(RequestFailed) as raised:
+        raise _failure(failed)
+    assert raised.value.code == ErrorCode.UNAVAILABLE
+    assert raised.value.message == "the entity could not be reached"
+
+    refused = ActivityError(
+        "activity failed",
+        scheduled_event_id=5,
+        started_event_id=6,
+        identity="worker@host-17",
+        activity_type="request_entity",
+        activity_id="1",
+        retry_state=None,
+    )
+    refused.__cause__ = ApplicationError("only 2 left", type="INSUFFICIENT_STOCK")
+    assert _failure(refused).message == "only 2 left"
