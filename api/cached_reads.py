@@ -45,7 +45,7 @@ from api.authentication import principal_of
 from api.authorization import Authorizer
 from api.errors import RequestRefused
 from api.gateway import CacheLookup, EntityRead, Source
-from api.limits import DocumentLimits, decode_json
+from api.limits import DocumentLimits, decode_json, selects_always_live
 from workers.cache import CachedSnapshot, CacheUnavailable, RawEntry, SnapshotCache
 
 SCOPE_KEY = "tenure.prefetched_reads"
@@ -138,7 +138,7 @@ def plan_reads(
     if len(operations) != 1 or operations[0].operation is not OperationType.QUERY:
         return None
     operation = operations[0]
-    if operation.directives:
+    if operation.directives or selects_always_live(document):
         return None
     defaults = {
         definition.variable.name.value: definition.default_value.value

@@ -14,6 +14,7 @@ from strawberry.types.scalar import ScalarDefinition
 from api.context import Info
 from api.gateway import Consistency as GatewayConsistency
 from api.gateway import EntityRead, Receipt
+from api.history import CommandHistory, command_history
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import READ
 
@@ -67,6 +68,16 @@ class EntityState:
     cached_at: datetime | None = strawberry.field(
         description="When a CACHE read was written to the cache."
     )
+    entity_type: strawberry.Private[str]
+
+    @strawberry.field(
+        description="The entity's recent commands, newest first: what each asked, when, who "
+        "sent it and what became of it. Asked of the entity itself: a LIVE read."
+    )
+    async def history(
+        self, info: Info, last: int = 20, before: str | None = None
+    ) -> CommandHistory:
+        return await command_history(info, self.entity_type, self.id, last, before)
 
 
 def read_fields(read: EntityRead) -> dict[str, Any]:
@@ -78,6 +89,7 @@ def read_fields(read: EntityRead) -> dict[str, Any]:
         "stale": read.stale,
         "source": Source(read.source.value),
         "cached_at": read.cached_at,
+        "entity_type": read.snapshot.entity_type,
     }
 
 

@@ -19,6 +19,8 @@ from entities.errors import ErrorCode, Rejected, TenureError
 from entities.runtime.entity import ENTITY_ID_PATTERN, EntityType
 from entities.runtime.envelope import (
     CommandEnvelope,
+    CommandHistory,
+    HistoryPage,
     OutcomeStatus,
     Snapshot,
 )
@@ -189,6 +191,30 @@ class EntityGateway:
         if snapshot.state is None:
             return None
         return EntityRead(await self._cache.put_newest(snapshot), Source.LIVE, stale=False)
+
+    async def history(
+        self, entity_type: str, entity_id: str, page: HistoryPage
+    ) -> CommandHistory | None:
+        """The entity's recent commands, asked of its workflow; None when it never existed."""
+        entity = self.entity(entity_type)
+        check_entity_id(entity_id)
+        handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
+        timeout = self._settings.live_read_timeout
+        try:
+            history: CommandHistory = await within(
+                timeout,
+                handle.query(
+                    "history",
+                    page,
+                    result_type=CommandHistory,
+                    rpc_timeout=timedelta(seconds=timeout),
+                ),
+            )
+        except RPCError as exc:
+            if exc.status is RPCStatusCode.NOT_FOUND:
+                return None
+            raise unavailable(exc) from exc
+        return history
 
     async def read_workflow(self, workflow_id: str, query: str, result_type: type[M]) -> M | None:
         """A workflow that is not an entity (a saga): its answer to `query`, else, when no

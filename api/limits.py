@@ -44,9 +44,12 @@ from graphql import (
     ValidationContext,
     ValidationRule,
     VariableNode,
+    Visitor,
     get_operation_ast,
     parse,
+    visit,
 )
+from graphql.language.visitor import BREAK
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import SchemaExtension
@@ -55,6 +58,27 @@ from api.errors import LimitCode, RequestRefused, over_limit
 from api.gateway import Consistency
 from entities.errors import ErrorCode
 from workers.settings import Settings
+
+ALWAYS_LIVE = frozenset({"history"})
+"""Fields that are a Temporal query whatever the consistency: each counts as a LIVE read,
+and a document that selects one is never answered from rendered cached reads."""
+
+
+def selects_always_live(document: DocumentNode) -> bool:
+    """Whether any selection in the document, its fragments included, is `ALWAYS_LIVE`."""
+    found = False
+
+    class _Finder(Visitor):
+        def enter_field(self, node: FieldNode, *_: object) -> object:
+            nonlocal found
+            if node.name.value in ALWAYS_LIVE:
+                found = True
+                return BREAK
+            return None
+
+    visit(document, _Finder())
+    return found
+
 
 # -- the body ---------------------------------------------------------------------------------
 
@@ -320,6 +344,8 @@ class DocumentLimits:
         chosen.update(variables)
 
         def is_live(selection: FieldNode) -> bool:
+            if selection.name.value in ALWAYS_LIVE:
+                return True
             value = next(
                 (a.value for a in selection.arguments or () if a.name.value == "consistency"),
                 None,

@@ -186,6 +186,7 @@ class CheckoutWorkflow:
             command=command,
             payload=payload,
             undoes=undoes,
+            sent_by=f"saga:{workflow.info().workflow_id}",
         )
         return request_entity(request, policy)
 

@@ -38,6 +38,7 @@ class EntityRequests:
             name=request.command,
             payload=request.payload,
             undoes=request.undoes,
+            sent_by=request.sent_by,
         )
         try:
             result = await self._delivery.request(entity, request.entity_id, envelope)

@@ -80,6 +80,8 @@ class Outcome(BaseModel):
         default=None, description="The command's fingerprint; None in outcomes recorded before."
     )
     sent_by: str | None = Field(default=None, description="Who sent it (`role:subject`).")
+    command: str | None = Field(default=None, description="The command's name.")
+    at: datetime | None = Field(default=None, description="When the entity settled it.")
 
     @model_serializer(mode="wrap")
     def _without_nones(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -87,6 +89,25 @@ class Outcome(BaseModel):
         continue-as-new, and most outcomes have no code and no message."""
         dumped: dict[str, Any] = handler(self)
         return {name: value for name, value in dumped.items() if value is not None}
+
+
+MAX_HISTORY_PAGE = 100
+
+
+class HistoryPage(BaseModel):
+    """Which of an entity's recent commands to list: the `last` ones, newest first, older
+    than the command `before` when given."""
+
+    last: int = Field(default=20, ge=1, le=MAX_HISTORY_PAGE)
+    before: str | None = Field(default=None, max_length=128)
+
+
+class CommandHistory(BaseModel):
+    """A page of an entity's recent commands, newest first; `has_older` when the entity
+    still remembers commands older than the page."""
+
+    entries: list[Outcome]
+    has_older: bool
 
 
 class Snapshot(BaseModel):

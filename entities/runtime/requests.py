@@ -31,6 +31,9 @@ class EntityRequest(BaseModel):
     command: str
     payload: dict[str, Any] = Field(default_factory=dict)
     undoes: str | None = None
+    sent_by: str | None = Field(
+        default=None, max_length=160, description="Who sends it, as `role:subject`."
+    )
 
 
 class RequestFailed(TenureError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -18,8 +19,10 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.entity import CommandContext, EntityType
     from entities.runtime.envelope import (
         CommandEnvelope,
+        CommandHistory,
         CommandResult,
         EntityRunInput,
+        HistoryPage,
         Outcome,
         OutcomeStatus,
         Snapshot,
@@ -111,6 +114,8 @@ class EntityWorkflow:
                 revision=self._revision,
                 fingerprint=envelope.fingerprint,
                 sent_by=envelope.sent_by,
+                command=envelope.name,
+                at=now,
             )
         )
 
@@ -136,6 +141,9 @@ class EntityWorkflow:
                 revision=self._revision,
                 message=f"nothing to undo: {envelope.undoes} was not applied",
                 fingerprint=envelope.fingerprint,
+                sent_by=envelope.sent_by,
+                command=envelope.name,
+                at=workflow.now(),
             )
         )
         return True
@@ -154,6 +162,8 @@ class EntityWorkflow:
                 message=message,
                 fingerprint=envelope.fingerprint if envelope is not None else None,
                 sent_by=envelope.sent_by if envelope is not None else None,
+                command=envelope.name if envelope is not None else None,
+                at=workflow.now(),
             )
         )
 
@@ -184,6 +194,17 @@ class EntityWorkflow:
             command_id=command_id, status=OutcomeStatus.UNKNOWN, revision=self._revision
         )
         return CommandResult(outcome=outcome, snapshot=self.snapshot())
+
+    @workflow.query(name="history")
+    def history(self, page: HistoryPage) -> CommandHistory:
+        """The entity's recent commands, newest first, as its ledger remembers them."""
+        newest_first = reversed(self._ledger.entries())
+        if page.before is not None:
+            for outcome in newest_first:
+                if outcome.command_id == page.before:
+                    break
+        entries = list(itertools.islice(newest_first, page.last + 1))
+        return CommandHistory(entries=entries[: page.last], has_older=len(entries) > page.last)
 
     # -- the main loop --------------------------------------------------------------------
 

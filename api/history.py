@@ -1,0 +1,101 @@
+"""An entity's recent commands as GraphQL: what each asked, when, who sent it, and what
+became of it. Every entity type has `history` (through `EntityState`), each read a Temporal
+query of the entity's ledger, so it counts as a LIVE read (`limits.ALWAYS_LIVE`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+
+import strawberry
+
+from api.context import Info
+from entities.errors import ErrorCode, TenureError
+from entities.runtime.envelope import MAX_HISTORY_PAGE, HistoryPage, Outcome, OutcomeStatus
+from entities.runtime.policy import READ, Principal, Role
+
+
+@strawberry.enum(description="What became of a command.")
+class CommandOutcome(Enum):
+    APPLIED = "APPLIED"
+    REJECTED = "REJECTED"
+
+
+@strawberry.type(description="Who sent a command.")
+class Sender:
+    role: str = strawberry.field(
+        description="admin, service or customer; saga for a step of a saga."
+    )
+    subject: str | None = strawberry.field(
+        description="The token's subject, or the saga's id; null when hidden from the caller: "
+        "a customer sees only their own subject."
+    )
+
+
+@strawberry.type(description="One command an entity settled.")
+class CommandRecord:
+    command_id: str = strawberry.field(description="Its idempotency key.")
+    command: str | None = strawberry.field(
+        description="Its name; null for commands settled before names were recorded."
+    )
+    at: datetime | None = strawberry.field(description="When the entity settled it.")
+    sent_by: Sender | None = strawberry.field(
+        description="Null for commands sent before senders were recorded."
+    )
+    outcome: CommandOutcome
+    code: str | None = strawberry.field(description="Why it was rejected.")
+    message: str | None
+    revision: int = strawberry.field(
+        description="The revision it produced, or the entity's revision when it was rejected."
+    )
+
+
+@strawberry.type(description="A page of an entity's recent commands, newest first.")
+class CommandHistory:
+    entries: list[CommandRecord]
+    has_older: bool = strawberry.field(
+        description="The entity remembers older commands: ask with `before` set to the last "
+        "entry's `commandId`."
+    )
+
+
+def _sender(sent_by: str | None, caller: Principal) -> Sender | None:
+    if sent_by is None:
+        return None
+    role, _, subject = sent_by.partition(":")
+    shown = caller.role is not Role.CUSTOMER or sent_by == f"{caller.role.value}:{caller.subject}"
+    return Sender(role=role, subject=subject if shown else None)
+
+
+def _record(outcome: Outcome, caller: Principal) -> CommandRecord:
+    return CommandRecord(
+        command_id=outcome.command_id,
+        command=outcome.command,
+        at=outcome.at,
+        sent_by=_sender(outcome.sent_by, caller),
+        outcome=CommandOutcome(outcome.status.value),
+        code=outcome.code,
+        message=outcome.message,
+        revision=outcome.revision,
+    )
+
+
+async def command_history(
+    info: Info, entity_type: str, entity_id: str, last: int, before: str | None
+) -> CommandHistory:
+    """The page of the entity's recent commands, for a caller who may read the entity."""
+    if not 1 <= last <= MAX_HISTORY_PAGE:
+        raise TenureError(ErrorCode.INVALID_INPUT, f"last: from 1 to {MAX_HISTORY_PAGE}")
+    if before is not None and len(before) > 128:
+        raise TenureError(ErrorCode.INVALID_INPUT, "before: at most 128 characters")
+    await info.context.authorizer.require(info.context.principal, entity_type, entity_id, READ)
+    page = await info.context.gateway.history(
+        entity_type, entity_id, HistoryPage(last=last, before=before)
+    )
+    if page is None:
+        return CommandHistory(entries=[], has_older=False)
+    caller = info.context.principal
+    return CommandHistory(
+        entries=[_record(o, caller) for o in page.entries if o.status is not OutcomeStatus.UNKNOWN],
+        has_older=page.has_older,
+    )
