@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -23,12 +24,21 @@ class _Connection:
 
 
 class HTTPClient:
-    """Up to `size` keep-alive connections to one host; each request takes one for itself."""
+    """Up to `size` keep-alive connections to one host; each request takes one for itself
+    and carries `headers` (an Authorization header, say) besides its own."""
 
-    def __init__(self, host: str, port: int, size: int, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        size: int,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
+        self._headers = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(size)
 
@@ -39,7 +49,8 @@ class HTTPClient:
         payload = b"" if body is None else json.dumps(body).encode()
         head = (
             f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+            f"{self._headers}Content-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
         ).encode()
         async with self._slots:
             connection, reused = await self._take()

@@ -1,11 +1,13 @@
 """The stack under test: Temporal, Redis, Tenure's worker, the raw counter's worker and the
-API, each in its own process on 127.0.0.1, so every worker's memory can be read apart."""
+API twice, once letting every caller in and once verifying bearer tokens, each in its own
+process on 127.0.0.1, so every worker's memory can be read apart."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -28,9 +30,12 @@ from deploy.embedded import (
     free_port,
     stop_process,
 )
+from deploy.tokens import mint
 from workers.settings import Settings
 
 LOAD_GENERATOR = "bench client"
+SECURED_API = "api, tokens verified"
+TOKEN_TTL_SECONDS = 24 * 3600  # longer than any run
 
 
 def _proc_status_kib(pid: int, field: str) -> int:
@@ -96,7 +101,12 @@ class Child:
 
 class BenchStack:
     """Everything a scenario talks to: clients for Temporal (Tenure's converter and the
-    SDK's default one), Redis and the API over HTTP, and the processes behind them."""
+    SDK's default one), Redis and the API over HTTP, and the processes behind them.
+
+    `api` has no key source, so every caller is the development admin; `secured_api` is the
+    same API with an HS256 secret, and `secured_http` sends every request with an admin
+    token signed by it: an admin, as on `api`, so that verifying the token is the only
+    difference (no rate limit applies to admins on either)."""
 
     def __init__(self, settings: Settings, workdir: Path, concurrency: int) -> None:
         self.settings = settings
@@ -107,27 +117,55 @@ class BenchStack:
             "counter worker", "bench.counter_worker", env, workdir / "counter-worker.log"
         )
         self.api = Child("api", "api", env, workdir / "api.log")
+        self.secured_settings = settings.model_copy(
+            update={
+                "auth_secret": secrets.token_urlsafe(32),
+                "api_port": free_port(settings.api_port + 1),
+            }
+        )
+        secured = self.secured_settings
+        assert secured.auth_secret
+        self.secured_api = Child(SECURED_API, "api", secured.to_env(), workdir / "secured-api.log")
+        token = mint(
+            secured.auth_secret,
+            role="admin",
+            sub="bench",
+            ttl_seconds=TOKEN_TTL_SECONDS,
+            settings=secured,
+        )
         self.concurrency = concurrency
         self.servers: dict[str, int] = {}
         self.client: Client
         self.raw_client: Client
         self.http = HTTPClient(settings.api_host, settings.api_port, concurrency)
+        self.secured_http = HTTPClient(
+            secured.api_host,
+            secured.api_port,
+            concurrency,
+            headers={"Authorization": f"Bearer {token}"},
+        )
         self.redis: redis.Redis
 
+    @property
+    def children(self) -> tuple[Child, ...]:
+        return (self.worker, self.counter_worker, self.api, self.secured_api)
+
     async def wait_for_api(self, timeout: float = 60.0) -> None:
+        """Wait until both APIs answer their health check."""
         deadline = time.monotonic() + timeout
-        while True:
-            self.api.check_alive()
-            with contextlib.suppress(HTTPError):
-                status, _ = await self.http.request("GET", "/healthz")
-                if status == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the API did not answer in {timeout:.0f}s")
-            await asyncio.sleep(0.1)
+        for child, http in ((self.api, self.http), (self.secured_api, self.secured_http)):
+            while True:
+                child.check_alive()
+                with contextlib.suppress(HTTPError):
+                    status, _ = await http.request("GET", "/healthz")
+                    if status == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{child.name} did not answer in {timeout:.0f}s")
+                await asyncio.sleep(0.1)
 
     def check_alive(self) -> None:
-        for child in (self.worker, self.counter_worker, self.api):
+        for child in self.children:
             child.check_alive()
 
     def pids(self) -> dict[str, int]:
@@ -137,6 +175,7 @@ class BenchStack:
             "tenure worker": self.worker.pid,
             "counter worker": self.counter_worker.pid,
             "api": self.api.pid,
+            SECURED_API: self.secured_api.pid,
             LOAD_GENERATOR: os.getpid(),
         }
 
@@ -189,7 +228,8 @@ async def bench_stack(concurrency: int) -> AsyncIterator[BenchStack]:
         api_host="127.0.0.1",
         api_port=free_port(),
         data_dir=workdir,
-        # Callers are not authenticated here yet: every request is the development admin.
+        # No key source: every request to `api` is the development admin (`secured_api`
+        # verifies tokens).
         environment="development",
     )
     failed = False
@@ -213,7 +253,7 @@ async def bench_stack(concurrency: int) -> AsyncIterator[BenchStack]:
             for name, server in servers.items():
                 assert server.process is not None
                 bench.servers[name] = server.process.pid
-            for child in (bench.worker, bench.counter_worker, bench.api):
+            for child in bench.children:
                 child.start()
                 stack.callback(child.stop)
             bench.client = await Client.connect(
@@ -227,6 +267,7 @@ async def bench_stack(concurrency: int) -> AsyncIterator[BenchStack]:
             bench.redis = redis.from_url(settings.redis_url)
             stack.push_async_callback(_drop_prefix, bench.redis, settings.redis_prefix)
             stack.push_async_callback(bench.http.aclose)
+            stack.push_async_callback(bench.secured_http.aclose)
             await bench.wait_for_api()
             yield bench
         except BaseException:
