@@ -22,11 +22,13 @@ class Measured:
     timed_out: bool = False
     sending: float = 0.0
     slice_rates: list[float] = field(default_factory=list)
+    slice_p99_ms: list[float] = field(default_factory=list)
 
     def add(self, part: Measured, elapsed: float) -> None:
         """Count in one slice of a load that took `elapsed` seconds, settling included."""
         if elapsed > 0:
             self.slice_rates.append(part.ops / elapsed)
+        self.slice_p99_ms.append(part.p99_ms)
         self.ops += part.ops
         self.errors += part.errors
         self.latencies += part.latencies

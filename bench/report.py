@@ -50,6 +50,26 @@ def _spread(result: Result, by_key: dict[str, Result]) -> str:
     return "" if rounds is None else f" (rounds {min(rounds):.2f}-{max(rounds):.2f})"
 
 
+def p99_ratio(result: Result, by_key: dict[str, Result]) -> float | None:
+    """The result's p99 latency over its baseline's."""
+    baseline = by_key.get(result.baseline or "")
+    if baseline is None or not baseline.measured.p99_ms > 0:
+        return None
+    return result.measured.p99_ms / baseline.measured.p99_ms
+
+
+def _p99_spread(result: Result, by_key: dict[str, Result]) -> str:
+    """The p99 ratio in each round, lowest and highest, as `_spread` does for throughput."""
+    baseline = by_key.get(result.baseline or "")
+    if baseline is None:
+        return ""
+    ours, theirs = result.measured.slice_p99_ms, baseline.measured.slice_p99_ms
+    if len(ours) < 2 or len(ours) != len(theirs) or not all(t > 0 for t in theirs):
+        return ""
+    rounds = [o / t for o, t in zip(ours, theirs, strict=True)]
+    return f" (rounds {min(rounds):.2f}-{max(rounds):.2f})"
+
+
 def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
     found = []
     if "mutations" in by_key:
@@ -79,6 +99,18 @@ def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
         )
         r = ratio(hot, by_key) or 0.0
         found.append(Target("hot entity >= raw counter's commands/s", f"{r:.2f} x", r >= 1.0))
+    if "cached_reads_hostile" in by_key:
+        beside = by_key["cached_reads_hostile"]
+        r = p99_ratio(beside, by_key) or math.inf
+        alone = by_key["cached_reads_alone"].measured.p99_ms
+        found.append(
+            Target(
+                "CACHED read p99 beside a hostile document < 1.5 x alone",
+                f"{r:.2f} x ({beside.measured.p99_ms:.1f} ms against {alone:.1f})"
+                + _p99_spread(beside, by_key),
+                r < 1.5,
+            )
+        )
     many = [r for key, r in by_key.items() if key.startswith("many_")]
     if many:
         per_entity = [r.details["kib_per_entity"] for r in many]
@@ -186,6 +218,14 @@ def markdown(
                 f"{d['waited']:,} with wait: true, {d['repeats']:,} repeating a key sent "
                 f"before; {d['keys']:,} distinct keys acknowledged, {d['retries']} attempts "
                 "retried with the same key."
+            )
+    for r in results:
+        if "hostile" in r.details:
+            d = r.details["hostile"]
+            lines.append(
+                f"- {r.title}: one more client sent {d['requests']:,} copies of the worst "
+                f"document the limits allow ({d['document']}, {d['document_bytes']:,} bytes), "
+                f"each answered in {d['mean_ms']:.0f} ms on average."
             )
     for r in results:
         if "kib_per_entity" in r.details:

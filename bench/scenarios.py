@@ -4,6 +4,7 @@ against the same server, worker settings and client concurrency."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 import uuid
@@ -74,12 +75,14 @@ class Result:
 class Load:
     """One side of a comparison: `count` operations, driven a slice at a time. `settle`,
     when given, runs at the end of each slice and counts in its time (for loads whose
-    throughput is what was applied, not what was accepted)."""
+    throughput is what was applied, not what was accepted). `beside`, when given, is
+    entered around each slice, before the clock starts: other traffic running meanwhile."""
 
     operation: Callable[[int], Awaitable[object]]
     count: int
     window: Window
     settle: Callable[[], Awaitable[object]] | None = None
+    beside: Callable[[], contextlib.AbstractAsyncContextManager[object]] | None = None
     measured: Measured = field(default_factory=Measured)
     sent: int = 0
 
@@ -137,18 +140,20 @@ class Bench:
                 # latency: collect before the clock starts, not while it runs.
                 gc.collect()
                 gc.disable()
+                beside = load.beside() if load.beside else contextlib.nullcontext()
                 try:
-                    with load.window:
-                        started = time.perf_counter()
-                        part = await drive(
-                            load.slice(load.sent),
-                            size,
-                            clients,
-                            self.scale.time_limit / rounds,
-                        )
-                        if load.settle is not None:
-                            await load.settle()
-                        load.measured.add(part, time.perf_counter() - started)
+                    async with beside:
+                        with load.window:
+                            started = time.perf_counter()
+                            part = await drive(
+                                load.slice(load.sent),
+                                size,
+                                clients,
+                                self.scale.time_limit / rounds,
+                            )
+                            if load.settle is not None:
+                                await load.settle()
+                            load.measured.add(part, time.perf_counter() - started)
                 finally:
                     gc.enable()
                 load.sent += size
