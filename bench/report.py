@@ -111,6 +111,16 @@ def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
                 r < 1.5,
             )
         )
+    if "cached_reads_token" in by_key:
+        verified = by_key["cached_reads_token"]
+        r = ratio(verified, by_key) or 0.0
+        found.append(
+            Target(
+                "CACHED reads with a verified token >= 0.9 x without",
+                f"{r:.2f} x{_spread(verified, by_key)}",
+                r >= 0.9,
+            )
+        )
     many = [r for key, r in by_key.items() if key.startswith("many_")]
     if many:
         per_entity = [r.details["kib_per_entity"] for r in many]
