@@ -32,6 +32,8 @@ def main() -> None:
         log_level="warning",
         access_log=False,
         server_header=False,  # what serves the API is no client's business
+        # On SIGTERM uvicorn stops accepting at once and lets requests in flight finish.
+        timeout_graceful_shutdown=int(settings.api_shutdown_grace),
     )
 
 

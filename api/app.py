@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from cross_web import HTTPException
@@ -16,7 +17,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -41,8 +42,9 @@ from api.schema import build_schema, introspection_enabled
 from entities.errors import ErrorCode
 from entities.runtime.policy import NOBODY, Role
 from workers.cache import SnapshotCache, connect_redis
+from workers.health import Readiness, health_routes
 from workers.settings import Settings
-from workers.temporal import connect_temporal
+from workers.temporal import answers, connect_temporal
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +177,6 @@ class SecurityHeaders:
         await self._app(scope, receive, send_with_headers)
 
 
-async def _health(request: Request) -> JSONResponse:
-    return JSONResponse({"status": "ok"})
-
-
 async def _home(request: Request) -> RedirectResponse:
     return RedirectResponse("/graphql")
 
@@ -201,10 +199,13 @@ def create_app(
                 stack.push_async_callback(redis_client.aclose)
                 snapshot_cache = SnapshotCache(redis_client, settings.redis_prefix)
             app.state.gateway = EntityGateway(client, snapshot_cache, settings)
+            readiness.check("temporal", partial(answers, client))
+            readiness.check("redis", snapshot_cache.reachable)
             app.state.authorizer = Authorizer(app.state.gateway)
             stack.push_async_callback(limits_redis.aclose)
             yield
 
+    readiness = Readiness()  # its checks are added once the lifespan has the clients
     verifier = TokenVerifier.from_settings(settings)
     if verifier is None:
         if settings.environment != "development":
@@ -243,7 +244,7 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/", _home),
-            Route("/healthz", _health),
+            *health_routes(readiness),
             Route("/graphql", endpoint),  # GraphQLOverHTTP answers other methods
         ],
         middleware=[

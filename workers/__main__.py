@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
+from functools import partial
 
 from temporalio.runtime import (
     LogForwardingConfig,
@@ -15,9 +18,10 @@ from temporalio.runtime import (
     TelemetryFilter,
 )
 
+from workers.health import Readiness, serve_health
 from workers.settings import Settings
 from workers.watchdog import RepeatedLogFilter
-from workers.worker import run_worker
+from workers.worker import WorkerStatus, run_worker
 
 # The SDK logs a failing workflow task on every retry, from Python and from its core;
 # both go through one filter that says each thing once per ten minutes.
@@ -42,11 +46,32 @@ def _quiet_repeats() -> None:
 
 
 async def _main() -> None:
+    settings = Settings.from_env()
     stop = asyncio.Event()
+    status = WorkerStatus()
+    readiness = Readiness({"polling": partial(_polling, status)}, ttl=0)
+
+    def stopping() -> None:
+        readiness.stopping = True
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await run_worker(Settings.from_env(), stop)
+        loop.add_signal_handler(sig, stopping)
+    health = None
+    if settings.worker_health_port:
+        health = asyncio.create_task(
+            serve_health(readiness, settings.worker_health_host, settings.worker_health_port)
+        )
+    try:
+        await run_worker(settings, stop, status)
+    finally:
+        if health is not None:
+            health.cancel()
+
+
+async def _polling(status: WorkerStatus) -> bool:
+    return status.polling
 
 
 def main() -> None:
@@ -54,6 +79,13 @@ def main() -> None:
     _quiet_repeats()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main())
+    # Drained and shut down: exit now. Left to the interpreter's finalization, the SDK
+    # core's threads could still call into Python and abort it ("PyGILState_Release"), and
+    # an orchestrator would see a crash where there was a clean stop.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,13 @@ class SnapshotCache:
     def key(self, entity_type: str, entity_id: str) -> str:
         return f"{self._prefix}entity:{entity_type}:{entity_id}"
 
+    async def reachable(self) -> bool:
+        """Whether Redis answers a PING within a second."""
+        try:
+            return bool(await asyncio.wait_for(self._client.ping(), 1.0))
+        except (redis.RedisError, OSError, TimeoutError):
+            return False
+
     async def put(self, snapshot: Snapshot) -> bool:
         """Store `snapshot` unless the cache already holds this revision or a newer one
         (of this incarnation of the entity, or of a later one). When Redis cannot take it,

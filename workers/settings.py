@@ -24,6 +24,18 @@ class Settings(BaseModel):
     redis_prefix: str = "tenure:"
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_shutdown_grace: float = Field(
+        default=20.0, ge=0, description="Seconds the API gives requests in flight on SIGTERM."
+    )
+    worker_health_host: str = Field(
+        default="127.0.0.1", description="Where the worker serves its health (0.0.0.0 in pods)."
+    )
+    worker_health_port: int = Field(
+        default=8081, ge=0, description="The worker's /livez and /readyz; 0: not served."
+    )
+    worker_shutdown_grace: float = Field(
+        default=20.0, ge=0, description="Seconds the worker gives running activities on SIGTERM."
+    )
     data_dir: Path = Path(".data")
     live_read_timeout: float = Field(default=2.0, gt=0)
     command_wait_timeout: float = Field(default=10.0, gt=0)
@@ -97,6 +109,10 @@ class Settings(BaseModel):
             "TENURE_REDIS_PREFIX": "redis_prefix",
             "API_HOST": "api_host",
             "API_PORT": "api_port",
+            "TENURE_API_SHUTDOWN_GRACE": "api_shutdown_grace",
+            "TENURE_WORKER_HEALTH_HOST": "worker_health_host",
+            "TENURE_WORKER_HEALTH_PORT": "worker_health_port",
+            "TENURE_WORKER_SHUTDOWN_GRACE": "worker_shutdown_grace",
             "TENURE_DATA_DIR": "data_dir",
             "TENURE_LIVE_READ_TIMEOUT": "live_read_timeout",
             "TENURE_COMMAND_WAIT_TIMEOUT": "command_wait_timeout",
@@ -161,6 +177,10 @@ class Settings(BaseModel):
             "API_PORT": str(self.api_port),
             "TENURE_DATA_DIR": str(self.data_dir),
             "TENURE_LIVE_READ_TIMEOUT": str(self.live_read_timeout),
+            "TENURE_API_SHUTDOWN_GRACE": str(self.api_shutdown_grace),
+            "TENURE_WORKER_HEALTH_HOST": self.worker_health_host,
+            "TENURE_WORKER_HEALTH_PORT": str(self.worker_health_port),
+            "TENURE_WORKER_SHUTDOWN_GRACE": str(self.worker_shutdown_grace),
             "TENURE_COMMAND_WAIT_TIMEOUT": str(self.command_wait_timeout),
             "TENURE_MAX_COMMANDS_PER_RUN": str(self.runtime.max_commands_per_run),
             "TENURE_LEDGER_SIZE": str(self.runtime.ledger_size),

@@ -44,7 +44,8 @@ async def within(seconds: float, call: Awaitable[T]) -> T:
 PROBE_INTERVAL = 0.5
 
 
-async def _answers(client: Client) -> bool:
+async def answers(client: Client) -> bool:
+    """Whether Temporal answers a cheap call within a second."""
     try:
         await within(1.0, client.workflow_service.get_system_info(GetSystemInfoRequest()))
     except RPCError:
@@ -57,10 +58,10 @@ async def until_unreachable(client: Client, misses: int = 2) -> None:
     missed = 0
     while missed < misses:
         await asyncio.sleep(PROBE_INTERVAL)
-        missed = 0 if await _answers(client) else missed + 1
+        missed = 0 if await answers(client) else missed + 1
 
 
 async def until_reachable(client: Client) -> None:
     """Return once Temporal answers again."""
-    while not await _answers(client):
+    while not await answers(client):
         await asyncio.sleep(PROBE_INTERVAL)

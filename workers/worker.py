@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -69,11 +70,23 @@ def build_worker(
         # A task waiting on the queue of a worker that is gone (killed, or its queue lost
         # in a Temporal restart) goes to the shared queue after this, not after 10 s.
         sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
+        graceful_shutdown_timeout=timedelta(seconds=settings.worker_shutdown_grace),
     )
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Connect to Temporal and Redis and serve until `stop` is set (or forever).
+@dataclass
+class WorkerStatus:
+    """What the worker is doing, for its `/readyz`: ready while it polls its task queue."""
+
+    polling: bool = False
+
+
+async def run_worker(
+    settings: Settings, stop: asyncio.Event | None = None, status: WorkerStatus | None = None
+) -> None:
+    """Connect to Temporal and Redis and serve until `stop` is set (or forever), then drain:
+    no more tasks are taken, and running activities get `worker_shutdown_grace` seconds to
+    finish before they are cancelled (and retried elsewhere).
 
     When Temporal stops answering, the worker is shut down and a new one started once it
     answers again. A workflow task whose completion an outage lost can leave the SDK's
@@ -90,6 +103,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     )
     watching = asyncio.create_task(watchdog.run()) if settings.watchdog_interval else None
     stopping = asyncio.create_task((stop or asyncio.Event()).wait())
+    status = status or WorkerStatus()
     try:
         while not stopping.done():
             worker = build_worker(client, settings, cache)
@@ -97,10 +111,20 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
                 "worker polling task queue %r at %s", settings.task_queue, settings.temporal_address
             )
             running = asyncio.create_task(worker.run())
+            status.polling = True
             lost = asyncio.create_task(until_unreachable(client))
             await asyncio.wait([running, lost, stopping], return_when=asyncio.FIRST_COMPLETED)
+            status.polling = False
             lost.cancel()
-            await _shut_down(worker, running)
+            if stopping.done():
+                log.info(
+                    "stopping: running activities have %g s to finish",
+                    settings.worker_shutdown_grace,
+                )
+                bound = settings.worker_shutdown_grace + SHUTDOWN_TIMEOUT.total_seconds()
+            else:
+                bound = SHUTDOWN_TIMEOUT.total_seconds()
+            await _shut_down(worker, running, bound)
             if lost.done() and not lost.cancelled() and not stopping.done():
                 log.warning("Temporal is not answering: worker stopped, its cache dropped")
                 await asyncio.wait(
@@ -114,15 +138,14 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         await redis_client.aclose()
 
 
-async def _shut_down(worker: Worker, running: asyncio.Task[None]) -> None:
-    # Activities in flight are cancelled at once (the server retries them: publishing is
-    # idempotent); giving them time kept the worker's sticky queue alive, and every entity's
-    # next task waited for it. A workflow task that cannot complete (an entity stuck on a
-    # failing task, Temporal gone) must not keep the process up for good: bounded.
+async def _shut_down(worker: Worker, running: asyncio.Task[None], bound: float) -> None:
+    # Activities in flight are idempotent (publishing, entity requests) and the server
+    # retries a cancelled one elsewhere. A workflow task that cannot complete (an entity
+    # stuck on a failing task, Temporal gone) must not keep the process up for good: bounded.
     try:
-        await asyncio.wait_for(worker.shutdown(), SHUTDOWN_TIMEOUT.total_seconds())
+        await asyncio.wait_for(worker.shutdown(), bound)
     except TimeoutError:
-        log.error("worker did not shut down within %s; going on anyway", SHUTDOWN_TIMEOUT)
+        log.error("worker did not shut down within %g s; going on anyway", bound)
     failed = running.exception() if running.done() and not running.cancelled() else None
     running.cancel()
     if failed is not None:

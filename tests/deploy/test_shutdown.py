@@ -1,0 +1,249 @@
+"""Health and shutdown of the real processes, as an orchestrator sees them: `/livez` and
+`/readyz` on the API and the worker, and SIGTERM during load losing no acknowledged command,
+the worker's and the API's alike."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from temporalio.client import Client
+
+from deploy.embedded import EmbeddedRedis, die_with_parent, free_port
+from tests.api.test_accounts_api import open_active, read_account
+from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
+from workers.health import Readiness, health_routes
+from workers.settings import Settings
+
+DEPOSIT = """mutation($id: ID!, $key: String!, $wait: Boolean!) {
+  depositToAccount(id: $id, amount: 1, idempotencyKey: $key, wait: $wait) { status } }"""
+
+
+@contextmanager
+def process(module: str, settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    with open(log, "ab") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-m", module],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+async def until_status(url: str, status: int, within: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    async with httpx.AsyncClient(timeout=2) as http:
+        while True:
+            try:
+                response = await http.get(url)
+                if response.status_code == status:
+                    body: dict[str, Any] = response.json()
+                    return body
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{url} never answered {status}"
+            await asyncio.sleep(0.1)
+
+
+async def exit_code(child: subprocess.Popen[bytes], within: float) -> int | None:
+    deadline = time.monotonic() + within
+    while child.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return child.poll()
+
+
+class Load:
+    """Clients depositing 1 to a few accounts with keys of their own, half of them waited,
+    each remembering which keys were acknowledged and which must be sent again."""
+
+    def __init__(self, send: Any, accounts: list[str]) -> None:
+        self._send = send
+        self.accounts = accounts
+        self.acknowledged: set[str] = set()
+        self.unsure: set[str] = set()
+        self.stopped = asyncio.Event()
+        self._n = 0
+
+    async def client(self, n: int) -> None:
+        while not self.stopped.is_set():
+            self._n += 1
+            key = f"c{n}-{self._n}"
+            account = self.accounts[self._n % len(self.accounts)]
+            ok = await self._send(account, key, wait=self._n % 2 == 0)
+            (self.acknowledged if ok else self.unsure).add(key)
+            if not ok:
+                await asyncio.sleep(0.1)
+
+    @asynccontextmanager
+    async def running(self, clients: int) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(self.client(n)) for n in range(clients)]
+        try:
+            yield
+        finally:
+            self.stopped.set()
+            await asyncio.gather(*tasks)
+
+    def account_of(self, key: str) -> str:
+        return self.accounts[int(key.split("-")[1]) % len(self.accounts)]
+
+
+async def deposit(gql: GraphQLClient, account: str, key: str, wait: bool) -> bool:
+    try:
+        body = await gql(DEPOSIT, id=account, key=key, wait=wait)
+    except httpx.TransportError:
+        return False
+    return "errors" not in body
+
+
+async def settle(gql: GraphQLClient, load: Load) -> None:
+    """Send every unsure key again, with its key, until each is acknowledged; then every
+    account holds exactly one unit per key: nothing lost, nothing applied twice."""
+    for key in sorted(load.unsure - load.acknowledged):
+        for _ in range(20):
+            if await deposit(gql, load.account_of(key), key, wait=True):
+                load.acknowledged.add(key)
+                break
+            await asyncio.sleep(0.5)
+        else:
+            raise AssertionError(f"{key} was never applied")
+    for account in load.accounts:
+        expected = sum(1 for key in load.acknowledged if load.account_of(key) == account)
+        state = await read_account(gql, account, "LIVE")
+        assert (state["balance"], state["revision"]) == (expected, expected + 2), account
+
+
+async def test_the_worker_is_ready_while_it_polls_and_drains_on_sigterm(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    port = free_port()
+    settings = settings.model_copy(
+        update={"worker_health_port": port, "worker_shutdown_grace": 5.0}
+    )
+    health = f"http://127.0.0.1:{port}"
+    async with api_client(settings, temporal_client) as http:
+        gql = GraphQLClient(http)
+        with process("workers", settings, tmp_path / "worker.log") as worker:
+            ready = await until_status(f"{health}/readyz", 200)
+            assert ready == {"status": "ready", "checks": {"polling": True}}
+            assert (await until_status(f"{health}/livez", 200)) == {"status": "ok"}
+            accounts = [new_id() for _ in range(4)]
+            for account in accounts:
+                await open_active(gql, account)
+            load = Load(lambda a, k, wait: deposit(gql, a, k, wait), accounts)
+            async with load.running(clients=16):
+                await asyncio.sleep(2)
+                before = len(load.acknowledged)
+                worker.send_signal(signal.SIGTERM)
+                # It exits by itself once drained, well within the grace it has.
+                assert await exit_code(worker, within=25) == 0
+                async with run_worker(settings):  # another worker takes over
+                    await asyncio.sleep(2)
+            assert before > 0 and len(load.acknowledged) > before
+            async with run_worker(settings):
+                await settle(gql, load)
+    assert (
+        "stopping: running activities have 5 s to finish" in (tmp_path / "worker.log").read_text()
+    )
+
+
+async def test_the_api_is_ready_with_its_servers_and_finishes_requests_on_sigterm(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    port = free_port()
+    settings = settings.model_copy(update={"api_port": port, "api_shutdown_grace": 10.0})
+    base = f"http://127.0.0.1:{port}"
+    async with run_worker(settings):
+        with process("api", settings, tmp_path / "api.log") as api:
+            ready = await until_status(f"{base}/readyz", 200)
+            assert ready == {"status": "ready", "checks": {"temporal": True, "redis": True}}
+            async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+                gql = GraphQLClient(http)
+                accounts = [new_id() for _ in range(4)]
+                for account in accounts:
+                    await open_active(gql, account)
+                broken: list[BaseException] = []
+
+                async def send(account: str, key: str, wait: bool) -> bool:
+                    try:
+                        body = await gql(DEPOSIT, id=account, key=key, wait=wait)
+                    except httpx.ConnectError:
+                        await asyncio.sleep(0.1)  # refused: never sent, so never applied
+                        return False
+                    except httpx.TransportError as exc:  # cut off while in flight
+                        broken.append(exc)
+                        return False
+                    return "errors" not in body
+
+                load = Load(send, accounts)
+                async with load.running(clients=16):
+                    await asyncio.sleep(1.5)
+                    api.send_signal(signal.SIGTERM)
+                    # Nothing new is sent from here, as a load balancer stops sending to an
+                    # API being stopped; what is in flight must still be answered.
+                    load.stopped.set()
+                in_flight_answered = len(load.acknowledged | load.unsure)
+                # uvicorn ends by raising the signal again once it has drained, as a
+                # process without a handler would: the status an orchestrator expects.
+                assert await exit_code(api, within=15) == -signal.SIGTERM
+                with pytest.raises(httpx.ConnectError):
+                    await http.get("/livez")
+            # Every request the API had taken was answered, none cut off.
+            assert broken == []
+            assert load.acknowledged and in_flight_answered
+        async with api_client(settings, temporal_client) as http:
+            await settle(GraphQLClient(http), load)
+
+
+async def test_the_api_is_not_ready_without_redis(
+    settings: Settings, temporal_client: Client, own_redis: EmbeddedRedis
+) -> None:
+    settings = settings.model_copy(update={"redis_url": own_redis.url})
+    async with api_client(settings, temporal_client) as http:
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200
+        own_redis.stop()
+        await asyncio.sleep(1.1)  # past the answer kept for a second
+        down = await http.get("/readyz")
+        assert down.status_code == 503
+        assert down.json() == {"status": "not ready", "checks": {"temporal": True, "redis": False}}
+        assert (await http.get("/livez")).status_code == 200  # alive all the same
+
+
+async def test_a_stopping_process_is_not_ready_and_answers_are_kept_a_second() -> None:
+    asked = 0
+
+    async def redis() -> bool:
+        nonlocal asked
+        asked += 1
+        return True
+
+    readiness = Readiness({"redis": redis})
+    app = Starlette(routes=health_routes(readiness))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://h") as h:
+        for _ in range(50):  # a crowd of probes costs one check a second
+            assert (await h.get("/readyz")).status_code == 200
+        assert asked == 1
+        readiness.stopping = True
+        stopping = await h.get("/readyz")
+        assert stopping.status_code == 503
+        assert stopping.json() == {"status": "stopping", "checks": {"redis": True}}
+        assert (await h.get("/livez")).status_code == 200
