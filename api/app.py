@@ -34,7 +34,7 @@ from api.authorization import Authorizer
 from api.cached_reads import SCOPE_KEY, CachedReadResponses
 from api.context import TenureContext
 from api.errors import LimitCode, RequestRefused, present_error
-from api.gateway import EntityGateway
+from api.gateway import QUERY_BUDGET, EntityGateway, QueryBudget
 from api.limits import BodyLimit, DocumentLimits, decode_json
 from api.over_http import GraphQLOverHTTP, view_status
 from api.rate_limits import Limit, RateLimiter, RateLimits
@@ -55,9 +55,12 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
     """Strawberry's ASGI view with Tenure's context and error presentation: a request it
     refuses is answered with a GraphQL error and a code, as a query's errors are."""
 
-    def __init__(self, schema: BaseSchema, *, graphiql: bool, suggestions: bool) -> None:
+    def __init__(
+        self, schema: BaseSchema, *, graphiql: bool, suggestions: bool, queries_per_request: int
+    ) -> None:
         super().__init__(schema, graphql_ide="graphiql" if graphiql else None)
         self._suggestions = suggestions
+        self._queries_per_request = queries_per_request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -104,6 +107,7 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
         # Only the GraphiQL page comes in unauthenticated, and it runs nothing: even so its
         # context holds a caller with no rights at all.
         principal = principal_of(request.scope) or NOBODY
+        QUERY_BUDGET.set(QueryBudget(self._queries_per_request))
         return TenureContext(
             request=request,
             response=response if isinstance(response, Response) else None,
@@ -222,7 +226,10 @@ def create_app(
         graphiql = settings.environment == "development"
     schema = build_schema(settings)
     graphql: Any = TenureGraphQL(
-        schema, graphiql=graphiql, suggestions=introspection_enabled(settings)
+        schema,
+        graphiql=graphiql,
+        suggestions=introspection_enabled(settings),
+        queries_per_request=settings.max_live_reads,
     )
     cached_reads = CachedReadResponses(
         graphql,

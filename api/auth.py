@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,18 @@ class Unauthenticated(TenureError):
 class _Key:
     key: Any  # a secret string or a `cryptography` public key
     algorithm: str
+
+
+VERIFIED_TOKENS = 10_000
+"""Verified Authorization headers remembered, one per active client: some megabytes."""
+
+
+@dataclass(frozen=True)
+class _Verified:
+    principal: Principal
+    expires: float  # the token's exp with the leeway, in epoch seconds
+    key: _Key
+    kid: str | None
 
 
 def _algorithm_for(key: Any) -> str | None:
@@ -137,6 +150,7 @@ class TokenVerifier:
         self._settings = settings
         self._key = key
         self._jwks = jwks
+        self._verified: OrderedDict[str, _Verified] = OrderedDict()
 
     @classmethod
     def from_settings(
@@ -181,20 +195,44 @@ class TokenVerifier:
     def verify(self, authorization: str | None) -> Principal:
         """The caller named by an Authorization header; a JWKS fetch, when one is due,
         blocks the calling thread."""
+        known = self._known(authorization)
+        if known is not None:
+            return known
         token, kid = _read(authorization)
         if self._jwks is not None and kid is not None and self._jwks.due(kid):
             self._jwks.refresh(kid)
-        return self._principal(token, kid)
+        return self._principal(authorization, token, kid)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The caller named by an Authorization header; the API's entry point, which never
         blocks the event loop on a JWKS fetch."""
+        known = self._known(authorization)
+        if known is not None:
+            return known
         token, kid = _read(authorization)
         if self._jwks is not None and kid is not None and self._jwks.due(kid):
             await asyncio.to_thread(self._jwks.refresh, kid)
-        return self._principal(token, kid)
+        return self._principal(authorization, token, kid)
 
-    def _principal(self, token: str, kid: str | None) -> Principal:
+    def _known(self, authorization: str | None) -> Principal | None:
+        """The caller of a header verified before, while its token is unexpired and the key
+        that signed it still stands: the same bytes check the same way, so a client's every
+        request after its first costs a dictionary lookup, not a signature."""
+        verified = self._verified.get(authorization) if authorization else None
+        if verified is None:
+            return None
+        key_stands = self._jwks is None or (
+            verified.kid is not None
+            and self._jwks.find(verified.kid) is verified.key
+            and not self._jwks.due(verified.kid)  # an old set is fetched again first
+        )
+        if time.time() >= verified.expires or not key_stands:
+            del self._verified[authorization]  # type: ignore[arg-type]
+            return None
+        self._verified.move_to_end(authorization)  # type: ignore[arg-type]
+        return verified.principal
+
+    def _principal(self, authorization: str | None, token: str, kid: str | None) -> Principal:
         key = self._key
         if self._jwks is not None:
             key = self._jwks.find(kid) if kid is not None else None
@@ -227,7 +265,13 @@ class TokenVerifier:
             raise Unauthenticated(f"token has no {exc.claim} claim") from exc
         except jwt.PyJWTError as exc:
             raise Unauthenticated("invalid token") from exc
-        return self._from_claims(claims)
+        principal = self._from_claims(claims)
+        if authorization and isinstance(claims["exp"], int | float):
+            expires = claims["exp"] + s.auth_leeway
+            self._verified[authorization] = _Verified(principal, expires, key, kid)
+            if len(self._verified) > VERIFIED_TOKENS:
+                self._verified.popitem(last=False)
+        return principal
 
     def _from_claims(self, claims: Mapping[str, Any]) -> Principal:
         s = self._settings

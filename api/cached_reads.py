@@ -43,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.authentication import principal_of
 from api.authorization import Authorizer
+from api.documents import KEPT_CHARS
 from api.errors import RequestRefused
 from api.gateway import CacheLookup, EntityRead, Source
 from api.limits import DocumentLimits, decode_json, selects_always_live
@@ -158,8 +159,7 @@ def plan_reads(
         if arguments or entity_id is None or consistency is None:
             return None
         reads.append(_RootRead(declared.entity_type, entity_id, consistency))
-    rules = [*specified_rules, limits.rule] if limits else None
-    if not reads or validate(schema, document, rules):
+    if not reads or validate(schema, document, specified_rules):
         return None
     return ReadPlan(tuple(reads))
 
@@ -216,12 +216,15 @@ class _Plans:
     limits: DocumentLimits | None
     plans: OrderedDict[tuple[str, str | None], ReadPlan | None] = field(default_factory=OrderedDict)
 
-    def get(self, query: str, operation_name: str | None) -> ReadPlan | None:
+    async def get(self, query: str, operation_name: str | None) -> ReadPlan | None:
+        if len(query) > KEPT_CHARS:
+            return None  # no dashboard's read is that long: not worth a second validation
         key = (query, operation_name)
         if key in self.plans:
             self.plans.move_to_end(key)
             return self.plans[key]
-        plan = plan_reads(self.schema, query, operation_name, self.limits)
+        # A new document's parsing and validation is pure Python: in a thread, as Strawberry's.
+        plan = await asyncio.to_thread(plan_reads, self.schema, query, operation_name, self.limits)
         self.plans[key] = plan
         if len(self.plans) > MAX_PLANS:
             self.plans.popitem(last=False)
@@ -253,7 +256,7 @@ class CachedReadResponses:
             return  # the client went away before it finished sending
         replay = _replaying(body, receive)
         request = _json_request(body) if len(body) <= MAX_BODY else None
-        plan = request and self._plans.get(request[0], request[2])
+        plan = request and await self._plans.get(request[0], request[2])
         entities = plan.entities(request[1]) if plan and request else None
         if not entities or not _allowed_at_once(scope, entities):
             await self._app(scope, replay, send)

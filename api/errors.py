@@ -23,6 +23,8 @@ class LimitCode(StrEnum):
     QUERY_TOO_DEEP = "QUERY_TOO_DEEP"
     TOO_MANY_ALIASES = "TOO_MANY_ALIASES"
     TOO_MANY_TOKENS = "TOO_MANY_TOKENS"
+    TOO_MANY_FIELDS = "TOO_MANY_FIELDS"
+    DOCUMENT_TOO_LARGE = "DOCUMENT_TOO_LARGE"
     TOO_MANY_DIRECTIVES = "TOO_MANY_DIRECTIVES"
     TOO_MANY_ROOT_FIELDS = "TOO_MANY_ROOT_FIELDS"
     TOO_MANY_LIVE_READS = "TOO_MANY_LIVE_READS"
@@ -31,6 +33,19 @@ class LimitCode(StrEnum):
     BATCH_NOT_SUPPORTED = "BATCH_NOT_SUPPORTED"
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     NOT_ACCEPTABLE = "NOT_ACCEPTABLE"
+
+
+class TooManyQueries(Exception):
+    """A request asked Temporal more often than it may (each LIVE read, and each CACHED
+    read the cache cannot answer, is a query): TOO_MANY_LIVE_READS on the field that would
+    have asked once more."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this request has made the {limit} queries to entities a request may make "
+            "(LIVE reads, and reads the cache could not answer)"
+        )
+        self.message = str(self)
 
 
 def over_limit(code: LimitCode, message: str) -> GraphQLError:
@@ -94,7 +109,10 @@ def present_error(error: GraphQLError, *, suggestions: bool = True) -> dict[str,
     known = _tenure_error(error)
     limit = _limit_code(error)
     code: ErrorCode | LimitCode
-    if known is not None:
+    if isinstance(error.original_error, TooManyQueries):
+        presented["message"] = error.original_error.message
+        code = LimitCode.TOO_MANY_LIVE_READS
+    elif known is not None:
         presented["message"] = known.message
         code = known.code
     elif limit is not None:
@@ -116,4 +134,9 @@ def is_expected(error: GraphQLError) -> bool:
     """Errors the client caused or the domain refused: reported to the client, not logged.
     Only a resolver's error has a path; one without came from the request itself (a
     variable that does not coerce wraps the enum's KeyError, say)."""
-    return _tenure_error(error) is not None or error.original_error is None or error.path is None
+    return (
+        _tenure_error(error) is not None
+        or error.original_error is None
+        or error.path is None
+        or isinstance(error.original_error, TooManyQueries)
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.errors import TooManyQueries
 from entities import catalog
 from entities.errors import ErrorCode, Rejected, TenureError
 from entities.runtime.entity import ENTITY_ID_PATTERN, EntityType
@@ -34,6 +36,30 @@ log = logging.getLogger(__name__)
 ENTITY_ID = re.compile(ENTITY_ID_PATTERN)
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
 M = TypeVar("M", bound=BaseModel)
+
+
+class QueryBudget:
+    """The queries to entity workflows one request may still make. Each request sets its
+    own (`QUERY_BUDGET`, a context variable, so every resolver of the request shares it and
+    no other request sees it); the gateway spends from it before each query."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def spend(self) -> None:
+        if self.left <= 0:
+            raise TooManyQueries(self.limit)
+        self.left -= 1
+
+
+QUERY_BUDGET: ContextVar[QueryBudget | None] = ContextVar("tenure_query_budget", default=None)
+
+
+def _spend_a_query() -> None:
+    budget = QUERY_BUDGET.get()
+    if budget is not None:
+        budget.spend()
 
 
 class Source(StrEnum):
@@ -169,6 +195,7 @@ class EntityGateway:
             if cached is not None:
                 return cached
         handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
+        _spend_a_query()
         try:
             timeout = self._settings.live_read_timeout
             snapshot: Snapshot = await within(
@@ -200,6 +227,7 @@ class EntityGateway:
         check_entity_id(entity_id)
         handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
         timeout = self._settings.live_read_timeout
+        _spend_a_query()
         try:
             history: CommandHistory = await within(
                 timeout,
@@ -220,6 +248,7 @@ class EntityGateway:
         """A workflow that is not an entity (a saga): its answer to `query`, else, when no
         worker can answer, its result if it has finished; None when it never existed."""
         handle = self._client.get_workflow_handle(workflow_id, result_type=result_type)
+        _spend_a_query()
         seconds = self._settings.live_read_timeout
         timeout = timedelta(seconds=seconds)
         try:

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from functools import cached_property, lru_cache
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from graphql import (
@@ -41,8 +41,6 @@ from graphql import (
     OperationDefinitionNode,
     OperationType,
     SelectionSetNode,
-    ValidationContext,
-    ValidationRule,
     VariableNode,
     Visitor,
     get_operation_ast,
@@ -179,14 +177,18 @@ _TOKEN_LIMIT = "Document contains more than {} tokens"  # graphql-core's wording
 
 @dataclass(frozen=True)
 class _Shape:
-    """What a selection set asks for, through its fragments: `fields` at its own level, the
-    rest all the way down."""
+    """What a selection set asks for, through its fragments: `fields` and `names` (response
+    names, counted) at its own level, the rest all the way down; `repeats` is the most times
+    one response name is selected in any one selection set."""
 
     depth: int = 0
     fields: int = 0
     aliases: int = 0
     directives: int = 0
     live_reads: int = 0
+    all_fields: int = 0
+    repeats: int = 0
+    names: Counter[str] = field(default_factory=Counter, compare=False)
 
     def beside(self, other: _Shape) -> _Shape:
         return _Shape(
@@ -195,6 +197,9 @@ class _Shape:
             self.aliases + other.aliases,
             self.directives + other.directives,
             self.live_reads + other.live_reads,
+            self.all_fields + other.all_fields,
+            max(self.repeats, other.repeats),
+            self.names + other.names,
         )
 
 
@@ -228,6 +233,9 @@ class _Measure:
                     aliases=inner.aliases + (selection.alias is not None),
                     directives=inner.directives,
                     live_reads=inner.live_reads + self._is_live(selection),
+                    all_fields=1 + inner.all_fields,
+                    repeats=inner.repeats,
+                    names=Counter([(selection.alias or selection.name).value]),
                 )
             elif isinstance(selection, InlineFragmentNode):
                 shape = self.selection_set(selection.selection_set)
@@ -235,7 +243,7 @@ class _Measure:
                 shape = self._fragment(cast(FragmentSpreadNode, selection).name.value)
             directives = shape.directives + len(selection.directives or ())
             total = total.beside(replace(shape, directives=directives))
-        return total
+        return replace(total, repeats=max(total.repeats, *total.names.values(), 0))
 
     def _fragment(self, name: str) -> _Shape:
         if name not in self._spread:
@@ -257,10 +265,16 @@ class DocumentLimits:
     root_fields: int
     mutations: int
     live_reads: int
+    fields: int = 200
+    repeats: int = 20
+    chars: int = 16 * 1024
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DocumentLimits:
         return cls(
+            fields=settings.max_fields,
+            chars=settings.max_document_chars,
+            repeats=settings.max_field_repeats,
             depth=settings.max_query_depth,
             aliases=settings.max_aliases,
             tokens=settings.max_tokens,
@@ -271,19 +285,26 @@ class DocumentLimits:
         )
 
     def parse(self, query: str) -> DocumentNode:
-        """`query` parsed; refused (TOO_MANY_TOKENS) at its first token over the limit."""
+        """`query` parsed and checked: refused when longer than `chars` (DOCUMENT_TOO_LARGE)
+        before it is read, then (TOO_MANY_TOKENS) at its first token over the limit, and
+        with the first of `check`'s errors before anything validates it."""
+        if len(query) > self.chars:
+            raise over_limit(
+                LimitCode.DOCUMENT_TOO_LARGE,
+                f"the document is {len(query)} characters long; at most {self.chars}",
+            )
         try:
-            return parse(query, max_tokens=self.tokens)
+            document = parse(query, max_tokens=self.tokens)
         except GraphQLSyntaxError as error:
             if _TOKEN_LIMIT.format(self.tokens) not in error.message:
                 raise
-        raise over_limit(
-            LimitCode.TOO_MANY_TOKENS, f"the document has more than {self.tokens} tokens"
-        )
-
-    def cached_parser(self, size: int) -> Callable[[str], DocumentNode]:
-        """`parse` through an LRU of `size` documents; a refused one is never kept."""
-        return lru_cache(maxsize=size)(self.parse)
+            raise over_limit(
+                LimitCode.TOO_MANY_TOKENS, f"the document has more than {self.tokens} tokens"
+            ) from None
+        errors = self.check(document)
+        if errors:
+            raise errors[0]
+        return document
 
     def check(self, document: DocumentNode) -> list[GraphQLError]:
         """What each operation in `document` asks for beyond the limits."""
@@ -306,6 +327,15 @@ class DocumentLimits:
                     "{} mutations",
                 ),
                 (shape.fields, self.root_fields, LimitCode.TOO_MANY_ROOT_FIELDS, "{} root fields"),
+                (shape.all_fields, self.fields, LimitCode.TOO_MANY_FIELDS, "{} fields"),
+                # Validation compares every two fields of one name in a selection set: a
+                # name selected hundreds of times costs its square.
+                (
+                    shape.repeats,
+                    self.repeats,
+                    LimitCode.TOO_MANY_FIELDS,
+                    "a field selected {} times in one selection set",
+                ),
             ]
             errors += [
                 over_limit(code, f"the operation has {what.format(found)}; at most {limit}")
@@ -313,20 +343,6 @@ class DocumentLimits:
                 if found > limit
             ]
         return errors
-
-    @cached_property
-    def rule(self) -> type[ValidationRule]:
-        """A validation rule reporting `check`'s errors; one class, so that validation
-        results can be cached."""
-        limits = self
-
-        class RequestLimits(ValidationRule):
-            def __init__(self, context: ValidationContext) -> None:
-                super().__init__(context)
-                for error in limits.check(context.document):
-                    context.report_error(error)
-
-        return RequestLimits
 
     def check_live_reads(
         self, document: DocumentNode, operation_name: str | None, variables: dict[str, Any]
@@ -364,20 +380,6 @@ class DocumentLimits:
 
 
 # -- Strawberry's hooks -----------------------------------------------------------------------
-
-
-class LimitedParser(SchemaExtension):
-    """Parses each document with `parse` (a `DocumentLimits.cached_parser`)."""
-
-    def __init__(self, parse: Callable[[str], DocumentNode]) -> None:
-        super().__init__()
-        self._parse = parse
-
-    def on_parse(self) -> Iterator[None]:
-        context = self.execution_context
-        if context.graphql_document is None and context.query:
-            context.graphql_document = self._parse(context.query)
-        yield
 
 
 class LiveReadLimit(SchemaExtension):

@@ -7,12 +7,7 @@ from collections.abc import Callable
 
 import strawberry
 from graphql import GraphQLError
-from strawberry.extensions import (
-    AddValidationRules,
-    DisableIntrospection,
-    SchemaExtension,
-    ValidationCache,
-)
+from strawberry.extensions import DisableIntrospection, SchemaExtension
 from strawberry.schema.config import StrawberryConfig
 from strawberry.tools import merge_types
 from strawberry.types import ExecutionContext
@@ -21,9 +16,10 @@ from api.accounts import AccountMutation, AccountQuery
 from api.carts import CartMutation, CartQuery
 from api.checkouts import CheckoutQuery
 from api.common import SCALARS
+from api.documents import CheckedDocuments, Documents
 from api.errors import is_expected
 from api.inventory import InventoryMutation, InventoryQuery
-from api.limits import DocumentLimits, LimitedParser, LiveReadLimit
+from api.limits import DocumentLimits, LiveReadLimit
 from workers.settings import Settings
 
 Query = merge_types("Query", (AccountQuery, CartQuery, CheckoutQuery, InventoryQuery))
@@ -41,8 +37,6 @@ class TenureSchema(strawberry.Schema):
             super().process_errors(unexpected, execution_context)
 
 
-# Clients send the same few documents over and over: parse and validate each once. A document
-# over the token limit is never parsed whole, so never kept.
 DOCUMENT_CACHE_SIZE = 256
 
 
@@ -56,11 +50,9 @@ def introspection_enabled(settings: Settings) -> bool:
 def build_schema(settings: Settings) -> TenureSchema:
     """The schema with the limits and the introspection `settings` choose."""
     limits = DocumentLimits.from_settings(settings)
-    parse = limits.cached_parser(DOCUMENT_CACHE_SIZE)
+    documents = Documents(limits, DOCUMENT_CACHE_SIZE)
     extensions: list[Callable[[], SchemaExtension]] = [
-        lambda: LimitedParser(parse),
-        lambda: AddValidationRules([limits.rule]),
-        lambda: ValidationCache(maxsize=DOCUMENT_CACHE_SIZE),
+        lambda: CheckedDocuments(documents),
         lambda: LiveReadLimit(limits),
     ]
     if not introspection_enabled(settings):

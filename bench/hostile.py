@@ -51,7 +51,7 @@ class HostileDocument:
 
 class _Judge:
     """Whether a document is accepted under the API's limits, judged as the API judges it:
-    parsed within the token limit, then validated with the limits' rule."""
+    parsed within the token limit and checked against the other limits, then validated."""
 
     def __init__(self, settings: Settings) -> None:
         self.limits = DocumentLimits.from_settings(settings)
@@ -62,7 +62,7 @@ class _Judge:
             document = self.limits.parse(f"#{0:0{NONCE_DIGITS}d}\n{query}")
         except GraphQLError:
             return False
-        if validate(self.schema, document, [*specified_rules, self.limits.rule]):
+        if validate(self.schema, document, specified_rules):
             return False
         return self.limits.check_live_reads(document, None, variables or {}) is None
 

@@ -80,6 +80,17 @@ class Settings(BaseModel):
     max_tokens: int = Field(default=1000, ge=1, description="Tokens in a document, comments too.")
     max_directives: int = Field(default=50, ge=0, description="Directives an operation may use.")
     max_root_fields: int = Field(default=20, ge=1, description="Root fields of an operation.")
+    max_document_chars: int = Field(
+        default=16 * 1024,
+        ge=256,
+        description="Characters in a document; each is read one by one in Python.",
+    )
+    max_fields: int = Field(
+        default=200, ge=1, description="Fields an operation selects, all the way down."
+    )
+    max_field_repeats: int = Field(
+        default=20, ge=1, description="Times one field may be selected in one selection set."
+    )
     max_live_reads: int = Field(default=5, ge=0, description="LIVE reads a request may make.")
     max_mutations: int = Field(default=10, ge=1, description="Mutations a request may send.")
     max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="Request body size.")
@@ -138,6 +149,9 @@ class Settings(BaseModel):
             "TENURE_MAX_TOKENS": "max_tokens",
             "TENURE_MAX_DIRECTIVES": "max_directives",
             "TENURE_MAX_ROOT_FIELDS": "max_root_fields",
+            "TENURE_MAX_FIELDS": "max_fields",
+            "TENURE_MAX_DOCUMENT_CHARS": "max_document_chars",
+            "TENURE_MAX_FIELD_REPEATS": "max_field_repeats",
             "TENURE_MAX_LIVE_READS": "max_live_reads",
             "TENURE_MAX_MUTATIONS": "max_mutations",
             "TENURE_MAX_BODY_BYTES": "max_body_bytes",
@@ -206,6 +220,9 @@ class Settings(BaseModel):
             "TENURE_MAX_TOKENS": str(self.max_tokens),
             "TENURE_MAX_DIRECTIVES": str(self.max_directives),
             "TENURE_MAX_ROOT_FIELDS": str(self.max_root_fields),
+            "TENURE_MAX_FIELDS": str(self.max_fields),
+            "TENURE_MAX_DOCUMENT_CHARS": str(self.max_document_chars),
+            "TENURE_MAX_FIELD_REPEATS": str(self.max_field_repeats),
             "TENURE_MAX_LIVE_READS": str(self.max_live_reads),
             "TENURE_MAX_MUTATIONS": str(self.max_mutations),
             "TENURE_MAX_BODY_BYTES": str(self.max_body_bytes),

@@ -13,6 +13,7 @@ from graphql import GraphQLError
 from temporalio.client import Client
 
 from api.app import API_POLICY, GRAPHIQL_POLICY
+from api.documents import KEPT_CHARS, Documents
 from api.errors import LimitCode, present_error
 from api.limits import DocumentLimits
 from tests.api.test_access import SECRET, token
@@ -44,8 +45,33 @@ def tokens(n: int) -> str:
     return "# padding\n" * (n - 11) + '{ account(id: "x") { id } }'
 
 
+ACCOUNT_FIELDS = [
+    *("id", "revision", "updatedAt", "stale", "source", "cachedAt", "status", "ownerName"),
+    *("email", "currency", "balance", "lastActivityAt", "suspensionReason", "kycReference"),
+]
+
+
 def directives(n: int) -> str:
-    return '{ account(id: "x") { ' + "id @include(if: true) " * n + "} }"
+    # Two on each inline fragment, each around another field (no field selected 5 times).
+    pairs = [
+        f"... @include(if: true) @skip(if: false) {{ {ACCOUNT_FIELDS[i % 14]} }}"
+        for i in range(n // 2)
+    ]
+    odd = " ... @include(if: true) { id }" if n % 2 else ""
+    return '{ account(id: "x") { ' + " ".join(pairs) + odd + " } }"
+
+
+def fields(n: int) -> str:
+    return '{ account(id: "x") { ' + " ".join(ACCOUNT_FIELDS[:n]) + " } }"
+
+
+def repeats(n: int) -> str:
+    return '{ account(id: "x") { ' + "balance " * n + "} }"
+
+
+def characters(n: int) -> str:
+    document = '{ account(id: "x") { id } }'
+    return document + " " * (n - len(document))
 
 
 def live_reads(n: int) -> str:
@@ -73,6 +99,15 @@ CASES = {
     "tokens": ({}, tokens(1000), tokens(1001), {}, "TOO_MANY_TOKENS"),
     "directives": ({}, directives(50), directives(51), {}, "TOO_MANY_DIRECTIVES"),
     "root fields": ({}, root_fields(20), root_fields(21), {}, "TOO_MANY_ROOT_FIELDS"),
+    "fields": ({"max_fields": 11}, fields(10), fields(12), {}, "TOO_MANY_FIELDS"),
+    "one field repeated": ({}, repeats(20), repeats(21), {}, "TOO_MANY_FIELDS"),
+    "characters": (
+        {"max_document_chars": 300},
+        characters(300),
+        characters(301),
+        {},
+        "DOCUMENT_TOO_LARGE",
+    ),
     "live reads": ({}, live_reads(5), live_reads(6), {"c": "LIVE"}, "TOO_MANY_LIVE_READS"),
 }
 
@@ -107,14 +142,19 @@ async def test_a_fragment_counts_each_time_it_is_spread(http: httpx.AsyncClient)
     assert codes(await post(http, doubling))[0] == "TOO_MANY_ALIASES"
 
 
-async def test_live_reads_are_counted_however_live_is_chosen(http: httpx.AsyncClient) -> None:
+async def test_live_reads_are_counted_however_live_is_chosen(
+    gql: GraphQLClient, http: httpx.AsyncClient
+) -> None:
     reads = (f'r{i}: account(id: "x", consistency: LIVE) {{ id }}' for i in range(6))
     literal = "{ " + " ".join(reads) + " }"
     assert codes(await post(http, literal)) == ["TOO_MANY_LIVE_READS"]
     by_default = live_reads(6).replace("$c: Consistency", "$c: Consistency = LIVE")
     assert codes(await post(http, by_default)) == ["TOO_MANY_LIVE_READS"]
-    cached = await post(http, live_reads(6), c="CACHED")
-    assert not set(codes(cached)) & REFUSALS
+    account_id = new_id()
+    await open_active(gql, account_id)
+    await read_account(gql, account_id, "LIVE")  # in the cache from here on
+    cached = await post(http, live_reads(6).replace('"x"', f'"{account_id}"'), c="CACHED")
+    assert not set(codes(cached)) & REFUSALS, cached.json()
 
 
 async def test_a_refused_mutation_stores_nothing(
@@ -186,17 +226,23 @@ async def test_two_megabytes_of_aliases_are_refused_before_parsing_them_whole(
     assert codes(await post(http, document)) == ["PAYLOAD_TOO_LARGE"]
     roomy = settings.model_copy(update={"max_body_bytes": 4 * 1024 * 1024})
     async with api_client(roomy, temporal_client) as roomy_http:
+        assert codes(await post(roomy_http, document)) == ["DOCUMENT_TOO_LARGE"]
+    unlimited = roomy.model_copy(update={"max_document_chars": 4 * 1024 * 1024})
+    async with api_client(unlimited, temporal_client) as roomy_http:
         assert codes(await post(roomy_http, document)) == ["TOO_MANY_TOKENS"]
 
 
-def test_a_document_over_the_token_limit_is_never_cached() -> None:
-    parse = DocumentLimits.from_settings(Settings()).cached_parser(8)
-    with pytest.raises(GraphQLError) as refused:
-        parse(tokens(1001))
-    assert refused.value.extensions == {"code": "TOO_MANY_TOKENS"}
-    assert parse.cache_info().currsize == 0  # type: ignore[attr-defined]
-    parse(tokens(1000))
-    assert parse.cache_info().currsize == 1  # type: ignore[attr-defined]
+async def test_only_small_documents_within_the_limits_are_kept() -> None:
+    documents = Documents(DocumentLimits.from_settings(Settings()), size=8)
+    for refused, code in ((tokens(1001), "TOO_MANY_TOKENS"), (repeats(21), "TOO_MANY_FIELDS")):
+        with pytest.raises(GraphQLError) as raised:
+            await documents.parse(refused)
+        assert raised.value.extensions == {"code": code}
+    large = tokens(1000)  # within every limit, but longer than any client's document
+    assert len(large) > KEPT_CHARS
+    assert await documents.parse(large) is not await documents.parse(large)
+    small = repeats(20)
+    assert await documents.parse(small) is await documents.parse(small)
 
 
 MALFORMED = {
@@ -370,3 +416,23 @@ def test_the_limits_are_configured_from_the_environment_and_back() -> None:
     defaults = Settings.from_env({})
     assert Settings.from_env(defaults.to_env()) == defaults
     assert (defaults.graphiql, defaults.introspection, defaults.cors_origins) == (None, None, [])
+
+
+async def test_reads_the_cache_cannot_answer_count_as_live_reads(
+    gql: GraphQLClient, http: httpx.AsyncClient
+) -> None:
+    account_id = new_id()
+    await open_active(gql, account_id)
+    await read_account(gql, account_id, "LIVE")  # in the cache from here on
+
+    def reads(ids: list[str]) -> str:
+        fields = " ".join(f'r{n}: account(id: "{i}") {{ revision }}' for n, i in enumerate(ids))
+        return "{ " + fields + " }"
+
+    cached = await post(http, reads([account_id] * 12))
+    assert "errors" not in cached.json() and len(cached.json()["data"]) == 12
+    # Ids the cache has never seen are each a query to Temporal: five, then refused.
+    missing = await post(http, reads([new_id() for _ in range(6)]))
+    body = missing.json()
+    assert body["data"] == {f"r{n}": None for n in range(6)}  # five "no such account"
+    assert codes(missing) == ["TOO_MANY_LIVE_READS"]  # and one not asked

@@ -372,3 +372,16 @@ def test_jwks_keys_of_other_kinds_are_ignored() -> None:
         assert jwks is not None
         token = jwt.encode(claims(), SECRET, algorithm="HS256", headers={"kid": "shared"})
         assert refused(jwks, f"Bearer {token}") == "unknown signing key"
+
+
+def test_a_verified_token_is_remembered_until_it_expires() -> None:
+    verify = verifier(SETTINGS.model_copy(update={"auth_leeway": 0}))
+    token = hs256(exp=int(time.time()) + 2)
+    assert verify.verify(token).subject == "ada"
+    assert verify.verify(token).subject == "ada"  # remembered: the same answer
+    time.sleep(2.1)
+    assert refused(verify, token) == "token expired"
+    # The same claims signed with another key are another token, checked in full.
+    forged = "Bearer " + jwt.encode(claims(), "another-secret-" + "x" * 32, algorithm="HS256")
+    assert verify.verify(hs256()).subject == "ada"
+    assert refused(verify, forged) == "invalid token"
