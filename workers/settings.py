@@ -33,6 +33,15 @@ class Settings(BaseModel):
     worker_health_port: int = Field(
         default=8081, ge=0, description="The worker's /livez and /readyz; 0: not served."
     )
+    worker_metrics_port: int = Field(
+        default=9464, ge=0, description="The worker's Prometheus /metrics; 0: not served."
+    )
+    log_format: str | None = Field(
+        default=None, description="json or text; None: text in development, json otherwise."
+    )
+    redis_cluster: bool = Field(
+        default=False, description="REDIS_URL names a node of a Redis Cluster."
+    )
     worker_shutdown_grace: float = Field(
         default=20.0, ge=0, description="Seconds the worker gives running activities on SIGTERM."
     )
@@ -124,6 +133,9 @@ class Settings(BaseModel):
             "TENURE_WORKER_HEALTH_HOST": "worker_health_host",
             "TENURE_WORKER_HEALTH_PORT": "worker_health_port",
             "TENURE_WORKER_SHUTDOWN_GRACE": "worker_shutdown_grace",
+            "TENURE_WORKER_METRICS_PORT": "worker_metrics_port",
+            "TENURE_LOG_FORMAT": "log_format",
+            "TENURE_REDIS_CLUSTER": "redis_cluster",
             "TENURE_DATA_DIR": "data_dir",
             "TENURE_LIVE_READ_TIMEOUT": "live_read_timeout",
             "TENURE_COMMAND_WAIT_TIMEOUT": "command_wait_timeout",
@@ -195,6 +207,9 @@ class Settings(BaseModel):
             "TENURE_WORKER_HEALTH_HOST": self.worker_health_host,
             "TENURE_WORKER_HEALTH_PORT": str(self.worker_health_port),
             "TENURE_WORKER_SHUTDOWN_GRACE": str(self.worker_shutdown_grace),
+            "TENURE_WORKER_METRICS_PORT": str(self.worker_metrics_port),
+            "TENURE_LOG_FORMAT": self.log_format or "",
+            "TENURE_REDIS_CLUSTER": "1" if self.redis_cluster else "0",
             "TENURE_COMMAND_WAIT_TIMEOUT": str(self.command_wait_timeout),
             "TENURE_MAX_COMMANDS_PER_RUN": str(self.runtime.max_commands_per_run),
             "TENURE_LEDGER_SIZE": str(self.runtime.ledger_size),
