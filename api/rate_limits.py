@@ -13,13 +13,13 @@ import logging
 import math
 from dataclasses import dataclass
 
-import redis.asyncio as redis
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.authentication import principal_of
 from api.responses import send_error
 from entities.runtime.policy import Principal, Role
+from workers.cache import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Limit:
 class RateLimiter:
     """Takes a token for a principal from its role's bucket."""
 
-    def __init__(self, client: redis.Redis, prefix: str, limits: dict[Role, Limit]) -> None:
+    def __init__(self, client: RedisClient, prefix: str, limits: dict[Role, Limit]) -> None:
         self._prefix = prefix
         self._limits = limits
         self._take = client.register_script(_TAKE)
@@ -64,7 +64,7 @@ class RateLimiter:
         limit = self._limits.get(principal.role)
         if limit is None:
             return 0
-        key = f"{self._prefix}rate:{principal.role.value}:{principal.subject}"
+        key = f"{self._prefix}rate:{{{principal.role.value}:{principal.subject}}}"
         try:
             waited = await self._take(keys=[key], args=[limit.per_second, limit.burst])
         except RedisError as exc:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -74,10 +75,26 @@ class CachedSnapshot:
         )
 
 
-def connect_redis(settings: Settings) -> redis.Redis:
+RedisClient = redis.Redis | RedisCluster
+"""A client of one Redis (with its replicas) or of a Redis Cluster: every key Tenure writes
+is hash-tagged by what it belongs to (`{account:ada}`), so each script and each entity's
+keys stay in one slot."""
+
+
+def connect_redis(settings: Settings) -> RedisClient:
     """A Redis client with short timeouts, so a dead Redis costs a read milliseconds."""
     if not settings.redis_url:
         raise ValueError("REDIS_URL is not set")
+    if settings.redis_cluster:
+        # The cluster client keeps a pool per node and follows MOVED/ASK redirects itself;
+        # a node gone costs the same short timeouts, then the cluster's own failover.
+        return RedisCluster.from_url(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            socket_connect_timeout=settings.redis_timeout,
+            socket_timeout=settings.redis_timeout,
+            retry=Retry(NoBackoff(), 1),
+        )
     # A blocking pool: a burst beyond the pool waits briefly for a connection instead of
     # failing with "Too many connections".
     pool = redis.BlockingConnectionPool.from_url(
@@ -97,7 +114,7 @@ def connect_redis(settings: Settings) -> redis.Redis:
 class SnapshotCache:
     """Reads and conditional writes of entity snapshots under one key prefix."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "tenure:") -> None:
+    def __init__(self, client: RedisClient, prefix: str = "tenure:") -> None:
         self._client = client
         self._prefix = prefix
         self._put_if_newer = client.register_script(_PUT_IF_NEWER)
@@ -105,7 +122,9 @@ class SnapshotCache:
         self._unsaved = UnsavedSnapshots(self._put)
 
     def key(self, entity_type: str, entity_id: str) -> str:
-        return f"{self._prefix}entity:{entity_type}:{entity_id}"
+        """The entity's hash, tagged by the entity so that in a cluster all of its keys
+        share a slot."""
+        return f"{self._prefix}entity:{{{entity_type}:{entity_id}}}"
 
     async def reachable(self) -> bool:
         """Whether Redis answers a PING within a second."""

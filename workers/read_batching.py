@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 
 Fields = list[bytes | str | None]
 
@@ -18,7 +19,7 @@ class ReadBatcher:
     loop turn at most. An error fails every read of its batch with that error.
     """
 
-    def __init__(self, client: redis.Redis, fields: Sequence[str]) -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, fields: Sequence[str]) -> None:
         self._client = client
         self._fields = list(fields)
         self._pending: list[tuple[str, asyncio.Future[Fields]]] = []

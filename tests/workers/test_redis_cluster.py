@@ -1,0 +1,169 @@
+"""The cache and the rate limits on a real three-node Redis Cluster, started from the
+machine's `redis-server` and joined with `redis-cli --cluster create`: entities spread over
+every node, each entity's keys in one slot, reads batched across slots, and the whole API
+serving cached reads from it."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio.cluster import RedisCluster
+from redis.cluster import key_slot
+from temporalio.client import Client
+
+from api.rate_limits import Limit, RateLimiter
+from deploy.embedded import die_with_parent, port_is_free
+from entities.runtime.envelope import Snapshot
+from entities.runtime.policy import Principal, Role
+from tests.api.test_accounts_api import open_active, read_account
+from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
+from workers.cache import SnapshotCache, connect_redis
+from workers.settings import Settings
+
+
+def node_port() -> int:
+    """A free port whose cluster bus port (10,000 above it) is free too."""
+    while True:
+        port = random.randrange(20_000, 50_000)
+        if port_is_free(port) and port_is_free(port + 10_000):
+            return port
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[str]:
+    """A Redis Cluster of three masters; yields a URL naming one of them."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    assert server and cli, "the Redis Cluster test needs redis-server and redis-cli on PATH"
+    ports = [node_port() for _ in range(3)]
+    nodes = []
+    for port in ports:
+        folder = tmp_path / str(port)
+        folder.mkdir()
+        nodes.append(
+            subprocess.Popen(
+                [
+                    server,
+                    "--port", str(port),
+                    "--bind", "127.0.0.1",
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", "nodes.conf",
+                    "--appendonly", "no",
+                    "--save", "",
+                    "--dir", str(folder),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+            )
+        )  # fmt: skip
+    try:
+        for port in ports:
+            for _ in range(100):
+                ping = subprocess.run([cli, "-p", str(port), "ping"], capture_output=True)
+                if ping.stdout.strip() == b"PONG":
+                    break
+                await asyncio.sleep(0.05)
+        create = subprocess.run(
+            [
+                *(cli, "--cluster", "create"),
+                *(f"127.0.0.1:{p}" for p in ports),
+                *("--cluster-replicas", "0", "--cluster-yes"),
+            ],
+            capture_output=True,
+            timeout=60,
+        )
+        assert create.returncode == 0, create.stdout.decode() + create.stderr.decode()
+        for _ in range(200):
+            info = subprocess.run(
+                [cli, "-p", str(ports[0]), "cluster", "info"], capture_output=True
+            )
+            if b"cluster_state:ok" in info.stdout:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the cluster never reached cluster_state:ok")
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for node in nodes:
+            node.terminate()
+        for node in nodes:
+            node.wait(10)
+
+
+def snapshot(entity_id: str, revision: int) -> Snapshot:
+    return Snapshot(
+        entity_type="account",
+        entity_id=entity_id,
+        revision=revision,
+        state={"balance": revision},
+        incarnation=1,
+    )
+
+
+async def test_the_cache_spreads_over_the_cluster_one_slot_per_entity(
+    settings: Settings, cluster: str
+) -> None:
+    settings = settings.model_copy(update={"redis_url": cluster, "redis_cluster": True})
+    client = connect_redis(settings)
+    assert isinstance(client, RedisCluster)
+    cache = SnapshotCache(client, settings.redis_prefix)
+    try:
+        await client.initialize()
+        ids = [new_id() for _ in range(60)]
+        # Each entity's key is tagged by the entity: its slot is the entity's, not the
+        # prefix's, so entities spread over all three masters.
+        nodes = Counter(
+            client.get_node_from_key(cache.key("account", i)).name  # type: ignore[union-attr]
+            for i in ids
+        )
+        assert len(nodes) == 3
+        tagged = cache.key("account", ids[0])
+        assert key_slot(tagged.encode()) == key_slot(f"account:{ids[0]}".encode())
+
+        for entity_id in ids:
+            assert await cache.put(snapshot(entity_id, 2))
+        assert not await cache.put(snapshot(ids[0], 1))  # never backwards, on any node
+        newer = await cache.put_newest(snapshot(ids[1], 1))
+        assert newer.revision == 2
+        # Reads of the same loop turn go as one pipeline, across slots and nodes.
+        read = await asyncio.gather(*(cache.get("account", i) for i in ids))
+        assert [hit.snapshot.revision if hit else None for hit in read] == [2] * len(ids)
+        await cache.mark_stuck("account", ids[2], "a test")
+        stuck = await cache.get("account", ids[2])
+        assert stuck is not None and stuck.stuck == "a test"
+        assert await cache.reachable()
+
+        limiter = RateLimiter(client, settings.redis_prefix, {Role.CUSTOMER: Limit(1.0, 2)})
+        ada = Principal("ada", Role.CUSTOMER)
+        waits = [await limiter.wait_ms(ada) for _ in range(3)]
+        assert waits[:2] == [0, 0] and waits[2] > 0
+    finally:
+        await client.aclose()
+
+
+async def test_the_api_and_worker_serve_cached_reads_from_the_cluster(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory, cluster: str
+) -> None:
+    settings = settings.model_copy(update={"redis_url": cluster, "redis_cluster": True})
+    client = connect_redis(settings)
+    cache = SnapshotCache(client, settings.redis_prefix)
+    async with run_worker(settings, cache), api_client(settings, temporal_client) as http:
+        gql = GraphQLClient(http)
+        accounts = [new_id() for _ in range(6)]
+        for account in accounts:
+            await open_active(gql, account)
+        for account in accounts:
+            for _ in range(50):
+                read = await read_account(gql, account)
+                if read["source"] == "CACHE" and read["revision"] == 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert (read["source"], read["revision"], read["stale"]) == ("CACHE", 2, False)
+    await client.aclose()
