@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
@@ -83,6 +84,8 @@ keys stay in one slot."""
 
 def connect_redis(settings: Settings) -> RedisClient:
     """A Redis client with short timeouts, so a dead Redis costs a read milliseconds."""
+    if settings.redis_sentinel_master:
+        return _follow_sentinels(settings)
     if not settings.redis_url:
         raise ValueError("REDIS_URL is not set")
     if settings.redis_cluster:
@@ -107,6 +110,32 @@ def connect_redis(settings: Settings) -> RedisClient:
     client = redis.Redis.from_pool(pool)
     # One immediate retry heals a pooled connection that a Redis restart broke; the
     # client's default of backing off for seconds would stall every read during an outage.
+    client.set_retry(Retry(NoBackoff(), 1))
+    return client
+
+
+def _follow_sentinels(settings: Settings) -> redis.Redis:
+    """A client of the master the Sentinels name: after a failover its next connection goes
+    to the promoted replica, and the writes it could not make meanwhile wait in
+    `UnsavedSnapshots`."""
+    if not settings.redis_sentinels:
+        raise ValueError("TENURE_REDIS_SENTINEL_MASTER needs TENURE_REDIS_SENTINELS")
+    nodes = []
+    for node in settings.redis_sentinels:
+        host, _, port = node.rpartition(":")
+        nodes.append((host, int(port)))
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        nodes,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+    )
+    assert settings.redis_sentinel_master is not None
+    client: redis.Redis = sentinel.master_for(
+        settings.redis_sentinel_master,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+        max_connections=settings.redis_max_connections,
+    )
     client.set_retry(Retry(NoBackoff(), 1))
     return client
 

@@ -42,6 +42,14 @@ class Settings(BaseModel):
     redis_cluster: bool = Field(
         default=False, description="REDIS_URL names a node of a Redis Cluster."
     )
+    redis_sentinels: list[str] = Field(
+        default_factory=list,
+        description="host:port of Redis Sentinels; with redis_sentinel_master, the cache "
+        "follows the master they name (REDIS_URL is then not needed).",
+    )
+    redis_sentinel_master: str | None = Field(
+        default=None, description="The name the Sentinels monitor the master under."
+    )
     worker_shutdown_grace: float = Field(
         default=20.0, ge=0, description="Seconds the worker gives running activities on SIGTERM."
     )
@@ -136,6 +144,7 @@ class Settings(BaseModel):
             "TENURE_WORKER_METRICS_PORT": "worker_metrics_port",
             "TENURE_LOG_FORMAT": "log_format",
             "TENURE_REDIS_CLUSTER": "redis_cluster",
+            "TENURE_REDIS_SENTINEL_MASTER": "redis_sentinel_master",
             "TENURE_DATA_DIR": "data_dir",
             "TENURE_LIVE_READ_TIMEOUT": "live_read_timeout",
             "TENURE_COMMAND_WAIT_TIMEOUT": "command_wait_timeout",
@@ -187,6 +196,9 @@ class Settings(BaseModel):
         if env.get("TENURE_ENTITY_OPTIONS"):
             values["entity_options"] = json.loads(env["TENURE_ENTITY_OPTIONS"])
         # request limits
+        if env.get("TENURE_REDIS_SENTINELS"):
+            sentinels = env["TENURE_REDIS_SENTINELS"].split(",")
+            values["redis_sentinels"] = [s.strip() for s in sentinels if s.strip()]
         if env.get("TENURE_CORS_ORIGINS"):
             origins = env["TENURE_CORS_ORIGINS"].split(",")
             values["cors_origins"] = [origin.strip() for origin in origins if origin.strip()]
@@ -257,4 +269,8 @@ class Settings(BaseModel):
             env["TEMPORAL_ADDRESS"] = self.temporal_address
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
+        if self.redis_sentinels:
+            env["TENURE_REDIS_SENTINELS"] = ",".join(self.redis_sentinels)
+        if self.redis_sentinel_master:
+            env["TENURE_REDIS_SENTINEL_MASTER"] = self.redis_sentinel_master
         return env
