@@ -10,7 +10,7 @@ from temporalio.testing import ActivityEnvironment
 
 from entities.errors import ErrorCode
 from entities.runtime.envelope import OutcomeStatus
-from entities.runtime.requests import EntityRequest, RequestFailed, _failure
+from entities.runtime.requests import EntityRequest, _failure
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import Shop
 from workers.cache import SnapshotCache
@@ -77,6 +77,15 @@ async def test_an_entity_that_does_not_answer_is_a_retryable_failure(
 def test_an_internal_failure_reaches_a_saga_as_unavailable_with_nothing_internal() -> None:
     """A saga keeps a failed step's message as its reason, which clients read: an internal
     failure's text (a workflow id, a host) stays in the worker's log."""
+    internal = RuntimeError("account:ada on temporal-frontend.internal:7233 failed")
+    failure = _failure(activity_failed_by(internal))
+    assert failure.code == ErrorCode.UNAVAILABLE
+    assert failure.message == "the entity could not be reached"
+    refused = ApplicationError("only 2 left", type="INSUFFICIENT_STOCK")
+    assert _failure(activity_failed_by(refused)).message == "only 2 left"
+
+
+def activity_failed_by(cause: BaseException) -> ActivityError:
     failed = ActivityError(
         "activity failed",
         scheduled_event_id=5,
@@ -86,20 +95,5 @@ def test_an_internal_failure_reaches_a_saga_as_unavailable_with_nothing_internal
         activity_id="1",
         retry_state=None,
     )
-    failed.__cause__ = RuntimeError("account:ada on temporal-frontend.internal:7233 failed")
-    with pytest.raises(RequestFailed) as raised:
-        raise _failure(failed)
-    assert raised.value.code == ErrorCode.UNAVAILABLE
-    assert raised.value.message == "the entity could not be reached"
-
-    refused = ActivityError(
-        "activity failed",
-        scheduled_event_id=5,
-        started_event_id=6,
-        identity="worker@host-17",
-        activity_type="request_entity",
-        activity_id="1",
-        retry_state=None,
-    )
-    refused.__cause__ = ApplicationError("only 2 left", type="INSUFFICIENT_STOCK")
-    assert _failure(refused).message == "only 2 left"
+    failed.__cause__ = cause
+    return failed
