@@ -61,7 +61,8 @@ def answers(port: int, *command: str) -> str:
 async def replicated(tmp_path: Path) -> AsyncIterator[Replicated]:
     ports = [free_port() for _ in range(3)]
     master_port, replica_port, sentinel_port = ports
-    common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    # Full resynchronisation writes an RDB file even with saving off: into the test's folder.
+    common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
     master = server("--port", str(master_port), *common)
     replica = server(
         "--port", str(replica_port), *common, "--replicaof", "127.0.0.1", str(master_port)
