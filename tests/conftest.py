@@ -8,15 +8,19 @@ data there. Each test gets its own task queue and entity ids.
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as redis
+import structlog
 from starlette.applications import Starlette
+from temporalio import activity, workflow
 from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -28,6 +32,7 @@ from entities import catalog
 from entities.runtime.envelope import CommandEnvelope
 from workers.cache import SnapshotCache, connect_redis
 from workers.delivery import CommandDelivery
+from workers.logs import configure_logging
 from workers.settings import Settings
 from workers.worker import build_worker
 
@@ -202,3 +207,27 @@ async def start_over(
         start_signal_args=[CommandEnvelope(command_id=new_id(), name=command, payload=payload)],
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
     )
+
+
+LogCapture = Callable[..., io.StringIO]
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[LogCapture]:
+    """`captured_logs(settings, process_name)` configures the process's logging as an entry
+    point does, at debug level, into a stream it returns; put back as it was afterwards."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    on_message = workflow.logger.workflow_info_on_message, activity.logger.activity_info_on_message
+
+    def capture(settings: Settings, process_name: str = "api") -> io.StringIO:
+        stream = io.StringIO()
+        configure_logging(settings, process_name, stream=stream, level=logging.DEBUG)
+        return stream
+
+    yield capture
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+    structlog.reset_defaults()
+    workflow.logger.workflow_info_on_message, activity.logger.activity_info_on_message = on_message

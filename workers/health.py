@@ -89,6 +89,7 @@ async def serve_health(readiness: Readiness, host: str, port: int) -> None:
         host=host,
         port=port,
         log_level="warning",
+        log_config=None,  # its records go through the process's logging, JSON or text
         access_log=False,
         server_header=False,
         lifespan="off",

@@ -39,6 +39,9 @@ class Settings(BaseModel):
     log_format: str | None = Field(
         default=None, description="json or text; None: text in development, json otherwise."
     )
+    log_level: str = Field(
+        default="info", description="debug, info, warning or error; debug: a line per request."
+    )
     redis_cluster: bool = Field(
         default=False, description="REDIS_URL names a node of a Redis Cluster."
     )
@@ -143,6 +146,7 @@ class Settings(BaseModel):
             "TENURE_WORKER_SHUTDOWN_GRACE": "worker_shutdown_grace",
             "TENURE_WORKER_METRICS_PORT": "worker_metrics_port",
             "TENURE_LOG_FORMAT": "log_format",
+            "TENURE_LOG_LEVEL": "log_level",
             "TENURE_REDIS_CLUSTER": "redis_cluster",
             "TENURE_REDIS_SENTINEL_MASTER": "redis_sentinel_master",
             "TENURE_DATA_DIR": "data_dir",
@@ -221,6 +225,7 @@ class Settings(BaseModel):
             "TENURE_WORKER_SHUTDOWN_GRACE": str(self.worker_shutdown_grace),
             "TENURE_WORKER_METRICS_PORT": str(self.worker_metrics_port),
             "TENURE_LOG_FORMAT": self.log_format or "",
+            "TENURE_LOG_LEVEL": self.log_level,
             "TENURE_REDIS_CLUSTER": "1" if self.redis_cluster else "0",
             "TENURE_COMMAND_WAIT_TIMEOUT": str(self.command_wait_timeout),
             "TENURE_MAX_COMMANDS_PER_RUN": str(self.runtime.max_commands_per_run),

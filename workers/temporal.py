@@ -6,24 +6,36 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from opentelemetry.sdk.trace import TracerProvider
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
 from workers.settings import Settings
+from workers.telemetry import temporal_interceptors
 
 T = TypeVar("T")
 
 
-async def connect_temporal(settings: Settings) -> Client:
-    """A Temporal client for `settings`, speaking pydantic payloads."""
+async def connect_temporal(
+    settings: Settings,
+    *,
+    tracer_provider: TracerProvider | None = None,
+    runtime: Runtime | None = None,
+) -> Client:
+    """A Temporal client for `settings`, speaking pydantic payloads; tracing its calls, and
+    the workflows and activities of a worker built on it, with `tracer_provider`; on
+    `runtime` (its metrics, its logs) rather than the process's default one."""
     if not settings.temporal_address:
         raise ValueError("TEMPORAL_ADDRESS is not set")
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
+        interceptors=temporal_interceptors(tracer_provider),
+        runtime=runtime,
     )
 
 
