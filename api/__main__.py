@@ -9,7 +9,9 @@ import uvicorn
 
 from api.app import create_app
 from deploy.embedded import port_is_free
+from workers.logs import configure_logging
 from workers.settings import Settings
+from workers.telemetry import configure_tracing
 
 
 def main() -> None:
@@ -17,7 +19,9 @@ def main() -> None:
     if not port_is_free(settings.api_port, settings.api_host):
         sys.exit(f"error: port {settings.api_port} is already in use (set API_PORT to use another)")
     try:
-        app = create_app(settings)
+        configure_logging(settings, "api")
+        tracer_provider = configure_tracing("tenure-api")
+        app = create_app(settings, tracer_provider=tracer_provider)
     except ValueError as exc:  # a setting that cannot work, said in one line
         sys.exit(f"error: {exc}")
     # What is loaded by now (modules, the schema) lives as long as the process: keep it out
@@ -30,11 +34,14 @@ def main() -> None:
         host=settings.api_host,
         port=settings.api_port,
         log_level="warning",
+        log_config=None,  # uvicorn's records go through the process's logging, JSON or text
         access_log=False,
         server_header=False,  # what serves the API is no client's business
         # On SIGTERM uvicorn stops accepting at once and lets requests in flight finish.
         timeout_graceful_shutdown=int(settings.api_shutdown_grace),
     )
+    if tracer_provider is not None:
+        tracer_provider.shutdown()  # the spans still buffered
 
 
 if __name__ == "__main__":

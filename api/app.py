@@ -12,6 +12,8 @@ from typing import Any
 
 from cross_web import HTTPException
 from graphql import ExecutionResult
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.trace import TracerProvider
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
@@ -36,8 +38,10 @@ from api.context import TenureContext
 from api.errors import LimitCode, RequestRefused, present_error
 from api.gateway import QUERY_BUDGET, EntityGateway, QueryBudget
 from api.limits import BodyLimit, DocumentLimits, decode_json
+from api.metrics import ApiMetrics
 from api.over_http import GraphQLOverHTTP, view_status
 from api.rate_limits import Limit, RateLimiter, RateLimits
+from api.request_context import ObservedRequests, note_outcome
 from api.schema import build_schema, introspection_enabled
 from entities.errors import ErrorCode
 from entities.runtime.policy import NOBODY, Role
@@ -49,6 +53,9 @@ from workers.temporal import answers, connect_temporal
 log = logging.getLogger(__name__)
 
 _STATUS_KEY = "tenure.view_status"
+_LIMIT_CODES = frozenset(code.value for code in LimitCode)
+# Probes and scrapes are no requests worth a trace.
+_UNTRACED = "/livez,/healthz,/readyz,/metrics"
 
 
 class TenureGraphQL(GraphQL[TenureContext, None]):
@@ -132,9 +139,12 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
         else:
             request.scope[_STATUS_KEY] = status
         if result.errors:
-            data["errors"] = [
+            errors: list[Any] = [
                 present_error(err, suggestions=self._suggestions) for err in result.errors
             ]
+            data["errors"] = errors
+            code = errors[0]["extensions"]["code"]
+            note_outcome(code, refused=request_error and code in _LIMIT_CODES)
         return data
 
 
@@ -190,19 +200,24 @@ def create_app(
     *,
     temporal_client: Client | None = None,
     cache: SnapshotCache | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> Starlette:
-    """The API app. Clients are made in the lifespan unless given (tests pass their own)."""
+    """The API app. Clients are made in the lifespan unless given (tests pass their own).
+    With a `tracer_provider` (`workers.telemetry.configure_tracing`), each request is
+    traced, through Temporal to the workflows and activities."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            client = temporal_client or await connect_temporal(settings)
+            client = temporal_client or await connect_temporal(
+                settings, tracer_provider=tracer_provider
+            )
             snapshot_cache = cache
             if snapshot_cache is None:
                 redis_client = connect_redis(settings)
                 stack.push_async_callback(redis_client.aclose)
                 snapshot_cache = SnapshotCache(redis_client, settings.redis_prefix)
-            app.state.gateway = EntityGateway(client, snapshot_cache, settings)
+            app.state.gateway = EntityGateway(client, snapshot_cache, settings, metrics)
             readiness.check("temporal", partial(answers, client))
             readiness.check("redis", snapshot_cache.reachable)
             app.state.authorizer = Authorizer(app.state.gateway)
@@ -225,6 +240,7 @@ def create_app(
     if graphiql is None:
         graphiql = settings.environment == "development"
     schema = build_schema(settings)
+    metrics = ApiMetrics()
     graphql: Any = TenureGraphQL(
         schema,
         graphiql=graphiql,
@@ -236,6 +252,7 @@ def create_app(
         schema._schema,
         size=settings.rendered_reads,
         limits=DocumentLimits.from_settings(settings),
+        metrics=metrics,
     )
     limits_redis = connect_redis(settings)  # connects on first use
     limiter = RateLimiter(
@@ -243,27 +260,44 @@ def create_app(
         settings.redis_prefix,
         {Role(role): Limit(*limit) for role, limit in settings.rate_limits.items()},
     )
-    endpoint = GraphQLOverHTTP(
-        BodyLimit(
-            Authentication(RateLimits(cached_reads, limiter), verifier), settings.max_body_bytes
-        )
+    endpoint = ObservedRequests(
+        GraphQLOverHTTP(
+            BodyLimit(
+                Authentication(RateLimits(cached_reads, limiter), verifier),
+                settings.max_body_bytes,
+            )
+        ),
+        metrics,
     )
+    middleware = [
+        Middleware(SecurityHeaders, page_policy=GRAPHIQL_POLICY if graphiql else None),
+        Middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["x-request-id"],
+            max_age=600,
+        ),
+    ]
+    if tracer_provider is not None:
+        middleware.insert(
+            0,
+            Middleware(
+                OpenTelemetryMiddleware,
+                tracer_provider=tracer_provider,
+                excluded_urls=_UNTRACED,
+                exclude_spans=["receive", "send"],  # a span per ASGI message is noise
+            ),
+        )
     app = Starlette(
         routes=[
             Route("/", _home),
             *health_routes(readiness),
             Route("/graphql", endpoint),  # GraphQLOverHTTP answers other methods
+            Route("/metrics", metrics.endpoint),  # for Prometheus; keep it off the Internet
         ],
-        middleware=[
-            Middleware(SecurityHeaders, page_policy=GRAPHIQL_POLICY if graphiql else None),
-            Middleware(
-                CORSMiddleware,
-                allow_origins=settings.cors_origins,
-                allow_methods=["GET", "POST"],
-                allow_headers=["authorization", "content-type"],
-                max_age=600,
-            ),
-        ],
+        middleware=middleware,
         lifespan=lifespan,
     )
     app.state.cached_reads = cached_reads

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs
 
+import structlog
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -52,6 +53,11 @@ class Authentication:
             except Unauthenticated as exc:
                 await _unauthenticated(send, exc.message, has_token="authorization" in headers)
                 return
+        principal = principal_of(scope)
+        if principal is not None:
+            structlog.contextvars.bind_contextvars(
+                principal=f"{principal.role.value}:{principal.subject}"
+            )
         await self._app(scope, receive, send)
 
 

@@ -47,6 +47,8 @@ from api.documents import KEPT_CHARS
 from api.errors import RequestRefused
 from api.gateway import CacheLookup, EntityRead, Source
 from api.limits import DocumentLimits, decode_json, selects_always_live
+from api.metrics import ApiMetrics
+from api.request_context import note_operation
 from workers.cache import CachedSnapshot, CacheUnavailable, RawEntry, SnapshotCache
 
 SCOPE_KEY = "tenure.prefetched_reads"
@@ -107,6 +109,7 @@ class ReadPlan:
     """The entity reads a document's operation makes: one per root field."""
 
     reads: tuple[_RootRead, ...]
+    operation_name: str | None = None
 
     def entities(self, variables: dict[str, Any]) -> list[tuple[str, str]] | None:
         """The (type, id) pairs these variables read, or None if any read is not a CACHED
@@ -161,7 +164,7 @@ def plan_reads(
         reads.append(_RootRead(declared.entity_type, entity_id, consistency))
     if not reads or validate(schema, document, specified_rules):
         return None
-    return ReadPlan(tuple(reads))
+    return ReadPlan(tuple(reads), operation.name.value if operation.name else None)
 
 
 @dataclass
@@ -240,8 +243,10 @@ class CachedReadResponses:
         schema: GraphQLSchema,
         size: int,
         limits: DocumentLimits | None = None,
+        metrics: ApiMetrics | None = None,
     ) -> None:
         self._app = app
+        self._metrics = metrics or ApiMetrics()
         self._plans = _Plans(schema, limits)
         self._size = size
         self._rendered: OrderedDict[bytes, _Rendered] = OrderedDict()
@@ -258,7 +263,7 @@ class CachedReadResponses:
         request = _json_request(body) if len(body) <= MAX_BODY else None
         plan = request and await self._plans.get(request[0], request[2])
         entities = plan.entities(request[1]) if plan and request else None
-        if not entities or not _allowed_at_once(scope, entities):
+        if not plan or not entities or not _allowed_at_once(scope, entities):
             await self._app(scope, replay, send)
             return
         cache: SnapshotCache = scope["app"].state.gateway.cache
@@ -275,6 +280,8 @@ class CachedReadResponses:
         if key and rendered is not None:
             self._rendered.move_to_end(key)
             self.replayed += 1
+            note_operation(plan.operation_name)
+            self._metrics.cache_read("hit", len(entities))
             # Middleware outside adds its headers to the message it is sent: a copy each time.
             await send({**rendered.start, "headers": list(rendered.start["headers"])})
             await send({"type": "http.response.body", "body": rendered.body})

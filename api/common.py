@@ -9,6 +9,7 @@ from enum import Enum
 from typing import Any, NewType
 
 import strawberry
+import structlog
 from strawberry.types.scalar import ScalarDefinition
 
 from api.context import Info
@@ -130,6 +131,8 @@ async def send_command(
     wait: bool,
 ) -> Receipt:
     given = {k: v for k, v in payload.items() if v is not None}
+    # The rest of this command's log lines name it (its id once the gateway has made it).
+    structlog.contextvars.bind_contextvars(entity=f"{entity_type}:{entity_id}", command=command)
     await authorize(info, entity_type, entity_id, command, given)
     principal = info.context.principal
     return await info.context.gateway.send(

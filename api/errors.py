@@ -9,6 +9,7 @@ from typing import Any
 from graphql import GraphQLError
 from starlette.responses import JSONResponse
 
+from api.request_context import note_refusal
 from entities.errors import ErrorCode, TenureError
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class RequestRefused(Exception):
         self.headers = headers
 
     def response(self) -> JSONResponse:
+        note_refusal(self.code)
         body = {"errors": [{"message": self.message, "extensions": {"code": self.code.value}}]}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 

@@ -11,11 +11,13 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
+import structlog
 from pydantic import BaseModel
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import TooManyQueries
+from api.metrics import ApiMetrics
 from entities import catalog
 from entities.errors import ErrorCode, Rejected, TenureError
 from entities.runtime.entity import ENTITY_ID_PATTERN, EntityType
@@ -113,12 +115,21 @@ class EntityGateway:
     """Sends commands to entities and reads their state; the only API code that talks to
     Temporal or Redis."""
 
-    def __init__(self, client: Client, cache: SnapshotCache, settings: Settings) -> None:
+    def __init__(
+        self,
+        client: Client,
+        cache: SnapshotCache,
+        settings: Settings,
+        metrics: ApiMetrics | None = None,
+    ) -> None:
         self._client = client
         self._cache = cache
         self._settings = settings
+        self._metrics = metrics or ApiMetrics()
         self._types = catalog.entity_types()
-        self._delivery = CommandDelivery(client, settings)
+        self._delivery = CommandDelivery(
+            client, settings, on_signal=self._metrics.signal_batch_size.observe
+        )
 
     @property
     def cache(self) -> SnapshotCache:
@@ -158,6 +169,7 @@ class EntityGateway:
             payload=payload,
             sent_by=sent_by,
         )
+        structlog.contextvars.bind_contextvars(command_id=envelope.command_id)
         handle = await self._delivery.deliver(entity, entity_id, envelope)
         if not wait:
             return Receipt(entity_id, envelope.command_id, applied=False)
@@ -193,7 +205,9 @@ class EntityGateway:
             else:
                 cached = await self._cached(entity_type, entity_id)
             if cached is not None:
+                self._metrics.cache_read("stale" if cached.stale else "hit")
                 return cached
+            self._metrics.cache_read("miss")
         handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
         _spend_a_query()
         try:
@@ -209,6 +223,7 @@ class EntityGateway:
             if fallback is None and looked_up is None:
                 fallback = await self._cached(entity_type, entity_id)
             if fallback is not None:
+                self._metrics.live_read_fallbacks.inc()
                 return EntityRead(
                     fallback.snapshot, Source.CACHE, stale=True, cached_at=fallback.cached_at
                 )

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 
 from starlette.types import Send
 
+from api.request_context import note_refusal
+
 
 async def send_error(
     send: Send,
@@ -15,7 +17,9 @@ async def send_error(
     message: str,
     headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
-    """Answer `status` with `{"errors": [{message, extensions: {code}}]}` as JSON."""
+    """Answer `status` with `{"errors": [{message, extensions: {code}}]}` as JSON: the
+    request is refused before GraphQL runs it."""
+    note_refusal(code)
     body = json.dumps({"errors": [{"message": message, "extensions": {"code": code}}]}).encode()
     await send(
         {

@@ -20,6 +20,7 @@ from api.documents import CheckedDocuments, Documents
 from api.errors import is_expected
 from api.inventory import InventoryMutation, InventoryQuery
 from api.limits import DocumentLimits, LiveReadLimit
+from api.request_context import OperationName
 from workers.settings import Settings
 
 Query = merge_types("Query", (AccountQuery, CartQuery, CheckoutQuery, InventoryQuery))
@@ -52,6 +53,7 @@ def build_schema(settings: Settings) -> TenureSchema:
     limits = DocumentLimits.from_settings(settings)
     documents = Documents(limits, DOCUMENT_CACHE_SIZE)
     extensions: list[Callable[[], SchemaExtension]] = [
+        OperationName,
         lambda: CheckedDocuments(documents),
         lambda: LiveReadLimit(limits),
     ]

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal, free_port, port_is_free
 from deploy.tokens import dev_secret, mint
+from workers.logs import configure_logging
 from workers.settings import Settings
 
 log = logging.getLogger("tenure.dev")
@@ -136,8 +137,13 @@ async def run(settings: Settings) -> int:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s dev %(levelname)s %(message)s")
-    sys.exit(asyncio.run(run(Settings.from_env())))
+    settings = Settings.from_env()
+    if settings.log_format is None:
+        # Readable lines from every process of the stack (its children inherit it), even
+        # with a key source configured, which makes the API a production one.
+        settings = settings.model_copy(update={"log_format": "text"})
+    configure_logging(settings, "dev")
+    sys.exit(asyncio.run(run(settings)))
 
 
 if __name__ == "__main__":

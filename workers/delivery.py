@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -46,14 +47,22 @@ def unavailable(exc: RPCError) -> TenureError:
 
 class CommandDelivery:
     """Signals commands to entity workflows, starting those a command creates, and reads
-    back what became of them."""
+    back what became of them. `on_signal` is told how many commands each signal carries."""
 
-    def __init__(self, client: Client, settings: Settings) -> None:
+    def __init__(
+        self,
+        client: Client,
+        settings: Settings,
+        on_signal: Callable[[int], None] | None = None,
+    ) -> None:
         self._client = client
         self._settings = settings
         self._coalescer = SignalCoalescer(self._signal)
+        self._on_signal = on_signal
 
     async def _signal(self, workflow_id: str, batch: list[CommandEnvelope]) -> None:
+        if self._on_signal is not None:
+            self._on_signal(len(batch))
         handle = self._client.get_workflow_handle(workflow_id)
         timeout = timedelta(seconds=SIGNAL_TIMEOUT)
         if len(batch) == 1:
