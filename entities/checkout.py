@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.saga import Compensation, Saga, SagaLog
 
 CHECKOUT_WORKFLOW = "Checkout"
+SAGA_OUTCOMES_METRIC = "tenure_saga_outcomes"
 
 
 def checkout_workflow_id(checkout_id: str) -> str:
@@ -124,6 +125,9 @@ class CheckoutWorkflow:
             self._state.order_id = f"order-{input.key}"
             report = partial(self._report, "completeCheckout", order_id=self._state.order_id)
         await saga.conclude("report", report)
+        workflow.metric_meter().create_counter(
+            SAGA_OUTCOMES_METRIC, "Sagas ended, by final status."
+        ).add(1, {"status": self._state.status.value})
         return self._state
 
     async def _take_steps(self, saga: Saga) -> None:

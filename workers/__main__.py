@@ -10,43 +10,30 @@ import signal
 import sys
 from functools import partial
 
-from temporalio.runtime import (
-    LogForwardingConfig,
-    LoggingConfig,
-    Runtime,
-    TelemetryConfig,
-    TelemetryFilter,
-)
+from opentelemetry.sdk.trace import TracerProvider
+from temporalio.runtime import Runtime
 
 from workers.health import Readiness, serve_health
+from workers.logs import configure_logging
 from workers.settings import Settings
+from workers.telemetry import configure_tracing
 from workers.watchdog import RepeatedLogFilter
-from workers.worker import WorkerStatus, run_worker
+from workers.worker import WorkerStatus, run_worker, worker_runtime
 
 # The SDK logs a failing workflow task on every retry, from Python and from its core;
 # both go through one filter that says each thing once per ten minutes.
 _REPEATING_LOGGERS = ("temporalio.core", "temporalio.worker._workflow_instance")
 
 
-def _quiet_repeats() -> None:
+def _quiet_repeats() -> logging.Logger:
+    """Filter the SDK's repeating loggers; returns the one its core's logs go to."""
     repeats = RepeatedLogFilter()
     for name in _REPEATING_LOGGERS:
         logging.getLogger(name).addFilter(repeats)
-    core = LogForwardingConfig(logger=logging.getLogger(_REPEATING_LOGGERS[0]))
-    Runtime.set_default(
-        Runtime(
-            telemetry=TelemetryConfig(
-                logging=LoggingConfig(
-                    filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
-                    forwarding=core,
-                )
-            )
-        )
-    )
+    return logging.getLogger(_REPEATING_LOGGERS[0])
 
 
-async def _main() -> None:
-    settings = Settings.from_env()
+async def _main(settings: Settings, tracer_provider: TracerProvider | None) -> None:
     stop = asyncio.Event()
     status = WorkerStatus()
     readiness = Readiness({"polling": partial(_polling, status)}, ttl=0)
@@ -64,7 +51,7 @@ async def _main() -> None:
             serve_health(readiness, settings.worker_health_host, settings.worker_health_port)
         )
     try:
-        await run_worker(settings, stop, status)
+        await run_worker(settings, stop, status, tracer_provider)
     finally:
         if health is not None:
             health.cancel()
@@ -75,10 +62,16 @@ async def _polling(status: WorkerStatus) -> bool:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
-    _quiet_repeats()
+    settings = Settings.from_env()
+    configure_logging(settings, "worker")
+    # One SDK runtime for the process: its core's logs through the filter above, its
+    # metrics (the SDK's and Tenure's) on the metrics port.
+    Runtime.set_default(worker_runtime(settings, core_logs=_quiet_repeats()))
+    tracer_provider = configure_tracing("tenure-worker")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main())
+        asyncio.run(_main(settings, tracer_provider))
+    if tracer_provider is not None:
+        tracer_provider.shutdown()  # the spans still buffered
     # Drained and shut down: exit now. Left to the interpreter's finalization, the SDK
     # core's threads could still call into Python and abort it ("PyGILState_Release"), and
     # an orchestrator would see a crash where there was a clean stop.

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from temporalio import activity
 
 from entities.runtime.envelope import Snapshot
 from workers.cache import SnapshotCache
+
+PUBLISH_FAILURES = "tenure_publish_failures"
+PUBLISH_LAG = "tenure_publish_lag_seconds"
+PUBLISH_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+"""Seconds; the worker's runtime gives the histogram these buckets (`worker_runtime`)."""
 
 
 class CacheActivities:
@@ -16,5 +23,25 @@ class CacheActivities:
 
     @activity.defn(name="publish_snapshot")
     async def publish_snapshot(self, snapshot: Snapshot) -> bool:
-        """Write the snapshot if it is newer than what the cache holds; safe to repeat."""
-        return await self._cache.put(snapshot)
+        """Write the snapshot if it is newer than what the cache holds; safe to repeat.
+        Counts each attempt that fails, and how long the change took to reach the cache."""
+        meter = activity.metric_meter()
+        attributes = {"entity_type": snapshot.entity_type}
+        try:
+            written = await self._cache.put(snapshot)
+        except Exception:
+            meter.create_counter(
+                PUBLISH_FAILURES, "Attempts to publish a snapshot to the cache that failed."
+            ).add(1, attributes)
+            raise
+        changed = snapshot.updated_at
+        if changed is not None:
+            if changed.tzinfo is None:  # workflow time is UTC
+                changed = changed.replace(tzinfo=UTC)
+            lag = (datetime.now(UTC) - changed).total_seconds()
+            meter.create_histogram_float(
+                PUBLISH_LAG,
+                "From an entity's change (its workflow's time) to its snapshot in the cache.",
+                "s",
+            ).record(max(lag, 0.0), attributes)
+        return written

@@ -9,12 +9,21 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from opentelemetry.sdk.trace import TracerProvider
 from temporalio.client import Client
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    PrometheusConfig,
+    Runtime,
+    TelemetryConfig,
+    TelemetryFilter,
+)
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from entities import catalog
-from workers.activities import CacheActivities
+from workers.activities import PUBLISH_LAG, PUBLISH_LAG_BUCKETS, CacheActivities
 from workers.cache import SnapshotCache, connect_redis
 from workers.requests import EntityRequests
 from workers.settings import Settings
@@ -41,6 +50,33 @@ def workflow_runner(settings: Settings, *passthrough: str) -> WorkflowRunner:
             *_PASSTHROUGH, *passthrough
         )
     )
+
+
+def worker_runtime(settings: Settings, core_logs: logging.Logger | None = None) -> Runtime:
+    """The SDK runtime of a worker: its metrics, the SDK's own and Tenure's (recorded with
+    the workflow and activity metric meters), served for Prometheus at
+    `worker_health_host:worker_metrics_port/metrics`, unless that port is 0; its core's
+    warnings forwarded to `core_logs`, when given. Counters are named with `_total`, as
+    Prometheus names them; durations of the SDK's own are in milliseconds."""
+    logs = LoggingConfig.default
+    if core_logs is not None:
+        logs = LoggingConfig(
+            filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
+            forwarding=LogForwardingConfig(logger=core_logs),
+        )
+    if settings.worker_metrics_port:
+        host = settings.worker_health_host
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address
+        metrics = PrometheusConfig(
+            bind_address=f"{host}:{settings.worker_metrics_port}",
+            counters_total_suffix=True,
+            histogram_bucket_overrides={PUBLISH_LAG: PUBLISH_LAG_BUCKETS},
+        )
+        try:
+            return Runtime(telemetry=TelemetryConfig(logging=logs, metrics=metrics))
+        except ValueError as exc:  # the port is taken: the worker works on, unmeasured
+            log.error("worker metrics not served: %s", exc)
+    return Runtime(telemetry=TelemetryConfig(logging=logs))
 
 
 def activity_functions(client: Client, cache: SnapshotCache, settings: Settings) -> Sequence[Any]:
@@ -82,7 +118,10 @@ class WorkerStatus:
 
 
 async def run_worker(
-    settings: Settings, stop: asyncio.Event | None = None, status: WorkerStatus | None = None
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    status: WorkerStatus | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> None:
     """Connect to Temporal and Redis and serve until `stop` is set (or forever), then drain:
     no more tasks are taken, and running activities get `worker_shutdown_grace` seconds to
@@ -95,7 +134,7 @@ async def run_worker(
     "No command scheduled for event ActivityTaskScheduled"). A new worker has an empty cache
     and replays every entity from its history.
     """
-    client = await connect_temporal(settings)
+    client = await connect_temporal(settings, tracer_provider=tracer_provider)
     redis_client = connect_redis(settings)
     cache = SnapshotCache(redis_client, settings.redis_prefix)
     watchdog = StuckEntityWatchdog(

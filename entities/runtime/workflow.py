@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from temporalio import workflow
+from temporalio.common import MetricCounter
 from temporalio.exceptions import ChildWorkflowError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
 
@@ -36,6 +37,10 @@ MAX_STATE_BYTES = 512 * 1024
 continue-as-new input, which Temporal refuses past 2 MB (and then fails the workflow task
 for good); each entity type bounds its collections well under this, and this refuses any
 command whose result would not fit, whatever the entity type forgot."""
+
+COMMANDS_METRIC = "tenure_commands"
+CONTINUE_AS_NEW_METRIC = "tenure_continue_as_new"
+OK = "OK"
 
 
 class EntityWorkflow:
@@ -75,6 +80,7 @@ class EntityWorkflow:
         self._received_this_run = 0
         self._publisher = SnapshotPublisher(input.runtime, self.snapshot, input.published_revision)
         self._effects: list[Any] = list(input.effects)
+        self._commands_metric: MetricCounter | None = None
 
     # -- commands -------------------------------------------------------------------------
 
@@ -83,8 +89,10 @@ class EntityWorkflow:
         """Apply one command, or record why it was refused; never raises."""
         self._received_this_run += 1
         if envelope.command_id in self._ledger:
+            self._count("duplicate", OK)
             return
         if envelope.undoes is not None and self._nothing_to_undo(envelope):
+            self._count("applied", OK)
             return
         now = workflow.now()
         ctx = CommandContext(self._input.entity_id, now, self._options, envelope.command_id)
@@ -118,6 +126,7 @@ class EntityWorkflow:
                 at=now,
             )
         )
+        self._count("applied", OK)
 
     @workflow.signal(name="commands")
     def commands(self, batch: list[CommandEnvelope]) -> None:
@@ -165,6 +174,23 @@ class EntityWorkflow:
                 command=envelope.name if envelope is not None else None,
                 at=workflow.now(),
             )
+        )
+        if envelope is not None:
+            self._count("rejected", str(code))
+
+    def _count(self, outcome: str, code: str) -> None:
+        """Count a command received, in the worker's metrics; not while replaying, so each
+        is counted once however often its history is replayed."""
+        if workflow.unsafe.is_replaying():
+            return
+        if self._commands_metric is None:
+            self._commands_metric = workflow.metric_meter().create_counter(
+                COMMANDS_METRIC,
+                "Commands received by entities, by outcome (applied, rejected, duplicate) "
+                "and code (OK, or the rejection's).",
+            )
+        self._commands_metric.add(
+            1, {"entity_type": self.entity.name, "outcome": outcome, "code": code}
         )
 
     def _commit(self, state: BaseModel, now: datetime) -> None:
@@ -260,6 +286,9 @@ class EntityWorkflow:
                 return self.snapshot()
             if self._should_continue_as_new():
                 await self._quiesce()
+                workflow.metric_meter().create_counter(
+                    CONTINUE_AS_NEW_METRIC, "Entity runs continued as new."
+                ).add(1, {"entity_type": self.entity.name})
                 # The next run publishes whatever this one did not.
                 workflow.continue_as_new(self._carry_over())
             await self._run_effects()

@@ -1,0 +1,131 @@
+"""The worker's /metrics for Prometheus, as an operator scrapes it: the Temporal SDK's own
+and Tenure's (commands, continue-as-new, publishing, sagas), from one SDK runtime."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+from temporalio.client import Client
+from temporalio.common import MetricMeter
+
+from deploy.embedded import EmbeddedRedis, free_port
+from entities.errors import TenureError
+from entities.runtime.envelope import RuntimeOptions
+from entities.runtime.saga import SagaStatus
+from tests.api.test_metrics import Scrape
+from tests.entities.shop import Shop, eventually, new_id, shop_settings
+from workers.cache import SnapshotCache, connect_redis
+from workers.settings import Settings
+from workers.temporal import connect_temporal
+from workers.worker import build_worker, worker_runtime
+
+
+def metrics_settings(settings: Settings, **changes: object) -> Settings:
+    update = {"worker_metrics_port": free_port(), "worker_health_host": "127.0.0.1", **changes}
+    return settings.model_copy(update=update)
+
+
+async def scrape(settings: Settings) -> Scrape:
+    url = f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"
+    async with httpx.AsyncClient() as http:
+        response = await http.get(url)
+    assert response.status_code == 200
+    return Scrape(response.text)
+
+
+async def test_commands_continue_as_new_publishing_and_sagas_are_counted_beside_the_sdk(
+    settings: Settings, temporal_client: Client, cache: SnapshotCache
+) -> None:
+    worker_settings = shop_settings(
+        metrics_settings(settings, runtime=RuntimeOptions(max_commands_per_run=4))
+    )
+    client = await connect_temporal(worker_settings, runtime=worker_runtime(worker_settings))
+    shop = Shop(temporal_client, cache, worker_settings)
+    async with build_worker(client, worker_settings, cache):
+        account_id = await shop.account(balance=1000)  # open, verify, deposit
+        with pytest.raises(TenureError) as refused:  # the fourth command ends the run
+            await shop.send("account", account_id, "withdraw", amount=10**9)
+        assert refused.value.code == "INSUFFICIENT_FUNDS"
+        sku = await shop.stock(5)
+        cart_id = await shop.cart(account_id, (sku, 2, 100))
+        done = await shop.finished(await shop.checkout(cart_id))
+        assert done.status is SagaStatus.COMPLETED
+
+        metrics = await eventually(
+            lambda: scrape(worker_settings),
+            lambda m: (
+                m.value("tenure_publish_lag_seconds_count", entity_type="cart") >= 1
+                and m.value("tenure_continue_as_new_total") >= 1
+            ),
+        )
+
+    commands = "tenure_commands_total"
+    # Three applied by hand, and the checkout's withdrawal.
+    assert metrics.value(commands, entity_type="account", outcome="applied", code="OK") == 4
+    assert (
+        metrics.value(
+            commands, entity_type="account", outcome="rejected", code="INSUFFICIENT_FUNDS"
+        )
+        == 1
+    )
+    assert metrics.value(commands, outcome="rejected") == 1
+    # Restock, then the checkout's reservation and commit.
+    assert metrics.value(commands, entity_type="inventory", outcome="applied") == 3
+    assert metrics.labels(commands, "workflow_type") >= {"Account", "InventoryItem", "Cart"}
+    assert metrics.value("tenure_continue_as_new_total", entity_type="account") == 1
+    assert metrics.value("tenure_saga_outcomes_total", status="COMPLETED") == 1
+    assert metrics.value("tenure_publish_failures_total") == 0
+    lag = "tenure_publish_lag_seconds_bucket"
+    assert metrics.value("tenure_publish_lag_seconds_count", entity_type="account") >= 1
+    assert "0.005" in metrics.labels(lag, "le") and "300" in metrics.labels(lag, "le")
+    # The SDK's own, in the same exporter: counters with _total, durations in milliseconds.
+    names = {name for name, _, _ in metrics.samples}
+    assert {
+        "temporal_request_total",
+        "temporal_workflow_completed_total",
+        "temporal_sticky_cache_size",
+        "temporal_workflow_task_schedule_to_start_latency_bucket",
+        "temporal_activity_schedule_to_start_latency_bucket",
+    } <= names
+    assert metrics.value("temporal_workflow_completed_total", workflow_type="Checkout") == 1
+
+
+async def test_a_publish_that_fails_is_counted(
+    settings: Settings, temporal_client: Client, cache: SnapshotCache, own_redis: EmbeddedRedis
+) -> None:
+    worker_settings = metrics_settings(settings)
+    client = await connect_temporal(worker_settings, runtime=worker_runtime(worker_settings))
+    worker_redis = connect_redis(worker_settings.model_copy(update={"redis_url": own_redis.url}))
+    shop = Shop(temporal_client, cache, worker_settings)
+    try:
+        worker_cache = SnapshotCache(worker_redis, worker_settings.redis_prefix)
+        async with build_worker(client, worker_settings, worker_cache):
+            own_redis.stop()
+            await shop.send("account", new_id("acct"), "open", owner_name="Ada", email="a@b.cd")
+            metrics = await eventually(
+                lambda: scrape(worker_settings),
+                lambda m: m.value("tenure_publish_failures_total", entity_type="account") >= 1,
+            )
+            await own_redis.start()  # the worker's unsaved snapshots drain
+    finally:
+        await worker_redis.aclose()
+    assert metrics.value("tenure_publish_lag_seconds_count") == 0
+
+
+def test_no_metrics_port_no_exporter(settings: Settings) -> None:
+    runtime = worker_runtime(settings.model_copy(update={"worker_metrics_port": 0}))
+    assert runtime.metric_meter is MetricMeter.noop
+
+
+def test_a_metrics_port_taken_leaves_the_worker_working_unmeasured(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        runtime = worker_runtime(metrics_settings(settings, worker_metrics_port=port))
+    assert runtime.metric_meter is MetricMeter.noop
+    assert "worker metrics not served" in caplog.text
