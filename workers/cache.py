@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from entities.runtime.envelope import Snapshot
 from workers.read_batching import ReadBatcher
 from workers.settings import Settings
+from workers.telemetry import redis_span
 
 log = logging.getLogger(__name__)
 
@@ -178,15 +179,16 @@ class SnapshotCache:
     async def _write(self, snapshot: Snapshot) -> int | bytes:
         """The script's answer: 1 written, 0 not, or the newer snapshot stored."""
         try:
-            answer: int | bytes = await self._put_if_newer(
-                keys=[self.key(snapshot.entity_type, snapshot.entity_id)],
-                args=[
-                    snapshot.incarnation,
-                    snapshot.revision,
-                    snapshot.model_dump_json(),
-                    repr(time.time()),
-                ],
-            )
+            with redis_span("EVALSHA"):
+                answer: int | bytes = await self._put_if_newer(
+                    keys=[self.key(snapshot.entity_type, snapshot.entity_id)],
+                    args=[
+                        snapshot.incarnation,
+                        snapshot.revision,
+                        snapshot.model_dump_json(),
+                        repr(time.time()),
+                    ],
+                )
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
         return answer
@@ -216,7 +218,9 @@ class SnapshotCache:
         this process learned but could not store yet stands in for an older entry, so a
         reader never sees a revision go back after Redis returns from an outage."""
         try:
-            document, cached_at, stuck = await self._reads.hmget(self.key(entity_type, entity_id))
+            with redis_span("HMGET"):
+                key = self.key(entity_type, entity_id)
+                document, cached_at, stuck = await self._reads.hmget(key)
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(str(exc)) from exc
         stored = (
@@ -231,13 +235,15 @@ class SnapshotCache:
     async def mark_stuck(self, entity_type: str, entity_id: str, reason: str) -> None:
         """Note that the entity has stopped making progress: its cached reads are stale."""
         try:
-            await self._client.hset(self.key(entity_type, entity_id), "stuck", reason)
+            with redis_span("HSET"):
+                await self._client.hset(self.key(entity_type, entity_id), "stuck", reason)
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
 
     async def clear_stuck(self, entity_type: str, entity_id: str) -> None:
         try:
-            await self._client.hdel(self.key(entity_type, entity_id), "stuck")
+            with redis_span("HDEL"):
+                await self._client.hdel(self.key(entity_type, entity_id), "stuck")
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
 
