@@ -47,6 +47,7 @@ GRACE_SECONDS = 30
 
 # What the dashboard and the alerts may query: Tenure's metrics, the Temporal SDK's, `up`.
 TENURE_METRICS = {
+    "tenure_api_requests_total",
     "tenure_api_request_duration_seconds",
     "tenure_api_cache_reads_total",
     "tenure_api_refusals_total",
@@ -880,3 +881,15 @@ def test_the_helm_values_for_temporal_name_the_dynamic_config_value() -> None:
     dynamic = values["server"]["dynamicConfig"]
     key = "system.numConsecutiveWorkflowTaskProblemsToTriggerSearchAttribute"
     assert dynamic[key] == [{"value": 3, "constraints": {}}]
+
+
+def test_the_api_metrics_the_dashboard_reads_are_the_ones_the_api_exports() -> None:
+    from api.metrics import ApiMetrics
+
+    exported = {
+        sample.name for family in ApiMetrics().registry.collect() for sample in family.samples
+    } | {family.name + "_total" for family in ApiMetrics().registry.collect()}
+    families = {family.name for family in ApiMetrics().registry.collect()}
+    for name in TENURE_METRICS:
+        if name.startswith("tenure_api_"):
+            assert name in exported or name in families, name
