@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import structlog
 from pydantic import BaseModel
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import TooManyQueries
@@ -209,15 +209,8 @@ class EntityGateway:
                 return cached
             self._metrics.cache_read("miss")
         handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
-        _spend_a_query()
         try:
-            timeout = self._settings.live_read_timeout
-            snapshot: Snapshot = await within(
-                timeout,
-                handle.query(
-                    "snapshot", result_type=Snapshot, rpc_timeout=timedelta(seconds=timeout)
-                ),
-            )
+            snapshot = await self._ask(handle, "snapshot", Snapshot)
         except RPCError as exc:
             fallback = cached
             if fallback is None and looked_up is None:
@@ -241,18 +234,8 @@ class EntityGateway:
         entity = self.entity(entity_type)
         check_entity_id(entity_id)
         handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
-        timeout = self._settings.live_read_timeout
-        _spend_a_query()
         try:
-            history: CommandHistory = await within(
-                timeout,
-                handle.query(
-                    "history",
-                    page,
-                    result_type=CommandHistory,
-                    rpc_timeout=timedelta(seconds=timeout),
-                ),
-            )
+            history = await self._ask(handle, "history", CommandHistory, page)
         except RPCError as exc:
             if exc.status is RPCStatusCode.NOT_FOUND:
                 return None
@@ -263,13 +246,10 @@ class EntityGateway:
         """A workflow that is not an entity (a saga): its answer to `query`, else, when no
         worker can answer, its result if it has finished; None when it never existed."""
         handle = self._client.get_workflow_handle(workflow_id, result_type=result_type)
-        _spend_a_query()
         seconds = self._settings.live_read_timeout
         timeout = timedelta(seconds=seconds)
         try:
-            value: M = await within(
-                seconds, handle.query(query, result_type=result_type, rpc_timeout=timeout)
-            )
+            value = await self._ask(handle, query, result_type)
         except RPCError as exc:
             if exc.status is RPCStatusCode.NOT_FOUND:
                 return None
@@ -282,6 +262,21 @@ class EntityGateway:
             except RPCError as again:
                 raise unavailable(again) from again
         return value
+
+    async def _ask(
+        self, handle: WorkflowHandle[Any, Any], query: str, result_type: type[M], *args: Any
+    ) -> M:
+        """One query to a workflow: spent from the request's budget, and answered within
+        the live-read timeout (a hard deadline: `rpc_timeout` alone is not one)."""
+        _spend_a_query()
+        seconds = self._settings.live_read_timeout
+        answer: M = await within(
+            seconds,
+            handle.query(
+                query, *args, result_type=result_type, rpc_timeout=timedelta(seconds=seconds)
+            ),
+        )
+        return answer
 
     async def _cached(self, entity_type: str, entity_id: str) -> EntityRead | None:
         try:
