@@ -43,6 +43,7 @@ from api.over_http import GraphQLOverHTTP, view_status
 from api.rate_limits import Limit, RateLimiter, RateLimits
 from api.request_context import ObservedRequests, note_outcome
 from api.schema import build_schema, introspection_enabled
+from api.webhooks import webhook_endpoint
 from entities.errors import ErrorCode
 from entities.runtime.policy import NOBODY, Role
 from workers.cache import SnapshotCache, connect_redis
@@ -296,6 +297,12 @@ def create_app(
             *health_routes(readiness),
             Route("/graphql", endpoint),  # GraphQLOverHTTP answers other methods
             Route("/metrics", metrics.endpoint),  # for Prometheus; keep it off the Internet
+            # Signed by each source's secret: no token, no GraphQL rate limits (api/webhooks.py)
+            Route(
+                "/webhooks/{source}",
+                webhook_endpoint(settings.webhook_sources, metrics),
+                methods=["POST"],
+            ),
         ],
         middleware=middleware,
         lifespan=lifespan,

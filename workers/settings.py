@@ -2,15 +2,99 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
 
 from entities.runtime.envelope import RuntimeOptions
+
+WebhookSourceName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
+"""A webhook source's name, the last segment of its URL: `/webhooks/<name>`."""
+
+JsonPath = Annotated[str, StringConstraints(pattern=r"^[^.]+(\.[^.]+)*$", max_length=200)]
+"""Dotted keys into a JSON object: `data.account_id`."""
+
+MIN_WEBHOOK_KEY_BYTES = 16
+
+
+class WebhookEvent(BaseModel, extra="forbid"):
+    """One event type of a webhook source as an entity command: where in the event's JSON
+    the entity's id and each key of the command's payload are."""
+
+    entity: str = Field(description="The entity type, e.g. account.")
+    command: str = Field(description="The command as the entity declares it, e.g. deposit.")
+    entity_id: JsonPath = Field(description="Where the entity's id is, e.g. data.account_id.")
+    payload: dict[str, JsonPath] = Field(
+        default_factory=dict, description="Each payload key and where its value is."
+    )
+
+
+class WebhookSource(BaseModel, extra="forbid"):
+    """A provider that posts signed events to `/webhooks/<name>`: how it signs them, with
+    what secret, and which of its event types become which commands."""
+
+    scheme: Literal["standard", "stripe"] = Field(
+        description="standard: Standard Webhooks (webhook-id, webhook-timestamp, "
+        "webhook-signature); stripe: a Stripe-Signature header."
+    )
+    secret: SecretStr = Field(
+        description="standard: whsec_ and the base64 key; stripe: the endpoint's secret as is."
+    )
+    tolerance_seconds: int = Field(
+        default=300, ge=1, description="How far a delivery's timestamp may be from now."
+    )
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="Request body size.")
+    events: dict[str, WebhookEvent] = Field(
+        default_factory=dict, description="Event types mapped to commands; others are ignored."
+    )
+
+    @model_validator(mode="after")
+    def _secret_fits_scheme(self) -> Self:
+        self.signing_key()
+        return self
+
+    def signing_key(self) -> bytes:
+        """The HMAC key: a Standard Webhooks secret is `whsec_` and the key in base64 (its
+        padding optional); Stripe signs with the whole secret string."""
+        secret = self.secret.get_secret_value()
+        if self.scheme == "stripe":
+            key = secret.encode()
+        else:
+            malformed = ValueError("a standard webhook secret is whsec_ and base64")
+            if not secret.startswith("whsec_"):
+                raise malformed
+            encoded = secret.removeprefix("whsec_")
+            try:
+                key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+            except binascii.Error:
+                raise malformed from None
+        if len(key) < MIN_WEBHOOK_KEY_BYTES:
+            raise ValueError(f"a webhook secret is at least {MIN_WEBHOOK_KEY_BYTES} bytes")
+        return key
+
+    def as_config(self) -> dict[str, Any]:
+        """This source as TENURE_WEBHOOK_SOURCES gives it, the secret included."""
+        return {**self.model_dump(mode="json"), "secret": self.secret.get_secret_value()}
+
+
+# Errors never quote the input: it holds the secrets.
+_WEBHOOK_SOURCES = TypeAdapter(
+    dict[WebhookSourceName, WebhookSource], config=ConfigDict(hide_input_in_errors=True)
+)
 
 
 class Settings(BaseModel):
@@ -127,6 +211,10 @@ class Settings(BaseModel):
         description="Per role: requests per second and burst, each caller a bucket of its "
         "own; a role not named (admin, by default) is not limited.",
     )
+    webhook_sources: dict[WebhookSourceName, WebhookSource] = Field(
+        default_factory=dict,
+        description="Providers that post signed events to /webhooks/<name>, by name.",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -199,6 +287,10 @@ class Settings(BaseModel):
             values["rate_limits"] = json.loads(env["TENURE_RATE_LIMITS"])
         if env.get("TENURE_ENTITY_OPTIONS"):
             values["entity_options"] = json.loads(env["TENURE_ENTITY_OPTIONS"])
+        if env.get("TENURE_WEBHOOK_SOURCES"):
+            values["webhook_sources"] = _WEBHOOK_SOURCES.validate_json(
+                env["TENURE_WEBHOOK_SOURCES"]
+            )
         # request limits
         if env.get("TENURE_REDIS_SENTINELS"):
             sentinels = env["TENURE_REDIS_SENTINELS"].split(",")
@@ -278,4 +370,8 @@ class Settings(BaseModel):
             env["TENURE_REDIS_SENTINELS"] = ",".join(self.redis_sentinels)
         if self.redis_sentinel_master:
             env["TENURE_REDIS_SENTINEL_MASTER"] = self.redis_sentinel_master
+        if self.webhook_sources:
+            env["TENURE_WEBHOOK_SOURCES"] = json.dumps(
+                {name: source.as_config() for name, source in self.webhook_sources.items()}
+            )
         return env
