@@ -33,9 +33,10 @@ def _quiet_repeats() -> logging.Logger:
     return logging.getLogger(_REPEATING_LOGGERS[0])
 
 
-async def _main(settings: Settings, tracer_provider: TracerProvider | None) -> None:
+async def _main(
+    settings: Settings, tracer_provider: TracerProvider | None, status: WorkerStatus
+) -> None:
     stop = asyncio.Event()
-    status = WorkerStatus()
     readiness = Readiness({"polling": partial(_polling, status)}, ttl=0)
 
     def stopping() -> None:
@@ -68,17 +69,19 @@ def main() -> None:
     # metrics (the SDK's and Tenure's) on the metrics port.
     Runtime.set_default(worker_runtime(settings, core_logs=_quiet_repeats()))
     tracer_provider = configure_tracing("tenure-worker")
+    status = WorkerStatus()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(settings, tracer_provider))
+        asyncio.run(_main(settings, tracer_provider, status))
     if tracer_provider is not None:
         tracer_provider.shutdown()  # the spans still buffered
-    # Drained and shut down: exit now. Left to the interpreter's finalization, the SDK
-    # core's threads could still call into Python and abort it ("PyGILState_Release"), and
-    # an orchestrator would see a crash where there was a clean stop.
+    # Shut down: exit now, 0 when drained in time, 1 when not. Left to the interpreter's
+    # finalization, the SDK core's threads could still call into Python and abort it
+    # ("PyGILState_Release"), and an orchestrator would see a crash where there was a
+    # clean stop.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(0 if status.drained else 1)
 
 
 if __name__ == "__main__":

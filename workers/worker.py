@@ -112,9 +112,11 @@ def build_worker(
 
 @dataclass
 class WorkerStatus:
-    """What the worker is doing, for its `/readyz`: ready while it polls its task queue."""
+    """What the worker is doing, for its `/readyz` (ready while it polls its task queue)
+    and its exit status (`drained`: every shutdown finished within its bound)."""
 
     polling: bool = False
+    drained: bool = True
 
 
 async def run_worker(
@@ -163,7 +165,7 @@ async def run_worker(
                 bound = settings.worker_shutdown_grace + SHUTDOWN_TIMEOUT.total_seconds()
             else:
                 bound = SHUTDOWN_TIMEOUT.total_seconds()
-            await _shut_down(worker, running, bound)
+            status.drained = await _shut_down(worker, running, bound) and status.drained
             if lost.done() and not lost.cancelled() and not stopping.done():
                 log.warning("Temporal is not answering: worker stopped, its cache dropped")
                 await asyncio.wait(
@@ -177,15 +179,19 @@ async def run_worker(
         await redis_client.aclose()
 
 
-async def _shut_down(worker: Worker, running: asyncio.Task[None], bound: float) -> None:
-    # Activities in flight are idempotent (publishing, entity requests) and the server
-    # retries a cancelled one elsewhere. A workflow task that cannot complete (an entity
-    # stuck on a failing task, Temporal gone) must not keep the process up for good: bounded.
+async def _shut_down(worker: Worker, running: asyncio.Task[None], bound: float) -> bool:
+    """Whether the worker shut down within `bound` seconds. Activities in flight are
+    idempotent (publishing, entity requests) and the server retries a cancelled one
+    elsewhere. A workflow task that cannot complete (an entity stuck on a failing task,
+    Temporal gone) must not keep the process up for good: bounded."""
+    drained = True
     try:
         await asyncio.wait_for(worker.shutdown(), bound)
     except TimeoutError:
         log.error("worker did not shut down within %g s; going on anyway", bound)
+        drained = False
     failed = running.exception() if running.done() and not running.cancelled() else None
     running.cancel()
     if failed is not None:
         raise failed
+    return drained

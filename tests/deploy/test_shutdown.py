@@ -126,9 +126,31 @@ async def settle(gql: GraphQLClient, load: Load) -> None:
         else:
             raise AssertionError(f"{key} was never applied")
     for account in load.accounts:
-        expected = sum(1 for key in load.acknowledged if load.account_of(key) == account)
+        keys = {key for key in load.acknowledged if load.account_of(key) == account}
         state = await read_account(gql, account, "LIVE")
-        assert (state["balance"], state["revision"]) == (expected, expected + 2), account
+        assert (state["balance"], state["revision"]) == (len(keys), len(keys) + 2), account
+        # Per key, not only in total: the entity's history holds each key once, applied.
+        applied = await deposits_applied(gql, account)
+        assert sorted(applied) == sorted(keys), account
+
+
+async def deposits_applied(gql: GraphQLClient, account: str) -> list[str]:
+    """The ids of every deposit the account applied, from its history, page by page."""
+    query = """query($id: ID!, $before: String) { account(id: $id) {
+        history(last: 100, before: $before) { hasOlder entries { commandId command outcome } }
+    } }"""
+    applied: list[str] = []
+    before = None
+    while True:
+        page = (await gql.data(query, id=account, before=before))["account"]["history"]
+        applied += [
+            e["commandId"]
+            for e in page["entries"]
+            if e["command"] == "deposit" and e["outcome"] == "APPLIED"
+        ]
+        if not page["hasOlder"]:
+            return applied
+        before = page["entries"][-1]["commandId"]
 
 
 async def test_the_worker_is_ready_while_it_polls_and_drains_on_sigterm(
