@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from api.errors import TooManyQueries
 from api.gateway import Consistency, EntityGateway
 from entities import catalog
 from entities.errors import ErrorCode, TenureError
@@ -68,10 +69,25 @@ class Authorizer:
         if owner is None or owner not in principal.accounts:
             raise Forbidden()
 
+    async def allows(
+        self, principal: Principal, entity_type: str, entity_id: str, action: str
+    ) -> bool:
+        """Whether `principal` may do `action` to the entity; `require` without raising."""
+        try:
+            await self.require(principal, entity_type, entity_id, action)
+        except Forbidden:
+            return False
+        return True
+
     async def _owner_from_state(self, entity_type: str, entity_id: str) -> str | None:
         policy = self._types[entity_type].policy
         assert policy.owner is not None
-        read = await self._gateway.read(entity_type, entity_id, Consistency.CACHED)
+        try:
+            read = await self._gateway.read(entity_type, entity_id, Consistency.CACHED)
+        except TooManyQueries:
+            # Said as TOO_MANY_LIVE_READS, it would tell an entity the cache holds (no query
+            # needed) from one that does not exist: refused alike.
+            raise Forbidden() from None
         if read is None or read.snapshot.state is None:
             return None
         return policy.owner(entity_id, read.snapshot.state)

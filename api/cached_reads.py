@@ -53,6 +53,9 @@ from workers.cache import CachedSnapshot, CacheUnavailable, RawEntry, SnapshotCa
 
 SCOPE_KEY = "tenure.prefetched_reads"
 MAX_BODY = 64 * 1024
+MAX_RENDERED_BYTES = 32 * 1024 * 1024
+"""What the kept responses may weigh together: clients that vary their bodies (whitespace is
+enough) make new entries, and each may be up to MAX_BODY."""
 MAX_PLANS = 256
 
 
@@ -250,6 +253,7 @@ class CachedReadResponses:
         self._plans = _Plans(schema, limits)
         self._size = size
         self._rendered: OrderedDict[bytes, _Rendered] = OrderedDict()
+        self._rendered_bytes = 0
         self.replayed = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -300,9 +304,14 @@ class CachedReadResponses:
             and len(captured.body) <= MAX_BODY
             and "errors" not in json.loads(captured.body)
         ):
+            replaced = self._rendered.pop(key, None)
+            if replaced is not None:
+                self._rendered_bytes -= len(replaced.body)
             self._rendered[key] = captured
-            if len(self._rendered) > self._size:
-                self._rendered.popitem(last=False)
+            self._rendered_bytes += len(captured.body)
+            while len(self._rendered) > self._size or self._rendered_bytes > MAX_RENDERED_BYTES:
+                _, evicted = self._rendered.popitem(last=False)
+                self._rendered_bytes -= len(evicted.body)
 
 
 def _allowed_at_once(scope: Scope, entities: list[tuple[str, str]]) -> bool:

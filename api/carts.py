@@ -25,7 +25,7 @@ from api.gateway import EntityRead, Receipt
 from entities.cart import CartLine as CartLineState
 from entities.cart import CartState, CartStatus
 from entities.checkout import CheckoutLine
-from entities.errors import TenureError
+from entities.errors import ErrorCode, TenureError
 
 ENTITY = "cart"
 
@@ -173,6 +173,10 @@ class CartMutation:
         idempotency_key: str | None = None,
         wait: bool = False,
     ) -> CartCommandPayload:
+        if unit_price < 1:
+            # The entity's own model takes 0, as carts recorded before this bound did (their
+            # histories must replay); a new line is priced from 1.
+            raise TenureError(ErrorCode.INVALID_INPUT, "unitPrice: at least 1")
         return await _command(
             info,
             cart_id,

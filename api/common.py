@@ -4,6 +4,7 @@ and the command path."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import datetime
 from enum import Enum
 from typing import Any, NewType
@@ -135,7 +136,7 @@ async def send_command(
     structlog.contextvars.bind_contextvars(entity=f"{entity_type}:{entity_id}", command=command)
     await authorize(info, entity_type, entity_id, command, given)
     principal = info.context.principal
-    return await info.context.gateway.send(
+    receipt = await info.context.gateway.send(
         entity_type,
         entity_id,
         command,
@@ -144,6 +145,13 @@ async def send_command(
         wait=wait,
         sent_by=f"{principal.role.value}:{principal.subject}",
     )
+    if receipt.read is not None and not await info.context.authorizer.allows(
+        principal, entity_type, entity_id, READ
+    ):
+        # A caller that may send the command but not read the entity (a service scoped to
+        # `account:deposit` alone) learns that it was applied, not the state after it.
+        receipt = replace(receipt, read=None)
+    return receipt
 
 
 async def require_open(info: Info, entity_type: str, entity_id: str) -> None:

@@ -103,7 +103,7 @@ class Receipt:
 
 
 def check_entity_id(entity_id: str) -> str:
-    if not ENTITY_ID.match(entity_id):
+    if not ENTITY_ID.fullmatch(entity_id):  # `$` alone lets a trailing newline through
         raise TenureError(
             ErrorCode.INVALID_INPUT,
             "an id is 1 to 128 letters, digits, '_', '.' or '-', starting with a letter or digit",
@@ -155,7 +155,7 @@ class EntityGateway:
         its rejection; without, return as soon as Temporal has durably accepted it."""
         entity = self.entity(entity_type)
         check_entity_id(entity_id)
-        if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+        if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
             raise TenureError(
                 ErrorCode.INVALID_INPUT, "idempotencyKey is 1 to 128 printable ASCII characters"
             )

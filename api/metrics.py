@@ -47,8 +47,8 @@ class OperationNames:
         self._limit = limit
         self._seen: set[str] = set()
 
-    def __call__(self, name: str | None) -> str:
-        if name is None:
+    def __call__(self, name: object) -> str:
+        if not isinstance(name, str):  # none, or whatever JSON a client sent instead
             return ANONYMOUS
         if name in self._seen:
             return name

@@ -210,8 +210,9 @@ def _text(value: object, what: str) -> str:
 
 
 def check_mappings(sources: Mapping[str, WebhookSource]) -> None:
-    """Refuse at start a mapping that names a command no entity has, or payload keys the
-    command does not take: every such event would be refused."""
+    """Refuse at start a mapping that names a command no entity has, payload keys the
+    command does not take, or a command its entity's policy does not name (which no one
+    may send): every such event would be refused."""
     types = catalog.entity_types()
     for name, source in sources.items():
         for event_type, event in source.events.items():
@@ -228,6 +229,9 @@ def check_mappings(sources: Mapping[str, WebhookSource]) -> None:
             unknown = set(event.payload) - set(model.model_fields)
             if unknown:
                 raise ValueError(f"{where}: {event.command} takes no {sorted(unknown)}")
+            if event.command not in entity.policy.actions:
+                # Deny by default, here too: a command no policy names is for no one.
+                raise ValueError(f"{where}: {event.entity}'s policy does not name {event.command}")
 
 
 class Webhooks:

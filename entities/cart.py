@@ -20,7 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
     from entities.runtime.effects import StartWorkflow
-    from entities.runtime.entity import EntityId
+    from entities.runtime.entity import MAX_MONEY, EntityId
     from entities.runtime.envelope import Snapshot
     from entities.runtime.policy import READ
 
@@ -122,6 +122,13 @@ def _touched(state: CartState, ctx: Ctx, **changes: object) -> CartState:
         raise Rejected(
             ErrorCode.CHECKOUT_IN_PROGRESS,
             f"cart {ctx.entity_id} is checking out ({state.checkout_id}); wait for its outcome",
+        )
+    lines = changes.get("lines")
+    if isinstance(lines, list) and sum(line.quantity * line.unit_price for line in lines) > (
+        MAX_MONEY
+    ):
+        raise Rejected(
+            ErrorCode.LIMIT_REACHED, f"a cart's total is at most {MAX_MONEY} (2^53 - 1) minor units"
         )
     return state.model_copy(
         update={

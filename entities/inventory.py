@@ -17,7 +17,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
-    from entities.runtime.entity import PRINTABLE
+    from entities.runtime.entity import MAX_MONEY, PRINTABLE
     from entities.runtime.envelope import Snapshot
     from entities.runtime.policy import READ
 
@@ -142,6 +142,9 @@ def restock(state: InventoryState | None, cmd: Restock, ctx: Ctx) -> InventorySt
     """Receive units; the first restock of a SKU creates its item."""
     if state is None:
         state = InventoryState(sku=ctx.entity_id, name=cmd.name or ctx.entity_id)
+    if state.on_hand + state.sold + cmd.quantity > MAX_MONEY:
+        # Counts are Longs, which promise 2^53 - 1 at most: received ever, sold included.
+        raise Rejected(ErrorCode.LIMIT_REACHED, f"an item counts at most {MAX_MONEY} units")
     return state.model_copy(
         update={"on_hand": state.on_hand + cmd.quantity, "name": cmd.name or state.name}
     )
@@ -157,6 +160,8 @@ def adjust_stock(state: InventoryState, cmd: AdjustStock, ctx: Ctx) -> Inventory
             ErrorCode.INSUFFICIENT_STOCK,
             f"cannot remove {-cmd.delta}: {state.available} available, {state.reserved} reserved",
         )
+    if state.on_hand + state.sold + cmd.delta > MAX_MONEY:
+        raise Rejected(ErrorCode.LIMIT_REACHED, f"an item counts at most {MAX_MONEY} units")
     adjustments = [*state.adjustments, Adjustment(delta=cmd.delta, reason=cmd.reason, at=ctx.now)]
     return state.model_copy(
         update={

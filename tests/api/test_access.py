@@ -325,3 +325,46 @@ async def test_graphiql_opens_without_a_token_and_queries_need_one(
             "/graphql", params={"query": "{ __typename }"}, headers={"accept": "text/html"}
         )
         assert query.status_code == 401
+
+
+async def test_a_command_payload_shows_state_only_to_a_caller_who_may_read_it(
+    http: httpx.AsyncClient,
+) -> None:
+    admin = Caller(http, token("admin", "setup"))
+    entities = await setup(admin)
+    depositor = Caller(http, token("service", "payments", scope="account:deposit"))
+    assert await depositor.code(READ_ACCOUNT, id=entities["mine"]) == ErrorCode.FORBIDDEN
+    waited = """mutation($id: ID!) { depositToAccount(id: $id, amount: 5, wait: true) {
+        status account { balance email } } }"""
+    paid = (await depositor.data(waited, id=entities["mine"]))["depositToAccount"]
+    assert paid == {"status": "APPLIED", "account": None}  # applied; the state is not its
+    reader = Caller(http, token("service", "billing", scope="account:deposit read:account"))
+    shown = (await reader.data(waited, id=entities["mine"]))["depositToAccount"]
+    assert shown["status"] == "APPLIED" and shown["account"]["balance"] == 10
+
+
+async def test_ids_with_a_trailing_newline_are_refused(http: httpx.AsyncClient) -> None:
+    admin = Caller(http, token("admin", "setup"))
+    for document, variables in (
+        (OPEN, {"id": f"{new_id()}\n"}),
+        (RESTOCK, {"sku": f"{new_id()}\n"}),
+    ):
+        assert await admin.code(document, **variables) == ErrorCode.INVALID_INPUT
+    key = f"key-{new_id()}\n"
+    keyed = """mutation($id: ID!, $key: String) { depositToAccount(id: $id, amount: 1,
+        idempotencyKey: $key) { status } }"""
+    assert await admin.code(keyed, id=new_id(), key=key) == ErrorCode.INVALID_INPUT
+
+
+async def test_spending_the_query_budget_does_not_tell_whether_a_cart_exists(
+    http: httpx.AsyncClient,
+) -> None:
+    admin = Caller(http, token("admin", "setup"))
+    entities = await setup(admin)
+    stranger = callers(http, entities)[STRANGER]
+    for target in (entities["cart"], new_id()):  # someone's cart, and no cart at all
+        ids = [new_id() for _ in range(5)] + [target]
+        reads = " ".join(f'c{n}: cart(id: "{i}") {{ status }}' for n, i in enumerate(ids))
+        body = (await stranger.post("{ " + reads + " }")).json()
+        assert {e["extensions"]["code"] for e in body["errors"]} == {"FORBIDDEN"}, body
+        assert len(body["errors"]) == 6

@@ -10,6 +10,7 @@ import pytest
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from api import cached_reads
 from api.cached_reads import CachedReadResponses, plan_reads
 from api.schema import schema
 from deploy.embedded import EmbeddedRedis
@@ -152,3 +153,24 @@ async def test_with_redis_down_a_cached_read_is_served_live(
         for _ in range(2):
             account = (await gql.data(PLAIN_READ, id=account_id))["account"]
             assert (account["revision"], account["source"], account["stale"]) == (2, "LIVE", False)
+
+
+async def test_the_kept_responses_weigh_no_more_than_their_bound(
+    cache: SnapshotCache,
+    gql: GraphQLClient,
+    http: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    account_id = new_id()
+    await open_active(gql, account_id)
+    await until_cached(cache, "account", account_id, 2)
+    replays = replays_of(http)
+    first = await read(http, READ, id=account_id)
+    monkeypatch.setattr(cached_reads, "MAX_RENDERED_BYTES", len(first.content) + 10)
+    # Bodies that differ by whitespace are other entries: each pushes the last one out.
+    for spaces in range(1, 4):
+        await read(http, READ + " " * spaces, id=account_id)
+    assert replays._rendered_bytes <= len(first.content) + 10
+    assert len(replays._rendered) == 1
+    await read(http, READ, id=account_id)  # pushed out: executed again, not replayed
+    assert replays.replayed == 0

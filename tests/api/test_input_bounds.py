@@ -27,3 +27,26 @@ async def test_an_empty_id_is_refused_not_replaced_by_a_random_one(gql: GraphQLC
 async def test_a_missing_id_is_made_up(gql: GraphQLClient) -> None:
     made = await gql.data(OPEN, id=None, name="Ada")
     assert made["openAccount"]["accountId"]
+
+
+async def test_a_price_is_at_least_one_and_the_cart_keeps_nothing_refused(
+    gql: GraphQLClient,
+) -> None:
+    account_id = new_id()
+    await gql.data(OPEN, id=account_id, name="Ada")
+    await gql.data(
+        "mutation($id: ID!) { verifyAccount(id: $id, wait: true) { status } }", id=account_id
+    )
+    cart = await gql.data(
+        "mutation($a: ID!) { createCart(accountId: $a, wait: true) { cartId } }", a=account_id
+    )
+    cart_id = cart["createCart"]["cartId"]
+    add = """mutation($c: ID!, $p: Long!) { addCartItem(cartId: $c, sku: "pot", quantity: 1,
+        unitPrice: $p, wait: true) { status } }"""
+    body = await gql(add, c=cart_id, p=0)
+    assert body["errors"][0]["extensions"]["code"] == "INVALID_INPUT"
+    assert "unitPrice" in body["errors"][0]["message"]
+    lines = await gql.data(
+        "query($c: ID!) { cart(id: $c, consistency: LIVE) { lines { sku } revision } }", c=cart_id
+    )
+    assert lines["cart"] == {"lines": [], "revision": 1}

@@ -154,6 +154,7 @@ def test_operation_names_stay_few_whatever_clients_send() -> None:
     assert names("x" * 65) == "anonymous"  # not a short identifier
     assert names("drop table; --") == "anonymous"
     assert names("Ok\n") == "anonymous"
+    assert names(5) == names(["A"]) == names({"a": 1}) == "anonymous"  # JSON of other kinds
 
 
 def test_each_app_counts_into_its_own_registry() -> None:

@@ -13,6 +13,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from api.app import create_app
 from api.webhooks import idempotency_key
 from deploy.embedded import EmbeddedTemporal
+from entities import catalog
 from tests.conftest import WorkerFactory, api_client, new_id
 from workers.settings import Settings, WebhookEvent, WebhookSource
 
@@ -519,4 +521,16 @@ def test_a_mapping_to_no_command_is_refused_at_start(
 ) -> None:
     source = WebhookSource(scheme="stripe", secret=STRIPE_SECRET, events={"x.y": event})
     with pytest.raises(ValueError, match=r"webhook source 'pay', event 'x\.y'"):
+        create_app(settings.model_copy(update={"webhook_sources": {"pay": source}}))
+
+
+def test_a_mapping_to_a_command_no_policy_names_is_refused_at_start(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account = catalog.entity_types()["account"]
+    without_deposit = replace(account.policy, actions=account.policy.actions - {"deposit"})
+    monkeypatch.setattr(account, "policy", without_deposit)
+    event = WebhookEvent(entity="account", command="deposit", entity_id="data.id")
+    source = WebhookSource(scheme="stripe", secret=STRIPE_SECRET, events={"x.y": event})
+    with pytest.raises(ValueError, match="policy does not name deposit"):
         create_app(settings.model_copy(update={"webhook_sources": {"pay": source}}))

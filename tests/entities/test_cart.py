@@ -196,3 +196,14 @@ async def test_a_checkout_that_crosses_the_continue_as_new_threshold_still_start
         checkout_id = await shop.checkout(cart_id)
         assert (await shop.finished(checkout_id, timeout=20)).status is SagaStatus.COMPLETED
         assert (await shop.cart_state(cart_id)).status is CartStatus.CHECKED_OUT
+
+
+def test_a_cart_total_stays_within_what_a_long_promises() -> None:
+    big = 10**12  # the highest unit price
+    state = apply(None, "createCart", account_id="acct")
+    for n in range(9):
+        state = apply(state, "addCartItem", sku=f"s{n}", quantity=1000, unit_price=big)
+    assert rejected(state, "addCartItem", sku="s9", quantity=1000, unit_price=big) == (
+        ErrorCode.LIMIT_REACHED
+    )
+    assert sum(line.quantity * line.unit_price for line in state.lines) <= 2**53 - 1

@@ -195,3 +195,10 @@ async def test_a_repeated_reservation_reserves_once_on_a_real_server(
         for _ in range(3):
             await shop.send("inventory", sku, "reserveStock", reservation_id="r1", quantity=2)
         assert (await shop.item(sku)).available == 3
+
+
+def test_counts_stay_within_what_a_long_promises() -> None:
+    almost = stocked(1).model_copy(update={"on_hand": 2**53 - 11, "sold": 10})
+    assert rejected(almost, "restock", quantity=1) == ErrorCode.LIMIT_REACHED
+    assert rejected(almost, "adjustStock", delta=1, reason="found one") == ErrorCode.LIMIT_REACHED
+    assert apply(almost, "adjustStock", delta=-1, reason="lost one").on_hand == 2**53 - 12
