@@ -19,16 +19,26 @@ from workers.cache import SnapshotCache
 from workers.settings import Settings
 
 
-async def runs_of(client: Client, workflow_id: str) -> int:
-    return len([r async for r in client.list_workflows(f"WorkflowId = '{workflow_id}'")])
-
-
 def bounded(settings: Settings, **entity_options: dict[str, object]) -> Settings:
     return settings.model_copy(
         update={
             "runtime": RuntimeOptions(max_commands_per_run=150),
             "entity_options": entity_options,
         }
+    )
+
+
+async def continues_as_new_at_its_fullest(
+    client: Client, workflow_id: str, keep_full: object
+) -> None:
+    """Send a run's worth of commands that leave the entity at its fullest (`keep_full`, a
+    coroutine function of n), and see its run change: the run input that carried the state
+    over was the largest the entity can have."""
+    handle = client.get_workflow_handle(workflow_id)
+    full_run = (await handle.describe()).run_id
+    await asyncio.gather(*(keep_full(n) for n in range(150)))  # type: ignore[operator]
+    assert await eventually(lambda: handle.describe(), lambda d: d.run_id != full_run, 30), (
+        "no continue-as-new at its fullest"
     )
 
 
@@ -65,8 +75,16 @@ async def test_an_item_at_its_most_reservations_refuses_one_more_and_continues_a
         done = await gateway.send("inventory", sku, "reserveStock", full, wait=True)
         assert done.read is not None and done.read.snapshot.state is not None
         assert len(done.read.snapshot.state["reservations"]) == 1000
-    # It went through continue-as-new at its fullest, several times (visibility lags a bit).
-    assert await eventually(lambda: runs_of(temporal_client, f"inventory:{sku}"), lambda n: n >= 3)
+
+        async def refused_reserve(n: int) -> None:
+            async with gate:
+                over = {"reservation_id": f"over-{n}", "quantity": 1}
+                await gateway.send("inventory", sku, "reserveStock", over)
+
+        await continues_as_new_at_its_fullest(temporal_client, f"inventory:{sku}", refused_reserve)
+        after = await gateway.read("inventory", sku, Consistency.LIVE)
+    assert after is not None and after.snapshot.state is not None
+    assert len(after.snapshot.state["reservations"]) == 1000  # still serving, still full
     assert len(done.read.snapshot.model_dump_json()) < 512 * 1024
 
 
@@ -90,10 +108,19 @@ async def test_a_cart_at_its_most_lines_refuses_one_more_and_continues_as_new(
             == ErrorCode.INVALID_INPUT
         )
         read = await gateway.read("cart", cart_id, Consistency.LIVE)
-    assert await eventually(lambda: runs_of(temporal_client, f"cart:{cart_id}"), lambda n: n >= 2)
-    assert read is not None and read.snapshot.state is not None
-    assert len(read.snapshot.state["lines"]) == 100
-    assert read.snapshot.revision == 1 + 200
+        assert read is not None and read.snapshot.state is not None
+        assert len(read.snapshot.state["lines"]) == 100
+        assert read.snapshot.revision == 1 + 200
+
+        async def reprice(n: int) -> None:
+            line = {"sku": f"sku-{n % 100:03}", "quantity": 1, "unit_price": 3 + n}
+            await gateway.send("cart", cart_id, "addCartItem", line)
+
+        await continues_as_new_at_its_fullest(temporal_client, f"cart:{cart_id}", reprice)
+        after = await gateway.read("cart", cart_id, Consistency.LIVE)
+    assert after is not None and after.snapshot.state is not None
+    assert len(after.snapshot.state["lines"]) == 100  # still serving, still full
+    assert after.snapshot.revision == 1 + 200 + 150
 
 
 async def test_a_balance_never_passes_what_a_long_carries(
