@@ -238,6 +238,15 @@ def markdown(
                 f"each answered in {d['mean_ms']:.0f} ms on average."
             )
     for r in results:
+        if "worker_cpu_ms_per_op" in r.details:
+            d = r.details
+            cpu = ", ".join(f"{name} {ms:.2f}" for name, ms in d["worker_cpu_ms_per_op"].items())
+            lines.append(
+                f"- {r.title}: accepted at {d['accepted_per_s']:,.0f}/s and applied at "
+                f"{r.ops_per_s:,.0f}/s, to {d['accounts_per_round']} accounts opened for each "
+                f"round; worker CPU ms per command: {cpu}."
+            )
+    for r in results:
         if "kib_per_entity" in r.details:
             lines.append(
                 f"- {r.title}: worker RSS {r.details['worker_rss_kib'] / 1024:.0f} MiB, "
@@ -253,6 +262,19 @@ def markdown(
         "together (not the load generator); it moves far less than throughput when other "
         "work shares the machine.",
     ]
+    if "mutations_two_workers" in by_key and "mutations_one_worker" in by_key:
+        one, two = by_key["mutations_one_worker"], by_key["mutations_two_workers"]
+        scaling = ratio(two, by_key) or 0.0
+        one_cpu, two_cpu = (sum(r.details["worker_cpu_ms_per_op"].values()) for r in (one, two))
+        lines += [
+            "",
+            f"Scale-out: two Tenure worker processes applied {scaling:.2f} x the mutations "
+            f"per second one did{_spread(two, by_key)}, spending {two_cpu:.2f} CPU ms per "
+            f"command between them against {one_cpu:.2f} for one. No target: every process "
+            f"here shares the same {info['cores']} cores, so a second worker brings no CPU of "
+            "its own; the ratio says what splitting one machine's work costs, not what a "
+            "second machine would add.",
+        ]
     lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {t.name} | {t.measured} | {'yes' if t.met else 'no'} |" for t in found]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """The stack under test: Temporal, Redis, Tenure's worker, the raw counter's worker and the
 API twice, once letting every caller in and once verifying bearer tokens, each in its own
-process on 127.0.0.1, so every worker's memory can be read apart."""
+process on 127.0.0.1, so every worker's memory can be read apart; and a second Tenure worker
+on the same task queue, started only for the scale-out scenario's rounds."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from workers.settings import Settings
 
 LOAD_GENERATOR = "bench client"
 SECURED_API = "api, tokens verified"
+SECOND_WORKER = "second tenure worker"
 TOKEN_TTL_SECONDS = 24 * 3600  # longer than any run
 
 
@@ -125,6 +127,15 @@ class BenchStack:
         )
         secured = self.secured_settings
         assert secured.auth_secret
+        # Same Temporal, Redis and task queue; health and metrics on ports of its own.
+        self.second_settings = settings.model_copy(
+            update=_worker_ports(
+                settings.worker_health_port, settings.worker_metrics_port, secured.api_port
+            )
+        )
+        self.second_worker = Child(
+            SECOND_WORKER, "workers", self.second_settings.to_env(), workdir / "second-worker.log"
+        )
         self.secured_api = Child(SECURED_API, "api", secured.to_env(), workdir / "secured-api.log")
         token = mint(
             secured.auth_secret,
@@ -167,17 +178,46 @@ class BenchStack:
     def check_alive(self) -> None:
         for child in self.children:
             child.check_alive()
+        if self.second_worker.process is not None:
+            self.second_worker.check_alive()
 
     def pids(self) -> dict[str, int]:
-        """Every process whose CPU time a scenario accounts for, by role."""
+        """Every running process whose CPU time a scenario accounts for, by role."""
+        second = self.second_worker.process
         return {
             **self.servers,
             "tenure worker": self.worker.pid,
+            **({SECOND_WORKER: second.pid} if second is not None else {}),
             "counter worker": self.counter_worker.pid,
             "api": self.api.pid,
             SECURED_API: self.secured_api.pid,
             LOAD_GENERATOR: os.getpid(),
         }
+
+    async def start_second_worker(self, timeout: float = 60.0) -> None:
+        """Start a second Tenure worker process on the task queue and wait until it polls
+        (its `/readyz` answers 200)."""
+        worker, settings = self.second_worker, self.second_settings
+        worker.start()
+        health = HTTPClient(settings.worker_health_host, settings.worker_health_port, 1)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                worker.check_alive()
+                with contextlib.suppress(HTTPError, OSError):
+                    status, _ = await health.request("GET", "/readyz")
+                    if status == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{worker.name} was not ready in {timeout:.0f}s")
+                await asyncio.sleep(0.1)
+        finally:
+            await health.aclose()
+
+    async def stop_second_worker(self) -> None:
+        """Stop the second worker, which drains its activities first as on any SIGTERM."""
+        timeout = self.settings.worker_shutdown_grace + 15
+        await asyncio.to_thread(self.second_worker.stop, timeout)
 
     def restart_worker(self) -> None:
         """A fresh Tenure worker process, so its memory starts from nothing cached."""
@@ -191,22 +231,23 @@ class BenchStack:
 
 class Window:
     """A worker's peak resident memory since the window was made, and each process's CPU
-    time while inside `with window:` blocks, which may be many."""
+    time while inside `with window:` blocks, which may be many (of the processes running
+    at each block's start: a second worker counts in the blocks it ran in)."""
 
     def __init__(self, stack: BenchStack, worker: Child) -> None:
+        self.stack = stack
         self.worker = worker
-        self.pids = stack.pids()
-        self.spent = dict.fromkeys(self.pids, 0.0)
-        self._entered: dict[str, float] = {}
+        self.spent = dict.fromkeys(stack.pids(), 0.0)
+        self._entered: dict[str, tuple[int, float]] = {}
         worker.reset_peak()
 
     def __enter__(self) -> Window:
-        self._entered = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._entered = {name: (pid, cpu_seconds(pid)) for name, pid in self.stack.pids().items()}
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for name, pid in self.pids.items():
-            self.spent[name] += cpu_seconds(pid) - self._entered[name]
+        for name, (pid, entered) in self._entered.items():
+            self.spent[name] = self.spent.get(name, 0.0) + cpu_seconds(pid) - entered
 
     def peak_rss_kib(self) -> int:
         return self.worker.peak_rss_kib()
@@ -214,6 +255,18 @@ class Window:
     def cpu_ms_per_op(self, ops: int) -> dict[str, float]:
         """CPU milliseconds each process spent per operation inside the window."""
         return {name: round(1000 * spent / max(ops, 1), 3) for name, spent in self.spent.items()}
+
+
+def _worker_ports(*taken: int) -> dict[str, int]:
+    """Health and metrics ports for one more worker process: free now, and none of `taken`
+    (ports other processes of the stack will listen on), so that no two workers clash, nor
+    a worker with a developer's own on the default ports."""
+    ports: list[int] = []
+    while len(ports) < 2:
+        port = free_port()
+        if port not in taken and port not in ports:
+            ports.append(port)
+    return {"worker_health_port": ports[0], "worker_metrics_port": ports[1]}
 
 
 @contextlib.asynccontextmanager
@@ -232,6 +285,8 @@ async def bench_stack(concurrency: int) -> AsyncIterator[BenchStack]:
         # verifies tokens).
         environment="development",
     )
+    # The secured API takes the next port up from the open one's, when free.
+    settings = settings.model_copy(update=_worker_ports(settings.api_port, settings.api_port + 1))
     failed = False
     servers: dict[str, EmbeddedServer] = {}
     async with contextlib.AsyncExitStack() as stack:
@@ -256,6 +311,7 @@ async def bench_stack(concurrency: int) -> AsyncIterator[BenchStack]:
             for child in bench.children:
                 child.start()
                 stack.callback(child.stop)
+            stack.callback(bench.second_worker.stop)  # if a scenario left it running
             bench.client = await Client.connect(
                 settings.temporal_address,
                 namespace=settings.temporal_namespace,
