@@ -192,6 +192,12 @@ class Settings(BaseModel):
     max_fields: int = Field(
         default=200, ge=1, description="Fields an operation selects, all the way down."
     )
+    max_object_repeats: int = Field(
+        default=3,
+        ge=1,
+        description="Times one field with a selection set of its own may be selected in one "
+        "selection set.",
+    )
     max_field_repeats: int = Field(
         default=20, ge=1, description="Times one field may be selected in one selection set."
     )
@@ -265,6 +271,7 @@ class Settings(BaseModel):
             "TENURE_MAX_FIELDS": "max_fields",
             "TENURE_MAX_DOCUMENT_CHARS": "max_document_chars",
             "TENURE_MAX_FIELD_REPEATS": "max_field_repeats",
+            "TENURE_MAX_OBJECT_REPEATS": "max_object_repeats",
             "TENURE_MAX_LIVE_READS": "max_live_reads",
             "TENURE_MAX_MUTATIONS": "max_mutations",
             "TENURE_MAX_BODY_BYTES": "max_body_bytes",
@@ -347,6 +354,7 @@ class Settings(BaseModel):
             "TENURE_MAX_FIELDS": str(self.max_fields),
             "TENURE_MAX_DOCUMENT_CHARS": str(self.max_document_chars),
             "TENURE_MAX_FIELD_REPEATS": str(self.max_field_repeats),
+            "TENURE_MAX_OBJECT_REPEATS": str(self.max_object_repeats),
             "TENURE_MAX_LIVE_READS": str(self.max_live_reads),
             "TENURE_MAX_MUTATIONS": str(self.max_mutations),
             "TENURE_MAX_BODY_BYTES": str(self.max_body_bytes),

@@ -101,6 +101,13 @@ CASES = {
     "root fields": ({}, root_fields(20), root_fields(21), {}, "TOO_MANY_ROOT_FIELDS"),
     "fields": ({"max_fields": 11}, fields(10), fields(12), {}, "TOO_MANY_FIELDS"),
     "one field repeated": ({}, repeats(20), repeats(21), {}, "TOO_MANY_FIELDS"),
+    "one object field repeated": (
+        {},
+        '{ cart(id: "x") { ' + "lines { sku } " * 3 + "} }",
+        '{ cart(id: "x") { ' + "lines { sku } " * 4 + "} }",
+        {},
+        "TOO_MANY_FIELDS",
+    ),
     "characters": (
         {"max_document_chars": 300},
         characters(300),
