@@ -13,7 +13,17 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import authentication, hostile, mixed, report, sagas, scale_out, scaling, scenarios
+from bench import (
+    authentication,
+    hostile,
+    idle,
+    mixed,
+    report,
+    sagas,
+    scale_out,
+    scaling,
+    scenarios,
+)
 from bench.scale import SCALES, Scale
 from bench.scenarios import Bench, Result
 from bench.stack import bench_stack
@@ -28,6 +38,8 @@ SCENARIOS: list[tuple[str, Scenario]] = [
     ("raw SDK queries and GraphQL reads", scenarios.reads),
     ("one hot counter and one hot account", scaling.hot),
     ("checkout sagas", sagas.checkouts),
+    # Between scenarios that leave nothing running: a single client, one operation at a time.
+    ("idle stack: single operations, one at a time", idle.idle),
     (f"mixed traffic from {mixed.CLIENTS} clients", mixed.mixed),
     ("many live accounts", scaling.many_entities),
     ("scale-out: GraphQL mutations to one worker process and to two", scale_out.mutations),

@@ -26,6 +26,12 @@ class Target:
     met: bool
 
 
+IDLE_TARGETS = [
+    ("idle_checkout", "one checkout on an idle stack: p50 < 150 ms", 150.0),
+    ("idle_deposit_wait", "one waited deposit on an idle stack: p50 < 15 ms", 15.0),
+]
+
+
 def ratio(result: Result, by_key: dict[str, Result]) -> float | None:
     baseline = by_key.get(result.baseline or "")
     if baseline is None or not baseline.ops_per_s:
@@ -121,6 +127,17 @@ def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
                 r >= 0.9,
             )
         )
+    for key, name, bound in IDLE_TARGETS:
+        if key in by_key:
+            measured = by_key[key].measured
+            found.append(
+                Target(
+                    name,
+                    f"p50 {measured.p50_ms:.1f} ms, p99 {measured.p99_ms:.1f} ms "
+                    f"({measured.ops} runs)",
+                    measured.p50_ms < bound,
+                )
+            )
     many = [r for key, r in by_key.items() if key.startswith("many_")]
     if many:
         per_entity = [r.details["kib_per_entity"] for r in many]
@@ -253,6 +270,14 @@ def markdown(
                 f"{r.details['kib_per_entity']:.0f} KiB per cached account; new accounts "
                 f"opened and verified at {r.details['opened_per_s']:,.0f}/s."
             )
+    idle = [r for r in results if r.details.get("one_at_a_time")]
+    if idle:
+        lines.append(
+            f"- idle rows: one client, one operation at a time and nothing else running, "
+            f"{idle[0].measured.ops} of each after {idle[0].details['warm_up']} untimed; "
+            "their throughput is one over the mean latency. A checkout is timed from its "
+            "mutation until its saga's workflow returns its final status."
+        )
     lines += [
         "",
         "Rounds: each comparison runs in alternating slices, baseline then Tenure; the range "

@@ -32,7 +32,10 @@ SIGNALS_PER_CHECKOUT = 1 + 2 * LINES + 1 + 1
 ACCOUNT_REVISION = 4  # open, verify, deposit, the saga's withdrawal
 
 
-class _Sender:
+class Sender:
+    """Sends commands through the gateway's own delivery path and reads snapshots, for setup
+    and checks that are not measured."""
+
     def __init__(self, bench: Bench) -> None:
         self.bench = bench
         self.delivery = CommandDelivery(bench.stack.client, bench.stack.settings)
@@ -55,7 +58,7 @@ class _Sender:
 
 
 async def checkouts(bench: Bench) -> Result:
-    send = _Sender(bench)
+    send = Sender(bench)
     count = bench.scale.checkouts
     tag = bench.tag
     skus = [f"{tag}-sku{i}" for i in range(SKUS)]
@@ -124,7 +127,7 @@ async def checkouts(bench: Bench) -> Result:
 
 
 async def _until_checked_out(
-    send: _Sender, accepted: dict[str, float], timeout: float
+    send: Sender, accepted: dict[str, float], timeout: float
 ) -> tuple[list[str], list[float]]:
     """Watch the carts in the cache until each is checked out. Returns the problems, and
     each checkout's latency from its command's acceptance to its cart seen checked out (to
@@ -154,7 +157,7 @@ async def _until_checked_out(
     return problems, latencies
 
 
-async def _check_accounts(send: _Sender, accounts: list[str], balance: int) -> list[str]:
+async def _check_accounts(send: Sender, accounts: list[str], balance: int) -> list[str]:
     problems = []
     for account_id in accounts:
         snapshot = await send.snapshot("account", account_id)
@@ -167,7 +170,7 @@ async def _check_accounts(send: _Sender, accounts: list[str], balance: int) -> l
     return problems
 
 
-async def _check_stock(send: _Sender, stock: int, sold: dict[str, int]) -> list[str]:
+async def _check_stock(send: Sender, stock: int, sold: dict[str, int]) -> list[str]:
     problems = []
     for sku, units in sold.items():
         state = (await send.snapshot("inventory", sku)).state or {}

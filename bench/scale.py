@@ -23,6 +23,7 @@ class Scale:
     mixed_spread: int
     time_limit: float
     rounds: int = 4
+    idle_runs: int = 50  # single operations on an idle stack, one at a time, of each kind
 
 
 SCALES = {
@@ -53,5 +54,6 @@ SCALES = {
         mixed_hot=4_000,
         mixed_spread=2_000,
         time_limit=240.0,
+        idle_runs=100,
     ),
 }
