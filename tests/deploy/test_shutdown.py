@@ -127,11 +127,24 @@ async def settle(gql: GraphQLClient, load: Load) -> None:
             raise AssertionError(f"{key} was never applied")
     for account in load.accounts:
         keys = {key for key in load.acknowledged if load.account_of(key) == account}
-        state = await read_account(gql, account, "LIVE")
+        state = await fresh(gql, account)
         assert (state["balance"], state["revision"]) == (len(keys), len(keys) + 2), account
         # Per key, not only in total: the entity's history holds each key once, applied.
         applied = await deposits_applied(gql, account)
         assert sorted(applied) == sorted(keys), account
+
+
+async def fresh(gql: GraphQLClient, account: str) -> dict[str, Any]:
+    """The account as its entity answers now. Right after a worker changes, an entity's
+    tasks may wait out the old worker's sticky queue (3 s), longer than a LIVE read waits:
+    that read is the cache's, marked stale, and asked again."""
+    deadline = time.monotonic() + 30
+    while True:
+        state = await read_account(gql, account, "LIVE")
+        if not state["stale"]:
+            return state
+        assert time.monotonic() < deadline, f"{account} never answered live"
+        await asyncio.sleep(0.5)
 
 
 async def deposits_applied(gql: GraphQLClient, account: str) -> list[str]:
