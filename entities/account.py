@@ -256,6 +256,12 @@ account.permit(
 )
 
 
+account.listing(
+    status=lambda s: s.status.value,
+    text=lambda s: [s.owner_name, s.email],
+)
+
+
 @workflow.defn(name="Account")
 class AccountWorkflow(EntityWorkflow):
     """The Account actor."""

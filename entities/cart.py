@@ -294,6 +294,9 @@ cart.permit(
 )
 
 
+cart.listing(status=lambda s: s.status.value, tags={"account_id": lambda s: s.account_id})
+
+
 @workflow.defn(name="Cart")
 class CartWorkflow(EntityWorkflow):
     """The Cart actor."""

@@ -293,6 +293,9 @@ inventory.permit(
 )
 
 
+inventory.listing(text=lambda s: [s.name], numbers={"available": lambda s: s.available})
+
+
 @workflow.defn(name="InventoryItem")
 class InventoryWorkflow(EntityWorkflow):
     """The InventoryItem actor."""

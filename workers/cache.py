@@ -17,7 +17,10 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from entities import catalog
 from entities.runtime.envelope import Snapshot
+from entities.runtime.listing import IndexValues
+from workers.index import INDEX_IF_NEWER, PUT_AND_INDEX, IndexEntry, index_base
 from workers.read_batching import ReadBatcher
 from workers.settings import Settings
 from workers.telemetry import redis_span
@@ -142,12 +145,20 @@ def _follow_sentinels(settings: Settings) -> redis.Redis:
 
 
 class SnapshotCache:
-    """Reads and conditional writes of entity snapshots under one key prefix."""
+    """Reads and conditional writes of entity snapshots under one key prefix, each write
+    indexing the snapshot for listings (workers/index.py) under the same rule."""
 
     def __init__(self, client: RedisClient, prefix: str = "tenure:") -> None:
         self._client = client
         self._prefix = prefix
-        self._put_if_newer = client.register_script(_PUT_IF_NEWER)
+        self._cluster = isinstance(client, RedisCluster)
+        self._types = catalog.entity_types()
+        # One script for both in one Redis; in a cluster, the snapshot's slot is not the
+        # index's, so each has its own (see workers/index.py).
+        self._put_if_newer = client.register_script(
+            _PUT_IF_NEWER if self._cluster else PUT_AND_INDEX
+        )
+        self._index_if_newer = client.register_script(INDEX_IF_NEWER)
         self._reads = ReadBatcher(client, ["snapshot", "cached_at", "stuck"])
         self._unsaved = UnsavedSnapshots(self._put)
 
@@ -176,22 +187,84 @@ class SnapshotCache:
     async def _put(self, snapshot: Snapshot) -> bool:
         return await self._write(snapshot) == 1
 
+    @property
+    def client(self) -> RedisClient:
+        return self._client
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    def index_entry(self, snapshot: Snapshot) -> str:
+        """The snapshot's entry in its type's index, encoded; empty when it has no state."""
+        entity = self._types.get(snapshot.entity_type)
+        if entity is not None:
+            values = entity.index_values(snapshot.state)
+        else:
+            values = IndexValues() if snapshot.state is not None else None
+        entry = IndexEntry.of(snapshot, values)
+        return entry.encode(snapshot) if entry is not None else ""
+
     async def _write(self, snapshot: Snapshot) -> int | bytes:
         """The script's answer: 1 written, 0 not, or the newer snapshot stored."""
+        base = index_base(self._prefix, snapshot.entity_type)
+        entry = self.index_entry(snapshot)
+        order = [snapshot.incarnation, snapshot.revision]
         try:
             with redis_span("EVALSHA"):
-                answer: int | bytes = await self._put_if_newer(
+                if not self._cluster:
+                    answer: int | bytes = await self._put_if_newer(
+                        keys=[self.key(snapshot.entity_type, snapshot.entity_id), base + "e"],
+                        args=[
+                            *order,
+                            snapshot.model_dump_json(),
+                            repr(time.time()),
+                            base,
+                            snapshot.entity_id,
+                            entry,
+                        ],
+                    )
+                    return answer
+                answer = await self._put_if_newer(
                     keys=[self.key(snapshot.entity_type, snapshot.entity_id)],
-                    args=[
-                        snapshot.incarnation,
-                        snapshot.revision,
-                        snapshot.model_dump_json(),
-                        repr(time.time()),
-                    ],
+                    args=[*order, snapshot.model_dump_json(), repr(time.time())],
+                )
+                # Whatever the cache answered: a retry after the index's write failed
+                # finds the snapshot written already, and the index has its own rule.
+                await self._index_if_newer(
+                    keys=[base + "e"], args=[*order, base, snapshot.entity_id, entry]
                 )
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
         return answer
+
+    async def put_many(self, snapshots: list[Snapshot]) -> int:
+        """Write and index `snapshots` as `put` would, in one pipeline (one at a time in a
+        cluster); how many were written. For filling the cache and index in bulk."""
+        if self._cluster:
+            return sum([await self._put(snapshot) for snapshot in snapshots])
+        now = repr(time.time())
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for snapshot in snapshots:
+                    base = index_base(self._prefix, snapshot.entity_type)
+                    await self._put_if_newer(
+                        keys=[self.key(snapshot.entity_type, snapshot.entity_id), base + "e"],
+                        args=[
+                            snapshot.incarnation,
+                            snapshot.revision,
+                            snapshot.model_dump_json(),
+                            now,
+                            base,
+                            snapshot.entity_id,
+                            self.index_entry(snapshot),
+                        ],
+                        client=pipe,  # type: ignore[arg-type]  # the script buffers in it
+                    )
+                answers = await pipe.execute()
+        except RedisError as exc:
+            raise CacheUnavailable(str(exc)) from exc
+        return sum(1 for answer in answers if answer == 1)
 
     async def put_newest(self, snapshot: Snapshot) -> Snapshot:
         """Store `snapshot` as `put` does, and return the newest state known of its entity:

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Generic, TypeVar
 from pydantic import BaseModel, StringConstraints, ValidationError
 
 from entities.errors import ErrorCode, Rejected
+from entities.runtime.listing import IndexValues, Listing
 from entities.runtime.policy import READ, Owner, Policy
 
 ENTITY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
@@ -89,6 +90,8 @@ class EntityType(Generic[S, Opt]):
         self.commands: dict[str, CommandSpec] = {}
         self.policy = Policy(frozenset())
         """Who may read it and send it which command; nothing until declared."""
+        self.listed: Listing[S] = Listing()
+        """What its listing filters and counts; by update and id only until declared."""
         self._deadline: Callable[[S, Opt], datetime | None] | None = None
         self._on_deadline: Callable[[S, CommandContext[Opt]], S] | None = None
 
@@ -121,6 +124,23 @@ class EntityType(Generic[S, Opt]):
         if unknown:
             raise ValueError(f"{self.name} has no command {sorted(unknown)}")
         self.policy = Policy.of(actions, customer, owner)
+
+    def listing(
+        self,
+        *,
+        status: Callable[[S], str] | None = None,
+        tags: Mapping[str, Callable[[S], str]] | None = None,
+        text: Callable[[S], list[str]] | None = None,
+        numbers: Mapping[str, Callable[[S], int]] | None = None,
+    ) -> None:
+        """Declare what its list filters on: a status (also counted per value), exact-match
+        tags (a cart's account), text found by prefix besides the id, and numbers compared
+        with a bound (an item's available stock)."""
+        self.listed = Listing(status, dict(tags or {}), text, dict(numbers or {}))
+
+    def index_values(self, state: Mapping[str, Any] | None) -> IndexValues | None:
+        """The entity's indexed values in `state`; None when there is no state."""
+        return self.listed.values(self.state_model, state)
 
     def timer(
         self, deadline: Callable[[S, Opt], datetime | None]

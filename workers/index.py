@@ -1,0 +1,189 @@
+"""The listing index: each entity type's entities by last update, by id, by status and tag,
+by text prefix and by number, kept in Redis beside the cached snapshots.
+
+All of a type's index keys share the hash tag `{<type>}` (`tenure:index:{account}:u`), so
+a listing reads one slot. An entity's snapshot lives in its own slot (`{account:ada}`).
+
+- One Redis, with replicas or Sentinel: one script writes the snapshot and the entity's
+  index entries together (`PUT_AND_INDEX`), under the snapshot's never-backwards rule. The
+  index and the cache never disagree.
+- Redis Cluster: one script cannot touch two slots, so the snapshot and the index are two
+  scripts, each under the same rule by itself (`INDEX_IF_NEWER` keeps the revision it
+  indexed). Neither ever goes back, but between the two the index may be one write behind
+  the cache, and a writer that dies between them leaves the index behind until the
+  entity's next publish or `tenure reindex`. Listing in a cluster is not atomic with the
+  cache; it only converges.
+
+Every ordered index is a sorted set of score 0 read by lexicographic range, so a page
+resumes after a member (a keyset cursor) in O(log n): `<inverted ms>:<id>` newest first,
+or the id.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from entities.runtime.envelope import Snapshot
+from entities.runtime.listing import IndexValues
+
+STATUS = "status"
+"""The tag that is also counted per value (`<type>Stats`)."""
+
+_MS_DIGITS = 13
+_LAST_MS = 10**_MS_DIGITS - 1
+
+# Removes the entity's old entries, then writes its new ones; `entry` empty only removes.
+# The stored entry remembers what was written, so the old entries are found without
+# asking the caller. Lua's cjson decodes `{}` and `[]` alike, hence pairs over both.
+_REINDEX = """
+local function reindex(base, id, entry)
+  local old = redis.call('HGET', base .. 'e', id)
+  if old then
+    old = cjson.decode(old)
+    local member = old.u .. ':' .. id
+    redis.call('ZREM', base .. 'u', member)
+    redis.call('ZREM', base .. 'i', id)
+    for field, value in pairs(old.t) do
+      redis.call('ZREM', base .. 't:' .. field .. ':' .. value .. ':u', member)
+      redis.call('ZREM', base .. 't:' .. field .. ':' .. value .. ':i', id)
+      if field == 'status' and redis.call('HINCRBY', base .. 'c', value, -1) <= 0 then
+        redis.call('HDEL', base .. 'c', value)
+      end
+    end
+    for _, text in pairs(old.x) do redis.call('ZREM', base .. 'x', text .. '\\0' .. id) end
+    for field, _ in pairs(old.n) do redis.call('ZREM', base .. 'n:' .. field, id) end
+  end
+  if entry == '' then
+    redis.call('HDEL', base .. 'e', id)
+    return
+  end
+  local new = cjson.decode(entry)
+  local member = new.u .. ':' .. id
+  redis.call('HSET', base .. 'e', id, entry)
+  redis.call('ZADD', base .. 'u', 0, member)
+  redis.call('ZADD', base .. 'i', 0, id)
+  for field, value in pairs(new.t) do
+    redis.call('ZADD', base .. 't:' .. field .. ':' .. value .. ':u', 0, member)
+    redis.call('ZADD', base .. 't:' .. field .. ':' .. value .. ':i', 0, id)
+    if field == 'status' then redis.call('HINCRBY', base .. 'c', value, 1) end
+  end
+  for _, text in pairs(new.x) do redis.call('ZADD', base .. 'x', 0, text .. '\\0' .. id) end
+  for field, value in pairs(new.n) do redis.call('ZADD', base .. 'n:' .. field, value, id) end
+end
+"""
+
+PUT_AND_INDEX = (
+    _REINDEX
+    + """
+local current = redis.call('HMGET', KEYS[1], 'incarnation', 'revision', 'snapshot')
+local incarnation = tonumber(current[1] or '0')
+local revision = tonumber(current[2] or '-1')
+local new_incarnation = tonumber(ARGV[1])
+local new_revision = tonumber(ARGV[2])
+if new_incarnation < incarnation then return 0 end
+if new_incarnation == incarnation then
+  if new_revision < revision and current[3] then return current[3] end
+  if new_revision <= revision then return 0 end
+end
+redis.call('HSET', KEYS[1], 'incarnation', ARGV[1], 'revision', ARGV[2],
+           'snapshot', ARGV[3], 'cached_at', ARGV[4])
+redis.call('HDEL', KEYS[1], 'stuck')
+reindex(ARGV[5], ARGV[6], ARGV[7])
+return 1
+"""
+)
+"""The cache's compare-and-set (workers/cache.py) that also indexes what it writes. KEYS:
+the entity's hash and the type's index entries (`<base>e`, named for clusters that check);
+ARGV: incarnation, revision, snapshot, cached_at, index base, entity id, entry."""
+
+INDEX_IF_NEWER = (
+    _REINDEX
+    + """
+local old = redis.call('HGET', KEYS[1], ARGV[4])
+if old then
+  old = cjson.decode(old)
+  local incarnation, revision = tonumber(ARGV[1]), tonumber(ARGV[2])
+  if incarnation < old.g or (incarnation == old.g and revision <= old.r) then return 0 end
+end
+reindex(ARGV[3], ARGV[4], ARGV[5])
+return 1
+"""
+)
+"""The index alone, under the same rule, for Redis Cluster. KEYS: the type's index entries;
+ARGV: incarnation, revision, index base, entity id, entry."""
+
+
+def index_base(prefix: str, entity_type: str) -> str:
+    """The prefix of every index key of `entity_type`, hash-tagged by the type."""
+    return f"{prefix}index:{{{entity_type}}}:"
+
+
+def updated_key(updated_at: datetime | None) -> str:
+    """The sort key of a last update, newest first in lexicographic order."""
+    if updated_at is None:
+        return str(_LAST_MS)
+    if updated_at.tzinfo is None:  # workflow time is UTC
+        updated_at = updated_at.replace(tzinfo=UTC)
+    ms = min(max(int(updated_at.timestamp() * 1000), 0), _LAST_MS)
+    return str(_LAST_MS - ms).zfill(_MS_DIGITS)
+
+
+def updated_at_of(key: str) -> datetime:
+    return datetime.fromtimestamp((_LAST_MS - int(key)) / 1000, tz=UTC)
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """What one snapshot writes to its type's index, as the scripts take it."""
+
+    updated: str
+    closed: bool
+    values: IndexValues
+
+    @classmethod
+    def of(cls, snapshot: Snapshot, values: IndexValues | None) -> IndexEntry | None:
+        if values is None:
+            return None
+        return cls(updated_key(snapshot.updated_at), snapshot.closed, values)
+
+    def encode(self, snapshot: Snapshot) -> str:
+        tags = dict(self.values.tags)
+        if self.values.status is not None:
+            tags[STATUS] = self.values.status
+        text = sorted({*self.values.text, snapshot.entity_id.lower()})
+        document: dict[str, Any] = {
+            "g": snapshot.incarnation,
+            "r": snapshot.revision,
+            "u": self.updated,
+            "c": int(self.closed),
+            "t": tags,
+            "x": text,
+            "n": dict(self.values.numbers),
+        }
+        return json.dumps(document, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """An entity's entry as the index holds it, read back to filter a listing."""
+
+    updated: str
+    closed: bool
+    tags: dict[str, str]
+    text: list[str]
+    numbers: dict[str, int]
+
+    @classmethod
+    def decode(cls, raw: bytes) -> StoredEntry:
+        document = json.loads(raw)
+        # cjson never rewrites it, but an empty object could come back as `[]` elsewhere.
+        return cls(
+            updated=document["u"],
+            closed=bool(document["c"]),
+            tags=dict(document["t"] or {}),
+            text=list(document["x"] or []),
+            numbers=dict(document["n"] or {}),
+        )
