@@ -22,14 +22,19 @@ from api.common import (
 )
 from api.context import Info
 from api.gateway import EntityRead, Receipt
+from api.response_size import bounded
 from entities.cart import CartLine as CartLineState
-from entities.cart import CartState, CartStatus
+from entities.cart import CartOptions, CartState, CartStatus
 from entities.checkout import CheckoutLine
 from entities.errors import ErrorCode, TenureError
 
 ENTITY = "cart"
 
 strawberry.enum(CartStatus, description="Where a cart is: open, checking out, an order, idle.")
+
+
+MAX_CART_LINES: int = CartOptions.model_fields["max_lines"].default
+"""The most lines a cart the API creates can hold."""
 
 
 @strawberry.type(description="Units of one SKU at a unit price.")
@@ -53,7 +58,7 @@ class CartLine:
 class Cart(EntityState):
     account_id: strawberry.ID
     status: CartStatus
-    lines: list[CartLine]
+    lines: list[CartLine] = bounded(MAX_CART_LINES)
     total: Long
     last_activity_at: datetime
     checkout_attempts: int

@@ -6,10 +6,11 @@ from datetime import datetime
 
 import strawberry
 
-from api.carts import CartLine
+from api.carts import MAX_CART_LINES, CartLine
 from api.common import Long, authorize
 from api.context import Info
 from api.gateway import check_entity_id
+from api.response_size import bounded
 from entities.checkout import CheckoutState, checkout_workflow_id
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import READ
@@ -22,6 +23,11 @@ strawberry.enum(
     "when something could not be undone and needs an operator.",
 )
 strawberry.enum(StepStatus, name="CheckoutStepStatus")
+
+
+# Each line is reserved and then committed, between them the withdrawal, and the report
+# at the end; each step registers at most one compensation.
+MAX_SAGA_RECORDS = 2 * MAX_CART_LINES + 4
 
 
 @strawberry.type(description="A step the checkout took, and why it failed when it did.")
@@ -49,13 +55,15 @@ class Checkout:
     cart_id: strawberry.ID
     account_id: strawberry.ID
     status: SagaStatus
-    lines: list[CartLine]
+    lines: list[CartLine] = bounded(MAX_CART_LINES)
     total: Long
     order_id: str | None
     failure_code: str | None
     failure_reason: str | None
-    steps: list[CheckoutStep] = strawberry.field(description="In the order taken.")
-    compensations: list[CheckoutCompensation] = strawberry.field(description="In the order run.")
+    steps: list[CheckoutStep] = bounded(MAX_SAGA_RECORDS, description="In the order taken.")
+    compensations: list[CheckoutCompensation] = bounded(
+        MAX_SAGA_RECORDS, description="In the order run."
+    )
 
     @classmethod
     def from_state(cls, state: CheckoutState) -> Checkout:

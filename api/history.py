@@ -10,6 +10,7 @@ from enum import Enum
 import strawberry
 
 from api.context import Info
+from api.response_size import bounded
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import MAX_HISTORY_PAGE, HistoryPage, Outcome, OutcomeStatus
 from entities.runtime.policy import READ, Principal, Role
@@ -52,7 +53,7 @@ class CommandRecord:
 
 @strawberry.type(description="A page of an entity's recent commands, newest first.")
 class CommandHistory:
-    entries: list[CommandRecord]
+    entries: list[CommandRecord] = bounded(MAX_HISTORY_PAGE, paged=True)
     has_older: bool = strawberry.field(
         description="The entity remembers older commands: ask with `before` set to the last "
         "entry's `commandId`."

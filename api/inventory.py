@@ -19,9 +19,13 @@ from api.common import (
 )
 from api.context import Info
 from api.gateway import EntityRead, Receipt
-from entities.inventory import InventoryState
+from api.response_size import bounded
+from entities.inventory import InventoryOptions, InventoryState
 
 ENTITY = "inventory"
+
+
+_DEFAULTS = InventoryOptions()  # the options of every item the API stocks
 
 
 @strawberry.type(description="Units held for a while, until committed, released or expired.")
@@ -46,8 +50,10 @@ class InventoryItem(EntityState):
     reserved: Long
     available: Long = strawberry.field(description="On hand less reserved.")
     sold: Long = strawberry.field(description="Units sold through committed reservations.")
-    reservations: list[Reservation]
-    adjustments: list[StockAdjustment] = strawberry.field(description="The latest ones.")
+    reservations: list[Reservation] = bounded(_DEFAULTS.max_reservations)
+    adjustments: list[StockAdjustment] = bounded(
+        _DEFAULTS.adjustment_memory, description="The latest ones."
+    )
 
     @classmethod
     def from_read(cls, read: EntityRead) -> InventoryItem:

@@ -21,6 +21,7 @@ from api.errors import is_expected
 from api.inventory import InventoryMutation, InventoryQuery
 from api.limits import DocumentLimits, LiveReadLimit
 from api.request_context import OperationName
+from api.response_size import ResponseSize, ResponseSizeLimit
 from workers.settings import Settings
 
 Query = merge_types("Query", (AccountQuery, CartQuery, CheckoutQuery, InventoryQuery))
@@ -56,6 +57,7 @@ def build_schema(settings: Settings) -> TenureSchema:
         OperationName,
         lambda: CheckedDocuments(documents),
         lambda: LiveReadLimit(limits),
+        lambda: ResponseSizeLimit(ResponseSize(settings.max_response_values)),
     ]
     if not introspection_enabled(settings):
         extensions.append(DisableIntrospection)

@@ -203,6 +203,11 @@ class Settings(BaseModel):
     )
     max_live_reads: int = Field(default=5, ge=0, description="LIVE reads a request may make.")
     max_mutations: int = Field(default=10, ge=1, description="Mutations a request may send.")
+    max_response_values: int = Field(
+        default=5000,
+        ge=100,
+        description="Values an answer may hold, every list counted full (api/response_size.py).",
+    )
     max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="Request body size.")
     graphiql: bool | None = Field(default=None, description="Serve GraphiQL; None: in development.")
     introspection: bool | None = Field(

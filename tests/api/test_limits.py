@@ -116,6 +116,15 @@ CASES = {
         "DOCUMENT_TOO_LARGE",
     ),
     "live reads": ({}, live_reads(5), live_reads(6), {"c": "LIVE"}, "TOO_MANY_LIVE_READS"),
+    # A cart holds 100 lines at most: its lines' 2 fields are 200 values, with the cart and
+    # the list 202; the cart's id one more.
+    "response values": (
+        {"max_response_values": 202},
+        '{ cart(id: "x") { lines { sku quantity } } }',
+        '{ cart(id: "x") { id lines { sku quantity } } }',
+        {},
+        "RESPONSE_TOO_LARGE",
+    ),
 }
 
 
@@ -186,6 +195,57 @@ async def test_a_refused_mutation_stores_nothing(
     assert (malformed.status_code, codes(malformed)) == (400, ["INVALID_INPUT"])
     account = await read_account(gql, account_id, "LIVE")
     assert (account["balance"], account["revision"]) == (10, 12)
+
+
+async def test_a_page_counts_as_many_values_as_it_asks_for(
+    gql: GraphQLClient, settings: Settings, temporal_client: Client
+) -> None:
+    account_id = new_id()
+    await open_active(gql, account_id)
+    entries = "entries { commandId revision }"
+    two = (
+        "query($id: ID!, $n: Int!) { a: account(id: $id) { history(last: $n) { "
+        + entries
+        + " } } b: account(id: $id) { history { "
+        + entries
+        + " } } }"
+    )
+    async with api_client(
+        settings.model_copy(update={"max_response_values": 250}), temporal_client
+    ) as http:
+        # The second page is the default 20 entries: 3 + 40 values; the first 3 + 2 n.
+        ran = await post(http, two, id=account_id, n=100)
+        assert (
+            not set(codes(ran)) & REFUSALS
+            and len(ran.json()["data"]["a"]["history"]["entries"]) == 2
+        )
+        # A page larger than a page may be is the resolver's to refuse, counted as the largest.
+        assert codes(await post(http, two, id=account_id, n=101)) == ["INVALID_INPUT"]
+        five = " ".join(
+            f'p{i}: account(id: "x") {{ history(last: 100) {{ {entries} }} }}' for i in range(5)
+        )
+        assert codes(await post(http, "{ " + five + " }")) == ["RESPONSE_TOO_LARGE"]
+
+
+async def test_a_mutation_whose_answer_would_be_too_large_stores_nothing(
+    gql: GraphQLClient, settings: Settings, temporal_client: Client
+) -> None:
+    account_id = new_id()
+    await open_active(gql, account_id)
+    sent = (
+        "mutation($id: ID!, $n: Int!) { depositToAccount(id: $id, amount: 5, wait: true) { "
+        "status account { history(last: $n) { entries { commandId revision } } } } }"
+    )
+    async with api_client(
+        settings.model_copy(update={"max_response_values": 150}), temporal_client
+    ) as http:
+        refused = await post(http, sent, id=account_id, n=100)
+        assert codes(refused) == ["RESPONSE_TOO_LARGE"] and refused.json()["data"] is None
+        account = await read_account(gql, account_id, "LIVE")
+        assert (account["balance"], account["revision"]) == (0, 2)
+        ran = await post(http, sent, id=account_id, n=50)
+        assert ran.json()["data"]["depositToAccount"]["status"] == "APPLIED", ran.json()
+    assert (await read_account(gql, account_id, "LIVE"))["balance"] == 5
 
 
 def request_of(size: int) -> bytes:
