@@ -20,11 +20,12 @@ from api.documents import CheckedDocuments, Documents
 from api.errors import is_expected
 from api.inventory import InventoryMutation, InventoryQuery
 from api.limits import DocumentLimits, LiveReadLimit
+from api.listing import ListingQuery
 from api.request_context import OperationName
 from api.response_size import ResponseSize, ResponseSizeLimit
 from workers.settings import Settings
 
-Query = merge_types("Query", (AccountQuery, CartQuery, CheckoutQuery, InventoryQuery))
+Query = merge_types("Query", (AccountQuery, CartQuery, CheckoutQuery, InventoryQuery, ListingQuery))
 Mutation = merge_types("Mutation", (AccountMutation, CartMutation, InventoryMutation))
 
 

@@ -1,6 +1,7 @@
 """The `tenure` console script: `tenure dev`, `tenure worker`, `tenure api`,
-`tenure repair <type> <id>` for an entity that is stuck, and `tenure token` to mint a
-development token."""
+`tenure repair <type> <id>` for an entity that is stuck, `tenure reindex` to rebuild the
+cache and the listing index from Temporal, and `tenure token` to mint a development
+token."""
 
 from __future__ import annotations
 
@@ -32,6 +33,53 @@ async def _repair(entity_type: str, entity_id: str, force: bool) -> int:
         f"{done.signals_reapplied} signals re-applied"
     )
     return 0
+
+
+class ProgressBar:
+    """A progress bar on stderr, redrawn in place."""
+
+    WIDTH = 40
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def __call__(self, done: int, total: int) -> None:
+        filled = self.WIDTH * done // total if total else self.WIDTH
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        end = "\n" if done >= total else ""
+        print(f"\r{self.label} [{bar}] {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+
+async def _reindex(entity_types: list[str], where: str | None, concurrency: int) -> int:
+    from entities import catalog
+    from workers.cache import SnapshotCache, connect_redis
+    from workers.reindex import reindex
+    from workers.temporal import connect_temporal
+
+    settings = Settings.from_env()
+    known = sorted(catalog.entity_types())
+    unknown = set(entity_types) - set(known)
+    if unknown:
+        print(f"tenure reindex: no entity type {sorted(unknown)}; one of {known}", file=sys.stderr)
+        return 2
+    client = await connect_temporal(settings)
+    redis_client = connect_redis(settings)
+    try:
+        done = await reindex(
+            client,
+            SnapshotCache(redis_client, settings.redis_prefix),
+            entity_types or known,
+            where=where,
+            concurrency=concurrency,
+            timeout=settings.live_read_timeout,
+            progress=ProgressBar("reindex"),
+        )
+    finally:
+        await redis_client.aclose()
+    print(f"{done.found} entities found, {done.written} written, {len(done.failed)} unreadable")
+    for workflow_id in done.failed[:20]:
+        print(f"  could not read {workflow_id}", file=sys.stderr)
+    return 1 if done.failed else 0
 
 
 def _token(parsed: argparse.Namespace) -> int:
@@ -78,6 +126,18 @@ def main(argv: list[str] | None = None) -> None:
     fix.add_argument("entity_type", help="account, cart, inventory, ...")
     fix.add_argument("entity_id")
     fix.add_argument("--force", action="store_true", help="reset even if it is not stuck")
+    rebuild = commands.add_parser(
+        "reindex",
+        help="rebuild the cache and the listing index from Temporal (after Redis was lost)",
+        description="Lists the entities through Temporal's visibility and writes each one's "
+        "snapshot to Redis; never moves an entry back. Uses TEMPORAL_ADDRESS, REDIS_URL "
+        "and the other settings of the worker.",
+    )
+    rebuild.add_argument("entity_types", nargs="*", help="account, cart, ... (all when none)")
+    rebuild.add_argument(
+        "--where", help="narrow Temporal's visibility query: \"TaskQueue = 'tenure'\""
+    )
+    rebuild.add_argument("--concurrency", type=int, default=16, help="entities read at once")
     token = commands.add_parser(
         "token",
         help="mint a token signed with TENURE_AUTH_SECRET, or else the development secret",
@@ -92,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     parsed = parser.parse_args(args)
     if parsed.command == "token":
         sys.exit(_token(parsed))
+    if parsed.command == "reindex":
+        sys.exit(
+            asyncio.run(_reindex(parsed.entity_types, parsed.where, max(1, parsed.concurrency)))
+        )
     if parsed.command == "repair":
         sys.exit(asyncio.run(_repair(parsed.entity_type, parsed.entity_id, parsed.force)))
     parser.error(f"{parsed.command} takes no arguments")

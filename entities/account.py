@@ -259,6 +259,7 @@ account.permit(
 account.listing(
     status=lambda s: s.status.value,
     text=lambda s: [s.owner_name, s.email],
+    owned_by="id",
 )
 
 

@@ -294,7 +294,11 @@ cart.permit(
 )
 
 
-cart.listing(status=lambda s: s.status.value, tags={"account_id": lambda s: s.account_id})
+cart.listing(
+    status=lambda s: s.status.value,
+    tags={"account_id": lambda s: s.account_id},
+    owned_by="account_id",
+)
 
 
 @workflow.defn(name="Cart")

@@ -132,11 +132,15 @@ class EntityType(Generic[S, Opt]):
         tags: Mapping[str, Callable[[S], str]] | None = None,
         text: Callable[[S], list[str]] | None = None,
         numbers: Mapping[str, Callable[[S], int]] | None = None,
+        owned_by: str | None = None,
     ) -> None:
         """Declare what its list filters on: a status (also counted per value), exact-match
         tags (a cart's account), text found by prefix besides the id, and numbers compared
-        with a bound (an item's available stock)."""
-        self.listed = Listing(status, dict(tags or {}), text, dict(numbers or {}))
+        with a bound (an item's available stock); and, for customers' lists, `owned_by`:
+        `id` or the tag that names the owning account."""
+        if owned_by not in (None, "id", *(tags or {})):
+            raise ValueError(f"{self.name} has no tag {owned_by!r} to own it by")
+        self.listed = Listing(status, dict(tags or {}), text, dict(numbers or {}), owned_by)
 
     def index_values(self, state: Mapping[str, Any] | None) -> IndexValues | None:
         """The entity's indexed values in `state`; None when there is no state."""

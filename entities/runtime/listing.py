@@ -35,6 +35,10 @@ class Listing(Generic[S]):
     tags: Mapping[str, Callable[[S], str]] = field(default_factory=dict)
     text: Callable[[S], list[str]] | None = None
     numbers: Mapping[str, Callable[[S], int]] = field(default_factory=dict)
+    owned_by: str | None = None
+    """How a customer's own entities are found: `id` when an entity's id is the account
+    that owns it, or the tag naming that account; None lists nothing to customers (unless
+    the policy lets every customer read every entity)."""
 
     def values(self, model: type[S], state: Mapping[str, Any] | None) -> IndexValues | None:
         """The entity's values from its snapshot's state; None when it has no state (it

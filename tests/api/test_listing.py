@@ -1,0 +1,280 @@
+"""Lists of entities and counts per status, through GraphQL: filters, stable cursors while
+entities change, totals, who may list what, and the index rebuilt from Temporal after
+Redis lost everything."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+
+from deploy.embedded import EmbeddedRedis
+from tests.api.test_access import SECRET, Caller, token
+from tests.api.test_accounts_api import CLOSE, DEPOSIT, SUSPEND, VERIFY
+from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
+from workers.cache import SnapshotCache, connect_redis
+from workers.reindex import reindex
+from workers.settings import Settings
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """An index of the test's own: totals and counts see only its entities."""
+    return settings.model_copy(
+        update={"redis_prefix": f"{settings.redis_prefix}{uuid.uuid4().hex[:8]}:"}
+    )
+
+
+OPEN = """mutation($id: ID!, $name: String!, $email: String!) {
+  openAccount(id: $id, ownerName: $name, email: $email, wait: true) { commandId } }"""
+
+ACCOUNTS = """
+query($filter: AccountFilter, $first: Int! = 20, $after: String,
+      $order: ListOrder! = UPDATED_DESC) {
+  accounts(filter: $filter, first: $first, after: $after, orderBy: $order) {
+    edges { cursor node { id status ownerName balance source } }
+    pageInfo { hasNextPage hasPreviousPage startCursor endCursor }
+    totalCount
+  }
+}"""
+
+STATS = "{ accountStats { byStatus { status count } total } }"
+
+
+def ids(data: dict[str, Any], field: str = "accounts") -> list[str]:
+    return [edge["node"]["id"] for edge in data[field]["edges"]]
+
+
+async def open_named(gql: GraphQLClient, name: str, email: str, active: bool = True) -> str:
+    account_id = new_id()
+    await gql.data(OPEN, id=account_id, name=name, email=email)
+    if active:
+        await gql.data(VERIFY, id=account_id)
+    return account_id
+
+
+async def test_accounts_filter_by_status_text_time_and_closure_with_totals_and_counts(
+    gql: GraphQLClient,
+) -> None:
+    started = datetime.now(UTC) - timedelta(seconds=1)
+    ada = await open_named(gql, "Ada Lovelace", "ada@example.com")
+    grace = await open_named(gql, "Grace Hopper", "grace@navy.mil")
+    alan = await open_named(gql, "Alan Turing", "alan@bletchley.uk")
+    pending = await open_named(gql, "Pending Person", "p@example.com", active=False)
+    await gql.data(SUSPEND, id=grace)
+    await gql.data(SUSPEND, id=alan)
+    await gql.data(CLOSE, id=ada)
+
+    everything = await gql.data(ACCOUNTS)
+    # Newest update first: ada was closed last.
+    assert ids(everything) == [ada, alan, grace, pending]
+    assert everything["accounts"]["totalCount"] == 4
+    assert everything["accounts"]["edges"][0]["node"]["status"] == "CLOSED"
+    assert everything["accounts"]["edges"][0]["node"]["source"] == "CACHE"
+
+    suspended = await gql.data(ACCOUNTS, filter={"status": ["SUSPENDED"]})
+    assert ids(suspended) == [alan, grace]
+    assert suspended["accounts"]["totalCount"] == 2
+    both = await gql.data(ACCOUNTS, filter={"status": ["SUSPENDED", "PENDING"]}, order="ID")
+    assert ids(both) == sorted([alan, grace, pending])
+    assert both["accounts"]["totalCount"] == 3
+
+    for text, found in [
+        ("grace", [grace]),  # the owner's name
+        ("GRACE HOP", [grace]),  # any case
+        ("a", [ada, alan]),  # names and emails starting with a
+        ("alan@bl", [alan]),  # the email
+        (pending[:12], [pending]),  # the id
+        ("nobody", []),
+    ]:
+        data = await gql.data(ACCOUNTS, filter={"text": text})
+        assert ids(data) == found, text
+        assert data["accounts"]["totalCount"] == len(found)
+
+    open_only = await gql.data(ACCOUNTS, filter={"closed": False})
+    assert ids(open_only) == [alan, grace, pending]
+    assert ids(await gql.data(ACCOUNTS, filter={"closed": True})) == [ada]
+
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    assert ids(await gql.data(ACCOUNTS, filter={"updatedAfter": later.isoformat()})) == []
+    window = {"updatedAfter": started.isoformat(), "updatedBefore": later.isoformat()}
+    assert ids(await gql.data(ACCOUNTS, filter=window)) == [ada, alan, grace, pending]
+    assert ids(await gql.data(ACCOUNTS, filter=window, order="ID")) == sorted(
+        [ada, alan, grace, pending]
+    )
+
+    stats = (await gql.data(STATS))["accountStats"]
+    assert stats["total"] == 4
+    assert {s["status"]: s["count"] for s in stats["byStatus"]} == {
+        "CLOSED": 1,
+        "PENDING": 1,
+        "SUSPENDED": 2,
+    }
+
+
+async def test_cursors_stay_stable_while_entities_change(gql: GraphQLClient) -> None:
+    accounts = [await open_named(gql, f"Owner {n}", f"o{n}@example.com") for n in range(5)]
+    newest_first = list(reversed(accounts))
+
+    first = await gql.data(ACCOUNTS, first=2)
+    assert ids(first) == newest_first[:2]
+    page_info = first["accounts"]["pageInfo"]
+    assert page_info["hasNextPage"] and not page_info["hasPreviousPage"]
+    assert first["accounts"]["totalCount"] == 5
+
+    # An entity not yet seen changes (and moves to the front); one already seen changes
+    # too. The next page goes on from where the first ended, repeating nothing.
+    await gql.data(DEPOSIT, id=accounts[0], amount=5)
+    await gql.data(DEPOSIT, id=newest_first[0], amount=5)
+    second = await gql.data(ACCOUNTS, first=2, after=page_info["endCursor"])
+    assert ids(second) == newest_first[2:4]
+    third = await gql.data(ACCOUNTS, first=2, after=second["accounts"]["pageInfo"]["endCursor"])
+    assert ids(third) == []  # accounts[0] moved before the cursor
+    assert not third["accounts"]["pageInfo"]["hasNextPage"]
+
+    # By id, every account once, across pages of one.
+    seen: list[str] = []
+    after = None
+    while True:
+        page = await gql.data(ACCOUNTS, first=1, after=after, order="ID")
+        seen += ids(page)
+        if not page["accounts"]["pageInfo"]["hasNextPage"]:
+            break
+        after = page["accounts"]["pageInfo"]["endCursor"]
+    assert seen == sorted(accounts)
+
+
+async def test_bad_arguments_are_refused_with_invalid_input(gql: GraphQLClient) -> None:
+    body = await gql(ACCOUNTS, first=101)
+    assert body["errors"][0]["extensions"]["code"] == "INVALID_INPUT"
+    assert "first" in body["errors"][0]["message"]
+    assert await gql.error_code(ACCOUNTS, first=-1) == "INVALID_INPUT"
+    assert await gql.error_code(ACCOUNTS, after="not-a-cursor") == "INVALID_INPUT"
+    cursor_by_id = "WyJJRCIsImEiXQ=="  # ["ID","a"]
+    assert await gql.error_code(ACCOUNTS, after=cursor_by_id) == "INVALID_INPUT"
+    assert await gql.error_code(ACCOUNTS, filter={"text": "x" * 201}) == "INVALID_INPUT"
+    assert (await gql.data(ACCOUNTS, first=100))["accounts"]["totalCount"] == 0
+
+
+CARTS = """query($filter: CartFilter) {
+  carts(filter: $filter) { edges { node { id status accountId } } totalCount } }"""
+CREATE_CART = """mutation($a: ID!) { createCart(accountId: $a, wait: true) { cartId } }"""
+RESTOCK = """mutation($sku: String!, $n: Long!) {
+  restock(sku: $sku, quantity: $n, name: "Teapot", wait: true) { sku } }"""
+ITEMS = """query($filter: InventoryItemFilter) {
+  inventoryItems(filter: $filter, orderBy: ID) { edges { node { sku available } } totalCount }
+}"""
+
+
+async def test_carts_by_account_and_status_and_items_running_low(gql: GraphQLClient) -> None:
+    ada = await open_named(gql, "Ada", "ada@example.com")
+    bob = await open_named(gql, "Bob", "bob@example.com")
+    carts = {}
+    for owner in (ada, ada, bob):
+        data = await gql.data(CREATE_CART, a=owner)
+        carts[data["createCart"]["cartId"]] = owner
+    of_ada = await gql.data(CARTS, filter={"accountId": ada})
+    assert {e["node"]["id"] for e in of_ada["carts"]["edges"]} == {
+        c for c, owner in carts.items() if owner == ada
+    }
+    assert of_ada["carts"]["totalCount"] == 2
+    open_carts = await gql.data(CARTS, filter={"status": ["OPEN"], "accountId": bob})
+    assert [e["node"]["accountId"] for e in open_carts["carts"]["edges"]] == [bob]
+    assert (await gql.data(CARTS, filter={"status": ["CHECKED_OUT"]}))["carts"]["edges"] == []
+
+    skus = sorted([new_id() for _ in range(3)])
+    for sku, quantity in zip(skus, (2, 10, 4), strict=True):
+        await gql.data(RESTOCK, sku=sku, n=quantity)
+    low = await gql.data(ITEMS, filter={"lowStock": 5})
+    assert [(e["node"]["sku"], e["node"]["available"]) for e in low["inventoryItems"]["edges"]] == [
+        (skus[0], 2),
+        (skus[2], 4),
+    ]
+    assert low["inventoryItems"]["totalCount"] == 2
+    stats = await gql.data("{ inventoryStats { total byStatus { status } } cartStats { total } }")
+    assert stats == {"inventoryStats": {"total": 3, "byStatus": []}, "cartStats": {"total": 3}}
+
+
+@pytest.fixture
+async def secured_http(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> AsyncIterator[httpx.AsyncClient]:
+    secured = settings.model_copy(update={"environment": "production", "auth_secret": SECRET})
+    async with run_worker(secured), api_client(secured, temporal_client) as client:
+        yield client
+
+
+async def test_customers_list_only_their_own_and_services_by_scope(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    admin = Caller(secured_http, token("admin", "ops"))
+    mine, theirs = new_id(), new_id()
+    for account_id in (mine, theirs):
+        await admin.data(OPEN, id=account_id, name="Someone", email="s@example.com")
+    my_cart = (await admin.data(CREATE_CART, a=mine))["createCart"]["cartId"]
+    await admin.data(CREATE_CART, a=theirs)
+
+    customer = Caller(secured_http, token("customer", "ada", accounts=[mine]))
+    assert ids(await customer.data(ACCOUNTS)) == [mine]
+    assert ids(await customer.data(ACCOUNTS, filter={"text": "someone"})) == [mine]
+    assert ids(await customer.data(CARTS), "carts") == [my_cart]
+    assert ids(await customer.data(CARTS, filter={"accountId": mine}), "carts") == [my_cart]
+    # Naming an account not its own, or asking for counts over everyone's, is refused.
+    assert await customer.code(CARTS, filter={"accountId": theirs}) == "FORBIDDEN"
+    assert await customer.code(STATS) == "FORBIDDEN"
+    nobody = Caller(secured_http, token("customer", "eve", accounts=[]))
+    assert ids(await nobody.data(ACCOUNTS)) == []
+
+    assert set(ids(await admin.data(ACCOUNTS))) == {mine, theirs}
+    reader = Caller(secured_http, token("service", "crm", scope="read:*"))
+    assert set(ids(await reader.data(ACCOUNTS))) == {mine, theirs}
+    assert (await reader.data(STATS))["accountStats"]["total"] == 2
+    scoped = Caller(secured_http, token("service", "billing", scope="account:read"))
+    assert set(ids(await scoped.data(ACCOUNTS))) == {mine, theirs}
+    assert await scoped.code(CARTS) == "FORBIDDEN"
+    depositor = Caller(secured_http, token("service", "pay", scope="account:deposit"))
+    assert await depositor.code(ACCOUNTS) == "FORBIDDEN"
+
+
+async def test_reindex_after_flushall_restores_listing_and_cache(
+    settings: Settings,
+    temporal_client: Client,
+    run_worker: WorkerFactory,
+    own_redis: EmbeddedRedis,
+) -> None:
+    settings = settings.model_copy(update={"redis_url": own_redis.url})
+    async with run_worker(settings), api_client(settings, temporal_client) as http:
+        gql = GraphQLClient(http)
+        accounts = [await open_named(gql, f"Owner {n}", f"o{n}@x.org") for n in range(4)]
+        await gql.data(CLOSE, id=accounts[0])
+        await gql.data(DEPOSIT, id=accounts[1], amount=7)
+        before = await gql.data(ACCOUNTS)
+        assert set(ids(before)) == set(accounts)
+
+        client = connect_redis(settings)
+        try:
+            await client.flushall()
+            assert (await gql.data(ACCOUNTS))["accounts"]["edges"] == []
+            cache = SnapshotCache(client, settings.redis_prefix)
+            seen: list[tuple[int, int]] = []
+            done = await reindex(
+                temporal_client,
+                cache,
+                ["account"],
+                where=f"TaskQueue = '{settings.task_queue}'",
+                concurrency=4,
+                progress=lambda n, total: seen.append((n, total)),
+            )
+        finally:
+            await client.aclose()
+        assert done.found == done.written == len(accounts) and not done.failed
+        assert seen[-1][0] == seen[-1][1] == done.found
+        after = await gql.data(ACCOUNTS)
+        assert after == before
+        stats = (await gql.data(STATS))["accountStats"]
+        assert {s["status"]: s["count"] for s in stats["byStatus"]} == {"CLOSED": 1, "ACTIVE": 3}

@@ -1,0 +1,98 @@
+"""Rebuilding the cache and the listing index from Temporal, for the day Redis is lost:
+every entity that Temporal's visibility lists, asked for its snapshot (or, when it has
+finished, its result), written through the cache's own never-backwards script."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError
+
+from entities import catalog
+from entities.runtime.envelope import Snapshot
+from workers.cache import CacheUnavailable, SnapshotCache
+from workers.temporal import within
+
+Progress = Callable[[int, int], None]
+"""Called with (done, total) as entities are reindexed."""
+
+
+@dataclass
+class Reindexed:
+    """What a reindex did: entities found, written (newer than what Redis held), and those
+    that could not be read, by workflow id."""
+
+    found: int = 0
+    written: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+async def entity_ids(client: Client, entity_type: str, where: str | None = None) -> list[str]:
+    """Every id of the type Temporal's visibility knows (and `where`, a visibility query,
+    admits), once each: a continued-as-new entity is listed once a run."""
+    workflow = catalog.workflow_for(entity_type)
+    name = workflow.__temporal_workflow_definition.name  # type: ignore[attr-defined]
+    prefix = catalog.entity_types()[entity_type].id_prefix
+    found: dict[str, None] = {}
+    query = f"WorkflowType = '{name}'" + (f" AND ({where})" if where else "")
+    async for execution in client.list_workflows(query):
+        if execution.id.startswith(prefix):
+            found[execution.id.removeprefix(prefix)] = None
+    return list(found)
+
+
+async def snapshot_of(
+    client: Client, entity_type: str, entity_id: str, timeout: float
+) -> Snapshot | None:
+    """The entity's latest snapshot: its answer to `snapshot`, or its result when its
+    chain has completed (a closed entity); None when it holds no state."""
+    entity = catalog.entity_types()[entity_type]
+    handle = client.get_workflow_handle(entity.workflow_id(entity_id), result_type=Snapshot)
+    rpc = timedelta(seconds=timeout)
+    description = await within(timeout, handle.describe(rpc_timeout=rpc))
+    if description.status is WorkflowExecutionStatus.COMPLETED:
+        snapshot: Snapshot = await within(timeout, handle.result(rpc_timeout=rpc))
+    else:
+        snapshot = await within(
+            timeout, handle.query("snapshot", result_type=Snapshot, rpc_timeout=rpc)
+        )
+    return snapshot if snapshot.state is not None else None
+
+
+async def reindex(
+    client: Client,
+    cache: SnapshotCache,
+    entity_types: list[str],
+    *,
+    where: str | None = None,
+    concurrency: int = 16,
+    timeout: float = 10.0,
+    progress: Progress | None = None,
+) -> Reindexed:
+    """Write every listed entity's snapshot to the cache and the index, `concurrency` at a
+    time; `where` narrows the visibility query (`TaskQueue = 'tenure'`). A snapshot older
+    than what Redis holds changes nothing."""
+    work = [(t, i) for t in entity_types for i in await entity_ids(client, t, where)]
+    done = Reindexed(found=len(work))
+    pending = iter(work)
+    finished = 0
+
+    async def one_at_a_time() -> None:
+        nonlocal finished
+        for entity_type, entity_id in pending:
+            try:
+                snapshot = await snapshot_of(client, entity_type, entity_id, timeout)
+                if snapshot is not None and await cache.put(snapshot):
+                    done.written += 1
+            except (RPCError, TimeoutError, CacheUnavailable):
+                done.failed.append(f"{entity_type}:{entity_id}")
+            finished += 1
+            if progress is not None:
+                progress(finished, len(work))
+
+    await asyncio.gather(*(one_at_a_time() for _ in range(max(1, concurrency))))
+    return done
