@@ -24,7 +24,9 @@ from entities.runtime.envelope import Snapshot
 from entities.runtime.policy import Principal, Role
 from tests.api.test_accounts_api import open_active, read_account
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
+from tests.workers.test_index import account
 from workers.cache import SnapshotCache, connect_redis
+from workers.listing import EntityIndex, ListFilter, Order
 from workers.settings import Settings
 
 
@@ -167,3 +169,28 @@ async def test_the_api_and_worker_serve_cached_reads_from_the_cluster(
                 await asyncio.sleep(0.1)
             assert (read["source"], read["revision"], read["stale"]) == ("CACHE", 2, False)
     await client.aclose()
+
+
+async def test_the_index_in_a_cluster_lives_in_its_type_slot_and_never_goes_back(
+    settings: Settings, cluster: str
+) -> None:
+    settings = settings.model_copy(update={"redis_url": cluster, "redis_cluster": True})
+    client = connect_redis(settings)
+    assert isinstance(client, RedisCluster)
+    cache = SnapshotCache(client, settings.redis_prefix)
+    index = EntityIndex(client, settings.redis_prefix)
+    try:
+        await client.initialize()
+        ids = sorted(new_id() for _ in range(30))
+        # The snapshots spread over the nodes; the index is one slot, written by a second
+        # script beside each snapshot's.
+        assert await cache.put_many([account(i, 2, "SUSPENDED") for i in ids]) == len(ids)
+        assert not await cache.put(account(ids[0], 1, "ACTIVE"))
+        suspended = ListFilter(tags={"status": frozenset({"SUSPENDED"})})
+        page = await index.page("account", suspended, Order.ID, 10)
+        assert page.ids == ids[:10] and page.total == len(ids) and page.has_next
+        assert await index.counts("account") == ({"SUSPENDED": len(ids)}, len(ids))
+        assert await cache.put(account(ids[0], 3, "CLOSED"))
+        assert await index.counts("account") == ({"CLOSED": 1, "SUSPENDED": len(ids) - 1}, 30)
+    finally:
+        await client.aclose()

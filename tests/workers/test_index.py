@@ -1,0 +1,98 @@
+"""The listing index in Redis: written with the snapshot, never backwards, and read by
+pages that go on correctly past a sparse filter."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from entities.runtime.envelope import Snapshot
+from workers.cache import SnapshotCache, connect_redis
+from workers.index import index_base
+from workers.listing import SCAN_BUDGET, EntityIndex, ListFilter, Order
+from workers.settings import Settings
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def account(entity_id: str, revision: int, status: str = "ACTIVE", **more: Any) -> Snapshot:
+    state = {
+        "status": status,
+        "owner_name": f"Owner {entity_id}",
+        "email": f"{entity_id}@example.com",
+        "currency": "EUR",
+        "last_activity_at": T0.isoformat(),
+    }
+    return Snapshot(
+        entity_type="account",
+        entity_id=entity_id,
+        revision=revision,
+        updated_at=T0 + timedelta(seconds=revision),
+        state=state,
+        closed=status == "CLOSED",
+        incarnation=more.get("incarnation", 1),
+    )
+
+
+@pytest.fixture
+async def own_prefix(settings: Settings) -> AsyncIterator[tuple[SnapshotCache, EntityIndex]]:
+    prefix = f"{settings.redis_prefix}{uuid.uuid4().hex[:8]}:"
+    client = connect_redis(settings)
+    yield SnapshotCache(client, prefix), EntityIndex(client, prefix)
+    await client.aclose()
+
+
+async def test_an_older_snapshot_leaves_the_index_at_the_newer(
+    own_prefix: tuple[SnapshotCache, EntityIndex],
+) -> None:
+    cache, index = own_prefix
+    assert await cache.put(account("ada", 3, "SUSPENDED"))
+    assert not await cache.put(account("ada", 2, "ACTIVE"))  # delayed, retried, replayed
+    suspended = ListFilter(tags={"status": frozenset({"SUSPENDED"})})
+    assert (await index.page("account", suspended, Order.ID, 10)).ids == ["ada"]
+    active = ListFilter(tags={"status": frozenset({"ACTIVE"})})
+    assert (await index.page("account", active, Order.ID, 10)).ids == []
+    assert await index.counts("account") == ({"SUSPENDED": 1}, 1)
+
+    # A later incarnation (the id used again) replaces it whatever its revision.
+    assert await cache.put(account("ada", 1, "ACTIVE", incarnation=2))
+    assert await index.counts("account") == ({"ACTIVE": 1}, 1)
+    hit = await cache.get("account", "ada")
+    assert hit is not None and hit.snapshot.incarnation == 2
+    assert (await index.page("account", active, Order.ID, 10)).ids == ["ada"]
+
+
+async def test_a_sparse_filter_pages_on_past_the_scan_budget(
+    own_prefix: tuple[SnapshotCache, EntityIndex],
+) -> None:
+    cache, index = own_prefix
+    count = SCAN_BUDGET + 500
+    closed = {f"a{n:05d}" for n in (3, 250, SCAN_BUDGET + 100, SCAN_BUDGET + 400)}
+    snapshots = [
+        account(f"a{n:05d}", 1, "CLOSED" if f"a{n:05d}" in closed else "ACTIVE")
+        for n in range(count)
+    ]
+    assert await cache.put_many(snapshots) == count
+    assert await cache.put_many(snapshots) == 0  # the same revisions again: nothing
+
+    only_closed = ListFilter(closed=True)
+    first = await index.page("account", only_closed, Order.ID, 10)
+    # Not all found within one page's scan: a short page, and a cursor to go on from.
+    assert first.ids == sorted(closed)[:2] and first.has_next and first.total is None
+    rest = await index.page("account", only_closed, Order.ID, 10, first.end_key)
+    assert rest.ids == sorted(closed)[2:] and not rest.has_next
+
+    # A filter the index answers itself is counted and found at once.
+    by_status = ListFilter(tags={"status": frozenset({"CLOSED"})})
+    page = await index.page("account", by_status, Order.ID, 10)
+    assert page.ids == sorted(closed) and page.total == 4 and not page.has_next
+    assert await index.counts("account") == ({"ACTIVE": count - 4, "CLOSED": 4}, count)
+
+
+async def test_index_keys_share_the_type_slot(settings: Settings) -> None:
+    base = index_base("tenure:", "account")
+    assert base == "tenure:index:{account}:"
