@@ -17,6 +17,7 @@ from bench import (
     authentication,
     hostile,
     idle,
+    listing,
     mixed,
     report,
     sagas,
@@ -44,6 +45,7 @@ SCENARIOS: list[tuple[str, Scenario]] = [
     ("many live accounts", scaling.many_entities),
     ("scale-out: GraphQL mutations to one worker process and to two", scale_out.mutations),
     ("CACHED reads with and without a verified token", authentication.authenticated_reads),
+    ("listing: a filtered page of 50 indexed accounts", listing.listing),
     # Last, so that nothing the hostile documents leave in the API (a document up to 8 KiB
     # is kept parsed and validated) weighs on another scenario.
     ("CACHED reads beside a hostile document", hostile.hostile_reads),
