@@ -22,6 +22,7 @@ from api.common import (
 )
 from api.context import Info
 from api.gateway import EntityRead, Receipt
+from api.pacing import paced
 from api.response_size import bounded
 from entities.cart import CartLine as CartLineState
 from entities.cart import CartOptions, CartState, CartStatus
@@ -77,7 +78,7 @@ class Cart(EntityState):
             **read_fields(read),
             account_id=strawberry.ID(state.account_id),
             status=state.status,
-            lines=[CartLine.of(line) for line in state.lines],
+            lines=paced(CartLine.of(line) for line in state.lines),
             total=Long(state.total),
             last_activity_at=state.last_activity_at,
             checkout_attempts=state.checkout_attempts,

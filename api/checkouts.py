@@ -10,6 +10,7 @@ from api.carts import MAX_CART_LINES, CartLine
 from api.common import Long, authorize
 from api.context import Info
 from api.gateway import check_entity_id
+from api.pacing import paced
 from api.response_size import bounded
 from entities.checkout import CheckoutState, checkout_workflow_id
 from entities.errors import ErrorCode, TenureError
@@ -72,16 +73,16 @@ class Checkout:
             cart_id=strawberry.ID(state.cart_id),
             account_id=strawberry.ID(state.account_id),
             status=state.status,
-            lines=[CartLine.of(line) for line in state.lines],
+            lines=paced(CartLine.of(line) for line in state.lines),
             total=Long(state.total),
             order_id=state.order_id,
             failure_code=state.failure_code,
             failure_reason=state.failure_reason,
-            steps=[
+            steps=paced(
                 CheckoutStep(name=s.name, status=s.status, at=s.at, code=s.code, message=s.message)
                 for s in state.steps
-            ],
-            compensations=[
+            ),
+            compensations=paced(
                 CheckoutCompensation(
                     name=c.name,
                     status=c.status,
@@ -91,7 +92,7 @@ class Checkout:
                     message=c.message,
                 )
                 for c in state.compensations
-            ],
+            ),
         )
 
 

@@ -17,6 +17,7 @@ from api.context import Info
 from api.gateway import Consistency as GatewayConsistency
 from api.gateway import EntityRead, Receipt
 from api.history import CommandHistory, command_history
+from api.pacing import holds_long_lists, take_turn
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import READ
 
@@ -106,6 +107,8 @@ async def read_entity(
     read = await info.context.gateway.read(entity_type, entity_id, chosen, looked_up=looked_up)
     if prefetched is not None:
         prefetched.note(read, looked_up)
+    if read is not None and holds_long_lists(read.snapshot.state):
+        await take_turn()
     return read
 
 

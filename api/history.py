@@ -10,6 +10,7 @@ from enum import Enum
 import strawberry
 
 from api.context import Info
+from api.pacing import paced
 from api.response_size import bounded
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import MAX_HISTORY_PAGE, HistoryPage, Outcome, OutcomeStatus
@@ -97,6 +98,8 @@ async def command_history(
         return CommandHistory(entries=[], has_older=False)
     caller = info.context.principal
     return CommandHistory(
-        entries=[_record(o, caller) for o in page.entries if o.status is not OutcomeStatus.UNKNOWN],
+        entries=paced(
+            _record(o, caller) for o in page.entries if o.status is not OutcomeStatus.UNKNOWN
+        ),
         has_older=page.has_older,
     )

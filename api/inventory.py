@@ -19,6 +19,7 @@ from api.common import (
 )
 from api.context import Info
 from api.gateway import EntityRead, Receipt
+from api.pacing import paced
 from api.response_size import bounded
 from entities.inventory import InventoryOptions, InventoryState
 
@@ -66,18 +67,18 @@ class InventoryItem(EntityState):
             reserved=Long(state.reserved),
             available=Long(state.available),
             sold=Long(state.sold),
-            reservations=[
+            reservations=paced(
                 Reservation(
                     reservation_id=r.reservation_id,
                     quantity=Long(r.quantity),
                     expires_at=r.expires_at,
                 )
                 for r in state.reservations
-            ],
-            adjustments=[
+            ),
+            adjustments=paced(
                 StockAdjustment(delta=Long(a.delta), reason=a.reason, at=a.at)
                 for a in state.adjustments
-            ],
+            ),
         )
 
 
