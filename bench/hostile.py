@@ -24,7 +24,9 @@ from typing import Any
 
 from graphql import GraphQLError, GraphQLSchema, specified_rules, validate
 
+from api.carts import MAX_CART_LINES
 from api.limits import DocumentLimits
+from api.response_size import ResponseSize
 from api.schema import build_schema
 from bench.cached import CachedReads, read_only_accounts
 from bench.http import HTTPClient, HTTPError
@@ -34,6 +36,8 @@ from workers.settings import Settings
 NONCE_DIGITS = 12  # room for any number of requests in one run
 CREATE_CART = """mutation($account: ID!, $id: ID) {
   createCart(accountId: $account, id: $id, wait: true) { cartId } }"""
+ADD_LINE = """mutation($id: ID!, $sku: String!, $wait: Boolean!) {
+  addCartItem(cartId: $id, sku: $sku, quantity: 1, unitPrice: 100, wait: $wait) { status } }"""
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class _Judge:
     def __init__(self, settings: Settings) -> None:
         self.limits = DocumentLimits.from_settings(settings)
         self.schema: GraphQLSchema = build_schema(settings)._schema
+        self.size = ResponseSize(settings.max_response_values)
 
     def accepts(self, query: str, variables: dict[str, Any] | None = None) -> bool:
         try:
@@ -69,7 +74,9 @@ class _Judge:
             return False
         if validate(self.schema, document, specified_rules):
             return False
-        return self.limits.check_live_reads(document, None, variables or {}) is None
+        if self.limits.check_live_reads(document, None, variables or {}) is not None:
+            return False
+        return self.size.check(self.schema, document, None, variables or {}) is None
 
 
 def padded(query: str, chars: int) -> str:
@@ -111,7 +118,7 @@ def overlapping_lists(settings: Settings, cart_id: str, chars: int) -> HostileDo
         f"{reads} reads of a cart's lines {lists} times, {chars // 1024} KiB",
         padded(query, chars),
         {"id": cart_id},
-        _empty_cart,
+        _full_cart,
     )
     judge = _Judge(settings)
     if not judge.accepts(document.query, document.variables):
@@ -119,10 +126,46 @@ def overlapping_lists(settings: Settings, cart_id: str, chars: int) -> HostileDo
     return document
 
 
-def _empty_cart(status: int, body: Any) -> bool:
-    """200 with the hostile client's cart, which has no lines, and no error."""
+def full_carts(settings: Settings, cart_id: str) -> HostileDocument:
+    """The hostile client's cart, full, read under as many aliases as the response-size
+    limit lets through with every field of every line: values to execute, each a resolver
+    call on the event loop the readers share, where the document itself costs nothing to
+    parse or validate."""
+    line = "lines { sku quantity unitPrice lineTotal }"
+    values = 1 + 1 + MAX_CART_LINES * 4
+    reads = min(settings.max_response_values // values, settings.max_aliases + 1)
+    query = (
+        "query Hostile($id: ID!) { "
+        + " ".join(f"c{i}: cart(id: $id) {{ {line} }}" for i in range(reads))
+        + " }"
+    )
+    document = HostileDocument(
+        f"{reads} reads of a cart of {MAX_CART_LINES} lines, every field",
+        query,
+        {"id": cart_id},
+        _full_carts(reads),
+    )
+    if not _Judge(settings).accepts(document.query, document.variables):
+        raise RuntimeError(f"the API would refuse the hostile document {document.name!r}")
+    return document
+
+
+def _full_carts(reads: int) -> Callable[[int, Any], bool]:
+    def expect(status: int, body: Any) -> bool:
+        data = (body.get("data") or {}) if status == 200 else {}
+        return not body.get("errors") and all(
+            len((data.get(f"c{i}") or {}).get("lines", ())) == MAX_CART_LINES for i in range(reads)
+        )
+
+    return expect
+
+
+def _full_cart(status: int, body: Any) -> bool:
+    """200 with the hostile client's cart, full, and no error."""
     data = (body.get("data") or {}) if status == 200 else {}
-    return not body.get("errors") and data.get("cart") == {"lines": []}
+    return (
+        not body.get("errors") and len((data.get("cart") or {}).get("lines", ())) == MAX_CART_LINES
+    )
 
 
 def worst(settings: Settings, cart_id: str) -> HostileDocument:
@@ -157,16 +200,31 @@ def worst(settings: Settings, cart_id: str) -> HostileDocument:
 
     So: the overlapping lists, padded to the document limit. Since then an object field may
     repeat 3 times in a selection set (`max_object_repeats`), which cuts this shape to 3
-    reads of 3 lists; the candidates have not all been measured again under that limit."""
-    return overlapping_lists(settings, cart_id, settings.max_document_chars)
+    reads of 3 lists, and an answer may hold 5,000 values (`max_response_values`), which
+    refuses the 5 history pages (5,515 values). Measured again on 2026-12-03 with the
+    hostile cart full (100 lines), side by side on the same machine:
+
+    - the overlapping lists, 3 reads of 3 lists of 100 `sku`s, 16 KiB: 33 ms each; the
+      readers' p99 1.41 x alone (rounds 1.29-1.82);
+    - 12 aliased reads of the full cart with every field of every line (`full_carts`,
+      4,824 values, 881 bytes): 84 ms each, the readers' p99 7.20 x alone, while graphql-
+      core completed each list in one go; once long lists are answered in turns
+      (`api/pacing.py`), 200-230 ms each and the readers' p99 1.86 x and 1.95 x alone.
+
+    So: the full carts, the worst by far."""
+    return full_carts(settings, cart_id)
 
 
 async def hostile_cart(bench: Bench) -> str:
-    """A cart of the hostile client's own, in the cache, with no lines."""
+    """A cart of the hostile client's own, in the cache, with as many lines as a cart holds."""
     account_id = f"{bench.tag}-hostile"
     cart_id = f"{bench.tag}-hostile-cart"
     await bench.gql.open_account(account_id, wait=True)
     await bench.gql.command(CREATE_CART, account=account_id, id=cart_id)
+    for n in range(MAX_CART_LINES):
+        await bench.gql.command(
+            ADD_LINE, id=cart_id, sku=f"hostile-{n}", wait=n == MAX_CART_LINES - 1
+        )
     return cart_id
 
 
