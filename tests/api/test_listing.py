@@ -4,8 +4,9 @@ Redis lost everything."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -50,6 +51,24 @@ def ids(data: dict[str, Any], field: str = "accounts") -> list[str]:
     return [edge["node"]["id"] for edge in data[field]["edges"]]
 
 
+async def eventually(
+    gql: GraphQLClient, query: str, shown: Callable[[dict[str, Any]], bool], **variables: Any
+) -> dict[str, Any]:
+    """The answer to `query` once `shown` holds of it, or after 10 s: a command is answered
+    once applied, and its snapshot (with its index entries) is published just after."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        data = await gql.data(query, **variables)
+        if shown(data) or asyncio.get_running_loop().time() > deadline:
+            return data
+        await asyncio.sleep(0.05)
+
+
+async def listed(gql: GraphQLClient, expected: list[str], **variables: Any) -> dict[str, Any]:
+    """The accounts listing once it shows `expected`, in that order."""
+    return await eventually(gql, ACCOUNTS, lambda data: ids(data) == expected, **variables)
+
+
 async def open_named(gql: GraphQLClient, name: str, email: str, active: bool = True) -> str:
     account_id = new_id()
     await gql.data(OPEN, id=account_id, name=name, email=email)
@@ -70,7 +89,7 @@ async def test_accounts_filter_by_status_text_time_and_closure_with_totals_and_c
     await gql.data(SUSPEND, id=alan)
     await gql.data(CLOSE, id=ada)
 
-    everything = await gql.data(ACCOUNTS)
+    everything = await listed(gql, [ada, alan, grace, pending])
     # Newest update first: ada was closed last.
     assert ids(everything) == [ada, alan, grace, pending]
     assert everything["accounts"]["totalCount"] == 4
@@ -121,6 +140,7 @@ async def test_cursors_stay_stable_while_entities_change(gql: GraphQLClient) -> 
     accounts = [await open_named(gql, f"Owner {n}", f"o{n}@example.com") for n in range(5)]
     newest_first = list(reversed(accounts))
 
+    await listed(gql, newest_first)
     first = await gql.data(ACCOUNTS, first=2)
     assert ids(first) == newest_first[:2]
     page_info = first["accounts"]["pageInfo"]
@@ -178,7 +198,9 @@ async def test_carts_by_account_and_status_and_items_running_low(gql: GraphQLCli
     for owner in (ada, ada, bob):
         data = await gql.data(CREATE_CART, a=owner)
         carts[data["createCart"]["cartId"]] = owner
-    of_ada = await gql.data(CARTS, filter={"accountId": ada})
+    of_ada = await eventually(
+        gql, CARTS, lambda data: data["carts"]["totalCount"] == 2, filter={"accountId": ada}
+    )
     assert {e["node"]["id"] for e in of_ada["carts"]["edges"]} == {
         c for c, owner in carts.items() if owner == ada
     }
@@ -190,7 +212,9 @@ async def test_carts_by_account_and_status_and_items_running_low(gql: GraphQLCli
     skus = sorted([new_id() for _ in range(3)])
     for sku, quantity in zip(skus, (2, 10, 4), strict=True):
         await gql.data(RESTOCK, sku=sku, n=quantity)
-    low = await gql.data(ITEMS, filter={"lowStock": 5})
+    low = await eventually(
+        gql, ITEMS, lambda data: data["inventoryItems"]["totalCount"] == 2, filter={"lowStock": 5}
+    )
     assert [(e["node"]["sku"], e["node"]["available"]) for e in low["inventoryItems"]["edges"]] == [
         (skus[0], 2),
         (skus[2], 4),
