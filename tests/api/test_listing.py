@@ -106,7 +106,8 @@ async def test_accounts_filter_by_status_text_time_and_closure_with_totals_and_c
     for text, found in [
         ("grace", [grace]),  # the owner's name
         ("GRACE HOP", [grace]),  # any case
-        ("a", [ada, alan]),  # names and emails starting with a
+        # Names and emails starting with a, and ids (hex) that happen to.
+        ("a", [i for i in (ada, alan, grace, pending) if i in (ada, alan) or i.startswith("a")]),
         ("alan@bl", [alan]),  # the email
         (pending[:12], [pending]),  # the id
         ("nobody", []),
