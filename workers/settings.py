@@ -279,6 +279,7 @@ class Settings(BaseModel):
             "TENURE_MAX_OBJECT_REPEATS": "max_object_repeats",
             "TENURE_MAX_LIVE_READS": "max_live_reads",
             "TENURE_MAX_MUTATIONS": "max_mutations",
+            "TENURE_MAX_RESPONSE_VALUES": "max_response_values",
             "TENURE_MAX_BODY_BYTES": "max_body_bytes",
             "TENURE_GRAPHIQL": "graphiql",
             "TENURE_INTROSPECTION": "introspection",
@@ -362,6 +363,7 @@ class Settings(BaseModel):
             "TENURE_MAX_OBJECT_REPEATS": str(self.max_object_repeats),
             "TENURE_MAX_LIVE_READS": str(self.max_live_reads),
             "TENURE_MAX_MUTATIONS": str(self.max_mutations),
+            "TENURE_MAX_RESPONSE_VALUES": str(self.max_response_values),
             "TENURE_MAX_BODY_BYTES": str(self.max_body_bytes),
             "TENURE_GRAPHIQL": "" if self.graphiql is None else str(int(self.graphiql)),
             "TENURE_INTROSPECTION": ""

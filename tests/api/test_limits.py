@@ -465,6 +465,7 @@ def test_the_limits_are_configured_from_the_environment_and_back() -> None:
         "TENURE_MAX_LIVE_READS": "2",
         "TENURE_MAX_MUTATIONS": "1",
         "TENURE_MAX_BODY_BYTES": "65536",
+        "TENURE_MAX_RESPONSE_VALUES": "2500",
         "TENURE_GRAPHIQL": "0",
         "TENURE_INTROSPECTION": "1",
         "TENURE_CORS_ORIGINS": "https://a.example, https://b.example",
@@ -473,6 +474,7 @@ def test_the_limits_are_configured_from_the_environment_and_back() -> None:
     assert DocumentLimits.from_settings(settings) == DocumentLimits(
         depth=4, aliases=3, tokens=500, directives=7, root_fields=9, mutations=1, live_reads=2
     )
+    assert settings.max_response_values == 2500
     assert (settings.max_body_bytes, settings.graphiql, settings.introspection) == (
         65536,
         False,
