@@ -24,6 +24,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from entities import catalog
 from workers.activities import PUBLISH_LAG, PUBLISH_LAG_BUCKETS, CacheActivities
+from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache, connect_redis
 from workers.requests import EntityRequests
 from workers.settings import Settings
@@ -81,9 +82,12 @@ def worker_runtime(settings: Settings, core_logs: logging.Logger | None = None) 
 
 def activity_functions(client: Client, cache: SnapshotCache, settings: Settings) -> Sequence[Any]:
     """Every activity the worker serves, bound to its clients."""
+    bulk = BulkActivities(client, cache, settings)
     return [
         CacheActivities(cache).publish_snapshot,
         EntityRequests(client, settings).request_entity,
+        bulk.bulk_page,
+        bulk.bulk_send,
     ]
 
 

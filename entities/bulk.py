@@ -1,0 +1,227 @@
+"""BulkCommand: one command sent to many entities, a page at a time, in a bounded window.
+
+The targets come a page at a time, from the listing index (a filter, paged by id so that the
+command's own changes never move an entity across a page boundary) or from a given list of
+ids. Each page is one activity that sends its entities the command, at most `window` at once,
+and counts their outcomes; then the workflow continues as new, carrying only its counters and
+its cursor, so its history stays a few events long whatever the number of targets. Every
+entity's command id is `bulk:<bulk id>:<entity id>`: a page sent again (its activity retried
+after a worker died, or the bulk replayed) is applied once by each entity's own ledger, and
+its outcome counted as first settled.
+
+Pause and cancel take effect between pages; a paused bulk waits, with its cursor, for
+resume.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from entities.runtime.entity import EntityId
+
+BULK_WORKFLOW = "BulkCommand"
+PAGE_ACTIVITY = "bulk_page"
+SEND_ACTIVITY = "bulk_send"
+MAX_IDS = 10_000
+"""Ids a bulk command may name outright; more come from a filter."""
+MAX_FAILURES_KEPT = 20
+MAX_CODES = 50
+
+
+def bulk_workflow_id(bulk_id: str) -> str:
+    return f"bulk:{bulk_id}"
+
+
+def bulk_command_id(bulk_id: str, entity_id: str) -> str:
+    """The idempotency key of the bulk's command to one entity."""
+    return f"bulk:{bulk_id}:{entity_id}"
+
+
+class BulkStatus(StrEnum):
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    CANCELLED = "CANCELLED"
+    COMPLETED = "COMPLETED"
+
+
+class BulkFailure(BaseModel):
+    entity_id: str
+    code: str
+    message: str
+
+
+class BulkProgress(BaseModel):
+    """What a bulk command has done so far, carried across continue-as-new."""
+
+    status: BulkStatus = BulkStatus.RUNNING
+    total: int | None = None
+    done: int = 0
+    applied: int = 0
+    rejected: dict[str, int] = Field(default_factory=dict, description="By the entity's code.")
+    failed: int = Field(default=0, description="Not delivered within the retries.")
+    failures: list[BulkFailure] = Field(
+        default_factory=list, description=f"The first {MAX_FAILURES_KEPT} rejections and failures."
+    )
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    cursor: str | None = Field(default=None, description="Where the next page starts.")
+    pages: int = 0
+
+    def add(self, sent: PageSent) -> None:
+        self.done += sent.done
+        self.applied += sent.applied
+        for code, count in sent.rejected.items():
+            if code in self.rejected or len(self.rejected) < MAX_CODES:
+                self.rejected[code] = self.rejected.get(code, 0) + count
+        self.failed += sent.failed
+        room = MAX_FAILURES_KEPT - len(self.failures)
+        self.failures += sent.failures[: max(room, 0)]
+
+
+class BulkInput(BaseModel):
+    bulk_id: str
+    entity_type: str
+    command: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+    ids: list[EntityId] | None = Field(default=None, max_length=MAX_IDS)
+    filter: dict[str, Any] | None = Field(
+        default=None, description="A listing filter (workers/listing.py's, as JSON)."
+    )
+    sent_by: str | None = Field(default=None, max_length=160)
+    page_size: int = Field(default=500, ge=1, le=1000)
+    window: int = Field(default=50, ge=1, le=500)
+    progress: BulkProgress = Field(default_factory=BulkProgress)
+    paused: bool = False
+
+
+class PageRequest(BaseModel):
+    """The next page of a bulk's targets."""
+
+    entity_type: str
+    ids: list[str] | None = None
+    filter: dict[str, Any] | None = None
+    cursor: str | None = None
+    size: int
+    count_total: bool = False
+
+
+class TargetPage(BaseModel):
+    ids: list[str]
+    cursor: str | None = Field(description="After the last id; None when it was the last page.")
+    total: int | None = None
+
+
+class PageToSend(BaseModel):
+    bulk_id: str
+    entity_type: str
+    command: str
+    payload: dict[str, Any]
+    ids: list[str]
+    sent_by: str | None
+    window: int
+
+
+class PageSent(BaseModel):
+    done: int = 0
+    applied: int = 0
+    rejected: dict[str, int] = Field(default_factory=dict)
+    failed: int = 0
+    failures: list[BulkFailure] = Field(default_factory=list)
+
+
+_PAGE_TIMEOUT = timedelta(seconds=30)
+_SEND_TIMEOUT = timedelta(minutes=10)
+_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+
+
+@workflow.defn(name=BULK_WORKFLOW)
+class BulkCommandWorkflow:
+    """One bulk command, from its first page to its last."""
+
+    @workflow.init
+    def __init__(self, input: BulkInput) -> None:
+        self._input = input
+        self._progress = input.progress
+        self._paused = input.paused
+        self._cancelled = False
+        self._sending = False
+        if self._progress.started_at is None:
+            self._progress.started_at = workflow.now()
+
+    @workflow.query(name="progress")
+    def progress(self) -> BulkProgress:
+        status = self._progress.status
+        if status is BulkStatus.RUNNING and self._paused and not self._sending:
+            status = BulkStatus.PAUSED  # a page in flight is finished first
+        return self._progress.model_copy(update={"status": status})
+
+    @workflow.signal(name="pause")
+    def pause(self) -> None:
+        self._paused = True
+
+    @workflow.signal(name="resume")
+    def resume(self) -> None:
+        self._paused = False
+
+    @workflow.signal(name="cancel")
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    @workflow.run
+    async def run(self, input: BulkInput) -> BulkProgress:
+        await workflow.wait_condition(lambda: not self._paused or self._cancelled)
+        if not self._cancelled:
+            self._sending = True
+            page = await workflow.execute_activity(
+                PAGE_ACTIVITY,
+                PageRequest(
+                    entity_type=input.entity_type,
+                    ids=input.ids,
+                    filter=input.filter,
+                    cursor=self._progress.cursor,
+                    size=input.page_size,
+                    count_total=self._progress.total is None,
+                ),
+                result_type=TargetPage,
+                start_to_close_timeout=_PAGE_TIMEOUT,
+                retry_policy=_RETRY,
+            )
+            if page.total is not None:
+                self._progress.total = page.total
+            if page.ids:
+                sent = await workflow.execute_activity(
+                    SEND_ACTIVITY,
+                    PageToSend(
+                        bulk_id=input.bulk_id,
+                        entity_type=input.entity_type,
+                        command=input.command,
+                        payload=input.payload,
+                        ids=page.ids,
+                        sent_by=input.sent_by,
+                        window=input.window,
+                    ),
+                    result_type=PageSent,
+                    start_to_close_timeout=_SEND_TIMEOUT,
+                    heartbeat_timeout=timedelta(seconds=30),
+                    retry_policy=_RETRY,
+                )
+                self._progress.add(sent)
+            self._sending = False
+            self._progress.pages += 1
+            self._progress.cursor = page.cursor
+            if page.cursor is not None and not self._cancelled:
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(
+                    input.model_copy(update={"progress": self._progress, "paused": self._paused})
+                )
+        self._progress.status = BulkStatus.CANCELLED if self._cancelled else BulkStatus.COMPLETED
+        self._progress.ended_at = workflow.now()
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self._progress

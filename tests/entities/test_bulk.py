@@ -1,0 +1,179 @@
+"""BulkCommand on real servers: every target gets the command exactly once, through worker
+deaths, pauses and continue-as-new, and what became of each is counted."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from temporalio.client import Client, WorkflowHandle
+
+from entities import catalog
+from entities.account import AccountState
+from entities.bulk import (
+    BulkCommandWorkflow,
+    BulkInput,
+    BulkProgress,
+    BulkStatus,
+    bulk_workflow_id,
+)
+from entities.runtime.envelope import CommandEnvelope, OutcomeStatus, Snapshot
+from tests.conftest import WorkerFactory
+from tests.entities.shop import eventually
+from workers.cache import SnapshotCache
+from workers.delivery import CommandDelivery
+from workers.settings import Settings
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """An index of the test's own (a filter sees only its accounts), and a worker whose
+    activities are cut short when it stops, as a killed one's are."""
+    return settings.model_copy(
+        update={
+            "redis_prefix": f"{settings.redis_prefix}{uuid.uuid4().hex[:8]}:",
+            "worker_shutdown_grace": 0.0,
+        }
+    )
+
+
+async def send(
+    delivery: CommandDelivery, entity_id: str, command: str, payload: dict[str, Any]
+) -> None:
+    account = catalog.entity_types()["account"]
+    envelope = CommandEnvelope(command_id=uuid.uuid4().hex, name=command, payload=payload)
+    result = await delivery.request(account, entity_id, envelope)
+    assert result.outcome.status is OutcomeStatus.APPLIED, result.outcome
+
+
+async def open_accounts(client: Client, settings: Settings, n: int, tag: str) -> list[str]:
+    delivery = CommandDelivery(client, settings)
+    ids = [f"{tag}-{i:04d}" for i in range(n)]
+    window = asyncio.Semaphore(50)
+
+    async def open_one(account_id: str) -> None:
+        async with window:
+            await send(delivery, account_id, "open", {"owner_name": "Bulk", "email": "b@x.io"})
+            await send(delivery, account_id, "verify", {})
+
+    await asyncio.gather(*(open_one(i) for i in ids))
+    return ids
+
+
+async def balance(client: Client, account_id: str) -> int:
+    snapshot = await client.get_workflow_handle(f"account:{account_id}").query(
+        "snapshot", result_type=Snapshot
+    )
+    return AccountState.model_validate(snapshot.state).balance
+
+
+async def start_bulk(
+    client: Client, settings: Settings, **fields: Any
+) -> WorkflowHandle[BulkCommandWorkflow, BulkProgress]:
+    bulk_id = uuid.uuid4().hex[:12]
+    return await client.start_workflow(
+        BulkCommandWorkflow.run,
+        BulkInput(bulk_id=bulk_id, sent_by="admin:ops", **fields),
+        id=bulk_workflow_id(bulk_id),
+        task_queue=settings.task_queue,
+    )
+
+
+async def progress(handle: WorkflowHandle[BulkCommandWorkflow, BulkProgress]) -> BulkProgress:
+    return await handle.query(BulkCommandWorkflow.progress)
+
+
+async def test_a_worker_killed_midway_leaves_every_entity_credited_exactly_once(
+    temporal_client: Client, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    async with run_worker():
+        ids = await open_accounts(temporal_client, settings, 300, uuid.uuid4().hex[:8])
+        bulk = await start_bulk(
+            temporal_client,
+            settings,
+            entity_type="account",
+            command="deposit",
+            payload={"amount": 7},
+            ids=[*ids, "never-opened"],
+            page_size=60,
+            window=20,
+        )
+        # Stopped in its second page, its activity cut short mid-page.
+        await eventually(lambda: progress(bulk), lambda p: p.done >= 60, timeout=60)
+    async with run_worker():
+        done = await bulk.result()
+        balances = await asyncio.gather(*(balance(temporal_client, i) for i in ids))
+    assert sorted(set(balances)) == [7]
+    assert done.status is BulkStatus.COMPLETED
+    assert (done.total, done.done, done.applied, done.failed) == (301, 301, 300, 0)
+    assert done.rejected == {"NOT_FOUND": 1}
+    assert [f.entity_id for f in done.failures] == ["never-opened"]
+    assert done.pages == 6  # 301 targets, 60 a page: it continued as new five times
+
+
+async def test_a_filter_pages_the_index_and_a_paused_bulk_resumes_where_it_stopped(
+    temporal_client: Client, settings: Settings, run_worker: WorkerFactory, cache: SnapshotCache
+) -> None:
+    async with run_worker():
+        ids = await open_accounts(temporal_client, settings, 40, uuid.uuid4().hex[:8])
+        delivery = CommandDelivery(temporal_client, settings)
+        suspended = ids[::4]
+        for account_id in suspended:
+            await send(delivery, account_id, "suspend", {"reason": "review"})
+        # Listed once their last snapshots are in the index.
+        await eventually(
+            lambda: cache.get("account", suspended[-1]),
+            lambda hit: hit is not None and (hit.snapshot.state or {}).get("status") == "SUSPENDED",
+        )
+        bulk = await start_bulk(
+            temporal_client,
+            settings,
+            entity_type="account",
+            command="deposit",
+            payload={"amount": 3},
+            filter={"tags": {"status": ["ACTIVE"]}},
+            page_size=5,
+            window=5,
+            paused=True,
+        )
+        paused = await eventually(lambda: progress(bulk), lambda p: p.status is BulkStatus.PAUSED)
+        assert paused.done == 0
+        await bulk.signal("resume")
+        await eventually(lambda: progress(bulk), lambda p: p.done >= 10)
+        await bulk.signal("pause")
+        stopped = await eventually(lambda: progress(bulk), lambda p: p.status is BulkStatus.PAUSED)
+        await asyncio.sleep(1.0)
+        still = await progress(bulk)
+        assert (still.done, still.cursor) == (stopped.done, stopped.cursor)
+        assert still.done < 30
+        await bulk.signal("resume")
+        done = await bulk.result()
+        balances = {i: await balance(temporal_client, i) for i in ids}
+    assert done.status is BulkStatus.COMPLETED
+    assert (done.total, done.done, done.applied) == (30, 30, 30)
+    assert {i for i, b in balances.items() if b == 3} == set(ids) - set(suspended)
+    assert all(balances[i] == 0 for i in suspended)
+
+
+async def test_a_cancelled_bulk_sends_no_further_page(
+    temporal_client: Client, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    async with run_worker():
+        ids = await open_accounts(temporal_client, settings, 20, uuid.uuid4().hex[:8])
+        bulk = await start_bulk(
+            temporal_client,
+            settings,
+            entity_type="account",
+            command="deposit",
+            payload={"amount": 1},
+            ids=ids,
+            page_size=5,
+            paused=True,
+        )
+        await bulk.signal("cancel")
+        done = await bulk.result()
+        balances = await asyncio.gather(*(balance(temporal_client, i) for i in ids))
+    assert done.status is BulkStatus.CANCELLED and done.done == 0
+    assert set(balances) == {0}

@@ -1,0 +1,146 @@
+"""The bulk command's activities: the next page of its targets, and one page sent.
+
+Sending a page delivers the command to each entity and waits for its outcome, at most
+`window` entities at once, heartbeating as it goes. Sent again (its activity retried after a
+worker died), a page costs each entity a look in its ledger: every command id is the bulk's
+and the entity's (`bulk:<bulk id>:<entity id>`), so it is applied once and counted as it
+first settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
+
+from entities import catalog
+from entities.bulk import (
+    PAGE_ACTIVITY,
+    SEND_ACTIVITY,
+    BulkFailure,
+    PageRequest,
+    PageSent,
+    PageToSend,
+    TargetPage,
+    bulk_command_id,
+)
+from entities.errors import ErrorCode, TenureError
+from entities.runtime.envelope import CommandEnvelope, OutcomeStatus
+from workers.cache import CacheUnavailable, SnapshotCache
+from workers.delivery import CommandDelivery
+from workers.listing import EntityIndex, ListFilter, Order
+from workers.settings import Settings
+
+HEARTBEAT_EVERY = 50
+
+
+def list_filter(data: dict[str, Any] | None) -> ListFilter:
+    """A listing filter from its JSON form: `{"tags": {"status": ["ACTIVE"]}, "closed":
+    false, "text": "ad", "updated_before": "2026-01-01T00:00:00+00:00", "below": {...}}`."""
+    data = data or {}
+    known = {"tags", "updated_after", "updated_before", "text", "below", "closed"}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown filter fields: {', '.join(sorted(unknown))}")
+
+    def moment(name: str) -> datetime | None:
+        value = data.get(name)
+        return datetime.fromisoformat(value) if value is not None else None
+
+    return ListFilter(
+        tags={tag: frozenset(values) for tag, values in (data.get("tags") or {}).items()},
+        updated_after=moment("updated_after"),
+        updated_before=moment("updated_before"),
+        text=data.get("text"),
+        below={name: int(bound) for name, bound in (data.get("below") or {}).items()},
+        closed=data.get("closed"),
+    )
+
+
+class BulkActivities:
+    """Pages of targets from the listing index, and pages of commands delivered."""
+
+    def __init__(self, client: Client, cache: SnapshotCache, settings: Settings) -> None:
+        self._delivery = CommandDelivery(client, settings)
+        self._index = EntityIndex(cache.client, cache.prefix)
+
+    @activity.defn(name=PAGE_ACTIVITY)
+    async def bulk_page(self, request: PageRequest) -> TargetPage:
+        """The next page of targets after the cursor, in id order."""
+        if request.ids is not None:
+            start = int(request.cursor or 0)
+            end = start + request.size
+            return TargetPage(
+                ids=request.ids[start:end],
+                cursor=str(end) if end < len(request.ids) else None,
+                total=len(request.ids),
+            )
+        try:
+            where = list_filter(request.filter)
+        except (TypeError, ValueError) as exc:
+            raise ApplicationError(
+                str(exc), type=ErrorCode.INVALID_INPUT, non_retryable=True
+            ) from exc
+        try:
+            page = await self._index.page(
+                request.entity_type, where, Order.ID, request.size, request.cursor
+            )
+        except CacheUnavailable as exc:
+            raise ApplicationError(f"the listing index is unavailable: {exc}") from exc
+        return TargetPage(
+            ids=page.ids,
+            cursor=page.end_key if page.has_next else None,
+            total=page.total if request.count_total else None,
+        )
+
+    @activity.defn(name=SEND_ACTIVITY)
+    async def bulk_send(self, page: PageToSend) -> PageSent:
+        """Deliver the command to every entity of the page and count what became of it."""
+        entity = catalog.entity_types().get(page.entity_type)
+        if entity is None:
+            raise ApplicationError(
+                f"no entity type {page.entity_type!r}",
+                type=ErrorCode.INVALID_INPUT,
+                non_retryable=True,
+            )
+        sent = PageSent()
+        window = asyncio.Semaphore(page.window)
+
+        def failure(entity_id: str, code: str, message: str) -> None:
+            if len(sent.failures) < 20:
+                sent.failures.append(BulkFailure(entity_id=entity_id, code=code, message=message))
+
+        async def send(entity_id: str) -> None:
+            envelope = CommandEnvelope(
+                command_id=bulk_command_id(page.bulk_id, entity_id),
+                name=page.command,
+                payload=page.payload,
+                sent_by=page.sent_by,
+            )
+            async with window:
+                try:
+                    result = await self._delivery.request(entity, entity_id, envelope)
+                except TenureError as exc:
+                    if exc.code is ErrorCode.UNAVAILABLE:
+                        sent.failed += 1
+                    else:
+                        sent.rejected[exc.code] = sent.rejected.get(exc.code, 0) + 1
+                    failure(entity_id, exc.code, exc.message)
+                else:
+                    outcome = result.outcome
+                    if outcome.status is OutcomeStatus.APPLIED:
+                        sent.applied += 1
+                    else:
+                        code = outcome.code or ErrorCode.INTERNAL
+                        sent.rejected[code] = sent.rejected.get(code, 0) + 1
+                        failure(entity_id, code, outcome.message or "")
+            sent.done += 1
+            if sent.done % HEARTBEAT_EVERY == 0:
+                activity.heartbeat(sent.done)
+
+        await asyncio.gather(*(send(entity_id) for entity_id in page.ids))
+        return sent
