@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from entities import catalog
 from entities.runtime.envelope import Snapshot
 from entities.runtime.listing import IndexValues
+from workers.changes import Changes, Retention, encode, marks_key, state_of, stream_key
 from workers.index import INDEX_IF_NEWER, PUT_AND_INDEX, IndexEntry, index_base
 from workers.read_batching import ReadBatcher
 from workers.settings import Settings
@@ -146,11 +147,16 @@ def _follow_sentinels(settings: Settings) -> redis.Redis:
 
 class SnapshotCache:
     """Reads and conditional writes of entity snapshots under one key prefix, each write
-    indexing the snapshot for listings (workers/index.py) under the same rule."""
+    indexing the snapshot for listings (workers/index.py) under the same rule, and
+    appending the changes a publish carries to its type's change stream
+    (workers/changes.py), kept as `retention` says."""
 
-    def __init__(self, client: RedisClient, prefix: str = "tenure:") -> None:
+    def __init__(
+        self, client: RedisClient, prefix: str = "tenure:", retention: Retention | None = None
+    ) -> None:
         self._client = client
         self._prefix = prefix
+        self._retention = retention or Retention()
         self._cluster = isinstance(client, RedisCluster)
         self._types = catalog.entity_types()
         # One script for both in one Redis; in a cluster, the snapshot's slot is not the
@@ -174,12 +180,15 @@ class SnapshotCache:
         except (redis.RedisError, OSError, TimeoutError):
             return False
 
-    async def put(self, snapshot: Snapshot) -> bool:
+    async def put(self, snapshot: Snapshot, changes: Changes | None = None) -> bool:
         """Store `snapshot` unless the cache already holds this revision or a newer one
-        (of this incarnation of the entity, or of a later one). When Redis cannot take it,
-        it is kept and written once Redis answers again (`UnsavedSnapshots`), and raises."""
+        (of this incarnation of the entity, or of a later one), and stream `changes` past
+        the last one streamed, whether or not the snapshot was stored. When Redis cannot
+        take it, the snapshot is kept and written once Redis answers again
+        (`UnsavedSnapshots`, which streams nothing: the publish is retried with its
+        changes), and raises."""
         try:
-            return await self._put(snapshot)
+            return await self._write(snapshot, changes) == 1
         except CacheUnavailable:
             self._unsaved.keep(snapshot)
             raise
@@ -205,34 +214,51 @@ class SnapshotCache:
         entry = IndexEntry.of(snapshot, values)
         return entry.encode(snapshot) if entry is not None else ""
 
-    async def _write(self, snapshot: Snapshot) -> int | bytes:
+    async def _write(self, snapshot: Snapshot, changes: Changes | None = None) -> int | bytes:
         """The script's answer: 1 written, 0 not, or the newer snapshot stored."""
         base = index_base(self._prefix, snapshot.entity_type)
         entry = self.index_entry(snapshot)
         order = [snapshot.incarnation, snapshot.revision]
+        now = time.time()
+        streams = [
+            stream_key(self._prefix, snapshot.entity_type),
+            marks_key(self._prefix, snapshot.entity_type),
+        ]
+        streamed = (
+            [encode(changes, self._retention, now), state_of(snapshot)]
+            if changes is not None
+            else ["", ""]
+        )
         try:
             with redis_span("EVALSHA"):
                 if not self._cluster:
                     answer: int | bytes = await self._put_if_newer(
-                        keys=[self.key(snapshot.entity_type, snapshot.entity_id), base + "e"],
+                        keys=[
+                            self.key(snapshot.entity_type, snapshot.entity_id),
+                            base + "e",
+                            *streams,
+                        ],
                         args=[
                             *order,
                             snapshot.model_dump_json(),
-                            repr(time.time()),
+                            repr(now),
                             base,
                             snapshot.entity_id,
                             entry,
+                            *streamed,
                         ],
                     )
                     return answer
                 answer = await self._put_if_newer(
                     keys=[self.key(snapshot.entity_type, snapshot.entity_id)],
-                    args=[*order, snapshot.model_dump_json(), repr(time.time())],
+                    args=[*order, snapshot.model_dump_json(), repr(now)],
                 )
                 # Whatever the cache answered: a retry after the index's write failed
-                # finds the snapshot written already, and the index has its own rule.
+                # finds the snapshot written already, and the index and the stream have
+                # their own rules.
                 await self._index_if_newer(
-                    keys=[base + "e"], args=[*order, base, snapshot.entity_id, entry]
+                    keys=[base + "e", *streams],
+                    args=[*order, base, snapshot.entity_id, entry, *streamed],
                 )
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc

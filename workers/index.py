@@ -14,6 +14,14 @@ a listing reads one slot. An entity's snapshot lives in its own slot (`{account:
   entity's next publish or `tenure reindex`. Listing in a cluster is not atomic with the
   cache; it only converges.
 
+The change stream of a type (workers/changes.py) is in the type's slot too, so it is
+written by the same script as the index: with the snapshot in one Redis, with the index in
+a cluster. There a publish whose writer dies between the two scripts leaves the stream
+behind the cache until the entity publishes again (a retried publish carries the same
+changes, so nothing is lost); the stream and the index never disagree, and the stream
+keeps its own never-backwards mark, but the cache may serve a change a little before the
+stream holds it.
+
 Every ordered index is a sorted set of score 0 read by lexicographic range, so a page
 resumes after a member (a keyset cursor) in O(log n): `<inverted ms>:<id>` newest first,
 or the id.
@@ -28,6 +36,7 @@ from typing import Any
 
 from entities.runtime.envelope import Snapshot
 from entities.runtime.listing import IndexValues
+from workers.changes import APPEND_CHANGES
 
 STATUS = "status"
 """The tag that is also counted per value (`<type>Stats`)."""
@@ -77,7 +86,9 @@ end
 
 PUT_AND_INDEX = (
     _REINDEX
+    + APPEND_CHANGES
     + """
+append_changes(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[6], ARGV[8], ARGV[9])
 local current = redis.call('HMGET', KEYS[1], 'incarnation', 'revision', 'snapshot')
 local incarnation = tonumber(current[1] or '0')
 local revision = tonumber(current[2] or '-1')
@@ -95,13 +106,17 @@ reindex(ARGV[5], ARGV[6], ARGV[7])
 return 1
 """
 )
-"""The cache's compare-and-set (workers/cache.py) that also indexes what it writes. KEYS:
-the entity's hash and the type's index entries (`<base>e`, named for clusters that check);
-ARGV: incarnation, revision, snapshot, cached_at, index base, entity id, entry."""
+"""The cache's compare-and-set (workers/cache.py) that also indexes what it writes and
+streams the changes a publish carries (workers/changes.py). KEYS: the entity's hash, the
+type's index entries (`<base>e`, named for clusters that check), the type's change stream
+and its marks; ARGV: incarnation, revision, snapshot, cached_at, index base, entity id,
+entry, and the changes and state (both empty or left out: nothing streamed)."""
 
 INDEX_IF_NEWER = (
     _REINDEX
+    + APPEND_CHANGES
     + """
+append_changes(KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[4], ARGV[6], ARGV[7])
 local old = redis.call('HGET', KEYS[1], ARGV[4])
 if old then
   old = cjson.decode(old)
@@ -112,8 +127,9 @@ reindex(ARGV[3], ARGV[4], ARGV[5])
 return 1
 """
 )
-"""The index alone, under the same rule, for Redis Cluster. KEYS: the type's index entries;
-ARGV: incarnation, revision, index base, entity id, entry."""
+"""The index and the change stream alone, each under its own rule, for Redis Cluster. KEYS:
+the type's index entries, change stream and marks; ARGV: incarnation, revision, index base,
+entity id, entry, changes, state."""
 
 
 def index_base(prefix: str, entity_type: str) -> str:

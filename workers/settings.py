@@ -149,6 +149,17 @@ class Settings(BaseModel):
         default=4096, ge=0, description="Rendered CACHED-read responses the API keeps; 0: none."
     )
     runtime: RuntimeOptions = Field(default_factory=RuntimeOptions)
+    change_stream_maxlen: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Entries each entity type's change stream keeps, about (MAXLEN ~).",
+    )
+    change_stream_max_age_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds a change stream's entries are kept, about (MINID ~); None: "
+        "only the length bounds them.",
+    )
     entity_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     max_cached_workflows: int = 10_000
     max_concurrent_workflow_tasks: int = 100
@@ -257,6 +268,8 @@ class Settings(BaseModel):
             "TENURE_RENDERED_READS": "rendered_reads",
             "TENURE_WATCHDOG_INTERVAL": "watchdog_interval",
             "TENURE_AUTO_REPAIR": "auto_repair",
+            "TENURE_CHANGE_STREAM_MAXLEN": "change_stream_maxlen",
+            "TENURE_CHANGE_STREAM_MAX_AGE_SECONDS": "change_stream_max_age_seconds",
             "TENURE_ENV": "environment",
             "TENURE_AUTH_SECRET": "auth_secret",
             "TENURE_AUTH_PUBLIC_KEY_FILE": "auth_public_key_file",
@@ -344,6 +357,7 @@ class Settings(BaseModel):
             "TENURE_RENDERED_READS": str(self.rendered_reads),
             "TENURE_WATCHDOG_INTERVAL": str(self.watchdog_interval),
             "TENURE_AUTO_REPAIR": "1" if self.auto_repair else "0",
+            "TENURE_CHANGE_STREAM_MAXLEN": str(self.change_stream_maxlen),
             "TENURE_ENV": self.environment,
             "TENURE_AUTH_ISSUER": self.auth_issuer,
             "TENURE_AUTH_AUDIENCE": self.auth_audience,
@@ -375,6 +389,7 @@ class Settings(BaseModel):
             "TENURE_AUTH_SECRET": self.auth_secret,
             "TENURE_AUTH_PUBLIC_KEY_FILE": self.auth_public_key_file,
             "TENURE_AUTH_JWKS_URL": self.auth_jwks_url,
+            "TENURE_CHANGE_STREAM_MAX_AGE_SECONDS": self.change_stream_max_age_seconds,
         }
         env.update({name: str(value) for name, value in optional.items() if value})
         if self.temporal_address:

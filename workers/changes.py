@@ -1,0 +1,163 @@
+"""The change stream: every applied command (and fired timer) of every entity of a type, in
+one Redis Stream per type (`tenure:changes:{account}`), for integrations to consume with a
+consumer group.
+
+Entries are appended by the cache's script, in the step that writes the snapshot (see
+workers/index.py for what Redis Cluster gives up). A publish carries the changes its
+entity made since its last publish, from the entity's ledger, so one publish that covers
+several commands still appends one entry per command, in revision order, none twice: the
+stream keeps, per entity, the incarnation and revision it last appended
+(`tenure:changes:{account}:last`), and appends only past it.
+
+Each entry is a `change` or a `gap`:
+
+- `change`: `id`, `incarnation`, `revision`, `command`, `command_id`, `sent_by` (empty for
+  a command from inside, `entity:timer` for a timer), `at` (ISO 8601), and either `state`
+  (the entity's state after it, JSON) or `state_revision`. An entity keeps no state but its
+  latest, so only the last change of a publish carries one; the earlier changes of that
+  publish name the revision whose state the stream holds (`state_revision`, the next entry
+  of the entity with a `state`).
+- `gap`: `id`, `incarnation`, `from`, `to`, `state_revision`: the entity made changes
+  `from`..`to` that the stream does not hold (its ledger no longer remembered them, or more
+  of them came between two publishes than one publish carries). A consumer that needs
+  them reads the entity's snapshot. A gap is never silent; a consumer never has to infer
+  one from revisions.
+
+When an entity is first streamed its earlier revisions, made before the stream existed or
+before Redis lost the stream's keys, are not announced as a gap: the stream begins at the
+revision the entity last published.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from entities.runtime.envelope import Outcome, Snapshot
+from workers.settings import Settings
+
+# Appends the changes past the entity's last streamed revision, gaps where the carried
+# changes skip revisions, and moves the mark. `doc` is `encode`'s: the revision the entity
+# last published (where its stream begins when it has no mark), the changes, the retention.
+# A mark of an earlier incarnation is replaced: a later incarnation's revisions begin again.
+# Called by the cache's scripts (workers/index.py) before their compare-and-set, whatever
+# it decides: a snapshot already written (by a retry, a flush of unsaved snapshots) still
+# needs its changes streamed.
+APPEND_CHANGES = """
+local function append_changes(stream, marks, incarnation, revision, id, doc, state)
+  if not doc or doc == '' then return end
+  doc = cjson.decode(doc)
+  local g, r = tonumber(incarnation), tonumber(revision)
+  local last = tonumber(doc.s)
+  local mark = redis.call('HGET', marks, id)
+  if mark then
+    local sep = string.find(mark, ':', 1, true)
+    local marked = tonumber(string.sub(mark, 1, sep - 1))
+    if g < marked then return end
+    if g == marked then last = tonumber(string.sub(mark, sep + 1)) end
+  end
+  if r <= last then return end
+  local function add(fields)
+    redis.call('XADD', stream, 'MAXLEN', '~', doc.n, '*', unpack(fields))
+  end
+  local function gap(from, to)
+    add({'type', 'gap', 'id', id, 'incarnation', incarnation, 'from', tostring(from),
+         'to', tostring(to), 'state_revision', revision})
+  end
+  for _, change in ipairs(doc.c) do
+    local at = tonumber(change[1])
+    if at > last and at <= r then
+      if at > last + 1 then gap(last + 1, at - 1) end
+      local fields = {'type', 'change', 'id', id, 'incarnation', incarnation,
+                      'revision', change[1], 'command', change[2], 'command_id', change[3],
+                      'sent_by', change[4], 'at', change[5]}
+      if at == r then
+        table.insert(fields, 'state')
+        table.insert(fields, state)
+      else
+        table.insert(fields, 'state_revision')
+        table.insert(fields, revision)
+      end
+      add(fields)
+      last = at
+    end
+  end
+  if r > last then gap(last + 1, r) end
+  redis.call('HSET', marks, id, incarnation .. ':' .. revision)
+  if doc.m ~= '' then redis.call('XTRIM', stream, 'MINID', '~', doc.m) end
+end
+"""
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much of each type's stream Redis keeps: about `max_length` entries, and when
+    `max_age_seconds` is set none much older (both trimmed approximately, as Redis does
+    cheaply)."""
+
+    max_length: int = 1_000_000
+    max_age_seconds: float | None = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> Retention:
+        return cls(settings.change_stream_maxlen, settings.change_stream_max_age_seconds)
+
+    def min_id(self, now: float) -> str:
+        """The oldest entry id kept by age, or empty when age does not matter."""
+        if self.max_age_seconds is None:
+            return ""
+        return f"{max(int((now - self.max_age_seconds) * 1000), 0)}-0"
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a publish streams: the changes its entity made after revision `since` (the last
+    one it published) up to its snapshot's, as many as it still remembers."""
+
+    since: int
+    outcomes: Sequence[Outcome]
+
+
+def stream_key(prefix: str, entity_type: str) -> str:
+    """The stream of `entity_type`'s changes, hash-tagged with its index (`{account}`)."""
+    return f"{prefix}changes:{{{entity_type}}}"
+
+
+def marks_key(prefix: str, entity_type: str) -> str:
+    """Each entity's last streamed incarnation and revision, as `<incarnation>:<revision>`."""
+    return stream_key(prefix, entity_type) + ":last"
+
+
+def encode(changes: Changes, retention: Retention, now: float) -> str:
+    """What `APPEND_CHANGES` takes: the changes ordered by revision."""
+    rows = [
+        [
+            str(change.revision),
+            change.command or "",
+            change.command_id,
+            change.sent_by or "",
+            _iso(change.at),
+        ]
+        for change in sorted(changes.outcomes, key=lambda change: change.revision)
+    ]
+    document = {
+        "s": changes.since,
+        "c": rows,
+        "n": str(retention.max_length),
+        "m": retention.min_id(now),
+    }
+    return json.dumps(document, separators=(",", ":"))
+
+
+def state_of(snapshot: Snapshot) -> str:
+    return json.dumps(snapshot.state, separators=(",", ":"))
+
+
+def _iso(at: datetime | None) -> str:
+    if at is None:
+        return ""
+    if at.tzinfo is None:  # workflow time is UTC
+        at = at.replace(tzinfo=UTC)
+    return at.isoformat()
