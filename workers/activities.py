@@ -6,8 +6,9 @@ from datetime import UTC, datetime
 
 from temporalio import activity
 
-from entities.runtime.envelope import Snapshot
+from entities.runtime.envelope import Publication
 from workers.cache import SnapshotCache
+from workers.changes import Changes
 
 PUBLISH_FAILURES = "tenure_publish_failures"
 PUBLISH_LAG = "tenure_publish_lag_seconds"
@@ -16,19 +17,27 @@ PUBLISH_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 
 
 class CacheActivities:
-    """Publishing entity snapshots to the last-seen cache."""
+    """Publishing entity snapshots to the last-seen cache, and their changes to the change
+    stream."""
 
     def __init__(self, cache: SnapshotCache) -> None:
         self._cache = cache
 
     @activity.defn(name="publish_snapshot")
-    async def publish_snapshot(self, snapshot: Snapshot) -> bool:
-        """Write the snapshot if it is newer than what the cache holds; safe to repeat.
-        Counts each attempt that fails, and how long the change took to reach the cache."""
+    async def publish_snapshot(self, publication: Publication) -> bool:
+        """Write the snapshot if it is newer than what the cache holds, and stream the
+        changes not streamed yet; safe to repeat. Counts each attempt that fails, and how
+        long the change took to reach the cache."""
+        snapshot = publication.snapshot
+        changes = (
+            Changes(publication.since, publication.changes)
+            if publication.changes is not None
+            else None
+        )
         meter = activity.metric_meter()
         attributes = {"entity_type": snapshot.entity_type}
         try:
-            written = await self._cache.put(snapshot)
+            written = await self._cache.put(snapshot, changes)
         except Exception:
             meter.create_counter(
                 PUBLISH_FAILURES, "Attempts to publish a snapshot to the cache that failed."

@@ -26,6 +26,7 @@ from entities import catalog
 from workers.activities import PUBLISH_LAG, PUBLISH_LAG_BUCKETS, CacheActivities
 from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache, connect_redis
+from workers.changes import Retention
 from workers.requests import EntityRequests
 from workers.settings import Settings
 from workers.temporal import connect_temporal, until_reachable, until_unreachable
@@ -142,7 +143,7 @@ async def run_worker(
     """
     client = await connect_temporal(settings, tracer_provider=tracer_provider)
     redis_client = connect_redis(settings)
-    cache = SnapshotCache(redis_client, settings.redis_prefix)
+    cache = SnapshotCache(redis_client, settings.redis_prefix, Retention.of(settings))
     watchdog = StuckEntityWatchdog(
         client, cache, settings.task_queue, settings.watchdog_interval, settings.auto_repair
     )

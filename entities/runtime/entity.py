@@ -203,6 +203,11 @@ class EntityType(Generic[S, Opt]):
             return None
         return self._deadline(state, options)
 
+    @property
+    def timer_name(self) -> str:
+        """What the entity's timer does, named as its function is (`become_dormant`)."""
+        return self._on_deadline.__name__ if self._on_deadline is not None else "timer"
+
     def fire_deadline(self, state: S, ctx: CommandContext[Opt]) -> S:
         assert self._on_deadline is not None
         return self._on_deadline(state, ctx)

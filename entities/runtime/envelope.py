@@ -127,6 +127,26 @@ class Snapshot(BaseModel):
     )
 
 
+class Publication(BaseModel):
+    """What an entity publishes: its snapshot, and the changes it made since the revision
+    it last published (`since`), one applied command or fired timer each, oldest first,
+    as many as it still remembers (the change stream marks the rest as a gap).
+
+    A publish scheduled before changes were streamed carried the bare snapshot; it still
+    decodes, as a publication with no changes (`changes` None), which streams nothing."""
+
+    snapshot: Snapshot
+    since: int = 0
+    changes: list[Outcome] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_snapshot(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "snapshot" not in data and "entity_type" in data:
+            return {"snapshot": data}
+        return data
+
+
 class CommandResult(BaseModel):
     """A command's outcome together with the entity state after it."""
 
@@ -166,4 +186,9 @@ class EntityRunInput(BaseModel):
     )
     effects: list[StartWorkflow] = Field(
         default_factory=list, description="Effects the previous run had not yet carried out."
+    )
+    timers: list[Outcome] = Field(
+        default_factory=list,
+        description="Changes the entity's timer made that the previous run had not yet "
+        "published, for the change stream.",
     )

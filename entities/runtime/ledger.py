@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from entities.runtime.envelope import Outcome
 
@@ -59,3 +59,6 @@ class Ledger:
 
     def entries(self) -> list[Outcome]:
         return list(self._outcomes.values())
+
+    def newest_first(self) -> Iterator[Outcome]:
+        return reversed(self._outcomes.values())

@@ -18,7 +18,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import FailureError
 
 with workflow.unsafe.imports_passed_through():
-    from entities.runtime.envelope import RuntimeOptions, Snapshot
+    from entities.runtime.envelope import Publication, RuntimeOptions
 
 PUBLISH_ACTIVITY = "publish_snapshot"
 PUBLISH_TIMEOUT = timedelta(seconds=5)
@@ -48,15 +48,19 @@ PUBLISH_GIVE_UP = timedelta(minutes=10)
 class SnapshotPublisher:
     """Decides when an entity publishes its snapshot, and publishes it.
 
-    `snapshot` gives the entity's current snapshot; `published_revision` is the last one
-    known to be in the cache, carried across continue-as-new.
+    `publication(since)` gives the entity's current snapshot with its changes after
+    revision `since`; `published_revision` is the last one known to be in the cache,
+    carried across continue-as-new.
     """
 
     def __init__(
-        self, runtime: RuntimeOptions, snapshot: Callable[[], Snapshot], published_revision: int
+        self,
+        runtime: RuntimeOptions,
+        publication: Callable[[int], Publication],
+        published_revision: int,
     ) -> None:
         self._runtime = runtime
-        self._snapshot = snapshot
+        self._publication = publication
         self.published_revision = published_revision
         self._publishing: asyncio.Task[None] | None = None
         self._by_activity = False
@@ -100,10 +104,11 @@ class SnapshotPublisher:
             self._timer = asyncio.create_task(workflow.sleep(wait))
 
     async def publish(self) -> None:
-        """Publish the current snapshot and wait for it."""
-        snapshot = self._snapshot()
+        """Publish the current snapshot, with the changes since the last publish, and wait
+        for it."""
+        publication = self._publication(self.published_revision)
         try:
-            await self._publish(snapshot)
+            await self._publish(publication)
         finally:
             self._publishing = None
 
@@ -134,12 +139,12 @@ class SnapshotPublisher:
         credit = self._credit_now()
         return 0.0 if credit >= 1.0 else (1.0 - credit) * interval
 
-    async def _publish(self, snapshot: Snapshot) -> None:
+    async def _publish(self, publication: Publication) -> None:
         try:
             if self._by_activity:
                 await workflow.execute_activity(
                     PUBLISH_ACTIVITY,
-                    snapshot,
+                    publication,
                     start_to_close_timeout=PUBLISH_TIMEOUT,
                     schedule_to_close_timeout=PUBLISH_GIVE_UP,
                     retry_policy=PUBLISH_ACTIVITY_RETRY,
@@ -147,7 +152,7 @@ class SnapshotPublisher:
             else:
                 await workflow.execute_local_activity(
                     PUBLISH_ACTIVITY,
-                    snapshot,
+                    publication,
                     start_to_close_timeout=PUBLISH_TIMEOUT,
                     retry_policy=PUBLISH_RETRY,
                 )
@@ -160,4 +165,4 @@ class SnapshotPublisher:
             return
         self._failures = 0
         self._backoff = None
-        self.published_revision = snapshot.revision
+        self.published_revision = publication.snapshot.revision

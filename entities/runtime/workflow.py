@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         HistoryPage,
         Outcome,
         OutcomeStatus,
+        Publication,
         Snapshot,
     )
     from entities.runtime.ledger import Ledger
@@ -37,6 +38,16 @@ MAX_STATE_BYTES = 512 * 1024
 continue-as-new input, which Temporal refuses past 2 MB (and then fails the workflow task
 for good); each entity type bounds its collections well under this, and this refuses any
 command whose result would not fit, whatever the entity type forgot."""
+
+MAX_PUBLISHED_CHANGES = 1000
+"""The most changes one publish carries for the change stream (the newest; the stream marks
+older ones as a gap): with the largest state they keep its input far below Temporal's 2 MB."""
+
+MAX_TIMER_CHANGES = 64
+"""Timer firings remembered for the change stream until published."""
+
+NOTHING_TO_UNDO = "nothing to undo"
+TIMER_SENDER = "entity:timer"
 
 COMMANDS_METRIC = "tenure_commands"
 CONTINUE_AS_NEW_METRIC = "tenure_continue_as_new"
@@ -78,7 +89,10 @@ class EntityWorkflow:
         )
         self._ledger = Ledger(input.runtime.ledger_size, input.ledger)
         self._received_this_run = 0
-        self._publisher = SnapshotPublisher(input.runtime, self.snapshot, input.published_revision)
+        self._timers: list[Outcome] = list(input.timers)
+        self._publisher = SnapshotPublisher(
+            input.runtime, self.publication, input.published_revision
+        )
         self._effects: list[Any] = list(input.effects)
         self._commands_metric: MetricCounter | None = None
 
@@ -148,7 +162,7 @@ class EntityWorkflow:
                 command_id=envelope.command_id,
                 status=OutcomeStatus.APPLIED,
                 revision=self._revision,
-                message=f"nothing to undo: {envelope.undoes} was not applied",
+                message=f"{NOTHING_TO_UNDO}: {envelope.undoes} was not applied",
                 fingerprint=envelope.fingerprint,
                 sent_by=envelope.sent_by,
                 command=envelope.name,
@@ -212,6 +226,28 @@ class EntityWorkflow:
             closed=self._is_terminal(),
             incarnation=self._incarnation,
         )
+
+    def publication(self, since: int) -> Publication:
+        """The current snapshot, with the changes made after revision `since` that the
+        ledger (and the timers' list) still hold: the newest MAX_PUBLISHED_CHANGES, one per
+        revision, oldest first."""
+        snapshot = self.snapshot()
+        by_revision: dict[int, Outcome] = {}
+        for outcome in self._ledger.newest_first():
+            if outcome.revision <= since or len(by_revision) >= MAX_PUBLISHED_CHANGES:
+                break
+            if (
+                outcome.status is OutcomeStatus.APPLIED
+                and outcome.revision <= snapshot.revision
+                # settled without a change: the revision is its predecessor's
+                and not (outcome.message or "").startswith(NOTHING_TO_UNDO)
+            ):
+                by_revision[outcome.revision] = outcome
+        for timer in self._timers:
+            if since < timer.revision <= snapshot.revision:
+                by_revision[timer.revision] = timer
+        changes = [by_revision[revision] for revision in sorted(by_revision)]
+        return Publication(snapshot=snapshot, since=since, changes=changes[-MAX_PUBLISHED_CHANGES:])
 
     @workflow.query(name="outcome")
     def outcome(self, command_id: str) -> CommandResult:
@@ -319,6 +355,17 @@ class EntityWorkflow:
         ctx = CommandContext(self._input.entity_id, now, self._options, "timer")
         self._commit(self.entity.fire_deadline(self._state, ctx), now)
         self._effects.extend(ctx.effects)
+        self._timers.append(
+            Outcome(
+                command_id=f"timer:{self._revision}",
+                status=OutcomeStatus.APPLIED,
+                revision=self._revision,
+                sent_by=TIMER_SENDER,
+                command=self.entity.timer_name,
+                at=now,
+            )
+        )
+        del self._timers[:-MAX_TIMER_CHANGES]
 
     async def _run_effects(self) -> None:
         while self._effects:
@@ -346,4 +393,9 @@ class EntityWorkflow:
             published_revision=self._publisher.published_revision,
             incarnation=self._incarnation,
             effects=self._effects,
+            timers=[
+                timer
+                for timer in self._timers
+                if timer.revision > self._publisher.published_revision
+            ],
         )
