@@ -24,8 +24,10 @@ from entities.runtime.envelope import Snapshot
 from entities.runtime.policy import Principal, Role
 from tests.api.test_accounts_api import open_active, read_account
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
+from tests.workers.test_change_stream import applied
 from tests.workers.test_index import account
 from workers.cache import SnapshotCache, connect_redis
+from workers.changes import Changes, stream_key
 from workers.listing import EntityIndex, ListFilter, Order
 from workers.settings import Settings
 
@@ -192,5 +194,42 @@ async def test_the_index_in_a_cluster_lives_in_its_type_slot_and_never_goes_back
         assert await index.counts("account") == ({"SUSPENDED": len(ids)}, len(ids))
         assert await cache.put(account(ids[0], 3, "CLOSED"))
         assert await index.counts("account") == ({"CLOSED": 1, "SUSPENDED": len(ids) - 1}, 30)
+    finally:
+        await client.aclose()
+
+
+async def test_the_change_stream_in_a_cluster_is_written_with_the_index(
+    settings: Settings, cluster: str
+) -> None:
+    settings = settings.model_copy(update={"redis_url": cluster, "redis_cluster": True})
+    client = connect_redis(settings)
+    assert isinstance(client, RedisCluster)
+    cache = SnapshotCache(client, settings.redis_prefix)
+    try:
+        await client.initialize()
+        stream = stream_key(settings.redis_prefix, "account")
+        assert key_slot(stream.encode()) == key_slot(b"account")
+        ids = [new_id() for _ in range(6)]
+        for entity_id in ids:
+            assert await cache.put(snapshot(entity_id, 2), Changes(0, applied(1, 2)))
+        # Retried after the snapshot was written: the stream has its own rule.
+        assert not await cache.put(snapshot(ids[0], 2), Changes(0, applied(1, 2)))
+        assert await cache.put(snapshot(ids[0], 4), Changes(2, applied(4)))
+        raw = await client.xrange(stream)
+        shape = [
+            (f[b"id"].decode(), f[b"type"].decode(), (f.get(b"revision") or f[b"to"]).decode())
+            for _, f in raw
+        ]
+        for entity_id in ids[1:]:
+            assert [s[1:] for s in shape if s[0] == entity_id] == [
+                ("change", "1"),
+                ("change", "2"),
+            ]
+        assert [s[1:] for s in shape if s[0] == ids[0]] == [
+            ("change", "1"),
+            ("change", "2"),
+            ("gap", "3"),
+            ("change", "4"),
+        ]
     finally:
         await client.aclose()
