@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import structlog
 from pydantic import BaseModel
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import TooManyQueries
@@ -262,6 +264,40 @@ class EntityGateway:
             except RPCError as again:
                 raise unavailable(again) from again
         return value
+
+    async def start_workflow(self, workflow: str, input: BaseModel, workflow_id: str) -> bool:
+        """Start a workflow that is not an entity (a bulk command) on the entities' task
+        queue, unless one with its id runs or ran already: True when this call started it."""
+        seconds = self._settings.live_read_timeout
+        try:
+            await within(
+                seconds,
+                self._client.start_workflow(
+                    workflow,
+                    input,
+                    id=workflow_id,
+                    task_queue=self._settings.task_queue,
+                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                    rpc_timeout=timedelta(seconds=seconds),
+                ),
+            )
+        except WorkflowAlreadyStartedError:
+            return False
+        except RPCError as exc:
+            raise unavailable(exc) from exc
+        return True
+
+    async def signal_workflow(self, workflow_id: str, signal: str) -> bool:
+        """Signal a workflow that is not an entity; False when it does not run."""
+        seconds = self._settings.live_read_timeout
+        handle = self._client.get_workflow_handle(workflow_id)
+        try:
+            await within(seconds, handle.signal(signal, rpc_timeout=timedelta(seconds=seconds)))
+        except RPCError as exc:
+            if exc.status is RPCStatusCode.NOT_FOUND:
+                return False
+            raise unavailable(exc) from exc
+        return True
 
     async def _ask(
         self, handle: WorkflowHandle[Any, Any], query: str, result_type: type[M], *args: Any

@@ -13,6 +13,7 @@ from strawberry.tools import merge_types
 from strawberry.types import ExecutionContext
 
 from api.accounts import AccountMutation, AccountQuery
+from api.bulk import BulkMutation, BulkQuery
 from api.carts import CartMutation, CartQuery
 from api.checkouts import CheckoutQuery
 from api.common import SCALARS
@@ -25,8 +26,10 @@ from api.request_context import OperationName
 from api.response_size import ResponseSize, ResponseSizeLimit
 from workers.settings import Settings
 
-Query = merge_types("Query", (AccountQuery, CartQuery, CheckoutQuery, InventoryQuery, ListingQuery))
-Mutation = merge_types("Mutation", (AccountMutation, CartMutation, InventoryMutation))
+Query = merge_types(
+    "Query", (AccountQuery, CartQuery, CheckoutQuery, InventoryQuery, ListingQuery, BulkQuery)
+)
+Mutation = merge_types("Mutation", (AccountMutation, CartMutation, InventoryMutation, BulkMutation))
 
 
 class TenureSchema(strawberry.Schema):

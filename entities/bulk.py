@@ -60,6 +60,8 @@ class BulkFailure(BaseModel):
 class BulkProgress(BaseModel):
     """What a bulk command has done so far, carried across continue-as-new."""
 
+    entity_type: str = ""
+    command: str = ""
     status: BulkStatus = BulkStatus.RUNNING
     total: int | None = None
     done: int = 0
@@ -154,6 +156,8 @@ class BulkCommandWorkflow:
         self._sending = False
         if self._progress.started_at is None:
             self._progress.started_at = workflow.now()
+            self._progress.entity_type = input.entity_type
+            self._progress.command = input.command
 
     @workflow.query(name="progress")
     def progress(self) -> BulkProgress:

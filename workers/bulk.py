@@ -49,15 +49,33 @@ def list_filter(data: dict[str, Any] | None) -> ListFilter:
 
     def moment(name: str) -> datetime | None:
         value = data.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name}: an ISO 8601 date and time")
         return datetime.fromisoformat(value) if value is not None else None
 
+    tags = data.get("tags") or {}
+    below = data.get("below") or {}
+    closed, text = data.get("closed"), data.get("text")
+    if not isinstance(tags, dict) or not all(
+        isinstance(values, list) and all(isinstance(v, str) for v in values)
+        for values in tags.values()
+    ):
+        raise ValueError('tags: an object of lists of strings, {"status": ["ACTIVE"]}')
+    if not isinstance(below, dict) or not all(
+        isinstance(bound, int) and not isinstance(bound, bool) for bound in below.values()
+    ):
+        raise ValueError('below: an object of integers, {"available": 5}')
+    if closed is not None and not isinstance(closed, bool):
+        raise ValueError("closed: true, false or null")
+    if text is not None and not isinstance(text, str):
+        raise ValueError("text: a string")
     return ListFilter(
-        tags={tag: frozenset(values) for tag, values in (data.get("tags") or {}).items()},
+        tags={tag: frozenset(values) for tag, values in tags.items()},
         updated_after=moment("updated_after"),
         updated_before=moment("updated_before"),
-        text=data.get("text"),
-        below={name: int(bound) for name, bound in (data.get("below") or {}).items()},
-        closed=data.get("closed"),
+        text=text.lower() if text is not None else None,
+        below=dict(below),
+        closed=closed,
     )
 
 

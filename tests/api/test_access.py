@@ -114,6 +114,10 @@ COMMIT = """mutation($sku: String!) { commitReservation(sku: $sku, reservationId
 RETURN = """mutation($sku: String!) { returnReservation(sku: $sku, reservationId: "r1",
   wait: true) { commandId } }"""
 READ_ITEM = "query($sku: String!) { inventoryItem(sku: $sku) { onHand } }"
+START_BULK = """mutation($key: String!, $ids: [ID!]) { startBulkCommand(entityType: "account",
+  command: "deposit", payload: {amount: 1}, ids: $ids, idempotencyKey: $key) { id } }"""
+READ_BULK = "query($id: ID!) { bulkCommand(id: $id) { status done } }"
+PAUSE_BULK = "mutation($id: ID!) { pauseBulkCommand(id: $id) { status } }"
 
 # The issue's words, as a table: for each kind of caller, what it may do. Customers own the
 # account "mine" (and so its cart); "theirs" is another customer's.
@@ -176,6 +180,14 @@ CASES: list[Case] = [
     ("commit it", COMMIT, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
     ("return it", RETURN, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
     ("release it", RELEASE, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
+    (
+        "deposit to many accounts at once",
+        START_BULK,
+        lambda e: {"key": new_id(), "ids": [e["mine"]]},
+        {ADMIN, SERVICE},
+    ),
+    ("read a bulk command", READ_BULK, lambda e: {"id": e["bulk"]}, {ADMIN, SERVICE}),
+    ("pause it", PAUSE_BULK, lambda e: {"id": e["bulk"]}, {ADMIN, SERVICE}),
 ]
 
 
@@ -196,6 +208,8 @@ async def setup(admin: Caller) -> dict[str, str]:
         await admin.data(VERIFY, id=entities[account])
     await admin.data(RESTOCK, sku=entities["sku"])
     await admin.data(CREATE_CART, id=entities["cart"], account=entities["mine"])
+    entities["bulk"] = new_id()
+    await admin.data(START_BULK, key=entities["bulk"], ids=[entities["theirs"]])
     return entities
 
 

@@ -1,0 +1,225 @@
+"""GraphQL binding of bulk commands: start one over a filter or a list of ids, watch its
+progress, pause, resume or cancel it (entities/bulk.py does the work)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+import strawberry
+from strawberry.scalars import JSON
+
+from api.context import Info
+from api.response_size import bounded
+from entities import catalog
+from entities.bulk import (
+    BULK_WORKFLOW,
+    MAX_FAILURES_KEPT,
+    MAX_IDS,
+    BulkInput,
+    BulkProgress,
+    BulkStatus,
+    bulk_workflow_id,
+)
+from entities.errors import ErrorCode, Rejected, TenureError
+from entities.runtime.entity import ENTITY_ID_PATTERN
+from entities.runtime.policy import Principal, Role
+from workers.bulk import list_filter
+
+strawberry.enum(BulkStatus, name="BulkCommandStatus")
+
+_KEY = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+ENTITY_ID = re.compile(ENTITY_ID_PATTERN)
+
+
+@strawberry.type(description="How many targets a bulk command's entities refused, by code.")
+class RejectedCount:
+    code: str
+    count: int
+
+
+@strawberry.type(description="A target that refused the command or could not be reached.")
+class BulkFailure:
+    entity_id: strawberry.ID
+    code: str
+    message: str
+
+
+@strawberry.type(description="One command sent to many entities, and how far it has got.")
+class BulkCommand:
+    id: strawberry.ID
+    entity_type: str
+    command: str
+    status: BulkStatus
+    total: int | None = strawberry.field(description="Null until its targets are counted.")
+    done: int
+    applied: int
+    rejected: int
+    rejected_by_code: list[RejectedCount] = bounded(50)
+    failed: int = strawberry.field(description="Not delivered within the retries.")
+    failures: list[BulkFailure] = bounded(
+        MAX_FAILURES_KEPT, description=f"The first {MAX_FAILURES_KEPT}."
+    )
+    started_at: datetime | None
+    ended_at: datetime | None
+    eta: datetime | None = strawberry.field(
+        description="When it should end, at the pace so far; null before the first page."
+    )
+
+    @classmethod
+    def of(cls, bulk_id: str, progress: BulkProgress, now: datetime) -> BulkCommand:
+        eta = None
+        if (
+            progress.status is BulkStatus.RUNNING
+            and progress.started_at
+            and progress.total
+            and progress.done
+        ):
+            spent = now - progress.started_at
+            eta = progress.started_at + spent * (progress.total / progress.done)
+        return cls(
+            id=strawberry.ID(bulk_id),
+            entity_type=progress.entity_type,
+            command=progress.command,
+            status=progress.status,
+            total=progress.total,
+            done=progress.done,
+            applied=progress.applied,
+            rejected=sum(progress.rejected.values()),
+            rejected_by_code=[RejectedCount(code=c, count=n) for c, n in progress.rejected.items()],
+            failed=progress.failed,
+            failures=[
+                BulkFailure(entity_id=strawberry.ID(f.entity_id), code=f.code, message=f.message)
+                for f in progress.failures
+            ],
+            started_at=progress.started_at,
+            ended_at=progress.ended_at,
+            eta=eta,
+        )
+
+
+def _require(principal: Principal, entity_type: str, command: str) -> None:
+    """Operators, and services whose scopes name the command: never customers, who act on
+    one account at a time."""
+    entity = catalog.entity_types().get(entity_type)
+    if (
+        principal.role is Role.CUSTOMER
+        or entity is None
+        or not entity.policy.allows(principal, entity_type, command, owned=False)
+    ):
+        raise TenureError(ErrorCode.FORBIDDEN, "not allowed for this caller")
+
+
+def _checked_key(key: str) -> str:
+    if not _KEY.fullmatch(key):
+        raise TenureError(
+            ErrorCode.INVALID_INPUT,
+            "idempotencyKey: 1 to 100 letters, digits and . _ : -",
+        )
+    return key
+
+
+async def _progress(info: Info, bulk_id: str) -> BulkProgress:
+    """The bulk's progress, for a caller who may send its command; NOT_FOUND (or FORBIDDEN,
+    telling nothing) otherwise."""
+    progress = await info.context.gateway.read_workflow(
+        bulk_workflow_id(_checked_key(bulk_id)), "progress", BulkProgress
+    )
+    if progress is None:
+        if info.context.principal.role is not Role.ADMIN:
+            raise TenureError(ErrorCode.FORBIDDEN, "not allowed for this caller")
+        raise TenureError(ErrorCode.NOT_FOUND, f"no bulk command {bulk_id}")
+    _require(info.context.principal, progress.entity_type, progress.command)
+    return progress
+
+
+def _now() -> datetime:
+    return datetime.now().astimezone()
+
+
+@strawberry.type
+class BulkQuery:
+    @strawberry.field(description="A bulk command and how far it has got.")
+    async def bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand:
+        return BulkCommand.of(id, await _progress(info, id), _now())
+
+
+@strawberry.type
+class BulkMutation:
+    @strawberry.mutation(
+        description="Send one command to every entity a filter or a list of ids names. The "
+        "idempotency key is the bulk command's id: sent again, it starts nothing and answers "
+        "with the bulk command it started. Each entity's command id is "
+        "`bulk:<key>:<entity id>`, so no entity gets it twice. `filter` is a listing filter "
+        'as JSON: {"tags": {"status": ["ACTIVE"]}, "updated_before": "2026-11-01T00:00:00Z", '
+        '"closed": false, "text": "ad", "below": {"available": 5}}.'
+    )
+    async def start_bulk_command(
+        self,
+        info: Info,
+        entity_type: str,
+        command: str,
+        idempotency_key: str,
+        payload: JSON | None = None,
+        ids: list[strawberry.ID] | None = None,
+        filter: JSON | None = None,
+    ) -> BulkCommand:
+        key = _checked_key(idempotency_key)
+        principal = info.context.principal
+        entity = catalog.entity_types().get(entity_type)
+        if entity is None:
+            raise TenureError(
+                ErrorCode.INVALID_INPUT, f"entityType: no entity type {entity_type!r}"
+            )
+        if payload is not None and not isinstance(payload, dict):
+            raise TenureError(ErrorCode.INVALID_INPUT, "payload: a JSON object")
+        given: dict[str, Any] = payload or {}
+        try:
+            entity.parse(command, given)
+        except Rejected as exc:
+            raise TenureError(exc.code, exc.message) from None
+        _require(principal, entity_type, command)
+        if (ids is None) == (filter is None):
+            raise TenureError(ErrorCode.INVALID_INPUT, "give either ids or filter")
+        if ids is not None:
+            if len(ids) > MAX_IDS:
+                raise TenureError(ErrorCode.INVALID_INPUT, f"ids: at most {MAX_IDS}")
+            if not all(ENTITY_ID.fullmatch(i) for i in ids):
+                raise TenureError(ErrorCode.INVALID_INPUT, "ids: each an entity id")
+        if filter is not None:
+            if not isinstance(filter, dict):
+                raise TenureError(ErrorCode.INVALID_INPUT, "filter: a JSON object")
+            try:
+                list_filter(filter)
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise TenureError(ErrorCode.INVALID_INPUT, f"filter: {exc}") from None
+        bulk_input = BulkInput(
+            bulk_id=key,
+            entity_type=entity_type,
+            command=command,
+            payload=given,
+            ids=[str(i) for i in ids] if ids is not None else None,
+            filter=filter,
+            sent_by=f"{principal.role.value}:{principal.subject}",
+        )
+        await info.context.gateway.start_workflow(BULK_WORKFLOW, bulk_input, bulk_workflow_id(key))
+        return BulkCommand.of(key, await _progress(info, key), _now())
+
+    @strawberry.mutation(description="Stop a bulk command after the page it is sending.")
+    async def pause_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand:
+        return await _signal(info, id, "pause")
+
+    @strawberry.mutation(description="Go on from where a paused bulk command stopped.")
+    async def resume_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand:
+        return await _signal(info, id, "resume")
+
+    @strawberry.mutation(description="End a bulk command after the page it is sending.")
+    async def cancel_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand:
+        return await _signal(info, id, "cancel")
+
+
+async def _signal(info: Info, bulk_id: str, signal: str) -> BulkCommand:
+    await _progress(info, bulk_id)  # it exists, and the caller may act on it
+    await info.context.gateway.signal_workflow(bulk_workflow_id(bulk_id), signal)
+    return BulkCommand.of(bulk_id, await _progress(info, bulk_id), _now())
