@@ -74,6 +74,15 @@ class Refund(BaseModel, extra="forbid"):
     amount: Amount
 
 
+class ApplyInterest(BaseModel, extra="forbid"):
+    rate_basis_points: int = Field(
+        gt=0,
+        le=10_000,
+        strict=True,
+        description="Interest in hundredths of a percent of the balance: 150 is 1.5%.",
+    )
+
+
 class Suspend(BaseModel, extra="forbid"):
     reason: Note | None = None
 
@@ -151,6 +160,16 @@ def deposit(state: AccountState, cmd: Deposit, ctx: Ctx) -> AccountState:
             "last_activity_at": ctx.now,
         }
     )
+
+
+@account.command(ApplyInterest, name="applyInterest")
+def apply_interest(state: AccountState, cmd: ApplyInterest, ctx: Ctx) -> AccountState:
+    """A period's interest on an active account, rounded down to the minor unit; it is not
+    the customer's activity, so it does not keep a dormant account awake."""
+    _require(state, AccountStatus.ACTIVE, action="apply interest to")
+    interest = state.balance * cmd.rate_basis_points // 10_000
+    _within_limit(state, interest)
+    return state.model_copy(update={"balance": state.balance + interest})
 
 
 @account.command(Withdraw)
@@ -245,6 +264,7 @@ account.permit(
         "deposit",
         "withdraw",
         "refund",
+        "applyInterest",
         "suspend",
         "reactivate",
         "close",

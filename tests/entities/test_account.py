@@ -152,3 +152,18 @@ def test_transitions_never_mutate_the_state_they_are_given() -> None:
     apply(state, "withdraw", amount=40)
     apply(state, "suspend")
     assert state.model_dump() == before
+
+
+def test_interest_is_added_to_an_active_balance_rounded_down() -> None:
+    earned = apply(active(balance=10_001), "applyInterest", rate_basis_points=150)
+    assert earned.balance == 10_001 + 150  # 1.5% of 10,001 is 150.015
+    assert earned.last_activity_at == active().last_activity_at  # not the customer's doing
+    suspended = apply(active(balance=100), "suspend", reason="review")
+    assert (
+        rejected(suspended, "applyInterest", rate_basis_points=150) is ErrorCode.INVALID_TRANSITION
+    )
+    for rate in (0, 10_001, "150"):
+        assert (
+            rejected(active(100), "applyInterest", rate_basis_points=rate)
+            is ErrorCode.INVALID_INPUT
+        )
