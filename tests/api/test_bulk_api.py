@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from temporalio.client import Client
+
 from tests.api.test_accounts_api import open_active, read_account
-from tests.conftest import GraphQLClient, new_id
+from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
+from workers.settings import Settings
 
 START = """mutation($key: String!, $ids: [ID!], $filter: JSON, $payload: JSON,
                    $command: String! = "deposit") {
@@ -19,6 +22,29 @@ START = """mutation($key: String!, $ids: [ID!], $filter: JSON, $payload: JSON,
 READ = """query($id: ID!) { bulkCommand(id: $id) {
   id entityType command status total done applied rejected failed
   rejectedByCode { code count } failures { entityId code message } startedAt endedAt } }"""
+
+
+# As the README gives it.
+INTEREST = """mutation {
+  startBulkCommand(entityType: "account", command: "applyInterest",
+                   payload: {rate_basis_points: 150},
+                   filter: {tags: {status: ["ACTIVE"]}},
+                   idempotencyKey: "interest-2026-11") { id status total }
+}"""
+DEPOSIT = "mutation($id: ID!) { depositToAccount(id: $id, amount: 10000, wait: true) { status } }"
+SUSPEND = 'mutation($id: ID!) { suspendAccount(id: $id, reason: "review", wait: true) { status } }'
+STATUSES = "{ accounts(first: 100) { edges { node { id status } } } }"
+
+
+async def until_listed(gql: GraphQLClient, ids: list[str]) -> None:
+    """Until the index shows each account as its last command left it."""
+    for _ in range(100):
+        edges = (await gql.data(STATUSES))["accounts"]["edges"]
+        listed = {e["node"]["id"]: e["node"]["status"] for e in edges}
+        if listed == {i: "SUSPENDED" if i == ids[0] else "ACTIVE" for i in ids}:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not listed as expected: {listed}")
 
 
 async def finished(gql: GraphQLClient, bulk_id: str) -> dict[str, Any]:
@@ -76,3 +102,24 @@ async def test_a_wrong_bulk_command_is_refused_and_starts_nothing(gql: GraphQLCl
         assert await gql.error_code(READ, id=key) == "NOT_FOUND"
     assert await gql.error_code(START, key="no spaces", ids=[account_id]) == "INVALID_INPUT"
     assert (await read_account(gql, account_id, "LIVE"))["balance"] == 0
+
+
+async def test_the_readme_s_monthly_interest_reaches_only_active_accounts(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    own = settings.model_copy(update={"redis_prefix": f"{settings.redis_prefix}{new_id()[:8]}:"})
+    async with run_worker(own), api_client(own, temporal_client) as http:
+        gql = GraphQLClient(http)
+        ids = [new_id() for _ in range(4)]
+        for account_id in ids:
+            await open_active(gql, account_id)
+            await gql.data(DEPOSIT, id=account_id)
+        await gql.data(SUSPEND, id=ids[0])
+        await until_listed(gql, ids)
+        key = "interest-" + new_id()[:8]
+        interest = INTEREST.replace("interest-2026-11", key)
+        assert (await gql.data(interest))["startBulkCommand"]["id"] == key
+        done = await finished(gql, key)
+        balances = [(await read_account(gql, i, "LIVE"))["balance"] for i in ids]
+    assert (done["status"], done["total"], done["applied"]) == ("COMPLETED", 3, 3)
+    assert balances == [10_000, 10_150, 10_150, 10_150]
