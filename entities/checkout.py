@@ -5,18 +5,27 @@ InventoryItem, withdraw the total from the Account, commit every reservation, an
 outcome to the Cart. A failure undoes the steps already taken, last first. Every request
 carries a command id derived from the checkout id and the step, so a retried activity or a
 replayed saga never reserves or charges twice.
+
+A checkout left FAILED (a compensation or the report refused) waits for an operator, up to
+`operator_wait_seconds`: a retry runs what failed again, a resolve ends it RESOLVED (settled
+by hand), and nothing ends it FAILED. Its status is kept in Temporal's visibility (the
+`TenureCheckoutStatus` search attribute), so operators can list the failed ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
 from pydantic import BaseModel, Field
 from temporalio import workflow
+from temporalio.common import SearchAttributeKey
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from entities.errors import ErrorCode
     from entities.runtime.envelope import Outcome
     from entities.runtime.requests import (
         EntityRequest,
@@ -24,10 +33,25 @@ with workflow.unsafe.imports_passed_through():
         RequestPolicy,
         request_entity,
     )
-    from entities.runtime.saga import Compensation, Saga, SagaLog
+    from entities.runtime.saga import (
+        MAX_OPERATOR_ACTIONS,
+        Compensation,
+        OperatorAction,
+        OperatorActionKind,
+        OperatorRequest,
+        Saga,
+        SagaLog,
+        SagaStatus,
+    )
 
 CHECKOUT_WORKFLOW = "Checkout"
 SAGA_OUTCOMES_METRIC = "tenure_saga_outcomes"
+STATUS_ATTRIBUTE = SearchAttributeKey.for_keyword("TenureCheckoutStatus")
+"""The checkout's SagaStatus in Temporal's visibility; registered on every Temporal server
+Tenure uses (deploy/embedded.py, docs/operations.md)."""
+# Checkouts that ran their conclusion under older code neither wait for an operator nor set
+# their status in visibility.
+OPERATOR_TOOLS = "checkout-operator-tools"
 
 
 def checkout_workflow_id(checkout_id: str) -> str:
@@ -48,6 +72,12 @@ class CheckoutOptions(BaseModel):
     reservation_ttl_seconds: float = Field(default=15 * 60, gt=0)
     step: RequestPolicy = Field(default_factory=RequestPolicy)
     compensation: RequestPolicy = Field(default_factory=lambda: RequestPolicy(attempts=0))
+    operator_wait_seconds: float = Field(
+        default=7 * 24 * 3600,
+        gt=0,
+        description="How long a FAILED checkout waits for an operator's retry or resolve, from "
+        "each time it fails; then it ends FAILED, for good.",
+    )
 
 
 class CheckoutInput(BaseModel):
@@ -102,10 +132,36 @@ class CheckoutWorkflow:
             total=sum(line.quantity * line.unit_price for line in input.lines),
             reservation_id=input.key,
         )
+        self._asked: OperatorRequest | None = None
 
     @workflow.query(name="status")
     def status(self) -> CheckoutState:
         """Where the checkout is: steps taken, compensations run, and why."""
+        return self._state
+
+    @workflow.update(name="operate")
+    def operate(self, request: OperatorRequest) -> CheckoutState:
+        """An operator's retry or resolve, recorded with who asked and why, refusals too;
+        `run` takes it up. Answers the checkout as it is then (still FAILED)."""
+        actions = self._state.operator_actions
+        if len(actions) >= MAX_OPERATOR_ACTIONS:
+            # An update's error fails the update only, never the workflow.
+            raise ApplicationError(
+                f"checkout {self._input.checkout_id} has recorded {len(actions)} operator "
+                "actions, the most it records",
+                type=ErrorCode.LIMIT_REACHED,
+                non_retryable=True,
+            )
+        refused = None
+        if self._state.awaiting_operator_until is None or self._asked is not None:
+            refused = (
+                f"checkout {self._input.checkout_id} is {self._state.status.value}, "
+                "not waiting for an operator"
+            )
+        actions.append(OperatorAction(**request.model_dump(), at=workflow.now(), refused=refused))
+        if refused is not None:
+            raise ApplicationError(refused, type=ErrorCode.INVALID_TRANSITION, non_retryable=True)
+        self._asked = request
         return self._state
 
     @workflow.run
@@ -125,10 +181,50 @@ class CheckoutWorkflow:
             self._state.order_id = f"order-{input.key}"
             report = partial(self._report, "completeCheckout", order_id=self._state.order_id)
         await saga.conclude("report", report)
+        if workflow.patched(OPERATOR_TOOLS):
+            await self._await_operator(saga)
         workflow.metric_meter().create_counter(
             SAGA_OUTCOMES_METRIC, "Sagas ended, by final status."
         ).add(1, {"status": self._state.status.value})
         return self._state
+
+    async def _await_operator(self, saga: Saga) -> None:
+        """While FAILED, wait for an operator, up to `operator_wait_seconds` from each
+        failure: a retry runs what failed again, a resolve settles it (RESOLVED); nothing
+        in time leaves it FAILED for good. Visibility shows each status on the way."""
+        while self._state.status is SagaStatus.FAILED:
+            wait = timedelta(seconds=self._options.operator_wait_seconds)
+            self._state.awaiting_operator_until = workflow.now() + wait
+            self._show_status()
+            try:
+                await workflow.wait_condition(lambda: self._asked is not None, timeout=wait)
+            except TimeoutError:
+                break
+            asked, self._asked = self._asked, None
+            self._state.awaiting_operator_until = None
+            if asked is not None and asked.action is OperatorActionKind.RESOLVE:
+                self._state.status = SagaStatus.RESOLVED
+            else:
+                self._state.status = SagaStatus.RUNNING
+                self._show_status()
+                await saga.retry()
+        self._state.awaiting_operator_until = None
+        self._show_status()
+
+    def _show_status(self) -> None:
+        """The status in visibility, to list checkouts by; the rest of a list's row in the
+        memo."""
+        workflow.upsert_search_attributes([STATUS_ATTRIBUTE.value_set(self._state.status.value)])
+        until = self._state.awaiting_operator_until
+        workflow.upsert_memo(
+            {
+                "account_id": self._state.account_id,
+                "total": self._state.total,
+                "failure_code": self._state.failure_code,
+                "failure_reason": self._state.failure_reason,
+                "awaiting_operator_until": until.isoformat() if until else None,
+            }
+        )
 
     async def _take_steps(self, saga: Saga) -> None:
         reservation = {"reservation_id": self._input.key}
@@ -208,11 +304,11 @@ class CheckoutWorkflow:
         entity applies it only if the step's command was applied, and cancels that command
         if it never arrived."""
 
-        def undo(step_completed: bool) -> Awaitable[Outcome]:
+        def undo(step_completed: bool, retry: int) -> Awaitable[Outcome]:
             return self._request(
                 entity_type,
                 entity_id,
-                self._command_id(f"undo-{step}"),
+                self._command_id(_retried(f"undo-{step}", retry)),
                 command,
                 payload,
                 self._options.compensation,
@@ -221,12 +317,18 @@ class CheckoutWorkflow:
 
         return undo
 
-    def _report(self, command: str, **payload: Any) -> Awaitable[Outcome]:
+    def _report(self, command: str, retry: int, **payload: Any) -> Awaitable[Outcome]:
         return self._request(
             "cart",
             self._input.cart_id,
-            self._command_id("report"),
+            self._command_id(_retried("report", retry)),
             command,
             {"checkout_id": self._input.checkout_id, **payload},
             self._options.compensation,
         )
+
+
+def _retried(step: str, retry: int) -> str:
+    """A request's name in an operator's retry: its own, since the entity remembers the
+    refusal of the first."""
+    return step if retry == 0 else f"{step}-retry-{retry}"

@@ -1,5 +1,6 @@
 """Sagas: steps across entities, each registering its compensation before it runs, undone
-in reverse order when a later step fails."""
+in reverse order when a later step fails; a saga left FAILED is retried or resolved by an
+operator."""
 
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ T = TypeVar("T")
 class SagaStatus(StrEnum):
     """RUNNING until every step is done (COMPLETED) or every compensation has run after a
     failure (COMPENSATED); FAILED when a compensation or the final report was refused, so
-    the saga needs an operator."""
+    the saga needs an operator; RESOLVED when an operator settled a FAILED saga by hand."""
 
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
     COMPENSATED = "COMPENSATED"
     FAILED = "FAILED"
+    RESOLVED = "RESOLVED"
 
 
 class StepStatus(StrEnum):
@@ -49,18 +51,53 @@ class CompensationRecord(StepRecord):
     reason: str = Field(description="Why it ran: the step whose failure set it off.")
 
 
+class OperatorActionKind(StrEnum):
+    RETRY = "RETRY"
+    RESOLVE = "RESOLVE"
+
+
+MAX_OPERATOR_ACTIONS = 20
+"""Operator actions a saga records, refusals included; it refuses any more unrecorded."""
+MAX_OPERATOR_REASON = 500
+
+
+class OperatorRequest(BaseModel):
+    """An operator's action on a FAILED saga, with why, and who asks (`role:subject`)."""
+
+    action: OperatorActionKind
+    reason: str = Field(min_length=1, max_length=MAX_OPERATOR_REASON)
+    by: str = Field(min_length=1, max_length=160)
+
+
+class OperatorAction(OperatorRequest):
+    """An operator's action as the saga recorded it: when, and why it was refused if it was."""
+
+    at: datetime
+    refused: str | None = None
+
+
 class SagaLog(BaseModel):
-    """What a saga has done so far; its workflow answers queries with it."""
+    """What a saga has done so far; its workflow answers queries with it. A compensation or
+    a report run again by an operator replaces its record, so each step has one record: its
+    latest outcome."""
 
     status: SagaStatus = SagaStatus.RUNNING
     steps: list[StepRecord] = Field(default_factory=list)
     compensations: list[CompensationRecord] = Field(default_factory=list)
     failure_code: str | None = None
     failure_reason: str | None = None
+    operator_actions: list[OperatorAction] = Field(default_factory=list)
+    awaiting_operator_until: datetime | None = Field(
+        default=None, description="While FAILED, until when the saga waits for an operator."
+    )
 
 
-Compensation = Callable[[bool], Awaitable[object]]
-"""Undoes one step; called with whether that step is known to have completed."""
+Compensation = Callable[[bool, int], Awaitable[object]]
+"""Undoes one step; called with whether that step is known to have completed, and the
+operator's retry it runs in (0 when the saga runs it itself)."""
+
+Report = Callable[[int], Awaitable[object]]
+"""The saga's last step; called with the operator's retry it runs in (0 the first time)."""
 
 
 @dataclass
@@ -68,6 +105,9 @@ class _Registered:
     name: str
     step: str
     undo: Compensation
+    record: int = -1  # where its record is in the log's compensations, once it has run
+    retry: int = 0  # the retry its request is named after
+    refused: bool = False
 
 
 class Saga:
@@ -75,8 +115,8 @@ class Saga:
 
     Steps and compensations are workflow code that fails with RequestFailed. The
     compensation of a step that was refused has nothing to undo and is only recorded. A
-    compensation that is refused is recorded and the others still run; the saga then ends
-    FAILED.
+    compensation that is refused is recorded and the others still run; the saga is then
+    FAILED, and `retry` runs what failed again.
     """
 
     def __init__(self, log: SagaLog) -> None:
@@ -84,6 +124,12 @@ class Saga:
         self._registered: list[_Registered] = []
         self._done: set[str] = set()
         self._refused: set[str] = set()
+        self._failed: list[_Registered] = []  # refused compensations, in the order run
+        self._report: tuple[str, Report] | None = None
+        self._report_failed = False
+        self._report_retry = 0
+        self._report_refused = False
+        self.retries = 0
 
     async def step(
         self, name: str, action: Callable[[], Awaitable[T]], undo: tuple[str, Compensation] | None
@@ -110,32 +156,75 @@ class Saga:
         reason = self.log.failure_reason or "a step failed"
         while self._registered:
             registered = self._registered.pop()
-            failure: RequestFailed | None = None
-            note: str | None = None
+            registered.record = len(self.log.compensations)
             if registered.step in self._refused:
-                note = f"nothing to undo: {registered.step} was refused"
+                record = CompensationRecord(**_settled(registered.name, None), reason=reason)
+                record.message = f"nothing to undo: {registered.step} was refused"
+                self.log.compensations.append(record)
             else:
-                try:
-                    result = await registered.undo(registered.step in self._done)
-                except RequestFailed as exc:
-                    failure = exc
-                else:
-                    note = result.message if isinstance(result, Outcome) else None
-            record = CompensationRecord(**_settled(registered.name, failure), reason=reason)
-            if note is not None:
-                record.message = note
-            self.log.compensations.append(record)
+                self.log.compensations.append(await self._undo(registered, reason))
 
-    async def conclude(self, name: str, action: Callable[[], Awaitable[object]]) -> None:
-        """Run the last step, which nothing undoes since the outcome is settled by then, and
-        set the final status."""
+    async def _undo(self, registered: _Registered, reason: str) -> CompensationRecord:
         failure: RequestFailed | None = None
+        note: str | None = None
         try:
-            await action()
+            result = await registered.undo(registered.step in self._done, registered.retry)
         except RequestFailed as exc:
             failure = exc
+            registered.refused = exc.refused
+            self._failed.append(registered)
+        else:
+            note = result.message if isinstance(result, Outcome) else None
+        record = CompensationRecord(**_settled(registered.name, failure), reason=reason)
+        if note is not None:
+            record.message = note
+        return record
+
+    async def conclude(self, name: str, report: Report) -> None:
+        """Run the last step, which nothing undoes since the outcome is settled by then, and
+        set the final status."""
+        self._report = (name, report)
+        failure: RequestFailed | None = None
+        try:
+            await report(0)
+        except RequestFailed as exc:
+            failure = exc
+            self._report_refused = exc.refused
         self.log.steps.append(StepRecord(**_settled(name, failure)))
-        refused = failure is not None or any(
+        self._settle(failure is not None)
+
+    async def retry(self) -> None:
+        """An operator's retry of a FAILED saga: run the refused compensations again, last
+        registered first, each replacing its record, then the report if it failed; and set
+        the final status again. A request that was refused runs under a new request id (the
+        entity remembers the refusal of the old one), which is safe since it took no
+        effect; one whose outcome is unknown runs under its old id, applied at most once."""
+        self.retries += 1
+        failed, self._failed = self._failed, []
+        for registered in failed:
+            if registered.refused:
+                registered.retry = self.retries
+            reason = self.log.compensations[registered.record].reason
+            self.log.compensations[registered.record] = await self._undo(registered, reason)
+        report_failed = self._report_failed
+        if report_failed and self._report is not None:
+            name, report = self._report
+            failure: RequestFailed | None = None
+            if self._report_refused:
+                self._report_retry = self.retries
+            try:
+                await report(self._report_retry)
+            except RequestFailed as exc:
+                failure = exc
+                self._report_refused = exc.refused
+            at = max(i for i, s in enumerate(self.log.steps) if s.name == name)
+            self.log.steps[at] = StepRecord(**_settled(name, failure))
+            report_failed = failure is not None
+        self._settle(report_failed)
+
+    def _settle(self, report_failed: bool) -> None:
+        self._report_failed = report_failed
+        refused = report_failed or any(
             c.status is StepStatus.FAILED for c in self.log.compensations
         )
         if refused:
