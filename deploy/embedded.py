@@ -155,6 +155,11 @@ class EmbeddedServer:
         self.stop()
 
 
+SEARCH_ATTRIBUTES = {"TenureCheckoutStatus": "Keyword"}
+"""Tenure's custom search attributes and their types; a Temporal cluster needs them created
+once (docs/operations.md)."""
+
+
 class EmbeddedTemporal(EmbeddedServer):
     """`temporal server start-dev`: a real Temporal server on SQLite, in memory or in a file."""
 
@@ -194,6 +199,7 @@ class EmbeddedTemporal(EmbeddedServer):
             # the worker's watchdog finds stuck entities.
             "--dynamic-config-value",
             "system.numConsecutiveWorkflowTaskProblemsToTriggerSearchAttribute=3",
+            *[f"--search-attribute={name}={kind}" for name, kind in SEARCH_ATTRIBUTES.items()],
         ]
         if self.ui:
             cmd += ["--ui-port", str(free_port(self.port + 1000))]
