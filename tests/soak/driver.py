@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis.asyncio as redis
 from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -35,6 +36,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from api.app import create_app
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal, die_with_parent, stop_process
 from entities.runtime.envelope import RuntimeOptions
+from workers.changes import stream_key
 from workers.settings import Settings
 
 OPENED = 2  # open, verify
@@ -91,6 +93,8 @@ class Report:
     suggested_runs: int = 0  # runs of the account that continues as new only when told to
     task_failures: Counter[str] = field(default_factory=Counter)
     backwards_reads: int = 0
+    streamed: int = 0  # change stream entries of the accounts: changes
+    stream_gaps: int = 0  # and gaps announced
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
     recovery_seconds: dict[str, float] = field(default_factory=dict)
@@ -108,6 +112,7 @@ class Report:
             "suggestion); workflow task failures and timeouts: "
             f"{dict(self.task_failures) or 'none'}",
             f"reads that went back a revision: {self.backwards_reads}",
+            f"change stream: {self.streamed} changes, {self.stream_gaps} gaps announced",
             "problems: " + ("; ".join(self.problems) if self.problems else "none"),
         ]
 
@@ -379,6 +384,41 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
         report.problems.append("workflow tasks timed out with no fault injected")
 
 
+async def verify_stream(stack: Stack, traffic: Traffic) -> None:
+    """Each account's entries in the change stream: in revision order, none twice, every
+    revision up to the account's last either a change or inside an announced gap."""
+    report = traffic.report
+    client = redis.from_url(stack.redis.url)
+    try:
+        raw = await client.xrange(stream_key(stack.settings.redis_prefix, "account"))
+    finally:
+        await client.aclose()
+    covered: dict[str, int] = {}
+    for _, fields in raw:
+        entry = {k.decode(): v.decode() for k, v in fields.items()}
+        entity_id = entry["id"]
+        first, last = (
+            (int(entry["from"]), int(entry["to"]))
+            if entry["type"] == "gap"
+            else (int(entry["revision"]), int(entry["revision"]))
+        )
+        if first != covered.get(entity_id, 0) + 1:
+            report.problems.append(
+                f"{entity_id}: the change stream went from {covered.get(entity_id, 0)} to {first}"
+            )
+        covered[entity_id] = last
+        if entry["type"] == "gap":
+            report.stream_gaps += 1
+        else:
+            report.streamed += 1
+    for account in traffic.accounts:
+        if covered.get(account.id) != account.expected_revision:
+            report.problems.append(
+                f"{account.id}: the change stream reached {covered.get(account.id)}, "
+                f"expected {account.expected_revision}"
+            )
+
+
 async def _until(
     probe: Callable[[], Any], ok: Callable[[Any], bool], timeout: float
 ) -> dict[str, Any] | None:
@@ -456,6 +496,7 @@ async def soak(plan: Plan, progress: Callable[[str], None] = print) -> Report:
             traffic.report.commands = sum(len(a.acknowledged) for a in accounts)
             progress("soak: traffic done, verifying")
             await verify(client, traffic, plan)
+            await verify_stream(stack, traffic)
             await small.aclose()
             await opener.aclose()
         return traffic.report
