@@ -30,6 +30,7 @@ from strawberry.schema.exceptions import InvalidOperationTypeError
 from strawberry.types import ExecutionResult as StrawberryExecutionResult
 from temporalio.client import Client
 
+from api.admin import admin_console
 from api.auth import TokenVerifier
 from api.authentication import Authentication, principal_of
 from api.authorization import Authorizer
@@ -296,6 +297,8 @@ def create_app(
             Route("/", _home),
             *health_routes(readiness),
             Route("/graphql", endpoint),  # GraphQLOverHTTP answers other methods
+            # A page with its own policy and no data: its script sends tokens to /graphql
+            admin_console(settings, auth_required=verifier is not None),
             Route("/metrics", metrics.endpoint),  # for Prometheus; keep it off the Internet
             # Signed by each source's secret: no token, no GraphQL rate limits (api/webhooks.py)
             Route(

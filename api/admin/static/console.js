@@ -1,0 +1,613 @@
+// The admin console: signs in with a pasted token, lists entities, follows one, and sends
+// admin actions, all through the GraphQL API. The API decides what a token may do; this
+// script only asks.
+"use strict";
+
+(() => {
+  const root = document.getElementById("console");
+  const GRAPHQL = root.dataset.graphql;
+  const AUTH_REQUIRED = root.dataset.authRequired === "true";
+  const ROLES_CLAIM = root.dataset.rolesClaim;
+  const TOKEN_KEY = "tenure.admin.token";
+  const REFRESH_MS = 1000;
+
+  // ---------------------------------------------------------------- the API
+
+  class ApiError extends Error {
+    constructor(code, message) {
+      super(message);
+      this.code = code;
+    }
+  }
+
+  async function graphql(query, variables = {}) {
+    const headers = {
+      "content-type": "application/json",
+      accept: "application/graphql-response+json, application/json",
+    };
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    if (token) headers.authorization = `Bearer ${token}`;
+    let response;
+    try {
+      response = await fetch(GRAPHQL, {
+        method: "POST",
+        headers,
+        body: JSON.stringify({ query, variables }),
+      });
+    } catch (err) {
+      throw new ApiError("UNAVAILABLE", "the API cannot be reached");
+    }
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (err) {
+      // not JSON: said below
+    }
+    const error = body && body.errors && body.errors[0];
+    if (error) {
+      const code = (error.extensions && error.extensions.code) || "ERROR";
+      if (code === "UNAUTHENTICATED" && signedIn()) {
+        signOut(`Signed out: the API refused the token (${error.message}).`);
+      }
+      throw new ApiError(code, error.message);
+    }
+    if (!response.ok || !body || !body.data) {
+      throw new ApiError(`HTTP_${response.status}`, `the API answered HTTP ${response.status}`);
+    }
+    return body.data;
+  }
+
+  const HISTORY = `history(last: 20) { entries { commandId command at sentBy { role subject }
+    outcome code message revision } hasOlder }`;
+
+  // What the console reads and lists of each kind. `read` names its result `entity`.
+  const KINDS = {
+    account: {
+      noun: "Account",
+      list: "accounts",
+      filterType: "AccountFilter",
+      stats: "accountStats",
+      key: "id",
+      read: `query($key: ID!) { entity: account(id: $key) { id status ownerName email currency
+        balance suspensionReason kycReference lastActivityAt revision updatedAt source stale
+        ${HISTORY} } }`,
+    },
+    cart: {
+      noun: "Cart",
+      list: "carts",
+      filterType: "CartFilter",
+      stats: "cartStats",
+      key: "id",
+      read: `query($key: ID!) { entity: cart(id: $key) { id accountId status total
+        checkoutAttempts checkoutId orderId failureCode failureReason lastActivityAt
+        abandonedAt revision updatedAt source stale
+        lines { sku quantity unitPrice lineTotal } ${HISTORY} } }`,
+    },
+    inventory: {
+      noun: "Inventory item",
+      list: "inventoryItems",
+      filterType: "InventoryItemFilter",
+      stats: "inventoryStats",
+      key: "sku",
+      read: `query($key: String!) { entity: inventoryItem(sku: $key) { sku name onHand reserved
+        available sold revision updatedAt source stale
+        reservations { reservationId quantity expiresAt } adjustments { delta reason at }
+        ${HISTORY} } }`,
+    },
+    checkout: {
+      noun: "Checkout",
+      read: `query($key: ID!) { entity: checkout(id: $key) { id cartId accountId status total
+        orderId failureCode failureReason lines { sku quantity unitPrice lineTotal }
+        steps { name status at code message }
+        compensations { name status at reason code message } } }`,
+    },
+  };
+
+  // Admin actions: each asks for confirmation, then sends its mutation and waits for the
+  // entity's answer.
+  const ACTIONS = {
+    suspend: {
+      confirm: (key) => `Suspend account ${key}? Money commands will be refused.`,
+      mutation: `mutation($key: ID!, $reason: String, $idem: String) {
+        suspendAccount(id: $key, reason: $reason, idempotencyKey: $idem, wait: true)
+        { commandId } }`,
+      variables: (form) => ({ reason: form.get("reason") || null }),
+      done: "suspended",
+    },
+    reactivate: {
+      confirm: (key) => `Reactivate account ${key}?`,
+      mutation: `mutation($key: ID!, $idem: String) {
+        reactivateAccount(id: $key, idempotencyKey: $idem, wait: true) { commandId } }`,
+      variables: () => ({}),
+      done: "reactivated",
+    },
+    close: {
+      confirm: (key) => `Close account ${key} for good? Its balance must be zero.`,
+      mutation: `mutation($key: ID!, $idem: String) {
+        closeAccount(id: $key, idempotencyKey: $idem, wait: true) { commandId } }`,
+      variables: () => ({}),
+      done: "closed",
+    },
+    restock: {
+      confirm: (key, form) => `Receive ${form.get("quantity")} units of ${key}?`,
+      mutation: `mutation($key: String!, $quantity: Long!, $idem: String) {
+        restock(sku: $key, quantity: $quantity, idempotencyKey: $idem, wait: true)
+        { commandId } }`,
+      variables: (form) => ({ quantity: Number(form.get("quantity")) }),
+      done: "restocked",
+    },
+    adjust: {
+      confirm: (key, form) =>
+        `Adjust the stock of ${key} by ${form.get("delta")} (${form.get("reason")})?`,
+      mutation: `mutation($key: String!, $delta: Long!, $reason: String!, $idem: String) {
+        adjustStock(sku: $key, delta: $delta, reason: $reason, idempotencyKey: $idem,
+                    wait: true) { commandId } }`,
+      variables: (form) => ({ delta: Number(form.get("delta")), reason: form.get("reason") }),
+      done: "adjusted",
+    },
+  };
+
+  // ---------------------------------------------------------------- live updates
+
+  // How an open detail keeps up with its entity: `show` is called with each state read.
+  // For now it reads again every second while the detail is open (and the tab visible);
+  // once the API serves subscriptions, this one function subscribes instead
+  // (graphql-transport-ws or SSE) and nothing else changes.
+  function follow(kind, key, show, fail) {
+    let stopped = false;
+    let timer = 0;
+    const tick = async () => {
+      if (!document.hidden) {
+        try {
+          const data = await graphql(KINDS[kind].read, { key });
+          if (!stopped) show(data.entity);
+        } catch (err) {
+          if (!stopped) fail(err);
+        }
+      }
+      if (!stopped) timer = setTimeout(tick, REFRESH_MS);
+    };
+    tick();
+    return () => {
+      stopped = true;
+      clearTimeout(timer);
+    };
+  }
+
+  // ---------------------------------------------------------------- small helpers
+
+  function el(tag, attributes = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attributes)) {
+      if (value !== null && value !== undefined) node.setAttribute(name, value);
+    }
+    for (const child of children) {
+      node.append(child instanceof Node ? child : String(child ?? ""));
+    }
+    return node;
+  }
+
+  function when(value) {
+    if (!value) return "";
+    const date = new Date(value);
+    return Number.isNaN(date.getTime()) ? value : date.toLocaleString();
+  }
+
+  function shown(field, value) {
+    if (value === null || value === undefined) return "—";
+    if (/At$/.test(field)) return when(value);
+    return String(value);
+  }
+
+  function newKey() {
+    if (window.crypto && crypto.randomUUID) return `console-${crypto.randomUUID()}`;
+    return `console-${Date.now()}-${Math.random().toString(36).slice(2)}`;
+  }
+
+  function say(message, isError = false) {
+    const notice = document.getElementById("notice");
+    notice.textContent = message;
+    notice.classList.toggle("error", isError);
+    notice.hidden = !message;
+  }
+
+  function failure(err) {
+    return err instanceof ApiError ? `${err.code}: ${err.message}` : String(err);
+  }
+
+  function table(headings, rows) {
+    return el(
+      "table",
+      { class: "list" },
+      el("thead", {}, el("tr", {}, ...headings.map((h) => el("th", {}, h)))),
+      el("tbody", {}, ...rows.map((cells) => el("tr", {}, ...cells.map((c) => el("td", {}, c))))),
+    );
+  }
+
+  // ---------------------------------------------------------------- signing in
+
+  function claimsOf(token) {
+    try {
+      const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      const bytes = Uint8Array.from(atob(part), (c) => c.charCodeAt(0));
+      return JSON.parse(new TextDecoder().decode(bytes));
+    } catch (err) {
+      return null;
+    }
+  }
+
+  function rolesOf(claims) {
+    const roles = claims && claims[ROLES_CLAIM];
+    if (typeof roles === "string") return roles.split(/\s+/);
+    return Array.isArray(roles) ? roles : [];
+  }
+
+  function signedIn() {
+    return sessionStorage.getItem(TOKEN_KEY) !== null;
+  }
+
+  // Counts over every account: a customer's token is refused them (FORBIDDEN).
+  const ADMIN_CHECK = "{ accountStats { total } }";
+
+  async function signIn(token) {
+    const error = document.getElementById("sign-in-error");
+    error.hidden = true;
+    const refuse = (message) => {
+      sessionStorage.removeItem(TOKEN_KEY);
+      error.textContent = message;
+      error.hidden = false;
+    };
+    if (!token && AUTH_REQUIRED) return refuse("Paste an admin token to sign in.");
+    const claims = token ? claimsOf(token) : null;
+    const roles = rolesOf(claims);
+    const who = claims ? `${roles.join(",") || "no role"}:${claims.sub}` : "this token";
+    sessionStorage.setItem(TOKEN_KEY, token);
+    try {
+      await graphql(ADMIN_CHECK);
+    } catch (err) {
+      if (err.code === "FORBIDDEN") {
+        return refuse(
+          `Refused: ${who} may not administer Tenure (the API answered FORBIDDEN). ` +
+            "A customer token cannot sign in here; use an admin token.",
+        );
+      }
+      if (err.code === "UNAUTHENTICATED") return refuse(`Refused: ${err.message}.`);
+      return refuse(`Cannot sign in: ${failure(err)}.`);
+    }
+    if (token && !roles.includes("admin")) {
+      return refuse(`Refused: ${who} is not an admin, and the console is for admins.`);
+    }
+    document.getElementById("who-name").textContent = token
+      ? `admin:${claims.sub}`
+      : "the development admin (no authentication configured)";
+    document.getElementById("who").hidden = false;
+    document.getElementById("sign-in").hidden = true;
+    document.getElementById("workspace").hidden = false;
+    showTab("accounts");
+  }
+
+  function signOut(message = "") {
+    sessionStorage.removeItem(TOKEN_KEY);
+    closeDetail();
+    document.getElementById("who").hidden = true;
+    document.getElementById("workspace").hidden = true;
+    document.getElementById("sign-in").hidden = false;
+    document.getElementById("token").value = "";
+    const error = document.getElementById("sign-in-error");
+    error.textContent = message;
+    error.hidden = !message;
+  }
+
+  // ---------------------------------------------------------------- lists
+
+  class Listing {
+    constructor(pane) {
+      this.pane = pane;
+      this.kindName = pane.dataset.kind;
+      this.kind = KINDS[this.kindName];
+      this.form = pane.querySelector("form.filter");
+      this.columns = [...pane.querySelectorAll("th[data-column]")].map((th) => th.dataset.column);
+      this.cursors = [null];
+      this.form.addEventListener("submit", (event) => {
+        event.preventDefault();
+        this.cursors = [null];
+        this.load();
+      });
+      pane.querySelector("[data-next]").addEventListener("click", () => {
+        this.cursors.push(this.endCursor);
+        this.load();
+      });
+      pane.querySelector("[data-previous]").addEventListener("click", () => {
+        this.cursors.pop();
+        this.load();
+      });
+    }
+
+    filter() {
+      const form = new FormData(this.form);
+      const filter = {};
+      const statuses = form.getAll("status");
+      if (statuses.length) filter.status = statuses;
+      for (const name of ["text", "accountId"]) {
+        const value = (form.get(name) || "").trim();
+        if (value) filter[name] = value;
+      }
+      for (const name of ["updatedAfter", "updatedBefore"]) {
+        const value = form.get(name);
+        if (value) filter[name] = new Date(value).toISOString();
+      }
+      if (form.get("lowStock")) filter.lowStock = Number(form.get("lowStock"));
+      if (form.get("hideClosed")) filter.closed = false;
+      return filter;
+    }
+
+    async load() {
+      const k = this.kind;
+      const form = new FormData(this.form);
+      const fields = [...new Set([k.key, ...this.columns])].join(" ");
+      const query = `query($filter: ${k.filterType}, $first: Int!, $after: String,
+          $orderBy: ListOrder!) {
+        page: ${k.list}(filter: $filter, first: $first, after: $after, orderBy: $orderBy) {
+          edges { node { ${fields} } } pageInfo { hasNextPage endCursor } totalCount }
+        stats: ${k.stats} { byStatus { status count } total } }`;
+      const asked = (this.asked = (this.asked || 0) + 1);
+      let data;
+      try {
+        data = await graphql(query, {
+          filter: this.filter(),
+          first: Number(form.get("first")),
+          after: this.cursors[this.cursors.length - 1],
+          orderBy: form.get("orderBy"),
+        });
+      } catch (err) {
+        say(`Cannot list ${k.list}: ${failure(err)}`, true);
+        return;
+      }
+      if (asked === this.asked) this.render(data); // an older answer arriving late is dropped
+    }
+
+    render({ page, stats }) {
+      const k = this.kind;
+      const counts = stats.byStatus.map((s) => `${s.status} ${s.count}`);
+      const all = [...counts, `${stats.total} in all`].join(" · ");
+      this.pane.querySelector("[data-stats]").textContent = `All ${k.list}: ${all}`;
+      const body = this.pane.querySelector("tbody");
+      body.replaceChildren(
+        ...page.edges.map(({ node }) => {
+          const key = node[this.kind.key];
+          const row = el("tr", { "data-key": key, tabindex: "0" });
+          for (const column of this.columns) {
+            row.append(el("td", { "data-column": column }, shown(column, node[column])));
+          }
+          const open = () => openDetail(this.kindName, key);
+          row.addEventListener("click", open);
+          row.addEventListener("keydown", (event) => event.key === "Enter" && open());
+          return row;
+        }),
+      );
+      if (!page.edges.length) {
+        body.append(el("tr", {}, el("td", { colspan: this.columns.length }, "Nothing matches.")));
+      }
+      this.endCursor = page.pageInfo.endCursor;
+      const number = this.cursors.length;
+      const total = page.totalCount === null ? "" : ` of ${page.totalCount} matching`;
+      this.pane.querySelector("[data-position]").textContent = `page ${number}${total}`;
+      this.pane.querySelector("[data-previous]").disabled = number === 1;
+      this.pane.querySelector("[data-next]").disabled = !page.pageInfo.hasNextPage;
+    }
+  }
+
+  const listings = {};
+  for (const pane of document.querySelectorAll(".pane[data-kind]")) {
+    listings[pane.dataset.pane] = new Listing(pane);
+  }
+
+  function showTab(name) {
+    for (const button of document.querySelectorAll("#tabs [data-tab]")) {
+      button.setAttribute("aria-pressed", String(button.dataset.tab === name));
+    }
+    for (const pane of document.querySelectorAll(".pane")) {
+      pane.hidden = pane.dataset.pane !== name;
+    }
+    if (listings[name]) listings[name].load();
+  }
+
+  // ---------------------------------------------------------------- one entity
+
+  const detailPane = document.getElementById("detail");
+  let detail = null; // { kind, key, stop, last }
+
+  function openDetail(kind, key) {
+    closeDetail();
+    detail = { kind, key, last: null };
+    detailPane.dataset.kind = kind;
+    detailPane.querySelector("[data-title]").textContent = `${KINDS[kind].noun} ${key}`;
+    detailPane.querySelector("[data-fields]").replaceChildren();
+    detailPane.querySelector("[data-extra]").replaceChildren();
+    detailPane.querySelector("[data-history]").replaceChildren();
+    detailPane.querySelector("[data-error]").hidden = true;
+    for (const actions of detailPane.querySelectorAll("[data-actions]")) {
+      actions.hidden = actions.dataset.actions !== kind;
+    }
+    detailPane.querySelector("[data-history-block]").hidden = kind === "checkout";
+    detailPane.hidden = false;
+    refresh();
+  }
+
+  function refresh() {
+    if (!detail) return;
+    if (detail.stop) detail.stop();
+    const current = detail;
+    current.stop = follow(
+      current.kind,
+      current.key,
+      (entity) => renderDetail(current, entity),
+      (err) => {
+        const error = detailPane.querySelector("[data-error]");
+        error.textContent = `Cannot read ${current.key}: ${failure(err)}`;
+        error.hidden = false;
+        // Asking again cannot change these answers; anything else may pass.
+        if (["INVALID_INPUT", "FORBIDDEN", "UNAUTHENTICATED"].includes(err.code)) current.stop();
+      },
+    );
+  }
+
+  function closeDetail() {
+    if (detail && detail.stop) detail.stop();
+    detail = null;
+    detailPane.hidden = true;
+  }
+
+  const NESTED = new Set([
+    "history",
+    "lines",
+    "reservations",
+    "adjustments",
+    "steps",
+    "compensations",
+  ]);
+
+  function renderDetail(current, entity) {
+    if (detail !== current) return;
+    detailPane.querySelector("[data-error]").hidden = true;
+    const seen = JSON.stringify(entity);
+    if (seen === current.last) return;
+    current.last = seen;
+    const fields = detailPane.querySelector("[data-fields]");
+    if (entity === null) {
+      fields.replaceChildren(el("p", { class: "note" }, "It does not exist."));
+      return;
+    }
+    fields.replaceChildren(
+      ...Object.entries(entity)
+        .filter(([name]) => !NESTED.has(name))
+        .flatMap(([name, value]) => [
+          el("dt", {}, name),
+          el("dd", { "data-field": name }, fieldValue(name, value)),
+        ]),
+    );
+    detailPane.querySelector("[data-extra]").replaceChildren(...extras(entity));
+    if (entity.history) renderHistory(entity.history);
+  }
+
+  function fieldValue(name, value) {
+    const links = { checkoutId: "checkout", cartId: "cart", accountId: "account" };
+    if (value && links[name] && detail && detail.kind !== links[name]) {
+      const button = el("button", { type: "button", class: "link" }, value);
+      button.addEventListener("click", () => openDetail(links[name], value));
+      return button;
+    }
+    return shown(name, value);
+  }
+
+  function extras(entity) {
+    const blocks = [];
+    const block = (title, headings, rows, attributes = {}) => {
+      if (rows.length) blocks.push(el("section", attributes, el("h3", {}, title), table(headings, rows)));
+    };
+    const lines = (entity.lines || []).map((l) => [l.sku, l.quantity, l.unitPrice, l.lineTotal]);
+    block("Lines", ["SKU", "Quantity", "Unit price", "Line total"], lines);
+    block(
+      "Reservations",
+      ["Reservation", "Quantity", "Expires"],
+      (entity.reservations || []).map((r) => [r.reservationId, r.quantity, when(r.expiresAt)]),
+    );
+    block(
+      "Adjustments",
+      ["Delta", "Reason", "At"],
+      (entity.adjustments || []).map((a) => [a.delta, a.reason, when(a.at)]),
+    );
+    if (entity.steps) {
+      const outcome = (s) => [s.status, s.code, s.message].filter(Boolean).join(" ");
+      block(
+        "Saga steps",
+        ["Step", "Outcome", "At"],
+        entity.steps.map((s) => [s.name, outcome(s), when(s.at)]),
+        { "data-saga": "steps" },
+      );
+      block(
+        "Compensations",
+        ["Undoing", "Outcome", "Why", "At"],
+        entity.compensations.map((c) => [c.name, outcome(c), c.reason, when(c.at)]),
+        { "data-saga": "compensations" },
+      );
+      if (!entity.steps.length) blocks.push(el("p", { class: "note" }, "No step has run yet."));
+    }
+    return blocks;
+  }
+
+  function renderHistory(history) {
+    detailPane.querySelector("[data-history]").replaceChildren(
+      ...history.entries.map((entry) => {
+        const by = entry.sentBy
+          ? [entry.sentBy.role, entry.sentBy.subject].filter(Boolean).join(":")
+          : "—";
+        const outcome = entry.outcome === "APPLIED"
+          ? "applied"
+          : `rejected ${entry.code || ""} ${entry.message || ""}`.trim();
+        return el(
+          "tr",
+          { "data-command": entry.command || "", class: entry.outcome.toLowerCase() },
+          el("td", {}, when(entry.at)),
+          el("td", {}, entry.command || "—"),
+          el("td", { "data-by": by }, by),
+          el("td", {}, outcome),
+          el("td", {}, entry.revision),
+          el("td", { class: "id" }, entry.commandId),
+        );
+      }),
+    );
+    detailPane.querySelector("[data-older]").hidden = !history.hasOlder;
+  }
+
+  for (const form of detailPane.querySelectorAll("form[data-action]")) {
+    const action = ACTIONS[form.dataset.action];
+    // The same key while the same action is retried after an uncertain answer: the entity
+    // applies it once. Changing a field makes it another command.
+    form.addEventListener("input", () => delete form.dataset.idempotencyKey);
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      if (!detail) return;
+      const key = detail.key;
+      const values = new FormData(form);
+      if (!window.confirm(action.confirm(key, values))) return;
+      form.dataset.idempotencyKey ||= newKey();
+      const buttons = form.querySelectorAll("button");
+      buttons.forEach((b) => (b.disabled = true));
+      try {
+        await graphql(action.mutation, {
+          key,
+          idem: form.dataset.idempotencyKey,
+          ...action.variables(values),
+        });
+        delete form.dataset.idempotencyKey;
+        form.reset();
+        say(`${KINDS[detailPane.dataset.kind].noun} ${key} ${action.done}.`);
+      } catch (err) {
+        say(`${form.dataset.action} ${key} failed: ${failure(err)}`, true);
+      } finally {
+        buttons.forEach((b) => (b.disabled = false));
+        refresh();
+      }
+    });
+  }
+
+  // ---------------------------------------------------------------- wiring
+
+  document.getElementById("sign-in-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    signIn(document.getElementById("token").value.trim());
+  });
+  document.getElementById("sign-out").addEventListener("click", () => signOut());
+  for (const button of document.querySelectorAll("#tabs [data-tab]")) {
+    button.addEventListener("click", () => showTab(button.dataset.tab));
+  }
+  detailPane.querySelector("[data-close]").addEventListener("click", closeDetail);
+  document.getElementById("find-checkout").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const id = new FormData(event.target).get("id").trim();
+    if (id) openDetail("checkout", id);
+  });
+
+  if (signedIn()) signIn(sessionStorage.getItem(TOKEN_KEY));
+})();
