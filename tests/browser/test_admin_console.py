@@ -1,0 +1,186 @@
+"""The admin console as an operator meets it in Chromium: sign in with an admin token, filter
+the accounts, open one, see its balance change when another client deposits, suspend it and
+find the suspension in its history under the admin's name; a customer's token is refused."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.test_access import token
+from tests.conftest import new_id
+
+try:
+    from playwright.async_api import Dialog, Page, expect
+
+    # A page refreshes its detail every second; a slow shared machine gets room to spare.
+    expect.set_options(timeout=20_000)
+except ImportError:  # conftest's `chromium` skips every test here, or fails it in CI
+    pass
+
+ADMIN = token("admin", "ops-alice")
+OPEN = """mutation($id: ID!, $owner: String!) { openAccount(id: $id, ownerName: $owner,
+  email: "ops@example.com", wait: true) { commandId } }"""
+VERIFY = "mutation($id: ID!) { verifyAccount(id: $id, wait: true) { commandId } }"
+DEPOSIT = """mutation($id: ID!, $amount: Long!) { depositToAccount(id: $id, amount: $amount,
+  wait: true) { account { balance } } }"""
+LISTED = """query($text: String!) { accounts(filter: {text: $text}) {
+  edges { node { id revision } } } }"""
+STATUS = "query($id: ID!) { account(id: $id, consistency: LIVE) { status } }"
+RESTOCK = """mutation($sku: String!, $quantity: Long!) { restock(sku: $sku, quantity: $quantity,
+  name: "Teapot", wait: true) { commandId } }"""
+ITEM = "query($sku: String!) { inventoryItem(sku: $sku, consistency: LIVE) { revision } }"
+CREATE_CART = """mutation($id: ID!, $account: ID!) { createCart(id: $id, accountId: $account,
+  wait: true) { commandId } }"""
+ADD = """mutation($id: ID!, $sku: String!) { addCartItem(cartId: $id, sku: $sku, quantity: 2,
+  unitPrice: 1500, wait: true) { commandId } }"""
+CHECKOUT = "mutation($id: ID!) { checkoutCart(cartId: $id) { checkoutId } }"
+SAGA = "query($id: ID!) { checkout(id: $id) { status } }"
+
+
+class Api:
+    """Another client of the same API: the test's own, over HTTP, as an admin."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+
+    async def data(self, query: str, **variables: Any) -> dict[str, Any]:
+        response = await self.http.post("/graphql", json={"query": query, "variables": variables})
+        body = response.json()
+        assert "errors" not in body, body
+        data: dict[str, Any] = body["data"]
+        return data
+
+
+@pytest.fixture
+async def api(served: str) -> AsyncIterator[Api]:
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    async with httpx.AsyncClient(base_url=served, headers=headers, timeout=30) as http:
+        yield Api(http)
+
+
+async def sign_in(page: Page, served: str, bearer: str) -> None:
+    await page.goto(f"{served}/admin/")
+    await page.locator("#token").fill(bearer)
+    await page.get_by_role("button", name="Sign in").click()
+
+
+async def test_an_admin_follows_an_account_live_and_suspends_it(
+    served: str, api: Api, page: Page
+) -> None:
+    prefix = f"b{new_id()[:10]}"
+    active, pending = f"{prefix}-active", f"{prefix}-pending"
+    await api.data(OPEN, id=active, owner="Ada Browser")
+    await api.data(VERIFY, id=active)
+    await api.data(DEPOSIT, id=active, amount=1000)
+    await api.data(OPEN, id=pending, owner="Pat Pending")
+    for _ in range(100):  # the index is written with each published snapshot
+        listed = await api.data(LISTED, text=prefix)
+        if len(listed["accounts"]["edges"]) == 2:
+            break
+        await asyncio.sleep(0.1)
+
+    await sign_in(page, served, ADMIN)
+    await expect(page.locator("#who-name")).to_have_text("admin:ops-alice")
+
+    accounts = page.locator('[data-pane="accounts"]')
+    await accounts.locator('input[name="text"]').fill(prefix)
+    await accounts.get_by_role("button", name="Apply").click()
+    await expect(accounts.locator("tbody tr[data-key]")).to_have_count(2)
+    await accounts.get_by_label("ACTIVE", exact=True).check()
+    await accounts.get_by_role("button", name="Apply").click()
+    await expect(accounts.locator("tbody tr[data-key]")).to_have_count(1)
+    await expect(accounts.locator("[data-stats]")).to_contain_text("ACTIVE")
+    row = accounts.locator(f'tr[data-key="{active}"]')
+    await expect(row).to_contain_text("Ada Browser")
+    await row.click()
+
+    detail = page.locator("#detail")
+    balance = detail.locator('[data-field="balance"]')
+    await expect(balance).to_have_text("1000")
+    await api.data(DEPOSIT, id=active, amount=500)  # another client, not the page
+    await expect(balance).to_have_text("1500")
+
+    asked: list[str] = []
+
+    async def accept(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.accept()
+
+    page.once("dialog", accept)
+    await detail.locator('[data-action="suspend"] input[name="reason"]').fill("fraud check")
+    await detail.get_by_role("button", name="Suspend").click()
+    await expect(detail.locator('[data-field="status"]')).to_have_text("SUSPENDED")
+    line = detail.locator('tr[data-command="suspend"]')
+    await expect(line).to_have_count(1)
+    await expect(line.locator("[data-by]")).to_have_text("admin:ops-alice")
+    await expect(detail.locator('[data-field="suspensionReason"]')).to_have_text("fraud check")
+    assert asked == [f"Suspend account {active}? Money commands will be refused."]
+    assert (await api.data(STATUS, id=active))["account"]["status"] == "SUSPENDED"
+
+
+async def test_an_operator_reads_a_checkout_saga_and_declines_a_restock(
+    served: str, api: Api, page: Page
+) -> None:
+    account, sku, cart = (f"b{new_id()[:10]}" for _ in range(3))
+    await api.data(RESTOCK, sku=sku, quantity=5)
+    await api.data(OPEN, id=account, owner="Cy Shopper")
+    await api.data(VERIFY, id=account)
+    await api.data(DEPOSIT, id=account, amount=1000)  # less than the cart's 3000
+    await api.data(CREATE_CART, id=cart, account=account)
+    await api.data(ADD, id=cart, sku=sku)
+    checkout = (await api.data(CHECKOUT, id=cart))["checkoutCart"]["checkoutId"]
+    for _ in range(100):
+        if (await api.data(SAGA, id=checkout))["checkout"]["status"] == "COMPENSATED":
+            break
+        await asyncio.sleep(0.1)
+
+    await sign_in(page, served, ADMIN)
+    await page.get_by_role("button", name="Carts").click()
+    carts = page.locator('[data-pane="carts"]')
+    await carts.locator('input[name="accountId"]').fill(account)
+    await carts.get_by_role("button", name="Apply").click()
+    await carts.locator(f'tr[data-key="{cart}"]').click()
+    detail = page.locator("#detail")
+    await expect(detail.locator('[data-field="failureCode"]')).to_have_text("INSUFFICIENT_FUNDS")
+    await detail.locator('[data-field="checkoutId"]').get_by_role("button").click()
+    await expect(detail.locator("[data-title]")).to_have_text(f"Checkout {checkout}")
+    await expect(detail.locator('[data-field="status"]')).to_have_text("COMPENSATED")
+    steps = detail.locator('[data-saga="steps"] tbody tr')
+    await expect(steps.nth(0)).to_contain_text(f"reserve:{sku}")
+    await expect(steps.nth(1)).to_contain_text("withdraw")
+    await expect(steps.nth(1)).to_contain_text("FAILED INSUFFICIENT_FUNDS")
+    released = detail.locator('[data-saga="compensations"] tbody tr', has_text=f"release:{sku}")
+    await expect(released).to_contain_text("DONE")
+    await expect(released).to_contain_text("withdraw: balance 1000 is less than 3000")
+
+    await page.get_by_role("button", name="Inventory").click()
+    items = page.locator('[data-pane="inventory"]')
+    await items.locator('input[name="text"]').fill(sku)
+    await items.get_by_role("button", name="Apply").click()
+    await items.locator(f'tr[data-key="{sku}"]').click()
+    await expect(detail.locator('[data-field="available"]')).to_have_text("5")
+    revision = (await api.data(ITEM, sku=sku))["inventoryItem"]["revision"]
+
+    async def decline(dialog: Dialog) -> None:
+        await dialog.dismiss()
+
+    page.once("dialog", decline)
+    await detail.locator('[data-action="restock"] input[name="quantity"]').fill("7")
+    await detail.get_by_role("button", name="Restock").click()
+    await page.wait_for_timeout(1500)  # longer than a refresh: had it been sent, it would show
+    await expect(detail.locator('[data-field="onHand"]')).to_have_text("5")
+    assert (await api.data(ITEM, sku=sku))["inventoryItem"]["revision"] == revision
+
+
+async def test_a_customer_token_is_refused_at_sign_in(served: str, page: Page) -> None:
+    await sign_in(page, served, token("customer", "cust-bob", accounts=["bob"]))
+    refusal = page.locator("#sign-in-error")
+    await expect(refusal).to_contain_text("Refused")
+    await expect(refusal).to_contain_text("A customer token cannot sign in here")
+    await expect(page.locator("#workspace")).to_be_hidden()
+    assert await page.evaluate("sessionStorage.getItem('tenure.admin.token')") is None
