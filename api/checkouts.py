@@ -1,4 +1,5 @@
-"""GraphQL view of checkouts: the saga's status, steps and compensations."""
+"""GraphQL view of checkouts: the saga's status, steps and compensations, and what operators
+did to it."""
 
 from __future__ import annotations
 
@@ -15,15 +16,22 @@ from api.response_size import bounded
 from entities.checkout import CheckoutState, checkout_workflow_id
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import READ
-from entities.runtime.saga import SagaStatus, StepStatus
+from entities.runtime.saga import (
+    MAX_OPERATOR_ACTIONS,
+    OperatorActionKind,
+    SagaStatus,
+    StepStatus,
+)
 
 strawberry.enum(
     SagaStatus,
     name="CheckoutStatus",
     description="RUNNING, then COMPLETED, or COMPENSATED after a failure was undone; FAILED "
-    "when something could not be undone and needs an operator.",
+    "when something could not be undone and needs an operator; RESOLVED when an operator "
+    "settled a FAILED checkout by hand.",
 )
 strawberry.enum(StepStatus, name="CheckoutStepStatus")
+strawberry.enum(OperatorActionKind, name="CheckoutOperatorActionKind")
 
 
 # Each line is reserved and then committed, between them the withdrawal, and the report
@@ -50,6 +58,18 @@ class CheckoutCompensation:
     message: str | None
 
 
+@strawberry.type(description="An operator's retry or resolve of a FAILED checkout.")
+class CheckoutOperatorAction:
+    action: OperatorActionKind
+    reason: str
+    by: str = strawberry.field(description="Who: `role:subject`, such as `admin:ops-1`.")
+    at: datetime
+    refused: str | None = strawberry.field(
+        description="Why the checkout did not take it up (it was not waiting for an "
+        "operator); null when it did."
+    )
+
+
 @strawberry.type(description="One attempt to check a cart out.")
 class Checkout:
     id: strawberry.ID
@@ -63,7 +83,15 @@ class Checkout:
     failure_reason: str | None
     steps: list[CheckoutStep] = bounded(MAX_SAGA_RECORDS, description="In the order taken.")
     compensations: list[CheckoutCompensation] = bounded(
-        MAX_SAGA_RECORDS, description="In the order run."
+        MAX_SAGA_RECORDS,
+        description="In the order run; one run again by an operator shows its latest outcome.",
+    )
+    operator_actions: list[CheckoutOperatorAction] = bounded(
+        MAX_OPERATOR_ACTIONS, description="Oldest first, refusals included."
+    )
+    awaiting_operator_until: datetime | None = strawberry.field(
+        description="While FAILED, until when it waits for an operator's retry or resolve; "
+        "null when it does not (any more): then it can no longer be retried or resolved."
     )
 
     @classmethod
@@ -93,10 +121,18 @@ class Checkout:
                 )
                 for c in state.compensations
             ),
+            operator_actions=[
+                CheckoutOperatorAction(
+                    action=a.action, reason=a.reason, by=a.by, at=a.at, refused=a.refused
+                )
+                for a in state.operator_actions
+            ],
+            awaiting_operator_until=state.awaiting_operator_until,
         )
 
 
-def _checked(checkout_id: str) -> str:
+def checked_checkout_id(checkout_id: str) -> str:
+    """`checkout_id` if it is one (`<cart id>-<attempt>`), else INVALID_INPUT."""
     cart_id, _, attempt = checkout_id.rpartition("-")
     if not attempt.isdigit():
         raise TenureError(
@@ -106,13 +142,19 @@ def _checked(checkout_id: str) -> str:
     return checkout_id
 
 
+async def read_checkout(info: Info, checkout_id: str) -> Checkout | None:
+    """The checkout asked of its saga (a LIVE read), for whoever may read its cart."""
+    checkout_id = checked_checkout_id(checkout_id)
+    # A checkout is its cart's: whoever may read the cart may read its checkouts.
+    await authorize(info, "cart", checkout_id.rpartition("-")[0], READ)
+    state = await info.context.gateway.read_workflow(
+        checkout_workflow_id(checkout_id), "status", CheckoutState
+    )
+    return Checkout.from_state(state) if state else None
+
+
 @strawberry.type
 class CheckoutQuery:
     @strawberry.field(description="A checkout, live while it runs; null when it never existed.")
     async def checkout(self, info: Info, id: strawberry.ID) -> Checkout | None:
-        # A checkout is its cart's: whoever may read the cart may read its checkouts.
-        await authorize(info, "cart", _checked(id).rpartition("-")[0], READ)
-        state = await info.context.gateway.read_workflow(
-            checkout_workflow_id(_checked(id)), "status", CheckoutState
-        )
-        return Checkout.from_state(state) if state else None
+        return await read_checkout(info, id)

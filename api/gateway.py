@@ -137,6 +137,11 @@ class EntityGateway:
     def cache(self) -> SnapshotCache:
         return self._cache
 
+    @property
+    def client(self) -> Client:
+        """The Temporal client, for what is not an entity (a checkout's operator tools)."""
+        return self._client
+
     def entity(self, entity_type: str) -> EntityType[Any, Any]:
         return self._types[entity_type]
 

@@ -15,6 +15,7 @@ from strawberry.types import ExecutionContext
 from api.accounts import AccountMutation, AccountQuery
 from api.bulk import BulkMutation, BulkQuery
 from api.carts import CartMutation, CartQuery
+from api.checkout_operations import CheckoutOperatorMutation, CheckoutOperatorQuery
 from api.checkouts import CheckoutQuery
 from api.common import SCALARS
 from api.documents import CheckedDocuments, Documents
@@ -27,9 +28,21 @@ from api.response_size import ResponseSize, ResponseSizeLimit
 from workers.settings import Settings
 
 Query = merge_types(
-    "Query", (AccountQuery, CartQuery, CheckoutQuery, InventoryQuery, ListingQuery, BulkQuery)
+    "Query",
+    (
+        AccountQuery,
+        CartQuery,
+        CheckoutQuery,
+        InventoryQuery,
+        ListingQuery,
+        BulkQuery,
+        CheckoutOperatorQuery,
+    ),
 )
-Mutation = merge_types("Mutation", (AccountMutation, CartMutation, InventoryMutation, BulkMutation))
+Mutation = merge_types(
+    "Mutation",
+    (AccountMutation, CartMutation, InventoryMutation, BulkMutation, CheckoutOperatorMutation),
+)
 
 
 class TenureSchema(strawberry.Schema):

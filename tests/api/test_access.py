@@ -114,6 +114,10 @@ COMMIT = """mutation($sku: String!) { commitReservation(sku: $sku, reservationId
 RETURN = """mutation($sku: String!) { returnReservation(sku: $sku, reservationId: "r1",
   wait: true) { commandId } }"""
 READ_ITEM = "query($sku: String!) { inventoryItem(sku: $sku) { onHand } }"
+LIST_FAILED_CHECKOUTS = "{ checkouts(filter: {status: FAILED}) { totalCount } }"
+RETRY_CHECKOUT = """mutation($id: ID!) { retryCheckoutCompensations(id: $id, reason: "r")
+  { status } }"""
+RESOLVE_CHECKOUT = """mutation($id: ID!) { resolveCheckout(id: $id, reason: "r") { status } }"""
 START_BULK = """mutation($key: String!, $ids: [ID!]) { startBulkCommand(entityType: "account",
   command: "deposit", payload: {amount: 1}, ids: $ids, idempotencyKey: $key) { id } }"""
 READ_BULK = "query($id: ID!) { bulkCommand(id: $id) { status done } }"
@@ -180,6 +184,10 @@ CASES: list[Case] = [
     ("commit it", COMMIT, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
     ("return it", RETURN, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
     ("release it", RELEASE, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
+    # Operator tools: admins alone, whatever a service's scopes.
+    ("list failed checkouts", LIST_FAILED_CHECKOUTS, lambda e: {}, {ADMIN}),
+    ("retry a checkout", RETRY_CHECKOUT, lambda e: {"id": f"{e['cart']}-1"}, {ADMIN}),
+    ("resolve a checkout", RESOLVE_CHECKOUT, lambda e: {"id": f"{e['cart']}-1"}, {ADMIN}),
     (
         "deposit to many accounts at once",
         START_BULK,

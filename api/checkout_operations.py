@@ -1,0 +1,302 @@
+"""Operator tools for checkouts: the checkouts that need an operator, listed from Temporal's
+visibility, and an admin's retry or resolve of a FAILED one, with the reason, recorded by the
+checkout with who asked.
+
+A list reads Temporal's visibility, not the sagas: each row is the status the saga keeps in
+its `TenureCheckoutStatus` search attribute and the summary in its memo; `checkout` on a row
+asks the saga itself. Temporal pages a list with its own tokens, so a cursor is a page's
+token and a place in that page.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+import strawberry
+from temporalio.client import Client, WorkflowExecution, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.authorization import Forbidden
+from api.checkouts import Checkout, checked_checkout_id, read_checkout
+from api.common import Long
+from api.context import Info
+from api.listing import DEFAULT_PAGE, FIRST, MAX_PAGE, Connection, Edge, PageInfo
+from entities.checkout import (
+    CHECKOUT_WORKFLOW,
+    STATUS_ATTRIBUTE,
+    CheckoutState,
+    CheckoutWorkflow,
+    checkout_workflow_id,
+)
+from entities.errors import ErrorCode, TenureError
+from entities.runtime.policy import Role
+from entities.runtime.saga import (
+    MAX_OPERATOR_REASON,
+    OperatorActionKind,
+    OperatorRequest,
+    SagaStatus,
+)
+from workers.delivery import unavailable
+from workers.temporal import within
+
+TEMPORAL_TIMEOUT = 5.0
+MAX_PAGES_READ = 4  # visibility pages one list may read to fill its page
+
+
+def require_operator(info: Info) -> None:
+    """Operator tools are for admins alone: no customer, and no service whatever its
+    scopes, since a retry or a resolve settles money and stock by hand."""
+    if info.context.principal.role is not Role.ADMIN:
+        raise Forbidden()
+
+
+@strawberry.type(
+    description="A checkout in a list, as Temporal's visibility knows it; `checkout` reads "
+    "the rest from the saga."
+)
+class CheckoutSummary:
+    id: strawberry.ID
+    cart_id: strawberry.ID
+    status: SagaStatus | None = strawberry.field(
+        description="Null for a checkout that ended before checkouts kept their status in "
+        "visibility."
+    )
+    account_id: strawberry.ID | None
+    total: Long | None
+    failure_code: str | None
+    failure_reason: str | None
+    awaiting_operator_until: datetime | None = strawberry.field(
+        description="While FAILED, until when it waits for an operator; null when it does not."
+    )
+    started_at: datetime
+    ended_at: datetime | None = strawberry.field(description="Null while its saga runs.")
+
+    @strawberry.field(description="The whole checkout, asked of its saga: a LIVE read.")
+    async def checkout(self, info: Info) -> Checkout | None:
+        return await read_checkout(info, self.id)
+
+    @classmethod
+    async def of(cls, execution: WorkflowExecution) -> CheckoutSummary:
+        checkout_id = execution.id.removeprefix(checkout_workflow_id(""))
+        status = execution.typed_search_attributes.get(STATUS_ATTRIBUTE)
+        memo: Mapping[str, Any] = await execution.memo()
+        until = memo.get("awaiting_operator_until")
+        account_id = memo.get("account_id")
+        total = memo.get("total")
+        return cls(
+            id=strawberry.ID(checkout_id),
+            cart_id=strawberry.ID(checkout_id.rpartition("-")[0]),
+            status=SagaStatus(status) if status and status in SagaStatus.__members__ else None,
+            account_id=strawberry.ID(account_id) if isinstance(account_id, str) else None,
+            total=Long(total) if isinstance(total, int) else None,
+            failure_code=memo.get("failure_code"),
+            failure_reason=memo.get("failure_reason"),
+            awaiting_operator_until=datetime.fromisoformat(until) if until else None,
+            started_at=execution.start_time,
+            ended_at=execution.close_time,
+        )
+
+
+@strawberry.input
+class CheckoutFilter:
+    status: list[SagaStatus] | None = strawberry.field(
+        default=None, description="FAILED lists the checkouts that need an operator."
+    )
+
+
+def visibility_query(where: CheckoutFilter) -> str:
+    """The list filter for Temporal's visibility. A checkout sets its status there when it
+    settles, so a RUNNING one is one with none, or RUNNING again under an operator's retry."""
+    query = f"WorkflowType = '{CHECKOUT_WORKFLOW}'"
+    if not where.status:
+        return query
+    chosen = [f"{STATUS_ATTRIBUTE.name} = '{SagaStatus(s).value}'" for s in set(where.status)]
+    if SagaStatus.RUNNING in where.status:
+        chosen.append(f"({STATUS_ATTRIBUTE.name} IS NULL AND ExecutionStatus = 'Running')")
+    return f"{query} AND ({' OR '.join(sorted(chosen))})"
+
+
+@dataclass(frozen=True)
+class _Cursor:
+    """Where a list resumes: after `seen` rows of the visibility page at `token`, read
+    `size` rows at a time."""
+
+    token: bytes | None
+    size: int
+    seen: int
+
+    def encode(self) -> str:
+        token = base64.b64encode(self.token).decode() if self.token else ""
+        document = json.dumps([token, self.size, self.seen], separators=(",", ":"))
+        return base64.urlsafe_b64encode(document.encode()).decode()
+
+    @classmethod
+    def decode(cls, cursor: str) -> _Cursor:
+        try:
+            if len(cursor) > 4096:
+                raise ValueError
+            token, size, seen = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+            if not (isinstance(size, int) and 1 <= size <= MAX_PAGE):
+                raise ValueError
+            if not (isinstance(seen, int) and 0 <= seen <= size):
+                raise ValueError
+            return cls(base64.b64decode(token, validate=True) or None, size, seen)
+        except (ValueError, TypeError, binascii.Error):
+            raise TenureError(ErrorCode.INVALID_INPUT, "after: not a cursor of this list") from None
+
+
+async def _rows(
+    client: Client, query: str, first: int, after: _Cursor
+) -> tuple[list[tuple[WorkflowExecution, _Cursor]], bool]:
+    """Up to `first` rows after the cursor, each with its own cursor, and whether more
+    follow."""
+    rows: list[tuple[WorkflowExecution, _Cursor]] = []
+    token, seen = after.token, after.seen
+    for _ in range(MAX_PAGES_READ):
+        pages = client.list_workflows(
+            query,
+            page_size=after.size,
+            next_page_token=token,
+            rpc_timeout=timedelta(seconds=TEMPORAL_TIMEOUT),
+        )
+        await within(TEMPORAL_TIMEOUT, pages.fetch_next_page())
+        page = pages.current_page or []
+        rows += [(page[i], _Cursor(token, after.size, i + 1)) for i in range(seen, len(page))]
+        token, seen = pages.next_page_token, 0
+        if len(rows) > first or not token:
+            break
+    return rows[:first], len(rows) > first or token is not None
+
+
+async def list_checkouts(
+    info: Info, where: CheckoutFilter, first: int, after: str | None
+) -> Connection[CheckoutSummary]:
+    """One page of checkouts, running ones first, then the most recently ended."""
+    require_operator(info)
+    if not 0 <= first <= MAX_PAGE:
+        raise TenureError(ErrorCode.INVALID_INPUT, f"first: from 0 to {MAX_PAGE}")
+    start = _Cursor.decode(after) if after is not None else _Cursor(None, max(first, 1), 0)
+    client = info.context.gateway.client
+    query = visibility_query(where)
+    try:
+        rows, more = await _rows(client, query, first, start) if first else ([], True)
+        total = await within(
+            TEMPORAL_TIMEOUT,
+            client.count_workflows(query, rpc_timeout=timedelta(seconds=TEMPORAL_TIMEOUT)),
+        )
+    except RPCError as exc:
+        raise unavailable(exc) from exc
+    edges = [Edge(cursor=c.encode(), node=await CheckoutSummary.of(e)) for e, c in rows]
+    return Connection(
+        edges=edges,
+        page_info=PageInfo(
+            has_next_page=more,
+            has_previous_page=False,
+            start_cursor=edges[0].cursor if edges else None,
+            end_cursor=edges[-1].cursor if edges else after,
+        ),
+        total_count=total.count,
+    )
+
+
+async def operate(
+    info: Info, checkout_id: str, action: OperatorActionKind, reason: str
+) -> Checkout:
+    """Ask a FAILED checkout to take an operator's action; the checkout as it is then."""
+    require_operator(info)
+    checkout_id = checked_checkout_id(checkout_id)
+    reason = reason.strip()
+    if not 0 < len(reason) <= MAX_OPERATOR_REASON:
+        raise TenureError(ErrorCode.INVALID_INPUT, f"reason: 1 to {MAX_OPERATOR_REASON} characters")
+    principal = info.context.principal
+    by = f"{principal.role.value}:{principal.subject}"[:160]
+    request = OperatorRequest(action=action, reason=reason, by=by)
+    handle = info.context.gateway.client.get_workflow_handle(checkout_workflow_id(checkout_id))
+    try:
+        state: CheckoutState = await within(
+            TEMPORAL_TIMEOUT,
+            handle.execute_update(
+                CheckoutWorkflow.operate,
+                request,
+                rpc_timeout=timedelta(seconds=TEMPORAL_TIMEOUT),
+            ),
+        )
+    except WorkflowUpdateFailedError as exc:
+        cause = exc.cause
+        if (
+            isinstance(cause, ApplicationError)
+            and cause.type
+            and cause.type in ErrorCode.__members__
+        ):
+            raise TenureError(ErrorCode[cause.type], cause.message) from exc
+        raise
+    except RPCError as exc:
+        if exc.status is RPCStatusCode.NOT_FOUND:
+            raise await _not_waiting(info, checkout_id) from exc
+        raise unavailable(exc) from exc
+    return Checkout.from_state(state)
+
+
+async def _not_waiting(info: Info, checkout_id: str) -> TenureError:
+    """Why a checkout took no update: it never existed, or its saga has ended."""
+    handle = info.context.gateway.client.get_workflow_handle(checkout_workflow_id(checkout_id))
+    try:
+        await within(TEMPORAL_TIMEOUT, handle.describe())
+    except RPCError as exc:
+        if exc.status is RPCStatusCode.NOT_FOUND:
+            return TenureError(ErrorCode.NOT_FOUND, f"checkout {checkout_id} does not exist")
+        return unavailable(exc)
+    return TenureError(
+        ErrorCode.INVALID_TRANSITION,
+        f"checkout {checkout_id} has ended; it no longer takes an operator's action",
+    )
+
+
+REASON = strawberry.argument(
+    description=f"Why, 1 to {MAX_OPERATOR_REASON} characters; recorded with who asked."
+)
+
+
+@strawberry.type
+class CheckoutOperatorQuery:
+    @strawberry.field(
+        description="Checkouts, for admins: `filter: {status: FAILED}` lists those that need "
+        "an operator. Running ones first, then the most recently ended."
+    )
+    async def checkouts(
+        self,
+        info: Info,
+        where: Annotated[CheckoutFilter | None, strawberry.argument(name="filter")] = None,
+        first: Annotated[int, FIRST] = DEFAULT_PAGE,
+        after: str | None = None,
+    ) -> Connection[CheckoutSummary]:
+        return await list_checkouts(info, where or CheckoutFilter(), first, after)
+
+
+@strawberry.type
+class CheckoutOperatorMutation:
+    @strawberry.mutation(
+        description="Admins: run a FAILED checkout's refused compensations again, last "
+        "registered first, then its report if that failed. It ends COMPENSATED (or "
+        "COMPLETED) when they succeed, or waits for an operator again."
+    )
+    async def retry_checkout_compensations(
+        self, info: Info, id: strawberry.ID, reason: Annotated[str, REASON]
+    ) -> Checkout:
+        return await operate(info, id, OperatorActionKind.RETRY, reason)
+
+    @strawberry.mutation(
+        description="Admins: mark a FAILED checkout as settled by hand; it ends RESOLVED and "
+        "runs nothing more."
+    )
+    async def resolve_checkout(
+        self, info: Info, id: strawberry.ID, reason: Annotated[str, REASON]
+    ) -> Checkout:
+        return await operate(info, id, OperatorActionKind.RESOLVE, reason)

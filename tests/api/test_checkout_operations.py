@@ -1,0 +1,175 @@
+"""Operator tools for checkouts over HTTP: the FAILED ones listed for admins, retried after
+the cause is fixed or resolved with a reason, recorded with who did it; refused to everyone
+else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+
+from entities.runtime.saga import SagaStatus
+from tests.api.test_access import SECRET, Caller, token
+from tests.conftest import WorkerFactory, api_client
+from tests.entities.failing_checkout import FailedCheckout, failed_checkout
+from tests.entities.shop import Shop, eventually, shop_settings
+from workers.cache import SnapshotCache
+from workers.settings import Settings
+
+LIST = """query($status: [CheckoutStatus!], $first: Int, $after: String) {
+  checkouts(filter: {status: $status}, first: $first, after: $after) {
+    edges { cursor node { id cartId accountId status total failureCode awaitingOperatorUntil
+                          endedAt } }
+    pageInfo { hasNextPage endCursor } totalCount } }"""
+READ = """query($id: ID!) { checkout(id: $id) { status awaitingOperatorUntil
+  compensations { name status code } operatorActions { action reason by at refused } } }"""
+RETRY = """mutation($id: ID!, $reason: String!) {
+  retryCheckoutCompensations(id: $id, reason: $reason) {
+    status operatorActions { action reason by } } }"""
+RESOLVE = """mutation($id: ID!, $reason: String!) { resolveCheckout(id: $id, reason: $reason) {
+  status operatorActions { action reason by } } }"""
+
+
+@pytest.fixture
+def secured(settings: Settings) -> Settings:
+    return shop_settings(
+        settings.model_copy(update={"environment": "production", "auth_secret": SECRET})
+    )
+
+
+@pytest.fixture
+def shop(temporal_client: Client, cache: SnapshotCache, secured: Settings) -> Shop:
+    return Shop(temporal_client, cache, secured)
+
+
+@pytest.fixture
+async def http(secured: Settings, temporal_client: Client) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(secured, temporal_client) as client:
+        yield client
+
+
+def callers(http: httpx.AsyncClient, failed: FailedCheckout) -> dict[str, Caller]:
+    return {
+        "admin": Caller(http, token("admin", "ops-1")),
+        "customer": Caller(http, token("customer", "ada", [failed.account_id])),
+        "service": Caller(http, token("service", "billing", scope="account:* read:* cart:*")),
+    }
+
+
+async def listed(admin: Caller, status: str, checkout_id: str) -> dict[str, Any] | None:
+    """The checkout's row in the list of that status, once visibility shows it there."""
+
+    async def row() -> dict[str, Any] | None:
+        page = (await admin.data(LIST, status=[status], first=100))["checkouts"]
+        return next((e["node"] for e in page["edges"] if e["node"]["id"] == checkout_id), None)
+
+    return await eventually(row, lambda found: found is not None)
+
+
+async def test_an_admin_lists_a_failed_checkout_and_retries_it_once_the_cause_is_fixed(
+    shop: Shop, run_worker: WorkerFactory, http: httpx.AsyncClient
+) -> None:
+    async with failed_checkout(shop, run_worker) as failed:
+        who = callers(http, failed)
+        admin, checkout_id = who["admin"], failed.checkout_id
+        row = await listed(admin, "FAILED", checkout_id)
+        assert row is not None
+        assert (row["status"], row["cartId"], row["accountId"]) == (
+            "FAILED",
+            failed.cart_id,
+            failed.account_id,
+        )
+        assert (row["total"], row["failureCode"], row["endedAt"]) == (600, "UNAVAILABLE", None)
+        assert row["awaitingOperatorUntil"] is not None
+
+        for name in ("customer", "service"):
+            assert await who[name].code(LIST, status=["FAILED"]) == "FORBIDDEN", name
+            assert await who[name].code(RETRY, id=checkout_id, reason="x") == "FORBIDDEN", name
+            assert await who[name].code(RESOLVE, id=checkout_id, reason="x") == "FORBIDDEN", name
+        # The customer still reads its own checkout, and sees it needs an operator.
+        mine = (await who["customer"].data(READ, id=checkout_id))["checkout"]
+        assert (mine["status"], mine["compensations"][0]["code"]) == ("FAILED", "LIMIT_REACHED")
+
+        await failed.fix()
+        retried = (await admin.data(RETRY, id=checkout_id, reason="  limit lifted  "))[
+            "retryCheckoutCompensations"
+        ]
+        assert retried["operatorActions"] == [
+            {"action": "RETRY", "reason": "limit lifted", "by": "admin:ops-1"}
+        ]
+        done = await eventually(
+            lambda: admin.data(READ, id=checkout_id),
+            lambda d: d["checkout"]["status"] == SagaStatus.COMPENSATED,
+        )
+        assert done["checkout"]["awaitingOperatorUntil"] is None
+        assert {c["status"] for c in done["checkout"]["compensations"]} == {"DONE"}
+        assert await failed.bank.balance(failed.account_id) == 1_000
+        assert await listed(admin, "COMPENSATED", checkout_id) is not None
+        # Ended: nothing more to retry or resolve.
+        assert await admin.code(RESOLVE, id=checkout_id, reason="late") == "INVALID_TRANSITION"
+
+
+async def test_a_resolve_is_recorded_with_its_reason_and_who_did_it(
+    shop: Shop, run_worker: WorkerFactory, http: httpx.AsyncClient
+) -> None:
+    async with failed_checkout(shop, run_worker) as failed:
+        admin = callers(http, failed)["admin"]
+        reason = "refunded by bank transfer, ticket 4711"
+        assert await admin.code(RESOLVE, id=failed.checkout_id, reason=" ") == "INVALID_INPUT"
+        await admin.data(RESOLVE, id=failed.checkout_id, reason=reason)
+        done = await eventually(
+            lambda: admin.data(READ, id=failed.checkout_id),
+            lambda d: d["checkout"]["status"] == SagaStatus.RESOLVED,
+        )
+        [action] = done["checkout"]["operatorActions"]
+        assert (action["action"], action["reason"], action["by"], action["refused"]) == (
+            "RESOLVE",
+            reason,
+            "admin:ops-1",
+            None,
+        )
+        assert action["at"] is not None
+        assert await listed(admin, "RESOLVED", failed.checkout_id) is not None
+
+
+async def test_checkouts_are_listed_a_page_at_a_time(
+    shop: Shop, run_worker: WorkerFactory, http: httpx.AsyncClient
+) -> None:
+    admin = Caller(http, token("admin", "ops-1"))
+    async with run_worker(shop.settings):
+        account_id = await shop.account(1_000)
+        sku = await shop.stock(5)
+        for _ in range(3):
+            await shop.finished(await shop.checkout(await shop.cart(account_id, (sku, 1, 10))))
+        await eventually(
+            lambda: admin.data(LIST, status=["COMPLETED"]),
+            lambda d: d["checkouts"]["totalCount"] >= 3,
+        )
+        seen: list[str] = []
+        after = None
+        for _ in range(3):
+            page = (await admin.data(LIST, status=["COMPLETED"], first=1, after=after))["checkouts"]
+            [edge] = page["edges"]
+            seen.append(edge["node"]["id"])
+            assert page["pageInfo"]["endCursor"] == edge["cursor"]
+            after = edge["cursor"]
+        assert len(set(seen)) == 3
+        assert await admin.code(LIST, status=["COMPLETED"], first=1, after=after) is None
+
+
+async def test_bad_ids_cursors_and_pages_are_refused_as_input_not_errors(
+    http: httpx.AsyncClient, run_worker: WorkerFactory
+) -> None:
+    admin = Caller(http, token("admin", "ops-1"))
+    async with run_worker():
+        for bad in ("no-attempt", "", "x" * 300 + "-1", "bad id-1"):
+            response = await admin.post(RETRY, id=bad, reason="r")
+            assert response.status_code == 200
+            assert response.json()["errors"][0]["extensions"]["code"] == "INVALID_INPUT", bad
+        assert await admin.code(RESOLVE, id="never-existed-1", reason="r") == "NOT_FOUND"
+        assert await admin.code(LIST, first=101) == "INVALID_INPUT"
+        assert await admin.code(LIST, after="not a cursor") == "INVALID_INPUT"
+        assert await admin.code(RETRY, id="cart-1", reason="r" * 501) == "INVALID_INPUT"
