@@ -44,7 +44,9 @@ class FailedCheckout:
 
 
 @contextlib.asynccontextmanager
-async def failed_checkout(shop: Shop, run_worker: WorkerFactory) -> AsyncIterator[FailedCheckout]:
+async def failed_checkout(
+    shop: Shop, run_worker: WorkerFactory, cart_id: str | None = None
+) -> AsyncIterator[FailedCheckout]:
     """A checkout whose refund was refused, FAILED and waiting for an operator, with the
     workers of its entities running. The account's worker is down while the saga withdraws,
     so the withdrawal is delivered and then given up (UNAVAILABLE); a deposit sent meanwhile
@@ -52,7 +54,7 @@ async def failed_checkout(shop: Shop, run_worker: WorkerFactory) -> AsyncIterato
     bank, account_id = await shop.unserved_account(run_worker, BALANCE)
     async with run_worker(shop.settings):
         sku = await shop.stock(5)
-        cart_id = await shop.cart(account_id, (sku, 2, PRICE))
+        cart_id = await shop.cart(account_id, (sku, 2, PRICE), cart_id=cart_id)
         checkout_id = await shop.checkout(cart_id)
         await eventually(lambda: shop.pending_attempt(checkout_id), lambda n: n >= 2, 60)
         for amount in filler_parts():

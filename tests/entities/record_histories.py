@@ -14,17 +14,22 @@ import logging
 import shutil
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Worker
 
 from api.gateway import EntityGateway
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal
 from entities.cart import CartStatus
+from entities.checkout import CheckoutWorkflow, checkout_workflow_id
 from entities.errors import TenureError
 from entities.inventory import Settlement
 from entities.runtime.envelope import RuntimeOptions
+from entities.runtime.saga import OperatorActionKind, OperatorRequest
+from tests.entities.failing_checkout import failed_checkout
 from tests.entities.shop import FAST_COMPENSATION, FAST_STEP, Shop, eventually, until_cached
 from workers.cache import SnapshotCache, connect_redis
 from workers.settings import Settings
@@ -85,6 +90,39 @@ async def _scenarios(shop: Shop) -> list[str]:
         f"cart:{broke}",
         f"inventory:{teapot}",
     ]
+
+
+STUCK_CART = "cart-stuck"
+
+
+async def _failed_checkout(client: Client, settings: Settings, cache: SnapshotCache) -> str:
+    """A checkout whose refund is refused: FAILED, waiting for an operator, retried in vain,
+    then retried after the fix and COMPENSATED. Runs its own workers (one for the account,
+    stopped for a while); the workflow id whose history to keep."""
+
+    @contextlib.asynccontextmanager
+    async def run_worker(chosen: Settings | None = None) -> AsyncIterator[Worker]:
+        async with build_worker(client, chosen or settings, cache) as worker:
+            yield worker
+
+    shop = Shop(client, cache, settings)
+    retry = OperatorRequest(action=OperatorActionKind.RETRY, reason="limit lifted", by="admin:a")
+    async with failed_checkout(shop, run_worker, cart_id=STUCK_CART) as failed:
+        handle = client.get_workflow_handle(checkout_workflow_id(failed.checkout_id))
+        first = failed.state.compensations[0].at
+        await handle.execute_update(CheckoutWorkflow.operate, retry)
+        await eventually(
+            lambda: shop.progress(failed.checkout_id),
+            lambda p: (
+                p is not None
+                and p.awaiting_operator_until is not None
+                and p.compensations[0].at > first
+            ),
+        )
+        await failed.fix()
+        await handle.execute_update(CheckoutWorkflow.operate, retry)
+        await handle.result()
+    return handle.id
 
 
 ACCOUNT_ID = "acct-lifecycle"
@@ -182,6 +220,10 @@ async def record(into: Path = HISTORIES) -> list[Path]:
                 # Closed, it still publishes its last state before it completes.
                 await client.get_workflow_handle(f"account:{ACCOUNT_ID}").result()
                 written += await _write_runs(client, f"account:{ACCOUNT_ID}", into)
+            # Its own queues: it stops and starts its account's worker.
+            operator_settings = settings.model_copy(update={"task_queue": "record-operator"})
+            stuck = await _failed_checkout(client, operator_settings, cache)
+            written += await _write_runs(client, stuck, into)
             return written
         finally:
             await redis_client.aclose()
