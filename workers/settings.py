@@ -237,6 +237,17 @@ class Settings(BaseModel):
         default_factory=dict,
         description="Providers that post signed events to /webhooks/<name>, by name.",
     )
+    webhook_retry_for_seconds: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="How long an outbound webhook is retried before it is dead-lettered.",
+    )
+    webhook_backoff_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="The first wait before an outbound webhook is sent again; doubled each "
+        "time, up to an hour.",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -270,6 +281,8 @@ class Settings(BaseModel):
             "TENURE_AUTO_REPAIR": "auto_repair",
             "TENURE_CHANGE_STREAM_MAXLEN": "change_stream_maxlen",
             "TENURE_CHANGE_STREAM_MAX_AGE_SECONDS": "change_stream_max_age_seconds",
+            "TENURE_WEBHOOK_RETRY_FOR_SECONDS": "webhook_retry_for_seconds",
+            "TENURE_WEBHOOK_BACKOFF_SECONDS": "webhook_backoff_seconds",
             "TENURE_ENV": "environment",
             "TENURE_AUTH_SECRET": "auth_secret",
             "TENURE_AUTH_PUBLIC_KEY_FILE": "auth_public_key_file",
@@ -358,6 +371,8 @@ class Settings(BaseModel):
             "TENURE_WATCHDOG_INTERVAL": str(self.watchdog_interval),
             "TENURE_AUTO_REPAIR": "1" if self.auto_repair else "0",
             "TENURE_CHANGE_STREAM_MAXLEN": str(self.change_stream_maxlen),
+            "TENURE_WEBHOOK_RETRY_FOR_SECONDS": str(self.webhook_retry_for_seconds),
+            "TENURE_WEBHOOK_BACKOFF_SECONDS": str(self.webhook_backoff_seconds),
             "TENURE_ENV": self.environment,
             "TENURE_AUTH_ISSUER": self.auth_issuer,
             "TENURE_AUTH_AUDIENCE": self.auth_audience,

@@ -31,6 +31,7 @@ from workers.requests import EntityRequests
 from workers.settings import Settings
 from workers.temporal import connect_temporal, until_reachable, until_unreachable
 from workers.watchdog import StuckEntityWatchdog
+from workers.webhook_delivery import WebhookDelivery
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def activity_functions(client: Client, cache: SnapshotCache, settings: Settings)
         EntityRequests(client, settings).request_entity,
         bulk.bulk_page,
         bulk.bulk_send,
+        WebhookDelivery(cache, settings).deliver_webhooks,
     ]
 
 

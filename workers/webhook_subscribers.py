@@ -1,0 +1,223 @@
+"""Outbound webhook subscribers and their dead letters, in Redis.
+
+Subscribers are one hash, `<prefix>webhooks:subscribers`, subscriber id to JSON (URL, secret,
+filter), read by the API and by each subscriber's delivery activity; the secret stays here
+and never enters a workflow's history. Per subscriber, under its own hash tag
+(`<prefix>webhooks:{<id>}:...`): `dead`, a capped stream of the deliveries whose retries ran
+out; `replay`, a stream of dead letters sent again, which the delivery activity reads
+through the subscriber's consumer group; `attempts`, when each entry in retry was first
+tried. Each entity type's change stream has a consumer group per subscriber, `webhook:<id>`.
+
+Deliveries are signed as Standard Webhooks says: `webhook-signature` is `v1,` and the base64
+HMAC-SHA256, with the secret's decoded key, of `{webhook-id}.{webhook-timestamp}.{body}` (the
+same rule api/webhooks.py checks inbound).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr
+from redis.exceptions import ResponseError
+
+from workers.cache import RedisClient
+from workers.changes import stream_key
+from workers.settings import WebhookSource
+
+MAX_SUBSCRIBERS = 100
+MAX_DEAD_LETTERS = 10_000
+"""Dead letters kept per subscriber, about (the oldest go first)."""
+MAX_REPLAY_AT_ONCE = 1_000
+ALL_COMMANDS = "*"
+
+
+class Subscriber(BaseModel):
+    """Where a subscriber's webhooks go, signed with what, for which changes."""
+
+    id: str
+    url: str
+    secret: str
+    events: dict[str, list[str]] = Field(
+        description="Entity types and, for each, the commands wanted, or ['*'] for all."
+    )
+    created_at: datetime
+    created_by: str = ""
+
+    def wants(self, entity_type: str, command: str | None) -> bool:
+        """Whether a change (or, with no command, a gap) of `entity_type` is for it."""
+        commands = self.events.get(entity_type)
+        if commands is None:
+            return False
+        return command is None or ALL_COMMANDS in commands or command in commands
+
+    def key(self) -> bytes:
+        return signing_key(self.secret)
+
+
+def new_secret() -> str:
+    """A Standard Webhooks secret: `whsec_` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of a `whsec_` secret, by the rule inbound sources follow (ValueError when
+    malformed or under 16 bytes)."""
+    return WebhookSource(scheme="standard", secret=SecretStr(secret)).signing_key()
+
+
+def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header of a delivery."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+def group_name(subscriber_id: str) -> str:
+    """The subscriber's consumer group on each change stream."""
+    return f"webhook:{subscriber_id}"
+
+
+class DeadLetter(BaseModel):
+    """A delivery whose retries ran out, as it was sent, to be sent again as it was."""
+
+    id: str = Field(default="", description="Its entry id in the dead-letter stream.")
+    webhook_id: str
+    entity_type: str
+    entity_id: str
+    body: str
+    attempts: int
+    error: str
+    first_attempt_at: datetime
+    failed_at: datetime
+
+    def fields(self) -> dict[Any, Any]:
+        return {k: str(v) for k, v in self.model_dump(mode="json", exclude={"id"}).items()}
+
+    @classmethod
+    def of(cls, entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> DeadLetter:
+        values = {k.decode(): v.decode() for k, v in fields.items()}
+        entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        return cls.model_validate({**values, "id": entry})
+
+
+class WebhookSubscribers:
+    """The registry of subscribers and each one's Redis keys."""
+
+    def __init__(self, client: RedisClient, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    @property
+    def registry_key(self) -> str:
+        return f"{self.prefix}webhooks:subscribers"
+
+    def key(self, subscriber_id: str, what: str) -> str:
+        """`dead`, `replay` or `attempts` of a subscriber."""
+        return f"{self.prefix}webhooks:{{{subscriber_id}}}:{what}"
+
+    def stream(self, entity_type: str) -> str:
+        return stream_key(self.prefix, entity_type)
+
+    async def get(self, subscriber_id: str) -> Subscriber | None:
+        raw: Any = await self.client.hget(self.registry_key, subscriber_id)
+        return Subscriber.model_validate_json(raw) if raw is not None else None
+
+    async def all(self) -> list[Subscriber]:
+        raw: dict[Any, Any] = await self.client.hgetall(self.registry_key)
+        found = [Subscriber.model_validate_json(value) for value in raw.values()]
+        return sorted(found, key=lambda subscriber: (subscriber.created_at, subscriber.id))
+
+    async def add(self, subscriber: Subscriber) -> bool:
+        """Register it and its consumer groups, from the end of each stream (it gets the
+        changes made from now on); False when there are MAX_SUBSCRIBERS already."""
+        if await self.client.hlen(self.registry_key) >= MAX_SUBSCRIBERS:
+            return False
+        for entity_type in subscriber.events:
+            await self.ensure_group(subscriber.id, entity_type, start="$")
+        await self.ensure_group(subscriber.id, None, start="0")
+        await self.client.hset(self.registry_key, subscriber.id, subscriber.model_dump_json())
+        return True
+
+    async def ensure_group(self, subscriber_id: str, entity_type: str | None, start: str) -> None:
+        """The subscriber's group on a type's change stream (or, with None, on its replays)."""
+        stream = self.stream(entity_type) if entity_type else self.key(subscriber_id, "replay")
+        try:
+            await self.client.xgroup_create(stream, group_name(subscriber_id), start, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def remove(self, subscriber_id: str) -> bool:
+        """Forget it, its groups, dead letters and replays; False when it was not there."""
+        subscriber = await self.get(subscriber_id)
+        if subscriber is None:
+            return False
+        await self.client.hdel(self.registry_key, subscriber_id)
+        for entity_type in subscriber.events:
+            await self.client.xgroup_destroy(self.stream(entity_type), group_name(subscriber_id))
+        for what in ("dead", "replay", "attempts"):
+            await self.client.delete(self.key(subscriber_id, what))
+        return True
+
+    # -- dead letters ------------------------------------------------------------------------
+
+    async def dead_letter(self, subscriber_id: str, letter: DeadLetter) -> None:
+        await self.client.xadd(
+            self.key(subscriber_id, "dead"),
+            letter.fields(),
+            maxlen=MAX_DEAD_LETTERS,
+            approximate=True,
+        )
+
+    async def dead_letters(
+        self, subscriber_id: str, first: int, after: str | None
+    ) -> tuple[list[DeadLetter], bool]:
+        """Oldest first, `first` of them after the entry `after`; and whether more follow."""
+        start = f"({after}" if after else "-"
+        raw: Any = await self.client.xrange(
+            self.key(subscriber_id, "dead"), start, "+", count=first + 1
+        )
+        letters = [DeadLetter.of(entry_id, fields) for entry_id, fields in raw]
+        return letters[:first], len(letters) > first
+
+    async def replay(self, subscriber_id: str, letter_id: str | None) -> int:
+        """Send dead letters again, in their order (one, or up to MAX_REPLAY_AT_ONCE): each
+        moves to the subscriber's replay stream, which its delivery reads. How many moved."""
+        dead = self.key(subscriber_id, "dead")
+        if letter_id is not None:
+            raw: Any = await self.client.xrange(dead, letter_id, letter_id)
+        else:
+            raw = await self.client.xrange(dead, "-", "+", count=MAX_REPLAY_AT_ONCE)
+        for entry_id, fields in raw:
+            await self.client.xadd(self.key(subscriber_id, "replay"), fields)
+            await self.client.xdel(dead, entry_id)
+        return len(raw)
+
+
+def event_body(entity_type: str, fields: Mapping[str, str]) -> tuple[str, str, dict[str, Any]]:
+    """A change stream entry as a webhook: its `webhook-id` (the same for every send of one
+    change), its entity id, and its body `{"type", "timestamp", "data"}`, where `type` is
+    `<entity type>.<command>` (`<entity type>.gap` for a gap) and `data` the entry's fields,
+    `state` as JSON."""
+    entity_id, incarnation = fields.get("id", ""), fields.get("incarnation", "")
+    data: dict[str, Any] = {"entity_type": entity_type, **fields}
+    data.pop("type", None)
+    if "state" in data:
+        data["state"] = json.loads(data["state"])
+    for number in ("incarnation", "revision", "from", "to", "state_revision"):
+        if number in data and data[number].isdigit():
+            data[number] = int(data[number])
+    if fields.get("type") == "gap":
+        webhook_id = f"{entity_type}:{entity_id}:{incarnation}:gap:{fields.get('from')}"
+        kind = f"{entity_type}.gap"
+    else:
+        webhook_id = f"{entity_type}:{entity_id}:{incarnation}:{fields.get('revision')}"
+        kind = f"{entity_type}.{fields.get('command', '')}"
+    body = {"type": kind, "timestamp": fields.get("at") or None, "data": data}
+    return webhook_id, entity_id, body
