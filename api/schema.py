@@ -25,6 +25,7 @@ from api.limits import DocumentLimits, LiveReadLimit
 from api.listing import ListingQuery
 from api.request_context import OperationName
 from api.response_size import ResponseSize, ResponseSizeLimit
+from api.webhook_subscribers import WebhookMutation, WebhookQuery
 from workers.settings import Settings
 
 Query = merge_types(
@@ -37,11 +38,19 @@ Query = merge_types(
         ListingQuery,
         BulkQuery,
         CheckoutOperatorQuery,
+        WebhookQuery,
     ),
 )
 Mutation = merge_types(
     "Mutation",
-    (AccountMutation, CartMutation, InventoryMutation, BulkMutation, CheckoutOperatorMutation),
+    (
+        AccountMutation,
+        CartMutation,
+        InventoryMutation,
+        BulkMutation,
+        CheckoutOperatorMutation,
+        WebhookMutation,
+    ),
 )
 
 
