@@ -1,0 +1,226 @@
+"""Outbound webhooks against a real local HTTP receiver: every subscribed change arrives, in
+order per entity, signed with the subscriber's secret, under the same webhook-id however often
+it is sent; what runs out of retries is dead-lettered and replayed; a removed subscriber's
+delivery ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import uvicorn
+from standardwebhooks import Webhook
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from temporalio.client import Client
+
+from api.webhooks import StandardWebhooks
+from deploy.embedded import free_port
+from tests.api.test_accounts_api import DEPOSIT, open_active
+from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
+from workers.settings import Settings
+from workers.webhook_subscribers import signing_key
+
+REGISTER = """mutation($url: String!, $events: JSON!, $secret: String) {
+  registerWebhookSubscriber(url: $url, events: $events, secret: $secret) {
+    secret subscriber { id url events deadLetters } } }"""
+DEAD = """query($id: ID!, $after: String) { webhookDeadLetters(subscriberId: $id, first: 10,
+  after: $after) { hasMore endCursor entries { id webhookId entityType entityId body attempts
+  error firstAttemptAt failedAt } } }"""
+REPLAY = "mutation($s: ID!, $id: ID!) { replayWebhookDeadLetter(subscriberId: $s, id: $id) }"
+REMOVE = "mutation($id: ID!) { removeWebhookSubscriber(id: $id) }"
+SUSPEND = 'mutation($id: ID!) { suspendAccount(id: $id, reason: "x", wait: true) { status } }'
+LISTED = "{ webhookSubscribers { id deadLetters } }"
+
+
+@dataclass
+class Delivery:
+    headers: dict[str, str]
+    body: bytes
+    status: int
+
+    @property
+    def event(self) -> dict[str, Any]:
+        event: dict[str, Any] = json.loads(self.body)
+        return event
+
+
+@dataclass
+class Receiver:
+    """Answers 500 to its first `failures` requests (every one while `failing`), then 200,
+    and keeps every request."""
+
+    url: str = ""
+    failures: int = 0
+    failing: bool = False
+    received: list[Delivery] = field(default_factory=list)
+
+    def delivered(self) -> list[Delivery]:
+        return [d for d in self.received if d.status == 200]
+
+    async def until(self, done: Callable[[], bool], seconds: float = 30) -> None:
+        for _ in range(int(seconds * 10)):
+            if done():
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"not received: {[d.event for d in self.received]}")
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    receiver = Receiver()
+
+    async def hook(request: Request) -> Response:
+        status = 500 if receiver.failing or receiver.failures > 0 else 200
+        receiver.failures -= 1
+        body = await request.body()
+        receiver.received.append(Delivery(dict(request.headers), body, status))
+        return Response(status_code=status)
+
+    port = free_port()
+    app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "uvicorn did not start"
+        await asyncio.sleep(0.05)
+    receiver.url = f"http://127.0.0.1:{port}/hook"
+    yield receiver
+    server.should_exit = True
+    await task
+
+
+@pytest.fixture
+async def webhooks(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> AsyncIterator[tuple[GraphQLClient, Settings]]:
+    """An API and a worker that retry quickly, for 30 seconds."""
+    quick = settings.model_copy(
+        update={"webhook_backoff_seconds": 0.2, "webhook_retry_for_seconds": 30.0}
+    )
+    async with run_worker(quick), api_client(quick, temporal_client) as http:
+        yield GraphQLClient(http), quick
+
+
+def verified(secret: str, delivery: Delivery) -> dict[str, Any]:
+    """The delivery's event, its signature checked by the reference implementation and by
+    Tenure's own inbound check."""
+    event: dict[str, Any] = Webhook(secret).verify(delivery.body, delivery.headers)
+    StandardWebhooks().verify(
+        signing_key(secret),
+        Headers(headers=delivery.headers),
+        delivery.body,
+        300,
+        float(delivery.headers["webhook-timestamp"]),
+    )
+    return event
+
+
+async def test_every_change_arrives_in_order_signed_and_once_per_webhook_id(
+    webhooks: tuple[GraphQLClient, Settings], receiver: Receiver
+) -> None:
+    gql, _ = webhooks
+    accounts = [new_id(), new_id()]
+    for account_id in accounts:
+        await open_active(gql, account_id)
+    registered = (
+        await gql.data(REGISTER, url=receiver.url, events={"account": ["deposit", "withdraw"]})
+    )["registerWebhookSubscriber"]
+    secret = registered["secret"]
+    assert secret.startswith("whsec_")
+    assert registered["subscriber"]["events"] == {"account": ["deposit", "withdraw"]}
+    receiver.failures = 3
+    for amount in (1, 2, 3):
+        for account_id in accounts:
+            await gql.data(DEPOSIT, id=account_id, amount=amount)
+    await gql.data(SUSPEND, id=accounts[0])
+
+    def ours() -> list[Delivery]:
+        return [d for d in receiver.delivered() if d.event["data"]["id"] in accounts]
+
+    await receiver.until(lambda: len(ours()) >= 6)
+    await asyncio.sleep(0.5)  # nothing more comes: not the suspension, nothing twice
+    assert len(ours()) == 6
+    assert len([d for d in receiver.received if d.status == 500]) == 3
+    for account_id in accounts:
+        events = [verified(secret, d) for d in ours() if d.event["data"]["id"] == account_id]
+        assert [e["type"] for e in events] == ["account.deposit"] * 3
+        assert [e["data"]["revision"] for e in events] == [3, 4, 5]  # open, verify, deposits
+        assert [e["data"]["state"]["balance"] for e in events] == [1, 3, 6]
+    # Sent again after a 500, a change keeps its webhook-id; no two changes share one.
+    ids_by_event: dict[tuple[str, int], set[str]] = {}
+    for delivery in receiver.received:
+        data = delivery.event["data"]
+        key = (data["id"], data["revision"])
+        ids_by_event.setdefault(key, set()).add(delivery.headers["webhook-id"])
+        verified(secret, delivery)
+    assert all(len(ids) == 1 for ids in ids_by_event.values())
+    assert len({next(iter(ids)) for ids in ids_by_event.values()}) == len(ids_by_event)
+    failed_ids = {d.headers["webhook-id"] for d in receiver.received if d.status == 500}
+    assert failed_ids <= {d.headers["webhook-id"] for d in receiver.delivered()}
+
+
+async def test_a_change_whose_retries_run_out_is_dead_lettered_and_replayed(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory, receiver: Receiver
+) -> None:
+    brief = settings.model_copy(
+        update={"webhook_backoff_seconds": 0.2, "webhook_retry_for_seconds": 1.5}
+    )
+    async with run_worker(brief), api_client(brief, temporal_client) as http:
+        gql = GraphQLClient(http)
+        account_id = new_id()
+        await open_active(gql, account_id)
+        registered = (await gql.data(REGISTER, url=receiver.url, events={"account": ["*"]}))[
+            "registerWebhookSubscriber"
+        ]
+        subscriber_id, secret = registered["subscriber"]["id"], registered["secret"]
+        receiver.failing = True
+        await gql.data(DEPOSIT, id=account_id, amount=7)
+
+        async def dead_letters() -> list[dict[str, Any]]:
+            entries: list[dict[str, Any]] = (await gql.data(DEAD, id=subscriber_id))[
+                "webhookDeadLetters"
+            ]["entries"]
+            return entries
+
+        for _ in range(100):
+            letters = await dead_letters()
+            if letters:
+                break
+            await asyncio.sleep(0.1)
+        assert len(letters) == 1, letters
+        letter = letters[0]
+        assert (letter["entityType"], letter["entityId"]) == ("account", account_id)
+        assert letter["attempts"] >= 2 and letter["error"] == "HTTP 500"
+        assert json.loads(letter["body"])["data"]["state"]["balance"] == 7
+        tried = {d.headers["webhook-id"] for d in receiver.received}
+        assert tried == {letter["webhookId"]}
+        listed = (await gql.data(LISTED))["webhookSubscribers"]
+        assert {"id": subscriber_id, "deadLetters": 1} in listed
+
+        receiver.failing = False
+        assert (await gql.data(REPLAY, s=subscriber_id, id=letter["id"])) == {
+            "replayWebhookDeadLetter": 1
+        }
+        await receiver.until(lambda: len(receiver.delivered()) == 1)
+        replayed = receiver.delivered()[0]
+        assert replayed.headers["webhook-id"] == letter["webhookId"]
+        assert replayed.body.decode() == letter["body"]
+        verified(secret, replayed)
+        assert await dead_letters() == []
+
+        await gql.data(REMOVE, id=subscriber_id)
+        assert subscriber_id not in {
+            s["id"] for s in (await gql.data(LISTED))["webhookSubscribers"]
+        }
+        handle = temporal_client.get_workflow_handle(f"webhook:{subscriber_id}")
+        await asyncio.wait_for(handle.result(), 20)  # its delivery ended
