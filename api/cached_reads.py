@@ -39,6 +39,7 @@ from graphql import (
     validate,
 )
 from graphql.error import GraphQLError
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.authentication import principal_of
@@ -49,7 +50,9 @@ from api.gateway import CacheLookup, EntityRead, Source
 from api.limits import DocumentLimits, decode_json, selects_always_live
 from api.metrics import ApiMetrics
 from api.request_context import note_operation
+from entities.runtime.policy import Role
 from workers.cache import CachedSnapshot, CacheUnavailable, RawEntry, SnapshotCache
+from workers.index import generation_key
 
 SCOPE_KEY = "tenure.prefetched_reads"
 MAX_BODY = 64 * 1024
@@ -68,12 +71,20 @@ class EntityReadField:
 
 
 ENTITY_READ_FIELDS: dict[str, EntityReadField] = {}
+LISTING_FIELDS: dict[str, str] = {}
+"""Root query fields that list (or count) entities of a type from the listing index."""
 
 
 def entity_read_field(field_name: str, entity_type: str, id_argument: str = "id") -> None:
     """Declare `field_name` (a root Query field taking `id_argument` and `consistency`) as a
     read of `entity_type`, so its CACHED responses can be replayed."""
     ENTITY_READ_FIELDS[field_name] = EntityReadField(entity_type, id_argument)
+
+
+def listing_field(field_name: str, entity_type: str) -> None:
+    """Declare `field_name` (a root Query field) as a listing of `entity_type` from the
+    index, so its responses can be replayed while the type's index generation stands."""
+    LISTING_FIELDS[field_name] = entity_type
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,7 @@ class ReadPlan:
 
     reads: tuple[_RootRead, ...]
     operation_name: str | None = None
+    listings: tuple[str, ...] = ()
 
     def entities(self, variables: dict[str, Any]) -> list[tuple[str, str]] | None:
         """The (type, id) pairs these variables read, or None if any read is not a CACHED
@@ -153,9 +165,14 @@ def plan_reads(
         if isinstance(definition.default_value, StringValueNode | EnumValueNode)
     }
     reads = []
+    listings: list[str] = []
     for selection in operation.selection_set.selections:
         if not isinstance(selection, FieldNode) or selection.directives:
             return None
+        listed = LISTING_FIELDS.get(selection.name.value)
+        if listed is not None:
+            listings.append(listed)  # its arguments are in the body, part of the key
+            continue
         declared = ENTITY_READ_FIELDS.get(selection.name.value)
         if declared is None:
             return None
@@ -165,9 +182,10 @@ def plan_reads(
         if arguments or entity_id is None or consistency is None:
             return None
         reads.append(_RootRead(declared.entity_type, entity_id, consistency))
-    if not reads or validate(schema, document, specified_rules):
+    if not (reads or listings) or validate(schema, document, specified_rules):
         return None
-    return ReadPlan(tuple(reads), operation.name.value if operation.name else None)
+    name = operation.name.value if operation.name else None
+    return ReadPlan(tuple(reads), name, tuple(sorted(set(listings))))
 
 
 @dataclass
@@ -193,14 +211,18 @@ class PrefetchedReads:
             self.served += 1
 
 
-def _key(body: bytes, scope: Scope, entries: list[RawEntry]) -> bytes:
+def _key(
+    body: bytes, scope: Scope, entries: list[RawEntry], generations: list[bytes] | None = None
+) -> bytes:
     """A digest of what a rendered response depends on: the body, the headers that choose
-    the response's form (content type asked for and sent) and the cache entries read."""
+    the response's form (content type asked for and sent), the cache entries read and the
+    generations of the indexes listed."""
     digest = hashlib.blake2b(digest_size=16)
     parts = [body]
     parts += [name + b":" + value for name, value in scope["headers"] if name in _NEGOTIATING]
     for document, cached_at, stuck in entries:
         parts += [document, cached_at, stuck or b""]
+    parts += generations or []
     for part in parts:
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
@@ -267,19 +289,26 @@ class CachedReadResponses:
         request = _json_request(body) if len(body) <= MAX_BODY else None
         plan = request and await self._plans.get(request[0], request[2])
         entities = plan.entities(request[1]) if plan and request else None
-        if not plan or not entities or not _allowed_at_once(scope, entities):
+        if (
+            not plan
+            or entities is None
+            or not (entities or plan.listings)
+            or not _allowed_at_once(scope, entities)
+            or not _allowed_to_list(scope, plan.listings)
+        ):
             await self._app(scope, replay, send)
             return
         cache: SnapshotCache = scope["app"].state.gateway.cache
         try:
-            raw = await _look_up(cache, entities)
+            raw = await _look_up(cache, entities) if entities else []
+            generations = await _generations(cache, plan.listings)
         except CacheUnavailable:
             # Redis is down: the resolvers go to the workflows without trying it again.
             scope[SCOPE_KEY] = PrefetchedReads(dict.fromkeys(entities, CacheLookup(None)))
             await self._app(scope, replay, send)
             return
         present = [entry for entry in raw if entry is not None]
-        key = _key(body, scope, present) if len(present) == len(entities) else None
+        key = _key(body, scope, present, generations) if len(present) == len(entities) else None
         rendered = self._rendered.get(key) if key else None
         if key and rendered is not None:
             self._rendered.move_to_end(key)
@@ -323,6 +352,38 @@ def _allowed_at_once(scope: Scope, entities: list[tuple[str, str]]) -> bool:
         authorizer.decided_without_state(principal, entity_type, entity_id)
         for entity_type, entity_id in entities
     )
+
+
+def _allowed_to_list(scope: Scope, entity_types: tuple[str, ...]) -> bool:
+    """Whether the caller sees every entity of these types in a listing, whoever it is: a
+    customer's listing is its own, so it is never replayed to anyone."""
+    if not entity_types:
+        return True
+    principal = principal_of(scope)
+    authorizer: Authorizer = scope["app"].state.authorizer
+    return (
+        principal is not None
+        and principal.role is not Role.CUSTOMER
+        and all(
+            authorizer.decided_without_state(principal, entity_type, "")
+            for entity_type in entity_types
+        )
+    )
+
+
+async def _generations(cache: SnapshotCache, entity_types: tuple[str, ...]) -> list[bytes]:
+    """The index generation of each type listed (workers/index.py `generation_key`)."""
+    if not entity_types:
+        return []
+    keys = [generation_key(cache.prefix, entity_type) for entity_type in entity_types]
+    try:
+        async with cache.client.pipeline(transaction=False) as pipe:
+            for key in keys:  # one slot each in a cluster: no MGET across them
+                pipe.get(key)
+            values = await pipe.execute()
+    except (RedisError, OSError) as exc:
+        raise CacheUnavailable(str(exc)) from exc
+    return [value if isinstance(value, bytes) else b"0" for value in values]
 
 
 async def _look_up(cache: SnapshotCache, entities: list[tuple[str, str]]) -> list[RawEntry | None]:

@@ -17,6 +17,7 @@ import strawberry
 
 from api.accounts import Account
 from api.authorization import Forbidden
+from api.cached_reads import listing_field
 from api.carts import Cart
 from api.context import Info
 from api.gateway import EntityRead, Source
@@ -331,3 +332,12 @@ class ListingQuery:
     @strawberry.field(description="How many inventory items there are (they have no status).")
     async def inventory_stats(self, info: Info) -> EntityStats:
         return await entity_stats(info, "inventory")
+
+
+# Replayed while the index stands (api/cached_reads.py), to callers who see every entity.
+listing_field("accounts", "account")
+listing_field("carts", "cart")
+listing_field("inventoryItems", "inventory")
+listing_field("accountStats", "account")
+listing_field("cartStats", "cart")
+listing_field("inventoryStats", "inventory")

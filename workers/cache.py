@@ -21,7 +21,7 @@ from entities import catalog
 from entities.runtime.envelope import Snapshot
 from entities.runtime.listing import IndexValues
 from workers.changes import Changes, Retention, encode, marks_key, state_of, stream_key
-from workers.index import INDEX_IF_NEWER, PUT_AND_INDEX, IndexEntry, index_base
+from workers.index import INDEX_IF_NEWER, PUT_AND_INDEX, IndexEntry, generation_key, index_base
 from workers.read_batching import ReadBatcher
 from workers.settings import Settings
 from workers.telemetry import redis_span
@@ -335,14 +335,20 @@ class SnapshotCache:
         """Note that the entity has stopped making progress: its cached reads are stale."""
         try:
             with redis_span("HSET"):
-                await self._client.hset(self.key(entity_type, entity_id), "stuck", reason)
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.hset(self.key(entity_type, entity_id), "stuck", reason)
+                    pipe.incr(generation_key(self._prefix, entity_type))
+                    await pipe.execute()
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
 
     async def clear_stuck(self, entity_type: str, entity_id: str) -> None:
         try:
             with redis_span("HDEL"):
-                await self._client.hdel(self.key(entity_type, entity_id), "stuck")
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.hdel(self.key(entity_type, entity_id), "stuck")
+                    pipe.incr(generation_key(self._prefix, entity_type))
+                    await pipe.execute()
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
 

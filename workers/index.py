@@ -49,6 +49,7 @@ _LAST_MS = 10**_MS_DIGITS - 1
 # asking the caller. Lua's cjson decodes `{}` and `[]` alike, hence pairs over both.
 _REINDEX = """
 local function reindex(base, id, entry)
+  redis.call('INCR', base .. 'v')
   local old = redis.call('HGET', base .. 'e', id)
   if old then
     old = cjson.decode(old)
@@ -135,6 +136,12 @@ entity id, entry, changes, state."""
 def index_base(prefix: str, entity_type: str) -> str:
     """The prefix of every index key of `entity_type`, hash-tagged by the type."""
     return f"{prefix}index:{{{entity_type}}}:"
+
+
+def generation_key(prefix: str, entity_type: str) -> str:
+    """A counter raised by every change to the type's index, and to a stuck mark of one of
+    its entities: a rendered listing stands while it stands (api/cached_reads.py)."""
+    return index_base(prefix, entity_type) + "v"
 
 
 def updated_key(updated_at: datetime | None) -> str:

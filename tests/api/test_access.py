@@ -134,7 +134,7 @@ ADMIN, SERVICE, STOCKIST, CUSTOMER, STRANGER = (
 )
 CALLERS = [ADMIN, SERVICE, STOCKIST, CUSTOMER, STRANGER]
 
-Case = tuple[str, str, Callable[[dict[str, str]], dict[str, str]], set[str]]
+Case = tuple[str, str, Callable[[dict[str, str]], dict[str, Any]], set[str]]
 CASES: list[Case] = [
     ("read my account", READ_ACCOUNT, lambda e: {"id": e["mine"]}, {ADMIN, SERVICE, CUSTOMER}),
     ("read it live", READ_ACCOUNT_LIVE, lambda e: {"id": e["mine"]}, {ADMIN, SERVICE, CUSTOMER}),

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from temporalio.client import Client
 
+from api.cached_reads import CachedReadResponses
 from deploy.embedded import EmbeddedRedis
 from tests.api.test_access import SECRET, Caller, token
 from tests.api.test_accounts_api import CLOSE, DEPOSIT, SUSPEND, VERIFY
@@ -45,6 +46,7 @@ query($filter: AccountFilter, $first: Int! = 20, $after: String,
 }"""
 
 STATS = "{ accountStats { byStatus { status count } total } }"
+STALE = "{ accounts { edges { node { id stale } } } }"
 
 
 def ids(data: dict[str, Any], field: str = "accounts") -> list[str]:
@@ -303,3 +305,29 @@ async def test_reindex_after_flushall_restores_listing_and_cache(
         assert after == before
         stats = (await gql.data(STATS))["accountStats"]
         assert {s["status"]: s["count"] for s in stats["byStatus"]} == {"CLOSED": 1, "ACTIVE": 3}
+
+
+async def test_a_page_is_replayed_while_the_index_stands_and_made_anew_once_it_changes(
+    gql: GraphQLClient, http: httpx.AsyncClient, cache: SnapshotCache
+) -> None:
+    replays: CachedReadResponses = http._transport.app.state.cached_reads  # type: ignore[attr-defined]
+    ada = await open_named(gql, "Ada Lovelace", "ada@example.com")
+    await listed(gql, [ada])
+    first = await gql.data(ACCOUNTS)
+    before = replays.replayed
+    assert await gql.data(ACCOUNTS) == first
+    assert replays.replayed == before + 1  # the answer was the first one's bytes
+    # A change to any account is a new page.
+    grace = await open_named(gql, "Grace Hopper", "grace@navy.mil")
+    assert ids(await listed(gql, [grace, ada])) == [grace, ada]
+    # So is an entity found stuck: the page must not go on saying it is fresh.
+    await cache.mark_stuck("account", ada, "its workflow task keeps failing")
+    stale = {
+        e["node"]["id"]: e["node"]["stale"] for e in (await gql.data(STALE))["accounts"]["edges"]
+    }
+    assert stale == {grace: False, ada: True}
+    await cache.clear_stuck("account", ada)
+    stale = {
+        e["node"]["id"]: e["node"]["stale"] for e in (await gql.data(STALE))["accounts"]["edges"]
+    }
+    assert stale == {grace: False, ada: False}
