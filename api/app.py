@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -20,21 +21,25 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
+from strawberry.exceptions import ConnectionRejectionError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData, GraphQLRequestProtocol
 from strawberry.schema import BaseSchema
 from strawberry.schema.exceptions import InvalidOperationTypeError
+from strawberry.subscriptions import GRAPHQL_SSE_PROTOCOL, GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionResult as StrawberryExecutionResult
+from strawberry.types.unset import UnsetType
 from temporalio.client import Client
 
 from api.admin import admin_console
-from api.auth import TokenVerifier
-from api.authentication import Authentication, principal_of
+from api.auth import TokenVerifier, Unauthenticated
+from api.authentication import Authentication, principal_of, websocket_principal
 from api.authorization import Authorizer
 from api.cached_reads import SCOPE_KEY, CachedReadResponses
+from api.change_feed import ChangeFeed
 from api.context import TenureContext
 from api.errors import LimitCode, RequestRefused, present_error
 from api.gateway import QUERY_BUDGET, EntityGateway, QueryBudget
@@ -44,6 +49,7 @@ from api.over_http import GraphQLOverHTTP, view_status
 from api.rate_limits import Limit, RateLimiter, RateLimits
 from api.request_context import ObservedRequests, note_outcome
 from api.schema import build_schema, introspection_enabled
+from api.subscriptions import CodedErrorsOverWebSocket
 from api.webhooks import webhook_endpoint
 from entities.errors import ErrorCode
 from entities.runtime.policy import NOBODY, Role
@@ -64,12 +70,32 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
     """Strawberry's ASGI view with Tenure's context and error presentation: a request it
     refuses is answered with a GraphQL error and a code, as a query's errors are."""
 
+    graphql_transport_ws_handler_class = CodedErrorsOverWebSocket
+
     def __init__(
-        self, schema: BaseSchema, *, graphiql: bool, suggestions: bool, queries_per_request: int
+        self,
+        schema: BaseSchema,
+        *,
+        graphiql: bool,
+        suggestions: bool,
+        queries_per_request: int,
+        verifier: TokenVerifier | None = None,
+        subscriptions_per_connection: int = 20,
+        allowed_origins: list[str] | None = None,
     ) -> None:
-        super().__init__(schema, graphql_ide="graphiql" if graphiql else None)
+        super().__init__(
+            schema,
+            graphql_ide="graphiql" if graphiql else None,
+            # Subscriptions over a WebSocket, and over Server-Sent Events (a POST whose
+            # Accept is text/event-stream) through the HTTP middleware like any request.
+            subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_SSE_PROTOCOL),
+            max_subscriptions_per_connection=subscriptions_per_connection,
+            connection_init_wait_timeout=timedelta(seconds=10),
+            allowed_origins=allowed_origins or (),
+        )
         self._suggestions = suggestions
         self._queries_per_request = queries_per_request
+        self._verifier = verifier
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -125,6 +151,23 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
             principal=principal,
             prefetched=request.scope.get(SCOPE_KEY),
         )
+
+    @property
+    def suggestions(self) -> bool:
+        """Whether error messages may suggest names (only where introspection is on)."""
+        return self._suggestions
+
+    async def on_ws_connect(self, context: TenureContext) -> UnsetType | dict[str, object] | None:
+        """Authenticate a WebSocket at its `connection_init`; a bad token closes it 4403."""
+        try:
+            context.principal = await websocket_principal(
+                self._verifier, context.connection_params or {}, context.request.headers
+            )
+        except Unauthenticated as exc:
+            raise ConnectionRejectionError(
+                {"code": "UNAUTHENTICATED", "message": exc.message}
+            ) from exc
+        return await super().on_ws_connect(context)
 
     async def process_result(
         self,
@@ -224,6 +267,17 @@ def create_app(
             readiness.check("redis", snapshot_cache.reachable)
             app.state.authorizer = Authorizer(app.state.gateway)
             stack.push_async_callback(limits_redis.aclose)
+            # One reader of the change streams for every subscription of this process.
+            feed_redis = connect_redis(settings)
+            stack.push_async_callback(feed_redis.aclose)
+            app.state.change_feed = ChangeFeed(
+                feed_redis,
+                snapshot_cache,
+                settings.redis_prefix,
+                max_subscribers=settings.max_subscribers,
+                block_seconds=settings.redis_timeout / 2,
+            )
+            await stack.enter_async_context(app.state.change_feed.running())
             yield
 
     readiness = Readiness()  # its checks are added once the lifespan has the clients
@@ -248,6 +302,9 @@ def create_app(
         graphiql=graphiql,
         suggestions=introspection_enabled(settings),
         queries_per_request=settings.max_live_reads,
+        verifier=verifier,
+        subscriptions_per_connection=settings.max_subscriptions_per_connection,
+        allowed_origins=settings.cors_origins,
     )
     cached_reads = CachedReadResponses(
         graphql,
@@ -297,6 +354,8 @@ def create_app(
             Route("/", _home),
             *health_routes(readiness),
             Route("/graphql", endpoint),  # GraphQLOverHTTP answers other methods
+            # graphql-transport-ws: authenticated at its connection_init (on_ws_connect)
+            WebSocketRoute("/graphql", graphql),
             # A page with its own policy and no data: its script sends tokens to /graphql
             admin_console(settings, auth_required=verifier is not None),
             Route("/metrics", metrics.endpoint),  # for Prometheus; keep it off the Internet

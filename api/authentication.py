@@ -9,6 +9,8 @@ carry the token pasted into its headers pane.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import parse_qs
 
 import structlog
@@ -81,3 +83,16 @@ async def _unauthenticated(send: Send, message: str, has_token: bool) -> None:
         message,
         [(b"www-authenticate", challenge.encode())],
     )
+
+
+async def websocket_principal(
+    verifier: TokenVerifier | None, connection_params: Mapping[str, Any], headers: Headers
+) -> Principal:
+    """The caller of a WebSocket (graphql-transport-ws): its token from `connection_init`'s
+    payload (`{"Authorization": "Bearer ..."}`, as browsers cannot set a handshake's
+    headers), else the handshake's Authorization header. Raises Unauthenticated."""
+    if verifier is None:
+        return DEVELOPMENT_PRINCIPAL
+    given = connection_params.get("Authorization", connection_params.get("authorization"))
+    header = given if isinstance(given, str) else headers.get("authorization")
+    return await verifier.authenticate(header)

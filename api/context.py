@@ -27,6 +27,8 @@ class TenureContext:
     authorizer: Authorizer
     principal: Principal
     prefetched: PrefetchedReads | None = None
+    # What a WebSocket's `connection_init` carried (Strawberry sets it).
+    connection_params: dict[str, Any] | None = None
 
 
 Info = StrawberryInfo[TenureContext, Any]

@@ -25,6 +25,7 @@ from api.limits import DocumentLimits, LiveReadLimit
 from api.listing import ListingQuery
 from api.request_context import OperationName
 from api.response_size import ResponseSize, ResponseSizeLimit
+from api.subscriptions import subscription_type
 from api.webhook_subscribers import WebhookMutation, WebhookQuery
 from workers.settings import Settings
 
@@ -52,6 +53,7 @@ Mutation = merge_types(
         WebhookMutation,
     ),
 )
+Subscription = subscription_type(Query)
 
 
 class TenureSchema(strawberry.Schema):
@@ -90,6 +92,7 @@ def build_schema(settings: Settings) -> TenureSchema:
     return TenureSchema(
         query=Query,
         mutation=Mutation,
+        subscription=Subscription,
         config=StrawberryConfig(scalar_map=SCALARS),
         extensions=extensions,
     )

@@ -220,6 +220,12 @@ class Settings(BaseModel):
         description="Values an answer may hold, every list counted full (api/response_size.py).",
     )
     max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="Request body size.")
+    max_subscribers: int = Field(
+        default=10_000, ge=1, description="Live subscriptions one API process serves at once."
+    )
+    max_subscriptions_per_connection: int = Field(
+        default=20, ge=1, description="Live subscriptions one WebSocket may hold at once."
+    )
     graphiql: bool | None = Field(default=None, description="Serve GraphiQL; None: in development.")
     introspection: bool | None = Field(
         default=None, description="Answer introspection; None: in development."
@@ -307,6 +313,8 @@ class Settings(BaseModel):
             "TENURE_MAX_MUTATIONS": "max_mutations",
             "TENURE_MAX_RESPONSE_VALUES": "max_response_values",
             "TENURE_MAX_BODY_BYTES": "max_body_bytes",
+            "TENURE_MAX_SUBSCRIBERS": "max_subscribers",
+            "TENURE_MAX_SUBSCRIPTIONS_PER_CONNECTION": "max_subscriptions_per_connection",
             "TENURE_GRAPHIQL": "graphiql",
             "TENURE_INTROSPECTION": "introspection",
         }
@@ -394,6 +402,8 @@ class Settings(BaseModel):
             "TENURE_MAX_MUTATIONS": str(self.max_mutations),
             "TENURE_MAX_RESPONSE_VALUES": str(self.max_response_values),
             "TENURE_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "TENURE_MAX_SUBSCRIBERS": str(self.max_subscribers),
+            "TENURE_MAX_SUBSCRIPTIONS_PER_CONNECTION": str(self.max_subscriptions_per_connection),
             "TENURE_GRAPHIQL": "" if self.graphiql is None else str(int(self.graphiql)),
             "TENURE_INTROSPECTION": ""
             if self.introspection is None

@@ -1,0 +1,331 @@
+"""Live changes for subscriptions: one Redis reader per API process, fanned out in-process.
+
+The reader follows the change streams (workers/changes.py) of the entity types that have
+subscribers, with one blocking XREAD over all of them, and offers each change to the
+subscribers that want it. Nothing waits for a subscriber: each holds at most the newest
+change per entity it follows (one for an entity's subscription), so a slow one skips to
+the latest state when it catches up, and its next change shows the revisions it did not
+see. A subscription never opens a Redis connection of its own.
+
+Only a change that carries its entity's state is offered; the earlier changes of the same
+publish (`state_revision`) have no state of their own to show, so a subscriber sees the
+revision jump past them. A `gap` whose state the stream does not hold is read from the
+cache once, here, and offered as that state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from entities.errors import ErrorCode, TenureError
+from entities.runtime.envelope import Snapshot
+from workers.cache import CacheUnavailable, RedisClient, SnapshotCache
+from workers.changes import stream_key
+
+log = logging.getLogger(__name__)
+
+READ_COUNT = 1000
+RETRY_SECONDS = 1.0
+
+
+@dataclass
+class Change:
+    """An entity's state after one of its commands (or after a gap), as a subscriber gets
+    it. `command` and its fields are None when the state came from the cache."""
+
+    entity_type: str
+    snapshot: Snapshot
+    command: str | None = None
+    command_id: str | None = None
+    sent_by: str | None = None
+    at: datetime | None = None
+    gap: bool = False
+    rendered: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def entity_id(self) -> str:
+        return self.snapshot.entity_id
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """Where the change is in its entity's life: incarnation, then revision."""
+        return (self.snapshot.incarnation, self.snapshot.revision)
+
+
+class SubscriberGone(TenureError):
+    """The feed stopped (the process is shutting down) or the subscriber fell too far
+    behind on too many entities."""
+
+
+class Mailbox:
+    """One subscriber's pending changes: the newest per entity, for at most `capacity`
+    entities. `offer` never waits; a subscriber behind on more entities than that is ended
+    with an error, never left with silently dropped changes."""
+
+    def __init__(self, wants: Callable[[Change], bool], capacity: int) -> None:
+        self._wants = wants
+        self._capacity = capacity
+        self._pending: dict[str, Change] = {}
+        self._ready = asyncio.Event()
+        self._ended: SubscriberGone | None = None
+
+    def offer(self, change: Change) -> None:
+        if self._ended is not None or not self._wants(change):
+            return
+        held = self._pending.get(change.entity_id)
+        if held is None and len(self._pending) >= self._capacity:
+            self.end(
+                SubscriberGone(
+                    ErrorCode.LIMIT_REACHED,
+                    f"this subscription fell behind on more than {self._capacity} entities",
+                )
+            )
+            return
+        if held is not None and held.position >= change.position:
+            return
+        self._pending.pop(change.entity_id, None)
+        self._pending[change.entity_id] = change
+        self._ready.set()
+
+    def end(self, reason: SubscriberGone) -> None:
+        self._ended = reason
+        self._ready.set()
+
+    async def next(self) -> Change:
+        """The oldest pending entity's newest change, waiting for one."""
+        while not self._pending:
+            if self._ended is not None:
+                raise self._ended
+            self._ready.clear()
+            await self._ready.wait()
+        entity_id = next(iter(self._pending))
+        return self._pending.pop(entity_id)
+
+
+@dataclass
+class _Followed:
+    """A followed type's subscribers and where its stream has been read to."""
+
+    cursor: str
+    by_entity: dict[str, set[Mailbox]] = field(default_factory=dict)
+    everyone: set[Mailbox] = field(default_factory=set)
+
+    def __len__(self) -> int:
+        return len(self.everyone) + sum(len(boxes) for boxes in self.by_entity.values())
+
+
+class ChangeFeed:
+    """The process's one reader of the change streams and its subscribers; started and
+    stopped by the app's lifespan (`running`)."""
+
+    def __init__(
+        self,
+        client: RedisClient,
+        cache: SnapshotCache,
+        prefix: str,
+        *,
+        max_subscribers: int,
+        block_seconds: float,
+    ) -> None:
+        self._client = client
+        self._cache = cache
+        self._prefix = prefix
+        self._max = max_subscribers
+        self._block_ms = max(int(block_seconds * 1000), 1)
+        self._types: dict[str, _Followed] = {}
+        self._count = 0
+        self._wanted = asyncio.Event()
+        self._following = asyncio.Lock()
+        self._stopped = False
+
+    @property
+    def subscribers(self) -> int:
+        return self._count
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        task = asyncio.create_task(self._read(), name="tenure-change-feed")
+        try:
+            yield
+        finally:
+            self._stopped = True
+            gone = SubscriberGone(ErrorCode.UNAVAILABLE, "the server is shutting down")
+            for followed in self._types.values():
+                for box in followed.everyone:
+                    box.end(gone)
+                for boxes in followed.by_entity.values():
+                    for box in boxes:
+                        box.end(gone)
+            self._wanted.set()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self,
+        entity_type: str,
+        entity_id: str | None,
+        wants: Callable[[Change], bool] = lambda change: True,
+        capacity: int = 1,
+    ) -> AsyncIterator[Mailbox]:
+        """A mailbox of `entity_type`'s changes: one entity's, or with `entity_id` None
+        every entity's that `wants` accepts. Changes appended before this returns are not
+        in it (read the entity's state after subscribing)."""
+        if self._stopped:
+            raise SubscriberGone(ErrorCode.UNAVAILABLE, "the server is shutting down")
+        if self._count >= self._max:
+            raise TenureError(
+                ErrorCode.LIMIT_REACHED,
+                f"this server has {self._max} subscriptions already: try again later",
+            )
+        self._count += 1
+        box = Mailbox(wants, capacity)
+        try:
+            followed = await self._follow(entity_type)
+            if entity_id is None:
+                followed.everyone.add(box)
+            else:
+                followed.by_entity.setdefault(entity_id, set()).add(box)
+            yield box
+        finally:
+            self._count -= 1
+            self._forget(entity_type, entity_id, box)
+
+    async def _follow(self, entity_type: str) -> _Followed:
+        followed = self._types.get(entity_type)
+        if followed is not None:
+            return followed
+        async with self._following:  # the first subscribers of a type ask Redis once
+            followed = self._types.get(entity_type)
+            if followed is not None:
+                return followed
+            key = stream_key(self._prefix, entity_type)
+            try:
+                last = await self._client.xrevrange(key, count=1)
+            except RedisError as exc:
+                raise TenureError(
+                    ErrorCode.UNAVAILABLE, "the change stream cannot be read"
+                ) from exc
+            followed = _Followed(cursor=_text(last[0][0]) if last else "0-0")
+            self._types[entity_type] = followed
+            self._wanted.set()
+            return followed
+
+    def _forget(self, entity_type: str, entity_id: str | None, box: Mailbox) -> None:
+        followed = self._types.get(entity_type)
+        if followed is None:
+            return
+        if entity_id is None:
+            followed.everyone.discard(box)
+        else:
+            boxes = followed.by_entity.get(entity_id, set())
+            boxes.discard(box)
+            if not boxes:
+                followed.by_entity.pop(entity_id, None)
+        if not len(followed):
+            del self._types[entity_type]
+
+    async def _read(self) -> None:
+        # The stop flag as well as the cancellation: redis-py may turn a cancelled read into
+        # a connection error.
+        while not self._stopped:
+            if not self._types:
+                self._wanted.clear()
+                await self._wanted.wait()
+                continue
+            streams = {stream_key(self._prefix, t): f.cursor for t, f in self._types.items()}
+            try:
+                answer = await self._xread(streams)
+            except RedisError as exc:
+                if self._stopped:
+                    return
+                log.warning("change feed: the change streams cannot be read: %s", exc)
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            keys = {stream_key(self._prefix, t): t for t in self._types}
+            for key, entries in answer:
+                entity_type = keys.get(_text(key))
+                if entity_type is None:
+                    continue  # nobody follows it any more
+                for entry_id, fields in entries:
+                    followed = self._types.get(entity_type)
+                    if followed is None:
+                        break
+                    followed.cursor = _text(entry_id)
+                    change = await self._change(entity_type, _decoded(fields))
+                    if change is not None:
+                        self._offer(followed, change)
+
+    async def _xread(self, streams: Mapping[str, str]) -> list[Any]:
+        asked: dict[Any, Any] = dict(streams)
+        if not isinstance(self._client, RedisCluster):
+            answer = await self._client.xread(asked, count=READ_COUNT, block=self._block_ms)
+            return list(answer or [])
+        # A cluster keeps each type's stream in its own slot: one read per type, none blocking.
+        found: list[Any] = []
+        for key, cursor in asked.items():
+            found.extend(await self._client.xread({key: cursor}, count=READ_COUNT) or [])
+        if not found:
+            await asyncio.sleep(self._block_ms / 1000)
+        return found
+
+    def _offer(self, followed: _Followed, change: Change) -> None:
+        for box in followed.by_entity.get(change.entity_id, ()):
+            box.offer(change)
+        for box in followed.everyone:
+            box.offer(change)
+
+    async def _change(self, entity_type: str, entry: dict[str, str]) -> Change | None:
+        entity_id = entry.get("id", "")
+        followed = self._types.get(entity_type)
+        if followed is None or not (followed.everyone or entity_id in followed.by_entity):
+            return None
+        if entry.get("type") == "gap":
+            if entry.get("state_revision") != entry.get("to"):
+                return None  # a later change of the same publish carries the state
+            try:
+                hit = await self._cache.get(entity_type, entity_id)
+            except CacheUnavailable:
+                return None  # the subscriber's next change shows the jump
+            if hit is None or hit.snapshot.state is None:
+                return None
+            return Change(entity_type, hit.snapshot, gap=True)
+        if "state" not in entry:
+            return None
+        at = datetime.fromisoformat(entry["at"]) if entry.get("at") else None
+        snapshot = Snapshot(
+            entity_type=entity_type,
+            entity_id=entity_id,
+            revision=int(entry["revision"]),
+            updated_at=at,
+            state=json.loads(entry["state"]),
+            incarnation=int(entry.get("incarnation") or 0),
+        )
+        return Change(
+            entity_type,
+            snapshot,
+            command=entry.get("command") or None,
+            command_id=entry.get("command_id") or None,
+            sent_by=entry.get("sent_by") or None,
+            at=at,
+        )
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decoded(fields: object) -> dict[str, str]:
+    assert isinstance(fields, dict)
+    return {_text(k): _text(v) for k, v in fields.items()}

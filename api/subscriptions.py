@@ -1,0 +1,341 @@
+"""Live subscriptions, derived from the entity bindings: `<read field>Changed` for one
+entity (`accountChanged(id)`, `inventoryItemChanged(sku)`) for every root read declared
+with `entity_read_field`, and `changes(entityType, filter)` over a type.
+
+Each is fed by the process's one `ChangeFeed` (api/change_feed.py). An entity's
+subscription starts with its current state from the cache (with `sinceRevision`, only when
+the subscriber has missed revisions since), then each new state; `previousRevision` and
+`missedRevisions` show every revision the subscriber did not see one by one.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncGenerator, Callable
+from datetime import datetime
+from typing import Annotated, Any, Generic, TypeVar
+
+import strawberry
+from graphql import GraphQLError
+from strawberry.schema import BaseSchema
+from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
+    BaseGraphQLTransportWSHandler,
+)
+from strawberry.types.base import StrawberryOptional, get_object_definition
+from strawberry.types.execution import ExecutionResult
+from strawberry.utils.aio import aclosing
+from strawberry.utils.str_converters import to_camel_case
+
+from api.authorization import Forbidden
+from api.cached_reads import ENTITY_READ_FIELDS
+from api.change_feed import Change as FeedChange
+from api.change_feed import ChangeFeed
+from api.common import EntityState
+from api.context import Info, TenureContext
+from api.errors import present_error
+from api.gateway import Consistency, EntityRead, Source, check_entity_id
+from entities import catalog
+from entities.errors import ErrorCode, TenureError
+from entities.runtime.policy import READ, Role
+
+N = TypeVar("N")
+Render = Callable[[EntityRead], Any]
+
+MAX_FILTER_IDS = 100
+MAX_FILTER_STATUSES = 64
+# Entities a `changes` subscriber may be behind on before it is ended (LIMIT_REACHED).
+MAX_PENDING_ENTITIES = 1000
+# Entities a `changes` subscriber remembers the revision of, the least recent forgotten.
+MAX_REMEMBERED = 10_000
+
+
+@strawberry.type(
+    description="An entity's state after a change. `command` and its fields are null when "
+    "the state was read from the cache (the first one of a subscription, or after a gap)."
+)
+class Change(Generic[N]):
+    entity_id: strawberry.ID
+    revision: int
+    previous_revision: int | None = strawberry.field(
+        description="The revision this subscription showed before; null on its first change."
+    )
+    missed_revisions: bool = strawberry.field(
+        description="True when revisions between `previousRevision` (or `sinceRevision`) "
+        "and this one were not shown one by one: they came faster than the subscriber read, "
+        "were published together, or the stream had a gap. The state is the newest."
+    )
+    command: str | None
+    command_id: str | None
+    sent_by: str | None = strawberry.field(description="Who sent it, e.g. `admin:alice`.")
+    at: datetime | None = strawberry.field(description="When the entity applied it.")
+    node: N
+
+
+# The entity types as the `changes` subscription names them: ACCOUNT, CART, INVENTORY.
+EntityTypeName: Any = strawberry.enum(
+    enum.Enum("EntityTypeName", {name.upper(): name for name in catalog.entity_types()}),  # type: ignore[call-overload]
+    description="An entity type.",
+)
+
+
+@strawberry.input(description="Which changes to send; every change of the type by default.")
+class ChangeFilter:
+    ids: list[strawberry.ID] | None = strawberry.field(
+        default=None, description=f"Only these entities (at most {MAX_FILTER_IDS})."
+    )
+    status: list[str] | None = strawberry.field(
+        default=None, description="Only entities whose state's `status` is one of these."
+    )
+
+
+class _Follower:
+    """One subscription's view of its changes: never backwards, every jump shown."""
+
+    def __init__(self, since: int | None) -> None:
+        self._seen: dict[str, tuple[int, int]] = {}
+        self._since = since
+
+    def change(self, change: FeedChange, render: Render) -> Change[Any] | None:
+        incarnation, revision = change.position
+        seen = self._seen.get(change.entity_id)
+        if seen is not None and seen >= change.position:
+            return None
+        previous = seen[1] if seen is not None and seen[0] == incarnation else None
+        after = previous if previous is not None else self._since
+        if after is not None and revision <= after and seen is None:
+            return None  # the subscriber had it before it reconnected
+        self._seen.pop(change.entity_id, None)
+        self._seen[change.entity_id] = change.position
+        if len(self._seen) > MAX_REMEMBERED:
+            del self._seen[next(iter(self._seen))]
+        self._since = None
+        from_cache = change.command is None
+        missed = after is not None and (revision > after + 1 or (from_cache and revision > after))
+        node = change.rendered.get(render)
+        if node is None:
+            node = change.rendered[render] = render(
+                EntityRead(change.snapshot, Source.CACHE, stale=False, cached_at=None)
+            )
+        return Change(
+            entity_id=strawberry.ID(change.entity_id),
+            revision=revision,
+            previous_revision=previous,
+            missed_revisions=missed or change.gap,
+            command=change.command,
+            command_id=change.command_id,
+            sent_by=change.sent_by,
+            at=change.at,
+            node=node,
+        )
+
+
+def _feed(info: Info) -> ChangeFeed:
+    feed: ChangeFeed = info.context.request.app.state.change_feed
+    return feed
+
+
+async def follow_entity(
+    info: Info, entity_type: str, entity_id: str, since_revision: int | None, render: Render
+) -> AsyncGenerator[Change[Any], None]:
+    """One entity's states: its current one at once (with `since_revision`, only if newer),
+    then each new one."""
+    check_entity_id(entity_id)
+    if since_revision is not None and since_revision < 0:
+        raise TenureError(ErrorCode.INVALID_INPUT, "sinceRevision: 0 or more")
+    await info.context.authorizer.require(info.context.principal, entity_type, entity_id, READ)
+    follower = _Follower(since_revision)
+    async with _feed(info).subscribe(entity_type, entity_id) as mailbox:
+        # After subscribing, so that nothing falls between the state read and the stream.
+        read = await info.context.gateway.read(entity_type, entity_id, Consistency.CACHED)
+        if read is not None:
+            first = follower.change(FeedChange(entity_type, read.snapshot), render)
+            if first is not None:
+                yield first
+        while True:
+            shown = follower.change(await mailbox.next(), render)
+            if shown is not None:
+                yield shown
+
+
+def _entity_subscription(
+    field_name: str, entity_type: str, id_argument: str, id_type: object, node: Any
+) -> Any:
+    async def changed(
+        self: Any, info: Info, entity_id: str, since_revision: int | None = None
+    ) -> AsyncGenerator[Change[Any], None]:
+        async for change in follow_entity(
+            info, entity_type, entity_id, since_revision, node.from_read
+        ):
+            yield change
+
+    # Annotations built here, for the entity's own type and argument name.
+    changed.__annotations__ = {
+        "info": Info,
+        "entity_id": Annotated[id_type, strawberry.argument(name=id_argument)],
+        "since_revision": Annotated[
+            int | None,
+            strawberry.argument(
+                description="The last revision the subscriber saw: its current state is "
+                "sent at once only if it is newer."
+            ),
+        ],
+        "return": AsyncGenerator[Change[node], None],
+    }
+    return strawberry.subscription(
+        changed,
+        name=f"{field_name}Changed",
+        description=f"One {node.__name__}: its state now, then after each change.",
+    )
+
+
+def _read_fields(query: type) -> dict[str, tuple[Any, object]]:
+    """Each root read field's GraphQL type and the type of its id argument (`account` ->
+    Account, ID), from the Query type."""
+    definition = get_object_definition(query, strict=True)
+    found: dict[str, tuple[Any, object]] = {}
+    for schema_field in definition.fields:
+        name = schema_field.graphql_name or to_camel_case(schema_field.python_name)
+        declared = ENTITY_READ_FIELDS.get(name)
+        of = schema_field.type
+        if declared is None or not isinstance(of, StrawberryOptional):
+            continue
+        assert isinstance(of.of_type, type)
+        for argument in schema_field.arguments:
+            if (argument.graphql_name or to_camel_case(argument.python_name)) == (
+                declared.id_argument
+            ):
+                found[name] = (of.of_type, argument.type)
+    return found
+
+
+def _scoped(info: Info, entity_type: str, where: ChangeFilter) -> Callable[[FeedChange], bool]:
+    """What the caller may follow of the type, as `api/listing.py` lists: admins and
+    services by the policy, customers only what they own (FORBIDDEN when they name another
+    account, or the type cannot tell whose an entity is)."""
+    principal = info.context.principal
+    policy = info.context.gateway.entity(entity_type).policy
+    if not policy.allows(principal, entity_type, READ, owned=True):
+        raise Forbidden()
+    ids = frozenset(str(i) for i in where.ids) if where.ids is not None else None
+    statuses = frozenset(where.status) if where.status is not None else None
+    if ids is not None and len(ids) > MAX_FILTER_IDS:
+        raise TenureError(ErrorCode.INVALID_INPUT, f"filter.ids: at most {MAX_FILTER_IDS}")
+    if statuses is not None and len(statuses) > MAX_FILTER_STATUSES:
+        raise TenureError(ErrorCode.INVALID_INPUT, f"filter.status: at most {MAX_FILTER_STATUSES}")
+    for entity_id in ids or ():
+        check_entity_id(entity_id)
+    own: frozenset[str] | None = None
+    if principal.role is Role.CUSTOMER and policy.owner is not None:
+        own = frozenset(principal.accounts)
+        for entity_id in ids or ():
+            owner = policy.owner(entity_id, None)
+            if owner is not None and owner not in own:
+                raise Forbidden()
+    owner_of = policy.owner
+
+    def wants(change: FeedChange) -> bool:
+        state = change.snapshot.state or {}
+        if ids is not None and change.entity_id not in ids:
+            return False
+        if statuses is not None and state.get("status") not in statuses:
+            return False
+        if own is not None:
+            assert owner_of is not None
+            return owner_of(change.entity_id, state) in own
+        return True
+
+    return wants
+
+
+def subscription_type(query: type) -> type:
+    """The Subscription root: an entity's subscription per root read of `query`, and
+    `changes` over any type."""
+    reads = _read_fields(query)
+    renderers: dict[str, Render] = {}
+    fields: dict[str, Any] = {}
+    for field_name, (node, id_type) in reads.items():
+        declared = ENTITY_READ_FIELDS[field_name]
+        renderers[declared.entity_type] = node.from_read
+        fields[f"{field_name}_changed"] = _entity_subscription(
+            field_name, declared.entity_type, declared.id_argument, id_type, node
+        )
+
+    @strawberry.subscription(
+        description="Changes to a type's entities that the filter names, each entity's "
+        "newest state first when several are waiting. A subscriber behind on more than "
+        f"{MAX_PENDING_ENTITIES} entities is ended with LIMIT_REACHED."
+    )
+    async def changes(
+        self: Any,
+        info: Info,
+        entity_type: EntityTypeName,
+        where: Annotated[ChangeFilter | None, strawberry.argument(name="filter")] = None,
+    ) -> AsyncGenerator[Change[EntityState], None]:
+        name: str = entity_type.value
+        render = renderers.get(name)
+        if render is None:
+            raise TenureError(ErrorCode.INVALID_INPUT, f"{name} has no subscription")
+        wants = _scoped(info, name, where or ChangeFilter())
+        follower = _Follower(None)
+        async with _feed(info).subscribe(name, None, wants, MAX_PENDING_ENTITIES) as mailbox:
+            while True:
+                shown = follower.change(await mailbox.next(), render)
+                if shown is not None:
+                    yield shown
+
+    fields["changes"] = changes
+    return strawberry.type(type("Subscription", (), fields))
+
+
+class _CodedStreams:
+    """The schema as a WebSocket handler uses it, with each result's errors as the HTTP
+    answers present them (`extensions.code`), which the handler would send bare."""
+
+    def __init__(self, schema: BaseSchema, suggestions: bool) -> None:
+        self._schema = schema
+        self._suggestions = suggestions
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._schema, name)
+
+    async def stream(self, *args: Any, **kwargs: Any) -> Any:
+        results = await self._schema.stream(*args, **kwargs)
+        if isinstance(results, ExecutionResult):
+            self._code(results)
+            return results
+        return self._coded(results)
+
+    async def _coded(self, results: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+        async with aclosing(results):
+            async for result in results:
+                if isinstance(result, ExecutionResult):
+                    self._code(result)
+                yield result
+
+    def _code(self, result: ExecutionResult) -> None:
+        if not result.errors:
+            return
+        coded = []
+        for error in result.errors:
+            shown = present_error(error, suggestions=self._suggestions)
+            coded.append(
+                GraphQLError(
+                    shown["message"],
+                    error.nodes,
+                    error.source,
+                    error.positions,
+                    error.path,
+                    None,
+                    shown["extensions"],
+                )
+            )
+        result.errors = coded
+
+
+class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None]):
+    """graphql-transport-ws with Tenure's error codes on every error it sends."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        suggestions = getattr(self.view, "suggestions", True)
+        self.schema = _CodedStreams(self.schema, suggestions)  # type: ignore[assignment]
