@@ -1,0 +1,261 @@
+"""Live subscriptions: a thousand subscribers of one hot account all reach its last
+revision, one that reconnects with `sinceRevision` misses nothing it would notice, and over
+a real graphql-transport-ws connection a customer follows only its own account."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from temporalio.client import Client
+from websockets.asyncio.client import ClientConnection, connect
+
+from api.app import create_app
+from api.auth import DEVELOPMENT_PRINCIPAL
+from api.context import TenureContext
+from api.schema import build_schema
+from tests.api.test_access import SECRET, token
+from tests.api.test_accounts_api import DEPOSIT, OPEN, VERIFY
+from tests.conftest import GraphQLClient, WorkerFactory, new_id
+from workers.settings import Settings
+
+FOLLOW = """subscription($id: ID!, $since: Int) {
+  accountChanged(id: $id, sinceRevision: $since) {
+    entityId revision previousRevision missedRevisions command sentBy at
+    node { balance status }
+  }
+}"""
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: Settings, client: Client) -> AsyncIterator[Starlette]:
+    app = create_app(settings, temporal_client=client)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+def http_of(app: Starlette) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tenure")
+
+
+class InProcess:
+    """Subscribers inside the API process, through the app's own feed and the schema."""
+
+    def __init__(self, app: Starlette, settings: Settings) -> None:
+        self.app = app
+        self.schema = build_schema(settings)
+
+    async def follow(self, query: str, **variables: Any) -> AsyncIterator[dict[str, Any]]:
+        request = Request({"type": "http", "app": self.app, "headers": [], "method": "POST"})
+        context = TenureContext(
+            request=request,
+            response=None,
+            gateway=self.app.state.gateway,
+            authorizer=self.app.state.authorizer,
+            principal=DEVELOPMENT_PRINCIPAL,
+        )
+        results = await self.schema.subscribe(
+            query, variable_values=variables, context_value=context
+        )
+        assert not hasattr(results, "errors") or not isinstance(results, list)
+        async for result in results:  # type: ignore[union-attr]
+            assert not result.errors, result.errors
+            yield result.data["accountChanged"]
+
+
+async def open_account(gql: GraphQLClient) -> str:
+    account_id = new_id()
+    await gql.data(OPEN, id=account_id)
+    await gql.data(VERIFY, id=account_id)
+    return account_id
+
+
+async def deposits(gql: GraphQLClient, account_id: str, count: int) -> None:
+    for _ in range(count):
+        await gql.data(DEPOSIT, id=account_id, amount=1, wait=False)
+
+
+async def until(
+    changes: AsyncIterator[dict[str, Any]], revision: int, seen: list[dict[str, Any]]
+) -> None:
+    """Follow `changes` into `seen` up to `revision`, then unsubscribe."""
+    try:
+        async with asyncio.timeout(60):
+            async for change in changes:
+                seen.append(change)
+                if change["revision"] >= revision:
+                    return
+    finally:
+        await changes.aclose()  # type: ignore[attr-defined]
+
+
+async def first_of(seen: list[dict[str, Any]]) -> None:
+    async with asyncio.timeout(30):
+        while not seen:
+            await asyncio.sleep(0.02)
+
+
+def never_backwards(seen: list[dict[str, Any]]) -> None:
+    revisions = [change["revision"] for change in seen]
+    assert revisions == sorted(set(revisions)), revisions
+    for before, after in itertools.pairwise(seen):
+        assert after["previousRevision"] == before["revision"]
+        jumped = after["revision"] > before["revision"] + 1
+        assert after["missedRevisions"] == jumped  # a gap is never silent
+
+
+async def test_a_thousand_subscribers_all_end_on_the_hot_accounts_last_revision(
+    settings: Settings, temporal_client: Client, worker: Any
+) -> None:
+    async with running_app(settings, temporal_client) as app, http_of(app) as http:
+        gql = GraphQLClient(http)
+        account_id = await open_account(gql)
+        inside = InProcess(app, settings)
+        seen: list[list[dict[str, Any]]] = [[] for _ in range(1000)]
+        last = 2 + 50
+        followers = [
+            asyncio.create_task(until(inside.follow(FOLLOW, id=account_id), last, mine))
+            for mine in seen
+        ]
+        while app.state.change_feed.subscribers < 1000 or not all(seen):
+            await asyncio.sleep(0.05)  # every one has its first state: it follows the stream
+        await deposits(gql, account_id, 50)
+        await asyncio.wait_for(asyncio.gather(*followers), timeout=120)
+    for mine in seen:
+        assert mine[0]["revision"] == 2 and mine[0]["command"] is None  # its state at once
+        assert mine[-1]["revision"] == last
+        assert mine[-1]["node"]["balance"] == 50
+        never_backwards(mine)
+    assert any(len(mine) > 10 for mine in seen)  # not only the first and the last
+
+
+async def test_a_subscriber_that_reconnects_with_since_revision_misses_nothing_it_would_notice(
+    settings: Settings, temporal_client: Client, worker: Any
+) -> None:
+    async with running_app(settings, temporal_client) as app, http_of(app) as http:
+        gql = GraphQLClient(http)
+        account_id = await open_account(gql)
+        inside = InProcess(app, settings)
+        first: list[dict[str, Any]] = []
+        following = asyncio.create_task(until(inside.follow(FOLLOW, id=account_id), 12, first))
+        await first_of(first)
+        await deposits(gql, account_id, 10)
+        await asyncio.wait_for(following, timeout=30)  # gone at revision 12
+        await deposits(gql, account_id, 10)  # revisions 13..22, while it is away
+        await asyncio.sleep(0.5)
+        again = inside.follow(FOLLOW, id=account_id, since=first[-1]["revision"])
+        second: list[dict[str, Any]] = []
+        catching_up = asyncio.create_task(until(again, 32, second))
+        await first_of(second)
+        await deposits(gql, account_id, 10)
+        await asyncio.wait_for(catching_up, timeout=30)
+        # Nothing new since: a reconnection gets no state it already has, only what comes.
+        quiet: list[dict[str, Any]] = []
+        unchanged = asyncio.create_task(
+            until(inside.follow(FOLLOW, id=account_id, since=32), 33, quiet)
+        )
+        await asyncio.sleep(0.5)
+        assert quiet == []
+        await deposits(gql, account_id, 1)
+        await asyncio.wait_for(unchanged, timeout=30)
+    assert second[0]["revision"] == 22 and second[0]["missedRevisions"]  # at once, from the cache
+    assert second[0]["previousRevision"] is None and second[0]["command"] is None
+    assert second[-1]["revision"] == 32 and second[-1]["node"]["balance"] == 30
+    never_backwards(second[1:])
+    assert [change["revision"] for change in quiet] == [33]
+    assert quiet[0]["command"] == "deposit" and not quiet[0]["missedRevisions"]
+
+
+@contextlib.asynccontextmanager
+async def served(app: Starlette) -> AsyncIterator[str]:
+    """The app behind a real uvicorn on a free port: its ws:// address."""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"ws://127.0.0.1:{port}/graphql"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def received(ws: ClientConnection) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), timeout=15))
+    return message
+
+
+async def answer(ws: ClientConnection, op: str) -> dict[str, Any]:
+    """The next `next` or `error` message of operation `op`: its payload."""
+    while True:
+        message = await received(ws)
+        if message.get("id") == op and message["type"] in ("next", "error"):
+            payload = message["payload"]
+            return {"errors": payload} if isinstance(payload, list) else payload
+
+
+def code(payload: dict[str, Any]) -> str:
+    found: str = payload["errors"][0]["extensions"]["code"]
+    return found
+
+
+async def test_over_graphql_transport_ws_a_customer_follows_only_its_own_account(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    secured = settings.model_copy(update={"environment": "production", "auth_secret": SECRET})
+    async with run_worker(secured), running_app(secured, temporal_client) as app:
+        admin = {"Authorization": f"Bearer {token('admin', 'ops-1')}"}
+        async with http_of(app) as http:
+            http.headers.update(admin)
+            gql = GraphQLClient(http)
+            mine, theirs = await open_account(gql), await open_account(gql)
+            async with served(app) as url:
+                customer = token("customer", "ada", [mine])
+                async with connect(url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+                    init = {"Authorization": f"Bearer {customer}"}
+                    await ws.send(json.dumps({"type": "connection_init", "payload": init}))
+                    assert (await received(ws))["type"] == "connection_ack"
+
+                    async def subscribe(op: str, **variables: Any) -> None:
+                        payload = {"query": FOLLOW, "variables": variables}
+                        await ws.send(
+                            json.dumps({"id": op, "type": "subscribe", "payload": payload})
+                        )
+
+                    await subscribe("theirs", id=theirs)
+                    assert code(await answer(ws, "theirs")) == "FORBIDDEN"
+                    await subscribe("bad", id="not an id!")
+                    assert code(await answer(ws, "bad")) == "INVALID_INPUT"
+                    await subscribe("negative", id=mine, since=-1)
+                    assert code(await answer(ws, "negative")) == "INVALID_INPUT"
+                    await subscribe("unknown", id=mine, since="yesterday")
+                    assert code(await answer(ws, "unknown")) == "INVALID_INPUT"
+
+                    await subscribe("mine", id=mine)
+                    now = await answer(ws, "mine")
+                    assert now["data"]["accountChanged"]["revision"] == 2
+                    await gql.data(DEPOSIT, id=mine, amount=7)
+                    shown = (await answer(ws, "mine"))["data"]["accountChanged"]
+                    assert shown["revision"] == 3 and shown["node"]["balance"] == 7
+                    assert shown["command"] == "deposit" and shown["sentBy"] == "admin:ops-1"
+                    await ws.send(json.dumps({"id": "mine", "type": "complete"}))
+
+                # A bad token is refused at connection_init.
+                async with connect(url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+                    bearer = {"Authorization": "Bearer nonsense"}
+                    await ws.send(json.dumps({"type": "connection_init", "payload": bearer}))
+                    with pytest.raises(Exception) as closed:
+                        await received(ws)
+                    assert "4403" in str(closed.value)
