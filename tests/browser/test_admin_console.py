@@ -102,6 +102,8 @@ async def test_an_admin_follows_an_account_live_and_suspends_it(
     detail = page.locator("#detail")
     balance = detail.locator('[data-field="balance"]')
     await expect(balance).to_have_text("1000")
+    # Followed through the subscription (graphql-transport-ws under the page's CSP), not a poll
+    await expect(detail).to_have_attribute("data-live", "subscribed")
     await api.data(DEPOSIT, id=active, amount=500)  # another client, not the page
     await expect(balance).to_have_text("1500")
 

@@ -71,6 +71,7 @@
       read: `query($key: ID!) { entity: account(id: $key) { id status ownerName email currency
         balance suspensionReason kycReference lastActivityAt revision updatedAt source stale
         ${HISTORY} } }`,
+      changed: `subscription($key: ID!) { change: accountChanged(id: $key) { revision } }`,
     },
     cart: {
       noun: "Cart",
@@ -82,6 +83,7 @@
         checkoutAttempts checkoutId orderId failureCode failureReason lastActivityAt
         abandonedAt revision updatedAt source stale
         lines { sku quantity unitPrice lineTotal } ${HISTORY} } }`,
+      changed: `subscription($key: ID!) { change: cartChanged(id: $key) { revision } }`,
     },
     inventory: {
       noun: "Inventory item",
@@ -93,6 +95,8 @@
         available sold revision updatedAt source stale
         reservations { reservationId quantity expiresAt } adjustments { delta reason at }
         ${HISTORY} } }`,
+      changed: `subscription($key: String!) { change: inventoryItemChanged(sku: $key) {
+        revision } }`,
     },
     checkout: {
       noun: "Checkout",
@@ -150,10 +154,83 @@
   // ---------------------------------------------------------------- live updates
 
   // How an open detail keeps up with its entity: `show` is called with each state read.
-  // For now it reads again every second while the detail is open (and the tab visible);
-  // once the API serves subscriptions, this one function subscribes instead
-  // (graphql-transport-ws or SSE) and nothing else changes.
+  // It subscribes to the entity's changes over graphql-transport-ws and reads the entity
+  // (fields and history) again at each; without a subscription (a checkout) or when the
+  // socket fails, it reads again every second while the tab is visible.
   function follow(kind, key, show, fail) {
+    const subscription = KINDS[kind].changed;
+    if (!subscription || !("WebSocket" in window)) return poll(kind, key, show, fail);
+    let stopped = false;
+    let refused = false;
+    let reading = false;
+    let again = false;
+    let fallback = null;
+    const read = async () => {
+      if (reading) {
+        again = true; // changes that come during a read make one more read, not one each
+        return;
+      }
+      reading = true;
+      try {
+        const data = await graphql(KINDS[kind].read, { key });
+        if (!stopped) show(data.entity);
+      } catch (err) {
+        if (!stopped) fail(err);
+      }
+      reading = false;
+      if (again && !stopped) {
+        again = false;
+        read();
+      }
+    };
+    const toPolling = () => {
+      if (stopped || refused || fallback) return;
+      detailPane.dataset.live = "polling";
+      fallback = poll(kind, key, show, fail);
+    };
+    const url = new URL(GRAPHQL, location.href);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    let socket;
+    try {
+      socket = new WebSocket(url, "graphql-transport-ws");
+    } catch (err) {
+      return poll(kind, key, show, fail);
+    }
+    const send = (message) => socket.send(JSON.stringify(message));
+    socket.onopen = () => {
+      const token = sessionStorage.getItem(TOKEN_KEY);
+      send({ type: "connection_init", payload: token ? { Authorization: `Bearer ${token}` } : {} });
+    };
+    socket.onmessage = (event) => {
+      const message = JSON.parse(event.data);
+      if (message.type === "connection_ack") {
+        send({ id: "detail", type: "subscribe", payload: { query: subscription, variables: { key } } });
+        detailPane.dataset.live = "subscribed";
+      } else if (message.type === "ping") {
+        send({ type: "pong" });
+      } else if (message.type === "next" || message.type === "error") {
+        const errors = message.type === "error" ? message.payload : message.payload.errors;
+        if (errors && errors.length) {
+          const code = (errors[0].extensions && errors[0].extensions.code) || "ERROR";
+          refused = true;
+          if (!stopped) fail(new ApiError(code, errors[0].message));
+        } else {
+          read();
+        }
+      } else if (message.type === "complete") {
+        toPolling();
+      }
+    };
+    socket.onclose = toPolling; // refused at connection_init, or the server went away
+    read(); // at once: the entity may not exist yet, and then nothing comes
+    return () => {
+      stopped = true;
+      socket.close();
+      if (fallback) fallback();
+    };
+  }
+
+  function poll(kind, key, show, fail) {
     let stopped = false;
     let timer = 0;
     const tick = async () => {
