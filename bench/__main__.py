@@ -24,6 +24,7 @@ from bench import (
     scale_out,
     scaling,
     scenarios,
+    subscriptions,
 )
 from bench.scale import SCALES, Scale
 from bench.scenarios import Bench, Result
@@ -46,6 +47,7 @@ SCENARIOS: list[tuple[str, Scenario]] = [
     ("scale-out: GraphQL mutations to one worker process and to two", scale_out.mutations),
     ("CACHED reads with and without a verified token", authentication.authenticated_reads),
     ("listing: a filtered page of 50 indexed accounts", listing.listing),
+    ("subscriptions: 1,000 subscribers of one hot account", subscriptions.subscriptions),
     # Last, so that nothing the hostile documents leave in the API (a document up to 8 KiB
     # is kept parsed and validated) weighs on another scenario.
     ("CACHED reads beside a hostile document", hostile.hostile_reads),

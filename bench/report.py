@@ -163,6 +163,15 @@ def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
                 p99 < 20,
             )
         )
+    if "subscriptions" in by_key:
+        followed = by_key["subscriptions"].measured
+        found.append(
+            Target(
+                "subscriptions: applied to seen, 1,000 subscribers (no target: reported)",
+                f"p50 {followed.p50_ms:.1f} ms, p99 {followed.p99_ms:.1f} ms",
+                True,
+            )
+        )
     return found
 
 
