@@ -29,7 +29,7 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData, GraphQLRequestProtocol
 from strawberry.schema import BaseSchema
 from strawberry.schema.exceptions import InvalidOperationTypeError
-from strawberry.subscriptions import GRAPHQL_SSE_PROTOCOL, GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionResult as StrawberryExecutionResult
 from strawberry.types.unset import UnsetType
 from temporalio.client import Client
@@ -86,9 +86,9 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
         super().__init__(
             schema,
             graphql_ide="graphiql" if graphiql else None,
-            # Subscriptions over a WebSocket, and over Server-Sent Events (a POST whose
-            # Accept is text/event-stream) through the HTTP middleware like any request.
-            subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_SSE_PROTOCOL),
+            # Subscriptions over a WebSocket only: Strawberry can stream them as Server-Sent
+            # Events, but /graphql's HTTP front (api/over_http.py) answers JSON only.
+            subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
             max_subscriptions_per_connection=subscriptions_per_connection,
             connection_init_wait_timeout=timedelta(seconds=10),
             allowed_origins=allowed_origins or (),
