@@ -29,13 +29,16 @@ from entities.bulk import (
     bulk_command_id,
 )
 from entities.errors import ErrorCode, TenureError
-from entities.runtime.envelope import CommandEnvelope, OutcomeStatus
+from entities.runtime.entity import EntityType
+from entities.runtime.envelope import CommandEnvelope, CommandResult, OutcomeStatus
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.delivery import CommandDelivery
 from workers.listing import EntityIndex, ListFilter, Order
 from workers.settings import Settings
 
-HEARTBEAT_EVERY = 50
+HEARTBEAT_SECONDS = 5.0
+UNKNOWN_ATTEMPTS = 5
+"""Tries of one entity's command while its outcome is unknown, before it counts as failed."""
 
 
 def list_filter(data: dict[str, Any] | None) -> ListFilter:
@@ -141,7 +144,7 @@ class BulkActivities:
             )
             async with window:
                 try:
-                    result = await self._delivery.request(entity, entity_id, envelope)
+                    result = await self._request(entity, entity_id, envelope)
                 except TenureError as exc:
                     if exc.code is ErrorCode.UNAVAILABLE:
                         sent.failed += 1
@@ -157,8 +160,29 @@ class BulkActivities:
                         sent.rejected[code] = sent.rejected.get(code, 0) + 1
                         failure(entity_id, code, outcome.message or "")
             sent.done += 1
-            if sent.done % HEARTBEAT_EVERY == 0:
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(HEARTBEAT_SECONDS)
                 activity.heartbeat(sent.done)
 
-        await asyncio.gather(*(send(entity_id) for entity_id in page.ids))
+        beating = asyncio.create_task(beat())
+        try:
+            await asyncio.gather(*(send(entity_id) for entity_id in page.ids))
+        finally:
+            beating.cancel()
         return sent
+
+    async def _request(
+        self, entity: EntityType[Any, Any], entity_id: str, envelope: CommandEnvelope
+    ) -> CommandResult:
+        """The command's outcome, asked again while it is not known: its id makes every
+        attempt the same command, applied once."""
+        for attempt in range(UNKNOWN_ATTEMPTS):
+            try:
+                return await self._delivery.request(entity, entity_id, envelope)
+            except TenureError as exc:
+                if exc.code is not ErrorCode.UNAVAILABLE or attempt == UNKNOWN_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(min(2.0**attempt, 10.0))
+        raise AssertionError("unreachable")

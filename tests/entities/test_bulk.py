@@ -4,6 +4,7 @@ deaths, pauses and continue-as-new, and what became of each is counted."""
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from typing import Any
 
@@ -85,11 +86,16 @@ async def progress(handle: WorkflowHandle[BulkCommandWorkflow, BulkProgress]) ->
     return await handle.query(BulkCommandWorkflow.progress)
 
 
+# `make bulk-soak` runs the next test over BULK_ENTITIES (10,000) accounts.
+ENTITIES = int(os.environ.get("BULK_ENTITIES", "300"))
+PAGE = max(60, ENTITIES // 5)
+
+
 async def test_a_worker_killed_midway_leaves_every_entity_credited_exactly_once(
     temporal_client: Client, settings: Settings, run_worker: WorkerFactory
 ) -> None:
     async with run_worker():
-        ids = await open_accounts(temporal_client, settings, 300, uuid.uuid4().hex[:8])
+        ids = await open_accounts(temporal_client, settings, ENTITIES, uuid.uuid4().hex[:8])
         bulk = await start_bulk(
             temporal_client,
             settings,
@@ -97,20 +103,21 @@ async def test_a_worker_killed_midway_leaves_every_entity_credited_exactly_once(
             command="deposit",
             payload={"amount": 7},
             ids=[*ids, "never-opened"],
-            page_size=60,
+            page_size=min(PAGE, 1000),
             window=20,
         )
         # Stopped in its second page, its activity cut short mid-page.
-        await eventually(lambda: progress(bulk), lambda p: p.done >= 60, timeout=60)
+        await eventually(lambda: progress(bulk), lambda p: p.done >= PAGE, timeout=60 + ENTITIES)
     async with run_worker():
         done = await bulk.result()
         balances = await asyncio.gather(*(balance(temporal_client, i) for i in ids))
     assert sorted(set(balances)) == [7]
     assert done.status is BulkStatus.COMPLETED
-    assert (done.total, done.done, done.applied, done.failed) == (301, 301, 300, 0)
+    n = ENTITIES + 1
+    assert (done.total, done.done, done.applied, done.failed) == (n, n, ENTITIES, 0)
     assert done.rejected == {"NOT_FOUND": 1}
     assert [f.entity_id for f in done.failures] == ["never-opened"]
-    assert done.pages == 6  # 301 targets, 60 a page: it continued as new five times
+    assert done.pages == -(-n // min(PAGE, 1000))  # it continued as new between pages
 
 
 async def test_a_filter_pages_the_index_and_a_paused_bulk_resumes_where_it_stopped(
