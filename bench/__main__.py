@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bench import (
     authentication,
+    bulk,
     hostile,
     idle,
     listing,
@@ -48,6 +49,7 @@ SCENARIOS: list[tuple[str, Scenario]] = [
     ("CACHED reads with and without a verified token", authentication.authenticated_reads),
     ("listing: a filtered page of 50 indexed accounts", listing.listing),
     ("subscriptions: 1,000 subscribers of one hot account", subscriptions.subscriptions),
+    ("bulk deposit beside raw SDK deposit signals", bulk.bulk_deposits),
     # Last, so that nothing the hostile documents leave in the API (a document up to 8 KiB
     # is kept parsed and validated) weighs on another scenario.
     ("CACHED reads beside a hostile document", hostile.hostile_reads),

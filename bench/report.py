@@ -163,6 +163,16 @@ def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
                 p99 < 20,
             )
         )
+    if "bulk_deposits" in by_key:
+        bulk = by_key["bulk_deposits"]
+        r = ratio(bulk, by_key) or 0.0
+        found.append(
+            Target(
+                "bulk deposit >= 0.8 x raw SDK deposit signals",
+                f"{r:.2f} x{_spread(bulk, by_key)}",
+                r >= 0.8,
+            )
+        )
     if "subscriptions" in by_key:
         followed = by_key["subscriptions"].measured
         found.append(

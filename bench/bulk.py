@@ -1,0 +1,151 @@
+"""A bulk deposit to many accounts beside the raw SDK sending the same deposit signals.
+
+The accounts are opened before the clock starts, each with one raw `start_workflow` whose
+start signal carries its open and verify commands. Then, in alternating rounds, a slice of
+the accounts gets a deposit signal from the raw SDK (one client, `WINDOW` at once, each
+signal accepted by Temporal, not waited for), and the next slice a `BulkCommand` deposit
+over their ids, timed from its start until it returns, every deposit applied and its outcome
+counted. The raw SDK's deposits are applied too: at the end every account must hold both
+deposits exactly once, or the run fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from bench.load import Measured, drive
+from bench.scenarios import Bench, Load, Result
+from entities.account import AccountState, AccountWorkflow
+from entities.bulk import BulkCommandWorkflow, BulkInput, BulkStatus, bulk_workflow_id
+from entities.runtime.envelope import CommandEnvelope, Snapshot
+from workers.delivery import CommandDelivery
+
+WINDOW = 50
+RAW_AMOUNT = 3
+BULK_AMOUNT = 5
+SIZES = {"small": 10_000, "default": 100_000}
+SETUP_LIMIT = 1800.0
+MAX_SLICE = 10_000  # the most ids one bulk command may name
+
+
+async def bulk_deposits(bench: Bench) -> list[Result]:
+    total = SIZES[bench.scale.name]
+    rounds = max(bench.scale.rounds, -(-total // MAX_SLICE))
+    ids = [f"{bench.tag}-bulk{i}" for i in range(2 * total)]
+    raw_ids, bulk_ids = ids[:total], ids[total:]
+    client = bench.stack.client  # with the pydantic converter the entities use
+    settings = bench.stack.settings
+    delivery = CommandDelivery(client, settings)
+
+    async def open_one(i: int) -> None:
+        commands = [
+            CommandEnvelope(
+                command_id=f"{ids[i]}-open",
+                name="open",
+                payload={"owner_name": "Bulk", "email": "bulk@example.com"},
+            ),
+            CommandEnvelope(command_id=f"{ids[i]}-verify", name="verify", payload={}),
+        ]
+        await client.start_workflow(
+            AccountWorkflow.run,
+            delivery.start_input("account", ids[i]),
+            id=f"account:{ids[i]}",
+            task_queue=settings.task_queue,
+            start_signal="commands",
+            start_signal_args=[commands],
+        )
+
+    # Longer than a scenario's time limit: 20,000 starts at small scale take a minute or two.
+    opened = await drive(open_one, len(ids), 64, SETUP_LIMIT)
+    if opened.errors or opened.timed_out:
+        raise RuntimeError(f"setup failed: {opened.first_error or 'timed out'}")
+
+    async def raw_deposit(i: int) -> None:
+        envelope = CommandEnvelope(
+            command_id=f"{raw_ids[i]}-raw", name="deposit", payload={"amount": RAW_AMOUNT}
+        )
+        await client.get_workflow_handle(f"account:{raw_ids[i]}").signal("command", envelope)
+
+    raw = Load(raw_deposit, total, bench.stack.window(bench.stack.worker))
+    tenure = Measured()
+    tenure_window = bench.stack.window(bench.stack.worker)
+    problems: list[str] = []
+    per_round = -(-total // rounds)
+    for r in range(rounds):
+        size = min(per_round, total - raw.sent)
+        with raw.window:
+            part = await drive(raw.slice(raw.sent), size, WINDOW, SETUP_LIMIT)
+        raw.measured.add(part, part.elapsed)
+        raw.sent += size
+        chosen = bulk_ids[r * per_round : (r + 1) * per_round]
+        if not chosen:
+            continue
+        bulk_id = f"{bench.tag}-{uuid.uuid4().hex[:6]}"
+        with tenure_window:
+            started = time.perf_counter()
+            handle = await client.start_workflow(
+                BulkCommandWorkflow.run,
+                BulkInput(
+                    bulk_id=bulk_id,
+                    entity_type="account",
+                    command="deposit",
+                    payload={"amount": BULK_AMOUNT},
+                    ids=chosen,
+                    window=WINDOW,
+                    sent_by="admin:bench",
+                ),
+                id=bulk_workflow_id(bulk_id),
+                task_queue=settings.task_queue,
+            )
+            done = await handle.result()
+            elapsed = time.perf_counter() - started
+        tenure.add(Measured(ops=len(chosen), elapsed=elapsed), elapsed)
+        if done.status is not BulkStatus.COMPLETED or done.applied != len(chosen):
+            problems.append(f"bulk {bulk_id}: {done.status} {done.applied}/{len(chosen)} applied")
+    problems += await _balances(bench, raw_ids, RAW_AMOUNT) + await _balances(
+        bench, bulk_ids, BULK_AMOUNT
+    )
+    return [
+        Result(
+            "raw_deposit_signals",
+            f"raw SDK deposit signals, {WINDOW} at once",
+            "commands",
+            raw.measured,
+            window=raw.window,
+        ),
+        Result(
+            "bulk_deposits",
+            f"bulk deposit to {total:,} accounts, {WINDOW} at once",
+            "commands",
+            tenure,
+            baseline="raw_deposit_signals",
+            window=tenure_window,
+            problems=problems,
+        ),
+    ]
+
+
+async def _balances(bench: Bench, ids: list[str], amount: int) -> list[str]:
+    """Every account holding `amount` exactly: deposited once, none lost or doubled."""
+    client = bench.stack.client
+    window = asyncio.Semaphore(WINDOW)
+    wrong: list[str] = []
+
+    async def check(account_id: str) -> None:
+        async with window:
+            for _ in range(100):
+                snapshot = await client.get_workflow_handle(f"account:{account_id}").query(
+                    "snapshot", result_type=Snapshot
+                )
+                balance = AccountState.model_validate(snapshot.state).balance
+                if balance == amount:
+                    return
+                if balance > amount:
+                    break
+                await asyncio.sleep(0.2)
+            wrong.append(f"{account_id} holds {balance}, not {amount}")
+
+    await asyncio.gather(*(check(i) for i in ids))
+    return [f"{len(wrong)} accounts wrong, first: {wrong[0]}"] if wrong else []
