@@ -1,6 +1,7 @@
 """The admin console as an operator meets it in Chromium: sign in with an admin token, filter
 the accounts, open one, see its balance change when another client deposits, suspend it and
-find the suspension in its history under the admin's name; a customer's token is refused."""
+find the suspension in its history under the admin's name; a customer's token is refused; a
+bulk deposit followed to its end; a FAILED checkout found and resolved with a reason."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ from typing import Any
 
 import httpx
 import pytest
+from temporalio.client import Client
 
-from tests.api.test_access import token
-from tests.conftest import new_id
+from tests.api.test_access import SECRET, token
+from tests.conftest import WorkerFactory, new_id
+from tests.entities.failing_checkout import failed_checkout
+from tests.entities.shop import Shop, shop_settings
+from workers.cache import SnapshotCache
+from workers.settings import Settings
 
 try:
     from playwright.async_api import Dialog, Page, expect
@@ -40,6 +46,10 @@ ADD = """mutation($id: ID!, $sku: String!) { addCartItem(cartId: $id, sku: $sku,
   unitPrice: 1500, wait: true) { commandId } }"""
 CHECKOUT = "mutation($id: ID!) { checkoutCart(cartId: $id) { checkoutId } }"
 SAGA = "query($id: ID!) { checkout(id: $id) { status } }"
+NEEDING_OPERATOR = """{ checkouts(filter: {status: [FAILED]}, first: 100) {
+  edges { node { id } } } }"""
+BULK_DEPOSIT = """mutation($key: String!, $ids: [ID!]) { startBulkCommand(entityType: "account",
+  command: "deposit", payload: {amount: 25}, ids: $ids, idempotencyKey: $key) { id } }"""
 
 
 class Api:
@@ -186,3 +196,91 @@ async def test_a_customer_token_is_refused_at_sign_in(served: str, page: Page) -
     await expect(refusal).to_contain_text("A customer token cannot sign in here")
     await expect(page.locator("#workspace")).to_be_hidden()
     assert await page.evaluate("sessionStorage.getItem('tenure.admin.token')") is None
+
+
+async def test_an_operator_follows_a_bulk_deposit_to_its_end(
+    served: str, api: Api, page: Page
+) -> None:
+    ids = [f"b{new_id()[:10]}" for _ in range(3)]
+    for account in ids:
+        await api.data(OPEN, id=account, owner="Bea Bulk")
+        await api.data(VERIFY, id=account)
+    bulk = new_id()
+    await api.data(BULK_DEPOSIT, key=bulk, ids=ids)
+
+    await sign_in(page, served, ADMIN)
+    await page.get_by_role("button", name="Bulk commands").click()
+    pane = page.locator('[data-pane="bulk"]')
+    await pane.locator('input[name="id"]').fill(bulk)
+    await pane.get_by_role("button", name="Follow").click()
+    followed = pane.locator("#bulk")
+    await expect(followed.locator('[data-field="status"]')).to_have_text("COMPLETED")
+    await expect(followed.locator('[data-field="applied"]')).to_have_text("3")
+    await expect(followed.locator("[data-count]")).to_have_text("3/3 done")
+    progress = followed.locator("progress")
+    await expect(progress).to_have_attribute("max", "3")
+    await expect(progress).to_have_attribute("value", "3")
+    await expect(followed.get_by_role("button", name="Pause")).to_be_disabled()
+    await expect(followed.get_by_role("button", name="Cancel")).to_be_disabled()
+
+
+class TestAFailedCheckout:
+    """A checkout driven to FAILED (its refund refused), with checkouts that retry quickly."""
+
+    @pytest.fixture
+    def secured(self, settings: Settings) -> Settings:
+        update = {"environment": "production", "auth_secret": SECRET}
+        return shop_settings(settings.model_copy(update=update))
+
+    async def test_an_operator_finds_it_and_resolves_it_with_a_reason(
+        self,
+        served: str,
+        api: Api,
+        page: Page,
+        secured: Settings,
+        temporal_client: Client,
+        cache: SnapshotCache,
+        run_worker: WorkerFactory,
+    ) -> None:
+        # Its entities on a task queue of their own: the helper runs and stops their workers.
+        shop = Shop(temporal_client, cache, secured).elsewhere()
+        async with failed_checkout(shop, run_worker) as failed:
+            checkout = failed.checkout_id
+            for _ in range(100):  # listed once visibility shows it FAILED
+                page_ = (await api.data(NEEDING_OPERATOR))["checkouts"]
+                if any(e["node"]["id"] == checkout for e in page_["edges"]):
+                    break
+                await asyncio.sleep(0.1)
+
+            await sign_in(page, served, ADMIN)
+            await page.get_by_role("button", name="Needing an operator").click()
+            pane = page.locator('[data-pane="operator"]')
+            row = pane.locator(f'tr[data-key="{checkout}"]')
+            await expect(row).to_contain_text("UNAVAILABLE")
+            await row.click()
+            detail = page.locator("#detail")
+            await expect(detail.locator('[data-field="status"]')).to_have_text("FAILED")
+            await expect(detail.locator('[data-saga="compensations"]')).to_contain_text(
+                "LIMIT_REACHED"
+            )
+
+            asked: list[str] = []
+
+            async def accept(dialog: Dialog) -> None:
+                asked.append(dialog.message)
+                await dialog.accept()
+
+            page.once("dialog", accept)
+            resolve = detail.locator('[data-action="resolve"]')
+            await resolve.locator('input[name="reason"]').fill("refunded by bank transfer")
+            await resolve.get_by_role("button", name="Resolve by hand").click()
+            await expect(detail.locator('[data-field="status"]')).to_have_text("RESOLVED")
+            done = detail.locator("[data-operator-actions] tbody tr")
+            await expect(done).to_have_count(1)
+            await expect(done).to_contain_text("RESOLVE")
+            await expect(done).to_contain_text("admin:ops-alice")
+            await expect(done).to_contain_text("refunded by bank transfer")
+            assert asked == [
+                f"Mark checkout {checkout} as settled by hand (refunded by bank transfer)? "
+                "Nothing more will run for it."
+            ]

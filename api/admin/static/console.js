@@ -103,7 +103,8 @@
       read: `query($key: ID!) { entity: checkout(id: $key) { id cartId accountId status total
         orderId failureCode failureReason lines { sku quantity unitPrice lineTotal }
         steps { name status at code message }
-        compensations { name status at reason code message } } }`,
+        compensations { name status at reason code message } awaitingOperatorUntil
+        operatorActions { action reason by at refused } } }`,
     },
   };
 
@@ -148,6 +149,23 @@
                     wait: true) { commandId } }`,
       variables: (form) => ({ delta: Number(form.get("delta")), reason: form.get("reason") }),
       done: "adjusted",
+    },
+    retryCompensations: {
+      confirm: (key, form) =>
+        `Run the refused compensations of checkout ${key} again (${form.get("reason")})?`,
+      mutation: `mutation($key: ID!, $reason: String!) {
+        retryCheckoutCompensations(id: $key, reason: $reason) { id } }`,
+      variables: (form) => ({ reason: form.get("reason") }),
+      done: "retried (see its operator actions)",
+    },
+    resolve: {
+      confirm: (key, form) =>
+        `Mark checkout ${key} as settled by hand (${form.get("reason")})? ` +
+        "Nothing more will run for it.",
+      mutation: `mutation($key: ID!, $reason: String!) {
+        resolveCheckout(id: $key, reason: $reason) { id } }`,
+      variables: (form) => ({ reason: form.get("reason") }),
+      done: "resolved (see its operator actions)",
     },
   };
 
@@ -272,7 +290,7 @@
 
   function shown(field, value) {
     if (value === null || value === undefined) return "—";
-    if (/At$/.test(field)) return when(value);
+    if (/(At|Until)$/.test(field)) return when(value);
     return String(value);
   }
 
@@ -366,6 +384,8 @@
   function signOut(message = "") {
     sessionStorage.removeItem(TOKEN_KEY);
     closeDetail();
+    if (bulk) clearTimeout(bulk.timer);
+    bulk = null;
     document.getElementById("who").hidden = true;
     document.getElementById("workspace").hidden = true;
     document.getElementById("sign-in").hidden = false;
@@ -487,6 +507,148 @@
       pane.hidden = pane.dataset.pane !== name;
     }
     if (listings[name]) listings[name].load();
+    if (name === "operator") loadNeedingOperator();
+  }
+
+  // ---------------------------------------------------------------- checkouts needing an operator
+
+  const operatorPane = document.querySelector('.pane[data-pane="operator"]');
+  const NEEDING_OPERATOR = `query($after: String) {
+    page: checkouts(filter: { status: [FAILED] }, first: 20, after: $after) {
+      edges { node { id accountId total failureCode failureReason awaitingOperatorUntil } }
+      pageInfo { hasNextPage endCursor } totalCount } }`;
+  const operatorCursors = [null];
+
+  async function loadNeedingOperator() {
+    const headings = operatorPane.querySelectorAll("th[data-column]");
+    const columns = [...headings].map((th) => th.dataset.column);
+    let data;
+    try {
+      const after = operatorCursors[operatorCursors.length - 1];
+      data = await graphql(NEEDING_OPERATOR, { after });
+    } catch (err) {
+      say(`Cannot list the checkouts needing an operator: ${failure(err)}`, true);
+      return;
+    }
+    const { page } = data;
+    const body = operatorPane.querySelector("tbody");
+    body.replaceChildren(
+      ...page.edges.map(({ node }) => {
+        const row = el("tr", { "data-key": node.id, tabindex: "0" });
+        for (const column of columns) {
+          row.append(el("td", { "data-column": column }, shown(column, node[column])));
+        }
+        const open = () => openDetail("checkout", node.id);
+        row.addEventListener("click", open);
+        row.addEventListener("keydown", (event) => event.key === "Enter" && open());
+        return row;
+      }),
+    );
+    if (!page.edges.length) {
+      body.append(el("tr", {}, el("td", { colspan: columns.length }, "None: no checkout waits.")));
+    }
+    const total = page.totalCount === null ? "" : `${page.totalCount} `;
+    operatorPane.querySelector("[data-stats]").textContent = `${total}FAILED in all`;
+    operatorPane.querySelector("[data-position]").textContent = `page ${operatorCursors.length}`;
+    operatorPane.querySelector("[data-previous]").disabled = operatorCursors.length === 1;
+    const next = operatorPane.querySelector("[data-next]");
+    next.disabled = !page.pageInfo.hasNextPage;
+    next.dataset.cursor = page.pageInfo.endCursor || "";
+  }
+
+  operatorPane.querySelector("[data-next]").addEventListener("click", (event) => {
+    operatorCursors.push(event.target.dataset.cursor);
+    loadNeedingOperator();
+  });
+  operatorPane.querySelector("[data-previous]").addEventListener("click", () => {
+    operatorCursors.pop();
+    loadNeedingOperator();
+  });
+
+  // ---------------------------------------------------------------- bulk commands
+
+  // A bulk command followed by id: read every second while RUNNING, then once per action.
+  const bulkPane = document.getElementById("bulk");
+  const BULK = `query($id: ID!) { bulk: bulkCommand(id: $id) { id entityType command status
+    total done applied rejected failed failures { entityId code message } eta startedAt
+    endedAt } }`;
+  const BULK_ACTIONS = {
+    pause: { mutation: "pauseBulkCommand", confirm: (id) => `Pause bulk command ${id}?` },
+    resume: { mutation: "resumeBulkCommand", confirm: (id) => `Resume bulk command ${id}?` },
+    cancel: {
+      mutation: "cancelBulkCommand",
+      confirm: (id) => `Cancel bulk command ${id}? Entities not reached yet never get it.`,
+    },
+  };
+  let bulk = null; // { id, timer }
+
+  function followBulk(id) {
+    if (bulk) clearTimeout(bulk.timer);
+    bulk = { id, timer: null };
+    bulkPane.querySelector("[data-title]").textContent = `Bulk command ${id}`;
+    bulkPane.querySelector("[data-fields]").replaceChildren();
+    bulkPane.querySelector("[data-failures]").replaceChildren();
+    bulkPane.hidden = false;
+    readBulk(bulk);
+  }
+
+  async function readBulk(current) {
+    clearTimeout(current.timer);
+    let data;
+    try {
+      data = await graphql(BULK, { id: current.id });
+    } catch (err) {
+      if (bulk === current) say(`Cannot read bulk command ${current.id}: ${failure(err)}`, true);
+      return;
+    }
+    if (bulk !== current) return;
+    renderBulk(data.bulk);
+    clearTimeout(current.timer); // a read sent by an action meanwhile: still one timer
+    if (data.bulk.status === "RUNNING") {
+      current.timer = setTimeout(() => readBulk(current), REFRESH_MS);
+    }
+  }
+
+  function renderBulk(b) {
+    const progress = bulkPane.querySelector("[data-progress]");
+    progress.max = b.total || 1;
+    progress.value = b.total ? b.done : 0;
+    const total = b.total === null ? "?" : b.total;
+    bulkPane.querySelector("[data-count]").textContent = `${b.done}/${total} done`;
+    const fields = ["status", "entityType", "command", "total", "done", "applied", "rejected",
+      "failed", "eta", "startedAt", "endedAt"];
+    bulkPane.querySelector("[data-fields]").replaceChildren(
+      ...fields.flatMap((name) => [
+        el("dt", {}, name),
+        el("dd", { "data-field": name }, shown(name, b[name])),
+      ]),
+    );
+    const failures = b.failures.map((f) => [f.entityId, f.code, f.message]);
+    bulkPane.querySelector("[data-failures]").replaceChildren(
+      ...(failures.length
+        ? [el("h3", {}, "Failures (the first 20)"), table(["Entity", "Code", "Message"], failures)]
+        : []),
+    );
+    const ended = ["COMPLETED", "CANCELLED"].includes(b.status);
+    bulkPane.querySelector('[data-bulk="pause"]').disabled = b.status !== "RUNNING";
+    bulkPane.querySelector('[data-bulk="resume"]').disabled = b.status !== "PAUSED";
+    bulkPane.querySelector('[data-bulk="cancel"]').disabled = ended;
+  }
+
+  for (const button of bulkPane.querySelectorAll("[data-bulk]")) {
+    const action = BULK_ACTIONS[button.dataset.bulk];
+    button.addEventListener("click", async () => {
+      if (!bulk || !window.confirm(action.confirm(bulk.id))) return;
+      const current = bulk;
+      try {
+        const mutation = `mutation($id: ID!) { ${action.mutation}(id: $id) { id } }`;
+        await graphql(mutation, { id: current.id });
+        say(`Bulk command ${current.id}: ${button.dataset.bulk} sent.`);
+      } catch (err) {
+        say(`${button.dataset.bulk} ${current.id} failed: ${failure(err)}`, true);
+      }
+      if (bulk === current) readBulk(current);
+    });
   }
 
   // ---------------------------------------------------------------- one entity
@@ -504,7 +666,8 @@
     detailPane.querySelector("[data-history]").replaceChildren();
     detailPane.querySelector("[data-error]").hidden = true;
     for (const actions of detailPane.querySelectorAll("[data-actions]")) {
-      actions.hidden = actions.dataset.actions !== kind;
+      // A checkout's actions show once it is read FAILED (renderDetail).
+      actions.hidden = actions.dataset.actions !== kind || kind === "checkout";
     }
     detailPane.querySelector("[data-history-block]").hidden = kind === "checkout";
     detailPane.hidden = false;
@@ -542,6 +705,7 @@
     "adjustments",
     "steps",
     "compensations",
+    "operatorActions",
   ]);
 
   function renderDetail(current, entity) {
@@ -564,6 +728,9 @@
         ]),
     );
     detailPane.querySelector("[data-extra]").replaceChildren(...extras(entity));
+    if (current.kind === "checkout") {
+      detailPane.querySelector('[data-actions="checkout"]').hidden = entity.status !== "FAILED";
+    }
     if (entity.history) renderHistory(entity.history);
   }
 
@@ -609,6 +776,12 @@
         { "data-saga": "compensations" },
       );
       if (!entity.steps.length) blocks.push(el("p", { class: "note" }, "No step has run yet."));
+      block(
+        "Operator actions",
+        ["Action", "By", "Reason", "At", "Refused"],
+        entity.operatorActions.map((a) => [a.action, a.by, a.reason, when(a.at), a.refused]),
+        { "data-operator-actions": "" },
+      );
     }
     return blocks;
   }
@@ -660,6 +833,7 @@
         delete form.dataset.idempotencyKey;
         form.reset();
         say(`${KINDS[detailPane.dataset.kind].noun} ${key} ${action.done}.`);
+        if (!operatorPane.hidden) loadNeedingOperator();
       } catch (err) {
         say(`${form.dataset.action} ${key} failed: ${failure(err)}`, true);
       } finally {
@@ -684,6 +858,11 @@
     event.preventDefault();
     const id = new FormData(event.target).get("id").trim();
     if (id) openDetail("checkout", id);
+  });
+  document.getElementById("find-bulk").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const id = new FormData(event.target).get("id").trim();
+    if (id) followBulk(id);
   });
 
   if (signedIn()) signIn(sessionStorage.getItem(TOKEN_KEY));
