@@ -126,8 +126,14 @@ async def test_a_thousand_subscribers_all_end_on_the_hot_accounts_last_revision(
             asyncio.create_task(until(inside.follow(FOLLOW, id=account_id), last, mine))
             for mine in seen
         ]
-        while app.state.change_feed.subscribers < 1000 or not all(seen):
-            await asyncio.sleep(0.05)  # every one has its first state: it follows the stream
+        async with asyncio.timeout(120):  # every one has its first state: it follows the stream
+            while app.state.change_feed.subscribers < 1000 or not all(seen):
+                failed = [f for f in followers if f.done() and f.exception() is not None]
+                if failed:
+                    raise AssertionError(f"{len(failed)} followers failed") from failed[
+                        0
+                    ].exception()
+                await asyncio.sleep(0.05)
         await deposits(gql, account_id, 50)
         await asyncio.wait_for(asyncio.gather(*followers), timeout=120)
     for mine in seen:
