@@ -156,9 +156,15 @@ class Shop:
         return await asyncio.wait_for(handle.result(), timeout)
 
     async def pending_attempt(self, checkout_id: str) -> int:
-        """The attempt number of the checkout's activity in flight, 0 when there is none."""
+        """The attempt number of the checkout's activity in flight, 0 when there is none
+        (or no checkout yet: the cart starts it after answering checkoutCart)."""
         handle = self.client.get_workflow_handle(checkout_workflow_id(checkout_id))
-        pending = (await handle.describe()).raw_description.pending_activities
+        try:
+            pending = (await handle.describe()).raw_description.pending_activities
+        except RPCError as exc:
+            if exc.status is not RPCStatusCode.NOT_FOUND:
+                raise
+            return 0
         return max((activity.attempt for activity in pending), default=0)
 
     async def steps_taken(self, checkout_id: str, count: int) -> CheckoutState:
