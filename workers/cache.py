@@ -21,7 +21,14 @@ from entities import catalog
 from entities.runtime.envelope import Snapshot
 from entities.runtime.listing import IndexValues
 from workers.changes import Changes, Retention, encode, marks_key, state_of, stream_key
-from workers.index import INDEX_IF_NEWER, PUT_AND_INDEX, IndexEntry, generation_key, index_base
+from workers.index import (
+    INDEX_IF_NEWER,
+    PUT_AND_INDEX,
+    WRITE_IF_NEWER,
+    IndexEntry,
+    generation_key,
+    index_base,
+)
 from workers.read_batching import ReadBatcher
 from workers.settings import Settings
 from workers.telemetry import redis_span
@@ -35,22 +42,7 @@ log = logging.getLogger(__name__)
 # incarnations existed have none, which counts as the earliest. A newer snapshot is progress,
 # so it also clears the entity's stuck mark (see workers/watchdog.py). Answers 1 when it
 # wrote; the stored snapshot when that one is newer, of the same incarnation; else 0.
-_PUT_IF_NEWER = """
-local current = redis.call('HMGET', KEYS[1], 'incarnation', 'revision', 'snapshot')
-local incarnation = tonumber(current[1] or '0')
-local revision = tonumber(current[2] or '-1')
-local new_incarnation = tonumber(ARGV[1])
-local new_revision = tonumber(ARGV[2])
-if new_incarnation < incarnation then return 0 end
-if new_incarnation == incarnation then
-  if new_revision < revision and current[3] then return current[3] end
-  if new_revision <= revision then return 0 end
-end
-redis.call('HSET', KEYS[1], 'incarnation', ARGV[1], 'revision', ARGV[2],
-           'snapshot', ARGV[3], 'cached_at', ARGV[4])
-redis.call('HDEL', KEYS[1], 'stuck')
-return 1
-"""
+_PUT_IF_NEWER = WRITE_IF_NEWER + "return 1\n"
 
 
 class CacheUnavailable(Exception):

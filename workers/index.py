@@ -85,11 +85,7 @@ local function reindex(base, id, entry)
 end
 """
 
-PUT_AND_INDEX = (
-    _REINDEX
-    + APPEND_CHANGES
-    + """
-append_changes(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[6], ARGV[8], ARGV[9])
+WRITE_IF_NEWER = """
 local current = redis.call('HMGET', KEYS[1], 'incarnation', 'revision', 'snapshot')
 local incarnation = tonumber(current[1] or '0')
 local revision = tonumber(current[2] or '-1')
@@ -103,6 +99,19 @@ end
 redis.call('HSET', KEYS[1], 'incarnation', ARGV[1], 'revision', ARGV[2],
            'snapshot', ARGV[3], 'cached_at', ARGV[4])
 redis.call('HDEL', KEYS[1], 'stuck')
+"""
+"""The cache's never-backwards rule, the body of its compare-and-set (workers/cache.py):
+writes the snapshot (KEYS[1]; ARGV incarnation, revision, snapshot, cached_at) only when it
+is newer, clearing the stuck mark, or returns 0 or the newer snapshot stored."""
+
+PUT_AND_INDEX = (
+    _REINDEX
+    + APPEND_CHANGES
+    + """
+append_changes(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[6], ARGV[8], ARGV[9])
+"""
+    + WRITE_IF_NEWER
+    + """
 reindex(ARGV[5], ARGV[6], ARGV[7])
 return 1
 """
