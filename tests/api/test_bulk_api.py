@@ -1,13 +1,17 @@
-"""Bulk commands through GraphQL: started once per idempotency key, watched to the end, and
-refused before anything starts when the request is wrong."""
+"""Bulk commands through GraphQL: started once per idempotency key, watched to the end,
+refused before anything starts when the request is wrong, and listed for admins, each with
+its progress, by status and page by page."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import httpx
 from temporalio.client import Client
 
+from entities.bulk import BulkCommandWorkflow, BulkInput, bulk_workflow_id
+from tests.api.test_access import SECRET, token
 from tests.api.test_accounts_api import open_active, read_account
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from workers.settings import Settings
@@ -123,3 +127,156 @@ async def test_the_readme_s_monthly_interest_reaches_only_active_accounts(
         balances = [(await read_account(gql, i, "LIVE"))["balance"] for i in ids]
     assert (done["status"], done["total"], done["applied"]) == ("COMPLETED", 3, 3)
     assert balances == [10_000, 10_150, 10_150, 10_150]
+
+
+LIST = """query($status: [BulkCommandStatus!], $first: Int! = 20, $after: String) {
+  bulkCommands(filter: {status: $status}, first: $first, after: $after) {
+    edges { cursor node { id running bulkCommand {
+      id entityType command status total done applied rejected failed } } }
+    pageInfo { hasNextPage endCursor } totalCount } }"""
+CANCEL = "mutation($id: ID!) { cancelBulkCommand(id: $id) { status } }"
+
+
+async def everything_listed(
+    gql: GraphQLClient, status: list[str] | None = None, first: int = 20
+) -> list[dict[str, Any]]:
+    """Every row of the list, page after page; the session's other bulk commands too."""
+    rows: list[dict[str, Any]] = []
+    after = None
+    for _ in range(200):
+        page = (await gql.data(LIST, status=status, first=first, after=after))["bulkCommands"]
+        assert len(page["edges"]) <= first
+        rows += [edge["node"] for edge in page["edges"]]
+        if not page["pageInfo"]["hasNextPage"]:
+            return rows
+        after = page["pageInfo"]["endCursor"]
+    raise AssertionError("the list never ended")
+
+
+async def listed_as(
+    gql: GraphQLClient, expected: dict[str, str | None], status: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The rows of `expected`'s bulk commands once each is listed in its expected status
+    (None: not listed at all). Temporal's visibility is eventually consistent: a bulk
+    command just started or just ended takes a moment to show as it is."""
+    for _ in range(100):
+        rows = {row["id"]: row for row in await everything_listed(gql, status)}
+        shown = {
+            key: (rows[key]["bulkCommand"] or {}).get("status") if key in rows else None
+            for key in expected
+        }
+        if shown == expected:
+            return {key: rows[key] for key in expected if key in rows}
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"listed as {shown}, not {expected}")
+
+
+async def paused_bulk(
+    temporal_client: Client, settings: Settings, key: str, ids: list[str]
+) -> None:
+    """A bulk deposit started paused, as the bulk workflow can be (the API starts them
+    running): it waits, RUNNING in Temporal, for resume or cancel."""
+    await temporal_client.start_workflow(
+        BulkCommandWorkflow.run,
+        BulkInput(
+            bulk_id=key,
+            entity_type="account",
+            command="deposit",
+            payload={"amount": 5},
+            ids=ids,
+            sent_by="admin:tests",
+            paused=True,
+        ),
+        id=bulk_workflow_id(key),
+        task_queue=settings.task_queue,
+    )
+
+
+async def test_an_admin_lists_bulk_commands_with_their_progress_and_by_status(
+    gql: GraphQLClient, temporal_client: Client, settings: Settings
+) -> None:
+    ids = [new_id() for _ in range(2)]
+    for account_id in ids:
+        await open_active(gql, account_id)
+    completed, paused = new_id(), new_id()
+    await gql.data(START, key=completed, ids=ids, payload={"amount": 25})
+    await finished(gql, completed)
+    await paused_bulk(temporal_client, settings, paused, ids)
+
+    rows = await listed_as(gql, {completed: "COMPLETED", paused: "PAUSED"})
+    assert rows[completed]["running"] is False
+    assert rows[completed]["bulkCommand"] == {
+        "id": completed,
+        "entityType": "account",
+        "command": "deposit",
+        "status": "COMPLETED",
+        "total": 2,
+        "done": 2,
+        "applied": 2,
+        "rejected": 0,
+        "failed": 0,
+    }
+    assert rows[paused]["running"] is True
+    assert rows[paused]["bulkCommand"]["done"] == 0
+
+    await listed_as(gql, {completed: None, paused: "PAUSED"}, ["PAUSED"])
+    await listed_as(gql, {completed: "COMPLETED", paused: None}, ["COMPLETED", "CANCELLED"])
+    running = (await gql.data(LIST, status=["RUNNING", "PAUSED"]))["bulkCommands"]
+    assert running["totalCount"] is not None  # visibility tells running from ended
+    one_of_two = (await gql.data(LIST, status=["PAUSED"]))["bulkCommands"]
+    assert one_of_two["totalCount"] is None  # only each bulk command tells PAUSED
+
+    await gql.data(CANCEL, id=paused)
+    await listed_as(gql, {completed: None, paused: "CANCELLED"}, ["CANCELLED"])
+    assert (await read_account(gql, ids[0], "LIVE"))["balance"] == 25  # paused sent nothing
+
+
+async def test_the_bulk_command_list_pages_one_at_a_time_without_losing_one(
+    gql: GraphQLClient,
+) -> None:
+    ids = [new_id()]
+    await open_active(gql, ids[0])
+    keys = [new_id() for _ in range(2)]
+    for key in keys:
+        await gql.data(START, key=key, ids=ids, payload={"amount": 1})
+        await finished(gql, key)
+    await listed_as(gql, dict.fromkeys(keys, "COMPLETED"))
+
+    one_by_one = await everything_listed(gql, first=1)
+    at_once = await everything_listed(gql, first=20)
+    paged = [row["id"] for row in one_by_one]
+    assert len(paged) == len(set(paged))  # no bulk command twice
+    assert set(keys) <= set(paged)
+    assert paged == [row["id"] for row in at_once]  # nothing ended meanwhile: the same order
+    first = (await gql.data(LIST, first=1))["bulkCommands"]
+    assert len(first["edges"]) == 1 and first["pageInfo"]["hasNextPage"] is True
+    assert first["pageInfo"]["endCursor"] == first["edges"][0]["cursor"]
+    assert first["totalCount"] >= 2
+    assert await gql.error_code(LIST, first=21) == "INVALID_INPUT"
+    assert await gql.error_code(LIST, after="not-a-cursor") == "INVALID_INPUT"
+
+
+async def test_only_admins_list_bulk_commands(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    secured = settings.model_copy(update={"environment": "production", "auth_secret": SECRET})
+    callers = {
+        "admin": token("admin", "ops"),
+        "customer": token("customer", "ada", ["ada"]),
+        "service": token("service", "billing", scope="account:* read:*"),
+    }
+    async with run_worker(secured), api_client(secured, temporal_client) as http:
+        answers = {}
+        for role, bearer in callers.items():
+            response = await http.post(
+                "/graphql",
+                json={"query": LIST, "variables": {"first": 1}},
+                headers={"authorization": f"Bearer {bearer}"},
+            )
+            answers[role] = _code(response)
+    assert answers == {"admin": None, "customer": "FORBIDDEN", "service": "FORBIDDEN"}
+
+
+def _code(response: httpx.Response) -> str | None:
+    errors = response.json().get("errors")
+    return errors[0]["extensions"]["code"] if errors else None
