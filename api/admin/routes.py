@@ -16,6 +16,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from entities.account import AccountStatus
+from entities.bulk import BulkStatus
 from entities.cart import CartStatus
 from workers.settings import Settings
 
@@ -39,6 +40,7 @@ def admin_console(settings: Settings, *, auth_required: bool) -> Mount:
         "roles_claim": settings.auth_roles_claim,
         "account_statuses": [status.value for status in AccountStatus],
         "cart_statuses": [status.value for status in CartStatus],
+        "bulk_statuses": [status.value for status in BulkStatus],
     }
 
     async def page(request: Request) -> Response:

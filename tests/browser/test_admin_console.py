@@ -1,7 +1,8 @@
 """The admin console as an operator meets it in Chromium: sign in with an admin token, filter
 the accounts, open one, see its balance change when another client deposits, suspend it and
 find the suspension in its history under the admin's name; a customer's token is refused; a
-bulk deposit followed to its end; a FAILED checkout found and resolved with a reason."""
+bulk deposit followed to its end, and one listed with its progress bar; a FAILED checkout
+found and resolved with a reason."""
 
 from __future__ import annotations
 
@@ -222,6 +223,41 @@ async def test_an_operator_follows_a_bulk_deposit_to_its_end(
     await expect(progress).to_have_attribute("value", "3")
     await expect(followed.get_by_role("button", name="Pause")).to_be_disabled()
     await expect(followed.get_by_role("button", name="Cancel")).to_be_disabled()
+
+
+async def test_a_bulk_command_started_elsewhere_shows_in_the_list_with_its_progress(
+    served: str, api: Api, page: Page
+) -> None:
+    ids = [f"b{new_id()[:10]}" for _ in range(3)]
+    for account in ids:
+        await api.data(OPEN, id=account, owner="Lee List")
+        await api.data(VERIFY, id=account)
+
+    await sign_in(page, served, ADMIN)
+    await page.get_by_role("button", name="Bulk commands").click()
+    listed = page.locator("[data-bulk-list]")
+    await expect(listed.locator("tbody tr").first).to_be_visible()  # the list has been read
+    bulk = new_id()
+    await api.data(BULK_DEPOSIT, key=bulk, ids=ids)  # by another client, after the page opened
+
+    row = listed.locator(f'tr[data-key="{bulk}"]')  # once visibility lists it, read again
+    await expect(row.locator('[data-column="status"]')).to_have_text("COMPLETED")
+    await expect(row.locator('[data-column="command"]')).to_have_text("account: deposit")
+    await expect(row.locator('[data-column="applied"]')).to_have_text("3")
+    await expect(row.locator("[data-count]")).to_have_text("3/3")
+    progress = row.locator("progress")
+    await expect(progress).to_have_attribute("max", "3")
+    await expect(progress).to_have_attribute("value", "3")
+
+    await row.get_by_role("button", name="Open").click()
+    followed = page.locator("#bulk")
+    await expect(followed.locator("[data-title]")).to_have_text(f"Bulk command {bulk}")
+    await expect(followed.locator('[data-field="status"]')).to_have_text("COMPLETED")
+    await expect(followed.locator("[data-count]")).to_have_text("3/3 done")
+
+    await listed.get_by_label("PAUSED", exact=True).check()
+    await listed.get_by_role("button", name="Apply").click()
+    await expect(row).to_have_count(0)  # COMPLETED: left out when only PAUSED is asked
 
 
 class TestAFailedCheckout:

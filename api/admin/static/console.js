@@ -386,6 +386,7 @@
     closeDetail();
     if (bulk) clearTimeout(bulk.timer);
     bulk = null;
+    clearTimeout(bulkList.timer);
     document.getElementById("who").hidden = true;
     document.getElementById("workspace").hidden = true;
     document.getElementById("sign-in").hidden = false;
@@ -508,6 +509,7 @@
     }
     if (listings[name]) listings[name].load();
     if (name === "operator") loadNeedingOperator();
+    if (name === "bulk") loadBulkList();
   }
 
   // ---------------------------------------------------------------- checkouts needing an operator
@@ -650,6 +652,106 @@
       if (bulk === current) readBulk(current);
     });
   }
+
+  // ---------------------------------------------------------------- the list of bulk commands
+
+  // The recent bulk commands, each with its progress, read again every few seconds while
+  // the tab is open; a row opens the bulk command above.
+  const bulkList = {
+    pane: document.querySelector("[data-bulk-list]"),
+    cursors: [null],
+    timer: 0,
+    asked: 0,
+  };
+  const BULK_LIST = `query($status: [BulkCommandStatus!], $after: String) {
+    page: bulkCommands(filter: { status: $status }, first: 20, after: $after) {
+      edges { node { id running bulkCommand { entityType command status total done applied
+        rejected failed startedAt } } }
+      pageInfo { hasNextPage endCursor } totalCount } }`;
+  const BULK_LIST_MS = 3000;
+
+  async function loadBulkList() {
+    clearTimeout(bulkList.timer);
+    const tab = bulkList.pane.closest(".pane");
+    if (tab.hidden || !signedIn()) return; // another tab: no more reads until it is back
+    const asked = ++bulkList.asked;
+    if (!document.hidden) {
+      const statuses = new FormData(bulkList.pane.querySelector("form.filter")).getAll("status");
+      try {
+        const data = await graphql(BULK_LIST, {
+          status: statuses.length ? statuses : null,
+          after: bulkList.cursors[bulkList.cursors.length - 1],
+        });
+        if (asked !== bulkList.asked) return; // a newer read was asked meanwhile
+        renderBulkList(data.page);
+      } catch (err) {
+        if (asked !== bulkList.asked) return;
+        say(`Cannot list the bulk commands: ${failure(err)}`, true);
+      }
+    }
+    if (asked === bulkList.asked) bulkList.timer = setTimeout(loadBulkList, BULK_LIST_MS);
+  }
+
+  function bulkRow({ id, running, bulkCommand: b }) {
+    const row = el("tr", { "data-key": id, tabindex: "0" });
+    const cell = (column, ...content) => row.append(el("td", { "data-column": column }, ...content));
+    row.append(el("td", { "data-column": "id", title: id }, id));
+    if (b) {
+      const total = b.total === null ? "?" : b.total;
+      const bar = el("progress", { max: b.total || 1, value: b.total ? b.done : 0 });
+      cell("command", `${b.entityType}: ${b.command}`);
+      cell("status", b.status);
+      cell("progress", bar, " ", el("span", { "data-count": "" }, `${b.done}/${total}`));
+      for (const column of ["applied", "rejected", "failed"]) cell(column, b[column]);
+    } else {
+      cell("command", "—");
+      cell("status", running ? "running, not answering" : "not answering");
+      for (const column of ["progress", "applied", "rejected", "failed"]) cell(column, "—");
+    }
+    const open = () => {
+      followBulk(id);
+      bulkPane.scrollIntoView({ block: "nearest" });
+    };
+    const button = el("button", { type: "button", class: "link" }, "Open");
+    button.addEventListener("click", (event) => {
+      event.stopPropagation();
+      open();
+    });
+    cell("open", button);
+    row.addEventListener("click", open);
+    row.addEventListener("keydown", (event) => event.key === "Enter" && open());
+    return row;
+  }
+
+  function renderBulkList(page) {
+    const body = bulkList.pane.querySelector("tbody");
+    body.replaceChildren(...page.edges.map(({ node }) => bulkRow(node)));
+    const columns = bulkList.pane.querySelectorAll("th[data-column]").length;
+    if (!page.edges.length) {
+      body.append(el("tr", {}, el("td", { colspan: columns }, "None.")));
+    }
+    const total = page.totalCount === null ? "" : ` of ${page.totalCount}`;
+    const number = bulkList.cursors.length;
+    bulkList.pane.querySelector("[data-position]").textContent = `page ${number}${total}`;
+    bulkList.pane.querySelector("[data-previous]").disabled = number === 1;
+    const next = bulkList.pane.querySelector("[data-next]");
+    next.disabled = !page.pageInfo.hasNextPage;
+    next.dataset.cursor = page.pageInfo.endCursor || "";
+  }
+
+  bulkList.pane.querySelector("form.filter").addEventListener("submit", (event) => {
+    event.preventDefault();
+    bulkList.cursors = [null];
+    loadBulkList();
+  });
+  bulkList.pane.querySelector("[data-next]").addEventListener("click", (event) => {
+    bulkList.cursors.push(event.target.dataset.cursor);
+    loadBulkList();
+  });
+  bulkList.pane.querySelector("[data-previous]").addEventListener("click", () => {
+    bulkList.cursors.pop();
+    loadBulkList();
+  });
 
   // ---------------------------------------------------------------- one entity
 
