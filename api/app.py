@@ -27,10 +27,12 @@ from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData, GraphQLRequestProtocol
+from strawberry.http.streaming import SSETransport
 from strawberry.schema import BaseSchema
 from strawberry.schema.exceptions import InvalidOperationTypeError
-from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.subscriptions import GRAPHQL_SSE_PROTOCOL, GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionResult as StrawberryExecutionResult
+from strawberry.types import SubscriptionExecutionResult
 from strawberry.types.unset import UnsetType
 from temporalio.client import Client
 
@@ -45,11 +47,11 @@ from api.errors import LimitCode, RequestRefused, present_error
 from api.gateway import QUERY_BUDGET, EntityGateway, QueryBudget
 from api.limits import BodyLimit, DocumentLimits, decode_json
 from api.metrics import ApiMetrics
-from api.over_http import GraphQLOverHTTP, view_status
+from api.over_http import EventStreamsTo, GraphQLOverHTTP, view_status, wants_event_stream
 from api.rate_limits import Limit, RateLimiter, RateLimits
 from api.request_context import ObservedRequests, note_outcome
 from api.schema import build_schema, introspection_enabled
-from api.subscriptions import CodedErrorsOverWebSocket
+from api.subscriptions import CodedErrorsOverWebSocket, EventStream
 from api.webhooks import webhook_endpoint
 from entities.errors import ErrorCode
 from entities.runtime.policy import NOBODY, Role
@@ -61,16 +63,33 @@ from workers.temporal import answers, connect_temporal
 log = logging.getLogger(__name__)
 
 _STATUS_KEY = "tenure.view_status"
+_EVENT_STREAM_KEY = "tenure.opened_event_stream"
 _LIMIT_CODES = frozenset(code.value for code in LimitCode)
 # Probes and scrapes are no requests worth a trace.
 _UNTRACED = "/livez,/healthz,/readyz,/metrics"
 
 
+class _EventStreams(SSETransport):
+    """graphql-sse for the requests `/graphql`'s HTTP front took for event streams."""
+
+    def accepts(self, accept: str) -> bool:
+        return wants_event_stream(accept)
+
+
+def _mutation_by_get() -> RequestRefused:
+    return RequestRefused(
+        405, LimitCode.METHOD_NOT_ALLOWED, "a mutation is sent by POST", headers={"allow": "POST"}
+    )
+
+
 class TenureGraphQL(GraphQL[TenureContext, None]):
     """Strawberry's ASGI view with Tenure's context and error presentation: a request it
-    refuses is answered with a GraphQL error and a code, as a query's errors are."""
+    refuses is answered with a GraphQL error and a code, as a query's errors are. Over
+    Server-Sent Events too: a stream is answered once its subscription is established
+    (`EventStream`), so one refused before then is answered as a query would be."""
 
     graphql_transport_ws_handler_class = CodedErrorsOverWebSocket
+    stream_transport_classes_by_protocol = {GRAPHQL_SSE_PROTOCOL: _EventStreams}
 
     def __init__(
         self,
@@ -86,9 +105,7 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
         super().__init__(
             schema,
             graphql_ide="graphiql" if graphiql else None,
-            # Subscriptions over a WebSocket only: Strawberry can stream them as Server-Sent
-            # Events, but /graphql's HTTP front (api/over_http.py) answers JSON only.
-            subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
+            subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_SSE_PROTOCOL),
             max_subscriptions_per_connection=subscriptions_per_connection,
             connection_init_wait_timeout=timedelta(seconds=10),
             allowed_origins=allowed_origins or (),
@@ -102,14 +119,49 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
             await super().__call__(scope, receive, send)
             return
         try:
-            response = await self.run(Request(scope, receive))
-            response.status_code = scope.get(_STATUS_KEY, response.status_code)
-        except RequestRefused as refused:
-            response = refused.response()
-        except HTTPException as exc:  # Strawberry's own refusals, plain text otherwise
-            code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_INPUT
-            response = RequestRefused(exc.status_code, code, exc.reason).response()
-        await response(scope, receive, send)
+            try:
+                response = await self.run(Request(scope, receive))
+                response.status_code = scope.get(_STATUS_KEY, response.status_code)
+            except RequestRefused as refused:
+                response = refused.response()
+            except HTTPException as exc:  # Strawberry's own refusals, plain text otherwise
+                code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_INPUT
+                response = RequestRefused(exc.status_code, code, exc.reason).response()
+            await response(scope, receive, send)
+        finally:
+            # However the answer ended (the client went away, even before it started), its
+            # subscription ends with it.
+            stream: EventStream | None = scope.pop(_EVENT_STREAM_KEY, None)
+            if stream is not None:
+                await stream.aclose()
+
+    async def execute_operation(
+        self,
+        request: Request,
+        request_adapter: Any,
+        request_data: GraphQLRequestData | list[GraphQLRequestData],
+        context: TenureContext,
+        root_value: None,
+        sub_response: Response,
+    ) -> StrawberryExecutionResult | list[StrawberryExecutionResult] | SubscriptionExecutionResult:
+        result = await super().execute_operation(
+            request=request,
+            request_adapter=request_adapter,
+            request_data=request_data,
+            context=context,
+            root_value=root_value,
+            sub_response=sub_response,
+        )
+        if not isinstance(result, SubscriptionExecutionResult):
+            return result
+        stream = request.scope[_EVENT_STREAM_KEY] = EventStream(result, request.scope)  # type: ignore[arg-type]
+        refused = await stream.refusal()
+        if refused is None:
+            return stream
+        for error in refused.errors or ():
+            if isinstance(error.original_error, InvalidOperationTypeError):
+                raise _mutation_by_get() from error.original_error
+        return refused
 
     async def execute_single(
         self, request: Request, request_adapter: Any, *args: Any, **kwargs: Any
@@ -118,12 +170,7 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
             return await super().execute_single(request, request_adapter, *args, **kwargs)
         except HTTPException as exc:
             if isinstance(exc.__cause__, InvalidOperationTypeError):
-                raise RequestRefused(
-                    405,
-                    LimitCode.METHOD_NOT_ALLOWED,
-                    "a mutation is sent by POST",
-                    headers={"allow": "POST"},
-                ) from exc
+                raise _mutation_by_get() from exc
             raise
 
     def decode_json(self, data: str | bytes) -> object:
@@ -322,7 +369,9 @@ def create_app(
     endpoint = ObservedRequests(
         GraphQLOverHTTP(
             BodyLimit(
-                Authentication(RateLimits(cached_reads, limiter), verifier),
+                Authentication(
+                    RateLimits(EventStreamsTo(graphql, cached_reads), limiter), verifier
+                ),
                 settings.max_body_bytes,
             )
         ),

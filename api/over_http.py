@@ -8,6 +8,10 @@ media type answers, and what a request error looks like in each.
   `application/json`. Wildcards and a missing header mean `application/json`, as the
   specification asks of servers while clients move over; a header naming neither is 406
   NOT_ACCEPTABLE. A browser asking for HTML on GET gets GraphiQL, where it is served.
+- Event streams: a header naming `text/event-stream` asks for the operation's results as
+  Server-Sent Events (graphql-sse, distinct connections mode). A request refused before its
+  stream is established is answered as JSON all the same, as the JSON type the header also
+  names, else as `application/graphql-response+json`, whose request errors are 400.
 - Request errors: a request that fails before execution (a document that does not parse or
   validate, variables that do not coerce, a limit) answered as
   `application/graphql-response+json` has status 400 and no `data` entry; as
@@ -30,7 +34,9 @@ from api.responses import send_error
 
 GRAPHQL_RESPONSE = "application/graphql-response+json"
 JSON = "application/json"
+EVENT_STREAM = "text/event-stream"
 MEDIA_KEY = "tenure.media_type"
+STREAM_KEY = "tenure.event_stream"
 METHODS = ("GET", "POST")
 
 _SPECIFIC = 2  # `type/subtype`, above `type/*` (1) and `*/*` (0)
@@ -89,6 +95,22 @@ def negotiate(accept: str | None) -> str | None:
     return chosen
 
 
+@lru_cache(maxsize=256)
+def wants_event_stream(accept: str | None) -> bool:
+    """Whether a request with this Accept header asks for Server-Sent Events: it names
+    `text/event-stream` (not with q=0)."""
+    return any(
+        (kind, subtype) == ("text", "event-stream") and q > 0
+        for kind, subtype, q in _ranges(accept or "")
+    )
+
+
+def is_event_stream(scope: Scope) -> bool:
+    """Whether this request is answered, once accepted, as Server-Sent Events."""
+    streams: bool = scope.get(STREAM_KEY, False)
+    return streams
+
+
 def media_type_of(scope: Scope) -> str:
     """The media type negotiated for this request (`application/json` outside `/graphql`)."""
     media: str = scope.get(MEDIA_KEY, JSON)
@@ -126,23 +148,42 @@ class GraphQLOverHTTP:
             )
             return
         headers = Headers(scope=scope)
-        media = negotiate(headers.get("accept"))
-        if media is None and not _wants_ide_page(scope, headers):
+        accept = headers.get("accept")
+        media = negotiate(accept)
+        streams = wants_event_stream(accept)
+        if media is None and not streams and not _wants_ide_page(scope, headers):
             await send_error(
                 send,
                 406,
                 LimitCode.NOT_ACCEPTABLE,
-                f"this API answers {GRAPHQL_RESPONSE} or {JSON}; the Accept header names neither",
+                f"this API answers {GRAPHQL_RESPONSE}, {JSON} or {EVENT_STREAM}; "
+                "the Accept header names none of them",
             )
             return
-        scope[MEDIA_KEY] = media or JSON
+        scope[STREAM_KEY] = streams
+        media = media or (GRAPHQL_RESPONSE if streams else JSON)
+        scope[MEDIA_KEY] = media
 
         async def send_labelled(message: Message) -> None:
             if message["type"] == "http.response.start":
                 response_headers = MutableHeaders(scope=message)
                 if response_headers.get("content-type", "").startswith(JSON):
-                    response_headers["content-type"] = f"{media or JSON}; charset=utf-8"
+                    response_headers["content-type"] = f"{media}; charset=utf-8"
                 response_headers.add_vary_header("Accept")
             await send(message)
 
         await self._app(scope, receive, send_labelled)
+
+
+class EventStreamsTo:
+    """ASGI dispatcher, innermost on `/graphql`: a request for Server-Sent Events goes to
+    `streams` (the GraphQL view), any other to `app`. Rendered-read replay (api/cached_reads.py)
+    keeps JSON answers only, so an event stream must go past it."""
+
+    def __init__(self, streams: ASGIApp, app: ASGIApp) -> None:
+        self._streams = streams
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        chosen = self._streams if is_event_stream(scope) else self._app
+        await chosen(scope, receive, send)

@@ -6,17 +6,23 @@ Each is fed by the process's one `ChangeFeed` (api/change_feed.py). An entity's
 subscription starts with its current state from the cache (with `sinceRevision`, only when
 the subscriber has missed revisions since), then each new state; `previousRevision` and
 `missedRevisions` show every revision the subscriber did not see one by one.
+
+They are served over graphql-transport-ws (`CodedErrorsOverWebSocket`) and over Server-Sent
+Events (`EventStream`), with the same checks and the same error codes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
 import strawberry
 from graphql import GraphQLError
+from starlette.types import Scope
 from strawberry.schema import BaseSchema
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
@@ -29,7 +35,7 @@ from strawberry.utils.str_converters import to_camel_case
 from api.authorization import Forbidden
 from api.cached_reads import ENTITY_READ_FIELDS
 from api.change_feed import Change as FeedChange
-from api.change_feed import ChangeFeed
+from api.change_feed import ChangeFeed, Mailbox
 from api.common import EntityState
 from api.context import Info, TenureContext
 from api.errors import present_error
@@ -47,6 +53,10 @@ MAX_FILTER_STATUSES = 64
 MAX_PENDING_ENTITIES = 1000
 # Entities a `changes` subscriber remembers the revision of, the least recent forgotten.
 MAX_REMEMBERED = 10_000
+# Where a request answered as an event stream waits to hear that its subscription is
+# established (an asyncio.Event).
+ESTABLISHED_KEY = "tenure.subscription_established"
+_END = object()  # after an event stream's last result
 
 
 @strawberry.type(
@@ -129,9 +139,22 @@ class _Follower:
         )
 
 
-def _feed(info: Info) -> ChangeFeed:
+@contextlib.asynccontextmanager
+async def _subscribed(
+    info: Info,
+    entity_type: str,
+    entity_id: str | None,
+    wants: Callable[[FeedChange], bool] = lambda change: True,
+    capacity: int = 1,
+) -> AsyncIterator[Mailbox]:
+    """A mailbox of the process's one change feed, once every check has passed; an event
+    stream waiting to answer (`EventStream`) hears that the subscription is established."""
     feed: ChangeFeed = info.context.request.app.state.change_feed
-    return feed
+    async with feed.subscribe(entity_type, entity_id, wants, capacity) as mailbox:
+        established: asyncio.Event | None = info.context.request.scope.get(ESTABLISHED_KEY)
+        if established is not None:
+            established.set()
+        yield mailbox
 
 
 async def follow_entity(
@@ -144,7 +167,7 @@ async def follow_entity(
         raise TenureError(ErrorCode.INVALID_INPUT, "sinceRevision: 0 or more")
     await info.context.authorizer.require(info.context.principal, entity_type, entity_id, READ)
     follower = _Follower(since_revision)
-    async with _feed(info).subscribe(entity_type, entity_id) as mailbox:
+    async with _subscribed(info, entity_type, entity_id) as mailbox:
         # After subscribing, so that nothing falls between the state read and the stream.
         read = await info.context.gateway.read(entity_type, entity_id, Consistency.CACHED)
         if read is not None:
@@ -277,7 +300,7 @@ def subscription_type(query: type) -> type:
             raise TenureError(ErrorCode.INVALID_INPUT, f"{name} has no subscription")
         wants = _scoped(info, name, where or ChangeFilter())
         follower = _Follower(None)
-        async with _feed(info).subscribe(name, None, wants, MAX_PENDING_ENTITIES) as mailbox:
+        async with _subscribed(info, name, None, wants, MAX_PENDING_ENTITIES) as mailbox:
             while True:
                 shown = follower.change(await mailbox.next(), render)
                 if shown is not None:
@@ -339,3 +362,62 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
         super().__init__(*args, **kwargs)
         suggestions = getattr(self.view, "suggestions", True)
         self.schema = _CodedStreams(self.schema, suggestions)  # type: ignore[assignment]
+
+
+class EventStream:
+    """An operation's results for Server-Sent Events (graphql-sse), read by a task of its own
+    from the moment it is opened, so that the answer can wait until the subscription is
+    established: whatever refuses it before then (FORBIDDEN, a limit, an invalid document)
+    is answered as a query's refusal is, in JSON with its status, not as a stream. The
+    task holds at most one result the client has not read; `aclose` ends it, and with it
+    the subscription, whether or not the stream was ever sent."""
+
+    def __init__(self, results: AsyncGenerator[Any, None], scope: Scope) -> None:
+        self._ready = asyncio.Event()
+        scope[ESTABLISHED_KEY] = self._ready
+        self._pending: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+        self._held: list[Any] = []
+        self._reader = asyncio.create_task(self._read(results), name="tenure-event-stream")
+
+    async def _read(self, results: AsyncGenerator[Any, None]) -> None:
+        try:
+            async with aclosing(results):
+                async for result in results:
+                    await self._pending.put(result)
+                    self._ready.set()  # a query's one result: nothing else says it
+        except Exception as exc:
+            # Strawberry yields a resolver's error as a result, but lets one raised while
+            # parsing (a document over a limit) escape: it is a result all the same.
+            error = (
+                exc if isinstance(exc, GraphQLError) else GraphQLError(str(exc), original_error=exc)
+            )
+            await self._pending.put(ExecutionResult(data=None, errors=[error]))
+        self._ready.set()
+        await self._pending.put(_END)
+
+    async def refusal(self) -> ExecutionResult | None:
+        """Once the subscription is established or the first result is in: that result if
+        it refuses the operation (errors and no data), the stream then closed; else None."""
+        await self._ready.wait()
+        if self._pending.empty():
+            return None
+        first = self._pending.get_nowait()
+        if isinstance(first, ExecutionResult) and first.data is None and first.errors:
+            await self.aclose()
+            return first
+        self._held.append(first)
+        return None
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = self._held.pop() if self._held else await self._pending.get()
+        if item is _END:
+            raise StopAsyncIteration
+        return item
+
+    async def aclose(self) -> None:
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader

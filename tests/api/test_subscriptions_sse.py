@@ -1,0 +1,256 @@
+"""Subscriptions over Server-Sent Events (graphql-sse, distinct connections mode), against the
+real app behind uvicorn: a change reaches the stream, a reconnection with `sinceRevision`
+gets what it missed at once, the stream meets the same authentication, authorization and
+limits as any request, refused in JSON as a query would be, and a closed stream leaves no
+follower behind in the change feed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from temporalio.client import Client
+
+from api.over_http import EVENT_STREAM, GRAPHQL_RESPONSE, JSON
+from tests.api.test_access import SECRET, token
+from tests.api.test_accounts_api import DEPOSIT, READ
+from tests.api.test_subscriptions import FOLLOW, open_account, running_app, served
+from tests.conftest import GraphQLClient, WorkerFactory, new_id
+from workers.settings import Settings
+
+ALIASED = (
+    "subscription($id: ID!) { accountChanged(id: $id) { node { "
+    + " ".join(f"b{n}: balance" for n in range(16))
+    + " } } }"
+)
+
+
+class Stack:
+    """The secured app with a worker, behind uvicorn; `gql` sends commands as an admin
+    through another client."""
+
+    def __init__(self, app: Starlette, url: str, gql: GraphQLClient) -> None:
+        self.app = app
+        self.url = url
+        self.gql = gql
+
+    @property
+    def followers(self) -> int:
+        count: int = self.app.state.change_feed.subscribers
+        return count
+
+    async def followers_become(self, count: int) -> None:
+        async with asyncio.timeout(10):
+            while self.followers != count:
+                await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def stack(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory, **changes: Any
+) -> AsyncIterator[Stack]:
+    secured = settings.model_copy(
+        update={"environment": "production", "auth_secret": SECRET, **changes}
+    )
+    async with run_worker(secured), running_app(secured, temporal_client) as app:
+        transport = httpx.ASGITransport(app=app)
+        admin = {"Authorization": f"Bearer {token('admin', 'ops-1')}"}
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://tenure", headers=admin) as http,
+            served(app) as ws_url,
+        ):
+            yield Stack(app, ws_url.replace("ws://", "http://", 1), GraphQLClient(http))
+
+
+def subscribing(
+    client: httpx.AsyncClient, url: str, bearer: str | None, query: str = FOLLOW, **variables: Any
+) -> contextlib.AbstractAsyncContextManager[httpx.Response]:
+    headers = {"Accept": EVENT_STREAM, **({"Authorization": f"Bearer {bearer}"} if bearer else {})}
+    return client.stream(
+        "POST", url, json={"query": query, "variables": variables}, headers=headers
+    )
+
+
+async def events(response: httpx.Response) -> AsyncIterator[tuple[str, Any]]:
+    """Each SSE event as (event, its data as JSON); heartbeat comments left out."""
+    event, data = None, ""
+    async for line in response.aiter_lines():
+        if not line:
+            if event is not None:
+                yield event, json.loads(data) if data else None
+            event, data = None, ""
+        elif line.startswith("event:"):
+            event = line.removeprefix("event:").strip()
+        elif line.startswith("data:"):
+            data += line.removeprefix("data:").strip()
+
+
+async def change_of(stream: AsyncIterator[tuple[str, Any]]) -> dict[str, Any]:
+    """The next `next` event's accountChanged, which must come within 15 s."""
+    event, payload = await asyncio.wait_for(anext(stream), timeout=15)
+    assert event == "next", (event, payload)
+    assert "errors" not in payload, payload
+    change: dict[str, Any] = payload["data"]["accountChanged"]
+    return change
+
+
+def refusal(response: httpx.Response) -> str:
+    """The code of a JSON refusal, which is no event stream."""
+    assert not response.headers["content-type"].startswith("text/event-stream")
+    code: str = json.loads(response.content)["errors"][0]["extensions"]["code"]
+    return code
+
+
+async def test_an_admin_follows_an_account_over_sse_and_sees_another_clients_deposit(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    async with stack(settings, temporal_client, run_worker) as tenure, httpx.AsyncClient() as sse:
+        account_id = await open_account(tenure.gql)
+        async with subscribing(sse, tenure.url, token("admin", "ops-2"), id=account_id) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            stream = events(response)
+            now = await change_of(stream)
+            assert now["revision"] == 2 and now["command"] is None  # its state at once
+            await tenure.gql.data(DEPOSIT, id=account_id, amount=7)
+            shown = await change_of(stream)
+        assert shown["revision"] == 3 and shown["node"]["balance"] == 7
+        assert shown["command"] == "deposit" and shown["sentBy"] == "admin:ops-1"
+        assert shown["previousRevision"] == 2 and not shown["missedRevisions"]
+
+        # A query over SSE is one result, then the stream completes.
+        async with subscribing(sse, tenure.url, token("admin", "ops-2"), READ, id=account_id) as r:
+            answered = [event async for event in events(r)]
+        assert [event for event, _ in answered] == ["next", "complete"]
+        assert answered[0][1]["data"]["account"]["balance"] == 7
+
+
+async def test_reconnecting_over_sse_with_since_revision_gets_the_current_state_at_once(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    async with stack(settings, temporal_client, run_worker) as tenure, httpx.AsyncClient() as sse:
+        account_id = await open_account(tenure.gql)
+        for _ in range(3):
+            await tenure.gql.data(DEPOSIT, id=account_id, amount=5)  # revisions 3 to 5
+        admin = token("admin", "ops-2")
+        async with subscribing(sse, tenure.url, admin, id=account_id, since=2) as response:
+            missed = await change_of(events(response))
+        assert missed["revision"] == 5 and missed["node"]["balance"] == 15
+        assert missed["missedRevisions"] and missed["command"] is None
+
+        # Up to date: nothing at once, then the next change as it comes.
+        async with subscribing(sse, tenure.url, admin, id=account_id, since=5) as response:
+            stream = events(response)
+            await tenure.followers_become(1)
+            await tenure.gql.data(DEPOSIT, id=account_id, amount=1)
+            shown = await change_of(stream)
+        assert shown["revision"] == 6 and shown["command"] == "deposit"
+        assert not shown["missedRevisions"]
+
+
+async def test_over_sse_no_token_is_unauthenticated_and_a_customer_follows_only_its_own(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    async with stack(settings, temporal_client, run_worker) as tenure, httpx.AsyncClient() as sse:
+        mine, theirs = await open_account(tenure.gql), await open_account(tenure.gql)
+        async with subscribing(sse, tenure.url, None, id=mine) as response:
+            await response.aread()
+        assert response.status_code == 401 and refusal(response) == "UNAUTHENTICATED"
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+        customer = token("customer", "ada", [mine])
+        answers = []
+        for account_id in (theirs, new_id()):  # another's, and one that does not exist
+            async with subscribing(sse, tenure.url, customer, id=account_id) as response:
+                await response.aread()
+            # Refused before it was established: a request error, as the media type the
+            # specification recommends has them, so an SSE client sees a 4xx.
+            assert response.headers["content-type"].startswith(GRAPHQL_RESPONSE)
+            assert refusal(response) == "FORBIDDEN"
+            answers.append((response.status_code, json.loads(response.content)))
+        assert answers[0][0] == 400
+        assert answers[0] == answers[1]  # nothing tells whether the account exists
+        # A client that takes application/json too gets the status a query gets there.
+        as_json = {"Authorization": f"Bearer {customer}", "Accept": f"{EVENT_STREAM}, {JSON}"}
+        both = {"query": FOLLOW, "variables": {"id": theirs}}
+        refused = await sse.post(tenure.url, json=both, headers=as_json)
+        query = await sse.post(
+            tenure.url,
+            json={"query": READ, "variables": {"id": theirs}},
+            headers={**as_json, "Accept": JSON},
+        )
+        assert refused.headers["content-type"].startswith(JSON)
+        assert refusal(refused) == refusal(query) == "FORBIDDEN"
+        assert refused.status_code == query.status_code == 200
+        assert tenure.followers == 0
+
+        async with subscribing(sse, tenure.url, customer, id=mine) as response:
+            assert (await change_of(events(response)))["revision"] == 2
+
+
+async def test_an_sse_request_meets_the_same_limits_as_any_other(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    async with (
+        stack(settings, temporal_client, run_worker, rate_limits={"customer": (0.01, 2)}) as tenure,
+        httpx.AsyncClient() as sse,
+    ):
+        mine = await open_account(tenure.gql)
+        customer = token("customer", "ada", [mine])
+        async with subscribing(sse, tenure.url, customer, "x" * 300_000, id=mine) as response:
+            await response.aread()
+        assert response.status_code == 413 and refusal(response) == "PAYLOAD_TOO_LARGE"
+        for expected in (400, 400, 429):  # the document's limit, twice; then the rate's
+            async with subscribing(sse, tenure.url, customer, ALIASED, id=mine) as response:
+                await response.aread()
+            assert response.status_code == expected
+            code = "TOO_MANY_ALIASES" if expected == 400 else "RATE_LIMITED"
+            assert refusal(response) == code
+        assert tenure.followers == 0
+
+
+async def test_the_servers_subscription_bound_holds_for_sse_streams(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    async with (
+        stack(settings, temporal_client, run_worker, max_subscribers=1) as tenure,
+        httpx.AsyncClient() as sse,
+    ):
+        account_id = await open_account(tenure.gql)
+        admin = token("admin", "ops-2")
+        async with subscribing(sse, tenure.url, admin, id=account_id) as first:
+            assert (await change_of(events(first)))["revision"] == 2
+            async with subscribing(sse, tenure.url, admin, id=account_id) as second:
+                await second.aread()
+            assert refusal(second) == "LIMIT_REACHED"
+        await tenure.followers_become(0)
+        async with subscribing(sse, tenure.url, admin, id=account_id) as again:
+            assert (await change_of(events(again)))["revision"] == 2
+
+
+async def test_closing_an_sse_stream_frees_its_follower_in_the_change_feed(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    async with stack(settings, temporal_client, run_worker) as tenure, httpx.AsyncClient() as sse:
+        account_id = await open_account(tenure.gql)
+        admin = token("admin", "ops-2")
+        async with subscribing(sse, tenure.url, admin, id=account_id) as response:
+            assert (await change_of(events(response)))["revision"] == 2
+            assert tenure.followers == 1
+        await tenure.followers_become(0)
+
+        # A quiet stream too, one that has sent nothing yet (its account has not changed).
+        quiet = [subscribing(sse, tenure.url, admin, id=account_id, since=2) for _ in range(5)]
+        async with contextlib.AsyncExitStack() as streams:
+            for stream in quiet:
+                assert (await streams.enter_async_context(stream)).status_code == 200
+            await tenure.followers_become(5)  # each through the process's one feed
+        await tenure.followers_become(0)
+        await tenure.gql.data(DEPOSIT, id=account_id, amount=1)  # and the feed still serves
+        async with subscribing(sse, tenure.url, admin, id=account_id, since=2) as response:
+            assert (await change_of(events(response)))["revision"] == 3
