@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import Snapshot
 from workers.cache import CacheUnavailable, RedisClient, SnapshotCache
-from workers.changes import stream_key
+from workers.changes import entry_fields, stream_end, stream_key, text
 
 log = logging.getLogger(__name__)
 
@@ -212,12 +212,12 @@ class ChangeFeed:
                 return followed
             key = stream_key(self._prefix, entity_type)
             try:
-                last = await self._client.xrevrange(key, count=1)
+                cursor = await stream_end(self._client, key)
             except RedisError as exc:
                 raise TenureError(
                     ErrorCode.UNAVAILABLE, "the change stream cannot be read"
                 ) from exc
-            followed = _Followed(cursor=_text(last[0][0]) if last else "0-0")
+            followed = _Followed(cursor=cursor)
             self._types[entity_type] = followed
             self._wanted.set()
             return followed
@@ -255,15 +255,15 @@ class ChangeFeed:
                 continue
             keys = {stream_key(self._prefix, t): t for t in self._types}
             for key, entries in answer:
-                entity_type = keys.get(_text(key))
+                entity_type = keys.get(text(key))
                 if entity_type is None:
                     continue  # nobody follows it any more
                 for entry_id, fields in entries:
                     followed = self._types.get(entity_type)
                     if followed is None:
                         break
-                    followed.cursor = _text(entry_id)
-                    change = await self._change(entity_type, _decoded(fields))
+                    followed.cursor = text(entry_id)
+                    change = await self._change(entity_type, entry_fields(fields))
                     if change is not None:
                         self._offer(followed, change)
 
@@ -320,12 +320,3 @@ class ChangeFeed:
             sent_by=entry.get("sent_by") or None,
             at=at,
         )
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _decoded(fields: object) -> dict[str, str]:
-    assert isinstance(fields, dict)
-    return {_text(k): _text(v) for k, v in fields.items()}

@@ -10,15 +10,18 @@ first settled.
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import datetime
 from typing import Any
 
+from redis.exceptions import RedisError
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
 from entities import catalog
 from entities.bulk import (
+    MAX_FAILURES_KEPT,
     PAGE_ACTIVITY,
     SEND_ACTIVITY,
     BulkFailure,
@@ -32,11 +35,17 @@ from entities.errors import ErrorCode, TenureError
 from entities.runtime.entity import EntityType
 from entities.runtime.envelope import CommandEnvelope, CommandResult, OutcomeStatus
 from workers.cache import CacheUnavailable, SnapshotCache
-from workers.delivery import CommandDelivery
+from workers.changes import stream_end, stream_key, watch_applied
+from workers.delivery import CommandDelivery, EntityClosed
 from workers.listing import EntityIndex, ListFilter, Order
 from workers.settings import Settings
 
+log = logging.getLogger(__name__)
+
 HEARTBEAT_SECONDS = 5.0
+STREAM_QUIET_SECONDS = 2.0
+"""How long the change stream may show none of a page's commands applied, once all are
+delivered, before the rest are asked of their entities."""
 UNKNOWN_ATTEMPTS = 5
 """Tries of one entity's command while its outcome is unknown, before it counts as failed."""
 
@@ -88,6 +97,8 @@ class BulkActivities:
     def __init__(self, client: Client, cache: SnapshotCache, settings: Settings) -> None:
         self._delivery = CommandDelivery(client, settings)
         self._index = EntityIndex(cache.client, cache.prefix)
+        self._redis = cache.client
+        self._prefix = cache.prefix
 
     @activity.defn(name=PAGE_ACTIVITY)
     async def bulk_page(self, request: PageRequest) -> TargetPage:
@@ -120,7 +131,15 @@ class BulkActivities:
 
     @activity.defn(name=SEND_ACTIVITY)
     async def bulk_send(self, page: PageToSend) -> PageSent:
-        """Deliver the command to every entity of the page and count what became of it."""
+        """Deliver the command to every entity of the page and count what became of it.
+
+        Every command is first handed to Temporal, at most `window` at once, as a client
+        sending signals would. Their outcomes are then read from the entity type's change
+        stream, which the entities' own publishes append to: an applied command costs no
+        query. What the stream does not show within `STREAM_QUIET_SECONDS` of its last
+        sign of progress (a rejected command, which changes nothing; one the stream marked
+        as a gap; one applied by an earlier attempt of this page; a stream Redis cannot
+        serve) is asked of its entity."""
         entity = catalog.entity_types().get(page.entity_type)
         if entity is None:
             raise ApplicationError(
@@ -128,50 +147,124 @@ class BulkActivities:
                 type=ErrorCode.INVALID_INPUT,
                 non_retryable=True,
             )
-        sent = PageSent()
-        window = asyncio.Semaphore(page.window)
-
-        def failure(entity_id: str, code: str, message: str) -> None:
-            if len(sent.failures) < 20:
-                sent.failures.append(BulkFailure(entity_id=entity_id, code=code, message=message))
-
-        async def send(entity_id: str) -> None:
-            envelope = CommandEnvelope(
+        tally = _Tally(page.command)
+        envelopes = {
+            entity_id: CommandEnvelope(
                 command_id=bulk_command_id(page.bulk_id, entity_id),
                 name=page.command,
                 payload=page.payload,
                 sent_by=page.sent_by,
             )
+            for entity_id in page.ids
+        }
+        tally.expect(envelopes)
+        window = asyncio.Semaphore(page.window)
+        stream = stream_key(self._prefix, page.entity_type)
+        try:
+            position: str | None = await stream_end(self._redis, stream)
+        except RedisError as exc:
+            log.warning("bulk %s: the change stream cannot be read: %s", page.bulk_id, exc)
+            position = None
+
+        async def deliver(entity_id: str, envelope: CommandEnvelope) -> None:
             async with window:
                 try:
-                    result = await self._request(entity, entity_id, envelope)
+                    await self._deliver(entity, entity_id, envelope)
+                except EntityClosed:
+                    await self._ask(entity, entity_id, envelope, tally)
                 except TenureError as exc:
-                    if exc.code is ErrorCode.UNAVAILABLE:
-                        sent.failed += 1
-                    else:
-                        sent.rejected[exc.code] = sent.rejected.get(exc.code, 0) + 1
-                    failure(entity_id, exc.code, exc.message)
-                else:
-                    outcome = result.outcome
-                    if outcome.status is OutcomeStatus.APPLIED:
-                        sent.applied += 1
-                    else:
-                        code = outcome.code or ErrorCode.INTERNAL
-                        sent.rejected[code] = sent.rejected.get(code, 0) + 1
-                        failure(entity_id, code, outcome.message or "")
-            sent.done += 1
+                    tally.error(entity_id, envelope.command_id, exc)
 
         async def beat() -> None:
             while True:
                 await asyncio.sleep(HEARTBEAT_SECONDS)
-                activity.heartbeat(sent.done)
+                activity.heartbeat(tally.sent.done)
 
         beating = asyncio.create_task(beat())
+        delivered = asyncio.Event()
+        watching = (
+            asyncio.create_task(self._watch(stream, position, tally, delivered))
+            if position is not None
+            else None
+        )
         try:
-            await asyncio.gather(*(send(entity_id) for entity_id in page.ids))
+            await asyncio.gather(*(deliver(i, e) for i, e in envelopes.items()))
+            delivered.set()
+            if watching is not None:
+                await watching
+
+            async def ask(entity_id: str) -> None:
+                async with window:
+                    await self._ask(entity, entity_id, envelopes[entity_id], tally)
+
+            await asyncio.gather(*(ask(entity_id) for entity_id in tally.unsettled()))
         finally:
             beating.cancel()
-        return sent
+            if watching is not None:
+                watching.cancel()
+        return tally.sent
+
+    async def _watch(
+        self, stream: str, position: str, tally: _Tally, delivered: asyncio.Event
+    ) -> None:
+        """Settle the commands the change stream shows applied, until every one is, or the
+        stream has shown none for `STREAM_QUIET_SECONDS` since the last was delivered."""
+        loop = asyncio.get_running_loop()
+        last_progress = loop.time()
+
+        def applied(entry: dict[str, str]) -> None:
+            nonlocal last_progress
+            if tally.applied(entry.get("command_id", ""), entry.get("command", "")):
+                last_progress = loop.time()
+
+        def enough() -> bool:
+            if not tally.waiting():
+                return True
+            if not delivered.is_set():
+                return False
+            return loop.time() - last_progress > STREAM_QUIET_SECONDS
+
+        def quiet_from_delivery() -> None:
+            nonlocal last_progress
+            last_progress = max(last_progress, loop.time())
+
+        waiter = asyncio.create_task(delivered.wait())
+        waiter.add_done_callback(lambda _: quiet_from_delivery())
+        try:
+            await watch_applied(self._redis, stream, position, applied, enough)
+        except RedisError as exc:
+            log.warning("bulk: the change stream cannot be read, asking instead: %s", exc)
+        finally:
+            waiter.cancel()
+
+    async def _deliver(
+        self, entity: EntityType[Any, Any], entity_id: str, envelope: CommandEnvelope
+    ) -> None:
+        """Hand the command to Temporal, again while Temporal is unavailable: its id makes
+        every attempt the same command, applied once."""
+        for attempt in range(UNKNOWN_ATTEMPTS):
+            try:
+                await self._delivery.deliver(entity, entity_id, envelope)
+                return
+            except TenureError as exc:
+                if exc.code is not ErrorCode.UNAVAILABLE or attempt == UNKNOWN_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(min(2.0**attempt, 10.0))
+
+    async def _ask(
+        self,
+        entity: EntityType[Any, Any],
+        entity_id: str,
+        envelope: CommandEnvelope,
+        tally: _Tally,
+    ) -> None:
+        """Settle one command by asking its entity (delivering it again if it must)."""
+        try:
+            result = await self._request(entity, entity_id, envelope)
+        except TenureError as exc:
+            tally.error(entity_id, envelope.command_id, exc)
+        else:
+            tally.outcome(entity_id, envelope.command_id, result)
 
     async def _request(
         self, entity: EntityType[Any, Any], entity_id: str, envelope: CommandEnvelope
@@ -186,3 +279,59 @@ class BulkActivities:
                     raise
                 await asyncio.sleep(min(2.0**attempt, 10.0))
         raise AssertionError("unreachable")
+
+
+class _Tally:
+    """A page's counts, each command settled once, whichever way its outcome was learnt."""
+
+    def __init__(self, command: str) -> None:
+        self.sent = PageSent()
+        self._command = command
+        self._waiting: dict[str, str] = {}  # command id -> entity id
+
+    def expect(self, envelopes: dict[str, CommandEnvelope]) -> None:
+        self._waiting = {e.command_id: entity_id for entity_id, e in envelopes.items()}
+
+    def waiting(self) -> bool:
+        return bool(self._waiting)
+
+    def unsettled(self) -> list[str]:
+        return list(self._waiting.values())
+
+    def applied(self, command_id: str, command: str) -> bool:
+        """Settle a command the change stream shows applied; False if it is none of ours
+        (or another command that came with its id, which its entity will tell)."""
+        if command_id not in self._waiting or command != self._command:
+            return False
+        del self._waiting[command_id]
+        self.sent.applied += 1
+        self.sent.done += 1
+        return True
+
+    def outcome(self, entity_id: str, command_id: str, result: CommandResult) -> None:
+        if self._waiting.pop(command_id, None) is None:
+            return
+        outcome = result.outcome
+        if outcome.status is OutcomeStatus.APPLIED:
+            self.sent.applied += 1
+        else:
+            self._reject(entity_id, outcome.code or ErrorCode.INTERNAL, outcome.message or "")
+        self.sent.done += 1
+
+    def error(self, entity_id: str, command_id: str, exc: TenureError) -> None:
+        if self._waiting.pop(command_id, None) is None:
+            return
+        if exc.code is ErrorCode.UNAVAILABLE:
+            self.sent.failed += 1
+            self._keep(entity_id, exc.code, exc.message)
+        else:
+            self._reject(entity_id, exc.code, exc.message)
+        self.sent.done += 1
+
+    def _reject(self, entity_id: str, code: str, message: str) -> None:
+        self.sent.rejected[code] = self.sent.rejected.get(code, 0) + 1
+        self._keep(entity_id, code, message)
+
+    def _keep(self, entity_id: str, code: str, message: str) -> None:
+        if len(self.sent.failures) < MAX_FAILURES_KEPT:
+            self.sent.failures.append(BulkFailure(entity_id=entity_id, code=code, message=message))

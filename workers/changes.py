@@ -30,10 +30,12 @@ revision the entity last published.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from entities.runtime.envelope import Outcome, Snapshot
 from workers.settings import Settings
@@ -161,3 +163,46 @@ def _iso(at: datetime | None) -> str:
     if at.tzinfo is None:  # workflow time is UTC
         at = at.replace(tzinfo=UTC)
     return at.isoformat()
+
+
+READ_COUNT = 1_000
+POLL_SECONDS = 0.05
+
+
+def text(value: object) -> str:
+    """A stream key, id or field as text, whether the client decodes replies or not."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def entry_fields(fields: object) -> dict[str, str]:
+    """A stream entry's fields as text."""
+    assert isinstance(fields, dict)
+    return {text(k): text(v) for k, v in fields.items()}
+
+
+async def stream_end(client: Any, key: str) -> str:
+    """The id of the stream's newest entry: a reader from here sees only what comes next."""
+    newest = await client.xrevrange(key, count=1)
+    return text(newest[0][0]) if newest else "0-0"
+
+
+async def watch_applied(
+    client: Any,
+    key: str,
+    position: str,
+    applied: Callable[[dict[str, str]], None],
+    until: Callable[[], bool],
+) -> None:
+    """Offer `applied` every change appended to the stream after `position`, until `until()`
+    holds. Reads without blocking (a Redis Cluster cannot block on one node for a key of
+    another), pausing briefly when there is nothing new. A Redis error is raised."""
+    while not until():
+        answer = await client.xread({key: position}, count=READ_COUNT)
+        entries = answer[0][1] if answer else []
+        for entry_id, fields in entries:
+            position = text(entry_id)
+            entry = entry_fields(fields)
+            if entry.get("type") == "change":
+                applied(entry)
+        if not entries:
+            await asyncio.sleep(POLL_SECONDS)

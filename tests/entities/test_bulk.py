@@ -191,3 +191,39 @@ async def test_a_cancelled_bulk_sends_no_further_page(
         balances = await asyncio.gather(*(balance(temporal_client, i) for i in ids))
     assert done.status is BulkStatus.CANCELLED and done.done == 0
     assert set(balances) == {0}
+
+
+async def test_outcomes_seen_in_the_change_stream_and_asked_of_entities_add_up(
+    temporal_client: Client, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """A page learns applied commands from the change stream, and asks the entities about
+    the rest: a rejection (which streams nothing) and a closed entity are counted as such,
+    once, beside the applied ones, and every command was applied at most once."""
+    async with run_worker():
+        ids = await open_accounts(temporal_client, settings, 12, uuid.uuid4().hex[:8])
+        delivery = CommandDelivery(temporal_client, settings)
+        suspended, closed = ids[0], ids[1]
+        await send(delivery, suspended, "suspend", {"reason": "review"})
+        await send(delivery, closed, "close", {})
+        bulk = await start_bulk(
+            temporal_client,
+            settings,
+            entity_type="account",
+            command="deposit",
+            payload={"amount": 4},
+            ids=ids,
+            page_size=12,
+            window=5,
+        )
+        done = await bulk.result()
+        balances = await asyncio.gather(*(balance(temporal_client, i) for i in ids[2:]))
+    assert sorted(set(balances)) == [4]
+    assert (done.status, done.total, done.done, done.applied, done.failed) == (
+        BulkStatus.COMPLETED,
+        12,
+        12,
+        10,
+        0,
+    )
+    assert done.rejected == {"INVALID_TRANSITION": 2}
+    assert sorted(f.entity_id for f in done.failures) == sorted([suspended, closed])
