@@ -173,6 +173,16 @@ def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
                 r >= 0.8,
             )
         )
+        applied = by_key.get("raw_deposit_signals_applied")
+        if applied is not None and applied.ops_per_s:
+            found.append(
+                Target(
+                    "bulk deposit beside raw SDK deposit signals until applied "
+                    "(no target: reported)",
+                    f"{bulk.ops_per_s / applied.ops_per_s:.2f} x",
+                    True,
+                )
+            )
     if "subscriptions" in by_key:
         followed = by_key["subscriptions"].measured
         found.append(
