@@ -21,11 +21,10 @@ from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
 from api.authorization import Forbidden
-from api.checkout_operations import TEMPORAL_TIMEOUT
-from api.checkout_operations import _Cursor as Cursor
 from api.context import Info
 from api.listing import Connection, Edge, PageInfo
 from api.response_size import bounded
+from api.visibility import VisibilityCursor, visibility_count, visibility_page
 from entities import catalog
 from entities.bulk import (
     BULK_WORKFLOW,
@@ -225,12 +224,12 @@ def _listed(wanted: frozenset[BulkStatus], progress: BulkProgress | None) -> boo
     return not wanted or progress is None or progress.status in wanted
 
 
-Row = tuple[BulkCommandSummary, Cursor]
+Row = tuple[BulkCommandSummary, VisibilityCursor]
 
 
 async def _rows(
-    client: Client, wanted: frozenset[BulkStatus], first: int, after: Cursor
-) -> tuple[list[Row], Cursor | None, bool]:
+    client: Client, wanted: frozenset[BulkStatus], first: int, after: VisibilityCursor
+) -> tuple[list[Row], VisibilityCursor | None, bool]:
     """Up to `first` bulk commands in `wanted` after the cursor, each with its cursor; the
     cursor after the last row that counted (past the rows a filter left out, when the page
     ends early); and whether more may follow."""
@@ -240,17 +239,11 @@ async def _rows(
     token, seen, last = after.token, after.seen, None
     now = _now()
     for _ in range(MAX_PAGES_READ):
-        pages = client.list_workflows(
-            query,
-            page_size=after.size,
-            next_page_token=token,
-            rpc_timeout=timedelta(seconds=TEMPORAL_TIMEOUT),
-        )
-        await within(TEMPORAL_TIMEOUT, pages.fetch_next_page())
-        page = (pages.current_page or [])[seen:]
+        listed, following = await visibility_page(client, query, after.size, token)
+        page = listed[seen:]
         progresses = await asyncio.gather(*(_listed_progress(client, e) for e in page))
         for offset, (execution, progress) in enumerate(zip(page, progresses, strict=True)):
-            here = Cursor(token, after.size, seen + offset + 1)
+            here = VisibilityCursor(token, after.size, seen + offset + 1)
             # Visibility may list a bulk twice for a moment while it continues as new.
             if execution.id in ids or not _listed(wanted, progress):
                 last = here if len(rows) < first else last
@@ -266,7 +259,7 @@ async def _rows(
             ids.add(execution.id)
             rows.append((summary, here))
             last = here
-        token, seen = pages.next_page_token, 0
+        token, seen = following, 0
         if len(rows) == first or not token:
             break
     return rows, last, token is not None
@@ -282,7 +275,11 @@ async def list_bulk_commands(
         raise Forbidden()
     if not 0 <= first <= MAX_LISTED:
         raise TenureError(ErrorCode.INVALID_INPUT, f"first: from 0 to {MAX_LISTED}")
-    start = Cursor.decode(after) if after is not None else Cursor(None, max(first, 1), 0)
+    start = (
+        VisibilityCursor.decode(after)
+        if after is not None
+        else VisibilityCursor(None, max(first, 1), 0)
+    )
     if start.size > MAX_LISTED:
         raise TenureError(ErrorCode.INVALID_INPUT, "after: not a cursor of this list")
     wanted = frozenset(where.status or ())
@@ -291,13 +288,7 @@ async def list_bulk_commands(
         rows, last, more = await _rows(client, wanted, first, start) if first else ([], None, True)
         total = None
         if _exact(wanted):
-            counted = await within(
-                TEMPORAL_TIMEOUT,
-                client.count_workflows(
-                    _visibility_query(wanted), rpc_timeout=timedelta(seconds=TEMPORAL_TIMEOUT)
-                ),
-            )
-            total = counted.count
+            total = await visibility_count(client, _visibility_query(wanted))
     except RPCError as exc:
         raise unavailable(exc) from exc
     edges = [Edge(cursor=cursor.encode(), node=summary) for summary, cursor in rows]

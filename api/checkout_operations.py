@@ -2,19 +2,14 @@
 visibility, and an admin's retry or resolve of a FAILED one, with the reason, recorded by the
 checkout with who asked.
 
-A list reads Temporal's visibility, not the sagas: each row is the status the saga keeps in
-its `TenureCheckoutStatus` search attribute and the summary in its memo; `checkout` on a row
-asks the saga itself. Temporal pages a list with its own tokens, so a cursor is a page's
-token and a place in that page.
+A list reads Temporal's visibility (api/visibility.py), not the sagas: each row is the status
+the saga keeps in its `TenureCheckoutStatus` search attribute and the summary in its memo;
+`checkout` on a row asks the saga itself.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
@@ -28,6 +23,13 @@ from api.checkouts import Checkout, checked_checkout_id, read_checkout
 from api.common import Long
 from api.context import Info
 from api.listing import DEFAULT_PAGE, FIRST, MAX_PAGE, Connection, Edge, PageInfo
+from api.visibility import (
+    MAX_PAGES_READ,
+    TEMPORAL_TIMEOUT,
+    VisibilityCursor,
+    visibility_count,
+    visibility_page,
+)
 from entities.checkout import (
     CHECKOUT_WORKFLOW,
     STATUS_ATTRIBUTE,
@@ -45,9 +47,6 @@ from entities.runtime.saga import (
 )
 from workers.delivery import unavailable
 from workers.temporal import within
-
-TEMPORAL_TIMEOUT = 5.0
-MAX_PAGES_READ = 4  # visibility pages one list may read to fill its page
 
 
 def require_operator(info: Info) -> None:
@@ -123,53 +122,19 @@ def visibility_query(where: CheckoutFilter) -> str:
     return f"{query} AND ({' OR '.join(sorted(chosen))})"
 
 
-@dataclass(frozen=True)
-class _Cursor:
-    """Where a list resumes: after `seen` rows of the visibility page at `token`, read
-    `size` rows at a time."""
-
-    token: bytes | None
-    size: int
-    seen: int
-
-    def encode(self) -> str:
-        token = base64.b64encode(self.token).decode() if self.token else ""
-        document = json.dumps([token, self.size, self.seen], separators=(",", ":"))
-        return base64.urlsafe_b64encode(document.encode()).decode()
-
-    @classmethod
-    def decode(cls, cursor: str) -> _Cursor:
-        try:
-            if len(cursor) > 4096:
-                raise ValueError
-            token, size, seen = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-            if not (isinstance(size, int) and 1 <= size <= MAX_PAGE):
-                raise ValueError
-            if not (isinstance(seen, int) and 0 <= seen <= size):
-                raise ValueError
-            return cls(base64.b64decode(token, validate=True) or None, size, seen)
-        except (ValueError, TypeError, binascii.Error):
-            raise TenureError(ErrorCode.INVALID_INPUT, "after: not a cursor of this list") from None
-
-
 async def _rows(
-    client: Client, query: str, first: int, after: _Cursor
-) -> tuple[list[tuple[WorkflowExecution, _Cursor]], bool]:
+    client: Client, query: str, first: int, after: VisibilityCursor
+) -> tuple[list[tuple[WorkflowExecution, VisibilityCursor]], bool]:
     """Up to `first` rows after the cursor, each with its own cursor, and whether more
     follow."""
-    rows: list[tuple[WorkflowExecution, _Cursor]] = []
+    rows: list[tuple[WorkflowExecution, VisibilityCursor]] = []
     token, seen = after.token, after.seen
     for _ in range(MAX_PAGES_READ):
-        pages = client.list_workflows(
-            query,
-            page_size=after.size,
-            next_page_token=token,
-            rpc_timeout=timedelta(seconds=TEMPORAL_TIMEOUT),
-        )
-        await within(TEMPORAL_TIMEOUT, pages.fetch_next_page())
-        page = pages.current_page or []
-        rows += [(page[i], _Cursor(token, after.size, i + 1)) for i in range(seen, len(page))]
-        token, seen = pages.next_page_token, 0
+        page, following = await visibility_page(client, query, after.size, token)
+        rows += [
+            (page[i], VisibilityCursor(token, after.size, i + 1)) for i in range(seen, len(page))
+        ]
+        token, seen = following, 0
         if len(rows) > first or not token:
             break
     return rows[:first], len(rows) > first or token is not None
@@ -182,15 +147,16 @@ async def list_checkouts(
     require_operator(info)
     if not 0 <= first <= MAX_PAGE:
         raise TenureError(ErrorCode.INVALID_INPUT, f"first: from 0 to {MAX_PAGE}")
-    start = _Cursor.decode(after) if after is not None else _Cursor(None, max(first, 1), 0)
+    start = (
+        VisibilityCursor.decode(after)
+        if after is not None
+        else VisibilityCursor(None, max(first, 1), 0)
+    )
     client = info.context.gateway.client
     query = visibility_query(where)
     try:
         rows, more = await _rows(client, query, first, start) if first else ([], True)
-        total = await within(
-            TEMPORAL_TIMEOUT,
-            client.count_workflows(query, rpc_timeout=timedelta(seconds=TEMPORAL_TIMEOUT)),
-        )
+        total = await visibility_count(client, query)
     except RPCError as exc:
         raise unavailable(exc) from exc
     edges = [Edge(cursor=c.encode(), node=await CheckoutSummary.of(e)) for e, c in rows]
@@ -202,7 +168,7 @@ async def list_checkouts(
             start_cursor=edges[0].cursor if edges else None,
             end_cursor=edges[-1].cursor if edges else after,
         ),
-        total_count=total.count,
+        total_count=total,
     )
 
 
