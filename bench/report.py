@@ -163,6 +163,17 @@ def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
                 p99 < 20,
             )
         )
+    written = by_key.get("listing_while_written")
+    if written is not None:
+        p99 = written.measured.p99_ms
+        found.append(
+            Target(
+                f"the same page while {written.details['writes_per_s']} accounts a second are "
+                f"written: p99 < 20 ms at {concurrency} clients",
+                f"p50 {written.measured.p50_ms:.1f} ms, p99 {p99:.1f} ms",
+                p99 < 20,
+            )
+        )
     if "bulk_deposits" in by_key:
         bulk = by_key["bulk_deposits"]
         r = ratio(bulk, by_key) or 0.0
