@@ -336,7 +336,8 @@ class BulkMutation:
     @strawberry.mutation(
         description="Send one command to every entity a filter or a list of ids names. The "
         "idempotency key is the bulk command's id: sent again, it starts nothing and answers "
-        "with the bulk command it started. Each entity's command id is "
+        "with the bulk command it started; given with another command, payload or targets, "
+        "it is refused with IDEMPOTENCY_KEY_REUSED. Each entity's command id is "
         "`bulk:<key>:<entity id>`, so no entity gets it twice. `filter` is a listing filter "
         'as JSON: {"tags": {"status": ["ACTIVE"]}, "updated_before": "2026-11-01T00:00:00Z", '
         '"closed": false, "text": "ad", "below": {"available": 5}}.'
@@ -389,8 +390,17 @@ class BulkMutation:
             filter=filter,
             sent_by=f"{principal.role.value}:{principal.subject}",
         )
-        await info.context.gateway.start_workflow(BULK_WORKFLOW, bulk_input, bulk_workflow_id(key))
-        return BulkCommand.of(key, await _progress(info, key), _now())
+        started = await info.context.gateway.start_workflow(
+            BULK_WORKFLOW, bulk_input, bulk_workflow_id(key)
+        )
+        progress = await _progress(info, key)
+        if not started and progress.fingerprint not in ("", bulk_input.fingerprint()):
+            raise TenureError(
+                ErrorCode.IDEMPOTENCY_KEY_REUSED,
+                f"idempotencyKey {key} was already used for another bulk command "
+                f"({progress.entity_type} {progress.command}); send this one with a new key",
+            )
+        return BulkCommand.of(key, progress, _now())
 
     @strawberry.mutation(description="Stop a bulk command after the page it is sending.")
     async def pause_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand:

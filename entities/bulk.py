@@ -15,6 +15,8 @@ resume.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -75,6 +77,12 @@ class BulkProgress(BaseModel):
     ended_at: datetime | None = None
     cursor: str | None = Field(default=None, description="Where the next page starts.")
     pages: int = 0
+    fingerprint: str = Field(
+        default="",
+        description="What the bulk command sends to what (`BulkInput.fingerprint`): its "
+        "idempotency key given again with another command is refused. Empty in bulk "
+        "commands started before it was kept.",
+    )
 
     def add(self, sent: PageSent) -> None:
         self.done += sent.done
@@ -101,6 +109,14 @@ class BulkInput(BaseModel):
     window: int = Field(default=50, ge=1, le=500)
     progress: BulkProgress = Field(default_factory=BulkProgress)
     paused: bool = False
+
+    def fingerprint(self) -> str:
+        """A digest of what is sent to what: the same for the same request sent again."""
+        request = self.model_dump(
+            mode="json", include={"entity_type", "command", "payload", "ids", "filter"}
+        )
+        document = json.dumps(request, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(document.encode()).hexdigest()[:32]
 
 
 class PageRequest(BaseModel):
@@ -158,6 +174,7 @@ class BulkCommandWorkflow:
             self._progress.started_at = workflow.now()
             self._progress.entity_type = input.entity_type
             self._progress.command = input.command
+            self._progress.fingerprint = input.fingerprint()
 
     @workflow.query(name="progress")
     def progress(self) -> BulkProgress:

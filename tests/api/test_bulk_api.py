@@ -80,6 +80,14 @@ async def test_a_bulk_deposit_reaches_every_account_once_however_often_it_is_sen
     assert (done["entityType"], done["command"]) == ("account", "deposit")
     # Sent once more after it ended: still the same bulk command, nothing deposited twice.
     await gql.data(START, key=key, ids=targets, payload={"amount": 25})
+    # The same key with another amount, or other targets, is another bulk command: refused.
+    for other in (
+        {"ids": targets, "payload": {"amount": 26}},
+        {"ids": ids, "payload": {"amount": 25}},
+    ):
+        body = await gql(START, key=key, **other)
+        assert body["errors"][0]["extensions"]["code"] == "IDEMPOTENCY_KEY_REUSED", body
+        assert "new key" in body["errors"][0]["message"]
     balances = [(await read_account(gql, i, "LIVE"))["balance"] for i in ids]
     assert balances == [25] * 6
 
