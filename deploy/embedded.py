@@ -18,6 +18,8 @@ from typing import Any
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
 
+from workers.search_attributes import required_attributes
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -155,7 +157,7 @@ class EmbeddedServer:
         self.stop()
 
 
-SEARCH_ATTRIBUTES = {"TenureCheckoutStatus": "Keyword"}
+SEARCH_ATTRIBUTES = required_attributes()
 """Tenure's custom search attributes and their types; a Temporal cluster needs them created
 once (docs/operations.md)."""
 

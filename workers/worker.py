@@ -28,6 +28,7 @@ from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache, connect_redis
 from workers.changes import Retention
 from workers.requests import EntityRequests
+from workers.search_attributes import check_search_attributes
 from workers.settings import Settings
 from workers.temporal import connect_temporal, until_reachable, until_unreachable
 from workers.watchdog import StuckEntityWatchdog
@@ -144,6 +145,7 @@ async def run_worker(
     and replays every entity from its history.
     """
     client = await connect_temporal(settings, tracer_provider=tracer_provider)
+    await check_search_attributes(client, settings.temporal_namespace)
     redis_client = connect_redis(settings)
     cache = SnapshotCache(redis_client, settings.redis_prefix, Retention.of(settings))
     watchdog = StuckEntityWatchdog(
