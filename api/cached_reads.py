@@ -8,6 +8,13 @@ document, variables and entries (dashboards polling an entity that has not chang
 answered with those bytes, without executing GraphQL. A new revision writes a new entry, so
 it is a new key: nothing is ever invalidated, old responses age out of a bounded LRU.
 
+Listings and counts (`listing_field`) are replayed the same way while the index
+generations they depend on stand (workers/index.py `generations_key`): a list filtered to
+some values of a tag (status SUSPENDED or DORMANT, a cart's account) on the generations of
+those values, which every change to an entity that had or has one of them raises; any other
+on its type's, which every change raises. Every listing also depends on its type's stuck
+marks and on the epoch `tenure reindex` sets.
+
 Anything else (mutations, LIVE reads, documents with fragments or directives at the root,
 invalid documents, entities the cache has not seen, Redis down) goes to Strawberry as is.
 Nothing about the caller goes into a read's response, so the caller is no part of the key;
@@ -23,22 +30,26 @@ import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from graphql import (
     EnumValueNode,
     FieldNode,
+    GraphQLField,
     GraphQLSchema,
     OperationDefinitionNode,
     OperationType,
     StringValueNode,
     ValueNode,
+    VariableDefinitionNode,
     VariableNode,
     parse,
     specified_rules,
     validate,
 )
 from graphql.error import GraphQLError
+from graphql.execution.values import get_argument_values, get_variable_values
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -52,7 +63,7 @@ from api.metrics import ApiMetrics
 from api.request_context import note_operation
 from entities.runtime.policy import Role
 from workers.cache import CachedSnapshot, CacheUnavailable, RawEntry, SnapshotCache
-from workers.index import generation_key
+from workers.index import EPOCH, EVERY, STUCK, generations_key, tag_generation
 
 SCOPE_KEY = "tenure.prefetched_reads"
 MAX_BODY = 64 * 1024
@@ -70,8 +81,18 @@ class EntityReadField:
     id_argument: str
 
 
+@dataclass(frozen=True)
+class ListingField:
+    """A root query field that lists (or counts) entities of a type from the listing index,
+    and the fields of its `filter` argument that each keep it to some values of a tag."""
+
+    entity_type: str
+    tags: tuple[tuple[str, str], ...] = ()
+    argument: str = "filter"
+
+
 ENTITY_READ_FIELDS: dict[str, EntityReadField] = {}
-LISTING_FIELDS: dict[str, str] = {}
+LISTING_FIELDS: dict[str, ListingField] = {}
 """Root query fields that list (or count) entities of a type from the listing index."""
 
 
@@ -81,10 +102,14 @@ def entity_read_field(field_name: str, entity_type: str, id_argument: str = "id"
     ENTITY_READ_FIELDS[field_name] = EntityReadField(entity_type, id_argument)
 
 
-def listing_field(field_name: str, entity_type: str) -> None:
+def listing_field(field_name: str, entity_type: str, tags: dict[str, str] | None = None) -> None:
     """Declare `field_name` (a root Query field) as a listing of `entity_type` from the
-    index, so its responses can be replayed while the type's index generation stands."""
-    LISTING_FIELDS[field_name] = entity_type
+    index, so its responses can be replayed while the index generations it depends on
+    stand. `tags` maps each field of its `filter` argument that lists only entities whose
+    index tag has one of the values given (`{"status": "status"}`) to that tag, the most
+    selective first: a listing so filtered depends only on the generations of those values,
+    any other on the type's."""
+    LISTING_FIELDS[field_name] = ListingField(entity_type, tuple((tags or {}).items()))
 
 
 @dataclass(frozen=True)
@@ -119,12 +144,78 @@ class _RootRead:
 
 
 @dataclass(frozen=True)
+class _Listing:
+    """A listing field as the document writes it."""
+
+    declared: ListingField
+    node: FieldNode
+    definition: GraphQLField
+
+    def generations(self, variables: Any) -> list[str]:
+        """The fields of its type's generations (workers/index.py `generations_key`) its
+        answer depends on, given the coerced variables (None when they do not coerce)."""
+        kept = self._kept_to(variables)
+        if kept is None:
+            return [EPOCH, STUCK, EVERY]
+        tag, values = kept
+        return [EPOCH, STUCK, *(tag_generation(tag, value) for value in sorted(values))]
+
+    def _kept_to(self, variables: Any) -> tuple[str, frozenset[str]] | None:
+        """The first declared tag its filter keeps it to, and the values allowed; None when
+        it may show any entity of its type, or when that cannot be told for sure."""
+        if not self.declared.tags or variables is None:
+            return None
+        try:
+            arguments = get_argument_values(self.definition, self.node, variables)
+        except GraphQLError:
+            return None
+        where = arguments.get(self.declared.argument)
+        if not isinstance(where, dict):
+            return None
+        for name, tag in self.declared.tags:
+            given = where.get(name)
+            values = given if isinstance(given, list) else [] if given is None else [given]
+            if not values:  # an empty list keeps nothing out
+                continue
+            texts = {v.value if isinstance(v, Enum) else v for v in values}
+            if not all(isinstance(text, str) for text in texts):
+                return None
+            return tag, frozenset(texts)
+        return None
+
+
+@dataclass(frozen=True)
 class ReadPlan:
     """The entity reads a document's operation makes: one per root field."""
 
     reads: tuple[_RootRead, ...]
     operation_name: str | None = None
-    listings: tuple[str, ...] = ()
+    listings: tuple[_Listing, ...] = ()
+    variable_definitions: tuple[VariableDefinitionNode, ...] = ()
+
+    @property
+    def listed_types(self) -> tuple[str, ...]:
+        return tuple(sorted({listing.declared.entity_type for listing in self.listings}))
+
+    def listing_generations(
+        self, schema: GraphQLSchema, variables: dict[str, Any]
+    ) -> list[tuple[str, list[str]]]:
+        """For each listing, its type and the fields of that type's generations its answer
+        depends on with these variables."""
+        if not self.listings:
+            return []
+        coerced: Any = None
+        if any(listing.declared.tags for listing in self.listings):
+            try:
+                coerced = get_variable_values(schema, self.variable_definitions, variables)
+            except GraphQLError:
+                coerced = None
+            if isinstance(coerced, list):  # errors: Strawberry answers with them
+                coerced = None
+        return [
+            (listing.declared.entity_type, listing.generations(coerced))
+            for listing in self.listings
+        ]
 
     def entities(self, variables: dict[str, Any]) -> list[tuple[str, str]] | None:
         """The (type, id) pairs these variables read, or None if any read is not a CACHED
@@ -165,13 +256,18 @@ def plan_reads(
         if isinstance(definition.default_value, StringValueNode | EnumValueNode)
     }
     reads = []
-    listings: list[str] = []
+    listings: list[_Listing] = []
     for selection in operation.selection_set.selections:
         if not isinstance(selection, FieldNode) or selection.directives:
             return None
         listed = LISTING_FIELDS.get(selection.name.value)
         if listed is not None:
-            listings.append(listed)  # its arguments are in the body, part of the key
+            root = schema.query_type
+            definition = root.fields.get(selection.name.value) if root is not None else None
+            if definition is None:
+                return None
+            # Its arguments are in the body, part of the key; its filter, what it depends on.
+            listings.append(_Listing(listed, selection, definition))
             continue
         declared = ENTITY_READ_FIELDS.get(selection.name.value)
         if declared is None:
@@ -185,7 +281,9 @@ def plan_reads(
     if not (reads or listings) or validate(schema, document, specified_rules):
         return None
     name = operation.name.value if operation.name else None
-    return ReadPlan(tuple(reads), name, tuple(sorted(set(listings))))
+    return ReadPlan(
+        tuple(reads), name, tuple(listings), tuple(operation.variable_definitions or ())
+    )
 
 
 @dataclass
@@ -216,7 +314,7 @@ def _key(
 ) -> bytes:
     """A digest of what a rendered response depends on: the body, the headers that choose
     the response's form (content type asked for and sent), the cache entries read and the
-    generations of the indexes listed."""
+    index generations the listings depend on."""
     digest = hashlib.blake2b(digest_size=16)
     parts = [body]
     parts += [name + b":" + value for name, value in scope["headers"] if name in _NEGOTIATING]
@@ -294,14 +392,15 @@ class CachedReadResponses:
             or entities is None
             or not (entities or plan.listings)
             or not _allowed_at_once(scope, entities)
-            or not _allowed_to_list(scope, plan.listings)
+            or not _allowed_to_list(scope, plan.listed_types)
         ):
             await self._app(scope, replay, send)
             return
         cache: SnapshotCache = scope["app"].state.gateway.cache
+        depended_on = plan.listing_generations(self._plans.schema, request[1]) if request else []
         try:
             raw = await _look_up(cache, entities) if entities else []
-            generations = await _generations(cache, plan.listings)
+            generations = await _generations(cache, depended_on)
         except CacheUnavailable:
             # Redis is down: the resolvers go to the workflows without trying it again.
             scope[SCOPE_KEY] = PrefetchedReads(dict.fromkeys(entities, CacheLookup(None)))
@@ -371,19 +470,25 @@ def _allowed_to_list(scope: Scope, entity_types: tuple[str, ...]) -> bool:
     )
 
 
-async def _generations(cache: SnapshotCache, entity_types: tuple[str, ...]) -> list[bytes]:
-    """The index generation of each type listed (workers/index.py `generation_key`)."""
-    if not entity_types:
+async def _generations(
+    cache: SnapshotCache, depended_on: list[tuple[str, list[str]]]
+) -> list[bytes]:
+    """The index generations each listing depends on (workers/index.py `generations_key`),
+    named, as parts of a rendered response's key."""
+    if not depended_on:
         return []
-    keys = [generation_key(cache.prefix, entity_type) for entity_type in entity_types]
     try:
         async with cache.client.pipeline(transaction=False) as pipe:
-            for key in keys:  # one slot each in a cluster: no MGET across them
-                pipe.get(key)
-            values = await pipe.execute()
+            for entity_type, fields in depended_on:  # a type's generations are one hash
+                pipe.hmget(generations_key(cache.prefix, entity_type), fields)
+            answers: list[list[bytes | None]] = await pipe.execute()
     except (RedisError, OSError) as exc:
         raise CacheUnavailable(str(exc)) from exc
-    return [value if isinstance(value, bytes) else b"0" for value in values]
+    parts = []
+    for (entity_type, fields), values in zip(depended_on, answers, strict=True):
+        parts.append(entity_type.encode())
+        parts += [f.encode() + b"=" + (v or b"") for f, v in zip(fields, values, strict=True)]
+    return parts
 
 
 async def _look_up(cache: SnapshotCache, entities: list[tuple[str, str]]) -> list[RawEntry | None]:

@@ -334,9 +334,10 @@ class ListingQuery:
         return await entity_stats(info, "inventory")
 
 
-# Replayed while the index stands (api/cached_reads.py), to callers who see every entity.
-listing_field("accounts", "account")
-listing_field("carts", "cart")
+# Replayed while the index stands (api/cached_reads.py), to callers who see every entity: a
+# list filtered by status (or a cart's account) while those values' generations stand.
+listing_field("accounts", "account", tags={"status": STATUS})
+listing_field("carts", "cart", tags={"accountId": "account_id", "status": STATUS})
 listing_field("inventoryItems", "inventory")
 listing_field("accountStats", "account")
 listing_field("cartStats", "cart")

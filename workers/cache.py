@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,11 +23,14 @@ from entities.runtime.envelope import Snapshot
 from entities.runtime.listing import IndexValues
 from workers.changes import Changes, Retention, encode, marks_key, state_of, stream_key
 from workers.index import (
+    EPOCH,
+    EVERY,
     INDEX_IF_NEWER,
     PUT_AND_INDEX,
+    STUCK,
     WRITE_IF_NEWER,
     IndexEntry,
-    generation_key,
+    generations_key,
     index_base,
 )
 from workers.read_batching import ReadBatcher
@@ -329,7 +333,7 @@ class SnapshotCache:
             with redis_span("HSET"):
                 async with self._client.pipeline(transaction=False) as pipe:
                     pipe.hset(self.key(entity_type, entity_id), "stuck", reason)
-                    pipe.incr(generation_key(self._prefix, entity_type))
+                    pipe.hincrby(generations_key(self._prefix, entity_type), STUCK, 1)
                     await pipe.execute()
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
@@ -339,7 +343,21 @@ class SnapshotCache:
             with redis_span("HDEL"):
                 async with self._client.pipeline(transaction=False) as pipe:
                     pipe.hdel(self.key(entity_type, entity_id), "stuck")
-                    pipe.incr(generation_key(self._prefix, entity_type))
+                    pipe.hincrby(generations_key(self._prefix, entity_type), STUCK, 1)
+                    await pipe.execute()
+        except RedisError as exc:
+            raise CacheUnavailable(str(exc)) from exc
+
+    async def new_epoch(self, entity_type: str) -> None:
+        """Make every listing of the type rendered so far stand no more, whatever its
+        generations: after Redis lost everything, its counters start again from nothing and
+        could meet the values an old rendering was made at."""
+        try:
+            with redis_span("HSET"):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    key = generations_key(self._prefix, entity_type)
+                    pipe.hset(key, EPOCH, uuid.uuid4().hex)
+                    pipe.hincrby(key, EVERY, 1)
                     await pipe.execute()
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc

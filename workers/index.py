@@ -47,9 +47,13 @@ _LAST_MS = 10**_MS_DIGITS - 1
 # Removes the entity's old entries, then writes its new ones; `entry` empty only removes.
 # The stored entry remembers what was written, so the old entries are found without
 # asking the caller. Lua's cjson decodes `{}` and `[]` alike, hence pairs over both.
+# Raises the type's generation, and the generation of each tag value the entity had or
+# has now (see `generations_key`).
 _REINDEX = """
 local function reindex(base, id, entry)
-  redis.call('INCR', base .. 'v')
+  local generations = base .. 'g'
+  redis.call('HINCRBY', generations, 'all', 1)
+  local raised = {}
   local old = redis.call('HGET', base .. 'e', id)
   if old then
     old = cjson.decode(old)
@@ -57,6 +61,8 @@ local function reindex(base, id, entry)
     redis.call('ZREM', base .. 'u', member)
     redis.call('ZREM', base .. 'i', id)
     for field, value in pairs(old.t) do
+      raised['t:' .. field .. ':' .. value] = true
+      redis.call('HINCRBY', generations, 't:' .. field .. ':' .. value, 1)
       redis.call('ZREM', base .. 't:' .. field .. ':' .. value .. ':u', member)
       redis.call('ZREM', base .. 't:' .. field .. ':' .. value .. ':i', id)
       if field == 'status' and redis.call('HINCRBY', base .. 'c', value, -1) <= 0 then
@@ -76,6 +82,9 @@ local function reindex(base, id, entry)
   redis.call('ZADD', base .. 'u', 0, member)
   redis.call('ZADD', base .. 'i', 0, id)
   for field, value in pairs(new.t) do
+    if not raised['t:' .. field .. ':' .. value] then
+      redis.call('HINCRBY', generations, 't:' .. field .. ':' .. value, 1)
+    end
     redis.call('ZADD', base .. 't:' .. field .. ':' .. value .. ':u', 0, member)
     redis.call('ZADD', base .. 't:' .. field .. ':' .. value .. ':i', 0, id)
     if field == 'status' then redis.call('HINCRBY', base .. 'c', value, 1) end
@@ -147,10 +156,28 @@ def index_base(prefix: str, entity_type: str) -> str:
     return f"{prefix}index:{{{entity_type}}}:"
 
 
-def generation_key(prefix: str, entity_type: str) -> str:
-    """A counter raised by every change to the type's index, and to a stuck mark of one of
-    its entities: a rendered listing stands while it stands (api/cached_reads.py)."""
-    return index_base(prefix, entity_type) + "v"
+EVERY = "all"
+"""The generation raised by every change to the type's index."""
+STUCK = "stuck"
+"""The generation raised by every stuck mark set or cleared on one of the type's entities."""
+EPOCH = "epoch"
+"""A token no earlier one equals, set by `tenure reindex`: what was rendered before it is
+never replayed after it, even when Redis lost the counters and counts them up again."""
+
+
+def generations_key(prefix: str, entity_type: str) -> str:
+    """The hash of the type's listing generations: counters that only go up, `all`
+    (`EVERY`), `stuck` and `t:<tag>:<value>` per tag value (raised by every change to an
+    entity that had or has that value), and the `epoch`. A rendered listing stands while
+    the generations it depends on stand (api/cached_reads.py)."""
+    return index_base(prefix, entity_type) + "g"
+
+
+def tag_generation(tag: str, value: str) -> str:
+    """The field of `generations_key` counting changes to entities tagged `tag` = `value`,
+    before or after the change: a listing filtered to some values of a tag shows only
+    entities that such a change touches."""
+    return f"t:{tag}:{value}"
 
 
 def updated_key(updated_at: datetime | None) -> str:

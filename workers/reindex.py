@@ -75,7 +75,10 @@ async def reindex(
 ) -> Reindexed:
     """Write every listed entity's snapshot to the cache and the index, `concurrency` at a
     time; `where` narrows the visibility query (`TaskQueue = 'tenure'`). A snapshot older
-    than what Redis holds changes nothing."""
+    than what Redis holds changes nothing. Listings rendered before it are not replayed
+    after it starts (`SnapshotCache.new_epoch`)."""
+    for entity_type in entity_types:
+        await cache.new_epoch(entity_type)
     work = [(t, i) for t in entity_types for i in await entity_ids(client, t, where)]
     done = Reindexed(found=len(work))
     pending = iter(work)

@@ -12,7 +12,7 @@ import pytest
 
 from entities.runtime.envelope import Snapshot
 from workers.cache import SnapshotCache, connect_redis
-from workers.index import index_base
+from workers.index import generations_key, index_base
 from workers.listing import SCAN_BUDGET, EntityIndex, ListFilter, Order
 from workers.settings import Settings
 
@@ -96,3 +96,41 @@ async def test_a_sparse_filter_pages_on_past_the_scan_budget(
 async def test_index_keys_share_the_type_slot(settings: Settings) -> None:
     base = index_base("tenure:", "account")
     assert base == "tenure:index:{account}:"
+
+
+async def generations_moved_by_each_write(cache: SnapshotCache) -> None:
+    """Which listing generations each write raises: the type's always, a tag value's when
+    the entity had it or has it now, the stuck marks' when one is set or cleared. Shared
+    with the Redis Cluster test, whose index is written by the second script."""
+    key = generations_key(cache.prefix, "account")
+
+    async def moved(write: Any) -> set[str]:
+        before = await cache.client.hgetall(key)  # type: ignore[misc]
+        await write
+        after = await cache.client.hgetall(key)  # type: ignore[misc]
+        return {f.decode() for f in after if after[f] != before.get(f)}
+
+    assert await moved(cache.put(account("ada", 1, "ACTIVE"))) == {"all", "t:status:ACTIVE"}
+    # Another status's lists do not see an account that stays where it was.
+    assert await moved(cache.put(account("ada", 2, "ACTIVE"))) == {"all", "t:status:ACTIVE"}
+    # Moving raises both: a list of either shows it before or after.
+    assert await moved(cache.put(account("ada", 3, "SUSPENDED"))) == {
+        "all",
+        "t:status:ACTIVE",
+        "t:status:SUSPENDED",
+    }
+    assert await moved(cache.put(account("ada", 2, "DORMANT"))) == set()  # older: nothing
+    assert await moved(cache.mark_stuck("account", "ada", "stuck")) == {"stuck"}
+    assert await moved(cache.clear_stuck("account", "ada")) == {"stuck"}
+    epoch = await cache.client.hget(key, "epoch")  # type: ignore[misc]
+    assert await moved(cache.new_epoch("account")) == {"all", "epoch"}
+    assert await cache.client.hget(key, "epoch") != epoch  # type: ignore[misc]
+
+
+async def test_each_write_raises_the_generations_of_the_tag_values_it_touches(
+    own_prefix: tuple[SnapshotCache, EntityIndex],
+) -> None:
+    cache, _ = own_prefix
+    await generations_moved_by_each_write(cache)
+    # The generations live in the type's slot, beside its index.
+    assert generations_key(cache.prefix, "account") == index_base(cache.prefix, "account") + "g"
