@@ -374,6 +374,9 @@ class CachedReadResponses:
         self._size = size
         self._rendered: OrderedDict[bytes, _Rendered] = OrderedDict()
         self._rendered_bytes = 0
+        # Renders under way, by key: the same request arriving meanwhile waits for its bytes
+        # instead of rendering them too (32 dashboards after one write, one render).
+        self._rendering: dict[bytes, asyncio.Future[_Rendered | None]] = {}
         self.replayed = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -409,8 +412,11 @@ class CachedReadResponses:
         present = [entry for entry in raw if entry is not None]
         key = _key(body, scope, present, generations) if len(present) == len(entities) else None
         rendered = self._rendered.get(key) if key else None
+        if key and rendered is None and key in self._rendering:
+            rendered = await asyncio.shield(self._rendering[key])
         if key and rendered is not None:
-            self._rendered.move_to_end(key)
+            if key in self._rendered:
+                self._rendered.move_to_end(key)
             self.replayed += 1
             note_operation(plan.operation_name)
             self._metrics.cache_read("hit", len(entities))
@@ -424,22 +430,34 @@ class CachedReadResponses:
         if key is None or prefetched is None:  # read live (and filled) by the resolvers
             await self._app(scope, replay, send)
             return
-        captured = await _capture(self._app, scope, replay, send)
-        if (
-            captured is not None
-            and prefetched.served == len(entities)
-            and captured.start["status"] == 200
-            and len(captured.body) <= MAX_BODY
-            and "errors" not in json.loads(captured.body)
-        ):
-            replaced = self._rendered.pop(key, None)
-            if replaced is not None:
-                self._rendered_bytes -= len(replaced.body)
-            self._rendered[key] = captured
-            self._rendered_bytes += len(captured.body)
-            while len(self._rendered) > self._size or self._rendered_bytes > MAX_RENDERED_BYTES:
-                _, evicted = self._rendered.popitem(last=False)
-                self._rendered_bytes -= len(evicted.body)
+        rendering = self._rendering[key] = asyncio.get_running_loop().create_future()
+        kept: _Rendered | None = None
+        try:
+            captured = await _capture(self._app, scope, replay, send)
+            if (
+                captured is not None
+                and prefetched.served == len(entities)
+                and captured.start["status"] == 200
+                and len(captured.body) <= MAX_BODY
+                and "errors" not in json.loads(captured.body)
+            ):
+                kept = captured
+                self._keep(key, captured)
+        finally:
+            # Those waiting replay it, or render for themselves when it was not kept.
+            rendering.set_result(kept)
+            if self._rendering.get(key) is rendering:
+                del self._rendering[key]
+
+    def _keep(self, key: bytes, rendered: _Rendered) -> None:
+        replaced = self._rendered.pop(key, None)
+        if replaced is not None:
+            self._rendered_bytes -= len(replaced.body)
+        self._rendered[key] = rendered
+        self._rendered_bytes += len(rendered.body)
+        while len(self._rendered) > self._size or self._rendered_bytes > MAX_RENDERED_BYTES:
+            _, evicted = self._rendered.popitem(last=False)
+            self._rendered_bytes -= len(evicted.body)
 
 
 def _allowed_at_once(scope: Scope, entities: list[tuple[str, str]]) -> bool:

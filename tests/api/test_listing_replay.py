@@ -5,6 +5,7 @@ snapshots are written through the cache's own script, as a worker's publish writ
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -248,3 +249,18 @@ def test_what_a_listing_depends_on_is_read_from_its_filter_as_written_or_in_vari
         ("account", [*kept, "t:status:SUSPENDED"]),
         ("account", every),
     ]
+
+
+async def test_pages_asked_for_together_after_a_write_are_rendered_once(
+    http: httpx.AsyncClient, cache: SnapshotCache
+) -> None:
+    pages = Pages(http)
+    held = new_id()
+    await cache.put(balanced(held, 1, "SUSPENDED", 10))
+    await pages.read(PAGE, filter=SUSPENDED)
+    await cache.put(balanced(held, 2, "SUSPENDED", 11))
+    before = pages.replays.replayed
+    together = await asyncio.gather(*(pages.gql.data(PAGE, filter=SUSPENDED) for _ in range(5)))
+    assert all(shown(data) == {held: ("SUSPENDED", 11)} for data in together)
+    # One of them rendered the page; the others waited for its bytes.
+    assert pages.replays.replayed == before + 4
