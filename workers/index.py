@@ -22,6 +22,10 @@ changes, so nothing is lost); the stream and the index never disagree, and the s
 keeps its own never-backwards mark, but the cache may serve a change a little before the
 stream holds it.
 
+Each write also raises the type's listing generations (`generations_key`): the type's, and
+those of the tag values the entity had and has. The API replays a rendered listing while
+the ones it depends on stand (api/cached_reads.py).
+
 Every ordered index is a sorted set of score 0 read by lexicographic range, so a page
 resumes after a member (a keyset cursor) in O(log n): `<inverted ms>:<id>` newest first,
 or the id.
