@@ -3,6 +3,14 @@
 Workflow code does no I/O, so a saga asks another entity through the `request_entity`
 activity, which the worker serves. The command id is the idempotency key: the same request
 retried, or replayed, is applied once.
+
+A request first tries once as a local activity, in the workflow's own worker and task, which
+spares it the round trips of scheduling an activity task and recording its start and result.
+A refusal ends it there; anything else (no answer within LOCAL_TRY_SECONDS, an entity out of
+reach) hands it to the activity with the request's full policy, as before: its retries are
+durable and visible among the workflow's pending activities. A local activity in flight
+would fail a continue-as-new, so a workflow that requests must not continue as new before
+its requests are answered.
 """
 
 from __future__ import annotations
@@ -20,6 +28,13 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.envelope import Outcome
 
 REQUEST_ACTIVITY = "request_entity"
+Failed = ActivityError | ApplicationError | TimeoutError
+"""How a request's activity fails: a local activity's failures are not all wrapped."""
+# Workflows that made their first request under older code ask only with activities.
+LOCAL_TRY = "requests-try-local-first"
+LOCAL_TRY_SECONDS = 1.0
+"""The most the local try may take. It holds its workflow task open, and with it the
+workflow's queries (a checkout's status), so it stays well under a read's timeout."""
 
 
 class EntityRequest(BaseModel):
@@ -66,6 +81,18 @@ class RequestPolicy(BaseModel):
 async def request_entity(request: EntityRequest, policy: RequestPolicy) -> Outcome:
     """Deliver `request` and wait for its outcome; raises RequestFailed with the entity's
     code when refused, or UNAVAILABLE when the attempts ran out."""
+    if workflow.patched(LOCAL_TRY):
+        try:
+            return await _local_try(request, policy)
+        # A local activity's failure comes unwrapped; its timeout as an ActivityError, but
+        # unwrapped when replayed.
+        except (ActivityError, ApplicationError, TimeoutError) as exc:
+            cause = _cause(exc)
+            if isinstance(cause, ApplicationError) and cause.non_retryable:
+                raise _failed(request, exc) from exc
+            workflow.logger.info(
+                "a request to %s goes on as an activity: %s", request.entity_type, cause
+            )
     try:
         outcome: Outcome = await workflow.execute_activity(
             REQUEST_ACTIVITY,
@@ -75,15 +102,35 @@ async def request_entity(request: EntityRequest, policy: RequestPolicy) -> Outco
             retry_policy=policy.retry_policy(),
         )
     except ActivityError as exc:
-        failure = _failure(exc)
-        if failure.code is ErrorCode.UNAVAILABLE:
-            workflow.logger.warning("a request to %s failed: %s", request.entity_type, exc.cause)
-        raise failure from exc
+        raise _failed(request, exc) from exc
     return outcome
 
 
-def _failure(exc: ActivityError) -> RequestFailed:
-    cause = exc.cause
+async def _local_try(request: EntityRequest, policy: RequestPolicy) -> Outcome:
+    timeout = min(policy.timeout_seconds, LOCAL_TRY_SECONDS)
+    outcome: Outcome = await workflow.execute_local_activity(
+        REQUEST_ACTIVITY,
+        request,
+        result_type=Outcome,
+        start_to_close_timeout=timedelta(seconds=timeout),
+        retry_policy=RetryPolicy(maximum_attempts=1),
+    )
+    return outcome
+
+
+def _failed(request: EntityRequest, exc: Failed) -> RequestFailed:
+    failure = _failure(exc)
+    if failure.code is ErrorCode.UNAVAILABLE:
+        workflow.logger.warning("a request to %s failed: %s", request.entity_type, _cause(exc))
+    return failure
+
+
+def _cause(exc: Failed) -> BaseException | None:
+    return exc.cause if isinstance(exc, ActivityError) else exc
+
+
+def _failure(exc: Failed) -> RequestFailed:
+    cause = _cause(exc)
     if isinstance(cause, ApplicationError) and cause.type and cause.type in ErrorCode.__members__:
         return RequestFailed(ErrorCode[cause.type], cause.message)
     if isinstance(cause, TimeoutError):
