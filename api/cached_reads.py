@@ -71,6 +71,7 @@ MAX_RENDERED_BYTES = 32 * 1024 * 1024
 """What the kept responses may weigh together: clients that vary their bodies (whitespace is
 enough) make new entries, and each may be up to MAX_BODY."""
 MAX_PLANS = 256
+MAX_DEPENDENCIES = 1024
 
 
 @dataclass(frozen=True)
@@ -377,6 +378,9 @@ class CachedReadResponses:
         # Renders under way, by key: the same request arriving meanwhile waits for its bytes
         # instead of rendering them too (32 dashboards after one write, one render).
         self._rendering: dict[bytes, asyncio.Future[_Rendered | None]] = {}
+        # What each body's listings depend on, by the body's digest: coercing its variables
+        # again would cost a tenth of a replay.
+        self._depended_on: OrderedDict[bytes, list[tuple[str, list[str]]]] = OrderedDict()
         self.replayed = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -400,7 +404,7 @@ class CachedReadResponses:
             await self._app(scope, replay, send)
             return
         cache: SnapshotCache = scope["app"].state.gateway.cache
-        depended_on = plan.listing_generations(self._plans.schema, request[1]) if request else []
+        depended_on = self._listings_depend_on(body, plan, request[1]) if request else []
         try:
             raw = await _look_up(cache, entities) if entities else []
             generations = await _generations(cache, depended_on)
@@ -448,6 +452,22 @@ class CachedReadResponses:
             rendering.set_result(kept)
             if self._rendering.get(key) is rendering:
                 del self._rendering[key]
+
+    def _listings_depend_on(
+        self, body: bytes, plan: ReadPlan, variables: dict[str, Any]
+    ) -> list[tuple[str, list[str]]]:
+        if not plan.listings:
+            return []
+        digest = hashlib.blake2b(body, digest_size=16).digest()
+        found = self._depended_on.get(digest)
+        if found is None:
+            found = plan.listing_generations(self._plans.schema, variables)
+            self._depended_on[digest] = found
+            if len(self._depended_on) > MAX_DEPENDENCIES:
+                self._depended_on.popitem(last=False)
+        else:
+            self._depended_on.move_to_end(digest)
+        return found
 
     def _keep(self, key: bytes, rendered: _Rendered) -> None:
         replaced = self._rendered.pop(key, None)
