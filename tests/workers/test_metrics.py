@@ -7,6 +7,7 @@ import socket
 
 import httpx
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.common import MetricMeter
 
@@ -33,6 +34,27 @@ async def scrape(settings: Settings) -> Scrape:
         response = await http.get(url)
     assert response.status_code == 200
     return Scrape(response.text)
+
+
+async def tasks_run_again(client: Client, workflow_id: str) -> int:
+    """Workflow tasks of every run of `workflow_id` that timed out or failed, and so ran
+    again as new."""
+    again = 0
+    run_id: str | None = None  # the latest run first, then each one it continued from
+    while True:
+        history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        again += sum(
+            event.event_type
+            in (
+                EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT,
+                EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED,
+            )
+            for event in history.events
+        )
+        started = history.events[0].workflow_execution_started_event_attributes
+        if not started.continued_execution_run_id:
+            return again
+        run_id = started.continued_execution_run_id
 
 
 async def test_commands_continue_as_new_publishing_and_sagas_are_counted_beside_the_sdk(
@@ -62,17 +84,20 @@ async def test_commands_continue_as_new_publishing_and_sagas_are_counted_beside_
         )
 
     commands = "tenure_commands_total"
+    # A workflow task that timed out or failed (a loaded machine) is run again, not replayed,
+    # and counts its commands again: exact counts hold only where no task was run twice.
+    again = await tasks_run_again(temporal_client, f"account:{account_id}")
     # Three applied by hand, and the checkout's withdrawal.
-    assert metrics.value(commands, entity_type="account", outcome="applied", code="OK") == 4
-    assert (
-        metrics.value(
-            commands, entity_type="account", outcome="rejected", code="INSUFFICIENT_FUNDS"
-        )
-        == 1
+    applied = metrics.value(commands, entity_type="account", outcome="applied", code="OK")
+    assert 4 <= applied <= 4 + again
+    rejected = metrics.value(
+        commands, entity_type="account", outcome="rejected", code="INSUFFICIENT_FUNDS"
     )
-    assert metrics.value(commands, outcome="rejected") == 1
+    assert 1 <= rejected <= 1 + again
+    assert metrics.value(commands, outcome="rejected") == rejected
     # Restock, then the checkout's reservation and commit.
-    assert metrics.value(commands, entity_type="inventory", outcome="applied") == 3
+    stocked = metrics.value(commands, entity_type="inventory", outcome="applied")
+    assert 3 <= stocked <= 3 + await tasks_run_again(temporal_client, f"inventory:{sku}")
     assert metrics.labels(commands, "workflow_type") >= {"Account", "InventoryItem", "Cart"}
     assert metrics.value("tenure_continue_as_new_total", entity_type="account") == 1
     assert metrics.value("tenure_saga_outcomes_total", status="COMPLETED") == 1
