@@ -112,18 +112,21 @@ class ApiMetrics:
         self._timed: dict[str, Histogram] = {}
         self._cache_reads = {result: self.cache_reads.labels(result) for result in CACHE_RESULTS}
 
-    def observe_request(self, operation: str, code: str, seconds: float, *, refused: bool) -> None:
-        """Count and time one request; `operation` is a label from `operations` (or
-        UNKNOWN)."""
+    def observe_request(
+        self, operation: str, code: str, seconds: float | None, *, refused: bool
+    ) -> None:
+        """Count and time one request (not timed when `seconds` is None: an event stream);
+        `operation` is a label from `operations` (or UNKNOWN)."""
         # Each request pays for this: the labelled children are looked up once, not per call.
         counted = self._counted.get((operation, code))
         if counted is None:
             counted = self._counted[operation, code] = self.requests.labels(operation, code)
         counted.inc()
-        timed = self._timed.get(operation)
-        if timed is None:
-            timed = self._timed[operation] = self.duration.labels(operation)
-        timed.observe(seconds)
+        if seconds is not None:
+            timed = self._timed.get(operation)
+            if timed is None:
+                timed = self._timed[operation] = self.duration.labels(operation)
+            timed.observe(seconds)
         if refused:
             self.refusals.labels(code).inc()
 

@@ -100,11 +100,13 @@ class ObservedRequests:
         structlog.contextvars.bind_contextvars(request_id=record.request_id)
         id_header = (REQUEST_ID_HEADER, record.request_id.encode())
         status = 0
+        streamed = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, streamed
             if message["type"] == "http.response.start":
                 status = message["status"]
+                streamed = _is_event_stream(message)
                 message["headers"] = [*message.get("headers", ()), id_header]
                 self._describe_span(record)
             await send(message)
@@ -120,7 +122,11 @@ class ObservedRequests:
             seconds = time.perf_counter() - started
             metrics = self._metrics
             operation = metrics.operations(record.operation) if record.operation_read else UNKNOWN
-            metrics.observe_request(operation, record.code, seconds, refused=record.refused)
+            # A subscription's event stream lasts as long as its subscriber stays: counted,
+            # but kept out of the request durations, which it would swamp.
+            metrics.observe_request(
+                operation, record.code, None if streamed else seconds, refused=record.refused
+            )
             if _level.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "request",
@@ -145,6 +151,14 @@ class ObservedRequests:
                 span.set_attribute("graphql.operation.name", operation)
             span.set_attribute("tenure.code", record.code)
             span.set_attribute("tenure.request_id", record.request_id)
+
+
+def _is_event_stream(start: Message) -> bool:
+    """Whether a response start begins Server-Sent Events."""
+    return any(
+        name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+        for name, value in start.get("headers", ())
+    )
 
 
 def _request_id(scope: Scope) -> str:

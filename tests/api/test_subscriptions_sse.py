@@ -19,6 +19,7 @@ from temporalio.client import Client
 from api.over_http import EVENT_STREAM, GRAPHQL_RESPONSE, JSON
 from tests.api.test_access import SECRET, token
 from tests.api.test_accounts_api import DEPOSIT, READ
+from tests.api.test_metrics import scrape
 from tests.api.test_subscriptions import FOLLOW, open_account, running_app, served
 from tests.conftest import GraphQLClient, WorkerFactory, new_id
 from workers.settings import Settings
@@ -254,3 +255,29 @@ async def test_closing_an_sse_stream_frees_its_follower_in_the_change_feed(
         await tenure.gql.data(DEPOSIT, id=account_id, amount=1)  # and the feed still serves
         async with subscribing(sse, tenure.url, admin, id=account_id, since=2) as response:
             assert (await change_of(events(response)))["revision"] == 3
+
+
+async def test_an_sse_stream_is_counted_but_kept_out_of_request_durations(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """A stream lasts as long as its subscriber stays: timing it as a request would swamp
+    the API's latency histogram. A refused one, answered in JSON at once, is timed."""
+    async with stack(settings, temporal_client, run_worker) as tenure, httpx.AsyncClient() as sse:
+        account_id = await open_account(tenure.gql)
+        before = await scrape(tenure.gql.http)
+        async with subscribing(sse, tenure.url, token("admin", "ops-2"), id=account_id) as response:
+            await change_of(events(response))
+            await asyncio.sleep(0.3)  # a stream held open this long would be a slow request
+        async with subscribing(sse, tenure.url, None, id=account_id) as refused:
+            await refused.aread()
+        assert refused.status_code == 401
+        await tenure.followers_become(0)
+        after = await scrape(tenure.gql.http)
+
+    def grown(name: str) -> float:
+        return after.value(name) - before.value(name)
+
+    # The two /metrics scrapes are no GraphQL requests; the stream and the refusal are.
+    assert grown("tenure_api_requests_total") == 2
+    assert grown("tenure_api_request_duration_seconds_count") == 1
+    assert grown("tenure_api_request_duration_seconds_sum") < 0.3
