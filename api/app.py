@@ -51,7 +51,7 @@ from api.over_http import EventStreamsTo, GraphQLOverHTTP, view_status, wants_ev
 from api.rate_limits import Limit, RateLimiter, RateLimits
 from api.request_context import ObservedRequests, note_outcome
 from api.schema import build_schema, introspection_enabled
-from api.subscriptions import CodedErrorsOverWebSocket, EventStream
+from api.transports import CodedErrorsOverWebSocket, EventStream
 from api.webhooks import webhook_endpoint
 from entities.errors import ErrorCode
 from entities.runtime.policy import NOBODY, Role

@@ -7,8 +7,8 @@ subscription starts with its current state from the cache (with `sinceRevision`,
 the subscriber has missed revisions since), then each new state; `previousRevision` and
 `missedRevisions` show every revision the subscriber did not see one by one.
 
-They are served over graphql-transport-ws (`CodedErrorsOverWebSocket`) and over Server-Sent
-Events (`EventStream`), with the same checks and the same error codes.
+They are served over graphql-transport-ws and over Server-Sent Events (api/transports.py),
+with the same checks and the same error codes.
 """
 
 from __future__ import annotations
@@ -21,15 +21,7 @@ from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
 import strawberry
-from graphql import GraphQLError
-from starlette.types import Scope
-from strawberry.schema import BaseSchema
-from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
-    BaseGraphQLTransportWSHandler,
-)
 from strawberry.types.base import StrawberryOptional, get_object_definition
-from strawberry.types.execution import ExecutionResult
-from strawberry.utils.aio import aclosing
 from strawberry.utils.str_converters import to_camel_case
 
 from api.authorization import Forbidden
@@ -37,8 +29,7 @@ from api.cached_reads import ENTITY_READ_FIELDS
 from api.change_feed import Change as FeedChange
 from api.change_feed import ChangeFeed, Mailbox
 from api.common import EntityState
-from api.context import Info, TenureContext
-from api.errors import present_error
+from api.context import Info
 from api.gateway import Consistency, EntityRead, Source, check_entity_id
 from entities import catalog
 from entities.errors import ErrorCode, TenureError
@@ -56,7 +47,6 @@ MAX_REMEMBERED = 10_000
 # Where a request answered as an event stream waits to hear that its subscription is
 # established (an asyncio.Event).
 ESTABLISHED_KEY = "tenure.subscription_established"
-_END = object()  # after an event stream's last result
 
 
 @strawberry.type(
@@ -308,116 +298,3 @@ def subscription_type(query: type) -> type:
 
     fields["changes"] = changes
     return strawberry.type(type("Subscription", (), fields))
-
-
-class _CodedStreams:
-    """The schema as a WebSocket handler uses it, with each result's errors as the HTTP
-    answers present them (`extensions.code`), which the handler would send bare."""
-
-    def __init__(self, schema: BaseSchema, suggestions: bool) -> None:
-        self._schema = schema
-        self._suggestions = suggestions
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._schema, name)
-
-    async def stream(self, *args: Any, **kwargs: Any) -> Any:
-        results = await self._schema.stream(*args, **kwargs)
-        if isinstance(results, ExecutionResult):
-            self._code(results)
-            return results
-        return self._coded(results)
-
-    async def _coded(self, results: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
-        async with aclosing(results):
-            async for result in results:
-                if isinstance(result, ExecutionResult):
-                    self._code(result)
-                yield result
-
-    def _code(self, result: ExecutionResult) -> None:
-        if not result.errors:
-            return
-        coded = []
-        for error in result.errors:
-            shown = present_error(error, suggestions=self._suggestions)
-            coded.append(
-                GraphQLError(
-                    shown["message"],
-                    error.nodes,
-                    error.source,
-                    error.positions,
-                    error.path,
-                    None,
-                    shown["extensions"],
-                )
-            )
-        result.errors = coded
-
-
-class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None]):
-    """graphql-transport-ws with Tenure's error codes on every error it sends."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        suggestions = getattr(self.view, "suggestions", True)
-        self.schema = _CodedStreams(self.schema, suggestions)  # type: ignore[assignment]
-
-
-class EventStream:
-    """An operation's results for Server-Sent Events (graphql-sse), read by a task of its own
-    from the moment it is opened, so that the answer can wait until the subscription is
-    established: whatever refuses it before then (FORBIDDEN, a limit, an invalid document)
-    is answered as a query's refusal is, in JSON with its status, not as a stream. The
-    task holds at most one result the client has not read; `aclose` ends it, and with it
-    the subscription, whether or not the stream was ever sent."""
-
-    def __init__(self, results: AsyncGenerator[Any, None], scope: Scope) -> None:
-        self._ready = asyncio.Event()
-        scope[ESTABLISHED_KEY] = self._ready
-        self._pending: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
-        self._held: list[Any] = []
-        self._reader = asyncio.create_task(self._read(results), name="tenure-event-stream")
-
-    async def _read(self, results: AsyncGenerator[Any, None]) -> None:
-        try:
-            async with aclosing(results):
-                async for result in results:
-                    await self._pending.put(result)
-                    self._ready.set()  # a query's one result: nothing else says it
-        except Exception as exc:
-            # Strawberry yields a resolver's error as a result, but lets one raised while
-            # parsing (a document over a limit) escape: it is a result all the same.
-            error = (
-                exc if isinstance(exc, GraphQLError) else GraphQLError(str(exc), original_error=exc)
-            )
-            await self._pending.put(ExecutionResult(data=None, errors=[error]))
-        self._ready.set()
-        await self._pending.put(_END)
-
-    async def refusal(self) -> ExecutionResult | None:
-        """Once the subscription is established or the first result is in: that result if
-        it refuses the operation (errors and no data), the stream then closed; else None."""
-        await self._ready.wait()
-        if self._pending.empty():
-            return None
-        first = self._pending.get_nowait()
-        if isinstance(first, ExecutionResult) and first.data is None and first.errors:
-            await self.aclose()
-            return first
-        self._held.append(first)
-        return None
-
-    def __aiter__(self) -> EventStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        item = self._held.pop() if self._held else await self._pending.get()
-        if item is _END:
-            raise StopAsyncIteration
-        return item
-
-    async def aclose(self) -> None:
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
