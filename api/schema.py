@@ -14,6 +14,7 @@ from strawberry.types import ExecutionContext
 
 from api.accounts import AccountMutation, AccountQuery
 from api.bulk import BulkMutation, BulkQuery
+from api.bulk_listing import BulkListQuery
 from api.carts import CartMutation, CartQuery
 from api.checkout_operations import CheckoutOperatorMutation, CheckoutOperatorQuery
 from api.checkouts import CheckoutQuery
@@ -38,6 +39,7 @@ Query = merge_types(
         InventoryQuery,
         ListingQuery,
         BulkQuery,
+        BulkListQuery,
         CheckoutOperatorQuery,
         WebhookQuery,
     ),
