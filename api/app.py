@@ -5,12 +5,14 @@ from the configured origins."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from functools import partial
 from typing import Any
 
+import orjson
 from cross_web import HTTPException
 from graphql import ExecutionResult
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
@@ -175,6 +177,15 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
 
     def decode_json(self, data: str | bytes) -> object:
         return decode_json(data)
+
+    def encode_json(self, data: object) -> str:
+        """Every answer's JSON, HTTP, SSE and WebSocket alike, by orjson: a large answer (12
+        carts of 100 lines) encodes in a tenth of the time json.dumps takes, in one piece
+        on the event loop. Text, not bytes: a graphql-transport-ws frame must be text."""
+        try:
+            return orjson.dumps(data).decode()
+        except (orjson.JSONEncodeError, TypeError):  # an integer past 64 bits, say
+            return json.dumps(data, separators=(",", ":"))
 
     def _validate_batch_request(
         self, request_data: list[GraphQLRequestData], protocol: GraphQLRequestProtocol
