@@ -50,6 +50,11 @@ VERIFY = """mutation($id: ID!, $key: String!) {
 READ = """query($id: ID!, $consistency: Consistency!) {
   account(id: $id, consistency: $consistency) { balance revision stale source } }"""
 RETRYABLE = {"UNAVAILABLE", "INTERNAL", "TRANSPORT"}
+# A duplicate is a key among the account's latest this many: an entity remembers the ids of
+# its last `ledger_size` commands (TENURE_LEDGER_SIZE), and that is the window in which a
+# duplicate is promised to be applied once. A hot account takes thousands in a long soak;
+# an older key sent again would be a new command to it.
+DUPLICATE_WINDOW = RuntimeOptions().ledger_size // 2
 
 
 @dataclass
@@ -251,7 +256,7 @@ class Traffic:
                 await self.read(account)
                 continue
             if roll < 0.40 and account.acknowledged:
-                key = rng.choice(list(account.acknowledged))
+                key = rng.choice(list(account.acknowledged)[-DUPLICATE_WINDOW:])
                 amount = account.acknowledged[key]
                 self.report.duplicates += 1
             else:
