@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
@@ -524,9 +525,24 @@ async def _generations(
         raise CacheUnavailable(str(exc)) from exc
     parts = []
     for (entity_type, fields), values in zip(depended_on, answers, strict=True):
+        if fields and fields[0] == EPOCH and values[0] is None:
+            values = [await _new_epoch(cache, entity_type), *values[1:]]
         parts.append(entity_type.encode())
         parts += [f.encode() + b"=" + (v or b"") for f, v in zip(fields, values, strict=True)]
     return parts
+
+
+async def _new_epoch(cache: SnapshotCache, entity_type: str) -> bytes | None:
+    """The type's epoch, made now if it has none: Redis lost it (or never had it), and its
+    counters, counting up again from nothing, could meet the values a page was rendered at.
+    A fresh token means nothing rendered before matches."""
+    key = generations_key(cache.prefix, entity_type)
+    try:
+        await cache.client.hsetnx(key, EPOCH, uuid.uuid4().hex)
+        epoch = await cache.client.hget(key, EPOCH)
+    except (RedisError, OSError) as exc:
+        raise CacheUnavailable(str(exc)) from exc
+    return epoch.encode() if isinstance(epoch, str) else epoch
 
 
 async def _look_up(cache: SnapshotCache, entities: list[tuple[str, str]]) -> list[RawEntry | None]:

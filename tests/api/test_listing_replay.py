@@ -200,6 +200,24 @@ async def test_a_page_rendered_before_redis_lost_everything_is_not_replayed_afte
     assert set(shown(data)) == {found} and not replayed
 
 
+async def test_a_page_rendered_before_redis_lost_everything_is_not_replayed_without_a_reindex(
+    http: httpx.AsyncClient, cache: SnapshotCache, settings: Settings
+) -> None:
+    """No reindex ran: the entities publish again, and the counters, counting up from
+    nothing, meet the values the page was rendered at. The epoch a listing sets when it
+    finds none tells the two apart."""
+    pages = Pages(http)
+    lost, found = new_id(), new_id()
+    await cache.put(balanced(lost, 1, "SUSPENDED"))
+    before, _ = await pages.read(PAGE, filter=SUSPENDED)
+    assert set(shown(before)) == {lost}
+    async for key in cache.client.scan_iter(match=f"{settings.redis_prefix}*"):
+        await cache.client.delete(key)
+    await cache.put(balanced(found, 1, "SUSPENDED"))
+    data, replayed = await pages.read(PAGE, filter=SUSPENDED)
+    assert set(shown(data)) == {found} and not replayed
+
+
 async def test_an_account_suspended_through_the_api_joins_the_replayed_page(
     gql: GraphQLClient, http: httpx.AsyncClient
 ) -> None:
