@@ -15,8 +15,8 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from bench.counter import CounterWorkflow
+from workers.sandbox import workflow_runner
 from workers.settings import Settings
-from workers.worker import workflow_runner
 
 RAW_QUEUE_SUFFIX = "-raw"
 
@@ -29,7 +29,7 @@ def build_counter_worker(client: Client, settings: Settings) -> Worker:
         workflows=[CounterWorkflow],
         max_cached_workflows=settings.max_cached_workflows,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
-        workflow_runner=workflow_runner(settings, "bench"),
+        workflow_runner=workflow_runner(settings, client.data_converter, "bench"),
     )
 
 

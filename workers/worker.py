@@ -19,8 +19,7 @@ from temporalio.runtime import (
     TelemetryConfig,
     TelemetryFilter,
 )
-from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+from temporalio.worker import Worker
 
 from entities import catalog
 from workers.activities import PUBLISH_LAG, PUBLISH_LAG_BUCKETS, CacheActivities
@@ -28,6 +27,7 @@ from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache, connect_redis
 from workers.changes import Retention
 from workers.requests import EntityRequests
+from workers.sandbox import workflow_runner
 from workers.search_attributes import check_search_attributes
 from workers.settings import Settings
 from workers.temporal import connect_temporal, until_reachable, until_unreachable
@@ -38,22 +38,6 @@ log = logging.getLogger(__name__)
 
 STICKY_TIMEOUT = timedelta(seconds=3)
 SHUTDOWN_TIMEOUT = timedelta(seconds=10)
-
-# Domain code is pure and side-effect free, so the sandbox may share it between runs instead
-# of re-importing it for each workflow: less memory per cached entity, faster starts.
-_PASSTHROUGH = ("pydantic", "pydantic_core", "annotated_types", "entities")
-
-
-def workflow_runner(settings: Settings, *passthrough: str) -> WorkflowRunner:
-    """The sandbox, sharing the pure domain modules (and `passthrough`), unless the settings
-    turn it off."""
-    if not settings.workflow_sandbox:
-        return UnsandboxedWorkflowRunner()
-    return SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules(
-            *_PASSTHROUGH, *passthrough
-        )
-    )
 
 
 def worker_runtime(settings: Settings, core_logs: logging.Logger | None = None) -> Runtime:
@@ -110,7 +94,7 @@ def build_worker(
         activities=activity_functions(client, cache, settings),
         max_cached_workflows=settings.max_cached_workflows,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
-        workflow_runner=workflow_runner(settings),
+        workflow_runner=workflow_runner(settings, client.data_converter),
         # A task waiting on the queue of a worker that is gone (killed, or its queue lost
         # in a Temporal restart) goes to the shared queue after this, not after 10 s.
         sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,

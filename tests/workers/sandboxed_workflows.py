@@ -1,0 +1,30 @@
+"""Workflows for the sandbox test, in a module of their own so the sandbox imports only this."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import BaseModel
+from temporalio import activity, workflow
+
+
+class Echo(BaseModel):
+    text: str
+
+
+@activity.defn
+async def echo(value: Echo) -> Echo:
+    return Echo(text=value.text + "!")
+
+
+@workflow.defn
+class SandboxProbe:
+    """Reports whether its code ran in the sandbox, after a round trip through an activity
+    with a pydantic payload."""
+
+    @workflow.run
+    async def run(self, value: Echo) -> tuple[bool, Echo]:
+        echoed = await workflow.execute_activity(
+            echo, value, start_to_close_timeout=timedelta(seconds=10)
+        )
+        return workflow.unsafe.in_sandbox(), echoed
