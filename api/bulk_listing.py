@@ -15,10 +15,10 @@ import strawberry
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
-from api.authorization import Forbidden
 from api.bulk import BulkCommand, now
 from api.context import Info
 from api.listing import Connection, Edge, PageInfo
+from api.operators import require_operator
 from api.visibility import VisibilityCursor, visibility_count, visibility_page
 from entities.bulk import (
     BULK_WORKFLOW,
@@ -28,7 +28,6 @@ from entities.bulk import (
     bulk_workflow_id,
 )
 from entities.errors import ErrorCode, TenureError
-from entities.runtime.policy import Role
 from workers.delivery import unavailable
 from workers.temporal import within
 
@@ -149,8 +148,7 @@ async def list_bulk_commands(
     """One page of bulk commands, running ones first, then the most recently ended; for
     admins alone, as the checkouts' operator list is: it spans every entity type and
     command, whatever a service's scopes name."""
-    if info.context.principal.role is not Role.ADMIN:
-        raise Forbidden()
+    require_operator(info)
     if not 0 <= first <= MAX_LISTED:
         raise TenureError(ErrorCode.INVALID_INPUT, f"first: from 0 to {MAX_LISTED}")
     start = (

@@ -18,11 +18,11 @@ from temporalio.client import Client, WorkflowExecution, WorkflowUpdateFailedErr
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.authorization import Forbidden
 from api.checkouts import Checkout, checked_checkout_id, read_checkout
 from api.common import Long
 from api.context import Info
 from api.listing import DEFAULT_PAGE, FIRST, MAX_PAGE, Connection, Edge, PageInfo
+from api.operators import require_operator
 from api.visibility import (
     MAX_PAGES_READ,
     TEMPORAL_TIMEOUT,
@@ -38,7 +38,6 @@ from entities.checkout import (
     checkout_workflow_id,
 )
 from entities.errors import ErrorCode, TenureError
-from entities.runtime.policy import Role
 from entities.runtime.saga import (
     MAX_OPERATOR_REASON,
     OperatorActionKind,
@@ -47,13 +46,6 @@ from entities.runtime.saga import (
 )
 from workers.delivery import unavailable
 from workers.temporal import within
-
-
-def require_operator(info: Info) -> None:
-    """Operator tools are for admins alone: no customer, and no service whatever its
-    scopes, since a retry or a resolve settles money and stock by hand."""
-    if info.context.principal.role is not Role.ADMIN:
-        raise Forbidden()
 
 
 @strawberry.type(
