@@ -27,7 +27,6 @@ from entities.bulk import (
     BulkStatus,
     bulk_workflow_id,
 )
-from entities.errors import ErrorCode, TenureError
 from workers.delivery import unavailable
 from workers.temporal import within
 
@@ -149,15 +148,7 @@ async def list_bulk_commands(
     admins alone, as the checkouts' operator list is: it spans every entity type and
     command, whatever a service's scopes name."""
     require_operator(info)
-    if not 0 <= first <= MAX_LISTED:
-        raise TenureError(ErrorCode.INVALID_INPUT, f"first: from 0 to {MAX_LISTED}")
-    start = (
-        VisibilityCursor.decode(after)
-        if after is not None
-        else VisibilityCursor(None, max(first, 1), 0)
-    )
-    if start.size > MAX_LISTED:
-        raise TenureError(ErrorCode.INVALID_INPUT, "after: not a cursor of this list")
+    start = VisibilityCursor.start(after, first, MAX_LISTED)
     wanted = frozenset(where.status or ())
     client = info.context.gateway.client
     try:

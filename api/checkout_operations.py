@@ -137,13 +137,7 @@ async def list_checkouts(
 ) -> Connection[CheckoutSummary]:
     """One page of checkouts, running ones first, then the most recently ended."""
     require_operator(info)
-    if not 0 <= first <= MAX_PAGE:
-        raise TenureError(ErrorCode.INVALID_INPUT, f"first: from 0 to {MAX_PAGE}")
-    start = (
-        VisibilityCursor.decode(after)
-        if after is not None
-        else VisibilityCursor(None, max(first, 1), 0)
-    )
+    start = VisibilityCursor.start(after, first, MAX_PAGE)
     client = info.context.gateway.client
     query = visibility_query(where)
     try:

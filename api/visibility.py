@@ -35,6 +35,17 @@ class VisibilityCursor:
         return base64.urlsafe_b64encode(document.encode()).decode()
 
     @classmethod
+    def start(cls, after: str | None, first: int, max_size: int) -> VisibilityCursor:
+        """Where a page of `first` rows starts: after the cursor `after`, or at the top of
+        the list, read `first` rows at a time. INVALID_INPUT when `first` is not from 0 to
+        `max_size`, or `after` is not a cursor read at most `max_size` rows at a time."""
+        if not 0 <= first <= max_size:
+            raise TenureError(ErrorCode.INVALID_INPUT, f"first: from 0 to {max_size}")
+        if after is None:
+            return cls(None, max(first, 1), 0)
+        return cls.decode(after, max_size)
+
+    @classmethod
     def decode(cls, cursor: str, max_size: int = MAX_PAGE) -> VisibilityCursor:
         try:
             if len(cursor) > 4096:
