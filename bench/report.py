@@ -76,19 +76,29 @@ def _p99_spread(result: Result, by_key: dict[str, Result]) -> str:
     return f" (rounds {min(rounds):.2f}-{max(rounds):.2f})"
 
 
+def _ratio_target(name: str, result: Result, by_key: dict[str, Result], least: float) -> Target:
+    """A target of at least `least` times the result's baseline: the ratio and its rounds."""
+    r = ratio(result, by_key) or 0.0
+    return Target(name, f"{r:.2f} x{_spread(result, by_key)}", r >= least)
+
+
+def _latency_target(name: str, result: Result, met: bool, more: str = "") -> Target:
+    """A target on the result's latencies: its p50 and p99, then `more`."""
+    measured = result.measured
+    return Target(name, f"p50 {measured.p50_ms:.1f} ms, p99 {measured.p99_ms:.1f} ms{more}", met)
+
+
 def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
     found = []
     if "mutations" in by_key:
-        r = ratio(by_key["mutations"], by_key) or 0.0
-        spread = _spread(by_key["mutations"], by_key)
         found.append(
-            Target("GraphQL mutations >= 0.8 x raw SDK signals", f"{r:.2f} x{spread}", r >= 0.8)
+            _ratio_target(
+                "GraphQL mutations >= 0.8 x raw SDK signals", by_key["mutations"], by_key, 0.8
+            )
         )
     if "cached_reads" in by_key:
         cached = by_key["cached_reads"]
-        r = ratio(cached, by_key) or 0.0
-        spread = _spread(cached, by_key)
-        found.append(Target("CACHED reads >= 10 x raw SDK queries", f"{r:.2f} x{spread}", r >= 10))
+        found.append(_ratio_target("CACHED reads >= 10 x raw SDK queries", cached, by_key, 10))
         p99 = cached.measured.p99_ms
         found.append(
             Target(f"CACHED read p99 < 10 ms at {concurrency} clients", f"{p99:.1f} ms", p99 < 10)
@@ -118,24 +128,20 @@ def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
             )
         )
     if "cached_reads_token" in by_key:
-        verified = by_key["cached_reads_token"]
-        r = ratio(verified, by_key) or 0.0
         found.append(
-            Target(
+            _ratio_target(
                 "CACHED reads with a verified token >= 0.9 x without",
-                f"{r:.2f} x{_spread(verified, by_key)}",
-                r >= 0.9,
+                by_key["cached_reads_token"],
+                by_key,
+                0.9,
             )
         )
     for key, name, bound in IDLE_TARGETS:
         if key in by_key:
-            measured = by_key[key].measured
+            idle = by_key[key]
             found.append(
-                Target(
-                    name,
-                    f"p50 {measured.p50_ms:.1f} ms, p99 {measured.p99_ms:.1f} ms "
-                    f"({measured.ops} runs)",
-                    measured.p50_ms < bound,
+                _latency_target(
+                    name, idle, idle.measured.p50_ms < bound, f" ({idle.measured.ops} runs)"
                 )
             )
     many = [r for key, r in by_key.items() if key.startswith("many_")]
@@ -153,36 +159,29 @@ def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
         )
     listed = by_key.get("listing")
     if listed is not None:
-        p99 = listed.measured.p99_ms
         found.append(
-            Target(
+            _latency_target(
                 f"a filtered page of 50 of {listed.details['indexed']:,} indexed accounts: "
                 f"p99 < 20 ms at {concurrency} clients",
-                f"p50 {listed.measured.p50_ms:.1f} ms, p99 {p99:.1f} ms; index "
-                f"{listed.details['index_bytes_per_entity']} B per account",
-                p99 < 20,
+                listed,
+                listed.measured.p99_ms < 20,
+                f"; index {listed.details['index_bytes_per_entity']} B per account",
             )
         )
     written = by_key.get("listing_while_written")
     if written is not None:
-        p99 = written.measured.p99_ms
         found.append(
-            Target(
+            _latency_target(
                 f"the same page while {written.details['writes_per_s']} accounts a second are "
                 f"written: p99 < 20 ms at {concurrency} clients",
-                f"p50 {written.measured.p50_ms:.1f} ms, p99 {p99:.1f} ms",
-                p99 < 20,
+                written,
+                written.measured.p99_ms < 20,
             )
         )
     if "bulk_deposits" in by_key:
         bulk = by_key["bulk_deposits"]
-        r = ratio(bulk, by_key) or 0.0
         found.append(
-            Target(
-                "bulk deposit >= 0.8 x raw SDK deposit signals",
-                f"{r:.2f} x{_spread(bulk, by_key)}",
-                r >= 0.8,
-            )
+            _ratio_target("bulk deposit >= 0.8 x raw SDK deposit signals", bulk, by_key, 0.8)
         )
         applied = by_key.get("raw_deposit_signals_applied")
         if applied is not None and applied.ops_per_s:
@@ -195,11 +194,10 @@ def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
                 )
             )
     if "subscriptions" in by_key:
-        followed = by_key["subscriptions"].measured
         found.append(
-            Target(
+            _latency_target(
                 "subscriptions: applied to seen, 1,000 subscribers (no target: reported)",
-                f"p50 {followed.p50_ms:.1f} ms, p99 {followed.p99_ms:.1f} ms",
+                by_key["subscriptions"],
                 True,
             )
         )
