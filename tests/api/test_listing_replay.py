@@ -180,16 +180,23 @@ async def test_a_stuck_mark_shows_on_a_replayed_page_at_once(
     assert stale(data) == [False] and not replayed
 
 
+async def render_then_lose_everything(pages: Pages, cache: SnapshotCache, prefix: str) -> None:
+    """The page of suspended accounts rendered with one on it, then every key of the test's
+    index deleted, as when Redis lost everything."""
+    lost = new_id()
+    await cache.put(balanced(lost, 1, "SUSPENDED"))
+    before, _ = await pages.read(PAGE, filter=SUSPENDED)
+    assert set(shown(before)) == {lost}
+    async for key in cache.client.scan_iter(match=f"{prefix}*"):
+        await cache.client.delete(key)
+
+
 async def test_a_page_rendered_before_redis_lost_everything_is_not_replayed_after_a_reindex(
     http: httpx.AsyncClient, cache: SnapshotCache, settings: Settings, temporal_client: Client
 ) -> None:
     pages = Pages(http)
-    lost, found = new_id(), new_id()
-    await cache.put(balanced(lost, 1, "SUSPENDED"))
-    before, _ = await pages.read(PAGE, filter=SUSPENDED)
-    assert set(shown(before)) == {lost}
-    async for key in cache.client.scan_iter(match=f"{settings.redis_prefix}*"):
-        await cache.client.delete(key)
+    await render_then_lose_everything(pages, cache, settings.redis_prefix)
+    found = new_id()
     # Written again after the loss, the counters meet the values the page was made at.
     await cache.put(balanced(found, 1, "SUSPENDED"))
     done = await reindex(
@@ -207,12 +214,8 @@ async def test_a_page_rendered_before_redis_lost_everything_is_not_replayed_with
     nothing, meet the values the page was rendered at. The epoch a listing sets when it
     finds none tells the two apart."""
     pages = Pages(http)
-    lost, found = new_id(), new_id()
-    await cache.put(balanced(lost, 1, "SUSPENDED"))
-    before, _ = await pages.read(PAGE, filter=SUSPENDED)
-    assert set(shown(before)) == {lost}
-    async for key in cache.client.scan_iter(match=f"{settings.redis_prefix}*"):
-        await cache.client.delete(key)
+    await render_then_lose_everything(pages, cache, settings.redis_prefix)
+    found = new_id()
     await cache.put(balanced(found, 1, "SUSPENDED"))
     data, replayed = await pages.read(PAGE, filter=SUSPENDED)
     assert set(shown(data)) == {found} and not replayed
