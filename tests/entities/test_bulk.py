@@ -56,8 +56,10 @@ async def send(
     assert result.outcome.status is OutcomeStatus.APPLIED, result.outcome
 
 
-async def open_accounts(client: Client, settings: Settings, n: int, tag: str) -> list[str]:
+async def open_accounts(client: Client, settings: Settings, n: int) -> list[str]:
+    """`n` new accounts, opened and verified."""
     delivery = CommandDelivery(client, settings)
+    tag = uuid.uuid4().hex[:8]
     ids = [f"{tag}-{i:04d}" for i in range(n)]
     window = asyncio.Semaphore(50)
 
@@ -81,13 +83,22 @@ async def balance(client: Client, account_id: str) -> int:
     return AccountState.model_validate(snapshot.state).balance
 
 
-async def start_bulk(
-    client: Client, settings: Settings, **fields: Any
+async def start_deposits(
+    client: Client, settings: Settings, amount: int, **fields: Any
 ) -> WorkflowHandle[BulkCommandWorkflow, BulkProgress]:
+    """A bulk command depositing `amount` into the accounts `fields` name (`ids` or a
+    `filter`), paged and paced as they say."""
     bulk_id = uuid.uuid4().hex[:12]
     return await client.start_workflow(
         BulkCommandWorkflow.run,
-        BulkInput(bulk_id=bulk_id, sent_by="admin:ops", **fields),
+        BulkInput(
+            bulk_id=bulk_id,
+            sent_by="admin:ops",
+            entity_type="account",
+            command="deposit",
+            payload={"amount": amount},
+            **fields,
+        ),
         id=bulk_workflow_id(bulk_id),
         task_queue=settings.task_queue,
     )
@@ -107,13 +118,11 @@ async def test_a_worker_killed_midway_leaves_every_entity_credited_exactly_once(
     temporal_client: Client, settings: Settings, run_worker: WorkerFactory
 ) -> None:
     async with run_worker():
-        ids = await open_accounts(temporal_client, settings, ENTITIES - 1, uuid.uuid4().hex[:8])
-        bulk = await start_bulk(
+        ids = await open_accounts(temporal_client, settings, ENTITIES - 1)
+        bulk = await start_deposits(
             temporal_client,
             settings,
-            entity_type="account",
-            command="deposit",
-            payload={"amount": 7},
+            amount=7,
             ids=[*ids, "never-opened"],
             page_size=min(PAGE, 1000),
             window=20,
@@ -136,7 +145,7 @@ async def test_a_filter_pages_the_index_and_a_paused_bulk_resumes_where_it_stopp
     temporal_client: Client, settings: Settings, run_worker: WorkerFactory, cache: SnapshotCache
 ) -> None:
     async with run_worker():
-        ids = await open_accounts(temporal_client, settings, 40, uuid.uuid4().hex[:8])
+        ids = await open_accounts(temporal_client, settings, 40)
         delivery = CommandDelivery(temporal_client, settings)
         suspended = ids[::4]
         for account_id in suspended:
@@ -146,12 +155,10 @@ async def test_a_filter_pages_the_index_and_a_paused_bulk_resumes_where_it_stopp
             lambda: cache.get("account", suspended[-1]),
             lambda hit: hit is not None and (hit.snapshot.state or {}).get("status") == "SUSPENDED",
         )
-        bulk = await start_bulk(
+        bulk = await start_deposits(
             temporal_client,
             settings,
-            entity_type="account",
-            command="deposit",
-            payload={"amount": 3},
+            amount=3,
             filter={"tags": {"status": ["ACTIVE"]}},
             page_size=5,
             window=5,
@@ -180,13 +187,11 @@ async def test_a_cancelled_bulk_sends_no_further_page(
     temporal_client: Client, settings: Settings, run_worker: WorkerFactory
 ) -> None:
     async with run_worker():
-        ids = await open_accounts(temporal_client, settings, 20, uuid.uuid4().hex[:8])
-        bulk = await start_bulk(
+        ids = await open_accounts(temporal_client, settings, 20)
+        bulk = await start_deposits(
             temporal_client,
             settings,
-            entity_type="account",
-            command="deposit",
-            payload={"amount": 1},
+            amount=1,
             ids=ids,
             page_size=5,
             paused=True,
@@ -205,17 +210,15 @@ async def test_outcomes_seen_in_the_change_stream_and_asked_of_entities_add_up(
     the rest: a rejection (which streams nothing) and a closed entity are counted as such,
     once, beside the applied ones, and every command was applied at most once."""
     async with run_worker():
-        ids = await open_accounts(temporal_client, settings, 12, uuid.uuid4().hex[:8])
+        ids = await open_accounts(temporal_client, settings, 12)
         delivery = CommandDelivery(temporal_client, settings)
         suspended, closed = ids[0], ids[1]
         await send(delivery, suspended, "suspend", {"reason": "review"})
         await send(delivery, closed, "close", {})
-        bulk = await start_bulk(
+        bulk = await start_deposits(
             temporal_client,
             settings,
-            entity_type="account",
-            command="deposit",
-            payload={"amount": 4},
+            amount=4,
             ids=ids,
             page_size=12,
             window=5,
