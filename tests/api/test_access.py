@@ -4,7 +4,7 @@ kind of caller, each allowed or refused with FORBIDDEN; no token, 401."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, cast
 from unittest.mock import ANY
 
@@ -18,7 +18,7 @@ from api.gateway import EntityGateway
 from entities import catalog
 from entities.errors import ErrorCode
 from entities.runtime.policy import Policy, Principal, Role
-from tests.conftest import WorkerFactory, api_client, new_id
+from tests.conftest import api_client, new_id
 from workers.settings import Settings
 
 SECRET = "test-secret-" + "x" * 32
@@ -37,19 +37,6 @@ def token(role: str, sub: str, accounts: list[str] = [], scope: str = "") -> str
         "scope": scope,
     }
     return jwt.encode(claims, SECRET, algorithm="HS256")
-
-
-@pytest.fixture
-def secured(settings: Settings) -> Settings:
-    return settings.model_copy(update={"environment": "production", "auth_secret": SECRET})
-
-
-@pytest.fixture
-async def http(
-    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with run_worker(secured), api_client(secured, temporal_client) as client:
-        yield client
 
 
 class Caller:
@@ -223,11 +210,11 @@ async def setup(admin: Caller) -> dict[str, str]:
 
 @pytest.mark.parametrize("caller", CALLERS)
 async def test_every_read_and_mutation_is_allowed_or_forbidden_by_role(
-    http: httpx.AsyncClient, caller: str
+    secured_http: httpx.AsyncClient, caller: str
 ) -> None:
-    admin = Caller(http, token("admin", "setup"))
+    admin = Caller(secured_http, token("admin", "setup"))
     entities = await setup(admin)
-    who = callers(http, entities)[caller]
+    who = callers(secured_http, entities)[caller]
     outcomes = {}
     for name, document, variables, allowed in CASES:
         code = await who.code(document, **variables(entities))
@@ -240,10 +227,12 @@ async def test_every_read_and_mutation_is_allowed_or_forbidden_by_role(
     assert any(code is None for code in outcomes.values()), outcomes
 
 
-async def test_a_refusal_does_not_tell_whether_the_entity_exists(http: httpx.AsyncClient) -> None:
-    admin = Caller(http, token("admin", "setup"))
+async def test_a_refusal_does_not_tell_whether_the_entity_exists(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    admin = Caller(secured_http, token("admin", "setup"))
     entities = await setup(admin)
-    stranger = callers(http, entities)[STRANGER]
+    stranger = callers(secured_http, entities)[STRANGER]
     for cart_id in (entities["cart"], new_id()):  # someone's cart, and no cart at all
         assert await stranger.code(READ_CART, id=cart_id) == ErrorCode.FORBIDDEN
         assert await stranger.code(CLEAR, id=cart_id) == ErrorCode.FORBIDDEN
@@ -252,22 +241,22 @@ async def test_a_refusal_does_not_tell_whether_the_entity_exists(http: httpx.Asy
         assert await stranger.code(CREATE_CART, id=new_id(), account=account_id) == "FORBIDDEN"
 
 
-async def test_a_refused_command_stores_nothing(http: httpx.AsyncClient) -> None:
-    admin = Caller(http, token("admin", "setup"))
+async def test_a_refused_command_stores_nothing(secured_http: httpx.AsyncClient) -> None:
+    admin = Caller(secured_http, token("admin", "setup"))
     entities = await setup(admin)
     await admin.data(DEPOSIT, id=entities["mine"])
     before = (await admin.data(READ_ACCOUNT_LIVE, id=entities["mine"]))["account"]
-    stranger = callers(http, entities)[STRANGER]
+    stranger = callers(secured_http, entities)[STRANGER]
     assert await stranger.code(WITHDRAW, id=entities["mine"]) == ErrorCode.FORBIDDEN
     assert await stranger.code(CLOSE, id=entities["mine"]) == ErrorCode.FORBIDDEN
     after = (await admin.data(READ_ACCOUNT_LIVE, id=entities["mine"]))["account"]
     assert after == before
 
 
-async def test_every_command_records_who_sent_it(http: httpx.AsyncClient) -> None:
-    admin = Caller(http, token("admin", "setup"))
+async def test_every_command_records_who_sent_it(secured_http: httpx.AsyncClient) -> None:
+    admin = Caller(secured_http, token("admin", "setup"))
     entities = await setup(admin)
-    customer = callers(http, entities)[CUSTOMER]
+    customer = callers(secured_http, entities)[CUSTOMER]
     body = await customer.data(DEPOSIT, id=entities["mine"])
     command_id = body["depositToAccount"]["commandId"]
     history = """query($id: ID!) { account(id: $id) { history(last: 3) { entries {
@@ -296,9 +285,9 @@ async def test_every_command_records_who_sent_it(http: httpx.AsyncClient) -> Non
     [{}, {"Authorization": "Bearer nonsense"}, {"Authorization": "Basic YTpi"}],
 )
 async def test_no_valid_token_is_401_with_a_bearer_challenge(
-    http: httpx.AsyncClient, headers: dict[str, str]
+    secured_http: httpx.AsyncClient, headers: dict[str, str]
 ) -> None:
-    response = await http.post(
+    response = await secured_http.post(
         "/graphql", json={"query": '{ account(id: "x") { revision } }'}, headers=headers
     )
     assert response.status_code == 401
@@ -350,23 +339,23 @@ async def test_graphiql_opens_without_a_token_and_queries_need_one(
 
 
 async def test_a_command_payload_shows_state_only_to_a_caller_who_may_read_it(
-    http: httpx.AsyncClient,
+    secured_http: httpx.AsyncClient,
 ) -> None:
-    admin = Caller(http, token("admin", "setup"))
+    admin = Caller(secured_http, token("admin", "setup"))
     entities = await setup(admin)
-    depositor = Caller(http, token("service", "payments", scope="account:deposit"))
+    depositor = Caller(secured_http, token("service", "payments", scope="account:deposit"))
     assert await depositor.code(READ_ACCOUNT, id=entities["mine"]) == ErrorCode.FORBIDDEN
     waited = """mutation($id: ID!) { depositToAccount(id: $id, amount: 5, wait: true) {
         status account { balance email } } }"""
     paid = (await depositor.data(waited, id=entities["mine"]))["depositToAccount"]
     assert paid == {"status": "APPLIED", "account": None}  # applied; the state is not its
-    reader = Caller(http, token("service", "billing", scope="account:deposit read:account"))
+    reader = Caller(secured_http, token("service", "billing", scope="account:deposit read:account"))
     shown = (await reader.data(waited, id=entities["mine"]))["depositToAccount"]
     assert shown["status"] == "APPLIED" and shown["account"]["balance"] == 10
 
 
-async def test_ids_with_a_trailing_newline_are_refused(http: httpx.AsyncClient) -> None:
-    admin = Caller(http, token("admin", "setup"))
+async def test_ids_with_a_trailing_newline_are_refused(secured_http: httpx.AsyncClient) -> None:
+    admin = Caller(secured_http, token("admin", "setup"))
     for document, variables in (
         (OPEN, {"id": f"{new_id()}\n"}),
         (RESTOCK, {"sku": f"{new_id()}\n"}),
@@ -379,11 +368,11 @@ async def test_ids_with_a_trailing_newline_are_refused(http: httpx.AsyncClient) 
 
 
 async def test_spending_the_query_budget_does_not_tell_whether_a_cart_exists(
-    http: httpx.AsyncClient,
+    secured_http: httpx.AsyncClient,
 ) -> None:
-    admin = Caller(http, token("admin", "setup"))
+    admin = Caller(secured_http, token("admin", "setup"))
     entities = await setup(admin)
-    stranger = callers(http, entities)[STRANGER]
+    stranger = callers(secured_http, entities)[STRANGER]
     for target in (entities["cart"], new_id()):  # someone's cart, and no cart at all
         ids = [new_id() for _ in range(5)] + [target]
         reads = " ".join(f'c{n}: cart(id: "{i}") {{ status }}' for n, i in enumerate(ids))

@@ -11,7 +11,7 @@ import httpx
 from temporalio.client import Client, WorkflowHandle
 
 from entities.bulk import BulkCommandWorkflow, BulkInput, bulk_workflow_id
-from tests.api.test_access import SECRET, token
+from tests.api.test_access import token
 from tests.api.test_accounts_api import open_active, read_account
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from workers.settings import Settings
@@ -283,24 +283,20 @@ async def test_a_bulk_command_whose_worker_is_gone_is_listed_without_its_progres
         await orphan.terminate("test over")  # a terminated bulk is not listed
 
 
-async def test_only_admins_list_bulk_commands(
-    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
-) -> None:
-    secured = settings.model_copy(update={"environment": "production", "auth_secret": SECRET})
+async def test_only_admins_list_bulk_commands(secured_http: httpx.AsyncClient) -> None:
     callers = {
         "admin": token("admin", "ops"),
         "customer": token("customer", "ada", ["ada"]),
         "service": token("service", "billing", scope="account:* read:*"),
     }
-    async with run_worker(secured), api_client(secured, temporal_client) as http:
-        answers = {}
-        for role, bearer in callers.items():
-            response = await http.post(
-                "/graphql",
-                json={"query": LIST, "variables": {"first": 1}},
-                headers={"authorization": f"Bearer {bearer}"},
-            )
-            answers[role] = _code(response)
+    answers = {}
+    for role, bearer in callers.items():
+        response = await secured_http.post(
+            "/graphql",
+            json={"query": LIST, "variables": {"first": 1}},
+            headers={"authorization": f"Bearer {bearer}"},
+        )
+        answers[role] = _code(response)
     assert answers == {"admin": None, "customer": "FORBIDDEN", "service": "FORBIDDEN"}
 
 

@@ -12,7 +12,7 @@ import pytest
 from temporalio.client import Client
 
 from entities.runtime.saga import SagaStatus
-from tests.api.test_access import SECRET, Caller, token
+from tests.api.test_access import Caller, token
 from tests.conftest import WorkerFactory, api_client
 from tests.entities.failing_checkout import FailedCheckout, failed_checkout
 from tests.entities.shop import Shop, eventually, shop_settings
@@ -34,10 +34,9 @@ RESOLVE = """mutation($id: ID!, $reason: String!) { resolveCheckout(id: $id, rea
 
 
 @pytest.fixture
-def secured(settings: Settings) -> Settings:
-    return shop_settings(
-        settings.model_copy(update={"environment": "production", "auth_secret": SECRET})
-    )
+def secured(secured: Settings) -> Settings:
+    """The secured API's settings, with the shop's payment adapter and stock."""
+    return shop_settings(secured)
 
 
 @pytest.fixture

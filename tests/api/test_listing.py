@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,7 +16,7 @@ from temporalio.client import Client
 
 from api.cached_reads import CachedReadResponses
 from deploy.embedded import EmbeddedRedis
-from tests.api.test_access import SECRET, Caller, token
+from tests.api.test_access import Caller, token
 from tests.api.test_accounts_api import CLOSE, DEPOSIT, SUSPEND, VERIFY
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from workers.cache import SnapshotCache, connect_redis
@@ -225,15 +225,6 @@ async def test_carts_by_account_and_status_and_items_running_low(gql: GraphQLCli
     assert low["inventoryItems"]["totalCount"] == 2
     stats = await gql.data("{ inventoryStats { total byStatus { status } } cartStats { total } }")
     assert stats == {"inventoryStats": {"total": 3, "byStatus": []}, "cartStats": {"total": 3}}
-
-
-@pytest.fixture
-async def secured_http(
-    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
-) -> AsyncIterator[httpx.AsyncClient]:
-    secured = settings.model_copy(update={"environment": "production", "auth_secret": SECRET})
-    async with run_worker(secured), api_client(secured, temporal_client) as client:
-        yield client
 
 
 async def test_customers_list_only_their_own_and_services_by_scope(

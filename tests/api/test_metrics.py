@@ -3,16 +3,14 @@ and outcome, refusals by code, cache reads by result, fallbacks and signal batch
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from temporalio.client import Client
 
 from api.metrics import ApiMetrics, OperationNames
-from tests.api.test_access import SECRET, token
+from tests.api.test_access import token
 from tests.api.test_cached_reads import replays_of
 from tests.api.test_limits import aliases
 from tests.conftest import WorkerFactory, api_client, new_id
@@ -66,23 +64,10 @@ class Caller:
         return await self.http.post("/graphql", json=body, headers=self.headers)
 
 
-@pytest.fixture
-def secured(settings: Settings) -> Settings:
-    return settings.model_copy(update={"environment": "production", "auth_secret": SECRET})
-
-
-@pytest.fixture
-async def http(
-    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with run_worker(secured), api_client(secured, temporal_client) as client:
-        yield client
-
-
 async def test_requests_are_counted_by_operation_and_outcome_and_refusals_by_code(
-    http: httpx.AsyncClient,
+    secured_http: httpx.AsyncClient,
 ) -> None:
-    admin = Caller(http, token("admin", "ops"))
+    admin = Caller(secured_http, token("admin", "ops"))
     account_id = new_id()
 
     assert (await admin(OPEN, id=account_id)).json()["data"]["openAccount"]["status"] == "APPLIED"
@@ -90,13 +75,13 @@ async def test_requests_are_counted_by_operation_and_outcome_and_refusals_by_cod
     assert rejected.json()["errors"][0]["extensions"]["code"] == "INVALID_TRANSITION"
     too_many = await admin(aliases(16))
     assert too_many.json()["errors"][0]["extensions"]["code"] == "TOO_MANY_ALIASES"
-    anonymous = await Caller(http, None)(BALANCE, id=account_id)
+    anonymous = await Caller(secured_http, None)(BALANCE, id=account_id)
     assert anonymous.status_code == 401
     for _ in range(2):  # executed, then replayed from its rendered response
         assert (await admin(BALANCE, id=account_id)).json()["data"]["account"]["revision"] == 1
-    assert replays_of(http).replayed == 1
+    assert replays_of(secured_http).replayed == 1
 
-    metrics = await scrape(http)
+    metrics = await scrape(secured_http)
     requests = "tenure_api_requests_total"
     assert metrics.value(requests, operation="Open", code="OK") == 1
     assert metrics.value(requests, operation="Withdraw", code="INVALID_TRANSITION") == 1

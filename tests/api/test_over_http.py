@@ -19,12 +19,10 @@ from temporalio.client import Client
 from api.app import create_app
 from api.over_http import GRAPHQL_RESPONSE, JSON, negotiate
 from deploy.embedded import free_port
-from tests.api.test_access import secured, token
+from tests.api.test_access import token
 from tests.api.test_accounts_api import OPEN, READ
 from tests.conftest import new_id
 from workers.settings import Settings
-
-__all__ = ["secured"]  # a fixture, shared with the access tests
 
 AUDIT = Path(__file__).parent / "http_audit"
 ADMIN = token("admin", "ops")

@@ -4,15 +4,13 @@ else a new one, returned in X-Request-Id), its caller and its command; never its
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from temporalio.client import Client
 
 from tests.api.test_access import SECRET, token
-from tests.conftest import LogCapture, WorkerFactory, api_client, new_id
+from tests.conftest import LogCapture, new_id
 from workers.settings import Settings
 
 OPEN = """mutation Open($id: ID!) { openAccount(id: $id, ownerName: "Ada",
@@ -23,17 +21,9 @@ DEPOSIT = """mutation Deposit($id: ID!, $amount: Long!) {
 
 
 @pytest.fixture
-def secured(settings: Settings) -> Settings:
-    update = {"environment": "production", "auth_secret": SECRET, "log_format": "json"}
-    return settings.model_copy(update=update)
-
-
-@pytest.fixture
-async def http(
-    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with run_worker(secured), api_client(secured, temporal_client) as client:
-        yield client
+def secured(secured: Settings) -> Settings:
+    """The secured API's settings, logging JSON as in production."""
+    return secured.model_copy(update={"log_format": "json"})
 
 
 async def post(
@@ -52,7 +42,7 @@ async def post(
 
 
 async def test_request_logs_carry_the_request_id_caller_and_command_and_never_the_token(
-    secured: Settings, http: httpx.AsyncClient, captured_logs: LogCapture
+    secured: Settings, secured_http: httpx.AsyncClient, captured_logs: LogCapture
 ) -> None:
     account_id = new_id()
     admin = token("admin", "ops")
@@ -60,11 +50,11 @@ async def test_request_logs_carry_the_request_id_caller_and_command_and_never_th
     forged = token("admin", "mallory")[:-4] + "AAAA"  # a bad signature
     stream = captured_logs(secured, "api")
 
-    await post(http, admin, OPEN, id=account_id)
-    await post(http, admin, VERIFY, id=account_id)
-    deposited = await post(http, customer, DEPOSIT, "trace-me:42", id=account_id, amount=7)
-    refused = await post(http, customer, DEPOSIT, id=account_id, amount=-1)
-    unauthenticated = await post(http, forged, DEPOSIT, "x" * 200, id=account_id, amount=7)
+    await post(secured_http, admin, OPEN, id=account_id)
+    await post(secured_http, admin, VERIFY, id=account_id)
+    deposited = await post(secured_http, customer, DEPOSIT, "trace-me:42", id=account_id, amount=7)
+    refused = await post(secured_http, customer, DEPOSIT, id=account_id, amount=-1)
+    unauthenticated = await post(secured_http, forged, DEPOSIT, "x" * 200, id=account_id, amount=7)
 
     output = stream.getvalue()
     for secret in (admin, customer, forged, SECRET):

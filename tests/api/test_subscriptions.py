@@ -23,7 +23,7 @@ from api.app import create_app
 from api.auth import DEVELOPMENT_PRINCIPAL
 from api.context import TenureContext
 from api.schema import build_schema
-from tests.api.test_access import SECRET, token
+from tests.api.test_access import token
 from tests.api.test_accounts_api import DEPOSIT, OPEN, VERIFY
 from tests.conftest import GraphQLClient, WorkerFactory, new_id
 from workers.settings import Settings
@@ -218,9 +218,8 @@ def code(payload: dict[str, Any]) -> str:
 
 
 async def test_over_graphql_transport_ws_a_customer_follows_only_its_own_account(
-    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
 ) -> None:
-    secured = settings.model_copy(update={"environment": "production", "auth_secret": SECRET})
     async with run_worker(secured), running_app(secured, temporal_client) as app:
         admin = {"Authorization": f"Bearer {token('admin', 'ops-1')}"}
         async with http_of(app) as http:

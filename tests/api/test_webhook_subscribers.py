@@ -3,15 +3,10 @@ is registered when the URL, the filter or the secret is wrong."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
-from temporalio.client import Client
 
-from tests.api.test_access import SECRET, Caller, token
-from tests.conftest import WorkerFactory, api_client
-from workers.settings import Settings
+from tests.api.test_access import Caller, token
 
 REGISTER = """mutation($url: String!, $events: JSON!, $secret: String) {
   registerWebhookSubscriber(url: $url, events: $events, secret: $secret) {
@@ -23,27 +18,14 @@ REPLAY_ALL = "mutation($id: ID!) { replayWebhookDeadLetters(subscriberId: $id) }
 GOOD = {"url": "https://example.com/hooks", "events": {"account": ["deposit"]}}
 
 
-@pytest.fixture
-def secured(settings: Settings) -> Settings:
-    return settings.model_copy(update={"environment": "production", "auth_secret": SECRET})
-
-
-@pytest.fixture
-async def http(
-    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with run_worker(secured), api_client(secured, temporal_client) as client:
-        yield client
-
-
-async def test_only_admins_manage_subscribers(http: httpx.AsyncClient) -> None:
-    admin = Caller(http, token("admin", "alice"))
+async def test_only_admins_manage_subscribers(secured_http: httpx.AsyncClient) -> None:
+    admin = Caller(secured_http, token("admin", "alice"))
     registered = (await admin.data(REGISTER, **GOOD))["registerWebhookSubscriber"]
     subscriber_id = registered["subscriber"]["id"]
     assert registered["subscriber"]["createdBy"] == "admin:alice"
     for caller in (
-        Caller(http, token("customer", "ada", accounts=["ada"])),
-        Caller(http, token("service", "billing", scope="account:* read:*")),
+        Caller(secured_http, token("customer", "ada", accounts=["ada"])),
+        Caller(secured_http, token("service", "billing", scope="account:* read:*")),
     ):
         assert await caller.code(REGISTER, **GOOD) == "FORBIDDEN"
         assert await caller.code(LISTED) == "FORBIDDEN"
@@ -80,18 +62,18 @@ async def test_only_admins_manage_subscribers(http: httpx.AsyncClient) -> None:
     ],
 )
 async def test_a_wrong_subscriber_is_invalid_input_and_registers_nothing(
-    http: httpx.AsyncClient, url: str, events: object, secret: str | None
+    secured_http: httpx.AsyncClient, url: str, events: object, secret: str | None
 ) -> None:
-    admin = Caller(http, token("admin", "alice"))
+    admin = Caller(secured_http, token("admin", "alice"))
     before = (await admin.data(LISTED))["webhookSubscribers"]
     assert await admin.code(REGISTER, url=url, events=events, secret=secret) == "INVALID_INPUT"
     assert (await admin.data(LISTED))["webhookSubscribers"] == before
 
 
 async def test_a_given_secret_is_kept_and_every_type_may_be_wanted(
-    http: httpx.AsyncClient,
+    secured_http: httpx.AsyncClient,
 ) -> None:
-    admin = Caller(http, token("admin", "alice"))
+    admin = Caller(secured_http, token("admin", "alice"))
     secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     events = {"inventory": ["*"], "account": ["withdraw", "deposit", "become_dormant"]}
     registered = (

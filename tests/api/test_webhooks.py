@@ -29,7 +29,7 @@ from api.app import create_app
 from api.webhooks import idempotency_key
 from deploy.embedded import EmbeddedTemporal
 from entities import catalog
-from tests.conftest import WorkerFactory, api_client, new_id
+from tests.conftest import api_client, new_id
 from workers.settings import Settings, WebhookEvent, WebhookSource
 
 AUTH_SECRET = "webhook-test-secret-" + "x" * 32
@@ -86,14 +86,6 @@ def secured(settings: Settings) -> Settings:
     )
 
 
-@pytest.fixture
-async def http(
-    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with run_worker(secured), api_client(secured, temporal_client) as client:
-        yield client
-
-
 class Admin:
     """GraphQL as an operator: opens accounts and reads them LIVE."""
 
@@ -122,8 +114,8 @@ class Admin:
 
 
 @pytest.fixture
-def admin(http: httpx.AsyncClient) -> Admin:
-    return Admin(http)
+def admin(secured_http: httpx.AsyncClient) -> Admin:
+    return Admin(secured_http)
 
 
 # -- what providers send ----------------------------------------------------------------------
@@ -181,18 +173,18 @@ def code(response: httpx.Response) -> str:
 
 
 async def test_a_standard_webhooks_delivery_deposits_once(
-    http: httpx.AsyncClient, admin: Admin
+    secured_http: httpx.AsyncClient, admin: Admin
 ) -> None:
     account_id = await admin.open_active()
     body = payment(account_id, amount=1250)
     headers = standard(body, msg_id="msg_2mQh7Kx")
-    response = await http.post("/webhooks/payments", content=body, headers=headers)
+    response = await secured_http.post("/webhooks/payments", content=body, headers=headers)
     assert response.status_code == 200, response.text
     assert response.json() == {"commandId": "webhook:payments:msg_2mQh7Kx", "status": "ACCEPTED"}
 
     # The same delivery again, and the provider's retry of it, signed anew a minute later.
-    again = await http.post("/webhooks/payments", content=body, headers=headers)
-    retried = await http.post(
+    again = await secured_http.post("/webhooks/payments", content=body, headers=headers)
+    retried = await secured_http.post(
         "/webhooks/payments",
         content=body,
         headers=standard(body, msg_id="msg_2mQh7Kx", at=time.time() + 60),
@@ -208,11 +200,13 @@ async def test_a_standard_webhooks_delivery_deposits_once(
     assert latest["sentBy"] == {"role": "service", "subject": "webhook:payments"}
 
 
-async def test_a_stripe_delivery_deposits_once(http: httpx.AsyncClient, admin: Admin) -> None:
+async def test_a_stripe_delivery_deposits_once(
+    secured_http: httpx.AsyncClient, admin: Admin
+) -> None:
     account_id = await admin.open_active()
     body = charge(account_id, amount=700, event_id="evt_1PqR")
     for _ in range(2):  # Stripe retries the same event with a new signature
-        response = await http.post("/webhooks/stripe", content=body, headers=stripe(body))
+        response = await secured_http.post("/webhooks/stripe", content=body, headers=stripe(body))
         assert response.status_code == 200, response.text
         assert response.json() == {"commandId": "webhook:stripe:evt_1PqR", "status": "ACCEPTED"}
     account = await admin.account(account_id)
@@ -220,25 +214,25 @@ async def test_a_stripe_delivery_deposits_once(http: httpx.AsyncClient, admin: A
 
 
 async def test_the_same_event_id_from_two_sources_is_two_events(
-    http: httpx.AsyncClient, admin: Admin
+    secured_http: httpx.AsyncClient, admin: Admin
 ) -> None:
     account_id = await admin.open_active()
     body = payment(account_id, amount=5)
     for source in ("payments", "strict"):
         headers = standard(body, msg_id="msg_shared")
-        response = await http.post(f"/webhooks/{source}", content=body, headers=headers)
+        response = await secured_http.post(f"/webhooks/{source}", content=body, headers=headers)
         assert response.json()["commandId"] == f"webhook:{source}:msg_shared"
     assert (await admin.account(account_id))["balance"] == 10
 
 
 async def test_an_event_id_too_long_for_a_key_is_hashed_and_applied_once(
-    http: httpx.AsyncClient, admin: Admin
+    secured_http: httpx.AsyncClient, admin: Admin
 ) -> None:
     account_id = await admin.open_active()
     body = payment(account_id, amount=3)
     msg_id = "msg_" + "z" * 300
     for _ in range(2):
-        response = await http.post(
+        response = await secured_http.post(
             "/webhooks/payments", content=body, headers=standard(body, msg_id=msg_id)
         )
         assert response.status_code == 200, response.text
@@ -265,7 +259,7 @@ def test_idempotency_keys_are_namespaced_and_fit() -> None:
 
 
 async def test_bad_signatures_are_401_and_store_nothing(
-    http: httpx.AsyncClient, admin: Admin
+    secured_http: httpx.AsyncClient, admin: Admin
 ) -> None:
     account_id = await admin.open_active()
     body = payment(account_id)
@@ -294,13 +288,15 @@ async def test_bad_signatures_are_401_and_store_nothing(
         ("stripe", body, signed),
     ]
     for source, content, headers in attempts:
-        response = await http.post(f"/webhooks/{source}", content=content, headers=headers)
+        response = await secured_http.post(f"/webhooks/{source}", content=content, headers=headers)
         assert (response.status_code, code(response)) == (401, "UNAUTHENTICATED"), headers
         assert "whsec_" not in response.text
     account = await admin.account(account_id)
     assert (account["balance"], account["revision"]) == (0, 2)
     # The same delivery within the tolerance of `payments` is accepted.
-    ok = await http.post("/webhooks/payments", content=body, headers=standard(body, at=now - 120))
+    ok = await secured_http.post(
+        "/webhooks/payments", content=body, headers=standard(body, at=now - 120)
+    )
     assert ok.status_code == 200
 
 
@@ -324,7 +320,7 @@ async def test_bad_signatures_are_401_and_store_nothing(
     ],
 )
 async def test_a_malformed_event_is_400_and_stores_nothing(
-    http: httpx.AsyncClient, admin: Admin, body: bytes
+    secured_http: httpx.AsyncClient, admin: Admin, body: bytes
 ) -> None:
     account_id = await admin.open_active()
     body = body.replace(b"ACCOUNT", account_id.encode())
@@ -339,57 +335,63 @@ async def test_a_malformed_event_is_400_and_stores_nothing(
         "webhook-timestamp": str(int(sent_at.timestamp())),
         "webhook-signature": f"v1,{signature}",
     }
-    response = await http.post("/webhooks/payments", content=body, headers=headers)
+    response = await secured_http.post("/webhooks/payments", content=body, headers=headers)
     assert (response.status_code, code(response)) == (400, "INVALID_INPUT"), response.text
     account = await admin.account(account_id)
     assert (account["balance"], account["revision"]) == (0, 2)
 
 
-async def test_a_stripe_event_without_an_id_is_400(http: httpx.AsyncClient, admin: Admin) -> None:
+async def test_a_stripe_event_without_an_id_is_400(
+    secured_http: httpx.AsyncClient, admin: Admin
+) -> None:
     account_id = await admin.open_active()
     event = json.loads(charge(account_id))
     del event["id"]
     body = json.dumps(event).encode()
-    response = await http.post("/webhooks/stripe", content=body, headers=stripe(body))
+    response = await secured_http.post("/webhooks/stripe", content=body, headers=stripe(body))
     assert (response.status_code, code(response)) == (400, "INVALID_INPUT")
     assert (await admin.account(account_id))["revision"] == 2
 
 
 async def test_an_unmapped_event_type_is_202_and_ignored(
-    http: httpx.AsyncClient, admin: Admin
+    secured_http: httpx.AsyncClient, admin: Admin
 ) -> None:
     account_id = await admin.open_active()
     body = payment(account_id, type="payment.refunded")
-    response = await http.post("/webhooks/payments", content=body, headers=standard(body))
+    response = await secured_http.post("/webhooks/payments", content=body, headers=standard(body))
     assert response.status_code == 202
     assert response.json() == {"status": "IGNORED"}
     account = await admin.account(account_id)
     assert (account["balance"], account["revision"]) == (0, 2)
 
 
-async def test_an_unknown_source_is_404(http: httpx.AsyncClient) -> None:
+async def test_an_unknown_source_is_404(secured_http: httpx.AsyncClient) -> None:
     body = payment(new_id())
     for path in ("/webhooks/nobody", "/webhooks/PAYMENTS"):
-        response = await http.post(path, content=body, headers=standard(body))
+        response = await secured_http.post(path, content=body, headers=standard(body))
         assert (response.status_code, code(response)) == (404, "NOT_FOUND")
 
 
-async def test_only_post_is_answered(http: httpx.AsyncClient) -> None:
-    assert (await http.get("/webhooks/payments")).status_code == 405
+async def test_only_post_is_answered(secured_http: httpx.AsyncClient) -> None:
+    assert (await secured_http.get("/webhooks/payments")).status_code == 405
 
 
-async def test_an_oversized_body_is_413_unread(http: httpx.AsyncClient, admin: Admin) -> None:
+async def test_an_oversized_body_is_413_unread(
+    secured_http: httpx.AsyncClient, admin: Admin
+) -> None:
     account_id = await admin.open_active()
     event = json.loads(payment(account_id))
     body = json.dumps({**event, "padding": "x" * (64 * 1024)}).encode()
-    response = await http.post("/webhooks/payments", content=body, headers=standard(body))
+    response = await secured_http.post("/webhooks/payments", content=body, headers=standard(body))
     assert (response.status_code, code(response)) == (413, "PAYLOAD_TOO_LARGE")
 
     async def streamed() -> AsyncIterator[bytes]:  # no Content-Length to go by
         for _ in range(100):
             yield b"x" * 1024
 
-    response = await http.post("/webhooks/payments", content=streamed(), headers=standard(body))
+    response = await secured_http.post(
+        "/webhooks/payments", content=streamed(), headers=standard(body)
+    )
     assert (response.status_code, code(response)) == (413, "PAYLOAD_TOO_LARGE")
     assert (await admin.account(account_id))["revision"] == 2
 
@@ -398,25 +400,25 @@ async def test_an_oversized_body_is_413_unread(http: httpx.AsyncClient, admin: A
 
 
 async def test_a_delivery_to_an_account_that_does_not_exist_is_404(
-    http: httpx.AsyncClient, admin: Admin
+    secured_http: httpx.AsyncClient, admin: Admin
 ) -> None:
     """Answered non-2xx, so the provider sends it again: the account may yet be opened, and
     a payment for no account is not silently dropped."""
     account_id = new_id()
     body = payment(account_id)
-    response = await http.post("/webhooks/payments", content=body, headers=standard(body))
+    response = await secured_http.post("/webhooks/payments", content=body, headers=standard(body))
     assert (response.status_code, code(response)) == (404, "NOT_FOUND")
     assert account_id in response.json()["errors"][0]["message"]
     # Opened since, the provider's next retry is applied.
     await admin.data(OPEN, id=account_id)
     await admin.data(VERIFY, id=account_id)
-    retried = await http.post("/webhooks/payments", content=body, headers=standard(body))
+    retried = await secured_http.post("/webhooks/payments", content=body, headers=standard(body))
     assert retried.status_code == 200
     assert (await admin.account(account_id))["balance"] == 1250
 
 
 async def test_a_delivery_to_a_closed_account_is_409(
-    http: httpx.AsyncClient, admin: Admin, temporal_client: Client
+    secured_http: httpx.AsyncClient, admin: Admin, temporal_client: Client
 ) -> None:
     """Once a closed account's workflow has finished (until then the account takes the
     command and refuses it, as below)."""
@@ -424,19 +426,19 @@ async def test_a_delivery_to_a_closed_account_is_409(
     await admin.data(CLOSE, id=account_id)
     await temporal_client.get_workflow_handle(f"account:{account_id}").result()
     body = payment(account_id)
-    response = await http.post("/webhooks/payments", content=body, headers=standard(body))
+    response = await secured_http.post("/webhooks/payments", content=body, headers=standard(body))
     assert (response.status_code, code(response)) == (409, "INVALID_TRANSITION")
 
 
 async def test_a_command_the_account_refuses_is_accepted_and_its_rejection_recorded(
-    http: httpx.AsyncClient, admin: Admin
+    secured_http: httpx.AsyncClient, admin: Admin
 ) -> None:
     """Answered once Temporal holds the command, before the account has applied it: a
     deposit to an account not yet verified is accepted, and refused by the account."""
     account_id = new_id()
     await admin.data(OPEN, id=account_id)
     body = payment(account_id)
-    response = await http.post(
+    response = await secured_http.post(
         "/webhooks/payments", content=body, headers=standard(body, msg_id="msg_early")
     )
     assert response.status_code == 200
@@ -462,14 +464,16 @@ async def test_temporal_unavailable_is_503(secured: Settings) -> None:
     assert (response.status_code, code(response)) == (503, "UNAVAILABLE")
 
 
-async def test_no_token_is_needed_and_webhooks_are_counted(http: httpx.AsyncClient) -> None:
-    assert (await http.post("/graphql", json={"query": "{ __typename }"})).status_code == 401
+async def test_no_token_is_needed_and_webhooks_are_counted(secured_http: httpx.AsyncClient) -> None:
+    assert (
+        await secured_http.post("/graphql", json={"query": "{ __typename }"})
+    ).status_code == 401
     body = payment(new_id(), type="something.else")
     assert (
-        await http.post("/webhooks/payments", content=body, headers=standard(body))
+        await secured_http.post("/webhooks/payments", content=body, headers=standard(body))
     ).status_code == 202
-    await http.post("/webhooks/payments", content=body, headers={})
-    metrics = (await http.get("/metrics")).text
+    await secured_http.post("/webhooks/payments", content=body, headers={})
+    metrics = (await secured_http.get("/metrics")).text
     assert 'tenure_api_requests_total{code="OK",operation="webhook"} 1.0' in metrics
     assert 'tenure_api_requests_total{code="UNAUTHENTICATED",operation="webhook"} 1.0' in metrics
     assert 'tenure_api_refusals_total{code="UNAUTHENTICATED"} 2.0' in metrics
