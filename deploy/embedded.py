@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import shutil
 import signal
 import socket
@@ -162,6 +163,22 @@ SEARCH_ATTRIBUTES = required_attributes()
 once (docs/operations.md)."""
 
 
+DYNAMIC_CONFIG = {
+    # Flag workflows whose tasks keep failing (TemporalReportedProblems), so that the
+    # worker's watchdog finds stuck entities.
+    "system.numConsecutiveWorkflowTaskProblemsToTriggerSearchAttribute": 3,
+    # The dev server has one history shard, and a shard reads its queue of tasks for
+    # matching, and its queue of due timers, at most 20 times a second by default. Past
+    # about 20 new workflow tasks a second, every task then waited up to 50 ms (37 ms
+    # typical) before a worker could take it: each step of a checkout paid it twice. A
+    # cluster spreads the same load over its shards (512 by default); one with few shards
+    # wants the same settings (docs/operations.md).
+    "history.transferProcessorMaxPollRPS": 1000,
+    "history.timerProcessorMaxPollRPS": 1000,
+}
+"""Dynamic config values the embedded server runs with."""
+
+
 class EmbeddedTemporal(EmbeddedServer):
     """`temporal server start-dev`: a real Temporal server on SQLite, in memory or in a file."""
 
@@ -197,10 +214,11 @@ class EmbeddedTemporal(EmbeddedServer):
             str(free_port()),
             "--metrics-port",
             str(free_port()),
-            # Flag workflows whose tasks keep failing (TemporalReportedProblems), so that
-            # the worker's watchdog finds stuck entities.
-            "--dynamic-config-value",
-            "system.numConsecutiveWorkflowTaskProblemsToTriggerSearchAttribute=3",
+            *[
+                arg
+                for key, value in DYNAMIC_CONFIG.items()
+                for arg in ("--dynamic-config-value", f"{key}={json.dumps(value)}")
+            ],
             *[f"--search-attribute={name}={kind}" for name, kind in SEARCH_ATTRIBUTES.items()],
         ]
         if self.ui:
