@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         Saga,
         SagaLog,
         SagaStatus,
+        Step,
     )
 
 CHECKOUT_WORKFLOW = "Checkout"
@@ -52,6 +53,8 @@ Tenure uses (deploy/embedded.py, docs/operations.md)."""
 # Checkouts that ran their conclusion under older code neither wait for an operator nor set
 # their status in visibility.
 OPERATOR_TOOLS = "checkout-operator-tools"
+# Checkouts that reached their commits under older code commit one line after another.
+PARALLEL_COMMITS = "checkout-parallel-commits"
 
 
 def checkout_workflow_id(checkout_id: str) -> str:
@@ -255,16 +258,22 @@ class CheckoutWorkflow:
                     self._undo("account", self._input.account_id, "withdraw", "refund", amount),
                 ),
             )
-        for line in self._input.lines:
-            step = f"commit:{line.sku}"
-            await saga.step(
-                step,
-                partial(self._step, "inventory", line.sku, step, "commitReservation", reservation),
-                (
-                    f"return:{line.sku}",
-                    self._undo("inventory", line.sku, step, "returnReservation", reservation),
-                ),
-            )
+        # Once paid for, the lines are committed at once: each commit is to its own item and
+        # needs no other. Their returns, should one fail, still run last line first.
+        commits = [self._commit(line.sku, reservation) for line in self._input.lines]
+        if workflow.patched(PARALLEL_COMMITS):
+            await saga.steps(commits)
+        else:
+            for commit in commits:
+                await saga.step(commit.name, commit.action, commit.undo)
+
+    def _commit(self, sku: str, reservation: dict[str, Any]) -> Step[Outcome]:
+        step = f"commit:{sku}"
+        return Step(
+            step,
+            partial(self._step, "inventory", sku, step, "commitReservation", reservation),
+            (f"return:{sku}", self._undo("inventory", sku, step, "returnReservation", reservation)),
+        )
 
     def _command_id(self, step: str) -> str:
         return f"{checkout_workflow_id(self._input.key)}:{step}"

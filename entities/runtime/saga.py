@@ -4,11 +4,12 @@ operator."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, Field
 from temporalio import workflow
@@ -100,6 +101,16 @@ Report = Callable[[int], Awaitable[object]]
 """The saga's last step; called with the operator's retry it runs in (0 the first time)."""
 
 
+@dataclass(frozen=True)
+class Step(Generic[T]):
+    """One step of a saga: its name, what it does, and its compensation (name, function),
+    if it has one."""
+
+    name: str
+    action: Callable[[], Awaitable[T]]
+    undo: tuple[str, Compensation] | None
+
+
 @dataclass
 class _Registered:
     name: str
@@ -136,20 +147,54 @@ class Saga:
     ) -> T:
         """Run one step, its compensation (name, function) registered first: a step that
         fails after taking effect, or whose outcome is unknown, is undone all the same."""
-        if undo is not None:
-            self._registered.append(_Registered(undo[0], name, undo[1]))
+        self._register(Step(name, action, undo))
         try:
             result = await action()
         except RequestFailed as failure:
-            if failure.refused:
-                self._refused.add(name)
-            self.log.steps.append(StepRecord(**_settled(name, failure)))
-            self.log.failure_code = failure.code
-            self.log.failure_reason = f"{name}: {failure.message}"
+            self._record(name, failure)
+            self._failed_at(name, failure)
             raise
-        self.log.steps.append(StepRecord(**_settled(name, None)))
-        self._done.add(name)
+        self._record(name, None)
         return result
+
+    async def steps(self, group: Sequence[Step[T]]) -> list[T]:
+        """Run steps that do not depend on each other at once, every compensation registered
+        first, in the group's order. Each step is recorded in that order once all have
+        ended, so the log reads as if they ran one after another; the first failure in that
+        order is raised only then, so no step is still running when compensations start."""
+        for step in group:
+            self._register(step)
+        ended = await asyncio.gather(*(step.action() for step in group), return_exceptions=True)
+        failed: tuple[str, RequestFailed] | None = None
+        results: list[T] = []
+        for step, outcome in zip(group, ended, strict=True):
+            if isinstance(outcome, RequestFailed):
+                self._record(step.name, outcome)
+                failed = failed or (step.name, outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome  # not a request's failure: a defect, or the run cancelled
+            else:
+                self._record(step.name, None)
+                results.append(outcome)
+        if failed is not None:
+            self._failed_at(*failed)
+            raise failed[1]
+        return results
+
+    def _register(self, step: Step[Any]) -> None:
+        if step.undo is not None:
+            self._registered.append(_Registered(step.undo[0], step.name, step.undo[1]))
+
+    def _record(self, name: str, failure: RequestFailed | None) -> None:
+        self.log.steps.append(StepRecord(**_settled(name, failure)))
+        if failure is None:
+            self._done.add(name)
+        elif failure.refused:
+            self._refused.add(name)
+
+    def _failed_at(self, name: str, failure: RequestFailed) -> None:
+        self.log.failure_code = failure.code
+        self.log.failure_reason = f"{name}: {failure.message}"
 
     async def compensate(self) -> None:
         """Run every registered compensation, last registered first."""
