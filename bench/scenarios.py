@@ -196,14 +196,22 @@ def _spread(ids: list[str], i: int) -> str:
 # -- writes ---------------------------------------------------------------------------------
 
 
+async def _entities(bench: Bench) -> tuple[list[str], list[str]]:
+    """The counters and accounts that the writes, the waited writes and the reads share,
+    made by the first of them to run (each may run alone, `--only`)."""
+    if not bench.counters:
+        counters = [f"counter:{bench.tag}-{i}" for i in range(bench.scale.entities)]
+        accounts = [f"{bench.tag}-m{i}" for i in range(bench.scale.entities)]
+        await bench.setup(len(counters), lambda i: bench.start_counter(counters[i]))
+        await bench.setup(len(accounts), lambda i: bench.gql.open_account(accounts[i], wait=True))
+        bench.counters = dict.fromkeys(counters, 0)
+        bench.accounts = dict.fromkeys(accounts, 0)
+    return list(bench.counters), list(bench.accounts)
+
+
 async def writes(bench: Bench) -> list[Result]:
     """Raw SDK signals to counters against GraphQL mutations to accounts, none waited for."""
-    counters = [f"counter:{bench.tag}-{i}" for i in range(bench.scale.entities)]
-    accounts = [f"{bench.tag}-m{i}" for i in range(bench.scale.entities)]
-    await bench.setup(len(counters), lambda i: bench.start_counter(counters[i]))
-    await bench.setup(len(accounts), lambda i: bench.gql.open_account(accounts[i], wait=True))
-    bench.counters = dict.fromkeys(counters, 0)
-    bench.accounts = dict.fromkeys(accounts, 0)
+    counters, accounts = await _entities(bench)
     client = bench.stack.raw_client
 
     async def signal(i: int) -> None:
@@ -229,7 +237,7 @@ async def writes(bench: Bench) -> list[Result]:
 
 async def waited_writes(bench: Bench) -> list[Result]:
     """A raw signal followed by a query of its effect, against GraphQL's `wait: true`."""
-    counters, accounts = list(bench.counters), list(bench.accounts)
+    counters, accounts = await _entities(bench)
     client = bench.stack.raw_client
     stale = unseen = 0
 
@@ -317,10 +325,10 @@ async def _checked_accounts(
 
 async def reads(bench: Bench) -> list[Result]:
     """Raw SDK queries against GraphQL reads from the cache and from the workflow."""
+    counters, accounts = await _entities(bench)
     await until_cached(
         bench, {account: OPENED_REVISION + n for account, n in bench.accounts.items()}
     )
-    counters, accounts = list(bench.counters), list(bench.accounts)
     client = bench.stack.raw_client
     wrong: Counter[str] = Counter()
     sources: dict[str, Counter[str]] = {"CACHED": Counter(), "LIVE": Counter()}
