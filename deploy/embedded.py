@@ -175,6 +175,10 @@ DYNAMIC_CONFIG = {
     # wants the same settings (docs/operations.md).
     "history.transferProcessorMaxPollRPS": 1000,
     "history.timerProcessorMaxPollRPS": 1000,
+    # Queries that wait for an entity's workflow task in flight, per workflow: 1 by default,
+    # so a second waited command to a busy entity was refused (RESOURCE_EXHAUSTED, "consistent
+    # query buffer is full") and retried until its wait ran out.
+    "history.MaxBufferedQueryCount": 64,
 }
 """Dynamic config values the embedded server runs with."""
 
