@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.requests import RequestFailed
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class SagaStatus(StrEnum):
@@ -164,17 +165,19 @@ class Saga:
         order is raised only then, so no step is still running when compensations start."""
         for step in group:
             self._register(step)
-        ended = await asyncio.gather(*(step.action() for step in group), return_exceptions=True)
+        waits = [_ended(step.action) for step in group]
+        ended = await asyncio.gather(*waits, return_exceptions=True)
         failed: tuple[str, RequestFailed] | None = None
         results: list[T] = []
-        for step, outcome in zip(group, ended, strict=True):
+        for step, end in zip(group, ended, strict=True):
+            if isinstance(end, BaseException):
+                raise end  # not a request's failure: a defect, or the run cancelled
+            at, outcome = end
             if isinstance(outcome, RequestFailed):
-                self._record(step.name, outcome)
+                self._record(step.name, outcome, at)
                 failed = failed or (step.name, outcome)
-            elif isinstance(outcome, BaseException):
-                raise outcome  # not a request's failure: a defect, or the run cancelled
             else:
-                self._record(step.name, None)
+                self._record(step.name, None, at)
                 results.append(outcome)
         if failed is not None:
             self._failed_at(*failed)
@@ -185,8 +188,8 @@ class Saga:
         if step.undo is not None:
             self._registered.append(_Registered(step.undo[0], step.name, step.undo[1]))
 
-    def _record(self, name: str, failure: RequestFailed | None) -> None:
-        self.log.steps.append(StepRecord(**_settled(name, failure)))
+    def _record(self, name: str, failure: RequestFailed | None, at: datetime | None = None) -> None:
+        self.log.steps.append(StepRecord(**_settled(name, failure, at)))
         if failure is None:
             self._done.add(name)
         elif failure.refused:
@@ -280,11 +283,22 @@ class Saga:
             self.log.status = SagaStatus.COMPLETED
 
 
-def _settled(name: str, failure: RequestFailed | None) -> dict[str, Any]:
+async def _ended(action: Callable[[], Awaitable[R]]) -> tuple[datetime, R | RequestFailed]:
+    """What a step came to, and when: a refusal is an outcome here, not an exception."""
+    try:
+        result = await action()
+    except RequestFailed as failure:
+        return workflow.now(), failure
+    return workflow.now(), result
+
+
+def _settled(
+    name: str, failure: RequestFailed | None, at: datetime | None = None
+) -> dict[str, Any]:
     return {
         "name": name,
         "status": StepStatus.FAILED if failure is not None else StepStatus.DONE,
-        "at": workflow.now(),
+        "at": at or workflow.now(),
         "code": failure.code if failure is not None else None,
         "message": failure.message if failure is not None else None,
     }

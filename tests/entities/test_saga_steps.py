@@ -17,7 +17,7 @@ from entities.runtime.saga import Saga, SagaLog, Step, StepStatus
 from workers.settings import Settings
 
 # (name, milliseconds it takes, whether the entity refuses it)
-GROUP = [("a", 30, False), ("b", 10, True), ("c", 60, False)]
+GROUP = [("a", 30, False), ("b", 10, True), ("c", 1500, False)]
 
 
 @workflow.defn(sandboxed=False)
@@ -82,6 +82,8 @@ async def test_steps_at_once_are_logged_in_order_and_compensated_after_all_end(
         ("b", StepStatus.FAILED),
         ("c", StepStatus.DONE),
     ]
+    # Each is recorded with when it ended, not when the last of them did.
+    assert log.steps[1].at < log.steps[2].at
     assert log.failure_code == ErrorCode.INSUFFICIENT_STOCK
     assert log.failure_reason == "b: b refused"
     # Compensation began after the last step ended, last registered first; the refused
