@@ -29,7 +29,7 @@ from workers.settings import Settings
 try:
     from playwright.async_api import Browser, Page, async_playwright
 except ImportError:  # said by the `chromium` fixture, as a skip or a failure
-    async_playwright = None
+    async_playwright = None  # type: ignore[assignment]
 
 # Headless as root needs no sandbox; on a closed network Chromium must not phone home.
 CHROMIUM_ARGS = [

@@ -24,8 +24,9 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import redis.asyncio as redis
@@ -352,8 +353,8 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
                 f"{account.id}: balance {seen['balance']}, expected {expected_balance}"
             )
         cached = await _until(
-            lambda a=account: traffic.post(READ, id=a.id, consistency="CACHED"),
-            lambda d, a=account: d["account"]["revision"] == a.expected_revision,
+            partial(traffic.post, READ, id=account.id, consistency="CACHED"),
+            partial(_at_revision, account.expected_revision),
             10.0,
         )
         if cached is None:
@@ -399,7 +400,7 @@ async def verify_stream(stack: Stack, traffic: Traffic) -> None:
     finally:
         await client.aclose()
     covered: dict[str, int] = {}
-    for _, fields in raw:
+    for _, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], raw):
         entry = {k.decode(): v.decode() for k, v in fields.items()}
         entity_id = entry["id"]
         first, last = (
@@ -422,6 +423,10 @@ async def verify_stream(stack: Stack, traffic: Traffic) -> None:
                 f"{account.id}: the change stream reached {covered.get(account.id)}, "
                 f"expected {account.expected_revision}"
             )
+
+
+def _at_revision(revision: int, data: dict[str, Any]) -> bool:
+    return bool(data["account"]["revision"] == revision)
 
 
 async def _until(
