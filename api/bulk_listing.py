@@ -17,7 +17,7 @@ from temporalio.service import RPCError
 
 from api.bulk import BulkCommand, now
 from api.context import Info
-from api.listing import Connection, Edge, PageInfo
+from api.listing import Connection, Edge
 from api.operators import require_operator
 from api.visibility import VisibilityCursor, visibility_count, visibility_page
 from entities.bulk import (
@@ -159,16 +159,7 @@ async def list_bulk_commands(
     except RPCError as exc:
         raise unavailable(exc) from exc
     edges = [Edge(cursor=cursor.encode(), node=summary) for summary, cursor in rows]
-    return Connection(
-        edges=edges,
-        page_info=PageInfo(
-            has_next_page=more,
-            has_previous_page=False,
-            start_cursor=edges[0].cursor if edges else None,
-            end_cursor=last.encode() if last else after,
-        ),
-        total_count=total,
-    )
+    return Connection.forward(edges, more, last.encode() if last else after, total)
 
 
 LISTED_FIRST = strawberry.argument(description=f"At most {MAX_LISTED}; 10 when not given.")

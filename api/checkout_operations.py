@@ -21,7 +21,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.checkouts import Checkout, checked_checkout_id, read_checkout
 from api.common import Long
 from api.context import Info
-from api.listing import DEFAULT_PAGE, FIRST, MAX_PAGE, Connection, Edge, PageInfo
+from api.listing import DEFAULT_PAGE, FIRST, MAX_PAGE, Connection, Edge
 from api.operators import require_operator
 from api.visibility import (
     MAX_PAGES_READ,
@@ -146,16 +146,7 @@ async def list_checkouts(
     except RPCError as exc:
         raise unavailable(exc) from exc
     edges = [Edge(cursor=c.encode(), node=await CheckoutSummary.of(e)) for e, c in rows]
-    return Connection(
-        edges=edges,
-        page_info=PageInfo(
-            has_next_page=more,
-            has_previous_page=False,
-            start_cursor=edges[0].cursor if edges else None,
-            end_cursor=edges[-1].cursor if edges else after,
-        ),
-        total_count=total,
-    )
+    return Connection.forward(edges, more, edges[-1].cursor if edges else after, total)
 
 
 async def operate(

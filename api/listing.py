@@ -73,6 +73,22 @@ class Connection(Generic[N]):
         "reading every one of them (a filter the index does not count)."
     )
 
+    @classmethod
+    def forward(
+        cls, edges: list[Edge[N]], has_next: bool, end_cursor: str | None, total: int | None
+    ) -> Connection[N]:
+        """A page of a list read forwards from a cursor, as every list here is."""
+        return cls(
+            edges=edges,
+            page_info=PageInfo(
+                has_next_page=has_next,
+                has_previous_page=False,
+                start_cursor=edges[0].cursor if edges else None,
+                end_cursor=end_cursor,
+            ),
+            total_count=total,
+        )
+
 
 @strawberry.type
 class StatusCount:
@@ -226,16 +242,8 @@ async def list_entities(
         for key, hit in zip(page.keys, hits, strict=True)
         if hit is not None and hit.snapshot.state is not None
     ]
-    return Connection(
-        edges=edges,
-        page_info=PageInfo(
-            has_next_page=page.has_next,
-            has_previous_page=False,
-            start_cursor=edges[0].cursor if edges else None,
-            end_cursor=_Cursor(order, page.end_key).encode() if page.end_key else None,
-        ),
-        total_count=page.total,
-    )
+    end_cursor = _Cursor(order, page.end_key).encode() if page.end_key else None
+    return Connection.forward(edges, page.has_next, end_cursor, page.total)
 
 
 async def entity_stats(info: Info, entity_type: str) -> EntityStats:
