@@ -130,7 +130,10 @@ class EntityGateway:
         self._metrics = metrics or ApiMetrics()
         self._types = catalog.entity_types()
         self._delivery = CommandDelivery(
-            client, settings, on_signal=self._metrics.signal_batch_size.observe
+            client,
+            settings,
+            on_signal=self._metrics.signal_batch_size.observe,
+            on_update_refused=lambda reason: self._metrics.update_refusals.labels(reason).inc(),
         )
 
     @property
@@ -177,10 +180,10 @@ class EntityGateway:
             sent_by=sent_by,
         )
         structlog.contextvars.bind_contextvars(command_id=envelope.command_id)
-        handle = await self._delivery.deliver(entity, entity_id, envelope)
         if not wait:
+            await self._delivery.deliver(entity, entity_id, envelope)
             return Receipt(entity_id, envelope.command_id, applied=False)
-        result = await self._delivery.await_outcome(handle, envelope)
+        result = await self._delivery.request(entity, entity_id, envelope)
         snapshot = await self._cache.put_newest(result.snapshot)
         if result.outcome.status is OutcomeStatus.REJECTED:
             raise TenureError(

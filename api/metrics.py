@@ -108,6 +108,13 @@ class ApiMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.update_refusals = Counter(
+            "tenure_api_update_refusals",
+            "Waited commands whose update Temporal refused or did not answer, by reason "
+            "(resource_exhausted: 10 in flight on one entity); they went by signal instead.",
+            ["reason"],
+            registry=self.registry,
+        )
         self._counted: dict[tuple[str, str], Counter] = {}
         self._timed: dict[str, Histogram] = {}
         self._cache_reads = {result: self.cache_reads.labels(result) for result in CACHE_RESULTS}

@@ -30,7 +30,7 @@ async def _repair(entity_type: str, entity_id: str, force: bool) -> int:
     print(
         f"{done.workflow_id}: reset to the task completed at event {done.reset_to_event} "
         f"of run {done.old_run_id}; new run {done.new_run_id}, "
-        f"{done.signals_reapplied} signals re-applied"
+        f"{done.commands_reapplied} commands re-applied"
     )
     return 0
 

@@ -1,5 +1,11 @@
 """Delivering a command to an entity and awaiting its outcome: the one path by which the API
-gateway and the request activity (one entity asking another) reach an entity."""
+gateway and the request activity (one entity asking another) reach an entity.
+
+A command whose sender waits goes as an update (`EntityWorkflow.apply`): one round trip where
+a signal and then a query take two. Temporal takes at most 10 updates in flight per workflow
+and 2,000 per run, and an entity whose run began under older code has no `apply`; so when the
+update is refused, the command goes by signal and its outcome is queried, as it always was.
+Both paths are safe to take for one command: the entity applies a command id once."""
 
 from __future__ import annotations
 
@@ -9,7 +15,12 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -23,6 +34,7 @@ from entities.runtime.envelope import (
     EntityRunInput,
     OutcomeStatus,
 )
+from entities.runtime.workflow import EntityWorkflow
 from workers.coalescing import SignalCoalescer
 from workers.settings import Settings
 from workers.temporal import within
@@ -54,11 +66,13 @@ class CommandDelivery:
         client: Client,
         settings: Settings,
         on_signal: Callable[[int], None] | None = None,
+        on_update_refused: Callable[[str], None] | None = None,
     ) -> None:
         self._client = client
         self._settings = settings
         self._coalescer = SignalCoalescer(self._signal)
         self._on_signal = on_signal
+        self._on_update_refused = on_update_refused
 
     async def _signal(self, workflow_id: str, batch: list[CommandEnvelope]) -> None:
         if self._on_signal is not None:
@@ -129,11 +143,7 @@ class CommandDelivery:
             if result.outcome.status is not OutcomeStatus.UNKNOWN:
                 return _of_this_command(envelope, result)
             await asyncio.sleep(0.05 * (attempt + 1))
-        raise TenureError(
-            ErrorCode.UNAVAILABLE,
-            f"command {envelope.command_id} was accepted but not yet applied; "
-            "retry with the same idempotencyKey",
-        )
+        raise not_yet_applied(envelope)
 
     async def _outcome(self, handle: WorkflowHandle[Any, Any], command_id: str) -> CommandResult:
         try:
@@ -160,6 +170,10 @@ class CommandDelivery:
     ) -> CommandResult:
         """Deliver a command and wait for its outcome. Safe to repeat: when the entity has
         finished since, perhaps because of this very command, its recorded outcome stands."""
+        if not entity.spec(envelope.name).creates:
+            result = await self._by_update(entity, entity_id, envelope)
+            if result is not None:
+                return _of_this_command(envelope, result)
         try:
             handle = await self.deliver(entity, entity_id, envelope)
         except EntityClosed:
@@ -169,6 +183,49 @@ class CommandDelivery:
                 raise
             return _of_this_command(envelope, result)
         return await self.await_outcome(handle, envelope)
+
+    async def _by_update(
+        self, entity: EntityType[Any, Any], entity_id: str, envelope: CommandEnvelope
+    ) -> CommandResult | None:
+        """The command applied as an update, with its outcome; None when the update was
+        refused (too many in flight, an entity on older code, a closed or missing one), and
+        the command is to go by signal. An update that gets no answer in time is no longer
+        waited for: the command goes by signal, durably, and the sender is told to retry."""
+        handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
+        timeout = self._settings.command_wait_timeout
+        try:
+            return await within(
+                timeout,
+                handle.execute_update(
+                    EntityWorkflow.apply,
+                    envelope,
+                    rpc_timeout=timedelta(seconds=timeout),
+                ),
+            )
+        except WorkflowUpdateFailedError:
+            self._refused("failed")
+            return None
+        except RPCError as exc:
+            if exc.status is not RPCStatusCode.DEADLINE_EXCEEDED:
+                self._refused(exc.status.name.lower() if exc.status else "unknown")
+                return None
+        except WorkflowUpdateRPCTimeoutOrCancelledError:
+            pass
+        self._refused("timed_out")
+        await self.deliver(entity, entity_id, envelope)
+        raise not_yet_applied(envelope)
+
+    def _refused(self, reason: str) -> None:
+        if self._on_update_refused is not None:
+            self._on_update_refused(reason)
+
+
+def not_yet_applied(envelope: CommandEnvelope) -> TenureError:
+    return TenureError(
+        ErrorCode.UNAVAILABLE,
+        f"command {envelope.command_id} was accepted but not yet applied; "
+        "retry with the same idempotencyKey",
+    )
 
 
 def _of_this_command(envelope: CommandEnvelope, result: CommandResult) -> CommandResult:

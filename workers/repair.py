@@ -1,12 +1,13 @@
-"""Repairing a stuck entity: reset its workflow to its last good task, signals re-applied.
+"""Repairing a stuck entity: reset its workflow to its last good task, commands re-applied.
 
 An entity is stuck when its workflow tasks fail on every retry, typically because its
 history no longer replays with the code deployed (a bad deploy) or an SDK fault repeats on
 every replay. The remedy is Temporal's reset: a new run that keeps the history up to a
-workflow task, runs that task again with today's code, and re-applies every signal received
-after it. The last good task is the latest one whose history up to it replays with today's
-code, found with the SDK's replayer. The commands the re-applied signals carry are applied
-once: each entity's ledger knows the ones it had already applied.
+workflow task, runs that task again with today's code, and re-applies every signal and every
+update (a waited command) received after it. The last good task is the latest one whose
+history up to it replays with today's code, found with the SDK's replayer. The commands the
+re-applied signals and updates carry are applied once: each entity's ledger knows the ones it
+had already applied.
 """
 
 from __future__ import annotations
@@ -25,16 +26,25 @@ from temporalio.worker import Replayer
 from entities import catalog
 from entities.errors import ErrorCode, TenureError
 
+REAPPLIED = (
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ADMITTED,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED,
+)
+"""The events a reset re-applies in the new run: each a command that came after the reset
+point (an update is recorded as admitted or, once its handler has run, accepted)."""
+
 
 @dataclass(frozen=True)
 class Repair:
-    """What a repair did: the task it reset to, the new run, how many signals came after."""
+    """What a repair did: the task it reset to, the new run, how many commands (signals and
+    updates) came after it."""
 
     workflow_id: str
     reset_to_event: int
     old_run_id: str
     new_run_id: str
-    signals_reapplied: int
+    commands_reapplied: int
 
 
 async def is_stuck(client: Client, workflow_id: str) -> bool:
@@ -80,7 +90,7 @@ async def last_good_task(workflow_id: str, events: list[HistoryEvent]) -> int:
 async def repair(
     client: Client, entity_type: str, entity_id: str, *, force: bool = False
 ) -> Repair:
-    """Reset the entity's current run to its last good task, re-applying later signals.
+    """Reset the entity's current run to its last good task, re-applying later commands.
     Refuses an entity that is not stuck unless `force`."""
     entity = catalog.entity_types()[entity_type]
     workflow_id = entity.workflow_id(entity_id)
@@ -96,11 +106,7 @@ async def repair(
     index = await last_good_task(workflow_id, events)
     # Reset re-runs the task that this event completed.
     reset_to = events[index].event_id
-    signals = sum(
-        1
-        for event in events[index:]
-        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
-    )
+    commands = sum(1 for event in events[index:] if event.event_type in REAPPLIED)
     response = await client.workflow_service.reset_workflow_execution(
         ResetWorkflowExecutionRequest(
             namespace=client.namespace,
@@ -108,7 +114,7 @@ async def repair(
             reason="tenure repair: reset to the last task that replays",
             workflow_task_finish_event_id=reset_to,
             request_id=str(uuid.uuid4()),
-            reset_reapply_type=ResetReapplyType.RESET_REAPPLY_TYPE_SIGNAL,
+            reset_reapply_type=ResetReapplyType.RESET_REAPPLY_TYPE_ALL_ELIGIBLE,
         )
     )
-    return Repair(workflow_id, reset_to, run_id, response.run_id, signals)
+    return Repair(workflow_id, reset_to, run_id, response.run_id, commands)

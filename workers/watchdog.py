@@ -88,7 +88,7 @@ class StuckEntityWatchdog:
 
     async def _repair(self, workflow_id: str) -> None:
         """Reset an entity whose history its own code no longer replays to its last good
-        task, signals re-applied (each command still applied once: the ledger). The SDK's
+        task, commands re-applied (each command still applied once: the ledger). The SDK's
         core has written such histories itself, after a worker was killed mid-task (the
         soak saw "No command scheduled for event ActivityTaskScheduled"); left alone, the
         entity would take commands and apply none for good."""
@@ -99,10 +99,10 @@ class StuckEntityWatchdog:
             log.warning("could not repair %s: %s", workflow_id, exc)
             return
         log.error(
-            "entity %s repaired: reset to the task completed at event %d, %d signals re-applied",
+            "entity %s repaired: reset to the task completed at event %d, %d commands re-applied",
             workflow_id,
             done.reset_to_event,
-            done.signals_reapplied,
+            done.commands_reapplied,
         )
 
     async def _mark(self, workflow_id: str, reason: str) -> None:

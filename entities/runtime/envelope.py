@@ -158,6 +158,13 @@ class RuntimeOptions(BaseModel):
     """How the runtime hosts an entity; set by whoever starts it, carried across runs."""
 
     max_commands_per_run: int = Field(default=4000, ge=1)
+    max_updates_per_run: int = Field(
+        default=1500,
+        ge=1,
+        le=1900,
+        description="Commands a run takes as updates before it continues as new: Temporal "
+        "refuses a run's 2,001st update, and its senders would fall back to a signal.",
+    )
     ledger_size: int = Field(default=4096, ge=1)
     publish_snapshots: bool = True
     publish_interval_seconds: float = Field(

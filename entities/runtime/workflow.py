@@ -1,4 +1,5 @@
-"""The generic entity workflow: one long-lived actor per entity, driven by command signals."""
+"""The generic entity workflow: one long-lived actor per entity, driven by commands: signals,
+or updates when the sender waits for the outcome."""
 
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ class EntityWorkflow:
     """Hosts one entity of `entity`'s type. Subclasses set `entity` and define `run`.
 
     Commands arrive on the `command` signal (or `commands`, a batch) and are applied in the
-    handler itself, so a query sent after a signal sees its outcome. Every applied command
+    handler itself, so a query sent after a signal sees its outcome. A sender that waits for
+    the outcome sends the command as the `apply` update instead: one round trip, the same
+    handler. Every applied command
     raises the revision by one. The main loop has the snapshot published (`SnapshotPublisher`
     decides when), fires the entity's durable timer, carries out effects, and continues as
     new when the run has seen enough commands or the server suggests it, only once nothing
@@ -89,6 +92,7 @@ class EntityWorkflow:
         )
         self._ledger = Ledger(input.runtime.ledger_size, input.ledger)
         self._received_this_run = 0
+        self._updates_this_run = 0
         self._timers: list[Outcome] = list(input.timers)
         self._publisher = SnapshotPublisher(
             input.runtime, self.publication, input.published_revision
@@ -147,6 +151,15 @@ class EntityWorkflow:
         """Apply a batch of commands in order, as if each had come in its own signal."""
         for envelope in batch:
             self.command(envelope)
+
+    @workflow.update(name="apply")
+    def apply(self, envelope: CommandEnvelope) -> CommandResult:
+        """Apply one command as the `command` signal does, and answer with its outcome: a
+        duplicate's is the one recorded. Never raises, and never waits, so it is finished
+        within the activation that brought it and never holds up a continue-as-new."""
+        self._updates_this_run += 1
+        self.command(envelope)
+        return self.outcome(envelope.command_id)
 
     def _nothing_to_undo(self, envelope: CommandEnvelope) -> bool:
         """Settle a compensating command whose undone command was not applied: there is
@@ -276,6 +289,7 @@ class EntityWorkflow:
     def _should_continue_as_new(self) -> bool:
         return (
             self._received_this_run >= self._input.runtime.max_commands_per_run
+            or self._updates_this_run >= self._input.runtime.max_updates_per_run
             or workflow.info().is_continue_as_new_suggested()
         )
 

@@ -100,9 +100,10 @@ async def test_requests_are_counted_by_operation_and_outcome_and_refusals_by_cod
     # Both reads came from the cache: the executed one and the replayed one.
     assert metrics.value("tenure_api_cache_reads_total", result="hit") == 2
     assert metrics.labels("tenure_api_cache_reads_total", "result") == {"hit", "miss", "stale"}
-    # The withdrawal went in a signal of its own (the open started its workflow).
-    assert metrics.value("tenure_api_signal_batch_size_count") == 1
-    assert metrics.value("tenure_api_signal_batch_size_bucket", le="1.0") == 1
+    # The withdrawal, waited for, went as an update that Temporal took: no signal (the open
+    # started its workflow), no update refused.
+    assert metrics.value("tenure_api_signal_batch_size_count") == 0
+    assert metrics.value("tenure_api_update_refusals_total") == 0
 
 
 async def test_stale_reads_misses_and_live_read_fallbacks_are_counted(

@@ -18,12 +18,11 @@ from workers.settings import Settings
 DOC = Path(__file__).parents[2] / "docs" / "signals.md"
 
 
-def example_commands() -> list[str]:
-    """The `temporal ...` commands of the doc's sh block, continuation lines joined."""
-    block = re.search(
-        r"## Example with the `temporal` CLI.*?```sh\n(.*?)```", DOC.read_text(), re.S
-    )
-    assert block, "docs/signals.md lost its example"
+def example_commands(heading: str = "## Example with the `temporal` CLI") -> list[str]:
+    """The `temporal ...` commands of the sh block under `heading`, continuation lines
+    joined."""
+    block = re.search(rf"{re.escape(heading)}\n.*?```sh\n(.*?)```", DOC.read_text(), re.S)
+    assert block, f"docs/signals.md lost its example under {heading}"
     joined = block.group(1).replace("\\\n", " ")
     return [line.strip() for line in joined.splitlines() if line.strip()]
 
@@ -79,3 +78,24 @@ async def test_the_documented_cli_example_drives_an_entity(
             "sentBy": {"role": "service", "subject": "billing"},
         }
     ]
+
+
+async def test_the_documented_update_answers_the_outcome_and_applies_once(
+    settings: Settings, gql: GraphQLClient
+) -> None:
+    account_id = new_id()
+    await open_active(gql, account_id)
+    (update,) = example_commands("## The `apply` update")
+    assert update.startswith("temporal workflow update execute") and "--name apply" in update
+
+    first = await temporal(settings, update, account_id)
+    again = await temporal(settings, update, account_id)  # the same envelope: applied once
+    for answered in (first, again):
+        assert re.search(r'"status":\s*"APPLIED"', answered), answered
+        assert re.search(r'"balance":\s*100\b', answered), answered
+
+    read = await gql.data(
+        "query($id: ID!) { account(id: $id, consistency: LIVE) { balance revision } }",
+        id=account_id,
+    )
+    assert read["account"] == {"balance": 100, "revision": 3}

@@ -1,13 +1,17 @@
 """Delivering commands while an entity continues as new over and over: every command sent
-from many API processes at once is applied once, none refused."""
+from many API processes at once is applied once, none refused; waited commands as updates,
+and by signal when Temporal refuses or does not answer the update."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
 from api.gateway import Consistency, EntityGateway
+from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import RuntimeOptions
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.test_runtime import open_active
@@ -38,3 +42,99 @@ async def test_commands_racing_a_run_that_closes_are_all_applied(
     assert read is not None and read.snapshot.state is not None
     assert read.snapshot.state["balance"] == 2001
     assert read.snapshot.revision == 2 + 2001
+
+
+async def kinds_of_delivery(client: Client, workflow_id: str) -> tuple[int, int]:
+    """How many commands reached the entity's runs as updates, and how many as signals."""
+    updates = signals = 0
+    async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED:
+            updates += 1
+        elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            signals += 1
+    return updates, signals
+
+
+async def test_a_waited_command_is_one_update_and_its_retry_after_a_new_run_is_not_applied(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    settings = settings.model_copy(update={"runtime": RuntimeOptions(max_commands_per_run=4)})
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    workflow_id = gateway.entity("account").workflow_id(account_id)
+    async with run_worker(settings):
+        await open_active(gateway, account_id)  # open starts the entity: its start signal
+        first = await gateway.send(
+            "account", account_id, "deposit", {"amount": 7}, idempotency_key="k", wait=True
+        )
+        assert first.read is not None and first.read.snapshot.state is not None
+        assert first.read.snapshot.state["balance"] == 7
+        assert await kinds_of_delivery(temporal_client, workflow_id) == (2, 1)  # verify, deposit
+        handle = temporal_client.get_workflow_handle(workflow_id)
+        first_run = (await handle.describe()).run_id
+        for _ in range(4):  # past the run's four commands: a new run
+            await gateway.send("account", account_id, "deposit", {"amount": 1}, wait=True)
+        again = await gateway.send(
+            "account", account_id, "deposit", {"amount": 7}, idempotency_key="k", wait=True
+        )
+        read = await gateway.read("account", account_id, Consistency.LIVE)
+    assert read is not None and read.snapshot.state is not None
+    assert read.snapshot.state["balance"] == 7 + 4
+    assert again.read is not None and again.read.snapshot.revision == read.snapshot.revision
+    assert (await handle.describe()).run_id != first_run
+
+
+async def test_many_waited_commands_at_once_to_one_entity_across_new_runs_are_each_applied_once(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    # Temporal takes 10 updates in flight per workflow (the client retries past that), and
+    # refuses those that reach a run as it closes (they go by signal): 60 waited commands at
+    # once, a third of them sent twice, to one account that starts a new run every 20.
+    settings = settings.model_copy(update={"runtime": RuntimeOptions(max_commands_per_run=20)})
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    keys = [f"w{n}" for n in range(60)] + [f"w{n}" for n in range(0, 60, 3)]
+    async with run_worker(settings):
+        await open_active(gateway, account_id)
+        receipts = await asyncio.gather(
+            *(
+                gateway.send(
+                    "account", account_id, "deposit", {"amount": 1}, idempotency_key=k, wait=True
+                )
+                for k in keys
+            )
+        )
+        read = await gateway.read("account", account_id, Consistency.LIVE)
+    assert all(r.applied for r in receipts)
+    assert read is not None and read.snapshot.state is not None
+    assert read.snapshot.state["balance"] == 60
+    assert read.snapshot.revision == 2 + 60
+
+
+async def test_a_waited_command_whose_update_goes_unanswered_is_applied_once_by_signal(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    # No worker: the update is never answered. The command goes by signal, durably, and
+    # the sender is told to retry; once a worker is back it is applied once, though both
+    # the update and the signal may reach the entity.
+    settings = settings.model_copy(update={"command_wait_timeout": 1.0})
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    async with run_worker(settings):
+        await open_active(gateway, account_id)
+    with pytest.raises(TenureError) as refused:
+        await gateway.send(
+            "account", account_id, "deposit", {"amount": 5}, idempotency_key="late", wait=True
+        )
+    assert refused.value.code is ErrorCode.UNAVAILABLE
+    assert "retry with the same idempotencyKey" in refused.value.message
+    async with run_worker(settings):
+        retried = await gateway.send(
+            "account", account_id, "deposit", {"amount": 5}, idempotency_key="late", wait=True
+        )
+        read = await gateway.read("account", account_id, Consistency.LIVE)
+    assert retried.read is not None and retried.read.snapshot.state is not None
+    assert retried.read.snapshot.state["balance"] == 5
+    assert read is not None and read.snapshot.state is not None
+    assert read.snapshot.state["balance"] == 5
+    assert read.snapshot.revision == 2 + 1

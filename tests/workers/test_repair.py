@@ -105,7 +105,7 @@ async def test_a_stuck_entity_reads_stale_and_repair_applies_every_command(
         assert refused.value.code is ErrorCode.UNAVAILABLE
 
         done = await repair(temporal_client, "account", account_id)
-        assert done.new_run_id != done.old_run_id and done.signals_reapplied >= 2
+        assert done.new_run_id != done.old_run_id and done.commands_reapplied >= 2
 
         async def settled() -> Snapshot | None:
             read = await gateway.read("account", account_id, Consistency.LIVE)

@@ -154,16 +154,15 @@ async def test_a_command_to_an_existing_entity_links_its_workflow_span_to_the_re
 
     request = recorded.one("POST /graphql")
     trace_id = _trace(request)
-    signal = recorded.one("SignalWorkflow:command", trace_id)
-    assert _parent(signal) == _id(request)
-    assert _parent(recorded.one("HandleQuery:outcome", trace_id)) == _id(
-        recorded.one("QueryWorkflow:outcome", trace_id)
-    )
-    # The workflow handles the signal in the trace of the request that started the entity,
-    # as Temporal's interceptor does for every workflow: linked to this request's signal.
-    handled = recorded.one("HandleSignal:command")
+    update = recorded.one("StartWorkflowUpdate:apply", trace_id)
+    assert _parent(update) == _id(request)
+    # A waited command goes as an update, answered with its outcome: no query.
+    assert not recorded.named("QueryWorkflow:outcome", trace_id)
+    # The workflow handles the update in the trace of the request that started the entity,
+    # as Temporal's interceptor does for every workflow: linked to this request's update.
+    handled = recorded.one("HandleUpdate:apply")
     assert _trace(handled) != trace_id
-    assert [link.context.span_id for link in handled.links] == [_id(signal)]
+    assert [link.context.span_id for link in handled.links] == [_id(update)]
 
 
 async def test_with_tracing_off_nothing_is_installed(
