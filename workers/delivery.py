@@ -5,12 +5,21 @@ A command whose sender waits goes as an update (`EntityWorkflow.apply`): one rou
 a signal and then a query take two. Temporal takes at most 10 updates in flight per workflow
 and 2,000 per run, and an entity whose run began under older code has no `apply`; so when the
 update is refused, the command goes by signal and its outcome is queried, as it always was.
-Both paths are safe to take for one command: the entity applies a command id once."""
+Both paths are safe to take for one command: the entity applies a command id once.
+
+Temporal's client retries a refused update in the background for up to 10 s, whether or not
+anyone still waits for it; under load those retries clogged a process's connection until no
+signal got through either (the soak saw it). So a process never sends one entity more than
+MAX_UPDATES_IN_FLIGHT updates at a time, far under Temporal's 10, and after an update to an
+entity is refused or goes unanswered it sends that entity signals only, for a while: busy
+entities get their waited commands coalesced into signals, as before updates."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -43,6 +52,12 @@ log = logging.getLogger(__name__)
 
 SIGNAL_TIMEOUT = 5.0
 OUTCOME_ATTEMPTS = 5
+MAX_UPDATES_IN_FLIGHT = 2
+"""Waited commands one process sends one entity as updates at a time; more go by signal."""
+SIGNALS_ONLY_SECONDS = 30.0
+"""How long an entity whose update was refused or went unanswered gets signals only."""
+MAX_SIGNALS_ONLY = 4096
+"""Entities remembered as getting signals only; the oldest are forgotten first."""
 
 
 class EntityClosed(TenureError):
@@ -73,6 +88,8 @@ class CommandDelivery:
         self._coalescer = SignalCoalescer(self._signal)
         self._on_signal = on_signal
         self._on_update_refused = on_update_refused
+        self._updating: dict[str, int] = {}
+        self._signals_only: OrderedDict[str, float] = OrderedDict()
 
     async def _signal(self, workflow_id: str, batch: list[CommandEnvelope]) -> None:
         if self._on_signal is not None:
@@ -170,8 +187,15 @@ class CommandDelivery:
     ) -> CommandResult:
         """Deliver a command and wait for its outcome. Safe to repeat: when the entity has
         finished since, perhaps because of this very command, its recorded outcome stands."""
-        if not entity.spec(envelope.name).creates:
-            result = await self._by_update(entity, entity_id, envelope)
+        workflow_id = entity.workflow_id(entity_id)
+        if not entity.spec(envelope.name).creates and self._may_update(workflow_id):
+            self._updating[workflow_id] = self._updating.get(workflow_id, 0) + 1
+            try:
+                result = await self._by_update(workflow_id, entity, entity_id, envelope)
+            finally:
+                self._updating[workflow_id] -= 1
+                if not self._updating[workflow_id]:
+                    del self._updating[workflow_id]
             if result is not None:
                 return _of_this_command(envelope, result)
         try:
@@ -184,14 +208,29 @@ class CommandDelivery:
             return _of_this_command(envelope, result)
         return await self.await_outcome(handle, envelope)
 
+    def _may_update(self, workflow_id: str) -> bool:
+        if self._updating.get(workflow_id, 0) >= MAX_UPDATES_IN_FLIGHT:
+            return False
+        until = self._signals_only.get(workflow_id)
+        if until is None:
+            return True
+        if time.monotonic() < until:
+            return False
+        del self._signals_only[workflow_id]
+        return True
+
     async def _by_update(
-        self, entity: EntityType[Any, Any], entity_id: str, envelope: CommandEnvelope
+        self,
+        workflow_id: str,
+        entity: EntityType[Any, Any],
+        entity_id: str,
+        envelope: CommandEnvelope,
     ) -> CommandResult | None:
         """The command applied as an update, with its outcome; None when the update was
         refused (too many in flight, an entity on older code, a closed or missing one), and
         the command is to go by signal. An update that gets no answer in time is no longer
         waited for: the command goes by signal, durably, and the sender is told to retry."""
-        handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
+        handle = self._client.get_workflow_handle(workflow_id)
         timeout = self._settings.command_wait_timeout
         try:
             return await within(
@@ -203,19 +242,23 @@ class CommandDelivery:
                 ),
             )
         except WorkflowUpdateFailedError:
-            self._refused("failed")
+            self._refused(workflow_id, "failed")
             return None
         except RPCError as exc:
             if exc.status is not RPCStatusCode.DEADLINE_EXCEEDED:
-                self._refused(exc.status.name.lower() if exc.status else "unknown")
+                self._refused(workflow_id, exc.status.name.lower() if exc.status else "unknown")
                 return None
         except WorkflowUpdateRPCTimeoutOrCancelledError:
             pass
-        self._refused("timed_out")
+        self._refused(workflow_id, "timed_out")
         await self.deliver(entity, entity_id, envelope)
         raise not_yet_applied(envelope)
 
-    def _refused(self, reason: str) -> None:
+    def _refused(self, workflow_id: str, reason: str) -> None:
+        self._signals_only[workflow_id] = time.monotonic() + SIGNALS_ONLY_SECONDS
+        self._signals_only.move_to_end(workflow_id)
+        while len(self._signals_only) > MAX_SIGNALS_ONLY:
+            self._signals_only.popitem(last=False)
         if self._on_update_refused is not None:
             self._on_update_refused(reason)
 
