@@ -61,11 +61,10 @@ class EntityWorkflow:
     Commands arrive on the `command` signal (or `commands`, a batch) and are applied in the
     handler itself, so a query sent after a signal sees its outcome. A sender that waits for
     the outcome sends the command as the `apply` update instead: one round trip, the same
-    handler. Every applied command
-    raises the revision by one. The main loop has the snapshot published (`SnapshotPublisher`
-    decides when), fires the entity's durable timer, carries out effects, and continues as
-    new when the run has seen enough commands or the server suggests it, only once nothing
-    runs beside it (`_quiesce`).
+    handler. Every applied command raises the revision by one. The main loop has the
+    snapshot published (`SnapshotPublisher` decides when), fires the entity's durable timer,
+    carries out effects, and continues as new when the run has seen enough commands (or
+    updates) or the server suggests it, only once nothing runs beside it (`_quiesce`).
     """
 
     entity: ClassVar[EntityType[Any, Any]]

@@ -87,9 +87,10 @@ async def test_a_waited_command_is_one_update_and_its_retry_after_a_new_run_is_n
 async def test_many_waited_commands_at_once_to_one_entity_across_new_runs_are_each_applied_once(
     temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
 ) -> None:
-    # Temporal takes 10 updates in flight per workflow (the client retries past that), and
-    # refuses those that reach a run as it closes (they go by signal): 60 waited commands at
-    # once, a third of them sent twice, to one account that starts a new run every 20.
+    # One process sends an entity 2 updates at a time (Temporal takes 10), the rest by
+    # signal with their outcomes queried; an update that reaches a run as it closes is
+    # refused and goes by signal too: 60 waited commands at once, a third of them sent
+    # twice, to one account that starts a new run every 20.
     settings = settings.model_copy(update={"runtime": RuntimeOptions(max_commands_per_run=20)})
     gateway = EntityGateway(temporal_client, cache, settings)
     account_id = new_id()
