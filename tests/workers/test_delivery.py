@@ -10,10 +10,11 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
-from api.gateway import Consistency, EntityGateway
+from api.gateway import Consistency, EntityGateway, Receipt
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import RuntimeOptions
 from tests.conftest import WorkerFactory, new_id
+from tests.entities.shop import eventually
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache
 from workers.settings import Settings
@@ -130,11 +131,26 @@ async def test_a_waited_command_whose_update_goes_unanswered_is_applied_once_by_
     assert refused.value.code is ErrorCode.UNAVAILABLE
     assert "retry with the same idempotencyKey" in refused.value.message
     async with run_worker(settings):
-        retried = await gateway.send(
-            "account", account_id, "deposit", {"amount": 5}, idempotency_key="late", wait=True
-        )
+
+        async def retry() -> Receipt | None:
+            try:
+                return await gateway.send(
+                    "account",
+                    account_id,
+                    "deposit",
+                    {"amount": 5},
+                    idempotency_key="late",
+                    wait=True,
+                )
+            except TenureError as exc:
+                assert exc.code is ErrorCode.UNAVAILABLE  # the worker is still starting
+                return None
+
+        # Retried as a client would, until the worker back is answering.
+        retried = await eventually(retry, lambda receipt: receipt is not None, 30)
         read = await gateway.read("account", account_id, Consistency.LIVE)
-    assert retried.read is not None and retried.read.snapshot.state is not None
+    assert retried is not None and retried.read is not None
+    assert retried.read.snapshot.state is not None
     assert retried.read.snapshot.state["balance"] == 5
     assert read is not None and read.snapshot.state is not None
     assert read.snapshot.state["balance"] == 5

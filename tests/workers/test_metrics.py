@@ -99,7 +99,10 @@ async def test_commands_continue_as_new_publishing_and_sagas_are_counted_beside_
     stocked = metrics.value(commands, entity_type="inventory", outcome="applied")
     assert 3 <= stocked <= 3 + await tasks_run_again(temporal_client, f"inventory:{sku}")
     assert metrics.labels(commands, "workflow_type") >= {"Account", "InventoryItem", "Cart"}
-    assert metrics.value("tenure_continue_as_new_total", entity_type="account") == 1
+    # A continue-as-new refused because a command overtook it (UNHANDLED_COMMAND) is run
+    # again, and counted again.
+    continued = metrics.value("tenure_continue_as_new_total", entity_type="account")
+    assert 1 <= continued <= 1 + again
     assert metrics.value("tenure_saga_outcomes_total", status="COMPLETED") == 1
     assert metrics.value("tenure_publish_failures_total") == 0
     lag = "tenure_publish_lag_seconds_bucket"
