@@ -20,6 +20,7 @@ from bench import (
     idle,
     listing,
     mixed,
+    opening,
     report,
     sagas,
     scale_out,
@@ -50,6 +51,7 @@ SCENARIOS: list[tuple[str, Scenario]] = [
     ("listing: a filtered page of 50 indexed accounts", listing.listing),
     ("subscriptions: 1,000 subscribers of one hot account", subscriptions.subscriptions),
     ("bulk deposit beside raw SDK deposit signals", bulk.bulk_deposits),
+    ("opening and verifying accounts beside raw SDK starts", opening.opening),
     # Last, so that nothing the hostile documents leave in the API (a document up to 8 KiB
     # is kept parsed and validated) weighs on another scenario.
     ("CACHED reads beside a hostile document", hostile.hostile_reads),

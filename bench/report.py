@@ -96,6 +96,38 @@ def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
                 "GraphQL mutations >= 0.8 x raw SDK signals", by_key["mutations"], by_key, 0.8
             )
         )
+    if "mutations_wait" in by_key:
+        found.append(
+            _ratio_target(
+                "GraphQL mutations, wait: true >= 0.8 x raw SDK signal, then query",
+                by_key["mutations_wait"],
+                by_key,
+                0.8,
+            )
+        )
+    if "checkouts" in by_key:
+        checkouts = by_key["checkouts"]
+        found.append(
+            _ratio_target(
+                "checkout sagas >= 0.3 x raw SDK signals, 7 per checkout", checkouts, by_key, 0.3
+            )
+        )
+        found.append(
+            _latency_target(
+                f"checkout sagas: p50 < 1 s at {concurrency} clients",
+                checkouts,
+                checkouts.measured.p50_ms < 1000,
+            )
+        )
+    if "opens" in by_key:
+        found.append(
+            _ratio_target(
+                "opening and verifying accounts >= 0.8 x raw SDK starts with a start signal",
+                by_key["opens"],
+                by_key,
+                0.8,
+            )
+        )
     if "cached_reads" in by_key:
         cached = by_key["cached_reads"]
         found.append(_ratio_target("CACHED reads >= 10 x raw SDK queries", cached, by_key, 10))
