@@ -35,6 +35,7 @@ from enum import Enum
 from typing import Any
 
 from graphql import (
+    DocumentNode,
     EnumValueNode,
     FieldNode,
     GraphQLField,
@@ -56,7 +57,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.authentication import principal_of
 from api.authorization import Authorizer
-from api.documents import KEPT_CHARS
+from api.documents import KEPT_CHARS, hand_over
 from api.errors import RequestRefused
 from api.gateway import CacheLookup, EntityRead, Source
 from api.limits import DocumentLimits, decode_json, selects_always_live
@@ -194,6 +195,8 @@ class ReadPlan:
     operation_name: str | None = None
     listings: tuple[_Listing, ...] = ()
     variable_definitions: tuple[VariableDefinitionNode, ...] = ()
+    document: DocumentNode | None = field(default=None, compare=False)
+    """The document, parsed within the limits and valid under graphql-core's rules."""
 
     @property
     def listed_types(self) -> tuple[str, ...]:
@@ -284,7 +287,11 @@ def plan_reads(
         return None
     name = operation.name.value if operation.name else None
     return ReadPlan(
-        tuple(reads), name, tuple(listings), tuple(operation.variable_definitions or ())
+        tuple(reads),
+        name,
+        tuple(listings),
+        tuple(operation.variable_definitions or ()),
+        document if limits else None,
     )
 
 
@@ -394,6 +401,8 @@ class CachedReadResponses:
         replay = _replaying(body, receive)
         request = _json_request(body) if len(body) <= MAX_BODY else None
         plan = request and await self._plans.get(request[0], request[2])
+        if plan and request and plan.document is not None:
+            hand_over(scope, request[0], plan.document)
         entities = plan.entities(request[1]) if plan and request else None
         if (
             not plan

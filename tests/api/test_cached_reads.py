@@ -11,6 +11,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from api import cached_reads
+from api import limits as limits_module
 from api.cached_reads import CachedReadResponses, plan_reads
 from api.schema import schema
 from deploy.embedded import EmbeddedRedis
@@ -174,3 +175,29 @@ async def test_the_kept_responses_weigh_no_more_than_their_bound(
     assert len(replays._rendered) == 1
     await read(http, READ, id=account_id)  # pushed out: executed again, not replayed
     assert replays.replayed == 0
+
+
+async def test_a_read_planned_for_replay_is_parsed_once(
+    cache: SnapshotCache, gql: GraphQLClient, http: httpx.AsyncClient, monkeypatch: Any
+) -> None:
+    # Documents seen once each (a fresh comment, as an attacker sends them): the planner
+    # parses and validates one, and Strawberry takes it as it is.
+    parsed: list[str] = []
+    real = limits_module.parse
+
+    def counted(source: str, **options: Any) -> Any:
+        parsed.append(source)
+        return real(source, **options)
+
+    monkeypatch.setattr(limits_module, "parse", counted)
+    account_id = new_id()
+    await open_active(gql, account_id)
+    await until_cached(cache, "account", account_id, 2)
+    parsed.clear()
+    for n in range(3):
+        query = f"# {new_id()}\n{PLAIN_READ}"
+        response = await http.post(
+            "/graphql", json={"query": query, "variables": {"id": account_id}}
+        )
+        assert response.json()["data"]["account"]["revision"] == 2
+        assert parsed.count(query) == 1, n
