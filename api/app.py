@@ -52,6 +52,7 @@ from api.metrics import ApiMetrics
 from api.over_http import EventStreamsTo, GraphQLOverHTTP, view_status, wants_event_stream
 from api.rate_limits import Limit, RateLimiter, RateLimits
 from api.request_context import ObservedRequests, note_outcome
+from api.response_size import RETRY_AFTER_KEY, ResponseSize
 from api.schema import build_schema, introspection_enabled
 from api.transports import CodedErrorsOverWebSocket, EventStream
 from api.webhooks import webhook_endpoint
@@ -124,6 +125,8 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
             try:
                 response = await self.run(Request(scope, receive))
                 response.status_code = scope.get(_STATUS_KEY, response.status_code)
+                if RETRY_AFTER_KEY in scope:
+                    response.headers["retry-after"] = str(scope[RETRY_AFTER_KEY])
             except RequestRefused as refused:
                 response = refused.response()
             except HTTPException as exc:  # Strawberry's own refusals, plain text otherwise
@@ -236,6 +239,8 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
         # and leaves no data; a field's error always has a path.
         request_error = result.data is None and all(err.path is None for err in result.errors or ())
         status = view_status(request.scope, request_error=request_error)
+        if request_error and RETRY_AFTER_KEY in request.scope:
+            status = 429  # RATE_LIMITED, as at the door (api/rate_limits.py)
         data: GraphQLHTTPResponse = {}
         if status == 200:
             data["data"] = result.data
@@ -370,12 +375,14 @@ def create_app(
         size=settings.rendered_reads,
         limits=DocumentLimits.from_settings(settings),
         metrics=metrics,
+        answer_size=ResponseSize(settings.max_response_values),
     )
     limits_redis = connect_redis(settings)  # connects on first use
     limiter = RateLimiter(
         limits_redis,
         settings.redis_prefix,
         {Role(role): Limit(*limit) for role, limit in settings.rate_limits.items()},
+        settings.rate_limit_values_per_point,
     )
     endpoint = ObservedRequests(
         GraphQLOverHTTP(

@@ -58,11 +58,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.authentication import principal_of
 from api.authorization import Authorizer
 from api.documents import KEPT_CHARS, hand_over
-from api.errors import RequestRefused
+from api.errors import LimitCode, RequestRefused
 from api.gateway import CacheLookup, EntityRead, Source
 from api.limits import DocumentLimits, decode_json, selects_always_live
 from api.metrics import ApiMetrics
+from api.rate_limits import charge_answer
 from api.request_context import note_operation
+from api.response_size import ResponseSize
+from api.responses import send_error
 from entities.runtime.policy import Role
 from workers.cache import CachedSnapshot, CacheUnavailable, RawEntry, SnapshotCache
 from workers.index import EPOCH, EVERY, STUCK, generations_key, tag_generation
@@ -376,8 +379,10 @@ class CachedReadResponses:
         size: int,
         limits: DocumentLimits | None = None,
         metrics: ApiMetrics | None = None,
+        answer_size: ResponseSize | None = None,
     ) -> None:
         self._app = app
+        self._answer_size = answer_size
         self._metrics = metrics or ApiMetrics()
         self._plans = _Plans(schema, limits)
         self._size = size
@@ -408,12 +413,14 @@ class CachedReadResponses:
             not plan
             or entities is None
             or not (entities or plan.listings)
-            or not _allowed_at_once(scope, entities)
             or not _allowed_to_list(scope, plan.listed_types)
         ):
             await self._app(scope, replay, send)
             return
         cache: SnapshotCache = scope["app"].state.gateway.cache
+        if not _allowed_at_once(scope, entities):
+            await self._app(scope, replay, send)
+            return
         depended_on = self._listings_depend_on(body, plan, request[1]) if request else []
         try:
             raw = await _look_up(cache, entities) if entities else []
@@ -429,6 +436,17 @@ class CachedReadResponses:
         if key and rendered is None and key in self._rendering:
             rendered = await asyncio.shield(self._rendering[key])
         if key and rendered is not None:
+            variables = request[1] if request else {}
+            overdrawn = await charge_answer(scope, lambda: self._values(plan, variables))
+            if overdrawn is not None:
+                await send_error(
+                    send,
+                    429,
+                    LimitCode.RATE_LIMITED,
+                    overdrawn.message,
+                    [(b"retry-after", str(overdrawn.retry_after).encode())],
+                )
+                return
             if key in self._rendered:
                 self._rendered.move_to_end(key)
             self.replayed += 1
@@ -462,6 +480,14 @@ class CachedReadResponses:
             rendering.set_result(kept)
             if self._rendering.get(key) is rendering:
                 del self._rendering[key]
+
+    def _values(self, plan: ReadPlan, variables: dict[str, Any]) -> int | None:
+        """The values a replayed answer is charged for: as many as executing it is."""
+        if self._answer_size is None or plan.document is None:
+            return None
+        return self._answer_size.values(
+            self._plans.schema, plan.document, plan.operation_name, variables
+        )
 
     def _listings_depend_on(
         self, body: bytes, plan: ReadPlan, variables: dict[str, Any]

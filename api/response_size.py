@@ -16,7 +16,7 @@ every list in the schema to a declaration.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,13 +41,16 @@ from graphql import (
     is_composite_type,
 )
 from graphql.type.definition import GraphQLNamedType, GraphQLObjectType
+from starlette.types import Scope
 from strawberry.extensions import SchemaExtension
 
 from api.errors import LimitCode, over_limit
+from api.rate_limits import Overdrawn, charge_answer
 
 MAX_ITEMS = "tenure.max_items"
 PAGED = "tenure.paged"
 PAGE_ARGUMENTS = ("first", "last")
+RETRY_AFTER_KEY = "tenure.retry_after"
 
 
 def bounded(max_items: int, *, paged: bool = False, description: str | None = None) -> Any:
@@ -200,6 +203,25 @@ class ResponseSize:
         counter = _Count(schema, fragments, variables, defaults, self.limit)
         return counter.selection_set(operation.selection_set, root, None)
 
+    def values(
+        self,
+        schema: GraphQLSchema,
+        document: Any,
+        operation_name: str | None,
+        variables: Mapping[str, Any],
+    ) -> int | None:
+        """What the operation run with these variables could answer with, in values (None
+        when the document names no such operation); once over the limit, a number over it."""
+        operation = get_operation_ast(document, operation_name)
+        if operation is None:
+            return None
+        fragments = {
+            definition.name.value: definition
+            for definition in document.definitions
+            if isinstance(definition, FragmentDefinitionNode)
+        }
+        return self.count(schema, operation, fragments, variables)
+
     def check(
         self,
         schema: GraphQLSchema,
@@ -209,15 +231,11 @@ class ResponseSize:
     ) -> GraphQLError | None:
         """RESPONSE_TOO_LARGE when the operation run with these variables could answer with
         more values than the limit."""
-        operation = get_operation_ast(document, operation_name)
-        if operation is None:
-            return None
-        fragments = {
-            definition.name.value: definition
-            for definition in document.definitions
-            if isinstance(definition, FragmentDefinitionNode)
-        }
-        found = self.count(schema, operation, fragments, variables)
+        found = self.values(schema, document, operation_name, variables)
+        return None if found is None else self.refusal(found)
+
+    def refusal(self, found: int) -> GraphQLError | None:
+        """RESPONSE_TOO_LARGE for an answer of `found` values, when that is over the limit."""
         if found <= self.limit:
             return None
         return over_limit(
@@ -229,21 +247,33 @@ class ResponseSize:
 
 
 class ResponseSizeLimit(SchemaExtension):
-    """Refuses, just before execution, an operation whose answer could be too large."""
+    """Refuses, just before execution, an operation whose answer could be too large, and
+    charges the caller's rate limit for the answer's size (`api/rate_limits.py`)."""
 
     def __init__(self, size: ResponseSize) -> None:
         super().__init__()
         self._size = size
 
-    def on_execute(self) -> Iterator[None]:
+    async def on_execute(self) -> AsyncIterator[None]:
         context = self.execution_context
         if context.graphql_document is not None and context.result is None:
-            error = self._size.check(
-                context.schema._schema,
-                context.graphql_document,
-                context.operation_name,
-                context.variables or {},
+            document = context.graphql_document
+            found = self._size.values(
+                context.schema._schema, document, context.operation_name, context.variables or {}
             )
+            error = None if found is None else self._size.refusal(found)
+            request = getattr(context.context, "request", None)
+            if error is None and found is not None and request is not None:
+                overdrawn = await charge_answer(request.scope, lambda: found)
+                if overdrawn is not None:
+                    error = rate_limited(request.scope, overdrawn)
             if error is not None:
                 context.result = ExecutionResult(data=None, errors=[error])
         yield
+
+
+def rate_limited(scope: Scope, overdrawn: Overdrawn) -> GraphQLError:
+    """RATE_LIMITED for an answer that costs more points than the caller has now; the view
+    answers it 429 with `Retry-After` (`RETRY_AFTER_KEY`)."""
+    scope[RETRY_AFTER_KEY] = overdrawn.retry_after
+    return over_limit(LimitCode.RATE_LIMITED, overdrawn.message)

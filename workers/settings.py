@@ -239,6 +239,12 @@ class Settings(BaseModel):
         description="Per role: requests per second and burst, each caller a bucket of its "
         "own; a role not named (admin, by default) is not limited.",
     )
+    rate_limit_values_per_point: int = Field(
+        default=100,
+        ge=0,
+        description="A request costs one token more of its caller's rate limit for each so "
+        "many values its answer could hold (api/rate_limits.py); 0: every request costs one.",
+    )
     webhook_sources: dict[WebhookSourceName, WebhookSource] = Field(
         default_factory=dict,
         description="Providers that post signed events to /webhooks/<name>, by name.",
@@ -312,6 +318,7 @@ class Settings(BaseModel):
             "TENURE_MAX_LIVE_READS": "max_live_reads",
             "TENURE_MAX_MUTATIONS": "max_mutations",
             "TENURE_MAX_RESPONSE_VALUES": "max_response_values",
+            "TENURE_RATE_LIMIT_VALUES_PER_POINT": "rate_limit_values_per_point",
             "TENURE_MAX_BODY_BYTES": "max_body_bytes",
             "TENURE_MAX_SUBSCRIBERS": "max_subscribers",
             "TENURE_MAX_SUBSCRIPTIONS_PER_CONNECTION": "max_subscriptions_per_connection",
@@ -401,6 +408,7 @@ class Settings(BaseModel):
             "TENURE_MAX_LIVE_READS": str(self.max_live_reads),
             "TENURE_MAX_MUTATIONS": str(self.max_mutations),
             "TENURE_MAX_RESPONSE_VALUES": str(self.max_response_values),
+            "TENURE_RATE_LIMIT_VALUES_PER_POINT": str(self.rate_limit_values_per_point),
             "TENURE_MAX_BODY_BYTES": str(self.max_body_bytes),
             "TENURE_MAX_SUBSCRIBERS": str(self.max_subscribers),
             "TENURE_MAX_SUBSCRIPTIONS_PER_CONNECTION": str(self.max_subscriptions_per_connection),
