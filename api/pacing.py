@@ -9,12 +9,24 @@ is ready. The turn is one lock per event loop, so the long lists of all requests
 with each other too, rather than each queueing its next chunk at once: between two chunks of
 long lists, every other ready request gets to run. A chunk is a few hundred values at most,
 about a millisecond or two. Short lists stay plain lists, completed at once.
+
+A heavy answer (one that could hold more than `HEAVY_VALUES` values, as `api/response_size.py`
+counts it) takes its turns on a lock of its own, and yields more than its turn while other
+work is waiting: after each chunk it waits until the loop has spent at most `HEAVY_SHARE` of
+its time on heavy answers, so that 32 dashboards reading one small entity each barely notice
+one client asking for twelve full carts over and over. On a loop with nothing else to do, a
+heavy answer runs at full speed; behind others, it takes longer (a tenth of the loop: ten
+times its own CPU), which only its own caller waits for.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from weakref import WeakKeyDictionary
 
@@ -22,18 +34,65 @@ T = TypeVar("T")
 
 CHUNK = 5
 """Items completed between two turns; a list no longer than this is never paced."""
+HEAVY_VALUES = 1_000
+"""An answer that could hold more values than this is heavy (a full cart, every field of its
+100 lines, is about 400)."""
+HEAVY_SHARE = 0.1
+"""The most of a busy loop's time that heavy answers get."""
+_BUSY_SECONDS = 0.000_2
+"""A yield that took longer than this ran other work: the loop is busy."""
+_MOST_COUNTED_SECONDS = 0.005
+"""A heavy answer's work between two turns is counted up to this (more is an await on I/O,
+not work of its own)."""
 
-_turns: WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = WeakKeyDictionary()
+
+@dataclass
+class _HeavyAnswer:
+    resumed_at: float
+
+
+_heavy: ContextVar[_HeavyAnswer | None] = ContextVar("tenure_heavy_answer", default=None)
+_turns: WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[asyncio.Lock, asyncio.Lock]] = (
+    WeakKeyDictionary()
+)
+
+
+@contextlib.contextmanager
+def answering(values: int) -> Iterator[None]:
+    """Execute an answer of up to `values` values: its long lists' turns are heavy ones when
+    it is heavy."""
+    if values <= HEAVY_VALUES:
+        yield
+        return
+    token = _heavy.set(_HeavyAnswer(time.perf_counter()))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):  # ended in a context other than its own
+            _heavy.reset(token)
 
 
 async def take_turn() -> None:
-    """Wait behind everything ready on this loop, one long list at a time."""
+    """Wait behind everything ready on this loop, one long list at a time; a heavy answer
+    also leaves the loop to others for long enough to keep to its share."""
     loop = asyncio.get_running_loop()
-    lock = _turns.get(loop)
-    if lock is None:
-        lock = _turns[loop] = asyncio.Lock()
-    async with lock:
+    locks = _turns.get(loop)
+    if locks is None:
+        locks = _turns[loop] = (asyncio.Lock(), asyncio.Lock())
+    heavy = _heavy.get()
+    if heavy is None:
+        async with locks[0]:
+            await asyncio.sleep(0)
+        return
+    async with locks[1]:
+        spent = min(time.perf_counter() - heavy.resumed_at, _MOST_COUNTED_SECONDS)
+        yielded_at = time.perf_counter()
         await asyncio.sleep(0)
+        others = time.perf_counter() - yielded_at
+        rest = spent * (1 / HEAVY_SHARE - 1) - others
+        if others > _BUSY_SECONDS and rest > 0:
+            await asyncio.sleep(rest)
+        heavy.resumed_at = time.perf_counter()
 
 
 class Paced(list[T]):

@@ -45,6 +45,7 @@ from starlette.types import Scope
 from strawberry.extensions import SchemaExtension
 
 from api.errors import LimitCode, over_limit
+from api.pacing import answering
 from api.rate_limits import Overdrawn, charge_answer
 
 MAX_ITEMS = "tenure.max_items"
@@ -269,6 +270,10 @@ class ResponseSizeLimit(SchemaExtension):
                     error = rate_limited(request.scope, overdrawn)
             if error is not None:
                 context.result = ExecutionResult(data=None, errors=[error])
+            elif found is not None:
+                with answering(found):
+                    yield
+                return
         yield
 
 

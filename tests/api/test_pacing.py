@@ -4,10 +4,20 @@ runs between its chunks; short lists stay plain."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import strawberry
 
-from api.pacing import CHUNK, Paced, paced
+from api.pacing import CHUNK, HEAVY_SHARE, HEAVY_VALUES, Paced, answering, paced
+
+WORK_SECONDS = 0.000_1
+
+
+def work() -> None:
+    """A tenth of a millisecond of CPU."""
+    until = time.perf_counter() + WORK_SECONDS
+    while time.perf_counter() < until:
+        pass
 
 
 @strawberry.type
@@ -17,7 +27,19 @@ class Line:
 
 
 @strawberry.type
+class Item:
+    @strawberry.field
+    def weight(self) -> int:
+        work()
+        return 1
+
+
+@strawberry.type
 class Query:
+    @strawberry.field
+    async def items(self, n: int) -> list[Item]:
+        return paced(Item() for _ in range(n))
+
     @strawberry.field
     async def lines(self, n: int) -> list[Line]:
         return paced(Line(sku=f"s{i}", quantity=i) for i in range(n))
@@ -72,3 +94,41 @@ def test_only_lists_longer_than_a_chunk_are_paced() -> None:
     assert type(paced(range(CHUNK))) is list
     long = paced(range(CHUNK + 1))
     assert isinstance(long, Paced) and long == list(range(CHUNK + 1))
+
+
+async def share_beside_busy_readers(heavy: bool) -> float:
+    """The part of the loop's time a long list of costly items took while 4 readers, each
+    doing a tenth of a millisecond at a time, kept the loop busy."""
+    done = False
+
+    async def reader() -> None:
+        while not done:
+            work()
+            await asyncio.sleep(0)
+
+    readers = [asyncio.create_task(reader()) for _ in range(4)]
+    await asyncio.sleep(0)
+    started = time.perf_counter()
+    with answering(HEAVY_VALUES + 1 if heavy else HEAVY_VALUES):
+        result = await SCHEMA.execute("{ items(n: 200) { weight } }")
+    elapsed = time.perf_counter() - started
+    done = True
+    await asyncio.gather(*readers)
+    assert result.errors is None and result.data is not None
+    assert len(result.data["items"]) == 200
+    return 200 * WORK_SECONDS / elapsed
+
+
+async def test_a_heavy_answer_leaves_a_busy_loop_to_the_others() -> None:
+    # An answer of up to HEAVY_VALUES values takes its turns as any other: a large part.
+    light = await share_beside_busy_readers(heavy=False)
+    # A heavier one keeps to about its share of the loop while others are waiting.
+    heavy = await share_beside_busy_readers(heavy=True)
+    assert heavy < 2 * HEAVY_SHARE < light, (heavy, light)
+
+
+async def test_a_heavy_answer_on_an_idle_loop_is_answered_as_any_other() -> None:
+    with answering(HEAVY_VALUES + 1):
+        data, ticks = await answered_beside_a_ticker("{ lines(n: 1000) { sku quantity } }")
+    assert data["lines"] == [{"sku": f"s{i}", "quantity": i} for i in range(1000)]
+    assert ticks >= 1000 // CHUNK
