@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from api.errors import TooManyQueries
-from api.gateway import Consistency, EntityGateway
+from api.gateway import CacheLookup, Consistency, EntityGateway
 from entities import catalog
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import READ, Principal, Role
@@ -47,9 +47,12 @@ class Authorizer:
         entity_id: str,
         action: str,
         payload: Mapping[str, Any] | None = None,
+        *,
+        looked_up: CacheLookup | None = None,
     ) -> None:
         """Raise Forbidden unless `principal` may do `action` (`read` or a command with
-        `payload`) to the entity."""
+        `payload`) to the entity; `looked_up` is its cache entry, when the request has read
+        it already."""
         entity = self._types[entity_type]
         policy = entity.policy
         if principal.role is not Role.CUSTOMER or policy.owner is None:
@@ -60,7 +63,7 @@ class Authorizer:
             raise Forbidden()  # not a customer's action at all: no need to look
         owner = policy.owner(entity_id, None)
         if owner is None:
-            owner = await self._owner_from_state(entity_type, entity_id)
+            owner = await self._owner_from_state(entity_type, entity_id, looked_up)
             creates = action != READ and entity.commands[action].creates
             if creates and owner is None:
                 # A command that makes the entity names its owner; one that exists already
@@ -79,11 +82,15 @@ class Authorizer:
             return False
         return True
 
-    async def _owner_from_state(self, entity_type: str, entity_id: str) -> str | None:
+    async def _owner_from_state(
+        self, entity_type: str, entity_id: str, looked_up: CacheLookup | None = None
+    ) -> str | None:
         policy = self._types[entity_type].policy
         assert policy.owner is not None
         try:
-            read = await self._gateway.read(entity_type, entity_id, Consistency.CACHED)
+            read = await self._gateway.read(
+                entity_type, entity_id, Consistency.CACHED, looked_up=looked_up
+            )
         except TooManyQueries:
             # Said as TOO_MANY_LIVE_READS, it would tell an entity the cache holds (no query
             # needed) from one that does not exist: refused alike.

@@ -101,9 +101,11 @@ async def read_entity(
 ) -> EntityRead | None:
     """Read an entity; a null `consistency` means the default, CACHED."""
     chosen = GatewayConsistency((consistency or Consistency.CACHED).value)
-    await authorize(info, entity_type, entity_id, READ)
     prefetched = info.context.prefetched
     looked_up = prefetched.lookup(entity_type, entity_id) if prefetched else None
+    await info.context.authorizer.require(
+        info.context.principal, entity_type, entity_id, READ, looked_up=looked_up
+    )
     read = await info.context.gateway.read(entity_type, entity_id, chosen, looked_up=looked_up)
     if prefetched is not None:
         prefetched.note(read, looked_up)

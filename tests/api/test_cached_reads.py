@@ -15,6 +15,7 @@ from api import limits as limits_module
 from api.cached_reads import CachedReadResponses, plan_reads
 from api.schema import schema
 from deploy.embedded import EmbeddedRedis
+from tests.api.test_access import CREATE_CART, OPEN, SECRET, VERIFY, Caller, token
 from tests.api.test_accounts_api import DEPOSIT, READ, open_active
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from tests.entities.shop import until_cached
@@ -201,3 +202,51 @@ async def test_a_read_planned_for_replay_is_parsed_once(
         )
         assert response.json()["data"]["account"]["revision"] == 2
         assert parsed.count(query) == 1, n
+
+
+async def test_a_customer_reading_one_cart_thrice_costs_one_batched_cache_read(
+    settings: Settings,
+    temporal_client: Client,
+    run_worker: WorkerFactory,
+    cache: SnapshotCache,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Never replayed to a customer (the policy looks at the cart's account), the read still
+    takes its carts from one look at the cache, for the policy and the resolvers alike."""
+    secured = settings.model_copy(
+        update={"environment": "production", "auth_secret": SECRET, "rate_limits": {}}
+    )
+    account, cart, other = new_id(), new_id(), new_id()
+    query = (
+        "query($id: ID!, $other: ID!) { a: cart(id: $id) { status } "
+        "b: cart(id: $id) { accountId } c: cart(id: $id) { status } d: cart(id: $other) "
+        "{ status } }"
+    )
+    async with run_worker(secured), api_client(secured, temporal_client) as http:
+        admin = Caller(http, token("admin", "ops"))
+        await admin.data(OPEN, id=account)
+        await admin.data(VERIFY, id=account)
+        for owner, cart_id in ((account, cart), (account, other)):
+            await admin.data(CREATE_CART, id=cart_id, account=owner)
+            await until_cached(cache, "cart", cart_id, 1)
+        gateway_cache: SnapshotCache = http._transport.app.state.gateway.cache  # type: ignore[attr-defined]
+        looks: list[str] = []
+        for name in ("get", "get_raw"):
+            method = getattr(gateway_cache, name)
+
+            async def counted(*args: Any, _method: Any = method, _name: str = name) -> Any:
+                looks.append(_name)
+                return await _method(*args)
+
+            monkeypatch.setattr(gateway_cache, name, counted)
+        ada = Caller(http, token("customer", new_id(), [account]))
+        answer = await ada.post(query, id=cart, other=other)
+        stranger = Caller(http, token("customer", new_id(), [new_id()]))
+        refused = await stranger.post(query, id=cart, other=other)
+
+    data = answer.json()["data"]
+    assert data["a"] == data["c"] == data["d"] == {"status": "OPEN"}
+    assert data["b"] == {"accountId": account}
+    # Two carts: two looks, in one batch before execution; none by the policy or resolvers.
+    assert looks == ["get_raw", "get_raw", "get_raw", "get_raw"]
+    assert {e["extensions"]["code"] for e in refused.json()["errors"]} == {"FORBIDDEN"}
