@@ -46,6 +46,14 @@ class HTTPClient:
         self, method: str, path: str, body: dict[str, Any] | None = None
     ) -> tuple[int, Any]:
         """Send one request; returns the status and the decoded JSON body (None if empty)."""
+        status, _, data = await self.exchange(method, path, body)
+        return status, data
+
+    async def exchange(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> tuple[int, dict[str, str], Any]:
+        """Send one request; returns the status, the headers (names in lower case) and the
+        decoded JSON body (None if empty)."""
         payload = b"" if body is None else json.dumps(body).encode()
         head = (
             f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
@@ -55,16 +63,16 @@ class HTTPClient:
         async with self._slots:
             connection, reused = await self._take()
             try:
-                status, data = await self._exchange(connection, head + payload)
+                status, headers, data = await self._exchange(connection, head + payload)
             except asyncio.IncompleteReadError as exc:
                 connection.writer.close()
                 if not (reused and not exc.partial):
                     raise HTTPError(f"{method} {path}: {exc!r}") from exc
                 # The server closed an idle connection as we reused it: send it again.
                 connection = await self._connect()
-                status, data = await self._exchange(connection, head + payload)
+                status, headers, data = await self._exchange(connection, head + payload)
             self._idle.append(connection)
-        return status, json.loads(data) if data else None
+        return status, headers, json.loads(data) if data else None
 
     async def _take(self) -> tuple[_Connection, bool]:
         while self._idle:
@@ -74,7 +82,9 @@ class HTTPClient:
             connection.writer.close()
         return await self._connect(), False
 
-    async def _exchange(self, connection: _Connection, message: bytes) -> tuple[int, bytes]:
+    async def _exchange(
+        self, connection: _Connection, message: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
         try:
             async with asyncio.timeout(self.timeout):
                 connection.writer.write(message)
@@ -97,18 +107,18 @@ class HTTPClient:
         return _Connection(reader, writer)
 
     @staticmethod
-    async def _response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    async def _response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         status = int(lines[0].split()[1])
-        length = None
+        headers: dict[str, str] = {}
         for line in lines[1:]:
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        if length is None:
+            if name.strip():
+                headers[name.strip().lower().decode()] = value.strip().decode()
+        if "content-length" not in headers:
             raise ValueError("response without Content-Length")
-        return status, await reader.readexactly(length)
+        return status, headers, await reader.readexactly(int(headers["content-length"]))
 
     async def aclose(self) -> None:
         while self._idle:
