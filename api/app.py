@@ -50,9 +50,9 @@ from api.gateway import QUERY_BUDGET, EntityGateway, QueryBudget
 from api.limits import BodyLimit, DocumentLimits, decode_json
 from api.metrics import ApiMetrics
 from api.over_http import EventStreamsTo, GraphQLOverHTTP, view_status, wants_event_stream
-from api.rate_limits import Limit, RateLimiter, RateLimits
+from api.rate_limits import RETRY_AFTER_KEY, Limit, RateLimiter, RateLimits
 from api.request_context import ObservedRequests, note_outcome
-from api.response_size import RETRY_AFTER_KEY, ResponseSize
+from api.response_size import ResponseSize
 from api.schema import build_schema, introspection_enabled
 from api.transports import CodedErrorsOverWebSocket, EventStream
 from api.webhooks import webhook_endpoint
@@ -125,7 +125,7 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
             try:
                 response = await self.run(Request(scope, receive))
                 response.status_code = scope.get(_STATUS_KEY, response.status_code)
-                if RETRY_AFTER_KEY in scope:
+                if response.status_code == 429 and RETRY_AFTER_KEY in scope:
                     response.headers["retry-after"] = str(scope[RETRY_AFTER_KEY])
             except RequestRefused as refused:
                 response = refused.response()

@@ -58,14 +58,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.authentication import principal_of
 from api.authorization import Authorizer
 from api.documents import KEPT_CHARS, hand_over
-from api.errors import LimitCode, RequestRefused
+from api.errors import RequestRefused
 from api.gateway import CacheLookup, EntityRead, Source
 from api.limits import DocumentLimits, decode_json, selects_always_live
 from api.metrics import ApiMetrics
-from api.rate_limits import charge_answer
+from api.rate_limits import charge_answer, send_rate_limited
 from api.request_context import note_operation
 from api.response_size import ResponseSize
-from api.responses import send_error
 from entities.runtime.policy import Role
 from workers.cache import CachedSnapshot, CacheUnavailable, RawEntry, SnapshotCache
 from workers.index import EPOCH, EVERY, STUCK, generations_key, tag_generation
@@ -443,13 +442,7 @@ class CachedReadResponses:
             variables = request[1] if request else {}
             overdrawn = await charge_answer(scope, lambda: self._values(plan, variables))
             if overdrawn is not None:
-                await send_error(
-                    send,
-                    429,
-                    LimitCode.RATE_LIMITED,
-                    overdrawn.message,
-                    [(b"retry-after", str(overdrawn.retry_after).encode())],
-                )
+                await send_rate_limited(send, overdrawn.retry_after, overdrawn.message)
                 return
             if key in self._rendered:
                 self._rendered.move_to_end(key)
@@ -489,13 +482,17 @@ class CachedReadResponses:
     async def _prefetch(
         scope: Scope, entities: list[tuple[str, str]], cache: SnapshotCache
     ) -> None:
+        """The entries the cache holds, for the policy and the resolvers. An entity it does
+        not hold (or an unreachable cache) is left to them: the policy's live read fills
+        the cache, and the resolver finds it there rather than asking the workflow again."""
         distinct = list(dict.fromkeys(entities))
         try:
             prefetched = _prefetched(distinct, await _look_up(cache, distinct))
         except CacheUnavailable:
-            prefetched = PrefetchedReads(dict.fromkeys(distinct, CacheLookup(None)))
+            return
         if prefetched is not None:
-            scope[SCOPE_KEY] = prefetched
+            found = {e: hit for e, hit in prefetched.entries.items() if hit.entry is not None}
+            scope[SCOPE_KEY] = PrefetchedReads(found)
 
     def _values(self, plan: ReadPlan, variables: dict[str, Any]) -> int | None:
         """The values a replayed answer is charged for: as many as executing it is."""

@@ -40,7 +40,9 @@ HEAVY_VALUES = 1_000
 HEAVY_SHARE = 0.1
 """The most of a busy loop's time that heavy answers get."""
 _BUSY_SECONDS = 0.000_2
-"""A yield that took longer than this ran other work: the loop is busy."""
+"""A yield that took more of the thread's CPU than this ran other work: the loop is busy.
+Times are the thread's CPU time, so that being preempted by another process, or waiting for
+the GIL, counts as nothing."""
 _MOST_COUNTED_SECONDS = 0.005
 """A heavy answer's work between two turns is counted up to this (more is an await on I/O,
 not work of its own)."""
@@ -64,7 +66,7 @@ def answering(values: int) -> Iterator[None]:
     if values <= HEAVY_VALUES:
         yield
         return
-    token = _heavy.set(_HeavyAnswer(time.perf_counter()))
+    token = _heavy.set(_HeavyAnswer(time.thread_time()))
     try:
         yield
     finally:
@@ -84,15 +86,21 @@ async def take_turn() -> None:
         async with locks[0]:
             await asyncio.sleep(0)
         return
+    # Its own work since its last turn, not counting the wait for this one.
+    spent = min(time.thread_time() - heavy.resumed_at, _MOST_COUNTED_SECONDS)
     async with locks[1]:
-        spent = min(time.perf_counter() - heavy.resumed_at, _MOST_COUNTED_SECONDS)
-        yielded_at = time.perf_counter()
+        yielded_at = time.thread_time()
         await asyncio.sleep(0)
-        others = time.perf_counter() - yielded_at
+        others = time.thread_time() - yielded_at
         rest = spent * (1 / HEAVY_SHARE - 1) - others
         if others > _BUSY_SECONDS and rest > 0:
-            await asyncio.sleep(rest)
-        heavy.resumed_at = time.perf_counter()
+            await leave_loop(rest)
+        heavy.resumed_at = time.thread_time()
+
+
+async def leave_loop(seconds: float) -> None:
+    """A heavy answer's pause, leaving the loop to others."""
+    await asyncio.sleep(seconds)
 
 
 class Paced(list[T]):

@@ -19,11 +19,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from graphql import GraphQLError
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.authentication import principal_of
-from api.errors import LimitCode
+from api.errors import LimitCode, over_limit
 from api.responses import send_error
 from entities.runtime.policy import Principal, Role
 from workers.cache import RedisClient
@@ -31,22 +32,26 @@ from workers.cache import RedisClient
 log = logging.getLogger(__name__)
 
 LIMITER_KEY = "tenure.rate_limiter"
+RETRY_AFTER_KEY = "tenure.retry_after"
+"""Set on a request GraphQL refused for its rate limit: the view answers it 429 with this
+`Retry-After`."""
 
-# KEYS[1] the bucket; ARGV: tokens per second, burst, tokens to take (at most the burst).
-# Returns 0 when they were taken, else the milliseconds until they will be there (and takes
-# none).
+# KEYS[1] the bucket; ARGV: tokens per second, burst, tokens to take, tokens to wait for
+# when they cannot be taken (both at most the burst). Returns 0 when they were taken, else
+# the milliseconds until the bucket holds the tokens to wait for (and takes none).
 _TAKE = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local rate = tonumber(ARGV[1]) / 1000
 local burst = tonumber(ARGV[2])
 local cost = math.min(tonumber(ARGV[3]), burst)
+local wanted = math.min(tonumber(ARGV[4]), burst)
 local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'at')
 local tokens = tonumber(bucket[1] or ARGV[2])
 local at = tonumber(bucket[2] or now_ms)
 tokens = math.min(burst, tokens + (now_ms - at) * rate)
 if tokens < cost then
-  return math.ceil((cost - tokens) / rate)
+  return math.ceil((math.max(wanted, cost) - tokens) / rate)
 end
 redis.call('HSET', KEYS[1], 'tokens', tokens - cost, 'at', now_ms)
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate) + 1000)
@@ -92,15 +97,18 @@ class RateLimiter:
             return 1
         return max(1, min(limit.burst, math.ceil(values / self.values_per_point)))
 
-    async def wait_ms(self, principal: Principal, tokens: int = 1) -> int:
+    async def wait_ms(self, principal: Principal, tokens: int = 1, retried: int = 0) -> int:
         """0 when the principal may go on, having taken `tokens` (at most its burst), else
-        how long until it may (milliseconds)."""
+        how long until its bucket holds `retried` tokens (milliseconds; at least `tokens`),
+        what the request will cost when it is sent again."""
         limit = self._limits.get(principal.role)
         if limit is None or tokens <= 0:
             return 0
         key = f"{self._prefix}rate:{{{principal.role.value}:{principal.subject}}}"
         try:
-            waited = await self._take(keys=[key], args=[limit.per_second, limit.burst, tokens])
+            waited = await self._take(
+                keys=[key], args=[limit.per_second, limit.burst, tokens, retried]
+            )
         except RedisError as exc:
             log.warning("rate limits unavailable, letting requests through: %s", exc)
             return 0
@@ -121,12 +129,8 @@ class RateLimits:
             wait_ms = await self._limiter.wait_ms(principal)
             if wait_ms:
                 retry_after = retry_after_seconds(wait_ms)
-                await send_error(
-                    send,
-                    429,
-                    LimitCode.RATE_LIMITED,
-                    f"too many requests; try again in {retry_after} s",
-                    [(b"retry-after", str(retry_after).encode())],
+                await send_rate_limited(
+                    send, retry_after, f"too many requests; try again in {retry_after} s"
                 )
                 return
             scope[LIMITER_KEY] = self._limiter
@@ -136,6 +140,17 @@ class RateLimits:
 def retry_after_seconds(wait_ms: int) -> int:
     """`Retry-After` for a wait: whole seconds, at least one."""
     return max(1, math.ceil(wait_ms / 1000))
+
+
+async def send_rate_limited(send: Send, retry_after: int, message: str) -> None:
+    """Answer 429 RATE_LIMITED with `Retry-After`, before GraphQL runs anything."""
+    await send_error(
+        send,
+        429,
+        LimitCode.RATE_LIMITED,
+        message,
+        [(b"retry-after", str(retry_after).encode())],
+    )
 
 
 @dataclass(frozen=True)
@@ -167,7 +182,15 @@ async def charge_answer(scope: Scope, values: Callable[[], int | None]) -> Overd
     if counted is None:
         return None
     points = limiter.points(principal, counted)
-    wait_ms = await limiter.wait_ms(principal, points - 1)
+    # Sent again, the request pays its token at the door once more: wait for all of them.
+    wait_ms = await limiter.wait_ms(principal, points - 1, retried=points)
     if not wait_ms:
         return None
     return Overdrawn(points, limiter.values_per_point, retry_after_seconds(wait_ms))
+
+
+def rate_limited(scope: Scope, overdrawn: Overdrawn) -> GraphQLError:
+    """RATE_LIMITED for an answer that costs more points than the caller has now; the view
+    answers it 429 with `Retry-After` (`RETRY_AFTER_KEY`)."""
+    scope[RETRY_AFTER_KEY] = overdrawn.retry_after
+    return over_limit(LimitCode.RATE_LIMITED, overdrawn.message)

@@ -34,6 +34,7 @@ from graphql import (
     InlineFragmentNode,
     IntValueNode,
     OperationDefinitionNode,
+    OperationType,
     SelectionSetNode,
     VariableNode,
     get_named_type,
@@ -41,17 +42,15 @@ from graphql import (
     is_composite_type,
 )
 from graphql.type.definition import GraphQLNamedType, GraphQLObjectType
-from starlette.types import Scope
 from strawberry.extensions import SchemaExtension
 
 from api.errors import LimitCode, over_limit
 from api.pacing import answering
-from api.rate_limits import Overdrawn, charge_answer
+from api.rate_limits import charge_answer, rate_limited
 
 MAX_ITEMS = "tenure.max_items"
 PAGED = "tenure.paged"
 PAGE_ARGUMENTS = ("first", "last")
-RETRY_AFTER_KEY = "tenure.retry_after"
 
 
 def bounded(max_items: int, *, paged: bool = False, description: str | None = None) -> Any:
@@ -248,8 +247,10 @@ class ResponseSize:
 
 
 class ResponseSizeLimit(SchemaExtension):
-    """Refuses, just before execution, an operation whose answer could be too large, and
-    charges the caller's rate limit for the answer's size (`api/rate_limits.py`)."""
+    """Just before execution: refuses an operation whose answer could be too large, charges
+    the caller's rate limit for the answer's size (`api/rate_limits.py`), and marks a heavy
+    answer heavy while it runs (`api/pacing.py`). A subscription is bounded by its events'
+    size alone: it is charged at the door, as a request, and its events are not paced."""
 
     def __init__(self, size: ResponseSize) -> None:
         super().__init__()
@@ -257,28 +258,25 @@ class ResponseSizeLimit(SchemaExtension):
 
     async def on_execute(self) -> AsyncIterator[None]:
         context = self.execution_context
-        if context.graphql_document is not None and context.result is None:
-            document = context.graphql_document
-            found = self._size.values(
-                context.schema._schema, document, context.operation_name, context.variables or {}
-            )
-            error = None if found is None else self._size.refusal(found)
-            request = getattr(context.context, "request", None)
-            if error is None and found is not None and request is not None:
-                overdrawn = await charge_answer(request.scope, lambda: found)
-                if overdrawn is not None:
-                    error = rate_limited(request.scope, overdrawn)
-            if error is not None:
-                context.result = ExecutionResult(data=None, errors=[error])
-            elif found is not None:
-                with answering(found):
-                    yield
-                return
-        yield
-
-
-def rate_limited(scope: Scope, overdrawn: Overdrawn) -> GraphQLError:
-    """RATE_LIMITED for an answer that costs more points than the caller has now; the view
-    answers it 429 with `Retry-After` (`RETRY_AFTER_KEY`)."""
-    scope[RETRY_AFTER_KEY] = overdrawn.retry_after
-    return over_limit(LimitCode.RATE_LIMITED, overdrawn.message)
+        document = context.graphql_document
+        if document is None or context.result is not None:
+            yield
+            return
+        operation = get_operation_ast(document, context.operation_name)
+        found = self._size.values(
+            context.schema._schema, document, context.operation_name, context.variables or {}
+        )
+        error = None if found is None else self._size.refusal(found)
+        request = getattr(context.context, "request", None)
+        once = operation is not None and operation.operation is not OperationType.SUBSCRIPTION
+        if error is None and found is not None and request is not None and once:
+            overdrawn = await charge_answer(request.scope, lambda: found)
+            if overdrawn is not None:
+                error = rate_limited(request.scope, overdrawn)
+        if error is not None:
+            context.result = ExecutionResult(data=None, errors=[error])
+        if error is None and found is not None and once:
+            with answering(found):
+                yield
+        else:
+            yield

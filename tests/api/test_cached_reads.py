@@ -241,12 +241,35 @@ async def test_a_customer_reading_one_cart_thrice_costs_one_batched_cache_read(
             monkeypatch.setattr(gateway_cache, name, counted)
         ada = Caller(http, token("customer", new_id(), [account]))
         answer = await ada.post(query, id=cart, other=other)
+        assert looks == ["get_raw", "get_raw"]
         stranger = Caller(http, token("customer", new_id(), [new_id()]))
         refused = await stranger.post(query, id=cart, other=other)
+        missing = await stranger.post(query, id=new_id(), other=new_id())
+
+        # Carts the cache has lost are read from their workflows once each: the policy's
+        # read puts each back in the cache, where the resolver finds it. Three of them stay
+        # within the 5 reads a request may ask of workflows.
+        carts = [cart, other, new_id()]
+        await admin.data(CREATE_CART, id=carts[2], account=account)
+        for lost in carts:
+            await cache.client.delete(cache.key("cart", lost))
+        lost_query = (
+            "query($a: ID!, $b: ID!, $c: ID!) { a: cart(id: $a) { status } "
+            "b: cart(id: $b) { status } c: cart(id: $c) { status } }"
+        )
+        relearned = await ada.post(lost_query, a=carts[0], b=carts[1], c=carts[2])
 
     data = answer.json()["data"]
     assert data["a"] == data["c"] == data["d"] == {"status": "OPEN"}
     assert data["b"] == {"accountId": account}
     # Two carts: two looks, in one batch before execution; none by the policy or resolvers.
-    assert looks == ["get_raw", "get_raw", "get_raw", "get_raw"]
-    assert {e["extensions"]["code"] for e in refused.json()["errors"]} == {"FORBIDDEN"}
+    assert looks[:2] == ["get_raw", "get_raw"]
+    # Another customer learns nothing, not even which of the carts exist.
+    for body in (refused.json(), missing.json()):
+        assert body["data"] == {"a": None, "b": None, "c": None, "d": None}
+        assert [e["extensions"]["code"] for e in body["errors"]] == ["FORBIDDEN"] * 4
+    assert [e["message"] for e in refused.json()["errors"]] == [
+        e["message"] for e in missing.json()["errors"]
+    ]
+    assert "errors" not in relearned.json(), relearned.json()
+    assert list(relearned.json()["data"].values()) == [{"status": "OPEN"}] * 3

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import strawberry
 
+from api import pacing
 from api.pacing import CHUNK, HEAVY_SHARE, HEAVY_VALUES, Paced, answering, paced
 
 WORK_SECONDS = 0.000_1
@@ -96,9 +98,16 @@ def test_only_lists_longer_than_a_chunk_are_paced() -> None:
     assert isinstance(long, Paced) and long == list(range(CHUNK + 1))
 
 
-async def share_beside_busy_readers(heavy: bool) -> float:
-    """The part of the loop's time a long list of costly items took while 4 readers, each
-    doing a tenth of a millisecond at a time, kept the loop busy."""
+async def pauses_beside_busy_readers(heavy: bool, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The pauses a long list of costly items took to leave the loop to 4 readers, each
+    doing a tenth of a millisecond at a time, which kept it busy."""
+    pauses: list[float] = []
+
+    async def leave_loop(seconds: float) -> None:
+        pauses.append(seconds)
+        await asyncio.sleep(seconds)
+
+    monkeypatch.setattr(pacing, "leave_loop", leave_loop)
     done = False
 
     async def reader() -> None:
@@ -108,27 +117,39 @@ async def share_beside_busy_readers(heavy: bool) -> float:
 
     readers = [asyncio.create_task(reader()) for _ in range(4)]
     await asyncio.sleep(0)
-    started = time.perf_counter()
     with answering(HEAVY_VALUES + 1 if heavy else HEAVY_VALUES):
         result = await SCHEMA.execute("{ items(n: 200) { weight } }")
-    elapsed = time.perf_counter() - started
     done = True
     await asyncio.gather(*readers)
     assert result.errors is None and result.data is not None
     assert len(result.data["items"]) == 200
-    return 200 * WORK_SECONDS / elapsed
+    return pauses
 
 
-async def test_a_heavy_answer_leaves_a_busy_loop_to_the_others() -> None:
-    # An answer of up to HEAVY_VALUES values takes its turns as any other: a large part.
-    light = await share_beside_busy_readers(heavy=False)
-    # A heavier one keeps to about its share of the loop while others are waiting.
-    heavy = await share_beside_busy_readers(heavy=True)
-    assert heavy < 2 * HEAVY_SHARE < light, (heavy, light)
+async def test_a_heavy_answer_leaves_a_busy_loop_to_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An answer of up to HEAVY_VALUES values takes its turns as any other, and no more.
+    assert await pauses_beside_busy_readers(False, monkeypatch) == []
+    # A heavier one pauses after its chunks, for about nine times each one's work (a
+    # chunk is 0.5 ms of it here), less what the others ran meanwhile.
+    pauses = await pauses_beside_busy_readers(True, monkeypatch)
+    assert len(pauses) >= 200 // CHUNK // 2
+    assert max(pauses) <= (1 / HEAVY_SHARE - 1) * pacing._MOST_COUNTED_SECONDS
 
 
-async def test_a_heavy_answer_on_an_idle_loop_is_answered_as_any_other() -> None:
+async def test_a_heavy_answer_on_an_idle_loop_is_answered_as_any_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pauses: list[float] = []
+
+    async def leave_loop(seconds: float) -> None:
+        pauses.append(seconds)
+
+    monkeypatch.setattr(pacing, "leave_loop", leave_loop)
     with answering(HEAVY_VALUES + 1):
         data, ticks = await answered_beside_a_ticker("{ lines(n: 1000) { sku quantity } }")
     assert data["lines"] == [{"sku": f"s{i}", "quantity": i} for i in range(1000)]
     assert ticks >= 1000 // CHUNK
+    # The ticker's turns are far shorter than a chunk's work: the loop is not busy.
+    assert pauses == []
