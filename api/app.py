@@ -91,6 +91,9 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
     Server-Sent Events too: a stream is answered once its subscription is established
     (`EventStream`), so one refused before then is answered as a query would be."""
 
+    rate_limiter: RateLimiter | None = None
+    """Set once the app has one: operations over a WebSocket pay at its door too."""
+
     graphql_transport_ws_handler_class = CodedErrorsOverWebSocket
     stream_transport_classes_by_protocol = {GRAPHQL_SSE_PROTOCOL: _EventStreams}
 
@@ -384,6 +387,7 @@ def create_app(
         {Role(role): Limit(*limit) for role, limit in settings.rate_limits.items()},
         settings.rate_limit_values_per_point,
     )
+    graphql.rate_limiter = limiter  # operations over a WebSocket pay at the door too
     endpoint = ObservedRequests(
         GraphQLOverHTTP(
             BodyLimit(

@@ -62,7 +62,7 @@ from api.errors import RequestRefused
 from api.gateway import CacheLookup, EntityRead, Source
 from api.limits import DocumentLimits, decode_json, selects_always_live
 from api.metrics import ApiMetrics
-from api.rate_limits import charge_answer, send_rate_limited
+from api.rate_limits import charge_answer, limiter_of, send_rate_limited
 from api.request_context import note_operation
 from api.response_size import ResponseSize
 from entities.runtime.policy import Role
@@ -440,7 +440,9 @@ class CachedReadResponses:
             rendered = await asyncio.shield(self._rendering[key])
         if key and rendered is not None:
             variables = request[1] if request else {}
-            overdrawn = await charge_answer(scope, lambda: self._values(plan, variables))
+            overdrawn = await charge_answer(
+                limiter_of(scope), principal_of(scope), lambda: self._values(plan, variables)
+            )
             if overdrawn is not None:
                 await send_rate_limited(send, overdrawn.retry_after, overdrawn.message)
                 return

@@ -8,8 +8,10 @@ counts), the count `api/response_size.py` makes with every list full, so a reque
 thousand values weighs ten requests for a few, however it is answered (executed, or a kept
 response replayed). A request never costs more than its role's whole burst, so that it can
 always be paid. A caller over its limit is answered 429 with `Retry-After` and the code
-RATE_LIMITED. When Redis cannot be reached the request goes through: the limits protect the
-service, and Redis being down must not take the API down with it.
+RATE_LIMITED; an operation over a WebSocket pays the same (`api/transports.py`), refused
+with RATE_LIMITED in its `error` message. When Redis cannot be reached the request goes
+through: the limits protect the service, and Redis being down must not take the API down
+with it.
 """
 
 from __future__ import annotations
@@ -170,12 +172,12 @@ class Overdrawn:
         )
 
 
-async def charge_answer(scope: Scope, values: Callable[[], int | None]) -> Overdrawn | None:
+async def charge_answer(
+    limiter: RateLimiter | None, principal: Principal | None, values: Callable[[], int | None]
+) -> Overdrawn | None:
     """Charge the caller for an answer of up to `values()` values, beyond the token its
     request took at the door: None when it may go on. `values` is counted only for a caller
     with a limit; None from it (no operation to count) costs nothing more."""
-    limiter: RateLimiter | None = scope.get(LIMITER_KEY)
-    principal = principal_of(scope)
     if limiter is None or principal is None or not limiter.limits(principal):
         return None
     counted = values()
@@ -187,6 +189,12 @@ async def charge_answer(scope: Scope, values: Callable[[], int | None]) -> Overd
     if not wait_ms:
         return None
     return Overdrawn(points, limiter.values_per_point, retry_after_seconds(wait_ms))
+
+
+def limiter_of(scope: Scope) -> RateLimiter | None:
+    """The limiter whose door a request (or a WebSocket operation) has passed, if any."""
+    limiter: RateLimiter | None = scope.get(LIMITER_KEY)
+    return limiter
 
 
 def rate_limited(scope: Scope, overdrawn: Overdrawn) -> GraphQLError:

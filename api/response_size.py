@@ -46,7 +46,7 @@ from strawberry.extensions import SchemaExtension
 
 from api.errors import LimitCode, over_limit
 from api.pacing import answering
-from api.rate_limits import charge_answer, rate_limited
+from api.rate_limits import charge_answer, limiter_of, rate_limited
 
 MAX_ITEMS = "tenure.max_items"
 PAGED = "tenure.paged"
@@ -270,7 +270,9 @@ class ResponseSizeLimit(SchemaExtension):
         request = getattr(context.context, "request", None)
         once = operation is not None and operation.operation is not OperationType.SUBSCRIPTION
         if error is None and found is not None and request is not None and once:
-            overdrawn = await charge_answer(request.scope, lambda: found)
+            principal = getattr(context.context, "principal", None)
+            limiter = limiter_of(request.scope)
+            overdrawn = await charge_answer(limiter, principal, lambda: found)
             if overdrawn is not None:
                 error = rate_limited(request.scope, overdrawn)
         if error is not None:

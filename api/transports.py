@@ -15,28 +15,48 @@ from strawberry.schema import BaseSchema
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
 )
-from strawberry.types.execution import ExecutionResult
+from strawberry.types.execution import ExecutionResult, PreExecutionError
 from strawberry.utils.aio import aclosing
 
 from api.context import TenureContext
-from api.errors import present_error
+from api.errors import LimitCode, over_limit, present_error
+from api.rate_limits import LIMITER_KEY, RateLimiter, retry_after_seconds
 from api.subscriptions import ESTABLISHED_KEY
 
 _END = object()  # after an event stream's last result
+
+
+async def _refused(result: PreExecutionError) -> AsyncGenerator[Any, None]:
+    """An operation refused before it runs, as the WebSocket handler expects one."""
+    yield result
 
 
 class _CodedStreams:
     """The schema as a WebSocket handler uses it, with each result's errors as the HTTP
     answers present them (`extensions.code`), which the handler would send bare."""
 
-    def __init__(self, schema: BaseSchema, suggestions: bool) -> None:
+    def __init__(
+        self, schema: BaseSchema, suggestions: bool, limiter: RateLimiter | None = None
+    ) -> None:
         self._schema = schema
         self._suggestions = suggestions
+        self._limiter = limiter
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._schema, name)
 
     async def stream(self, *args: Any, **kwargs: Any) -> Any:
+        context = kwargs.get("context_value")
+        if self._limiter is not None and isinstance(context, TenureContext):
+            # Each operation on the socket pays its token at the door, as a request does.
+            wait_ms = await self._limiter.wait_ms(context.principal)
+            if wait_ms:
+                retry_after = retry_after_seconds(wait_ms)
+                error = over_limit(
+                    LimitCode.RATE_LIMITED, f"too many requests; try again in {retry_after} s"
+                )
+                return self._coded(_refused(PreExecutionError(data=None, errors=[error])))
+            context.request.scope[LIMITER_KEY] = self._limiter
         results = await self._schema.stream(*args, **kwargs)
         if isinstance(results, ExecutionResult):
             self._code(results)
@@ -76,7 +96,8 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         suggestions = getattr(self.view, "suggestions", True)
-        self.schema = _CodedStreams(self.schema, suggestions)  # type: ignore[assignment]
+        limiter = getattr(self.view, "rate_limiter", None)
+        self.schema = _CodedStreams(self.schema, suggestions, limiter)  # type: ignore[assignment]
 
 
 class EventStream:

@@ -79,12 +79,14 @@ async def test_a_caller_over_its_limit_gets_429_with_retry_after_and_others_go_o
     read = {"query": "query($sku: String!) { inventoryItem(sku: $sku) { onHand } }"}
     read["variables"] = {"sku": new_id()}  # type: ignore[assignment]
 
+    ada, bob = new_id(), new_id()  # buckets outlive a test: callers of their own
+
     def as_(sub: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {token('customer', sub)}"}
 
     async with run_worker(secured), api_client(secured, temporal_client) as http:
-        answers = [(await http.post("/graphql", json=read, headers=as_("ada"))) for _ in range(3)]
-        other = await http.post("/graphql", json=read, headers=as_("bob"))
+        answers = [(await http.post("/graphql", json=read, headers=as_(ada))) for _ in range(3)]
+        other = await http.post("/graphql", json=read, headers=as_(bob))
         admin = [
             await http.post(
                 "/graphql", json=read, headers={"Authorization": f"Bearer {token('admin', 'ops')}"}

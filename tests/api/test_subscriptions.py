@@ -264,3 +264,35 @@ async def test_over_graphql_transport_ws_a_customer_follows_only_its_own_account
                     with pytest.raises(Exception) as closed:
                         await received(ws)
                     assert "4403" in str(closed.value)
+
+
+async def test_over_graphql_transport_ws_each_operation_pays_the_rate_limit(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """A socket is no way around the limits: each operation on it takes a token, and a
+    large answer its points, as a request over HTTP does."""
+    limited = secured.model_copy(update={"rate_limits": {"customer": (0.02, 6)}})
+    async with run_worker(limited), running_app(limited, temporal_client) as app:
+        async with http_of(app) as http:
+            http.headers.update({"Authorization": f"Bearer {token('admin', 'ops-1')}"})
+            mine = await open_account(GraphQLClient(http))
+        async with served(app) as url:
+            customer = token("customer", new_id(), [mine])
+            async with connect(url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+                init = {"Authorization": f"Bearer {customer}"}
+                await ws.send(json.dumps({"type": "connection_init", "payload": init}))
+                assert (await received(ws))["type"] == "connection_ack"
+
+                async def send(op: str, query: str) -> dict[str, Any]:
+                    payload = {"query": query, "variables": {"id": mine}}
+                    await ws.send(json.dumps({"id": op, "type": "subscribe", "payload": payload}))
+                    return await answer(ws, op)
+
+                read = "query($id: ID!) { account(id: $id) { balance } }"
+                answers = [await send(f"read-{n}", read) for n in range(6)]  # 6 tokens: all
+                over = await send("over", read)
+                followed = await send("follow", FOLLOW)
+
+    assert all(a["data"] == {"account": {"balance": 0}} for a in answers)
+    assert code(over) == code(followed) == "RATE_LIMITED"
+    assert "try again in" in over["errors"][0]["message"]
