@@ -279,13 +279,27 @@ class TokenVerifier:
         if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT:
             # It is recorded with every command the caller sends: a name, not a payload.
             raise Unauthenticated("token has no valid sub claim")
-        role = _role(claims.get(s.auth_roles_claim))
-        scopes = _strings(claims.get(s.auth_scopes_claim), "scopes", split=True)
+        role = _role(claim(claims, s.auth_roles_claim))
+        scopes = _strings(claim(claims, s.auth_scopes_claim), "scopes", split=True)
         # Only a customer's accounts mean anything: they are what it owns.
-        accounts = _strings(claims.get(s.auth_accounts_claim), "accounts", split=False)
+        accounts = _strings(claim(claims, s.auth_accounts_claim), "accounts", split=False)
         if role is not Role.CUSTOMER:
             accounts = frozenset()
         return Principal(subject, role, accounts, scopes)
+
+
+def claim(claims: Mapping[str, Any], name: str) -> Any:
+    """The claim called `name`; failing that, a dotted name is a path into nested claims, as
+    identity providers nest them (Keycloak's `realm_access.roles`). A name with dots of its
+    own (Auth0's `https://example.com/roles`) is found as it is first."""
+    if name in claims or "." not in name:
+        return claims.get(name)
+    found: Any = claims
+    for part in name.split("."):
+        if not isinstance(found, Mapping) or part not in found:
+            return None
+        found = found[part]
+    return found
 
 
 def _read(authorization: str | None) -> tuple[str, str | None]:

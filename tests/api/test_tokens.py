@@ -95,6 +95,29 @@ def test_an_hs256_token_names_the_customer_its_accounts_and_scopes() -> None:
     )
 
 
+def test_the_claims_are_read_under_the_names_configured_nested_or_not() -> None:
+    keycloak_like = SETTINGS.model_copy(
+        update={
+            "auth_roles_claim": "realm_access.roles",
+            "auth_accounts_claim": "https://tenure.example/accounts",
+            "auth_scopes_claim": "scp",
+        }
+    )
+    token = hs256(
+        roles=None,
+        accounts=None,
+        scope=None,
+        realm_access={"roles": ["customer"]},
+        scp="read:account",
+        **{"https://tenure.example/accounts": ["ada"]},
+    )
+    assert verifier(keycloak_like).verify(token) == Principal(
+        "ada", Role.CUSTOMER, frozenset({"ada"}), frozenset({"read:account"})
+    )
+    # Under the default names that token has no role: refused.
+    assert "role" in refused(verifier(), token)
+
+
 def test_scopes_and_roles_may_be_lists_or_strings() -> None:
     principal = verifier().verify(
         hs256(sub="billing", roles="service", scope=["account:deposit", "read:*"])
