@@ -505,3 +505,60 @@ async def test_reads_the_cache_cannot_answer_count_as_live_reads(
     body = missing.json()
     assert body["data"] == {f"r{n}": None for n in range(6)}  # five "no such account"
     assert codes(missing) == ["TOO_MANY_LIVE_READS"]  # and one not asked
+
+
+DEPOSIT_ONE = "depositToAccount(id: $id, amount: 1, wait: true)"
+OVER_EACH_LIMIT = {
+    # name: (the document, over that limit, with a deposit in it; its code)
+    "depth": (
+        "mutation($id: ID!) { " + DEPOSIT_ONE + " { account { " + "a { " * 8 + "b }" * 8 + " } } }",
+        "QUERY_TOO_DEEP",
+    ),
+    "aliases": (
+        "mutation($id: ID!) { "
+        + DEPOSIT_ONE
+        + " { "
+        + " ".join(f"s{i}: status" for i in range(16))
+        + " } }",
+        "TOO_MANY_ALIASES",
+    ),
+    "tokens": (
+        "# padding\n" * 1000 + "mutation($id: ID!) { " + DEPOSIT_ONE + " { status } }",
+        "TOO_MANY_TOKENS",
+    ),
+    "directives": (
+        "mutation($id: ID!) { "
+        + DEPOSIT_ONE
+        + " { "
+        + " ".join("... @include(if: true) { status }" for _ in range(51))
+        + " } }",
+        "TOO_MANY_DIRECTIVES",
+    ),
+    "characters": (
+        "mutation($id: ID!) { " + DEPOSIT_ONE + " { status } }" + " " * 16 * 1024,
+        "DOCUMENT_TOO_LARGE",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", OVER_EACH_LIMIT.values(), ids=OVER_EACH_LIMIT.keys())
+async def test_a_deposit_in_a_document_over_a_limit_is_refused_and_stores_nothing(
+    gql: GraphQLClient, http: httpx.AsyncClient, case: tuple[str, str]
+) -> None:
+    document, code = case
+    account_id = new_id()
+    await open_active(gql, account_id)
+    refused = await post(http, document, id=account_id)
+    assert codes(refused) == [code] and refused.json()["data"] is None, refused.json()
+    batch = await http.post(
+        "/graphql",
+        json=[
+            {
+                "query": f"mutation($id: ID!) {{ {DEPOSIT_ONE} {{ status }} }}",
+                "variables": {"id": account_id},
+            }
+        ],
+    )
+    assert batch.status_code == 400 and codes(batch) == ["BATCH_NOT_SUPPORTED"]
+    account = await read_account(gql, account_id, "LIVE")
+    assert (account["balance"], account["revision"]) == (0, 2)

@@ -11,7 +11,7 @@ from temporalio.client import Client
 
 from api.rate_limits import Limit, RateLimiter
 from entities.runtime.policy import Principal, Role
-from tests.api.test_access import CREATE_CART, OPEN, SECRET, VERIFY, Caller, token
+from tests.api.test_access import CREATE_CART, DEPOSIT, OPEN, SECRET, VERIFY, Caller, token
 from tests.api.test_cached_reads import replays_of
 from tests.conftest import WorkerFactory, api_client, new_id
 from tests.entities.shop import until_cached
@@ -100,6 +100,7 @@ async def test_a_caller_over_its_limit_gets_429_with_retry_after_and_others_go_o
     assert all(a.status_code == 200 for a in admin)  # no limit set for admins
 
 
+READ_BALANCE = "query($id: ID!) { account(id: $id, consistency: LIVE) { balance } }"
 LINES = "query($id: ID!) { cart(id: $id) { lines { sku quantity unitPrice } } }"  # 302 values
 STATUS = "query($id: ID!) { cart(id: $id) { status } }"  # 2 values
 LINE_TOTALS = """query($id: ID!) { cart(id: $id) {
@@ -147,6 +148,9 @@ async def test_a_large_answer_costs_a_point_per_hundred_values_executed_or_repla
             headers={**ada.headers, "accept": "application/graphql-response+json"},
         )
         admin_reads = [(await admin.post(LINES, id=cart)).status_code for _ in range(5)]
+        # A command refused for the limit stores nothing.
+        deposit = await ada.post(DEPOSIT, id=account)
+        balance = (await admin.data(READ_BALANCE, id=account))["account"]["balance"]
 
     assert cheap.status_code == 200 and all(r.status_code == 200 for r in replayed)
     assert replayed[0].json()["data"] == {"cart": {"lines": []}}
@@ -164,3 +168,4 @@ async def test_a_large_answer_costs_a_point_per_hundred_values_executed_or_repla
     error = too_many.json()["errors"][0]
     assert error["extensions"]["code"] == "RATE_LIMITED" and "costs 4 points" in error["message"]
     assert admin_reads == [200] * 5  # no limit set for admins
+    assert deposit.status_code == 429 and balance == 0
