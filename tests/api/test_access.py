@@ -24,6 +24,16 @@ from workers.settings import Settings
 SECRET = "test-secret-" + "x" * 32
 
 
+@pytest.fixture
+def secured(settings: Settings) -> Settings:
+    """This module's settings in production, verifying tokens, with no rate limits: its
+    callers send more than a customer's burst in a second (the limits have tests of their
+    own, in test_rate_limits.py)."""
+    return settings.model_copy(
+        update={"environment": "production", "auth_secret": SECRET, "rate_limits": {}}
+    )
+
+
 def token(role: str, sub: str, accounts: list[str] = [], scope: str = "") -> str:  # noqa: B006
     now = int(time.time())
     claims: dict[str, Any] = {
@@ -109,6 +119,25 @@ START_BULK = """mutation($key: String!, $ids: [ID!]) { startBulkCommand(entityTy
   command: "deposit", payload: {amount: 1}, ids: $ids, idempotencyKey: $key) { id } }"""
 READ_BULK = "query($id: ID!) { bulkCommand(id: $id) { status done } }"
 PAUSE_BULK = "mutation($id: ID!) { pauseBulkCommand(id: $id) { status } }"
+RESUME_BULK = "mutation($id: ID!) { resumeBulkCommand(id: $id) { status } }"
+CANCEL_BULK = "mutation($id: ID!) { cancelBulkCommand(id: $id) { status } }"
+LIST_BULKS = "{ bulkCommands(first: 5) { edges { node { id } } } }"
+LIST_ACCOUNTS = "{ accounts(first: 5) { edges { node { id } } } }"
+LIST_CARTS = "{ carts(first: 5) { edges { node { id } } } }"
+LIST_ITEMS = "{ inventoryItems(first: 5) { edges { node { sku } } } }"
+ACCOUNT_STATS = "{ accountStats { total } }"
+CART_STATS = "{ cartStats { total } }"
+ITEM_STATS = "{ inventoryStats { total } }"
+LIST_SUBSCRIBERS = "{ webhookSubscribers { id } }"
+DEAD_LETTERS = '{ webhookDeadLetters(subscriberId: "wh_0000000000000000") { hasMore } }'
+# An address the API refuses (an admin gets INVALID_INPUT): nothing is registered.
+REGISTER_SUBSCRIBER = """mutation { registerWebhookSubscriber(url: "not a url",
+  events: {account: ["deposit"]}) { secret } }"""
+REMOVE_SUBSCRIBER = 'mutation { removeWebhookSubscriber(id: "wh_0000000000000000") }'
+REPLAY_DEAD_LETTER = """mutation { replayWebhookDeadLetter(subscriberId: "wh_0000000000000000",
+  id: "1-0") }"""
+REPLAY_DEAD_LETTERS = """mutation {
+  replayWebhookDeadLetters(subscriberId: "wh_0000000000000000") }"""
 
 # The issue's words, as a table: for each kind of caller, what it may do. Customers own the
 # account "mine" (and so its cart); "theirs" is another customer's.
@@ -183,6 +212,25 @@ CASES: list[Case] = [
     ),
     ("read a bulk command", READ_BULK, lambda e: {"id": e["bulk"]}, {ADMIN, SERVICE}),
     ("pause it", PAUSE_BULK, lambda e: {"id": e["bulk"]}, {ADMIN, SERVICE}),
+    ("resume it", RESUME_BULK, lambda e: {"id": e["bulk"]}, {ADMIN, SERVICE}),
+    ("list bulk commands", LIST_BULKS, lambda e: {}, {ADMIN}),
+    # Lists: customers see their own entities only; counts span every entity, so only
+    # callers who may read them all get them.
+    ("list accounts", LIST_ACCOUNTS, lambda e: {}, {ADMIN, SERVICE, CUSTOMER, STRANGER}),
+    ("list carts", LIST_CARTS, lambda e: {}, {ADMIN, SERVICE, CUSTOMER, STRANGER}),
+    ("list stock", LIST_ITEMS, lambda e: {}, set(CALLERS)),
+    ("count accounts", ACCOUNT_STATS, lambda e: {}, {ADMIN, SERVICE}),
+    ("count carts", CART_STATS, lambda e: {}, {ADMIN, SERVICE}),
+    ("count stock", ITEM_STATS, lambda e: {}, set(CALLERS)),
+    # Outbound webhooks: admins alone.
+    ("list webhook subscribers", LIST_SUBSCRIBERS, lambda e: {}, {ADMIN}),
+    ("read dead letters", DEAD_LETTERS, lambda e: {}, {ADMIN}),
+    ("register a subscriber", REGISTER_SUBSCRIBER, lambda e: {}, {ADMIN}),
+    ("remove a subscriber", REMOVE_SUBSCRIBER, lambda e: {}, {ADMIN}),
+    ("replay a dead letter", REPLAY_DEAD_LETTER, lambda e: {}, {ADMIN}),
+    ("replay dead letters", REPLAY_DEAD_LETTERS, lambda e: {}, {ADMIN}),
+    # Last: a cancelled bulk command is over.
+    ("cancel it", CANCEL_BULK, lambda e: {"id": e["bulk"]}, {ADMIN, SERVICE}),
 ]
 
 
