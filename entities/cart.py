@@ -20,14 +20,16 @@ with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
     from entities.runtime.effects import StartWorkflow
-    from entities.runtime.entity import MAX_MONEY, EntityId
+    from entities.runtime.entity import MAX_MONEY, EntityId, strict_bound
     from entities.runtime.envelope import Snapshot
     from entities.runtime.policy import READ
 
 MAX_QUANTITY = 10_000
 Quantity = Annotated[int, Field(gt=0, le=MAX_QUANTITY, strict=True)]
 UnitPrice = Annotated[
-    int, Field(ge=0, le=10**12, strict=True, description="minor units, e.g. cents")
+    int,
+    Field(ge=0, le=10**12, strict=True, description="minor units, e.g. cents"),
+    strict_bound(lambda price: price >= 1, "a price is at least 1 (minor units)"),
 ]
 
 

@@ -7,6 +7,8 @@ reservation settles, so each command is idempotent by its reservation id.
 
 from __future__ import annotations
 
+import math
+import re
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
@@ -17,12 +19,25 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
-    from entities.runtime.entity import MAX_MONEY, PRINTABLE
+    from entities.runtime.entity import MAX_MONEY, PRINTABLE, strict_bound
     from entities.runtime.envelope import Snapshot
     from entities.runtime.policy import READ
 
 Quantity = Annotated[int, Field(gt=0, le=10**9, strict=True)]
-ReservationId = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,200}$")]
+RESERVATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,159}")
+"""A checkout reserves under its key (a cart id of up to 128 characters, the attempt and the
+start time), so a reservation id may be longer than an entity id."""
+ReservationId = Annotated[
+    str,
+    StringConstraints(pattern=r"^[\x21-\x7e]{1,200}$"),
+    strict_bound(
+        lambda rid: RESERVATION_ID.fullmatch(rid) is not None,
+        "1 to 160 letters, digits and . _ : -, starting with a letter or digit",
+    ),
+]
+MAX_TTL_SECONDS = 30 * 24 * 3600
+"""The longest a reservation may be asked to last; an item's own `max_ttl_seconds` (7 days
+by default) is lower, and a longer ask is refused by the item."""
 Name = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=PRINTABLE),
@@ -108,7 +123,17 @@ class AdjustStock(BaseModel, extra="forbid"):
 class ReserveStock(BaseModel, extra="forbid"):
     reservation_id: ReservationId
     quantity: Quantity
-    ttl_seconds: Annotated[float, Field(gt=0)] | None = None
+    ttl_seconds: (
+        Annotated[
+            float,
+            Field(gt=0),
+            strict_bound(
+                lambda ttl: math.isfinite(ttl) and ttl <= MAX_TTL_SECONDS,
+                f"at most {MAX_TTL_SECONDS} seconds",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class ReservationCommand(BaseModel, extra="forbid"):
@@ -196,7 +221,10 @@ def reserve_stock(state: InventoryState, cmd: ReserveStock, ctx: Ctx) -> Invento
             ErrorCode.INSUFFICIENT_STOCK,
             f"{state.available} of {state.sku} available, {cmd.quantity} requested",
         )
-    ttl = min(cmd.ttl_seconds or ctx.options.default_ttl_seconds, ctx.options.max_ttl_seconds)
+    longest = ctx.options.max_ttl_seconds
+    if ctx.strict_inputs and cmd.ttl_seconds is not None and cmd.ttl_seconds > longest:
+        raise Rejected(ErrorCode.INVALID_INPUT, f"ttl_seconds: at most {longest:g} on this item")
+    ttl = min(cmd.ttl_seconds or ctx.options.default_ttl_seconds, longest)
     reservation = Reservation(
         reservation_id=cmd.reservation_id,
         quantity=cmd.quantity,

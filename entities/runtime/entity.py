@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, StringConstraints, ValidationError, ValidationInfo
 
 from entities.errors import ErrorCode, Rejected
 from entities.runtime.listing import IndexValues, Listing
@@ -20,6 +20,28 @@ EntityId = Annotated[str, StringConstraints(pattern=ENTITY_ID_PATTERN)]
 
 MAX_MONEY = 2**53 - 1
 """The largest amount or balance: what a GraphQL `Long` (a JSON number) carries exactly."""
+
+
+STRICT_INPUTS = "tenure.strict_inputs"
+"""The validation context's key saying whether the bounds of `strict_bound` apply."""
+STRICT_INPUTS_PATCH = "strict-inputs-1"
+"""Runs started since the bounds of `strict_bound` came apply them to the commands they
+receive; older runs replay their histories as they were made (a command a bound now refuses
+was applied then)."""
+
+T = TypeVar("T")
+
+
+def strict_bound(holds: Callable[[Any], bool], message: str) -> Any:
+    """A bound on a command field added after entities first ran: always applied at the
+    API's edge, and in an entity's workflow only by runs started since (STRICT_INPUTS)."""
+
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if (info.context or {}).get(STRICT_INPUTS, True) and not holds(value):
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(check)
 
 
 PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
@@ -45,6 +67,8 @@ class CommandContext(Generic[Opt]):
     options: Opt
     command_id: str = ""
     effects: list[Any] = field(default_factory=list)
+    strict_inputs: bool = True
+    """Whether the bounds added since entities first ran apply (`strict_bound`)."""
 
 
 @dataclass(frozen=True)
@@ -177,11 +201,12 @@ class EntityType(Generic[S, Opt]):
                 ErrorCode.INVALID_INPUT, f"{self.name} has no command {name!r}"
             ) from None
 
-    def parse(self, name: str, payload: Mapping[str, Any]) -> BaseModel:
-        """Validate a command payload, rejecting it with INVALID_INPUT when malformed."""
+    def parse(self, name: str, payload: Mapping[str, Any], *, strict: bool = True) -> BaseModel:
+        """Validate a command payload, rejecting it with INVALID_INPUT when malformed; with
+        the bounds of `strict_bound` unless `strict` is False (a run older than them)."""
         spec = self.spec(name)
         try:
-            return spec.model.model_validate(payload)
+            return spec.model.model_validate(payload, context={STRICT_INPUTS: strict})
         except ValidationError as exc:
             raise Rejected(ErrorCode.INVALID_INPUT, format_validation_error(exc)) from None
 
@@ -190,7 +215,7 @@ class EntityType(Generic[S, Opt]):
     ) -> S:
         """Run one command's transition; raises Rejected when the entity refuses it."""
         spec = self.spec(name)
-        command = self.parse(name, payload)
+        command = self.parse(name, payload, strict=ctx.strict_inputs)
         if state is None and not spec.creates:
             raise Rejected(ErrorCode.NOT_FOUND, f"{self.name} {ctx.entity_id} does not exist")
         if state is not None and self.is_terminal(state):

@@ -18,7 +18,7 @@ with workflow.unsafe.imports_passed_through():
 
     from entities.errors import ErrorCode, Rejected
     from entities.runtime.effects import StartWorkflow
-    from entities.runtime.entity import CommandContext, EntityType
+    from entities.runtime.entity import STRICT_INPUTS_PATCH, CommandContext, EntityType
     from entities.runtime.envelope import (
         CommandEnvelope,
         CommandHistory,
@@ -98,8 +98,16 @@ class EntityWorkflow:
         )
         self._effects: list[Any] = list(input.effects)
         self._commands_metric: MetricCounter | None = None
+        self._strict_inputs: bool | None = None
 
     # -- commands -------------------------------------------------------------------------
+
+    def _inputs_strict(self) -> bool:
+        """Whether this run applies the command bounds added since entities first ran: runs
+        that began before them replay their histories as they were made."""
+        if self._strict_inputs is None:
+            self._strict_inputs = workflow.patched(STRICT_INPUTS_PATCH)
+        return self._strict_inputs
 
     @workflow.signal(name="command")
     def command(self, envelope: CommandEnvelope) -> None:
@@ -112,7 +120,13 @@ class EntityWorkflow:
             self._count("applied", OK)
             return
         now = workflow.now()
-        ctx = CommandContext(self._input.entity_id, now, self._options, envelope.command_id)
+        ctx = CommandContext(
+            self._input.entity_id,
+            now,
+            self._options,
+            envelope.command_id,
+            strict_inputs=self._inputs_strict(),
+        )
         try:
             new_state = self.entity.apply(self._state, envelope.name, envelope.payload, ctx)
         except Rejected as rejection:

@@ -4,18 +4,23 @@ full, and an entity at its fullest still continues as new and keeps serving."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from temporalio.client import Client
 
 from api.gateway import Consistency, EntityGateway
-from entities.errors import ErrorCode, TenureError
-from entities.runtime.entity import MAX_MONEY
-from entities.runtime.envelope import RuntimeOptions
+from entities.account import account
+from entities.cart import cart
+from entities.errors import ErrorCode, Rejected, TenureError
+from entities.inventory import inventory
+from entities.runtime.entity import MAX_MONEY, EntityType
+from entities.runtime.envelope import CommandEnvelope, RuntimeOptions
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import eventually
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache
+from workers.delivery import CommandDelivery
 from workers.settings import Settings
 
 
@@ -145,3 +150,66 @@ async def test_a_balance_never_passes_what_a_long_carries(
         again = await gateway.read("account", account_id, Consistency.LIVE)
     assert again is not None and again.snapshot.state is not None
     assert again.snapshot.state["balance"] == MAX_MONEY
+
+
+# Bounds added after entities first ran: a payload each refuses, and the field it names.
+LATER_BOUNDS = [
+    (cart, "addCartItem", {"sku": "s1", "quantity": 1, "unit_price": 0}, "unit_price"),
+    (
+        account,
+        "open",
+        {"owner_name": "Ada", "email": "ada@example.com", "currency": "XYZ"},
+        "currency",
+    ),
+    (inventory, "reserveStock", {"reservation_id": "r#1", "quantity": 1}, "reservation_id"),
+    (
+        inventory,
+        "reserveStock",
+        {"reservation_id": "r1", "quantity": 1, "ttl_seconds": 10**9},
+        "ttl_seconds",
+    ),
+]
+
+
+@pytest.mark.parametrize("entity, command, payload, field", LATER_BOUNDS)
+def test_a_bound_added_later_refuses_at_the_edge_but_not_in_runs_older_than_it(
+    entity: EntityType[Any, Any], command: str, payload: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(Rejected) as refused:
+        entity.parse(command, payload)
+    assert refused.value.code is ErrorCode.INVALID_INPUT and field in refused.value.message
+    # A run that began before the bound replays its history as it was made.
+    assert entity.parse(command, payload, strict=False) is not None
+
+
+async def test_a_new_run_refuses_what_the_later_bounds_refuse_however_it_is_sent(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    """Commands that never met the API (sent by a Temporal client of one's own, say) meet
+    the same bounds in the entity, and an item refuses a reservation longer than its own
+    longest (7 days by default) rather than cutting it short."""
+    gateway = EntityGateway(temporal_client, cache, settings)
+    delivery = CommandDelivery(temporal_client, settings)
+    sku = new_id()
+    asks = {
+        "bad id": {"reservation_id": "r#1", "quantity": 1},
+        "a ttl of years": {"reservation_id": "r1", "quantity": 1, "ttl_seconds": 10**9},
+        "8 days": {"reservation_id": "r2", "quantity": 1, "ttl_seconds": 8 * 24 * 3600},
+    }
+    async with run_worker():
+        await gateway.send("inventory", sku, "restock", {"quantity": 5, "name": "Pot"}, wait=True)
+        outcomes = {
+            name: (
+                await delivery.request(
+                    inventory,
+                    sku,
+                    CommandEnvelope(command_id=new_id(), name="reserveStock", payload=payload),
+                )
+            ).outcome
+            for name, payload in asks.items()
+        }
+        item = await gateway.read("inventory", sku, Consistency.LIVE)
+    assert {name: o.code for name, o in outcomes.items()} == dict.fromkeys(asks, "INVALID_INPUT")
+    assert "at most 604800" in (outcomes["8 days"].message or "")
+    assert item is not None and item.snapshot.state is not None
+    assert item.snapshot.state["on_hand"] == 5 and item.snapshot.state["reservations"] == []
