@@ -333,6 +333,8 @@ class Settings(BaseModel):
             runtime["max_commands_per_run"] = env["TENURE_MAX_COMMANDS_PER_RUN"]
         if env.get("TENURE_LEDGER_SIZE"):
             runtime["ledger_size"] = env["TENURE_LEDGER_SIZE"]
+        if env.get("TENURE_MAX_STATE_BYTES"):
+            runtime["max_state_bytes"] = env["TENURE_MAX_STATE_BYTES"]
         if env.get("TENURE_PUBLISH_INTERVAL"):
             runtime["publish_interval_seconds"] = env["TENURE_PUBLISH_INTERVAL"]
         if runtime:
@@ -376,6 +378,7 @@ class Settings(BaseModel):
             "TENURE_COMMAND_WAIT_TIMEOUT": str(self.command_wait_timeout),
             "TENURE_MAX_COMMANDS_PER_RUN": str(self.runtime.max_commands_per_run),
             "TENURE_LEDGER_SIZE": str(self.runtime.ledger_size),
+            "TENURE_MAX_STATE_BYTES": str(self.runtime.max_state_bytes),
             "TENURE_PUBLISH_INTERVAL": str(self.runtime.publish_interval_seconds),
             "TENURE_ENTITY_OPTIONS": json.dumps(self.entity_options),
             "TENURE_RATE_LIMITS": json.dumps(self.rate_limits),

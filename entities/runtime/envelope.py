@@ -166,6 +166,16 @@ class RuntimeOptions(BaseModel):
         "refuses a run's 2,001st update, and its senders would fall back to a signal.",
     )
     ledger_size: int = Field(default=4096, ge=1)
+    max_state_bytes: int = Field(
+        default=512 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="The most an entity's state may weigh as JSON; a command whose result "
+        "would weigh more is refused (LIMIT_REACHED). It travels in every snapshot and in the "
+        "continue-as-new input, which Temporal refuses past 2 MB, failing the workflow task "
+        "for good; each entity type bounds its collections well under the default, and this "
+        "refuses any command whose result would not fit, whatever a type forgot.",
+    )
     publish_snapshots: bool = True
     publish_interval_seconds: float = Field(
         default=0.0,

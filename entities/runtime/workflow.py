@@ -34,12 +34,6 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.publisher import SnapshotPublisher
 
 
-MAX_STATE_BYTES = 512 * 1024
-"""The most an entity's state may weigh as JSON. It travels in every snapshot and in the
-continue-as-new input, which Temporal refuses past 2 MB (and then fails the workflow task
-for good); each entity type bounds its collections well under this, and this refuses any
-command whose result would not fit, whatever the entity type forgot."""
-
 MAX_PUBLISHED_CHANGES = 1000
 """The most changes one publish carries for the change stream (the newest; the stream marks
 older ones as a gap): with the largest state they keep its input far below Temporal's 2 MB."""
@@ -136,7 +130,7 @@ class EntityWorkflow:
             workflow.logger.exception("command %s failed in its transition", envelope.name)
             self._reject(envelope.command_id, ErrorCode.INTERNAL, "internal error", envelope)
             return
-        if len(new_state.model_dump_json()) > MAX_STATE_BYTES:
+        if len(new_state.model_dump_json()) > self._input.runtime.max_state_bytes:
             self._reject(
                 envelope.command_id,
                 ErrorCode.LIMIT_REACHED,

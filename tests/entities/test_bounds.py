@@ -213,3 +213,41 @@ async def test_a_new_run_refuses_what_the_later_bounds_refuse_however_it_is_sent
     assert "at most 604800" in (outcomes["8 days"].message or "")
     assert item is not None and item.snapshot.state is not None
     assert item.snapshot.state["on_hand"] == 5 and item.snapshot.state["reservations"] == []
+
+
+async def test_a_command_whose_state_would_weigh_past_the_runtime_bound_is_refused(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    """The runtime's own net, under every entity type's bounds: with the state bounded at
+    4 KiB, a cart refuses the line that would make it heavier, keeps serving, and still
+    continues as new at its heaviest."""
+    settings = settings.model_copy(
+        update={"runtime": RuntimeOptions(max_commands_per_run=150, max_state_bytes=4096)}
+    )
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id, cart_id = new_id(), new_id()
+    async with run_worker(settings):
+        await open_active(gateway, account_id)
+        await gateway.send("cart", cart_id, "createCart", {"account_id": account_id}, wait=True)
+        refused: ErrorCode | None = None
+        for n in range(100):  # far fewer lines than a cart's own bound fit in 4 KiB
+            line = {"sku": f"sku-{n:03}-{'x' * 40}", "quantity": 1, "unit_price": 1}
+            try:
+                await gateway.send("cart", cart_id, "addCartItem", line, wait=True)
+            except TenureError as exc:
+                refused = exc.code
+                break
+        read = await gateway.read("cart", cart_id, Consistency.LIVE)
+        assert read is not None and read.snapshot.state is not None
+        held = len(read.snapshot.state["lines"])
+
+        async def reprice(k: int) -> None:
+            line = {"sku": f"sku-{k % held:03}-{'x' * 40}", "quantity": 1, "unit_price": 2 + k}
+            await gateway.send("cart", cart_id, "addCartItem", line)
+
+        await continues_as_new_at_its_fullest(temporal_client, f"cart:{cart_id}", reprice)
+        after = await gateway.read("cart", cart_id, Consistency.LIVE)
+    assert refused is ErrorCode.LIMIT_REACHED and 10 < held < 100
+    assert len(read.snapshot.model_dump_json()) <= 4096 + 1024  # the state, and its envelope
+    assert after is not None and after.snapshot.state is not None
+    assert len(after.snapshot.state["lines"]) == held  # still serving, still at its heaviest
