@@ -63,23 +63,34 @@ async def test_an_item_at_its_most_reservations_refuses_one_more_and_continues_a
         await gateway.send("inventory", sku, "restock", {"quantity": 5000, "name": "Pot"})
         gate = asyncio.Semaphore(64)
 
-        async def reserve(n: int) -> None:
+        async def send(command: str, reservation_id: str) -> None:
             async with gate:
-                payload = {"reservation_id": f"r{n}", "quantity": 1, "ttl_seconds": 3600}
-                await gateway.send("inventory", sku, "reserveStock", payload)
+                payload = {"reservation_id": reservation_id}
+                if command == "reserveStock":
+                    payload |= {"quantity": 1, "ttl_seconds": 3600}
+                await gateway.send("inventory", sku, command, payload)
 
-        await asyncio.gather(*(reserve(n) for n in range(1000)))
+        await asyncio.gather(*(send("reserveStock", f"r{n}") for n in range(1000)))
+        # Every log the item keeps, full too: the 500 settled reservations it remembers
+        # (released here) and its 20 latest adjustments.
+        await asyncio.gather(*(send("releaseReservation", f"r{n}") for n in range(500)))
+        await asyncio.gather(*(send("reserveStock", f"s{n}") for n in range(500)))
+        for n in range(25):
+            adjust = {"delta": 1, "reason": f"stocktake {n} " + "x" * 150}
+            await gateway.send("inventory", sku, "adjustStock", adjust)
         full = {"reservation_id": "one-more", "quantity": 1}
         assert (
             await code_of(gateway.send("inventory", sku, "reserveStock", full, wait=True))
             == ErrorCode.LIMIT_REACHED
         )
         await gateway.send(
-            "inventory", sku, "releaseReservation", {"reservation_id": "r0"}, wait=True
+            "inventory", sku, "releaseReservation", {"reservation_id": "s0"}, wait=True
         )
         done = await gateway.send("inventory", sku, "reserveStock", full, wait=True)
         assert done.read is not None and done.read.snapshot.state is not None
-        assert len(done.read.snapshot.state["reservations"]) == 1000
+        state = done.read.snapshot.state
+        assert len(state["reservations"]) == 1000
+        assert (len(state["settled"]), len(state["adjustments"])) == (500, 20)
 
         async def refused_reserve(n: int) -> None:
             async with gate:
@@ -90,6 +101,10 @@ async def test_an_item_at_its_most_reservations_refuses_one_more_and_continues_a
         after = await gateway.read("inventory", sku, Consistency.LIVE)
     assert after is not None and after.snapshot.state is not None
     assert len(after.snapshot.state["reservations"]) == 1000  # still serving, still full
+    assert (len(after.snapshot.state["settled"]), len(after.snapshot.state["adjustments"])) == (
+        500,
+        20,
+    )
     assert len(done.read.snapshot.model_dump_json()) < 512 * 1024
 
 
