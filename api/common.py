@@ -3,6 +3,7 @@ and the command path."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import replace
 from datetime import datetime
@@ -12,6 +13,7 @@ from typing import Any, NewType
 import strawberry
 import structlog
 from strawberry.types.scalar import ScalarDefinition
+from strawberry.utils.str_converters import to_camel_case
 
 from api.context import Info
 from api.gateway import Consistency as GatewayConsistency
@@ -141,15 +143,20 @@ async def send_command(
     structlog.contextvars.bind_contextvars(entity=f"{entity_type}:{entity_id}", command=command)
     await authorize(info, entity_type, entity_id, command, given)
     principal = info.context.principal
-    receipt = await info.context.gateway.send(
-        entity_type,
-        entity_id,
-        command,
-        given,
-        idempotency_key=idempotency_key,
-        wait=wait,
-        sent_by=f"{principal.role.value}:{principal.subject}",
-    )
+    try:
+        receipt = await info.context.gateway.send(
+            entity_type,
+            entity_id,
+            command,
+            given,
+            idempotency_key=idempotency_key,
+            wait=wait,
+            sent_by=f"{principal.role.value}:{principal.subject}",
+        )
+    except TenureError as exc:
+        if exc.code is not ErrorCode.INVALID_INPUT:
+            raise
+        raise TenureError(exc.code, graphql_field_names(exc.message)) from None
     if receipt.read is not None and not await info.context.authorizer.allows(
         principal, entity_type, entity_id, READ
     ):
@@ -167,6 +174,23 @@ async def require_open(info: Info, entity_type: str, entity_id: str) -> None:
         raise TenureError(ErrorCode.NOT_FOUND, f"{entity_type} {entity_id} does not exist")
     if read.snapshot.closed:
         raise TenureError(ErrorCode.INVALID_TRANSITION, f"{entity_type} {entity_id} is closed")
+
+
+_WHERE = re.compile(r"^([a-z][a-z0-9_]*(?:\.[A-Za-z0-9_]+)*): ")
+
+
+def graphql_field_names(message: str) -> str:
+    """A payload's refusal as a GraphQL caller knows its fields: the command names
+    `owner_name: ...`, the mutation's argument is `ownerName`."""
+
+    def renamed(part: str) -> str:
+        found = _WHERE.match(part)
+        if found is None:
+            return part
+        where = ".".join(to_camel_case(p) for p in found.group(1).split("."))
+        return where + part[found.end(1) :]
+
+    return "; ".join(renamed(part) for part in message.split("; "))
 
 
 def status_of(receipt: Receipt) -> CommandStatus:

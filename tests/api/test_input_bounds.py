@@ -20,6 +20,12 @@ async def test_names_with_control_characters_or_out_of_bounds_are_refused(
     assert (await gql.data(READ, id=account_id))["account"] is None
 
 
+async def test_a_refused_field_is_named_as_the_mutation_names_it(gql: GraphQLClient) -> None:
+    body = await gql(OPEN, id=new_id(), name="Ada\x00")
+    message = body["errors"][0]["message"]
+    assert message.startswith("ownerName: ") and "owner_name" not in message
+
+
 async def test_an_empty_id_is_refused_not_replaced_by_a_random_one(gql: GraphQLClient) -> None:
     assert await gql.error_code(OPEN, id="", name="Ada") == "INVALID_INPUT"
 
