@@ -275,6 +275,10 @@ class ResponseSizeLimit(SchemaExtension):
             overdrawn = await charge_answer(limiter, principal, lambda: found)
             if overdrawn is not None:
                 error = rate_limited(request.scope, overdrawn)
+        if error is not None and not once:
+            # Strawberry runs a subscription whatever the result set here says, but answers
+            # an error raised here as its only result.
+            raise error
         if error is not None:
             context.result = ExecutionResult(data=None, errors=[error])
         if error is None and found is not None and once:

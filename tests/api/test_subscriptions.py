@@ -296,3 +296,24 @@ async def test_over_graphql_transport_ws_each_operation_pays_the_rate_limit(
     assert all(a["data"] == {"account": {"balance": 0}} for a in answers)
     assert code(over) == code(followed) == "RATE_LIMITED"
     assert "try again in" in over["errors"][0]["message"]
+
+
+async def test_a_subscription_whose_events_could_be_too_large_is_refused(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    small = secured.model_copy(update={"max_response_values": 100})
+    follow = """subscription($sku: String!) { inventoryItemChanged(sku: $sku) {
+      revision node { reservations { reservationId quantity } } } }"""
+    async with (
+        run_worker(small),
+        running_app(small, temporal_client) as app,
+        served(app) as url,
+        connect(url, subprotocols=["graphql-transport-ws"]) as ws,  # type: ignore[list-item]
+    ):
+        init = {"Authorization": f"Bearer {token('admin', 'ops-1')}"}
+        await ws.send(json.dumps({"type": "connection_init", "payload": init}))
+        assert (await received(ws))["type"] == "connection_ack"
+        payload = {"query": follow, "variables": {"sku": new_id()}}
+        await ws.send(json.dumps({"id": "big", "type": "subscribe", "payload": payload}))
+        refused = await answer(ws, "big")
+    assert code(refused) == "RESPONSE_TOO_LARGE"
