@@ -246,6 +246,7 @@ class HostileClient:
 
     http: HTTPClient
     document: HostileDocument
+    role: str
     sent: int = 0
     rate_limited: int = 0
     unexpected: int = 0
@@ -286,12 +287,12 @@ class HostileClient:
                 self.unexpected += 1
                 self.first_unexpected = self.first_unexpected or f"{status}: {body}"[:300]
 
-    def details(self, role: str) -> dict[str, Any]:
+    def details(self) -> dict[str, Any]:
         mean = sum(self.latencies) / len(self.latencies) if self.latencies else 0.0
         return {
             "document": self.document.name,
             "document_bytes": self.document.size(),
-            "role": role,
+            "role": self.role,
             "requests": self.sent,
             "rate_limited": self.rate_limited,
             "mean_ms": round(1000 * mean, 1),
@@ -334,8 +335,8 @@ async def hostile_reads(bench: Bench) -> list[Result]:
 
     customer_http, operator_http = client("customer"), client("admin")
     try:
-        customer = HostileClient(customer_http, document)
-        operator = HostileClient(operator_http, document)
+        customer = HostileClient(customer_http, document, "customer")
+        operator = HostileClient(operator_http, document, "admin")
         reads = READS_PER_SCALE_READ * bench.scale.reads
         alone = Load(loads["alone"], reads, stack.window(stack.worker))
         beside = Load(
@@ -363,36 +364,37 @@ async def hostile_reads(bench: Bench) -> list[Result]:
             window=alone.window,
             problems=loads["alone"].problems(),
         ),
-        Result(
-            "cached_reads_hostile",
-            "GraphQL reads, CACHED, a hostile customer beside",
-            "reads",
-            beside.measured,
-            baseline="cached_reads_alone",
-            window=beside.window,
-            problems=loads["customer"].problems() + customer.problems(),
-            details={
-                "hostile": customer.details("customer"),
-                "p99_ms_by_round": {
-                    "alone": [round(ms, 1) for ms in alone.measured.slice_p99_ms],
-                    "beside": [round(ms, 1) for ms in beside.measured.slice_p99_ms],
-                },
-            },
+        _beside(
+            "cached_reads_hostile", "a hostile customer", beside, alone, loads["customer"], customer
         ),
-        Result(
+        _beside(
             "cached_reads_hostile_operator",
-            "GraphQL reads, CACHED, an operator sending the same document beside",
-            "reads",
-            beside_operator.measured,
-            baseline="cached_reads_alone",
-            window=beside_operator.window,
-            problems=loads["operator"].problems() + operator.problems(),
-            details={
-                "hostile": operator.details("admin"),
-                "p99_ms_by_round": {
-                    "alone": [round(ms, 1) for ms in alone.measured.slice_p99_ms],
-                    "beside": [round(ms, 1) for ms in beside_operator.measured.slice_p99_ms],
-                },
-            },
+            "an operator sending the same document",
+            beside_operator,
+            alone,
+            loads["operator"],
+            operator,
         ),
     ]
+
+
+def _beside(
+    key: str, who: str, beside: Load, alone: Load, reads: CachedReads, hostile: HostileClient
+) -> Result:
+    """The readers' result beside one hostile client, against their result alone."""
+    return Result(
+        key,
+        f"GraphQL reads, CACHED, {who} beside",
+        "reads",
+        beside.measured,
+        baseline="cached_reads_alone",
+        window=beside.window,
+        problems=reads.problems() + hostile.problems(),
+        details={
+            "hostile": hostile.details(),
+            "p99_ms_by_round": {
+                "alone": [round(ms, 1) for ms in alone.measured.slice_p99_ms],
+                "beside": [round(ms, 1) for ms in beside.measured.slice_p99_ms],
+            },
+        },
+    )
