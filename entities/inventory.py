@@ -27,17 +27,21 @@ Quantity = Annotated[int, Field(gt=0, le=10**9, strict=True)]
 RESERVATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,159}")
 """A checkout reserves under its key (a cart id of up to 128 characters, the attempt and the
 start time), so a reservation id may be longer than an entity id."""
+HeldReservationId = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,200}$")]
+"""The id of a reservation already held: any an item ever accepted, so that one made before
+the stricter `ReservationId` can still be released, committed or returned."""
 ReservationId = Annotated[
-    str,
-    StringConstraints(pattern=r"^[\x21-\x7e]{1,200}$"),
+    HeldReservationId,
     strict_bound(
         lambda rid: RESERVATION_ID.fullmatch(rid) is not None,
         "1 to 160 letters, digits and . _ : -, starting with a letter or digit",
     ),
 ]
+"""The id a new reservation is made under."""
 MAX_TTL_SECONDS = 30 * 24 * 3600
-"""The longest a reservation may be asked to last; an item's own `max_ttl_seconds` (7 days
-by default) is lower, and a longer ask is refused by the item."""
+"""The longest a reservation may be asked to last. An item holds it for at most its own
+`max_ttl_seconds` (7 days by default): a longer ask is held that long, as it always was, so
+that a checkout configured to hold stock longer than some item allows still checks out."""
 Name = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=PRINTABLE),
@@ -137,7 +141,7 @@ class ReserveStock(BaseModel, extra="forbid"):
 
 
 class ReservationCommand(BaseModel, extra="forbid"):
-    reservation_id: ReservationId
+    reservation_id: HeldReservationId
 
 
 inventory: EntityType[InventoryState, InventoryOptions] = EntityType(
@@ -221,10 +225,7 @@ def reserve_stock(state: InventoryState, cmd: ReserveStock, ctx: Ctx) -> Invento
             ErrorCode.INSUFFICIENT_STOCK,
             f"{state.available} of {state.sku} available, {cmd.quantity} requested",
         )
-    longest = ctx.options.max_ttl_seconds
-    if ctx.strict_inputs and cmd.ttl_seconds is not None and cmd.ttl_seconds > longest:
-        raise Rejected(ErrorCode.INVALID_INPUT, f"ttl_seconds: at most {longest:g} on this item")
-    ttl = min(cmd.ttl_seconds or ctx.options.default_ttl_seconds, longest)
+    ttl = min(cmd.ttl_seconds or ctx.options.default_ttl_seconds, ctx.options.max_ttl_seconds)
     reservation = Reservation(
         reservation_id=cmd.reservation_id,
         quantity=cmd.quantity,
