@@ -8,10 +8,10 @@ counts), the count `api/response_size.py` makes with every list full, so a reque
 thousand values weighs ten requests for a few, however it is answered (executed, or a kept
 response replayed). A request never costs more than its role's whole burst, so that it can
 always be paid. A caller over its limit is answered 429 with `Retry-After` and the code
-RATE_LIMITED; an operation over a WebSocket pays the same (`api/transports.py`), refused
-with RATE_LIMITED in its `error` message. When Redis cannot be reached the request goes
-through: the limits protect the service, and Redis being down must not take the API down
-with it.
+RATE_LIMITED; an operation over a WebSocket pays the same (`api/transports.py`), refused at
+the door with RATE_LIMITED in an `error` message, for its size in a `next` one. When Redis
+cannot be reached the request goes through: the limits protect the service, and Redis being
+down must not take the API down with it.
 """
 
 from __future__ import annotations
@@ -131,12 +131,15 @@ class RateLimits:
             wait_ms = await self._limiter.wait_ms(principal)
             if wait_ms:
                 retry_after = retry_after_seconds(wait_ms)
-                await send_rate_limited(
-                    send, retry_after, f"too many requests; try again in {retry_after} s"
-                )
+                await send_rate_limited(send, retry_after, too_many_requests(retry_after))
                 return
             scope[LIMITER_KEY] = self._limiter
         await self._app(scope, receive, send)
+
+
+def too_many_requests(retry_after: int) -> str:
+    """The message of a refusal at the door."""
+    return f"too many requests; try again in {retry_after} s"
 
 
 def retry_after_seconds(wait_ms: int) -> int:

@@ -20,7 +20,7 @@ from strawberry.utils.aio import aclosing
 
 from api.context import TenureContext
 from api.errors import LimitCode, over_limit, present_error
-from api.rate_limits import LIMITER_KEY, RateLimiter, retry_after_seconds
+from api.rate_limits import LIMITER_KEY, RateLimiter, retry_after_seconds, too_many_requests
 from api.subscriptions import ESTABLISHED_KEY
 
 _END = object()  # after an event stream's last result
@@ -51,9 +51,8 @@ class _CodedStreams:
             # Each operation on the socket pays its token at the door, as a request does.
             wait_ms = await self._limiter.wait_ms(context.principal)
             if wait_ms:
-                retry_after = retry_after_seconds(wait_ms)
                 error = over_limit(
-                    LimitCode.RATE_LIMITED, f"too many requests; try again in {retry_after} s"
+                    LimitCode.RATE_LIMITED, too_many_requests(retry_after_seconds(wait_ms))
                 )
                 return self._coded(_refused(PreExecutionError(data=None, errors=[error])))
             context.request.scope[LIMITER_KEY] = self._limiter
