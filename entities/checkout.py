@@ -14,6 +14,7 @@ by hand), and nothing ends it FAILED. Its status is kept in Temporal's visibilit
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable
 from datetime import timedelta
 from functools import partial
@@ -26,6 +27,7 @@ from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode
+    from entities.inventory import MAX_RESERVATION_ID
     from entities.runtime.envelope import Outcome
     from entities.runtime.requests import (
         EntityRequest,
@@ -55,6 +57,9 @@ Tenure uses (deploy/embedded.py, docs/operations.md)."""
 OPERATOR_TOOLS = "checkout-operator-tools"
 # Checkouts that reached their commits under older code commit one line after another.
 PARALLEL_COMMITS = "checkout-parallel-commits"
+# Checkouts whose key is longer than a reservation id, begun under older code, reserve under
+# the whole key.
+SHORT_RESERVATION_IDS = "checkout-short-reservation-ids"
 
 
 def checkout_workflow_id(checkout_id: str) -> str:
@@ -230,7 +235,7 @@ class CheckoutWorkflow:
         )
 
     async def _take_steps(self, saga: Saga) -> None:
-        reservation = {"reservation_id": self._input.key}
+        reservation = {"reservation_id": self._reservation_id()}
         for line in self._input.lines:
             step = f"reserve:{line.sku}"
             reserve = {
@@ -266,6 +271,17 @@ class CheckoutWorkflow:
         else:
             for commit in commits:
                 await saga.step(commit.name, commit.action, commit.undo)
+
+    def _reservation_id(self) -> str:
+        """What its stock is reserved under: its key, or a key too long for a reservation id
+        (a cart id near 128 characters, with the attempt and start time) cut short and made
+        unique again by a digest of the whole. Checkouts that began before ids were bounded
+        keep their whole key, as their histories say."""
+        key = self._input.key
+        if len(key) <= MAX_RESERVATION_ID or not workflow.patched(SHORT_RESERVATION_IDS):
+            return key
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return f"{key[: MAX_RESERVATION_ID - len(digest) - 1]}.{digest}"
 
     def _commit(self, sku: str, reservation: dict[str, Any]) -> Step[Outcome]:
         step = f"commit:{sku}"

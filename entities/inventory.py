@@ -24,9 +24,10 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.policy import READ
 
 Quantity = Annotated[int, Field(gt=0, le=10**9, strict=True)]
-RESERVATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,159}")
-"""A checkout reserves under its key (a cart id of up to 128 characters, the attempt and the
-start time), so a reservation id may be longer than an entity id."""
+MAX_RESERVATION_ID = 128
+RESERVATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
+"""The id a new reservation is made under: at most 128 letters, digits and . _ : -, as an
+entity id (a checkout shortens a longer key of its own, `checkout.py`)."""
 HeldReservationId = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,200}$")]
 """The id of a reservation already held: any an item ever accepted, so that one made before
 the stricter `ReservationId` can still be released, committed or returned."""
@@ -34,7 +35,7 @@ ReservationId = Annotated[
     HeldReservationId,
     strict_bound(
         lambda rid: RESERVATION_ID.fullmatch(rid) is not None,
-        "1 to 160 letters, digits and . _ : -, starting with a letter or digit",
+        "1 to 128 letters, digits and . _ : -, starting with a letter or digit",
     ),
 ]
 """The id a new reservation is made under."""

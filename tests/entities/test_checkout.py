@@ -16,7 +16,7 @@ from entities.checkout import CheckoutState, checkout_workflow_id
 from entities.errors import ErrorCode
 from entities.runtime import CommandContext
 from entities.runtime.saga import SagaStatus, StepRecord, StepStatus
-from tests.conftest import WorkerFactory, start_over
+from tests.conftest import WorkerFactory, new_id, start_over
 from tests.entities.shop import FAST_COMPENSATION, FAST_STEP, Shop, eventually, shop_settings
 from workers.cache import SnapshotCache
 from workers.settings import Settings
@@ -80,6 +80,28 @@ async def test_happy_path_sells_the_stock_charges_the_account_and_checks_the_car
         assert (cart.status, cart.order_id) == (CartStatus.CHECKED_OUT, done.order_id)
         assert await shop.balance(account_id) == BALANCE - 3500
         assert await stock_of(shop, a, b) == [(3, 3, 2), (0, 0, 3)]
+        assert [(await shop.item(s)).reservations for s in (a, b)] == [[], []]
+
+
+async def test_a_cart_with_the_longest_id_reserves_under_an_id_short_enough(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    """A checkout's key (the cart id, the attempt, the start time) may pass the 128 characters
+    a reservation id holds: it reserves, releases and commits under one cut short."""
+    async with run_worker(shop.settings):
+        account_id = await shop.account(BALANCE)
+        a, b = await shop.stock(5), await shop.stock(1)
+        sold = await shop.cart(account_id, (a, 2, 100), cart_id=new_id().ljust(128, "x"))
+        done = await shop.finished(await shop.checkout(sold))
+        short = await shop.cart(
+            account_id, (a, 1, 100), (b, 2, 100), cart_id=new_id().ljust(128, "y")
+        )
+        failed = await shop.finished(await shop.checkout(short))
+
+        assert done.status is SagaStatus.COMPLETED
+        assert_compensated(failed, f"reserve:{b}", ErrorCode.INSUFFICIENT_STOCK)
+        assert names(failed.compensations) == [f"release:{b}", f"release:{a}"]
+        assert await stock_of(shop, a, b) == [(3, 3, 2), (1, 1, 0)]
         assert [(await shop.item(s)).reservations for s in (a, b)] == [[], []]
 
 
