@@ -235,7 +235,8 @@ class CheckoutWorkflow:
         )
 
     async def _take_steps(self, saga: Saga) -> None:
-        reservation = {"reservation_id": self._reservation_id()}
+        self._state.reservation_id = self._reservation_id()
+        reservation = {"reservation_id": self._state.reservation_id}
         for line in self._input.lines:
             step = f"reserve:{line.sku}"
             reserve = {

@@ -99,6 +99,8 @@ async def test_a_cart_with_the_longest_id_reserves_under_an_id_short_enough(
         failed = await shop.finished(await shop.checkout(short))
 
         assert done.status is SagaStatus.COMPLETED
+        assert done.reservation_id is not None and len(done.reservation_id) == 128
+        assert done.reservation_id != failed.reservation_id
         assert_compensated(failed, f"reserve:{b}", ErrorCode.INSUFFICIENT_STOCK)
         assert names(failed.compensations) == [f"release:{b}", f"release:{a}"]
         assert await stock_of(shop, a, b) == [(3, 3, 2), (1, 1, 0)]
