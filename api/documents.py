@@ -97,13 +97,11 @@ class CheckedDocuments(SchemaExtension):
     def __init__(self, documents: Documents) -> None:
         super().__init__()
         self._documents = documents
-        self._planned = False
 
     async def on_parse(self) -> AsyncIterator[None]:
         context = self.execution_context
         if context.graphql_document is None and context.query:
             planned = self._handed_over(context.query)
-            self._planned = planned is not None
             context.graphql_document = planned or await self._documents.parse(context.query)
         yield
 
@@ -111,7 +109,7 @@ class CheckedDocuments(SchemaExtension):
         context = self.execution_context
         if context.graphql_document is not None and context.query:
             rules = tuple(context.validation_rules)
-            if self._planned:
+            if context.graphql_document is self._handed_over(context.query):
                 rules = tuple(rule for rule in rules if rule not in specified_rules)
             context.pre_execution_errors = (
                 await self._documents.validate(

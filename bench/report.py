@@ -342,10 +342,10 @@ def markdown(
             d = r.details["hostile"]
             p99 = p99_ratio(r, by_key)
             lines.append(
-                f"- {r.title}: one more client, {_a(d.get('role', 'admin'))}, had "
+                f"- {r.title}: one more client, {_a(d['role'])}, had "
                 f"{d['requests']:,} copies of the worst document the limits allow "
                 f"({d['document']}, {d['document_bytes']:,} bytes) answered, each in "
-                f"{d['mean_ms']:.0f} ms on average, and {d.get('rate_limited', 0):,} refused "
+                f"{d['mean_ms']:.0f} ms on average, and {d['rate_limited']:,} refused "
                 f"RATE_LIMITED; the readers' p99 {p99 or 0:.2f} x alone."
             )
     for r in results:

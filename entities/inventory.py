@@ -25,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
 
 Quantity = Annotated[int, Field(gt=0, le=10**9, strict=True)]
 MAX_RESERVATION_ID = 128
-RESERVATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
+RESERVATION_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:\-]{{0,{MAX_RESERVATION_ID - 1}}}")
 """The id a new reservation is made under: at most 128 letters, digits and . _ : -, as an
 entity id (a checkout shortens a longer key of its own, `checkout.py`)."""
 HeldReservationId = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,200}$")]

@@ -29,8 +29,6 @@ STRICT_INPUTS_PATCH = "strict-inputs-1"
 receive; older runs replay their histories as they were made (a command a bound now refuses
 was applied then)."""
 
-T = TypeVar("T")
-
 
 def strict_bound(holds: Callable[[Any], bool], message: str) -> Any:
     """A bound on a command field added after entities first ran: always applied at the

@@ -92,16 +92,8 @@ class EntityWorkflow:
         )
         self._effects: list[Any] = list(input.effects)
         self._commands_metric: MetricCounter | None = None
-        self._strict_inputs: bool | None = None
 
     # -- commands -------------------------------------------------------------------------
-
-    def _inputs_strict(self) -> bool:
-        """Whether this run applies the command bounds added since entities first ran: runs
-        that began before them replay their histories as they were made."""
-        if self._strict_inputs is None:
-            self._strict_inputs = workflow.patched(STRICT_INPUTS_PATCH)
-        return self._strict_inputs
 
     @workflow.signal(name="command")
     def command(self, envelope: CommandEnvelope) -> None:
@@ -119,7 +111,9 @@ class EntityWorkflow:
             now,
             self._options,
             envelope.command_id,
-            strict_inputs=self._inputs_strict(),
+            # Runs that began before the bounds came replay as they were made (the SDK
+            # answers the same for the rest of the run).
+            strict_inputs=workflow.patched(STRICT_INPUTS_PATCH),
         )
         try:
             new_state = self.entity.apply(self._state, envelope.name, envelope.payload, ctx)
