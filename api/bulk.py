@@ -57,7 +57,14 @@ class BulkCommand:
     command: str
     status: BulkStatus
     total: int | None = strawberry.field(description="Null until its targets are counted.")
-    done: int
+    delivered: int = strawberry.field(
+        description="Targets sent the command: handed to Temporal, which has it applied, or "
+        "settled while sending. Sending runs ahead of the entities applying."
+    )
+    delivered_at: datetime | None = strawberry.field(
+        description="When the last target was sent the command; null until then."
+    )
+    done: int = strawberry.field(description="Targets whose outcome is counted.")
     applied: int
     rejected: int
     rejected_by_code: list[RejectedCount] = bounded(50)
@@ -88,6 +95,8 @@ class BulkCommand:
             command=progress.command,
             status=progress.status,
             total=progress.total,
+            delivered=progress.delivered,
+            delivered_at=progress.delivered_at,
             done=progress.done,
             applied=progress.applied,
             rejected=sum(progress.rejected.values()),

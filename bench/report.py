@@ -220,20 +220,24 @@ def targets(by_key: dict[str, Result], concurrency: int) -> list[Target]:
             )
         )
     if "bulk_deposits" in by_key:
-        bulk = by_key["bulk_deposits"]
         found.append(
-            _ratio_target("bulk deposit >= 0.8 x raw SDK deposit signals", bulk, by_key, 0.8)
-        )
-        applied = by_key.get("raw_deposit_signals_applied")
-        if applied is not None and applied.ops_per_s:
-            found.append(
-                Target(
-                    "bulk deposit beside raw SDK deposit signals until applied "
-                    "(no target: reported)",
-                    f"{bulk.ops_per_s / applied.ops_per_s:.2f} x",
-                    True,
-                )
+            _ratio_target(
+                "bulk deposit sent >= 0.8 x raw SDK deposit signals",
+                by_key["bulk_deposits"],
+                by_key,
+                0.8,
             )
+        )
+    if "bulk_deposits_applied" in by_key:
+        applied = by_key["bulk_deposits_applied"]
+        r = ratio(applied, by_key) or 0.0
+        found.append(
+            Target(
+                "bulk deposit applied beside raw SDK deposit signals applied (no target: reported)",
+                f"{r:.2f} x{_spread(applied, by_key)}",
+                True,
+            )
+        )
     if "subscriptions" in by_key:
         found.append(
             _latency_target(

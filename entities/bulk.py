@@ -2,19 +2,23 @@
 
 The targets come a page at a time, from the listing index (a filter, paged by id so that the
 command's own changes never move an entity across a page boundary) or from a given list of
-ids. Each page is one activity that sends its entities the command, at most `window` at once,
-and counts their outcomes; then the workflow continues as new, carrying only its counters and
-its cursor, so its history stays a few events long whatever the number of targets. Every
-entity's command id is `bulk:<bulk id>:<entity id>`: a page sent again (its activity retried
-after a worker died, or the bulk replayed) is applied once by each entity's own ledger, and
-its outcome counted as first settled.
+ids. Each page is sent by one activity, at most `window` commands at once, and its outcomes
+are counted by another, which runs while the next pages are sent: sending keeps the pace at
+which Temporal accepts the commands, not the pace at which entities apply them. After
+`pages_per_run` pages the run waits for every outcome and continues as new, carrying only
+its counters and its cursor, so its history stays a few hundred events long whatever the
+number of targets. Every entity's command id is `bulk:<bulk id>:<entity id>`: a page sent
+again (its activity retried after a worker died, or the bulk replayed) is applied once by
+each entity's own ledger, and its outcome counted as first settled.
 
 Pause and cancel take effect between pages; a paused bulk waits, with its cursor, for
-resume.
+resume. Runs started before sending and counting were apart (patch `bulk-pipelined`) send
+and count one page per run, as they were recorded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from datetime import datetime, timedelta
@@ -31,6 +35,10 @@ with workflow.unsafe.imports_passed_through():
 BULK_WORKFLOW = "BulkCommand"
 PAGE_ACTIVITY = "bulk_page"
 SEND_ACTIVITY = "bulk_send"
+"""One page sent and counted in one activity: runs from before `PIPELINED` replay it."""
+DELIVER_ACTIVITY = "bulk_deliver"
+SETTLE_ACTIVITY = "bulk_settle"
+PIPELINED = "bulk-pipelined"
 MAX_IDS = 10_000
 """Ids a bulk command may name outright; more come from a filter."""
 MAX_FAILURES_KEPT = 20
@@ -66,6 +74,14 @@ class BulkProgress(BaseModel):
     command: str = ""
     status: BulkStatus = BulkStatus.RUNNING
     total: int | None = None
+    delivered: int = Field(
+        default=0,
+        description="Targets sent the command: handed to Temporal, which will have it "
+        "applied, or settled while sending (refused, unreachable).",
+    )
+    delivered_at: datetime | None = Field(
+        default=None, description="When the last target was sent the command."
+    )
     done: int = 0
     applied: int = 0
     rejected: dict[str, int] = Field(default_factory=dict, description="By the entity's code.")
@@ -107,6 +123,13 @@ class BulkInput(BaseModel):
     sent_by: str | None = Field(default=None, max_length=160)
     page_size: int = Field(default=500, ge=1, le=1000)
     window: int = Field(default=50, ge=1, le=500)
+    pages_per_run: int = Field(
+        default=20,
+        ge=1,
+        le=100,
+        description="Pages sent in one run ahead of their outcomes; the run waits for them all "
+        "before it continues as new, so no more than this many pages are ever in flight.",
+    )
     progress: BulkProgress = Field(default_factory=BulkProgress)
     paused: bool = False
 
@@ -154,8 +177,29 @@ class PageSent(BaseModel):
     failures: list[BulkFailure] = Field(default_factory=list)
 
 
+class PageDelivered(BaseModel):
+    """A page handed to Temporal: what was settled while sending, and whose outcome is still
+    to be learnt, from the change stream after `position`."""
+
+    settled: PageSent
+    waiting: list[str]
+    position: str | None = Field(
+        description="The change stream's end before the page was sent; None when Redis could "
+        "not tell, and the outcomes are asked of the entities."
+    )
+
+
+class PageToSettle(BaseModel):
+    """A delivered page's commands whose outcomes are to be counted."""
+
+    page: PageToSend
+    position: str | None
+
+
 _PAGE_TIMEOUT = timedelta(seconds=30)
 _SEND_TIMEOUT = timedelta(minutes=10)
+_SETTLE_TIMEOUT = timedelta(hours=1)  # a long backlog ahead of the page; heartbeats show life
+_HEARTBEAT = timedelta(seconds=30)
 _RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 
 
@@ -170,6 +214,7 @@ class BulkCommandWorkflow:
         self._paused = input.paused
         self._cancelled = False
         self._sending = False
+        self._settling = 0
         if self._progress.started_at is None:
             self._progress.started_at = workflow.now()
             self._progress.entity_type = input.entity_type
@@ -179,8 +224,8 @@ class BulkCommandWorkflow:
     @workflow.query(name="progress")
     def progress(self) -> BulkProgress:
         status = self._progress.status
-        if status is BulkStatus.RUNNING and self._paused and not self._sending:
-            status = BulkStatus.PAUSED  # a page in flight is finished first
+        if status is BulkStatus.RUNNING and self._paused and not self._busy():
+            status = BulkStatus.PAUSED  # what is in flight is finished first
         return self._progress.model_copy(update={"status": status})
 
     @workflow.signal(name="pause")
@@ -197,52 +242,138 @@ class BulkCommandWorkflow:
 
     @workflow.run
     async def run(self, input: BulkInput) -> BulkProgress:
-        await workflow.wait_condition(lambda: not self._paused or self._cancelled)
-        if not self._cancelled:
-            self._sending = True
-            page = await workflow.execute_activity(
-                PAGE_ACTIVITY,
-                PageRequest(
-                    entity_type=input.entity_type,
-                    ids=input.ids,
-                    filter=input.filter,
-                    cursor=self._progress.cursor,
-                    size=input.page_size,
-                    count_total=self._progress.total is None,
-                ),
-                result_type=TargetPage,
-                start_to_close_timeout=_PAGE_TIMEOUT,
-                retry_policy=_RETRY,
+        if workflow.patched(PIPELINED):
+            more = await self._send_pages(input)
+        else:
+            more = await self._send_one_page_and_count_it(input)
+        if more and not self._cancelled:
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            workflow.continue_as_new(
+                input.model_copy(update={"progress": self._progress, "paused": self._paused})
             )
-            if page.total is not None:
-                self._progress.total = page.total
-            if page.ids:
-                sent = await workflow.execute_activity(
-                    SEND_ACTIVITY,
-                    PageToSend(
-                        bulk_id=input.bulk_id,
-                        entity_type=input.entity_type,
-                        command=input.command,
-                        payload=input.payload,
-                        ids=page.ids,
-                        sent_by=input.sent_by,
-                        window=input.window,
-                    ),
-                    result_type=PageSent,
-                    start_to_close_timeout=_SEND_TIMEOUT,
-                    heartbeat_timeout=timedelta(seconds=30),
-                    retry_policy=_RETRY,
-                )
-                self._progress.add(sent)
-            self._sending = False
-            self._progress.pages += 1
-            self._progress.cursor = page.cursor
-            if page.cursor is not None and not self._cancelled:
-                await workflow.wait_condition(workflow.all_handlers_finished)
-                workflow.continue_as_new(
-                    input.model_copy(update={"progress": self._progress, "paused": self._paused})
-                )
         self._progress.status = BulkStatus.CANCELLED if self._cancelled else BulkStatus.COMPLETED
         self._progress.ended_at = workflow.now()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._progress
+
+    def _busy(self) -> bool:
+        return self._sending or self._settling > 0
+
+    async def _send_pages(self, input: BulkInput) -> bool:
+        """Send up to `pages_per_run` pages, each counted while the next are sent; True when
+        targets remain for the next run."""
+        counting: list[asyncio.Task[None]] = []
+        more = True
+        for _ in range(input.pages_per_run):
+            await workflow.wait_condition(lambda: not self._paused or self._cancelled)
+            if self._cancelled:
+                break
+            self._sending = True
+            page = await self._next_page(input)
+            if page.ids:
+                delivered = await workflow.execute_activity(
+                    DELIVER_ACTIVITY,
+                    self._to_send(input, page),
+                    result_type=PageDelivered,
+                    start_to_close_timeout=_SEND_TIMEOUT,
+                    heartbeat_timeout=_HEARTBEAT,
+                    retry_policy=_RETRY,
+                )
+                self._progress.add(delivered.settled)
+                if delivered.waiting:
+                    self._settling += 1
+                    counting.append(asyncio.create_task(self._count(input, page, delivered)))
+            self._sending = False
+            self._sent(page)
+            if page.cursor is None:
+                more = False
+                break
+        await asyncio.gather(*counting)
+        return more
+
+    async def _count(self, input: BulkInput, page: TargetPage, delivered: PageDelivered) -> None:
+        """Count the outcomes of a delivered page's commands still waiting for one."""
+        try:
+            sent = await workflow.execute_activity(
+                SETTLE_ACTIVITY,
+                PageToSettle(
+                    page=self._to_send(input, page, delivered.waiting),
+                    position=delivered.position,
+                ),
+                result_type=PageSent,
+                start_to_close_timeout=_SETTLE_TIMEOUT,
+                heartbeat_timeout=_HEARTBEAT,
+                retry_policy=_RETRY,
+            )
+            self._progress.add(sent)
+        finally:
+            self._settling -= 1
+
+    async def _send_one_page_and_count_it(self, input: BulkInput) -> bool:
+        """Runs from before `PIPELINED`: one page per run, sent and counted by one activity."""
+        await workflow.wait_condition(lambda: not self._paused or self._cancelled)
+        if self._cancelled:
+            return False
+        self._sending = True
+        page = await self._next_page(input, by_activity=True)
+        if page.ids:
+            sent = await workflow.execute_activity(
+                SEND_ACTIVITY,
+                self._to_send(input, page),
+                result_type=PageSent,
+                start_to_close_timeout=_SEND_TIMEOUT,
+                heartbeat_timeout=_HEARTBEAT,
+                retry_policy=_RETRY,
+            )
+            self._progress.add(sent)
+        self._sending = False
+        self._sent(page)
+        return page.cursor is not None
+
+    async def _next_page(self, input: BulkInput, by_activity: bool = False) -> TargetPage:
+        """The next page after the cursor: a slice of the given ids, or the listing index's."""
+        if input.ids is not None and not by_activity:
+            start = int(self._progress.cursor or 0)
+            end = start + input.page_size
+            return TargetPage(
+                ids=list(input.ids[start:end]),
+                cursor=str(end) if end < len(input.ids) else None,
+                total=len(input.ids),
+            )
+        page: TargetPage = await workflow.execute_activity(
+            PAGE_ACTIVITY,
+            PageRequest(
+                entity_type=input.entity_type,
+                ids=input.ids,
+                filter=input.filter,
+                cursor=self._progress.cursor,
+                size=input.page_size,
+                count_total=self._progress.total is None,
+            ),
+            result_type=TargetPage,
+            start_to_close_timeout=_PAGE_TIMEOUT,
+            retry_policy=_RETRY,
+        )
+        return page
+
+    def _to_send(
+        self, input: BulkInput, page: TargetPage, ids: list[str] | None = None
+    ) -> PageToSend:
+        return PageToSend(
+            bulk_id=input.bulk_id,
+            entity_type=input.entity_type,
+            command=input.command,
+            payload=input.payload,
+            ids=page.ids if ids is None else ids,
+            sent_by=input.sent_by,
+            window=input.window,
+        )
+
+    def _sent(self, page: TargetPage) -> None:
+        if page.total is not None:
+            self._progress.total = page.total
+        self._progress.delivered += len(page.ids)
+        self._progress.pages += 1
+        self._progress.cursor = page.cursor
+        if page.cursor is None:
+            self._progress.delivered_at = workflow.now()

@@ -1,16 +1,20 @@
-"""The bulk command's activities: the next page of its targets, and one page sent.
+"""The bulk command's activities: the next page of its targets, a page sent, and a sent
+page's outcomes counted.
 
-Sending a page delivers the command to each entity and waits for its outcome, at most
-`window` entities at once, heartbeating as it goes. Sent again (its activity retried after a
-worker died), a page costs each entity a look in its ledger: every command id is the bulk's
-and the entity's (`bulk:<bulk id>:<entity id>`), so it is applied once and counted as it
-first settled.
+Sending a page hands the command to each entity's workflow, at most `window` at once,
+heartbeating as it goes; counting reads the outcomes from the change stream, and asks the
+entities what it does not show. Sent again (its activity retried after a worker died), a
+page costs each entity a look in its ledger: every command id is the bulk's and the
+entity's (`bulk:<bulk id>:<entity id>`), so it is applied once and counted as it first
+settled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
@@ -21,13 +25,17 @@ from temporalio.exceptions import ApplicationError
 
 from entities import catalog
 from entities.bulk import (
+    DELIVER_ACTIVITY,
     MAX_FAILURES_KEPT,
     PAGE_ACTIVITY,
     SEND_ACTIVITY,
+    SETTLE_ACTIVITY,
     BulkFailure,
+    PageDelivered,
     PageRequest,
     PageSent,
     PageToSend,
+    PageToSettle,
     TargetPage,
     bulk_command_id,
 )
@@ -44,8 +52,9 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 5.0
 STREAM_QUIET_SECONDS = 2.0
-"""How long the change stream may show none of a page's commands applied, once all are
-delivered, before the rest are asked of their entities."""
+"""How long the change stream may show none of the bulk's commands applied (a page's own,
+or those of the pages sent before it, which the entities apply first) before the page's
+remaining commands are asked of their entities."""
 UNKNOWN_ATTEMPTS = 5
 """Tries of one entity's command while its outcome is unknown, before it counts as failed."""
 
@@ -129,44 +138,56 @@ class BulkActivities:
             total=page.total if request.count_total else None,
         )
 
+    @activity.defn(name=DELIVER_ACTIVITY)
+    async def bulk_deliver(self, page: PageToSend) -> PageDelivered:
+        """Hand the command to every entity of the page, at most `window` at once, as a
+        client sending signals would; what is learnt meanwhile (a closed entity's answer, a
+        refusal) is settled, and the rest is left to `bulk_settle`."""
+        tally = _Tally(page.command)
+        position = await self._send(page, tally)
+        return PageDelivered(settled=tally.sent, waiting=tally.unsettled(), position=position)
+
+    @activity.defn(name=SETTLE_ACTIVITY)
+    async def bulk_settle(self, settle: PageToSettle) -> PageSent:
+        """Count what became of a delivered page's commands.
+
+        Their outcomes are read from the entity type's change stream after the position
+        taken before the page was sent, which the entities' own publishes append to: an
+        applied command costs no query. What the stream does not show while it shows none
+        of the bulk's commands for `STREAM_QUIET_SECONDS` (a rejected command, which
+        changes nothing; one the stream marked as a gap; one applied by an earlier attempt;
+        a stream Redis cannot serve) is asked of its entity."""
+        tally = _Tally(settle.page.command)
+        tally.expect(settle.page)
+        await self._settle(settle.page, settle.position, tally)
+        return tally.sent
+
     @activity.defn(name=SEND_ACTIVITY)
     async def bulk_send(self, page: PageToSend) -> PageSent:
-        """Deliver the command to every entity of the page and count what became of it.
-
-        Every command is first handed to Temporal, at most `window` at once, as a client
-        sending signals would. Their outcomes are then read from the entity type's change
-        stream, which the entities' own publishes append to: an applied command costs no
-        query. What the stream does not show within `STREAM_QUIET_SECONDS` of its last
-        sign of progress (a rejected command, which changes nothing; one the stream marked
-        as a gap; one applied by an earlier attempt of this page; a stream Redis cannot
-        serve) is asked of its entity."""
-        entity = catalog.entity_types().get(page.entity_type)
-        if entity is None:
-            raise ApplicationError(
-                f"no entity type {page.entity_type!r}",
-                type=ErrorCode.INVALID_INPUT,
-                non_retryable=True,
-            )
+        """A page sent and counted in one activity, for the runs from before sending and
+        counting were apart."""
         tally = _Tally(page.command)
-        envelopes = {
-            entity_id: CommandEnvelope(
-                command_id=bulk_command_id(page.bulk_id, entity_id),
-                name=page.command,
-                payload=page.payload,
-                sent_by=page.sent_by,
-            )
-            for entity_id in page.ids
-        }
-        tally.expect(envelopes)
-        window = asyncio.Semaphore(page.window)
+        position = await self._send(page, tally)
+        await self._settle(page, position, tally)
+        return tally.sent
+
+    async def _send(self, page: PageToSend, tally: _Tally) -> str | None:
+        """Deliver the page's commands; the change stream's end before them, or None when
+        Redis cannot tell."""
+        entity = self._entity(page)
+        tally.expect(page)
         stream = stream_key(self._prefix, page.entity_type)
         try:
             position: str | None = await stream_end(self._redis, stream)
         except RedisError as exc:
             log.warning("bulk %s: the change stream cannot be read: %s", page.bulk_id, exc)
             position = None
+        window = asyncio.Semaphore(page.window)
+        sent = 0
 
-        async def deliver(entity_id: str, envelope: CommandEnvelope) -> None:
+        async def deliver(entity_id: str) -> None:
+            nonlocal sent
+            envelope = _envelope(page, entity_id)
             async with window:
                 try:
                     await self._deliver(entity, entity_id, envelope)
@@ -174,68 +195,58 @@ class BulkActivities:
                     await self._ask(entity, entity_id, envelope, tally)
                 except TenureError as exc:
                     tally.error(entity_id, envelope.command_id, exc)
+                sent += 1
 
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(HEARTBEAT_SECONDS)
-                activity.heartbeat(tally.sent.done)
+        async with _heartbeating(lambda: sent):
+            await asyncio.gather(*(deliver(i) for i in page.ids))
+        return position
 
-        beating = asyncio.create_task(beat())
-        delivered = asyncio.Event()
-        watching = (
-            asyncio.create_task(self._watch(stream, position, tally, delivered))
-            if position is not None
-            else None
-        )
-        try:
-            await asyncio.gather(*(deliver(i, e) for i, e in envelopes.items()))
-            delivered.set()
-            if watching is not None:
-                await watching
+    async def _settle(self, page: PageToSend, position: str | None, tally: _Tally) -> None:
+        """Settle the tally's waiting commands from the change stream after `position`, and
+        ask their entities about the rest."""
+        entity = self._entity(page)
+        async with _heartbeating(lambda: tally.sent.done):
+            if position is not None:
+                stream = stream_key(self._prefix, page.entity_type)
+                await self._watch(stream, position, tally, page.bulk_id)
+            window = asyncio.Semaphore(page.window)
 
             async def ask(entity_id: str) -> None:
                 async with window:
-                    await self._ask(entity, entity_id, envelopes[entity_id], tally)
+                    await self._ask(entity, entity_id, _envelope(page, entity_id), tally)
 
             await asyncio.gather(*(ask(entity_id) for entity_id in tally.unsettled()))
-        finally:
-            beating.cancel()
-            if watching is not None:
-                watching.cancel()
-        return tally.sent
 
-    async def _watch(
-        self, stream: str, position: str, tally: _Tally, delivered: asyncio.Event
-    ) -> None:
+    def _entity(self, page: PageToSend) -> EntityType[Any, Any]:
+        entity = catalog.entity_types().get(page.entity_type)
+        if entity is None:
+            raise ApplicationError(
+                f"no entity type {page.entity_type!r}",
+                type=ErrorCode.INVALID_INPUT,
+                non_retryable=True,
+            )
+        return entity
+
+    async def _watch(self, stream: str, position: str, tally: _Tally, bulk_id: str) -> None:
         """Settle the commands the change stream shows applied, until every one is, or the
-        stream has shown none for `STREAM_QUIET_SECONDS` since the last was delivered."""
+        stream has shown none of the bulk's commands for `STREAM_QUIET_SECONDS`."""
         loop = asyncio.get_running_loop()
         last_progress = loop.time()
+        ours = bulk_command_id(bulk_id, "")
 
         def applied(entry: dict[str, str]) -> None:
             nonlocal last_progress
-            if tally.applied(entry.get("command_id", ""), entry.get("command", "")):
+            command_id = entry.get("command_id", "")
+            if tally.applied(command_id, entry.get("command", "")) or command_id.startswith(ours):
                 last_progress = loop.time()
 
         def enough() -> bool:
-            if not tally.waiting():
-                return True
-            if not delivered.is_set():
-                return False
-            return loop.time() - last_progress > STREAM_QUIET_SECONDS
+            return not tally.waiting() or loop.time() - last_progress > STREAM_QUIET_SECONDS
 
-        def quiet_from_delivery() -> None:
-            nonlocal last_progress
-            last_progress = max(last_progress, loop.time())
-
-        waiter = asyncio.create_task(delivered.wait())
-        waiter.add_done_callback(lambda _: quiet_from_delivery())
         try:
             await watch_applied(self._redis, stream, position, applied, enough)
         except RedisError as exc:
             log.warning("bulk: the change stream cannot be read, asking instead: %s", exc)
-        finally:
-            waiter.cancel()
 
     async def _deliver(
         self, entity: EntityType[Any, Any], entity_id: str, envelope: CommandEnvelope
@@ -281,6 +292,32 @@ class BulkActivities:
         raise AssertionError("unreachable")
 
 
+def _envelope(page: PageToSend, entity_id: str) -> CommandEnvelope:
+    """The bulk's command to one entity, the same at every attempt."""
+    return CommandEnvelope(
+        command_id=bulk_command_id(page.bulk_id, entity_id),
+        name=page.command,
+        payload=page.payload,
+        sent_by=page.sent_by,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _heartbeating(progress: Callable[[], int]) -> AsyncIterator[None]:
+    """Heartbeat the activity every `HEARTBEAT_SECONDS` while the block runs."""
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            activity.heartbeat(progress())
+
+    beating = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        beating.cancel()
+
+
 class _Tally:
     """A page's counts, each command settled once, whichever way its outcome was learnt."""
 
@@ -289,8 +326,8 @@ class _Tally:
         self._command = command
         self._waiting: dict[str, str] = {}  # command id -> entity id
 
-    def expect(self, envelopes: dict[str, CommandEnvelope]) -> None:
-        self._waiting = {e.command_id: entity_id for entity_id, e in envelopes.items()}
+    def expect(self, page: PageToSend) -> None:
+        self._waiting = {bulk_command_id(page.bulk_id, i): i for i in page.ids}
 
     def waiting(self) -> bool:
         return bool(self._waiting)

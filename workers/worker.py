@@ -75,6 +75,8 @@ def activity_functions(client: Client, cache: SnapshotCache, settings: Settings)
         EntityRequests(client, settings).request_entity,
         bulk.bulk_page,
         bulk.bulk_send,
+        bulk.bulk_deliver,
+        bulk.bulk_settle,
         WebhookDelivery(cache, settings).deliver_webhooks,
     ]
 

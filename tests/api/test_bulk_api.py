@@ -24,7 +24,7 @@ START = """mutation($key: String!, $ids: [ID!], $filter: JSON, $payload: JSON,
   }
 }"""
 READ = """query($id: ID!) { bulkCommand(id: $id) {
-  id entityType command status total done applied rejected failed
+  id entityType command status total delivered deliveredAt done applied rejected failed
   rejectedByCode { code count } failures { entityId code message } startedAt endedAt } }"""
 
 
@@ -74,7 +74,9 @@ async def test_a_bulk_deposit_reaches_every_account_once_however_often_it_is_sen
     assert again["startBulkCommand"]["id"] == key  # the same bulk command, not a second
     done = await finished(gql, key)
     assert done["status"] == "COMPLETED" and done["endedAt"] is not None
-    assert (done["total"], done["done"], done["applied"], done["rejected"]) == (7, 7, 6, 1)
+    assert done["startedAt"] <= done["deliveredAt"] <= done["endedAt"]
+    assert (done["total"], done["delivered"], done["done"]) == (7, 7, 7)
+    assert (done["applied"], done["rejected"]) == (6, 1)
     assert done["rejectedByCode"] == [{"code": "NOT_FOUND", "count": 1}]
     assert [f["entityId"] for f in done["failures"]] == [targets[-1]]
     assert (done["entityType"], done["command"]) == ("account", "deposit")

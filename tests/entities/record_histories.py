@@ -23,6 +23,7 @@ from temporalio.worker import Worker
 
 from api.gateway import EntityGateway
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal
+from entities.bulk import BulkCommandWorkflow, BulkInput, bulk_workflow_id
 from entities.cart import CartStatus
 from entities.checkout import CheckoutWorkflow, checkout_workflow_id
 from entities.errors import TenureError
@@ -158,6 +159,32 @@ async def _account_lifecycle(gateway: EntityGateway) -> None:
     await send("close")
 
 
+BULK_ID = "bulk-deposit"
+
+
+async def _bulk(shop: Shop, client: Client, settings: Settings) -> str:
+    """A bulk deposit over three pages of two, two pages a run, one target never opened."""
+    ids = [await shop.account(0, f"acct-bulk-{n}") for n in range(5)]
+    handle = await client.start_workflow(
+        BulkCommandWorkflow.run,
+        BulkInput(
+            bulk_id=BULK_ID,
+            entity_type="account",
+            command="deposit",
+            payload={"amount": 5},
+            ids=[*ids, "never-opened"],
+            sent_by="admin:record",
+            page_size=2,
+            window=2,
+            pages_per_run=2,
+        ),
+        id=bulk_workflow_id(BULK_ID),
+        task_queue=settings.task_queue,
+    )
+    await handle.result()
+    return bulk_workflow_id(BULK_ID)
+
+
 async def _write_runs(client: Client, workflow_id: str, into: Path) -> list[Path]:
     """Every run of `workflow_id`, oldest first: `<type>.<id>.json`, or `.runN.json` when
     it continued as new."""
@@ -213,6 +240,7 @@ async def record(into: Path = HISTORIES) -> list[Path]:
                 )
                 await _account_burst(EntityGateway(client, cache, throttled), cache)
                 workflow_ids.append(f"account:{BURST_ID}")
+                workflow_ids.append(await _bulk(shop, client, settings))
                 for workflow_id in workflow_ids:
                     written += await _write_runs(client, workflow_id, into)
             async with build_worker(client, account_settings, cache):

@@ -126,8 +126,9 @@ async def test_a_worker_killed_midway_leaves_every_entity_credited_exactly_once(
             ids=[*ids, "never-opened"],
             page_size=min(PAGE, 1000),
             window=20,
+            pages_per_run=2,
         )
-        # Stopped in its second page, its activity cut short mid-page.
+        # Stopped past its first page, its activities cut short mid-page.
         await eventually(lambda: progress(bulk), lambda p: p.done >= PAGE, timeout=60 + ENTITIES)
     async with run_worker():
         done = await bulk.result()
@@ -135,10 +136,52 @@ async def test_a_worker_killed_midway_leaves_every_entity_credited_exactly_once(
     assert sorted(set(balances)) == [7]
     assert done.status is BulkStatus.COMPLETED
     n = ENTITIES
-    assert (done.total, done.done, done.applied, done.failed) == (n, n, n - 1, 0)
+    assert (done.total, done.delivered, done.done, done.applied, done.failed) == (n, n, n, n - 1, 0)
     assert done.rejected == {"NOT_FOUND": 1}
     assert [f.entity_id for f in done.failures] == ["never-opened"]
-    assert done.pages == -(-n // min(PAGE, 1000))  # it continued as new between pages
+    assert done.pages == -(-n // min(PAGE, 1000))
+    assert done.started_at and done.delivered_at and done.ended_at
+    assert done.started_at <= done.delivered_at <= done.ended_at
+    # It continued as new every two pages: the last run sent at most two.
+    last_run = await temporal_client.get_workflow_handle(bulk.id).fetch_history()
+    started = last_run.events[0].workflow_execution_started_event_attributes
+    assert started.continued_execution_run_id
+    sent = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in last_run.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert 1 <= sent.count("bulk_deliver") <= 2
+
+
+async def test_commands_are_all_sent_before_entities_apply_them_and_counted_as_they_do(
+    temporal_client: Client, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """Sending keeps Temporal's pace, not the entities': with no worker applying commands,
+    a bulk command still hands every one to Temporal, and counts each outcome once the
+    entities apply them."""
+    bulk_settings = settings.model_copy(update={"task_queue": f"{settings.task_queue}-bulk"})
+    async with run_worker():
+        ids = await open_accounts(temporal_client, settings, 30)
+    async with run_worker(bulk_settings):  # the bulk's own activities, no entity's workflow
+        bulk = await start_deposits(
+            temporal_client, bulk_settings, amount=2, ids=ids, page_size=7, window=5
+        )
+        sent = await eventually(lambda: progress(bulk), lambda p: p.delivered == 30)
+        assert (sent.status, sent.done, sent.applied, sent.pages) == (BulkStatus.RUNNING, 0, 0, 5)
+        assert sent.delivered_at is not None
+        async with run_worker():  # the entities' workflows run again
+            done = await bulk.result()
+            balances = await asyncio.gather(*(balance(temporal_client, i) for i in ids))
+    assert (done.status, done.total, done.done, done.applied, done.failed) == (
+        BulkStatus.COMPLETED,
+        30,
+        30,
+        30,
+        0,
+    )
+    assert done.delivered_at == sent.delivered_at
+    assert sorted(set(balances)) == [2]
 
 
 async def test_a_filter_pages_the_index_and_a_paused_bulk_resumes_where_it_stopped(

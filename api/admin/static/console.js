@@ -572,8 +572,8 @@
   // A bulk command followed by id: read every second while RUNNING, then once per action.
   const bulkPane = document.getElementById("bulk");
   const BULK = `query($id: ID!) { bulk: bulkCommand(id: $id) { id entityType command status
-    total done applied rejected failed failures { entityId code message } eta startedAt
-    endedAt } }`;
+    total delivered deliveredAt done applied rejected failed failures { entityId code message }
+    eta startedAt endedAt } }`;
   const BULK_ACTIONS = {
     pause: { mutation: "pauseBulkCommand", confirm: (id) => `Pause bulk command ${id}?` },
     resume: { mutation: "resumeBulkCommand", confirm: (id) => `Resume bulk command ${id}?` },
@@ -616,9 +616,10 @@
     progress.max = b.total || 1;
     progress.value = b.total ? b.done : 0;
     const total = b.total === null ? "?" : b.total;
-    bulkPane.querySelector("[data-count]").textContent = `${b.done}/${total} done`;
-    const fields = ["status", "entityType", "command", "total", "done", "applied", "rejected",
-      "failed", "eta", "startedAt", "endedAt"];
+    bulkPane.querySelector("[data-count]").textContent =
+      `${b.done}/${total} done, ${b.delivered}/${total} sent`;
+    const fields = ["status", "entityType", "command", "total", "delivered", "done", "applied",
+      "rejected", "failed", "eta", "startedAt", "deliveredAt", "endedAt"];
     bulkPane.querySelector("[data-fields]").replaceChildren(
       ...fields.flatMap((name) => [
         el("dt", {}, name),
