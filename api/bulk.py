@@ -218,7 +218,7 @@ class BulkMutation:
             sent_by=f"{principal.role.value}:{principal.subject}",
         )
         started = await info.context.gateway.start_workflow(
-            BULK_WORKFLOW, bulk_input, bulk_workflow_id(key)
+            BULK_WORKFLOW, bulk_input, bulk_workflow_id(key), bulk=True
         )
         progress = await _progress(info, key)
         if not started and progress.fingerprint not in ("", bulk_input.fingerprint()):

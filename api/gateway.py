@@ -273,9 +273,13 @@ class EntityGateway:
                 raise unavailable(again) from again
         return value
 
-    async def start_workflow(self, workflow: str, input: BaseModel, workflow_id: str) -> bool:
-        """Start a workflow that is not an entity (a bulk command) on the entities' task
-        queue, unless one with its id runs or ran already: True when this call started it."""
+    async def start_workflow(
+        self, workflow: str, input: BaseModel, workflow_id: str, *, bulk: bool = False
+    ) -> bool:
+        """Start a workflow that is not an entity (a webhook delivery; with `bulk`, a bulk
+        command, on the bulk commands' task queue) unless one with its id runs or ran
+        already: True when this call started it."""
+        queue = self._settings.bulk_task_queue if bulk else self._settings.task_queue
         seconds = self._settings.live_read_timeout
         try:
             await within(
@@ -284,7 +288,7 @@ class EntityGateway:
                     workflow,
                     input,
                     id=workflow_id,
-                    task_queue=self._settings.task_queue,
+                    task_queue=queue,
                     id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                     rpc_timeout=timedelta(seconds=seconds),
                 ),

@@ -125,7 +125,7 @@ async def bulk_deposits(bench: Bench) -> list[Result]:
                     sent_by="admin:bench",
                 ),
                 id=bulk_workflow_id(bulk_id),
-                task_queue=settings.task_queue,
+                task_queue=settings.bulk_task_queue,
             )
             done = await handle.result()
             elapsed = time.perf_counter() - started

@@ -121,10 +121,10 @@ class BulkInput(BaseModel):
         default=None, description="A listing filter (workers/listing.py's, as JSON)."
     )
     sent_by: str | None = Field(default=None, max_length=160)
-    page_size: int = Field(default=500, ge=1, le=1000)
+    page_size: int = Field(default=1000, ge=1, le=1000)
     window: int = Field(default=50, ge=1, le=500)
     pages_per_run: int = Field(
-        default=20,
+        default=10,
         ge=1,
         le=100,
         description="Pages sent in one run ahead of their outcomes; the run waits for them all "

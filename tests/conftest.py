@@ -24,7 +24,6 @@ from temporalio import activity, workflow
 from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Worker
 
 from api.app import create_app
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal
@@ -34,7 +33,7 @@ from workers.cache import SnapshotCache, connect_redis
 from workers.delivery import CommandDelivery
 from workers.logs import configure_logging
 from workers.settings import Settings
-from workers.worker import build_worker
+from workers.worker import TenureWorker, build_worker
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +103,7 @@ async def cache(settings: Settings) -> AsyncIterator[SnapshotCache]:
     await client.aclose()
 
 
-WorkerFactory = Callable[..., contextlib.AbstractAsyncContextManager[Worker]]
+WorkerFactory = Callable[..., contextlib.AbstractAsyncContextManager[TenureWorker]]
 
 
 @pytest.fixture
@@ -114,7 +113,7 @@ def run_worker(temporal_client: Client, settings: Settings) -> WorkerFactory:
     @contextlib.asynccontextmanager
     async def running(
         worker_settings: Settings | None = None, cache: SnapshotCache | None = None
-    ) -> AsyncIterator[Worker]:
+    ) -> AsyncIterator[TenureWorker]:
         chosen = worker_settings or settings
         redis_client = connect_redis(chosen)
         worker = build_worker(
@@ -130,7 +129,7 @@ def run_worker(temporal_client: Client, settings: Settings) -> WorkerFactory:
 
 
 @pytest.fixture
-async def worker(run_worker: WorkerFactory) -> AsyncIterator[Worker]:
+async def worker(run_worker: WorkerFactory) -> AsyncIterator[TenureWorker]:
     async with run_worker() as running:
         yield running
 
@@ -177,7 +176,7 @@ class GraphQLClient:
 
 
 @pytest.fixture
-def gql(http: httpx.AsyncClient, worker: Worker) -> GraphQLClient:
+def gql(http: httpx.AsyncClient, worker: TenureWorker) -> GraphQLClient:
     return GraphQLClient(http)
 
 

@@ -109,6 +109,9 @@ class BulkActivities:
         self._redis = cache.client
         self._prefix = cache.prefix
 
+    def activities(self) -> list[Callable[..., Any]]:
+        return [self.bulk_page, self.bulk_deliver, self.bulk_settle, self.bulk_send]
+
     @activity.defn(name=PAGE_ACTIVITY)
     async def bulk_page(self, request: PageRequest) -> TargetPage:
         """The next page of targets after the cursor, in id order."""

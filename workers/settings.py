@@ -261,6 +261,12 @@ class Settings(BaseModel):
         "time, up to an hour.",
     )
 
+    @property
+    def bulk_task_queue(self) -> str:
+        """The task queue of bulk commands and their activities: their own, so that a bulk
+        command's next page never waits behind the entity tasks its last page caused."""
+        return f"{self.task_queue}-bulk"
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if environ is None else environ

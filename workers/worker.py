@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from temporalio.runtime import (
 from temporalio.worker import Worker
 
 from entities import catalog
+from entities.bulk import BulkCommandWorkflow
 from workers.activities import PUBLISH_LAG, PUBLISH_LAG_BUCKETS, CacheActivities
 from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache, connect_redis
@@ -69,39 +71,76 @@ def worker_runtime(settings: Settings, core_logs: logging.Logger | None = None) 
 
 def activity_functions(client: Client, cache: SnapshotCache, settings: Settings) -> Sequence[Any]:
     """Every activity the worker serves, bound to its clients."""
-    bulk = BulkActivities(client, cache, settings)
     return [
         CacheActivities(cache).publish_snapshot,
         EntityRequests(client, settings).request_entity,
-        bulk.bulk_page,
-        bulk.bulk_send,
-        bulk.bulk_deliver,
-        bulk.bulk_settle,
+        *BulkActivities(client, cache, settings).activities(),
         WebhookDelivery(cache, settings).deliver_webhooks,
     ]
 
 
-def build_worker(
-    client: Client,
-    settings: Settings,
-    cache: SnapshotCache,
-    *,
-    task_queue: str | None = None,
-) -> Worker:
-    """A worker hosting every workflow declared in `entities` on the settings' task queue."""
-    return Worker(
+def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> TenureWorker:
+    """A worker hosting every workflow declared in `entities` on the settings' task queue,
+    and the bulk commands on their own (`Settings.bulk_task_queue`)."""
+    runner = workflow_runner(settings, client.data_converter)
+    common: dict[str, Any] = {
+        "workflow_runner": runner,
+        # A task waiting on the queue of a worker that is gone (killed, or its queue lost
+        # in a Temporal restart) goes to the shared queue after this, not after 10 s.
+        "sticky_queue_schedule_to_start_timeout": STICKY_TIMEOUT,
+        "graceful_shutdown_timeout": timedelta(seconds=settings.worker_shutdown_grace),
+    }
+    entities = Worker(
         client,
-        task_queue=task_queue or settings.task_queue,
+        task_queue=settings.task_queue,
+        # Bulk commands started on the entities' queue, before they had their own, end here.
         workflows=catalog.workflows(),
         activities=activity_functions(client, cache, settings),
         max_cached_workflows=settings.max_cached_workflows,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
-        workflow_runner=workflow_runner(settings, client.data_converter),
-        # A task waiting on the queue of a worker that is gone (killed, or its queue lost
-        # in a Temporal restart) goes to the shared queue after this, not after 10 s.
-        sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
-        graceful_shutdown_timeout=timedelta(seconds=settings.worker_shutdown_grace),
+        **common,
     )
+    bulk_commands = Worker(
+        client,
+        task_queue=settings.bulk_task_queue,
+        workflows=[BulkCommandWorkflow],
+        activities=BulkActivities(client, cache, settings).activities(),
+        **common,
+    )
+    return TenureWorker([entities, bulk_commands])
+
+
+class TenureWorker:
+    """Temporal workers on each of Tenure's task queues, run and shut down together: one
+    failing stops the others."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.workers = workers
+
+    async def run(self) -> None:
+        running = [asyncio.create_task(w.run()) for w in self.workers]
+        try:
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a worker's failure, raised
+        finally:
+            stopping = [
+                w.shutdown() for w, t in zip(self.workers, running, strict=True) if not t.done()
+            ]
+            await asyncio.gather(*stopping, return_exceptions=True)
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(w.shutdown() for w in self.workers))
+
+    async def __aenter__(self) -> TenureWorker:
+        self._stack = contextlib.AsyncExitStack()
+        for worker in self.workers:
+            await self._stack.enter_async_context(worker)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
 
 
 @dataclass
@@ -174,7 +213,7 @@ async def run_worker(
         await redis_client.aclose()
 
 
-async def _shut_down(worker: Worker, running: asyncio.Task[None], bound: float) -> bool:
+async def _shut_down(worker: TenureWorker, running: asyncio.Task[None], bound: float) -> bool:
     """Whether the worker shut down within `bound` seconds. Activities in flight are
     idempotent (publishing, entity requests) and the server retries a cancelled one
     elsewhere. A workflow task that cannot complete (an entity stuck on a failing task,

@@ -61,7 +61,7 @@ async def finished(gql: GraphQLClient, bulk_id: str) -> dict[str, Any]:
 
 
 async def test_a_bulk_deposit_reaches_every_account_once_however_often_it_is_sent(
-    gql: GraphQLClient,
+    gql: GraphQLClient, temporal_client: Client, settings: Settings
 ) -> None:
     ids = [new_id() for _ in range(6)]
     for account_id in ids:
@@ -72,6 +72,9 @@ async def test_a_bulk_deposit_reaches_every_account_once_however_often_it_is_sen
     assert started["startBulkCommand"]["id"] == key
     again = await gql.data(START, key=key, ids=targets, payload={"amount": 25})
     assert again["startBulkCommand"]["id"] == key  # the same bulk command, not a second
+    # On a task queue of its own, not behind the entity tasks it causes.
+    described = await temporal_client.get_workflow_handle(bulk_workflow_id(key)).describe()
+    assert described.task_queue == settings.bulk_task_queue != settings.task_queue
     done = await finished(gql, key)
     assert done["status"] == "COMPLETED" and done["endedAt"] is not None
     assert done["startedAt"] <= done["deliveredAt"] <= done["endedAt"]
@@ -211,7 +214,7 @@ async def test_an_admin_lists_bulk_commands_with_their_progress_and_by_status(
     completed, paused = new_id(), new_id()
     await gql.data(START, key=completed, ids=ids, payload={"amount": 25})
     await finished(gql, completed)
-    await paused_bulk(temporal_client, settings.task_queue, paused, ids)
+    await paused_bulk(temporal_client, settings.bulk_task_queue, paused, ids)
 
     rows = await listed_as(gql, {completed: "COMPLETED", paused: "PAUSED"})
     assert rows[completed]["running"] is False

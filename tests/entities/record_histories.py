@@ -19,7 +19,6 @@ from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Worker
 
 from api.gateway import EntityGateway
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal
@@ -34,7 +33,7 @@ from tests.entities.failing_checkout import failed_checkout
 from tests.entities.shop import FAST_COMPENSATION, FAST_STEP, Shop, eventually, until_cached
 from workers.cache import SnapshotCache, connect_redis
 from workers.settings import Settings
-from workers.worker import build_worker
+from workers.worker import TenureWorker, build_worker
 
 HISTORIES = Path(__file__).parent / "histories"
 # Histories recorded since entities publish with an activity (PUBLISH_BY_ACTIVITY); those in
@@ -102,7 +101,7 @@ async def _failed_checkout(client: Client, settings: Settings, cache: SnapshotCa
     stopped for a while); the workflow id whose history to keep."""
 
     @contextlib.asynccontextmanager
-    async def run_worker(chosen: Settings | None = None) -> AsyncIterator[Worker]:
+    async def run_worker(chosen: Settings | None = None) -> AsyncIterator[TenureWorker]:
         async with build_worker(client, chosen or settings, cache) as worker:
             yield worker
 
@@ -179,7 +178,7 @@ async def _bulk(shop: Shop, client: Client, settings: Settings) -> str:
             pages_per_run=2,
         ),
         id=bulk_workflow_id(BULK_ID),
-        task_queue=settings.task_queue,
+        task_queue=settings.bulk_task_queue,
     )
     await handle.result()
     return bulk_workflow_id(BULK_ID)

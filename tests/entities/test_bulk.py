@@ -100,7 +100,7 @@ async def start_deposits(
             **fields,
         ),
         id=bulk_workflow_id(bulk_id),
-        task_queue=settings.task_queue,
+        task_queue=settings.bulk_task_queue,
     )
 
 
@@ -160,7 +160,7 @@ async def test_commands_are_all_sent_before_entities_apply_them_and_counted_as_t
     """Sending keeps Temporal's pace, not the entities': with no worker applying commands,
     a bulk command still hands every one to Temporal, and counts each outcome once the
     entities apply them."""
-    bulk_settings = settings.model_copy(update={"task_queue": f"{settings.task_queue}-bulk"})
+    bulk_settings = settings.model_copy(update={"task_queue": f"{settings.task_queue}-apart"})
     async with run_worker():
         ids = await open_accounts(temporal_client, settings, 30)
     async with run_worker(bulk_settings):  # the bulk's own activities, no entity's workflow
