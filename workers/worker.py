@@ -82,9 +82,8 @@ def activity_functions(client: Client, cache: SnapshotCache, settings: Settings)
 def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> TenureWorker:
     """A worker hosting every workflow declared in `entities` on the settings' task queue,
     and the bulk commands on their own (`Settings.bulk_task_queue`)."""
-    runner = workflow_runner(settings, client.data_converter)
     common: dict[str, Any] = {
-        "workflow_runner": runner,
+        "workflow_runner": workflow_runner(settings, client.data_converter),
         # A task waiting on the queue of a worker that is gone (killed, or its queue lost
         # in a Temporal restart) goes to the shared queue after this, not after 10 s.
         "sticky_queue_schedule_to_start_timeout": STICKY_TIMEOUT,
@@ -116,6 +115,7 @@ class TenureWorker:
 
     def __init__(self, workers: list[Worker]) -> None:
         self.workers = workers
+        self._stack = contextlib.AsyncExitStack()
 
     async def run(self) -> None:
         running = [asyncio.create_task(w.run()) for w in self.workers]
@@ -134,7 +134,6 @@ class TenureWorker:
         await asyncio.gather(*(w.shutdown() for w in self.workers))
 
     async def __aenter__(self) -> TenureWorker:
-        self._stack = contextlib.AsyncExitStack()
         for worker in self.workers:
             await self._stack.enter_async_context(worker)
         return self
@@ -183,7 +182,10 @@ async def run_worker(
         while not stopping.done():
             worker = build_worker(client, settings, cache)
             log.info(
-                "worker polling task queue %r at %s", settings.task_queue, settings.temporal_address
+                "worker polling task queues %r and %r at %s",
+                settings.task_queue,
+                settings.bulk_task_queue,
+                settings.temporal_address,
             )
             running = asyncio.create_task(worker.run())
             status.polling = True
