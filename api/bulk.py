@@ -213,7 +213,7 @@ class BulkMutation:
             entity_type=entity_type,
             command=command,
             payload=given,
-            ids=[str(i) for i in ids] if ids is not None else None,
+            ids=list(dict.fromkeys(str(i) for i in ids)) if ids is not None else None,
             filter=filter,
             sent_by=f"{principal.role.value}:{principal.subject}",
         )

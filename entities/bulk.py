@@ -260,9 +260,9 @@ class BulkCommandWorkflow:
         return self._sending or self._settling > 0
 
     async def _send_pages(self, input: BulkInput) -> bool:
-        """Send up to `pages_per_run` pages, each counted while the next are sent; True when
-        targets remain for the next run."""
-        counting: list[asyncio.Task[None]] = []
+        """Send up to `pages_per_run` pages, counted one after the other while the next are
+        sent; True when targets remain for the next run."""
+        counting: asyncio.Task[None] | None = None
         more = True
         for _ in range(input.pages_per_run):
             await workflow.wait_condition(lambda: not self._paused or self._cancelled)
@@ -282,18 +282,29 @@ class BulkCommandWorkflow:
                 self._progress.add(delivered.settled)
                 if delivered.waiting:
                     self._settling += 1
-                    counting.append(asyncio.create_task(self._count(input, page, delivered)))
+                    counting = asyncio.create_task(self._count(input, page, delivered, counting))
             self._sending = False
             self._sent(page)
             if page.cursor is None:
                 more = False
                 break
-        await asyncio.gather(*counting)
+        if counting is not None:
+            await counting
         return more
 
-    async def _count(self, input: BulkInput, page: TargetPage, delivered: PageDelivered) -> None:
-        """Count the outcomes of a delivered page's commands still waiting for one."""
+    async def _count(
+        self,
+        input: BulkInput,
+        page: TargetPage,
+        delivered: PageDelivered,
+        after: asyncio.Task[None] | None,
+    ) -> None:
+        """Count the outcomes of a delivered page's commands still waiting for one, once the
+        page sent before it is counted: entities apply the pages roughly in order, so one
+        page at a time is asked about what the change stream does not show."""
         try:
+            if after is not None:
+                await after
             sent = await workflow.execute_activity(
                 SETTLE_ACTIVITY,
                 PageToSettle(

@@ -240,7 +240,7 @@ class BulkActivities:
         def applied(entry: dict[str, str]) -> None:
             nonlocal last_progress
             command_id = entry.get("command_id", "")
-            if tally.applied(command_id, entry.get("command", "")) or command_id.startswith(ours):
+            if tally.applied(command_id, entry.get("command", "")) or _of_bulk(command_id, ours):
                 last_progress = loop.time()
 
         def enough() -> bool:
@@ -293,6 +293,13 @@ class BulkActivities:
                     raise
                 await asyncio.sleep(min(2.0**attempt, 10.0))
         raise AssertionError("unreachable")
+
+
+def _of_bulk(command_id: str, prefix: str) -> bool:
+    """Whether the command id is the bulk's (`bulk:<bulk id>:<entity id>`), and not that of
+    a bulk whose id only starts with its id (`bulk:<bulk id>:more:<entity id>`): an entity
+    id holds no colon."""
+    return command_id.startswith(prefix) and ":" not in command_id[len(prefix) :]
 
 
 def _envelope(page: PageToSend, entity_id: str) -> CommandEnvelope:

@@ -118,27 +118,34 @@ class TenureWorker:
         self._stack = contextlib.AsyncExitStack()
 
     async def run(self) -> None:
+        """Run until every worker is shut down; a worker's failure is raised at once, and
+        `shutdown` (bounded by the caller) stops the others."""
         running = [asyncio.create_task(w.run()) for w in self.workers]
-        try:
-            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # a worker's failure, raised
-        finally:
-            stopping = [
-                w.shutdown() for w, t in zip(self.workers, running, strict=True) if not t.done()
-            ]
-            await asyncio.gather(*stopping, return_exceptions=True)
-            await asyncio.gather(*running, return_exceptions=True)
+        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+        await asyncio.gather(*running)
 
     async def shutdown(self) -> None:
-        await asyncio.gather(*(w.shutdown() for w in self.workers))
+        """Shut every worker down at once; a worker that failed already is logged."""
+        results = await asyncio.gather(
+            *(w.shutdown() for w in self.workers), return_exceptions=True
+        )
+        for worker, result in zip(self.workers, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("worker on %r shut down with %r", worker.task_queue, result)
 
     async def __aenter__(self) -> TenureWorker:
-        for worker in self.workers:
-            await self._stack.enter_async_context(worker)
+        try:
+            for worker in self.workers:
+                await self._stack.enter_async_context(worker)
+        except BaseException:
+            await self._stack.aclose()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
         await self._stack.aclose()
 
 
