@@ -55,6 +55,9 @@ STREAM_QUIET_SECONDS = 2.0
 """How long the change stream may show none of the bulk's commands applied (a page's own,
 or those of the pages sent before it, which the entities apply first) before the page's
 remaining commands are asked of their entities."""
+SETTLE_ATTEMPTS = 10
+"""Attempts at counting a delivered page while some outcomes stay unknown, before those
+count as failed (the activity's retries, at most 30 s apart)."""
 UNKNOWN_ATTEMPTS = 5
 """Tries of one entity's command while its outcome is unknown, before it counts as failed."""
 
@@ -163,6 +166,12 @@ class BulkActivities:
         tally = _Tally(settle.page.command)
         tally.expect(settle.page)
         await self._settle(settle.page, settle.position, tally)
+        if tally.sent.failed and activity.info().attempt < SETTLE_ATTEMPTS:
+            # Delivered, so applied once its entity runs (a worker restarting, a backlog):
+            # counted again from the stream's position, not yet as failed.
+            raise ApplicationError(
+                f"{tally.sent.failed} outcomes of bulk {settle.page.bulk_id} not known yet"
+            )
         return tally.sent
 
     @activity.defn(name=SEND_ACTIVITY)
