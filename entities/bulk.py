@@ -158,6 +158,17 @@ class TargetPage(BaseModel):
     cursor: str | None = Field(description="After the last id; None when it was the last page.")
     total: int | None = None
 
+    @classmethod
+    def of_ids(cls, ids: list[str], cursor: str | None, size: int) -> TargetPage:
+        """The page of a given list of ids after `cursor` (an index into it)."""
+        start = int(cursor or 0)
+        end = start + size
+        return cls(
+            ids=list(ids[start:end]),
+            cursor=str(end) if end < len(ids) else None,
+            total=len(ids),
+        )
+
 
 class PageToSend(BaseModel):
     bulk_id: str
@@ -344,13 +355,7 @@ class BulkCommandWorkflow:
     async def _next_page(self, input: BulkInput, by_activity: bool = False) -> TargetPage:
         """The next page after the cursor: a slice of the given ids, or the listing index's."""
         if input.ids is not None and not by_activity:
-            start = int(self._progress.cursor or 0)
-            end = start + input.page_size
-            return TargetPage(
-                ids=list(input.ids[start:end]),
-                cursor=str(end) if end < len(input.ids) else None,
-                total=len(input.ids),
-            )
+            return TargetPage.of_ids(input.ids, self._progress.cursor, input.page_size)
         page: TargetPage = await workflow.execute_activity(
             PAGE_ACTIVITY,
             PageRequest(

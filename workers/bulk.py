@@ -119,13 +119,7 @@ class BulkActivities:
     async def bulk_page(self, request: PageRequest) -> TargetPage:
         """The next page of targets after the cursor, in id order."""
         if request.ids is not None:
-            start = int(request.cursor or 0)
-            end = start + request.size
-            return TargetPage(
-                ids=request.ids[start:end],
-                cursor=str(end) if end < len(request.ids) else None,
-                total=len(request.ids),
-            )
+            return TargetPage.of_ids(request.ids, request.cursor, request.size)
         try:
             where = list_filter(request.filter)
         except (TypeError, ValueError) as exc:
