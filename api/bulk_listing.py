@@ -28,7 +28,7 @@ from entities.bulk import (
     bulk_workflow_id,
 )
 from workers.delivery import unavailable
-from workers.temporal import within
+from workers.temporal import ask, within
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,7 @@ async def _listed_progress(client: Client, execution: WorkflowExecution) -> Bulk
     try:
         if execution.status is WorkflowExecutionStatus.COMPLETED:
             return await within(PROGRESS_TIMEOUT, handle.result(rpc_timeout=timeout))
-        return await within(
-            PROGRESS_TIMEOUT, handle.query(BulkCommandWorkflow.progress, rpc_timeout=timeout)
-        )
+        return await ask(handle, BulkCommandWorkflow.progress, seconds=PROGRESS_TIMEOUT)
     except RPCError as exc:
         log.warning("bulk command %s did not answer: %s", execution.id, exc)
         return None

@@ -33,7 +33,7 @@ from entities.runtime.envelope import (
 from workers.cache import CachedSnapshot, CacheUnavailable, SnapshotCache
 from workers.delivery import CommandDelivery, unavailable
 from workers.settings import Settings
-from workers.temporal import within
+from workers.temporal import ask, within
 
 log = logging.getLogger(__name__)
 
@@ -317,14 +317,9 @@ class EntityGateway:
         """One query to a workflow: spent from the request's budget, and answered within
         the live-read timeout (a hard deadline: `rpc_timeout` alone is not one)."""
         _spend_a_query()
-        seconds = self._settings.live_read_timeout
-        answer: M = await within(
-            seconds,
-            handle.query(
-                query, *args, result_type=result_type, rpc_timeout=timedelta(seconds=seconds)
-            ),
+        return await ask(
+            handle, query, *args, result_type=result_type, seconds=self._settings.live_read_timeout
         )
-        return answer
 
     async def _cached(self, entity_type: str, entity_id: str) -> EntityRead | None:
         try:

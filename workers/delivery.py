@@ -46,7 +46,7 @@ from entities.runtime.envelope import (
 from entities.runtime.workflow import EntityWorkflow
 from workers.coalescing import SignalCoalescer
 from workers.settings import Settings
-from workers.temporal import within
+from workers.temporal import ask, within
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +164,12 @@ class CommandDelivery:
 
     async def _outcome(self, handle: WorkflowHandle[Any, Any], command_id: str) -> CommandResult:
         try:
-            timeout = self._settings.command_wait_timeout
-            result: CommandResult = await within(
-                timeout,
-                handle.query(
-                    "outcome",
-                    command_id,
-                    result_type=CommandResult,
-                    rpc_timeout=timedelta(seconds=timeout),
-                ),
+            result = await ask(
+                handle,
+                "outcome",
+                command_id,
+                result_type=CommandResult,
+                seconds=self._settings.command_wait_timeout,
             )
         except RPCError as exc:
             raise TenureError(

@@ -15,7 +15,7 @@ from temporalio.service import RPCError
 from entities import catalog
 from entities.runtime.envelope import Snapshot
 from workers.cache import CacheUnavailable, SnapshotCache
-from workers.temporal import within
+from workers.temporal import ask, within
 
 Progress = Callable[[int, int], None]
 """Called with (done, total) as entities are reindexed."""
@@ -57,9 +57,7 @@ async def snapshot_of(
     if description.status is WorkflowExecutionStatus.COMPLETED:
         snapshot: Snapshot = await within(timeout, handle.result(rpc_timeout=rpc))
     else:
-        snapshot = await within(
-            timeout, handle.query("snapshot", result_type=Snapshot, rpc_timeout=rpc)
-        )
+        snapshot = await ask(handle, "snapshot", result_type=Snapshot, seconds=timeout)
     return snapshot if snapshot.state is not None else None
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from datetime import timedelta
+from typing import Any, TypeVar
 
 from opentelemetry.sdk.trace import TracerProvider
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle, WorkflowQueryFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
+from workers.query_guard import AHEAD_OF_TASK
 from workers.settings import Settings
 from workers.telemetry import temporal_interceptors
 
@@ -51,6 +53,37 @@ async def within(seconds: float, call: Awaitable[T]) -> T:
         raise RPCError(
             f"no answer within {seconds:g} s", RPCStatusCode.DEADLINE_EXCEEDED, b""
         ) from None
+
+
+QUERY_ATTEMPTS = 3
+
+
+async def ask(
+    handle: WorkflowHandle[Any, Any],
+    query: Any,
+    *args: Any,
+    result_type: type[T] | None = None,
+    seconds: float,
+) -> T:
+    """The workflow's answer to `query` (a name or a query method), within `seconds` in all.
+    Asked again when a worker refused it so as to replay the entity in order
+    (`workers.query_guard`); that refusal, repeated, is UNAVAILABLE like any other."""
+
+    async def asking() -> T:
+        for attempt in range(QUERY_ATTEMPTS):
+            try:
+                answer: T = await handle.query(
+                    query, *args, result_type=result_type, rpc_timeout=timedelta(seconds=seconds)
+                )
+                return answer
+            except WorkflowQueryFailedError as exc:
+                if AHEAD_OF_TASK not in str(exc):
+                    raise
+                if attempt == QUERY_ATTEMPTS - 1:
+                    raise RPCError(str(exc), RPCStatusCode.UNAVAILABLE, b"") from exc
+        raise AssertionError("unreachable")
+
+    return await within(seconds, asking())
 
 
 PROBE_INTERVAL = 0.5

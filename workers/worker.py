@@ -28,6 +28,7 @@ from workers.activities import PUBLISH_LAG, PUBLISH_LAG_BUCKETS, CacheActivities
 from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache, connect_redis
 from workers.changes import Retention
+from workers.query_guard import QueryGuardRunner
 from workers.requests import EntityRequests
 from workers.sandbox import workflow_runner
 from workers.search_attributes import check_search_attributes
@@ -83,7 +84,6 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
     """A worker hosting every workflow declared in `entities` on the settings' task queue,
     and the bulk commands on their own (`Settings.bulk_task_queue`)."""
     common: dict[str, Any] = {
-        "workflow_runner": workflow_runner(settings, client.data_converter),
         # A task waiting on the queue of a worker that is gone (killed, or its queue lost
         # in a Temporal restart) goes to the shared queue after this, not after 10 s.
         "sticky_queue_schedule_to_start_timeout": STICKY_TIMEOUT,
@@ -97,6 +97,7 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         activities=activity_functions(client, cache, settings),
         max_cached_workflows=settings.max_cached_workflows,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+        workflow_runner=QueryGuardRunner(workflow_runner(settings, client.data_converter)),
         **common,
     )
     bulk_commands = Worker(
@@ -104,6 +105,7 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         task_queue=settings.bulk_task_queue,
         workflows=[BulkCommandWorkflow],
         activities=BulkActivities(client, cache, settings).activities(),
+        workflow_runner=QueryGuardRunner(workflow_runner(settings, client.data_converter)),
         **common,
     )
     return TenureWorker([entities, bulk_commands])
