@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 from temporalio import activity
 
+from entities.runtime.backlog import NEXT_TASK_ACTIVITY
 from entities.runtime.envelope import Publication
 from workers.cache import SnapshotCache
 from workers.changes import Changes
@@ -14,6 +15,12 @@ PUBLISH_FAILURES = "tenure_publish_failures"
 PUBLISH_LAG = "tenure_publish_lag_seconds"
 PUBLISH_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 """Seconds; the worker's runtime gives the histogram these buckets (`worker_runtime`)."""
+
+
+@activity.defn(name=NEXT_TASK_ACTIVITY)
+async def next_task() -> None:
+    """Nothing: an entity catching up on held commands waits for it to get its next
+    workflow task (entities/runtime/backlog.py)."""
 
 
 class CacheActivities:

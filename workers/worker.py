@@ -24,7 +24,7 @@ from temporalio.worker import Worker
 
 from entities import catalog
 from entities.bulk import BulkCommandWorkflow
-from workers.activities import PUBLISH_LAG, PUBLISH_LAG_BUCKETS, CacheActivities
+from workers.activities import PUBLISH_LAG, PUBLISH_LAG_BUCKETS, CacheActivities, next_task
 from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache, connect_redis
 from workers.changes import Retention
@@ -74,6 +74,7 @@ def activity_functions(client: Client, cache: SnapshotCache, settings: Settings)
     """Every activity the worker serves, bound to its clients."""
     return [
         CacheActivities(cache).publish_snapshot,
+        next_task,
         EntityRequests(client, settings).request_entity,
         *BulkActivities(client, cache, settings).activities(),
         WebhookDelivery(cache, settings).deliver_webhooks,

@@ -166,6 +166,13 @@ class RuntimeOptions(BaseModel):
         "refuses a run's 2,001st update, and its senders would fall back to a signal.",
     )
     ledger_size: int = Field(default=4096, ge=1)
+    max_commands_per_task: int = Field(
+        default=256,
+        ge=1,
+        description="Commands one workflow task applies; more that came with it are held "
+        "and applied in the tasks after it, in order (entities/runtime/backlog.py). A task "
+        "must end within the SDK's 2 s deadlock bound, or it fails on every retry.",
+    )
     max_state_bytes: int = Field(
         default=512 * 1024,
         ge=1024,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from temporalio import workflow
-from temporalio.common import MetricCounter
+from temporalio.common import MetricCounter, RetryPolicy
 from temporalio.exceptions import ChildWorkflowError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
 
@@ -17,6 +17,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
     from entities.errors import ErrorCode, Rejected
+    from entities.runtime.backlog import BOUNDED_TASKS_PATCH, NEXT_TASK_ACTIVITY, Backlog
     from entities.runtime.effects import StartWorkflow
     from entities.runtime.entity import STRICT_INPUTS_PATCH, CommandContext, EntityType
     from entities.runtime.envelope import (
@@ -40,6 +41,11 @@ older ones as a gap): with the largest state they keep its input far below Tempo
 
 MAX_TIMER_CHANGES = 64
 """Timer firings remembered for the change stream until published."""
+
+NEXT_TASK_TIMEOUT = timedelta(seconds=10)
+NEXT_TASK_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2)
+)
 
 NOTHING_TO_UNDO = "nothing to undo"
 TIMER_SENDER = "entity:timer"
@@ -86,6 +92,7 @@ class EntityWorkflow:
         self._ledger = Ledger(input.runtime.ledger_size, input.ledger)
         self._received_this_run = 0
         self._updates_this_run = 0
+        self._backlog = Backlog(input.runtime.max_commands_per_task)
         self._timers: list[Outcome] = list(input.timers)
         self._publisher = SnapshotPublisher(
             input.runtime, self.publication, input.published_revision
@@ -97,8 +104,17 @@ class EntityWorkflow:
 
     @workflow.signal(name="command")
     def command(self, envelope: CommandEnvelope) -> None:
-        """Apply one command, or record why it was refused; never raises."""
+        """Apply one command, or record why it was refused, or hold it back while this
+        workflow task has applied its most (`Backlog`); never raises."""
         self._received_this_run += 1
+        task = workflow.info().get_current_history_length()
+        if not self._backlog.admits(task) and workflow.patched(BOUNDED_TASKS_PATCH):
+            self._backlog.hold(envelope)
+            return
+        self._backlog.applied()
+        self._apply(envelope)
+
+    def _apply(self, envelope: CommandEnvelope) -> None:
         if envelope.command_id in self._ledger:
             self._count("duplicate", OK)
             return
@@ -153,13 +169,16 @@ class EntityWorkflow:
         for envelope in batch:
             self.command(envelope)
 
-    @workflow.update(name="apply")
-    def apply(self, envelope: CommandEnvelope) -> CommandResult:
+    @workflow.update  # named "apply", as its method: the name the senders use
+    async def apply(self, envelope: CommandEnvelope) -> CommandResult:
         """Apply one command as the `command` signal does, and answer with its outcome: a
-        duplicate's is the one recorded. Never raises, and never waits, so it is finished
-        within the activation that brought it and never holds up a continue-as-new."""
+        duplicate's is the one recorded. Never raises. It waits only when the command is
+        held back (`Backlog`), for the main loop to apply it, which it does before it may
+        continue as new; otherwise it is finished within the activation that brought it."""
         self._updates_this_run += 1
         self.command(envelope)
+        if envelope.command_id not in self._ledger:
+            await workflow.wait_condition(lambda: envelope.command_id in self._ledger)
         return self.outcome(envelope.command_id)
 
     def _nothing_to_undo(self, envelope: CommandEnvelope) -> bool:
@@ -317,7 +336,8 @@ class EntityWorkflow:
 
             def has_work(armed: asyncio.Task[None] | None = timer) -> bool:
                 return (
-                    self._publisher.needs_attention(self._revision)
+                    bool(self._backlog)
+                    or self._publisher.needs_attention(self._revision)
                     or bool(self._effects)
                     or self._is_terminal()
                     or self._should_continue_as_new()
@@ -325,6 +345,7 @@ class EntityWorkflow:
                 )
 
             await workflow.wait_condition(has_work)
+            await self._catch_up()
             if timer is not None and timer.done():
                 timer, armed_for = None, None
                 self._fire_deadline()
@@ -356,11 +377,32 @@ class EntityWorkflow:
         only once its publish has resolved; the main loop alone starts publishes, and it is
         here, so none starts in between. An activity in flight is no obstacle: the next run
         publishes again whatever this one has not seen confirmed. Signals that arrive
-        meanwhile are applied by their handlers and carried over with the state.
+        meanwhile are applied by their handlers, or held back and applied here, and carried
+        over with the state: a run never ends with commands held.
         """
-        await workflow.wait_condition(
-            lambda: self._publisher.lets_run_end() and workflow.all_handlers_finished()
-        )
+        while True:
+            await workflow.wait_condition(
+                lambda: (
+                    bool(self._backlog)
+                    or (self._publisher.lets_run_end() and workflow.all_handlers_finished())
+                )
+            )
+            if not self._backlog:
+                return
+            await self._catch_up()
+
+    async def _catch_up(self) -> None:
+        """Apply the commands held back, oldest first, a workflow task's worth at a time."""
+        while self._backlog:
+            task = workflow.info().get_current_history_length()
+            for envelope in self._backlog.next_slice(task):
+                self._apply(envelope)
+            if self._backlog:
+                await workflow.execute_activity(
+                    NEXT_TASK_ACTIVITY,
+                    start_to_close_timeout=NEXT_TASK_TIMEOUT,
+                    retry_policy=NEXT_TASK_RETRY,
+                )
 
     def _fire_deadline(self) -> None:
         deadline = self.entity.deadline(self._state, self._options)

@@ -158,6 +158,35 @@ async def _account_lifecycle(gateway: EntityGateway) -> None:
     await send("close")
 
 
+BACKLOG_ID = "acct-backlog"
+
+
+async def _account_backlog(client: Client, cache: SnapshotCache, settings: Settings) -> str:
+    """Commands that waited for a worker, more than a task applies (3): held, and applied
+    three a task, a waited one among them."""
+    settings = settings.model_copy(
+        update={
+            "task_queue": "record-backlog",
+            "runtime": RuntimeOptions(max_commands_per_task=3),
+        }
+    )
+    gateway = EntityGateway(client, cache, settings)
+
+    async def deposit(amount: int, wait: bool = False) -> None:
+        await gateway.send("account", BACKLOG_ID, "deposit", {"amount": amount}, wait=wait)
+
+    async with build_worker(client, settings, cache):
+        opening = {"owner_name": "Bea", "email": "bea@example.com"}
+        await gateway.send("account", BACKLOG_ID, "open", opening, wait=True)
+        await gateway.send("account", BACKLOG_ID, "verify", {}, wait=True)
+    for amount in range(1, 9):
+        await deposit(amount)
+    async with build_worker(client, settings, cache):
+        await deposit(100, wait=True)
+        await until_cached(cache, "account", BACKLOG_ID, 11)
+    return f"account:{BACKLOG_ID}"
+
+
 BULK_ID = "bulk-deposit"
 
 
@@ -247,6 +276,8 @@ async def record(into: Path = HISTORIES) -> list[Path]:
                 # Closed, it still publishes its last state before it completes.
                 await client.get_workflow_handle(f"account:{ACCOUNT_ID}").result()
                 written += await _write_runs(client, f"account:{ACCOUNT_ID}", into)
+            backlog = await _account_backlog(client, cache, settings)
+            written += await _write_runs(client, backlog, into)
             # Its own queues: it stops and starts its account's worker.
             operator_settings = settings.model_copy(update={"task_queue": "record-operator"})
             stuck = await _failed_checkout(client, operator_settings, cache)

@@ -13,6 +13,7 @@ from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
 from entities import catalog
 from entities.checkout import CheckoutInput, CheckoutState, CheckoutWorkflow
+from entities.runtime.backlog import NEXT_TASK_ACTIVITY
 from entities.runtime.saga import Saga
 from tests.entities.record_histories import CURRENT, HISTORIES, workflow_id_of
 
@@ -39,6 +40,11 @@ NEW_PATHS = {
     # A bulk command sending pages ahead of counting them (patch `bulk-pipelined`)...
     f"{CURRENT}/bulk.bulk-deposit.run1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
     f"{CURRENT}/bulk.bulk-deposit.run2": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+    # Waited commands as updates to an account, recorded while `apply` never waited: not
+    # recorded again (today's `apply` may wait for held commands, and replays these)...
+    f"{CURRENT}/account.acct-waited.run1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+    # ...and today's: commands held back past a task's bound, a waited one among them.
+    f"{CURRENT}/account.acct-backlog": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
     # ...and one recorded before, a page sent and counted per run (`bulk_send`): not recorded
     # again, since today's code no longer takes that path in a new run.
     **{
@@ -92,6 +98,16 @@ class CheckoutWithoutWithdrawal(CheckoutWorkflow):
     async def _take_steps(self, saga: Saga) -> None:
         self._state.total = 0
         await super()._take_steps(saga)
+
+
+def test_the_backlog_history_applied_held_commands_in_later_tasks() -> None:
+    events = history(f"{CURRENT}/account.acct-backlog").events
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert scheduled.count(NEXT_TASK_ACTIVITY) >= 2  # eight held, three a task
 
 
 def test_the_failed_checkout_waited_for_an_operator_and_was_retried() -> None:

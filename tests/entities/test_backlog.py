@@ -1,0 +1,117 @@
+"""A workflow task applies at most `max_commands_per_task` commands; the rest are held and
+applied in the tasks after it, in order (entities/runtime/backlog.py). Without the bound, a
+backlog that built up while no worker ran came in one task that outlasted the SDK's 2 s
+deadlock bound on every retry, and the entity was stuck for good."""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHistory
+from temporalio.worker import Replayer
+
+from api.gateway import Consistency, EntityGateway
+from entities import catalog
+from entities.runtime.backlog import Backlog
+from entities.runtime.envelope import CommandEnvelope, RuntimeOptions
+from tests.conftest import WorkerFactory, new_id
+from tests.entities.test_runtime import open_active
+from workers.cache import SnapshotCache
+from workers.settings import Settings
+
+PER_TASK = 10
+DEPOSITS = 150
+
+
+async def test_a_backlog_is_applied_a_task_at_a_time_in_order_and_once(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    """With no worker, 150 deposits of 1 and then a withdrawal of all of them wait in the
+    account's history. A worker then takes them ten a task, in order (the withdrawal,
+    last, finds the money), while waited commands, repeats and reads come in; the run
+    continues as new meanwhile."""
+    settings = settings.model_copy(
+        update={"runtime": RuntimeOptions(max_commands_per_task=PER_TASK, max_commands_per_run=60)}
+    )
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    async with run_worker(settings):
+        await open_active(gateway, account_id)
+    gate = asyncio.Semaphore(16)
+
+    async def deposit(n: int, wait: bool = False) -> None:
+        async with gate:
+            await gateway.send(
+                "account", account_id, "deposit", {"amount": 1}, idempotency_key=f"d{n}", wait=wait
+            )
+
+    await asyncio.gather(*(deposit(n) for n in range(DEPOSITS)))
+    await gateway.send(
+        "account", account_id, "withdraw", {"amount": DEPOSITS}, idempotency_key="all"
+    )
+    async with run_worker(settings):
+        waited = asyncio.gather(*(deposit(n, wait=True) for n in range(DEPOSITS, DEPOSITS + 20)))
+        repeats = asyncio.gather(*(deposit(n) for n in range(0, DEPOSITS, 3)))
+        reads = [await gateway.read("account", account_id, Consistency.LIVE) for _ in range(5)]
+        await asyncio.gather(waited, repeats)
+        last = await gateway.send(
+            "account", account_id, "deposit", {"amount": 1}, idempotency_key="d-last", wait=True
+        )
+        withdrawal = await gateway.send(
+            "account",
+            account_id,
+            "withdraw",
+            {"amount": DEPOSITS},
+            idempotency_key="all",
+            wait=True,
+        )
+        histories = await run_histories(temporal_client, f"account:{account_id}")
+    assert withdrawal.applied
+    assert last.read is not None and last.read.snapshot.state is not None
+    # Every deposit once (the repeats changed nothing), the withdrawal after the first 150.
+    assert last.read.snapshot.state["balance"] == 20 + 1
+    assert all(r is not None for r in reads)
+    assert len(histories) >= 2  # it continued as new, once every held command was applied
+    replayer = Replayer(
+        workflows=catalog.workflows(), data_converter=temporal_client.data_converter
+    )
+    failed = EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED
+    for history in histories:
+        result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+        assert result.replay_failure is None, result.replay_failure
+        assert not any(e.event_type == failed for e in history.events)
+
+
+async def run_histories(client: Client, workflow_id: str) -> list[WorkflowHistory]:
+    """Every run's history, the current run's first, back through continue-as-new."""
+    histories: list[WorkflowHistory] = []
+    run_id: str | None = None
+    while True:
+        history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        histories.append(history)
+        started = history.events[0].workflow_execution_started_event_attributes
+        if not started.continued_execution_run_id:
+            return histories
+        run_id = started.continued_execution_run_id
+
+
+def envelope(n: int) -> CommandEnvelope:
+    return CommandEnvelope(command_id=f"c{n}", name="deposit", payload={"amount": 1})
+
+
+def test_a_task_admits_its_most_then_holds_the_rest_in_order() -> None:
+    backlog = Backlog(per_task=2)
+    assert backlog.admits(task=10)
+    backlog.applied()
+    assert backlog.admits(task=10)
+    backlog.applied()
+    assert not backlog.admits(task=10)  # the task is full
+    for n in range(5):
+        backlog.hold(envelope(n))
+    assert not backlog.admits(task=14)  # a new task, but older commands are held
+    assert [e.command_id for e in backlog.next_slice(task=14)] == ["c0", "c1"]
+    assert backlog.next_slice(task=14) == []  # that task is full now
+    assert [e.command_id for e in backlog.next_slice(task=17)] == ["c2", "c3"]
+    assert [e.command_id for e in backlog.next_slice(task=20)] == ["c4"]
+    assert not backlog and backlog.admits(task=20)
