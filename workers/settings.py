@@ -339,6 +339,8 @@ class Settings(BaseModel):
             runtime["max_commands_per_run"] = env["TENURE_MAX_COMMANDS_PER_RUN"]
         if env.get("TENURE_LEDGER_SIZE"):
             runtime["ledger_size"] = env["TENURE_LEDGER_SIZE"]
+        if env.get("TENURE_MAX_COMMANDS_PER_TASK"):
+            runtime["max_commands_per_task"] = env["TENURE_MAX_COMMANDS_PER_TASK"]
         if env.get("TENURE_MAX_STATE_BYTES"):
             runtime["max_state_bytes"] = env["TENURE_MAX_STATE_BYTES"]
         if env.get("TENURE_PUBLISH_INTERVAL"):
@@ -384,6 +386,7 @@ class Settings(BaseModel):
             "TENURE_COMMAND_WAIT_TIMEOUT": str(self.command_wait_timeout),
             "TENURE_MAX_COMMANDS_PER_RUN": str(self.runtime.max_commands_per_run),
             "TENURE_LEDGER_SIZE": str(self.runtime.ledger_size),
+            "TENURE_MAX_COMMANDS_PER_TASK": str(self.runtime.max_commands_per_task),
             "TENURE_MAX_STATE_BYTES": str(self.runtime.max_state_bytes),
             "TENURE_PUBLISH_INTERVAL": str(self.runtime.publish_interval_seconds),
             "TENURE_ENTITY_OPTIONS": json.dumps(self.entity_options),

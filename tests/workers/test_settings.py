@@ -34,8 +34,14 @@ def test_the_environment_sets_servers_runtime_and_entity_options() -> None:
 
 def test_to_env_round_trips() -> None:
     settings = Settings.from_env(
-        {"TEMPORAL_ADDRESS": "t:1", "REDIS_URL": "redis://r:2/0", "TENURE_LEDGER_SIZE": "77"}
+        {
+            "TEMPORAL_ADDRESS": "t:1",
+            "REDIS_URL": "redis://r:2/0",
+            "TENURE_LEDGER_SIZE": "77",
+            "TENURE_MAX_COMMANDS_PER_TASK": "9",
+        }
     )
+    assert settings.runtime.max_commands_per_task == 9
     assert Settings.from_env(settings.to_env()) == settings
 
 
