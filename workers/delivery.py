@@ -154,7 +154,9 @@ class CommandDelivery:
         """The command's outcome with the state after it; UNAVAILABLE while not known,
         IDEMPOTENCY_KEY_REUSED when its id belongs to another command."""
         # Queries are strongly consistent: one sent after the signal was accepted sees it
-        # applied. UNKNOWN can only mean a signal still being delivered; ask again briefly.
+        # applied, unless the entity holds it back behind a backlog (entities/runtime/
+        # backlog.py). UNKNOWN means that, or a signal still being delivered: ask again
+        # briefly, then tell the sender to retry with the same key.
         for attempt in range(OUTCOME_ATTEMPTS):
             result = await self._outcome(handle, envelope.command_id)
             if result.outcome.status is not OutcomeStatus.UNKNOWN:

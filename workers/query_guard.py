@@ -16,7 +16,7 @@ reproduced in tests/workers/test_query_guard.py).
 The guard fails such a query instead of answering it. A failed query makes core drop the
 entity from its cache with whatever it applied ahead of time, so the task that comes next
 replays from history, updates in their place. The query is asked again by its sender
-(`workers.queries.ask`), and this time finds the entity cached or the task done.
+(`workers.temporal.ask`), and this time finds the entity cached or the task done.
 
 How the guard tells: each activation carries the history's length and its size as of the
 last workflow task started. Events applied past a task (length grew) with no new task
@@ -46,7 +46,7 @@ AHEAD_OF_TASK = (
     "tenure: the entity was replayed with events of a task not started yet; dropped from "
     "the cache so that the task replays in order. Ask again."
 )
-"""Failure message of a guarded query; `workers.queries` asks again when it sees it."""
+"""Failure message of a guarded query; `workers.temporal.ask` asks again when it sees it."""
 
 Activation = temporalio.bridge.proto.workflow_activation.WorkflowActivation
 Completion = temporalio.bridge.proto.workflow_completion.WorkflowActivationCompletion

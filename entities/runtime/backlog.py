@@ -33,6 +33,8 @@ class Backlog:
         self._held: deque[CommandEnvelope] = deque()
         self._task = -1
         self._applied = 0
+        self._ever_held = 0
+        self._released = 0
 
     def __bool__(self) -> bool:
         return bool(self._held)
@@ -50,8 +52,15 @@ class Backlog:
         """One command that `admits` let through was applied."""
         self._applied += 1
 
-    def hold(self, envelope: CommandEnvelope) -> None:
+    def hold(self, envelope: CommandEnvelope) -> int:
+        """Hold a command back; its ticket, `released` once the command is applied."""
         self._held.append(envelope)
+        self._ever_held += 1
+        return self._ever_held
+
+    def released(self, ticket: int) -> bool:
+        """Whether the command held under `ticket` was handed out to be applied."""
+        return self._released >= ticket
 
     def next_slice(self, task: int) -> list[CommandEnvelope]:
         """The held commands that `task` may apply now, oldest first: taken off the list
@@ -59,6 +68,7 @@ class Backlog:
         self._enter(task)
         taken = min(max(self.per_task - self._applied, 0), len(self._held))
         self._applied += taken
+        self._released += taken
         return [self._held.popleft() for _ in range(taken)]
 
     def _enter(self, task: int) -> None:

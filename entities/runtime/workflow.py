@@ -106,13 +106,17 @@ class EntityWorkflow:
     def command(self, envelope: CommandEnvelope) -> None:
         """Apply one command, or record why it was refused, or hold it back while this
         workflow task has applied its most (`Backlog`); never raises."""
+        self._receive(envelope)
+
+    def _receive(self, envelope: CommandEnvelope) -> int | None:
+        """Apply the command now, or hold it back: then its ticket (`Backlog.released`)."""
         self._received_this_run += 1
         task = workflow.info().get_current_history_length()
         if not self._backlog.admits(task) and workflow.patched(BOUNDED_TASKS_PATCH):
-            self._backlog.hold(envelope)
-            return
+            return self._backlog.hold(envelope)
         self._backlog.applied()
         self._apply(envelope)
+        return None
 
     def _apply(self, envelope: CommandEnvelope) -> None:
         if envelope.command_id in self._ledger:
@@ -167,7 +171,7 @@ class EntityWorkflow:
     def commands(self, batch: list[CommandEnvelope]) -> None:
         """Apply a batch of commands in order, as if each had come in its own signal."""
         for envelope in batch:
-            self.command(envelope)
+            self._receive(envelope)
 
     @workflow.update  # named "apply", as its method: the name the senders use
     async def apply(self, envelope: CommandEnvelope) -> CommandResult:
@@ -176,9 +180,9 @@ class EntityWorkflow:
         held back (`Backlog`), for the main loop to apply it, which it does before it may
         continue as new; otherwise it is finished within the activation that brought it."""
         self._updates_this_run += 1
-        self.command(envelope)
-        if envelope.command_id not in self._ledger:
-            await workflow.wait_condition(lambda: envelope.command_id in self._ledger)
+        ticket = self._receive(envelope)
+        if ticket is not None:
+            await workflow.wait_condition(lambda: self._backlog.released(ticket))
         return self.outcome(envelope.command_id)
 
     def _nothing_to_undo(self, envelope: CommandEnvelope) -> bool:
