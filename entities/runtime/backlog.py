@@ -33,7 +33,8 @@ class Backlog:
         self._held: deque[CommandEnvelope] = deque()
         self._task = -1
         self._applied = 0
-        self._ever_held = 0
+        self.ever_held = 0
+        """Commands held so far: the ticket of the latest is this number."""
         self._released = 0
 
     def __bool__(self) -> bool:
@@ -55,8 +56,8 @@ class Backlog:
     def hold(self, envelope: CommandEnvelope) -> int:
         """Hold a command back; its ticket, `released` once the command is applied."""
         self._held.append(envelope)
-        self._ever_held += 1
-        return self._ever_held
+        self.ever_held += 1
+        return self.ever_held
 
     def released(self, ticket: int) -> bool:
         """Whether the command held under `ticket` was handed out to be applied."""

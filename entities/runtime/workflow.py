@@ -106,17 +106,13 @@ class EntityWorkflow:
     def command(self, envelope: CommandEnvelope) -> None:
         """Apply one command, or record why it was refused, or hold it back while this
         workflow task has applied its most (`Backlog`); never raises."""
-        self._receive(envelope)
-
-    def _receive(self, envelope: CommandEnvelope) -> int | None:
-        """Apply the command now, or hold it back: then its ticket (`Backlog.released`)."""
         self._received_this_run += 1
         task = workflow.info().get_current_history_length()
         if not self._backlog.admits(task) and workflow.patched(BOUNDED_TASKS_PATCH):
-            return self._backlog.hold(envelope)
+            self._backlog.hold(envelope)
+            return
         self._backlog.applied()
         self._apply(envelope)
-        return None
 
     def _apply(self, envelope: CommandEnvelope) -> None:
         if envelope.command_id in self._ledger:
@@ -171,7 +167,7 @@ class EntityWorkflow:
     def commands(self, batch: list[CommandEnvelope]) -> None:
         """Apply a batch of commands in order, as if each had come in its own signal."""
         for envelope in batch:
-            self._receive(envelope)
+            self.command(envelope)
 
     @workflow.update  # named "apply", as its method: the name the senders use
     async def apply(self, envelope: CommandEnvelope) -> CommandResult:
@@ -180,8 +176,10 @@ class EntityWorkflow:
         held back (`Backlog`), for the main loop to apply it, which it does before it may
         continue as new; otherwise it is finished within the activation that brought it."""
         self._updates_this_run += 1
-        ticket = self._receive(envelope)
-        if ticket is not None:
+        held = self._backlog.ever_held
+        self.command(envelope)
+        if self._backlog.ever_held > held:  # held back: this is the latest ticket
+            ticket = self._backlog.ever_held
             await workflow.wait_condition(lambda: self._backlog.released(ticket))
         return self.outcome(envelope.command_id)
 
