@@ -30,12 +30,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import temporalio.bridge.proto.workflow_activation
-import temporalio.bridge.proto.workflow_completion
-import temporalio.workflow
-from temporalio.converter import SerializationContext, StorageDriverStoreContext
-from temporalio.worker import WorkflowInstance, WorkflowInstanceDetails, WorkflowRunner
-from temporalio.worker._command_aware_visitor import CommandInfo
+from temporalio.worker import WorkflowInstance
+
+from workers.runners import Activation, Completion, WrappedInstance, WrappingRunner
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +44,6 @@ AHEAD_OF_TASK = (
     "the cache so that the task replays in order. Ask again."
 )
 """Failure message of a guarded query; `workers.temporal.ask` asks again when it sees it."""
-
-Activation = temporalio.bridge.proto.workflow_activation.WorkflowActivation
-Completion = temporalio.bridge.proto.workflow_completion.WorkflowActivationCompletion
-
-
-class QueryGuardRunner(WorkflowRunner):
-    """Runs workflows with `inner`, failing direct queries that follow events applied
-    ahead of their workflow task (see the module)."""
-
-    def __init__(self, inner: WorkflowRunner) -> None:
-        self._inner = inner
-
-    def prepare_workflow(self, defn: temporalio.workflow._Definition) -> None:
-        self._inner.prepare_workflow(defn)
-
-    def create_instance(self, det: WorkflowInstanceDetails) -> WorkflowInstance:
-        return _GuardedInstance(self._inner.create_instance(det))
-
-    def set_worker_level_failure_exception_types(
-        self, types: Sequence[type[BaseException]]
-    ) -> None:
-        self._inner.set_worker_level_failure_exception_types(types)
 
 
 class AheadOfTask:
@@ -93,9 +68,9 @@ class AheadOfTask:
         return self.ahead and DIRECT_QUERY_ID in query_ids
 
 
-class _GuardedInstance(WorkflowInstance):
+class _GuardedInstance(WrappedInstance):
     def __init__(self, inner: WorkflowInstance) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._guard = AheadOfTask()
 
     def activate(self, act: Activation) -> Completion:
@@ -118,18 +93,9 @@ class _GuardedInstance(WorkflowInstance):
             self._guard.applied(act.history_length, act.history_size_bytes, act.is_replaying)
         return self._inner.activate(act)
 
-    def get_serialization_context(
-        self, command_info: CommandInfo | None
-    ) -> SerializationContext | None:
-        return self._inner.get_serialization_context(command_info)
 
-    def get_external_store_context(
-        self, command_info: CommandInfo | None
-    ) -> StorageDriverStoreContext:
-        return self._inner.get_external_store_context(command_info)
+class QueryGuardRunner(WrappingRunner):
+    """Runs workflows with `inner`, failing direct queries that follow events applied
+    ahead of their workflow task (see the module)."""
 
-    def get_info(self) -> temporalio.workflow.Info:
-        return self._inner.get_info()
-
-    def get_thread_id(self) -> int | None:
-        return self._inner.get_thread_id()
+    instance_type = _GuardedInstance

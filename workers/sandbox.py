@@ -13,21 +13,15 @@ converter that has either gets the SDK's instances unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import temporalio.bridge.proto.workflow_activation
-import temporalio.bridge.proto.workflow_completion
-import temporalio.workflow
 from temporalio.converter import DataConverter, SerializationContext, StorageDriverStoreContext
 from temporalio.worker import (
     UnsandboxedWorkflowRunner,
-    WorkflowInstance,
-    WorkflowInstanceDetails,
     WorkflowRunner,
 )
 from temporalio.worker._command_aware_visitor import CommandInfo
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from workers.runners import WrappedInstance, WrappingRunner
 from workers.settings import Settings
 
 # Domain code is pure and side-effect free, so the sandbox may share it between runs instead
@@ -53,35 +47,7 @@ def workflow_runner(
     return ContextFreeRunner(sandbox)
 
 
-class ContextFreeRunner(WorkflowRunner):
-    """A runner whose instances tell the worker that no payload needs a serialization
-    context or an external store: right only for a data converter with neither a payload
-    codec nor external storage, the only users of either answer."""
-
-    def __init__(self, inner: WorkflowRunner) -> None:
-        self._inner = inner
-
-    def prepare_workflow(self, defn: temporalio.workflow._Definition) -> None:
-        self._inner.prepare_workflow(defn)
-
-    def create_instance(self, det: WorkflowInstanceDetails) -> WorkflowInstance:
-        return _ContextFreeInstance(self._inner.create_instance(det))
-
-    def set_worker_level_failure_exception_types(
-        self, types: Sequence[type[BaseException]]
-    ) -> None:
-        self._inner.set_worker_level_failure_exception_types(types)
-
-
-class _ContextFreeInstance(WorkflowInstance):
-    def __init__(self, inner: WorkflowInstance) -> None:
-        self._inner = inner
-
-    def activate(
-        self, act: temporalio.bridge.proto.workflow_activation.WorkflowActivation
-    ) -> temporalio.bridge.proto.workflow_completion.WorkflowActivationCompletion:
-        return self._inner.activate(act)
-
+class _ContextFreeInstance(WrappedInstance):
     def get_serialization_context(
         self, command_info: CommandInfo | None
     ) -> SerializationContext | None:
@@ -92,8 +58,10 @@ class _ContextFreeInstance(WorkflowInstance):
     ) -> StorageDriverStoreContext:
         return StorageDriverStoreContext(target=None)
 
-    def get_info(self) -> temporalio.workflow.Info:
-        return self._inner.get_info()
 
-    def get_thread_id(self) -> int | None:
-        return self._inner.get_thread_id()
+class ContextFreeRunner(WrappingRunner):
+    """A runner whose instances tell the worker that no payload needs a serialization
+    context or an external store: right only for a data converter with neither a payload
+    codec nor external storage, the only users of either answer."""
+
+    instance_type = _ContextFreeInstance
