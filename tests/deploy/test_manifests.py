@@ -875,12 +875,40 @@ def test_the_real_secret_stays_out_of_git() -> None:
     assert tracked.stdout == ""
 
 
+def _helm_dynamic_config(markdown: Path) -> dict[str, Any]:
+    """The Temporal chart's dynamic config in the first YAML block of `markdown` that has one."""
+    for block in markdown.read_text().split("```yaml")[1:]:
+        values = yaml.safe_load(block.split("```", 1)[0])
+        if isinstance(values, dict) and "dynamicConfig" in values.get("server", {}):
+            return dict(values["server"]["dynamicConfig"])
+    raise AssertionError(f"{markdown} shows no server.dynamicConfig")
+
+
 def test_the_helm_values_for_temporal_name_the_dynamic_config_value() -> None:
-    readme = (K8S / "README.md").read_text()
-    values = yaml.safe_load(readme.split("```yaml", 1)[1].split("```", 1)[0])
-    dynamic = values["server"]["dynamicConfig"]
+    dynamic = _helm_dynamic_config(K8S / "README.md")
     key = "system.numConsecutiveWorkflowTaskProblemsToTriggerSearchAttribute"
     assert dynamic[key] == [{"value": 3, "constraints": {}}]
+
+
+# Dynamic config that Tenure needs on any cluster, whatever its size: the embedded server,
+# the compose file and both Helm examples must set each the same.
+EVERY_CLUSTER = (
+    "history.MaxBufferedQueryCount",
+    "frontend.enableCancelWorkerPollsOnShutdown",
+)
+
+
+@pytest.mark.parametrize("key", EVERY_CLUSTER)
+def test_every_temporal_tenure_ships_sets_the_dynamic_config_every_cluster_needs(
+    key: str,
+) -> None:
+    from deploy.embedded import DYNAMIC_CONFIG
+
+    expected = [{"value": DYNAMIC_CONFIG[key], "constraints": {}}]
+    compose = yaml.safe_load((COMPOSE_DIR / "temporal" / "dynamicconfig.yaml").read_text())
+    assert compose[key] == expected
+    assert _helm_dynamic_config(K8S / "README.md")[key] == expected
+    assert _helm_dynamic_config(REPO / "docs" / "operations.md")[key] == expected
 
 
 def test_the_api_metrics_the_dashboard_reads_are_the_ones_the_api_exports() -> None:
