@@ -7,10 +7,14 @@ data there. Each test gets its own task queue and entity ids.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import faulthandler
 import io
 import logging
 import os
+import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -34,6 +38,49 @@ from workers.delivery import CommandDelivery
 from workers.logs import configure_logging
 from workers.settings import Settings
 from workers.worker import TenureWorker, build_worker
+
+TEST_TIME_LIMIT = float(os.environ.get("TENURE_TEST_TIME_LIMIT", "600"))
+"""Seconds any one test may take. The slowest take about a minute; one that runs past this
+has hung, and ends the run with every thread's and every asyncio task's stack printed,
+rather than holding CI until its own limit with nothing to show."""
+
+
+@pytest.fixture(autouse=True)
+async def _time_limit(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    timer = threading.Timer(TEST_TIME_LIMIT, _hung, (request, loop))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _hung(request: pytest.FixtureRequest, loop: asyncio.AbstractEventLoop) -> None:
+    """Print where everything is, past pytest's capturing, then end the run."""
+    capturing = request.config.pluginmanager.getplugin("capturemanager")
+    if capturing is not None:
+        capturing.suspend_global_capture(in_=True)
+    out = sys.stderr
+    print(
+        f"\n{request.node.nodeid} ran past {TEST_TIME_LIMIT:g} s: stacks follow",
+        file=out,
+        flush=True,
+    )
+    faulthandler.dump_traceback(file=out, all_threads=True)
+    printed = threading.Event()
+
+    def tasks() -> None:
+        for task in asyncio.all_tasks(loop):
+            print(f"--- {task!r}", file=out)
+            task.print_stack(file=out)
+        printed.set()
+
+    loop.call_soon_threadsafe(tasks)
+    printed.wait(5)  # the loop may itself be stuck
+    out.flush()
+    os._exit(3)
 
 
 @pytest.fixture(scope="session")
