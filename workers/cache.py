@@ -125,7 +125,7 @@ def _follow_sentinels(settings: Settings) -> redis.Redis:
     for node in settings.redis_sentinels:
         host, _, port = node.rpartition(":")
         nodes.append((host, int(port)))
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed since redis 8
         nodes,
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
