@@ -26,6 +26,9 @@ import time
 import uuid
 from collections.abc import Callable
 
+from temporalio.client import WorkflowQueryFailedError
+from temporalio.service import RPCError
+
 from bench.load import Measured, drive
 from bench.scenarios import Bench, Load, Result
 from entities.account import AccountState, AccountWorkflow
@@ -33,6 +36,7 @@ from entities.bulk import BulkCommandWorkflow, BulkInput, BulkStatus, bulk_workf
 from entities.runtime.envelope import CommandEnvelope, Snapshot
 from workers.cache import SnapshotCache
 from workers.delivery import CommandDelivery
+from workers.temporal import ask
 
 WINDOW = 50
 RAW_AMOUNT = 3
@@ -210,9 +214,12 @@ async def _balances(bench: Bench, ids: list[str], amount: int) -> list[str]:
     async def check(account_id: str) -> None:
         async with window:
             for _ in range(100):
-                snapshot = await client.get_workflow_handle(f"account:{account_id}").query(
-                    "snapshot", result_type=Snapshot
-                )
+                handle = client.get_workflow_handle(f"account:{account_id}")
+                try:
+                    snapshot = await ask(handle, "snapshot", result_type=Snapshot, seconds=30)
+                except (RPCError, WorkflowQueryFailedError) as exc:
+                    wrong.append(f"{account_id} could not be read: {exc}")
+                    return
                 balance = AccountState.model_validate(snapshot.state).balance
                 if balance == amount:
                     return

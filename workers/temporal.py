@@ -56,6 +56,11 @@ async def within(seconds: float, call: Awaitable[T]) -> T:
 
 
 QUERY_ATTEMPTS = 3
+OVERLOADED = "[TMPRL1101]"
+"""How a query fails whose activation the worker did not finish within 2 s ("Potential
+deadlock detected"): a worker short of CPU (a burst of entities replayed at once), not a
+workflow that is broken. The SDK drops the entity from its cache; asked again, it replays."""
+OVERLOADED_PAUSE = 0.2
 
 
 async def ask(
@@ -67,7 +72,8 @@ async def ask(
 ) -> T:
     """The workflow's answer to `query` (a name or a query method), within `seconds` in all.
     Asked again when a worker refused it so as to replay the entity in order
-    (`workers.query_guard`); that refusal, repeated, is UNAVAILABLE like any other."""
+    (`workers.query_guard`), or could not answer it in time for want of CPU (OVERLOADED,
+    after a pause); either refusal, repeated, is UNAVAILABLE like any other."""
 
     async def asking() -> T:
         for attempt in range(QUERY_ATTEMPTS):
@@ -77,10 +83,13 @@ async def ask(
                 )
                 return answer
             except WorkflowQueryFailedError as exc:
-                if AHEAD_OF_TASK not in str(exc):
+                overloaded = OVERLOADED in str(exc)
+                if not overloaded and AHEAD_OF_TASK not in str(exc):
                     raise
                 if attempt == QUERY_ATTEMPTS - 1:
                     raise RPCError(str(exc), RPCStatusCode.UNAVAILABLE, b"") from exc
+                if overloaded:
+                    await asyncio.sleep(OVERLOADED_PAUSE * (attempt + 1))
         raise AssertionError("unreachable")
 
     return await within(seconds, asking())

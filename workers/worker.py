@@ -129,6 +129,16 @@ class TenureWorker:
             task.result()
         await asyncio.gather(*running)
 
+    def stuck_evictions(self) -> int:
+        """Workflows that the SDK could not drop from its cache, and that therefore get no
+        more workflow tasks here: those whose activation overran the SDK's 2 s (a worker short
+        of CPU, or a slow step) and was interrupted mid-way (temporalio/sdk-python#806). The
+        SDK keeps no public count of them; 0 when it keeps none at all."""
+        return sum(
+            getattr(getattr(w, "_workflow_worker", None), "_could_not_evict_count", 0) or 0
+            for w in self.workers
+        )
+
     async def shutdown(self) -> None:
         """Shut every worker down at once; a worker that failed already is logged."""
         results = await asyncio.gather(
@@ -200,9 +210,22 @@ async def run_worker(
             running = asyncio.create_task(worker.run())
             status.polling = True
             lost = asyncio.create_task(until_unreachable(client))
-            await asyncio.wait([running, lost, stopping], return_when=asyncio.FIRST_COMPLETED)
+            stuck = asyncio.create_task(until_eviction_stuck(worker))
+            await asyncio.wait(
+                [running, lost, stuck, stopping], return_when=asyncio.FIRST_COMPLETED
+            )
             status.polling = False
             lost.cancel()
+            stuck.cancel()
+            if stuck.done() and not stuck.cancelled() and not stopping.done():
+                # Its shutdown waits for that eviction, for good: bounded short.
+                log.error(
+                    "an entity could not be dropped from the worker's cache after its "
+                    "activation overran 2 s, and would get no task here again: starting a "
+                    "new worker, whose cache is empty"
+                )
+                await _shut_down(worker, running, STUCK_SHUTDOWN_TIMEOUT)
+                continue
             if stopping.done():
                 log.info(
                     "stopping: running activities have %g s to finish",
@@ -223,6 +246,17 @@ async def run_worker(
         if watching is not None:
             watching.cancel()
         await redis_client.aclose()
+
+
+STUCK_SHUTDOWN_TIMEOUT = 2.0
+EVICTION_CHECK_INTERVAL = 1.0
+
+
+async def until_eviction_stuck(worker: TenureWorker) -> None:
+    """Return once the worker holds a workflow it cannot drop from its cache (see
+    `TenureWorker.stuck_evictions`): that entity is frozen until this worker is replaced."""
+    while not worker.stuck_evictions():
+        await asyncio.sleep(EVICTION_CHECK_INTERVAL)
 
 
 async def _shut_down(worker: TenureWorker, running: asyncio.Task[None], bound: float) -> bool:
