@@ -179,12 +179,6 @@ DYNAMIC_CONFIG = {
     # so a second waited command to a busy entity was refused (RESOURCE_EXHAUSTED, "consistent
     # query buffer is full") and retried until its wait ran out.
     "history.MaxBufferedQueryCount": 64,
-    # A worker shutting down tells the server (ShutdownWorker); with this, the server also
-    # ends the worker's polls still waiting, empty. Without it, a poll answered with a task
-    # just as the worker stopped lost that task: the entity waited for the task's timeout
-    # (10 s) before any other worker could take it, and a waited command meanwhile was
-    # answered UNAVAILABLE.
-    "frontend.enableCancelWorkerPollsOnShutdown": True,
 }
 """Dynamic config values the embedded server runs with."""
 
