@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -198,6 +199,7 @@ async def run_worker(
     watching = asyncio.create_task(watchdog.run()) if settings.watchdog_interval else None
     stopping = asyncio.create_task((stop or asyncio.Event()).wait())
     status = status or WorkerStatus()
+    replaced_at: float | None = None
     try:
         while not stopping.done():
             worker = build_worker(client, settings, cache)
@@ -210,7 +212,7 @@ async def run_worker(
             running = asyncio.create_task(worker.run())
             status.polling = True
             lost = asyncio.create_task(until_unreachable(client))
-            stuck = asyncio.create_task(until_eviction_stuck(worker))
+            stuck = asyncio.create_task(until_eviction_stuck(worker, replaced_at))
             await asyncio.wait(
                 [running, lost, stuck, stopping], return_when=asyncio.FIRST_COMPLETED
             )
@@ -225,6 +227,7 @@ async def run_worker(
                     "new worker, whose cache is empty"
                 )
                 await _shut_down(worker, running, STUCK_SHUTDOWN_TIMEOUT)
+                replaced_at = time.monotonic()
                 continue
             if stopping.done():
                 log.info(
@@ -250,11 +253,17 @@ async def run_worker(
 
 STUCK_SHUTDOWN_TIMEOUT = 2.0
 EVICTION_CHECK_INTERVAL = 1.0
+STUCK_REPLACEMENTS_APART = 30.0
+"""Seconds at least between two replacements for a stuck eviction: a worker so short of CPU
+that its evictions time out too would otherwise drop its whole cache again and again."""
 
 
-async def until_eviction_stuck(worker: TenureWorker) -> None:
+async def until_eviction_stuck(worker: TenureWorker, replaced_at: float | None = None) -> None:
     """Return once the worker holds a workflow it cannot drop from its cache (see
-    `TenureWorker.stuck_evictions`): that entity is frozen until this worker is replaced."""
+    `TenureWorker.stuck_evictions`): that entity is frozen until this worker is replaced.
+    Not sooner than STUCK_REPLACEMENTS_APART after the last replacement, at `replaced_at`."""
+    if replaced_at is not None:
+        await asyncio.sleep(max(0.0, replaced_at + STUCK_REPLACEMENTS_APART - time.monotonic()))
     while not worker.stuck_evictions():
         await asyncio.sleep(EVICTION_CHECK_INTERVAL)
 

@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowHandle, WorkflowQueryFailedError
 
 from entities import catalog
 from tests.workers.slow_workflows import SlowToAnswerOnce
+from workers import worker as worker_module
 from workers.settings import Settings
 from workers.temporal import ask
-from workers.worker import run_worker
+from workers.worker import run_worker, until_eviction_stuck
 
 SLOW_FOR = 2.5  # past the SDK's 2 s for one activation
 
@@ -69,3 +72,25 @@ async def test_a_workflow_whose_query_overran_is_answered_and_served_again(
         # And it is served again: a signal is applied, and the workflow ends.
         await handle.signal(SlowToAnswerOnce.finish)
         await asyncio.wait_for(handle.result(), 30)
+
+
+class _Stuck:
+    """A worker as `until_eviction_stuck` sees it: one workflow it cannot drop."""
+
+    def stuck_evictions(self) -> int:
+        return 1
+
+
+async def test_a_worker_replaced_for_a_stuck_eviction_is_not_replaced_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker whose evictions time out for want of CPU would otherwise drop its whole
+    # cache again and again.
+    monkeypatch.setattr(worker_module, "STUCK_REPLACEMENTS_APART", 0.5)
+    monkeypatch.setattr(worker_module, "EVICTION_CHECK_INTERVAL", 0.05)
+    stuck: Any = _Stuck()
+    await asyncio.wait_for(until_eviction_stuck(stuck), 1)  # the first time: at once
+    waiting = asyncio.create_task(until_eviction_stuck(stuck, time.monotonic()))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    await asyncio.wait_for(waiting, 2)
