@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import itertools
 import json
+import traceback
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -98,6 +100,30 @@ async def until(
         await changes.aclose()  # type: ignore[attr-defined]
 
 
+@contextlib.asynccontextmanager
+async def all_ended(tasks: list[asyncio.Task[None]]) -> AsyncIterator[None]:
+    """Every task done on the way out, a failure's too: none is left running into the next
+    test, or collected unfinished during it."""
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def waiting_at(error: BaseException | None) -> str:
+    """Where a follower given up by its timeout was waiting: the innermost frames of the
+    cancellation the timeout raised, one line each."""
+    cancelled = error.__cause__ if isinstance(error, TimeoutError) else error
+    if cancelled is None:
+        return "?"
+    frames = traceback.extract_tb(cancelled.__traceback__)[-6:]
+    return " <- ".join(
+        f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" for frame in reversed(frames)
+    )
+
+
 async def first_of(seen: list[dict[str, Any]]) -> None:
     async with asyncio.timeout(30):
         while not seen:
@@ -126,16 +152,25 @@ async def test_a_thousand_subscribers_all_end_on_the_hot_accounts_last_revision(
             asyncio.create_task(until(inside.follow(FOLLOW, id=account_id), last, mine))
             for mine in seen
         ]
-        async with asyncio.timeout(120):  # every one has its first state: it follows the stream
-            while app.state.change_feed.subscribers < 1000 or not all(seen):
-                failed = [f for f in followers if f.done() and f.exception() is not None]
-                if failed:
-                    raise AssertionError(f"{len(failed)} followers failed") from failed[
-                        0
-                    ].exception()
-                await asyncio.sleep(0.05)
-        await deposits(gql, account_id, 50)
-        await asyncio.wait_for(asyncio.gather(*followers), timeout=120)
+        async with all_ended(followers):
+            async with asyncio.timeout(120):  # every one has its first state: it follows
+                while app.state.change_feed.subscribers < 1000 or not all(seen):
+                    failed = [
+                        (not mine, f)
+                        for f, mine in zip(followers, seen, strict=True)
+                        if f.done() and f.exception() is not None
+                    ]
+                    if failed:
+                        # One that never had its first state says most.
+                        error = max(failed, key=lambda pair: pair[0])[1].exception()
+                        raise AssertionError(
+                            f"{len(failed)} followers failed, "
+                            f"{sum(not mine for mine in seen)} without a first state; "
+                            f"one was waiting at {waiting_at(error)}"
+                        ) from error
+                    await asyncio.sleep(0.05)
+            await deposits(gql, account_id, 50)
+            await asyncio.wait_for(asyncio.gather(*followers), timeout=120)
     for mine in seen:
         assert mine[0]["revision"] == 2 and mine[0]["command"] is None  # its state at once
         assert mine[-1]["revision"] == last
