@@ -6,7 +6,6 @@ from datetime import datetime
 
 import strawberry
 
-from api.cached_reads import entity_read_field
 from api.common import (
     CommandStatus,
     Consistency,
@@ -20,6 +19,7 @@ from api.common import (
 )
 from api.context import Info
 from api.gateway import EntityRead, Receipt
+from api.read_plans import entity_read_field
 from entities.account import AccountState, AccountStatus
 
 ENTITY = "account"

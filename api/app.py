@@ -42,7 +42,7 @@ from api.admin import admin_console
 from api.auth import TokenVerifier, Unauthenticated
 from api.authentication import Authentication, principal_of, websocket_principal
 from api.authorization import Authorizer
-from api.cached_reads import SCOPE_KEY, CachedReadResponses
+from api.cached_reads import CachedReadResponses
 from api.change_feed import ChangeFeed
 from api.context import TenureContext
 from api.errors import LimitCode, RequestRefused, present_error
@@ -50,6 +50,7 @@ from api.gateway import QUERY_BUDGET, EntityGateway, QueryBudget
 from api.limits import BodyLimit, DocumentLimits, decode_json
 from api.metrics import ApiMetrics
 from api.over_http import EventStreamsTo, GraphQLOverHTTP, view_status, wants_event_stream
+from api.prefetched_reads import SCOPE_KEY
 from api.rate_limits import RETRY_AFTER_KEY, Limit, RateLimiter, RateLimits
 from api.request_context import ObservedRequests, note_outcome
 from api.response_size import ResponseSize

@@ -6,7 +6,6 @@ from datetime import datetime
 
 import strawberry
 
-from api.cached_reads import entity_read_field
 from api.common import (
     CommandStatus,
     Consistency,
@@ -23,6 +22,7 @@ from api.common import (
 from api.context import Info
 from api.gateway import EntityRead, Receipt
 from api.pacing import paced
+from api.read_plans import entity_read_field
 from api.response_size import bounded
 from entities.cart import CartLine as CartLineState
 from entities.cart import CartOptions, CartState, CartStatus

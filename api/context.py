@@ -11,8 +11,8 @@ from starlette.websockets import WebSocket
 from strawberry.types import Info as StrawberryInfo
 
 from api.authorization import Authorizer
-from api.cached_reads import PrefetchedReads
 from api.gateway import EntityGateway
+from api.prefetched_reads import PrefetchedReads
 from entities.runtime.policy import Principal
 
 

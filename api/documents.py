@@ -77,11 +77,11 @@ class Documents:
 
 
 PLANNED_KEY = "tenure.planned_document"
-"""Where the rendered-read planner (api/cached_reads.py) leaves, in the request's ASGI scope,
-the document it parsed within the limits and validated with graphql-core's specified rules,
-with the query it was parsed from: Strawberry then neither parses it again nor runs those
-rules again. A document seen once (each differs, as an attacker's would) costs one parse and
-one validation, not two."""
+"""Where the rendered-read planner (api/read_plans.py, run by api/cached_reads.py) leaves,
+in the request's ASGI scope, the document it parsed within the limits and validated with
+graphql-core's specified rules, with the query it was parsed from: Strawberry then neither
+parses it again nor runs those rules again. A document seen once (each differs, as an
+attacker's would) costs one parse and one validation, not two."""
 
 
 def hand_over(scope: MutableMapping[str, Any], query: str, document: DocumentNode) -> None:

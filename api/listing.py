@@ -17,11 +17,11 @@ import strawberry
 
 from api.accounts import Account
 from api.authorization import Forbidden
-from api.cached_reads import listing_field
 from api.carts import Cart
 from api.context import Info
 from api.gateway import EntityRead, Source
 from api.inventory import InventoryItem
+from api.read_plans import listing_field
 from api.response_size import bounded
 from entities.account import AccountStatus
 from entities.cart import CartStatus

@@ -25,12 +25,12 @@ from strawberry.types.base import StrawberryOptional, get_object_definition
 from strawberry.utils.str_converters import to_camel_case
 
 from api.authorization import Forbidden
-from api.cached_reads import ENTITY_READ_FIELDS
 from api.change_feed import Change as FeedChange
 from api.change_feed import ChangeFeed, Mailbox
 from api.common import EntityState
 from api.context import Info
 from api.gateway import Consistency, EntityRead, Source, check_entity_id
+from api.read_plans import ENTITY_READ_FIELDS
 from entities import catalog
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import READ, Role

@@ -12,7 +12,8 @@ from temporalio.worker import Worker
 
 from api import cached_reads
 from api import limits as limits_module
-from api.cached_reads import CachedReadResponses, plan_reads
+from api.cached_reads import CachedReadResponses
+from api.read_plans import plan_reads
 from api.schema import schema
 from deploy.embedded import EmbeddedRedis
 from tests.api.test_access import CREATE_CART, OPEN, SECRET, VERIFY, Caller, token

@@ -13,7 +13,8 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from api.cached_reads import CachedReadResponses, plan_reads
+from api.cached_reads import CachedReadResponses
+from api.read_plans import plan_reads
 from api.schema import schema
 from entities.runtime.envelope import Snapshot
 from tests.api.test_accounts_api import SUSPEND
