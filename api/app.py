@@ -329,6 +329,7 @@ def create_app(
                 redis_client = connect_redis(settings)
                 stack.push_async_callback(redis_client.aclose)
                 snapshot_cache = SnapshotCache(redis_client, settings.redis_prefix)
+                stack.push_async_callback(snapshot_cache.aclose)  # before its client closes
             app.state.gateway = EntityGateway(client, snapshot_cache, settings, metrics)
             readiness.check("temporal", partial(answers, client))
             readiness.check("redis", snapshot_cache.reachable)

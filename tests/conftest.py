@@ -146,7 +146,9 @@ async def own_redis() -> AsyncIterator[EmbeddedRedis]:
 @pytest.fixture
 async def cache(settings: Settings) -> AsyncIterator[SnapshotCache]:
     client = connect_redis(settings)
-    yield SnapshotCache(client, settings.redis_prefix)
+    cache = SnapshotCache(client, settings.redis_prefix)
+    yield cache
+    await cache.aclose()
     await client.aclose()
 
 
@@ -163,13 +165,13 @@ def run_worker(temporal_client: Client, settings: Settings) -> WorkerFactory:
     ) -> AsyncIterator[TenureWorker]:
         chosen = worker_settings or settings
         redis_client = connect_redis(chosen)
-        worker = build_worker(
-            temporal_client, chosen, cache or SnapshotCache(redis_client, chosen.redis_prefix)
-        )
+        own = SnapshotCache(redis_client, chosen.redis_prefix)
+        worker = build_worker(temporal_client, chosen, cache or own)
         try:
             async with worker:
                 yield worker
         finally:
+            await own.aclose()
             await redis_client.aclose()
 
     return running

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -163,6 +164,11 @@ class SnapshotCache:
         self._index_if_newer = client.register_script(INDEX_IF_NEWER)
         self._reads = ReadBatcher(client, ["snapshot", "cached_at", "stuck"])
         self._unsaved = UnsavedSnapshots(self._put)
+
+    async def aclose(self) -> None:
+        """Stop writing back the snapshots Redis refused (they are lost with this process:
+        their entities publish again); the client is its owner's to close, after this."""
+        await self._unsaved.aclose()
 
     def key(self, entity_type: str, entity_id: str) -> str:
         """The entity's hash, tagged by the entity so that in a cluster all of its keys
@@ -422,6 +428,14 @@ class UnsavedSnapshots:
             if _order(current) >= _order(snapshot):
                 return stored
         return snapshot.model_dump_json().encode(), repr(kept_at).encode(), None
+
+    async def aclose(self) -> None:
+        """Stop the flusher: its retries would otherwise outlive the cache's owner."""
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None and not flusher.done():
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
 
     async def _flush(self) -> None:
         while self._kept:

@@ -248,6 +248,7 @@ async def run_worker(
         stopping.cancel()
         if watching is not None:
             watching.cancel()
+        await cache.aclose()
         await redis_client.aclose()
 
 

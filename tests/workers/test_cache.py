@@ -160,4 +160,33 @@ async def test_reads_and_writes_keep_working_while_redis_is_down(
             assert hit is not None and hit.snapshot.revision == 5
             assert hit.snapshot.state is not None and hit.snapshot.state["balance"] == 16
     finally:
+        await cache.aclose()
+        await redis_client.aclose()
+
+
+def flushers() -> set[asyncio.Task[object]]:
+    return {
+        task
+        for task in asyncio.all_tasks()
+        if not task.done() and "UnsavedSnapshots._flush" in task.get_coro().__qualname__  # type: ignore[union-attr]
+    }
+
+
+async def test_a_closed_cache_stops_retrying_the_writes_redis_refused(
+    settings: Settings, own_redis: EmbeddedRedis
+) -> None:
+    """Its owner (the API, a worker) shut down: nothing of it goes on retrying a dead Redis."""
+    settings = settings.model_copy(update={"redis_url": own_redis.url, "redis_timeout": 0.5})
+    redis_client = connect_redis(settings)
+    cache = SnapshotCache(redis_client, settings.redis_prefix)
+    others = flushers()
+    try:
+        own_redis.stop()
+        kept = snapshot(new_id(), 3)
+        assert await cache.put_newest(kept) == kept  # kept, to be written once Redis answers
+        await asyncio.sleep(0.6)
+        assert len(flushers() - others) == 1  # still retrying
+        await cache.aclose()
+        assert flushers() - others == set()
+    finally:
         await redis_client.aclose()
