@@ -45,6 +45,25 @@ has hung, and ends the run with every thread's and every asyncio task's stack pr
 rather than holding CI until its own limit with nothing to show."""
 
 
+LEFT_TASKS_TIMEOUT = 5.0
+
+
+@pytest.fixture(autouse=True)
+async def _no_tasks_left() -> AsyncIterator[None]:
+    """Tasks a test started and left running (a failed test's followers, a worker that
+    could not shut down) are cancelled when it ends, and given LEFT_TASKS_TIMEOUT to go:
+    they neither run on into the tests after it nor fail one of them when collected there.
+    The session's servers and clients were started before it, so they are left alone."""
+    before = asyncio.all_tasks()
+    yield
+    current = asyncio.current_task()
+    left = [task for task in asyncio.all_tasks() - before if task is not current]
+    for task in left:
+        task.cancel()
+    if left:
+        await asyncio.wait(left, timeout=LEFT_TASKS_TIMEOUT)
+
+
 @pytest.fixture(autouse=True)
 async def _time_limit(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
