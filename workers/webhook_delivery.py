@@ -144,7 +144,14 @@ class _Run:
         next_look = time.monotonic() + LOOK_FOR_REMOVAL_SECONDS
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._heartbeat())
-            while time.monotonic() < deadline and not self._removed:
+            # A worker stopping ends the run at once: it reports what it counted, and the
+            # next run (on another worker) takes up where it stopped, rather than holding
+            # the shutdown for its whole grace and being cancelled then.
+            while (
+                time.monotonic() < deadline
+                and not self._removed
+                and not activity.is_worker_shutdown()
+            ):
                 if time.monotonic() >= next_look:
                     next_look = time.monotonic() + LOOK_FOR_REMOVAL_SECONDS
                     self._removed = await self._subscribers.get(self._subscriber.id) is None

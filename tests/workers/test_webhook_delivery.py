@@ -224,3 +224,28 @@ async def test_a_change_whose_retries_run_out_is_dead_lettered_and_replayed(
         }
         handle = temporal_client.get_workflow_handle(f"webhook:{subscriber_id}")
         await asyncio.wait_for(handle.result(), 20)  # its delivery ended
+
+
+async def test_a_stopping_worker_ends_its_delivery_run_and_the_next_worker_goes_on(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory, receiver: Receiver
+) -> None:
+    """The run reports what it counted when its worker stops, instead of holding the
+    shutdown for the worker's grace and being cancelled then; nothing is lost between."""
+    async with api_client(settings, temporal_client) as http:
+        gql = GraphQLClient(http)
+        account_id = new_id()
+        async with run_worker(settings):
+            await open_active(gql, account_id)
+            registered = (await gql.data(REGISTER, url=receiver.url, events={"account": ["*"]}))[
+                "registerWebhookSubscriber"
+            ]
+            await gql.data(DEPOSIT, id=account_id, amount=1)
+            await receiver.until(lambda: len(receiver.delivered()) == 1)
+        handle = temporal_client.get_workflow_handle(f"webhook:{registered['subscriber']['id']}")
+        history = [event async for event in handle.fetch_history_events()]
+        assert any(e.HasField("activity_task_completed_event_attributes") for e in history)
+        await gql.data(DEPOSIT, id=account_id, amount=2, wait=False)  # no worker runs
+        async with run_worker(settings):
+            await receiver.until(lambda: len(receiver.delivered()) == 2)
+        amounts = [d.event["data"]["state"]["balance"] for d in receiver.delivered()]
+        assert amounts == [1, 3]
