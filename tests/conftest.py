@@ -58,10 +58,19 @@ async def _no_tasks_left() -> AsyncIterator[None]:
     yield
     current = asyncio.current_task()
     left = [task for task in asyncio.all_tasks() - before if task is not current]
+    if not left:
+        return
+    logging.getLogger("tests").warning(
+        "cancelling %d tasks the test left running: %s",
+        len(left),
+        sorted({getattr(task.get_coro(), "__qualname__", task.get_name()) for task in left}),
+    )
     for task in left:
         task.cancel()
-    if left:
-        await asyncio.wait(left, timeout=LEFT_TASKS_TIMEOUT)
+    done, _ = await asyncio.wait(left, timeout=LEFT_TASKS_TIMEOUT)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved: its error was the test's to see
 
 
 @pytest.fixture(autouse=True)

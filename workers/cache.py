@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -392,6 +391,7 @@ class UnsavedSnapshots:
         self._retry_seconds = retry_seconds
         self._kept: OrderedDict[tuple[str, str], tuple[Snapshot, float]] = OrderedDict()
         self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
 
     def __bool__(self) -> bool:
         return bool(self._kept)
@@ -405,7 +405,7 @@ class UnsavedSnapshots:
         self._kept.move_to_end(key)
         while len(self._kept) > self._capacity:
             self._kept.popitem(last=False)
-        if self._flusher is None or self._flusher.done():
+        if not self._closed and (self._flusher is None or self._flusher.done()):
             self._flusher = asyncio.create_task(self._flush())
 
     def newest(self, snapshot: Snapshot) -> Snapshot:
@@ -430,12 +430,13 @@ class UnsavedSnapshots:
         return snapshot.model_dump_json().encode(), repr(kept_at).encode(), None
 
     async def aclose(self) -> None:
-        """Stop the flusher: its retries would otherwise outlive the cache's owner."""
+        """Stop the flusher for good: its retries would otherwise outlive the cache's owner
+        (an activity still running after a bounded shutdown keeps a snapshot, unwritten)."""
+        self._closed = True
         flusher, self._flusher = self._flusher, None
         if flusher is not None and not flusher.done():
             flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            await asyncio.wait([flusher])  # a cancellation of the caller still reaches it
 
     async def _flush(self) -> None:
         while self._kept:

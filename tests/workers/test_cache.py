@@ -188,5 +188,8 @@ async def test_a_closed_cache_stops_retrying_the_writes_redis_refused(
         assert len(flushers() - others) == 1  # still retrying
         await cache.aclose()
         assert flushers() - others == set()
+        # A snapshot kept after the close (an activity outliving its worker) starts none.
+        assert await cache.put_newest(snapshot(kept.entity_id, 4)) is not None
+        assert flushers() - others == set()
     finally:
         await redis_client.aclose()
