@@ -110,15 +110,24 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         workflow_runner=QueryGuardRunner(workflow_runner(settings, client.data_converter)),
         **common,
     )
-    return TenureWorker([entities, bulk_commands])
+    return TenureWorker(
+        [entities, bulk_commands],
+        shutdown_bound=settings.worker_shutdown_grace + SHUTDOWN_TIMEOUT.total_seconds(),
+    )
+
+
+STUCK_SHUTDOWN_TIMEOUT = 2.0
+"""Seconds a shutdown may go on once a workflow is found that the SDK cannot evict."""
+EVICTION_CHECK_INTERVAL = 1.0
 
 
 class TenureWorker:
     """Temporal workers on each of Tenure's task queues, run and shut down together: one
     failing stops the others."""
 
-    def __init__(self, workers: list[Worker]) -> None:
+    def __init__(self, workers: list[Worker], shutdown_bound: float | None = None) -> None:
         self.workers = workers
+        self._shutdown_bound = shutdown_bound
         self._stack = contextlib.AsyncExitStack()
 
     async def run(self) -> None:
@@ -159,8 +168,32 @@ class TenureWorker:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.shutdown()
-        await self._stack.aclose()
+        if await self._shut_down_in_time():
+            await self._stack.aclose()
+        # Else its Temporal workers cannot finish: they are left to the process.
+
+    async def _shut_down_in_time(self) -> bool:
+        """Shut down, or give up: STUCK_SHUTDOWN_TIMEOUT after the SDK is found holding a
+        workflow it cannot evict (its shutdown waits for that eviction for good), or at the
+        shutdown bound. A test's or the bench's next worker then takes the entities over."""
+        loop = asyncio.get_running_loop()
+        shutting = asyncio.ensure_future(self.shutdown())
+        deadline = None if self._shutdown_bound is None else loop.time() + self._shutdown_bound
+        stuck_since: float | None = None
+        while not (await asyncio.wait([shutting], timeout=EVICTION_CHECK_INTERVAL))[0]:
+            now = loop.time()
+            if stuck_since is None and self.stuck_evictions():
+                stuck_since = now
+            stuck_too_long = stuck_since is not None and now - stuck_since >= STUCK_SHUTDOWN_TIMEOUT
+            if stuck_too_long or (deadline is not None and now >= deadline):
+                log.error(
+                    "the worker could not finish shutting down (%d workflows it could not "
+                    "evict): going on without it",
+                    self.stuck_evictions(),
+                )
+                return False
+        shutting.result()
+        return True
 
 
 @dataclass
@@ -252,8 +285,6 @@ async def run_worker(
         await redis_client.aclose()
 
 
-STUCK_SHUTDOWN_TIMEOUT = 2.0
-EVICTION_CHECK_INTERVAL = 1.0
 STUCK_REPLACEMENTS_APART = 30.0
 """Seconds at least between two replacements for a stuck eviction: a worker so short of CPU
 that its evictions time out too would otherwise drop its whole cache again and again."""

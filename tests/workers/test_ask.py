@@ -24,6 +24,7 @@ import pytest
 from temporalio.client import Client, WorkflowHandle, WorkflowQueryFailedError
 
 from entities import catalog
+from tests.conftest import WorkerFactory
 from tests.workers.slow_workflows import SlowToAnswerOnce
 from workers import worker as worker_module
 from workers.settings import Settings
@@ -94,3 +95,29 @@ async def test_a_worker_replaced_for_a_stuck_eviction_is_not_replaced_again_at_o
     await asyncio.sleep(0.3)
     assert not waiting.done()
     await asyncio.wait_for(waiting, 2)
+
+
+async def test_a_worker_holding_a_workflow_it_cannot_evict_still_shuts_down(
+    temporal_client: Client,
+    settings: Settings,
+    run_worker: WorkerFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its shutdown would wait for that eviction for good (a test's worker hung so until
+    the run's time limit); it gives up, and the next worker serves the workflow."""
+    workflows = catalog.workflows
+    monkeypatch.setattr(catalog, "workflows", lambda: [*workflows(), SlowToAnswerOnce])
+    async with asyncio.timeout(60):
+        async with run_worker() as stuck:
+            handle = await slow_once(temporal_client, settings, tmp_path)
+            assert await ask(handle, SlowToAnswerOnce.ping, result_type=str, seconds=30) == "pong"
+            with pytest.raises(WorkflowQueryFailedError, match="TMPRL1101"):
+                await handle.query(SlowToAnswerOnce.answer)
+            while not stuck.stuck_evictions():
+                await asyncio.sleep(0.1)
+    async with run_worker():
+        answer = await ask(handle, SlowToAnswerOnce.answer, result_type=str, seconds=30)
+        assert answer == "answered"
+        await handle.signal(SlowToAnswerOnce.finish)
+        await asyncio.wait_for(handle.result(), 30)
