@@ -175,23 +175,26 @@ class TenureWorker:
     async def _shut_down_in_time(self) -> bool:
         """Shut down, or give up: STUCK_SHUTDOWN_TIMEOUT after the SDK is found holding a
         workflow it cannot evict (its shutdown waits for that eviction for good), or at the
-        shutdown bound. A test's or the bench's next worker then takes the entities over."""
-        loop = asyncio.get_running_loop()
+        shutdown bound. The next worker then takes the entities over."""
         shutting = asyncio.ensure_future(self.shutdown())
-        deadline = None if self._shutdown_bound is None else loop.time() + self._shutdown_bound
-        stuck_since: float | None = None
-        while not (await asyncio.wait([shutting], timeout=EVICTION_CHECK_INTERVAL))[0]:
-            now = loop.time()
-            if stuck_since is None and self.stuck_evictions():
-                stuck_since = now
-            stuck_too_long = stuck_since is not None and now - stuck_since >= STUCK_SHUTDOWN_TIMEOUT
-            if stuck_too_long or (deadline is not None and now >= deadline):
-                log.error(
-                    "the worker could not finish shutting down (%d workflows it could not "
-                    "evict): going on without it",
-                    self.stuck_evictions(),
-                )
-                return False
+        stuck = asyncio.ensure_future(until_eviction_stuck(self))
+        try:
+            await asyncio.wait(
+                [shutting, stuck],
+                timeout=self._shutdown_bound,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if stuck.done() and not shutting.done():
+                await asyncio.wait([shutting], timeout=STUCK_SHUTDOWN_TIMEOUT)
+        finally:
+            stuck.cancel()
+        if not shutting.done():
+            log.error(
+                "the worker could not finish shutting down (%d workflows it could not evict): "
+                "going on without it",
+                self.stuck_evictions(),
+            )
+            return False
         shutting.result()
         return True
 
