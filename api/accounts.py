@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import strawberry
 
@@ -20,9 +21,11 @@ from api.common import (
 from api.context import Info
 from api.gateway import EntityRead, Receipt
 from api.read_plans import entity_read_field
+from entities import account as domain
 from entities.account import AccountState, AccountStatus
+from entities.runtime.entity import Command
 
-ENTITY = "account"
+ENTITY = domain.account.name
 
 strawberry.enum(AccountStatus, description="Where an account is in its lifecycle.")
 
@@ -74,12 +77,12 @@ class AccountCommandPayload:
 async def _command(
     info: Info,
     account_id: str,
-    command: str,
+    command: Command[Any, Any, Any],
     idempotency_key: str | None,
     wait: bool,
     **payload: object,
 ) -> AccountCommandPayload:
-    receipt = await send_command(info, ENTITY, account_id, command, payload, idempotency_key, wait)
+    receipt = await send_command(info, command, account_id, payload, idempotency_key, wait)
     return AccountCommandPayload.from_receipt(receipt)
 
 
@@ -113,7 +116,7 @@ class AccountMutation:
         return await _command(
             info,
             account_id,
-            "open",
+            domain.open_account,
             idempotency_key,
             wait,
             owner_name=owner_name,
@@ -131,7 +134,7 @@ class AccountMutation:
         wait: bool = False,
     ) -> AccountCommandPayload:
         return await _command(
-            info, id, "verify", idempotency_key, wait, kyc_reference=kyc_reference
+            info, id, domain.verify, idempotency_key, wait, kyc_reference=kyc_reference
         )
 
     @strawberry.mutation(description="Add money; reactivates a DORMANT account.")
@@ -143,7 +146,7 @@ class AccountMutation:
         idempotency_key: str | None = None,
         wait: bool = False,
     ) -> AccountCommandPayload:
-        return await _command(info, id, "deposit", idempotency_key, wait, amount=amount)
+        return await _command(info, id, domain.deposit, idempotency_key, wait, amount=amount)
 
     @strawberry.mutation(description="Take money out; never beyond the balance.")
     async def withdraw_from_account(
@@ -154,7 +157,7 @@ class AccountMutation:
         idempotency_key: str | None = None,
         wait: bool = False,
     ) -> AccountCommandPayload:
-        return await _command(info, id, "withdraw", idempotency_key, wait, amount=amount)
+        return await _command(info, id, domain.withdraw, idempotency_key, wait, amount=amount)
 
     @strawberry.mutation(description="Freeze an account: money commands are refused.")
     async def suspend_account(
@@ -165,7 +168,7 @@ class AccountMutation:
         idempotency_key: str | None = None,
         wait: bool = False,
     ) -> AccountCommandPayload:
-        return await _command(info, id, "suspend", idempotency_key, wait, reason=reason)
+        return await _command(info, id, domain.suspend, idempotency_key, wait, reason=reason)
 
     @strawberry.mutation(description="Lift a suspension: SUSPENDED -> ACTIVE.")
     async def reactivate_account(
@@ -175,7 +178,7 @@ class AccountMutation:
         idempotency_key: str | None = None,
         wait: bool = False,
     ) -> AccountCommandPayload:
-        return await _command(info, id, "reactivate", idempotency_key, wait)
+        return await _command(info, id, domain.reactivate, idempotency_key, wait)
 
     @strawberry.mutation(description="Close an account for good; its balance must be zero.")
     async def close_account(
@@ -185,4 +188,4 @@ class AccountMutation:
         idempotency_key: str | None = None,
         wait: bool = False,
     ) -> AccountCommandPayload:
-        return await _command(info, id, "close", idempotency_key, wait)
+        return await _command(info, id, domain.close, idempotency_key, wait)

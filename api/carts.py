@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import strawberry
 
@@ -24,12 +25,14 @@ from api.gateway import EntityRead, Receipt
 from api.pacing import paced
 from api.read_plans import entity_read_field
 from api.response_size import bounded
+from entities import cart as domain
 from entities.cart import CartLine as CartLineState
 from entities.cart import CartOptions, CartState, CartStatus
-from entities.checkout import CheckoutLine
+from entities.checkout_input import CheckoutLine
 from entities.errors import ErrorCode, TenureError
+from entities.runtime.entity import Command
 
-ENTITY = "cart"
+ENTITY = domain.cart.name
 
 strawberry.enum(CartStatus, description="Where a cart is: open, checking out, an order, idle.")
 
@@ -118,12 +121,12 @@ class CheckoutCartPayload:
 async def _command(
     info: Info,
     cart_id: str,
-    command: str,
+    command: Command[Any, Any, Any],
     idempotency_key: str | None,
     wait: bool,
     **payload: object,
 ) -> CartCommandPayload:
-    receipt = await send_command(info, ENTITY, cart_id, command, payload, idempotency_key, wait)
+    receipt = await send_command(info, command, cart_id, payload, idempotency_key, wait)
     return CartCommandPayload.from_receipt(receipt)
 
 
@@ -165,7 +168,7 @@ class CartMutation:
             if await read_entity(info, ENTITY, cart_id, Consistency.CACHED) is None:
                 raise
         return await _command(
-            info, cart_id, "createCart", idempotency_key, wait, account_id=account_id
+            info, cart_id, domain.create_cart, idempotency_key, wait, account_id=account_id
         )
 
     @strawberry.mutation(description="Add units of a SKU; more of a SKU already there adds up.")
@@ -186,7 +189,7 @@ class CartMutation:
         return await _command(
             info,
             cart_id,
-            "addCartItem",
+            domain.add_cart_item,
             idempotency_key,
             wait,
             sku=sku,
@@ -203,7 +206,9 @@ class CartMutation:
         idempotency_key: str | None = None,
         wait: bool = False,
     ) -> CartCommandPayload:
-        return await _command(info, cart_id, "removeCartItem", idempotency_key, wait, sku=sku)
+        return await _command(
+            info, cart_id, domain.remove_cart_item, idempotency_key, wait, sku=sku
+        )
 
     @strawberry.mutation(description="Set a line's quantity; zero removes it.")
     async def set_cart_item_quantity(
@@ -216,7 +221,13 @@ class CartMutation:
         wait: bool = False,
     ) -> CartCommandPayload:
         return await _command(
-            info, cart_id, "setCartItemQuantity", idempotency_key, wait, sku=sku, quantity=quantity
+            info,
+            cart_id,
+            domain.set_cart_item_quantity,
+            idempotency_key,
+            wait,
+            sku=sku,
+            quantity=quantity,
         )
 
     @strawberry.mutation(description="Remove every line.")
@@ -227,7 +238,7 @@ class CartMutation:
         idempotency_key: str | None = None,
         wait: bool = False,
     ) -> CartCommandPayload:
-        return await _command(info, cart_id, "clearCart", idempotency_key, wait)
+        return await _command(info, cart_id, domain.clear_cart, idempotency_key, wait)
 
     @strawberry.mutation(
         description="Start checking the cart out: reserve stock, charge the account, sell. "
@@ -237,7 +248,7 @@ class CartMutation:
         self, info: Info, cart_id: strawberry.ID, idempotency_key: str | None = None
     ) -> CheckoutCartPayload:
         receipt = await send_command(
-            info, ENTITY, cart_id, "checkoutCart", {}, idempotency_key, wait=True
+            info, domain.checkout_cart, cart_id, {}, idempotency_key, wait=True
         )
         assert receipt.read is not None
         cart = Cart.from_read(receipt.read)

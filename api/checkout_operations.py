@@ -30,13 +30,8 @@ from api.visibility import (
     visibility_count,
     visibility_page,
 )
-from entities.checkout import (
-    CHECKOUT_WORKFLOW,
-    STATUS_ATTRIBUTE,
-    CheckoutState,
-    CheckoutWorkflow,
-    checkout_workflow_id,
-)
+from entities.checkout import STATUS_ATTRIBUTE, CheckoutState, CheckoutWorkflow
+from entities.checkout_input import CHECKOUT_WORKFLOW, checkout_workflow_id
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.saga import (
     MAX_OPERATOR_REASON,

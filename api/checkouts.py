@@ -13,7 +13,8 @@ from api.context import Info
 from api.gateway import check_entity_id
 from api.pacing import paced
 from api.response_size import bounded
-from entities.checkout import CheckoutState, checkout_workflow_id
+from entities.checkout import CheckoutState
+from entities.checkout_input import checkout_workflow_id
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import READ
 from entities.runtime.saga import (

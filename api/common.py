@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
 from enum import Enum
@@ -21,6 +22,7 @@ from api.gateway import EntityRead, Receipt
 from api.history import CommandHistory, command_history
 from api.pacing import holds_long_lists, take_turn
 from entities.errors import ErrorCode, TenureError
+from entities.runtime.entity import Command
 from entities.runtime.policy import READ
 
 
@@ -131,23 +133,27 @@ async def authorize(
 
 async def send_command(
     info: Info,
-    entity_type: str,
+    command: Command[Any, Any, Any],
     entity_id: str,
-    command: str,
-    payload: dict[str, Any],
+    payload: Mapping[str, Any],
     idempotency_key: str | None,
     wait: bool,
 ) -> Receipt:
+    """Send `command` to the entity, on behalf of the request's caller, once it may; answers
+    with the receipt, and with the state after the command when waited for and readable."""
+    entity_type = command.entity_type
     given = {k: v for k, v in payload.items() if v is not None}
     # The rest of this command's log lines name it (its id once the gateway has made it).
-    structlog.contextvars.bind_contextvars(entity=f"{entity_type}:{entity_id}", command=command)
-    await authorize(info, entity_type, entity_id, command, given)
+    structlog.contextvars.bind_contextvars(
+        entity=f"{entity_type}:{entity_id}", command=command.name
+    )
+    await authorize(info, entity_type, entity_id, command.name, given)
     principal = info.context.principal
     try:
         receipt = await info.context.gateway.send(
             entity_type,
             entity_id,
-            command,
+            command.name,
             given,
             idempotency_key=idempotency_key,
             wait=wait,

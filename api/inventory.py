@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import strawberry
 
@@ -21,9 +22,11 @@ from api.gateway import EntityRead, Receipt
 from api.pacing import paced
 from api.read_plans import entity_read_field
 from api.response_size import bounded
+from entities import inventory as domain
 from entities.inventory import InventoryOptions, InventoryState
+from entities.runtime.entity import Command
 
-ENTITY = "inventory"
+ENTITY = domain.inventory.name
 
 
 _DEFAULTS = InventoryOptions()  # the options of every item the API stocks
@@ -104,12 +107,12 @@ class InventoryCommandPayload:
 async def _command(
     info: Info,
     sku: str,
-    command: str,
+    command: Command[Any, Any, Any],
     idempotency_key: str | None,
     wait: bool,
     **payload: object,
 ) -> InventoryCommandPayload:
-    receipt = await send_command(info, ENTITY, sku, command, payload, idempotency_key, wait)
+    receipt = await send_command(info, command, sku, payload, idempotency_key, wait)
     return InventoryCommandPayload.from_receipt(receipt)
 
 
@@ -139,7 +142,7 @@ class InventoryMutation:
         wait: bool = False,
     ) -> InventoryCommandPayload:
         return await _command(
-            info, sku, "restock", idempotency_key, wait, quantity=quantity, name=name
+            info, sku, domain.restock, idempotency_key, wait, quantity=quantity, name=name
         )
 
     @strawberry.mutation(description="Correct the count, never below what is reserved.")
@@ -153,7 +156,7 @@ class InventoryMutation:
         wait: bool = False,
     ) -> InventoryCommandPayload:
         return await _command(
-            info, sku, "adjustStock", idempotency_key, wait, delta=delta, reason=reason
+            info, sku, domain.adjust_stock, idempotency_key, wait, delta=delta, reason=reason
         )
 
     @strawberry.mutation(
@@ -173,7 +176,7 @@ class InventoryMutation:
         return await _command(
             info,
             sku,
-            "reserveStock",
+            domain.reserve_stock,
             idempotency_key,
             wait,
             reservation_id=reservation_id,
@@ -191,7 +194,12 @@ class InventoryMutation:
         wait: bool = False,
     ) -> InventoryCommandPayload:
         return await _command(
-            info, sku, "releaseReservation", idempotency_key, wait, reservation_id=reservation_id
+            info,
+            sku,
+            domain.release_reservation,
+            idempotency_key,
+            wait,
+            reservation_id=reservation_id,
         )
 
     @strawberry.mutation(description="Turn reserved units into a sale.")
@@ -204,7 +212,12 @@ class InventoryMutation:
         wait: bool = False,
     ) -> InventoryCommandPayload:
         return await _command(
-            info, sku, "commitReservation", idempotency_key, wait, reservation_id=reservation_id
+            info,
+            sku,
+            domain.commit_reservation,
+            idempotency_key,
+            wait,
+            reservation_id=reservation_id,
         )
 
     @strawberry.mutation(description="Take back a committed sale: its units return to stock.")
@@ -217,5 +230,10 @@ class InventoryMutation:
         wait: bool = False,
     ) -> InventoryCommandPayload:
         return await _command(
-            info, sku, "returnReservation", idempotency_key, wait, reservation_id=reservation_id
+            info,
+            sku,
+            domain.return_reservation,
+            idempotency_key,
+            wait,
+            reservation_id=reservation_id,
         )

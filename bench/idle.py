@@ -22,7 +22,8 @@ from bench.load import Measured
 from bench.sagas import CHECKOUT, FUNDS, UNIT_PRICE, Sender
 from bench.scenarios import RPC_TIMEOUT, Bench, Result
 from bench.stack import Window
-from entities.checkout import CheckoutState, checkout_workflow_id
+from entities.checkout import CheckoutState
+from entities.checkout_input import checkout_workflow_id
 from entities.runtime.saga import SagaStatus
 
 WARM_UP = 5  # rounds run first and not counted: first workflow of a type, first connection

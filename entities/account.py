@@ -277,19 +277,19 @@ def become_dormant(state: AccountState, ctx: Ctx) -> AccountState:
 account.permit(
     actions=[
         READ,
-        "open",
-        "verify",
-        "deposit",
-        "withdraw",
-        "refund",
-        "applyInterest",
-        "suspend",
-        "reactivate",
-        "close",
+        open_account,
+        verify,
+        deposit,
+        withdraw,
+        refund,
+        apply_interest,
+        suspend,
+        reactivate,
+        close,
     ],
     # A customer reads and moves money on the accounts in its token; opening, KYC,
     # suspension and closing are the operators' and integrations'.
-    customer=[READ, "deposit", "withdraw"],
+    customer=[READ, deposit, withdraw],
     owner=lambda account_id, _: account_id,
 )
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from entities.checkout import (
+    from entities.checkout_input import (
         CHECKOUT_WORKFLOW,
         CheckoutInput,
         CheckoutLine,
@@ -20,7 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
     from entities.runtime.effects import StartWorkflow
-    from entities.runtime.entity import MAX_MONEY, EntityId, strict_bound
+    from entities.runtime.entity import MAX_MONEY, Action, EntityId, strict_bound
     from entities.runtime.envelope import Snapshot
     from entities.runtime.policy import READ
 
@@ -278,18 +278,18 @@ def abandon(state: CartState, ctx: Ctx) -> CartState:
     return state.model_copy(update={"status": CartStatus.ABANDONED, "abandoned_at": ctx.now})
 
 
-_SHOPPING = [
-    "createCart",
-    "addCartItem",
-    "removeCartItem",
-    "setCartItemQuantity",
-    "clearCart",
-    "checkoutCart",
+_SHOPPING: list[Action] = [
+    create_cart,
+    add_cart_item,
+    remove_cart_item,
+    set_cart_item_quantity,
+    clear_cart,
+    checkout_cart,
 ]
 
 cart.permit(
     # completeCheckout and failCheckout are the checkout saga's report, sent by the worker.
-    actions=[READ, *_SHOPPING, "completeCheckout", "failCheckout"],
+    actions=[READ, *_SHOPPING, complete_checkout, fail_checkout],
     customer=[READ, *_SHOPPING],
     # A cart is its account's: from its state, or from the createCart that makes it.
     owner=lambda _, data: str(data["account_id"]) if data and "account_id" in data else None,

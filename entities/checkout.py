@@ -20,14 +20,29 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from entities.account import refund, withdraw
+    from entities.cart import complete_checkout, fail_checkout
+    from entities.checkout_input import (
+        CHECKOUT_WORKFLOW,
+        CheckoutInput,
+        CheckoutLine,
+        checkout_workflow_id,
+    )
     from entities.errors import ErrorCode
-    from entities.inventory import MAX_RESERVATION_ID
+    from entities.inventory import (
+        MAX_RESERVATION_ID,
+        commit_reservation,
+        release_reservation,
+        reserve_stock,
+        return_reservation,
+    )
+    from entities.runtime.entity import Command
     from entities.runtime.envelope import Outcome
     from entities.runtime.requests import (
         EntityRequest,
@@ -47,7 +62,6 @@ with workflow.unsafe.imports_passed_through():
         Step,
     )
 
-CHECKOUT_WORKFLOW = "Checkout"
 SAGA_OUTCOMES_METRIC = "tenure_saga_outcomes"
 STATUS_ATTRIBUTE = SearchAttributeKey.for_keyword("TenureCheckoutStatus")
 """The checkout's SagaStatus in Temporal's visibility; registered on every Temporal server
@@ -60,54 +74,6 @@ PARALLEL_COMMITS = "checkout-parallel-commits"
 # Checkouts whose key is longer than a reservation id, begun under older code, reserve under
 # the whole key.
 SHORT_RESERVATION_IDS = "checkout-short-reservation-ids"
-
-
-def checkout_workflow_id(checkout_id: str) -> str:
-    """Readable, stable workflow id: `checkout:<cart id>-<attempt>`."""
-    return f"checkout:{checkout_id}"
-
-
-class CheckoutLine(BaseModel):
-    sku: str
-    quantity: int
-    unit_price: int
-
-
-class CheckoutOptions(BaseModel):
-    """How a checkout holds stock and retries: forward steps give up after `step.attempts`,
-    compensations and the final report are retried until they succeed or are refused."""
-
-    reservation_ttl_seconds: float = Field(default=15 * 60, gt=0)
-    step: RequestPolicy = Field(default_factory=RequestPolicy)
-    compensation: RequestPolicy = Field(default_factory=lambda: RequestPolicy(attempts=0))
-    operator_wait_seconds: float = Field(
-        default=7 * 24 * 3600,
-        gt=0,
-        description="How long a FAILED checkout waits for an operator's retry or resolve, from "
-        "each time it fails; then it ends FAILED, for good.",
-    )
-
-
-class CheckoutInput(BaseModel):
-    checkout_id: str
-    cart_id: str
-    account_id: str
-    lines: list[CheckoutLine]
-    options: CheckoutOptions = Field(default_factory=CheckoutOptions)
-    started_at: int | None = Field(
-        default=None,
-        description="When the cart started the checkout, in epoch milliseconds. It joins the "
-        "checkout id in the names of its requests, reservation and order, which must never "
-        "meet those of an earlier checkout with the same id (of a cart whose id was used "
-        "again once retention had deleted it). None in checkouts started before.",
-    )
-
-    @property
-    def key(self) -> str:
-        """What this checkout's requests, reservation and order are named after."""
-        if self.started_at is None:
-            return self.checkout_id
-        return f"{self.checkout_id}.{self.started_at}"
 
 
 class CheckoutState(SagaLog):
@@ -181,13 +147,13 @@ class CheckoutWorkflow:
             await saga.compensate()
             report = partial(
                 self._report,
-                "failCheckout",
+                fail_checkout,
                 code=self._state.failure_code,
                 reason=self._state.failure_reason,
             )
         else:
             self._state.order_id = f"order-{input.key}"
-            report = partial(self._report, "completeCheckout", order_id=self._state.order_id)
+            report = partial(self._report, complete_checkout, order_id=self._state.order_id)
         await saga.conclude("report", report)
         if workflow.patched(OPERATOR_TOOLS):
             await self._await_operator(saga)
@@ -246,23 +212,18 @@ class CheckoutWorkflow:
             }
             await saga.step(
                 step,
-                partial(self._step, "inventory", line.sku, step, "reserveStock", reserve),
+                partial(self._step, reserve_stock, line.sku, step, reserve),
                 (
                     f"release:{line.sku}",
-                    self._undo("inventory", line.sku, step, "releaseReservation", reservation),
+                    self._undo(release_reservation, line.sku, step, reservation),
                 ),
             )
         if self._state.total > 0:
             amount = {"amount": self._state.total}
             await saga.step(
                 "withdraw",
-                partial(
-                    self._step, "account", self._input.account_id, "withdraw", "withdraw", amount
-                ),
-                (
-                    "refund",
-                    self._undo("account", self._input.account_id, "withdraw", "refund", amount),
-                ),
+                partial(self._step, withdraw, self._input.account_id, "withdraw", amount),
+                ("refund", self._undo(refund, self._input.account_id, "withdraw", amount)),
             )
         # Once paid for, the lines are committed at once: each commit is to its own item and
         # needs no other. Their returns, should one fail, still run last line first.
@@ -288,8 +249,8 @@ class CheckoutWorkflow:
         step = f"commit:{sku}"
         return Step(
             step,
-            partial(self._step, "inventory", sku, step, "commitReservation", reservation),
-            (f"return:{sku}", self._undo("inventory", sku, step, "returnReservation", reservation)),
+            partial(self._step, commit_reservation, sku, step, reservation),
+            (f"return:{sku}", self._undo(return_reservation, sku, step, reservation)),
         )
 
     def _command_id(self, step: str) -> str:
@@ -297,19 +258,18 @@ class CheckoutWorkflow:
 
     def _request(
         self,
-        entity_type: str,
+        command: Command[Any, Any, Any],
         entity_id: str,
         command_id: str,
-        command: str,
         payload: dict[str, Any],
         policy: RequestPolicy,
         undoes: str | None = None,
     ) -> Awaitable[Outcome]:
         request = EntityRequest(
-            entity_type=entity_type,
+            entity_type=command.entity_type,
             entity_id=entity_id,
             command_id=command_id,
-            command=command,
+            command=command.name,
             payload=payload,
             undoes=undoes,
             sent_by=f"saga:{workflow.info().workflow_id}",
@@ -317,14 +277,14 @@ class CheckoutWorkflow:
         return request_entity(request, policy)
 
     def _step(
-        self, entity_type: str, entity_id: str, step: str, command: str, payload: dict[str, Any]
+        self, command: Command[Any, Any, Any], entity_id: str, step: str, payload: dict[str, Any]
     ) -> Awaitable[Outcome]:
         return self._request(
-            entity_type, entity_id, self._command_id(step), command, payload, self._options.step
+            command, entity_id, self._command_id(step), payload, self._options.step
         )
 
     def _undo(
-        self, entity_type: str, entity_id: str, step: str, command: str, payload: dict[str, Any]
+        self, command: Command[Any, Any, Any], entity_id: str, step: str, payload: dict[str, Any]
     ) -> Compensation:
         """Take `step` back with `command`. Unless the step is known to have completed, the
         entity applies it only if the step's command was applied, and cancels that command
@@ -332,10 +292,9 @@ class CheckoutWorkflow:
 
         def undo(step_completed: bool, retry: int) -> Awaitable[Outcome]:
             return self._request(
-                entity_type,
+                command,
                 entity_id,
                 self._command_id(_retried(f"undo-{step}", retry)),
-                command,
                 payload,
                 self._options.compensation,
                 undoes=None if step_completed else self._command_id(step),
@@ -343,12 +302,13 @@ class CheckoutWorkflow:
 
         return undo
 
-    def _report(self, command: str, retry: int, **payload: Any) -> Awaitable[Outcome]:
+    def _report(
+        self, command: Command[Any, Any, Any], retry: int, **payload: Any
+    ) -> Awaitable[Outcome]:
         return self._request(
-            "cart",
+            command,
             self._input.cart_id,
             self._command_id(_retried("report", retry)),
-            command,
             {"checkout_id": self._input.checkout_id, **payload},
             self._options.compensation,
         )

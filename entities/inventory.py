@@ -312,12 +312,12 @@ def expire_reservations(state: InventoryState, ctx: Ctx) -> InventoryState:
 inventory.permit(
     actions=[
         READ,
-        "restock",
-        "adjustStock",
-        "reserveStock",
-        "releaseReservation",
-        "commitReservation",
-        "returnReservation",
+        restock,
+        adjust_stock,
+        reserve_stock,
+        release_reservation,
+        commit_reservation,
+        return_reservation,
     ],
     customer=[READ],  # every customer may see the stock; only staff and services change it
 )

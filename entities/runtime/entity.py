@@ -70,13 +70,24 @@ class CommandContext(Generic[Opt]):
 
 
 @dataclass(frozen=True)
-class CommandSpec:
-    """One command of an entity type: its payload model and pure transition."""
+class Command(Generic[S, C, Opt]):
+    """One command of an entity type, as code names it: `deposit`, never `"deposit"`.
 
+    It carries what a sender needs (the entity type's name, the command's name, its payload
+    model) and, called, runs the pure transition it was declared with."""
+
+    entity_type: str
     name: str
-    model: type[BaseModel]
-    handler: Callable[[Any, Any, CommandContext[Any]], Any]
-    creates: bool
+    model: type[C]
+    handler: Callable[[Any, C, CommandContext[Opt]], S]
+    creates: bool = False
+
+    def __call__(self, state: Any, command: C, ctx: CommandContext[Opt]) -> S:
+        return self.handler(state, command, ctx)
+
+
+Action = str | Command[Any, Any, Any]
+"""An action a policy names: `READ`, or a command."""
 
 
 def format_validation_error(exc: ValidationError) -> str:
@@ -109,7 +120,7 @@ class EntityType(Generic[S, Opt]):
         self.state_model = state
         self.options_model = options
         self.is_terminal = is_terminal
-        self.commands: dict[str, CommandSpec] = {}
+        self.commands: dict[str, Command[S, Any, Opt]] = {}
         self.policy = Policy(frozenset())
         """Who may read it and send it which command; nothing until declared."""
         self.listed: Listing[S] = Listing()
@@ -119,33 +130,45 @@ class EntityType(Generic[S, Opt]):
 
     def command(
         self, model: type[C], *, creates: bool = False, name: str | None = None
-    ) -> Callable[
-        [Callable[[Any, C, CommandContext[Opt]], S]], Callable[[Any, C, CommandContext[Opt]], S]
-    ]:
+    ) -> Callable[[Callable[[Any, C, CommandContext[Opt]], S]], Command[S, C, Opt]]:
         """Register a transition `fn(state, command, ctx) -> new_state` for `model`, named
-        `name` or after the function."""
+        `name` or after the function; the decorated name becomes the command's handle."""
 
-        def register(
-            fn: Callable[[Any, C, CommandContext[Opt]], S],
-        ) -> Callable[[Any, C, CommandContext[Opt]], S]:
+        def register(fn: Callable[[Any, C, CommandContext[Opt]], S]) -> Command[S, C, Opt]:
             command_name = name or fn.__name__
             if command_name in self.commands:
                 raise ValueError(f"{self.name} already has a command {command_name!r}")
-            self.commands[command_name] = CommandSpec(command_name, model, fn, creates)
-            return fn
+            command = Command(self.name, command_name, model, fn, creates)
+            self.commands[command_name] = command
+            return command
 
         return register
 
     def permit(
-        self, *, actions: Iterable[str], customer: Iterable[str] = (), owner: Owner | None = None
+        self,
+        *,
+        actions: Iterable[Action],
+        customer: Iterable[Action] = (),
+        owner: Owner | None = None,
     ) -> None:
         """Declare the entity type's policy: the actions (`read` and commands) that may be
         done at all (admins may do them all, services what their scopes name), those a
         customer may do to what it owns, and how to tell whose an entity is."""
-        unknown = set(actions) - set(self.commands) - {READ}
+        named, customers = self._names(actions), self._names(customer)
+        unknown = set(named) - set(self.commands) - {READ}
         if unknown:
             raise ValueError(f"{self.name} has no command {sorted(unknown)}")
-        self.policy = Policy.of(actions, customer, owner)
+        self.policy = Policy.of(named, customers, owner)
+
+    def _names(self, actions: Iterable[Action]) -> list[str]:
+        names = []
+        for action in actions:
+            if isinstance(action, Command):
+                if action.entity_type != self.name:
+                    raise ValueError(f"{action.name!r} is a command of {action.entity_type}")
+                action = action.name
+            names.append(action)
+        return names
 
     def listing(
         self,
@@ -191,7 +214,7 @@ class EntityType(Generic[S, Opt]):
         """Readable, stable workflow id: `account:42`."""
         return f"{self.name}:{entity_id}"
 
-    def spec(self, name: str) -> CommandSpec:
+    def spec(self, name: str) -> Command[S, Any, Opt]:
         try:
             return self.commands[name]
         except KeyError:
@@ -204,7 +227,8 @@ class EntityType(Generic[S, Opt]):
         the bounds of `strict_bound` unless `strict` is False (a run older than them)."""
         spec = self.spec(name)
         try:
-            return spec.model.model_validate(payload, context={STRICT_INPUTS: strict})
+            command: BaseModel = spec.model.model_validate(payload, context={STRICT_INPUTS: strict})
+            return command
         except ValidationError as exc:
             raise Rejected(ErrorCode.INVALID_INPUT, format_validation_error(exc)) from None
 

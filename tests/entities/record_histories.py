@@ -24,7 +24,8 @@ from api.gateway import EntityGateway
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal
 from entities.bulk import BulkCommandWorkflow, BulkInput, bulk_workflow_id
 from entities.cart import CartStatus
-from entities.checkout import CheckoutWorkflow, checkout_workflow_id
+from entities.checkout import CheckoutWorkflow
+from entities.checkout_input import checkout_workflow_id
 from entities.errors import TenureError
 from entities.inventory import Settlement
 from entities.runtime.envelope import RuntimeOptions

@@ -16,7 +16,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.gateway import Consistency, EntityGateway
 from entities.account import AccountState
 from entities.cart import CartState
-from entities.checkout import CheckoutState, checkout_workflow_id
+from entities.checkout import CheckoutState
+from entities.checkout_input import checkout_workflow_id
 from entities.inventory import InventoryState
 from tests.conftest import WorkerFactory
 from workers.cache import CachedSnapshot, SnapshotCache

@@ -7,9 +7,17 @@ from typing import Any
 
 import pytest
 
-from entities.account import AccountOptions, AccountState, AccountStatus, account
+from entities.account import (
+    AccountOptions,
+    AccountState,
+    AccountStatus,
+    Deposit,
+    account,
+    deposit,
+    open_account,
+)
 from entities.errors import ErrorCode, Rejected
-from entities.runtime import CommandContext
+from entities.runtime import CommandContext, EntityType
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 OPTIONS = AccountOptions(dormancy_seconds=3600)
@@ -167,3 +175,16 @@ def test_interest_is_added_to_an_active_balance_rounded_down() -> None:
             rejected(active(100), "applyInterest", rate_basis_points=rate)
             is ErrorCode.INVALID_INPUT
         )
+
+
+def test_a_command_is_named_by_its_handle_and_calling_it_runs_its_transition() -> None:
+    assert (deposit.entity_type, deposit.name, deposit.model) == ("account", "deposit", Deposit)
+    assert account.spec("deposit") is deposit
+    assert account.spec("open") is open_account
+    assert deposit(active(10), Deposit(amount=5), ctx()).balance == 15
+
+
+def test_a_policy_refuses_a_command_of_another_entity_type() -> None:
+    ledger = EntityType("ledger", state=AccountState, options=AccountOptions)
+    with pytest.raises(ValueError, match="'deposit' is a command of account"):
+        ledger.permit(actions=[deposit])

@@ -9,7 +9,7 @@ import pytest
 from temporalio.client import Client
 
 from entities.cart import CartOptions, CartState, CartStatus, cart
-from entities.checkout import CheckoutInput
+from entities.checkout_input import CheckoutInput
 from entities.errors import ErrorCode, Rejected
 from entities.runtime import CommandContext
 from entities.runtime.effects import StartWorkflow

@@ -12,7 +12,8 @@ from temporalio.client import Client
 
 from entities.account import AccountOptions, AccountStatus, account
 from entities.cart import CartStatus
-from entities.checkout import CheckoutState, checkout_workflow_id
+from entities.checkout import CheckoutState
+from entities.checkout_input import checkout_workflow_id
 from entities.errors import ErrorCode
 from entities.runtime import CommandContext
 from entities.runtime.saga import SagaStatus, StepRecord, StepStatus

@@ -12,7 +12,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer
 
 from entities import catalog
-from entities.checkout import CheckoutState, CheckoutWorkflow, checkout_workflow_id
+from entities.checkout import CheckoutState, CheckoutWorkflow
+from entities.checkout_input import checkout_workflow_id
 from entities.errors import ErrorCode
 from entities.runtime.saga import OperatorActionKind, OperatorRequest, SagaStatus, StepStatus
 from tests.conftest import WorkerFactory

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from entities.account import AccountOptions, AccountState, AccountStatus, account
 from entities.cart import MAX_QUANTITY, CartOptions, CartState, CartStatus, cart
-from entities.checkout import CheckoutInput
+from entities.checkout_input import CheckoutInput
 from entities.errors import ErrorCode, Rejected
 from entities.inventory import InventoryOptions, InventoryState, Settlement, inventory
 from entities.runtime import CommandContext, EntityType

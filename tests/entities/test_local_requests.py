@@ -12,7 +12,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from entities import catalog
-from entities.checkout import checkout_workflow_id
+from entities.checkout_input import checkout_workflow_id
 from entities.runtime.requests import REQUEST_ACTIVITY
 from entities.runtime.saga import SagaStatus
 from tests.conftest import WorkerFactory
