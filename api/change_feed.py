@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 READ_COUNT = 1000
 RETRY_SECONDS = 1.0
+END_ATTEMPTS = 3
+"""Tries at finding a stream's end for a type's first subscribers. A burst of subscriptions
+can hold this process's event loop past the Redis client's one-second connect timeout, with
+Redis well: one subscriber in a thousand was refused so on a busy machine."""
 
 
 @dataclass
@@ -210,17 +214,23 @@ class ChangeFeed:
             followed = self._types.get(entity_type)
             if followed is not None:
                 return followed
-            key = stream_key(self._prefix, entity_type)
-            try:
-                cursor = await stream_end(self._client, key)
-            except RedisError as exc:
-                raise TenureError(
-                    ErrorCode.UNAVAILABLE, "the change stream cannot be read"
-                ) from exc
+            cursor = await self._stream_end(stream_key(self._prefix, entity_type))
             followed = _Followed(cursor=cursor)
             self._types[entity_type] = followed
             self._wanted.set()
             return followed
+
+    async def _stream_end(self, key: str) -> str:
+        for attempt in range(END_ATTEMPTS):
+            try:
+                return await stream_end(self._client, key)
+            except RedisError as exc:
+                if attempt == END_ATTEMPTS - 1:
+                    raise TenureError(
+                        ErrorCode.UNAVAILABLE, "the change stream cannot be read"
+                    ) from exc
+                log.warning("change feed: the end of %s not found, trying again: %s", key, exc)
+        raise AssertionError("unreachable")
 
     def _forget(self, entity_type: str, entity_id: str | None, box: Mailbox) -> None:
         followed = self._types.get(entity_type)

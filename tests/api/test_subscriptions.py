@@ -23,11 +23,13 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from api.app import create_app
 from api.auth import DEVELOPMENT_PRINCIPAL
+from api.change_feed import ChangeFeed
 from api.context import TenureContext
 from api.schema import build_schema
 from tests.api.test_access import token
 from tests.api.test_accounts_api import DEPOSIT, OPEN, VERIFY
 from tests.conftest import GraphQLClient, WorkerFactory, new_id
+from workers.cache import SnapshotCache, connect_redis
 from workers.settings import Settings
 
 FOLLOW = """subscription($id: ID!, $since: Int) {
@@ -352,3 +354,60 @@ async def test_a_subscription_whose_events_could_be_too_large_is_refused(
         await ws.send(json.dumps({"id": "big", "type": "subscribe", "payload": payload}))
         refused = await answer(ws, "big")
     assert code(refused) == "RESPONSE_TOO_LARGE"
+
+
+@contextlib.asynccontextmanager
+async def stalling_proxy(redis_url: str, stalled: int) -> AsyncIterator[tuple[str, list[int]]]:
+    """A TCP proxy in front of Redis whose first `stalled` connections are accepted and never
+    answered, as a connection looks to a process too busy to read it; the rest are relayed.
+    Yields its URL and the count of connections it took."""
+    target = httpx.URL(redis_url)
+    taken = [0]
+    held: list[asyncio.StreamWriter] = []
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        taken[0] += 1
+        if taken[0] <= stalled:
+            held.append(writer)
+            return
+        upstream_reader, upstream = await asyncio.open_connection(target.host, target.port)
+        await asyncio.gather(relay(reader, upstream), relay(upstream_reader, writer))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    path = target.path if target.path not in ("", "/") else ""
+    try:
+        yield f"redis://127.0.0.1:{port}{path}", taken
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+
+
+async def test_a_subscription_begun_while_redis_answers_too_late_still_follows(
+    settings: Settings,
+) -> None:
+    # Two connections stalled: the client's own retry spends both, as a burst of a thousand
+    # subscriptions that held the event loop past the connect timeout did. The feed tries
+    # again rather than refusing the subscriber while Redis is well.
+    async with stalling_proxy(settings.redis_url or "", stalled=2) as (url, taken):
+        stalling = settings.model_copy(update={"redis_url": url, "redis_timeout": 0.3})
+        client = connect_redis(stalling)
+        cache = SnapshotCache(client, settings.redis_prefix)
+        feed = ChangeFeed(
+            client, cache, settings.redis_prefix, max_subscribers=10, block_seconds=0.1
+        )
+        try:
+            async with feed.running(), feed.subscribe("account", new_id()):
+                assert feed.subscribers == 1
+        finally:
+            await cache.aclose()
+            await client.aclose()
+        assert taken[0] >= 3  # the two stalled, then one that answered
