@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -19,6 +20,7 @@ from entities.bulk import (
     BULK_WORKFLOW,
     MAX_FAILURES_KEPT,
     MAX_IDS,
+    BulkCommandWorkflow,
     BulkInput,
     BulkProgress,
     BulkStatus,
@@ -137,7 +139,7 @@ async def _progress(info: Info, bulk_id: str) -> BulkProgress:
     """The bulk's progress, for a caller who may send its command; NOT_FOUND (or FORBIDDEN,
     telling nothing) otherwise."""
     progress = await info.context.gateway.read_workflow(
-        bulk_workflow_id(_checked_key(bulk_id)), "progress", BulkProgress
+        bulk_workflow_id(_checked_key(bulk_id)), BulkCommandWorkflow.progress, BulkProgress
     )
     if progress is None:
         if info.context.principal.role is not Role.ADMIN:
@@ -231,18 +233,20 @@ class BulkMutation:
 
     @strawberry.mutation(description="Stop a bulk command after the page it is sending.")
     async def pause_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand:
-        return await _signal(info, id, "pause")
+        return await _signal(info, id, BulkCommandWorkflow.pause)
 
     @strawberry.mutation(description="Go on from where a paused bulk command stopped.")
     async def resume_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand:
-        return await _signal(info, id, "resume")
+        return await _signal(info, id, BulkCommandWorkflow.resume)
 
     @strawberry.mutation(description="End a bulk command after the page it is sending.")
     async def cancel_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand:
-        return await _signal(info, id, "cancel")
+        return await _signal(info, id, BulkCommandWorkflow.cancel)
 
 
-async def _signal(info: Info, bulk_id: str, signal: str) -> BulkCommand:
+async def _signal(
+    info: Info, bulk_id: str, signal: Callable[[BulkCommandWorkflow], None]
+) -> BulkCommand:
     await _progress(info, bulk_id)  # it exists, and the caller may act on it
     await info.context.gateway.signal_workflow(bulk_workflow_id(bulk_id), signal)
     return BulkCommand.of(bulk_id, await _progress(info, bulk_id), now())

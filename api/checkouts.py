@@ -13,7 +13,7 @@ from api.context import Info
 from api.gateway import check_entity_id
 from api.pacing import paced
 from api.response_size import bounded
-from entities.checkout import CheckoutState
+from entities.checkout import CheckoutState, CheckoutWorkflow
 from entities.checkout_input import checkout_workflow_id
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import READ
@@ -149,7 +149,7 @@ async def read_checkout(info: Info, checkout_id: str) -> Checkout | None:
     # A checkout is its cart's: whoever may read the cart may read its checkouts.
     await authorize(info, "cart", checkout_id.rpartition("-")[0], READ)
     state = await info.context.gateway.read_workflow(
-        checkout_workflow_id(checkout_id), "status", CheckoutState
+        checkout_workflow_id(checkout_id), CheckoutWorkflow.status, CheckoutState
     )
     return Checkout.from_state(state) if state else None
 

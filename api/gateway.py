@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,6 +31,7 @@ from entities.runtime.envelope import (
     OutcomeStatus,
     Snapshot,
 )
+from entities.runtime.workflow import EntityWorkflow
 from workers.cache import CachedSnapshot, CacheUnavailable, SnapshotCache
 from workers.delivery import CommandDelivery, unavailable
 from workers.settings import Settings
@@ -220,7 +222,7 @@ class EntityGateway:
             self._metrics.cache_read("miss")
         handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
         try:
-            snapshot = await self._ask(handle, "snapshot", Snapshot)
+            snapshot = await self._ask(handle, EntityWorkflow.snapshot, Snapshot)
         except RPCError as exc:
             fallback = cached
             if fallback is None and looked_up is None:
@@ -245,14 +247,16 @@ class EntityGateway:
         check_entity_id(entity_id)
         handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
         try:
-            history = await self._ask(handle, "history", CommandHistory, page)
+            history = await self._ask(handle, EntityWorkflow.history, CommandHistory, page)
         except RPCError as exc:
             if exc.status is RPCStatusCode.NOT_FOUND:
                 return None
             raise unavailable(exc) from exc
         return history
 
-    async def read_workflow(self, workflow_id: str, query: str, result_type: type[M]) -> M | None:
+    async def read_workflow(
+        self, workflow_id: str, query: Callable[..., M], result_type: type[M]
+    ) -> M | None:
         """A workflow that is not an entity (a saga): its answer to `query`, else, when no
         worker can answer, its result if it has finished; None when it never existed."""
         handle = self._client.get_workflow_handle(workflow_id, result_type=result_type)
@@ -299,7 +303,7 @@ class EntityGateway:
             raise unavailable(exc) from exc
         return True
 
-    async def signal_workflow(self, workflow_id: str, signal: str) -> bool:
+    async def signal_workflow(self, workflow_id: str, signal: Callable[[Any], None]) -> bool:
         """Signal a workflow that is not an entity; False when it does not run."""
         seconds = self._settings.live_read_timeout
         handle = self._client.get_workflow_handle(workflow_id)
@@ -312,7 +316,11 @@ class EntityGateway:
         return True
 
     async def _ask(
-        self, handle: WorkflowHandle[Any, Any], query: str, result_type: type[M], *args: Any
+        self,
+        handle: WorkflowHandle[Any, Any],
+        query: Callable[..., M] | str,
+        result_type: type[M],
+        *args: Any,
     ) -> M:
         """One query to a workflow: spent from the request's budget, and answered within
         the live-read timeout (a hard deadline: `rpc_timeout` alone is not one)."""

@@ -30,14 +30,10 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
+    from entities.runtime.activities import Activity
     from entities.runtime.entity import EntityId
 
 BULK_WORKFLOW = "BulkCommand"
-PAGE_ACTIVITY = "bulk_page"
-SEND_ACTIVITY = "bulk_send"
-"""One page sent and counted in one activity: runs from before `PIPELINED` replay it."""
-DELIVER_ACTIVITY = "bulk_deliver"
-SETTLE_ACTIVITY = "bulk_settle"
 PIPELINED = "bulk-pipelined"
 MAX_IDS = 10_000
 """Ids a bulk command may name outright; more come from a filter."""
@@ -214,6 +210,13 @@ _HEARTBEAT = timedelta(seconds=30)
 _RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 
 
+PAGE_ACTIVITY = Activity("bulk_page", PageRequest, TargetPage)
+SEND_ACTIVITY = Activity("bulk_send", PageToSend, PageSent)
+"""One page sent and counted in one activity: runs from before `PIPELINED` replay it."""
+DELIVER_ACTIVITY = Activity("bulk_deliver", PageToSend, PageDelivered)
+SETTLE_ACTIVITY = Activity("bulk_settle", PageToSettle, PageSent)
+
+
 @workflow.defn(name=BULK_WORKFLOW)
 class BulkCommandWorkflow:
     """One bulk command, from its first page to its last."""
@@ -282,10 +285,8 @@ class BulkCommandWorkflow:
             self._sending = True
             page = await self._next_page(input)
             if page.ids:
-                delivered = await workflow.execute_activity(
-                    DELIVER_ACTIVITY,
+                delivered = await DELIVER_ACTIVITY.execute(
                     self._to_send(input, page),
-                    result_type=PageDelivered,
                     start_to_close_timeout=_SEND_TIMEOUT,
                     heartbeat_timeout=_HEARTBEAT,
                     retry_policy=_RETRY,
@@ -316,13 +317,11 @@ class BulkCommandWorkflow:
         try:
             if after is not None:
                 await after
-            sent = await workflow.execute_activity(
-                SETTLE_ACTIVITY,
+            sent = await SETTLE_ACTIVITY.execute(
                 PageToSettle(
                     page=self._to_send(input, page, delivered.waiting),
                     position=delivered.position,
                 ),
-                result_type=PageSent,
                 start_to_close_timeout=_SETTLE_TIMEOUT,
                 heartbeat_timeout=_HEARTBEAT,
                 retry_policy=_RETRY,
@@ -339,10 +338,8 @@ class BulkCommandWorkflow:
         self._sending = True
         page = await self._next_page(input, by_activity=True)
         if page.ids:
-            sent = await workflow.execute_activity(
-                SEND_ACTIVITY,
+            sent = await SEND_ACTIVITY.execute(
                 self._to_send(input, page),
-                result_type=PageSent,
                 start_to_close_timeout=_SEND_TIMEOUT,
                 heartbeat_timeout=_HEARTBEAT,
                 retry_policy=_RETRY,
@@ -356,8 +353,7 @@ class BulkCommandWorkflow:
         """The next page after the cursor: a slice of the given ids, or the listing index's."""
         if input.ids is not None and not by_activity:
             return TargetPage.of_ids(input.ids, self._progress.cursor, input.page_size)
-        page: TargetPage = await workflow.execute_activity(
-            PAGE_ACTIVITY,
+        return await PAGE_ACTIVITY.execute(
             PageRequest(
                 entity_type=input.entity_type,
                 ids=input.ids,
@@ -366,11 +362,9 @@ class BulkCommandWorkflow:
                 size=input.page_size,
                 count_total=self._progress.total is None,
             ),
-            result_type=TargetPage,
             start_to_close_timeout=_PAGE_TIMEOUT,
             retry_policy=_RETRY,
         )
-        return page
 
     def _to_send(
         self, input: BulkInput, page: TargetPage, ids: list[str] | None = None

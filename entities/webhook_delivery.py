@@ -20,8 +20,10 @@ from pydantic import BaseModel, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 
+with workflow.unsafe.imports_passed_through():
+    from entities.runtime.activities import Activity
+
 WEBHOOK_WORKFLOW = "WebhookDelivery"
-DELIVER_ACTIVITY = "deliver_webhooks"
 RUN_SECONDS = 60.0
 """How long one run of the activity delivers before it reports back."""
 RUNS_PER_HISTORY = 100
@@ -64,6 +66,9 @@ class DeliveryRunResult(BaseModel):
 _RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 
 
+DELIVER_ACTIVITY = Activity("deliver_webhooks", DeliveryRun, DeliveryRunResult)
+
+
 @workflow.defn(name=WEBHOOK_WORKFLOW)
 class WebhookDeliveryWorkflow:
     """Delivers a subscriber's webhooks until it is removed."""
@@ -79,10 +84,8 @@ class WebhookDeliveryWorkflow:
     @workflow.run
     async def run(self, input: WebhookDeliveryInput) -> DeliveryCounts:
         for _ in range(RUNS_PER_HISTORY):
-            result = await workflow.execute_activity(
-                DELIVER_ACTIVITY,
+            result = await DELIVER_ACTIVITY.execute(
                 DeliveryRun(subscriber_id=input.subscriber_id),
-                result_type=DeliveryRunResult,
                 # A run ends on its own after RUN_SECONDS, plus one send in flight.
                 start_to_close_timeout=timedelta(seconds=RUN_SECONDS + 120),
                 heartbeat_timeout=timedelta(seconds=30),

@@ -8,6 +8,7 @@ from temporalio import activity
 
 from entities.runtime.backlog import NEXT_TASK_ACTIVITY
 from entities.runtime.envelope import Publication
+from entities.runtime.publisher import PUBLISH_ACTIVITY
 from workers.cache import SnapshotCache
 from workers.changes import Changes
 
@@ -17,7 +18,7 @@ PUBLISH_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 """Seconds; the worker's runtime gives the histogram these buckets (`worker_runtime`)."""
 
 
-@activity.defn(name=NEXT_TASK_ACTIVITY)
+@NEXT_TASK_ACTIVITY.defn
 async def next_task() -> None:
     """Nothing: an entity catching up on held commands waits for it to get its next
     workflow task (entities/runtime/backlog.py)."""
@@ -30,7 +31,7 @@ class CacheActivities:
     def __init__(self, cache: SnapshotCache) -> None:
         self._cache = cache
 
-    @activity.defn(name="publish_snapshot")
+    @PUBLISH_ACTIVITY.defn
     async def publish_snapshot(self, publication: Publication) -> bool:
         """Write the snapshot if it is newer than what the cache holds, and stream the
         changes not streamed yet; safe to repeat. Counts each attempt that fails, and how

@@ -115,7 +115,7 @@ class BulkActivities:
     def activities(self) -> list[Callable[..., Any]]:
         return [self.bulk_page, self.bulk_deliver, self.bulk_settle, self.bulk_send]
 
-    @activity.defn(name=PAGE_ACTIVITY)
+    @PAGE_ACTIVITY.defn
     async def bulk_page(self, request: PageRequest) -> TargetPage:
         """The next page of targets after the cursor, in id order."""
         if request.ids is not None:
@@ -138,7 +138,7 @@ class BulkActivities:
             total=page.total if request.count_total else None,
         )
 
-    @activity.defn(name=DELIVER_ACTIVITY)
+    @DELIVER_ACTIVITY.defn
     async def bulk_deliver(self, page: PageToSend) -> PageDelivered:
         """Hand the command to every entity of the page, at most `window` at once, as a
         client sending signals would; what is learnt meanwhile (a closed entity's answer, a
@@ -147,7 +147,7 @@ class BulkActivities:
         position = await self._send(page, tally)
         return PageDelivered(settled=tally.sent, waiting=tally.unsettled(), position=position)
 
-    @activity.defn(name=SETTLE_ACTIVITY)
+    @SETTLE_ACTIVITY.defn
     async def bulk_settle(self, settle: PageToSettle) -> PageSent:
         """Count what became of a delivered page's commands.
 
@@ -168,7 +168,7 @@ class BulkActivities:
             )
         return tally.sent
 
-    @activity.defn(name=SEND_ACTIVITY)
+    @SEND_ACTIVITY.defn
     async def bulk_send(self, page: PageToSend) -> PageSent:
         """A page sent and counted in one activity, for the runs from before sending and
         counting were apart."""

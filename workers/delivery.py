@@ -43,7 +43,7 @@ from entities.runtime.envelope import (
     EntityRunInput,
     OutcomeStatus,
 )
-from entities.runtime.workflow import EntityWorkflow
+from entities.runtime.workflow import COMMAND_SIGNAL, EntityWorkflow
 from workers.coalescing import SignalCoalescer
 from workers.settings import Settings
 from workers.temporal import ask, within
@@ -97,9 +97,13 @@ class CommandDelivery:
         handle = self._client.get_workflow_handle(workflow_id)
         timeout = timedelta(seconds=SIGNAL_TIMEOUT)
         if len(batch) == 1:
-            await within(SIGNAL_TIMEOUT, handle.signal("command", batch[0], rpc_timeout=timeout))
+            await within(
+                SIGNAL_TIMEOUT, handle.signal(EntityWorkflow.command, batch[0], rpc_timeout=timeout)
+            )
         else:
-            await within(SIGNAL_TIMEOUT, handle.signal("commands", batch, rpc_timeout=timeout))
+            await within(
+                SIGNAL_TIMEOUT, handle.signal(EntityWorkflow.commands, batch, rpc_timeout=timeout)
+            )
 
     def start_input(self, entity_type: str, entity_id: str) -> EntityRunInput:
         return EntityRunInput(
@@ -120,7 +124,7 @@ class CommandDelivery:
                     self.start_input(entity.name, entity_id),
                     id=workflow_id,
                     task_queue=self._settings.task_queue,
-                    start_signal="command",
+                    start_signal=COMMAND_SIGNAL,
                     start_signal_args=[envelope],
                     id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                     id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
@@ -168,7 +172,7 @@ class CommandDelivery:
         try:
             result = await ask(
                 handle,
-                "outcome",
+                EntityWorkflow.outcome,
                 command_id,
                 result_type=CommandResult,
                 seconds=self._settings.command_wait_timeout,

@@ -14,6 +14,7 @@ from temporalio.service import RPCError
 
 from entities import catalog
 from entities.runtime.envelope import Snapshot
+from entities.runtime.workflow import EntityWorkflow
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.temporal import ask, within
 
@@ -57,7 +58,7 @@ async def snapshot_of(
     if description.status is WorkflowExecutionStatus.COMPLETED:
         snapshot: Snapshot = await within(timeout, handle.result(rpc_timeout=rpc))
     else:
-        snapshot = await ask(handle, "snapshot", result_type=Snapshot, seconds=timeout)
+        snapshot = await ask(handle, EntityWorkflow.snapshot, result_type=Snapshot, seconds=timeout)
     return snapshot if snapshot.state is not None else None
 
 

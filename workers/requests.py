@@ -3,7 +3,6 @@ became of it."""
 
 from __future__ import annotations
 
-from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
@@ -21,7 +20,7 @@ class EntityRequests:
     def __init__(self, client: Client, settings: Settings) -> None:
         self._delivery = CommandDelivery(client, settings)
 
-    @activity.defn(name=REQUEST_ACTIVITY)
+    @REQUEST_ACTIVITY.defn
     async def request_entity(self, request: EntityRequest) -> Outcome:
         """Deliver the command and return its outcome. A refusal is a non-retryable
         ApplicationError whose type is the entity's code; an entity that cannot be reached

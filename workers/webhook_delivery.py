@@ -91,7 +91,7 @@ class WebhookDelivery:
         self._retry_for = settings.webhook_retry_for_seconds
         self._backoff = settings.webhook_backoff_seconds
 
-    @activity.defn(name=DELIVER_ACTIVITY)
+    @DELIVER_ACTIVITY.defn
     async def deliver_webhooks(self, run: DeliveryRun) -> DeliveryRunResult:
         """Deliver a subscriber's changes for `run.seconds`; `removed` once it is gone."""
         subscriber = await self._subscribers.get(run.subscriber_id)

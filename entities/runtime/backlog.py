@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections import deque
 
+from entities.runtime.activities import Activity
 from entities.runtime.envelope import CommandEnvelope
 
-NEXT_TASK_ACTIVITY = "next_task"
+NEXT_TASK_ACTIVITY: Activity[None, None] = Activity("next_task", None, None)
 """An activity that does nothing: its completion gives the entity its next workflow task, in
 which it applies the next slice (a timer would take a second: Temporal fires none sooner)."""
 

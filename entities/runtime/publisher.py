@@ -18,9 +18,11 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import FailureError
 
 with workflow.unsafe.imports_passed_through():
+    from entities.runtime.activities import Activity
     from entities.runtime.envelope import Publication, RuntimeOptions
 
-PUBLISH_ACTIVITY = "publish_snapshot"
+PUBLISH_ACTIVITY = Activity("publish_snapshot", Publication, bool)
+"""Whether the cache took the snapshot: False when it held a newer one."""
 PUBLISH_TIMEOUT = timedelta(seconds=5)
 PUBLISH_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=2)
 PUBLISH_BACKOFF_MAX = timedelta(seconds=30)
@@ -142,16 +144,14 @@ class SnapshotPublisher:
     async def _publish(self, publication: Publication) -> None:
         try:
             if self._by_activity:
-                await workflow.execute_activity(
-                    PUBLISH_ACTIVITY,
+                await PUBLISH_ACTIVITY.execute(
                     publication,
                     start_to_close_timeout=PUBLISH_TIMEOUT,
                     schedule_to_close_timeout=PUBLISH_GIVE_UP,
                     retry_policy=PUBLISH_ACTIVITY_RETRY,
                 )
             else:
-                await workflow.execute_local_activity(
-                    PUBLISH_ACTIVITY,
+                await PUBLISH_ACTIVITY.execute_local(
                     publication,
                     start_to_close_timeout=PUBLISH_TIMEOUT,
                     retry_policy=PUBLISH_RETRY,

@@ -25,9 +25,9 @@ from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, TenureError
+    from entities.runtime.activities import Activity
     from entities.runtime.envelope import Outcome
 
-REQUEST_ACTIVITY = "request_entity"
 Failed = ActivityError | ApplicationError | TimeoutError
 """How a request's activity fails: a local activity's failures are not all wrapped."""
 # Workflows that made their first request under older code ask only with activities.
@@ -49,6 +49,9 @@ class EntityRequest(BaseModel):
     sent_by: str | None = Field(
         default=None, max_length=160, description="Who sends it, as `role:subject`."
     )
+
+
+REQUEST_ACTIVITY = Activity("request_entity", EntityRequest, Outcome)
 
 
 class RequestFailed(TenureError):
@@ -94,10 +97,8 @@ async def request_entity(request: EntityRequest, policy: RequestPolicy) -> Outco
                 "a request to %s goes on as an activity: %s", request.entity_type, cause
             )
     try:
-        outcome: Outcome = await workflow.execute_activity(
-            REQUEST_ACTIVITY,
+        outcome = await REQUEST_ACTIVITY.execute(
             request,
-            result_type=Outcome,
             start_to_close_timeout=timedelta(seconds=policy.timeout_seconds),
             retry_policy=policy.retry_policy(),
         )
@@ -108,14 +109,11 @@ async def request_entity(request: EntityRequest, policy: RequestPolicy) -> Outco
 
 async def _local_try(request: EntityRequest, policy: RequestPolicy) -> Outcome:
     timeout = min(policy.timeout_seconds, LOCAL_TRY_SECONDS)
-    outcome: Outcome = await workflow.execute_local_activity(
-        REQUEST_ACTIVITY,
+    return await REQUEST_ACTIVITY.execute_local(
         request,
-        result_type=Outcome,
         start_to_close_timeout=timedelta(seconds=timeout),
         retry_policy=RetryPolicy(maximum_attempts=1),
     )
-    return outcome
 
 
 def _failed(request: EntityRequest, exc: Failed) -> RequestFailed:

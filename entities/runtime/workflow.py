@@ -51,6 +51,8 @@ NOTHING_TO_UNDO = "nothing to undo"
 TIMER_SENDER = "entity:timer"
 
 COMMANDS_METRIC = "tenure_commands"
+COMMAND_SIGNAL = "command"
+"""The signal of one command, also the start signal of an entity a command creates."""
 CONTINUE_AS_NEW_METRIC = "tenure_continue_as_new"
 OK = "OK"
 
@@ -102,7 +104,7 @@ class EntityWorkflow:
 
     # -- commands -------------------------------------------------------------------------
 
-    @workflow.signal(name="command")
+    @workflow.signal(name=COMMAND_SIGNAL)
     def command(self, envelope: CommandEnvelope) -> None:
         """Apply one command, or record why it was refused, or hold it back while this
         workflow task has applied its most (`Backlog`); never raises."""
@@ -400,8 +402,7 @@ class EntityWorkflow:
             for envelope in self._backlog.next_slice(task):
                 self._apply(envelope)
             if self._backlog:
-                await workflow.execute_activity(
-                    NEXT_TASK_ACTIVITY,
+                await NEXT_TASK_ACTIVITY.execute(
                     start_to_close_timeout=NEXT_TASK_TIMEOUT,
                     retry_policy=NEXT_TASK_RETRY,
                 )

@@ -39,7 +39,8 @@ def scheduled_requests(history: WorkflowHistory) -> int:
         1
         for event in history.events
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-        and event.activity_task_scheduled_event_attributes.activity_type.name == REQUEST_ACTIVITY
+        and event.activity_task_scheduled_event_attributes.activity_type.name
+        == REQUEST_ACTIVITY.name
     )
 
 

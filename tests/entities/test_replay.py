@@ -107,7 +107,7 @@ def test_the_backlog_history_applied_held_commands_in_later_tasks() -> None:
         for e in events
         if e.HasField("activity_task_scheduled_event_attributes")
     ]
-    assert scheduled.count(NEXT_TASK_ACTIVITY) >= 2  # eight held, three a task
+    assert scheduled.count(NEXT_TASK_ACTIVITY.name) >= 2  # eight held, three a task
 
 
 def test_the_failed_checkout_waited_for_an_operator_and_was_retried() -> None:

@@ -1,0 +1,61 @@
+"""Every activity a workflow runs is served by the worker under its declared name, taking and
+giving back the types its declaration names (`entities/runtime/activities.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pytest
+from temporalio import activity
+from temporalio.client import Client
+
+from entities import catalog
+from entities.runtime.activities import Activity
+from workers.cache import SnapshotCache
+from workers.settings import Settings
+from workers.worker import activity_functions
+
+
+def mismatches(declared: Mapping[str, Activity[Any, Any]], served: Iterable[Any]) -> list[str]:
+    """What the worker serves otherwise than declared, or not at all."""
+    definitions = {d.name: d for d in map(activity._Definition.must_from_callable, served)}
+    found = []
+    for name, declaration in sorted(declared.items()):
+        definition = definitions.get(name)
+        if definition is None:
+            found.append(f"{name}: not served")
+            continue
+        takes = [] if declaration.argument is None else [declaration.argument]
+        if definition.arg_types != takes:
+            found.append(f"{name}: takes {definition.arg_types}, declared {takes}")
+        if definition.ret_type is not (declaration.result or type(None)):
+            found.append(f"{name}: gives {definition.ret_type}, declared {declaration.result}")
+    return found
+
+
+async def test_the_worker_serves_every_declared_activity_as_declared(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings
+) -> None:
+    catalog.workflows()  # every entities module imported: every activity declared
+    assert {"request_entity", "publish_snapshot", "next_task", "bulk_settle"} <= set(
+        Activity.declared
+    )
+    assert mismatches(Activity.declared, activity_functions(temporal_client, cache, settings)) == []
+
+
+async def test_an_activity_served_with_other_types_or_not_at_all_is_found(
+    temporal_client: Client,
+    cache: SnapshotCache,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    served = activity_functions(temporal_client, cache, settings)
+    publish = Activity.declared["publish_snapshot"]
+    monkeypatch.setattr(Activity, "declared", {})  # these two declared for this test only
+    Activity("publish_snapshot", str, publish.result)
+    Activity("never_served", str, None)
+    assert mismatches(Activity.declared, served) == [
+        "never_served: not served",
+        f"publish_snapshot: takes {[publish.argument]}, declared {[str]}",
+    ]
