@@ -27,7 +27,7 @@ from entities.bulk import (
     BulkStatus,
     bulk_workflow_id,
 )
-from workers.delivery import unavailable
+from workers.failures import unavailable
 from workers.temporal import ask, within
 
 log = logging.getLogger(__name__)

@@ -31,6 +31,7 @@ from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import Snapshot
 from workers.cache import CacheUnavailable, RedisClient, SnapshotCache
 from workers.changes import entry_fields, stream_end, stream_key, text
+from workers.failures import redis_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +227,7 @@ class ChangeFeed:
                 return await stream_end(self._client, key)
             except RedisError as exc:
                 if attempt == END_ATTEMPTS - 1:
-                    raise TenureError(
-                        ErrorCode.UNAVAILABLE, "the change stream cannot be read"
-                    ) from exc
+                    raise redis_unavailable("the change stream", exc) from exc
                 log.warning("change feed: the end of %s not found, trying again: %s", key, exc)
         raise AssertionError("unreachable")
 

@@ -15,8 +15,7 @@ from typing import Annotated, Any
 
 import strawberry
 from temporalio.client import Client, WorkflowExecution, WorkflowUpdateFailedError
-from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
 from api.checkouts import Checkout, checked_checkout_id, read_checkout
 from api.common import Long
@@ -39,7 +38,7 @@ from entities.runtime.saga import (
     OperatorRequest,
     SagaStatus,
 )
-from workers.delivery import unavailable
+from workers.failures import is_missing, refusal, unavailable
 from workers.temporal import within
 
 
@@ -167,16 +166,12 @@ async def operate(
             ),
         )
     except WorkflowUpdateFailedError as exc:
-        cause = exc.cause
-        if (
-            isinstance(cause, ApplicationError)
-            and cause.type
-            and cause.type in ErrorCode.__members__
-        ):
-            raise TenureError(ErrorCode[cause.type], cause.message) from exc
-        raise
+        refused = refusal(exc)
+        if refused is None:
+            raise
+        raise refused from exc
     except RPCError as exc:
-        if exc.status is RPCStatusCode.NOT_FOUND:
+        if is_missing(exc):
             raise await _not_waiting(info, checkout_id) from exc
         raise unavailable(exc) from exc
     return Checkout.from_state(state)
@@ -188,7 +183,7 @@ async def _not_waiting(info: Info, checkout_id: str) -> TenureError:
     try:
         await within(TEMPORAL_TIMEOUT, handle.describe())
     except RPCError as exc:
-        if exc.status is RPCStatusCode.NOT_FOUND:
+        if is_missing(exc):
             return TenureError(ErrorCode.NOT_FOUND, f"checkout {checkout_id} does not exist")
         return unavailable(exc)
     return TenureError(

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
 from api.errors import TooManyQueries
 from api.metrics import ApiMetrics
@@ -33,7 +33,8 @@ from entities.runtime.envelope import (
 )
 from entities.runtime.workflow import EntityWorkflow
 from workers.cache import CachedSnapshot, CacheUnavailable, SnapshotCache
-from workers.delivery import CommandDelivery, unavailable
+from workers.delivery import CommandDelivery
+from workers.failures import is_missing, unavailable
 from workers.settings import Settings
 from workers.temporal import ask, within
 
@@ -232,7 +233,7 @@ class EntityGateway:
                 return EntityRead(
                     fallback.snapshot, Source.CACHE, stale=True, cached_at=fallback.cached_at
                 )
-            if exc.status is RPCStatusCode.NOT_FOUND:
+            if is_missing(exc):
                 return None
             raise unavailable(exc) from exc
         if snapshot.state is None:
@@ -249,7 +250,7 @@ class EntityGateway:
         try:
             history = await self._ask(handle, EntityWorkflow.history, CommandHistory, page)
         except RPCError as exc:
-            if exc.status is RPCStatusCode.NOT_FOUND:
+            if is_missing(exc):
                 return None
             raise unavailable(exc) from exc
         return history
@@ -265,7 +266,7 @@ class EntityGateway:
         try:
             value = await self._ask(handle, query, result_type)
         except RPCError as exc:
-            if exc.status is RPCStatusCode.NOT_FOUND:
+            if is_missing(exc):
                 return None
             try:
                 description = await within(seconds, handle.describe(rpc_timeout=timeout))
@@ -310,7 +311,7 @@ class EntityGateway:
         try:
             await within(seconds, handle.signal(signal, rpc_timeout=timedelta(seconds=seconds)))
         except RPCError as exc:
-            if exc.status is RPCStatusCode.NOT_FOUND:
+            if is_missing(exc):
                 return False
             raise unavailable(exc) from exc
         return True

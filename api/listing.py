@@ -29,6 +29,7 @@ from entities.errors import ErrorCode, TenureError
 from entities.runtime.listing import MAX_TEXT_LENGTH
 from entities.runtime.policy import READ, Role
 from workers.cache import CacheUnavailable
+from workers.failures import redis_unavailable
 from workers.index import STATUS
 from workers.listing import EntityIndex, ListFilter, Order
 
@@ -229,7 +230,7 @@ async def list_entities(
         # Reads of one loop turn go to Redis as one pipeline (workers/read_batching.py).
         hits = await asyncio.gather(*(cache.get(entity_type, i) for i in page.ids))
     except CacheUnavailable as exc:
-        raise TenureError(ErrorCode.UNAVAILABLE, "the entity index cannot be read") from exc
+        raise redis_unavailable("the entity index", exc) from exc
     edges = [
         Edge(
             cursor=_Cursor(order, key).encode(),
@@ -256,7 +257,7 @@ async def entity_stats(info: Info, entity_type: str) -> EntityStats:
     try:
         by_status, total = await _index(info).counts(entity_type)
     except CacheUnavailable as exc:
-        raise TenureError(ErrorCode.UNAVAILABLE, "the entity index cannot be read") from exc
+        raise redis_unavailable("the entity index", exc) from exc
     return EntityStats(
         by_status=[StatusCount(status=s, count=n) for s, n in by_status.items()], total=total
     )

@@ -26,6 +26,7 @@ from entities.webhook_delivery import (
     WebhookDeliveryInput,
     webhook_workflow_id,
 )
+from workers.failures import redis_unavailable
 from workers.webhook_subscribers import (
     ALL_COMMANDS,
     MAX_SUBSCRIBERS,
@@ -123,7 +124,7 @@ async def _redis() -> AsyncIterator[None]:
     try:
         yield
     except RedisError as exc:
-        raise TenureError(ErrorCode.UNAVAILABLE, "the webhook registry is unavailable") from exc
+        raise redis_unavailable("the webhook registry", exc) from exc
 
 
 def _invalid(message: str) -> TenureError:

@@ -23,6 +23,11 @@ class ErrorCode(StrEnum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     FORBIDDEN = "FORBIDDEN"
 
+    @classmethod
+    def named(cls, name: str | None) -> ErrorCode | None:
+        """The code called `name` (an ApplicationError's type), or None when none is."""
+        return cls.__members__.get(name) if name else None
+
 
 class TenureError(Exception):
     """A failure with a stable code, safe to show to a client."""

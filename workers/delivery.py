@@ -45,6 +45,7 @@ from entities.runtime.envelope import (
 )
 from entities.runtime.workflow import COMMAND_SIGNAL, EntityWorkflow
 from workers.coalescing import SignalCoalescer
+from workers.failures import is_missing, unavailable
 from workers.settings import Settings
 from workers.temporal import ask, within
 
@@ -65,11 +66,6 @@ class EntityClosed(TenureError):
 
     def __init__(self, entity: EntityType[Any, Any], entity_id: str) -> None:
         super().__init__(ErrorCode.INVALID_TRANSITION, f"{entity.name} {entity_id} is closed")
-
-
-def unavailable(exc: RPCError) -> TenureError:
-    log.warning("temporal unavailable: %s", exc)
-    return TenureError(ErrorCode.UNAVAILABLE, "the entity service is unavailable; try again")
 
 
 class CommandDelivery:
@@ -135,7 +131,7 @@ class CommandDelivery:
         except WorkflowAlreadyStartedError:
             raise EntityClosed(entity, entity_id) from None
         except RPCError as exc:
-            if exc.status is RPCStatusCode.NOT_FOUND:
+            if is_missing(exc):
                 if await self._has_completed(workflow_id):
                     raise EntityClosed(entity, entity_id) from None
                 raise TenureError(

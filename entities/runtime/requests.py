@@ -129,8 +129,8 @@ def _cause(exc: Failed) -> BaseException | None:
 
 def _failure(exc: Failed) -> RequestFailed:
     cause = _cause(exc)
-    if isinstance(cause, ApplicationError) and cause.type and cause.type in ErrorCode.__members__:
-        return RequestFailed(ErrorCode[cause.type], cause.message)
+    if isinstance(cause, ApplicationError) and (code := ErrorCode.named(cause.type)):
+        return RequestFailed(code, cause.message)
     if isinstance(cause, TimeoutError):
         return RequestFailed(ErrorCode.UNAVAILABLE, "the entity did not answer in time")
     # Anything else is an internal failure, whose text (a workflow id, a host, a Redis key)

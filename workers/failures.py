@@ -1,0 +1,49 @@
+"""Where Temporal's and Redis's failures become Tenure's codes.
+
+A client meets the same trouble as the same code and the same kind of message, wherever it
+met it: Temporal out of reach is UNAVAILABLE, Redis down is UNAVAILABLE naming what could
+not be read, and an entity's or a saga's refusal carried back by Temporal is the refusal's
+own code. The cause (a host, a key, a workflow id) is logged, never shown.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from entities.errors import ErrorCode, TenureError
+
+log = logging.getLogger(__name__)
+
+
+def unavailable(exc: RPCError) -> TenureError:
+    """Temporal did not answer, or refused for want of capacity."""
+    log.warning("temporal unavailable: %s", exc)
+    return TenureError(ErrorCode.UNAVAILABLE, "the entity service is unavailable; try again")
+
+
+def is_missing(exc: RPCError) -> bool:
+    """Temporal has no such workflow (it never ran, or retention removed it)."""
+    return exc.status is RPCStatusCode.NOT_FOUND
+
+
+def redis_unavailable(what: str, exc: BaseException) -> TenureError:
+    """Redis did not answer when reading or writing `what` (`the webhook registry`)."""
+    log.warning("redis unavailable for %s: %s", what, exc)
+    return TenureError(ErrorCode.UNAVAILABLE, f"{what} is unavailable; try again")
+
+
+def refusal(exc: BaseException) -> TenureError | None:
+    """The refusal a workflow sent back (an update's or an activity's ApplicationError
+    whose type is one of Tenure's codes), or None when `exc` carries none."""
+    cause: BaseException | None = exc
+    if isinstance(exc, WorkflowUpdateFailedError | ActivityError):
+        cause = exc.cause
+    if isinstance(cause, ApplicationError):
+        code = ErrorCode.named(cause.type)
+        if code is not None:
+            return TenureError(code, cause.message)
+    return None
