@@ -33,7 +33,9 @@ class Activity(Generic[A, R]):
     """Every activity declared, by name."""
 
     def __post_init__(self) -> None:
-        self.declared[self.name] = self
+        # The first declaration stands: a sandbox that imports a workflow's module again
+        # (one without `entities` passed through) declares its activities again.
+        self.declared.setdefault(self.name, self)
 
     def defn(self, fn: F) -> F:
         """Serve the activity with `fn` (a function or a method): the worker's side."""

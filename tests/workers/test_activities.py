@@ -17,6 +17,11 @@ from workers.settings import Settings
 from workers.worker import activity_functions
 
 
+def names(types: Iterable[Any]) -> list[str]:
+    """Types by their full names: a test that imports a module again makes new classes."""
+    return [f"{t.__module__}.{t.__qualname__}" for t in types]
+
+
 def mismatches(declared: Mapping[str, Activity[Any, Any]], served: Iterable[Any]) -> list[str]:
     """What the worker serves otherwise than declared, or not at all."""
     definitions = {d.name: d for d in map(activity._Definition.must_from_callable, served)}
@@ -27,10 +32,11 @@ def mismatches(declared: Mapping[str, Activity[Any, Any]], served: Iterable[Any]
             found.append(f"{name}: not served")
             continue
         takes = [] if declaration.argument is None else [declaration.argument]
-        if definition.arg_types != takes:
-            found.append(f"{name}: takes {definition.arg_types}, declared {takes}")
-        if definition.ret_type is not (declaration.result or type(None)):
-            found.append(f"{name}: gives {definition.ret_type}, declared {declaration.result}")
+        if names(definition.arg_types) != names(takes):
+            found.append(f"{name}: takes {names(definition.arg_types)}, declared {names(takes)}")
+        gives = declaration.result or type(None)
+        if names([definition.ret_type]) != names([gives]):
+            found.append(f"{name}: gives {names([definition.ret_type])}, declared {names([gives])}")
     return found
 
 
@@ -57,5 +63,5 @@ async def test_an_activity_served_with_other_types_or_not_at_all_is_found(
     Activity("never_served", str, None)
     assert mismatches(Activity.declared, served) == [
         "never_served: not served",
-        f"publish_snapshot: takes {[publish.argument]}, declared {[str]}",
+        f"publish_snapshot: takes {names([publish.argument])}, declared ['builtins.str']",
     ]
