@@ -179,6 +179,10 @@ DYNAMIC_CONFIG = {
     # so a second waited command to a busy entity was refused (RESOURCE_EXHAUSTED, "consistent
     # query buffer is full") and retried until its wait ran out.
     "history.MaxBufferedQueryCount": 64,
+    # A waited command that creates its entity goes as one update-with-start (an
+    # ExecuteMultiOperation), which a server whose default leaves this off refuses: the
+    # command then goes by a start signal and a query, two round trips.
+    "frontend.enableExecuteMultiOperation": True,
 }
 """Dynamic config values the embedded server runs with."""
 

@@ -2,7 +2,8 @@
 gateway and the request activity (one entity asking another) reach an entity.
 
 A command whose sender waits goes as an update (`EntityWorkflow.apply`): one round trip where
-a signal and then a query take two. Temporal takes at most 10 updates in flight per workflow
+a signal and then a query take two; one that creates its entity starts it with the update
+(update-with-start), where a start with a signal and then a query took two. Temporal takes at most 10 updates in flight per workflow
 and 2,000 per run, and an entity whose run began under older code has no `apply`; so when the
 update is refused, the command goes by signal and its outcome is queried, as it always was.
 Both paths are safe to take for one command: the entity applies a command id once.
@@ -26,6 +27,7 @@ from typing import Any
 
 from temporalio.client import (
     Client,
+    WithStartWorkflowOperation,
     WorkflowHandle,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
@@ -187,7 +189,7 @@ class CommandDelivery:
         """Deliver a command and wait for its outcome. Safe to repeat: when the entity has
         finished since, perhaps because of this very command, its recorded outcome stands."""
         workflow_id = entity.workflow_id(entity_id)
-        if not entity.spec(envelope.name).creates and self._may_update(workflow_id):
+        if self._may_update(workflow_id):
             self._updating[workflow_id] = self._updating.get(workflow_id, 0) + 1
             try:
                 result = await self._by_update(workflow_id, entity, entity_id, envelope)
@@ -227,19 +229,35 @@ class CommandDelivery:
     ) -> CommandResult | None:
         """The command applied as an update, with its outcome; None when the update was
         refused (too many in flight, an entity on older code, a closed or missing one), and
-        the command is to go by signal. An update that gets no answer in time is no longer
-        waited for: the command goes by signal, durably, and the sender is told to retry."""
-        handle = self._client.get_workflow_handle(workflow_id)
+        the command is to go by signal. A command that creates its entity starts it with the
+        update as its first work, unless it runs already (update-with-start). An update that
+        gets no answer in time is no longer waited for: the command goes by signal, durably,
+        and the sender is told to retry."""
         timeout = self._settings.command_wait_timeout
-        try:
-            return await within(
-                timeout,
-                handle.execute_update(
-                    EntityWorkflow.apply,
-                    envelope,
-                    rpc_timeout=timedelta(seconds=timeout),
+        rpc_timeout = timedelta(seconds=timeout)
+        if entity.spec(envelope.name).creates:
+            update = self._client.execute_update_with_start_workflow(
+                EntityWorkflow.apply,
+                envelope,
+                start_workflow_operation=WithStartWorkflowOperation(
+                    catalog.workflow_for(entity.name).run,  # type: ignore[attr-defined]
+                    self.start_input(entity.name, entity_id),
+                    id=workflow_id,
+                    task_queue=self._settings.task_queue,
+                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
                 ),
+                rpc_timeout=rpc_timeout,
             )
+        else:
+            handle = self._client.get_workflow_handle(workflow_id)
+            update = handle.execute_update(EntityWorkflow.apply, envelope, rpc_timeout=rpc_timeout)
+        try:
+            result: CommandResult = await within(timeout, update)
+            return result
+        except WorkflowAlreadyStartedError:  # it has ended: the signal path says how
+            self._refused(workflow_id, "ended")
+            return None
         except WorkflowUpdateFailedError:
             self._refused(workflow_id, "failed")
             return None

@@ -64,13 +64,14 @@ async def test_a_waited_command_is_one_update_and_its_retry_after_a_new_run_is_n
     account_id = new_id()
     workflow_id = gateway.entity("account").workflow_id(account_id)
     async with run_worker(settings):
-        await open_active(gateway, account_id)  # open starts the entity: its start signal
+        await open_active(gateway, account_id)  # open starts the entity with its update
         first = await gateway.send(
             "account", account_id, "deposit", {"amount": 7}, idempotency_key="k", wait=True
         )
         assert first.read is not None and first.read.snapshot.state is not None
         assert first.read.snapshot.state["balance"] == 7
-        assert await kinds_of_delivery(temporal_client, workflow_id) == (2, 1)  # verify, deposit
+        # open, verify and deposit: three updates, no signal
+        assert await kinds_of_delivery(temporal_client, workflow_id) == (3, 0)
         handle = temporal_client.get_workflow_handle(workflow_id)
         first_run = (await handle.describe()).run_id
         for _ in range(4):  # past the run's four commands: a new run
