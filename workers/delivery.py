@@ -3,9 +3,10 @@ gateway and the request activity (one entity asking another) reach an entity.
 
 A command whose sender waits goes as an update (`EntityWorkflow.apply`): one round trip where
 a signal and then a query take two; one that creates its entity starts it with the update
-(update-with-start), where a start with a signal and then a query took two. Temporal takes at most 10 updates in flight per workflow
-and 2,000 per run, and an entity whose run began under older code has no `apply`; so when the
-update is refused, the command goes by signal and its outcome is queried, as it always was.
+(update-with-start), where a start with a signal and then a query took two. Temporal takes
+at most 10 updates in flight per workflow and 2,000 per run, and an entity whose run began
+under older code has no `apply`; so when the update is refused, the command goes by signal
+and its outcome is queried, as it always was.
 Both paths are safe to take for one command: the entity applies a command id once.
 
 Temporal's client retries a refused update in the background for up to 10 s, whether or not
