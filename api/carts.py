@@ -26,6 +26,7 @@ from api.pacing import paced
 from api.read_plans import entity_read_field
 from api.response_size import bounded
 from entities import cart as domain
+from entities.account import account
 from entities.cart import CartLine as CartLineState
 from entities.cart import CartOptions, CartState, CartStatus
 from entities.checkout_input import CheckoutLine
@@ -159,9 +160,9 @@ class CartMutation:
     ) -> CartCommandPayload:
         cart_id = id if id is not None else new_entity_id(idempotency_key)
         # Before anything is looked up, so a refusal tells nothing about what exists.
-        await authorize(info, ENTITY, cart_id, "createCart", {"account_id": account_id})
+        await authorize(info, ENTITY, cart_id, domain.create_cart.name, {"account_id": account_id})
         try:
-            await require_open(info, "account", account_id)
+            await require_open(info, account.name, account_id)
         except TenureError:
             # A create retried after the account closed is still answered by the cart it
             # made (its original outcome); only a new cart needs an open account.

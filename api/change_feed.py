@@ -25,7 +25,9 @@ from datetime import datetime
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import Snapshot
@@ -41,6 +43,7 @@ END_ATTEMPTS = 3
 """Tries at finding a stream's end for a type's first subscribers. A burst of subscriptions
 can hold this process's event loop past the Redis client's one-second connect timeout, with
 Redis well: one subscriber in a thousand was refused so on a busy machine."""
+END_PAUSE = 0.05
 
 
 @dataclass
@@ -226,9 +229,12 @@ class ChangeFeed:
             try:
                 return await stream_end(self._client, key)
             except RedisError as exc:
-                if attempt == END_ATTEMPTS - 1:
+                # Only a connection that failed or timed out may go better a moment later.
+                transient = isinstance(exc, RedisConnectionError | RedisTimeoutError)
+                if not transient or attempt == END_ATTEMPTS - 1:
                     raise redis_unavailable("the change stream", exc) from exc
                 log.warning("change feed: the end of %s not found, trying again: %s", key, exc)
+                await asyncio.sleep(END_PAUSE)
         raise AssertionError("unreachable")
 
     def _forget(self, entity_type: str, entity_id: str | None, box: Mailbox) -> None:

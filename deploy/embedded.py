@@ -181,7 +181,7 @@ DYNAMIC_CONFIG = {
     "history.MaxBufferedQueryCount": 64,
     # A waited command that creates its entity goes as one update-with-start (an
     # ExecuteMultiOperation), which a server whose default leaves this off refuses: the
-    # command then goes by a start signal and a query, two round trips.
+    # command then goes by a start signal and a query, after the refused call.
     "frontend.enableExecuteMultiOperation": True,
 }
 """Dynamic config values the embedded server runs with."""

@@ -236,25 +236,31 @@ class CommandDelivery:
         and the sender is told to retry."""
         timeout = self._settings.command_wait_timeout
         rpc_timeout = timedelta(seconds=timeout)
+        start: WithStartWorkflowOperation[Any, Any] | None = None
         if entity.spec(envelope.name).creates:
+            start = WithStartWorkflowOperation(
+                catalog.workflow_for(entity.name).run,  # type: ignore[attr-defined]
+                self.start_input(entity.name, entity_id),
+                id=workflow_id,
+                task_queue=self._settings.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+            )
             update = self._client.execute_update_with_start_workflow(
                 EntityWorkflow.apply,
                 envelope,
-                start_workflow_operation=WithStartWorkflowOperation(
-                    catalog.workflow_for(entity.name).run,  # type: ignore[attr-defined]
-                    self.start_input(entity.name, entity_id),
-                    id=workflow_id,
-                    task_queue=self._settings.task_queue,
-                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
-                ),
+                start_workflow_operation=start,
                 rpc_timeout=rpc_timeout,
             )
         else:
             handle = self._client.get_workflow_handle(workflow_id)
             update = handle.execute_update(EntityWorkflow.apply, envelope, rpc_timeout=rpc_timeout)
         try:
-            result: CommandResult = await within(timeout, update)
+            try:
+                result: CommandResult = await within(timeout, update)
+            finally:
+                if start is not None:
+                    _take_start_error(start)
             return result
         except WorkflowAlreadyStartedError:  # it has ended: the signal path says how
             self._refused(workflow_id, "ended")
@@ -279,6 +285,16 @@ class CommandDelivery:
             self._signals_only.popitem(last=False)
         if self._on_update_refused is not None:
             self._on_update_refused(reason)
+
+
+def _take_start_error(start: WithStartWorkflowOperation[Any, Any]) -> None:
+    """Take a failed start's error off its operation. The SDK leaves it on the operation's
+    future when an update-with-start fails before the start (an ended entity, a server that
+    refuses multi-operations, a timeout), and asyncio logs a future whose error nobody took
+    as an ERROR ("Future exception was never retrieved")."""
+    future = start._workflow_handle  # the SDK's own: its public reader would wait on it
+    if future.done() and not future.cancelled():
+        future.exception()
 
 
 def not_yet_applied(envelope: CommandEnvelope) -> TenureError:

@@ -32,7 +32,9 @@ def mismatches(declared: Mapping[str, Activity[Any, Any]], served: Iterable[Any]
             found.append(f"{name}: not served")
             continue
         takes = [] if declaration.argument is None else [declaration.argument]
-        if names(definition.arg_types) != names(takes):
+        if definition.arg_types is None:  # not annotated
+            found.append(f"{name}: takes what it does not say, declared {names(takes)}")
+        elif names(definition.arg_types) != names(takes):
             found.append(f"{name}: takes {names(definition.arg_types)}, declared {names(takes)}")
         gives = declaration.result or type(None)
         if names([definition.ret_type]) != names([gives]):
@@ -65,3 +67,11 @@ async def test_an_activity_served_with_other_types_or_not_at_all_is_found(
         "never_served: not served",
         f"publish_snapshot: takes {names([publish.argument])}, declared ['builtins.str']",
     ]
+
+
+def test_another_activity_under_a_declared_name_is_refused() -> None:
+    catalog.workflows()
+    publish = Activity.declared["publish_snapshot"]
+    with pytest.raises(ValueError, match="declared already"):
+        Activity("publish_snapshot", str, bool)
+    assert Activity.declared["publish_snapshot"] is publish

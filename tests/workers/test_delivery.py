@@ -5,6 +5,7 @@ and by signal when Temporal refuses or does not answer the update."""
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 from temporalio.api.enums.v1 import EventType
@@ -162,3 +163,37 @@ async def test_a_waited_command_whose_update_goes_unanswered_is_applied_once_by_
     assert read is not None and read.snapshot.state is not None
     assert read.snapshot.state["balance"] == 5
     assert read.snapshot.revision == 2 + 1
+
+
+OPEN = {"owner_name": "Ada", "email": "ada@example.com"}
+
+
+async def test_a_waited_open_of_a_closed_account_is_refused_and_the_first_open_still_answers(
+    temporal_client: Client,
+    settings: Settings,
+    cache: SnapshotCache,
+    run_worker: WorkerFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A waited create goes as update-with-start; on an ended entity the start is refused and
+    # the command goes the signal path, which answers from the closed entity's ledger.
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    async with run_worker(settings):
+        first = await gateway.send(
+            "account", account_id, "open", OPEN, idempotency_key="o1", wait=True
+        )
+        await gateway.send("account", account_id, "verify", {}, wait=True)
+        await gateway.send("account", account_id, "close", {}, wait=True)
+        with pytest.raises(TenureError) as refused:
+            await gateway.send("account", account_id, "open", OPEN, idempotency_key="o2", wait=True)
+        again = await gateway.send(
+            "account", account_id, "open", OPEN, idempotency_key="o1", wait=True
+        )
+    assert refused.value.code is ErrorCode.INVALID_TRANSITION
+    assert first.applied and again.applied
+    assert again.read is not None and again.read.snapshot.state is not None
+    assert again.read.snapshot.state["status"] == "CLOSED"
+    gc.collect()
+    # The refused start's error was taken, not left for asyncio to log as an ERROR.
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
