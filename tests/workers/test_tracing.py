@@ -120,16 +120,15 @@ async def test_a_waited_mutation_is_one_trace_from_the_request_to_the_workflow_a
     in_trace = {span.name for span in recorded.spans() if _trace(span) == trace_id}
     assert {
         "POST /graphql",
-        "SignalWithStartWorkflow:Account",  # the API's client starts the entity with it
+        # the API's client starts the entity with the command as an update, and waits on it
+        "StartUpdateWithStartWorkflow:Account",
         "RunWorkflow:Account",  # the worker's workflow task
-        "HandleSignal:command",
+        "HandleUpdate:apply",
         "StartActivity:publish_snapshot",
         "RunActivity:publish_snapshot",
-        "QueryWorkflow:outcome",  # the API waiting for the command's outcome
-        "HandleQuery:outcome",
         "EVALSHA",  # Redis: the activity's write, and the API's of the state it answers with
     } <= in_trace
-    start = recorded.one("SignalWithStartWorkflow:Account", trace_id)
+    start = recorded.one("StartUpdateWithStartWorkflow:Account", trace_id)
     assert _parent(start) == _id(request)
     assert _parent(recorded.one("RunWorkflow:Account", trace_id)) == _id(start)
     publish = recorded.one("RunActivity:publish_snapshot", trace_id)
