@@ -171,13 +171,36 @@ async def own_redis() -> AsyncIterator[EmbeddedRedis]:
     server.stop()
 
 
-@pytest.fixture
-async def cache(settings: Settings) -> AsyncIterator[SnapshotCache]:
+@contextlib.asynccontextmanager
+async def cache_of(settings: Settings) -> AsyncIterator[SnapshotCache]:
+    """A cache on the settings' Redis, closed with its client on the way out."""
     client = connect_redis(settings)
     cache = SnapshotCache(client, settings.redis_prefix)
-    yield cache
-    await cache.aclose()
-    await client.aclose()
+    try:
+        yield cache
+    finally:
+        await cache.aclose()
+        await client.aclose()
+
+
+@pytest.fixture
+async def cache(settings: Settings) -> AsyncIterator[SnapshotCache]:
+    async with cache_of(settings) as cache:
+        yield cache
+
+
+@pytest.fixture
+def own_redis_settings(settings: Settings, own_redis: EmbeddedRedis) -> Settings:
+    """The test's settings on a Redis of its own, with timeouts short enough that a stopped
+    Redis costs a read half a second."""
+    return settings.model_copy(update={"redis_url": own_redis.url, "redis_timeout": 0.5})
+
+
+@pytest.fixture
+async def own_cache(own_redis_settings: Settings) -> AsyncIterator[SnapshotCache]:
+    """A cache on the test's own Redis (`own_redis`, which it may stop and start)."""
+    async with cache_of(own_redis_settings) as cache:
+        yield cache
 
 
 WorkerFactory = Callable[..., contextlib.AbstractAsyncContextManager[TenureWorker]]
@@ -192,15 +215,11 @@ def run_worker(temporal_client: Client, settings: Settings) -> WorkerFactory:
         worker_settings: Settings | None = None, cache: SnapshotCache | None = None
     ) -> AsyncIterator[TenureWorker]:
         chosen = worker_settings or settings
-        redis_client = connect_redis(chosen)
-        own = SnapshotCache(redis_client, chosen.redis_prefix)
-        worker = build_worker(temporal_client, chosen, cache or own)
-        try:
-            async with worker:
-                yield worker
-        finally:
-            await own.aclose()
-            await redis_client.aclose()
+        async with (
+            cache_of(chosen) as own,
+            build_worker(temporal_client, chosen, cache or own) as worker,
+        ):
+            yield worker
 
     return running
 

@@ -143,9 +143,12 @@ async def test_reads_that_are_not_cache_hits_are_never_replayed(
 
 
 async def test_with_redis_down_a_cached_read_is_served_live(
-    temporal_client: Client, settings: Settings, run_worker: WorkerFactory, own_redis: EmbeddedRedis
+    temporal_client: Client,
+    own_redis_settings: Settings,
+    run_worker: WorkerFactory,
+    own_redis: EmbeddedRedis,
 ) -> None:
-    settings = settings.model_copy(update={"redis_url": own_redis.url, "redis_timeout": 0.5})
+    settings = own_redis_settings
     account_id = new_id()
     async with run_worker(settings), api_client(settings, temporal_client) as http:
         gql = GraphQLClient(http)

@@ -128,40 +128,38 @@ async def test_a_live_read_with_no_worker_returns_the_cached_state_marked_stale(
 
 
 async def test_reads_and_writes_keep_working_while_redis_is_down(
-    temporal_client: Client, settings: Settings, run_worker: WorkerFactory, own_redis: EmbeddedRedis
+    temporal_client: Client,
+    own_redis_settings: Settings,
+    own_cache: SnapshotCache,
+    run_worker: WorkerFactory,
+    own_redis: EmbeddedRedis,
 ) -> None:
-    settings = settings.model_copy(update={"redis_url": own_redis.url, "redis_timeout": 0.5})
-    redis_client = connect_redis(settings)
-    cache = SnapshotCache(redis_client, settings.redis_prefix)
+    settings, cache = own_redis_settings, own_cache
     gateway = EntityGateway(temporal_client, cache, settings)
     account_id = new_id()
-    try:
-        async with run_worker(settings, cache):
-            await open_with_balance(gateway, account_id, 10)
-            own_redis.stop()
-            with pytest.raises(CacheUnavailable):
-                await cache.get("account", account_id)
-            # Writes, waited and not, and reads of both kinds still work, served live.
-            await gateway.send("account", account_id, "deposit", {"amount": 5})
-            applied = await gateway.send("account", account_id, "deposit", {"amount": 1}, wait=True)
-            assert applied.read is not None and applied.read.snapshot.state["balance"] == 16  # type: ignore[index]
-            for consistency in (Consistency.CACHED, Consistency.LIVE):
-                read = await gateway.read("account", account_id, consistency)
-                assert read is not None and read.source == "LIVE" and not read.stale
-                assert read.snapshot.revision == 5
-            # Redis comes back empty; the entity republishes its state without being asked.
-            await own_redis.start()
-            hit = None
-            for _ in range(150):
-                hit = await cache.get("account", account_id)
-                if hit is not None and hit.snapshot.revision == 5:
-                    break
-                await asyncio.sleep(0.1)
-            assert hit is not None and hit.snapshot.revision == 5
-            assert hit.snapshot.state is not None and hit.snapshot.state["balance"] == 16
-    finally:
-        await cache.aclose()
-        await redis_client.aclose()
+    async with run_worker(settings, cache):
+        await open_with_balance(gateway, account_id, 10)
+        own_redis.stop()
+        with pytest.raises(CacheUnavailable):
+            await cache.get("account", account_id)
+        # Writes, waited and not, and reads of both kinds still work, served live.
+        await gateway.send("account", account_id, "deposit", {"amount": 5})
+        applied = await gateway.send("account", account_id, "deposit", {"amount": 1}, wait=True)
+        assert applied.read is not None and applied.read.snapshot.state["balance"] == 16  # type: ignore[index]
+        for consistency in (Consistency.CACHED, Consistency.LIVE):
+            read = await gateway.read("account", account_id, consistency)
+            assert read is not None and read.source == "LIVE" and not read.stale
+            assert read.snapshot.revision == 5
+        # Redis comes back empty; the entity republishes its state without being asked.
+        await own_redis.start()
+        hit = None
+        for _ in range(150):
+            hit = await cache.get("account", account_id)
+            if hit is not None and hit.snapshot.revision == 5:
+                break
+            await asyncio.sleep(0.1)
+        assert hit is not None and hit.snapshot.revision == 5
+        assert hit.snapshot.state is not None and hit.snapshot.state["balance"] == 16
 
 
 def flushers() -> set[asyncio.Task[object]]:
@@ -173,23 +171,18 @@ def flushers() -> set[asyncio.Task[object]]:
 
 
 async def test_a_closed_cache_stops_retrying_the_writes_redis_refused(
-    settings: Settings, own_redis: EmbeddedRedis
+    own_cache: SnapshotCache, own_redis: EmbeddedRedis
 ) -> None:
     """Its owner (the API, a worker) shut down: nothing of it goes on retrying a dead Redis."""
-    settings = settings.model_copy(update={"redis_url": own_redis.url, "redis_timeout": 0.5})
-    redis_client = connect_redis(settings)
-    cache = SnapshotCache(redis_client, settings.redis_prefix)
+    cache = own_cache
     others = flushers()
-    try:
-        own_redis.stop()
-        kept = snapshot(new_id(), 3)
-        assert await cache.put_newest(kept) == kept  # kept, to be written once Redis answers
-        await asyncio.sleep(0.6)
-        assert len(flushers() - others) == 1  # still retrying
-        await cache.aclose()
-        assert flushers() - others == set()
-        # A snapshot kept after the close (an activity outliving its worker) starts none.
-        assert await cache.put_newest(snapshot(kept.entity_id, 4)) is not None
-        assert flushers() - others == set()
-    finally:
-        await redis_client.aclose()
+    own_redis.stop()
+    kept = snapshot(new_id(), 3)
+    assert await cache.put_newest(kept) == kept  # kept, to be written once Redis answers
+    await asyncio.sleep(0.6)
+    assert len(flushers() - others) == 1  # still retrying
+    await cache.aclose()
+    assert flushers() - others == set()
+    # A snapshot kept after the close (an activity outliving its worker) starts none.
+    assert await cache.put_newest(snapshot(kept.entity_id, 4)) is not None
+    assert flushers() - others == set()

@@ -40,21 +40,13 @@ async def test_concurrent_reads_each_get_their_own_key(settings: Settings) -> No
 
 
 async def test_every_read_of_a_failed_batch_fails_and_later_ones_recover(
-    settings: Settings, own_redis: EmbeddedRedis
+    own_cache: SnapshotCache, own_redis: EmbeddedRedis
 ) -> None:
-    settings = settings.model_copy(update={"redis_url": own_redis.url, "redis_timeout": 0.5})
-    client = connect_redis(settings)
-    cache = SnapshotCache(client, settings.redis_prefix)
-    try:
-        own_redis.stop()
-        outcomes = await asyncio.gather(
-            *(cache.get("account", new_id()) for _ in range(20)), return_exceptions=True
-        )
-        assert all(isinstance(outcome, CacheUnavailable) for outcome in outcomes), outcomes
-        await own_redis.start()
-        assert (
-            await asyncio.gather(*(cache.get("account", new_id()) for _ in range(20)))
-            == [None] * 20
-        )
-    finally:
-        await client.aclose()
+    cache = own_cache
+    own_redis.stop()
+    outcomes = await asyncio.gather(
+        *(cache.get("account", new_id()) for _ in range(20)), return_exceptions=True
+    )
+    assert all(isinstance(outcome, CacheUnavailable) for outcome in outcomes), outcomes
+    await own_redis.start()
+    assert await asyncio.gather(*(cache.get("account", new_id()) for _ in range(20))) == [None] * 20
