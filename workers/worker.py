@@ -168,29 +168,29 @@ class TenureWorker:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if await self._shut_down_in_time():
+        if await self.shut_down_within(self._shutdown_bound):
             await self._stack.aclose()
         # Else its Temporal workers cannot finish: they are left to the process.
 
-    async def _shut_down_in_time(self) -> bool:
+    async def shut_down_within(self, bound: float | None) -> bool:
         """Shut down, or give up: STUCK_SHUTDOWN_TIMEOUT after the SDK is found holding a
-        workflow it cannot evict (its shutdown waits for that eviction for good), or at the
-        shutdown bound. The next worker then takes the entities over."""
+        workflow it cannot evict (its shutdown waits for that eviction for good), or at
+        `bound` seconds (None: no bound). Whether it finished; if not, the next worker takes
+        the entities over."""
         shutting = asyncio.ensure_future(self.shutdown())
         stuck = asyncio.ensure_future(until_eviction_stuck(self))
         try:
             await asyncio.wait(
-                [shutting, stuck],
-                timeout=self._shutdown_bound,
-                return_when=asyncio.FIRST_COMPLETED,
+                [shutting, stuck], timeout=bound, return_when=asyncio.FIRST_COMPLETED
             )
             if stuck.done() and not shutting.done():
                 await asyncio.wait([shutting], timeout=STUCK_SHUTDOWN_TIMEOUT)
         finally:
             stuck.cancel()
         if not shutting.done():
+            shutting.cancel()
             log.error(
-                "the worker could not finish shutting down (%d workflows it could not evict): "
+                "the worker did not shut down in time (%d workflows it could not evict): "
                 "going on without it",
                 self.stuck_evictions(),
             )
@@ -308,12 +308,7 @@ async def _shut_down(worker: TenureWorker, running: asyncio.Task[None], bound: f
     idempotent (publishing, entity requests) and the server retries a cancelled one
     elsewhere. A workflow task that cannot complete (an entity stuck on a failing task,
     Temporal gone) must not keep the process up for good: bounded."""
-    drained = True
-    try:
-        await asyncio.wait_for(worker.shutdown(), bound)
-    except TimeoutError:
-        log.error("worker did not shut down within %g s; going on anyway", bound)
-        drained = False
+    drained = await worker.shut_down_within(bound)
     failed = running.exception() if running.done() and not running.cancelled() else None
     running.cancel()
     if failed is not None:
