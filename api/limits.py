@@ -185,7 +185,6 @@ class _Shape:
     fields: int = 0
     aliases: int = 0
     directives: int = 0
-    live_reads: int = 0
     all_fields: int = 0
     repeats: int = 0
     names: Counter[str] = field(default_factory=Counter, compare=False)
@@ -198,7 +197,6 @@ class _Shape:
             self.fields + other.fields,
             self.aliases + other.aliases,
             self.directives + other.directives,
-            self.live_reads + other.live_reads,
             self.all_fields + other.all_fields,
             max(self.repeats, other.repeats),
             self.names + other.names,
@@ -211,15 +209,12 @@ class _Measure:
     """Measures a document's selection sets, counting a fragment's contents each time it is
     spread while walking each fragment once."""
 
-    def __init__(
-        self, document: DocumentNode, is_live: Callable[[FieldNode], bool] = lambda _: False
-    ) -> None:
+    def __init__(self, document: DocumentNode) -> None:
         self._fragments = {
             definition.name.value: definition
             for definition in document.definitions
             if isinstance(definition, FragmentDefinitionNode)
         }
-        self._is_live = is_live
         self._spread: dict[str, _Shape] = {}
 
     def selection_set(self, selection_set: SelectionSetNode) -> _Shape:
@@ -236,7 +231,6 @@ class _Measure:
                     fields=1,
                     aliases=inner.aliases + (selection.alias is not None),
                     directives=inner.directives,
-                    live_reads=inner.live_reads + self._is_live(selection),
                     all_fields=1 + inner.all_fields,
                     repeats=inner.repeats,
                     names=Counter([(selection.alias or selection.name).value]),
@@ -262,6 +256,42 @@ class _Measure:
     def _fragment(self, name: str) -> _Shape:
         if name not in self._spread:
             self._spread[name] = _Shape()  # a fragment spread inside itself (invalid) is empty
+            fragment = self._fragments.get(name)
+            if fragment is not None:
+                self._spread[name] = self.selection_set(fragment.selection_set)
+        return self._spread[name]
+
+
+class _LiveReads:
+    """Counts a selection set's LIVE reads, through its fragments, as `_Measure` counts
+    them, but nothing else: it runs for every request, with the request's variables, where
+    `_Measure` runs once for each document parsed."""
+
+    def __init__(self, document: DocumentNode, is_live: Callable[[FieldNode], bool]) -> None:
+        self._fragments = {
+            definition.name.value: definition
+            for definition in document.definitions
+            if isinstance(definition, FragmentDefinitionNode)
+        }
+        self._is_live = is_live
+        self._spread: dict[str, int] = {}
+
+    def selection_set(self, selection_set: SelectionSetNode) -> int:
+        found = 0
+        for selection in selection_set.selections:
+            if isinstance(selection, FieldNode):
+                found += self._is_live(selection)
+                if selection.selection_set is not None:
+                    found += self.selection_set(selection.selection_set)
+            elif isinstance(selection, InlineFragmentNode):
+                found += self.selection_set(selection.selection_set)
+            else:
+                found += self._fragment(cast(FragmentSpreadNode, selection).name.value)
+        return found
+
+    def _fragment(self, name: str) -> int:
+        if name not in self._spread:
+            self._spread[name] = 0  # a fragment spread inside itself (invalid) counts none
             fragment = self._fragments.get(name)
             if fragment is not None:
                 self._spread[name] = self.selection_set(fragment.selection_set)
@@ -395,7 +425,7 @@ class DocumentLimits:
                 return chosen.get(value.name.value) == Consistency.LIVE
             return isinstance(value, EnumValueNode) and value.value == Consistency.LIVE
 
-        found = _Measure(document, is_live).selection_set(operation.selection_set).live_reads
+        found = _LiveReads(document, is_live).selection_set(operation.selection_set)
         if found <= self.live_reads:
             return None
         return over_limit(

@@ -166,6 +166,10 @@ async def test_live_reads_are_counted_however_live_is_chosen(
     assert codes(await post(http, literal)) == ["TOO_MANY_LIVE_READS"]
     by_default = live_reads(6).replace("$c: Consistency", "$c: Consistency = LIVE")
     assert codes(await post(http, by_default)) == ["TOO_MANY_LIVE_READS"]
+    # A fragment's LIVE reads count each time it is spread: 3, spread twice.
+    three = (f'r{i}: account(id: "x", consistency: LIVE) {{ id }}' for i in range(3))
+    spread = "{ ...F ... on Query { ...F } } fragment F on Query { " + " ".join(three) + " }"
+    assert codes(await post(http, spread)) == ["TOO_MANY_LIVE_READS"]
     account_id = new_id()
     await open_active(gql, account_id)
     await read_account(gql, account_id, "LIVE")  # in the cache from here on
