@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
 from entities.account import AccountOptions, AccountStatus, account
@@ -82,6 +83,26 @@ async def test_happy_path_sells_the_stock_charges_the_account_and_checks_the_car
         assert await shop.balance(account_id) == BALANCE - 3500
         assert await stock_of(shop, a, b) == [(3, 3, 2), (0, 0, 3)]
         assert [(await shop.item(s)).reservations for s in (a, b)] == [[], []]
+
+
+async def test_a_checked_out_cart_closes_after_its_checkout_with_no_task_refused(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    """The cart ends with its checkout's report, and the checkout a moment later. A cart that
+    ended in a race with it had its last workflow task refused by Temporal (the child's close
+    overtook it: UnhandledCommand) and replayed its whole run, in two of three checkouts under
+    load; it now waits for the checkout to close."""
+    async with run_worker(shop.settings):
+        account_id = await shop.account(BALANCE)
+        cart_id = await shop.cart(account_id, (await shop.stock(5), 1, 1000))
+        done = await shop.finished(await shop.checkout(cart_id))
+        assert done.status is SagaStatus.COMPLETED
+        cart_run = shop.client.get_workflow_handle(f"cart:{cart_id}")
+        await asyncio.wait_for(cart_run.result(), 30)
+        events = [event.event_type async for event in cart_run.fetch_history_events()]
+    assert EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED not in events
+    closed = events.index(EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED)
+    assert closed < events.index(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED)
 
 
 async def test_a_cart_with_the_longest_id_reserves_under_an_id_short_enough(
