@@ -163,6 +163,12 @@ class Settings(BaseModel):
     entity_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     max_cached_workflows: int = 10_000
     max_concurrent_workflow_tasks: int = 100
+    sticky_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a workflow task waits on its entity's worker before any worker "
+        "may take it (and replay the entity to run it).",
+    )
     workflow_sandbox: bool = True
     environment: Literal["development", "production"] = Field(
         default="production",
@@ -293,6 +299,7 @@ class Settings(BaseModel):
             "TENURE_COMMAND_WAIT_TIMEOUT": "command_wait_timeout",
             "TENURE_MAX_CACHED_WORKFLOWS": "max_cached_workflows",
             "TENURE_MAX_CONCURRENT_WORKFLOW_TASKS": "max_concurrent_workflow_tasks",
+            "TENURE_STICKY_TIMEOUT": "sticky_timeout",
             "TENURE_WORKFLOW_SANDBOX": "workflow_sandbox",
             "TENURE_RENDERED_READS": "rendered_reads",
             "TENURE_WATCHDOG_INTERVAL": "watchdog_interval",
@@ -393,6 +400,7 @@ class Settings(BaseModel):
             "TENURE_RATE_LIMITS": json.dumps(self.rate_limits),
             "TENURE_MAX_CACHED_WORKFLOWS": str(self.max_cached_workflows),
             "TENURE_MAX_CONCURRENT_WORKFLOW_TASKS": str(self.max_concurrent_workflow_tasks),
+            "TENURE_STICKY_TIMEOUT": str(self.sticky_timeout),
             "TENURE_WORKFLOW_SANDBOX": "1" if self.workflow_sandbox else "0",
             "TENURE_RENDERED_READS": str(self.rendered_reads),
             "TENURE_WATCHDOG_INTERVAL": str(self.watchdog_interval),

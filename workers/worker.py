@@ -40,7 +40,6 @@ from workers.webhook_delivery import WebhookDelivery
 
 log = logging.getLogger(__name__)
 
-STICKY_TIMEOUT = timedelta(seconds=3)
 SHUTDOWN_TIMEOUT = timedelta(seconds=10)
 
 
@@ -87,8 +86,10 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
     and the bulk commands on their own (`Settings.bulk_task_queue`)."""
     common: dict[str, Any] = {
         # A task waiting on the queue of a worker that is gone (killed, or its queue lost
-        # in a Temporal restart) goes to the shared queue after this, not after 10 s.
-        "sticky_queue_schedule_to_start_timeout": STICKY_TIMEOUT,
+        # in a Temporal restart) goes to the shared queue after this. Not sooner than a
+        # busy worker gets to it: a task moved is run by replaying its entity's history,
+        # which slows the workers further (docs/operations.md, "Sticky timeout").
+        "sticky_queue_schedule_to_start_timeout": timedelta(seconds=settings.sticky_timeout),
         "graceful_shutdown_timeout": timedelta(seconds=settings.worker_shutdown_grace),
     }
     entities = Worker(

@@ -13,6 +13,7 @@ def test_defaults_need_no_environment() -> None:
     assert settings.temporal_address is None and settings.redis_url is None
     assert (settings.api_host, settings.api_port) == ("127.0.0.1", 8000)
     assert settings.runtime.max_commands_per_run == 4000
+    assert settings.sticky_timeout == 10  # Temporal's own default
 
 
 def test_the_environment_sets_servers_runtime_and_entity_options() -> None:
@@ -23,6 +24,7 @@ def test_the_environment_sets_servers_runtime_and_entity_options() -> None:
             "API_PORT": "9000",
             "TENURE_MAX_COMMANDS_PER_RUN": "50",
             "TENURE_ENTITY_OPTIONS": '{"account": {"dormancy_seconds": 60}}',
+            "TENURE_STICKY_TIMEOUT": "30",
         }
     )
     assert settings.temporal_address == "temporal:7233"
@@ -30,6 +32,7 @@ def test_the_environment_sets_servers_runtime_and_entity_options() -> None:
     assert settings.api_port == 9000
     assert settings.runtime.max_commands_per_run == 50
     assert settings.entity_options == {"account": {"dormancy_seconds": 60}}
+    assert settings.sticky_timeout == 30
 
 
 def test_to_env_round_trips() -> None:
