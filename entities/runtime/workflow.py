@@ -367,10 +367,13 @@ class EntityWorkflow:
                 self._fire_deadline()
             if self._is_terminal():
                 await self._run_effects()
-                await self._children_closed()
                 if self._publisher.enabled:
                     await self._quiesce()
-                    await self._publisher.publish()
+                    # Side by side: the last publish and the children's close most often
+                    # end in one workflow task.
+                    await asyncio.gather(self._publisher.publish(), self._children_closed())
+                else:
+                    await self._children_closed()
                 await self._quiesce()
                 return self.snapshot()
             if self._should_continue_as_new():
