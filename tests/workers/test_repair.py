@@ -22,9 +22,10 @@ from workers.cache import SnapshotCache
 from workers.repair import is_stuck, repair
 from workers.settings import Settings
 from workers.watchdog import StuckEntityWatchdog
-from workers.worker import activity_functions
+from workers.worker import TenureWorker, activity_functions
 
 POISON = 13
+BAD_DEPLOY_SHUTDOWN = 30.0
 
 
 @workflow.defn(name="Account")
@@ -69,7 +70,9 @@ async def opened_by_a_bad_deploy(
         activities=activity_functions(client, cache, settings),
         workflow_runner=UnsandboxedWorkflowRunner(),
     )
-    async with bad:
+    # Its shutdown bounded as Tenure's worker bounds its own: the SDK's shutdown of this
+    # worker once hung here, holding the test past its time limit.
+    async with TenureWorker([bad], shutdown_bound=BAD_DEPLOY_SHUTDOWN):
         await gateway.send(
             "account", account_id, "open", {"owner_name": "Ada", "email": "a@b.cc"}, wait=True
         )
