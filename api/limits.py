@@ -78,6 +78,15 @@ def selects_always_live(document: DocumentNode) -> bool:
     return found
 
 
+def fragments_of(document: DocumentNode) -> dict[str, FragmentDefinitionNode]:
+    """The document's fragment definitions, by name."""
+    return {
+        definition.name.value: definition
+        for definition in document.definitions
+        if isinstance(definition, FragmentDefinitionNode)
+    }
+
+
 # -- the body ---------------------------------------------------------------------------------
 
 
@@ -210,11 +219,7 @@ class _Measure:
     spread while walking each fragment once."""
 
     def __init__(self, document: DocumentNode) -> None:
-        self._fragments = {
-            definition.name.value: definition
-            for definition in document.definitions
-            if isinstance(definition, FragmentDefinitionNode)
-        }
+        self._fragments = fragments_of(document)
         self._spread: dict[str, _Shape] = {}
 
     def selection_set(self, selection_set: SelectionSetNode) -> _Shape:
@@ -268,11 +273,7 @@ class _LiveReads:
     `_Measure` runs once for each document parsed."""
 
     def __init__(self, document: DocumentNode, is_live: Callable[[FieldNode], bool]) -> None:
-        self._fragments = {
-            definition.name.value: definition
-            for definition in document.definitions
-            if isinstance(definition, FragmentDefinitionNode)
-        }
+        self._fragments = fragments_of(document)
         self._is_live = is_live
         self._spread: dict[str, int] = {}
 

@@ -45,6 +45,7 @@ from graphql.type.definition import GraphQLNamedType, GraphQLObjectType
 from strawberry.extensions import SchemaExtension
 
 from api.errors import LimitCode, over_limit
+from api.limits import fragments_of
 from api.pacing import answering
 from api.rate_limits import charge_answer, limiter_of, rate_limited
 
@@ -215,12 +216,7 @@ class ResponseSize:
         operation = get_operation_ast(document, operation_name)
         if operation is None:
             return None
-        fragments = {
-            definition.name.value: definition
-            for definition in document.definitions
-            if isinstance(definition, FragmentDefinitionNode)
-        }
-        return self.count(schema, operation, fragments, variables)
+        return self.count(schema, operation, fragments_of(document), variables)
 
     def check(
         self,

@@ -457,14 +457,16 @@ class EntityWorkflow:
                 except (ChildWorkflowError, WorkflowAlreadyStartedError) as exc:
                     workflow.logger.warning("effect %s not started: %s", effect.workflow_id, exc)
                 else:
-                    running = [c for c in self._children if not c.done()]
-                    self._children = [*running, child][-MAX_CHILDREN_FOLLOWED:]
+                    self._children = [*self._running_children(), child][-MAX_CHILDREN_FOLLOWED:]
+
+    def _running_children(self) -> list[workflow.ChildWorkflowHandle[Any, Any]]:
+        return [c for c in self._children if not c.done()]
 
     async def _children_closed(self) -> None:
         """Before the run ends: wait for the children it started to close, up to
         CHILDREN_CLOSE_WAIT (see CHILDREN_CLOSE_FIRST). How a child ends is its own
         business: an entity starts children and lets them run (ParentClosePolicy.ABANDON)."""
-        running = [c for c in self._children if not c.done()]
+        running = self._running_children()
         if not running or not workflow.patched(CHILDREN_CLOSE_FIRST):
             return
         # One that runs on past the wait: the run ends all the same, as it always did.
