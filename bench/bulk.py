@@ -29,6 +29,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 from temporalio.client import WorkflowQueryFailedError
 from temporalio.service import RPCError
@@ -47,11 +48,19 @@ RAW_AMOUNT = 3
 BULK_AMOUNT = 5
 SIZES = {"small": 10_000, "default": 100_000}
 SETUP_LIMIT = 1800.0
+MAX_MAP_COUNT = Path("/proc/sys/vm/max_map_count")
+MAPS_PER_ACCOUNT = 1.0
+"""Memory maps the embedded Temporal dev server (SQLite in memory) holds per account, with
+room: 0.73 to 0.75 were seen at 81,000 and 100,000 accounts opened. Past the kernel's
+`vm.max_map_count` (65,530 by default) its SQLite runs out of memory and the server
+crashes."""
 MAX_SLICE = 10_000  # the most ids one bulk command may name
 
 
 async def bulk_deposits(bench: Bench) -> list[Result]:
     total = int(os.environ.get("BENCH_BULK_ACCOUNTS") or SIZES[bench.scale.name])
+    if "temporal" in bench.stack.servers:
+        _check_map_count(total)
     rounds = max(bench.scale.rounds, -(-total // MAX_SLICE))
     ids = [f"{bench.tag}-bulk{i}" for i in range(total)]
     client = bench.stack.client  # with the pydantic converter the entities use
@@ -111,7 +120,7 @@ async def bulk_deposits(bench: Bench) -> list[Result]:
         applied = await _applied(
             cache,
             ids[raw.sent : raw.sent + size],
-            lambda state, balance=held[r]: state.balance == balance,
+            _holds_balance(held[r]),
             SETUP_LIMIT,
         )
         if applied is None:
@@ -185,6 +194,26 @@ async def bulk_deposits(bench: Bench) -> list[Result]:
             window=tenure_window,
         ),
     ]
+
+
+def _holds_balance(balance: int) -> Callable[[AccountState], bool]:
+    return lambda state: state.balance == balance
+
+
+def _check_map_count(accounts: int) -> None:
+    """Refuse, before opening anything, a run the embedded Temporal server cannot hold."""
+    try:
+        allowed = int(MAX_MAP_COUNT.read_text())
+    except (OSError, ValueError):
+        return  # not Linux, or not readable: nothing to go by
+    needed = int(accounts * MAPS_PER_ACCOUNT) + 10_000
+    if allowed < needed:
+        raise RuntimeError(
+            f"{accounts:,} accounts need vm.max_map_count of at least {needed:,} for the "
+            f"embedded Temporal server (it is {allowed:,}): run `sysctl -w "
+            f"vm.max_map_count={needed}` as root, point TEMPORAL_ADDRESS at a server of "
+            "your own, or set BENCH_BULK_ACCOUNTS lower"
+        )
 
 
 async def _applied(
