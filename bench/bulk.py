@@ -85,7 +85,7 @@ async def bulk_deposits(bench: Bench) -> list[Result]:
             start_signal_args=[commands],
         )
 
-    # Longer than a scenario's time limit: 20,000 starts at small scale take a minute or two.
+    # Longer than a scenario's time limit: 10,000 starts at small scale take a minute.
     # At least 20 accounts opened and applied a second: 100,000 need more than half an hour.
     setup_limit = max(SETUP_LIMIT, total / 20)
     opened = await drive(open_one, len(ids), 64, setup_limit)
