@@ -892,7 +892,11 @@ def test_the_helm_values_for_temporal_name_the_dynamic_config_value() -> None:
 
 # Dynamic config that Tenure needs on any cluster, whatever its size: the embedded server,
 # the compose file and both Helm examples must set each the same.
-EVERY_CLUSTER = ("history.MaxBufferedQueryCount", "frontend.enableExecuteMultiOperation")
+EVERY_CLUSTER = (
+    "history.MaxBufferedQueryCount",
+    "frontend.enableExecuteMultiOperation",
+    "system.enableActivityEagerExecution",
+)
 
 
 @pytest.mark.parametrize("key", EVERY_CLUSTER)
