@@ -85,6 +85,22 @@ class Account:
         return OPENED + len(self.acknowledged)
 
 
+# Workflow task failures that the faults explain, counted in the report; any other cause
+# fails the soak. UNHANDLED_COMMAND: the server asking the worker to look at new signals
+# first. TIMED_OUT: tasks the killed worker or the restarted server dropped.
+# NON_DETERMINISTIC: a history the SDK's core wrote that its own replay cannot follow (seen
+# after a worker was killed mid-task); the watchdog repairs such an entity at once, and the
+# exactly-once checks hold over the repair. RESET_WORKFLOW: how a repair's new run begins.
+BENIGN_TASK_FAILURES = frozenset(
+    {
+        "WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND",
+        "TIMED_OUT",
+        "WORKFLOW_TASK_FAILED_CAUSE_NON_DETERMINISTIC_ERROR",
+        "WORKFLOW_TASK_FAILED_CAUSE_RESET_WORKFLOW",
+    }
+)
+
+
 @dataclass
 class Report:
     """What happened: traffic, faults, and anything wrong."""
@@ -98,6 +114,8 @@ class Report:
     runs: int = 0
     suggested_runs: int = 0  # runs of the account that continues as new only when told to
     task_failures: Counter[str] = field(default_factory=Counter)
+    # Where the first few tasks that failed for a cause not benign were, by cause.
+    failed_at: dict[str, list[str]] = field(default_factory=dict)
     backwards_reads: int = 0
     streamed: int = 0  # change stream entries of the accounts: changes
     stream_gaps: int = 0  # and gaps announced
@@ -370,22 +388,21 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
                         event.workflow_task_failed_event_attributes.cause
                     )
                     report.task_failures[cause] += 1
+                    where = report.failed_at.setdefault(cause, [])
+                    if cause not in BENIGN_TASK_FAILURES and len(where) < 5:
+                        status = execution.status.name if execution.status else "?"
+                        where.append(
+                            f"{execution.id} run {execution.run_id} ({status}), "
+                            f"event {event.event_id}"
+                        )
                 elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
                     report.task_failures["TIMED_OUT"] += 1
-    # UNHANDLED_COMMAND: the server asking the worker to look at new signals first.
-    # TIMED_OUT: tasks the killed worker or the restarted server dropped. NON_DETERMINISTIC:
-    # a history the SDK's core wrote that its own replay cannot follow (seen after a worker
-    # was killed mid-task); the watchdog repairs such an entity at once, and the exactly-once
-    # checks above hold over the repair. Each is counted in the report; any other cause fails.
-    benign = {
-        "WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND",
-        "TIMED_OUT",
-        "WORKFLOW_TASK_FAILED_CAUSE_NON_DETERMINISTIC_ERROR",
-        "WORKFLOW_TASK_FAILED_CAUSE_RESET_WORKFLOW",  # how a repair's new run begins
+    bad = {
+        cause: n for cause, n in report.task_failures.items() if cause not in BENIGN_TASK_FAILURES
     }
-    bad = {cause: n for cause, n in report.task_failures.items() if cause not in benign}
     if bad:
-        report.problems.append(f"workflow tasks failed: {bad}")
+        where = [at for cause in bad for at in report.failed_at.get(cause, [])]
+        report.problems.append(f"workflow tasks failed: {bad}, first at: {'; '.join(where)}")
     if not plan.faults and report.task_failures["TIMED_OUT"]:
         report.problems.append("workflow tasks timed out with no fault injected")
 
