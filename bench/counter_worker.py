@@ -15,6 +15,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from bench.counter import CounterWorkflow
+from workers import event_loop
 from workers.sandbox import workflow_runner
 from workers.settings import Settings
 
@@ -48,4 +49,4 @@ async def _main() -> None:
 
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main())
+        event_loop.run(_main())  # the event loop Tenure's worker runs on

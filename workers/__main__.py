@@ -13,6 +13,7 @@ from functools import partial
 from opentelemetry.sdk.trace import TracerProvider
 from temporalio.runtime import Runtime
 
+from workers import event_loop
 from workers.health import Readiness, serve_health
 from workers.logs import configure_logging
 from workers.settings import Settings
@@ -71,7 +72,7 @@ def main() -> None:
     tracer_provider = configure_tracing("tenure-worker")
     status = WorkerStatus()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(settings, tracer_provider, status))
+        event_loop.run(_main(settings, tracer_provider, status))
     if tracer_provider is not None:
         tracer_provider.shutdown()  # the spans still buffered
     # Shut down: exit now, 0 when drained in time, 1 when not. Left to the interpreter's
