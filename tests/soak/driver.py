@@ -388,14 +388,14 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
                         event.workflow_task_failed_event_attributes.cause
                     )
                     report.task_failures[cause] += 1
-                    where = report.failed_at.get(cause, [])
-                    if cause not in BENIGN_TASK_FAILURES and len(where) < 5:
+                    if cause not in BENIGN_TASK_FAILURES:
+                        where = report.failed_at.setdefault(cause, [])
                         status = execution.status.name if execution.status else "?"
-                        report.failed_at[cause] = [
-                            *where,
-                            f"{execution.id} run {execution.run_id} ({status}), "
-                            f"event {event.event_id}",
-                        ]
+                        if len(where) < 5:
+                            where.append(
+                                f"{execution.id} run {execution.run_id} ({status}), "
+                                f"event {event.event_id}"
+                            )
                 elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
                     report.task_failures["TIMED_OUT"] += 1
     bad = {
