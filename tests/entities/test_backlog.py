@@ -136,3 +136,35 @@ def test_a_task_admits_its_most_then_holds_the_rest_in_order() -> None:
     assert [e.command_id for e in backlog.next_slice(task=17)] == ["c2", "c3"]
     assert [e.command_id for e in backlog.next_slice(task=20)] == ["c4"]
     assert not backlog and backlog.admits(task=20)
+
+
+def test_a_batch_is_held_as_it_came_and_unpacked_only_at_its_turn() -> None:
+    """A flood of batches costs the task that brings it one hold each: a batch is unpacked
+    when it reaches the front, its commands in order, none applied past the task's bound;
+    an empty batch is gone at the first slice that reaches it, whatever room is left."""
+    unpacked: list[str] = []
+
+    def unpack(batch: list[int]) -> list[CommandEnvelope]:
+        unpacked.append(",".join(map(str, batch)))
+        return [envelope(n) for n in batch]
+
+    backlog: Backlog[list[int]] = Backlog(per_task=2, unpack=unpack)
+    backlog.admits(task=10)
+    backlog.applied()
+    backlog.applied()
+    assert backlog.hold([0, 1, 2]) == 1
+    assert backlog.hold(envelope(3)) == 2
+    assert backlog.hold([]) == 3
+    assert backlog.hold([4]) == 4
+    assert unpacked == []  # holding decodes nothing
+    assert backlog.next_slice(task=10) == [] and unpacked == ["0,1,2"]  # the task is full
+    assert [e.command_id for e in backlog.next_slice(task=13)] == ["c0", "c1"]
+    assert not backlog.released(1) and unpacked == ["0,1,2"]
+    assert [e.command_id for e in backlog.next_slice(task=16)] == ["c2", "c3"]
+    assert backlog.released(2) and not backlog.released(4)
+    # The empty batch went in that slice, with no task of its own; the batch behind it,
+    # at the front now, was unpacked, and its command waits for room.
+    assert unpacked == ["0,1,2", "", "4"]
+    assert backlog.next_slice(task=16) == []
+    assert [e.command_id for e in backlog.next_slice(task=19)] == ["c4"]
+    assert not backlog and backlog.released(4) and backlog.admits(task=19)
