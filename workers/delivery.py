@@ -47,6 +47,7 @@ from entities.runtime.envelope import (
     OutcomeStatus,
 )
 from entities.runtime.workflow import COMMAND_SIGNAL, EntityWorkflow
+from workers.backpressure import EntityBackpressure
 from workers.coalescing import SignalCoalescer
 from workers.failures import is_missing, unavailable
 from workers.settings import Settings
@@ -85,6 +86,7 @@ class CommandDelivery:
         self._client = client
         self._settings = settings
         self._coalescer = SignalCoalescer(self._signal)
+        self._backpressure = EntityBackpressure(client, settings.entity_history_limit_bytes)
         self._on_signal = on_signal
         self._on_update_refused = on_update_refused
         self._updating: dict[str, int] = {}
@@ -100,9 +102,10 @@ class CommandDelivery:
                 SIGNAL_TIMEOUT, handle.signal(EntityWorkflow.command, batch[0], rpc_timeout=timeout)
             )
         else:
-            await within(
-                SIGNAL_TIMEOUT, handle.signal(EntityWorkflow.commands, batch, rpc_timeout=timeout)
-            )
+            # The workflow takes the list raw and decodes it at its turn (Backlog): `args`,
+            # since the handler's declared parameter is that raw payload, not the list.
+            sent = handle.signal(EntityWorkflow.commands, args=[batch], rpc_timeout=timeout)
+            await within(SIGNAL_TIMEOUT, sent)
 
     def start_input(self, entity_type: str, entity_id: str) -> EntityRunInput:
         return EntityRunInput(
@@ -129,6 +132,7 @@ class CommandDelivery:
                     id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
                     rpc_timeout=timedelta(seconds=SIGNAL_TIMEOUT),
                 )
+            await self._backpressure.admit(workflow_id, f"{entity.name} {entity_id}")
             await self._coalescer.send(workflow_id, envelope)
             return self._client.get_workflow_handle(workflow_id)
         except WorkflowAlreadyStartedError:

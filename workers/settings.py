@@ -143,6 +143,14 @@ class Settings(BaseModel):
     data_dir: Path = Path(".data")
     live_read_timeout: float = Field(default=2.0, gt=0)
     command_wait_timeout: float = Field(default=10.0, gt=0)
+    entity_history_limit_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Commands to an entity whose current run's history is past this many "
+        "bytes are refused UNAVAILABLE (nothing stored) until it catches up and continues "
+        "as new: a healthy run continues as new near 4 MiB, when Temporal suggests it, and "
+        "Temporal terminates a run at 50 MiB.",
+    )
     redis_timeout: float = Field(default=1.0, gt=0)
     redis_max_connections: int = Field(default=64, ge=1)
     rendered_reads: int = Field(
@@ -297,6 +305,7 @@ class Settings(BaseModel):
             "TENURE_DATA_DIR": "data_dir",
             "TENURE_LIVE_READ_TIMEOUT": "live_read_timeout",
             "TENURE_COMMAND_WAIT_TIMEOUT": "command_wait_timeout",
+            "TENURE_ENTITY_HISTORY_LIMIT_BYTES": "entity_history_limit_bytes",
             "TENURE_MAX_CACHED_WORKFLOWS": "max_cached_workflows",
             "TENURE_MAX_CONCURRENT_WORKFLOW_TASKS": "max_concurrent_workflow_tasks",
             "TENURE_STICKY_TIMEOUT": "sticky_timeout",
@@ -391,6 +400,7 @@ class Settings(BaseModel):
             "TENURE_LOG_LEVEL": self.log_level,
             "TENURE_REDIS_CLUSTER": "1" if self.redis_cluster else "0",
             "TENURE_COMMAND_WAIT_TIMEOUT": str(self.command_wait_timeout),
+            "TENURE_ENTITY_HISTORY_LIMIT_BYTES": str(self.entity_history_limit_bytes),
             "TENURE_MAX_COMMANDS_PER_RUN": str(self.runtime.max_commands_per_run),
             "TENURE_LEDGER_SIZE": str(self.runtime.ledger_size),
             "TENURE_MAX_COMMANDS_PER_TASK": str(self.runtime.max_commands_per_task),

@@ -179,9 +179,9 @@ async def test_a_change_whose_retries_run_out_is_dead_lettered_and_replayed(
         gql = GraphQLClient(http)
         account_id = new_id()
         await open_active(gql, account_id)
-        registered = (
-            await gql.data(REGISTER, url=receiver.url, events={"account": ["deposit"]})
-        )["registerWebhookSubscriber"]  # not the verification, which may be published late
+        registered = (await gql.data(REGISTER, url=receiver.url, events={"account": ["deposit"]}))[
+            "registerWebhookSubscriber"
+        ]  # not the verification, which may be published late
         subscriber_id, secret = registered["subscriber"]["id"], registered["secret"]
         receiver.failing = True
         await gql.data(DEPOSIT, id=account_id, amount=7)
