@@ -9,7 +9,7 @@ import asyncio
 
 from temporalio.client import Client
 
-from api.gateway import Consistency, EntityGateway
+from api.gateway import EntityGateway
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import RuntimeOptions
 from tests.conftest import WorkerFactory, new_id
