@@ -513,8 +513,14 @@ class EntityWorkflow:
 
 
 def _unpack_batch(batch: RawValue) -> list[CommandEnvelope]:
-    """The commands of a `commands` signal's payload."""
-    commands: list[CommandEnvelope] = workflow.payload_converter().from_payload(
-        batch.payload, list[CommandEnvelope]
-    )
+    """The commands of a `commands` signal's payload; none if it is not a list of
+    envelopes. Such a signal is dropped, logged, as the SDK drops any signal whose input it
+    cannot decode: raised, the error would fail this workflow task and every retry of it."""
+    try:
+        commands: list[CommandEnvelope] = workflow.payload_converter().from_payload(
+            batch.payload, list[CommandEnvelope]
+        )
+    except Exception as exc:
+        workflow.logger.warning("a commands signal that is not a list of commands: %s", exc)
+        return []
     return commands

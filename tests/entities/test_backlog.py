@@ -168,3 +168,41 @@ def test_a_batch_is_held_as_it_came_and_unpacked_only_at_its_turn() -> None:
     assert backlog.next_slice(task=16) == []
     assert [e.command_id for e in backlog.next_slice(task=19)] == ["c4"]
     assert not backlog and backlog.released(4) and backlog.admits(task=19)
+
+
+async def test_a_batch_that_is_not_commands_is_dropped_and_the_entity_goes_on(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    """A `commands` signal from outside whose payload is not a list of envelopes is dropped,
+    as the SDK drops any signal it cannot decode, whether it came when the entity could
+    apply it or was held to be decoded later: no workflow task fails over it."""
+    settings = settings.model_copy(update={"runtime": RuntimeOptions(max_commands_per_task=2)})
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    async with run_worker(settings):
+        await open_active(gateway, account_id)
+    handle = temporal_client.get_workflow_handle(f"account:{account_id}")
+
+    def batch(*numbers: int) -> list[dict[str, object]]:
+        return [envelope(n).model_dump() for n in numbers]
+
+    # No worker: they all come in one task, which applies two and holds the rest.
+    await handle.signal("commands", batch(0, 1, 2))
+    await handle.signal("commands", [{"bogus": True}])
+    await handle.signal("commands", "not a list")
+    await handle.signal("commands", batch(3))
+    async with run_worker(settings):
+        await handle.signal("commands", [{"name": 5}])  # nothing held now: decoded at once
+        receipt = await gateway.send(
+            "account", account_id, "deposit", {"amount": 1}, idempotency_key="after", wait=True
+        )
+        histories = await run_histories(temporal_client, f"account:{account_id}")
+    assert receipt.read is not None and receipt.read.snapshot.state is not None
+    assert receipt.read.snapshot.state["balance"] == 5
+    failures = [
+        e.workflow_task_failed_event_attributes.cause
+        for history in histories
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED
+    ]
+    assert set(failures) <= {WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND}
