@@ -7,7 +7,7 @@ BENCH_SCALE ?= default
 SOAK_MINUTES ?= 30
 BULK_ENTITIES ?= 10000
 
-.PHONY: dev test check lint format typecheck bench soak bulk-soak worker api clean
+.PHONY: dev test check lint format typecheck bench soak bulk-soak flood worker api clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ bench: $(STAMP)  ## benchmarks against raw Temporal; BENCH_SCALE=small for a qui
 
 soak: $(STAMP)  ## SOAK_MINUTES (default 30) of mixed traffic with faults; exits 1 on any loss
 	SOAK_MINUTES=$(SOAK_MINUTES) $(BIN)/python -m tests.soak
+
+flood: $(STAMP)  ## one account flooded with deposits, its worker killed and kept down 15 s; exits 1 on any loss
+	$(BIN)/python -m tests.soak.flood
 
 bulk-soak: $(STAMP)  ## a bulk deposit to BULK_ENTITIES (10,000) accounts, its worker killed midway
 	BULK_ENTITIES=$(BULK_ENTITIES) $(BIN)/python -m pytest tests/entities/test_bulk.py -k killed
