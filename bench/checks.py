@@ -73,17 +73,18 @@ async def check_accounts(
         want = expected[account_id]
         want_balance = want if balances is None else balances[account_id]
         workflow_id = f"account:{account_id}"
-        read: list[Snapshot] = []
+        snapshot: Snapshot | None = None  # the last read: balance and revision from one
 
         async def revision() -> int:
-            read[:] = [await account_snapshot(client, workflow_id)]
-            return read[0].revision
+            nonlocal snapshot
+            snapshot = await account_snapshot(client, workflow_id)
+            return snapshot.revision
 
         try:
             await settled(revision, base_revision + want)
         except RPCError as exc:
             return f"{account_id}: cannot be read ({exc})"
-        snapshot = read[0]  # the last read, its balance and revision from one snapshot
+        assert snapshot is not None  # settled returned, so a read succeeded
         balance = (snapshot.state or {}).get("balance")
         if balance != want_balance or snapshot.revision != base_revision + want:
             return (

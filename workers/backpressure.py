@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -49,21 +48,15 @@ class _Watch:
 class EntityBackpressure:
     """Refuses commands to entities whose current run's history is past `limit_bytes`."""
 
-    def __init__(
-        self,
-        client: Client,
-        limit_bytes: int,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, client: Client, limit_bytes: int) -> None:
         self._client = client
         self.limit_bytes = limit_bytes
-        self._clock = clock
         self._watches: OrderedDict[str, _Watch] = OrderedDict()
 
     async def admit(self, workflow_id: str, what: str) -> None:
         """Return if a command to `workflow_id` (`what`: the entity, for the message) may
         be sent; raise UNAVAILABLE if the entity is behind."""
-        now = self._clock()
+        now = time.monotonic()
         watch = self._watch(workflow_id, now)
         watch.commands += 1
         due = now - watch.looked_at >= LOOK_EVERY

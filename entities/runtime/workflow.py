@@ -123,12 +123,19 @@ class EntityWorkflow:
         """Apply one command, or record why it was refused, or hold it back while this
         workflow task has applied its most (`Backlog`); never raises."""
         self._received_this_run += 1
-        task = workflow.info().get_current_history_length()
-        if not self._backlog.admits(task) and workflow.patched(BOUNDED_TASKS_PATCH):
-            self._backlog.hold(envelope)
+        if self._held_back(envelope):
             return
         self._backlog.applied()
         self._apply(envelope)
+
+    def _held_back(self, item: CommandEnvelope | RawValue) -> bool:
+        """Hold a command or a batch back if this workflow task may apply no more, or
+        commands are held before it (`Backlog`); whether it was."""
+        task = workflow.info().get_current_history_length()
+        if not self._backlog.admits(task) and workflow.patched(BOUNDED_TASKS_PATCH):
+            self._backlog.hold(item)
+            return True
+        return False
 
     def _apply(self, envelope: CommandEnvelope) -> None:
         if envelope.command_id in self._ledger:
@@ -185,9 +192,7 @@ class EntityWorkflow:
         its own signal. A batch that would only be held back is held as it came, decoded
         when its turn comes (`Backlog`): the same commands held in the same order, at a
         fraction of the cost to the task that brings a flood of batches."""
-        task = workflow.info().get_current_history_length()
-        if not self._backlog.admits(task) and workflow.patched(BOUNDED_TASKS_PATCH):
-            self._backlog.hold(batch)
+        if self._held_back(batch):
             return
         for envelope in _unpack_batch(batch):
             self.command(envelope)

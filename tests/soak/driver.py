@@ -382,26 +382,16 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
         if cached is None:
             report.problems.append(f"{account.id}: the cache did not catch up within 10 s")
     for account in traffic.accounts:
-        async for execution in client.list_workflows(f"WorkflowId = 'account:{account.id}'"):
-            report.runs += 1
-            report.suggested_runs += account.id.startswith("huge")
-            handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
-            async for event in handle.fetch_history_events():
-                if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
-                    cause = WorkflowTaskFailedCause.Name(
-                        event.workflow_task_failed_event_attributes.cause
-                    )
-                    report.task_failures[cause] += 1
-                    if cause not in BENIGN_TASK_FAILURES:
-                        where = report.failed_at.setdefault(cause, [])
-                        status = execution.status.name if execution.status else "?"
-                        if len(where) < 5:
-                            where.append(
-                                f"{execution.id} run {execution.run_id} ({status}), "
-                                f"event {event.event_id}"
-                            )
-                elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
-                    report.task_failures["TIMED_OUT"] += 1
+        runs, failures = await task_failures(client, f"account:{account.id}")
+        report.runs += runs
+        if account.id.startswith("huge"):
+            report.suggested_runs += runs
+        for cause, where in failures:
+            report.task_failures[cause] += 1
+            if cause not in BENIGN_TASK_FAILURES:
+                first = report.failed_at.setdefault(cause, [])
+                if len(first) < 5:
+                    first.append(where)
     bad = {
         cause: n for cause, n in report.task_failures.items() if cause not in BENIGN_TASK_FAILURES
     }
@@ -410,6 +400,28 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
         report.problems.append(f"workflow tasks failed: {bad}, first at: {'; '.join(where)}")
     if not plan.faults and report.task_failures["TIMED_OUT"]:
         report.problems.append("workflow tasks timed out with no fault injected")
+
+
+async def task_failures(client: Client, workflow_id: str) -> tuple[int, list[tuple[str, str]]]:
+    """How many runs a workflow has had, and each of their workflow tasks that failed or
+    timed out: its cause (`TIMED_OUT` for a timeout) and where it happened."""
+    runs = 0
+    failures: list[tuple[str, str]] = []
+    async for execution in client.list_workflows(f"WorkflowId = '{workflow_id}'"):
+        runs += 1
+        status = execution.status.name if execution.status else "?"
+        handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
+        async for event in handle.fetch_history_events():
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
+                attributes = event.workflow_task_failed_event_attributes
+                cause = WorkflowTaskFailedCause.Name(attributes.cause)
+            elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
+                cause = "TIMED_OUT"
+            else:
+                continue
+            where = f"{execution.id} run {execution.run_id} ({status}), event {event.event_id}"
+            failures.append((cause, where))
+    return runs, failures
 
 
 async def verify_stream(stack: Stack, traffic: Traffic) -> None:

@@ -24,7 +24,6 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
@@ -32,17 +31,19 @@ from entities.account import account
 from entities.errors import TenureError
 from entities.runtime.envelope import CommandEnvelope, Snapshot
 from entities.runtime.workflow import EntityWorkflow
-from tests.soak.driver import Stack
+from tests.soak.driver import Stack, task_failures
 from workers.delivery import CommandDelivery
 from workers.settings import Settings
 
 SENDERS = 64
 OPENED = 2  # open, verify
 # Causes the faults explain: the server asking the worker to look at new signals first; a
-# task force-closed because more than 100 signals came while it ran; the killed worker's.
+# task force-closed because more than 100 signals came while it ran; the killed worker's
+# tasks timed out.
 EXPLAINED = {
-    WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND,
-    WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_FORCE_CLOSE_COMMAND,
+    "WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND",
+    "WORKFLOW_TASK_FAILED_CAUSE_FORCE_CLOSE_COMMAND",
+    "TIMED_OUT",
 }
 
 
@@ -128,19 +129,13 @@ async def _flood(
                 f"revision {snapshot.revision:,} and balance {snapshot.state['balance']:,}, "
                 f"expected {OPENED + accepted:,} and {accepted:,}"
             )
-    causes: Counter[str] = Counter()
-    runs = 0
-    async for execution in client.list_workflows(f"WorkflowId = '{workflow_id}'"):
-        runs += 1
-        run = client.get_workflow_handle(workflow_id, run_id=execution.run_id)
-        async for event in run.fetch_history_events():
-            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
-                cause = event.workflow_task_failed_event_attributes.cause
-                causes[WorkflowTaskFailedCause.Name(cause)] += 1
-                if cause not in EXPLAINED:
-                    problems.append(
-                        f"a workflow task failed: {WorkflowTaskFailedCause.Name(cause)}"
-                    )
+    runs, failures = await task_failures(client, workflow_id)
+    causes = Counter(cause for cause, _ in failures)
+    problems += [
+        f"a workflow task failed: {cause}, at {where}"
+        for cause, where in failures
+        if cause not in EXPLAINED
+    ]
     print(f"{runs} runs; workflow tasks failed: {dict(causes) or 'none'}")
     return problems[:10]
 
