@@ -61,6 +61,10 @@ OVERLOADED = "[TMPRL1101]"
 deadlock detected"): a worker short of CPU (a burst of entities replayed at once), not a
 workflow that is broken. The SDK drops the entity from its cache; asked again, it replays."""
 OVERLOADED_PAUSE = 0.2
+NONDETERMINISTIC = "[TMPRL1100]"
+"""How a query fails that made a worker replay an entity whose history today's code cannot
+follow: the entity is stuck until repaired (`workers.repair`), as when the server answers
+for it that its workflow task is failing. Not asked again."""
 
 
 async def ask(
@@ -73,7 +77,8 @@ async def ask(
     """The workflow's answer to `query` (a name or a query method), within `seconds` in all.
     Asked again when a worker refused it so as to replay the entity in order
     (`workers.query_guard`), or could not answer it in time for want of CPU (OVERLOADED,
-    after a pause); either refusal, repeated, is UNAVAILABLE like any other."""
+    after a pause); either refusal, repeated, is UNAVAILABLE like any other. An entity
+    that cannot be replayed (NONDETERMINISTIC) is UNAVAILABLE at once."""
 
     async def asking() -> T:
         for attempt in range(QUERY_ATTEMPTS):
@@ -83,6 +88,8 @@ async def ask(
                 )
                 return answer
             except WorkflowQueryFailedError as exc:
+                if NONDETERMINISTIC in str(exc):
+                    raise RPCError(str(exc), RPCStatusCode.UNAVAILABLE, b"") from exc
                 overloaded = OVERLOADED in str(exc)
                 if not overloaded and AHEAD_OF_TASK not in str(exc):
                     raise

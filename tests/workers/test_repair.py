@@ -15,7 +15,7 @@ from api.gateway import Consistency, EntityGateway, Source
 from entities.account import AccountWorkflow
 from entities.errors import ErrorCode, TenureError
 from entities.runtime import EntityRunInput, EntityWorkflow, Snapshot
-from entities.runtime.envelope import CommandEnvelope
+from entities.runtime.envelope import CommandEnvelope, HistoryPage
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import eventually
 from workers.cache import SnapshotCache
@@ -80,7 +80,31 @@ async def opened_by_a_bad_deploy(
         for amount in (before, POISON, after):
             if amount is not None:
                 await deposit(gateway, account_id, amount, wait=True)
+        # Left idle: its last publish's workflow task done, none pending for today's code.
+        handle = client.get_workflow_handle(f"account:{account_id}")
+        await eventually(
+            handle.describe,
+            lambda d: not d.raw_description.HasField("pending_workflow_task"),
+            10,
+        )
     return account_id
+
+
+async def test_a_live_read_that_makes_a_worker_replay_a_stuck_entity_reads_stale(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    """The first touch of a stuck entity by today's worker is a LIVE read: the query makes
+    the worker replay the history it cannot follow. The read is the cached copy, stale,
+    where it was an internal error; a history read is UNAVAILABLE, try again."""
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = await opened_by_a_bad_deploy(gateway, temporal_client, cache, settings, 5, 7)
+    async with run_worker():
+        live = await gateway.read("account", account_id, Consistency.LIVE)
+        assert live is not None and live.stale and live.source is Source.CACHE
+        assert live.snapshot.revision == 5
+        with pytest.raises(TenureError) as refused:
+            await gateway.history("account", account_id, HistoryPage())
+        assert refused.value.code is ErrorCode.UNAVAILABLE
 
 
 async def test_a_stuck_entity_reads_stale_and_repair_applies_every_command(
