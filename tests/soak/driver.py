@@ -402,16 +402,25 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
         report.problems.append("workflow tasks timed out with no fault injected")
 
 
+KEPT_HISTORIES = Path(os.environ.get("SOAK_HISTORIES", ".data/soak-histories"))
+"""Where a run whose replay failed (nondeterminism) is kept as JSON, to replay at leisure
+(`temporalio.worker.Replayer`): the soak's Temporal is gone when it ends."""
+NON_DETERMINISTIC = "WORKFLOW_TASK_FAILED_CAUSE_NON_DETERMINISTIC_ERROR"
+
+
 async def task_failures(client: Client, workflow_id: str) -> tuple[int, list[tuple[str, str]]]:
     """How many runs a workflow has had, and each of their workflow tasks that failed or
-    timed out: its cause (`TIMED_OUT` for a timeout) and where it happened."""
+    timed out: its cause (`TIMED_OUT` for a timeout) and where it happened. A run with a
+    nondeterministic task is written to KEPT_HISTORIES."""
     runs = 0
     failures: list[tuple[str, str]] = []
     async for execution in client.list_workflows(f"WorkflowId = '{workflow_id}'"):
         runs += 1
         status = execution.status.name if execution.status else "?"
         handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
-        async for event in handle.fetch_history_events():
+        history = await handle.fetch_history()
+        causes: list[str] = []
+        for event in history.events:
             if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
                 attributes = event.workflow_task_failed_event_attributes
                 cause = WorkflowTaskFailedCause.Name(attributes.cause)
@@ -421,6 +430,11 @@ async def task_failures(client: Client, workflow_id: str) -> tuple[int, list[tup
                 continue
             where = f"{execution.id} run {execution.run_id} ({status}), event {event.event_id}"
             failures.append((cause, where))
+            causes.append(cause)
+        if NON_DETERMINISTIC in causes:
+            KEPT_HISTORIES.mkdir(parents=True, exist_ok=True)
+            kept = KEPT_HISTORIES / f"{execution.id}-{execution.run_id}.json".replace(":", "_")
+            kept.write_text(history.to_json())
     return runs, failures
 
 
