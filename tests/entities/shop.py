@@ -66,6 +66,17 @@ async def eventually(
         await asyncio.sleep(0.05)
 
 
+async def until_idle(client: Client, workflow_id: str, timeout: float = 10.0) -> None:
+    """Once the workflow has no workflow task pending (its last publish's done too), so that
+    the next worker to touch it finds nothing waiting."""
+    handle = client.get_workflow_handle(workflow_id)
+    await eventually(
+        handle.describe,
+        lambda d: not d.raw_description.HasField("pending_workflow_task"),
+        timeout,
+    )
+
+
 async def until_cached(
     cache: SnapshotCache, entity_type: str, entity_id: str, revision: int, timeout: float = 15.0
 ) -> CachedSnapshot:

@@ -24,6 +24,7 @@ from entities import catalog
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import RuntimeOptions
 from tests.conftest import WorkerFactory, new_id
+from tests.entities.shop import until_idle
 from tests.entities.test_backlog import run_histories
 from tests.entities.test_runtime import live, open_active
 from workers.cache import SnapshotCache
@@ -53,9 +54,7 @@ async def test_a_task_lost_with_its_worker_is_applied_once_and_replays(
     handle = temporal_client.get_workflow_handle(f"account:{account_id}")
     async with run_worker(settings):
         await open_active(gateway, account_id)
-        # Idle: its last publish done, no task pending when the worker goes.
-        while (await handle.describe()).raw_description.HasField("pending_workflow_task"):
-            await asyncio.sleep(0.1)
+        await until_idle(temporal_client, handle.id)  # no task pending when the worker goes
     await asyncio.sleep(settings.sticky_timeout + 0.5)
 
     async def deposit(key: str, wait: bool) -> Receipt:
@@ -76,15 +75,16 @@ async def test_a_task_lost_with_its_worker_is_applied_once_and_replays(
 
     dying = asyncio.create_task(_poll(temporal_client, settings.task_queue))
     await asyncio.sleep(0.5)  # polling before anything comes
-    if lost == "signals":
-        await signals()
-    waited = asyncio.create_task(deposit("u", wait=True))
-    held = await dying
     if lost == "update":
+        waited = asyncio.create_task(deposit("u", wait=True))
+        held = await dying
         assert len(held.messages) == 1  # the task held is the update's
         await signals()
     else:
+        await signals()
+        held = await dying
         assert not held.messages and held.history.events  # the signals'
+        waited = asyncio.create_task(deposit("u", wait=True))
     async with run_worker(settings):
         receipt = await waited
         assert receipt.applied

@@ -17,7 +17,7 @@ from entities.errors import ErrorCode, TenureError
 from entities.runtime import EntityRunInput, EntityWorkflow, Snapshot
 from entities.runtime.envelope import CommandEnvelope, HistoryPage
 from tests.conftest import WorkerFactory, new_id
-from tests.entities.shop import eventually
+from tests.entities.shop import eventually, until_idle
 from workers.cache import SnapshotCache
 from workers.repair import is_stuck, repair
 from workers.settings import Settings
@@ -80,13 +80,8 @@ async def opened_by_a_bad_deploy(
         for amount in (before, POISON, after):
             if amount is not None:
                 await deposit(gateway, account_id, amount, wait=True)
-        # Left idle: its last publish's workflow task done, none pending for today's code.
-        handle = client.get_workflow_handle(f"account:{account_id}")
-        await eventually(
-            handle.describe,
-            lambda d: not d.raw_description.HasField("pending_workflow_task"),
-            10,
-        )
+        # Left idle: no task pending for today's code.
+        await until_idle(client, f"account:{account_id}")
     return account_id
 
 
