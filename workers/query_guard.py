@@ -13,22 +13,25 @@ this event: ActivityTaskScheduled", every later task of the entity fails, and th
 frozen until it is repaired (seen in tests/deploy/test_shutdown.py after a worker handover;
 reproduced in tests/workers/test_query_guard.py).
 
-The guard fails such a query instead of answering it. A failed query makes core drop the
-entity from its cache with whatever it applied ahead of time, so the task that comes next
-replays from history, updates in their place. The query is asked again by its sender
-(`workers.temporal.ask`), and this time finds the entity cached or the task done.
+The guard fails the activation that brings those events instead of applying them: the
+workflow never sees events that no task brought, so nothing ahead of a task is ever kept.
+A failed activation fails the query that caused the replay, and core drops the entity from
+its cache, so the task that comes next replays from history, updates in their place. The
+query is asked again by its sender (`workers.temporal.ask`), and finds the entity cached or
+the task done. It once failed the query that followed such events instead, leaving them
+applied: when the task started before that query's turn, the task was applied on top of
+them, and the entity froze as before (tests/deploy/test_shutdown.py, once in a full run).
 
 How the guard tells: each activation carries the history's length and its size as of the
 last workflow task started. Events applied past a task (length grew) with no new task
-started (size unchanged) are events that no task brought; a direct query (`legacy_query`)
-that follows them is failed. A task that starts later changes the size and clears the mark.
-Servers that report no history size (0) are never guarded.
+started (size unchanged), not replaying, are events that no task brought. A task that
+starts changes the size; a retried task replays from the start. Servers that report no
+history size (0) are never guarded.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 from temporalio.worker import WorkflowInstance
 
@@ -36,36 +39,28 @@ from workers.runners import Activation, Completion, WrappedInstance, WrappingRun
 
 log = logging.getLogger(__name__)
 
-DIRECT_QUERY_ID = "legacy_query"
-"""The id the SDK's core gives a query sent straight to the worker, outside any task."""
-
 AHEAD_OF_TASK = (
     "tenure: the entity was replayed with events of a task not started yet; dropped from "
     "the cache so that the task replays in order. Ask again."
 )
-"""Failure message of a guarded query; `workers.temporal.ask` asks again when it sees it."""
+"""Failure message of a refused activation, and so of the query whose replay brought it;
+`workers.temporal.ask` asks again when it sees it."""
 
 
 class AheadOfTask:
-    """Whether the events applied last came with no workflow task started: the state the
+    """Whether the events of an activation came with no workflow task started: the state the
     guard keeps per cached entity, apart from the SDK so that it can be tested alone."""
 
     def __init__(self) -> None:
-        self.ahead = False
         self._length = 0
         self._size = 0
 
-    def applied(self, length: int, size: int, replaying: bool) -> None:
-        """An activation with events (not only queries) of history `length` and `size`."""
-        if size != self._size:
-            self.ahead = False  # a workflow task started: its events are in order
-        elif length != self._length and not replaying and size:
-            self.ahead = True
+    def ahead(self, length: int, size: int, replaying: bool) -> bool:
+        """Whether an activation with events (not only queries) of history `length` and
+        `size` brings events no task brought; it is remembered as the latest either way."""
+        ahead = size == self._size and length != self._length and not replaying and size != 0
         self._length, self._size = length, size
-
-    def refuses(self, query_ids: Sequence[str]) -> bool:
-        """Whether a query-only activation with `query_ids` must be failed."""
-        return self.ahead and DIRECT_QUERY_ID in query_ids
+        return ahead
 
 
 class _GuardedInstance(WrappedInstance):
@@ -74,28 +69,25 @@ class _GuardedInstance(WrappedInstance):
         self._guard = AheadOfTask()
 
     def activate(self, act: Activation) -> Completion:
-        queries = [
-            job.query_workflow.query_id for job in act.jobs if job.HasField("query_workflow")
-        ]
-        if queries and len(queries) == len(act.jobs):
-            if self._guard.refuses(queries):
-                info = self._inner.get_info()
-                log.info(
-                    "query to %s failed and the entity dropped from the cache: it was replayed "
-                    "with events of a workflow task not started yet",
-                    info.workflow_id,
-                )
-                completion = Completion(run_id=act.run_id)
-                completion.failed.failure.message = AHEAD_OF_TASK
-                completion.failed.failure.application_failure_info.SetInParent()
-                return completion
-        elif not any(job.HasField("remove_from_cache") for job in act.jobs):
-            self._guard.applied(act.history_length, act.history_size_bytes, act.is_replaying)
+        only_queries = all(job.HasField("query_workflow") for job in act.jobs)
+        evicted = any(job.HasField("remove_from_cache") for job in act.jobs)
+        if not (only_queries or evicted) and self._guard.ahead(
+            act.history_length, act.history_size_bytes, act.is_replaying
+        ):
+            log.info(
+                "activation of %s failed and the entity dropped from the cache: it brought "
+                "events of a workflow task not started yet",
+                self._inner.get_info().workflow_id,
+            )
+            completion = Completion(run_id=act.run_id)
+            completion.failed.failure.message = AHEAD_OF_TASK
+            completion.failed.failure.application_failure_info.SetInParent()
+            return completion
         return self._inner.activate(act)
 
 
 class QueryGuardRunner(WrappingRunner):
-    """Runs workflows with `inner`, failing direct queries that follow events applied
-    ahead of their workflow task (see the module)."""
+    """Runs workflows with `inner`, failing activations that bring events ahead of their
+    workflow task (see the module)."""
 
     instance_type = _GuardedInstance

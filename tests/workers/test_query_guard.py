@@ -8,9 +8,11 @@ about one run in ten): "Update machine does not handle this event: ActivityTaskS
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
+from typing import Any
 
 from temporalio.client import Client
-from temporalio.worker import Replayer
+from temporalio.worker import Replayer, WorkflowInstance
 
 from entities import catalog
 from entities.account import account
@@ -18,7 +20,8 @@ from entities.runtime.envelope import CommandResult, OutcomeStatus
 from tests.api.test_accounts_api import open_active
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from tests.deploy.test_shutdown import deposit, fresh
-from workers.query_guard import DIRECT_QUERY_ID, AheadOfTask
+from workers.query_guard import AHEAD_OF_TASK, AheadOfTask, QueryGuardRunner
+from workers.runners import Activation, Completion
 from workers.settings import Settings
 from workers.temporal import ask
 
@@ -66,27 +69,64 @@ async def test_a_query_between_workers_leaves_every_history_replayable(
         assert result.replay_failure is None, (history.workflow_id, result.replay_failure)
 
 
-def test_the_guard_refuses_a_direct_query_only_after_events_no_task_brought() -> None:
+class _Recording(WorkflowInstance):
+    """A workflow instance that records the activations it is given (pure code)."""
+
+    def __init__(self) -> None:
+        self.given: list[Activation] = []
+
+    def activate(self, act: Activation) -> Completion:
+        self.given.append(act)
+        return Completion(run_id=act.run_id)
+
+    def get_info(self) -> Any:
+        return SimpleNamespace(workflow_id="account:a")
+
+    def get_serialization_context(self, command_info: Any) -> Any:
+        return None
+
+    def get_external_store_context(self, command_info: Any) -> Any:
+        return None
+
+
+def _activation(length: int, size: int, replaying: bool, *jobs: str) -> Activation:
+    act = Activation(
+        run_id="r", history_length=length, history_size_bytes=size, is_replaying=replaying
+    )
+    for job in jobs:
+        getattr(act.jobs.add(), job).SetInParent()
+    return act
+
+
+def test_events_that_no_task_brought_never_reach_the_workflow() -> None:
+    """A worker replays an entity to answer a direct query, and its history ends with a
+    signal of a task not started yet. The workflow never sees that signal: the activation
+    fails (and with it the query), whatever comes next. The guard once let it through and
+    failed only the query after it, which a task starting first overtook."""
+    inner = _Recording()
+    guarded = QueryGuardRunner.instance_type(inner)
+    guarded.activate(_activation(10, 1000, True, "initialize_workflow"))
+    refused = guarded.activate(_activation(14, 1000, False, "signal_workflow"))
+    assert refused.failed.failure.message == AHEAD_OF_TASK
+    assert [a.history_length for a in inner.given] == [10]
+    guarded.activate(_activation(16, 1400, False, "signal_workflow", "do_update"))  # a task
+    guarded.activate(_activation(16, 1400, True, "query_workflow"))
+    assert [a.history_length for a in inner.given] == [10, 16, 16]
+
+
+def test_the_guard_refuses_only_events_that_no_task_brought() -> None:
     guard = AheadOfTask()
-    guard.applied(length=10, size=1000, replaying=True)  # replayed up to a task started
-    assert not guard.refuses([DIRECT_QUERY_ID])
-    guard.applied(length=14, size=1000, replaying=False)  # events past it, no task
-    assert guard.refuses([DIRECT_QUERY_ID])
-    assert not guard.refuses(["a-query-that-came-with-a-task"])
-    guard.applied(length=14, size=1000, replaying=False)  # more work on the same events
-    assert guard.refuses([DIRECT_QUERY_ID])
-    guard.applied(length=16, size=1400, replaying=False)  # the task started: in order
-    assert not guard.refuses([DIRECT_QUERY_ID])
+    assert not guard.ahead(length=10, size=1000, replaying=True)  # replayed up to a task
+    assert guard.ahead(length=14, size=1000, replaying=False)  # events past it, no task
+    assert not guard.ahead(length=16, size=1400, replaying=False)  # the task started
 
 
 def test_the_guard_leaves_tasks_replays_and_silent_servers_alone() -> None:
     guard = AheadOfTask()
     for length, size in ((5, 700), (9, 900), (13, 1300)):  # each activation a new task
-        guard.applied(length=length, size=size, replaying=False)
-        assert not guard.refuses([DIRECT_QUERY_ID])
-    guard.applied(length=20, size=1300, replaying=True)  # replaying: in history's order
-    assert not guard.refuses([DIRECT_QUERY_ID])
+        assert not guard.ahead(length=length, size=size, replaying=False)
+    assert not guard.ahead(length=13, size=1300, replaying=False)  # more of the same task
+    assert not guard.ahead(length=20, size=1300, replaying=True)  # replaying: in order
     silent = AheadOfTask()  # a server that reports no history size
-    silent.applied(length=5, size=0, replaying=False)
-    silent.applied(length=9, size=0, replaying=False)
-    assert not silent.refuses([DIRECT_QUERY_ID])
+    assert not silent.ahead(length=5, size=0, replaying=False)
+    assert not silent.ahead(length=9, size=0, replaying=False)
