@@ -19,8 +19,8 @@ A failed activation fails the query that caused the replay, and core drops the e
 its cache, so the task that comes next replays from history, updates in their place. The
 query is asked again by its sender (`workers.temporal.ask`), and finds the entity cached or
 the task done. It once failed the query that followed such events instead, leaving them
-applied: when the task started before that query's turn, the task was applied on top of
-them, and the entity froze as before (tests/deploy/test_shutdown.py, once in a full run).
+applied, and an entity still froze so (tests/deploy/test_shutdown.py, once in a full run):
+most likely its task started before that query's turn and was applied on top of them.
 
 How the guard tells: each activation carries the history's length and its size as of the
 last workflow task started. Events applied past a task (length grew) with no new task
