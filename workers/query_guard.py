@@ -24,9 +24,9 @@ most likely its task started before that query's turn and was applied on top of 
 
 How the guard tells: each activation carries the history's length and its size as of the
 last workflow task started. Events applied past a task (length grew) with no new task
-started (size unchanged), not replaying, are events that no task brought. A task that
-starts changes the size; a retried task replays from the start. Servers that report no
-history size (0) are never guarded.
+started (size unchanged), in the first activation past a replay, are events that no task
+brought. A task that starts changes the size. Servers that report no history size (0) are
+never guarded.
 """
 
 from __future__ import annotations
@@ -54,12 +54,23 @@ class AheadOfTask:
     def __init__(self) -> None:
         self._length = 0
         self._size = 0
+        self._live = False  # an activation not replaying came already
 
     def ahead(self, length: int, size: int, replaying: bool) -> bool:
         """Whether an activation with events (not only queries) of history `length` and
-        `size` brings events no task brought; it is remembered as the latest either way."""
-        ahead = size == self._size and length != self._length and not replaying and size != 0
+        `size` brings events no task brought; it is remembered as the latest either way.
+        Only the first activation past a replay can: an entity the worker already runs
+        answers a direct query from its cache, and there a task retried after a failure
+        may report the size of the attempt before (seen under a flood)."""
+        ahead = (
+            not self._live
+            and not replaying
+            and size == self._size
+            and length != self._length
+            and size != 0
+        )
         self._length, self._size = length, size
+        self._live = self._live or not replaying
         return ahead
 
 

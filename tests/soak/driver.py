@@ -421,14 +421,18 @@ async def task_failures(client: Client, workflow_id: str) -> tuple[int, list[tup
         history = await handle.fetch_history()
         causes: list[str] = []
         for event in history.events:
+            said = ""
             if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
                 attributes = event.workflow_task_failed_event_attributes
                 cause = WorkflowTaskFailedCause.Name(attributes.cause)
+                said = f": {attributes.failure.message[:300]}"
             elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
                 cause = "TIMED_OUT"
             else:
                 continue
-            where = f"{execution.id} run {execution.run_id} ({status}), event {event.event_id}"
+            where = (
+                f"{execution.id} run {execution.run_id} ({status}), event {event.event_id}{said}"
+            )
             failures.append((cause, where))
             causes.append(cause)
         if NON_DETERMINISTIC in causes:

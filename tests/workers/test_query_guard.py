@@ -127,6 +127,12 @@ def test_the_guard_leaves_tasks_replays_and_silent_servers_alone() -> None:
         assert not guard.ahead(length=length, size=size, replaying=False)
     assert not guard.ahead(length=13, size=1300, replaying=False)  # more of the same task
     assert not guard.ahead(length=20, size=1300, replaying=True)  # replaying: in order
+    # A running entity's task retried after a failure, reporting the size of the attempt
+    # before (a flood): a task, not events ahead of one.
+    running = AheadOfTask()
+    assert not running.ahead(length=406, size=1750921, replaying=True)
+    assert not running.ahead(length=2073, size=8778695, replaying=False)
+    assert not running.ahead(length=2138, size=8778695, replaying=False)
     silent = AheadOfTask()  # a server that reports no history size
     assert not silent.ahead(length=5, size=0, replaying=False)
     assert not silent.ahead(length=9, size=0, replaying=False)
