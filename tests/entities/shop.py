@@ -13,11 +13,12 @@ from typing import Any, TypeVar
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.gateway import Consistency, EntityGateway
+from api.gateway import Consistency, EntityGateway, Receipt
 from entities.account import AccountState
 from entities.cart import CartState
 from entities.checkout import CheckoutState
 from entities.checkout_input import checkout_workflow_id
+from entities.errors import ErrorCode, TenureError
 from entities.inventory import InventoryState
 from tests.conftest import WorkerFactory
 from workers.cache import CachedSnapshot, SnapshotCache
@@ -64,6 +65,31 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"still not there after {timeout}s: {value!r}")
         await asyncio.sleep(0.05)
+
+
+async def send_as_a_client(
+    gateway: EntityGateway,
+    entity_type: str,
+    entity_id: str,
+    command: str,
+    payload: dict[str, Any],
+    *,
+    key: str,
+    wait: bool = False,
+    sends: int = 5,
+) -> Receipt:
+    """Send a command as a client told to retry does: again with the same key while it is
+    answered UNAVAILABLE (accepted, not applied within a command's wait), up to `sends`
+    times; any other refusal, or the last UNAVAILABLE, is raised."""
+    for attempt in range(sends):
+        try:
+            return await gateway.send(
+                entity_type, entity_id, command, payload, idempotency_key=key, wait=wait
+            )
+        except TenureError as exc:
+            if exc.code is not ErrorCode.UNAVAILABLE or attempt == sends - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 async def until_idle(client: Client, workflow_id: str, timeout: float = 10.0) -> None:

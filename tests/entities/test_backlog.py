@@ -13,10 +13,10 @@ from temporalio.worker import Replayer
 
 from api.gateway import Consistency, EntityGateway
 from entities import catalog
-from entities.errors import ErrorCode, TenureError
 from entities.runtime.backlog import Backlog
 from entities.runtime.envelope import CommandEnvelope, RuntimeOptions
 from tests.conftest import WorkerFactory, new_id
+from tests.entities.shop import send_as_a_client
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache
 from workers.settings import Settings
@@ -43,23 +43,19 @@ async def test_a_backlog_is_applied_a_task_at_a_time_in_order_and_once(
     gate = asyncio.Semaphore(16)
 
     async def deposit(n: int, wait: bool = False) -> None:
+        # Waited, behind the backlog, longer than a command waits: UNAVAILABLE, "retry with
+        # the same idempotencyKey", as a client does.
         async with gate:
-            for attempt in range(SENDS):
-                try:
-                    await gateway.send(
-                        "account",
-                        account_id,
-                        "deposit",
-                        {"amount": 1},
-                        idempotency_key=f"d{n}",
-                        wait=wait,
-                    )
-                    return
-                except TenureError as exc:
-                    # Waited, behind the backlog, longer than a command waits: UNAVAILABLE,
-                    # "retry with the same idempotencyKey", as a client does.
-                    if exc.code is not ErrorCode.UNAVAILABLE or attempt == SENDS - 1:
-                        raise
+            await send_as_a_client(
+                gateway,
+                "account",
+                account_id,
+                "deposit",
+                {"amount": 1},
+                key=f"d{n}",
+                wait=wait,
+                sends=SENDS,
+            )
 
     await asyncio.gather(*(deposit(n) for n in range(DEPOSITS)))
     await gateway.send(
@@ -193,22 +189,18 @@ async def test_a_batch_that_is_not_commands_is_dropped_and_the_entity_goes_on(
     await handle.signal("commands", batch(3))
     async with run_worker(settings):
         await handle.signal("commands", [{"name": 5}])  # nothing held now: decoded at once
-        for attempt in range(SENDS):
-            try:
-                receipt = await gateway.send(
-                    "account",
-                    account_id,
-                    "deposit",
-                    {"amount": 1},
-                    idempotency_key="after",
-                    wait=True,
-                )
-                break
-            except TenureError as exc:
-                # The entity's first task may wait out the stopped worker's sticky queue
-                # (10 s) while a command waits 6: retry with the same key, as a client does.
-                if exc.code is not ErrorCode.UNAVAILABLE or attempt == SENDS - 1:
-                    raise
+        # The entity's first task may wait out the stopped worker's sticky queue (10 s)
+        # while a command waits 6: sent again with the same key, as a client does.
+        receipt = await send_as_a_client(
+            gateway,
+            "account",
+            account_id,
+            "deposit",
+            {"amount": 1},
+            key="after",
+            wait=True,
+            sends=SENDS,
+        )
         histories = await run_histories(temporal_client, f"account:{account_id}")
     assert receipt.read is not None and receipt.read.snapshot.state is not None
     assert receipt.read.snapshot.state["balance"] == 5

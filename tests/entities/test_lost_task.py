@@ -21,10 +21,9 @@ from temporalio.worker import Replayer
 
 from api.gateway import EntityGateway, Receipt
 from entities import catalog
-from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import RuntimeOptions
 from tests.conftest import WorkerFactory, new_id
-from tests.entities.shop import until_idle
+from tests.entities.shop import send_as_a_client, until_idle
 from tests.entities.test_backlog import run_histories
 from tests.entities.test_runtime import live, open_active
 from workers.cache import SnapshotCache
@@ -58,16 +57,16 @@ async def test_a_task_lost_with_its_worker_is_applied_once_and_replays(
     await asyncio.sleep(settings.sticky_timeout + 0.5)
 
     async def deposit(key: str, wait: bool) -> Receipt:
-        for attempt in range(SENDS):
-            try:
-                return await gateway.send(
-                    "account", account_id, "deposit", {"amount": 1}, idempotency_key=key, wait=wait
-                )
-            except TenureError as exc:
-                # Accepted, not applied within a command's wait: the client asks again.
-                if exc.code is not ErrorCode.UNAVAILABLE or attempt == SENDS - 1:
-                    raise
-        raise AssertionError("unreachable")
+        return await send_as_a_client(
+            gateway,
+            "account",
+            account_id,
+            "deposit",
+            {"amount": 1},
+            key=key,
+            wait=wait,
+            sends=SENDS,
+        )
 
     async def signals() -> None:
         for n in range(SIGNALS):
