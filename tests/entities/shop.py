@@ -93,12 +93,16 @@ async def send_as_a_client(
 
 
 async def until_idle(client: Client, workflow_id: str, timeout: float = 10.0) -> None:
-    """Once the workflow has no workflow task pending (its last publish's done too), so that
-    the next worker to touch it finds nothing waiting."""
+    """Once the workflow has no workflow task and no activity pending (a publish in flight
+    would bring a task when it ends), so that the next worker to touch it finds nothing
+    waiting."""
     handle = client.get_workflow_handle(workflow_id)
     await eventually(
         handle.describe,
-        lambda d: not d.raw_description.HasField("pending_workflow_task"),
+        lambda d: (
+            not d.raw_description.HasField("pending_workflow_task")
+            and not d.raw_description.pending_activities
+        ),
         timeout,
     )
 
