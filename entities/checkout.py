@@ -155,18 +155,29 @@ class CheckoutWorkflow:
             self._state.order_id = f"order-{input.key}"
             report = partial(self._report, complete_checkout, order_id=self._state.order_id)
         await saga.conclude("report", report)
-        if workflow.patched(OPERATOR_TOOLS):
-            await self._await_operator(saga)
-        workflow.metric_meter().create_counter(
-            SAGA_OUTCOMES_METRIC, "Sagas ended, by final status."
-        ).add(1, {"status": self._state.status.value})
+        if not workflow.patched(OPERATOR_TOOLS):
+            self._count_outcome()
+            return self._state
+        await self._await_operator(saga)
+        if self._state.status is not SagaStatus.FAILED:  # counted when it became FAILED
+            self._count_outcome()
         return self._state
+
+    def _count_outcome(self) -> None:
+        """Count the checkout's status: the one it ends with, and FAILED each time it
+        becomes FAILED, when an operator must act, not when the wait for one ends (days
+        later, or never counted as FAILED once resolved). Not counted in a replay."""
+        workflow.metric_meter().create_counter(
+            SAGA_OUTCOMES_METRIC,
+            "Sagas by outcome: each end, and each time one became FAILED (operator needed).",
+        ).add(1, {"status": self._state.status.value})
 
     async def _await_operator(self, saga: Saga) -> None:
         """While FAILED, wait for an operator, up to `operator_wait_seconds` from each
         failure: a retry runs what failed again, a resolve settles it (RESOLVED); nothing
         in time leaves it FAILED for good. Visibility shows each status on the way."""
         while self._state.status is SagaStatus.FAILED:
+            self._count_outcome()
             wait = timedelta(seconds=self._options.operator_wait_seconds)
             self._state.awaiting_operator_until = workflow.now() + wait
             self._show_status()

@@ -3,7 +3,9 @@ and Tenure's (commands, continue-as-new, publishing, sagas), from one SDK runtim
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -16,11 +18,13 @@ from entities.errors import TenureError
 from entities.runtime.envelope import RuntimeOptions
 from entities.runtime.saga import SagaStatus
 from tests.api.test_metrics import Scrape
+from tests.conftest import cache_of
+from tests.entities.failing_checkout import failed_checkout
 from tests.entities.shop import Shop, eventually, new_id, shop_settings
 from workers.cache import SnapshotCache, connect_redis
 from workers.settings import Settings
 from workers.temporal import connect_temporal
-from workers.worker import build_worker, worker_runtime
+from workers.worker import TenureWorker, build_worker, worker_runtime
 
 
 def metrics_settings(settings: Settings, **changes: object) -> Settings:
@@ -140,6 +144,31 @@ async def test_a_publish_that_fails_is_counted(
     finally:
         await worker_redis.aclose()
     assert metrics.value("tenure_publish_lag_seconds_count") == 0
+
+
+async def test_a_checkout_is_counted_failed_when_it_needs_an_operator_not_when_it_ends(
+    settings: Settings, temporal_client: Client, cache: SnapshotCache
+) -> None:
+    """The page (`TenureCheckoutFailed`) must come while the checkout waits for an operator:
+    it once came only when the wait ended, days later, or never once it was resolved."""
+    worker_settings = shop_settings(metrics_settings(settings))
+    client = await connect_temporal(worker_settings, runtime=worker_runtime(worker_settings))
+    shop = Shop(temporal_client, cache, worker_settings)
+
+    @contextlib.asynccontextmanager
+    async def run_worker(chosen: Settings | None = None) -> AsyncIterator[TenureWorker]:
+        chosen = chosen or worker_settings
+        async with cache_of(chosen) as own, build_worker(client, chosen, own) as worker:
+            yield worker
+
+    async with failed_checkout(shop, run_worker) as failed:
+        assert failed.state.awaiting_operator_until is not None
+        metrics = await eventually(
+            lambda: scrape(worker_settings),
+            lambda m: m.value("tenure_saga_outcomes_total", status="FAILED") >= 1,
+        )
+        assert metrics.value("tenure_saga_outcomes_total", status="FAILED") == 1
+        assert metrics.value("tenure_saga_outcomes_total") == 1
 
 
 def test_no_metrics_port_no_exporter(settings: Settings) -> None:
