@@ -16,8 +16,10 @@ from api.common import (
     new_entity_id,
     read_entity,
     read_fields,
+    readable,
     require_open,
     send_command,
+    send_unread,
     status_of,
 )
 from api.context import Info
@@ -116,7 +118,10 @@ class CheckoutCartPayload:
     cart_id: strawberry.ID
     command_id: str
     checkout_id: strawberry.ID
-    cart: Cart
+    cart: Cart | None = strawberry.field(
+        description="The cart after the command; null for a caller that may check it out "
+        "but not read it."
+    )
 
 
 async def _command(
@@ -248,15 +253,19 @@ class CartMutation:
     async def checkout_cart(
         self, info: Info, cart_id: strawberry.ID, idempotency_key: str | None = None
     ) -> CheckoutCartPayload:
-        receipt = await send_command(
+        receipt = await send_unread(
             info, domain.checkout_cart, cart_id, {}, idempotency_key, wait=True
         )
-        assert receipt.read is not None
-        cart = Cart.from_read(receipt.read)
-        assert cart.checkout_id is not None
+        checked_out = Cart.from_read(receipt.read) if receipt.read is not None else None
+        if checked_out is None or checked_out.checkout_id is None:
+            # Applied, but the cart has moved on since (another checkout's report came).
+            raise TenureError(
+                ErrorCode.CONFLICT, f"cart {receipt.entity_id} is no longer checking out"
+            )
+        shown = await readable(info, domain.checkout_cart.entity_type, receipt)
         return CheckoutCartPayload(
             cart_id=strawberry.ID(receipt.entity_id),
             command_id=receipt.command_id,
-            checkout_id=cart.checkout_id,
-            cart=cart,
+            checkout_id=checked_out.checkout_id,
+            cart=checked_out if shown.read is not None else None,
         )

@@ -141,6 +141,21 @@ async def send_command(
 ) -> Receipt:
     """Send `command` to the entity, on behalf of the request's caller, once it may; answers
     with the receipt, and with the state after the command when waited for and readable."""
+    receipt = await send_unread(info, command, entity_id, payload, idempotency_key, wait)
+    return await readable(info, command.entity_type, receipt)
+
+
+async def send_unread(
+    info: Info,
+    command: Command[Any, Any, Any],
+    entity_id: str,
+    payload: Mapping[str, Any],
+    idempotency_key: str | None,
+    wait: bool,
+) -> Receipt:
+    """`send_command`, with the state after the command whether or not the caller may read
+    it: for a mutation that answers with part of it (a checkout's id) and then with
+    `readable(info, entity_type, receipt)` for the rest."""
     entity_type = command.entity_type
     given = {k: v for k, v in payload.items() if v is not None}
     # The rest of this command's log lines name it (its id once the gateway has made it).
@@ -163,8 +178,13 @@ async def send_command(
         if exc.code is not ErrorCode.INVALID_INPUT:
             raise
         raise TenureError(exc.code, graphql_field_names(exc.message)) from None
+    return receipt
+
+
+async def readable(info: Info, entity_type: str, receipt: Receipt) -> Receipt:
+    """The receipt, without the state after the command unless the caller may read it."""
     if receipt.read is not None and not await info.context.authorizer.allows(
-        principal, entity_type, entity_id, READ
+        info.context.principal, entity_type, receipt.entity_id, READ
     ):
         # A caller that may send the command but not read the entity (a service scoped to
         # `account:deposit` alone) learns that it was applied, not the state after it.

@@ -402,6 +402,22 @@ async def test_a_command_payload_shows_state_only_to_a_caller_who_may_read_it(
     assert shown["status"] == "APPLIED" and shown["account"]["balance"] == 10
 
 
+async def test_a_service_that_may_check_a_cart_out_but_not_read_it_learns_the_checkout(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    admin = Caller(secured_http, token("admin", "setup"))
+    entities = await setup(admin)
+    await admin.data(ADD, id=entities["cart"], sku=entities["sku"])
+    await admin.data(DEPOSIT, id=entities["mine"])
+    checkout = "mutation($id: ID!) { checkoutCart(cartId: $id) { checkoutId cart { status } } }"
+    checker = Caller(secured_http, token("service", "checkout", scope="cart:checkoutCart"))
+    assert await checker.code(READ_CART, id=entities["cart"]) == ErrorCode.FORBIDDEN
+    started = (await checker.data(checkout, id=entities["cart"]))["checkoutCart"]
+    assert started == {"checkoutId": f"{entities['cart']}-1", "cart": None}
+    cart = (await admin.data(READ_CART, id=entities["cart"]))["cart"]
+    assert cart["status"] in ("CHECKING_OUT", "CHECKED_OUT")
+
+
 async def test_ids_with_a_trailing_newline_are_refused(secured_http: httpx.AsyncClient) -> None:
     admin = Caller(secured_http, token("admin", "setup"))
     for document, variables in (
