@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 from cross_web import HTTPException
-from graphql import ExecutionResult
+from graphql import ExecutionResult, GraphQLError
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 from starlette.applications import Starlette
@@ -27,14 +27,15 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
-from strawberry.exceptions import ConnectionRejectionError
+from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData, GraphQLRequestProtocol
 from strawberry.http.streaming import SSETransport
 from strawberry.schema import BaseSchema
-from strawberry.schema.exceptions import InvalidOperationTypeError
+from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.subscriptions import GRAPHQL_SSE_PROTOCOL, GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionResult as StrawberryExecutionResult
 from strawberry.types import SubscriptionExecutionResult
+from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UnsetType
 from temporalio.client import Client
 
@@ -46,7 +47,7 @@ from api.cached_reads import CachedReadResponses
 from api.change_feed import ChangeFeed
 from api.context import TenureContext
 from api.errors import LimitCode, RequestRefused, present_error
-from api.gateway import QUERY_BUDGET, EntityGateway, QueryBudget
+from api.gateway import EntityGateway
 from api.limits import BodyLimit, DocumentLimits, decode_json
 from api.metrics import ApiMetrics
 from api.over_http import EventStreamsTo, GraphQLOverHTTP, view_status, wants_event_stream
@@ -55,7 +56,7 @@ from api.rate_limits import RETRY_AFTER_KEY, Limit, RateLimiter, RateLimits
 from api.request_context import ObservedRequests, note_outcome
 from api.response_size import ResponseSize
 from api.schema import build_schema, introspection_enabled
-from api.transports import CodedErrorsOverWebSocket, EventStream
+from api.transports import CodedErrorsOverWebSocket, EventStream, JsonFrames
 from api.webhooks import webhook_endpoint
 from entities.errors import ErrorCode
 from entities.runtime.policy import NOBODY, Role
@@ -86,6 +87,18 @@ def _mutation_by_get() -> RequestRefused:
     )
 
 
+def _subscription_not_streamed() -> StrawberryExecutionResult:
+    """The answer to a subscription sent as a query would be: a request error (400 as
+    `application/graphql-response+json`, 200 with null data as `application/json`, as
+    graphql-http answers one) naming the transports that carry subscriptions."""
+    message = (
+        "a subscription's results are sent as Server-Sent Events (ask with "
+        "`Accept: text/event-stream`) or over a WebSocket speaking graphql-transport-ws, "
+        "not in one response"
+    )
+    return StrawberryExecutionResult(data=None, errors=[GraphQLError(message)])
+
+
 class TenureGraphQL(GraphQL[TenureContext, None]):
     """Strawberry's ASGI view with Tenure's context and error presentation: a request it
     refuses is answered with a GraphQL error and a code, as a query's errors are. Over
@@ -96,6 +109,7 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
     """Set once the app has one: operations over a WebSocket pay at its door too."""
 
     graphql_transport_ws_handler_class = CodedErrorsOverWebSocket
+    websocket_adapter_class = JsonFrames
     stream_transport_classes_by_protocol = {GRAPHQL_SSE_PROTOCOL: _EventStreams}
 
     def __init__(
@@ -104,7 +118,6 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
         *,
         graphiql: bool,
         suggestions: bool,
-        queries_per_request: int,
         verifier: TokenVerifier | None = None,
         subscriptions_per_connection: int = 20,
         allowed_origins: list[str] | None = None,
@@ -118,7 +131,6 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
             allowed_origins=allowed_origins or (),
         )
         self._suggestions = suggestions
-        self._queries_per_request = queries_per_request
         self._verifier = verifier
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -173,14 +185,35 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
         return refused
 
     async def execute_single(
-        self, request: Request, request_adapter: Any, *args: Any, **kwargs: Any
+        self,
+        request: Request,
+        request_adapter: Any,
+        sub_response: Response,
+        context: TenureContext,
+        root_value: None,
+        request_data: GraphQLRequestData,
     ) -> StrawberryExecutionResult:
+        # Strawberry takes a subscription by plain GET or POST too (for its multipart
+        # protocol, which Tenure does not serve): its resolver would run as a field's.
+        allowed = OperationType.from_http(request_adapter.method) - {OperationType.SUBSCRIPTION}
         try:
-            return await super().execute_single(request, request_adapter, *args, **kwargs)
-        except HTTPException as exc:
-            if isinstance(exc.__cause__, InvalidOperationTypeError):
-                raise _mutation_by_get() from exc
-            raise
+            return await self.schema.execute(
+                request_data.query,
+                root_value=root_value,
+                variable_values=request_data.variables,
+                context_value=context,
+                operation_name=request_data.operation_name,
+                allowed_operation_types=allowed,
+                operation_extensions=request_data.extensions,
+            )
+        except InvalidOperationTypeError as exc:
+            if exc.operation_type is OperationType.SUBSCRIPTION:
+                return _subscription_not_streamed()
+            raise _mutation_by_get() from exc
+        except CannotGetOperationTypeError as exc:
+            raise HTTPException(400, exc.as_http_error_reason()) from exc
+        except MissingQueryError as exc:
+            raise HTTPException(400, "No GraphQL query found in the request") from exc
 
     def decode_json(self, data: str | bytes) -> object:
         return decode_json(data)
@@ -207,7 +240,6 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
         # Only the GraphiQL page comes in unauthenticated, and it runs nothing: even so its
         # context holds a caller with no rights at all.
         principal = principal_of(request.scope) or NOBODY
-        QUERY_BUDGET.set(QueryBudget(self._queries_per_request))
         return TenureContext(
             request=request,
             response=response if isinstance(response, Response) else None,
@@ -369,7 +401,6 @@ def create_app(
         schema,
         graphiql=graphiql,
         suggestions=introspection_enabled(settings),
-        queries_per_request=settings.max_live_reads,
         verifier=verifier,
         subscriptions_per_connection=settings.max_subscriptions_per_connection,
         allowed_origins=settings.cors_origins,

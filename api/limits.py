@@ -14,7 +14,8 @@ In the order a request meets them:
   TOO_MANY_DIRECTIVES, TOO_MANY_ROOT_FIELDS, TOO_MANY_MUTATIONS), checked while validating;
   a fragment counts each time it is spread, as it would be executed;
 - the operation to run, with its variables: its LIVE reads, each a Temporal query
-  (TOO_MANY_LIVE_READS), checked just before execution.
+  (TOO_MANY_LIVE_READS), checked just before execution; then, as it runs, the queries it
+  makes, cache misses included, each event of a subscription counted on its own.
 
 A refused request runs no resolver: it reads and stores nothing.
 """
@@ -51,9 +52,10 @@ from graphql.language.visitor import BREAK
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import SchemaExtension
+from strawberry.types import StreamExecutionResult
 
 from api.errors import LimitCode, RequestRefused, over_limit
-from api.gateway import Consistency
+from api.gateway import QUERY_BUDGET, Consistency, QueryBudget
 from entities.errors import ErrorCode
 from workers.settings import Settings
 
@@ -439,13 +441,17 @@ class DocumentLimits:
 
 
 class LiveReadLimit(SchemaExtension):
-    """Refuses, just before execution, an operation with more LIVE reads than `limits` allow."""
+    """Refuses, just before execution, an operation with more LIVE reads than `limits` allow,
+    and gives each execution its budget of queries to entities (`QueryBudget`): each
+    operation, on a WebSocket too, and each event of a subscription, which reads what a
+    request would."""
 
     def __init__(self, limits: DocumentLimits) -> None:
         super().__init__()
         self._limits = limits
 
     def on_execute(self) -> Iterator[None]:
+        QUERY_BUDGET.set(QueryBudget(self._limits.live_reads))
         context = self.execution_context
         if context.graphql_document is not None and context.result is None:
             error = self._limits.check_live_reads(
@@ -454,3 +460,9 @@ class LiveReadLimit(SchemaExtension):
             if error is not None:
                 context.result = ExecutionResult(data=None, errors=[error])
         yield
+
+    def on_stream_result(self, result: StreamExecutionResult) -> Iterator[None]:
+        yield
+        # Resumed when the subscriber asks for the next event, before it is executed; the
+        # first shares the operation's budget with the subscription's start.
+        QUERY_BUDGET.set(QueryBudget(self._limits.live_reads))

@@ -11,7 +11,9 @@ media type answers, and what a request error looks like in each.
 - Event streams: a header naming `text/event-stream` asks for the operation's results as
   Server-Sent Events (graphql-sse, distinct connections mode). A request refused before its
   stream is established is answered as JSON all the same, as the JSON type the header also
-  names, else as `application/graphql-response+json`, whose request errors are 400.
+  names, else as `application/graphql-response+json`, whose request errors are 400. A
+  subscription travels only so (or over a WebSocket): sent for one JSON answer, by GET or
+  POST, it is a request error, INVALID_INPUT (raised by the view).
 - Request errors: a request that fails before execution (a document that does not parse or
   validate, variables that do not coerce, a limit) answered as
   `application/graphql-response+json` has status 400 and no `data` entry; as

@@ -7,21 +7,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, cast
 
 from graphql import GraphQLError
+from graphql.error import GraphQLFormattedError
 from starlette.types import Scope
+from strawberry.asgi import ASGIWebSocketAdapter
+from strawberry.http.exceptions import NonJsonMessageReceived
 from strawberry.schema import BaseSchema
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
+)
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
+    Message,
+    SubscribeMessage,
 )
 from strawberry.types.execution import ExecutionResult, PreExecutionError
 from strawberry.utils.aio import aclosing
 
 from api.context import TenureContext
-from api.errors import LimitCode, over_limit, present_error
+from api.errors import LimitCode, RequestRefused, over_limit, present_error
 from api.rate_limits import LIMITER_KEY, RateLimiter, retry_after_seconds, too_many_requests
 from api.subscriptions import ESTABLISHED_KEY
+from entities.errors import ErrorCode, TenureError
 
 _END = object()  # after an event stream's last result
 
@@ -64,10 +72,18 @@ class _CodedStreams:
 
     async def _coded(self, results: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
         async with aclosing(results):
-            async for result in results:
-                if isinstance(result, ExecutionResult):
-                    self._code(result)
-                yield result
+            try:
+                async for result in results:
+                    if isinstance(result, ExecutionResult):
+                        self._code(result)
+                    yield result
+            except GraphQLError as error:
+                # Strawberry lets an error raised while parsing (a document that does not
+                # parse, or is over a limit) escape the stream, and the handler would end the
+                # operation with a bare `complete`: it is the operation's refusal.
+                refused = PreExecutionError(data=None, errors=[error])
+                self._code(refused)
+                yield refused
 
     def _code(self, result: ExecutionResult) -> None:
         if not result.errors:
@@ -89,14 +105,81 @@ class _CodedStreams:
         result.errors = coded
 
 
+def _malformed(message: object) -> str | None:
+    """Why `message` is no graphql-transport-ws message, or None when it is one. Strawberry
+    reads a message's fields on trust: one of the wrong type raised out of its reader and
+    dropped the connection with no close frame."""
+    if not isinstance(message, dict):
+        return "a message is a JSON object"
+    kind = message.get("type")
+    if kind in ("subscribe", "complete") and not (
+        isinstance(message.get("id"), str) and message["id"]
+    ):
+        return f"a {kind} message's id is a non-empty string"
+    if kind != "subscribe":
+        return None
+    payload = message.get("payload")
+    if not isinstance(payload, dict) or not isinstance(payload.get("query"), str):
+        return "a subscribe message's payload is an object with a query string"
+    if not isinstance(payload.get("variables"), dict | None):
+        return "a subscribe message's variables are an object"
+    if not isinstance(payload.get("operationName"), str | None):
+        return "a subscribe message's operationName is a string"
+    return None
+
+
+class JsonFrames(ASGIWebSocketAdapter):
+    """Strawberry's WebSocket adapter, to which a frame the view's JSON reading refuses
+    (`api.limits.decode_json`: nested past the stack, not an object...) is no JSON, as one
+    `json` cannot read is: the socket is closed with 4400, not dropped."""
+
+    async def iter_json(
+        self, *, ignore_parsing_errors: bool = False
+    ) -> AsyncGenerator[object, None]:
+        frames = super().iter_json(ignore_parsing_errors=ignore_parsing_errors)
+        async with aclosing(frames):
+            try:
+                async for frame in frames:
+                    yield frame
+            except RequestRefused as exc:
+                raise NonJsonMessageReceived from exc
+
+
 class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None]):
-    """graphql-transport-ws with Tenure's error codes on every error it sends."""
+    """graphql-transport-ws with Tenure's error codes on every error it sends, and a close
+    with 4400 (the protocol's invalid message) for whatever message is malformed."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         suggestions = getattr(self.view, "suggestions", True)
         limiter = getattr(self.view, "rate_limiter", None)
         self.schema = _CodedStreams(self.schema, suggestions, limiter)  # type: ignore[assignment]
+
+    async def handle_message(self, message: Message) -> None:
+        wrong = _malformed(message)
+        if wrong is not None:
+            await self.handle_invalid_message(f"Invalid message: {wrong}")
+            return
+        await super().handle_message(message)
+
+    async def handle_subscribe(self, message: SubscribeMessage) -> None:
+        limit = self.max_subscriptions_per_connection
+        # Strawberry refuses an unacknowledged or repeated subscribe (closing the socket)
+        # before it counts operations; its refusal of one too many has no code.
+        if (
+            limit is not None
+            and self.connection_acknowledged
+            and message["id"] not in self.operations
+            and len(self.operations) >= limit
+        ):
+            reached = TenureError(
+                ErrorCode.LIMIT_REACHED, f"at most {limit} operations at once on one connection"
+            )
+            error = present_error(GraphQLError(reached.message, original_error=reached))
+            payload = [cast(GraphQLFormattedError, error)]
+            await self.send_message({"id": message["id"], "type": "error", "payload": payload})
+            return
+        await super().handle_subscribe(message)
 
 
 class EventStream:

@@ -176,3 +176,36 @@ async def test_what_each_rule_means_to_a_client(served: str, worker: object) -> 
         assert anonymous.status_code == 401
         assert anonymous.headers["content-type"] == f"{GRAPHQL_RESPONSE}; charset=utf-8"
         assert "server" not in anonymous.headers and "server" not in typename.headers
+
+
+async def test_a_subscription_sent_as_a_plain_request_is_told_how_to_subscribe(
+    served: str,
+) -> None:
+    """A subscription's results need an event stream or a WebSocket: sent as a query would
+    be, by POST or GET, it is a request error with its code and the transports to use, not a
+    resolver's INTERNAL error."""
+    follow = 'subscription { accountChanged(id: "x") { revision } }'
+    changes = "subscription { changes(entityType: ACCOUNT) { revision } }"
+    async with httpx.AsyncClient(headers={"authorization": f"Bearer {ADMIN}"}) as http:
+        for query in (follow, changes):
+            legacy = await http.post(served, json={"query": query})
+            assert legacy.status_code == 200
+            assert legacy.json()["data"] is None
+            [error] = legacy.json()["errors"]
+            assert error["extensions"]["code"] == "INVALID_INPUT"
+            assert "path" not in error
+            assert "text/event-stream" in error["message"]
+            assert "graphql-transport-ws" in error["message"]
+            by_get = await http.get(served, params={"query": query})
+            assert by_get.status_code == 200 and by_get.json() == legacy.json()
+            # A request error, as the newer media type has them: 400 and no data.
+            for method in ("POST", "GET"):
+                refused = await http.request(
+                    method,
+                    served,
+                    json={"query": query} if method == "POST" else None,
+                    params={"query": query} if method == "GET" else None,
+                    headers={"accept": GRAPHQL_RESPONSE},
+                )
+                assert refused.status_code == 400
+                assert refused.json() == {"errors": [error]}

@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from temporalio.client import Client
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from api.app import create_app
 from api.auth import DEVELOPMENT_PRINCIPAL
@@ -301,6 +302,101 @@ async def test_over_graphql_transport_ws_a_customer_follows_only_its_own_account
                     with pytest.raises(Exception) as closed:
                         await received(ws)
                     assert "4403" in str(closed.value)
+
+
+@contextlib.asynccontextmanager
+async def acknowledged(url: str, bearer: str) -> AsyncIterator[ClientConnection]:
+    """A graphql-transport-ws connection, initialised with `bearer` and acknowledged."""
+    async with connect(url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+        init = {"Authorization": f"Bearer {bearer}"}
+        await ws.send(json.dumps({"type": "connection_init", "payload": init}))
+        assert (await received(ws))["type"] == "connection_ack"
+        yield ws
+
+
+async def subscribe(ws: ClientConnection, op: str, query: str, **variables: Any) -> None:
+    payload = {"query": query, "variables": variables}
+    await ws.send(json.dumps({"id": op, "type": "subscribe", "payload": payload}))
+
+
+async def test_over_graphql_transport_ws_a_malformed_message_closes_the_socket_4400(
+    secured: Settings, temporal_client: Client
+) -> None:
+    """What is no graphql-transport-ws message, not JSON, JSON the API refuses to read, or a
+    message of the wrong shape, closes the socket with the protocol's 4400, not a dropped
+    connection (1006) the client cannot tell from a network failure."""
+    typename = {"query": "{ __typename }"}
+    frames = [
+        "{x",
+        '"x"',  # JSON, but no object
+        "[" * 100_000 + "]" * 100_000,  # nested past the stack
+        "[1]",
+        json.dumps({"type": "subscribe", "id": "1", "payload": "x"}),
+        json.dumps({"type": "subscribe", "id": "1", "payload": {"query": 5}}),
+        json.dumps({"type": "subscribe", "id": "1", "payload": {**typename, "variables": "x"}}),
+        json.dumps({"type": "subscribe", "id": 1, "payload": typename}),
+        json.dumps({"type": "complete", "id": {}}),
+    ]
+    async with running_app(secured, temporal_client) as app, served(app) as url:
+        for frame in frames:
+            async with acknowledged(url, token("admin", "ops-1")) as ws:
+                await ws.send(frame)
+                with pytest.raises(ConnectionClosed) as closed:
+                    await received(ws)
+            assert closed.value.rcvd is not None, frame[:40]  # a close frame was sent
+            assert closed.value.rcvd.code == 4400, frame[:40]
+
+
+async def test_over_graphql_transport_ws_a_refused_document_is_an_error_with_its_code(
+    secured: Settings, temporal_client: Client
+) -> None:
+    """A document that does not parse or breaks a document limit is answered with an error
+    for its operation, coded as over HTTP, and the socket serves on."""
+    deep = "subscription " + "{ a " * 12 + "}" * 12
+    aliased = (
+        'subscription { accountChanged(id: "x") { node { '
+        + " ".join(f"b{n}: balance" for n in range(16))
+        + " } } }"
+    )
+    refused = {"{": "INVALID_INPUT", deep: "QUERY_TOO_DEEP", aliased: "TOO_MANY_ALIASES"}
+    admin = token("admin", "ops-1")
+    async with running_app(secured, temporal_client) as app, served(app) as url:
+        async with http_of(app) as http:
+            http.headers["Authorization"] = f"Bearer {admin}"
+            over_http = [
+                code((await http.post("/graphql", json={"query": q})).json()) for q in refused
+            ]
+        assert over_http == list(refused.values())
+        async with acknowledged(url, admin) as ws:
+            for n, (query, expected) in enumerate(refused.items()):
+                await subscribe(ws, f"op-{n}", query)
+                message = await received(ws)
+                assert (message["id"], message["type"]) == (f"op-{n}", "error"), message
+                assert code({"errors": message["payload"]}) == expected
+            await subscribe(ws, "after", "{ __typename }")
+            assert (await answer(ws, "after"))["data"] == {"__typename": "Query"}
+
+
+async def test_over_graphql_transport_ws_the_subscription_limit_has_its_code(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    two = secured.model_copy(update={"max_subscriptions_per_connection": 2})
+    async with run_worker(two), running_app(two, temporal_client) as app:
+        admin = token("admin", "ops-1")
+        async with http_of(app) as http:
+            http.headers["Authorization"] = f"Bearer {admin}"
+            account_id = await open_account(GraphQLClient(http))
+        async with served(app) as url, acknowledged(url, admin) as ws:
+            for op in ("first", "second"):
+                await subscribe(ws, op, FOLLOW, id=account_id)
+                assert "errors" not in await answer(ws, op)
+            await subscribe(ws, "third", FOLLOW, id=account_id)
+            over = await answer(ws, "third")
+            assert code(over) == "LIMIT_REACHED"
+            assert "2" in over["errors"][0]["message"]
+            await ws.send(json.dumps({"id": "first", "type": "complete"}))
+            await subscribe(ws, "again", FOLLOW, id=account_id)
+            assert (await answer(ws, "again"))["data"]["accountChanged"]["revision"] == 2
 
 
 async def test_over_graphql_transport_ws_each_operation_pays_the_rate_limit(

@@ -281,3 +281,25 @@ async def test_an_sse_stream_is_counted_but_kept_out_of_request_durations(
     assert grown("tenure_api_requests_total") == 2
     assert grown("tenure_api_request_duration_seconds_count") == 1
     assert grown("tenure_api_request_duration_seconds_sum") < 0.3
+
+
+async def test_each_event_of_a_subscription_has_the_live_reads_of_a_request(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """An event's `history` is a query to the entity, counted against the per-request
+    budget: each event has a budget of its own, so a long-lived subscription does not run
+    out of it after as many events as a request may make queries."""
+    follow = """subscription($id: ID!) { accountChanged(id: $id) {
+      revision node { history(last: 1) { entries { commandId } } } } }"""
+    deposits = 2 * settings.max_live_reads
+    async with stack(settings, temporal_client, run_worker) as tenure, httpx.AsyncClient() as sse:
+        account_id = await open_account(tenure.gql)
+        admin = token("admin", "ops-2")
+        async with subscribing(sse, tenure.url, admin, follow, id=account_id) as response:
+            stream = events(response)
+            shown = [await change_of(stream)]
+            for _ in range(deposits):
+                await tenure.gql.data(DEPOSIT, id=account_id, amount=1)
+                shown.append(await change_of(stream))
+    assert [change["revision"] for change in shown] == list(range(2, 3 + deposits))
+    assert all(len(change["node"]["history"]["entries"]) == 1 for change in shown)
