@@ -4,6 +4,7 @@ them, entities/webhook_delivery.py delivers)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from entities.webhook_delivery import (
 from workers.failures import redis_unavailable
 from workers.webhook_subscribers import (
     ALL_COMMANDS,
+    MAX_ENTRY_PART,
     MAX_SUBSCRIBERS,
     DeadLetter,
     Subscriber,
@@ -42,7 +44,10 @@ MAX_COMMANDS = 50
 MAX_SECRET_CHARS = 200
 MAX_DEAD_LETTER_PAGE = 100
 _ID = re.compile(r"wh_[0-9a-f]{1,32}")
-_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
+"""A host name's label: letters, digits and inner hyphens, as DNS has them, and underscores,
+as container and service names have them."""
 
 
 @strawberry.type(description="Where an entity type's changes are posted, signed.")
@@ -137,17 +142,49 @@ def _checked_id(subscriber_id: str) -> str:
     return subscriber_id
 
 
+def _entry_id(value: str) -> bool:
+    """Whether `value` is a stream entry id Redis takes (whether or not there is one)."""
+    matched = _ENTRY_ID.fullmatch(value)
+    return matched is not None and all(int(part) <= MAX_ENTRY_PART for part in matched.groups())
+
+
 def checked_url(url: str) -> str:
-    """An absolute http or https URL with a host, or INVALID_INPUT."""
+    """An absolute http or https URL that can be delivered to (a host name or an IP address,
+    a port from 1 to 65535, no credentials), as it will be stored; else INVALID_INPUT.
+    Private and loopback addresses are taken: local receivers are integrations too."""
     if len(url) > MAX_URL_CHARS:
         raise _invalid(f"url: at most {MAX_URL_CHARS} characters")
     try:
         parsed = httpx.URL(url)
+        host = parsed.host  # IDNA refuses a malformed xn-- label only when decoding it
     except httpx.InvalidURL as exc:
         raise _invalid(f"url: {exc}") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
+    except UnicodeError:
+        raise _invalid("url: the host is not a valid internationalized domain name") from None
+    if parsed.scheme not in ("http", "https") or not host:
         raise _invalid("url: an http or https URL with a host")
+    if parsed.userinfo:
+        raise _invalid(
+            "url: no user name or password; credentials in a stored URL leak into logs and "
+            "the console (deliveries are signed with the secret instead)"
+        )
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise _invalid("url: the port must be 1 to 65535")
+    if not _host(parsed.raw_host.decode("ascii", "replace")):
+        raise _invalid("url: the host must be a host name or an IP address")
     return str(parsed)
+
+
+def _host(host: str) -> bool:
+    """Whether `host` (as httpx keeps it: ASCII, IPv6 without brackets) names a host."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    labels = host.removesuffix(".").split(".")  # the root's dot, `example.com.`, may end it
+    return len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
 
 
 def checked_events(events: Any) -> dict[str, list[str]]:
@@ -215,7 +252,7 @@ class WebhookQuery:
         subscribers = _subscribers(info)
         if not 1 <= first <= MAX_DEAD_LETTER_PAGE:
             raise _invalid(f"first: 1 to {MAX_DEAD_LETTER_PAGE}")
-        if after is not None and not _ENTRY_ID.fullmatch(after):
+        if after is not None and not _entry_id(after):
             raise _invalid("after: a dead letter's id")
         async with _redis():
             if await subscribers.get(_checked_id(subscriber_id)) is None:
@@ -285,7 +322,7 @@ class WebhookMutation:
         self, info: Info, subscriber_id: strawberry.ID, id: strawberry.ID
     ) -> int:
         subscribers = _subscribers(info)
-        if not _ENTRY_ID.fullmatch(id):
+        if not _entry_id(id):
             raise TenureError(ErrorCode.NOT_FOUND, "no such dead letter")
         async with _redis():
             replayed = await subscribers.replay(_checked_id(subscriber_id), id)

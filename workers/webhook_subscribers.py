@@ -16,6 +16,7 @@ same rule api/webhooks.py checks inbound).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -25,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field, SecretStr
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from workers.cache import RedisClient
 from workers.changes import stream_key
@@ -36,6 +37,20 @@ MAX_DEAD_LETTERS = 10_000
 """Dead letters kept per subscriber, about (the oldest go first)."""
 MAX_REPLAY_AT_ONCE = 1_000
 ALL_COMMANDS = "*"
+MAX_ENTRY_PART = 2**64 - 1
+"""A stream entry id is two unsigned 64-bit numbers, `<ms>-<seq>`; Redis refuses one past."""
+LAST_ENTRY_ID = f"{MAX_ENTRY_PART}-{MAX_ENTRY_PART}"
+
+# KEYS[1] the registry; ARGV: the subscriber's id, its JSON, MAX_SUBSCRIBERS. Counting and
+# adding in one step: apart, registrations at once all count the same room and all add.
+# One key, so it runs as well in a Redis Cluster. 1 when added, 0 when full.
+_ADD_IF_ROOM = """
+if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
 
 
 class Subscriber(BaseModel):
@@ -112,6 +127,7 @@ class WebhookSubscribers:
     def __init__(self, client: RedisClient, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
+        self._add_if_room = client.register_script(_ADD_IF_ROOM)
 
     @property
     def registry_key(self) -> str:
@@ -135,13 +151,24 @@ class WebhookSubscribers:
 
     async def add(self, subscriber: Subscriber) -> bool:
         """Register it and its consumer groups, from the end of each stream (it gets the
-        changes made from now on); False when there are MAX_SUBSCRIBERS already."""
-        if await self.client.hlen(self.registry_key) >= MAX_SUBSCRIBERS:
+        changes made from now on); False, with nothing stored, when there are
+        MAX_SUBSCRIBERS already."""
+        added = await self._add_if_room(
+            keys=[self.registry_key],
+            args=[subscriber.id, subscriber.model_dump_json(), MAX_SUBSCRIBERS],
+        )
+        if not added:
             return False
-        for entity_type in subscriber.events:
-            await self.ensure_group(subscriber.id, entity_type, start="$")
-        await self.ensure_group(subscriber.id, None, start="0")
-        await self.client.hset(self.registry_key, subscriber.id, subscriber.model_dump_json())
+        try:
+            for entity_type in subscriber.events:
+                await self.ensure_group(subscriber.id, entity_type, start="$")
+            await self.ensure_group(subscriber.id, None, start="0")
+        except RedisError:
+            # Registered without its groups, and with no delivery started to make them, it
+            # would hold one of the places for nothing; forgetting it is worth a try.
+            with contextlib.suppress(RedisError):
+                await self.remove(subscriber.id)
+            raise
         return True
 
     async def ensure_group(self, subscriber_id: str, entity_type: str | None, start: str) -> None:
@@ -179,6 +206,8 @@ class WebhookSubscribers:
         self, subscriber_id: str, first: int, after: str | None
     ) -> tuple[list[DeadLetter], bool]:
         """Oldest first, `first` of them after the entry `after`; and whether more follow."""
+        if after == LAST_ENTRY_ID:
+            return [], False  # XRANGE refuses to start past the last id there can be
         start = f"({after}" if after else "-"
         raw: Any = await self.client.xrange(
             self.key(subscriber_id, "dead"), start, "+", count=first + 1

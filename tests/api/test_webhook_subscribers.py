@@ -1,12 +1,21 @@
-"""Outbound webhook subscribers through GraphQL: for admins only, and refused before anything
-is registered when the URL, the filter or the secret is wrong."""
+"""Outbound webhook subscribers through GraphQL: for admins only, refused before anything
+is registered when the URL, the filter or the secret is wrong, and never more than
+MAX_SUBSCRIBERS of them, however many register at once."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from typing import Any
+
 import httpx
 import pytest
+from temporalio.client import Client
 
 from tests.api.test_access import Caller, token
+from tests.conftest import api_client, cache_of
+from workers.settings import Settings
+from workers.webhook_subscribers import LAST_ENTRY_ID, MAX_SUBSCRIBERS, WebhookSubscribers
 
 REGISTER = """mutation($url: String!, $events: JSON!, $secret: String) {
   registerWebhookSubscriber(url: $url, events: $events, secret: $secret) {
@@ -15,6 +24,9 @@ LISTED = "{ webhookSubscribers { id url } }"
 DEAD = "query($id: ID!) { webhookDeadLetters(subscriberId: $id) { hasMore entries { id } } }"
 REMOVE = "mutation($id: ID!) { removeWebhookSubscriber(id: $id) }"
 REPLAY_ALL = "mutation($id: ID!) { replayWebhookDeadLetters(subscriberId: $id) }"
+DEAD_AFTER = """query($id: ID!, $after: String) { webhookDeadLetters(subscriberId: $id, first: 5,
+  after: $after) { hasMore entries { id } } }"""
+REPLAY = "mutation($s: ID!, $id: ID!) { replayWebhookDeadLetter(subscriberId: $s, id: $id) }"
 GOOD = {"url": "https://example.com/hooks", "events": {"account": ["deposit"]}}
 
 
@@ -85,3 +97,112 @@ async def test_a_given_secret_is_kept_and_every_type_may_be_wanted(
         "account": ["become_dormant", "deposit", "withdraw"],
     }
     await admin.data(REMOVE, id=registered["subscriber"]["id"])
+
+
+async def _error(caller: Caller, query: str, **variables: Any) -> dict[str, Any]:
+    body = (await caller.post(query, **variables)).json()
+    assert body.get("errors"), body
+    error: dict[str, Any] = body["errors"][0]
+    return error
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://xn--/",  # not an A-label: IDNA refuses it
+        "https://xn--zz.example/",
+        "http://127.0.0.1:99999/x",
+        "http://x:-1/",
+        "http://x:0/",
+        "http://a b/",
+        "http://%00/",
+        "http://a%2eb/",
+        "http://a..b/",
+        "http://.a/",
+        "http://-a/",
+        "http://user:pass@example.com/hooks",
+        "http://user@example.com/hooks",
+    ],
+)
+async def test_an_undeliverable_url_is_invalid_input_naming_url(
+    secured_http: httpx.AsyncClient, url: str
+) -> None:
+    admin = Caller(secured_http, token("admin", "alice"))
+    before = (await admin.data(LISTED))["webhookSubscribers"]
+    error = await _error(admin, REGISTER, url=url, events=GOOD["events"])
+    assert error["extensions"]["code"] == "INVALID_INPUT", error
+    assert error["message"].startswith("url: "), error
+    assert (await admin.data(LISTED))["webhookSubscribers"] == before
+
+
+async def test_a_url_with_credentials_is_refused_saying_why(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    admin = Caller(secured_http, token("admin", "alice"))
+    url = "https://alice:hunter2@example.com/hooks"
+    error = await _error(admin, REGISTER, url=url, events=GOOD["events"])
+    assert error["extensions"]["code"] == "INVALID_INPUT"
+    assert "credentials" in error["message"]
+    assert "hunter2" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("url", "stored"),
+    [
+        ("http://127.0.0.1:65535/x", "http://127.0.0.1:65535/x"),
+        ("http://localhost:1/", "http://localhost:1/"),
+        ("http://[::1]:8080/hooks", "http://[::1]:8080/hooks"),
+        ("https://bücher.example/hooks", "https://xn--bcher-kva.example/hooks"),
+        ("http://hooks_receiver/in", "http://hooks_receiver/in"),
+        ("https://example.com./hooks?a=1", "https://example.com./hooks?a=1"),
+    ],
+)
+async def test_a_deliverable_url_is_stored(
+    secured_http: httpx.AsyncClient, url: str, stored: str
+) -> None:
+    admin = Caller(secured_http, token("admin", "alice"))
+    registered = (await admin.data(REGISTER, url=url, events=GOOD["events"]))[
+        "registerWebhookSubscriber"
+    ]
+    assert registered["subscriber"]["url"] == stored
+    await admin.data(REMOVE, id=registered["subscriber"]["id"])
+
+
+async def test_a_dead_letter_id_out_of_a_stream_ids_range_is_refused_as_any_wrong_one(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    admin = Caller(secured_http, token("admin", "alice"))
+    registered = (await admin.data(REGISTER, **GOOD))["registerWebhookSubscriber"]
+    subscriber_id = registered["subscriber"]["id"]
+    for too_big in ("99999999999999999999-1", f"1-{2**64}", f"{2**64}-0"):
+        for subscriber in ("wh_0", subscriber_id):
+            assert await admin.code(REPLAY, s=subscriber, id=too_big) == "NOT_FOUND"
+        assert await admin.code(DEAD_AFTER, id=subscriber_id, after=too_big) == "INVALID_INPUT"
+    # the largest id is well formed: nothing has it, and nothing follows it
+    assert await admin.code(REPLAY, s=subscriber_id, id=LAST_ENTRY_ID) == "NOT_FOUND"
+    page = await admin.data(DEAD_AFTER, id=subscriber_id, after=LAST_ENTRY_ID)
+    assert page["webhookDeadLetters"] == {"hasMore": False, "entries": []}
+    await admin.data(REMOVE, id=subscriber_id)
+
+
+@pytest.fixture
+def alone(secured: Settings) -> Settings:
+    """`secured` under a key prefix of its own: a registry that no other test adds to."""
+    prefix = f"{secured.redis_prefix}{uuid.uuid4().hex[:8]}:"
+    return secured.model_copy(update={"redis_prefix": prefix})
+
+
+async def test_registrations_at_once_never_pass_the_bound(
+    alone: Settings, temporal_client: Client
+) -> None:
+    over = 30
+    async with api_client(alone, temporal_client) as http:
+        admin = Caller(http, token("admin", "alice"))
+        codes = await asyncio.gather(
+            *(admin.code(REGISTER, **GOOD) for _ in range(MAX_SUBSCRIBERS + over))
+        )
+    assert codes.count(None) == MAX_SUBSCRIBERS
+    assert codes.count("LIMIT_REACHED") == over
+    async with cache_of(alone) as cache:
+        stored = await WebhookSubscribers(cache.client, cache.prefix).all()
+    assert len(stored) == MAX_SUBSCRIBERS

@@ -1,0 +1,51 @@
+"""The webhook registry's bound on a real Redis and on a real Redis Cluster: subscribers added
+at once never pass MAX_SUBSCRIBERS, and one refused leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+from tests.workers.test_redis_cluster import cluster  # noqa: F401  # a fixture
+from workers.cache import connect_redis
+from workers.settings import Settings
+from workers.webhook_subscribers import MAX_SUBSCRIBERS, Subscriber, WebhookSubscribers, new_secret
+
+
+def subscriber() -> Subscriber:
+    return Subscriber(
+        id=f"wh_{uuid.uuid4().hex[:16]}",
+        url="http://127.0.0.1:9/hooks",
+        secret=new_secret(),
+        events={"account": ["deposit"]},
+        created_at=datetime.now(UTC),
+    )
+
+
+AT_ONCE = MAX_SUBSCRIBERS + 30
+
+
+async def race(settings: Settings) -> None:
+    """Adds AT_ONCE subscribers at once to a registry of its own, and checks the bound."""
+    # A connection for each: a cluster client refuses a command past its pool, at once.
+    client = connect_redis(settings.model_copy(update={"redis_max_connections": AT_ONCE}))
+    registry = WebhookSubscribers(client, f"{settings.redis_prefix}{uuid.uuid4().hex[:8]}:")
+    try:
+        wanted = [subscriber() for _ in range(AT_ONCE)]
+        added = await asyncio.gather(*(registry.add(s) for s in wanted))
+        assert added.count(True) == MAX_SUBSCRIBERS
+        stored = {s.id for s in await registry.all()}
+        assert stored == {s.id for s, ok in zip(wanted, added, strict=True) if ok}
+        refused = next(s for s, ok in zip(wanted, added, strict=True) if not ok)
+        assert not await client.exists(registry.key(refused.id, "replay"))
+    finally:
+        await client.aclose()
+
+
+async def test_subscribers_added_at_once_never_pass_the_bound(settings: Settings) -> None:
+    await race(settings)
+
+
+async def test_the_bound_holds_on_a_redis_cluster(settings: Settings, cluster: str) -> None:  # noqa: F811
+    await race(settings.model_copy(update={"redis_url": cluster, "redis_cluster": True}))
