@@ -28,6 +28,7 @@ from entities.bulk import (
 )
 from entities.errors import ErrorCode, Rejected, TenureError
 from entities.runtime.entity import ENTITY_ID_PATTERN
+from entities.runtime.listing import MAX_TEXT_LENGTH
 from entities.runtime.policy import Principal, Role
 from workers.bulk import list_filter
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _KEY = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 ENTITY_ID = re.compile(ENTITY_ID_PATTERN)
+_ENDED = frozenset({BulkStatus.COMPLETED, BulkStatus.CANCELLED})
 
 
 @strawberry.type(description="How many targets a bulk command's entities refused, by code.")
@@ -169,7 +171,10 @@ class BulkMutation:
         "it is refused with IDEMPOTENCY_KEY_REUSED. Each entity's command id is "
         "`bulk:<key>:<entity id>`, so no entity gets it twice. `filter` is a listing filter "
         'as JSON: {"tags": {"status": ["ACTIVE"]}, "updated_before": "2026-11-01T00:00:00Z", '
-        '"closed": false, "text": "ad", "below": {"available": 5}}.'
+        '"closed": false, "text": "ad", "below": {"available": 5}}, held to what the type\'s '
+        f"list takes: its own tags, statuses and numbers, `text` of at most {MAX_TEXT_LENGTH} "
+        "characters. Commands only Tenure's own workflows send (`completeCheckout`, "
+        "`failCheckout`, `refund`) are refused with INVALID_INPUT."
     )
     async def start_bulk_command(
         self,
@@ -192,6 +197,14 @@ class BulkMutation:
             raise TenureError(ErrorCode.INVALID_INPUT, "payload: a JSON object")
         given: dict[str, Any] = payload or {}
         try:
+            if entity.spec(command).internal:
+                # Refused to every caller, admins too: it is not whose the call is, but
+                # what no client sends (a cart marked CHECKED_OUT without its saga).
+                raise Rejected(
+                    ErrorCode.INVALID_INPUT,
+                    f"command: {entity_type} {command} is sent by Tenure's own workflows "
+                    "(the checkout saga), never by a client nor in bulk",
+                )
             entity.parse(command, given)
         except Rejected as exc:
             raise TenureError(exc.code, exc.message) from None
@@ -207,7 +220,7 @@ class BulkMutation:
             if not isinstance(filter, dict):
                 raise TenureError(ErrorCode.INVALID_INPUT, "filter: a JSON object")
             try:
-                list_filter(filter)
+                list_filter(filter, entity)
             except (TypeError, ValueError, AttributeError) as exc:
                 raise TenureError(ErrorCode.INVALID_INPUT, f"filter: {exc}") from None
         bulk_input = BulkInput(
@@ -247,6 +260,16 @@ class BulkMutation:
 async def _signal(
     info: Info, bulk_id: str, signal: Callable[[BulkCommandWorkflow], None]
 ) -> BulkCommand:
+    """Pause, resume or cancel a running bulk command; INVALID_TRANSITION once it has ended,
+    as the checkout operator tools answer for an ended checkout."""
     await _progress(info, bulk_id)  # it exists, and the caller may act on it
-    await info.context.gateway.signal_workflow(bulk_workflow_id(bulk_id), signal)
+    if not await info.context.gateway.signal_workflow(bulk_workflow_id(bulk_id), signal):
+        ended = await _progress(info, bulk_id)
+        # One stopped from outside (terminated) still shows the status it last had.
+        status = ended.status.value if ended.status in _ENDED else "stopped before its end"
+        raise TenureError(
+            ErrorCode.INVALID_TRANSITION,
+            f"bulk command {bulk_id} has ended ({status}); it can no longer be paused, "
+            "resumed or cancelled",
+        )
     return BulkCommand.of(bulk_id, await _progress(info, bulk_id), now())

@@ -207,7 +207,7 @@ def withdraw(state: AccountState, cmd: Withdraw, ctx: Ctx) -> AccountState:
     )
 
 
-@account.command(Refund)
+@account.command(Refund, internal=True)
 def refund(state: AccountState, cmd: Refund, ctx: Ctx) -> AccountState:
     """Money coming back from a purchase taken back: accepted even while SUSPENDED, since
     a suspension must not keep a customer's own money from returning."""

@@ -238,7 +238,7 @@ def _checking_out(state: CartState, checkout_id: str, ctx: Ctx) -> None:
         )
 
 
-@cart.command(CompleteCheckout, name="completeCheckout")
+@cart.command(CompleteCheckout, name="completeCheckout", internal=True)
 def complete_checkout(state: CartState, cmd: CompleteCheckout, ctx: Ctx) -> CartState:
     """The checkout saga's report of success: the cart becomes an order."""
     _checking_out(state, cmd.checkout_id, ctx)
@@ -251,7 +251,7 @@ def complete_checkout(state: CartState, cmd: CompleteCheckout, ctx: Ctx) -> Cart
     )
 
 
-@cart.command(FailCheckout, name="failCheckout")
+@cart.command(FailCheckout, name="failCheckout", internal=True)
 def fail_checkout(state: CartState, cmd: FailCheckout, ctx: Ctx) -> CartState:
     """The checkout saga's report of failure, after it undid what it had done: the cart is
     open again, with the reason."""

@@ -40,11 +40,13 @@ from entities.bulk import (
     bulk_command_id,
 )
 from entities.errors import ErrorCode, TenureError
-from entities.runtime.entity import EntityType
+from entities.runtime.entity import MAX_MONEY, EntityType
 from entities.runtime.envelope import CommandEnvelope, CommandResult, OutcomeStatus
+from entities.runtime.listing import MAX_TEXT_LENGTH
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.changes import stream_end, stream_key, watch_applied
 from workers.delivery import CommandDelivery, EntityClosed
+from workers.index import STATUS
 from workers.listing import EntityIndex, ListFilter, Order
 from workers.settings import Settings
 
@@ -62,9 +64,20 @@ UNKNOWN_ATTEMPTS = 5
 """Tries of one entity's command while its outcome is unknown, before it counts as failed."""
 
 
-def list_filter(data: dict[str, Any] | None) -> ListFilter:
+MAX_TAG_VALUES = 100
+"""Values one tag of a bulk's filter may allow (a status's few, or some accounts' carts)."""
+
+
+def list_filter(
+    data: dict[str, Any] | None, entity: EntityType[Any, Any] | None = None
+) -> ListFilter:
     """A listing filter from its JSON form: `{"tags": {"status": ["ACTIVE"]}, "closed":
-    false, "text": "ad", "updated_before": "2026-01-01T00:00:00+00:00", "below": {...}}`."""
+    false, "text": "ad", "updated_before": "2026-01-01T00:00:00+00:00", "below": {...}}`.
+
+    With `entity`, it is also held to what the type's listing declares, as its GraphQL list
+    is: the API checks a bulk's filter so before it starts it. The page
+    activity reads it without, so that a bulk started before those checks ends as it began.
+    """
     data = data or {}
     known = {"tags", "updated_after", "updated_before", "text", "below", "closed"}
     unknown = set(data) - known
@@ -73,9 +86,15 @@ def list_filter(data: dict[str, Any] | None) -> ListFilter:
 
     def moment(name: str) -> datetime | None:
         value = data.get(name)
-        if value is not None and not isinstance(value, str):
-            raise ValueError(f"{name}: an ISO 8601 date and time")
-        return datetime.fromisoformat(value) if value is not None else None
+        if value is None:
+            return None
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            return datetime.fromisoformat(value)
+        except ValueError:
+            # Not its own message: that would quote the whole value back.
+            raise ValueError(f"{name}: an ISO 8601 date and time") from None
 
     tags = data.get("tags") or {}
     below = data.get("below") or {}
@@ -93,6 +112,8 @@ def list_filter(data: dict[str, Any] | None) -> ListFilter:
         raise ValueError("closed: true, false or null")
     if text is not None and not isinstance(text, str):
         raise ValueError("text: a string")
+    if entity is not None:
+        _as_listed(entity, tags, below, text)
     return ListFilter(
         tags={tag: frozenset(values) for tag, values in tags.items()},
         updated_after=moment("updated_after"),
@@ -101,6 +122,49 @@ def list_filter(data: dict[str, Any] | None) -> ListFilter:
         below=dict(below),
         closed=closed,
     )
+
+
+def _as_listed(
+    entity: EntityType[Any, Any],
+    tags: dict[str, list[str]],
+    below: dict[str, int],
+    text: str | None,
+) -> None:
+    """Refuse (ValueError) what the GraphQL lists refuse, since it would match nothing: a
+    tag, status or number the type does not list, text longer than the index keeps; and
+    more values than a bulk's stored input should carry."""
+    listed = entity.listed
+    names = sorted({*listed.tags, *([STATUS] if listed.status else [])})
+    unknown = sorted(set(tags) - set(names))
+    if unknown:
+        raise ValueError(
+            f"tags: {entity.name} has no tag {', '.join(unknown)} "
+            f"(its tags: {', '.join(names) or 'none'})"
+        )
+    for tag, values in tags.items():
+        if len(values) > MAX_TAG_VALUES or any(len(v) > MAX_TEXT_LENGTH for v in values):
+            raise ValueError(
+                f"tags.{tag}: at most {MAX_TAG_VALUES} values of at most "
+                f"{MAX_TEXT_LENGTH} characters"
+            )
+    statuses = entity.statuses()
+    wrong = sorted(set(tags.get(STATUS, ())) - statuses) if statuses is not None else []
+    if wrong:
+        raise ValueError(
+            f"tags.{STATUS}: {entity.name} has no status {', '.join(wrong)} "
+            f"(its statuses: {', '.join(sorted(statuses or ()))})"
+        )
+    numbers = sorted(listed.numbers)
+    unknown = sorted(set(below) - set(numbers))
+    if unknown:
+        raise ValueError(
+            f"below: {entity.name} has no number {', '.join(unknown)} "
+            f"(its numbers: {', '.join(numbers) or 'none'})"
+        )
+    if any(abs(bound) > MAX_MONEY for bound in below.values()):
+        raise ValueError(f"below: each bound at most {MAX_MONEY} (2^53 - 1) either way")
+    if text is not None and len(text) > MAX_TEXT_LENGTH:
+        raise ValueError(f"text: at most {MAX_TEXT_LENGTH} characters")
 
 
 class BulkActivities:

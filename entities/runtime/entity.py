@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import AfterValidator, BaseModel, StringConstraints, ValidationError, ValidationInfo
@@ -81,6 +82,9 @@ class Command(Generic[S, C, Opt]):
     model: type[C]
     handler: Callable[[Any, C, CommandContext[Opt]], S]
     creates: bool = False
+    internal: bool = False
+    """Sent by Tenure's own workflows alone (the checkout saga's reports and compensations),
+    never by a client: no public mutation sends it, and bulk commands refuse it."""
 
     def __call__(self, state: Any, command: C, ctx: CommandContext[Opt]) -> S:
         return self.handler(state, command, ctx)
@@ -129,16 +133,22 @@ class EntityType(Generic[S, Opt]):
         self._on_deadline: Callable[[S, CommandContext[Opt]], S] | None = None
 
     def command(
-        self, model: type[C], *, creates: bool = False, name: str | None = None
+        self,
+        model: type[C],
+        *,
+        creates: bool = False,
+        internal: bool = False,
+        name: str | None = None,
     ) -> Callable[[Callable[[Any, C, CommandContext[Opt]], S]], Command[S, C, Opt]]:
         """Register a transition `fn(state, command, ctx) -> new_state` for `model`, named
-        `name` or after the function; the decorated name becomes the command's handle."""
+        `name` or after the function; the decorated name becomes the command's handle.
+        `internal` marks one only Tenure's own workflows send (`Command.internal`)."""
 
         def register(fn: Callable[[Any, C, CommandContext[Opt]], S]) -> Command[S, C, Opt]:
             command_name = name or fn.__name__
             if command_name in self.commands:
                 raise ValueError(f"{self.name} already has a command {command_name!r}")
-            command = Command(self.name, command_name, model, fn, creates)
+            command = Command(self.name, command_name, model, fn, creates, internal)
             self.commands[command_name] = command
             return command
 
@@ -186,6 +196,16 @@ class EntityType(Generic[S, Opt]):
         if owned_by not in (None, "id", *(tags or {})):
             raise ValueError(f"{self.name} has no tag {owned_by!r} to own it by")
         self.listed = Listing(status, dict(tags or {}), text, dict(numbers or {}), owned_by)
+
+    def statuses(self) -> frozenset[str] | None:
+        """The values its listed status takes, when its state declares them as the types here
+        do (a `status` field of an enum type); None when it lists no status, or when its
+        state does not tell."""
+        declared = self.state_model.model_fields.get("status")
+        kind = declared.annotation if declared is not None else None
+        if self.listed.status is None or not (isinstance(kind, type) and issubclass(kind, Enum)):
+            return None
+        return frozenset(str(member.value) for member in kind)
 
     def index_values(self, state: Mapping[str, Any] | None) -> IndexValues | None:
         """The entity's indexed values in `state`; None when there is no state."""

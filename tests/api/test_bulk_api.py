@@ -308,3 +308,121 @@ async def test_only_admins_list_bulk_commands(secured_http: httpx.AsyncClient) -
 def _code(response: httpx.Response) -> str | None:
     errors = response.json().get("errors")
     return errors[0]["extensions"]["code"] if errors else None
+
+
+START_ON = """mutation($type: String!, $command: String!, $key: String!, $payload: JSON,
+                      $ids: [ID!], $filter: JSON) {
+  startBulkCommand(entityType: $type, command: $command, payload: $payload, ids: $ids,
+                   filter: $filter, idempotencyKey: $key) { id status } }"""
+PAUSE = "mutation($id: ID!) { pauseBulkCommand(id: $id) { status } }"
+RESUME = "mutation($id: ID!) { resumeBulkCommand(id: $id) { status } }"
+
+
+async def ended_as(gql: GraphQLClient, bulk_id: str, status: str) -> None:
+    for _ in range(200):
+        if (await gql.data(READ, id=bulk_id))["bulkCommand"]["status"] == status:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"bulk {bulk_id} never {status}")
+
+
+async def test_an_ended_bulk_command_can_no_longer_be_paused_resumed_or_cancelled(
+    gql: GraphQLClient, temporal_client: Client, settings: Settings
+) -> None:
+    account_id = new_id()
+    await open_active(gql, account_id)
+    completed, cancelled = new_id(), new_id()
+    await gql.data(START, key=completed, ids=[account_id], payload={"amount": 25})
+    await finished(gql, completed)
+    await paused_bulk(temporal_client, settings.bulk_task_queue, cancelled, [account_id])
+    await gql.data(CANCEL, id=cancelled)
+    await ended_as(gql, cancelled, "CANCELLED")
+
+    for key, status in ((completed, "COMPLETED"), (cancelled, "CANCELLED")):
+        for mutation in (PAUSE, RESUME, CANCEL):
+            body = await gql(mutation, id=key)
+            assert body.get("errors"), (key, mutation, body)
+            error = body["errors"][0]
+            assert error["extensions"]["code"] == "INVALID_TRANSITION", (key, mutation, error)
+            assert "has ended" in error["message"] and status in error["message"], error
+        assert (await gql.data(READ, id=key))["bulkCommand"]["status"] == status
+    assert await gql.error_code(PAUSE, id=new_id()) == "NOT_FOUND"  # as before
+    assert (await read_account(gql, account_id, "LIVE"))["balance"] == 25
+
+
+async def test_bulk_refuses_the_commands_only_the_checkout_saga_sends(
+    gql: GraphQLClient,
+) -> None:
+    account_id = new_id()
+    await open_active(gql, account_id)
+    cart_id = new_id()
+    await gql.data(
+        "mutation($id: ID!, $a: ID!) { createCart(id: $id, accountId: $a, wait: true) { status } }",
+        id=cart_id,
+        a=account_id,
+    )
+    saga_only = [
+        ("cart", "completeCheckout", {"checkout_id": f"{cart_id}-1", "order_id": "o-1"}, cart_id),
+        ("cart", "failCheckout", {"checkout_id": f"{cart_id}-1"}, cart_id),
+        ("account", "refund", {"amount": 25}, account_id),
+    ]
+    for entity_type, command, payload, target in saga_only:
+        key = new_id()
+        body = await gql(
+            START_ON, type=entity_type, command=command, key=key, payload=payload, ids=[target]
+        )
+        assert body.get("errors"), (command, body)
+        error = body["errors"][0]
+        assert error["extensions"]["code"] == "INVALID_INPUT", (command, body)
+        assert command in error["message"] and "checkout saga" in error["message"], error
+        assert await gql.error_code(READ, id=key) == "NOT_FOUND"  # nothing started
+    # A command a client sends through its own mutation is still sent in bulk.
+    key = new_id()
+    await gql.data(START_ON, type="cart", command="clearCart", key=key, ids=[cart_id])
+    assert (await finished(gql, key))["applied"] == 1
+    cart = "query($id: ID!) { cart(id: $id, consistency: LIVE) { status revision } }"
+    assert (await gql.data(cart, id=cart_id))["cart"] == {"status": "OPEN", "revision": 2}
+    assert (await read_account(gql, account_id, "LIVE"))["balance"] == 0  # no refund
+
+
+async def test_a_bulk_filter_is_held_to_the_listing_s_rules_and_starts_nothing(
+    gql: GraphQLClient,
+) -> None:
+    long_text = "z" * 100_000
+    wrong: list[tuple[str, dict[str, Any], str]] = [
+        ("account", {"text": long_text}, "text: at most 200 characters"),
+        ("account", {"text": "z" * 201}, "text: at most 200 characters"),
+        ("account", {"tags": {"nope": ["x"]}}, "no tag nope"),
+        ("account", {"tags": {"status": ["ACTIVE", "NOPE"]}}, "no status NOPE"),
+        ("account", {"tags": {"account_id": ["x"]}}, "no tag account_id"),
+        ("account", {"below": {"available": 5}}, "no number available"),
+        ("cart", {"tags": {"status": ["ACTIVE"]}}, "no status ACTIVE"),  # an account's
+        ("cart", {"tags": {"account_id": ["x"] * 101}}, "at most 100 values"),
+        ("inventory", {"tags": {"status": ["OPEN"]}}, "no tag status"),
+        ("account", {"updated_before": "y" * 10_000}, "updated_before: an ISO 8601"),
+    ]
+    payloads = {"account": {"amount": 1}, "cart": {}, "inventory": {"quantity": 1}}
+    commands = {"account": "deposit", "cart": "clearCart", "inventory": "restock"}
+    for entity_type, where, named in wrong:
+        key = new_id()
+        body = await gql(
+            START_ON,
+            type=entity_type,
+            command=commands[entity_type],
+            key=key,
+            payload=payloads[entity_type],
+            filter=where,
+        )
+        assert body.get("errors"), (where, body)
+        error = body["errors"][0]
+        assert error["extensions"]["code"] == "INVALID_INPUT", (where, body)
+        assert named in error["message"] and len(error["message"]) < 300, error["message"]
+        assert await gql.error_code(READ, id=key) == "NOT_FOUND"  # nothing started
+    # The GraphQL list refuses the same text, and both take the longest it allows.
+    listed = "query($t: String!) { accounts(filter: {text: $t}) { totalCount } }"
+    assert await gql.error_code(listed, t="z" * 201) == "INVALID_INPUT"
+    await gql.data(listed, t="z" * 200)
+    key = new_id()
+    longest = {"text": "z" * 200, "tags": {"status": ["ACTIVE", "SUSPENDED"]}}
+    await gql.data(START, key=key, payload={"amount": 1}, filter=longest)
+    assert (await finished(gql, key))["total"] == 0
