@@ -61,12 +61,19 @@ class CommandHistory:
     )
 
 
+def sender_shown(sent_by: str, caller: Principal) -> tuple[str, str | None]:
+    """Who sent a command (`role:subject`) as `caller` may see it: the role always; the
+    subject to all but customers, and to a customer for its own commands."""
+    role, _, subject = sent_by.partition(":")
+    shown = caller.role is not Role.CUSTOMER or sent_by == f"{caller.role.value}:{caller.subject}"
+    return role, subject if shown else None
+
+
 def _sender(sent_by: str | None, caller: Principal) -> Sender | None:
     if sent_by is None:
         return None
-    role, _, subject = sent_by.partition(":")
-    shown = caller.role is not Role.CUSTOMER or sent_by == f"{caller.role.value}:{caller.subject}"
-    return Sender(role=role, subject=subject if shown else None)
+    role, subject = sender_shown(sent_by, caller)
+    return Sender(role=role, subject=subject)
 
 
 def _record(outcome: Outcome, caller: Principal) -> CommandRecord:

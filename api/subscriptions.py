@@ -30,10 +30,11 @@ from api.change_feed import ChangeFeed, Mailbox
 from api.common import EntityState
 from api.context import Info
 from api.gateway import Consistency, EntityRead, Source, check_entity_id
+from api.history import sender_shown
 from api.read_plans import ENTITY_READ_FIELDS
 from entities import catalog
 from entities.errors import ErrorCode, TenureError
-from entities.runtime.policy import READ, Role
+from entities.runtime.policy import READ, Principal, Role
 
 N = TypeVar("N")
 Render = Callable[[EntityRead], Any]
@@ -66,7 +67,10 @@ class Change(Generic[N]):
     )
     command: str | None
     command_id: str | None
-    sent_by: str | None = strawberry.field(description="Who sent it, e.g. `admin:alice`.")
+    sent_by: str | None = strawberry.field(
+        description="Who sent it, e.g. `admin:alice`; to a customer, someone else's role alone "
+        "(`admin`), as in the entity's history."
+    )
     at: datetime | None = strawberry.field(description="When the entity applied it.")
     node: N
 
@@ -91,9 +95,10 @@ class ChangeFilter:
 class _Follower:
     """One subscription's view of its changes: never backwards, every jump shown."""
 
-    def __init__(self, since: int | None) -> None:
+    def __init__(self, since: int | None, viewer: Principal) -> None:
         self._seen: dict[str, tuple[int, int]] = {}
         self._since = since
+        self._viewer = viewer
 
     def change(self, change: FeedChange, render: Render) -> Change[Any] | None:
         incarnation, revision = change.position
@@ -123,10 +128,18 @@ class _Follower:
             missed_revisions=missed or change.gap,
             command=change.command,
             command_id=change.command_id,
-            sent_by=change.sent_by,
+            sent_by=self._sender(change.sent_by),
             at=change.at,
             node=node,
         )
+
+    def _sender(self, sent_by: str | None) -> str | None:
+        """As the entity's history shows it to the viewer: an operator's name is not a
+        customer's to see."""
+        if sent_by is None:
+            return None
+        role, subject = sender_shown(sent_by, self._viewer)
+        return role if subject is None else f"{role}:{subject}"
 
 
 @contextlib.asynccontextmanager
@@ -156,7 +169,7 @@ async def follow_entity(
     if since_revision is not None and since_revision < 0:
         raise TenureError(ErrorCode.INVALID_INPUT, "sinceRevision: 0 or more")
     await info.context.authorizer.require(info.context.principal, entity_type, entity_id, READ)
-    follower = _Follower(since_revision)
+    follower = _Follower(since_revision, info.context.principal)
     async with _subscribed(info, entity_type, entity_id) as mailbox:
         # After subscribing, so that nothing falls between the state read and the stream.
         read = await info.context.gateway.read(entity_type, entity_id, Consistency.CACHED)
@@ -289,7 +302,7 @@ def subscription_type(query: type) -> type:
         if render is None:
             raise TenureError(ErrorCode.INVALID_INPUT, f"{name} has no subscription")
         wants = _scoped(info, name, where or ChangeFilter())
-        follower = _Follower(None)
+        follower = _Follower(None, info.context.principal)
         async with _subscribed(info, name, None, wants, MAX_PENDING_ENTITIES) as mailbox:
             while True:
                 shown = follower.change(await mailbox.next(), render)

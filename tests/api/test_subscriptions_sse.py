@@ -194,6 +194,27 @@ async def test_over_sse_no_token_is_unauthenticated_and_a_customer_follows_only_
             assert (await change_of(events(response)))["revision"] == 2
 
 
+async def test_a_customer_following_its_account_sees_an_operator_as_a_role_alone(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """As the entity's history shows it to a customer: its own commands with its name, an
+    operator's with the role alone."""
+    async with stack(settings, temporal_client, run_worker) as tenure, httpx.AsyncClient() as sse:
+        mine = await open_account(tenure.gql)
+        customer = token("customer", "ada", [mine])
+        async with subscribing(sse, tenure.url, customer, id=mine) as response:
+            stream = events(response)
+            await change_of(stream)  # the state now
+            await tenure.gql.data(DEPOSIT, id=mine, amount=1)  # by admin ops-1
+            by_operator = await change_of(stream)
+            own = {"Authorization": f"Bearer {customer}"}
+            deposit = {"query": DEPOSIT, "variables": {"id": mine, "amount": 2}}
+            assert (await sse.post(tenure.url, json=deposit, headers=own)).status_code == 200
+            by_self = await change_of(stream)
+    assert by_operator["sentBy"] == "admin"
+    assert by_self["sentBy"] == "customer:ada"
+
+
 async def test_an_sse_request_meets_the_same_limits_as_any_other(
     settings: Settings, temporal_client: Client, run_worker: WorkerFactory
 ) -> None:
