@@ -4,7 +4,7 @@ The workflow (`webhook:<subscriber id>`) runs outside the entity workflows and h
 events itself: each run of its activity (workers/webhook_delivery.py) reads the change
 streams of the subscriber's entity types through the subscriber's own consumer group, sends
 what the subscriber asked for, and acknowledges each entry once it was delivered or
-dead-lettered. The entries, the retries' first attempts and the dead letters live in Redis,
+dead-lettered. The entries, the retries' schedules and the dead letters live in Redis,
 so the workflow's history holds only the activity's runs and their counts, and it continues
 as new every `RUNS_PER_HISTORY` runs. It ends when its subscriber is removed.
 

@@ -1,0 +1,258 @@
+"""Outbound webhooks across the delivery activity's runs, against a real local receiver: a
+failing entity holds no sending slot while it waits to retry, its backoff keeps its schedule
+whatever run it falls in, and a change trimmed from the stream while pending is announced
+(as a gap, or a dead letter) rather than dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from temporalio.client import Client
+from temporalio.testing import ActivityEnvironment
+
+from deploy.embedded import free_port
+from entities.webhook_delivery import DeliveryCounts, DeliveryRun
+from tests.api.test_accounts_api import DEPOSIT, open_active
+from tests.conftest import GraphQLClient, WorkerFactory, api_client, cache_of, new_id
+from workers.settings import Settings
+from workers.webhook_delivery import CONSUMER, PARALLEL_ENTITIES, WebhookDelivery
+from workers.webhook_subscribers import (
+    Subscriber,
+    WebhookSubscribers,
+    group_name,
+    new_secret,
+)
+
+REGISTER = """mutation($url: String!, $events: JSON!) {
+  registerWebhookSubscriber(url: $url, events: $events) { subscriber { id } } }"""
+
+
+@dataclass
+class Sent:
+    at: float
+    event: dict[str, Any]
+    status: int
+
+
+@dataclass
+class Receiver:
+    """Answers what `answer` says for each event (200 unless told), and keeps every request
+    with when it came."""
+
+    url: str = ""
+    answer: Callable[[dict[str, Any]], int] = lambda event: 200
+    received: list[Sent] = field(default_factory=list)
+
+    def delivered(self) -> list[dict[str, Any]]:
+        return [sent.event for sent in self.received if sent.status == 200]
+
+    async def until(self, done: Callable[[], bool], seconds: float) -> None:
+        for _ in range(int(seconds * 10)):
+            if done():
+                return
+            await asyncio.sleep(0.1)
+        answered = [(sent.event["type"], sent.status) for sent in self.received]
+        raise AssertionError(f"not received in {seconds} s; answered: {answered}")
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    receiver = Receiver()
+
+    async def hook(request: Request) -> Response:
+        event = json.loads(await request.body())
+        status = receiver.answer(event)
+        receiver.received.append(Sent(time.monotonic(), event, status))
+        return Response(status_code=status)
+
+    port = free_port()
+    app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "uvicorn did not start"
+        await asyncio.sleep(0.05)
+    receiver.url = f"http://127.0.0.1:{port}/hook"
+    yield receiver
+    server.should_exit = True
+    await task
+
+
+@dataclass
+class Delivering:
+    """One subscriber's delivery, run by the test a run at a time, on streams of its own."""
+
+    settings: Settings
+    subscribers: WebhookSubscribers
+    subscriber: Subscriber
+
+    @property
+    def stream(self) -> str:
+        return self.subscribers.stream("account")
+
+    async def change(self, entity_id: str, revision: int) -> str:
+        """Append a deposit of the entity, as the cache's script would."""
+        entry_id: bytes = await self.subscribers.client.xadd(
+            self.stream,
+            {
+                "type": "change",
+                "id": entity_id,
+                "incarnation": "1",
+                "revision": str(revision),
+                "command": "deposit",
+                "command_id": new_id(),
+                "sent_by": "",
+                "at": datetime.now(UTC).isoformat(),
+                "state": json.dumps({"balance": revision}),
+            },
+        )
+        return entry_id.decode()
+
+    async def run(self, seconds: float) -> DeliveryCounts:
+        async with cache_of(self.settings) as cache:
+            delivery = WebhookDelivery(cache, self.settings)
+            result = await ActivityEnvironment().run(
+                delivery.deliver_webhooks,
+                DeliveryRun(subscriber_id=self.subscriber.id, seconds=seconds),
+            )
+        assert not result.removed
+        return result.counts
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        letters, _ = await self.subscribers.dead_letters(self.subscriber.id, 10, None)
+        return [letter.model_dump(mode="json") for letter in letters]
+
+
+@pytest.fixture
+async def delivering(settings: Settings, receiver: Receiver) -> AsyncIterator[Delivering]:
+    """A subscriber to every account change, under a key prefix of the test's own (the test
+    trims its stream), retrying from 0.25 s on for a minute."""
+    own = settings.model_copy(
+        update={
+            "redis_prefix": f"{settings.redis_prefix}{new_id()[:8]}:",
+            "webhook_backoff_seconds": 0.25,
+            "webhook_retry_for_seconds": 60.0,
+        }
+    )
+    async with cache_of(own) as cache:
+        subscribers = WebhookSubscribers(cache.client, cache.prefix)
+        subscriber = Subscriber(
+            id=new_id(),
+            url=receiver.url,
+            secret=new_secret(),
+            events={"account": ["*"]},
+            created_at=datetime.now(UTC),
+        )
+        assert await subscribers.add(subscriber)
+        yield Delivering(own, subscribers, subscriber)
+
+
+async def test_entities_waiting_to_retry_do_not_hold_back_a_healthy_one(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory, receiver: Receiver
+) -> None:
+    """As many failing entities as may send at once, retried for a minute: a healthy entity's
+    change is delivered at once all the same, and the failing ones go on being retried."""
+    quick = settings.model_copy(
+        update={"webhook_backoff_seconds": 0.2, "webhook_retry_for_seconds": 60.0}
+    )
+    failing = {new_id() for _ in range(PARALLEL_ENTITIES)}
+    healthy = new_id()
+    receiver.answer = lambda event: 400 if event["data"]["id"] in failing else 200
+    async with run_worker(quick), api_client(quick, temporal_client) as http:
+        gql = GraphQLClient(http)
+        for account_id in [*failing, healthy]:
+            await open_active(gql, account_id)
+        await gql.data(REGISTER, url=receiver.url, events={"account": ["deposit"]})
+        for account_id in failing:
+            await gql.data(DEPOSIT, id=account_id, amount=1)
+        await receiver.until(lambda: len(receiver.received) >= 2 * len(failing), 10)
+        await gql.data(DEPOSIT, id=healthy, amount=5)
+        await receiver.until(lambda: bool(receiver.delivered()), 5)
+        assert [event["data"]["id"] for event in receiver.delivered()] == [healthy]
+        tried = [sent.event["data"]["id"] for sent in receiver.received if sent.status == 400]
+        assert set(tried) == failing
+
+
+async def test_backoff_keeps_doubling_across_runs(
+    delivering: Delivering, receiver: Receiver
+) -> None:
+    """A receiver that always fails, and runs of 1.2 s: the waits between attempts are
+    0.25 s, 0.5 s, 1 s, 2 s, as in one long run, not cut short where a run ends."""
+    receiver.answer = lambda event: 500
+    await delivering.change(new_id(), 1)
+    started = time.monotonic()
+    while time.monotonic() - started < 5.5:
+        counts = await delivering.run(1.2)
+        assert counts == DeliveryCounts()
+    sent_at = [sent.at for sent in receiver.received]
+    waits = [later - earlier for earlier, later in itertools.pairwise(sent_at)]
+    assert len(waits) == 4, waits
+    for n, wait in enumerate(waits):
+        assert 0.25 * 2**n - 0.05 < wait < 0.25 * 2**n + 0.3, waits
+
+
+async def test_changes_trimmed_while_pending_arrive_as_a_gap(
+    delivering: Delivering, receiver: Receiver
+) -> None:
+    """Five changes of one entity wait behind a failing first; retention trims the three
+    oldest; once the receiver recovers, it gets a gap for revisions 1 to 3, then 4 and 5."""
+    entity_id = new_id()
+    receiver.answer = lambda event: 500
+    for revision in range(1, 6):
+        await delivering.change(entity_id, revision)
+    assert await delivering.run(0.5) == DeliveryCounts()
+    assert {sent.event["data"]["revision"] for sent in receiver.received} == {1}
+    await delivering.subscribers.client.xtrim(delivering.stream, maxlen=2, approximate=False)
+
+    receiver.answer = lambda event: 200
+    assert await delivering.run(1.5) == DeliveryCounts(delivered=3)
+    gap, *changes = receiver.delivered()
+    assert gap["type"] == "account.gap"
+    assert (gap["data"]["id"], gap["data"]["from"], gap["data"]["to"]) == (entity_id, 1, 3)
+    assert [change["data"]["revision"] for change in changes] == [4, 5]
+    assert await delivering.dead_letters() == []
+    pending: Any = await delivering.subscribers.client.xpending(
+        delivering.stream, group_name(delivering.subscriber.id)
+    )
+    assert pending["pending"] == 0
+
+
+async def test_a_trimmed_change_never_read_before_is_dead_lettered(
+    delivering: Delivering, receiver: Receiver
+) -> None:
+    """An entry a run read and died with, before it noted the entity: trimmed, nothing tells
+    whose it was, so it becomes a dead letter saying so, and the entry is acknowledged."""
+    entity_id = new_id()
+    trimmed = await delivering.change(entity_id, 1)
+    await delivering.change(entity_id, 2)
+    group = group_name(delivering.subscriber.id)
+    await delivering.subscribers.client.xreadgroup(
+        group, CONSUMER, {delivering.stream: ">"}, count=1
+    )
+    await delivering.subscribers.client.xtrim(delivering.stream, maxlen=1, approximate=False)
+
+    assert await delivering.run(1.0) == DeliveryCounts(delivered=1, dead_lettered=1)
+    assert [event["data"]["revision"] for event in receiver.delivered()] == [2]
+    [letter] = await delivering.dead_letters()
+    assert (letter["entity_type"], letter["entity_id"], letter["attempts"]) == ("account", "", 0)
+    assert letter["error"] == "trimmed from the stream before delivery"
+    body = json.loads(letter["body"])
+    assert body["type"] == "account.gap"
+    assert body["data"]["stream_entry"] == trimmed
+    pending: Any = await delivering.subscribers.client.xpending(delivering.stream, group)
+    assert pending["pending"] == 0
