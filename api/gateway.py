@@ -170,7 +170,8 @@ class EntityGateway:
         check_entity_id(entity_id)
         if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
             raise TenureError(
-                ErrorCode.INVALID_INPUT, "idempotencyKey is 1 to 128 printable ASCII characters"
+                ErrorCode.INVALID_INPUT,
+                "idempotencyKey is 1 to 128 printable ASCII characters, no spaces",
             )
         try:
             entity.parse(command, payload)

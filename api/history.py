@@ -13,7 +13,14 @@ from api.context import Info
 from api.pacing import paced
 from api.response_size import bounded
 from entities.errors import ErrorCode, TenureError
-from entities.runtime.envelope import MAX_HISTORY_PAGE, HistoryPage, Outcome, OutcomeStatus
+from entities.runtime.envelope import (
+    MAX_COMMAND_ID,
+    MAX_HISTORY_PAGE,
+    HistoryPage,
+    Outcome,
+    OutcomeStatus,
+)
+from entities.runtime.inbox import COMMAND_ID
 from entities.runtime.policy import READ, Principal, Role
 
 
@@ -95,8 +102,11 @@ async def command_history(
     """The page of the entity's recent commands, for a caller who may read the entity."""
     if not 1 <= last <= MAX_HISTORY_PAGE:
         raise TenureError(ErrorCode.INVALID_INPUT, f"last: from 1 to {MAX_HISTORY_PAGE}")
-    if before is not None and len(before) > 128:
-        raise TenureError(ErrorCode.INVALID_INPUT, "before: at most 128 characters")
+    if before is not None and not COMMAND_ID.fullmatch(before):
+        raise TenureError(
+            ErrorCode.INVALID_INPUT,
+            f"before: a command id, 1 to {MAX_COMMAND_ID} printable ASCII characters",
+        )
     await info.context.authorizer.require(info.context.principal, entity_type, entity_id, READ)
     page = await info.context.gateway.history(
         entity_type, entity_id, HistoryPage(last=last, before=before)

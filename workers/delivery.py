@@ -99,7 +99,8 @@ class CommandDelivery:
         timeout = timedelta(seconds=SIGNAL_TIMEOUT)
         if len(batch) == 1:
             await within(
-                SIGNAL_TIMEOUT, handle.signal(EntityWorkflow.command, batch[0], rpc_timeout=timeout)
+                SIGNAL_TIMEOUT,
+                handle.signal(EntityWorkflow.command, args=[batch[0]], rpc_timeout=timeout),
             )
         else:
             # The workflow takes the list raw and decodes it at its turn (Backlog): `args`,

@@ -94,12 +94,16 @@ class Outcome(BaseModel):
 MAX_HISTORY_PAGE = 100
 
 
+MAX_COMMAND_ID = 512
+"""The longest command id an entity takes (`entities.runtime.inbox.COMMAND_ID`)."""
+
+
 class HistoryPage(BaseModel):
     """Which of an entity's recent commands to list: the `last` ones, newest first, older
     than the command `before` when given."""
 
     last: int = Field(default=20, ge=1, le=MAX_HISTORY_PAGE)
-    before: str | None = Field(default=None, max_length=128)
+    before: str | None = Field(default=None, max_length=MAX_COMMAND_ID)
 
 
 class CommandHistory(BaseModel):

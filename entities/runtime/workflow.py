@@ -11,7 +11,11 @@ from typing import Any, ClassVar
 
 from temporalio import workflow
 from temporalio.common import MetricCounter, RawValue, RetryPolicy
-from temporalio.exceptions import ChildWorkflowError, WorkflowAlreadyStartedError
+from temporalio.exceptions import (
+    ApplicationError,
+    ChildWorkflowError,
+    WorkflowAlreadyStartedError,
+)
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
@@ -22,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.effects import StartWorkflow
     from entities.runtime.entity import STRICT_INPUTS_PATCH, CommandContext, EntityType
     from entities.runtime.envelope import (
+        MAX_COMMAND_ID,
         CommandEnvelope,
         CommandHistory,
         CommandResult,
@@ -31,6 +36,12 @@ with workflow.unsafe.imports_passed_through():
         OutcomeStatus,
         Publication,
         Snapshot,
+    )
+    from entities.runtime.inbox import (
+        COMMAND_ID,
+        Unreadable,
+        read_command,
+        read_commands,
     )
     from entities.runtime.ledger import Ledger
     from entities.runtime.publisher import SnapshotPublisher
@@ -57,6 +68,11 @@ checkouts cost their cart a refused task and a replay so."""
 CHILDREN_CLOSE_WAIT = timedelta(seconds=30)
 MAX_CHILDREN_FOLLOWED = 64
 """Children still running that a run waits for at its end; older ones are let go."""
+
+RECORD_UNREADABLE_PATCH = "entity-records-unreadable-commands"
+"""Runs from here on refuse a command whose envelope cannot be read under its id, and apply
+the rest of a batch around it (entities/runtime/inbox.py); runs begun before drop it, as the
+SDK did, a batch with it whole."""
 
 NOTHING_TO_UNDO = "nothing to undo"
 TIMER_SENDER = "entity:timer"
@@ -119,9 +135,16 @@ class EntityWorkflow:
     # -- commands -------------------------------------------------------------------------
 
     @workflow.signal(name=COMMAND_SIGNAL)
-    def command(self, envelope: CommandEnvelope) -> None:
-        """Apply one command, or record why it was refused, or hold it back while this
-        workflow task has applied its most (`Backlog`); never raises."""
+    def command(self, sent: RawValue) -> None:
+        """Apply one command (a `CommandEnvelope`), or record why it was refused, or hold it
+        back while this workflow task has applied its most (`Backlog`); never raises. An
+        envelope that cannot be read is refused under its id (`inbox`)."""
+        received = read_command(workflow.payload_converter(), sent.payload)
+        envelope = self._refused(received) if isinstance(received, Unreadable) else received
+        if envelope is not None:
+            self._receive(envelope)
+
+    def _receive(self, envelope: CommandEnvelope) -> None:
         self._received_this_run += 1
         if self._held_back(envelope):
             return
@@ -194,16 +217,72 @@ class EntityWorkflow:
         fraction of the cost to the task that brings a flood of batches."""
         if self._held_back(batch):
             return
-        for envelope in _unpack_batch(batch):
-            self.command(envelope)
+        for envelope in self._read_batch(batch):
+            self._receive(envelope)
 
     def _unpack_held(self, batch: RawValue) -> list[CommandEnvelope]:
         """A held batch's commands, counted as received now: before its turn nothing asks
         the count (the main loop drains every held command before it looks), so a run
         continues as new where it did when batches were decoded on arrival."""
-        envelopes = _unpack_batch(batch)
+        envelopes = self._read_batch(batch)
         self._received_this_run += len(envelopes)
         return envelopes
+
+    def _read_batch(self, batch: RawValue) -> list[CommandEnvelope]:
+        """The commands of a `commands` signal to apply, in order, those that cannot be read
+        refused (`_refused`). A payload that is not a JSON list is dropped and logged, as
+        the SDK drops any signal it cannot decode: raised, the error would fail this
+        workflow task and every retry of it."""
+        received = read_commands(workflow.payload_converter(), batch.payload)
+        if received is None:
+            workflow.logger.warning("a commands signal that is not a list of commands, dropped")
+            return []
+        readable = [item for item in received if isinstance(item, CommandEnvelope)]
+        if len(readable) == len(received):
+            return readable
+        if not workflow.patched(RECORD_UNREADABLE_PATCH):
+            decoded = [
+                item if isinstance(item, CommandEnvelope) else item.envelope for item in received
+            ]
+            if None in decoded:  # the SDK could not decode the batch: all of it dropped
+                workflow.logger.warning("a commands signal with an unreadable command, dropped")
+                return []
+            return [envelope for envelope in decoded if envelope is not None]
+        envelopes = []
+        for item in received:
+            envelope = self._refused(item) if isinstance(item, Unreadable) else item
+            if envelope is not None:
+                envelopes.append(envelope)
+        return envelopes
+
+    def _refused(self, unreadable: Unreadable) -> CommandEnvelope | None:
+        """Record a command that cannot be read as refused (`INVALID_INPUT`, with why) under
+        its id; with no sound id, log and count it. Returns the command to apply all the same
+        in a run begun before (`RECORD_UNREADABLE_PATCH`), if that run would have."""
+        if not workflow.patched(RECORD_UNREADABLE_PATCH):
+            if unreadable.envelope is None:
+                workflow.logger.warning("dropped a command: %s", unreadable.reason)
+            return unreadable.envelope
+        command_id = unreadable.command_id
+        if command_id is None:
+            workflow.logger.warning(
+                "dropped a command with no sound command_id, so with nowhere to record its "
+                "refusal: %s",
+                unreadable.reason,
+            )
+            self._count("rejected", ErrorCode.INVALID_INPUT)
+        elif command_id in self._ledger:
+            self._count("duplicate", OK)
+        else:
+            self._reject(
+                command_id,
+                ErrorCode.INVALID_INPUT,
+                unreadable.reason,
+                name=unreadable.name,
+                sent_by=unreadable.sent_by,
+            )
+            self._count("rejected", ErrorCode.INVALID_INPUT)
+        return None
 
     @workflow.update  # named "apply", as its method: the name the senders use
     async def apply(self, envelope: CommandEnvelope) -> CommandResult:
@@ -213,11 +292,23 @@ class EntityWorkflow:
         continue as new; otherwise it is finished within the activation that brought it."""
         self._updates_this_run += 1
         held = self._backlog.ever_held
-        self.command(envelope)
+        self._receive(envelope)
         if self._backlog.ever_held > held:  # held back: this is the latest ticket
             ticket = self._backlog.ever_held
             await workflow.wait_condition(lambda: self._backlog.released(ticket))
         return self.outcome(envelope.command_id)
+
+    @apply.validator
+    def _sound_command_id(self, envelope: CommandEnvelope) -> None:
+        """Refuse an update whose command id is not one (`inbox.COMMAND_ID`): nothing is
+        recorded, and the sender learns why. Validators are not run in a replay, so runs
+        that applied such ids before replay as they were made."""
+        if not COMMAND_ID.fullmatch(envelope.command_id):
+            raise ApplicationError(
+                f"command_id: 1 to {MAX_COMMAND_ID} printable ASCII characters",
+                type=ErrorCode.INVALID_INPUT,
+                non_retryable=True,
+            )
 
     def _nothing_to_undo(self, envelope: CommandEnvelope) -> bool:
         """Settle a compensating command whose undone command was not applied: there is
@@ -243,10 +334,18 @@ class EntityWorkflow:
         return True
 
     def _reject(
-        self, command_id: str, code: str, message: str, envelope: CommandEnvelope | None = None
+        self,
+        command_id: str,
+        code: str,
+        message: str,
+        envelope: CommandEnvelope | None = None,
+        *,
+        name: str | None = None,
+        sent_by: str | None = None,
     ) -> None:
         """Record the command as refused; `envelope` is the refused command itself, when it
-        is the one that arrived (not a command cancelled before it came)."""
+        is the one that arrived (not a command cancelled before it came), else `name` and
+        `sent_by` are what is known of it."""
         self._ledger.record(
             Outcome(
                 command_id=command_id,
@@ -255,8 +354,8 @@ class EntityWorkflow:
                 code=code,
                 message=message,
                 fingerprint=envelope.fingerprint if envelope is not None else None,
-                sent_by=envelope.sent_by if envelope is not None else None,
-                command=envelope.name if envelope is not None else None,
+                sent_by=envelope.sent_by if envelope is not None else sent_by,
+                command=envelope.name if envelope is not None else name,
                 at=workflow.now(),
             )
         )
@@ -515,17 +614,3 @@ class EntityWorkflow:
                 if timer.revision > self._publisher.published_revision
             ],
         )
-
-
-def _unpack_batch(batch: RawValue) -> list[CommandEnvelope]:
-    """The commands of a `commands` signal's payload; none if it is not a list of
-    envelopes. Such a signal is dropped, logged, as the SDK drops any signal whose input it
-    cannot decode: raised, the error would fail this workflow task and every retry of it."""
-    try:
-        commands: list[CommandEnvelope] = workflow.payload_converter().from_payload(
-            batch.payload, list[CommandEnvelope]
-        )
-    except Exception as exc:
-        workflow.logger.warning("a commands signal that is not a list of commands: %s", exc)
-        return []
-    return commands

@@ -45,6 +45,10 @@ NEW_PATHS = {
     f"{CURRENT}/account.acct-waited.run1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
     # ...and today's: commands held back past a task's bound, a waited one among them.
     f"{CURRENT}/account.acct-backlog": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+    # Commands that cannot be read, sent straight to an account, recorded before they were
+    # refused under their ids (patch `entity-records-unreadable-commands`): dropped, a batch
+    # with one whole. Not recorded again: today's code refuses them in a new run.
+    f"{CURRENT}/account.acct-unreadable-before": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
     # ...and one recorded before, a page sent and counted per run (`bulk_send`): not recorded
     # again, since today's code no longer takes that path in a new run.
     **{
