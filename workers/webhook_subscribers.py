@@ -6,7 +6,8 @@ and never enters a workflow's history. Per subscriber, under its own hash tag
 (`<prefix>webhooks:{<id>}:...`): `dead`, a capped stream of the deliveries whose retries ran
 out; `replay`, a stream of dead letters sent again, which the delivery activity reads
 through the subscriber's consumer group; `attempts`, for each entry read and not yet done,
-its entity and revisions and its retries (first attempt, count, when the next is due). Each entity type's change stream has a consumer group per subscriber, `webhook:<id>`.
+its entity and revisions and its retries (first attempt, count, when the next is due).
+Each entity type's change stream has a consumer group per subscriber, `webhook:<id>`.
 
 Deliveries are signed as Standard Webhooks says: `webhook-signature` is `v1,` and the base64
 HMAC-SHA256, with the secret's decoded key, of `{webhook-id}.{webhook-timestamp}.{body}` (the
