@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
@@ -43,6 +44,11 @@ Note = Annotated[str, StringConstraints(strip_whitespace=True, max_length=500, p
 Email = Annotated[
     str,
     StringConstraints(strip_whitespace=True, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"),
+    strict_bound(
+        lambda email: not any(unicodedata.category(char) in ("Cc", "Cf") for char in email),
+        "an email has no control or formatting characters",
+        since=2,
+    ),
 ]
 Amount = Annotated[int, Field(gt=0, le=10**15, strict=True, description="minor units, e.g. cents")]
 

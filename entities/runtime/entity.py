@@ -24,19 +24,25 @@ MAX_MONEY = 2**53 - 1
 
 
 STRICT_INPUTS = "tenure.strict_inputs"
-"""The validation context's key saying whether the bounds of `strict_bound` apply."""
+"""The validation context's key saying which bounds of `strict_bound` apply: those added
+up to that level."""
 STRICT_INPUTS_PATCH = "strict-inputs-1"
 """Runs started since the bounds of `strict_bound` came apply them to the commands they
 receive; older runs replay their histories as they were made (a command a bound now refuses
 was applied then)."""
+STRICT_INPUTS_2_PATCH = "strict-inputs-2"
+"""The same for the bounds added at level 2 (no control characters in an email)."""
+STRICTEST = 2
+"""The level of the latest bounds: what the API's edge and new runs apply."""
 
 
-def strict_bound(holds: Callable[[Any], bool], message: str) -> Any:
-    """A bound on a command field added after entities first ran: always applied at the
-    API's edge, and in an entity's workflow only by runs started since (STRICT_INPUTS)."""
+def strict_bound(holds: Callable[[Any], bool], message: str, since: int = 1) -> Any:
+    """A bound on a command field added after entities first ran, at level `since`: always
+    applied at the API's edge, and in an entity's workflow only by runs started since that
+    level's patch (STRICT_INPUTS)."""
 
     def check(value: Any, info: ValidationInfo) -> Any:
-        if (info.context or {}).get(STRICT_INPUTS, True) and not holds(value):
+        if (info.context or {}).get(STRICT_INPUTS, STRICTEST) >= since and not holds(value):
             raise ValueError(message)
         return value
 
@@ -66,8 +72,9 @@ class CommandContext(Generic[Opt]):
     options: Opt
     command_id: str = ""
     effects: list[Any] = field(default_factory=list)
-    strict_inputs: bool = True
-    """Whether the bounds added since entities first ran apply (`strict_bound`)."""
+    strict_inputs: int = STRICTEST
+    """Up to which level the bounds added since entities first ran apply (`strict_bound`):
+    0 none, STRICTEST all of them."""
 
 
 @dataclass(frozen=True)
@@ -242,9 +249,9 @@ class EntityType(Generic[S, Opt]):
                 ErrorCode.INVALID_INPUT, f"{self.name} has no command {name!r}"
             ) from None
 
-    def parse(self, name: str, payload: Mapping[str, Any], *, strict: bool = True) -> BaseModel:
+    def parse(self, name: str, payload: Mapping[str, Any], *, strict: int = STRICTEST) -> BaseModel:
         """Validate a command payload, rejecting it with INVALID_INPUT when malformed; with
-        the bounds of `strict_bound` unless `strict` is False (a run older than them)."""
+        the bounds of `strict_bound` up to level `strict` (lower in a run older than them)."""
         spec = self.spec(name)
         try:
             command: BaseModel = spec.model.model_validate(payload, context={STRICT_INPUTS: strict})

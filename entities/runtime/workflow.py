@@ -24,7 +24,12 @@ with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime.backlog import BOUNDED_TASKS_PATCH, NEXT_TASK_ACTIVITY, Backlog
     from entities.runtime.effects import StartWorkflow
-    from entities.runtime.entity import STRICT_INPUTS_PATCH, CommandContext, EntityType
+    from entities.runtime.entity import (
+        STRICT_INPUTS_2_PATCH,
+        STRICT_INPUTS_PATCH,
+        CommandContext,
+        EntityType,
+    )
     from entities.runtime.envelope import (
         MAX_COMMAND_ID,
         CommandEnvelope,
@@ -175,7 +180,7 @@ class EntityWorkflow:
             envelope.command_id,
             # Runs that began before the bounds came replay as they were made (the SDK
             # answers the same for the rest of the run).
-            strict_inputs=workflow.patched(STRICT_INPUTS_PATCH),
+            strict_inputs=_strictness(),
         )
         try:
             new_state = self.entity.apply(self._state, envelope.name, envelope.payload, ctx)
@@ -614,3 +619,11 @@ class EntityWorkflow:
                 if timer.revision > self._publisher.published_revision
             ],
         )
+
+
+def _strictness() -> int:
+    """Which bounds of `strict_bound` this run applies: those of every level whose patch it
+    has (`entities.runtime.entity`)."""
+    if not workflow.patched(STRICT_INPUTS_PATCH):
+        return 0
+    return 2 if workflow.patched(STRICT_INPUTS_2_PATCH) else 1
