@@ -37,9 +37,9 @@ class BadDeployAccount(AccountWorkflow):
     async def run(self, input: EntityRunInput) -> Snapshot:
         return await self.run_entity()
 
-    @workflow.signal(name="command")
-    def command(self, envelope: CommandEnvelope) -> None:
-        super().command(envelope)
+    def _receive(self, envelope: CommandEnvelope) -> None:
+        """Every command, signalled or sent as an update, comes through here."""
+        super()._receive(envelope)
         if envelope.payload.get("amount") == POISON:
             self._stray = asyncio.get_running_loop().create_task(workflow.sleep(3600))
 
