@@ -1,32 +1,61 @@
 """The `tenure` console script: `tenure dev`, `tenure worker`, `tenure api`,
 `tenure repair <type> <id>` for an entity that is stuck, `tenure reindex` to rebuild the
 cache and the listing index from Temporal, and `tenure token` to mint a development
-token."""
+token.
+
+Exit status: 0 done, 1 refused or failed (one line on stderr says why), 2 a usage error."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import re
 import sys
+import traceback
+from collections.abc import Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from entities.errors import TenureError
+from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import Role
 from workers.settings import Settings
+
+if TYPE_CHECKING:
+    from temporalio.client import Client
 
 SERVERS = {"dev": "deploy.dev", "worker": "workers.__main__", "api": "api.__main__"}
 
 
-async def _repair(entity_type: str, entity_id: str, force: bool) -> int:
-    from workers.repair import repair
+def _unknown_types(entity_types: Iterable[str]) -> str | None:
+    """Why `entity_types` are refused, or None when the catalog knows them all."""
+    from entities import catalog
+
+    known = sorted(catalog.entity_types())
+    unknown = sorted(set(entity_types) - set(known))
+    return f"no entity type {unknown}; one of {known}" if unknown else None
+
+
+async def _connect(settings: Settings) -> Client:
+    """A Temporal client for an operator's command: a setting not set, or a Temporal that
+    does not answer, is a TenureError saying which."""
     from workers.temporal import connect_temporal
 
-    client = await connect_temporal(Settings.from_env())
     try:
-        done = await repair(client, entity_type, entity_id, force=force)
-    except TenureError as exc:
-        print(f"tenure repair: {exc.code.value}: {exc.message}", file=sys.stderr)
-        return 1
+        return await connect_temporal(settings)
+    except ValueError as exc:  # a setting missing: the message names it
+        raise TenureError(ErrorCode.INVALID_INPUT, str(exc)) from exc
+    except RuntimeError as exc:  # the SDK's "Failed client connect: ..."
+        raise TenureError(
+            ErrorCode.UNAVAILABLE, f"no Temporal at {settings.temporal_address}: {exc}"
+        ) from exc
+
+
+async def _repair(entity_type: str, entity_id: str, force: bool) -> int:
+    from workers.repair import repair
+
+    client = await _connect(Settings.from_env())
+    done = await repair(client, entity_type, entity_id, force=force)
     print(
         f"{done.workflow_id}: reset to the task completed at event {done.reset_to_event} "
         f"of run {done.old_run_id}; new run {done.new_run_id}, "
@@ -54,21 +83,18 @@ async def _reindex(entity_types: list[str], where: str | None, concurrency: int)
     from entities import catalog
     from workers.cache import SnapshotCache, connect_redis
     from workers.reindex import reindex
-    from workers.temporal import connect_temporal
 
     settings = Settings.from_env()
-    known = sorted(catalog.entity_types())
-    unknown = set(entity_types) - set(known)
-    if unknown:
-        print(f"tenure reindex: no entity type {sorted(unknown)}; one of {known}", file=sys.stderr)
-        return 2
-    client = await connect_temporal(settings)
-    redis_client = connect_redis(settings)
+    client = await _connect(settings)
+    try:
+        redis_client = connect_redis(settings)
+    except ValueError as exc:  # a setting missing: the message names it
+        raise TenureError(ErrorCode.INVALID_INPUT, str(exc)) from exc
     try:
         done = await reindex(
             client,
             SnapshotCache(redis_client, settings.redis_prefix),
-            entity_types or known,
+            entity_types or sorted(catalog.entity_types()),
             where=where,
             concurrency=concurrency,
             timeout=settings.live_read_timeout,
@@ -82,8 +108,61 @@ async def _reindex(entity_types: list[str], where: str | None, concurrency: int)
     return 1 if done.failed else 0
 
 
+def _run(command: str, work: Coroutine[Any, Any, int]) -> int:
+    """`work`'s exit status; a failure an operator can act on (a refusal, a setting not
+    set, Temporal or Redis refusing or out of reach) is one line on stderr and 1."""
+    from temporalio.service import RPCError
+
+    from workers.cache import CacheUnavailable
+
+    try:
+        return asyncio.run(work)
+    except TenureError as exc:
+        message = f"{exc.code.value}: {exc.message}"
+    except RPCError as exc:
+        message = f"Temporal answered {exc.status.name}: {exc.message}"
+    except CacheUnavailable as exc:
+        message = f"{ErrorCode.UNAVAILABLE.value}: Redis: {exc}"
+    except KeyboardInterrupt:
+        return 130
+    print(f"tenure {command}: {message}", file=sys.stderr)
+    return 1
+
+
+def _exit_after_temporal(command: str, work: Coroutine[Any, Any, int]) -> NoReturn:
+    """Run a command that uses Temporal, then end the process with its status at once.
+
+    The client and the replayer run on the SDK's Rust core, whose threads outlive them:
+    the SDK has no call that stops those threads and waits for them. Left to a normal
+    exit, the interpreter finalizes while they may still take the GIL, and the process
+    died with 134 (PyGILState_Release ... finalizing) or 139 in about one run of eight,
+    whatever the command's own status. Nothing of ours is left to finalize once the
+    command has returned, so its output is flushed and the process leaves with
+    os._exit, before finalization starts."""
+    try:
+        status = _run(command, work)
+    except Exception:
+        traceback.print_exc()  # a defect, not an operator's mistake: the trace is the report
+        status = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _ttl(text: str) -> int:
+    """A --ttl: whole seconds above 0 (a token of 0 or fewer would be expired when minted)."""
+    try:
+        seconds = int(text)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds above 0")
+    return seconds
+
+
 def _token(parsed: argparse.Namespace) -> int:
-    from deploy.tokens import dev_secret, mint
+    from deploy.tokens import mint, stored_dev_secret
 
     settings = Settings.from_env()
     if not settings.auth_secret and (settings.auth_public_key_file or settings.auth_jwks_url):
@@ -93,7 +172,11 @@ def _token(parsed: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    secret = settings.auth_secret or dev_secret(settings.data_dir)
+    try:
+        secret = settings.auth_secret or stored_dev_secret(settings.data_dir)
+    except TenureError as exc:
+        print(f"tenure token: {exc.code.value}: {exc.message}", file=sys.stderr)
+        return 1
     print(
         mint(
             secret,
@@ -148,14 +231,24 @@ def main(argv: list[str] | None = None) -> None:
     token.add_argument("--sub", required=True, help="who the token names")
     token.add_argument("--accounts", default="", help="accounts a customer owns: a,b")
     token.add_argument("--scopes", default="", help="a service's scopes: 'account:deposit read:*'")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds it is valid (3600)")
+    token.add_argument("--ttl", type=_ttl, default=3600, help="seconds it is valid (3600)")
     parsed = parser.parse_args(args)
     if parsed.command == "token":
         sys.exit(_token(parsed))
+    if parsed.command in ("reindex", "repair"):
+        # Checked before connecting, so the answer does not wait on Temporal.
+        types = parsed.entity_types if parsed.command == "reindex" else [parsed.entity_type]
+        refusal = _unknown_types(types)
+        if refusal:
+            print(f"tenure {parsed.command}: {refusal}", file=sys.stderr)
+            sys.exit(2)
     if parsed.command == "reindex":
-        sys.exit(
-            asyncio.run(_reindex(parsed.entity_types, parsed.where, max(1, parsed.concurrency)))
-        )
+        concurrency = max(1, parsed.concurrency)
+        _exit_after_temporal("reindex", _reindex(parsed.entity_types, parsed.where, concurrency))
     if parsed.command == "repair":
-        sys.exit(asyncio.run(_repair(parsed.entity_type, parsed.entity_id, parsed.force)))
+        _exit_after_temporal("repair", _repair(parsed.entity_type, parsed.entity_id, parsed.force))
     parser.error(f"{parsed.command} takes no arguments")
+
+
+if __name__ == "__main__":
+    main()

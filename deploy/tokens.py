@@ -1,5 +1,6 @@
 """Tokens for development: a signing secret kept in the data directory, and HS256 tokens
-signed with it, so `make dev` and `tenure token` need no identity provider."""
+signed with it, so `make dev` and `tenure token` need no identity provider. Only the stack's
+start (`deploy/dev.py`) creates the secret; `tenure token` reads it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import jwt
 
+from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import Role
 from workers.settings import Settings
 
@@ -19,7 +21,8 @@ SECRET_FILE = "auth-secret"
 
 def dev_secret(data_dir: Path) -> str:
     """The HS256 secret in `data_dir/auth-secret`, created (mode 0600) on first use, so
-    tokens stay valid across restarts."""
+    tokens stay valid across restarts. For the process that starts the stack: minting
+    reads the secret with `stored_dev_secret`."""
     path = data_dir / SECRET_FILE
     if path.exists():
         return path.read_text().strip()
@@ -37,6 +40,26 @@ def dev_secret(data_dir: Path) -> str:
         secret = path.read_text().strip()
     finally:
         draft.unlink()
+    return secret
+
+
+def stored_dev_secret(data_dir: Path) -> str:
+    """The secret `dev_secret` keeps in `data_dir`, never created here: a secret made by a
+    minting run (in the wrong directory, say) signs tokens no running API accepts."""
+    path = (data_dir / SECRET_FILE).absolute()
+    try:
+        secret = path.read_text().strip()
+    except FileNotFoundError:
+        secret = ""
+    except OSError as exc:
+        raise TenureError(ErrorCode.UNAVAILABLE, f"cannot read {path}: {exc.strerror}") from exc
+    if not secret:
+        raise TenureError(
+            ErrorCode.NOT_FOUND,
+            f"no signing secret at {path}: set TENURE_DATA_DIR to the data directory of the "
+            "stack `make dev` started (.data in its checkout), or TENURE_AUTH_SECRET to the "
+            "secret its API verifies with",
+        )
     return secret
 
 

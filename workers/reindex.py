@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from entities import catalog
+from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import Snapshot
 from entities.runtime.workflow import EntityWorkflow
 from workers.cache import CacheUnavailable, SnapshotCache
@@ -40,9 +41,17 @@ async def entity_ids(client: Client, entity_type: str, where: str | None = None)
     prefix = catalog.entity_types()[entity_type].id_prefix
     found: dict[str, None] = {}
     query = f"WorkflowType = '{name}'" + (f" AND ({where})" if where else "")
-    async for execution in client.list_workflows(query):
-        if execution.id.startswith(prefix):
-            found[execution.id.removeprefix(prefix)] = None
+    try:
+        async for execution in client.list_workflows(query):
+            if execution.id.startswith(prefix):
+                found[execution.id.removeprefix(prefix)] = None
+    except RPCError as exc:
+        if exc.status is not RPCStatusCode.INVALID_ARGUMENT:
+            raise
+        # Only `where` can make it malformed; the whole query is what the position names.
+        raise TenureError(
+            ErrorCode.INVALID_INPUT, f"Temporal refused the query {query!r}: {exc.message}"
+        ) from exc
     return list(found)
 
 

@@ -21,10 +21,12 @@ from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError
 from temporalio.worker import Replayer
 
 from entities import catalog
 from entities.errors import ErrorCode, TenureError
+from workers.failures import is_missing
 
 REAPPLIED = (
     EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
@@ -91,11 +93,20 @@ async def repair(
     client: Client, entity_type: str, entity_id: str, *, force: bool = False
 ) -> Repair:
     """Reset the entity's current run to its last good task, re-applying later commands.
-    Refuses an entity that is not stuck unless `force`."""
-    entity = catalog.entity_types()[entity_type]
-    workflow_id = entity.workflow_id(entity_id)
+    Refuses an entity that is not stuck unless `force`, and one that does not exist."""
+    known = catalog.entity_types()
+    if entity_type not in known:
+        raise TenureError(
+            ErrorCode.INVALID_INPUT, f"no entity type {entity_type!r}; one of {sorted(known)}"
+        )
+    workflow_id = known[entity_type].workflow_id(entity_id)
     handle = client.get_workflow_handle(workflow_id)
-    description = await handle.describe()
+    try:
+        description = await handle.describe()
+    except RPCError as exc:
+        if is_missing(exc):
+            raise TenureError(ErrorCode.NOT_FOUND, f"no {entity_type} {entity_id}") from exc
+        raise
     if not force and not await is_stuck(client, workflow_id):
         raise TenureError(
             ErrorCode.INVALID_TRANSITION, f"{workflow_id} is making progress; nothing to repair"

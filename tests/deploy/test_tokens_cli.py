@@ -59,12 +59,13 @@ def test_a_minted_token_verifies_as_what_it_names(tmp_path: Path) -> None:
 def test_tenure_token_prints_a_token_signed_with_the_dev_secret(
     environment: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    secret = dev_secret(tmp_path)  # as `make dev` keeps it
     code, out, err = tenure_token(
         ["--role", "service", "--sub", "billing", "--scopes", "account:deposit read:*"], capsys
     )
     assert (code, err) == (0, "")
     assert out.count("\n") == 1  # the token alone, ready for $(tenure token ...)
-    assert verify(dev_secret(tmp_path), out.strip()) == Principal(
+    assert verify(secret, out.strip()) == Principal(
         "billing", Role.SERVICE, frozenset(), frozenset({"account:deposit", "read:*"})
     )
 
@@ -96,3 +97,36 @@ def test_tenure_token_takes_only_known_roles(
     code, out, err = tenure_token(["--role", "owner", "--sub", "me"], capsys)
     assert (code, out) == (2, "")
     assert "invalid choice" in err
+
+
+def test_tenure_token_never_creates_the_secret(
+    environment: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A secret made by `tenure token` would sign tokens no running API accepts."""
+    code, out, err = tenure_token(["--role", "admin", "--sub", "me"], capsys)
+    assert (code, out) == (1, "")
+    assert f"no signing secret at {tmp_path / 'auth-secret'}" in err
+    assert "TENURE_DATA_DIR" in err and "TENURE_AUTH_SECRET" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tenure_token_run_outside_the_checkout_says_where_it_looked(
+    environment: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    environment.delenv("TENURE_DATA_DIR")
+    environment.chdir(tmp_path)
+    code, out, err = tenure_token(["--role", "admin", "--sub", "me"], capsys)
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1
+    assert f"no signing secret at {tmp_path / '.data' / 'auth-secret'}:" in err
+    assert not (tmp_path / ".data").exists()
+
+
+@pytest.mark.parametrize("ttl", ["0", "-60", "soon"])
+def test_tenure_token_refuses_a_ttl_that_is_not_above_zero(
+    environment: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], ttl: str
+) -> None:
+    dev_secret(tmp_path)
+    code, out, err = tenure_token(["--role", "admin", "--sub", "me", "--ttl", ttl], capsys)
+    assert (code, out) == (2, "")
+    assert f"argument --ttl: {ttl!r} is not a whole number of seconds above 0" in err

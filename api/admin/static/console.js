@@ -331,8 +331,21 @@
     }
   }
 
+  // As the API finds it (api/auth.py `claim`): the claim by its name, else a dotted name as a
+  // path into nested claims (Keycloak's `realm_access.roles`).
+  function claimOf(claims, name) {
+    if (!claims) return undefined;
+    if (name in claims || !name.includes(".")) return claims[name];
+    let found = claims;
+    for (const part of name.split(".")) {
+      if (found === null || typeof found !== "object" || !(part in found)) return undefined;
+      found = found[part];
+    }
+    return found;
+  }
+
   function rolesOf(claims) {
-    const roles = claims && claims[ROLES_CLAIM];
+    const roles = claimOf(claims, ROLES_CLAIM);
     if (typeof roles === "string") return roles.split(/\s+/);
     return Array.isArray(roles) ? roles : [];
   }
