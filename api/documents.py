@@ -18,12 +18,19 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any, TypeVar
 
-from graphql import DocumentNode, GraphQLError, GraphQLSchema, specified_rules
+from graphql import (
+    DocumentNode,
+    GraphQLError,
+    GraphQLSchema,
+    OperationDefinitionNode,
+    specified_rules,
+)
 from graphql.validation import ASTValidationRule
 from strawberry.extensions import SchemaExtension
 from strawberry.schema.schema import validate_document
 
 from api.limits import DocumentLimits
+from entities.errors import ErrorCode
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -118,6 +125,18 @@ class CheckedDocuments(SchemaExtension):
                 if rules
                 else []
             )
+            # `operation_name` answers the first operation's name when none was given.
+            named = context._provided_operation_name is not None
+            if not named and _operations(context.graphql_document) > 1:
+                # GraphQL asks for a name here; Strawberry would run the first operation, a
+                # mutation even, when the client meant another.
+                context.pre_execution_errors = [
+                    *context.pre_execution_errors,
+                    GraphQLError(
+                        "Must provide operation name if query contains multiple operations.",
+                        extensions={"code": ErrorCode.INVALID_INPUT.value},
+                    ),
+                ]
         yield
 
     def _handed_over(self, query: str) -> DocumentNode | None:
@@ -128,3 +147,7 @@ class CheckedDocuments(SchemaExtension):
             return None
         document: DocumentNode = planned[1]
         return document
+
+
+def _operations(document: DocumentNode) -> int:
+    return sum(isinstance(d, OperationDefinitionNode) for d in document.definitions)

@@ -209,3 +209,22 @@ async def test_a_subscription_sent_as_a_plain_request_is_told_how_to_subscribe(
                 )
                 assert refused.status_code == 400
                 assert refused.json() == {"errors": [error]}
+
+
+async def test_a_document_of_several_operations_runs_none_without_a_name(
+    http: httpx.AsyncClient,
+) -> None:
+    """GraphQL asks the client to name the operation to run; the first was run, a mutation
+    even."""
+    account_id = new_id()
+    open_it = (
+        f'mutation Open {{ openAccount(id: "{account_id}", ownerName: "A", email: "a@b.cc", '
+        "wait: true) { commandId } }"
+    )
+    read = f'query Read {{ account(id: "{account_id}") {{ status }} }}'
+    for document in (f"{open_it} {read}", f"{read} {open_it}"):
+        body = (await http.post("/graphql", json={"query": document})).json()
+        assert body["errors"][0]["extensions"]["code"] == "INVALID_INPUT", body
+        assert "operation name" in body["errors"][0]["message"]
+    named = {"query": f"{open_it} {read}", "operationName": "Read"}
+    assert (await http.post("/graphql", json=named)).json() == {"data": {"account": None}}
