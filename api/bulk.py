@@ -128,11 +128,12 @@ def _require(principal: Principal, entity_type: str, command: str) -> None:
         raise TenureError(ErrorCode.FORBIDDEN, "not allowed for this caller")
 
 
-def _checked_key(key: str) -> str:
+def _checked_key(key: str, argument: str = "idempotencyKey") -> str:
+    """A bulk command's key, its id too; refused naming the `argument` it came in."""
     if not _KEY.fullmatch(key):
         raise TenureError(
             ErrorCode.INVALID_INPUT,
-            "idempotencyKey: 1 to 100 letters, digits and . _ : -",
+            f"{argument}: 1 to 100 letters, digits and . _ : -",
         )
     return key
 
@@ -141,7 +142,7 @@ async def _progress(info: Info, bulk_id: str) -> BulkProgress:
     """The bulk's progress, for a caller who may send its command; NOT_FOUND (or FORBIDDEN,
     telling nothing) otherwise."""
     progress = await info.context.gateway.read_workflow(
-        bulk_workflow_id(_checked_key(bulk_id)), BulkCommandWorkflow.progress, BulkProgress
+        bulk_workflow_id(_checked_key(bulk_id, "id")), BulkCommandWorkflow.progress, BulkProgress
     )
     if progress is None:
         if info.context.principal.role is not Role.ADMIN:

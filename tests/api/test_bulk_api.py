@@ -118,6 +118,9 @@ async def test_a_wrong_bulk_command_is_refused_and_starts_nothing(gql: GraphQLCl
         assert named in error["message"], (variables, error["message"])
         assert await gql.error_code(READ, id=key) == "NOT_FOUND"
     assert await gql.error_code(START, key="no spaces", ids=[account_id]) == "INVALID_INPUT"
+    refused = (await gql(READ, id="x" * 2000))["errors"][0]
+    assert refused["extensions"]["code"] == "INVALID_INPUT"
+    assert refused["message"].startswith("id:")  # the argument it came in, not another's
     assert (await read_account(gql, account_id, "LIVE"))["balance"] == 0
 
 
