@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -33,10 +34,11 @@ import redis.asyncio as redis
 from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError
 
 from api.app import create_app
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal, die_with_parent, stop_process
-from entities.runtime.envelope import RuntimeOptions
+from entities.runtime.envelope import CommandResult, OutcomeStatus, RuntimeOptions
 from workers.changes import stream_key
 from workers.settings import Settings
 
@@ -79,6 +81,7 @@ class Account:
     acknowledged: dict[str, int] = field(default_factory=dict)
     pending: dict[str, int] = field(default_factory=dict)
     served: int = 0  # the highest revision any read or command has shown
+    unreadable: list[str] = field(default_factory=list)  # ids of malformed commands sent
 
     @property
     def expected_revision(self) -> int:
@@ -111,6 +114,7 @@ class Report:
 
     commands: int = 0
     duplicates: int = 0
+    unreadable: int = 0  # batches signalled straight through Temporal, one envelope malformed
     reads: int = 0
     retries: int = 0
     errors: Counter[str] = field(default_factory=Counter)
@@ -131,7 +135,8 @@ class Report:
         rate = self.commands / self.seconds if self.seconds else 0.0
         return [
             f"commands acknowledged {self.commands} ({rate:.0f}/s), duplicates sent "
-            f"{self.duplicates}, reads {self.reads}, retries {self.retries}",
+            f"{self.duplicates}, reads {self.reads}, retries {self.retries}, batches "
+            f"signalled with an unreadable command {self.unreadable}",
             f"errors answered: {dict(self.errors) or 'none'}",
             f"faults injected: {', '.join(self.faults) or 'none'}",
             "throughput back after: "
@@ -199,8 +204,15 @@ async def soak_stack(settings: Settings) -> AsyncIterator[Stack]:
 class Traffic:
     """The clients: deposits with fresh and repeated keys, waited and not, and reads."""
 
-    def __init__(self, http: httpx.AsyncClient, accounts: list[Account], plan: Plan) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        accounts: list[Account],
+        plan: Plan,
+        temporal: Client | None = None,
+    ) -> None:
         self.http = http
+        self.temporal = temporal
         self.accounts = accounts
         self.hot = accounts[:2]
         self.plan = plan
@@ -270,6 +282,45 @@ class Traffic:
         if data["account"] is not None:
             self._saw(account, data["account"]["revision"], floor, f"a {consistency} read")
 
+    async def signal_directly(self, account: Account) -> None:
+        """An integrator's `commands` signal straight through Temporal: two deposits around
+        an envelope that cannot be read, which the entity must refuse under its id while
+        it applies the others once each, across continue-as-new and the faults."""
+        assert self.temporal is not None
+        self.sent += 1
+        key = f"{account.id}-{self.sent}"
+        amounts = {f"{key}-a": self.rng.randint(1, 100), f"{key}-c": self.rng.randint(1, 100)}
+        batch = [
+            {
+                "command_id": f"{key}-a",
+                "name": "deposit",
+                "payload": {"amount": amounts[f"{key}-a"]},
+            },
+            {"command_id": f"{key}-b", "name": "deposit", "payload": "not an object"},
+            {
+                "command_id": f"{key}-c",
+                "name": "deposit",
+                "payload": {"amount": amounts[f"{key}-c"]},
+            },
+        ]
+        account.pending.update(amounts)
+        handle = self.temporal.get_workflow_handle(f"account:{account.id}")
+        for attempt in range(40):
+            try:
+                await handle.signal("commands", batch, rpc_timeout=timedelta(seconds=5))
+            except RPCError as exc:  # Temporal restarting: the same batch again, ids and all
+                self.report.errors[f"signal {exc.status.name}"] += 1
+                self.report.retries += 1
+                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+                continue
+            account.acknowledged.update(amounts)
+            for done in amounts:
+                account.pending.pop(done, None)
+            account.unreadable.append(f"{key}-b")
+            self.report.unreadable += 1
+            return
+        self.report.problems.append(f"the batch {key} was never accepted")
+
     async def client(self) -> None:
         rng = self.rng
         while not self.stop.is_set():
@@ -277,6 +328,9 @@ class Traffic:
             roll = rng.random()
             if roll < 0.25:
                 await self.read(account)
+                continue
+            if roll < 0.28 and self.temporal is not None and account not in self.hot:
+                await self.signal_directly(account)
                 continue
             if roll < 0.40 and account.acknowledged:
                 key = rng.choice(list(account.acknowledged)[-DUPLICATE_WINDOW:])
@@ -400,6 +454,29 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
         report.problems.append(f"workflow tasks failed: {bad}, first at: {'; '.join(where)}")
     if not plan.faults and report.task_failures["TIMED_OUT"]:
         report.problems.append("workflow tasks timed out with no fault injected")
+
+
+async def verify_unreadable(client: Client, traffic: Traffic) -> None:
+    """Every command sent that could not be read is refused under its id (INVALID_INPUT), as
+    its sender finds when it asks (a cold account's ledger holds them all)."""
+    for account in traffic.accounts:
+        handle = client.get_workflow_handle(f"account:{account.id}")
+        for command_id in account.unreadable:
+            try:
+                result = await handle.query(
+                    "outcome",
+                    command_id,
+                    result_type=CommandResult,
+                    rpc_timeout=timedelta(seconds=10),
+                )
+            except RPCError as exc:
+                traffic.report.problems.append(f"outcome of {command_id}: {exc}")
+                continue
+            outcome = result.outcome
+            if (outcome.status, outcome.code) != (OutcomeStatus.REJECTED, "INVALID_INPUT"):
+                traffic.report.problems.append(
+                    f"{command_id} (unreadable) is {outcome.status} {outcome.code}"
+                )
 
 
 KEPT_HISTORIES = Path(os.environ.get("SOAK_HISTORIES", ".data/soak-histories"))
@@ -532,7 +609,7 @@ async def soak(plan: Plan, progress: Callable[[str], None] = print) -> Report:
             opener = httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=big_app), base_url="http://soak"
             )
-            traffic = Traffic(small, accounts, plan)
+            traffic = Traffic(small, accounts, plan, client)
             for account in accounts:
                 chosen = Traffic(opener if account.id.startswith("huge") else small, [], plan)
                 await chosen.post(OPEN, id=account.id, key=f"open-{account.id}")
@@ -558,6 +635,7 @@ async def soak(plan: Plan, progress: Callable[[str], None] = print) -> Report:
             traffic.report.commands = sum(len(a.acknowledged) for a in accounts)
             progress("soak: traffic done, verifying")
             await verify(client, traffic, plan)
+            await verify_unreadable(client, traffic)
             await verify_stream(stack, traffic)
             await small.aclose()
             await opener.aclose()

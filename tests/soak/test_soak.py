@@ -16,3 +16,4 @@ async def test_mixed_traffic_with_faults_loses_nothing() -> None:
     assert report.runs > 20
     assert len(report.faults) == 3
     assert report.commands > 500
+    assert report.unreadable > 0  # batches with an envelope that cannot be read, refused
