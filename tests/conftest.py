@@ -326,3 +326,23 @@ def captured_logs() -> Iterator[LogCapture]:
     root.setLevel(level)
     structlog.reset_defaults()
     workflow.logger.workflow_info_on_message, activity.logger.activity_info_on_message = on_message
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Starlette) -> AsyncIterator[str]:
+    """`app` behind a real uvicorn on a free port: its `http://127.0.0.1:<port>` address."""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "uvicorn did not start"
+        await asyncio.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from temporalio.client import Client
@@ -29,7 +28,7 @@ from api.context import TenureContext
 from api.schema import build_schema
 from tests.api.test_access import token
 from tests.api.test_accounts_api import DEPOSIT, OPEN, VERIFY
-from tests.conftest import GraphQLClient, WorkerFactory, new_id
+from tests.conftest import GraphQLClient, WorkerFactory, new_id, serving
 from workers.cache import SnapshotCache, connect_redis
 from workers.settings import Settings
 
@@ -222,18 +221,8 @@ async def test_a_subscriber_that_reconnects_with_since_revision_misses_nothing_i
 @contextlib.asynccontextmanager
 async def served(app: Starlette) -> AsyncIterator[str]:
     """The app behind a real uvicorn on a free port: its ws:// address."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"ws://127.0.0.1:{port}/graphql"
-    finally:
-        server.should_exit = True
-        await task
+    async with serving(app) as url:
+        yield url.replace("http://", "ws://", 1) + "/graphql"
 
 
 async def received(ws: ClientConnection) -> dict[str, Any]:

@@ -5,13 +5,12 @@ accepts is let in, and a customer is still refused."""
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Any
 
 import jwt
 import pytest
 
-from tests.api.test_access import SECRET
+from tests.api.test_access import SECRET, token
 from tests.browser.test_admin_console import sign_in
 from workers.settings import Settings
 
@@ -30,15 +29,11 @@ def secured(settings: Settings) -> Settings:
 
 
 def nested_token(role: str, sub: str) -> str:
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "sub": sub,
-        "iss": "tenure",
-        "aud": "tenure-api",
-        "iat": now,
-        "exp": now + 600,
-        "realm_access": {"roles": [role]},
-    }
+    """The tests' token, its roles moved where Keycloak puts them."""
+    claims: dict[str, Any] = jwt.decode(
+        token(role, sub), SECRET, algorithms=["HS256"], audience="tenure-api"
+    )
+    claims["realm_access"] = {"roles": claims.pop("roles")}
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 

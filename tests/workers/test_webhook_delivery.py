@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import uvicorn
 from standardwebhooks import Webhook
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -22,9 +21,8 @@ from starlette.routing import Route
 from temporalio.client import Client
 
 from api.webhooks import StandardWebhooks
-from deploy.embedded import free_port
 from tests.api.test_accounts_api import DEPOSIT, open_active
-from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
+from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id, serving
 from workers.settings import Settings
 from workers.webhook_subscribers import signing_key
 
@@ -84,19 +82,10 @@ async def receiver() -> AsyncIterator[Receiver]:
         receiver.received.append(Delivery(dict(request.headers), body, status))
         return Response(status_code=status)
 
-    port = free_port()
     app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "uvicorn did not start"
-        await asyncio.sleep(0.05)
-    receiver.url = f"http://127.0.0.1:{port}/hook"
-    yield receiver
-    server.should_exit = True
-    await task
+    async with serving(app) as url:
+        receiver.url = f"{url}/hook"
+        yield receiver
 
 
 @pytest.fixture

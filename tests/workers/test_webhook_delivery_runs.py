@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,10 +22,9 @@ from starlette.routing import Route
 from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
-from deploy.embedded import free_port
 from entities.webhook_delivery import DeliveryCounts, DeliveryRun
 from tests.api.test_accounts_api import DEPOSIT, open_active
-from tests.conftest import GraphQLClient, WorkerFactory, api_client, cache_of, new_id
+from tests.conftest import GraphQLClient, WorkerFactory, api_client, cache_of, new_id, serving
 from workers.settings import Settings
 from workers.webhook_delivery import CONSUMER, PARALLEL_ENTITIES, WebhookDelivery
 from workers.webhook_subscribers import (
@@ -78,19 +76,10 @@ async def receiver() -> AsyncIterator[Receiver]:
         receiver.received.append(Sent(time.monotonic(), event, status))
         return Response(status_code=status)
 
-    port = free_port()
     app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "uvicorn did not start"
-        await asyncio.sleep(0.05)
-    receiver.url = f"http://127.0.0.1:{port}/hook"
-    yield receiver
-    server.should_exit = True
-    await task
+    async with serving(app) as url:
+        receiver.url = f"{url}/hook"
+        yield receiver
 
 
 @dataclass
