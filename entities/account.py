@@ -13,7 +13,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
-    from entities.runtime.entity import MAX_MONEY, PRINTABLE, strict_bound
+    from entities.runtime.entity import MAX_AMOUNT, MAX_MONEY, PRINTABLE, strict_bound
     from entities.runtime.envelope import Snapshot
     from entities.runtime.policy import READ
 
@@ -50,7 +50,9 @@ Email = Annotated[
         since=2,
     ),
 ]
-Amount = Annotated[int, Field(gt=0, le=10**15, strict=True, description="minor units, e.g. cents")]
+Amount = Annotated[
+    int, Field(gt=0, le=MAX_AMOUNT, strict=True, description="minor units, e.g. cents")
+]
 
 
 class AccountStatus(StrEnum):

@@ -20,7 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
     from entities.runtime.effects import StartWorkflow
-    from entities.runtime.entity import MAX_MONEY, Action, EntityId, strict_bound
+    from entities.runtime.entity import MAX_AMOUNT, MAX_MONEY, Action, EntityId, strict_bound
     from entities.runtime.envelope import Snapshot
     from entities.runtime.policy import READ
 
@@ -126,11 +126,12 @@ def _touched(state: CartState, ctx: Ctx, **changes: object) -> CartState:
             f"cart {ctx.entity_id} is checking out ({state.checkout_id}); wait for its outcome",
         )
     lines = changes.get("lines")
-    if isinstance(lines, list) and sum(line.quantity * line.unit_price for line in lines) > (
-        MAX_MONEY
-    ):
+    # Runs before level 3 took totals up to MAX_MONEY, which no checkout could charge.
+    most = MAX_AMOUNT if ctx.strict_inputs >= 3 else MAX_MONEY
+    if isinstance(lines, list) and sum(line.quantity * line.unit_price for line in lines) > most:
         raise Rejected(
-            ErrorCode.LIMIT_REACHED, f"a cart's total is at most {MAX_MONEY} (2^53 - 1) minor units"
+            ErrorCode.LIMIT_REACHED,
+            f"a cart's total is at most {most} minor units, what its checkout can charge",
         )
     return state.model_copy(
         update={

@@ -21,6 +21,9 @@ EntityId = Annotated[str, StringConstraints(pattern=ENTITY_ID_PATTERN)]
 
 MAX_MONEY = 2**53 - 1
 """The largest amount or balance: what a GraphQL `Long` (a JSON number) carries exactly."""
+MAX_AMOUNT = 10**15
+"""The most one deposit, withdrawal or refund moves, and so the most a cart may total: its
+checkout charges it in one withdrawal."""
 
 
 STRICT_INPUTS = "tenure.strict_inputs"
@@ -32,7 +35,9 @@ receive; older runs replay their histories as they were made (a command a bound 
 was applied then)."""
 STRICT_INPUTS_2_PATCH = "strict-inputs-2"
 """The same for the bounds added at level 2 (no control characters in an email)."""
-STRICTEST = 2
+STRICT_INPUTS_3_PATCH = "strict-inputs-3"
+"""The same at level 3: a cart totals at most what one withdrawal takes (MAX_AMOUNT)."""
+STRICTEST = 3
 """The level of the latest bounds: what the API's edge and new runs apply."""
 
 

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.effects import StartWorkflow
     from entities.runtime.entity import (
         STRICT_INPUTS_2_PATCH,
+        STRICT_INPUTS_3_PATCH,
         STRICT_INPUTS_PATCH,
         CommandContext,
         EntityType,
@@ -626,4 +627,6 @@ def _strictness() -> int:
     has (`entities.runtime.entity`)."""
     if not workflow.patched(STRICT_INPUTS_PATCH):
         return 0
-    return 2 if workflow.patched(STRICT_INPUTS_2_PATCH) else 1
+    if not workflow.patched(STRICT_INPUTS_2_PATCH):
+        return 1
+    return 3 if workflow.patched(STRICT_INPUTS_3_PATCH) else 2

@@ -198,12 +198,31 @@ async def test_a_checkout_that_crosses_the_continue_as_new_threshold_still_start
         assert (await shop.cart_state(cart_id)).status is CartStatus.CHECKED_OUT
 
 
-def test_a_cart_total_stays_within_what_a_long_promises() -> None:
+def test_a_cart_total_stays_within_what_its_checkout_can_charge() -> None:
+    """At most what one withdrawal takes (10^15): a larger total, which a cart once took, was
+    refused by its checkout's withdrawal every time, after its stock was reserved."""
     big = 10**12  # the highest unit price
     state = apply(None, "createCart", account_id="acct")
-    for n in range(9):
-        state = apply(state, "addCartItem", sku=f"s{n}", quantity=1000, unit_price=big)
-    assert rejected(state, "addCartItem", sku="s9", quantity=1000, unit_price=big) == (
+    state = apply(state, "addCartItem", sku="s0", quantity=1000, unit_price=big)  # 10^15
+    for refused in (
+        {"sku": "s1", "quantity": 1, "unit_price": 1},
+        {"sku": "s0", "quantity": 1001, "unit_price": big},
+    ):
+        assert rejected(state, "addCartItem", **refused) == ErrorCode.LIMIT_REACHED
+    assert rejected(state, "setCartItemQuantity", sku="s0", quantity=1001) == (
         ErrorCode.LIMIT_REACHED
     )
+
+
+def test_a_run_begun_before_the_charge_bound_keeps_to_what_a_long_promises() -> None:
+    before = CommandContext("c1", T0, OPTIONS, "cmd", strict_inputs=2)
+    big = 10**12
+    state = cart.apply(None, "createCart", {"account_id": "acct"}, before)
+    for n in range(9):
+        line = {"sku": f"s{n}", "quantity": 1000, "unit_price": big}
+        state = cart.apply(state, "addCartItem", line, before)
+    with pytest.raises(Rejected) as refused:
+        line = {"sku": "s9", "quantity": 1000, "unit_price": big}
+        cart.apply(state, "addCartItem", line, before)
+    assert refused.value.code == ErrorCode.LIMIT_REACHED
     assert sum(line.quantity * line.unit_price for line in state.lines) <= 2**53 - 1
