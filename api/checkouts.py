@@ -135,7 +135,7 @@ class Checkout:
 def checked_checkout_id(checkout_id: str) -> str:
     """`checkout_id` if it is one (`<cart id>-<attempt>`), else INVALID_INPUT."""
     cart_id, _, attempt = checkout_id.rpartition("-")
-    if not attempt.isdigit():
+    if not (attempt.isascii() and attempt.isdigit()):  # isdigit alone takes other scripts' digits
         raise TenureError(
             ErrorCode.INVALID_INPUT, "a checkout id is a cart id and an attempt: <cart>-<n>"
         )

@@ -164,7 +164,7 @@ async def test_bad_ids_cursors_and_pages_are_refused_as_input_not_errors(
 ) -> None:
     admin = Caller(http, token("admin", "ops-1"))
     async with run_worker():
-        for bad in ("no-attempt", "", "x" * 300 + "-1", "bad id-1"):
+        for bad in ("no-attempt", "", "x" * 300 + "-1", "bad id-1", "cart-\u0661", "cart-\u00b2"):
             response = await admin.post(RETRY, id=bad, reason="r")
             assert response.status_code == 200
             assert response.json()["errors"][0]["extensions"]["code"] == "INVALID_INPUT", bad
