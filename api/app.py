@@ -75,7 +75,11 @@ _UNTRACED = "/livez,/healthz,/readyz,/metrics"
 
 
 class _EventStreams(SSETransport):
-    """graphql-sse for the requests `/graphql`'s HTTP front took for event streams."""
+    """graphql-sse for the requests `/graphql`'s HTTP front took for event streams. A ping
+    opens each stream, so a client learns at once that its subscription is established:
+    one with nothing to send yet waited for the first heartbeat, 15 s, for any answer."""
+
+    send_initial_heartbeat = True
 
     def accepts(self, accept: str) -> bool:
         return wants_event_stream(accept)

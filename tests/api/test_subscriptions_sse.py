@@ -215,6 +215,24 @@ async def test_a_customer_following_its_account_sees_an_operator_as_a_role_alone
     assert by_self["sentBy"] == "customer:ada"
 
 
+async def test_a_stream_with_nothing_to_send_yet_is_answered_at_once(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """Its status and headers, and a ping, come when it is established, not with the first
+    heartbeat 15 s later."""
+    async with stack(settings, temporal_client, run_worker) as tenure, httpx.AsyncClient() as sse:
+        mine = await open_account(tenure.gql)
+        admin = token("admin", "ops-1")
+        async with (
+            asyncio.timeout(5),  # the heartbeat comes after 15 s
+            subscribing(sse, tenure.url, admin, id=mine, since=2) as response,
+        ):
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith(EVENT_STREAM)
+            first = await anext(response.aiter_text())
+        assert first.startswith(":")
+
+
 async def test_an_sse_request_meets_the_same_limits_as_any_other(
     settings: Settings, temporal_client: Client, run_worker: WorkerFactory
 ) -> None:
