@@ -72,6 +72,15 @@ class Authorizer:
         if owner is None or owner not in principal.accounts:
             raise Forbidden()
 
+    async def require_history(self, principal: Principal, entity_type: str, entity_id: str) -> None:
+        """Raise Forbidden unless `principal` may read the entity's command history: whoever
+        may read the entity, but a customer only that of an entity it owns."""
+        if principal.role is Role.CUSTOMER and self._types[entity_type].policy.owner is None:
+            # A type without owners is one customers read in full (an inventory item), and
+            # its command ids name other customers' carts and checkouts.
+            raise Forbidden()
+        await self.require(principal, entity_type, entity_id, READ)
+
     async def allows(
         self, principal: Principal, entity_type: str, entity_id: str, action: str
     ) -> bool:

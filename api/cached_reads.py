@@ -18,10 +18,11 @@ reindex` sets.
 
 Anything else (mutations, LIVE reads, documents with fragments or directives at the root,
 invalid documents, entities the cache has not seen, Redis down) goes to Strawberry as is.
-Nothing about the caller goes into a read's response, so the caller is no part of the key;
-but a response is replayed only to a caller the policy lets read every entity in it without
-a look at their state (`Authorizer.decided_without_state`); others go through the resolvers,
-which check the long way.
+Nothing about the caller but its role goes into a read's response (a customer is shown no
+item's reservations), so the role is part of the key and the caller is not; and a response
+is replayed only to a caller the policy lets read every entity in it without a look at their
+state (`Authorizer.decided_without_state`); others go through the resolvers, which check the
+long way.
 """
 
 from __future__ import annotations
@@ -64,11 +65,12 @@ MAX_DEPENDENCIES = 1024
 def _key(
     body: bytes, scope: Scope, entries: list[RawEntry], generations: list[bytes] | None = None
 ) -> bytes:
-    """A digest of what a rendered response depends on: the body, the headers that choose
-    the response's form (content type asked for and sent), the cache entries read and the
-    index generations the listings depend on."""
+    """A digest of what a rendered response depends on: the body, the caller's role, the
+    headers that choose the response's form (content type asked for and sent), the cache
+    entries read and the index generations the listings depend on."""
     digest = hashlib.blake2b(digest_size=16)
-    parts = [body]
+    principal = principal_of(scope)
+    parts = [body, principal.role.value.encode() if principal is not None else b""]
     parts += [name + b":" + value for name, value in scope["headers"] if name in _NEGOTIATING]
     for document, cached_at, stuck in entries:
         parts += [document, cached_at, stuck or b""]

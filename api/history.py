@@ -21,7 +21,7 @@ from entities.runtime.envelope import (
     OutcomeStatus,
 )
 from entities.runtime.inbox import COMMAND_ID
-from entities.runtime.policy import READ, Principal, Role
+from entities.runtime.policy import Principal, Role
 
 
 @strawberry.enum(description="What became of a command.")
@@ -99,7 +99,8 @@ def _record(outcome: Outcome, caller: Principal) -> CommandRecord:
 async def command_history(
     info: Info, entity_type: str, entity_id: str, last: int, before: str | None
 ) -> CommandHistory:
-    """The page of the entity's recent commands, for a caller who may read the entity."""
+    """The page of the entity's recent commands, for a caller who may read its history
+    (`Authorizer.require_history`)."""
     if not 1 <= last <= MAX_HISTORY_PAGE:
         raise TenureError(ErrorCode.INVALID_INPUT, f"last: from 1 to {MAX_HISTORY_PAGE}")
     if before is not None and not COMMAND_ID.fullmatch(before):
@@ -107,7 +108,7 @@ async def command_history(
             ErrorCode.INVALID_INPUT,
             f"before: a command id, 1 to {MAX_COMMAND_ID} printable ASCII characters",
         )
-    await info.context.authorizer.require(info.context.principal, entity_type, entity_id, READ)
+    await info.context.authorizer.require_history(info.context.principal, entity_type, entity_id)
     page = await info.context.gateway.history(
         entity_type, entity_id, HistoryPage(last=last, before=before)
     )

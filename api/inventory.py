@@ -25,6 +25,7 @@ from api.response_size import bounded
 from entities import inventory as domain
 from entities.inventory import InventoryOptions, InventoryState
 from entities.runtime.entity import Command
+from entities.runtime.policy import Role
 
 ENTITY = domain.inventory.name
 
@@ -54,10 +55,22 @@ class InventoryItem(EntityState):
     reserved: Long
     available: Long = strawberry.field(description="On hand less reserved.")
     sold: Long = strawberry.field(description="Units sold through committed reservations.")
-    reservations: list[Reservation] = bounded(_DEFAULTS.max_reservations)
     adjustments: list[StockAdjustment] = bounded(
         _DEFAULTS.adjustment_memory, description="The latest ones."
     )
+    held: strawberry.Private[list[Reservation]]
+
+    @bounded(
+        _DEFAULTS.max_reservations,
+        description="The units held; empty for a customer, since a checkout's reservation "
+        "is named after its cart.",
+    )
+    def reservations(self, info: Info) -> list[Reservation]:
+        # Customers may read every item (the catalogue), not the carts holding its units.
+        # Hidden rather than FORBIDDEN: a policy decides whole entities (`read`), not fields,
+        # and a refused non-null field would null the whole item; so, like a sender's subject
+        # in `history`, what is not the caller's is left out of an entity it may read.
+        return [] if info.context.principal.role is Role.CUSTOMER else self.held
 
     @classmethod
     def from_read(cls, read: EntityRead) -> InventoryItem:
@@ -70,7 +83,7 @@ class InventoryItem(EntityState):
             reserved=Long(state.reserved),
             available=Long(state.available),
             sold=Long(state.sold),
-            reservations=paced(
+            held=paced(
                 Reservation(
                     reservation_id=r.reservation_id,
                     quantity=Long(r.quantity),

@@ -127,10 +127,19 @@ class _Follower:
             previous_revision=previous,
             missed_revisions=missed or change.gap,
             command=change.command,
-            command_id=change.command_id,
+            command_id=change.command_id if self._shows_ids(change.entity_type) else None,
             sent_by=self._sender(change.sent_by),
             at=change.at,
             node=node,
+        )
+
+    def _shows_ids(self, entity_type: str) -> bool:
+        """Whether the viewer sees command ids: a customer not on a type without owners (an
+        inventory item), whose ids name other customers' carts and checkouts, as its
+        history is refused to a customer (`Authorizer.require_history`)."""
+        return (
+            self._viewer.role is not Role.CUSTOMER
+            or catalog.entity_types()[entity_type].policy.owner is not None
         )
 
     def _sender(self, sent_by: str | None) -> str | None:

@@ -19,6 +19,7 @@ from entities import catalog
 from entities.errors import ErrorCode
 from entities.runtime.policy import Policy, Principal, Role
 from tests.conftest import api_client, new_id
+from tests.entities.shop import eventually
 from workers.settings import Settings
 
 SECRET = "test-secret-" + "x" * 32
@@ -111,6 +112,8 @@ COMMIT = """mutation($sku: String!) { commitReservation(sku: $sku, reservationId
 RETURN = """mutation($sku: String!) { returnReservation(sku: $sku, reservationId: "r1",
   wait: true) { commandId } }"""
 READ_ITEM = "query($sku: String!) { inventoryItem(sku: $sku) { onHand } }"
+READ_ITEM_HISTORY = """query($sku: String!) { inventoryItem(sku: $sku) { history(last: 5)
+  { hasOlder } } }"""
 LIST_FAILED_CHECKOUTS = "{ checkouts(filter: {status: FAILED}) { totalCount } }"
 RETRY_CHECKOUT = """mutation($id: ID!) { retryCheckoutCompensations(id: $id, reason: "r")
   { status } }"""
@@ -194,6 +197,13 @@ CASES: list[Case] = [
         {ADMIN, SERVICE, CUSTOMER},
     ),
     ("read stock", READ_ITEM, lambda e: {"sku": e["sku"]}, set(CALLERS)),
+    # An item's commands name the carts and checkouts that reserved it: not a customer's.
+    (
+        "read stock's history",
+        READ_ITEM_HISTORY,
+        lambda e: {"sku": e["sku"]},
+        {ADMIN, SERVICE, STOCKIST},
+    ),
     ("restock", RESTOCK, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
     ("adjust stock", ADJUST, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
     ("reserve stock", RESERVE, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
@@ -326,6 +336,53 @@ async def test_every_command_records_who_sent_it(secured_http: httpx.AsyncClient
         {"role": "admin", "subject": None},
         {"role": "admin", "subject": None},
     ]
+
+
+async def test_a_customer_reads_stock_but_not_whose_checkouts_hold_or_bought_it(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    admin = Caller(secured_http, token("admin", "setup"))
+    entities = await setup(admin)
+    theirs, sku = entities["theirs"], entities["sku"]
+    cart = new_id()
+    await admin.data(CREATE_CART, id=cart, account=theirs)
+    await admin.data(ADD, id=cart, sku=sku)
+    await admin.data(DEPOSIT, id=theirs)
+    await admin.data(CHECKOUT, id=cart)
+    done = await eventually(
+        lambda: admin.data(READ_CHECKOUT, id=f"{cart}-1"),
+        lambda data: data["checkout"] is not None and data["checkout"]["status"] != "RUNNING",
+    )
+    assert done["checkout"]["status"] == "COMPLETED"  # reserved, then committed
+    # A second checkout of theirs, holding a unit under the name the saga gives it.
+    held = f"{cart}-2.1700000000000"
+    reserve = """mutation($sku: String!, $id: String!) { reserveStock(sku: $sku,
+      reservationId: $id, quantity: 1, wait: true) { commandId } }"""
+    await admin.data(reserve, sku=sku, id=held)
+    item = """query($sku: String!) { inventoryItem(sku: $sku, consistency: LIVE) {
+      sold reserved reservations { reservationId } } }"""
+    history = """query($sku: String!) { inventoryItem(sku: $sku) { history(last: 5) {
+      entries { command commandId } } } }"""
+
+    customer = callers(secured_http, entities)[CUSTOMER]
+    seen = (await customer.data(item, sku=sku))["inventoryItem"]
+    assert seen == {"sold": 1, "reserved": 1, "reservations": []}  # the counts, no names
+    assert await customer.code(history, sku=sku) == ErrorCode.FORBIDDEN
+
+    # Staff see whose they are, as before.
+    seen = (await admin.data(item, sku=sku))["inventoryItem"]
+    assert seen["reservations"] == [{"reservationId": held}]
+    entries = (await admin.data(history, sku=sku))["inventoryItem"]["history"]["entries"]
+    commit = next(entry for entry in entries if entry["command"] == "commitReservation")
+    assert commit["commandId"].startswith(f"checkout:{cart}-1.")
+
+    # A CACHED read's response, rendered for staff, is never replayed to a customer.
+    cached = """query($sku: String!) { inventoryItem(sku: $sku) {
+      reserved reservations { reservationId } } }"""
+    named = [{"reservationId": held}]
+    for caller, shown in ((admin, named), (customer, []), (admin, named)):
+        seen = (await caller.data(cached, sku=sku))["inventoryItem"]
+        assert seen["reservations"] == shown
 
 
 @pytest.mark.parametrize(

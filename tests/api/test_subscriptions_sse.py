@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from temporalio.client import Client
 
 from api.over_http import EVENT_STREAM, GRAPHQL_RESPONSE, JSON
-from tests.api.test_access import SECRET, token
+from tests.api.test_access import ADJUST, RESTOCK, SECRET, token
 from tests.api.test_accounts_api import DEPOSIT, READ
 from tests.api.test_metrics import scrape
 from tests.api.test_subscriptions import FOLLOW, open_account, running_app, served
@@ -224,13 +224,34 @@ async def test_a_stream_with_nothing_to_send_yet_is_answered_at_once(
         mine = await open_account(tenure.gql)
         admin = token("admin", "ops-1")
         async with (
-            asyncio.timeout(5),  # the heartbeat comes after 15 s
+            asyncio.timeout(12),  # the heartbeat comes after 15 s
             subscribing(sse, tenure.url, admin, id=mine, since=2) as response,
         ):
             assert response.status_code == 200
             assert response.headers["content-type"].startswith(EVENT_STREAM)
             first = await anext(response.aiter_text())
         assert first.startswith(":")
+
+
+async def test_a_customer_following_an_item_sees_no_command_ids(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """An item's command ids name other customers' carts and checkouts (a checkout commits
+    as `checkout:<cart>-<attempt>...`), as its history, refused to customers, would."""
+    follow = "subscription($sku: String!) { inventoryItemChanged(sku: $sku) { commandId } }"
+    async with stack(settings, temporal_client, run_worker) as tenure, httpx.AsyncClient() as sse:
+        sku = new_id()
+        await tenure.gql.data(RESTOCK, sku=sku)
+        seen = {}
+        for who, bearer in (("customer", token("customer", "ada")), ("admin", token("admin", "a"))):
+            async with subscribing(sse, tenure.url, bearer, follow, sku=sku) as response:
+                stream = events(response)
+                await anext(stream)  # the state now
+                await tenure.gql.data(ADJUST, sku=sku)
+                _, payload = await asyncio.wait_for(anext(stream), timeout=15)
+                seen[who] = payload["data"]["inventoryItemChanged"]["commandId"]
+    assert seen["customer"] is None
+    assert seen["admin"] is not None
 
 
 async def test_an_sse_request_meets_the_same_limits_as_any_other(
