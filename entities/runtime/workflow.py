@@ -623,10 +623,8 @@ class EntityWorkflow:
 
 
 def _strictness() -> int:
-    """Which bounds of `strict_bound` this run applies: those of every level whose patch it
-    has (`entities.runtime.entity`)."""
-    if not workflow.patched(STRICT_INPUTS_PATCH):
-        return 0
-    if not workflow.patched(STRICT_INPUTS_2_PATCH):
-        return 1
-    return 3 if workflow.patched(STRICT_INPUTS_3_PATCH) else 2
+    """Which bounds of `strict_bound` this run applies: those up to the newest level whose
+    patch it has (`entities.runtime.entity`). Asked newest first, so that a new run records
+    one patch marker, not one per level."""
+    levels = ((3, STRICT_INPUTS_3_PATCH), (2, STRICT_INPUTS_2_PATCH), (1, STRICT_INPUTS_PATCH))
+    return next((level for level, patch in levels if workflow.patched(patch)), 0)
