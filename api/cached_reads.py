@@ -18,8 +18,9 @@ reindex` sets.
 
 Anything else (mutations, LIVE reads, documents with fragments or directives at the root,
 invalid documents, entities the cache has not seen, Redis down) goes to Strawberry as is.
-Nothing about the caller but its role goes into a read's response (a customer is shown no
-item's reservations), so the role is part of the key and the caller is not; and a response
+Nothing about the caller but whether it is a customer goes into a read's response (a
+customer is shown no item's reservations), so that is part of the key and the caller is not;
+and a response
 is replayed only to a caller the policy lets read every entity in it without a look at their
 state (`Authorizer.decided_without_state`); others go through the resolvers, which check the
 long way.
@@ -65,12 +66,13 @@ MAX_DEPENDENCIES = 1024
 def _key(
     body: bytes, scope: Scope, entries: list[RawEntry], generations: list[bytes] | None = None
 ) -> bytes:
-    """A digest of what a rendered response depends on: the body, the caller's role, the
-    headers that choose the response's form (content type asked for and sent), the cache
-    entries read and the index generations the listings depend on."""
+    """A digest of what a rendered response depends on: the body, whether the caller is a
+    customer, the headers that choose the response's form (content type asked for and
+    sent), the cache entries read and the index generations the listings depend on."""
     digest = hashlib.blake2b(digest_size=16)
     principal = principal_of(scope)
-    parts = [body, principal.role.value.encode() if principal is not None else b""]
+    customer = principal is not None and principal.role is Role.CUSTOMER
+    parts = [body, b"customer" if customer else b"staff"]
     parts += [name + b":" + value for name, value in scope["headers"] if name in _NEGOTIATING]
     for document, cached_at, stuck in entries:
         parts += [document, cached_at, stuck or b""]
