@@ -22,6 +22,16 @@ class Forbidden(TenureError):
         super().__init__(ErrorCode.FORBIDDEN, "not allowed for this caller")
 
 
+def sees_command_ids(principal: Principal, entity_type: str) -> bool:
+    """Whether `principal` may see the command ids of an entity of this type: all but a
+    customer on a type without owners, which customers read in full (an inventory item) and
+    whose command ids name other customers' carts and checkouts."""
+    return (
+        principal.role is not Role.CUSTOMER
+        or catalog.entity_types()[entity_type].policy.owner is not None
+    )
+
+
 class Authorizer:
     """Decides, per request, whether its principal may do an action to an entity."""
 
@@ -74,10 +84,8 @@ class Authorizer:
 
     async def require_history(self, principal: Principal, entity_type: str, entity_id: str) -> None:
         """Raise Forbidden unless `principal` may read the entity's command history: whoever
-        may read the entity, but a customer only that of an entity it owns."""
-        if principal.role is Role.CUSTOMER and self._types[entity_type].policy.owner is None:
-            # A type without owners is one customers read in full (an inventory item), and
-            # its command ids name other customers' carts and checkouts.
+        may read the entity and see its command ids (`sees_command_ids`)."""
+        if not sees_command_ids(principal, entity_type):
             raise Forbidden()
         await self.require(principal, entity_type, entity_id, READ)
 

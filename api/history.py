@@ -14,13 +14,12 @@ from api.pacing import paced
 from api.response_size import bounded
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import (
-    MAX_COMMAND_ID,
     MAX_HISTORY_PAGE,
     HistoryPage,
     Outcome,
     OutcomeStatus,
 )
-from entities.runtime.inbox import COMMAND_ID
+from entities.runtime.inbox import COMMAND_ID, COMMAND_ID_RULE
 from entities.runtime.policy import Principal, Role
 
 
@@ -106,7 +105,7 @@ async def command_history(
     if before is not None and not COMMAND_ID.fullmatch(before):
         raise TenureError(
             ErrorCode.INVALID_INPUT,
-            f"before: a command id, 1 to {MAX_COMMAND_ID} printable ASCII characters",
+            f"before: a command id, {COMMAND_ID_RULE}",
         )
     await info.context.authorizer.require_history(info.context.principal, entity_type, entity_id)
     page = await info.context.gateway.history(

@@ -24,7 +24,7 @@ import strawberry
 from strawberry.types.base import StrawberryOptional, get_object_definition
 from strawberry.utils.str_converters import to_camel_case
 
-from api.authorization import Forbidden
+from api.authorization import Forbidden, sees_command_ids
 from api.change_feed import Change as FeedChange
 from api.change_feed import ChangeFeed, Mailbox
 from api.common import EntityState
@@ -95,10 +95,11 @@ class ChangeFilter:
 class _Follower:
     """One subscription's view of its changes: never backwards, every jump shown."""
 
-    def __init__(self, since: int | None, viewer: Principal) -> None:
+    def __init__(self, since: int | None, viewer: Principal, entity_type: str) -> None:
         self._seen: dict[str, tuple[int, int]] = {}
         self._since = since
         self._viewer = viewer
+        self._shows_ids = sees_command_ids(viewer, entity_type)
 
     def change(self, change: FeedChange, render: Render) -> Change[Any] | None:
         incarnation, revision = change.position
@@ -127,19 +128,10 @@ class _Follower:
             previous_revision=previous,
             missed_revisions=missed or change.gap,
             command=change.command,
-            command_id=change.command_id if self._shows_ids(change.entity_type) else None,
+            command_id=change.command_id if self._shows_ids else None,
             sent_by=self._sender(change.sent_by),
             at=change.at,
             node=node,
-        )
-
-    def _shows_ids(self, entity_type: str) -> bool:
-        """Whether the viewer sees command ids: a customer not on a type without owners (an
-        inventory item), whose ids name other customers' carts and checkouts, as its
-        history is refused to a customer (`Authorizer.require_history`)."""
-        return (
-            self._viewer.role is not Role.CUSTOMER
-            or catalog.entity_types()[entity_type].policy.owner is not None
         )
 
     def _sender(self, sent_by: str | None) -> str | None:
@@ -178,7 +170,7 @@ async def follow_entity(
     if since_revision is not None and since_revision < 0:
         raise TenureError(ErrorCode.INVALID_INPUT, "sinceRevision: 0 or more")
     await info.context.authorizer.require(info.context.principal, entity_type, entity_id, READ)
-    follower = _Follower(since_revision, info.context.principal)
+    follower = _Follower(since_revision, info.context.principal, entity_type)
     async with _subscribed(info, entity_type, entity_id) as mailbox:
         # After subscribing, so that nothing falls between the state read and the stream.
         read = await info.context.gateway.read(entity_type, entity_id, Consistency.CACHED)
@@ -311,7 +303,7 @@ def subscription_type(query: type) -> type:
         if render is None:
             raise TenureError(ErrorCode.INVALID_INPUT, f"{name} has no subscription")
         wants = _scoped(info, name, where or ChangeFilter())
-        follower = _Follower(None, info.context.principal)
+        follower = _Follower(None, info.context.principal, name)
         async with _subscribed(info, name, None, wants, MAX_PENDING_ENTITIES) as mailbox:
             while True:
                 shown = follower.change(await mailbox.next(), render)

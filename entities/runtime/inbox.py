@@ -25,6 +25,8 @@ COMMAND_ID = re.compile(rf"[\x20-\x7e]{{1,{MAX_COMMAND_ID}}}")
 """A command id an entity takes: 1 to 512 printable ASCII characters. The API's idempotency
 keys are at most 128, with no spaces; Tenure's own ids are longer (a bulk command's
 `bulk:<bulk id>:<entity id>`, a checkout's steps)."""
+COMMAND_ID_RULE = f"1 to {MAX_COMMAND_ID} printable ASCII characters"
+"""What a refusal of a command id says it must be."""
 MAX_REASON = 300
 
 
@@ -93,15 +95,10 @@ def read_value(value: Any) -> Received:
 
 
 def _checked(envelope: CommandEnvelope) -> Received:
-    if COMMAND_ID.fullmatch(envelope.command_id):
+    if _sound_id(envelope.command_id) is not None:
         return envelope
-    return Unreadable(
-        None,
-        envelope.name[:64],
-        envelope.sent_by,
-        f"unreadable command: command_id: 1 to {MAX_COMMAND_ID} printable ASCII characters",
-        envelope,
-    )
+    reason = f"unreadable command: command_id: {COMMAND_ID_RULE}"
+    return Unreadable(None, envelope.name[:64], envelope.sent_by, reason, envelope)
 
 
 def _sound_id(value: object) -> str | None:

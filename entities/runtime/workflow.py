@@ -32,7 +32,6 @@ with workflow.unsafe.imports_passed_through():
         EntityType,
     )
     from entities.runtime.envelope import (
-        MAX_COMMAND_ID,
         CommandEnvelope,
         CommandHistory,
         CommandResult,
@@ -45,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from entities.runtime.inbox import (
         COMMAND_ID,
+        COMMAND_ID_RULE,
         Unreadable,
         read_command,
         read_commands,
@@ -311,7 +311,7 @@ class EntityWorkflow:
         that applied such ids before replay as they were made."""
         if not COMMAND_ID.fullmatch(envelope.command_id):
             raise ApplicationError(
-                f"command_id: 1 to {MAX_COMMAND_ID} printable ASCII characters",
+                f"command_id: {COMMAND_ID_RULE}",
                 type=ErrorCode.INVALID_INPUT,
                 non_retryable=True,
             )
