@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from workers.webhook_retries import Retries, note_of
-from workers.webhook_subscribers import DeadLetter, Subscriber, event_body
+from workers.webhook_subscribers import DeadLetter, Subscriber, entry_time, event_body
 
 TRIMMED = "trimmed from the stream before delivery"
 """The error of a dead letter for an entry trimmed before anything noted whose it was."""
@@ -93,7 +93,7 @@ def gap(
     more of them."""
     incarnation, first, last = covers
     fields = {"type": "gap", "id": entity_id, "incarnation": incarnation, "from": first, "to": last}
-    webhook_id, _, body = event_body(entity_type, fields)
+    webhook_id, _, body = event_body(entity_type, fields, entry_ids[0])
     text = json.dumps(body, separators=(",", ":"))
     return Send(
         stream,
@@ -158,7 +158,7 @@ class Entries:
         only the stream entry, so the subscriber knows it missed a change of the type."""
         entity_type = self._streams[stream] or ""
         data = {"entity_type": entity_type, "stream_entry": entry_id}
-        body = {"type": f"{entity_type}.gap", "timestamp": None, "data": data}
+        body = {"type": f"{entity_type}.gap", "timestamp": entry_time(entry_id), "data": data}
         now = time.time()
         return DeadLetter(
             webhook_id=f"{entity_type}:trimmed:{entry_id}",
@@ -191,7 +191,7 @@ class Entries:
             return None
         if not self._subscriber.wants(entity_type, command):
             return None
-        webhook_id, entity_id, body = event_body(entity_type, fields)
+        webhook_id, entity_id, body = event_body(entity_type, fields, entry_id)
         text = json.dumps(body, separators=(",", ":"))
         incarnation = fields.get("incarnation", "")
         if command is None:

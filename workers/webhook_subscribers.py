@@ -23,7 +23,7 @@ import hmac
 import json
 import secrets
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field, SecretStr
@@ -230,11 +230,22 @@ class WebhookSubscribers:
         return len(raw)
 
 
-def event_body(entity_type: str, fields: Mapping[str, str]) -> tuple[str, str, dict[str, Any]]:
+def entry_time(entry_id: str) -> str | None:
+    """When a stream entry was appended, from its id (`<ms>-<seq>`), in ISO 8601."""
+    ms = entry_id.split("-", 1)[0]
+    if not ms.isdigit():
+        return None
+    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def event_body(
+    entity_type: str, fields: Mapping[str, str], entry_id: str
+) -> tuple[str, str, dict[str, Any]]:
     """A change stream entry as a webhook: its `webhook-id` (the same for every send of one
     change), its entity id, and its body `{"type", "timestamp", "data"}`, where `type` is
     `<entity type>.<command>` (`<entity type>.gap` for a gap) and `data` the entry's fields,
-    `state` as JSON."""
+    `state` as JSON. `timestamp` is when the change was made, or for a gap when the stream
+    noted it (the time in its entry id `entry_id`)."""
     entity_id, incarnation = fields.get("id", ""), fields.get("incarnation", "")
     data: dict[str, Any] = {"entity_type": entity_type, **fields}
     data.pop("type", None)
@@ -249,5 +260,5 @@ def event_body(entity_type: str, fields: Mapping[str, str]) -> tuple[str, str, d
     else:
         webhook_id = f"{entity_type}:{entity_id}:{incarnation}:{fields.get('revision')}"
         kind = f"{entity_type}.{fields.get('command', '')}"
-    body = {"type": kind, "timestamp": fields.get("at") or None, "data": data}
+    body = {"type": kind, "timestamp": fields.get("at") or entry_time(entry_id), "data": data}
     return webhook_id, entity_id, body

@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -201,6 +201,7 @@ async def test_changes_trimmed_while_pending_arrive_as_a_gap(
     """Five changes of one entity wait behind a failing first; retention trims the three
     oldest; once the receiver recovers, it gets a gap for revisions 1 to 3, then 4 and 5."""
     entity_id = new_id()
+    began = datetime.now(UTC)
     receiver.answer = lambda event: 500
     for revision in range(1, 6):
         await delivering.change(entity_id, revision)
@@ -213,6 +214,12 @@ async def test_changes_trimmed_while_pending_arrive_as_a_gap(
     gap, *changes = receiver.delivered()
     assert gap["type"] == "account.gap"
     assert (gap["data"]["id"], gap["data"]["from"], gap["data"]["to"]) == (entity_id, 1, 3)
+    # When the stream noted what was trimmed: its first entry's time.
+    assert (
+        began - timedelta(seconds=1)
+        < datetime.fromisoformat(gap["timestamp"])
+        < began + timedelta(seconds=5)
+    )
     assert [change["data"]["revision"] for change in changes] == [4, 5]
     assert await delivering.dead_letters() == []
     pending: Any = await delivering.subscribers.client.xpending(
@@ -227,6 +234,7 @@ async def test_a_trimmed_change_never_read_before_is_dead_lettered(
     """An entry a run read and died with, before it noted the entity: trimmed, nothing tells
     whose it was, so it becomes a dead letter saying so, and the entry is acknowledged."""
     entity_id = new_id()
+    began = datetime.now(UTC)
     trimmed = await delivering.change(entity_id, 1)
     await delivering.change(entity_id, 2)
     group = group_name(delivering.subscriber.id)
@@ -243,5 +251,10 @@ async def test_a_trimmed_change_never_read_before_is_dead_lettered(
     body = json.loads(letter["body"])
     assert body["type"] == "account.gap"
     assert body["data"]["stream_entry"] == trimmed
+    assert (
+        began - timedelta(seconds=1)
+        < datetime.fromisoformat(body["timestamp"])
+        < began + timedelta(seconds=5)
+    )
     pending: Any = await delivering.subscribers.client.xpending(delivering.stream, group)
     assert pending["pending"] == 0
