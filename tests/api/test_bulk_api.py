@@ -403,6 +403,12 @@ async def test_a_bulk_filter_is_held_to_the_listing_s_rules_and_starts_nothing(
         ("cart", {"tags": {"account_id": ["x"] * 101}}, "at most 100 values"),
         ("inventory", {"tags": {"status": ["OPEN"]}}, "no tag status"),
         ("account", {"updated_before": "y" * 10_000}, "updated_before: an ISO 8601"),
+        # What it quotes back stays short: names cut, the first three of many.
+        ("account", {"tags": {"n" * 5_000: ["x"]}}, "no tag nnnn"),
+        ("account", {"tags": {f"t{n}" * 50: ["x"] for n in range(40)}}, "and 37 more"),
+        ("account", {"tags": {"status": ["S" * 150, "T" * 150]}}, "no status SSSS"),
+        ("account", {"below": {"b" * 5_000: 1}}, "no number bbbb"),
+        ("account", {"x" * 5_000: 1}, "unknown filter fields: xxxx"),
     ]
     payloads = {"account": {"amount": 1}, "cart": {}, "inventory": {"quantity": 1}}
     commands = {"account": "deposit", "cart": "clearCart", "inventory": "restock"}
