@@ -71,7 +71,7 @@ class Connection(Generic[N]):
     page_info: PageInfo
     total_count: int | None = strawberry.field(
         description="Entities in the whole filtered list; null when counting would mean "
-        "reading every one of them (a filter the index does not count)."
+        "reading more than 500 of them (a filter the index does not count, over many)."
     )
 
     @classmethod
@@ -177,6 +177,11 @@ def _text(text: str | None) -> str | None:
     return text.strip().lower()
 
 
+def _values(chosen: list[AccountStatus] | list[CartStatus] | None) -> list[str] | None:
+    """The statuses a filter allows; an empty list allows none."""
+    return None if chosen is None else [status.value for status in chosen]
+
+
 def _tags(**given: Iterable[str] | None) -> dict[str, frozenset[str]]:
     return {name: frozenset(values) for name, values in given.items() if values is not None}
 
@@ -279,7 +284,7 @@ class ListingQuery:
     ) -> Connection[Account]:
         f = where or AccountFilter()
         found = ListFilter(
-            tags=_tags(**{STATUS: [s.value for s in f.status] if f.status else None}),
+            tags=_tags(**{STATUS: _values(f.status)}),
             updated_after=f.updated_after,
             updated_before=f.updated_before,
             text=_text(f.text),
@@ -301,7 +306,7 @@ class ListingQuery:
         f = where or CartFilter()
         found = ListFilter(
             tags=_tags(
-                **{STATUS: [s.value for s in f.status] if f.status else None},
+                **{STATUS: _values(f.status)},
                 account_id=[f.account_id] if f.account_id is not None else None,
             ),
             updated_after=f.updated_after,

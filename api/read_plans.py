@@ -138,9 +138,9 @@ class _Listing:
             return None
         for name, tag in self.declared.tags:
             given = where.get(name)
-            values = given if isinstance(given, list) else [] if given is None else [given]
-            if not values:  # an empty list keeps nothing out
+            if given is None:
                 continue
+            values = given if isinstance(given, list) else [given]
             texts = {v.value if isinstance(v, Enum) else v for v in values}
             if not all(isinstance(text, str) for text in texts):
                 return None

@@ -6,7 +6,8 @@ lexicographic range from the cursor. Filters the chosen index cannot answer itse
 checked against each candidate's stored entry, and a page scans at most `SCAN_BUDGET`
 candidates: a sparse filter may answer a page shorter than asked, with `has_next` and a
 cursor to go on from. Text and number filters read their matches at once when there are
-at most `MATCH_LIMIT` of them, and sort those.
+at most `MATCH_LIMIT` of them, and sort those; any other filter reads its candidates at
+once when there are at most `COUNTED` of them (one account's carts), and counts them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from workers.index import STATUS, StoredEntry, index_base, updated_key
 
 SCAN_BUDGET = 2_000
 MATCH_LIMIT = 5_000
+COUNTED = 500
+"""Candidates a filter the index cannot answer alone reads all at once, for its exact total."""
 _CHUNK = 200
 
 
@@ -202,6 +205,22 @@ class EntityIndex:
                 low = f"({updated_key(where.updated_before)};".encode()
         return low, high
 
+    async def _few_candidates(
+        self, sources: list[str], low: bytes, high: bytes
+    ) -> list[bytes] | None:
+        """Every member of the sources in the range, when there are at most `COUNTED`."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for source in sources:
+                pipe.zlexcount(source, low, high)
+            if sum(int(n) for n in await pipe.execute()) > COUNTED:
+                return None
+        async with self._client.pipeline(transaction=False) as pipe:
+            for source in sources:
+                pipe.zrange(source, low, high, bylex=True, offset=0, num=COUNTED + 1)
+            chunks: list[list[bytes]] = await pipe.execute()
+        members = [member for chunk in chunks for member in chunk]
+        return members if len(members) <= COUNTED else None
+
     async def _walk(
         self, base: str, where: ListFilter, order: Order, first: int, after: str | None
     ) -> Page:
@@ -217,6 +236,11 @@ class EntityIndex:
             closed=where.closed,
         )
         needs_check = residual != ListFilter()
+        if needs_check:
+            few = await self._few_candidates(sources, low, high)
+            if few is not None:  # read them all: the page, and its exact total
+                ids = [_id_of(order, member.decode()) for member in few]
+                return await self._page_of(base, ids, where, order, first, after)
         if after is not None:
             past_cursor = b"(" + after.encode()
             if low == b"-" or past_cursor[1:] > low[1:]:

@@ -104,6 +104,9 @@ async def test_accounts_filter_by_status_text_time_and_closure_with_totals_and_c
     both = await gql.data(ACCOUNTS, filter={"status": ["SUSPENDED", "PENDING"]}, order="ID")
     assert ids(both) == sorted([alan, grace, pending])
     assert both["accounts"]["totalCount"] == 3
+    # An empty list of statuses lets none in.
+    none = await gql.data(ACCOUNTS, filter={"status": []})
+    assert (ids(none), none["accounts"]["totalCount"]) == ([], 0)
 
     for text, found in [
         ("grace", [grace]),  # the owner's name
@@ -120,6 +123,7 @@ async def test_accounts_filter_by_status_text_time_and_closure_with_totals_and_c
 
     open_only = await gql.data(ACCOUNTS, filter={"closed": False})
     assert ids(open_only) == [alan, grace, pending]
+    assert open_only["accounts"]["totalCount"] == 3  # few enough to count
     assert ids(await gql.data(ACCOUNTS, filter={"closed": True})) == [ada]
 
     later = datetime.now(UTC) + timedelta(minutes=1)
@@ -210,6 +214,9 @@ async def test_carts_by_account_and_status_and_items_running_low(gql: GraphQLCli
     assert of_ada["carts"]["totalCount"] == 2
     open_carts = await gql.data(CARTS, filter={"status": ["OPEN"], "accountId": bob})
     assert [e["node"]["accountId"] for e in open_carts["carts"]["edges"]] == [bob]
+    assert open_carts["carts"]["totalCount"] == 1
+    closed_of_ada = await gql.data(CARTS, filter={"accountId": ada, "closed": True})
+    assert (closed_of_ada["carts"]["edges"], closed_of_ada["carts"]["totalCount"]) == ([], 0)
     assert (await gql.data(CARTS, filter={"status": ["CHECKED_OUT"]}))["carts"]["edges"] == []
 
     skus = sorted([new_id() for _ in range(3)])

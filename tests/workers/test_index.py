@@ -13,7 +13,7 @@ import pytest
 from entities.runtime.envelope import Snapshot
 from workers.cache import SnapshotCache, connect_redis
 from workers.index import generations_key, index_base
-from workers.listing import SCAN_BUDGET, EntityIndex, ListFilter, Order
+from workers.listing import COUNTED, SCAN_BUDGET, EntityIndex, ListFilter, Order, Page
 from workers.settings import Settings
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -91,6 +91,39 @@ async def test_a_sparse_filter_pages_on_past_the_scan_budget(
     page = await index.page("account", by_status, Order.ID, 10)
     assert page.ids == sorted(closed) and page.total == 4 and not page.has_next
     assert await index.counts("account") == ({"ACTIVE": count - 4, "CLOSED": 4}, count)
+
+
+async def test_a_filter_of_few_candidates_is_counted_and_paged_in_order(
+    own_prefix: tuple[SnapshotCache, EntityIndex],
+) -> None:
+    """At most `COUNTED` candidates: a filter the index cannot answer alone (closure beside
+    a status) is read whole, so its total is exact, and its pages go on from their cursors
+    in either order."""
+    cache, index = own_prefix
+    statuses = ["ACTIVE", "SUSPENDED", "CLOSED"]
+    snapshots = [account(f"a{n:03d}", n + 1, statuses[n % 3]) for n in range(COUNTED)]
+    assert await cache.put_many(snapshots) == COUNTED
+    open_ones = ListFilter(tags={"status": frozenset({"ACTIVE", "SUSPENDED"})}, closed=False)
+    expected = [s.entity_id for s in snapshots if s.state and s.state["status"] != "CLOSED"]
+    for order, in_order in ((Order.ID, expected), (Order.UPDATED_DESC, expected[::-1])):
+        seen: list[str] = []
+        after: str | None = None
+        while True:
+            page = await index.page("account", open_ones, order, 100, after)
+            assert page.total == len(expected)
+            seen += page.ids
+            if not page.has_next:
+                break
+            after = page.end_key
+        assert seen == in_order, order
+    only_closed = await index.page("account", ListFilter(closed=True), Order.ID, 5)
+    assert only_closed.total == COUNTED - len(expected) and only_closed.has_next
+    # A status from an empty list of them: none.
+    nothing = ListFilter(tags={"status": frozenset()}, closed=False)
+    assert await index.page("account", nothing, Order.ID, 5) == Page([], [], False, None, 0)
+    # One more candidate than that, and counting would mean a scan: no total.
+    assert await cache.put(account("z", 1, "ACTIVE"))
+    assert (await index.page("account", ListFilter(closed=True), Order.ID, 5)).total is None
 
 
 async def test_index_keys_share_the_type_slot(settings: Settings) -> None:
