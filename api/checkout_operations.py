@@ -14,14 +14,21 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import strawberry
+from pydantic import ValidationError
 from temporalio.client import Client, WorkflowExecution, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
-from api.checkouts import Checkout, checked_checkout_id, read_checkout
+from api.checkouts import (
+    Checkout,
+    CheckoutStep,
+    checked_checkout_id,
+    read_checkout,
+)
 from api.common import Long
 from api.context import Info
 from api.listing import DEFAULT_PAGE, FIRST, MAX_PAGE, Connection, Edge
 from api.operators import require_operator
+from api.response_size import bounded
 from api.visibility import (
     MAX_PAGES_READ,
     TEMPORAL_TIMEOUT,
@@ -29,7 +36,12 @@ from api.visibility import (
     visibility_count,
     visibility_page,
 )
-from entities.checkout import STATUS_ATTRIBUTE, CheckoutState, CheckoutWorkflow
+from entities.checkout import (
+    MAX_REFUSED_LISTED,
+    STATUS_ATTRIBUTE,
+    CheckoutState,
+    CheckoutWorkflow,
+)
 from entities.checkout_input import CHECKOUT_WORKFLOW, checkout_workflow_id
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.saga import (
@@ -37,6 +49,7 @@ from entities.runtime.saga import (
     OperatorActionKind,
     OperatorRequest,
     SagaStatus,
+    StepRecord,
 )
 from workers.failures import is_missing, refusal, unavailable
 from workers.temporal import within
@@ -57,6 +70,12 @@ class CheckoutSummary:
     total: Long | None
     failure_code: str | None
     failure_reason: str | None
+    refused: list[CheckoutStep] = bounded(
+        MAX_REFUSED_LISTED,
+        description=f"While FAILED, why it waits for an operator: the first "
+        f"{MAX_REFUSED_LISTED} steps refused (`checkout` has all); empty for a checkout that "
+        "failed before lists showed them.",
+    )
     awaiting_operator_until: datetime | None = strawberry.field(
         description="While FAILED, until when it waits for an operator; null when it does not."
     )
@@ -83,10 +102,22 @@ class CheckoutSummary:
             total=Long(total) if isinstance(total, int) else None,
             failure_code=memo.get("failure_code"),
             failure_reason=memo.get("failure_reason"),
+            refused=_refused(memo.get("refused")),
             awaiting_operator_until=datetime.fromisoformat(until) if until else None,
             started_at=execution.start_time,
             ended_at=execution.close_time,
         )
+
+
+def _refused(kept: object) -> list[CheckoutStep]:
+    """The refused steps a checkout keeps in its memo; none when it kept none."""
+    if not isinstance(kept, list):
+        return []
+    try:
+        steps = [StepRecord.model_validate(step) for step in kept[:MAX_REFUSED_LISTED]]
+    except ValidationError:
+        return []
+    return [CheckoutStep.of(step) for step in steps]
 
 
 @strawberry.input

@@ -21,6 +21,7 @@ from entities.runtime.saga import (
     MAX_OPERATOR_ACTIONS,
     OperatorActionKind,
     SagaStatus,
+    StepRecord,
     StepStatus,
 )
 
@@ -47,6 +48,16 @@ class CheckoutStep:
     at: datetime
     code: str | None
     message: str | None
+
+    @classmethod
+    def of(cls, record: StepRecord) -> CheckoutStep:
+        return cls(
+            name=record.name,
+            status=record.status,
+            at=record.at,
+            code=record.code,
+            message=record.message,
+        )
 
 
 @strawberry.type(description="A step undone after a later one failed.")
@@ -90,6 +101,11 @@ class Checkout:
     operator_actions: list[CheckoutOperatorAction] = bounded(
         MAX_OPERATOR_ACTIONS, description="Oldest first, refusals included."
     )
+    refused: list[CheckoutStep] = bounded(
+        MAX_SAGA_RECORDS,
+        description="While FAILED, why it waits for an operator: each compensation refused, "
+        "then the final report when it was refused; what a retry runs again. Empty otherwise.",
+    )
     awaiting_operator_until: datetime | None = strawberry.field(
         description="While FAILED, until when it waits for an operator's retry or resolve; "
         "null when it does not (any more): then it can no longer be retried or resolved."
@@ -107,10 +123,7 @@ class Checkout:
             order_id=state.order_id,
             failure_code=state.failure_code,
             failure_reason=state.failure_reason,
-            steps=paced(
-                CheckoutStep(name=s.name, status=s.status, at=s.at, code=s.code, message=s.message)
-                for s in state.steps
-            ),
+            steps=paced(CheckoutStep.of(step) for step in state.steps),
             compensations=paced(
                 CheckoutCompensation(
                     name=c.name,
@@ -128,6 +141,7 @@ class Checkout:
                 )
                 for a in state.operator_actions
             ],
+            refused=[CheckoutStep.of(step) for step in state.refused()],
             awaiting_operator_until=state.awaiting_operator_until,
         )
 

@@ -76,6 +76,10 @@ PARALLEL_COMMITS = "checkout-parallel-commits"
 SHORT_RESERVATION_IDS = "checkout-short-reservation-ids"
 
 
+MAX_REFUSED_LISTED = 5
+"""Refused steps a list's row shows (kept in the memo); the checkout itself has them all."""
+
+
 class CheckoutState(SagaLog):
     """A checkout as its `status` query answers: the saga log with what it is about."""
 
@@ -208,6 +212,10 @@ class CheckoutWorkflow:
                 "failure_code": self._state.failure_code,
                 "failure_reason": self._state.failure_reason,
                 "awaiting_operator_until": until.isoformat() if until else None,
+                "refused": [
+                    step.model_dump(mode="json")
+                    for step in self._state.refused()[:MAX_REFUSED_LISTED]
+                ],
             }
         )
 

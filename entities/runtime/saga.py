@@ -93,6 +93,16 @@ class SagaLog(BaseModel):
         default=None, description="While FAILED, until when the saga waits for an operator."
     )
 
+    def refused(self) -> list[StepRecord]:
+        """While FAILED, what an operator's retry runs again: each compensation refused,
+        then the final report (the last step) when it was refused; empty otherwise."""
+        if self.status is not SagaStatus.FAILED:
+            return []
+        refused: list[StepRecord] = [c for c in self.compensations if c.status is StepStatus.FAILED]
+        if self.steps and self.steps[-1].status is StepStatus.FAILED:
+            refused.append(self.steps[-1])
+        return refused
+
 
 Compensation = Callable[[bool, int], Awaitable[object]]
 """Undoes one step; called with whether that step is known to have completed, and the

@@ -22,10 +22,10 @@ from workers.settings import Settings
 LIST = """query($status: [CheckoutStatus!], $first: Int, $after: String) {
   checkouts(filter: {status: $status}, first: $first, after: $after) {
     edges { cursor node { id cartId accountId status total failureCode awaitingOperatorUntil
-                          endedAt } }
+                          endedAt refused { name status code } } }
     pageInfo { hasNextPage endCursor } totalCount } }"""
 READ = """query($id: ID!) { checkout(id: $id) { status awaitingOperatorUntil
-  compensations { name status code } operatorActions { action reason by at refused } } }"""
+  refused { name status code } compensations { name status code } operatorActions { action reason by at refused } } }"""
 RETRY = """mutation($id: ID!, $reason: String!) {
   retryCheckoutCompensations(id: $id, reason: $reason) {
     status operatorActions { action reason by } } }"""
@@ -83,6 +83,9 @@ async def test_an_admin_lists_a_failed_checkout_and_retries_it_once_the_cause_is
         )
         assert (row["total"], row["failureCode"], row["endedAt"]) == (600, "UNAVAILABLE", None)
         assert row["awaitingOperatorUntil"] is not None
+        # Why it waits: the refund was refused (its failure was the stock, above).
+        refund = {"name": "refund", "status": "FAILED", "code": "LIMIT_REACHED"}
+        assert row["refused"] == [refund]
 
         for name in ("customer", "service"):
             assert await who[name].code(LIST, status=["FAILED"]) == "FORBIDDEN", name
@@ -91,6 +94,7 @@ async def test_an_admin_lists_a_failed_checkout_and_retries_it_once_the_cause_is
         # The customer still reads its own checkout, and sees it needs an operator.
         mine = (await who["customer"].data(READ, id=checkout_id))["checkout"]
         assert (mine["status"], mine["compensations"][0]["code"]) == ("FAILED", "LIMIT_REACHED")
+        assert mine["refused"] == [refund]
 
         await failed.fix()
         retried = (await admin.data(RETRY, id=checkout_id, reason="  limit lifted  "))[
@@ -104,6 +108,7 @@ async def test_an_admin_lists_a_failed_checkout_and_retries_it_once_the_cause_is
             lambda d: d["checkout"]["status"] == SagaStatus.COMPENSATED,
         )
         assert done["checkout"]["awaitingOperatorUntil"] is None
+        assert done["checkout"]["refused"] == []
         assert {c["status"] for c in done["checkout"]["compensations"]} == {"DONE"}
         assert await failed.bank.balance(failed.account_id) == 1_000
         assert await listed(admin, "COMPENSATED", checkout_id) is not None

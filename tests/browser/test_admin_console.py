@@ -295,6 +295,9 @@ class TestAFailedCheckout:
             pane = page.locator('[data-pane="operator"]')
             row = pane.locator(f'tr[data-key="{checkout}"]')
             await expect(row).to_contain_text("UNAVAILABLE")
+            await expect(row.locator('[data-column="refused"]')).to_contain_text(
+                "refund: LIMIT_REACHED"
+            )
             await row.click()
             detail = page.locator("#detail")
             await expect(detail.locator('[data-field="status"]')).to_have_text("FAILED")

@@ -291,6 +291,9 @@
   function shown(field, value) {
     if (value === null || value === undefined) return "—";
     if (/(At|Until)$/.test(field)) return when(value);
+    if (field === "refused") {
+      return value.map((step) => `${step.name}: ${step.code || ""} ${step.message || ""}`).join("; ");
+    }
     return String(value);
   }
 
@@ -530,7 +533,8 @@
   const operatorPane = document.querySelector('.pane[data-pane="operator"]');
   const NEEDING_OPERATOR = `query($after: String) {
     page: checkouts(filter: { status: [FAILED] }, first: 20, after: $after) {
-      edges { node { id accountId total failureCode failureReason awaitingOperatorUntil } }
+      edges { node { id accountId total failureCode failureReason awaitingOperatorUntil
+        refused { name code message } } }
       pageInfo { hasNextPage endCursor } totalCount } }`;
   const operatorCursors = [null];
 
