@@ -34,6 +34,7 @@ from workers.index import (
     index_base,
 )
 from workers.read_batching import ReadBatcher
+from workers.redis_pools import WaitingCluster, WaitingSentinelPool
 from workers.settings import Settings
 from workers.telemetry import redis_span
 
@@ -92,8 +93,9 @@ def connect_redis(settings: Settings) -> RedisClient:
     if settings.redis_cluster:
         # The cluster client keeps a pool per node and follows MOVED/ASK redirects itself;
         # a node gone costs the same short timeouts, then the cluster's own failover.
-        return RedisCluster.from_url(
+        return WaitingCluster.from_url(
             settings.redis_url,
+            timeout=settings.redis_timeout,
             max_connections=settings.redis_max_connections,
             socket_connect_timeout=settings.redis_timeout,
             socket_timeout=settings.redis_timeout,
@@ -136,6 +138,8 @@ def _follow_sentinels(settings: Settings) -> redis.Redis:
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
         max_connections=settings.redis_max_connections,
+        connection_pool_class=WaitingSentinelPool,
+        timeout=settings.redis_timeout,
     )
     client.set_retry(Retry(NoBackoff(), 1))
     return client

@@ -151,8 +151,16 @@ class Settings(BaseModel):
         "as new: a healthy run continues as new near 4 MiB, when Temporal suggests it, and "
         "Temporal terminates a run at 50 MiB.",
     )
-    redis_timeout: float = Field(default=1.0, gt=0)
-    redis_max_connections: int = Field(default=64, ge=1)
+    redis_timeout: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds a Redis command may take, and may wait for a free connection.",
+    )
+    redis_max_connections: int = Field(
+        default=64,
+        ge=1,
+        description="Connections per Redis (per node of a cluster); past them, commands wait.",
+    )
     rendered_reads: int = Field(
         default=4096, ge=0, description="Rendered CACHED-read responses the API keeps; 0: none."
     )

@@ -25,7 +25,8 @@ LIST = """query($status: [CheckoutStatus!], $first: Int, $after: String) {
                           endedAt refused { name status code } } }
     pageInfo { hasNextPage endCursor } totalCount } }"""
 READ = """query($id: ID!) { checkout(id: $id) { status awaitingOperatorUntil
-  refused { name status code } compensations { name status code } operatorActions { action reason by at refused } } }"""
+  refused { name status code } compensations { name status code }
+  operatorActions { action reason by at refused } } }"""
 RETRY = """mutation($id: ID!, $reason: String!) {
   retryCheckoutCompensations(id: $id, reason: $reason) {
     status operatorActions { action reason by } } }"""

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.cluster import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from temporalio.client import Client
 
 from api.rate_limits import Limit, RateLimiter
@@ -29,6 +30,7 @@ from tests.workers.test_index import account, generations_moved_by_each_write
 from workers.cache import SnapshotCache, connect_redis
 from workers.changes import Changes, stream_key
 from workers.listing import EntityIndex, ListFilter, Order
+from workers.redis_pools import WaitingCluster
 from workers.settings import Settings
 
 
@@ -233,5 +235,64 @@ async def test_the_change_stream_in_a_cluster_is_written_with_the_index(
             ("gap", "3"),
             ("change", "4"),
         ]
+    finally:
+        await client.aclose()
+
+
+async def burst_past_the_pool(settings: Settings) -> None:
+    """Three hundred commands, pipelines and scripts at once through a client of three
+    connections: each waits for one to come free, and none fails. Shared with the Sentinel
+    test."""
+    client = connect_redis(settings.model_copy(update={"redis_max_connections": 3}))
+    prefix = f"{settings.redis_prefix}{new_id()}:"
+    add = client.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+
+    async def one(n: int) -> int:
+        key = f"{prefix}{{k{n % 7}}}"
+        if n % 3 == 0:
+            return int(await client.incr(key))
+        if n % 3 == 1:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.incr(key)
+                pipe.get(key)
+                return int((await pipe.execute())[0])
+        return int(await add(keys=[key], args=[1]))
+
+    try:
+        await asyncio.gather(*(one(n) for n in range(300)))
+        totals = [int(await client.get(f"{prefix}{{k{k}}}") or 0) for k in range(7)]
+        assert sum(totals) == 300
+    finally:
+        await client.aclose()
+        sentinels = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+        for sentinel in sentinels.sentinels if sentinels is not None else []:
+            await sentinel.aclose()
+
+
+async def test_a_burst_past_the_pool_waits_for_connections(
+    settings: Settings, cluster: str
+) -> None:
+    on_cluster = settings.model_copy(update={"redis_url": cluster, "redis_cluster": True})
+    await burst_past_the_pool(on_cluster)
+    await burst_past_the_pool(settings)  # the plain client's blocking pool, alike
+    # A command that finds no connection free within the timeout is Redis unavailable.
+    client = connect_redis(on_cluster.model_copy(update={"redis_max_connections": 1}))
+    assert isinstance(client, WaitingCluster)
+    try:
+        held = asyncio.Event()
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with client.turn():
+                held.set()
+                await release.wait()
+
+        holder = asyncio.create_task(hold())
+        await held.wait()
+        with pytest.raises(RedisConnectionError, match="no Redis connection came free"):
+            await client.get("anything")
+        release.set()
+        await holder
+        assert await client.get(f"{new_id()}") is None  # free again
     finally:
         await client.aclose()

@@ -17,7 +17,7 @@ import redis.asyncio as redis
 
 from deploy.embedded import die_with_parent, free_port
 from tests.conftest import new_id
-from tests.workers.test_redis_cluster import snapshot
+from tests.workers.test_redis_cluster import burst_past_the_pool, snapshot
 from workers.cache import CacheUnavailable, SnapshotCache, connect_redis
 from workers.settings import Settings
 
@@ -103,6 +103,8 @@ async def test_the_cache_follows_a_sentinel_failover(
             "redis_sentinel_master": MASTER,
         }
     )
+    # A burst past the master's pool waits for its connections.
+    await burst_past_the_pool(settings)
     client = connect_redis(settings)
     cache = SnapshotCache(client, settings.redis_prefix)
     entity_id = new_id()
