@@ -41,7 +41,12 @@ from temporalio.client import Client
 
 from api.admin import admin_console
 from api.auth import TokenVerifier, Unauthenticated
-from api.authentication import Authentication, principal_of, websocket_principal
+from api.authentication import (
+    Authentication,
+    principal_of,
+    token_expires,
+    websocket_principal,
+)
 from api.authorization import Authorizer
 from api.cached_reads import CachedReadResponses
 from api.change_feed import ChangeFeed
@@ -251,6 +256,7 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
             authorizer=request.app.state.authorizer,
             principal=principal,
             prefetched=request.scope.get(SCOPE_KEY),
+            token_expires=token_expires(request.scope),
         )
 
     @property
@@ -261,7 +267,7 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
     async def on_ws_connect(self, context: TenureContext) -> UnsetType | dict[str, object] | None:
         """Authenticate a WebSocket at its `connection_init`; a bad token closes it 4403."""
         try:
-            context.principal = await websocket_principal(
+            context.principal, context.token_expires = await websocket_principal(
                 self._verifier, context.connection_params or {}, context.request.headers
             )
         except Unauthenticated as exc:

@@ -214,6 +214,12 @@ class TokenVerifier:
             await asyncio.to_thread(self._jwks.refresh, kid)
         return self._principal(authorization, token, kid)
 
+    def expires(self, authorization: str | None) -> float | None:
+        """When a header just verified stops being accepted: its token's `exp` with the
+        leeway, in epoch seconds."""
+        verified = self._verified.get(authorization) if authorization else None
+        return verified.expires if verified is not None else None
+
     def _known(self, authorization: str | None) -> Principal | None:
         """The caller of a header verified before, while its token is unexpired and the key
         that signed it still stands: the same bytes check the same way, so a client's every
@@ -265,9 +271,13 @@ class TokenVerifier:
             raise Unauthenticated(f"token has no {exc.claim} claim") from exc
         except jwt.PyJWTError as exc:
             raise Unauthenticated("invalid token") from exc
+        exp = claims["exp"]
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            # PyJWT takes a string of digits; RFC 7519 asks for a number.
+            raise Unauthenticated("token exp claim is not a number")
         principal = self._from_claims(claims)
-        if authorization and isinstance(claims["exp"], int | float):
-            expires = claims["exp"] + s.auth_leeway
+        if authorization:
+            expires = exp + s.auth_leeway
             self._verified[authorization] = _Verified(principal, expires, key, kid)
             if len(self._verified) > VERIFIED_TOKENS:
                 self._verified.popitem(last=False)

@@ -23,12 +23,19 @@ from entities.errors import ErrorCode
 from entities.runtime.policy import Principal
 
 PRINCIPAL_KEY = "tenure.principal"
+EXPIRES_KEY = "tenure.token_expires"
 
 
 def principal_of(scope: Scope) -> Principal | None:
     """The authenticated caller of this request, once `Authentication` let it through."""
     principal: Principal | None = scope.get(PRINCIPAL_KEY)
     return principal
+
+
+def token_expires(scope: Scope) -> float | None:
+    """When this request's token stops being accepted (epoch seconds); None without one."""
+    expires: float | None = scope.get(EXPIRES_KEY)
+    return expires
 
 
 class Authentication:
@@ -48,10 +55,10 @@ class Authentication:
         elif _is_ide_page(scope, headers):
             pass
         else:
+            authorization = headers.get("authorization")
             try:
-                scope[PRINCIPAL_KEY] = await self._verifier.authenticate(
-                    headers.get("authorization")
-                )
+                scope[PRINCIPAL_KEY] = await self._verifier.authenticate(authorization)
+                scope[EXPIRES_KEY] = self._verifier.expires(authorization)
             except Unauthenticated as exc:
                 await _unauthenticated(send, exc.message, has_token="authorization" in headers)
                 return
@@ -69,7 +76,8 @@ def _is_ide_page(scope: Scope, headers: Headers) -> bool:
     return (
         scope["method"] == "GET"
         and "text/html" in headers.get("accept", "")
-        and "query" not in parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        and "query"
+        not in parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
     )
 
 
@@ -87,12 +95,14 @@ async def _unauthenticated(send: Send, message: str, has_token: bool) -> None:
 
 async def websocket_principal(
     verifier: TokenVerifier | None, connection_params: Mapping[str, Any], headers: Headers
-) -> Principal:
-    """The caller of a WebSocket (graphql-transport-ws): its token from `connection_init`'s
-    payload (`{"Authorization": "Bearer ..."}`, as browsers cannot set a handshake's
-    headers), else the handshake's Authorization header. Raises Unauthenticated."""
+) -> tuple[Principal, float | None]:
+    """The caller of a WebSocket (graphql-transport-ws), and when its token stops being
+    accepted: its token from `connection_init`'s payload (`{"Authorization": "Bearer ..."}`,
+    as browsers cannot set a handshake's headers), else the handshake's Authorization
+    header. Raises Unauthenticated."""
     if verifier is None:
-        return DEVELOPMENT_PRINCIPAL
+        return DEVELOPMENT_PRINCIPAL, None
     given = connection_params.get("Authorization", connection_params.get("authorization"))
     header = given if isinstance(given, str) else headers.get("authorization")
-    return await verifier.authenticate(header)
+    principal = await verifier.authenticate(header)
+    return principal, verifier.expires(header)

@@ -29,6 +29,8 @@ class TenureContext:
     prefetched: PrefetchedReads | None = None
     # What a WebSocket's `connection_init` carried (Strawberry sets it).
     connection_params: dict[str, Any] | None = None
+    token_expires: float | None = None
+    """When the caller's token stops being accepted (epoch seconds); None without one."""
 
 
 Info = StrawberryInfo[TenureContext, Any]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator
 from typing import Any, cast
 
@@ -19,12 +20,14 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
 )
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
+    ConnectionInitMessage,
     Message,
     SubscribeMessage,
 )
 from strawberry.types.execution import ExecutionResult, PreExecutionError
 from strawberry.utils.aio import aclosing
 
+from api.authentication import token_expires
 from api.context import TenureContext
 from api.errors import LimitCode, RequestRefused, over_limit, present_error
 from api.rate_limits import LIMITER_KEY, RateLimiter, retry_after_seconds, too_many_requests
@@ -154,6 +157,30 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
         suggestions = getattr(self.view, "suggestions", True)
         limiter = getattr(self.view, "rate_limiter", None)
         self.schema = _CodedStreams(self.schema, suggestions, limiter)  # type: ignore[assignment]
+        self._expiry: asyncio.Task[None] | None = None
+
+    async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
+        await super().handle_connection_init(message)
+        expires = self.context.token_expires
+        if self.connection_acknowledged and expires is not None and self._expiry is None:
+            # The token is good until then, not for as long as the socket stays open.
+            self._expiry = asyncio.create_task(self._close_at(expires), name="tenure-ws-expiry")
+
+    async def _close_at(self, expires: float) -> None:
+        await asyncio.sleep(max(0.0, expires - time.time()))
+        await self._close_expired()
+
+    async def _close_expired(self) -> None:
+        """Close with 4403, graphql-transport-ws's Forbidden: every operation ends with it,
+        and the client must connect again with a new token."""
+        await self.websocket.close(code=4403, reason="Forbidden: the token has expired")
+
+    async def shutdown(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
+        await super().shutdown()
 
     async def handle_message(self, message: Message) -> None:
         wrong = _malformed(message)
@@ -163,6 +190,10 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
         await super().handle_message(message)
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
+        expires = self.context.token_expires
+        if expires is not None and time.time() >= expires:
+            await self._close_expired()  # nothing runs on a token past its time
+            return
         limit = self.max_subscriptions_per_connection
         # Strawberry refuses an unacknowledged or repeated subscribe (closing the socket)
         # before it counts operations; its refusal of one too many has no code.
@@ -195,17 +226,26 @@ class EventStream:
         scope[ESTABLISHED_KEY] = self._ready
         self._pending: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
         self._held: list[Any] = []
-        self._reader = asyncio.create_task(self._read(results), name="tenure-event-stream")
+        expires = token_expires(scope)
+        self._reader = asyncio.create_task(self._read(results, expires), name="tenure-event-stream")
 
-    async def _read(self, results: AsyncGenerator[Any, None]) -> None:
+    async def _read(self, results: AsyncGenerator[Any, None], expires: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        # The token is good until then: the stream ends there, saying why.
+        until = asyncio.timeout_at(None if expires is None else loop.time() + expires - time.time())
         try:
-            async with aclosing(results):
+            async with aclosing(results), until:
                 async for result in results:
                     await self._pending.put(result)
                     self._ready.set()  # a query's one result: nothing else says it
         except Exception as exc:
             # Strawberry yields a resolver's error as a result, but lets one raised while
             # parsing (a document over a limit) escape: it is a result all the same.
+            if isinstance(exc, TimeoutError) and until.expired():
+                exc = TenureError(
+                    ErrorCode.UNAUTHENTICATED,
+                    "the token has expired: subscribe again with a new one",
+                )
             error = (
                 exc if isinstance(exc, GraphQLError) else GraphQLError(str(exc), original_error=exc)
             )

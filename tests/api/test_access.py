@@ -441,6 +441,9 @@ async def test_graphiql_opens_without_a_token_and_queries_need_one(
             "/graphql", params={"query": "{ __typename }"}, headers={"accept": "text/html"}
         )
         assert query.status_code == 401
+        # A query, even an empty one, is no page: it needs a token before anything reads it.
+        empty = await http.get("/graphql?query=", headers={"accept": "text/html"})
+        assert empty.status_code == 401
 
 
 async def test_a_command_payload_shows_state_only_to_a_caller_who_may_read_it(

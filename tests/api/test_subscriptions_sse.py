@@ -9,18 +9,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import jwt
+import pytest
 from starlette.applications import Starlette
 from temporalio.client import Client
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from api.over_http import EVENT_STREAM, GRAPHQL_RESPONSE, JSON
 from tests.api.test_access import ADJUST, RESTOCK, SECRET, token
 from tests.api.test_accounts_api import DEPOSIT, READ
 from tests.api.test_metrics import scrape
-from tests.api.test_subscriptions import FOLLOW, open_account, running_app, served
+from tests.api.test_subscriptions import (
+    FOLLOW,
+    acknowledged,
+    answer,
+    open_account,
+    running_app,
+    served,
+    subscribe,
+)
 from tests.conftest import GraphQLClient, WorkerFactory, new_id
 from workers.settings import Settings
 
@@ -363,3 +376,62 @@ async def test_each_event_of_a_subscription_has_the_live_reads_of_a_request(
                 shown.append(await change_of(stream))
     assert [change["revision"] for change in shown] == list(range(2, 3 + deposits))
     assert all(len(change["node"]["history"]["entries"]) == 1 for change in shown)
+
+
+def expiring(role: str, sub: str, accounts: list[str], seconds: int) -> str:
+    now = int(time.time())
+    claims = {
+        "sub": sub,
+        "iss": "tenure",
+        "aud": "tenure-api",
+        "iat": now,
+        "exp": now + seconds,
+        "roles": [role],
+        "accounts": accounts,
+    }
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+async def test_a_token_s_expiry_ends_its_websocket_and_its_event_stream(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """A subscription lasts as long as its token is good, not as long as its connection:
+    at expiry a WebSocket closes with 4403 (Forbidden), ending its operations, and an event
+    stream ends with an UNAUTHENTICATED error; until then both carry changes."""
+    no_leeway = {"auth_leeway": 0}
+    async with (
+        stack(settings, temporal_client, run_worker, **no_leeway) as tenure,
+        httpx.AsyncClient(timeout=30) as sse,
+    ):
+        mine = await open_account(tenure.gql)
+        ws_url = tenure.url.replace("http://", "ws://", 1)
+        bearer = expiring("customer", "ada", [mine], 4)
+        async with acknowledged(ws_url, bearer) as ws:
+            await subscribe(ws, "mine", FOLLOW, id=mine)
+            assert (await answer(ws, "mine"))["data"]["accountChanged"]["revision"] == 2
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(10):
+                    while True:
+                        await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+            assert time.time() >= jwt.decode(bearer, options={"verify_signature": False})["exp"]
+        # Expired, it is refused at once, as over HTTP.
+        async with connect(ws_url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+            init = {"Authorization": f"Bearer {bearer}"}
+            await ws.send(json.dumps({"type": "connection_init", "payload": init}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+
+        bearer = expiring("customer", "ada", [mine], 4)
+        async with subscribing(sse, tenure.url, bearer, id=mine) as response:
+            stream = events(response)
+            assert (await change_of(stream))["revision"] == 2
+            await tenure.gql.data(DEPOSIT, id=mine, amount=3)
+            assert (await change_of(stream))["revision"] == 3
+            async with asyncio.timeout(10):
+                rest = [event async for event in stream]
+        event, payload = rest[0]
+        assert event == "next" and payload["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+        assert rest[-1][0] == "complete"
+        await tenure.followers_become(0)

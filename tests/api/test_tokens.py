@@ -155,6 +155,12 @@ def test_an_expired_token_is_refused() -> None:
     assert refused(verifier(), hs256(exp=int(time.time()) - 60)) == "token expired"
 
 
+def test_an_exp_that_is_not_a_number_is_refused() -> None:
+    """RFC 7519 asks for a NumericDate; PyJWT alone takes a string of digits."""
+    later = str(int(time.time()) + 600)
+    assert refused(verifier(), hs256(exp=later)) == "token exp claim is not a number"
+
+
 def test_a_token_not_yet_valid_is_refused() -> None:
     later = int(time.time()) + 120
     assert refused(verifier(), hs256(nbf=later)) == "token not yet valid"
