@@ -231,14 +231,16 @@ class _Measure:
                 inner = _Shape()
                 if selection.selection_set is not None:
                     inner = self.selection_set(selection.selection_set)
+                # Introspection is as deep and as wide as the type system, not the data: it
+                # has its own switch. The query GraphiQL and code generators send asks for
+                # 220 fields.
+                introspection = selection.name.value.startswith("__")
                 shape = _Shape(
-                    # Introspection is as deep as the type system, not the data: it has its
-                    # own switch.
-                    depth=1 if selection.name.value.startswith("__") else 1 + inner.depth,
+                    depth=1 if introspection else 1 + inner.depth,
                     fields=1,
                     aliases=inner.aliases + (selection.alias is not None),
                     directives=inner.directives,
-                    all_fields=1 + inner.all_fields,
+                    all_fields=1 if introspection else 1 + inner.all_fields,
                     repeats=inner.repeats,
                     names=Counter([(selection.alias or selection.name).value]),
                     object_repeats=inner.object_repeats,

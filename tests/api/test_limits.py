@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from graphql import GraphQLError
+from graphql import GraphQLError, build_client_schema, get_introspection_query
 from temporalio.client import Client
 
 from api.app import API_POLICY, GRAPHIQL_POLICY
@@ -394,10 +394,18 @@ async def test_production_answers_no_introspection_graphiql_or_suggestions(
         typo = await http.post("/graphql", json={"query": "{ acount { id } }"}, headers=ADMIN)
         assert codes(typo) == ["INVALID_INPUT"]
         assert "account" not in typo.json()["errors"][0]["message"]
+        whole = await http.post(
+            "/graphql", json={"query": get_introspection_query()}, headers=ADMIN
+        )
+        assert set(codes(whole)) == {"INVALID_INPUT"}  # turned off, however much it asks
     opened = production.model_copy(update={"graphiql": True, "introspection": True})
     async with api_client(opened, temporal_client) as http:
         asked = await http.post("/graphql", json={"query": INTROSPECTION}, headers=ADMIN)
         assert asked.json() == {"data": {"__schema": {"queryType": {"name": "Query"}}}}
+        whole = await http.post(
+            "/graphql", json={"query": get_introspection_query()}, headers=ADMIN
+        )
+        assert "errors" not in whole.json(), whole.json()
         page = await http.get("/graphql", headers={"accept": "text/html"})
         assert page.status_code == 200 and "graphiql" in page.text.lower()
 
@@ -409,6 +417,20 @@ async def test_development_serves_graphiql_with_a_policy_that_lets_it_load(
     assert page.status_code == 200 and page.headers["content-security-policy"] == GRAPHIQL_POLICY
     asked = await post(http, INTROSPECTION)
     assert asked.json() == {"data": {"__schema": {"queryType": {"name": "Query"}}}}
+    # The whole schema, as GraphiQL and code generators ask for it (220 fields and more).
+    for variant in (
+        {},
+        {"descriptions": False},
+        {
+            "input_value_deprecation": True,
+            "specified_by_url": True,
+            "directive_is_repeatable": True,
+        },
+    ):
+        whole = await post(http, get_introspection_query(**variant))
+        assert "errors" not in whole.json(), (variant, whole.json())
+        client_schema = build_client_schema(whole.json()["data"])
+        assert "account" in client_schema.query_type.fields  # type: ignore[union-attr]
     typo = await post(http, "{ acount { id } }")
     assert "Did you mean 'account'" in typo.json()["errors"][0]["message"]
 
