@@ -23,6 +23,7 @@ from api.history import CommandHistory, command_history
 from api.pacing import holds_long_lists, take_turn
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.entity import Command
+from entities.runtime.envelope import SYSTEM_COMMAND_PREFIXES
 from entities.runtime.policy import READ
 
 
@@ -157,6 +158,13 @@ async def send_unread(
     it: for a mutation that answers with part of it (a checkout's id) and then with
     `readable(info, entity_type, receipt)` for the rest."""
     entity_type = command.entity_type
+    if idempotency_key is not None and idempotency_key.startswith(SYSTEM_COMMAND_PREFIXES):
+        # A client's key could otherwise take one of Tenure's own command ids first.
+        raise TenureError(
+            ErrorCode.INVALID_INPUT,
+            f"idempotencyKey may not begin with {', '.join(SYSTEM_COMMAND_PREFIXES)}: "
+            "Tenure's own command ids begin so",
+        )
     given = {k: v for k, v in payload.items() if v is not None}
     # The rest of this command's log lines name it (its id once the gateway has made it).
     structlog.contextvars.bind_contextvars(

@@ -173,6 +173,7 @@ class EntityGateway:
                 ErrorCode.INVALID_INPUT,
                 "idempotencyKey is 1 to 128 printable ASCII characters, no spaces",
             )
+
         try:
             entity.parse(command, payload)
         except Rejected as exc:

@@ -96,6 +96,10 @@ MAX_HISTORY_PAGE = 100
 
 MAX_COMMAND_ID = 512
 """The longest command id an entity takes (`entities.runtime.inbox.COMMAND_ID`)."""
+SYSTEM_COMMAND_PREFIXES = ("bulk:", "checkout:", "timer:", "webhook:")
+"""How the command ids Tenure makes itself begin: a bulk command's, a checkout's steps, a
+deadline's, an inbound webhook's. A client's idempotency key may not begin so, or it could
+take one of them first, and the entity would take Tenure's own command as its repeat."""
 
 
 class HistoryPage(BaseModel):

@@ -10,7 +10,10 @@ from typing import Any
 import httpx
 from temporalio.client import Client, WorkflowHandle
 
-from entities.bulk import BulkCommandWorkflow, BulkInput, bulk_workflow_id
+from api.webhooks import idempotency_key as webhook_key
+from entities.bulk import BulkCommandWorkflow, BulkInput, bulk_command_id, bulk_workflow_id
+from entities.checkout_input import checkout_workflow_id
+from entities.runtime.envelope import SYSTEM_COMMAND_PREFIXES
 from tests.api.test_access import token
 from tests.api.test_accounts_api import open_active, read_account
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
@@ -95,6 +98,30 @@ async def test_a_bulk_deposit_reaches_every_account_once_however_often_it_is_sen
         assert "new key" in body["errors"][0]["message"]
     balances = [(await read_account(gql, i, "LIVE"))["balance"] for i in ids]
     assert balances == [25] * 6
+
+
+async def test_no_client_key_takes_a_bulk_command_s_id_first(gql: GraphQLClient) -> None:
+    """A bulk command's id for an entity is `bulk:<key>:<entity id>`: a client that sent a
+    command under that id first would have the bulk skip its entity as a repeat. Keys that
+    begin as Tenure's own ids do are refused."""
+    account_id = new_id()
+    await open_active(gql, account_id)
+    key = new_id()
+    keyed = """mutation($id: ID!, $key: String!) {
+      depositToAccount(id: $id, amount: 1, idempotencyKey: $key) { commandId } }"""
+    for taken in (f"bulk:{key}:{account_id}", f"checkout:{account_id}-1:report", "webhook:x:1"):
+        assert await gql.error_code(keyed, id=account_id, key=taken) == "INVALID_INPUT", taken
+    await gql.data(START, key=key, payload={"amount": 100}, ids=[account_id])
+    assert (await finished(gql, key))["applied"] == 1
+    assert (await read_account(gql, account_id, "LIVE"))["balance"] == 100
+    # Each builder of Tenure's own ids begins with one of the refused prefixes.
+    own = [
+        bulk_command_id(key, account_id),
+        checkout_workflow_id(f"{account_id}-1") + ":report",
+        webhook_key("payments", "evt_1"),
+        webhook_key("payments", "e" * 200),
+    ]
+    assert all(i.startswith(SYSTEM_COMMAND_PREFIXES) for i in own), own
 
 
 async def test_a_wrong_bulk_command_is_refused_and_starts_nothing(gql: GraphQLClient) -> None:
