@@ -29,7 +29,7 @@ from entities.bulk import (
 from entities.errors import ErrorCode, Rejected, TenureError
 from entities.runtime.entity import ENTITY_ID_PATTERN
 from entities.runtime.listing import MAX_TEXT_LENGTH
-from entities.runtime.policy import Principal, Role
+from entities.runtime.policy import READ, Principal, Role
 from workers.bulk import list_filter
 
 strawberry.enum(BulkStatus, name="BulkCommandStatus")
@@ -144,12 +144,20 @@ async def _progress(info: Info, bulk_id: str) -> BulkProgress:
     progress = await info.context.gateway.read_workflow(
         bulk_workflow_id(_checked_key(bulk_id, "id")), BulkCommandWorkflow.progress, BulkProgress
     )
+    principal = info.context.principal
     if progress is None:
-        if info.context.principal.role is not Role.ADMIN:
+        if principal.role is not Role.ADMIN:
             raise TenureError(ErrorCode.FORBIDDEN, "not allowed for this caller")
         raise TenureError(ErrorCode.NOT_FOUND, f"no bulk command {bulk_id}")
-    _require(info.context.principal, progress.entity_type, progress.command)
+    _require(principal, progress.entity_type, progress.command)
+    if principal.role is not Role.ADMIN and progress.sent_by != _sender(principal):
+        # A service follows, pauses and cancels its own bulk commands, not another's.
+        raise TenureError(ErrorCode.FORBIDDEN, "not allowed for this caller")
     return progress
+
+
+def _sender(principal: Principal) -> str:
+    return f"{principal.role.value}:{principal.subject}"
 
 
 def now() -> datetime:
@@ -218,6 +226,13 @@ class BulkMutation:
             if not all(ENTITY_ID.fullmatch(i) for i in ids):
                 raise TenureError(ErrorCode.INVALID_INPUT, "ids: each an entity id")
         if filter is not None:
+            if not entity.policy.allows(principal, entity_type, READ, owned=True):
+                # A filter searches the type's list (names, emails): as listing it does.
+                raise TenureError(
+                    ErrorCode.FORBIDDEN,
+                    f"a filter lists {entity_type} entities: it needs read:* or "
+                    f"{entity_type}:read; name the entities with ids instead",
+                )
             if not isinstance(filter, dict):
                 raise TenureError(ErrorCode.INVALID_INPUT, "filter: a JSON object")
             try:
@@ -231,7 +246,7 @@ class BulkMutation:
             payload=given,
             ids=list(dict.fromkeys(str(i) for i in ids)) if ids is not None else None,
             filter=filter,
-            sent_by=f"{principal.role.value}:{principal.subject}",
+            sent_by=_sender(principal),
         )
         started = await info.context.gateway.start_workflow(
             BULK_WORKFLOW, bulk_input, bulk_workflow_id(key), bulk=True

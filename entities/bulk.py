@@ -87,6 +87,9 @@ class BulkProgress(BaseModel):
     )
     started_at: datetime | None = None
     ended_at: datetime | None = None
+    sent_by: str | None = Field(
+        default=None, description="Who started it (`role:subject`): a service acts on its own."
+    )
     cursor: str | None = Field(default=None, description="Where the next page starts.")
     pages: int = 0
     fingerprint: str = Field(
@@ -234,6 +237,8 @@ class BulkCommandWorkflow:
             self._progress.entity_type = input.entity_type
             self._progress.command = input.command
             self._progress.fingerprint = input.fingerprint()
+        # Runs begun before it was kept learn it from their input, carried as it came.
+        self._progress.sent_by = self._progress.sent_by or input.sent_by
 
     @workflow.query(name="progress")
     def progress(self) -> BulkProgress:

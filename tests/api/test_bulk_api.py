@@ -14,7 +14,7 @@ from api.webhooks import idempotency_key as webhook_key
 from entities.bulk import BulkCommandWorkflow, BulkInput, bulk_command_id, bulk_workflow_id
 from entities.checkout_input import checkout_workflow_id
 from entities.runtime.envelope import SYSTEM_COMMAND_PREFIXES
-from tests.api.test_access import token
+from tests.api.test_access import Caller, token
 from tests.api.test_accounts_api import open_active, read_account
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from workers.settings import Settings
@@ -38,6 +38,7 @@ INTEREST = """mutation {
                    filter: {tags: {status: ["ACTIVE"]}},
                    idempotencyKey: "interest-2026-11") { id status total }
 }"""
+CANCEL = "mutation($id: ID!) { cancelBulkCommand(id: $id) { id status } }"
 DEPOSIT = "mutation($id: ID!) { depositToAccount(id: $id, amount: 10000, wait: true) { status } }"
 SUSPEND = 'mutation($id: ID!) { suspendAccount(id: $id, reason: "review", wait: true) { status } }'
 STATUSES = "{ accounts(first: 100) { edges { node { id status } } } }"
@@ -462,3 +463,40 @@ async def test_a_bulk_filter_is_held_to_the_listing_s_rules_and_starts_nothing(
     longest = {"text": "z" * 200, "tags": {"status": ["ACTIVE", "SUSPENDED"]}}
     await gql.data(START, key=key, payload={"amount": 1}, filter=longest)
     assert (await finished(gql, key))["total"] == 0
+
+
+async def test_a_service_acts_on_its_own_bulk_commands_and_filters_only_what_it_may_list(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """A service whose scope names a command starts it in bulk over ids, and follows,
+    pauses and cancels the bulk commands it started: not an operator's, nor another
+    service's. A filter searches the type's list, so it needs the type's read scope."""
+
+    def caller(bearer: str) -> Caller:
+        return Caller(secured_http, bearer)
+
+    admin = caller(token("admin", "ops"))
+    partner = caller(token("service", "partner-x", scope="account:deposit"))
+    other = caller(token("service", "partner-y", scope="account:deposit"))
+    reader = caller(token("service", "partner-z", scope="account:deposit account:read"))
+    ids = [new_id(), new_id()]
+    operators, partners = new_id(), new_id()
+    await admin.data(START, key=operators, payload={"amount": 1}, ids=ids)
+    await partner.data(START, key=partners, payload={"amount": 1}, ids=ids)
+
+    assert await partner.code(READ, id=operators) == "FORBIDDEN"
+    assert await partner.code(CANCEL, id=operators) == "FORBIDDEN"
+    assert await other.code(READ, id=partners) == "FORBIDDEN"
+    assert await other.code(CANCEL, id=partners) == "FORBIDDEN"
+    mine = (await partner.data(READ, id=partners))["bulkCommand"]
+    assert (mine["id"], mine["command"]) == (partners, "deposit")
+    assert (await admin.data(READ, id=partners))["bulkCommand"]["id"] == partners
+
+    searching = {"text": "ada"}
+    key = new_id()
+    assert await partner.code(START, key=key, payload={"amount": 1}, filter=searching) == (
+        "FORBIDDEN"
+    )
+    assert await admin.code(READ, id=key) == "NOT_FOUND"  # nothing started
+    started = await reader.data(START, key=new_id(), payload={"amount": 1}, filter=searching)
+    assert started["startBulkCommand"]["status"] in ("RUNNING", "COMPLETED")
