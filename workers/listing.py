@@ -58,9 +58,11 @@ class ListFilter:
         for tag, allowed in self.tags.items():
             if entry.tags.get(tag) not in allowed:
                 return False
-        if self.updated_after and entry.updated >= updated_key(self.updated_after):
+        # The index keeps times to the millisecond: one updated in a bound's own millisecond
+        # is in, after it or before it, rather than missed.
+        if self.updated_after and entry.updated > updated_key(self.updated_after):
             return False
-        if self.updated_before and entry.updated <= updated_key(self.updated_before):
+        if self.updated_before and entry.updated < updated_key(self.updated_before):
             return False
         if self.text is not None and not any(t.startswith(self.text) for t in entry.text):
             return False
@@ -198,11 +200,12 @@ class EntityIndex:
     def _range(self, where: ListFilter, order: Order) -> tuple[bytes, bytes]:
         low, high = b"-", b"+"
         if order is Order.UPDATED_DESC:
-            # Newest first is ascending inverted time: after a moment is below its key.
+            # Newest first is ascending inverted time: after a moment is below its key. A
+            # member is `<key>:<id>`, and ';' follows ':': each bound takes its own millisecond.
             if where.updated_after is not None:
-                high = f"({updated_key(where.updated_after)}:".encode()
+                high = f"({updated_key(where.updated_after)};".encode()
             if where.updated_before is not None:
-                low = f"({updated_key(where.updated_before)};".encode()
+                low = f"({updated_key(where.updated_before)}:".encode()
         return low, high
 
     async def _few_candidates(

@@ -126,6 +126,29 @@ async def test_a_filter_of_few_candidates_is_counted_and_paged_in_order(
     assert (await index.page("account", ListFilter(closed=True), Order.ID, 5)).total is None
 
 
+async def test_a_time_bound_takes_in_entities_of_its_own_millisecond(
+    own_prefix: tuple[SnapshotCache, EntityIndex],
+) -> None:
+    """The index keeps times to the millisecond: an entity updated in a bound's millisecond,
+    just before `updatedAfter` or just after `updatedBefore`, is listed, never missed, so
+    a dashboard asking for what changed after the last time it saw misses nothing."""
+    cache, index = own_prefix
+    at = datetime(2026, 12, 5, 9, 2, 56, 48_499, tzinfo=UTC)
+    await cache.put(account("ada", 1).model_copy(update={"updated_at": at}))
+    await cache.put(account("bob", 1).model_copy(update={"updated_at": at + timedelta(seconds=1)}))
+    just_before, just_after = at - timedelta(microseconds=400), at + timedelta(microseconds=400)
+    for order in Order:
+        after = ListFilter(updated_after=just_after)
+        assert set((await index.page("account", after, order, 5)).ids) == {"ada", "bob"}, order
+        before = ListFilter(updated_before=just_before)
+        assert (await index.page("account", before, order, 5)).ids == ["ada"], order
+        window = ListFilter(updated_after=at, updated_before=at)
+        assert (await index.page("account", window, order, 5)).ids == ["ada"], order
+        # A millisecond apart, it is out.
+        later = ListFilter(updated_after=at + timedelta(milliseconds=1))
+        assert (await index.page("account", later, order, 5)).ids == ["bob"], order
+
+
 async def test_index_keys_share_the_type_slot(settings: Settings) -> None:
     base = index_base("tenure:", "account")
     assert base == "tenure:index:{account}:"
