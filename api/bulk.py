@@ -166,9 +166,17 @@ def now() -> datetime:
 
 @strawberry.type
 class BulkQuery:
-    @strawberry.field(description="A bulk command and how far it has got.")
-    async def bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand:
-        return BulkCommand.of(id, await _progress(info, id), now())
+    @strawberry.field(
+        description="A bulk command and how far it has got; null when there is none by that id."
+    )
+    async def bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand | None:
+        try:
+            progress = await _progress(info, id)
+        except TenureError as exc:
+            if exc.code is ErrorCode.NOT_FOUND:
+                return None  # as an entity's read answers one that does not exist
+            raise
+        return BulkCommand.of(id, progress, now())
 
 
 @strawberry.type

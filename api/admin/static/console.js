@@ -621,6 +621,11 @@
       return;
     }
     if (bulk !== current) return;
+    if (data.bulk === null) {
+      say(`No bulk command ${current.id}.`, true);
+      bulkPane.hidden = true;
+      return;
+    }
     renderBulk(data.bulk);
     clearTimeout(current.timer); // a read sent by an action meanwhile: still one timer
     if (data.bulk.status === "RUNNING") {
