@@ -38,7 +38,6 @@ INTEREST = """mutation {
                    filter: {tags: {status: ["ACTIVE"]}},
                    idempotencyKey: "interest-2026-11") { id status total }
 }"""
-CANCEL = "mutation($id: ID!) { cancelBulkCommand(id: $id) { id status } }"
 DEPOSIT = "mutation($id: ID!) { depositToAccount(id: $id, amount: 10000, wait: true) { status } }"
 SUSPEND = 'mutation($id: ID!) { suspendAccount(id: $id, reason: "review", wait: true) { status } }'
 STATUSES = "{ accounts(first: 100) { edges { node { id status } } } }"
@@ -302,6 +301,8 @@ async def test_the_bulk_command_list_pages_one_at_a_time_without_losing_one(
     assert len(first["edges"]) == 1 and first["pageInfo"]["hasNextPage"] is True
     assert first["pageInfo"]["endCursor"] == first["edges"][0]["cursor"]
     assert first["totalCount"] >= 2
+    nothing = (await gql.data(LIST, status=[]))["bulkCommands"]
+    assert (nothing["edges"], nothing["totalCount"]) == ([], 0)  # none let in, as lists do
     assert await gql.error_code(LIST, first=21) == "INVALID_INPUT"
     assert await gql.error_code(LIST, after="not-a-cursor") == "INVALID_INPUT"
 
