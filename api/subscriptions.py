@@ -35,6 +35,7 @@ from api.read_plans import ENTITY_READ_FIELDS
 from entities import catalog
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import READ, Principal, Role
+from workers.bulk import quote_few
 
 N = TypeVar("N")
 Render = Callable[[EntityRead], Any]
@@ -249,6 +250,16 @@ def _scoped(info: Info, entity_type: str, where: ChangeFilter) -> Callable[[Feed
         raise TenureError(ErrorCode.INVALID_INPUT, f"filter.ids: at most {MAX_FILTER_IDS}")
     if statuses is not None and len(statuses) > MAX_FILTER_STATUSES:
         raise TenureError(ErrorCode.INVALID_INPUT, f"filter.status: at most {MAX_FILTER_STATUSES}")
+    known = info.context.gateway.entity(entity_type).statuses()
+    if statuses and known is None:
+        raise TenureError(ErrorCode.INVALID_INPUT, f"filter.status: {entity_type} has no status")
+    wrong = sorted(statuses - known) if statuses and known is not None else []
+    if wrong:  # it would wait for a change that never comes
+        raise TenureError(
+            ErrorCode.INVALID_INPUT,
+            f"filter.status: {entity_type} has no status {quote_few(wrong)} "
+            f"(its statuses: {', '.join(sorted(known or ()))})",
+        )
     for entity_id in ids or ():
         check_entity_id(entity_id)
     own: frozenset[str] | None = None

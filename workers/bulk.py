@@ -82,7 +82,7 @@ def list_filter(
     known = {"tags", "updated_after", "updated_before", "text", "below", "closed"}
     unknown = set(data) - known
     if unknown:
-        raise ValueError(f"unknown filter fields: {_few(sorted(unknown))}")
+        raise ValueError(f"unknown filter fields: {quote_few(sorted(unknown))}")
 
     def moment(name: str) -> datetime | None:
         value = data.get(name)
@@ -124,7 +124,7 @@ def list_filter(
     )
 
 
-def _few(names: list[str]) -> str:
+def quote_few(names: list[str]) -> str:
     """Names a caller gave, quoted back within bounds: the first three, each cut short."""
     shown = [name if len(name) <= 40 else name[:40] + "..." for name in names[:3]]
     more = f" and {len(names) - 3} more" if len(names) > 3 else ""
@@ -145,7 +145,7 @@ def _as_listed(
     unknown = sorted(set(tags) - set(names))
     if unknown:
         raise ValueError(
-            f"tags: {entity.name} has no tag {_few(unknown)} "
+            f"tags: {entity.name} has no tag {quote_few(unknown)} "
             f"(its tags: {', '.join(names) or 'none'})"
         )
     for tag, values in tags.items():
@@ -158,14 +158,14 @@ def _as_listed(
     wrong = sorted(set(tags.get(STATUS, ())) - statuses) if statuses is not None else []
     if wrong:
         raise ValueError(
-            f"tags.{STATUS}: {entity.name} has no status {_few(wrong)} "
+            f"tags.{STATUS}: {entity.name} has no status {quote_few(wrong)} "
             f"(its statuses: {', '.join(sorted(statuses or ()))})"
         )
     numbers = sorted(listed.numbers)
     unknown = sorted(set(below) - set(numbers))
     if unknown:
         raise ValueError(
-            f"below: {entity.name} has no number {_few(unknown)} "
+            f"below: {entity.name} has no number {quote_few(unknown)} "
             f"(its numbers: {', '.join(numbers) or 'none'})"
         )
     if any(abs(bound) > MAX_MONEY for bound in below.values()):

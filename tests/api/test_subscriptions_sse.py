@@ -435,3 +435,38 @@ async def test_a_token_s_expiry_ends_its_websocket_and_its_event_stream(
         assert event == "next" and payload["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
         assert rest[-1][0] == "complete"
         await tenure.followers_become(0)
+
+
+CHANGES = """subscription($type: EntityTypeName!, $filter: ChangeFilter) {
+  changes(entityType: $type, filter: $filter) {
+    entityId revision command node { ... on Account { status balance } } } }"""
+SUSPEND = 'mutation($id: ID!) { suspendAccount(id: $id, reason: "x", wait: true) { status } }'
+
+
+async def test_following_a_type_s_changes_by_status_and_ids(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """`changes` over a type: the changes of the entities its filter names, in their
+    statuses; a status the type does not have is refused, since nothing would ever come."""
+    async with stack(settings, temporal_client, run_worker) as tenure, httpx.AsyncClient() as sse:
+        kept, suspended, other = [await open_account(tenure.gql) for _ in range(3)]
+        admin = token("admin", "ops-2")
+        where = {"status": ["ACTIVE"], "ids": [kept, suspended]}
+        async with subscribing(sse, tenure.url, admin, CHANGES, type="ACCOUNT", filter=where) as r:
+            stream = events(r)
+            await tenure.followers_become(1)
+            await tenure.gql.data(DEPOSIT, id=other, amount=4)  # not among the ids
+            await tenure.gql.data(SUSPEND, id=suspended)  # SUSPENDED after it: not ACTIVE
+            await tenure.gql.data(DEPOSIT, id=kept, amount=4)
+            event, payload = await asyncio.wait_for(anext(stream), timeout=15)
+        assert event == "next", payload
+        shown = payload["data"]["changes"]
+        assert (shown["entityId"], shown["command"]) == (kept, "deposit")
+        assert shown["node"] == {"status": "ACTIVE", "balance": 4}
+
+        for kind, status in (("ACCOUNT", "NOPE"), ("ACCOUNT", "active"), ("INVENTORY", "OPEN")):
+            refused = {"status": [status]}
+            async with subscribing(sse, tenure.url, admin, CHANGES, type=kind, filter=refused) as r:
+                await r.aread()
+            assert refusal(r) == "INVALID_INPUT", (kind, status)
+        assert tenure.followers == 0
