@@ -89,30 +89,50 @@ class ChangeFilter:
         default=None, description=f"Only these entities (at most {MAX_FILTER_IDS})."
     )
     status: list[str] | None = strawberry.field(
-        default=None, description="Only entities whose state's `status` is one of these."
+        default=None,
+        description="Only entities whose state's `status` is one of these; the change that "
+        "takes one shown out of them is shown too, once (its node in its new status).",
     )
 
 
 class _Follower:
-    """One subscription's view of its changes: never backwards, every jump shown."""
+    """One subscription's view of its changes: never backwards, every jump shown. Following
+    only some `statuses`, the change that takes a shown entity out of them is shown too,
+    once, so that a view of them can drop it."""
 
-    def __init__(self, since: int | None, viewer: Principal, entity_type: str) -> None:
+    def __init__(
+        self,
+        since: int | None,
+        viewer: Principal,
+        entity_type: str,
+        statuses: frozenset[str] | None = None,
+    ) -> None:
         self._seen: dict[str, tuple[int, int]] = {}
         self._since = since
         self._viewer = viewer
         self._shows_ids = sees_command_ids(viewer, entity_type)
+        self._statuses = statuses
+
+    def showing(self, entity_id: str) -> bool:
+        """Whether the subscriber has been shown the entity, in one of the statuses."""
+        return entity_id in self._seen
 
     def change(self, change: FeedChange, render: Render) -> Change[Any] | None:
         incarnation, revision = change.position
         seen = self._seen.get(change.entity_id)
         if seen is not None and seen >= change.position:
             return None
+        status = (change.snapshot.state or {}).get("status")
+        leaving = self._statuses is not None and status not in self._statuses
+        if leaving and seen is None:
+            return None  # out, and not shown: nothing to take back
         previous = seen[1] if seen is not None and seen[0] == incarnation else None
         after = previous if previous is not None else self._since
         if after is not None and revision <= after and seen is None:
             return None  # the subscriber had it before it reconnected
         self._seen.pop(change.entity_id, None)
-        self._seen[change.entity_id] = change.position
+        if not leaving:
+            self._seen[change.entity_id] = change.position
         if len(self._seen) > MAX_REMEMBERED:
             del self._seen[next(iter(self._seen))]
         self._since = None
@@ -236,10 +256,13 @@ def _read_fields(query: type) -> dict[str, tuple[Any, object]]:
     return found
 
 
-def _scoped(info: Info, entity_type: str, where: ChangeFilter) -> Callable[[FeedChange], bool]:
+def _scoped(
+    info: Info, entity_type: str, where: ChangeFilter, showing: Callable[[str], bool]
+) -> Callable[[FeedChange], bool]:
     """What the caller may follow of the type, as `api/listing.py` lists: admins and
     services by the policy, customers only what they own (FORBIDDEN when they name another
-    account, or the type cannot tell whose an entity is)."""
+    account, or the type cannot tell whose an entity is). An entity out of the statuses
+    still comes while it is `showing`: its change out of them."""
     principal = info.context.principal
     policy = info.context.gateway.entity(entity_type).policy
     if not policy.allows(principal, entity_type, READ, owned=True):
@@ -275,7 +298,8 @@ def _scoped(info: Info, entity_type: str, where: ChangeFilter) -> Callable[[Feed
         state = change.snapshot.state or {}
         if ids is not None and change.entity_id not in ids:
             return False
-        if statuses is not None and state.get("status") not in statuses:
+        out = statuses is not None and state.get("status") not in statuses
+        if out and not showing(change.entity_id):
             return False
         if own is not None:
             assert owner_of is not None
@@ -313,8 +337,10 @@ def subscription_type(query: type) -> type:
         render = renderers.get(name)
         if render is None:
             raise TenureError(ErrorCode.INVALID_INPUT, f"{name} has no subscription")
-        wants = _scoped(info, name, where or ChangeFilter())
-        follower = _Follower(None, info.context.principal, name)
+        where = where or ChangeFilter()
+        statuses = frozenset(where.status) if where.status is not None else None
+        follower = _Follower(None, info.context.principal, name, statuses)
+        wants = _scoped(info, name, where, follower.showing)
         async with _subscribed(info, name, None, wants, MAX_PENDING_ENTITIES) as mailbox:
             while True:
                 shown = follower.change(await mailbox.next(), render)
