@@ -113,6 +113,13 @@ async def command_history(
     )
     if page is None:
         return CommandHistory(entries=[], has_older=False)
+    if not page.before_found:
+        # Not the end of the history: a cursor it no longer has (or never had).
+        raise TenureError(
+            ErrorCode.INVALID_INPUT,
+            f"before: {entity_type} {entity_id} remembers no command {before!r} (it keeps its "
+            "last commands only): ask again without `before`, from the newest",
+        )
     caller = info.context.principal
     return CommandHistory(
         entries=paced(

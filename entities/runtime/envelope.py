@@ -112,10 +112,12 @@ class HistoryPage(BaseModel):
 
 class CommandHistory(BaseModel):
     """A page of an entity's recent commands, newest first; `has_older` when the entity
-    still remembers commands older than the page."""
+    still remembers commands older than the page; `before_found` False when the page was
+    asked for before a command the entity does not remember (then it is empty)."""
 
     entries: list[Outcome]
     has_older: bool
+    before_found: bool = True
 
 
 class Snapshot(BaseModel):

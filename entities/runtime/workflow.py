@@ -441,6 +441,8 @@ class EntityWorkflow:
             for outcome in newest_first:
                 if outcome.command_id == page.before:
                     break
+            else:
+                return CommandHistory(entries=[], has_older=False, before_found=False)
         entries = list(itertools.islice(newest_first, page.last + 1))
         return CommandHistory(entries=entries[: page.last], has_older=len(entries) > page.last)
 

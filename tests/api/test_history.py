@@ -112,10 +112,15 @@ async def test_a_page_out_of_bounds_is_refused(gql: GraphQLClient) -> None:
         assert body["errors"][0]["extensions"]["code"] == "INVALID_INPUT"
         assert "last" in body["errors"][0]["message"]
     assert (await page(gql, account_id, 100))["hasOlder"] is False
-    assert (await page(gql, account_id, 1, before="no-such-command"))["entries"] == []
+    # A command the entity does not remember is no cursor: not an empty last page, which
+    # would read as the end of its history.
+    unknown = await gql(HISTORY, id=account_id, last=1, before="no-such-command")
+    assert unknown["errors"][0]["extensions"]["code"] == "INVALID_INPUT"
+    assert "remembers no command" in unknown["errors"][0]["message"]
     # A cursor is a command id: 1 to 512 printable ASCII characters (a bulk command's are
     # longer than an idempotency key).
-    assert (await page(gql, account_id, 1, before="b" * 512))["entries"] == []
+    longest = await gql(HISTORY, id=account_id, last=1, before="b" * 512)
+    assert "remembers no command" in longest["errors"][0]["message"]  # read, not refused
     for before in ("", "a\u0000b", "c" * 513):
         body = await gql(HISTORY, id=account_id, last=1, before=before)
         assert body["errors"][0]["extensions"]["code"] == "INVALID_INPUT"
