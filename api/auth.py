@@ -53,6 +53,9 @@ class _Key:
     algorithm: str
 
 
+MAX_AUTHORIZATION = 16 * 1024
+"""The longest Authorization header read: identity providers' tokens are a few KiB; one of
+megabytes would cost its decoding and its digest before it is refused."""
 VERIFIED_TOKENS = 10_000
 """Verified Authorization headers remembered, one per active client: some megabytes."""
 
@@ -195,6 +198,7 @@ class TokenVerifier:
     def verify(self, authorization: str | None) -> Principal:
         """The caller named by an Authorization header; a JWKS fetch, when one is due,
         blocks the calling thread."""
+        _bounded(authorization)
         known = self._known(authorization)
         if known is not None:
             return known
@@ -206,6 +210,7 @@ class TokenVerifier:
     async def authenticate(self, authorization: str | None) -> Principal:
         """The caller named by an Authorization header; the API's entry point, which never
         blocks the event loop on a JWKS fetch."""
+        _bounded(authorization)
         known = self._known(authorization)
         if known is not None:
             return known
@@ -310,6 +315,11 @@ def claim(claims: Mapping[str, Any], name: str) -> Any:
             return None
         found = found[part]
     return found
+
+
+def _bounded(authorization: str | None) -> None:
+    if authorization is not None and len(authorization) > MAX_AUTHORIZATION:
+        raise Unauthenticated(f"token too long (at most {MAX_AUTHORIZATION} characters)")
 
 
 def _read(authorization: str | None) -> tuple[str, str | None]:

@@ -155,6 +155,11 @@ def test_an_expired_token_is_refused() -> None:
     assert refused(verifier(), hs256(exp=int(time.time()) - 60)) == "token expired"
 
 
+def test_a_header_of_megabytes_is_refused_before_it_is_read() -> None:
+    assert refused(verifier(), "Bearer " + "a" * 8_000_000).startswith("token too long")
+    assert verifier().verify(hs256(sub="s" * 128)).subject == "s" * 128  # a long real one
+
+
 def test_an_exp_that_is_not_a_number_is_refused() -> None:
     """RFC 7519 asks for a NumericDate; PyJWT alone takes a string of digits."""
     later = str(int(time.time()) + 600)
