@@ -374,7 +374,9 @@ def create_app(
                 stack.push_async_callback(snapshot_cache.aclose)  # before its client closes
             app.state.gateway = EntityGateway(client, snapshot_cache, settings, metrics)
             readiness.check("temporal", partial(answers, client))
-            readiness.check("redis", snapshot_cache.reachable)
+            # Without Redis every request still goes through, to Temporal (slower): a pod
+            # taken out of its Service for it would turn a cache outage into an API outage.
+            readiness.check("redis", snapshot_cache.reachable, required=False)
             app.state.authorizer = Authorizer(app.state.gateway)
             stack.push_async_callback(limits_redis.aclose)
             # One reader of the change streams for every subscription of this process.

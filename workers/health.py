@@ -28,15 +28,24 @@ class Readiness:
 
     def __init__(self, checks: dict[str, Check] | None = None, ttl: float = 1.0) -> None:
         self._checks = dict(checks or {})
+        self._optional: set[str] = set()
         self._ttl = ttl
         self._answer: dict[str, bool] = {}
         self._asked = float("-inf")
         self._lock = asyncio.Lock()
         self.stopping = False
 
-    def check(self, name: str, check: Check) -> None:
-        """Add what the process needs, once it has it (a client made at startup)."""
+    def check(self, name: str, check: Check, *, required: bool = True) -> None:
+        """Add what the process needs, once it has it (a client made at startup). One not
+        `required` is reported, and the process is ready without it (degraded): the API
+        serves every request without Redis, slower."""
         self._checks[name] = check
+        if not required:
+            self._optional.add(name)
+
+    def ready(self, answer: dict[str, bool]) -> bool:
+        """Whether every required check of `answer` passed."""
+        return all(passed for name, passed in answer.items() if name not in self._optional)
 
     async def __call__(self) -> dict[str, bool]:
         async with self._lock:
@@ -53,13 +62,16 @@ async def _livez(request: Request) -> JSONResponse:
 
 
 def readyz_endpoint(readiness: Readiness) -> Callable[[Request], Awaitable[JSONResponse]]:
-    """`/readyz`: 200 with each check's answer when all pass, else 503; 503 once the
-    process is stopping, so no new work is sent its way."""
+    """`/readyz`: 200 with each check's answer when every required one passes ("degraded"
+    when another does not), else 503; 503 once the process is stopping, so no new work is
+    sent its way."""
 
     async def readyz(request: Request) -> JSONResponse:
         checks = await readiness()
-        ready = all(checks.values()) and not readiness.stopping
+        ready = readiness.ready(checks) and not readiness.stopping
         state = "stopping" if readiness.stopping else "ready" if ready else "not ready"
+        if ready and not all(checks.values()):
+            state = "degraded"  # ready, without something it does better with
         body: dict[str, object] = {"status": state, "checks": checks}
         return JSONResponse(body, status_code=200 if ready else 503)
 

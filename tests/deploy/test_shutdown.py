@@ -256,19 +256,34 @@ async def test_the_api_is_ready_with_its_servers_and_finishes_requests_on_sigter
             await settle(GraphQLClient(http), load)
 
 
-async def test_the_api_is_not_ready_without_redis(
+async def test_the_api_stays_ready_without_redis_and_says_it_is_degraded(
     settings: Settings, temporal_client: Client, own_redis: EmbeddedRedis
 ) -> None:
+    """Without Redis every request still goes through, to Temporal: an orchestrator that
+    took the API out of its Service for it would turn a cache outage into an outage. Its
+    `/readyz` stays 200, and says what is missing."""
     settings = settings.model_copy(update={"redis_url": own_redis.url})
     async with api_client(settings, temporal_client) as http:
         ready = await http.get("/readyz")
-        assert ready.status_code == 200
+        assert ready.json() == {"status": "ready", "checks": {"temporal": True, "redis": True}}
         own_redis.stop()
         await asyncio.sleep(1.1)  # past the answer kept for a second
         down = await http.get("/readyz")
-        assert down.status_code == 503
-        assert down.json() == {"status": "not ready", "checks": {"temporal": True, "redis": False}}
-        assert (await http.get("/livez")).status_code == 200  # alive all the same
+        assert down.status_code == 200
+        assert down.json() == {"status": "degraded", "checks": {"temporal": True, "redis": False}}
+        assert (await http.get("/livez")).status_code == 200
+
+
+async def test_a_required_check_that_fails_makes_the_process_not_ready() -> None:
+    async def down() -> bool:
+        return False
+
+    readiness = Readiness({"temporal": down})
+    app = Starlette(routes=health_routes(readiness))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://h") as h:
+        answer = await h.get("/readyz")
+    assert answer.status_code == 503
+    assert answer.json() == {"status": "not ready", "checks": {"temporal": False}}
 
 
 async def test_a_stopping_process_is_not_ready_and_answers_are_kept_a_second() -> None:
