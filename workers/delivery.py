@@ -56,6 +56,9 @@ from workers.temporal import ask, within
 log = logging.getLogger(__name__)
 
 SIGNAL_TIMEOUT = 5.0
+SIGNAL_RESERVE = 2.0
+"""Of a waited command's time, what is kept for sending it by signal when its update goes
+unanswered, so that the sender has its answer within the wait."""
 OUTCOME_ATTEMPTS = 5
 MAX_UPDATES_IN_FLIGHT = 2
 """Waited commands one process sends one entity as updates at a time; more go by signal."""
@@ -195,10 +198,11 @@ class CommandDelivery:
         """Deliver a command and wait for its outcome. Safe to repeat: when the entity has
         finished since, perhaps because of this very command, its recorded outcome stands."""
         workflow_id = entity.workflow_id(entity_id)
+        deadline = time.monotonic() + self._settings.command_wait_timeout
         if self._may_update(workflow_id):
             self._updating[workflow_id] = self._updating.get(workflow_id, 0) + 1
             try:
-                result = await self._by_update(workflow_id, entity, entity_id, envelope)
+                result = await self._by_update(workflow_id, entity, entity_id, envelope, deadline)
             finally:
                 self._updating[workflow_id] -= 1
                 if not self._updating[workflow_id]:
@@ -232,14 +236,17 @@ class CommandDelivery:
         entity: EntityType[Any, Any],
         entity_id: str,
         envelope: CommandEnvelope,
+        deadline: float,
     ) -> CommandResult | None:
         """The command applied as an update, with its outcome; None when the update was
         refused (too many in flight, an entity on older code, a closed or missing one), and
         the command is to go by signal. A command that creates its entity starts it with the
         update as its first work, unless it runs already (update-with-start). An update that
         gets no answer in time is no longer waited for: the command goes by signal, durably,
-        and the sender is told to retry."""
-        timeout = self._settings.command_wait_timeout
+        and the sender is told to retry; both within the sender's wait (`deadline`), the
+        signal given the last `SIGNAL_RESERVE` of it."""
+        left = deadline - time.monotonic()
+        timeout = max(left - min(SIGNAL_RESERVE, left / 2), 0.1)
         rpc_timeout = timedelta(seconds=timeout)
         start: WithStartWorkflowOperation[Any, Any] | None = None
         if entity.spec(envelope.name).creates:
@@ -280,7 +287,12 @@ class CommandDelivery:
         except WorkflowUpdateRPCTimeoutOrCancelledError:
             pass
         self._refused(workflow_id, "timed_out")
-        await self.deliver(entity, entity_id, envelope)
+        try:
+            await within(
+                max(deadline - time.monotonic(), 0.1), self.deliver(entity, entity_id, envelope)
+            )
+        except RPCError as exc:
+            raise unavailable(exc) from exc
         raise not_yet_applied(envelope)
 
     def _refused(self, workflow_id: str, reason: str) -> None:

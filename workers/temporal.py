@@ -47,12 +47,22 @@ async def within(seconds: float, call: Awaitable[T]) -> T:
     A call's own `rpc_timeout` is no hard bound: a query given 2 s was seen answering after
     4.1 s (the client retries inside it), and with no worker polling a query waits about
     30 s. Every Temporal call that a client waits on goes through here instead."""
+    task = asyncio.ensure_future(call)
+    # An SDK call cancelled raises its own error instead (an update's "timed out or
+    # cancelled"). When the caller itself is cancelled meanwhile, wait_for leaves that
+    # error on the task for nobody to take, and asyncio logs it as an ERROR.
+    task.add_done_callback(_take_error)
     try:
-        return await asyncio.wait_for(call, seconds)
+        return await asyncio.wait_for(task, seconds)
     except TimeoutError:
         raise RPCError(
             f"no answer within {seconds:g} s", RPCStatusCode.DEADLINE_EXCEEDED, b""
         ) from None
+
+
+def _take_error(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 QUERY_ATTEMPTS = 3

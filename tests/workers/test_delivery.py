@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
+import time
 
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.gateway import Consistency, EntityGateway, Receipt
+from deploy.embedded import EmbeddedTemporal
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import RuntimeOptions
 from tests.conftest import WorkerFactory, new_id
@@ -19,6 +24,7 @@ from tests.entities.shop import eventually
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache
 from workers.settings import Settings
+from workers.temporal import within
 
 
 async def test_commands_racing_a_run_that_closes_are_all_applied(
@@ -197,3 +203,66 @@ async def test_a_waited_open_of_a_closed_account_is_refused_and_the_first_open_s
     gc.collect()
     # The refused start's error was taken, not left for asyncio to log as an ERROR.
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_a_waited_command_answers_within_its_wait_when_temporal_does_not_answer(
+    settings: Settings, cache: SnapshotCache
+) -> None:
+    """A Temporal that takes requests and never answers (frozen): the update is given up
+    with time kept for the signal that would carry the command durably, and that signal is
+    given up at the wait's end too, so the sender has UNAVAILABLE within the wait (it had
+    it after the wait and a signal's 5 s more)."""
+    settings = settings.model_copy(update={"command_wait_timeout": 3.0})
+    async with EmbeddedTemporal() as server:
+        client = await Client.connect(server.address, data_converter=pydantic_data_converter)
+        gateway = EntityGateway(client, cache, settings)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(TenureError) as refused:
+                await gateway.send(
+                    "account", new_id(), "deposit", {"amount": 5}, idempotency_key="k", wait=True
+                )
+            waited = time.monotonic() - started
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+    assert refused.value.code is ErrorCode.UNAVAILABLE
+    assert waited < settings.command_wait_timeout + 1.0, waited
+
+
+class _Converted(Exception):
+    pass
+
+
+async def _converting() -> None:
+    """As the SDK's update call does: cancelled, it raises an error of its own."""
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        raise _Converted("timed out or cancelled") from None
+
+
+async def test_a_call_whose_caller_is_cancelled_leaves_no_error_for_asyncio_to_log() -> None:
+    """A request cancelled (its worker stopping) while it waits on an update: the update's
+    own error, raised in place of the cancellation, was left on `within`'s inner task, and
+    asyncio logged it as an ERROR with its traceback; the caller still sees the
+    cancellation."""
+    logged: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: logged.append(context))
+    try:
+        caller = asyncio.create_task(within(30, _converting()))
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(handler)
+    assert logged == []
+    with pytest.raises(RPCError) as late:  # given up at its deadline: as a deadline's error
+        await within(0.05, asyncio.sleep(60))
+    assert late.value.status is RPCStatusCode.DEADLINE_EXCEEDED
