@@ -97,7 +97,6 @@ async def _reindex(entity_types: list[str], where: str | None, concurrency: int)
             entity_types or sorted(catalog.entity_types()),
             where=where,
             concurrency=concurrency,
-            timeout=settings.live_read_timeout,
             progress=ProgressBar("reindex"),
         )
     finally:

@@ -5,7 +5,7 @@ finished, its result), written through the cache's own never-backwards script.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -78,32 +78,45 @@ async def reindex(
     *,
     where: str | None = None,
     concurrency: int = 16,
-    timeout: float = 10.0,
+    timeout: float = 15.0,
     progress: Progress | None = None,
+    rounds: int = 3,
+    pause: float = 2.0,
 ) -> Reindexed:
     """Write every listed entity's snapshot to the cache and the index, `concurrency` at a
     time; `where` narrows the visibility query (`TaskQueue = 'tenure'`). A snapshot older
     than what Redis holds changes nothing. Listings rendered before it are not replayed
-    after it starts (`SnapshotCache.new_epoch`)."""
+    after it starts (`SnapshotCache.new_epoch`). Those not read are asked again, up to
+    `rounds` in all, `pause` seconds apart: workers just started replay long histories
+    before they answer (the runbook runs this right after starting them), and a query to an
+    entity whose worker is gone waits out the sticky timeout (10 s) first: hence `timeout`."""
     for entity_type in entity_types:
         await cache.new_epoch(entity_type)
     work = [(t, i) for t in entity_types for i in await entity_ids(client, t, where)]
     done = Reindexed(found=len(work))
-    pending = iter(work)
-    finished = 0
+    total, finished = len(work), 0
 
-    async def one_at_a_time() -> None:
+    async def one_at_a_time(pending: Iterator[tuple[str, str]], failed: list[str]) -> None:
         nonlocal finished
         for entity_type, entity_id in pending:
             try:
                 snapshot = await snapshot_of(client, entity_type, entity_id, timeout)
                 if snapshot is not None and await cache.put(snapshot):
                     done.written += 1
+                finished += 1
             except (RPCError, TimeoutError, CacheUnavailable):
-                done.failed.append(f"{entity_type}:{entity_id}")
-            finished += 1
+                failed.append(f"{entity_type}:{entity_id}")
             if progress is not None:
-                progress(finished, len(work))
+                progress(finished, total)
 
-    await asyncio.gather(*(one_at_a_time() for _ in range(max(1, concurrency))))
+    for round_ in range(max(1, rounds)):
+        if round_:
+            await asyncio.sleep(pause)
+        failed: list[str] = []
+        pending = iter(work)
+        await asyncio.gather(*(one_at_a_time(pending, failed) for _ in range(max(1, concurrency))))
+        if not failed:
+            break
+        work = [(t, i) for t, _, i in (name.partition(":") for name in failed)]
+    done.failed = failed
     return done

@@ -329,3 +329,41 @@ async def test_a_page_is_replayed_while_the_index_stands_and_made_anew_once_it_c
         e["node"]["id"]: e["node"]["stale"] for e in (await gql.data(STALE))["accounts"]["edges"]
     }
     assert stale == {grace: False, ada: False}
+
+
+async def test_a_reindex_begun_before_the_workers_answer_asks_again_and_writes_every_entity(
+    settings: Settings,
+    temporal_client: Client,
+    run_worker: WorkerFactory,
+    own_redis: EmbeddedRedis,
+) -> None:
+    """The runbook starts the workers, then reindexes: workers just started replay before
+    they answer, so an entity not read in one round is asked again after a pause (the CLI
+    exited 1 with entities unread). A sticky timeout of a second: the entities' own worker
+    is gone, and a query waits that long before another worker may take it."""
+    settings = settings.model_copy(update={"redis_url": own_redis.url, "sticky_timeout": 1.0})
+    async with run_worker(settings), api_client(settings, temporal_client) as http:
+        gql = GraphQLClient(http)
+        accounts = [await open_named(gql, f"Owner {n}", f"o{n}@x.org") for n in range(3)]
+    client = connect_redis(settings)
+    try:
+        await client.flushall()
+        cache = SnapshotCache(client, settings.redis_prefix)
+        reindexing = asyncio.create_task(
+            reindex(
+                temporal_client,
+                cache,
+                ["account"],
+                where=f"TaskQueue = '{settings.task_queue}'",
+                timeout=1.0,
+                pause=3.0,
+            )
+        )
+        await asyncio.sleep(1.5)  # its first round has found no worker to answer
+        async with run_worker(settings):
+            done = await reindexing
+        written = [await cache.get("account", a) for a in accounts]
+    finally:
+        await client.aclose()
+    assert (done.found, done.written, done.failed) == (len(accounts), len(accounts), [])
+    assert all(hit is not None for hit in written)
