@@ -2,20 +2,50 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from datetime import UTC, datetime
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from entities.runtime.backlog import NEXT_TASK_ACTIVITY
 from entities.runtime.envelope import Publication
 from entities.runtime.publisher import PUBLISH_ACTIVITY
-from workers.cache import SnapshotCache
+from workers.cache import CacheUnavailable, SnapshotCache
 from workers.changes import Changes
+
+log = logging.getLogger(__name__)
 
 PUBLISH_FAILURES = "tenure_publish_failures"
 PUBLISH_LAG = "tenure_publish_lag_seconds"
 PUBLISH_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 """Seconds; the worker's runtime gives the histogram these buckets (`worker_runtime`)."""
+
+
+class _Occasionally:
+    """A warning said at most once every `every` seconds, with how often it happened."""
+
+    def __init__(self, every: float) -> None:
+        self._every = every
+        self._said = float("-inf")
+        self._since = 0
+
+    def say(self, exc: CacheUnavailable) -> None:
+        self._since += 1
+        now = time.monotonic()
+        if now - self._said < self._every:
+            return
+        log.warning(
+            "publishing to the cache failed %d times since last said (Redis unavailable: %s);"
+            " the entities retry, and tenure_publish_failures_total counts every attempt",
+            self._since,
+            exc,
+        )
+        self._said, self._since = now, 0
+
+
+_REDIS_DOWN = _Occasionally(10.0)
 
 
 @NEXT_TASK_ACTIVITY.defn
@@ -46,11 +76,21 @@ class CacheActivities:
         attributes = {"entity_type": snapshot.entity_type}
         try:
             written = await self._cache.put(snapshot, changes)
-        except Exception:
+        except Exception as exc:
             meter.create_counter(
                 PUBLISH_FAILURES, "Attempts to publish a snapshot to the cache that failed."
             ).add(1, attributes)
-            raise
+            if not isinstance(exc, CacheUnavailable):
+                raise
+            # Redis down: expected, retried, counted above. Benign, the SDK logs it at debug,
+            # where each attempt of every entity logged a warning with its traceback (675 in
+            # a 25 s outage); this process says it once in a while instead.
+            _REDIS_DOWN.say(exc)
+            raise ApplicationError(
+                f"the cache is unavailable: {exc}",
+                type="CacheUnavailable",
+                category=ApplicationErrorCategory.BENIGN,
+            ) from None
         changed = snapshot.updated_at
         if changed is not None:
             if changed.tzinfo is None:  # workflow time is UTC

@@ -3,16 +3,23 @@ giving back the types its declaration names (`entities/runtime/activities.py`)."
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pytest
 from temporalio import activity
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+from temporalio.testing import ActivityEnvironment
 
+from deploy.embedded import free_port
 from entities import catalog
 from entities.runtime.activities import Activity
-from workers.cache import SnapshotCache
+from entities.runtime.envelope import Publication, Snapshot
+from tests.conftest import new_id
+from workers.activities import CacheActivities
+from workers.cache import SnapshotCache, connect_redis
 from workers.settings import Settings
 from workers.worker import activity_functions
 
@@ -75,3 +82,27 @@ def test_another_activity_under_a_declared_name_is_refused() -> None:
     with pytest.raises(ValueError, match="declared already"):
         Activity("publish_snapshot", str, bool)
     assert Activity.declared["publish_snapshot"] is publish
+
+
+async def test_a_publish_while_redis_is_down_fails_benign_and_is_said_once_in_a_while(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis down: each entity's publish fails and is retried. Each attempt logged a warning
+    with its traceback (675 in a 25 s outage); it now fails as a benign error, which the SDK
+    logs at debug, and the worker says so once in a while."""
+    down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    client = connect_redis(down)
+    publishing = CacheActivities(SnapshotCache(client, down.redis_prefix))
+    snapshot = Snapshot(entity_type="account", entity_id=new_id(), revision=1, state={})
+    env = ActivityEnvironment()
+    caplog.set_level(logging.WARNING, logger="workers.activities")
+    try:
+        for _ in range(20):
+            with pytest.raises(ApplicationError) as failed:
+                await env.run(publishing.publish_snapshot, Publication(snapshot=snapshot))
+            assert failed.value.category is ApplicationErrorCategory.BENIGN
+            assert failed.value.type == "CacheUnavailable" and not failed.value.non_retryable
+    finally:
+        await client.aclose()
+    said = [r for r in caplog.records if r.name == "workers.activities"]
+    assert len(said) == 1 and "Redis unavailable" in said[0].getMessage()
