@@ -13,12 +13,13 @@ import jwt
 import pytest
 from temporalio.client import Client
 
+from api.app import create_app
 from api.authorization import Authorizer, Forbidden
 from api.gateway import EntityGateway
 from entities import catalog
 from entities.errors import ErrorCode
 from entities.runtime.policy import Policy, Principal, Role
-from tests.conftest import api_client, new_id
+from tests.conftest import WorkerFactory, api_client, new_id
 from tests.entities.shop import eventually
 from workers.settings import Settings
 
@@ -298,6 +299,56 @@ async def test_a_refusal_does_not_tell_whether_the_entity_exists(
     for account_id in (entities["mine"], new_id()):
         assert await stranger.code(READ_ACCOUNT, id=account_id) == ErrorCode.FORBIDDEN
         assert await stranger.code(CREATE_CART, id=new_id(), account=account_id) == "FORBIDDEN"
+
+
+class _NotYetKnown(Authorizer):
+    """Knows not whose the entity `blind` names is while the command that creates it is
+    allowed (the mutation asks twice): as in the moment after another client created it and
+    before anything could tell whose it was."""
+
+    blind: str | None = None
+    asked = 0
+
+    async def _owner_from_state(
+        self, entity_type: str, entity_id: str, looked_up: Any = None
+    ) -> str | None:
+        if entity_id == self.blind:
+            self.asked += 1
+            if self.asked <= 2:
+                return None
+        return await super()._owner_from_state(entity_type, entity_id, looked_up)
+
+
+async def test_a_cart_made_meanwhile_by_another_is_no_one_else_s_to_learn_of(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """A customer creating a cart under an id another's cart has just taken, before anything
+    knew whose it was, is allowed as the creator it names and then meets the other cart: it
+    is FORBIDDEN, as when the cart was known, not ALREADY_EXISTS, which told that it exists
+    (a probe on a live stack met the race 2 runs in 5)."""
+    app = create_app(secured, temporal_client=temporal_client)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        run_worker(secured),
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://tenure") as http,
+    ):
+        admin = Caller(http, token("admin", "setup"))
+        entities = await setup(admin)
+        customer = callers(http, entities)[CUSTOMER]
+        authorizer = _NotYetKnown(app.state.gateway)
+        app.state.authorizer = authorizer
+        cart_id = new_id()
+        await admin.data(CREATE_CART, id=cart_id, account=entities["theirs"])
+        authorizer.blind = cart_id
+        taken = await customer.code(CREATE_CART, id=cart_id, account=entities["mine"])
+        assert authorizer.asked >= 2  # it was not known when the create was allowed
+        mine = new_id()  # its own cart made twice: that it may learn
+        await customer.data(CREATE_CART, id=mine, account=entities["mine"])
+        authorizer.blind, authorizer.asked = mine, 0
+        again = await customer.code(CREATE_CART, id=mine, account=entities["mine"])
+    assert taken == ErrorCode.FORBIDDEN
+    assert again == ErrorCode.ALREADY_EXISTS
 
 
 async def test_a_refused_command_stores_nothing(secured_http: httpx.AsyncClient) -> None:
