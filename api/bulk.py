@@ -77,6 +77,9 @@ class BulkCommand:
         MAX_FAILURES_KEPT, description=f"The first {MAX_FAILURES_KEPT}."
     )
     started_at: datetime | None
+    started_by: str | None = strawberry.field(
+        description="Who started it (`role:subject`); null for one started before it was kept."
+    )
     ended_at: datetime | None
     eta: datetime | None = strawberry.field(
         description="When it should end, at the pace so far; null before the first page."
@@ -111,6 +114,7 @@ class BulkCommand:
                 for f in progress.failures
             ],
             started_at=progress.started_at,
+            started_by=progress.sent_by,
             ended_at=progress.ended_at,
             eta=eta,
         )

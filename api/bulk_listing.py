@@ -148,7 +148,7 @@ async def list_bulk_commands(
     require_operator(info)
     start = VisibilityCursor.start(after, first, MAX_LISTED)
     if where.status == []:  # an empty list of statuses lets none in, as entity lists do
-        return Connection.forward([], False, None, 0)
+        return Connection.forward([], False, after, 0)
     wanted = frozenset(where.status or ())
     client = info.context.gateway.client
     try:

@@ -164,7 +164,7 @@ async def list_checkouts(
     require_operator(info)
     start = VisibilityCursor.start(after, first, MAX_PAGE)
     if where.status == []:  # an empty list of statuses lets none in, as entity lists do
-        return Connection.forward([], False, None, 0)
+        return Connection.forward([], False, after, 0)
     client = info.context.gateway.client
     query = visibility_query(where)
     try:

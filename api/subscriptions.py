@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
@@ -112,10 +113,20 @@ class _Follower:
         self._viewer = viewer
         self._shows_ids = sees_command_ids(viewer, entity_type)
         self._statuses = statuses
+        self._admitted: OrderedDict[str, None] = OrderedDict()
 
-    def showing(self, entity_id: str) -> bool:
-        """Whether the subscriber has been shown the entity, in one of the statuses."""
-        return entity_id in self._seen
+    def admit(self, entity_id: str, inside: bool) -> bool:
+        """Whether a change of the entity goes to the subscriber, decided as the feed offers
+        it, ahead of what the subscriber has read: one in the statuses does; one out of them
+        does when the entity's last change let in was in them, since it takes the entity
+        out (two changes, in then out, offered before the first is read, both go)."""
+        if inside:
+            self._admitted.pop(entity_id, None)
+            self._admitted[entity_id] = None
+            if len(self._admitted) > MAX_REMEMBERED:
+                self._admitted.popitem(last=False)
+            return True
+        return self._admitted.pop(entity_id, False) is None
 
     def change(self, change: FeedChange, render: Render) -> Change[Any] | None:
         incarnation, revision = change.position
@@ -257,12 +268,12 @@ def _read_fields(query: type) -> dict[str, tuple[Any, object]]:
 
 
 def _scoped(
-    info: Info, entity_type: str, where: ChangeFilter, showing: Callable[[str], bool]
+    info: Info, entity_type: str, where: ChangeFilter, admit: Callable[[str, bool], bool]
 ) -> Callable[[FeedChange], bool]:
     """What the caller may follow of the type, as `api/listing.py` lists: admins and
     services by the policy, customers only what they own (FORBIDDEN when they name another
-    account, or the type cannot tell whose an entity is). An entity out of the statuses
-    still comes while it is `showing`: its change out of them."""
+    account, or the type cannot tell whose an entity is). With statuses, `admit` decides
+    by whether the change leaves the entity in them (`_Follower.admit`)."""
     principal = info.context.principal
     policy = info.context.gateway.entity(entity_type).policy
     if not policy.allows(principal, entity_type, READ, owned=True):
@@ -298,13 +309,13 @@ def _scoped(
         state = change.snapshot.state or {}
         if ids is not None and change.entity_id not in ids:
             return False
-        out = statuses is not None and state.get("status") not in statuses
-        if out and not showing(change.entity_id):
-            return False
         if own is not None:
             assert owner_of is not None
-            return owner_of(change.entity_id, state) in own
-        return True
+            if owner_of(change.entity_id, state) not in own:
+                return False
+        if statuses is None:
+            return True
+        return admit(change.entity_id, state.get("status") in statuses)
 
     return wants
 
@@ -340,7 +351,7 @@ def subscription_type(query: type) -> type:
         where = where or ChangeFilter()
         statuses = frozenset(where.status) if where.status is not None else None
         follower = _Follower(None, info.context.principal, name, statuses)
-        wants = _scoped(info, name, where, follower.showing)
+        wants = _scoped(info, name, where, follower.admit)
         async with _subscribed(info, name, None, wants, MAX_PENDING_ENTITIES) as mailbox:
             while True:
                 shown = follower.change(await mailbox.next(), render)

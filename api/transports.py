@@ -158,6 +158,7 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
         limiter = getattr(self.view, "rate_limiter", None)
         self.schema = _CodedStreams(self.schema, suggestions, limiter)  # type: ignore[assignment]
         self._expiry: asyncio.Task[None] | None = None
+        self._expired = False
 
     async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
         await super().handle_connection_init(message)
@@ -168,21 +169,30 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
 
     async def _close_at(self, expires: float) -> None:
         await asyncio.sleep(max(0.0, expires - time.time()))
-        await self._close_expired()
+        with contextlib.suppress(Exception):  # the client gone at that instant: nothing to do
+            await self._close_expired()
 
     async def _close_expired(self) -> None:
         """Close with 4403, graphql-transport-ws's Forbidden: every operation ends with it,
-        and the client must connect again with a new token."""
+        and the client must connect again with a new token. Once: a message the client sent
+        before it had the close frame still comes in after it."""
+        if self._expired:
+            return
+        self._expired = True
         await self.websocket.close(code=4403, reason="Forbidden: the token has expired")
 
     async def shutdown(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry
-        await super().shutdown()
+        try:
+            if self._expiry is not None:
+                self._expiry.cancel()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await self._expiry
+        finally:
+            await super().shutdown()
 
     async def handle_message(self, message: Message) -> None:
+        if self._expired:
+            return  # closed for its token: what the client sent before it knew is not read
         wrong = _malformed(message)
         if wrong is not None:
             await self.handle_invalid_message(f"Invalid message: {wrong}")
@@ -191,7 +201,7 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
         expires = self.context.token_expires
-        if expires is not None and time.time() >= expires:
+        if self._expired or (expires is not None and time.time() >= expires):
             await self._close_expired()  # nothing runs on a token past its time
             return
         limit = self.max_subscriptions_per_connection

@@ -45,9 +45,6 @@ class _Occasionally:
         self._said, self._since = now, 0
 
 
-_REDIS_DOWN = _Occasionally(10.0)
-
-
 @NEXT_TASK_ACTIVITY.defn
 async def next_task() -> None:
     """Nothing: an entity catching up on held commands waits for it to get its next
@@ -60,6 +57,7 @@ class CacheActivities:
 
     def __init__(self, cache: SnapshotCache) -> None:
         self._cache = cache
+        self._redis_down = _Occasionally(10.0)
 
     @PUBLISH_ACTIVITY.defn
     async def publish_snapshot(self, publication: Publication) -> bool:
@@ -85,7 +83,7 @@ class CacheActivities:
             # Redis down: expected, retried, counted above. Benign, the SDK logs it at debug,
             # where each attempt of every entity logged a warning with its traceback (675 in
             # a 25 s outage); this process says it once in a while instead.
-            _REDIS_DOWN.say(exc)
+            self._redis_down.say(exc)
             raise ApplicationError(
                 f"the cache is unavailable: {exc}",
                 type="CacheUnavailable",

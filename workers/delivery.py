@@ -288,9 +288,9 @@ class CommandDelivery:
             pass
         self._refused(workflow_id, "timed_out")
         try:
-            await within(
-                max(deadline - time.monotonic(), 0.1), self.deliver(entity, entity_id, envelope)
-            )
+            # At least a second: a Temporal merely slow still takes the command.
+            left = max(deadline - time.monotonic(), 1.0)
+            await within(left, self.deliver(entity, entity_id, envelope))
         except RPCError as exc:
             raise unavailable(exc) from exc
         raise not_yet_applied(envelope)

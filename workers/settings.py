@@ -159,7 +159,8 @@ class Settings(BaseModel):
     redis_max_connections: int = Field(
         default=64,
         ge=1,
-        description="Connections per Redis (per node of a cluster); past them, commands wait.",
+        description="Connections per Redis; past them, commands wait. On a cluster, the "
+        "commands and pipelines in flight at once across its nodes.",
     )
     rendered_reads: int = Field(
         default=4096, ge=0, description="Rendered CACHED-read responses the API keeps; 0: none."

@@ -495,6 +495,11 @@ async def test_a_service_acts_on_its_own_bulk_commands_and_filters_only_what_it_
     assert await other.code(CANCEL, id=partners) == "FORBIDDEN"
     mine = (await partner.data(READ, id=partners))["bulkCommand"]
     assert (mine["id"], mine["command"]) == (partners, "deposit")
+    whose = "query($id: ID!) { bulkCommand(id: $id) { startedBy } }"
+    assert (await admin.data(whose, id=operators))["bulkCommand"]["startedBy"] == "admin:ops"
+    assert (await partner.data(whose, id=partners))["bulkCommand"]["startedBy"] == (
+        "service:partner-x"
+    )
     assert (await admin.data(READ, id=partners))["bulkCommand"]["id"] == partners
 
     searching = {"text": "ada"}

@@ -11,6 +11,7 @@ import json
 import traceback
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -23,9 +24,14 @@ from websockets.exceptions import ConnectionClosed
 
 from api.app import create_app
 from api.auth import DEVELOPMENT_PRINCIPAL
-from api.change_feed import ChangeFeed
+from api.change_feed import Change as FeedChange
+from api.change_feed import ChangeFeed, Mailbox
 from api.context import TenureContext
 from api.schema import build_schema
+from api.subscriptions import ChangeFilter, _Follower, _scoped
+from entities import catalog
+from entities.runtime.envelope import Snapshot
+from entities.runtime.policy import Principal, Role
 from tests.api.test_access import token
 from tests.api.test_accounts_api import DEPOSIT, OPEN, VERIFY
 from tests.conftest import GraphQLClient, WorkerFactory, new_id, serving
@@ -497,3 +503,52 @@ async def test_a_subscription_begun_while_redis_answers_too_late_still_follows(
             await cache.aclose()
             await client.aclose()
         assert taken[0] >= 3  # the two stalled, then one that answered
+
+
+def _account_change(entity_id: str, revision: int, status: str, command: str) -> FeedChange:
+    snapshot = Snapshot(
+        entity_type="account",
+        entity_id=entity_id,
+        revision=revision,
+        state={"status": status},
+        incarnation=1,
+    )
+    return FeedChange("account", snapshot, command=command)
+
+
+async def _read_into(shown: list[tuple[int, str]], follower: _Follower, box: Mailbox) -> None:
+    change = follower.change(await box.next(), lambda read: read.snapshot.state)
+    if change is not None:
+        shown.append((change.revision, change.node["status"]))
+
+
+async def test_a_status_filtered_view_is_told_when_an_entity_leaves_however_fast_it_changes() -> (
+    None
+):
+    """`changes(filter: {status: [ACTIVE]})`: an account verified (ACTIVE) and suspended at
+    once, both offered before the subscriber reads the first. The suspension was dropped,
+    as the entity had not been shown yet when it was offered, and the view kept an ACTIVE
+    row for a SUSPENDED account. Whatever the subscriber reads, its last word on the
+    account is now that it left."""
+    admin = Principal("ops", Role.ADMIN)
+    types = catalog.entity_types()
+    info: Any = SimpleNamespace(
+        context=SimpleNamespace(principal=admin, gateway=SimpleNamespace(entity=types.get))
+    )
+    for read_between in (False, True):
+        follower = _Follower(None, admin, "account", frozenset({"ACTIVE"}))
+        wants = _scoped(info, "account", ChangeFilter(status=["ACTIVE"]), follower.admit)
+        box = Mailbox(wants, 100)
+        shown: list[tuple[int, str]] = []
+        box.offer(_account_change("e1", 2, "ACTIVE", "verify"))
+        if read_between:
+            await _read_into(shown, follower, box)
+        box.offer(_account_change("e1", 3, "SUSPENDED", "suspend"))
+        box.offer(_account_change("e1", 4, "SUSPENDED", "deposit"))  # out, and told: not again
+        box.offer(_account_change("e2", 2, "SUSPENDED", "suspend"))  # never in: never shown
+        while box._pending:
+            await _read_into(shown, follower, box)
+        assert shown[-1:] in ([], [(3, "SUSPENDED")]), (read_between, shown)
+        assert all(revision != 4 for revision, _ in shown)
+        if read_between:
+            assert shown == [(2, "ACTIVE"), (3, "SUSPENDED")]

@@ -219,6 +219,7 @@ async def test_an_operator_follows_a_bulk_deposit_to_its_end(
     await expect(followed.locator('[data-field="applied"]')).to_have_text("3")
     await expect(followed.locator("[data-count]")).to_have_text("3/3 done, 3/3 sent")
     await expect(followed.locator('[data-field="delivered"]')).to_have_text("3")
+    await expect(followed.locator('[data-field="startedBy"]')).to_contain_text("admin:")
     progress = followed.locator("progress")
     await expect(progress).to_have_attribute("max", "3")
     await expect(progress).to_have_attribute("value", "3")

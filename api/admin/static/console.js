@@ -590,7 +590,7 @@
   const bulkPane = document.getElementById("bulk");
   const BULK = `query($id: ID!) { bulk: bulkCommand(id: $id) { id entityType command status
     total delivered deliveredAt done applied rejected failed failures { entityId code message }
-    eta startedAt endedAt } }`;
+    eta startedAt startedBy endedAt } }`;
   const BULK_ACTIONS = {
     pause: { mutation: "pauseBulkCommand", confirm: (id) => `Pause bulk command ${id}?` },
     resume: { mutation: "resumeBulkCommand", confirm: (id) => `Resume bulk command ${id}?` },
@@ -641,7 +641,7 @@
     bulkPane.querySelector("[data-count]").textContent =
       `${b.done}/${total} done, ${b.delivered}/${total} sent`;
     const fields = ["status", "entityType", "command", "total", "delivered", "done", "applied",
-      "rejected", "failed", "eta", "startedAt", "deliveredAt", "endedAt"];
+      "rejected", "failed", "eta", "startedAt", "startedBy", "deliveredAt", "endedAt"];
     bulkPane.querySelector("[data-fields]").replaceChildren(
       ...fields.flatMap((name) => [
         el("dt", {}, name),
