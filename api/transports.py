@@ -179,6 +179,8 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
         if self._expired:
             return
         self._expired = True
+        for operation_id in list(self.operations):  # nothing more is sent on it
+            await self.cleanup_operation(operation_id)
         await self.websocket.close(code=4403, reason="Forbidden: the token has expired")
 
     async def shutdown(self) -> None:

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from urllib.parse import quote
 
+from pydantic import ValidationError
+
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal, free_port, port_is_free
 from deploy.tokens import dev_secret, mint
 from workers.logs import configure_logging
@@ -107,9 +109,14 @@ async def run(settings: Settings) -> int:
             settings = settings.model_copy(update={"redis_url": redis_server.url})
         children.append(_spawn("workers", settings))
         children.append(_spawn("api", settings))
+        ui = next((s.ui_port for s in servers if isinstance(s, EmbeddedTemporal)), None)
         print(
             f"\nTenure is up: GraphiQL at http://{settings.api_host}:{settings.api_port}/graphql"
             f"\n  Temporal {settings.temporal_address}   Redis {settings.redis_url}"
+            + (f"\n  Temporal UI at http://127.0.0.1:{ui}" if ui else "")
+            + "\n  For `tenure` and `temporal` commands against this stack:"
+            f"\n    export TEMPORAL_ADDRESS={settings.temporal_address}"
+            f" REDIS_URL={settings.redis_url}"
             f"{_tokens(settings)}"
             "\n  Ctrl-C stops everything.\n",
             flush=True,
@@ -137,7 +144,16 @@ async def run(settings: Settings) -> int:
 
 
 def main() -> None:
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValidationError as exc:  # a setting the stack cannot start with: say which
+        for error in exc.errors(include_url=False):
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            print(f"error: {where}: {error['msg']}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as exc:  # a JSON setting that is no JSON
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     if settings.log_format is None:
         # Readable lines from every process of the stack (its children inherit it), even
         # with a key source configured, which makes the API a production one.

@@ -207,6 +207,7 @@ class EmbeddedTemporal(EmbeddedServer):
         super().__init__(port, log_file)
         self.db_file = db_file
         self.ui = ui
+        self.ui_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -235,7 +236,8 @@ class EmbeddedTemporal(EmbeddedServer):
             *[f"--search-attribute={name}={kind}" for name, kind in SEARCH_ATTRIBUTES.items()],
         ]
         if self.ui:
-            cmd += ["--ui-port", str(free_port(self.port + 1000))]
+            self.ui_port = self.ui_port or free_port(self.port + 1000)
+            cmd += ["--ui-port", str(self.ui_port)]
         else:
             cmd.append("--headless")
         if self.db_file is not None:

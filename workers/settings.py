@@ -17,6 +17,7 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     TypeAdapter,
+    ValidationError,
     model_validator,
 )
 
@@ -377,9 +378,16 @@ class Settings(BaseModel):
         if env.get("TENURE_ENTITY_OPTIONS"):
             values["entity_options"] = json.loads(env["TENURE_ENTITY_OPTIONS"])
         if env.get("TENURE_WEBHOOK_SOURCES"):
-            values["webhook_sources"] = _WEBHOOK_SOURCES.validate_json(
-                env["TENURE_WEBHOOK_SOURCES"]
-            )
+            try:
+                values["webhook_sources"] = _WEBHOOK_SOURCES.validate_json(
+                    env["TENURE_WEBHOOK_SOURCES"]
+                )
+            except ValidationError as exc:  # said in a line naming the variable, no secret
+                said = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                    for e in exc.errors(include_url=False, include_input=False)[:3]
+                )
+                raise ValueError(f"TENURE_WEBHOOK_SOURCES: {said}") from None
         # request limits
         if env.get("TENURE_REDIS_SENTINELS"):
             sentinels = env["TENURE_REDIS_SENTINELS"].split(",")

@@ -173,6 +173,8 @@ async def test_an_operator_reads_a_checkout_saga_and_declines_a_restock(
 
     await page.get_by_role("button", name="Inventory").click()
     items = page.locator('[data-pane="inventory"]')
+    # Counted in words, not by the GraphQL field's name.
+    await expect(items.locator("[data-stats]")).to_contain_text("All inventory items:")
     await items.locator('input[name="text"]').fill(sku)
     await items.get_by_role("button", name="Apply").click()
     await items.locator(f'tr[data-key="{sku}"]').click()

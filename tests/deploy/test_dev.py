@@ -84,6 +84,11 @@ def test_the_dev_stack_serves_graphql_persists_and_stops_cleanly(tmp_path: Path)
     stack = start_stack(tmp_path, api_port)
     try:
         token = printed_admin_token(tmp_path)
+        banner = (tmp_path / "dev.out").read_text()
+        # Where the stack's servers are, for the CLI commands the README runs beside it.
+        exported = next(line for line in banner.splitlines() if "export TEMPORAL_ADDRESS=" in line)
+        assert "REDIS_URL=redis://127.0.0.1:" in exported
+        assert "Temporal UI at http://127.0.0.1:" in banner
         assert graphql(api_port, OPEN, token) == {
             "data": {"openAccount": {"account": {"status": "PENDING", "revision": 1}}}
         }
@@ -123,6 +128,22 @@ def test_a_busy_api_port_is_a_one_line_error(tmp_path: Path) -> None:
         assert stack.wait(60) == 1
     lines = (tmp_path / "dev.out").read_text().strip().splitlines()
     assert lines == [f"error: port {port} is already in use (set API_PORT to use another)"]
+
+
+def test_a_setting_the_stack_cannot_start_with_is_a_line_naming_it(tmp_path: Path) -> None:
+    """A webhook source with a bad secret (the README's example exported as printed) gave a
+    twenty-line traceback."""
+    api_port = free_port()
+    sources = '{"payments": {"secret": "whsec_not-base64", "scheme": "standard"}}'
+    os.environ["TENURE_WEBHOOK_SOURCES"] = sources
+    try:
+        stack = start_stack(tmp_path, api_port)
+    finally:
+        del os.environ["TENURE_WEBHOOK_SOURCES"]
+    assert stack.wait(60) == 2
+    lines = (tmp_path / "dev.out").read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: TENURE_WEBHOOK_SOURCES: payments"), lines
+    assert "Traceback" not in lines[0]
 
 
 @pytest.mark.parametrize("module", ["workers", "api"])

@@ -64,6 +64,7 @@
   const KINDS = {
     account: {
       noun: "Account",
+      plural: "accounts",
       list: "accounts",
       filterType: "AccountFilter",
       stats: "accountStats",
@@ -75,6 +76,7 @@
     },
     cart: {
       noun: "Cart",
+      plural: "carts",
       list: "carts",
       filterType: "CartFilter",
       stats: "cartStats",
@@ -87,6 +89,7 @@
     },
     inventory: {
       noun: "Inventory item",
+      plural: "inventory items",
       list: "inventoryItems",
       filterType: "InventoryItemFilter",
       stats: "inventoryStats",
@@ -484,7 +487,7 @@
       const k = this.kind;
       const counts = stats.byStatus.map((s) => `${s.status} ${s.count}`);
       const all = [...counts, `${stats.total} in all`].join(" · ");
-      this.pane.querySelector("[data-stats]").textContent = `All ${k.list}: ${all}`;
+      this.pane.querySelector("[data-stats]").textContent = `All ${k.plural}: ${all}`;
       const body = this.pane.querySelector("tbody");
       body.replaceChildren(
         ...page.edges.map(({ node }) => {
