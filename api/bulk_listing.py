@@ -156,6 +156,8 @@ async def list_bulk_commands(
         total = None
         if _exact(wanted):
             total = await visibility_count(client, _visibility_query(wanted))
+        if not first and total is not None:  # a count alone: more only when there is any
+            more = bool(total)
     except RPCError as exc:
         raise unavailable(exc) from exc
     edges = [Edge(cursor=cursor.encode(), node=summary) for summary, cursor in rows]

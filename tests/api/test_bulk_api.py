@@ -301,6 +301,10 @@ async def test_the_bulk_command_list_pages_one_at_a_time_without_losing_one(
     assert len(first["edges"]) == 1 and first["pageInfo"]["hasNextPage"] is True
     assert first["pageInfo"]["endCursor"] == first["edges"][0]["cursor"]
     assert first["totalCount"] >= 2
+    for counting in (["RUNNING", "PAUSED"], ["COMPLETED", "CANCELLED"]):  # counted exactly
+        counted = (await gql.data(LIST, first=0, status=counting))["bulkCommands"]
+        # A count alone: a next page only when there is any.
+        assert counted["pageInfo"]["hasNextPage"] is (counted["totalCount"] > 0), counting
     nothing = (await gql.data(LIST, status=[]))["bulkCommands"]
     assert (nothing["edges"], nothing["totalCount"]) == ([], 0)  # none let in, as lists do
     assert await gql.error_code(LIST, first=21) == "INVALID_INPUT"

@@ -84,6 +84,9 @@ async def test_an_admin_lists_a_failed_checkout_and_retries_it_once_the_cause_is
         )
         assert (row["total"], row["failureCode"], row["endedAt"]) == (600, "UNAVAILABLE", None)
         assert row["awaitingOperatorUntil"] is not None
+        for status in ("FAILED", "RESOLVED"):  # a count alone: more only when there is any
+            counted = (await admin.data(LIST, status=[status], first=0))["checkouts"]
+            assert counted["pageInfo"]["hasNextPage"] is (counted["totalCount"] > 0)
         nothing = (await admin.data(LIST, status=[], first=100))["checkouts"]
         assert (nothing["edges"], nothing["totalCount"]) == ([], 0)  # none let in
         # Why it waits: the refund was refused (its failure was the stock, above).

@@ -431,6 +431,18 @@ async def test_development_serves_graphiql_with_a_policy_that_lets_it_load(
         assert "errors" not in whole.json(), (variant, whole.json())
         client_schema = build_client_schema(whole.json()["data"])
         assert "account" in client_schema.query_type.fields  # type: ignore[union-attr]
+    # Fifteen aliases of a deep fragment: 2,160 fields, 6.5 MB, seconds of the event loop.
+    deep = "name description"
+    for _ in range(2):
+        deep = (
+            f"name description fields {{ name description args {{ name description "
+            f"type {{ name }} }} type {{ name kind ofType {{ name kind ofType {{ name kind "
+            f"ofType {{ name kind {deep} }} {deep} }} {deep} }} {deep} }} }}"
+        )
+    aliased = " ".join(f"a{n}: __schema {{ types {{ ...T }} }}" for n in range(15))
+    refused = await post(http, f"{{ {aliased} }} fragment T on __Type {{ {deep} }}")
+    assert codes(refused) == ["TOO_MANY_FIELDS"], refused.json()
+    assert "introspection" in refused.json()["errors"][0]["message"]
     typo = await post(http, "{ acount { id } }")
     assert "Did you mean 'account'" in typo.json()["errors"][0]["message"]
 
