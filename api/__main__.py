@@ -10,12 +10,12 @@ import uvicorn
 from api.app import create_app
 from deploy.embedded import port_is_free
 from workers.logs import configure_logging
-from workers.settings import Settings
+from workers.settings import settings_or_exit
 from workers.telemetry import configure_tracing
 
 
 def main() -> None:
-    settings = Settings.from_env()
+    settings = settings_or_exit("tenure api")
     if not port_is_free(settings.api_port, settings.api_host):
         sys.exit(f"error: port {settings.api_port} is already in use (set API_PORT to use another)")
     try:

@@ -156,7 +156,9 @@ async def list_bulk_commands(
         total = None
         if _exact(wanted):
             total = await visibility_count(client, _visibility_query(wanted))
-        if not first and total is not None:  # a count alone: more only when there is any
+        if (
+            not first and after is None and total is not None
+        ):  # a count alone: more only when there is any
             more = bool(total)
     except RPCError as exc:
         raise unavailable(exc) from exc

@@ -170,7 +170,7 @@ async def list_checkouts(
     try:
         rows, more = await _rows(client, query, first, start) if first else ([], True)
         total = await visibility_count(client, query)
-        if not first:  # a count alone: more only when there is any
+        if not first and after is None:  # a count alone: more only when there is any
             more = bool(total)
     except RPCError as exc:
         raise unavailable(exc) from exc

@@ -119,7 +119,8 @@ class _Follower:
         """Whether a change of the entity goes to the subscriber, decided as the feed offers
         it, ahead of what the subscriber has read: one in the statuses does; one out of them
         does when the entity's last change let in was in them, since it takes the entity
-        out (two changes, in then out, offered before the first is read, both go)."""
+        out (in then out offered before the first is read: the mailbox keeps the newest,
+        the out, which `change` drops when the entity was never shown)."""
         if inside:
             self._admitted.pop(entity_id, None)
             self._admitted[entity_id] = None

@@ -169,8 +169,7 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
 
     async def _close_at(self, expires: float) -> None:
         await asyncio.sleep(max(0.0, expires - time.time()))
-        with contextlib.suppress(Exception):  # the client gone at that instant: nothing to do
-            await self._close_expired()
+        await self._close_expired()
 
     async def _close_expired(self) -> None:
         """Close with 4403, graphql-transport-ws's Forbidden: every operation ends with it,
@@ -179,9 +178,11 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
         if self._expired:
             return
         self._expired = True
-        for operation_id in list(self.operations):  # nothing more is sent on it
-            await self.cleanup_operation(operation_id)
-        await self.websocket.close(code=4403, reason="Forbidden: the token has expired")
+        for operation in self.operations.values():  # nothing more is sent on it; `shutdown`
+            if operation.task is not None:  # awaits them
+                operation.task.cancel()
+        with contextlib.suppress(Exception):  # closed meanwhile, or the client gone
+            await self.websocket.close(code=4403, reason="Forbidden: the token has expired")
 
     async def shutdown(self) -> None:
         try:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import Role
-from workers.settings import Settings
+from workers.settings import Settings, settings_or_exit
 
 if TYPE_CHECKING:
     from temporalio.client import Client
@@ -54,7 +54,7 @@ async def _connect(settings: Settings) -> Client:
 async def _repair(entity_type: str, entity_id: str, force: bool) -> int:
     from workers.repair import repair
 
-    client = await _connect(Settings.from_env())
+    client = await _connect(settings_or_exit("tenure repair", 1))
     done = await repair(client, entity_type, entity_id, force=force)
     print(
         f"{done.workflow_id}: reset to the task completed at event {done.reset_to_event} "
@@ -84,7 +84,7 @@ async def _reindex(entity_types: list[str], where: str | None, concurrency: int)
     from workers.cache import SnapshotCache, connect_redis
     from workers.reindex import reindex
 
-    settings = Settings.from_env()
+    settings = settings_or_exit("tenure reindex", 1)
     client = await _connect(settings)
     try:
         redis_client = connect_redis(settings)
@@ -163,7 +163,7 @@ def _ttl(text: str) -> int:
 def _token(parsed: argparse.Namespace) -> int:
     from deploy.tokens import mint, stored_dev_secret
 
-    settings = Settings.from_env()
+    settings = settings_or_exit("tenure token", 1)
     if not settings.auth_secret and (settings.auth_public_key_file or settings.auth_jwks_url):
         print(
             "tenure token: tokens are signed by your identity provider here "

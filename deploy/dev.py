@@ -18,12 +18,10 @@ import subprocess
 import sys
 from urllib.parse import quote
 
-from pydantic import ValidationError
-
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal, free_port, port_is_free
 from deploy.tokens import dev_secret, mint
 from workers.logs import configure_logging
-from workers.settings import Settings
+from workers.settings import Settings, settings_or_exit
 
 log = logging.getLogger("tenure.dev")
 
@@ -144,16 +142,7 @@ async def run(settings: Settings) -> int:
 
 
 def main() -> None:
-    try:
-        settings = Settings.from_env()
-    except ValidationError as exc:  # a setting the stack cannot start with: say which
-        for error in exc.errors(include_url=False):
-            where = ".".join(str(part) for part in error["loc"]) or "settings"
-            print(f"error: {where}: {error['msg']}", file=sys.stderr)
-        sys.exit(2)
-    except ValueError as exc:  # a JSON setting that is no JSON
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    settings = settings_or_exit("error")
     if settings.log_format is None:
         # Readable lines from every process of the stack (its children inherit it), even
         # with a key source configured, which makes the API a production one.

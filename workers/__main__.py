@@ -16,7 +16,7 @@ from temporalio.runtime import Runtime
 from workers import event_loop
 from workers.health import Readiness, serve_health
 from workers.logs import configure_logging
-from workers.settings import Settings
+from workers.settings import Settings, settings_or_exit
 from workers.telemetry import configure_tracing
 from workers.watchdog import RepeatedLogFilter
 from workers.worker import WorkerStatus, run_worker, worker_runtime
@@ -64,7 +64,7 @@ async def _polling(status: WorkerStatus) -> bool:
 
 
 def main() -> None:
-    settings = Settings.from_env()
+    settings = settings_or_exit("tenure worker")
     configure_logging(settings, "worker")
     # One SDK runtime for the process: its core's logs through the filter above, its
     # metrics (the SDK's and Tenure's) on the metrics port.

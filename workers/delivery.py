@@ -244,7 +244,7 @@ class CommandDelivery:
         update as its first work, unless it runs already (update-with-start). An update that
         gets no answer in time is no longer waited for: the command goes by signal, durably,
         and the sender is told to retry; both within the sender's wait (`deadline`), the
-        signal given the last `SIGNAL_RESERVE` of it."""
+        signal given the last `SIGNAL_RESERVE` of it, and at least a second."""
         left = deadline - time.monotonic()
         timeout = max(left - min(SIGNAL_RESERVE, left / 2), 0.1)
         rpc_timeout = timedelta(seconds=timeout)

@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -96,6 +97,48 @@ class WebhookSource(BaseModel, extra="forbid"):
 _WEBHOOK_SOURCES = TypeAdapter(
     dict[WebhookSourceName, WebhookSource], config=ConfigDict(hide_input_in_errors=True)
 )
+
+
+class SettingsError(ValueError):
+    """A setting a process cannot start with, said in a line naming its variable, never its
+    value (it may be a secret)."""
+
+
+_RUNTIME_VARIABLES = {
+    "TENURE_MAX_COMMANDS_PER_RUN": "max_commands_per_run",
+    "TENURE_LEDGER_SIZE": "ledger_size",
+    "TENURE_MAX_COMMANDS_PER_TASK": "max_commands_per_task",
+    "TENURE_MAX_STATE_BYTES": "max_state_bytes",
+    "TENURE_PUBLISH_INTERVAL": "publish_interval_seconds",
+}
+_JSON_VARIABLES = {
+    "TENURE_RATE_LIMITS": "rate_limits",
+    "TENURE_ENTITY_OPTIONS": "entity_options",
+}
+
+
+def _said(exc: ValidationError, prefix: str = "", names: Mapping[str, str] | None = None) -> str:
+    """What was wrong, in one line: each place by the variable that set it, where known."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False)[:3]:
+        where = ".".join(str(part) for part in error["loc"])
+        for field, var in (names or {}).items():
+            if where == field or where.startswith(field + "."):
+                where = var + where[len(field) :]
+                break
+        parts.append(f"{where}: {error['msg']}" if where else error["msg"])
+    said = "; ".join(parts)
+    return f"{prefix}: {said}" if prefix else said
+
+
+def settings_or_exit(process: str, status: int = 2) -> Settings:
+    """The process's settings from its environment; one line on stderr and exit `status`
+    when it cannot start with them."""
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        print(f"{process}: {exc}", file=sys.stderr)
+        sys.exit(status)
 
 
 class Settings(BaseModel):
@@ -360,34 +403,22 @@ class Settings(BaseModel):
         for var, field in plain.items():
             if env.get(var):
                 values[field] = env[var]
-        runtime: dict[str, Any] = {}
-        if env.get("TENURE_MAX_COMMANDS_PER_RUN"):
-            runtime["max_commands_per_run"] = env["TENURE_MAX_COMMANDS_PER_RUN"]
-        if env.get("TENURE_LEDGER_SIZE"):
-            runtime["ledger_size"] = env["TENURE_LEDGER_SIZE"]
-        if env.get("TENURE_MAX_COMMANDS_PER_TASK"):
-            runtime["max_commands_per_task"] = env["TENURE_MAX_COMMANDS_PER_TASK"]
-        if env.get("TENURE_MAX_STATE_BYTES"):
-            runtime["max_state_bytes"] = env["TENURE_MAX_STATE_BYTES"]
-        if env.get("TENURE_PUBLISH_INTERVAL"):
-            runtime["publish_interval_seconds"] = env["TENURE_PUBLISH_INTERVAL"]
+        runtime = {field: env[var] for var, field in _RUNTIME_VARIABLES.items() if env.get(var)}
         if runtime:
             values["runtime"] = runtime
-        if env.get("TENURE_RATE_LIMITS"):
-            values["rate_limits"] = json.loads(env["TENURE_RATE_LIMITS"])
-        if env.get("TENURE_ENTITY_OPTIONS"):
-            values["entity_options"] = json.loads(env["TENURE_ENTITY_OPTIONS"])
+        for var, field in _JSON_VARIABLES.items():
+            if env.get(var):
+                try:
+                    values[field] = json.loads(env[var])
+                except ValueError as exc:
+                    raise SettingsError(f"{var}: not JSON ({exc})") from None
         if env.get("TENURE_WEBHOOK_SOURCES"):
             try:
                 values["webhook_sources"] = _WEBHOOK_SOURCES.validate_json(
                     env["TENURE_WEBHOOK_SOURCES"]
                 )
             except ValidationError as exc:  # said in a line naming the variable, no secret
-                said = "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                    for e in exc.errors(include_url=False, include_input=False)[:3]
-                )
-                raise ValueError(f"TENURE_WEBHOOK_SOURCES: {said}") from None
+                raise SettingsError(_said(exc, "TENURE_WEBHOOK_SOURCES")) from None
         # request limits
         if env.get("TENURE_REDIS_SENTINELS"):
             sentinels = env["TENURE_REDIS_SENTINELS"].split(",")
@@ -396,7 +427,14 @@ class Settings(BaseModel):
             origins = env["TENURE_CORS_ORIGINS"].split(",")
             values["cors_origins"] = [origin.strip() for origin in origins if origin.strip()]
         values.update(overrides)
-        return cls.model_validate(values)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            names = {field: var for var, field in {**plain, **_JSON_VARIABLES}.items()}
+            names |= {f"runtime.{f}": var for var, f in _RUNTIME_VARIABLES.items()}
+            names |= {"redis_sentinels": "TENURE_REDIS_SENTINELS"}
+            names |= {"cors_origins": "TENURE_CORS_ORIGINS"}
+            raise SettingsError(_said(exc, names=names)) from None
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes `from_env` rebuild these settings in a child process."""

@@ -143,6 +143,7 @@ def test_a_setting_the_stack_cannot_start_with_is_a_line_naming_it(tmp_path: Pat
     assert stack.wait(60) == 2
     lines = (tmp_path / "dev.out").read_text().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: TENURE_WEBHOOK_SOURCES: payments"), lines
+    assert "not-base64" not in lines[0]  # the secret is not said
     assert "Traceback" not in lines[0]
 
 
@@ -156,6 +157,18 @@ def test_worker_and_api_refuse_to_start_without_servers(module: str) -> None:
     assert done.returncode != 0
     # One line naming what is missing, whichever the process needs first.
     assert "TEMPORAL_ADDRESS is not set" in done.stderr or "REDIS_URL is not set" in done.stderr
+
+
+@pytest.mark.parametrize("module", ["workers", "api", "deploy.cli"])
+def test_a_bad_setting_stops_each_process_in_a_line_naming_its_variable(module: str) -> None:
+    env = {**os.environ, "TENURE_ENTITY_OPTIONS": "{not json", "TENURE_AUTH_LEEWAY": "x"}
+    args = ["token", "--role", "admin", "--sub", "ops"] if module == "deploy.cli" else []
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode in (1, 2)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "TENURE_ENTITY_OPTIONS: not JSON" in lines[0], done.stderr
 
 
 def test_the_api_refuses_to_start_in_production_without_a_key_source() -> None:
