@@ -56,7 +56,7 @@ async def within(seconds: float, call: Awaitable[T]) -> T:
         return await asyncio.wait_for(task, seconds)
     except TimeoutError:
         raise RPCError(
-            f"no answer within {seconds:g} s", RPCStatusCode.DEADLINE_EXCEEDED, b""
+            f"no answer within {seconds:.3g} s", RPCStatusCode.DEADLINE_EXCEEDED, b""
         ) from None
 
 
