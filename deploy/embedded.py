@@ -126,6 +126,10 @@ class EmbeddedServer:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             preexec_fn=die_with_parent,
+            # Out of the terminal's process group: Ctrl-C on `make dev` reaches the worker
+            # and the API, which drain while their servers still answer; `make dev` stops
+            # the servers after them (and they die with it whatever happens).
+            start_new_session=True,
         )
         try:
             await self.wait_ready(timeout)
