@@ -15,10 +15,9 @@ from temporalio.runtime import Runtime
 
 from workers import event_loop
 from workers.health import Readiness, serve_health
-from workers.logs import configure_logging
+from workers.logs import RepeatedLogFilter, configure_logging
 from workers.settings import Settings, settings_or_exit
 from workers.telemetry import configure_tracing
-from workers.watchdog import RepeatedLogFilter
 from workers.worker import WorkerStatus, run_worker, worker_runtime
 
 # The SDK logs a failing workflow task on every retry, from Python and from its core;

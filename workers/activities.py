@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from datetime import UTC, datetime
 
 from temporalio import activity
@@ -14,35 +13,17 @@ from entities.runtime.envelope import Publication
 from entities.runtime.publisher import PUBLISH_ACTIVITY
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.changes import Changes
+from workers.logs import RepeatedLogFilter
 
 log = logging.getLogger(__name__)
+# Redis down: every entity's publish fails at once, and is retried. Said once in a while,
+# with how often it happened meanwhile.
+log.addFilter(RepeatedLogFilter(window=10.0))
 
 PUBLISH_FAILURES = "tenure_publish_failures"
 PUBLISH_LAG = "tenure_publish_lag_seconds"
 PUBLISH_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 """Seconds; the worker's runtime gives the histogram these buckets (`worker_runtime`)."""
-
-
-class _Occasionally:
-    """A warning said at most once every `every` seconds, with how often it happened."""
-
-    def __init__(self, every: float) -> None:
-        self._every = every
-        self._said = float("-inf")
-        self._since = 0
-
-    def say(self, exc: CacheUnavailable) -> None:
-        self._since += 1
-        now = time.monotonic()
-        if now - self._said < self._every:
-            return
-        log.warning(
-            "publishing to the cache failed %d times since last said (Redis unavailable: %s);"
-            " the entities retry, and tenure_publish_failures_total counts every attempt",
-            self._since,
-            exc,
-        )
-        self._said, self._since = now, 0
 
 
 @NEXT_TASK_ACTIVITY.defn
@@ -57,7 +38,6 @@ class CacheActivities:
 
     def __init__(self, cache: SnapshotCache) -> None:
         self._cache = cache
-        self._redis_down = _Occasionally(10.0)
 
     @PUBLISH_ACTIVITY.defn
     async def publish_snapshot(self, publication: Publication) -> bool:
@@ -82,8 +62,12 @@ class CacheActivities:
                 raise
             # Redis down: expected, retried, counted above. Benign, the SDK logs it at debug,
             # where each attempt of every entity logged a warning with its traceback (675 in
-            # a 25 s outage); this process says it once in a while instead.
-            self._redis_down.say(exc)
+            # a 25 s outage); this process says it once in a while instead (the filter above).
+            log.warning(
+                "publishing to the cache failed (Redis unavailable: %s); the entities retry, "
+                "and tenure_publish_failures_total counts every attempt",
+                exc,
+            )
             raise ApplicationError(
                 f"the cache is unavailable: {exc}",
                 type="CacheUnavailable",

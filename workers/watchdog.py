@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 from temporalio.client import Client
@@ -126,29 +125,3 @@ def _reason(problems: Any) -> str:
     if isinstance(problems, list | tuple) and problems:
         return ", ".join(str(p) for p in problems)
     return "repeated workflow task failures"
-
-
-class RepeatedLogFilter(logging.Filter):
-    """Lets each distinct message through once per `window` seconds, with a count of the
-    repeats it held back. A stuck workflow makes the SDK log the same failure on every
-    retry (every 10 s, forever); the watchdog's one line says what to do about it."""
-
-    def __init__(self, window: float = 600.0, capacity: int = 1024) -> None:
-        super().__init__()
-        self._window = window
-        self._capacity = capacity
-        self._seen: dict[str, tuple[float, int]] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = f"{record.name}:{record.getMessage()}"
-        now = time.monotonic()
-        seen = self._seen.get(key)
-        if seen is not None and now - seen[0] < self._window:
-            self._seen[key] = (seen[0], seen[1] + 1)
-            return False
-        if seen is not None and seen[1]:
-            record.msg = f"{record.msg} (and {seen[1]} times more in the last {self._window:.0f} s)"
-        if len(self._seen) >= self._capacity:
-            self._seen.pop(next(iter(self._seen)))
-        self._seen[key] = (now, 0)
-        return True

@@ -6,14 +6,14 @@ import logging
 
 import pytest
 
-from workers.watchdog import RepeatedLogFilter
+from workers.logs import RepeatedLogFilter
 
 
 def test_a_repeated_failure_is_logged_once_then_counted(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = [1000.0]
-    monkeypatch.setattr("workers.watchdog.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("workers.logs.time.monotonic", lambda: now[0])
     logger = logging.getLogger("temporalio.core.test")
     logger.addFilter(RepeatedLogFilter(window=600))
     try:
