@@ -64,9 +64,7 @@ class Authentication:
                 return
         principal = principal_of(scope)
         if principal is not None:
-            structlog.contextvars.bind_contextvars(
-                principal=f"{principal.role.value}:{principal.subject}"
-            )
+            structlog.contextvars.bind_contextvars(principal=principal.sender)
         await self._app(scope, receive, send)
 
 

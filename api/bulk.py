@@ -154,14 +154,10 @@ async def _progress(info: Info, bulk_id: str) -> BulkProgress:
             raise TenureError(ErrorCode.FORBIDDEN, "not allowed for this caller")
         raise TenureError(ErrorCode.NOT_FOUND, f"no bulk command {bulk_id}")
     _require(principal, progress.entity_type, progress.command)
-    if principal.role is not Role.ADMIN and progress.sent_by != _sender(principal):
+    if principal.role is not Role.ADMIN and progress.sent_by != principal.sender:
         # A service follows, pauses and cancels its own bulk commands, not another's.
         raise TenureError(ErrorCode.FORBIDDEN, "not allowed for this caller")
     return progress
-
-
-def _sender(principal: Principal) -> str:
-    return f"{principal.role.value}:{principal.subject}"
 
 
 def now() -> datetime:
@@ -258,7 +254,7 @@ class BulkMutation:
             payload=given,
             ids=list(dict.fromkeys(str(i) for i in ids)) if ids is not None else None,
             filter=filter,
-            sent_by=_sender(principal),
+            sent_by=principal.sender,
         )
         started = await info.context.gateway.start_workflow(
             BULK_WORKFLOW, bulk_input, bulk_workflow_id(key), bulk=True

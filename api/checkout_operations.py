@@ -188,7 +188,7 @@ async def operate(
     if not 0 < len(reason) <= MAX_OPERATOR_REASON:
         raise TenureError(ErrorCode.INVALID_INPUT, f"reason: 1 to {MAX_OPERATOR_REASON} characters")
     principal = info.context.principal
-    by = f"{principal.role.value}:{principal.subject}"[:160]
+    by = principal.sender[:160]
     request = OperatorRequest(action=action, reason=reason, by=by)
     handle = info.context.gateway.client.get_workflow_handle(checkout_workflow_id(checkout_id))
     try:

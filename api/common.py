@@ -180,7 +180,7 @@ async def send_unread(
             given,
             idempotency_key=idempotency_key,
             wait=wait,
-            sent_by=f"{principal.role.value}:{principal.subject}",
+            sent_by=principal.sender,
         )
     except TenureError as exc:
         if exc.code is ErrorCode.ALREADY_EXISTS and principal.role is Role.CUSTOMER:

@@ -71,7 +71,7 @@ def sender_shown(sent_by: str, caller: Principal) -> tuple[str, str | None]:
     """Who sent a command (`role:subject`) as `caller` may see it: the role always; the
     subject to all but customers, and to a customer for its own commands."""
     role, _, subject = sent_by.partition(":")
-    shown = caller.role is not Role.CUSTOMER or sent_by == f"{caller.role.value}:{caller.subject}"
+    shown = caller.role is not Role.CUSTOMER or sent_by == caller.sender
     return role, subject if shown else None
 
 

@@ -106,7 +106,7 @@ class RateLimiter:
         limit = self._limits.get(principal.role)
         if limit is None or tokens <= 0:
             return 0
-        key = f"{self._prefix}rate:{{{principal.role.value}:{principal.subject}}}"
+        key = f"{self._prefix}rate:{{{principal.sender}}}"
         try:
             waited = await self._take(
                 keys=[key], args=[limit.per_second, limit.burst, tokens, retried]

@@ -283,7 +283,7 @@ class WebhookMutation:
             secret=checked_secret(secret),
             events=checked_events(events),
             created_at=datetime.now(UTC),
-            created_by=f"{principal.role.value}:{principal.subject}",
+            created_by=principal.sender,
         )
         async with _redis():
             if not await subscribers.add(subscriber):

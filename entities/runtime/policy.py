@@ -31,6 +31,11 @@ class Principal:
     accounts: frozenset[str] = frozenset()
     scopes: frozenset[str] = frozenset()
 
+    @property
+    def sender(self) -> str:
+        """Who it is as a command's sender records it: `role:subject`, `admin:ops-1`."""
+        return f"{self.role.value}:{self.subject}"
+
 
 READ = "read"
 
