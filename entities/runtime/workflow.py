@@ -4,26 +4,20 @@ or updates when the sender waits for the outcome."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from temporalio import workflow
 from temporalio.common import MetricCounter, RawValue, RetryPolicy
-from temporalio.exceptions import (
-    ApplicationError,
-    ChildWorkflowError,
-    WorkflowAlreadyStartedError,
-)
-from temporalio.workflow import ParentClosePolicy
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
     from entities.errors import ErrorCode, Rejected
     from entities.runtime.backlog import BOUNDED_TASKS_PATCH, NEXT_TASK_ACTIVITY, Backlog
-    from entities.runtime.effects import StartWorkflow
+    from entities.runtime.effects import Effects
     from entities.runtime.entity import (
         STRICT_INPUTS_2_PATCH,
         STRICT_INPUTS_3_PATCH,
@@ -64,16 +58,6 @@ NEXT_TASK_TIMEOUT = timedelta(seconds=10)
 NEXT_TASK_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2)
 )
-
-CHILDREN_CLOSE_FIRST = "entity-children-close-first"
-"""Runs started from here on end only once the children they started have closed, or after
-CHILDREN_CLOSE_WAIT: a child that closes while its parent's last workflow task is in flight
-makes Temporal refuse that task (UnhandledCommand), and the task retried replays the whole
-run. A cart's checkout closes just after its report ends the cart: under load two of three
-checkouts cost their cart a refused task and a replay so."""
-CHILDREN_CLOSE_WAIT = timedelta(seconds=30)
-MAX_CHILDREN_FOLLOWED = 64
-"""Children still running that a run waits for at its end; older ones are let go."""
 
 RECORD_UNREADABLE_PATCH = "entity-records-unreadable-commands"
 """Runs from here on refuse a command whose envelope cannot be read under its id, and apply
@@ -134,8 +118,7 @@ class EntityWorkflow:
         self._publisher = SnapshotPublisher(
             input.runtime, self.publication, input.published_revision
         )
-        self._effects: list[Any] = list(input.effects)
-        self._children: list[workflow.ChildWorkflowHandle[Any, Any]] = []
+        self._effects = Effects(input.effects)
         self._commands_metric: MetricCounter | None = None
 
     # -- commands -------------------------------------------------------------------------
@@ -495,14 +478,14 @@ class EntityWorkflow:
                 timer, armed_for = None, None
                 self._fire_deadline()
             if self._is_terminal():
-                await self._run_effects()
+                await self._effects.run()
                 if self._publisher.enabled:
                     await self._quiesce()
                     # Side by side: the last publish and the children's close most often
                     # end in one workflow task.
-                    await asyncio.gather(self._publisher.publish(), self._children_closed())
+                    await asyncio.gather(self._publisher.publish(), self._effects.children_closed())
                 else:
-                    await self._children_closed()
+                    await self._effects.children_closed()
                 await self._quiesce()
                 return self.snapshot()
             if self._should_continue_as_new():
@@ -512,7 +495,7 @@ class EntityWorkflow:
                 ).add(1, {"entity_type": self.entity.name})
                 # The next run publishes whatever this one did not.
                 workflow.continue_as_new(self._carry_over())
-            await self._run_effects()
+            await self._effects.run()
             self._publisher.schedule(self._revision)
 
     async def _quiesce(self) -> None:
@@ -572,38 +555,6 @@ class EntityWorkflow:
         )
         del self._timers[:-MAX_TIMER_CHANGES]
 
-    async def _run_effects(self) -> None:
-        while self._effects:
-            effect = self._effects.pop(0)
-            if isinstance(effect, StartWorkflow):
-                try:
-                    child = await workflow.start_child_workflow(
-                        effect.workflow,
-                        effect.input,
-                        id=effect.workflow_id,
-                        parent_close_policy=ParentClosePolicy.ABANDON,
-                    )
-                except (ChildWorkflowError, WorkflowAlreadyStartedError) as exc:
-                    workflow.logger.warning("effect %s not started: %s", effect.workflow_id, exc)
-                else:
-                    self._children = [*self._running_children(), child][-MAX_CHILDREN_FOLLOWED:]
-
-    def _running_children(self) -> list[workflow.ChildWorkflowHandle[Any, Any]]:
-        return [c for c in self._children if not c.done()]
-
-    async def _children_closed(self) -> None:
-        """Before the run ends: wait for the children it started to close, up to
-        CHILDREN_CLOSE_WAIT (see CHILDREN_CLOSE_FIRST). How a child ends is its own
-        business: an entity starts children and lets them run (ParentClosePolicy.ABANDON)."""
-        running = self._running_children()
-        if not running or not workflow.patched(CHILDREN_CLOSE_FIRST):
-            return
-        # One that runs on past the wait: the run ends all the same, as it always did.
-        with contextlib.suppress(TimeoutError):
-            await workflow.wait_condition(
-                lambda: all(c.done() for c in running), timeout=CHILDREN_CLOSE_WAIT
-            )
-
     def _carry_over(self) -> EntityRunInput:
         return EntityRunInput(
             entity_id=self._input.entity_id,
@@ -615,7 +566,7 @@ class EntityWorkflow:
             ledger=self._ledger.entries(),
             published_revision=self._publisher.published_revision,
             incarnation=self._incarnation,
-            effects=self._effects,
+            effects=self._effects.pending,
             timers=[
                 timer
                 for timer in self._timers
