@@ -34,9 +34,8 @@ from api.gateway import Consistency, EntityRead, Source, check_entity_id
 from api.history import sender_shown
 from api.read_plans import ENTITY_READ_FIELDS
 from entities import catalog
-from entities.errors import ErrorCode, TenureError
+from entities.errors import ErrorCode, TenureError, quote_few
 from entities.runtime.policy import READ, Principal, Role
-from workers.bulk import quote_few
 
 N = TypeVar("N")
 Render = Callable[[EntityRead], Any]

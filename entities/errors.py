@@ -40,3 +40,10 @@ class TenureError(Exception):
 
 class Rejected(TenureError):
     """A command the entity refused: recorded in its ledger, never raised out of a signal."""
+
+
+def quote_few(names: list[str]) -> str:
+    """Names a caller gave, quoted back within bounds: the first three, each cut short."""
+    shown = [name if len(name) <= 40 else name[:40] + "..." for name in names[:3]]
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(shown) + more

@@ -39,7 +39,7 @@ from entities.bulk import (
     TargetPage,
     bulk_command_id,
 )
-from entities.errors import ErrorCode, TenureError
+from entities.errors import ErrorCode, TenureError, quote_few
 from entities.runtime.entity import MAX_MONEY, EntityType
 from entities.runtime.envelope import CommandEnvelope, CommandResult, OutcomeStatus
 from entities.runtime.listing import MAX_TEXT_LENGTH
@@ -122,13 +122,6 @@ def list_filter(
         below=dict(below),
         closed=closed,
     )
-
-
-def quote_few(names: list[str]) -> str:
-    """Names a caller gave, quoted back within bounds: the first three, each cut short."""
-    shown = [name if len(name) <= 40 else name[:40] + "..." for name in names[:3]]
-    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-    return ", ".join(shown) + more
 
 
 def _as_listed(
