@@ -102,6 +102,8 @@ async def test_an_admin_follows_an_account_live_and_suspends_it(
     await accounts.locator('input[name="text"]').fill(prefix)
     await accounts.get_by_role("button", name="Apply").click()
     await expect(accounts.locator("tbody tr[data-key]")).to_have_count(2)
+    # Two entities match, on one page: the count does not read as a count of pages.
+    await expect(accounts.locator("[data-position]")).to_have_text("page 1 · 2 matching")
     await accounts.get_by_label("ACTIVE", exact=True).check()
     await accounts.get_by_role("button", name="Apply").click()
     await expect(accounts.locator("tbody tr[data-key]")).to_have_count(1)

@@ -507,7 +507,8 @@
       }
       this.endCursor = page.pageInfo.endCursor;
       const number = this.cursors.length;
-      const total = page.totalCount === null ? "" : ` of ${page.totalCount} matching`;
+      // The count is of entities, not pages: "page 1 of 2" would read as pages.
+      const total = page.totalCount === null ? "" : ` · ${page.totalCount} matching`;
       this.pane.querySelector("[data-position]").textContent = `page ${number}${total}`;
       this.pane.querySelector("[data-previous]").disabled = number === 1;
       this.pane.querySelector("[data-next]").disabled = !page.pageInfo.hasNextPage;
