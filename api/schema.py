@@ -3,10 +3,12 @@ the request limits and introspection the settings choose."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from typing import Any
 
 import strawberry
-from graphql import GraphQLError
+from graphql import GraphQLError, GraphQLWrappingType
 from strawberry.extensions import DisableIntrospection, SchemaExtension
 from strawberry.schema.config import StrawberryConfig
 from strawberry.tools import merge_types
@@ -29,6 +31,8 @@ from api.response_size import ResponseSize, ResponseSizeLimit
 from api.subscriptions import subscription_type
 from api.webhook_subscribers import WebhookMutation, WebhookQuery
 from workers.settings import Settings
+
+logger = logging.getLogger("strawberry.execution")
 
 Query = merge_types(
     "Query",
@@ -58,15 +62,43 @@ Mutation = merge_types(
 Subscription = subscription_type(Query)
 
 
+MAX_LOGGED_ERRORS = 5
+"""Unexpected errors logged with their traceback per request; the rest are counted in one
+line, so that one document whose every item fails cannot flood the logs."""
+
+
 class TenureSchema(strawberry.Schema):
-    """Logs only unexpected errors; rejections and bad input are the client's to see."""
+    """Logs only unexpected errors, a few per request; rejections and bad input are the
+    client's to see. Answers introspection's `isOneOf` on every type."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Strawberry's resolver reads `extensions`, which a list or non-null wrapper lacks:
+        # asked on `ofType` chains, it failed once per field of the schema (268 errors
+        # logged for one request). Such a type is no input object: null, as graphql-core's
+        # own resolver answers.
+        field = self._schema.type_map["__Type"].fields["isOneOf"]  # type: ignore[attr-defined]
+        strawberry_is_one_of = field.resolve
+
+        def is_one_of(obj: Any, info: Any) -> bool | None:
+            if isinstance(obj, GraphQLWrappingType):
+                return None
+            answer: bool = strawberry_is_one_of(obj, info)
+            return answer
+
+        field.resolve = is_one_of
 
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
     ) -> None:
         unexpected = [error for error in errors if not is_expected(error)]
         if unexpected:
-            super().process_errors(unexpected, execution_context)
+            super().process_errors(unexpected[:MAX_LOGGED_ERRORS], execution_context)
+        if len(unexpected) > MAX_LOGGED_ERRORS:
+            logger.error(
+                "and %d more unexpected errors in the same request, not logged",
+                len(unexpected) - MAX_LOGGED_ERRORS,
+            )
 
 
 DOCUMENT_CACHE_SIZE = 256

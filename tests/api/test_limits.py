@@ -4,6 +4,8 @@ nothing. Then malformed bodies (400, never 500) and production's defaults."""
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,9 +18,10 @@ from api.app import API_POLICY, GRAPHIQL_POLICY
 from api.documents import KEPT_CHARS, Documents
 from api.errors import LimitCode, present_error
 from api.limits import DocumentLimits
+from api.schema import MAX_LOGGED_ERRORS, build_schema
 from tests.api.test_access import SECRET, token
 from tests.api.test_accounts_api import open_active, read_account
-from tests.conftest import GraphQLClient, api_client, new_id
+from tests.conftest import GraphQLClient, LogCapture, api_client, new_id
 from workers.settings import Settings
 
 REFUSALS = {code.value for code in LimitCode} | {"INVALID_INPUT"}
@@ -445,6 +448,40 @@ async def test_development_serves_graphiql_with_a_policy_that_lets_it_load(
     assert "introspection" in refused.json()["errors"][0]["message"]
     typo = await post(http, "{ acount { id } }")
     assert "Did you mean 'account'" in typo.json()["errors"][0]["message"]
+
+
+async def test_is_one_of_answers_on_wrapped_types_without_an_error(
+    http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Strawberry's resolver failed on every list and non-null type: 268 errors logged.
+    query = "{ __schema { types { fields { type { isOneOf ofType { isOneOf } } } } } }"
+    with caplog.at_level(logging.ERROR):
+        asked = await post(http, query)
+    assert "errors" not in asked.json(), asked.json()["errors"][:1]
+    wrapped = [
+        field["type"]
+        for kind in asked.json()["data"]["__schema"]["types"]
+        for field in kind["fields"] or []
+        if field["type"]["ofType"] is not None
+    ]
+    assert wrapped and all(t["isOneOf"] is None for t in wrapped)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_request_logs_a_few_unexpected_errors_and_counts_the_rest(
+    captured_logs: LogCapture,
+) -> None:
+    logs = captured_logs(Settings(log_format="json"), "api")
+    errors = [
+        GraphQLError(f"failed {n}", path=["a", n], original_error=RuntimeError(f"bug {n}"))
+        for n in range(40)
+    ]
+    build_schema(Settings()).process_errors(errors)
+    logged = [json.loads(line)["event"] for line in logs.getvalue().splitlines()]
+    assert logged == [
+        *(f"failed {n}" for n in range(MAX_LOGGED_ERRORS)),
+        f"and {40 - MAX_LOGGED_ERRORS} more unexpected errors in the same request, not logged",
+    ]
 
 
 async def test_every_response_carries_the_security_headers(
