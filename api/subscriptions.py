@@ -284,6 +284,11 @@ def _scoped(
         raise TenureError(ErrorCode.INVALID_INPUT, f"filter.ids: at most {MAX_FILTER_IDS}")
     if statuses is not None and len(statuses) > MAX_FILTER_STATUSES:
         raise TenureError(ErrorCode.INVALID_INPUT, f"filter.status: at most {MAX_FILTER_STATUSES}")
+    for name, given in (("ids", ids), ("status", statuses)):
+        if given is not None and not given:  # it would wait for a change that never comes
+            raise TenureError(
+                ErrorCode.INVALID_INPUT, f"filter.{name} is empty: no change would ever match"
+            )
     known = info.context.gateway.entity(entity_type).statuses()
     if statuses and known is None:
         raise TenureError(ErrorCode.INVALID_INPUT, f"filter.status: {entity_type} has no status")

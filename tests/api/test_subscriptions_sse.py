@@ -455,7 +455,8 @@ async def test_following_a_type_s_changes_by_status_and_ids(
     settings: Settings, temporal_client: Client, run_worker: WorkerFactory
 ) -> None:
     """`changes` over a type: the changes of the entities its filter names, in their
-    statuses; a status the type does not have is refused, since nothing would ever come."""
+    statuses; a status the type does not have, or an empty list, is refused, since nothing
+    would ever come."""
     async with stack(settings, temporal_client, run_worker) as tenure, httpx.AsyncClient() as sse:
         kept, suspended, other = [await open_account(tenure.gql) for _ in range(3)]
         admin = token("admin", "ops-2")
@@ -481,9 +482,15 @@ async def test_following_a_type_s_changes_by_status_and_ids(
         ]
         assert shown[0]["node"]["balance"] == 4
 
-        for kind, status in (("ACCOUNT", "NOPE"), ("ACCOUNT", "active"), ("INVENTORY", "OPEN")):
-            refused = {"status": [status]}
+        # Nothing would ever come: a status the type lacks, or an empty list of either.
+        for kind, refused in (
+            ("ACCOUNT", {"status": ["NOPE"]}),
+            ("ACCOUNT", {"status": ["active"]}),
+            ("INVENTORY", {"status": ["OPEN"]}),
+            ("ACCOUNT", {"status": []}),
+            ("ACCOUNT", {"ids": []}),
+        ):
             async with subscribing(sse, tenure.url, admin, CHANGES, type=kind, filter=refused) as r:
                 await r.aread()
-            assert refusal(r) == "INVALID_INPUT", (kind, status)
+            assert refusal(r) == "INVALID_INPUT", (kind, refused)
         assert tenure.followers == 0
