@@ -1,0 +1,101 @@
+"""The shipped alerts, evaluated by Prometheus's own rule tester (`promtool test rules`, from
+Debian's prometheus package, which .ci/run installs): each fires on the series a running
+Tenure exports, as the scrape routes in docs/operations.md name them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "compose" / "alerts.yml"
+FAILED_SUMMARY = "A checkout ended FAILED: something could not be undone, an operator must act"
+
+
+def _promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        reason = "ALERT TESTS NOT RUN: no promtool (apt-get install prometheus)"
+        if os.environ.get("TENURE_REQUIRE_PROMTOOL") == "1":
+            pytest.fail(reason + "; TENURE_REQUIRE_PROMTOOL=1 requires it")
+        pytest.skip(reason)
+    return path
+
+
+def _failed(values: str) -> dict[str, str]:
+    # The SDK exports a counter's series from its first increment, at 1: no 0 before it.
+    return {
+        "series": 'tenure_saga_outcomes_total{status="FAILED",job="tenure-worker",instance="w1"}',
+        "values": values,
+    }
+
+
+def _fires(alert: str, at: str, summary: str) -> dict[str, object]:
+    expected = {"exp_labels": {"severity": "page"}, "exp_annotations": {"summary": summary}}
+    return {"eval_time": at, "alertname": alert, "exp_alerts": [expected]}
+
+
+def _silent(alert: str, at: str) -> dict[str, object]:
+    return {"eval_time": at, "alertname": alert, "exp_alerts": []}
+
+
+CASES = [
+    {  # A worker's first FAILED checkout: the series appears at 1.
+        "interval": "1m",
+        "input_series": [_failed("_x5 1x30")],
+        "alert_rule_test": [
+            _silent("TenureCheckoutFailed", "4m"),
+            _fires("TenureCheckoutFailed", "7m", FAILED_SUMMARY),
+            _silent("TenureCheckoutFailed", "25m"),
+        ],
+    },
+    {  # One more, on a series already there.
+        "interval": "1m",
+        "input_series": [_failed("1x25 2x20")],
+        "alert_rule_test": [
+            _silent("TenureCheckoutFailed", "20m"),
+            _fires("TenureCheckoutFailed", "27m", FAILED_SUMMARY),
+            _silent("TenureCheckoutFailed", "44m"),
+        ],
+    },
+    {  # Workers scraped by compose's job, or by a ServiceMonitor on their metrics Service.
+        "interval": "1m",
+        "input_series": [
+            {"series": 'up{job="tenure-worker",instance="w1"}', "values": "0x10"},
+            {"series": 'up{job="tenure-worker-metrics",instance="w2"}', "values": "0x10"},
+            {"series": 'up{job="tenure-api",instance="a1"}', "values": "1x10"},
+        ],
+        "alert_rule_test": [
+            {
+                "eval_time": "5m",
+                "alertname": "TenureWorkerDown",
+                "exp_alerts": [
+                    {
+                        "exp_labels": {"severity": "page", "job": job, "instance": instance},
+                        "exp_annotations": {
+                            "summary": f"Worker {instance} is not answering /metrics"
+                        },
+                    }
+                    for job, instance in (("tenure-worker", "w1"), ("tenure-worker-metrics", "w2"))
+                ],
+            },
+            _silent("TenureApiDown", "5m"),
+        ],
+    },
+]
+
+
+def test_the_alerts_fire_on_the_series_tenure_exports(tmp_path: Path) -> None:
+    promtool = _promtool()
+    tests = tmp_path / "alerts_test.yml"
+    tests.write_text(
+        yaml.safe_dump({"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": CASES})
+    )
+    ran = subprocess.run(
+        [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
