@@ -16,6 +16,7 @@ from temporalio.runtime import Runtime
 from workers import event_loop
 from workers.health import Readiness, serve_health
 from workers.logs import RepeatedLogFilter, configure_logging
+from workers.search_attributes import MissingSearchAttributes
 from workers.settings import Settings, settings_or_exit
 from workers.telemetry import configure_tracing
 from workers.worker import WorkerStatus, run_worker, worker_runtime
@@ -23,6 +24,8 @@ from workers.worker import WorkerStatus, run_worker, worker_runtime
 # The SDK logs a failing workflow task on every retry, from Python and from its core;
 # both go through one filter that says each thing once per ten minutes.
 _REPEATING_LOGGERS = ("temporalio.core", "temporalio.worker._workflow_instance")
+
+logger = logging.getLogger("workers")
 
 
 def _quiet_repeats() -> logging.Logger:
@@ -70,8 +73,18 @@ def main() -> None:
     Runtime.set_default(worker_runtime(settings, core_logs=_quiet_repeats()))
     tracer_provider = configure_tracing("tenure-worker")
     status = WorkerStatus()
-    with contextlib.suppress(KeyboardInterrupt):
-        event_loop.run(_main(settings, tracer_provider, status))
+    failed = False
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            event_loop.run(_main(settings, tracer_provider, status))
+    except MissingSearchAttributes as exc:  # says what to run: no traceback needed
+        failed = True
+        logger.error("the worker cannot start: %s", exc)
+    except Exception as exc:
+        # One record in the configured format (a JSON line in production), not a bare
+        # traceback on stderr that a log pipeline splits into dozens of lines.
+        failed = True
+        logger.error("the worker stopped: %s", exc, exc_info=exc)
     if tracer_provider is not None:
         tracer_provider.shutdown()  # the spans still buffered
     # Shut down: exit now, 0 when drained in time, 1 when not. Left to the interpreter's
@@ -81,7 +94,7 @@ def main() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0 if status.drained else 1)
+    os._exit(0 if status.drained and not failed else 1)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ process of their own, answering with their exit status and one line on stderr.""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sys
@@ -154,3 +155,21 @@ async def test_repair_and_reindex_answer_an_operators_mistake_in_one_line(
         assert (got_code, out) == (code, ""), (args, got_code, out, err)
         assert one_line(err).startswith(f"tenure {args[0]}: "), args
         assert message in err, (args, err)
+
+
+async def test_a_worker_that_cannot_start_says_so_in_one_log_record(tmp_path: Path) -> None:
+    """In JSON, a failed start is one record like any other line, not a bare traceback that
+    a log pipeline splits into dozens of events."""
+    env = {
+        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",  # nothing listens there
+        "TENURE_LOG_FORMAT": "json",
+        "TENURE_WORKER_HEALTH_PORT": str(free_port()),
+        "TENURE_WORKER_METRICS_PORT": str(free_port()),
+    }
+    code, _, err = await tenure("worker", env=env, cwd=tmp_path)
+    assert code == 1
+    records = [json.loads(line) for line in err.splitlines()]  # every line is one record
+    failures = [r for r in records if r["level"] == "error"]
+    assert len(failures) == 1, records
+    assert failures[0]["event"].startswith("the worker stopped: ")
+    assert "Traceback" in failures[0]["exception"]
