@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import Principal, Role
-from workers.settings import Settings
+from workers.settings import MIN_SECRET_BYTES, Settings
 
 log = logging.getLogger("tenure.auth")
 
@@ -31,7 +31,6 @@ DEVELOPMENT_PRINCIPAL = Principal("development", Role.ADMIN)
 """Every caller, in development when no key source is configured."""
 
 MAX_SUBJECT = 128
-MIN_SECRET_BYTES = 32  # RFC 7518: an HS256 key at least as long as the hash
 JWKS_REFRESH_INTERVAL = 60.0  # so random `kid`s cannot make us hammer the provider
 JWKS_MAX_AGE = 600.0  # so a key the provider withdrew stops verifying
 JWKS_FETCH_TIMEOUT = 2.0

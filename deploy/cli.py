@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import Role
-from workers.settings import Settings, settings_or_exit
+from workers.settings import MIN_SECRET_BYTES, Settings, settings_or_exit
 
 if TYPE_CHECKING:
     from temporalio.client import Client
@@ -168,6 +168,13 @@ def _token(parsed: argparse.Namespace) -> int:
         print(
             "tenure token: tokens are signed by your identity provider here "
             "(TENURE_AUTH_PUBLIC_KEY_FILE or TENURE_AUTH_JWKS_URL is set)",
+            file=sys.stderr,
+        )
+        return 1
+    if settings.auth_secret and len(settings.auth_secret.encode()) < MIN_SECRET_BYTES:
+        # The API refuses to start with it: a token signed so would never be accepted.
+        print(
+            f"tenure token: TENURE_AUTH_SECRET must be at least {MIN_SECRET_BYTES} bytes",
             file=sys.stderr,
         )
         return 1

@@ -141,6 +141,11 @@ def settings_or_exit(process: str, status: int = 2) -> Settings:
         sys.exit(status)
 
 
+MIN_SECRET_BYTES = 32
+"""The shortest TENURE_AUTH_SECRET taken (RFC 7518: an HS256 key at least as long as the
+hash); the API refuses to start with a shorter one, and `tenure token` to sign with it."""
+
+
 class Settings(BaseModel):
     """Where Tenure's parts live and how they behave. `from_env` reads TEMPORAL_ADDRESS,
     REDIS_URL and the TENURE_* variables; nothing reads the environment at import time."""

@@ -24,9 +24,8 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
-from api.auth import MIN_SECRET_BYTES
 from deploy.cli import SERVERS
-from workers.settings import Settings
+from workers.settings import MIN_SECRET_BYTES, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "deploy" / "Dockerfile"

@@ -82,6 +82,15 @@ def test_tenure_token_prefers_the_configured_secret(
     assert verify(secret, out.strip()).accounts == frozenset({"ada", "ada-savings"})
 
 
+def test_tenure_token_refuses_a_secret_the_api_would_refuse(
+    environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    environment.setenv("TENURE_AUTH_SECRET", "short")
+    code, out, err = tenure_token(["--role", "admin", "--sub", "me"], capsys)
+    assert (code, out) == (1, "")
+    assert err == "tenure token: TENURE_AUTH_SECRET must be at least 32 bytes\n"
+
+
 def test_tenure_token_refuses_when_an_identity_provider_signs(
     environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
