@@ -220,7 +220,13 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
                 return _subscription_not_streamed()
             raise _mutation_by_get() from exc
         except CannotGetOperationTypeError as exc:
-            raise HTTPException(400, exc.as_http_error_reason()) from exc
+            if not isinstance(request_data.operation_name, str):  # not even a name: malformed
+                raise HTTPException(400, exc.as_http_error_reason()) from exc
+            # A name the document does not have: a request error like any other (400 as
+            # graphql-response+json, 200 with null data as application/json).
+            return StrawberryExecutionResult(
+                data=None, errors=[GraphQLError(exc.as_http_error_reason())]
+            )
         except MissingQueryError as exc:
             raise HTTPException(400, "No GraphQL query found in the request") from exc
 

@@ -228,3 +228,14 @@ async def test_a_document_of_several_operations_runs_none_without_a_name(
         assert "operation name" in body["errors"][0]["message"]
     named = {"query": f"{open_it} {read}", "operationName": "Read"}
     assert (await http.post("/graphql", json=named)).json() == {"data": {"account": None}}
+    # A name the document does not have is a request error as the missing name is: 200 with
+    # null data as application/json (it was a 400 there), 400 as graphql-response+json.
+    unknown = {"query": f"{open_it} {read}", "operationName": "Nope"}
+    for accept, status in (
+        ("application/json", 200),
+        ("application/graphql-response+json", 400),
+    ):
+        answered = await http.post("/graphql", json=unknown, headers={"accept": accept})
+        assert answered.status_code == status, (accept, answered.text)
+        assert answered.json()["errors"][0]["extensions"]["code"] == "INVALID_INPUT"
+        assert "Nope" in answered.json()["errors"][0]["message"]
