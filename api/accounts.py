@@ -8,15 +8,15 @@ from typing import Any
 import strawberry
 
 from api.common import (
-    CommandStatus,
+    CommandPayload,
     Consistency,
     EntityState,
     Long,
     new_entity_id,
     read_entity,
     read_fields,
+    receipt_fields,
     send_command,
-    status_of,
 )
 from api.context import Info
 from api.gateway import EntityRead, Receipt
@@ -58,18 +58,15 @@ class Account(EntityState):
 
 
 @strawberry.type(description="A command sent to an account; `account` is set when waited for.")
-class AccountCommandPayload:
+class AccountCommandPayload(CommandPayload):
     account_id: strawberry.ID
-    command_id: str
-    status: CommandStatus
     account: Account | None
 
     @classmethod
     def from_receipt(cls, receipt: Receipt) -> AccountCommandPayload:
         return cls(
             account_id=strawberry.ID(receipt.entity_id),
-            command_id=receipt.command_id,
-            status=status_of(receipt),
+            **receipt_fields(receipt),
             account=Account.from_read(receipt.read) if receipt.read else None,
         )
 
@@ -111,7 +108,7 @@ class AccountMutation:
         id: strawberry.ID | None = None,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> AccountCommandPayload:
+    ) -> AccountCommandPayload | None:
         account_id = id if id is not None else new_entity_id(idempotency_key)
         return await _command(
             info,
@@ -132,7 +129,7 @@ class AccountMutation:
         kyc_reference: str | None = None,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> AccountCommandPayload:
+    ) -> AccountCommandPayload | None:
         return await _command(
             info, id, domain.verify, idempotency_key, wait, kyc_reference=kyc_reference
         )
@@ -145,7 +142,7 @@ class AccountMutation:
         amount: Long,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> AccountCommandPayload:
+    ) -> AccountCommandPayload | None:
         return await _command(info, id, domain.deposit, idempotency_key, wait, amount=amount)
 
     @strawberry.mutation(description="Take money out; never beyond the balance.")
@@ -156,7 +153,7 @@ class AccountMutation:
         amount: Long,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> AccountCommandPayload:
+    ) -> AccountCommandPayload | None:
         return await _command(info, id, domain.withdraw, idempotency_key, wait, amount=amount)
 
     @strawberry.mutation(description="Freeze an account: money commands are refused.")
@@ -167,7 +164,7 @@ class AccountMutation:
         reason: str | None = None,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> AccountCommandPayload:
+    ) -> AccountCommandPayload | None:
         return await _command(info, id, domain.suspend, idempotency_key, wait, reason=reason)
 
     @strawberry.mutation(description="Lift a suspension: SUSPENDED -> ACTIVE.")
@@ -177,7 +174,7 @@ class AccountMutation:
         id: strawberry.ID,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> AccountCommandPayload:
+    ) -> AccountCommandPayload | None:
         return await _command(info, id, domain.reactivate, idempotency_key, wait)
 
     @strawberry.mutation(description="Close an account for good; its balance must be zero.")
@@ -187,5 +184,5 @@ class AccountMutation:
         id: strawberry.ID,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> AccountCommandPayload:
+    ) -> AccountCommandPayload | None:
         return await _command(info, id, domain.close, idempotency_key, wait)

@@ -202,7 +202,7 @@ class BulkMutation:
         payload: JSON | None = None,
         ids: list[strawberry.ID] | None = None,
         filter: JSON | None = None,
-    ) -> BulkCommand:
+    ) -> BulkCommand | None:
         key = _checked_key(idempotency_key)
         principal = info.context.principal
         entity = catalog.entity_types().get(entity_type)
@@ -269,15 +269,15 @@ class BulkMutation:
         return BulkCommand.of(key, progress, now())
 
     @strawberry.mutation(description="Stop a bulk command after the page it is sending.")
-    async def pause_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand:
+    async def pause_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand | None:
         return await _signal(info, id, BulkCommandWorkflow.pause)
 
     @strawberry.mutation(description="Go on from where a paused bulk command stopped.")
-    async def resume_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand:
+    async def resume_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand | None:
         return await _signal(info, id, BulkCommandWorkflow.resume)
 
     @strawberry.mutation(description="End a bulk command after the page it is sending.")
-    async def cancel_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand:
+    async def cancel_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand | None:
         return await _signal(info, id, BulkCommandWorkflow.cancel)
 
 

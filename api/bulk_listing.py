@@ -185,5 +185,5 @@ class BulkListQuery:
         where: Annotated[BulkCommandFilter | None, strawberry.argument(name="filter")] = None,
         first: Annotated[int, LISTED_FIRST] = 10,
         after: str | None = None,
-    ) -> Connection[BulkCommandSummary]:
+    ) -> Connection[BulkCommandSummary] | None:
         return await list_bulk_commands(info, where or BulkCommandFilter(), first, after)

@@ -8,7 +8,7 @@ from typing import Any
 import strawberry
 
 from api.common import (
-    CommandStatus,
+    CommandPayload,
     Consistency,
     EntityState,
     Long,
@@ -17,10 +17,10 @@ from api.common import (
     read_entity,
     read_fields,
     readable,
+    receipt_fields,
     require_open,
     send_command,
     send_unread,
-    status_of,
 )
 from api.context import Info
 from api.gateway import EntityRead, Receipt
@@ -97,18 +97,15 @@ class Cart(EntityState):
 
 
 @strawberry.type(description="A command sent to a cart; `cart` is set when waited for.")
-class CartCommandPayload:
+class CartCommandPayload(CommandPayload):
     cart_id: strawberry.ID
-    command_id: str
-    status: CommandStatus
     cart: Cart | None
 
     @classmethod
     def from_receipt(cls, receipt: Receipt) -> CartCommandPayload:
         return cls(
             cart_id=strawberry.ID(receipt.entity_id),
-            command_id=receipt.command_id,
-            status=status_of(receipt),
+            **receipt_fields(receipt),
             cart=Cart.from_read(receipt.read) if receipt.read else None,
         )
 
@@ -162,7 +159,7 @@ class CartMutation:
         id: strawberry.ID | None = None,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> CartCommandPayload:
+    ) -> CartCommandPayload | None:
         cart_id = id if id is not None else new_entity_id(idempotency_key)
         # Before anything is looked up, so a refusal tells nothing about what exists.
         await authorize(info, ENTITY, cart_id, domain.create_cart.name, {"account_id": account_id})
@@ -187,7 +184,7 @@ class CartMutation:
         unit_price: Long,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> CartCommandPayload:
+    ) -> CartCommandPayload | None:
         if unit_price < 1:
             # The entity's own model takes 0, as carts recorded before this bound did (their
             # histories must replay); a new line is priced from 1.
@@ -211,7 +208,7 @@ class CartMutation:
         sku: str,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> CartCommandPayload:
+    ) -> CartCommandPayload | None:
         return await _command(
             info, cart_id, domain.remove_cart_item, idempotency_key, wait, sku=sku
         )
@@ -225,7 +222,7 @@ class CartMutation:
         quantity: int,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> CartCommandPayload:
+    ) -> CartCommandPayload | None:
         return await _command(
             info,
             cart_id,
@@ -243,7 +240,7 @@ class CartMutation:
         cart_id: strawberry.ID,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> CartCommandPayload:
+    ) -> CartCommandPayload | None:
         return await _command(info, cart_id, domain.clear_cart, idempotency_key, wait)
 
     @strawberry.mutation(
@@ -252,7 +249,7 @@ class CartMutation:
     )
     async def checkout_cart(
         self, info: Info, cart_id: strawberry.ID, idempotency_key: str | None = None
-    ) -> CheckoutCartPayload:
+    ) -> CheckoutCartPayload | None:
         receipt = await send_unread(
             info, domain.checkout_cart, cart_id, {}, idempotency_key, wait=True
         )

@@ -244,7 +244,7 @@ class CheckoutOperatorQuery:
         where: Annotated[CheckoutFilter | None, strawberry.argument(name="filter")] = None,
         first: Annotated[int, FIRST] = DEFAULT_PAGE,
         after: str | None = None,
-    ) -> Connection[CheckoutSummary]:
+    ) -> Connection[CheckoutSummary] | None:
         return await list_checkouts(info, where or CheckoutFilter(), first, after)
 
 
@@ -257,7 +257,7 @@ class CheckoutOperatorMutation:
     )
     async def retry_checkout_compensations(
         self, info: Info, id: strawberry.ID, reason: Annotated[str, REASON]
-    ) -> Checkout:
+    ) -> Checkout | None:
         return await operate(info, id, OperatorActionKind.RETRY, reason)
 
     @strawberry.mutation(
@@ -266,5 +266,5 @@ class CheckoutOperatorMutation:
     )
     async def resolve_checkout(
         self, info: Info, id: strawberry.ID, reason: Annotated[str, REASON]
-    ) -> Checkout:
+    ) -> Checkout | None:
         return await operate(info, id, OperatorActionKind.RESOLVE, reason)

@@ -64,6 +64,26 @@ class CommandStatus(Enum):
     APPLIED = "APPLIED"
 
 
+@strawberry.interface(description="What a mutation answers about the command it sent.")
+class CommandPayload:
+    command_id: str
+    status: CommandStatus
+    revision: int | None = strawberry.field(
+        description="When waited for: the entity's revision this command made. A repeat (the "
+        "same idempotencyKey) answers the first's, while the entity read beside it is as it is "
+        "now, other commands since included. Null when not waited for."
+    )
+
+
+def receipt_fields(receipt: Receipt) -> dict[str, Any]:
+    """The CommandPayload fields of a receipt, to spread into a payload's constructor."""
+    return {
+        "command_id": receipt.command_id,
+        "status": status_of(receipt),
+        "revision": receipt.revision,
+    }
+
+
 @strawberry.interface(description="The read contract every entity honours.")
 class EntityState:
     id: strawberry.ID
@@ -80,11 +100,14 @@ class EntityState:
 
     @strawberry.field(
         description="The entity's recent commands, newest first: what each asked, when, who "
-        "sent it and what became of it. Asked of the entity itself: a LIVE read."
+        "sent it and what became of it. Asked of the entity itself: a LIVE read. Null, with "
+        "an error at its path, when it cannot be answered (the entity's worker out of reach, "
+        "the caller not allowed, bad arguments, the live-read budget spent): the rest of the "
+        "entity is still answered."
     )
     async def history(
         self, info: Info, last: int = 20, before: str | None = None
-    ) -> CommandHistory:
+    ) -> CommandHistory | None:
         return await command_history(info, self.entity_type, self.id, last, before)
 
 

@@ -105,6 +105,8 @@ class Receipt:
     command_id: str
     applied: bool
     read: EntityRead | None = None
+    revision: int | None = None
+    """The revision the command made, from its recorded outcome: a repeat's is the first's."""
 
 
 def check_entity_id(entity_id: str) -> str:
@@ -196,7 +198,13 @@ class EntityGateway:
                 result.outcome.message or "command rejected",
             )
         read = EntityRead(snapshot, Source.LIVE, stale=False)
-        return Receipt(entity_id, envelope.command_id, applied=True, read=read)
+        return Receipt(
+            entity_id,
+            envelope.command_id,
+            applied=True,
+            read=read,
+            revision=result.outcome.revision,
+        )
 
     # -- reads ----------------------------------------------------------------------------
 

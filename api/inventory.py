@@ -8,14 +8,14 @@ from typing import Any
 import strawberry
 
 from api.common import (
-    CommandStatus,
+    CommandPayload,
     Consistency,
     EntityState,
     Long,
     read_entity,
     read_fields,
+    receipt_fields,
     send_command,
-    status_of,
 )
 from api.context import Info
 from api.gateway import EntityRead, Receipt
@@ -101,18 +101,15 @@ class InventoryItem(EntityState):
 @strawberry.type(
     description="A command sent to an inventory item; `inventoryItem` is set when waited for."
 )
-class InventoryCommandPayload:
+class InventoryCommandPayload(CommandPayload):
     sku: str
-    command_id: str
-    status: CommandStatus
     inventory_item: InventoryItem | None
 
     @classmethod
     def from_receipt(cls, receipt: Receipt) -> InventoryCommandPayload:
         return cls(
             sku=receipt.entity_id,
-            command_id=receipt.command_id,
-            status=status_of(receipt),
+            **receipt_fields(receipt),
             inventory_item=InventoryItem.from_read(receipt.read) if receipt.read else None,
         )
 
@@ -153,7 +150,7 @@ class InventoryMutation:
         name: str | None = None,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> InventoryCommandPayload:
+    ) -> InventoryCommandPayload | None:
         return await _command(
             info, sku, domain.restock, idempotency_key, wait, quantity=quantity, name=name
         )
@@ -167,7 +164,7 @@ class InventoryMutation:
         reason: str,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> InventoryCommandPayload:
+    ) -> InventoryCommandPayload | None:
         return await _command(
             info, sku, domain.adjust_stock, idempotency_key, wait, delta=delta, reason=reason
         )
@@ -185,7 +182,7 @@ class InventoryMutation:
         ttl_seconds: float | None = None,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> InventoryCommandPayload:
+    ) -> InventoryCommandPayload | None:
         return await _command(
             info,
             sku,
@@ -205,7 +202,7 @@ class InventoryMutation:
         reservation_id: str,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> InventoryCommandPayload:
+    ) -> InventoryCommandPayload | None:
         return await _command(
             info,
             sku,
@@ -223,7 +220,7 @@ class InventoryMutation:
         reservation_id: str,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> InventoryCommandPayload:
+    ) -> InventoryCommandPayload | None:
         return await _command(
             info,
             sku,
@@ -241,7 +238,7 @@ class InventoryMutation:
         reservation_id: str,
         idempotency_key: str | None = None,
         wait: bool = False,
-    ) -> InventoryCommandPayload:
+    ) -> InventoryCommandPayload | None:
         return await _command(
             info,
             sku,

@@ -70,8 +70,9 @@ class Connection(Generic[N]):
     edges: list[Edge[N]] = bounded(MAX_PAGE, paged=True)
     page_info: PageInfo
     total_count: int | None = strawberry.field(
-        description="Entities in the whole filtered list; null when counting would mean "
-        "reading more than 500 of them (a filter the index does not count, over many)."
+        description="How many the whole filtered list holds; null when it cannot be counted "
+        "cheaply, which each list's description says: for entities, a filter the index does "
+        "not count over more than 500 of them; for bulk commands, a status only each one knows."
     )
 
     @classmethod
@@ -281,7 +282,7 @@ class ListingQuery:
         first: Annotated[int, FIRST] = DEFAULT_PAGE,
         after: str | None = None,
         order_by: Order = Order.UPDATED_DESC,
-    ) -> Connection[Account]:
+    ) -> Connection[Account] | None:
         f = where or AccountFilter()
         found = ListFilter(
             tags=_tags(**{STATUS: _values(f.status)}),
@@ -302,7 +303,7 @@ class ListingQuery:
         first: Annotated[int, FIRST] = DEFAULT_PAGE,
         after: str | None = None,
         order_by: Order = Order.UPDATED_DESC,
-    ) -> Connection[Cart]:
+    ) -> Connection[Cart] | None:
         f = where or CartFilter()
         found = ListFilter(
             tags=_tags(
@@ -323,7 +324,7 @@ class ListingQuery:
         first: Annotated[int, FIRST] = DEFAULT_PAGE,
         after: str | None = None,
         order_by: Order = Order.UPDATED_DESC,
-    ) -> Connection[InventoryItem]:
+    ) -> Connection[InventoryItem] | None:
         f = where or InventoryItemFilter()
         found = ListFilter(
             updated_after=f.updated_after,
@@ -336,15 +337,15 @@ class ListingQuery:
         )
 
     @strawberry.field(description="How many accounts are in each status.")
-    async def account_stats(self, info: Info) -> EntityStats:
+    async def account_stats(self, info: Info) -> EntityStats | None:
         return await entity_stats(info, "account")
 
     @strawberry.field(description="How many carts are in each status.")
-    async def cart_stats(self, info: Info) -> EntityStats:
+    async def cart_stats(self, info: Info) -> EntityStats | None:
         return await entity_stats(info, "cart")
 
     @strawberry.field(description="How many inventory items there are (they have no status).")
-    async def inventory_stats(self, info: Info) -> EntityStats:
+    async def inventory_stats(self, info: Info) -> EntityStats | None:
         return await entity_stats(info, "inventory")
 
 

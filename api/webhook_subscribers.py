@@ -233,7 +233,7 @@ async def _dead_letter_count(subscribers: WebhookSubscribers, subscriber_id: str
 @strawberry.type
 class WebhookQuery:
     @bounded(MAX_SUBSCRIBERS, description="Every outbound webhook subscriber (admins only).")
-    async def webhook_subscribers(self, info: Info) -> list[WebhookSubscriber]:
+    async def webhook_subscribers(self, info: Info) -> list[WebhookSubscriber] | None:
         subscribers = _subscribers(info)
         async with _redis():
             return [
@@ -248,7 +248,7 @@ class WebhookQuery:
         subscriber_id: strawberry.ID,
         first: int = 20,
         after: str | None = None,
-    ) -> WebhookDeadLetterPage:
+    ) -> WebhookDeadLetterPage | None:
         subscribers = _subscribers(info)
         if not 1 <= first <= MAX_DEAD_LETTER_PAGE:
             raise _invalid(f"first: 1 to {MAX_DEAD_LETTER_PAGE}")
@@ -274,7 +274,7 @@ class WebhookMutation:
     )
     async def register_webhook_subscriber(
         self, info: Info, url: str, events: JSON, secret: str | None = None
-    ) -> RegisteredWebhookSubscriber:
+    ) -> RegisteredWebhookSubscriber | None:
         subscribers = _subscribers(info)
         principal = info.context.principal
         subscriber = Subscriber(
@@ -307,7 +307,9 @@ class WebhookMutation:
     @strawberry.mutation(
         description="Stop posting to a subscriber and forget it and its dead letters."
     )
-    async def remove_webhook_subscriber(self, info: Info, id: strawberry.ID) -> strawberry.ID:
+    async def remove_webhook_subscriber(
+        self, info: Info, id: strawberry.ID
+    ) -> strawberry.ID | None:
         subscribers = _subscribers(info)
         async with _redis():
             if not await subscribers.remove(_checked_id(id)):
@@ -320,7 +322,7 @@ class WebhookMutation:
     )
     async def replay_webhook_dead_letter(
         self, info: Info, subscriber_id: strawberry.ID, id: strawberry.ID
-    ) -> int:
+    ) -> int | None:
         subscribers = _subscribers(info)
         if not _entry_id(id):
             raise TenureError(ErrorCode.NOT_FOUND, "no such dead letter")
@@ -333,7 +335,9 @@ class WebhookMutation:
     @strawberry.mutation(
         description="Send a subscriber's dead letters again, oldest first, up to 1,000; how many."
     )
-    async def replay_webhook_dead_letters(self, info: Info, subscriber_id: strawberry.ID) -> int:
+    async def replay_webhook_dead_letters(
+        self, info: Info, subscriber_id: strawberry.ID
+    ) -> int | None:
         subscribers = _subscribers(info)
         async with _redis():
             if await subscribers.get(_checked_id(subscriber_id)) is None:

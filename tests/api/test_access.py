@@ -420,6 +420,12 @@ async def test_a_customer_reads_stock_but_not_whose_checkouts_hold_or_bought_it(
     seen = (await customer.data(item, sku=sku))["inventoryItem"]
     assert seen == {"sold": 1, "reserved": 1, "reservations": []}  # the counts, no names
     assert await customer.code(history, sku=sku) == ErrorCode.FORBIDDEN
+    # Only the history is withheld: the item beside it is still answered.
+    both = """query($sku: String!) { inventoryItem(sku: $sku) { sold history(last: 5) {
+      hasOlder } } }"""
+    body = (await customer.post(both, sku=sku)).json()
+    assert body["data"] == {"inventoryItem": {"sold": 1, "history": None}}, body
+    assert [e["path"] for e in body["errors"]] == [["inventoryItem", "history"]]
 
     # Staff see whose they are, as before.
     seen = (await admin.data(item, sku=sku))["inventoryItem"]

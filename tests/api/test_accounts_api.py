@@ -30,7 +30,7 @@ def mutation(name: str, args: str = "", arg_types: str = "") -> str:
     return f"""
 mutation($id: ID!, $key: String, $wait: Boolean = true {arg_types}) {{
   {name}(id: $id, idempotencyKey: $key, wait: $wait {args}) {{
-    accountId commandId status account {{ {ACCOUNT_FIELDS} }}
+    accountId commandId status revision account {{ {ACCOUNT_FIELDS} }}
   }}
 }}"""
 
@@ -215,6 +215,55 @@ async def test_rejections_carry_their_codes_and_change_nothing(gql: GraphQLClien
     assert await gql.error_code(CLOSE, id=account_id) == "INVALID_TRANSITION"
     read = (await gql.data(READ, id=account_id, consistency="LIVE"))["account"]
     assert (read["status"], read["balance"], read["revision"]) == ("ACTIVE", 10, 3)
+
+
+async def test_a_refused_mutation_among_several_leaves_the_others_answered_and_run(
+    gql: GraphQLClient,
+) -> None:
+    """Mutations run one after another; one refused is null with its error, and neither
+    hides the one before it nor stops the one after it (the whole answer was null, and the
+    mutations after the refused one were never sent)."""
+    account_id = new_id()
+    await open_active(gql, account_id)
+    body = await gql(
+        """mutation($id: ID!) {
+          a: depositToAccount(id: $id, amount: 5, idempotencyKey: "several-a", wait: true) {
+            commandId status revision account { balance } }
+          b: withdrawFromAccount(id: $id, amount: 500, idempotencyKey: "several-b", wait: true) {
+            commandId status }
+          c: depositToAccount(id: $id, amount: 7, idempotencyKey: "several-c", wait: true) {
+            commandId status revision account { balance } }
+        }""",
+        id=account_id,
+    )
+    assert [(e["path"], e["extensions"]["code"]) for e in body["errors"]] == [
+        (["b"], "INSUFFICIENT_FUNDS")
+    ]
+    data = body["data"]
+    assert data["b"] is None
+    assert (data["a"]["status"], data["a"]["revision"], data["a"]["account"]["balance"]) == (
+        "APPLIED",
+        3,
+        5,
+    )
+    assert (data["c"]["status"], data["c"]["revision"], data["c"]["account"]["balance"]) == (
+        "APPLIED",
+        4,
+        12,
+    )
+
+
+async def test_a_repeated_waited_command_answers_the_revision_it_made(gql: GraphQLClient) -> None:
+    account_id = new_id()
+    await open_active(gql, account_id)
+    first = (await gql.data(DEPOSIT, id=account_id, amount=40, key="rev-1"))["depositToAccount"]
+    await gql.data(DEPOSIT, id=account_id, amount=2, key="rev-2")
+    again = (await gql.data(DEPOSIT, id=account_id, amount=40, key="rev-1"))["depositToAccount"]
+    assert first["revision"] == again["revision"] == 3
+    # The entity beside it is as it is now, the later deposit included.
+    assert (again["account"]["revision"], again["account"]["balance"]) == (4, 42)
+    unwaited = await gql.data(DEPOSIT, id=account_id, amount=1, key="rev-3", wait=False)
+    assert unwaited["depositToAccount"]["revision"] is None
 
 
 async def test_commands_to_a_missing_account_are_not_found(gql: GraphQLClient) -> None:
