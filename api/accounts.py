@@ -11,7 +11,10 @@ from api.common import (
     CommandPayload,
     Consistency,
     EntityState,
+    IdempotencyKey,
     Long,
+    ReadConsistency,
+    Wait,
     new_entity_id,
     read_entity,
     read_fields,
@@ -87,7 +90,7 @@ async def _command(
 class AccountQuery:
     @strawberry.field(description="An account, or null when it never existed.")
     async def account(
-        self, info: Info, id: strawberry.ID, consistency: Consistency | None = Consistency.CACHED
+        self, info: Info, id: strawberry.ID, consistency: ReadConsistency = Consistency.CACHED
     ) -> Account | None:
         read = await read_entity(info, ENTITY, id, consistency)
         return Account.from_read(read) if read else None
@@ -106,8 +109,8 @@ class AccountMutation:
         email: str,
         currency: str = "EUR",
         id: strawberry.ID | None = None,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> AccountCommandPayload | None:
         account_id = id if id is not None else new_entity_id(idempotency_key)
         return await _command(
@@ -127,8 +130,8 @@ class AccountMutation:
         info: Info,
         id: strawberry.ID,
         kyc_reference: str | None = None,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> AccountCommandPayload | None:
         return await _command(
             info, id, domain.verify, idempotency_key, wait, kyc_reference=kyc_reference
@@ -140,8 +143,8 @@ class AccountMutation:
         info: Info,
         id: strawberry.ID,
         amount: Long,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> AccountCommandPayload | None:
         return await _command(info, id, domain.deposit, idempotency_key, wait, amount=amount)
 
@@ -151,8 +154,8 @@ class AccountMutation:
         info: Info,
         id: strawberry.ID,
         amount: Long,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> AccountCommandPayload | None:
         return await _command(info, id, domain.withdraw, idempotency_key, wait, amount=amount)
 
@@ -162,8 +165,8 @@ class AccountMutation:
         info: Info,
         id: strawberry.ID,
         reason: str | None = None,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> AccountCommandPayload | None:
         return await _command(info, id, domain.suspend, idempotency_key, wait, reason=reason)
 
@@ -172,8 +175,8 @@ class AccountMutation:
         self,
         info: Info,
         id: strawberry.ID,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> AccountCommandPayload | None:
         return await _command(info, id, domain.reactivate, idempotency_key, wait)
 
@@ -182,7 +185,7 @@ class AccountMutation:
         self,
         info: Info,
         id: strawberry.ID,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> AccountCommandPayload | None:
         return await _command(info, id, domain.close, idempotency_key, wait)

@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import strawberry
 from strawberry.scalars import JSON
@@ -198,7 +198,14 @@ class BulkMutation:
         info: Info,
         entity_type: str,
         command: str,
-        idempotency_key: str,
+        idempotency_key: Annotated[
+            str,
+            strawberry.argument(
+                description="The bulk command's id, 1 to 100 letters, digits and . _ : -: "
+                "started again with it and the same arguments, it answers the first (with "
+                "others, IDEMPOTENCY_KEY_REUSED)."
+            ),
+        ],
         payload: JSON | None = None,
         ids: list[strawberry.ID] | None = None,
         filter: JSON | None = None,

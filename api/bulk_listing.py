@@ -17,7 +17,7 @@ from temporalio.service import RPCError
 
 from api.bulk import BulkCommand, now
 from api.context import Info
-from api.listing import Connection, Edge
+from api.listing import After, Connection, Edge
 from api.operators import require_operator
 from api.visibility import VisibilityCursor, visibility_count, visibility_page
 from entities.bulk import (
@@ -184,6 +184,6 @@ class BulkListQuery:
         info: Info,
         where: Annotated[BulkCommandFilter | None, strawberry.argument(name="filter")] = None,
         first: Annotated[int, LISTED_FIRST] = 10,
-        after: str | None = None,
+        after: After = None,
     ) -> Connection[BulkCommandSummary] | None:
         return await list_bulk_commands(info, where or BulkCommandFilter(), first, after)

@@ -11,7 +11,10 @@ from api.common import (
     CommandPayload,
     Consistency,
     EntityState,
+    IdempotencyKey,
     Long,
+    ReadConsistency,
+    Wait,
     authorize,
     new_entity_id,
     read_entity,
@@ -137,7 +140,7 @@ async def _command(
 class CartQuery:
     @strawberry.field(description="A cart, or null when it never existed.")
     async def cart(
-        self, info: Info, id: strawberry.ID, consistency: Consistency | None = Consistency.CACHED
+        self, info: Info, id: strawberry.ID, consistency: ReadConsistency = Consistency.CACHED
     ) -> Cart | None:
         read = await read_entity(info, ENTITY, id, consistency)
         return Cart.from_read(read) if read else None
@@ -157,8 +160,8 @@ class CartMutation:
         info: Info,
         account_id: strawberry.ID,
         id: strawberry.ID | None = None,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> CartCommandPayload | None:
         cart_id = id if id is not None else new_entity_id(idempotency_key)
         # Before anything is looked up, so a refusal tells nothing about what exists.
@@ -182,8 +185,8 @@ class CartMutation:
         sku: str,
         quantity: int,
         unit_price: Long,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> CartCommandPayload | None:
         if unit_price < 1:
             # The entity's own model takes 0, as carts recorded before this bound did (their
@@ -206,8 +209,8 @@ class CartMutation:
         info: Info,
         cart_id: strawberry.ID,
         sku: str,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> CartCommandPayload | None:
         return await _command(
             info, cart_id, domain.remove_cart_item, idempotency_key, wait, sku=sku
@@ -220,8 +223,8 @@ class CartMutation:
         cart_id: strawberry.ID,
         sku: str,
         quantity: int,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> CartCommandPayload | None:
         return await _command(
             info,
@@ -238,8 +241,8 @@ class CartMutation:
         self,
         info: Info,
         cart_id: strawberry.ID,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> CartCommandPayload | None:
         return await _command(info, cart_id, domain.clear_cart, idempotency_key, wait)
 
@@ -248,7 +251,7 @@ class CartMutation:
         "Returns once the cart is CHECKING_OUT, with the checkout's id."
     )
     async def checkout_cart(
-        self, info: Info, cart_id: strawberry.ID, idempotency_key: str | None = None
+        self, info: Info, cart_id: strawberry.ID, idempotency_key: IdempotencyKey = None
     ) -> CheckoutCartPayload | None:
         receipt = await send_unread(
             info, domain.checkout_cart, cart_id, {}, idempotency_key, wait=True

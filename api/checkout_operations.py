@@ -26,7 +26,7 @@ from api.checkouts import (
 )
 from api.common import Long
 from api.context import Info
-from api.listing import DEFAULT_PAGE, FIRST, MAX_PAGE, Connection, Edge
+from api.listing import DEFAULT_PAGE, FIRST, MAX_PAGE, After, Connection, Edge
 from api.operators import require_operator
 from api.response_size import bounded
 from api.visibility import (
@@ -243,7 +243,7 @@ class CheckoutOperatorQuery:
         info: Info,
         where: Annotated[CheckoutFilter | None, strawberry.argument(name="filter")] = None,
         first: Annotated[int, FIRST] = DEFAULT_PAGE,
-        after: str | None = None,
+        after: After = None,
     ) -> Connection[CheckoutSummary] | None:
         return await list_checkouts(info, where or CheckoutFilter(), first, after)
 

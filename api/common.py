@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
 from enum import Enum
-from typing import Any, NewType
+from typing import Annotated, Any, NewType
 
 import strawberry
 import structlog
@@ -52,10 +52,41 @@ class Consistency(Enum):
     LIVE = "LIVE"
 
 
+ReadConsistency = Annotated[
+    Consistency | None,
+    strawberry.argument(
+        description="CACHED (the default): the last state the cache saw, from Redis, falling "
+        "back to the entity when the cache has none. LIVE: asked of the entity itself, "
+        "always current, and one of the request's live reads."
+    ),
+]
+
+
 @strawberry.enum(description="Where a read came from.")
 class Source(Enum):
     CACHE = "CACHE"
     LIVE = "LIVE"
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    strawberry.argument(
+        description="The command's id: the same key sent again to the same entity (a "
+        "retry after a timeout, say) is applied once and answered with the first outcome, "
+        "while the entity remembers it (its last 4,096 commands by default); with another "
+        "command or payload it is not applied (IDEMPOTENCY_KEY_REUSED when waited for). 1 to "
+        "128 printable ASCII characters, no spaces, not beginning "
+        f"{', '.join(SYSTEM_COMMAND_PREFIXES)}. A new id each time when not given."
+    ),
+]
+Wait = Annotated[
+    bool,
+    strawberry.argument(
+        description="true: answer once the entity has applied the command (APPLIED, with the "
+        "state after it and its revision) or refused it (an error with its code). false: "
+        "answer once Temporal has durably accepted it (ACCEPTED)."
+    ),
+]
 
 
 @strawberry.enum(description="What became of a command when the mutation returned.")

@@ -11,7 +11,10 @@ from api.common import (
     CommandPayload,
     Consistency,
     EntityState,
+    IdempotencyKey,
     Long,
+    ReadConsistency,
+    Wait,
     read_entity,
     read_fields,
     receipt_fields,
@@ -130,7 +133,7 @@ async def _command(
 class InventoryQuery:
     @strawberry.field(description="An inventory item, or null when its SKU was never stocked.")
     async def inventory_item(
-        self, info: Info, sku: str, consistency: Consistency | None = Consistency.CACHED
+        self, info: Info, sku: str, consistency: ReadConsistency = Consistency.CACHED
     ) -> InventoryItem | None:
         read = await read_entity(info, ENTITY, sku, consistency)
         return InventoryItem.from_read(read) if read else None
@@ -148,8 +151,8 @@ class InventoryMutation:
         sku: str,
         quantity: Long,
         name: str | None = None,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> InventoryCommandPayload | None:
         return await _command(
             info, sku, domain.restock, idempotency_key, wait, quantity=quantity, name=name
@@ -162,8 +165,8 @@ class InventoryMutation:
         sku: str,
         delta: Long,
         reason: str,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> InventoryCommandPayload | None:
         return await _command(
             info, sku, domain.adjust_stock, idempotency_key, wait, delta=delta, reason=reason
@@ -180,8 +183,8 @@ class InventoryMutation:
         reservation_id: str,
         quantity: Long,
         ttl_seconds: float | None = None,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> InventoryCommandPayload | None:
         return await _command(
             info,
@@ -200,8 +203,8 @@ class InventoryMutation:
         info: Info,
         sku: str,
         reservation_id: str,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> InventoryCommandPayload | None:
         return await _command(
             info,
@@ -218,8 +221,8 @@ class InventoryMutation:
         info: Info,
         sku: str,
         reservation_id: str,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> InventoryCommandPayload | None:
         return await _command(
             info,
@@ -236,8 +239,8 @@ class InventoryMutation:
         info: Info,
         sku: str,
         reservation_id: str,
-        idempotency_key: str | None = None,
-        wait: bool = False,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
     ) -> InventoryCommandPayload | None:
         return await _command(
             info,

@@ -270,6 +270,12 @@ async def entity_stats(info: Info, entity_type: str) -> EntityStats:
 
 
 FIRST = strawberry.argument(description=f"At most {MAX_PAGE}; {DEFAULT_PAGE} when not given.")
+After = Annotated[
+    str | None,
+    strawberry.argument(
+        description="A page's endCursor: the page after it. The first page when not given."
+    ),
+]
 
 
 @strawberry.type
@@ -280,7 +286,7 @@ class ListingQuery:
         info: Info,
         where: Annotated[AccountFilter | None, strawberry.argument(name="filter")] = None,
         first: Annotated[int, FIRST] = DEFAULT_PAGE,
-        after: str | None = None,
+        after: After = None,
         order_by: Order = Order.UPDATED_DESC,
     ) -> Connection[Account] | None:
         f = where or AccountFilter()
@@ -301,7 +307,7 @@ class ListingQuery:
         info: Info,
         where: Annotated[CartFilter | None, strawberry.argument(name="filter")] = None,
         first: Annotated[int, FIRST] = DEFAULT_PAGE,
-        after: str | None = None,
+        after: After = None,
         order_by: Order = Order.UPDATED_DESC,
     ) -> Connection[Cart] | None:
         f = where or CartFilter()
@@ -322,7 +328,7 @@ class ListingQuery:
         info: Info,
         where: Annotated[InventoryItemFilter | None, strawberry.argument(name="filter")] = None,
         first: Annotated[int, FIRST] = DEFAULT_PAGE,
-        after: str | None = None,
+        after: After = None,
         order_by: Order = Order.UPDATED_DESC,
     ) -> Connection[InventoryItem] | None:
         f = where or InventoryItemFilter()

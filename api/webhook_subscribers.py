@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import strawberry
@@ -246,8 +246,16 @@ class WebhookQuery:
         self,
         info: Info,
         subscriber_id: strawberry.ID,
-        first: int = 20,
-        after: str | None = None,
+        first: Annotated[
+            int, strawberry.argument(description=f"1 to {MAX_DEAD_LETTER_PAGE}; 20 when not given.")
+        ] = 20,
+        after: Annotated[
+            str | None,
+            strawberry.argument(
+                description="A page's last dead letter's id: the page after it. The oldest "
+                "first when not given."
+            ),
+        ] = None,
     ) -> WebhookDeadLetterPage | None:
         subscribers = _subscribers(info)
         if not 1 <= first <= MAX_DEAD_LETTER_PAGE:
