@@ -191,13 +191,15 @@ class EntityGateway:
             await self._delivery.deliver(entity, entity_id, envelope)
             return Receipt(entity_id, envelope.command_id, applied=False)
         result = await self._delivery.request(entity, entity_id, envelope)
-        snapshot = await self._cache.put_newest(result.snapshot)
+        if result.snapshot.state_omitted:
+            read = await self._read_since(entity_type, entity_id, result.snapshot)
+        else:
+            read = EntityRead(await self._cache.put_newest(result.snapshot), Source.LIVE, False)
         if result.outcome.status is OutcomeStatus.REJECTED:
             raise TenureError(
                 ErrorCode(result.outcome.code or ErrorCode.INTERNAL),
                 result.outcome.message or "command rejected",
             )
-        read = EntityRead(snapshot, Source.LIVE, stale=False)
         return Receipt(
             entity_id,
             envelope.command_id,
@@ -205,6 +207,31 @@ class EntityGateway:
             read=read,
             revision=result.outcome.revision,
         )
+
+    async def _read_since(
+        self, entity_type: str, entity_id: str, seen: Snapshot
+    ) -> EntityRead | None:
+        """The entity at `seen`'s revision or later, for an answer that left its large state
+        out: from the cache when it has caught up, else from the entity; None when neither
+        can tell in time (the command's outcome stands all the same)."""
+        current = (seen.incarnation, seen.revision)
+        cached = await self._cached(entity_type, entity_id)
+        if (
+            cached is not None
+            and (cached.snapshot.incarnation, cached.snapshot.revision) >= current
+        ):
+            return cached
+        try:
+            read = await self.read(entity_type, entity_id, Consistency.LIVE)
+        except TenureError:
+            return None
+        if (
+            read is None
+            or read.stale
+            or (read.snapshot.incarnation, read.snapshot.revision) < current
+        ):
+            return None
+        return read
 
     # -- reads ----------------------------------------------------------------------------
 

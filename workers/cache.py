@@ -221,6 +221,8 @@ class SnapshotCache:
 
     async def _write(self, snapshot: Snapshot, changes: Changes | None = None) -> int | bytes:
         """The script's answer: 1 written, 0 not, or the newer snapshot stored."""
+        if snapshot.state_omitted:  # it would read as an entity with no state
+            raise ValueError(f"{snapshot.entity_type} {snapshot.entity_id}: no state to cache")
         base = index_base(self._prefix, snapshot.entity_type)
         entry = self.index_entry(snapshot)
         order = [snapshot.incarnation, snapshot.revision]

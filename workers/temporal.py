@@ -14,6 +14,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
+from workers.answer_budget import ANSWERS_FULL
 from workers.query_guard import AHEAD_OF_TASK
 from workers.settings import Settings
 from workers.telemetry import temporal_interceptors
@@ -100,7 +101,9 @@ async def ask(
             except WorkflowQueryFailedError as exc:
                 if NONDETERMINISTIC in str(exc):
                     raise RPCError(str(exc), RPCStatusCode.UNAVAILABLE, b"") from exc
-                overloaded = OVERLOADED in str(exc)
+                # Refused by a worker short of CPU, or by a task full of answers: after a
+                # pause, the next task answers.
+                overloaded = OVERLOADED in str(exc) or ANSWERS_FULL in str(exc)
                 if not overloaded and AHEAD_OF_TASK not in str(exc):
                     raise
                 if attempt == QUERY_ATTEMPTS - 1:

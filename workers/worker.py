@@ -13,6 +13,7 @@ from typing import Any
 
 from opentelemetry.sdk.trace import TracerProvider
 from temporalio.client import Client
+from temporalio.converter import DataConverter
 from temporalio.runtime import (
     LogForwardingConfig,
     LoggingConfig,
@@ -21,11 +22,12 @@ from temporalio.runtime import (
     TelemetryConfig,
     TelemetryFilter,
 )
-from temporalio.worker import Worker
+from temporalio.worker import Worker, WorkflowRunner
 
 from entities import catalog
 from entities.bulk import BulkCommandWorkflow
 from workers.activities import PUBLISH_LAG, PUBLISH_LAG_BUCKETS, CacheActivities, next_task
+from workers.answer_budget import AnswerBudgetRunner
 from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache, connect_redis
 from workers.changes import Retention
@@ -81,6 +83,13 @@ def activity_functions(client: Client, cache: SnapshotCache, settings: Settings)
     ]
 
 
+def guarded_runner(settings: Settings, data_converter: DataConverter) -> WorkflowRunner:
+    """The workflow runner of `workers.sandbox`, with the worker's guards around it: no
+    events ahead of their task (`query_guard`), no more query answers than a task's
+    completion may carry (`answer_budget`)."""
+    return AnswerBudgetRunner(QueryGuardRunner(workflow_runner(settings, data_converter)))
+
+
 def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> TenureWorker:
     """A worker hosting every workflow declared in `entities` on the settings' task queue,
     and the bulk commands on their own (`Settings.bulk_task_queue`)."""
@@ -100,7 +109,7 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         activities=activity_functions(client, cache, settings),
         max_cached_workflows=settings.max_cached_workflows,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
-        workflow_runner=QueryGuardRunner(workflow_runner(settings, client.data_converter)),
+        workflow_runner=guarded_runner(settings, client.data_converter),
         **common,
     )
     bulk_commands = Worker(
@@ -108,7 +117,7 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         task_queue=settings.bulk_task_queue,
         workflows=[BulkCommandWorkflow],
         activities=BulkActivities(client, cache, settings).activities(),
-        workflow_runner=QueryGuardRunner(workflow_runner(settings, client.data_converter)),
+        workflow_runner=guarded_runner(settings, client.data_converter),
         **common,
     )
     return TenureWorker(

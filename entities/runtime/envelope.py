@@ -135,6 +135,12 @@ class Snapshot(BaseModel):
         "used again once retention has deleted its closed workflow is a new incarnation, "
         "whose revisions count from 1 again; 0 in snapshots made before incarnations.",
     )
+    state_omitted: bool = Field(
+        default=False,
+        description="The state was left out of this answer, `state` None, because it is "
+        "larger than an update's answer carries (`INLINE_STATE_BYTES`): read it from the "
+        "cache or the entity. Never cached.",
+    )
 
 
 class Publication(BaseModel):

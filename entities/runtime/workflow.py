@@ -51,6 +51,12 @@ MAX_PUBLISHED_CHANGES = 1000
 """The most changes one publish carries for the change stream (the newest; the stream marks
 older ones as a gap): with the largest state they keep its input far below Temporal's 2 MB."""
 
+INLINE_STATE_BYTES = 16 * 1024
+"""The largest state an update's answer carries. Temporal records every answer in the
+history and sends the answers of up to 10 updates in flight in one workflow task's
+completion, which gRPC bounds at 4 MiB with the run's own commands; a larger state is read
+from the cache or the entity by whoever needs it (`Snapshot.state_omitted`)."""
+
 MAX_TIMER_CHANGES = 64
 """Timer firings remembered for the change stream until published."""
 
@@ -101,6 +107,7 @@ class EntityWorkflow:
         self._state: BaseModel | None = (
             entity.state_model.model_validate(input.state) if input.state is not None else None
         )
+        self._state_bytes = len(self._state.model_dump_json()) if self._state is not None else 0
         self._revision = input.revision
         self._updated_at = input.updated_at
         self._incarnation = (
@@ -175,7 +182,8 @@ class EntityWorkflow:
             workflow.logger.exception("command %s failed in its transition", envelope.name)
             self._reject(envelope.command_id, ErrorCode.INTERNAL, "internal error", envelope)
             return
-        if len(new_state.model_dump_json()) > self._input.runtime.max_state_bytes:
+        size = len(new_state.model_dump_json())
+        if size > self._input.runtime.max_state_bytes:
             self._reject(
                 envelope.command_id,
                 ErrorCode.LIMIT_REACHED,
@@ -183,7 +191,7 @@ class EntityWorkflow:
                 envelope,
             )
             return
-        self._commit(new_state, now)
+        self._commit(new_state, now, size)
         self._effects.extend(ctx.effects)
         self._ledger.record(
             Outcome(
@@ -285,7 +293,10 @@ class EntityWorkflow:
         if self._backlog.ever_held > held:  # held back: this is the latest ticket
             ticket = self._backlog.ever_held
             await workflow.wait_condition(lambda: self._backlog.released(ticket))
-        return self.outcome(envelope.command_id)
+        return CommandResult(
+            outcome=self._outcome(envelope.command_id),
+            snapshot=self._snapshot(with_state=self._state_bytes <= INLINE_STATE_BYTES),
+        )
 
     @apply.validator
     def _sound_command_id(self, envelope: CommandEnvelope) -> None:
@@ -366,8 +377,9 @@ class EntityWorkflow:
             1, {"entity_type": self.entity.name, "outcome": outcome, "code": code}
         )
 
-    def _commit(self, state: BaseModel, now: datetime) -> None:
+    def _commit(self, state: BaseModel, now: datetime, size: int | None = None) -> None:
         self._state = state
+        self._state_bytes = size if size is not None else len(state.model_dump_json())
         self._revision += 1
         self._updated_at = now
 
@@ -376,14 +388,21 @@ class EntityWorkflow:
     @workflow.query(name="snapshot")
     def snapshot(self) -> Snapshot:
         """The current state with its revision."""
+        return self._snapshot()
+
+    def _snapshot(self, with_state: bool = True) -> Snapshot:
+        """The current snapshot; without `with_state`, its state left out (`state_omitted`)."""
         return Snapshot(
             entity_type=self.entity.name,
             entity_id=self._input.entity_id,
             revision=self._revision,
             updated_at=self._updated_at,
-            state=self._state.model_dump(mode="json") if self._state is not None else None,
+            state=self._state.model_dump(mode="json")
+            if with_state and self._state is not None
+            else None,
             closed=self._is_terminal(),
             incarnation=self._incarnation,
+            state_omitted=self._state is not None and not with_state,
         )
 
     def publication(self, since: int) -> Publication:
@@ -411,10 +430,12 @@ class EntityWorkflow:
     @workflow.query(name="outcome")
     def outcome(self, command_id: str) -> CommandResult:
         """What became of a command, with the state as it is now."""
-        outcome = self._ledger.get(command_id) or Outcome(
+        return CommandResult(outcome=self._outcome(command_id), snapshot=self._snapshot())
+
+    def _outcome(self, command_id: str) -> Outcome:
+        return self._ledger.get(command_id) or Outcome(
             command_id=command_id, status=OutcomeStatus.UNKNOWN, revision=self._revision
         )
-        return CommandResult(outcome=outcome, snapshot=self.snapshot())
 
     @workflow.query(name="history")
     def history(self, page: HistoryPage) -> CommandHistory:
