@@ -220,6 +220,12 @@ class Settings(BaseModel):
         ge=1,
         description="Entries each entity type's change stream keeps, about (MAXLEN ~).",
     )
+    change_stream_max_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="Bytes of entries each entity type's change stream keeps, about: by the "
+        "entries' mean size, never fewer than 100 entries.",
+    )
     change_stream_max_age_seconds: float | None = Field(
         default=None,
         gt=0,
@@ -372,6 +378,7 @@ class Settings(BaseModel):
             "TENURE_WATCHDOG_INTERVAL": "watchdog_interval",
             "TENURE_AUTO_REPAIR": "auto_repair",
             "TENURE_CHANGE_STREAM_MAXLEN": "change_stream_maxlen",
+            "TENURE_CHANGE_STREAM_MAX_BYTES": "change_stream_max_bytes",
             "TENURE_CHANGE_STREAM_MAX_AGE_SECONDS": "change_stream_max_age_seconds",
             "TENURE_WEBHOOK_RETRY_FOR_SECONDS": "webhook_retry_for_seconds",
             "TENURE_WEBHOOK_BACKOFF_SECONDS": "webhook_backoff_seconds",
@@ -476,6 +483,7 @@ class Settings(BaseModel):
             "TENURE_WATCHDOG_INTERVAL": str(self.watchdog_interval),
             "TENURE_AUTO_REPAIR": "1" if self.auto_repair else "0",
             "TENURE_CHANGE_STREAM_MAXLEN": str(self.change_stream_maxlen),
+            "TENURE_CHANGE_STREAM_MAX_BYTES": str(self.change_stream_max_bytes),
             "TENURE_WEBHOOK_RETRY_FOR_SECONDS": str(self.webhook_retry_for_seconds),
             "TENURE_WEBHOOK_BACKOFF_SECONDS": str(self.webhook_backoff_seconds),
             "TENURE_ENV": self.environment,

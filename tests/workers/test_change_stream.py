@@ -23,7 +23,7 @@ from tests.entities.shop import until_cached
 from tests.entities.test_publishing import publishes
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache, connect_redis
-from workers.changes import Changes, Retention, stream_key
+from workers.changes import MIN_KEPT, Changes, Retention, stream_key
 from workers.settings import Settings
 
 Entry = dict[str, str]
@@ -201,6 +201,30 @@ async def test_the_stream_is_trimmed_by_length(settings: Settings) -> None:
         await client.aclose()
 
 
+async def test_the_stream_is_trimmed_by_bytes_however_few_its_entries(settings: Settings) -> None:
+    """Large states make few entries: a count alone let one customer's 16 KB carts grow a
+    stream by 49 MB a minute. A bound in bytes keeps about that much, by the entries' mean
+    size, and never fewer than MIN_KEPT entries."""
+    client = connect_redis(settings)
+    prefix = f"{settings.redis_prefix}{new_id()}:"
+    cache = SnapshotCache(client, prefix, Retention(max_length=1_000_000, max_bytes=2_000_000))
+    large = {"note": "x" * 16_000}
+    try:
+        for revision in range(1, 801):
+            written = snapshot("large", revision).model_copy(update={"state": large})
+            await cache.put(written, Changes(revision - 1, applied(revision)))
+        stream = stream_key(prefix, "account")
+        length = await client.xlen(stream)
+        memory = await client.memory_usage(stream)
+        # 2 MB is about 125 entries of 16 KB; trimming goes by whole nodes of the stream.
+        assert MIN_KEPT <= length < 400, length
+        assert memory < 8_000_000, memory
+        newest = await client.xrevrange(stream, count=1)
+        assert newest[0][1][b"revision"] == b"800"  # the newest are the ones kept
+    finally:
+        await client.aclose()
+
+
 async def consume(
     client: Any, stream: str, group: str, consumer: str, count: int, start: str = ">"
 ) -> list[tuple[bytes, Entry]]:
@@ -288,9 +312,14 @@ def test_retention_is_read_from_the_environment_and_written_back() -> None:
             "TENURE_CHANGE_STREAM_MAX_AGE_SECONDS": "86400",
         }
     )
-    assert Retention.of(settings) == Retention(max_length=5000, max_age_seconds=86400.0)
+    assert Retention.of(settings) == Retention(
+        max_length=5000, max_age_seconds=86400.0, max_bytes=256 * 1024 * 1024
+    )
     assert Settings.from_env(settings.to_env()) == settings
     assert Retention.of(Settings.from_env({})) == Retention(1_000_000, None)
+    small = Settings.from_env({"TENURE_CHANGE_STREAM_MAX_BYTES": "1000000"})
+    assert Retention.of(small).max_bytes == 1_000_000
+    assert Settings.from_env(small.to_env()) == small
     assert Retention(10, 60.0).min_id(now=1000.0) == "940000-0"
 
 
