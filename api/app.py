@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from functools import partial
@@ -115,7 +116,10 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
     (`EventStream`), so one refused before then is answered as a query would be."""
 
     rate_limiter: RateLimiter | None = None
-    """Set once the app has one: operations over a WebSocket pay at its door too."""
+    """Set once the app has one: operations over a WebSocket pay at its door too, and so
+    does its `connection_init`."""
+    connections_per_customer: int | None = None
+    """WebSockets one customer may hold open at once; None: no bound."""
 
     graphql_transport_ws_handler_class = CodedErrorsOverWebSocket
     websocket_adapter_class = JsonFrames
@@ -141,6 +145,7 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
         )
         self._suggestions = suggestions
         self._verifier = verifier
+        self._connections: Counter[str] = Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -280,7 +285,36 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
             raise ConnectionRejectionError(
                 {"code": "UNAUTHENTICATED", "message": exc.message}
             ) from exc
+        refused = await self.admit_connection(context)
+        if refused is not None:
+            context.connection_refused = refused  # closed 4429 with it (`JsonFrames`)
+            raise ConnectionRejectionError({"message": refused})
         return await super().on_ws_connect(context)
+
+    async def admit_connection(self, context: TenureContext) -> str | None:
+        """Whether an authenticated WebSocket may stay open: None, or why not (`CODE:
+        message`). A socket costs the API memory and a file for as long as it is open,
+        whether or not it ever sends an operation: its opening pays a token, and a customer
+        may hold only so many (one customer's idle sockets once took every file the API
+        had, and no one else could connect)."""
+        principal = context.principal
+        if self.rate_limiter is not None and await self.rate_limiter.wait_ms(principal) > 0:
+            return f"{LimitCode.RATE_LIMITED.value}: too many requests, connect again later"
+        limit = self.connections_per_customer
+        if principal.role is Role.CUSTOMER and limit is not None:
+            if self._connections[principal.sender] >= limit:
+                return f"{ErrorCode.LIMIT_REACHED.value}: {limit} WebSockets open already"
+            self._connections[principal.sender] += 1
+            context.connection_holder = principal.sender
+        return None
+
+    def connection_closed(self, context: TenureContext) -> None:
+        """Count a WebSocket's customer one socket less, once it has closed."""
+        holder, context.connection_holder = context.connection_holder, None
+        if holder is not None:
+            self._connections[holder] -= 1
+            if not self._connections[holder]:
+                del self._connections[holder]
 
     async def process_result(
         self,
@@ -394,6 +428,7 @@ def create_app(
                 settings.redis_prefix,
                 max_subscribers=settings.max_subscribers,
                 block_seconds=settings.redis_timeout / 2,
+                max_per_holder=settings.max_subscriptions_per_customer,
             )
             await stack.enter_async_context(app.state.change_feed.running())
             yield
@@ -439,6 +474,7 @@ def create_app(
         settings.rate_limit_values_per_point,
     )
     graphql.rate_limiter = limiter  # operations over a WebSocket pay at the door too
+    graphql.connections_per_customer = settings.max_connections_per_customer
     endpoint = ObservedRequests(
         GraphQLOverHTTP(
             BodyLimit(

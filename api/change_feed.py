@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -144,11 +145,14 @@ class ChangeFeed:
         *,
         max_subscribers: int,
         block_seconds: float,
+        max_per_holder: int | None = None,
     ) -> None:
         self._client = client
         self._cache = cache
         self._prefix = prefix
         self._max = max_subscribers
+        self._max_per_holder = max_per_holder
+        self._held: Counter[str] = Counter()
         self._block_ms = max(int(block_seconds * 1000), 1)
         self._types: dict[str, _Followed] = {}
         self._count = 0
@@ -186,10 +190,12 @@ class ChangeFeed:
         entity_id: str | None,
         wants: Callable[[Change], bool] = lambda change: True,
         capacity: int = 1,
+        holder: str | None = None,
     ) -> AsyncIterator[Mailbox]:
         """A mailbox of `entity_type`'s changes: one entity's, or with `entity_id` None
         every entity's that `wants` accepts. Changes appended before this returns are not
-        in it (read the entity's state after subscribing)."""
+        in it (read the entity's state after subscribing). A `holder` (a customer) holds at
+        most `max_per_holder` at once, so that no one caller takes every slot."""
         if self._stopped:
             raise SubscriberGone(ErrorCode.UNAVAILABLE, "the server is shutting down")
         if self._count >= self._max:
@@ -197,7 +203,15 @@ class ChangeFeed:
                 ErrorCode.LIMIT_REACHED,
                 f"this server has {self._max} subscriptions already: try again later",
             )
+        limit = self._max_per_holder
+        if holder is not None and limit is not None and self._held[holder] >= limit:
+            raise TenureError(
+                ErrorCode.LIMIT_REACHED,
+                f"you hold {limit} subscriptions on this server already, the most: end one first",
+            )
         self._count += 1
+        if holder is not None:
+            self._held[holder] += 1
         box = Mailbox(wants, capacity)
         try:
             followed = await self._follow(entity_type)
@@ -208,6 +222,10 @@ class ChangeFeed:
             yield box
         finally:
             self._count -= 1
+            if holder is not None:
+                self._held[holder] -= 1
+                if not self._held[holder]:
+                    del self._held[holder]
             self._forget(entity_type, entity_id, box)
 
     async def _follow(self, entity_type: str) -> _Followed:

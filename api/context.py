@@ -31,6 +31,11 @@ class TenureContext:
     connection_params: dict[str, Any] | None = None
     token_expires: float | None = None
     """When the caller's token stops being accepted (epoch seconds); None without one."""
+    connection_refused: str | None = None
+    """Why a WebSocket's connection_init was refused for a limit (`CODE: message`)."""
+    connection_holder: str | None = None
+    """The customer a WebSocket is counted against (`TenureGraphQL.on_ws_connect`), until
+    it closes."""
 
 
 Info = StrawberryInfo[TenureContext, Any]

@@ -186,7 +186,10 @@ async def _subscribed(
     """A mailbox of the process's one change feed, once every check has passed; an event
     stream waiting to answer (`EventStream`) hears that the subscription is established."""
     feed: ChangeFeed = info.context.request.app.state.change_feed
-    async with feed.subscribe(entity_type, entity_id, wants, capacity) as mailbox:
+    principal = info.context.principal
+    # Customers are many, and each is bounded; staff and services are few and trusted.
+    holder = principal.sender if principal.role is Role.CUSTOMER else None
+    async with feed.subscribe(entity_type, entity_id, wants, capacity, holder) as mailbox:
         established: asyncio.Event | None = info.context.request.scope.get(ESTABLISHED_KEY)
         if established is not None:
             established.set()

@@ -134,7 +134,19 @@ def _malformed(message: object) -> str | None:
 class JsonFrames(ASGIWebSocketAdapter):
     """Strawberry's WebSocket adapter, to which a frame the view's JSON reading refuses
     (`api.limits.decode_json`: nested past the stack, not an object...) is no JSON, as one
-    `json` cannot read is: the socket is closed with 4400, not dropped."""
+    `json` cannot read is: the socket is closed with 4400, not dropped. A connection refused
+    for a limit at its `connection_init` (`TenureGraphQL.admit_connection`) is closed with
+    4429, the protocol's "too many", and why, where Strawberry would say 4403 Forbidden."""
+
+    def refusal(self) -> str | None:
+        """Why the connection was refused for a limit; set by the handler."""
+        return None
+
+    async def close(self, code: int, reason: str) -> None:
+        refused = self.refusal() if code == 4403 else None
+        if refused is not None:
+            code, reason = 4429, refused[:120]
+        await super().close(code, reason)
 
     async def iter_json(
         self, *, ignore_parsing_errors: bool = False
@@ -154,6 +166,8 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if isinstance(self.websocket, JsonFrames):
+            self.websocket.refusal = self._refusal  # type: ignore[method-assign]
         suggestions = getattr(self.view, "suggestions", True)
         limiter = getattr(self.view, "rate_limiter", None)
         self.schema = _CodedStreams(self.schema, suggestions, limiter)  # type: ignore[assignment]
@@ -166,6 +180,11 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
         if self.connection_acknowledged and expires is not None and self._expiry is None:
             # The token is good until then, not for as long as the socket stays open.
             self._expiry = asyncio.create_task(self._close_at(expires), name="tenure-ws-expiry")
+
+    def _refusal(self) -> str | None:
+        """Why `on_ws_connect` refused the connection for a limit, if it did."""
+        context = self.context
+        return context.connection_refused if isinstance(context, TenureContext) else None
 
     async def _close_at(self, expires: float) -> None:
         await asyncio.sleep(max(0.0, expires - time.time()))
@@ -191,7 +210,12 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await self._expiry
         finally:
-            await super().shutdown()
+            try:
+                await super().shutdown()
+            finally:
+                closed = getattr(self.view, "connection_closed", None)
+                if closed is not None and isinstance(self.context, TenureContext):
+                    closed(self.context)
 
     async def handle_message(self, message: Message) -> None:
         if self._expired:

@@ -304,6 +304,17 @@ class Settings(BaseModel):
     max_subscriptions_per_connection: int = Field(
         default=20, ge=1, description="Live subscriptions one WebSocket may hold at once."
     )
+    max_subscriptions_per_customer: int = Field(
+        default=100,
+        ge=1,
+        description="Live subscriptions one customer may hold at once in one API process, "
+        "over every connection: one customer could otherwise take every subscriber slot.",
+    )
+    max_connections_per_customer: int = Field(
+        default=10,
+        ge=1,
+        description="WebSockets one customer may hold open at once in one API process.",
+    )
     graphiql: bool | None = Field(default=None, description="Serve GraphiQL; None: in development.")
     introspection: bool | None = Field(
         default=None, description="Answer introspection; None: in development."
@@ -408,6 +419,8 @@ class Settings(BaseModel):
             "TENURE_RATE_LIMIT_VALUES_PER_POINT": "rate_limit_values_per_point",
             "TENURE_MAX_BODY_BYTES": "max_body_bytes",
             "TENURE_MAX_SUBSCRIBERS": "max_subscribers",
+            "TENURE_MAX_SUBSCRIPTIONS_PER_CUSTOMER": "max_subscriptions_per_customer",
+            "TENURE_MAX_CONNECTIONS_PER_CUSTOMER": "max_connections_per_customer",
             "TENURE_MAX_SUBSCRIPTIONS_PER_CONNECTION": "max_subscriptions_per_connection",
             "TENURE_GRAPHIQL": "graphiql",
             "TENURE_INTROSPECTION": "introspection",
@@ -509,6 +522,8 @@ class Settings(BaseModel):
             "TENURE_RATE_LIMIT_VALUES_PER_POINT": str(self.rate_limit_values_per_point),
             "TENURE_MAX_BODY_BYTES": str(self.max_body_bytes),
             "TENURE_MAX_SUBSCRIBERS": str(self.max_subscribers),
+            "TENURE_MAX_SUBSCRIPTIONS_PER_CUSTOMER": str(self.max_subscriptions_per_customer),
+            "TENURE_MAX_CONNECTIONS_PER_CUSTOMER": str(self.max_connections_per_customer),
             "TENURE_MAX_SUBSCRIPTIONS_PER_CONNECTION": str(self.max_subscriptions_per_connection),
             "TENURE_GRAPHIQL": "" if self.graphiql is None else str(int(self.graphiql)),
             "TENURE_INTROSPECTION": ""

@@ -395,11 +395,59 @@ async def test_over_graphql_transport_ws_the_subscription_limit_has_its_code(
             assert (await answer(ws, "again"))["data"]["accountChanged"]["revision"] == 2
 
 
+async def test_one_customer_holds_only_so_many_sockets_and_subscriptions(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """One customer's sockets and subscriptions are bounded over every connection (one
+    customer once held all 10,000 subscriber slots, and its idle sockets every file the API
+    had); another customer, and staff, are not held back by it."""
+    bounded = secured.model_copy(
+        update={"max_subscriptions_per_customer": 3, "max_connections_per_customer": 2}
+    )
+    async with run_worker(bounded), running_app(bounded, temporal_client) as app:
+        admin = token("admin", "ops-1")
+        async with http_of(app) as http:
+            http.headers["Authorization"] = f"Bearer {admin}"
+            mine = await open_account(GraphQLClient(http))
+        ada, eve = token("customer", "ada", [mine]), token("customer", "eve", [mine])
+        async with (
+            served(app) as url,
+            acknowledged(url, ada) as first,
+            acknowledged(url, ada) as second,
+        ):
+            # A third socket of ada's is closed 4429, the protocol's "too many", with why.
+            async with connect(url, subprotocols=["graphql-transport-ws"]) as third:  # type: ignore[list-item]
+                init = {"Authorization": f"Bearer {ada}"}
+                await third.send(json.dumps({"type": "connection_init", "payload": init}))
+                with pytest.raises(ConnectionClosed) as closed:
+                    await received(third)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 4429
+                assert closed.value.rcvd.reason.startswith("LIMIT_REACHED")
+            # Three subscriptions over her two sockets, then no fourth.
+            for ws, op in ((first, "a"), (first, "b"), (second, "c")):
+                await subscribe(ws, op, FOLLOW, id=mine)
+                assert "errors" not in await answer(ws, op)
+            await subscribe(second, "d", FOLLOW, id=mine)
+            over = await answer(second, "d")
+            assert code(over) == "LIMIT_REACHED" and "3" in over["errors"][0]["message"]
+            async with acknowledged(url, eve) as other, acknowledged(url, admin) as staff:
+                for ws in (other, staff):
+                    await subscribe(ws, "e", FOLLOW, id=mine)
+                    assert "errors" not in await answer(ws, "e")
+            # One ended, one more may begin; a socket closed, another may open.
+            await first.send(json.dumps({"id": "a", "type": "complete"}))
+            await asyncio.sleep(0.2)
+            await subscribe(second, "f", FOLLOW, id=mine)
+            assert "errors" not in await answer(second, "f")
+        async with served(app) as url, acknowledged(url, ada), acknowledged(url, ada):
+            pass
+
+
 async def test_over_graphql_transport_ws_each_operation_pays_the_rate_limit(
     secured: Settings, temporal_client: Client, run_worker: WorkerFactory
 ) -> None:
-    """A socket is no way around the limits: each operation on it takes a token, and a
-    large answer its points, as a request over HTTP does."""
+    """A socket is no way around the limits: its opening takes a token, each operation on
+    it one more, and a large answer its points, as a request over HTTP does."""
     limited = secured.model_copy(update={"rate_limits": {"customer": (0.02, 6)}})
     async with run_worker(limited), running_app(limited, temporal_client) as app:
         async with http_of(app) as http:
@@ -418,13 +466,21 @@ async def test_over_graphql_transport_ws_each_operation_pays_the_rate_limit(
                     return await answer(ws, op)
 
                 read = "query($id: ID!) { account(id: $id) { balance } }"
-                answers = [await send(f"read-{n}", read) for n in range(6)]  # 6 tokens: all
+                # 6 tokens: the connection_init took one, these the other five
+                answers = [await send(f"read-{n}", read) for n in range(5)]
                 over = await send("over", read)
                 followed = await send("follow", FOLLOW)
+            # With its bucket empty, the customer cannot even open another socket.
+            async with connect(url, subprotocols=["graphql-transport-ws"]) as again:  # type: ignore[list-item]
+                await again.send(json.dumps({"type": "connection_init", "payload": init}))
+                with pytest.raises(ConnectionClosed) as closed:
+                    await received(again)
 
     assert all(a["data"] == {"account": {"balance": 0}} for a in answers)
     assert code(over) == code(followed) == "RATE_LIMITED"
     assert "try again in" in over["errors"][0]["message"]
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4429
+    assert closed.value.rcvd.reason.startswith("RATE_LIMITED")
 
 
 async def test_a_subscription_whose_events_could_be_too_large_is_refused(
