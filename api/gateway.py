@@ -146,6 +146,10 @@ class EntityGateway:
         return self._cache
 
     @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
     def client(self) -> Client:
         """The Temporal client, for what is not an entity (a checkout's operator tools)."""
         return self._client

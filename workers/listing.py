@@ -117,6 +117,23 @@ class EntityIndex:
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
 
+    async def count_tagged(
+        self, entity_type: str, tag: str, value: str, statuses: frozenset[str]
+    ) -> int | None:
+        """How many of the type's entities tagged `tag=value` (one account's carts) are in
+        `statuses`; None when more than SCAN_BUDGET carry the tag, to read them all."""
+        base = index_base(self._prefix, entity_type)
+        try:
+            tagged: list[bytes] = await self._client.zrange(  # type: ignore[assignment]
+                base + f"t:{tag}:{value}:i", b"-", b"+", bylex=True, offset=0, num=SCAN_BUDGET + 1
+            )
+            if len(tagged) > SCAN_BUDGET:
+                return None
+            entries = await self._entries(base, [member.decode() for member in tagged])
+        except RedisError as exc:
+            raise CacheUnavailable(str(exc)) from exc
+        return sum(1 for entry in entries.values() if entry.tags.get(STATUS) in statuses)
+
     async def counts(self, entity_type: str) -> tuple[dict[str, int], int]:
         """How many entities of the type are in each status, and in all."""
         base = index_base(self._prefix, entity_type)

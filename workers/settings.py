@@ -310,6 +310,12 @@ class Settings(BaseModel):
         description="Live subscriptions one customer may hold at once in one API process, "
         "over every connection: one customer could otherwise take every subscriber slot.",
     )
+    max_carts_per_account: int = Field(
+        default=100,
+        ge=1,
+        description="Carts not checked out (open, checking out or abandoned) an account may "
+        "have when a new one is created, as the listing index counts them.",
+    )
     max_connections_per_customer: int = Field(
         default=10,
         ge=1,
@@ -421,6 +427,7 @@ class Settings(BaseModel):
             "TENURE_MAX_SUBSCRIBERS": "max_subscribers",
             "TENURE_MAX_SUBSCRIPTIONS_PER_CUSTOMER": "max_subscriptions_per_customer",
             "TENURE_MAX_CONNECTIONS_PER_CUSTOMER": "max_connections_per_customer",
+            "TENURE_MAX_CARTS_PER_ACCOUNT": "max_carts_per_account",
             "TENURE_MAX_SUBSCRIPTIONS_PER_CONNECTION": "max_subscriptions_per_connection",
             "TENURE_GRAPHIQL": "graphiql",
             "TENURE_INTROSPECTION": "introspection",
@@ -524,6 +531,7 @@ class Settings(BaseModel):
             "TENURE_MAX_SUBSCRIBERS": str(self.max_subscribers),
             "TENURE_MAX_SUBSCRIPTIONS_PER_CUSTOMER": str(self.max_subscriptions_per_customer),
             "TENURE_MAX_CONNECTIONS_PER_CUSTOMER": str(self.max_connections_per_customer),
+            "TENURE_MAX_CARTS_PER_ACCOUNT": str(self.max_carts_per_account),
             "TENURE_MAX_SUBSCRIPTIONS_PER_CONNECTION": str(self.max_subscriptions_per_connection),
             "TENURE_GRAPHIQL": "" if self.graphiql is None else str(int(self.graphiql)),
             "TENURE_INTROSPECTION": ""
