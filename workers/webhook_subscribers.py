@@ -36,6 +36,11 @@ from workers.settings import WebhookSource
 MAX_SUBSCRIBERS = 100
 MAX_DEAD_LETTERS = 10_000
 """Dead letters kept per subscriber, about (the oldest go first)."""
+DEAD_LETTER_BYTES = 32 * 1024 * 1024
+"""About the most a subscriber's dead letters weigh: each carries an entity's whole state,
+so large ones keep fewer (never under MIN_DEAD_LETTERS); a count alone let 10,000 letters
+of a 200 KB item weigh 2 GB."""
+MIN_DEAD_LETTERS = 100
 MAX_REPLAY_AT_ONCE = 1_000
 ALL_COMMANDS = "*"
 MAX_ENTRY_PART = 2**64 - 1
@@ -196,11 +201,11 @@ class WebhookSubscribers:
     # -- dead letters ------------------------------------------------------------------------
 
     async def dead_letter(self, subscriber_id: str, letter: DeadLetter) -> None:
+        fields = letter.fields()
+        size = sum(len(value) for value in fields.values())
+        most = max(MIN_DEAD_LETTERS, min(MAX_DEAD_LETTERS, DEAD_LETTER_BYTES // max(size, 1)))
         await self.client.xadd(
-            self.key(subscriber_id, "dead"),
-            letter.fields(),
-            maxlen=MAX_DEAD_LETTERS,
-            approximate=True,
+            self.key(subscriber_id, "dead"), fields, maxlen=most, approximate=True
         )
 
     async def dead_letters(

@@ -7,10 +7,20 @@ import asyncio
 import uuid
 from datetime import UTC, datetime
 
+import pytest
+
 from tests.workers.test_redis_cluster import cluster  # noqa: F401  # a fixture
+from workers import webhook_subscribers
 from workers.cache import connect_redis
 from workers.settings import Settings
-from workers.webhook_subscribers import MAX_SUBSCRIBERS, Subscriber, WebhookSubscribers, new_secret
+from workers.webhook_subscribers import (
+    MAX_SUBSCRIBERS,
+    MIN_DEAD_LETTERS,
+    DeadLetter,
+    Subscriber,
+    WebhookSubscribers,
+    new_secret,
+)
 
 
 def subscriber() -> Subscriber:
@@ -49,3 +59,33 @@ async def test_subscribers_added_at_once_never_pass_the_bound(settings: Settings
 
 async def test_the_bound_holds_on_a_redis_cluster(settings: Settings, cluster: str) -> None:  # noqa: F811
     await race(settings.model_copy(update={"redis_url": cluster, "redis_cluster": True}))
+
+
+async def test_dead_letters_are_bounded_by_their_weight(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each dead letter carries an entity's whole state: 10,000 of a 200 KB item weighed
+    2 GB. Here the bound is 500 KB and each letter 10 KB: about MIN_DEAD_LETTERS are kept,
+    the floor, where the count alone kept every one."""
+    monkeypatch.setattr(webhook_subscribers, "DEAD_LETTER_BYTES", 500_000)
+    client = connect_redis(settings)
+    registry = WebhookSubscribers(client, f"{settings.redis_prefix}{uuid.uuid4().hex[:8]}:")
+    now = datetime.now(UTC)
+    letter = DeadLetter(
+        webhook_id="msg",
+        entity_type="inventory",
+        entity_id="teapot",
+        body="x" * 10_000,
+        attempts=8,
+        error="HTTP 500",
+        first_attempt_at=now,
+        failed_at=now,
+    )
+    try:
+        for _ in range(MIN_DEAD_LETTERS + 150):
+            await registry.dead_letter("wh_big", letter)
+        kept = await client.xlen(registry.key("wh_big", "dead"))
+        assert MIN_DEAD_LETTERS <= kept < MIN_DEAD_LETTERS + 150, kept
+    finally:
+        await client.delete(registry.key("wh_big", "dead"))
+        await client.aclose()
