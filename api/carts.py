@@ -26,6 +26,7 @@ from api.common import (
     send_unread,
 )
 from api.context import Info
+from api.errors import TooManyQueries
 from api.gateway import EntityRead, Receipt
 from api.pacing import paced
 from api.read_plans import entity_read_field
@@ -200,8 +201,14 @@ class CartMutation:
             await _room_for_a_cart(info, account_id)
         except TenureError:
             # A create retried after the account closed (or filled up) is still answered by
-            # the cart it made (its original outcome); only a new cart needs the room.
-            if await read_entity(info, ENTITY, cart_id, Consistency.CACHED) is None:
+            # the cart it made (its original outcome); only a new cart needs the room. The
+            # caller may create this cart (above): it is theirs or no one's, so it is read
+            # without the READ check, which would refuse a customer one that does not exist.
+            try:
+                made = await info.context.gateway.read(ENTITY, cart_id)
+            except (TenureError, TooManyQueries):
+                made = None
+            if made is None:
                 raise
         return await _command(
             info, cart_id, domain.create_cart, idempotency_key, wait, account_id=account_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -118,6 +119,11 @@ def check_entity_id(entity_id: str) -> str:
     return entity_id
 
 
+READ_SINCE_PAUSES = (0.02, 0.05, 0.1, 0.2)
+"""Pauses between reads of the cache for the state a command made, before the entity is
+asked: its publish follows the command within milliseconds, unless the worker is busy."""
+
+
 class EntityGateway:
     """Sends commands to entities and reads their state; the only API code that talks to
     Temporal or Redis."""
@@ -189,21 +195,31 @@ class EntityGateway:
             name=command,
             payload=payload,
             sent_by=sent_by,
+            reads_large_state=True,
         )
         structlog.contextvars.bind_contextvars(command_id=envelope.command_id)
         if not wait:
             await self._delivery.deliver(entity, entity_id, envelope)
             return Receipt(entity_id, envelope.command_id, applied=False)
         result = await self._delivery.request(entity, entity_id, envelope)
-        if result.snapshot.state_omitted:
-            read = await self._read_since(entity_type, entity_id, result.snapshot)
-        else:
+        read: EntityRead | None = None
+        if not result.snapshot.state_omitted:
             read = EntityRead(await self._cache.put_newest(result.snapshot), Source.LIVE, False)
         if result.outcome.status is OutcomeStatus.REJECTED:
             raise TenureError(
                 ErrorCode(result.outcome.code or ErrorCode.INTERNAL),
                 result.outcome.message or "command rejected",
             )
+        if result.snapshot.state_omitted:
+            read = await self._read_since(entity_type, entity_id, result.snapshot)
+            if read is None:
+                raise TenureError(
+                    ErrorCode.UNAVAILABLE,
+                    f"command {envelope.command_id} was applied (revision "
+                    f"{result.outcome.revision}), but the state after it could not be read in "
+                    "time: read the entity (sending it again with the same idempotencyKey is "
+                    "safe)",
+                )
         return Receipt(
             entity_id,
             envelope.command_id,
@@ -216,18 +232,21 @@ class EntityGateway:
         self, entity_type: str, entity_id: str, seen: Snapshot
     ) -> EntityRead | None:
         """The entity at `seen`'s revision or later, for an answer that left its large state
-        out: from the cache when it has caught up, else from the entity; None when neither
-        can tell in time (the command's outcome stands all the same)."""
+        out: from the cache once the entity's publish, which follows the command, has
+        reached it, else from the entity; None when neither can tell in time (the command's
+        outcome stands all the same)."""
         current = (seen.incarnation, seen.revision)
-        cached = await self._cached(entity_type, entity_id)
-        if (
-            cached is not None
-            and (cached.snapshot.incarnation, cached.snapshot.revision) >= current
-        ):
-            return cached
+        for pause in READ_SINCE_PAUSES:
+            cached = await self._cached(entity_type, entity_id)
+            if (
+                cached is not None
+                and (cached.snapshot.incarnation, cached.snapshot.revision) >= current
+            ):
+                return cached
+            await asyncio.sleep(pause)
         try:
             read = await self.read(entity_type, entity_id, Consistency.LIVE)
-        except TenureError:
+        except (TenureError, TooManyQueries):  # out of reach, or the request's reads spent
             return None
         if (
             read is None

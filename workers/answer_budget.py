@@ -36,8 +36,9 @@ ANSWERS_FULL = (
 
 
 def bound_answers(completion: Completion, budget: int = ANSWERS_PER_TASK) -> int:
-    """Fail the buffered queries' answers of `completion` past `budget` bytes, in order;
-    returns how many were failed."""
+    """Fail the buffered queries' answers of `completion` past `budget` bytes, in order,
+    the first answered whatever its size (a state of up to `max_state_bytes`, 1 MiB at
+    most, fits alone); returns how many were failed."""
     spent = failed = 0
     for command in completion.successful.commands:
         if not command.HasField("respond_to_query"):
@@ -46,7 +47,7 @@ def bound_answers(completion: Completion, budget: int = ANSWERS_PER_TASK) -> int
         if result.query_id == LEGACY_QUERY_ID or not result.HasField("succeeded"):
             continue
         size = result.succeeded.response.ByteSize()
-        if spent + size <= budget:
+        if spent == 0 or spent + size <= budget:  # the first always: one state fits alone
             spent += size
             continue
         result.ClearField("succeeded")

@@ -376,6 +376,7 @@ def _envelope(page: PageToSend, entity_id: str) -> CommandEnvelope:
         name=page.command,
         payload=page.payload,
         sent_by=page.sent_by,
+        reads_large_state=True,  # a bulk command counts outcomes alone
     )
 
 

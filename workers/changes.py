@@ -61,13 +61,16 @@ local function append_changes(stream, marks, incarnation, revision, id, doc, sta
     if g == marked then last = tonumber(string.sub(mark, sep + 1)) end
   end
   if r <= last then return end
-  -- A running mean of the entries' bytes (under a field no entity id can be) turns the
-  -- byte bound into a length: large states keep fewer entries, never fewer than doc.f.
+  -- The mean size of the entries kept (a running mean over as many entries as the stream
+  -- holds, under a field no entity id can be) turns the byte bound into a length: large
+  -- states keep fewer entries, never fewer than doc.f; one large entry moves it little.
   local mean = tonumber(redis.call('HGET', marks, ':bytes') or '0') or 0
+  local kept = redis.call('XLEN', stream)
   local function add(fields)
     local size = 0
     for _, value in ipairs(fields) do size = size + string.len(value) end
-    if mean == 0 then mean = size else mean = mean + (size - mean) / 64 end
+    kept = kept + 1
+    if mean == 0 then mean = size else mean = mean + (size - mean) / kept end
     local most = tonumber(doc.n)
     local budget = tonumber(doc.b)
     if budget and budget > 0 then

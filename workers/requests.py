@@ -38,6 +38,7 @@ class EntityRequests:
             payload=request.payload,
             undoes=request.undoes,
             sent_by=request.sent_by,
+            reads_large_state=True,  # a saga needs the outcome alone
         )
         try:
             result = await self._delivery.request(entity, request.entity_id, envelope)

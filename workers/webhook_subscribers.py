@@ -140,7 +140,7 @@ class WebhookSubscribers:
         return f"{self.prefix}webhooks:subscribers"
 
     def key(self, subscriber_id: str, what: str) -> str:
-        """`dead`, `replay` or `attempts` of a subscriber."""
+        """`dead`, `dead_bytes` (their mean size), `replay` or `attempts` of a subscriber."""
         return f"{self.prefix}webhooks:{{{subscriber_id}}}:{what}"
 
     def stream(self, entity_type: str) -> str:
@@ -194,7 +194,7 @@ class WebhookSubscribers:
         await self.client.hdel(self.registry_key, subscriber_id)
         for entity_type in subscriber.events:
             await self.client.xgroup_destroy(self.stream(entity_type), group_name(subscriber_id))
-        for what in ("dead", "replay", "attempts"):
+        for what in ("dead", "dead_bytes", "replay", "attempts"):
             await self.client.delete(self.key(subscriber_id, what))
         return True
 
@@ -203,10 +203,20 @@ class WebhookSubscribers:
     async def dead_letter(self, subscriber_id: str, letter: DeadLetter) -> None:
         fields = letter.fields()
         size = sum(len(value) for value in fields.values())
-        most = max(MIN_DEAD_LETTERS, min(MAX_DEAD_LETTERS, DEAD_LETTER_BYTES // max(size, 1)))
-        await self.client.xadd(
-            self.key(subscriber_id, "dead"), fields, maxlen=most, approximate=True
-        )
+        dead, weight = self.key(subscriber_id, "dead"), self.key(subscriber_id, "dead_bytes")
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xlen(dead)
+            pipe.get(weight)
+            kept, mean = await pipe.execute()
+        # The mean size of the letters kept, over as many as are kept: one large letter
+        # moves it little, many move it all the way.
+        kept, mean = int(kept) + 1, float(mean or 0)
+        mean = size if not mean else mean + (size - mean) / kept
+        most = max(MIN_DEAD_LETTERS, min(MAX_DEAD_LETTERS, int(DEAD_LETTER_BYTES // mean)))
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xadd(dead, fields, maxlen=most, approximate=True)
+            pipe.set(weight, str(mean))
+            await pipe.execute()
 
     async def dead_letters(
         self, subscriber_id: str, first: int, after: str | None

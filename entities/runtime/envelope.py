@@ -47,6 +47,12 @@ class CommandEnvelope(BaseModel):
         description="Who sent it, as `role:subject` (`customer:ada`); None when it came from "
         "inside (a saga) or before callers were recorded.",
     )
+    reads_large_state: bool = Field(
+        default=False,
+        description="The sender, when it waits, reads a state larger than an update's "
+        "answer carries itself (`Snapshot.state_omitted`). Senders from before it could not: "
+        "they are answered with the whole state, as they were.",
+    )
 
     @model_validator(mode="after")
     def _fingerprinted(self) -> CommandEnvelope:

@@ -295,7 +295,9 @@ class EntityWorkflow:
             await workflow.wait_condition(lambda: self._backlog.released(ticket))
         return CommandResult(
             outcome=self._outcome(envelope.command_id),
-            snapshot=self._snapshot(with_state=self._state_bytes <= INLINE_STATE_BYTES),
+            snapshot=self._snapshot(
+                with_state=self._state_bytes <= INLINE_STATE_BYTES or not envelope.reads_large_state
+            ),
         )
 
     @apply.validator

@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
+from tests.api.test_access import token
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from tests.entities.shop import Shop, eventually
 from workers.cache import SnapshotCache
@@ -353,18 +354,23 @@ async def test_a_finished_checkout_is_read_from_its_history_when_no_worker_answe
 
 
 async def test_an_account_has_only_so_many_carts_not_checked_out(
-    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
 ) -> None:
     """Each cart is a workflow that lives until it is checked out: a probe's customer made
-    2,610 in 100 s. An account may have only so many at once; a create retried is still
-    answered by its cart, and another account is not held back."""
-    three = settings.model_copy(update={"max_carts_per_account": 3})
+    2,610 in 100 s. An account may have only so many at once, its customer told so with
+    LIMIT_REACHED; a create retried is still answered by its cart, and another account is
+    not held back."""
+    three = secured.model_copy(update={"max_carts_per_account": 3})
     create = """mutation($id: ID!, $a: ID!, $key: String) {
         createCart(id: $id, accountId: $a, idempotencyKey: $key, wait: true) {
           status cart { id } } }"""
     async with run_worker(three), api_client(three, temporal_client) as http:
+        admin = GraphQLClient(http)
+        http.headers["Authorization"] = f"Bearer {token('admin', 'ops')}"
+        account_id, other = await open_account(admin, 0), await open_account(admin, 0)
+        # From here on, as the accounts' customer.
+        http.headers["Authorization"] = f"Bearer {token('customer', 'ada', [account_id, other])}"
         gql = GraphQLClient(http)
-        account_id, other = await open_account(gql, 0), await open_account(gql, 0)
         carts = [new_id() for _ in range(3)]
         for n, cart_id in enumerate(carts):
             await gql.data(create, id=cart_id, a=account_id, key=f"cart-{n}")

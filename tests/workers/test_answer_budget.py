@@ -37,6 +37,9 @@ def test_answers_past_the_budget_fail_to_be_asked_again_and_direct_ones_never() 
         _answer(completion, f"q{n}", 300)
     _answer(completion, LEGACY_QUERY_ID, 5000)
     assert bound_answers(completion, budget=1000) == 2
+    alone = Completion(run_id="r")
+    _answer(alone, "large", 5000)  # over the budget, and first: answered all the same
+    assert bound_answers(alone, budget=1000) == 0
     results = [
         c.respond_to_query for c in completion.successful.commands if c.HasField("respond_to_query")
     ]

@@ -221,6 +221,15 @@ async def test_the_stream_is_trimmed_by_bytes_however_few_its_entries(settings: 
         assert memory < 8_000_000, memory
         newest = await client.xrevrange(stream, count=1)
         assert newest[0][1][b"revision"] == b"800"  # the newest are the ones kept
+        # Many small entries, then one large: the large one does not trim the small away.
+        for revision in range(1, 1001):
+            await cache.put(snapshot("small", revision), Changes(revision - 1, applied(revision)))
+        before = await client.xlen(stream)
+        await cache.put(
+            snapshot("small", 1001).model_copy(update={"state": {"note": "x" * 200_000}}),
+            Changes(1000, applied(1001)),
+        )
+        assert await client.xlen(stream) >= before - 200, before  # a node's worth, at most
     finally:
         await client.aclose()
 

@@ -86,6 +86,14 @@ async def test_dead_letters_are_bounded_by_their_weight(
             await registry.dead_letter("wh_big", letter)
         kept = await client.xlen(registry.key("wh_big", "dead"))
         assert MIN_DEAD_LETTERS <= kept < MIN_DEAD_LETTERS + 150, kept
+        # Many small letters, then one large: the large one does not wipe the small out.
+        small = letter.model_copy(update={"body": "x" * 500})
+        for _ in range(300):
+            await registry.dead_letter("wh_mixed", small)
+        await registry.dead_letter("wh_mixed", letter.model_copy(update={"body": "x" * 100_000}))
+        assert await client.xlen(registry.key("wh_mixed", "dead")) >= 301
     finally:
-        await client.delete(registry.key("wh_big", "dead"))
+        for subscriber_id in ("wh_big", "wh_mixed"):
+            for what in ("dead", "dead_bytes"):
+                await client.delete(registry.key(subscriber_id, what))
         await client.aclose()
