@@ -7,13 +7,17 @@ found and resolved with a reason."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from temporalio.client import Client
 
+from api.app import create_app
+from deploy.embedded import free_port
 from tests.api.test_access import SECRET, token
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.failing_checkout import failed_checkout
@@ -330,3 +334,65 @@ class TestAFailedCheckout:
                 f"Mark checkout {checkout} as settled by hand (refunded by bank transfer)? "
                 "Nothing more will run for it."
             ]
+
+
+@contextlib.asynccontextmanager
+async def app_served(settings: Settings, temporal_client: Client) -> AsyncIterator[str]:
+    """The API behind a real uvicorn, with no worker of its own: the test starts and stops
+    workers as it needs."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, temporal_client=temporal_client),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "uvicorn did not start"
+        await asyncio.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_while_its_worker_is_down_an_account_is_shown_and_its_history_says_why(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory, page: Page
+) -> None:
+    """An on-call engineer opens an account during a worker outage: its fields come from the
+    cache, and only its history, which only the entity can tell, says it is not available
+    (the whole detail was an error before)."""
+    quick = secured.model_copy(update={"live_read_timeout": 1.0})
+    prefix = f"d{new_id()[:10]}"
+    account = f"{prefix}-down"
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    async with (
+        app_served(quick, temporal_client) as url,
+        httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as http,
+    ):
+        api = Api(http)
+        async with run_worker(quick):
+            await api.data(OPEN, id=account, owner="Ada Outage")
+            await api.data(VERIFY, id=account)
+            await api.data(DEPOSIT, id=account, amount=700)
+            for _ in range(100):  # listed once its last snapshot is published
+                listed = await api.data(LISTED, text=prefix)
+                if [e["node"]["revision"] for e in listed["accounts"]["edges"]] == [3]:
+                    break
+                await asyncio.sleep(0.1)
+        # No worker runs from here on.
+        await sign_in(page, url, ADMIN)
+        accounts = page.locator('[data-pane="accounts"]')
+        await accounts.locator('input[name="text"]').fill(prefix)
+        await accounts.get_by_role("button", name="Apply").click()
+        await accounts.locator(f'tr[data-key="{account}"]').click()
+        detail = page.locator("#detail")
+        await expect(detail.locator('[data-field="balance"]')).to_have_text("700")
+        await expect(detail.locator("[data-history-error]")).to_contain_text(
+            "History not available: UNAVAILABLE"
+        )
+        assert await detail.locator("[data-error]").is_hidden()

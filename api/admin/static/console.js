@@ -20,7 +20,10 @@
     }
   }
 
-  async function graphql(query, variables = {}) {
+  // The answer's data, or an ApiError for its first error. With `partial`, data that came
+  // with errors of some fields only (a history the entity's worker cannot answer while it
+  // is down) is kept: `{ data, errors }`.
+  async function graphql(query, variables = {}, partial = false) {
     const headers = {
       "content-type": "application/json",
       accept: "application/graphql-response+json, application/json",
@@ -43,6 +46,10 @@
     } catch (err) {
       // not JSON: said below
     }
+    const fieldsOnly = body && body.data && body.errors && body.errors.every((e) => e.path);
+    if (partial && fieldsOnly && response.ok) {
+      return { data: body.data, errors: body.errors };
+    }
     const error = body && body.errors && body.errors[0];
     if (error) {
       const code = (error.extensions && error.extensions.code) || "ERROR";
@@ -54,7 +61,7 @@
     if (!response.ok || !body || !body.data) {
       throw new ApiError(`HTTP_${response.status}`, `the API answered HTTP ${response.status}`);
     }
-    return body.data;
+    return partial ? { data: body.data, errors: [] } : body.data;
   }
 
   const HISTORY = `history(last: 20) { entries { commandId command at sentBy { role subject }
@@ -193,8 +200,8 @@
       }
       reading = true;
       try {
-        const data = await graphql(KINDS[kind].read, { key });
-        if (!stopped) show(data.entity);
+        const { data, errors } = await graphql(KINDS[kind].read, { key }, true);
+        if (!stopped) show(data.entity, errors);
       } catch (err) {
         if (!stopped) fail(err);
       }
@@ -257,8 +264,8 @@
     const tick = async () => {
       if (!document.hidden) {
         try {
-          const data = await graphql(KINDS[kind].read, { key });
-          if (!stopped) show(data.entity);
+          const { data, errors } = await graphql(KINDS[kind].read, { key }, true);
+          if (!stopped) show(data.entity, errors);
         } catch (err) {
           if (!stopped) fail(err);
         }
@@ -810,7 +817,7 @@
     current.stop = follow(
       current.kind,
       current.key,
-      (entity) => renderDetail(current, entity),
+      (entity, errors) => renderDetail(current, entity, errors),
       (err) => {
         const error = detailPane.querySelector("[data-error]");
         error.textContent = `Cannot read ${current.key}: ${failure(err)}`;
@@ -837,10 +844,10 @@
     "operatorActions",
   ]);
 
-  function renderDetail(current, entity) {
+  function renderDetail(current, entity, errors = []) {
     if (detail !== current) return;
     detailPane.querySelector("[data-error]").hidden = true;
-    const seen = JSON.stringify(entity);
+    const seen = JSON.stringify([entity, errors]);
     if (seen === current.last) return;
     current.last = seen;
     const fields = detailPane.querySelector("[data-fields]");
@@ -859,6 +866,17 @@
     detailPane.querySelector("[data-extra]").replaceChildren(...extras(entity));
     if (current.kind === "checkout") {
       detailPane.querySelector('[data-actions="checkout"]').hidden = entity.status !== "FAILED";
+    }
+    // The entity is shown from the cache while its worker is down; only its history, which
+    // only the entity can tell, is then missing, and says why.
+    const unread = errors.find((e) => e.path[e.path.length - 1] === "history");
+    const note = detailPane.querySelector("[data-history-error]");
+    note.hidden = !unread;
+    if (unread) {
+      const code = (unread.extensions && unread.extensions.code) || "ERROR";
+      note.textContent = `History not available: ${code}: ${unread.message}`;
+      detailPane.querySelector("[data-history]").replaceChildren();
+      detailPane.querySelector("[data-older]").hidden = true;
     }
     if (entity.history) renderHistory(entity.history);
   }
