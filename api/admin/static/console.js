@@ -46,7 +46,10 @@
     } catch (err) {
       // not JSON: said below
     }
-    const fieldsOnly = body && body.data && body.errors && body.errors.every((e) => e.path);
+    // Errors below the root field only: one of the root field itself (the entity refused,
+    // out of reach) is the answer's error, as before.
+    const fieldsOnly =
+      body && body.data && body.errors && body.errors.every((e) => e.path && e.path.length > 1);
     if (partial && fieldsOnly && response.ok) {
       return { data: body.data, errors: body.errors };
     }
