@@ -164,9 +164,8 @@ async def _room_for_a_cart(info: Info, account_id: str) -> None:
     trails the entities by a publish: a burst may pass the bound by a few. When the index
     cannot tell (Redis out of reach, an account of thousands of carts), the cart is made."""
     limit = info.context.gateway.settings.max_carts_per_account
-    cache = info.context.gateway.cache
     try:
-        held = await EntityIndex(cache.client, cache.prefix).count_tagged(
+        held = await EntityIndex.of(info.context.gateway.cache).count_tagged(
             ENTITY, "account_id", account_id, _NOT_CHECKED_OUT
         )
     except CacheUnavailable:

@@ -187,11 +187,6 @@ def _tags(**given: Iterable[str] | None) -> dict[str, frozenset[str]]:
     return {name: frozenset(values) for name, values in given.items() if values is not None}
 
 
-def _index(info: Info) -> EntityIndex:
-    cache = info.context.gateway.cache
-    return EntityIndex(cache.client, cache.prefix)
-
-
 def _scoped(info: Info, entity_type: str, where: ListFilter) -> ListFilter:
     """`where` narrowed to what the caller may read: admins and services by the policy (a
     read of the type), customers to the entities they own, FORBIDDEN when a customer names
@@ -232,7 +227,9 @@ async def list_entities(
     where = _scoped(info, entity_type, where)
     cache = info.context.gateway.cache
     try:
-        page = await _index(info).page(entity_type, where, order, first, resume)
+        page = await EntityIndex.of(info.context.gateway.cache).page(
+            entity_type, where, order, first, resume
+        )
         # Reads of one loop turn go to Redis as one pipeline (workers/read_batching.py).
         hits = await asyncio.gather(*(cache.get(entity_type, i) for i in page.ids))
     except CacheUnavailable as exc:
@@ -261,7 +258,7 @@ async def entity_stats(info: Info, entity_type: str) -> EntityStats:
     if scoped or not policy.allows(principal, entity_type, READ, owned=True):
         raise Forbidden()
     try:
-        by_status, total = await _index(info).counts(entity_type)
+        by_status, total = await EntityIndex.of(info.context.gateway.cache).counts(entity_type)
     except CacheUnavailable as exc:
         raise redis_unavailable("the entity index", exc) from exc
     return EntityStats(

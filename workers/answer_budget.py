@@ -21,8 +21,6 @@ under Temporal's 2 MB payload limit.
 
 from __future__ import annotations
 
-from temporalio.worker import WorkflowInstance
-
 from workers.runners import Activation, Completion, WrappedInstance, WrappingRunner
 
 ANSWERS_PER_TASK = 512 * 1024
@@ -58,9 +56,6 @@ def bound_answers(completion: Completion, budget: int = ANSWERS_PER_TASK) -> int
 
 
 class _BoundedInstance(WrappedInstance):
-    def __init__(self, inner: WorkflowInstance) -> None:
-        super().__init__(inner)
-
     def activate(self, act: Activation) -> Completion:
         completion = self._inner.activate(act)
         if any(job.HasField("query_workflow") for job in act.jobs):

@@ -172,7 +172,7 @@ class BulkActivities:
 
     def __init__(self, client: Client, cache: SnapshotCache, settings: Settings) -> None:
         self._delivery = CommandDelivery(client, settings)
-        self._index = EntityIndex(cache.client, cache.prefix)
+        self._index = EntityIndex.of(cache)
         self._redis = cache.client
         self._prefix = cache.prefix
 

@@ -20,7 +20,7 @@ from enum import StrEnum
 
 from redis.exceptions import RedisError
 
-from workers.cache import CacheUnavailable, RedisClient
+from workers.cache import CacheUnavailable, RedisClient, SnapshotCache
 from workers.index import STATUS, StoredEntry, index_base, updated_key
 
 SCAN_BUDGET = 2_000
@@ -97,6 +97,11 @@ class EntityIndex:
     def __init__(self, client: RedisClient, prefix: str) -> None:
         self._client = client
         self._prefix = prefix
+
+    @classmethod
+    def of(cls, cache: SnapshotCache) -> EntityIndex:
+        """The index the cache's writes keep, on the cache's Redis and key prefix."""
+        return cls(cache.client, cache.prefix)
 
     async def page(
         self,

@@ -10,6 +10,7 @@ having run them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -110,25 +111,33 @@ def secured(settings: Settings) -> Settings:
     return settings.model_copy(update={"environment": "production", "auth_secret": SECRET})
 
 
-@pytest.fixture
-async def served(
-    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
-) -> AsyncIterator[str]:
-    """The API's base URL: a real uvicorn on a free port, with a worker applying commands,
-    against the session's Temporal and Redis."""
+@contextlib.asynccontextmanager
+async def app_served(settings: Settings, temporal_client: Client) -> AsyncIterator[str]:
+    """The API's base URL: a real uvicorn on a free port, against the session's Temporal and
+    Redis, with no worker of its own."""
     port = free_port()
     config = uvicorn.Config(
-        create_app(secured, temporal_client=temporal_client),
+        create_app(settings, temporal_client=temporal_client),
         host="127.0.0.1",
         port=port,
         log_level="warning",
     )
     server = uvicorn.Server(config)
-    async with run_worker(secured):
-        task = asyncio.create_task(server.serve())
-        while not server.started:
-            assert not task.done(), "uvicorn did not start"
-            await asyncio.sleep(0.05)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "uvicorn did not start"
+        await asyncio.sleep(0.05)
+    try:
         yield f"http://127.0.0.1:{port}"
+    finally:
         server.should_exit = True
         await task
+
+
+@pytest.fixture
+async def served(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> AsyncIterator[str]:
+    """`app_served`, with a worker applying commands."""
+    async with run_worker(secured), app_served(secured, temporal_client) as url:
+        yield url

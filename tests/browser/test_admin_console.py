@@ -7,18 +7,15 @@ found and resolved with a reason."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from temporalio.client import Client
 
-from api.app import create_app
-from deploy.embedded import free_port
 from tests.api.test_access import SECRET, token
+from tests.browser.conftest import app_served
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.failing_checkout import failed_checkout
 from tests.entities.shop import Shop, shop_settings
@@ -336,30 +333,6 @@ class TestAFailedCheckout:
                 f"Mark checkout {checkout} as settled by hand (refunded by bank transfer)? "
                 "Nothing more will run for it."
             ]
-
-
-@contextlib.asynccontextmanager
-async def app_served(settings: Settings, temporal_client: Client) -> AsyncIterator[str]:
-    """The API behind a real uvicorn, with no worker of its own: the test starts and stops
-    workers as it needs."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, temporal_client=temporal_client),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "uvicorn did not start"
-        await asyncio.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def test_while_its_worker_is_down_an_account_is_shown_and_its_history_says_why(
