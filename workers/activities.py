@@ -44,25 +44,12 @@ class CacheActivities:
         """Write the snapshot if it is newer than what the cache holds, and stream the
         changes not streamed yet; safe to repeat. Counts each attempt that fails, and how
         long the change took to reach the cache."""
-        snapshot = publication.snapshot
-        changes = (
-            Changes(publication.since, publication.changes)
-            if publication.changes is not None
-            else None
-        )
-        meter = activity.metric_meter()
-        attributes = {"entity_type": snapshot.entity_type}
         try:
-            written = await self._cache.put(snapshot, changes)
-        except Exception as exc:
-            meter.create_counter(
-                PUBLISH_FAILURES, "Attempts to publish a snapshot to the cache that failed."
-            ).add(1, attributes)
-            if not isinstance(exc, CacheUnavailable):
-                raise
-            # Redis down: expected, retried, counted above. Benign, the SDK logs it at debug,
-            # where each attempt of every entity logged a warning with its traceback (675 in
-            # a 25 s outage); this process says it once in a while instead (the filter above).
+            return await self.publish(publication)
+        except CacheUnavailable as exc:
+            # Redis down: expected, retried, counted. Benign, the SDK logs it at debug, where
+            # each attempt of every entity logged a warning with its traceback (675 in a 25 s
+            # outage); this process says it once in a while instead (the filter above).
             log.warning(
                 "publishing to the cache failed (Redis unavailable: %s); the entities retry, "
                 "and tenure_publish_failures_total counts every attempt",
@@ -73,6 +60,25 @@ class CacheActivities:
                 type="CacheUnavailable",
                 category=ApplicationErrorCategory.BENIGN,
             ) from None
+
+    async def publish(self, publication: Publication) -> bool:
+        """`publish_snapshot`'s work, from any activity: whether the cache took the snapshot.
+        Raises CacheUnavailable, or what else failed, having counted it."""
+        snapshot = publication.snapshot
+        changes = (
+            Changes(publication.since, publication.changes)
+            if publication.changes is not None
+            else None
+        )
+        meter = activity.metric_meter()
+        attributes = {"entity_type": snapshot.entity_type}
+        try:
+            written = await self._cache.put(snapshot, changes)
+        except Exception:
+            meter.create_counter(
+                PUBLISH_FAILURES, "Attempts to publish a snapshot to the cache that failed."
+            ).add(1, attributes)
+            raise
         changed = snapshot.updated_at
         if changed is not None:
             if changed.tzinfo is None:  # workflow time is UTC

@@ -12,9 +12,11 @@ Both paths are safe to take for one command: the entity applies a command id onc
 Temporal's client retries a refused update in the background for up to 10 s, whether or not
 anyone still waits for it; under load those retries clogged a process's connection until no
 signal got through either (the soak saw it). So a process never sends one entity more than
-MAX_UPDATES_IN_FLIGHT updates at a time, far under Temporal's 10, and after an update to an
-entity is refused or goes unanswered it sends that entity signals only, for a while: busy
-entities get their waited commands coalesced into signals, as before updates."""
+MAX_UPDATES_IN_FLIGHT updates at a time, far under Temporal's 10: the commands that come
+meanwhile wait and go together in the next (`apply_batch`, workers/update_lanes.py). After
+an update to an entity is refused or goes unanswered the process sends that entity signals
+only, for a while: busy entities get their waited commands coalesced into signals, as
+before updates."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -43,15 +46,17 @@ from entities.runtime.entity import EntityType
 from entities.runtime.envelope import (
     CommandEnvelope,
     CommandResult,
+    CommandResults,
     EntityRunInput,
     OutcomeStatus,
 )
-from entities.runtime.workflow import COMMAND_SIGNAL, EntityWorkflow
+from entities.runtime.workflow import COMMAND_SIGNAL, MAX_BATCH, EntityWorkflow
 from workers.backpressure import EntityBackpressure
 from workers.coalescing import SignalCoalescer
 from workers.failures import is_missing, unavailable
 from workers.settings import Settings
 from workers.temporal import ask, within
+from workers.update_lanes import UpdateLanes
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +66,24 @@ SIGNAL_RESERVE = 2.0
 unanswered, so that the sender has its answer within the wait."""
 OUTCOME_ATTEMPTS = 5
 MAX_UPDATES_IN_FLIGHT = 2
-"""Waited commands one process sends one entity as updates at a time; more go by signal."""
+"""Updates one process has in flight to one entity; the commands that come meanwhile wait
+and go together in the next."""
+MAX_WAITING = 512
+"""Waited commands that may wait for an entity's next update in one process; more go by
+signal."""
 SIGNALS_ONLY_SECONDS = 30.0
 """How long an entity whose update was refused or went unanswered gets signals only."""
 MAX_SIGNALS_ONLY = 4096
 """Entities remembered as getting signals only; the oldest are forgotten first."""
+
+
+@dataclass(frozen=True)
+class _Waited:
+    """A waited command on its way to an entity's lane (`UpdateLanes`)."""
+
+    entity: EntityType[Any, Any]
+    entity_id: str
+    envelope: CommandEnvelope
 
 
 class EntityClosed(TenureError):
@@ -94,6 +112,9 @@ class CommandDelivery:
         self._on_update_refused = on_update_refused
         self._updating: dict[str, int] = {}
         self._signals_only: OrderedDict[str, float] = OrderedDict()
+        self._lanes = UpdateLanes[_Waited, CommandResult](
+            self._send_updates, MAX_UPDATES_IN_FLIGHT, MAX_BATCH, MAX_WAITING
+        )
 
     async def _signal(self, workflow_id: str, batch: list[CommandEnvelope]) -> None:
         if self._on_signal is not None:
@@ -200,13 +221,19 @@ class CommandDelivery:
         workflow_id = entity.workflow_id(entity_id)
         deadline = time.monotonic() + self._settings.command_wait_timeout
         if self._may_update(workflow_id):
-            self._updating[workflow_id] = self._updating.get(workflow_id, 0) + 1
-            try:
-                result = await self._by_update(workflow_id, entity, entity_id, envelope, deadline)
-            finally:
-                self._updating[workflow_id] -= 1
-                if not self._updating[workflow_id]:
-                    del self._updating[workflow_id]
+            if entity.spec(envelope.name).creates:
+                self._updating[workflow_id] = self._updating.get(workflow_id, 0) + 1
+                try:
+                    result = await self._by_update(
+                        workflow_id, entity, entity_id, envelope, deadline
+                    )
+                finally:
+                    self._updating[workflow_id] -= 1
+                    if not self._updating[workflow_id]:
+                        del self._updating[workflow_id]
+            else:
+                waited = _Waited(entity, entity_id, envelope)
+                result = await self._lanes.request(workflow_id, waited, deadline)
             if result is not None:
                 return _of_this_command(envelope, result)
         try:
@@ -220,7 +247,7 @@ class CommandDelivery:
         return await self.await_outcome(handle, envelope)
 
     def _may_update(self, workflow_id: str) -> bool:
-        if self._updating.get(workflow_id, 0) >= MAX_UPDATES_IN_FLIGHT:
+        if self._updating.get(workflow_id, 0) >= MAX_UPDATES_IN_FLIGHT:  # creates
             return False
         until = self._signals_only.get(workflow_id)
         if until is None:
@@ -294,6 +321,47 @@ class CommandDelivery:
         except RPCError as exc:
             raise unavailable(exc) from exc
         raise not_yet_applied(envelope)
+
+    async def _send_updates(
+        self, workflow_id: str, commands: Sequence[_Waited], deadline: float
+    ) -> list[CommandResult | None]:
+        """One update to the entity carrying these commands (`UpdateLanes`): each one's
+        result, or None for each when the update was refused and the commands are to go by
+        signal."""
+        if len(commands) == 1:
+            (one,) = commands
+            return [
+                await self._by_update(
+                    workflow_id, one.entity, one.entity_id, one.envelope, deadline
+                )
+            ]
+        left = deadline - time.monotonic()
+        timeout = max(left - min(SIGNAL_RESERVE, left / 2), 0.1)
+        handle = self._client.get_workflow_handle(workflow_id)
+        try:
+            answer: CommandResults = await within(
+                timeout,
+                handle.execute_update(
+                    EntityWorkflow.apply_batch,
+                    [command.envelope for command in commands],
+                    rpc_timeout=timedelta(seconds=timeout),
+                ),
+            )
+            return list(answer.results())
+        except WorkflowUpdateFailedError:  # an entity on older code, or one that has ended
+            self._refused(workflow_id, "failed")
+        except RPCError as exc:
+            self._refused(
+                workflow_id,
+                "timed_out"
+                if exc.status is RPCStatusCode.DEADLINE_EXCEEDED
+                else exc.status.name.lower()
+                if exc.status
+                else "unknown",
+            )
+        except WorkflowUpdateRPCTimeoutOrCancelledError:
+            self._refused(workflow_id, "timed_out")
+        return [None] * len(commands)
 
     def _refused(self, workflow_id: str, reason: str) -> None:
         self._signals_only[workflow_id] = time.monotonic() + SIGNALS_ONLY_SECONDS

@@ -77,7 +77,7 @@ def activity_functions(client: Client, cache: SnapshotCache, settings: Settings)
     return [
         CacheActivities(cache).publish_snapshot,
         next_task,
-        EntityRequests(client, settings).request_entity,
+        EntityRequests(client, settings, cache).request_entity,
         *BulkActivities(client, cache, settings).activities(),
         WebhookDelivery(cache, settings).deliver_webhooks,
     ]

@@ -53,6 +53,14 @@ class CommandEnvelope(BaseModel):
         "answer carries itself (`Snapshot.state_omitted`). Senders from before it could not: "
         "they are answered with the whole state, as they were.",
     )
+    publishes: bool = Field(
+        default=False,
+        description="The sender publishes the answer to its update itself (the snapshot with "
+        "its changes, `CommandResult.publication`), and retries until it has, or asks the "
+        "entity to (`PUBLISH_SIGNAL`): a saga's request, which its workflow retries until "
+        "answered. The entity then leaves that publish out. Entities from before it ignore "
+        "it and publish as they did.",
+    )
 
     @model_validator(mode="after")
     def _fingerprinted(self) -> CommandEnvelope:
@@ -174,6 +182,38 @@ class CommandResult(BaseModel):
 
     outcome: Outcome
     snapshot: Snapshot
+    since: int = 0
+    changes: list[Outcome] | None = Field(
+        default=None,
+        description="To a sender that publishes (`CommandEnvelope.publishes`), the changes "
+        "after revision `since`, the last the entity knows published, for the sender to "
+        "publish with the snapshot; None when the entity publishes them itself.",
+    )
+
+    def publication(self) -> Publication | None:
+        """What the sender is to publish, if anything."""
+        if self.changes is None:
+            return None
+        return Publication(snapshot=self.snapshot, since=self.since, changes=self.changes)
+
+
+class CommandResults(BaseModel):
+    """The outcomes of commands applied together (`EntityWorkflow.apply_batch`), in the order
+    they came, with the entity state after the last of them."""
+
+    outcomes: list[Outcome]
+    snapshot: Snapshot
+    since: int = 0
+    changes: list[Outcome] | None = None
+
+    def results(self) -> list[CommandResult]:
+        """Each command's result, all with the state after the last of them."""
+        return [
+            CommandResult(
+                outcome=outcome, snapshot=self.snapshot, since=self.since, changes=self.changes
+            )
+            for outcome in self.outcomes
+        ]
 
 
 class RuntimeOptions(BaseModel):

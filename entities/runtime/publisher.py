@@ -45,6 +45,12 @@ PUBLISH_ACTIVITY_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=2),
 )
 PUBLISH_GIVE_UP = timedelta(minutes=10)
+MAX_HANDED_CHANGES = 16
+"""The most changes an update's answer carries for its sender to publish
+(`CommandEnvelope.publishes`). Past it the entity publishes itself, so that what it knows
+published, and with it what the next answer carries, moves on."""
+PUBLISH_SIGNAL = "publish"
+"""Asks an entity to publish what it handed to a sender that could not publish it."""
 
 
 class SnapshotPublisher:
@@ -71,6 +77,8 @@ class SnapshotPublisher:
         self._credit = PUBLISH_BURST
         self._credited_at: datetime | None = None
         self._timer: asyncio.Task[None] | None = None
+        self._handed = 0
+        self._owed = 0
 
     def start_run(self) -> None:
         """Choose how this run publishes; called once, from the workflow's `run`."""
@@ -105,6 +113,27 @@ class SnapshotPublisher:
         elif self._timer is None:
             self._timer = asyncio.create_task(workflow.sleep(wait))
 
+    def may_hand(self, revision: int) -> bool:
+        """Whether the snapshot at `revision` may be handed to its sender to publish
+        (`hand`): publishing is on, and its changes since the last publish this entity knows
+        of are few enough to carry."""
+        return self.enabled and revision - self.published_revision <= MAX_HANDED_CHANGES
+
+    def hand(self, revision: int) -> None:
+        """The snapshot at `revision`, with every change since `published_revision`, was
+        handed to a sender that publishes it: the entity need not, unless it changes again.
+        What the entity knows published stays where it was: the next publication, the
+        sender's or its own, carries those changes again, and the stream appends each
+        once."""
+        self._handed = max(self._handed, revision)
+
+    def take_back(self, revision: int) -> None:
+        """Publish from here every change up to `revision`, whatever is handed over later: a
+        sender could not publish what it was handed, or is retrying a command, so that an
+        answer may have gone to a sender no longer waiting for it (an update that timed out
+        at the sender is still applied, and answered to nobody)."""
+        self._owed = max(self._owed, revision)
+
     async def publish(self) -> None:
         """Publish the current snapshot, with the changes since the last publish, and wait
         for it."""
@@ -118,6 +147,7 @@ class SnapshotPublisher:
         return (
             self._runtime.publish_snapshots
             and revision > self.published_revision
+            and (revision > self._handed or self._owed > self.published_revision)
             and self._publishing is None
             and (self._backoff is None or self._backoff.done())
         )

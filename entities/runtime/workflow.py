@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         CommandEnvelope,
         CommandHistory,
         CommandResult,
+        CommandResults,
         EntityRunInput,
         HistoryPage,
         Outcome,
@@ -44,7 +45,7 @@ with workflow.unsafe.imports_passed_through():
         read_commands,
     )
     from entities.runtime.ledger import Ledger
-    from entities.runtime.publisher import SnapshotPublisher
+    from entities.runtime.publisher import PUBLISH_SIGNAL, SnapshotPublisher
 
 
 MAX_PUBLISHED_CHANGES = 1000
@@ -69,6 +70,15 @@ RECORD_UNREADABLE_PATCH = "entity-records-unreadable-commands"
 """Runs from here on refuse a command whose envelope cannot be read under its id, and apply
 the rest of a batch around it (entities/runtime/inbox.py); runs begun before drop it, as the
 SDK did, a batch with it whole."""
+
+LOOP_FOLLOWS_CHANGES_PATCH = "entity-loop-follows-every-change"
+"""Runs from here on wake their main loop on every change of state, which arms the entity's
+deadline (a reservation's expiry) in the task that changed it. Runs begun before woke it for
+a publish, which every change brought until a sender could publish its own (`hand`): they
+replay as they were made, and hand nothing over."""
+
+MAX_BATCH = 64
+"""The most commands one `apply_batch` update carries."""
 
 NOTHING_TO_UNDO = "nothing to undo"
 TIMER_SENDER = "entity:timer"
@@ -127,6 +137,7 @@ class EntityWorkflow:
         )
         self._effects = Effects(input.effects)
         self._commands_metric: MetricCounter | None = None
+        self._follows_changes = False  # decided by `run` (LOOP_FOLLOWS_CHANGES_PATCH)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -159,6 +170,11 @@ class EntityWorkflow:
     def _apply(self, envelope: CommandEnvelope) -> None:
         if envelope.command_id in self._ledger:
             self._count("duplicate", OK)
+            if envelope.publishes:
+                # Its sender is retrying: an earlier answer may have been handed to nobody
+                # (an update the sender gave up on, applied all the same), and by signal it
+                # gets nothing to publish. The entity publishes, whatever it hands over.
+                self._publisher.take_back(self._revision)
             return
         if envelope.undoes is not None and self._nothing_to_undo(envelope):
             self._count("applied", OK)
@@ -287,18 +303,57 @@ class EntityWorkflow:
         duplicate's is the one recorded. Never raises. It waits only when the command is
         held back (`Backlog`), for the main loop to apply it, which it does before it may
         continue as new; otherwise it is finished within the activation that brought it."""
+        answer = await self._apply_all([envelope])
+        return answer.results()[0]
+
+    @workflow.update  # named "apply_batch", as its method
+    async def apply_batch(self, envelopes: list[CommandEnvelope]) -> CommandResults:
+        """Apply commands that came together (workers/update_lanes.py), in order, as
+        `apply` does each: one update, one workflow task, an outcome for each."""
+        return await self._apply_all(envelopes)
+
+    @apply_batch.validator
+    def _sound_batch(self, envelopes: list[CommandEnvelope]) -> None:
+        if not 1 <= len(envelopes) <= MAX_BATCH:
+            raise ApplicationError(
+                f"a batch holds 1 to {MAX_BATCH} commands, not {len(envelopes)}",
+                type=ErrorCode.INVALID_INPUT,
+                non_retryable=True,
+            )
+        for envelope in envelopes:
+            self._sound_command_id(envelope)
+
+    async def _apply_all(self, envelopes: list[CommandEnvelope]) -> CommandResults:
         self._updates_this_run += 1
         held = self._backlog.ever_held
-        self._receive(envelope)
+        for envelope in envelopes:
+            self._receive(envelope)
         if self._backlog.ever_held > held:  # held back: this is the latest ticket
             ticket = self._backlog.ever_held
             await workflow.wait_condition(lambda: self._backlog.released(ticket))
-        return CommandResult(
-            outcome=self._outcome(envelope.command_id),
+        answer = CommandResults(
+            outcomes=[self._outcome(envelope.command_id) for envelope in envelopes],
             snapshot=self._snapshot(
-                with_state=self._state_bytes <= INLINE_STATE_BYTES or not envelope.reads_large_state
+                with_state=self._state_bytes <= INLINE_STATE_BYTES
+                or not all(envelope.reads_large_state for envelope in envelopes)
             ),
         )
+        if (
+            any(envelope.publishes for envelope in envelopes)
+            and not answer.snapshot.state_omitted
+            and self._follows_changes
+            and self._publisher.may_hand(answer.snapshot.revision)
+        ):
+            # The sender publishes it, and sees to it that it is published (saga requests).
+            since = self._publisher.published_revision
+            answer.since, answer.changes = since, self._changes(since, answer.snapshot.revision)
+            self._publisher.hand(answer.snapshot.revision)
+        return answer
+
+    @workflow.signal(name=PUBLISH_SIGNAL)
+    def publish_handed(self) -> None:
+        """A sender could not publish what its update's answer handed it: publish it."""
+        self._publisher.take_back(self._revision)
 
     @apply.validator
     def _sound_command_id(self, envelope: CommandEnvelope) -> None:
@@ -412,22 +467,28 @@ class EntityWorkflow:
         ledger (and the timers' list) still hold: the newest MAX_PUBLISHED_CHANGES, one per
         revision, oldest first."""
         snapshot = self.snapshot()
+        return Publication(
+            snapshot=snapshot, since=since, changes=self._changes(since, snapshot.revision)
+        )
+
+    def _changes(self, since: int, revision: int) -> list[Outcome]:
+        """The changes after revision `since` up to `revision` still remembered, the newest
+        MAX_PUBLISHED_CHANGES, oldest first."""
         by_revision: dict[int, Outcome] = {}
         for outcome in self._ledger.newest_first():
             if outcome.revision <= since or len(by_revision) >= MAX_PUBLISHED_CHANGES:
                 break
             if (
                 outcome.status is OutcomeStatus.APPLIED
-                and outcome.revision <= snapshot.revision
+                and outcome.revision <= revision
                 # settled without a change: the revision is its predecessor's
                 and not (outcome.message or "").startswith(NOTHING_TO_UNDO)
             ):
                 by_revision[outcome.revision] = outcome
         for timer in self._timers:
-            if since < timer.revision <= snapshot.revision:
+            if since < timer.revision <= revision:
                 by_revision[timer.revision] = timer
-        changes = [by_revision[revision] for revision in sorted(by_revision)]
-        return Publication(snapshot=snapshot, since=since, changes=changes[-MAX_PUBLISHED_CHANGES:])
+        return [by_revision[r] for r in sorted(by_revision)][-MAX_PUBLISHED_CHANGES:]
 
     @workflow.query(name="outcome")
     def outcome(self, command_id: str) -> CommandResult:
@@ -476,6 +537,7 @@ class EntityWorkflow:
         timer: asyncio.Task[None] | None = None
         armed_for: datetime | None = None
         self._publisher.start_run()
+        self._follows_changes = workflow.patched(LOOP_FOLLOWS_CHANGES_PATCH)
         while True:
             deadline = self.entity.deadline(self._state, self._options)
             if deadline is not None and (armed_for is None or deadline < armed_for):
@@ -484,10 +546,12 @@ class EntityWorkflow:
                 delay = max((deadline - workflow.now()).total_seconds(), 0.0)
                 timer = asyncio.create_task(workflow.sleep(delay))
                 armed_for = deadline
+            looked_at = self._revision
 
-            def has_work(armed: asyncio.Task[None] | None = timer) -> bool:
+            def has_work(armed: asyncio.Task[None] | None = timer, seen: int = looked_at) -> bool:
                 return (
                     bool(self._backlog)
+                    or (self._follows_changes and self._revision != seen)
                     or self._publisher.needs_attention(self._revision)
                     or bool(self._effects)
                     or self._is_terminal()

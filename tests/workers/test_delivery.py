@@ -127,6 +127,44 @@ async def test_many_waited_commands_at_once_to_one_entity_across_new_runs_are_ea
     assert read.snapshot.revision == 2 + 60
 
 
+async def test_waited_commands_beyond_the_updates_in_flight_go_together_in_the_next(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    """40 waited commands at once to one entity, from one process: two updates go at once,
+    and the rest wait and go together in the next ones (`apply_batch`), each applied once
+    and answered with its own outcome; none goes by signal, whose outcome would be asked
+    with queries over and over."""
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    workflow_id = gateway.entity("account").workflow_id(account_id)
+    async with run_worker(settings):
+        await open_active(gateway, account_id)
+        receipts = await asyncio.gather(
+            *(
+                gateway.send(
+                    "account",
+                    account_id,
+                    "deposit",
+                    {"amount": n},
+                    idempotency_key=f"d{n}",
+                    wait=True,
+                )
+                for n in range(1, 41)
+            )
+        )
+        repeated = await gateway.send(
+            "account", account_id, "deposit", {"amount": 7}, idempotency_key="d7", wait=True
+        )
+        read = await gateway.read("account", account_id, Consistency.LIVE)
+    assert read is not None and read.snapshot.state is not None
+    assert read.snapshot.state["balance"] == sum(range(1, 41))
+    assert sorted(r.revision for r in receipts) == list(range(3, 43))  # one each
+    assert repeated.revision == receipts[6].revision
+    updates, signals = await kinds_of_delivery(temporal_client, workflow_id)
+    assert signals == 0
+    assert updates < 2 + 40  # open and verify, then fewer updates than commands
+
+
 async def test_a_waited_command_whose_update_goes_unanswered_is_applied_once_by_signal(
     temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
 ) -> None:
