@@ -36,6 +36,17 @@ def request(entity_id: str, command_id: str, command: str, **payload: object) ->
     )
 
 
+def withdrawal_as_a_saga_sends_it() -> CommandEnvelope:
+    """A withdrawal of 20 as a saga's request sends it: the sender publishes the answer."""
+    return CommandEnvelope(
+        command_id="w1",
+        name="withdraw",
+        payload={"amount": 20},
+        reads_large_state=True,
+        publishes=True,
+    )
+
+
 async def refusal(requests: EntityRequests, req: EntityRequest) -> ApplicationError:
     with pytest.raises(ApplicationError) as info:
         await ActivityEnvironment().run(requests.request_entity, req)
@@ -173,13 +184,7 @@ async def test_a_handed_over_command_repeated_by_signal_is_published_by_its_enti
         account_id = await Shop(temporal_client, cache, settings).account(50)
         await until_cached(cache, "account", account_id, 3)
         handle = temporal_client.get_workflow_handle(f"account:{account_id}")
-        envelope = CommandEnvelope(
-            command_id="w1",
-            name="withdraw",
-            payload={"amount": 20},
-            reads_large_state=True,
-            publishes=True,
-        )
+        envelope = withdrawal_as_a_saga_sends_it()
         handed = await handle.execute_update(
             EntityWorkflow.apply, envelope, result_type=CommandResult
         )
@@ -226,13 +231,7 @@ async def test_an_answer_handed_to_a_sender_that_gave_up_is_published(
     shop = Shop(temporal_client, cache, settings)
     bank, account_id = await shop.unserved_account(run_worker, 50)
     handle = temporal_client.get_workflow_handle(f"account:{account_id}")
-    envelope = CommandEnvelope(
-        command_id="w1",
-        name="withdraw",
-        payload={"amount": 20},
-        reads_large_state=True,
-        publishes=True,
-    )
+    envelope = withdrawal_as_a_saga_sends_it()
     await handle.signal(EntityWorkflow.command, envelope)  # the retry, first
     with pytest.raises((RPCError, WorkflowUpdateRPCTimeoutOrCancelledError)):
         await handle.execute_update(
