@@ -233,7 +233,10 @@ class CommandDelivery:
                         del self._updating[workflow_id]
             else:
                 waited = _Waited(entity, entity_id, envelope)
-                result = await self._lanes.request(workflow_id, waited, deadline)
+                # Waiting for a turn keeps the last SIGNAL_RESERVE of the wait for the signal.
+                result = await self._lanes.request(
+                    workflow_id, waited, deadline, wait_until=deadline - SIGNAL_RESERVE
+                )
             if result is not None:
                 return _of_this_command(envelope, result)
         try:
@@ -324,17 +327,21 @@ class CommandDelivery:
 
     async def _send_updates(
         self, workflow_id: str, commands: Sequence[_Waited], deadline: float
-    ) -> list[CommandResult | None]:
+    ) -> list[CommandResult | Exception | None]:
         """One update to the entity carrying these commands (`UpdateLanes`): each one's
-        result, or None for each when the update was refused and the commands are to go by
-        signal."""
+        result; None for each when the update was refused and the commands are to go by
+        signal; when it went unanswered, each sent by signal and failed UNAVAILABLE within
+        the wait, as `_by_update` does one."""
         if len(commands) == 1:
             (one,) = commands
-            return [
-                await self._by_update(
-                    workflow_id, one.entity, one.entity_id, one.envelope, deadline
-                )
-            ]
+            try:
+                return [
+                    await self._by_update(
+                        workflow_id, one.entity, one.entity_id, one.envelope, deadline
+                    )
+                ]
+            except TenureError as exc:
+                return [exc]
         left = deadline - time.monotonic()
         timeout = max(left - min(SIGNAL_RESERVE, left / 2), 0.1)
         handle = self._client.get_workflow_handle(workflow_id)
@@ -350,18 +357,27 @@ class CommandDelivery:
             return list(answer.results())
         except WorkflowUpdateFailedError:  # an entity on older code, or one that has ended
             self._refused(workflow_id, "failed")
+            return [None] * len(commands)
         except RPCError as exc:
-            self._refused(
-                workflow_id,
-                "timed_out"
-                if exc.status is RPCStatusCode.DEADLINE_EXCEEDED
-                else exc.status.name.lower()
-                if exc.status
-                else "unknown",
-            )
+            if exc.status is not RPCStatusCode.DEADLINE_EXCEEDED:
+                self._refused(workflow_id, exc.status.name.lower() if exc.status else "unknown")
+                return [None] * len(commands)
         except WorkflowUpdateRPCTimeoutOrCancelledError:
-            self._refused(workflow_id, "timed_out")
-        return [None] * len(commands)
+            pass
+        self._refused(workflow_id, "timed_out")
+        left = max(deadline - time.monotonic(), 1.0)  # a Temporal merely slow still takes them
+        sent = await asyncio.gather(
+            *(within(left, self.deliver(c.entity, c.entity_id, c.envelope)) for c in commands),
+            return_exceptions=True,
+        )
+        return [
+            unavailable(failed)
+            if isinstance(failed, RPCError)
+            else failed
+            if isinstance(failed, Exception)
+            else not_yet_applied(command.envelope)
+            for command, failed in zip(commands, sent, strict=True)
+        ]
 
     def _refused(self, workflow_id: str, reason: str) -> None:
         self._signals_only[workflow_id] = time.monotonic() + SIGNALS_ONLY_SECONDS

@@ -3,6 +3,7 @@ became of it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import timedelta
 
@@ -25,6 +26,10 @@ from workers.temporal import within
 
 log = logging.getLogger(__name__)
 log.addFilter(RepeatedLogFilter(window=10.0))
+
+PUBLISH_WAIT = 0.5
+"""Seconds a request waits for the cache to take what it publishes, before it leaves the
+publish to the entity."""
 
 
 class EntityRequests:
@@ -88,7 +93,8 @@ class EntityRequests:
         if publication is None:
             return
         try:
-            await self._publisher.publish(publication)
+            # Bounded short: a Redis that hangs must not spend the request's local try.
+            await asyncio.wait_for(self._publisher.publish(publication), PUBLISH_WAIT)
             return
         except Exception as exc:
             log.warning("a request's snapshot is left to its entity to publish: %s", exc)

@@ -14,6 +14,7 @@ the first ones go at once.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -21,9 +22,10 @@ from typing import Generic, TypeVar
 C = TypeVar("C")
 R = TypeVar("R")
 
-Send = Callable[[str, Sequence[C], float], Awaitable[Sequence[R | None]]]
+Send = Callable[[str, Sequence[C], float], Awaitable[Sequence[R | Exception | None]]]
 """Sends one update to an entity (its workflow id) carrying these commands, to be answered by
-the deadline (`time.monotonic()`): an answer for each, None for one to go another way."""
+the deadline (`time.monotonic()`): for each, its answer, None for it to go another way, or
+the error it is to fail with."""
 
 
 @dataclass
@@ -56,27 +58,38 @@ class UpdateLanes(Generic[C, R]):
         """Entities with updates in flight or commands waiting."""
         return len(self._lanes)
 
-    async def request(self, workflow_id: str, command: C, deadline: float) -> R | None:
+    async def request(
+        self, workflow_id: str, command: C, deadline: float, wait_until: float
+    ) -> R | None:
         """The command's answer, sent alone if its entity has room, else with the commands
-        that wait with it; None if it is to go another way (refused, or no room to wait)."""
+        that wait with it; None if it is to go another way: refused, no room to wait, or
+        no answer by `wait_until` (`time.monotonic()`) while it waited. One given up on
+        after it was sent may still be applied: the other way must be safe to take too."""
         lane = self._lanes.setdefault(workflow_id, _Lane())
         if lane.in_flight < self._per_entity:
             lane.in_flight += 1
             try:
                 (answer,) = await self._send(workflow_id, [command], deadline)
-                return answer
             finally:
                 self._sent(workflow_id, lane)
-        if len(lane.waiting) >= self._max_waiting:
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+        patience = wait_until - time.monotonic()
+        if len(lane.waiting) >= self._max_waiting or patience <= 0:
             return None
         waiting = _Waiting[C, R](command, deadline, asyncio.get_running_loop().create_future())
         lane.waiting.append(waiting)
         try:
-            return await waiting.answer
-        except asyncio.CancelledError:
-            if waiting in lane.waiting:  # not sent yet: it never will be
-                lane.waiting.remove(waiting)
-            raise
+            await asyncio.wait([waiting.answer], timeout=patience)
+        finally:
+            if not waiting.answer.done():  # given up on (or cancelled): never sent, or let go
+                waiting.answer.cancel()
+                if waiting in lane.waiting:
+                    lane.waiting.remove(waiting)
+        if waiting.answer.cancelled():
+            return None
+        return waiting.answer.result()
 
     def _sent(self, workflow_id: str, lane: _Lane[C, R]) -> None:
         """An update of the lane's has been answered: send what waits, or drop the lane."""
@@ -95,20 +108,25 @@ class UpdateLanes(Generic[C, R]):
         self, workflow_id: str, lane: _Lane[C, R], batch: list[_Waiting[C, R]]
     ) -> None:
         try:
-            answers = await self._send(
-                workflow_id, [w.command for w in batch], min(w.deadline for w in batch)
+            answers = list(
+                await self._send(
+                    workflow_id, [w.command for w in batch], min(w.deadline for w in batch)
+                )
             )
+            if len(answers) != len(batch):
+                raise RuntimeError(f"{len(answers)} answers to {len(batch)} commands")
         except Exception as exc:
-            for waiting in batch:
-                if not waiting.answer.done():
-                    waiting.answer.set_exception(exc)
+            answers = [exc] * len(batch)
         except BaseException:  # cancelled (the process stops): so are its commands
             for waiting in batch:
                 waiting.answer.cancel()
             raise
-        else:
-            for waiting, answer in zip(batch, answers, strict=True):
-                if not waiting.answer.done():
-                    waiting.answer.set_result(answer)
         finally:
             self._sent(workflow_id, lane)
+        for waiting, answer in zip(batch, answers, strict=True):
+            if waiting.answer.done():  # given up on meanwhile
+                continue
+            if isinstance(answer, Exception):
+                waiting.answer.set_exception(answer)
+            else:
+                waiting.answer.set_result(answer)

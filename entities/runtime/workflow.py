@@ -170,11 +170,11 @@ class EntityWorkflow:
     def _apply(self, envelope: CommandEnvelope) -> None:
         if envelope.command_id in self._ledger:
             self._count("duplicate", OK)
-            if envelope.publishes:
-                # Its sender is retrying: an earlier answer may have been handed to nobody
-                # (an update the sender gave up on, applied all the same), and by signal it
-                # gets nothing to publish. The entity publishes, whatever it hands over.
-                self._publisher.take_back(self._revision)
+            # Its sender is retrying: an earlier answer may have been handed to nobody (an
+            # update the sender gave up on, applied all the same), and a retry by signal, or
+            # from a sender that does not publish (older code), gets nothing to publish. The
+            # entity publishes what is not published yet, whatever it hands over.
+            self._publisher.take_back(self._revision)
             return
         if envelope.undoes is not None and self._nothing_to_undo(envelope):
             self._count("applied", OK)

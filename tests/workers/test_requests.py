@@ -175,11 +175,17 @@ async def test_a_request_that_cannot_publish_leaves_it_to_its_entity(
         assert revisions(await entries_of(cache, "account", account_id)) == [1, 2, 3, 4]
 
 
-async def test_a_handed_over_command_repeated_by_signal_is_published_by_its_entity(
-    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+@pytest.mark.parametrize("repeated_by", ["signal", "a sender that does not publish"])
+async def test_a_handed_over_command_repeated_is_published_by_its_entity(
+    temporal_client: Client,
+    cache: SnapshotCache,
+    settings: Settings,
+    run_worker: WorkerFactory,
+    repeated_by: str,
 ) -> None:
-    """A sender handed a snapshot that it never published (it died), retrying by signal,
-    gets nothing to publish: the entity publishes it then."""
+    """A sender handed a snapshot that it never published (it died), retrying by signal or
+    from older code that does not publish, gets nothing to publish: the entity publishes it
+    then."""
     async with run_worker():
         account_id = await Shop(temporal_client, cache, settings).account(50)
         await until_cached(cache, "account", account_id, 3)
@@ -193,7 +199,14 @@ async def test_a_handed_over_command_repeated_by_signal_is_published_by_its_enti
         hit = await cache.get("account", account_id)
         assert hit is not None and hit.snapshot.revision == 3
 
-        await handle.signal(EntityWorkflow.command, envelope)
+        if repeated_by == "signal":
+            await handle.signal(EntityWorkflow.command, envelope)
+        else:
+            older = envelope.model_copy(update={"publishes": False})
+            again = await handle.execute_update(
+                EntityWorkflow.apply, older, result_type=CommandResult
+            )
+            assert again.publication() is None
         await until_cached(cache, "account", account_id, 4)
         assert revisions(await until_streamed(cache, "account", account_id, 4)) == [1, 2, 3, 4]
 
