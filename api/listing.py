@@ -227,9 +227,7 @@ async def list_entities(
     where = _scoped(info, entity_type, where)
     cache = info.context.gateway.cache
     try:
-        page = await EntityIndex.of(info.context.gateway.cache).page(
-            entity_type, where, order, first, resume
-        )
+        page = await EntityIndex.of(cache).page(entity_type, where, order, first, resume)
         # Reads of one loop turn go to Redis as one pipeline (workers/read_batching.py).
         hits = await asyncio.gather(*(cache.get(entity_type, i) for i in page.ids))
     except CacheUnavailable as exc:

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -79,7 +79,7 @@ MAX_SIGNALS_ONLY = 4096
 
 @dataclass(frozen=True)
 class _Waited:
-    """A waited command on its way to an entity's lane (`UpdateLanes`)."""
+    """A waited command on its way to its entity by update (`_by_update`, `UpdateLanes`)."""
 
     entity: EntityType[Any, Any]
     entity_id: str
@@ -113,7 +113,7 @@ class CommandDelivery:
         self._updating: dict[str, int] = {}
         self._signals_only: OrderedDict[str, float] = OrderedDict()
         self._lanes = UpdateLanes[_Waited, CommandResult](
-            self._send_updates, MAX_UPDATES_IN_FLIGHT, MAX_BATCH, MAX_WAITING
+            self._by_update, MAX_UPDATES_IN_FLIGHT, MAX_BATCH, MAX_WAITING
         )
 
     async def _signal(self, workflow_id: str, batch: list[CommandEnvelope]) -> None:
@@ -221,18 +221,19 @@ class CommandDelivery:
         workflow_id = entity.workflow_id(entity_id)
         deadline = time.monotonic() + self._settings.command_wait_timeout
         if self._may_update(workflow_id):
+            waited = _Waited(entity, entity_id, envelope)
             if entity.spec(envelope.name).creates:
                 self._updating[workflow_id] = self._updating.get(workflow_id, 0) + 1
                 try:
-                    result = await self._by_update(
-                        workflow_id, entity, entity_id, envelope, deadline
-                    )
+                    (answer,) = await self._by_update(workflow_id, [waited], deadline)
                 finally:
                     self._updating[workflow_id] -= 1
                     if not self._updating[workflow_id]:
                         del self._updating[workflow_id]
+                if isinstance(answer, Exception):
+                    raise answer
+                result = answer
             else:
-                waited = _Waited(entity, entity_id, envelope)
                 # Waiting for a turn keeps the last SIGNAL_RESERVE of the wait for the signal.
                 result = await self._lanes.request(
                     workflow_id, waited, deadline, wait_until=deadline - SIGNAL_RESERVE
@@ -261,101 +262,60 @@ class CommandDelivery:
         return True
 
     async def _by_update(
-        self,
-        workflow_id: str,
-        entity: EntityType[Any, Any],
-        entity_id: str,
-        envelope: CommandEnvelope,
-        deadline: float,
-    ) -> CommandResult | None:
-        """The command applied as an update, with its outcome; None when the update was
+        self, workflow_id: str, commands: Sequence[_Waited], deadline: float
+    ) -> list[CommandResult | Exception | None]:
+        """The commands applied as one update to their entity (`apply`, or `apply_batch` for
+        several: `UpdateLanes`), each with its outcome; None for each when the update was
         refused (too many in flight, an entity on older code, a closed or missing one), and
-        the command is to go by signal. A command that creates its entity starts it with the
-        update as its first work, unless it runs already (update-with-start). An update that
-        gets no answer in time is no longer waited for: the command goes by signal, durably,
-        and the sender is told to retry; both within the sender's wait (`deadline`), the
-        signal given the last `SIGNAL_RESERVE` of it, and at least a second."""
+        the commands are to go by signal. A command that creates its entity starts it with
+        the update as its first work, unless it runs already (update-with-start). An update
+        that gets no answer in time is no longer waited for: the commands go by signal,
+        durably, and each sender is told to retry (an error for each); both within the
+        senders' wait (`deadline`), the signal given the last `SIGNAL_RESERVE` of it, and at
+        least a second."""
         left = deadline - time.monotonic()
         timeout = max(left - min(SIGNAL_RESERVE, left / 2), 0.1)
         rpc_timeout = timedelta(seconds=timeout)
         start: WithStartWorkflowOperation[Any, Any] | None = None
-        if entity.spec(envelope.name).creates:
+        handle = self._client.get_workflow_handle(workflow_id)
+        answered: Awaitable[CommandResult | CommandResults]
+        if len(commands) > 1:
+            answered = handle.execute_update(
+                EntityWorkflow.apply_batch,
+                [command.envelope for command in commands],
+                rpc_timeout=rpc_timeout,
+            )
+        elif commands[0].entity.spec(commands[0].envelope.name).creates:
+            (one,) = commands
             start = WithStartWorkflowOperation(
-                catalog.workflow_for(entity.name).run,  # type: ignore[attr-defined]
-                self.start_input(entity.name, entity_id),
+                catalog.workflow_for(one.entity.name).run,  # type: ignore[attr-defined]
+                self.start_input(one.entity.name, one.entity_id),
                 id=workflow_id,
                 task_queue=self._settings.task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                 id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
             )
-            update = self._client.execute_update_with_start_workflow(
+            answered = self._client.execute_update_with_start_workflow(
                 EntityWorkflow.apply,
-                envelope,
+                one.envelope,
                 start_workflow_operation=start,
                 rpc_timeout=rpc_timeout,
             )
         else:
-            handle = self._client.get_workflow_handle(workflow_id)
-            update = handle.execute_update(EntityWorkflow.apply, envelope, rpc_timeout=rpc_timeout)
+            answered = handle.execute_update(
+                EntityWorkflow.apply, commands[0].envelope, rpc_timeout=rpc_timeout
+            )
         try:
             try:
-                result: CommandResult = await within(timeout, update)
+                answer = await within(timeout, answered)
             finally:
                 if start is not None:
                     _take_start_error(start)
-            return result
+            return list(answer.results()) if isinstance(answer, CommandResults) else [answer]
         except WorkflowAlreadyStartedError:  # it has ended: the signal path says how
             self._refused(workflow_id, "ended")
-            return None
+            return [None] * len(commands)
         except WorkflowUpdateFailedError:
-            self._refused(workflow_id, "failed")
-            return None
-        except RPCError as exc:
-            if exc.status is not RPCStatusCode.DEADLINE_EXCEEDED:
-                self._refused(workflow_id, exc.status.name.lower() if exc.status else "unknown")
-                return None
-        except WorkflowUpdateRPCTimeoutOrCancelledError:
-            pass
-        self._refused(workflow_id, "timed_out")
-        try:
-            # At least a second: a Temporal merely slow still takes the command.
-            left = max(deadline - time.monotonic(), 1.0)
-            await within(left, self.deliver(entity, entity_id, envelope))
-        except RPCError as exc:
-            raise unavailable(exc) from exc
-        raise not_yet_applied(envelope)
-
-    async def _send_updates(
-        self, workflow_id: str, commands: Sequence[_Waited], deadline: float
-    ) -> list[CommandResult | Exception | None]:
-        """One update to the entity carrying these commands (`UpdateLanes`): each one's
-        result; None for each when the update was refused and the commands are to go by
-        signal; when it went unanswered, each sent by signal and failed UNAVAILABLE within
-        the wait, as `_by_update` does one."""
-        if len(commands) == 1:
-            (one,) = commands
-            try:
-                return [
-                    await self._by_update(
-                        workflow_id, one.entity, one.entity_id, one.envelope, deadline
-                    )
-                ]
-            except TenureError as exc:
-                return [exc]
-        left = deadline - time.monotonic()
-        timeout = max(left - min(SIGNAL_RESERVE, left / 2), 0.1)
-        handle = self._client.get_workflow_handle(workflow_id)
-        try:
-            answer: CommandResults = await within(
-                timeout,
-                handle.execute_update(
-                    EntityWorkflow.apply_batch,
-                    [command.envelope for command in commands],
-                    rpc_timeout=timedelta(seconds=timeout),
-                ),
-            )
-            return list(answer.results())
-        except WorkflowUpdateFailedError:  # an entity on older code, or one that has ended
             self._refused(workflow_id, "failed")
             return [None] * len(commands)
         except RPCError as exc:
@@ -365,13 +325,14 @@ class CommandDelivery:
         except WorkflowUpdateRPCTimeoutOrCancelledError:
             pass
         self._refused(workflow_id, "timed_out")
-        left = max(deadline - time.monotonic(), 1.0)  # a Temporal merely slow still takes them
+        # At least a second: a Temporal merely slow still takes the commands.
+        left = max(deadline - time.monotonic(), 1.0)
         sent = await asyncio.gather(
             *(within(left, self.deliver(c.entity, c.entity_id, c.envelope)) for c in commands),
             return_exceptions=True,
         )
         return [
-            unavailable(failed)
+            _unavailable_from(failed)
             if isinstance(failed, RPCError)
             else failed
             if isinstance(failed, Exception)
@@ -396,6 +357,12 @@ def _take_start_error(start: WithStartWorkflowOperation[Any, Any]) -> None:
     future = start._workflow_handle  # the SDK's own: its public reader would wait on it
     if future.done() and not future.cancelled():
         future.exception()
+
+
+def _unavailable_from(exc: RPCError) -> TenureError:
+    error = unavailable(exc)
+    error.__cause__ = exc
+    return error
 
 
 def not_yet_applied(envelope: CommandEnvelope) -> TenureError:

@@ -81,6 +81,14 @@ async def sign_in(page: Page, served: str, bearer: str) -> None:
     await page.get_by_role("button", name="Sign in").click()
 
 
+async def open_listed(page: Page, pane: str, field: str, value: str, key: str) -> None:
+    """In the console's list `pane`, filter by one field and open the entity `key`."""
+    listed = page.locator(f'[data-pane="{pane}"]')
+    await listed.locator(f'input[name="{field}"]').fill(value)
+    await listed.get_by_role("button", name="Apply").click()
+    await listed.locator(f'tr[data-key="{key}"]').click()
+
+
 async def test_an_admin_follows_an_account_live_and_suspends_it(
     served: str, api: Api, page: Page
 ) -> None:
@@ -159,10 +167,7 @@ async def test_an_operator_reads_a_checkout_saga_and_declines_a_restock(
 
     await sign_in(page, served, ADMIN)
     await page.get_by_role("button", name="Carts").click()
-    carts = page.locator('[data-pane="carts"]')
-    await carts.locator('input[name="accountId"]').fill(account)
-    await carts.get_by_role("button", name="Apply").click()
-    await carts.locator(f'tr[data-key="{cart}"]').click()
+    await open_listed(page, "carts", "accountId", account, cart)
     detail = page.locator("#detail")
     await expect(detail.locator('[data-field="failureCode"]')).to_have_text("INSUFFICIENT_FUNDS")
     await detail.locator('[data-field="checkoutId"]').get_by_role("button").click()
@@ -180,9 +185,7 @@ async def test_an_operator_reads_a_checkout_saga_and_declines_a_restock(
     items = page.locator('[data-pane="inventory"]')
     # Counted in words, not by the GraphQL field's name.
     await expect(items.locator("[data-stats]")).to_contain_text("All inventory items:")
-    await items.locator('input[name="text"]').fill(sku)
-    await items.get_by_role("button", name="Apply").click()
-    await items.locator(f'tr[data-key="{sku}"]').click()
+    await open_listed(page, "inventory", "text", sku, sku)
     await expect(detail.locator('[data-field="available"]')).to_have_text("5")
     revision = (await api.data(ITEM, sku=sku))["inventoryItem"]["revision"]
 
@@ -361,10 +364,7 @@ async def test_while_its_worker_is_down_an_account_is_shown_and_its_history_says
                 await asyncio.sleep(0.1)
         # No worker runs from here on.
         await sign_in(page, url, ADMIN)
-        accounts = page.locator('[data-pane="accounts"]')
-        await accounts.locator('input[name="text"]').fill(prefix)
-        await accounts.get_by_role("button", name="Apply").click()
-        await accounts.locator(f'tr[data-key="{account}"]').click()
+        await open_listed(page, "accounts", "text", prefix, account)
         detail = page.locator("#detail")
         await expect(detail.locator('[data-field="balance"]')).to_have_text("700")
         await expect(detail.locator("[data-history-error]")).to_contain_text(
