@@ -44,7 +44,9 @@ with workflow.unsafe.imports_passed_through():
     )
     from entities.runtime.entity import Command
     from entities.runtime.envelope import Outcome
+    from entities.runtime.patches import PatchSet
     from entities.runtime.requests import (
+        LOCAL_TRY,
         EntityRequest,
         RequestFailed,
         RequestPolicy,
@@ -75,6 +77,12 @@ PARALLEL_COMMITS = "checkout-parallel-commits"
 # the whole key.
 SHORT_RESERVATION_IDS = "checkout-short-reservation-ids"
 
+CHECKOUT_PATCHES = PatchSet(
+    "checkout-patch-set-1",
+    [OPERATOR_TOOLS, PARALLEL_COMMITS, SHORT_RESERVATION_IDS, LOCAL_TRY],
+)
+"""Checkouts from here on record one patch marker, where they recorded one for each of these
+(`PatchSet`)."""
 
 MAX_REFUSED_LISTED = 5
 """Refused steps a list's row shows (kept in the memo); the checkout itself has them all."""
@@ -159,7 +167,7 @@ class CheckoutWorkflow:
             self._state.order_id = f"order-{input.key}"
             report = partial(self._report, complete_checkout, order_id=self._state.order_id)
         await saga.conclude("report", report)
-        if not workflow.patched(OPERATOR_TOOLS):
+        if not CHECKOUT_PATCHES.patched(OPERATOR_TOOLS):
             self._count_outcome()
             return self._state
         await self._await_operator(saga)
@@ -247,7 +255,7 @@ class CheckoutWorkflow:
         # Once paid for, the lines are committed at once: each commit is to its own item and
         # needs no other. Their returns, should one fail, still run last line first.
         commits = [self._commit(line.sku, reservation) for line in self._input.lines]
-        if workflow.patched(PARALLEL_COMMITS):
+        if CHECKOUT_PATCHES.patched(PARALLEL_COMMITS):
             await saga.steps(commits)
         else:
             for commit in commits:
@@ -259,7 +267,7 @@ class CheckoutWorkflow:
         unique again by a digest of the whole. Checkouts that began before ids were bounded
         keep their whole key, as their histories say."""
         key = self._input.key
-        if len(key) <= MAX_RESERVATION_ID or not workflow.patched(SHORT_RESERVATION_IDS):
+        if len(key) <= MAX_RESERVATION_ID or not CHECKOUT_PATCHES.patched(SHORT_RESERVATION_IDS):
             return key
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return f"{key[: MAX_RESERVATION_ID - len(digest) - 1]}.{digest}"
@@ -293,7 +301,7 @@ class CheckoutWorkflow:
             undoes=undoes,
             sent_by=f"saga:{workflow.info().workflow_id}",
         )
-        return request_entity(request, policy)
+        return request_entity(request, policy, CHECKOUT_PATCHES.patched)
 
     def _step(
         self, command: Command[Any, Any, Any], entity_id: str, step: str, payload: dict[str, Any]

@@ -4,6 +4,7 @@ and the workflow side that carries them out."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -65,12 +66,13 @@ class Effects:
     def _running(self) -> list[workflow.ChildWorkflowHandle[Any, Any]]:
         return [c for c in self._children if not c.done()]
 
-    async def children_closed(self) -> None:
+    async def children_closed(self, patched: Callable[[str], bool] = workflow.patched) -> None:
         """Before the run ends: wait for the children it started to close, up to
-        CHILDREN_CLOSE_WAIT (see CHILDREN_CLOSE_FIRST). How a child ends is its own
-        business: an entity starts children and lets them run (ParentClosePolicy.ABANDON)."""
+        CHILDREN_CLOSE_WAIT, if the run has CHILDREN_CLOSE_FIRST (as `patched` answers).
+        How a child ends is its own business: an entity starts children and lets them run
+        (ParentClosePolicy.ABANDON)."""
         running = self._running()
-        if not running or not workflow.patched(CHILDREN_CLOSE_FIRST):
+        if not running or not patched(CHILDREN_CLOSE_FIRST):
             return
         # One that runs on past the wait: the run ends all the same, as it always did.
         with contextlib.suppress(TimeoutError):

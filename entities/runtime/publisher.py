@@ -80,9 +80,10 @@ class SnapshotPublisher:
         self._handed = 0
         self._owed = 0
 
-    def start_run(self) -> None:
-        """Choose how this run publishes; called once, from the workflow's `run`."""
-        self._by_activity = workflow.patched(PUBLISH_BY_ACTIVITY)
+    def start_run(self, by_activity: bool) -> None:
+        """Choose how this run publishes: whether it has PUBLISH_BY_ACTIVITY; called once,
+        from the workflow's `run`."""
+        self._by_activity = by_activity
 
     @property
     def enabled(self) -> bool:

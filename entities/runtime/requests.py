@@ -15,6 +15,7 @@ its requests are answered.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -81,10 +82,13 @@ class RequestPolicy(BaseModel):
         )
 
 
-async def request_entity(request: EntityRequest, policy: RequestPolicy) -> Outcome:
+async def request_entity(
+    request: EntityRequest, policy: RequestPolicy, patched: Callable[[str], bool] = workflow.patched
+) -> Outcome:
     """Deliver `request` and wait for its outcome; raises RequestFailed with the entity's
-    code when refused, or UNAVAILABLE when the attempts ran out."""
-    if workflow.patched(LOCAL_TRY):
+    code when refused, or UNAVAILABLE when the attempts ran out. `patched` answers whether
+    the run has LOCAL_TRY (a `PatchSet`'s, for one that has it in its set)."""
+    if patched(LOCAL_TRY):
         try:
             return await _local_try(request, policy)
         # A local activity's failure comes unwrapped; its timeout as an ActivityError, but

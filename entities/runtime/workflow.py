@@ -17,7 +17,7 @@ with workflow.unsafe.imports_passed_through():
 
     from entities.errors import ErrorCode, Rejected
     from entities.runtime.backlog import BOUNDED_TASKS_PATCH, NEXT_TASK_ACTIVITY, Backlog
-    from entities.runtime.effects import Effects
+    from entities.runtime.effects import CHILDREN_CLOSE_FIRST, Effects
     from entities.runtime.entity import (
         STRICT_INPUTS_2_PATCH,
         STRICT_INPUTS_3_PATCH,
@@ -45,7 +45,12 @@ with workflow.unsafe.imports_passed_through():
         read_commands,
     )
     from entities.runtime.ledger import Ledger
-    from entities.runtime.publisher import PUBLISH_SIGNAL, SnapshotPublisher
+    from entities.runtime.patches import PatchSet
+    from entities.runtime.publisher import (
+        PUBLISH_BY_ACTIVITY,
+        PUBLISH_SIGNAL,
+        SnapshotPublisher,
+    )
 
 
 MAX_PUBLISHED_CHANGES = 1000
@@ -76,6 +81,24 @@ LOOP_FOLLOWS_CHANGES_PATCH = "entity-loop-follows-every-change"
 deadline (a reservation's expiry) in the task that changed it. Runs begun before woke it for
 a publish, which every change brought until a sender could publish its own (`hand`): they
 replay as they were made, and hand nothing over."""
+
+ENTITY_PATCHES = PatchSet(
+    "entity-patch-set-1",
+    [
+        STRICT_INPUTS_PATCH,
+        STRICT_INPUTS_2_PATCH,
+        STRICT_INPUTS_3_PATCH,
+        BOUNDED_TASKS_PATCH,
+        RECORD_UNREADABLE_PATCH,
+        LOOP_FOLLOWS_CHANGES_PATCH,
+        PUBLISH_BY_ACTIVITY,
+        CHILDREN_CLOSE_FIRST,
+    ],
+)
+"""Runs from here on record one patch marker, where they recorded one for each of these
+(`PatchSet`); besides, their main loop has a change published before it carries out the
+change's effects, so that a cart's publish is under way while its checkout starts (it waited
+for the checkout's start, a workflow task later)."""
 
 MAX_BATCH = 64
 """The most commands one `apply_batch` update carries."""
@@ -162,7 +185,7 @@ class EntityWorkflow:
         """Hold a command or a batch back if this workflow task may apply no more, or
         commands are held before it (`Backlog`); whether it was."""
         task = workflow.info().get_current_history_length()
-        if not self._backlog.admits(task) and workflow.patched(BOUNDED_TASKS_PATCH):
+        if not self._backlog.admits(task) and ENTITY_PATCHES.patched(BOUNDED_TASKS_PATCH):
             self._backlog.hold(item)
             return True
         return False
@@ -253,7 +276,7 @@ class EntityWorkflow:
         readable = [item for item in received if isinstance(item, CommandEnvelope)]
         if len(readable) == len(received):
             return readable
-        if not workflow.patched(RECORD_UNREADABLE_PATCH):
+        if not ENTITY_PATCHES.patched(RECORD_UNREADABLE_PATCH):
             decoded = [
                 item if isinstance(item, CommandEnvelope) else item.envelope for item in received
             ]
@@ -272,7 +295,7 @@ class EntityWorkflow:
         """Record a command that cannot be read as refused (`INVALID_INPUT`, with why) under
         its id; with no sound id, log and count it. Returns the command to apply all the same
         in a run begun before (`RECORD_UNREADABLE_PATCH`), if that run would have."""
-        if not workflow.patched(RECORD_UNREADABLE_PATCH):
+        if not ENTITY_PATCHES.patched(RECORD_UNREADABLE_PATCH):
             if unreadable.envelope is None:
                 workflow.logger.warning("dropped a command: %s", unreadable.reason)
             return unreadable.envelope
@@ -342,9 +365,11 @@ class EntityWorkflow:
             any(envelope.publishes for envelope in envelopes)
             and not answer.snapshot.state_omitted
             and self._follows_changes
+            and not self._is_terminal()
             and self._publisher.may_hand(answer.snapshot.revision)
         ):
             # The sender publishes it, and sees to it that it is published (saga requests).
+            # Not an entity's last state: its run publishes that itself as it ends.
             since = self._publisher.published_revision
             answer.since, answer.changes = since, self._changes(since, answer.snapshot.revision)
             self._publisher.hand(answer.snapshot.revision)
@@ -536,8 +561,9 @@ class EntityWorkflow:
         """
         timer: asyncio.Task[None] | None = None
         armed_for: datetime | None = None
-        self._publisher.start_run()
-        self._follows_changes = workflow.patched(LOOP_FOLLOWS_CHANGES_PATCH)
+        self._publisher.start_run(ENTITY_PATCHES.patched(PUBLISH_BY_ACTIVITY))
+        self._follows_changes = ENTITY_PATCHES.patched(LOOP_FOLLOWS_CHANGES_PATCH)
+        publish_first = ENTITY_PATCHES.current()
         while True:
             deadline = self.entity.deadline(self._state, self._options)
             if deadline is not None and (armed_for is None or deadline < armed_for):
@@ -570,9 +596,12 @@ class EntityWorkflow:
                     await self._quiesce()
                     # Side by side: the last publish and the children's close most often
                     # end in one workflow task.
-                    await asyncio.gather(self._publisher.publish(), self._effects.children_closed())
+                    await asyncio.gather(
+                        self._publisher.publish(),
+                        self._effects.children_closed(ENTITY_PATCHES.patched),
+                    )
                 else:
-                    await self._effects.children_closed()
+                    await self._effects.children_closed(ENTITY_PATCHES.patched)
                 await self._quiesce()
                 return self.snapshot()
             if self._should_continue_as_new():
@@ -582,8 +611,12 @@ class EntityWorkflow:
                 ).add(1, {"entity_type": self.entity.name})
                 # The next run publishes whatever this one did not.
                 workflow.continue_as_new(self._carry_over())
-            await self._effects.run()
-            self._publisher.schedule(self._revision)
+            if publish_first:
+                self._publisher.schedule(self._revision)
+                await self._effects.run()
+            else:
+                await self._effects.run()
+                self._publisher.schedule(self._revision)
 
     async def _quiesce(self) -> None:
         """Wait until nothing runs beside the main loop: no handler, no publish in flight.
@@ -664,7 +697,7 @@ class EntityWorkflow:
 
 def _strictness() -> int:
     """Which bounds of `strict_bound` this run applies: those up to the newest level whose
-    patch it has (`entities.runtime.entity`). Asked newest first, so that a new run records
-    one patch marker, not one per level."""
+    patch it has (`entities.runtime.entity`). Asked newest first, so that a run from before
+    ENTITY_PATCHES recorded one patch marker, not one per level."""
     levels = ((3, STRICT_INPUTS_3_PATCH), (2, STRICT_INPUTS_2_PATCH), (1, STRICT_INPUTS_PATCH))
-    return next((level for level, patch in levels if workflow.patched(patch)), 0)
+    return next((level for level, patch in levels if ENTITY_PATCHES.patched(patch)), 0)

@@ -37,9 +37,12 @@ from workers.settings import Settings
 from workers.worker import TenureWorker, build_worker
 
 HISTORIES = Path(__file__).parent / "histories"
-# Histories recorded since entities publish with an activity (PUBLISH_BY_ACTIVITY); those in
-# HISTORIES itself publish with local activities, as every run started before did.
-CURRENT = "publish-by-activity"
+# Histories recorded since runs ask one patch set (entities.runtime.patches): today's code.
+# Those of older code stay in folders of their own: in HISTORIES itself, runs that publish with
+# local activities; in PUBLISHED_BY_ACTIVITY, runs that publish with activities and ask each
+# patch on its own.
+CURRENT = "patch-sets"
+PUBLISHED_BY_ACTIVITY = "publish-by-activity"
 
 
 def workflow_id_of(path: Path) -> str:

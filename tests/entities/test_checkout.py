@@ -11,6 +11,7 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
+from api.gateway import Consistency
 from entities.account import AccountOptions, AccountStatus, account
 from entities.cart import CartStatus
 from entities.checkout import CheckoutState
@@ -19,7 +20,14 @@ from entities.errors import ErrorCode
 from entities.runtime import CommandContext
 from entities.runtime.saga import SagaStatus, StepRecord, StepStatus
 from tests.conftest import WorkerFactory, new_id, start_over
-from tests.entities.shop import FAST_COMPENSATION, FAST_STEP, Shop, eventually, shop_settings
+from tests.entities.shop import (
+    FAST_COMPENSATION,
+    FAST_STEP,
+    Shop,
+    eventually,
+    shop_settings,
+    until_cached,
+)
 from workers.cache import SnapshotCache
 from workers.settings import Settings
 
@@ -103,6 +111,30 @@ async def test_a_checked_out_cart_closes_after_its_checkout_with_no_task_refused
     assert EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED not in events
     closed = events.index(EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED)
     assert closed < events.index(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED)
+
+
+async def test_a_cart_publishes_its_checkout_in_the_task_that_starts_it(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    """Readers see CHECKING_OUT while the checkout starts: the cart schedules its publish
+    in the workflow task that starts the checkout, where it waited for the checkout's start,
+    a workflow task later (runs from before ENTITY_PATCHES still do)."""
+    async with run_worker(shop.settings):
+        account_id = await shop.account(BALANCE)
+        cart_id = await shop.cart(account_id, (await shop.stock(5), 1, 1000))
+        filled = await shop.gateway.read("cart", cart_id, Consistency.LIVE)
+        assert filled is not None
+        # Published: no publish of the cart is in flight when the checkout comes.
+        await until_cached(shop.cache, "cart", cart_id, filled.snapshot.revision)
+        await shop.finished(await shop.checkout(cart_id))
+        cart_run = shop.client.get_workflow_handle(f"cart:{cart_id}")
+        events = [event.event_type async for event in cart_run.fetch_history_events()]
+    initiated = events.index(EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED)
+    task_ends = events.index(EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, initiated)
+    started = events.index(EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED, initiated)
+    assert (
+        EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED in events[initiated : min(task_ends, started)]
+    )
 
 
 async def test_a_cart_with_the_longest_id_reserves_under_an_id_short_enough(

@@ -15,7 +15,12 @@ from entities import catalog
 from entities.checkout import CheckoutInput, CheckoutState, CheckoutWorkflow
 from entities.runtime.backlog import NEXT_TASK_ACTIVITY
 from entities.runtime.saga import Saga
-from tests.entities.record_histories import CURRENT, HISTORIES, workflow_id_of
+from tests.entities.record_histories import (
+    CURRENT,
+    HISTORIES,
+    PUBLISHED_BY_ACTIVITY,
+    workflow_id_of,
+)
 
 # Each history, and an event it must hold, so that a re-recording that misses a path fails.
 RECORDED = {
@@ -32,27 +37,38 @@ RECORDED = {
 
 
 # The same paths recorded since entities publish with an activity, in a folder of their own:
-# every run started from then on looks like these, every run started before like those above.
-PUBLISHED_BY_ACTIVITY = {f"{CURRENT}/{name}": event for name, event in RECORDED.items()}
-# Paths that only today's code takes: a FAILED checkout waiting for an operator, retried.
-NEW_PATHS = {
-    f"{CURRENT}/checkout.cart-stuck-1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+# runs started from then on, before the patch sets, look like these.
+PUBLISHED = {f"{PUBLISHED_BY_ACTIVITY}/{name}": event for name, event in RECORDED.items()}
+# Paths recorded then that older code took, or that today's code takes too.
+OLDER_PATHS = {
+    f"{PUBLISHED_BY_ACTIVITY}/checkout.cart-stuck-1": (
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED
+    ),
     # A bulk command sending pages ahead of counting them (patch `bulk-pipelined`)...
-    f"{CURRENT}/bulk.bulk-deposit.run1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
-    f"{CURRENT}/bulk.bulk-deposit.run2": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
-    # Waited commands as updates to an account, recorded while `apply` never waited: not
-    # recorded again (today's `apply` may wait for held commands, and replays these)...
-    f"{CURRENT}/account.acct-waited.run1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
-    # ...and today's: commands held back past a task's bound, a waited one among them.
-    f"{CURRENT}/account.acct-backlog": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+    f"{PUBLISHED_BY_ACTIVITY}/bulk.bulk-deposit.run1": (
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+    ),
+    f"{PUBLISHED_BY_ACTIVITY}/bulk.bulk-deposit.run2": (
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
+    ),
+    # Waited commands as updates to an account, recorded while `apply` never waited (today's
+    # `apply` may wait for held commands, and replays these)...
+    f"{PUBLISHED_BY_ACTIVITY}/account.acct-waited.run1": (
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED
+    ),
+    # ...and commands held back past a task's bound, a waited one among them.
+    f"{PUBLISHED_BY_ACTIVITY}/account.acct-backlog": (
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED
+    ),
     # Commands that cannot be read, sent straight to an account, recorded before they were
     # refused under their ids (patch `entity-records-unreadable-commands`): dropped, a batch
-    # with one whole. Not recorded again: today's code refuses them in a new run.
-    f"{CURRENT}/account.acct-unreadable-before": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
-    # ...and one recorded before, a page sent and counted per run (`bulk_send`): not recorded
-    # again, since today's code no longer takes that path in a new run.
+    # with one whole.
+    f"{PUBLISHED_BY_ACTIVITY}/account.acct-unreadable-before": (
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+    ),
+    # ...and one recorded before, a page sent and counted per run (`bulk_send`).
     **{
-        f"{CURRENT}/bulk.bulk-one-page-per-run.run{n}": event
+        f"{PUBLISHED_BY_ACTIVITY}/bulk.bulk-one-page-per-run.run{n}": event
         for n, event in (
             (1, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW),
             (2, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW),
@@ -60,14 +76,26 @@ NEW_PATHS = {
         )
     },
 }
-EVERY = {**RECORDED, **PUBLISHED_BY_ACTIVITY, **NEW_PATHS}
+# Today's: every path again, recorded since runs ask one patch set (CURRENT), with the paths
+# only today's code takes: a FAILED checkout waiting for an operator, retried; a bulk command
+# sending pages ahead of counting them; commands held back past a task's bound.
+TODAY = {
+    **{f"{CURRENT}/{name}": event for name, event in RECORDED.items()},
+    f"{CURRENT}/checkout.cart-stuck-1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+    f"{CURRENT}/bulk.bulk-deposit.run1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
+    f"{CURRENT}/bulk.bulk-deposit.run2": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+    f"{CURRENT}/account.acct-backlog": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+}
+EVERY = {**RECORDED, **PUBLISHED, **OLDER_PATHS, **TODAY}
 
 
 def test_every_recorded_history_is_checked() -> None:
-    assert {path.stem for path in HISTORIES.glob("*.json")} == set(RECORDED)
-    assert {f"{CURRENT}/{path.stem}" for path in (HISTORIES / CURRENT).glob("*.json")} == set(
-        PUBLISHED_BY_ACTIVITY
-    ) | set(NEW_PATHS)
+    recorded = {
+        f"{folder}/{path.stem}".lstrip("/")
+        for folder in ("", PUBLISHED_BY_ACTIVITY, CURRENT)
+        for path in (HISTORIES / folder).glob("*.json")
+    }
+    assert recorded == set(EVERY)
 
 
 def history(name: str) -> WorkflowHistory:
@@ -80,6 +108,33 @@ def test_the_histories_of_today_publish_with_activities() -> None:
         kinds = {event.event_type for event in history(f"{CURRENT}/{name}").events}
         assert EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED in kinds, name
         assert EventType.EVENT_TYPE_MARKER_RECORDED in kinds, name  # the patch marker
+
+
+def patch_markers(name: str) -> int:
+    return sum(
+        event.marker_recorded_event_attributes.marker_name == "core_patch"
+        for event in history(name).events
+    )
+
+
+def version_upserts(name: str) -> int:
+    """Upserts of TemporalChangeVersion: the SDK adds one to each patch marker, and each is a
+    write to the server's visibility store."""
+    return sum(
+        "TemporalChangeVersion"
+        in event.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
+        for event in history(name).events
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["account.acct-burst", "inventory.sku-teapot", "cart.cart-done", "checkout.cart-done-1"]
+)
+def test_a_run_of_today_records_one_patch_marker(name: str) -> None:
+    """Without the sets, a new entity run recorded three (publishing by activity, the loop
+    that follows every change, strict inputs) and a checkout three."""
+    assert patch_markers(f"{CURRENT}/{name}") == 1
+    assert version_upserts(f"{CURRENT}/{name}") == 1
 
 
 @pytest.mark.parametrize("name", sorted(EVERY))
