@@ -3,7 +3,6 @@ and the workflow side that carries them out."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -66,16 +65,27 @@ class Effects:
     def _running(self) -> list[workflow.ChildWorkflowHandle[Any, Any]]:
         return [c for c in self._children if not c.done()]
 
-    async def children_closed(self, patched: Callable[[str], bool] = workflow.patched) -> None:
+    def started(self, sender: str | None) -> bool:
+        """Whether `sender` (`role:workflow id`) is a child this run started that is still
+        running."""
+        if sender is None:
+            return False
+        _, _, workflow_id = sender.partition(":")
+        return any(child.id == workflow_id for child in self._running())
+
+    async def children_closed(self, patched: Callable[[str], bool] = workflow.patched) -> bool:
         """Before the run ends: wait for the children it started to close, up to
         CHILDREN_CLOSE_WAIT, if the run has CHILDREN_CLOSE_FIRST (as `patched` answers).
         How a child ends is its own business: an entity starts children and lets them run
-        (ParentClosePolicy.ABANDON)."""
+        (ParentClosePolicy.ABANDON). Whether every child it waited for closed."""
         running = self._running()
         if not running or not patched(CHILDREN_CLOSE_FIRST):
-            return
+            return True
         # One that runs on past the wait: the run ends all the same, as it always did.
-        with contextlib.suppress(TimeoutError):
+        try:
             await workflow.wait_condition(
                 lambda: all(c.done() for c in running), timeout=CHILDREN_CLOSE_WAIT
             )
+        except TimeoutError:
+            return False
+        return True

@@ -135,6 +135,11 @@ class SnapshotPublisher:
         at the sender is still applied, and answered to nobody)."""
         self._owed = max(self._owed, revision)
 
+    def left_to_sender(self, revision: int) -> bool:
+        """Whether the changes up to `revision` are the sender's to publish: handed over,
+        and not taken back since."""
+        return self._handed >= revision and self._owed <= self.published_revision
+
     async def publish(self) -> None:
         """Publish the current snapshot, with the changes since the last publish, and wait
         for it."""

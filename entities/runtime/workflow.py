@@ -365,15 +365,25 @@ class EntityWorkflow:
             any(envelope.publishes for envelope in envelopes)
             and not answer.snapshot.state_omitted
             and self._follows_changes
-            and not self._is_terminal()
+            and (not self._is_terminal() or self._ends_by_child(envelopes))
             and self._publisher.may_hand(answer.snapshot.revision)
         ):
             # The sender publishes it, and sees to it that it is published (saga requests).
-            # Not an entity's last state: its run publishes that itself as it ends.
             since = self._publisher.published_revision
             answer.since, answer.changes = since, self._changes(since, answer.snapshot.revision)
             self._publisher.hand(answer.snapshot.revision)
         return answer
+
+    def _ends_by_child(self, envelopes: list[CommandEnvelope]) -> bool:
+        """Whether the entity's last state may go to its senders to publish: each is a
+        child this run started (a checkout's report to its cart), which the run waits for
+        before it ends; once the child has closed, its requests have published what they
+        were handed or asked the entity to (PUBLISH_SIGNAL). Any other sender could ask too
+        late, so the run publishes its end itself. Runs from before ENTITY_PATCHES always
+        do."""
+        return ENTITY_PATCHES.current() and all(
+            self._effects.started(envelope.sent_by) for envelope in envelopes
+        )
 
     @workflow.signal(name=PUBLISH_SIGNAL)
     def publish_handed(self) -> None:
@@ -594,12 +604,7 @@ class EntityWorkflow:
                 await self._effects.run()
                 if self._publisher.enabled:
                     await self._quiesce()
-                    # Side by side: the last publish and the children's close most often
-                    # end in one workflow task.
-                    await asyncio.gather(
-                        self._publisher.publish(),
-                        self._effects.children_closed(ENTITY_PATCHES.patched),
-                    )
+                    await self._last_publish()
                 else:
                     await self._effects.children_closed(ENTITY_PATCHES.patched)
                 await self._quiesce()
@@ -617,6 +622,23 @@ class EntityWorkflow:
             else:
                 await self._effects.run()
                 self._publisher.schedule(self._revision)
+
+    async def _last_publish(self) -> None:
+        """Publish the entity's end, once its children have closed (`children_closed`). An
+        end handed to a child that publishes it (`_ends_by_child`) is published by the run
+        only if the child asked it to, or did not close in time."""
+        if self._publisher.left_to_sender(self._revision):
+            closed = await self._effects.children_closed(ENTITY_PATCHES.patched)
+            if closed and self._publisher.left_to_sender(self._revision):
+                return
+            await self._quiesce()
+            await self._publisher.publish()
+            return
+        # Side by side: the last publish and the children's close most often end in one
+        # workflow task.
+        await asyncio.gather(
+            self._publisher.publish(), self._effects.children_closed(ENTITY_PATCHES.patched)
+        )
 
     async def _quiesce(self) -> None:
         """Wait until nothing runs beside the main loop: no handler, no publish in flight.

@@ -9,15 +9,17 @@ from datetime import UTC, datetime
 
 import pytest
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 
 from api.gateway import Consistency
+from deploy.embedded import EmbeddedRedis
 from entities.account import AccountOptions, AccountStatus, account
 from entities.cart import CartStatus
 from entities.checkout import CheckoutState
 from entities.checkout_input import checkout_workflow_id
 from entities.errors import ErrorCode
 from entities.runtime import CommandContext
+from entities.runtime.envelope import Snapshot
 from entities.runtime.saga import SagaStatus, StepRecord, StepStatus
 from tests.conftest import WorkerFactory, new_id, start_over
 from tests.entities.shop import (
@@ -135,6 +137,63 @@ async def test_a_cart_publishes_its_checkout_in_the_task_that_starts_it(
     assert (
         EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED in events[initiated : min(task_ends, started)]
     )
+
+
+def publishes_after_checkout_start(events: list[EventType.ValueType]) -> int:
+    """Publishes a cart scheduled from its checkout's start on."""
+    initiated = events.index(EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED)
+    return events[initiated:].count(EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)
+
+
+async def test_a_checked_out_cart_leaves_its_end_to_its_checkout_to_publish(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    """The checkout's report is the cart's last command, handed back to the checkout's
+    request to publish: the cart publishes CHECKING_OUT and nothing after, and readers see
+    CHECKED_OUT all the same."""
+    async with run_worker(shop.settings):
+        account_id = await shop.account(BALANCE)
+        cart_id = await shop.cart(account_id, (await shop.stock(5), 1, 1000))
+        done = await shop.finished(await shop.checkout(cart_id))
+        cart_run = shop.client.get_workflow_handle(f"cart:{cart_id}")
+        last = Snapshot.model_validate(await asyncio.wait_for(cart_run.result(), 30))
+        events = [event.event_type async for event in cart_run.fetch_history_events()]
+        hit = await until_cached(shop.cache, "cart", cart_id, last.revision)
+    assert publishes_after_checkout_start(events) == 1
+    assert hit.snapshot.state is not None
+    assert (hit.snapshot.state["status"], hit.snapshot.state["order_id"]) == (
+        CartStatus.CHECKED_OUT.value,
+        done.order_id,
+    )
+
+
+async def test_a_cart_publishes_its_end_itself_when_its_checkout_could_not(
+    shop: Shop,
+    run_worker: WorkerFactory,
+    own_redis: EmbeddedRedis,
+    own_redis_settings: Settings,
+    own_cache: SnapshotCache,
+) -> None:
+    """With Redis down, the checkout's request cannot publish the cart's end and asks the
+    cart to: the cart, still waiting for its checkout to close, publishes it once Redis is
+    back, and only then ends."""
+    async with run_worker(own_redis_settings):
+        account_id = await shop.account(BALANCE)
+        cart_id = await shop.cart(account_id, (await shop.stock(5), 1, 1000))
+        filled = await shop.gateway.read("cart", cart_id, Consistency.LIVE)
+        assert filled is not None
+        await until_cached(own_cache, "cart", cart_id, filled.snapshot.revision)
+        own_redis.stop()
+        done = await shop.finished(await shop.checkout(cart_id))
+        assert done.status is SagaStatus.COMPLETED
+        cart_run = shop.client.get_workflow_handle(f"cart:{cart_id}")
+        described = await cart_run.describe()
+        assert described.status is WorkflowExecutionStatus.RUNNING  # its end unpublished
+        await own_redis.start()
+        last = Snapshot.model_validate(await asyncio.wait_for(cart_run.result(), 30))
+        hit = await until_cached(own_cache, "cart", cart_id, last.revision)
+    assert hit.snapshot.state is not None
+    assert hit.snapshot.state["status"] == CartStatus.CHECKED_OUT.value
 
 
 async def test_a_cart_with_the_longest_id_reserves_under_an_id_short_enough(
