@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         reserve_stock,
         return_reservation,
     )
+    from entities.runtime.effects import saga_sender
     from entities.runtime.entity import Command
     from entities.runtime.envelope import Outcome
     from entities.runtime.patches import PatchSet
@@ -299,7 +300,7 @@ class CheckoutWorkflow:
             command=command.name,
             payload=payload,
             undoes=undoes,
-            sent_by=f"saga:{workflow.info().workflow_id}",
+            sent_by=saga_sender(workflow.info().workflow_id),
         )
         return request_entity(request, policy, CHECKOUT_PATCHES.patched)
 

@@ -23,6 +23,12 @@ MAX_CHILDREN_FOLLOWED = 64
 """Children still running that a run waits for at its end; older ones are let go."""
 
 
+def saga_sender(workflow_id: str) -> str:
+    """How a workflow that an entity started (a saga) signs its requests
+    (`EntityRequest.sent_by`): the entity knows its requests by it."""
+    return f"saga:{workflow_id}"
+
+
 class StartWorkflow(BaseModel):
     """Start another workflow (for example a saga) that outlives this entity's run."""
 
@@ -66,12 +72,24 @@ class Effects:
         return [c for c in self._children if not c.done()]
 
     def started(self, sender: str | None) -> bool:
-        """Whether `sender` (`role:workflow id`) is a child this run started that is still
+        """Whether `sender` is a saga this run started (`saga_sender`) that is still
         running."""
-        if sender is None:
-            return False
-        _, _, workflow_id = sender.partition(":")
-        return any(child.id == workflow_id for child in self._running())
+        child = self._child(sender)
+        return child is not None and not child.done()
+
+    def completed(self, sender: str | None) -> bool:
+        """Whether `sender` is a saga this run started that has completed: not failed,
+        cancelled, terminated or timed out."""
+        child = self._child(sender)
+        return (
+            child is not None
+            and child.done()
+            and not child.cancelled()
+            and child.exception() is None
+        )
+
+    def _child(self, sender: str | None) -> workflow.ChildWorkflowHandle[Any, Any] | None:
+        return next((c for c in self._children if sender == saga_sender(c.id)), None)
 
     async def children_closed(self, patched: Callable[[str], bool] = workflow.patched) -> bool:
         """Before the run ends: wait for the children it started to close, up to

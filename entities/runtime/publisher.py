@@ -135,6 +135,11 @@ class SnapshotPublisher:
         at the sender is still applied, and answered to nobody)."""
         self._owed = max(self._owed, revision)
 
+    async def backed_off(self) -> None:
+        """Wait out the pause after a failed publish, if one is on."""
+        if self._backoff is not None:
+            await self._backoff
+
     def left_to_sender(self, revision: int) -> bool:
         """Whether the changes up to `revision` are the sender's to publish: handed over,
         and not taken back since."""

@@ -161,6 +161,7 @@ class EntityWorkflow:
         self._effects = Effects(input.effects)
         self._commands_metric: MetricCounter | None = None
         self._follows_changes = False  # decided by `run` (LOOP_FOLLOWS_CHANGES_PATCH)
+        self._end_senders: list[str | None] = []  # who its end was handed to (`_ends_by_child`)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -372,6 +373,8 @@ class EntityWorkflow:
             since = self._publisher.published_revision
             answer.since, answer.changes = since, self._changes(since, answer.snapshot.revision)
             self._publisher.hand(answer.snapshot.revision)
+            if self._is_terminal():
+                self._end_senders = [envelope.sent_by for envelope in envelopes]
         return answer
 
     def _ends_by_child(self, envelopes: list[CommandEnvelope]) -> bool:
@@ -624,20 +627,43 @@ class EntityWorkflow:
                 self._publisher.schedule(self._revision)
 
     async def _last_publish(self) -> None:
-        """Publish the entity's end, once its children have closed (`children_closed`). An
-        end handed to a child that publishes it (`_ends_by_child`) is published by the run
-        only if the child asked it to, or did not close in time."""
+        """Publish the entity's end, once its children have closed (`children_closed`).
+
+        An end handed to a child that publishes it (`_ends_by_child`) is published by the
+        run only if the child asked it to (`take_back`), did not close in time, or closed
+        without completing (failed, terminated), when it may not have published. Runs from
+        ENTITY_PATCHES on publish until it is done, Redis down or not, and publish too what
+        commands held during the wait changed; runs from before try once, as they did."""
+        if not ENTITY_PATCHES.current():
+            await asyncio.gather(
+                self._publisher.publish(), self._effects.children_closed(ENTITY_PATCHES.patched)
+            )
+            return
         if self._publisher.left_to_sender(self._revision):
-            closed = await self._effects.children_closed(ENTITY_PATCHES.patched)
-            if closed and self._publisher.left_to_sender(self._revision):
+            await self._effects.children_closed(ENTITY_PATCHES.patched)
+        else:
+            # Side by side: the last publish and the children's close most often end in
+            # one workflow task.
+            await asyncio.gather(
+                self._publisher.publish(), self._effects.children_closed(ENTITY_PATCHES.patched)
+            )
+        while True:
+            await self._quiesce()
+            if self._end_published():
                 return
+            await self._publisher.backed_off()
             await self._quiesce()
             await self._publisher.publish()
-            return
-        # Side by side: the last publish and the children's close most often end in one
-        # workflow task.
-        await asyncio.gather(
-            self._publisher.publish(), self._effects.children_closed(ENTITY_PATCHES.patched)
+
+    def _end_published(self) -> bool:
+        """Whether the entity's end is in the cache, or its senders' to publish: children
+        that completed and asked nothing back."""
+        if self._publisher.published_revision >= self._revision:
+            return True
+        return (
+            self._publisher.left_to_sender(self._revision)
+            and bool(self._end_senders)
+            and all(self._effects.completed(sender) for sender in self._end_senders)
         )
 
     async def _quiesce(self) -> None:

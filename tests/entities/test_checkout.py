@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from api.gateway import Consistency
@@ -19,7 +20,8 @@ from entities.checkout import CheckoutState
 from entities.checkout_input import checkout_workflow_id
 from entities.errors import ErrorCode
 from entities.runtime import CommandContext
-from entities.runtime.envelope import Snapshot
+from entities.runtime.envelope import CommandResult, Snapshot
+from entities.runtime.publisher import PUBLISH_ACTIVITY
 from entities.runtime.saga import SagaStatus, StepRecord, StepStatus
 from tests.conftest import WorkerFactory, new_id, start_over
 from tests.entities.shop import (
@@ -31,6 +33,7 @@ from tests.entities.shop import (
     until_cached,
 )
 from workers.cache import SnapshotCache
+from workers.requests import EntityRequests
 from workers.settings import Settings
 
 BALANCE = 10_000
@@ -139,10 +142,14 @@ async def test_a_cart_publishes_its_checkout_in_the_task_that_starts_it(
     )
 
 
-def publishes_after_checkout_start(events: list[EventType.ValueType]) -> int:
+def publishes_after_checkout_start(events: list[HistoryEvent]) -> int:
     """Publishes a cart scheduled from its checkout's start on."""
-    initiated = events.index(EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED)
-    return events[initiated:].count(EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)
+    kinds = [event.event_type for event in events]
+    initiated = kinds.index(EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED)
+    return sum(
+        event.activity_task_scheduled_event_attributes.activity_type.name == PUBLISH_ACTIVITY.name
+        for event in events[initiated:]
+    )
 
 
 async def test_a_checked_out_cart_leaves_its_end_to_its_checkout_to_publish(
@@ -157,7 +164,7 @@ async def test_a_checked_out_cart_leaves_its_end_to_its_checkout_to_publish(
         done = await shop.finished(await shop.checkout(cart_id))
         cart_run = shop.client.get_workflow_handle(f"cart:{cart_id}")
         last = Snapshot.model_validate(await asyncio.wait_for(cart_run.result(), 30))
-        events = [event.event_type async for event in cart_run.fetch_history_events()]
+        events = [event async for event in cart_run.fetch_history_events()]
         hit = await until_cached(shop.cache, "cart", cart_id, last.revision)
     assert publishes_after_checkout_start(events) == 1
     assert hit.snapshot.state is not None
@@ -192,6 +199,38 @@ async def test_a_cart_publishes_its_end_itself_when_its_checkout_could_not(
         await own_redis.start()
         last = Snapshot.model_validate(await asyncio.wait_for(cart_run.result(), 30))
         hit = await until_cached(own_cache, "cart", cart_id, last.revision)
+    assert hit.snapshot.state is not None
+    assert hit.snapshot.state["status"] == CartStatus.CHECKED_OUT.value
+
+
+async def test_a_cart_whose_checkout_ends_without_publishing_its_end_publishes_it(
+    shop: Shop, run_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout handed its cart's end can fail to complete before it publishes it (an
+    operator terminates it; its request hangs here, as in a worker that stopped mid-way):
+    the cart, seeing its checkout close without completing, publishes its end itself."""
+    handed = asyncio.Event()
+    publish = EntityRequests._publish
+
+    async def hangs_on_the_carts_end(
+        self: EntityRequests, workflow_id: str, result: CommandResult
+    ) -> None:
+        if workflow_id.startswith("cart:") and result.snapshot.closed and result.publication():
+            handed.set()
+            await asyncio.Event().wait()  # neither publishes nor asks the cart to
+        await publish(self, workflow_id, result)
+
+    monkeypatch.setattr(EntityRequests, "_publish", hangs_on_the_carts_end)
+    async with run_worker(shop.settings):
+        account_id = await shop.account(BALANCE)
+        cart_id = await shop.cart(account_id, (await shop.stock(5), 1, 1000))
+        checkout_id = await shop.checkout(cart_id)
+        await asyncio.wait_for(handed.wait(), 30)
+        checkout = shop.client.get_workflow_handle(checkout_workflow_id(checkout_id))
+        await checkout.terminate("an operator stops it")
+        cart_run = shop.client.get_workflow_handle(f"cart:{cart_id}")
+        last = Snapshot.model_validate(await asyncio.wait_for(cart_run.result(), 30))
+        hit = await until_cached(shop.cache, "cart", cart_id, last.revision)
     assert hit.snapshot.state is not None
     assert hit.snapshot.state["status"] == CartStatus.CHECKED_OUT.value
 

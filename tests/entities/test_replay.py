@@ -12,9 +12,10 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
 from entities import catalog
-from entities.checkout import CheckoutInput, CheckoutState, CheckoutWorkflow
+from entities.checkout import CHECKOUT_PATCHES, CheckoutInput, CheckoutState, CheckoutWorkflow
 from entities.runtime.backlog import NEXT_TASK_ACTIVITY
 from entities.runtime.saga import Saga
+from entities.runtime.workflow import ENTITY_PATCHES
 from tests.entities.record_histories import (
     CURRENT,
     HISTORIES,
@@ -135,6 +136,30 @@ def test_a_run_of_today_records_one_patch_marker(name: str) -> None:
     that follows every change, strict inputs) and a checkout three."""
     assert patch_markers(f"{CURRENT}/{name}") == 1
     assert version_upserts(f"{CURRENT}/{name}") == 1
+
+
+def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
+    """Runs start under a set and take every patch in it for granted: a patch added to a set
+    already released would be taken for granted by runs that never had it. A new patch
+    joins a new set (docs/operations.md)."""
+    assert ENTITY_PATCHES.name == "entity-patch-set-1"
+    assert ENTITY_PATCHES.patches == {
+        "strict-inputs-1",
+        "strict-inputs-2",
+        "strict-inputs-3",
+        "bounded-tasks-1",
+        "entity-records-unreadable-commands",
+        "entity-loop-follows-every-change",
+        "publish-by-activity",
+        "entity-children-close-first",
+    }
+    assert CHECKOUT_PATCHES.name == "checkout-patch-set-1"
+    assert CHECKOUT_PATCHES.patches == {
+        "checkout-operator-tools",
+        "checkout-parallel-commits",
+        "checkout-short-reservation-ids",
+        "requests-try-local-first",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(EVERY))
