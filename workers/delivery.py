@@ -110,7 +110,6 @@ class CommandDelivery:
         self._backpressure = EntityBackpressure(client, settings.entity_history_limit_bytes)
         self._on_signal = on_signal
         self._on_update_refused = on_update_refused
-        self._updating: dict[str, int] = {}
         self._signals_only: OrderedDict[str, float] = OrderedDict()
         self._lanes = UpdateLanes[_Waited, CommandResult](
             self._by_update, MAX_UPDATES_IN_FLIGHT, MAX_BATCH, MAX_WAITING
@@ -221,23 +220,16 @@ class CommandDelivery:
         workflow_id = entity.workflow_id(entity_id)
         deadline = time.monotonic() + self._settings.command_wait_timeout
         if self._may_update(workflow_id):
-            waited = _Waited(entity, entity_id, envelope)
-            if entity.spec(envelope.name).creates:
-                self._updating[workflow_id] = self._updating.get(workflow_id, 0) + 1
-                try:
-                    (answer,) = await self._by_update(workflow_id, [waited], deadline)
-                finally:
-                    self._updating[workflow_id] -= 1
-                    if not self._updating[workflow_id]:
-                        del self._updating[workflow_id]
-                if isinstance(answer, Exception):
-                    raise answer
-                result = answer
-            else:
-                # Waiting for a turn keeps the last SIGNAL_RESERVE of the wait for the signal.
-                result = await self._lanes.request(
-                    workflow_id, waited, deadline, wait_until=deadline - SIGNAL_RESERVE
-                )
+            # Waiting for a turn keeps the last SIGNAL_RESERVE of the wait for the signal. A
+            # command that creates its entity never waits: it goes alone (update-with-start)
+            # or by signal, since a batch goes to an entity that runs already.
+            creates = entity.spec(envelope.name).creates
+            result = await self._lanes.request(
+                workflow_id,
+                _Waited(entity, entity_id, envelope),
+                deadline,
+                wait_until=time.monotonic() if creates else deadline - SIGNAL_RESERVE,
+            )
             if result is not None:
                 return _of_this_command(envelope, result)
         try:
@@ -251,8 +243,6 @@ class CommandDelivery:
         return await self.await_outcome(handle, envelope)
 
     def _may_update(self, workflow_id: str) -> bool:
-        if self._updating.get(workflow_id, 0) >= MAX_UPDATES_IN_FLIGHT:  # creates
-            return False
         until = self._signals_only.get(workflow_id)
         if until is None:
             return True

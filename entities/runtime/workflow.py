@@ -634,19 +634,15 @@ class EntityWorkflow:
         without completing (failed, terminated), when it may not have published. Runs from
         ENTITY_PATCHES on publish until it is done, Redis down or not, and publish too what
         commands held during the wait changed; runs from before try once, as they did."""
-        if not ENTITY_PATCHES.current():
-            await asyncio.gather(
-                self._publisher.publish(), self._effects.children_closed(ENTITY_PATCHES.patched)
-            )
-            return
-        if self._publisher.left_to_sender(self._revision):
-            await self._effects.children_closed(ENTITY_PATCHES.patched)
+        children_closed = self._effects.children_closed(ENTITY_PATCHES.patched)
+        if self._publisher.left_to_sender(self._revision):  # runs from ENTITY_PATCHES on only
+            await children_closed
         else:
             # Side by side: the last publish and the children's close most often end in
             # one workflow task.
-            await asyncio.gather(
-                self._publisher.publish(), self._effects.children_closed(ENTITY_PATCHES.patched)
-            )
+            await asyncio.gather(self._publisher.publish(), children_closed)
+        if not ENTITY_PATCHES.current():
+            return
         while True:
             await self._quiesce()
             if self._end_published():
