@@ -47,6 +47,13 @@ def withdrawal_as_a_saga_sends_it() -> CommandEnvelope:
     )
 
 
+async def published_account(client: Client, cache: SnapshotCache, settings: Settings) -> str:
+    """An account opened, verified and funded with 50 (revision 3), and in the cache."""
+    account_id = await Shop(client, cache, settings).account(50)
+    await until_cached(cache, "account", account_id, 3)
+    return account_id
+
+
 async def refusal(requests: EntityRequests, req: EntityRequest) -> ApplicationError:
     with pytest.raises(ApplicationError) as info:
         await ActivityEnvironment().run(requests.request_entity, req)
@@ -127,9 +134,8 @@ async def test_a_request_publishes_what_its_entity_hands_over(
     requests = EntityRequests(temporal_client, settings, cache)
     run = ActivityEnvironment().run
     async with run_worker():
-        account_id = await Shop(temporal_client, cache, settings).account(50)
+        account_id = await published_account(temporal_client, cache, settings)
         workflow_id = f"account:{account_id}"
-        await until_cached(cache, "account", account_id, 3)
         await until_idle(temporal_client, workflow_id)
         before = await publishes(temporal_client, workflow_id)
 
@@ -163,8 +169,7 @@ async def test_a_request_that_cannot_publish_leaves_it_to_its_entity(
     """With its cache out of reach, a request asks the entity to publish, which it does
     as it publishes its other changes: nothing handed over is left unpublished."""
     async with run_worker():
-        account_id = await Shop(temporal_client, cache, settings).account(50)
-        await until_cached(cache, "account", account_id, 3)
+        account_id = await published_account(temporal_client, cache, settings)
         own_redis.stop()
         requests = EntityRequests(temporal_client, settings, own_cache)
         applied = await ActivityEnvironment().run(
@@ -187,8 +192,7 @@ async def test_a_handed_over_command_repeated_is_published_by_its_entity(
     from older code that does not publish, gets nothing to publish: the entity publishes it
     then."""
     async with run_worker():
-        account_id = await Shop(temporal_client, cache, settings).account(50)
-        await until_cached(cache, "account", account_id, 3)
+        account_id = await published_account(temporal_client, cache, settings)
         handle = temporal_client.get_workflow_handle(f"account:{account_id}")
         envelope = withdrawal_as_a_saga_sends_it()
         handed = await handle.execute_update(
