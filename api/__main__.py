@@ -39,6 +39,10 @@ def main() -> None:
         server_header=False,  # what serves the API is no client's business
         # On SIGTERM uvicorn stops accepting at once and lets requests in flight finish.
         timeout_graceful_shutdown=int(settings.api_shutdown_grace),
+        # uvicorn's own 5 s closed idle connections under a proxy that keeps them 60 s (a
+        # request sent on one as it closed failed), and under clients that pause longer
+        # than 5 s between bursts (each burst began by connecting again).
+        timeout_keep_alive=int(settings.api_keep_alive),
     )
     if tracer_provider is not None:
         tracer_provider.shutdown()  # the spans still buffered

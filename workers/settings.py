@@ -160,6 +160,13 @@ class Settings(BaseModel):
     api_shutdown_grace: float = Field(
         default=20.0, ge=0, description="Seconds the API gives requests in flight on SIGTERM."
     )
+    api_keep_alive: float = Field(
+        default=75.0,
+        ge=1,
+        description="Seconds the API keeps an idle HTTP connection open: longer than a "
+        "proxy's own upstream keep-alive (nginx and most load balancers: 60 s), so a proxy "
+        "never sends a request on a connection the API is closing.",
+    )
     worker_health_host: str = Field(
         default="127.0.0.1", description="Where the worker serves its health (0.0.0.0 in pods)."
     )
@@ -375,6 +382,7 @@ class Settings(BaseModel):
             "API_HOST": "api_host",
             "API_PORT": "api_port",
             "TENURE_API_SHUTDOWN_GRACE": "api_shutdown_grace",
+            "TENURE_API_KEEP_ALIVE": "api_keep_alive",
             "TENURE_WORKER_HEALTH_HOST": "worker_health_host",
             "TENURE_WORKER_HEALTH_PORT": "worker_health_port",
             "TENURE_WORKER_SHUTDOWN_GRACE": "worker_shutdown_grace",
@@ -479,6 +487,7 @@ class Settings(BaseModel):
             "TENURE_DATA_DIR": str(self.data_dir),
             "TENURE_LIVE_READ_TIMEOUT": str(self.live_read_timeout),
             "TENURE_API_SHUTDOWN_GRACE": str(self.api_shutdown_grace),
+            "TENURE_API_KEEP_ALIVE": str(self.api_keep_alive),
             "TENURE_WORKER_HEALTH_HOST": self.worker_health_host,
             "TENURE_WORKER_HEALTH_PORT": str(self.worker_health_port),
             "TENURE_WORKER_SHUTDOWN_GRACE": str(self.worker_shutdown_grace),

@@ -256,6 +256,36 @@ async def test_the_api_is_ready_with_its_servers_and_finishes_requests_on_sigter
             await settle(GraphQLClient(http), load)
 
 
+async def test_the_api_keeps_an_idle_connection_open_past_uvicorns_five_seconds(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A proxy keeps its upstream connections 60 s (nginx); an API that closed them after
+    uvicorn's default 5 s idle raced it, and a client pausing between bursts connected again
+    at each. Answered, idle 6 s, then asked again on the same connection: answered."""
+    port = free_port()
+    settings = settings.model_copy(update={"api_port": port})
+    request = f"GET /livez HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    with process("api", settings, tmp_path / "api.log"):
+        await until_status(f"http://127.0.0.1:{port}/livez", 200)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for pause in (0.0, 6.0):
+                await asyncio.sleep(pause)
+                writer.write(request)
+                await writer.drain()
+                status = await asyncio.wait_for(reader.readline(), timeout=5)
+                assert status.startswith(b"HTTP/1.1 200"), (pause, status)
+                headers = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in headers.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+        finally:
+            writer.close()
+
+
 async def test_the_api_stays_ready_without_redis_and_says_it_is_degraded(
     settings: Settings, temporal_client: Client, own_redis: EmbeddedRedis
 ) -> None:
