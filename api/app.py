@@ -19,7 +19,6 @@ from graphql import ExecutionResult, GraphQLError
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 from starlette.applications import Starlette
-from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -354,6 +353,15 @@ GRAPHIQL_POLICY = (
 HSTS = "max-age=31536000"
 
 
+_API_POLICY = API_POLICY.encode("latin-1")
+_HSTS = HSTS.encode("latin-1")
+_SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
 class SecurityHeaders:
     """ASGI middleware: the standard security headers on every response. HSTS only on a
     request that came over TLS, as the server reports it (behind a TLS proxy, uvicorn takes
@@ -361,7 +369,7 @@ class SecurityHeaders:
 
     def __init__(self, app: ASGIApp, page_policy: str | None = None) -> None:
         self._app = app
-        self._page_policy = page_policy
+        self._page_policy_raw = page_policy.encode("latin-1") if page_policy else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -371,15 +379,19 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                page = headers.get("content-type", "").startswith("text/html")
-                policy = self._page_policy if page and self._page_policy else API_POLICY
-                headers.setdefault("content-security-policy", policy)
-                headers.setdefault("x-content-type-options", "nosniff")
-                headers.setdefault("x-frame-options", "DENY")
-                headers.setdefault("referrer-policy", "no-referrer")
-                if over_tls:
-                    headers.setdefault("strict-transport-security", HSTS)
+                # On the raw list, as every response passes here: Starlette's MutableHeaders
+                # scanned it once for each header set.
+                headers = list(message.get("headers", ()))
+                names = {name.lower() for name, _ in headers}
+                content_type = next((v for n, v in headers if n.lower() == b"content-type"), b"")
+                page = content_type.startswith(b"text/html")
+                policy = self._page_policy_raw if page and self._page_policy_raw else _API_POLICY
+                if b"content-security-policy" not in names:
+                    headers.append((b"content-security-policy", policy))
+                headers += [h for h in _SECURITY_HEADERS if h[0] not in names]
+                if over_tls and b"strict-transport-security" not in names:
+                    headers.append((b"strict-transport-security", _HSTS))
+                message["headers"] = headers
             await send(message)
 
         await self._app(scope, receive, send_with_headers)

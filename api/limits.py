@@ -162,6 +162,10 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+"""One decoder for every request: `json.loads` with an argument builds a new one each call."""
+
+
 def decode_json(data: str | bytes) -> Any:
     """A request's JSON (its body, or a query parameter): an object, or an array of them,
     which only a batch is. Whatever `json` cannot take whole, invalid UTF-8, a number of
@@ -169,7 +173,7 @@ def decode_json(data: str | bytes) -> Any:
     client's error (400 INVALID_INPUT), not the server's."""
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        value = json.loads(text, parse_constant=_no_constant)
+        value = _DECODER.decode(text)
         if _SURROGATE_ESCAPE.search(text):
             json.dumps(value, ensure_ascii=False).encode("utf-8")  # an unpaired one raises
     except (ValueError, RecursionError) as exc:

@@ -26,9 +26,10 @@ included, carries the negotiated media type.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache
 
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import LimitCode
@@ -166,15 +167,42 @@ class GraphQLOverHTTP:
         media = media or (GRAPHQL_RESPONSE if streams else JSON)
         scope[MEDIA_KEY] = media
 
+        labelled = f"{media}; charset=utf-8".encode("latin-1")
+
         async def send_labelled(message: Message) -> None:
             if message["type"] == "http.response.start":
-                response_headers = MutableHeaders(scope=message)
-                if response_headers.get("content-type", "").startswith(JSON):
-                    response_headers["content-type"] = f"{media}; charset=utf-8"
-                response_headers.add_vary_header("Accept")
+                message["headers"] = _labelled(message.get("headers", ()), labelled)
             await send(message)
 
         await self._app(scope, receive, send_labelled)
+
+
+def _labelled(headers: Iterable[tuple[bytes, bytes]], labelled: bytes) -> list[tuple[bytes, bytes]]:
+    """A response's headers with a JSON content type named as negotiated, and Accept added to
+    what it varies by (one `vary` header, where the first one was)."""
+    out: list[tuple[bytes, bytes]] = []
+    vary: list[bytes] = []
+    vary_at = -1
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-type" and value.startswith(_JSON):
+            value = labelled
+        elif lower == b"vary":
+            vary.append(value)
+            if vary_at < 0:
+                vary_at = len(out)
+                out.append((b"vary", b""))
+            continue
+        out.append((name, value))
+    vary.append(b"Accept")
+    if vary_at < 0:
+        out.append((b"vary", b"Accept"))
+    else:
+        out[vary_at] = (b"vary", b", ".join(vary))
+    return out
+
+
+_JSON = JSON.encode("latin-1")
 
 
 class EventStreamsTo:

@@ -156,6 +156,14 @@ async def test_what_each_rule_means_to_a_client(served: str, worker: object) -> 
         assert missing.status_code == 200
         assert missing.json()["data"] == {"account": None}
 
+        # Every answer says what it varies by (Accept, and CORS's Origin) in one header,
+        # replayed or not.
+        cached = {"query": READ, "variables": {"id": account_id, "consistency": "CACHED"}}
+        first, replayed = [await http.post(served, json=cached, headers=grj) for _ in range(2)]
+        assert replayed.json() == first.json() and first.json()["data"]["account"]
+        for response in (typename, legacy, missing, first, replayed):
+            assert response.headers.get_list("vary") == ["Accept, Origin"], response.headers
+
         # Other methods, and media types the API cannot answer with.
         put = await http.put(served, json={"query": "{ __typename }"})
         assert (put.status_code, put.headers["allow"]) == (405, "GET, POST")
