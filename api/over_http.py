@@ -177,6 +177,9 @@ class GraphQLOverHTTP:
         await self._app(scope, receive, send_labelled)
 
 
+_JSON = JSON.encode("latin-1")
+
+
 def _labelled(headers: Iterable[tuple[bytes, bytes]], labelled: bytes) -> list[tuple[bytes, bytes]]:
     """A response's headers with a JSON content type named as negotiated, and Accept added to
     what it varies by (one `vary` header, where the first one was)."""
@@ -200,9 +203,6 @@ def _labelled(headers: Iterable[tuple[bytes, bytes]], labelled: bytes) -> list[t
     else:
         out[vary_at] = (b"vary", b", ".join(vary))
     return out
-
-
-_JSON = JSON.encode("latin-1")
 
 
 class EventStreamsTo:
