@@ -233,7 +233,12 @@ class CommandDelivery:
             if result is not None:
                 return _of_this_command(envelope, result)
         try:
-            handle = await self.deliver(entity, entity_id, envelope)
+            # Within the wait, as when an update timed out: an update refused at once (a
+            # frozen Temporal can answer UNAVAILABLE) left the signal its own 5 s.
+            left = max(deadline - time.monotonic(), 1.0)
+            handle = await within(left, self.deliver(entity, entity_id, envelope))
+        except RPCError as exc:  # not answered within the wait
+            raise _unavailable_from(exc) from exc
         except EntityClosed:
             handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
             result = await self._outcome(handle, envelope.command_id)

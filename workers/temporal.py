@@ -54,11 +54,16 @@ async def within(seconds: float, call: Awaitable[T]) -> T:
     # error on the task for nobody to take, and asyncio logs it as an ERROR.
     task.add_done_callback(_take_error)
     try:
-        return await asyncio.wait_for(task, seconds)
-    except TimeoutError:
-        raise RPCError(
-            f"no answer within {seconds:.3g} s", RPCStatusCode.DEADLINE_EXCEEDED, b""
-        ) from None
+        await asyncio.wait([task], timeout=seconds)
+    finally:
+        # Given up, or the caller cancelled: the call is cancelled and not waited for.
+        # (wait_for waited for it to end, and a call that does not end at once when
+        # cancelled, a signal stuck on a frozen Temporal, held the caller its own 5 s more.)
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise RPCError(f"no answer within {seconds:.3g} s", RPCStatusCode.DEADLINE_EXCEEDED, b"")
 
 
 def _take_error(task: asyncio.Future[Any]) -> None:

@@ -243,24 +243,30 @@ async def test_a_waited_open_of_a_closed_account_is_refused_and_the_first_open_s
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
 
+@pytest.mark.parametrize("updates_refused", [False, True], ids=["by-update", "by-signal"])
 async def test_a_waited_command_answers_within_its_wait_when_temporal_does_not_answer(
-    settings: Settings, cache: SnapshotCache
+    settings: Settings, cache: SnapshotCache, updates_refused: bool
 ) -> None:
     """A Temporal that takes requests and never answers (frozen): the update is given up
     with time kept for the signal that would carry the command durably, and that signal is
     given up at the wait's end too, so the sender has UNAVAILABLE within the wait (it had
-    it after the wait and a signal's 5 s more)."""
+    it after the wait and a signal's 5 s more). The same for an entity whose updates were
+    refused before, whose waited commands go by signal at once (an update refused at once
+    by a frozen Temporal took that path, and its signal had its own 5 s)."""
     settings = settings.model_copy(update={"command_wait_timeout": 3.0})
+    account_id = new_id()
     async with EmbeddedTemporal() as server:
         client = await Client.connect(server.address, data_converter=pydantic_data_converter)
         gateway = EntityGateway(client, cache, settings)
+        if updates_refused:
+            gateway._delivery._refused(gateway.entity("account").workflow_id(account_id), "failed")
         assert server.process is not None
         server.process.send_signal(signal.SIGSTOP)
         try:
             started = time.monotonic()
             with pytest.raises(TenureError) as refused:
                 await gateway.send(
-                    "account", new_id(), "deposit", {"amount": 5}, idempotency_key="k", wait=True
+                    "account", account_id, "deposit", {"amount": 5}, idempotency_key="k", wait=True
                 )
             waited = time.monotonic() - started
         finally:
