@@ -233,12 +233,9 @@ class CommandDelivery:
             if result is not None:
                 return _of_this_command(envelope, result)
         try:
-            # Within the wait, as when an update timed out: an update refused at once (a
-            # frozen Temporal can answer UNAVAILABLE) left the signal its own 5 s.
-            left = max(deadline - time.monotonic(), 1.0)
-            handle = await within(left, self.deliver(entity, entity_id, envelope))
-        except RPCError as exc:  # not answered within the wait
-            raise _unavailable_from(exc) from exc
+            # Within the wait on this path too: an update refused at once (a frozen Temporal
+            # can answer UNAVAILABLE) left the signal its own 5 s.
+            handle = await self._deliver_by(deadline, entity, entity_id, envelope)
         except EntityClosed:
             handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
             result = await self._outcome(handle, envelope.command_id)
@@ -320,20 +317,29 @@ class CommandDelivery:
         except WorkflowUpdateRPCTimeoutOrCancelledError:
             pass
         self._refused(workflow_id, "timed_out")
-        # At least a second: a Temporal merely slow still takes the commands.
-        left = max(deadline - time.monotonic(), 1.0)
         sent = await asyncio.gather(
-            *(within(left, self.deliver(c.entity, c.entity_id, c.envelope)) for c in commands),
+            *(self._deliver_by(deadline, c.entity, c.entity_id, c.envelope) for c in commands),
             return_exceptions=True,
         )
         return [
-            _unavailable_from(failed)
-            if isinstance(failed, RPCError)
-            else failed
-            if isinstance(failed, Exception)
-            else not_yet_applied(command.envelope)
+            failed if isinstance(failed, Exception) else not_yet_applied(command.envelope)
             for command, failed in zip(commands, sent, strict=True)
         ]
+
+    async def _deliver_by(
+        self,
+        deadline: float,
+        entity: EntityType[Any, Any],
+        entity_id: str,
+        envelope: CommandEnvelope,
+    ) -> WorkflowHandle[Any, Any]:
+        """`deliver`, given up at the sender's `deadline` (UNAVAILABLE), but given at least a
+        second: a Temporal merely slow still takes the command."""
+        left = max(deadline - time.monotonic(), 1.0)
+        try:
+            return await within(left, self.deliver(entity, entity_id, envelope))
+        except RPCError as exc:
+            raise _unavailable_from(exc) from exc
 
     def _refused(self, workflow_id: str, reason: str) -> None:
         self._signals_only[workflow_id] = time.monotonic() + SIGNALS_ONLY_SECONDS
