@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 import ctypes
 import json
+import logging
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -20,6 +23,8 @@ from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
 
 from workers.search_attributes import required_attributes
+
+log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -56,14 +61,29 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
-    """`preferred` when it is free, else the next free port above it, else any free port."""
+    """`preferred` when it is free, else the next free port above it, else any free port.
+
+    Any free port is held back from the system's other picks for a minute: Linux hands out
+    ports at random and may hand the one just closed to the next process asking for any
+    port, as Temporal's dev server does for its own services as it starts. A server given
+    the port here then found it taken, and exited. As Temporal picks its own: a connection
+    to the port, closed from the listening side, leaves it in TIME_WAIT, which keeps it from
+    being picked again while a server (which binds with SO_REUSEADDR) may still take it."""
     if preferred is not None:
         for port in range(preferred, preferred + 100):
             if port_is_free(port, host):
                 return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        # The TIME_WAIT keeps this option of the connection's socket: without it, a server
+        # binding with SO_REUSEADDR would be refused the port too.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, 0))
+        listener.listen(1)
+        port = int(listener.getsockname()[1])
+        with socket.create_connection((host, port)):
+            accepted, _ = listener.accept()
+            accepted.close()  # the listening side closes first: it holds the TIME_WAIT
+    return port
 
 
 def _bin(name: str) -> str:
@@ -88,6 +108,20 @@ def valkey_server() -> str:
     return str(get_binary_path())
 
 
+START_ATTEMPTS = 3
+"""Times a server that exits as it starts is started."""
+SHOWN_OUTPUT = 2000
+"""Bytes of its output shown when a server with no log file exits as it starts."""
+
+
+class ServerExited(RuntimeError):
+    """The server's process exited while it was starting."""
+
+
+class ServerPortTaken(RuntimeError):
+    """What answered on the server's port is another process."""
+
+
 class EmbeddedServer:
     """A server child process on 127.0.0.1, stopped with the context or with its parent."""
 
@@ -98,6 +132,7 @@ class EmbeddedServer:
         self.log_file = log_file
         self.process: subprocess.Popen[bytes] | None = None
         self._log: Any = None
+        self._output: Any = None
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -112,30 +147,51 @@ class EmbeddedServer:
             self._check_alive()
             with contextlib.suppress(Exception):
                 if await self.is_ready():
-                    return
+                    break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name} did not start on port {self.port}")
             await asyncio.sleep(0.1)
+        # What answered may be another server that took the port first: this one then
+        # exits, and whoever uses it would be talking to the other.
+        self._check_alive()
+        if self.process is not None and not listens(self.process.pid, self.port):
+            raise ServerPortTaken(f"port {self.port} of the {self.name} is another process's")
 
     async def start(self, timeout: float = 60.0) -> None:
-        if self.log_file is not None and self._log is None:
-            self._log = open(self.log_file, "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            self.command(),
-            stdout=self._log or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
-            # Out of the terminal's process group: Ctrl-C on `make dev` reaches the worker
-            # and the API, which drain while their servers still answer; `make dev` stops
-            # the servers after them (and they die with it whatever happens).
-            start_new_session=True,
-        )
-        try:
-            await self.wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
+        """Start the server and wait until it answers on its port. One that exits as it
+        starts is started again, up to START_ATTEMPTS times, with the ports it picks for
+        itself picked anew: Temporal's dev server picks its inner services' ports as it
+        starts, and one taken meanwhile by another process stops it (exit code 2)."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            if self.log_file is not None and self._log is None:
+                self._log = open(self.log_file, "ab")  # noqa: SIM115
+            self._output = self._log or tempfile.TemporaryFile()  # noqa: SIM115
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=self._output,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+                # Out of the terminal's process group: Ctrl-C on `make dev` reaches the
+                # worker and the API, which drain while their servers still answer; `make
+                # dev` stops the servers after them (and they die with it whatever happens).
+                start_new_session=True,
+            )
+            try:
+                await self.wait_ready(timeout)
+                return
+            except ServerExited as exc:
+                self.stop()
+                if attempt == START_ATTEMPTS:
+                    raise
+                log.warning("%s; starting it again", exc)
+            except BaseException:
+                self.stop()
+                raise
+            finally:
+                if self._output is not self._log:
+                    self._output.close()
+                self._output = None
 
     def stop(self, timeout: float = 15.0) -> None:
         process, self.process = self.process, None
@@ -145,9 +201,15 @@ class EmbeddedServer:
             self._log = None
 
     def _check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            where = f"; see {self.log_file}" if self.log_file else ""
-            raise RuntimeError(f"{self.name} exited with code {self.process.returncode}{where}")
+        if self.process is None or self.process.poll() is None:
+            return
+        said = f"; see {self.log_file}" if self.log_file else ""
+        if self._output is not None and self._output is not self._log:
+            self._output.seek(0, os.SEEK_END)
+            self._output.seek(max(self._output.tell() - SHOWN_OUTPUT, 0))
+            output = self._output.read().decode(errors="replace").strip()
+            said = f"; it said: {output}" if output else ""
+        raise ServerExited(f"{self.name} exited with code {self.process.returncode}{said}")
 
     async def __aenter__(self) -> EmbeddedServer:
         await self.start()
@@ -160,6 +222,27 @@ class EmbeddedServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the socket listening on 127.0.0.1:`port` (Linux; True
+    where /proc cannot tell)."""
+    try:
+        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return True
+    held = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):  # closed meanwhile
+            held.add(os.readlink(fd))
+    for row in table:
+        fields = row.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        listening = state == "0A" and int(local.split(":")[1], 16) == port  # 0A: LISTEN
+        if listening and f"socket:[{inode}]" in held:
+            return True
+    return False
 
 
 SEARCH_ATTRIBUTES = required_attributes()
