@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from temporalio.api.enums.v1 import EventType
@@ -263,6 +265,9 @@ async def test_a_waited_command_answers_within_its_wait_when_temporal_does_not_a
         assert server.process is not None
         server.process.send_signal(signal.SIGSTOP)
         try:
+            # Frozen indeed: a server that had exited would have taken no signal, and its
+            # port could be another's (CI saw a NOT_FOUND answered here).
+            assert _stopped(server.process) == "T"
             started = time.monotonic()
             with pytest.raises(TenureError) as refused:
                 await gateway.send(
@@ -273,6 +278,22 @@ async def test_a_waited_command_answers_within_its_wait_when_temporal_does_not_a
             server.process.send_signal(signal.SIGCONT)
     assert refused.value.code is ErrorCode.UNAVAILABLE
     assert waited < settings.command_wait_timeout + 1.0, waited
+
+
+def _stopped(process: subprocess.Popen[bytes] | None, timeout: float = 2.0) -> str:
+    """The process's state letter in /proc once it reads T (stopped), or after `timeout`;
+    "gone" when it has no entry."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            assert process is not None
+            stat = Path(f"/proc/{process.pid}/stat").read_text()
+        except (AssertionError, OSError):
+            return "gone"
+        state = stat.rsplit(")", 1)[1].split()[0]
+        if state == "T" or time.monotonic() > deadline:
+            return state
+        time.sleep(0.01)
 
 
 class _Converted(Exception):
