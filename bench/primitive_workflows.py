@@ -3,7 +3,15 @@ costs: what a workflow does with no code of its own in the way."""
 
 from __future__ import annotations
 
-from temporalio import workflow
+from datetime import timedelta
+
+from temporalio import activity, workflow
+
+
+@activity.defn(name="bench_noted")
+async def noted(count: int) -> int:
+    """Does nothing: the cost is the activity's, as an entity's publish is."""
+    return count
 
 
 @workflow.defn(name="BenchTarget")
@@ -13,6 +21,7 @@ class TargetWorkflow:
     def __init__(self) -> None:
         self._count = 0
         self._done = False
+        self._to_note = False
 
     @workflow.signal
     def poke(self) -> None:
@@ -21,6 +30,14 @@ class TargetWorkflow:
     @workflow.update
     def bump(self) -> int:
         self._count += 1
+        return self._count
+
+    @workflow.update
+    def bump_and_note(self) -> int:
+        """An update answered at once, with an activity after it: as an entity answers a
+        waited command and publishes its snapshot."""
+        self._count += 1
+        self._to_note = True
         return self._count
 
     @workflow.query
@@ -33,7 +50,15 @@ class TargetWorkflow:
 
     @workflow.run
     async def run(self) -> int:
-        await workflow.wait_condition(lambda: self._done)
+        while True:
+            await workflow.wait_condition(lambda: self._done or self._to_note)
+            if self._to_note:  # one at a time; those meanwhile go in the next, as publishes
+                self._to_note = False
+                await workflow.execute_activity(
+                    noted, self._count, start_to_close_timeout=timedelta(seconds=30)
+                )
+            elif self._done:
+                break
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._count
 

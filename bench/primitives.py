@@ -1,8 +1,9 @@
 """`python -m bench.primitives`: what Temporal's server itself spends on each primitive an
 entity or a saga is made of, on the same server `make bench` runs (the dev server).
 
-A signal to a running workflow, an update to it, a query, a workflow started and completed,
-and a parent starting a child and completing with it (as a cart starts its checkout): each
+A signal to a running workflow, a query, an update to it, an update followed by an activity
+(as an entity answers a waited command and publishes), a workflow started and completed, and
+a parent starting a child and completing with it (as a cart starts its checkout): each
 driven from 32 clients, `--ops` times a round, in turns over `--rounds` rounds, with the
 server's CPU time per operation read from /proc, and this process's (the client and a
 worker hosting `bench.primitive_workflows`, with no code of Tenure's in the way). The floor
@@ -26,7 +27,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.worker import Worker
 
 from bench.load import drive
-from bench.primitive_workflows import OnceWorkflow, ParentWorkflow, TargetWorkflow
+from bench.primitive_workflows import OnceWorkflow, ParentWorkflow, TargetWorkflow, noted
 from bench.stack import cpu_seconds
 from deploy.embedded import EmbeddedTemporal
 
@@ -70,6 +71,10 @@ def primitives(
         Primitive("signal", lambda i: target(i).signal(TargetWorkflow.poke)),
         Primitive("query", lambda i: target(i).query(TargetWorkflow.count)),
         Primitive("update", lambda i: target(i).execute_update(TargetWorkflow.bump)),
+        Primitive(
+            "update, then an activity",
+            lambda i: target(i).execute_update(TargetWorkflow.bump_and_note),
+        ),
         Primitive("workflow started and completed", start_and_complete),
         Primitive("parent and child, both completed", parent_and_child),
     ]
@@ -82,7 +87,9 @@ async def measure(ops: int, rounds: int) -> list[Primitive]:
             assert server.process is not None
             client = await Client.connect(server.address)
             workflows = [TargetWorkflow, OnceWorkflow, ParentWorkflow]
-            async with Worker(client, task_queue=TASK_QUEUE, workflows=workflows):
+            async with Worker(
+                client, task_queue=TASK_QUEUE, workflows=workflows, activities=[noted]
+            ):
                 targets = [
                     await client.start_workflow(
                         TargetWorkflow.run, id=f"target-{uuid.uuid4().hex}", task_queue=TASK_QUEUE

@@ -18,6 +18,7 @@ async def test_every_primitive_is_measured_and_reported() -> None:
         "signal",
         "query",
         "update",
+        "update, then an activity",
         "workflow started and completed",
         "parent and child, both completed",
     ]
