@@ -7,8 +7,8 @@ a parent starting a child and completing with it (as a cart starts its checkout)
 driven from 32 clients, `--ops` times a round, in turns over `--rounds` rounds, with the
 server's CPU time per operation read from /proc, and this process's (the client and a
 worker hosting `bench.primitive_workflows`, with no code of Tenure's in the way). The floor
-under any design built of those primitives: a checkout is one child workflow and six entity
-updates, whatever Tenure does around them.
+under any design built of those primitives: a checkout is one child workflow and seven
+updates (its cart's, and six entity requests), whatever Tenure does around them.
 """
 
 from __future__ import annotations
