@@ -190,7 +190,7 @@ class EmbeddedServer:
                 self.stop()
                 raise
             finally:
-                if self._output is not self._log:
+                if self.log_file is None:  # the temporary file
                     self._output.close()
                 self._output = None
 
@@ -205,7 +205,7 @@ class EmbeddedServer:
         if self.process is None or self.process.poll() is None:
             return
         said = f"; see {self.log_file}" if self.log_file else ""
-        if self._output is not None and self._output is not self._log:
+        if self._output is not None and self.log_file is None:
             self._output.seek(0, os.SEEK_END)
             self._output.seek(max(self._output.tell() - SHOWN_OUTPUT, 0))
             output = self._output.read().decode(errors="replace").strip()

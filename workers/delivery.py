@@ -339,7 +339,7 @@ class CommandDelivery:
         try:
             return await within(left, self.deliver(entity, entity_id, envelope))
         except RPCError as exc:
-            raise _unavailable_from(exc) from exc
+            raise unavailable(exc) from exc
 
     def _refused(self, workflow_id: str, reason: str) -> None:
         self._signals_only[workflow_id] = time.monotonic() + SIGNALS_ONLY_SECONDS
@@ -358,12 +358,6 @@ def _take_start_error(start: WithStartWorkflowOperation[Any, Any]) -> None:
     future = start._workflow_handle  # the SDK's own: its public reader would wait on it
     if future.done() and not future.cancelled():
         future.exception()
-
-
-def _unavailable_from(exc: RPCError) -> TenureError:
-    error = unavailable(exc)
-    error.__cause__ = exc
-    return error
 
 
 def not_yet_applied(envelope: CommandEnvelope) -> TenureError:

@@ -73,7 +73,16 @@ def test_a_port_picked_is_not_picked_again_while_a_server_may_still_take_it() ->
             server.listen()
 
 
-class _Flaky(EmbeddedServer):
+class _Answering(EmbeddedServer):
+    """A server that is ready when its port takes a connection, whoever takes it."""
+
+    async def is_ready(self) -> bool:
+        _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        writer.close()
+        return True
+
+
+class _Flaky(_Answering):
     """A server that exits saying why the first `failures` times, then listens."""
 
     name = "flaky server"
@@ -100,11 +109,6 @@ class _Flaky(EmbeddedServer):
         )
         return [sys.executable, "-c", script]
 
-    async def is_ready(self) -> bool:
-        _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        writer.close()
-        return True
-
 
 async def test_a_server_that_exits_as_it_starts_is_started_again(tmp_path: Path) -> None:
     server = _Flaky(tmp_path / "starts", failures=START_ATTEMPTS - 1)
@@ -119,18 +123,13 @@ async def test_a_server_that_keeps_exiting_says_what_it_printed(tmp_path: Path) 
     assert (tmp_path / "starts").read_text() == str(START_ATTEMPTS)
 
 
-class _Silent(EmbeddedServer):
+class _Silent(_Answering):
     """A server that never listens: what answers on its port is someone else."""
 
     name = "silent server"
 
     def command(self) -> list[str]:
         return [sys.executable, "-c", "import time; time.sleep(60)"]
-
-    async def is_ready(self) -> bool:
-        _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        writer.close()
-        return True
 
 
 async def test_a_server_whose_port_another_process_answers_on_is_refused() -> None:
