@@ -112,6 +112,26 @@ COMMAND_SIGNAL = "command"
 CONTINUE_AS_NEW_METRIC = "tenure_continue_as_new"
 OK = "OK"
 
+LATE_COMMAND = (
+    "tenure: a command came after this run had issued its last command (continue-as-new or "
+    "completion); the workflow task fails, so that it replays with the command in place"
+)
+"""How a workflow task fails that brought a command to a run already ended (`LateCommand`)."""
+
+
+class LateCommand(RuntimeError):
+    """A command reached a run after the run issued its last command: its carried-over
+    state (or its result) was built without it, so applied now it would be lost with the
+    run. A live run never sees this: a workflow task's signals and updates are all handled
+    before its main loop resumes. It would take the SDK's core handing a run events of a
+    task not yet started (`workers/query_guard.py`), the loop ending the run on them, and
+    the task then bringing more. Raised in a handler, it fails the workflow task (not the
+    workflow), and the retry replays the run from its history with every command in
+    place."""
+
+    def __init__(self) -> None:
+        super().__init__(LATE_COMMAND)
+
 
 class EntityWorkflow:
     """Hosts one entity of `entity`'s type. Subclasses set `entity` and define `run`.
@@ -162,18 +182,26 @@ class EntityWorkflow:
         self._commands_metric: MetricCounter | None = None
         self._follows_changes = False  # decided by `run` (LOOP_FOLLOWS_CHANGES_PATCH)
         self._end_senders: list[str | None] = []  # who its end was handed to (`_ends_by_child`)
+        self._ended = False  # the run has issued its last command (`LateCommand`)
 
     # -- commands -------------------------------------------------------------------------
 
     @workflow.signal(name=COMMAND_SIGNAL)
     def command(self, sent: RawValue) -> None:
         """Apply one command (a `CommandEnvelope`), or record why it was refused, or hold it
-        back while this workflow task has applied its most (`Backlog`); never raises. An
-        envelope that cannot be read is refused under its id (`inbox`)."""
+        back while this workflow task has applied its most (`Backlog`); raises only in a
+        run already ended (`LateCommand`). An envelope that cannot be read is refused under
+        its id (`inbox`)."""
+        self._still_open()
         received = read_command(workflow.payload_converter(), sent.payload)
         envelope = self._refused(received) if isinstance(received, Unreadable) else received
         if envelope is not None:
             self._receive(envelope)
+
+    def _still_open(self) -> None:
+        """Raise `LateCommand` if this run has issued its last command."""
+        if self._ended:
+            raise LateCommand()
 
     def _receive(self, envelope: CommandEnvelope) -> None:
         self._received_this_run += 1
@@ -252,6 +280,7 @@ class EntityWorkflow:
         its own signal. A batch that would only be held back is held as it came, decoded
         when its turn comes (`Backlog`): the same commands held in the same order, at a
         fraction of the cost to the task that brings a flood of batches."""
+        self._still_open()
         if self._held_back(batch):
             return
         for envelope in self._read_batch(batch):
@@ -324,9 +353,10 @@ class EntityWorkflow:
     @workflow.update  # named "apply", as its method: the name the senders use
     async def apply(self, envelope: CommandEnvelope) -> CommandResult:
         """Apply one command as the `command` signal does, and answer with its outcome: a
-        duplicate's is the one recorded. Never raises. It waits only when the command is
-        held back (`Backlog`), for the main loop to apply it, which it does before it may
-        continue as new; otherwise it is finished within the activation that brought it."""
+        duplicate's is the one recorded. Raises only in a run already ended (`LateCommand`).
+        It waits only when the command is held back (`Backlog`), for the main loop to apply
+        it, which it does before it may continue as new; otherwise it is finished within the
+        activation that brought it."""
         answer = await self._apply_all([envelope])
         return answer.results()[0]
 
@@ -348,6 +378,7 @@ class EntityWorkflow:
             self._sound_command_id(envelope)
 
     async def _apply_all(self, envelopes: list[CommandEnvelope]) -> CommandResults:
+        self._still_open()
         self._updates_this_run += 1
         held = self._backlog.ever_held
         for envelope in envelopes:
@@ -611,6 +642,7 @@ class EntityWorkflow:
                 else:
                     await self._effects.children_closed(ENTITY_PATCHES.patched)
                 await self._quiesce()
+                self._ended = True
                 return self.snapshot()
             if self._should_continue_as_new():
                 await self._quiesce()
@@ -618,6 +650,7 @@ class EntityWorkflow:
                     CONTINUE_AS_NEW_METRIC, "Entity runs continued as new."
                 ).add(1, {"entity_type": self.entity.name})
                 # The next run publishes whatever this one did not.
+                self._ended = True
                 workflow.continue_as_new(self._carry_over())
             if publish_first:
                 self._publisher.schedule(self._revision)
