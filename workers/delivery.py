@@ -370,7 +370,10 @@ def not_yet_applied(envelope: CommandEnvelope) -> TenureError:
 
 def _of_this_command(envelope: CommandEnvelope, result: CommandResult) -> CommandResult:
     """`result`, if it is the outcome of this very command and not of an earlier one that
-    came with the same id (the entity applied that one and ignored this one)."""
+    came with the same id (the entity applied that one and ignored this one), and the
+    command's fate is known: an outcome UNKNOWN is no answer (the sender retries)."""
+    if result.outcome.status is OutcomeStatus.UNKNOWN:
+        raise not_yet_applied(envelope)
     recorded = result.outcome.fingerprint
     if recorded is not None and recorded != envelope.fingerprint:
         raise TenureError(

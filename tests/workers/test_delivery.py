@@ -19,11 +19,19 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.gateway import Consistency, EntityGateway, Receipt
 from deploy.embedded import EmbeddedTemporal
 from entities.errors import ErrorCode, TenureError
-from entities.runtime.envelope import RuntimeOptions
+from entities.runtime.envelope import (
+    CommandEnvelope,
+    CommandResult,
+    Outcome,
+    OutcomeStatus,
+    RuntimeOptions,
+    Snapshot,
+)
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import eventually
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache
+from workers.delivery import _of_this_command
 from workers.settings import Settings
 from workers.temporal import within
 
@@ -329,3 +337,22 @@ async def test_a_call_whose_caller_is_cancelled_leaves_no_error_for_asyncio_to_l
     with pytest.raises(RPCError) as late:  # given up at its deadline: as a deadline's error
         await within(0.05, asyncio.sleep(60))
     assert late.value.status is RPCStatusCode.DEADLINE_EXCEEDED
+
+
+def test_an_answer_that_does_not_know_the_command_is_no_acknowledgement() -> None:
+    """An entity's answer whose outcome for the command is UNKNOWN (it has not applied it)
+    tells the sender to retry with the same key; it never passes for the command's
+    outcome, which the gateway would report applied."""
+    envelope = CommandEnvelope(command_id="k-1", name="deposit", payload={"amount": 1})
+    unknown = CommandResult(
+        outcome=Outcome(command_id="k-1", status=OutcomeStatus.UNKNOWN, revision=7),
+        snapshot=Snapshot(entity_type="account", entity_id="a", revision=7),
+    )
+    with pytest.raises(TenureError) as refused:
+        _of_this_command(envelope, unknown)
+    assert refused.value.code is ErrorCode.UNAVAILABLE
+    assert "retry with the same idempotencyKey" in refused.value.message
+    applied = unknown.model_copy(
+        update={"outcome": unknown.outcome.model_copy(update={"status": OutcomeStatus.APPLIED})}
+    )
+    assert _of_this_command(envelope, applied) is applied
