@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from temporalio.service import RPCError
 from api.app import create_app
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal, die_with_parent, stop_process
 from entities.runtime.envelope import CommandResult, OutcomeStatus, RuntimeOptions
+from entities.runtime.workflow import LATE_COMMAND
 from workers.changes import stream_key
 from workers.settings import Settings
 
@@ -54,6 +56,7 @@ VERIFY = """mutation($id: ID!, $key: String!) {
 READ = """query($id: ID!, $consistency: Consistency!) {
   account(id: $id, consistency: $consistency) { balance revision stale source } }"""
 RETRYABLE = {"UNAVAILABLE", "INTERNAL", "TRANSPORT"}
+LATE = "LATE_COMMAND"
 # A duplicate is a key among the account's latest this many: an entity remembers the ids of
 # its last `ledger_size` commands (TENURE_LEDGER_SIZE), and that is the window in which a
 # duplicate is promised to be applied once. A hot account takes thousands in a long soak;
@@ -97,9 +100,12 @@ class Account:
 # exactly-once checks hold over the repair. RESET_WORKFLOW: how a repair's new run begins.
 # FORCE_CLOSE_COMMAND: the server closing a task in flight because more than 100 signals
 # came meanwhile (its buffered-events limit), as on a hot account behind after a fault;
-# the next task brings them all (seen once in four 5-minute soaks).
+# the next task brings them all (seen once in four 5-minute soaks). LATE_COMMAND: a run
+# that had already ended refusing a command that came after (entities/runtime/workflow.py
+# `LateCommand`), so that its task replays with the command in place instead of losing it.
 BENIGN_TASK_FAILURES = frozenset(
     {
+        LATE,
         "WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND",
         "WORKFLOW_TASK_FAILED_CAUSE_FORCE_CLOSE_COMMAND",
         "TIMED_OUT",
@@ -129,6 +135,7 @@ class Report:
     streamed: int = 0  # change stream entries of the accounts: changes
     stream_gaps: int = 0  # and gaps announced
     problems: list[str] = field(default_factory=list)
+    short: list[str] = field(default_factory=list)  # accounts short of their acknowledged
     seconds: float = 0.0
     recovery_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -439,6 +446,7 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
         )
         if cached is None:
             report.problems.append(f"{account.id}: the cache did not catch up within 10 s")
+    report.short = sorted(short)
     for account in traffic.accounts:
         # An account short of what was acknowledged keeps its runs' histories and the keys
         # acknowledged to it, to find after the soak's Temporal is gone which were not
@@ -516,6 +524,8 @@ async def task_failures(
             if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
                 attributes = event.workflow_task_failed_event_attributes
                 cause = WorkflowTaskFailedCause.Name(attributes.cause)
+                if LATE_COMMAND in attributes.failure.message:
+                    cause = LATE
                 said = f": {attributes.failure.message[:300]}"
             elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
                 cause = "TIMED_OUT"
@@ -566,6 +576,14 @@ async def verify_stream(stack: Stack, traffic: Traffic) -> None:
                 f"{account.id}: the change stream reached {covered.get(account.id)}, "
                 f"expected {account.expected_revision}"
             )
+
+
+def keep_logs(data: Path, tag: str) -> None:
+    """Copy the worker's and Temporal's logs to KEPT_HISTORIES, named by the soak's tag."""
+    KEPT_HISTORIES.mkdir(parents=True, exist_ok=True)
+    for name in ("worker.log", "t.log"):
+        if (data / name).exists():
+            shutil.copyfile(data / name, KEPT_HISTORIES / f"{tag}-{name}")
 
 
 def _at_revision(revision: int, data: dict[str, Any]) -> bool:
@@ -651,6 +669,8 @@ async def soak(plan: Plan, progress: Callable[[str], None] = print) -> Report:
             await verify(client, traffic, plan)
             await verify_unreadable(client, traffic)
             await verify_stream(stack, traffic)
+            if traffic.report.short:  # and the logs of the worker and Temporal beside them
+                keep_logs(stack.data, tag)
             await small.aclose()
             await opener.aclose()
         return traffic.report
