@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 import strawberry
-from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError
 
 from api.bulk import BulkCommand, now
@@ -83,7 +83,9 @@ def _exact(wanted: frozenset[BulkStatus]) -> bool:
 async def _listed_progress(client: Client, execution: WorkflowExecution) -> BulkProgress | None:
     """A listed bulk's progress: its result once completed (a history read, no worker),
     else its answer to `progress`; None when it gave none in time, or has gone since."""
-    handle = client.get_workflow_handle_for(BulkCommandWorkflow.run, execution.id)
+    handle: WorkflowHandle[Any, BulkProgress] = client.get_workflow_handle(
+        execution.id, result_type=BulkProgress
+    )
     timeout = timedelta(seconds=PROGRESS_TIMEOUT)
     try:
         if execution.status is WorkflowExecutionStatus.COMPLETED:
