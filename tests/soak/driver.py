@@ -433,7 +433,8 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
             report.problems.append(
                 f"{account.id}: revision {seen and seen['revision']}, "
                 f"expected {account.expected_revision} (its runs and acknowledged keys are "
-                f"kept in {KEPT_HISTORIES})"
+                f"kept in {KEPT_HISTORIES}: `python -m tests.soak.explain {account.id}` says "
+                "where they went)"
             )
         elif seen["balance"] != expected_balance:
             report.problems.append(
