@@ -502,7 +502,9 @@ async def verify_unreadable(client: Client, traffic: Traffic) -> None:
 
 KEPT_HISTORIES = Path(os.environ.get("SOAK_HISTORIES", ".data/soak-histories"))
 """Where a run whose replay failed (nondeterminism) is kept as JSON, to replay at leisure
-(`temporalio.worker.Replayer`): the soak's Temporal is gone when it ends."""
+(`temporalio.worker.Replayer`): the soak's Temporal is gone when it ends. An account short of
+its acknowledged commands keeps every run there, its keys and the soak's logs
+(`tests/soak/explain.py` reads them)."""
 NON_DETERMINISTIC = "WORKFLOW_TASK_FAILED_CAUSE_NON_DETERMINISTIC_ERROR"
 
 
