@@ -48,7 +48,7 @@ class _SplitOnce(WrappedInstance):
     split: set[str] = set()  # the workflows split already: a retry goes whole
 
     def activate(self, act: Activation) -> Completion:
-        signals = [job for job in act.jobs if job.HasField("signal_workflow")]
+        signals = [i for i, job in enumerate(act.jobs) if job.HasField("signal_workflow")]
         workflow_id = self._inner.get_info().workflow_id
         if act.is_replaying or len(signals) <= FIRST_PART or workflow_id in self.split:
             return self._inner.activate(act)
@@ -59,8 +59,8 @@ class _SplitOnce(WrappedInstance):
         del first.jobs[:]
         del rest.jobs[:]
         later = signals[FIRST_PART:]
-        first.jobs.extend(job for job in act.jobs if not any(job is s for s in later))
-        rest.jobs.extend(later)
+        first.jobs.extend(job for i, job in enumerate(act.jobs) if i not in later)
+        rest.jobs.extend(act.jobs[i] for i in later)
         done = self._inner.activate(first)
         if done.HasField("failed"):
             return done
