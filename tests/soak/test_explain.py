@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tests.soak.explain import main
+from tests.soak.explain import SOUND, main
 
 
 def _payloads(value: Any) -> dict[str, Any]:
@@ -82,4 +82,4 @@ def test_runs_that_account_for_every_key_are_reported_sound(tmp_path: Path) -> N
     history = _history("2026-12-06T01:00:00Z", 0, [], _update("k1"), _continued(1, ["k1"]))
     (tmp_path / "account_b-run1.json").write_text(history)
     (tmp_path / "b-acknowledged.json").write_text(json.dumps({"k1": 1}))
-    assert main("b", tmp_path)[1:] == ["every acknowledged key was delivered and carried over"]
+    assert main("b", tmp_path)[1:] == [SOUND]
