@@ -49,12 +49,17 @@ def _decoded(payload: dict[str, Any]) -> Any:
 
 
 def _commands(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The command envelopes in a signal's or an update's payloads."""
+    """The command envelopes in a signal's or an update's payloads; not the ones that cannot
+    be read (the soak's batches to cold accounts carry one), which are refused, not applied."""
     found: list[dict[str, Any]] = []
     for payload in payloads:
         value = _decoded(payload)
         for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, dict) and isinstance(item.get("command_id"), str):
+            if (
+                isinstance(item, dict)
+                and isinstance(item.get("command_id"), str)
+                and isinstance(item.get("payload"), dict)
+            ):
                 found.append(item)
     return found
 

@@ -31,7 +31,8 @@ def _history(began: str, revision: int, ledger: list[str], *events: dict[str, An
 
 
 def _signal(*keys: str) -> dict[str, Any]:
-    batch = [_deposit(key) for key in keys]
+    unreadable = {"command_id": "bad", "name": "deposit", "payload": "not an object"}
+    batch = [_deposit(key) for key in keys] + [unreadable]  # refused, never applied
     return {
         "workflowExecutionSignaledEventAttributes": {
             "signalName": "commands",
