@@ -409,7 +409,6 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
     first' (UNHANDLED_COMMAND)."""
     report = traffic.report
     deadline = time.monotonic() + plan.settle_seconds
-    short: set[str] = set()
     for account in traffic.accounts:
         expected_balance = sum(account.acknowledged.values())
         seen: dict[str, Any] | None = None
@@ -429,7 +428,7 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
                 break
             await asyncio.sleep(0.25)
         if seen is None or seen["revision"] != account.expected_revision:
-            short.add(account.id)
+            report.short.append(account.id)
             report.problems.append(
                 f"{account.id}: revision {seen and seen['revision']}, "
                 f"expected {account.expected_revision} (its runs and acknowledged keys are "
@@ -447,16 +446,14 @@ async def verify(client: Client, traffic: Traffic, plan: Plan) -> None:
         )
         if cached is None:
             report.problems.append(f"{account.id}: the cache did not catch up within 10 s")
-    report.short = sorted(short)
     for account in traffic.accounts:
         # An account short of what was acknowledged keeps its runs' histories and the keys
         # acknowledged to it, to find after the soak's Temporal is gone which were not
         # applied, and why (seen once in six 5-minute soaks: 5 of a hot account's 4,845).
-        keep = account.id in short
+        keep = account.id in report.short
         if keep:
             KEPT_HISTORIES.mkdir(parents=True, exist_ok=True)
-            acknowledged = KEPT_HISTORIES / f"{account.id}-acknowledged.json"
-            acknowledged.write_text(json.dumps(account.acknowledged))
+            kept_keys(account.id).write_text(json.dumps(account.acknowledged))
         runs, failures = await task_failures(client, f"account:{account.id}", keep)
         report.runs += runs
         if account.id.startswith("huge"):
@@ -508,6 +505,16 @@ its acknowledged commands keeps every run there, its keys and the soak's logs
 NON_DETERMINISTIC = "WORKFLOW_TASK_FAILED_CAUSE_NON_DETERMINISTIC_ERROR"
 
 
+def kept_run(workflow_id: str, run_id: str, folder: Path = KEPT_HISTORIES) -> Path:
+    """Where a run's history is kept (a `*` for `run_id` makes the pattern of all runs)."""
+    return folder / f"{workflow_id}-{run_id}.json".replace(":", "_")
+
+
+def kept_keys(account_id: str, folder: Path = KEPT_HISTORIES) -> Path:
+    """Where the keys acknowledged to an account found short are kept, in order."""
+    return folder / f"{account_id}-acknowledged.json"
+
+
 async def task_failures(
     client: Client, workflow_id: str, keep: bool = False
 ) -> tuple[int, list[tuple[str, str]]]:
@@ -541,8 +548,7 @@ async def task_failures(
             causes.append(cause)
         if keep or NON_DETERMINISTIC in causes:
             KEPT_HISTORIES.mkdir(parents=True, exist_ok=True)
-            kept = KEPT_HISTORIES / f"{execution.id}-{execution.run_id}.json".replace(":", "_")
-            kept.write_text(history.to_json())
+            kept_run(execution.id, execution.run_id).write_text(history.to_json())
     return runs, failures
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.soak.driver import KEPT_HISTORIES
+from entities.account import account as account_type
+from tests.soak.driver import KEPT_HISTORIES, kept_keys, kept_run
 
 SOUND = (
     "every acknowledged key was delivered, and every run that ended carried over applied "
@@ -119,11 +120,12 @@ def explain(runs: list[Run], acknowledged: list[str]) -> list[str]:
 
 
 def main(account: str, folder: Path = KEPT_HISTORIES) -> list[str]:
-    acknowledged = list(json.loads((folder / f"{account}-acknowledged.json").read_text()))
-    prefix = f"account_{account}-"
+    acknowledged = list(json.loads(kept_keys(account, folder).read_text()))
+    workflow_id = account_type.workflow_id(account)
+    prefix = kept_run(workflow_id, "", folder).stem
     runs = [
         read_run(json.loads(path.read_text()), path.stem[len(prefix) :])
-        for path in folder.glob(f"{prefix}*.json")
+        for path in folder.glob(kept_run(workflow_id, "*", folder).name)
     ]
     return [f"{len(runs)} runs, {len(acknowledged)} keys acknowledged"] + (
         explain(runs, acknowledged) or [SOUND]
