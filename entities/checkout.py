@@ -78,9 +78,16 @@ PARALLEL_COMMITS = "checkout-parallel-commits"
 # the whole key.
 SHORT_RESERVATION_IDS = "checkout-short-reservation-ids"
 
+# Checkouts begun under older code reserve one line after another.
+PARALLEL_RESERVATIONS = "checkout-parallel-reservations"
+
 CHECKOUT_PATCHES = PatchSet(
-    "checkout-patch-set-1",
-    [OPERATOR_TOOLS, PARALLEL_COMMITS, SHORT_RESERVATION_IDS, LOCAL_TRY],
+    "checkout-patch-set-2",
+    [PARALLEL_RESERVATIONS],
+    after=PatchSet(
+        "checkout-patch-set-1",
+        [OPERATOR_TOOLS, PARALLEL_COMMITS, SHORT_RESERVATION_IDS, LOCAL_TRY],
+    ),
 )
 """Checkouts from here on record one patch marker, where they recorded one for each of these
 (`PatchSet`)."""
@@ -231,21 +238,15 @@ class CheckoutWorkflow:
     async def _take_steps(self, saga: Saga) -> None:
         self._state.reservation_id = self._reservation_id()
         reservation = {"reservation_id": self._state.reservation_id}
-        for line in self._input.lines:
-            step = f"reserve:{line.sku}"
-            reserve = {
-                **reservation,
-                "quantity": line.quantity,
-                "ttl_seconds": self._options.reservation_ttl_seconds,
-            }
-            await saga.step(
-                step,
-                partial(self._step, reserve_stock, line.sku, step, reserve),
-                (
-                    f"release:{line.sku}",
-                    self._undo(release_reservation, line.sku, step, reservation),
-                ),
-            )
+        # Every line is reserved at once: each reservation is on its own item and needs no
+        # other. Should one be refused, the others are released all the same, last line
+        # first, once every reservation has answered.
+        reserves = [self._reserve(line, reservation) for line in self._input.lines]
+        if CHECKOUT_PATCHES.patched(PARALLEL_RESERVATIONS):
+            await saga.steps(reserves)
+        else:
+            for reserve in reserves:
+                await saga.step(reserve.name, reserve.action, reserve.undo)
         if self._state.total > 0:
             amount = {"amount": self._state.total}
             await saga.step(
@@ -272,6 +273,19 @@ class CheckoutWorkflow:
             return key
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return f"{key[: MAX_RESERVATION_ID - len(digest) - 1]}.{digest}"
+
+    def _reserve(self, line: CheckoutLine, reservation: dict[str, Any]) -> Step[Outcome]:
+        step = f"reserve:{line.sku}"
+        reserve = {
+            **reservation,
+            "quantity": line.quantity,
+            "ttl_seconds": self._options.reservation_ttl_seconds,
+        }
+        return Step(
+            step,
+            partial(self._step, reserve_stock, line.sku, step, reserve),
+            (f"release:{line.sku}", self._undo(release_reservation, line.sku, step, reservation)),
+        )
 
     def _commit(self, sku: str, reservation: dict[str, Any]) -> Step[Outcome]:
         step = f"commit:{sku}"

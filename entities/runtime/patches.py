@@ -7,6 +7,9 @@ one newer patch that a run asks first: a run that has it has every patch of the 
 asking, and a run begun before the set existed (its history has no marker of it) asks each
 patch as it always did, at the same places, so it replays as it was made.
 
+A new patch joins a new set that succeeds the last (`after`): a run begun under the last
+set has its patches by its marker, as it always had, and asks the new patch on its own.
+
 The SDK remembers each answer for the rest of the run, and a run asks its first patch in its
 first workflow task, so a run's answers never change mid-run.
 """
@@ -19,11 +22,15 @@ from temporalio import workflow
 
 
 class PatchSet:
-    """A patch (`name`) that stands for `patches`, and what new runs do besides."""
+    """A patch (`name`) that stands for `patches` and every patch of the set it succeeds
+    (`after`), and what new runs do besides."""
 
-    def __init__(self, name: str, patches: Iterable[str]) -> None:
+    def __init__(self, name: str, patches: Iterable[str], after: PatchSet | None = None) -> None:
         self.name = name
-        self.patches = frozenset(patches)
+        self.after = after
+        self.patches: frozenset[str] = frozenset(patches) | (
+            after.patches if after else frozenset()
+        )
 
     def current(self) -> bool:
         """Whether this run has the set: it began under code that has it."""
@@ -34,4 +41,8 @@ class PatchSet:
         by its own marker. Workflow code."""
         if patch not in self.patches:
             raise ValueError(f"{patch!r} is not in the patch set {self.name!r}")
-        return self.current() or workflow.patched(patch)
+        if self.current():
+            return True
+        if self.after is not None and patch in self.after.patches:
+            return self.after.patched(patch)
+        return workflow.patched(patch)

@@ -43,6 +43,8 @@ HISTORIES = Path(__file__).parent / "histories"
 # patch on its own.
 CURRENT = "patch-sets"
 PUBLISHED_BY_ACTIVITY = "publish-by-activity"
+# Checkouts under the first checkout patch set, which reserve one line after another.
+CHECKOUT_SET_1 = "checkout-set-1"
 
 
 def workflow_id_of(path: Path) -> str:

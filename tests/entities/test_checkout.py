@@ -19,6 +19,7 @@ from entities.cart import CartStatus
 from entities.checkout import CheckoutState
 from entities.checkout_input import checkout_workflow_id
 from entities.errors import ErrorCode
+from entities.inventory import Settlement
 from entities.runtime import CommandContext
 from entities.runtime.envelope import CommandResult, Snapshot
 from entities.runtime.publisher import PUBLISH_ACTIVITY
@@ -310,13 +311,39 @@ async def test_not_enough_stock_for_one_line_releases_the_lines_already_reserved
         done = await shop.finished(await shop.checkout(cart_id))
 
         assert_compensated(done, f"reserve:{b}", ErrorCode.INSUFFICIENT_STOCK)
-        assert names(done.steps) == [f"reserve:{a}", f"reserve:{b}", "report"]
-        assert names(done.compensations) == [f"release:{b}", f"release:{a}"]
+        # Every line is reserved at once (the third as well), and released last first.
+        assert names(done.steps) == [f"reserve:{a}", f"reserve:{b}", f"reserve:{c}", "report"]
+        assert names(done.compensations) == [f"release:{c}", f"release:{b}", f"release:{a}"]
         assert await stock_of(shop, a, b, c) == [(5, 5, 0), (1, 1, 0), (4, 4, 0)]
         assert await shop.balance(account_id) == BALANCE
         cart = await shop.cart_state(cart_id)
         assert (cart.status, cart.failure_code) == (CartStatus.OPEN, "INSUFFICIENT_STOCK")
         assert cart.failure_reason is not None and b in cart.failure_reason
+
+
+async def test_the_first_line_refused_releases_the_lines_reserved_beside_it(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    """Lines are reserved at once, not one after another: the second line is reserved
+    while the first is refused, and released once both have answered."""
+    async with run_worker(shop.settings):
+        account_id = await shop.account(BALANCE)
+        a, b = await shop.stock(1), await shop.stock(4)
+        cart_id = await shop.cart(account_id, (a, 3, 100), (b, 2, 100))
+        done = await shop.finished(await shop.checkout(cart_id))
+
+        assert_compensated(done, f"reserve:{a}", ErrorCode.INSUFFICIENT_STOCK)
+        assert names(done.steps) == [f"reserve:{a}", f"reserve:{b}", "report"]
+        assert statuses(done.steps)[:2] == [StepStatus.FAILED, StepStatus.DONE]
+        assert names(done.compensations) == [f"release:{b}", f"release:{a}"]
+        assert done.compensations[1].message is not None
+        assert "nothing to undo" in done.compensations[1].message
+        assert await stock_of(shop, a, b) == [(1, 1, 0), (4, 4, 0)]
+        released = (await shop.item(b)).settled[done.reservation_id or ""]
+        assert released.settlement is Settlement.RELEASED
+        assert await shop.balance(account_id) == BALANCE
+        cart = await shop.cart_state(cart_id)
+        assert (cart.status, cart.failure_code) == (CartStatus.OPEN, "INSUFFICIENT_STOCK")
 
 
 async def test_not_enough_funds_releases_every_reservation_and_refunds_nothing(

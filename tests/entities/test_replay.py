@@ -17,6 +17,7 @@ from entities.runtime.backlog import NEXT_TASK_ACTIVITY
 from entities.runtime.saga import Saga
 from entities.runtime.workflow import ENTITY_PATCHES
 from tests.entities.record_histories import (
+    CHECKOUT_SET_1,
     CURRENT,
     HISTORIES,
     PUBLISHED_BY_ACTIVITY,
@@ -77,6 +78,16 @@ OLDER_PATHS = {
         )
     },
 }
+# Checkouts under the first checkout patch set: every checkout path, lines reserved one after
+# another.
+CHECKOUTS_OF_SET_1 = {
+    f"{CHECKOUT_SET_1}/{name}": event
+    for name, event in {
+        **RECORDED,
+        "checkout.cart-stuck-1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+    }.items()
+    if name.startswith("checkout.")
+}
 # Today's: every path again, recorded since runs ask one patch set (CURRENT), with the paths
 # only today's code takes: a FAILED checkout waiting for an operator, retried; a bulk command
 # sending pages ahead of counting them; commands held back past a task's bound.
@@ -87,13 +98,13 @@ TODAY = {
     f"{CURRENT}/bulk.bulk-deposit.run2": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
     f"{CURRENT}/account.acct-backlog": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
 }
-EVERY = {**RECORDED, **PUBLISHED, **OLDER_PATHS, **TODAY}
+EVERY = {**RECORDED, **PUBLISHED, **OLDER_PATHS, **CHECKOUTS_OF_SET_1, **TODAY}
 
 
 def test_every_recorded_history_is_checked() -> None:
     recorded = {
         f"{folder}/{path.stem}".lstrip("/")
-        for folder in ("", PUBLISHED_BY_ACTIVITY, CURRENT)
+        for folder in ("", PUBLISHED_BY_ACTIVITY, CHECKOUT_SET_1, CURRENT)
         for path in (HISTORIES / folder).glob("*.json")
     }
     assert recorded == set(EVERY)
@@ -153,13 +164,16 @@ def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
         "publish-by-activity",
         "entity-children-close-first",
     }
-    assert CHECKOUT_PATCHES.name == "checkout-patch-set-1"
-    assert CHECKOUT_PATCHES.patches == {
+    first_set = CHECKOUT_PATCHES.after
+    assert first_set is not None and first_set.name == "checkout-patch-set-1"
+    assert first_set.patches == {
         "checkout-operator-tools",
         "checkout-parallel-commits",
         "checkout-short-reservation-ids",
         "requests-try-local-first",
     }
+    assert CHECKOUT_PATCHES.name == "checkout-patch-set-2"
+    assert CHECKOUT_PATCHES.patches == {*first_set.patches, "checkout-parallel-reservations"}
 
 
 @pytest.mark.parametrize("name", sorted(EVERY))
