@@ -204,7 +204,10 @@ class CheckoutWorkflow:
             try:
                 await workflow.wait_condition(lambda: self._asked is not None, timeout=wait)
             except TimeoutError:
-                break
+                # An action that came in the task in which the wait ran out was accepted,
+                # and its operator told so: it is taken up all the same.
+                if self._asked is None:
+                    break
             asked, self._asked = self._asked, None
             self._state.awaiting_operator_until = None
             if asked is not None and asked.action is OperatorActionKind.RESOLVE:

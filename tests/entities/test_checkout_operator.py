@@ -4,6 +4,7 @@ resolve settles it, and with neither in time it ends FAILED."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
@@ -13,14 +14,21 @@ from temporalio.worker import Replayer
 
 from entities import catalog
 from entities.checkout import CheckoutState, CheckoutWorkflow
-from entities.checkout_input import checkout_workflow_id
+from entities.checkout_input import (
+    CheckoutInput,
+    CheckoutLine,
+    CheckoutOptions,
+    checkout_workflow_id,
+)
 from entities.errors import ErrorCode
+from entities.runtime.requests import RequestPolicy
 from entities.runtime.saga import OperatorActionKind, OperatorRequest, SagaStatus, StepStatus
-from tests.conftest import WorkerFactory
+from tests.conftest import WorkerFactory, new_id
 from tests.entities.failing_checkout import BALANCE, failed_checkout
 from tests.entities.shop import Shop, eventually, shop_settings
 from workers.cache import SnapshotCache
 from workers.settings import Settings
+from workers.worker import TenureWorker
 
 RETRY = OperatorRequest(action=OperatorActionKind.RETRY, reason="limit lifted", by="admin:ops")
 
@@ -138,3 +146,68 @@ async def test_a_failed_checkout_no_operator_answers_ends_failed(
         assert done.status is SagaStatus.FAILED
         assert done.awaiting_operator_until is None
         assert done.compensations[0].status is StepStatus.FAILED
+
+
+def _handlers_and_timers_in_one_batch(worker: TenureWorker) -> None:
+    """The SDK's single-batch activations (its flag PROCESS_WORKFLOW_ACTIVATION_JOBS_AS_SINGLE
+    _BATCH, which a later release turns on by default): a timer that fired runs its callback
+    beside the task's update handlers, before any condition is checked again. Through a
+    private setter: should it go, this test fails, and needs the new way to turn it on."""
+    from temporalio.worker._workflow_instance import _WorkflowLogicFlag
+
+    for each in worker.workers:
+        each._workflow_worker._set_default_workflow_logic_flag(  # type: ignore[union-attr]
+            _WorkflowLogicFlag.PROCESS_WORKFLOW_ACTIVATION_JOBS_AS_SINGLE_BATCH, enabled=True
+        )
+
+
+async def test_a_retry_that_comes_with_the_end_of_the_wait_is_run(
+    temporal_client: Client, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """An operator's retry that reaches the checkout in the task in which its wait runs out
+    (no worker at the deadline) is answered as accepted: it must run, not be dropped as the
+    checkout ends FAILED."""
+    settings = settings.model_copy(update={"sticky_timeout": 1.0})
+    fast = RequestPolicy(
+        timeout_seconds=5, attempts=2, initial_interval_seconds=0.1, maximum_interval_seconds=0.2
+    )
+    checkout_id = f"{new_id()}-1"
+    # Nothing it names exists: the reservation is refused, and so is the report to the cart.
+    handle = await temporal_client.start_workflow(
+        CheckoutWorkflow.run,
+        CheckoutInput(
+            checkout_id=checkout_id,
+            cart_id=new_id(),
+            account_id=new_id(),
+            lines=[CheckoutLine(sku=new_id(), quantity=1, unit_price=1)],
+            options=CheckoutOptions(
+                step=fast,
+                compensation=fast.model_copy(update={"attempts": 0}),
+                operator_wait_seconds=4.0,
+            ),
+            started_at=int(datetime.now(UTC).timestamp() * 1000),
+        ),
+        id=checkout_workflow_id(checkout_id),
+        task_queue=settings.task_queue,
+    )
+    async with run_worker(settings) as worker:
+        _handlers_and_timers_in_one_batch(worker)
+        failed = await eventually(
+            lambda: handle.query(CheckoutWorkflow.status),
+            lambda s: s.status is SagaStatus.FAILED and s.awaiting_operator_until is not None,
+            30,
+        )
+    until = failed.awaiting_operator_until
+    assert until is not None
+    # No worker: the wait's timer fires, and the retry comes, before either is taken up.
+    await asyncio.sleep(max((until - datetime.now(UTC)).total_seconds(), 0) + 2.0)
+    asked = asyncio.create_task(handle.execute_update(CheckoutWorkflow.operate, RETRY))
+    await asyncio.sleep(1.5)
+    async with run_worker(settings) as worker:
+        _handlers_and_timers_in_one_batch(worker)
+        answered = await asyncio.wait_for(asked, 30)
+        done = await asyncio.wait_for(handle.result(), 30)
+    assert answered.operator_actions[-1].refused is None  # told it was taken
+    report = [step for step in done.steps if step.name == "report"][-1]
+    assert report.at > until  # and the report ran again after the wait ran out
+    assert [a.action for a in done.operator_actions] == [OperatorActionKind.RETRY]
