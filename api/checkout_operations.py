@@ -209,7 +209,7 @@ async def operate(
         if is_missing(exc):
             raise await _not_waiting(info, checkout_id) from exc
         raise unavailable(exc) from exc
-    return Checkout.from_state(state)
+    return Checkout.from_state(state, info.context.principal)
 
 
 async def _not_waiting(info: Info, checkout_id: str) -> TenureError:

@@ -11,12 +11,13 @@ from api.carts import MAX_CART_LINES, CartLine
 from api.common import Long, authorize
 from api.context import Info
 from api.gateway import check_entity_id
+from api.history import sender_shown
 from api.pacing import paced
 from api.response_size import bounded
 from entities.checkout import CheckoutState, CheckoutWorkflow
 from entities.checkout_input import checkout_workflow_id
 from entities.errors import ErrorCode, TenureError
-from entities.runtime.policy import READ
+from entities.runtime.policy import READ, Principal
 from entities.runtime.saga import (
     MAX_OPERATOR_ACTIONS,
     OperatorActionKind,
@@ -74,7 +75,9 @@ class CheckoutCompensation:
 class CheckoutOperatorAction:
     action: OperatorActionKind
     reason: str
-    by: str = strawberry.field(description="Who: `role:subject`, such as `admin:ops-1`.")
+    by: str = strawberry.field(
+        description="Who: `role:subject`, such as `admin:ops-1`; to a customer, the role alone."
+    )
     at: datetime
     refused: str | None = strawberry.field(
         description="Why the checkout did not take it up (it was not waiting for an "
@@ -112,7 +115,9 @@ class Checkout:
     )
 
     @classmethod
-    def from_state(cls, state: CheckoutState) -> Checkout:
+    def from_state(cls, state: CheckoutState, caller: Principal) -> Checkout:
+        """The checkout as `caller` may see it: an operator's name is not a customer's to
+        know (as in an entity's history)."""
         return cls(
             id=strawberry.ID(state.checkout_id),
             cart_id=strawberry.ID(state.cart_id),
@@ -137,13 +142,22 @@ class Checkout:
             ),
             operator_actions=[
                 CheckoutOperatorAction(
-                    action=a.action, reason=a.reason, by=a.by, at=a.at, refused=a.refused
+                    action=a.action,
+                    reason=a.reason,
+                    by=_shown(a.by, caller),
+                    at=a.at,
+                    refused=a.refused,
                 )
                 for a in state.operator_actions
             ],
             refused=[CheckoutStep.of(step) for step in state.refused()],
             awaiting_operator_until=state.awaiting_operator_until,
         )
+
+
+def _shown(sent_by: str, caller: Principal) -> str:
+    role, subject = sender_shown(sent_by, caller)
+    return role if subject is None else f"{role}:{subject}"
 
 
 def checked_checkout_id(checkout_id: str) -> str:
@@ -165,7 +179,7 @@ async def read_checkout(info: Info, checkout_id: str) -> Checkout | None:
     state = await info.context.gateway.read_workflow(
         checkout_workflow_id(checkout_id), CheckoutWorkflow.status, CheckoutState
     )
-    return Checkout.from_state(state) if state else None
+    return Checkout.from_state(state, info.context.principal) if state else None
 
 
 @strawberry.type

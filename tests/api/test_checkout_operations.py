@@ -126,7 +126,7 @@ async def test_a_resolve_is_recorded_with_its_reason_and_who_did_it(
     shop: Shop, run_worker: WorkerFactory, http: httpx.AsyncClient
 ) -> None:
     async with failed_checkout(shop, run_worker) as failed:
-        admin = callers(http, failed)["admin"]
+        admin, customer = callers(http, failed)["admin"], callers(http, failed)["customer"]
         reason = "refunded by bank transfer, ticket 4711"
         assert await admin.code(RESOLVE, id=failed.checkout_id, reason=" ") == "INVALID_INPUT"
         await admin.data(RESOLVE, id=failed.checkout_id, reason=reason)
@@ -143,6 +143,9 @@ async def test_a_resolve_is_recorded_with_its_reason_and_who_did_it(
         )
         assert action["at"] is not None
         assert await listed(admin, "RESOLVED", failed.checkout_id) is not None
+        # Its customer sees that an operator settled it, and not which one (as in history).
+        [seen] = (await customer.data(READ, id=failed.checkout_id))["checkout"]["operatorActions"]
+        assert (seen["action"], seen["reason"], seen["by"]) == ("RESOLVE", reason, "admin")
 
 
 async def test_checkouts_are_listed_a_page_at_a_time(
