@@ -112,7 +112,7 @@ class AccountMutation:
         idempotency_key: IdempotencyKey = None,
         wait: Wait = False,
     ) -> AccountCommandPayload | None:
-        account_id = id if id is not None else new_entity_id(idempotency_key)
+        account_id = id if id is not None else new_entity_id(info, idempotency_key)
         return await _command(
             info,
             account_id,

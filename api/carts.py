@@ -182,7 +182,8 @@ async def _room_for_a_cart(info: Info, account_id: str) -> None:
 class CartMutation:
     @strawberry.mutation(
         description="Open an empty cart for an account, which must exist and not be closed "
-        "(checked when the cart is created, not held afterwards)."
+        "(checked when the cart is created, not held afterwards). Without an `id`, it is "
+        "named after the caller and its `idempotencyKey`: a retry names the same cart."
     )
     async def create_cart(
         self,
@@ -192,7 +193,7 @@ class CartMutation:
         idempotency_key: IdempotencyKey = None,
         wait: Wait = False,
     ) -> CartCommandPayload | None:
-        cart_id = id if id is not None else new_entity_id(idempotency_key)
+        cart_id = id if id is not None else new_entity_id(info, idempotency_key)
         # Before anything is looked up, so a refusal tells nothing about what exists.
         await authorize(info, ENTITY, cart_id, domain.create_cart.name, {"account_id": account_id})
         try:

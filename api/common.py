@@ -292,9 +292,12 @@ def status_of(receipt: Receipt) -> CommandStatus:
 _ID_NAMESPACE = uuid.UUID("6f1c1d8e-3f4a-4c1e-9d7b-2a5b8e0c4f10")
 
 
-def new_entity_id(idempotency_key: str | None) -> str:
-    """An id for an entity the client did not name: derived from the idempotency key when
-    there is one, so a retried create names the same entity."""
+def new_entity_id(info: Info, idempotency_key: str | None) -> str:
+    """An id for an entity the client did not name: derived from the caller and its
+    idempotency key when there is one, so a retried create names the same entity, and
+    another caller's create with the same key names another (a key is its caller's: one
+    customer's key neither blocks nor reveals another's create)."""
     if idempotency_key:
-        return str(uuid.uuid5(_ID_NAMESPACE, idempotency_key))
+        caller = info.context.principal.sender
+        return str(uuid.uuid5(_ID_NAMESPACE, f"{caller}\n{idempotency_key}"))
     return str(uuid.uuid4())

@@ -351,6 +351,29 @@ async def test_a_cart_made_meanwhile_by_another_is_no_one_else_s_to_learn_of(
     assert again == ErrorCode.ALREADY_EXISTS
 
 
+CREATE_BY_KEY = """mutation($account: ID!, $key: String!) { createCart(accountId: $account,
+  idempotencyKey: $key, wait: true) { cartId } }"""
+
+
+async def test_one_customer_s_idempotency_key_neither_blocks_nor_reveals_another_s_create(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """A cart created without an id is named after its caller and key: a retry names the
+    same cart; another customer's create with the same key makes a cart of its own, where
+    it was refused FORBIDDEN (learning that the key was used, and unable to create)."""
+    admin = Caller(secured_http, token("admin", "setup"))
+    entities = await setup(admin)
+    who = callers(secured_http, entities)
+    key = f"order-{new_id()}"
+    ada = await who[CUSTOMER].data(CREATE_BY_KEY, account=entities["mine"], key=key)
+    again = await who[CUSTOMER].data(CREATE_BY_KEY, account=entities["mine"], key=key)
+    bob = await who[STRANGER].data(CREATE_BY_KEY, account=entities["theirs"], key=key)
+    assert again["createCart"]["cartId"] == ada["createCart"]["cartId"]
+    assert bob["createCart"]["cartId"] != ada["createCart"]["cartId"]
+    bobs = await who[STRANGER].data(READ_CART, id=bob["createCart"]["cartId"])
+    assert bobs["cart"]["status"] == "OPEN"
+
+
 async def test_a_refused_command_stores_nothing(secured_http: httpx.AsyncClient) -> None:
     admin = Caller(secured_http, token("admin", "setup"))
     entities = await setup(admin)
