@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from api.errors import TooManyQueries
-from api.gateway import CacheLookup, Consistency, EntityGateway
+from api.gateway import CacheLookup, Consistency, EntityGateway, EntityRead, unbudgeted
 from entities import catalog
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.policy import READ, Principal, Role
@@ -59,10 +59,12 @@ class Authorizer:
         payload: Mapping[str, Any] | None = None,
         *,
         looked_up: CacheLookup | None = None,
+        known: EntityRead | None = None,
     ) -> None:
         """Raise Forbidden unless `principal` may do `action` (`read` or a command with
         `payload`) to the entity; `looked_up` is its cache entry, when the request has read
-        it already."""
+        it already, and `known` the entity itself, when the request has it (a waited
+        command's answer)."""
         entity = self._types[entity_type]
         policy = entity.policy
         if principal.role is not Role.CUSTOMER or policy.owner is None:
@@ -72,9 +74,17 @@ class Authorizer:
         if not policy.allows(principal, entity_type, action, owned=True):
             raise Forbidden()  # not a customer's action at all: no need to look
         owner = policy.owner(entity_id, None)
-        if owner is None:
-            owner = await self._owner_from_state(entity_type, entity_id, looked_up)
+        if owner is None and known is not None:
+            owner = policy.owner(entity_id, known.snapshot.state)
+        elif owner is None:
             creates = action != READ and entity.commands[action].creates
+            if creates:
+                # Most often of an entity not made yet, which no cache holds: a look the
+                # request's live reads need not pay for (each mutation makes one at most).
+                with unbudgeted():
+                    owner = await self._owner_from_state(entity_type, entity_id, looked_up)
+            else:
+                owner = await self._owner_from_state(entity_type, entity_id, looked_up)
             if creates and owner is None:
                 # A command that makes the entity names its owner; one that exists already
                 # keeps its own.
@@ -90,11 +100,17 @@ class Authorizer:
         await self.require(principal, entity_type, entity_id, READ)
 
     async def allows(
-        self, principal: Principal, entity_type: str, entity_id: str, action: str
+        self,
+        principal: Principal,
+        entity_type: str,
+        entity_id: str,
+        action: str,
+        *,
+        known: EntityRead | None = None,
     ) -> bool:
         """Whether `principal` may do `action` to the entity; `require` without raising."""
         try:
-            await self.require(principal, entity_type, entity_id, action)
+            await self.require(principal, entity_type, entity_id, action, known=known)
         except Forbidden:
             return False
         return True

@@ -250,7 +250,7 @@ async def send_unread(
 async def readable(info: Info, entity_type: str, receipt: Receipt) -> Receipt:
     """The receipt, without the state after the command unless the caller may read it."""
     if receipt.read is not None and not await info.context.authorizer.allows(
-        info.context.principal, entity_type, receipt.entity_id, READ
+        info.context.principal, entity_type, receipt.entity_id, READ, known=receipt.read
     ):
         # A caller that may send the command but not read the entity (a service scoped to
         # `account:deposit` alone) learns that it was applied, not the state after it.

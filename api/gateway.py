@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -62,6 +63,17 @@ class QueryBudget:
 
 
 QUERY_BUDGET: ContextVar[QueryBudget | None] = ContextVar("tenure_query_budget", default=None)
+
+
+@contextlib.contextmanager
+def unbudgeted() -> Iterator[None]:
+    """Queries made inside are not charged to the request's budget: those a bound of their
+    own already limits (one a mutation, and a request has few)."""
+    token = QUERY_BUDGET.set(None)
+    try:
+        yield
+    finally:
+        QUERY_BUDGET.reset(token)
 
 
 def _spend_a_query() -> None:

@@ -374,6 +374,24 @@ async def test_one_customer_s_idempotency_key_neither_blocks_nor_reveals_another
     assert bobs["cart"]["status"] == "OPEN"
 
 
+async def test_a_customer_s_ten_creates_in_one_request_are_all_made(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """Each create's look at whose the new cart is finds nothing cached; those looks once
+    spent the request's live reads, and the third create on was refused FORBIDDEN."""
+    admin = Caller(secured_http, token("admin", "setup"))
+    entities = await setup(admin)
+    ten = " ".join(
+        f"c{i}: createCart(accountId: $account, wait: true) {{ cartId cart {{ status }} }}"
+        for i in range(10)
+    )
+    made = await callers(secured_http, entities)[CUSTOMER].data(
+        f"mutation($account: ID!) {{ {ten} }}", account=entities["mine"]
+    )
+    assert [made[f"c{i}"]["cart"] for i in range(10)] == [{"status": "OPEN"}] * 10
+    assert len({made[f"c{i}"]["cartId"] for i in range(10)}) == 10
+
+
 async def test_a_refused_command_stores_nothing(secured_http: httpx.AsyncClient) -> None:
     admin = Caller(secured_http, token("admin", "setup"))
     entities = await setup(admin)
