@@ -211,9 +211,12 @@ class EntityIndex:
 
     def _sources(self, base: str, where: ListFilter, order: Order) -> tuple[list[str], str]:
         """The sorted sets whose union is read in order, and the tag they answer (whose
-        filter then needs no check)."""
+        filter then needs no check): an owner's tag (`account_id`) before the status, the
+        fewer members, and a customer's listing reads its own entities alone, so that no
+        page, total or cursor of its can name another's, whatever cursor it sends."""
         suffix = "u" if order is Order.UPDATED_DESC else "i"
-        chosen = STATUS if STATUS in where.tags else next(iter(where.tags), "")
+        others = (tag for tag in sorted(where.tags) if tag != STATUS)
+        chosen = next(others, STATUS if STATUS in where.tags else "")
         if not chosen:
             return [base + suffix], ""
         values = sorted(where.tags[chosen])

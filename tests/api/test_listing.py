@@ -5,6 +5,8 @@ Redis lost everything."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -16,6 +18,7 @@ from temporalio.client import Client
 
 from api.cached_reads import CachedReadResponses
 from deploy.embedded import EmbeddedRedis
+from entities.runtime.envelope import Snapshot
 from tests.api.test_access import Caller, token
 from tests.api.test_accounts_api import CLOSE, DEPOSIT, SUSPEND, VERIFY
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
@@ -264,6 +267,49 @@ async def test_customers_list_only_their_own_and_services_by_scope(
     assert await scoped.code(CARTS) == "FORBIDDEN"
     depositor = Caller(secured_http, token("service", "pay", scope="account:deposit"))
     assert await depositor.code(ACCOUNTS) == "FORBIDDEN"
+
+
+OPEN_CARTS = """query($after: String, $order: ListOrder! = UPDATED_DESC) {
+  carts(filter: {status: [OPEN]}, first: 5, after: $after, orderBy: $order) {
+    edges { cursor node { id accountId } } pageInfo { hasNextPage endCursor } totalCount } }"""
+
+
+def _cart(cart_id: str, account_id: str, at: datetime) -> Snapshot:
+    state = {"account_id": account_id, "status": "OPEN", "lines": [], "last_activity_at": at}
+    return Snapshot(entity_type="cart", entity_id=cart_id, revision=1, updated_at=at, state=state)
+
+
+def _named(cursor: str) -> str:
+    """The cart a cursor resumes after: what a client that decodes it learns."""
+    _, key = json.loads(base64.urlsafe_b64decode(cursor))
+    return str(key).rpartition(":")[2]
+
+
+async def test_a_customer_s_cart_pages_and_cursors_name_no_one_else_s_carts(
+    secured_http: httpx.AsyncClient, cache: SnapshotCache
+) -> None:
+    """A busy shop: more OPEN carts of others than a page scans, newer than the customer's
+    own. Its pages, totals and cursors, and answers to cursors it made up, show its own
+    carts alone (a cursor once named the last cart scanned, anyone's, and a made-up one
+    walked everyone's)."""
+    theirs, mine = new_id(), new_id()
+    now = datetime.now(UTC)
+    others = [_cart(f"other-{i:05d}", theirs, now - timedelta(seconds=i)) for i in range(2_100)]
+    for start in range(0, len(others), 500):
+        await cache.put_many(others[start : start + 500])
+    await cache.put_many([_cart("my-cart", mine, now - timedelta(days=1))])
+    customer = Caller(secured_http, token("customer", "ada", accounts=[mine]))
+
+    for order in ("UPDATED_DESC", "ID"):
+        page = (await customer.data(OPEN_CARTS, order=order))["carts"]
+        assert [edge["node"]["id"] for edge in page["edges"]] == ["my-cart"]
+        assert (page["totalCount"], page["pageInfo"]["hasNextPage"]) == (1, False)
+        assert _named(page["pageInfo"]["endCursor"]) == "my-cart"
+    made_up = base64.urlsafe_b64encode(json.dumps(["ID", "other-00042"]).encode()).decode()
+    page = (await customer.data(OPEN_CARTS, order="ID", after=made_up))["carts"]
+    assert page["edges"] == []
+    end = page["pageInfo"]["endCursor"]
+    assert end is None or _named(end) == "other-00042"  # what it sent, and nothing new
 
 
 async def test_reindex_after_flushall_restores_listing_and_cache(
