@@ -99,6 +99,10 @@ def _limit_code(error: GraphQLError) -> LimitCode | None:
         return None
 
 
+MAX_MESSAGE = 1_000
+"""Characters of an error's message a client is sent; the rest is cut, marked `…`."""
+
+
 def present_error(error: GraphQLError, *, suggestions: bool = True) -> dict[str, Any]:
     """The client's view of one error: a message and `extensions.code`. Without
     `suggestions`, validation messages do not suggest names ("Did you mean 'account'?"),
@@ -130,6 +134,10 @@ def present_error(error: GraphQLError, *, suggestions: bool = True) -> dict[str,
         log.error("internal error in %s", error.path, exc_info=error.original_error)
         presented["message"] = INTERNAL_MESSAGE
         code = ErrorCode.INTERNAL
+    if len(presented["message"]) > MAX_MESSAGE:
+        # graphql-core repeats a literal it refuses, indented: two deep lists of a few
+        # hundred bytes came back as 42 KB of message.
+        presented["message"] = presented["message"][: MAX_MESSAGE - 1] + "…"
     presented["extensions"] = {"code": code.value}
     return presented
 

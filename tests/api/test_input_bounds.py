@@ -56,3 +56,15 @@ async def test_a_price_is_at_least_one_and_the_cart_keeps_nothing_refused(
         "query($c: ID!) { cart(id: $c, consistency: LIVE) { lines { sku } revision } }", c=cart_id
     )
     assert lines["cart"] == {"lines": [], "revision": 1}
+
+
+async def test_a_refused_literal_is_not_repeated_back_at_length(gql: GraphQLClient) -> None:
+    """graphql-core's message repeats a literal it refuses, indented more at each level:
+    two lists 195 deep, some 850 bytes asked, came back as 42 KB."""
+    deep = "[" * 195 + '"x"' + "]" * 195
+    document = f"{{ a: account(id: {deep}) {{ id }} b: cart(id: {deep}) {{ id }} }}"
+    response = await gql.http.post("/graphql", json={"query": document})
+    body = response.json()
+    assert [error["extensions"]["code"] for error in body["errors"]] == ["INVALID_INPUT"] * 2
+    assert all(error["message"].startswith("ID cannot represent") for error in body["errors"])
+    assert len(response.content) < 4 * len(document)
