@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -351,6 +352,33 @@ async def test_a_finished_checkout_is_read_from_its_history_when_no_worker_answe
         checkout_id = await checkout(gql, cart_id)
         done = await finished(gql, checkout_id)
     assert await checkout_state(gql, checkout_id) == done
+
+
+async def test_a_burst_of_creates_makes_no_more_carts_than_an_account_may_have(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """The index shows a cart a moment after it is made: counted from it alone, twenty
+    requests of ten creates at once made 40 carts of an account allowed 3."""
+    three = secured.model_copy(update={"max_carts_per_account": 3})
+    ten = " ".join(f"c{i}: createCart(accountId: $a) {{ cartId }}" for i in range(10))
+    async with run_worker(three), api_client(three, temporal_client) as http:
+        http.headers["Authorization"] = f"Bearer {token('admin', 'ops')}"
+        account_id = await open_account(GraphQLClient(http), 0)
+        http.headers["Authorization"] = f"Bearer {token('customer', 'ada', [account_id])}"
+        gql = GraphQLClient(http)
+        answers = await asyncio.gather(
+            *(gql(f"mutation($a: ID!) {{ {ten} }}", a=account_id) for _ in range(20))
+        )
+        made = [cart for body in answers for cart in (body["data"] or {}).values() if cart]
+        codes = {error["extensions"]["code"] for body in answers for error in body["errors"]}
+        listed = "query($a: ID!) { carts(filter: {accountId: $a}) { totalCount } }"
+        settled = await eventually(
+            lambda: gql.data(listed, a=account_id),
+            lambda data: data["carts"]["totalCount"] >= len(made),
+        )
+    assert 1 <= len(made) <= 3
+    assert codes == {"LIMIT_REACHED"}
+    assert settled["carts"]["totalCount"] == len(made)
 
 
 async def test_an_account_has_only_so_many_carts_not_checked_out(
