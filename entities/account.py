@@ -13,7 +13,13 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
-    from entities.runtime.entity import MAX_AMOUNT, MAX_MONEY, PRINTABLE, strict_bound
+    from entities.runtime.entity import (
+        MAX_AMOUNT,
+        MAX_MONEY,
+        PRINTABLE,
+        SHOWN_AS_WRITTEN,
+        strict_bound,
+    )
     from entities.runtime.envelope import Snapshot
     from entities.runtime.policy import READ
 
@@ -39,8 +45,13 @@ Currency = Annotated[
 Name = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=PRINTABLE),
+    SHOWN_AS_WRITTEN,
 ]
-Note = Annotated[str, StringConstraints(strip_whitespace=True, max_length=500, pattern=PRINTABLE)]
+Note = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, max_length=500, pattern=PRINTABLE),
+    SHOWN_AS_WRITTEN,
+]
 Email = Annotated[
     str,
     StringConstraints(strip_whitespace=True, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"),

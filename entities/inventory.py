@@ -19,7 +19,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
-    from entities.runtime.entity import MAX_MONEY, PRINTABLE, strict_bound
+    from entities.runtime.entity import MAX_MONEY, PRINTABLE, SHOWN_AS_WRITTEN, strict_bound
     from entities.runtime.envelope import Snapshot
     from entities.runtime.policy import READ
 
@@ -46,10 +46,12 @@ that a checkout configured to hold stock longer than some item allows still chec
 Name = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=PRINTABLE),
+    SHOWN_AS_WRITTEN,
 ]
 Reason = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=500, pattern=PRINTABLE),
+    SHOWN_AS_WRITTEN,
 ]
 
 

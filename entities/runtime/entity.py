@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,7 +38,9 @@ STRICT_INPUTS_2_PATCH = "strict-inputs-2"
 """The same for the bounds added at level 2 (no control characters in an email)."""
 STRICT_INPUTS_3_PATCH = "strict-inputs-3"
 """The same at level 3: a cart totals at most what one withdrawal takes (MAX_AMOUNT)."""
-STRICTEST = 3
+STRICT_INPUTS_4_PATCH = "strict-inputs-4"
+"""The same at level 4: text a person wrote has no invisible formatting (SHOWN_AS_WRITTEN)."""
+STRICTEST = 4
 """The level of the latest bounds: what the API's edge and new runs apply."""
 
 
@@ -57,6 +60,29 @@ def strict_bound(holds: Callable[[Any], bool], message: str, since: int = 1) -> 
 PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
 """Text a person wrote has no control characters (they would be stored and shown to every
 reader): the pattern of every such field."""
+
+_SCRIPT_MARKS = frozenset("\u200c\u200d\u200e\u200f")
+"""The formatting characters text in some scripts needs: the zero-width non-joiner and
+joiner (Persian, Indic scripts, emoji sequences) and the left-to-right and right-to-left
+marks (punctuation in mixed-direction text)."""
+
+
+def _shown_as_written(text: str) -> bool:
+    return not any(
+        unicodedata.category(char) in ("Cf", "Zl", "Zp") and char not in _SCRIPT_MARKS
+        for char in text
+    )
+
+
+SHOWN_AS_WRITTEN = strict_bound(
+    _shown_as_written,
+    "no invisible formatting characters (a direction override, a zero-width space, a soft "
+    "hyphen...) or line separators",
+    since=4,
+)
+"""Text a person wrote is shown as written: nothing invisible that reorders it ("Ada" and
+U+202E made a name read backwards to every reader) or hides in it. Beside PRINTABLE on
+every such field."""
 
 
 S = TypeVar("S", bound=BaseModel)

@@ -33,15 +33,16 @@ class PatchSet:
         )
 
     def current(self) -> bool:
-        """Whether this run has the set: it began under code that has it."""
-        return workflow.patched(self.name)
+        """Whether this run began under a set: this one, or one it succeeds (`after`),
+        whose patches it has all the same."""
+        return workflow.patched(self.name) or (self.after is not None and self.after.current())
 
     def patched(self, patch: str) -> bool:
         """Whether this run has `patch`: through the set, or, a run from before the set,
         by its own marker. Workflow code."""
         if patch not in self.patches:
             raise ValueError(f"{patch!r} is not in the patch set {self.name!r}")
-        if self.current():
+        if workflow.patched(self.name):
             return True
         if self.after is not None and patch in self.after.patches:
             return self.after.patched(patch)

@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.entity import (
         STRICT_INPUTS_2_PATCH,
         STRICT_INPUTS_3_PATCH,
+        STRICT_INPUTS_4_PATCH,
         STRICT_INPUTS_PATCH,
         CommandContext,
         EntityType,
@@ -83,17 +84,21 @@ a publish, which every change brought until a sender could publish its own (`han
 replay as they were made, and hand nothing over."""
 
 ENTITY_PATCHES = PatchSet(
-    "entity-patch-set-1",
-    [
-        STRICT_INPUTS_PATCH,
-        STRICT_INPUTS_2_PATCH,
-        STRICT_INPUTS_3_PATCH,
-        BOUNDED_TASKS_PATCH,
-        RECORD_UNREADABLE_PATCH,
-        LOOP_FOLLOWS_CHANGES_PATCH,
-        PUBLISH_BY_ACTIVITY,
-        CHILDREN_CLOSE_FIRST,
-    ],
+    "entity-patch-set-2",
+    [STRICT_INPUTS_4_PATCH],
+    after=PatchSet(
+        "entity-patch-set-1",
+        [
+            STRICT_INPUTS_PATCH,
+            STRICT_INPUTS_2_PATCH,
+            STRICT_INPUTS_3_PATCH,
+            BOUNDED_TASKS_PATCH,
+            RECORD_UNREADABLE_PATCH,
+            LOOP_FOLLOWS_CHANGES_PATCH,
+            PUBLISH_BY_ACTIVITY,
+            CHILDREN_CLOSE_FIRST,
+        ],
+    ),
 )
 """Runs from here on record one patch marker, where they recorded one for each of these
 (`PatchSet`); besides, their main loop has a change published before it carries out the
@@ -776,5 +781,10 @@ def _strictness() -> int:
     """Which bounds of `strict_bound` this run applies: those up to the newest level whose
     patch it has (`entities.runtime.entity`). Asked newest first, so that a run from before
     ENTITY_PATCHES recorded one patch marker, not one per level."""
-    levels = ((3, STRICT_INPUTS_3_PATCH), (2, STRICT_INPUTS_2_PATCH), (1, STRICT_INPUTS_PATCH))
+    levels = (
+        (4, STRICT_INPUTS_4_PATCH),
+        (3, STRICT_INPUTS_3_PATCH),
+        (2, STRICT_INPUTS_2_PATCH),
+        (1, STRICT_INPUTS_PATCH),
+    )
     return next((level for level, patch in levels if ENTITY_PATCHES.patched(patch)), 0)

@@ -11,7 +11,9 @@ OPEN = """mutation($id: ID, $name: String!) { openAccount(id: $id, ownerName: $n
 READ = "query($id: ID!) { account(id: $id, consistency: LIVE) { ownerName } }"
 
 
-@pytest.mark.parametrize("name", ["Ada\x00", "Ada\nLovelace", "\x1b[31mAda", "", "x" * 201])
+@pytest.mark.parametrize(
+    "name", ["Ada\x00", "Ada\nLovelace", "\x1b[31mAda", "", "x" * 201, "Ada\u202egnp.exe"]
+)
 async def test_names_with_control_characters_or_out_of_bounds_are_refused(
     gql: GraphQLClient, name: str
 ) -> None:

@@ -45,6 +45,8 @@ CURRENT = "patch-sets"
 PUBLISHED_BY_ACTIVITY = "publish-by-activity"
 # Checkouts under the first checkout patch set, which reserve one line after another.
 CHECKOUT_SET_1 = "checkout-set-1"
+# Entities under the first entity patch set, which took text with invisible formatting.
+ENTITY_SET_1 = "entity-set-1"
 
 
 def workflow_id_of(path: Path) -> str:

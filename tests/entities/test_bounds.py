@@ -190,6 +190,26 @@ LATER_BOUNDS = [
         (account, "open", {"owner_name": "Ada", "email": email}, "email", 2)
         for email in ("a\u0000@b.co", "a@b\u0007.co", "\u202ea@b.co", "a\u200b@b.co")
     ),
+    # Text shown as written: a direction override, an isolate, separators, a zero-width space,
+    # a byte order mark, a soft hyphen, an annotation anchor, a tag character.
+    *(
+        (account, "open", {"owner_name": name, "email": "ada@example.com"}, "owner_name", 4)
+        for name in (
+            "Ada\u202egnp.exe",
+            "Ada\u2066x",
+            "Ada\u2028Lovelace",
+            "Ada\u2029Lovelace",
+            "A\u200bda",
+            "\ufeffAda",
+            "Ada\u00adLovelace",
+            "Ada\ufff9",
+            "Ada\U000e0041",
+        )
+    ),
+    (account, "suspend", {"reason": "fraud\u202e"}, "reason", 4),
+    (account, "verify", {"kyc_reference": "kyc\u200b1"}, "kyc_reference", 4),
+    (inventory, "restock", {"quantity": 1, "name": "Tea\u202epot"}, "name", 4),
+    (inventory, "adjustStock", {"delta": -1, "reason": "chip\u2028ped"}, "reason", 4),
 ]
 
 
@@ -202,6 +222,21 @@ def test_a_bound_added_later_refuses_at_the_edge_but_not_in_runs_older_than_it(
     assert refused.value.code is ErrorCode.INVALID_INPUT and field in refused.value.message
     # A run that began before the bound replays its history as it was made.
     assert entity.parse(command, payload, strict=level - 1) is not None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Ada Lovelace",
+        "\u0645\u06cc\u200c\u0631\u0636\u0627",
+        "\U0001f469\u200d\U0001f52c",
+        "\u200f\u05e9\u05e8\u05d4 (IL)",
+    ],
+)
+def test_names_that_need_joiners_or_direction_marks_are_taken(name: str) -> None:
+    """Persian needs the zero-width non-joiner, emoji sequences the joiner, mixed-direction
+    text its direction marks: formatting characters that text is written with."""
+    assert account.parse("open", {"owner_name": name, "email": "ada@example.com"}) is not None
 
 
 def test_an_email_without_control_characters_is_taken() -> None:

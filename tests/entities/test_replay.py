@@ -4,6 +4,8 @@ survive a deploy and a non-deterministic change fails the suite. Re-record with
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from temporalio import workflow
 from temporalio.api.enums.v1 import EventType
@@ -19,6 +21,7 @@ from entities.runtime.workflow import ENTITY_PATCHES
 from tests.entities.record_histories import (
     CHECKOUT_SET_1,
     CURRENT,
+    ENTITY_SET_1,
     HISTORIES,
     PUBLISHED_BY_ACTIVITY,
     workflow_id_of,
@@ -88,6 +91,16 @@ CHECKOUTS_OF_SET_1 = {
     }.items()
     if name.startswith("checkout.")
 }
+# Entities under the first entity patch set: every entity path, before text had to show as
+# written (strict-inputs-4).
+ENTITIES_OF_SET_1 = {
+    f"{ENTITY_SET_1}/{name}": event
+    for name, event in {
+        **RECORDED,
+        "account.acct-backlog": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+    }.items()
+    if name.startswith(("account.", "cart.", "inventory."))
+}
 # Today's: every path again, recorded since runs ask one patch set (CURRENT), with the paths
 # only today's code takes: a FAILED checkout waiting for an operator, retried; a bulk command
 # sending pages ahead of counting them; commands held back past a task's bound.
@@ -98,13 +111,20 @@ TODAY = {
     f"{CURRENT}/bulk.bulk-deposit.run2": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
     f"{CURRENT}/account.acct-backlog": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
 }
-EVERY = {**RECORDED, **PUBLISHED, **OLDER_PATHS, **CHECKOUTS_OF_SET_1, **TODAY}
+EVERY = {
+    **RECORDED,
+    **PUBLISHED,
+    **OLDER_PATHS,
+    **CHECKOUTS_OF_SET_1,
+    **ENTITIES_OF_SET_1,
+    **TODAY,
+}
 
 
 def test_every_recorded_history_is_checked() -> None:
     recorded = {
         f"{folder}/{path.stem}".lstrip("/")
-        for folder in ("", PUBLISHED_BY_ACTIVITY, CHECKOUT_SET_1, CURRENT)
+        for folder in ("", PUBLISHED_BY_ACTIVITY, CHECKOUT_SET_1, ENTITY_SET_1, CURRENT)
         for path in (HISTORIES / folder).glob("*.json")
     }
     assert recorded == set(EVERY)
@@ -147,14 +167,28 @@ def test_a_run_of_today_records_one_patch_marker(name: str) -> None:
     that follows every change, strict inputs) and a checkout three."""
     assert patch_markers(f"{CURRENT}/{name}") == 1
     assert version_upserts(f"{CURRENT}/{name}") == 1
+    newest = CHECKOUT_PATCHES if name.startswith("checkout.") else ENTITY_PATCHES
+    assert patches_asked(f"{CURRENT}/{name}") == [newest.name]
+
+
+def patches_asked(name: str) -> list[str]:
+    """The patch each marker of the history records."""
+    return [
+        json.loads(event.marker_recorded_event_attributes.details["patch-data"].payloads[0].data)[
+            "id"
+        ]
+        for event in history(name).events
+        if event.marker_recorded_event_attributes.marker_name == "core_patch"
+    ]
 
 
 def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
     """Runs start under a set and take every patch in it for granted: a patch added to a set
     already released would be taken for granted by runs that never had it. A new patch
     joins a new set (docs/operations.md)."""
-    assert ENTITY_PATCHES.name == "entity-patch-set-1"
-    assert ENTITY_PATCHES.patches == {
+    first_entity_set = ENTITY_PATCHES.after
+    assert first_entity_set is not None and first_entity_set.name == "entity-patch-set-1"
+    assert first_entity_set.patches == {
         "strict-inputs-1",
         "strict-inputs-2",
         "strict-inputs-3",
@@ -164,6 +198,8 @@ def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
         "publish-by-activity",
         "entity-children-close-first",
     }
+    assert ENTITY_PATCHES.name == "entity-patch-set-2"
+    assert ENTITY_PATCHES.patches == {*first_entity_set.patches, "strict-inputs-4"}
     first_set = CHECKOUT_PATCHES.after
     assert first_set is not None and first_set.name == "checkout-patch-set-1"
     assert first_set.patches == {
