@@ -163,7 +163,8 @@ async def _room_for_a_cart(info: Info, account_id: str, cart_id: str) -> None:
     make thousands (a probe made 2,610 in 100 s). Counted from the listing index and the
     creates it does not show yet (workers/creations.py), so that a burst of creates passes
     the bound by no more than those racing the index's update. When the index cannot tell
-    (Redis out of reach, an account of thousands of carts), the cart is made."""
+    (Redis out of reach; before Redis 7, an account of thousands of carts), the cart is
+    made."""
     limit = info.context.gateway.settings.max_carts_per_account
     creations = Creations.of(info.context.gateway.cache)
     try:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from temporalio.client import Client
 
+from entities.runtime.envelope import Snapshot
 from tests.api.test_access import token
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from tests.entities.shop import Shop, eventually
@@ -379,6 +381,42 @@ async def test_a_burst_of_creates_makes_no_more_carts_than_an_account_may_have(
     assert 1 <= len(made) <= 3
     assert codes == {"LIMIT_REACHED"}
     assert settled["carts"]["totalCount"] == len(made)
+
+
+async def test_an_account_of_thousands_of_carts_checked_out_still_has_its_bound(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory, cache: SnapshotCache
+) -> None:
+    """Past the 2,000 carts a count reads one by one, the index could not tell how many an
+    account held not checked out, and the cart was made: a customer with a long history
+    could then make carts without end."""
+    three = secured.model_copy(update={"max_carts_per_account": 3})
+    create = "mutation($a: ID!) { createCart(accountId: $a, wait: true) { cartId } }"
+    async with run_worker(three), api_client(three, temporal_client) as http:
+        http.headers["Authorization"] = f"Bearer {token('admin', 'ops')}"
+        account_id = await open_account(GraphQLClient(http), 0)
+        at = datetime.now(UTC)
+        bought = [
+            Snapshot(
+                entity_type="cart",
+                entity_id=f"{account_id}-bought-{n}",
+                revision=5,
+                updated_at=at,
+                state={
+                    "account_id": account_id,
+                    "status": "CHECKED_OUT",
+                    "lines": [],
+                    "last_activity_at": at,
+                },
+            )
+            for n in range(2_001)
+        ]
+        for start in range(0, len(bought), 500):
+            await cache.put_many(bought[start : start + 500])
+        http.headers["Authorization"] = f"Bearer {token('customer', 'ada', [account_id])}"
+        gql = GraphQLClient(http)
+        for _ in range(3):
+            await gql.data(create, a=account_id)
+        assert await gql.error_code(create, a=account_id) == "LIMIT_REACHED"
 
 
 async def test_an_account_has_only_so_many_carts_not_checked_out(
