@@ -258,11 +258,18 @@ class _Run:
             "webhook-signature": sign(self._key, item.webhook_id, timestamp, body),
         }
         try:
-            # Streamed, and closed unread: a receiver's answer body is not ours to hold.
-            async with self._http.stream(
-                "POST", self._subscriber.url, content=body, headers=headers
-            ) as response:
+            # The client's timeout bounds each read of the socket, not the answer: a receiver
+            # (or a proxy) that trickles its headers held a send, and the run, for as long
+            # as it liked. Streamed, and closed unread: its body is not ours to hold.
+            async with (
+                asyncio.timeout(SEND_TIMEOUT_SECONDS),
+                self._http.stream(
+                    "POST", self._subscriber.url, content=body, headers=headers
+                ) as response,
+            ):
                 status = response.status_code
+        except TimeoutError:
+            return f"no answer within {SEND_TIMEOUT_SECONDS:g} s"
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"[:500]
         return None if 200 <= status < 300 else f"HTTP {status}"

@@ -6,6 +6,7 @@ whatever run it falls in, and a change trimmed from the stream while pending is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -22,6 +23,7 @@ from starlette.routing import Route
 from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
+import workers.webhook_delivery
 from entities.webhook_delivery import DeliveryCounts, DeliveryRun
 from tests.api.test_accounts_api import DEPOSIT, open_active
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, cache_of, new_id, serving
@@ -258,3 +260,48 @@ async def test_a_trimmed_change_never_read_before_is_dead_lettered(
     )
     pending: Any = await delivering.subscribers.client.xpending(delivering.stream, group)
     assert pending["pending"] == 0
+
+
+async def test_an_answer_that_comes_after_the_send_timeout_is_not_a_delivery(
+    delivering: Delivering, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver, or a proxy before it, that sends its status line at once and then its
+    headers a line at a time: each read came within the client's timeout, and a 200 that
+    came 12 s after a 10 s limit counted as delivered, the send held that long."""
+    monkeypatch.setattr(workers.webhook_delivery, "SEND_TIMEOUT_SECONDS", 1.0)
+    answered: list[float] = []
+    handlers: list[asyncio.Task[None]] = []
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        started = time.monotonic()
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(6):
+                await asyncio.sleep(0.5)
+                writer.write(b"x-wait: 1\r\n")
+                await writer.drain()
+            writer.write(b"content-length: 0\r\n\r\n")
+            await writer.drain()
+            answered.append(time.monotonic() - started)
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    slow = delivering.subscriber.model_copy(
+        update={"id": new_id(), "url": f"http://127.0.0.1:{port}/hook"}
+    )
+    assert await delivering.subscribers.add(slow)
+    try:
+        trickled = Delivering(delivering.settings, delivering.subscribers, slow)
+        await trickled.change(new_id(), 1)
+        counts = await trickled.run(0.5)
+    finally:
+        server.close()
+        await asyncio.gather(*handlers)
+        await server.wait_closed()
+    assert counts.delivered == 0
+    assert answered == []  # the send gave up before the 200 came
