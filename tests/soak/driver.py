@@ -56,6 +56,7 @@ VERIFY = """mutation($id: ID!, $key: String!) {
 READ = """query($id: ID!, $consistency: Consistency!) {
   account(id: $id, consistency: $consistency) { balance revision stale source } }"""
 RETRYABLE = {"UNAVAILABLE", "INTERNAL", "TRANSPORT"}
+SETUP_ATTEMPTS = 10
 LATE = "LATE_COMMAND"
 # A duplicate is a key among the account's latest this many: an entity remembers the ids of
 # its last `ledger_size` commands (TENURE_LEDGER_SIZE), and that is the window in which a
@@ -243,6 +244,18 @@ class Traffic:
             raise Failed(error.get("extensions", {}).get("code", "?"), error["message"])
         data: dict[str, Any] = body["data"]
         return data
+
+    async def settled(self, document: str, **variables: Any) -> dict[str, Any]:
+        """`post`, sent again with the same key while it is UNAVAILABLE, as a client is
+        told to: a machine busy with more than the soak answered a setup's open so once."""
+        for _ in range(SETUP_ATTEMPTS - 1):
+            try:
+                return await self.post(document, **variables)
+            except Failed as failed:
+                if failed.code != "UNAVAILABLE":
+                    raise
+            await asyncio.sleep(1)
+        return await self.post(document, **variables)
 
     def _saw(self, account: Account, revision: int, floor: int, what: str) -> None:
         """Note a revision shown; `floor` is the highest shown before this request was sent,
@@ -653,8 +666,8 @@ async def soak(plan: Plan, progress: Callable[[str], None] = print) -> Report:
             traffic = Traffic(small, accounts, plan, client)
             for account in accounts:
                 chosen = Traffic(opener if account.id.startswith("huge") else small, [], plan)
-                await chosen.post(OPEN, id=account.id, key=f"open-{account.id}")
-                await chosen.post(VERIFY, id=account.id, key=f"verify-{account.id}")
+                await chosen.settled(OPEN, id=account.id, key=f"open-{account.id}")
+                await chosen.settled(VERIFY, id=account.id, key=f"verify-{account.id}")
             progress(
                 f"soak: {len(accounts)} accounts open, {plan.clients} clients, "
                 f"{plan.seconds:.0f} s, faults {'on' if plan.faults else 'off'}"
