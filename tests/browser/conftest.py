@@ -17,13 +17,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from temporalio.client import Client
 
 from api.app import create_app
 from deploy.embedded import free_port
-from tests.api.test_access import SECRET
+from tests.api.test_access import SECRET, token
 from tests.conftest import WorkerFactory
 from workers.settings import Settings
 
@@ -141,3 +142,27 @@ async def served(
     """`app_served`, with a worker applying commands."""
     async with run_worker(secured), app_served(secured, temporal_client) as url:
         yield url
+
+
+ADMIN = token("admin", "ops-alice")
+
+
+class Api:
+    """Another client of the same API: the test's own, over HTTP, as an admin."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+
+    async def data(self, query: str, **variables: Any) -> dict[str, Any]:
+        response = await self.http.post("/graphql", json={"query": query, "variables": variables})
+        body = response.json()
+        assert "errors" not in body, body
+        data: dict[str, Any] = body["data"]
+        return data
+
+
+@pytest.fixture
+async def api(served: str) -> AsyncIterator[Api]:
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    async with httpx.AsyncClient(base_url=served, headers=headers, timeout=30) as http:
+        yield Api(http)

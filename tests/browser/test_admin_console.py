@@ -7,15 +7,13 @@ found and resolved with a reason."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
 from temporalio.client import Client
 
 from tests.api.test_access import SECRET, token
-from tests.browser.conftest import app_served
+from tests.browser.conftest import ADMIN, Api, app_served
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.failing_checkout import failed_checkout
 from tests.entities.shop import Shop, shop_settings
@@ -30,7 +28,6 @@ try:
 except ImportError:  # conftest's `chromium` skips every test here, or fails it in CI
     pass
 
-ADMIN = token("admin", "ops-alice")
 OPEN = """mutation($id: ID!, $owner: String!) { openAccount(id: $id, ownerName: $owner,
   email: "ops@example.com", wait: true) { commandId } }"""
 VERIFY = "mutation($id: ID!) { verifyAccount(id: $id, wait: true) { commandId } }"
@@ -52,27 +49,6 @@ NEEDING_OPERATOR = """{ checkouts(filter: {status: [FAILED]}, first: 100) {
   edges { node { id } } } }"""
 BULK_DEPOSIT = """mutation($key: String!, $ids: [ID!]) { startBulkCommand(entityType: "account",
   command: "deposit", payload: {amount: 25}, ids: $ids, idempotencyKey: $key) { id } }"""
-
-
-class Api:
-    """Another client of the same API: the test's own, over HTTP, as an admin."""
-
-    def __init__(self, http: httpx.AsyncClient) -> None:
-        self.http = http
-
-    async def data(self, query: str, **variables: Any) -> dict[str, Any]:
-        response = await self.http.post("/graphql", json={"query": query, "variables": variables})
-        body = response.json()
-        assert "errors" not in body, body
-        data: dict[str, Any] = body["data"]
-        return data
-
-
-@pytest.fixture
-async def api(served: str) -> AsyncIterator[Api]:
-    headers = {"authorization": f"Bearer {ADMIN}"}
-    async with httpx.AsyncClient(base_url=served, headers=headers, timeout=30) as http:
-        yield Api(http)
 
 
 async def sign_in(page: Page, served: str, bearer: str) -> None:

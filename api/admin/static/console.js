@@ -10,6 +10,8 @@
   const ROLES_CLAIM = root.dataset.rolesClaim;
   const TOKEN_KEY = "tenure.admin.token";
   const REFRESH_MS = 1000;
+  // Answers asking again cannot change; after any other error a read may pass.
+  const FINAL_CODES = ["INVALID_INPUT", "FORBIDDEN", "UNAUTHENTICATED"];
 
   // ---------------------------------------------------------------- the API
 
@@ -243,8 +245,13 @@
         const errors = message.type === "error" ? message.payload : message.payload.errors;
         if (errors && errors.length) {
           const code = (errors[0].extensions && errors[0].extensions.code) || "ERROR";
-          refused = true;
+          // A final refusal stops following; any other (the server's subscribers full, the
+          // server shutting down for a deploy) reads every second instead, as a socket
+          // that fails does: a refused subscription froze the detail, shown "live".
+          refused = FINAL_CODES.includes(code);
           if (!stopped) fail(new ApiError(code, errors[0].message));
+          if (refused) detailPane.dataset.live = "stopped";
+          else toPolling();
         } else {
           read();
         }
@@ -631,7 +638,12 @@
     try {
       data = await graphql(BULK, { id: current.id });
     } catch (err) {
-      if (bulk === current) say(`Cannot read bulk command ${current.id}: ${failure(err)}`, true);
+      if (bulk !== current) return;
+      say(`Cannot read bulk command ${current.id}: ${failure(err)}`, true);
+      // One failed read (the network, a restart) stopped following it for good.
+      if (!FINAL_CODES.includes(err.code)) {
+        current.timer = setTimeout(() => readBulk(current), REFRESH_MS);
+      }
       return;
     }
     if (bulk !== current) return;
@@ -825,8 +837,7 @@
         const error = detailPane.querySelector("[data-error]");
         error.textContent = `Cannot read ${current.key}: ${failure(err)}`;
         error.hidden = false;
-        // Asking again cannot change these answers; anything else may pass.
-        if (["INVALID_INPUT", "FORBIDDEN", "UNAUTHENTICATED"].includes(err.code)) current.stop();
+        if (FINAL_CODES.includes(err.code)) current.stop();
       },
     );
   }
