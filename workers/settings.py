@@ -19,10 +19,16 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from entities.runtime.envelope import RuntimeOptions
+
+PositiveRate = Annotated[float, Field(gt=0)]
+"""Requests a second a rate limit refills: none would lock its callers out for good."""
+Burst = Annotated[int, Field(ge=1)]
+"""Requests a rate limit lets through at once: none would limit nothing."""
 
 WebhookSourceName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
 """A webhook source's name, the last segment of its URL: `/webhooks/<name>`."""
@@ -156,7 +162,7 @@ class Settings(BaseModel):
     redis_url: str | None = None
     redis_prefix: str = "tenure:"
     api_host: str = "127.0.0.1"
-    api_port: int = 8000
+    api_port: int = Field(default=8000, ge=1, le=65535)
     api_shutdown_grace: float = Field(
         default=20.0, ge=0, description="Seconds the API gives requests in flight on SIGTERM."
     )
@@ -171,15 +177,15 @@ class Settings(BaseModel):
         default="127.0.0.1", description="Where the worker serves its health (0.0.0.0 in pods)."
     )
     worker_health_port: int = Field(
-        default=8081, ge=0, description="The worker's /livez and /readyz; 0: not served."
+        default=8081, ge=0, le=65535, description="The worker's /livez and /readyz; 0: not served."
     )
     worker_metrics_port: int = Field(
-        default=9464, ge=0, description="The worker's Prometheus /metrics; 0: not served."
+        default=9464, ge=0, le=65535, description="The worker's Prometheus /metrics; 0: not served."
     )
-    log_format: str | None = Field(
+    log_format: Literal["json", "text"] | None = Field(
         default=None, description="json or text; None: text in development, json otherwise."
     )
-    log_level: str = Field(
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="debug, info, warning or error; debug: a line per request."
     )
     redis_cluster: bool = Field(
@@ -240,8 +246,10 @@ class Settings(BaseModel):
         "only the length bounds them.",
     )
     entity_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    max_cached_workflows: int = 10_000
-    max_concurrent_workflow_tasks: int = 100
+    max_cached_workflows: int = Field(default=10_000, ge=0)
+    max_concurrent_workflow_tasks: int = Field(
+        default=100, ge=2, description="Workflow tasks a worker runs at once (the SDK's least: 2)."
+    )
     sticky_timeout: float = Field(
         default=10.0,
         gt=0,
@@ -336,7 +344,7 @@ class Settings(BaseModel):
         default_factory=list, description="Origins browsers may call the API from."
     )
     # rate limits
-    rate_limits: dict[str, tuple[float, int]] = Field(
+    rate_limits: dict[str, tuple[PositiveRate, Burst]] = Field(
         default_factory=lambda: {"customer": (20.0, 40), "service": (500.0, 1000)},
         description="Per role: requests per second and burst, each caller a bucket of its "
         "own; a role not named (admin, by default) is not limited.",
@@ -369,6 +377,35 @@ class Settings(BaseModel):
         command's next page never waits behind the entity tasks its last page caused."""
         return f"{self.task_queue}-bulk"
 
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("entity_options")
+    @classmethod
+    def _options_entities_can_start_with(
+        cls, options: dict[str, dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        """Each entity type's options as its entities will read them: an option no entity
+        could start with (a negative period, say) stranded every new entity of the type,
+        its first workflow task failing for good, and a misspelt one was ignored."""
+        from entities import catalog
+
+        types = catalog.entity_types()
+        for name, given in options.items():
+            if name not in types:
+                raise ValueError(f"no entity type {name!r}: one of {', '.join(sorted(types))}")
+            model = types[name].options_model
+            unknown = sorted(set(given) - set(model.model_fields))
+            if unknown:
+                raise ValueError(f"{name}: no option {', '.join(map(repr, unknown))}")
+            try:
+                model.model_validate(given)
+            except ValidationError as exc:
+                raise ValueError(_said(exc, name)) from None
+        return options
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if environ is None else environ
@@ -397,6 +434,8 @@ class Settings(BaseModel):
             "TENURE_ENTITY_HISTORY_LIMIT_BYTES": "entity_history_limit_bytes",
             "TENURE_MAX_CACHED_WORKFLOWS": "max_cached_workflows",
             "TENURE_MAX_CONCURRENT_WORKFLOW_TASKS": "max_concurrent_workflow_tasks",
+            "TENURE_REDIS_TIMEOUT": "redis_timeout",
+            "TENURE_REDIS_MAX_CONNECTIONS": "redis_max_connections",
             "TENURE_STICKY_TIMEOUT": "sticky_timeout",
             "TENURE_WORKFLOW_SANDBOX": "workflow_sandbox",
             "TENURE_RENDERED_READS": "rendered_reads",
@@ -506,6 +545,8 @@ class Settings(BaseModel):
             "TENURE_RATE_LIMITS": json.dumps(self.rate_limits),
             "TENURE_MAX_CACHED_WORKFLOWS": str(self.max_cached_workflows),
             "TENURE_MAX_CONCURRENT_WORKFLOW_TASKS": str(self.max_concurrent_workflow_tasks),
+            "TENURE_REDIS_TIMEOUT": str(self.redis_timeout),
+            "TENURE_REDIS_MAX_CONNECTIONS": str(self.redis_max_connections),
             "TENURE_STICKY_TIMEOUT": str(self.sticky_timeout),
             "TENURE_WORKFLOW_SANDBOX": "1" if self.workflow_sandbox else "0",
             "TENURE_RENDERED_READS": str(self.rendered_reads),
