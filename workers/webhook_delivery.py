@@ -81,6 +81,12 @@ class WebhookDelivery:
         """Deliver a subscriber's changes for `run.seconds`; `removed` once it is gone."""
         subscriber = await self._subscribers.get(run.subscriber_id)
         if subscriber is None:
+            # Removed, or lost with a Redis that restarted empty: said, since the second
+            # ends a subscription no one removed (README, "Outbound webhooks").
+            activity.logger.warning(
+                "webhook subscriber %s is not in Redis: its delivery stops", run.subscriber_id
+            )
+            await self._subscribers.drop_keys(run.subscriber_id)
             return DeliveryRunResult(removed=True)
         for entity_type in subscriber.events:  # gone if Redis lost them: from now on
             await self._subscribers.ensure_group(subscriber.id, entity_type, start="$")
@@ -147,6 +153,8 @@ class _Run:
                 if not read:
                     await asyncio.sleep(POLL_SECONDS)
             self._stopping.set()  # sends in flight finish; none starts
+        if self._removed:  # what the sends in flight wrote after the removal
+            await self._subscribers.drop_keys(self._subscriber.id)
         return DeliveryRunResult(counts=self.counts, removed=self._removed)
 
     async def _heartbeat(self) -> None:

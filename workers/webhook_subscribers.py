@@ -194,9 +194,19 @@ class WebhookSubscribers:
         await self.client.hdel(self.registry_key, subscriber_id)
         for entity_type in subscriber.events:
             await self.client.xgroup_destroy(self.stream(entity_type), group_name(subscriber_id))
-        for what in ("dead", "dead_bytes", "replay", "attempts"):
-            await self.client.delete(self.key(subscriber_id, what))
+        await self.drop_keys(subscriber_id)
         return True
+
+    async def drop_keys(self, subscriber_id: str) -> None:
+        """Delete what a removed subscriber's delivery kept: its dead letters, replays and
+        notes. Its delivery calls it again once it has stopped, since a send in flight at
+        the removal writes its note after it."""
+        await self.client.delete(
+            *(
+                self.key(subscriber_id, what)
+                for what in ("dead", "dead_bytes", "replay", "attempts")
+            )
+        )
 
     # -- dead letters ------------------------------------------------------------------------
 

@@ -305,3 +305,49 @@ async def test_an_answer_that_comes_after_the_send_timeout_is_not_a_delivery(
         await server.wait_closed()
     assert counts.delivered == 0
     assert answered == []  # the send gave up before the 200 came
+
+
+async def test_a_subscriber_removed_while_a_send_is_in_flight_leaves_no_key_behind(
+    delivering: Delivering,
+) -> None:
+    """The send in flight at the removal failed after it, and its retry note was written
+    back: one key left for good at each removal."""
+    handlers: list[asyncio.Task[None]] = []
+
+    async def late_500(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        await reader.read(65536)
+        await asyncio.sleep(1.0)
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(late_500, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    failing = delivering.subscriber.model_copy(
+        update={"id": new_id(), "url": f"http://127.0.0.1:{port}/hook"}
+    )
+    subscribers = delivering.subscribers
+    assert await subscribers.add(failing)
+    removed = Delivering(delivering.settings, subscribers, failing)
+    await removed.change(new_id(), 1)
+    try:
+        async with cache_of(delivering.settings) as cache:
+            delivery = WebhookDelivery(cache, delivering.settings)
+            run = asyncio.create_task(
+                ActivityEnvironment().run(
+                    delivery.deliver_webhooks, DeliveryRun(subscriber_id=failing.id, seconds=5)
+                )
+            )
+            await asyncio.sleep(0.5)  # its first send is in flight
+            assert await subscribers.remove(failing.id)
+            result = await run
+    finally:
+        server.close()
+        await asyncio.gather(*handlers)
+        await server.wait_closed()
+    assert result.removed
+    assert await subscribers.client.keys(f"*{{{failing.id}}}*") == []
