@@ -1,9 +1,11 @@
 """The admin console keeps up after a refusal it can outlive: a detail whose subscription the
 server refuses (its subscribers full, or shutting down for a deploy) reads every second
-instead, and a followed bulk command is read again after one failed read."""
+instead, a followed bulk command is read again after one failed read, and a list's pager
+moves only once a page has come, paging the list shown rather than the form being edited."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -107,3 +109,83 @@ async def test_a_followed_bulk_command_is_read_again_after_one_failed_read(
     await expect(status).to_have_text("RUNNING")
     await expect(status).to_have_text("COMPLETED")
     assert reads >= 3
+
+
+RESTOCK = """mutation($sku: String!) { restock(sku: $sku, quantity: 3, name: "Pager",
+  wait: true) { commandId } }"""
+LISTED = """query($text: String!) { inventoryItems(filter: {text: $text}, first: 100) {
+  totalCount } }"""
+
+
+async def stocked(api: Api, prefix: str, count: int) -> None:
+    """`count` items whose SKUs begin with `prefix`, once the list shows them all."""
+    for n in range(count):
+        await api.data(RESTOCK, sku=f"{prefix}{n:02d}")
+    for _ in range(100):
+        if (await api.data(LISTED, text=prefix))["inventoryItems"]["totalCount"] == count:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{count} items not listed")
+
+
+async def test_a_page_that_did_not_come_leaves_the_pager_where_it_was(
+    served: str, api: Api, page: Page
+) -> None:
+    """A Next that failed once moved the pager anyway: the next page came labelled page 3,
+    one Previous showed it again, and the error stayed over the fresh page."""
+    prefix = f"p{new_id()[:8]}"
+    await stocked(api, prefix, 21)
+    failed = 0
+
+    async def blip(route: Route) -> None:
+        nonlocal failed
+        body = route.request.post_data or ""
+        if "inventoryItems(" in body and '"after":"' in body and not failed:
+            failed += 1
+            await route.abort("connectionreset")  # one network blip
+        else:
+            await route.continue_()
+
+    await page.route("**/graphql", blip)
+    await sign_in(page, served, ADMIN)
+    await page.get_by_role("button", name="Inventory").click()
+    pane = page.locator('[data-pane="inventory"]')
+    rows = pane.locator("tbody tr[data-key]")
+    position = pane.locator("[data-position]")
+    await pane.locator('input[name="text"]').fill(prefix)
+    await pane.get_by_role("button", name="Apply").click()
+    await expect(rows).to_have_count(20)
+    await pane.get_by_role("button", name="Next").click()
+    await expect(page.locator("#notice")).to_contain_text("Cannot list")
+    await expect(pane.locator("table.list")).to_have_attribute("data-stale", "true")
+    await expect(position).to_have_text("page 1 · 21 matching")
+    await pane.get_by_role("button", name="Next").click()
+    await expect(rows).to_have_count(1)
+    await expect(position).to_have_text("page 2 · 21 matching")
+    await expect(page.locator("#notice")).to_be_hidden()
+    await expect(pane.locator("table.list")).to_have_attribute("data-stale", "false")
+    await pane.get_by_role("button", name="Previous").click()
+    await expect(rows).to_have_count(20)
+    await expect(position).to_have_text("page 1 · 21 matching")
+
+
+async def test_next_pages_the_list_shown_not_the_form_being_edited(
+    served: str, api: Api, page: Page
+) -> None:
+    """An order chosen and not applied yet was sent with the shown list's cursor: refused
+    (not a cursor of this list in this order), and every Next after it too."""
+    prefix = f"q{new_id()[:8]}"
+    await stocked(api, prefix, 21)
+    await sign_in(page, served, ADMIN)
+    await page.get_by_role("button", name="Inventory").click()
+    pane = page.locator('[data-pane="inventory"]')
+    rows = pane.locator("tbody tr[data-key]")
+    await pane.locator('input[name="text"]').fill(prefix)
+    await pane.get_by_role("button", name="Apply").click()
+    await expect(rows).to_have_count(20)
+    await pane.locator('select[name="orderBy"]').select_option("ID")
+    await pane.locator('input[name="text"]').fill("something else")
+    await pane.get_by_role("button", name="Next").click()
+    await expect(rows).to_have_count(1)
+    await expect(pane.locator("[data-position]")).to_have_text("page 2 · 21 matching")
+    await expect(page.locator("#notice")).to_be_hidden()

@@ -441,20 +441,30 @@
       this.kind = KINDS[this.kindName];
       this.form = pane.querySelector("form.filter");
       this.columns = [...pane.querySelectorAll("th[data-column]")].map((th) => th.dataset.column);
+      // The cursors of the pages shown before and now, and the list they are of (filter,
+      // page size, order as last applied): paging goes on with the list on screen, not
+      // with a form being edited, and moves only once the page has come.
       this.cursors = [null];
+      this.applied = null;
       this.form.addEventListener("submit", (event) => {
         event.preventDefault();
-        this.cursors = [null];
-        this.load();
+        this.load([null], this.fromForm());
       });
       pane.querySelector("[data-next]").addEventListener("click", () => {
-        this.cursors.push(this.endCursor);
-        this.load();
+        this.load([...this.cursors, this.endCursor]);
       });
       pane.querySelector("[data-previous]").addEventListener("click", () => {
-        this.cursors.pop();
-        this.load();
+        this.load(this.cursors.slice(0, -1));
       });
+    }
+
+    fromForm() {
+      const form = new FormData(this.form);
+      return {
+        filter: this.filter(),
+        first: Number(form.get("first")),
+        orderBy: form.get("orderBy"),
+      };
     }
 
     filter() {
@@ -475,9 +485,10 @@
       return filter;
     }
 
-    async load() {
+    // The page after the last of `cursors` of the list `applied` (the one on screen unless
+    // given; the form's, before any was applied).
+    async load(cursors = this.cursors, applied = this.applied || this.fromForm()) {
       const k = this.kind;
-      const form = new FormData(this.form);
       const fields = [...new Set([k.key, ...this.columns])].join(" ");
       const query = `query($filter: ${k.filterType}, $first: Int!, $after: String,
           $orderBy: ListOrder!) {
@@ -487,17 +498,21 @@
       const asked = (this.asked = (this.asked || 0) + 1);
       let data;
       try {
-        data = await graphql(query, {
-          filter: this.filter(),
-          first: Number(form.get("first")),
-          after: this.cursors[this.cursors.length - 1],
-          orderBy: form.get("orderBy"),
-        });
+        data = await graphql(query, { ...applied, after: cursors[cursors.length - 1] });
       } catch (err) {
+        if (asked !== this.asked) return;
         say(`Cannot list ${k.list}: ${failure(err)}`, true);
+        // What the table shows is not the page asked for: marked so, until one comes.
+        this.pane.querySelector("table.list").dataset.stale = "true";
         return;
       }
-      if (asked === this.asked) this.render(data); // an older answer arriving late is dropped
+      if (asked !== this.asked) return; // an older answer arriving late is dropped
+      const notice = document.getElementById("notice");
+      if (notice.textContent.startsWith(`Cannot list ${k.list}:`)) say("");
+      this.pane.querySelector("table.list").dataset.stale = "false";
+      this.cursors = cursors;
+      this.applied = applied;
+      this.render(data);
     }
 
     render({ page, stats }) {
@@ -557,19 +572,20 @@
       edges { node { id accountId total failureCode failureReason awaitingOperatorUntil
         refused { name code message } } }
       pageInfo { hasNextPage endCursor } totalCount } }`;
-  const operatorCursors = [null];
+  let operatorCursors = [null];
 
-  async function loadNeedingOperator() {
+  // The page after the last of `cursors`; they become the pages shown once it has come.
+  async function loadNeedingOperator(cursors = operatorCursors) {
     const headings = operatorPane.querySelectorAll("th[data-column]");
     const columns = [...headings].map((th) => th.dataset.column);
     let data;
     try {
-      const after = operatorCursors[operatorCursors.length - 1];
-      data = await graphql(NEEDING_OPERATOR, { after });
+      data = await graphql(NEEDING_OPERATOR, { after: cursors[cursors.length - 1] });
     } catch (err) {
       say(`Cannot list the checkouts needing an operator: ${failure(err)}`, true);
       return;
     }
+    operatorCursors = cursors;
     const { page } = data;
     const body = operatorPane.querySelector("tbody");
     body.replaceChildren(
@@ -597,12 +613,10 @@
   }
 
   operatorPane.querySelector("[data-next]").addEventListener("click", (event) => {
-    operatorCursors.push(event.target.dataset.cursor);
-    loadNeedingOperator();
+    loadNeedingOperator([...operatorCursors, event.target.dataset.cursor]);
   });
   operatorPane.querySelector("[data-previous]").addEventListener("click", () => {
-    operatorCursors.pop();
-    loadNeedingOperator();
+    loadNeedingOperator(operatorCursors.slice(0, -1));
   });
 
   // ---------------------------------------------------------------- bulk commands
@@ -719,7 +733,8 @@
       pageInfo { hasNextPage endCursor } totalCount } }`;
   const BULK_LIST_MS = 3000;
 
-  async function loadBulkList() {
+  // The page after the last of `cursors`; they become the pages shown once it has come.
+  async function loadBulkList(cursors = bulkList.cursors) {
     clearTimeout(bulkList.timer);
     const tab = bulkList.pane.closest(".pane");
     if (tab.hidden || !signedIn()) return; // another tab: no more reads until it is back
@@ -729,9 +744,10 @@
       try {
         const data = await graphql(BULK_LIST, {
           status: statuses.length ? statuses : null,
-          after: bulkList.cursors[bulkList.cursors.length - 1],
+          after: cursors[cursors.length - 1],
         });
         if (asked !== bulkList.asked) return; // a newer read was asked meanwhile
+        bulkList.cursors = cursors;
         renderBulkList(data.page);
       } catch (err) {
         if (asked !== bulkList.asked) return;
@@ -790,16 +806,13 @@
 
   bulkList.pane.querySelector("form.filter").addEventListener("submit", (event) => {
     event.preventDefault();
-    bulkList.cursors = [null];
-    loadBulkList();
+    loadBulkList([null]);
   });
   bulkList.pane.querySelector("[data-next]").addEventListener("click", (event) => {
-    bulkList.cursors.push(event.target.dataset.cursor);
-    loadBulkList();
+    loadBulkList([...bulkList.cursors, event.target.dataset.cursor]);
   });
   bulkList.pane.querySelector("[data-previous]").addEventListener("click", () => {
-    bulkList.cursors.pop();
-    loadBulkList();
+    loadBulkList(bulkList.cursors.slice(0, -1));
   });
 
   // ---------------------------------------------------------------- one entity
