@@ -55,6 +55,9 @@ READ_COUNT = 100
 POLL_SECONDS = 0.25
 LOOK_FOR_REMOVAL_SECONDS = 2.0
 HEARTBEAT_SECONDS = 5.0
+TRIM_LOOK_SECONDS = 30.0
+"""How often a run looks for changes trimmed before it read them: retention reaches past a
+subscriber only when it is very far behind."""
 SEND_TIMEOUT_SECONDS = 10.0
 CONSUMER = "delivery"
 """One run at a time per subscriber, so one consumer name: a new run owns what the last left
@@ -122,6 +125,7 @@ class _Run:
         self._streams[subscribers.key(subscriber.id, "replay")] = None
         self._entries = Entries(subscriber, self._streams)
         self._cursors = dict.fromkeys(self._streams, "0")  # pending entries first
+        self._trims_looked: dict[str, float] = {}
         self._queues: dict[tuple[str, str], deque[Send]] = {}
         self._held = 0
         self._sending = asyncio.Semaphore(PARALLEL_ENTITIES)
@@ -165,6 +169,13 @@ class _Run:
     async def _read(self, stream: str, tasks: asyncio.TaskGroup) -> int:
         """Read the next entries of one stream into the entities' queues; how many."""
         cursor = self._cursors[stream]
+        if (
+            cursor == ">"
+            and self._streams[stream]
+            and time.monotonic() >= self._trims_looked.get(stream, 0)
+        ):
+            self._trims_looked[stream] = time.monotonic() + TRIM_LOOK_SECONDS
+            await self._look_for_unread_trims(stream)
         count = min(READ_COUNT, MAX_HELD - self._held)
         try:
             answer: Any = await self._redis.xreadgroup(
@@ -204,6 +215,33 @@ class _Run:
         self.counts.ignored += len(skipped)
         self.counts.dead_lettered += len(lost)
         return len(entries)
+
+    async def _look_for_unread_trims(self, stream: str) -> None:
+        """Changes retention trimmed from a change stream before this subscriber's group read
+        them, which a read skips without a word: one dead letter saying how many, and the
+        group moved past them. Counted from the stream's entries ever added and those left,
+        and the group's entries read (unknown for a group created before it was counted)."""
+        try:
+            info: Any = await self._redis.xinfo_stream(stream)
+            groups: Any = await self._redis.xinfo_groups(stream)
+        except ResponseError:  # no such stream (yet)
+            return
+        ours = next((g for g in groups if g["name"].decode() == self._group), None)
+        if ours is None or ours["entries-read"] is None:
+            return
+        trimmed = int(info["entries-added"]) - int(info["length"])
+        missed = trimmed - int(ours["entries-read"])
+        if missed <= 0:
+            return
+        after = ours["last-delivered-id"].decode()
+        first = info["first-entry"][0].decode() if info["first-entry"] else None
+        before = first or info["last-generated-id"].decode()
+        await self._subscribers.dead_letter(
+            self._subscriber.id, self._entries.unread(stream, after, before, missed)
+        )
+        self.counts.dead_lettered += 1
+        at = _just_before(first) if first else before
+        await self._redis.xgroup_setid(stream, self._group, at, entries_read=trimmed)
 
     async def _drain(self, key: tuple[str, str]) -> None:
         """Send one entity's entries in order, while the run goes on."""
@@ -281,3 +319,9 @@ class _Run:
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"[:500]
         return None if 200 <= status < 300 else f"HTTP {status}"
+
+
+def _just_before(entry_id: str) -> str:
+    """The greatest stream entry id below `entry_id`."""
+    ms, seq = (int(part) for part in entry_id.split("-"))
+    return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{2**64 - 1}"

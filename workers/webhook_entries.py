@@ -9,7 +9,9 @@ while they wait, and a stream then answers them with no fields; so each entry re
 revisions as one `<type>.gap` (`from`, `to`), with the `webhook-id`
 `<type>:<id>:<incarnation>:gap:<from>-<to>`; an entry trimmed before it was noted (its run
 died in between) is a dead letter instead, `trimmed from the stream before delivery`, whose
-body is a `<type>.gap` naming only the stream entry.
+body is a `<type>.gap` naming only the stream entry; and entries trimmed before the delivery
+read them at all (a subscriber further behind than retention) one dead letter, `trimmed
+from the stream before it was read`, saying how many.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from workers.webhook_subscribers import DeadLetter, Subscriber, entry_time, even
 
 TRIMMED = "trimmed from the stream before delivery"
 """The error of a dead letter for an entry trimmed before anything noted whose it was."""
+TRIMMED_UNREAD = "trimmed from the stream before it was read"
+"""The error of a dead letter for changes trimmed before the delivery read them at all."""
 
 
 @dataclass
@@ -169,6 +173,25 @@ class Entries:
             error=TRIMMED,
             first_attempt_at=datetime.fromtimestamp(note.get("first") or now, UTC),
             failed_at=datetime.fromtimestamp(now, UTC),
+        )
+
+    def unread(self, stream: str, after: str, before: str, missed: int) -> DeadLetter:
+        """The dead letter of `missed` changes trimmed from the stream between the entries
+        `after` and `before` before the delivery read them: whose they were went with them,
+        so it says how many, and the subscriber reads the type's snapshots it cares for."""
+        entity_type = self._streams[stream] or ""
+        data = {"entity_type": entity_type, "after": after, "before": before, "missed": missed}
+        body = {"type": f"{entity_type}.gap", "timestamp": entry_time(before), "data": data}
+        now = datetime.fromtimestamp(time.time(), UTC)
+        return DeadLetter(
+            webhook_id=f"{entity_type}:trimmed:{after}:{before}",
+            entity_type=entity_type,
+            entity_id="",
+            body=json.dumps(body, separators=(",", ":")),
+            attempts=0,
+            error=TRIMMED_UNREAD,
+            first_attempt_at=now,
+            failed_at=now,
         )
 
     def _send(self, stream: str, entry_id: str, raw: Mapping[bytes, bytes]) -> Send | None:

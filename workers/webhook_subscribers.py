@@ -180,11 +180,27 @@ class WebhookSubscribers:
     async def ensure_group(self, subscriber_id: str, entity_type: str | None, start: str) -> None:
         """The subscriber's group on a type's change stream (or, with None, on its replays)."""
         stream = self.stream(entity_type) if entity_type else self.key(subscriber_id, "replay")
+        entries_read: int | None = None
+        if start == "$":
+            # At the stream's last entry by id, with the count of entries up to it: a group
+            # that knows how many it has read can tell, later, how many it lost to a trim
+            # before it read them (workers/webhook_delivery.py).
+            start, entries_read = await self.stream_end(stream)
         try:
-            await self.client.xgroup_create(stream, group_name(subscriber_id), start, mkstream=True)
+            await self.client.xgroup_create(
+                stream, group_name(subscriber_id), start, mkstream=True, entries_read=entries_read
+            )
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def stream_end(self, stream: str) -> tuple[str, int]:
+        """A stream's last entry id and how many entries were ever added up to it."""
+        try:
+            info: Any = await self.client.xinfo_stream(stream)
+        except ResponseError:  # no such stream yet
+            return "0-0", 0
+        return info["last-generated-id"].decode(), int(info["entries-added"])
 
     async def remove(self, subscriber_id: str) -> bool:
         """Forget it, its groups, dead letters and replays; False when it was not there."""

@@ -351,3 +351,34 @@ async def test_a_subscriber_removed_while_a_send_is_in_flight_leaves_no_key_behi
         await server.wait_closed()
     assert result.removed
     assert await subscribers.client.keys(f"*{{{failing.id}}}*") == []
+
+
+async def test_changes_trimmed_before_they_were_read_are_dead_lettered_as_a_count(
+    delivering: Delivering, receiver: Receiver
+) -> None:
+    """A subscriber further behind than retention: its group's next read skipped the trimmed
+    changes without a word, and the receiver never learnt it had missed any."""
+    entity_id = new_id()
+    first = await delivering.change(entity_id, 1)
+    for revision in range(2, 6):
+        await delivering.change(entity_id, revision)
+    await delivering.subscribers.client.xtrim(delivering.stream, maxlen=2, approximate=False)
+
+    assert await delivering.run(1.0) == DeliveryCounts(delivered=2, dead_lettered=1)
+    assert [event["data"]["revision"] for event in receiver.delivered()] == [4, 5]
+    [letter] = await delivering.dead_letters()
+    assert (letter["entity_type"], letter["entity_id"]) == ("account", "")
+    assert letter["error"] == "trimmed from the stream before it was read"
+    body = json.loads(letter["body"])
+    assert body["type"] == "account.gap"
+    assert body["data"]["missed"] == 3
+
+    def place(entry_id: str) -> tuple[int, int]:
+        ms, seq = entry_id.split("-")
+        return int(ms), int(seq)
+
+    assert place(body["data"]["after"]) < place(first) < place(body["data"]["before"])
+    # Said once: a later run finds nothing more missed.
+    await delivering.change(entity_id, 6)
+    assert await delivering.run(1.0) == DeliveryCounts(delivered=1)
+    assert len(await delivering.dead_letters()) == 1
