@@ -185,15 +185,21 @@ async def test_a_customer_token_is_refused_at_sign_in(served: str, page: Page) -
     assert await page.evaluate("sessionStorage.getItem('tenure.admin.token')") is None
 
 
-async def test_an_operator_follows_a_bulk_deposit_to_its_end(
-    served: str, api: Api, page: Page
-) -> None:
+async def bulk_deposit_started(api: Api) -> str:
+    """A bulk deposit to three accounts opened for it; its id."""
     ids = [f"b{new_id()[:10]}" for _ in range(3)]
     for account in ids:
         await api.data(OPEN, id=account, owner="Bea Bulk")
         await api.data(VERIFY, id=account)
     bulk = new_id()
     await api.data(BULK_DEPOSIT, key=bulk, ids=ids)
+    return bulk
+
+
+async def test_an_operator_follows_a_bulk_deposit_to_its_end(
+    served: str, api: Api, page: Page
+) -> None:
+    bulk = await bulk_deposit_started(api)
 
     await sign_in(page, served, ADMIN)
     await page.get_by_role("button", name="Bulk commands").click()

@@ -13,10 +13,10 @@ import pytest
 from tests.api.test_access import SECRET
 from tests.browser.conftest import ADMIN, Api
 from tests.browser.test_admin_console import (
-    BULK_DEPOSIT,
     DEPOSIT,
     OPEN,
     VERIFY,
+    bulk_deposit_started,
     open_listed,
     sign_in,
 )
@@ -74,12 +74,7 @@ class TestARefusedSubscription:
 async def test_a_followed_bulk_command_is_read_again_after_one_failed_read(
     served: str, api: Api, page: Page
 ) -> None:
-    ids = [f"b{new_id()[:10]}" for _ in range(3)]
-    for account in ids:
-        await api.data(OPEN, id=account, owner="Bea Bulk")
-        await api.data(VERIFY, id=account)
-    bulk = new_id()
-    await api.data(BULK_DEPOSIT, key=bulk, ids=ids)
+    bulk = await bulk_deposit_started(api)
     reads = 0
 
     async def blip(route: Route) -> None:

@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -262,6 +262,32 @@ async def test_a_trimmed_change_never_read_before_is_dead_lettered(
     assert pending["pending"] == 0
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_receiver(answer: Handler) -> AsyncIterator[str]:
+    """A receiver that answers each request at the socket as `answer` does, for answers no
+    web framework would send; its URL. Each answer has ended, its socket closed, on exit."""
+    handlers: list[asyncio.Task[None]] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        with contextlib.suppress(ConnectionError):
+            await answer(reader, writer)
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    finally:
+        server.close()
+        await asyncio.gather(*handlers)
+        await server.wait_closed()
+
+
 async def test_an_answer_that_comes_after_the_send_timeout_is_not_a_delivery(
     delivering: Delivering, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -270,39 +296,25 @@ async def test_an_answer_that_comes_after_the_send_timeout_is_not_a_delivery(
     came 12 s after a 10 s limit counted as delivered, the send held that long."""
     monkeypatch.setattr(workers.webhook_delivery, "SEND_TIMEOUT_SECONDS", 1.0)
     answered: list[float] = []
-    handlers: list[asyncio.Task[None]] = []
 
     async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
         started = time.monotonic()
         await reader.read(65536)
         writer.write(b"HTTP/1.1 200 OK\r\n")
-        with contextlib.suppress(ConnectionError):
-            for _ in range(6):
-                await asyncio.sleep(0.5)
-                writer.write(b"x-wait: 1\r\n")
-                await writer.drain()
-            writer.write(b"content-length: 0\r\n\r\n")
+        for _ in range(6):
+            await asyncio.sleep(0.5)
+            writer.write(b"x-wait: 1\r\n")
             await writer.drain()
-            answered.append(time.monotonic() - started)
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        writer.write(b"content-length: 0\r\n\r\n")
+        await writer.drain()
+        answered.append(time.monotonic() - started)
 
-    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    slow = delivering.subscriber.model_copy(
-        update={"id": new_id(), "url": f"http://127.0.0.1:{port}/hook"}
-    )
-    assert await delivering.subscribers.add(slow)
-    try:
+    async with raw_receiver(trickle) as url:
+        slow = delivering.subscriber.model_copy(update={"id": new_id(), "url": url})
+        assert await delivering.subscribers.add(slow)
         trickled = Delivering(delivering.settings, delivering.subscribers, slow)
         await trickled.change(new_id(), 1)
         counts = await trickled.run(0.5)
-    finally:
-        server.close()
-        await asyncio.gather(*handlers)
-        await server.wait_closed()
     assert counts.delivered == 0
     assert answered == []  # the send gave up before the 200 came
 
@@ -312,29 +324,18 @@ async def test_a_subscriber_removed_while_a_send_is_in_flight_leaves_no_key_behi
 ) -> None:
     """The send in flight at the removal failed after it, and its retry note was written
     back: one key left for good at each removal."""
-    handlers: list[asyncio.Task[None]] = []
 
     async def late_500(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
         await reader.read(65536)
         await asyncio.sleep(1.0)
         writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n")
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        await writer.drain()
 
-    server = await asyncio.start_server(late_500, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    failing = delivering.subscriber.model_copy(
-        update={"id": new_id(), "url": f"http://127.0.0.1:{port}/hook"}
-    )
     subscribers = delivering.subscribers
-    assert await subscribers.add(failing)
-    removed = Delivering(delivering.settings, subscribers, failing)
-    await removed.change(new_id(), 1)
-    try:
+    async with raw_receiver(late_500) as url:
+        failing = delivering.subscriber.model_copy(update={"id": new_id(), "url": url})
+        assert await subscribers.add(failing)
+        await Delivering(delivering.settings, subscribers, failing).change(new_id(), 1)
         async with cache_of(delivering.settings) as cache:
             delivery = WebhookDelivery(cache, delivering.settings)
             run = asyncio.create_task(
@@ -345,10 +346,6 @@ async def test_a_subscriber_removed_while_a_send_is_in_flight_leaves_no_key_behi
             await asyncio.sleep(0.5)  # its first send is in flight
             assert await subscribers.remove(failing.id)
             result = await run
-    finally:
-        server.close()
-        await asyncio.gather(*handlers)
-        await server.wait_closed()
     assert result.removed
     assert await subscribers.client.keys(f"*{{{failing.id}}}*") == []
 
