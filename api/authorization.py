@@ -7,6 +7,7 @@ customer cannot probe for other customers' accounts or carts.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,12 +79,9 @@ class Authorizer:
             owner = policy.owner(entity_id, known.snapshot.state)
         elif owner is None:
             creates = action != READ and entity.commands[action].creates
-            if creates:
-                # Most often of an entity not made yet, which no cache holds: a look the
-                # request's live reads need not pay for (each mutation makes one at most).
-                with unbudgeted():
-                    owner = await self._owner_from_state(entity_type, entity_id, looked_up)
-            else:
+            # A create's look is most often at an entity not made yet, which no cache holds:
+            # one the request's live reads need not pay for (each mutation makes one at most).
+            with unbudgeted() if creates else contextlib.nullcontext():
                 owner = await self._owner_from_state(entity_type, entity_id, looked_up)
             if creates and owner is None:
                 # A command that makes the entity names its owner; one that exists already

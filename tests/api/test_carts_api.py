@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
-from entities.runtime.envelope import Snapshot
 from tests.api.test_access import token
+from tests.api.test_listing import indexed_cart, put_all
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from tests.entities.shop import Shop, eventually
 from workers.cache import SnapshotCache
@@ -396,22 +396,10 @@ async def test_an_account_of_thousands_of_carts_checked_out_still_has_its_bound(
         account_id = await open_account(GraphQLClient(http), 0)
         at = datetime.now(UTC)
         bought = [
-            Snapshot(
-                entity_type="cart",
-                entity_id=f"{account_id}-bought-{n}",
-                revision=5,
-                updated_at=at,
-                state={
-                    "account_id": account_id,
-                    "status": "CHECKED_OUT",
-                    "lines": [],
-                    "last_activity_at": at,
-                },
-            )
+            indexed_cart(f"{account_id}-bought-{n}", account_id, at, status="CHECKED_OUT")
             for n in range(2_001)
         ]
-        for start in range(0, len(bought), 500):
-            await cache.put_many(bought[start : start + 500])
+        await put_all(cache, bought)
         http.headers["Authorization"] = f"Bearer {token('customer', 'ada', [account_id])}"
         gql = GraphQLClient(http)
         for _ in range(3):
