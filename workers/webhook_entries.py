@@ -160,38 +160,57 @@ class Entries:
     def lost(self, stream: str, entry_id: str, note: Mapping[str, Any]) -> DeadLetter:
         """The dead letter of an entry trimmed before anything noted whose it was: it names
         only the stream entry, so the subscriber knows it missed a change of the type."""
-        entity_type = self._streams[stream] or ""
-        data = {"entity_type": entity_type, "stream_entry": entry_id}
-        body = {"type": f"{entity_type}.gap", "timestamp": entry_time(entry_id), "data": data}
-        now = time.time()
-        return DeadLetter(
-            webhook_id=f"{entity_type}:trimmed:{entry_id}",
-            entity_type=entity_type,
-            entity_id="",
-            body=json.dumps(body, separators=(",", ":")),
-            attempts=int(note.get("attempts", 0)),
+        return self._type_gap(
+            stream,
+            f"trimmed:{entry_id}",
+            {"stream_entry": entry_id},
+            at_entry=entry_id,
             error=TRIMMED,
-            first_attempt_at=datetime.fromtimestamp(note.get("first") or now, UTC),
-            failed_at=datetime.fromtimestamp(now, UTC),
+            attempts=int(note.get("attempts", 0)),
+            first=note.get("first"),
         )
 
     def unread(self, stream: str, after: str, before: str, missed: int) -> DeadLetter:
         """The dead letter of `missed` changes trimmed from the stream between the entries
         `after` and `before` before the delivery read them: whose they were went with them,
         so it says how many, and the subscriber reads the type's snapshots it cares for."""
+        return self._type_gap(
+            stream,
+            f"trimmed:{after}:{before}",
+            {"after": after, "before": before, "missed": missed},
+            at_entry=before,
+            error=TRIMMED_UNREAD,
+        )
+
+    def _type_gap(
+        self,
+        stream: str,
+        name: str,
+        data: dict[str, Any],
+        *,
+        at_entry: str,
+        error: str,
+        attempts: int = 0,
+        first: float | None = None,
+    ) -> DeadLetter:
+        """A dead letter of changes of the stream's type whose entities are not known: a
+        `<type>.gap` of no entity, its `webhook-id` `<type>:<name>`."""
         entity_type = self._streams[stream] or ""
-        data = {"entity_type": entity_type, "after": after, "before": before, "missed": missed}
-        body = {"type": f"{entity_type}.gap", "timestamp": entry_time(before), "data": data}
-        now = datetime.fromtimestamp(time.time(), UTC)
+        body = {
+            "type": f"{entity_type}.gap",
+            "timestamp": entry_time(at_entry),
+            "data": {"entity_type": entity_type, **data},
+        }
+        now = time.time()
         return DeadLetter(
-            webhook_id=f"{entity_type}:trimmed:{after}:{before}",
+            webhook_id=f"{entity_type}:{name}",
             entity_type=entity_type,
             entity_id="",
             body=json.dumps(body, separators=(",", ":")),
-            attempts=0,
-            error=TRIMMED_UNREAD,
-            first_attempt_at=now,
-            failed_at=now,
+            attempts=attempts,
+            error=error,
+            first_attempt_at=datetime.fromtimestamp(first or now, UTC),
+            failed_at=datetime.fromtimestamp(now, UTC),
         )
 
     def _send(self, stream: str, entry_id: str, raw: Mapping[bytes, bytes]) -> Send | None:
