@@ -390,6 +390,8 @@ class Settings(BaseModel):
         """Each entity type's options as its entities will read them: an option no entity
         could start with (a negative period, say) stranded every new entity of the type,
         its first workflow task failing for good, and a misspelt one was ignored."""
+        if not options:
+            return options
         from entities import catalog
 
         types = catalog.entity_types()
