@@ -425,6 +425,7 @@ def create_app(
                 snapshot_cache = SnapshotCache(redis_client, settings.redis_prefix)
                 stack.push_async_callback(snapshot_cache.aclose)  # before its client closes
             app.state.gateway = EntityGateway(client, snapshot_cache, settings, metrics)
+            stack.push_async_callback(app.state.gateway.aclose)  # before Redis closes
             readiness.check("temporal", partial(answers, client))
             # Without Redis every request still goes through, to Temporal (slower): a pod
             # taken out of its Service for it would turn a cache outage into an API outage.

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -29,6 +29,7 @@ from entities.runtime.entity import ENTITY_ID_PATTERN, EntityType
 from entities.runtime.envelope import (
     CommandEnvelope,
     CommandHistory,
+    CommandResult,
     HistoryPage,
     OutcomeStatus,
     Snapshot,
@@ -37,6 +38,7 @@ from entities.runtime.workflow import EntityWorkflow
 from workers.cache import CachedSnapshot, CacheUnavailable, SnapshotCache
 from workers.delivery import CommandDelivery
 from workers.failures import is_missing, unavailable
+from workers.handovers import Handovers, hand_back
 from workers.settings import Settings
 from workers.temporal import ask, within
 
@@ -136,6 +138,10 @@ READ_SINCE_PAUSES = (0.02, 0.05, 0.1, 0.2)
 asked: its publish follows the command within milliseconds, unless the worker is busy."""
 
 
+CHORES_WAIT = 2.0
+"""Seconds the gateway's closing waits for what answered commands left to do."""
+
+
 class EntityGateway:
     """Sends commands to entities and reads their state; the only API code that talks to
     Temporal or Redis."""
@@ -152,12 +158,22 @@ class EntityGateway:
         self._settings = settings
         self._metrics = metrics or ApiMetrics()
         self._types = catalog.entity_types()
+        self._handovers = Handovers(cache.client, cache.prefix)
+        self._chores: set[asyncio.Task[Any]] = set()
         self._delivery = CommandDelivery(
             client,
             settings,
             on_signal=self._metrics.signal_batch_size.observe,
             on_update_refused=lambda reason: self._metrics.update_refusals.labels(reason).inc(),
         )
+
+    async def aclose(self) -> None:
+        """Finish what answered commands left to do (promises kept, publishes handed back),
+        for at most CHORES_WAIT seconds: what is not done by then is taken up by a worker
+        (workers/handovers.py)."""
+        await self._handovers.aclose(CHORES_WAIT)
+        if self._chores:
+            await asyncio.wait(self._chores, timeout=CHORES_WAIT)
 
     @property
     def cache(self) -> SnapshotCache:
@@ -202,21 +218,26 @@ class EntityGateway:
             entity.parse(command, payload)
         except Rejected as exc:
             raise TenureError(exc.code, exc.message) from None
+        command_id = idempotency_key or str(uuid.uuid4())
+        structlog.contextvars.bind_contextvars(command_id=command_id)
+        # A waited command's answer is written to the cache here anyway: the entity hands
+        # over its publish with it, once a promise to publish is noted (workers/handovers.py).
+        workflow_id = entity.workflow_id(entity_id)
+        promise = await self._handovers.promise(workflow_id, command_id) if wait else None
         envelope = CommandEnvelope(
-            command_id=idempotency_key or str(uuid.uuid4()),
+            command_id=command_id,
             name=command,
             payload=payload,
             sent_by=sent_by,
             reads_large_state=True,
+            publishes=promise is not None,
         )
-        structlog.contextvars.bind_contextvars(command_id=envelope.command_id)
         if not wait:
             await self._delivery.deliver(entity, entity_id, envelope)
             return Receipt(entity_id, envelope.command_id, applied=False)
         result = await self._delivery.request(entity, entity_id, envelope)
-        read: EntityRead | None = None
-        if not result.snapshot.state_omitted:
-            read = EntityRead(await self._cache.put_newest(result.snapshot), Source.LIVE, False)
+        newest = await self._publish(workflow_id, result, promise)
+        read = EntityRead(newest, Source.LIVE, False) if newest is not None else None
         if result.outcome.status is OutcomeStatus.REJECTED:
             raise TenureError(
                 ErrorCode(result.outcome.code or ErrorCode.INTERNAL),
@@ -239,6 +260,41 @@ class EntityGateway:
             read=read,
             revision=result.outcome.revision,
         )
+
+    async def _publish(
+        self, workflow_id: str, result: CommandResult, promise: str | None
+    ) -> Snapshot | None:
+        """Write a waited command's answer to the cache, with the changes its entity handed
+        over when it did, and keep the promise (in the background, off the answer's way):
+        the newest state known of the entity, or None when the answer left it out. What the
+        cache could not take is handed back to the entity to publish."""
+        publication = result.publication()
+        if publication is None:  # the entity publishes it itself
+            if promise is not None:
+                self._chore(self._handovers.kept(promise))
+            if result.snapshot.state_omitted:
+                return None
+            return await self._cache.put_newest(result.snapshot)
+        newest, written = await self._cache.publish_newest(publication)
+        if written:
+            if promise is not None:
+                self._chore(self._handovers.kept(promise))
+        else:
+            self._chore(self._hand_back(workflow_id))
+        return newest
+
+    async def _hand_back(self, workflow_id: str) -> None:
+        """Ask the entity to publish what the cache could not take; if Temporal cannot be
+        reached either, the promise left noted is taken up later (workers/handovers.py)."""
+        try:
+            await hand_back(self._client, workflow_id)
+        except RPCError as exc:
+            log.warning("%s: a publish left to a worker to take up later: %s", workflow_id, exc)
+
+    def _chore(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     async def _read_since(
         self, entity_type: str, entity_id: str, seen: Snapshot

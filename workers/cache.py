@@ -19,7 +19,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from entities import catalog
-from entities.runtime.envelope import Snapshot
+from entities.runtime.envelope import Publication, Snapshot
 from entities.runtime.listing import IndexValues
 from workers.changes import Changes, Retention, encode, marks_key, state_of, stream_key
 from workers.index import (
@@ -305,14 +305,27 @@ class SnapshotCache:
         can answer from a task whose completion Temporal then lost (a restart): the history
         goes back a few commands and applies them again. What a client was shown stays
         shown."""
+        newest, _ = await self._newest(snapshot, None)
+        return newest
+
+    async def publish_newest(self, publication: Publication) -> tuple[Snapshot, bool]:
+        """`put_newest` for a publish an entity handed over (workers/handovers.py): the
+        snapshot with its changes, and whether Redis took them. When it did not, the
+        snapshot is kept to write later, as `put_newest` keeps it, but the changes are not:
+        they are their entity's to publish again."""
+        changes = Changes(publication.since, publication.changes or [])
+        return await self._newest(publication.snapshot, changes)
+
+    async def _newest(self, snapshot: Snapshot, changes: Changes | None) -> tuple[Snapshot, bool]:
         try:
-            answer = await self._write(snapshot)
+            answer = await self._write(snapshot, changes)
         except CacheUnavailable as exc:
             if not self._unsaved:
                 log.warning("cache unavailable, keeping snapshots to write later: %s", exc)
             self._unsaved.keep(snapshot)
-            return self._unsaved.newest(snapshot)
-        return Snapshot.model_validate_json(answer) if isinstance(answer, bytes) else snapshot
+            return self._unsaved.newest(snapshot), False
+        newest = Snapshot.model_validate_json(answer) if isinstance(answer, bytes) else snapshot
+        return newest, True
 
     async def get(self, entity_type: str, entity_id: str) -> CachedSnapshot | None:
         """The last-seen snapshot, or None when the cache has never seen the entity."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
 
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
@@ -14,15 +13,13 @@ from temporalio.service import RPCError
 from entities import catalog
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import CommandEnvelope, CommandResult, Outcome, OutcomeStatus
-from entities.runtime.publisher import PUBLISH_SIGNAL
 from entities.runtime.requests import REQUEST_ACTIVITY, EntityRequest
 from workers.activities import CacheActivities
 from workers.cache import SnapshotCache
-from workers.delivery import SIGNAL_TIMEOUT, CommandDelivery
-from workers.failures import is_missing
+from workers.delivery import CommandDelivery
+from workers.handovers import hand_back
 from workers.logs import RepeatedLogFilter
 from workers.settings import Settings
-from workers.temporal import within
 
 log = logging.getLogger(__name__)
 log.addFilter(RepeatedLogFilter(window=10.0))
@@ -98,15 +95,9 @@ class EntityRequests:
             return
         except Exception as exc:
             log.warning("a request's snapshot is left to its entity to publish: %s", exc)
-        handle = self._client.get_workflow_handle(workflow_id)
         try:
-            await within(
-                SIGNAL_TIMEOUT,
-                handle.signal(PUBLISH_SIGNAL, rpc_timeout=timedelta(seconds=SIGNAL_TIMEOUT)),
-            )
+            await hand_back(self._client, workflow_id)  # closed since: it published its end
         except RPCError as exc:
-            if is_missing(exc):  # closed since: an entity publishes its end itself
-                return
             raise ApplicationError(
                 f"{workflow_id}: neither published nor handed back ({exc})",
                 type=ErrorCode.UNAVAILABLE,

@@ -31,6 +31,7 @@ from workers.answer_budget import AnswerBudgetRunner
 from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache, connect_redis
 from workers.changes import Retention
+from workers.handovers import Handovers, OverdueHandovers
 from workers.query_guard import QueryGuardRunner
 from workers.requests import EntityRequests
 from workers.sandbox import workflow_runner
@@ -243,6 +244,12 @@ async def run_worker(
         client, cache, settings.task_queue, settings.watchdog_interval, settings.auto_repair
     )
     watching = asyncio.create_task(watchdog.run()) if settings.watchdog_interval else None
+    handovers = OverdueHandovers(
+        client,
+        Handovers(redis_client, settings.redis_prefix),
+        overdue=max(HANDOVER_OVERDUE, 3 * settings.command_wait_timeout),
+    )
+    taking_up = asyncio.create_task(handovers.run())
     stopping = asyncio.create_task((stop or asyncio.Event()).wait())
     status = status or WorkerStatus()
     replaced_at: float | None = None
@@ -294,9 +301,15 @@ async def run_worker(
         stopping.cancel()
         if watching is not None:
             watching.cancel()
+        taking_up.cancel()
         await cache.aclose()
         await redis_client.aclose()
 
+
+HANDOVER_OVERDUE = 60.0
+"""Seconds after which a publish an API process promised and did not keep is taken up
+(workers/handovers.py): a waited command's promise is kept within its wait
+(`command_wait_timeout`) unless the process stopped or lost the answer."""
 
 STUCK_REPLACEMENTS_APART = 30.0
 """Seconds at least between two replacements for a stuck eviction: a worker so short of CPU
