@@ -138,6 +138,9 @@ READ_SINCE_PAUSES = (0.02, 0.05, 0.1, 0.2)
 asked: its publish follows the command within milliseconds, unless the worker is busy."""
 
 
+OUTCOME_UNKNOWN = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL})
+"""The errors of a waited command that may have been applied, and its publish handed to a
+sender that never got the answer: its promise is left to be taken up."""
 CHORES_WAIT = 2.0
 """Seconds the gateway's closing waits for what answered commands left to do."""
 
@@ -235,7 +238,14 @@ class EntityGateway:
         if not wait:
             await self._delivery.deliver(entity, entity_id, envelope)
             return Receipt(entity_id, envelope.command_id, applied=False)
-        result = await self._delivery.request(entity, entity_id, envelope)
+        try:
+            result = await self._delivery.request(entity, entity_id, envelope)
+        except TenureError as exc:
+            if promise is not None and exc.code not in OUTCOME_UNKNOWN:
+                # Refused before it was applied, or not this send's command (a key reused,
+                # which makes the entity publish): nothing was handed to it.
+                self._chore(self._handovers.kept(promise))
+            raise
         newest = await self._publish(workflow_id, result, promise)
         read = EntityRead(newest, Source.LIVE, False) if newest is not None else None
         if result.outcome.status is OutcomeStatus.REJECTED:

@@ -22,11 +22,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
+import uuid
 from datetime import timedelta
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from temporalio.client import Client
 from temporalio.service import RPCError
 
@@ -66,36 +66,82 @@ async def hand_back(client: Client, workflow_id: str) -> bool:
     return True
 
 
+# Scores are Redis's own clock (TIME), so that API and worker hosts whose clocks differ agree
+# on which promises are overdue.
+_NOTE = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], t[1] + t[2] / 1000000, ARGV[1])
+return redis.call('ZCARD', KEYS[1])
+"""
+# Takes up to ARGV[2] promises noted ARGV[1] seconds ago or earlier, leasing each: its score
+# moves to now, so that one worker takes it, and it is overdue again, for any worker to take
+# up, if the one that took it stops before it is done. Answers the lease (a score, as a
+# string) followed by the members.
+_CLAIM = """
+local t = redis.call('TIME')
+local now = t[1] + t[2] / 1000000
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]),
+    'LIMIT', 0, tonumber(ARGV[2]))
+local lease = string.format('%.6f', now)
+for _, member in ipairs(due) do
+    redis.call('ZADD', KEYS[1], lease, member)
+end
+table.insert(due, 1, lease)
+return due
+"""
+# Removes a promise taken up, unless it was noted again since (its score is not the lease).
+_DONE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and math.abs(tonumber(score) - tonumber(ARGV[2])) < 0.000001 then
+    return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
 class Handovers:
-    """The promises of publishes taken over, in one Redis sorted set: each member a
-    workflow id and a command id, scored by when it was noted."""
+    """The promises of publishes taken over, in one Redis sorted set: each member names
+    the entity's workflow, the command and this send of it, scored by when it was noted
+    (Redis's clock)."""
 
     def __init__(self, client: RedisClient, prefix: str = "tenure:") -> None:
         self.client = client
         self.key = f"{prefix}handovers"
+        self._note = client.register_script(_NOTE)
+        self._claim = client.register_script(_CLAIM)
+        self._done = client.register_script(_DONE)
         self._chores: set[asyncio.Future[Any]] = set()
 
     @staticmethod
     def member(workflow_id: str, command_id: str) -> str:
-        # Command ids have no spaces (inbox.COMMAND_ID): the last one splits the two.
-        return f"{workflow_id} {command_id}"
+        """A promise of its own for each send, so that two sends of one command (a retry,
+        a key reused for another command) keep theirs apart. Workflow ids have no spaces
+        (entity ids do not): the first one ends it."""
+        return f"{workflow_id} {command_id} {uuid.uuid4().hex[:12]}"
+
+    @staticmethod
+    def workflow_of(member: str) -> str:
+        return member.split(" ", 1)[0]
 
     async def promise(self, workflow_id: str, command_id: str) -> str | None:
         """Note that this process will publish what the entity hands it for this command:
         the promise, or None when none could be noted (the entity then publishes)."""
         member = self.member(workflow_id, command_id)
-        noting = asyncio.ensure_future(self._note(member))
-        done, _ = await asyncio.wait([noting], timeout=PROMISE_WAIT)
+        noting = asyncio.ensure_future(self._note(keys=[self.key], args=[member]))
+        try:
+            done, _ = await asyncio.wait([noting], timeout=PROMISE_WAIT)
+        except asyncio.CancelledError:
+            self._withdraw_once_noted(member, noting)
+            raise
         if not done:
             # Not cancelled (a Redis call cut short can leave its connection half used): a
             # promise noted late is withdrawn once noted.
-            self._chores.add(noting)
-            noting.add_done_callback(functools.partial(self._noted_late, member))
+            self._withdraw_once_noted(member, noting)
             log.info("no promise noted in %g s, the entity publishes", PROMISE_WAIT)
             return None
         try:
-            outstanding = noting.result()
-        except (RedisError, OSError) as exc:
+            outstanding = int(noting.result())
+        except (RedisError, RedisClusterException, OSError) as exc:
             log.info("no promise noted, the entity publishes: %s", exc)
             return None
         if outstanding > MAX_PROMISES:
@@ -108,15 +154,11 @@ class Handovers:
             return None
         return member
 
-    async def _note(self, member: str) -> int:
-        """Note the promise: how many are outstanding with it."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.key, {member: time.time()})
-            pipe.zcard(self.key)
-            _, outstanding = await pipe.execute()
-        return int(outstanding)
+    def _withdraw_once_noted(self, member: str, noting: asyncio.Future[Any]) -> None:
+        self._chores.add(noting)
+        noting.add_done_callback(functools.partial(self._noted_late, member))
 
-    def _noted_late(self, member: str, noting: asyncio.Future[int]) -> None:
+    def _noted_late(self, member: str, noting: asyncio.Future[Any]) -> None:
         self._chores.discard(noting)
         if noting.cancelled() or noting.exception() is not None:
             return
@@ -130,35 +172,30 @@ class Handovers:
             await asyncio.wait(self._chores, timeout=timeout)
 
     async def kept(self, member: str) -> None:
-        """The cache has what was promised. A promise whose removal fails is taken up as
-        overdue later: its entity publishes once more, which changes nothing."""
+        """The cache has what was promised, or nothing was handed over for it. A promise
+        whose removal fails is taken up as overdue later: its entity publishes once more,
+        which changes nothing."""
         try:
             await self.client.zrem(self.key, member)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             log.info("a kept promise stays noted, to be taken up later: %s", exc)
 
-    async def overdue(self, noted_before: float, limit: int = SWEEP_BATCH) -> list[str]:
-        """Promises noted before `noted_before` (epoch seconds), oldest first."""
-        members = await self.client.zrangebyscore(
-            self.key, "-inf", noted_before, start=0, num=limit
-        )
-        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+    async def claim(self, overdue: float, limit: int = SWEEP_BATCH) -> tuple[str, list[str]]:
+        """Take up promises noted `overdue` seconds ago or earlier, oldest first: the lease
+        to finish them with (`done`), and the promises."""
+        answer = await self._claim(keys=[self.key], args=[overdue, limit])
+        lease, *members = (m.decode() if isinstance(m, bytes) else str(m) for m in answer)
+        return lease, members
 
-    async def claim(self, member: str) -> bool:
-        """Take a promise up: whether this process did (another may have first)."""
-        return bool(await self.client.zrem(self.key, member))
-
-    async def renote(self, member: str) -> None:
-        """Note a promise taken up and not handed back again, as new."""
-        await self.client.zadd(self.key, {member: time.time()})
-
-    async def outstanding(self) -> int:
-        return int(await self.client.zcard(self.key))
+    async def done(self, member: str, lease: str) -> None:
+        """A promise taken up under `lease` is done with."""
+        await self._done(keys=[self.key], args=[member, lease])
 
 
 class OverdueHandovers:
     """Asks the entities of promises not kept within `overdue` seconds to publish
-    themselves, every `interval` seconds: one worker process takes each promise up."""
+    themselves, every `interval` seconds. Each promise is taken up by one worker at a time;
+    one whose worker stops before it is done is taken up again `overdue` seconds later."""
 
     def __init__(
         self, client: Client, handovers: Handovers, overdue: float, interval: float = 5.0
@@ -169,35 +206,34 @@ class OverdueHandovers:
         self._interval = interval
 
     async def sweep(self) -> int:
-        """Take up the overdue promises once: how many entities were asked to publish."""
+        """Take up the overdue promises once: how many entities were asked to publish. A
+        promise whose entity cannot be asked (Temporal out of reach) is left to its lease,
+        and taken up again later."""
+        lease, members = await self._handovers.claim(self._overdue)
         asked: set[str] = set()
-        for member in await self._handovers.overdue(time.time() - self._overdue):
-            if not await self._handovers.claim(member):
-                continue
-            workflow_id = member.rpartition(" ")[0]
-            if workflow_id in asked:
-                continue
-            try:
-                if await hand_back(self._client, workflow_id):
+        try:
+            for member in members:
+                workflow_id = Handovers.workflow_of(member)
+                if workflow_id not in asked and await hand_back(self._client, workflow_id):
                     asked.add(workflow_id)
-            except RPCError:
-                await self._handovers.renote(member)
-                raise
-        if asked:
-            log.warning(
-                "%d entities' publishes were promised by an API process and not kept "
-                "within %g s (it stopped, or never got the answer): they were asked to "
-                "publish",
-                len(asked),
-                self._overdue,
-            )
+                await self._handovers.done(member, lease)
+        finally:
+            if asked:
+                log.warning(
+                    "%d entities' publishes were promised by an API process and not kept "
+                    "within %g s (it stopped, or never got the answer): they were asked to "
+                    "publish",
+                    len(asked),
+                    self._overdue,
+                )
         return len(asked)
 
     async def run(self) -> None:
-        """Sweep every `interval` seconds until cancelled; a failed sweep is retried."""
+        """Sweep every `interval` seconds until cancelled; a sweep that fails, whatever
+        failed, is retried."""
         while True:
             try:
                 await self.sweep()
-            except (RPCError, RedisError, OSError) as exc:
+            except Exception as exc:  # a loop that ended would leave promises for good
                 log.warning("taking up overdue publishes failed, retried later: %s", exc)
             await asyncio.sleep(self._interval)

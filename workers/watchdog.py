@@ -116,7 +116,7 @@ class StuckEntityWatchdog:
         while True:
             try:
                 await self.sweep()
-            except (RPCError, CacheUnavailable) as exc:
+            except Exception as exc:  # whatever failed: a loop that ended would watch no more
                 log.warning("stuck-entity sweep failed: %s", exc)
             await asyncio.sleep(self._interval)
 

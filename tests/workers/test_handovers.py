@@ -5,11 +5,16 @@ worker; with no promise noted, or a cache that refuses the write, the entity pub
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
+from redis.exceptions import RedisClusterException
 from temporalio.client import Client
 
 from api.gateway import EntityGateway
 from deploy.embedded import EmbeddedRedis
+from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import CommandEnvelope, CommandResult
 from entities.runtime.workflow import EntityWorkflow
 from tests.conftest import WorkerFactory, new_id
@@ -28,8 +33,9 @@ def handovers_of(cache: SnapshotCache) -> Handovers:
 
 
 async def noted(handovers: Handovers, workflow_id: str, command_id: str) -> bool:
-    member = Handovers.member(workflow_id, command_id)
-    return await handovers.client.zscore(handovers.key, member) is not None
+    """Whether a promise of this command is outstanding."""
+    members = await handovers.client.zrange(handovers.key, 0, -1)
+    return any(m.decode().startswith(f"{workflow_id} {command_id} ") for m in members)
 
 
 async def until_kept(handovers: Handovers, workflow_id: str, command_id: str) -> None:
@@ -79,23 +85,9 @@ async def test_a_promise_not_kept_is_taken_up_by_a_worker(
     publish, and both catch up."""
     handovers = Handovers(cache.client, f"{cache.prefix}{new_id()}:")  # this test's alone
     async with run_worker():
-        account_id = await published_account(temporal_client, cache, settings)
-        workflow_id = f"account:{account_id}"
-        promise = await handovers.promise(workflow_id, "w1")
-        assert promise is not None
-        handle = temporal_client.get_workflow_handle(workflow_id)
-        handed = await handle.execute_update(
-            EntityWorkflow.apply,
-            CommandEnvelope(
-                command_id="w1", name="withdraw", payload={"amount": 20}, publishes=True
-            ),
-            result_type=CommandResult,
+        account_id, workflow_id = await handed_and_never_published(
+            temporal_client, cache, settings, handovers
         )
-        assert handed.publication() is not None  # and the process died here
-        await until_idle(temporal_client, workflow_id)
-        hit = await cache.get("account", account_id)
-        assert hit is not None and hit.snapshot.revision == 3
-
         # Not overdue yet: left alone.
         assert await OverdueHandovers(temporal_client, handovers, overdue=60).sweep() == 0
         assert await noted(handovers, workflow_id, "w1")
@@ -167,9 +159,112 @@ async def test_promises_outstanding_are_bounded(
     """Past the bound no promise is noted (the entities publish), and nothing is added."""
     monkeypatch.setattr(handovers_module, "MAX_PROMISES", 2)
     handovers = Handovers(cache.client, f"{cache.prefix}{new_id()}:")  # none noted yet
-    assert await handovers.promise("account:a", "c1") is not None
+    first = await handovers.promise("account:a", "c1")
+    assert first is not None
     assert await handovers.promise("account:b", "c2") is not None
     assert await handovers.promise("account:c", "c3") is None
-    assert await handovers.outstanding() == 2
-    await handovers.kept(Handovers.member("account:a", "c1"))
+    assert await handovers.client.zcard(handovers.key) == 2
+    await handovers.kept(first)
     assert await handovers.promise("account:c", "c3") is not None
+
+
+async def handed_and_never_published(
+    client: Client, cache: SnapshotCache, settings: Settings, handovers: Handovers
+) -> tuple[str, str]:
+    """An account at revision 3 in the cache, whose withdrawal (revision 4) was handed to
+    an API process that noted its promise and died: the account id and its workflow id."""
+    account_id = await published_account(client, cache, settings)
+    workflow_id = f"account:{account_id}"
+    assert await handovers.promise(workflow_id, "w1") is not None
+    handed = await client.get_workflow_handle(workflow_id).execute_update(
+        EntityWorkflow.apply,
+        CommandEnvelope(command_id="w1", name="withdraw", payload={"amount": 20}, publishes=True),
+        result_type=CommandResult,
+    )
+    assert handed.publication() is not None
+    await until_idle(client, workflow_id)
+    hit = await cache.get("account", account_id)
+    assert hit is not None and hit.snapshot.revision == 3
+    return account_id, workflow_id
+
+
+async def test_a_promise_taken_up_by_a_worker_that_stops_is_taken_up_again(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """A worker that takes a promise up and stops before it asks the entity (killed, or shut
+    down mid-sweep) leaves it leased: overdue again once its lease is as old as a promise
+    is let be, and then taken up by another."""
+    handovers = Handovers(cache.client, f"{cache.prefix}{new_id()}:")
+    async with run_worker():
+        account_id, workflow_id = await handed_and_never_published(
+            temporal_client, cache, settings, handovers
+        )
+        _, taken = await handovers.claim(overdue=0)  # and the worker stops here
+        assert [Handovers.workflow_of(member) for member in taken] == [workflow_id]
+
+        assert await OverdueHandovers(temporal_client, handovers, overdue=60).sweep() == 0
+        assert await noted(handovers, workflow_id, "w1")
+        assert await OverdueHandovers(temporal_client, handovers, overdue=0).sweep() == 1
+        await until_cached(cache, "account", account_id, 4)
+        assert not await noted(handovers, workflow_id, "w1")
+
+
+async def test_the_sweep_goes_on_whatever_fails(
+    temporal_client: Client,
+    cache: SnapshotCache,
+    settings: Settings,
+    run_worker: WorkerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sweep that fails with an error of any kind (a Redis Cluster out of reach raises one
+    that is not a RedisError) is tried again: the loop does not end."""
+    handovers = Handovers(cache.client, f"{cache.prefix}{new_id()}:")
+    claim = Handovers.claim
+    failures = [RedisClusterException("Redis Cluster cannot be connected")]
+
+    async def fails_first(self: Handovers, overdue: float, limit: int = 500) -> Any:
+        if failures:
+            raise failures.pop()
+        return await claim(self, overdue, limit)
+
+    async with run_worker():
+        account_id, _ = await handed_and_never_published(
+            temporal_client, cache, settings, handovers
+        )
+        monkeypatch.setattr(Handovers, "claim", fails_first)
+        sweeping = asyncio.create_task(
+            OverdueHandovers(temporal_client, handovers, overdue=0, interval=0.05).run()
+        )
+        try:
+            await until_cached(cache, "account", account_id, 4)
+        finally:
+            sweeping.cancel()
+        assert not failures
+
+
+async def test_a_waited_command_refused_before_it_was_applied_leaves_no_promise(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """An entity that does not exist, or a key already used for another command: nothing was
+    handed over, so no promise is left for a worker to take up (and signal the entity for,
+    and count against the bound)."""
+    gateway = EntityGateway(temporal_client, cache, settings)
+    handovers = handovers_of(cache)
+    async with run_worker():
+        account_id = await published_account(temporal_client, cache, settings)
+        missing = new_id()
+        with pytest.raises(TenureError) as absent:
+            await gateway.send(
+                "account", missing, "deposit", {"amount": 5}, wait=True, idempotency_key="d1"
+            )
+        assert absent.value.code is ErrorCode.NOT_FOUND
+        await gateway.send(
+            "account", account_id, "deposit", {"amount": 5}, wait=True, idempotency_key="d2"
+        )
+        with pytest.raises(TenureError) as reused:
+            await gateway.send(
+                "account", account_id, "deposit", {"amount": 6}, wait=True, idempotency_key="d2"
+            )
+        assert reused.value.code is ErrorCode.IDEMPOTENCY_KEY_REUSED
+        await until_kept(handovers, f"account:{missing}", "d1")
+        await until_kept(handovers, f"account:{account_id}", "d2")
