@@ -55,6 +55,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from entities.runtime.saga import (
         MAX_OPERATOR_ACTIONS,
+        MAX_RECORDED_REFUSALS,
         Compensation,
         OperatorAction,
         OperatorActionKind,
@@ -146,17 +147,37 @@ class CheckoutWorkflow:
                 type=ErrorCode.LIMIT_REACHED,
                 non_retryable=True,
             )
-        refused = None
-        if self._state.awaiting_operator_until is None or self._asked is not None:
-            refused = (
-                f"checkout {self._input.checkout_id} is {self._state.status.value}, "
-                "not waiting for an operator"
-            )
+        refused = self._refusal()
         actions.append(OperatorAction(**request.model_dump(), at=workflow.now(), refused=refused))
         if refused is not None:
             raise ApplicationError(refused, type=ErrorCode.INVALID_TRANSITION, non_retryable=True)
         self._asked = request
         return self._state
+
+    @operate.validator
+    def _refused_unrecorded(self, request: OperatorRequest) -> None:
+        """Refuse, before it is recorded, an action the checkout could not take once
+        MAX_RECORDED_REFUSALS such refusals are recorded: early clicks, double clicks and
+        two operators at once never use up the actions an operator has left (20 recorded
+        refusals locked a FAILED checkout for good). Validators are not run in a replay,
+        so runs replay as they were made."""
+        refused = self._refusal()
+        recorded = sum(action.refused is not None for action in self._state.operator_actions)
+        if refused is not None and recorded >= MAX_RECORDED_REFUSALS:
+            raise ApplicationError(
+                f"{refused} (not recorded: {recorded} refusals are)",
+                type=ErrorCode.INVALID_TRANSITION,
+                non_retryable=True,
+            )
+
+    def _refusal(self) -> str | None:
+        """Why an operator's action cannot be taken now, or None."""
+        if self._state.awaiting_operator_until is None or self._asked is not None:
+            return (
+                f"checkout {self._input.checkout_id} is {self._state.status.value}, "
+                "not waiting for an operator"
+            )
+        return None
 
     @workflow.run
     async def run(self, input: CheckoutInput) -> CheckoutState:

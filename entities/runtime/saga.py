@@ -60,6 +60,9 @@ class OperatorActionKind(StrEnum):
 
 MAX_OPERATOR_ACTIONS = 20
 """Operator actions a saga records, refusals included; it refuses any more unrecorded."""
+MAX_RECORDED_REFUSALS = MAX_OPERATOR_ACTIONS // 2
+"""Of those, the most that are refusals: past it an action that cannot be taken is refused
+unrecorded, so that at least half the record is left for actions taken."""
 MAX_OPERATOR_REASON = 500
 
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from entities.runtime.saga import SagaStatus
+from entities.runtime.saga import MAX_OPERATOR_ACTIONS, MAX_RECORDED_REFUSALS, SagaStatus
 from tests.api.test_access import Caller, token
 from tests.conftest import WorkerFactory, api_client
 from tests.entities.failing_checkout import FailedCheckout, failed_checkout
@@ -146,6 +146,35 @@ async def test_a_resolve_is_recorded_with_its_reason_and_who_did_it(
         # Its customer sees that an operator settled it, and not which one (as in history).
         [seen] = (await customer.data(READ, id=failed.checkout_id))["checkout"]["operatorActions"]
         assert (seen["action"], seen["reason"], seen["by"]) == ("RESOLVE", reason, "admin")
+
+
+async def test_refused_actions_never_use_up_what_an_operator_has_left(
+    shop: Shop, run_worker: WorkerFactory, http: httpx.AsyncClient
+) -> None:
+    """Clicks while the checkout still runs are refused: the first ten are recorded, the rest
+    refused alike and not recorded; once it waits for an operator, a resolve is taken.
+    Twenty recorded refusals used to lock a FAILED checkout for good (LIMIT_REACHED)."""
+    admin = Caller(http, token("admin", "ops-1"))
+
+    async def early_clicks(checkout_id: str) -> None:
+        codes = [
+            await admin.code(RESOLVE, id=checkout_id, reason=f"early {i}")
+            for i in range(MAX_OPERATOR_ACTIONS)
+        ]
+        assert codes == ["INVALID_TRANSITION"] * MAX_OPERATOR_ACTIONS
+
+    async with failed_checkout(shop, run_worker, while_running=early_clicks) as failed:
+        await admin.data(RESOLVE, id=failed.checkout_id, reason="refunded by bank")
+        done = await eventually(
+            lambda: admin.data(READ, id=failed.checkout_id),
+            lambda d: d["checkout"]["status"] == SagaStatus.RESOLVED,
+        )
+    actions = done["checkout"]["operatorActions"]
+    assert [action["refused"] is not None for action in actions] == [True] * (
+        MAX_RECORDED_REFUSALS
+    ) + [False]
+    assert [action["reason"] for action in actions[:2]] == ["early 0", "early 1"]
+    assert (actions[-1]["action"], actions[-1]["reason"]) == ("RESOLVE", "refunded by bank")
 
 
 async def test_checkouts_are_listed_a_page_at_a_time(

@@ -4,7 +4,7 @@ operator does next."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from entities.checkout import CheckoutState
@@ -45,18 +45,24 @@ class FailedCheckout:
 
 @contextlib.asynccontextmanager
 async def failed_checkout(
-    shop: Shop, run_worker: WorkerFactory, cart_id: str | None = None
+    shop: Shop,
+    run_worker: WorkerFactory,
+    cart_id: str | None = None,
+    while_running: Callable[[str], Awaitable[None]] | None = None,
 ) -> AsyncIterator[FailedCheckout]:
     """A checkout whose refund was refused, FAILED and waiting for an operator, with the
     workers of its entities running. The account's worker is down while the saga withdraws,
     so the withdrawal is delivered and then given up (UNAVAILABLE); a deposit sent meanwhile
-    lands after it, and the refund after both."""
+    lands after it, and the refund after both. `while_running` is given the checkout id
+    while its saga is still stuck at the withdrawal."""
     bank, account_id = await shop.unserved_account(run_worker, BALANCE)
     async with run_worker(shop.settings):
         sku = await shop.stock(5)
         cart_id = await shop.cart(account_id, (sku, 2, PRICE), cart_id=cart_id)
         checkout_id = await shop.checkout(cart_id)
         await eventually(lambda: shop.pending_attempt(checkout_id), lambda n: n >= 2, 60)
+        if while_running is not None:
+            await while_running(checkout_id)
         for amount in filler_parts():
             await bank.gateway.send("account", account_id, "deposit", {"amount": amount})
         await eventually(
