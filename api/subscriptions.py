@@ -58,6 +58,11 @@ ESTABLISHED_KEY = "tenure.subscription_established"
 class Change(Generic[N]):
     entity_id: strawberry.ID
     revision: int
+    incarnation: str = strawberry.field(
+        description="Which life of the id the entity is in: an id used again once its closed "
+        "entity was deleted starts a new one, whose revisions count from 1 again. Give it "
+        "back as `sinceIncarnation` with `sinceRevision` to resume."
+    )
     previous_revision: int | None = strawberry.field(
         description="The revision this subscription showed before; null on its first change."
     )
@@ -106,9 +111,11 @@ class _Follower:
         viewer: Principal,
         entity_type: str,
         statuses: frozenset[str] | None = None,
+        since_incarnation: int | None = None,
     ) -> None:
         self._seen: dict[str, tuple[int, int]] = {}
         self._since = since
+        self._since_incarnation = since_incarnation
         self._viewer = viewer
         self._shows_ids = sees_command_ids(viewer, entity_type)
         self._statuses = statuses
@@ -139,8 +146,17 @@ class _Follower:
             return None  # out, and not shown: nothing to take back
         previous = seen[1] if seen is not None and seen[0] == incarnation else None
         after = previous if previous is not None else self._since
-        if after is not None and revision <= after and seen is None:
-            return None  # the subscriber had it before it reconnected
+        if after is not None and seen is None:
+            if self._since_incarnation is not None and incarnation != self._since_incarnation:
+                if incarnation < self._since_incarnation:
+                    return None  # older than what the subscriber saw
+                after = -1  # another life of the id: shown, as a jump
+            elif self._since_incarnation is None and revision < after:
+                # Behind what the subscriber names: not the life of the id it saw (its id
+                # used again since), or a revision it never saw. Shown, as a jump.
+                after = -1
+            elif revision <= after:
+                return None  # the subscriber had it before it reconnected
         self._seen.pop(change.entity_id, None)
         if not leaving:
             self._seen[change.entity_id] = change.position
@@ -157,6 +173,7 @@ class _Follower:
         return Change(
             entity_id=strawberry.ID(change.entity_id),
             revision=revision,
+            incarnation=str(incarnation),
             previous_revision=previous,
             missed_revisions=missed or change.gap,
             command=change.command,
@@ -197,15 +214,32 @@ async def _subscribed(
 
 
 async def follow_entity(
-    info: Info, entity_type: str, entity_id: str, since_revision: int | None, render: Render
+    info: Info,
+    entity_type: str,
+    entity_id: str,
+    since_revision: int | None,
+    render: Render,
+    since_incarnation: str | None = None,
 ) -> AsyncGenerator[Change[Any], None]:
-    """One entity's states: its current one at once (with `since_revision`, only if newer),
-    then each new one."""
+    """One entity's states: its current one at once (with `since_revision`, only if newer,
+    in the same life of the id), then each new one."""
     check_entity_id(entity_id)
     if since_revision is not None and since_revision < 0:
         raise TenureError(ErrorCode.INVALID_INPUT, "sinceRevision: 0 or more")
+    incarnation = None
+    if since_incarnation is not None:
+        if since_revision is None:
+            raise TenureError(ErrorCode.INVALID_INPUT, "sinceIncarnation: only with sinceRevision")
+        digits = since_incarnation.isascii() and since_incarnation.isdigit()
+        if not digits or len(since_incarnation) > 19:
+            raise TenureError(
+                ErrorCode.INVALID_INPUT, "sinceIncarnation: a change's `incarnation`, as given"
+            )
+        incarnation = int(since_incarnation)
     await info.context.authorizer.require(info.context.principal, entity_type, entity_id, READ)
-    follower = _Follower(since_revision, info.context.principal, entity_type)
+    follower = _Follower(
+        since_revision, info.context.principal, entity_type, since_incarnation=incarnation
+    )
     async with _subscribed(info, entity_type, entity_id) as mailbox:
         # After subscribing, so that nothing falls between the state read and the stream.
         read = await info.context.gateway.read(entity_type, entity_id, Consistency.CACHED)
@@ -223,10 +257,14 @@ def _entity_subscription(
     field_name: str, entity_type: str, id_argument: str, id_type: object, node: Any
 ) -> Any:
     async def changed(
-        self: Any, info: Info, entity_id: str, since_revision: int | None = None
+        self: Any,
+        info: Info,
+        entity_id: str,
+        since_revision: int | None = None,
+        since_incarnation: str | None = None,
     ) -> AsyncGenerator[Change[Any], None]:
         async for change in follow_entity(
-            info, entity_type, entity_id, since_revision, node.from_read
+            info, entity_type, entity_id, since_revision, node.from_read, since_incarnation
         ):
             yield change
 
@@ -238,7 +276,16 @@ def _entity_subscription(
             int | None,
             strawberry.argument(
                 description="The last revision the subscriber saw: its current state is "
-                "sent at once only if it is newer."
+                "sent at once only if it is newer (or behind it: the id is in another life "
+                "than the one seen, and the state comes as a jump)."
+            ),
+        ],
+        "since_incarnation": Annotated[
+            str | None,
+            strawberry.argument(
+                description="The `incarnation` of the change whose revision is "
+                "`sinceRevision`: a state of another life of the id is sent at once, as a "
+                "jump, whatever its revision."
             ),
         ],
         "return": AsyncGenerator[Change[node], None],

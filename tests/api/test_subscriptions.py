@@ -30,11 +30,13 @@ from api.context import TenureContext
 from api.schema import build_schema
 from api.subscriptions import ChangeFilter, _Follower, _scoped
 from entities import catalog
+from entities.errors import TenureError
 from entities.runtime.envelope import Snapshot
 from entities.runtime.policy import Principal, Role
 from tests.api.test_access import token
-from tests.api.test_accounts_api import DEPOSIT, OPEN, VERIFY
-from tests.conftest import GraphQLClient, WorkerFactory, new_id, serving
+from tests.api.test_accounts_api import CLOSE, DEPOSIT, OPEN, VERIFY, WITHDRAW
+from tests.conftest import GraphQLClient, WorkerFactory, new_id, serving, start_over
+from tests.entities.shop import eventually
 from workers.cache import SnapshotCache, connect_redis
 from workers.settings import Settings
 
@@ -64,17 +66,32 @@ class InProcess:
         self.app = app
         self.schema = build_schema(settings)
 
-    async def follow(self, query: str, **variables: Any) -> AsyncIterator[dict[str, Any]]:
+    def _context(self) -> TenureContext:
         request = Request({"type": "http", "app": self.app, "headers": [], "method": "POST"})
-        context = TenureContext(
+        return TenureContext(
             request=request,
             response=None,
             gateway=self.app.state.gateway,
             authorizer=self.app.state.authorizer,
             principal=DEVELOPMENT_PRINCIPAL,
         )
+
+    async def refusal(self, query: str, **variables: Any) -> str:
+        """The code a subscription is refused with."""
+        results: Any = await self.schema.subscribe(
+            query, variable_values=variables, context_value=self._context()
+        )
+        if hasattr(results, "__anext__"):
+            first = await anext(results)
+            await results.aclose()
+            results = first
+        refused = results.errors[0].original_error
+        assert isinstance(refused, TenureError), results.errors
+        return refused.code.value
+
+    async def follow(self, query: str, **variables: Any) -> AsyncIterator[dict[str, Any]]:
         results = await self.schema.subscribe(
-            query, variable_values=variables, context_value=context
+            query, variable_values=variables, context_value=self._context()
         )
         assert not hasattr(results, "errors") or not isinstance(results, list)
         async for result in results:  # type: ignore[union-attr]
@@ -222,6 +239,76 @@ async def test_a_subscriber_that_reconnects_with_since_revision_misses_nothing_i
     never_backwards(second[1:])
     assert [change["revision"] for change in quiet] == [33]
     assert quiet[0]["command"] == "deposit" and not quiet[0]["missedRevisions"]
+
+
+CACHED_REVISION = """query($id: ID!) { account(id: $id, consistency: CACHED) { revision } }"""
+RESUME = """subscription($id: ID!, $since: Int, $life: String) {
+  accountChanged(id: $id, sinceRevision: $since, sinceIncarnation: $life) {
+    entityId revision incarnation previousRevision missedRevisions command
+    node { balance status }
+  }
+}"""
+
+
+async def at_once(follow: AsyncIterator[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a subscription sends within a second of subscribing, then unsubscribed."""
+    shown: list[dict[str, Any]] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.0):
+            async for change in follow:
+                shown.append(change)
+    await follow.aclose()  # type: ignore[attr-defined]
+    return shown
+
+
+async def test_a_subscriber_resuming_on_an_id_used_again_is_shown_its_new_life(
+    settings: Settings, temporal_client: Client, worker: Any
+) -> None:
+    """An account followed to its close at revision 5, its id then used again (a new
+    account, revisions from 1): a subscriber resuming with `sinceRevision: 5` is sent the new
+    account at once, as a jump, where it was sent nothing until the new account passed
+    revision 5, and then that as if it followed the old one. With the `incarnation` it was
+    shown, given back, the new life is told apart at any revision."""
+    async with running_app(settings, temporal_client) as app, http_of(app) as http:
+        gql = GraphQLClient(http)
+        inside = InProcess(app, settings)
+        account_id = await open_account(gql)
+        old: list[dict[str, Any]] = []
+        following = asyncio.create_task(until(inside.follow(RESUME, id=account_id), 5, old))
+        await first_of(old)
+        await gql.data(DEPOSIT, id=account_id, amount=70)
+        await gql.data(WITHDRAW, id=account_id, amount=70)
+        await gql.data(CLOSE, id=account_id)
+        await asyncio.wait_for(following, 30)
+        assert (old[-1]["revision"], old[-1]["node"]["status"]) == (5, "CLOSED")
+        old_life = old[-1]["incarnation"]
+
+        await start_over(
+            temporal_client,
+            settings,
+            "account",
+            account_id,
+            "open",
+            {"owner_name": "Ada Lovelace", "email": "ada@example.com"},
+        )
+        await gql.data(VERIFY, id=account_id)
+        await eventually(
+            lambda: gql.data(CACHED_REVISION, id=account_id),
+            lambda d: d["account"]["revision"] == 2,
+        )
+
+        behind = await at_once(inside.follow(RESUME, id=account_id, since=5))
+        named_old = await at_once(inside.follow(RESUME, id=account_id, since=2, life=old_life))
+        new_life = named_old[0]["incarnation"] if named_old else None
+        named_new = await at_once(inside.follow(RESUME, id=account_id, since=2, life=new_life))
+        refused = await inside.refusal(RESUME, id=account_id, since=2, life="12x")
+
+    for shown in (behind, named_old):
+        assert [(c["revision"], c["node"]["status"]) for c in shown] == [(2, "ACTIVE")]
+        assert shown[0]["missedRevisions"] and shown[0]["previousRevision"] is None
+    assert new_life != old_life
+    assert named_new == []  # the same life, nothing newer
+    assert refused == "INVALID_INPUT"
 
 
 @contextlib.asynccontextmanager
