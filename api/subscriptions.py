@@ -100,6 +100,15 @@ class ChangeFilter:
     )
 
 
+def _same_life(seen: tuple[int, int], position: tuple[int, int]) -> bool:
+    """Whether a change at `position` (incarnation, revision) is of the same life of its id
+    as one `seen`. An entity from before incarnations (0) that gets one keeps its revisions:
+    it is the same life when its revision goes on."""
+    if seen[0] == position[0]:
+        return True
+    return 0 in (seen[0], position[0]) and position[1] > seen[1]
+
+
 class _Follower:
     """One subscription's view of its changes: never backwards, every jump shown. Following
     only some `statuses`, the change that takes a shown entity out of them is shown too,
@@ -144,14 +153,19 @@ class _Follower:
         leaving = self._statuses is not None and status not in self._statuses
         if leaving and seen is None:
             return None  # out, and not shown: nothing to take back
-        previous = seen[1] if seen is not None and seen[0] == incarnation else None
+        previous = seen[1] if seen is not None and _same_life(seen, change.position) else None
         after = previous if previous is not None else self._since
-        if after is not None and seen is None:
-            if self._since_incarnation is not None and incarnation != self._since_incarnation:
-                if incarnation < self._since_incarnation:
+        if seen is not None and previous is None:
+            after = -1  # another life of the id than the one shown: a jump
+        elif after is not None and seen is None:
+            named = self._since_incarnation
+            # An incarnation of 0 (from before incarnations) tells nothing: revisions do.
+            known = named is not None and 0 not in (named, incarnation)
+            if known and incarnation != named:
+                if incarnation < named:
                     return None  # older than what the subscriber saw
                 after = -1  # another life of the id: shown, as a jump
-            elif self._since_incarnation is None and revision < after:
+            elif not known and revision < after:
                 # Behind what the subscriber names: not the life of the id it saw (its id
                 # used again since), or a revision it never saw. Shown, as a jump.
                 after = -1

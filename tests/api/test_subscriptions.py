@@ -695,3 +695,48 @@ async def test_a_status_filtered_view_is_told_when_an_entity_leaves_however_fast
         assert all(revision != 4 for revision, _ in shown)
         if read_between:
             assert shown == [(2, "ACTIVE"), (3, "SUSPENDED")]
+
+
+OLD_LIFE, NEW_LIFE = 1_700_000_000_000, 1_800_000_000_000
+
+
+def _shown(follower: _Follower, revision: int, incarnation: int, command: str | None) -> Any:
+    """What the follower shows of a change (revision, previousRevision, missedRevisions)."""
+    snapshot = Snapshot(
+        entity_type="account",
+        entity_id="a",
+        revision=revision,
+        state={"status": "ACTIVE"},
+        incarnation=incarnation,
+    )
+    shown = follower.change(
+        FeedChange("account", snapshot, command=command), lambda read: read.snapshot.state
+    )
+    if shown is None:
+        return None
+    return shown.revision, shown.previous_revision, shown.missed_revisions
+
+
+def test_a_follower_that_stays_while_its_id_is_used_again_is_shown_a_jump() -> None:
+    """Shown the old life to revision 5, then the new life's revision 3 (1 and 2 published
+    together, or overtaken in its mailbox): a jump, where it came as if nothing was missed.
+    A late change of the old life is never shown after the new one."""
+    for statuses in (None, frozenset({"ACTIVE"})):  # an entity's subscription, `changes`
+        follower = _Follower(None, Principal("ops", Role.ADMIN), "account", statuses)
+        assert _shown(follower, 5, OLD_LIFE, None) == (5, None, False)
+        assert _shown(follower, 3, NEW_LIFE, "deposit") == (3, None, True)
+        assert _shown(follower, 6, OLD_LIFE, "deposit") is None
+        assert _shown(follower, 4, NEW_LIFE, "deposit") == (4, 3, False)
+
+
+def test_an_entity_from_before_incarnations_that_gets_one_is_the_same_life() -> None:
+    """Snapshots made before incarnations carry 0; the same entity's next ones carry its
+    start time. A subscriber shown (0, 5) that resumes naming incarnation "0" is not sent
+    revision 5 again, and one that stays sees revision 6 follow 5."""
+    admin = Principal("ops", Role.ADMIN)
+    resumed = _Follower(5, admin, "account", since_incarnation=0)
+    assert _shown(resumed, 5, NEW_LIFE, None) is None
+    assert _shown(resumed, 6, NEW_LIFE, "deposit") == (6, None, False)
+    staying = _Follower(None, admin, "account")
+    assert _shown(staying, 5, 0, None) == (5, None, False)
+    assert _shown(staying, 6, NEW_LIFE, "deposit") == (6, 5, False)
