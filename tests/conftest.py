@@ -304,6 +304,12 @@ async def start_over(
     )
 
 
+async def reopen_account(client: Client, settings: Settings, account_id: str) -> None:
+    """A closed account's id used again: a new account opened under it (`start_over`)."""
+    opening = {"owner_name": "Ada Lovelace", "email": "ada@example.com"}
+    await start_over(client, settings, "account", account_id, "open", opening)
+
+
 LogCapture = Callable[..., io.StringIO]
 
 

@@ -9,7 +9,7 @@ import pytest
 from temporalio.client import Client
 
 from entities.runtime.envelope import RuntimeOptions
-from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id, start_over
+from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id, reopen_account
 from workers.settings import Settings
 
 ACCOUNT_FIELDS = """
@@ -293,14 +293,7 @@ async def test_an_id_reused_after_its_closed_account_was_deleted_reads_as_the_ne
     closed = await read_account(gql, account_id)
     assert (closed["status"], closed["revision"]) == ("CLOSED", 5)
 
-    await start_over(
-        temporal_client,
-        settings,
-        "account",
-        account_id,
-        "open",
-        {"owner_name": "Ada Lovelace", "email": "ada@example.com"},
-    )
+    await reopen_account(temporal_client, settings, account_id)
     for consistency in ("LIVE", "CACHED"):
         account = await read_account(gql, account_id, consistency)
         assert (account["status"], account["revision"], account["balance"]) == ("PENDING", 1, 0)

@@ -35,7 +35,7 @@ from entities.runtime.envelope import Snapshot
 from entities.runtime.policy import Principal, Role
 from tests.api.test_access import token
 from tests.api.test_accounts_api import CLOSE, DEPOSIT, OPEN, VERIFY, WITHDRAW
-from tests.conftest import GraphQLClient, WorkerFactory, new_id, serving, start_over
+from tests.conftest import GraphQLClient, WorkerFactory, new_id, reopen_account, serving
 from tests.entities.shop import eventually
 from workers.cache import SnapshotCache, connect_redis
 from workers.settings import Settings
@@ -283,14 +283,7 @@ async def test_a_subscriber_resuming_on_an_id_used_again_is_shown_its_new_life(
         assert (old[-1]["revision"], old[-1]["node"]["status"]) == (5, "CLOSED")
         old_life = old[-1]["incarnation"]
 
-        await start_over(
-            temporal_client,
-            settings,
-            "account",
-            account_id,
-            "open",
-            {"owner_name": "Ada Lovelace", "email": "ada@example.com"},
-        )
+        await reopen_account(temporal_client, settings, account_id)
         await gql.data(VERIFY, id=account_id)
         await eventually(
             lambda: gql.data(CACHED_REVISION, id=account_id),
