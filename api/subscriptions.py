@@ -159,13 +159,13 @@ class _Follower:
             after = -1  # another life of the id than the one shown: a jump
         elif after is not None and seen is None:
             named = self._since_incarnation
-            # An incarnation of 0 (from before incarnations) tells nothing: revisions do.
-            known = named is not None and 0 not in (named, incarnation)
-            if known and incarnation != named:
+            if named is not None and 0 in (named, incarnation):
+                named = None  # from before incarnations (0): it tells nothing, revisions do
+            if named is not None and incarnation != named:
                 if incarnation < named:
                     return None  # older than what the subscriber saw
                 after = -1  # another life of the id: shown, as a jump
-            elif not known and revision < after:
+            elif named is None and revision < after:
                 # Behind what the subscriber names: not the life of the id it saw (its id
                 # used again since), or a revision it never saw. Shown, as a jump.
                 after = -1
