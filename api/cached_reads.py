@@ -36,7 +36,6 @@ from collections import OrderedDict
 from typing import Any
 
 from graphql import GraphQLSchema
-from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.asgi_capture import Captured, capture, read_body, replaying
@@ -54,6 +53,7 @@ from api.request_context import note_operation
 from api.response_size import ResponseSize
 from entities.runtime.policy import Role
 from workers.cache import CacheUnavailable, RawEntry, SnapshotCache
+from workers.failures import REDIS_FAILURES
 from workers.index import EPOCH, generations_key
 
 MAX_BODY = 64 * 1024
@@ -289,7 +289,7 @@ async def _generations(
             for entity_type, fields in depended_on:  # a type's generations are one hash
                 pipe.hmget(generations_key(cache.prefix, entity_type), fields)
             answers: list[list[bytes | None]] = await pipe.execute()
-    except (RedisError, OSError) as exc:
+    except REDIS_FAILURES as exc:
         raise CacheUnavailable(str(exc)) from exc
     parts = []
     for (entity_type, fields), values in zip(depended_on, answers, strict=True):
@@ -308,7 +308,7 @@ async def _new_epoch(cache: SnapshotCache, entity_type: str) -> bytes | None:
     try:
         await cache.client.hsetnx(key, EPOCH, uuid.uuid4().hex)
         epoch = await cache.client.hget(key, EPOCH)
-    except (RedisError, OSError) as exc:
+    except REDIS_FAILURES as exc:
         raise CacheUnavailable(str(exc)) from exc
     return epoch.encode() if isinstance(epoch, str) else epoch
 

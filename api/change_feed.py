@@ -27,14 +27,13 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import Snapshot
 from workers.cache import CacheUnavailable, RedisClient, SnapshotCache
 from workers.changes import entry_fields, stream_end, stream_key, text
-from workers.failures import redis_unavailable
+from workers.failures import REDIS_FAILURES, redis_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +245,7 @@ class ChangeFeed:
         for attempt in range(END_ATTEMPTS):
             try:
                 return await stream_end(self._client, key)
-            except RedisError as exc:
+            except REDIS_FAILURES as exc:
                 # Only a connection that failed or timed out may go better a moment later.
                 transient = isinstance(exc, RedisConnectionError | RedisTimeoutError)
                 if not transient or attempt == END_ATTEMPTS - 1:
@@ -280,7 +279,7 @@ class ChangeFeed:
             streams = {stream_key(self._prefix, t): f.cursor for t, f in self._types.items()}
             try:
                 answer = await self._xread(streams)
-            except RedisError as exc:
+            except REDIS_FAILURES as exc:
                 if self._stopped:
                     return
                 log.warning("change feed: the change streams cannot be read: %s", exc)

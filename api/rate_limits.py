@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from graphql import GraphQLError
-from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.authentication import principal_of
@@ -30,6 +29,7 @@ from api.errors import LimitCode, over_limit
 from api.responses import send_error
 from entities.runtime.policy import Principal, Role
 from workers.cache import RedisClient
+from workers.failures import REDIS_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class RateLimiter:
             waited = await self._take(
                 keys=[key], args=[limit.per_second, limit.burst, tokens, retried]
             )
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             log.warning("rate limits unavailable, letting requests through: %s", exc)
             return 0
         return int(waited)

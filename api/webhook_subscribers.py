@@ -14,7 +14,6 @@ from typing import Annotated, Any
 
 import httpx
 import strawberry
-from redis.exceptions import RedisError
 from strawberry.scalars import JSON
 
 from api.context import Info
@@ -27,7 +26,7 @@ from entities.webhook_delivery import (
     WebhookDeliveryInput,
     webhook_workflow_id,
 )
-from workers.failures import redis_unavailable
+from workers.failures import REDIS_FAILURES, redis_unavailable
 from workers.webhook_subscribers import (
     ALL_COMMANDS,
     MAX_ENTRY_PART,
@@ -128,7 +127,7 @@ def _subscribers(info: Info) -> WebhookSubscribers:
 async def _redis() -> AsyncIterator[None]:
     try:
         yield
-    except RedisError as exc:
+    except REDIS_FAILURES as exc:
         raise redis_unavailable("the webhook registry", exc) from exc
 
 

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
-from redis.exceptions import RedisError
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
@@ -46,6 +45,7 @@ from entities.runtime.listing import MAX_TEXT_LENGTH
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.changes import stream_end, stream_key, watch_applied
 from workers.delivery import CommandDelivery, EntityClosed
+from workers.failures import REDIS_FAILURES
 from workers.index import STATUS
 from workers.listing import EntityIndex, ListFilter, Order
 from workers.settings import Settings
@@ -249,7 +249,7 @@ class BulkActivities:
         stream = stream_key(self._prefix, page.entity_type)
         try:
             position: str | None = await stream_end(self._redis, stream)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             log.warning("bulk %s: the change stream cannot be read: %s", page.bulk_id, exc)
             position = None
         window = asyncio.Semaphore(page.window)
@@ -315,7 +315,7 @@ class BulkActivities:
 
         try:
             await watch_applied(self._redis, stream, position, applied, enough)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             log.warning("bulk: the change stream cannot be read, asking instead: %s", exc)
 
     async def _deliver(

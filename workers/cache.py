@@ -16,12 +16,12 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from entities import catalog
 from entities.runtime.envelope import Publication, Snapshot
 from entities.runtime.listing import IndexValues
 from workers.changes import Changes, Retention, encode, marks_key, state_of, stream_key
+from workers.failures import REDIS_FAILURES
 from workers.index import (
     EPOCH,
     EVERY,
@@ -182,7 +182,7 @@ class SnapshotCache:
         """Whether Redis answers a PING within a second."""
         try:
             return bool(await asyncio.wait_for(self._client.ping(), 1.0))
-        except (redis.RedisError, OSError, TimeoutError):
+        except REDIS_FAILURES:
             return False
 
     async def put(self, snapshot: Snapshot, changes: Changes | None = None) -> bool:
@@ -267,7 +267,7 @@ class SnapshotCache:
                     keys=[base + "e", *streams],
                     args=[*order, base, snapshot.entity_id, entry, *streamed],
                 )
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
         return answer
 
@@ -295,7 +295,7 @@ class SnapshotCache:
                         client=pipe,  # type: ignore[arg-type]  # the script buffers in it
                     )
                 answers = await pipe.execute()
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
         return sum(1 for answer in answers if answer == 1)
 
@@ -340,7 +340,7 @@ class SnapshotCache:
             with redis_span("HMGET"):
                 key = self.key(entity_type, entity_id)
                 document, cached_at, stuck = await self._reads.hmget(key)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
         stored = (
             (document, cached_at, stuck if isinstance(stuck, bytes) else None)
@@ -359,7 +359,7 @@ class SnapshotCache:
                     pipe.hset(self.key(entity_type, entity_id), "stuck", reason)
                     pipe.hincrby(generations_key(self._prefix, entity_type), STUCK, 1)
                     await pipe.execute()
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
 
     async def clear_stuck(self, entity_type: str, entity_id: str) -> None:
@@ -369,7 +369,7 @@ class SnapshotCache:
                     pipe.hdel(self.key(entity_type, entity_id), "stuck")
                     pipe.hincrby(generations_key(self._prefix, entity_type), STUCK, 1)
                     await pipe.execute()
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
 
     async def new_epoch(self, entity_type: str) -> None:
@@ -383,7 +383,7 @@ class SnapshotCache:
                     pipe.hset(key, EPOCH, uuid.uuid4().hex)
                     pipe.hincrby(key, EVERY, 1)
                     await pipe.execute()
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
 
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import time
 
-from redis.exceptions import RedisError
-
 from workers.cache import CacheUnavailable, RedisClient, SnapshotCache
+from workers.failures import REDIS_FAILURES
 from workers.index import index_base
 from workers.listing import EntityIndex
 
@@ -54,14 +53,14 @@ class Creations:
                 pipe.zrange(key, 0, -1)
                 pipe.expire(key, 2 * WINDOW_SECONDS)
                 _, _, made, _ = await pipe.execute()
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
         # Which are not shown yet, before the count of those shown: one shown in between is
         # counted twice (a refusal too many), never not at all (a cart too many).
         tagged = index_base(self._prefix, entity_type) + f"t:{tag}:{value}:i"
         try:
             scores: list[float | None] = await self._client.zmscore(tagged, made)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
         shown = await self._index.count_tagged(entity_type, tag, value, statuses)
         if shown is None:
@@ -72,5 +71,5 @@ class Creations:
         """Take back a create recorded by `held_with` that was refused."""
         try:
             await self._client.zrem(self._key(entity_type, tag, value), entity_id)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc

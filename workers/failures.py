@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from redis.exceptions import RedisClusterException, RedisError
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
@@ -17,6 +18,12 @@ from temporalio.service import RPCError, RPCStatusCode
 from entities.errors import ErrorCode, TenureError
 
 log = logging.getLogger(__name__)
+
+REDIS_FAILURES: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
+"""What a call to Redis raises when Redis cannot serve it: redis-py's errors, a socket's, and
+a Redis Cluster with no node in reach (`RedisClusterUnreachableError`, which is not a
+`RedisError`: caught as one, it went out of a cached read as an HTTP 500). Every Redis call
+catches these, never `RedisError` alone (ruff bans the name outside this module)."""
 
 
 def unavailable(exc: RPCError) -> TenureError:

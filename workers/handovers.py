@@ -26,14 +26,13 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from redis.exceptions import RedisClusterException, RedisError
 from temporalio.client import Client
 from temporalio.service import RPCError
 
 from entities.runtime.publisher import PUBLISH_SIGNAL
 from workers.cache import RedisClient
 from workers.delivery import SIGNAL_TIMEOUT
-from workers.failures import is_missing
+from workers.failures import REDIS_FAILURES, is_missing
 from workers.logs import RepeatedLogFilter
 from workers.temporal import within
 
@@ -141,7 +140,7 @@ class Handovers:
             return None
         try:
             outstanding = int(noting.result())
-        except (RedisError, RedisClusterException, OSError) as exc:
+        except REDIS_FAILURES as exc:
             log.info("no promise noted, the entity publishes: %s", exc)
             return None
         if outstanding > MAX_PROMISES:
@@ -177,7 +176,7 @@ class Handovers:
         which changes nothing."""
         try:
             await self.client.zrem(self.key, member)
-        except (RedisError, RedisClusterException, OSError) as exc:
+        except REDIS_FAILURES as exc:
             log.info("a kept promise stays noted, to be taken up later: %s", exc)
 
     async def claim(self, overdue: float, limit: int = SWEEP_BATCH) -> tuple[str, list[str]]:

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from workers.cache import CacheUnavailable, RedisClient, SnapshotCache
+from workers.failures import REDIS_FAILURES
 from workers.index import STATUS, StoredEntry, index_base, updated_key
 
 SCAN_BUDGET = 2_000
@@ -119,7 +120,7 @@ class EntityIndex:
             if matches is not None:
                 return await self._page_of(base, matches, where, order, first, after)
             return await self._walk(base, where, order, first, after)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
 
     async def count_tagged(
@@ -140,7 +141,7 @@ class EntityIndex:
                     tagged_key, [base + f"t:{STATUS}:{status}:i" for status in sorted(statuses)]
                 )
             entries = await self._entries(base, [member.decode() for member in tagged])
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
         return sum(1 for entry in entries.values() if entry.tags.get(STATUS) in statuses)
 
@@ -162,7 +163,7 @@ class EntityIndex:
                 pipe.hgetall(base + "c")
                 pipe.hlen(base + "e")
                 by_status, total = await pipe.execute()
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
         counted = {k.decode(): int(v) for k, v in by_status.items() if int(v) > 0}
         return dict(sorted(counted.items())), int(total)

@@ -27,10 +27,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field, SecretStr
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from workers.cache import RedisClient
 from workers.changes import stream_key
+from workers.failures import REDIS_FAILURES
 from workers.settings import WebhookSource
 
 MAX_SUBSCRIBERS = 100
@@ -169,10 +170,10 @@ class WebhookSubscribers:
             for entity_type in subscriber.events:
                 await self.ensure_group(subscriber.id, entity_type, start="$")
             await self.ensure_group(subscriber.id, None, start="0")
-        except RedisError:
+        except REDIS_FAILURES:
             # Registered without its groups, and with no delivery started to make them, it
             # would hold one of the places for nothing; forgetting it is worth a try.
-            with contextlib.suppress(RedisError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await self.remove(subscriber.id)
             raise
         return True

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,9 @@ from api.rate_limits import Limit, RateLimiter
 from deploy.embedded import die_with_parent, port_is_free
 from entities.runtime.envelope import Snapshot
 from entities.runtime.policy import Principal, Role
-from tests.api.test_accounts_api import open_active, read_account
+from tests.api.test_accounts_api import DEPOSIT, open_active, read_account
+from tests.api.test_listing import ACCOUNTS, STATS
+from tests.api.test_webhook_subscribers import LISTED
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from tests.workers.test_change_stream import applied
 from tests.workers.test_index import account, generations_moved_by_each_write
@@ -42,9 +45,28 @@ def node_port() -> int:
             return port
 
 
+@dataclass
+class Cluster:
+    url: str
+    """A URL naming one of its masters."""
+    nodes: list[subprocess.Popen[bytes]]
+
+    def stop(self) -> None:
+        """Every node killed: the cluster is out of reach as a whole."""
+        for node in self.nodes:
+            node.kill()
+        for node in self.nodes:
+            node.wait(10)
+
+
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[str]:
-    """A Redis Cluster of three masters; yields a URL naming one of them."""
+async def cluster(redis_cluster: Cluster) -> str:
+    return redis_cluster.url
+
+
+@pytest.fixture
+async def redis_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """A Redis Cluster of three masters."""
     server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     assert server and cli, "the Redis Cluster test needs redis-server and redis-cli on PATH"
     ports = [node_port() for _ in range(3)]
@@ -95,7 +117,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[str]:
             await asyncio.sleep(0.05)
         else:
             raise AssertionError("the cluster never reached cluster_state:ok")
-        yield f"redis://127.0.0.1:{ports[0]}/0"
+        yield Cluster(f"redis://127.0.0.1:{ports[0]}/0", nodes)
     finally:
         for node in nodes:
             node.terminate()
@@ -172,6 +194,45 @@ async def test_the_api_and_worker_serve_cached_reads_from_the_cluster(
                     break
                 await asyncio.sleep(0.1)
             assert (read["source"], read["revision"], read["stale"]) == ("CACHE", 2, False)
+    await client.aclose()
+
+
+SOURCE = "query($id: ID!) { account(id: $id) { id revision source } }"
+
+
+async def test_with_the_whole_cluster_down_the_api_answers_from_temporal_or_unavailable(
+    settings: Settings,
+    temporal_client: Client,
+    run_worker: WorkerFactory,
+    redis_cluster: Cluster,
+) -> None:
+    """A cluster with no node in reach raises RedisClusterException, which is not a
+    RedisError: a cached read let it out as an HTTP 500. Every request now gets what it gets
+    with a single Redis down: a read from the entity, commands applied, and UNAVAILABLE for
+    what only Redis holds."""
+    settings = settings.model_copy(update={"redis_url": redis_cluster.url, "redis_cluster": True})
+    client = connect_redis(settings)
+    cache = SnapshotCache(client, settings.redis_prefix)
+    async with run_worker(settings, cache), api_client(settings, temporal_client) as http:
+        gql = GraphQLClient(http)
+        account = new_id()
+        await open_active(gql, account)
+        await asyncio.sleep(1)
+        assert (await read_account(gql, account))["source"] == "CACHE"
+        redis_cluster.stop()
+        await asyncio.sleep(0.5)
+
+        # The API's first call to a node that went away (one of its own, in the half second)
+        # fails as a ConnectionError, a RedisError; every call after it finds no node to
+        # learn the cluster's layout from (RedisClusterUnreachableError).
+        for query in (ACCOUNTS, STATS, LISTED):
+            assert await gql.error_code(query) == "UNAVAILABLE", query
+        for _ in range(3):
+            read = await http.post("/graphql", json={"query": SOURCE, "variables": {"id": account}})
+            assert read.status_code == 200
+            assert read.json()["data"]["account"]["source"] == "LIVE"
+        deposit = await gql.data(DEPOSIT, id=account, amount=5)
+        assert deposit["depositToAccount"]["account"]["balance"] == 5
     await client.aclose()
 
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.workers.test_redis_cluster import cluster  # noqa: F401  # a fixture
+from tests.workers.test_redis_cluster import cluster, redis_cluster  # noqa: F401  # fixtures
 from workers import webhook_subscribers
 from workers.cache import connect_redis
 from workers.settings import Settings
