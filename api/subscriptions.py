@@ -44,7 +44,8 @@ MAX_FILTER_IDS = 100
 MAX_FILTER_STATUSES = 64
 # Entities a `changes` subscriber may be behind on before it is ended (LIMIT_REACHED).
 MAX_PENDING_ENTITIES = 1000
-# Entities a `changes` subscriber remembers the revision of, the least recent forgotten.
+# Entities a `changes` subscriber remembers the revision of, the least recent forgotten. A
+# status-filtered one that has forgotten any is told of every entity that leaves its statuses.
 MAX_REMEMBERED = 10_000
 # Where a request answered as an event stream waits to hear that its subscription is
 # established (an asyncio.Event).
@@ -112,7 +113,8 @@ def _same_life(seen: tuple[int, int], position: tuple[int, int]) -> bool:
 class _Follower:
     """One subscription's view of its changes: never backwards, every jump shown. Following
     only some `statuses`, the change that takes a shown entity out of them is shown too,
-    once, so that a view of them can drop it."""
+    once, so that a view of them can drop it. Past MAX_REMEMBERED entities shown, it cannot
+    tell which it showed: every change out of them is shown then."""
 
     def __init__(
         self,
@@ -129,20 +131,33 @@ class _Follower:
         self._shows_ids = sees_command_ids(viewer, entity_type)
         self._statuses = statuses
         self._admitted: OrderedDict[str, None] = OrderedDict()
+        self._forgot = False
+        # Once it forgot: entities told they left, not told again while they stay out.
+        self._told_out: OrderedDict[str, None] = OrderedDict()
 
     def admit(self, entity_id: str, inside: bool) -> bool:
         """Whether a change of the entity goes to the subscriber, decided as the feed offers
         it, ahead of what the subscriber has read: one in the statuses does; one out of them
         does when the entity's last change let in was in them, since it takes the entity
         out (in then out offered before the first is read: the mailbox keeps the newest,
-        the out, which `change` drops when the entity was never shown)."""
+        the out, which `change` drops when the entity was never shown). Once it has forgotten
+        entities it showed, one out of them does the first time, as it may have been shown."""
         if inside:
+            self._told_out.pop(entity_id, None)
             self._admitted.pop(entity_id, None)
             self._admitted[entity_id] = None
             if len(self._admitted) > MAX_REMEMBERED:
                 self._admitted.popitem(last=False)
+                self._forgot = True
             return True
-        return self._admitted.pop(entity_id, False) is None
+        if self._admitted.pop(entity_id, False) is None:
+            return True
+        if not self._forgot or entity_id in self._told_out:
+            return False
+        self._told_out[entity_id] = None
+        if len(self._told_out) > MAX_REMEMBERED:
+            self._told_out.popitem(last=False)
+        return True
 
     def change(self, change: FeedChange, render: Render) -> Change[Any] | None:
         incarnation, revision = change.position
@@ -151,7 +166,7 @@ class _Follower:
             return None
         status = (change.snapshot.state or {}).get("status")
         leaving = self._statuses is not None and status not in self._statuses
-        if leaving and seen is None:
+        if leaving and seen is None and not self._forgot:
             return None  # out, and not shown: nothing to take back
         previous = seen[1] if seen is not None and _same_life(seen, change.position) else None
         after = previous if previous is not None else self._since
@@ -176,6 +191,7 @@ class _Follower:
             self._seen[change.entity_id] = change.position
         if len(self._seen) > MAX_REMEMBERED:
             del self._seen[next(iter(self._seen))]
+            self._forgot = True
         self._since = None
         from_cache = change.command is None
         missed = after is not None and (revision > after + 1 or (from_cache and revision > after))

@@ -28,7 +28,7 @@ from api.change_feed import Change as FeedChange
 from api.change_feed import ChangeFeed, Mailbox
 from api.context import TenureContext
 from api.schema import build_schema
-from api.subscriptions import ChangeFilter, _Follower, _scoped
+from api.subscriptions import MAX_REMEMBERED, ChangeFilter, _Follower, _scoped
 from entities import catalog
 from entities.errors import TenureError
 from entities.runtime.envelope import Snapshot
@@ -690,6 +690,36 @@ async def test_a_status_filtered_view_is_told_when_an_entity_leaves_however_fast
             assert shown == [(2, "ACTIVE"), (3, "SUSPENDED")]
 
 
+async def test_a_status_filtered_view_past_what_it_remembers_is_still_told_who_leaves() -> None:
+    """A view of ACTIVE accounts shown more of them than its subscription remembers
+    (MAX_REMEMBERED): the one shown longest ago, which it has forgotten, leaves. That change
+    was dropped as if the account had never been in the view, which kept an ACTIVE row for
+    a SUSPENDED account for good. Once it has forgotten any, a view is told of every
+    account that leaves; one that was never in it still is not, while it forgets none."""
+    admin = Principal("ops", Role.ADMIN)
+    types = catalog.entity_types()
+    info: Any = SimpleNamespace(
+        context=SimpleNamespace(principal=admin, gateway=SimpleNamespace(entity=types.get))
+    )
+    follower = _Follower(None, admin, "account", frozenset({"ACTIVE"}))
+    wants = _scoped(info, "account", ChangeFilter(status=["ACTIVE"]), follower.admit)
+    box = Mailbox(wants, 10)
+    shown: list[tuple[int, str]] = []
+    box.offer(_account_change("never-in", 2, "SUSPENDED", "suspend"))
+    assert not box._pending
+    for n in range(MAX_REMEMBERED + 1):
+        box.offer(_account_change(f"e{n}", 2, "ACTIVE", "verify"))
+        await _read_into(shown, follower, box)
+    assert len(shown) == MAX_REMEMBERED + 1
+    box.offer(_account_change("e0", 3, "SUSPENDED", "suspend"))
+    assert box._pending
+    await _read_into(shown, follower, box)
+    assert shown[-1] == (3, "SUSPENDED")
+    box.offer(_account_change("e0", 4, "SUSPENDED", "deposit"))  # told it left: not again
+    assert not box._pending
+
+
+OLD_LIFE, NEW_LIFE = 1_700_000_000_000, 1_800_000_000_000
 OLD_LIFE, NEW_LIFE = 1_700_000_000_000, 1_800_000_000_000
 
 
