@@ -1,7 +1,8 @@
 """The admin console keeps up after a refusal it can outlive: a detail whose subscription the
 server refuses (its subscribers full, or shutting down for a deploy) reads every second
 instead, a followed bulk command is read again after one failed read, and a list's pager
-moves only once a page has come, paging the list shown rather than the form being edited."""
+moves only once a page has come, paging the list shown rather than the form being edited.
+A read that is never answered fails after 30 s."""
 
 from __future__ import annotations
 
@@ -102,6 +103,49 @@ async def test_a_followed_bulk_command_is_read_again_after_one_failed_read(
     await pane.get_by_role("button", name="Follow").click()
     status = pane.locator("#bulk").locator('[data-field="status"]')
     await expect(status).to_have_text("RUNNING")
+    await expect(status).to_have_text("COMPLETED")
+    assert reads >= 3
+
+
+async def test_a_read_that_is_never_answered_fails_in_30_s_and_is_read_again(
+    served: str, api: Api, page: Page
+) -> None:
+    """A followed bulk command whose read the network holds with no answer (a proxy that
+    lost it): the console waited for it for good, showing RUNNING long after the command
+    ended. The read now fails UNAVAILABLE after 30 s (the page's clock moved on) and the
+    console reads again."""
+    bulk = await bulk_deposit_started(api)
+    reads = 0
+    held = asyncio.Event()
+
+    async def hold(route: Route) -> None:
+        nonlocal reads
+        if "bulk: bulkCommand" not in (route.request.post_data or ""):
+            await route.continue_()
+            return
+        reads += 1
+        if reads == 1:
+            response = await route.fetch()
+            data = await response.json()
+            data["data"]["bulk"].update(status="RUNNING", done=1, applied=1, endedAt=None)
+            await route.fulfill(response=response, body=json.dumps(data))
+        elif reads == 2:
+            held.set()  # and never answered
+        else:
+            await route.continue_()
+
+    await page.clock.install()
+    await page.route("**/graphql", hold)
+    await sign_in(page, served, ADMIN)
+    await page.get_by_role("button", name="Bulk commands").click()
+    pane = page.locator('[data-pane="bulk"]')
+    await pane.locator('input[name="id"]').fill(bulk)
+    await pane.get_by_role("button", name="Follow").click()
+    status = pane.locator("#bulk").locator('[data-field="status"]')
+    await expect(status).to_have_text("RUNNING")
+    await asyncio.wait_for(held.wait(), 20)
+    await page.clock.fast_forward(31_000)
+    await expect(page.locator("#notice")).to_contain_text("did not answer within 30 s")
     await expect(status).to_have_text("COMPLETED")
     assert reads >= 3
 

@@ -10,6 +10,11 @@
   const ROLES_CLAIM = root.dataset.rolesClaim;
   const TOKEN_KEY = "tenure.admin.token";
   const REFRESH_MS = 1000;
+  // An answer not come in this long never comes: the API bounds its own waits far below it
+  // (a LIVE read 2 s, a waited command 10 s), so the request is held by a network or a proxy
+  // that lost it. It fails UNAVAILABLE, and what reads again (a followed entity or bulk
+  // command, the detail's polling) goes on, where it waited for good.
+  const REQUEST_TIMEOUT_MS = 30000;
   // Answers asking again cannot change; after any other error a read may pass.
   const FINAL_CODES = ["INVALID_INPUT", "FORBIDDEN", "UNAUTHENTICATED"];
 
@@ -32,21 +37,32 @@
     };
     const token = sessionStorage.getItem(TOKEN_KEY);
     if (token) headers.authorization = `Bearer ${token}`;
+    const late = new AbortController();
+    const timer = setTimeout(() => late.abort(), REQUEST_TIMEOUT_MS);
+    const tooLate = () =>
+      new ApiError("UNAVAILABLE", `the API did not answer within ${REQUEST_TIMEOUT_MS / 1000} s`);
     let response;
-    try {
-      response = await fetch(GRAPHQL, {
-        method: "POST",
-        headers,
-        body: JSON.stringify({ query, variables }),
-      });
-    } catch (err) {
-      throw new ApiError("UNAVAILABLE", "the API cannot be reached");
-    }
     let body = null;
     try {
-      body = await response.json();
-    } catch (err) {
-      // not JSON: said below
+      try {
+        response = await fetch(GRAPHQL, {
+          method: "POST",
+          headers,
+          body: JSON.stringify({ query, variables }),
+          signal: late.signal,
+        });
+      } catch (err) {
+        if (late.signal.aborted) throw tooLate();
+        throw new ApiError("UNAVAILABLE", "the API cannot be reached");
+      }
+      try {
+        body = await response.json();
+      } catch (err) {
+        if (late.signal.aborted) throw tooLate();
+        // not JSON: said below
+      }
+    } finally {
+      clearTimeout(timer);
     }
     // Errors below the root field only: one of the root field itself (the entity refused,
     // out of reach) is the answer's error, as before.
