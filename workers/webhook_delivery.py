@@ -5,8 +5,10 @@ One run reads the subscriber's pending entries first (left by a run that stopped
 then new ones, from each of its entity types' change streams and from its replays. Each
 entity's entries go one after another, the next only once the one before was delivered (a
 2xx answer) or dead-lettered. At most `PARALLEL_ENTITIES` sends are in flight at once; an
-entity waiting to retry holds none, so failing entities do not hold back the others until
-`MAX_HELD` entries wait in memory. A failed send is tried again after
+entity waiting to retry holds none, so failing entities do not hold back the others. At most
+`MAX_HELD` entries wait in memory: past that, those waiting behind an entity's entry that
+waits to retry are parked (their stream and id kept, the entry read again when its turn
+comes), so that the others go on until `MAX_PARKED` are. A failed send is tried again after
 `webhook_backoff_seconds`, doubled each time up to an hour, until `webhook_retry_for_seconds`
 after its first attempt; then it is dead-lettered. An entry is acknowledged only once done,
 so a send is at least once: a duplicate carries the same `webhook-id`. A run ends after its
@@ -51,6 +53,8 @@ from workers.webhook_subscribers import (
 PARALLEL_ENTITIES = 16
 """Sends in flight at once, each of its own entity; an entity waiting to retry holds none."""
 MAX_HELD = 1_000
+MAX_PARKED = 20_000
+"""Entries parked behind entities waiting to retry; past it, reading waits (a stall)."""
 READ_COUNT = 100
 POLL_SECONDS = 0.25
 LOOK_FOR_REMOVAL_SECONDS = 2.0
@@ -128,6 +132,9 @@ class _Run:
         self._trims_looked: dict[str, float] = {}
         self._queues: dict[tuple[str, str], deque[Send]] = {}
         self._held = 0
+        # Each entity's entries parked, in order after those in its queue: (stream, ids).
+        self._parked: dict[tuple[str, str], deque[tuple[str, list[str]]]] = {}
+        self._parked_count = 0
         self._sending = asyncio.Semaphore(PARALLEL_ENTITIES)
         self._stopping = asyncio.Event()
         self._removed = False
@@ -151,7 +158,9 @@ class _Run:
                     self._removed = await self._subscribers.get(self._subscriber.id) is None
                 read = 0
                 for stream in self._streams:
-                    if self._held >= MAX_HELD or self._removed:
+                    if self._held >= MAX_HELD:
+                        self._park()
+                    if self._full() or self._removed:
                         break
                     read += await self._read(stream, tasks)
                 if not read:
@@ -160,6 +169,49 @@ class _Run:
         if self._removed:  # what the sends in flight wrote after the removal
             await self._subscribers.drop_keys(self._subscriber.id)
         return DeliveryRunResult(counts=self.counts, removed=self._removed)
+
+    def _full(self) -> bool:
+        return self._held >= MAX_HELD or self._parked_count >= MAX_PARKED
+
+    def _park(self) -> None:
+        """Put out of memory the entries waiting behind each entity whose first waits to
+        retry (that entry stays, and its drain): they would otherwise fill what is held, and
+        hold back every other entity until that one is delivered or dead-lettered."""
+        now = time.time()
+        for key, queue in self._queues.items():
+            due = queue[0].retries.due if queue else None
+            if len(queue) < 2 or due is None or due <= now:
+                continue
+            parked = self._parked.setdefault(key, deque())
+            while len(queue) > 1 and self._parked_count < MAX_PARKED:
+                item = queue.pop()  # before those parked already, which came later
+                parked.appendleft((item.stream, item.entry_ids))
+                self._held -= 1
+                self._parked_count += 1
+
+    async def _unpark(self, key: tuple[str, str], queue: deque[Send]) -> None:
+        """Read an entity's next parked entries again, into its (empty) queue."""
+        parked = self._parked[key]
+        refs = [parked.popleft() for _ in range(min(len(parked), READ_COUNT))]
+        self._parked_count -= len(refs)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream, entry_ids in refs:
+                for entry_id in entry_ids:
+                    pipe.xrange(stream, entry_id, entry_id)
+            answers = iter(await pipe.execute())
+        batches: list[tuple[str, list[tuple[bytes, Mapping[bytes, bytes] | None]]]] = []
+        for stream, entry_ids in refs:
+            if not batches or batches[-1][0] != stream:
+                batches.append((stream, []))
+            for entry_id in entry_ids:
+                found = next(answers)  # nothing once trimmed: told as read pending
+                batches[-1][1].append((entry_id.encode(), found[0][1] if found else None))
+        for stream, entries in batches:
+            ready = await self._take(stream, entries)
+            queue.extend(ready)
+            self._held += len(ready)
+        if not parked:  # only now: entries read meanwhile went after these
+            del self._parked[key]
 
     async def _heartbeat(self) -> None:
         while not self._stopping.is_set():
@@ -189,14 +241,13 @@ class _Run:
         entries: list[tuple[bytes, Mapping[bytes, bytes] | None]] = answer[0][1] if answer else []
         if cursor != ">":
             self._cursors[stream] = entries[-1][0].decode() if entries else ">"
-        read, skipped = self._entries.read(stream, entries)
-        notes = await self._notes.note(
-            stream,
-            [(entry_id, item.note() if item is not None else None) for entry_id, item in read],
-        )
-        ready, lost = self._entries.ready(stream, read, notes)
-        for item in ready:
+        for item in await self._take(stream, entries):
             key = (item.entity_type, item.entity_id)
+            parked = self._parked.get(key)
+            if parked is not None:  # after those parked, in order
+                parked.append((item.stream, item.entry_ids))
+                self._parked_count += 1
+                continue
             queue = self._queues.get(key)
             self._held += 1
             if queue is None:
@@ -204,6 +255,19 @@ class _Run:
                 tasks.create_task(self._drain(key))
             else:
                 queue.append(item)
+        return len(entries)
+
+    async def _take(
+        self, stream: str, entries: list[tuple[bytes, Mapping[bytes, bytes] | None]]
+    ) -> list[Send]:
+        """The entries read of one stream as sends, noted; those not for the subscriber
+        acknowledged, and those trimmed with nothing to tell dead-lettered."""
+        read, skipped = self._entries.read(stream, entries)
+        notes = await self._notes.note(
+            stream,
+            [(entry_id, item.note() if item is not None else None) for entry_id, item in read],
+        )
+        ready, lost = self._entries.ready(stream, read, notes)
         for entry_id, note in lost:
             await self._subscribers.dead_letter(
                 self._subscriber.id, self._entries.lost(stream, entry_id, note)
@@ -214,7 +278,7 @@ class _Run:
             await self._notes.forget(stream, (e for e, _ in lost))
         self.counts.ignored += len(skipped)
         self.counts.dead_lettered += len(lost)
-        return len(entries)
+        return ready
 
     async def _look_for_unread_trims(self, stream: str) -> None:
         """Changes retention trimmed from a change stream before this subscriber's group read
@@ -246,12 +310,17 @@ class _Run:
     async def _drain(self, key: tuple[str, str]) -> None:
         """Send one entity's entries in order, while the run goes on."""
         queue = self._queues[key]
-        while queue and not self._stopping.is_set():
+        while not self._stopping.is_set():
+            if not queue:
+                if key not in self._parked:
+                    break
+                await self._unpark(key, queue)
+                continue
             if not await self._until_done(queue[0]):
                 break
             queue.popleft()
             self._held -= 1
-        if not queue:
+        if not queue and key not in self._parked:
             del self._queues[key]
 
     async def _until_done(self, item: Send) -> bool:

@@ -179,6 +179,71 @@ async def test_entities_waiting_to_retry_do_not_hold_back_a_healthy_one(
         assert set(tried) == failing
 
 
+async def test_one_refused_entity_with_more_changes_than_are_held_holds_back_no_other(
+    delivering: Delivering, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entity whose receiver refuses it, with more changes waiting behind its first than
+    a run holds in memory (MAX_HELD, 20 here): every other entity's changes, read after
+    them, waited until that first was delivered or dead-lettered, a day later. They are now
+    delivered at once, and once the receiver takes the refused entity, its changes all
+    arrive, in order, each once, and nothing is left pending."""
+    monkeypatch.setattr(workers.webhook_delivery, "MAX_HELD", 20)
+    refused, others = new_id(), [new_id() for _ in range(5)]
+    taking = False
+    receiver.answer = lambda event: 200 if taking or event["data"]["id"] != refused else 500
+    for revision in range(1, 51):
+        await delivering.change(refused, revision)
+    for entity_id in others:
+        await delivering.change(entity_id, 1)
+    run = asyncio.create_task(delivering.run(10.0))
+    try:
+        await receiver.until(lambda: len(receiver.delivered()) == len(others), 5)
+        tried = {sent.event["data"]["revision"] for sent in receiver.received if sent.status == 500}
+        assert tried == {1}
+        taking = True
+        await receiver.until(lambda: len(receiver.delivered()) == len(others) + 50, 8)
+    finally:
+        counts = await run
+    assert counts == DeliveryCounts(delivered=len(others) + 50)
+    delivered = [event["data"] for event in receiver.delivered()]
+    assert {data["id"] for data in delivered[: len(others)]} == set(others)
+    assert [data["revision"] for data in delivered if data["id"] == refused] == list(range(1, 51))
+    pending: Any = await delivering.subscribers.client.xpending(
+        delivering.stream, group_name(delivering.subscriber.id)
+    )
+    assert pending["pending"] == 0
+
+
+async def test_changes_parked_behind_a_refused_one_and_trimmed_meanwhile_arrive_as_a_gap(
+    delivering: Delivering, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes parked out of memory behind a refused first one (past MAX_HELD), then
+    trimmed from the stream by retention before their turn: the receiver gets them as one
+    gap, then the changes that were left, as it would had they been held."""
+    monkeypatch.setattr(workers.webhook_delivery, "MAX_HELD", 5)
+    refused = new_id()
+    taking = False
+    receiver.answer = lambda event: 200 if taking else 500
+    for revision in range(1, 31):
+        await delivering.change(refused, revision)
+    await delivering.change(new_id(), 1)  # read only once the others are parked
+    run = asyncio.create_task(delivering.run(6.0))
+    try:
+        await receiver.until(lambda: len(receiver.received) >= 3, 5)
+        await delivering.subscribers.client.xtrim(delivering.stream, maxlen=5, approximate=False)
+        taking = True
+        await receiver.until(lambda: len(receiver.delivered()) >= 5, 5)
+    finally:
+        await run
+    delivered = [event for event in receiver.delivered() if event["data"]["id"] == refused]
+    assert [event["type"] for event in delivered] == ["account.deposit", "account.gap"] + [
+        "account.deposit"
+    ] * 4
+    gap = delivered[1]["data"]
+    assert (gap["from"], gap["to"]) == (2, 26)
+    assert [event["data"]["revision"] for event in delivered[2:]] == [27, 28, 29, 30]
+
+
 async def test_backoff_keeps_doubling_across_runs(
     delivering: Delivering, receiver: Receiver
 ) -> None:
