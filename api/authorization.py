@@ -74,11 +74,18 @@ class Authorizer:
             return
         if not policy.allows(principal, entity_type, action, owned=True):
             raise Forbidden()  # not a customer's action at all: no need to look
+        creates = action != READ and entity.commands[action].creates
+        named = policy.owner(entity_id, payload) if creates else None
+        if named is not None and named not in principal.accounts:
+            # A create names its owner: only one of the caller's, whether the entity exists
+            # or not. Refused before anything is looked up (a createCart of one's own cart
+            # naming another's account counted against that account's carts, and told
+            # whether it exists).
+            raise Forbidden()
         owner = policy.owner(entity_id, None)
         if owner is None and known is not None:
             owner = policy.owner(entity_id, known.snapshot.state)
         elif owner is None:
-            creates = action != READ and entity.commands[action].creates
             # A create's look is most often at an entity not made yet, which no cache holds:
             # one the request's live reads need not pay for (each mutation makes one at most).
             with unbudgeted() if creates else contextlib.nullcontext():

@@ -351,6 +351,42 @@ async def test_a_cart_made_meanwhile_by_another_is_no_one_else_s_to_learn_of(
     assert again == ErrorCode.ALREADY_EXISTS
 
 
+async def test_a_customer_names_only_its_own_accounts_even_creating_a_cart_it_has(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """createCart of one's own cart naming another's account was answered ALREADY_EXISTS,
+    and yet counted that cart against the other account for a minute: a customer with
+    three carts kept another's account (bound 3) from making any. And six of them in one
+    request told, by the request's live reads, whether the account named exists. Both are
+    FORBIDDEN now, alike, before anything is looked up."""
+    bounded = secured.model_copy(update={"max_carts_per_account": 3})
+    async with run_worker(bounded), api_client(bounded, temporal_client) as http:
+        admin = Caller(http, token("admin", "setup"))
+        mine, theirs = new_id(), new_id()
+        for account in (mine, theirs):
+            await admin.data(OPEN, id=account)
+            await admin.data(VERIFY, id=account)
+        mallory = Caller(http, token("customer", "mallory", [mine]))
+        own = [new_id() for _ in range(3)]
+        for cart in own:
+            await mallory.data(CREATE_CART, id=cart, account=mine)
+        for cart in own:
+            assert await mallory.code(CREATE_CART, id=cart, account=theirs) == "FORBIDDEN"
+        bob = Caller(http, token("customer", "bob", [theirs]))
+        await bob.data(CREATE_CART, id=new_id(), account=theirs)
+
+        six = " ".join(
+            f"c{i}: createCart(id: $id, accountId: $account, wait: true) {{ cartId }}"
+            for i in range(6)
+        )
+        codes = []
+        for account in (theirs, new_id()):  # another's, and none at all
+            body = (await mallory.post(f"mutation($id: ID!, $account: ID!) {{ {six} }}",
+                                       id=own[0], account=account)).json()  # fmt: skip
+            codes.append(sorted({error["extensions"]["code"] for error in body["errors"]}))
+        assert codes == [["FORBIDDEN"], ["FORBIDDEN"]]
+
+
 CREATE_BY_KEY = """mutation($account: ID!, $key: String!) { createCart(accountId: $account,
   idempotencyKey: $key, wait: true) { cartId } }"""
 
