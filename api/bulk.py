@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import strawberry
 from strawberry.scalars import JSON
 
+from api.common import CREATE_GUARDS
 from api.context import Info
 from api.response_size import bounded
 from entities import catalog
@@ -191,7 +192,8 @@ class BulkMutation:
         '"closed": false, "text": "ad", "below": {"available": 5}}, held to what the type\'s '
         f"list takes: its own tags, statuses and numbers, `text` of at most {MAX_TEXT_LENGTH} "
         "characters. Commands only Tenure's own workflows send (`completeCheckout`, "
-        "`failCheckout`, `refund`) are refused with INVALID_INPUT."
+        "`failCheckout`, `refund`), and creates checked as each is made (`createCart`), "
+        "are refused with INVALID_INPUT."
     )
     async def start_bulk_command(
         self,
@@ -228,6 +230,14 @@ class BulkMutation:
                     ErrorCode.INVALID_INPUT,
                     f"command: {entity_type} {command} is sent by Tenure's own workflows "
                     "(the checkout saga), never by a client nor in bulk",
+                )
+            if (entity_type, command) in CREATE_GUARDS:
+                # Its checks (a cart's account open, and room for it) run where it is sent
+                # one at a time; in bulk they did not, and 10,000 carts went to one account.
+                raise Rejected(
+                    ErrorCode.INVALID_INPUT,
+                    f"command: {entity_type} {command} is checked as each one is made: "
+                    "send it one at a time, not in bulk",
                 )
             entity.parse(command, given)
         except Rejected as exc:

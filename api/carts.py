@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 import strawberry
 
 from api.common import (
+    CREATE_GUARDS,
     CommandPayload,
     Consistency,
     EntityState,
@@ -27,7 +29,7 @@ from api.common import (
 )
 from api.context import Info
 from api.errors import TooManyQueries
-from api.gateway import EntityRead, Receipt
+from api.gateway import EntityGateway, EntityRead, Receipt
 from api.pacing import paced
 from api.read_plans import entity_read_field
 from api.response_size import bounded
@@ -157,7 +159,7 @@ _NOT_CHECKED_OUT = frozenset(
 )
 
 
-async def _room_for_a_cart(info: Info, account_id: str, cart_id: str) -> None:
+async def _room_for_a_cart(gateway: EntityGateway, account_id: str, cart_id: str) -> None:
     """Refuse a new cart (LIMIT_REACHED) for an account that has as many not checked out
     as it may: each is a workflow that lives until it is, so one customer could otherwise
     make thousands (a probe made 2,610 in 100 s). Counted from the listing index and the
@@ -165,8 +167,8 @@ async def _room_for_a_cart(info: Info, account_id: str, cart_id: str) -> None:
     the bound by no more than those racing the index's update. When the index cannot tell
     (Redis out of reach; before Redis 7, an account of thousands of carts), the cart is
     made."""
-    limit = info.context.gateway.settings.max_carts_per_account
-    creations = Creations.of(info.context.gateway.cache)
+    limit = gateway.settings.max_carts_per_account
+    creations = Creations.of(gateway.cache)
     try:
         held = await creations.held_with(
             ENTITY, "account_id", account_id, cart_id, _NOT_CHECKED_OUT
@@ -181,6 +183,31 @@ async def _room_for_a_cart(info: Info, account_id: str, cart_id: str) -> None:
         f"account {account_id} has {held - 1} carts not checked out, the most: check out, "
         "clear or reuse one",
     )
+
+
+async def _guard_create(gateway: EntityGateway, cart_id: str, payload: Mapping[str, Any]) -> None:
+    """A new cart's account must exist and not be closed, and have room for one more cart;
+    checked for every create, from a mutation or an inbound webhook (bulk commands send no
+    createCart). The caller may create this cart: it is theirs or no one's."""
+    account_id = payload.get("account_id")
+    if not isinstance(account_id, str):
+        return  # refused as the command's payload, when sent
+    try:
+        await require_open(gateway, account.name, account_id)
+        await _room_for_a_cart(gateway, account_id, cart_id)
+    except TenureError:
+        # A create retried after the account closed (or filled up) is still answered by
+        # the cart it made (its original outcome); only a new cart needs the room. It is
+        # read without the READ check, which would refuse a customer one that does not exist.
+        try:
+            made = await gateway.read(ENTITY, cart_id)
+        except (TenureError, TooManyQueries):
+            made = None
+        if made is None:
+            raise
+
+
+CREATE_GUARDS[(ENTITY, domain.create_cart.name)] = _guard_create
 
 
 @strawberry.type
@@ -201,20 +228,7 @@ class CartMutation:
         cart_id = id if id is not None else new_entity_id(info, idempotency_key)
         # Before anything is looked up, so a refusal tells nothing about what exists.
         await authorize(info, ENTITY, cart_id, domain.create_cart.name, {"account_id": account_id})
-        try:
-            await require_open(info, account.name, account_id)
-            await _room_for_a_cart(info, account_id, cart_id)
-        except TenureError:
-            # A create retried after the account closed (or filled up) is still answered by
-            # the cart it made (its original outcome); only a new cart needs the room. The
-            # caller may create this cart (above): it is theirs or no one's, so it is read
-            # without the READ check, which would refuse a customer one that does not exist.
-            try:
-                made = await info.context.gateway.read(ENTITY, cart_id)
-            except (TenureError, TooManyQueries):
-                made = None
-            if made is None:
-                raise
+        await _guard_create(info.context.gateway, cart_id, {"account_id": account_id})
         return await _command(
             info, cart_id, domain.create_cart, idempotency_key, wait, account_id=account_id
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import datetime
 from enum import Enum
@@ -18,7 +18,7 @@ from strawberry.utils.str_converters import to_camel_case
 
 from api.context import Info
 from api.gateway import Consistency as GatewayConsistency
-from api.gateway import EntityRead, Receipt
+from api.gateway import EntityGateway, EntityRead, Receipt
 from api.history import CommandHistory, command_history
 from api.pacing import holds_long_lists, take_turn
 from entities.errors import ErrorCode, TenureError
@@ -258,10 +258,10 @@ async def readable(info: Info, entity_type: str, receipt: Receipt) -> Receipt:
     return receipt
 
 
-async def require_open(info: Info, entity_type: str, entity_id: str) -> None:
+async def require_open(gateway: EntityGateway, entity_type: str, entity_id: str) -> None:
     """Refuse a command that names another entity (a cart's account) unless that entity
     exists and is not closed; read from the cache when it can be."""
-    read = await info.context.gateway.read(entity_type, entity_id, GatewayConsistency.CACHED)
+    read = await gateway.read(entity_type, entity_id, GatewayConsistency.CACHED)
     if read is None:
         raise TenureError(ErrorCode.NOT_FOUND, f"{entity_type} {entity_id} does not exist")
     if read.snapshot.closed:
@@ -269,6 +269,16 @@ async def require_open(info: Info, entity_type: str, entity_id: str) -> None:
 
 
 _WHERE = re.compile(r"^([a-z][a-z0-9_]*(?:\.[A-Za-z0-9_]+)*): ")
+
+
+CreateGuard = Callable[[EntityGateway, str, Mapping[str, Any]], Awaitable[None]]
+"""What a create must pass before it is sent, whoever sends it (a mutation, an inbound
+webhook): given the gateway, the new entity's id and the command's payload; raises the
+refusal. Declared by the entity's binding (`createCart`: its account open, and room for a
+cart); bulk commands refuse a create that has one."""
+
+CREATE_GUARDS: dict[tuple[str, str], CreateGuard] = {}
+"""Each guarded create, by entity type and command name."""
 
 
 def graphql_field_names(message: str) -> str:

@@ -44,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.common import CREATE_GUARDS
 from api.errors import RequestRefused
 from api.gateway import EntityGateway
 from api.limits import BodyLimit, decode_json
@@ -66,6 +67,7 @@ _STATUS = {
     ErrorCode.INVALID_INPUT: 400,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.INVALID_TRANSITION: 409,
+    ErrorCode.LIMIT_REACHED: 409,
     ErrorCode.UNAVAILABLE: 503,
 }
 
@@ -308,7 +310,10 @@ class Webhooks:
             entity=f"{mapping.entity}:{entity_id}", command=mapping.command
         )
         gateway: EntityGateway = request.app.state.gateway
+        guard = CREATE_GUARDS.get((mapping.entity, mapping.command))
         try:
+            if guard is not None:
+                await guard(gateway, entity_id, payload)
             receipt = await gateway.send(
                 mapping.entity,
                 entity_id,

@@ -416,6 +416,20 @@ async def test_bulk_refuses_the_commands_only_the_checkout_saga_sends(
         assert error["extensions"]["code"] == "INVALID_INPUT", (command, body)
         assert command in error["message"] and "checkout saga" in error["message"], error
         assert (await gql.data(READ, id=key))["bulkCommand"] is None  # nothing started
+    # createCart's account is checked as each cart is made (it exists, and has room): in
+    # bulk it was not, and carts were made for an account that does not exist.
+    key = new_id()
+    body = await gql(
+        START_ON,
+        type="cart",
+        command="createCart",
+        key=key,
+        payload={"account_id": "no-such-account"},
+        ids=[new_id()],
+    )
+    assert body["errors"][0]["extensions"]["code"] == "INVALID_INPUT", body
+    assert "one at a time" in body["errors"][0]["message"]
+    assert (await gql.data(READ, id=key))["bulkCommand"] is None
     # A command a client sends through its own mutation is still sent in bulk.
     key = new_id()
     await gql.data(START_ON, type="cart", command="clearCart", key=key, ids=[cart_id])

@@ -28,7 +28,7 @@ from api.app import create_app
 from api.webhooks import idempotency_key
 from deploy.embedded import EmbeddedTemporal
 from entities import catalog
-from tests.conftest import api_client, new_id
+from tests.conftest import WorkerFactory, api_client, new_id
 from workers.settings import Settings, WebhookEvent, WebhookSource
 
 AUTH_SECRET = "webhook-test-secret-" + "x" * 32
@@ -60,6 +60,18 @@ SOURCES = {
     ),
     "stripe": WebhookSource(
         scheme="stripe", secret=STRIPE_SECRET, events={"charge.succeeded": STRIPE_DEPOSIT}
+    ),
+    "shop": WebhookSource(
+        scheme="standard",
+        secret=STANDARD_SECRET,
+        events={
+            "cart.created": WebhookEvent(
+                entity="cart",
+                command="createCart",
+                entity_id="data.cart_id",
+                payload={"account_id": "data.account_id"},
+            )
+        },
     ),
 }
 
@@ -427,6 +439,34 @@ async def test_a_delivery_to_a_closed_account_is_409(
     body = payment(account_id)
     response = await secured_http.post("/webhooks/payments", content=body, headers=standard(body))
     assert (response.status_code, code(response)) == (409, "INVALID_TRANSITION")
+
+
+async def test_a_cart_is_made_by_webhook_only_as_createcart_makes_one(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """A createCart mapped from an inbound webhook went straight to the cart: it made carts
+    for accounts that do not exist, and past an account's bound on carts. It is now checked
+    as the mutation checks it: 404 NOT_FOUND and 409 LIMIT_REACHED, and nothing is made."""
+    bounded = secured.model_copy(update={"max_carts_per_account": 1})
+    async with run_worker(bounded), api_client(bounded, temporal_client) as http:
+        admin = Admin(http)
+        account_id = await admin.open_active()
+
+        async def created(cart_id: str, account: str) -> httpx.Response:
+            event = {"type": "cart.created", "data": {"cart_id": cart_id, "account_id": account}}
+            body = json.dumps(event).encode()
+            return await http.post("/webhooks/shop", content=body, headers=standard(body))
+
+        nowhere, second = new_id(), new_id()
+        refused = await created(nowhere, new_id())
+        assert (refused.status_code, code(refused)) == (404, "NOT_FOUND")
+        first = await created(new_id(), account_id)
+        assert first.status_code == 200, first.text
+        full = await created(second, account_id)
+        assert (full.status_code, code(full)) == (409, "LIMIT_REACHED")
+        for cart_id in (nowhere, second):
+            read = "query($id: ID!) { cart(id: $id, consistency: LIVE) { status } }"
+            assert (await admin.data(read, id=cart_id))["cart"] is None
 
 
 async def test_a_command_the_account_refuses_is_accepted_and_its_rejection_recorded(
