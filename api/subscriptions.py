@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import enum
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -270,17 +270,40 @@ async def follow_entity(
     follower = _Follower(
         since_revision, info.context.principal, entity_type, since_incarnation=incarnation
     )
+    still_theirs = _owned_by(info, entity_type, entity_id)
     async with _subscribed(info, entity_type, entity_id) as mailbox:
         # After subscribing, so that nothing falls between the state read and the stream.
         read = await info.context.gateway.read(entity_type, entity_id, Consistency.CACHED)
         if read is not None:
+            still_theirs(read.snapshot.state)
             first = follower.change(FeedChange(entity_type, read.snapshot), render)
             if first is not None:
                 yield first
         while True:
-            shown = follower.change(await mailbox.next(), render)
+            change = await mailbox.next()
+            still_theirs(change.snapshot.state)
+            shown = follower.change(change, render)
             if shown is not None:
                 yield shown
+
+
+def _owned_by(
+    info: Info, entity_type: str, entity_id: str
+) -> Callable[[Mapping[str, Any] | None], None]:
+    """A check that the customer following an entity still owns it, for each state sent:
+    an id used again, for another account, ends the subscription (FORBIDDEN) where the new
+    entity was streamed to the old one's owner."""
+    principal = info.context.principal
+    owner_of = info.context.gateway.entity(entity_type).policy.owner
+    if principal.role is not Role.CUSTOMER or owner_of is None:
+        return lambda state: None
+
+    def check(state: Mapping[str, Any] | None) -> None:
+        owner = owner_of(entity_id, state) if state is not None else None
+        if owner is not None and owner not in principal.accounts:
+            raise Forbidden()
+
+    return check
 
 
 def _entity_subscription(

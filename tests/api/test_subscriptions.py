@@ -33,9 +33,17 @@ from entities import catalog
 from entities.errors import TenureError
 from entities.runtime.envelope import Snapshot
 from entities.runtime.policy import Principal, Role
-from tests.api.test_access import token
+from tests.api.test_access import ADD as ADD_ITEM
+from tests.api.test_access import CHECKOUT, CREATE_CART, RESTOCK, token
 from tests.api.test_accounts_api import CLOSE, DEPOSIT, OPEN, VERIFY, WITHDRAW
-from tests.conftest import GraphQLClient, WorkerFactory, new_id, reopen_account, serving
+from tests.conftest import (
+    GraphQLClient,
+    WorkerFactory,
+    new_id,
+    reopen_account,
+    serving,
+    start_over,
+)
 from tests.entities.shop import eventually
 from workers.cache import SnapshotCache, connect_redis
 from workers.settings import Settings
@@ -378,6 +386,47 @@ async def test_over_graphql_transport_ws_a_customer_follows_only_its_own_account
                     with pytest.raises(Exception) as closed:
                         await received(ws)
                     assert "4403" in str(closed.value)
+
+
+CART_FOLLOW = """subscription($id: ID!) { cartChanged(id: $id) { revision
+  node { accountId status lines { sku } } } }"""
+
+
+async def test_a_customer_following_a_cart_is_ended_when_its_id_is_another_account_s(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """A customer's cartChanged was authorized once, when it began: the cart checked out
+    and its id used again (after retention) for another account's cart, the subscription
+    went on sending that cart, its account and lines, to the first customer. It now ends,
+    FORBIDDEN, at the first state that is not the customer's."""
+    async with (
+        run_worker(secured),
+        running_app(secured, temporal_client) as app,
+        http_of(app) as http,
+    ):
+        http.headers.update({"Authorization": f"Bearer {token('admin', 'ops-1')}"})
+        gql = GraphQLClient(http)
+        ada, bob = await open_account(gql), await open_account(gql)
+        await gql.data(DEPOSIT, id=ada, amount=100)
+        sku, cart = new_id(), new_id()
+        await gql.data(RESTOCK, sku=sku)
+        await gql.data(CREATE_CART, id=cart, account=ada)
+        await gql.data(ADD_ITEM, id=cart, sku=sku)
+        async with served(app) as url, acknowledged(url, token("customer", "ada", [ada])) as ws:
+            await subscribe(ws, "cart", CART_FOLLOW, id=cart)
+            assert (await answer(ws, "cart"))["data"]["cartChanged"]["node"]["accountId"] == ada
+            await gql.data(CHECKOUT, id=cart)
+            while True:
+                node = (await answer(ws, "cart"))["data"]["cartChanged"]["node"]
+                if node["status"] == "CHECKED_OUT":
+                    break
+            await start_over(
+                temporal_client, secured, "cart", cart, "createCart", {"account_id": bob}
+            )
+            await gql.data(ADD_ITEM, id=cart, sku="bobs-sku")
+            ended = await answer(ws, "cart")
+            assert code(ended) == "FORBIDDEN", ended
+            assert ended.get("data") is None
 
 
 @contextlib.asynccontextmanager
