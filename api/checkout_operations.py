@@ -9,6 +9,7 @@ the saga keeps in its `TenureCheckoutStatus` search attribute and the summary in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Annotated, Any
@@ -44,6 +45,7 @@ from entities.checkout import (
 )
 from entities.checkout_input import CHECKOUT_WORKFLOW, checkout_workflow_id
 from entities.errors import ErrorCode, TenureError
+from entities.runtime.entity import PRINTABLE, shown_as_written
 from entities.runtime.saga import (
     MAX_OPERATOR_REASON,
     OperatorActionKind,
@@ -187,6 +189,13 @@ async def operate(
     reason = reason.strip()
     if not 0 < len(reason) <= MAX_OPERATOR_REASON:
         raise TenureError(ErrorCode.INVALID_INPUT, f"reason: 1 to {MAX_OPERATOR_REASON} characters")
+    if not re.fullmatch(PRINTABLE, reason) or not shown_as_written(reason):
+        # Shown to every reader of the checkout, its customer too, as a suspension's is.
+        raise TenureError(
+            ErrorCode.INVALID_INPUT,
+            "reason: no control characters, invisible formatting (a direction override, a "
+            "zero-width space...) or line separators",
+        )
     principal = info.context.principal
     by = principal.sender[:160]
     request = OperatorRequest(action=action, reason=reason, by=by)

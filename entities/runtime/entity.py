@@ -67,7 +67,8 @@ joiner (Persian, Indic scripts, emoji sequences) and the left-to-right and right
 marks (punctuation in mixed-direction text)."""
 
 
-def _shown_as_written(text: str) -> bool:
+def shown_as_written(text: str) -> bool:
+    """Whether `text` has no invisible formatting characters (but those scripts need)."""
     return not any(
         unicodedata.category(char) in ("Cf", "Zl", "Zp") and char not in _SCRIPT_MARKS
         for char in text
@@ -75,7 +76,7 @@ def _shown_as_written(text: str) -> bool:
 
 
 SHOWN_AS_WRITTEN = strict_bound(
-    _shown_as_written,
+    shown_as_written,
     "no invisible formatting characters (a direction override, a zero-width space, a soft "
     "hyphen...) or line separators",
     since=4,

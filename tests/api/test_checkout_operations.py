@@ -129,6 +129,11 @@ async def test_a_resolve_is_recorded_with_its_reason_and_who_did_it(
         admin, customer = callers(http, failed)["admin"], callers(http, failed)["customer"]
         reason = "refunded by bank transfer, ticket 4711"
         assert await admin.code(RESOLVE, id=failed.checkout_id, reason=" ") == "INVALID_INPUT"
+        # Shown to its customer too: no control or invisible formatting characters (they were
+        # recorded and shown as sent), and nothing recorded for them.
+        for hidden in ("refunded\u0000", "refunded \u001b[31m", "by Ada\u202egnp.exe"):
+            code = await admin.code(RESOLVE, id=failed.checkout_id, reason=hidden)
+            assert code == "INVALID_INPUT", hidden
         await admin.data(RESOLVE, id=failed.checkout_id, reason=reason)
         done = await eventually(
             lambda: admin.data(READ, id=failed.checkout_id),
