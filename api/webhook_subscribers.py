@@ -183,6 +183,13 @@ def _host(host: str) -> bool:
             return False
         return True
     labels = host.removesuffix(".").split(".")  # the root's dot, `example.com.`, may end it
+    if labels[-1].isdigit() or labels[-1].lower().startswith("0x"):
+        # Not a name (no top-level domain is numeric): an IPv4 address, written in full.
+        # `1.2.3.4.5`, `1.2.3`, `123` and `0x7f.0.0.1` were taken, and never delivered to.
+        try:
+            return str(ipaddress.IPv4Address(host)) == host
+        except ValueError:
+            return False
     return len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
 
 

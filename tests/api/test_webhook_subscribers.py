@@ -120,6 +120,11 @@ async def _error(caller: Caller, query: str, **variables: Any) -> dict[str, Any]
         "http://a..b/",
         "http://.a/",
         "http://-a/",
+        # Neither a name nor an IPv4 address written in full.
+        "http://1.2.3.4.5/",
+        "http://1.2.3/",
+        "http://123/",
+        "http://0x7f.0.0.1/",
         "http://user:pass@example.com/hooks",
         "http://user@example.com/hooks",
     ],
