@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -25,7 +26,7 @@ from tests.conftest import new_id
 from workers.settings import Settings
 
 try:
-    from playwright.async_api import Browser, Page, Route, expect
+    from playwright.async_api import Browser, Locator, Page, Route, expect
 
     expect.set_options(timeout=20_000)
 except ImportError:  # conftest's `chromium` skips every test here, or fails it in CI
@@ -72,30 +73,32 @@ class TestARefusedSubscription:
             await context.close()
 
 
-async def test_a_followed_bulk_command_is_read_again_after_one_failed_read(
-    served: str, api: Api, page: Page
-) -> None:
-    bulk = await bulk_deposit_started(api)
-    reads = 0
+class BulkReads:
+    """A page's reads of a followed bulk command: the first as it was a moment earlier,
+    while the command ran; the second as `second` routes it; the rest as they come."""
 
-    async def blip(route: Route) -> None:
-        nonlocal reads
+    def __init__(self, second: Callable[[Route], Awaitable[None]]) -> None:
+        self.count = 0
+        self._second = second
+
+    async def __call__(self, route: Route) -> None:
         if "bulk: bulkCommand" not in (route.request.post_data or ""):
             await route.continue_()
             return
-        reads += 1
-        if reads == 1:
-            # The first read as it was a moment earlier, while the command ran.
+        self.count += 1
+        if self.count == 1:
             response = await route.fetch()
             data = await response.json()
             data["data"]["bulk"].update(status="RUNNING", done=1, applied=1, endedAt=None)
             await route.fulfill(response=response, body=json.dumps(data))
-        elif reads == 2:
-            await route.abort("connectionreset")  # one network blip
+        elif self.count == 2:
+            await self._second(route)
         else:
             await route.continue_()
 
-    await page.route("**/graphql", blip)
+
+async def followed_bulk(page: Page, served: str, bulk: str) -> Locator:
+    """The bulk command followed in the console, once it shows RUNNING: its status."""
     await sign_in(page, served, ADMIN)
     await page.get_by_role("button", name="Bulk commands").click()
     pane = page.locator('[data-pane="bulk"]')
@@ -103,8 +106,22 @@ async def test_a_followed_bulk_command_is_read_again_after_one_failed_read(
     await pane.get_by_role("button", name="Follow").click()
     status = pane.locator("#bulk").locator('[data-field="status"]')
     await expect(status).to_have_text("RUNNING")
+    return status
+
+
+async def test_a_followed_bulk_command_is_read_again_after_one_failed_read(
+    served: str, api: Api, page: Page
+) -> None:
+    bulk = await bulk_deposit_started(api)
+
+    async def blip(route: Route) -> None:
+        await route.abort("connectionreset")  # one network blip
+
+    reads = BulkReads(blip)
+    await page.route("**/graphql", reads)
+    status = await followed_bulk(page, served, bulk)
     await expect(status).to_have_text("COMPLETED")
-    assert reads >= 3
+    assert reads.count >= 3
 
 
 async def test_a_read_that_is_never_answered_fails_in_30_s_and_is_read_again(
@@ -115,39 +132,20 @@ async def test_a_read_that_is_never_answered_fails_in_30_s_and_is_read_again(
     ended. The read now fails UNAVAILABLE after 30 s (the page's clock moved on) and the
     console reads again."""
     bulk = await bulk_deposit_started(api)
-    reads = 0
     held = asyncio.Event()
 
     async def hold(route: Route) -> None:
-        nonlocal reads
-        if "bulk: bulkCommand" not in (route.request.post_data or ""):
-            await route.continue_()
-            return
-        reads += 1
-        if reads == 1:
-            response = await route.fetch()
-            data = await response.json()
-            data["data"]["bulk"].update(status="RUNNING", done=1, applied=1, endedAt=None)
-            await route.fulfill(response=response, body=json.dumps(data))
-        elif reads == 2:
-            held.set()  # and never answered
-        else:
-            await route.continue_()
+        held.set()  # and never answered
 
+    reads = BulkReads(hold)
     await page.clock.install()
-    await page.route("**/graphql", hold)
-    await sign_in(page, served, ADMIN)
-    await page.get_by_role("button", name="Bulk commands").click()
-    pane = page.locator('[data-pane="bulk"]')
-    await pane.locator('input[name="id"]').fill(bulk)
-    await pane.get_by_role("button", name="Follow").click()
-    status = pane.locator("#bulk").locator('[data-field="status"]')
-    await expect(status).to_have_text("RUNNING")
+    await page.route("**/graphql", reads)
+    status = await followed_bulk(page, served, bulk)
     await asyncio.wait_for(held.wait(), 20)
     await page.clock.fast_forward(31_000)
     await expect(page.locator("#notice")).to_contain_text("did not answer within 30 s")
     await expect(status).to_have_text("COMPLETED")
-    assert reads >= 3
+    assert reads.count >= 3
 
 
 RESTOCK = """mutation($sku: String!) { restock(sku: $sku, quantity: 3, name: "Pager",
