@@ -159,14 +159,26 @@ class CheckoutWorkflow:
         """Refuse, before it is recorded, an action the checkout could not take once
         MAX_RECORDED_REFUSALS such refusals are recorded: early clicks, double clicks and
         two operators at once never use up the actions an operator has left (20 recorded
-        refusals locked a FAILED checkout for good). Validators are not run in a replay,
-        so runs replay as they were made."""
+        refusals locked a FAILED checkout for good). And keep the last of the
+        MAX_OPERATOR_ACTIONS for a resolve. Validators are not run in a replay, so runs
+        replay as they were made."""
         refused = self._refusal()
         recorded = sum(action.refused is not None for action in self._state.operator_actions)
         if refused is not None and recorded >= MAX_RECORDED_REFUSALS:
             raise ApplicationError(
                 f"{refused} (not recorded: {recorded} refusals are)",
                 type=ErrorCode.INVALID_TRANSITION,
+                non_retryable=True,
+            )
+        actions = len(self._state.operator_actions)
+        settles = request.action is OperatorActionKind.RESOLVE and refused is None
+        if actions >= MAX_OPERATOR_ACTIONS - 1 and not settles:
+            # The last action it records is kept for a resolve: twenty retries made before
+            # the cause was fixed left a FAILED checkout that nothing could settle.
+            raise ApplicationError(
+                f"checkout {self._input.checkout_id} has recorded {actions} operator actions: "
+                "the last it records is kept for resolving it",
+                type=ErrorCode.LIMIT_REACHED,
                 non_retryable=True,
             )
 

@@ -22,7 +22,13 @@ from entities.checkout_input import (
 )
 from entities.errors import ErrorCode
 from entities.runtime.requests import RequestPolicy
-from entities.runtime.saga import OperatorActionKind, OperatorRequest, SagaStatus, StepStatus
+from entities.runtime.saga import (
+    MAX_OPERATOR_ACTIONS,
+    OperatorActionKind,
+    OperatorRequest,
+    SagaStatus,
+    StepStatus,
+)
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.failing_checkout import BALANCE, failed_checkout
 from tests.entities.shop import Shop, eventually, shop_settings
@@ -112,6 +118,40 @@ async def test_a_resolve_settles_a_failed_checkout_as_it_is(
             (OperatorActionKind.RESOLVE, "admin:ops", None)
         ]
         assert done.compensations[0].status is StepStatus.FAILED  # nothing ran again
+
+
+async def test_retries_made_before_the_fix_leave_the_last_action_for_a_resolve(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    """An operator retrying a FAILED checkout before its cause is fixed: each retry fails
+    again. Twenty of them filled the actions it records (MAX_OPERATOR_ACTIONS), and from then
+    on a resolve was refused LIMIT_REACHED as well: nothing could settle it. The last action
+    is now kept for a resolve; a retry past the others is refused unrecorded."""
+    async with failed_checkout(shop, run_worker) as failed:
+        handle = handle_of(shop, failed.checkout_id)
+        for n in range(1, MAX_OPERATOR_ACTIONS):
+            await handle.execute_update(CheckoutWorkflow.operate, RETRY)
+            await eventually(
+                lambda: shop.progress(failed.checkout_id),
+                lambda state, n=n: (
+                    state is not None  # type: ignore[misc]
+                    and state.awaiting_operator_until is not None
+                    and len(state.operator_actions) == n
+                ),
+                30,
+            )
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await handle.execute_update(CheckoutWorkflow.operate, RETRY)
+        assert isinstance(refused.value.cause, ApplicationError)
+        assert refused.value.cause.type == ErrorCode.LIMIT_REACHED
+        resolve = RETRY.model_copy(
+            update={"action": OperatorActionKind.RESOLVE, "reason": "refunded by hand"}
+        )
+        await handle.execute_update(CheckoutWorkflow.operate, resolve)
+        done = await asyncio.wait_for(handle.result(), 30)
+    assert done.status is SagaStatus.RESOLVED
+    assert len(done.operator_actions) == MAX_OPERATOR_ACTIONS
+    assert done.operator_actions[-1].action is OperatorActionKind.RESOLVE
 
 
 async def test_an_operator_action_on_a_running_checkout_is_refused_and_recorded(
