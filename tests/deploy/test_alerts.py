@@ -4,6 +4,7 @@ Tenure exports, as the scrape routes in docs/operations.md name them."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -95,6 +96,62 @@ def test_the_alerts_fire_on_the_series_tenure_exports(tmp_path: Path) -> None:
     tests.write_text(
         yaml.safe_dump({"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": CASES})
     )
+    ran = subprocess.run(
+        [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+
+
+DASHBOARD = ALERTS.parent / "grafana" / "dashboards" / "tenure.json"
+
+
+def test_the_saga_outcomes_panel_shows_a_worker_s_first_outcome_of_a_status(
+    tmp_path: Path,
+) -> None:
+    """The panel's increase() saw nothing of a series that a worker exports from its first
+    increment, at 1: a worker's first FAILED checkout never showed. Evaluated with a 1m
+    window, the new FAILED series shows its 1 once, and an older series its increase."""
+    promtool = _promtool()
+    [panel] = [
+        p
+        for p in json.loads(DASHBOARD.read_text())["panels"]
+        if p.get("title") == "Checkout (saga) outcomes"
+    ]
+    expr = panel["targets"][0]["expr"].replace("$__rate_interval", "1m")
+    labels = 'job="tenure-worker",instance="w1",workflow_type="Checkout"'
+    case = {
+        "interval": "15s",
+        "input_series": [
+            {
+                "series": f'tenure_saga_outcomes_total{{status="FAILED",{labels}}}',
+                "values": "_x20 1x40",
+            },
+            {
+                "series": f'tenure_saga_outcomes_total{{status="COMPLETED",{labels}}}',
+                "values": "1x20 2x40",
+            },
+        ],  # fmt: skip
+        "promql_expr_test": [
+            {
+                "expr": expr,
+                "eval_time": "5m30s",
+                "exp_samples": [
+                    {"labels": '{status="FAILED"}', "value": 1},
+                    {"labels": '{status="COMPLETED"}', "value": 1},
+                ],
+            },
+            {  # past the window: nothing new
+                "expr": expr,
+                "eval_time": "8m",
+                "exp_samples": [
+                    {"labels": '{status="FAILED"}', "value": 0},
+                    {"labels": '{status="COMPLETED"}', "value": 0},
+                ],
+            },
+        ],
+    }
+    tests = tmp_path / "panel_test.yml"
+    tests.write_text(yaml.safe_dump({"evaluation_interval": "15s", "tests": [case]}))
     ran = subprocess.run(
         [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
     )

@@ -122,6 +122,11 @@ async def test_commands_continue_as_new_publishing_and_sagas_are_counted_beside_
         "temporal_activity_schedule_to_start_latency_bucket",
     } <= names
     assert metrics.value("temporal_workflow_completed_total", workflow_type="Checkout") == 1
+    # Waits for the worker in buckets from 1 ms: the SDK's own began at 100, where a
+    # healthy worker's tasks (started within a few ms) read as p99 99 ms.
+    for waits in ("workflow_task", "activity"):
+        buckets = metrics.labels(f"temporal_{waits}_schedule_to_start_latency_bucket", "le")
+        assert {"1", "10", "100", "1000", "60000"} <= buckets, buckets
 
 
 async def test_a_publish_that_fails_is_counted(
