@@ -130,7 +130,7 @@ def test_the_saga_outcomes_panel_shows_a_worker_s_first_outcome_of_a_status(
                 "series": f'tenure_saga_outcomes_total{{status="COMPLETED",{labels}}}',
                 "values": "1x20 2x40",
             },
-        ],  # fmt: skip
+        ],
         "promql_expr_test": [
             {
                 "expr": expr,
