@@ -28,9 +28,9 @@ from entities.cart import CartStatus
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.listing import MAX_TEXT_LENGTH
 from entities.runtime.policy import READ, Role
-from workers.cache import CacheUnavailable
+from workers.cache import CachedSnapshot, CacheUnavailable, SnapshotCache
 from workers.failures import redis_unavailable
-from workers.index import STATUS
+from workers.index import STATUS, StoredEntry
 from workers.listing import EntityIndex, ListFilter, Order
 
 N = TypeVar("N")
@@ -241,11 +241,26 @@ async def list_entities(
                 )
             ),
         )
-        for key, hit in zip(page.keys, hits, strict=True)
-        if hit is not None and hit.snapshot.state is not None
+        for key, entity_id, hit in zip(page.keys, page.ids, hits, strict=True)
+        if hit is not None
+        and hit.snapshot.state is not None
+        and _still(cache, where, entity_id, hit)
     ]
     end_cursor = _Cursor(order, page.end_key).encode() if page.end_key else None
-    return Connection.forward(edges, page.has_next, end_cursor, page.total)
+    total = page.total
+    if total is not None and after is None and not page.has_next:
+        total = len(edges)  # the whole list is this page: as it shows it
+    return Connection.forward(edges, page.has_next, end_cursor, total)
+
+
+def _still(cache: SnapshotCache, where: ListFilter, entity_id: str, hit: CachedSnapshot) -> bool:
+    """Whether the entity, as its snapshot read after the index, is still one the filter
+    lists: written in between, it may have left it (a SUSPENDED page showed rows ACTIVE by
+    then, hundreds in a probe's 25 s of suspensions and reactivations)."""
+    if hit.snapshot.state is None:
+        return False
+    entry = cache.index_entry(hit.snapshot)
+    return bool(entry) and where.admits(entity_id, StoredEntry.decode(entry.encode()))
 
 
 async def entity_stats(info: Info, entity_type: str) -> EntityStats:

@@ -22,7 +22,9 @@ from entities.runtime.envelope import Snapshot
 from tests.api.test_access import Caller, token
 from tests.api.test_accounts_api import CLOSE, DEPOSIT, SUSPEND, VERIFY
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
+from tests.workers.test_index import account
 from workers.cache import SnapshotCache, connect_redis
+from workers.listing import EntityIndex, Page
 from workers.reindex import reindex
 from workers.settings import Settings
 
@@ -144,6 +146,32 @@ async def test_accounts_filter_by_status_text_time_and_closure_with_totals_and_c
         "PENDING": 1,
         "SUSPENDED": 2,
     }
+
+
+SUSPENDED_PAGE = """{ accounts(filter: {status: [SUSPENDED]}, orderBy: ID) {
+  edges { node { id status } } totalCount } }"""
+
+
+async def test_an_entity_written_out_of_the_filter_while_its_page_is_read_is_left_out(
+    http: httpx.AsyncClient, cache: SnapshotCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page reads the index, then the snapshots: an account reactivated in between was
+    shown ACTIVE on a page of SUSPENDED accounts, and counted (a probe paging while six
+    accounts were suspended and reactivated saw 316 such rows in 25 s). It is left out now,
+    and a page that is the whole list counts what it shows."""
+    for n, status in enumerate(("SUSPENDED", "SUSPENDED", "ACTIVE")):
+        await cache.put(account(f"a{n}", 1, status))
+    read_index = EntityIndex.page
+
+    async def written_meanwhile(index: EntityIndex, *args: Any, **kwargs: Any) -> Page:
+        page = await read_index(index, *args, **kwargs)
+        await cache.put(account("a1", 2, "ACTIVE"))  # reactivated
+        return page
+
+    monkeypatch.setattr(EntityIndex, "page", written_meanwhile)
+    page = (await GraphQLClient(http).data(SUSPENDED_PAGE))["accounts"]
+    assert [edge["node"] for edge in page["edges"]] == [{"id": "a0", "status": "SUSPENDED"}]
+    assert page["totalCount"] == 1
 
 
 async def test_cursors_stay_stable_while_entities_change(gql: GraphQLClient) -> None:
