@@ -150,11 +150,12 @@ class _Follower:
                 self._admitted.popitem(last=False)
                 self._forgot = True
             return True
-        if self._admitted.pop(entity_id, False) is None:
-            return True
-        if not self._forgot or entity_id in self._told_out:
+        shown = self._admitted.pop(entity_id, False) is None
+        if not self._forgot:
+            return shown
+        if not shown and entity_id in self._told_out:
             return False
-        self._told_out[entity_id] = None
+        self._told_out[entity_id] = None  # told it left: not again while it stays out
         if len(self._told_out) > MAX_REMEMBERED:
             self._told_out.popitem(last=False)
         return True

@@ -6,7 +6,8 @@ then new ones, from each of its entity types' change streams and from its replay
 entity's entries go one after another, the next only once the one before was delivered (a
 2xx answer) or dead-lettered. At most `PARALLEL_ENTITIES` sends are in flight at once; an
 entity waiting to retry holds none, so failing entities do not hold back the others. At most
-`MAX_HELD` entries wait in memory: past that, those waiting behind an entity's entry that
+`MAX_HELD` entries wait in memory (and one more for each entity whose parked entries are
+read back then): past that, those waiting behind an entity's entry that
 waits to retry are parked (their stream and id kept, the entry read again when its turn
 comes), so that the others go on until `MAX_PARKED` are. A failed send is tried again after
 `webhook_backoff_seconds`, doubled each time up to an hour, until `webhook_retry_for_seconds`
@@ -192,8 +193,22 @@ class _Run:
     async def _unpark(self, key: tuple[str, str], queue: deque[Send]) -> None:
         """Read an entity's next parked entries again, into its (empty) queue."""
         parked = self._parked[key]
-        refs = [parked.popleft() for _ in range(min(len(parked), READ_COUNT))]
+        # Within what may be held, but one at least: the entity's next must come.
+        room = max(1, MAX_HELD - self._held)
+        refs = [parked.popleft() for _ in range(min(len(parked), READ_COUNT, room))]
         self._parked_count -= len(refs)
+        self._held += len(refs)  # held from now: a read meanwhile leaves room for them
+        taken = 0
+        try:
+            taken = await self._read_back(refs, queue)
+        finally:
+            self._held += taken - len(refs)
+        if not parked:  # only now: entries read meanwhile went after these
+            del self._parked[key]
+
+    async def _read_back(self, refs: list[tuple[str, list[str]]], queue: deque[Send]) -> int:
+        """The parked entries `refs` read from their streams again, into `queue`; how many
+        sends they made (trimmed ones may be one gap, or dead letters)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for stream, entry_ids in refs:
                 for entry_id in entry_ids:
@@ -206,12 +221,12 @@ class _Run:
             for entry_id in entry_ids:
                 found = next(answers)  # nothing once trimmed: told as read pending
                 batches[-1][1].append((entry_id.encode(), found[0][1] if found else None))
+        taken = 0
         for stream, entries in batches:
             ready = await self._take(stream, entries)
             queue.extend(ready)
-            self._held += len(ready)
-        if not parked:  # only now: entries read meanwhile went after these
-            del self._parked[key]
+            taken += len(ready)
+        return taken
 
     async def _heartbeat(self) -> None:
         while not self._stopping.is_set():
@@ -228,34 +243,44 @@ class _Run:
         ):
             self._trims_looked[stream] = time.monotonic() + TRIM_LOOK_SECONDS
             await self._look_for_unread_trims(stream)
+        # After the look: entries read back meanwhile (`_unpark`) may have filled what is held.
         count = min(READ_COUNT, MAX_HELD - self._held)
+        if count <= 0:
+            return 0
+        self._held += count  # held from now: a read back meanwhile leaves room for them
+        queued = 0
         try:
-            answer: Any = await self._redis.xreadgroup(
-                self._group, CONSUMER, {stream: cursor}, count=count
+            try:
+                answer: Any = await self._redis.xreadgroup(
+                    self._group, CONSUMER, {stream: cursor}, count=count
+                )
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # removed meanwhile
+                    self._removed = True
+                    return 0
+                raise
+            entries: list[tuple[bytes, Mapping[bytes, bytes] | None]] = (
+                answer[0][1] if answer else []
             )
-        except ResponseError as exc:
-            if "NOGROUP" in str(exc):  # removed meanwhile
-                self._removed = True
-                return 0
-            raise
-        entries: list[tuple[bytes, Mapping[bytes, bytes] | None]] = answer[0][1] if answer else []
-        if cursor != ">":
-            self._cursors[stream] = entries[-1][0].decode() if entries else ">"
-        for item in await self._take(stream, entries):
-            key = (item.entity_type, item.entity_id)
-            parked = self._parked.get(key)
-            if parked is not None:  # after those parked, in order
-                parked.append((item.stream, item.entry_ids))
-                self._parked_count += 1
-                continue
-            queue = self._queues.get(key)
-            self._held += 1
-            if queue is None:
-                self._queues[key] = deque([item])
-                tasks.create_task(self._drain(key))
-            else:
-                queue.append(item)
-        return len(entries)
+            if cursor != ">":
+                self._cursors[stream] = entries[-1][0].decode() if entries else ">"
+            for item in await self._take(stream, entries):
+                key = (item.entity_type, item.entity_id)
+                parked = self._parked.get(key)
+                if parked is not None:  # after those parked, in order
+                    parked.append((item.stream, item.entry_ids))
+                    self._parked_count += 1
+                    continue
+                queue = self._queues.get(key)
+                queued += 1
+                if queue is None:
+                    self._queues[key] = deque([item])
+                    tasks.create_task(self._drain(key))
+                else:
+                    queue.append(item)
+            return len(entries)
+        finally:
+            self._held += queued - count
 
     async def _take(
         self, stream: str, entries: list[tuple[bytes, Mapping[bytes, bytes] | None]]

@@ -766,6 +766,13 @@ async def test_a_status_filtered_view_past_what_it_remembers_is_still_told_who_l
     assert shown[-1] == (3, "SUSPENDED")
     box.offer(_account_change("e0", 4, "SUSPENDED", "deposit"))  # told it left: not again
     assert not box._pending
+    # One it still remembers leaves: told once too, not again at its next change while out.
+    last = f"e{MAX_REMEMBERED}"
+    box.offer(_account_change(last, 3, "SUSPENDED", "suspend"))
+    await _read_into(shown, follower, box)
+    assert shown[-1] == (3, "SUSPENDED")
+    box.offer(_account_change(last, 4, "SUSPENDED", "deposit"))
+    assert not box._pending
 
 
 OLD_LIFE, NEW_LIFE = 1_700_000_000_000, 1_800_000_000_000

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from starlette.applications import Starlette
@@ -236,12 +236,65 @@ async def test_changes_parked_behind_a_refused_one_and_trimmed_meanwhile_arrive_
     finally:
         await run
     delivered = [event for event in receiver.delivered() if event["data"]["id"] == refused]
-    assert [event["type"] for event in delivered] == ["account.deposit", "account.gap"] + [
-        "account.deposit"
-    ] * 4
-    gap = delivered[1]["data"]
-    assert (gap["from"], gap["to"]) == (2, 26)
-    assert [event["data"]["revision"] for event in delivered[2:]] == [27, 28, 29, 30]
+    # Read back a few at a time (what room the run has): the trimmed ones as gaps, one
+    # after another, that together cover 2 to 26, between revision 1 and 27.
+    types = [event["type"] for event in delivered]
+    gaps = [(e["data"]["from"], e["data"]["to"]) for e in delivered if e["type"] == "account.gap"]
+    assert types == ["account.deposit"] + ["account.gap"] * len(gaps) + ["account.deposit"] * 4
+    assert gaps[0][0] == 2 and gaps[-1][1] == 26, gaps
+    assert all(later[0] == earlier[1] + 1 for earlier, later in itertools.pairwise(gaps)), gaps
+    changes = [e["data"]["revision"] for e in delivered if e["type"] == "account.deposit"]
+    assert changes == [1, 27, 28, 29, 30]
+
+
+class _HeldWatched(workers.webhook_delivery._Run):
+    """A run that notes what it holds after each read back of parked entries, and whose
+    look for trims takes as long as one to a Redis 20 ms away."""
+
+    held: ClassVar[list[int]] = []
+
+    async def _unpark(self, key: tuple[str, str], queue: Any) -> None:
+        await super()._unpark(key, queue)
+        self.held.append(self._held)
+
+    async def _look_for_unread_trims(self, stream: str) -> None:
+        await asyncio.sleep(0.02)
+        await super()._look_for_unread_trims(stream)
+
+
+async def test_parked_changes_are_read_back_within_what_a_run_holds(
+    delivering: Delivering, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parked changes read back went into memory whatever it held (MAX_HELD 20 here: 119),
+    and a read that had passed the check before its look for trims then asked Redis for a
+    count of 0 or less: the run died (DataError), its sends in flight cancelled. A read back
+    now takes what room there is (one at least), and such a read reads nothing."""
+    monkeypatch.setattr(workers.webhook_delivery, "MAX_HELD", 20)
+    monkeypatch.setattr(workers.webhook_delivery, "TRIM_LOOK_SECONDS", 0.0)
+    monkeypatch.setattr(workers.webhook_delivery, "_Run", _HeldWatched)
+    _HeldWatched.held.clear()
+    refused = new_id()
+    taking = False
+    receiver.answer = lambda event: 200 if taking or event["data"]["id"] != refused else 500
+    for revision in range(1, 301):
+        await delivering.change(refused, revision)
+
+    async def others() -> None:
+        while True:
+            await delivering.change(new_id(), 1)
+            await asyncio.sleep(0.01)
+
+    feeding = asyncio.create_task(others())
+    run = asyncio.create_task(delivering.run(6.0))
+    try:
+        await asyncio.sleep(1.0)
+        taking = True
+        await run  # raised the run's DataError
+    finally:
+        feeding.cancel()
+    assert _HeldWatched.held and max(_HeldWatched.held) <= 20 + 1, _HeldWatched.held
+    revisions = [e["data"]["revision"] for e in receiver.delivered() if e["data"]["id"] == refused]
+    assert revisions == list(range(1, len(revisions) + 1)) and len(revisions) > 20
 
 
 async def test_backoff_keeps_doubling_across_runs(
