@@ -26,7 +26,7 @@ from api.response_size import bounded
 from entities.account import AccountStatus
 from entities.cart import CartStatus
 from entities.errors import ErrorCode, TenureError
-from entities.runtime.listing import MAX_TEXT_LENGTH
+from entities.runtime.listing import MAX_TEXT_LENGTH, searchable
 from entities.runtime.policy import READ, Role
 from workers.cache import CachedSnapshot, CacheUnavailable, SnapshotCache
 from workers.failures import redis_unavailable
@@ -175,7 +175,7 @@ def _text(text: str | None) -> str | None:
         return None
     if len(text) > MAX_TEXT_LENGTH:
         raise TenureError(ErrorCode.INVALID_INPUT, f"text: at most {MAX_TEXT_LENGTH} characters")
-    return text.strip().lower()
+    return searchable(text.strip())
 
 
 def _values(chosen: list[AccountStatus] | list[CartStatus] | None) -> list[str] | None:

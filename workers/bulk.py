@@ -41,7 +41,7 @@ from entities.bulk import (
 from entities.errors import ErrorCode, TenureError, quote_few
 from entities.runtime.entity import MAX_MONEY, EntityType
 from entities.runtime.envelope import CommandEnvelope, CommandResult, OutcomeStatus
-from entities.runtime.listing import MAX_TEXT_LENGTH
+from entities.runtime.listing import MAX_TEXT_LENGTH, searchable
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.changes import stream_end, stream_key, watch_applied
 from workers.delivery import CommandDelivery, EntityClosed
@@ -118,7 +118,7 @@ def list_filter(
         tags={tag: frozenset(values) for tag, values in tags.items()},
         updated_after=moment("updated_after"),
         updated_before=moment("updated_before"),
-        text=text.lower() if text is not None else None,
+        text=searchable(text) if text is not None else None,
         below=dict(below),
         closed=closed,
     )

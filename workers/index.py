@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from entities.runtime.envelope import Snapshot
-from entities.runtime.listing import IndexValues
+from entities.runtime.listing import IndexValues, searchable
 from workers.changes import APPEND_CHANGES
 
 STATUS = "status"
@@ -216,7 +216,7 @@ class IndexEntry:
         tags = dict(self.values.tags)
         if self.values.status is not None:
             tags[STATUS] = self.values.status
-        text = sorted({*self.values.text, snapshot.entity_id.lower()})
+        text = sorted({*self.values.text, searchable(snapshot.entity_id)})
         document: dict[str, Any] = {
             "g": snapshot.incarnation,
             "r": snapshot.revision,

@@ -3,6 +3,7 @@ by the worker when it writes the entity's snapshot to the cache and its index.""
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -13,6 +14,13 @@ S = TypeVar("S", bound=BaseModel)
 
 MAX_TEXT_LENGTH = 200
 """Searchable text is cut to this many characters: a prefix search never needs more."""
+
+
+def searchable(text: str) -> str:
+    """Text as it is indexed and searched: case folded, in one Unicode form, so that a name
+    is found whatever case and form either is typed in ("STRASSE" finds "Straße", "ΣΊΣ"
+    finds "Σίσυφος", a decomposed "José" the composed one); `str.lower` missed them."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,8 @@ class Listing(Generic[S]):
             status=self.status(typed) if self.status else None,
             tags={name: read(typed) for name, read in self.tags.items()},
             text=tuple(
-                value.lower()[:MAX_TEXT_LENGTH] for value in (self.text(typed) if self.text else [])
+                searchable(value)[:MAX_TEXT_LENGTH]
+                for value in (self.text(typed) if self.text else [])
             ),
             numbers={name: read(typed) for name, read in self.numbers.items()},
         )

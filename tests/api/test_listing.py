@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import unicodedata
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -172,6 +173,39 @@ async def test_an_entity_written_out_of_the_filter_while_its_page_is_read_is_lef
     page = (await GraphQLClient(http).data(SUSPENDED_PAGE))["accounts"]
     assert [edge["node"] for edge in page["edges"]] == [{"id": "a0", "status": "SUSPENDED"}]
     assert page["totalCount"] == 1
+
+
+FOUND = """query($text: String!) { accounts(filter: {text: $text}, orderBy: ID) {
+  edges { node { id } } } }"""
+
+
+async def test_text_is_found_whatever_case_and_unicode_form_either_is_typed_in(
+    http: httpx.AsyncClient, cache: SnapshotCache
+) -> None:
+    """Names and searches were lowercased (`str.lower`): "STRASSE" missed "Straße", "ΣΊΣ"
+    missed "Σίσυφος" (a final sigma), and a name typed decomposed (NFD) missed a search
+    typed composed, and the other way round. Both are case folded in one form now."""
+    names = {
+        "straße": "Straße Müller",
+        "sisyphos": "Σίσυφος",
+        "jose-nfd": unicodedata.normalize("NFD", "José Ruiz"),
+        "jose-nfc": "José Ruiz",
+    }
+    for entity_id, name in names.items():
+        snapshot = account(entity_id, 1)
+        assert snapshot.state is not None
+        snapshot.state["owner_name"] = name
+        await cache.put(snapshot)
+    gql = GraphQLClient(http)
+
+    async def found(text: str) -> list[str]:
+        edges = (await gql.data(FOUND, text=text))["accounts"]["edges"]
+        return [edge["node"]["id"] for edge in edges]
+
+    assert await found("STRASSE") == ["straße"]
+    assert await found("ΣΊΣ") == ["sisyphos"]
+    assert await found("josé") == ["jose-nfc", "jose-nfd"]
+    assert await found(unicodedata.normalize("NFD", "JOSÉ")) == ["jose-nfc", "jose-nfd"]
 
 
 async def test_cursors_stay_stable_while_entities_change(gql: GraphQLClient) -> None:
