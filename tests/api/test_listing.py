@@ -487,3 +487,35 @@ async def test_a_reindex_begun_before_the_workers_answer_asks_again_and_writes_e
     # again (what Redis holds is as new).
     assert (done.found, done.failed) == (len(accounts), [])
     assert all(hit is not None for hit in written)
+
+
+async def test_the_restore_runbook_leaves_lists_as_the_restored_entities_are(
+    gql: GraphQLClient, cache: SnapshotCache, settings: Settings, temporal_client: Client
+) -> None:
+    """docs/operations.md, "Backup and restore": after the backup Ada was suspended and
+    Carol opened; the restore takes both back. The runbook deleted the cache entries alone,
+    and the index kept Carol: listed and counted for good, her row never shown. Deleting
+    the index keys too, then `tenure reindex`, leaves the lists as Temporal has them."""
+    ada = await open_named(gql, "Ada", "ada@x.org")
+    bob = await open_named(gql, "Bob", "bob@x.org")
+    await listed(gql, [bob, ada])
+    hit = await cache.get("account", ada)
+    assert hit is not None and hit.snapshot.state is not None
+    after_the_backup = {"updated_at": datetime.now(UTC), "revision": hit.snapshot.revision + 1}
+    suspended = {**hit.snapshot.state, "status": "SUSPENDED"}
+    assert await cache.put(hit.snapshot.model_copy(update={**after_the_backup, "state": suspended}))
+    carol = hit.snapshot.model_copy(
+        update={**after_the_backup, "entity_id": f"carol-{new_id()[:6]}", "state": suspended}
+    )
+    assert await cache.put(carol)
+
+    for pattern in ("entity:*", "index:*"):  # the runbook's two redis-cli deletes
+        async for key in cache.client.scan_iter(match=f"{settings.redis_prefix}{pattern}"):
+            await cache.client.unlink(key)
+    await reindex(temporal_client, cache, ["account"], where=f"TaskQueue = '{settings.task_queue}'")
+    everyone = (await gql.data(ACCOUNTS))["accounts"]
+    assert sorted(ids({"accounts": everyone})) == sorted([ada, bob])
+    assert everyone["totalCount"] == 2
+    held = (await gql.data(ACCOUNTS, filter={"status": ["SUSPENDED"]}))["accounts"]
+    assert (ids({"accounts": held}), held["totalCount"]) == ([], 0)
+    assert (await gql.data(STATS))["accountStats"]["total"] == 2
