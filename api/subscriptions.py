@@ -114,7 +114,7 @@ class _Follower:
     """One subscription's view of its changes: never backwards, every jump shown. Following
     only some `statuses`, the change that takes a shown entity out of them is shown too,
     once, so that a view of them can drop it. Past MAX_REMEMBERED entities shown, it cannot
-    tell which it showed: every change out of them is shown then."""
+    tell which it showed: then each entity's first change out of them is shown, once."""
 
     def __init__(
         self,
