@@ -242,9 +242,7 @@ async def list_entities(
             ),
         )
         for key, entity_id, hit in zip(page.keys, page.ids, hits, strict=True)
-        if hit is not None
-        and hit.snapshot.state is not None
-        and _still(cache, where, entity_id, hit)
+        if hit is not None and _still(cache, where, entity_id, hit)
     ]
     end_cursor = _Cursor(order, page.end_key).encode() if page.end_key else None
     total = page.total
@@ -254,9 +252,9 @@ async def list_entities(
 
 
 def _still(cache: SnapshotCache, where: ListFilter, entity_id: str, hit: CachedSnapshot) -> bool:
-    """Whether the entity, as its snapshot read after the index, is still one the filter
-    lists: written in between, it may have left it (a SUSPENDED page showed rows ACTIVE by
-    then, hundreds in a probe's 25 s of suspensions and reactivations)."""
+    """Whether the entity, as its snapshot read after the index, exists and is still one
+    the filter lists: written in between, it may have left it (a SUSPENDED page showed rows
+    ACTIVE by then, hundreds in a probe's 25 s of suspensions and reactivations)."""
     if hit.snapshot.state is None:
         return False
     entry = cache.index_entry(hit.snapshot)

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import enum
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -35,6 +35,7 @@ from api.history import sender_shown
 from api.read_plans import ENTITY_READ_FIELDS
 from entities import catalog
 from entities.errors import ErrorCode, TenureError, quote_few
+from entities.runtime.envelope import Snapshot
 from entities.runtime.policy import READ, Principal, Role
 
 N = TypeVar("N")
@@ -271,40 +272,33 @@ async def follow_entity(
     follower = _Follower(
         since_revision, info.context.principal, entity_type, since_incarnation=incarnation
     )
-    still_theirs = _owned_by(info, entity_type, entity_id)
     async with _subscribed(info, entity_type, entity_id) as mailbox:
         # After subscribing, so that nothing falls between the state read and the stream.
         read = await info.context.gateway.read(entity_type, entity_id, Consistency.CACHED)
         if read is not None:
-            still_theirs(read.snapshot.state)
+            await _still_readable(info, read.snapshot)
             first = follower.change(FeedChange(entity_type, read.snapshot), render)
             if first is not None:
                 yield first
         while True:
             change = await mailbox.next()
-            still_theirs(change.snapshot.state)
+            await _still_readable(info, change.snapshot)
             shown = follower.change(change, render)
             if shown is not None:
                 yield shown
 
 
-def _owned_by(
-    info: Info, entity_type: str, entity_id: str
-) -> Callable[[Mapping[str, Any] | None], None]:
-    """A check that the customer following an entity still owns it, for each state sent:
-    an id used again, for another account, ends the subscription (FORBIDDEN) where the new
-    entity was streamed to the old one's owner."""
-    principal = info.context.principal
-    owner_of = info.context.gateway.entity(entity_type).policy.owner
-    if principal.role is not Role.CUSTOMER or owner_of is None:
-        return lambda state: None
-
-    def check(state: Mapping[str, Any] | None) -> None:
-        owner = owner_of(entity_id, state) if state is not None else None
-        if owner is not None and owner not in principal.accounts:
-            raise Forbidden()
-
-    return check
+async def _still_readable(info: Info, snapshot: Snapshot) -> None:
+    """Raise FORBIDDEN unless the caller may read the entity as this state of it shows it:
+    an id used again, for another account, ends a customer's subscription where the new
+    entity was streamed to the old one's owner. The authorizer decides from the state, with
+    no look of its own."""
+    if snapshot.state is None:
+        return  # whose it is cannot be told from it: as when the subscription began
+    known = EntityRead(snapshot, Source.CACHE, stale=False)
+    await info.context.authorizer.require(
+        info.context.principal, snapshot.entity_type, snapshot.entity_id, READ, known=known
+    )
 
 
 def _entity_subscription(
