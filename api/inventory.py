@@ -233,7 +233,12 @@ class InventoryMutation:
             reservation_id=reservation_id,
         )
 
-    @strawberry.mutation(description="Take back a committed sale: its units return to stock.")
+    @strawberry.mutation(
+        description="Take back a committed sale: its units return to stock. A reservation "
+        "held or released has nothing to take back and is unchanged; one the item no longer "
+        "remembers (it keeps its last 500 settlements by default) is INVALID_TRANSITION: count "
+        "its units back with adjustStock."
+    )
     async def return_reservation(
         self,
         info: Info,

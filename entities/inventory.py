@@ -276,9 +276,20 @@ def commit_reservation(state: InventoryState, cmd: ReservationCommand, ctx: Ctx)
 
 @inventory.command(ReservationCommand, name="returnReservation")
 def return_reservation(state: InventoryState, cmd: ReservationCommand, ctx: Ctx) -> InventoryState:
-    """Take back a committed sale: its units return to stock. Anything else is unchanged,
-    since there is no sale to take back."""
+    """Take back a committed sale: its units return to stock. A reservation still held, or
+    settled otherwise, is unchanged, since there is no sale to take back. One the item no
+    longer remembers is refused: its sale, if it had one, may not have been taken back, and
+    an item that answered "returned" would leave its units sold with no sign (a checkout's
+    late compensation then ended COMPENSATED); its units are counted back with adjustStock.
+    Runs begun before this rule (`RULES_1_PATCH`) changed nothing for it."""
     settled = state.settled.get(cmd.reservation_id)
+    if settled is None and state.reservation(cmd.reservation_id) is None and ctx.rules_from(1):
+        raise Rejected(
+            ErrorCode.INVALID_TRANSITION,
+            f"reservation {cmd.reservation_id} is not remembered (an item remembers its last "
+            f"{ctx.options.settled_memory} settled reservations): a sale under it cannot be "
+            "taken back here; count its units back with adjustStock",
+        )
     if settled is None or settled.settlement is not Settlement.COMMITTED:
         return state
     returned = Settled(settlement=Settlement.RETURNED, quantity=settled.quantity)

@@ -43,6 +43,18 @@ STRICT_INPUTS_4_PATCH = "strict-inputs-4"
 STRICTEST = 4
 """The level of the latest bounds: what the API's edge and new runs apply."""
 
+RULES_1_PATCH = "entity-rules-1"
+"""Runs started since it take the rules of entity types changed at level 1
+(`CommandContext.rules_from`): an inventory item refuses to take back a sale it no longer
+remembers. Older runs replay their histories as they were made."""
+NEWEST_RULES = 1
+"""The level of the latest rules: what new runs, and transitions run outside a workflow,
+apply."""
+
+
+def _newest_rules(level: int) -> bool:
+    return level <= NEWEST_RULES
+
 
 def strict_bound(holds: Callable[[Any], bool], message: str, since: int = 1) -> Any:
     """A bound on a command field added after entities first ran, at level `since`: always
@@ -107,6 +119,10 @@ class CommandContext(Generic[Opt]):
     strict_inputs: int = STRICTEST
     """Up to which level the bounds added since entities first ran apply (`strict_bound`):
     0 none, STRICTEST all of them."""
+    rules_from: Callable[[int], bool] = _newest_rules
+    """Whether this run applies the rules an entity type changed at `level` (RULES_1_PATCH):
+    asked only where a rule changed, so that a run begun before records its patch only
+    where its answer matters."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.backlog import BOUNDED_TASKS_PATCH, NEXT_TASK_ACTIVITY, Backlog
     from entities.runtime.effects import CHILDREN_CLOSE_FIRST, Effects
     from entities.runtime.entity import (
+        RULES_1_PATCH,
         STRICT_INPUTS_2_PATCH,
         STRICT_INPUTS_3_PATCH,
         STRICT_INPUTS_4_PATCH,
@@ -84,20 +85,24 @@ a publish, which every change brought until a sender could publish its own (`han
 replay as they were made, and hand nothing over."""
 
 ENTITY_PATCHES = PatchSet(
-    "entity-patch-set-2",
-    [STRICT_INPUTS_4_PATCH],
+    "entity-patch-set-3",
+    [RULES_1_PATCH],
     after=PatchSet(
-        "entity-patch-set-1",
-        [
-            STRICT_INPUTS_PATCH,
-            STRICT_INPUTS_2_PATCH,
-            STRICT_INPUTS_3_PATCH,
-            BOUNDED_TASKS_PATCH,
-            RECORD_UNREADABLE_PATCH,
-            LOOP_FOLLOWS_CHANGES_PATCH,
-            PUBLISH_BY_ACTIVITY,
-            CHILDREN_CLOSE_FIRST,
-        ],
+        "entity-patch-set-2",
+        [STRICT_INPUTS_4_PATCH],
+        after=PatchSet(
+            "entity-patch-set-1",
+            [
+                STRICT_INPUTS_PATCH,
+                STRICT_INPUTS_2_PATCH,
+                STRICT_INPUTS_3_PATCH,
+                BOUNDED_TASKS_PATCH,
+                RECORD_UNREADABLE_PATCH,
+                LOOP_FOLLOWS_CHANGES_PATCH,
+                PUBLISH_BY_ACTIVITY,
+                CHILDREN_CLOSE_FIRST,
+            ],
+        ),
     ),
 )
 """Runs from here on record one patch marker, where they recorded one for each of these
@@ -245,6 +250,7 @@ class EntityWorkflow:
             # Runs that began before the bounds came replay as they were made (the SDK
             # answers the same for the rest of the run).
             strict_inputs=_strictness(),
+            rules_from=_rules_from,
         )
         try:
             new_state = self.entity.apply(self._state, envelope.name, envelope.payload, ctx)
@@ -742,7 +748,9 @@ class EntityWorkflow:
         now = workflow.now()
         if self._state is None or deadline is None or deadline > now:
             return
-        ctx = CommandContext(self._input.entity_id, now, self._options, "timer")
+        ctx = CommandContext(
+            self._input.entity_id, now, self._options, "timer", rules_from=_rules_from
+        )
         self._commit(self.entity.fire_deadline(self._state, ctx), now)
         self._effects.extend(ctx.effects)
         self._timers.append(
@@ -775,6 +783,14 @@ class EntityWorkflow:
                 if timer.revision > self._publisher.published_revision
             ],
         )
+
+
+RULES_PATCHES = {1: RULES_1_PATCH}
+
+
+def _rules_from(level: int) -> bool:
+    """Whether this run applies the entity types' rules of `level` (`CommandContext`)."""
+    return ENTITY_PATCHES.patched(RULES_PATCHES[level])
 
 
 def _strictness() -> int:

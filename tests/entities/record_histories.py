@@ -26,7 +26,7 @@ from entities.bulk import BulkCommandWorkflow, BulkInput, bulk_workflow_id
 from entities.cart import CartStatus
 from entities.checkout import CheckoutWorkflow
 from entities.checkout_input import checkout_workflow_id
-from entities.errors import TenureError
+from entities.errors import ErrorCode, TenureError
 from entities.inventory import Settlement
 from entities.runtime.envelope import RuntimeOptions
 from entities.runtime.saga import OperatorActionKind, OperatorRequest
@@ -47,6 +47,8 @@ PUBLISHED_BY_ACTIVITY = "publish-by-activity"
 CHECKOUT_SET_1 = "checkout-set-1"
 # Entities under the first entity patch set, which took text with invisible formatting.
 ENTITY_SET_1 = "entity-set-1"
+# Entities under the second, whose items took back a sale they had forgotten as returned.
+ENTITY_SET_2 = "entity-set-2"
 
 
 def workflow_id_of(path: Path) -> str:
@@ -89,6 +91,13 @@ async def _scenarios(shop: Shop) -> list[str]:
     await shop.send("inventory", teapot, "commitReservation", reservation_id="r2")
     await shop.send("inventory", teapot, "returnReservation", reservation_id="r2")
     await shop.send("inventory", teapot, "releaseReservation", reservation_id="r3")
+    # a return of a sale the item does not remember: refused (entity-rules-1)
+    try:
+        await shop.send("inventory", teapot, "returnReservation", reservation_id="r-forgotten")
+    except TenureError as refused:
+        assert refused.code is ErrorCode.INVALID_TRANSITION, refused
+    else:
+        raise AssertionError("a return of a sale the item does not remember was applied")
     await shop.send("inventory", teapot, "adjustStock", delta=-1, reason="chipped")
     return [
         f"checkout:{done}-1",

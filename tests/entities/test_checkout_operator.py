@@ -21,6 +21,7 @@ from entities.checkout_input import (
     checkout_workflow_id,
 )
 from entities.errors import ErrorCode
+from entities.inventory import inventory
 from entities.runtime.requests import RequestPolicy
 from entities.runtime.saga import (
     MAX_OPERATOR_ACTIONS,
@@ -251,3 +252,92 @@ async def test_a_retry_that_comes_with_the_end_of_the_wait_is_run(
     report = [step for step in done.steps if step.name == "report"][-1]
     assert report.at > until  # and the report ran again after the wait ran out
     assert [a.action for a in done.operator_actions] == [OperatorActionKind.RETRY]
+
+
+async def test_a_sale_its_item_forgot_before_the_checkout_took_it_back_leaves_it_failed(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """A checkout's return of a sale that comes after its item has forgotten the sale (an
+    item remembers its last `settled_memory` settlements). Before, the item answered
+    "returned" and changed nothing: the checkout ended COMPENSATED, the customer was
+    refunded, and the units stayed sold with no sign. The return is now refused, the
+    checkout FAILED for an operator, who counts the units back and resolves it."""
+    # The kettle's reservations last a second, so its commit is refused (expired), and the
+    # teapot's sale, committed, is returned. The teapot lives on a queue of its own and
+    # remembers one settlement; the account on another, to hold the saga at its withdrawal.
+    shop = Shop(temporal_client, cache, shop_settings(settings, inventory={"max_ttl_seconds": 1}))
+    depot = shop.elsewhere()
+    depot = Shop(
+        temporal_client,
+        cache,
+        depot.settings.model_copy(
+            update={
+                "entity_options": {
+                    **depot.settings.entity_options,
+                    "inventory": {"settled_memory": 1},
+                }
+            }
+        ),
+    )
+    bank = depot.elsewhere()
+    async with run_worker(bank.settings):
+        account_id = await bank.account(BALANCE)
+    async with run_worker(shop.settings):
+        kettle = await shop.stock(5)
+        async with run_worker(depot.settings):
+            teapot = await depot.stock(5)
+            cart_id = await shop.cart(account_id, (teapot, 2, 100), (kettle, 1, 100))
+            checkout_id = await shop.checkout(cart_id)
+            await shop.steps_taken(checkout_id, 2)  # both reserved; at the withdrawal
+        # The teapot's worker is down: its commit waits. The kettle's reservation expires.
+        await eventually(lambda: shop.item(kettle), lambda item: not item.reservations, 10)
+        async with run_worker(bank.settings):
+            # The commit waits at the teapot; behind it, another reservation, settled, takes
+            # the checkout's sale out of what the teapot remembers.
+            teapot_id = inventory.workflow_id(teapot)
+            await eventually(lambda: signalled(shop, teapot_id, "commitReservation"), bool, 30)
+            await depot.gateway.send(
+                "inventory", teapot, "reserveStock", {"reservation_id": "walk-in", "quantity": 1}
+            )
+            await depot.gateway.send(
+                "inventory", teapot, "releaseReservation", {"reservation_id": "walk-in"}
+            )
+            async with run_worker(depot.settings):
+                failed = await eventually(
+                    lambda: shop.progress(checkout_id),
+                    lambda p: p is not None and p.awaiting_operator_until is not None,
+                    60,
+                )
+                assert failed is not None and failed.status is SagaStatus.FAILED
+                [refused] = failed.refused()
+                assert (refused.name, refused.code) == (
+                    f"return:{teapot}",
+                    ErrorCode.INVALID_TRANSITION,
+                )
+                assert refused.message is not None and "not remembered" in refused.message
+                item = await depot.item(teapot)
+                assert (item.on_hand, item.sold) == (3, 2)  # sold, not taken back
+                assert await bank.balance(account_id) == BALANCE  # the refund was made
+
+                # The operator counts the units back and settles the checkout.
+                await depot.send(
+                    "inventory", teapot, "adjustStock", delta=2, reason=f"{checkout_id} returned"
+                )
+                resolve = RETRY.model_copy(
+                    update={"action": OperatorActionKind.RESOLVE, "reason": "units counted back"}
+                )
+                handle = handle_of(shop, checkout_id)
+                await handle.execute_update(CheckoutWorkflow.operate, resolve)
+                done = await asyncio.wait_for(handle.result(), 30)
+                assert done.status is SagaStatus.RESOLVED
+                assert (await depot.item(teapot)).available == 5
+
+
+async def signalled(shop: Shop, workflow_id: str, command: str) -> bool:
+    """Whether the workflow's history holds a signal carrying `command`."""
+    history = await shop.client.get_workflow_handle(workflow_id).fetch_history()
+    return any(
+        command.encode() in event.workflow_execution_signaled_event_attributes.SerializeToString()
+        for event in history.events
+        if event.HasField("workflow_execution_signaled_event_attributes")
+    )

@@ -108,6 +108,35 @@ def test_releasing_an_unknown_reservation_fences_off_a_late_one() -> None:
     )
 
 
+def test_a_sale_the_item_no_longer_remembers_is_not_taken_back_as_if_returned() -> None:
+    """Its return is refused, so that a checkout's late compensation is FAILED for an
+    operator: the item answered "returned" and changed nothing, and the units stayed sold."""
+    sold = apply(
+        apply(stocked(5), "reserveStock", reservation_id="r1", quantity=2),
+        "commitReservation",
+        reservation_id="r1",
+    )
+    state = sold
+    for n in range(OPTIONS.settled_memory):
+        state = apply(state, "releaseReservation", reservation_id=f"other-{n}")
+    assert "r1" not in state.settled
+    with pytest.raises(Rejected) as info:
+        apply(state, "returnReservation", reservation_id="r1")
+    assert info.value.code is ErrorCode.INVALID_TRANSITION
+    assert "not remembered" in info.value.message and "adjustStock" in info.value.message
+    assert rejected(stocked(5), "returnReservation", reservation_id="never-made") is (
+        ErrorCode.INVALID_TRANSITION
+    )
+    # A run begun before the rule changed nothing, and replays so.
+    before = CommandContext("sku-1", T0, OPTIONS, "cmd", rules_from=lambda level: level < 1)
+    assert inventory.apply(state, "returnReservation", {"reservation_id": "r1"}, before) == state
+    # Remembered, a sale still comes back once; a reservation released or still held has
+    # nothing to take back.
+    assert apply(sold, "returnReservation", reservation_id="r1").on_hand == 5
+    released = apply(stocked(5), "releaseReservation", reservation_id="r2")
+    assert apply(released, "returnReservation", reservation_id="r2") == released
+
+
 def test_settled_reservation_ids_are_remembered_up_to_a_bound() -> None:
     state = stocked(10)
     for n in range(5):

@@ -5,6 +5,7 @@ survive a deploy and a non-deterministic change fails the suite. Re-record with
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from temporalio import workflow
@@ -22,6 +23,7 @@ from tests.entities.record_histories import (
     CHECKOUT_SET_1,
     CURRENT,
     ENTITY_SET_1,
+    ENTITY_SET_2,
     HISTORIES,
     PUBLISHED_BY_ACTIVITY,
     workflow_id_of,
@@ -101,6 +103,16 @@ ENTITIES_OF_SET_1 = {
     }.items()
     if name.startswith(("account.", "cart.", "inventory."))
 }
+# Entities under the second entity patch set: every entity path, before an item refused to
+# take back a sale it had forgotten (entity-rules-1).
+ENTITIES_OF_SET_2 = {
+    f"{ENTITY_SET_2}/{name}": event
+    for name, event in {
+        **RECORDED,
+        "account.acct-backlog": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+    }.items()
+    if name.startswith(("account.", "cart.", "inventory."))
+}
 # Today's: every path again, recorded since runs ask one patch set (CURRENT), with the paths
 # only today's code takes: a FAILED checkout waiting for an operator, retried; a bulk command
 # sending pages ahead of counting them; commands held back past a task's bound.
@@ -117,6 +129,7 @@ EVERY = {
     **OLDER_PATHS,
     **CHECKOUTS_OF_SET_1,
     **ENTITIES_OF_SET_1,
+    **ENTITIES_OF_SET_2,
     **TODAY,
 }
 
@@ -124,7 +137,14 @@ EVERY = {
 def test_every_recorded_history_is_checked() -> None:
     recorded = {
         f"{folder}/{path.stem}".lstrip("/")
-        for folder in ("", PUBLISHED_BY_ACTIVITY, CHECKOUT_SET_1, ENTITY_SET_1, CURRENT)
+        for folder in (
+            "",
+            PUBLISHED_BY_ACTIVITY,
+            CHECKOUT_SET_1,
+            ENTITY_SET_1,
+            ENTITY_SET_2,
+            CURRENT,
+        )
         for path in (HISTORIES / folder).glob("*.json")
     }
     assert recorded == set(EVERY)
@@ -186,7 +206,9 @@ def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
     """Runs start under a set and take every patch in it for granted: a patch added to a set
     already released would be taken for granted by runs that never had it. A new patch
     joins a new set (docs/operations.md)."""
-    first_entity_set = ENTITY_PATCHES.after
+    second_entity_set = ENTITY_PATCHES.after
+    assert second_entity_set is not None and second_entity_set.name == "entity-patch-set-2"
+    first_entity_set = second_entity_set.after
     assert first_entity_set is not None and first_entity_set.name == "entity-patch-set-1"
     assert first_entity_set.patches == {
         "strict-inputs-1",
@@ -198,8 +220,9 @@ def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
         "publish-by-activity",
         "entity-children-close-first",
     }
-    assert ENTITY_PATCHES.name == "entity-patch-set-2"
-    assert ENTITY_PATCHES.patches == {*first_entity_set.patches, "strict-inputs-4"}
+    assert second_entity_set.patches == {*first_entity_set.patches, "strict-inputs-4"}
+    assert ENTITY_PATCHES.name == "entity-patch-set-3"
+    assert ENTITY_PATCHES.patches == {*second_entity_set.patches, "entity-rules-1"}
     first_set = CHECKOUT_PATCHES.after
     assert first_set is not None and first_set.name == "checkout-patch-set-1"
     assert first_set.patches == {
@@ -261,3 +284,44 @@ async def test_replay_catches_a_change_to_the_saga_steps() -> None:
     )
     with pytest.raises(workflow.NondeterminismError):
         await replayer.replay_workflow(history("checkout.cart-done-1"))
+
+
+def outcome_of(name: str, command: str, **payload: Any) -> dict[str, Any]:
+    """The outcome a history's update answered for the one update carrying `command` with
+    `payload`."""
+    sent: list[Any] = []
+    answered: list[Any] = []
+    for event in history(name).events:
+        if event.HasField("workflow_execution_update_accepted_event_attributes"):
+            request = event.workflow_execution_update_accepted_event_attributes.accepted_request
+            sent += [json.loads(payload.data) for payload in request.input.args.payloads]
+        if event.HasField("workflow_execution_update_completed_event_attributes"):
+            answer = event.workflow_execution_update_completed_event_attributes.outcome.success
+            answered += [json.loads(payload.data) for payload in answer.payloads]
+    [command_id] = [
+        envelope["command_id"]
+        for envelope in sent
+        if isinstance(envelope, dict)
+        and envelope.get("name") == command
+        and envelope.get("payload") == payload
+    ]
+    [outcome] = [
+        answer["outcome"]
+        for answer in answered
+        if isinstance(answer, dict)
+        and isinstance(answer.get("outcome"), dict)
+        and answer["outcome"].get("command_id") == command_id
+    ]
+    assert isinstance(outcome, dict)
+    return outcome
+
+
+def test_an_item_refuses_a_return_it_cannot_match_to_a_sale_as_its_run_began_under() -> None:
+    """entity-rules-1: today's item refuses to take back a sale it does not remember; an
+    item begun under the second set applied it, changing nothing. Both replay as they were
+    made (`test_a_recorded_history_replays`)."""
+    forgotten = {"reservation_id": "r-forgotten"}
+    today = outcome_of(f"{CURRENT}/inventory.sku-teapot", "returnReservation", **forgotten)
+    assert (today["status"], today["code"]) == ("REJECTED", "INVALID_TRANSITION")
+    before = outcome_of(f"{ENTITY_SET_2}/inventory.sku-teapot", "returnReservation", **forgotten)
+    assert before["status"] == "APPLIED"
