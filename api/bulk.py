@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import strawberry
@@ -61,7 +61,11 @@ class BulkCommand:
     entity_type: str
     command: str
     status: BulkStatus
-    total: int | None = strawberry.field(description="Null until its targets are counted.")
+    total: int | None = strawberry.field(
+        description="Its targets: the filter's count when its first page was read, raised to "
+        "`delivered` should more come to match, and exact once the last page is sent. Null "
+        "until counted; a filter the index cannot count stays null until then."
+    )
     delivered: int = strawberry.field(
         description="Targets sent the command: handed to Temporal, which has it applied, or "
         "settled while sending. Sending runs ahead of the entities applying."
@@ -83,20 +87,21 @@ class BulkCommand:
     )
     ended_at: datetime | None
     eta: datetime | None = strawberry.field(
-        description="When it should end, at the pace so far; null before the first page."
+        description="When it should end, at the pace of its time running (its pauses left "
+        "out); null before the first outcome, and while paused."
+    )
+    cancel_requested: bool = strawberry.field(
+        description="Cancelled while a page was in flight: it ends CANCELLED once that page "
+        "is sent. It can no longer be resumed."
     )
 
     @classmethod
     def of(cls, bulk_id: str, progress: BulkProgress, now: datetime) -> BulkCommand:
         eta = None
-        if (
-            progress.status is BulkStatus.RUNNING
-            and progress.started_at
-            and progress.total
-            and progress.done
-        ):
-            spent = now - progress.started_at
-            eta = progress.started_at + spent * (progress.total / progress.done)
+        working = progress.working_seconds(now)
+        if progress.status is BulkStatus.RUNNING and working and progress.total and progress.done:
+            left = max(progress.total - progress.done, 0)
+            eta = now + timedelta(seconds=working * left / progress.done)
         return cls(
             id=strawberry.ID(bulk_id),
             entity_type=progress.entity_type,
@@ -118,6 +123,7 @@ class BulkCommand:
             started_by=progress.sent_by,
             ended_at=progress.ended_at,
             eta=eta,
+            cancel_requested=progress.cancel_requested,
         )
 
 
@@ -285,25 +291,56 @@ class BulkMutation:
             )
         return BulkCommand.of(key, progress, now())
 
-    @strawberry.mutation(description="Stop a bulk command after the page it is sending.")
+    @strawberry.mutation(
+        description="Stop a bulk command after the page it is sending. INVALID_TRANSITION "
+        "once its last page is sent (nothing is left to pause), or it is being cancelled."
+    )
     async def pause_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand | None:
         return await _signal(info, id, BulkCommandWorkflow.pause)
 
-    @strawberry.mutation(description="Go on from where a paused bulk command stopped.")
+    @strawberry.mutation(
+        description="Go on from where a paused bulk command stopped. INVALID_TRANSITION once "
+        "it is being cancelled."
+    )
     async def resume_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand | None:
         return await _signal(info, id, BulkCommandWorkflow.resume)
 
-    @strawberry.mutation(description="End a bulk command after the page it is sending.")
+    @strawberry.mutation(
+        description="End a bulk command after the page it is sending: it ends CANCELLED. "
+        "INVALID_TRANSITION once its last page is sent (nothing is left to cancel)."
+    )
     async def cancel_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand | None:
         return await _signal(info, id, BulkCommandWorkflow.cancel)
+
+
+def _refusal(
+    bulk_id: str, progress: BulkProgress, signal: Callable[[BulkCommandWorkflow], None]
+) -> str | None:
+    """Why `signal` would change nothing for a bulk still running, or None. A cancel after
+    the last page was accepted and ended it CANCELLED with every target sent its command; a
+    resume after a cancel was accepted and did nothing."""
+    if progress.status in _ENDED:
+        return None  # told as ended, below
+    if signal is not BulkCommandWorkflow.resume and progress.delivered_at is not None:
+        return (
+            f"bulk command {bulk_id} has sent its command to every target; its outcomes are "
+            "being counted, and nothing is left to pause or cancel"
+        )
+    if signal is not BulkCommandWorkflow.cancel and progress.cancel_requested:
+        return f"bulk command {bulk_id} is being cancelled; it can no longer be paused or resumed"
+    return None
 
 
 async def _signal(
     info: Info, bulk_id: str, signal: Callable[[BulkCommandWorkflow], None]
 ) -> BulkCommand:
     """Pause, resume or cancel a running bulk command; INVALID_TRANSITION once it has ended,
-    as the checkout operator tools answer for an ended checkout."""
-    await _progress(info, bulk_id)  # it exists, and the caller may act on it
+    as the checkout operator tools answer for an ended checkout, and when the signal would
+    change nothing (`_refusal`)."""
+    progress = await _progress(info, bulk_id)  # it exists, and the caller may act on it
+    refused = _refusal(bulk_id, progress, signal)
+    if refused is not None:
+        raise TenureError(ErrorCode.INVALID_TRANSITION, refused)
     if not await info.context.gateway.signal_workflow(bulk_workflow_id(bulk_id), signal):
         ended = await _progress(info, bulk_id)
         # One stopped from outside (terminated) still shows the status it last had.

@@ -92,12 +92,31 @@ class BulkProgress(BaseModel):
     )
     cursor: str | None = Field(default=None, description="Where the next page starts.")
     pages: int = 0
+    paused_seconds: float = Field(
+        default=0.0, description="How long it has been paused, pauses that have ended."
+    )
+    paused_at: datetime | None = Field(default=None, description="When its pause began.")
+    cancel_requested: bool = Field(
+        default=False,
+        description="Cancelled while a page was in flight: it ends CANCELLED once that page "
+        "is sent, and takes no resume.",
+    )
     fingerprint: str = Field(
         default="",
         description="What the bulk command sends to what (`BulkInput.fingerprint`): its "
         "idempotency key given again with another command is refused. Empty in bulk "
         "commands started before it was kept.",
     )
+
+    def working_seconds(self, now: datetime) -> float | None:
+        """Seconds it has spent sending and counting by `now`: since it started, less its
+        pauses."""
+        if self.started_at is None:
+            return None
+        paused = self.paused_seconds
+        if self.paused_at is not None:
+            paused += max((now - self.paused_at).total_seconds(), 0.0)
+        return max((now - self.started_at).total_seconds() - paused, 0.0)
 
     def add(self, sent: PageSent) -> None:
         self.done += sent.done
@@ -237,6 +256,8 @@ class BulkCommandWorkflow:
             self._progress.entity_type = input.entity_type
             self._progress.command = input.command
             self._progress.fingerprint = input.fingerprint()
+        if self._paused and self._progress.paused_at is None:
+            self._progress.paused_at = workflow.now()  # started paused
         # Runs begun before it was kept learn it from their input, carried as it came.
         self._progress.sent_by = self._progress.sent_by or input.sent_by
 
@@ -249,15 +270,23 @@ class BulkCommandWorkflow:
 
     @workflow.signal(name="pause")
     def pause(self) -> None:
+        if not self._paused:
+            self._progress.paused_at = workflow.now()
         self._paused = True
 
     @workflow.signal(name="resume")
     def resume(self) -> None:
+        """Go on; a bulk being cancelled goes on to its end (the API refuses the resume)."""
+        if self._paused and self._progress.paused_at is not None:
+            pause = workflow.now() - self._progress.paused_at
+            self._progress.paused_seconds += max(pause.total_seconds(), 0.0)
+        self._progress.paused_at = None
         self._paused = False
 
     @workflow.signal(name="cancel")
     def cancel(self) -> None:
         self._cancelled = True
+        self._progress.cancel_requested = True
 
     @workflow.run
     async def run(self, input: BulkInput) -> BulkProgress:
@@ -270,8 +299,13 @@ class BulkCommandWorkflow:
             workflow.continue_as_new(
                 input.model_copy(update={"progress": self._progress, "paused": self._paused})
             )
-        self._progress.status = BulkStatus.CANCELLED if self._cancelled else BulkStatus.COMPLETED
+        # Cancelled once its last page was sent, there was nothing left to cancel: it ends
+        # COMPLETED (it ended CANCELLED, with every target sent its command).
+        cut_short = self._cancelled and more
+        self._progress.status = BulkStatus.CANCELLED if cut_short else BulkStatus.COMPLETED
         self._progress.ended_at = workflow.now()
+        if self._progress.paused_at is not None:
+            self.resume()  # its pause ends with it
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._progress
 
@@ -339,7 +373,7 @@ class BulkCommandWorkflow:
         """Runs from before `PIPELINED`: one page per run, sent and counted by one activity."""
         await workflow.wait_condition(lambda: not self._paused or self._cancelled)
         if self._cancelled:
-            return False
+            return True  # targets remain, cancelled
         self._sending = True
         page = await self._next_page(input, by_activity=True)
         if page.ids:
@@ -385,10 +419,18 @@ class BulkCommandWorkflow:
         )
 
     def _sent(self, page: TargetPage) -> None:
+        """Count a page sent. The total is the filter's count when the first page was read:
+        entities that come to match ahead of the cursor raise it to what was sent (`done` went
+        past `total`, and the eta into the past), and the last page makes it exact, which
+        one the index could not count (null until then) needs as much."""
+        progress = self._progress
         if page.total is not None:
-            self._progress.total = page.total
-        self._progress.delivered += len(page.ids)
-        self._progress.pages += 1
-        self._progress.cursor = page.cursor
+            progress.total = page.total
+        progress.delivered += len(page.ids)
+        progress.pages += 1
+        progress.cursor = page.cursor
         if page.cursor is None:
-            self._progress.delivered_at = workflow.now()
+            progress.delivered_at = workflow.now()
+            progress.total = progress.delivered
+        elif progress.total is not None:
+            progress.total = max(progress.total, progress.delivered)

@@ -5,18 +5,29 @@ its progress, by status and page by page."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 from temporalio.client import Client, WorkflowHandle
 
+from api.bulk import BulkCommand
 from api.webhooks import idempotency_key as webhook_key
-from entities.bulk import BulkCommandWorkflow, BulkInput, bulk_command_id, bulk_workflow_id
+from entities.bulk import (
+    BulkCommandWorkflow,
+    BulkInput,
+    BulkProgress,
+    BulkStatus,
+    bulk_command_id,
+    bulk_workflow_id,
+)
 from entities.checkout_input import checkout_workflow_id
 from entities.runtime.envelope import SYSTEM_COMMAND_PREFIXES
 from tests.api.test_access import Caller, token
 from tests.api.test_accounts_api import open_active, read_account
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
+from tests.entities.test_bulk import elsewhere, open_accounts
 from workers.settings import Settings
 
 START = """mutation($key: String!, $ids: [ID!], $filter: JSON, $payload: JSON,
@@ -528,3 +539,90 @@ async def test_a_service_acts_on_its_own_bulk_commands_and_filters_only_what_it_
     assert (await admin.data(READ, id=key))["bulkCommand"] is None  # nothing started
     started = await reader.data(START, key=new_id(), payload={"amount": 1}, filter=searching)
     assert started["startBulkCommand"]["status"] in ("RUNNING", "COMPLETED")
+
+
+async def read_until(
+    gql: GraphQLClient, bulk_id: str, ok: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    for _ in range(200):
+        bulk: dict[str, Any] = (await gql.data(READ_MORE, id=bulk_id))["bulkCommand"]
+        if ok(bulk):
+            return bulk
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"bulk {bulk_id} never so: {bulk}")
+
+
+READ_MORE = """query($id: ID!) { bulkCommand(id: $id) {
+  status total delivered deliveredAt done cancelRequested eta } }"""
+
+
+async def test_a_bulk_refuses_what_would_change_nothing_pause_or_cancel_once_all_sent(
+    gql: GraphQLClient, temporal_client: Client, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """A cancel once the last page was sent ended the bulk CANCELLED with every target sent
+    its command, and a resume after a cancel was accepted and did nothing: each is now
+    INVALID_TRANSITION, saying why."""
+    unserved = elsewhere(settings)  # their worker down: their bulk waits to count them
+    async with run_worker(unserved):
+        ids = await open_accounts(temporal_client, unserved, 2)
+    all_sent = new_id()
+    await gql.data(START, key=all_sent, ids=ids[:1], payload={"amount": 5})
+    sent = await read_until(gql, all_sent, lambda b: b["deliveredAt"] is not None)
+    assert (sent["status"], sent["done"]) == ("RUNNING", 0)
+    for mutation in (PAUSE, CANCEL):
+        error = (await gql(mutation, id=all_sent))["errors"][0]
+        assert error["extensions"]["code"] == "INVALID_TRANSITION", error
+        assert "nothing is left to pause or cancel" in error["message"], error
+
+    # Cancelled while its first page waits to be counted, with a page left to send.
+    cancelling = new_id()
+    await temporal_client.start_workflow(
+        BulkCommandWorkflow.run,
+        BulkInput(
+            bulk_id=cancelling,
+            entity_type="account",
+            command="deposit",
+            payload={"amount": 7},
+            ids=ids,
+            sent_by="admin:tests",
+            page_size=1,
+            pages_per_run=1,
+        ),
+        id=bulk_workflow_id(cancelling),
+        task_queue=settings.bulk_task_queue,
+    )
+    await read_until(gql, cancelling, lambda b: b["delivered"] == 1)
+    assert (await gql.data(CANCEL, id=cancelling))["cancelBulkCommand"]["status"] == "RUNNING"
+    asked = await read_until(gql, cancelling, lambda b: b["cancelRequested"])
+    assert asked["status"] == "RUNNING"
+    for mutation in (RESUME, PAUSE):
+        error = (await gql(mutation, id=cancelling))["errors"][0]
+        assert error["extensions"]["code"] == "INVALID_TRANSITION", error
+        assert "is being cancelled" in error["message"], error
+
+    async with run_worker(unserved):
+        completed = await read_until(gql, all_sent, lambda b: b["status"] != "RUNNING")
+        cancelled = await read_until(gql, cancelling, lambda b: b["status"] != "RUNNING")
+    assert (completed["status"], completed["total"], completed["done"]) == ("COMPLETED", 1, 1)
+    assert (cancelled["status"], cancelled["delivered"], cancelled["done"]) == ("CANCELLED", 1, 1)
+
+
+def test_a_bulk_s_eta_leaves_its_pauses_out() -> None:
+    """Ten minutes in, five of them paused (three, then two so far), half done: five more
+    minutes of work, not ten."""
+    at = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    progress = BulkProgress(
+        status=BulkStatus.RUNNING,
+        total=100,
+        done=50,
+        started_at=at,
+        paused_seconds=180.0,
+        paused_at=at + timedelta(minutes=8),
+    )
+    now = at + timedelta(minutes=10)
+    assert BulkCommand.of("b", progress, now).eta == now + timedelta(minutes=5)
+    resumed = progress.model_copy(update={"paused_seconds": 300.0, "paused_at": None})
+    assert BulkCommand.of("b", resumed, now).eta == now + timedelta(minutes=5)
+    # done past a total counted early never puts it in the past
+    ahead = progress.model_copy(update={"done": 120, "paused_at": None, "paused_seconds": 0})
+    assert BulkCommand.of("b", ahead, now).eta == now

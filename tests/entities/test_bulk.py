@@ -217,11 +217,14 @@ async def test_a_filter_pages_the_index_and_a_paused_bulk_resumes_where_it_stopp
         still = await progress(bulk)
         assert (still.done, still.cursor) == (stopped.done, stopped.cursor)
         assert still.done < 30
+        assert still.paused_at is not None and still.paused_seconds > 0  # the first pause
         await bulk.signal("resume")
         done = await bulk.result()
         balances = {i: await balance(temporal_client, i) for i in ids}
     assert done.status is BulkStatus.COMPLETED
     assert (done.total, done.done, done.applied) == (30, 30, 30)
+    # Both pauses are kept apart from its working time, for its eta: 1 s at least.
+    assert done.paused_at is None and done.paused_seconds >= 1.0
     assert {i for i, b in balances.items() if b == 3} == set(ids) - set(suspended)
     assert all(balances[i] == 0 for i in suspended)
 
@@ -278,3 +281,88 @@ async def test_outcomes_seen_in_the_change_stream_and_asked_of_entities_add_up(
     )
     assert done.rejected == {"INVALID_TRANSITION": 2}
     assert sorted(f.entity_id for f in done.failures) == sorted([suspended, closed])
+
+
+def elsewhere(settings: Settings) -> Settings:
+    """Entities on a task queue of their own, whose worker a test stops and starts: Temporal
+    takes their commands while it is down, and a bulk command waits to count them."""
+    return settings.model_copy(update={"task_queue": f"{settings.task_queue}-elsewhere"})
+
+
+async def open_account(delivery: CommandDelivery, account_id: str) -> None:
+    await send(delivery, account_id, "open", {"owner_name": "Bulk", "email": "b@x.io"})
+    await send(delivery, account_id, "verify", {})
+
+
+async def listed(cache: SnapshotCache, statuses: dict[str, str]) -> None:
+    """Until the cache, which the listing index follows, shows each account's status."""
+
+    async def shown() -> dict[str, str | None]:
+        hits = await asyncio.gather(*(cache.get("account", i) for i in statuses))
+        return {
+            i: (hit.snapshot.state or {}).get("status") if hit is not None else None
+            for i, hit in zip(statuses, hits, strict=True)
+        }
+
+    await eventually(shown, lambda now: now == statuses)
+
+
+async def test_a_cancel_once_every_target_was_sent_leaves_the_bulk_completed(
+    temporal_client: Client, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """Nothing is left to cancel once the last page is sent: it ended CANCELLED all the same,
+    with every target sent its command and applying it."""
+    unserved = elsewhere(settings)
+    async with run_worker(unserved):
+        ids = await open_accounts(temporal_client, unserved, 3)
+    async with run_worker():
+        bulk = await start_deposits(temporal_client, settings, amount=2, ids=ids)
+        sent = await eventually(lambda: progress(bulk), lambda p: p.delivered_at is not None)
+        assert sent.done == 0  # their worker is down: nothing counted yet
+        await bulk.signal("cancel")
+        asked = await eventually(lambda: progress(bulk), lambda p: p.cancel_requested)
+        assert asked.status is BulkStatus.RUNNING
+        async with run_worker(unserved):
+            done = await bulk.result()
+            balances = await asyncio.gather(*(balance(temporal_client, i) for i in ids))
+    assert done.status is BulkStatus.COMPLETED
+    assert (done.total, done.done, done.applied) == (3, 3, 3)
+    assert set(balances) == {2}
+
+
+async def test_a_filter_s_total_follows_entities_that_come_to_match_ahead_of_its_cursor(
+    temporal_client: Client, settings: Settings, run_worker: WorkerFactory, cache: SnapshotCache
+) -> None:
+    """The total was fixed when the first page was read: entities reactivated ahead of the
+    cursor took `done` past it (20 of 10), and the eta into the past. It is raised to what
+    was sent, and exact at the end."""
+    tag = uuid.uuid4().hex[:8]
+    ids = [f"{tag}-{i:04d}" for i in range(20)]
+    unserved = elsewhere(settings)
+    async with run_worker(unserved):
+        await open_account(CommandDelivery(temporal_client, unserved), ids[0])
+        await listed(cache, {ids[0]: "ACTIVE"})
+    async with run_worker():
+        delivery = CommandDelivery(temporal_client, settings)
+        await asyncio.gather(*(open_account(delivery, i) for i in ids[1:]))
+        late = ids[10:]
+        await asyncio.gather(*(send(delivery, i, "suspend", {"reason": "review"}) for i in late))
+        await listed(cache, {i: "ACTIVE" if i not in late else "SUSPENDED" for i in ids})
+        # The first page goes to the unserved account among others: the run waits to count
+        # it before it goes on, while the rest come to match.
+        bulk = await start_deposits(
+            temporal_client,
+            settings,
+            amount=1,
+            filter={"tags": {"status": ["ACTIVE"]}},
+            page_size=5,
+            pages_per_run=1,
+        )
+        first = await eventually(lambda: progress(bulk), lambda p: p.pages == 1)
+        assert first.total == 10
+        await asyncio.gather(*(send(delivery, i, "reactivate", {}) for i in late))
+        await listed(cache, dict.fromkeys(late, "ACTIVE"))
+        async with run_worker(unserved):
+            done = await bulk.result()
+    assert done.status is BulkStatus.COMPLETED
+    assert (done.total, done.delivered, done.done, done.applied) == (20, 20, 20, 20)

@@ -641,7 +641,7 @@
   const bulkPane = document.getElementById("bulk");
   const BULK = `query($id: ID!) { bulk: bulkCommand(id: $id) { id entityType command status
     total delivered deliveredAt done applied rejected failed failures { entityId code message }
-    eta startedAt startedBy endedAt } }`;
+    eta startedAt startedBy endedAt cancelRequested } }`;
   const BULK_ACTIONS = {
     pause: { mutation: "pauseBulkCommand", confirm: (id) => `Pause bulk command ${id}?` },
     resume: { mutation: "resumeBulkCommand", confirm: (id) => `Resume bulk command ${id}?` },
@@ -697,7 +697,8 @@
     bulkPane.querySelector("[data-count]").textContent =
       `${b.done}/${total} done, ${b.delivered}/${total} sent`;
     const fields = ["status", "entityType", "command", "total", "delivered", "done", "applied",
-      "rejected", "failed", "eta", "startedAt", "startedBy", "deliveredAt", "endedAt"];
+      "rejected", "failed", "eta", "startedAt", "startedBy", "deliveredAt", "endedAt",
+      "cancelRequested"];
     bulkPane.querySelector("[data-fields]").replaceChildren(
       ...fields.flatMap((name) => [
         el("dt", {}, name),
@@ -710,10 +711,15 @@
         ? [el("h3", {}, "Failures (the first 20)"), table(["Entity", "Code", "Message"], failures)]
         : []),
     );
+    // Once every target is sent nothing is left to pause or cancel, and a bulk being
+    // cancelled takes no resume: the API refuses each, so they are not offered.
     const ended = ["COMPLETED", "CANCELLED"].includes(b.status);
-    bulkPane.querySelector('[data-bulk="pause"]').disabled = b.status !== "RUNNING";
-    bulkPane.querySelector('[data-bulk="resume"]').disabled = b.status !== "PAUSED";
-    bulkPane.querySelector('[data-bulk="cancel"]').disabled = ended;
+    const allSent = b.deliveredAt !== null;
+    bulkPane.querySelector('[data-bulk="pause"]').disabled =
+      b.status !== "RUNNING" || allSent || b.cancelRequested;
+    bulkPane.querySelector('[data-bulk="resume"]').disabled =
+      b.status !== "PAUSED" || b.cancelRequested;
+    bulkPane.querySelector('[data-bulk="cancel"]').disabled = ended || allSent;
   }
 
   for (const button of bulkPane.querySelectorAll("[data-bulk]")) {
