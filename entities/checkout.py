@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -342,6 +342,7 @@ class CheckoutWorkflow:
         payload: dict[str, Any],
         policy: RequestPolicy,
         undoes: str | None = None,
+        undoes_since: datetime | None = None,
     ) -> Awaitable[Outcome]:
         request = EntityRequest(
             entity_type=command.entity_type,
@@ -350,6 +351,7 @@ class CheckoutWorkflow:
             command=command.name,
             payload=payload,
             undoes=undoes,
+            undoes_since=undoes_since,
             sent_by=saga_sender(workflow.info().workflow_id),
         )
         return request_entity(request, policy, CHECKOUT_PATCHES.patched)
@@ -366,7 +368,9 @@ class CheckoutWorkflow:
     ) -> Compensation:
         """Take `step` back with `command`. Unless the step is known to have completed, the
         entity applies it only if the step's command was applied, and cancels that command
-        if it never arrived."""
+        if it never arrived; since the step is sent once this is made, the entity can tell
+        whether it has forgotten it (`CommandEnvelope.undoes_since`)."""
+        since = workflow.now()
 
         def undo(step_completed: bool, retry: int) -> Awaitable[Outcome]:
             return self._request(
@@ -376,6 +380,7 @@ class CheckoutWorkflow:
                 payload,
                 self._options.compensation,
                 undoes=None if step_completed else self._command_id(step),
+                undoes_since=None if step_completed else since,
             )
 
         return undo

@@ -62,6 +62,7 @@ class EntityRequests:
             name=request.command,
             payload=request.payload,
             undoes=request.undoes,
+            undoes_since=request.undoes_since,
             sent_by=request.sent_by,
             reads_large_state=True,  # a saga needs the outcome alone
             publishes=True,

@@ -44,9 +44,10 @@ STRICTEST = 4
 """The level of the latest bounds: what the API's edge and new runs apply."""
 
 RULES_1_PATCH = "entity-rules-1"
-"""Runs started since it take the rules of entity types changed at level 1
-(`CommandContext.rules_from`): an inventory item refuses to take back a sale it no longer
-remembers. Older runs replay their histories as they were made."""
+"""Runs started since it take the rules changed at level 1 (`CommandContext.rules_from`):
+an inventory item refuses to take back a sale it no longer remembers, and an entity refuses
+a compensation whose undone command its ledger may have forgotten. Older runs replay their
+histories as they were made."""
 NEWEST_RULES = 1
 """The level of the latest rules: what new runs, and transitions run outside a workflow,
 apply."""

@@ -29,13 +29,21 @@ class CommandEnvelope(BaseModel):
     if that command was applied; if that command never arrived, it is recorded as cancelled
     so that a late delivery can never apply it. The undone command must still be in the
     entity's ledger (its last `ledger_size` commands), so a compensation whose step is known
-    to have been applied is sent without `undoes`.
+    to have been applied is sent without `undoes`; and one whose undone command, first sent
+    at `undoes_since`, may have left the ledger is refused (CONFLICT), since the entity can
+    no longer tell whether it was applied.
     """
 
     command_id: str
     name: str
     payload: dict[str, Any] = Field(default_factory=dict)
     undoes: str | None = None
+    undoes_since: datetime | None = Field(
+        default=None,
+        description="When the undone command was first sent: a ledger that has forgotten "
+        "nothing since can tell it never came. None from senders before it: any forgotten "
+        "command might be it.",
+    )
     fingerprint: str | None = Field(
         default=None,
         description="What the command asks for (its name and payload), hashed; filled in "
@@ -266,6 +274,11 @@ class EntityRunInput(BaseModel):
     revision: int = 0
     updated_at: datetime | None = None
     ledger: list[Outcome] = Field(default_factory=list)
+    ledger_forgot_through: datetime | None = Field(
+        default=None,
+        description="The newest time of an outcome the ledger has forgotten (`Ledger`); "
+        "not given by runs before it was kept.",
+    )
     published_revision: int = 0
     incarnation: int | None = Field(
         default=None, description="Set by the first run of the chain and carried from then on."

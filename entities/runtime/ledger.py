@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 
 from entities.runtime.envelope import Outcome
 
@@ -11,6 +12,13 @@ MAX_BYTES = 640 * 1024
 """What the ledger may weigh in the run input it travels in, which Temporal refuses past 2 MB
 (and then fails the workflow task for good): ids, senders and messages are bounded, but 4,096
 outcomes of long ones would not be."""
+
+
+UNKNOWN_TIME = datetime.max.replace(tzinfo=UTC)
+"""When an outcome without its time (from before outcomes kept it) was settled: any time."""
+NEARLY_FULL = 0.9
+"""A ledger carried from a run that did not say what it forgot (older code) and this full may
+have forgotten outcomes as recent as its oldest one."""
 
 
 def _weight(outcome: Outcome) -> int:
@@ -23,18 +31,51 @@ class Ledger:
     they would weigh more than `max_bytes`.
 
     It travels across continue-as-new, so a command retried after a new run started is
-    still recognised; Temporal itself dedupes nothing across runs.
+    still recognised; Temporal itself dedupes nothing across runs. With it travels
+    `forgot_through`, the newest time of an outcome it evicted: a command settled after that
+    is remembered if it came at all, one from before may have been forgotten.
     """
 
     def __init__(
-        self, capacity: int, entries: Iterable[Outcome] = (), max_bytes: int = MAX_BYTES
+        self,
+        capacity: int,
+        entries: Iterable[Outcome] = (),
+        max_bytes: int = MAX_BYTES,
+        forgot_through: datetime | None = None,
     ) -> None:
         self.capacity = capacity
         self.max_bytes = max_bytes
+        self.forgot_through = forgot_through
         self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
         self._bytes = 0
         for entry in entries:
             self.record(entry)
+
+    @classmethod
+    def carried(
+        cls,
+        capacity: int,
+        entries: list[Outcome],
+        forgot_through: datetime | None,
+        told: bool,
+        max_bytes: int = MAX_BYTES,
+    ) -> Ledger:
+        """The ledger a run was handed. One handed over by a run that did not tell what it
+        forgot (`told`) and that is nearly full is taken to have forgotten everything older
+        than what it holds."""
+        if not told and entries:
+            weight = sum(_weight(entry) for entry in entries)
+            if len(entries) >= capacity or weight >= NEARLY_FULL * max_bytes:
+                times = [entry.at for entry in entries]
+                forgot_through = UNKNOWN_TIME if None in times else min(t for t in times if t)
+        return cls(capacity, entries, max_bytes, forgot_through)
+
+    def may_have_forgotten(self, since: datetime | None) -> bool:
+        """Whether a command settled at `since` or later (at any time, with no `since`) may
+        have been evicted, so that its absence does not show it never came."""
+        if self.forgot_through is None:
+            return False
+        return since is None or self.forgot_through >= since
 
     def __contains__(self, command_id: object) -> bool:
         return command_id in self._outcomes
@@ -56,6 +97,9 @@ class Ledger:
         ):
             _, evicted = self._outcomes.popitem(last=False)
             self._bytes -= _weight(evicted)
+            at = evicted.at or UNKNOWN_TIME
+            if self.forgot_through is None or at > self.forgot_through:
+                self.forgot_through = at
 
     def entries(self) -> list[Outcome]:
         return list(self._outcomes.values())

@@ -16,7 +16,7 @@ its requests are answered.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -47,6 +47,9 @@ class EntityRequest(BaseModel):
     command: str
     payload: dict[str, Any] = Field(default_factory=dict)
     undoes: str | None = None
+    undoes_since: datetime | None = Field(
+        default=None, description="When the undone command was first sent (`CommandEnvelope`)."
+    )
     sent_by: str | None = Field(
         default=None, max_length=160, description="Who sends it, as `role:subject`."
     )

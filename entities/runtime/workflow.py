@@ -178,7 +178,12 @@ class EntityWorkflow:
             if input.incarnation is not None
             else int(workflow.now().timestamp() * 1000)
         )
-        self._ledger = Ledger(input.runtime.ledger_size, input.ledger)
+        self._ledger = Ledger.carried(
+            input.runtime.ledger_size,
+            input.ledger,
+            input.ledger_forgot_through,
+            told="ledger_forgot_through" in input.model_fields_set,
+        )
         self._received_this_run = 0
         self._updates_this_run = 0
         self._backlog: Backlog[RawValue] = Backlog(
@@ -239,7 +244,6 @@ class EntityWorkflow:
             self._publisher.take_back(self._revision)
             return
         if envelope.undoes is not None and self._nothing_to_undo(envelope):
-            self._count("applied", OK)
             return
         now = workflow.now()
         ctx = CommandContext(
@@ -449,13 +453,31 @@ class EntityWorkflow:
 
     def _nothing_to_undo(self, envelope: CommandEnvelope) -> bool:
         """Settle a compensating command whose undone command was not applied: there is
-        nothing to take back, and a command that never arrived is cancelled for good."""
+        nothing to take back, and a command that never arrived is cancelled for good.
+        When the ledger may have forgotten the undone command (sent before the newest outcome
+        it evicted), the compensation is refused, each time it comes, and nothing is
+        cancelled: answered "nothing to undo", a refund of a withdrawal applied and since
+        forgotten was never made, and its checkout ended COMPENSATED. Runs begun before this
+        rule (`RULES_1_PATCH`) answered so."""
         assert envelope.undoes is not None
         undone = self._ledger.get(envelope.undoes)
         if undone is not None and undone.status is OutcomeStatus.APPLIED:
             return False
         if undone is None:
+            forgotten = self._ledger.may_have_forgotten(envelope.undoes_since)
+            if forgotten and _rules_from(1):
+                self._reject(
+                    envelope.command_id,
+                    ErrorCode.CONFLICT,
+                    f"cannot tell whether {envelope.undoes} was applied: "
+                    f"{self.entity.name} {self._input.entity_id} no longer remembers the "
+                    f"commands of then (it remembers its last {self._ledger.capacity}); check "
+                    "it and settle by hand",
+                    envelope,
+                )
+                return True
             self._reject(envelope.undoes, ErrorCode.CONFLICT, f"cancelled by {envelope.command_id}")
+        self._count("applied", OK)
         self._ledger.record(
             Outcome(
                 command_id=envelope.command_id,
@@ -774,6 +796,7 @@ class EntityWorkflow:
             revision=self._revision,
             updated_at=self._updated_at,
             ledger=self._ledger.entries(),
+            ledger_forgot_through=self._ledger.forgot_through,
             published_revision=self._publisher.published_revision,
             incarnation=self._incarnation,
             effects=self._effects.pending,

@@ -22,6 +22,7 @@ from entities.checkout_input import (
 )
 from entities.errors import ErrorCode
 from entities.inventory import inventory
+from entities.runtime.envelope import RuntimeOptions
 from entities.runtime.requests import RequestPolicy
 from entities.runtime.saga import (
     MAX_OPERATOR_ACTIONS,
@@ -341,3 +342,28 @@ async def signalled(shop: Shop, workflow_id: str, command: str) -> bool:
         for event in history.events
         if event.HasField("workflow_execution_signaled_event_attributes")
     )
+
+
+async def test_a_refund_retried_after_the_account_forgot_the_withdrawal_is_not_taken_as_done(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """The withdrawal's outcome was unknown to the saga, so its refund undoes it by id. An
+    operator's retry came once the account's ledger (16 commands here) had forgotten it: the
+    refund was answered "nothing to undo", the checkout ended COMPENSATED, and the customer
+    was never paid back. The refund is refused now, the checkout FAILED again, telling why."""
+    small = shop_settings(settings).model_copy(update={"runtime": RuntimeOptions(ledger_size=16)})
+    shop = Shop(temporal_client, cache, small)
+    async with failed_checkout(shop, run_worker) as failed:
+        await failed.fix()  # ten withdrawals, past what the ledger holds since the first
+        handle = handle_of(shop, failed.checkout_id)
+        await handle.execute_update(CheckoutWorkflow.operate, RETRY)
+        again = await eventually(
+            lambda: shop.progress(failed.checkout_id),
+            lambda p: p is not None and len(p.operator_actions) == 1 and p.refused() != [],
+            30,
+        )
+        assert again is not None and again.status is SagaStatus.FAILED
+        [refund] = again.refused()
+        assert (refund.name, refund.code) == ("refund", ErrorCode.CONFLICT)
+        assert refund.message is not None and "cannot tell whether" in refund.message
+        assert await failed.bank.balance(failed.account_id) == BALANCE - 600  # not paid back

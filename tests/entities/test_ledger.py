@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from entities.runtime.envelope import Outcome, OutcomeStatus
 from entities.runtime.ledger import Ledger
 
@@ -50,3 +52,35 @@ def test_ledger_keeps_fewer_outcomes_when_they_would_weigh_too_much() -> None:
     assert ledger.entries()[-1] == heavy[-1]
     serialized = sum(len(entry.model_dump_json()) for entry in ledger.entries())
     assert serialized <= 640 * 1024
+
+
+T0 = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def at(n: int) -> Outcome:
+    return outcome(n).model_copy(update={"at": T0 + timedelta(seconds=n)})
+
+
+def test_a_ledger_knows_how_recent_what_it_forgot_is() -> None:
+    """An undone command absent from it never came only if it was sent after the newest
+    outcome the ledger forgot; before that, its absence tells nothing."""
+    ledger = Ledger(3, [at(n) for n in range(3)])
+    assert ledger.forgot_through is None
+    assert not ledger.may_have_forgotten(None)  # it has forgotten nothing
+    ledger.record(at(3))
+    ledger.record(at(4))
+    assert ledger.forgot_through == T0 + timedelta(seconds=1)
+    assert ledger.may_have_forgotten(T0 + timedelta(seconds=1))
+    assert ledger.may_have_forgotten(None)
+    assert not ledger.may_have_forgotten(T0 + timedelta(seconds=2))
+    # Carried across continue-as-new as told.
+    again = Ledger.carried(3, ledger.entries(), ledger.forgot_through, told=True)
+    assert again.forgot_through == ledger.forgot_through
+
+
+def test_a_full_ledger_from_a_run_that_did_not_tell_what_it_forgot_is_taken_to_have() -> None:
+    full = [at(n) for n in range(5, 8)]
+    assert Ledger.carried(3, full, None, told=False).forgot_through == T0 + timedelta(seconds=5)
+    assert Ledger.carried(4, full, None, told=False).forgot_through is None  # room left
+    undated = [outcome(n) for n in range(3)]
+    assert Ledger.carried(3, undated, None, told=False).may_have_forgotten(T0)

@@ -3,11 +3,19 @@ if that one was, and cancels one that never arrived."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 from temporalio.client import Client
 
 from entities.account import account
 from entities.errors import ErrorCode
-from entities.runtime.envelope import CommandEnvelope, CommandResult, OutcomeStatus
+from entities.runtime.envelope import (
+    CommandEnvelope,
+    CommandResult,
+    OutcomeStatus,
+    RuntimeOptions,
+)
 from tests.conftest import WorkerFactory
 from tests.entities.shop import Shop
 from workers.cache import SnapshotCache
@@ -53,3 +61,50 @@ async def test_a_compensation_applies_only_when_what_it_undoes_was_applied(
             ErrorCode.CONFLICT,
         )
         assert await shop.balance(account_id) == 100
+
+
+async def test_a_compensation_whose_undone_command_may_be_forgotten_is_refused(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """The undone withdrawal left the ledger (4 commands here): it was answered "nothing to
+    undo", and the refund was never made. It is refused now, each time it comes, and what
+    was sent after the newest command the ledger forgot is still told apart."""
+    small = settings.model_copy(update={"runtime": RuntimeOptions(ledger_size=4)})
+    shop = Shop(temporal_client, cache, small)
+    delivery = CommandDelivery(temporal_client, small)
+
+    async def command(
+        command_id: str, name: str, amount: int, undoes: str | None = None, since: Any = None
+    ) -> CommandResult:
+        envelope = CommandEnvelope(
+            command_id=command_id,
+            name=name,
+            payload={"amount": amount},
+            undoes=undoes,
+            undoes_since=since,
+        )
+        return await delivery.request(account, account_id, envelope)
+
+    async with run_worker(small):
+        account_id = await shop.account(100)  # open, verify, deposit
+        await command("w-1", "withdraw", 30)
+        for n in range(4):
+            await command(f"d-{n}", "deposit", 1)
+        for attempt in ("r-1", "r-1-retry-1"):
+            refused = await command(attempt, "refund", 30, undoes="w-1")
+            assert (refused.outcome.status, refused.outcome.code) == (
+                OutcomeStatus.REJECTED,
+                ErrorCode.CONFLICT,
+            )
+            assert refused.outcome.message is not None
+            assert "cannot tell whether w-1 was applied" in refused.outcome.message
+        assert await shop.balance(account_id) == 74
+
+        # Sent after what it forgot: its absence shows it never came, as before.
+        since = datetime.now(UTC)
+        nothing = await command("r-2", "refund", 40, undoes="w-2", since=since)
+        assert nothing.outcome.status is OutcomeStatus.APPLIED
+        assert nothing.outcome.message == "nothing to undo: w-2 was not applied"
+        late = await command("w-2", "withdraw", 40)
+        assert late.outcome.code == ErrorCode.CONFLICT
+        assert await shop.balance(account_id) == 74
