@@ -19,8 +19,15 @@ MAX_TEXT_LENGTH = 200
 def searchable(text: str) -> str:
     """Text as it is indexed and searched: case folded, in one Unicode form, so that a name
     is found whatever case and form either is typed in ("STRASSE" finds "Straße", "ΣΊΣ"
-    finds "Σίσυφος", a decomposed "José" the composed one); `str.lower` missed them."""
-    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())
+    finds "Σίσυφος", a decomposed "José" the composed one); `str.lower` missed them. The
+    dotted capital I folds to a plain i: folded alone it is i and a combining dot above, and
+    "ist" missed "İstanbul"."""
+    folded = unicodedata.normalize("NFD", text).casefold().replace(DOTTED_I, "i")
+    return unicodedata.normalize("NFC", folded)
+
+
+DOTTED_I = "i\u0307"
+"""What the dotted capital I (İ, Turkish and Azeri) case folds to: i and a combining dot."""
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,7 @@ async def test_text_is_found_whatever_case_and_unicode_form_either_is_typed_in(
         "sisyphos": "Σίσυφος",
         "jose-nfd": unicodedata.normalize("NFD", "José Ruiz"),
         "jose-nfc": "José Ruiz",
+        "kebap": "İstanbul Kebap",
     }
     for entity_id, name in names.items():
         snapshot = account(entity_id, 1)
@@ -206,6 +207,7 @@ async def test_text_is_found_whatever_case_and_unicode_form_either_is_typed_in(
     assert await found("ΣΊΣ") == ["sisyphos"]
     assert await found("josé") == ["jose-nfc", "jose-nfd"]
     assert await found(unicodedata.normalize("NFD", "JOSÉ")) == ["jose-nfc", "jose-nfd"]
+    assert await found("ist") == await found("İST") == ["kebap"]
 
 
 async def test_cursors_stay_stable_while_entities_change(gql: GraphQLClient) -> None:
