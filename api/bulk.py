@@ -92,7 +92,7 @@ class BulkCommand:
     )
     cancel_requested: bool = strawberry.field(
         description="Cancelled while a page was in flight: it ends CANCELLED once that page "
-        "is sent. It can no longer be resumed."
+        "is sent, or COMPLETED if that was its last. It can no longer be resumed."
     )
 
     @classmethod
@@ -306,8 +306,9 @@ class BulkMutation:
         return await _signal(info, id, BulkCommandWorkflow.resume)
 
     @strawberry.mutation(
-        description="End a bulk command after the page it is sending: it ends CANCELLED. "
-        "INVALID_TRANSITION once its last page is sent (nothing is left to cancel)."
+        description="End a bulk command after the page it is sending: it ends CANCELLED (or "
+        "COMPLETED, should that page be its last). INVALID_TRANSITION once its last page is "
+        "sent (nothing is left to cancel)."
     )
     async def cancel_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand | None:
         return await _signal(info, id, BulkCommandWorkflow.cancel)

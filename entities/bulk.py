@@ -99,7 +99,7 @@ class BulkProgress(BaseModel):
     cancel_requested: bool = Field(
         default=False,
         description="Cancelled while a page was in flight: it ends CANCELLED once that page "
-        "is sent, and takes no resume.",
+        "is sent (COMPLETED if it was the last), and takes no resume.",
     )
     fingerprint: str = Field(
         default="",

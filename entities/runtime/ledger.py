@@ -15,7 +15,9 @@ outcomes of long ones would not be."""
 
 
 UNKNOWN_TIME = datetime.max.replace(tzinfo=UTC)
-"""When an outcome without its time (from before outcomes kept it) was settled: any time."""
+"""When an outcome without its time was settled, when nothing newer tells: any time. An
+outcome without one (from before outcomes kept it) is older than every outcome with one, so
+the oldest time the ledger still holds bounds it."""
 NEARLY_FULL = 0.9
 """A ledger carried from a run that did not say what it forgot (older code) and this full may
 have forgotten outcomes as recent as its oldest one."""
@@ -58,16 +60,16 @@ class Ledger:
         entries: list[Outcome],
         forgot_through: datetime | None,
         told: bool,
+        now: datetime,
         max_bytes: int = MAX_BYTES,
     ) -> Ledger:
         """The ledger a run was handed. One handed over by a run that did not tell what it
         forgot (`told`) and that is nearly full is taken to have forgotten everything older
-        than what it holds."""
+        than what it holds (than `now`, when none of it has a time)."""
         if not told and entries:
             weight = sum(_weight(entry) for entry in entries)
             if len(entries) >= capacity or weight >= NEARLY_FULL * max_bytes:
-                times = [entry.at for entry in entries]
-                forgot_through = UNKNOWN_TIME if None in times else min(t for t in times if t)
+                forgot_through = min((e.at for e in entries if e.at is not None), default=now)
         return cls(capacity, entries, max_bytes, forgot_through)
 
     def may_have_forgotten(self, since: datetime | None) -> bool:
@@ -97,9 +99,15 @@ class Ledger:
         ):
             _, evicted = self._outcomes.popitem(last=False)
             self._bytes -= _weight(evicted)
-            at = evicted.at or UNKNOWN_TIME
+            at = evicted.at or self._oldest_time(outcome)
             if self.forgot_through is None or at > self.forgot_through:
                 self.forgot_through = at
+
+    def _oldest_time(self, recorded: Outcome) -> datetime:
+        """A bound on when an outcome without a time was settled: before the oldest that has
+        one, the one being recorded included."""
+        held = (outcome.at for outcome in self._outcomes.values() if outcome.at is not None)
+        return next(held, recorded.at or UNKNOWN_TIME)
 
     def entries(self) -> list[Outcome]:
         return list(self._outcomes.values())

@@ -114,6 +114,9 @@ MAX_BATCH = 64
 """The most commands one `apply_batch` update carries."""
 
 NOTHING_TO_UNDO = "nothing to undo"
+UNTOLD = "cancelled, not known to have been applied, by"
+"""How a command is cancelled by a compensation that could not tell whether it was applied
+(`_nothing_to_undo`): a later compensation of it is refused as well."""
 TIMER_SENDER = "entity:timer"
 
 COMMANDS_METRIC = "tenure_commands"
@@ -183,6 +186,7 @@ class EntityWorkflow:
             input.ledger,
             input.ledger_forgot_through,
             told="ledger_forgot_through" in input.model_fields_set,
+            now=workflow.now(),
         )
         self._received_this_run = 0
         self._updates_this_run = 0
@@ -455,17 +459,23 @@ class EntityWorkflow:
         """Settle a compensating command whose undone command was not applied: there is
         nothing to take back, and a command that never arrived is cancelled for good.
         When the ledger may have forgotten the undone command (sent before the newest outcome
-        it evicted), the compensation is refused, each time it comes, and nothing is
-        cancelled: answered "nothing to undo", a refund of a withdrawal applied and since
-        forgotten was never made, and its checkout ended COMPENSATED. Runs begun before this
-        rule (`RULES_1_PATCH`) answered so."""
+        it evicted), the compensation is refused, each time it comes, and the undone command
+        cancelled all the same (`UNTOLD`), so that it never applies late, nor twice:
+        answered "nothing to undo", a refund of a withdrawal applied and since forgotten was
+        never made, and its checkout ended COMPENSATED. Runs begun before this rule
+        (`RULES_1_PATCH`) answered so."""
         assert envelope.undoes is not None
         undone = self._ledger.get(envelope.undoes)
         if undone is not None and undone.status is OutcomeStatus.APPLIED:
             return False
-        if undone is None:
-            forgotten = self._ledger.may_have_forgotten(envelope.undoes_since)
+        untold = undone is not None and (undone.message or "").startswith(UNTOLD)
+        if undone is None or untold:
+            forgotten = untold or self._ledger.may_have_forgotten(envelope.undoes_since)
             if forgotten and _rules_from(1):
+                if undone is None:
+                    self._reject(
+                        envelope.undoes, ErrorCode.CONFLICT, f"{UNTOLD} {envelope.command_id}"
+                    )
                 self._reject(
                     envelope.command_id,
                     ErrorCode.CONFLICT,
@@ -476,6 +486,7 @@ class EntityWorkflow:
                     envelope,
                 )
                 return True
+        if undone is None:
             self._reject(envelope.undoes, ErrorCode.CONFLICT, f"cancelled by {envelope.command_id}")
         self._count("applied", OK)
         self._ledger.record(

@@ -74,13 +74,24 @@ def test_a_ledger_knows_how_recent_what_it_forgot_is() -> None:
     assert ledger.may_have_forgotten(None)
     assert not ledger.may_have_forgotten(T0 + timedelta(seconds=2))
     # Carried across continue-as-new as told.
-    again = Ledger.carried(3, ledger.entries(), ledger.forgot_through, told=True)
+    again = Ledger.carried(3, ledger.entries(), ledger.forgot_through, told=True, now=T0)
     assert again.forgot_through == ledger.forgot_through
 
 
 def test_a_full_ledger_from_a_run_that_did_not_tell_what_it_forgot_is_taken_to_have() -> None:
     full = [at(n) for n in range(5, 8)]
-    assert Ledger.carried(3, full, None, told=False).forgot_through == T0 + timedelta(seconds=5)
-    assert Ledger.carried(4, full, None, told=False).forgot_through is None  # room left
+    later = T0 + timedelta(days=1)
+    carried = Ledger.carried(3, full, None, told=False, now=later)
+    assert carried.forgot_through == T0 + timedelta(seconds=5)
+    assert Ledger.carried(4, full, None, told=False, now=later).forgot_through is None
     undated = [outcome(n) for n in range(3)]
-    assert Ledger.carried(3, undated, None, told=False).may_have_forgotten(T0)
+    assert Ledger.carried(3, undated, None, told=False, now=later).forgot_through == later
+
+
+def test_an_outcome_without_a_time_is_taken_as_older_than_the_oldest_with_one() -> None:
+    """Outcomes from before they kept a time: evicted, one made `forgot_through` the end of
+    time, and every compensation that could not find its command was refused for good."""
+    ledger = Ledger(3, [outcome(0), at(10), at(11)])
+    ledger.record(at(12))
+    assert ledger.forgot_through == T0 + timedelta(seconds=10)
+    assert not ledger.may_have_forgotten(T0 + timedelta(seconds=11))

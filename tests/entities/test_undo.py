@@ -99,6 +99,19 @@ async def test_a_compensation_whose_undone_command_may_be_forgotten_is_refused(
             assert refused.outcome.message is not None
             assert "cannot tell whether w-1 was applied" in refused.outcome.message
         assert await shop.balance(account_id) == 74
+        # Cancelled all the same: sent again, it never applies twice.
+        again = await command("w-1", "withdraw", 30)
+        assert (again.outcome.status, again.outcome.code) == (
+            OutcomeStatus.REJECTED,
+            ErrorCode.CONFLICT,
+        )
+        # One never sent, undone with no time given: refused, and cancelled should it come
+        # late (an attempt still running after its timeout), once its compensation gave up.
+        unsure = await command("r-9", "refund", 30, undoes="w-9")
+        assert unsure.outcome.code == ErrorCode.CONFLICT
+        late = await command("w-9", "withdraw", 30)
+        assert late.outcome.code == ErrorCode.CONFLICT
+        assert await shop.balance(account_id) == 74
 
         # Sent after what it forgot: its absence shows it never came, as before.
         since = datetime.now(UTC)
