@@ -14,16 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
-from temporalio.service import RPCError, RPCStatusCode
 
 from bench.counter import WORKFLOW, CounterInput
 from bench.graphql import DEPOSIT_WAIT, OPEN
 from bench.load import Measured
-from bench.sagas import CHECKOUT, FUNDS, UNIT_PRICE, Sender
+from bench.sagas import CHECKOUT, FUNDS, UNIT_PRICE, Sender, saga_ended
 from bench.scenarios import RPC_TIMEOUT, Bench, Result
 from bench.stack import Window
-from entities.checkout import CheckoutState
-from entities.checkout_input import checkout_workflow_id
 from entities.runtime.saga import SagaStatus
 
 WARM_UP = 5  # rounds run first and not counted: first workflow of a type, first connection
@@ -120,7 +117,7 @@ async def idle(bench: Bench) -> list[Result]:
     async def check_out(i: int) -> None:
         nonlocal completed
         data = await gql.command(CHECKOUT, id=carts[i], key=f"{tag}-checkout-{i}")
-        state = await _saga_ended(client, data["checkoutCart"]["checkoutId"])
+        state = await saga_ended(client, data["checkoutCart"]["checkoutId"], POLL)
         if state.status is not SagaStatus.COMPLETED:
             raise RuntimeError(f"checkout {state.checkout_id} ended {state.status.value}")
         completed += 1
@@ -212,19 +209,3 @@ async def _start_counter(
         start_signal_args=[1],
         rpc_timeout=RPC_TIMEOUT,
     )
-
-
-async def _saga_ended(client: Client, checkout_id: str) -> CheckoutState:
-    """The checkout's final state, as soon as its workflow returns it: the run ends in the
-    workflow task that sets the status, so this is when the status stops being RUNNING. The
-    cart starts the workflow just after acknowledging the command, so it may not exist yet."""
-    handle: WorkflowHandle[Any, CheckoutState] = client.get_workflow_handle(
-        checkout_workflow_id(checkout_id), result_type=CheckoutState
-    )
-    while True:
-        try:
-            return await handle.result(rpc_timeout=RPC_TIMEOUT)
-        except RPCError as exc:
-            if exc.status is not RPCStatusCode.NOT_FOUND:
-                raise
-            await asyncio.sleep(POLL)
