@@ -230,10 +230,11 @@ async def listed_as(
 
 
 async def paused_bulk(
-    temporal_client: Client, task_queue: str, key: str, ids: list[str]
+    temporal_client: Client, task_queue: str, key: str, ids: list[str], **fields: Any
 ) -> WorkflowHandle[Any, Any]:
     """A bulk deposit started paused, as the bulk workflow can be (the API starts them
-    running): it waits, RUNNING in Temporal, for resume or cancel."""
+    running): it waits, RUNNING in Temporal, for resume or cancel. `fields` set the rest of
+    its input (`paused=False`, its paging)."""
     return await temporal_client.start_workflow(
         BulkCommandWorkflow.run,
         BulkInput(
@@ -243,7 +244,7 @@ async def paused_bulk(
             payload={"amount": 5},
             ids=ids,
             sent_by="admin:tests",
-            paused=True,
+            **{"paused": True, **fields},
         ),
         id=bulk_workflow_id(key),
         task_queue=task_queue,
@@ -576,20 +577,14 @@ async def test_a_bulk_refuses_what_would_change_nothing_pause_or_cancel_once_all
 
     # Cancelled while its first page waits to be counted, with a page left to send.
     cancelling = new_id()
-    await temporal_client.start_workflow(
-        BulkCommandWorkflow.run,
-        BulkInput(
-            bulk_id=cancelling,
-            entity_type="account",
-            command="deposit",
-            payload={"amount": 7},
-            ids=ids,
-            sent_by="admin:tests",
-            page_size=1,
-            pages_per_run=1,
-        ),
-        id=bulk_workflow_id(cancelling),
-        task_queue=settings.bulk_task_queue,
+    await paused_bulk(
+        temporal_client,
+        settings.bulk_task_queue,
+        cancelling,
+        ids,
+        paused=False,
+        page_size=1,
+        pages_per_run=1,
     )
     await read_until(gql, cancelling, lambda b: b["delivered"] == 1)
     assert (await gql.data(CANCEL, id=cancelling))["cancelBulkCommand"]["status"] == "RUNNING"

@@ -93,26 +93,25 @@ CHECKOUTS_OF_SET_1 = {
     }.items()
     if name.startswith("checkout.")
 }
-# Entities under the first entity patch set: every entity path, before text had to show as
-# written (strict-inputs-4).
-ENTITIES_OF_SET_1 = {
-    f"{ENTITY_SET_1}/{name}": event
-    for name, event in {
-        **RECORDED,
-        "account.acct-backlog": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
-    }.items()
-    if name.startswith(("account.", "cart.", "inventory."))
-}
-# Entities under the second entity patch set: every entity path, before an item refused to
-# take back a sale it had forgotten (entity-rules-1).
-ENTITIES_OF_SET_2 = {
-    f"{ENTITY_SET_2}/{name}": event
-    for name, event in {
-        **RECORDED,
-        "account.acct-backlog": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
-    }.items()
-    if name.startswith(("account.", "cart.", "inventory."))
-}
+
+
+def entity_paths(folder: str) -> dict[str, EventType.ValueType]:
+    """Every entity path, as recorded under an entity patch set in `folder`."""
+    return {
+        f"{folder}/{name}": event
+        for name, event in {
+            **RECORDED,
+            "account.acct-backlog": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+        }.items()
+        if name.startswith(("account.", "cart.", "inventory."))
+    }
+
+
+# Entities under the first entity patch set, before text had to show as written
+# (strict-inputs-4); under the second, before an item refused to take back a sale it had
+# forgotten, or an entity a compensation it could not tell applied (entity-rules-1).
+ENTITIES_OF_SET_1 = entity_paths(ENTITY_SET_1)
+ENTITIES_OF_SET_2 = entity_paths(ENTITY_SET_2)
 # Today's: every path again, recorded since runs ask one patch set (CURRENT), with the paths
 # only today's code takes: a FAILED checkout waiting for an operator, retried; a bulk command
 # sending pages ahead of counting them; commands held back past a task's bound.
