@@ -128,6 +128,9 @@ class CheckoutWorkflow:
             reservation_id=input.key,
         )
         self._asked: OperatorRequest | None = None
+        self._first_sent: dict[str, datetime] = {}
+        """When each request id was first sent: an entity that may have forgotten it since
+        refuses it rather than apply it twice (`CommandEnvelope.first_sent`)."""
 
     @workflow.query(name="status")
     def status(self) -> CheckoutState:
@@ -352,6 +355,7 @@ class CheckoutWorkflow:
             payload=payload,
             undoes=undoes,
             undoes_since=undoes_since,
+            first_sent=self._first_sent.setdefault(command_id, workflow.now()),
             sent_by=saga_sender(workflow.info().workflow_id),
         )
         return request_entity(request, policy, CHECKOUT_PATCHES.patched)

@@ -18,6 +18,10 @@ class ErrorCode(StrEnum):
     CONFLICT = "CONFLICT"
     IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
     UNAVAILABLE = "UNAVAILABLE"
+    OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
+    """The entity cannot tell whether it applied the command already: it was first sent
+    before the oldest commands the entity still remembers. Not applied now; it may have
+    been then (`CommandEnvelope.first_sent`)."""
     INTERNAL = "INTERNAL"
     LIMIT_REACHED = "LIMIT_REACHED"
     UNAUTHENTICATED = "UNAUTHENTICATED"

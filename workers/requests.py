@@ -63,6 +63,7 @@ class EntityRequests:
             payload=request.payload,
             undoes=request.undoes,
             undoes_since=request.undoes_since,
+            first_sent=request.first_sent,
             sent_by=request.sent_by,
             reads_large_state=True,  # a saga needs the outcome alone
             publishes=True,

@@ -44,6 +44,12 @@ class CommandEnvelope(BaseModel):
         "nothing since can tell it never came. None from senders before it: any forgotten "
         "command might be it.",
     )
+    first_sent: datetime | None = Field(
+        default=None,
+        description="When its sender first sent this command id: one the ledger may have "
+        "forgotten since is refused OUTCOME_UNKNOWN rather than applied a second time. Sent "
+        "by sagas, whose retries can come days later; None: the ledger's memory alone.",
+    )
     fingerprint: str | None = Field(
         default=None,
         description="What the command asks for (its name and payload), hashed; filled in "

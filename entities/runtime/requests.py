@@ -50,6 +50,9 @@ class EntityRequest(BaseModel):
     undoes_since: datetime | None = Field(
         default=None, description="When the undone command was first sent (`CommandEnvelope`)."
     )
+    first_sent: datetime | None = Field(
+        default=None, description="When this command id was first sent (`CommandEnvelope`)."
+    )
     sent_by: str | None = Field(
         default=None, max_length=160, description="Who sends it, as `role:subject`."
     )
@@ -64,8 +67,8 @@ class RequestFailed(TenureError):
     @property
     def refused(self) -> bool:
         """The entity (or its absence) refused it, so it certainly did not take effect;
-        otherwise it may have."""
-        return self.code is not ErrorCode.UNAVAILABLE
+        otherwise (not delivered in time, or the entity cannot tell) it may have."""
+        return self.code not in (ErrorCode.UNAVAILABLE, ErrorCode.OUTCOME_UNKNOWN)
 
 
 class RequestPolicy(BaseModel):

@@ -114,9 +114,6 @@ MAX_BATCH = 64
 """The most commands one `apply_batch` update carries."""
 
 NOTHING_TO_UNDO = "nothing to undo"
-UNTOLD = "cancelled, not known to have been applied, by"
-"""How a command is cancelled by a compensation that could not tell whether it was applied
-(`_nothing_to_undo`): a later compensation of it is refused as well."""
 TIMER_SENDER = "entity:timer"
 
 COMMANDS_METRIC = "tenure_commands"
@@ -246,6 +243,8 @@ class EntityWorkflow:
             # from a sender that does not publish (older code), gets nothing to publish. The
             # entity publishes what is not published yet, whatever it hands over.
             self._publisher.take_back(self._revision)
+            return
+        if self._cannot_tell(envelope):
             return
         if envelope.undoes is not None and self._nothing_to_undo(envelope):
             return
@@ -455,12 +454,35 @@ class EntityWorkflow:
                 non_retryable=True,
             )
 
+    def _cannot_tell(self, envelope: CommandEnvelope) -> bool:
+        """Refuse, OUTCOME_UNKNOWN, a command first sent before the newest outcome the ledger
+        has forgotten: it may have been applied then, and forgotten. A saga's step retried
+        under its id (an operator's retry days later, a backlog of thousands) was applied a
+        second time: a withdrawal charged twice, a commit refused as unknown. Runs begun
+        before this rule (`RULES_1_PATCH`) applied it."""
+        first_sent = envelope.first_sent
+        if first_sent is None or not self._ledger.may_have_forgotten(first_sent):
+            return False
+        if not _rules_from(1):
+            return False
+        self._reject(
+            envelope.command_id,
+            ErrorCode.OUTCOME_UNKNOWN,
+            f"{envelope.command_id} was first sent before the oldest commands "
+            f"{self.entity.name} {self._input.entity_id} remembers (its last "
+            f"{self._ledger.capacity}): it cannot tell whether it applied it then; not "
+            "applied now",
+            envelope,
+        )
+        return True
+
     def _nothing_to_undo(self, envelope: CommandEnvelope) -> bool:
         """Settle a compensating command whose undone command was not applied: there is
         nothing to take back, and a command that never arrived is cancelled for good.
         When the ledger may have forgotten the undone command (sent before the newest outcome
         it evicted), the compensation is refused, each time it comes, and the undone command
-        cancelled all the same (`UNTOLD`), so that it never applies late, nor twice:
+        cancelled all the same (OUTCOME_UNKNOWN, as `_cannot_tell` refuses one), so that it
+        never applies late, nor twice:
         answered "nothing to undo", a refund of a withdrawal applied and since forgotten was
         never made, and its checkout ended COMPENSATED. Runs begun before this rule
         (`RULES_1_PATCH`) answered so."""
@@ -468,13 +490,16 @@ class EntityWorkflow:
         undone = self._ledger.get(envelope.undoes)
         if undone is not None and undone.status is OutcomeStatus.APPLIED:
             return False
-        untold = undone is not None and (undone.message or "").startswith(UNTOLD)
+        untold = undone is not None and undone.code == ErrorCode.OUTCOME_UNKNOWN
         if undone is None or untold:
             forgotten = untold or self._ledger.may_have_forgotten(envelope.undoes_since)
             if forgotten and _rules_from(1):
                 if undone is None:
                     self._reject(
-                        envelope.undoes, ErrorCode.CONFLICT, f"{UNTOLD} {envelope.command_id}"
+                        envelope.undoes,
+                        ErrorCode.OUTCOME_UNKNOWN,
+                        f"cancelled by {envelope.command_id}, which could not tell whether "
+                        "it was applied",
                     )
                 self._reject(
                     envelope.command_id,

@@ -16,6 +16,7 @@ from entities.runtime.envelope import (
     OutcomeStatus,
     RuntimeOptions,
 )
+from entities.runtime.requests import RequestFailed
 from tests.conftest import WorkerFactory
 from tests.entities.shop import Shop
 from workers.cache import SnapshotCache
@@ -103,14 +104,14 @@ async def test_a_compensation_whose_undone_command_may_be_forgotten_is_refused(
         again = await command("w-1", "withdraw", 30)
         assert (again.outcome.status, again.outcome.code) == (
             OutcomeStatus.REJECTED,
-            ErrorCode.CONFLICT,
+            ErrorCode.OUTCOME_UNKNOWN,
         )
         # One never sent, undone with no time given: refused, and cancelled should it come
         # late (an attempt still running after its timeout), once its compensation gave up.
         unsure = await command("r-9", "refund", 30, undoes="w-9")
         assert unsure.outcome.code == ErrorCode.CONFLICT
         late = await command("w-9", "withdraw", 30)
-        assert late.outcome.code == ErrorCode.CONFLICT
+        assert late.outcome.code == ErrorCode.OUTCOME_UNKNOWN
         assert await shop.balance(account_id) == 74
 
         # Sent after what it forgot: its absence shows it never came, as before.
@@ -121,3 +122,45 @@ async def test_a_compensation_whose_undone_command_may_be_forgotten_is_refused(
         late = await command("w-2", "withdraw", 40)
         assert late.outcome.code == ErrorCode.CONFLICT
         assert await shop.balance(account_id) == 74
+
+
+async def test_a_command_first_sent_before_what_the_ledger_forgot_is_not_applied_again(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """A saga's step retried under its id after the entity's ledger (4 commands here) forgot
+    it was applied a second time: the customer charged twice. Sent with when it was first
+    sent, it is refused OUTCOME_UNKNOWN, which its saga takes as an outcome it cannot know,
+    and its compensation is refused as well, for an operator."""
+    small = settings.model_copy(update={"runtime": RuntimeOptions(ledger_size=4)})
+    shop = Shop(temporal_client, cache, small)
+    delivery = CommandDelivery(temporal_client, small)
+
+    async def command(command_id: str, name: str, amount: int, **fields: Any) -> CommandResult:
+        envelope = CommandEnvelope(
+            command_id=command_id, name=name, payload={"amount": amount}, **fields
+        )
+        return await delivery.request(account, account_id, envelope)
+
+    async with run_worker(small):
+        account_id = await shop.account(100)
+        first = datetime.now(UTC)
+        applied = await command("w-1", "withdraw", 30, first_sent=first)
+        assert applied.outcome.status is OutcomeStatus.APPLIED
+        for n in range(4):
+            await command(f"d-{n}", "deposit", 1)
+        for _ in range(2):  # retried, and retried again
+            again = await command("w-1", "withdraw", 30, first_sent=first)
+            assert (again.outcome.status, again.outcome.code) == (
+                OutcomeStatus.REJECTED,
+                ErrorCode.OUTCOME_UNKNOWN,
+            )
+        assert await shop.balance(account_id) == 74  # charged once
+        undo = await command("r-1", "refund", 30, undoes="w-1", undoes_since=first)
+        assert undo.outcome.code == ErrorCode.CONFLICT
+        assert await shop.balance(account_id) == 74
+
+        # First sent after what the ledger forgot: applied, as any new command.
+        fresh = await command("w-2", "withdraw", 4, first_sent=datetime.now(UTC))
+        assert fresh.outcome.status is OutcomeStatus.APPLIED
+        assert await shop.balance(account_id) == 70
+    assert not RequestFailed(ErrorCode.OUTCOME_UNKNOWN, "x").refused  # the saga may undo it
