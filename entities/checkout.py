@@ -346,7 +346,13 @@ class CheckoutWorkflow:
         policy: RequestPolicy,
         undoes: str | None = None,
         undoes_since: datetime | None = None,
+        guarded: bool = True,
     ) -> Awaitable[Outcome]:
+        """Send a request. Unless not `guarded` (the report, which the cart takes once by
+        the checkout's id), it says when its id was first sent, so that an entity that may
+        have forgotten it refuses it rather than apply it twice (`first_sent`)."""
+        resent = command_id in self._first_sent
+        first_sent = self._first_sent.setdefault(command_id, workflow.now())
         request = EntityRequest(
             entity_type=command.entity_type,
             entity_id=entity_id,
@@ -355,7 +361,8 @@ class CheckoutWorkflow:
             payload=payload,
             undoes=undoes,
             undoes_since=undoes_since,
-            first_sent=self._first_sent.setdefault(command_id, workflow.now()),
+            first_sent=first_sent if guarded else None,
+            resent=resent,
             sent_by=saga_sender(workflow.info().workflow_id),
         )
         return request_entity(request, policy, CHECKOUT_PATCHES.patched)
@@ -398,6 +405,7 @@ class CheckoutWorkflow:
             self._command_id(_retried("report", retry)),
             {"checkout_id": self._input.checkout_id, **payload},
             self._options.compensation,
+            guarded=False,
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
@@ -63,7 +64,9 @@ class EntityRequests:
             payload=request.payload,
             undoes=request.undoes,
             undoes_since=request.undoes_since,
-            first_sent=request.first_sent,
+            # Only to a repeat: a first delivery after a backlog of thousands of other
+            # commands is no repeat, and was refused as one.
+            first_sent=request.first_sent if _repeated(request) else None,
             sent_by=request.sent_by,
             reads_large_state=True,  # a saga needs the outcome alone
             publishes=True,
@@ -104,3 +107,9 @@ class EntityRequests:
                 f"{workflow_id}: neither published nor handed back ({exc})",
                 type=ErrorCode.UNAVAILABLE,
             ) from exc
+
+
+def _repeated(request: EntityRequest) -> bool:
+    """Whether this request may have been delivered before: sent by an earlier request or a
+    local try, or this activity's earlier attempt."""
+    return request.resent or activity.info().attempt > 1

@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     Field,
     SerializerFunctionWrapHandler,
@@ -38,17 +39,18 @@ class CommandEnvelope(BaseModel):
     name: str
     payload: dict[str, Any] = Field(default_factory=dict)
     undoes: str | None = None
-    undoes_since: datetime | None = Field(
+    undoes_since: AwareDatetime | None = Field(
         default=None,
         description="When the undone command was first sent: a ledger that has forgotten "
         "nothing since can tell it never came. None from senders before it: any forgotten "
         "command might be it.",
     )
-    first_sent: datetime | None = Field(
+    first_sent: AwareDatetime | None = Field(
         default=None,
-        description="When its sender first sent this command id: one the ledger may have "
-        "forgotten since is refused OUTCOME_UNKNOWN rather than applied a second time. Sent "
-        "by sagas, whose retries can come days later; None: the ledger's memory alone.",
+        description="When its sender first sent this command id, given when it sends it "
+        "again: one the ledger may have forgotten since is refused OUTCOME_UNKNOWN rather "
+        "than applied a second time. Sent by sagas, whose retries can come days later; "
+        "None: the ledger's memory alone. A time with its offset (naive is unreadable).",
     )
     fingerprint: str | None = Field(
         default=None,

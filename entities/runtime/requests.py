@@ -16,10 +16,10 @@ its requests are answered.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
@@ -47,11 +47,19 @@ class EntityRequest(BaseModel):
     command: str
     payload: dict[str, Any] = Field(default_factory=dict)
     undoes: str | None = None
-    undoes_since: datetime | None = Field(
+    undoes_since: AwareDatetime | None = Field(
         default=None, description="When the undone command was first sent (`CommandEnvelope`)."
     )
-    first_sent: datetime | None = Field(
-        default=None, description="When this command id was first sent (`CommandEnvelope`)."
+    first_sent: AwareDatetime | None = Field(
+        default=None,
+        description="When this command id was first sent (`CommandEnvelope`); the entity is "
+        "told it only when it is sent again (`resent`, or a later attempt of the activity): "
+        "a first delivery behind a backlog of thousands is not a repeat.",
+    )
+    resent: bool = Field(
+        default=False,
+        description="Sent before: by a local try ahead of this activity, or under the same id "
+        "by an earlier request (an operator's retry of an outcome not known).",
     )
     sent_by: str | None = Field(
         default=None, max_length=160, description="Who sends it, as `role:subject`."
@@ -94,7 +102,8 @@ async def request_entity(
     """Deliver `request` and wait for its outcome; raises RequestFailed with the entity's
     code when refused, or UNAVAILABLE when the attempts ran out. `patched` answers whether
     the run has LOCAL_TRY (a `PatchSet`'s, for one that has it in its set)."""
-    if patched(LOCAL_TRY):
+    tried_locally = patched(LOCAL_TRY)
+    if tried_locally:
         try:
             return await _local_try(request, policy)
         # A local activity's failure comes unwrapped; its timeout as an ActivityError, but
@@ -108,7 +117,8 @@ async def request_entity(
             )
     try:
         outcome = await REQUEST_ACTIVITY.execute(
-            request,
+            # After a local try that may have delivered it: a repeat, as the entity sees it.
+            request.model_copy(update={"resent": True}) if tried_locally else request,
             start_to_close_timeout=timedelta(seconds=policy.timeout_seconds),
             retry_policy=policy.retry_policy(),
         )

@@ -3,6 +3,7 @@ if that one was, and cancels one that never arrived."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,6 +11,7 @@ from temporalio.client import Client
 
 from entities.account import account
 from entities.errors import ErrorCode
+from entities.runtime import EntityWorkflow
 from entities.runtime.envelope import (
     CommandEnvelope,
     CommandResult,
@@ -17,8 +19,9 @@ from entities.runtime.envelope import (
     RuntimeOptions,
 )
 from entities.runtime.requests import RequestFailed
+from entities.runtime.saga import SagaStatus
 from tests.conftest import WorkerFactory
-from tests.entities.shop import Shop
+from tests.entities.shop import Shop, shop_settings
 from workers.cache import SnapshotCache
 from workers.delivery import CommandDelivery
 from workers.settings import Settings
@@ -164,3 +167,60 @@ async def test_a_command_first_sent_before_what_the_ledger_forgot_is_not_applied
         assert fresh.outcome.status is OutcomeStatus.APPLIED
         assert await shop.balance(account_id) == 70
     assert not RequestFailed(ErrorCode.OUTCOME_UNKNOWN, "x").refused  # the saga may undo it
+
+
+async def test_a_time_without_its_offset_is_refused_as_unreadable_and_the_entity_goes_on(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """A signal sender's `first_sent` with no offset failed every workflow task of the
+    entity, once its ledger had forgotten anything (naive against aware): it served nothing
+    more. It is refused INVALID_INPUT under its id, and the entity goes on."""
+    small = settings.model_copy(update={"runtime": RuntimeOptions(ledger_size=4)})
+    shop = Shop(temporal_client, cache, small)
+    delivery = CommandDelivery(temporal_client, small)
+
+    async def deposit(command_id: str) -> CommandResult:
+        envelope = CommandEnvelope(command_id=command_id, name="deposit", payload={"amount": 1})
+        return await delivery.request(account, account_id, envelope)
+
+    async with run_worker(small):
+        account_id = await shop.account(100)
+        for n in range(5):
+            await deposit(f"d-{n}")
+        handle = temporal_client.get_workflow_handle(account.workflow_id(account_id))
+        for field in ("first_sent", "undoes_since"):
+            naive = {
+                "command_id": f"w-{field}",
+                "name": "withdraw",
+                "payload": {"amount": 1},
+                field: "2026-01-01T00:00:00",
+                **({"undoes": "w-0"} if field == "undoes_since" else {}),
+            }
+            await handle.signal("command", naive)
+        after = await asyncio.wait_for(deposit("d-after"), 30)
+        assert after.outcome.status is OutcomeStatus.APPLIED
+        for field in ("first_sent", "undoes_since"):
+            answer = await handle.query(
+                EntityWorkflow.outcome, f"w-{field}", result_type=CommandResult
+            )
+            assert answer.outcome.code == ErrorCode.INVALID_INPUT, answer.outcome
+        assert await shop.balance(account_id) == 106
+
+
+async def test_concurrent_checkouts_of_one_item_are_not_taken_for_repeats_behind_a_backlog(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """With a ledger of 4, eight checkouts of one item at once: a first delivery behind the
+    others' commands was refused OUTCOME_UNKNOWN as if it were a repeat, and its checkout
+    FAILED where nothing went wrong. A request tells when it was first sent only when it
+    sends it again."""
+    small = shop_settings(settings).model_copy(update={"runtime": RuntimeOptions(ledger_size=4)})
+    shop = Shop(temporal_client, cache, small)
+    async with run_worker(small):
+        sku = await shop.stock(100)
+        carts = [await shop.cart(await shop.account(100), (sku, 1, 5)) for _ in range(8)]
+        checkouts = await asyncio.gather(*(shop.checkout(cart) for cart in carts))
+        ended = await asyncio.gather(*(shop.finished(c) for c in checkouts))
+        item = await shop.item(sku)
+    assert [state.status for state in ended] == [SagaStatus.COMPLETED] * 8
+    assert (item.on_hand, item.sold) == (92, 8)
