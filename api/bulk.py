@@ -91,8 +91,8 @@ class BulkCommand:
         "out); null before the first outcome, and while paused."
     )
     cancel_requested: bool = strawberry.field(
-        description="Cancelled while a page was in flight: it ends CANCELLED once that page "
-        "is sent, or COMPLETED if that was its last. It can no longer be resumed."
+        description="A cancel was asked: it ends CANCELLED once the page in flight is sent "
+        "(COMPLETED if that was its last), and takes no pause or resume."
     )
 
     @classmethod

@@ -138,7 +138,7 @@ READ_SINCE_PAUSES = (0.02, 0.05, 0.1, 0.2)
 asked: its publish follows the command within milliseconds, unless the worker is busy."""
 
 
-OUTCOME_UNKNOWN = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL})
+MAY_HAVE_APPLIED = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL})
 """The errors of a waited command that may have been applied, and its publish handed to a
 sender that never got the answer: its promise is left to be taken up."""
 CHORES_WAIT = 2.0
@@ -241,7 +241,7 @@ class EntityGateway:
         try:
             result = await self._delivery.request(entity, entity_id, envelope)
         except TenureError as exc:
-            if promise is not None and exc.code not in OUTCOME_UNKNOWN:
+            if promise is not None and exc.code not in MAY_HAVE_APPLIED:
                 # Refused before it was applied, or not this send's command (a key reused,
                 # which makes the entity publish): nothing was handed to it.
                 self._chore(self._handovers.kept(promise))

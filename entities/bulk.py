@@ -98,8 +98,8 @@ class BulkProgress(BaseModel):
     paused_at: datetime | None = Field(default=None, description="When its pause began.")
     cancel_requested: bool = Field(
         default=False,
-        description="Cancelled while a page was in flight: it ends CANCELLED once that page "
-        "is sent (COMPLETED if it was the last), and takes no resume.",
+        description="A cancel was asked: it ends CANCELLED once the page in flight is sent "
+        "(COMPLETED if that was its last), and takes no pause or resume.",
     )
     fingerprint: str = Field(
         default="",

@@ -45,9 +45,10 @@ STRICTEST = 4
 
 RULES_1_PATCH = "entity-rules-1"
 """Runs started since it take the rules changed at level 1 (`CommandContext.rules_from`):
-an inventory item refuses to take back a sale it no longer remembers, and an entity refuses
-a compensation whose undone command its ledger may have forgotten. Older runs replay their
-histories as they were made."""
+an inventory item refuses to take back a sale it no longer remembers; an entity refuses a
+compensation whose undone command its ledger may have forgotten, and (OUTCOME_UNKNOWN) a
+repeat first sent before what its ledger forgot. Older runs replay their histories as they
+were made."""
 NEWEST_RULES = 1
 """The level of the latest rules: what new runs, and transitions run outside a workflow,
 apply."""

@@ -44,10 +44,14 @@ class Ledger:
         entries: Iterable[Outcome] = (),
         max_bytes: int = MAX_BYTES,
         forgot_through: datetime | None = None,
+        unknown: datetime = UNKNOWN_TIME,
     ) -> None:
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.forgot_through = forgot_through
+        self._unknown = unknown
+        """When an outcome without a time was settled at the latest, when none held has one:
+        before the run that holds it began, for a ledger it was handed."""
         self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
         self._bytes = 0
         for entry in entries:
@@ -70,7 +74,7 @@ class Ledger:
             weight = sum(_weight(entry) for entry in entries)
             if len(entries) >= capacity or weight >= NEARLY_FULL * max_bytes:
                 forgot_through = min((e.at for e in entries if e.at is not None), default=now)
-        return cls(capacity, entries, max_bytes, forgot_through)
+        return cls(capacity, entries, max_bytes, forgot_through, unknown=now)
 
     def may_have_forgotten(self, since: datetime | None) -> bool:
         """Whether a command settled at `since` or later (at any time, with no `since`) may
@@ -107,7 +111,7 @@ class Ledger:
         """A bound on when an outcome without a time was settled: before the oldest that has
         one, the one being recorded included."""
         held = (outcome.at for outcome in self._outcomes.values() if outcome.at is not None)
-        return next(held, recorded.at or UNKNOWN_TIME)
+        return next(held, recorded.at or self._unknown)
 
     def entries(self) -> list[Outcome]:
         return list(self._outcomes.values())

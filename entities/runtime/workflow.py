@@ -457,8 +457,8 @@ class EntityWorkflow:
     def _cannot_tell(self, envelope: CommandEnvelope) -> bool:
         """Refuse, OUTCOME_UNKNOWN, a command first sent before the newest outcome the ledger
         has forgotten: it may have been applied then, and forgotten. A saga's step retried
-        under its id (an operator's retry days later, a backlog of thousands) was applied a
-        second time: a withdrawal charged twice, a commit refused as unknown. Runs begun
+        under its id (an activity's later attempt, an operator's retry days later) was
+        applied a second time: a withdrawal charged twice, a commit refused as unknown. Runs begun
         before this rule (`RULES_1_PATCH`) applied it."""
         first_sent = envelope.first_sent
         if first_sent is None or not self._ledger.may_have_forgotten(first_sent):

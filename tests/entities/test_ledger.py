@@ -95,3 +95,11 @@ def test_an_outcome_without_a_time_is_taken_as_older_than_the_oldest_with_one() 
     ledger.record(at(12))
     assert ledger.forgot_through == T0 + timedelta(seconds=10)
     assert not ledger.may_have_forgotten(T0 + timedelta(seconds=11))
+
+
+def test_a_ledger_handed_over_with_no_times_is_bounded_by_its_hand_over() -> None:
+    """Outcomes from before they kept a time, handed to a run with a smaller ledger: those
+    evicted made `forgot_through` the end of time, refusing every compensation for good."""
+    later = T0 + timedelta(days=1)
+    ledger = Ledger.carried(2, [outcome(n) for n in range(4)], None, told=True, now=later)
+    assert ledger.forgot_through == later

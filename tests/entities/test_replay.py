@@ -109,7 +109,8 @@ def entity_paths(folder: str) -> dict[str, EventType.ValueType]:
 
 # Entities under the first entity patch set, before text had to show as written
 # (strict-inputs-4); under the second, before an item refused to take back a sale it had
-# forgotten, or an entity a compensation it could not tell applied (entity-rules-1).
+# forgotten, and an entity a compensation or a repeat it could not tell applied
+# (entity-rules-1).
 ENTITIES_OF_SET_1 = entity_paths(ENTITY_SET_1)
 ENTITIES_OF_SET_2 = entity_paths(ENTITY_SET_2)
 # Today's: every path again, recorded since runs ask one patch set (CURRENT), with the paths
@@ -317,8 +318,10 @@ def outcome_of(name: str, command: str, **payload: Any) -> dict[str, Any]:
 
 def test_an_item_refuses_a_return_it_cannot_match_to_a_sale_as_its_run_began_under() -> None:
     """entity-rules-1: today's item refuses to take back a sale it does not remember; an
-    item begun under the second set applied it, changing nothing. Both replay as they were
-    made (`test_a_recorded_history_replays`)."""
+    item begun under the second set applied it, changing nothing. The recordings hold both
+    answers, so that the replay suite covers both paths (`test_a_recorded_history_replays`);
+    a re-recording that loses one fails here. A replay does not compare an update's answer
+    itself: the patch keeps each run's answers as they were given."""
     forgotten = {"reservation_id": "r-forgotten"}
     today = outcome_of(f"{CURRENT}/inventory.sku-teapot", "returnReservation", **forgotten)
     assert (today["status"], today["code"]) == ("REJECTED", "INVALID_TRANSITION")

@@ -213,7 +213,9 @@ async def test_concurrent_checkouts_of_one_item_are_not_taken_for_repeats_behind
     """With a ledger of 4, eight checkouts of one item at once: a first delivery behind the
     others' commands was refused OUTCOME_UNKNOWN as if it were a repeat, and its checkout
     FAILED where nothing went wrong. A request tells when it was first sent only when it
-    sends it again."""
+    sends it again. (An activity after a local try that timed out counts as sending it
+    again, since the try may have delivered it: a worker stalled past 1 s here would still
+    make one such refusal, for an operator, never a wrong balance.)"""
     small = shop_settings(settings).model_copy(update={"runtime": RuntimeOptions(ledger_size=4)})
     shop = Shop(temporal_client, cache, small)
     async with run_worker(small):
