@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 
@@ -196,6 +196,11 @@ class PageToSend(BaseModel):
     ids: list[str]
     sent_by: str | None
     window: int
+    sent_at: AwareDatetime | None = Field(
+        default=None,
+        description="When the page was first sent: its commands sent again say so "
+        "(`CommandEnvelope.first_sent`). None in pages of runs from before it.",
+    )
 
 
 class PageSent(BaseModel):
@@ -324,8 +329,9 @@ class BulkCommandWorkflow:
             self._sending = True
             page = await self._next_page(input)
             if page.ids:
+                to_send = self._to_send(input, page)
                 delivered = await DELIVER_ACTIVITY.execute(
-                    self._to_send(input, page),
+                    to_send,
                     start_to_close_timeout=_SEND_TIMEOUT,
                     heartbeat_timeout=_HEARTBEAT,
                     retry_policy=_RETRY,
@@ -333,7 +339,7 @@ class BulkCommandWorkflow:
                 self._progress.add(delivered.settled)
                 if delivered.waiting:
                     self._settling += 1
-                    counting = asyncio.create_task(self._count(input, page, delivered, counting))
+                    counting = asyncio.create_task(self._count(to_send, delivered, counting))
             self._sending = False
             self._sent(page)
             if page.cursor is None:
@@ -345,8 +351,7 @@ class BulkCommandWorkflow:
 
     async def _count(
         self,
-        input: BulkInput,
-        page: TargetPage,
+        sent_page: PageToSend,
         delivered: PageDelivered,
         after: asyncio.Task[None] | None,
     ) -> None:
@@ -358,7 +363,7 @@ class BulkCommandWorkflow:
                 await after
             sent = await SETTLE_ACTIVITY.execute(
                 PageToSettle(
-                    page=self._to_send(input, page, delivered.waiting),
+                    page=sent_page.model_copy(update={"ids": delivered.waiting}),
                     position=delivered.position,
                 ),
                 start_to_close_timeout=_SETTLE_TIMEOUT,
@@ -405,17 +410,17 @@ class BulkCommandWorkflow:
             retry_policy=_RETRY,
         )
 
-    def _to_send(
-        self, input: BulkInput, page: TargetPage, ids: list[str] | None = None
-    ) -> PageToSend:
+    def _to_send(self, input: BulkInput, page: TargetPage) -> PageToSend:
+        """The page to send, as first sent now."""
         return PageToSend(
             bulk_id=input.bulk_id,
             entity_type=input.entity_type,
             command=input.command,
             payload=input.payload,
-            ids=page.ids if ids is None else ids,
+            ids=page.ids,
             sent_by=input.sent_by,
             window=input.window,
+            sent_at=workflow.now(),
         )
 
     def _sent(self, page: TargetPage) -> None:

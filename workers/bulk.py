@@ -255,9 +255,12 @@ class BulkActivities:
         window = asyncio.Semaphore(page.window)
         sent = 0
 
+        # A later attempt sends the page again: its commands say when they were first sent.
+        again = activity.info().attempt > 1
+
         async def deliver(entity_id: str) -> None:
             nonlocal sent
-            envelope = _envelope(page, entity_id)
+            envelope = _envelope(page, entity_id, again)
             async with window:
                 try:
                     await self._deliver(entity, entity_id, envelope)
@@ -283,7 +286,7 @@ class BulkActivities:
 
             async def ask(entity_id: str) -> None:
                 async with window:
-                    await self._ask(entity, entity_id, _envelope(page, entity_id), tally)
+                    await self._ask(entity, entity_id, _envelope(page, entity_id, True), tally)
 
             await asyncio.gather(*(ask(entity_id) for entity_id in tally.unsettled()))
 
@@ -369,14 +372,18 @@ def _of_bulk(command_id: str, prefix: str) -> bool:
     return command_id.startswith(prefix) and ":" not in command_id[len(prefix) :]
 
 
-def _envelope(page: PageToSend, entity_id: str) -> CommandEnvelope:
-    """The bulk's command to one entity, the same at every attempt."""
+def _envelope(page: PageToSend, entity_id: str, again: bool) -> CommandEnvelope:
+    """The bulk's command to one entity, the same at every attempt; sent `again`, it says
+    when the page was first sent, so that an entity that may have forgotten it since refuses
+    it (OUTCOME_UNKNOWN) rather than apply it twice: an entity asked about its command long
+    after it applied it, behind thousands of others, applied it again."""
     return CommandEnvelope(
         command_id=bulk_command_id(page.bulk_id, entity_id),
         name=page.command,
         payload=page.payload,
         sent_by=page.sent_by,
         reads_large_state=True,  # a bulk command counts outcomes alone
+        first_sent=page.sent_at if again else None,
     )
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowHandle
+from temporalio.testing import ActivityEnvironment
 
 from entities import catalog
 from entities.account import AccountState
@@ -18,12 +20,16 @@ from entities.bulk import (
     BulkInput,
     BulkProgress,
     BulkStatus,
+    PageToSend,
+    PageToSettle,
+    bulk_command_id,
     bulk_workflow_id,
 )
 from entities.errors import ErrorCode, TenureError
-from entities.runtime.envelope import CommandEnvelope, OutcomeStatus, Snapshot
+from entities.runtime.envelope import CommandEnvelope, OutcomeStatus, RuntimeOptions, Snapshot
 from tests.conftest import WorkerFactory
 from tests.entities.shop import eventually
+from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache
 from workers.delivery import CommandDelivery
 from workers.settings import Settings
@@ -366,3 +372,39 @@ async def test_a_filter_s_total_follows_entities_that_come_to_match_ahead_of_its
             done = await bulk.result()
     assert done.status is BulkStatus.COMPLETED
     assert (done.total, done.delivered, done.done, done.applied) == (20, 20, 20, 20)
+
+
+async def test_a_command_asked_about_after_its_entity_forgot_it_is_not_applied_twice(
+    temporal_client: Client, settings: Settings, run_worker: WorkerFactory, cache: SnapshotCache
+) -> None:
+    """Counting a page asks an entity about a command the change stream did not show, and
+    asking sends it again. Asked after the entity's ledger (4 commands here) had forgotten
+    it, the entity applied it a second time: a deposit made twice. The page's commands sent
+    again say when the page was first sent, and the entity refuses it, OUTCOME_UNKNOWN."""
+    small = settings.model_copy(update={"runtime": RuntimeOptions(ledger_size=4)})
+    async with run_worker(small):
+        [account_id] = await open_accounts(temporal_client, small, 1)
+        delivery = CommandDelivery(temporal_client, small)
+        bulk_id = uuid.uuid4().hex[:12]
+        page = PageToSend(
+            bulk_id=bulk_id,
+            entity_type="account",
+            command="deposit",
+            payload={"amount": 5},
+            ids=[account_id],
+            sent_by="admin:ops",
+            window=1,
+            sent_at=datetime.now(UTC),
+        )
+        first = CommandEnvelope(
+            command_id=bulk_command_id(bulk_id, account_id), name="deposit", payload={"amount": 5}
+        )
+        await delivery.request(catalog.entity_types()["account"], account_id, first)
+        for _ in range(5):
+            await send(delivery, account_id, "deposit", {"amount": 1})
+        counting = BulkActivities(temporal_client, cache, small)
+        counted = await ActivityEnvironment().run(
+            counting.bulk_settle, PageToSettle(page=page, position=None)
+        )
+        assert counted.rejected == {ErrorCode.OUTCOME_UNKNOWN.value: 1}
+        assert await balance(temporal_client, account_id) == 10  # once, and five ones
