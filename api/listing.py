@@ -30,7 +30,7 @@ from entities.runtime.listing import MAX_TEXT_LENGTH, searchable
 from entities.runtime.policy import READ, Role
 from workers.cache import CachedSnapshot, CacheUnavailable, SnapshotCache
 from workers.failures import redis_unavailable
-from workers.index import STATUS, StoredEntry
+from workers.index import STATUS
 from workers.listing import EntityIndex, ListFilter, Order
 
 N = TypeVar("N")
@@ -254,11 +254,10 @@ async def list_entities(
 def _still(cache: SnapshotCache, where: ListFilter, entity_id: str, hit: CachedSnapshot) -> bool:
     """Whether the entity, as its snapshot read after the index, exists and is still one
     the filter lists: written in between, it may have left it (a SUSPENDED page showed rows
-    ACTIVE by then, hundreds in a probe's 25 s of suspensions and reactivations)."""
-    if hit.snapshot.state is None:
-        return False
-    entry = cache.index_entry(hit.snapshot)
-    return bool(entry) and where.admits(entity_id, StoredEntry.decode(entry.encode()))
+    ACTIVE by then, hundreds in a probe's 25 s of suspensions and reactivations). One with
+    no state has no entry."""
+    entry = cache.stored_entry(hit.snapshot)
+    return entry is not None and where.admits(entity_id, entry)
 
 
 async def entity_stats(info: Info, entity_type: str) -> EntityStats:

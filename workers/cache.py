@@ -30,6 +30,7 @@ from workers.index import (
     STUCK,
     WRITE_IF_NEWER,
     IndexEntry,
+    StoredEntry,
     generations_key,
     index_base,
 )
@@ -211,13 +212,22 @@ class SnapshotCache:
 
     def index_entry(self, snapshot: Snapshot) -> str:
         """The snapshot's entry in its type's index, encoded; empty when it has no state."""
+        entry = self._entry(snapshot)
+        return entry.encode(snapshot) if entry is not None else ""
+
+    def stored_entry(self, snapshot: Snapshot) -> StoredEntry | None:
+        """The snapshot's entry as the index holds it, to filter by; None when it has no
+        state."""
+        entry = self._entry(snapshot)
+        return entry.stored(snapshot) if entry is not None else None
+
+    def _entry(self, snapshot: Snapshot) -> IndexEntry | None:
         entity = self._types.get(snapshot.entity_type)
         if entity is not None:
             values = entity.index_values(snapshot.state)
         else:
             values = IndexValues() if snapshot.state is not None else None
-        entry = IndexEntry.of(snapshot, values)
-        return entry.encode(snapshot) if entry is not None else ""
+        return IndexEntry.of(snapshot, values)
 
     async def _write(self, snapshot: Snapshot, changes: Changes | None = None) -> int | bytes:
         """The script's answer: 1 written, 0 not, or the newer snapshot stored."""

@@ -213,11 +213,18 @@ class IndexEntry:
         return cls(updated_key(snapshot.updated_at), snapshot.closed, values)
 
     def encode(self, snapshot: Snapshot) -> str:
+        return json.dumps(self.document(snapshot), separators=(",", ":"))
+
+    def stored(self, snapshot: Snapshot) -> StoredEntry:
+        """The entry as the index will hold it, without the round trip through JSON."""
+        return StoredEntry.of(self.document(snapshot))
+
+    def document(self, snapshot: Snapshot) -> dict[str, Any]:
         tags = dict(self.values.tags)
         if self.values.status is not None:
             tags[STATUS] = self.values.status
         text = sorted({*self.values.text, searchable(snapshot.entity_id)})
-        document: dict[str, Any] = {
+        return {
             "g": snapshot.incarnation,
             "r": snapshot.revision,
             "u": self.updated,
@@ -226,7 +233,6 @@ class IndexEntry:
             "x": text,
             "n": dict(self.values.numbers),
         }
-        return json.dumps(document, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -241,7 +247,10 @@ class StoredEntry:
 
     @classmethod
     def decode(cls, raw: bytes) -> StoredEntry:
-        document = json.loads(raw)
+        return cls.of(json.loads(raw))
+
+    @classmethod
+    def of(cls, document: dict[str, Any]) -> StoredEntry:
         # cjson never rewrites it, but an empty object could come back as `[]` elsewhere.
         return cls(
             updated=document["u"],
