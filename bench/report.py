@@ -333,6 +333,14 @@ def markdown(
             f"{r.details['accepted_per_s']:,.0f}/s, applied at {r.ops_per_s:,.0f}/s."
         )
     for r in results:
+        if "accepted_per_s" in r.details and not {"max_history", "worker_cpu_ms_per_op"} & set(
+            r.details
+        ):
+            lines.append(
+                f"- {r.title}: accepted at {r.details['accepted_per_s']:,.0f}/s, applied at "
+                f"{r.ops_per_s:,.0f}/s (each slice timed until its commands were applied)."
+            )
+    for r in results:
         if "repeats" in r.details:
             d = r.details
             lines.append(
