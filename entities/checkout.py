@@ -67,6 +67,9 @@ with workflow.unsafe.imports_passed_through():
     )
 
 SAGA_OUTCOMES_METRIC = "tenure_saga_outcomes"
+SAGA_OUTCOMES_DESCRIPTION = (
+    "Sagas by outcome: each end, and each time one became FAILED (operator needed)."
+)
 STATUS_ATTRIBUTE = SearchAttributeKey.for_keyword("TenureCheckoutStatus")
 """The checkout's SagaStatus in Temporal's visibility; registered on every Temporal server
 Tenure uses (deploy/embedded.py, docs/operations.md)."""
@@ -223,10 +226,9 @@ class CheckoutWorkflow:
         """Count the checkout's status: the one it ends with, and FAILED each time it
         becomes FAILED, when an operator must act, not when the wait for one ends (days
         later, or never counted as FAILED once resolved). Not counted in a replay."""
-        workflow.metric_meter().create_counter(
-            SAGA_OUTCOMES_METRIC,
-            "Sagas by outcome: each end, and each time one became FAILED (operator needed).",
-        ).add(1, {"status": self._state.status.value})
+        workflow.metric_meter().create_counter(SAGA_OUTCOMES_METRIC, SAGA_OUTCOMES_DESCRIPTION).add(
+            1, {"status": self._state.status.value}
+        )
 
     async def _await_operator(self, saga: Saga) -> None:
         """While FAILED, wait for an operator, up to `operator_wait_seconds` from each

@@ -26,6 +26,9 @@ from temporalio.worker import Worker, WorkflowRunner
 
 from entities import catalog
 from entities.bulk import BulkCommandWorkflow
+from entities.checkout import SAGA_OUTCOMES_DESCRIPTION, SAGA_OUTCOMES_METRIC
+from entities.checkout_input import CHECKOUT_WORKFLOW
+from entities.runtime.saga import SagaStatus
 from workers.activities import PUBLISH_LAG, PUBLISH_LAG_BUCKETS, CacheActivities, next_task
 from workers.answer_budget import AnswerBudgetRunner
 from workers.bulk import BulkActivities
@@ -125,6 +128,7 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         workflow_runner=guarded_runner(settings, client.data_converter),
         **common,
     )
+    _count_failed_checkouts_from_zero(client, settings)
     bulk_commands = Worker(
         client,
         task_queue=settings.bulk_task_queue,
@@ -136,6 +140,24 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
     return TenureWorker(
         [entities, bulk_commands],
         shutdown_bound=settings.worker_shutdown_grace + SHUTDOWN_TIMEOUT.total_seconds(),
+    )
+
+
+def _count_failed_checkouts_from_zero(client: Client, settings: Settings) -> None:
+    """Export the series of checkouts become FAILED at 0 from the worker's start, labelled
+    as a checkout's own metric meter labels it. The first FAILED then takes it from 0 to 1,
+    which the page's `increase()` sees. Born at 1, a series was seen only as new: a worker
+    restarted under the same instance label, whose old process had counted one, had its
+    first FAILED within 15 minutes hidden behind the old one (deploy/compose/alerts.yml)."""
+    runtime = client.service_client.config.runtime or Runtime.default()
+    runtime.metric_meter.create_counter(SAGA_OUTCOMES_METRIC, SAGA_OUTCOMES_DESCRIPTION).add(
+        0,
+        {
+            "namespace": client.namespace,
+            "task_queue": settings.task_queue,
+            "workflow_type": CHECKOUT_WORKFLOW,
+            "status": SagaStatus.FAILED.value,
+        },
     )
 
 

@@ -63,6 +63,16 @@ CASES = [
             _silent("TenureCheckoutFailed", "44m"),
         ],
     },
+    {  # A worker restarted under the same instance label: its old process had counted one,
+        # and the new one exports the series at 0 from its start, then counts its first.
+        "interval": "1m",
+        "input_series": [_failed("1x10 _x3 0x5 1x20")],
+        "alert_rule_test": [
+            _silent("TenureCheckoutFailed", "17m"),
+            _fires("TenureCheckoutFailed", "21m", FAILED_SUMMARY),
+            _silent("TenureCheckoutFailed", "38m"),
+        ],
+    },
     {  # Workers scraped by compose's job, or by a ServiceMonitor on their metrics Service.
         "interval": "1m",
         "input_series": [

@@ -166,13 +166,30 @@ async def test_a_checkout_is_counted_failed_when_it_needs_an_operator_not_when_i
         async with cache_of(chosen) as own, build_worker(client, chosen, own) as worker:
             yield worker
 
+    def failed_series(metrics: Scrape) -> list[tuple[dict[str, str], float]]:
+        """The FAILED series of the checkouts' task queue (the failing checkout also runs
+        a worker on a queue of its own, which exports its own at 0)."""
+        return [
+            (labels, value)
+            for name, labels, value in metrics.samples
+            if name == "tenure_saga_outcomes_total"
+            and labels.get("status") == "FAILED"
+            and labels.get("task_queue") == worker_settings.task_queue
+        ]
+
+    async with run_worker():
+        # Exported at 0 from the worker's start, so that the first FAILED is an increase
+        # Prometheus sees, even after a restart under the same instance label.
+        (before,) = failed_series(await scrape(worker_settings))
+        assert before[1] == 0
     async with failed_checkout(shop, run_worker) as failed:
         assert failed.state.awaiting_operator_until is not None
         metrics = await eventually(
             lambda: scrape(worker_settings),
             lambda m: m.value("tenure_saga_outcomes_total", status="FAILED") >= 1,
         )
-        assert metrics.value("tenure_saga_outcomes_total", status="FAILED") == 1
+        # The checkout counted on that same series, not on one of its own beside it.
+        assert failed_series(metrics) == [(before[0], 1)]
         assert metrics.value("tenure_saga_outcomes_total") == 1
 
 
