@@ -18,6 +18,7 @@ from entities.runtime.envelope import (
     HistoryPage,
     Outcome,
     OutcomeStatus,
+    shown_key,
 )
 from entities.runtime.inbox import COMMAND_ID, COMMAND_ID_RULE
 from entities.runtime.policy import Principal, Role
@@ -84,7 +85,7 @@ def _sender(sent_by: str | None, caller: Principal) -> Sender | None:
 
 def _record(outcome: Outcome, caller: Principal) -> CommandRecord:
     return CommandRecord(
-        command_id=outcome.command_id,
+        command_id=shown_key(outcome),
         command=outcome.command,
         at=outcome.at,
         sent_by=_sender(outcome.sent_by, caller),

@@ -49,6 +49,8 @@ from entities.runtime.envelope import (
     CommandResults,
     EntityRunInput,
     OutcomeStatus,
+    same_sender,
+    sender_key,
 )
 from entities.runtime.workflow import COMMAND_SIGNAL, MAX_BATCH, EntityWorkflow
 from workers.backpressure import EntityBackpressure
@@ -189,11 +191,26 @@ class CommandDelivery:
         # backlog.py). UNKNOWN means that, or a signal still being delivered: ask again
         # briefly, then tell the sender to retry with the same key.
         for attempt in range(OUTCOME_ATTEMPTS):
-            result = await self._outcome(handle, envelope.command_id)
+            result = await self._outcome_of(handle, envelope)
             if result.outcome.status is not OutcomeStatus.UNKNOWN:
                 return _of_this_command(envelope, result)
             await asyncio.sleep(0.05 * (attempt + 1))
         raise not_yet_applied(envelope)
+
+    async def _outcome_of(
+        self, handle: WorkflowHandle[Any, Any], envelope: CommandEnvelope
+    ) -> CommandResult:
+        """What became of this sender's command: under its id, or, when another sender's
+        command holds that id (or the id is not known, its first holder forgotten), under
+        the sender's own (`sender_key`), as the entity records it then."""
+        result = await self._outcome(handle, envelope.command_id)
+        sender, outcome = envelope.sent_by, result.outcome
+        if sender is None or (
+            outcome.status is not OutcomeStatus.UNKNOWN and same_sender(outcome.sent_by, sender)
+        ):
+            return result
+        own = await self._outcome(handle, sender_key(sender, envelope.command_id))
+        return own if own.outcome.status is not OutcomeStatus.UNKNOWN else result
 
     async def _outcome(self, handle: WorkflowHandle[Any, Any], command_id: str) -> CommandResult:
         try:
@@ -238,7 +255,7 @@ class CommandDelivery:
             handle = await self._deliver_by(deadline, entity, entity_id, envelope)
         except EntityClosed:
             handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
-            result = await self._outcome(handle, envelope.command_id)
+            result = await self._outcome_of(handle, envelope)
             if result.outcome.status is OutcomeStatus.UNKNOWN:
                 raise
             return _of_this_command(envelope, result)

@@ -132,6 +132,28 @@ deadline's, an inbound webhook's. A client's idempotency key may not begin so, o
 take one of them first, and the entity would take Tenure's own command as its repeat."""
 
 
+def same_sender(recorded: str | None, sender: str | None) -> bool:
+    """Whether a command id recorded as sent by `recorded` is `sender`'s own: the same
+    sender, or one of them unknown (commands from inside, or from before senders were
+    recorded), which is taken as the same, as it always was."""
+    return recorded is None or sender is None or recorded == sender
+
+
+def sender_key(sender: str, command_id: str) -> str:
+    """The id under which an entity records `sender`'s command `command_id` when another
+    sender's command took that id first: an idempotency key is its sender's own. Shown to
+    clients as the key they sent (`shown_key`)."""
+    return f"{sender}/{command_id}"
+
+
+def shown_key(outcome: Outcome) -> str:
+    """The id a recorded outcome's sender gave its command: its key, without the sender an
+    entity recorded it under (`sender_key`)."""
+    if outcome.sent_by is not None:
+        return outcome.command_id.removeprefix(f"{outcome.sent_by}/")
+    return outcome.command_id
+
+
 class HistoryPage(BaseModel):
     """Which of an entity's recent commands to list: the `last` ones, newest first, older
     than the command `before` when given."""

@@ -38,6 +38,9 @@ with workflow.unsafe.imports_passed_through():
         OutcomeStatus,
         Publication,
         Snapshot,
+        same_sender,
+        sender_key,
+        shown_key,
     )
     from entities.runtime.inbox import (
         COMMAND_ID,
@@ -72,6 +75,12 @@ NEXT_TASK_TIMEOUT = timedelta(seconds=10)
 NEXT_TASK_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2)
 )
+
+KEYS_PER_SENDER = "entity-keys-per-sender"
+"""Runs from here on record a command whose id another sender's command took first under its
+sender's own id (`EntityWorkflow._own_key`); runs begun before took it for that command's
+repeat. Asked only where two senders' ids meet, so no other run records its marker: it
+belongs to no patch set."""
 
 RECORD_UNREADABLE_PATCH = "entity-records-unreadable-commands"
 """Runs from here on refuse a command whose envelope cannot be read under its id, and apply
@@ -236,6 +245,7 @@ class EntityWorkflow:
         return False
 
     def _apply(self, envelope: CommandEnvelope) -> None:
+        self._own_key(envelope)
         if envelope.command_id in self._ledger:
             self._count("duplicate", OK)
             # Its sender is retrying: an earlier answer may have been handed to nobody (an
@@ -454,6 +464,26 @@ class EntityWorkflow:
                 non_retryable=True,
             )
 
+    def _own_key(self, envelope: CommandEnvelope) -> None:
+        """Give `envelope` the id the entity knows its command by: its own, unless another
+        sender's command took that id first; then the sender's own (`sender_key`), so that
+        one sender cannot take another's idempotency key. A customer who sent a deposit
+        under the key an operator's withdrawal would come with had the withdrawal dropped as
+        its repeat (and answered ACCEPTED). Runs begun before this rule (`KEYS_PER_SENDER`,
+        asked only where keys meet) took it for the repeat."""
+        sender = envelope.sent_by
+        if sender is None:
+            return
+        own = sender_key(sender, envelope.command_id)
+        if own in self._ledger:  # its repeat, or one since the first sender's was forgotten
+            envelope.command_id = own
+            return
+        taken = self._ledger.get(envelope.command_id)
+        if taken is None or same_sender(taken.sent_by, sender):
+            return
+        if workflow.patched(KEYS_PER_SENDER):
+            envelope.command_id = own
+
     def _cannot_tell(self, envelope: CommandEnvelope) -> bool:
         """Refuse, OUTCOME_UNKNOWN, a command first sent before the newest outcome the ledger
         has forgotten: it may have been applied then, and forgotten. A saga's step retried
@@ -644,7 +674,8 @@ class EntityWorkflow:
         newest_first = reversed(self._ledger.entries())
         if page.before is not None:
             for outcome in newest_first:
-                if outcome.command_id == page.before:
+                # As listed (`shown_key`): where two senders' keys meet, the newer is taken.
+                if page.before in (outcome.command_id, shown_key(outcome)):
                     break
             else:
                 return CommandHistory(entries=[], has_older=False, before_found=False)

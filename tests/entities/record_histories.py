@@ -49,6 +49,9 @@ CHECKOUT_SET_1 = "checkout-set-1"
 ENTITY_SET_1 = "entity-set-1"
 # Entities under the second, whose items took back a sale they had forgotten as returned.
 ENTITY_SET_2 = "entity-set-2"
+# Entities under the third, before a key was its sender's own (entity-keys-per-sender): one
+# account, whose service's withdrawal was taken for a customer's deposit under the same key.
+ENTITY_SET_3 = "entity-set-3"
 
 
 def workflow_id_of(path: Path) -> str:
@@ -155,6 +158,28 @@ async def _account_burst(gateway: EntityGateway, cache: SnapshotCache) -> None:
     for amount in range(1, 11):
         await gateway.send("account", BURST_ID, "deposit", {"amount": amount})
     await until_cached(cache, "account", BURST_ID, 12)
+
+
+KEYS_ID = "acct-keys"
+KEY = "fee-1"
+
+
+async def _keys_meet(gateway: EntityGateway) -> str:
+    """A customer's deposit, then a service's withdrawal under the same key: today's account
+    records the withdrawal as the service's own command (entity-keys-per-sender); one begun
+    before took it for the deposit's repeat. The workflow id whose history to keep."""
+    service = "service:billing"
+    opening = {"owner_name": "Kay", "email": "kay@example.com"}
+    await gateway.send("account", KEYS_ID, "open", opening, wait=True, sent_by=service)
+    await gateway.send("account", KEYS_ID, "verify", {}, wait=True, sent_by=service)
+    await gateway.send("account", KEYS_ID, "deposit", {"amount": 10}, wait=True, sent_by=service)
+    mine = {"idempotency_key": KEY, "wait": True}
+    await gateway.send("account", KEYS_ID, "deposit", {"amount": 1}, sent_by="customer:ada", **mine)
+    try:
+        await gateway.send("account", KEYS_ID, "withdraw", {"amount": 5}, sent_by=service, **mine)
+    except TenureError as taken:  # code from before: the deposit's repeat
+        assert taken.code is ErrorCode.IDEMPOTENCY_KEY_REUSED, taken
+    return f"account:{KEYS_ID}"
 
 
 async def _account_lifecycle(gateway: EntityGateway) -> None:
@@ -286,6 +311,7 @@ async def record(into: Path = HISTORIES) -> list[Path]:
                 await _account_burst(EntityGateway(client, cache, throttled), cache)
                 workflow_ids.append(f"account:{BURST_ID}")
                 workflow_ids.append(await _bulk(shop, client, settings))
+                workflow_ids.append(await _keys_meet(EntityGateway(client, cache, settings)))
                 for workflow_id in workflow_ids:
                     written += await _write_runs(client, workflow_id, into)
             async with build_worker(client, account_settings, cache):

@@ -24,6 +24,7 @@ from tests.entities.record_histories import (
     CURRENT,
     ENTITY_SET_1,
     ENTITY_SET_2,
+    ENTITY_SET_3,
     HISTORIES,
     PUBLISHED_BY_ACTIVITY,
     workflow_id_of,
@@ -123,6 +124,13 @@ TODAY = {
     f"{CURRENT}/bulk.bulk-deposit.run2": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
     f"{CURRENT}/account.acct-backlog": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
 }
+# A customer's deposit, then a service's withdrawal under the same key: today's account keeps
+# them apart (entity-keys-per-sender); one under the third set took the withdrawal for the
+# deposit's repeat.
+KEYS_MEET = {
+    f"{folder}/account.acct-keys": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED
+    for folder in (CURRENT, ENTITY_SET_3)
+}
 EVERY = {
     **RECORDED,
     **PUBLISHED,
@@ -131,6 +139,7 @@ EVERY = {
     **ENTITIES_OF_SET_1,
     **ENTITIES_OF_SET_2,
     **TODAY,
+    **KEYS_MEET,
 }
 
 
@@ -143,6 +152,7 @@ def test_every_recorded_history_is_checked() -> None:
             CHECKOUT_SET_1,
             ENTITY_SET_1,
             ENTITY_SET_2,
+            ENTITY_SET_3,
             CURRENT,
         )
         for path in (HISTORIES / folder).glob("*.json")
@@ -327,3 +337,43 @@ def test_an_item_refuses_a_return_it_cannot_match_to_a_sale_as_its_run_began_und
     assert (today["status"], today["code"]) == ("REJECTED", "INVALID_TRANSITION")
     before = outcome_of(f"{ENTITY_SET_2}/inventory.sku-teapot", "returnReservation", **forgotten)
     assert before["status"] == "APPLIED"
+
+
+def answers(name: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each update of a history to `apply`: the envelope it carried, and the outcome it was
+    answered with."""
+    sent: dict[str, dict[str, Any]] = {}
+    paired = []
+    for event in history(name).events:
+        if event.HasField("workflow_execution_update_accepted_event_attributes"):
+            request = event.workflow_execution_update_accepted_event_attributes.accepted_request
+            if request.input.name == "apply":
+                [envelope] = [json.loads(p.data) for p in request.input.args.payloads]
+                sent[request.meta.update_id] = envelope
+        if event.HasField("workflow_execution_update_completed_event_attributes"):
+            completed = event.workflow_execution_update_completed_event_attributes
+            if completed.meta.update_id in sent:
+                [answer] = [json.loads(p.data) for p in completed.outcome.success.payloads]
+                paired.append((sent[completed.meta.update_id], answer["outcome"]))
+    return paired
+
+
+def test_a_key_another_sender_took_is_its_sender_s_own_as_the_run_began_under() -> None:
+    """entity-keys-per-sender: today's account applies a service's withdrawal under the key
+    a customer's deposit took, as the service's own command, and asks the patch there; one
+    begun under the third set answered it with the deposit's outcome and applied nothing."""
+    [(_, today)] = [
+        (envelope, outcome)
+        for envelope, outcome in answers(f"{CURRENT}/account.acct-keys")
+        if envelope["name"] == "withdraw"
+    ]
+    assert today["command_id"] == "service:billing/fee-1"
+    assert (today["status"], today["command"], today["revision"]) == ("APPLIED", "withdraw", 5)
+    assert "entity-keys-per-sender" in patches_asked(f"{CURRENT}/account.acct-keys")
+    [(_, before)] = [
+        (envelope, outcome)
+        for envelope, outcome in answers(f"{ENTITY_SET_3}/account.acct-keys")
+        if envelope["name"] == "withdraw"
+    ]
+    assert (before["command_id"], before["command"], before["revision"]) == ("fee-1", "deposit", 4)
+    assert "entity-keys-per-sender" not in patches_asked(f"{ENTITY_SET_3}/account.acct-keys")

@@ -1,0 +1,144 @@
+"""An idempotency key is its sender's own: another caller sending the same key to the same
+entity neither takes the first command's place nor has its own command dropped."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+
+from entities import catalog
+from entities.runtime.envelope import CommandEnvelope, OutcomeStatus
+from tests.api.test_access import OPEN, SECRET, VERIFY, Caller, token
+from tests.conftest import WorkerFactory, api_client, new_id
+from workers.delivery import CommandDelivery
+from workers.settings import Settings
+
+DEPOSIT = """mutation($id: ID!, $amount: Long!, $key: String, $wait: Boolean!) {
+  depositToAccount(id: $id, amount: $amount, idempotencyKey: $key, wait: $wait)
+  { commandId status revision } }"""
+WITHDRAW = """mutation($id: ID!, $amount: Long!, $key: String, $wait: Boolean!) {
+  withdrawFromAccount(id: $id, amount: $amount, idempotencyKey: $key, wait: $wait)
+  { commandId status revision } }"""
+ACCOUNT = """query($id: ID!, $last: Int!) { account(id: $id, consistency: LIVE) { balance
+  history(last: $last) { entries { commandId command sentBy { role subject } } } } }"""
+LEDGER = 4
+
+
+@pytest.fixture
+def secured(settings: Settings) -> Settings:
+    """Production settings verifying tokens, no rate limits, and a ledger of LEDGER commands,
+    so that a test can make an entity forget one."""
+    runtime = settings.runtime.model_copy(update={"ledger_size": LEDGER})
+    return settings.model_copy(
+        update={
+            "environment": "production",
+            "auth_secret": SECRET,
+            "rate_limits": {},
+            "runtime": runtime,
+        }
+    )
+
+
+@pytest.fixture
+async def http(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with run_worker(secured), api_client(secured, temporal_client) as client:
+        yield client
+
+
+async def _account(http: httpx.AsyncClient) -> tuple[str, Caller, Caller]:
+    """An account billing (a service) opened and funded with 1,000, and its customer."""
+    billing = Caller(http, token("service", "billing", scope="account:* read:*"))
+    account_id = new_id()
+    await billing.data(OPEN, id=account_id)
+    await billing.data(VERIFY, id=account_id)
+    await billing.data(DEPOSIT, id=account_id, amount=1000, key=None, wait=True)
+    return account_id, billing, Caller(http, token("customer", "ada", [account_id]))
+
+
+async def _balance(caller: Caller, account_id: str) -> int:
+    account: dict[str, Any] = (await caller.data(ACCOUNT, id=account_id, last=LEDGER))["account"]
+    return int(account["balance"])
+
+
+async def test_a_customer_cannot_take_the_key_of_a_later_service_command(
+    http: httpx.AsyncClient,
+) -> None:
+    """The customer sent a deposit under the key billing's next fee would come with (last
+    month's key, in the account's history, gives it away): the fee was answered ACCEPTED and
+    dropped as the deposit's repeat."""
+    account_id, billing, ada = await _account(http)
+    key = f"fee-2026-11-{account_id}"
+    await ada.data(DEPOSIT, id=account_id, amount=1, key=key, wait=True)
+
+    fee = await billing.data(WITHDRAW, id=account_id, amount=500, key=key, wait=False)
+    assert fee["withdrawFromAccount"]["status"] == "ACCEPTED"
+    # Billing's retry of its fee is its repeat: applied once, answered with its revision.
+    again = (await billing.data(WITHDRAW, id=account_id, amount=500, key=key, wait=True))[
+        "withdrawFromAccount"
+    ]
+    assert again == {"commandId": key, "status": "APPLIED", "revision": 5}
+    assert await _balance(billing, account_id) == 1000 + 1 - 500
+    # Both listed under the key each sent; the customer sees billing's role, not its name.
+    entries = (await ada.data(ACCOUNT, id=account_id, last=2))["account"]["history"]["entries"]
+    assert entries == [
+        {"commandId": key, "command": "withdraw", "sentBy": {"role": "service", "subject": None}},
+        {"commandId": key, "command": "deposit", "sentBy": {"role": "customer", "subject": "ada"}},
+    ]
+
+
+async def test_a_service_s_earlier_key_sent_by_a_customer_is_the_customer_s_own_command(
+    http: httpx.AsyncClient,
+) -> None:
+    """It was answered APPLIED with billing's revision, and not applied."""
+    account_id, billing, ada = await _account(http)
+    key = f"refund-order-77-{account_id}"
+    first = await billing.data(DEPOSIT, id=account_id, amount=250, key=key, wait=True)
+    mine = await ada.data(DEPOSIT, id=account_id, amount=250, key=key, wait=True)
+    assert first["depositToAccount"]["revision"] == 4
+    assert mine["depositToAccount"] == {"commandId": key, "status": "APPLIED", "revision": 5}
+    assert await _balance(billing, account_id) == 1000 + 250 + 250
+
+
+async def test_a_sender_s_key_stays_its_own_after_the_entity_forgets_the_first(
+    http: httpx.AsyncClient,
+) -> None:
+    """Once the first sender's command has left the ledger, the second's repeat is still
+    known by the sender's own id: not applied again."""
+    account_id, billing, ada = await _account(http)
+    key = f"shared-{account_id}"
+    await ada.data(DEPOSIT, id=account_id, amount=1, key=key, wait=True)
+    await billing.data(WITHDRAW, id=account_id, amount=10, key=key, wait=True)
+    # Two more commands: the ledger of LEDGER forgets the customer's deposit, the oldest
+    # (its other entries: the opening deposit and verify, then the withdrawal).
+    for n in range(2):
+        await billing.data(DEPOSIT, id=account_id, amount=100, key=f"d{n}-{account_id}", wait=True)
+    repeat = await billing.data(WITHDRAW, id=account_id, amount=10, key=key, wait=True)
+    assert repeat["withdrawFromAccount"]["revision"] == 5
+    assert await _balance(billing, account_id) == 1000 + 1 - 10 + 200
+
+
+async def test_a_signalled_command_s_outcome_is_found_under_its_sender_s_own_id(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory, http: httpx.AsyncClient
+) -> None:
+    """A command sent by signal (a waited one whose update was refused goes so) is looked
+    up by its sender: the outcome under its key is another sender's."""
+    account_id, billing, ada = await _account(http)
+    key = f"signalled-{account_id}"
+    await ada.data(DEPOSIT, id=account_id, amount=1, key=key, wait=True)
+    delivery = CommandDelivery(temporal_client, secured)
+    account = catalog.entity_types()["account"]
+    envelope = CommandEnvelope(
+        command_id=key, name="withdraw", payload={"amount": 7}, sent_by="service:billing"
+    )
+    handle = await delivery.deliver(account, account_id, envelope)
+    result = await delivery.await_outcome(handle, envelope)
+    assert result.outcome.status is OutcomeStatus.APPLIED
+    assert result.outcome.sent_by == "service:billing"
+    assert result.outcome.command == "withdraw"
+    assert await _balance(billing, account_id) == 1000 + 1 - 7
