@@ -179,7 +179,13 @@ async def read_checkout(info: Info, checkout_id: str) -> Checkout | None:
     state = await info.context.gateway.read_workflow(
         checkout_workflow_id(checkout_id), CheckoutWorkflow.status, CheckoutState
     )
-    return Checkout.from_state(state, info.context.principal) if state else None
+    if state is None:
+        return None
+    # And it pays from its account: a cart id made again for another account (a checkout
+    # waits days for an operator, its cart long gone) showed the new holder the first
+    # holder's order.
+    await authorize(info, "account", state.account_id, READ)
+    return Checkout.from_state(state, info.context.principal)
 
 
 @strawberry.type

@@ -19,7 +19,7 @@ from api.gateway import EntityGateway
 from entities import catalog
 from entities.errors import ErrorCode
 from entities.runtime.policy import Policy, Principal, Role
-from tests.conftest import WorkerFactory, api_client, new_id
+from tests.conftest import WorkerFactory, api_client, new_id, start_over
 from tests.entities.shop import eventually
 from workers.settings import Settings
 
@@ -638,3 +638,32 @@ async def test_spending_the_query_budget_does_not_tell_whether_a_cart_exists(
         body = (await stranger.post("{ " + reads + " }")).json()
         assert {e["extensions"]["code"] for e in body["errors"]} == {"FORBIDDEN"}, body
         assert len(body["errors"]) == 6
+
+
+async def test_a_cart_id_made_again_for_another_account_does_not_show_the_first_checkout(
+    secured_http: httpx.AsyncClient, temporal_client: Client, secured: Settings
+) -> None:
+    """A checkout pays from its account: once its cart id was made again for another account
+    (retention deleted the cart; a FAILED checkout waits days for an operator), the new
+    cart's customer read the first customer's order, lines and total."""
+    admin = Caller(secured_http, token("admin", "ops"))
+    first, second, sku = new_id(), new_id(), new_id()
+    for account in (first, second):
+        await admin.data(OPEN, id=account)
+        await admin.data(VERIFY, id=account)
+    await admin.data(RESTOCK, sku=sku)
+    await admin.data(DEPOSIT, id=first)
+    cart = new_id()
+    await admin.data(CREATE_CART, id=cart, account=first)
+    await admin.data(ADD, id=cart, sku=sku)
+    await admin.data(CHECKOUT, id=cart)
+    await eventually(
+        lambda: admin.data(READ_CHECKOUT, id=f"{cart}-1"),
+        lambda d: d["checkout"] is not None and d["checkout"]["status"] == "COMPLETED",
+    )
+    await start_over(temporal_client, secured, "cart", cart, "createCart", {"account_id": second})
+    bob = Caller(secured_http, token("customer", "bob", [second]))
+    await eventually(lambda: bob.code(READ_CART, id=cart), lambda code: code is None, timeout=10)
+    assert await bob.code(READ_CHECKOUT, id=f"{cart}-1") == ErrorCode.FORBIDDEN
+    # The first's staff still read it.
+    assert (await admin.data(READ_CHECKOUT, id=f"{cart}-1"))["checkout"]["status"] == "COMPLETED"
