@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import strawberry
 
@@ -39,7 +39,9 @@ from entities.cart import CartLine as CartLineState
 from entities.cart import CartOptions, CartState, CartStatus
 from entities.checkout_input import CheckoutLine
 from entities.errors import ErrorCode, TenureError
+from entities.inventory import InventoryState, inventory
 from entities.runtime.entity import Command
+from entities.runtime.policy import Role
 from workers.cache import CacheUnavailable
 from workers.creations import Creations
 
@@ -210,6 +212,39 @@ async def _guard_create(gateway: EntityGateway, cart_id: str, payload: Mapping[s
 CREATE_GUARDS[(ENTITY, domain.create_cart.name)] = _guard_create
 
 
+UnitPrice = Annotated[
+    Long | None,
+    strawberry.argument(
+        description="The item's own price by default. Staff and services may name another "
+        "(a discount); a customer's, when given, must be the item's."
+    ),
+]
+
+
+async def _unit_price(info: Info, sku: str, given: int | None) -> int:
+    """A new line's unit price: the one staff or a service names, else the item's own. A
+    customer's is always the item's: a customer who named the price bought any item for 1
+    minor unit. An item with no price is not for customers to add."""
+    if given is not None and info.context.principal.role is not Role.CUSTOMER:
+        return given
+    read = await info.context.gateway.read(inventory.name, sku)
+    if read is None:
+        raise TenureError(ErrorCode.NOT_FOUND, f"inventory item {sku} does not exist")
+    price = InventoryState.model_validate(read.snapshot.state).unit_price
+    if price is None:
+        raise TenureError(
+            ErrorCode.INVALID_TRANSITION
+            if given is None or info.context.principal.role is Role.CUSTOMER
+            else ErrorCode.INVALID_INPUT,
+            f"inventory item {sku} has no price yet (restock it with unitPrice)",
+        )
+    if given is not None and given != price:
+        raise TenureError(
+            ErrorCode.INVALID_INPUT, f"unitPrice: {sku} costs {price}; leave unitPrice out"
+        )
+    return price
+
+
 @strawberry.type
 class CartMutation:
     @strawberry.mutation(
@@ -240,14 +275,16 @@ class CartMutation:
         cart_id: strawberry.ID,
         sku: str,
         quantity: int,
-        unit_price: Long,
+        unit_price: UnitPrice = None,
         idempotency_key: IdempotencyKey = None,
         wait: Wait = False,
     ) -> CartCommandPayload | None:
-        if unit_price < 1:
+        if unit_price is not None and unit_price < 1:
             # The entity's own model takes 0, as carts recorded before this bound did (their
             # histories must replay); a new line is priced from 1.
             raise TenureError(ErrorCode.INVALID_INPUT, "unitPrice: at least 1")
+        # Before the item is looked up, so a refusal tells nothing about what exists.
+        await authorize(info, ENTITY, cart_id, domain.add_cart_item.name)
         return await _command(
             info,
             cart_id,
@@ -256,7 +293,7 @@ class CartMutation:
             wait,
             sku=sku,
             quantity=quantity,
-            unit_price=unit_price,
+            unit_price=await _unit_price(info, sku, unit_price),
         )
 
     @strawberry.mutation(description="Drop a SKU's line.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import strawberry
 
@@ -54,6 +54,9 @@ class StockAdjustment:
 class InventoryItem(EntityState):
     sku: str
     name: str
+    unit_price: Long | None = strawberry.field(
+        description="What a customer's cart pays for a unit; null until a restock sets it."
+    )
     on_hand: Long = strawberry.field(description="Units in stock, reserved ones included.")
     reserved: Long
     available: Long = strawberry.field(description="On hand less reserved.")
@@ -82,6 +85,7 @@ class InventoryItem(EntityState):
             **read_fields(read),
             sku=state.sku,
             name=state.name,
+            unit_price=None if state.unit_price is None else Long(state.unit_price),
             on_hand=Long(state.on_hand),
             reserved=Long(state.reserved),
             available=Long(state.available),
@@ -151,11 +155,19 @@ class InventoryMutation:
         sku: str,
         quantity: Long,
         name: str | None = None,
+        unit_price: Annotated[
+            Long | None,
+            strawberry.argument(
+                description="What a customer pays for a unit from now on (minor units); "
+                "unchanged when left out."
+            ),
+        ] = None,
         idempotency_key: IdempotencyKey = None,
         wait: Wait = False,
     ) -> InventoryCommandPayload | None:
+        priced = {} if unit_price is None else {"unit_price": unit_price}
         return await _command(
-            info, sku, domain.restock, idempotency_key, wait, quantity=quantity, name=name
+            info, sku, domain.restock, idempotency_key, wait, quantity=quantity, name=name, **priced
         )
 
     @strawberry.mutation(description="Correct the count, never below what is reserved.")

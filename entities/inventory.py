@@ -24,6 +24,8 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.policy import READ
 
 Quantity = Annotated[int, Field(gt=0, le=10**9, strict=True)]
+UnitPrice = Annotated[int, Field(ge=1, le=10**12, strict=True, description="minor units")]
+"""As a cart line's (entities/cart.py), which also took 0 before its bounds."""
 MAX_RESERVATION_ID = 128
 RESERVATION_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:\-]{{0,{MAX_RESERVATION_ID - 1}}}")
 """The id a new reservation is made under: at most 128 letters, digits and . _ : -, as an
@@ -84,6 +86,11 @@ class Adjustment(BaseModel):
 class InventoryState(BaseModel):
     sku: str
     name: str
+    unit_price: int | None = Field(
+        default=None,
+        description="What a customer pays for a unit (minor units), set by a restock; a "
+        "customer's cart takes it, and cannot add the item while it has none.",
+    )
     on_hand: int = 0
     sold: int = 0
     reservations: list[Reservation] = Field(default_factory=list)
@@ -120,6 +127,7 @@ class InventoryOptions(BaseModel):
 class Restock(BaseModel, extra="forbid"):
     quantity: Quantity
     name: Name | None = None
+    unit_price: UnitPrice | None = None
 
 
 class AdjustStock(BaseModel, extra="forbid"):
@@ -177,8 +185,9 @@ def restock(state: InventoryState | None, cmd: Restock, ctx: Ctx) -> InventorySt
     if state.on_hand + state.sold + cmd.quantity > MAX_MONEY:
         # Counts are Longs, which promise 2^53 - 1 at most: received ever, sold included.
         raise Rejected(ErrorCode.LIMIT_REACHED, f"an item counts at most {MAX_MONEY} units")
+    priced = {} if cmd.unit_price is None else {"unit_price": cmd.unit_price}
     return state.model_copy(
-        update={"on_hand": state.on_hand + cmd.quantity, "name": cmd.name or state.name}
+        update={"on_hand": state.on_hand + cmd.quantity, "name": cmd.name or state.name, **priced}
     )
 
 

@@ -100,8 +100,8 @@ CLEAR = "mutation($id: ID!) { clearCart(cartId: $id, wait: true) { commandId } }
 CHECKOUT = "mutation($id: ID!) { checkoutCart(cartId: $id) { checkoutId } }"
 READ_CART = "query($id: ID!) { cart(id: $id) { status } }"
 READ_CHECKOUT = "query($id: ID!) { checkout(id: $id) { status } }"
-RESTOCK = """mutation($sku: String!) { restock(sku: $sku, quantity: 5, name: "Pot", wait: true)
-  { commandId } }"""
+RESTOCK = """mutation($sku: String!) { restock(sku: $sku, quantity: 5, name: "Pot", unitPrice: 10,
+  wait: true) { commandId } }"""
 ADJUST = """mutation($sku: String!) { adjustStock(sku: $sku, delta: -1, reason: "chipped",
   wait: true) { commandId } }"""
 RESERVE = """mutation($sku: String!) { reserveStock(sku: $sku, reservationId: "r1", quantity: 1,

@@ -1,0 +1,89 @@
+"""What a cart line costs: the item's own price for a customer, whatever it sends; staff and
+services may name another. A customer once named the price and bought any item for 1 minor
+unit."""
+
+from __future__ import annotations
+
+import httpx
+
+from entities.errors import ErrorCode
+from tests.api.test_access import CREATE_CART, OPEN, VERIFY, Caller, token
+from tests.conftest import new_id
+from tests.entities.shop import eventually
+
+RESTOCK = """mutation($sku: String!, $price: Long) {
+  restock(sku: $sku, quantity: 10, name: "Pot", unitPrice: $price, wait: true) { commandId } }"""
+ADD = """mutation($id: ID!, $sku: String!, $price: Long) {
+  addCartItem(cartId: $id, sku: $sku, quantity: 2, unitPrice: $price, wait: true)
+  { cart { lines { sku unitPrice } total } } }"""
+DEPOSIT = """mutation($id: ID!) { depositToAccount(id: $id, amount: 10000, wait: true)
+  { commandId } }"""
+CHECKOUT = "mutation($id: ID!) { checkoutCart(cartId: $id) { checkoutId } }"
+ORDER = "query($id: ID!) { checkout(id: $id) { status total } }"
+BALANCE = "query($id: ID!) { account(id: $id, consistency: LIVE) { balance } }"
+ITEM = "query($sku: String!) { inventoryItem(sku: $sku, consistency: LIVE) { unitPrice } }"
+LINES = "query($id: ID!) { cart(id: $id, consistency: LIVE) { lines { sku unitPrice } } }"
+
+
+async def _shop(http: httpx.AsyncClient) -> tuple[Caller, Caller, str, str]:
+    """Staff, and a customer with an account of 10,000 and an open cart."""
+    admin = Caller(http, token("admin", "ops"))
+    account, cart = new_id(), new_id()
+    await admin.data(OPEN, id=account)
+    await admin.data(VERIFY, id=account)
+    await admin.data(DEPOSIT, id=account)
+    await admin.data(CREATE_CART, id=cart, account=account)
+    return admin, Caller(http, token("customer", "ada", [account])), account, cart
+
+
+async def test_a_customer_pays_the_item_s_price_whatever_it_sends(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    admin, ada, account, cart = await _shop(secured_http)
+    sku = new_id()
+    await admin.data(RESTOCK, sku=sku, price=300)
+    assert (await admin.data(ITEM, sku=sku))["inventoryItem"] == {"unitPrice": 300}
+
+    assert await ada.code(ADD, id=cart, sku=sku, price=1) == ErrorCode.INVALID_INPUT
+    assert (await admin.data(LINES, id=cart))["cart"]["lines"] == []  # nothing stored
+    added = (await ada.data(ADD, id=cart, sku=sku, price=None))["addCartItem"]["cart"]
+    assert added == {"lines": [{"sku": sku, "unitPrice": 300}], "total": 600}
+
+    checkout_id = (await ada.data(CHECKOUT, id=cart))["checkoutCart"]["checkoutId"]
+    order = await eventually(
+        lambda: ada.data(ORDER, id=checkout_id),
+        lambda d: d["checkout"] is not None and d["checkout"]["status"] == "COMPLETED",
+    )
+    assert order["checkout"]["total"] == 600
+    assert (await ada.data(BALANCE, id=account))["account"]["balance"] == 10000 - 600
+
+
+async def test_an_item_without_a_price_is_not_for_customers(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    admin, ada, _, cart = await _shop(secured_http)
+    sku = new_id()
+    await admin.data(RESTOCK, sku=sku, price=None)
+    for price in (None, 5):
+        assert await ada.code(ADD, id=cart, sku=sku, price=price) == ErrorCode.INVALID_TRANSITION
+    assert await ada.code(ADD, id=cart, sku=new_id(), price=None) == ErrorCode.NOT_FOUND
+    # A restock that names one puts it on sale; one that does not leaves the price as it is.
+    await admin.data(RESTOCK, sku=sku, price=250)
+    await admin.data(RESTOCK, sku=sku, price=None)
+    added = (await ada.data(ADD, id=cart, sku=sku, price=250))["addCartItem"]["cart"]
+    assert added["lines"] == [{"sku": sku, "unitPrice": 250}]
+
+
+async def test_staff_and_services_may_name_a_price(secured_http: httpx.AsyncClient) -> None:
+    admin, _, _, cart = await _shop(secured_http)
+    priced, unpriced = new_id(), new_id()
+    await admin.data(RESTOCK, sku=priced, price=300)
+    await admin.data(RESTOCK, sku=unpriced, price=None)
+    await admin.data(ADD, id=cart, sku=priced, price=None)  # the item's
+    shop = Caller(secured_http, token("service", "shop", scope="cart:addCartItem"))
+    await shop.data(ADD, id=cart, sku=unpriced, price=99)  # a discount, or no list price
+    assert await shop.code(ADD, id=cart, sku=new_id(), price=None) == ErrorCode.NOT_FOUND
+    lines = (await admin.data(LINES, id=cart))["cart"]["lines"]
+    assert sorted((line["sku"], line["unitPrice"]) for line in lines) == sorted(
+        [(priced, 300), (unpriced, 99)]
+    )
