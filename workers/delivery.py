@@ -191,23 +191,29 @@ class CommandDelivery:
         # backlog.py). UNKNOWN means that, or a signal still being delivered: ask again
         # briefly, then tell the sender to retry with the same key.
         for attempt in range(OUTCOME_ATTEMPTS):
-            result = await self._outcome_of(handle, envelope)
+            last = attempt == OUTCOME_ATTEMPTS - 1
+            result = await self._outcome_of(handle, envelope, unknown_too=last)
             if result.outcome.status is not OutcomeStatus.UNKNOWN:
                 return _of_this_command(envelope, result)
             await asyncio.sleep(0.05 * (attempt + 1))
         raise not_yet_applied(envelope)
 
     async def _outcome_of(
-        self, handle: WorkflowHandle[Any, Any], envelope: CommandEnvelope
+        self, handle: WorkflowHandle[Any, Any], envelope: CommandEnvelope, unknown_too: bool = True
     ) -> CommandResult:
         """What became of this sender's command: under its id, or, when another sender's
-        command holds that id (or the id is not known, its first holder forgotten), under
-        the sender's own (`sender_key`), as the entity records it then."""
+        command holds that id (or, `unknown_too`, the id is not known: its first holder
+        forgotten), under the sender's own (`sender_key`), as the entity records it then.
+        Not known is most often not applied yet: asked again, it is looked up once more
+        only at the last asking."""
         result = await self._outcome(handle, envelope.command_id)
         sender, outcome = envelope.sent_by, result.outcome
-        if sender is None or (
-            outcome.status is not OutcomeStatus.UNKNOWN and same_sender(outcome.sent_by, sender)
-        ):
+        if sender is None:
+            return result
+        if outcome.status is OutcomeStatus.UNKNOWN:
+            if not unknown_too:
+                return result
+        elif same_sender(outcome.sent_by, sender):
             return result
         own = await self._outcome(handle, sender_key(sender, envelope.command_id))
         return own if own.outcome.status is not OutcomeStatus.UNKNOWN else result
