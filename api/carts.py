@@ -233,10 +233,8 @@ async def _unit_price(info: Info, sku: str, given: int | None) -> int:
     price = InventoryState.model_validate(read.snapshot.state).unit_price
     if price is None:
         raise TenureError(
-            ErrorCode.INVALID_TRANSITION
-            if given is None or info.context.principal.role is Role.CUSTOMER
-            else ErrorCode.INVALID_INPUT,
-            f"inventory item {sku} has no price yet (restock it with unitPrice)",
+            ErrorCode.INVALID_TRANSITION,
+            f"inventory item {sku} has no price yet (a restock with unitPrice sets it)",
         )
     if given is not None and given != price:
         raise TenureError(
