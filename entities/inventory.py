@@ -290,9 +290,17 @@ def return_reservation(state: InventoryState, cmd: ReservationCommand, ctx: Ctx)
     longer remembers is refused: its sale, if it had one, may not have been taken back, and
     an item that answered "returned" would leave its units sold with no sign (a checkout's
     late compensation then ended COMPENSATED); its units are counted back with adjustStock.
-    Runs begun before this rule (`RULES_1_PATCH`) changed nothing for it."""
+    Runs begun before this rule (`RULES_1_PATCH`) changed nothing for it. Nor is one it was
+    told to release without knowing it (remembered RELEASED with no units): it may have sold
+    it and forgotten it, and an operator's retry of a checkout's refused return, after the
+    saga's release of the same reservation, ended COMPENSATED with the units still sold.
+    Runs begun before that rule (`RULES_2_PATCH`) took it for a release."""
     settled = state.settled.get(cmd.reservation_id)
-    if settled is None and state.reservation(cmd.reservation_id) is None and ctx.rules_from(1):
+    unknown = settled is None and state.reservation(cmd.reservation_id) is None
+    released_unknown = (
+        settled is not None and settled.settlement is Settlement.RELEASED and not settled.quantity
+    )
+    if (unknown and ctx.rules_from(1)) or (released_unknown and ctx.rules_from(2)):
         raise Rejected(
             ErrorCode.INVALID_TRANSITION,
             f"reservation {cmd.reservation_id} is not remembered (an item remembers its last "

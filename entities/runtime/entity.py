@@ -49,7 +49,12 @@ an inventory item refuses to take back a sale it no longer remembers; an entity 
 compensation whose undone command its ledger may have forgotten, and (OUTCOME_UNKNOWN) a
 repeat first sent before what its ledger forgot. Older runs replay their histories as they
 were made."""
-NEWEST_RULES = 1
+RULES_2_PATCH = "entity-rules-2"
+"""Runs started since it take the rules changed at level 2: an inventory item refuses to take
+back a sale under an id it had been told to release without knowing it (it may have sold
+and forgotten it). Asked only where it decides, outside the patch sets: no other run
+records its marker."""
+NEWEST_RULES = 2
 """The level of the latest rules: what new runs, and transitions run outside a workflow,
 apply."""
 

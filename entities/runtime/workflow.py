@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.effects import CHILDREN_CLOSE_FIRST, Effects
     from entities.runtime.entity import (
         RULES_1_PATCH,
+        RULES_2_PATCH,
         STRICT_INPUTS_2_PATCH,
         STRICT_INPUTS_3_PATCH,
         STRICT_INPUTS_4_PATCH,
@@ -875,12 +876,16 @@ class EntityWorkflow:
         )
 
 
-RULES_PATCHES = {1: RULES_1_PATCH}
+RULES_PATCHES = {1: RULES_1_PATCH, 2: RULES_2_PATCH}
 
 
 def _rules_from(level: int) -> bool:
-    """Whether this run applies the entity types' rules of `level` (`CommandContext`)."""
-    return ENTITY_PATCHES.patched(RULES_PATCHES[level])
+    """Whether this run applies the entity types' rules of `level` (`CommandContext`): by
+    its patch set, or, for a rule only a rare case meets, by a patch of its own."""
+    patch = RULES_PATCHES[level]
+    if patch in ENTITY_PATCHES.patches:
+        return ENTITY_PATCHES.patched(patch)
+    return workflow.patched(patch)
 
 
 def _strictness() -> int:

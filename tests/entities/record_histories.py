@@ -49,8 +49,10 @@ CHECKOUT_SET_1 = "checkout-set-1"
 ENTITY_SET_1 = "entity-set-1"
 # Entities under the second, whose items took back a sale they had forgotten as returned.
 ENTITY_SET_2 = "entity-set-2"
-# Entities under the third, before a key was its sender's own (entity-keys-per-sender): one
-# account, whose service's withdrawal was taken for a customer's deposit under the same key.
+# Entities under the third, before the patches asked only where their case arises: an
+# account whose service's withdrawal was taken for a customer's deposit under the same key
+# (entity-keys-per-sender), an item that took back a sale it was told to release unknowing
+# as a release (entity-rules-2).
 ENTITY_SET_3 = "entity-set-3"
 
 
@@ -180,6 +182,22 @@ async def _keys_meet(gateway: EntityGateway) -> str:
     except TenureError as taken:  # code from before: the deposit's repeat
         assert taken.code is ErrorCode.IDEMPOTENCY_KEY_REUSED, taken
     return f"account:{KEYS_ID}"
+
+
+TOMB_ID = "sku-tomb"
+
+
+async def _released_unknown(shop: Shop) -> str:
+    """A reservation released before the item knew it, then its return: today's item refuses
+    it (entity-rules-2: it may have sold it and forgotten it); one begun before took it for
+    a release, nothing to take back. The workflow id whose history to keep."""
+    sku = await shop.stock(3, TOMB_ID)
+    await shop.send("inventory", sku, "releaseReservation", reservation_id="r-gone")
+    try:
+        await shop.send("inventory", sku, "returnReservation", reservation_id="r-gone")
+    except TenureError as refused:
+        assert refused.code is ErrorCode.INVALID_TRANSITION, refused
+    return f"inventory:{sku}"
 
 
 async def _account_lifecycle(gateway: EntityGateway) -> None:
@@ -312,6 +330,7 @@ async def record(into: Path = HISTORIES) -> list[Path]:
                 workflow_ids.append(f"account:{BURST_ID}")
                 workflow_ids.append(await _bulk(shop, client, settings))
                 workflow_ids.append(await _keys_meet(EntityGateway(client, cache, settings)))
+                workflow_ids.append(await _released_unknown(shop))
                 for workflow_id in workflow_ids:
                     written += await _write_runs(client, workflow_id, into)
             async with build_worker(client, account_settings, cache):

@@ -320,6 +320,27 @@ async def test_a_sale_its_item_forgot_before_the_checkout_took_it_back_leaves_it
                 assert (item.on_hand, item.sold) == (3, 2)  # sold, not taken back
                 assert await bank.balance(account_id) == BALANCE  # the refund was made
 
+                # A retry before the units are counted back fails again. The saga's release
+                # of the same reservation came after the refused return, and the item, not
+                # knowing it, remembered it as released: the retried return was answered
+                # "nothing to take back", and the checkout ended COMPENSATED, units sold.
+                handle = handle_of(shop, checkout_id)
+                await handle.execute_update(CheckoutWorkflow.operate, RETRY)
+                again = await eventually(
+                    lambda: shop.progress(checkout_id),
+                    lambda p: (
+                        p is not None
+                        and p.awaiting_operator_until is not None
+                        and p.awaiting_operator_until != failed.awaiting_operator_until
+                    ),
+                    60,
+                )
+                assert again is not None and again.status is SagaStatus.FAILED
+                assert [(step.name, step.code) for step in again.refused()] == [
+                    (f"return:{teapot}", ErrorCode.INVALID_TRANSITION)
+                ]
+                assert (await depot.item(teapot)).sold == 2
+
                 # The operator counts the units back and settles the checkout.
                 await depot.send(
                     "inventory", teapot, "adjustStock", delta=2, reason=f"{checkout_id} returned"
@@ -327,7 +348,6 @@ async def test_a_sale_its_item_forgot_before_the_checkout_took_it_back_leaves_it
                 resolve = RETRY.model_copy(
                     update={"action": OperatorActionKind.RESOLVE, "reason": "units counted back"}
                 )
-                handle = handle_of(shop, checkout_id)
                 await handle.execute_update(CheckoutWorkflow.operate, resolve)
                 done = await asyncio.wait_for(handle.result(), 30)
                 assert done.status is SagaStatus.RESOLVED

@@ -131,6 +131,12 @@ KEYS_MEET = {
     f"{folder}/account.acct-keys": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED
     for folder in (CURRENT, ENTITY_SET_3)
 }
+# A reservation released before its item knew it, then returned: today's item refuses the
+# return (entity-rules-2); one under the third set took it for a release.
+RELEASED_UNKNOWN = {
+    f"{folder}/inventory.sku-tomb": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED
+    for folder in (CURRENT, ENTITY_SET_3)
+}
 EVERY = {
     **RECORDED,
     **PUBLISHED,
@@ -140,6 +146,7 @@ EVERY = {
     **ENTITIES_OF_SET_2,
     **TODAY,
     **KEYS_MEET,
+    **RELEASED_UNKNOWN,
 }
 
 
@@ -377,3 +384,16 @@ def test_a_key_another_sender_took_is_its_sender_s_own_as_the_run_began_under() 
     ]
     assert (before["command_id"], before["command"], before["revision"]) == ("fee-1", "deposit", 4)
     assert "entity-keys-per-sender" not in patches_asked(f"{ENTITY_SET_3}/account.acct-keys")
+
+
+def test_a_sale_released_unknowing_is_not_taken_back_as_the_run_began_under() -> None:
+    """entity-rules-2: today's item refuses to take back a reservation it was told to release
+    without knowing it, and asks the patch there; one begun under the third set answered it
+    as a release, nothing to take back."""
+    gone = {"reservation_id": "r-gone"}
+    today = outcome_of(f"{CURRENT}/inventory.sku-tomb", "returnReservation", **gone)
+    assert (today["status"], today["code"]) == ("REJECTED", "INVALID_TRANSITION")
+    assert "entity-rules-2" in patches_asked(f"{CURRENT}/inventory.sku-tomb")
+    before = outcome_of(f"{ENTITY_SET_3}/inventory.sku-tomb", "returnReservation", **gone)
+    assert before["status"] == "APPLIED"
+    assert "entity-rules-2" not in patches_asked(f"{ENTITY_SET_3}/inventory.sku-tomb")
