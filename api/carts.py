@@ -41,6 +41,7 @@ from entities.checkout_input import CheckoutLine
 from entities.errors import ErrorCode, TenureError
 from entities.inventory import InventoryState, inventory
 from entities.runtime.entity import Command
+from entities.runtime.envelope import sender_key
 from entities.runtime.policy import Role
 from workers.cache import CacheUnavailable
 from workers.creations import Creations
@@ -243,6 +244,21 @@ async def _unit_price(info: Info, sku: str, given: int | None) -> int:
     return price
 
 
+def _started(info: Info, receipt: Receipt) -> str | None:
+    """The checkout the checkoutCart command of `receipt` started: the one the cart recorded
+    for its id (under its sender's own, where another's command took it first), else, for a
+    checkout started before carts recorded them, the cart's latest. A repeat of an earlier
+    checkoutCart was answered with the cart's latest checkout, someone else's order."""
+    if receipt.read is None or receipt.read.snapshot.state is None:
+        return None
+    state = CartState.model_validate(receipt.read.snapshot.state)
+    sender = info.context.principal.sender
+    for command_id in (receipt.command_id, sender_key(sender, receipt.command_id)):
+        if command_id in state.started_by:
+            return state.started_by[command_id]
+    return state.checkout_id
+
+
 @strawberry.type
 class CartMutation:
     @strawberry.mutation(
@@ -348,7 +364,8 @@ class CartMutation:
             info, domain.checkout_cart, cart_id, {}, idempotency_key, wait=True
         )
         checked_out = Cart.from_read(receipt.read) if receipt.read is not None else None
-        if checked_out is None or checked_out.checkout_id is None:
+        checkout_id = _started(info, receipt)
+        if checked_out is None or checkout_id is None:
             # Applied, but the cart has moved on since (another checkout's report came).
             raise TenureError(
                 ErrorCode.CONFLICT, f"cart {receipt.entity_id} is no longer checking out"
@@ -357,6 +374,6 @@ class CartMutation:
         return CheckoutCartPayload(
             cart_id=strawberry.ID(receipt.entity_id),
             command_id=receipt.command_id,
-            checkout_id=checked_out.checkout_id,
+            checkout_id=strawberry.ID(checkout_id),
             cart=checked_out if shown.read is not None else None,
         )

@@ -46,6 +46,10 @@ class CartLine(BaseModel):
     unit_price: int
 
 
+MAX_STARTS_REMEMBERED = 16
+"""checkoutCart commands a cart remembers the checkout of (`CartState.started_by`)."""
+
+
 class CartState(BaseModel):
     account_id: str
     status: CartStatus = CartStatus.OPEN
@@ -57,6 +61,12 @@ class CartState(BaseModel):
     failure_code: str | None = None
     failure_reason: str | None = None
     abandoned_at: datetime | None = None
+    started_by: dict[str, str] = Field(
+        default_factory=dict,
+        description="The checkout each of the latest checkoutCart commands started, by "
+        "command id (MAX_STARTS_REMEMBERED): a late repeat of one is answered with its own "
+        "checkout, not the cart's latest. Empty for checkouts started before it was kept.",
+    )
 
     @property
     def total(self) -> int:
@@ -203,6 +213,9 @@ def checkout_cart(state: CartState, cmd: CheckoutCart, ctx: Ctx) -> CartState:
         raise Rejected(ErrorCode.INVALID_TRANSITION, f"cart {ctx.entity_id} is empty")
     attempt = state.checkout_attempts + 1
     checkout_id = f"{ctx.entity_id}-{attempt}"
+    started_by = {**state.started_by, ctx.command_id: checkout_id}
+    while len(started_by) > MAX_STARTS_REMEMBERED:
+        del started_by[next(iter(started_by))]
     checked_out = _touched(
         state,
         ctx,
@@ -211,6 +224,7 @@ def checkout_cart(state: CartState, cmd: CheckoutCart, ctx: Ctx) -> CartState:
         checkout_id=checkout_id,
         failure_code=None,
         failure_reason=None,
+        started_by=started_by,
     )
     checkout = CheckoutInput(
         checkout_id=checkout_id,

@@ -437,3 +437,38 @@ async def test_an_account_has_only_so_many_carts_not_checked_out(
         again = await gql.data(create, id=carts[0], a=account_id, key="cart-0")
         assert again["createCart"]["cart"] == {"id": carts[0]}
         await gql.data(create, id=new_id(), a=other)
+
+
+async def test_a_late_repeat_of_a_checkout_is_answered_with_its_own_checkout(
+    gql: GraphQLClient,
+) -> None:
+    """Its first checkout compensated, the cart checked out again under another key; the
+    first key sent again (a client retrying after a timeout) was answered with the second
+    checkout's id, and the client followed someone else's order."""
+    account_id = await open_account(gql, 10_000)
+    short, plenty = await restock(gql, 1), await restock(gql, 5)
+    cart_id = await cart_with(gql, account_id, (short, 2, 100))
+    send = """mutation($c: ID!, $k: String!) {
+      checkoutCart(cartId: $c, idempotencyKey: $k) { checkoutId } }"""
+    first = (await gql.data(send, c=cart_id, k=f"first-{cart_id}"))["checkoutCart"]["checkoutId"]
+    assert (await finished(gql, first))["status"] == "COMPENSATED"
+    await gql.data(
+        """mutation($c: ID!, $s: String!) { setCartItemQuantity(cartId: $c, sku: $s,
+           quantity: 0, wait: true) { status } }""",
+        c=cart_id,
+        s=short,
+    )
+    await gql.data(
+        """mutation($c: ID!, $s: String!) { addCartItem(cartId: $c, sku: $s, quantity: 1,
+           unitPrice: 100, wait: true) { status } }""",
+        c=cart_id,
+        s=plenty,
+    )
+    second = (await gql.data(send, c=cart_id, k=f"second-{cart_id}"))["checkoutCart"]
+    assert (await finished(gql, second["checkoutId"]))["status"] == "COMPLETED"
+    again = (await gql.data(send, c=cart_id, k=f"first-{cart_id}"))["checkoutCart"]
+    assert (first, second["checkoutId"], again["checkoutId"]) == (
+        f"{cart_id}-1",
+        f"{cart_id}-2",
+        f"{cart_id}-1",
+    )
