@@ -3,6 +3,7 @@ did to it."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 import strawberry
@@ -10,10 +11,11 @@ import strawberry
 from api.carts import MAX_CART_LINES, CartLine
 from api.common import Long, authorize
 from api.context import Info
-from api.gateway import check_entity_id
+from api.gateway import check_entity_id, unbudgeted
 from api.history import sender_shown
 from api.pacing import paced
 from api.response_size import bounded
+from entities.cart import CartState, CartStatus
 from entities.checkout import CheckoutState, CheckoutWorkflow
 from entities.checkout_input import checkout_workflow_id
 from entities.errors import ErrorCode, TenureError
@@ -171,21 +173,53 @@ def checked_checkout_id(checkout_id: str) -> str:
     return checkout_id
 
 
+STARTING_PAUSES = (0.05, 0.1, 0.2, 0.4, 0.8)
+"""Pauses between asks for a checkout its cart has started and Temporal not yet made: the
+cart answers checkoutCart, then starts the checkout as a child, a moment later."""
+
+
 async def read_checkout(info: Info, checkout_id: str) -> Checkout | None:
     """The checkout asked of its saga (a LIVE read), for whoever may read its cart."""
     checkout_id = checked_checkout_id(checkout_id)
+    cart_id = checkout_id.rpartition("-")[0]
     # A checkout is its cart's: whoever may read the cart may read its checkouts.
-    await authorize(info, "cart", checkout_id.rpartition("-")[0], READ)
-    state = await info.context.gateway.read_workflow(
-        checkout_workflow_id(checkout_id), CheckoutWorkflow.status, CheckoutState
-    )
+    await authorize(info, "cart", cart_id, READ)
+    gateway = info.context.gateway
+    workflow_id = checkout_workflow_id(checkout_id)
+    state = await gateway.read_workflow(workflow_id, CheckoutWorkflow.status, CheckoutState)
     if state is None:
-        return None
+        # Answered null, "never existed", right after checkoutCart answered its id. These
+        # asks are bounded here (STARTING_PAUSES), not charged to the request's budget.
+        with unbudgeted():
+            if not await _starting(info, cart_id, checkout_id):
+                return None
+            for pause in STARTING_PAUSES:
+                await asyncio.sleep(pause)
+                state = await gateway.read_workflow(
+                    workflow_id, CheckoutWorkflow.status, CheckoutState
+                )
+                if state is not None:
+                    break
+            else:
+                raise TenureError(
+                    ErrorCode.UNAVAILABLE,
+                    f"checkout {checkout_id} is starting: ask again shortly",
+                )
     # And it pays from its account: a cart id made again for another account (a checkout
     # waits days for an operator, its cart long gone) showed the new holder the first
     # holder's order.
     await authorize(info, "account", state.account_id, READ)
     return Checkout.from_state(state, info.context.principal)
+
+
+async def _starting(info: Info, cart_id: str, checkout_id: str) -> bool:
+    """Whether the cart is checking out `checkout_id`: started, its workflow perhaps not yet
+    made (one that ended and was since deleted leaves its cart past it)."""
+    read = await info.context.gateway.read("cart", cart_id)
+    if read is None or read.snapshot.state is None:
+        return False
+    cart = CartState.model_validate(read.snapshot.state)
+    return cart.status is CartStatus.CHECKING_OUT and cart.checkout_id == checkout_id
 
 
 @strawberry.type

@@ -7,8 +7,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
+from entities.checkout_input import checkout_workflow_id
 from tests.api.test_access import token
 from tests.api.test_listing import indexed_cart, put_all
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
@@ -472,3 +476,38 @@ async def test_a_late_repeat_of_a_checkout_is_answered_with_its_own_checkout(
         f"{cart_id}-2",
         f"{cart_id}-1",
     )
+
+
+async def test_a_checkout_its_cart_is_taking_is_never_answered_as_never_made(
+    http: httpx.AsyncClient, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """checkoutCart answers once the cart has taken it; Temporal makes the checkout a moment
+    later, and a read in between was answered null, "never existed" (3 of 30 reads straight
+    after the answer, in a review's probe). Here the moment is made long: the worker stops
+    with the cart taking its checkout, and the checkout is deleted. The read waits for it,
+    then answers UNAVAILABLE, never null; an attempt the cart never made is null."""
+    gql = GraphQLClient(http)
+    async with run_worker():
+        account_id = await open_account(gql, 10_000)
+        sku = await restock(gql, 5)
+        cart_id = await cart_with(gql, account_id, (sku, 1, 100))
+        checkout_id = await checkout(gql, cart_id)
+    handle = temporal_client.get_workflow_handle(checkout_workflow_id(checkout_id))
+    await temporal_client.workflow_service.delete_workflow_execution(
+        DeleteWorkflowExecutionRequest(
+            namespace=temporal_client.namespace,
+            workflow_execution=WorkflowExecution(workflow_id=handle.id),
+        )
+    )
+
+    async def gone() -> bool:
+        try:
+            await handle.describe()
+        except RPCError as exc:
+            return exc.status is RPCStatusCode.NOT_FOUND
+        return False
+
+    await eventually(gone, bool, 90)
+    query = "query($id: ID!) { checkout(id: $id) { status } }"
+    assert await gql.error_code(query, id=checkout_id) == "UNAVAILABLE"
+    assert (await gql.data(query, id=f"{cart_id}-9"))["checkout"] is None
