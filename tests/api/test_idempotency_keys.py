@@ -3,7 +3,6 @@ entity neither takes the first command's place nor has its own command dropped."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -13,7 +12,7 @@ from temporalio.client import Client
 from entities import catalog
 from entities.runtime.envelope import CommandEnvelope, OutcomeStatus
 from tests.api.test_access import OPEN, SECRET, VERIFY, Caller, token
-from tests.conftest import WorkerFactory, api_client, new_id
+from tests.conftest import new_id
 from workers.delivery import CommandDelivery
 from workers.settings import Settings
 
@@ -43,14 +42,6 @@ def secured(settings: Settings) -> Settings:
     )
 
 
-@pytest.fixture
-async def http(
-    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with run_worker(secured), api_client(secured, temporal_client) as client:
-        yield client
-
-
 async def _account(http: httpx.AsyncClient) -> tuple[str, Caller, Caller]:
     """An account billing (a service) opened and funded with 1,000, and its customer."""
     billing = Caller(http, token("service", "billing", scope="account:* read:*"))
@@ -67,12 +58,12 @@ async def _balance(caller: Caller, account_id: str) -> int:
 
 
 async def test_a_customer_cannot_take_the_key_of_a_later_service_command(
-    http: httpx.AsyncClient,
+    secured_http: httpx.AsyncClient,
 ) -> None:
     """The customer sent a deposit under the key billing's next fee would come with (last
     month's key, in the account's history, gives it away): the fee was answered ACCEPTED and
     dropped as the deposit's repeat."""
-    account_id, billing, ada = await _account(http)
+    account_id, billing, ada = await _account(secured_http)
     key = f"fee-2026-11-{account_id}"
     await ada.data(DEPOSIT, id=account_id, amount=1, key=key, wait=True)
 
@@ -93,10 +84,10 @@ async def test_a_customer_cannot_take_the_key_of_a_later_service_command(
 
 
 async def test_a_service_s_earlier_key_sent_by_a_customer_is_the_customer_s_own_command(
-    http: httpx.AsyncClient,
+    secured_http: httpx.AsyncClient,
 ) -> None:
     """It was answered APPLIED with billing's revision, and not applied."""
-    account_id, billing, ada = await _account(http)
+    account_id, billing, ada = await _account(secured_http)
     key = f"refund-order-77-{account_id}"
     first = await billing.data(DEPOSIT, id=account_id, amount=250, key=key, wait=True)
     mine = await ada.data(DEPOSIT, id=account_id, amount=250, key=key, wait=True)
@@ -106,11 +97,11 @@ async def test_a_service_s_earlier_key_sent_by_a_customer_is_the_customer_s_own_
 
 
 async def test_a_sender_s_key_stays_its_own_after_the_entity_forgets_the_first(
-    http: httpx.AsyncClient,
+    secured_http: httpx.AsyncClient,
 ) -> None:
     """Once the first sender's command has left the ledger, the second's repeat is still
     known by the sender's own id: not applied again."""
-    account_id, billing, ada = await _account(http)
+    account_id, billing, ada = await _account(secured_http)
     key = f"shared-{account_id}"
     await ada.data(DEPOSIT, id=account_id, amount=1, key=key, wait=True)
     await billing.data(WITHDRAW, id=account_id, amount=10, key=key, wait=True)
@@ -124,11 +115,11 @@ async def test_a_sender_s_key_stays_its_own_after_the_entity_forgets_the_first(
 
 
 async def test_a_signalled_command_s_outcome_is_found_under_its_sender_s_own_id(
-    secured: Settings, temporal_client: Client, run_worker: WorkerFactory, http: httpx.AsyncClient
+    secured: Settings, temporal_client: Client, secured_http: httpx.AsyncClient
 ) -> None:
     """A command sent by signal (a waited one whose update was refused goes so) is looked
     up by its sender: the outcome under its key is another sender's."""
-    account_id, billing, ada = await _account(http)
+    account_id, billing, ada = await _account(secured_http)
     key = f"signalled-{account_id}"
     await ada.data(DEPOSIT, id=account_id, amount=1, key=key, wait=True)
     delivery = CommandDelivery(temporal_client, secured)
