@@ -253,7 +253,7 @@ def _started(info: Info, receipt: Receipt) -> str | None:
         return None
     state = CartState.model_validate(receipt.read.snapshot.state)
     sender = info.context.principal.sender
-    for command_id in (receipt.command_id, sender_key(sender, receipt.command_id)):
+    for command_id in (sender_key(sender, receipt.command_id), receipt.command_id):
         if command_id in state.started_by:
             return state.started_by[command_id]
     return state.checkout_id

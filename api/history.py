@@ -18,7 +18,7 @@ from entities.runtime.envelope import (
     HistoryPage,
     Outcome,
     OutcomeStatus,
-    shown_key,
+    listed_key,
 )
 from entities.runtime.inbox import COMMAND_ID, COMMAND_ID_RULE
 from entities.runtime.policy import Principal, Role
@@ -43,7 +43,11 @@ class Sender:
 
 @strawberry.type(description="One command an entity settled.")
 class CommandRecord:
-    command_id: str = strawberry.field(description="Its idempotency key.")
+    command_id: str = strawberry.field(
+        description="Its idempotency key; where another sender's command took that key first, "
+        "the sender's own (`role:subject/key`, `role/key` when its subject is hidden): the "
+        "cursor `before` takes it as listed."
+    )
     command: str | None = strawberry.field(
         description="Its name; null for commands settled before names were recorded."
     )
@@ -84,8 +88,9 @@ def _sender(sent_by: str | None, caller: Principal) -> Sender | None:
 
 
 def _record(outcome: Outcome, caller: Principal) -> CommandRecord:
+    subject_shown = outcome.sent_by is None or sender_shown(outcome.sent_by, caller)[1] is not None
     return CommandRecord(
-        command_id=shown_key(outcome),
+        command_id=listed_key(outcome, subject_shown),
         command=outcome.command,
         at=outcome.at,
         sent_by=_sender(outcome.sent_by, caller),

@@ -216,6 +216,8 @@ class CommandDelivery:
         elif same_sender(outcome.sent_by, sender):
             return result
         own = await self._outcome(handle, sender_key(sender, envelope.command_id))
+        if outcome.status is not OutcomeStatus.UNKNOWN:
+            return own  # the id is another sender's: this one's, not known yet, is asked again
         return own if own.outcome.status is not OutcomeStatus.UNKNOWN else result
 
     async def _outcome(self, handle: WorkflowHandle[Any, Any], command_id: str) -> CommandResult:

@@ -146,12 +146,20 @@ def sender_key(sender: str, command_id: str) -> str:
     return f"{sender}/{command_id}"
 
 
-def shown_key(outcome: Outcome) -> str:
-    """The id a recorded outcome's sender gave its command: its key, without the sender an
-    entity recorded it under (`sender_key`)."""
-    if outcome.sent_by is not None:
-        return outcome.command_id.removeprefix(f"{outcome.sent_by}/")
-    return outcome.command_id
+def listed_key(outcome: Outcome, subject_shown: bool) -> str:
+    """The id a recorded command is listed under: its own, or, recorded under its sender's
+    own id (`sender_key`) for a caller who may not see the sender's subject, the sender's
+    role before the key (`service/fee-1`), as a history hides that subject."""
+    sender = outcome.sent_by
+    if subject_shown or sender is None or not outcome.command_id.startswith(f"{sender}/"):
+        return outcome.command_id
+    role = sender.partition(":")[0]
+    return f"{role}/{outcome.command_id.removeprefix(f'{sender}/')}"
+
+
+def listed_as(outcome: Outcome, listed: str) -> bool:
+    """Whether `listed`, a history's cursor, names this outcome, as any caller saw it."""
+    return listed in (outcome.command_id, listed_key(outcome, subject_shown=False))
 
 
 class HistoryPage(BaseModel):

@@ -39,9 +39,9 @@ with workflow.unsafe.imports_passed_through():
         OutcomeStatus,
         Publication,
         Snapshot,
+        listed_as,
         same_sender,
         sender_key,
-        shown_key,
     )
     from entities.runtime.inbox import (
         COMMAND_ID,
@@ -476,7 +476,10 @@ class EntityWorkflow:
         if sender is None:
             return
         own = sender_key(sender, envelope.command_id)
-        if own in self._ledger:  # its repeat, or one since the first sender's was forgotten
+        mine = self._ledger.get(own)
+        # Its repeat, or one since the first sender's was forgotten: recorded under its own
+        # id by this sender (a client's key may look like one: `service:billing/fee-1`).
+        if mine is not None and mine.sent_by == sender and workflow.patched(KEYS_PER_SENDER):
             envelope.command_id = own
             return
         taken = self._ledger.get(envelope.command_id)
@@ -675,8 +678,7 @@ class EntityWorkflow:
         newest_first = reversed(self._ledger.entries())
         if page.before is not None:
             for outcome in newest_first:
-                # As listed (`shown_key`): where two senders' keys meet, the newer is taken.
-                if page.before in (outcome.command_id, shown_key(outcome)):
+                if listed_as(outcome, page.before):  # as the caller saw it listed
                     break
             else:
                 return CommandHistory(entries=[], has_older=False, before_found=False)

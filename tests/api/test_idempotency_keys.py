@@ -11,8 +11,19 @@ from temporalio.client import Client
 
 from entities import catalog
 from entities.runtime.envelope import CommandEnvelope, OutcomeStatus
-from tests.api.test_access import OPEN, SECRET, VERIFY, Caller, token
+from tests.api.test_access import (
+    ADD,
+    CREATE_CART,
+    OPEN,
+    READ_CHECKOUT,
+    RESTOCK,
+    SECRET,
+    VERIFY,
+    Caller,
+    token,
+)
 from tests.conftest import new_id
+from tests.entities.shop import eventually
 from workers.delivery import CommandDelivery
 from workers.settings import Settings
 
@@ -75,12 +86,61 @@ async def test_a_customer_cannot_take_the_key_of_a_later_service_command(
     ]
     assert again == {"commandId": key, "status": "APPLIED", "revision": 5}
     assert await _balance(billing, account_id) == 1000 + 1 - 500
-    # Both listed under the key each sent; the customer sees billing's role, not its name.
+    # Listed under the key each sent, the second one's under its sender's; the customer sees
+    # billing's role, not its name.
     entries = (await ada.data(ACCOUNT, id=account_id, last=2))["account"]["history"]["entries"]
     assert entries == [
-        {"commandId": key, "command": "withdraw", "sentBy": {"role": "service", "subject": None}},
+        {
+            "commandId": f"service/{key}",
+            "command": "withdraw",
+            "sentBy": {"role": "service", "subject": None},
+        },
         {"commandId": key, "command": "deposit", "sentBy": {"role": "customer", "subject": "ada"}},
     ]
+    entries = (await billing.data(ACCOUNT, id=account_id, last=1))["account"]["history"]
+    assert entries["entries"][0]["commandId"] == f"service:billing/{key}"
+
+
+async def test_a_key_made_to_look_like_another_sender_s_own_takes_nothing_of_it(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """A customer's key can read `service:billing/<key>`, the id under which the entity
+    records billing's command when another took its key: billing's command is still its."""
+    account_id, billing, ada = await _account(secured_http)
+    key = f"fee-2026-12-{account_id}"
+    await ada.data(DEPOSIT, id=account_id, amount=1, key=f"service:billing/{key}", wait=True)
+    fee = await billing.data(WITHDRAW, id=account_id, amount=500, key=key, wait=False)
+    assert fee["withdrawFromAccount"]["status"] == "ACCEPTED"
+    again = (await billing.data(WITHDRAW, id=account_id, amount=500, key=key, wait=True))[
+        "withdrawFromAccount"
+    ]
+    assert again == {"commandId": key, "status": "APPLIED", "revision": 5}
+    assert await _balance(billing, account_id) == 1000 + 1 - 500
+
+
+async def test_a_history_where_keys_meet_pages_through_every_command_once(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """Both commands were listed under the same key, and a cursor naming it always found the
+    newer: pages of one went k, X, k, X... for ever."""
+    account_id, billing, ada = await _account(secured_http)
+    key = f"k-{account_id}"
+    await ada.data(DEPOSIT, id=account_id, amount=1, key=key, wait=True)
+    await billing.data(DEPOSIT, id=account_id, amount=2, key=f"x-{account_id}", wait=True)
+    await billing.data(DEPOSIT, id=account_id, amount=3, key=key, wait=True)
+    page = """query($id: ID!, $before: String) { account(id: $id, consistency: LIVE) {
+      history(last: 1, before: $before) { hasOlder entries { commandId command } } } }"""
+    for caller in (ada, billing):
+        seen: list[str] = []
+        before = None
+        for _ in range(LEDGER + 2):
+            history = (await caller.data(page, id=account_id, before=before))["account"]
+            [entry] = history["history"]["entries"]
+            seen.append(entry["commandId"])
+            before = entry["commandId"]
+            if not history["history"]["hasOlder"]:
+                break
+        assert len(seen) == len(set(seen)) == LEDGER, seen
 
 
 async def test_a_service_s_earlier_key_sent_by_a_customer_is_the_customer_s_own_command(
@@ -133,3 +193,28 @@ async def test_a_signalled_command_s_outcome_is_found_under_its_sender_s_own_id(
     assert result.outcome.sent_by == "service:billing"
     assert result.outcome.command == "withdraw"
     assert await _balance(billing, account_id) == 1000 + 1 - 7
+
+
+async def test_a_checkout_under_a_key_another_sender_took_answers_its_own_checkout(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """Support checked the cart out under a key (its checkout compensated: too little money);
+    the customer's checkout under the same key is its own command, and was answered with
+    support's checkout, someone else's failed order, while its own charged it."""
+    account_id, billing, ada = await _account(secured_http)
+    await billing.data(WITHDRAW, id=account_id, amount=995, key=None, wait=True)
+    admin = Caller(secured_http, token("admin", "support"))
+    cart, sku, key = new_id(), new_id(), f"co-{account_id}"
+    await admin.data(RESTOCK, sku=sku)
+    await admin.data(CREATE_CART, id=cart, account=account_id)
+    await admin.data(ADD, id=cart, sku=sku)
+    send = """mutation($id: ID!, $key: String!) {
+      checkoutCart(cartId: $id, idempotencyKey: $key) { checkoutId } }"""
+    first = (await admin.data(send, id=cart, key=key))["checkoutCart"]["checkoutId"]
+    await eventually(
+        lambda: admin.data(READ_CHECKOUT, id=first),
+        lambda d: d["checkout"] is not None and d["checkout"]["status"] == "COMPENSATED",
+    )
+    await billing.data(DEPOSIT, id=account_id, amount=100, key=None, wait=True)
+    mine = (await ada.data(send, id=cart, key=key))["checkoutCart"]["checkoutId"]
+    assert (first, mine) == (f"{cart}-1", f"{cart}-2")
