@@ -35,7 +35,7 @@ from api.history import sender_shown
 from api.read_plans import ENTITY_READ_FIELDS
 from entities import catalog
 from entities.errors import ErrorCode, TenureError, quote_few
-from entities.runtime.envelope import Snapshot
+from entities.runtime.envelope import Snapshot, listed_id
 from entities.runtime.policy import READ, Principal, Role
 
 N = TypeVar("N")
@@ -209,11 +209,18 @@ class _Follower:
             previous_revision=previous,
             missed_revisions=missed or change.gap,
             command=change.command,
-            command_id=change.command_id if self._shows_ids else None,
+            command_id=self._command_id(change.command_id, change.sent_by),
             sent_by=self._sender(change.sent_by),
             at=change.at,
             node=node,
         )
+
+    def _command_id(self, command_id: str | None, sent_by: str | None) -> str | None:
+        """As the entity's history lists it to the viewer (`listed_id`), when shown."""
+        if command_id is None or not self._shows_ids:
+            return None
+        shown = sent_by is None or sender_shown(sent_by, self._viewer)[1] is not None
+        return listed_id(command_id, sent_by, shown)
 
     def _sender(self, sent_by: str | None) -> str | None:
         """As the entity's history shows it to the viewer: an operator's name is not a

@@ -147,14 +147,18 @@ def sender_key(sender: str, command_id: str) -> str:
 
 
 def listed_key(outcome: Outcome, subject_shown: bool) -> str:
-    """The id a recorded command is listed under: its own, or, recorded under its sender's
-    own id (`sender_key`) for a caller who may not see the sender's subject, the sender's
-    role before the key (`service/fee-1`), as a history hides that subject."""
-    sender = outcome.sent_by
-    if subject_shown or sender is None or not outcome.command_id.startswith(f"{sender}/"):
-        return outcome.command_id
+    """The id a recorded command is listed under (`listed_id`)."""
+    return listed_id(outcome.command_id, outcome.sent_by, subject_shown)
+
+
+def listed_id(command_id: str, sender: str | None, subject_shown: bool) -> str:
+    """The id a command is listed under: its own, or, recorded under its sender's own id
+    (`sender_key`) for a caller who may not see the sender's subject, the sender's role
+    before the key (`service/fee-1`), as a history hides that subject."""
+    if subject_shown or sender is None or not command_id.startswith(f"{sender}/"):
+        return command_id
     role = sender.partition(":")[0]
-    return f"{role}/{outcome.command_id.removeprefix(f'{sender}/')}"
+    return f"{role}/{command_id.removeprefix(f'{sender}/')}"
 
 
 def listed_as(outcome: Outcome, listed: str) -> bool:

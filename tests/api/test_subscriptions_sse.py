@@ -494,3 +494,27 @@ async def test_following_a_type_s_changes_by_status_and_ids(
                 await r.aread()
             assert refusal(r) == "INVALID_INPUT", (kind, refused)
         assert tenure.followers == 0
+
+
+async def test_a_customer_following_its_account_sees_where_keys_met_as_the_history_lists_it(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """An operator's command under a key the customer's took first is recorded under the
+    operator's own id (`admin:ops-1/<key>`): the change showed it so, the operator's name
+    the customer is not to see."""
+    follow = """subscription($id: ID!) { accountChanged(id: $id) { commandId sentBy } }"""
+    keyed = """mutation($id: ID!, $key: String!) {
+      depositToAccount(id: $id, amount: 1, idempotencyKey: $key, wait: true) { status } }"""
+    async with stack(settings, temporal_client, run_worker) as tenure, httpx.AsyncClient() as sse:
+        mine = await open_account(tenure.gql)
+        customer = token("customer", "ada", [mine])
+        own = {"Authorization": f"Bearer {customer}"}
+        key = f"k-{mine}"
+        body = {"query": keyed, "variables": {"id": mine, "key": key}}
+        assert (await sse.post(tenure.url, json=body, headers=own)).status_code == 200
+        async with subscribing(sse, tenure.url, customer, follow, id=mine) as response:
+            stream = events(response)
+            await change_of(stream)  # the state now
+            await tenure.gql.data(keyed, id=mine, key=key)  # by admin ops-1, the same key
+            by_operator = await change_of(stream)
+    assert by_operator == {"commandId": f"admin/{key}", "sentBy": "admin"}
