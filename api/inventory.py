@@ -170,6 +170,22 @@ class InventoryMutation:
             info, sku, domain.restock, idempotency_key, wait, quantity=quantity, name=name, **priced
         )
 
+    @strawberry.mutation(
+        description="Set what a customer's cart pays for a unit from now on; lines already in "
+        "carts keep theirs."
+    )
+    async def set_price(
+        self,
+        info: Info,
+        sku: str,
+        unit_price: Long,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
+    ) -> InventoryCommandPayload | None:
+        return await _command(
+            info, sku, domain.set_price, idempotency_key, wait, unit_price=unit_price
+        )
+
     @strawberry.mutation(description="Correct the count, never below what is reserved.")
     async def adjust_stock(
         self,

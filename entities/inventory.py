@@ -130,6 +130,10 @@ class Restock(BaseModel, extra="forbid"):
     unit_price: UnitPrice | None = None
 
 
+class SetPrice(BaseModel, extra="forbid"):
+    unit_price: UnitPrice
+
+
 class AdjustStock(BaseModel, extra="forbid"):
     delta: Annotated[int, Field(ge=-(10**9), le=10**9, strict=True)]
     reason: Reason
@@ -189,6 +193,13 @@ def restock(state: InventoryState | None, cmd: Restock, ctx: Ctx) -> InventorySt
     return state.model_copy(
         update={"on_hand": state.on_hand + cmd.quantity, "name": cmd.name or state.name, **priced}
     )
+
+
+@inventory.command(SetPrice, name="setPrice")
+def set_price(state: InventoryState, cmd: SetPrice, ctx: Ctx) -> InventoryState:
+    """Set what a customer's cart pays for a unit from now on; lines already in carts keep
+    theirs."""
+    return state.model_copy(update={"unit_price": cmd.unit_price})
 
 
 @inventory.command(AdjustStock, name="adjustStock")
@@ -343,6 +354,7 @@ inventory.permit(
     actions=[
         READ,
         restock,
+        set_price,
         adjust_stock,
         reserve_stock,
         release_reservation,

@@ -104,6 +104,8 @@ RESTOCK = """mutation($sku: String!) { restock(sku: $sku, quantity: 5, name: "Po
   wait: true) { commandId } }"""
 ADJUST = """mutation($sku: String!) { adjustStock(sku: $sku, delta: -1, reason: "chipped",
   wait: true) { commandId } }"""
+SET_PRICE = """mutation($sku: String!) { setPrice(sku: $sku, unitPrice: 10, wait: true)
+  { commandId } }"""
 RESERVE = """mutation($sku: String!) { reserveStock(sku: $sku, reservationId: "r1", quantity: 1,
   wait: true) { commandId } }"""
 RELEASE = """mutation($sku: String!) { releaseReservation(sku: $sku, reservationId: "r1",
@@ -207,6 +209,7 @@ CASES: list[Case] = [
     ),
     ("restock", RESTOCK, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
     ("adjust stock", ADJUST, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
+    ("set a price", SET_PRICE, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
     ("reserve stock", RESERVE, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
     ("commit it", COMMIT, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),
     ("return it", RETURN, lambda e: {"sku": e["sku"]}, {ADMIN, STOCKIST}),

@@ -87,3 +87,27 @@ async def test_staff_and_services_may_name_a_price(secured_http: httpx.AsyncClie
     assert sorted((line["sku"], line["unitPrice"]) for line in lines) == sorted(
         [(priced, 300), (unpriced, 99)]
     )
+
+
+async def test_staff_set_a_price_without_touching_the_stock(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """A price changed only with a restock, which takes at least one unit."""
+    admin, ada, account, cart = await _shop(secured_http)
+    sku = new_id()
+    await admin.data(RESTOCK, sku=sku, price=300)
+    await ada.data(ADD, id=cart, sku=sku, price=None)
+    set_price = """mutation($sku: String!, $price: Long!) {
+      setPrice(sku: $sku, unitPrice: $price, wait: true) {
+        inventoryItem { unitPrice onHand } } }"""
+    assert await ada.code(set_price, sku=sku, price=1) == ErrorCode.FORBIDDEN
+    assert await admin.code(set_price, sku=sku, price=0) == ErrorCode.INVALID_INPUT
+    item = (await admin.data(set_price, sku=sku, price=250))["setPrice"]["inventoryItem"]
+    assert item == {"unitPrice": 250, "onHand": 10}
+    # Lines already in carts keep their price; new ones take the new one.
+    lines = (await admin.data(LINES, id=cart))["cart"]["lines"]
+    assert lines == [{"sku": sku, "unitPrice": 300}]
+    other = new_id()
+    await admin.data(CREATE_CART, id=other, account=account)
+    added = (await ada.data(ADD, id=other, sku=sku, price=None))["addCartItem"]["cart"]
+    assert added["lines"] == [{"sku": sku, "unitPrice": 250}]
