@@ -222,12 +222,14 @@ UnitPrice = Annotated[
 ]
 
 
-async def _unit_price(info: Info, sku: str, given: int | None) -> int:
+async def _unit_price(info: Info, cart_id: str, sku: str, given: int | None) -> int:
     """A new line's unit price: the one staff or a service names, else the item's own. A
     customer's is always the item's: a customer who named the price bought any item for 1
     minor unit. An item with no price is not for customers to add."""
     if given is not None and info.context.principal.role is not Role.CUSTOMER:
         return given
+    # Before the item is looked up, so a refusal tells nothing about what exists.
+    await authorize(info, ENTITY, cart_id, domain.add_cart_item.name)
     read = await info.context.gateway.read(inventory.name, sku)
     if read is None:
         raise TenureError(ErrorCode.NOT_FOUND, f"inventory item {sku} does not exist")
@@ -244,19 +246,18 @@ async def _unit_price(info: Info, sku: str, given: int | None) -> int:
     return price
 
 
-def _started(info: Info, receipt: Receipt) -> str | None:
+def _started(info: Info, receipt: Receipt, cart: Cart) -> str | None:
     """The checkout the checkoutCart command of `receipt` started: the one the cart recorded
     for its id (under its sender's own, where another's command took it first), else, for a
     checkout started before carts recorded them, the cart's latest. A repeat of an earlier
     checkoutCart was answered with the cart's latest checkout, someone else's order."""
-    if receipt.read is None or receipt.read.snapshot.state is None:
-        return None
-    state = CartState.model_validate(receipt.read.snapshot.state)
+    assert receipt.read is not None  # `cart` was read from it
+    started: dict[str, str] = (receipt.read.snapshot.state or {}).get("started_by") or {}
     sender = info.context.principal.sender
     for command_id in (sender_key(sender, receipt.command_id), receipt.command_id):
-        if command_id in state.started_by:
-            return state.started_by[command_id]
-    return state.checkout_id
+        if command_id in started:
+            return started[command_id]
+    return cart.checkout_id
 
 
 @strawberry.type
@@ -297,8 +298,6 @@ class CartMutation:
             # The entity's own model takes 0, as carts recorded before this bound did (their
             # histories must replay); a new line is priced from 1.
             raise TenureError(ErrorCode.INVALID_INPUT, "unitPrice: at least 1")
-        # Before the item is looked up, so a refusal tells nothing about what exists.
-        await authorize(info, ENTITY, cart_id, domain.add_cart_item.name)
         return await _command(
             info,
             cart_id,
@@ -307,7 +306,7 @@ class CartMutation:
             wait,
             sku=sku,
             quantity=quantity,
-            unit_price=await _unit_price(info, sku, unit_price),
+            unit_price=await _unit_price(info, cart_id, sku, unit_price),
         )
 
     @strawberry.mutation(description="Drop a SKU's line.")
@@ -364,7 +363,7 @@ class CartMutation:
             info, domain.checkout_cart, cart_id, {}, idempotency_key, wait=True
         )
         checked_out = Cart.from_read(receipt.read) if receipt.read is not None else None
-        checkout_id = _started(info, receipt)
+        checkout_id = _started(info, receipt, checked_out) if checked_out is not None else None
         if checked_out is None or checkout_id is None:
             # Applied, but the cart has moved on since (another checkout's report came).
             raise TenureError(

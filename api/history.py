@@ -18,7 +18,7 @@ from entities.runtime.envelope import (
     HistoryPage,
     Outcome,
     OutcomeStatus,
-    listed_key,
+    listed_id,
 )
 from entities.runtime.inbox import COMMAND_ID, COMMAND_ID_RULE
 from entities.runtime.policy import Principal, Role
@@ -80,6 +80,13 @@ def sender_shown(sent_by: str, caller: Principal) -> tuple[str, str | None]:
     return role, subject if shown else None
 
 
+def listed_command_id(command_id: str, sent_by: str | None, caller: Principal) -> str:
+    """A command's id as `caller` may see it listed (`listed_id`): recorded under another
+    sender's own id, with that sender's subject only where the caller may see it."""
+    shown = sent_by is None or sender_shown(sent_by, caller)[1] is not None
+    return listed_id(command_id, sent_by, shown)
+
+
 def _sender(sent_by: str | None, caller: Principal) -> Sender | None:
     if sent_by is None:
         return None
@@ -88,9 +95,8 @@ def _sender(sent_by: str | None, caller: Principal) -> Sender | None:
 
 
 def _record(outcome: Outcome, caller: Principal) -> CommandRecord:
-    subject_shown = outcome.sent_by is None or sender_shown(outcome.sent_by, caller)[1] is not None
     return CommandRecord(
-        command_id=listed_key(outcome, subject_shown),
+        command_id=listed_command_id(outcome.command_id, outcome.sent_by, caller),
         command=outcome.command,
         at=outcome.at,
         sent_by=_sender(outcome.sent_by, caller),

@@ -31,11 +31,11 @@ from api.change_feed import ChangeFeed, Mailbox
 from api.common import EntityState
 from api.context import Info
 from api.gateway import Consistency, EntityRead, Source, check_entity_id
-from api.history import sender_shown
+from api.history import listed_command_id, sender_shown
 from api.read_plans import ENTITY_READ_FIELDS
 from entities import catalog
 from entities.errors import ErrorCode, TenureError, quote_few
-from entities.runtime.envelope import Snapshot, listed_id
+from entities.runtime.envelope import Snapshot
 from entities.runtime.policy import READ, Principal, Role
 
 N = TypeVar("N")
@@ -216,11 +216,10 @@ class _Follower:
         )
 
     def _command_id(self, command_id: str | None, sent_by: str | None) -> str | None:
-        """As the entity's history lists it to the viewer (`listed_id`), when shown."""
+        """As the entity's history lists it to the viewer, when shown."""
         if command_id is None or not self._shows_ids:
             return None
-        shown = sent_by is None or sender_shown(sent_by, self._viewer)[1] is not None
-        return listed_id(command_id, sent_by, shown)
+        return listed_command_id(command_id, sent_by, self._viewer)
 
     def _sender(self, sent_by: str | None) -> str | None:
         """As the entity's history shows it to the viewer: an operator's name is not a

@@ -146,11 +146,6 @@ def sender_key(sender: str, command_id: str) -> str:
     return f"{sender}/{command_id}"
 
 
-def listed_key(outcome: Outcome, subject_shown: bool) -> str:
-    """The id a recorded command is listed under (`listed_id`)."""
-    return listed_id(outcome.command_id, outcome.sent_by, subject_shown)
-
-
 def listed_id(command_id: str, sender: str | None, subject_shown: bool) -> str:
     """The id a command is listed under: its own, or, recorded under its sender's own id
     (`sender_key`) for a caller who may not see the sender's subject, the sender's role
@@ -163,7 +158,8 @@ def listed_id(command_id: str, sender: str | None, subject_shown: bool) -> str:
 
 def listed_as(outcome: Outcome, listed: str) -> bool:
     """Whether `listed`, a history's cursor, names this outcome, as any caller saw it."""
-    return listed in (outcome.command_id, listed_key(outcome, subject_shown=False))
+    hidden = listed_id(outcome.command_id, outcome.sent_by, subject_shown=False)
+    return listed in (outcome.command_id, hidden)
 
 
 class HistoryPage(BaseModel):

@@ -68,6 +68,18 @@ async def _balance(caller: Caller, account_id: str) -> int:
     return int(account["balance"])
 
 
+async def _fee_taken_once(billing: Caller, account_id: str, key: str) -> None:
+    """Billing's fee of 500 under `key`, after the customer's deposit of 1: accepted without
+    waiting, and its retry is its repeat, applied once and answered with its revision."""
+    fee = await billing.data(WITHDRAW, id=account_id, amount=500, key=key, wait=False)
+    assert fee["withdrawFromAccount"]["status"] == "ACCEPTED"
+    again = (await billing.data(WITHDRAW, id=account_id, amount=500, key=key, wait=True))[
+        "withdrawFromAccount"
+    ]
+    assert again == {"commandId": key, "status": "APPLIED", "revision": 5}
+    assert await _balance(billing, account_id) == 1000 + 1 - 500
+
+
 async def test_a_customer_cannot_take_the_key_of_a_later_service_command(
     secured_http: httpx.AsyncClient,
 ) -> None:
@@ -78,14 +90,7 @@ async def test_a_customer_cannot_take_the_key_of_a_later_service_command(
     key = f"fee-2026-11-{account_id}"
     await ada.data(DEPOSIT, id=account_id, amount=1, key=key, wait=True)
 
-    fee = await billing.data(WITHDRAW, id=account_id, amount=500, key=key, wait=False)
-    assert fee["withdrawFromAccount"]["status"] == "ACCEPTED"
-    # Billing's retry of its fee is its repeat: applied once, answered with its revision.
-    again = (await billing.data(WITHDRAW, id=account_id, amount=500, key=key, wait=True))[
-        "withdrawFromAccount"
-    ]
-    assert again == {"commandId": key, "status": "APPLIED", "revision": 5}
-    assert await _balance(billing, account_id) == 1000 + 1 - 500
+    await _fee_taken_once(billing, account_id, key)
     # Listed under the key each sent, the second one's under its sender's; the customer sees
     # billing's role, not its name.
     entries = (await ada.data(ACCOUNT, id=account_id, last=2))["account"]["history"]["entries"]
@@ -109,13 +114,7 @@ async def test_a_key_made_to_look_like_another_sender_s_own_takes_nothing_of_it(
     account_id, billing, ada = await _account(secured_http)
     key = f"fee-2026-12-{account_id}"
     await ada.data(DEPOSIT, id=account_id, amount=1, key=f"service:billing/{key}", wait=True)
-    fee = await billing.data(WITHDRAW, id=account_id, amount=500, key=key, wait=False)
-    assert fee["withdrawFromAccount"]["status"] == "ACCEPTED"
-    again = (await billing.data(WITHDRAW, id=account_id, amount=500, key=key, wait=True))[
-        "withdrawFromAccount"
-    ]
-    assert again == {"commandId": key, "status": "APPLIED", "revision": 5}
-    assert await _balance(billing, account_id) == 1000 + 1 - 500
+    await _fee_taken_once(billing, account_id, key)
 
 
 async def test_a_history_where_keys_meet_pages_through_every_command_once(
