@@ -74,10 +74,10 @@ class EntityRequests:
         try:
             result = await self._delivery.request(entity, request.entity_id, envelope)
         except TenureError as exc:
-            raise ApplicationError(
-                exc.message, type=exc.code, non_retryable=exc.code is not ErrorCode.UNAVAILABLE
-            ) from exc
-        await self._publish(entity.workflow_id(request.entity_id), result)
+            if exc.code is ErrorCode.UNAVAILABLE:
+                raise _not_answered(request) from exc
+            raise ApplicationError(exc.message, type=exc.code, non_retryable=True) from exc
+        await self._publish(request, entity.workflow_id(request.entity_id), result)
         outcome = result.outcome
         if outcome.status is OutcomeStatus.REJECTED:
             raise ApplicationError(
@@ -87,7 +87,9 @@ class EntityRequests:
             )
         return outcome
 
-    async def _publish(self, workflow_id: str, result: CommandResult) -> None:
+    async def _publish(
+        self, request: EntityRequest, workflow_id: str, result: CommandResult
+    ) -> None:
         """Publish what the entity handed over; when the cache cannot take it, ask the
         entity to publish it itself, as it does its other changes (retrying until Redis is
         back). If neither can be done the request fails, to be retried."""
@@ -103,10 +105,19 @@ class EntityRequests:
         try:
             await hand_back(self._client, workflow_id)  # closed since: it published its end
         except RPCError as exc:
-            raise ApplicationError(
-                f"{workflow_id}: neither published nor handed back ({exc})",
-                type=ErrorCode.UNAVAILABLE,
-            ) from exc
+            log.warning("%s: neither published nor handed back: %s", workflow_id, exc)
+            raise _not_answered(request) from exc
+
+
+def _not_answered(request: EntityRequest) -> ApplicationError:
+    """A retryable failure whose text a saga may keep as its reason, which the customer
+    reads on the cart and the checkout: the entity, not the delivery's own words (an
+    internal command id, "retry with the same idempotencyKey", a workflow id), which stay in
+    the failure's cause for operators."""
+    return ApplicationError(
+        f"{request.entity_type} {request.entity_id} did not answer in time",
+        type=ErrorCode.UNAVAILABLE,
+    )
 
 
 def _repeated(request: EntityRequest) -> bool:

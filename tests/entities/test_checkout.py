@@ -468,7 +468,12 @@ async def test_a_step_that_exhausts_its_retries_is_compensated_once_the_entity_a
             assert names(done.compensations) == ["refund", f"release:{a}"]
             assert await bank.balance(account_id) == BALANCE
         assert await stock_of(shop, a) == [(5, 5, 0)]
-        assert (await shop.cart_state(cart_id)).failure_code == "UNAVAILABLE"
+        cart = await shop.cart_state(cart_id)
+        assert cart.failure_code == "UNAVAILABLE"
+        # The customer reads why: which step and which entity, not an internal command id
+        # with advice to resend it under "the same idempotencyKey", a key they never had.
+        reason = f"withdraw: account {account_id} did not answer in time"
+        assert cart.failure_reason == done.failure_reason == reason
 
 
 async def test_a_worker_killed_mid_saga_is_replaced_and_the_saga_finishes_charging_once(
