@@ -222,14 +222,16 @@ UnitPrice = Annotated[
 ]
 
 
-async def _unit_price(info: Info, cart_id: str, sku: str, given: int | None) -> int:
+async def _unit_price(
+    info: Info, cart_id: str, sku: str, given: int | None, command: str = domain.add_cart_item.name
+) -> int:
     """A new line's unit price: the one staff or a service names, else the item's own. A
     customer's is always the item's: a customer who named the price bought any item for 1
     minor unit. An item with no price is not for customers to add."""
     if given is not None and info.context.principal.role is not Role.CUSTOMER:
         return given
     # Before the item is looked up, so a refusal tells nothing about what exists.
-    await authorize(info, ENTITY, cart_id, domain.add_cart_item.name)
+    await authorize(info, ENTITY, cart_id, command)
     read = await info.context.gateway.read(inventory.name, sku)
     if read is None:
         raise TenureError(ErrorCode.NOT_FOUND, f"inventory item {sku} does not exist")
@@ -322,7 +324,10 @@ class CartMutation:
             info, cart_id, domain.remove_cart_item, idempotency_key, wait, sku=sku
         )
 
-    @strawberry.mutation(description="Set a line's quantity; zero removes it.")
+    @strawberry.mutation(
+        description="Set a line's quantity; zero removes it. A customer who raises it pays "
+        "the item's price now for the whole line; staff and services keep the line's price."
+    )
     async def set_cart_item_quantity(
         self,
         info: Info,
@@ -332,6 +337,12 @@ class CartMutation:
         idempotency_key: IdempotencyKey = None,
         wait: Wait = False,
     ) -> CartCommandPayload | None:
+        price: dict[str, int] = {}
+        if quantity > 0 and info.context.principal.role is Role.CUSTOMER:
+            # The cart takes it only if the quantity rises: fewer units keep the line's.
+            price["unit_price"] = await _unit_price(
+                info, cart_id, sku, None, domain.set_cart_item_quantity.name
+            )
         return await _command(
             info,
             cart_id,
@@ -340,6 +351,7 @@ class CartMutation:
             wait,
             sku=sku,
             quantity=quantity,
+            **price,
         )
 
     @strawberry.mutation(description="Remove every line.")

@@ -96,6 +96,11 @@ class RemoveCartItem(BaseModel, extra="forbid"):
 class SetCartItemQuantity(BaseModel, extra="forbid"):
     sku: EntityId
     quantity: Annotated[int, Field(ge=0, le=MAX_QUANTITY, strict=True)]
+    unit_price: UnitPrice | None = Field(
+        default=None,
+        description="The item's price now, which the line takes when its quantity rises "
+        "(a customer's change); without it the line keeps its price (staff's).",
+    )
 
 
 class ClearCart(BaseModel, extra="forbid"):
@@ -191,12 +196,17 @@ def remove_cart_item(state: CartState, cmd: RemoveCartItem, ctx: Ctx) -> CartSta
 
 @cart.command(SetCartItemQuantity, name="setCartItemQuantity")
 def set_cart_item_quantity(state: CartState, cmd: SetCartItemQuantity, ctx: Ctx) -> CartState:
-    """Set a line's quantity; zero removes it."""
-    if _line(state, cmd.sku) is None:
+    """Set a line's quantity; zero removes it. More units of a line cost the price the
+    command carries, when it carries one: a line staff priced for one unit, or one added
+    before the item's price rose, was raised to a hundred at its old price."""
+    existing = _line(state, cmd.sku)
+    if existing is None:
         raise Rejected(ErrorCode.NOT_FOUND, f"cart {ctx.entity_id} has no line for {cmd.sku}")
+    changed: dict[str, int] = {"quantity": cmd.quantity}
+    if cmd.unit_price is not None and cmd.quantity > existing.quantity:
+        changed["unit_price"] = cmd.unit_price
     lines = [
-        line.model_copy(update={"quantity": cmd.quantity}) if line.sku == cmd.sku else line
-        for line in state.lines
+        line.model_copy(update=changed) if line.sku == cmd.sku else line for line in state.lines
     ]
     return _touched(state, ctx, lines=[line for line in lines if line.quantity > 0])
 

@@ -111,3 +111,38 @@ async def test_staff_set_a_price_without_touching_the_stock(
     await admin.data(CREATE_CART, id=other, account=account)
     added = (await ada.data(ADD, id=other, sku=sku, price=None))["addCartItem"]["cart"]
     assert added["lines"] == [{"sku": sku, "unitPrice": 250}]
+
+
+async def test_more_units_of_a_line_cost_the_item_s_price_now(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """A line staff priced for one unit, or one added before the price rose, was raised to a
+    hundred units at its old price by the customer."""
+    admin, ada, _, cart = await _shop(secured_http)
+    sku = new_id()
+    await admin.data(RESTOCK, sku=sku, price=300)
+    set_quantity = """mutation($id: ID!, $sku: String!, $quantity: Int!) {
+      setCartItemQuantity(cartId: $id, sku: $sku, quantity: $quantity, wait: true)
+      { cart { lines { sku quantity unitPrice } total } } }"""
+
+    async def quantity(caller: Caller, units: int) -> dict[str, object]:
+        data = await caller.data(set_quantity, id=cart, sku=sku, quantity=units)
+        cart_now: dict[str, object] = data["setCartItemQuantity"]["cart"]
+        return cart_now
+
+    await admin.data(ADD, id=cart, sku=sku, price=99)  # a discount for two
+    assert await quantity(admin, 3) == {  # staff keep it
+        "lines": [{"sku": sku, "quantity": 3, "unitPrice": 99}],
+        "total": 297,
+    }
+    assert await quantity(ada, 100) == {
+        "lines": [{"sku": sku, "quantity": 100, "unitPrice": 300}],
+        "total": 30000,
+    }
+    # Fewer units keep the line's price, risen since or not.
+    await admin.data(RESTOCK, sku=sku, price=400)
+    assert await quantity(ada, 2) == {
+        "lines": [{"sku": sku, "quantity": 2, "unitPrice": 300}],
+        "total": 600,
+    }
+    assert await quantity(ada, 0) == {"lines": [], "total": 0}
