@@ -77,7 +77,12 @@ class EntityRequests:
             if exc.code is ErrorCode.UNAVAILABLE:
                 raise _not_answered(request) from exc
             raise ApplicationError(exc.message, type=exc.code, non_retryable=True) from exc
-        await self._publish(request, entity.workflow_id(request.entity_id), result)
+        workflow_id = entity.workflow_id(request.entity_id)
+        try:
+            await self._publish(workflow_id, result)
+        except RPCError as exc:
+            log.warning("%s: neither published nor handed back: %s", workflow_id, exc)
+            raise _not_answered(request) from exc
         outcome = result.outcome
         if outcome.status is OutcomeStatus.REJECTED:
             raise ApplicationError(
@@ -87,9 +92,7 @@ class EntityRequests:
             )
         return outcome
 
-    async def _publish(
-        self, request: EntityRequest, workflow_id: str, result: CommandResult
-    ) -> None:
+    async def _publish(self, workflow_id: str, result: CommandResult) -> None:
         """Publish what the entity handed over; when the cache cannot take it, ask the
         entity to publish it itself, as it does its other changes (retrying until Redis is
         back). If neither can be done the request fails, to be retried."""
@@ -102,11 +105,9 @@ class EntityRequests:
             return
         except Exception as exc:
             log.warning("a request's snapshot is left to its entity to publish: %s", exc)
-        try:
-            await hand_back(self._client, workflow_id)  # closed since: it published its end
-        except RPCError as exc:
-            log.warning("%s: neither published nor handed back: %s", workflow_id, exc)
-            raise _not_answered(request) from exc
+        # False when it has closed since, having published its end; an RPCError (Temporal
+        # not reached) fails the request, to be retried.
+        await hand_back(self._client, workflow_id)
 
 
 def _not_answered(request: EntityRequest) -> ApplicationError:
