@@ -7,11 +7,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import pytest
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.checkouts import STARTING_PAUSES
+from api.gateway import EntityGateway
 from entities.checkout_input import checkout_workflow_id
 from tests.api.test_access import token
 from tests.api.test_listing import indexed_cart, put_all
@@ -479,7 +482,10 @@ async def test_a_late_repeat_of_a_checkout_is_answered_with_its_own_checkout(
 
 
 async def test_a_checkout_its_cart_is_taking_is_never_answered_as_never_made(
-    http: httpx.AsyncClient, temporal_client: Client, run_worker: WorkerFactory
+    http: httpx.AsyncClient,
+    temporal_client: Client,
+    run_worker: WorkerFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """checkoutCart answers once the cart has taken it; Temporal makes the checkout a moment
     later, and a read in between was answered null, "never existed" (3 of 30 reads straight
@@ -508,6 +514,21 @@ async def test_a_checkout_its_cart_is_taking_is_never_answered_as_never_made(
         return False
 
     await eventually(gone, bool, 90)
+    asked: list[str] = []
+    read_workflow = EntityGateway.read_workflow
+
+    async def counted(self: EntityGateway, workflow_id: str, *args: Any) -> Any:
+        asked.append(workflow_id)
+        return await read_workflow(self, workflow_id, *args)
+
+    monkeypatch.setattr(EntityGateway, "read_workflow", counted)
     query = "query($id: ID!) { checkout(id: $id) { status } }"
     assert await gql.error_code(query, id=checkout_id) == "UNAVAILABLE"
+    assert len(asked) == 1 + len(STARTING_PAUSES)
+    # Its waits are not charged to the request's LIVE reads: aliases do not multiply them.
+    asked.clear()
+    aliases = "query($id: ID!) { a: checkout(id: $id) { status } b: checkout(id: $id) { status }"
+    body = await gql(aliases + " c: checkout(id: $id) { status } }", id=checkout_id)
+    assert [e["extensions"]["code"] for e in body["errors"]] == ["UNAVAILABLE"] * 3
+    assert len(asked) == 3 + len(STARTING_PAUSES)
     assert (await gql.data(query, id=f"{cart_id}-9"))["checkout"] is None
