@@ -9,6 +9,7 @@ import gc
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
@@ -26,12 +27,13 @@ from entities.runtime.envelope import (
     OutcomeStatus,
     RuntimeOptions,
     Snapshot,
+    sender_key,
 )
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import eventually
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache
-from workers.delivery import _of_this_command
+from workers.delivery import CommandDelivery, _of_this_command
 from workers.settings import Settings
 from workers.temporal import within
 
@@ -356,3 +358,53 @@ def test_an_answer_that_does_not_know_the_command_is_no_acknowledgement() -> Non
         update={"outcome": unknown.outcome.model_copy(update={"status": OutcomeStatus.APPLIED})}
     )
     assert _of_this_command(envelope, applied) is applied
+
+
+async def test_a_command_whose_key_another_sender_holds_is_asked_again_until_its_own_is_known(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A waited command that went by signal, under a key another sender's command took
+    first: the entity records it under its sender's own id. While that is not applied yet
+    the sender was answered with the other command's outcome (IDEMPOTENCY_KEY_REUSED, "send
+    it with a new key"), and a resend under a new key applied it twice. The entity's
+    answers are given here (the decision alone is tested); the rest is
+    tests/api/test_idempotency_keys.py on the real stack."""
+    monkeypatch.setattr("workers.delivery.asyncio.sleep", _no_pause)
+    sender, other = "customer:ada", "service:billing"
+    envelope = CommandEnvelope(
+        command_id="k-1", name="deposit", payload={"amount": 1}, sent_by=sender
+    )
+    own = sender_key(sender, "k-1")
+
+    def answer(command_id: str, status: OutcomeStatus, by: str | None, revision: int) -> Any:
+        return CommandResult(
+            outcome=Outcome(
+                command_id=command_id,
+                status=status,
+                revision=revision,
+                sent_by=by,
+                fingerprint=envelope.fingerprint if by == sender else "another",
+            ),
+            snapshot=Snapshot(entity_type="account", entity_id="a", revision=revision),
+        )
+
+    answers = {
+        "k-1": [answer("k-1", OutcomeStatus.APPLIED, other, 3)] * 3,
+        own: [answer(own, OutcomeStatus.UNKNOWN, None, 4)] * 2
+        + [answer(own, OutcomeStatus.APPLIED, sender, 5)],
+    }
+    asked: list[str] = []
+
+    async def outcome(_handle: object, command_id: str) -> CommandResult:
+        asked.append(command_id)
+        return answers[command_id].pop(0)
+
+    delivery = CommandDelivery.__new__(CommandDelivery)
+    monkeypatch.setattr(delivery, "_outcome", outcome)
+    result = await delivery.await_outcome(None, envelope)  # type: ignore[arg-type]
+    assert (result.outcome.command_id, result.outcome.revision) == (own, 5)
+    assert asked == ["k-1", own] * 3
+
+
+async def _no_pause(_seconds: float) -> None:
+    return None
