@@ -112,14 +112,17 @@ async def _rows(
     query = _visibility_query(wanted)
     rows: list[Row] = []
     ids: set[str] = set()
-    token, seen, last = after.token, after.seen, None
+    cursor: VisibilityCursor | None = after
+    last = None
     at = now()
     for _ in range(MAX_PAGES_READ):
-        listed, following = await visibility_page(client, query, after.size, token)
+        assert cursor is not None
+        listed, following = await visibility_page(client, query, after.size, cursor.token)
+        seen = cursor.resume_in(listed)
         page = listed[seen:]
         progresses = await asyncio.gather(*(_listed_progress(client, e) for e in page))
         for offset, (execution, progress) in enumerate(zip(page, progresses, strict=True)):
-            here = VisibilityCursor(token, after.size, seen + offset + 1)
+            here = cursor.after(listed, seen + offset, following)
             # Visibility may list a bulk twice for a moment while it continues as new.
             if execution.id in ids or not _listed(wanted, progress):
                 last = here if len(rows) < first else last
@@ -135,10 +138,10 @@ async def _rows(
             ids.add(execution.id)
             rows.append((summary, here))
             last = here
-        token, seen = following, 0
-        if len(rows) == first or not token:
+        cursor = cursor.next_page(following) if following else None
+        if len(rows) == first or cursor is None:
             break
-    return rows, last, token is not None
+    return rows, last, cursor is not None
 
 
 async def list_bulk_commands(
@@ -148,7 +151,7 @@ async def list_bulk_commands(
     admins alone, as the checkouts' operator list is: it spans every entity type and
     command, whatever a service's scopes name."""
     require_operator(info)
-    start = VisibilityCursor.start(after, first, MAX_LISTED)
+    start = VisibilityCursor.start(after, first, MAX_LISTED, "bulkCommands")
     if where.status == []:  # an empty list of statuses lets none in, as entity lists do
         return Connection.forward([], False, after, 0)
     wanted = frozenset(where.status or ())

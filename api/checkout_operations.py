@@ -147,16 +147,18 @@ async def _rows(
     """Up to `first` rows after the cursor, each with its own cursor, and whether more
     follow."""
     rows: list[tuple[WorkflowExecution, VisibilityCursor]] = []
-    token, seen = after.token, after.seen
+    cursor: VisibilityCursor | None = after
     for _ in range(MAX_PAGES_READ):
-        page, following = await visibility_page(client, query, after.size, token)
+        assert cursor is not None
+        page, following = await visibility_page(client, query, after.size, cursor.token)
         rows += [
-            (page[i], VisibilityCursor(token, after.size, i + 1)) for i in range(seen, len(page))
+            (page[i], cursor.after(page, i, following))
+            for i in range(cursor.resume_in(page), len(page))
         ]
-        token, seen = following, 0
-        if len(rows) > first or not token:
+        cursor = cursor.next_page(following) if following else None
+        if len(rows) > first or cursor is None:
             break
-    return rows[:first], len(rows) > first or token is not None
+    return rows[:first], len(rows) > first or cursor is not None
 
 
 async def list_checkouts(
@@ -164,7 +166,7 @@ async def list_checkouts(
 ) -> Connection[CheckoutSummary]:
     """One page of checkouts, running ones first, then the most recently ended."""
     require_operator(info)
-    start = VisibilityCursor.start(after, first, MAX_PAGE)
+    start = VisibilityCursor.start(after, first, MAX_PAGE, "checkouts")
     if where.status == []:  # an empty list of statuses lets none in, as entity lists do
         return Connection.forward([], False, after, 0)
     client = info.context.gateway.client

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from temporalio.client import Client
 
+from api.visibility import VisibilityCursor
 from entities.runtime.saga import MAX_OPERATOR_ACTIONS, MAX_RECORDED_REFUSALS, SagaStatus
 from tests.api.test_access import Caller, token
 from tests.conftest import WorkerFactory, api_client
@@ -197,12 +198,20 @@ async def test_checkouts_are_listed_a_page_at_a_time(
         )
         seen: list[str] = []
         after = None
-        for _ in range(3):
+        for n in range(3):
             page = (await admin.data(LIST, status=["COMPLETED"], first=1, after=after))["checkouts"]
             [edge] = page["edges"]
             seen.append(edge["node"]["id"])
             assert page["pageInfo"]["endCursor"] == edge["cursor"]
             after = edge["cursor"]
+            if n == 0:
+                # One more ends meanwhile, at the top of the list: a cursor counting rows
+                # from the top showed the first page's row again on the next.
+                await shop.finished(await shop.checkout(await shop.cart(account_id, (sku, 1, 10))))
+                await eventually(
+                    lambda: admin.data(LIST, status=["COMPLETED"]),
+                    lambda d: d["checkouts"]["totalCount"] >= 4,
+                )
         assert len(set(seen)) == 3
         assert await admin.code(LIST, status=["COMPLETED"], first=1, after=after) is None
 
@@ -219,4 +228,7 @@ async def test_bad_ids_cursors_and_pages_are_refused_as_input_not_errors(
         assert await admin.code(RESOLVE, id="never-existed-1", reason="r") == "NOT_FOUND"
         assert await admin.code(LIST, first=101) == "INVALID_INPUT"
         assert await admin.code(LIST, after="not a cursor") == "INVALID_INPUT"
+        # A cursor of another list is not this one's: its token was taken as this list's.
+        others = VisibilityCursor(b"a token", 10, 0, "", "bulkCommands").encode()
+        assert await admin.code(LIST, after=others) == "INVALID_INPUT"
         assert await admin.code(RETRY, id="cart-1", reason="r" * 501) == "INVALID_INPUT"

@@ -12,7 +12,9 @@ import httpx
 import pytest
 from temporalio.client import Client
 
+from entities.checkout_input import checkout_workflow_id
 from tests.api.test_access import SECRET, token
+from tests.api.test_bulk_api import paused_bulk
 from tests.browser.conftest import ADMIN, Api, app_served
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.failing_checkout import failed_checkout
@@ -49,6 +51,8 @@ NEEDING_OPERATOR = """{ checkouts(filter: {status: [FAILED]}, first: 100) {
   edges { node { id } } } }"""
 BULK_DEPOSIT = """mutation($key: String!, $ids: [ID!]) { startBulkCommand(entityType: "account",
   command: "deposit", payload: {amount: 25}, ids: $ids, idempotencyKey: $key) { id } }"""
+
+RESUME_BULK = "mutation($id: ID!) { resumeBulkCommand(id: $id) { status } }"
 
 
 async def sign_in(page: Page, served: str, bearer: str) -> None:
@@ -255,6 +259,29 @@ async def test_a_bulk_command_started_elsewhere_shows_in_the_list_with_its_progr
     await expect(row).to_have_count(0)  # COMPLETED: left out when only PAUSED is asked
 
 
+async def test_a_followed_paused_bulk_command_resumed_elsewhere_is_shown_as_it_ends(
+    served: str, api: Api, page: Page, temporal_client: Client, secured: Settings
+) -> None:
+    """The detail was read only while RUNNING: one resumed by another operator showed PAUSED
+    with Resume offered after it had completed, and Resume was then refused."""
+    account = f"p{new_id()[:10]}"
+    await api.data(OPEN, id=account, owner="Pat Paused")
+    key = new_id()
+    await paused_bulk(temporal_client, secured.bulk_task_queue, key, [account])
+
+    await sign_in(page, served, ADMIN)
+    await page.get_by_role("button", name="Bulk commands").click()
+    pane = page.locator('[data-pane="bulk"]')
+    await pane.locator('input[name="id"]').fill(key)
+    await pane.get_by_role("button", name="Follow").click()
+    followed = pane.locator("#bulk")
+    await expect(followed.locator('[data-field="status"]')).to_have_text("PAUSED")
+    await expect(followed.get_by_role("button", name="Resume")).to_be_enabled()
+    await api.data(RESUME_BULK, id=key)  # another operator, or a script
+    await expect(followed.locator('[data-field="status"]')).to_have_text("COMPLETED")
+    await expect(followed.get_by_role("button", name="Resume")).to_be_disabled()
+
+
 class TestAFailedCheckout:
     """A checkout driven to FAILED (its refund refused), with checkouts that retry quickly."""
 
@@ -318,6 +345,44 @@ class TestAFailedCheckout:
                 f"Mark checkout {checkout} as settled by hand (refunded by bank transfer)? "
                 "Nothing more will run for it."
             ]
+
+
+class TestAFailedCheckoutPastItsWait:
+    """A FAILED checkout whose wait for an operator has run out (2 s here) is listed still,
+    and takes no action any more: Retry and Resolve were offered, and always refused "has
+    ended"."""
+
+    @pytest.fixture
+    def secured(self, settings: Settings) -> Settings:
+        update = {"environment": "production", "auth_secret": SECRET}
+        wait = {"operator_wait_seconds": 2.0}
+        return shop_settings(settings.model_copy(update=update), checkout=wait)
+
+    async def test_it_is_listed_as_settled_by_hand_with_no_actions_offered(
+        self,
+        served: str,
+        api: Api,
+        page: Page,
+        secured: Settings,
+        temporal_client: Client,
+        cache: SnapshotCache,
+        run_worker: WorkerFactory,
+    ) -> None:
+        shop = Shop(temporal_client, cache, secured).elsewhere()
+        async with failed_checkout(shop, run_worker) as failed:
+            checkout = failed.checkout_id
+            handle = temporal_client.get_workflow_handle(checkout_workflow_id(checkout))
+            await asyncio.wait_for(handle.result(), 30)  # its wait is over: it has ended
+
+            await sign_in(page, served, ADMIN)
+            await page.get_by_role("button", name="Needing an operator").click()
+            row = page.locator(f'[data-pane="operator"] tr[data-key="{checkout}"]')
+            waits = row.locator('[data-column="awaitingOperatorUntil"]')
+            await expect(waits).to_have_text("wait over: settle by hand")
+            await row.click()
+            detail = page.locator("#detail")
+            await expect(detail.locator('[data-field="status"]')).to_have_text("FAILED")
+            await expect(detail.locator('[data-actions="checkout"]')).to_be_hidden()
 
 
 async def test_while_its_worker_is_down_an_account_is_shown_and_its_history_says_why(

@@ -10,6 +10,7 @@
   const ROLES_CLAIM = root.dataset.rolesClaim;
   const TOKEN_KEY = "tenure.admin.token";
   const REFRESH_MS = 1000;
+  const PAUSED_REFRESH_MS = 3000; // a PAUSED bulk command followed
   // An answer not come in this long never comes: the API bounds its own waits far below it
   // (a LIVE read 2 s, a waited command 10 s), so the request is held by a network or a proxy
   // that lost it. It fails UNAVAILABLE, and what reads again (a followed entity or bulk
@@ -608,7 +609,10 @@
       ...page.edges.map(({ node }) => {
         const row = el("tr", { "data-key": node.id, tabindex: "0" });
         for (const column of columns) {
-          row.append(el("td", { "data-column": column }, shown(column, node[column])));
+          // A FAILED checkout whose wait ran out is listed still, and takes no action.
+          const ended = column === "awaitingOperatorUntil" && !node[column];
+          const text = ended ? "wait over: settle by hand" : shown(column, node[column]);
+          row.append(el("td", { "data-column": column }, text));
         }
         const open = () => openDetail("checkout", node.id);
         row.addEventListener("click", open);
@@ -637,7 +641,10 @@
 
   // ---------------------------------------------------------------- bulk commands
 
-  // A bulk command followed by id: read every second while RUNNING, then once per action.
+  // A bulk command followed by id: read every second while RUNNING, every few seconds while
+  // PAUSED (another operator, or a script, may resume or cancel it), and once it has ended
+  // only once per action. Read only while RUNNING, a PAUSED one resumed elsewhere still
+  // showed PAUSED with Resume offered, after it had completed.
   const bulkPane = document.getElementById("bulk");
   const BULK = `query($id: ID!) { bulk: bulkCommand(id: $id) { id entityType command status
     total delivered deliveredAt done applied rejected failed failures { entityId code message }
@@ -684,8 +691,9 @@
     }
     renderBulk(data.bulk);
     clearTimeout(current.timer); // a read sent by an action meanwhile: still one timer
-    if (data.bulk.status === "RUNNING") {
-      current.timer = setTimeout(() => readBulk(current), REFRESH_MS);
+    if (data.bulk.status === "RUNNING" || data.bulk.status === "PAUSED") {
+      const wait = data.bulk.status === "RUNNING" ? REFRESH_MS : PAUSED_REFRESH_MS;
+      current.timer = setTimeout(() => readBulk(current), wait);
     }
   }
 
@@ -914,7 +922,10 @@
     );
     detailPane.querySelector("[data-extra]").replaceChildren(...extras(entity));
     if (current.kind === "checkout") {
-      detailPane.querySelector('[data-actions="checkout"]').hidden = entity.status !== "FAILED";
+      // A FAILED checkout whose wait for an operator ran out takes no action any more:
+      // Retry and Resolve were offered, and always refused "has ended".
+      detailPane.querySelector('[data-actions="checkout"]').hidden =
+        entity.status !== "FAILED" || !entity.awaitingOperatorUntil;
     }
     // The entity is shown from the cache while its worker is down; only its history, which
     // only the entity can tell, is then missing, and says why.
