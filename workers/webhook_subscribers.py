@@ -59,6 +59,22 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
+# KEYS[1] a subscriber's dead letters, KEYS[2] its replay stream (one slot: the subscriber's
+# id is their hash tag); ARGV the letters' ids. Each letter still there moves, in one step:
+# apart, two replays at once both copied each letter, and it was sent twice. How many moved.
+_MOVE_LETTERS = """
+local moved = 0
+for _, id in ipairs(ARGV) do
+  local found = redis.call('XRANGE', KEYS[1], id, id)
+  if #found == 1 then
+    redis.call('XADD', KEYS[2], '*', unpack(found[1][2]))
+    redis.call('XDEL', KEYS[1], id)
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
 
 class Subscriber(BaseModel):
     """Where a subscriber's webhooks go, signed with what, for which changes."""
@@ -135,6 +151,7 @@ class WebhookSubscribers:
         self.client = client
         self.prefix = prefix
         self._add_if_room = client.register_script(_ADD_IF_ROOM)
+        self._move_letters = client.register_script(_MOVE_LETTERS)
 
     @property
     def registry_key(self) -> str:
@@ -260,16 +277,18 @@ class WebhookSubscribers:
 
     async def replay(self, subscriber_id: str, letter_id: str | None) -> int:
         """Send dead letters again, in their order (one, or up to MAX_REPLAY_AT_ONCE): each
-        moves to the subscriber's replay stream, which its delivery reads. How many moved."""
+        moves to the subscriber's replay stream, which its delivery reads. How many moved:
+        a letter another replay moved meanwhile is not moved again."""
         dead = self.key(subscriber_id, "dead")
         if letter_id is not None:
             raw: Any = await self.client.xrange(dead, letter_id, letter_id)
         else:
             raw = await self.client.xrange(dead, "-", "+", count=MAX_REPLAY_AT_ONCE)
-        for entry_id, fields in raw:
-            await self.client.xadd(self.key(subscriber_id, "replay"), fields)
-            await self.client.xdel(dead, entry_id)
-        return len(raw)
+        if not raw:
+            return 0
+        keys = [dead, self.key(subscriber_id, "replay")]
+        moved: int = await self._move_letters(keys=keys, args=[entry_id for entry_id, _ in raw])
+        return moved
 
 
 def entry_time(entry_id: str) -> str | None:

@@ -97,3 +97,45 @@ async def test_dead_letters_are_bounded_by_their_weight(
             for what in ("dead", "dead_bytes"):
                 await client.delete(registry.key(subscriber_id, what))
         await client.aclose()
+
+
+async def replays_at_once(settings: Settings) -> None:
+    """Ten dead letters replayed by four operators at once: each goes to the replay stream
+    once. Copied and then deleted apart, each replay copied every letter, sent four times."""
+    client = connect_redis(settings)
+    registry = WebhookSubscribers(client, f"{settings.redis_prefix}{uuid.uuid4().hex[:8]}:")
+    now = datetime.now(UTC)
+    try:
+        for n in range(10):
+            await registry.dead_letter(
+                "wh_replayed",
+                DeadLetter(
+                    webhook_id=f"msg-{n}",
+                    entity_type="account",
+                    entity_id=f"a{n}",
+                    body="{}",
+                    attempts=8,
+                    error="HTTP 500",
+                    first_attempt_at=now,
+                    failed_at=now,
+                ),
+            )
+        moved = await asyncio.gather(*(registry.replay("wh_replayed", None) for _ in range(4)))
+        assert sum(moved) == 10
+        replayed = await client.xrange(registry.key("wh_replayed", "replay"))
+        assert sorted(fields[b"webhook_id"] for _, fields in replayed) == sorted(
+            f"msg-{n}".encode() for n in range(10)
+        )
+        assert await client.xlen(registry.key("wh_replayed", "dead")) == 0
+    finally:
+        for what in ("dead", "dead_bytes", "replay"):
+            await client.delete(registry.key("wh_replayed", what))
+        await client.aclose()
+
+
+async def test_dead_letters_replayed_at_once_are_each_sent_again_once(settings: Settings) -> None:
+    await replays_at_once(settings)
+
+
+async def test_replays_at_once_on_a_redis_cluster(settings: Settings, cluster: str) -> None:  # noqa: F811
+    await replays_at_once(settings.model_copy(update={"redis_url": cluster, "redis_cluster": True}))
