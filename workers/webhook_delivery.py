@@ -61,9 +61,29 @@ POLL_SECONDS = 0.25
 LOOK_FOR_REMOVAL_SECONDS = 2.0
 HEARTBEAT_SECONDS = 5.0
 SEND_TIMEOUT_SECONDS = 10.0
+WEBHOOKS_METRIC = "tenure_webhooks"
+DELIVERED, DEAD_LETTERED = "delivered", "dead_lettered"
+SUBSCRIBERS_LOST_METRIC = "tenure_webhook_subscribers_lost"
+LOST_DESCRIPTION = "Webhook subscribers whose delivery stopped without their removal."
 CONSUMER = "delivery"
 """One run at a time per subscriber, so one consumer name: a new run owns what the last left
 pending."""
+
+
+async def _said_gone(subscribers: WebhookSubscribers, subscriber_id: str) -> None:
+    """A subscriber's delivery stops: removed, or lost with a Redis that restarted empty,
+    which ends a subscription no one removed (README, "Outbound webhooks"). The second is
+    an error and counted (`SUBSCRIBERS_LOST_METRIC`, alert TenureWebhookSubscriberLost): its
+    receiver gets nothing more, and nothing else would say so."""
+    if await subscribers.was_removed(subscriber_id):
+        activity.logger.info("webhook subscriber %s was removed: its delivery stops", subscriber_id)
+        return
+    activity.logger.error(
+        "webhook subscriber %s is not in Redis and was not removed (a Redis that restarted "
+        "empty?): its delivery stops; register it again",
+        subscriber_id,
+    )
+    activity.metric_meter().create_counter(SUBSCRIBERS_LOST_METRIC, LOST_DESCRIPTION).add(1)
 
 
 async def _until(event: asyncio.Event, seconds: float) -> None:
@@ -84,14 +104,12 @@ class WebhookDelivery:
     @DELIVER_ACTIVITY.defn
     async def deliver_webhooks(self, run: DeliveryRun) -> DeliveryRunResult:
         """Deliver a subscriber's changes for `run.seconds`; `removed` once it is gone."""
+        lost = activity.metric_meter().create_counter(SUBSCRIBERS_LOST_METRIC, LOST_DESCRIPTION)
+        lost.add(0)  # exported at 0 from the first run, so the first loss is an increase
         subscriber = await self._subscribers.get(run.subscriber_id)
         if subscriber is None:
-            # Removed, or lost with a Redis that restarted empty: said, since the second
-            # ends a subscription no one removed (README, "Outbound webhooks").
-            activity.logger.warning(
-                "webhook subscriber %s is not in Redis: its delivery stops", run.subscriber_id
-            )
             await self._subscribers.drop_keys(run.subscriber_id)
+            await _said_gone(self._subscribers, run.subscriber_id)
             return DeliveryRunResult(removed=True)
         for entity_type in subscriber.events:  # gone if Redis lost them: from now on
             await self._subscribers.ensure_group(subscriber.id, entity_type, start="$")
@@ -135,6 +153,11 @@ class _Run:
         self._sending = asyncio.Semaphore(PARALLEL_ENTITIES)
         self._stopping = asyncio.Event()
         self._removed = False
+        self._sent = activity.metric_meter().create_counter(
+            WEBHOOKS_METRIC, "Changes sent to subscribers' webhooks, by outcome."
+        )
+        # Exported at 0 from the first run, so the first dead letter is an increase.
+        self._sent.add(0, {"outcome": DEAD_LETTERED})
         self.counts = DeliveryCounts()
 
     async def go(self, seconds: float) -> DeliveryRunResult:
@@ -165,7 +188,19 @@ class _Run:
             self._stopping.set()  # sends in flight finish; none starts
         if self._removed:  # what the sends in flight wrote after the removal
             await self._subscribers.drop_keys(self._subscriber.id)
+            await _said_gone(self._subscribers, self._subscriber.id)
         return DeliveryRunResult(counts=self.counts, removed=self._removed)
+
+    def _count(self, outcome: str, n: int) -> None:
+        """Changes delivered or dead-lettered, in the run's counts and in the worker's
+        metrics (`WEBHOOKS_METRIC`), as they happen."""
+        if not n:
+            return
+        if outcome == DELIVERED:
+            self.counts.delivered += n
+        else:
+            self.counts.dead_lettered += n
+        self._sent.add(n, {"outcome": outcome})
 
     def _full(self) -> bool:
         return self._held >= MAX_HELD or self._parked_count >= MAX_PARKED
@@ -293,7 +328,7 @@ class _Run:
         if lost:
             await self._notes.forget(stream, (e for e, _ in lost))
         self.counts.ignored += len(skipped)
-        self.counts.dead_lettered += len(lost)
+        self._count(DEAD_LETTERED, len(lost))
         return ready
 
     async def _read_new(self, stream: str, count: int) -> Any:
@@ -335,7 +370,7 @@ class _Run:
         await self._subscribers.dead_letter(
             self._subscriber.id, self._entries.unread(stream, after, before, missed)
         )
-        self.counts.dead_lettered += 1
+        self._count(DEAD_LETTERED, 1)
         # The read began at the stream's first entry, the group being behind it.
         at = read[-1].decode() if read else info["last-generated-id"].decode()
         await self._redis.xgroup_setid(stream, self._group, at, entries_read=trimmed + len(read))
@@ -373,12 +408,12 @@ class _Run:
             retries.attempts += 1
             now = time.time()
             if error is None:
-                self.counts.delivered += 1
+                self._count(DELIVERED, 1)
             elif self._schedule.gives_up(first, now):
                 await self._subscribers.dead_letter(
                     self._subscriber.id, item.dead_letter(error, first, now)
                 )
-                self.counts.dead_lettered += 1
+                self._count(DEAD_LETTERED, 1)
             else:
                 # Kept, so that a run starting meanwhile waits for it as this one would.
                 retries.due = self._schedule.next_due(retries.attempts, first, now)

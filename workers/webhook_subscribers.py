@@ -76,6 +76,11 @@ return moved
 """
 
 
+REMOVED_KEPT_SECONDS = 7 * 24 * 3600
+"""How long a removal is remembered for its delivery, which notices it within seconds (or at
+its next run, should its worker be down meanwhile)."""
+
+
 class Subscriber(BaseModel):
     """Where a subscriber's webhooks go, signed with what, for which changes."""
 
@@ -158,7 +163,8 @@ class WebhookSubscribers:
         return f"{self.prefix}webhooks:subscribers"
 
     def key(self, subscriber_id: str, what: str) -> str:
-        """`dead`, `dead_bytes` (their mean size), `replay` or `attempts` of a subscriber."""
+        """`dead`, `dead_bytes` (their mean size), `replay`, `attempts` or `removed` of a
+        subscriber."""
         return f"{self.prefix}webhooks:{{{subscriber_id}}}:{what}"
 
     def stream(self, entity_type: str) -> str:
@@ -225,11 +231,18 @@ class WebhookSubscribers:
         subscriber = await self.get(subscriber_id)
         if subscriber is None:
             return False
+        # Before it goes: its delivery, finding it gone, tells a removal from a loss.
+        await self.client.set(self.key(subscriber_id, "removed"), 1, ex=REMOVED_KEPT_SECONDS)
         await self.client.hdel(self.registry_key, subscriber_id)
         for entity_type in subscriber.events:
             await self.client.xgroup_destroy(self.stream(entity_type), group_name(subscriber_id))
         await self.drop_keys(subscriber_id)
         return True
+
+    async def was_removed(self, subscriber_id: str) -> bool:
+        """Whether the subscriber was removed (`remove`) in the last REMOVED_KEPT_SECONDS:
+        one gone without it was lost, with a Redis that restarted empty."""
+        return bool(await self.client.exists(self.key(subscriber_id, "removed")))
 
     async def drop_keys(self, subscriber_id: str) -> None:
         """Delete what a removed subscriber's delivery kept: its dead letters, replays and

@@ -35,8 +35,8 @@ def _failed(values: str) -> dict[str, str]:
     }
 
 
-def _fires(alert: str, at: str, summary: str) -> dict[str, object]:
-    expected = {"exp_labels": {"severity": "page"}, "exp_annotations": {"summary": summary}}
+def _fires(alert: str, at: str, summary: str, severity: str = "page") -> dict[str, object]:
+    expected = {"exp_labels": {"severity": severity}, "exp_annotations": {"summary": summary}}
     return {"eval_time": at, "alertname": alert, "exp_alerts": [expected]}
 
 
@@ -44,7 +44,43 @@ def _silent(alert: str, at: str) -> dict[str, object]:
     return {"eval_time": at, "alertname": alert, "exp_alerts": []}
 
 
+DEAD_LETTERED = "Webhooks were dead-lettered: a receiver is failing; fix it, then replay"
+LOST = "A webhook subscription was lost (Redis restarted empty): register it again"
+WORKER = 'job="tenure-worker",instance="w1",activity_type="deliver_webhooks"'
+OTHER_WORKER = 'job="tenure-worker",instance="w2",activity_type="deliver_webhooks"'
+
 CASES = [
+    {  # A receiver failing: a worker exports its dead letters at 0 from its first run.
+        "interval": "1m",
+        "input_series": [
+            {
+                "series": f'tenure_webhooks_total{{outcome="dead_lettered",{WORKER}}}',
+                "values": "0x10 1x30",
+            },
+        ],
+        "alert_rule_test": [
+            _silent("TenureWebhooksDeadLettered", "8m"),
+            _fires("TenureWebhooksDeadLettered", "12m", DEAD_LETTERED, "ticket"),
+            _silent("TenureWebhooksDeadLettered", "30m"),
+        ],
+    },
+    {  # A subscription lost: on a series at 0, and on one born at 1 (a worker's first run).
+        "interval": "1m",
+        "input_series": [
+            {"series": f"tenure_webhook_subscribers_lost_total{{{WORKER}}}", "values": "0x10 1x30"},
+            {
+                "series": f"tenure_webhook_subscribers_lost_total{{{OTHER_WORKER}}}",
+                "values": "_x30 1x20",
+            },
+        ],
+        "alert_rule_test": [
+            _silent("TenureWebhookSubscriberLost", "8m"),
+            _fires("TenureWebhookSubscriberLost", "12m", LOST),
+            _silent("TenureWebhookSubscriberLost", "28m"),
+            _fires("TenureWebhookSubscriberLost", "33m", LOST),
+            _silent("TenureWebhookSubscriberLost", "49m"),
+        ],
+    },
     {  # A worker's first FAILED checkout: the series appears at 1.
         "interval": "1m",
         "input_series": [_failed("_x5 1x30")],

@@ -56,6 +56,8 @@ TENURE_METRICS = {
     "tenure_publish_failures_total",
     "tenure_continue_as_new_total",
     "tenure_saga_outcomes_total",
+    "tenure_webhooks_total",  # tests/workers/test_metrics.py scrapes both from a worker
+    "tenure_webhook_subscribers_lost_total",
 }
 SDK_METRICS = {
     "temporal_workflow_task_schedule_to_start_latency",

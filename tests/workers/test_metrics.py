@@ -3,12 +3,17 @@ and Tenure's (commands, continue-as-new, publishing, sagas), from one SDK runtim
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.common import MetricMeter
@@ -17,10 +22,12 @@ from deploy.embedded import EmbeddedRedis, free_port
 from entities.errors import TenureError
 from entities.runtime.envelope import RuntimeOptions
 from entities.runtime.saga import SagaStatus
+from tests.api.test_accounts_api import DEPOSIT, open_active
 from tests.api.test_metrics import Scrape
-from tests.conftest import cache_of
+from tests.conftest import GraphQLClient, api_client, cache_of, serving
 from tests.entities.failing_checkout import failed_checkout
 from tests.entities.shop import Shop, eventually, new_id, shop_settings
+from tests.workers.test_webhook_delivery import REGISTER, REMOVE
 from workers.cache import SnapshotCache, connect_redis
 from workers.settings import Settings
 from workers.temporal import connect_temporal
@@ -208,3 +215,48 @@ def test_a_metrics_port_taken_leaves_the_worker_working_unmeasured(
         runtime = worker_runtime(metrics_settings(settings, worker_metrics_port=port))
     assert runtime.metric_meter is MetricMeter.noop
     assert "worker metrics not served" in caplog.text
+
+
+async def test_webhooks_dead_lettered_and_a_subscriber_lost_are_counted(
+    settings: Settings, temporal_client: Client, cache: SnapshotCache
+) -> None:
+    """An integration's webhooks dead-lettered, or its subscription lost with a Redis that
+    restarted empty, said nothing but a warning in the worker's log: its receiver got
+    nothing more. Each is counted now, for an alert (deploy/compose/alerts.yml); a removal
+    is not a loss."""
+    worker_settings = metrics_settings(
+        settings, webhook_backoff_seconds=0.2, webhook_retry_for_seconds=1.0
+    )
+    client = await connect_temporal(worker_settings, runtime=worker_runtime(worker_settings))
+    async with (
+        serving(Starlette(routes=[Route("/hook", refuse, methods=["POST"])])) as url,
+        build_worker(client, worker_settings, cache),
+        api_client(worker_settings, temporal_client) as http,
+    ):
+        gql = GraphQLClient(http)
+        account_id = new_id("acct")
+        await open_active(gql, account_id)
+        ids = []
+        for _ in range(2):
+            registered = await gql.data(
+                REGISTER, url=f"{url}/hook", events={"account": ["deposit"]}
+            )
+            ids.append(registered["registerWebhookSubscriber"]["subscriber"]["id"])
+        await gql.data(DEPOSIT, id=account_id, amount=7)
+        metrics = await eventually(
+            lambda: scrape(worker_settings),
+            lambda m: m.value("tenure_webhooks_total", outcome="dead_lettered") >= 2,
+        )
+        assert metrics.value("tenure_webhook_subscribers_lost_total") == 0
+        # One removed, one lost as a Redis that restarted empty loses it.
+        await gql.data(REMOVE, id=ids[0])
+        await cache.client.hdel(f"{worker_settings.redis_prefix}webhooks:subscribers", ids[1])
+        for subscriber_id in ids:
+            handle = temporal_client.get_workflow_handle(f"webhook:{subscriber_id}")
+            await asyncio.wait_for(handle.result(), 30)  # its delivery ended
+        metrics = await scrape(worker_settings)
+        assert metrics.value("tenure_webhook_subscribers_lost_total") == 1
+
+
+async def refuse(_request: Request) -> Response:
+    return Response(status_code=500)

@@ -30,6 +30,7 @@ from tests.conftest import GraphQLClient, WorkerFactory, api_client, cache_of, n
 from workers.settings import Settings
 from workers.webhook_delivery import CONSUMER, PARALLEL_ENTITIES, WebhookDelivery
 from workers.webhook_subscribers import (
+    REMOVED_KEPT_SECONDS,
     Subscriber,
     WebhookSubscribers,
     group_name,
@@ -464,7 +465,10 @@ async def test_a_subscriber_removed_while_a_send_is_in_flight_leaves_no_key_behi
             assert await subscribers.remove(failing.id)
             result = await run
     assert result.removed
-    assert await subscribers.client.keys(f"*{{{failing.id}}}*") == []
+    # Only the mark of its removal, which expires, and tells its delivery it was no loss.
+    removed = subscribers.key(failing.id, "removed")
+    assert await subscribers.client.keys(f"*{{{failing.id}}}*") == [removed.encode()]
+    assert 0 < await subscribers.client.ttl(removed) <= REMOVED_KEPT_SECONDS
 
 
 async def test_changes_trimmed_before_they_were_read_are_dead_lettered_as_a_count(
