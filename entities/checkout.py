@@ -85,12 +85,21 @@ SHORT_RESERVATION_IDS = "checkout-short-reservation-ids"
 # Checkouts begun under older code reserve one line after another.
 PARALLEL_RESERVATIONS = "checkout-parallel-reservations"
 
+# Checkouts begun under older code sent their report as a local try, in the workflow task of
+# the steps before it, and undid only the steps they had reached.
+REPORT_RECORDED_STEPS = "checkout-report-after-recorded-steps"
+UNDO_UNREACHED = "checkout-undo-unreached-steps"
+
 CHECKOUT_PATCHES = PatchSet(
-    "checkout-patch-set-2",
-    [PARALLEL_RESERVATIONS],
+    "checkout-patch-set-3",
+    [REPORT_RECORDED_STEPS, UNDO_UNREACHED],
     after=PatchSet(
-        "checkout-patch-set-1",
-        [OPERATOR_TOOLS, PARALLEL_COMMITS, SHORT_RESERVATION_IDS, LOCAL_TRY],
+        "checkout-patch-set-2",
+        [PARALLEL_RESERVATIONS],
+        after=PatchSet(
+            "checkout-patch-set-1",
+            [OPERATOR_TOOLS, PARALLEL_COMMITS, SHORT_RESERVATION_IDS, LOCAL_TRY],
+        ),
     ),
 )
 """Checkouts from here on record one patch marker, where they recorded one for each of these
@@ -202,7 +211,9 @@ class CheckoutWorkflow:
         saga = Saga(self._state)
         try:
             await self._take_steps(saga)
-        except RequestFailed:
+        except RequestFailed as failure:
+            if not failure.refused and CHECKOUT_PATCHES.patched(UNDO_UNREACHED):
+                self._undo_unreached(saga)
             await saga.compensate()
             report = partial(
                 self._report,
@@ -304,6 +315,22 @@ class CheckoutWorkflow:
             for commit in commits:
                 await saga.step(commit.name, commit.action, commit.undo)
 
+    def _undo_unreached(self, saga: Saga) -> None:
+        """Undo, as well, the steps after the one whose outcome is not known: an earlier
+        attempt at this run, whose workflow task was lost with its worker, may have taken
+        them in local tries its history never recorded. Each is undone only if its entity
+        applied it (`CommandEnvelope.undoes`), last first. Undoing only the steps reached,
+        a run that withdrew and committed, lost, then ran out of attempts at the withdrawal
+        again refunded the customer and left the units sold."""
+        reservation = {"reservation_id": self._state.reservation_id}
+        later: list[Step[Outcome]] = []
+        if self._state.total > 0:
+            amount = {"amount": self._state.total}
+            refund_it = self._undo(refund, self._input.account_id, "withdraw", amount)
+            later.append(Step("withdraw", _never, ("refund", refund_it)))
+        later += [self._commit(line.sku, reservation) for line in self._input.lines]
+        saga.register_unreached(later)
+
     def _reservation_id(self) -> str:
         """What its stock is reserved under: its key, or a key too long for a reservation id
         (a cart id near 128 characters, with the attempt and start time) cut short and made
@@ -349,6 +376,7 @@ class CheckoutWorkflow:
         undoes: str | None = None,
         undoes_since: datetime | None = None,
         guarded: bool = True,
+        local_try: bool = True,
     ) -> Awaitable[Outcome]:
         """Send a request. Unless not `guarded` (the report, which the cart takes once by
         the checkout's id), it says when its id was first sent, so that an entity that may
@@ -367,6 +395,8 @@ class CheckoutWorkflow:
             resent=resent,
             sent_by=saga_sender(workflow.info().workflow_id),
         )
+        if not local_try:  # an activity, scheduled with the commands before it: no LOCAL_TRY
+            return request_entity(request, policy, lambda _patch: False)
         return request_entity(request, policy, CHECKOUT_PATCHES.patched)
 
     def _step(
@@ -401,6 +431,10 @@ class CheckoutWorkflow:
     def _report(
         self, command: Command[Any, Any, Any], retry: int, **payload: Any
     ) -> Awaitable[Outcome]:
+        """Tell the cart the outcome. Sent once the steps before it are in the history: as a
+        local try, in their workflow task, a worker that died before that task was recorded
+        left the cart checked out by steps the next attempt no longer knew of, and undid
+        (refunded, the units returned) when a step then ran out of attempts."""
         return self._request(
             command,
             self._input.cart_id,
@@ -408,7 +442,12 @@ class CheckoutWorkflow:
             {"checkout_id": self._input.checkout_id, **payload},
             self._options.compensation,
             guarded=False,
+            local_try=not CHECKOUT_PATCHES.patched(REPORT_RECORDED_STEPS),
         )
+
+
+async def _never() -> Outcome:
+    raise AssertionError("a step not reached is only undone")
 
 
 def _retried(step: str, retry: int) -> str:

@@ -197,6 +197,15 @@ class Saga:
             raise failed[1]
         return results
 
+    def register_unreached(self, steps: Sequence[Step[Any]]) -> None:
+        """Register the compensations of `steps`, in order, that are not registered yet:
+        steps this run did not reach, undone only if their entity applied them (the undo
+        is told the step did not complete)."""
+        registered = {r.step for r in self._registered}
+        for step in steps:
+            if step.name not in registered:
+                self._register(step)
+
     def _register(self, step: Step[Any]) -> None:
         if step.undo is not None:
             self._registered.append(_Registered(step.undo[0], step.name, step.undo[1]))

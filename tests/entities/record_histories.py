@@ -45,6 +45,9 @@ CURRENT = "patch-sets"
 PUBLISHED_BY_ACTIVITY = "publish-by-activity"
 # Checkouts under the first checkout patch set, which reserve one line after another.
 CHECKOUT_SET_1 = "checkout-set-1"
+# Checkouts under the second, which sent their report as a local try in the workflow task of
+# the steps before it, and undid only the steps they had reached.
+CHECKOUT_SET_2 = "checkout-set-2"
 # Entities under the first entity patch set, which took text with invisible formatting.
 ENTITY_SET_1 = "entity-set-1"
 # Entities under the second, whose items took back a sale they had forgotten as returned.
@@ -131,14 +134,15 @@ async def _failed_checkout(client: Client, settings: Settings, cache: SnapshotCa
     retry = OperatorRequest(action=OperatorActionKind.RETRY, reason="limit lifted", by="admin:a")
     async with failed_checkout(shop, run_worker, cart_id=STUCK_CART) as failed:
         handle = client.get_workflow_handle(checkout_workflow_id(failed.checkout_id))
-        first = failed.state.compensations[0].at
+        refund = [c.name for c in failed.state.compensations].index("refund")
+        first = failed.state.compensations[refund].at
         await handle.execute_update(CheckoutWorkflow.operate, retry)
         await eventually(
             lambda: shop.progress(failed.checkout_id),
             lambda p: (
                 p is not None
                 and p.awaiting_operator_until is not None
-                and p.compensations[0].at > first
+                and p.compensations[refund].at > first
             ),
         )
         await failed.fix()

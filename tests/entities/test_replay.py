@@ -21,6 +21,7 @@ from entities.runtime.saga import Saga
 from entities.runtime.workflow import ENTITY_PATCHES
 from tests.entities.record_histories import (
     CHECKOUT_SET_1,
+    CHECKOUT_SET_2,
     CURRENT,
     ENTITY_SET_1,
     ENTITY_SET_2,
@@ -96,6 +97,18 @@ CHECKOUTS_OF_SET_1 = {
 }
 
 
+# Checkouts under the second: the report a local try in the steps' workflow task, and only
+# the steps reached undone.
+CHECKOUTS_OF_SET_2 = {
+    f"{CHECKOUT_SET_2}/{name}": event
+    for name, event in {
+        **RECORDED,
+        "checkout.cart-stuck-1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+    }.items()
+    if name.startswith("checkout.")
+}
+
+
 def entity_paths(folder: str) -> dict[str, EventType.ValueType]:
     """Every entity path, as recorded under an entity patch set in `folder`."""
     return {
@@ -142,6 +155,7 @@ EVERY = {
     **PUBLISHED,
     **OLDER_PATHS,
     **CHECKOUTS_OF_SET_1,
+    **CHECKOUTS_OF_SET_2,
     **ENTITIES_OF_SET_1,
     **ENTITIES_OF_SET_2,
     **TODAY,
@@ -157,6 +171,7 @@ def test_every_recorded_history_is_checked() -> None:
             "",
             PUBLISHED_BY_ACTIVITY,
             CHECKOUT_SET_1,
+            CHECKOUT_SET_2,
             ENTITY_SET_1,
             ENTITY_SET_2,
             ENTITY_SET_3,
@@ -240,7 +255,9 @@ def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
     assert second_entity_set.patches == {*first_entity_set.patches, "strict-inputs-4"}
     assert ENTITY_PATCHES.name == "entity-patch-set-3"
     assert ENTITY_PATCHES.patches == {*second_entity_set.patches, "entity-rules-1"}
-    first_set = CHECKOUT_PATCHES.after
+    second_set = CHECKOUT_PATCHES.after
+    assert second_set is not None and second_set.name == "checkout-patch-set-2"
+    first_set = second_set.after
     assert first_set is not None and first_set.name == "checkout-patch-set-1"
     assert first_set.patches == {
         "checkout-operator-tools",
@@ -248,8 +265,13 @@ def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
         "checkout-short-reservation-ids",
         "requests-try-local-first",
     }
-    assert CHECKOUT_PATCHES.name == "checkout-patch-set-2"
-    assert CHECKOUT_PATCHES.patches == {*first_set.patches, "checkout-parallel-reservations"}
+    assert second_set.patches == {*first_set.patches, "checkout-parallel-reservations"}
+    assert CHECKOUT_PATCHES.name == "checkout-patch-set-3"
+    assert CHECKOUT_PATCHES.patches == {
+        *second_set.patches,
+        "checkout-report-after-recorded-steps",
+        "checkout-undo-unreached-steps",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(EVERY))
