@@ -29,7 +29,7 @@ class DyingDelivery(CommandDelivery):
         return result
 
 
-workers.requests.CommandDelivery = DyingDelivery  # type: ignore[misc]
+workers.requests.CommandDelivery = DyingDelivery  # type: ignore[attr-defined]
 
 if __name__ == "__main__":
     main()
