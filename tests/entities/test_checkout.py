@@ -587,9 +587,11 @@ async def test_a_saga_whose_worker_died_before_its_task_was_recorded_sells_only_
     was delivered, before the workflow task that ran it was recorded; the next attempt runs
     the saga from its last recorded task while the account's worker is down, so the
     withdrawal runs out of attempts. It undid only the steps it reached: the customer was
-    refunded, with the units still sold (and the cart, told by the lost attempt, checked
-    out). Found by a review's probe (1 of 193 checkouts under faults). Whatever the end, the
-    stock, the money and the cart agree with it."""
+    refunded, with the units still sold. Found by a review's probe (1 of 193 checkouts under
+    faults). Now every later step is undone too, if it was made: the money and the stock
+    agree. Where the lost attempt had told the cart, the cart stays checked out and the
+    checkout ends FAILED for an operator (the report is not sent after a recorded task:
+    README, "Performance")."""
     quick = shop_settings(shop.settings, checkout={"step": {**FAST_STEP, "attempts": 2}})
     shop = Shop(shop.client, shop.cache, quick)
     bank = shop.elsewhere()
@@ -627,7 +629,11 @@ async def test_a_saga_whose_worker_died_before_its_task_was_recorded_sells_only_
                     90,
                 )
                 async with run_worker(bank.settings):
-                    done = await shop.finished(checkout_id, timeout=90)
+                    done = await eventually(
+                        lambda: shop.progress(checkout_id),
+                        lambda p: p is not None and p.status is not SagaStatus.RUNNING,
+                        90,
+                    )
                     balance = await bank.balance(account_id)
                     item = await depot.item(sku)
                     cart = await shop.cart_state(cart_id)
@@ -636,9 +642,12 @@ async def test_a_saga_whose_worker_died_before_its_task_was_recorded_sells_only_
             dying.kill()
             dying.wait()
     assert dying.returncode == 9, (tmp_path / "dying.log").read_text()[-2000:]
-    if done.status is SagaStatus.COMPLETED:
-        assert (BALANCE - balance, item.sold, cart.status) == (1500, 3, CartStatus.CHECKED_OUT)
-    else:
-        assert done.status is SagaStatus.COMPENSATED, (done.status, done.failure_reason)
-        assert (BALANCE - balance, item.sold, cart.status) == (0, 0, CartStatus.OPEN)
     assert (item.on_hand + item.sold, item.reserved) == (10, 0)
+    assert (BALANCE - balance, item.sold) == (0, 0)  # refunded, and the units back
+    assert [c.name for c in done.compensations] == [f"return:{sku}", "refund", f"release:{sku}"]
+    if dies_after == "completeCheckout":
+        assert (done.status, cart.status) == (SagaStatus.FAILED, CartStatus.CHECKED_OUT)
+        assert done.steps[-1].code == ErrorCode.IDEMPOTENCY_KEY_REUSED
+        assert done.awaiting_operator_until is not None
+    else:
+        assert (done.status, cart.status) == (SagaStatus.COMPENSATED, CartStatus.OPEN)
