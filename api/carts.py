@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -138,10 +138,20 @@ async def _command(
     command: Command[Any, Any, Any],
     idempotency_key: str | None,
     wait: bool,
+    filled: Collection[str] = (),
     **payload: object,
 ) -> CartCommandPayload:
-    receipt = await send_command(info, command, cart_id, payload, idempotency_key, wait)
+    receipt = await send_command(info, command, cart_id, payload, idempotency_key, wait, filled)
     return CartCommandPayload.from_receipt(receipt)
+
+
+def _price_filled(info: Info, given: int | None) -> tuple[str, ...]:
+    """`unit_price` when the API fills it in (the item's, for a customer whatever it
+    sent), which the command's fingerprint leaves out: a customer's retry under its key
+    after the price changed was refused IDEMPOTENCY_KEY_REUSED, "not applied: send it with a
+    new key", though the first was applied."""
+    named = given is not None and info.context.principal.role is not Role.CUSTOMER
+    return () if named else ("unit_price",)
 
 
 @strawberry.type
@@ -306,6 +316,7 @@ class CartMutation:
             domain.add_cart_item,
             idempotency_key,
             wait,
+            _price_filled(info, unit_price),
             sku=sku,
             quantity=quantity,
             unit_price=await _unit_price(info, cart_id, sku, unit_price),
@@ -337,18 +348,25 @@ class CartMutation:
         idempotency_key: IdempotencyKey = None,
         wait: Wait = False,
     ) -> CartCommandPayload | None:
-        price: dict[str, int] = {}
+        price: dict[str, object] = {}
         if quantity > 0 and info.context.principal.role is Role.CUSTOMER:
-            # The cart takes it only if the quantity rises: fewer units keep the line's.
-            price["unit_price"] = await _unit_price(
-                info, cart_id, sku, None, domain.set_cart_item_quantity.name
-            )
+            # The cart takes it only if the quantity rises: fewer units keep the line's, and
+            # a line of an item with no price (staff's, or gone) may still be lowered.
+            price["priced"] = True
+            try:
+                price["unit_price"] = await _unit_price(
+                    info, cart_id, sku, None, domain.set_cart_item_quantity.name
+                )
+            except TenureError as exc:
+                if exc.code not in (ErrorCode.NOT_FOUND, ErrorCode.INVALID_TRANSITION):
+                    raise
         return await _command(
             info,
             cart_id,
             domain.set_cart_item_quantity,
             idempotency_key,
             wait,
+            _price_filled(info, None),
             sku=sku,
             quantity=quantity,
             **price,

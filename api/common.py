@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import replace
 from datetime import datetime
 from enum import Enum
@@ -23,7 +23,7 @@ from api.history import CommandHistory, command_history
 from api.pacing import holds_long_lists, take_turn
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.entity import Command
-from entities.runtime.envelope import SYSTEM_COMMAND_PREFIXES
+from entities.runtime.envelope import SYSTEM_COMMAND_PREFIXES, command_fingerprint
 from entities.runtime.policy import READ, Role
 
 
@@ -193,10 +193,14 @@ async def send_command(
     payload: Mapping[str, Any],
     idempotency_key: str | None,
     wait: bool,
+    filled: Collection[str] = (),
 ) -> Receipt:
     """Send `command` to the entity, on behalf of the request's caller, once it may; answers
-    with the receipt, and with the state after the command when waited for and readable."""
-    receipt = await send_unread(info, command, entity_id, payload, idempotency_key, wait)
+    with the receipt, and with the state after the command when waited for and readable.
+    `filled` names what of the payload the API filled in (a line's price), which its
+    fingerprint leaves out: the caller's retry under its key, the same arguments, is the
+    same command whatever was filled in since."""
+    receipt = await send_unread(info, command, entity_id, payload, idempotency_key, wait, filled)
     return await readable(info, command.entity_type, receipt)
 
 
@@ -207,6 +211,7 @@ async def send_unread(
     payload: Mapping[str, Any],
     idempotency_key: str | None,
     wait: bool,
+    filled: Collection[str] = (),
 ) -> Receipt:
     """`send_command`, with the state after the command whether or not the caller may read
     it: for a mutation that answers with part of it (a checkout's id) and then with
@@ -235,6 +240,7 @@ async def send_unread(
             idempotency_key=idempotency_key,
             wait=wait,
             sent_by=principal.sender,
+            fingerprint=_fingerprint(command.name, given, filled),
         )
     except TenureError as exc:
         if exc.code is ErrorCode.ALREADY_EXISTS and principal.role is Role.CUSTOMER:
@@ -245,6 +251,14 @@ async def send_unread(
             raise
         raise TenureError(exc.code, graphql_field_names(exc.message)) from None
     return receipt
+
+
+def _fingerprint(name: str, given: Mapping[str, Any], filled: Collection[str]) -> str | None:
+    """The command's fingerprint, of what its sender gave; None (of the whole payload) when
+    the API filled nothing in."""
+    if not filled:
+        return None
+    return command_fingerprint(name, {k: v for k, v in given.items() if k not in filled})
 
 
 async def readable(info: Info, entity_type: str, receipt: Receipt) -> Receipt:

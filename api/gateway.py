@@ -206,9 +206,11 @@ class EntityGateway:
         idempotency_key: str | None = None,
         wait: bool = False,
         sent_by: str | None = None,
+        fingerprint: str | None = None,
     ) -> Receipt:
         """Deliver one command. With `wait`, return the state after it was applied, or raise
-        its rejection; without, return as soon as Temporal has durably accepted it."""
+        its rejection; without, return as soon as Temporal has durably accepted it.
+        `fingerprint` is the command's, when not its whole payload's."""
         entity = self.entity(entity_type)
         check_entity_id(entity_id)
         if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
@@ -234,6 +236,7 @@ class EntityGateway:
             sent_by=sent_by,
             reads_large_state=True,
             publishes=promise is not None,
+            fingerprint=fingerprint,
         )
         if not wait:
             await self._delivery.deliver(entity, entity_id, envelope)

@@ -101,6 +101,11 @@ class SetCartItemQuantity(BaseModel, extra="forbid"):
         description="The item's price now, which the line takes when its quantity rises "
         "(a customer's change); without it the line keeps its price (staff's).",
     )
+    priced: bool = Field(
+        default=False,
+        description="More units need `unit_price` (a customer's change): without it, the item "
+        "having no price, the quantity may only fall.",
+    )
 
 
 class ClearCart(BaseModel, extra="forbid"):
@@ -203,8 +208,13 @@ def set_cart_item_quantity(state: CartState, cmd: SetCartItemQuantity, ctx: Ctx)
     if existing is None:
         raise Rejected(ErrorCode.NOT_FOUND, f"cart {ctx.entity_id} has no line for {cmd.sku}")
     changed: dict[str, int] = {"quantity": cmd.quantity}
-    if cmd.unit_price is not None and cmd.quantity > existing.quantity:
+    if cmd.quantity > existing.quantity and cmd.unit_price is not None:
         changed["unit_price"] = cmd.unit_price
+    elif cmd.quantity > existing.quantity and cmd.priced:
+        raise Rejected(
+            ErrorCode.INVALID_TRANSITION,
+            f"{cmd.sku} has no price: its line may be lowered or removed, not raised",
+        )
     lines = [
         line.model_copy(update=changed) if line.sku == cmd.sku else line for line in state.lines
     ]

@@ -76,7 +76,15 @@ class EntityRequests:
         except TenureError as exc:
             if exc.code is ErrorCode.UNAVAILABLE:
                 raise _not_answered(request) from exc
-            raise ApplicationError(exc.message, type=exc.code, non_retryable=True) from exc
+            message = exc.message
+            if exc.code is ErrorCode.IDEMPOTENCY_KEY_REUSED:
+                # The delivery's words ("send it with a new key", the step's command id) are
+                # a client's, not a saga's; a customer reads this step's message.
+                message = (
+                    f"{request.entity_type} {request.entity_id} took another command under "
+                    "this step's id (an earlier attempt's)"
+                )
+            raise ApplicationError(message, type=exc.code, non_retryable=True) from exc
         workflow_id = entity.workflow_id(request.entity_id)
         try:
             await self._publish(workflow_id, result)

@@ -146,3 +146,63 @@ async def test_more_units_of_a_line_cost_the_item_s_price_now(
         "total": 600,
     }
     assert await quantity(ada, 0) == {"lines": [], "total": 0}
+
+
+async def test_a_retry_under_its_key_after_the_price_changed_is_the_same_command(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """The price a customer's line takes is filled in by the API: a retry of the same
+    mutation under its key, after the price changed, was refused IDEMPOTENCY_KEY_REUSED,
+    "this one was not applied: send it with a new key", and a client that did so added the
+    units twice."""
+    admin, ada, _, cart = await _shop(secured_http)
+    sku = new_id()
+    await admin.data(RESTOCK, sku=sku, price=300)
+    keyed_add = """mutation($id: ID!, $sku: String!) {
+      addCartItem(cartId: $id, sku: $sku, quantity: 2, idempotencyKey: "add-1", wait: true)
+      { cart { lines { sku quantity unitPrice } } } }"""
+    keyed_set = """mutation($id: ID!, $sku: String!) {
+      setCartItemQuantity(cartId: $id, sku: $sku, quantity: 5, idempotencyKey: "set-1",
+        wait: true) { cart { lines { sku quantity unitPrice } } } }"""
+    for mutation, field, price in ((keyed_add, "addCartItem", 350), (keyed_set, None, 360)):
+        first = await ada.data(mutation, id=cart, sku=sku)
+        await admin.data(SET_PRICE_OF, sku=sku, price=price)
+        again = await ada.data(mutation, id=cart, sku=sku)
+        assert again == first, field  # answered as the first, not applied again
+    # Raised to 5 at 350, the price then; its retry at 360 changed nothing.
+    lines = (await admin.data(LINES, id=cart))["cart"]["lines"]
+    assert lines == [{"sku": sku, "unitPrice": 350}]
+    assert (await admin.data(QUANTITY, id=cart))["cart"]["lines"][0]["quantity"] == 5
+
+
+async def test_a_customer_lowers_a_line_whose_item_has_no_price(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """A line staff priced, of an item with no list price (or none at all): the customer's
+    lower quantity was refused for the price it did not need."""
+    admin, ada, _, cart = await _shop(secured_http)
+    unpriced, gone = new_id(), new_id()
+    await admin.data(RESTOCK, sku=unpriced, price=None)
+    for sku in (unpriced, gone):
+        await admin.data(ADD3, id=cart, sku=sku, price=99)
+    set_quantity = """mutation($id: ID!, $sku: String!, $quantity: Int!) {
+      setCartItemQuantity(cartId: $id, sku: $sku, quantity: $quantity, wait: true)
+      { cart { lines { sku quantity unitPrice } } } }"""
+    for sku in (unpriced, gone):
+        lowered = await ada.data(set_quantity, id=cart, sku=sku, quantity=1)
+        line = next(x for x in lowered["setCartItemQuantity"]["cart"]["lines"] if x["sku"] == sku)
+        assert line == {"sku": sku, "quantity": 1, "unitPrice": 99}
+        # More units need a price it has not: refused, the line as it was.
+        raised = await ada.code(set_quantity, id=cart, sku=sku, quantity=9)
+        assert raised == ErrorCode.INVALID_TRANSITION
+    assert await ada.code(set_quantity, id=cart, sku=new_id(), quantity=1) == ErrorCode.NOT_FOUND
+    lines = (await admin.data(QUANTITY, id=cart))["cart"]["lines"]
+    assert sorted(line["quantity"] for line in lines) == [1, 1]
+
+
+SET_PRICE_OF = """mutation($sku: String!, $price: Long!) {
+  setPrice(sku: $sku, unitPrice: $price, wait: true) { commandId } }"""
+QUANTITY = "query($id: ID!) { cart(id: $id, consistency: LIVE) { lines { sku quantity } } }"
+ADD3 = """mutation($id: ID!, $sku: String!, $price: Long) {
+  addCartItem(cartId: $id, sku: $sku, quantity: 3, unitPrice: $price, wait: true)
+  { commandId } }"""

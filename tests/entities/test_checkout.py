@@ -648,6 +648,10 @@ async def test_a_saga_whose_worker_died_before_its_task_was_recorded_sells_only_
     if dies_after == "completeCheckout":
         assert (done.status, cart.status) == (SagaStatus.FAILED, CartStatus.CHECKED_OUT)
         assert done.steps[-1].code == ErrorCode.IDEMPOTENCY_KEY_REUSED
+        # Told as the saga's, not as a client's ("send it with a new key").
+        assert done.steps[-1].message == (
+            f"cart {cart_id} took another command under this step's id (an earlier attempt's)"
+        )
         assert done.awaiting_operator_until is not None
     else:
         assert (done.status, cart.status) == (SagaStatus.COMPENSATED, CartStatus.OPEN)
