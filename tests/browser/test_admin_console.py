@@ -282,13 +282,18 @@ async def test_a_followed_paused_bulk_command_resumed_elsewhere_is_shown_as_it_e
     await expect(followed.get_by_role("button", name="Resume")).to_be_disabled()
 
 
+def secured_shop(settings: Settings, **checkout: object) -> Settings:
+    """The secured API's settings, with checkouts that retry quickly (and `checkout`)."""
+    update = {"environment": "production", "auth_secret": SECRET}
+    return shop_settings(settings.model_copy(update=update), checkout=checkout)
+
+
 class TestAFailedCheckout:
     """A checkout driven to FAILED (its refund refused), with checkouts that retry quickly."""
 
     @pytest.fixture
     def secured(self, settings: Settings) -> Settings:
-        update = {"environment": "production", "auth_secret": SECRET}
-        return shop_settings(settings.model_copy(update=update))
+        return secured_shop(settings)
 
     async def test_an_operator_finds_it_and_resolves_it_with_a_reason(
         self,
@@ -354,9 +359,7 @@ class TestAFailedCheckoutPastItsWait:
 
     @pytest.fixture
     def secured(self, settings: Settings) -> Settings:
-        update = {"environment": "production", "auth_secret": SECRET}
-        wait = {"operator_wait_seconds": 2.0}
-        return shop_settings(settings.model_copy(update=update), checkout=wait)
+        return secured_shop(settings, operator_wait_seconds=2.0)
 
     async def test_it_is_listed_as_settled_by_hand_with_no_actions_offered(
         self,

@@ -85,28 +85,24 @@ OLDER_PATHS = {
         )
     },
 }
-# Checkouts under the first checkout patch set: every checkout path, lines reserved one after
-# another.
-CHECKOUTS_OF_SET_1 = {
-    f"{CHECKOUT_SET_1}/{name}": event
-    for name, event in {
-        **RECORDED,
-        "checkout.cart-stuck-1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
-    }.items()
-    if name.startswith("checkout.")
-}
 
 
-# Checkouts under the second: the report a local try in the steps' workflow task, and only
-# the steps reached undone.
-CHECKOUTS_OF_SET_2 = {
-    f"{CHECKOUT_SET_2}/{name}": event
-    for name, event in {
-        **RECORDED,
-        "checkout.cart-stuck-1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
-    }.items()
-    if name.startswith("checkout.")
-}
+def checkout_paths(folder: str) -> dict[str, EventType.ValueType]:
+    """Every checkout path, as recorded under a checkout patch set in `folder`."""
+    return {
+        f"{folder}/{name}": event
+        for name, event in {
+            **RECORDED,
+            "checkout.cart-stuck-1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+        }.items()
+        if name.startswith("checkout.")
+    }
+
+
+# Checkouts under the first checkout patch set, lines reserved one after another; under the
+# second, only the steps reached undone after a step whose outcome was not known.
+CHECKOUTS_OF_SET_1 = checkout_paths(CHECKOUT_SET_1)
+CHECKOUTS_OF_SET_2 = checkout_paths(CHECKOUT_SET_2)
 
 
 def entity_paths(folder: str) -> dict[str, EventType.ValueType]:
