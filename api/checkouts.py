@@ -11,7 +11,7 @@ import strawberry
 from api.carts import MAX_CART_LINES, CartLine
 from api.common import Long, authorize
 from api.context import Info
-from api.gateway import check_entity_id, unbudgeted
+from api.gateway import QUERY_BUDGET, check_entity_id, unbudgeted
 from api.history import sender_shown
 from api.pacing import paced
 from api.response_size import bounded
@@ -204,9 +204,13 @@ async def _started(info: Info, workflow_id: str, checkout_id: str) -> CheckoutSt
     """The checkout its cart has started, once Temporal has made it. These asks are bounded
     here (STARTING_PAUSES), not charged to the request's LIVE reads, and one read of a
     request waits at most: aliases do not multiply them."""
-    info.context.starting_waits += 1
+    # Once per operation (its budget), not per context: a WebSocket's serves them all.
+    budget = QUERY_BUDGET.get()
+    first = budget is None or not budget.waited_for_a_start
+    if budget is not None:
+        budget.waited_for_a_start = True
     with unbudgeted():
-        for pause in STARTING_PAUSES if info.context.starting_waits == 1 else ():
+        for pause in STARTING_PAUSES if first else ():
             await asyncio.sleep(pause)
             state = await info.context.gateway.read_workflow(
                 workflow_id, CheckoutWorkflow.status, CheckoutState

@@ -36,9 +36,6 @@ class TenureContext:
     connection_holder: str | None = None
     """The customer a WebSocket is counted against (`TenureGraphQL.on_ws_connect`), until
     it closes."""
-    starting_waits: int = 0
-    """Waits for a checkout being started the request has begun (`api.checkouts`): one at
-    most, since they are not charged to its LIVE reads."""
 
 
 Info = StrawberryInfo[TenureContext, Any]

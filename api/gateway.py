@@ -57,6 +57,9 @@ class QueryBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.left = limit
+        self.waited_for_a_start = False
+        """Whether the request has waited for a checkout being started (`api.checkouts`),
+        which it may do once: those asks are not spent from the budget."""
 
     def spend(self) -> None:
         if self.left <= 0:

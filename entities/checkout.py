@@ -320,13 +320,20 @@ class CheckoutWorkflow:
         applied it (`CommandEnvelope.undoes`), last first. Undoing only the steps reached,
         a run that withdrew and committed, lost, then ran out of attempts at the withdrawal
         again refunded the customer and left the units sold."""
+        # Sent, if at all, since the run began: an entity that may have forgotten a command
+        # since then cannot tell whether the lost attempt made the step, and refuses the
+        # undo (FAILED, for an operator) rather than cancel a step it made.
+        since = workflow.info().workflow_start_time
         reservation = {"reservation_id": self._state.reservation_id}
         later: list[Step[Outcome]] = []
         if self._state.total > 0:
             amount = {"amount": self._state.total}
-            refund_it = self._undo(refund, self._input.account_id, "withdraw", amount)
+            refund_it = self._undo(refund, self._input.account_id, "withdraw", amount, since)
             later.append(Step("withdraw", _never, ("refund", refund_it)))
-        later += [self._commit(line.sku, reservation) for line in self._input.lines]
+        for line in self._input.lines:
+            step = f"commit:{line.sku}"
+            return_it = self._undo(return_reservation, line.sku, step, reservation, since)
+            later.append(Step(step, _never, (f"return:{line.sku}", return_it)))
         saga.register_unreached(later)
 
     def _reservation_id(self) -> str:
@@ -402,13 +409,19 @@ class CheckoutWorkflow:
         )
 
     def _undo(
-        self, command: Command[Any, Any, Any], entity_id: str, step: str, payload: dict[str, Any]
+        self,
+        command: Command[Any, Any, Any],
+        entity_id: str,
+        step: str,
+        payload: dict[str, Any],
+        sent_since: datetime | None = None,
     ) -> Compensation:
         """Take `step` back with `command`. Unless the step is known to have completed, the
         entity applies it only if the step's command was applied, and cancels that command
-        if it never arrived; since the step is sent once this is made, the entity can tell
-        whether it has forgotten it (`CommandEnvelope.undoes_since`)."""
-        since = workflow.now()
+        if it never arrived; since the step is sent once this is made (or after
+        `sent_since`), the entity can tell whether it has forgotten it
+        (`CommandEnvelope.undoes_since`)."""
+        since = sent_since or workflow.now()
 
         def undo(step_completed: bool, retry: int) -> Awaitable[Outcome]:
             return self._request(

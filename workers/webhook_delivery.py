@@ -154,7 +154,9 @@ class _Run:
         self._stopping = asyncio.Event()
         self._removed = False
         self._sent = activity.metric_meter().create_counter(
-            WEBHOOKS_METRIC, "Changes sent to subscribers' webhooks, by outcome."
+            WEBHOOKS_METRIC,
+            "Changes sent to subscribers' webhooks, by outcome (one dead letter of changes "
+            "trimmed unread counts once, whatever it says it missed).",
         )
         # Exported at 0 from the first run, so the first dead letter is an increase.
         self._sent.add(0, {"outcome": DEAD_LETTERED})
