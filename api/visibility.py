@@ -60,7 +60,7 @@ class VisibilityCursor:
         """The cursor after row `index` of `page`, read at this cursor's token, whose next
         page is at `following`."""
         if index + 1 == len(page) and following is not None:
-            return VisibilityCursor(following, self.size, 0, "", self.list_name)
+            return self.next_page(following)
         return VisibilityCursor(
             self.token, self.size, index + 1, page[index].run_id, self.list_name
         )
@@ -75,6 +75,7 @@ class VisibilityCursor:
         return min(max(self.seen - 1, 0), len(page))
 
     def next_page(self, following: bytes) -> VisibilityCursor:
+        """The cursor at the top of the next page, at its token `following`."""
         return VisibilityCursor(following, self.size, 0, "", self.list_name)
 
     @classmethod

@@ -298,12 +298,8 @@ class CheckoutWorkflow:
             for reserve in reserves:
                 await saga.step(reserve.name, reserve.action, reserve.undo)
         if self._state.total > 0:
-            amount = {"amount": self._state.total}
-            await saga.step(
-                "withdraw",
-                partial(self._step, withdraw, self._input.account_id, "withdraw", amount),
-                ("refund", self._undo(refund, self._input.account_id, "withdraw", amount)),
-            )
+            pay = self._withdraw()
+            await saga.step(pay.name, pay.action, pay.undo)
         # Once paid for, the lines are committed at once: each commit is to its own item and
         # needs no other. Their returns, should one fail, still run last line first.
         commits = [self._commit(line.sku, reservation) for line in self._input.lines]
@@ -325,16 +321,18 @@ class CheckoutWorkflow:
         # undo (FAILED, for an operator) rather than cancel a step it made.
         since = workflow.info().workflow_start_time
         reservation = {"reservation_id": self._state.reservation_id}
-        later: list[Step[Outcome]] = []
-        if self._state.total > 0:
-            amount = {"amount": self._state.total}
-            refund_it = self._undo(refund, self._input.account_id, "withdraw", amount, since)
-            later.append(Step("withdraw", _never, ("refund", refund_it)))
-        for line in self._input.lines:
-            step = f"commit:{line.sku}"
-            return_it = self._undo(return_reservation, line.sku, step, reservation, since)
-            later.append(Step(step, _never, (f"return:{line.sku}", return_it)))
+        later = [self._withdraw(since)] if self._state.total > 0 else []
+        later += [self._commit(line.sku, reservation, since) for line in self._input.lines]
         saga.register_unreached(later)
+
+    def _withdraw(self, sent_since: datetime | None = None) -> Step[Outcome]:
+        amount = {"amount": self._state.total}
+        account_id = self._input.account_id
+        return Step(
+            "withdraw",
+            partial(self._step, withdraw, account_id, "withdraw", amount),
+            ("refund", self._undo(refund, account_id, "withdraw", amount, sent_since)),
+        )
 
     def _reservation_id(self) -> str:
         """What its stock is reserved under: its key, or a key too long for a reservation id
@@ -360,12 +358,14 @@ class CheckoutWorkflow:
             (f"release:{line.sku}", self._undo(release_reservation, line.sku, step, reservation)),
         )
 
-    def _commit(self, sku: str, reservation: dict[str, Any]) -> Step[Outcome]:
+    def _commit(
+        self, sku: str, reservation: dict[str, Any], sent_since: datetime | None = None
+    ) -> Step[Outcome]:
         step = f"commit:{sku}"
         return Step(
             step,
             partial(self._step, commit_reservation, sku, step, reservation),
-            (f"return:{sku}", self._undo(return_reservation, sku, step, reservation)),
+            (f"return:{sku}", self._undo(return_reservation, sku, step, reservation, sent_since)),
         )
 
     def _command_id(self, step: str) -> str:
@@ -453,10 +453,6 @@ class CheckoutWorkflow:
             self._options.compensation,
             guarded=False,
         )
-
-
-async def _never() -> Outcome:
-    raise AssertionError("a step not reached is only undone")
 
 
 def _retried(step: str, retry: int) -> str:

@@ -23,6 +23,8 @@ ORDER = "query($id: ID!) { checkout(id: $id) { status total } }"
 BALANCE = "query($id: ID!) { account(id: $id, consistency: LIVE) { balance } }"
 ITEM = "query($sku: String!) { inventoryItem(sku: $sku, consistency: LIVE) { unitPrice } }"
 LINES = "query($id: ID!) { cart(id: $id, consistency: LIVE) { lines { sku unitPrice } } }"
+SET_PRICE = """mutation($sku: String!, $price: Long!) {
+  setPrice(sku: $sku, unitPrice: $price, wait: true) { inventoryItem { unitPrice onHand } } }"""
 
 
 async def _shop(http: httpx.AsyncClient) -> tuple[Caller, Caller, str, str]:
@@ -97,12 +99,9 @@ async def test_staff_set_a_price_without_touching_the_stock(
     sku = new_id()
     await admin.data(RESTOCK, sku=sku, price=300)
     await ada.data(ADD, id=cart, sku=sku, price=None)
-    set_price = """mutation($sku: String!, $price: Long!) {
-      setPrice(sku: $sku, unitPrice: $price, wait: true) {
-        inventoryItem { unitPrice onHand } } }"""
-    assert await ada.code(set_price, sku=sku, price=1) == ErrorCode.FORBIDDEN
-    assert await admin.code(set_price, sku=sku, price=0) == ErrorCode.INVALID_INPUT
-    item = (await admin.data(set_price, sku=sku, price=250))["setPrice"]["inventoryItem"]
+    assert await ada.code(SET_PRICE, sku=sku, price=1) == ErrorCode.FORBIDDEN
+    assert await admin.code(SET_PRICE, sku=sku, price=0) == ErrorCode.INVALID_INPUT
+    item = (await admin.data(SET_PRICE, sku=sku, price=250))["setPrice"]["inventoryItem"]
     assert item == {"unitPrice": 250, "onHand": 10}
     # Lines already in carts keep their price; new ones take the new one.
     lines = (await admin.data(LINES, id=cart))["cart"]["lines"]
@@ -166,7 +165,7 @@ async def test_a_retry_under_its_key_after_the_price_changed_is_the_same_command
         wait: true) { cart { lines { sku quantity unitPrice } } } }"""
     for mutation, field, price in ((keyed_add, "addCartItem", 350), (keyed_set, None, 360)):
         first = await ada.data(mutation, id=cart, sku=sku)
-        await admin.data(SET_PRICE_OF, sku=sku, price=price)
+        await admin.data(SET_PRICE, sku=sku, price=price)
         again = await ada.data(mutation, id=cart, sku=sku)
         assert again == first, field  # answered as the first, not applied again
     # Raised to 5 at 350, the price then; its retry at 360 changed nothing.
@@ -200,8 +199,6 @@ async def test_a_customer_lowers_a_line_whose_item_has_no_price(
     assert sorted(line["quantity"] for line in lines) == [1, 1]
 
 
-SET_PRICE_OF = """mutation($sku: String!, $price: Long!) {
-  setPrice(sku: $sku, unitPrice: $price, wait: true) { commandId } }"""
 QUANTITY = "query($id: ID!) { cart(id: $id, consistency: LIVE) { lines { sku quantity } } }"
 ADD3 = """mutation($id: ID!, $sku: String!, $price: Long) {
   addCartItem(cartId: $id, sku: $sku, quantity: 3, unitPrice: $price, wait: true)
