@@ -35,6 +35,7 @@ from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache, connect_redis
 from workers.changes import Retention
 from workers.handovers import Handovers, OverdueHandovers
+from workers.offers import OfferedPublishes, OfferingRunner
 from workers.query_guard import QueryGuardRunner
 from workers.requests import EntityRequests
 from workers.sandbox import workflow_runner
@@ -99,11 +100,17 @@ def activity_functions(client: Client, cache: SnapshotCache, settings: Settings)
     ]
 
 
-def guarded_runner(settings: Settings, data_converter: DataConverter) -> WorkflowRunner:
+def guarded_runner(
+    settings: Settings, data_converter: DataConverter, offered: OfferedPublishes | None = None
+) -> WorkflowRunner:
     """The workflow runner of `workers.sandbox`, with the worker's guards around it: no
     events ahead of their task (`query_guard`), no more query answers than a task's
-    completion may carry (`answer_budget`)."""
-    return AnswerBudgetRunner(QueryGuardRunner(workflow_runner(settings, data_converter)))
+    completion may carry (`answer_budget`); and the entities' offers collected for
+    `offered` to publish, when given."""
+    runner: WorkflowRunner = AnswerBudgetRunner(
+        QueryGuardRunner(workflow_runner(settings, data_converter))
+    )
+    return OfferingRunner(runner, offered) if offered is not None else runner
 
 
 def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> TenureWorker:
@@ -117,6 +124,8 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         "sticky_queue_schedule_to_start_timeout": timedelta(seconds=settings.sticky_timeout),
         "graceful_shutdown_timeout": timedelta(seconds=settings.worker_shutdown_grace),
     }
+    runtime = client.service_client.config.runtime or Runtime.default()
+    offered = OfferedPublishes(cache, runtime.metric_meter)
     entities = Worker(
         client,
         task_queue=settings.task_queue,
@@ -125,9 +134,10 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         activities=activity_functions(client, cache, settings),
         max_cached_workflows=settings.max_cached_workflows,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
-        workflow_runner=guarded_runner(settings, client.data_converter),
+        workflow_runner=guarded_runner(settings, client.data_converter, offered),
         **common,
     )
+    offered.watch(entities)
     _count_failed_checkouts_from_zero(client, settings)
     bulk_commands = Worker(
         client,
@@ -140,6 +150,7 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
     return TenureWorker(
         [entities, bulk_commands],
         shutdown_bound=settings.worker_shutdown_grace + SHUTDOWN_TIMEOUT.total_seconds(),
+        offered=offered,
     )
 
 
@@ -170,19 +181,31 @@ class TenureWorker:
     """Temporal workers on each of Tenure's task queues, run and shut down together: one
     failing stops the others."""
 
-    def __init__(self, workers: list[Worker], shutdown_bound: float | None = None) -> None:
+    def __init__(
+        self,
+        workers: list[Worker],
+        shutdown_bound: float | None = None,
+        offered: OfferedPublishes | None = None,
+    ) -> None:
         self.workers = workers
         self._shutdown_bound = shutdown_bound
         self._stack = contextlib.AsyncExitStack()
+        self._offered = offered
 
     async def run(self) -> None:
         """Run until every worker is shut down; a worker's failure is raised at once, and
         `shutdown` (bounded by the caller) stops the others."""
-        running = [asyncio.create_task(w.run()) for w in self.workers]
-        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            task.result()
-        await asyncio.gather(*running)
+        if self._offered is not None:
+            self._offered.start()
+        try:
+            running = [asyncio.create_task(w.run()) for w in self.workers]
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+            await asyncio.gather(*running)
+        finally:
+            if self._offered is not None:
+                await self._offered.stop()
 
     def stuck_evictions(self) -> int:
         """Workflows that the SDK could not drop from its cache, and that therefore get no
@@ -205,6 +228,9 @@ class TenureWorker:
 
     async def __aenter__(self) -> TenureWorker:
         try:
+            if self._offered is not None:
+                self._offered.start()
+                self._stack.push_async_callback(self._offered.stop)
             for worker in self.workers:
                 await self._stack.enter_async_context(worker)
         except BaseException:

@@ -295,10 +295,11 @@ class RuntimeOptions(BaseModel):
     publish_interval_seconds: float = Field(
         default=0.0,
         ge=0,
-        description="0: publish after every workflow task. Above 0: two publishes back to "
-        "back, then at most one per interval while commands keep coming, the last change "
-        "brought by a timer. Saves cache writes and history for very hot entities; at a few "
-        "commands per second per entity its timers cost the server more than they save.",
+        description="0: the runtime's default (runs from entity-publish-offers on: 2 s, "
+        "each change between offered to the worker; runs begun before: publish after every "
+        "workflow task). Above 0: two publishes by activity back to back, then at most one "
+        "per interval while commands keep coming, the last change brought by a timer, and "
+        "each change between offered to the worker (runs from entity-publish-offers on).",
     )
 
 

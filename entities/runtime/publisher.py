@@ -5,6 +5,12 @@ meanwhile is published once it ends. With a publish interval, a token bucket let
 `PUBLISH_BURST` publishes through back to back and then one per interval, and a timer brings
 the last change of a stream. A publish that fails is retried after a backoff; the cache is
 best effort, the entity keeps serving.
+
+Runs from PUBLISH_OFFERS on have an interval (OFFERED_INTERVAL unless their input gives
+one), and offer each change the interval holds back to the worker that runs them, which
+writes it to the cache at once, outside the history (`entities.runtime.offers`). An offer
+may be lost; the interval's next publish by activity carries every change since the last,
+so each reaches the cache and the change stream within the interval all the same.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import FailureError
 
 with workflow.unsafe.imports_passed_through():
+    from entities.runtime import offers
     from entities.runtime.activities import Activity
     from entities.runtime.envelope import Publication, RuntimeOptions
 
@@ -51,6 +58,19 @@ MAX_HANDED_CHANGES = 16
 published, and with it what the next answer carries, moves on."""
 PUBLISH_SIGNAL = "publish"
 """Asks an entity to publish what it handed to a sender that could not publish it."""
+PUBLISH_OFFERS = "entity-publish-offers"
+"""Runs from here on publish by activity at most once per OFFERED_INTERVAL after a burst of
+PUBLISH_BURST, and offer each change in between to the worker that runs them, which writes
+it to the cache outside the history (`entities.runtime.offers`). Runs begun before publish
+by activity after every change, or as their input's interval says."""
+OFFERED_INTERVAL = 2.0
+"""Seconds between publishes by activity of an entity that offers its changes, when its
+input gives no interval: how long a change whose offer was lost (a worker that died, Redis
+down) waits for the cache and the change stream."""
+MAX_OFFERED_CHANGES = 64
+"""The most changes an offer carries (every change since the last publish by activity):
+past it the entity publishes by activity without waiting for its interval, so that a hot
+entity's offers stay small."""
 
 
 class SnapshotPublisher:
@@ -79,11 +99,20 @@ class SnapshotPublisher:
         self._timer: asyncio.Task[None] | None = None
         self._handed = 0
         self._owed = 0
+        self._offers = False
+        self._offered = published_revision
+        self._updated_in_task: int | None = None
 
-    def start_run(self, by_activity: bool) -> None:
-        """Choose how this run publishes: whether it has PUBLISH_BY_ACTIVITY; called once,
-        from the workflow's `run`."""
+    def start_run(self, by_activity: bool, offers: bool = False) -> None:
+        """Choose how this run publishes: whether it has PUBLISH_BY_ACTIVITY and
+        PUBLISH_OFFERS; called once, from the workflow's `run`."""
         self._by_activity = by_activity
+        self._offers = offers and by_activity
+
+    def updated(self) -> None:
+        """An update is being applied in this workflow task: its state is not offered (the
+        task, and the update with it, may yet be refused)."""
+        self._updated_in_task = workflow.info().get_current_history_length()
 
     @property
     def enabled(self) -> bool:
@@ -107,12 +136,43 @@ class SnapshotPublisher:
         if not self._has_unpublished(revision):
             return
         wait = self._wait()
+        if wait > 0.0 and self._offers and revision - self.published_revision > MAX_OFFERED_CHANGES:
+            wait = 0.0
         if wait == 0.0:
-            self._credit = self._credit_now() - 1.0
+            # Never below none: a publish forced past the interval (MAX_OFFERED_CHANGES)
+            # would otherwise put the next one, and an offer it lost, minutes away.
+            self._credit = max(self._credit_now() - 1.0, 0.0)
             self._credited_at = workflow.now()
             self._publishing = asyncio.create_task(self.publish())
-        elif self._timer is None:
+            return
+        if self._offers:
+            self._offer(revision)
+        if self._timer is None:
             self._timer = asyncio.create_task(workflow.sleep(wait))
+
+    def _offer(self, revision: int) -> None:
+        """Offer the snapshot at `revision`, with every change since the last publish, to
+        the worker (`entities.runtime.offers`), unless an update came in this task. What it
+        publishes is not known here, so nothing changes in the entity's state but which
+        revision it offered last: the same whether or not anything collects it, and in
+        replay."""
+        if revision <= self._offered:
+            return
+        if self._updated_in_task == workflow.info().get_current_history_length():
+            return
+        self._offered = revision
+        if workflow.unsafe.is_replaying() or not offers.collects():
+            return
+        publication = self._publication(self.published_revision)
+        snapshot = publication.snapshot
+        offers.offer(
+            offers.Offer(
+                snapshot.entity_type,
+                snapshot.entity_id,
+                snapshot.revision,
+                publication.model_dump_json().encode(),
+            )
+        )
 
     def may_hand(self, revision: int) -> bool:
         """Whether the snapshot at `revision` may be handed to its sender to publish
@@ -154,6 +214,11 @@ class SnapshotPublisher:
         finally:
             self._publishing = None
 
+    def _interval(self) -> float:
+        """The input's interval; OFFERED_INTERVAL for a run that offers and was given none."""
+        interval = self._runtime.publish_interval_seconds
+        return OFFERED_INTERVAL if self._offers and not interval else interval
+
     def _has_unpublished(self, revision: int) -> bool:
         return (
             self._runtime.publish_snapshots
@@ -166,7 +231,7 @@ class SnapshotPublisher:
     def _credit_now(self) -> float:
         """Publishes that may start now: a token bucket of PUBLISH_BURST, refilled by one
         per publish interval."""
-        interval = self._runtime.publish_interval_seconds
+        interval = self._interval()
         if self._credited_at is None or not interval:
             return PUBLISH_BURST
         elapsed = (workflow.now() - self._credited_at).total_seconds()
@@ -176,7 +241,7 @@ class SnapshotPublisher:
         """Seconds until the next publish may start: 0 when it is due now. Runs started
         before the interval existed carry none (0) in their input, so their histories
         replay as they were made."""
-        interval = self._runtime.publish_interval_seconds
+        interval = self._interval()
         if not interval:
             return 0.0
         credit = self._credit_now()

@@ -54,6 +54,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.patches import PatchSet
     from entities.runtime.publisher import (
         PUBLISH_BY_ACTIVITY,
+        PUBLISH_OFFERS,
         PUBLISH_SIGNAL,
         SnapshotPublisher,
     )
@@ -95,23 +96,27 @@ a publish, which every change brought until a sender could publish its own (`han
 replay as they were made, and hand nothing over."""
 
 ENTITY_PATCHES = PatchSet(
-    "entity-patch-set-3",
-    [RULES_1_PATCH],
+    "entity-patch-set-4",
+    [PUBLISH_OFFERS],
     after=PatchSet(
-        "entity-patch-set-2",
-        [STRICT_INPUTS_4_PATCH],
+        "entity-patch-set-3",
+        [RULES_1_PATCH],
         after=PatchSet(
-            "entity-patch-set-1",
-            [
-                STRICT_INPUTS_PATCH,
-                STRICT_INPUTS_2_PATCH,
-                STRICT_INPUTS_3_PATCH,
-                BOUNDED_TASKS_PATCH,
-                RECORD_UNREADABLE_PATCH,
-                LOOP_FOLLOWS_CHANGES_PATCH,
-                PUBLISH_BY_ACTIVITY,
-                CHILDREN_CLOSE_FIRST,
-            ],
+            "entity-patch-set-2",
+            [STRICT_INPUTS_4_PATCH],
+            after=PatchSet(
+                "entity-patch-set-1",
+                [
+                    STRICT_INPUTS_PATCH,
+                    STRICT_INPUTS_2_PATCH,
+                    STRICT_INPUTS_3_PATCH,
+                    BOUNDED_TASKS_PATCH,
+                    RECORD_UNREADABLE_PATCH,
+                    LOOP_FOLLOWS_CHANGES_PATCH,
+                    PUBLISH_BY_ACTIVITY,
+                    CHILDREN_CLOSE_FIRST,
+                ],
+            ),
         ),
     ),
 )
@@ -409,6 +414,7 @@ class EntityWorkflow:
     async def _apply_all(self, envelopes: list[CommandEnvelope]) -> CommandResults:
         self._still_open()
         self._updates_this_run += 1
+        self._publisher.updated()
         held = self._backlog.ever_held
         for envelope in envelopes:
             self._receive(envelope)
@@ -708,7 +714,9 @@ class EntityWorkflow:
         """
         timer: asyncio.Task[None] | None = None
         armed_for: datetime | None = None
-        self._publisher.start_run(ENTITY_PATCHES.patched(PUBLISH_BY_ACTIVITY))
+        self._publisher.start_run(
+            ENTITY_PATCHES.patched(PUBLISH_BY_ACTIVITY), ENTITY_PATCHES.patched(PUBLISH_OFFERS)
+        )
         self._follows_changes = ENTITY_PATCHES.patched(LOOP_FOLLOWS_CHANGES_PATCH)
         publish_first = ENTITY_PATCHES.current()
         while True:

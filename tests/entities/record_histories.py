@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
@@ -57,6 +58,9 @@ ENTITY_SET_2 = "entity-set-2"
 # (entity-keys-per-sender), an item that took back a sale it was told to release unknowing
 # as a release (entity-rules-2).
 ENTITY_SET_3 = "entity-set-3"
+# Entities under the third set as it was last, which published every change by activity:
+# before the fourth, whose runs offer changes to their worker between publishes.
+ENTITY_SET_3_PUBLISHED = "entity-set-3-published"
 
 
 def workflow_id_of(path: Path) -> str:
@@ -164,6 +168,34 @@ async def _account_burst(gateway: EntityGateway, cache: SnapshotCache) -> None:
     for amount in range(1, 11):
         await gateway.send("account", BURST_ID, "deposit", {"amount": amount})
     await until_cached(cache, "account", BURST_ID, 12)
+
+
+OFFERS_ID = "acct-offers"
+
+
+async def _account_offers(gateway: EntityGateway, cache: SnapshotCache, client: Client) -> str:
+    """Commands under the default settings, faster than the interval of an entity that
+    offers: the burst's two publishes, offers between, and a timer that brings the trailing
+    publish by activity. The workflow id whose history to keep."""
+    await gateway.send(
+        "account", OFFERS_ID, "open", {"owner_name": "Oz", "email": "oz@example.com"}
+    )
+    await gateway.send("account", OFFERS_ID, "verify", {})
+    for amount in range(1, 11):
+        await gateway.send("account", OFFERS_ID, "deposit", {"amount": amount})
+    await until_cached(cache, "account", OFFERS_ID, 12)
+    handle = client.get_workflow_handle(f"account:{OFFERS_ID}")
+
+    async def trailing_publish() -> bool:
+        events = [event.event_type async for event in handle.fetch_history_events()]
+        return (
+            EventType.EVENT_TYPE_TIMER_FIRED in events
+            and events[-1] == (EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
+            and events.count(EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED) >= 3
+        )
+
+    await eventually(trailing_publish, bool, 15)
+    return f"account:{OFFERS_ID}"
 
 
 KEYS_ID = "acct-keys"
@@ -335,6 +367,8 @@ async def record(into: Path = HISTORIES) -> list[Path]:
                 workflow_ids.append(await _bulk(shop, client, settings))
                 workflow_ids.append(await _keys_meet(EntityGateway(client, cache, settings)))
                 workflow_ids.append(await _released_unknown(shop))
+                gateway = EntityGateway(client, cache, settings)
+                workflow_ids.append(await _account_offers(gateway, cache, client))
                 for workflow_id in workflow_ids:
                     written += await _write_runs(client, workflow_id, into)
             async with build_worker(client, account_settings, cache):

@@ -26,6 +26,7 @@ from tests.entities.record_histories import (
     ENTITY_SET_1,
     ENTITY_SET_2,
     ENTITY_SET_3,
+    ENTITY_SET_3_PUBLISHED,
     HISTORIES,
     PUBLISHED_BY_ACTIVITY,
     workflow_id_of,
@@ -123,6 +124,9 @@ def entity_paths(folder: str) -> dict[str, EventType.ValueType]:
 # (entity-rules-1).
 ENTITIES_OF_SET_1 = entity_paths(ENTITY_SET_1)
 ENTITIES_OF_SET_2 = entity_paths(ENTITY_SET_2)
+# Under the third, which published every change by activity, before entities offered theirs
+# to their worker (entity-publish-offers).
+ENTITIES_OF_SET_3 = entity_paths(ENTITY_SET_3_PUBLISHED)
 # Today's: every path again, recorded since runs ask one patch set (CURRENT), with the paths
 # only today's code takes: a FAILED checkout waiting for an operator, retried; a bulk command
 # sending pages ahead of counting them; commands held back past a task's bound.
@@ -132,6 +136,8 @@ TODAY = {
     f"{CURRENT}/bulk.bulk-deposit.run1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
     f"{CURRENT}/bulk.bulk-deposit.run2": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
     f"{CURRENT}/account.acct-backlog": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+    # offers between publishes, and the trailing publish a timer brings
+    f"{CURRENT}/account.acct-offers": EventType.EVENT_TYPE_TIMER_FIRED,
 }
 # A customer's deposit, then a service's withdrawal under the same key: today's account keeps
 # them apart (entity-keys-per-sender); one under the third set took the withdrawal for the
@@ -154,6 +160,7 @@ EVERY = {
     **CHECKOUTS_OF_SET_2,
     **ENTITIES_OF_SET_1,
     **ENTITIES_OF_SET_2,
+    **ENTITIES_OF_SET_3,
     **TODAY,
     **KEYS_MEET,
     **RELEASED_UNKNOWN,
@@ -171,6 +178,7 @@ def test_every_recorded_history_is_checked() -> None:
             ENTITY_SET_1,
             ENTITY_SET_2,
             ENTITY_SET_3,
+            ENTITY_SET_3_PUBLISHED,
             CURRENT,
         )
         for path in (HISTORIES / folder).glob("*.json")
@@ -234,7 +242,9 @@ def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
     """Runs start under a set and take every patch in it for granted: a patch added to a set
     already released would be taken for granted by runs that never had it. A new patch
     joins a new set (docs/operations.md)."""
-    second_entity_set = ENTITY_PATCHES.after
+    third_entity_set = ENTITY_PATCHES.after
+    assert third_entity_set is not None and third_entity_set.name == "entity-patch-set-3"
+    second_entity_set = third_entity_set.after
     assert second_entity_set is not None and second_entity_set.name == "entity-patch-set-2"
     first_entity_set = second_entity_set.after
     assert first_entity_set is not None and first_entity_set.name == "entity-patch-set-1"
@@ -249,8 +259,9 @@ def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
         "entity-children-close-first",
     }
     assert second_entity_set.patches == {*first_entity_set.patches, "strict-inputs-4"}
-    assert ENTITY_PATCHES.name == "entity-patch-set-3"
-    assert ENTITY_PATCHES.patches == {*second_entity_set.patches, "entity-rules-1"}
+    assert third_entity_set.patches == {*second_entity_set.patches, "entity-rules-1"}
+    assert ENTITY_PATCHES.name == "entity-patch-set-4"
+    assert ENTITY_PATCHES.patches == {*third_entity_set.patches, "entity-publish-offers"}
     second_set = CHECKOUT_PATCHES.after
     assert second_set is not None and second_set.name == "checkout-patch-set-2"
     first_set = second_set.after
