@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from temporalio.common import MetricMeter
@@ -40,9 +41,10 @@ log.addFilter(RepeatedLogFilter(window=10.0))
 
 OFFERS_METRIC = "tenure_offered_publishes"
 OFFERS_DESCRIPTION = (
-    "Snapshots entities offered to their worker, by outcome: published; dropped (Redis did "
-    "not take it, too many waited, or its workflow task was not recorded); a dropped one is "
-    "published by its entity's next publish by activity, within its interval."
+    "Snapshots entities offered to their worker, by outcome: published; superseded (a newer "
+    "offer of the entity, which carries its changes, came before it was written); dropped "
+    "(Redis did not take it, too many waited, or its workflow task may not have been "
+    "recorded), which its entity's next publish by activity publishes, within its interval."
 )
 MAX_WAITING_BYTES = 64 * 1024 * 1024
 """The most the offers waiting to be written may weigh; past it new ones are dropped."""
@@ -53,6 +55,14 @@ SETTLE_SECONDS = 0.1
 run, which would say the server refused it."""
 
 Offer = offers.Offer
+
+
+@dataclass(frozen=True, eq=False)
+class _Batch:
+    """The offers one activation made, at the history length it ran at."""
+
+    history_length: int
+    offers: list[Offer]
 
 
 class OfferedPublishes:
@@ -66,8 +76,11 @@ class OfferedPublishes:
             meter.create_counter(OFFERS_METRIC, OFFERS_DESCRIPTION) if meter is not None else None
         )
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._held: dict[str, list[Offer]] = {}  # by run id, until its task is recorded
-        self._settling: dict[str, list[list[Offer]]] = {}  # by run id, recorded, may be evicted
+        # By run id: made, their task not reported to the server yet; reported, let go after
+        # SETTLE_SECONDS unless the run is evicted; between an eviction and its completion.
+        self._held: dict[str, list[_Batch]] = {}
+        self._settling: dict[str, list[_Batch]] = {}
+        self._evicting: set[str] = set()
         self._waiting: dict[tuple[str, str], Offer] = {}  # by entity, until written
         self._waiting_bytes = 0
         self._writing: set[tuple[str, str]] = set()
@@ -105,60 +118,100 @@ class OfferedPublishes:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        held = [*self._held.values(), *(b for bs in self._settling.values() for b in bs)]
-        self._count("dropped", len(self._waiting) + sum(map(len, held)))
+        self._count("dropped", len(self._waiting))
+        self._drop([b for held in (*self._held.values(), *self._settling.values()) for b in held])
         self._waiting.clear()
         self._waiting_bytes = 0
         self._held.clear()
         self._settling.clear()
+        self._evicting.clear()
 
-    def hold(self, run_id: str, made: list[Offer]) -> None:
-        """Keep one activation's offers until its task is recorded; from any thread."""
+    def hold(self, run_id: str, history_length: int, made: list[Offer]) -> None:
+        """Keep the offers an activation at `history_length` made until its task is
+        recorded; from any thread."""
         loop = self._loop
         if loop is None or not self.watching:
             return
         # A loop that has closed raises: the entities publish by activity.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self._hold, run_id, made)
+            loop.call_soon_threadsafe(self._hold, run_id, _Batch(history_length, made))
 
-    def _hold(self, run_id: str, made: list[Offer]) -> None:
-        self._held.setdefault(run_id, []).extend(made)
+    def _hold(self, run_id: str, batch: _Batch) -> None:
+        if run_id in self._evicting:  # an activation that ended after its run's eviction
+            self._drop([batch])
+        else:
+            self._held.setdefault(run_id, []).append(batch)
 
-    def completed(self, run_id: str) -> None:
-        """Temporal took the completion of `run_id`'s last activation: the offers it made go
-        once no eviction of the run follows."""
-        made = self._held.pop(run_id, None)
-        if made is None or self._loop is None:
+    def polled(self, run_id: str, history_length: int, eviction: bool) -> None:
+        """The core handed over an activation of `run_id`. An eviction drops what the run
+        holds. An activation at a longer history proves the tasks before it recorded (the
+        server sends a run's next task once it recorded the last), which lets theirs go;
+        one at the same length is of the same task, whose completions so far were only the
+        core's (it reports a task once all its activations are done): theirs wait for this
+        one's."""
+        held = [*self._settling.pop(run_id, []), *self._held.pop(run_id, [])]
+        if eviction:
+            self._evicting.add(run_id)
+            self._drop(held)
             return
-        self._settling.setdefault(run_id, []).append(made)
-        self._loop.call_later(SETTLE_SECONDS, self._release, run_id, made)
+        waiting = [batch for batch in held if batch.history_length >= history_length]
+        if waiting:
+            self._held[run_id] = waiting
+        for batch in held:
+            if batch.history_length < history_length:
+                self._release(batch)
 
-    def evicted(self, run_id: str) -> None:
-        """`run_id` is evicted (its completion may have been refused): drop what it holds."""
-        held = [self._held.pop(run_id, []), *self._settling.pop(run_id, [])]
-        self._count("dropped", sum(map(len, held)))
+    def take_held(self, run_id: str) -> list[_Batch]:
+        """What `run_id`'s activations made since its last completion, as that completion
+        goes to the core."""
+        return self._held.pop(run_id, [])
 
-    def _release(self, run_id: str, made: list[Offer]) -> None:
+    def completed(self, run_id: str, batches: list[_Batch], successful: bool) -> None:
+        """The core returned from a completion of `run_id`, having reported the task to the
+        server when it was the task's last, and evicted the run if the server refused it:
+        `batches`, what the activation made, go once no eviction of the run follows within
+        SETTLE_SECONDS. An eviction's own completion ends the run's eviction; a failed one
+        drops them."""
+        if run_id in self._evicting:
+            self._evicting.discard(run_id)
+            self._drop(batches)
+            return
+        if not successful or self._loop is None:
+            self._drop(batches)
+            return
+        if batches:
+            self._settling.setdefault(run_id, []).extend(batches)
+            self._loop.call_later(SETTLE_SECONDS, self._settled, run_id, batches)
+
+    def _settled(self, run_id: str, batches: list[_Batch]) -> None:
+        """Let `batches` go, unless an eviction dropped them or an activation took them back
+        meanwhile."""
         settling = self._settling.get(run_id, [])
-        left = [batch for batch in settling if batch is not made]
-        if len(left) == len(settling):
-            return  # evicted meanwhile
+        due = [batch for batch in settling if any(batch is b for b in batches)]
+        left = [batch for batch in settling if not any(batch is b for b in batches)]
         if left:
             self._settling[run_id] = left
         else:
-            del self._settling[run_id]
-        for offer in made:
+            self._settling.pop(run_id, None)
+        for batch in due:
+            self._release(batch)
+
+    def _drop(self, batches: list[_Batch]) -> None:
+        self._count("dropped", sum(len(batch.offers) for batch in batches))
+
+    def _release(self, batch: _Batch) -> None:
+        for offer in batch.offers:
             key = (offer.entity_type, offer.entity_id)
             waiting = self._waiting.get(key)
             if waiting is not None and waiting.revision > offer.revision:
-                self._count("dropped")
+                self._count("superseded")
                 continue
             size = len(offer.publication) - (len(waiting.publication) if waiting else 0)
             if self._waiting_bytes + size > MAX_WAITING_BYTES:
                 self._count("dropped")
                 continue
             if waiting is not None:
-                self._count("dropped")  # superseded: the newer one carries its changes
+                self._count("superseded")  # the newer one carries its changes
             self._waiting[key] = offer
             self._waiting_bytes += size
         self._ready.set()
@@ -217,20 +270,27 @@ class _WatchedCore:
 
     async def poll_workflow_activation(self) -> Activation:
         act: Activation = await self._inner.poll_workflow_activation()
-        if any(job.HasField("remove_from_cache") for job in act.jobs):
-            self._publishes.evicted(act.run_id)
+        eviction = any(job.HasField("remove_from_cache") for job in act.jobs)
+        self._publishes.polled(act.run_id, act.history_length, eviction)
         return act
 
     async def complete_workflow_activation(self, completion: Completion) -> None:
+        # Taken before the core has it: the run's next activation may come back with its
+        # answer, and what that one makes is not this one's.
+        batches = self._publishes.take_held(completion.run_id)
         try:
             await self._inner.complete_workflow_activation(completion)
         except BaseException:
-            self._publishes.evicted(completion.run_id)
+            self._publishes.completed(completion.run_id, batches, successful=False)
             raise
-        self._publishes.completed(completion.run_id)
+        successful = completion.HasField("successful")
+        self._publishes.completed(completion.run_id, batches, successful)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+Hold = Callable[[str, int, list[Offer]], None]
 
 
 class OfferingRunner(WrappingRunner):
@@ -239,14 +299,14 @@ class OfferingRunner(WrappingRunner):
 
     def __init__(self, inner: WorkflowRunner, publishes: OfferedPublishes) -> None:
         super().__init__(inner)
-        self._hold: Callable[[str, list[Offer]], None] = publishes.hold
+        self._hold: Hold = publishes.hold
 
     def create_instance(self, det: WorkflowInstanceDetails) -> WorkflowInstance:
         return _OfferingInstance(self._inner.create_instance(det), self._hold)
 
 
 class _OfferingInstance(WrappedInstance):
-    def __init__(self, inner: WorkflowInstance, hold: Callable[[str, list[Offer]], None]) -> None:
+    def __init__(self, inner: WorkflowInstance, hold: Hold) -> None:
         super().__init__(inner)
         self._hold = hold
 
@@ -254,5 +314,8 @@ class _OfferingInstance(WrappedInstance):
         with offers.collecting() as made:
             completion = self._inner.activate(act)
         if made and completion.HasField("successful"):
-            self._hold(act.run_id, made)
+            try:
+                self._hold(act.run_id, act.history_length, made)
+            except Exception:  # never the task's failure: its entity publishes by activity
+                log.exception("the offers of run %s could not be held", act.run_id)
         return completion

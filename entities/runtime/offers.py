@@ -53,6 +53,15 @@ def offer(made: Offer) -> None:
         offers.append(made)
 
 
+def withdraw() -> None:
+    """Take back what this activation offered: it ends its run (continue-as-new, or its
+    last command), and Temporal refuses such a task when a command came meanwhile, to run
+    it again with that command, at another time."""
+    offers: list[Offer] | None = getattr(_collected, "offers", None)
+    if offers is not None:
+        offers.clear()
+
+
 @contextmanager
 def collecting() -> Iterator[list[Offer]]:
     """The offers made on this thread while inside, in the order made."""

@@ -134,10 +134,13 @@ class SnapshotPublisher:
         if self._timer is not None and self._timer.done():
             self._timer = None
         if not self._has_unpublished(revision):
+            if self._offers and self._unpublished(revision):
+                # A publish by activity in flight, or backing off: offered meanwhile.
+                self._offer(revision)
             return
         wait = self._wait()
-        if wait > 0.0 and self._offers and revision - self.published_revision > MAX_OFFERED_CHANGES:
-            wait = 0.0
+        if wait > 0.0 and self._offers and not self._may_offer(revision):
+            wait = 0.0  # what cannot be offered is published now, as before offers
         if wait == 0.0:
             # Never below none: a publish forced past the interval (MAX_OFFERED_CHANGES)
             # would otherwise put the next one, and an offer it lost, minutes away.
@@ -156,9 +159,7 @@ class SnapshotPublisher:
         publishes is not known here, so nothing changes in the entity's state but which
         revision it offered last: the same whether or not anything collects it, and in
         replay."""
-        if revision <= self._offered:
-            return
-        if self._updated_in_task == workflow.info().get_current_history_length():
+        if revision <= self._offered or not self._may_offer(revision):
             return
         self._offered = revision
         if workflow.unsafe.is_replaying() or not offers.collects():
@@ -172,6 +173,21 @@ class SnapshotPublisher:
                 snapshot.revision,
                 publication.model_dump_json().encode(),
             )
+        )
+
+    def withdraw_offers(self) -> None:
+        """This workflow task ends the run: what it offered is taken back
+        (`offers.withdraw`); the run's last publish, or the next run's, carries it."""
+        if self._offers:
+            offers.withdraw()
+
+    def _may_offer(self, revision: int) -> bool:
+        """Whether the snapshot at `revision` may be offered: no update came in this task
+        (the task, and the update with it, may yet be refused), and its changes since the
+        last publish are few enough to carry (MAX_OFFERED_CHANGES)."""
+        return (
+            self._updated_in_task != workflow.info().get_current_history_length()
+            and revision - self.published_revision <= MAX_OFFERED_CHANGES
         )
 
     def may_hand(self, revision: int) -> bool:
@@ -219,11 +235,17 @@ class SnapshotPublisher:
         interval = self._runtime.publish_interval_seconds
         return OFFERED_INTERVAL if self._offers and not interval else interval
 
-    def _has_unpublished(self, revision: int) -> bool:
+    def _unpublished(self, revision: int) -> bool:
+        """Changes up to `revision` are this entity's to publish, and not all published."""
         return (
             self._runtime.publish_snapshots
             and revision > self.published_revision
             and (revision > self._handed or self._owed > self.published_revision)
+        )
+
+    def _has_unpublished(self, revision: int) -> bool:
+        return (
+            self._unpublished(revision)
             and self._publishing is None
             and (self._backoff is None or self._backoff.done())
         )

@@ -746,6 +746,7 @@ class EntityWorkflow:
                 timer, armed_for = None, None
                 self._fire_deadline()
             if self._is_terminal():
+                self._publisher.withdraw_offers()
                 await self._effects.run()
                 if self._publisher.enabled:
                     await self._quiesce()
@@ -762,6 +763,7 @@ class EntityWorkflow:
                 ).add(1, {"entity_type": self.entity.name})
                 # The next run publishes whatever this one did not.
                 self._ended = True
+                self._publisher.withdraw_offers()
                 workflow.continue_as_new(self._carry_over())
             if publish_first:
                 self._publisher.schedule(self._revision)

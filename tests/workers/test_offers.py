@@ -4,17 +4,19 @@ change stream through its worker, and the ones an offer lost still reach both, o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from api.gateway import EntityGateway
-from entities.runtime.envelope import Publication, RuntimeOptions
+from entities.runtime.envelope import Publication, RuntimeOptions, Snapshot
 from entities.runtime.offers import Offer
 from tests.conftest import WorkerFactory, new_id
-from tests.entities.shop import until_cached
+from tests.entities.shop import eventually, until_cached
 from tests.entities.test_publishing import events
 from tests.workers.test_change_stream import (
     applied,
@@ -23,9 +25,12 @@ from tests.workers.test_change_stream import (
     snapshot,
     until_streamed,
 )
+from tests.workers.test_metrics import metrics_settings, scrape
 from workers.cache import SnapshotCache
 from workers.offers import SETTLE_SECONDS, OfferedPublishes
 from workers.settings import Settings
+from workers.temporal import connect_temporal
+from workers.worker import build_worker, worker_runtime
 
 DEPOSITS = 30
 
@@ -62,11 +67,21 @@ async def test_a_burst_reaches_the_cache_and_the_stream_between_publishes(
     gateway = EntityGateway(temporal_client, cache, settings)
     account_id = new_id()
     last = DEPOSITS + 2
+    handle = temporal_client.get_workflow_handle(f"account:{account_id}")
+
+    async def live_reads() -> None:
+        # Queries that come with the burst's tasks: a task then has more than one
+        # activation, and its offers wait for the last, which the core reports.
+        for _ in range(40):
+            with contextlib.suppress(RPCError):
+                await handle.query("snapshot")
+
     async with run_worker(settings):
-        await burst(gateway, account_id)
+        await asyncio.gather(burst(gateway, account_id), live_reads())
         hit = await until_cached(cache, "account", account_id, last)
         assert hit.snapshot.state is not None
         assert hit.snapshot.state["balance"] == sum(range(1, DEPOSITS + 1))
+        assert hit.snapshot == await handle.query("snapshot", result_type=Snapshot)
         entries = await until_streamed(cache, "account", account_id, last)
         by_activity = await published_revisions(temporal_client, f"account:{account_id}")
     assert revisions(entries) == list(range(1, last + 1))  # each once, in order, no gap
@@ -85,7 +100,9 @@ async def test_changes_whose_offers_were_lost_are_published_by_activity_once_eac
     # A worker that loses every offer (as one killed before it wrote them would), under the
     # default interval.
     lost: list[Offer] = []
-    monkeypatch.setattr(OfferedPublishes, "hold", lambda self, run_id, made: lost.extend(made))
+    monkeypatch.setattr(
+        OfferedPublishes, "hold", lambda self, run_id, history_length, made: lost.extend(made)
+    )
     gateway = EntityGateway(temporal_client, cache, settings)
     account_id = new_id()
     last = DEPOSITS + 2
@@ -113,28 +130,59 @@ async def test_an_offer_is_written_only_once_its_task_was_recorded_and_not_evict
     cache: SnapshotCache,
 ) -> None:
     """Offers wait for Temporal to take their task's completion: one whose run is evicted
-    meanwhile (the server refused the completion, and the task will run again, maybe
-    otherwise) never reaches the cache or the stream."""
+    (the server refused the completion, and the task will run again, maybe otherwise), or
+    whose activation failed, never reaches the cache or the stream; one whose task had more
+    activations waits for the last, which the core reports; a later task proves it."""
     offered = OfferedPublishes(cache)
     offered.watching = True
     offered.start()
-    try:
-        refused, settled, late = new_id(), new_id(), new_id()
-        offered.hold("run-refused", [offer_of(refused, 1)])
-        offered.hold("run-settled", [offer_of(settled, 1)])
-        offered.hold("run-late", [offer_of(late, 1)])
+    ids = {name: new_id() for name in ("refused", "settled", "late", "failed", "proved", "same")}
+
+    async def hold(name: str) -> None:
+        offered.hold(f"run-{name}", 5, [offer_of(ids[name], 1)])
         await asyncio.sleep(0)  # `hold` hands over through the loop, as from a thread
-        offered.evicted("run-refused")  # before its completion was taken
-        offered.completed("run-refused")
-        offered.completed("run-settled")
-        offered.completed("run-late")
-        offered.evicted("run-late")  # taken, then evicted within the settling time
-        hit = await until_cached(cache, "account", settled, 1)
-        assert hit.snapshot.revision == 1
+
+    async def cached(name: str) -> bool:
+        return await cache.get("account", ids[name]) is not None
+
+    try:
+        for name in ids:
+            await hold(name)
+        offered.polled("run-refused", 5, eviction=True)  # refused: evicted at once
+        offered.completed("run-refused", offered.take_held("run-refused"), successful=True)
+        for name in ("settled", "late", "proved", "same"):
+            offered.completed(f"run-{name}", offered.take_held(f"run-{name}"), successful=True)
+        offered.completed("run-failed", offered.take_held("run-failed"), successful=False)
+        offered.polled("run-proved", 9, eviction=False)  # its next task: recorded
+        assert await until_cached(cache, "account", ids["proved"], 1)
+        assert not await cached("settled")  # not before the settling time
+        offered.polled("run-late", 5, eviction=True)  # evicted within the settling time
+        offered.polled("run-same", 5, eviction=False)  # a query of the same task
+        await until_cached(cache, "account", ids["settled"], 1)
         await asyncio.sleep(2 * SETTLE_SECONDS)
-        for gone in (refused, late):
-            assert await cache.get("account", gone) is None, gone
-            assert await entries_of(cache, "account", gone) == [], gone
-        assert revisions(await entries_of(cache, "account", settled)) == [1]
+        for gone in ("refused", "late", "failed", "same"):
+            assert not await cached(gone), gone
+            assert await entries_of(cache, "account", ids[gone]) == [], gone
+        assert revisions(await entries_of(cache, "account", ids["settled"])) == [1]
+        # The same task's last activation reported it: now it goes.
+        offered.completed("run-same", offered.take_held("run-same"), successful=True)
+        await until_cached(cache, "account", ids["same"], 1)
     finally:
         await offered.stop()
+
+
+async def test_a_worker_counts_the_offers_it_wrote(
+    settings: Settings, temporal_client: Client, cache: SnapshotCache
+) -> None:
+    worker_settings = metrics_settings(settings)
+    client = await connect_temporal(worker_settings, runtime=worker_runtime(worker_settings))
+    gateway = EntityGateway(temporal_client, cache, worker_settings)
+    account_id = new_id()
+    async with build_worker(client, worker_settings, cache):
+        await burst(gateway, account_id)
+        await until_cached(cache, "account", account_id, DEPOSITS + 2)
+        metrics = await eventually(
+            lambda: scrape(worker_settings),
+            lambda m: m.value("tenure_offered_publishes_total", outcome="published") >= 1,
+        )
+    assert metrics.value("tenure_offered_publishes_total", outcome="dropped") == 0
