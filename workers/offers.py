@@ -9,7 +9,10 @@ the state offered would never have been. So the runner holds each activation's o
 (`OfferingRunner`), and they are let go once Temporal has taken the task's completion
 (`watch` wraps the SDK's calls to its core) and no eviction of the run followed within
 `SETTLE_SECONDS`: the SDK's core evicts a run whose completion the server refused, before
-it reports the completion done. An eviction drops what its run holds.
+it reports the completion done. An eviction drops what its run holds. A task with a query
+has several activations, and the core reports it with the last: offers wait for that one.
+The run's next task proves the last recorded (the server sends it only then), and lets its
+offers go at once.
 
 `OfferedPublishes` then keeps the newest offer of each entity (a newer one carries every
 change an older one did, and more) and writes them from the worker's event loop, a bounded

@@ -9,14 +9,15 @@ before it writes one loses it, and so does a Redis that is down. So an entity th
 still publishes by activity once its interval allows, carrying every change since its last
 publish by activity, and the change stream appends each change once whichever brought it.
 
-An offer is only ever made of state that the history already holds: commands that came as
-signals, timers and activity results, which a later attempt of the same workflow task
-applies again the same way. A state that holds an update applied in the same workflow task
-is not offered, since Temporal can refuse that task and the update with it.
+An offer must be of a state that will have been: Temporal can refuse a workflow task's
+completion and run the task again, later, where a rule that reads the clock may decide
+otherwise. So the worker writes an offer only once Temporal has recorded the task that made
+it (`workers/offers.py`); a task that ends the run, which Temporal refuses when a command
+came meanwhile, takes its offers back (`withdraw`); and a state that holds an update applied
+in the same task is not offered at all.
 
-The worker collects the offers of one activation (`collecting`) on the activation's thread,
-and takes them once the activation has completed without failing; during replay, or on a
-worker that does not collect, `offer` does nothing.
+The worker collects the offers of one activation (`collecting`) on the activation's thread;
+during replay, or on a worker that does not collect, `offer` does nothing.
 """
 
 from __future__ import annotations
