@@ -56,6 +56,17 @@ WRITES_AT_ONCE = 32
 SETTLE_SECONDS = 0.1
 """How long after Temporal took a task's completion its offers wait for an eviction of the
 run, which would say the server refused it."""
+LATE_SECONDS = 0.02
+"""A settling timer that runs later than this waits once more: the loop was behind, and may
+not have taken in an eviction the core had handed over."""
+ENDS_RUN = (
+    "complete_workflow_execution",
+    "fail_workflow_execution",
+    "cancel_workflow_execution",
+    "continue_as_new_workflow_execution",
+)
+"""Commands that end a run: Temporal refuses the completion that carries one when a command
+came meanwhile, and the task runs again."""
 
 Offer = offers.Offer
 
@@ -66,6 +77,16 @@ class _Batch:
 
     history_length: int
     offers: list[Offer]
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What a completion took when it went to the core: the batches its activation made,
+    the number of the last poll of its run, and whether the run was being evicted."""
+
+    batches: list[_Batch]
+    polled: int
+    evicting: bool
 
 
 class OfferedPublishes:
@@ -84,6 +105,9 @@ class OfferedPublishes:
         self._held: dict[str, list[_Batch]] = {}
         self._settling: dict[str, list[_Batch]] = {}
         self._evicting: set[str] = set()
+        self._polls = 0
+        self._polled: dict[str, tuple[int, int]] = {}  # by run id: poll number, history length
+        self._timers: set[asyncio.TimerHandle] = set()
         self._waiting: dict[tuple[str, str], Offer] = {}  # by entity, until written
         self._waiting_bytes = 0
         self._writing: set[tuple[str, str]] = set()
@@ -128,6 +152,10 @@ class OfferedPublishes:
         self._held.clear()
         self._settling.clear()
         self._evicting.clear()
+        self._polled.clear()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
 
     def hold(self, run_id: str, history_length: int, made: list[Offer]) -> None:
         """Keep the offers an activation at `history_length` made until its task is
@@ -152,43 +180,88 @@ class OfferedPublishes:
         one at the same length is of the same task, whose completions so far were only the
         core's (it reports a task once all its activations are done): theirs wait for this
         one's."""
+        self._polls += 1
+        self._polled[run_id] = (self._polls, history_length)
         held = [*self._settling.pop(run_id, []), *self._held.pop(run_id, [])]
         if eviction:
             self._evicting.add(run_id)
             self._drop(held)
             return
-        waiting = [batch for batch in held if batch.history_length >= history_length]
+        self._hold_or_release(run_id, held, history_length)
+
+    def _hold_or_release(self, run_id: str, batches: list[_Batch], history_length: int) -> None:
+        """Release what tasks before `history_length` made; hold the rest for the run's
+        next completion."""
+        waiting = [batch for batch in batches if batch.history_length >= history_length]
         if waiting:
-            self._held[run_id] = waiting
-        for batch in held:
+            self._held[run_id] = [*waiting, *self._held.get(run_id, [])]
+        for batch in batches:
             if batch.history_length < history_length:
                 self._release(batch)
 
-    def take_held(self, run_id: str) -> list[_Batch]:
+    def take_held(self, run_id: str) -> Taken:
         """What `run_id`'s activations made since its last completion, as that completion
-        goes to the core."""
-        return self._held.pop(run_id, [])
+        goes to the core, with what had been polled of the run by then."""
+        polled, _ = self._polled.get(run_id, (0, 0))
+        return Taken(self._held.pop(run_id, []), polled, run_id in self._evicting)
 
-    def completed(self, run_id: str, batches: list[_Batch], successful: bool) -> None:
+    def completed(self, run_id: str, taken: Taken, successful: bool, ends_run: bool) -> None:
         """The core returned from a completion of `run_id`, having reported the task to the
         server when it was the task's last, and evicted the run if the server refused it:
-        `batches`, what the activation made, go once no eviction of the run follows within
-        SETTLE_SECONDS. An eviction's own completion ends the run's eviction; a failed one
-        drops them."""
+        what the activation made goes once no eviction of the run follows within
+        SETTLE_SECONDS. A failed completion, one that ends the run (Temporal refuses it when
+        a command came meanwhile) or one of a run being evicted drops it; the eviction's own
+        completion ends the eviction. An activation polled while the core had this
+        completion (the core may hand over the next before it returns) decides instead:
+        one of the same task holds it for that one's completion, a later task's releases
+        it."""
         if run_id in self._evicting:
-            self._evicting.discard(run_id)
-            self._drop(batches)
+            if taken.evicting:  # begun after the eviction was polled: the eviction's own
+                self._evicting.discard(run_id)
+                self._polled.pop(run_id, None)
+            self._drop(taken.batches)
             return
-        if not successful or self._loop is None:
-            self._drop(batches)
+        if not successful or ends_run or self._loop is None:
+            self._drop(taken.batches)
             return
-        if batches:
-            self._settling.setdefault(run_id, []).extend(batches)
-            self._loop.call_later(SETTLE_SECONDS, self._settled, run_id, batches)
+        if not taken.batches:
+            return
+        polled, history_length = self._polled.get(run_id, (0, 0))
+        if polled > taken.polled:
+            self._hold_or_release(run_id, taken.batches, history_length)
+            return
+        self._settle(run_id, taken.batches)
 
-    def _settled(self, run_id: str, batches: list[_Batch]) -> None:
+    def _settle(self, run_id: str, batches: list[_Batch]) -> None:
+        if self._loop is None:
+            return
+        self._settling.setdefault(run_id, []).extend(batches)
+        due = self._loop.time() + SETTLE_SECONDS
+        self._timers.add(self._loop.call_later(SETTLE_SECONDS, self._settled, run_id, batches, due))
+
+    def _settled(self, run_id: str, batches: list[_Batch], due: float) -> None:
         """Let `batches` go, unless an eviction dropped them or an activation took them back
-        meanwhile."""
+        meanwhile. A loop running late may not have seen an eviction the core already
+        handed over: the batches wait once more, and go after what is ready now."""
+        self._timers = {
+            timer
+            for timer in self._timers
+            if not timer.cancelled() and timer.when() > self._loop_time()
+        }
+        settling = self._settling.get(run_id, [])
+        due_batches = [batch for batch in settling if any(batch is b for b in batches)]
+        if not due_batches or self._loop is None:
+            return
+        if self._loop.time() - due > LATE_SECONDS:
+            left = [batch for batch in settling if not any(batch is b for b in batches)]
+            self._settling[run_id] = left
+            if not left:
+                del self._settling[run_id]
+            self._settle(run_id, due_batches)
+            return
+        self._loop.call_soon(self._release_settled, run_id, due_batches)
+
+    def _release_settled(self, run_id: str, batches: list[_Batch]) -> None:
         settling = self._settling.get(run_id, [])
         due = [batch for batch in settling if any(batch is b for b in batches)]
         left = [batch for batch in settling if not any(batch is b for b in batches)]
@@ -198,6 +271,9 @@ class OfferedPublishes:
             self._settling.pop(run_id, None)
         for batch in due:
             self._release(batch)
+
+    def _loop_time(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
 
     def _drop(self, batches: list[_Batch]) -> None:
         self._count("dropped", sum(len(batch.offers) for batch in batches))
@@ -280,14 +356,17 @@ class _WatchedCore:
     async def complete_workflow_activation(self, completion: Completion) -> None:
         # Taken before the core has it: the run's next activation may come back with its
         # answer, and what that one makes is not this one's.
-        batches = self._publishes.take_held(completion.run_id)
+        taken = self._publishes.take_held(completion.run_id)
+        successful = completion.HasField("successful")
+        ends_run = successful and any(
+            command.WhichOneof("variant") in ENDS_RUN for command in completion.successful.commands
+        )
         try:
             await self._inner.complete_workflow_activation(completion)
         except BaseException:
-            self._publishes.completed(completion.run_id, batches, successful=False)
+            self._publishes.completed(completion.run_id, taken, False, ends_run)
             raise
-        successful = completion.HasField("successful")
-        self._publishes.completed(completion.run_id, batches, successful)
+        self._publishes.completed(completion.run_id, taken, successful, ends_run)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

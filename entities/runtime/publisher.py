@@ -127,7 +127,9 @@ class SnapshotPublisher:
         """A publish is due, or one will be and no timer is set for it yet."""
         if self._timer is not None and self._timer.done():
             return True
-        return self._has_unpublished(revision) and (self._timer is None or self._wait() == 0.0)
+        return self._has_unpublished(revision) and (
+            self._timer is None or self._wait() == 0.0 or self._taken_back()
+        )
 
     def schedule(self, revision: int) -> None:
         """Publish now if due, else make sure a timer wakes the loop when it is."""
@@ -139,8 +141,8 @@ class SnapshotPublisher:
                 self._offer(revision)
             return
         wait = self._wait()
-        if wait > 0.0 and self._offers and not self._may_offer(revision):
-            wait = 0.0  # what cannot be offered is published now, as before offers
+        if wait > 0.0 and self._offers and (not self._may_offer(revision) or self._taken_back()):
+            wait = 0.0  # what cannot be offered, or was handed back, is published now
         if wait == 0.0:
             # Never below none: a publish forced past the interval (MAX_OFFERED_CHANGES)
             # would otherwise put the next one, and an offer it lost, minutes away.
@@ -180,6 +182,11 @@ class SnapshotPublisher:
         (`offers.withdraw`); the run's last publish, or the next run's, carries it."""
         if self._offers:
             offers.withdraw()
+
+    def _taken_back(self) -> bool:
+        """A run that offers has changes handed back to publish (`take_back`): a sender
+        that could not publish them, or a repeat, published at once as before offers."""
+        return self._offers and self._owed > self.published_revision
 
     def _may_offer(self, revision: int) -> bool:
         """Whether the snapshot at `revision` may be offered: no update came in this task

@@ -23,17 +23,19 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from api.gateway import EntityGateway
 from deploy.embedded import EmbeddedRedis, EmbeddedTemporal
+from entities import catalog
 from entities.bulk import BulkCommandWorkflow, BulkInput, bulk_workflow_id
 from entities.cart import CartStatus
 from entities.checkout import CheckoutWorkflow
 from entities.checkout_input import checkout_workflow_id
 from entities.errors import ErrorCode, TenureError
 from entities.inventory import Settlement
-from entities.runtime.envelope import RuntimeOptions
+from entities.runtime.envelope import CommandEnvelope, RuntimeOptions
 from entities.runtime.saga import OperatorActionKind, OperatorRequest
 from tests.entities.failing_checkout import failed_checkout
 from tests.entities.shop import FAST_COMPENSATION, FAST_STEP, Shop, eventually, until_cached
 from workers.cache import SnapshotCache, connect_redis
+from workers.delivery import CommandDelivery
 from workers.settings import Settings
 from workers.worker import TenureWorker, build_worker
 
@@ -173,10 +175,14 @@ async def _account_burst(gateway: EntityGateway, cache: SnapshotCache) -> None:
 OFFERS_ID = "acct-offers"
 
 
-async def _account_offers(gateway: EntityGateway, cache: SnapshotCache, client: Client) -> str:
+async def _account_offers(
+    gateway: EntityGateway, cache: SnapshotCache, client: Client, settings: Settings
+) -> str:
     """Commands under the default settings, faster than the interval of an entity that
     offers: the burst's two publishes, offers between, and a timer that brings the trailing
-    publish by activity. The workflow id whose history to keep."""
+    publish by activity; then, within the next interval, a change offered and a waited
+    command whose sender does not publish, which the entity publishes by activity at once.
+    The workflow id whose history to keep."""
     await gateway.send(
         "account", OFFERS_ID, "open", {"owner_name": "Oz", "email": "oz@example.com"}
     )
@@ -186,15 +192,23 @@ async def _account_offers(gateway: EntityGateway, cache: SnapshotCache, client: 
     await until_cached(cache, "account", OFFERS_ID, 12)
     handle = client.get_workflow_handle(f"account:{OFFERS_ID}")
 
-    async def trailing_publish() -> bool:
+    async def published(times: int) -> bool:
         events = [event.event_type async for event in handle.fetch_history_events()]
         return (
             EventType.EVENT_TYPE_TIMER_FIRED in events
-            and events[-1] == (EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
-            and events.count(EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED) >= 3
+            and events[-1] == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+            and events.count(EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED) >= times
         )
 
-    await eventually(trailing_publish, bool, 15)
+    await eventually(lambda: published(3), bool, 15)
+    await gateway.send("account", OFFERS_ID, "deposit", {"amount": 11})
+    account = catalog.entity_types()["account"]
+    withdrawal = CommandEnvelope(
+        command_id="offers-withdraw", name="withdraw", payload={"amount": 1}
+    )
+    await CommandDelivery(client, settings).request(account, OFFERS_ID, withdrawal)
+    await until_cached(cache, "account", OFFERS_ID, 14)
+    await eventually(lambda: published(4), bool, 15)
     return f"account:{OFFERS_ID}"
 
 
@@ -368,7 +382,7 @@ async def record(into: Path = HISTORIES) -> list[Path]:
                 workflow_ids.append(await _keys_meet(EntityGateway(client, cache, settings)))
                 workflow_ids.append(await _released_unknown(shop))
                 gateway = EntityGateway(client, cache, settings)
-                workflow_ids.append(await _account_offers(gateway, cache, client))
+                workflow_ids.append(await _account_offers(gateway, cache, client, settings))
                 for workflow_id in workflow_ids:
                     written += await _write_runs(client, workflow_id, into)
             async with build_worker(client, account_settings, cache):

@@ -422,3 +422,30 @@ def test_a_sale_released_unknowing_is_not_taken_back_as_the_run_began_under() ->
     before = outcome_of(f"{ENTITY_SET_3}/inventory.sku-tomb", "returnReservation", **gone)
     assert before["status"] == "APPLIED"
     assert "entity-rules-2" not in patches_asked(f"{ENTITY_SET_3}/inventory.sku-tomb")
+
+
+def test_an_entity_that_offers_publishes_by_activity_once_an_interval_and_an_update_at_once() -> (
+    None
+):
+    """Fourteen commands, four publishes by activity: the burst's two, the interval's
+    trailing one (a timer), and, within the next interval, the one of a waited command whose
+    sender does not publish, in the task that applied it (an update's state is not
+    offered, and waits for no timer)."""
+    events = history(f"{CURRENT}/account.acct-offers").events
+    published = [
+        (index, json.loads(e.activity_task_scheduled_event_attributes.input.payloads[0].data))
+        for index, e in enumerate(events)
+        if e.activity_task_scheduled_event_attributes.activity_type.name == "publish_snapshot"
+    ]
+    assert len(published) == 4
+    last, publication = published[-1]
+    assert publication["snapshot"]["revision"] == 14
+    accepted = max(
+        index
+        for index, e in enumerate(events)
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED
+    )
+    between = {e.event_type for e in events[accepted:last]}
+    assert EventType.EVENT_TYPE_TIMER_FIRED not in between
+    assert EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED not in between  # the same task
+    assert any(e.event_type == EventType.EVENT_TYPE_TIMER_FIRED for e in events[: published[2][0]])

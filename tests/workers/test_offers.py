@@ -26,6 +26,7 @@ from tests.workers.test_change_stream import (
     until_streamed,
 )
 from tests.workers.test_metrics import metrics_settings, scrape
+from workers import offers as offers_module
 from workers.cache import SnapshotCache
 from workers.offers import SETTLE_SECONDS, OfferedPublishes
 from workers.settings import Settings
@@ -127,46 +128,92 @@ def offer_of(entity_id: str, revision: int) -> Offer:
 
 
 async def test_an_offer_is_written_only_once_its_task_was_recorded_and_not_evicted(
-    cache: SnapshotCache,
+    cache: SnapshotCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Offers wait for Temporal to take their task's completion: one whose run is evicted
-    (the server refused the completion, and the task will run again, maybe otherwise), or
-    whose activation failed, never reaches the cache or the stream; one whose task had more
-    activations waits for the last, which the core reports; a later task proves it."""
+    (the server refused the completion, and the task will run again, maybe otherwise),
+    whose activation failed, or whose task ends the run never reaches the cache or the
+    stream; one whose task had more activations waits for the last, which the core reports,
+    even when the core hands that one over before it returns from the first; a later task
+    proves it at once."""
+    settle = 1.0  # long, so that what goes at once is told apart from what settled
+    monkeypatch.setattr(offers_module, "SETTLE_SECONDS", settle)
     offered = OfferedPublishes(cache)
     offered.watching = True
     offered.start()
-    ids = {name: new_id() for name in ("refused", "settled", "late", "failed", "proved", "same")}
+    names = ("refused", "settled", "late", "failed", "ends", "proved", "same", "raced", "next")
+    ids = {name: new_id() for name in names}
 
-    async def hold(name: str) -> None:
-        offered.hold(f"run-{name}", 5, [offer_of(ids[name], 1)])
+    async def hold(name: str, run: str | None = None) -> None:
+        offered.hold(run or f"run-{name}", 5, [offer_of(ids[name], 1)])
         await asyncio.sleep(0)  # `hold` hands over through the loop, as from a thread
+
+    def complete(name: str, successful: bool = True, ends_run: bool = False) -> None:
+        run = f"run-{name}"
+        offered.completed(run, offered.take_held(run), successful, ends_run)
 
     async def cached(name: str) -> bool:
         return await cache.get("account", ids[name]) is not None
 
     try:
-        for name in ids:
+        for name in names:
             await hold(name)
         offered.polled("run-refused", 5, eviction=True)  # refused: evicted at once
-        offered.completed("run-refused", offered.take_held("run-refused"), successful=True)
+        complete("refused")  # the eviction's own completion
         for name in ("settled", "late", "proved", "same"):
-            offered.completed(f"run-{name}", offered.take_held(f"run-{name}"), successful=True)
-        offered.completed("run-failed", offered.take_held("run-failed"), successful=False)
+            complete(name)
+        complete("failed", successful=False)
+        complete("ends", ends_run=True)
+        # The core hands over the same task's query, then returns from the first completion.
+        raced = offered.take_held("run-raced")
+        offered.polled("run-raced", 5, eviction=False)
+        offered.completed("run-raced", raced, True, False)
+        # The core hands over the run's next task before it returns: proved at once.
+        following = offered.take_held("run-next")
+        offered.polled("run-next", 9, eviction=False)
+        offered.completed("run-next", following, True, False)
         offered.polled("run-proved", 9, eviction=False)  # its next task: recorded
-        assert await until_cached(cache, "account", ids["proved"], 1)
+        for name in ("proved", "next"):
+            await until_cached(cache, "account", ids[name], 1)
         assert not await cached("settled")  # not before the settling time
         offered.polled("run-late", 5, eviction=True)  # evicted within the settling time
         offered.polled("run-same", 5, eviction=False)  # a query of the same task
         await until_cached(cache, "account", ids["settled"], 1)
-        await asyncio.sleep(2 * SETTLE_SECONDS)
-        for gone in ("refused", "late", "failed", "same"):
+        await asyncio.sleep(1.5 * settle)
+        for gone in ("refused", "late", "failed", "ends", "same", "raced"):
             assert not await cached(gone), gone
             assert await entries_of(cache, "account", ids[gone]) == [], gone
         assert revisions(await entries_of(cache, "account", ids["settled"])) == [1]
-        # The same task's last activation reported it: now it goes.
-        offered.completed("run-same", offered.take_held("run-same"), successful=True)
-        await until_cached(cache, "account", ids["same"], 1)
+        # The same task's last activation reported it: now they go.
+        complete("same")
+        complete("raced")
+        for name in ("same", "raced"):
+            await until_cached(cache, "account", ids[name], 1, timeout=3 * settle)
+    finally:
+        await offered.stop()
+
+
+async def test_a_run_s_eviction_ends_with_its_own_completion_not_one_begun_before(
+    cache: SnapshotCache,
+) -> None:
+    """A completion that went to the core before its run's eviction was polled (a
+    deadlocked activation's failure) does not end the eviction: an activation that still
+    ends after it, offering, is dropped, and only the eviction's own completion ends it."""
+    offered = OfferedPublishes(cache)
+    offered.watching = True
+    offered.start()
+    entity_id = new_id()
+    try:
+        before = offered.take_held("run-x")  # the deadlocked activation's failure
+        offered.polled("run-x", 5, eviction=True)
+        offered.completed("run-x", before, False, False)
+        offered.hold("run-x", 5, [offer_of(entity_id, 1)])  # the stuck thread ends
+        await asyncio.sleep(0)
+        own = offered.take_held("run-x")
+        assert own.batches == [] and own.evicting
+        offered.completed("run-x", own, True, False)
+        await asyncio.sleep(3 * SETTLE_SECONDS)
+        assert await cache.get("account", entity_id) is None
     finally:
         await offered.stop()
 
