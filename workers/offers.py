@@ -91,8 +91,8 @@ class Taken:
 
 class OfferedPublishes:
     """The offers of one worker's entities, written to `cache` from the event loop that
-    `start` runs on. `hold` may be called from any thread; `completed` and `evicted` from the
-    loop."""
+    `start` runs on. `hold` may be called from any thread; `polled`, `take_held` and
+    `completed` from the loop (`_WatchedCore`)."""
 
     def __init__(self, cache: SnapshotCache, meter: MetricMeter | None = None) -> None:
         self._cache = cache
@@ -232,45 +232,44 @@ class OfferedPublishes:
             return
         self._settle(run_id, taken.batches)
 
-    def _settle(self, run_id: str, batches: list[_Batch]) -> None:
+    def _settle(self, run_id: str, batches: list[_Batch], rearmed: bool = False) -> None:
         if self._loop is None:
             return
         self._settling.setdefault(run_id, []).extend(batches)
         due = self._loop.time() + SETTLE_SECONDS
-        self._timers.add(self._loop.call_later(SETTLE_SECONDS, self._settled, run_id, batches, due))
+        self._timers.add(
+            self._loop.call_later(SETTLE_SECONDS, self._settled, run_id, batches, due, rearmed)
+        )
 
-    def _settled(self, run_id: str, batches: list[_Batch], due: float) -> None:
+    def _settled(self, run_id: str, batches: list[_Batch], due: float, rearmed: bool) -> None:
         """Let `batches` go, unless an eviction dropped them or an activation took them back
         meanwhile. A loop running late may not have seen an eviction the core already
-        handed over: the batches wait once more, and go after what is ready now."""
-        self._timers = {
-            timer
-            for timer in self._timers
-            if not timer.cancelled() and timer.when() > self._loop_time()
-        }
-        settling = self._settling.get(run_id, [])
-        due_batches = [batch for batch in settling if any(batch is b for b in batches)]
-        if not due_batches or self._loop is None:
+        handed over: the batches wait once more, and then go after what is ready now."""
+        now = self._loop_time()
+        self._timers = {t for t in self._timers if not t.cancelled() and t.when() > now}
+        if self._loop is None:
             return
-        if self._loop.time() - due > LATE_SECONDS:
-            left = [batch for batch in settling if not any(batch is b for b in batches)]
-            self._settling[run_id] = left
-            if not left:
-                del self._settling[run_id]
-            self._settle(run_id, due_batches)
+        if not rearmed and now - due > LATE_SECONDS:
+            late = self._take_settling(run_id, batches)
+            if late:
+                self._settle(run_id, late, rearmed=True)
             return
-        self._loop.call_soon(self._release_settled, run_id, due_batches)
+        self._loop.call_soon(self._release_settled, run_id, batches)
 
     def _release_settled(self, run_id: str, batches: list[_Batch]) -> None:
+        for batch in self._take_settling(run_id, batches):
+            self._release(batch)
+
+    def _take_settling(self, run_id: str, batches: list[_Batch]) -> list[_Batch]:
+        """Those of `batches` still settling for `run_id`, no longer settling."""
         settling = self._settling.get(run_id, [])
-        due = [batch for batch in settling if any(batch is b for b in batches)]
+        taken = [batch for batch in settling if any(batch is b for b in batches)]
         left = [batch for batch in settling if not any(batch is b for b in batches)]
         if left:
             self._settling[run_id] = left
         else:
             self._settling.pop(run_id, None)
-        for batch in due:
-            self._release(batch)
+        return taken
 
     def _loop_time(self) -> float:
         return self._loop.time() if self._loop is not None else 0.0
