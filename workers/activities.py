@@ -12,7 +12,6 @@ from entities.runtime.backlog import NEXT_TASK_ACTIVITY
 from entities.runtime.envelope import Publication
 from entities.runtime.publisher import PUBLISH_ACTIVITY
 from workers.cache import CacheUnavailable, SnapshotCache
-from workers.changes import Changes
 from workers.logs import RepeatedLogFilter
 
 log = logging.getLogger(__name__)
@@ -65,15 +64,10 @@ class CacheActivities:
         """`publish_snapshot`'s work, from any activity: whether the cache took the snapshot.
         Raises CacheUnavailable, or what else failed, having counted it."""
         snapshot = publication.snapshot
-        changes = (
-            Changes(publication.since, publication.changes)
-            if publication.changes is not None
-            else None
-        )
         meter = activity.metric_meter()
         attributes = {"entity_type": snapshot.entity_type}
         try:
-            written = await self._cache.put(snapshot, changes)
+            written = await self._cache.put_publication(publication)
         except Exception:
             meter.create_counter(
                 PUBLISH_FAILURES, "Attempts to publish a snapshot to the cache that failed."

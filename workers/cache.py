@@ -199,6 +199,16 @@ class SnapshotCache:
             self._unsaved.keep(snapshot)
             raise
 
+    async def put_publication(self, publication: Publication) -> bool:
+        """`put` of what an entity publishes: its snapshot, and the changes it carries (none
+        streamed from a publication scheduled before changes were)."""
+        changes = (
+            Changes(publication.since, publication.changes)
+            if publication.changes is not None
+            else None
+        )
+        return await self.put(publication.snapshot, changes)
+
     async def _put(self, snapshot: Snapshot) -> bool:
         return await self._write(snapshot) == 1
 

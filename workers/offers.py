@@ -35,7 +35,6 @@ from temporalio.worker import Worker, WorkflowInstance, WorkflowInstanceDetails,
 from entities.runtime import offers
 from entities.runtime.envelope import Publication
 from workers.cache import CacheUnavailable, SnapshotCache
-from workers.changes import Changes
 from workers.logs import RepeatedLogFilter
 from workers.runners import Activation, Completion, WrappedInstance, WrappingRunner
 
@@ -107,7 +106,6 @@ class OfferedPublishes:
         self._evicting: set[str] = set()
         self._polls = 0
         self._polled: dict[str, tuple[int, int]] = {}  # by run id: poll number, history length
-        self._timers: set[asyncio.TimerHandle] = set()
         self._waiting: dict[tuple[str, str], Offer] = {}  # by entity, until written
         self._waiting_bytes = 0
         self._writing: set[tuple[str, str]] = set()
@@ -152,10 +150,7 @@ class OfferedPublishes:
         self._held.clear()
         self._settling.clear()
         self._evicting.clear()
-        self._polled.clear()
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
+        self._polled.clear()  # a settling timer still due finds nothing, and no loop
 
     def hold(self, run_id: str, history_length: int, made: list[Offer]) -> None:
         """Keep the offers an activation at `history_length` made until its task is
@@ -237,19 +232,15 @@ class OfferedPublishes:
             return
         self._settling.setdefault(run_id, []).extend(batches)
         due = self._loop.time() + SETTLE_SECONDS
-        self._timers.add(
-            self._loop.call_later(SETTLE_SECONDS, self._settled, run_id, batches, due, rearmed)
-        )
+        self._loop.call_later(SETTLE_SECONDS, self._settled, run_id, batches, due, rearmed)
 
     def _settled(self, run_id: str, batches: list[_Batch], due: float, rearmed: bool) -> None:
         """Let `batches` go, unless an eviction dropped them or an activation took them back
         meanwhile. A loop running late may not have seen an eviction the core already
         handed over: the batches wait once more, and then go after what is ready now."""
-        now = self._loop_time()
-        self._timers = {t for t in self._timers if not t.cancelled() and t.when() > now}
         if self._loop is None:
             return
-        if not rearmed and now - due > LATE_SECONDS:
+        if not rearmed and self._loop.time() - due > LATE_SECONDS:
             late = self._take_settling(run_id, batches)
             if late:
                 self._settle(run_id, late, rearmed=True)
@@ -270,9 +261,6 @@ class OfferedPublishes:
         else:
             self._settling.pop(run_id, None)
         return taken
-
-    def _loop_time(self) -> float:
-        return self._loop.time() if self._loop is not None else 0.0
 
     def _drop(self, batches: list[_Batch]) -> None:
         self._count("dropped", sum(len(batch.offers) for batch in batches))
@@ -310,13 +298,7 @@ class OfferedPublishes:
 
     async def _write(self, key: tuple[str, str], offer: Offer) -> None:
         try:
-            publication = Publication.model_validate_json(offer.publication)
-            changes = (
-                Changes(publication.since, publication.changes)
-                if publication.changes is not None
-                else None
-            )
-            await self._cache.put(publication.snapshot, changes)
+            await self._cache.put_publication(Publication.model_validate_json(offer.publication))
             self._count("published")
         except CacheUnavailable as exc:
             self._count("dropped")

@@ -13,6 +13,7 @@ from typing import Any
 
 from opentelemetry.sdk.trace import TracerProvider
 from temporalio.client import Client
+from temporalio.common import MetricMeter
 from temporalio.converter import DataConverter
 from temporalio.runtime import (
     LogForwardingConfig,
@@ -124,8 +125,8 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         "sticky_queue_schedule_to_start_timeout": timedelta(seconds=settings.sticky_timeout),
         "graceful_shutdown_timeout": timedelta(seconds=settings.worker_shutdown_grace),
     }
-    runtime = client.service_client.config.runtime or Runtime.default()
-    offered = OfferedPublishes(cache, runtime.metric_meter)
+    meter = (client.service_client.config.runtime or Runtime.default()).metric_meter
+    offered = OfferedPublishes(cache, meter)
     entities = Worker(
         client,
         task_queue=settings.task_queue,
@@ -138,7 +139,7 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         **common,
     )
     offered.watch(entities)
-    _count_failed_checkouts_from_zero(client, settings)
+    _count_failed_checkouts_from_zero(meter, client.namespace, settings)
     bulk_commands = Worker(
         client,
         task_queue=settings.bulk_task_queue,
@@ -154,17 +155,18 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
     )
 
 
-def _count_failed_checkouts_from_zero(client: Client, settings: Settings) -> None:
+def _count_failed_checkouts_from_zero(
+    meter: MetricMeter, namespace: str, settings: Settings
+) -> None:
     """Export the series of checkouts become FAILED at 0 from the worker's start, labelled
     as a checkout's own metric meter labels it. The first FAILED then takes it from 0 to 1,
     which the page's `increase()` sees. Born at 1, a series was seen only as new: a worker
     restarted under the same instance label, whose old process had counted one, had its
     first FAILED within 15 minutes hidden behind the old one (deploy/compose/alerts.yml)."""
-    runtime = client.service_client.config.runtime or Runtime.default()
-    runtime.metric_meter.create_counter(SAGA_OUTCOMES_METRIC, SAGA_OUTCOMES_DESCRIPTION).add(
+    meter.create_counter(SAGA_OUTCOMES_METRIC, SAGA_OUTCOMES_DESCRIPTION).add(
         0,
         {
-            "namespace": client.namespace,
+            "namespace": namespace,
             "task_queue": settings.task_queue,
             "workflow_type": CHECKOUT_WORKFLOW,
             "status": SagaStatus.FAILED.value,

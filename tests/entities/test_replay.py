@@ -88,16 +88,16 @@ OLDER_PATHS = {
 }
 
 
+def paths_in(folder: str, *types: str, besides: str) -> dict[str, EventType.ValueType]:
+    """Every recorded path of workflows of `types` (`checkout.`), and `besides` (a history
+    RECORDED does not list, whose last update completed), as recorded in `folder`."""
+    every = {**RECORDED, besides: EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED}
+    return {f"{folder}/{name}": event for name, event in every.items() if name.startswith(types)}
+
+
 def checkout_paths(folder: str) -> dict[str, EventType.ValueType]:
     """Every checkout path, as recorded under a checkout patch set in `folder`."""
-    return {
-        f"{folder}/{name}": event
-        for name, event in {
-            **RECORDED,
-            "checkout.cart-stuck-1": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
-        }.items()
-        if name.startswith("checkout.")
-    }
+    return paths_in(folder, "checkout.", besides="checkout.cart-stuck-1")
 
 
 # Checkouts under the first checkout patch set, lines reserved one after another; under the
@@ -108,14 +108,7 @@ CHECKOUTS_OF_SET_2 = checkout_paths(CHECKOUT_SET_2)
 
 def entity_paths(folder: str) -> dict[str, EventType.ValueType]:
     """Every entity path, as recorded under an entity patch set in `folder`."""
-    return {
-        f"{folder}/{name}": event
-        for name, event in {
-            **RECORDED,
-            "account.acct-backlog": EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED,
-        }.items()
-        if name.startswith(("account.", "cart.", "inventory."))
-    }
+    return paths_in(folder, "account.", "cart.", "inventory.", besides="account.acct-backlog")
 
 
 # Entities under the first entity patch set, before text had to show as written
