@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
@@ -13,6 +12,7 @@ from entities.runtime.envelope import Publication
 from entities.runtime.publisher import PUBLISH_ACTIVITY
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.logs import RepeatedLogFilter
+from workers.publish_lag import BY_ACTIVITY, lag_histogram, record_lag
 
 log = logging.getLogger(__name__)
 # Redis down: every entity's publish fails at once, and is retried. Said once in a while,
@@ -20,9 +20,6 @@ log = logging.getLogger(__name__)
 log.addFilter(RepeatedLogFilter(window=10.0))
 
 PUBLISH_FAILURES = "tenure_publish_failures"
-PUBLISH_LAG = "tenure_publish_lag_seconds"
-PUBLISH_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
-"""Seconds; the worker's runtime gives the histogram these buckets (`worker_runtime`)."""
 
 
 @NEXT_TASK_ACTIVITY.defn
@@ -42,7 +39,8 @@ class CacheActivities:
     async def publish_snapshot(self, publication: Publication) -> bool:
         """Write the snapshot if it is newer than what the cache holds, and stream the
         changes not streamed yet; safe to repeat. Counts each attempt that fails, and how
-        long the change took to reach the cache."""
+        long the change took to reach the cache when this publish stored it
+        (`workers/publish_lag.py`)."""
         try:
             return await self.publish(publication)
         except CacheUnavailable as exc:
@@ -65,22 +63,13 @@ class CacheActivities:
         Raises CacheUnavailable, or what else failed, having counted it."""
         snapshot = publication.snapshot
         meter = activity.metric_meter()
-        attributes = {"entity_type": snapshot.entity_type}
         try:
             written = await self._cache.put_publication(publication)
         except Exception:
             meter.create_counter(
                 PUBLISH_FAILURES, "Attempts to publish a snapshot to the cache that failed."
-            ).add(1, attributes)
+            ).add(1, {"entity_type": snapshot.entity_type})
             raise
-        changed = snapshot.updated_at
-        if changed is not None:
-            if changed.tzinfo is None:  # workflow time is UTC
-                changed = changed.replace(tzinfo=UTC)
-            lag = (datetime.now(UTC) - changed).total_seconds()
-            meter.create_histogram_float(
-                PUBLISH_LAG,
-                "From an entity's change (its workflow's time) to its snapshot in the cache.",
-                "s",
-            ).record(max(lag, 0.0), attributes)
+        if written:
+            record_lag(lag_histogram(meter), snapshot, BY_ACTIVITY)
         return written

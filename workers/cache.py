@@ -167,7 +167,9 @@ class SnapshotCache:
         )
         self._index_if_newer = client.register_script(INDEX_IF_NEWER)
         self._reads = ReadBatcher(client, ["snapshot", "cached_at", "stuck"])
-        self._unsaved = UnsavedSnapshots(self._put)
+        self._unsaved = UnsavedSnapshots(self._write_back)
+        self.written_back: Callable[[Snapshot], None] | None = None
+        """Told of each snapshot written once Redis answered again, after it refused it."""
 
     async def aclose(self) -> None:
         """Stop writing back the snapshots Redis refused (they are lost with this process:
@@ -211,6 +213,12 @@ class SnapshotCache:
 
     async def _put(self, snapshot: Snapshot) -> bool:
         return await self._write(snapshot) == 1
+
+    async def _write_back(self, snapshot: Snapshot) -> bool:
+        stored = await self._put(snapshot)
+        if stored and self.written_back is not None:
+            self.written_back(snapshot)
+        return stored
 
     @property
     def client(self) -> RedisClient:

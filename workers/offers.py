@@ -36,6 +36,7 @@ from entities.runtime import offers
 from entities.runtime.envelope import Publication
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.logs import RepeatedLogFilter
+from workers.publish_lag import BY_OFFER, lag_histogram, record_lag
 from workers.runners import Activation, Completion, WrappedInstance, WrappingRunner
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class OfferedPublishes:
 
     def __init__(self, cache: SnapshotCache, meter: MetricMeter | None = None) -> None:
         self._cache = cache
+        self._lag = lag_histogram(meter) if meter is not None else None
         self._counter = (
             meter.create_counter(OFFERS_METRIC, OFFERS_DESCRIPTION) if meter is not None else None
         )
@@ -298,7 +300,9 @@ class OfferedPublishes:
 
     async def _write(self, key: tuple[str, str], offer: Offer) -> None:
         try:
-            await self._cache.put_publication(Publication.model_validate_json(offer.publication))
+            publication = Publication.model_validate_json(offer.publication)
+            if await self._cache.put_publication(publication) and self._lag is not None:
+                record_lag(self._lag, publication.snapshot, BY_OFFER)
             self._count("published")
         except CacheUnavailable as exc:
             self._count("dropped")

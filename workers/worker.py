@@ -30,13 +30,20 @@ from entities.bulk import BulkCommandWorkflow
 from entities.checkout import SAGA_OUTCOMES_DESCRIPTION, SAGA_OUTCOMES_METRIC
 from entities.checkout_input import CHECKOUT_WORKFLOW
 from entities.runtime.saga import SagaStatus
-from workers.activities import PUBLISH_LAG, PUBLISH_LAG_BUCKETS, CacheActivities, next_task
+from workers.activities import CacheActivities, next_task
 from workers.answer_budget import AnswerBudgetRunner
 from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache, connect_redis
 from workers.changes import Retention
 from workers.handovers import Handovers, OverdueHandovers
 from workers.offers import OfferedPublishes, OfferingRunner
+from workers.publish_lag import (
+    BY_WRITE_BACK,
+    PUBLISH_LAG,
+    PUBLISH_LAG_BUCKETS,
+    lag_histogram,
+    record_lag,
+)
 from workers.query_guard import QueryGuardRunner
 from workers.requests import EntityRequests
 from workers.sandbox import workflow_runner
@@ -126,6 +133,8 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         "graceful_shutdown_timeout": timedelta(seconds=settings.worker_shutdown_grace),
     }
     meter = (client.service_client.config.runtime or Runtime.default()).metric_meter
+    lag = lag_histogram(meter)
+    cache.written_back = lambda snapshot: record_lag(lag, snapshot, BY_WRITE_BACK)
     offered = OfferedPublishes(cache, meter)
     entities = Worker(
         client,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -143,19 +144,34 @@ async def test_a_publish_that_fails_is_counted(
     client = await connect_temporal(worker_settings, runtime=worker_runtime(worker_settings))
     worker_redis = connect_redis(worker_settings.model_copy(update={"redis_url": own_redis.url}))
     shop = Shop(temporal_client, cache, worker_settings)
+    account_id = new_id("acct")
     try:
         worker_cache = SnapshotCache(worker_redis, worker_settings.redis_prefix)
         async with build_worker(client, worker_settings, worker_cache):
             own_redis.stop()
-            await shop.send("account", new_id("acct"), "open", owner_name="Ada", email="a@b.cd")
+            await shop.send("account", account_id, "open", owner_name="Ada", email="a@b.cd")
             metrics = await eventually(
                 lambda: scrape(worker_settings),
                 lambda m: m.value("tenure_publish_failures_total", entity_type="account") >= 1,
             )
-            await own_redis.start()  # the worker's unsaved snapshots drain
+            assert metrics.value("tenure_publish_lag_seconds_count") == 0
+            failed = time.monotonic()  # after the change: its publish failed
+            await asyncio.sleep(1.0)
+            down = time.monotonic() - failed
+            await own_redis.start()
+            # The snapshot reaches the cache once Redis is back: written back by the worker
+            # that kept it, or by the publish's retry, whichever comes first. Its lag shows
+            # the outage.
+            lag = "tenure_publish_lag_seconds"
+            after = await eventually(
+                lambda: scrape(worker_settings),
+                lambda m: m.value(f"{lag}_count", entity_type="account") >= 1,
+            )
     finally:
         await worker_redis.aclose()
-    assert metrics.value("tenure_publish_lag_seconds_count") == 0
+    assert after.value(f"{lag}_count", entity_type="account") == 1
+    assert after.labels(f"{lag}_count", "by") <= {"write_back", "activity"}
+    assert after.value(f"{lag}_sum", entity_type="account") >= down
 
 
 async def test_a_checkout_is_counted_failed_when_it_needs_an_operator_not_when_it_ends(

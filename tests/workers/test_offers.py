@@ -218,18 +218,37 @@ async def test_a_run_s_eviction_ends_with_its_own_completion_not_one_begun_befor
         await offered.stop()
 
 
-async def test_a_worker_counts_the_offers_it_wrote(
+async def test_a_worker_counts_the_offers_it_wrote_and_the_lag_of_the_write_that_stored_each(
     settings: Settings, temporal_client: Client, cache: SnapshotCache
 ) -> None:
     worker_settings = metrics_settings(settings)
     client = await connect_temporal(worker_settings, runtime=worker_runtime(worker_settings))
     gateway = EntityGateway(temporal_client, cache, worker_settings)
     account_id = new_id()
+    workflow_id = f"account:{account_id}"
+    last = DEPOSITS + 2
     async with build_worker(client, worker_settings, cache):
         await burst(gateway, account_id)
-        await until_cached(cache, "account", account_id, DEPOSITS + 2)
+        await until_cached(cache, "account", account_id, last)
+        # The interval's trailing publish by activity, carrying what offers already wrote.
+        by_activity = await eventually(
+            lambda: published_revisions(temporal_client, workflow_id),
+            lambda revisions: last in revisions,
+        )
+        await eventually(
+            lambda: events(
+                temporal_client, workflow_id, EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+            ),
+            lambda completed: len(completed) >= len(by_activity),
+        )
         metrics = await eventually(
             lambda: scrape(worker_settings),
             lambda m: m.value("tenure_offered_publishes_total", outcome="published") >= 1,
         )
     assert metrics.value("tenure_offered_publishes_total", outcome="dropped") == 0
+    lag = "tenure_publish_lag_seconds_count"
+    assert metrics.value(lag, entity_type="account", by="offer") >= 1
+    # A publish by activity that found its snapshot written by an offer is not counted: it
+    # read as the interval (about 2 s) where the cache had the change within milliseconds.
+    counted = metrics.value(lag, entity_type="account", by="activity")
+    assert 1 <= counted < len(by_activity), (counted, by_activity)
