@@ -34,23 +34,29 @@ class Listed(Protocol):
 @dataclass(frozen=True)
 class VisibilityCursor:
     """Where a list resumes: after `seen` rows of the visibility page at `token`, read
-    `size` rows at a time; the row it follows is `row` (its run id), found again by it.
+    `size` rows at a time; the row it follows is `row` (its run id), found again by it, and
+    `above` names (`row_digest`) that row and the rows above it in the page.
 
     A cursor after a page's last row is the next page's token, which Temporal keys on that
     row's place in the order, so it stands whatever changes above it. One inside a page
-    counts rows: it finds its row again by its run id, and when that row has left the list
-    (a checkout resolved), resumes one row sooner, showing a row again rather than missing
-    one. Counting alone skipped a FAILED checkout once the one above it was resolved."""
+    finds its row again by its run id; when that row has left the list (a checkout
+    resolved), it resumes after the lowest of the rows above it that are still there, or at
+    the top of the page when none is, showing a row again rather than missing one. Counting
+    alone skipped a FAILED checkout once the one above it was resolved; resuming one row
+    sooner skipped one once two were."""
 
     token: bytes | None
     size: int
     seen: int
     row: str = ""
     list_name: str = ""
+    above: str = ""
 
     def encode(self) -> str:
         token = base64.b64encode(self.token).decode() if self.token else ""
         fields: list[object] = [token, self.size, self.seen, self.row, self.list_name]
+        if self.above:
+            fields.append(self.above)
         document = json.dumps([*fields, _check(fields)], separators=(",", ":"))
         return base64.urlsafe_b64encode(document.encode()).decode()
 
@@ -61,8 +67,9 @@ class VisibilityCursor:
         page is at `following`."""
         if index + 1 == len(page) and following is not None:
             return self.next_page(following)
+        above = "".join(row_digest(execution.run_id) for execution in page[: index + 1])
         return VisibilityCursor(
-            self.token, self.size, index + 1, page[index].run_id, self.list_name
+            self.token, self.size, index + 1, page[index].run_id, self.list_name, above
         )
 
     def resume_in(self, page: Sequence[Listed]) -> int:
@@ -72,7 +79,11 @@ class VisibilityCursor:
         for index, execution in enumerate(page):
             if execution.run_id == self.row:
                 return index + 1
-        return min(max(self.seen - 1, 0), len(page))
+        if not self.above:  # a cursor made before cursors named the rows above theirs
+            return min(max(self.seen - 1, 0), len(page))
+        above = {self.above[i : i + DIGEST] for i in range(0, len(self.above), DIGEST)}
+        still = [i for i, execution in enumerate(page) if row_digest(execution.run_id) in above]
+        return still[-1] + 1 if still else 0
 
     def next_page(self, following: bytes) -> VisibilityCursor:
         """The cursor at the top of the next page, at its token `following`."""
@@ -102,20 +113,33 @@ class VisibilityCursor:
             if len(cursor) > 4096:
                 raise ValueError
             fields = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-            if not isinstance(fields, list) or len(fields) not in (3, 6):
+            if not isinstance(fields, list) or len(fields) not in (3, 6, 7):
                 raise ValueError
-            if len(fields) == 6 and fields.pop() != _check(fields):
+            if len(fields) > 3 and fields.pop() != _check(fields):
                 raise ValueError
-            token, size, seen, row, made_for = [*fields, "", list_name][:5]
+            token, size, seen, row, made_for, above = [*fields, "", list_name, ""][:6]
             if not (isinstance(size, int) and 1 <= size <= max_size):
                 raise ValueError
             if not (isinstance(seen, int) and 0 <= seen <= size):
                 raise ValueError
             if not (isinstance(row, str) and len(row) <= 64 and made_for == list_name):
                 raise ValueError
-            return cls(base64.b64decode(token, validate=True) or None, size, seen, row, list_name)
+            if not (isinstance(above, str) and len(above) <= seen * DIGEST):
+                raise ValueError
+            token_bytes = base64.b64decode(token, validate=True) or None
+            return cls(token_bytes, size, seen, row, list_name, above)
         except (ValueError, TypeError, binascii.Error):
             raise TenureError(ErrorCode.INVALID_INPUT, "after: not a cursor of this list") from None
+
+
+DIGEST = 12
+"""Hex digits of a row's digest in a cursor: 48 bits, so that two rows of one page (at most
+MAX_PAGE) sharing one is about one chance in 50 million."""
+
+
+def row_digest(run_id: str) -> str:
+    """A row as a cursor names the rows above its own."""
+    return hashlib.sha256(run_id.encode()).hexdigest()[:DIGEST]
 
 
 def _check(fields: list[object]) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from api.visibility import VisibilityCursor
+from api.visibility import VisibilityCursor, _check
 from entities.errors import ErrorCode, TenureError
 
 
@@ -26,12 +26,18 @@ def rows(*names: str) -> list[Row]:
     return [Row(name, f"run-{name}") for name in names]
 
 
+def resumed(cursor: VisibilityCursor, page: list[Row]) -> list[str]:
+    """The rows of `page` a list resuming at `cursor` shows."""
+    return [row.id for row in page[cursor.resume_in(page) :]]
+
+
 def test_the_cursor_after_a_page_s_last_row_is_the_next_page_s_token() -> None:
     start = VisibilityCursor(None, 3, 0, "", "checkouts")
     page = rows("a", "b", "c")
     assert start.after(page, 2, b"next") == VisibilityCursor(b"next", 3, 0, "", "checkouts")
     # The last page has no next: its cursor finds its row again.
-    assert start.after(page, 2, None) == VisibilityCursor(None, 3, 3, "run-c", "checkouts")
+    last = start.after(page, 2, None)
+    assert (last.token, last.seen, last.row) == (None, 3, "run-c")
 
 
 def test_a_cursor_inside_a_page_resumes_after_its_row_wherever_it_moved() -> None:
@@ -41,8 +47,31 @@ def test_a_cursor_inside_a_page_resumes_after_its_row_wherever_it_moved() -> Non
     assert cursor.resume_in(rows("new", "a", "b", "c")) == 3
     # The one above it resolved: moved up one. Counting alone skipped "c" here.
     assert cursor.resume_in(rows("b", "c", "d", "e")) == 1
-    # Its own row resolved: one row sooner, a row shown again rather than one missed.
+    # Its own row resolved: after the rows above it still there.
     assert rows("a", "c", "d", "e")[cursor.resume_in(rows("a", "c", "d", "e"))].id == "c"
+
+
+def test_a_cursor_whose_row_and_rows_above_it_left_skips_none_after_it() -> None:
+    page = rows("a", "b", "c", "d", "e", "f")
+    cursor = VisibilityCursor(None, 6, 0, "", "checkouts").after(page, 3, b"n")
+    assert (cursor.seen, cursor.row) == (4, "run-d")
+    # "b" and its own "d" resolved while the operator read: resuming one row sooner than
+    # it had seen (3 of 4) skipped "e".
+    left = rows("a", "c", "e", "f")
+    assert resumed(cursor, left) == ["e", "f"]
+    # Every row it had seen resolved, one more came above: from the top, a row shown that
+    # came meanwhile rather than one missed.
+    fresh = rows("new", "e", "f")
+    assert resumed(cursor, fresh) == ["new", "e", "f"]
+    # As the client sends it back.
+    again = VisibilityCursor.decode(cursor.encode(), 100, "checkouts")
+    assert again == cursor and resumed(again, left) == ["e", "f"]
+
+
+def test_a_cursor_of_a_page_of_the_most_rows_stays_within_its_bound() -> None:
+    page = [Row(str(i), f"{i:08x}-0000-4000-8000-{i:012x}") for i in range(100)]
+    cursor = VisibilityCursor(b"t" * 200, 100, 0, "", "checkouts").after(page, 98, b"next")
+    assert VisibilityCursor.decode(cursor.encode(), 100, "checkouts") == cursor
 
 
 def test_a_cursor_is_its_own_list_s() -> None:
@@ -51,7 +80,13 @@ def test_a_cursor_is_its_own_list_s() -> None:
     with pytest.raises(TenureError) as refused:
         VisibilityCursor.decode(cursor, 100, "bulkCommands")
     assert refused.value.code is ErrorCode.INVALID_INPUT
-    # One made before cursors named their row and list is taken as it was.
+    # One made before cursors named the rows above theirs, or their row and list, is taken
+    # as it was.
+    before = [base64.b64encode(b"token").decode(), 10, 4, "run-x", "checkouts"]
+    made = base64.urlsafe_b64encode(json.dumps([*before, _check(before)]).encode()).decode()
+    assert VisibilityCursor.decode(made, 100, "checkouts") == VisibilityCursor(
+        b"token", 10, 4, "run-x", "checkouts"
+    )
     old = [base64.b64encode(b"token").decode(), 10, 4]
     encoded = base64.urlsafe_b64encode(json.dumps(old).encode()).decode()
     assert VisibilityCursor.decode(encoded, 100, "bulkCommands") == VisibilityCursor(
