@@ -8,6 +8,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,10 +41,12 @@ class VisibilityCursor:
     A cursor after a page's last row is the next page's token, which Temporal keys on that
     row's place in the order, so it stands whatever changes above it. One inside a page
     finds its row again by its run id; when that row has left the list (a checkout
-    resolved), it resumes after the lowest of the rows above it that are still there, or at
-    the top of the page when none is, showing a row again rather than missing one. Counting
-    alone skipped a FAILED checkout once the one above it was resolved; resuming one row
-    sooner skipped one once two were."""
+    resolved), it resumes after the nearest of the ABOVE rows above it that is still there,
+    or at the top of the page when none is, showing rows again rather than missing one.
+    Counting alone skipped a FAILED checkout once the one above it was resolved; resuming
+    one row sooner skipped one once two were. `above` holds the digests of its row and of
+    up to ABOVE rows above it, the farthest first: every row's cursor carries them, so a
+    page's cursors grow with ABOVE, not with the page."""
 
     token: bytes | None
     size: int
@@ -67,7 +70,8 @@ class VisibilityCursor:
         page is at `following`."""
         if index + 1 == len(page) and following is not None:
             return self.next_page(following)
-        above = "".join(row_digest(execution.run_id) for execution in page[: index + 1])
+        nearest = page[max(index - ABOVE, 0) : index + 1]
+        above = "".join(row_digest(execution.run_id) for execution in nearest)
         return VisibilityCursor(
             self.token, self.size, index + 1, page[index].run_id, self.list_name, above
         )
@@ -81,9 +85,12 @@ class VisibilityCursor:
                 return index + 1
         if not self.above:  # a cursor made before cursors named the rows above theirs
             return min(max(self.seen - 1, 0), len(page))
-        above = {self.above[i : i + DIGEST] for i in range(0, len(self.above), DIGEST)}
-        still = [i for i, execution in enumerate(page) if row_digest(execution.run_id) in above]
-        return still[-1] + 1 if still else 0
+        found = {row_digest(execution.run_id): i for i, execution in enumerate(page)}
+        digests = [self.above[i : i + DIGEST] for i in range(0, len(self.above), DIGEST)]
+        for digest in reversed(digests):  # the nearest first
+            if digest in found:
+                return found[digest] + 1
+        return 0
 
     def next_page(self, following: bytes) -> VisibilityCursor:
         """The cursor at the top of the next page, at its token `following`."""
@@ -108,7 +115,7 @@ class VisibilityCursor:
         """A cursor, of the list `list_name`, as it was made (its check): a token altered
         or cut short reached Temporal, which asked it to be sent again, and the list
         answered UNAVAILABLE after 5 s. One made before cursors named their row and list
-        (three fields) is taken as it was."""
+        (three fields), or the rows above their row (six), is taken as it was."""
         try:
             if len(cursor) > 4096:
                 raise ValueError
@@ -124,7 +131,10 @@ class VisibilityCursor:
                 raise ValueError
             if not (isinstance(row, str) and len(row) <= 64 and made_for == list_name):
                 raise ValueError
-            if not (isinstance(above, str) and len(above) <= seen * DIGEST):
+            named = min(seen, ABOVE + 1) if row and len(fields) == 6 else 0
+            if not (isinstance(above, str) and len(above) == named * DIGEST):
+                raise ValueError
+            if above and not _HEX.fullmatch(above):
                 raise ValueError
             token_bytes = base64.b64decode(token, validate=True) or None
             return cls(token_bytes, size, seen, row, list_name, above)
@@ -133,8 +143,12 @@ class VisibilityCursor:
 
 
 DIGEST = 12
-"""Hex digits of a row's digest in a cursor: 48 bits, so that two rows of one page (at most
-MAX_PAGE) sharing one is about one chance in 50 million."""
+"""Hex digits of a row's digest in a cursor: 48 bits, so that one of a cursor's digests
+matching another row of its page (at most MAX_PAGE) is about one chance in 300 billion."""
+ABOVE = 8
+"""Rows above its own that a cursor inside a page names: more than that leaving between two
+reads resumes at the top of the page, showing its rows again."""
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 def row_digest(run_id: str) -> str:

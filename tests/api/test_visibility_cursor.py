@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from api.visibility import VisibilityCursor, _check
+from api.listing import MAX_PAGE
+from api.visibility import ABOVE, VisibilityCursor, _check
 from entities.errors import ErrorCode, TenureError
 
 
@@ -68,10 +69,31 @@ def test_a_cursor_whose_row_and_rows_above_it_left_skips_none_after_it() -> None
     assert again == cursor and resumed(again, left) == ["e", "f"]
 
 
-def test_a_cursor_of_a_page_of_the_most_rows_stays_within_its_bound() -> None:
-    page = [Row(str(i), f"{i:08x}-0000-4000-8000-{i:012x}") for i in range(100)]
-    cursor = VisibilityCursor(b"t" * 200, 100, 0, "", "checkouts").after(page, 98, b"next")
-    assert VisibilityCursor.decode(cursor.encode(), 100, "checkouts") == cursor
+def test_the_cursors_of_a_page_of_the_most_rows_stay_small() -> None:
+    page = [Row(str(i), f"{i:08x}-0000-4000-8000-{i:012x}") for i in range(MAX_PAGE)]
+    start = VisibilityCursor(b"t" * 1500, MAX_PAGE, 0, "", "checkouts")
+    # Every row's cursor names at most ABOVE rows above its own: a page of 100 rows once
+    # carried 117 KB of cursors, and a long visibility token pushed the last ones past
+    # the bound a cursor is read under, refused as not a cursor of this list.
+    cursors = [start.after(page, i, None) for i in range(MAX_PAGE)]
+    assert max(len(cursor.encode()) for cursor in cursors) <= 4096
+    for cursor in cursors:
+        assert VisibilityCursor.decode(cursor.encode(), MAX_PAGE, "checkouts") == cursor
+    # More than ABOVE rows above it, and its own, left between two reads: from the top.
+    last = cursors[-1]
+    kept = [*page[: MAX_PAGE - ABOVE - 2], Row("new", "run-new")]
+    assert last.resume_in(kept) == 0
+
+
+def test_a_cursor_s_digests_are_as_its_list_made_them() -> None:
+    cursor = VisibilityCursor(None, 4, 0, "", "checkouts").after(rows("a", "b", "c", "d"), 1, b"n")
+    fields = json.loads(base64.urlsafe_b64decode(cursor.encode()))[:-1]
+    for above in ("", fields[5][:-1], fields[5].upper(), fields[5] + "0" * 12):
+        altered = [*fields[:5], above]
+        encoded = base64.urlsafe_b64encode(json.dumps([*altered, _check(altered)]).encode())
+        with pytest.raises(TenureError) as refused:
+            VisibilityCursor.decode(encoded.decode(), 100, "checkouts")
+        assert refused.value.code is ErrorCode.INVALID_INPUT, above
 
 
 def test_a_cursor_is_its_own_list_s() -> None:
