@@ -8,6 +8,11 @@ publishes by activity once per interval, carrying what its offers already wrote:
 that publish would read the interval (about 2 s under a stream of commands) where the cache
 had the change within milliseconds. A publish by activity that finds its snapshot already
 written (an offer was first, or its own earlier attempt) says nothing about the cache's lag.
+
+Counted in the worker only: a snapshot the API process stored first (a LIVE read's, a waited
+command's answer, whose publish its API process makes) is not counted, nor is the rare write
+whose answer never came back (an index write that failed after the snapshot's in a Redis
+Cluster, a saga request's publish given up on after it stored).
 """
 
 from __future__ import annotations

@@ -133,9 +133,13 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         "graceful_shutdown_timeout": timedelta(seconds=settings.worker_shutdown_grace),
     }
     meter = (client.service_client.config.runtime or Runtime.default()).metric_meter
-    lag = lag_histogram(meter)
+    # Labelled as an activity's metrics are, but for its type.
+    queue_meter = meter.with_additional_attributes(
+        {"namespace": client.namespace, "task_queue": settings.task_queue}
+    )
+    lag = lag_histogram(queue_meter)
     cache.written_back = lambda snapshot: record_lag(lag, snapshot, BY_WRITE_BACK)
-    offered = OfferedPublishes(cache, meter)
+    offered = OfferedPublishes(cache, queue_meter)
     entities = Worker(
         client,
         task_queue=settings.task_queue,
