@@ -49,7 +49,27 @@ LOST = "A webhook subscription was lost (Redis restarted empty): register it aga
 WORKER = 'job="tenure-worker",instance="w1",activity_type="deliver_webhooks"'
 OTHER_WORKER = 'job="tenure-worker",instance="w2",activity_type="deliver_webhooks"'
 
+BEHIND = "Changes reach the cache over 10 s late (p99): CACHED reads trail the entities"
+
+
+def _lag(le: str, values: str) -> dict[str, str]:
+    labels = 'job="tenure-worker",instance="w1",entity_type="account",by="offer"'
+    return {"series": f'tenure_publish_lag_seconds_bucket{{le="{le}",{labels}}}', "values": values}
+
+
 CASES = [
+    {  # Changes in the cache within 0.25 s for 20 minutes, then 10-30 s late (a worker behind).
+        "interval": "1m",
+        "input_series": [
+            *(_lag(le, "0+100x20 2000x40") for le in ("0.25", "1", "10")),
+            *(_lag(le, "0+100x60") for le in ("30", "+Inf")),
+        ],
+        "alert_rule_test": [
+            _silent("TenureCacheBehind", "18m"),
+            _silent("TenureCacheBehind", "28m"),  # late, not yet for 10 minutes
+            _fires("TenureCacheBehind", "40m", BEHIND, "ticket"),
+        ],
+    },
     {  # A receiver failing: a worker exports its dead letters at 0 from its first run.
         "interval": "1m",
         "input_series": [

@@ -55,6 +55,7 @@ TENURE_METRICS = {
     "tenure_commands_total",
     "tenure_publish_failures_total",
     "tenure_offered_publishes_total",  # tests/workers/test_offers.py scrapes it from a worker
+    "tenure_publish_lag_seconds",  # as it does this one, by the write that stored each
     "tenure_continue_as_new_total",
     "tenure_saga_outcomes_total",
     "tenure_webhooks_total",  # tests/workers/test_metrics.py scrapes both from a worker
