@@ -17,6 +17,7 @@ from entities.runtime.envelope import Publication, RuntimeOptions, Snapshot
 from entities.runtime.offers import Offer
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import eventually, until_cached
+from tests.entities.test_backlog import run_histories
 from tests.entities.test_publishing import events
 from tests.workers.test_change_stream import (
     applied,
@@ -61,20 +62,6 @@ def revisions_published(history: WorkflowHistory) -> list[int]:
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
         and event.activity_task_scheduled_event_attributes.activity_type.name == "publish_snapshot"
     ]
-
-
-async def every_run(client: Client, workflow_id: str) -> list[WorkflowHistory]:
-    """The history of each run of `workflow_id`, the latest first, then each one it
-    continued from."""
-    histories = []
-    run_id: str | None = None
-    while True:
-        history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
-        histories.append(history)
-        started = history.events[0].workflow_execution_started_event_attributes
-        if not started.continued_execution_run_id:
-            return histories
-        run_id = started.continued_execution_run_id
 
 
 async def test_a_burst_reaches_the_cache_and_the_stream_between_publishes(
@@ -176,7 +163,7 @@ async def test_offers_across_continue_as_new_with_commands_racing_each_run_s_end
         hit = await until_cached(cache, "account", account_id, last)
         entries = await until_streamed(cache, "account", account_id, last)
         assert hit.snapshot == await handle.query("snapshot", result_type=Snapshot)
-        runs = await every_run(temporal_client, workflow_id)
+        runs = await run_histories(temporal_client, workflow_id)
         by_activity = [revision for run in runs for revision in revisions_published(run)]
     assert hit.snapshot.state is not None
     assert hit.snapshot.state["balance"] == sum(range(1, senders * each + 1))
