@@ -133,7 +133,7 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         "graceful_shutdown_timeout": timedelta(seconds=settings.worker_shutdown_grace),
     }
     meter = (client.service_client.config.runtime or Runtime.default()).metric_meter
-    # Labelled as an activity's metrics are, but for its type.
+    # Labelled as the SDK labels an activity's or a workflow's metrics, but for its type.
     queue_meter = meter.with_additional_attributes(
         {"namespace": client.namespace, "task_queue": settings.task_queue}
     )
@@ -152,7 +152,7 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         **common,
     )
     offered.watch(entities)
-    _count_failed_checkouts_from_zero(meter, client.namespace, settings)
+    _count_failed_checkouts_from_zero(queue_meter)
     bulk_commands = Worker(
         client,
         task_queue=settings.bulk_task_queue,
@@ -168,22 +168,14 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
     )
 
 
-def _count_failed_checkouts_from_zero(
-    meter: MetricMeter, namespace: str, settings: Settings
-) -> None:
+def _count_failed_checkouts_from_zero(queue_meter: MetricMeter) -> None:
     """Export the series of checkouts become FAILED at 0 from the worker's start, labelled
     as a checkout's own metric meter labels it. The first FAILED then takes it from 0 to 1,
     which the page's `increase()` sees. Born at 1, a series was seen only as new: a worker
     restarted under the same instance label, whose old process had counted one, had its
     first FAILED within 15 minutes hidden behind the old one (deploy/compose/alerts.yml)."""
-    meter.create_counter(SAGA_OUTCOMES_METRIC, SAGA_OUTCOMES_DESCRIPTION).add(
-        0,
-        {
-            "namespace": namespace,
-            "task_queue": settings.task_queue,
-            "workflow_type": CHECKOUT_WORKFLOW,
-            "status": SagaStatus.FAILED.value,
-        },
+    queue_meter.create_counter(SAGA_OUTCOMES_METRIC, SAGA_OUTCOMES_DESCRIPTION).add(
+        0, {"workflow_type": CHECKOUT_WORKFLOW, "status": SagaStatus.FAILED.value}
     )
 
 
