@@ -191,6 +191,9 @@ async def test_a_page_that_did_not_come_leaves_the_pager_where_it_was(
     position = pane.locator("[data-position]")
     await pane.locator('input[name="text"]').fill(prefix)
     await pane.get_by_role("button", name="Apply").click()
+    # The filtered page, not the whole inventory's first 20 that opening the pane asked for:
+    # Next pages the list on screen, and paged that one when it came first.
+    await expect(position).to_have_text("page 1 · 21 matching")
     await expect(rows).to_have_count(20)
     await pane.get_by_role("button", name="Next").click()
     await expect(page.locator("#notice")).to_contain_text("Cannot list")
