@@ -138,7 +138,8 @@ class VisibilityCursor:
                 raise ValueError
             token_bytes = base64.b64decode(token, validate=True) or None
             return cls(token_bytes, size, seen, row, list_name, above)
-        except (ValueError, TypeError, binascii.Error):
+        # RecursionError: JSON nested thousands deep fits the 4,096 characters.
+        except (ValueError, TypeError, binascii.Error, RecursionError):
             raise TenureError(ErrorCode.INVALID_INPUT, "after: not a cursor of this list") from None
 
 

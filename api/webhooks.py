@@ -147,7 +147,8 @@ def _v1_signatures(header: str) -> list[bytes]:
         if version == "v1":
             try:
                 found.append(base64.b64decode(signature, validate=True))
-            except binascii.Error:
+            # A header's bytes come as latin-1 text: one past ASCII is a ValueError.
+            except (binascii.Error, ValueError):
                 continue
     return found
 

@@ -127,3 +127,13 @@ def test_a_cursor_altered_is_refused_as_input() -> None:
     with pytest.raises(TenureError) as refused:
         VisibilityCursor.decode(altered, 100, "checkouts")
     assert refused.value.code is ErrorCode.INVALID_INPUT
+
+
+def test_a_cursor_nested_deep_is_refused_as_input() -> None:
+    """JSON nested thousands deep fits a cursor's 4,096 characters; its decoding ran out of
+    stack, and the list answered INTERNAL."""
+    deep = base64.urlsafe_b64encode(b"[" * 3000).decode()
+    assert len(deep) <= 4096
+    with pytest.raises(TenureError) as refused:
+        VisibilityCursor.decode(deep, 100, "checkouts")
+    assert refused.value.code is ErrorCode.INVALID_INPUT

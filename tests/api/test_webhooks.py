@@ -276,13 +276,15 @@ async def test_bad_signatures_are_401_and_store_nothing(
     body = payment(account_id)
     signed = standard(body)
     now = time.time()
-    attempts: list[tuple[str, bytes, dict[str, str]]] = [
+    attempts: list[tuple[str, bytes, dict[str, str | bytes]]] = [
         # another body under the signature of this one
         ("payments", payment(account_id, amount=999_999), signed),
         ("payments", body, standard(body, secret="whsec_" + base64.b64encode(b"k" * 32).decode())),
         ("payments", body, {k: v for k, v in signed.items() if k != "webhook-signature"}),
         ("payments", body, {}),
         ("payments", body, {**signed, "webhook-signature": "v1,not base64!"}),
+        # a byte past ASCII, which the header carries as latin-1 text: it was a 500
+        ("payments", body, {**signed, "webhook-signature": b"v1,\xe9"}),
         ("payments", body, {**signed, "webhook-signature": "garbage"}),
         ("payments", body, {**signed, "webhook-signature": signed["webhook-signature"][:-4]}),
         ("payments", body, {**signed, "webhook-id": "msg_other"}),
