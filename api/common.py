@@ -18,7 +18,7 @@ from strawberry.utils.str_converters import to_camel_case
 
 from api.context import Info
 from api.gateway import Consistency as GatewayConsistency
-from api.gateway import EntityGateway, EntityRead, Receipt
+from api.gateway import EntityGateway, EntityRead, Receipt, check_idempotency_key
 from api.history import CommandHistory, command_history
 from api.pacing import holds_long_lists, take_turn
 from entities.errors import ErrorCode, TenureError
@@ -204,6 +204,20 @@ async def send_command(
     return await readable(info, command.entity_type, receipt)
 
 
+def check_client_key(idempotency_key: str | None) -> None:
+    """Refuse a client's idempotency key that the gateway would not take, or that begins as
+    Tenure's own command ids do: it could otherwise take one of them first."""
+    if idempotency_key is None:
+        return
+    check_idempotency_key(idempotency_key)
+    if idempotency_key.startswith(SYSTEM_COMMAND_PREFIXES):
+        raise TenureError(
+            ErrorCode.INVALID_INPUT,
+            f"idempotencyKey may not begin with {', '.join(SYSTEM_COMMAND_PREFIXES)}: "
+            "Tenure's own command ids begin so",
+        )
+
+
 async def send_unread(
     info: Info,
     command: Command[Any, Any, Any],
@@ -217,13 +231,7 @@ async def send_unread(
     it: for a mutation that answers with part of it (a checkout's id) and then with
     `readable(info, entity_type, receipt)` for the rest."""
     entity_type = command.entity_type
-    if idempotency_key is not None and idempotency_key.startswith(SYSTEM_COMMAND_PREFIXES):
-        # A client's key could otherwise take one of Tenure's own command ids first.
-        raise TenureError(
-            ErrorCode.INVALID_INPUT,
-            f"idempotencyKey may not begin with {', '.join(SYSTEM_COMMAND_PREFIXES)}: "
-            "Tenure's own command ids begin so",
-        )
+    check_client_key(idempotency_key)
     given = {k: v for k, v in payload.items() if v is not None}
     # The rest of this command's log lines name it (its id once the gateway has made it).
     structlog.contextvars.bind_contextvars(

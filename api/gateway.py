@@ -7,7 +7,7 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -127,6 +127,14 @@ class Receipt:
     """The revision the command made, from its recorded outcome: a repeat's is the first's."""
 
 
+def check_idempotency_key(idempotency_key: str) -> None:
+    if not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+        raise TenureError(
+            ErrorCode.INVALID_INPUT,
+            "idempotencyKey is 1 to 128 printable ASCII characters, no spaces",
+        )
+
+
 def check_entity_id(entity_id: str) -> str:
     if not ENTITY_ID.fullmatch(entity_id):  # `$` alone lets a trailing newline through
         raise TenureError(
@@ -199,6 +207,27 @@ class EntityGateway:
 
     # -- commands -------------------------------------------------------------------------
 
+    def checked(
+        self,
+        entity_type: str,
+        entity_id: str,
+        command: str,
+        payload: Mapping[str, Any],
+        idempotency_key: str | None = None,
+    ) -> EntityType[Any, Any]:
+        """The entity type, once the command is one it would take as sent: its id, its key
+        and its payload, as `send` checks them before anything is stored; raises the
+        refusal (INVALID_INPUT, or the command's own code)."""
+        entity = self.entity(entity_type)
+        check_entity_id(entity_id)
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
+        try:
+            entity.parse(command, payload)
+        except Rejected as exc:
+            raise TenureError(exc.code, exc.message) from None
+        return entity
+
     async def send(
         self,
         entity_type: str,
@@ -214,18 +243,7 @@ class EntityGateway:
         """Deliver one command. With `wait`, return the state after it was applied, or raise
         its rejection; without, return as soon as Temporal has durably accepted it.
         `fingerprint` is the command's, when not its whole payload's."""
-        entity = self.entity(entity_type)
-        check_entity_id(entity_id)
-        if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
-            raise TenureError(
-                ErrorCode.INVALID_INPUT,
-                "idempotencyKey is 1 to 128 printable ASCII characters, no spaces",
-            )
-
-        try:
-            entity.parse(command, payload)
-        except Rejected as exc:
-            raise TenureError(exc.code, exc.message) from None
+        entity = self.checked(entity_type, entity_id, command, payload, idempotency_key)
         command_id = idempotency_key or str(uuid.uuid4())
         structlog.contextvars.bind_contextvars(command_id=command_id)
         # A waited command's answer is written to the cache here anyway: the entity hands

@@ -446,6 +446,31 @@ async def test_an_account_has_only_so_many_carts_not_checked_out(
         await gql.data(create, id=new_id(), a=other)
 
 
+async def test_creates_refused_as_input_hold_no_room_for_a_cart(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """A create refused for its id, its key or its account id holds none of the account's
+    room: each held a cart's place for a minute, and three bad ones left a customer allowed
+    three carts unable to make one."""
+    three = secured.model_copy(update={"max_carts_per_account": 3})
+    create = """mutation($id: ID!, $a: ID!, $key: String) {
+        createCart(id: $id, accountId: $a, idempotencyKey: $key, wait: true) {
+          cart { id } } }"""
+    async with run_worker(three), api_client(three, temporal_client) as http:
+        http.headers["Authorization"] = f"Bearer {token('admin', 'ops')}"
+        gql = GraphQLClient(http)
+        account_id = await open_account(gql, 0)
+        refused = [
+            await gql.error_code(create, id="bad id", a=account_id, key=None),
+            await gql.error_code(create, id=new_id(), a=account_id, key="a key"),
+            await gql.error_code(create, id=new_id(), a=account_id, key="bulk:mine"),
+            await gql.error_code(create, id=new_id(), a=account_id, key="x" * 129),
+        ]
+        assert refused == ["INVALID_INPUT"] * 4
+        made = [await gql.data(create, id=new_id(), a=account_id, key=None) for _ in range(3)]
+    assert all(data["createCart"]["cart"] for data in made)
+
+
 async def test_a_late_repeat_of_a_checkout_is_answered_with_its_own_checkout(
     gql: GraphQLClient,
 ) -> None:
