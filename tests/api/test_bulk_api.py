@@ -111,6 +111,26 @@ async def test_a_bulk_deposit_reaches_every_account_once_however_often_it_is_sen
     assert balances == [25] * 6
 
 
+async def test_six_bulk_commands_started_in_one_request_are_each_answered(
+    gql: GraphQLClient,
+) -> None:
+    """Reading back a started bulk command was charged to the request's five LIVE reads: the
+    sixth start of a request was made, then answered TOO_MANY_LIVE_READS, as if refused."""
+    account_id = new_id()
+    await open_active(gql, account_id)
+    keys = [new_id() for _ in range(6)]
+    starts = " ".join(
+        f'b{n}: startBulkCommand(entityType: "account", command: "deposit", '
+        f'payload: {{amount: 1}}, ids: ["{account_id}"], idempotencyKey: "{key}") {{ id }}'
+        for n, key in enumerate(keys)
+    )
+    body = await gql(f"mutation {{ {starts} }}")
+    assert body.get("errors") is None, body["errors"]
+    assert [body["data"][f"b{n}"]["id"] for n in range(6)] == keys
+    for key in keys:
+        assert (await finished(gql, key))["applied"] == 1
+
+
 async def test_no_client_key_takes_a_bulk_command_s_id_first(gql: GraphQLClient) -> None:
     """A bulk command's id for an entity is `bulk:<key>:<entity id>`: a client that sent a
     command under that id first would have the bulk skip its entity as a repeat. Keys that
