@@ -157,6 +157,7 @@ class _Cursor:
             order_name, key = json.loads(base64.urlsafe_b64decode(cursor.encode()))
             if order_name != order.value or not isinstance(key, str):
                 raise ValueError
+            key.encode()  # a lone surrogate (`\ud800` in its JSON) is no key Redis holds
         except (ValueError, TypeError, binascii.Error):
             raise TenureError(
                 ErrorCode.INVALID_INPUT, "after: not a cursor of this list in this order"
