@@ -147,6 +147,7 @@ class _Run:
         self._cursors = dict.fromkeys(self._streams, "0")  # pending entries first
         self._queues: dict[tuple[str, str], deque[Send]] = {}
         self._held = 0
+        self._reserved = 0  # of `_held`, room taken by reads under way for what they bring
         # Each entity's entries parked, in order after those in its queue: (stream, ids).
         self._parked: dict[tuple[str, str], deque[tuple[str, list[str]]]] = {}
         self._parked_count = 0
@@ -209,19 +210,27 @@ class _Run:
 
     def _park(self) -> None:
         """Put out of memory the entries waiting behind each entity whose first waits to
-        retry (that entry stays, and its drain): they would otherwise fill what is held, and
-        hold back every other entity until that one is delivered or dead-lettered."""
-        now = time.time()
-        for key, queue in self._queues.items():
-            due = queue[0].retries.due if queue else None
-            if len(queue) < 2 or due is None or due <= now:
-                continue
-            parked = self._parked.setdefault(key, deque())
-            while len(queue) > 1 and self._parked_count < MAX_PARKED:
-                item = queue.pop()  # before those parked already, which came later
-                parked.appendleft((item.stream, item.entry_ids))
-                self._held -= 1
-                self._parked_count += 1
+        retry: they would otherwise fill what is held, and hold back every other entity
+        until that one is delivered or dead-lettered. Should the firsts alone still fill it,
+        they go too (their drains wait, and read them back once due, their retries as noted
+        in Redis): a thousand entities refused, a receiver down for one entity type, held it
+        full, and no other type's change was read for a day. A first parked is in the stream
+        alone, so one that retention trims before it is read back arrives as a gap, as the
+        entries behind it do; one held arrives whole."""
+        for firsts in (False, True):
+            if firsts and self._held - self._reserved < MAX_HELD:
+                return
+            now = time.time()
+            for key, queue in self._queues.items():
+                due = queue[0].retries.due if queue else None
+                if due is None or due <= now:  # being sent, or due: its drain sends it
+                    continue
+                parked = self._parked.setdefault(key, deque())
+                while len(queue) > (0 if firsts else 1) and self._parked_count < MAX_PARKED:
+                    item = queue.pop()  # before those parked already, which came later
+                    parked.appendleft((item.stream, item.entry_ids))
+                    self._held -= 1
+                    self._parked_count += 1
 
     async def _unpark(self, key: tuple[str, str], queue: deque[Send]) -> None:
         """Read an entity's next parked entries again, into its (empty) queue."""
@@ -231,11 +240,13 @@ class _Run:
         refs = [parked.popleft() for _ in range(min(len(parked), READ_COUNT, room))]
         self._parked_count -= len(refs)
         self._held += len(refs)  # held from now: a read meanwhile leaves room for them
+        self._reserved += len(refs)
         taken = 0
         try:
             taken = await self._read_back(refs, queue)
         finally:
             self._held += taken - len(refs)
+            self._reserved -= len(refs)
         if not parked:  # only now: entries read meanwhile went after these
             del self._parked[key]
 
@@ -273,6 +284,7 @@ class _Run:
         if count <= 0:
             return 0
         self._held += count  # held from now: a read back meanwhile leaves room for them
+        self._reserved += count
         queued = 0
         try:
             try:
@@ -309,6 +321,7 @@ class _Run:
             return len(entries)
         finally:
             self._held += queued - count
+            self._reserved -= count
 
     async def _take(
         self, stream: str, entries: list[tuple[bytes, Mapping[bytes, bytes] | None]]
@@ -386,44 +399,50 @@ class _Run:
                     break
                 await self._unpark(key, queue)
                 continue
-            if not await self._until_done(queue[0]):
-                break
+            item = queue[0]
+            due = item.retries.due
+            if due is not None and due > time.time():
+                # Waiting holds no sending slot: the slots bound sends in flight, and an
+                # entity in backoff must not keep the others from theirs. Nor, once the run
+                # holds its most, a place in memory: its entries are parked (`_park`), and
+                # read back when it wakes.
+                if self._held >= MAX_HELD:
+                    self._park()
+                await _until(self._stopping, due - time.time())
+                continue
+            if not await self._attempt(item):
+                continue  # to wait for its retry, or for the run's end
             queue.popleft()
             self._held -= 1
         if not queue and key not in self._parked:
             del self._queues[key]
 
-    async def _until_done(self, item: Send) -> bool:
-        """Send until delivered or dead-lettered (True), or until the run stops (False)."""
+    async def _attempt(self, item: Send) -> bool:
+        """Send it once: True once delivered or dead-lettered, False when it is to be
+        retried (its `retries.due` set) or the run stops first."""
         retries = item.retries
-        while not self._stopping.is_set():
-            if retries.due is not None and retries.due > time.time():
-                # Waiting holds no sending slot: the slots bound sends in flight, and an
-                # entity in backoff must not keep the others from theirs.
-                await _until(self._stopping, retries.due - time.time())
-                continue
-            async with self._sending:
-                if self._stopping.is_set():
-                    break
-                first = retries.first = retries.first or time.time()
-                error = await self._send(item)
-            retries.attempts += 1
-            now = time.time()
-            if error is None:
-                self._count(DELIVERED, 1)
-            elif self._schedule.gives_up(first, now):
-                await self._subscribers.dead_letter(
-                    self._subscriber.id, item.dead_letter(error, first, now)
-                )
-                self._count(DEAD_LETTERED, 1)
-            else:
-                # Kept, so that a run starting meanwhile waits for it as this one would.
-                retries.due = self._schedule.next_due(retries.attempts, first, now)
-                await self._notes.keep(item.stream, item.entry_ids[0], item.note())
-                continue
-            await self._done(item)
-            return True
-        return False
+        async with self._sending:
+            if self._stopping.is_set():
+                return False
+            first = retries.first = retries.first or time.time()
+            error = await self._send(item)
+        retries.attempts += 1
+        now = time.time()
+        if error is None:
+            self._count(DELIVERED, 1)
+        elif self._schedule.gives_up(first, now):
+            await self._subscribers.dead_letter(
+                self._subscriber.id, item.dead_letter(error, first, now)
+            )
+            self._count(DEAD_LETTERED, 1)
+        else:
+            # Kept, so that a run starting meanwhile, or this one reading it back once
+            # parked, waits for it as it would have.
+            retries.due = self._schedule.next_due(retries.attempts, first, now)
+            await self._notes.keep(item.stream, item.entry_ids[0], item.note())
+            return False
+        await self._done(item)
+        return True
 
     async def _done(self, item: Send) -> None:
         await self._redis.xack(item.stream, self._group, *item.entry_ids)

@@ -215,6 +215,37 @@ async def test_one_refused_entity_with_more_changes_than_are_held_holds_back_no_
     assert pending["pending"] == 0
 
 
+async def test_more_refused_entities_than_are_held_hold_back_no_other(
+    delivering: Delivering, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More entities refused by their receiver than a run holds in memory (MAX_HELD, 5
+    here), one change each: their changes, each waiting to retry, held the run full, and no
+    later change was read until they were delivered or dead-lettered (a day; a receiver
+    down for one entity type stopped every other type's webhooks). They now wait parked,
+    the others are delivered at once, and once taken the refused all arrive, each once."""
+    monkeypatch.setattr(workers.webhook_delivery, "MAX_HELD", 5)
+    refused, others = [new_id() for _ in range(12)], [new_id() for _ in range(3)]
+    taking = False
+    receiver.answer = lambda event: 200 if taking or event["data"]["id"] in others else 500
+    for entity_id in [*refused, *others]:
+        await delivering.change(entity_id, 1)
+    run = asyncio.create_task(delivering.run(10.0))
+    try:
+        await receiver.until(lambda: len(receiver.delivered()) == len(others), 5)
+        taking = True
+        await receiver.until(lambda: len(receiver.delivered()) == len(others) + len(refused), 8)
+    finally:
+        counts = await run
+    assert counts == DeliveryCounts(delivered=len(others) + len(refused))
+    delivered = [event["data"]["id"] for event in receiver.delivered()]
+    assert set(delivered[: len(others)]) == set(others)
+    assert sorted(delivered[len(others) :]) == sorted(refused)
+    pending: Any = await delivering.subscribers.client.xpending(
+        delivering.stream, group_name(delivering.subscriber.id)
+    )
+    assert pending["pending"] == 0
+
+
 async def test_changes_parked_behind_a_refused_one_and_trimmed_meanwhile_arrive_as_a_gap(
     delivering: Delivering, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
