@@ -255,10 +255,32 @@ async def send_unread(
             # Allowed as the creator it names, it met an entity made meanwhile by another
             # (not yet known when it was allowed): whose that is decides what it may learn.
             await authorize(info, entity_type, entity_id, READ)
-        if exc.code is not ErrorCode.INVALID_INPUT:
-            raise
-        raise TenureError(exc.code, graphql_field_names(exc.message)) from None
+        if exc.code is ErrorCode.INVALID_INPUT:
+            raise TenureError(exc.code, graphql_field_names(exc.message)) from None
+        if exc.code in _TOLD_OF_STATE and not await info.context.authorizer.allows(
+            principal, entity_type, entity_id, READ
+        ):
+            # A caller that may send it but not read the entity (a service scoped to
+            # `account:withdraw` alone) learns the refusal's code, not the state that
+            # made it: "balance 1234 is less than ..." read any account's balance.
+            raise TenureError(
+                exc.code, f"{entity_type} {entity_id} refused {command.name} ({exc.code})"
+            ) from None
+        raise
     return receipt
+
+
+_TOLD_OF_STATE = frozenset(
+    {
+        ErrorCode.INSUFFICIENT_FUNDS,
+        ErrorCode.INSUFFICIENT_STOCK,
+        ErrorCode.INVALID_TRANSITION,
+        ErrorCode.CHECKOUT_IN_PROGRESS,
+        ErrorCode.LIMIT_REACHED,
+        ErrorCode.CONFLICT,
+    }
+)
+"""Refusals an entity words from its state (a balance, a status, a count)."""
 
 
 def _fingerprint(name: str, given: Mapping[str, Any], filled: Collection[str]) -> str | None:

@@ -600,6 +600,33 @@ async def test_a_command_payload_shows_state_only_to_a_caller_who_may_read_it(
     assert shown["status"] == "APPLIED" and shown["account"]["balance"] == 10
 
 
+async def test_a_refusal_shows_state_only_to_a_caller_who_may_read_it(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """A service that may withdraw but not read learns that a withdrawal was refused and
+    why in a code, not the balance: the refusal's words ("balance 10 is less than ...") read
+    any account's balance, a guess at a time. A reader is told as before."""
+    admin = Caller(secured_http, token("admin", "setup"))
+    entities = await setup(admin)
+    deposit = (
+        "mutation($id: ID!) { depositToAccount(id: $id, amount: 4321, wait: true) { status } }"
+    )
+    await admin.data(deposit, id=entities["mine"])
+    too_much = """mutation($id: ID!) { withdrawFromAccount(id: $id, amount: 1000000, wait: true) {
+        status } }"""
+    payer = Caller(secured_http, token("service", "payouts", scope="account:withdraw"))
+    refused = (await payer.post(too_much, id=entities["mine"])).json()["errors"][0]
+    assert refused["extensions"]["code"] == ErrorCode.INSUFFICIENT_FUNDS
+    balance = (await admin.data(READ_ACCOUNT, id=entities["mine"]))["account"]["balance"]
+    assert balance >= 4321 and str(balance) not in refused["message"], refused
+    reader = Caller(
+        secured_http, token("service", "payouts", scope="account:withdraw read:account")
+    )
+    told = (await reader.post(too_much, id=entities["mine"])).json()["errors"][0]
+    assert told["extensions"]["code"] == ErrorCode.INSUFFICIENT_FUNDS
+    assert f"balance {balance}" in told["message"], told
+
+
 async def test_a_service_that_may_check_a_cart_out_but_not_read_it_learns_the_checkout(
     secured_http: httpx.AsyncClient,
 ) -> None:
