@@ -281,7 +281,9 @@ async def test_changes_parked_behind_a_refused_one_and_trimmed_meanwhile_arrive_
 
 class _HeldWatched(workers.webhook_delivery._Run):
     """A run that notes what it holds after each read back of parked entries, and whose
-    look for trims takes as long as one to a Redis 20 ms away."""
+    reads of new changes (with their look for trims) take as long as ones to a Redis 20 ms
+    away. (It slowed a `_look_for_unread_trims` that the reads had stopped calling, so the
+    race it stands for went unslowed.)"""
 
     held: ClassVar[list[int]] = []
 
@@ -289,9 +291,9 @@ class _HeldWatched(workers.webhook_delivery._Run):
         await super()._unpark(key, queue)
         self.held.append(self._held)
 
-    async def _look_for_unread_trims(self, stream: str) -> None:
+    async def _read_new(self, stream: str, count: int) -> Any:
         await asyncio.sleep(0.02)
-        await super()._look_for_unread_trims(stream)
+        return await super()._read_new(stream, count)
 
 
 async def test_parked_changes_are_read_back_within_what_a_run_holds(
