@@ -127,6 +127,35 @@ async def test_an_admin_follows_an_account_live_and_suspends_it(
     assert (await api.data(STATUS, id=active))["account"]["status"] == "SUSPENDED"
 
 
+WITHDRAW = """mutation($id: ID!, $amount: Long!) { withdrawFromAccount(id: $id, amount: $amount,
+  wait: true) { commandId } }"""
+
+
+async def test_a_close_refused_while_money_is_held_closes_once_the_money_is_out(
+    served: str, api: Api, page: Page
+) -> None:
+    """Close refused (the account holds money): the form kept its idempotency key, and the
+    entity answers a key it refused with that refusal ever after, so Close stayed refused
+    after the money went out, until the page was loaded again. A refusal now drops the key;
+    only an answer that may not have come keeps it."""
+    account_id = f"c{new_id()[:10]}"
+    await api.data(OPEN, id=account_id, owner="Carl Close")
+    await api.data(VERIFY, id=account_id)
+    await api.data(DEPOSIT, id=account_id, amount=700)
+    page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await sign_in(page, served, ADMIN)
+    await open_listed(page, "accounts", "text", account_id, account_id)
+    detail = page.locator("#detail")
+    await expect(detail.locator('[data-field="balance"]')).to_have_text("700")
+    await detail.get_by_role("button", name="Close account").click()
+    await expect(page.locator("#notice")).to_contain_text("failed: INVALID_TRANSITION")
+    await api.data(WITHDRAW, id=account_id, amount=700)
+    await expect(detail.locator('[data-field="balance"]')).to_have_text("0")
+    await detail.get_by_role("button", name="Close account").click()
+    await expect(detail.locator('[data-field="status"]')).to_have_text("CLOSED")
+    assert (await api.data(STATUS, id=account_id))["account"]["status"] == "CLOSED"
+
+
 async def test_an_operator_reads_a_checkout_saga_and_declines_a_restock(
     served: str, api: Api, page: Page
 ) -> None:

@@ -1017,6 +1017,9 @@
     detailPane.querySelector("[data-older]").hidden = !history.hasOlder;
   }
 
+  // Answers that leave a command's fate unknown: retried under the same key.
+  const UNCERTAIN = new Set(["UNAVAILABLE", "OUTCOME_UNKNOWN", "INTERNAL"]);
+
   for (const form of detailPane.querySelectorAll("form[data-action]")) {
     const action = ACTIONS[form.dataset.action];
     // The same key while the same action is retried after an uncertain answer: the entity
@@ -1042,6 +1045,12 @@
         say(`${KINDS[detailPane.dataset.kind].noun} ${key} ${action.done}.`);
         if (!operatorPane.hidden) loadNeedingOperator();
       } catch (err) {
+        // Refused for good, it is answered so under its key ever after: sent again once its
+        // cause is fixed (a balance brought to zero before a close), it needs a new one.
+        // Only an answer that may not have come (UNAVAILABLE) keeps it, to apply it once.
+        if (!(err instanceof ApiError && UNCERTAIN.has(err.code))) {
+          delete form.dataset.idempotencyKey;
+        }
         say(`${form.dataset.action} ${key} failed: ${failure(err)}`, true);
       } finally {
         buttons.forEach((b) => (b.disabled = false));
