@@ -7,6 +7,7 @@ found and resolved with a reason."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 import pytest
@@ -272,6 +273,10 @@ async def test_a_bulk_command_started_elsewhere_shows_in_the_list_with_its_progr
     await expect(row.locator('[data-column="command"]')).to_have_text("account: deposit")
     await expect(row.locator('[data-column="applied"]')).to_have_text("3")
     await expect(row.locator("[data-count]")).to_have_text("3/3")
+    # A count of bulk commands, not of pages ("page 1 of 57" read as pages).
+    await expect(listed.locator("[data-position]")).to_have_text(
+        re.compile(r"^page 1 · \d+ bulk commands$")
+    )
     progress = row.locator("progress")
     await expect(progress).to_have_attribute("max", "3")
     await expect(progress).to_have_attribute("value", "3")

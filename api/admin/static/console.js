@@ -825,7 +825,8 @@
     if (!page.edges.length) {
       body.append(el("tr", {}, el("td", { colspan: columns }, "None.")));
     }
-    const total = page.totalCount === null ? "" : ` of ${page.totalCount}`;
+    // The count is of bulk commands, not pages: "page 1 of 57" read as pages.
+    const total = page.totalCount === null ? "" : ` · ${page.totalCount} bulk commands`;
     const number = bulkList.cursors.length;
     bulkList.pane.querySelector("[data-position]").textContent = `page ${number}${total}`;
     bulkList.pane.querySelector("[data-previous]").disabled = number === 1;
