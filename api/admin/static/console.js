@@ -346,6 +346,11 @@
     notice.hidden = !message;
   }
 
+  // A read that works again takes back the notice its failure left, and only that one.
+  function recovered(prefix) {
+    if (document.getElementById("notice").textContent.startsWith(prefix)) say("");
+  }
+
   function failure(err) {
     return err instanceof ApiError ? `${err.code}: ${err.message}` : String(err);
   }
@@ -590,18 +595,28 @@
         refused { name code message } } }
       pageInfo { hasNextPage endCursor } totalCount } }`;
   let operatorCursors = [null];
+  let operatorAsked = 0;
+  const CANNOT_LIST_FAILED = "Cannot list the checkouts needing an operator:";
 
   // The page after the last of `cursors`; they become the pages shown once it has come.
   async function loadNeedingOperator(cursors = operatorCursors) {
     const headings = operatorPane.querySelectorAll("th[data-column]");
     const columns = [...headings].map((th) => th.dataset.column);
+    const asked = ++operatorAsked;
     let data;
     try {
       data = await graphql(NEEDING_OPERATOR, { after: cursors[cursors.length - 1] });
     } catch (err) {
-      say(`Cannot list the checkouts needing an operator: ${failure(err)}`, true);
+      if (asked !== operatorAsked) return;
+      say(`${CANNOT_LIST_FAILED} ${failure(err)}`, true);
+      // What the table shows is not the page asked for: marked so, until one comes.
+      operatorPane.querySelector("table.list").dataset.stale = "true";
       return;
     }
+    // An older answer arriving late (a reload after a resolve, then Previous) is dropped.
+    if (asked !== operatorAsked) return;
+    recovered(CANNOT_LIST_FAILED);
+    operatorPane.querySelector("table.list").dataset.stale = "false";
     operatorCursors = cursors;
     const { page } = data;
     const body = operatorPane.querySelector("tbody");
@@ -684,6 +699,7 @@
       return;
     }
     if (bulk !== current) return;
+    recovered(`Cannot read bulk command ${current.id}:`);
     if (data.bulk === null) {
       say(`No bulk command ${current.id}.`, true);
       bulkPane.hidden = true;
@@ -777,6 +793,7 @@
           after: cursors[cursors.length - 1],
         });
         if (asked !== bulkList.asked) return; // a newer read was asked meanwhile
+        recovered("Cannot list the bulk commands:");
         bulkList.cursors = cursors;
         renderBulkList(data.page);
       } catch (err) {
