@@ -825,6 +825,8 @@ def container_env(rendered: list[dict[str, Any]], container: dict[str, Any]) -> 
         kind = "ConfigMap" if "configMapKeyRef" in ref else "Secret"
         key_ref = ref.get("configMapKeyRef") or ref["secretKeyRef"]
         values = data(kind, key_ref["name"])
+        if key_ref["key"] not in values and key_ref.get("optional"):
+            continue  # the kubelet leaves it unset: what envFrom gave stands
         assert key_ref["key"] in values, f"{variable['name']}: no {key_ref['key']} in {kind}"
         env[variable["name"]] = values[key_ref["key"]]
     return env
@@ -855,6 +857,27 @@ def test_every_referenced_setting_exists_and_builds_production_settings(
                 assert settings.worker_shutdown_grace + SHUTDOWN_SECONDS < GRACE_SECONDS
                 ports = {p["name"]: p["containerPort"] for p in container["ports"]}
                 assert ports["metrics"] == WORKER_METRICS_PORT
+
+
+def test_a_redis_url_in_the_secret_reaches_the_api_and_the_workers(tmp_path: Path) -> None:
+    """The ConfigMap said a Redis URL with a password belongs in the Secret, but no pod read
+    it from there: the API and the workers kept the ConfigMap's URL, without the password,
+    and could not write to the cache. Left out of the Secret, the ConfigMap's stands (the
+    production test above)."""
+    copied = tmp_path / "k8s"
+    shutil.copytree(K8S, copied)
+    overlay = copied / "overlays" / "production"
+    with_password = "redis://:s3cret@redis.redis.svc:6379/0"
+    example = (overlay / "auth.env.example").read_text()
+    (overlay / "auth.env").write_text(
+        example.replace("TENURE_AUTH_SECRET=", "TENURE_AUTH_SECRET=" + "x" * 48)
+        + f"REDIS_URL={with_password}\n"
+    )
+    rendered = render(overlay)
+    containers = [c for _, t in pod_templates(rendered) for c in t["spec"]["containers"]]
+    assert {tuple(c["args"]) for c in containers} == {("api",), ("worker",)}
+    for container in containers:
+        assert Settings.from_env(container_env(rendered, container)).redis_url == with_password
 
 
 def test_the_base_secret_is_a_placeholder_the_api_refuses() -> None:
