@@ -127,6 +127,11 @@ def _follow_sentinels(settings: Settings) -> redis.Redis:
     nodes = []
     for node in settings.redis_sentinels:
         host, _, port = node.rpartition(":")
+        if not (host and port.isdigit()):
+            raise ValueError(
+                f"TENURE_REDIS_SENTINELS: {node!r} is not host:port (a Sentinel's port, "
+                "26379 by default, must be given)"
+            )
         nodes.append((host, int(port)))
     sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed since redis 8
         nodes,

@@ -135,3 +135,12 @@ async def test_the_cache_follows_a_sentinel_failover(
         await client.aclose()
         for sentinel in client.connection_pool.sentinel_manager.sentinels:  # type: ignore[attr-defined]
             await sentinel.aclose()
+
+
+@pytest.mark.parametrize("node", ["sentinel-0", ":26379", "sentinel-0:port"])
+def test_a_sentinel_named_without_its_port_is_refused_by_the_setting_s_name(node: str) -> None:
+    """`TENURE_REDIS_SENTINELS=sentinel-0` was "invalid literal for int() with base 10",
+    naming neither the setting nor what was missing."""
+    settings = Settings(redis_sentinel_master="mymaster", redis_sentinels=[node])
+    with pytest.raises(ValueError, match=r"TENURE_REDIS_SENTINELS: .* is not host:port"):
+        connect_redis(settings)
