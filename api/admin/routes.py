@@ -8,6 +8,7 @@ here needs to authenticate anyone.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -55,7 +56,18 @@ def admin_console(settings: Settings, *, auth_required: bool) -> Mount:
         "/admin",
         routes=[
             Route("/", page, methods=["GET"]),
-            Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
+            Mount("/static", _Revalidated(directory=_HERE / "static"), name="static"),
         ],
         name="admin",
     )
+
+
+class _Revalidated(StaticFiles):
+    """The console's script and style, asked again (and answered 304 by their ETag) on every
+    load, as the page is: cached by a browser's own guess, a deploy's new page ran the old
+    script."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["cache-control"] = "no-cache"
+        return response

@@ -44,6 +44,11 @@ async def test_its_script_and_style_are_served_beside_it(production: httpx.Async
         assert asset.status_code == 200
         assert asset.headers["content-type"].startswith(media_type)
         assert asset.headers["content-security-policy"] == API_POLICY
+        # Asked again on each load, as the page is: a deploy's page never runs an old script.
+        assert asset.headers["cache-control"] == "no-cache"
+        etag = asset.headers["etag"]
+        again = await production.get(f"/admin/static/{path}", headers={"if-none-match": etag})
+        assert again.status_code == 304
     assert (await production.get("/admin")).headers["location"].endswith("/admin/")
 
 
