@@ -33,8 +33,18 @@ def unavailable(exc: RPCError) -> TenureError:
 
 
 def is_missing(exc: RPCError) -> bool:
-    """Temporal has no such workflow (it never ran, or retention removed it)."""
-    return exc.status is RPCStatusCode.NOT_FOUND
+    """Temporal has no such workflow (it never ran, or retention removed it); not a
+    namespace it does not know, which it answers NOT_FOUND too (`namespace_missing`)."""
+    return exc.status is RPCStatusCode.NOT_FOUND and not namespace_missing(exc)
+
+
+def namespace_missing(exc: RPCError) -> bool:
+    """Temporal does not know the namespace asked for (TEMPORAL_NAMESPACE mistyped): every
+    workflow would read as missing, and an operator was told "no account ada"."""
+    return exc.status is RPCStatusCode.NOT_FOUND and any(
+        detail.type_url.endswith(".NamespaceNotFoundFailure")
+        for detail in exc.grpc_status.details
+    )
 
 
 def redis_unavailable(what: str, exc: BaseException) -> TenureError:

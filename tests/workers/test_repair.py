@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from temporalio import workflow
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from api.gateway import Consistency, EntityGateway, Source
@@ -178,3 +179,22 @@ async def test_the_watchdog_repairs_an_entity_whose_history_no_longer_replays(
         snapshot = await eventually(healed, lambda s: s is not None and s.revision == 4, 60)
     assert snapshot is not None and snapshot.state is not None
     assert snapshot.state["balance"] == POISON + 11
+
+
+async def test_repair_in_a_namespace_temporal_does_not_know_says_so_not_no_entity(
+    temporal_client: Client, settings: Settings
+) -> None:
+    """Temporal answers NOT_FOUND for a namespace it does not know, as for a workflow: a
+    mistyped TEMPORAL_NAMESPACE told the operator "no account ada", of an account that is
+    there. Now the namespace's own error goes through."""
+    assert settings.temporal_address is not None
+    elsewhere = await Client.connect(
+        settings.temporal_address, namespace=f"no-such-namespace-{new_id()[:8]}"
+    )
+    account_id = new_id()
+    with pytest.raises(RPCError) as raised:
+        await repair(elsewhere, "account", account_id)
+    assert "amespace" in raised.value.message
+    with pytest.raises(TenureError) as missing:  # a missing entity is still NOT_FOUND
+        await repair(temporal_client, "account", account_id)
+    assert missing.value.code is ErrorCode.NOT_FOUND
