@@ -42,8 +42,7 @@ def namespace_missing(exc: RPCError) -> bool:
     """Temporal does not know the namespace asked for (TEMPORAL_NAMESPACE mistyped): every
     workflow would read as missing, and an operator was told "no account ada"."""
     return exc.status is RPCStatusCode.NOT_FOUND and any(
-        detail.type_url.endswith(".NamespaceNotFoundFailure")
-        for detail in exc.grpc_status.details
+        detail.type_url.endswith(".NamespaceNotFoundFailure") for detail in exc.grpc_status.details
     )
 
 

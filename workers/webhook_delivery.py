@@ -114,6 +114,13 @@ class WebhookDelivery:
         for entity_type in subscriber.events:  # gone if Redis lost them: from now on
             await self._subscribers.ensure_group(subscriber.id, entity_type, start="$")
         await self._subscribers.ensure_group(subscriber.id, None, start="0")
+        if await self._subscribers.get(run.subscriber_id) is None:
+            # Removed while the groups were made: a removal's destroy that came before them
+            # left these for good, with all they would hold pending.
+            await self._subscribers.destroy_groups(subscriber.id, subscriber.events)
+            await self._subscribers.drop_keys(run.subscriber_id)
+            await _said_gone(self._subscribers, run.subscriber_id)
+            return DeliveryRunResult(removed=True)
         async with httpx.AsyncClient(
             timeout=SEND_TIMEOUT_SECONDS, follow_redirects=False, trust_env=False
         ) as http:

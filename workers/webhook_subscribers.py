@@ -22,7 +22,7 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -234,10 +234,14 @@ class WebhookSubscribers:
         # Before it goes: its delivery, finding it gone, tells a removal from a loss.
         await self.client.set(self.key(subscriber_id, "removed"), 1, ex=REMOVED_KEPT_SECONDS)
         await self.client.hdel(self.registry_key, subscriber_id)
-        for entity_type in subscriber.events:
-            await self.client.xgroup_destroy(self.stream(entity_type), group_name(subscriber_id))
+        await self.destroy_groups(subscriber_id, subscriber.events)
         await self.drop_keys(subscriber_id)
         return True
+
+    async def destroy_groups(self, subscriber_id: str, entity_types: Iterable[str]) -> None:
+        """Its groups on the types' change streams, gone with what they held pending."""
+        for entity_type in entity_types:
+            await self.client.xgroup_destroy(self.stream(entity_type), group_name(subscriber_id))
 
     async def was_removed(self, subscriber_id: str) -> bool:
         """Whether the subscriber was removed (`remove`) in the last REMOVED_KEPT_SECONDS:

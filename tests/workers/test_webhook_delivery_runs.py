@@ -567,3 +567,34 @@ async def test_changes_trimmed_between_two_reads_of_a_run_are_dead_lettered_as_a
     await delivering.change(new_id(), 1)
     assert await delivering.run(1.0) == DeliveryCounts(delivered=1)
     assert len(await delivering.dead_letters()) == 1
+
+
+async def test_a_removal_while_a_run_makes_its_groups_leaves_no_group_behind(
+    delivering: Delivering, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber removed after its run read it and before the run made its groups: the
+    removal destroyed groups not made yet, the run made them again, and they stayed for
+    good, holding what they read pending; the run also posted to the removed URL. The run
+    now looks again once its groups are made, and takes them down."""
+    subscribers = delivering.subscribers
+    ensure_group = WebhookSubscribers.ensure_group
+    removed = False
+
+    async def removed_first(self: WebhookSubscribers, *args: Any, **kwargs: Any) -> None:
+        nonlocal removed
+        if not removed:
+            removed = True
+            assert await self.remove(delivering.subscriber.id)
+        await ensure_group(self, *args, **kwargs)
+
+    await delivering.change(new_id(), 1)
+    monkeypatch.setattr(WebhookSubscribers, "ensure_group", removed_first)
+    async with cache_of(delivering.settings) as cache:
+        result = await ActivityEnvironment().run(
+            WebhookDelivery(cache, delivering.settings).deliver_webhooks,
+            DeliveryRun(subscriber_id=delivering.subscriber.id, seconds=2.0),
+        )
+    assert removed and result.removed
+    groups = await subscribers.client.xinfo_groups(delivering.stream)
+    assert group_name(delivering.subscriber.id) not in [g["name"].decode() for g in groups]
+    assert receiver.received == []
