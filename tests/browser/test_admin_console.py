@@ -24,7 +24,7 @@ from workers.cache import SnapshotCache
 from workers.settings import Settings
 
 try:
-    from playwright.async_api import Dialog, Page, expect
+    from playwright.async_api import Dialog, Page, Route, expect
 
     # A page refreshes its detail every second; a slow shared machine gets room to spare.
     expect.set_options(timeout=20_000)
@@ -314,6 +314,44 @@ async def test_a_followed_paused_bulk_command_resumed_elsewhere_is_shown_as_it_e
     await api.data(RESUME_BULK, id=key)  # another operator, or a script
     await expect(followed.locator('[data-field="status"]')).to_have_text("COMPLETED")
     await expect(followed.get_by_role("button", name="Resume")).to_be_disabled()
+
+
+async def test_a_bulk_action_is_sent_once_however_often_its_button_is_pressed(
+    served: str, api: Api, page: Page, temporal_client: Client, secured: Settings
+) -> None:
+    """Pause, Resume and Cancel stayed offered while their request was under way: a second
+    press sent it again, and its refusal took the place of the first one's "sent"."""
+    account = f"r{new_id()[:10]}"
+    await api.data(OPEN, id=account, owner="Rae Resume")
+    key = new_id()
+    await paused_bulk(temporal_client, secured.bulk_task_queue, key, [account])
+    sent: list[str] = []
+
+    async def slow_resume(route: Route) -> None:
+        if "resumeBulkCommand" in (route.request.post_data or ""):
+            sent.append(key)
+            await asyncio.sleep(1.0)  # long enough to press again
+        await route.continue_()
+
+    page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await page.route("**/graphql", slow_resume)
+    await sign_in(page, served, ADMIN)
+    await page.get_by_role("button", name="Bulk commands").click()
+    pane = page.locator('[data-pane="bulk"]')
+    await pane.locator('input[name="id"]').fill(key)
+    await pane.get_by_role("button", name="Follow").click()
+    followed = pane.locator("#bulk")
+    resume = followed.get_by_role("button", name="Resume")
+    await expect(resume).to_be_enabled()
+    await resume.click()
+    for _ in range(100):  # its request reached the API, where it is held a second
+        if sent:
+            break
+        await asyncio.sleep(0.02)
+    assert await resume.is_disabled()  # while its request is under way
+    await expect(page.locator("#notice")).to_contain_text("resume sent")
+    await expect(followed.locator('[data-field="status"]')).to_have_text("COMPLETED")
+    assert sent == [key]
 
 
 def secured_shop(settings: Settings, **checkout: object) -> Settings:

@@ -677,6 +677,8 @@
   function followBulk(id) {
     if (bulk) clearTimeout(bulk.timer);
     bulk = { id, timer: null };
+    // Nothing is offered until this one is read: the last one's state is not its own.
+    for (const button of bulkPane.querySelectorAll("[data-bulk]")) button.disabled = true;
     bulkPane.querySelector("[data-title]").textContent = `Bulk command ${id}`;
     bulkPane.querySelector("[data-fields]").replaceChildren();
     bulkPane.querySelector("[data-failures]").replaceChildren();
@@ -751,6 +753,10 @@
     button.addEventListener("click", async () => {
       if (!bulk || !window.confirm(action.confirm(bulk.id))) return;
       const current = bulk;
+      // Not sent twice: a second click's refusal took the place of the first one's notice.
+      // The read that follows offers again what the bulk command takes.
+      const buttons = bulkPane.querySelectorAll("[data-bulk]");
+      buttons.forEach((b) => (b.disabled = true));
       try {
         const mutation = `mutation($id: ID!) { ${action.mutation}(id: $id) { id } }`;
         await graphql(mutation, { id: current.id });
