@@ -222,3 +222,46 @@ def test_the_saga_outcomes_panel_shows_a_worker_s_first_outcome_of_a_status(
         [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
     )
     assert ran.returncode == 0, ran.stdout + ran.stderr
+
+
+COMPOSE = ALERTS.parent
+
+
+def test_the_compose_prometheus_sends_what_fires_to_an_alertmanager_that_routes_it(
+    tmp_path: Path,
+) -> None:
+    """The compose Prometheus loaded the alerts and sent them nowhere: no `alerting`, no
+    Alertmanager, so a `page` was only ever seen by someone looking at Prometheus. Its config
+    passes promtool with the rules where compose mounts them; it names compose's
+    Alertmanager; and every alert, page or ticket, has a receiver there."""
+    promtool = _promtool()
+    config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    compose = yaml.safe_load((COMPOSE / "compose.yaml").read_text())["services"]
+    manager = compose["alertmanager"]
+    port = manager["ports"][0].rpartition(":")[2]
+    targets = [
+        t
+        for a in config["alerting"]["alertmanagers"]
+        for s in a["static_configs"]
+        for t in s["targets"]
+    ]
+    assert targets == [f"alertmanager:{port}"]
+    assert "./alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro" in manager["volumes"]
+    # promtool reads the rule files named in the config: where compose mounts them, here.
+    config["rule_files"] = [str(ALERTS)]
+    checked = tmp_path / "prometheus.yml"
+    checked.write_text(yaml.safe_dump(config))
+    ran = subprocess.run(
+        [promtool, "check", "config", str(checked)], capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    routing = yaml.safe_load((COMPOSE / "alertmanager.yml").read_text())
+    receivers = {receiver["name"] for receiver in routing["receivers"]}
+    routes = [routing["route"], *routing["route"].get("routes", [])]
+    assert all(route.get("receiver", routing["route"]["receiver"]) in receivers for route in routes)
+    severities = {
+        rule["labels"]["severity"]
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+    }
+    assert severities == {"page", "ticket"}
