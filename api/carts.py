@@ -19,6 +19,7 @@ from api.common import (
     Wait,
     authorize,
     check_client_key,
+    graphql_field_names,
     new_entity_id,
     read_entity,
     read_fields,
@@ -293,7 +294,13 @@ class CartMutation:
         check_client_key(idempotency_key)  # before its room is held (`_guard_create`)
         # Before anything is looked up, so a refusal tells nothing about what exists.
         await authorize(info, ENTITY, cart_id, domain.create_cart.name, {"account_id": account_id})
-        await _guard_create(info.context.gateway, cart_id, {"account_id": account_id})
+        try:
+            await _guard_create(info.context.gateway, cart_id, {"account_id": account_id})
+        except TenureError as exc:
+            if exc.code is not ErrorCode.INVALID_INPUT:
+                raise
+            # As the mutation's caller knows the field (`accountId`), not the command's.
+            raise TenureError(exc.code, graphql_field_names(exc.message)) from None
         return await _command(
             info, cart_id, domain.create_cart, idempotency_key, wait, account_id=account_id
         )

@@ -467,6 +467,10 @@ async def test_creates_refused_as_input_hold_no_room_for_a_cart(
             await gql.error_code(create, id=new_id(), a=account_id, key="x" * 129),
         ]
         assert refused == ["INVALID_INPUT"] * 4
+        bad_account = await gql(create, id=new_id(), a="no such id", key=None)
+        error = bad_account["errors"][0]
+        assert error["extensions"]["code"] == "INVALID_INPUT"
+        assert error["message"].startswith("accountId: "), error  # the mutation's name for it
         made = [await gql.data(create, id=new_id(), a=account_id, key=None) for _ in range(3)]
     assert all(data["createCart"]["cart"] for data in made)
 
