@@ -24,7 +24,7 @@ from workers.cache import SnapshotCache
 from workers.settings import Settings
 
 try:
-    from playwright.async_api import Dialog, Page, Route, expect
+    from playwright.async_api import Dialog, Locator, Page, Route, expect
 
     # A page refreshes its detail every second; a slow shared machine gets room to spare.
     expect.set_options(timeout=20_000)
@@ -230,17 +230,22 @@ async def bulk_deposit_started(api: Api) -> str:
     return bulk
 
 
-async def test_an_operator_follows_a_bulk_deposit_to_its_end(
-    served: str, api: Api, page: Page
-) -> None:
-    bulk = await bulk_deposit_started(api)
-
+async def follow_bulk(page: Page, served: str, bulk: str) -> Locator:
+    """Signed in as the admin, the bulk command `bulk` followed in its tab: its pane."""
     await sign_in(page, served, ADMIN)
     await page.get_by_role("button", name="Bulk commands").click()
     pane = page.locator('[data-pane="bulk"]')
     await pane.locator('input[name="id"]').fill(bulk)
     await pane.get_by_role("button", name="Follow").click()
-    followed = pane.locator("#bulk")
+    return pane.locator("#bulk")
+
+
+async def test_an_operator_follows_a_bulk_deposit_to_its_end(
+    served: str, api: Api, page: Page
+) -> None:
+    bulk = await bulk_deposit_started(api)
+
+    followed = await follow_bulk(page, served, bulk)
     await expect(followed.locator('[data-field="status"]')).to_have_text("COMPLETED")
     await expect(followed.locator('[data-field="applied"]')).to_have_text("3")
     await expect(followed.locator("[data-count]")).to_have_text("3/3 done, 3/3 sent")
@@ -303,12 +308,7 @@ async def test_a_followed_paused_bulk_command_resumed_elsewhere_is_shown_as_it_e
     key = new_id()
     await paused_bulk(temporal_client, secured.bulk_task_queue, key, [account])
 
-    await sign_in(page, served, ADMIN)
-    await page.get_by_role("button", name="Bulk commands").click()
-    pane = page.locator('[data-pane="bulk"]')
-    await pane.locator('input[name="id"]').fill(key)
-    await pane.get_by_role("button", name="Follow").click()
-    followed = pane.locator("#bulk")
+    followed = await follow_bulk(page, served, key)
     await expect(followed.locator('[data-field="status"]')).to_have_text("PAUSED")
     await expect(followed.get_by_role("button", name="Resume")).to_be_enabled()
     await api.data(RESUME_BULK, id=key)  # another operator, or a script
@@ -335,12 +335,7 @@ async def test_a_bulk_action_is_sent_once_however_often_its_button_is_pressed(
 
     page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
     await page.route("**/graphql", slow_resume)
-    await sign_in(page, served, ADMIN)
-    await page.get_by_role("button", name="Bulk commands").click()
-    pane = page.locator('[data-pane="bulk"]')
-    await pane.locator('input[name="id"]').fill(key)
-    await pane.get_by_role("button", name="Follow").click()
-    followed = pane.locator("#bulk")
+    followed = await follow_bulk(page, served, key)
     resume = followed.get_by_role("button", name="Resume")
     await expect(resume).to_be_enabled()
     await resume.click()
