@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -41,6 +42,7 @@ from entities.webhook_delivery import (
     DeliveryRunResult,
 )
 from workers.cache import SnapshotCache
+from workers.failures import REDIS_FAILURES
 from workers.settings import Settings
 from workers.webhook_entries import Entries, Send
 from workers.webhook_retries import EntryNotes, RetrySchedule
@@ -58,8 +60,12 @@ MAX_PARKED = 20_000
 """Entries parked behind entities waiting to retry; past it, reading waits (a stall)."""
 READ_COUNT = 100
 POLL_SECONDS = 0.25
+LEASE_POLL_SECONDS = 1.0
 LOOK_FOR_REMOVAL_SECONDS = 2.0
 HEARTBEAT_SECONDS = 5.0
+LEASE_SECONDS = 15.0
+"""How long a run holds its subscriber's delivery unless it renews the hold, which it does
+with each heartbeat: one run at a time, or two would each send an entity's changes."""
 SEND_TIMEOUT_SECONDS = 10.0
 WEBHOOKS_METRIC = "tenure_webhooks"
 DELIVERED, DEAD_LETTERED = "delivered", "dead_lettered"
@@ -111,6 +117,32 @@ class WebhookDelivery:
             await self._subscribers.drop_keys(run.subscriber_id)
             await _said_gone(self._subscribers, run.subscriber_id)
             return DeliveryRunResult(removed=True)
+        holder = uuid.uuid4().hex
+        if not await self._lease(subscriber.id, holder, run.seconds):
+            return DeliveryRunResult()
+        try:
+            return await self._deliver(subscriber, holder, run)
+        finally:
+            with contextlib.suppress(*REDIS_FAILURES):
+                await self._subscribers.release_lease(subscriber.id, holder)
+
+    async def _lease(self, subscriber_id: str, holder: str, seconds: float) -> bool:
+        """Wait, up to the run's length, for the subscriber's delivery to be this run's to
+        hold. Another attempt may still run: Temporal starts a new one once the last one's
+        heartbeats stop reaching it, which a worker cut off from Temporal and not from Redis
+        goes on running, under the same consumer; the two took turns at an entity's
+        changes and sent them out of order."""
+        deadline = time.monotonic() + seconds
+        while not await self._subscribers.take_lease(subscriber_id, holder, LEASE_SECONDS):
+            if time.monotonic() >= deadline or activity.is_worker_shutdown():
+                return False
+            activity.heartbeat()
+            await asyncio.sleep(LEASE_POLL_SECONDS)
+        return True
+
+    async def _deliver(
+        self, subscriber: Subscriber, holder: str, run: DeliveryRun
+    ) -> DeliveryRunResult:
         for entity_type in subscriber.events:  # gone if Redis lost them: from now on
             await self._subscribers.ensure_group(subscriber.id, entity_type, start="$")
         await self._subscribers.ensure_group(subscriber.id, None, start="0")
@@ -124,7 +156,7 @@ class WebhookDelivery:
         async with httpx.AsyncClient(
             timeout=SEND_TIMEOUT_SECONDS, follow_redirects=False, trust_env=False
         ) as http:
-            delivering = _Run(self._subscribers, subscriber, http, self._schedule)
+            delivering = _Run(self._subscribers, subscriber, http, self._schedule, holder)
             return await delivering.go(run.seconds)
 
 
@@ -137,8 +169,10 @@ class _Run:
         subscriber: Subscriber,
         http: httpx.AsyncClient,
         schedule: RetrySchedule,
+        holder: str,
     ) -> None:
         self._subscribers = subscribers
+        self._holder = holder  # of the delivery's lease (`LEASE_SECONDS`)
         self._redis = subscribers.client
         self._subscriber = subscriber
         self._key = subscriber.key()
@@ -181,6 +215,7 @@ class _Run:
             while (
                 time.monotonic() < deadline
                 and not self._removed
+                and not self._stopping.is_set()  # its lease lost (`_heartbeat`)
                 and not activity.is_worker_shutdown()
             ):
                 if time.monotonic() >= next_look:
@@ -280,8 +315,24 @@ class _Run:
         return taken
 
     async def _heartbeat(self) -> None:
+        """Heartbeat, and renew the delivery's lease: once another run holds it (this one
+        stalled past LEASE_SECONDS), stop, and leave the sending to that one. Redis out of
+        reach renews nothing and takes nothing: the run goes on, as its reads let it."""
         while not self._stopping.is_set():
             activity.heartbeat()
+            try:
+                held = await self._subscribers.take_lease(
+                    self._subscriber.id, self._holder, LEASE_SECONDS
+                )
+            except REDIS_FAILURES:
+                held = True
+            if not held:
+                activity.logger.warning(
+                    "webhook subscriber %s: another delivery run holds it; this one stops",
+                    self._subscriber.id,
+                )
+                self._stopping.set()
+                return
             await _until(self._stopping, HEARTBEAT_SECONDS)
 
     async def _read(self, stream: str, tasks: asyncio.TaskGroup) -> int:

@@ -56,6 +56,7 @@ class Receiver:
     url: str = ""
     answer: Callable[[dict[str, Any]], int] = lambda event: 200
     received: list[Sent] = field(default_factory=list)
+    delay: float = 0.0  # seconds it takes to answer
 
     def delivered(self) -> list[dict[str, Any]]:
         return [sent.event for sent in self.received if sent.status == 200]
@@ -75,6 +76,8 @@ async def receiver() -> AsyncIterator[Receiver]:
 
     async def hook(request: Request) -> Response:
         event = json.loads(await request.body())
+        if receiver.delay:
+            await asyncio.sleep(receiver.delay)
         status = receiver.answer(event)
         receiver.received.append(Sent(time.monotonic(), event, status))
         return Response(status_code=status)
@@ -598,3 +601,40 @@ async def test_a_removal_while_a_run_makes_its_groups_leaves_no_group_behind(
     groups = await subscribers.client.xinfo_groups(delivering.stream)
     assert group_name(delivering.subscriber.id) not in [g["name"].decode() for g in groups]
     assert receiver.received == []
+
+
+async def test_two_runs_of_one_delivery_at_once_send_each_change_once_in_order(
+    delivering: Delivering, receiver: Receiver
+) -> None:
+    """Temporal starts a delivery's next attempt once the last one's heartbeats stop reaching
+    it, and a worker cut off from Temporal but not from Redis goes on running that one: two
+    runs at once, under one consumer, each sent what the other held pending, twice and out
+    of order. The second now waits for the first's lease."""
+    receiver.delay = 0.05
+    entity_id = new_id()
+    for revision in range(1, 21):
+        await delivering.change(entity_id, revision)
+    first = asyncio.create_task(delivering.run(3.0))
+    await receiver.until(lambda: len(receiver.received) >= 1, 5)
+    second = asyncio.create_task(delivering.run(3.0))
+    counts = await asyncio.gather(first, second)
+    assert sum(c.delivered for c in counts) == 20
+    revisions = [event["data"]["revision"] for event in receiver.delivered()]
+    assert revisions == list(range(1, 21))
+
+
+async def test_a_run_that_lost_its_lease_to_another_stops(
+    delivering: Delivering, receiver: Receiver
+) -> None:
+    """A run stalled past its lease (15 s) finds another holding the delivery at its next
+    heartbeat, and stops, leaving the sending to that one, rather than run out its time."""
+    receiver.answer = lambda event: 500  # so that it has retries to wait out meanwhile
+    await delivering.change(new_id(), 1)
+    started = time.monotonic()
+    run = asyncio.create_task(delivering.run(30.0))
+    await receiver.until(lambda: len(receiver.received) >= 1, 5)
+    lease = delivering.subscribers.key(delivering.subscriber.id, "lease")
+    await delivering.subscribers.client.set(lease, "another-run", px=60_000)
+    await asyncio.wait_for(run, 15)  # a heartbeat comes every 5 s
+    assert time.monotonic() - started < 15
+    assert await delivering.subscribers.client.get(lease) == b"another-run"  # not released
