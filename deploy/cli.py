@@ -71,12 +71,21 @@ class ProgressBar:
 
     def __init__(self, label: str) -> None:
         self.label = label
+        self.open = False  # a line drawn and not ended
 
     def __call__(self, done: int, total: int) -> None:
         filled = self.WIDTH * done // total if total else self.WIDTH
         bar = "#" * filled + "." * (self.WIDTH - filled)
         end = "\n" if done >= total else ""
         print(f"\r{self.label} [{bar}] {done}/{total}", end=end, file=sys.stderr, flush=True)
+        self.open = not end
+
+    def close(self) -> None:
+        """End the line, when entities that could not be read left it short of its total:
+        what is printed next went on the bar's line."""
+        if self.open:
+            print(file=sys.stderr, flush=True)
+            self.open = False
 
 
 async def _reindex(entity_types: list[str], where: str | None, concurrency: int) -> int:
@@ -90,6 +99,7 @@ async def _reindex(entity_types: list[str], where: str | None, concurrency: int)
         redis_client = connect_redis(settings)
     except ValueError as exc:  # a setting missing: the message names it
         raise TenureError(ErrorCode.INVALID_INPUT, str(exc)) from exc
+    bar = ProgressBar("reindex")
     try:
         done = await reindex(
             client,
@@ -97,9 +107,10 @@ async def _reindex(entity_types: list[str], where: str | None, concurrency: int)
             entity_types or sorted(catalog.entity_types()),
             where=where,
             concurrency=concurrency,
-            progress=ProgressBar("reindex"),
+            progress=bar,
         )
     finally:
+        bar.close()
         await redis_client.aclose()
     print(f"{done.found} entities found, {done.written} written, {len(done.failed)} unreadable")
     for workflow_id in done.failed[:20]:

@@ -11,10 +11,12 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+import pytest
 from temporalio.client import Client
 
 from api.auth import TokenVerifier
 from api.gateway import EntityGateway
+from deploy.cli import ProgressBar
 from deploy.embedded import free_port
 from entities.runtime.policy import Principal, Role
 from tests.conftest import new_id
@@ -173,3 +175,22 @@ async def test_a_worker_that_cannot_start_says_so_in_one_log_record(tmp_path: Pa
     assert len(failures) == 1, records
     assert failures[0]["event"].startswith("the worker stopped: ")
     assert "Traceback" in failures[0]["exception"]
+
+
+def test_the_progress_bar_ends_its_line_when_some_could_not_be_read(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`tenure reindex` ended the bar's line only at its total: an entity that could not be
+    read left it open, and "could not read ..." went on it."""
+    bar = ProgressBar("reindex")
+    bar(1, 3)
+    bar(2, 3)  # the third could not be read
+    bar.close()
+    print("  could not read account:x", file=sys.stderr)
+    lines = capsys.readouterr().err.split("\n")
+    assert lines[-2] == "  could not read account:x"
+    assert lines[-3].endswith("] 2/3")
+    whole = ProgressBar("reindex")
+    whole(1, 1)
+    whole.close()  # ended at its total: no empty line
+    assert capsys.readouterr().err.count("\n") == 1
