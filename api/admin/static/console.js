@@ -529,8 +529,7 @@
         return;
       }
       if (asked !== this.asked) return; // an older answer arriving late is dropped
-      const notice = document.getElementById("notice");
-      if (notice.textContent.startsWith(`Cannot list ${k.list}:`)) say("");
+      recovered(`Cannot list ${k.list}:`);
       this.pane.querySelector("table.list").dataset.stale = "false";
       this.cursors = cursors;
       this.applied = applied;
