@@ -19,7 +19,7 @@ from api.common import (
     Wait,
     authorize,
     check_client_key,
-    graphql_field_names,
+    in_graphql_terms,
     new_entity_id,
     read_entity,
     read_fields,
@@ -297,10 +297,8 @@ class CartMutation:
         try:
             await _guard_create(info.context.gateway, cart_id, {"account_id": account_id})
         except TenureError as exc:
-            if exc.code is not ErrorCode.INVALID_INPUT:
-                raise
             # As the mutation's caller knows the field (`accountId`), not the command's.
-            raise TenureError(exc.code, graphql_field_names(exc.message)) from None
+            raise in_graphql_terms(exc) from None
         return await _command(
             info, cart_id, domain.create_cart, idempotency_key, wait, account_id=account_id
         )

@@ -256,7 +256,7 @@ async def send_unread(
             # (not yet known when it was allowed): whose that is decides what it may learn.
             await authorize(info, entity_type, entity_id, READ)
         if exc.code is ErrorCode.INVALID_INPUT:
-            raise TenureError(exc.code, graphql_field_names(exc.message)) from None
+            raise in_graphql_terms(exc) from None
         if exc.code in _TOLD_OF_STATE and not await info.context.authorizer.allows(
             principal, entity_type, entity_id, READ
         ):
@@ -323,6 +323,14 @@ cart); bulk commands refuse a create that has one."""
 
 CREATE_GUARDS: dict[tuple[str, str], CreateGuard] = {}
 """Each guarded create, by entity type and command name."""
+
+
+def in_graphql_terms(refused: TenureError) -> TenureError:
+    """A refusal of a command's payload (INVALID_INPUT) as the mutation's caller knows its
+    fields (`graphql_field_names`); any other as it is."""
+    if refused.code is not ErrorCode.INVALID_INPUT:
+        return refused
+    return TenureError(refused.code, graphql_field_names(refused.message))
 
 
 def graphql_field_names(message: str) -> str:
