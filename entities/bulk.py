@@ -73,7 +73,8 @@ class BulkProgress(BaseModel):
     delivered: int = Field(
         default=0,
         description="Targets sent the command: handed to Temporal, which will have it "
-        "applied, or settled while sending (refused, unreachable).",
+        "applied, or settled while sending (refused); one Temporal could not take then is "
+        "sent again while counting.",
     )
     delivered_at: datetime | None = Field(
         default=None, description="When the last target was sent the command."

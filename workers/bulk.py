@@ -62,6 +62,9 @@ SETTLE_ATTEMPTS = 10
 count as failed (the activity's retries, at most 30 s apart)."""
 UNKNOWN_ATTEMPTS = 5
 """Tries of one entity's command while its outcome is unknown, before it counts as failed."""
+RETRY_SECONDS = 1.0
+"""The pause before a second try of one entity's command, doubled before each next, at most
+ten seconds."""
 
 
 MAX_TAG_VALUES = 100
@@ -267,7 +270,11 @@ class BulkActivities:
                 except EntityClosed:
                     await self._ask(entity, entity_id, envelope, tally)
                 except TenureError as exc:
-                    tally.error(entity_id, envelope.command_id, exc)
+                    # Not known to have reached its entity (Temporal restarting, the entity
+                    # behind): it waits, and counting the page asks the entity, sending it
+                    # again under its id, as long as the page's counting is retried.
+                    if exc.code is not ErrorCode.UNAVAILABLE:
+                        tally.error(entity_id, envelope.command_id, exc)
                 sent += 1
 
         async with _heartbeating(lambda: sent):
@@ -333,7 +340,7 @@ class BulkActivities:
             except TenureError as exc:
                 if exc.code is not ErrorCode.UNAVAILABLE or attempt == UNKNOWN_ATTEMPTS - 1:
                     raise
-                await asyncio.sleep(min(2.0**attempt, 10.0))
+                await asyncio.sleep(min(RETRY_SECONDS * 2.0**attempt, 10.0))
 
     async def _ask(
         self,
@@ -361,7 +368,7 @@ class BulkActivities:
             except TenureError as exc:
                 if exc.code is not ErrorCode.UNAVAILABLE or attempt == UNKNOWN_ATTEMPTS - 1:
                     raise
-                await asyncio.sleep(min(2.0**attempt, 10.0))
+                await asyncio.sleep(min(RETRY_SECONDS * 2.0**attempt, 10.0))
         raise AssertionError("unreachable")
 
 

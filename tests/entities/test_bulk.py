@@ -13,6 +13,7 @@ import pytest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.testing import ActivityEnvironment
 
+import workers.bulk
 from entities import catalog
 from entities.account import AccountState
 from entities.bulk import (
@@ -412,3 +413,59 @@ async def test_a_command_asked_about_after_its_entity_forgot_it_is_not_applied_t
         )
         assert counted.rejected == {ErrorCode.OUTCOME_UNKNOWN.value: 1}
         assert await balance(temporal_client, account_id) == 10  # once, and five ones
+
+
+class _Unreachable(CommandDelivery):
+    """Temporal unavailable to one entity's commands for their first `times` hand-overs."""
+
+    def __init__(self, client: Client, settings: Settings, entity_id: str, times: int) -> None:
+        super().__init__(client, settings)
+        self._entity_id, self._left = entity_id, times
+
+    async def deliver(self, entity: Any, entity_id: str, envelope: CommandEnvelope) -> Any:
+        if entity_id == self._entity_id and self._left > 0:
+            self._left -= 1
+            raise TenureError(ErrorCode.UNAVAILABLE, "Temporal is restarting")
+        return await super().deliver(entity, entity_id, envelope)
+
+
+async def test_a_command_temporal_could_not_take_while_sending_is_sent_again_while_counting(
+    temporal_client: Client,
+    settings: Settings,
+    run_worker: WorkerFactory,
+    cache: SnapshotCache,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Temporal unavailable for the few seconds a page's sending tries one entity's command
+    (a restart): it was counted failed there and then, never sent again nor asked about, and
+    the entity went without its deposit for good, one of "failed" that no rerun under the
+    same key could reach. It now waits for the page's counting, which sends it again."""
+    monkeypatch.setattr(workers.bulk, "RETRY_SECONDS", 0.01)
+    async with run_worker():
+        ids = await open_accounts(temporal_client, settings, 3)
+        activities = BulkActivities(temporal_client, cache, settings)
+        activities._delivery = _Unreachable(
+            temporal_client, settings, ids[0], workers.bulk.UNKNOWN_ATTEMPTS
+        )
+        page = PageToSend(
+            bulk_id=uuid.uuid4().hex[:12],
+            entity_type="account",
+            command="deposit",
+            payload={"amount": 7},
+            ids=ids,
+            sent_by="admin:ops",
+            window=3,
+            sent_at=datetime.now(UTC),
+        )
+        delivered = await ActivityEnvironment().run(activities.bulk_deliver, page)
+        counted = await ActivityEnvironment().run(
+            activities.bulk_settle,
+            PageToSettle(
+                page=page.model_copy(update={"ids": delivered.waiting}),
+                position=delivered.position,
+            ),
+        )
+        balances = await asyncio.gather(*(balance(temporal_client, i) for i in ids))
+    assert delivered.settled.applied + counted.applied == 3
+    assert delivered.settled.failed + counted.failed == 0
+    assert balances == [7, 7, 7]
