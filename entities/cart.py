@@ -252,7 +252,8 @@ def checkout_cart(state: CartState, cmd: CheckoutCart, ctx: Ctx) -> CartState:
         account_id=state.account_id,
         lines=[CheckoutLine.model_validate(line.model_dump()) for line in state.lines],
         options=ctx.options.checkout,
-        started_at=int(ctx.now.timestamp() * 1000),
+        # The same at a reset's re-application of this command (rules level 3).
+        started_at=ctx.incarnation if ctx.rules_from(3) else int(ctx.now.timestamp() * 1000),
     )
     ctx.effects.append(
         StartWorkflow(

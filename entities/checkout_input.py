@@ -47,10 +47,13 @@ class CheckoutInput(BaseModel):
     options: CheckoutOptions = Field(default_factory=CheckoutOptions)
     started_at: int | None = Field(
         default=None,
-        description="When the cart started the checkout, in epoch milliseconds. It joins the "
-        "checkout id in the names of its requests, reservation and order, which must never "
-        "meet those of an earlier checkout with the same id (of a cart whose id was used "
-        "again once retention had deleted it). None in checkouts started before.",
+        description="The cart's incarnation (`CommandContext.incarnation`), or in checkouts "
+        "of carts from before rules level 3 when the cart started the checkout, in epoch "
+        "milliseconds. It joins the checkout id in the names of its requests, reservation "
+        "and order, which must never meet those of an earlier checkout with the same id (of "
+        "a cart whose id was used again once retention had deleted it), and must stay the "
+        "same when a reset of the cart re-applies its `checkoutCart`. None in checkouts "
+        "started before.",
     )
 
     @property

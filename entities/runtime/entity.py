@@ -54,7 +54,13 @@ RULES_2_PATCH = "entity-rules-2"
 back a sale under an id it had been told to release without knowing it (it may have sold
 and forgotten it). Asked only where it decides, outside the patch sets: no other run
 records its marker."""
-NEWEST_RULES = 2
+RULES_3_PATCH = "entity-rules-3"
+"""Runs started since it take the rules changed at level 3: a cart names its checkout's
+requests, reservation and order after the cart's incarnation (`CommandContext.incarnation`),
+not after the time it applied `checkoutCart`. A repair's reset re-applies a `checkoutCart`
+at a new time, and its checkout's requests, under new names, charged the account and took
+the stock a second time."""
+NEWEST_RULES = 3
 """The level of the latest rules: what new runs, and transitions run outside a workflow,
 apply."""
 
@@ -130,6 +136,10 @@ class CommandContext(Generic[Opt]):
     """Whether this run applies the rules an entity type changed at `level` (RULES_1_PATCH):
     asked only where a rule changed, so that a run begun before records its patch only
     where its answer matters."""
+    incarnation: int = 0
+    """Which life of the entity's id this is: when its first run began, in epoch
+    milliseconds. The same in every run of the entity, a reset's included, and new when the
+    id is used again after retention deleted the entity."""
 
 
 @dataclass(frozen=True)

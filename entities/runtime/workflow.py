@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
     from entities.runtime.entity import (
         RULES_1_PATCH,
         RULES_2_PATCH,
+        RULES_3_PATCH,
         STRICT_INPUTS_2_PATCH,
         STRICT_INPUTS_3_PATCH,
         STRICT_INPUTS_4_PATCH,
@@ -96,26 +97,30 @@ a publish, which every change brought until a sender could publish its own (`han
 replay as they were made, and hand nothing over."""
 
 ENTITY_PATCHES = PatchSet(
-    "entity-patch-set-4",
-    [PUBLISH_OFFERS],
+    "entity-patch-set-5",
+    [RULES_3_PATCH],
     after=PatchSet(
-        "entity-patch-set-3",
-        [RULES_1_PATCH],
+        "entity-patch-set-4",
+        [PUBLISH_OFFERS],
         after=PatchSet(
-            "entity-patch-set-2",
-            [STRICT_INPUTS_4_PATCH],
+            "entity-patch-set-3",
+            [RULES_1_PATCH],
             after=PatchSet(
-                "entity-patch-set-1",
-                [
-                    STRICT_INPUTS_PATCH,
-                    STRICT_INPUTS_2_PATCH,
-                    STRICT_INPUTS_3_PATCH,
-                    BOUNDED_TASKS_PATCH,
-                    RECORD_UNREADABLE_PATCH,
-                    LOOP_FOLLOWS_CHANGES_PATCH,
-                    PUBLISH_BY_ACTIVITY,
-                    CHILDREN_CLOSE_FIRST,
-                ],
+                "entity-patch-set-2",
+                [STRICT_INPUTS_4_PATCH],
+                after=PatchSet(
+                    "entity-patch-set-1",
+                    [
+                        STRICT_INPUTS_PATCH,
+                        STRICT_INPUTS_2_PATCH,
+                        STRICT_INPUTS_3_PATCH,
+                        BOUNDED_TASKS_PATCH,
+                        RECORD_UNREADABLE_PATCH,
+                        LOOP_FOLLOWS_CHANGES_PATCH,
+                        PUBLISH_BY_ACTIVITY,
+                        CHILDREN_CLOSE_FIRST,
+                    ],
+                ),
             ),
         ),
     ),
@@ -274,6 +279,7 @@ class EntityWorkflow:
             # answers the same for the rest of the run).
             strict_inputs=_strictness(),
             rules_from=_rules_from,
+            incarnation=self._incarnation,
         )
         try:
             new_state = self.entity.apply(self._state, envelope.name, envelope.payload, ctx)
@@ -851,7 +857,12 @@ class EntityWorkflow:
         if self._state is None or deadline is None or deadline > now:
             return
         ctx = CommandContext(
-            self._input.entity_id, now, self._options, "timer", rules_from=_rules_from
+            self._input.entity_id,
+            now,
+            self._options,
+            "timer",
+            rules_from=_rules_from,
+            incarnation=self._incarnation,
         )
         self._commit(self.entity.fire_deadline(self._state, ctx), now)
         self._effects.extend(ctx.effects)
@@ -888,7 +899,7 @@ class EntityWorkflow:
         )
 
 
-RULES_PATCHES = {1: RULES_1_PATCH, 2: RULES_2_PATCH}
+RULES_PATCHES = {1: RULES_1_PATCH, 2: RULES_2_PATCH, 3: RULES_3_PATCH}
 
 
 def _rules_from(level: int) -> bool:

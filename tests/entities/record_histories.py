@@ -63,6 +63,10 @@ ENTITY_SET_3 = "entity-set-3"
 # Entities under the third set as it was last, which published every change by activity:
 # before the fourth, whose runs offer changes to their worker between publishes.
 ENTITY_SET_3_PUBLISHED = "entity-set-3-published"
+# Entities under the fourth, whose carts named their checkout's requests after the time they
+# applied `checkoutCart`: before the fifth, which names them after the cart's incarnation
+# (entity-rules-3).
+ENTITY_SET_4 = "entity-set-4"
 
 
 def workflow_id_of(path: Path) -> str:

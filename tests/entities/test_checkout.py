@@ -12,8 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.enums.v1 import EventType, ResetReapplyType
 from temporalio.api.history.v1 import HistoryEvent
+from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from api.gateway import Consistency
@@ -309,6 +311,67 @@ async def test_a_cart_id_used_again_after_its_cart_was_deleted_checks_out_anew(
         assert await shop.balance(account_id) == BALANCE - 2000
         assert await stock_of(shop, a) == [(3, 3, 2)]
         assert again.order_id != first.order_id
+
+
+def _last_task_before(events: Sequence[HistoryEvent], carrying: bytes) -> int:
+    """The id of the last completed workflow task before the first command (signal or
+    update) whose payload holds `carrying`: a reset to it re-applies that command."""
+    commands = (
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ADMITTED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED,
+    )
+    last = 0
+    for event in events:
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+            last = event.event_id
+        elif event.event_type in commands and carrying in event.SerializeToString():
+            return last
+    raise AssertionError(f"no command carrying {carrying!r}")
+
+
+async def test_a_reset_that_re_applies_a_checkout_charges_and_sells_once(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    """A repair resets a stuck entity to its last good task and re-applies the commands after
+    it. A cart's `checkoutCart` re-applied so, at a new time, named its checkout's requests
+    after that time: the account and the stock took them for new ones, and the customer
+    was charged, and the stock sold, twice. They are named after the cart's incarnation,
+    the same across a reset, and its checkout's second run is answered from their ledgers."""
+    async with run_worker(shop.settings):
+        account_id = await shop.account(BALANCE)
+        a = await shop.stock(5)
+        cart_id = await shop.cart(account_id, (a, 1, 1000))
+        first = await shop.finished(await shop.checkout(cart_id))
+        assert first.status is SagaStatus.COMPLETED
+        cart = shop.client.get_workflow_handle(f"cart:{cart_id}")
+        await cart.result()
+        checkout = shop.client.get_workflow_handle(checkout_workflow_id(first.checkout_id))
+        first_run_id = (await checkout.describe()).run_id
+
+        events = (await cart.fetch_history()).events
+        await shop.client.workflow_service.reset_workflow_execution(
+            ResetWorkflowExecutionRequest(
+                namespace=shop.client.namespace,
+                workflow_execution=WorkflowExecution(workflow_id=f"cart:{cart_id}"),
+                reason="a repair",
+                workflow_task_finish_event_id=_last_task_before(events, b"checkoutCart"),
+                request_id=new_id(),
+                reset_reapply_type=ResetReapplyType.RESET_REAPPLY_TYPE_ALL_ELIGIBLE,
+            )
+        )
+        # The re-applied command starts the checkout again: a second run of its workflow.
+        again = await eventually(checkout.describe, lambda d: d.run_id != first_run_id, timeout=20)
+        second = shop.client.get_workflow_handle(again.id, run_id=again.run_id)
+        try:
+            # It took the money and the stock again, and waited, FAILED, for an operator.
+            await asyncio.wait_for(second.result(), 60)
+        finally:
+            assert await shop.balance(account_id) == BALANCE - 1000
+        await eventually(
+            lambda: shop.cart_state(cart_id), lambda c: c.status is CartStatus.CHECKED_OUT
+        )
+        assert await stock_of(shop, a) == [(4, 4, 1)]
 
 
 async def test_not_enough_stock_for_one_line_releases_the_lines_already_reserved(

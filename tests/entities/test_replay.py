@@ -27,6 +27,7 @@ from tests.entities.record_histories import (
     ENTITY_SET_2,
     ENTITY_SET_3,
     ENTITY_SET_3_PUBLISHED,
+    ENTITY_SET_4,
     HISTORIES,
     PUBLISHED_BY_ACTIVITY,
     workflow_id_of,
@@ -120,6 +121,9 @@ ENTITIES_OF_SET_2 = entity_paths(ENTITY_SET_2)
 # Under the third, which published every change by activity, before entities offered theirs
 # to their worker (entity-publish-offers).
 ENTITIES_OF_SET_3 = entity_paths(ENTITY_SET_3_PUBLISHED)
+# Under the fourth, whose carts named their checkout's requests after the time they applied
+# `checkoutCart`, before the cart's incarnation (entity-rules-3).
+ENTITIES_OF_SET_4 = entity_paths(ENTITY_SET_4)
 # Today's: every path again, recorded since runs ask one patch set (CURRENT), with the paths
 # only today's code takes: a FAILED checkout waiting for an operator, retried; a bulk command
 # sending pages ahead of counting them; commands held back past a task's bound.
@@ -154,6 +158,7 @@ EVERY = {
     **ENTITIES_OF_SET_1,
     **ENTITIES_OF_SET_2,
     **ENTITIES_OF_SET_3,
+    **ENTITIES_OF_SET_4,
     **TODAY,
     **KEYS_MEET,
     **RELEASED_UNKNOWN,
@@ -172,6 +177,7 @@ def test_every_recorded_history_is_checked() -> None:
             ENTITY_SET_2,
             ENTITY_SET_3,
             ENTITY_SET_3_PUBLISHED,
+            ENTITY_SET_4,
             CURRENT,
         )
         for path in (HISTORIES / folder).glob("*.json")
@@ -235,7 +241,8 @@ def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
     """Runs start under a set and take every patch in it for granted: a patch added to a set
     already released would be taken for granted by runs that never had it. A new patch
     joins a new set (docs/operations.md)."""
-    third_entity_set = ENTITY_PATCHES.after
+    assert ENTITY_PATCHES.after is not None
+    third_entity_set = ENTITY_PATCHES.after.after
     assert third_entity_set is not None and third_entity_set.name == "entity-patch-set-3"
     second_entity_set = third_entity_set.after
     assert second_entity_set is not None and second_entity_set.name == "entity-patch-set-2"
@@ -253,8 +260,11 @@ def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
     }
     assert second_entity_set.patches == {*first_entity_set.patches, "strict-inputs-4"}
     assert third_entity_set.patches == {*second_entity_set.patches, "entity-rules-1"}
-    assert ENTITY_PATCHES.name == "entity-patch-set-4"
-    assert ENTITY_PATCHES.patches == {*third_entity_set.patches, "entity-publish-offers"}
+    fourth_entity_set = ENTITY_PATCHES.after
+    assert fourth_entity_set is not None and fourth_entity_set.name == "entity-patch-set-4"
+    assert fourth_entity_set.patches == {*third_entity_set.patches, "entity-publish-offers"}
+    assert ENTITY_PATCHES.name == "entity-patch-set-5"
+    assert ENTITY_PATCHES.patches == {*fourth_entity_set.patches, "entity-rules-3"}
     second_set = CHECKOUT_PATCHES.after
     assert second_set is not None and second_set.name == "checkout-patch-set-2"
     first_set = second_set.after
