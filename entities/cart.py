@@ -19,7 +19,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
-    from entities.runtime.effects import StartWorkflow
+    from entities.runtime.effects import IfOtherRunning, StartWorkflow
     from entities.runtime.entity import MAX_AMOUNT, MAX_MONEY, Action, EntityId, strict_bound
     from entities.runtime.envelope import Snapshot
     from entities.runtime.policy import READ
@@ -260,6 +260,18 @@ def checkout_cart(state: CartState, cmd: CheckoutCart, ctx: Ctx) -> CartState:
             workflow=CHECKOUT_WORKFLOW,
             workflow_id=checkout_workflow_id(checkout_id),
             input=checkout.model_dump(mode="json"),
+            # An earlier cart of this id's checkout of this number, FAILED and waiting for
+            # an operator: this one cannot start, and the cart is open again.
+            if_other_running=IfOtherRunning(
+                command=fail_checkout.name,
+                payload=FailCheckout(
+                    checkout_id=checkout_id,
+                    code=ErrorCode.CONFLICT.value,
+                    reason=f"checkout {checkout_id} could not start: a checkout of that id, "
+                    "of an earlier cart of this id, is still running; check out again",
+                ).model_dump(),
+                same_if=["cart_id", "started_at"],
+            ),
         )
     )
     return checked_out

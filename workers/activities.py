@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 
 from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+from temporalio.service import RPCError
 
 from entities.runtime.backlog import NEXT_TASK_ACTIVITY
+from entities.runtime.effects import RUNNING_INPUT_ACTIVITY, RunningInput
 from entities.runtime.envelope import Publication
 from entities.runtime.publisher import PUBLISH_ACTIVITY
 from workers.cache import CacheUnavailable, SnapshotCache
+from workers.failures import is_missing
 from workers.logs import RepeatedLogFilter
 from workers.publish_lag import BY_ACTIVITY, lag_histogram, record_lag
 
@@ -26,6 +30,34 @@ PUBLISH_FAILURES = "tenure_publish_failures"
 async def next_task() -> None:
     """Nothing: an entity catching up on held commands waits for it to get its next
     workflow task (entities/runtime/backlog.py)."""
+
+
+class RunningInputs:
+    """What a workflow that kept an entity's effect from starting was started with
+    (entities/runtime/effects.py)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    @RUNNING_INPUT_ACTIVITY.defn
+    async def running_workflow_input(self, workflow_id: str) -> RunningInput:
+        """The input of the workflow running under `workflow_id`; None if none runs."""
+        try:
+            description = await self._client.get_workflow_handle(workflow_id).describe()
+        except RPCError as exc:
+            if is_missing(exc):
+                return RunningInput()
+            raise
+        if description.status is not WorkflowExecutionStatus.RUNNING:
+            return RunningInput()
+        handle = self._client.get_workflow_handle(workflow_id, run_id=description.run_id)
+        async for event in handle.fetch_history_events(page_size=1):
+            payloads = event.workflow_execution_started_event_attributes.input.payloads
+            if not payloads:
+                return RunningInput(input={})
+            [started_with] = await self._client.data_converter.decode(payloads[:1], [dict])
+            return RunningInput(input=started_with)
+        return RunningInput()
 
 
 class CacheActivities:

@@ -30,7 +30,7 @@ from entities.bulk import BulkCommandWorkflow
 from entities.checkout import SAGA_OUTCOMES_DESCRIPTION, SAGA_OUTCOMES_METRIC
 from entities.checkout_input import CHECKOUT_WORKFLOW
 from entities.runtime.saga import SagaStatus
-from workers.activities import CacheActivities, next_task
+from workers.activities import CacheActivities, RunningInputs, next_task
 from workers.answer_budget import AnswerBudgetRunner
 from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache, connect_redis
@@ -102,6 +102,7 @@ def activity_functions(client: Client, cache: SnapshotCache, settings: Settings)
     return [
         CacheActivities(cache).publish_snapshot,
         next_task,
+        RunningInputs(client).running_workflow_input,
         EntityRequests(client, settings, cache).request_entity,
         *BulkActivities(client, cache, settings).activities(),
         WebhookDelivery(cache, settings).deliver_webhooks,

@@ -3,14 +3,19 @@ and the workflow side that carries them out."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from pydantic import BaseModel, Field
 from temporalio import workflow
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ChildWorkflowError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
+
+with workflow.unsafe.imports_passed_through():
+    from entities.runtime.activities import Activity
 
 CHILDREN_CLOSE_FIRST = "entity-children-close-first"
 """Runs started from here on end only once the children they started have closed, or after
@@ -29,12 +34,53 @@ def saga_sender(workflow_id: str) -> str:
     return f"saga:{workflow_id}"
 
 
+OTHER_RUNNING_APPLIES = "entity-other-running-applies"
+"""Runs from here on apply an effect's `if_other_running` command when another workflow of
+its id is running; runs from before (asked only where a start failed) let the effect go."""
+OTHER_RUNNING_SENDER = "entity:effects"
+"""How the runtime signs the `if_other_running` command it applies to its own entity."""
+
+
+class IfOtherRunning(BaseModel):
+    """What the entity does when a workflow it starts cannot be, because another of its id
+    is running, one whose input differs from the effect's in `same_if` (a reset re-applied
+    the command that started the same one, which runs on): apply its own `command`.
+
+    A cart id used again once retention deleted its cart counts its checkouts from 1 again,
+    and the first cart's checkout of that number, FAILED and waiting for an operator, still
+    ran: the new cart waited for its checkout's report for good."""
+
+    command: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+    same_if: list[str] = Field(default_factory=list)
+
+
 class StartWorkflow(BaseModel):
     """Start another workflow (for example a saga) that outlives this entity's run."""
 
     workflow: str
     workflow_id: str
     input: dict[str, Any] = Field(default_factory=dict)
+    if_other_running: IfOtherRunning | None = None
+
+
+class _Blocker(enum.Enum):
+    ANOTHER = "another"
+    SAME = "same"
+    ENDED = "ended"
+
+
+class RunningInput(BaseModel):
+    """The input the running workflow of an id was started with; None if none runs."""
+
+    input: dict[str, Any] | None = None
+
+
+RUNNING_INPUT_ACTIVITY: Activity[str, RunningInput] = Activity(
+    "running_workflow_input", str, RunningInput
+)
+_RUNNING_INPUT_TIMEOUT = timedelta(seconds=10)
+_RUNNING_INPUT_RETRY = RetryPolicy(maximum_interval=timedelta(seconds=30))
 
 
 class Effects:
@@ -51,9 +97,12 @@ class Effects:
     def extend(self, effects: list[StartWorkflow]) -> None:
         self.pending.extend(effects)
 
-    async def run(self) -> None:
+    async def run(self, other_running: Callable[[StartWorkflow], None]) -> None:
         """Carry out the pending effects in order. A child that cannot be started (one of
-        its id already ran) is logged and let go: its effect is settled either way."""
+        its id is running) is logged and let go: its effect is settled either way. One that
+        says what then (`if_other_running`), another's workflow running under its id, is
+        handed to `other_running`; one whose blocker has ended since is started again, once."""
+        again: set[str] = set()
         while self.pending:
             effect = self.pending.pop(0)
             try:
@@ -65,8 +114,35 @@ class Effects:
                 )
             except (ChildWorkflowError, WorkflowAlreadyStartedError) as exc:
                 workflow.logger.warning("effect %s not started: %s", effect.workflow_id, exc)
+                blocker = await self._blocker(effect, exc)
+                if blocker is _Blocker.ENDED and effect.workflow_id not in again:
+                    again.add(effect.workflow_id)
+                    self.pending.insert(0, effect)
+                elif blocker is _Blocker.ANOTHER:
+                    other_running(effect)
             else:
                 self._children = [*self._running(), child][-MAX_CHILDREN_FOLLOWED:]
+
+    @staticmethod
+    async def _blocker(effect: StartWorkflow, exc: Exception) -> _Blocker | None:
+        """What the workflow running under the effect's id, which kept it from starting, is:
+        another than the effect's, by its input (`IfOtherRunning.same_if`), the effect's
+        own, or ended since; None when the effect does not say (`if_other_running`)."""
+        told = effect.if_other_running
+        if told is None or not isinstance(exc, WorkflowAlreadyStartedError):
+            return None
+        if not workflow.patched(OTHER_RUNNING_APPLIES):
+            return None
+        running = await RUNNING_INPUT_ACTIVITY.execute(
+            effect.workflow_id,
+            start_to_close_timeout=_RUNNING_INPUT_TIMEOUT,
+            retry_policy=_RUNNING_INPUT_RETRY,
+        )
+        if running.input is None:
+            return _Blocker.ENDED
+        if any(running.input.get(k) != effect.input.get(k) for k in told.same_if):
+            return _Blocker.ANOTHER
+        return _Blocker.SAME
 
     def _running(self) -> list[workflow.ChildWorkflowHandle[Any, Any]]:
         return [c for c in self._children if not c.done()]

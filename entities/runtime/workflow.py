@@ -17,7 +17,12 @@ with workflow.unsafe.imports_passed_through():
 
     from entities.errors import ErrorCode, Rejected
     from entities.runtime.backlog import BOUNDED_TASKS_PATCH, NEXT_TASK_ACTIVITY, Backlog
-    from entities.runtime.effects import CHILDREN_CLOSE_FIRST, Effects
+    from entities.runtime.effects import (
+        CHILDREN_CLOSE_FIRST,
+        OTHER_RUNNING_SENDER,
+        Effects,
+        StartWorkflow,
+    )
     from entities.runtime.entity import (
         RULES_1_PATCH,
         RULES_2_PATCH,
@@ -753,7 +758,7 @@ class EntityWorkflow:
                 self._fire_deadline()
             if self._is_terminal():
                 self._publisher.withdraw_offers()
-                await self._effects.run()
+                await self._effects.run(self._other_running)
                 if self._publisher.enabled:
                     await self._quiesce()
                     await self._last_publish()
@@ -773,9 +778,9 @@ class EntityWorkflow:
                 workflow.continue_as_new(self._carry_over())
             if publish_first:
                 self._publisher.schedule(self._revision)
-                await self._effects.run()
+                await self._effects.run(self._other_running)
             else:
-                await self._effects.run()
+                await self._effects.run(self._other_running)
                 self._publisher.schedule(self._revision)
 
     async def _last_publish(self) -> None:
@@ -850,6 +855,20 @@ class EntityWorkflow:
                     start_to_close_timeout=NEXT_TASK_TIMEOUT,
                     retry_policy=NEXT_TASK_RETRY,
                 )
+
+    def _other_running(self, effect: StartWorkflow) -> None:
+        """Apply the entity's own command for an effect that another's workflow, running
+        under its id, kept from starting (`IfOtherRunning`)."""
+        told = effect.if_other_running
+        assert told is not None
+        self._apply(
+            CommandEnvelope(
+                command_id=f"other-running:{effect.workflow_id}",
+                name=told.command,
+                payload=told.payload,
+                sent_by=OTHER_RUNNING_SENDER,
+            )
+        )
 
     def _fire_deadline(self) -> None:
         deadline = self.entity.deadline(self._state, self._options)

@@ -23,7 +23,12 @@ from deploy.embedded import EmbeddedRedis, die_with_parent
 from entities.account import AccountOptions, AccountStatus, account
 from entities.cart import CartStatus
 from entities.checkout import CheckoutState
-from entities.checkout_input import checkout_workflow_id
+from entities.checkout_input import (
+    CHECKOUT_WORKFLOW,
+    CheckoutInput,
+    CheckoutLine,
+    checkout_workflow_id,
+)
 from entities.errors import ErrorCode
 from entities.inventory import Settlement
 from entities.runtime import CommandContext
@@ -311,6 +316,49 @@ async def test_a_cart_id_used_again_after_its_cart_was_deleted_checks_out_anew(
         assert await shop.balance(account_id) == BALANCE - 2000
         assert await stock_of(shop, a) == [(3, 3, 2)]
         assert again.order_id != first.order_id
+
+
+async def test_a_cart_id_used_again_while_an_earlier_cart_s_checkout_waits_is_not_stuck(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    """A cart id used again once retention deleted its cart counts its checkouts from 1
+    again, while the first cart's checkout of that number, FAILED, may still wait for an
+    operator (a week). The new cart's checkout could not start, and the cart stayed
+    CHECKING_OUT for good, refusing every command. It is open again, told why, and its next
+    checkout, under the next number, goes through."""
+    async with run_worker(shop.settings):
+        account_id = await shop.account(BALANCE)
+        a = await shop.stock(5)
+        cart_id = f"cart-{new_id()}"
+        earlier = CheckoutInput(
+            checkout_id=f"{cart_id}-1",
+            cart_id=cart_id,
+            account_id=f"acct-{new_id()}",
+            lines=[CheckoutLine(sku=a, quantity=1, unit_price=1)],
+            started_at=1,
+        )
+        # The earlier cart's checkout, on a queue no worker serves: it runs, and waits.
+        waiting = await shop.client.start_workflow(
+            CHECKOUT_WORKFLOW,
+            earlier,
+            id=checkout_workflow_id(earlier.checkout_id),
+            task_queue=f"{shop.settings.task_queue}-nobody",
+        )
+        try:
+            await shop.cart(account_id, (a, 1, 1000), cart_id=cart_id)
+            assert await shop.checkout(cart_id) == f"{cart_id}-1"
+            reopened = await eventually(
+                lambda: shop.cart_state(cart_id), lambda c: c.status is CartStatus.OPEN
+            )
+            assert reopened.failure_code == ErrorCode.CONFLICT
+            assert (
+                reopened.failure_reason is not None and "still running" in reopened.failure_reason
+            )
+            second = await shop.finished(await shop.checkout(cart_id))
+        finally:
+            await waiting.terminate("the test is over")
+        assert (second.checkout_id, second.status) == (f"{cart_id}-2", SagaStatus.COMPLETED)
+        assert await shop.balance(account_id) == BALANCE - 1000
 
 
 def _last_task_before(events: Sequence[HistoryEvent], carrying: bytes) -> int:
