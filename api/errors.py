@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncGenerator
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from graphql import GraphQLError
 from starlette.responses import JSONResponse
@@ -13,6 +15,7 @@ from api.request_context import note_refusal
 from entities.errors import ErrorCode, TenureError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 INTERNAL_MESSAGE = "Internal error; it has been logged."
 
@@ -152,3 +155,19 @@ def is_expected(error: GraphQLError) -> bool:
         or error.path is None
         or isinstance(error.original_error, TooManyQueries)
     )
+
+
+async def coded_stream(events: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    """A subscription's events, an error raised while they run made INTERNAL and logged
+    unless it is Tenure's own. An error in a running subscription has no path, and
+    `present_error` took it for the request's: INVALID_INPUT, with Temporal's or Redis's
+    own words, and nothing logged."""
+    async with contextlib.aclosing(events) as running:
+        try:
+            async for event in running:
+                yield event
+        except TenureError:
+            raise
+        except Exception as exc:
+            log.error("internal error in a subscription", exc_info=exc)
+            raise TenureError(ErrorCode.INTERNAL, INTERNAL_MESSAGE) from exc

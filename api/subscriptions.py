@@ -30,6 +30,7 @@ from api.change_feed import Change as FeedChange
 from api.change_feed import ChangeFeed, Mailbox
 from api.common import EntityState
 from api.context import Info
+from api.errors import coded_stream
 from api.gateway import Consistency, EntityRead, Source, check_entity_id
 from api.history import listed_command_id, sender_shown
 from api.read_plans import ENTITY_READ_FIELDS
@@ -317,9 +318,10 @@ def _entity_subscription(
         since_revision: int | None = None,
         since_incarnation: str | None = None,
     ) -> AsyncGenerator[Change[Any], None]:
-        async for change in follow_entity(
+        changes = follow_entity(
             info, entity_type, entity_id, since_revision, node.from_read, since_incarnation
-        ):
+        )
+        async for change in coded_stream(changes):
             yield change
 
     # Annotations built here, for the entity's own type and argument name.
@@ -461,11 +463,16 @@ def subscription_type(query: type) -> type:
         statuses = frozenset(where.status) if where.status is not None else None
         follower = _Follower(None, info.context.principal, name, statuses)
         wants = _scoped(info, name, where, follower.admit)
-        async with _subscribed(info, name, None, wants, MAX_PENDING_ENTITIES) as mailbox:
-            while True:
-                shown = follower.change(await mailbox.next(), render)
-                if shown is not None:
-                    yield shown
+
+        async def shown() -> AsyncGenerator[Change[EntityState], None]:
+            async with _subscribed(info, name, None, wants, MAX_PENDING_ENTITIES) as mailbox:
+                while True:
+                    change = follower.change(await mailbox.next(), render)
+                    if change is not None:
+                        yield change
+
+        async for change in coded_stream(shown()):
+            yield change
 
     fields["changes"] = changes
     return strawberry.type(type("Subscription", (), fields))

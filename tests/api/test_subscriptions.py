@@ -27,6 +27,8 @@ from api.auth import DEVELOPMENT_PRINCIPAL
 from api.change_feed import Change as FeedChange
 from api.change_feed import ChangeFeed, Mailbox
 from api.context import TenureContext
+from api.errors import INTERNAL_MESSAGE
+from api.gateway import EntityGateway
 from api.schema import build_schema
 from api.subscriptions import MAX_REMEMBERED, ChangeFilter, _Follower, _scoped
 from entities import catalog
@@ -522,6 +524,35 @@ async def test_over_graphql_transport_ws_the_subscription_limit_has_its_code(
             await ws.send(json.dumps({"id": "first", "type": "complete"}))
             await subscribe(ws, "again", FOLLOW, id=account_id)
             assert (await answer(ws, "again"))["data"]["accountChanged"]["revision"] == 2
+
+
+async def test_a_subscription_that_fails_inside_is_internal_and_logged_not_the_client_s(
+    secured: Settings,
+    temporal_client: Client,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An error raised while a subscription runs (its first read, a query Temporal failed)
+    has no path, and was taken for the request's: INVALID_INPUT, with Temporal's own words,
+    and nothing logged. It is INTERNAL, said as any internal error is, and logged."""
+
+    async def failing(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the query failed: Temporal's own words")
+
+    monkeypatch.setattr(EntityGateway, "read", failing)
+    async with (
+        running_app(secured, temporal_client) as app,
+        served(app) as url,
+        acknowledged(url, token("admin", "ops-1")) as ws,
+    ):
+        await subscribe(ws, "op", FOLLOW, id="acct-anything")
+        failed = await answer(ws, "op")
+    assert code(failed) == "INTERNAL"
+    assert failed["errors"][0]["message"] == INTERNAL_MESSAGE
+    assert any(
+        record.levelname == "ERROR" and "Temporal's own words" in (record.exc_text or "")
+        for record in caplog.records
+    )
 
 
 async def test_one_customer_holds_only_so_many_sockets_and_subscriptions(
