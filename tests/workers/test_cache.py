@@ -15,7 +15,7 @@ from deploy.embedded import EmbeddedRedis
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import Snapshot
 from tests.conftest import WorkerFactory, new_id
-from workers.cache import CacheUnavailable, SnapshotCache, connect_redis
+from workers.cache import CacheUnavailable, SnapshotCache, UnsavedSnapshots, connect_redis
 from workers.settings import Settings
 
 
@@ -186,3 +186,25 @@ async def test_a_closed_cache_stops_retrying_the_writes_redis_refused(
     # A snapshot kept after the close (an activity outliving its worker) starts none.
     assert await cache.put_newest(snapshot(kept.entity_id, 4)) is not None
     assert flushers() - others == set()
+
+
+async def test_snapshots_kept_while_redis_is_down_are_bounded_in_bytes() -> None:
+    """While Redis is down, each snapshot that could not be written is kept (so reads do not
+    go back), up to 10,000 of them whatever their size: at 512 KiB a state, gigabytes, by
+    anyone reading many entities meanwhile. They are bounded in bytes too, oldest dropped
+    first; the newest is still answered."""
+
+    async def down(_: Snapshot) -> bool:
+        raise CacheUnavailable("Redis is down")
+
+    unsaved = UnsavedSnapshots(down, max_bytes=8 * 1024 * 1024, retry_seconds=60)
+    big = "x" * (1024 * 1024)
+    try:
+        for n in range(100):
+            unsaved.keep(snapshot(f"acct-{n}", 2).model_copy(update={"state": {"note": big}}))
+        assert unsaved.kept_bytes <= 8 * 1024 * 1024
+        newest = unsaved.newest(snapshot("acct-99", 1))
+        assert newest.revision == 2
+        assert unsaved.newest(snapshot("acct-0", 1)).revision == 1  # dropped, the oldest
+    finally:
+        await unsaved.aclose()
