@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 Fields = list[bytes | str | None]
 
@@ -16,7 +17,8 @@ class ReadBatcher:
 
     Under load many requests reach their cache read together; one pipeline costs one pool
     checkout and one round trip for all of them instead of one each. A lone read waits one
-    loop turn at most. An error fails every read of its batch with that error.
+    loop turn at most. An error fails every read of its batch with that error; in a Redis
+    Cluster, every read of its node's part of the batch.
     """
 
     def __init__(self, client: redis.Redis | RedisCluster, fields: Sequence[str]) -> None:
@@ -58,14 +60,46 @@ class ReadBatcher:
                 raise
             return
         for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
                 future.set_result(result)
 
-    async def _round_trip(self, keys: list[str]) -> list[Fields]:
+    async def _round_trip(self, keys: list[str]) -> list[Fields | Exception]:
         if len(keys) == 1:
             return [await self._client.hmget(keys[0], self._fields)]
+        if isinstance(self._client, RedisCluster):
+            return await self._per_node(self._client, keys)
+        return list(await self._pipelined(keys))
+
+    async def _pipelined(self, keys: list[str]) -> list[Fields]:
         pipeline = self._client.pipeline(transaction=False)
         for key in keys:
             pipeline.hmget(key, self._fields)
         results: list[Fields] = await pipeline.execute()
+        return results
+
+    async def _per_node(self, cluster: RedisCluster, keys: list[str]) -> list[Fields | Exception]:
+        """The batch as one pipeline per node, side by side: a cluster pipeline fails whole
+        when one node's part fails, and one master down (until its failover, 15 s by
+        default) failed nearly every batch, the reads of keys on the others too."""
+        by_node: dict[str, list[int]] = {}
+        try:
+            for n, key in enumerate(keys):
+                node = cluster.get_node_from_key(key)
+                by_node.setdefault(node.name if node is not None else "", []).append(n)
+        except RedisClusterException:  # no slots known yet: before the client's first command
+            return list(await self._pipelined(keys))
+        parts = list(by_node.values())
+        answers = await asyncio.gather(
+            *(self._pipelined([keys[n] for n in part]) for part in parts), return_exceptions=True
+        )
+        results: list[Fields | Exception] = [[] for _ in keys]
+        for part, answer in zip(parts, answers, strict=True):
+            if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+                raise answer
+            for i, n in enumerate(part):
+                results[n] = answer if isinstance(answer, Exception) else answer[i]
         return results

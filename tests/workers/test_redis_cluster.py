@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
@@ -30,7 +31,7 @@ from tests.api.test_webhook_subscribers import LISTED
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from tests.workers.test_change_stream import applied
 from tests.workers.test_index import account, generations_moved_by_each_write
-from workers.cache import SnapshotCache, connect_redis
+from workers.cache import CacheUnavailable, SnapshotCache, connect_redis
 from workers.changes import Changes, stream_key
 from workers.listing import EntityIndex, ListFilter, Order
 from workers.redis_pools import WaitingCluster
@@ -355,5 +356,42 @@ async def test_a_burst_past_the_pool_waits_for_connections(
         release.set()
         await holder
         assert await client.get(f"{new_id()}") is None  # free again
+    finally:
+        await client.aclose()
+
+
+async def test_one_master_down_fails_only_the_reads_of_its_keys(
+    settings: Settings, redis_cluster: Cluster
+) -> None:
+    """Reads made together go to Redis as one pipeline, and a cluster pipeline fails whole
+    when one node's part fails: with one master of three down, until its failover, nearly
+    every read failed, those of keys on the two others too. Only its own keys fail now."""
+    settings = settings.model_copy(update={"redis_url": redis_cluster.url, "redis_cluster": True})
+    client = connect_redis(settings)
+    cache = SnapshotCache(client, settings.redis_prefix)
+    try:
+        ids = [new_id() for _ in range(30)]
+        for n, entity_id in enumerate(ids):
+            assert await cache.put(snapshot(entity_id, n + 1))
+        assert isinstance(client, RedisCluster)
+        ports = {
+            entity_id: cast(Any, client.get_node_from_key(cache.key("account", entity_id))).port
+            for entity_id in ids
+        }
+        down = redis_cluster.nodes[0]
+        down_port = int(cast(list[str], down.args)[2])
+        down.kill()
+        down.wait(10)
+
+        reads = await asyncio.gather(
+            *(cache.get("account", entity_id) for entity_id in ids), return_exceptions=True
+        )
+        for entity_id, read in zip(ids, reads, strict=True):
+            if ports[entity_id] == down_port:
+                assert isinstance(read, CacheUnavailable), (entity_id, read)
+            else:
+                assert not isinstance(read, BaseException), (entity_id, read)
+                assert read is not None and read.snapshot.entity_id == entity_id
+        assert 0 < sum(port == down_port for port in ports.values()) < len(ids)
     finally:
         await client.aclose()
