@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 
 import uvicorn
 
 from api.app import create_app
+from api.server import ApiServer
 from deploy.embedded import port_is_free
 from workers.logs import configure_logging
 from workers.settings import settings_or_exit
@@ -29,7 +31,7 @@ def main() -> None:
     # about twice a second under load.
     gc.collect()
     gc.freeze()
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.api_host,
         port=settings.api_port,
@@ -37,13 +39,19 @@ def main() -> None:
         log_config=None,  # uvicorn's records go through the process's logging, JSON or text
         access_log=False,
         server_header=False,  # what serves the API is no client's business
-        # On SIGTERM uvicorn stops accepting at once and lets requests in flight finish.
+        # On SIGTERM uvicorn stops accepting at once and lets requests in flight finish;
+        # the subscriptions end first (api/server.py).
         timeout_graceful_shutdown=int(settings.api_shutdown_grace),
         # uvicorn's own 5 s closed idle connections under a proxy that keeps them 60 s (a
         # request sent on one as it closed failed), and under clients that pause longer
         # than 5 s between bursts (each burst began by connecting again).
         timeout_keep_alive=int(settings.api_keep_alive),
     )
+    server = ApiServer(app, config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:  # as uvicorn.run: it could not start (a port taken meanwhile)
+        sys.exit(3)
     if tracer_provider is not None:
         tracer_provider.shutdown()  # the spans still buffered
 

@@ -169,18 +169,24 @@ class ChangeFeed:
         try:
             yield
         finally:
-            self._stopped = True
-            gone = SubscriberGone(ErrorCode.UNAVAILABLE, "the server is shutting down")
-            for followed in self._types.values():
-                for box in followed.everyone:
-                    box.end(gone)
-                for boxes in followed.by_entity.values():
-                    for box in boxes:
-                        box.end(gone)
+            self.drain()
             self._wanted.set()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    def drain(self) -> None:
+        """End every subscription with UNAVAILABLE ("the server is shutting down"), and
+        refuse new ones: as the server begins to shut down, so that event streams end then
+        rather than hold the shutdown up (`api.server`)."""
+        self._stopped = True
+        gone = SubscriberGone(ErrorCode.UNAVAILABLE, "the server is shutting down")
+        for followed in self._types.values():
+            for box in followed.everyone:
+                box.end(gone)
+            for boxes in followed.by_entity.values():
+                for box in boxes:
+                    box.end(gone)
 
     @contextlib.asynccontextmanager
     async def subscribe(

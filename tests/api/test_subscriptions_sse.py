@@ -16,12 +16,15 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import uvicorn
 from starlette.applications import Starlette
 from temporalio.client import Client
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from api.app import create_app
 from api.over_http import EVENT_STREAM, GRAPHQL_RESPONSE, JSON
+from api.server import ApiServer
 from tests.api.test_access import ADJUST, RESTOCK, SECRET, token
 from tests.api.test_accounts_api import DEPOSIT, READ
 from tests.api.test_metrics import scrape
@@ -518,3 +521,48 @@ async def test_a_customer_following_its_account_sees_where_keys_met_as_the_histo
             await tenure.gql.data(keyed, id=mine, key=key)  # by admin ops-1, the same key
             by_operator = await change_of(stream)
     assert by_operator == {"commandId": f"admin/{key}", "sentBy": "admin"}
+
+
+async def test_a_server_shutting_down_ends_its_event_streams_with_unavailable_at_once(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """uvicorn lets a response in flight run on through its graceful shutdown: an event
+    stream held every shutdown for the whole timeout (20 s), then lost its connection with
+    no error, which its client could not tell from a network failure. The server ends its
+    subscriptions first, UNAVAILABLE, and stops without waiting."""
+    secured = settings.model_copy(update={"environment": "production", "auth_secret": SECRET})
+    admin = token("admin", "ops-1")
+    async with run_worker(secured):
+        app = create_app(secured, temporal_client=temporal_client)
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=60
+        )
+        server = ApiServer(app, config)
+        serving = asyncio.create_task(server.serve())
+        try:
+            while not server.started:
+                assert not serving.done(), "uvicorn did not start"
+                await asyncio.sleep(0.02)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            root = f"http://127.0.0.1:{port}"
+            url = f"{root}/graphql"
+            async with httpx.AsyncClient(
+                base_url=root, headers={"Authorization": f"Bearer {admin}"}
+            ) as http:
+                account_id = await open_account(GraphQLClient(http))
+            async with (
+                httpx.AsyncClient(timeout=30) as sse,
+                subscribing(sse, url, admin, id=account_id) as response,
+            ):
+                stream = events(response)
+                assert (await change_of(stream))["revision"] == 2
+                server.should_exit = True
+                async with asyncio.timeout(10):
+                    rest = [event async for event in stream]
+            event, payload = rest[0]
+            assert event == "next" and payload["errors"][0]["extensions"]["code"] == "UNAVAILABLE"
+            assert rest[-1][0] == "complete"
+            await asyncio.wait_for(asyncio.shield(serving), 10)  # not the 60 s of grace
+        finally:
+            server.should_exit = True
+            await serving
