@@ -132,6 +132,10 @@ class _Followed:
         return len(self.everyone) + sum(len(boxes) for boxes in self.by_entity.values())
 
 
+STAFF_SHARE = 10
+"""Staff and services may always take the last 1/STAFF_SHARE of a process's subscriptions."""
+
+
 class ChangeFeed:
     """The process's one reader of the change streams and its subscribers; started and
     stopped by the app's lifespan (`running`)."""
@@ -152,6 +156,7 @@ class ChangeFeed:
         self._max = max_subscribers
         self._max_per_holder = max_per_holder
         self._held: Counter[str] = Counter()
+        self._held_in_all = 0  # by every holder
         self._block_ms = max(int(block_seconds * 1000), 1)
         self._types: dict[str, _Followed] = {}
         self._count = 0
@@ -200,13 +205,21 @@ class ChangeFeed:
         """A mailbox of `entity_type`'s changes: one entity's, or with `entity_id` None
         every entity's that `wants` accepts. Changes appended before this returns are not
         in it (read the entity's state after subscribing). A `holder` (a customer) holds at
-        most `max_per_holder` at once, so that no one caller takes every slot."""
+        most `max_per_holder` at once, so that no one caller takes every slot, and holders
+        together leave a tenth of the slots (STAFF_SHARE) to staff and services: a hundred
+        customers at their most filled a process, and its admin consoles and integrations
+        were refused."""
         if self._stopped:
             raise SubscriberGone(ErrorCode.UNAVAILABLE, "the server is shutting down")
         if self._count >= self._max:
             raise TenureError(
                 ErrorCode.LIMIT_REACHED,
                 f"this server has {self._max} subscriptions already: try again later",
+            )
+        if holder is not None and self._held_in_all >= self._max - self._max // STAFF_SHARE:
+            raise TenureError(
+                ErrorCode.LIMIT_REACHED,
+                f"this server's {self._max} subscriptions are taken: try again later",
             )
         limit = self._max_per_holder
         if holder is not None and limit is not None and self._held[holder] >= limit:
@@ -217,6 +230,7 @@ class ChangeFeed:
         self._count += 1
         if holder is not None:
             self._held[holder] += 1
+            self._held_in_all += 1
         box = Mailbox(wants, capacity)
         try:
             followed = await self._follow(entity_type)
@@ -229,6 +243,7 @@ class ChangeFeed:
             self._count -= 1
             if holder is not None:
                 self._held[holder] -= 1
+                self._held_in_all -= 1
                 if not self._held[holder]:
                     del self._held[holder]
             self._forget(entity_type, entity_id, box)

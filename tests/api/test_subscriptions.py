@@ -721,6 +721,35 @@ async def test_a_subscription_begun_while_redis_answers_too_late_still_follows(
         assert taken[0] >= 3  # the two stalled, then one that answered
 
 
+async def test_customers_together_leave_staff_and_services_their_share_of_subscriptions(
+    settings: Settings, cache: SnapshotCache
+) -> None:
+    """Only one customer's subscriptions were bounded (100): a hundred customers at their
+    most filled a process (10,000), and its admin consoles and integrations were refused.
+    Customers together now leave the last tenth to staff and services."""
+    feed = ChangeFeed(
+        cache.client,
+        cache,
+        settings.redis_prefix,
+        max_subscribers=20,
+        block_seconds=0.1,
+        max_per_holder=3,
+    )
+    async with feed.running(), contextlib.AsyncExitStack() as held:
+        for n in range(18):  # six customers at their most
+            await held.enter_async_context(
+                feed.subscribe("account", new_id(), holder=f"customer:{n // 3}")
+            )
+        with pytest.raises(TenureError) as refused:
+            await held.enter_async_context(
+                feed.subscribe("account", new_id(), holder="customer:another")
+            )
+        assert refused.value.code.value == "LIMIT_REACHED"
+        for _ in range(2):  # an admin's, a service's
+            await held.enter_async_context(feed.subscribe("account", new_id()))
+        assert feed.subscribers == 20
+
+
 def _account_change(entity_id: str, revision: int, status: str, command: str) -> FeedChange:
     snapshot = Snapshot(
         entity_type="account",
