@@ -265,7 +265,7 @@ class SnapshotCache:
             marks_key(self._prefix, snapshot.entity_type),
         ]
         streamed = (
-            [encode(changes, self._retention, now), state_of(snapshot)]
+            [encode(changes, self._retention), state_of(snapshot)]
             if changes is not None
             else ["", ""]
         )

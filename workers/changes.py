@@ -102,7 +102,15 @@ local function append_changes(stream, marks, incarnation, revision, id, doc, sta
   end
   if r > last then gap(last + 1, r) end
   redis.call('HSET', marks, id, incarnation .. ':' .. revision, ':bytes', tostring(mean))
-  if doc.m ~= '' then redis.call('XTRIM', stream, 'MINID', '~', doc.m) end
+  if doc.a ~= '' then
+    -- By Redis's clock, whose the entry ids are: a writer's clock ahead by more than the age
+    -- trimmed what other writers had just appended.
+    local t = redis.call('TIME')
+    local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(doc.a)
+    if oldest > 0 then
+      redis.call('XTRIM', stream, 'MINID', '~', string.format('%d-0', oldest))
+    end
+  end
 end
 """
 
@@ -131,11 +139,12 @@ class Retention:
             settings.change_stream_max_bytes,
         )
 
-    def min_id(self, now: float) -> str:
-        """The oldest entry id kept by age, or empty when age does not matter."""
+    def max_age_ms(self) -> str:
+        """The age past which entries go, in milliseconds by Redis's clock; empty when age
+        does not matter."""
         if self.max_age_seconds is None:
             return ""
-        return f"{max(int((now - self.max_age_seconds) * 1000), 0)}-0"
+        return str(int(self.max_age_seconds * 1000))
 
 
 @dataclass(frozen=True)
@@ -157,7 +166,7 @@ def marks_key(prefix: str, entity_type: str) -> str:
     return stream_key(prefix, entity_type) + ":last"
 
 
-def encode(changes: Changes, retention: Retention, now: float) -> str:
+def encode(changes: Changes, retention: Retention) -> str:
     """What `APPEND_CHANGES` takes: the changes ordered by revision."""
     rows = [
         [
@@ -175,7 +184,7 @@ def encode(changes: Changes, retention: Retention, now: float) -> str:
         "n": str(retention.max_length),
         "b": str(retention.max_bytes),
         "f": str(MIN_KEPT),
-        "m": retention.min_id(now),
+        "a": retention.max_age_ms(),
     }
     return json.dumps(document, separators=(",", ":"))
 

@@ -5,11 +5,15 @@ lose nothing when one dies mid-batch."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from temporalio.client import Client
 
+import workers.cache
 from api.gateway import EntityGateway
 from entities.runtime.envelope import (
     Outcome,
@@ -234,6 +238,36 @@ async def test_the_stream_is_trimmed_by_bytes_however_few_its_entries(settings: 
         await client.aclose()
 
 
+async def test_the_stream_is_trimmed_by_age_on_redis_s_clock_not_the_writer_s(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries older than the age are trimmed, by Redis's clock, whose their ids are: a
+    writer whose clock ran ahead by more than the age trimmed what others had just
+    appended, unread, and no consumer was told of a gap."""
+    client = connect_redis(settings)
+    prefix = f"{settings.redis_prefix}{new_id()}:"
+    cache = SnapshotCache(client, prefix, Retention(max_length=1_000_000, max_age_seconds=3600))
+    stream = stream_key(prefix, "account")
+    try:
+        seconds, _ = await client.time()
+        for n in range(300):  # old entries, in whole nodes of the stream
+            await client.xadd(stream, {"n": n}, id=f"{(seconds - 7200) * 1000}-{n + 1}")
+        for revision in range(1, 4):
+            await cache.put(snapshot("fresh", revision), Changes(revision - 1, applied(revision)))
+        assert await client.xlen(stream) < 300  # the old ones go
+        ahead = time.time() + 7200
+        monkeypatch.setattr(workers.cache, "time", SimpleNamespace(time=lambda: ahead))
+        await cache.put(snapshot("fresh", 4), Changes(3, applied(4)))
+        kept = [
+            int(fields[b"revision"])
+            for _, fields in await client.xrange(stream, "-", "+")
+            if b"revision" in fields
+        ]
+        assert kept == [1, 2, 3, 4]
+    finally:
+        await client.aclose()
+
+
 async def consume(
     client: Any, stream: str, group: str, consumer: str, count: int, start: str = ">"
 ) -> list[tuple[bytes, Entry]]:
@@ -329,7 +363,7 @@ def test_retention_is_read_from_the_environment_and_written_back() -> None:
     small = Settings.from_env({"TENURE_CHANGE_STREAM_MAX_BYTES": "1000000"})
     assert Retention.of(small).max_bytes == 1_000_000
     assert Settings.from_env(small.to_env()) == small
-    assert Retention(10, 60.0).min_id(now=1000.0) == "940000-0"
+    assert Retention(10, 60.0).max_age_ms() == "60000"
 
 
 def test_a_publish_scheduled_before_the_stream_decodes_as_a_bare_snapshot() -> None:
