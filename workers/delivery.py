@@ -343,13 +343,37 @@ class CommandDelivery:
             pass
         self._refused(workflow_id, "timed_out")
         sent = await asyncio.gather(
-            *(self._deliver_by(deadline, c.entity, c.entity_id, c.envelope) for c in commands),
+            *(self._after_the_update(deadline, command) for command in commands),
             return_exceptions=True,
         )
         return [
-            failed if isinstance(failed, Exception) else not_yet_applied(command.envelope)
-            for command, failed in zip(commands, sent, strict=True)
+            answer if isinstance(answer, Exception | CommandResult) else not_yet_applied(c.envelope)
+            for c, answer in zip(commands, sent, strict=True)
         ]
+
+    async def _after_the_update(self, deadline: float, command: _Waited) -> CommandResult | None:
+        """A command whose update went unanswered sent again by signal: None once sent. The
+        update may apply all the same, so a send that fails is no refusal of the command
+        (the entity behind: "nothing was stored"; closed, by this very command): the
+        sender is told its outcome, when the entity knows it, or to retry with its key."""
+        envelope = command.envelope
+        try:
+            await self._deliver_by(deadline, command.entity, command.entity_id, envelope)
+        except EntityClosed:
+            handle = self._client.get_workflow_handle(command.entity.workflow_id(command.entity_id))
+            result = await self._outcome_of(handle, envelope)
+            if result.outcome.status is OutcomeStatus.UNKNOWN:
+                raise not_yet_applied(envelope) from None
+            return result
+        except TenureError as exc:
+            if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.INVALID_INPUT):
+                raise  # the update cannot have applied either
+            raise TenureError(
+                ErrorCode.UNAVAILABLE,
+                f"command {envelope.command_id} may have been applied: its update went "
+                "unanswered, and sending it again failed; retry with the same idempotencyKey",
+            ) from exc
+        return None
 
     async def _deliver_by(
         self,

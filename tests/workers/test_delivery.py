@@ -19,6 +19,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.gateway import Consistency, EntityGateway, Receipt
 from deploy.embedded import EmbeddedTemporal
+from entities.account import account
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import (
     CommandEnvelope,
@@ -218,6 +219,33 @@ async def test_a_waited_command_whose_update_goes_unanswered_is_applied_once_by_
     assert read is not None and read.snapshot.state is not None
     assert read.snapshot.state["balance"] == 5
     assert read.snapshot.revision == 2 + 1
+
+
+class _Behind(CommandDelivery):
+    """Every signal refused as backpressure refuses one to an entity far behind."""
+
+    async def deliver(self, *args: Any, **kwargs: Any) -> Any:
+        raise TenureError(ErrorCode.UNAVAILABLE, "account is behind; nothing was stored")
+
+
+async def test_a_waited_command_whose_update_and_signal_both_fail_is_not_said_unstored(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    """A waited command's update goes unanswered (here no worker answers it) and is sent
+    again by signal, which is refused: that refusal ("nothing was stored") was its answer,
+    though the update may still be applied, and a client without a key sent it again, a
+    second deposit. It is answered UNAVAILABLE with the command's id: retry with the key."""
+    settings = settings.model_copy(update={"command_wait_timeout": 1.0})
+    account_id = new_id()
+    async with run_worker(settings):
+        await open_active(EntityGateway(temporal_client, cache, settings), account_id)
+    envelope = CommandEnvelope(command_id=new_id(), name="deposit", payload={"amount": 5})
+    with pytest.raises(TenureError) as answered:
+        await _Behind(temporal_client, settings).request(account, account_id, envelope)
+    assert answered.value.code is ErrorCode.UNAVAILABLE
+    assert envelope.command_id in answered.value.message
+    assert "retry with the same idempotencyKey" in answered.value.message
+    assert "nothing was stored" not in answered.value.message
 
 
 OPEN = {"owner_name": "Ada", "email": "ada@example.com"}
