@@ -146,6 +146,9 @@ class CommandDelivery:
         """Hand the command to Temporal, durably; its outcome may not be known yet."""
         workflow_id = entity.workflow_id(entity_id)
         try:
+            # Creating commands too: a restock, every stock receipt's, floods an item as
+            # a deposit floods an account (an entity not there yet is not behind).
+            await self._backpressure.admit(workflow_id, f"{entity.name} {entity_id}")
             if entity.spec(envelope.name).creates:
                 return await self._client.start_workflow(
                     catalog.workflow_for(entity.name).run,  # type: ignore[attr-defined]
@@ -158,7 +161,6 @@ class CommandDelivery:
                     id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
                     rpc_timeout=timedelta(seconds=SIGNAL_TIMEOUT),
                 )
-            await self._backpressure.admit(workflow_id, f"{entity.name} {entity_id}")
             await self._coalescer.send(workflow_id, envelope)
             return self._client.get_workflow_handle(workflow_id)
         except WorkflowAlreadyStartedError:

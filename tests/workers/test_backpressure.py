@@ -116,3 +116,35 @@ async def test_a_flood_to_an_entity_left_behind_is_refused_and_nothing_refused_i
         await asyncio.sleep(0.5)  # nothing more comes
         snapshot = await live(gateway, account_id)
         assert snapshot.state is not None and snapshot.state["balance"] == len(accepted) + 1
+
+
+async def test_a_flood_of_restocks_to_an_item_left_behind_is_refused_too(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    """A restock creates its item, and goes with a start: it skipped the look at how far
+    behind the entity is, so a flood of stock receipts to one SKU while no worker ran
+    grew its history past the limit, towards the run's 10,000 signals."""
+    settings = settings.model_copy(update={"entity_history_limit_bytes": LIMIT})
+    gateway = EntityGateway(temporal_client, cache, settings)
+    sku = new_id()
+    receipt = {"quantity": 1, "unit_price": 100}
+    async with run_worker(settings):
+        await gateway.send("inventory", sku, "restock", receipt, wait=True)
+    refused: list[TenureError] = []
+    gate = asyncio.Semaphore(16)
+
+    async def restock(key: str) -> None:
+        async with gate:
+            try:
+                await gateway.send("inventory", sku, "restock", receipt, idempotency_key=key)
+            except TenureError as exc:
+                refused.append(exc)
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    bursts = 0
+    while not refused and loop.time() < deadline:
+        await asyncio.gather(*(restock(f"r{bursts}-{i}") for i in range(HOT_COMMANDS)))
+        bursts += 1
+    assert refused, "no restock refused"
+    assert refused[0].code is ErrorCode.UNAVAILABLE and "is behind" in refused[0].message
