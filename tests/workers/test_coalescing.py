@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import CommandEnvelope
 from workers.coalescing import SignalCoalescer
 
@@ -82,3 +83,22 @@ async def test_a_failed_signal_fails_exactly_the_commands_it_carried() -> None:
             await task
     await coalescer.send("w", envelope(3))  # the next one is unaffected
     assert sender.batches[-1] == ("w", ["c3"])
+
+
+async def test_commands_waiting_for_one_entity_are_bounded_and_the_rest_refused() -> None:
+    """While a signal hangs (Temporal not answering, 5 s a try), a flood to one entity
+    parked every request, tens of thousands in a minute. At most ten signals' worth wait;
+    the rest are refused UNAVAILABLE at once, sent nowhere, and those waiting still go."""
+    sender = SlowSender()
+    coalescer = SignalCoalescer(sender, max_batch=10)
+    sends = [asyncio.create_task(coalescer.send("wf", envelope(n))) for n in range(150)]
+    await asyncio.sleep(0.01)
+    refused = [task for task in sends if task.done()]
+    assert len(refused) == 150 - 100  # a hundred waiting, the first of them now in flight
+    for task in refused:
+        error = task.exception()
+        assert isinstance(error, TenureError) and error.code is ErrorCode.UNAVAILABLE
+    sender.release.set()
+    await asyncio.gather(*(task for task in sends if task not in refused))
+    sent = [command for _, batch in sender.batches for command in batch]
+    assert sent == [f"c{n}" for n in range(100)]
