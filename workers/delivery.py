@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 
 SIGNAL_TIMEOUT = 5.0
 SIGNAL_RESERVE = 2.0
+OUTCOME_FLOOR = 0.5
+"""The least time an outcome is asked for, however little of the sender's wait is left."""
 """Of a waited command's time, what is kept for sending it by signal when its update goes
 unanswered, so that the sender has its answer within the wait."""
 OUTCOME_ATTEMPTS = 5
@@ -184,31 +186,41 @@ class CommandDelivery:
         return True
 
     async def await_outcome(
-        self, handle: WorkflowHandle[Any, Any], envelope: CommandEnvelope
+        self,
+        handle: WorkflowHandle[Any, Any],
+        envelope: CommandEnvelope,
+        deadline: float | None = None,
     ) -> CommandResult:
-        """The command's outcome with the state after it; UNAVAILABLE while not known,
-        IDEMPOTENCY_KEY_REUSED when its id belongs to another command."""
+        """The command's outcome with the state after it; UNAVAILABLE while not known (or
+        past the sender's `deadline`), IDEMPOTENCY_KEY_REUSED when its id belongs to
+        another command."""
         # Queries are strongly consistent: one sent after the signal was accepted sees it
         # applied, unless the entity holds it back behind a backlog (entities/runtime/
         # backlog.py). UNKNOWN means that, or a signal still being delivered: ask again
         # briefly, then tell the sender to retry with the same key.
         for attempt in range(OUTCOME_ATTEMPTS):
             last = attempt == OUTCOME_ATTEMPTS - 1
-            result = await self._outcome_of(handle, envelope, unknown_too=last)
+            result = await self._outcome_of(handle, envelope, unknown_too=last, deadline=deadline)
             if result.outcome.status is not OutcomeStatus.UNKNOWN:
                 return _of_this_command(envelope, result)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
             await asyncio.sleep(0.05 * (attempt + 1))
         raise not_yet_applied(envelope)
 
     async def _outcome_of(
-        self, handle: WorkflowHandle[Any, Any], envelope: CommandEnvelope, unknown_too: bool = True
+        self,
+        handle: WorkflowHandle[Any, Any],
+        envelope: CommandEnvelope,
+        unknown_too: bool = True,
+        deadline: float | None = None,
     ) -> CommandResult:
         """What became of this sender's command: under its id, or, when another sender's
         command holds that id (or, `unknown_too`, the id is not known: its first holder
         forgotten), under the sender's own (`sender_key`), as the entity records it then.
         Not known is most often not applied yet: asked again, it is looked up once more
         only at the last asking."""
-        result = await self._outcome(handle, envelope.command_id)
+        result = await self._outcome(handle, envelope.command_id, deadline)
         sender, outcome = envelope.sent_by, result.outcome
         if sender is None:
             return result
@@ -217,19 +229,27 @@ class CommandDelivery:
                 return result
         elif same_sender(outcome.sent_by, sender):
             return result
-        own = await self._outcome(handle, sender_key(sender, envelope.command_id))
+        own = await self._outcome(handle, sender_key(sender, envelope.command_id), deadline)
         if outcome.status is not OutcomeStatus.UNKNOWN:
             return own  # the id is another sender's: this one's, not known yet, is asked again
         return own if own.outcome.status is not OutcomeStatus.UNKNOWN else result
 
-    async def _outcome(self, handle: WorkflowHandle[Any, Any], command_id: str) -> CommandResult:
+    async def _outcome(
+        self, handle: WorkflowHandle[Any, Any], command_id: str, deadline: float | None = None
+    ) -> CommandResult:
+        """The outcome the entity records under `command_id`, asked within the sender's
+        `deadline` (at least OUTCOME_FLOOR), else within the whole wait: each of several
+        asks took the whole wait, and a waited command ran to twice its bound and more."""
+        seconds = self._settings.command_wait_timeout
+        if deadline is not None:
+            seconds = min(seconds, max(deadline - time.monotonic(), OUTCOME_FLOOR))
         try:
             result = await ask(
                 handle,
                 EntityWorkflow.outcome,
                 command_id,
                 result_type=CommandResult,
-                seconds=self._settings.command_wait_timeout,
+                seconds=seconds,
             )
         except RPCError as exc:
             raise TenureError(
@@ -265,11 +285,11 @@ class CommandDelivery:
             handle = await self._deliver_by(deadline, entity, entity_id, envelope)
         except EntityClosed:
             handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
-            result = await self._outcome_of(handle, envelope)
+            result = await self._outcome_of(handle, envelope, deadline=deadline)
             if result.outcome.status is OutcomeStatus.UNKNOWN:
                 raise
             return _of_this_command(envelope, result)
-        return await self.await_outcome(handle, envelope)
+        return await self.await_outcome(handle, envelope, deadline)
 
     def _may_update(self, workflow_id: str) -> bool:
         until = self._signals_only.get(workflow_id)
@@ -363,7 +383,7 @@ class CommandDelivery:
             await self._deliver_by(deadline, command.entity, command.entity_id, envelope)
         except EntityClosed:
             handle = self._client.get_workflow_handle(command.entity.workflow_id(command.entity_id))
-            result = await self._outcome_of(handle, envelope)
+            result = await self._outcome_of(handle, envelope, deadline=deadline)
             if result.outcome.status is OutcomeStatus.UNKNOWN:
                 raise not_yet_applied(envelope) from None
             return result

@@ -317,6 +317,36 @@ async def test_a_waited_command_answers_within_its_wait_when_temporal_does_not_a
     assert waited < settings.command_wait_timeout + 1.0, waited
 
 
+class _SlowSignal(CommandDelivery):
+    """A Temporal slow to take a signal: two seconds."""
+
+    async def deliver(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(2.0)
+        return await super().deliver(*args, **kwargs)
+
+
+async def test_a_waited_command_asks_its_outcome_within_what_is_left_of_its_wait(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    """Its signal slow (2 s of a 4 s wait), and no worker to answer: the outcome was then
+    asked for a whole wait more, and the sender answered after 6 s. It is asked for what is
+    left, and the sender has UNAVAILABLE, the command's id in it, within the wait."""
+    settings = settings.model_copy(update={"command_wait_timeout": 4.0})
+    account_id = new_id()
+    async with run_worker(settings):
+        await open_active(EntityGateway(temporal_client, cache, settings), account_id)
+    delivery = _SlowSignal(temporal_client, settings)
+    delivery._refused(account.workflow_id(account_id), "failed")  # it goes by signal
+    envelope = CommandEnvelope(command_id=new_id(), name="deposit", payload={"amount": 5})
+    started = time.monotonic()
+    with pytest.raises(TenureError) as answered:
+        await delivery.request(account, account_id, envelope)
+    waited = time.monotonic() - started
+    assert answered.value.code is ErrorCode.UNAVAILABLE
+    assert envelope.command_id in answered.value.message
+    assert waited < settings.command_wait_timeout + 1.0, waited
+
+
 def _stopped(pid: int, timeout: float = 2.0) -> str:
     """The process's state letter in /proc once it reads T (stopped), or after `timeout`;
     "gone" when it has no entry."""
@@ -423,7 +453,7 @@ async def test_a_command_whose_key_another_sender_holds_is_asked_again_until_its
     }
     asked: list[str] = []
 
-    async def outcome(_handle: object, command_id: str) -> CommandResult:
+    async def outcome(_handle: object, command_id: str, _deadline: float | None) -> CommandResult:
         asked.append(command_id)
         return answers[command_id].pop(0)
 
