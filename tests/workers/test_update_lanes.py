@@ -12,7 +12,12 @@ import pytest
 
 from workers.update_lanes import UpdateLanes
 
-LATER = time.monotonic() + 3600
+
+def later() -> float:
+    """A deadline an hour from now. (One taken once, at import, had passed when a slow run
+    of the whole suite came to these tests after an hour: the lanes let every command go,
+    and `Entity.answer` waited for an update for good.)"""
+    return time.monotonic() + 3600
 
 
 class Entity:
@@ -41,7 +46,7 @@ class Entity:
 async def test_commands_beyond_the_updates_in_flight_go_together_in_order() -> None:
     entity = Entity()
     lanes = UpdateLanes[str, str](entity.send, per_entity=2, max_batch=3, max_waiting=10)
-    sent = [asyncio.create_task(lanes.request("a", f"c{n}", 0.0, LATER)) for n in range(7)]
+    sent = [asyncio.create_task(lanes.request("a", f"c{n}", 0.0, later())) for n in range(7)]
     await asyncio.sleep(0)
     assert entity.updates == [["c0"], ["c1"]]  # the first two at once, alone
     for _ in range(4):
@@ -55,7 +60,7 @@ async def test_commands_beyond_the_updates_in_flight_go_together_in_order() -> N
 async def test_a_waiter_is_let_go_at_its_time_and_goes_another_way() -> None:
     entity = Entity()
     lanes = UpdateLanes[str, str](entity.send, per_entity=1, max_batch=10, max_waiting=10)
-    first = asyncio.create_task(lanes.request("a", "c0", 0.0, LATER))
+    first = asyncio.create_task(lanes.request("a", "c0", 0.0, later()))
     await asyncio.sleep(0)
     assert await lanes.request("a", "c1", 0.0, time.monotonic() + 0.05) is None
     assert await lanes.request("a", "c2", 0.0, time.monotonic() - 1) is None
@@ -68,11 +73,11 @@ async def test_a_waiter_is_let_go_at_its_time_and_goes_another_way() -> None:
 async def test_a_waiter_that_gives_up_is_left_out_and_a_full_lane_says_none() -> None:
     entity = Entity()
     lanes = UpdateLanes[str, str](entity.send, per_entity=1, max_batch=10, max_waiting=2)
-    first = asyncio.create_task(lanes.request("a", "c0", 0.0, LATER))
-    gone = asyncio.create_task(lanes.request("a", "c1", 0.0, LATER))
-    kept = asyncio.create_task(lanes.request("a", "c2", 0.0, LATER))
+    first = asyncio.create_task(lanes.request("a", "c0", 0.0, later()))
+    gone = asyncio.create_task(lanes.request("a", "c1", 0.0, later()))
+    kept = asyncio.create_task(lanes.request("a", "c2", 0.0, later()))
     await asyncio.sleep(0)
-    assert await lanes.request("a", "c3", 0.0, LATER) is None  # two wait already
+    assert await lanes.request("a", "c3", 0.0, later()) is None  # two wait already
     gone.cancel()
     await entity.answer()
     await entity.answer()
@@ -98,7 +103,7 @@ async def test_a_failed_update_fails_each_command_it_carried_and_errors_go_to_th
         return ["ok"]
 
     lanes = UpdateLanes[str, str](send, per_entity=1, max_batch=3, max_waiting=10)
-    tasks = [asyncio.create_task(lanes.request("a", f"c{n}", 0.0, LATER)) for n in range(6)]
+    tasks = [asyncio.create_task(lanes.request("a", f"c{n}", 0.0, later())) for n in range(6)]
     await asyncio.sleep(0)
     release.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
