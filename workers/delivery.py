@@ -32,6 +32,7 @@ from typing import Any
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
+    WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
@@ -169,21 +170,33 @@ class CommandDelivery:
             raise EntityClosed(entity, entity_id) from None
         except RPCError as exc:
             if is_missing(exc):
-                if await self._has_completed(workflow_id):
+                status = await self._status(workflow_id)
+                if status is None:
+                    raise TenureError(
+                        ErrorCode.NOT_FOUND, f"{entity.name} {entity_id} does not exist"
+                    ) from None
+                if status is not WorkflowExecutionStatus.RUNNING:
                     raise EntityClosed(entity, entity_id) from None
+                # Started meanwhile (an open racing this command): it was not sent.
                 raise TenureError(
-                    ErrorCode.NOT_FOUND, f"{entity.name} {entity_id} does not exist"
+                    ErrorCode.UNAVAILABLE,
+                    f"{entity.name} {entity_id} was starting; nothing was stored; retry with "
+                    "the same idempotencyKey",
                 ) from None
             raise unavailable(exc) from exc
 
-    async def _has_completed(self, workflow_id: str) -> bool:
+    async def _status(self, workflow_id: str) -> WorkflowExecutionStatus | None:
+        """The status of the workflow's latest run; None if there is none. A Temporal that
+        cannot tell is UNAVAILABLE, not a workflow missing (NOT_FOUND, for good)."""
         try:
-            await self._client.get_workflow_handle(workflow_id).describe(
+            description = await self._client.get_workflow_handle(workflow_id).describe(
                 rpc_timeout=timedelta(seconds=SIGNAL_TIMEOUT)
             )
-        except RPCError:
-            return False
-        return True
+        except RPCError as exc:
+            if is_missing(exc):
+                return None
+            raise unavailable(exc) from exc
+        return description.status
 
     async def await_outcome(
         self,

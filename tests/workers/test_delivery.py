@@ -34,6 +34,7 @@ from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import eventually
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache
+from workers.coalescing import SignalCoalescer
 from workers.delivery import CommandDelivery, _of_this_command
 from workers.settings import Settings
 from workers.temporal import within
@@ -345,6 +346,28 @@ async def test_a_waited_command_asks_its_outcome_within_what_is_left_of_its_wait
     assert answered.value.code is ErrorCode.UNAVAILABLE
     assert envelope.command_id in answered.value.message
     assert waited < settings.command_wait_timeout + 1.0, waited
+
+
+async def test_a_signal_refused_as_missing_to_an_entity_that_runs_is_no_closed_entity(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    """A signal answered NOT_FOUND (sent as the entity's run was starting: an open racing
+    the command) was taken for an entity closed whenever Temporal described it at all: a
+    new account refused as closed, for good to a client. It was not sent; retry."""
+    account_id = new_id()
+    async with run_worker(settings):
+        await open_active(EntityGateway(temporal_client, cache, settings), account_id)
+    delivery = CommandDelivery(temporal_client, settings)
+
+    async def missing(workflow_id: str, batch: list[CommandEnvelope]) -> None:
+        raise RPCError("workflow not found", RPCStatusCode.NOT_FOUND, b"")
+
+    delivery._coalescer = SignalCoalescer(missing)
+    envelope = CommandEnvelope(command_id=new_id(), name="deposit", payload={"amount": 5})
+    with pytest.raises(TenureError) as answered:
+        await delivery.deliver(account, account_id, envelope)
+    assert answered.value.code is ErrorCode.UNAVAILABLE
+    assert "retry" in answered.value.message
 
 
 def _stopped(pid: int, timeout: float = 2.0) -> str:
