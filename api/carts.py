@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Annotated, Any
@@ -200,6 +201,12 @@ async def _room_for_a_cart(gateway: EntityGateway, account_id: str, cart_id: str
     )
 
 
+_MAY_HAVE_MADE_IT = frozenset(
+    {ErrorCode.UNAVAILABLE, ErrorCode.OUTCOME_UNKNOWN, ErrorCode.INTERNAL}
+)
+"""Answers to a create that may have made the cart all the same."""
+
+
 async def _guard_create(gateway: EntityGateway, cart_id: str, payload: Mapping[str, Any]) -> None:
     """A new cart's account must exist and not be closed, and have room for one more cart;
     checked for every create, from a mutation or an inbound webhook (bulk commands send no
@@ -299,9 +306,19 @@ class CartMutation:
         except TenureError as exc:
             # As the mutation's caller knows the field (`accountId`), not the command's.
             raise in_graphql_terms(exc) from None
-        return await _command(
-            info, cart_id, domain.create_cart, idempotency_key, wait, account_id=account_id
-        )
+        try:
+            return await _command(
+                info, cart_id, domain.create_cart, idempotency_key, wait, account_id=account_id
+            )
+        except TenureError as exc:
+            if exc.code not in _MAY_HAVE_MADE_IT:
+                # Refused (an id taken, a key reused): it holds no room. It held one for a
+                # minute, and a few such refusals left a customer none.
+                with contextlib.suppress(CacheUnavailable):
+                    await Creations.of(info.context.gateway.cache).forget(
+                        ENTITY, "account_id", account_id, cart_id
+                    )
+            raise
 
     @strawberry.mutation(description="Add units of a SKU; more of a SKU already there adds up.")
     async def add_cart_item(

@@ -475,6 +475,28 @@ async def test_creates_refused_as_input_hold_no_room_for_a_cart(
     assert all(data["createCart"]["cart"] for data in made)
 
 
+async def test_creates_the_entity_refuses_hold_no_room_for_a_cart(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """A create refused by the cart itself (its id another account's cart's) held a cart's
+    place in the account for a minute: three such left an account allowed three carts
+    unable to make one. A refused create gives its place back."""
+    three = secured.model_copy(update={"max_carts_per_account": 3})
+    create = """mutation($id: ID!, $a: ID!) {
+        createCart(id: $id, accountId: $a, wait: true) { cart { id } } }"""
+    async with run_worker(three), api_client(three, temporal_client) as http:
+        http.headers["Authorization"] = f"Bearer {token('admin', 'ops')}"
+        gql = GraphQLClient(http)
+        mine, theirs = await open_account(gql, 0), await open_account(gql, 0)
+        taken = [new_id() for _ in range(3)]
+        for cart_id in taken:
+            await gql.data(create, id=cart_id, a=theirs)
+        refused = [await gql.error_code(create, id=cart_id, a=mine) for cart_id in taken]
+        assert refused == ["ALREADY_EXISTS"] * 3
+        made = [await gql.data(create, id=new_id(), a=mine) for _ in range(3)]
+    assert all(data["createCart"]["cart"] for data in made)
+
+
 async def test_a_late_repeat_of_a_checkout_is_answered_with_its_own_checkout(
     gql: GraphQLClient,
 ) -> None:
