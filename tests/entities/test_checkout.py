@@ -277,6 +277,17 @@ async def test_a_cart_with_the_longest_id_reserves_under_an_id_short_enough(
         assert [(await shop.item(s)).reservations for s in (a, b)] == [[], []]
 
 
+async def checked_out_once(shop: Shop) -> tuple[str, str, str, CheckoutState]:
+    """An account, a SKU, and a cart of one unit of it (1,000) checked out: their ids and
+    the completed checkout."""
+    account_id = await shop.account(BALANCE)
+    a = await shop.stock(5)
+    cart_id = await shop.cart(account_id, (a, 1, 1000))
+    first = await shop.finished(await shop.checkout(cart_id))
+    assert first.status is SagaStatus.COMPLETED
+    return account_id, a, cart_id, first
+
+
 async def test_a_cart_id_used_again_after_its_cart_was_deleted_checks_out_anew(
     shop: Shop, run_worker: WorkerFactory
 ) -> None:
@@ -284,11 +295,7 @@ async def test_a_cart_id_used_again_after_its_cart_was_deleted_checks_out_anew(
     whose first checkout is `<cart id>-1` again. It must sell and charge anew, not be taken
     for the first one by the account and the stock, whose ledgers still hold its requests."""
     async with run_worker(shop.settings):
-        account_id = await shop.account(BALANCE)
-        a = await shop.stock(5)
-        cart_id = await shop.cart(account_id, (a, 1, 1000))
-        first = await shop.finished(await shop.checkout(cart_id))
-        assert first.status is SagaStatus.COMPLETED
+        account_id, a, cart_id, first = await checked_out_once(shop)
         first_run_id = (
             await shop.client.get_workflow_handle(
                 checkout_workflow_id(first.checkout_id)
@@ -387,11 +394,7 @@ async def test_a_reset_that_re_applies_a_checkout_charges_and_sells_once(
     was charged, and the stock sold, twice. They are named after the cart's incarnation,
     the same across a reset, and its checkout's second run is answered from their ledgers."""
     async with run_worker(shop.settings):
-        account_id = await shop.account(BALANCE)
-        a = await shop.stock(5)
-        cart_id = await shop.cart(account_id, (a, 1, 1000))
-        first = await shop.finished(await shop.checkout(cart_id))
-        assert first.status is SagaStatus.COMPLETED
+        account_id, a, cart_id, first = await checked_out_once(shop)
         cart = shop.client.get_workflow_handle(f"cart:{cart_id}")
         await cart.result()
         checkout = shop.client.get_workflow_handle(checkout_workflow_id(first.checkout_id))
