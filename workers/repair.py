@@ -12,7 +12,6 @@ had already applied.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 
 from temporalio.api.common.v1 import WorkflowExecution
@@ -118,13 +117,24 @@ async def repair(
     # Reset re-runs the task that this event completed.
     reset_to = events[index].event_id
     commands = sum(1 for event in events[index:] if event.event_type in REAPPLIED)
+    # Every worker's watchdog repairs a stuck entity: another may have reset this run while
+    # this one looked for its last good task (seconds). Reset again, the run it made would
+    # end, and the commands it had taken since (acknowledged) would be lost: Temporal resets
+    # a run that is no longer current, and re-applies only that run's commands.
+    now = (await handle.describe()).run_id
+    if now != run_id:
+        raise TenureError(
+            ErrorCode.CONFLICT,
+            f"{workflow_id} was repaired meanwhile (its run is now {now}); nothing done",
+        )
     response = await client.workflow_service.reset_workflow_execution(
         ResetWorkflowExecutionRequest(
             namespace=client.namespace,
             workflow_execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id),
             reason="tenure repair: reset to the last task that replays",
             workflow_task_finish_event_id=reset_to,
-            request_id=str(uuid.uuid4()),
+            # The same for a retry of this very reset.
+            request_id=f"tenure-repair:{run_id}:{reset_to}",
             reset_reapply_type=ResetReapplyType.RESET_REAPPLY_TYPE_ALL_ELIGIBLE,
         )
     )

@@ -12,6 +12,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
+import workers.repair
 from api.gateway import Consistency, EntityGateway, Source
 from entities.account import AccountWorkflow
 from entities.errors import ErrorCode, TenureError
@@ -19,6 +20,7 @@ from entities.runtime import EntityRunInput, EntityWorkflow, Snapshot
 from entities.runtime.envelope import CommandEnvelope, HistoryPage
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import eventually, until_idle
+from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache
 from workers.repair import is_stuck, repair
 from workers.settings import Settings
@@ -145,6 +147,58 @@ async def test_a_stuck_entity_reads_stale_and_repair_applies_every_command(
         assert not await watchdog.sweep()
         cached = await gateway.read("account", account_id, Consistency.CACHED)
         assert cached is not None and not cached.stale and cached.snapshot.revision == 7
+
+
+async def test_two_repairs_of_one_run_at_once_make_one_new_run_and_lose_nothing(
+    temporal_client: Client,
+    settings: Settings,
+    cache: SnapshotCache,
+    run_worker: WorkerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every worker's watchdog repairs a stuck entity, so two may repair one run at once.
+    The second reset the old run again after the first's new run had taken a deposit (and
+    told its client so): that run was ended, and the deposit was lost. The second finds
+    the run repaired, and does nothing."""
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    both_looked, go_on = asyncio.Barrier(2), asyncio.Event()
+    looked = 0
+    found_last_good = workers.repair.last_good_task
+
+    async def slowly(workflow_id: str, events: Any) -> int:
+        nonlocal looked
+        looked += 1
+        second = looked == 2
+        await both_looked.wait()
+        if second:
+            await go_on.wait()  # until the first's new run has taken a deposit
+        return await found_last_good(workflow_id, events)
+
+    monkeypatch.setattr(workers.repair, "last_good_task", slowly)
+    async with run_worker(settings):
+        await open_active(gateway, account_id)
+        await deposit(gateway, account_id, 5, wait=True)
+        repairs = [
+            asyncio.create_task(repair(temporal_client, "account", account_id, force=True))
+            for _ in range(2)
+        ]
+        # The one that looked first resets first; the other waits (`slowly`).
+        [first], [second] = await asyncio.wait(repairs, return_when=asyncio.FIRST_COMPLETED)
+        await first
+        await deposit(gateway, account_id, 7, wait=True)
+        go_on.set()
+        with pytest.raises(TenureError) as late:
+            await second
+        assert late.value.code is ErrorCode.CONFLICT
+        assert "repaired meanwhile" in late.value.message
+
+        async def balance() -> int:
+            read = await gateway.read("account", account_id, Consistency.LIVE)
+            assert read is not None and read.snapshot.state is not None
+            return int(read.snapshot.state["balance"])
+
+        assert await eventually(balance, lambda b: b == 12, 10) == 12
 
 
 async def test_repair_refuses_an_entity_that_makes_progress(
