@@ -65,10 +65,10 @@ log = logging.getLogger(__name__)
 
 SIGNAL_TIMEOUT = 5.0
 SIGNAL_RESERVE = 2.0
-OUTCOME_FLOOR = 0.5
-"""The least time an outcome is asked for, however little of the sender's wait is left."""
 """Of a waited command's time, what is kept for sending it by signal when its update goes
 unanswered, so that the sender has its answer within the wait."""
+OUTCOME_FLOOR = 0.5
+"""The least time an outcome is asked for, however little of the sender's wait is left."""
 OUTCOME_ATTEMPTS = 5
 MAX_UPDATES_IN_FLIGHT = 2
 """Updates one process has in flight to one entity; the commands that come meanwhile wait
