@@ -385,11 +385,16 @@ class SnapshotCache:
         return stored
 
     async def mark_stuck(self, entity_type: str, entity_id: str, reason: str) -> None:
-        """Note that the entity has stopped making progress: its cached reads are stale."""
+        """Note that the entity has stopped making progress: its cached reads are stale.
+        The type's listings are rendered again only when the mark changes: the watchdog
+        marks a stuck entity again at every sweep."""
+        key = self.key(entity_type, entity_id)
         try:
             with redis_span("HSET"):
+                if await self._client.hget(key, "stuck") == reason.encode():
+                    return
                 async with self._client.pipeline(transaction=False) as pipe:
-                    pipe.hset(self.key(entity_type, entity_id), "stuck", reason)
+                    pipe.hset(key, "stuck", reason)
                     pipe.hincrby(generations_key(self._prefix, entity_type), STUCK, 1)
                     await pipe.execute()
         except REDIS_FAILURES as exc:
@@ -398,10 +403,10 @@ class SnapshotCache:
     async def clear_stuck(self, entity_type: str, entity_id: str) -> None:
         try:
             with redis_span("HDEL"):
-                async with self._client.pipeline(transaction=False) as pipe:
-                    pipe.hdel(self.key(entity_type, entity_id), "stuck")
-                    pipe.hincrby(generations_key(self._prefix, entity_type), STUCK, 1)
-                    await pipe.execute()
+                removed = await self._client.hdel(self.key(entity_type, entity_id), "stuck")
+                if removed:
+                    generations = generations_key(self._prefix, entity_type)
+                    await self._client.hincrby(generations, STUCK, 1)
         except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
 

@@ -177,7 +177,11 @@ async def generations_moved_by_each_write(cache: SnapshotCache) -> None:
     }
     assert await moved(cache.put(account("ada", 2, "DORMANT"))) == set()  # older: nothing
     assert await moved(cache.mark_stuck("account", "ada", "stuck")) == {"stuck"}
+    # The watchdog marks a stuck entity again at every sweep: no list of it went unrendered
+    # longer than a sweep, while any of its type stayed stuck.
+    assert await moved(cache.mark_stuck("account", "ada", "stuck")) == set()
     assert await moved(cache.clear_stuck("account", "ada")) == {"stuck"}
+    assert await moved(cache.clear_stuck("account", "ada")) == set()
     epoch = await cache.client.hget(key, "epoch")  # type: ignore[misc]
     assert await moved(cache.new_epoch("account")) == {"all", "epoch"}
     assert await cache.client.hget(key, "epoch") != epoch  # type: ignore[misc]
