@@ -52,6 +52,8 @@ class StuckEntityWatchdog:
         self._types = set(catalog.entity_types())
         self.stuck: dict[str, str] = {}
         """Workflow id of each entity found stuck, and why."""
+        self._tried: dict[str, str] = {}
+        """The run of each stuck entity that auto-repair tried: tried once, not again."""
 
     async def sweep(self) -> dict[str, str]:
         """Look once; returns the entities stuck now, by workflow id."""
@@ -60,10 +62,12 @@ class StuckEntityWatchdog:
             f"AND {PROBLEMS} IS NOT NULL"
         )
         found: dict[str, str] = {}
+        runs: dict[str, str] = {}
         async for execution in self._client.list_workflows(query):
             entity_type, _, entity_id = execution.id.partition(":")
             if entity_type in self._types and entity_id:
                 found[execution.id] = _reason(execution.search_attributes.get(PROBLEMS))
+                runs[execution.id] = execution.run_id
         for workflow_id, reason in found.items():
             if workflow_id not in self.stuck:
                 log.error(
@@ -76,26 +80,39 @@ class StuckEntityWatchdog:
                 )
             await self._mark(workflow_id, reason)
             if self._auto_repair and NONDETERMINISM in reason:
-                await self._repair(workflow_id)
+                await self._repair(workflow_id, runs[workflow_id])
         for workflow_id in set(self.stuck) - set(found):
             log.warning("entity %s makes progress again", workflow_id)
             entity_type, _, entity_id = workflow_id.partition(":")
             with contextlib.suppress(CacheUnavailable):
                 await self._cache.clear_stuck(entity_type, entity_id)
         self.stuck = found
+        self._tried = {w: run for w, run in self._tried.items() if w in found}
         return found
 
-    async def _repair(self, workflow_id: str) -> None:
+    async def _repair(self, workflow_id: str, run_id: str) -> None:
         """Reset an entity whose history its own code no longer replays to its last good
         task, commands re-applied (each command still applied once: the ledger). The SDK's
         core has written such histories itself, after a worker was killed mid-task (the
         soak saw "No command scheduled for event ActivityTaskScheduled"); left alone, the
-        entity would take commands and apply none for good."""
+        entity would take commands and apply none for good. Each stuck run is tried once:
+        one that cannot be repaired (no task of it replays) was tried at every sweep, a
+        history fetched and replayed every 10 s, until an operator came; a run a repair
+        made that is stuck again is a new run, tried once in its turn."""
+        if self._tried.get(workflow_id) == run_id:
+            return
+        self._tried[workflow_id] = run_id
         entity_type, _, entity_id = workflow_id.partition(":")
         try:
             done = await repair(self._client, entity_type, entity_id)
         except (TenureError, RPCError) as exc:
-            log.warning("could not repair %s: %s", workflow_id, exc)
+            log.warning(
+                "could not repair %s: %s; its run %s is not tried again (`tenure repair` it "
+                "once its cause is fixed)",
+                workflow_id,
+                exc,
+                run_id,
+            )
             return
         log.error(
             "entity %s repaired: reset to the task completed at event %d, %d commands re-applied",

@@ -13,6 +13,7 @@ from temporalio.service import RPCError
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 import workers.repair
+import workers.watchdog
 from api.gateway import Consistency, EntityGateway, Source
 from entities.account import AccountWorkflow
 from entities.errors import ErrorCode, TenureError
@@ -252,3 +253,27 @@ async def test_repair_in_a_namespace_temporal_does_not_know_says_so_not_no_entit
     with pytest.raises(TenureError) as missing:  # a missing entity is still NOT_FOUND
         await repair(temporal_client, "account", account_id)
     assert missing.value.code is ErrorCode.NOT_FOUND
+
+
+async def test_auto_repair_tries_each_stuck_run_once(
+    temporal_client: Client,
+    settings: Settings,
+    cache: SnapshotCache,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run no repair can mend (no task of it replays) was tried at every sweep of every
+    worker, its history fetched and replayed every 10 s, each with a warning, until an
+    operator came. Each stuck run is tried once; a new run (a repair's, stuck again) once
+    in its turn."""
+    tried: list[str] = []
+
+    async def cannot(client: Client, entity_type: str, entity_id: str, **_: Any) -> None:
+        tried.append(entity_id)
+        raise TenureError(ErrorCode.INVALID_TRANSITION, "no task of it replays")
+
+    monkeypatch.setattr(workers.watchdog, "repair", cannot)
+    watchdog = StuckEntityWatchdog(temporal_client, cache, settings.task_queue, auto_repair=True)
+    for _ in range(3):  # three sweeps
+        await watchdog._repair("account:ada", "run-1")
+    await watchdog._repair("account:ada", "run-2")
+    assert tried == ["ada", "ada"]
