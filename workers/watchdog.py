@@ -101,11 +101,14 @@ class StuckEntityWatchdog:
         made that is stuck again is a new run, tried once in its turn."""
         if self._tried.get(workflow_id) == run_id:
             return
-        self._tried[workflow_id] = run_id
         entity_type, _, entity_id = workflow_id.partition(":")
         try:
             done = await repair(self._client, entity_type, entity_id)
-        except (TenureError, RPCError) as exc:
+        except RPCError as exc:  # Temporal out of reach: tried again at the next sweep
+            log.warning("could not repair %s yet: %s", workflow_id, exc)
+            return
+        except TenureError as exc:
+            self._tried[workflow_id] = run_id
             log.warning(
                 "could not repair %s: %s; its run %s is not tried again (`tenure repair` it "
                 "once its cause is fixed)",
@@ -114,6 +117,7 @@ class StuckEntityWatchdog:
                 run_id,
             )
             return
+        self._tried[workflow_id] = run_id
         log.error(
             "entity %s repaired: reset to the task completed at event %d, %d commands re-applied",
             workflow_id,
