@@ -114,9 +114,7 @@ class WebhookDelivery:
         lost.add(0)  # exported at 0 from the first run, so the first loss is an increase
         subscriber = await self._subscribers.get(run.subscriber_id)
         if subscriber is None:
-            await self._subscribers.drop_keys(run.subscriber_id)
-            await _said_gone(self._subscribers, run.subscriber_id)
-            return DeliveryRunResult(removed=True)
+            return await self._gone(run.subscriber_id)
         holder = uuid.uuid4().hex
         if not await self._lease(subscriber.id, holder, run.seconds):
             return DeliveryRunResult()
@@ -125,6 +123,12 @@ class WebhookDelivery:
         finally:
             with contextlib.suppress(*REDIS_FAILURES):
                 await self._subscribers.release_lease(subscriber.id, holder)
+
+    async def _gone(self, subscriber_id: str) -> DeliveryRunResult:
+        """A subscriber removed (or lost): its keys dropped, and the run's end told."""
+        await self._subscribers.drop_keys(subscriber_id)
+        await _said_gone(self._subscribers, subscriber_id)
+        return DeliveryRunResult(removed=True)
 
     async def _lease(self, subscriber_id: str, holder: str, seconds: float) -> bool:
         """Wait, up to the run's length, for the subscriber's delivery to be this run's to
@@ -150,9 +154,7 @@ class WebhookDelivery:
             # Removed while the groups were made: a removal's destroy that came before them
             # left these for good, with all they would hold pending.
             await self._subscribers.destroy_groups(subscriber.id, subscriber.events)
-            await self._subscribers.drop_keys(run.subscriber_id)
-            await _said_gone(self._subscribers, run.subscriber_id)
-            return DeliveryRunResult(removed=True)
+            return await self._gone(run.subscriber_id)
         async with httpx.AsyncClient(
             timeout=SEND_TIMEOUT_SECONDS, follow_redirects=False, trust_env=False
         ) as http:
