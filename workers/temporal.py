@@ -81,6 +81,10 @@ NONDETERMINISTIC = "[TMPRL1100]"
 """How a query fails that made a worker replay an entity whose history today's code cannot
 follow: the entity is stuck until repaired (`workers.repair`), as when the server answers
 for it that its workflow task is failing. Not asked again."""
+UNKNOWN_QUERY = "expected but not found"
+"""How a query fails that the worker holding the entity does not know: a worker of an older
+release, in a rolling deploy, asked a query added since. The entity is fine and a newer
+worker will answer: UNAVAILABLE, where it went to the client as INTERNAL."""
 
 
 async def ask(
@@ -94,7 +98,8 @@ async def ask(
     Asked again when a worker refused it so as to replay the entity in order
     (`workers.query_guard`), or could not answer it in time for want of CPU (OVERLOADED,
     after a pause); either refusal, repeated, is UNAVAILABLE like any other. An entity
-    that cannot be replayed (NONDETERMINISTIC) is UNAVAILABLE at once."""
+    that cannot be replayed (NONDETERMINISTIC), or is held by a worker that does not know
+    the query (UNKNOWN_QUERY), is UNAVAILABLE at once."""
 
     async def asking() -> T:
         for attempt in range(QUERY_ATTEMPTS):
@@ -104,7 +109,7 @@ async def ask(
                 )
                 return answer
             except WorkflowQueryFailedError as exc:
-                if NONDETERMINISTIC in str(exc):
+                if NONDETERMINISTIC in str(exc) or UNKNOWN_QUERY in str(exc):
                     raise RPCError(str(exc), RPCStatusCode.UNAVAILABLE, b"") from exc
                 # Refused by a worker short of CPU, or by a task full of answers: after a
                 # pause, the next task answers.

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowHandle, WorkflowQueryFailedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from entities import catalog
 from tests.conftest import WorkerFactory
@@ -70,6 +71,11 @@ async def test_a_workflow_whose_query_overran_is_answered_and_served_again(
         # A query that fails for another reason is not asked again.
         with pytest.raises(WorkflowQueryFailedError, match="fails for good"):
             await ask(handle, SlowToAnswerOnce.broken, result_type=str, seconds=30)
+        # One the worker does not know (an older release's, in a rolling deploy): the
+        # entity is fine, and a newer worker would answer; UNAVAILABLE, not INTERNAL.
+        with pytest.raises(RPCError) as unknown:
+            await ask(handle, "added_in_a_later_release", result_type=str, seconds=30)
+        assert unknown.value.status is RPCStatusCode.UNAVAILABLE
         # And it is served again: a signal is applied, and the workflow ends.
         await handle.signal(SlowToAnswerOnce.finish)
         await asyncio.wait_for(handle.result(), 30)
