@@ -384,13 +384,26 @@ class SnapshotCache:
             return self._unsaved.newer_than(entity_type, entity_id, stored)
         return stored
 
-    async def mark_stuck(self, entity_type: str, entity_id: str, reason: str) -> None:
+    def stuck_marks_key(self, scope: str) -> str:
+        """The set of entities marked stuck by the watchdogs of `scope` (a task queue), as
+        workflow ids: what a watchdog started later, or one that could not clear a mark
+        while Redis was away, clears once their entities make progress again."""
+        return f"{self._prefix}stuck-marks:{{{scope}}}"
+
+    async def mark_stuck(
+        self, entity_type: str, entity_id: str, reason: str, scope: str | None = None
+    ) -> None:
         """Note that the entity has stopped making progress: its cached reads are stale.
         The type's listings are rendered again only when the mark changes: the watchdog
-        marks a stuck entity again at every sweep."""
+        marks a stuck entity again at every sweep. With `scope`, the mark is listed in
+        `stuck_marks_key(scope)` first, so no mark is left that no watchdog knows of."""
         key = self.key(entity_type, entity_id)
         try:
             with redis_span("HSET"):
+                if scope is not None:
+                    await self._client.sadd(
+                        self.stuck_marks_key(scope), f"{entity_type}:{entity_id}"
+                    )
                 if await self._client.hget(key, "stuck") == reason.encode():
                     return
                 async with self._client.pipeline(transaction=False) as pipe:
@@ -400,15 +413,29 @@ class SnapshotCache:
         except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
 
-    async def clear_stuck(self, entity_type: str, entity_id: str) -> None:
+    async def clear_stuck(self, entity_type: str, entity_id: str, scope: str | None = None) -> None:
+        """Take the mark off; with `scope`, and then off its list."""
         try:
             with redis_span("HDEL"):
                 removed = await self._client.hdel(self.key(entity_type, entity_id), "stuck")
                 if removed:
                     generations = generations_key(self._prefix, entity_type)
                     await self._client.hincrby(generations, STUCK, 1)
+                if scope is not None:
+                    await self._client.srem(
+                        self.stuck_marks_key(scope), f"{entity_type}:{entity_id}"
+                    )
         except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
+
+    async def stuck_marks(self, scope: str) -> set[str]:
+        """The workflow ids of the entities marked stuck with `scope`."""
+        try:
+            with redis_span("SMEMBERS"):
+                members = await self._client.smembers(self.stuck_marks_key(scope))
+        except REDIS_FAILURES as exc:
+            raise CacheUnavailable(str(exc)) from exc
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
     async def new_epoch(self, entity_type: str) -> None:
         """Make every listing of the type rendered so far stand no more, whatever its

@@ -8,14 +8,17 @@ cluster turns it on with the dynamic config value
 here sets it to 3). The watchdog asks for flagged entities of its task queue every
 `interval` seconds, marks each in the cache so that its cached reads say `stale: true`,
 logs it once with how to repair it, and clears the mark (and logs the recovery) when the
-flag goes. A newer snapshot clears the mark as well (see `workers/cache.py`). With
+flag goes. The marks of a task queue are listed in Redis (`SnapshotCache.stuck_marks`), so a
+watchdog clears a mark it did not make (its worker restarted, another worker's watchdog
+made it) or could not clear before (Redis away): one only remembered in memory outlived
+them, and a healthy entity read `stale: true` until its next change. A newer snapshot clears
+the mark as well (see `workers/cache.py`). With
 `auto_repair`, an entity stuck because its history no longer replays is repaired at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -81,11 +84,19 @@ class StuckEntityWatchdog:
             await self._mark(workflow_id, reason)
             if self._auto_repair and NONDETERMINISM in reason:
                 await self._repair(workflow_id, runs[workflow_id])
-        for workflow_id in set(self.stuck) - set(found):
-            log.warning("entity %s makes progress again", workflow_id)
+        try:
+            marked = await self._cache.stuck_marks(self._task_queue)
+        except CacheUnavailable as exc:  # the marks cleared at the next sweep
+            log.warning("cache unavailable, stuck marks not read: %s", exc)
+            marked = set()
+        for workflow_id in (set(self.stuck) | marked) - set(found):
             entity_type, _, entity_id = workflow_id.partition(":")
-            with contextlib.suppress(CacheUnavailable):
-                await self._cache.clear_stuck(entity_type, entity_id)
+            try:
+                await self._cache.clear_stuck(entity_type, entity_id, self._task_queue)
+            except CacheUnavailable as exc:  # still listed: cleared at a later sweep
+                log.warning("cache unavailable, %s still marked stuck: %s", workflow_id, exc)
+                continue
+            log.warning("entity %s makes progress again", workflow_id)
         self.stuck = found
         self._tried = {w: run for w, run in self._tried.items() if w in found}
         return found
@@ -128,7 +139,7 @@ class StuckEntityWatchdog:
     async def _mark(self, workflow_id: str, reason: str) -> None:
         entity_type, _, entity_id = workflow_id.partition(":")
         try:
-            await self._cache.mark_stuck(entity_type, entity_id, reason)
+            await self._cache.mark_stuck(entity_type, entity_id, reason, self._task_queue)
         except CacheUnavailable as exc:
             log.warning("cache unavailable, %s not marked stuck: %s", workflow_id, exc)
 

@@ -22,7 +22,7 @@ from entities.runtime.envelope import CommandEnvelope, HistoryPage
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import eventually, until_idle
 from tests.entities.test_runtime import open_active
-from workers.cache import SnapshotCache
+from workers.cache import CacheUnavailable, SnapshotCache
 from workers.repair import is_stuck, repair
 from workers.settings import Settings
 from workers.watchdog import StuckEntityWatchdog
@@ -279,3 +279,49 @@ async def test_auto_repair_tries_each_stuck_run_once(
         await watchdog._repair("account:ada", "run-1")
     await watchdog._repair("account:ada", "run-2")
     assert tried == ["ada", "ada", "ada"]
+
+
+async def test_a_stuck_mark_no_watchdog_remembers_is_cleared_once_its_entity_makes_progress(
+    temporal_client: Client,
+    settings: Settings,
+    cache: SnapshotCache,
+    run_worker: WorkerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A watchdog cleared only the marks it remembered: after its worker restarted, or once
+    Redis was away as its entity recovered, a healthy entity read `stale: true` until its
+    next change. The marks are listed in Redis, and any sweep clears what is not stuck."""
+    gateway = EntityGateway(temporal_client, cache, settings)
+    recovered, blipped = new_id(), new_id()
+    async with run_worker():
+        for account_id in (recovered, blipped):
+            await open_active(gateway, account_id)
+
+    async def stale(account_id: str) -> bool:
+        read = await gateway.read("account", account_id, Consistency.CACHED)
+        assert read is not None
+        return read.stale
+
+    # Marked by a worker's watchdog that is gone now (restarted, or another worker's).
+    gone = StuckEntityWatchdog(temporal_client, cache, settings.task_queue)
+    await gone._mark(f"account:{recovered}", "WorkflowTaskFailed")
+    assert await stale(recovered)
+    watchdog = StuckEntityWatchdog(temporal_client, cache, settings.task_queue)
+    assert f"account:{recovered}" not in await watchdog.sweep()
+    assert not await stale(recovered)
+
+    # Redis away as the entity recovered: the mark is cleared at a later sweep.
+    await watchdog._mark(f"account:{blipped}", "WorkflowTaskFailed")
+    watchdog.stuck[f"account:{blipped}"] = "WorkflowTaskFailed"
+    clear = cache.clear_stuck
+
+    async def away(*args: Any) -> None:
+        raise CacheUnavailable("connection refused")
+
+    monkeypatch.setattr(cache, "clear_stuck", away)
+    await watchdog.sweep()
+    assert await stale(blipped)
+    monkeypatch.setattr(cache, "clear_stuck", clear)
+    await watchdog.sweep()
+    assert not await stale(blipped)
+    assert await cache.stuck_marks(settings.task_queue) == set()
