@@ -44,7 +44,7 @@ from api.auth import TokenVerifier, Unauthenticated
 from api.authentication import (
     Authentication,
     principal_of,
-    token_expires,
+    token_standing,
     websocket_principal,
 )
 from api.authorization import Authorizer
@@ -266,7 +266,7 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
             authorizer=request.app.state.authorizer,
             principal=principal,
             prefetched=request.scope.get(SCOPE_KEY),
-            token_expires=token_expires(request.scope),
+            token=token_standing(request.scope),
         )
 
     @property
@@ -277,7 +277,7 @@ class TenureGraphQL(GraphQL[TenureContext, None]):
     async def on_ws_connect(self, context: TenureContext) -> UnsetType | dict[str, object] | None:
         """Authenticate a WebSocket at its `connection_init`; a bad token closes it 4403."""
         try:
-            context.principal, context.token_expires = await websocket_principal(
+            context.principal, context.token = await websocket_principal(
                 self._verifier, context.connection_params or {}, context.request.headers
             )
         except Unauthenticated as exc:

@@ -218,6 +218,12 @@ class TokenVerifier:
             await asyncio.to_thread(self._jwks.refresh, kid)
         return self._principal(authorization, token, kid)
 
+    @property
+    def keys_withdrawable(self) -> bool:
+        """Whether a key this verifier accepts can be withdrawn while the API runs: a JWKS's
+        can, a configured secret or PEM key cannot."""
+        return self._jwks is not None
+
     def expires(self, authorization: str | None) -> float | None:
         """When a header just verified stops being accepted: its token's `exp` with the
         leeway, in epoch seconds."""

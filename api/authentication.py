@@ -9,7 +9,10 @@ carry the token pasted into its headers pane.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -23,7 +26,46 @@ from entities.errors import ErrorCode
 from entities.runtime.policy import Principal
 
 PRINCIPAL_KEY = "tenure.principal"
-EXPIRES_KEY = "tenure.token_expires"
+TOKEN_KEY = "tenure.token"
+TOKEN_RECHECK_SECONDS = 60.0
+"""How often an open subscription's token is verified again, so that one whose signing key
+its provider withdrew ends: within this and the JWKS's age (`api.auth.JWKS_MAX_AGE`)."""
+
+
+@dataclass(frozen=True)
+class TokenStanding:
+    """A caller's token as a long-lived operation (a subscription) holds it: when it
+    expires, and how to tell whether it is still accepted. A subscription lasts as long as
+    its token is good, not as long as its connection: it ends at the token's expiry, and
+    once the key that signed it is withdrawn (a JWKS that no longer lists it), where it
+    went on until the expiry, hours maybe, for a key withdrawn because it leaked."""
+
+    verifier: TokenVerifier
+    authorization: str | None
+    expires: float | None
+
+    def lapses(self) -> bool:
+        """Whether the token can stop being accepted while a connection stays open."""
+        return self.expires is not None or self.verifier.keys_withdrawable
+
+    def expired(self) -> bool:
+        return self.expires is not None and time.time() >= self.expires
+
+    async def until_refused(self) -> str:
+        """Return once the token is no longer accepted, with why."""
+        while True:
+            now = time.time()
+            if self.expires is not None and now >= self.expires:
+                return "the token has expired"
+            pause = TOKEN_RECHECK_SECONDS
+            if self.expires is not None:
+                pause = min(pause, self.expires - now)
+            await asyncio.sleep(pause)
+            if self.verifier.keys_withdrawable and not self.expired():
+                try:
+                    await self.verifier.authenticate(self.authorization)
+                except Unauthenticated as exc:
+                    return f"the token is no longer accepted ({exc.message})"
 
 
 def principal_of(scope: Scope) -> Principal | None:
@@ -32,10 +74,10 @@ def principal_of(scope: Scope) -> Principal | None:
     return principal
 
 
-def token_expires(scope: Scope) -> float | None:
-    """When this request's token stops being accepted (epoch seconds); None without one."""
-    expires: float | None = scope.get(EXPIRES_KEY)
-    return expires
+def token_standing(scope: Scope) -> TokenStanding | None:
+    """This request's token, once `Authentication` let it through; None without one."""
+    token: TokenStanding | None = scope.get(TOKEN_KEY)
+    return token
 
 
 class Authentication:
@@ -58,7 +100,8 @@ class Authentication:
             authorization = headers.get("authorization")
             try:
                 scope[PRINCIPAL_KEY] = await self._verifier.authenticate(authorization)
-                scope[EXPIRES_KEY] = self._verifier.expires(authorization)
+                expires = self._verifier.expires(authorization)
+                scope[TOKEN_KEY] = TokenStanding(self._verifier, authorization, expires)
             except Unauthenticated as exc:
                 await _unauthenticated(send, exc.message, has_token="authorization" in headers)
                 return
@@ -93,14 +136,14 @@ async def _unauthenticated(send: Send, message: str, has_token: bool) -> None:
 
 async def websocket_principal(
     verifier: TokenVerifier | None, connection_params: Mapping[str, Any], headers: Headers
-) -> tuple[Principal, float | None]:
-    """The caller of a WebSocket (graphql-transport-ws), and when its token stops being
-    accepted: its token from `connection_init`'s payload (`{"Authorization": "Bearer ..."}`,
-    as browsers cannot set a handshake's headers), else the handshake's Authorization
-    header. Raises Unauthenticated."""
+) -> tuple[Principal, TokenStanding | None]:
+    """The caller of a WebSocket (graphql-transport-ws), and its token: from
+    `connection_init`'s payload (`{"Authorization": "Bearer ..."}`, as browsers cannot set
+    a handshake's headers), else the handshake's Authorization header. Raises
+    Unauthenticated."""
     if verifier is None:
         return DEVELOPMENT_PRINCIPAL, None
     given = connection_params.get("Authorization", connection_params.get("authorization"))
     header = given if isinstance(given, str) else headers.get("authorization")
     principal = await verifier.authenticate(header)
-    return principal, verifier.expires(header)
+    return principal, TokenStanding(verifier, header, verifier.expires(header))

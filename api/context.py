@@ -10,6 +10,7 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 from strawberry.types import Info as StrawberryInfo
 
+from api.authentication import TokenStanding
 from api.authorization import Authorizer
 from api.gateway import EntityGateway
 from api.prefetched_reads import PrefetchedReads
@@ -29,8 +30,9 @@ class TenureContext:
     prefetched: PrefetchedReads | None = None
     # What a WebSocket's `connection_init` carried (Strawberry sets it).
     connection_params: dict[str, Any] | None = None
-    token_expires: float | None = None
-    """When the caller's token stops being accepted (epoch seconds); None without one."""
+    token: TokenStanding | None = None
+    """The caller's token: when it expires, and whether it is still accepted; None
+    without one."""
     connection_refused: str | None = None
     """Why a WebSocket's connection_init was refused for a limit (`CODE: message`)."""
     connection_holder: str | None = None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncGenerator
 from typing import Any, cast
 
@@ -27,7 +26,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
 from strawberry.types.execution import ExecutionResult, PreExecutionError
 from strawberry.utils.aio import aclosing
 
-from api.authentication import token_expires
+from api.authentication import TokenStanding, token_standing
 from api.context import TenureContext
 from api.errors import LimitCode, RequestRefused, over_limit, present_error
 from api.rate_limits import LIMITER_KEY, RateLimiter, retry_after_seconds, too_many_requests
@@ -160,6 +159,10 @@ class JsonFrames(ASGIWebSocketAdapter):
                 raise NonJsonMessageReceived from exc
 
 
+MAX_CLOSE_REASON = 123
+"""The most bytes a WebSocket close frame's reason may carry (RFC 6455)."""
+
+
 class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None]):
     """graphql-transport-ws with Tenure's error codes on every error it sends, and a close
     with 4400 (the protocol's invalid message) for whatever message is malformed."""
@@ -176,21 +179,22 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
 
     async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
         await super().handle_connection_init(message)
-        expires = self.context.token_expires
-        if self.connection_acknowledged and expires is not None and self._expiry is None:
-            # The token is good until then, not for as long as the socket stays open.
-            self._expiry = asyncio.create_task(self._close_at(expires), name="tenure-ws-expiry")
+        token = self.context.token
+        # The token is good while it is accepted (until its expiry, or its key is
+        # withdrawn), not for as long as the socket stays open.
+        lapses = token is not None and token.lapses()
+        if self.connection_acknowledged and token is not None and lapses and self._expiry is None:
+            self._expiry = asyncio.create_task(self._close_when(token), name="tenure-ws-expiry")
 
     def _refusal(self) -> str | None:
         """Why `on_ws_connect` refused the connection for a limit, if it did."""
         context = self.context
         return context.connection_refused if isinstance(context, TenureContext) else None
 
-    async def _close_at(self, expires: float) -> None:
-        await asyncio.sleep(max(0.0, expires - time.time()))
-        await self._close_expired()
+    async def _close_when(self, token: TokenStanding) -> None:
+        await self._close_refused(await token.until_refused())
 
-    async def _close_expired(self) -> None:
+    async def _close_refused(self, why: str = "the token has expired") -> None:
         """Close with 4403, graphql-transport-ws's Forbidden: every operation ends with it,
         and the client must connect again with a new token. Once: a message the client sent
         before it had the close frame still comes in after it."""
@@ -200,8 +204,9 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
         for operation in self.operations.values():  # nothing more is sent on it; `shutdown`
             if operation.task is not None:  # awaits them
                 operation.task.cancel()
+        reason = f"Forbidden: {why}"[:MAX_CLOSE_REASON]
         with contextlib.suppress(Exception):  # closed meanwhile, or the client gone
-            await self.websocket.close(code=4403, reason="Forbidden: the token has expired")
+            await self.websocket.close(code=4403, reason=reason)
 
     async def shutdown(self) -> None:
         try:
@@ -227,9 +232,9 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
         await super().handle_message(message)
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
-        expires = self.context.token_expires
-        if self._expired or (expires is not None and time.time() >= expires):
-            await self._close_expired()  # nothing runs on a token past its time
+        token = self.context.token
+        if self._expired or (token is not None and token.expired()):
+            await self._close_refused()  # nothing runs on a token past its time
             return
         limit = self.max_subscriptions_per_connection
         # Strawberry refuses an unacknowledged or repeated subscribe (closing the socket)
@@ -263,15 +268,25 @@ class EventStream:
         scope[ESTABLISHED_KEY] = self._ready
         self._pending: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
         self._held: list[Any] = []
-        expires = token_expires(scope)
-        self._reader = asyncio.create_task(self._read(results, expires), name="tenure-event-stream")
+        token = token_standing(scope)
+        self._reader = asyncio.create_task(self._read(results, token), name="tenure-event-stream")
 
-    async def _read(self, results: AsyncGenerator[Any, None], expires: float | None) -> None:
+    async def _read(self, results: AsyncGenerator[Any, None], token: TokenStanding | None) -> None:
         loop = asyncio.get_running_loop()
-        # The token is good until then: the stream ends there, saying why.
-        until = asyncio.timeout_at(None if expires is None else loop.time() + expires - time.time())
+        # The token is good while it is accepted: the stream ends then, saying why.
+        until = asyncio.timeout(None)
+        why: list[str] = []
+
+        async def refused() -> None:
+            why.append(await token.until_refused() if token is not None else "")
+            with contextlib.suppress(RuntimeError):  # the stream ended meanwhile
+                until.reschedule(loop.time())
+
+        watcher: asyncio.Task[None] | None = None
         try:
             async with aclosing(results), until:
+                if token is not None and token.lapses():
+                    watcher = asyncio.create_task(refused(), name="tenure-event-stream-token")
                 async for result in results:
                     await self._pending.put(result)
                     self._ready.set()  # a query's one result: nothing else says it
@@ -280,13 +295,15 @@ class EventStream:
             # parsing (a document over a limit) escape: it is a result all the same.
             if isinstance(exc, TimeoutError) and until.expired():
                 exc = TenureError(
-                    ErrorCode.UNAUTHENTICATED,
-                    "the token has expired: subscribe again with a new one",
+                    ErrorCode.UNAUTHENTICATED, f"{why[0]}: subscribe again with a new one"
                 )
             error = (
                 exc if isinstance(exc, GraphQLError) else GraphQLError(str(exc), original_error=exc)
             )
             await self._pending.put(ExecutionResult(data=None, errors=[error]))
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         self._ready.set()
         await self._pending.put(_END)
 

@@ -22,6 +22,8 @@ from temporalio.client import Client
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+import api.auth
+import api.authentication
 from api.app import create_app
 from api.over_http import EVENT_STREAM, GRAPHQL_RESPONSE, JSON
 from api.server import ApiServer
@@ -37,6 +39,7 @@ from tests.api.test_subscriptions import (
     served,
     subscribe,
 )
+from tests.api.test_tokens import jwks_server, rsa_key, signed
 from tests.conftest import GraphQLClient, WorkerFactory, new_id
 from workers.settings import Settings
 
@@ -438,6 +441,75 @@ async def test_a_token_s_expiry_ends_its_websocket_and_its_event_stream(
         assert event == "next" and payload["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
         assert rest[-1][0] == "complete"
         await tenure.followers_become(0)
+
+
+async def test_a_withdrawn_signing_key_ends_its_tokens_websocket_and_event_stream(
+    settings: Settings,
+    temporal_client: Client,
+    run_worker: WorkerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key its provider withdrew (one that leaked, say) signs no more requests, and ends
+    the subscriptions its tokens opened, where they went on until each token expired: the
+    WebSocket closes with 4403, the event stream ends UNAUTHENTICATED. Tokens of the key
+    that stays keep theirs."""
+    monkeypatch.setattr(api.auth, "JWKS_MAX_AGE", 1.0)
+    monkeypatch.setattr(api.auth, "JWKS_REFRESH_INTERVAL", 0.2)
+    monkeypatch.setattr(api.authentication, "TOKEN_RECHECK_SECONDS", 0.3)
+    staying, leaked = rsa_key(), rsa_key()
+    with jwks_server() as provider:
+        provider.publish("leaked", leaked)
+        leaked_jwk = provider.keys
+        provider.publish("staying", staying)
+        provider.keys = [*provider.keys, *leaked_jwk]
+        secured = settings.model_copy(
+            update={"environment": "production", "auth_jwks_url": provider.url}
+        )
+        admin = {"Authorization": signed(staying, "staying", sub="ops-1", roles=["admin"])}
+        async with (
+            run_worker(secured),
+            running_app(secured, temporal_client) as app,
+            served(app) as ws_url,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://tenure", headers=admin
+            ) as http,
+            httpx.AsyncClient(timeout=30) as sse,
+        ):
+            gql = GraphQLClient(http)
+            mine = await open_account(gql)
+            url = ws_url.replace("ws://", "http://", 1)
+
+            def bearer(key: Any, kid: str) -> str:
+                return signed(key, kid, accounts=[mine]).removeprefix("Bearer ")
+
+            async with (
+                acknowledged(ws_url, bearer(leaked, "leaked")) as gone,
+                acknowledged(ws_url, bearer(staying, "staying")) as kept,
+                subscribing(sse, url, bearer(leaked, "leaked"), id=mine) as response,
+            ):
+                for ws in (gone, kept):
+                    await subscribe(ws, "mine", FOLLOW, id=mine)
+                    assert (await answer(ws, "mine"))["data"]["accountChanged"]["revision"] == 2
+                stream = events(response)
+                assert (await change_of(stream))["revision"] == 2
+
+                provider.publish("staying", staying)  # the leaked key is withdrawn
+                with pytest.raises(ConnectionClosed) as closed:
+                    async with asyncio.timeout(10):
+                        while True:
+                            await gone.recv()
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+                assert "no longer accepted" in closed.value.rcvd.reason
+                async with asyncio.timeout(10):
+                    rest = [event async for event in stream]
+                event, payload = rest[0]
+                assert event == "next"
+                error = payload["errors"][0]
+                assert error["extensions"]["code"] == "UNAUTHENTICATED"
+                assert "unknown signing key" in error["message"]
+
+                await gql.data(DEPOSIT, id=mine, amount=3)  # the staying key's go on
+                assert (await answer(kept, "mine"))["data"]["accountChanged"]["revision"] == 3
 
 
 CHANGES = """subscription($type: EntityTypeName!, $filter: ChangeFilter) {
