@@ -271,6 +271,10 @@ def checkout_cart(state: CartState, cmd: CheckoutCart, ctx: Ctx) -> CartState:
                     "of an earlier cart of this id, is still running; check out again",
                 ).model_dump(),
                 same_if=["cart_id", "started_at"],
+                # Its own, named after the time the cart took checkoutCart (rules before
+                # level 3), starts at or after the cart's incarnation; an earlier cart's,
+                # before it.
+                same_since=["started_at"],
             ),
         )
     )

@@ -37,6 +37,10 @@ def saga_sender(workflow_id: str) -> str:
 OTHER_RUNNING_APPLIES = "entity-other-running-applies"
 """Runs from here on apply an effect's `if_other_running` command when another workflow of
 its id is running; runs from before (asked only where a start failed) let the effect go."""
+SAME_SINCE = "entity-other-running-same-since"
+"""Runs from here on count a running workflow whose `IfOtherRunning.same_since` fields are at
+or after the effect's as the effect's own; runs from before (asked only where such a field
+is compared) ask them equal, as they always did."""
 OTHER_RUNNING_SENDER = "entity:effects"
 """How the runtime signs the `if_other_running` command it applies to its own entity."""
 
@@ -53,6 +57,11 @@ class IfOtherRunning(BaseModel):
     command: str
     payload: dict[str, Any] = Field(default_factory=dict)
     same_if: list[str] = Field(default_factory=list)
+    same_since: list[str] = Field(default_factory=list)
+    """Fields of `same_if` (numbers) in which the running one's value at or after the
+    effect's is the same all the same: a cart's checkout named after the time the cart took
+    `checkoutCart` (before rules level 3), found running by a reset that re-applies it under
+    the cart's incarnation, is the cart's own; an earlier cart of its id began before it."""
 
 
 class StartWorkflow(BaseModel):
@@ -138,11 +147,18 @@ class Effects:
             start_to_close_timeout=_RUNNING_INPUT_TIMEOUT,
             retry_policy=_RUNNING_INPUT_RETRY,
         )
-        if running.input is None:
+        theirs_input = running.input
+        if theirs_input is None:
             return _Blocker.ENDED
-        if any(running.input.get(k) != effect.input.get(k) for k in told.same_if):
-            return _Blocker.ANOTHER
-        return _Blocker.SAME
+        since = set(told.same_since) if told.same_since and workflow.patched(SAME_SINCE) else set()
+
+        def same(field: str) -> bool:
+            theirs, mine = theirs_input.get(field), effect.input.get(field)
+            if field in since and isinstance(theirs, int) and isinstance(mine, int):
+                return theirs >= mine
+            return bool(theirs == mine)
+
+        return _Blocker.SAME if all(same(k) for k in told.same_if) else _Blocker.ANOTHER
 
     def _running(self) -> list[workflow.ChildWorkflowHandle[Any, Any]]:
         return [c for c in self._children if not c.done()]

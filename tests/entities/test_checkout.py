@@ -32,6 +32,7 @@ from entities.checkout_input import (
 from entities.errors import ErrorCode
 from entities.inventory import Settlement
 from entities.runtime import CommandContext
+from entities.runtime.effects import RUNNING_INPUT_ACTIVITY
 from entities.runtime.envelope import CommandResult, Snapshot
 from entities.runtime.publisher import PUBLISH_ACTIVITY
 from entities.runtime.saga import SagaStatus, StepRecord, StepStatus
@@ -365,6 +366,62 @@ async def test_a_cart_id_used_again_while_an_earlier_cart_s_checkout_waits_is_no
         finally:
             await waiting.terminate("the test is over")
         assert (second.checkout_id, second.status) == (f"{cart_id}-2", SagaStatus.COMPLETED)
+        assert await shop.balance(account_id) == BALANCE - 1000
+
+
+async def test_a_reset_that_finds_the_cart_s_own_older_checkout_running_waits_for_it(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    """A cart that took `checkoutCart` before rules level 3 named its checkout after that
+    time, not after its incarnation. A repair's reset re-applies the command under level 3
+    and finds that checkout running under the id it starts: it took it for an earlier
+    cart's, opened the cart again with CONFLICT, "check out again", while the checkout
+    charged the customer; the next checkout charged again. A checkout that began at or
+    after the cart's incarnation is the cart's own: it waits for its report, charged once."""
+    async with run_worker(shop.settings):
+        account_id = await shop.account(BALANCE)
+        a = await shop.stock(5)
+        cart_id = await shop.cart(account_id, (a, 1, 1000))
+        own = CheckoutInput(
+            checkout_id=f"{cart_id}-1",
+            cart_id=cart_id,
+            account_id=account_id,
+            lines=[CheckoutLine(sku=a, quantity=1, unit_price=1000)],
+            # As named before level 3: the time the cart took checkoutCart.
+            started_at=int(datetime.now(UTC).timestamp() * 1000),
+        )
+        served_later = f"{shop.settings.task_queue}-later"
+        await shop.client.start_workflow(
+            CHECKOUT_WORKFLOW,
+            own,
+            id=checkout_workflow_id(own.checkout_id),
+            task_queue=served_later,
+        )
+        assert await shop.checkout(cart_id) == own.checkout_id
+
+        async def decided() -> bool:  # the cart has read the running checkout's input
+            handle = shop.client.get_workflow_handle(f"cart:{cart_id}")
+            events = (await handle.fetch_history()).events
+            asked = {
+                event.event_id
+                for event in events
+                if event.activity_task_scheduled_event_attributes.activity_type.name
+                == RUNNING_INPUT_ACTIVITY.name
+            }
+            return any(
+                event.activity_task_completed_event_attributes.scheduled_event_id in asked
+                for event in events
+                if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+            )
+
+        await eventually(decided, bool)
+        async with run_worker(shop.settings.model_copy(update={"task_queue": served_later})):
+            done = await shop.finished(own.checkout_id)
+        assert done.status is SagaStatus.COMPLETED
+        cart = await eventually(
+            lambda: shop.cart_state(cart_id), lambda c: c.status is CartStatus.CHECKED_OUT
+        )
+        assert cart.order_id == done.order_id and cart.failure_code is None
         assert await shop.balance(account_id) == BALANCE - 1000
 
 
