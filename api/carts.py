@@ -216,7 +216,8 @@ async def _guard_create(gateway: EntityGateway, cart_id: str, payload: Mapping[s
     gateway.checked(ENTITY, cart_id, domain.create_cart.name, payload)
     account_id = payload["account_id"]
     try:
-        await require_open(gateway, account.name, account_id)
+        owner = await require_open(gateway, account.name, account_id)
+        _in_shop_currency(gateway, account_id, owner)
         await _room_for_a_cart(gateway, account_id, cart_id)
     except TenureError:
         # A create retried after the account closed (or filled up) is still answered by
@@ -228,6 +229,21 @@ async def _guard_create(gateway: EntityGateway, cart_id: str, payload: Mapping[s
             made = None
         if made is None:
             raise
+
+
+def _in_shop_currency(gateway: EntityGateway, account_id: str, owner: EntityRead) -> None:
+    """Refuse a cart for an account in another currency than the shop's prices
+    (`TENURE_SHOP_CURRENCY`): a cart pays its items' prices, in minor units, from its
+    account, and a JPY account paid a 15.00 EUR teapot as 1,500 yen."""
+    shop = gateway.settings.shop_currency
+    state = owner.snapshot.state or {}
+    currency = state.get("currency")
+    if shop is not None and currency is not None and currency != shop:
+        raise TenureError(
+            ErrorCode.INVALID_TRANSITION,
+            f"account {account_id} is in {currency}, and the shop's prices are in {shop}: "
+            f"a cart needs an account in {shop}",
+        )
 
 
 CREATE_GUARDS[(ENTITY, domain.create_cart.name)] = _guard_create

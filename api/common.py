@@ -302,14 +302,15 @@ async def readable(info: Info, entity_type: str, receipt: Receipt) -> Receipt:
     return receipt
 
 
-async def require_open(gateway: EntityGateway, entity_type: str, entity_id: str) -> None:
+async def require_open(gateway: EntityGateway, entity_type: str, entity_id: str) -> EntityRead:
     """Refuse a command that names another entity (a cart's account) unless that entity
-    exists and is not closed; read from the cache when it can be."""
+    exists and is not closed; read from the cache when it can be. Its read."""
     read = await gateway.read(entity_type, entity_id, GatewayConsistency.CACHED)
     if read is None:
         raise TenureError(ErrorCode.NOT_FOUND, f"{entity_type} {entity_id} does not exist")
     if read.snapshot.closed:
         raise TenureError(ErrorCode.INVALID_TRANSITION, f"{entity_type} {entity_id} is closed")
+    return read
 
 
 _WHERE = re.compile(r"^([a-z][a-z0-9_]*(?:\.[A-Za-z0-9_]+)*): ")

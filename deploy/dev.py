@@ -75,6 +75,8 @@ async def run(settings: Settings) -> int:
         return 1
     data = settings.data_dir
     data.mkdir(parents=True, exist_ok=True)
+    if settings.shop_currency is None:  # prices in euros, as accounts open by default
+        settings = settings.model_copy(update={"shop_currency": "EUR"})
     if not (settings.auth_secret or settings.auth_public_key_file or settings.auth_jwks_url):
         settings = settings.model_copy(
             update={"auth_secret": dev_secret(data), "environment": "development"}

@@ -331,6 +331,13 @@ class Settings(BaseModel):
         description="Carts not checked out (open, checking out or abandoned) an account may "
         "have when a new one is created, as the listing index counts them.",
     )
+    shop_currency: str | None = Field(
+        default=None,
+        description="The ISO 4217 currency inventory prices are in: a cart may be made only "
+        "for an account in it (a JPY account paid a 15.00 EUR item as 1,500 yen). Unset, "
+        "any account's cart pays prices as its own currency's minor units; `make dev`, the "
+        "compose file and the Kubernetes manifests set EUR.",
+    )
     max_connections_per_customer: int = Field(
         default=10,
         ge=1,
@@ -381,6 +388,15 @@ class Settings(BaseModel):
     @classmethod
     def _lower_case(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("shop_currency")
+    @classmethod
+    def _a_currency(cls, code: str | None) -> str | None:
+        from entities.account import ISO_4217
+
+        if code is not None and code not in ISO_4217:
+            raise ValueError(f"{code!r} is not an ISO 4217 currency code, such as EUR")
+        return code
 
     @field_validator("entity_options")
     @classmethod
@@ -477,6 +493,7 @@ class Settings(BaseModel):
             "TENURE_MAX_SUBSCRIPTIONS_PER_CUSTOMER": "max_subscriptions_per_customer",
             "TENURE_MAX_CONNECTIONS_PER_CUSTOMER": "max_connections_per_customer",
             "TENURE_MAX_CARTS_PER_ACCOUNT": "max_carts_per_account",
+            "TENURE_SHOP_CURRENCY": "shop_currency",
             "TENURE_MAX_SUBSCRIPTIONS_PER_CONNECTION": "max_subscriptions_per_connection",
             "TENURE_GRAPHIQL": "graphiql",
             "TENURE_INTROSPECTION": "introspection",
@@ -592,6 +609,7 @@ class Settings(BaseModel):
             "TENURE_CORS_ORIGINS": ",".join(self.cors_origins),
         }
         optional = {
+            "TENURE_SHOP_CURRENCY": self.shop_currency,
             "TENURE_AUTH_SECRET": self.auth_secret,
             "TENURE_AUTH_PUBLIC_KEY_FILE": self.auth_public_key_file,
             "TENURE_AUTH_JWKS_URL": self.auth_jwks_url,

@@ -317,6 +317,42 @@ async def test_a_cart_is_only_created_for_an_account_that_is_open(gql: GraphQLCl
     assert await gql.error_code(create, id=new_id(), a="not an id") == "INVALID_INPUT"
 
 
+async def test_a_cart_is_only_for_an_account_in_the_shop_s_currency(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """Prices are in the shop's currency (TENURE_SHOP_CURRENCY), minor units: a JPY
+    account's cart paid a 15.00 EUR teapot as 1,500 yen. A cart for an account in another
+    currency is refused, and nothing is made."""
+    in_euros = settings.model_copy(update={"shop_currency": "EUR"})
+    create = (
+        "mutation($id: ID!, $a: ID!) { createCart(id: $id, accountId: $a, wait: true) { status } }"
+    )
+    async with run_worker(in_euros), api_client(in_euros, temporal_client) as http:
+        gql = GraphQLClient(http)
+        yen = new_id()
+        await gql.data(
+            """mutation($id: ID!) { openAccount(id: $id, ownerName: "Kei", email: "k@x.io",
+               currency: "JPY", wait: true) { status } }""",
+            id=yen,
+        )
+        cart_id = new_id()
+        body = await gql(create, id=cart_id, a=yen)
+        error = body["errors"][0]
+        assert error["extensions"]["code"] == "INVALID_TRANSITION"
+        assert "JPY" in error["message"] and "EUR" in error["message"]
+        assert (await gql.data("query($id: ID!) { cart(id: $id) { id } }", id=cart_id)) == {
+            "cart": None
+        }
+        euro = await open_account(gql, 0)  # opened in EUR, the default
+        assert (await gql.data(create, id=new_id(), a=euro))["createCart"]["status"] == "APPLIED"
+
+
+def test_the_shop_s_currency_is_an_iso_4217_code() -> None:
+    with pytest.raises(ValueError, match="ISO 4217"):
+        Settings(shop_currency="euro")
+    assert Settings.from_env({"TENURE_SHOP_CURRENCY": "GBP"}).shop_currency == "GBP"
+
+
 async def test_a_create_retried_after_its_account_closed_still_gets_its_cart(
     gql: GraphQLClient,
 ) -> None:
