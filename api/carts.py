@@ -259,11 +259,20 @@ UnitPrice = Annotated[
 
 
 async def _unit_price(
-    info: Info, cart_id: str, sku: str, given: int | None, command: str = domain.add_cart_item.name
+    info: Info,
+    cart_id: str,
+    sku: str,
+    given: int | None,
+    command: str = domain.add_cart_item.name,
+    idempotency_key: str | None = None,
 ) -> int:
     """A new line's unit price: the one staff or a service names, else the item's own. A
     customer's is always the item's: a customer who named the price bought any item for 1
-    minor unit. An item with no price is not for customers to add."""
+    minor unit. An item with no price is not for customers to add. A customer's retry of a
+    command the cart applied, under its key, passes whatever the price is now: the cart
+    answers it as the first (the price is not part of its fingerprint), where it was refused
+    INVALID_INPUT after a price change, and a client that took that for "not applied" and
+    sent it under a new key added the units twice."""
     if given is not None and info.context.principal.role is not Role.CUSTOMER:
         return given
     # Before the item is looked up, so a refusal tells nothing about what exists.
@@ -278,6 +287,10 @@ async def _unit_price(
             f"inventory item {sku} has no price yet (a restock with unitPrice sets it)",
         )
     if given is not None and given != price:
+        if idempotency_key is not None and await info.context.gateway.recorded(
+            ENTITY, cart_id, idempotency_key, info.context.principal.sender
+        ):
+            return price
         raise TenureError(
             ErrorCode.INVALID_INPUT, f"unitPrice: {sku} costs {price}; leave unitPrice out"
         )
@@ -360,7 +373,9 @@ class CartMutation:
             _price_filled(info, unit_price),
             sku=sku,
             quantity=quantity,
-            unit_price=await _unit_price(info, cart_id, sku, unit_price),
+            unit_price=await _unit_price(
+                info, cart_id, sku, unit_price, idempotency_key=idempotency_key
+            ),
         )
 
     @strawberry.mutation(description="Drop a SKU's line.")

@@ -33,6 +33,8 @@ from entities.runtime.envelope import (
     HistoryPage,
     OutcomeStatus,
     Snapshot,
+    same_sender,
+    sender_key,
 )
 from entities.runtime.workflow import EntityWorkflow
 from workers.cache import CachedSnapshot, CacheUnavailable, SnapshotCache
@@ -416,6 +418,28 @@ class EntityGateway:
                 return None
             raise unavailable(exc) from exc
         return history
+
+    async def recorded(
+        self, entity_type: str, entity_id: str, command_id: str, sent_by: str | None
+    ) -> bool:
+        """Whether the entity has recorded an outcome of `sent_by`'s command `command_id`
+        (a retry's first sending): asked of its workflow, under the id and, when another
+        sender's command holds it, under the sender's own."""
+        entity = self.entity(entity_type)
+        handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
+        asked = [command_id] if sent_by is None else [command_id, sender_key(sent_by, command_id)]
+        try:
+            for each in asked:
+                result = await self._ask(handle, EntityWorkflow.outcome, CommandResult, each)
+                outcome = result.outcome
+                known = outcome.status is not OutcomeStatus.UNKNOWN
+                if known and same_sender(outcome.sent_by, sent_by):
+                    return True
+        except RPCError as exc:
+            if is_missing(exc):
+                return False
+            raise unavailable(exc) from exc
+        return False
 
     async def read_workflow(
         self, workflow_id: str, query: Callable[..., M], result_type: type[M]

@@ -176,6 +176,30 @@ async def test_a_retry_under_its_key_after_the_price_changed_is_the_same_command
     assert (await admin.data(QUANTITY, id=cart))["cart"]["lines"][0]["quantity"] == 5
 
 
+async def test_a_retry_naming_the_price_it_was_first_sent_at_is_the_same_command(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """A customer may name the price it saw (it must be the item's): its retry under the
+    same key after a price change was refused INVALID_INPUT, "costs 360; leave unitPrice
+    out", though the first was applied, and a client that took that for "not applied" and
+    sent it under a new key added the units twice. A new command naming an old price is
+    still refused."""
+    admin, ada, _, cart = await _shop(secured_http)
+    sku = new_id()
+    await admin.data(RESTOCK, sku=sku, price=300)
+    add = """mutation($id: ID!, $sku: String!, $key: String!) {
+      addCartItem(cartId: $id, sku: $sku, quantity: 2, unitPrice: 300, idempotencyKey: $key,
+        wait: true) { cart { lines { sku quantity unitPrice } } } }"""
+    first = await ada.data(add, id=cart, sku=sku, key="priced-1")
+    await admin.data(SET_PRICE, sku=sku, price=360)
+    assert await ada.data(add, id=cart, sku=sku, key="priced-1") == first
+    body = (await ada.post(add, id=cart, sku=sku, key="priced-2")).json()
+    assert body["errors"][0]["extensions"]["code"] == "INVALID_INPUT"
+    assert "costs 360" in body["errors"][0]["message"]
+    lines = (await admin.data(LINES, id=cart))["cart"]["lines"]
+    assert lines == [{"sku": sku, "unitPrice": 300}]
+
+
 async def test_a_customer_lowers_a_line_whose_item_has_no_price(
     secured_http: httpx.AsyncClient,
 ) -> None:
