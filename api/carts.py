@@ -51,7 +51,9 @@ from workers.creations import Creations
 
 ENTITY = domain.cart.name
 
-strawberry.enum(CartStatus, description="Where a cart is: open, checking out, an order, idle.")
+strawberry.enum(
+    CartStatus, description="Where a cart is: open, checking out, an order, idle, given up."
+)
 
 
 MAX_CART_LINES: int = CartOptions.model_fields["max_lines"].default
@@ -197,7 +199,7 @@ async def _room_for_a_cart(gateway: EntityGateway, account_id: str, cart_id: str
     raise TenureError(
         ErrorCode.LIMIT_REACHED,
         f"account {account_id} has {held - 1} carts not checked out, the most: check out, "
-        "clear or reuse one",
+        "discard or reuse one (discardCart)",
     )
 
 
@@ -437,6 +439,19 @@ class CartMutation:
         wait: Wait = False,
     ) -> CartCommandPayload | None:
         return await _command(info, cart_id, domain.clear_cart, idempotency_key, wait)
+
+    @strawberry.mutation(
+        description="Give the cart up for good (not while it is checking out): it is "
+        "DISCARDED, takes no more commands, and no longer counts towards its account's carts."
+    )
+    async def discard_cart(
+        self,
+        info: Info,
+        cart_id: strawberry.ID,
+        idempotency_key: IdempotencyKey = None,
+        wait: Wait = False,
+    ) -> CartCommandPayload | None:
+        return await _command(info, cart_id, domain.discard_cart, idempotency_key, wait)
 
     @strawberry.mutation(
         description="Start checking the cart out: reserve stock, charge the account, sell. "

@@ -38,6 +38,7 @@ class CartStatus(StrEnum):
     CHECKING_OUT = "CHECKING_OUT"
     CHECKED_OUT = "CHECKED_OUT"
     ABANDONED = "ABANDONED"
+    DISCARDED = "DISCARDED"
 
 
 class CartLine(BaseModel):
@@ -116,6 +117,10 @@ class CheckoutCart(BaseModel, extra="forbid"):
     pass
 
 
+class DiscardCart(BaseModel, extra="forbid"):
+    pass
+
+
 class CompleteCheckout(BaseModel, extra="forbid"):
     checkout_id: str
     order_id: str
@@ -131,7 +136,7 @@ cart: EntityType[CartState, CartOptions] = EntityType(
     "cart",
     state=CartState,
     options=CartOptions,
-    is_terminal=lambda s: s.status is CartStatus.CHECKED_OUT,
+    is_terminal=lambda s: s.status in (CartStatus.CHECKED_OUT, CartStatus.DISCARDED),
 )
 
 Ctx = CommandContext[CartOptions]
@@ -224,6 +229,20 @@ def set_cart_item_quantity(state: CartState, cmd: SetCartItemQuantity, ctx: Ctx)
 @cart.command(ClearCart, name="clearCart")
 def clear_cart(state: CartState, cmd: ClearCart, ctx: Ctx) -> CartState:
     return _touched(state, ctx, lines=[])
+
+
+@cart.command(DiscardCart, name="discardCart")
+def discard_cart(state: CartState, cmd: DiscardCart, ctx: Ctx) -> CartState:
+    """Give the cart up for good: its workflow ends, and it no longer counts towards its
+    account's carts (`TENURE_MAX_CARTS_PER_ACCOUNT`). An abandoned cart stayed, and counted,
+    until checked out: an account with as many as it may have could make no more, and
+    `clearCart` revived one rather than freeing its place."""
+    if state.status is CartStatus.CHECKING_OUT:
+        raise Rejected(
+            ErrorCode.CHECKOUT_IN_PROGRESS,
+            f"cart {ctx.entity_id} is checking out ({state.checkout_id}); wait for its outcome",
+        )
+    return state.model_copy(update={"status": CartStatus.DISCARDED, "last_activity_at": ctx.now})
 
 
 @cart.command(CheckoutCart, name="checkoutCart")
@@ -337,6 +356,7 @@ _SHOPPING: list[Action] = [
     set_cart_item_quantity,
     clear_cart,
     checkout_cart,
+    discard_cart,
 ]
 
 cart.permit(

@@ -482,6 +482,57 @@ async def test_an_account_has_only_so_many_carts_not_checked_out(
         await gql.data(create, id=new_id(), a=other)
 
 
+async def test_a_discarded_cart_frees_its_place_and_takes_no_more_commands(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """An abandoned cart counted towards its account's carts until checked out, and
+    `clearCart` revived it rather than freed its place: a customer at the bound could make
+    no more carts until it bought something. `discardCart` gives one up for good."""
+    three = secured.model_copy(update={"max_carts_per_account": 3})
+    create = "mutation($a: ID!) { createCart(accountId: $a, wait: true) { cartId } }"
+    discard = """mutation($id: ID!) { discardCart(cartId: $id, wait: true) {
+        status cart { status } } }"""
+    async with run_worker(three), api_client(three, temporal_client) as http:
+        http.headers["Authorization"] = f"Bearer {token('admin', 'ops')}"
+        admin = GraphQLClient(http)
+        account_id = await open_account(admin, 1_000)
+        sku = await restock(admin, 5)
+        http.headers["Authorization"] = f"Bearer {token('customer', 'ada', [account_id])}"
+        gql = GraphQLClient(http)
+        carts = [(await gql.data(create, a=account_id))["createCart"]["cartId"] for _ in range(3)]
+        body = await gql(create, a=account_id)
+        assert body["errors"][0]["extensions"]["code"] == "LIMIT_REACHED"
+        assert "discard" in body["errors"][0]["message"]
+
+        gone = (await gql.data(discard, id=carts[0]))["discardCart"]
+        assert gone == {"status": "APPLIED", "cart": {"status": "DISCARDED"}}
+        assert (
+            await gql.error_code(
+                "mutation($id: ID!, $s: String!) { addCartItem(cartId: $id, sku: $s, quantity: 1, "
+                "wait: true) { status } }",
+                id=carts[0],
+                s=sku,
+            )
+            == "INVALID_TRANSITION"
+        )
+        made = await eventually(
+            lambda: gql(create, a=account_id), lambda body: not body.get("errors")
+        )
+        assert made["data"]["createCart"]["cartId"] not in carts
+
+        # Not while checking out: the checkout's lines are the cart's.
+        http.headers["Authorization"] = f"Bearer {token('admin', 'ops')}"
+        await admin.data(
+            "mutation($id: ID!, $s: String!) { addCartItem(cartId: $id, sku: $s, quantity: 1, "
+            "unitPrice: 100, wait: true) { status } }",
+            id=carts[1],
+            s=sku,
+        )
+        await checkout(admin, carts[1])
+        code = await admin.error_code(discard, id=carts[1])
+        assert code == "CHECKOUT_IN_PROGRESS"
+
+
 async def test_creates_refused_as_input_hold_no_room_for_a_cart(
     secured: Settings, temporal_client: Client, run_worker: WorkerFactory
 ) -> None:
