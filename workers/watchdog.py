@@ -23,7 +23,7 @@ import logging
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from entities import catalog
 from entities.errors import TenureError
@@ -33,6 +33,17 @@ from workers.repair import repair
 log = logging.getLogger(__name__)
 
 PROBLEMS = "TemporalReportedProblems"
+PASSING = frozenset(
+    {
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.CANCELLED,
+        RPCStatusCode.ABORTED,
+    }
+)
+"""Temporal's answers that say nothing of the run (out of reach, busy): a repair met with
+one is tried again at the next sweep; any other is the run's answer, and it is not."""
 NONDETERMINISM = "NonDeterministicError"
 
 
@@ -115,8 +126,18 @@ class StuckEntityWatchdog:
         entity_type, _, entity_id = workflow_id.partition(":")
         try:
             done = await repair(self._client, entity_type, entity_id)
-        except RPCError as exc:  # Temporal out of reach: tried again at the next sweep
-            log.warning("could not repair %s yet: %s", workflow_id, exc)
+        except RPCError as exc:
+            if exc.status in PASSING:  # Temporal out of reach: tried again at the next sweep
+                log.warning("could not repair %s yet: %s", workflow_id, exc)
+                return
+            self._tried[workflow_id] = run_id
+            log.warning(
+                "could not repair %s: Temporal refused (%s); its run %s is not tried again "
+                "(`tenure repair` it once its cause is fixed)",
+                workflow_id,
+                exc,
+                run_id,
+            )
             return
         except TenureError as exc:
             self._tried[workflow_id] = run_id

@@ -271,6 +271,8 @@ async def test_auto_repair_tries_each_stuck_run_once(
         tried.append(entity_id)
         if len(tried) == 1:  # Temporal out of reach: no answer about the run
             raise RPCError("unavailable", RPCStatusCode.UNAVAILABLE, b"")
+        if entity_id == "bob":  # Temporal's refusal of the reset: an answer all the same
+            raise RPCError("no such event", RPCStatusCode.INVALID_ARGUMENT, b"")
         raise TenureError(ErrorCode.INVALID_TRANSITION, "no task of it replays")
 
     monkeypatch.setattr(workers.watchdog, "repair", cannot)
@@ -278,7 +280,9 @@ async def test_auto_repair_tries_each_stuck_run_once(
     for _ in range(4):  # four sweeps: the first could not ask, the second was told
         await watchdog._repair("account:ada", "run-1")
     await watchdog._repair("account:ada", "run-2")
-    assert tried == ["ada", "ada", "ada"]
+    for _ in range(3):
+        await watchdog._repair("account:bob", "run-1")
+    assert tried == ["ada", "ada", "ada", "bob"]
 
 
 async def test_a_stuck_mark_no_watchdog_remembers_is_cleared_once_its_entity_makes_progress(
