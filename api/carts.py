@@ -233,6 +233,23 @@ async def _guard_create(gateway: EntityGateway, cart_id: str, payload: Mapping[s
             raise
 
 
+async def _made_for(
+    gateway: EntityGateway, cart_id: str, account_id: str, refused: TenureError
+) -> bool:
+    """Whether a create refused ALREADY_EXISTS met this very cart, made for this account by
+    a create beside it (a client's retry without a key, or two at once): its place is that
+    cart's, which the index may not show yet. Given back, the account could pass its bound
+    by a cart for each such pair until the index caught up."""
+    if refused.code is not ErrorCode.ALREADY_EXISTS:
+        return False
+    try:
+        made = await gateway.read(ENTITY, cart_id)
+    except (TenureError, TooManyQueries):
+        return True  # cannot tell: the place stays held, for a minute at most
+    state = made.snapshot.state if made is not None else None
+    return state is not None and state.get("account_id") == account_id
+
+
 def _in_shop_currency(gateway: EntityGateway, account_id: str, owner: EntityRead) -> None:
     """Refuse a cart for an account in another currency than the shop's prices
     (`TENURE_SHOP_CURRENCY`): a cart pays its items' prices, in minor units, from its
@@ -342,11 +359,14 @@ class CartMutation:
                 info, cart_id, domain.create_cart, idempotency_key, wait, account_id=account_id
             )
         except TenureError as exc:
-            if exc.code not in _MAY_HAVE_MADE_IT:
+            gateway = info.context.gateway
+            if exc.code not in _MAY_HAVE_MADE_IT and not await _made_for(
+                gateway, cart_id, account_id, exc
+            ):
                 # Refused (an id taken, a key reused): it holds no room. It held one for a
                 # minute, and a few such refusals left a customer none.
                 with contextlib.suppress(CacheUnavailable):
-                    await Creations.of(info.context.gateway.cache).forget(
+                    await Creations.of(gateway.cache).forget(
                         ENTITY, "account_id", account_id, cart_id
                     )
             raise

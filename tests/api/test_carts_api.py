@@ -21,6 +21,7 @@ from tests.api.test_listing import indexed_cart, put_all
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from tests.entities.shop import Shop, eventually
 from workers.cache import SnapshotCache
+from workers.creations import Creations
 from workers.settings import Settings
 
 CART = """
@@ -582,6 +583,25 @@ async def test_creates_the_entity_refuses_hold_no_room_for_a_cart(
         assert refused == ["ALREADY_EXISTS"] * 3
         made = [await gql.data(create, id=new_id(), a=mine) for _ in range(3)]
     assert all(data["createCart"]["cart"] for data in made)
+
+
+async def test_a_create_beside_the_one_that_made_its_cart_keeps_the_cart_s_place(
+    secured: Settings, temporal_client: Client, run_worker: WorkerFactory, cache: SnapshotCache
+) -> None:
+    """A create retried without a key, or sent twice at once, is refused ALREADY_EXISTS by
+    the cart the other made: it gave back that cart's place, which the index may not show
+    yet, and the account could pass its bound by one cart for each such pair."""
+    create = """mutation($id: ID!, $a: ID!) {
+        createCart(id: $id, accountId: $a, wait: true) { cart { id } } }"""
+    async with run_worker(secured), api_client(secured, temporal_client) as http:
+        http.headers["Authorization"] = f"Bearer {token('admin', 'ops')}"
+        gql = GraphQLClient(http)
+        mine = await open_account(gql, 0)
+        cart_id = new_id()
+        await gql.data(create, id=cart_id, a=mine)
+        assert await gql.error_code(create, id=cart_id, a=mine) == "ALREADY_EXISTS"
+        made = Creations.of(cache)._key("cart", "account_id", mine)
+        assert await cache.client.zscore(made, cart_id) is not None
 
 
 async def test_a_late_repeat_of_a_checkout_is_answered_with_its_own_checkout(
