@@ -135,7 +135,13 @@ class SetPrice(BaseModel, extra="forbid"):
 
 
 class AdjustStock(BaseModel, extra="forbid"):
-    delta: Annotated[int, Field(ge=-(10**9), le=10**9, strict=True)]
+    # Not zero, at the API's edge too: an adjustment of nothing was accepted unwaited, and
+    # refused only by the item, its refusal stored.
+    delta: Annotated[
+        int,
+        Field(ge=-(10**9), le=10**9, strict=True),
+        strict_bound(lambda delta: delta != 0, "must not be zero"),
+    ]
     reason: Reason
 
 

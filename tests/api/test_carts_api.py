@@ -292,6 +292,16 @@ async def test_inventory_mutations(gql: GraphQLClient) -> None:
         s=sku,
     )
     assert code == "INSUFFICIENT_STOCK"
+    # An adjustment of nothing is refused at once, not accepted and refused by the item.
+    revision = "query($s: String!) { inventoryItem(sku: $s, consistency: LIVE) { revision } }"
+    before = (await gql.data(revision, s=sku))["inventoryItem"]
+    zero = await gql(
+        'mutation($s: String!) { adjustStock(sku: $s, delta: 0, reason: "x") { status } }', s=sku
+    )
+    assert zero["errors"][0]["extensions"]["code"] == "INVALID_INPUT"
+    assert "delta" in zero["errors"][0]["message"]
+    await asyncio.sleep(0.5)  # a command accepted would have been applied by now
+    assert (await gql.data(revision, s=sku))["inventoryItem"] == before
     data = await gql.data(
         "query($s: String!) { inventoryItem(sku: $s, consistency: LIVE) "
         "{ reservations { reservationId } adjustments { delta reason } } }",
