@@ -213,9 +213,11 @@ def apply_interest(state: AccountState, cmd: ApplyInterest, ctx: Ctx) -> Account
 def withdraw(state: AccountState, cmd: Withdraw, ctx: Ctx) -> AccountState:
     _money_movable(state, "withdraw from")
     if cmd.amount > state.balance:
+        # Not the balance itself: the refusal reaches whoever reads the checkout it failed
+        # (a service scoped to carts or checkouts alone), where "balance 4321 is less
+        # than ..." told it an account's balance.
         raise Rejected(
-            ErrorCode.INSUFFICIENT_FUNDS,
-            f"balance {state.balance} is less than {cmd.amount}",
+            ErrorCode.INSUFFICIENT_FUNDS, f"the balance is less than the {cmd.amount} asked for"
         )
     return state.model_copy(
         update={

@@ -189,7 +189,7 @@ async def test_an_operator_reads_a_checkout_saga_and_declines_a_restock(
     await expect(steps.nth(1)).to_contain_text("FAILED INSUFFICIENT_FUNDS")
     released = detail.locator('[data-saga="compensations"] tbody tr', has_text=f"release:{sku}")
     await expect(released).to_contain_text("DONE")
-    await expect(released).to_contain_text("withdraw: balance 1000 is less than 3000")
+    await expect(released).to_contain_text("withdraw: the balance is less than the 3000 asked for")
 
     await page.get_by_role("button", name="Inventory").click()
     items = page.locator('[data-pane="inventory"]')
