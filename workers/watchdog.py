@@ -19,7 +19,9 @@ the mark as well (see `workers/cache.py`). With
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import uuid
 from typing import Any
 
 from temporalio.client import Client
@@ -28,11 +30,16 @@ from temporalio.service import RPCError, RPCStatusCode
 from entities import catalog
 from entities.errors import TenureError
 from workers.cache import CacheUnavailable, SnapshotCache
+from workers.failures import REDIS_FAILURES
 from workers.repair import repair
 
 log = logging.getLogger(__name__)
 
 PROBLEMS = "TemporalReportedProblems"
+REPAIR_CLAIM_MS = 60_000
+"""How long a watchdog's claim to repair a run keeps others' off it: longer than a repair
+takes (a history fetched and replayed a few times), short enough that a worker that died
+while repairing leaves the run to the next sweep a minute on."""
 PASSING = frozenset(
     {
         RPCStatusCode.UNAVAILABLE,
@@ -66,6 +73,8 @@ class StuckEntityWatchdog:
         self._types = set(catalog.entity_types())
         self.stuck: dict[str, str] = {}
         """Workflow id of each entity found stuck, and why."""
+        self._claims: dict[str, str] = {}
+        """This watchdog's claims in Redis to repair runs, by workflow id, while it does."""
         self._tried: dict[str, str] = {}
         """The run of each stuck entity that auto-repair tried: tried once, not again."""
 
@@ -113,6 +122,13 @@ class StuckEntityWatchdog:
         return found
 
     async def _repair(self, workflow_id: str, run_id: str) -> None:
+        """Repair the run unless it was tried, or another worker's watchdog repairs it."""
+        try:
+            await self._repair_once(workflow_id, run_id)
+        finally:
+            await self._release(workflow_id)
+
+    async def _repair_once(self, workflow_id: str, run_id: str) -> None:
         """Reset an entity whose history its own code no longer replays to its last good
         task, commands re-applied (each command still applied once: the ledger). The SDK's
         core has written such histories itself, after a worker was killed mid-task (the
@@ -123,6 +139,8 @@ class StuckEntityWatchdog:
         made that is stuck again is a new run, tried once in its turn."""
         if self._tried.get(workflow_id) == run_id:
             return
+        if await self._claim(workflow_id) is None:
+            return  # another worker's watchdog repairs it now
         entity_type, _, entity_id = workflow_id.partition(":")
         try:
             done = await repair(self._client, entity_type, entity_id)
@@ -156,6 +174,40 @@ class StuckEntityWatchdog:
             done.reset_to_event,
             done.commands_reapplied,
         )
+
+    def _claim_key(self, workflow_id: str) -> str:
+        return f"{self._cache.prefix}repair-claim:{{{workflow_id}}}"
+
+    async def _claim(self, workflow_id: str) -> str | None:
+        """This watchdog's claim to repair the workflow's run now, or None while another
+        worker's holds one (in Redis, for at most REPAIR_CLAIM_MS). Every worker's watchdog
+        finds a stuck entity, and two repairs of one run whose checks and resets met reset
+        it twice, the second ending the run the first made and the commands it had taken
+        since; a repair re-checks the run just before its reset, which leaves milliseconds.
+        With Redis out of reach, it repairs unclaimed, as before."""
+        claim = uuid.uuid4().hex
+        try:
+            taken = await self._cache.client.set(
+                self._claim_key(workflow_id), claim, nx=True, px=REPAIR_CLAIM_MS
+            )
+        except REDIS_FAILURES as exc:
+            log.warning("cache unavailable, repairing %s unclaimed: %s", workflow_id, exc)
+            return claim
+        if not taken:
+            return None
+        self._claims[workflow_id] = claim
+        return claim
+
+    async def _release(self, workflow_id: str) -> None:
+        """Let the claim go once the repair is over, whatever came of it: a run Temporal
+        did not answer for is tried again at the next sweep, by whichever worker."""
+        claim = self._claims.pop(workflow_id, None)
+        if claim is None:
+            return
+        key = self._claim_key(workflow_id)
+        with contextlib.suppress(*REDIS_FAILURES):
+            if await self._cache.client.get(key) == claim.encode():
+                await self._cache.client.delete(key)
 
     async def _mark(self, workflow_id: str, reason: str) -> None:
         entity_type, _, entity_id = workflow_id.partition(":")

@@ -329,3 +329,41 @@ async def test_a_stuck_mark_no_watchdog_remembers_is_cleared_once_its_entity_mak
     await watchdog.sweep()
     assert not await stale(blipped)
     assert await cache.stuck_marks(settings.task_queue) == set()
+
+
+async def test_two_workers_watchdogs_repair_a_stuck_run_once_at_a_time(
+    temporal_client: Client,
+    settings: Settings,
+    cache: SnapshotCache,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every worker's watchdog finds a stuck entity. A repair looks again just before its
+    reset, but two whose looks and resets met (milliseconds apart, say in a rolling deploy
+    where they choose different tasks to reset to) reset the run twice, and the second
+    ended the run the first made. One watchdog repairs a run at a time; the next may once
+    it is over."""
+    repairing = asyncio.Event()
+    go_on = asyncio.Event()
+    repairs: list[str] = []
+
+    async def slow(client: Client, entity_type: str, entity_id: str, **_: Any) -> None:
+        repairs.append(entity_id)
+        repairing.set()
+        await go_on.wait()
+        raise RPCError("unavailable", RPCStatusCode.UNAVAILABLE, b"")  # tried again later
+
+    monkeypatch.setattr(workers.watchdog, "repair", slow)
+    one, other = (
+        StuckEntityWatchdog(temporal_client, cache, settings.task_queue, auto_repair=True)
+        for _ in range(2)
+    )
+    workflow_id = f"account:{new_id()}"
+    first = asyncio.create_task(one._repair(workflow_id, "run-1"))
+    await repairing.wait()
+    async with asyncio.timeout(10):  # before, it repaired beside the first, held with it
+        await other._repair(workflow_id, "run-1")  # while the first repairs: left to it
+    assert len(repairs) == 1
+    go_on.set()
+    await first
+    await other._repair(workflow_id, "run-1")  # over, and not done: the next sweep's
+    assert len(repairs) == 2
