@@ -32,7 +32,7 @@ from api.common import (
 )
 from api.context import Info
 from api.errors import TooManyQueries
-from api.gateway import EntityGateway, EntityRead, Receipt
+from api.gateway import EntityGateway, EntityRead, Receipt, check_entity_id
 from api.pacing import paced
 from api.read_plans import entity_read_field
 from api.response_size import bounded
@@ -296,6 +296,10 @@ async def _unit_price(
         return given
     # Before the item is looked up, so a refusal tells nothing about what exists.
     await authorize(info, ENTITY, cart_id, command)
+    try:
+        check_entity_id(sku)
+    except TenureError as exc:  # named as the caller knows it: not the cart's id
+        raise TenureError(exc.code, f"sku: {exc.message}") from None
     read = await info.context.gateway.read(inventory.name, sku)
     if read is None:
         raise TenureError(ErrorCode.NOT_FOUND, f"inventory item {sku} does not exist")

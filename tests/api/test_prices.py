@@ -229,3 +229,16 @@ QUANTITY = "query($id: ID!) { cart(id: $id, consistency: LIVE) { lines { sku qua
 ADD3 = """mutation($id: ID!, $sku: String!, $price: Long) {
   addCartItem(cartId: $id, sku: $sku, quantity: 3, unitPrice: $price, wait: true)
   { commandId } }"""
+
+
+async def test_a_customer_s_malformed_sku_is_named_as_such(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """The item is looked up for a customer's line, and a malformed sku was refused as "an
+    id is 1 to 128 letters...", which a client took for its cart's id."""
+    _, ada, _, cart = await _shop(secured_http)
+    add = """mutation($id: ID!) { addCartItem(cartId: $id, sku: "tea pot", quantity: 1,
+        wait: true) { status } }"""
+    error = (await ada.post(add, id=cart)).json()["errors"][0]
+    assert error["extensions"]["code"] == "INVALID_INPUT"
+    assert error["message"].startswith("sku: ")
