@@ -32,6 +32,7 @@ from workers.webhook_subscribers import (
     MAX_ENTRY_PART,
     MAX_SUBSCRIBERS,
     DeadLetter,
+    ReplaysFull,
     Subscriber,
     WebhookSubscribers,
     new_secret,
@@ -129,6 +130,10 @@ async def _redis() -> AsyncIterator[None]:
         yield
     except REDIS_FAILURES as exc:
         raise redis_unavailable("the webhook registry", exc) from exc
+    except ReplaysFull as exc:
+        raise TenureError(
+            ErrorCode.LIMIT_REACHED, f"{exc}: replay more once the subscriber has taken them"
+        ) from None
 
 
 def _invalid(message: str) -> TenureError:

@@ -60,20 +60,37 @@ return 1
 """
 
 # KEYS[1] a subscriber's dead letters, KEYS[2] its replay stream (one slot: the subscriber's
-# id is their hash tag); ARGV the letters' ids. Each letter still there moves, in one step:
-# apart, two replays at once both copied each letter, and it was sent twice. How many moved.
+# id is their hash tag); ARGV[1] the most letters the replay stream may hold, the rest the
+# letters' ids. Each letter still there moves, in one step, while there is room: apart, two
+# replays at once both copied each letter, and it was sent twice. How many moved, or -1 when
+# the replay stream was full already.
 _MOVE_LETTERS = """
+local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[2])
+if room <= 0 then
+  return -1
+end
 local moved = 0
-for _, id in ipairs(ARGV) do
-  local found = redis.call('XRANGE', KEYS[1], id, id)
+for i = 2, #ARGV do
+  if moved >= room then
+    break
+  end
+  local found = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
   if #found == 1 then
     redis.call('XADD', KEYS[2], '*', unpack(found[1][2]))
-    redis.call('XDEL', KEYS[1], id)
+    redis.call('XDEL', KEYS[1], ARGV[i])
     moved = moved + 1
   end
 end
 return moved
 """
+MAX_REPLAYS_WAITING = MAX_REPLAY_AT_ONCE * 10
+"""The most dead letters a subscriber's replay stream holds waiting to be sent again: replays
+asked again and again while its delivery did not run (its worker down, say) moved up to
+1,000 letters each into a stream nothing trimmed."""
+
+
+class ReplaysFull(Exception):
+    """A subscriber's replay stream holds MAX_REPLAYS_WAITING letters already."""
 
 
 REMOVED_KEPT_SECONDS = 7 * 24 * 3600
@@ -307,7 +324,8 @@ class WebhookSubscribers:
     async def replay(self, subscriber_id: str, letter_id: str | None) -> int:
         """Send dead letters again, in their order (one, or up to MAX_REPLAY_AT_ONCE): each
         moves to the subscriber's replay stream, which its delivery reads. How many moved:
-        a letter another replay moved meanwhile is not moved again."""
+        a letter another replay moved meanwhile is not moved again, nor one past
+        MAX_REPLAYS_WAITING (ReplaysFull when none could move for it)."""
         dead = self.key(subscriber_id, "dead")
         if letter_id is not None:
             raw: Any = await self.client.xrange(dead, letter_id, letter_id)
@@ -316,7 +334,10 @@ class WebhookSubscribers:
         if not raw:
             return 0
         keys = [dead, self.key(subscriber_id, "replay")]
-        moved: int = await self._move_letters(keys=keys, args=[entry_id for entry_id, _ in raw])
+        ids = [entry_id for entry_id, _ in raw]
+        moved: int = await self._move_letters(keys=keys, args=[MAX_REPLAYS_WAITING, *ids])
+        if moved < 0:
+            raise ReplaysFull(f"{MAX_REPLAYS_WAITING} dead letters wait to be sent again already")
         return moved
 
 

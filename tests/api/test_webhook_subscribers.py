@@ -6,16 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 from temporalio.client import Client
 
+import workers.webhook_subscribers
 from tests.api.test_access import Caller, token
 from tests.conftest import api_client, cache_of
+from workers.cache import SnapshotCache
 from workers.settings import Settings
-from workers.webhook_subscribers import LAST_ENTRY_ID, MAX_SUBSCRIBERS, WebhookSubscribers
+from workers.webhook_subscribers import (
+    LAST_ENTRY_ID,
+    MAX_SUBSCRIBERS,
+    DeadLetter,
+    WebhookSubscribers,
+)
 
 REGISTER = """mutation($url: String!, $events: JSON!, $secret: String) {
   registerWebhookSubscriber(url: $url, events: $events, secret: $secret) {
@@ -211,3 +219,37 @@ async def test_registrations_at_once_never_pass_the_bound(
     async with cache_of(alone) as cache:
         stored = await WebhookSubscribers(cache.client, cache.prefix).all()
     assert len(stored) == MAX_SUBSCRIBERS
+
+
+async def test_replays_no_delivery_takes_are_refused_past_a_bound(
+    secured_http: httpx.AsyncClient, cache: SnapshotCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replays asked again and again while the subscriber's delivery does not take them
+    filled a stream without end; past its bound a replay is LIMIT_REACHED, and the letters
+    stay dead letters, to be replayed later."""
+    monkeypatch.setattr(workers.webhook_subscribers, "MAX_REPLAYS_WAITING", 1)
+    admin = Caller(secured_http, token("admin", "alice"))
+    subscriber = (await admin.data(REGISTER, **GOOD))["registerWebhookSubscriber"]["subscriber"]
+    registry = WebhookSubscribers(cache.client, cache.prefix)
+    now = datetime.now(UTC)
+    for n in range(2):
+        await registry.dead_letter(
+            subscriber["id"],
+            DeadLetter(
+                webhook_id=f"msg-{n}",
+                entity_type="account",
+                entity_id=f"a{n}",
+                body="{}",
+                attempts=8,
+                error="HTTP 500",
+                first_attempt_at=now,
+                failed_at=now,
+            ),
+        )
+    try:
+        assert (await admin.data(REPLAY_ALL, id=subscriber["id"]))["replayWebhookDeadLetters"] == 1
+        assert await admin.code(REPLAY_ALL, id=subscriber["id"]) == "LIMIT_REACHED"
+        dead = (await admin.data(DEAD, id=subscriber["id"]))["webhookDeadLetters"]["entries"]
+        assert len(dead) == 1
+    finally:
+        await admin.data(REMOVE, id=subscriber["id"])

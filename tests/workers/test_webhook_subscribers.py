@@ -17,6 +17,7 @@ from workers.webhook_subscribers import (
     MAX_SUBSCRIBERS,
     MIN_DEAD_LETTERS,
     DeadLetter,
+    ReplaysFull,
     Subscriber,
     WebhookSubscribers,
     new_secret,
@@ -139,3 +140,40 @@ async def test_dead_letters_replayed_at_once_are_each_sent_again_once(settings: 
 
 async def test_replays_at_once_on_a_redis_cluster(settings: Settings, cluster: str) -> None:  # noqa: F811
     await replays_at_once(settings.model_copy(update={"redis_url": cluster, "redis_cluster": True}))
+
+
+async def test_replays_while_no_delivery_takes_them_wait_only_so_many(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replays asked again and again while the subscriber's delivery did not run (its
+    worker down) each moved up to 1,000 letters into a replay stream nothing trimmed. The
+    stream holds at most MAX_REPLAYS_WAITING; a replay past it moves what fits, then none,
+    refused, and the rest stay dead letters."""
+    monkeypatch.setattr(webhook_subscribers, "MAX_REPLAYS_WAITING", 4)
+    client = connect_redis(settings)
+    registry = WebhookSubscribers(client, f"{settings.redis_prefix}{uuid.uuid4().hex[:8]}:")
+    now = datetime.now(UTC)
+    try:
+        for n in range(6):
+            await registry.dead_letter(
+                "wh_idle",
+                DeadLetter(
+                    webhook_id=f"msg-{n}",
+                    entity_type="account",
+                    entity_id=f"a{n}",
+                    body="{}",
+                    attempts=8,
+                    error="HTTP 500",
+                    first_attempt_at=now,
+                    failed_at=now,
+                ),
+            )
+        assert await registry.replay("wh_idle", None) == 4
+        with pytest.raises(ReplaysFull):
+            await registry.replay("wh_idle", None)
+        assert await client.xlen(registry.key("wh_idle", "replay")) == 4
+        assert await client.xlen(registry.key("wh_idle", "dead")) == 2
+    finally:
+        for what in ("dead", "dead_bytes", "replay"):
+            await client.delete(registry.key("wh_idle", what))
+        await client.aclose()
