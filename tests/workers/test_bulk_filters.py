@@ -24,6 +24,6 @@ def test_statuses_come_from_each_entity_s_declaration() -> None:
         {"PENDING", "ACTIVE", "DORMANT", "SUSPENDED", "CLOSED"}
     )
     assert types["cart"].statuses() == frozenset(
-        {"OPEN", "CHECKING_OUT", "CHECKED_OUT", "ABANDONED"}
+        {"OPEN", "CHECKING_OUT", "CHECKED_OUT", "ABANDONED", "DISCARDED"}
     )
     assert types["inventory"].statuses() is None  # it lists no status
