@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -29,12 +30,14 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from entities.runtime.envelope import CommandResult, OutcomeStatus
 from entities.runtime.publisher import PUBLISH_SIGNAL
+from entities.runtime.workflow import EntityWorkflow
 from workers.cache import RedisClient
 from workers.delivery import SIGNAL_TIMEOUT
 from workers.failures import REDIS_FAILURES, is_missing
 from workers.logs import RepeatedLogFilter
-from workers.temporal import within
+from workers.temporal import ask, within
 
 log = logging.getLogger(__name__)
 log.addFilter(RepeatedLogFilter(window=10.0))
@@ -45,6 +48,12 @@ MAX_PROMISES = 100_000
 """Promises outstanding at most: past it, commands go without (a sweep that cannot reach
 Temporal leaves them), so the set stays bounded."""
 SWEEP_BATCH = 500
+PENDING_FOR = 600.0
+"""How long a promise whose command is not applied yet (an update admitted behind a busy
+entity) is kept, taken up again at each sweep, to have its entity publish once it is: past
+it, a command still not applied is let go (its entity publishes at its next change)."""
+OUTCOME_SECONDS = 5.0
+"""How long a sweep asks an entity whether a promise's command is applied."""
 """Overdue promises one sweep takes up at most."""
 
 
@@ -114,13 +123,24 @@ class Handovers:
     @staticmethod
     def member(workflow_id: str, command_id: str) -> str:
         """A promise of its own for each send, so that two sends of one command (a retry,
-        a key reused for another command) keep theirs apart. Workflow ids have no spaces
-        (entity ids do not): the first one ends it."""
-        return f"{workflow_id} {command_id} {uuid.uuid4().hex[:12]}"
+        a key reused for another command) keep theirs apart, and when it was made (this
+        host's clock, for PENDING_FOR). Workflow ids have no spaces (entity ids do not):
+        the first one ends it; nor do command ids."""
+        return f"{workflow_id} {command_id} {uuid.uuid4().hex[:12]}.{int(time.time())}"
 
     @staticmethod
     def workflow_of(member: str) -> str:
         return member.split(" ", 1)[0]
+
+    @staticmethod
+    def command_of(member: str) -> str:
+        return member.split(" ")[1]
+
+    @staticmethod
+    def made_at(member: str) -> float | None:
+        """When the promise was made, epoch seconds; None for one made before they said."""
+        _, _, made = member.rpartition(".")
+        return float(made) if made.isdigit() else None
 
     async def promise(self, workflow_id: str, command_id: str) -> str | None:
         """Note that this process will publish what the entity hands it for this command:
@@ -215,6 +235,8 @@ class OverdueHandovers:
                 workflow_id = Handovers.workflow_of(member)
                 if workflow_id not in asked and await hand_back(self._client, workflow_id):
                     asked.add(workflow_id)
+                if await self._not_applied_yet(member):
+                    continue  # left leased: taken up again, and its entity asked again
                 await self._handovers.done(member, lease)
         finally:
             if asked:
@@ -226,6 +248,28 @@ class OverdueHandovers:
                     self._overdue,
                 )
         return len(asked)
+
+    async def _not_applied_yet(self, member: str) -> bool:
+        """Whether the promise's command is not applied yet, and the promise young enough
+        (PENDING_FOR) to wait for it. An update admitted behind a busy entity is applied
+        later, handed over to a sender that is gone, and counted published: taken up once
+        and let go, the promise left that change in no cache and no stream until the
+        entity changed again (for a dormant account, never)."""
+        made = Handovers.made_at(member)
+        if made is None or time.time() - made > PENDING_FOR:
+            return False
+        handle = self._client.get_workflow_handle(Handovers.workflow_of(member))
+        try:
+            result = await ask(
+                handle,
+                EntityWorkflow.outcome,
+                Handovers.command_of(member),
+                result_type=CommandResult,
+                seconds=OUTCOME_SECONDS,
+            )
+        except RPCError as exc:
+            return not is_missing(exc)  # asked again at the next sweep, unless it is gone
+        return result.outcome.status is OutcomeStatus.UNKNOWN
 
     async def run(self) -> None:
         """Sweep every `interval` seconds until cancelled; a sweep that fails, whatever

@@ -6,6 +6,7 @@ worker; with no promise noted, or a cache that refuses the write, the entity pub
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -186,6 +187,49 @@ async def handed_and_never_published(
     hit = await cache.get("account", account_id)
     assert hit is not None and hit.snapshot.revision == 3
     return account_id, workflow_id
+
+
+async def test_a_promise_whose_command_is_applied_late_waits_for_it(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """An update admitted behind a busy entity, its API process gone: the promise was taken
+    up once it was overdue, the entity asked to publish, and let go. The update was applied
+    later and handed over to no one, and that change reached no cache and no stream until
+    the entity changed again. A promise whose command is not applied yet is kept, and its
+    entity asked again, until it is."""
+    handovers = Handovers(cache.client, f"{cache.prefix}{new_id()}:")
+    async with run_worker():
+        account_id = await published_account(temporal_client, cache, settings)
+        workflow_id = f"account:{account_id}"
+        assert await handovers.promise(workflow_id, "late") is not None
+        assert await OverdueHandovers(temporal_client, handovers, overdue=0).sweep() == 1
+        assert await noted(handovers, workflow_id, "late")  # not applied yet: kept
+
+        handed = await temporal_client.get_workflow_handle(workflow_id).execute_update(
+            EntityWorkflow.apply,
+            CommandEnvelope(
+                command_id="late", name="withdraw", payload={"amount": 20}, publishes=True
+            ),
+            result_type=CommandResult,
+        )
+        assert handed.publication() is not None  # handed over to the sender, who is gone
+        await until_idle(temporal_client, workflow_id)
+        hit = await cache.get("account", account_id)
+        assert hit is not None and hit.snapshot.revision == 3
+
+        assert await OverdueHandovers(temporal_client, handovers, overdue=0).sweep() == 1
+        hit = await until_cached(cache, "account", account_id, 4)
+        assert hit.snapshot.state is not None and hit.snapshot.state["balance"] == 30
+        assert revisions(await until_streamed(cache, "account", account_id, 4)) == [1, 2, 3, 4]
+        assert not await noted(handovers, workflow_id, "late")
+
+
+def test_a_promise_says_when_it_was_made() -> None:
+    member = Handovers.member("account:ada", "dep-1")
+    made = Handovers.made_at(member)
+    assert made is not None and abs(made - time.time()) < 5
+    assert Handovers.command_of(member) == "dep-1"
+    assert Handovers.made_at("account:ada dep-1 0123456789ab") is None  # made before
 
 
 async def test_a_promise_taken_up_by_a_worker_that_stops_is_taken_up_again(
