@@ -19,7 +19,13 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
-    from entities.runtime.entity import MAX_MONEY, PRINTABLE, SHOWN_AS_WRITTEN, strict_bound
+    from entities.runtime.entity import (
+        AT_THE_EDGE,
+        MAX_MONEY,
+        PRINTABLE,
+        SHOWN_AS_WRITTEN,
+        strict_bound,
+    )
     from entities.runtime.envelope import Snapshot
     from entities.runtime.policy import READ
 
@@ -136,11 +142,11 @@ class SetPrice(BaseModel, extra="forbid"):
 
 class AdjustStock(BaseModel, extra="forbid"):
     # Not zero, at the API's edge too: an adjustment of nothing was accepted unwaited, and
-    # refused only by the item, its refusal stored.
+    # refused only by the item, its refusal stored. Runs refuse it in `adjust_stock`.
     delta: Annotated[
         int,
         Field(ge=-(10**9), le=10**9, strict=True),
-        strict_bound(lambda delta: delta != 0, "must not be zero"),
+        strict_bound(lambda delta: delta != 0, "must not be zero", since=AT_THE_EDGE),
     ]
     reason: Reason
 

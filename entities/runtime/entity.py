@@ -42,6 +42,11 @@ STRICT_INPUTS_4_PATCH = "strict-inputs-4"
 """The same at level 4: text a person wrote has no invisible formatting (SHOWN_AS_WRITTEN)."""
 STRICTEST = 4
 """The level of the latest bounds: what the API's edge and new runs apply."""
+AT_THE_EDGE = 1_000
+"""The level the API's edge validates at (`EntityType.parse`): every bound, and those of
+`strict_bound(..., since=AT_THE_EDGE)`, which no run applies: a rule the entity's own
+transition already keeps, checked again where a command comes in, so that it is refused
+with nothing stored, while runs refuse it as they always did."""
 
 RULES_1_PATCH = "entity-rules-1"
 """Runs started since it take the rules changed at level 1 (`CommandContext.rules_from`):
@@ -72,7 +77,7 @@ def _newest_rules(level: int) -> bool:
 def strict_bound(holds: Callable[[Any], bool], message: str, since: int = 1) -> Any:
     """A bound on a command field added after entities first ran, at level `since`: always
     applied at the API's edge, and in an entity's workflow only by runs started since that
-    level's patch (STRICT_INPUTS)."""
+    level's patch (STRICT_INPUTS); at AT_THE_EDGE, by no run."""
 
     def check(value: Any, info: ValidationInfo) -> Any:
         if (info.context or {}).get(STRICT_INPUTS, STRICTEST) >= since and not holds(value):
@@ -314,7 +319,9 @@ class EntityType(Generic[S, Opt]):
                 ErrorCode.INVALID_INPUT, f"{self.name} has no command {name!r}"
             ) from None
 
-    def parse(self, name: str, payload: Mapping[str, Any], *, strict: int = STRICTEST) -> BaseModel:
+    def parse(
+        self, name: str, payload: Mapping[str, Any], *, strict: int = AT_THE_EDGE
+    ) -> BaseModel:
         """Validate a command payload, rejecting it with INVALID_INPUT when malformed; with
         the bounds of `strict_bound` up to level `strict` (lower in a run older than them)."""
         spec = self.spec(name)

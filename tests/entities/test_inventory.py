@@ -12,6 +12,7 @@ from temporalio.client import Client
 from entities.errors import ErrorCode, Rejected, TenureError
 from entities.inventory import InventoryOptions, InventoryState, Settlement, inventory
 from entities.runtime import CommandContext
+from entities.runtime.entity import STRICTEST
 from tests.conftest import WorkerFactory
 from tests.entities.shop import Shop, eventually, shop_settings
 from workers.cache import SnapshotCache
@@ -260,3 +261,13 @@ def test_counts_stay_within_what_a_long_promises() -> None:
     assert rejected(almost, "restock", quantity=1) == ErrorCode.LIMIT_REACHED
     assert rejected(almost, "adjustStock", delta=1, reason="found one") == ErrorCode.LIMIT_REACHED
     assert apply(almost, "adjustStock", delta=-1, reason="lost one").on_hand == 2**53 - 12
+
+
+def test_an_adjustment_of_nothing_is_refused_at_the_edge_and_by_runs_as_before() -> None:
+    """Refused where a command comes in (nothing stored), and in a run by its transition,
+    NOT_FOUND or INVALID_INPUT as it always was: the bound is the edge's alone."""
+    with pytest.raises(Rejected) as at_the_edge:
+        inventory.parse("adjustStock", {"delta": 0, "reason": "x"})
+    assert at_the_edge.value.code is ErrorCode.INVALID_INPUT
+    in_a_run = inventory.parse("adjustStock", {"delta": 0, "reason": "x"}, strict=STRICTEST)
+    assert in_a_run.model_dump() == {"delta": 0, "reason": "x"}
