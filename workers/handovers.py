@@ -48,13 +48,16 @@ MAX_PROMISES = 100_000
 """Promises outstanding at most: past it, commands go without (a sweep that cannot reach
 Temporal leaves them), so the set stays bounded."""
 SWEEP_BATCH = 500
+"""Overdue promises one sweep takes up at most."""
 PENDING_FOR = 600.0
 """How long a promise whose command is not applied yet (an update admitted behind a busy
-entity) is kept, taken up again at each sweep, to have its entity publish once it is: past
-it, a command still not applied is let go (its entity publishes at its next change)."""
+entity) is kept, taken up again each time it is overdue again, to have its entity publish
+once it is: past it, a command still not applied is let go, its entity asked to publish
+(it publishes the command's change at its next change)."""
 OUTCOME_SECONDS = 5.0
 """How long a sweep asks an entity whether a promise's command is applied."""
-"""Overdue promises one sweep takes up at most."""
+OUTCOMES_AT_ONCE = 16
+"""How many entities a sweep asks at once."""
 
 
 async def hand_back(client: Client, workflow_id: str) -> bool:
@@ -231,12 +234,16 @@ class OverdueHandovers:
         lease, members = await self._handovers.claim(self._overdue)
         asked: set[str] = set()
         try:
+            # Asked first, and its entity only once it is applied: a publish asked before
+            # the command's task can come before it, and the command's change then went to
+            # no one all the same.
+            waiting = await self._not_applied_yet(members)
             for member in members:
+                if member in waiting:
+                    continue  # left leased: taken up again once overdue again
                 workflow_id = Handovers.workflow_of(member)
                 if workflow_id not in asked and await hand_back(self._client, workflow_id):
                     asked.add(workflow_id)
-                if await self._not_applied_yet(member):
-                    continue  # left leased: taken up again, and its entity asked again
                 await self._handovers.done(member, lease)
         finally:
             if asked:
@@ -249,27 +256,35 @@ class OverdueHandovers:
                 )
         return len(asked)
 
-    async def _not_applied_yet(self, member: str) -> bool:
-        """Whether the promise's command is not applied yet, and the promise young enough
-        (PENDING_FOR) to wait for it. An update admitted behind a busy entity is applied
-        later, handed over to a sender that is gone, and counted published: taken up once
-        and let go, the promise left that change in no cache and no stream until the
-        entity changed again (for a dormant account, never)."""
-        made = Handovers.made_at(member)
-        if made is None or time.time() - made > PENDING_FOR:
-            return False
-        handle = self._client.get_workflow_handle(Handovers.workflow_of(member))
-        try:
-            result = await ask(
-                handle,
-                EntityWorkflow.outcome,
-                Handovers.command_of(member),
-                result_type=CommandResult,
-                seconds=OUTCOME_SECONDS,
-            )
-        except RPCError as exc:
-            return not is_missing(exc)  # asked again at the next sweep, unless it is gone
-        return result.outcome.status is OutcomeStatus.UNKNOWN
+    async def _not_applied_yet(self, members: list[str]) -> set[str]:
+        """The promises whose command is not applied yet, young enough (PENDING_FOR) to wait
+        for it, asked of their entities OUTCOMES_AT_ONCE at a time. An update admitted
+        behind a busy entity is applied later, handed over to a sender that is gone, and
+        counted published: taken up once and let go, the promise left that change in no
+        cache and no stream until the entity changed again (for a dormant account,
+        never)."""
+        limit = asyncio.Semaphore(OUTCOMES_AT_ONCE)
+
+        async def waiting(member: str) -> bool:
+            made = Handovers.made_at(member)
+            if made is None or time.time() - made > PENDING_FOR:
+                return False
+            handle = self._client.get_workflow_handle(Handovers.workflow_of(member))
+            async with limit:
+                try:
+                    result = await ask(
+                        handle,
+                        EntityWorkflow.outcome,
+                        Handovers.command_of(member),
+                        result_type=CommandResult,
+                        seconds=OUTCOME_SECONDS,
+                    )
+                except RPCError as exc:
+                    return not is_missing(exc)  # asked again later, unless it is gone
+            return result.outcome.status is OutcomeStatus.UNKNOWN
+
+        answers = await asyncio.gather(*(waiting(member) for member in members))
+        return {member for member, wait in zip(members, answers, strict=True) if wait}
 
     async def run(self) -> None:
         """Sweep every `interval` seconds until cancelled; a sweep that fails, whatever
