@@ -36,10 +36,18 @@ from workers.repair import repair
 log = logging.getLogger(__name__)
 
 PROBLEMS = "TemporalReportedProblems"
-REPAIR_CLAIM_MS = 60_000
-"""How long a watchdog's claim to repair a run keeps others' off it: longer than a repair
-takes (a history fetched and replayed a few times), short enough that a worker that died
-while repairing leaves the run to the next sweep a minute on."""
+REPAIR_CLAIM_MS = 300_000
+"""How long a watchdog's claim to repair a run keeps others' off it: far longer than a
+repair takes (a history fetched and replayed a dozen times at most, seconds), short enough
+that a worker that died while repairing leaves the run to others five minutes on."""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+"""Lets a claim go only if it is still this watchdog's (one expired meanwhile may be
+another's)."""
 PASSING = frozenset(
     {
         RPCStatusCode.UNAVAILABLE,
@@ -73,6 +81,7 @@ class StuckEntityWatchdog:
         self._types = set(catalog.entity_types())
         self.stuck: dict[str, str] = {}
         """Workflow id of each entity found stuck, and why."""
+        self._release_claim = cache.client.register_script(_RELEASE)
         self._claims: dict[str, str] = {}
         """This watchdog's claims in Redis to repair runs, by workflow id, while it does."""
         self._tried: dict[str, str] = {}
@@ -84,6 +93,13 @@ class StuckEntityWatchdog:
             f'TaskQueue = "{self._task_queue}" AND ExecutionStatus = "Running" '
             f"AND {PROBLEMS} IS NOT NULL"
         )
+        # The marks read before the look: one another worker makes after it, of an entity
+        # this look did not find yet, is not cleared by this sweep.
+        try:
+            marked = await self._cache.stuck_marks(self._task_queue)
+        except CacheUnavailable as exc:  # the marks cleared at the next sweep
+            log.warning("cache unavailable, stuck marks not read: %s", exc)
+            marked = set()
         found: dict[str, str] = {}
         runs: dict[str, str] = {}
         async for execution in self._client.list_workflows(query):
@@ -104,11 +120,6 @@ class StuckEntityWatchdog:
             await self._mark(workflow_id, reason)
             if self._auto_repair and NONDETERMINISM in reason:
                 await self._repair(workflow_id, runs[workflow_id])
-        try:
-            marked = await self._cache.stuck_marks(self._task_queue)
-        except CacheUnavailable as exc:  # the marks cleared at the next sweep
-            log.warning("cache unavailable, stuck marks not read: %s", exc)
-            marked = set()
         for workflow_id in (set(self.stuck) | marked) - set(found):
             entity_type, _, entity_id = workflow_id.partition(":")
             try:
@@ -204,10 +215,8 @@ class StuckEntityWatchdog:
         claim = self._claims.pop(workflow_id, None)
         if claim is None:
             return
-        key = self._claim_key(workflow_id)
         with contextlib.suppress(*REDIS_FAILURES):
-            if await self._cache.client.get(key) == claim.encode():
-                await self._cache.client.delete(key)
+            await self._release_claim(keys=[self._claim_key(workflow_id)], args=[claim])
 
     async def _mark(self, workflow_id: str, reason: str) -> None:
         entity_type, _, entity_id = workflow_id.partition(":")
