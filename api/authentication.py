@@ -10,6 +10,7 @@ carry the token pasted into its headers pane.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from api.auth import DEVELOPMENT_PRINCIPAL, TokenVerifier, Unauthenticated
 from api.responses import send_error
 from entities.errors import ErrorCode
 from entities.runtime.policy import Principal
+
+log = logging.getLogger(__name__)
 
 PRINCIPAL_KEY = "tenure.principal"
 TOKEN_KEY = "tenure.token"
@@ -66,6 +69,8 @@ class TokenStanding:
                     await self.verifier.authenticate(self.authorization)
                 except Unauthenticated as exc:
                     return f"the token is no longer accepted ({exc.message})"
+                except Exception:  # whatever failed, the expiry still ends it
+                    log.exception("could not verify an open subscription's token again")
 
 
 def principal_of(scope: Scope) -> Principal | None:
