@@ -310,6 +310,7 @@ async def _unit_price(
             f"inventory item {sku} has no price yet (a restock with unitPrice sets it)",
         )
     if given is not None and given != price:
+        check_client_key(idempotency_key)  # a key Temporal is asked about must be one
         if idempotency_key is not None and await info.context.gateway.recorded(
             ENTITY, cart_id, idempotency_key, info.context.principal.sender
         ):

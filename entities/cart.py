@@ -118,7 +118,11 @@ class CheckoutCart(BaseModel, extra="forbid"):
 
 
 class DiscardCart(BaseModel, extra="forbid"):
-    pass
+    only_if_abandoned: bool = Field(
+        default=False,
+        description="Refuse (INVALID_TRANSITION) unless the cart is ABANDONED: a cleanup by "
+        "a listing, which may lag, must not discard a cart its customer came back to.",
+    )
 
 
 class CompleteCheckout(BaseModel, extra="forbid"):
@@ -241,6 +245,11 @@ def discard_cart(state: CartState, cmd: DiscardCart, ctx: Ctx) -> CartState:
         raise Rejected(
             ErrorCode.CHECKOUT_IN_PROGRESS,
             f"cart {ctx.entity_id} is checking out ({state.checkout_id}); wait for its outcome",
+        )
+    if cmd.only_if_abandoned and state.status is not CartStatus.ABANDONED:
+        raise Rejected(
+            ErrorCode.INVALID_TRANSITION,
+            f"cart {ctx.entity_id} is {state.status.value}, not ABANDONED: kept",
         )
     return state.model_copy(update={"status": CartStatus.DISCARDED, "last_activity_at": ctx.now})
 

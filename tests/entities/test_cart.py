@@ -226,3 +226,17 @@ def test_a_run_begun_before_the_charge_bound_keeps_to_what_a_long_promises() -> 
         cart.apply(state, "addCartItem", line, before)
     assert refused.value.code == ErrorCode.LIMIT_REACHED
     assert sum(line.quantity * line.unit_price for line in state.lines) <= 2**53 - 1
+
+
+def test_a_cleanup_discards_only_an_abandoned_cart_when_it_says_so() -> None:
+    """A cleanup by a listing, which may lag, must not discard a cart its customer came
+    back to: with `only_if_abandoned` an open cart is kept, refused INVALID_TRANSITION."""
+    state = with_lines(("s1", 2, 300))
+    assert rejected(state, "discardCart", only_if_abandoned=True) is ErrorCode.INVALID_TRANSITION
+    due = cart.deadline(state, OPTIONS)
+    assert due is not None
+    abandoned = cart.fire_deadline(state, ctx(due))
+    discarded = apply(abandoned, "discardCart", only_if_abandoned=True)
+    assert discarded.status is CartStatus.DISCARDED and cart.is_terminal(discarded)
+    assert apply(state, "discardCart").status is CartStatus.DISCARDED  # by its customer
+    assert rejected(checking_out(), "discardCart") is ErrorCode.CHECKOUT_IN_PROGRESS
