@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -16,12 +15,12 @@ from temporalio.client import Client
 import workers.webhook_subscribers
 from tests.api.test_access import Caller, token
 from tests.conftest import api_client, cache_of
+from tests.workers.webhook_letters import failed_letter
 from workers.cache import SnapshotCache
 from workers.settings import Settings
 from workers.webhook_subscribers import (
     LAST_ENTRY_ID,
     MAX_SUBSCRIBERS,
-    DeadLetter,
     WebhookSubscribers,
 )
 
@@ -231,21 +230,8 @@ async def test_replays_no_delivery_takes_are_refused_past_a_bound(
     admin = Caller(secured_http, token("admin", "alice"))
     subscriber = (await admin.data(REGISTER, **GOOD))["registerWebhookSubscriber"]["subscriber"]
     registry = WebhookSubscribers(cache.client, cache.prefix)
-    now = datetime.now(UTC)
     for n in range(2):
-        await registry.dead_letter(
-            subscriber["id"],
-            DeadLetter(
-                webhook_id=f"msg-{n}",
-                entity_type="account",
-                entity_id=f"a{n}",
-                body="{}",
-                attempts=8,
-                error="HTTP 500",
-                first_attempt_at=now,
-                failed_at=now,
-            ),
-        )
+        await registry.dead_letter(subscriber["id"], failed_letter(n))
     try:
         assert (await admin.data(REPLAY_ALL, id=subscriber["id"]))["replayWebhookDeadLetters"] == 1
         assert await admin.code(REPLAY_ALL, id=subscriber["id"]) == "LIMIT_REACHED"

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.workers.test_redis_cluster import cluster, redis_cluster  # noqa: F401  # fixtures
+from tests.workers.webhook_letters import failed_letter
 from workers import webhook_subscribers
 from workers.cache import connect_redis
 from workers.settings import Settings
@@ -105,22 +106,9 @@ async def replays_at_once(settings: Settings) -> None:
     once. Copied and then deleted apart, each replay copied every letter, sent four times."""
     client = connect_redis(settings)
     registry = WebhookSubscribers(client, f"{settings.redis_prefix}{uuid.uuid4().hex[:8]}:")
-    now = datetime.now(UTC)
     try:
         for n in range(10):
-            await registry.dead_letter(
-                "wh_replayed",
-                DeadLetter(
-                    webhook_id=f"msg-{n}",
-                    entity_type="account",
-                    entity_id=f"a{n}",
-                    body="{}",
-                    attempts=8,
-                    error="HTTP 500",
-                    first_attempt_at=now,
-                    failed_at=now,
-                ),
-            )
+            await registry.dead_letter("wh_replayed", failed_letter(n))
         moved = await asyncio.gather(*(registry.replay("wh_replayed", None) for _ in range(4)))
         assert sum(moved) == 10
         replayed = await client.xrange(registry.key("wh_replayed", "replay"))
@@ -152,22 +140,9 @@ async def test_replays_while_no_delivery_takes_them_wait_only_so_many(
     monkeypatch.setattr(webhook_subscribers, "MAX_REPLAYS_WAITING", 4)
     client = connect_redis(settings)
     registry = WebhookSubscribers(client, f"{settings.redis_prefix}{uuid.uuid4().hex[:8]}:")
-    now = datetime.now(UTC)
     try:
         for n in range(6):
-            await registry.dead_letter(
-                "wh_idle",
-                DeadLetter(
-                    webhook_id=f"msg-{n}",
-                    entity_type="account",
-                    entity_id=f"a{n}",
-                    body="{}",
-                    attempts=8,
-                    error="HTTP 500",
-                    first_attempt_at=now,
-                    failed_at=now,
-                ),
-            )
+            await registry.dead_letter("wh_idle", failed_letter(n))
         assert await registry.replay("wh_idle", None) == 4
         with pytest.raises(ReplaysFull):
             await registry.replay("wh_idle", None)
