@@ -204,7 +204,7 @@ class CodedErrorsOverWebSocket(BaseGraphQLTransportWSHandler[TenureContext, None
         for operation in self.operations.values():  # nothing more is sent on it; `shutdown`
             if operation.task is not None:  # awaits them
                 operation.task.cancel()
-        reason = f"Forbidden: {why}"[:MAX_CLOSE_REASON]
+        reason = f"Forbidden: {why}".encode()[:MAX_CLOSE_REASON].decode(errors="ignore")
         with contextlib.suppress(Exception):  # closed meanwhile, or the client gone
             await self.websocket.close(code=4403, reason=reason)
 
