@@ -236,13 +236,14 @@ async def test_a_waited_command_whose_update_and_signal_both_fail_is_not_said_un
     again by signal, which is refused: that refusal ("nothing was stored") was its answer,
     though the update may still be applied, and a client without a key sent it again, a
     second deposit. It is answered UNAVAILABLE with the command's id: retry with the key."""
-    settings = settings.model_copy(update={"command_wait_timeout": 1.0})
     account_id = new_id()
+    # Opened with the usual wait: a worker's first task can take longer than the test's.
     async with run_worker(settings):
         await open_active(EntityGateway(temporal_client, cache, settings), account_id)
+    short = settings.model_copy(update={"command_wait_timeout": 1.0})
     envelope = CommandEnvelope(command_id=new_id(), name="deposit", payload={"amount": 5})
     with pytest.raises(TenureError) as answered:
-        await _Behind(temporal_client, settings).request(account, account_id, envelope)
+        await _Behind(temporal_client, short).request(account, account_id, envelope)
     assert answered.value.code is ErrorCode.UNAVAILABLE
     assert envelope.command_id in answered.value.message
     assert "retry with the same idempotencyKey" in answered.value.message
