@@ -184,11 +184,12 @@ async def test_a_waited_command_whose_update_goes_unanswered_is_applied_once_by_
     # No worker: the update is never answered. The command goes by signal, durably, and
     # the sender is told to retry; once a worker is back it is applied once, though both
     # the update and the signal may reach the entity.
+    account_id = new_id()
+    # Opened with the usual wait: a worker's first task can take longer than the test's.
+    async with run_worker(settings):
+        await open_active(EntityGateway(temporal_client, cache, settings), account_id)
     settings = settings.model_copy(update={"command_wait_timeout": 1.0})
     gateway = EntityGateway(temporal_client, cache, settings)
-    account_id = new_id()
-    async with run_worker(settings):
-        await open_active(gateway, account_id)
     with pytest.raises(TenureError) as refused:
         await gateway.send(
             "account", account_id, "deposit", {"amount": 5}, idempotency_key="late", wait=True
@@ -333,10 +334,10 @@ async def test_a_waited_command_asks_its_outcome_within_what_is_left_of_its_wait
     """Its signal slow (2 s of a 4 s wait), and no worker to answer: the outcome was then
     asked for a whole wait more, and the sender answered after 6 s. It is asked for what is
     left, and the sender has UNAVAILABLE, the command's id in it, within the wait."""
-    settings = settings.model_copy(update={"command_wait_timeout": 4.0})
     account_id = new_id()
-    async with run_worker(settings):
+    async with run_worker(settings):  # opened with the usual wait
         await open_active(EntityGateway(temporal_client, cache, settings), account_id)
+    settings = settings.model_copy(update={"command_wait_timeout": 4.0})
     delivery = _SlowSignal(temporal_client, settings)
     delivery._refused(account.workflow_id(account_id), "failed")  # it goes by signal
     envelope = CommandEnvelope(command_id=new_id(), name="deposit", payload={"amount": 5})
