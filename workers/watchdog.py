@@ -82,8 +82,6 @@ class StuckEntityWatchdog:
         self.stuck: dict[str, str] = {}
         """Workflow id of each entity found stuck, and why."""
         self._release_claim = cache.client.register_script(_RELEASE)
-        self._claims: dict[str, str] = {}
-        """This watchdog's claims in Redis to repair runs, by workflow id, while it does."""
         self._tried: dict[str, str] = {}
         """The run of each stuck entity that auto-repair tried: tried once, not again."""
 
@@ -133,42 +131,28 @@ class StuckEntityWatchdog:
         return found
 
     async def _repair(self, workflow_id: str, run_id: str) -> None:
-        """Repair the run unless it was tried, or another worker's watchdog repairs it."""
-        try:
-            await self._repair_once(workflow_id, run_id)
-        finally:
-            await self._release(workflow_id)
-
-    async def _repair_once(self, workflow_id: str, run_id: str) -> None:
         """Reset an entity whose history its own code no longer replays to its last good
-        task, commands re-applied (each command still applied once: the ledger). The SDK's
-        core has written such histories itself, after a worker was killed mid-task (the
-        soak saw "No command scheduled for event ActivityTaskScheduled"); left alone, the
-        entity would take commands and apply none for good. Each stuck run is tried once:
-        one that cannot be repaired (no task of it replays) was tried at every sweep, a
-        history fetched and replayed every 10 s, until an operator came; a run a repair
-        made that is stuck again is a new run, tried once in its turn."""
+        task, commands re-applied (each command still applied once: the ledger), unless
+        another worker's watchdog repairs it now (`_claim`). The SDK's core has written such
+        histories itself, after a worker was killed mid-task (the soak saw "No command
+        scheduled for event ActivityTaskScheduled"); left alone, the entity would take
+        commands and apply none for good. Each stuck run is tried once: one that cannot be
+        repaired (no task of it replays) was tried at every sweep, a history fetched and
+        replayed every 10 s, until an operator came; a run a repair made that is stuck again
+        is a new run, tried once in its turn. Only a repair Temporal did not answer (out of
+        reach, busy) is tried again at the next sweep."""
         if self._tried.get(workflow_id) == run_id:
             return
-        if await self._claim(workflow_id) is None:
+        claim = await self._claim(workflow_id)
+        if claim is None:
             return  # another worker's watchdog repairs it now
         entity_type, _, entity_id = workflow_id.partition(":")
         try:
             done = await repair(self._client, entity_type, entity_id)
-        except RPCError as exc:
-            if exc.status in PASSING:  # Temporal out of reach: tried again at the next sweep
+        except (RPCError, TenureError) as exc:
+            if isinstance(exc, RPCError) and exc.status in PASSING:
                 log.warning("could not repair %s yet: %s", workflow_id, exc)
                 return
-            self._tried[workflow_id] = run_id
-            log.warning(
-                "could not repair %s: Temporal refused (%s); its run %s is not tried again "
-                "(`tenure repair` it once its cause is fixed)",
-                workflow_id,
-                exc,
-                run_id,
-            )
-            return
-        except TenureError as exc:
             self._tried[workflow_id] = run_id
             log.warning(
                 "could not repair %s: %s; its run %s is not tried again (`tenure repair` it "
@@ -178,6 +162,8 @@ class StuckEntityWatchdog:
                 run_id,
             )
             return
+        finally:
+            await self._release(workflow_id, claim)
         self._tried[workflow_id] = run_id
         log.error(
             "entity %s repaired: reset to the task completed at event %d, %d commands re-applied",
@@ -204,17 +190,11 @@ class StuckEntityWatchdog:
         except REDIS_FAILURES as exc:
             log.warning("cache unavailable, repairing %s unclaimed: %s", workflow_id, exc)
             return claim
-        if not taken:
-            return None
-        self._claims[workflow_id] = claim
-        return claim
+        return claim if taken else None
 
-    async def _release(self, workflow_id: str) -> None:
+    async def _release(self, workflow_id: str, claim: str) -> None:
         """Let the claim go once the repair is over, whatever came of it: a run Temporal
         did not answer for is tried again at the next sweep, by whichever worker."""
-        claim = self._claims.pop(workflow_id, None)
-        if claim is None:
-            return
         with contextlib.suppress(*REDIS_FAILURES):
             await self._release_claim(keys=[self._claim_key(workflow_id)], args=[claim])
 
