@@ -402,7 +402,7 @@ class SnapshotCache:
             with redis_span("HSET"):
                 if scope is not None:
                     await self._client.sadd(
-                        self.stuck_marks_key(scope), f"{entity_type}:{entity_id}"
+                        self.stuck_marks_key(scope), self._types[entity_type].workflow_id(entity_id)
                     )
                 if await self._client.hget(key, "stuck") == reason.encode():
                     return
@@ -423,7 +423,7 @@ class SnapshotCache:
                     await self._client.hincrby(generations, STUCK, 1)
                 if scope is not None:
                     await self._client.srem(
-                        self.stuck_marks_key(scope), f"{entity_type}:{entity_id}"
+                        self.stuck_marks_key(scope), self._types[entity_type].workflow_id(entity_id)
                     )
         except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
