@@ -13,6 +13,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
+    from entities.runtime.effects import sent_by_saga
     from entities.runtime.entity import (
         MAX_AMOUNT,
         MAX_MONEY,
@@ -83,10 +84,22 @@ class AccountState(BaseModel):
     last_activity_at: datetime
     suspension_reason: str | None = None
     kyc_reference: str | None = None
+    refundable_until: datetime | None = Field(
+        default=None,
+        description="Until when a saga that charged the account (a checkout) may still "
+        "refund it: the account is not closed before then.",
+    )
 
 
 class AccountOptions(BaseModel):
     dormancy_seconds: float = Field(default=365 * 24 * 3600, gt=0)
+    refund_hold_seconds: float = Field(
+        default=3600,
+        ge=0,
+        description="How long after a saga charged the account it is not closed, so that "
+        "the saga's refund, should a later step fail, finds it open. A checkout's steps after "
+        "its withdrawal give up within minutes (5 attempts of at most 30 s, 30 s apart).",
+    )
 
 
 class OpenAccount(BaseModel, extra="forbid"):
@@ -219,13 +232,18 @@ def withdraw(state: AccountState, cmd: Withdraw, ctx: Ctx) -> AccountState:
         raise Rejected(
             ErrorCode.INSUFFICIENT_FUNDS, f"the balance is less than the {cmd.amount} asked for"
         )
-    return state.model_copy(
-        update={
-            "status": AccountStatus.ACTIVE,
-            "balance": state.balance - cmd.amount,
-            "last_activity_at": ctx.now,
-        }
-    )
+    update: dict[str, object] = {
+        "status": AccountStatus.ACTIVE,
+        "balance": state.balance - cmd.amount,
+        "last_activity_at": ctx.now,
+    }
+    if sent_by_saga(ctx.sent_by):
+        # A checkout that charged the account refunds it should a later step fail: it must
+        # find the account open (a refund to a closed account is refused, and the customer
+        # paid for nothing). Runs from before this rule keep no hold, and close as they did.
+        hold = timedelta(seconds=ctx.options.refund_hold_seconds)
+        update["refundable_until"] = max(ctx.now + hold, state.refundable_until or ctx.now)
+    return state.model_copy(update=update)
 
 
 @account.command(Refund, internal=True)
@@ -280,6 +298,14 @@ def close(state: AccountState, cmd: Close, ctx: Ctx) -> AccountState:
         raise Rejected(
             ErrorCode.INVALID_TRANSITION,
             f"cannot close an account holding {state.balance}; withdraw it first",
+        )
+    held = state.refundable_until
+    # Asked only where the rule decides: no other close records its patch marker.
+    if held is not None and ctx.now < held and ctx.rules_from(4):
+        raise Rejected(
+            ErrorCode.INVALID_TRANSITION,
+            "cannot close an account a checkout charged while the checkout may still refund "
+            f"it; it can be closed from {held.isoformat(timespec='seconds')}",
         )
     return state.model_copy(update={"status": AccountStatus.CLOSED, "last_activity_at": ctx.now})
 

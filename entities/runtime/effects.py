@@ -34,6 +34,12 @@ def saga_sender(workflow_id: str) -> str:
     return f"saga:{workflow_id}"
 
 
+def sent_by_saga(sent_by: str | None) -> bool:
+    """Whether a command came from a saga an entity started (`saga_sender`). No client's
+    sender is one: theirs are `role:subject` with a role of `Role`."""
+    return sent_by is not None and sent_by.startswith("saga:")
+
+
 OTHER_RUNNING_APPLIES = "entity-other-running-applies"
 """Runs from here on apply an effect's `if_other_running` command when another workflow of
 its id is running; runs from before (asked only where a start failed) let the effect go."""

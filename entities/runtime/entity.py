@@ -65,7 +65,11 @@ requests, reservation and order after the cart's incarnation (`CommandContext.in
 not after the time it applied `checkoutCart`. A repair's reset re-applies a `checkoutCart`
 at a new time, and its checkout's requests, under new names, charged the account and took
 the stock a second time."""
-NEWEST_RULES = 3
+RULES_4_PATCH = "entity-rules-4"
+"""Runs started since it take the rules changed at level 4: an account a saga charged is not
+closed while the saga may still refund it (`entities.account.close`). Asked only where it
+decides, outside the patch sets."""
+NEWEST_RULES = 4
 """The level of the latest rules: what new runs, and transitions run outside a workflow,
 apply."""
 
@@ -141,6 +145,10 @@ class CommandContext(Generic[Opt]):
     """Whether this run applies the rules an entity type changed at `level` (RULES_1_PATCH):
     asked only where a rule changed, so that a run begun before records its patch only
     where its answer matters."""
+    sent_by: str | None = None
+    """Who sent the command (`CommandEnvelope.sent_by`): a client as `role:subject`,
+    `saga:<workflow id>` for a saga an entity started (`entities.runtime.effects.saga_sender`),
+    None for a command from inside or from a sender not recorded."""
     incarnation: int = 0
     """Which life of the entity's id this is: when its first run began, in epoch
     milliseconds. The same in every run of the entity, a reset's included, and new when the

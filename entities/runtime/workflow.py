@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         RULES_1_PATCH,
         RULES_2_PATCH,
         RULES_3_PATCH,
+        RULES_4_PATCH,
         STRICT_INPUTS_2_PATCH,
         STRICT_INPUTS_3_PATCH,
         STRICT_INPUTS_4_PATCH,
@@ -284,6 +285,7 @@ class EntityWorkflow:
             # answers the same for the rest of the run).
             strict_inputs=_strictness(),
             rules_from=_rules_from,
+            sent_by=envelope.sent_by,
             incarnation=self._incarnation,
         )
         try:
@@ -918,7 +920,7 @@ class EntityWorkflow:
         )
 
 
-RULES_PATCHES = {1: RULES_1_PATCH, 2: RULES_2_PATCH, 3: RULES_3_PATCH}
+RULES_PATCHES = {1: RULES_1_PATCH, 2: RULES_2_PATCH, 3: RULES_3_PATCH, 4: RULES_4_PATCH}
 
 
 def _rules_from(level: int) -> bool:

@@ -136,6 +136,53 @@ def test_pending_and_suspended_accounts_can_be_closed() -> None:
     assert apply(apply(active(), "suspend"), "close").status is AccountStatus.CLOSED
 
 
+def sent(
+    state: AccountState, name: str, at: datetime, sent_by: str | None, old_rules: bool = False
+) -> AccountState:
+    """`name` applied at `at` as sent by `sent_by`; under the rules before level 4 if
+    `old_rules` (a run replaying its history as it was made)."""
+    context = CommandContext(
+        "acc-1",
+        at,
+        OPTIONS,
+        "cmd",
+        sent_by=sent_by,
+        rules_from=(lambda level: level < 4) if old_rules else (lambda level: True),
+    )
+    return account.apply(state, name, {} if name == "close" else {"amount": 700}, context)
+
+
+def test_an_account_a_checkout_charged_is_not_closed_while_the_checkout_may_refund_it() -> None:
+    """A checkout withdrew the whole balance and its customer closed the account; then a
+    commit failed and the checkout's refund was refused: the customer paid for nothing, and
+    the checkout waited FAILED for an operator. The account now stays open for the hold."""
+    charged = sent(active(700), "withdraw", T0, "saga:checkout:cart-1-1")
+    assert charged.balance == 0
+    hold = timedelta(seconds=OPTIONS.refund_hold_seconds)
+    assert charged.refundable_until == T0 + hold
+    soon = T0 + hold - timedelta(seconds=1)
+    with pytest.raises(Rejected) as refused:
+        sent(charged, "close", soon, "admin:ops-1")
+    assert refused.value.code == "INVALID_TRANSITION"
+    assert "can be closed from" in refused.value.message
+    # The refund still finds it open, and once the hold is over it closes.
+    refunded = sent(charged, "refund", soon, "saga:checkout:cart-1-1")
+    assert (refunded.status, refunded.balance) == (AccountStatus.ACTIVE, 700)
+    assert sent(charged, "close", T0 + hold, "admin:ops-1").status is AccountStatus.CLOSED
+
+
+def test_a_customers_own_withdrawal_leaves_the_account_closable() -> None:
+    emptied = sent(active(700), "withdraw", T0, "customer:acc-1")
+    assert emptied.refundable_until is None
+    assert sent(emptied, "close", T0, "admin:ops-1").status is AccountStatus.CLOSED
+
+
+def test_a_run_from_before_the_hold_closes_as_it_did() -> None:
+    charged = sent(active(700), "withdraw", T0, "saga:checkout:cart-1-1")
+    closed = sent(charged, "close", T0, "admin:ops-1", old_rules=True)
+    assert closed.status is AccountStatus.CLOSED
+
+
 def test_dormancy_deadline_follows_the_last_command() -> None:
     state = active()
     assert account.deadline(state, OPTIONS) == T0 + timedelta(hours=1)

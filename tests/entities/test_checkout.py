@@ -29,7 +29,7 @@ from entities.checkout_input import (
     CheckoutLine,
     checkout_workflow_id,
 )
-from entities.errors import ErrorCode
+from entities.errors import ErrorCode, TenureError
 from entities.inventory import Settlement
 from entities.runtime import CommandContext
 from entities.runtime.effects import RUNNING_INPUT_ACTIVITY
@@ -574,6 +574,29 @@ async def test_a_closed_account_releases_every_reservation(
 
         assert_compensated(done, "withdraw", ErrorCode.INVALID_TRANSITION)
         assert await stock_of(shop, a) == [(5, 5, 0)]
+
+
+async def test_an_account_a_checkout_charged_stays_open_while_the_checkout_may_refund_it(
+    shop: Shop, run_worker: WorkerFactory
+) -> None:
+    """A customer whose checkout took the whole balance closed the account at once; had a
+    later step failed, the refund would have been refused and the money lost. The close is
+    refused until the hold is over, and the account still takes money."""
+    async with run_worker(shop.settings):
+        account_id = await shop.account(600)
+        a = await shop.stock(5)
+        cart_id = await shop.cart(account_id, (a, 2, 300))
+        done = await shop.finished(await shop.checkout(cart_id))
+        assert done.status is SagaStatus.COMPLETED
+        assert await shop.balance(account_id) == 0
+
+        with pytest.raises(TenureError) as refused:
+            await shop.send("account", account_id, "close")
+        assert refused.value.code == ErrorCode.INVALID_TRANSITION
+        assert "checkout may still refund it" in refused.value.message
+        await shop.send("account", account_id, "deposit", amount=5)
+        state = await shop.account_state(account_id)
+        assert (state.status, state.balance) == (AccountStatus.ACTIVE, 5)
 
 
 async def test_a_failed_commit_returns_the_sales_refunds_and_releases_last_first(
