@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -70,14 +69,12 @@ async def test_two_workers_and_two_apis_lose_nothing_when_one_of_each_is_killed(
                 before = len(load.acknowledged)
                 worker_processes[0].send_signal(signal.SIGKILL)
                 api_processes[0].send_signal(signal.SIGKILL)
-                killed_at = time.monotonic()
                 await asyncio.sleep(6)
                 after = len(load.acknowledged)
             assert worker_processes[0].wait() == -signal.SIGKILL
             assert api_processes[0].wait() == -signal.SIGKILL
             # The survivors carried on: commands kept being acknowledged after the kill.
             assert before > 0 and after > before, (before, after)
-            assert time.monotonic() - killed_at >= 6
             assert worker_processes[1].poll() is None and api_processes[1].poll() is None
 
         # Every unsure command sent again with its key, through an API of the test's own

@@ -10,6 +10,7 @@ import pytest
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Replayer
 
 from entities import catalog
@@ -105,8 +106,9 @@ async def test_a_refused_refund_leaves_the_checkout_failed_until_a_retry_after_t
         assert (item.on_hand, item.available, item.sold) == (5, 5, 0)
 
         # An ended checkout takes no more actions; its history replays on today's code.
-        with pytest.raises(Exception):  # noqa: B017 - the server's error for a closed workflow
+        with pytest.raises(RPCError) as ended:
             await handle.execute_update(CheckoutWorkflow.operate, RETRY)
+        assert ended.value.status is RPCStatusCode.NOT_FOUND, ended.value
         replayer = Replayer(workflows=catalog.workflows(), data_converter=pydantic_data_converter)
         result = await replayer.replay_workflow(await handle.fetch_history())
         assert result.replay_failure is None
