@@ -23,6 +23,7 @@ from entities.runtime.listing import IndexValues
 from workers.changes import Changes, Retention, encode, marks_key, state_of, stream_key
 from workers.failures import REDIS_FAILURES
 from workers.index import (
+    ENDED,
     EPOCH,
     EVERY,
     INDEX_IF_NEWER,
@@ -269,6 +270,7 @@ class SnapshotCache:
             if changes is not None
             else ["", ""]
         )
+        ended = ended_flag(snapshot)
         try:
             with redis_span("EVALSHA"):
                 if not self._cluster:
@@ -277,6 +279,7 @@ class SnapshotCache:
                             self.key(snapshot.entity_type, snapshot.entity_id),
                             base + "e",
                             *streams,
+                            base + ENDED,
                         ],
                         args=[
                             *order,
@@ -286,6 +289,7 @@ class SnapshotCache:
                             snapshot.entity_id,
                             entry,
                             *streamed,
+                            ended,
                         ],
                     )
                     return answer
@@ -297,8 +301,8 @@ class SnapshotCache:
                 # finds the snapshot written already, and the index and the stream have
                 # their own rules.
                 await self._index_if_newer(
-                    keys=[base + "e", *streams],
-                    args=[*order, base, snapshot.entity_id, entry, *streamed],
+                    keys=[base + "e", *streams, base + ENDED],
+                    args=[*order, base, snapshot.entity_id, entry, *streamed, ended],
                 )
         except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
@@ -315,7 +319,13 @@ class SnapshotCache:
                 for snapshot in snapshots:
                     base = index_base(self._prefix, snapshot.entity_type)
                     await self._put_if_newer(
-                        keys=[self.key(snapshot.entity_type, snapshot.entity_id), base + "e"],
+                        keys=[
+                            self.key(snapshot.entity_type, snapshot.entity_id),
+                            base + "e",
+                            stream_key(self._prefix, snapshot.entity_type),
+                            marks_key(self._prefix, snapshot.entity_type),
+                            base + ENDED,
+                        ],
                         args=[
                             snapshot.incarnation,
                             snapshot.revision,
@@ -324,6 +334,9 @@ class SnapshotCache:
                             base,
                             snapshot.entity_id,
                             self.index_entry(snapshot),
+                            "",  # nothing streamed
+                            "",
+                            ended_flag(snapshot),
                         ],
                         client=pipe,  # type: ignore[arg-type]  # the script buffers in it
                     )
@@ -549,6 +562,11 @@ class UnsavedSnapshots:
                 continue
             if self._kept.get(key, (None,))[0] is snapshot:
                 self._drop(key)
+
+
+def ended_flag(snapshot: Snapshot) -> str:
+    """Whether the snapshot is of an ended entity, as the index's scripts take it."""
+    return "1" if snapshot.closed else "0"
 
 
 def _order(snapshot: Snapshot) -> tuple[int, int]:

@@ -53,7 +53,7 @@ _LAST_MS = 10**_MS_DIGITS - 1
 # asking the caller. Lua's cjson decodes `{}` and `[]` alike, hence pairs over both.
 # Raises the type's generation, and the generation of each tag value the entity had or
 # has now (see `generations_key`).
-_REINDEX = """
+REINDEX = """
 local function reindex(base, id, entry)
   local generations = base .. 'g'
   redis.call('HINCRBY', generations, 'all', 1)
@@ -98,6 +98,26 @@ local function reindex(base, id, entry)
 end
 """
 
+ENDED = "ended"
+"""The index key (after the type's base) of the type's ended entities: a sorted set of their
+ids, each scored with when its closed snapshot was first indexed, by Redis's clock in
+milliseconds (workers/forgetting.py forgets them once retention has passed)."""
+
+# Keeps the entity in the type's ended entities while its snapshot is closed, from the
+# first time it was indexed closed; takes it out otherwise (its id used again). `ended` is
+# '1' or '0', or nil from a caller that does not say (nothing changes).
+_MARK_ENDED = """
+local function mark_ended(base, id, ended)
+  if ended == '1' then
+    local t = redis.call('TIME')
+    local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    redis.call('ZADD', base .. 'ended', 'NX', ms, id)
+  elseif ended == '0' then
+    redis.call('ZREM', base .. 'ended', id)
+  end
+end
+"""
+
 WRITE_IF_NEWER = """
 local current = redis.call('HMGET', KEYS[1], 'incarnation', 'revision', 'snapshot')
 local incarnation = tonumber(current[1] or '0')
@@ -118,25 +138,35 @@ writes the snapshot (KEYS[1]; ARGV incarnation, revision, snapshot, cached_at) o
 is newer, clearing the stuck mark, or returns 0 or the newer snapshot stored."""
 
 PUT_AND_INDEX = (
-    _REINDEX
+    REINDEX
+    + _MARK_ENDED
     + APPEND_CHANGES
     + """
 append_changes(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[6], ARGV[8], ARGV[9])
+-- Ended whether or not this write is newer: a reindex's or a retry's closed snapshot
+-- finds the same one stored, and ends an entity that ended before ends were kept.
+if ARGV[10] == '1'
+   and tonumber(ARGV[1]) >= tonumber(redis.call('HGET', KEYS[1], 'incarnation') or '0') then
+  mark_ended(ARGV[5], ARGV[6], '1')
+end
 """
     + WRITE_IF_NEWER
     + """
 reindex(ARGV[5], ARGV[6], ARGV[7])
+mark_ended(ARGV[5], ARGV[6], ARGV[10])
 return 1
 """
 )
 """The cache's compare-and-set (workers/cache.py) that also indexes what it writes and
 streams the changes a publish carries (workers/changes.py). KEYS: the entity's hash, the
 type's index entries (`<base>e`, named for clusters that check), the type's change stream
-and its marks; ARGV: incarnation, revision, snapshot, cached_at, index base, entity id,
-entry, and the changes and state (both empty or left out: nothing streamed)."""
+and its marks, and its ended entities; ARGV: incarnation, revision, snapshot, cached_at,
+index base, entity id, entry, the changes and state (both empty: nothing streamed), and
+whether the snapshot is closed ('1' or '0')."""
 
 INDEX_IF_NEWER = (
-    _REINDEX
+    REINDEX
+    + _MARK_ENDED
     + APPEND_CHANGES
     + """
 append_changes(KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[4], ARGV[6], ARGV[7])
@@ -144,15 +174,19 @@ local old = redis.call('HGET', KEYS[1], ARGV[4])
 if old then
   old = cjson.decode(old)
   local incarnation, revision = tonumber(ARGV[1]), tonumber(ARGV[2])
-  if incarnation < old.g or (incarnation == old.g and revision <= old.r) then return 0 end
+  if incarnation < old.g or (incarnation == old.g and revision <= old.r) then
+    if ARGV[8] == '1' and incarnation >= old.g then mark_ended(ARGV[3], ARGV[4], '1') end
+    return 0
+  end
 end
 reindex(ARGV[3], ARGV[4], ARGV[5])
+mark_ended(ARGV[3], ARGV[4], ARGV[8])
 return 1
 """
 )
 """The index and the change stream alone, each under its own rule, for Redis Cluster. KEYS:
-the type's index entries, change stream and marks; ARGV: incarnation, revision, index base,
-entity id, entry, changes, state."""
+the type's index entries, change stream and marks, and its ended entities; ARGV:
+incarnation, revision, index base, entity id, entry, changes, state, closed ('1' or '0')."""
 
 
 def index_base(prefix: str, entity_type: str) -> str:

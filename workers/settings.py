@@ -245,6 +245,14 @@ class Settings(BaseModel):
         description="Seconds a change stream's entries are kept, about (MINID ~); None: "
         "only the length bounds them.",
     )
+    ended_retention_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds an ended entity (a closed account, a checked-out or discarded "
+        "cart) stays in Redis, its snapshot, listing entries and change-stream mark, after "
+        "its closed snapshot was first written (workers/forgetting.py); None: as long as "
+        "Temporal keeps its closed workflow (the namespace's retention); 0: for good.",
+    )
     entity_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     max_cached_workflows: int = Field(default=10_000, ge=0)
     max_concurrent_workflow_tasks: int = Field(
@@ -462,6 +470,7 @@ class Settings(BaseModel):
             "TENURE_CHANGE_STREAM_MAXLEN": "change_stream_maxlen",
             "TENURE_CHANGE_STREAM_MAX_BYTES": "change_stream_max_bytes",
             "TENURE_CHANGE_STREAM_MAX_AGE_SECONDS": "change_stream_max_age_seconds",
+            "TENURE_ENDED_RETENTION_SECONDS": "ended_retention_seconds",
             "TENURE_WEBHOOK_RETRY_FOR_SECONDS": "webhook_retry_for_seconds",
             "TENURE_WEBHOOK_BACKOFF_SECONDS": "webhook_backoff_seconds",
             "TENURE_ENV": "environment",
@@ -607,6 +616,9 @@ class Settings(BaseModel):
             if self.introspection is None
             else str(int(self.introspection)),
             "TENURE_CORS_ORIGINS": ",".join(self.cors_origins),
+            "TENURE_ENDED_RETENTION_SECONDS": ""
+            if self.ended_retention_seconds is None
+            else str(self.ended_retention_seconds),
         }
         optional = {
             "TENURE_SHOP_CURRENCY": self.shop_currency,

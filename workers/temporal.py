@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from opentelemetry.sdk.trace import TracerProvider
-from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
+from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest, GetSystemInfoRequest
 from temporalio.client import Client, WorkflowHandle, WorkflowQueryFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import Runtime
@@ -149,3 +149,14 @@ async def until_reachable(client: Client) -> None:
     """Return once Temporal answers again."""
     while not await answers(client):
         await asyncio.sleep(PROBE_INTERVAL)
+
+
+async def namespace_retention(client: Client, namespace: str) -> float | None:
+    """Seconds Temporal keeps a closed workflow of `namespace` (its retention), or None when
+    it does not answer within a few seconds."""
+    request = DescribeNamespaceRequest(namespace=namespace)
+    try:
+        described = await within(5.0, client.workflow_service.describe_namespace(request))
+    except RPCError:
+        return None
+    return described.config.workflow_execution_retention_ttl.ToTimedelta().total_seconds()

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from opentelemetry.sdk.trace import TracerProvider
@@ -35,6 +36,7 @@ from workers.answer_budget import AnswerBudgetRunner
 from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache, connect_redis
 from workers.changes import Retention
+from workers.forgetting import EndedEntities
 from workers.handovers import Handovers, OverdueHandovers
 from workers.offers import OfferedPublishes, OfferingRunner
 from workers.publish_lag import (
@@ -49,7 +51,12 @@ from workers.requests import EntityRequests
 from workers.sandbox import workflow_runner
 from workers.search_attributes import check_search_attributes
 from workers.settings import Settings
-from workers.temporal import connect_temporal, until_reachable, until_unreachable
+from workers.temporal import (
+    connect_temporal,
+    namespace_retention,
+    until_reachable,
+    until_unreachable,
+)
 from workers.watchdog import StuckEntityWatchdog
 from workers.webhook_delivery import WebhookDelivery
 
@@ -318,6 +325,9 @@ async def run_worker(
         overdue=max(HANDOVER_OVERDUE, 3 * settings.command_wait_timeout),
     )
     taking_up = asyncio.create_task(handovers.run())
+    forgetting = asyncio.create_task(
+        EndedEntities(cache).run(partial(_ended_retention, client, settings))
+    )
     stopping = asyncio.create_task((stop or asyncio.Event()).wait())
     status = status or WorkerStatus()
     replaced_at: float | None = None
@@ -370,8 +380,17 @@ async def run_worker(
         if watching is not None:
             watching.cancel()
         taking_up.cancel()
+        forgetting.cancel()
         await cache.aclose()
         await redis_client.aclose()
+
+
+async def _ended_retention(client: Client, settings: Settings) -> float | None:
+    """How long Redis keeps an ended entity: as set, else as long as Temporal keeps its
+    closed workflow (None while Temporal does not say)."""
+    if settings.ended_retention_seconds is not None:
+        return settings.ended_retention_seconds
+    return await namespace_retention(client, settings.temporal_namespace)
 
 
 HANDOVER_OVERDUE = 60.0

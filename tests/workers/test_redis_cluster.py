@@ -30,6 +30,7 @@ from tests.api.test_listing import ACCOUNTS, STATS
 from tests.api.test_webhook_subscribers import LISTED
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from tests.workers.test_change_stream import applied
+from tests.workers.test_forgetting import ended_entities_are_forgotten_whole
 from tests.workers.test_index import account, generations_moved_by_each_write
 from workers.cache import CacheUnavailable, SnapshotCache, connect_redis
 from workers.changes import Changes, stream_key
@@ -260,6 +261,19 @@ async def test_the_index_in_a_cluster_lives_in_its_type_slot_and_never_goes_back
         assert await index.counts("account") == ({"CLOSED": 1, "SUSPENDED": len(ids) - 1}, 30)
         # The index's script raises the listing generations as the single Redis's does.
         await generations_moved_by_each_write(cache)
+    finally:
+        await client.aclose()
+
+
+async def test_an_ended_entity_in_a_cluster_is_forgotten_from_both_of_its_slots(
+    settings: Settings, cluster: str
+) -> None:
+    settings = settings.model_copy(update={"redis_url": cluster, "redis_cluster": True})
+    client = connect_redis(settings)
+    assert isinstance(client, RedisCluster)
+    try:
+        await client.initialize()
+        await ended_entities_are_forgotten_whole(SnapshotCache(client, settings.redis_prefix))
     finally:
         await client.aclose()
 
