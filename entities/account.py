@@ -240,7 +240,8 @@ def withdraw(state: AccountState, cmd: Withdraw, ctx: Ctx) -> AccountState:
     if sent_by_saga(ctx.sent_by):
         # A checkout that charged the account refunds it should a later step fail: it must
         # find the account open (a refund to a closed account is refused, and the customer
-        # paid for nothing). Runs from before this rule keep no hold, and close as they did.
+        # paid for nothing). Runs replaying a close from before this rule close as they did
+        # (`close` asks rules level 4).
         hold = timedelta(seconds=ctx.options.refund_hold_seconds)
         update["refundable_until"] = max(ctx.now + hold, state.refundable_until or ctx.now)
     return state.model_copy(update=update)

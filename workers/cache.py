@@ -254,7 +254,7 @@ class SnapshotCache:
         return IndexEntry.of(snapshot, values)
 
     async def _write(self, snapshot: Snapshot, changes: Changes | None = None) -> int | bytes:
-        """The script's answer: 1 written, 0 not, or the newer snapshot stored."""
+        """The script's answer: 1 written, 0 not, the newer snapshot stored, or FORGOTTEN."""
         if snapshot.state_omitted:  # it would read as an entity with no state
             raise ValueError(f"{snapshot.entity_type} {snapshot.entity_id}: no state to cache")
         base = index_base(self._prefix, snapshot.entity_type)
@@ -270,7 +270,7 @@ class SnapshotCache:
             if changes is not None
             else ["", ""]
         )
-        ended = ended_flag(snapshot)
+        ended = ended_at(snapshot)
         try:
             with redis_span("EVALSHA"):
                 if not self._cluster:
@@ -297,7 +297,9 @@ class SnapshotCache:
                     keys=[self.key(snapshot.entity_type, snapshot.entity_id)],
                     args=[*order, snapshot.model_dump_json(), repr(now)],
                 )
-                # Whatever the cache answered: a retry after the index's write failed
+                if answer == FORGOTTEN:  # its index entries and stream mark are gone too
+                    return answer
+                # Whatever else the cache answered: a retry after the index's write failed
                 # finds the snapshot written already, and the index and the stream have
                 # their own rules.
                 await self._index_if_newer(
@@ -336,7 +338,7 @@ class SnapshotCache:
                             self.index_entry(snapshot),
                             "",  # nothing streamed
                             "",
-                            ended_flag(snapshot),
+                            ended_at(snapshot),
                         ],
                         client=pipe,  # type: ignore[arg-type]  # the script buffers in it
                     )
@@ -564,9 +566,17 @@ class UnsavedSnapshots:
                 self._drop(key)
 
 
-def ended_flag(snapshot: Snapshot) -> str:
-    """Whether the snapshot is of an ended entity, as the index's scripts take it."""
-    return "1" if snapshot.closed else "0"
+FORGOTTEN = -1
+"""The cache's answer to a write of an entity forgotten at that revision or a later one."""
+
+
+def ended_at(snapshot: Snapshot) -> str:
+    """When the snapshot's entity ended, in epoch milliseconds, as the index's scripts take
+    it: its closed snapshot's `updated_at` (now for one without), '0' for a live one."""
+    if not snapshot.closed:
+        return "0"
+    at = snapshot.updated_at.timestamp() if snapshot.updated_at is not None else time.time()
+    return str(int(at * 1000))
 
 
 def _order(snapshot: Snapshot) -> tuple[int, int]:

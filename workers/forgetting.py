@@ -8,28 +8,34 @@ scripts keep each type's ended entities in a sorted set (`<base>ended`, workers/
 scored with when the closed snapshot was first indexed by Redis's clock; `EndedEntities`
 sweeps the ones past retention.
 
-Retention is `ended_retention_seconds`, or, unset, the Temporal namespace's own retention of
-closed workflows: Redis then forgets an entity about when Temporal does, and a reader meets
-one answer, not found, from the cache and from a LIVE read alike. Long after retention (a
-day at least in Temporal) nothing can publish the entity again: its publishes by activity
-give up within minutes. An id used again after it was forgotten begins a new incarnation,
-written as any new entity is; one used again before its sweep is live again, and taken out
-of the ended set by its own write.
+Retention is `ended_retention_seconds` (an hour at least), or, unset, the Temporal
+namespace's own retention of closed workflows: Redis then forgets an entity about when
+Temporal does, and a reader meets one answer, not found, from the cache and from a LIVE read
+alike. An hour after its end nothing publishes an entity's changes again: its publishes by
+activity and the promises of its waited commands give up within ten minutes, and a snapshot
+a process keeps while Redis is away streams nothing. The entity's hash is left as a
+tombstone, its incarnation and revision without a snapshot, for TOMBSTONE_MS: a late write
+of an older revision is refused as before, and a read meets no snapshot. An id used again
+begins a new incarnation, written as any new entity is; one used again before its sweep is
+live again, and taken out of the ended set by its own write.
 
 In one Redis a single script forgets an entity whole. In a cluster the snapshot's slot is
 not the index's, so its snapshot goes first: a listing skips an entry whose snapshot is
 gone (api/listing.py), and a sweeper that dies between the two leaves the entry for the
-next sweep.
+next sweep. There the index keeps no tombstone: a late repeat of the end re-indexes the
+entity until the next sweep.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from entities import catalog
 from workers.cache import CacheUnavailable, SnapshotCache
@@ -46,7 +52,12 @@ AT_ONCE = 200
 MOST_PER_SWEEP = 20_000
 """Ended entities one sweep forgets per type at most; the next sweep takes up the rest."""
 MOST_INTERVAL = 60.0
-"""Seconds between sweeps at most; a shorter retention sweeps a quarter of it apart."""
+"""Seconds between sweeps at most."""
+LEAST_RETENTION = 3600.0
+"""Seconds an ended entity is kept at least, whatever is set: past everything that may still
+publish it (above)."""
+TOMBSTONE_MS = 86_400_000
+"""How long a forgotten entity's incarnation and revision are kept."""
 
 _STILL_ENDED = """
 local function still_ended(entity)
@@ -58,6 +69,14 @@ end
 """
 """Whether the entity's hash holds no snapshot, or a closed one: not one of an id used
 again."""
+
+_BURY = """
+local function bury(entity, tombstone_ms)
+  redis.call('HDEL', entity, 'snapshot', 'cached_at', 'stuck')
+  if redis.call('EXISTS', entity) == 1 then redis.call('PEXPIRE', entity, tombstone_ms) end
+end
+"""
+"""Leaves the entity's hash its incarnation and revision alone, for `tombstone_ms`."""
 
 _FORGET_INDEXED = """
 local function forget_indexed(entries, marks, ended, base, id, cutoff, gone)
@@ -76,31 +95,33 @@ end
 FORGET = (
     REINDEX
     + _STILL_ENDED
+    + _BURY
     + _FORGET_INDEXED
     + """
 local score = redis.call('ZSCORE', KEYS[4], ARGV[2])
 if not score or tonumber(score) > tonumber(ARGV[3]) then return 0 end
 local gone = still_ended(KEYS[1])
-if gone then redis.call('DEL', KEYS[1]) end
+if gone then bury(KEYS[1], ARGV[4]) end
 return forget_indexed(KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], gone)
 """
 )
 """One Redis: forgets an entity ended by the cutoff whole. KEYS: the entity's hash, the
 type's index entries, its stream marks and its ended set; ARGV: index base, entity id,
-cutoff (Redis milliseconds). 1 when forgotten."""
+cutoff (epoch milliseconds), TOMBSTONE_MS. 1 when forgotten."""
 
 FORGET_SNAPSHOT = (
     _STILL_ENDED
+    + _BURY
     + """
 if still_ended(KEYS[1]) then
-  redis.call('DEL', KEYS[1])
+  bury(KEYS[1], ARGV[1])
   return 1
 end
 return 0
 """
 )
-"""Redis Cluster, the snapshot's slot: deletes the entity's hash unless it is live again.
-1 when it is gone."""
+"""Redis Cluster, the snapshot's slot: leaves the entity's hash a tombstone unless it is live
+again (ARGV TOMBSTONE_MS). 1 when its snapshot is gone."""
 
 FORGET_INDEXED = (
     REINDEX
@@ -147,11 +168,10 @@ class EndedEntities:
         return [_text(member) for member in members]
 
     async def sweep(self, retention_seconds: float) -> Forgotten:
-        """Forget the entities of every type that ended more than `retention_seconds` ago,
-        by Redis's clock; at most MOST_PER_SWEEP of a type."""
+        """Forget the entities of every type that ended more than `retention_seconds` ago
+        (by their workflows' clock, Temporal's); at most MOST_PER_SWEEP of a type."""
+        cutoff = int((time.time() - retention_seconds) * 1000)
         try:
-            seconds, microseconds = await self._cache.client.time()
-            cutoff = seconds * 1000 + microseconds // 1000 - int(retention_seconds * 1000)
             forgotten = {
                 entity_type: await self._sweep_type(entity_type, cutoff)
                 for entity_type in catalog.entity_types()
@@ -162,14 +182,20 @@ class EndedEntities:
 
     async def _sweep_type(self, entity_type: str, cutoff: int) -> int:
         key = self.ended_key(entity_type)
-        forgotten = seen = 0
+        forgotten = seen = passed = 0
         while seen < MOST_PER_SWEEP:
-            due = await self._cache.client.zrangebyscore(key, "-inf", cutoff, start=0, num=AT_ONCE)
-            if not due:
-                break
+            # Those that could not be forgotten stay first in line: passed over.
+            due = await self._cache.client.zrangebyscore(
+                key, "-inf", cutoff, start=passed, num=AT_ONCE
+            )
             seen += len(due)
             for member in due:
-                forgotten += await self._forget_one(entity_type, _text(member), cutoff)
+                entity_id = _text(member)
+                try:
+                    forgotten += await self._forget_one(entity_type, entity_id, cutoff)
+                except ResponseError as exc:  # this entity's: the others are still swept
+                    passed += 1
+                    log.error("ended %s %s not forgotten: %s", entity_type, entity_id, exc)
             if len(due) < AT_ONCE:
                 break
         return forgotten
@@ -181,33 +207,31 @@ class EndedEntities:
         ended = base + ENDED
         if not self._cluster:
             answer = await self._forget(
-                keys=[entity, base + "e", marks, ended], args=[base, entity_id, cutoff]
+                keys=[entity, base + "e", marks, ended],
+                args=[base, entity_id, cutoff, TOMBSTONE_MS],
             )
             return int(answer)
-        gone = await self._forget_snapshot(keys=[entity])
+        gone = await self._forget_snapshot(keys=[entity], args=[TOMBSTONE_MS])
         answer = await self._forget_indexed(
             keys=[base + "e", marks, ended], args=[base, entity_id, cutoff, "1" if gone else "0"]
         )
         return int(answer)
 
     async def run(self, retention: Callable[[], Awaitable[float | None]]) -> None:
-        """Sweep for good: each time with the retention `retention` answers (None: not
-        known now, try later; 0: keep them for good), a quarter of it apart, at most
-        MOST_INTERVAL."""
+        """Sweep for good, MOST_INTERVAL apart, each time with the retention `retention`
+        answers (None: not known now; 0: keep them for good), LEAST_RETENTION at least."""
         while True:
-            interval = MOST_INTERVAL
             try:
                 seconds = await retention()
                 if seconds:
-                    interval = min(MOST_INTERVAL, max(seconds / 4, 0.1))
-                    done = await self.sweep(seconds)
+                    done = await self.sweep(max(seconds, LEAST_RETENTION))
                     if done.total:
                         log.info("forgot %d ended entities: %s", done.total, done.by_type)
             except CacheUnavailable as exc:
                 log.warning("ended entities not swept: Redis did not answer (%s)", exc)
             except Exception:
                 log.exception("ended entities not swept")
-            await asyncio.sleep(interval)
+            await asyncio.sleep(MOST_INTERVAL)
 
 
 def _text(member: object) -> str:

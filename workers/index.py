@@ -100,20 +100,19 @@ end
 
 ENDED = "ended"
 """The index key (after the type's base) of the type's ended entities: a sorted set of their
-ids, each scored with when its closed snapshot was first indexed, by Redis's clock in
-milliseconds (workers/forgetting.py forgets them once retention has passed)."""
+ids, each scored with when it ended (its closed snapshot's `updated_at`, in epoch
+milliseconds; workers/forgetting.py forgets them once retention has passed)."""
 
-# Keeps the entity in the type's ended entities while its snapshot is closed, from the
-# first time it was indexed closed; takes it out otherwise (its id used again). `ended` is
-# '1' or '0', or nil from a caller that does not say (nothing changes).
+# Keeps the entity in the type's ended entities while its snapshot is closed, scored with
+# when it ended; takes it out otherwise (its id used again). `ended_at` is '0' for a live
+# snapshot, or nil from a caller that does not say (nothing changes).
 _MARK_ENDED = """
-local function mark_ended(base, id, ended)
-  if ended == '1' then
-    local t = redis.call('TIME')
-    local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    redis.call('ZADD', base .. 'ended', 'NX', ms, id)
-  elseif ended == '0' then
+local function mark_ended(base, id, ended_at)
+  if ended_at == nil then return end
+  if ended_at == '0' then
     redis.call('ZREM', base .. 'ended', id)
+  else
+    redis.call('ZADD', base .. 'ended', tonumber(ended_at), id)
   end
 end
 """
@@ -127,7 +126,7 @@ local new_revision = tonumber(ARGV[2])
 if new_incarnation < incarnation then return 0 end
 if new_incarnation == incarnation then
   if new_revision < revision and current[3] then return current[3] end
-  if new_revision <= revision then return 0 end
+  if new_revision <= revision then return current[3] and 0 or -1 end
 end
 redis.call('HSET', KEYS[1], 'incarnation', ARGV[1], 'revision', ARGV[2],
            'snapshot', ARGV[3], 'cached_at', ARGV[4])
@@ -135,7 +134,8 @@ redis.call('HDEL', KEYS[1], 'stuck')
 """
 """The cache's never-backwards rule, the body of its compare-and-set (workers/cache.py):
 writes the snapshot (KEYS[1]; ARGV incarnation, revision, snapshot, cached_at) only when it
-is newer, clearing the stuck mark, or returns 0 or the newer snapshot stored."""
+is newer, clearing the stuck mark, or returns 0 or the newer snapshot stored, or -1 when the
+entity was forgotten (a tombstone, workers/forgetting.py) at this revision or a later one."""
 
 PUT_AND_INDEX = (
     REINDEX
@@ -144,10 +144,12 @@ PUT_AND_INDEX = (
     + """
 append_changes(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[6], ARGV[8], ARGV[9])
 -- Ended whether or not this write is newer: a reindex's or a retry's closed snapshot
--- finds the same one stored, and ends an entity that ended before ends were kept.
-if ARGV[10] == '1'
-   and tonumber(ARGV[1]) >= tonumber(redis.call('HGET', KEYS[1], 'incarnation') or '0') then
-  mark_ended(ARGV[5], ARGV[6], '1')
+-- finds the same one stored, and ends an entity that ended before ends were kept. Not one
+-- whose snapshot was forgotten (workers/forgetting.py): it stays forgotten.
+if ARGV[10] and ARGV[10] ~= '0'
+   and redis.call('HGET', KEYS[1], 'incarnation') == ARGV[1]
+   and redis.call('HEXISTS', KEYS[1], 'snapshot') == 1 then
+  mark_ended(ARGV[5], ARGV[6], ARGV[10])
 end
 """
     + WRITE_IF_NEWER
@@ -162,7 +164,7 @@ streams the changes a publish carries (workers/changes.py). KEYS: the entity's h
 type's index entries (`<base>e`, named for clusters that check), the type's change stream
 and its marks, and its ended entities; ARGV: incarnation, revision, snapshot, cached_at,
 index base, entity id, entry, the changes and state (both empty: nothing streamed), and
-whether the snapshot is closed ('1' or '0')."""
+when the entity ended, in epoch milliseconds ('0' while it is live)."""
 
 INDEX_IF_NEWER = (
     REINDEX
@@ -175,7 +177,9 @@ if old then
   old = cjson.decode(old)
   local incarnation, revision = tonumber(ARGV[1]), tonumber(ARGV[2])
   if incarnation < old.g or (incarnation == old.g and revision <= old.r) then
-    if ARGV[8] == '1' and incarnation >= old.g then mark_ended(ARGV[3], ARGV[4], '1') end
+    if ARGV[8] and ARGV[8] ~= '0' and incarnation == old.g then
+      mark_ended(ARGV[3], ARGV[4], ARGV[8])
+    end
     return 0
   end
 end
@@ -186,7 +190,8 @@ return 1
 )
 """The index and the change stream alone, each under its own rule, for Redis Cluster. KEYS:
 the type's index entries, change stream and marks, and its ended entities; ARGV:
-incarnation, revision, index base, entity id, entry, changes, state, closed ('1' or '0')."""
+incarnation, revision, index base, entity id, entry, changes, state, and when the entity
+ended ('0' while it is live)."""
 
 
 def index_base(prefix: str, entity_type: str) -> str:

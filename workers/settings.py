@@ -250,8 +250,8 @@ class Settings(BaseModel):
         ge=0,
         description="Seconds an ended entity (a closed account, a checked-out or discarded "
         "cart) stays in Redis, its snapshot, listing entries and change-stream mark, after "
-        "its closed snapshot was first written (workers/forgetting.py); None: as long as "
-        "Temporal keeps its closed workflow (the namespace's retention); 0: for good.",
+        "it ended (workers/forgetting.py), an hour at least; None: as long as Temporal keeps its "
+        "closed workflow (the namespace's retention); 0: for good.",
     )
     entity_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     max_cached_workflows: int = Field(default=10_000, ge=0)
@@ -405,6 +405,14 @@ class Settings(BaseModel):
         if code is not None and code not in ISO_4217:
             raise ValueError(f"{code!r} is not an ISO 4217 currency code, such as EUR")
         return code
+
+    @field_validator("ended_retention_seconds")
+    @classmethod
+    def _an_hour_at_least(cls, seconds: float | None) -> float | None:
+        # Within an hour of its end an entity may still publish (workers/forgetting.py).
+        if seconds and seconds < 3600:
+            raise ValueError("0 (for good) or at least 3600 (an hour)")
+        return seconds
 
     @field_validator("entity_options")
     @classmethod
