@@ -27,6 +27,7 @@ from api.checkouts import (
 )
 from api.common import Long
 from api.context import Info
+from api.gateway import check_idempotency_key
 from api.listing import DEFAULT_PAGE, FIRST, MAX_PAGE, After, Connection, Edge
 from api.operators import require_operator
 from api.response_size import bounded
@@ -183,11 +184,18 @@ async def list_checkouts(
 
 
 async def operate(
-    info: Info, checkout_id: str, action: OperatorActionKind, reason: str
+    info: Info,
+    checkout_id: str,
+    action: OperatorActionKind,
+    reason: str,
+    idempotency_key: str | None = None,
 ) -> Checkout:
-    """Ask a FAILED checkout to take an operator's action; the checkout as it is then."""
+    """Ask a FAILED checkout to take an operator's action; the checkout as it is then. An
+    action sent again under its key is answered as the first was, taken once."""
     require_operator(info)
     checkout_id = checked_checkout_id(checkout_id)
+    if idempotency_key is not None:
+        check_idempotency_key(idempotency_key)
     reason = reason.strip()
     if not 0 < len(reason) <= MAX_OPERATOR_REASON:
         raise TenureError(ErrorCode.INVALID_INPUT, f"reason: 1 to {MAX_OPERATOR_REASON} characters")
@@ -200,7 +208,7 @@ async def operate(
         )
     principal = info.context.principal
     by = principal.sender[:160]
-    request = OperatorRequest(action=action, reason=reason, by=by)
+    request = OperatorRequest(action=action, reason=reason, by=by, key=idempotency_key)
     handle = info.context.gateway.client.get_workflow_handle(checkout_workflow_id(checkout_id))
     try:
         state: CheckoutState = await within(
@@ -217,30 +225,52 @@ async def operate(
             raise
         raise refused from exc
     except RPCError as exc:
-        if is_missing(exc):
-            raise await _not_waiting(info, checkout_id) from exc
-        raise unavailable(exc) from exc
+        if not is_missing(exc):
+            raise unavailable(exc) from exc
+        ended = await _ended(info, checkout_id)
+        earlier = request.recorded_in(ended.operator_actions)
+        if earlier is None:
+            raise TenureError(
+                ErrorCode.INVALID_TRANSITION,
+                f"checkout {checkout_id} has ended; it no longer takes an operator's action",
+            ) from exc
+        if not request.same_as(earlier):
+            raise TenureError(
+                ErrorCode.IDEMPOTENCY_KEY_REUSED,
+                f"idempotency key {request.key!r} was used for another operator's action on "
+                f"checkout {checkout_id}",
+            ) from exc
+        if earlier.refused is not None:
+            raise TenureError(ErrorCode.INVALID_TRANSITION, earlier.refused) from exc
+        # This action, sent again: the first ended the checkout (a resolve, say).
+        state = ended
     return Checkout.from_state(state, info.context.principal)
 
 
-async def _not_waiting(info: Info, checkout_id: str) -> TenureError:
-    """Why a checkout took no update: it never existed, or its saga has ended."""
-    handle = info.context.gateway.client.get_workflow_handle(checkout_workflow_id(checkout_id))
-    try:
-        await within(TEMPORAL_TIMEOUT, handle.describe())
-    except RPCError as exc:
-        if is_missing(exc):
-            return TenureError(ErrorCode.NOT_FOUND, f"checkout {checkout_id} does not exist")
-        return unavailable(exc)
-    return TenureError(
-        ErrorCode.INVALID_TRANSITION,
-        f"checkout {checkout_id} has ended; it no longer takes an operator's action",
+async def _ended(info: Info, checkout_id: str) -> CheckoutState:
+    """The checkout whose saga took no update, as it ended; NOT_FOUND when it never
+    existed."""
+    gateway = info.context.gateway
+    state = await gateway.read_workflow(
+        checkout_workflow_id(checkout_id), CheckoutWorkflow.status, CheckoutState
     )
+    if state is None:
+        raise TenureError(ErrorCode.NOT_FOUND, f"checkout {checkout_id} does not exist")
+    return state
 
 
 REASON = strawberry.argument(
     description=f"Why, 1 to {MAX_OPERATOR_REASON} characters; recorded with who asked."
 )
+OperatorKey = Annotated[
+    str | None,
+    strawberry.argument(
+        description="The action's id: sent again by the same operator (a retry after a "
+        "timeout, say), it is taken once and answered as the first was, also once the "
+        "checkout has ended; with another action or reason, IDEMPOTENCY_KEY_REUSED. 1 to 128 "
+        "printable ASCII characters, no spaces."
+    ),
+]
 
 
 @strawberry.type
@@ -267,15 +297,23 @@ class CheckoutOperatorMutation:
         "COMPLETED) when they succeed, or waits for an operator again."
     )
     async def retry_checkout_compensations(
-        self, info: Info, id: strawberry.ID, reason: Annotated[str, REASON]
+        self,
+        info: Info,
+        id: strawberry.ID,
+        reason: Annotated[str, REASON],
+        idempotency_key: OperatorKey = None,
     ) -> Checkout | None:
-        return await operate(info, id, OperatorActionKind.RETRY, reason)
+        return await operate(info, id, OperatorActionKind.RETRY, reason, idempotency_key)
 
     @strawberry.mutation(
         description="Admins: mark a FAILED checkout as settled by hand; it ends RESOLVED and "
         "runs nothing more."
     )
     async def resolve_checkout(
-        self, info: Info, id: strawberry.ID, reason: Annotated[str, REASON]
+        self,
+        info: Info,
+        id: strawberry.ID,
+        reason: Annotated[str, REASON],
+        idempotency_key: OperatorKey = None,
     ) -> Checkout | None:
-        return await operate(info, id, OperatorActionKind.RESOLVE, reason)
+        return await operate(info, id, OperatorActionKind.RESOLVE, reason, idempotency_key)

@@ -82,6 +82,10 @@ PARALLEL_COMMITS = "checkout-parallel-commits"
 # the whole key.
 SHORT_RESERVATION_IDS = "checkout-short-reservation-ids"
 
+# Checkouts that took an operator's action before actions had keys recorded one sent again
+# a second time; asked only where one comes again.
+OPERATOR_KEYS = "checkout-operator-keys"
+
 # Checkouts begun under older code reserve one line after another.
 PARALLEL_RESERVATIONS = "checkout-parallel-reservations"
 
@@ -152,6 +156,11 @@ class CheckoutWorkflow:
         """An operator's retry or resolve, recorded with who asked and why, refusals too;
         `run` takes it up. Answers the checkout as it is then (still FAILED)."""
         actions = self._state.operator_actions
+        earlier = request.recorded_in(actions)
+        # Asked only where an action came again under its key: runs that took one before
+        # recorded it a second time, and replay so.
+        if earlier is not None and workflow.patched(OPERATOR_KEYS):
+            return self._answer_again(request, earlier)
         if len(actions) >= MAX_OPERATOR_ACTIONS:
             # An update's error fails the update only, never the workflow.
             raise ApplicationError(
@@ -167,14 +176,36 @@ class CheckoutWorkflow:
         self._asked = request
         return self._state
 
+    def _answer_again(self, request: OperatorRequest, earlier: OperatorAction) -> CheckoutState:
+        """`request` sent again under its key: answered as `earlier` was, nothing recorded;
+        another action or reason under that key is refused."""
+        if not request.same_as(earlier):
+            raise ApplicationError(
+                f"idempotency key {request.key!r} was used for another operator's action "
+                f"on checkout {self._input.checkout_id}",
+                type=ErrorCode.IDEMPOTENCY_KEY_REUSED,
+                non_retryable=True,
+            )
+        if earlier.refused is not None:
+            raise ApplicationError(
+                earlier.refused, type=ErrorCode.INVALID_TRANSITION, non_retryable=True
+            )
+        return self._state
+
     @operate.validator
     def _refused_unrecorded(self, request: OperatorRequest) -> None:
         """Refuse, before it is recorded, an action the checkout could not take once
         MAX_RECORDED_REFUSALS such refusals are recorded: early clicks, double clicks and
         two operators at once never use up the actions an operator has left (20 recorded
         refusals locked a FAILED checkout for good). And keep the last of the
-        MAX_OPERATOR_ACTIONS for a resolve. Validators are not run in a replay, so runs
-        replay as they were made."""
+        MAX_OPERATOR_ACTIONS for a resolve. An action sent again under its key goes on, to
+        be answered as it was. Validators are not run in a replay, so runs replay as they
+        were made."""
+        earlier = request.recorded_in(self._state.operator_actions)
+        if earlier is not None:
+            if not request.same_as(earlier):
+                self._answer_again(request, earlier)  # refused: the key used again
+            return
         refused = self._refusal()
         recorded = sum(action.refused is not None for action in self._state.operator_actions)
         if refused is not None and recorded >= MAX_RECORDED_REFUSALS:

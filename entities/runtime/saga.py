@@ -67,11 +67,24 @@ MAX_OPERATOR_REASON = 500
 
 
 class OperatorRequest(BaseModel):
-    """An operator's action on a FAILED saga, with why, and who asks (`role:subject`)."""
+    """An operator's action on a FAILED saga, with why, and who asks (`role:subject`), under
+    the operator's idempotency key if it gave one."""
 
     action: OperatorActionKind
     reason: str = Field(min_length=1, max_length=MAX_OPERATOR_REASON)
     by: str = Field(min_length=1, max_length=160)
+    key: str | None = Field(default=None, min_length=1, max_length=128)
+
+    def recorded_in(self, actions: Sequence[OperatorAction]) -> OperatorAction | None:
+        """The action recorded under this request's key by the same operator: this request
+        sent again, or, asking another action or reason (`same_as`), its key used again.
+        None without a key."""
+        if self.key is None:
+            return None
+        return next((a for a in actions if a.key == self.key and a.by == self.by), None)
+
+    def same_as(self, action: OperatorRequest) -> bool:
+        return (action.action, action.reason) == (self.action, self.reason)
 
 
 class OperatorAction(OperatorRequest):

@@ -155,6 +155,58 @@ async def test_a_resolve_is_recorded_with_its_reason_and_who_did_it(
         assert (seen["action"], seen["reason"], seen["by"]) == ("RESOLVE", reason, "admin")
 
 
+RETRY_KEYED = """mutation($id: ID!, $reason: String!, $key: String) {
+  retryCheckoutCompensations(id: $id, reason: $reason, idempotencyKey: $key) {
+    status operatorActions { action reason } } }"""
+RESOLVE_KEYED = """mutation($id: ID!, $reason: String!, $key: String) {
+  resolveCheckout(id: $id, reason: $reason, idempotencyKey: $key) {
+    status operatorActions { action reason } } }"""
+
+
+async def test_an_operator_action_sent_again_under_its_key_is_taken_once(
+    shop: Shop, run_worker: WorkerFactory, http: httpx.AsyncClient
+) -> None:
+    """A retry or resolve whose answer was lost (a timeout) and sent again: without a key it
+    was a second action (a second retry run), or refused once the first had ended the
+    checkout. Under its key it is answered as the first, and taken once."""
+    admin = Caller(http, token("admin", "ops-1"))
+    other = Caller(http, token("admin", "ops-2"))
+    async with failed_checkout(shop, run_worker) as failed:
+        checkout_id = failed.checkout_id
+        # The cause is not fixed: the retry runs, fails, and the checkout waits again.
+        await admin.data(RETRY_KEYED, id=checkout_id, reason="try once", key="r-1")
+        again = await eventually(
+            lambda: admin.data(READ, id=checkout_id),
+            lambda d: d["checkout"]["awaitingOperatorUntil"] is not None,
+        )
+        assert len(again["checkout"]["operatorActions"]) == 1
+        repeat = await admin.data(RETRY_KEYED, id=checkout_id, reason="try once", key="r-1")
+        assert repeat["retryCheckoutCompensations"]["operatorActions"] == [
+            {"action": "RETRY", "reason": "try once"}
+        ]
+        # The key with another action is refused, unrecorded; another operator's is its own.
+        reused = await admin.code(RESOLVE_KEYED, id=checkout_id, reason="settled", key="r-1")
+        assert reused == "IDEMPOTENCY_KEY_REUSED"
+        await failed.fix()
+        await other.data(RESOLVE_KEYED, id=checkout_id, reason="settled", key="r-1")
+        done = await eventually(
+            lambda: admin.data(READ, id=checkout_id),
+            lambda d: d["checkout"]["status"] == SagaStatus.RESOLVED,
+        )
+        actions = [(a["action"], a["by"]) for a in done["checkout"]["operatorActions"]]
+        assert actions == [("RETRY", "admin:ops-1"), ("RESOLVE", "admin:ops-2")]
+        # Ended by that resolve, the checkout answers it sent again as it was taken.
+        ended = await other.data(RESOLVE_KEYED, id=checkout_id, reason="settled", key="r-1")
+        assert ended["resolveCheckout"]["status"] == "RESOLVED"
+        assert len(ended["resolveCheckout"]["operatorActions"]) == 2
+        late = await other.code(RESOLVE_KEYED, id=checkout_id, reason="other", key="r-1")
+        assert late == "IDEMPOTENCY_KEY_REUSED"
+        assert await other.code(RESOLVE, id=checkout_id, reason="settled") == ("INVALID_TRANSITION")
+        assert await admin.code(RESOLVE_KEYED, id=checkout_id, reason="x", key="no space") == (
+            "INVALID_INPUT"
+        )
+
+
 async def test_refused_actions_never_use_up_what_an_operator_has_left(
     shop: Shop, run_worker: WorkerFactory, http: httpx.AsyncClient
 ) -> None:

@@ -185,8 +185,8 @@
     retryCompensations: {
       confirm: (key, form) =>
         `Run the refused compensations of checkout ${key} again (${form.get("reason")})?`,
-      mutation: `mutation($key: ID!, $reason: String!) {
-        retryCheckoutCompensations(id: $key, reason: $reason) { id } }`,
+      mutation: `mutation($key: ID!, $reason: String!, $idem: String) {
+        retryCheckoutCompensations(id: $key, reason: $reason, idempotencyKey: $idem) { id } }`,
       variables: (form) => ({ reason: form.get("reason") }),
       done: "retried (see its operator actions)",
     },
@@ -194,8 +194,8 @@
       confirm: (key, form) =>
         `Mark checkout ${key} as settled by hand (${form.get("reason")})? ` +
         "Nothing more will run for it.",
-      mutation: `mutation($key: ID!, $reason: String!) {
-        resolveCheckout(id: $key, reason: $reason) { id } }`,
+      mutation: `mutation($key: ID!, $reason: String!, $idem: String) {
+        resolveCheckout(id: $key, reason: $reason, idempotencyKey: $idem) { id } }`,
       variables: (form) => ({ reason: form.get("reason") }),
       done: "resolved (see its operator actions)",
     },
