@@ -67,6 +67,19 @@ async def cluster(redis_cluster: Cluster) -> str:
 
 
 @pytest.fixture
+async def cluster_cache(settings: Settings, cluster: str) -> AsyncIterator[SnapshotCache]:
+    """The cache over the cluster, under the test's prefix, its client connected."""
+    clustered = settings.model_copy(update={"redis_url": cluster, "redis_cluster": True})
+    client = connect_redis(clustered)
+    assert isinstance(client, RedisCluster)
+    try:
+        await client.initialize()
+        yield SnapshotCache(client, clustered.redis_prefix)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
 async def redis_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     """A Redis Cluster of three masters."""
     server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
@@ -138,44 +151,38 @@ def snapshot(entity_id: str, revision: int) -> Snapshot:
 
 
 async def test_the_cache_spreads_over_the_cluster_one_slot_per_entity(
-    settings: Settings, cluster: str
+    cluster_cache: SnapshotCache,
 ) -> None:
-    settings = settings.model_copy(update={"redis_url": cluster, "redis_cluster": True})
-    client = connect_redis(settings)
-    assert isinstance(client, RedisCluster)
-    cache = SnapshotCache(client, settings.redis_prefix)
-    try:
-        await client.initialize()
-        ids = [new_id() for _ in range(60)]
-        # Each entity's key is tagged by the entity: its slot is the entity's, not the
-        # prefix's, so entities spread over all three masters.
-        nodes = Counter(
-            client.get_node_from_key(cache.key("account", i)).name  # type: ignore[union-attr]
-            for i in ids
-        )
-        assert len(nodes) == 3
-        tagged = cache.key("account", ids[0])
-        assert key_slot(tagged.encode()) == key_slot(f"account:{ids[0]}".encode())
+    cache = cluster_cache
+    client = cast(RedisCluster, cache.client)
+    ids = [new_id() for _ in range(60)]
+    # Each entity's key is tagged by the entity: its slot is the entity's, not the
+    # prefix's, so entities spread over all three masters.
+    nodes = Counter(
+        client.get_node_from_key(cache.key("account", i)).name  # type: ignore[union-attr]
+        for i in ids
+    )
+    assert len(nodes) == 3
+    tagged = cache.key("account", ids[0])
+    assert key_slot(tagged.encode()) == key_slot(f"account:{ids[0]}".encode())
 
-        for entity_id in ids:
-            assert await cache.put(snapshot(entity_id, 2))
-        assert not await cache.put(snapshot(ids[0], 1))  # never backwards, on any node
-        newer = await cache.put_newest(snapshot(ids[1], 1))
-        assert newer.revision == 2
-        # Reads of the same loop turn go as one pipeline, across slots and nodes.
-        read = await asyncio.gather(*(cache.get("account", i) for i in ids))
-        assert [hit.snapshot.revision if hit else None for hit in read] == [2] * len(ids)
-        await cache.mark_stuck("account", ids[2], "a test")
-        stuck = await cache.get("account", ids[2])
-        assert stuck is not None and stuck.stuck == "a test"
-        assert await cache.reachable()
+    for entity_id in ids:
+        assert await cache.put(snapshot(entity_id, 2))
+    assert not await cache.put(snapshot(ids[0], 1))  # never backwards, on any node
+    newer = await cache.put_newest(snapshot(ids[1], 1))
+    assert newer.revision == 2
+    # Reads of the same loop turn go as one pipeline, across slots and nodes.
+    read = await asyncio.gather(*(cache.get("account", i) for i in ids))
+    assert [hit.snapshot.revision if hit else None for hit in read] == [2] * len(ids)
+    await cache.mark_stuck("account", ids[2], "a test")
+    stuck = await cache.get("account", ids[2])
+    assert stuck is not None and stuck.stuck == "a test"
+    assert await cache.reachable()
 
-        limiter = RateLimiter(client, settings.redis_prefix, {Role.CUSTOMER: Limit(1.0, 2)})
-        ada = Principal("ada", Role.CUSTOMER)
-        waits = [await limiter.wait_ms(ada) for _ in range(3)]
-        assert waits[:2] == [0, 0] and waits[2] > 0
-    finally:
-        await client.aclose()
+    limiter = RateLimiter(client, cache.prefix, {Role.CUSTOMER: Limit(1.0, 2)})
+    ada = Principal("ada", Role.CUSTOMER)
+    waits = [await limiter.wait_ms(ada) for _ in range(3)]
+    assert waits[:2] == [0, 0] and waits[2] > 0
 
 
 async def test_the_api_and_worker_serve_cached_reads_from_the_cluster(
@@ -239,80 +246,60 @@ async def test_with_the_whole_cluster_down_the_api_answers_from_temporal_or_unav
 
 
 async def test_the_index_in_a_cluster_lives_in_its_type_slot_and_never_goes_back(
-    settings: Settings, cluster: str
+    cluster_cache: SnapshotCache,
 ) -> None:
-    settings = settings.model_copy(update={"redis_url": cluster, "redis_cluster": True})
-    client = connect_redis(settings)
-    assert isinstance(client, RedisCluster)
-    cache = SnapshotCache(client, settings.redis_prefix)
-    index = EntityIndex(client, settings.redis_prefix)
-    try:
-        await client.initialize()
-        ids = sorted(new_id() for _ in range(30))
-        # The snapshots spread over the nodes; the index is one slot, written by a second
-        # script beside each snapshot's.
-        assert await cache.put_many([account(i, 2, "SUSPENDED") for i in ids]) == len(ids)
-        assert not await cache.put(account(ids[0], 1, "ACTIVE"))
-        suspended = ListFilter(tags={"status": frozenset({"SUSPENDED"})})
-        page = await index.page("account", suspended, Order.ID, 10)
-        assert page.ids == ids[:10] and page.total == len(ids) and page.has_next
-        assert await index.counts("account") == ({"SUSPENDED": len(ids)}, len(ids))
-        assert await cache.put(account(ids[0], 3, "CLOSED"))
-        assert await index.counts("account") == ({"CLOSED": 1, "SUSPENDED": len(ids) - 1}, 30)
-        # The index's script raises the listing generations as the single Redis's does.
-        await generations_moved_by_each_write(cache)
-    finally:
-        await client.aclose()
+    cache = cluster_cache
+    index = EntityIndex(cache.client, cache.prefix)
+    ids = sorted(new_id() for _ in range(30))
+    # The snapshots spread over the nodes; the index is one slot, written by a second
+    # script beside each snapshot's.
+    assert await cache.put_many([account(i, 2, "SUSPENDED") for i in ids]) == len(ids)
+    assert not await cache.put(account(ids[0], 1, "ACTIVE"))
+    suspended = ListFilter(tags={"status": frozenset({"SUSPENDED"})})
+    page = await index.page("account", suspended, Order.ID, 10)
+    assert page.ids == ids[:10] and page.total == len(ids) and page.has_next
+    assert await index.counts("account") == ({"SUSPENDED": len(ids)}, len(ids))
+    assert await cache.put(account(ids[0], 3, "CLOSED"))
+    assert await index.counts("account") == ({"CLOSED": 1, "SUSPENDED": len(ids) - 1}, 30)
+    # The index's script raises the listing generations as the single Redis's does.
+    await generations_moved_by_each_write(cache)
 
 
 async def test_an_ended_entity_in_a_cluster_is_forgotten_from_both_of_its_slots(
-    settings: Settings, cluster: str
+    cluster_cache: SnapshotCache,
 ) -> None:
-    settings = settings.model_copy(update={"redis_url": cluster, "redis_cluster": True})
-    client = connect_redis(settings)
-    assert isinstance(client, RedisCluster)
-    try:
-        await client.initialize()
-        await ended_entities_are_forgotten_whole(SnapshotCache(client, settings.redis_prefix))
-    finally:
-        await client.aclose()
+    await ended_entities_are_forgotten_whole(cluster_cache)
 
 
 async def test_the_change_stream_in_a_cluster_is_written_with_the_index(
-    settings: Settings, cluster: str
+    cluster_cache: SnapshotCache,
 ) -> None:
-    settings = settings.model_copy(update={"redis_url": cluster, "redis_cluster": True})
-    client = connect_redis(settings)
-    assert isinstance(client, RedisCluster)
-    cache = SnapshotCache(client, settings.redis_prefix)
-    try:
-        await client.initialize()
-        stream = stream_key(settings.redis_prefix, "account")
-        assert key_slot(stream.encode()) == key_slot(b"account")
-        ids = [new_id() for _ in range(6)]
-        for entity_id in ids:
-            assert await cache.put(snapshot(entity_id, 2), Changes(0, applied(1, 2)))
-        # Retried after the snapshot was written: the stream has its own rule.
-        assert not await cache.put(snapshot(ids[0], 2), Changes(0, applied(1, 2)))
-        assert await cache.put(snapshot(ids[0], 4), Changes(2, applied(4)))
-        raw = await client.xrange(stream)
-        shape = [
-            (f[b"id"].decode(), f[b"type"].decode(), (f.get(b"revision") or f[b"to"]).decode())
-            for _, f in raw
-        ]
-        for entity_id in ids[1:]:
-            assert [s[1:] for s in shape if s[0] == entity_id] == [
-                ("change", "1"),
-                ("change", "2"),
-            ]
-        assert [s[1:] for s in shape if s[0] == ids[0]] == [
+    cache = cluster_cache
+    client = cast(RedisCluster, cache.client)
+    stream = stream_key(cache.prefix, "account")
+    assert key_slot(stream.encode()) == key_slot(b"account")
+    ids = [new_id() for _ in range(6)]
+    for entity_id in ids:
+        assert await cache.put(snapshot(entity_id, 2), Changes(0, applied(1, 2)))
+    # Retried after the snapshot was written: the stream has its own rule.
+    assert not await cache.put(snapshot(ids[0], 2), Changes(0, applied(1, 2)))
+    assert await cache.put(snapshot(ids[0], 4), Changes(2, applied(4)))
+    raw = await client.xrange(stream)
+    shape = [
+        (f[b"id"].decode(), f[b"type"].decode(), (f.get(b"revision") or f[b"to"]).decode())
+        for _, f in raw
+    ]
+    for entity_id in ids[1:]:
+        assert [s[1:] for s in shape if s[0] == entity_id] == [
             ("change", "1"),
             ("change", "2"),
-            ("gap", "3"),
-            ("change", "4"),
         ]
-    finally:
-        await client.aclose()
+    assert [s[1:] for s in shape if s[0] == ids[0]] == [
+        ("change", "1"),
+        ("change", "2"),
+        ("gap", "3"),
+        ("change", "4"),
+    ]
 
 
 async def burst_past_the_pool(settings: Settings) -> None:
