@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import strawberry
 from pydantic import ValidationError
 from temporalio.client import Client, WorkflowExecution, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from api.checkouts import (
@@ -27,7 +28,7 @@ from api.checkouts import (
 )
 from api.common import Long
 from api.context import Info
-from api.gateway import check_idempotency_key
+from api.gateway import check_idempotency_key, unbudgeted
 from api.listing import DEFAULT_PAGE, FIRST, MAX_PAGE, After, Connection, Edge
 from api.operators import require_operator
 from api.response_size import bounded
@@ -40,6 +41,7 @@ from api.visibility import (
 )
 from entities.checkout import (
     MAX_REFUSED_LISTED,
+    SENT_AGAIN,
     STATUS_ATTRIBUTE,
     CheckoutState,
     CheckoutWorkflow,
@@ -220,42 +222,50 @@ async def operate(
             ),
         )
     except WorkflowUpdateFailedError as exc:
-        refused = refusal(exc)
-        if refused is None:
-            raise
-        raise refused from exc
+        cause = exc.cause
+        if isinstance(cause, ApplicationError) and cause.type == SENT_AGAIN:
+            state = await _as_taken(info, checkout_id, request, exc)
+        else:
+            refused = refusal(exc)
+            if refused is None:
+                raise
+            raise refused from exc
     except RPCError as exc:
         if not is_missing(exc):
             raise unavailable(exc) from exc
-        ended = await _ended(info, checkout_id)
-        earlier = request.recorded_in(ended.operator_actions)
-        if earlier is None:
-            raise TenureError(
-                ErrorCode.INVALID_TRANSITION,
-                f"checkout {checkout_id} has ended; it no longer takes an operator's action",
-            ) from exc
-        if not request.same_as(earlier):
-            raise TenureError(
-                ErrorCode.IDEMPOTENCY_KEY_REUSED,
-                f"idempotency key {request.key!r} was used for another operator's action on "
-                f"checkout {checkout_id}",
-            ) from exc
-        if earlier.refused is not None:
-            raise TenureError(ErrorCode.INVALID_TRANSITION, earlier.refused) from exc
-        # This action, sent again: the first ended the checkout (a resolve, say).
-        state = ended
+        # Ended: this action, sent again, may have ended it (a resolve, say).
+        state = await _as_taken(info, checkout_id, request, exc)
     return Checkout.from_state(state, info.context.principal)
 
 
-async def _ended(info: Info, checkout_id: str) -> CheckoutState:
-    """The checkout whose saga took no update, as it ended; NOT_FOUND when it never
-    existed."""
-    gateway = info.context.gateway
-    state = await gateway.read_workflow(
-        checkout_workflow_id(checkout_id), CheckoutWorkflow.status, CheckoutState
-    )
+async def _as_taken(
+    info: Info, checkout_id: str, request: OperatorRequest, exc: Exception
+) -> CheckoutState:
+    """The checkout for an action it took no update for, ended or refusing it as sent
+    again: as it is, when the checkout recorded this action under its key, else why not
+    (it never existed, it has ended, the key was used for another action)."""
+    # Bounded by the mutation itself, not charged to the request's LIVE reads: a request
+    # of several actions on ended checkouts was refused TOO_MANY_LIVE_READS.
+    with unbudgeted():
+        state = await info.context.gateway.read_workflow(
+            checkout_workflow_id(checkout_id), CheckoutWorkflow.status, CheckoutState
+        )
     if state is None:
-        raise TenureError(ErrorCode.NOT_FOUND, f"checkout {checkout_id} does not exist")
+        raise TenureError(ErrorCode.NOT_FOUND, f"checkout {checkout_id} does not exist") from exc
+    earlier = request.recorded_in(state.operator_actions)
+    if earlier is None:
+        raise TenureError(
+            ErrorCode.INVALID_TRANSITION,
+            f"checkout {checkout_id} has ended; it no longer takes an operator's action",
+        ) from exc
+    if not request.same_as(earlier):
+        raise TenureError(
+            ErrorCode.IDEMPOTENCY_KEY_REUSED,
+            f"idempotency key {request.key!r} was used for another operator's action on "
+            f"checkout {checkout_id}",
+        ) from exc
+    if earlier.refused is not None:
+        raise TenureError(ErrorCode.INVALID_TRANSITION, earlier.refused) from exc
     return state
 
 

@@ -85,6 +85,9 @@ SHORT_RESERVATION_IDS = "checkout-short-reservation-ids"
 # Checkouts that took an operator's action before actions had keys recorded one sent again
 # a second time; asked only where one comes again.
 OPERATOR_KEYS = "checkout-operator-keys"
+SENT_AGAIN = "OPERATOR_ACTION_SENT_AGAIN"
+"""How `operate` refuses an operator's action sent again under its key, before it is
+recorded: not a code of Tenure's, its sender answers it as the action was taken."""
 
 # Checkouts begun under older code reserve one line after another.
 PARALLEL_RESERVATIONS = "checkout-parallel-reservations"
@@ -178,7 +181,8 @@ class CheckoutWorkflow:
 
     def _answer_again(self, request: OperatorRequest, earlier: OperatorAction) -> CheckoutState:
         """`request` sent again under its key: answered as `earlier` was, nothing recorded;
-        another action or reason under that key is refused."""
+        another action or reason under that key is refused. The validator refuses repeats
+        before they come here; two sent at once may both pass it."""
         if not request.same_as(earlier):
             raise ApplicationError(
                 f"idempotency key {request.key!r} was used for another operator's action "
@@ -198,14 +202,20 @@ class CheckoutWorkflow:
         MAX_RECORDED_REFUSALS such refusals are recorded: early clicks, double clicks and
         two operators at once never use up the actions an operator has left (20 recorded
         refusals locked a FAILED checkout for good). And keep the last of the
-        MAX_OPERATOR_ACTIONS for a resolve. An action sent again under its key goes on, to
-        be answered as it was. Validators are not run in a replay, so runs replay as they
+        MAX_OPERATOR_ACTIONS for a resolve. And refuse an action sent again under its key
+        (SENT_AGAIN), unrecorded. Validators are not run in a replay, so runs replay as they
         were made."""
         earlier = request.recorded_in(self._state.operator_actions)
         if earlier is not None:
-            if not request.same_as(earlier):
-                self._answer_again(request, earlier)  # refused: the key used again
-            return
+            self._answer_again(request, earlier)  # refused: the key used again
+            # Sent again: refused here, so that no repeat, however often, enters the
+            # history (Temporal takes 2,000 updates a run); its sender answers it as the
+            # recorded action was (api/checkout_operations.py).
+            raise ApplicationError(
+                f"{request.action.value} {request.key!r} was taken already",
+                type=SENT_AGAIN,
+                non_retryable=True,
+            )
         refused = self._refusal()
         recorded = sum(action.refused is not None for action in self._state.operator_actions)
         if refused is not None and recorded >= MAX_RECORDED_REFUSALS:
