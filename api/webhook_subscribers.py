@@ -17,6 +17,7 @@ import strawberry
 from strawberry.scalars import JSON
 
 from api.context import Info
+from api.gateway import check_idempotency_key
 from api.response_size import bounded
 from entities import catalog
 from entities.errors import ErrorCode, TenureError
@@ -289,13 +290,29 @@ class WebhookMutation:
     @strawberry.mutation(
         description="Post every change of the named entity types and commands to `url`, "
         "signed as Standard Webhooks says with `secret` (whsec_ and base64; generated when "
-        "not given, and shown only in this answer), from the changes made from now on."
+        "not given, and shown only in answers to this registration), from the changes made "
+        "from now on."
     )
     async def register_webhook_subscriber(
-        self, info: Info, url: str, events: JSON, secret: str | None = None
+        self,
+        info: Info,
+        url: str,
+        events: JSON,
+        secret: str | None = None,
+        idempotency_key: Annotated[
+            str | None,
+            strawberry.argument(
+                description="The registration's id: sent again by the same caller (a retry "
+                "after a timeout, say), it is answered with the subscriber it registered, "
+                "secret and all, not registered again; with another url, events or secret, "
+                "IDEMPOTENCY_KEY_REUSED. 1 to 128 printable ASCII characters, no spaces."
+            ),
+        ] = None,
     ) -> RegisteredWebhookSubscriber | None:
         subscribers = _subscribers(info)
         principal = info.context.principal
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
         subscriber = Subscriber(
             id=f"wh_{uuid.uuid4().hex[:16]}",
             url=checked_url(url),
@@ -303,12 +320,25 @@ class WebhookMutation:
             events=checked_events(events),
             created_at=datetime.now(UTC),
             created_by=principal.sender,
+            key=idempotency_key,
         )
         async with _redis():
-            if not await subscribers.add(subscriber):
+            registered = await subscribers.add(subscriber)
+        if registered is None:
+            raise TenureError(
+                ErrorCode.LIMIT_REACHED, f"at most {MAX_SUBSCRIBERS} webhook subscribers"
+            )
+        again = registered.id != subscriber.id
+        if again:
+            asked_secret = subscriber.secret if secret is not None else registered.secret
+            asked = (subscriber.url, subscriber.events, asked_secret)
+            if asked != (registered.url, registered.events, registered.secret):
                 raise TenureError(
-                    ErrorCode.LIMIT_REACHED, f"at most {MAX_SUBSCRIBERS} webhook subscribers"
+                    ErrorCode.IDEMPOTENCY_KEY_REUSED,
+                    f"idempotencyKey {idempotency_key!r} registered subscriber "
+                    f"{registered.id} with another url, events or secret",
                 )
+            subscriber = registered  # its delivery may not have started: started below
         try:
             await info.context.gateway.start_workflow(
                 WEBHOOK_WORKFLOW,
@@ -316,8 +346,9 @@ class WebhookMutation:
                 webhook_workflow_id(subscriber.id),
             )
         except TenureError:
-            async with _redis():
-                await subscribers.remove(subscriber.id)
+            if not again:  # a registration sent again leaves the first's subscriber be
+                async with _redis():
+                    await subscribers.remove(subscriber.id)
             raise
         return RegisteredWebhookSubscriber(
             subscriber=WebhookSubscriber.of(subscriber, 0), secret=subscriber.secret

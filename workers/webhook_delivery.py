@@ -177,7 +177,7 @@ class _Run:
         self._holder = holder  # of the delivery's lease (`LEASE_SECONDS`)
         self._redis = subscribers.client
         self._subscriber = subscriber
-        self._key = subscriber.key()
+        self._key = subscriber.signing_key()
         self._group = group_name(subscriber.id)
         self._notes = EntryNotes(subscribers, subscriber.id)
         self._http = http

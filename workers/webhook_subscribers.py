@@ -48,10 +48,19 @@ MAX_ENTRY_PART = 2**64 - 1
 """A stream entry id is two unsigned 64-bit numbers, `<ms>-<seq>`; Redis refuses one past."""
 LAST_ENTRY_ID = f"{MAX_ENTRY_PART}-{MAX_ENTRY_PART}"
 
-# KEYS[1] the registry; ARGV: the subscriber's id, its JSON, MAX_SUBSCRIBERS. Counting and
-# adding in one step: apart, registrations at once all count the same room and all add.
-# One key, so it runs as well in a Redis Cluster. 1 when added, 0 when full.
+# KEYS[1] the registry; ARGV: the subscriber's id, its JSON, MAX_SUBSCRIBERS, its
+# idempotency key ('' for none) and its creator. Looking for the key, counting and adding in
+# one step: apart, registrations at once all count the same room and all add, and a
+# registration sent twice at once made two subscribers. One key, so it runs as well in a
+# Redis Cluster. 1 when added, 0 when full, or the JSON of the subscriber its creator
+# registered under the key before.
 _ADD_IF_ROOM = """
+if ARGV[4] ~= '' then
+  for _, value in ipairs(redis.call('HVALS', KEYS[1])) do
+    local registered = cjson.decode(value)
+    if registered.key == ARGV[4] and registered.created_by == ARGV[5] then return value end
+  end
+end
 if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
   return 0
 end
@@ -109,6 +118,11 @@ class Subscriber(BaseModel):
     )
     created_at: datetime
     created_by: str = ""
+    key: str | None = Field(
+        default=None,
+        description="The idempotency key its creator registered it under: registered "
+        "again under it by the same creator, it is answered, not made again.",
+    )
 
     def wants(self, entity_type: str, command: str | None) -> bool:
         """Whether a change (or, with no command, a gap) of `entity_type` is for it."""
@@ -117,7 +131,7 @@ class Subscriber(BaseModel):
             return False
         return command is None or ALL_COMMANDS in commands or command in commands
 
-    def key(self) -> bytes:
+    def signing_key(self) -> bytes:
         return signing_key(self.secret)
 
 
@@ -196,16 +210,25 @@ class WebhookSubscribers:
         found = [Subscriber.model_validate_json(value) for value in raw.values()]
         return sorted(found, key=lambda subscriber: (subscriber.created_at, subscriber.id))
 
-    async def add(self, subscriber: Subscriber) -> bool:
+    async def add(self, subscriber: Subscriber) -> Subscriber | None:
         """Register it and its consumer groups, from the end of each stream (it gets the
-        changes made from now on); False, with nothing stored, when there are
+        changes made from now on), and return it; or the subscriber its creator registered
+        under its key before, as it was; None, with nothing stored, when there are
         MAX_SUBSCRIBERS already."""
         added = await self._add_if_room(
             keys=[self.registry_key],
-            args=[subscriber.id, subscriber.model_dump_json(), MAX_SUBSCRIBERS],
+            args=[
+                subscriber.id,
+                subscriber.model_dump_json(),
+                MAX_SUBSCRIBERS,
+                subscriber.key or "",
+                subscriber.created_by,
+            ],
         )
+        if isinstance(added, bytes | str):
+            return Subscriber.model_validate_json(added)
         if not added:
-            return False
+            return None
         try:
             for entity_type in subscriber.events:
                 await self.ensure_group(subscriber.id, entity_type, start="$")
@@ -216,7 +239,7 @@ class WebhookSubscribers:
             with contextlib.suppress(*REDIS_FAILURES):
                 await self.remove(subscriber.id)
             raise
-        return True
+        return subscriber
 
     async def ensure_group(self, subscriber_id: str, entity_type: str | None, start: str) -> None:
         """The subscriber's group on a type's change stream (or, with None, on its replays)."""

@@ -220,6 +220,52 @@ async def test_registrations_at_once_never_pass_the_bound(
     assert len(stored) == MAX_SUBSCRIBERS
 
 
+REGISTER_KEYED = """mutation($url: String!, $events: JSON!, $key: String) {
+  registerWebhookSubscriber(url: $url, events: $events, idempotencyKey: $key) {
+    secret subscriber { id url createdBy } } }"""
+
+
+async def test_a_registration_sent_again_under_its_key_registers_one_subscriber(
+    alone: Settings, temporal_client: Client
+) -> None:
+    """A registration whose answer was lost, sent again: without a key it made a second
+    subscriber, and every change was posted twice, half of them signed with a secret no
+    one had seen. Under its key, however often and at once, one subscriber, each answer
+    with its secret."""
+    async with api_client(alone, temporal_client) as http:
+        alice = Caller(http, token("admin", "alice"))
+        answers = await asyncio.gather(
+            *(alice.data(REGISTER_KEYED, **GOOD, key="hooks-1") for _ in range(5))
+        )
+        registered = {
+            (
+                a["registerWebhookSubscriber"]["subscriber"]["id"],
+                a["registerWebhookSubscriber"]["secret"],
+            )
+            for a in answers
+        }
+        assert len(registered) == 1
+        [(subscriber_id, secret)] = registered
+        assert secret.startswith("whsec_")
+        elsewhere = {**GOOD, "url": "https://example.com/other"}
+        assert await alice.code(REGISTER_KEYED, **elsewhere, key="hooks-1") == (
+            "IDEMPOTENCY_KEY_REUSED"
+        )
+        # Another caller's key is its own.
+        bob = Caller(http, token("admin", "bob"))
+        theirs = (await bob.data(REGISTER_KEYED, **GOOD, key="hooks-1"))[
+            "registerWebhookSubscriber"
+        ]
+        assert theirs["subscriber"]["id"] != subscriber_id
+        assert await alice.code(REGISTER_KEYED, **GOOD, key="has space") == "INVALID_INPUT"
+    async with cache_of(alone) as cache:
+        stored = await WebhookSubscribers(cache.client, cache.prefix).all()
+    assert sorted((s.created_by, s.url) for s in stored) == [
+        ("admin:alice", GOOD["url"]),
+        ("admin:bob", GOOD["url"]),
+    ]
+
+
 async def test_replays_no_delivery_takes_are_refused_past_a_bound(
     secured_http: httpx.AsyncClient, cache: SnapshotCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:

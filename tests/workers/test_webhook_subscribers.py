@@ -45,7 +45,7 @@ async def race(settings: Settings) -> None:
     registry = WebhookSubscribers(client, f"{settings.redis_prefix}{uuid.uuid4().hex[:8]}:")
     try:
         wanted = [subscriber() for _ in range(AT_ONCE)]
-        added = await asyncio.gather(*(registry.add(s) for s in wanted))
+        added = [s is not None for s in await asyncio.gather(*(registry.add(s) for s in wanted))]
         assert added.count(True) == MAX_SUBSCRIBERS
         stored = {s.id for s in await registry.all()}
         assert stored == {s.id for s, ok in zip(wanted, added, strict=True) if ok}
