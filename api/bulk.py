@@ -193,11 +193,12 @@ class BulkMutation:
         description="Send one command to every entity a filter or a list of ids names. The "
         "idempotency key is the bulk command's id: sent again, it starts nothing and answers "
         "with the bulk command it started; given with another command, payload or targets, "
-        "it is refused with IDEMPOTENCY_KEY_REUSED. Each entity's command id is "
-        "`bulk:<key>:<entity id>`, so no entity gets it twice. `filter` is a listing filter "
-        'as JSON: {"tags": {"status": ["ACTIVE"]}, "updated_before": "2026-11-01T00:00:00Z", '
-        '"closed": false, "text": "ad", "below": {"available": 5}}, held to what the type\'s '
-        f"list takes: its own tags, statuses and numbers, `text` of at most {MAX_TEXT_LENGTH} "
+        "or by another caller, it is refused with IDEMPOTENCY_KEY_REUSED. Each entity's "
+        "command id is `bulk:<key>:<entity id>`, so no entity gets it twice. `filter` is a "
+        'listing filter as JSON: {"tags": {"status": ["ACTIVE"]}, '
+        '"updated_before": "2026-11-01T00:00:00Z", "closed": false, "text": "ad", '
+        '"below": {"available": 5}}, held to what the type\'s list takes: '
+        f"its own tags, statuses and numbers, `text` of at most {MAX_TEXT_LENGTH} "
         "characters. Commands only Tenure's own workflows send (`completeCheckout`, "
         "`failCheckout`, `refund`), and creates checked as each is made (`createCart`), "
         "are refused with INVALID_INPUT."
@@ -283,7 +284,18 @@ class BulkMutation:
         started = await info.context.gateway.start_workflow(
             BULK_WORKFLOW, bulk_input, bulk_workflow_id(key), bulk=True
         )
-        progress = await _after_the_fact(info, key)
+        try:
+            progress = await _after_the_fact(info, key)
+        except TenureError as exc:
+            if started or exc.code is not ErrorCode.FORBIDDEN:
+                raise
+            # A bulk command's id is its key, whoever sent it: another caller's took it.
+            # It was answered FORBIDDEN, as if this caller lacked a right.
+            raise TenureError(
+                ErrorCode.IDEMPOTENCY_KEY_REUSED,
+                f"idempotencyKey {key} names another caller's bulk command; send this one "
+                "with a new key",
+            ) from exc
         if not started and progress.fingerprint not in ("", bulk_input.fingerprint()):
             raise TenureError(
                 ErrorCode.IDEMPOTENCY_KEY_REUSED,

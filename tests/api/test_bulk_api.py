@@ -543,6 +543,9 @@ async def test_a_service_acts_on_its_own_bulk_commands_and_filters_only_what_it_
     assert await partner.code(CANCEL, id=operators) == "FORBIDDEN"
     assert await other.code(READ, id=partners) == "FORBIDDEN"
     assert await other.code(CANCEL, id=partners) == "FORBIDDEN"
+    # Its key is taken by another's bulk command: not a right it lacks (it was FORBIDDEN).
+    taken = await other.code(START, key=partners, payload={"amount": 1}, ids=ids)
+    assert taken == "IDEMPOTENCY_KEY_REUSED"
     mine = (await partner.data(READ, id=partners))["bulkCommand"]
     assert (mine["id"], mine["command"]) == (partners, "deposit")
     whose = "query($id: ID!) { bulkCommand(id: $id) { startedBy } }"
