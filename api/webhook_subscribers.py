@@ -75,7 +75,10 @@ class WebhookSubscriber:
         )
 
 
-@strawberry.type(description="A subscriber just registered, with its secret, shown only now.")
+@strawberry.type(
+    description="A subscriber just registered, with its secret, shown only in answers to "
+    "its registration (the first, and the same sent again under its idempotency key)."
+)
 class RegisteredWebhookSubscriber:
     subscriber: WebhookSubscriber
     secret: str = strawberry.field(

@@ -5,8 +5,8 @@ its listing entries and its change-stream mark.
 Every checkout ends a cart, and every ended entity stayed in Redis for good: its snapshot,
 its index entries and its mark in `changes:{type}:last`, a store that only grew. The index
 scripts keep each type's ended entities in a sorted set (`<base>ended`, workers/index.py),
-scored with when the closed snapshot was first indexed by Redis's clock; `EndedEntities`
-sweeps the ones past retention.
+scored with when each ended (its closed snapshot's `updated_at`, by its workflow's clock);
+`EndedEntities` sweeps the ones past retention.
 
 Retention is `ended_retention_seconds` (an hour at least), or, unset, the Temporal
 namespace's own retention of closed workflows: Redis then forgets an entity about when
@@ -15,15 +15,16 @@ alike. An hour after its end nothing publishes an entity's changes again: its pu
 activity and the promises of its waited commands give up within ten minutes, and a snapshot
 a process keeps while Redis is away streams nothing. The entity's hash is left as a
 tombstone, its incarnation and revision without a snapshot, for TOMBSTONE_MS: a late write
-of an older revision is refused as before, and a read meets no snapshot. An id used again
-begins a new incarnation, written as any new entity is; one used again before its sweep is
-live again, and taken out of the ended set by its own write.
+of it is refused as before (nothing indexed, streamed or marked), and a read meets no
+snapshot. An id used again begins a new incarnation, written as any new entity is (the
+tombstone's expiry goes); one used again before its sweep is live again, and taken out of
+the ended set by its own write.
 
 In one Redis a single script forgets an entity whole. In a cluster the snapshot's slot is
 not the index's, so its snapshot goes first: a listing skips an entry whose snapshot is
 gone (api/listing.py), and a sweeper that dies between the two leaves the entry for the
-next sweep. There the index keeps no tombstone: a late repeat of the end re-indexes the
-entity until the next sweep.
+next sweep. There the snapshot's script answers a late write FORGOTTEN and the index's is
+not run (workers/cache.py).
 """
 
 from __future__ import annotations

@@ -131,6 +131,9 @@ end
 redis.call('HSET', KEYS[1], 'incarnation', ARGV[1], 'revision', ARGV[2],
            'snapshot', ARGV[3], 'cached_at', ARGV[4])
 redis.call('HDEL', KEYS[1], 'stuck')
+-- A tombstone's expiry (workers/forgetting.py) goes with it: HSET keeps a key's, and an id
+-- used again within its day lost its live snapshot when it fired.
+redis.call('PERSIST', KEYS[1])
 """
 """The cache's never-backwards rule, the body of its compare-and-set (workers/cache.py):
 writes the snapshot (KEYS[1]; ARGV incarnation, revision, snapshot, cached_at) only when it
@@ -142,6 +145,12 @@ PUT_AND_INDEX = (
     + _MARK_ENDED
     + APPEND_CHANGES
     + """
+-- A forgotten entity's late publish streams nothing and leaves no mark (workers/forgetting.py).
+local stored = redis.call('HMGET', KEYS[1], 'incarnation', 'revision', 'snapshot')
+if not stored[3] and stored[1] == ARGV[1]
+   and tonumber(stored[2] or '-1') >= tonumber(ARGV[2]) then
+  return -1
+end
 append_changes(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[6], ARGV[8], ARGV[9])
 -- Ended whether or not this write is newer: a reindex's or a retry's closed snapshot
 -- finds the same one stored, and ends an entity that ended before ends were kept. Not one

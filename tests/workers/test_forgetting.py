@@ -78,8 +78,15 @@ async def ended_entities_are_forgotten_whole(cache: SnapshotCache) -> None:
     assert await cache.get("account", old) is None
     assert old not in (await index.page("account", ListFilter(), Order.ID, 10)).ids
     assert await ended.ended("account") == [recent]
-    # An id used again after it was forgotten is a new entity, ended when it ends.
-    assert await cache.put(ended_now(account(old, 1, "CLOSED", incarnation=2)))
+    # A late publish of its end, with its changes, streams nothing and leaves no mark.
+    assert not await cache.put(account(old, 3, "CLOSED"), Changes(2, applied(3)))
+    assert await cache.client.hget(marks, old) is None
+    assert await ended.ended("account") == [recent]
+    # An id used again after it was forgotten is a new entity, kept past the tombstone's
+    # day, and ended when it ends.
+    assert await cache.put(account(old, 1, "ACTIVE", incarnation=2))
+    assert await cache.client.pttl(cache.key("account", old)) == -1
+    assert await cache.put(ended_now(account(old, 2, "CLOSED", incarnation=2)))
     assert sorted(await ended.ended("account")) == sorted([old, recent])
     assert (await ended.sweep(3600)).total == 0
     # One that ended before ends were kept is ended by the next write of its end (a
