@@ -40,7 +40,7 @@ from redis.exceptions import ResponseError
 
 from entities import catalog
 from workers.cache import CacheUnavailable, SnapshotCache
-from workers.changes import marks_key
+from workers.changes import marks_key, text
 from workers.failures import REDIS_FAILURES
 from workers.index import ENDED, REINDEX, index_base
 from workers.logs import RepeatedLogFilter
@@ -166,7 +166,7 @@ class EndedEntities:
             members = await self._cache.client.zrange(self.ended_key(entity_type), 0, -1)
         except REDIS_FAILURES as exc:
             raise CacheUnavailable(str(exc)) from exc
-        return [_text(member) for member in members]
+        return [text(member) for member in members]
 
     async def sweep(self, retention_seconds: float) -> Forgotten:
         """Forget the entities of every type that ended more than `retention_seconds` ago
@@ -191,7 +191,7 @@ class EndedEntities:
             )
             seen += len(due)
             for member in due:
-                entity_id = _text(member)
+                entity_id = text(member)
                 try:
                     forgotten += await self._forget_one(entity_type, entity_id, cutoff)
                 except ResponseError as exc:  # this entity's: the others are still swept
@@ -233,8 +233,3 @@ class EndedEntities:
             except Exception:
                 log.exception("ended entities not swept")
             await asyncio.sleep(MOST_INTERVAL)
-
-
-def _text(member: object) -> str:
-    """A sorted set's member as redis-py answers it (bytes), as text."""
-    return member.decode() if isinstance(member, bytes) else str(member)
