@@ -29,6 +29,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from entities import catalog
 from entities.errors import TenureError
+from workers import leases
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.failures import REDIS_FAILURES
 from workers.repair import repair
@@ -36,18 +37,10 @@ from workers.repair import repair
 log = logging.getLogger(__name__)
 
 PROBLEMS = "TemporalReportedProblems"
-REPAIR_CLAIM_MS = 300_000
+REPAIR_CLAIM_SECONDS = 300.0
 """How long a watchdog's claim to repair a run keeps others' off it: far longer than a
 repair takes (a history fetched and replayed a dozen times at most, seconds), short enough
 that a worker that died while repairing leaves the run to others five minutes on."""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-"""Lets a claim go only if it is still this watchdog's (one expired meanwhile may be
-another's)."""
 PASSING = frozenset(
     {
         RPCStatusCode.UNAVAILABLE,
@@ -81,7 +74,6 @@ class StuckEntityWatchdog:
         self._types = set(catalog.entity_types())
         self.stuck: dict[str, str] = {}
         """Workflow id of each entity found stuck, and why."""
-        self._release_claim = cache.client.register_script(_RELEASE)
         self._tried: dict[str, str] = {}
         """The run of each stuck entity that auto-repair tried: tried once, not again."""
 
@@ -177,15 +169,15 @@ class StuckEntityWatchdog:
 
     async def _claim(self, workflow_id: str) -> str | None:
         """This watchdog's claim to repair the workflow's run now, or None while another
-        worker's holds one (in Redis, for at most REPAIR_CLAIM_MS). Every worker's watchdog
+        worker's holds one (in Redis, for at most REPAIR_CLAIM_SECONDS). Every worker's watchdog
         finds a stuck entity, and two repairs of one run whose checks and resets met reset
         it twice, the second ending the run the first made and the commands it had taken
         since; a repair re-checks the run just before its reset, which leaves milliseconds.
         With Redis out of reach, it repairs unclaimed, as before."""
         claim = uuid.uuid4().hex
         try:
-            taken = await self._cache.client.set(
-                self._claim_key(workflow_id), claim, nx=True, px=REPAIR_CLAIM_MS
+            taken = await leases.take(
+                self._cache.client, self._claim_key(workflow_id), claim, REPAIR_CLAIM_SECONDS
             )
         except REDIS_FAILURES as exc:
             log.warning("cache unavailable, repairing %s unclaimed: %s", workflow_id, exc)
@@ -196,7 +188,7 @@ class StuckEntityWatchdog:
         """Let the claim go once the repair is over, whatever came of it: a run Temporal
         did not answer for is tried again at the next sweep, by whichever worker."""
         with contextlib.suppress(*REDIS_FAILURES):
-            await self._release_claim(keys=[self._claim_key(workflow_id)], args=[claim])
+            await leases.release(self._cache.client, self._claim_key(workflow_id), claim)
 
     async def _mark(self, workflow_id: str, reason: str) -> None:
         entity_type, _, entity_id = workflow_id.partition(":")

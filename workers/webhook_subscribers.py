@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, Field, SecretStr
 from redis.exceptions import ResponseError
 
+from workers import leases
 from workers.cache import RedisClient
 from workers.changes import stream_key
 from workers.failures import REDIS_FAILURES
@@ -291,14 +292,11 @@ class WebhookSubscribers:
     async def take_lease(self, subscriber_id: str, holder: str, seconds: float) -> bool:
         """Hold the subscriber's delivery for `seconds` as `holder`, if no other holds it;
         whether it does now (`holder` renewing its own lease takes it again)."""
-        taken = await self.client.eval(
-            _TAKE_LEASE, 1, self.key(subscriber_id, "lease"), holder, int(seconds * 1000)
-        )
-        return bool(taken)
+        return await leases.take(self.client, self.key(subscriber_id, "lease"), holder, seconds)
 
     async def release_lease(self, subscriber_id: str, holder: str) -> None:
         """Let the delivery go, if `holder` still holds it."""
-        await self.client.eval(_RELEASE_LEASE, 1, self.key(subscriber_id, "lease"), holder)
+        await leases.release(self.client, self.key(subscriber_id, "lease"), holder)
 
     async def drop_keys(self, subscriber_id: str) -> None:
         """Delete what a removed subscriber's delivery kept: its dead letters, replays and
@@ -396,15 +394,3 @@ def event_body(
         kind = f"{entity_type}.{fields.get('command', '')}"
     body = {"type": kind, "timestamp": fields.get("at") or entry_time(entry_id), "data": data}
     return webhook_id, entity_id, body
-
-
-_TAKE_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-_RELEASE_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 0
-"""
