@@ -117,12 +117,17 @@ local function mark_ended(base, id, ended_at)
 end
 """
 
-WRITE_IF_NEWER = """
+_STORED = """
 local current = redis.call('HMGET', KEYS[1], 'incarnation', 'revision', 'snapshot')
 local incarnation = tonumber(current[1] or '0')
 local revision = tonumber(current[2] or '-1')
 local new_incarnation = tonumber(ARGV[1])
 local new_revision = tonumber(ARGV[2])
+"""
+"""What the entity's hash (KEYS[1]) holds, and what the write brings (ARGV incarnation,
+revision): read once a script."""
+
+_WRITE_IF_NEWER = """
 if new_incarnation < incarnation then return 0 end
 if new_incarnation == incarnation then
   if new_revision < revision and current[3] then return current[3] end
@@ -135,6 +140,7 @@ redis.call('HDEL', KEYS[1], 'stuck')
 -- used again within its day lost its live snapshot when it fired.
 redis.call('PERSIST', KEYS[1])
 """
+WRITE_IF_NEWER = _STORED + _WRITE_IF_NEWER
 """The cache's never-backwards rule, the body of its compare-and-set (workers/cache.py):
 writes the snapshot (KEYS[1]; ARGV incarnation, revision, snapshot, cached_at) only when it
 is newer, clearing the stuck mark, or returns 0 or the newer snapshot stored, or -1 when the
@@ -144,24 +150,21 @@ PUT_AND_INDEX = (
     REINDEX
     + _MARK_ENDED
     + APPEND_CHANGES
+    + _STORED
     + """
 -- A forgotten entity's late publish streams nothing and leaves no mark (workers/forgetting.py).
-local stored = redis.call('HMGET', KEYS[1], 'incarnation', 'revision', 'snapshot')
-if not stored[3] and stored[1] == ARGV[1]
-   and tonumber(stored[2] or '-1') >= tonumber(ARGV[2]) then
+if not current[3] and new_incarnation == incarnation and new_revision <= revision then
   return -1
 end
 append_changes(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[6], ARGV[8], ARGV[9])
 -- Ended whether or not this write is newer: a reindex's or a retry's closed snapshot
 -- finds the same one stored, and ends an entity that ended before ends were kept. Not one
--- whose snapshot was forgotten (workers/forgetting.py): it stays forgotten.
-if ARGV[10] and ARGV[10] ~= '0'
-   and redis.call('HGET', KEYS[1], 'incarnation') == ARGV[1]
-   and redis.call('HEXISTS', KEYS[1], 'snapshot') == 1 then
+-- whose snapshot was forgotten (above): it stays forgotten.
+if ARGV[10] and ARGV[10] ~= '0' and new_incarnation == incarnation and current[3] then
   mark_ended(ARGV[5], ARGV[6], ARGV[10])
 end
 """
-    + WRITE_IF_NEWER
+    + _WRITE_IF_NEWER
     + """
 reindex(ARGV[5], ARGV[6], ARGV[7])
 mark_ended(ARGV[5], ARGV[6], ARGV[10])
