@@ -258,14 +258,9 @@ async def _as_taken(
             ErrorCode.INVALID_TRANSITION,
             f"checkout {checkout_id} has ended; it no longer takes an operator's action",
         ) from exc
-    if not request.same_as(earlier):
-        raise TenureError(
-            ErrorCode.IDEMPOTENCY_KEY_REUSED,
-            f"idempotency key {request.key!r} was used for another operator's action on "
-            f"checkout {checkout_id}",
-        ) from exc
-    if earlier.refused is not None:
-        raise TenureError(ErrorCode.INVALID_TRANSITION, earlier.refused) from exc
+    refused = request.refused_again(earlier, f"checkout {checkout_id}")
+    if refused is not None:
+        raise TenureError(*refused) from exc
     return state
 
 

@@ -183,17 +183,10 @@ class CheckoutWorkflow:
         """`request` sent again under its key: answered as `earlier` was, nothing recorded;
         another action or reason under that key is refused. The validator refuses repeats
         before they come here; two sent at once may both pass it."""
-        if not request.same_as(earlier):
-            raise ApplicationError(
-                f"idempotency key {request.key!r} was used for another operator's action "
-                f"on checkout {self._input.checkout_id}",
-                type=ErrorCode.IDEMPOTENCY_KEY_REUSED,
-                non_retryable=True,
-            )
-        if earlier.refused is not None:
-            raise ApplicationError(
-                earlier.refused, type=ErrorCode.INVALID_TRANSITION, non_retryable=True
-            )
+        refused = request.refused_again(earlier, f"checkout {self._input.checkout_id}")
+        if refused is not None:
+            code, message = refused
+            raise ApplicationError(message, type=code, non_retryable=True)
         return self._state
 
     @operate.validator

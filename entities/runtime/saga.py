@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
+    from entities.errors import ErrorCode
     from entities.runtime.envelope import Outcome
     from entities.runtime.requests import RequestFailed
 
@@ -77,14 +78,24 @@ class OperatorRequest(BaseModel):
 
     def recorded_in(self, actions: Sequence[OperatorAction]) -> OperatorAction | None:
         """The action recorded under this request's key by the same operator: this request
-        sent again, or, asking another action or reason (`same_as`), its key used again.
-        None without a key."""
+        sent again, or, asking another action or reason, its key used again. None without
+        a key."""
         if self.key is None:
             return None
         return next((a for a in actions if a.key == self.key and a.by == self.by), None)
 
-    def same_as(self, action: OperatorRequest) -> bool:
-        return (action.action, action.reason) == (self.action, self.reason)
+    def refused_again(self, earlier: OperatorAction, saga: str) -> tuple[ErrorCode, str] | None:
+        """Why this request, sent again under the key `earlier` was recorded with, is
+        refused: its key used for another action or reason, or the refusal `earlier` met;
+        None when it is answered as `earlier` was taken. `saga` names the saga."""
+        if (earlier.action, earlier.reason) != (self.action, self.reason):
+            return (
+                ErrorCode.IDEMPOTENCY_KEY_REUSED,
+                f"idempotency key {self.key!r} was used for another operator's action on {saga}",
+            )
+        if earlier.refused is not None:
+            return ErrorCode.INVALID_TRANSITION, earlier.refused
+        return None
 
 
 class OperatorAction(OperatorRequest):
