@@ -20,6 +20,7 @@ from api.response_size import bounded
 from entities import catalog
 from entities.bulk import (
     BULK_WORKFLOW,
+    MAX_ACTIONS_KEPT,
     MAX_FAILURES_KEPT,
     MAX_IDS,
     BulkCommandWorkflow,
@@ -187,6 +188,18 @@ class BulkQuery:
         return BulkCommand.of(id, progress, now())
 
 
+ActionKey = Annotated[
+    str | None,
+    strawberry.argument(
+        description="The action's id: sent again (a retry after a timeout, say), it is taken "
+        "once and answered with the bulk command as it is then, even after a later pause or "
+        f"resume, or the bulk's end (the last {MAX_ACTIONS_KEPT} keyed actions are kept); "
+        "given for another action, IDEMPOTENCY_KEY_REUSED. Without one, a pause retried after "
+        "a resume pauses again. 1 to 100 letters, digits and . _ : -"
+    ),
+]
+
+
 @strawberry.type
 class BulkMutation:
     @strawberry.mutation(
@@ -308,27 +321,33 @@ class BulkMutation:
         description="Stop a bulk command after the page it is sending. INVALID_TRANSITION "
         "once its last page is sent (nothing is left to pause), or it is being cancelled."
     )
-    async def pause_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand | None:
-        return await _signal(info, id, BulkCommandWorkflow.pause)
+    async def pause_bulk_command(
+        self, info: Info, id: strawberry.ID, idempotency_key: ActionKey = None
+    ) -> BulkCommand | None:
+        return await _signal(info, id, BulkCommandWorkflow.pause, idempotency_key)
 
     @strawberry.mutation(
         description="Go on from where a paused bulk command stopped. INVALID_TRANSITION once "
         "it is being cancelled."
     )
-    async def resume_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand | None:
-        return await _signal(info, id, BulkCommandWorkflow.resume)
+    async def resume_bulk_command(
+        self, info: Info, id: strawberry.ID, idempotency_key: ActionKey = None
+    ) -> BulkCommand | None:
+        return await _signal(info, id, BulkCommandWorkflow.resume, idempotency_key)
 
     @strawberry.mutation(
         description="End a bulk command after the page it is sending: it ends CANCELLED (or "
         "COMPLETED, should that page be its last). INVALID_TRANSITION once its last page is "
         "sent (nothing is left to cancel)."
     )
-    async def cancel_bulk_command(self, info: Info, id: strawberry.ID) -> BulkCommand | None:
-        return await _signal(info, id, BulkCommandWorkflow.cancel)
+    async def cancel_bulk_command(
+        self, info: Info, id: strawberry.ID, idempotency_key: ActionKey = None
+    ) -> BulkCommand | None:
+        return await _signal(info, id, BulkCommandWorkflow.cancel, idempotency_key)
 
 
 def _refusal(
-    bulk_id: str, progress: BulkProgress, signal: Callable[[BulkCommandWorkflow], None]
+    bulk_id: str, progress: BulkProgress, signal: Callable[[BulkCommandWorkflow, str | None], None]
 ) -> str | None:
     """Why `signal` would change nothing for a bulk still running, or None. A cancel after
     the last page was accepted and ended it CANCELLED with every target sent its command; a
@@ -346,16 +365,31 @@ def _refusal(
 
 
 async def _signal(
-    info: Info, bulk_id: str, signal: Callable[[BulkCommandWorkflow], None]
+    info: Info,
+    bulk_id: str,
+    signal: Callable[[BulkCommandWorkflow, str | None], None],
+    key: str | None,
 ) -> BulkCommand:
     """Pause, resume or cancel a running bulk command; INVALID_TRANSITION once it has ended,
     as the checkout operator tools answer for an ended checkout, and when the signal would
-    change nothing (`_refusal`)."""
+    change nothing (`_refusal`). Under a key taken before it is answered as it is, sent
+    nothing."""
+    if key is not None:
+        _checked_key(key)
     progress = await _progress(info, bulk_id)  # it exists, and the caller may act on it
+    taken = progress.action_under(key) if key is not None else None
+    if taken == signal.__name__:
+        return BulkCommand.of(bulk_id, progress, now())
+    if taken is not None:
+        raise TenureError(
+            ErrorCode.IDEMPOTENCY_KEY_REUSED,
+            f"idempotencyKey {key} was used to {taken} bulk command {bulk_id}; send this "
+            f"{signal.__name__} with a new key",
+        )
     refused = _refusal(bulk_id, progress, signal)
     if refused is not None:
         raise TenureError(ErrorCode.INVALID_TRANSITION, refused)
-    if not await info.context.gateway.signal_workflow(bulk_workflow_id(bulk_id), signal):
+    if not await info.context.gateway.signal_workflow(bulk_workflow_id(bulk_id), signal, key):
         ended = await _progress(info, bulk_id)
         # One stopped from outside (terminated) still shows the status it last had.
         status = ended.status.value if ended.status in _ENDED else "stopped before its end"

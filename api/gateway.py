@@ -490,12 +490,16 @@ class EntityGateway:
             raise unavailable(exc) from exc
         return True
 
-    async def signal_workflow(self, workflow_id: str, signal: Callable[[Any], None]) -> bool:
-        """Signal a workflow that is not an entity; False when it does not run."""
+    async def signal_workflow(
+        self, workflow_id: str, signal: Callable[[Any, str | None], None], key: str | None
+    ) -> bool:
+        """Signal a workflow that is not an entity, with the caller's idempotency key; False
+        when it does not run."""
         seconds = self._settings.live_read_timeout
         handle = self._client.get_workflow_handle(workflow_id)
+        sent = handle.signal(signal, key, rpc_timeout=timedelta(seconds=seconds))
         try:
-            await within(seconds, handle.signal(signal, rpc_timeout=timedelta(seconds=seconds)))
+            await within(seconds, sent)
         except RPCError as exc:
             if is_missing(exc):
                 return False

@@ -39,6 +39,9 @@ MAX_IDS = 10_000
 """Ids a bulk command may name outright; more come from a filter."""
 MAX_FAILURES_KEPT = 20
 MAX_CODES = 50
+MAX_ACTIONS_KEPT = 20
+"""Keyed pauses, resumes and cancels a bulk command remembers: one sent again after this many
+others is taken again."""
 
 
 def bulk_workflow_id(bulk_id: str) -> str:
@@ -102,6 +105,13 @@ class BulkProgress(BaseModel):
         description="A cancel was asked: it ends CANCELLED once the page in flight is sent "
         "(COMPLETED if that was its last), and takes no pause or resume.",
     )
+    actions: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_ACTIONS_KEPT,
+        description="The last keyed pauses, resumes and cancels taken, as `<signal>:<key>`, "
+        "oldest first: one sent again (a retry whose answer was lost, arriving after a later "
+        "action) is not taken again.",
+    )
     fingerprint: str = Field(
         default="",
         description="What the bulk command sends to what (`BulkInput.fingerprint`): its "
@@ -118,6 +128,24 @@ class BulkProgress(BaseModel):
         if self.paused_at is not None:
             paused += max((now - self.paused_at).total_seconds(), 0.0)
         return max((now - self.started_at).total_seconds() - paused, 0.0)
+
+    def action_under(self, key: str) -> str | None:
+        """The signal taken under `key` (`pause`, `resume` or `cancel`), or None."""
+        for action in self.actions:
+            signal, _, taken = action.partition(":")
+            if taken == key:
+                return signal
+        return None
+
+    def take(self, signal: str, key: str | None) -> bool:
+        """Whether `signal` is to be taken: not when its key was taken before. Its key is
+        remembered, the oldest forgotten past `MAX_ACTIONS_KEPT`."""
+        if key is None:
+            return True
+        if self.action_under(key) is not None:
+            return False
+        self.actions = [*self.actions, f"{signal}:{key}"][-MAX_ACTIONS_KEPT:]
+        return True
 
     def add(self, sent: PageSent) -> None:
         self.done += sent.done
@@ -275,14 +303,20 @@ class BulkCommandWorkflow:
         return self._progress.model_copy(update={"status": status})
 
     @workflow.signal(name="pause")
-    def pause(self) -> None:
+    def pause(self, key: str | None = None) -> None:
+        """Stop after the page in flight; one under a key already taken does nothing."""
+        if not self._progress.take("pause", key):
+            return
         if not self._paused:
             self._progress.paused_at = workflow.now()
         self._paused = True
 
     @workflow.signal(name="resume")
-    def resume(self) -> None:
-        """Go on; a bulk being cancelled goes on to its end (the API refuses the resume)."""
+    def resume(self, key: str | None = None) -> None:
+        """Go on; a bulk being cancelled goes on to its end (the API refuses the resume). One
+        under a key already taken does nothing."""
+        if not self._progress.take("resume", key):
+            return
         if self._paused and self._progress.paused_at is not None:
             pause = workflow.now() - self._progress.paused_at
             self._progress.paused_seconds += max(pause.total_seconds(), 0.0)
@@ -290,7 +324,9 @@ class BulkCommandWorkflow:
         self._paused = False
 
     @workflow.signal(name="cancel")
-    def cancel(self) -> None:
+    def cancel(self, key: str | None = None) -> None:
+        if not self._progress.take("cancel", key):
+            return
         self._cancelled = True
         self._progress.cancel_requested = True
 

@@ -15,6 +15,7 @@ from temporalio.client import Client, WorkflowHandle
 from api.bulk import BulkCommand
 from api.webhooks import idempotency_key as webhook_key
 from entities.bulk import (
+    MAX_ACTIONS_KEPT,
     BulkCommandWorkflow,
     BulkInput,
     BulkProgress,
@@ -623,6 +624,63 @@ async def test_a_bulk_refuses_what_would_change_nothing_pause_or_cancel_once_all
         cancelled = await read_until(gql, cancelling, lambda b: b["status"] != "RUNNING")
     assert (completed["status"], completed["total"], completed["done"]) == ("COMPLETED", 1, 1)
     assert (cancelled["status"], cancelled["delivered"], cancelled["done"]) == ("CANCELLED", 1, 1)
+
+
+PAUSE_KEYED = """mutation($id: ID!, $key: String) {
+  pauseBulkCommand(id: $id, idempotencyKey: $key) { status } }"""
+RESUME_KEYED = """mutation($id: ID!, $key: String) {
+  resumeBulkCommand(id: $id, idempotencyKey: $key) { status } }"""
+
+
+async def test_a_pause_sent_again_after_a_resume_does_not_stop_the_bulk_again(
+    gql: GraphQLClient, temporal_client: Client, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """A pause whose answer was lost, retried after someone resumed, stopped the bulk again,
+    to wait for another resume: under its key it is taken once, and answered as it is."""
+    unserved = elsewhere(settings)  # their worker down: the first page waits to be counted
+    async with run_worker(unserved):
+        ids = await open_accounts(temporal_client, unserved, 2)
+    bulk_id, pause_key, resume_key = new_id(), new_id(), new_id()
+    handle = await paused_bulk(
+        temporal_client, settings.bulk_task_queue, bulk_id, ids, page_size=1, pages_per_run=1
+    )
+    paused = await gql.data(PAUSE_KEYED, id=bulk_id, key=pause_key)
+    assert paused["pauseBulkCommand"]["status"] == "PAUSED"
+    await gql.data(RESUME_KEYED, id=bulk_id, key=resume_key)
+    await read_until(gql, bulk_id, lambda b: b["delivered"] == 1)
+
+    again = await gql.data(PAUSE_KEYED, id=bulk_id, key=pause_key)
+    assert again["pauseBulkCommand"]["status"] == "RUNNING"
+    # A retry that passed the API's check before the resume came reaches the bulk itself.
+    await handle.signal(BulkCommandWorkflow.pause, pause_key)
+    reused = await gql(RESUME_KEYED, id=bulk_id, key=pause_key)
+    assert reused["errors"][0]["extensions"]["code"] == "IDEMPOTENCY_KEY_REUSED", reused
+    assert "used to pause" in reused["errors"][0]["message"], reused
+
+    async with run_worker(unserved):
+        ended = await read_until(gql, bulk_id, lambda b: b["status"] != "RUNNING")
+    assert (ended["status"], ended["delivered"], ended["done"]) == ("COMPLETED", 2, 2)
+    for account_id in ids:
+        assert (await read_account(gql, account_id, "LIVE"))["balance"] == 5
+    # Sent again once the bulk has ended, it is answered as it is; a new pause is refused.
+    late = await gql.data(PAUSE_KEYED, id=bulk_id, key=pause_key)
+    assert late["pauseBulkCommand"]["status"] == "COMPLETED"
+    assert await gql.error_code(PAUSE_KEYED, id=bulk_id, key=new_id()) == "INVALID_TRANSITION"
+    bad = await gql(PAUSE_KEYED, id=bulk_id, key="no spaces")
+    assert bad["errors"][0]["extensions"]["code"] == "INVALID_INPUT", bad
+
+
+def test_a_bulk_remembers_its_last_keyed_actions_only() -> None:
+    progress = BulkProgress()
+    assert progress.take("pause", None) and progress.take("pause", None)  # unkeyed: always
+    assert progress.take("pause", "p-1")
+    assert not progress.take("pause", "p-1") and not progress.take("resume", "p-1")
+    assert progress.action_under("p-1") == "pause"
+    for n in range(MAX_ACTIONS_KEPT):
+        assert progress.take("resume", f"r-{n}")
+    assert len(progress.actions) == MAX_ACTIONS_KEPT
+    assert progress.action_under("p-1") is None  # the oldest, forgotten
+    assert progress.take("pause", "p-1")
 
 
 def test_a_bulk_s_eta_leaves_its_pauses_out() -> None:

@@ -757,8 +757,11 @@
       const buttons = bulkPane.querySelectorAll("[data-bulk]");
       buttons.forEach((b) => (b.disabled = true));
       try {
-        const mutation = `mutation($id: ID!) { ${action.mutation}(id: $id) { id } }`;
-        await graphql(mutation, { id: current.id });
+        // Its own key: should this request's answer be lost and the request reach the
+        // bulk late, after another operator's resume, it is not taken twice.
+        const mutation = `mutation($id: ID!, $idem: String) {
+          ${action.mutation}(id: $id, idempotencyKey: $idem) { id } }`;
+        await graphql(mutation, { id: current.id, idem: newKey() });
         say(`Bulk command ${current.id}: ${button.dataset.bulk} sent.`);
       } catch (err) {
         say(`${button.dataset.bulk} ${current.id} failed: ${failure(err)}`, true);
