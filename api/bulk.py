@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import strawberry
 from strawberry.scalars import JSON
 
-from api.common import CREATE_GUARDS
+from api.common import CREATE_GUARDS, told_of_state, unread_refusal
 from api.context import Info
 from api.gateway import unbudgeted
 from api.response_size import bounded
@@ -98,7 +98,12 @@ class BulkCommand:
     )
 
     @classmethod
-    def of(cls, bulk_id: str, progress: BulkProgress, now: datetime) -> BulkCommand:
+    def of(
+        cls, bulk_id: str, progress: BulkProgress, now: datetime, states_shown: bool = True
+    ) -> BulkCommand:
+        """The bulk command as `progress` has it at `now`. Not `states_shown` (a service that
+        may send the command but not read the entities), a refusal worded from an entity's
+        state (a balance, a status) gives its code alone, as a single command's does."""
         eta = None
         working = progress.working_seconds(now)
         if progress.status is BulkStatus.RUNNING and working and progress.total and progress.done:
@@ -118,7 +123,15 @@ class BulkCommand:
             rejected_by_code=[RejectedCount(code=c, count=n) for c, n in progress.rejected.items()],
             failed=progress.failed,
             failures=[
-                BulkFailure(entity_id=strawberry.ID(f.entity_id), code=f.code, message=f.message)
+                BulkFailure(
+                    entity_id=strawberry.ID(f.entity_id),
+                    code=f.code,
+                    message=f.message
+                    if states_shown or not told_of_state(f.code)
+                    else unread_refusal(
+                        progress.entity_type, f.entity_id, progress.command, f.code
+                    ),
+                )
                 for f in progress.failures
             ],
             started_at=progress.started_at,
@@ -173,6 +186,17 @@ def now() -> datetime:
     return datetime.now().astimezone()
 
 
+def _shown(info: Info, bulk_id: str, progress: BulkProgress) -> BulkCommand:
+    """The bulk command as its caller may see it: the entities' refusals in full only to one
+    that may read them."""
+    principal = info.context.principal
+    entity = catalog.entity_types().get(progress.entity_type)
+    may_read = entity is not None and entity.policy.allows(
+        principal, progress.entity_type, READ, owned=False
+    )
+    return BulkCommand.of(bulk_id, progress, now(), states_shown=may_read)
+
+
 @strawberry.type
 class BulkQuery:
     @strawberry.field(
@@ -185,7 +209,7 @@ class BulkQuery:
             if exc.code is ErrorCode.NOT_FOUND:
                 return None  # as an entity's read answers one that does not exist
             raise
-        return BulkCommand.of(id, progress, now())
+        return _shown(info, id, progress)
 
 
 ActionKey = Annotated[
@@ -315,7 +339,7 @@ class BulkMutation:
                 f"idempotencyKey {key} was already used for another bulk command "
                 f"({progress.entity_type} {progress.command}); send this one with a new key",
             )
-        return BulkCommand.of(key, progress, now())
+        return _shown(info, key, progress)
 
     @strawberry.mutation(
         description="Stop a bulk command after the page it is sending. INVALID_TRANSITION "
@@ -379,7 +403,7 @@ async def _signal(
     progress = await _progress(info, bulk_id)  # it exists, and the caller may act on it
     taken = progress.action_under(key) if key is not None else None
     if taken == signal.__name__:
-        return BulkCommand.of(bulk_id, progress, now())
+        return _shown(info, bulk_id, progress)
     if taken is not None:
         raise TenureError(
             ErrorCode.IDEMPOTENCY_KEY_REUSED,
@@ -398,7 +422,7 @@ async def _signal(
             f"bulk command {bulk_id} has ended ({status}); it can no longer be paused, "
             "resumed or cancelled",
         )
-    return BulkCommand.of(bulk_id, await _after_the_fact(info, bulk_id), now())
+    return _shown(info, bulk_id, await _after_the_fact(info, bulk_id))
 
 
 async def _after_the_fact(info: Info, bulk_id: str) -> BulkProgress:

@@ -257,17 +257,29 @@ async def send_unread(
             await authorize(info, entity_type, entity_id, READ)
         if exc.code is ErrorCode.INVALID_INPUT:
             raise in_graphql_terms(exc) from None
-        if exc.code in _TOLD_OF_STATE and not await info.context.authorizer.allows(
+        if told_of_state(exc.code) and not await info.context.authorizer.allows(
             principal, entity_type, entity_id, READ
         ):
             # A caller that may send it but not read the entity (a service scoped to
             # `account:withdraw` alone) learns the refusal's code, not the state that
             # made it: "balance 1234 is less than ..." read any account's balance.
             raise TenureError(
-                exc.code, f"{entity_type} {entity_id} refused {command.name} ({exc.code})"
+                exc.code, unread_refusal(entity_type, entity_id, command.name, exc.code)
             ) from None
         raise
     return receipt
+
+
+def unread_refusal(entity_type: str, entity_id: str, command: str, code: str) -> str:
+    """A refusal's words for a caller that may send the command but not read the entity:
+    its code, not the state that made it."""
+    return f"{entity_type} {entity_id} refused {command} ({code})"
+
+
+def told_of_state(code: str) -> bool:
+    """Whether an entity words a refusal with `code` from its state (a balance, a status, a
+    count): told only to callers that may read the entity."""
+    return code in _TOLD_OF_STATE
 
 
 _TOLD_OF_STATE = frozenset(

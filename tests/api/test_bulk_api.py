@@ -25,7 +25,7 @@ from entities.bulk import (
 )
 from entities.checkout_input import checkout_workflow_id
 from entities.runtime.envelope import SYSTEM_COMMAND_PREFIXES
-from tests.api.test_access import Caller, token
+from tests.api.test_access import CLOSE, OPEN, VERIFY, Caller, token
 from tests.api.test_accounts_api import open_active, read_account
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from tests.entities.test_bulk import elsewhere, open_accounts
@@ -564,6 +564,40 @@ async def test_a_service_acts_on_its_own_bulk_commands_and_filters_only_what_it_
     assert (await admin.data(READ, id=key))["bulkCommand"] is None  # nothing started
     started = await reader.data(START, key=new_id(), payload={"amount": 1}, filter=searching)
     assert started["startBulkCommand"]["status"] in ("RUNNING", "COMPLETED")
+
+
+async def test_a_service_that_may_not_read_the_entities_learns_only_the_refusals_codes(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """A service scoped to `account:close` alone, closing accounts in bulk, read each
+    account's balance from its refusal ("cannot close an account holding 4321"), which a
+    single closeAccount tells it only as a code. A service that may read them sees it."""
+    admin = Caller(secured_http, token("admin", "ops"))
+    closer = Caller(secured_http, token("service", "closer", scope="account:close"))
+    reader = Caller(secured_http, token("service", "auditor", scope="account:close read:account"))
+    account_id = new_id()
+    await admin.data(OPEN, id=account_id)
+    await admin.data(VERIFY, id=account_id)
+    await admin.data(DEPOSIT_4321, id=account_id)
+    single = (await closer.post(CLOSE, id=account_id)).json()["errors"][0]
+    assert single["extensions"]["code"] == "INVALID_TRANSITION" and "holding" not in str(single)
+
+    for caller, shown in ((closer, False), (reader, True)):
+        key = new_id()
+        await caller.data(START_ON, type="account", command="close", key=key, ids=[account_id])
+        for _ in range(200):
+            bulk = (await caller.data(READ, id=key))["bulkCommand"]
+            if bulk["status"] == "COMPLETED":
+                break
+            await asyncio.sleep(0.1)
+        assert (bulk["status"], bulk["rejected"]) == ("COMPLETED", 1), bulk
+        [failure] = bulk["failures"]
+        assert failure["code"] == "INVALID_TRANSITION", failure
+        assert ("holding 4321" in failure["message"]) is shown, failure
+
+
+DEPOSIT_4321 = """mutation($id: ID!) { depositToAccount(id: $id, amount: 4321, wait: true)
+  { commandId } }"""
 
 
 async def read_until(
