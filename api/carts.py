@@ -29,6 +29,8 @@ from api.common import (
     require_open,
     send_command,
     send_unread,
+    told_of_state,
+    unread_refusal,
 )
 from api.context import Info
 from api.errors import TooManyQueries
@@ -45,7 +47,7 @@ from entities.errors import ErrorCode, TenureError
 from entities.inventory import InventoryState, inventory
 from entities.runtime.entity import Command
 from entities.runtime.envelope import sender_key
-from entities.runtime.policy import Role
+from entities.runtime.policy import READ, Role
 from workers.cache import CacheUnavailable
 from workers.creations import Creations
 
@@ -357,6 +359,15 @@ class CartMutation:
         try:
             await _guard_create(info.context.gateway, cart_id, {"account_id": account_id})
         except TenureError as exc:
+            if told_of_state(exc.code) and not await info.context.authorizer.allows(
+                info.context.principal, account.name, account_id, READ
+            ):
+                # A service scoped to `cart:createCart` alone read an account's currency and
+                # its count of open carts from the refusal: it learns the code, as a refused
+                # command tells a caller that may not read the entity.
+                raise TenureError(
+                    exc.code, unread_refusal(account.name, account_id, "a new cart", exc.code)
+                ) from None
             # As the mutation's caller knows the field (`accountId`), not the command's.
             raise in_graphql_terms(exc) from None
         try:

@@ -304,6 +304,26 @@ async def test_a_refusal_does_not_tell_whether_the_entity_exists(
         assert await stranger.code(CREATE_CART, id=new_id(), account=account_id) == "FORBIDDEN"
 
 
+async def test_a_service_that_may_not_read_accounts_learns_only_why_codes_a_cart_is_refused(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """createCart's account checks worded the account's state (closed, its currency, its
+    count of open carts) to a service scoped to `cart:createCart` alone."""
+    admin = Caller(secured_http, token("admin", "setup"))
+    maker = Caller(secured_http, token("service", "carts", scope="cart:createCart"))
+    reader = Caller(secured_http, token("service", "carts", scope="cart:createCart read:account"))
+    closed = new_id()
+    for mutation in (OPEN, VERIFY, CLOSE):
+        await admin.data(mutation, id=closed)
+    for caller, shown in ((maker, False), (reader, True)):
+        body = (await caller.post(CREATE_CART, id=new_id(), account=closed)).json()
+        error = body["errors"][0]
+        assert error["extensions"]["code"] == ErrorCode.INVALID_TRANSITION, body
+        assert ("is closed" in error["message"]) is shown, body
+    # Whether it exists is the code's own news, to both.
+    assert await maker.code(CREATE_CART, id=new_id(), account=new_id()) == ErrorCode.NOT_FOUND
+
+
 class _NotYetKnown(Authorizer):
     """Knows not whose the entity `blind` names is while the command that creates it is
     allowed (the mutation asks twice): as in the moment after another client created it and
