@@ -213,9 +213,9 @@ def _text(value: object, what: str) -> str:
 
 
 def check_mappings(sources: Mapping[str, WebhookSource]) -> None:
-    """Refuse at start a mapping that names a command no entity has, payload keys the
-    command does not take, or a command its entity's policy does not name (which no one
-    may send): every such event would be refused."""
+    """Refuse at start a mapping that names a command no entity has, one only Tenure's own
+    workflows send, payload keys the command does not take, or a command its entity's
+    policy does not name (which no one may send)."""
     types = catalog.entity_types()
     for name, source in sources.items():
         for event_type, event in source.events.items():
@@ -224,11 +224,19 @@ def check_mappings(sources: Mapping[str, WebhookSource]) -> None:
             if entity is None:
                 raise ValueError(f"{where}: no entity type {event.entity!r}")
             try:
-                model = entity.spec(event.command).model
+                command = entity.spec(event.command)
             except Rejected:
                 raise ValueError(
                     f"{where}: {event.entity} has no command {event.command!r}"
                 ) from None
+            if command.internal:
+                # A provider's event mapped to `completeCheckout` checked a cart out with no
+                # checkout: these are the checkout saga's, sent by no client nor in bulk.
+                raise ValueError(
+                    f"{where}: {event.entity} {event.command} is sent by Tenure's own "
+                    "workflows (the checkout saga), never by a webhook"
+                )
+            model = command.model
             unknown = set(event.payload) - set(model.model_fields)
             if unknown:
                 raise ValueError(f"{where}: {event.command} takes no {sorted(unknown)}")
