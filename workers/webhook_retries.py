@@ -52,8 +52,11 @@ class RetrySchedule:
 
     def next_due(self, attempts: int, first: float, now: float) -> float:
         """When an entry that failed `attempts` times is tried again: never past its deadline."""
+        # Doubled at most until it passes the cap: 2 ** 1024 overflowed a float, in a retry
+        # period over about 42 days, and stopped the subscriber's delivery for good.
+        doublings = min(max(attempts - 1, 0), 64)
         wait: float = min(
-            self.backoff * 2 ** (attempts - 1),
+            self.backoff * 2**doublings,
             MAX_BACKOFF_SECONDS,
             first + self.retry_for - now,
         )

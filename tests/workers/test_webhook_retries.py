@@ -1,0 +1,24 @@
+"""The retry schedule of a failing webhook entry (pure: no server)."""
+
+from __future__ import annotations
+
+from workers.webhook_retries import MAX_BACKOFF_SECONDS, RetrySchedule
+
+
+def test_a_failing_entry_waits_twice_as_long_each_time_never_past_the_cap_or_its_deadline() -> None:
+    schedule = RetrySchedule(retry_for=3600.0, backoff=2.0)
+    waits = [schedule.next_due(n, first=0, now=0) for n in (1, 2, 3)]
+    assert waits == [2, 4, 8]
+    assert schedule.next_due(20, first=0, now=0) == min(MAX_BACKOFF_SECONDS, 3600)
+    assert schedule.next_due(3, first=0, now=3599) == 3600  # its deadline, not later
+    assert schedule.gives_up(first=0, now=3600) and not schedule.gives_up(first=0, now=3599)
+
+
+def test_a_retry_period_of_months_keeps_its_schedule_after_a_thousand_attempts() -> None:
+    """The 1,025th attempt's wait, 2 s doubled 1,024 times, overflowed a float: the
+    subscriber's delivery failed on it, and on every retry of its activity, for good."""
+    days = 86_400.0
+    schedule = RetrySchedule(retry_for=90 * days, backoff=2.0)
+    first, now = 0.0, 50 * days
+    for attempts in (1_024, 1_025, 5_000, 10**9):
+        assert schedule.next_due(attempts, first, now) == now + MAX_BACKOFF_SECONDS
