@@ -101,7 +101,8 @@ class Mailbox:
             return
         if held is not None and held.position >= change.position:
             return
-        self._pending.pop(change.entity_id, None)
+        # In its entity's place: moved to the back at each change, a busy entity was shown
+        # never while the subscriber kept pace with a backlog of quieter ones.
         self._pending[change.entity_id] = change
         self._ready.set()
 
@@ -110,7 +111,7 @@ class Mailbox:
         self._ready.set()
 
     async def next(self) -> Change:
-        """The oldest pending entity's newest change, waiting for one."""
+        """The newest change of the entity pending longest, waiting for one."""
         while not self._pending:
             if self._ended is not None:
                 raise self._ended

@@ -767,6 +767,24 @@ async def _read_into(shown: list[tuple[int, str]], follower: _Follower, box: Mai
         shown.append((change.revision, change.node["status"]))
 
 
+async def test_a_busy_entity_is_shown_while_its_subscriber_keeps_pace_with_a_backlog() -> None:
+    """A subscriber with a steady backlog of 50 quiet entities, taking one change as each
+    comes: the entity that changed at every tick went to the back each time, and was never
+    shown; it is shown in its turn, with its newest state."""
+    box = Mailbox(lambda change: True, 1000)
+    for n in range(50):
+        box.offer(_account_change(f"quiet-{n}", 1, "ACTIVE", "deposit"))
+    shown: list[tuple[str, int]] = []
+    for tick in range(1, 201):
+        box.offer(_account_change("busy", tick, "ACTIVE", "deposit"))
+        box.offer(_account_change(f"later-{tick}", 1, "ACTIVE", "deposit"))
+        change = await box.next()
+        shown.append((change.snapshot.entity_id, change.snapshot.revision))
+    busy = [revision for entity_id, revision in shown if entity_id == "busy"]
+    assert len(busy) >= 3, shown[-5:]
+    assert busy == sorted(busy) and busy[0] == 51  # its newest when its turn came
+
+
 async def test_a_status_filtered_view_is_told_when_an_entity_leaves_however_fast_it_changes() -> (
     None
 ):
