@@ -497,7 +497,9 @@ class EntityGateway:
         when it does not run."""
         seconds = self._settings.live_read_timeout
         handle = self._client.get_workflow_handle(workflow_id)
-        sent = handle.signal(signal, key, rpc_timeout=timedelta(seconds=seconds))
+        # Without a key it goes with no argument, as workers from before keys take it.
+        args = () if key is None else (key,)
+        sent = handle.signal(signal, *args, rpc_timeout=timedelta(seconds=seconds))
         try:
             await within(seconds, sent)
         except RPCError as exc:

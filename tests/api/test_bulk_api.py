@@ -704,6 +704,25 @@ async def test_a_pause_sent_again_after_a_resume_does_not_stop_the_bulk_again(
     assert bad["errors"][0]["extensions"]["code"] == "INVALID_INPUT", bad
 
 
+async def test_a_pause_without_a_key_is_sent_as_workers_from_before_keys_take_it(
+    gql: GraphQLClient, temporal_client: Client, settings: Settings
+) -> None:
+    """Signals sent with a key argument, even a null one, failed every workflow task of a
+    bulk on a worker from before keys (its handlers take none) while a rollout was under way:
+    one without a key carries no argument."""
+    bulk_id = new_id()
+    handle = await paused_bulk(temporal_client, settings.bulk_task_queue, bulk_id, [new_id()])
+    await gql.data(PAUSE, id=bulk_id)
+    await gql.data(PAUSE_KEYED, id=bulk_id, key=new_id())
+    sent = [
+        event.workflow_execution_signaled_event_attributes
+        async for event in handle.fetch_history_events()
+        if event.HasField("workflow_execution_signaled_event_attributes")
+    ]
+    assert [(s.signal_name, len(s.input.payloads)) for s in sent] == [("pause", 0), ("pause", 1)]
+    await handle.terminate()
+
+
 def test_a_bulk_remembers_its_last_keyed_actions_only() -> None:
     progress = BulkProgress()
     assert progress.take("pause", None) and progress.take("pause", None)  # unkeyed: always
