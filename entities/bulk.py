@@ -35,6 +35,8 @@ with workflow.unsafe.imports_passed_through():
 
 BULK_WORKFLOW = "BulkCommand"
 PIPELINED = "bulk-pipelined"
+PAUSED_RENEWAL = "bulk-paused-renewal"
+"""Runs from this patch on continue as new while paused, once their history is long."""
 MAX_IDS = 10_000
 """Ids a bulk command may name outright; more come from a filter."""
 MAX_FAILURES_KEPT = 20
@@ -179,6 +181,15 @@ class BulkInput(BaseModel):
     )
     progress: BulkProgress = Field(default_factory=BulkProgress)
     paused: bool = False
+    paused_history_events: int = Field(
+        default=2000,
+        ge=50,
+        le=9000,
+        description="Events a paused run's history may reach (each pause, resume or cancel "
+        "adds to it) before it continues as new, still paused: Temporal takes at most "
+        "10,000 signals in a run, and a bulk paused for days, sent a pause every few "
+        "seconds, could then be neither resumed nor cancelled.",
+    )
 
     def fingerprint(self) -> str:
         """A digest of what is sent to what: the same for the same request sent again."""
@@ -285,6 +296,7 @@ class BulkCommandWorkflow:
         self._cancelled = False
         self._sending = False
         self._settling = 0
+        self._renews = False
         if self._progress.started_at is None:
             self._progress.started_at = workflow.now()
             self._progress.entity_type = input.entity_type
@@ -332,6 +344,7 @@ class BulkCommandWorkflow:
 
     @workflow.run
     async def run(self, input: BulkInput) -> BulkProgress:
+        self._renews = workflow.patched(PAUSED_RENEWAL)
         if workflow.patched(PIPELINED):
             more = await self._send_pages(input)
         else:
@@ -351,6 +364,14 @@ class BulkCommandWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._progress
 
+    def _paused_too_long(self, input: BulkInput) -> bool:
+        """Whether a paused run's history has grown enough to go on in a new one."""
+        if not self._renews:
+            return False
+        info = workflow.info()
+        too_long = info.get_current_history_length() >= input.paused_history_events
+        return too_long or info.is_continue_as_new_suggested()
+
     def _busy(self) -> bool:
         return self._sending or self._settling > 0
 
@@ -360,9 +381,11 @@ class BulkCommandWorkflow:
         counting: asyncio.Task[None] | None = None
         more = True
         for _ in range(input.pages_per_run):
-            await workflow.wait_condition(lambda: not self._paused or self._cancelled)
-            if self._cancelled:
-                break
+            await workflow.wait_condition(
+                lambda: not self._paused or self._cancelled or self._paused_too_long(input)
+            )
+            if self._cancelled or self._paused:
+                break  # paused too long, it goes on paused in a new run
             self._sending = True
             page = await self._next_page(input)
             if page.ids:

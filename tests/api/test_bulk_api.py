@@ -723,6 +723,39 @@ async def test_a_pause_without_a_key_is_sent_as_workers_from_before_keys_take_it
     await handle.terminate()
 
 
+async def test_a_bulk_paused_for_long_goes_on_paused_in_a_new_run_however_often_paused(
+    gql: GraphQLClient, temporal_client: Client, settings: Settings
+) -> None:
+    """A paused bulk waited in one run: each pause sent to it meanwhile (a script's, every
+    few seconds for days) grew that run, and past Temporal's 10,000 signals it could be
+    neither resumed nor cancelled. It continues as new, still paused, keyed actions kept."""
+    account_id = new_id()
+    await open_active(gql, account_id)
+    bulk_id, kept = new_id(), new_id()
+    handle = await paused_bulk(
+        temporal_client,
+        settings.bulk_task_queue,
+        bulk_id,
+        [account_id],
+        paused_history_events=50,
+    )
+    first_run = (await handle.describe()).run_id
+    await gql.data(PAUSE_KEYED, id=bulk_id, key=kept)
+    for _ in range(4):
+        await asyncio.gather(*(handle.signal(BulkCommandWorkflow.pause) for _ in range(20)))
+    for _ in range(100):
+        if (await handle.describe()).run_id != first_run:
+            break
+        await asyncio.sleep(0.1)
+    assert (await handle.describe()).run_id != first_run
+    assert (await gql.data(READ, id=bulk_id))["bulkCommand"]["status"] == "PAUSED"
+    assert (await gql.data(PAUSE_KEYED, id=bulk_id, key=kept))["pauseBulkCommand"]
+    await gql.data(RESUME, id=bulk_id)
+    done = await finished(gql, bulk_id)
+    assert (done["status"], done["applied"]) == ("COMPLETED", 1)
+    assert (await read_account(gql, account_id, "LIVE"))["balance"] == 5
+
+
 def test_a_bulk_remembers_its_last_keyed_actions_only() -> None:
     progress = BulkProgress()
     assert progress.take("pause", None) and progress.take("pause", None)  # unkeyed: always
