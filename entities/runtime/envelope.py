@@ -36,9 +36,9 @@ class CommandEnvelope(BaseModel):
     """
 
     command_id: str
-    name: str
+    name: str = Field(max_length=64)
     payload: dict[str, Any] = Field(default_factory=dict)
-    undoes: str | None = None
+    undoes: str | None = Field(default=None, max_length=512)  # MAX_COMMAND_ID
     undoes_since: AwareDatetime | None = Field(
         default=None,
         description="When the undone command was first sent: a ledger that has forgotten "
@@ -54,6 +54,7 @@ class CommandEnvelope(BaseModel):
     )
     fingerprint: str | None = Field(
         default=None,
+        max_length=64,
         description="What the command asks for (its name and payload), hashed; filled in "
         "when not given. A command id seen again with another fingerprint is a reused key.",
     )

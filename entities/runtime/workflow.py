@@ -79,6 +79,8 @@ from the cache or the entity by whoever needs it (`Snapshot.state_omitted`)."""
 
 MAX_TIMER_CHANGES = 64
 """Timer firings remembered for the change stream until published."""
+MAX_REFUSAL = 1000
+"""The longest refusal message an outcome keeps, in characters."""
 
 NEXT_TASK_TIMEOUT = timedelta(seconds=10)
 NEXT_TASK_RETRY = RetryPolicy(
@@ -593,7 +595,11 @@ class EntityWorkflow:
     ) -> None:
         """Record the command as refused; `envelope` is the refused command itself, when it
         is the one that arrived (not a command cancelled before it came), else `name` and
-        `sent_by` are what is known of it."""
+        `sent_by` are what is known of it. Its message is cut to MAX_REFUSAL: one that named
+        a sender's 700,000-character payload key outweighed the whole ledger, which forgot
+        every other command to hold it."""
+        if len(message) > MAX_REFUSAL:
+            message = message[: MAX_REFUSAL - 1] + "…"
         self._ledger.record(
             Outcome(
                 command_id=command_id,

@@ -15,7 +15,8 @@ from entities.cart import cart
 from entities.errors import ErrorCode, Rejected, TenureError
 from entities.inventory import inventory
 from entities.runtime.entity import MAX_MONEY, EntityType
-from entities.runtime.envelope import CommandEnvelope, RuntimeOptions
+from entities.runtime.envelope import CommandEnvelope, CommandResult, RuntimeOptions
+from entities.runtime.workflow import EntityWorkflow
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import eventually
 from tests.entities.test_runtime import open_active
@@ -320,3 +321,35 @@ async def test_a_command_whose_state_would_weigh_past_the_runtime_bound_is_refus
     assert len(read.snapshot.model_dump_json()) <= 4096 + 1024  # the state, and its envelope
     assert after is not None and after.snapshot.state is not None
     assert len(after.snapshot.state["lines"]) == held  # still serving, still at its heaviest
+
+
+async def test_a_sender_s_outsized_command_is_refused_without_the_entity_forgetting_the_rest(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """A signal sender's command with a 400,000-character name, or a 700,000-character
+    payload key, was refused with a message that held it (twice, for the name): one outcome
+    outweighed the whole ledger, which forgot every other command to hold it, and a retry of
+    a deposit applied a moment before was applied again."""
+    gateway = EntityGateway(temporal_client, cache, settings)
+    delivery = CommandDelivery(temporal_client, settings)
+    async with run_worker(settings):
+        account_id = new_id()
+        await open_active(gateway, account_id)
+        deposit = CommandEnvelope(command_id=new_id(), name="deposit", payload={"amount": 7})
+        await delivery.request(account, account_id, deposit)
+        handle = temporal_client.get_workflow_handle(account.workflow_id(account_id))
+        outsized: list[dict[str, Any]] = [
+            {"command_id": new_id(), "name": "d" * 400_000, "payload": {}},
+            {"command_id": new_id(), "name": "deposit", "payload": {"amount": 1, "k" * 700_000: 1}},
+        ]
+        for envelope in outsized:
+            await handle.signal("command", envelope)
+        again = await delivery.request(account, account_id, deposit)
+        assert again.outcome.revision == 3, again.outcome  # the first's outcome, not another
+        assert again.snapshot.state["balance"] == 7
+        for envelope in outsized:
+            refused = await handle.query(
+                EntityWorkflow.outcome, envelope["command_id"], result_type=CommandResult
+            )
+            assert refused.outcome.code == ErrorCode.INVALID_INPUT, refused.outcome
+            assert len(refused.outcome.message or "") <= 1000
