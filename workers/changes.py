@@ -48,6 +48,12 @@ from workers.settings import Settings
 # it decides: a snapshot already written (by a retry, a flush of unsaved snapshots) still
 # needs its changes streamed.
 APPEND_CHANGES = """
+local function kept_size(mean, fast, size, kept, budget)
+  if mean == 0 then mean = size else mean = mean + (size - mean) / kept end
+  local weight = math.max(math.min(1, 2 * size / budget), 1 / kept)
+  if fast == 0 then fast = size else fast = fast + (size - fast) * weight end
+  return mean, fast
+end
 local function append_changes(stream, marks, incarnation, revision, id, doc, state)
   if not doc or doc == '' then return end
   doc = cjson.decode(doc)
@@ -61,20 +67,26 @@ local function append_changes(stream, marks, incarnation, revision, id, doc, sta
     if g == marked then last = tonumber(string.sub(mark, sep + 1)) end
   end
   if r <= last then return end
-  -- The mean size of the entries kept (a running mean over as many entries as the stream
-  -- holds, under a field no entity id can be) turns the byte bound into a length: large
-  -- states keep fewer entries, never fewer than doc.f; one large entry moves it little.
-  local mean = tonumber(redis.call('HGET', marks, ':bytes') or '0') or 0
+  -- The size of the entries kept turns the byte bound into a length: large states keep
+  -- fewer entries, never fewer than doc.f. It is the larger of two means, under fields no
+  -- entity id can be: one over as many entries as the stream holds, which one large entry
+  -- moves little, and one in which each entry weighs by its share of the bound (twice
+  -- it), which follows a change of sizes before the bound is passed. The first alone let a
+  -- stream of small entries take large ones at its old length, to three or four times its
+  -- bytes. Dead letters are kept by the same rule (`kept_size`, below).
+  local sizes = redis.call('HMGET', marks, ':bytes', ':fast')
+  local mean = tonumber(sizes[1] or '0') or 0
+  local fast = tonumber(sizes[2] or '0') or mean
   local kept = redis.call('XLEN', stream)
+  local budget = tonumber(doc.b)
   local function add(fields)
     local size = 0
     for _, value in ipairs(fields) do size = size + string.len(value) end
     kept = kept + 1
-    if mean == 0 then mean = size else mean = mean + (size - mean) / kept end
     local most = tonumber(doc.n)
-    local budget = tonumber(doc.b)
     if budget and budget > 0 then
-      most = math.min(most, math.max(math.floor(budget / mean), tonumber(doc.f)))
+      mean, fast = kept_size(mean, fast, size, kept, budget)
+      most = math.min(most, math.max(math.floor(budget / math.max(mean, fast)), tonumber(doc.f)))
     end
     redis.call('XADD', stream, 'MAXLEN', '~', most, '*', unpack(fields))
   end
@@ -101,7 +113,8 @@ local function append_changes(stream, marks, incarnation, revision, id, doc, sta
     end
   end
   if r > last then gap(last + 1, r) end
-  redis.call('HSET', marks, id, incarnation .. ':' .. revision, ':bytes', tostring(mean))
+  redis.call('HSET', marks, id, incarnation .. ':' .. revision, ':bytes', tostring(mean),
+             ':fast', tostring(fast))
   if doc.a ~= '' then
     -- By Redis's clock, whose the entry ids are: a writer's clock ahead by more than the age
     -- trimmed what other writers had just appended.
@@ -113,6 +126,19 @@ local function append_changes(stream, marks, incarnation, revision, id, doc, sta
   end
 end
 """
+
+
+def kept_size(mean: float, fast: float, size: int, kept: int, budget: int) -> tuple[float, float]:
+    """The two mean sizes that turn a byte bound into a length, after an entry of `size`
+    joins the `kept` held (it included), as APPEND_CHANGES's Lua has them: the length is the
+    bound over the larger. One mean is over every entry held, which one large entry moves
+    little; in the other each entry weighs by twice its share of the bound, so a change of
+    sizes is followed before the bound is passed (the first alone let small entries, then
+    large ones, take three or four times the bytes)."""
+    mean = size if not mean else mean + (size - mean) / kept
+    weight = max(min(1.0, 2 * size / budget), 1 / kept)
+    fast = size if not fast else fast + (size - fast) * weight
+    return mean, fast
 
 
 MIN_KEPT = 100

@@ -31,7 +31,7 @@ from redis.exceptions import ResponseError
 
 from workers import leases
 from workers.cache import RedisClient
-from workers.changes import stream_key
+from workers.changes import kept_size, stream_key, text
 from workers.failures import REDIS_FAILURES
 from workers.settings import WebhookSource
 
@@ -318,15 +318,15 @@ class WebhookSubscribers:
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.xlen(dead)
             pipe.get(weight)
-            kept, mean = await pipe.execute()
-        # The mean size of the letters kept, over as many as are kept: one large letter
-        # moves it little, many move it all the way.
-        kept, mean = int(kept) + 1, float(mean or 0)
-        mean = size if not mean else mean + (size - mean) / kept
-        most = max(MIN_DEAD_LETTERS, min(MAX_DEAD_LETTERS, int(DEAD_LETTER_BYTES // mean)))
+            kept, means = await pipe.execute()
+        # The letters' sizes, as a stream's (`kept_size`); "<mean> <fast>", or the mean alone
+        # as kept before.
+        mean, _, fast = (text(means) if means else "0").partition(" ")
+        held = kept_size(float(mean), float(fast or mean), size, int(kept) + 1, DEAD_LETTER_BYTES)
+        most = max(MIN_DEAD_LETTERS, min(MAX_DEAD_LETTERS, int(DEAD_LETTER_BYTES // max(held))))
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.xadd(dead, fields, maxlen=most, approximate=True)
-            pipe.set(weight, str(mean))
+            pipe.set(weight, f"{held[0]} {held[1]}")
             await pipe.execute()
 
     async def dead_letters(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
@@ -27,7 +28,7 @@ from tests.entities.shop import until_cached
 from tests.entities.test_publishing import publishes
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache, connect_redis
-from workers.changes import MIN_KEPT, Changes, Retention, stream_key
+from workers.changes import MIN_KEPT, Changes, Retention, kept_size, stream_key
 from workers.settings import Settings
 
 Entry = dict[str, str]
@@ -225,17 +226,72 @@ async def test_the_stream_is_trimmed_by_bytes_however_few_its_entries(settings: 
         assert memory < 8_000_000, memory
         newest = await client.xrevrange(stream, count=1)
         assert newest[0][1][b"revision"] == b"800"  # the newest are the ones kept
-        # Many small entries, then one large: the large one does not trim the small away.
+        # Many small entries, then one large (a hundredth of the bound, as a 512 KiB state is
+        # of the default's 256 MiB): it does not trim the small away. One that is a large
+        # share of the bound itself moves the mean that follows sizes as much.
         for revision in range(1, 1001):
             await cache.put(snapshot("small", revision), Changes(revision - 1, applied(revision)))
         before = await client.xlen(stream)
         await cache.put(
-            snapshot("small", 1001).model_copy(update={"state": {"note": "x" * 200_000}}),
+            snapshot("small", 1001).model_copy(update={"state": {"note": "x" * 20_000}}),
             Changes(1000, applied(1001)),
         )
         assert await client.xlen(stream) >= before - 200, before  # a node's worth, at most
     finally:
         await client.aclose()
+
+
+async def test_a_stream_of_small_entries_that_turn_large_keeps_to_its_bytes(
+    settings: Settings,
+) -> None:
+    """Its length followed the mean size of every entry it held, which the small ones kept
+    low while large ones came: 3,000 entries of about 300 bytes, then 16 KB states, held
+    about 700 entries, five times the bound's bytes."""
+    client = connect_redis(settings)
+    prefix = f"{settings.redis_prefix}{new_id()}:"
+    cache = SnapshotCache(client, prefix, Retention(max_length=1_000_000, max_bytes=2_000_000))
+    stream = stream_key(prefix, "account")
+    try:
+        for revision in range(1, 3001):
+            await cache.put(snapshot("small", revision), Changes(revision - 1, applied(revision)))
+        large = {"note": "x" * 16_000}
+        peak = 0
+        for revision in range(1, 601):
+            written = snapshot("large", revision).model_copy(update={"state": large})
+            await cache.put(written, Changes(revision - 1, applied(revision)))
+            if revision % 50 == 0:
+                peak = max(peak, await client.memory_usage(stream) or 0)
+        # 2 MB, and a node of the stream's (100 entries) that approximate trimming leaves.
+        assert peak < 4_500_000, peak
+        assert await client.xlen(stream) >= MIN_KEPT
+    finally:
+        await client.aclose()
+
+
+def test_letters_kept_by_their_sizes_stay_near_their_bytes_however_the_sizes_change() -> None:
+    """The rule dead letters are kept by (`kept_size`), with exact trimming: small letters
+    then large ones, large then small then large, and a mix, never pass the bound by more
+    than about a tenth (the mean of every letter held alone passed it three to four times)."""
+    budget = 2_000_000
+
+    def peak(sizes: list[int]) -> float:
+        held: deque[int] = deque()
+        total, mean, fast, most_bytes = 0, 0.0, 0.0, 0
+        for size in sizes:
+            mean, fast = kept_size(mean, fast, size, len(held) + 1, budget)
+            most = max(MIN_KEPT, int(budget // max(mean, fast)))
+            held.append(size)
+            total += size
+            while len(held) > most:
+                total -= held.popleft()
+            most_bytes = max(most_bytes, total)
+        return most_bytes / budget
+
+    mixed = [300, 300, 300, 16_000] * 5000
+    assert peak([300] * 20_000 + [16_000] * 2_000) < 1.15
+    assert peak([16_000] * 2_000 + [300] * 20_000 + [16_000] * 2_000) < 1.15
+    assert peak(mixed) < 1.15
+    assert peak([300] * 20_000) > 0.9  # small ones alone fill it
 
 
 async def test_the_stream_is_trimmed_by_age_on_redis_s_clock_not_the_writer_s(
