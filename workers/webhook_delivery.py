@@ -197,6 +197,8 @@ class _Run:
         self._sending = asyncio.Semaphore(PARALLEL_ENTITIES)
         self._stopping = asyncio.Event()
         self._removed = False
+        self._group_lost = False
+        self._first = 0  # the stream each pass reads first, in turn
         self._sent = activity.metric_meter().create_counter(
             WEBHOOKS_METRIC,
             "Changes sent to subscribers' webhooks, by outcome (one dead letter of changes "
@@ -217,6 +219,7 @@ class _Run:
             while (
                 time.monotonic() < deadline
                 and not self._removed
+                and not self._group_lost
                 and not self._stopping.is_set()  # its lease lost (`_heartbeat`)
                 and not activity.is_worker_shutdown()
             ):
@@ -224,15 +227,26 @@ class _Run:
                     next_look = time.monotonic() + LOOK_FOR_REMOVAL_SECONDS
                     self._removed = await self._subscribers.get(self._subscriber.id) is None
                 read = 0
-                for stream in self._streams:
+                for stream in self._in_turn():
                     if self._held >= MAX_HELD:
                         self._park()
-                    if self._full() or self._removed:
+                    if self._full() or self._removed or self._group_lost:
                         break
                     read += await self._read(stream, tasks)
+                if self._group_lost:
+                    self._removed = await self._subscribers.get(self._subscriber.id) is None
                 if not read:
                     await asyncio.sleep(POLL_SECONDS)
             self._stopping.set()  # sends in flight finish; none starts
+        if self._group_lost and not self._removed:
+            # Its stream deleted, or its group lost in a failover: it was taken for removed,
+            # and its dead letters went with it while it stayed registered. The next run
+            # makes its groups again, from the streams' ends, as a run after Redis lost them.
+            activity.logger.error(
+                "webhook subscriber %s: a consumer group of its streams is gone (a stream "
+                "deleted, a failover?); delivery goes on from the streams' ends",
+                self._subscriber.id,
+            )
         if self._removed:  # what the sends in flight wrote after the removal
             await self._subscribers.drop_keys(self._subscriber.id)
             await _said_gone(self._subscribers, self._subscriber.id)
@@ -248,6 +262,14 @@ class _Run:
         else:
             self.counts.dead_lettered += n
         self._sent.add(n, {"outcome": outcome})
+
+    def _in_turn(self) -> list[str]:
+        """The streams, a different one first at each pass: read in one order, the first
+        type's backlog took every place a slow receiver freed, and the other types' changes
+        and the replays were not read until retention trimmed them."""
+        streams = list(self._streams)
+        self._first = (self._first + 1) % len(streams)
+        return streams[self._first :] + streams[: self._first]
 
     def _full(self) -> bool:
         return self._held >= MAX_HELD or self._parked_count >= MAX_PARKED
@@ -355,8 +377,8 @@ class _Run:
                         self._group, CONSUMER, {stream: cursor}, count=count
                     )
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):  # removed meanwhile
-                    self._removed = True
+                if "NOGROUP" in str(exc):  # removed meanwhile, or lost: `go` asks which
+                    self._group_lost = True
                     return 0
                 raise
             entries: list[tuple[bytes, Mapping[bytes, bytes] | None]] = (

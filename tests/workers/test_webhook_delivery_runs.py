@@ -31,6 +31,7 @@ from workers.settings import Settings
 from workers.webhook_delivery import CONSUMER, PARALLEL_ENTITIES, WebhookDelivery
 from workers.webhook_subscribers import (
     REMOVED_KEPT_SECONDS,
+    DeadLetter,
     Subscriber,
     WebhookSubscribers,
     group_name,
@@ -471,6 +472,83 @@ async def test_an_answer_that_comes_after_the_send_timeout_is_not_a_delivery(
         counts = await trickled.run(0.5)
     assert counts.delivered == 0
     assert answered == []  # the send gave up before the 200 came
+
+
+async def test_a_consumer_group_lost_mid_run_is_made_again_not_taken_for_a_removal(
+    delivering: Delivering, receiver: Receiver
+) -> None:
+    """Its stream's group gone mid-run (the stream deleted, a failover) was taken for the
+    subscriber's removal: its dead letters were dropped and its delivery ended for good,
+    while it stayed registered, and the alert said it was not in Redis. The run ends, and
+    the next makes its group again, from the stream's end."""
+    subscribers, subscriber = delivering.subscribers, delivering.subscriber
+    now = datetime.now(UTC)
+    letter = DeadLetter(
+        webhook_id="w-1",
+        entity_type="account",
+        entity_id="kept",
+        body="{}",
+        attempts=3,
+        error="500",
+        first_attempt_at=now,
+        failed_at=now,
+    )
+    await subscribers.dead_letter(subscriber.id, letter)
+    entity = new_id()
+    await delivering.change(entity, 1)
+    run = asyncio.create_task(delivering.run(seconds=10))
+    await receiver.until(lambda: len(receiver.delivered()) == 1, 10)
+    await subscribers.client.xgroup_destroy(delivering.stream, group_name(subscriber.id))
+    await delivering.change(entity, 2)  # its read meets no group
+    started = time.monotonic()
+    await run  # not removed (`Delivering.run`), and ended before its 10 s
+    assert time.monotonic() - started < 8
+    assert await subscribers.get(subscriber.id) is not None
+    assert [d["entity_id"] for d in await delivering.dead_letters()] == ["kept"]
+
+    async def third() -> None:
+        await asyncio.sleep(1.0)  # once the next run has made its group, at the end
+        await delivering.change(entity, 3)
+
+    await asyncio.gather(delivering.run(seconds=3), third())
+    assert [e["data"]["revision"] for e in receiver.delivered()][-1] == 3
+
+
+async def test_a_backlog_of_one_type_holds_back_no_other_type_nor_the_replays(
+    delivering: Delivering, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each pass read the streams in one order, and each read took every place free: with a
+    slow receiver and a backlog of accounts, the carts were not read until the accounts'
+    backlog was gone (or retention trimmed them, unread)."""
+    monkeypatch.setattr(workers.webhook_delivery, "MAX_HELD", 8)
+    monkeypatch.setattr(workers.webhook_delivery, "READ_COUNT", 8)
+    subscribers = delivering.subscribers
+    both = delivering.subscriber.model_copy(
+        update={"id": new_id(), "events": {"account": ["*"], "cart": ["*"]}}
+    )
+    assert await subscribers.add(both)
+    two = Delivering(delivering.settings, subscribers, both)
+    receiver.delay = 0.05
+    for n in range(300):
+        await two.change(f"a-{n:03d}", 1)
+    run = asyncio.create_task(two.run(seconds=4))
+    await receiver.until(lambda: len(receiver.delivered()) >= 20, 10)  # the backlog's reads
+    cart_change = {
+        "type": "change",
+        "id": "the-cart",
+        "incarnation": "1",
+        "revision": "1",
+        "command": "clearCart",
+        "command_id": new_id(),
+        "sent_by": "",
+        "at": datetime.now(UTC).isoformat(),
+        "state": json.dumps({"lines": []}),
+    }
+    await subscribers.client.xadd(subscribers.stream("cart"), cart_change)
+    await run
+    delivered = [e["data"]["id"] for e in receiver.delivered()]
+    assert "the-cart" in delivered, delivered[-5:]
+    assert delivered.index("the-cart") < 100, (delivered.index("the-cart"), len(delivered))
 
 
 async def test_a_subscriber_removed_while_a_send_is_in_flight_leaves_no_key_behind(
