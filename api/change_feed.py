@@ -354,6 +354,12 @@ class ChangeFeed:
                 return None  # the subscriber's next change shows the jump
             if hit is None or hit.snapshot.state is None:
                 return None
+            gap_end = (int(entry.get("incarnation") or 0), int(entry.get("to") or 0))
+            if (hit.snapshot.incarnation, hit.snapshot.revision) > gap_end:
+                # The cache is ahead: the stream's later entries bring those states, in
+                # order. Shown now, a status-filtered view could show the later state, then
+                # the earlier one after it, as new.
+                return None
             return Change(entity_type, hit.snapshot, gap=True)
         if "state" not in entry:
             return None

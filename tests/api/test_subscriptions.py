@@ -721,6 +721,33 @@ async def test_a_subscription_begun_while_redis_answers_too_late_still_follows(
         assert taken[0] >= 3  # the two stalled, then one that answered
 
 
+async def test_a_gap_read_behind_the_cache_leaves_the_later_states_to_the_stream(
+    settings: Settings, cache: SnapshotCache
+) -> None:
+    """A gap's state is read from the cache: when the cache had moved on (revision 23 for a
+    gap to 21), the later state was shown first, and then the stream's entry for 22, as
+    new, to a status-filtered view. Only the gap's own end is shown from the cache."""
+    feed = ChangeFeed(
+        cache.client, cache, settings.redis_prefix, max_subscribers=10, block_seconds=0.1
+    )
+    entity_id = new_id()
+    written = Snapshot(
+        entity_type="account",
+        entity_id=entity_id,
+        revision=23,
+        state={"status": "SUSPENDED"},
+        incarnation=1,
+    )
+    await cache.put(written)
+    gap = {"type": "gap", "id": entity_id, "incarnation": "1", "from": "18"}
+    async with feed.subscribe("account", entity_id):
+        behind = {**gap, "to": "21", "state_revision": "21"}
+        assert await feed._change("account", behind) is None
+        at_its_end = {**gap, "to": "23", "state_revision": "23"}
+        shown = await feed._change("account", at_its_end)
+        assert shown is not None and shown.snapshot.revision == 23 and shown.gap
+
+
 async def test_customers_together_leave_staff_and_services_their_share_of_subscriptions(
     settings: Settings, cache: SnapshotCache
 ) -> None:
