@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,11 @@ DEVELOPMENT_PRINCIPAL = Principal("development", Role.ADMIN)
 """Every caller, in development when no key source is configured."""
 
 MAX_SUBJECT = 128
+_UNSHOWN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+"""Character categories a subject may not hold: control, format (direction marks, zero
+width), surrogate, private and unassigned characters, and line breaks."""
+MAX_TIME = 2**53
+"""The largest `exp` taken, in seconds: past a float's exact integers (year 285 million)."""
 JWKS_REFRESH_INTERVAL = 60.0  # so random `kid`s cannot make us hammer the provider
 JWKS_MAX_AGE = 600.0  # so a key the provider withdrew stops verifying
 JWKS_FETCH_TIMEOUT = 2.0
@@ -285,6 +291,9 @@ class TokenVerifier:
         if isinstance(exp, bool) or not isinstance(exp, int | float):
             # PyJWT takes a string of digits; RFC 7519 asks for a number.
             raise Unauthenticated("token exp claim is not a number")
+        if not -MAX_TIME <= exp <= MAX_TIME:
+            # An integer past a float's range passed PyJWT, then overflowed here: HTTP 500.
+            raise Unauthenticated("token exp claim is out of range")
         principal = self._from_claims(claims)
         if authorization:
             expires = exp + s.auth_leeway
@@ -296,8 +305,14 @@ class TokenVerifier:
     def _from_claims(self, claims: Mapping[str, Any]) -> Principal:
         s = self._settings
         subject = claims["sub"]
-        if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT:
-            # It is recorded with every command the caller sends: a name, not a payload.
+        if (
+            not isinstance(subject, str)
+            or not subject
+            or len(subject) > MAX_SUBJECT
+            or any(unicodedata.category(c) in _UNSHOWN for c in subject)
+        ):
+            # It is recorded with every command the caller sends, and shown in histories: a
+            # name, not a payload, without control or direction characters.
             raise Unauthenticated("token has no valid sub claim")
         role = _role(claim(claims, s.auth_roles_claim))
         scopes = _strings(claim(claims, s.auth_scopes_claim), "scopes", split=True)

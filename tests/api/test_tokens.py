@@ -186,6 +186,18 @@ def test_an_empty_or_overlong_subject_is_refused() -> None:
     assert refused(verifier(), hs256(sub="s" * 129)) == "token has no valid sub claim"
 
 
+@pytest.mark.parametrize("sub", ["ada\x00", "ada\nadmin", "\u202eada", "a\u200bda"])
+def test_a_subject_with_control_or_direction_characters_is_refused(sub: str) -> None:
+    """It is recorded with every command and shown in histories as who sent it."""
+    assert refused(verifier(), hs256(sub=sub)) == "token has no valid sub claim"
+    assert verifier().verify(hs256(sub="auth0|Zoë-Ñ.42")).subject == "auth0|Zoë-Ñ.42"
+
+
+def test_an_exp_past_a_float_s_range_is_refused_not_a_server_error() -> None:
+    """A 401-digit integer passed PyJWT and overflowed in the API: HTTP 500."""
+    assert refused(verifier(), hs256(exp=10**400)) == "token exp claim is out of range"
+
+
 def test_a_bad_signature_is_refused() -> None:
     forged = "Bearer " + jwt.encode(claims(roles="admin"), SECRET + "x", algorithm="HS256")
     assert refused(verifier(), forged) == "invalid token"
