@@ -48,11 +48,17 @@ from workers.settings import Settings
 # it decides: a snapshot already written (by a retry, a flush of unsaved snapshots) still
 # needs its changes streamed.
 APPEND_CHANGES = """
-local function kept_size(mean, fast, size, kept, budget)
+local FOLLOW = 8
+local function kept_length(mean, fast, size, kept, budget, longest, shortest)
+  local window = longest
+  if mean ~= 0 then
+    window = math.min(longest, math.max(shortest, budget / math.max(mean, fast)))
+  end
   if mean == 0 then mean = size else mean = mean + (size - mean) / kept end
-  local weight = math.max(math.min(1, 2 * size / budget), 1 / kept)
+  local weight = math.max(math.min(1, FOLLOW / window), 1 / kept)
   if fast == 0 then fast = size else fast = fast + (size - fast) * weight end
-  return mean, fast
+  local most = math.min(longest, math.max(shortest, math.floor(budget / math.max(mean, fast))))
+  return mean, fast, most
 end
 local function append_changes(stream, marks, incarnation, revision, id, doc, state)
   if not doc or doc == '' then return end
@@ -67,16 +73,12 @@ local function append_changes(stream, marks, incarnation, revision, id, doc, sta
     if g == marked then last = tonumber(string.sub(mark, sep + 1)) end
   end
   if r <= last then return end
-  -- The size of the entries kept turns the byte bound into a length: large states keep
-  -- fewer entries, never fewer than doc.f. It is the larger of two means, under fields no
-  -- entity id can be: one over as many entries as the stream holds, which one large entry
-  -- moves little, and one in which each entry weighs by its share of the bound (twice
-  -- it), which follows a change of sizes before the bound is passed. The first alone let a
-  -- stream of small entries take large ones at its old length, to three or four times its
-  -- bytes. Dead letters are kept by the same rule (`kept_size`, below).
+  -- The bytes are turned into a length by the entries' sizes (`kept_length`, below, which
+  -- keeps dead letters by the same rule), under fields no entity id can be.
   local sizes = redis.call('HMGET', marks, ':bytes', ':fast')
   local mean = tonumber(sizes[1] or '0') or 0
-  local fast = tonumber(sizes[2] or '0') or mean
+  local fast = mean  -- streams from before it had the first mean alone
+  if sizes[2] then fast = tonumber(sizes[2]) or mean end
   local kept = redis.call('XLEN', stream)
   local budget = tonumber(doc.b)
   local function add(fields)
@@ -85,8 +87,7 @@ local function append_changes(stream, marks, incarnation, revision, id, doc, sta
     kept = kept + 1
     local most = tonumber(doc.n)
     if budget and budget > 0 then
-      mean, fast = kept_size(mean, fast, size, kept, budget)
-      most = math.min(most, math.max(math.floor(budget / math.max(mean, fast)), tonumber(doc.f)))
+      mean, fast, most = kept_length(mean, fast, size, kept, budget, most, tonumber(doc.f))
     end
     redis.call('XADD', stream, 'MAXLEN', '~', most, '*', unpack(fields))
   end
@@ -128,17 +129,26 @@ end
 """
 
 
-def kept_size(mean: float, fast: float, size: int, kept: int, budget: int) -> tuple[float, float]:
-    """The two mean sizes that turn a byte bound into a length, after an entry of `size`
-    joins the `kept` held (it included), as APPEND_CHANGES's Lua has them: the length is the
-    bound over the larger. One mean is over every entry held, which one large entry moves
-    little; in the other each entry weighs by twice its share of the bound, so a change of
-    sizes is followed before the bound is passed (the first alone let small entries, then
-    large ones, take three or four times the bytes)."""
+FOLLOW = 8
+"""The mean that follows a change of sizes is over about 1/FOLLOW of the entries kept."""
+
+
+def kept_length(
+    mean: float, fast: float, size: int, kept: int, budget: int, longest: int, shortest: int
+) -> tuple[float, float, int]:
+    """How many entries to keep so that they weigh about `budget` bytes, once one of `size`
+    joins the `kept` held (it included), with the two means that say so: APPEND_CHANGES's
+    Lua has the same rule. The length is the budget over the larger of a mean over every
+    entry held, which one large entry moves little, and a mean over about an eighth of the
+    length, which follows a change of sizes before the budget is passed (the first alone let
+    small entries, then large ones, take three to four times the bytes); never more than
+    `longest` entries nor fewer than `shortest`."""
+    window = longest if not mean else min(longest, max(shortest, budget / max(mean, fast)))
     mean = size if not mean else mean + (size - mean) / kept
-    weight = max(min(1.0, 2 * size / budget), 1 / kept)
+    weight = max(min(1.0, FOLLOW / window), 1 / kept)
     fast = size if not fast else fast + (size - fast) * weight
-    return mean, fast
+    most = min(longest, max(shortest, int(budget // max(mean, fast))))
+    return mean, fast, most
 
 
 MIN_KEPT = 100

@@ -31,7 +31,7 @@ from redis.exceptions import ResponseError
 
 from workers import leases
 from workers.cache import RedisClient
-from workers.changes import kept_size, stream_key, text
+from workers.changes import kept_length, stream_key, text
 from workers.failures import REDIS_FAILURES
 from workers.settings import WebhookSource
 
@@ -319,14 +319,21 @@ class WebhookSubscribers:
             pipe.xlen(dead)
             pipe.get(weight)
             kept, means = await pipe.execute()
-        # The letters' sizes, as a stream's (`kept_size`); "<mean> <fast>", or the mean alone
+        # The letters' sizes, as a stream's (`kept_length`); "<mean> <fast>", or the mean alone
         # as kept before.
         mean, _, fast = (text(means) if means else "0").partition(" ")
-        held = kept_size(float(mean), float(fast or mean), size, int(kept) + 1, DEAD_LETTER_BYTES)
-        most = max(MIN_DEAD_LETTERS, min(MAX_DEAD_LETTERS, int(DEAD_LETTER_BYTES // max(held))))
+        mean_all, mean_last, most = kept_length(
+            float(mean),
+            float(fast or mean),
+            size,
+            int(kept) + 1,
+            DEAD_LETTER_BYTES,
+            MAX_DEAD_LETTERS,
+            MIN_DEAD_LETTERS,
+        )
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.xadd(dead, fields, maxlen=most, approximate=True)
-            pipe.set(weight, f"{held[0]} {held[1]}")
+            pipe.set(weight, f"{mean_all} {mean_last}")
             await pipe.execute()
 
     async def dead_letters(

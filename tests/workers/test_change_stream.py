@@ -28,7 +28,7 @@ from tests.entities.shop import until_cached
 from tests.entities.test_publishing import publishes
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache, connect_redis
-from workers.changes import MIN_KEPT, Changes, Retention, kept_size, stream_key
+from workers.changes import MIN_KEPT, Changes, Retention, kept_length, stream_key
 from workers.settings import Settings
 
 Entry = dict[str, str]
@@ -226,14 +226,12 @@ async def test_the_stream_is_trimmed_by_bytes_however_few_its_entries(settings: 
         assert memory < 8_000_000, memory
         newest = await client.xrevrange(stream, count=1)
         assert newest[0][1][b"revision"] == b"800"  # the newest are the ones kept
-        # Many small entries, then one large (a hundredth of the bound, as a 512 KiB state is
-        # of the default's 256 MiB): it does not trim the small away. One that is a large
-        # share of the bound itself moves the mean that follows sizes as much.
+        # Many small entries, then one large: the large one does not trim the small away.
         for revision in range(1, 1001):
             await cache.put(snapshot("small", revision), Changes(revision - 1, applied(revision)))
         before = await client.xlen(stream)
         await cache.put(
-            snapshot("small", 1001).model_copy(update={"state": {"note": "x" * 20_000}}),
+            snapshot("small", 1001).model_copy(update={"state": {"note": "x" * 200_000}}),
             Changes(1000, applied(1001)),
         )
         assert await client.xlen(stream) >= before - 200, before  # a node's worth, at most
@@ -269,29 +267,33 @@ async def test_a_stream_of_small_entries_that_turn_large_keeps_to_its_bytes(
 
 
 def test_letters_kept_by_their_sizes_stay_near_their_bytes_however_the_sizes_change() -> None:
-    """The rule dead letters are kept by (`kept_size`), with exact trimming: small letters
+    """The rule dead letters are kept by (`kept_length`), with exact trimming: small letters
     then large ones, large then small then large, and a mix, never pass the bound by more
-    than about a tenth (the mean of every letter held alone passed it three to four times)."""
+    than about a tenth (the mean of every letter held alone passed it three times), and one
+    large letter among small ones trims few of them."""
     budget = 2_000_000
 
-    def peak(sizes: list[int]) -> float:
+    def kept(sizes: list[int]) -> tuple[float, int]:
+        """The most bytes held, as a share of the budget, and the entries held at the end."""
         held: deque[int] = deque()
         total, mean, fast, most_bytes = 0, 0.0, 0.0, 0
         for size in sizes:
-            mean, fast = kept_size(mean, fast, size, len(held) + 1, budget)
-            most = max(MIN_KEPT, int(budget // max(mean, fast)))
+            mean, fast, most = kept_length(
+                mean, fast, size, len(held) + 1, budget, 1_000_000, MIN_KEPT
+            )
             held.append(size)
             total += size
             while len(held) > most:
                 total -= held.popleft()
             most_bytes = max(most_bytes, total)
-        return most_bytes / budget
+        return most_bytes / budget, len(held)
 
     mixed = [300, 300, 300, 16_000] * 5000
-    assert peak([300] * 20_000 + [16_000] * 2_000) < 1.15
-    assert peak([16_000] * 2_000 + [300] * 20_000 + [16_000] * 2_000) < 1.15
-    assert peak(mixed) < 1.15
-    assert peak([300] * 20_000) > 0.9  # small ones alone fill it
+    assert kept([300] * 3_000 + [16_000] * 600)[0] < 1.05
+    assert kept([16_000] * 2_000 + [300] * 20_000 + [16_000] * 2_000)[0] < 1.05
+    assert kept(mixed)[0] < 1.15
+    assert kept([300] * 20_000)[0] > 0.9  # small ones alone fill it
+    assert kept([300] * 1_000 + [200_000])[1] == 1_001  # none trimmed for it
 
 
 async def test_the_stream_is_trimmed_by_age_on_redis_s_clock_not_the_writer_s(
