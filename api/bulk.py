@@ -405,11 +405,7 @@ async def _signal(
     if taken == signal.__name__:
         return _shown(info, bulk_id, progress)
     if taken is not None:
-        raise TenureError(
-            ErrorCode.IDEMPOTENCY_KEY_REUSED,
-            f"idempotencyKey {key} was used to {taken} bulk command {bulk_id}; send this "
-            f"{signal.__name__} with a new key",
-        )
+        raise _key_taken(key, taken, bulk_id, signal.__name__)
     refused = _refusal(bulk_id, progress, signal)
     if refused is not None:
         raise TenureError(ErrorCode.INVALID_TRANSITION, refused)
@@ -422,7 +418,21 @@ async def _signal(
             f"bulk command {bulk_id} has ended ({status}); it can no longer be paused, "
             "resumed or cancelled",
         )
-    return _shown(info, bulk_id, await _after_the_fact(info, bulk_id))
+    after = await _after_the_fact(info, bulk_id)
+    taken = after.action_under(key) if key is not None else None
+    if taken is not None and taken != signal.__name__:
+        # Another action under the same key, sent at the same moment, reached the bulk
+        # first: this one was not taken, and was answered as if it had been.
+        raise _key_taken(key, taken, bulk_id, signal.__name__)
+    return _shown(info, bulk_id, after)
+
+
+def _key_taken(key: str | None, taken: str, bulk_id: str, action: str) -> TenureError:
+    return TenureError(
+        ErrorCode.IDEMPOTENCY_KEY_REUSED,
+        f"idempotencyKey {key} was used to {taken} bulk command {bulk_id}; this {action} "
+        "was not taken: send it with a new key",
+    )
 
 
 async def _after_the_fact(info: Info, bulk_id: str) -> BulkProgress:

@@ -756,6 +756,32 @@ async def test_a_bulk_paused_for_long_goes_on_paused_in_a_new_run_however_often_
     assert (await read_account(gql, account_id, "LIVE"))["balance"] == 5
 
 
+async def test_two_actions_sent_at_once_under_one_key_are_one_taken_and_one_refused(
+    gql: GraphQLClient, temporal_client: Client, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """A pause and a resume sent at the same moment under one key both answered success,
+    and the bulk took only the first to reach it: a client that sent a cancel so was told
+    it was cancelling while the bulk ran on."""
+    unserved = elsewhere(settings)
+    async with run_worker(unserved):
+        ids = await open_accounts(temporal_client, unserved, 2)
+    bulk_id = new_id()
+    handle = await paused_bulk(
+        temporal_client, settings.bulk_task_queue, bulk_id, ids, page_size=1, pages_per_run=1
+    )
+    for _ in range(6):
+        key = new_id()
+        answers = await asyncio.gather(
+            gql(PAUSE_KEYED, id=bulk_id, key=key), gql(RESUME_KEYED, id=bulk_id, key=key)
+        )
+        codes = [a["errors"][0]["extensions"]["code"] if a.get("errors") else None for a in answers]
+        assert sorted(map(str, codes)) == ["IDEMPOTENCY_KEY_REUSED", "None"], answers
+        taken = "pause" if codes[0] is None else "resume"
+        again = await gql(PAUSE_KEYED if taken == "pause" else RESUME_KEYED, id=bulk_id, key=key)
+        assert not again.get("errors"), again  # the one taken, answered again as taken
+    await handle.terminate()  # its page waits for a worker that is gone
+
+
 def test_a_bulk_remembers_its_last_keyed_actions_only() -> None:
     progress = BulkProgress()
     assert progress.take("pause", None) and progress.take("pause", None)  # unkeyed: always
