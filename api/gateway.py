@@ -487,7 +487,14 @@ class EntityGateway:
         except WorkflowAlreadyStartedError:
             return False
         except RPCError as exc:
-            raise unavailable(exc) from exc
+            # Temporal may have started it and not answered in time: said plainly, since a
+            # caller told only "unavailable" took it for not started.
+            unavailable(exc)  # logged as any other
+            raise TenureError(
+                ErrorCode.UNAVAILABLE,
+                "the entity service did not answer in time; it may have started: send it "
+                "again with the same key, which starts it at most once",
+            ) from exc
         return True
 
     async def signal_workflow(

@@ -20,6 +20,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.gateway import Consistency, EntityGateway, Receipt
 from deploy.embedded import EmbeddedTemporal
 from entities.account import account
+from entities.bulk import BULK_WORKFLOW, BulkInput
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import (
     CommandEnvelope,
@@ -318,6 +319,28 @@ async def test_a_waited_command_answers_within_its_wait_when_temporal_does_not_a
             server.process.send_signal(signal.SIGCONT)
     assert refused.value.code is ErrorCode.UNAVAILABLE
     assert waited < settings.command_wait_timeout + 1.0, waited
+
+
+async def test_a_start_temporal_does_not_answer_says_it_may_have_started(
+    settings: Settings, cache: SnapshotCache
+) -> None:
+    """startBulkCommand answered "unavailable; try again" when Temporal had started the
+    bulk and not answered in time: taken for not started. The answer says it may have."""
+    settings = settings.model_copy(update={"live_read_timeout": 1.0})
+    async with EmbeddedTemporal() as server:
+        client = await Client.connect(server.address, data_converter=pydantic_data_converter)
+        gateway = EntityGateway(client, cache, settings)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            assert _stopped(server.process.pid) == "T"
+            with pytest.raises(TenureError) as refused:
+                bulk = BulkInput(bulk_id="b", entity_type="account", command="deposit", ids=[])
+                await gateway.start_workflow(BULK_WORKFLOW, bulk, "bulk:b", bulk=True)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+    assert refused.value.code is ErrorCode.UNAVAILABLE
+    assert "may have started" in refused.value.message
 
 
 class _SlowSignal(CommandDelivery):
