@@ -91,7 +91,8 @@ class OperatorRequest(BaseModel):
         if (earlier.action, earlier.reason) != (self.action, self.reason):
             return (
                 ErrorCode.IDEMPOTENCY_KEY_REUSED,
-                f"idempotency key {self.key!r} was used for another operator's action on {saga}",
+                f"idempotency key {self.key!r} was used for another action on {saga} "
+                f"({earlier.action}: {earlier.reason!r})",
             )
         if earlier.refused is not None:
             return ErrorCode.INVALID_TRANSITION, earlier.refused
