@@ -69,7 +69,12 @@ RULES_4_PATCH = "entity-rules-4"
 """Runs started since it take the rules changed at level 4: an account a saga charged is not
 closed while the saga may still refund it (`entities.account.close`). Asked only where it
 decides, outside the patch sets."""
-NEWEST_RULES = 4
+RULES_5_PATCH = "entity-rules-5"
+"""Runs started since it refuse a command whose name, `undoes` or fingerprint is too long to
+record (`envelope.outsized`), and cut a refusal's message at `MAX_REFUSAL`: one outsized
+refusal outweighed the whole ledger. Asked only of such a command or message, outside the
+patch sets."""
+NEWEST_RULES = 5
 """The level of the latest rules: what new runs, and transitions run outside a workflow,
 apply."""
 

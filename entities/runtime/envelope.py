@@ -36,9 +36,9 @@ class CommandEnvelope(BaseModel):
     """
 
     command_id: str
-    name: str = Field(max_length=64)
+    name: str
     payload: dict[str, Any] = Field(default_factory=dict)
-    undoes: str | None = Field(default=None, max_length=512)  # MAX_COMMAND_ID
+    undoes: str | None = None
     undoes_since: AwareDatetime | None = Field(
         default=None,
         description="When the undone command was first sent: a ledger that has forgotten "
@@ -54,7 +54,6 @@ class CommandEnvelope(BaseModel):
     )
     fingerprint: str | None = Field(
         default=None,
-        max_length=64,
         description="What the command asks for (its name and payload), hashed; filled in "
         "when not given. A command id seen again with another fingerprint is a reused key.",
     )
@@ -84,6 +83,25 @@ class CommandEnvelope(BaseModel):
         if self.fingerprint is None:
             self.fingerprint = command_fingerprint(self.name, self.payload)
         return self
+
+
+MAX_COMMAND_NAME = 64
+MAX_FINGERPRINT = 64
+
+
+def outsized(envelope: CommandEnvelope) -> str | None:
+    """Why an envelope's name, `undoes` or fingerprint is too long to be recorded, or None.
+    Recorded with its refusal, a 400,000-character name outweighed an entity's whole ledger,
+    which forgot every other command to hold it. Asked by entities from rules level 5 on
+    (`entity-rules-5`), and only of an envelope that has such a field."""
+    for field, value, most in (
+        ("name", envelope.name, MAX_COMMAND_NAME),
+        ("undoes", envelope.undoes, MAX_COMMAND_ID),
+        ("fingerprint", envelope.fingerprint, MAX_FINGERPRINT),
+    ):
+        if value is not None and len(value) > most:
+            return f"unreadable command: {field}: at most {most} characters"
+    return None
 
 
 def command_fingerprint(name: str, payload: dict[str, Any]) -> str:

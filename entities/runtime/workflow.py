@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         RULES_2_PATCH,
         RULES_3_PATCH,
         RULES_4_PATCH,
+        RULES_5_PATCH,
         STRICT_INPUTS_2_PATCH,
         STRICT_INPUTS_3_PATCH,
         STRICT_INPUTS_4_PATCH,
@@ -36,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         EntityType,
     )
     from entities.runtime.envelope import (
+        MAX_COMMAND_NAME,
         CommandEnvelope,
         CommandHistory,
         CommandResult,
@@ -47,12 +49,14 @@ with workflow.unsafe.imports_passed_through():
         Publication,
         Snapshot,
         listed_as,
+        outsized,
         same_sender,
         sender_key,
     )
     from entities.runtime.inbox import (
         COMMAND_ID,
         COMMAND_ID_RULE,
+        Received,
         Unreadable,
         read_command,
         read_commands,
@@ -237,7 +241,7 @@ class EntityWorkflow:
         run already ended (`LateCommand`). An envelope that cannot be read is refused under
         its id (`inbox`)."""
         self._still_open()
-        received = read_command(workflow.payload_converter(), sent.payload)
+        received = _bounded(read_command(workflow.payload_converter(), sent.payload))
         envelope = self._refused(received) if isinstance(received, Unreadable) else received
         if envelope is not None:
             self._receive(envelope)
@@ -348,10 +352,11 @@ class EntityWorkflow:
         refused (`_refused`). A payload that is not a JSON list is dropped and logged, as
         the SDK drops any signal it cannot decode: raised, the error would fail this
         workflow task and every retry of it."""
-        received = read_commands(workflow.payload_converter(), batch.payload)
-        if received is None:
+        read = read_commands(workflow.payload_converter(), batch.payload)
+        if read is None:
             workflow.logger.warning("a commands signal that is not a list of commands, dropped")
             return []
+        received = [_bounded(item) for item in read]
         readable = [item for item in received if isinstance(item, CommandEnvelope)]
         if len(readable) == len(received):
             return readable
@@ -598,7 +603,7 @@ class EntityWorkflow:
         `sent_by` are what is known of it. Its message is cut to MAX_REFUSAL: one that named
         a sender's 700,000-character payload key outweighed the whole ledger, which forgot
         every other command to hold it."""
-        if len(message) > MAX_REFUSAL:
+        if len(message) > MAX_REFUSAL and _rules_from(5):
             message = message[: MAX_REFUSAL - 1] + "…"
         self._ledger.record(
             Outcome(
@@ -926,7 +931,13 @@ class EntityWorkflow:
         )
 
 
-RULES_PATCHES = {1: RULES_1_PATCH, 2: RULES_2_PATCH, 3: RULES_3_PATCH, 4: RULES_4_PATCH}
+RULES_PATCHES = {
+    1: RULES_1_PATCH,
+    2: RULES_2_PATCH,
+    3: RULES_3_PATCH,
+    4: RULES_4_PATCH,
+    5: RULES_5_PATCH,
+}
 
 
 def _rules_from(level: int) -> bool:
@@ -936,6 +947,18 @@ def _rules_from(level: int) -> bool:
     if patch in ENTITY_PATCHES.patches:
         return ENTITY_PATCHES.patched(patch)
     return workflow.patched(patch)
+
+
+def _bounded(received: Received) -> Received:
+    """A command whose name, `undoes` or fingerprint is too long to record, refused as
+    unreadable (`outsized`), from rules level 5 on: runs begun before took it as it came."""
+    if isinstance(received, Unreadable):
+        return received
+    reason = outsized(received)
+    if reason is None or not _rules_from(5):
+        return received
+    name = received.name[:MAX_COMMAND_NAME]
+    return Unreadable(received.command_id, name, received.sent_by, reason)
 
 
 def _strictness() -> int:

@@ -4,6 +4,7 @@ full, and an entity at its fullest still continues as new and keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -333,8 +334,9 @@ async def test_a_sender_s_outsized_command_is_refused_without_the_entity_forgett
     gateway = EntityGateway(temporal_client, cache, settings)
     delivery = CommandDelivery(temporal_client, settings)
     async with run_worker(settings):
-        account_id = new_id()
+        account_id, other_id = new_id(), new_id()
         await open_active(gateway, account_id)
+        await open_active(gateway, other_id)
         deposit = CommandEnvelope(command_id=new_id(), name="deposit", payload={"amount": 7})
         await delivery.request(account, account_id, deposit)
         handle = temporal_client.get_workflow_handle(account.workflow_id(account_id))
@@ -353,3 +355,21 @@ async def test_a_sender_s_outsized_command_is_refused_without_the_entity_forgett
             )
             assert refused.outcome.code == ErrorCode.INVALID_INPUT, refused.outcome
             assert len(refused.outcome.message or "") <= 1000
+    # Runs from before the bounds took such commands as they came, and replay so: the rules
+    # are asked (a marker in the history) only of a command they refuse.
+    assert await rules_asked(handle) == {"entity-rules-5"}
+    plain = temporal_client.get_workflow_handle(account.workflow_id(other_id))
+    assert await rules_asked(plain) == set()
+
+
+async def rules_asked(handle: Any) -> set[str]:
+    """The rules levels from 5 on that a run's history records it asked."""
+    asked = set()
+    async for event in handle.fetch_history_events():
+        if event.HasField("marker_recorded_event_attributes"):
+            details = event.marker_recorded_event_attributes.details
+            if "patch-data" in details:
+                patch = json.loads(details["patch-data"].payloads[0].data)["id"]
+                if patch.startswith("entity-rules-") and int(patch.rsplit("-", 1)[1]) >= 5:
+                    asked.add(patch)
+    return asked
