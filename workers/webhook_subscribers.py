@@ -31,7 +31,7 @@ from redis.exceptions import ResponseError
 
 from workers import leases
 from workers.cache import RedisClient
-from workers.changes import kept_length, stream_key, text
+from workers.changes import kept_length, stream_key
 from workers.failures import REDIS_FAILURES
 from workers.settings import WebhookSource
 
@@ -195,8 +195,8 @@ class WebhookSubscribers:
         return f"{self.prefix}webhooks:subscribers"
 
     def key(self, subscriber_id: str, what: str) -> str:
-        """`dead`, `dead_bytes` (their mean size), `replay`, `attempts` or `removed` of a
-        subscriber."""
+        """`dead`, `dead_bytes` and `dead_fast` (their sizes, `dead_letter`), `replay`,
+        `attempts` or `removed` of a subscriber."""
         return f"{self.prefix}webhooks:{{{subscriber_id}}}:{what}"
 
     def stream(self, entity_type: str) -> str:
@@ -305,7 +305,7 @@ class WebhookSubscribers:
         await self.client.delete(
             *(
                 self.key(subscriber_id, what)
-                for what in ("dead", "dead_bytes", "replay", "attempts", "lease")
+                for what in ("dead", "dead_bytes", "dead_fast", "replay", "attempts", "lease")
             )
         )
 
@@ -314,17 +314,18 @@ class WebhookSubscribers:
     async def dead_letter(self, subscriber_id: str, letter: DeadLetter) -> None:
         fields = letter.fields()
         size = sum(len(value) for value in fields.values())
-        dead, weight = self.key(subscriber_id, "dead"), self.key(subscriber_id, "dead_bytes")
+        dead = self.key(subscriber_id, "dead")
+        # The letters' sizes, as a stream's (`kept_length`): the mean over every letter in
+        # `dead_bytes`, as workers from before the second kept it (a rolled-back worker reads
+        # it), and the mean that follows sizes in `dead_fast`.
+        weights = self.key(subscriber_id, "dead_bytes"), self.key(subscriber_id, "dead_fast")
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.xlen(dead)
-            pipe.get(weight)
-            kept, means = await pipe.execute()
-        # The letters' sizes, as a stream's (`kept_length`); "<mean> <fast>", or the mean alone
-        # as kept before.
-        mean, _, fast = (text(means) if means else "0").partition(" ")
+            pipe.mget(weights)
+            kept, (mean, fast) = await pipe.execute()
         mean_all, mean_last, most = kept_length(
-            float(mean),
-            float(fast or mean),
+            float(mean or 0),
+            float(fast or mean or 0),
             size,
             int(kept) + 1,
             DEAD_LETTER_BYTES,
@@ -333,7 +334,7 @@ class WebhookSubscribers:
         )
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.xadd(dead, fields, maxlen=most, approximate=True)
-            pipe.set(weight, f"{mean_all} {mean_last}")
+            pipe.mset({weights[0]: str(mean_all), weights[1]: str(mean_last)})
             await pipe.execute()
 
     async def dead_letters(
