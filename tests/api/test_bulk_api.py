@@ -749,7 +749,9 @@ async def test_a_bulk_paused_for_long_goes_on_paused_in_a_new_run_however_often_
         await asyncio.sleep(0.1)
     assert (await handle.describe()).run_id != first_run
     assert (await gql.data(READ, id=bulk_id))["bulkCommand"]["status"] == "PAUSED"
-    assert (await gql.data(PAUSE_KEYED, id=bulk_id, key=kept))["pauseBulkCommand"]
+    # Its keyed actions went with it: the pause's key is still the pause's.
+    reused = await gql(RESUME_KEYED, id=bulk_id, key=kept)
+    assert reused["errors"][0]["extensions"]["code"] == "IDEMPOTENCY_KEY_REUSED", reused
     await gql.data(RESUME, id=bulk_id)
     done = await finished(gql, bulk_id)
     assert (done["status"], done["applied"]) == ("COMPLETED", 1)
