@@ -15,7 +15,7 @@ from strawberry.scalars import JSON
 
 from api.common import CREATE_GUARDS, told_of_state, unread_refusal
 from api.context import Info
-from api.gateway import unbudgeted
+from api.gateway import MayHaveStarted, unbudgeted
 from api.response_size import bounded
 from entities import catalog
 from entities.bulk import (
@@ -318,9 +318,16 @@ class BulkMutation:
             filter=filter,
             sent_by=principal.sender,
         )
-        started = await info.context.gateway.start_workflow(
-            BULK_WORKFLOW, bulk_input, bulk_workflow_id(key), bulk=True
-        )
+        try:
+            started = await info.context.gateway.start_workflow(
+                BULK_WORKFLOW, bulk_input, bulk_workflow_id(key), bulk=True
+            )
+        except MayHaveStarted as exc:
+            raise TenureError(
+                exc.code,
+                f"{exc.message}: send it again with the same idempotencyKey, which starts it at "
+                "most once",
+            ) from exc
         try:
             progress = await _after_the_fact(info, key)
         except TenureError as exc:

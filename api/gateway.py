@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import TooManyQueries
 from api.metrics import ApiMetrics
@@ -43,6 +43,27 @@ from workers.failures import is_missing, unavailable
 from workers.handovers import Handovers, hand_back
 from workers.settings import Settings
 from workers.temporal import ask, within
+
+
+class MayHaveStarted(TenureError):
+    """Temporal did not answer a workflow's start in time: it may have started."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            ErrorCode.UNAVAILABLE,
+            "the entity service did not answer in time; it may have started",
+        )
+
+
+_MAY_HAVE_TAKEN_IT = frozenset(
+    {
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.CANCELLED,
+        RPCStatusCode.UNKNOWN,
+    }
+)
+"""Answers after which Temporal may have done what it was asked: not a refusal of it."""
 
 log = logging.getLogger(__name__)
 
@@ -487,14 +508,12 @@ class EntityGateway:
         except WorkflowAlreadyStartedError:
             return False
         except RPCError as exc:
+            refused = unavailable(exc)  # logged as any other
+            if exc.status not in _MAY_HAVE_TAKEN_IT:
+                raise refused from exc
             # Temporal may have started it and not answered in time: said plainly, since a
             # caller told only "unavailable" took it for not started.
-            unavailable(exc)  # logged as any other
-            raise TenureError(
-                ErrorCode.UNAVAILABLE,
-                "the entity service did not answer in time; it may have started: send it "
-                "again with the same key, which starts it at most once",
-            ) from exc
+            raise MayHaveStarted() from exc
         return True
 
     async def signal_workflow(

@@ -158,7 +158,7 @@ MIN_KEPT = 100
 @dataclass(frozen=True)
 class Retention:
     """How much of each type's stream Redis keeps: about `max_length` entries, and about
-    `max_bytes` of them by their mean size (never fewer than MIN_KEPT entries), and when
+    `max_bytes` of them by their sizes (`kept_length`; never fewer than MIN_KEPT entries), and when
     `max_age_seconds` is set none much older (all trimmed approximately, as Redis does
     cheaply). A count alone let one customer's 16 KB carts grow a stream by 49 MB a minute
     towards 16 GB."""

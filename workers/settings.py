@@ -237,7 +237,7 @@ class Settings(BaseModel):
         default=256 * 1024 * 1024,
         ge=1,
         description="Bytes of entries each entity type's change stream keeps, about: by the "
-        "entries' mean size, never fewer than 100 entries.",
+        "entries' sizes (`workers.changes.kept_length`), never fewer than 100 entries.",
     )
     change_stream_max_age_seconds: float | None = Field(
         default=None,
