@@ -310,15 +310,18 @@ class ChangeFeed:
             keys = {stream_key(self._prefix, t): t for t in self._types}
             for key, entries in answer:
                 entity_type = keys.get(text(key))
-                if entity_type is None:
+                followed = self._types.get(entity_type) if entity_type is not None else None
+                if entity_type is None or followed is None:
                     continue  # nobody follows it any more
                 for entry_id, fields in entries:
-                    followed = self._types.get(entity_type)
-                    if followed is None:
+                    # Followed again meanwhile (its last subscriber gone while a gap was read
+                    # from the cache, and a new one come): the new follower begins at the
+                    # stream's end then, and was moved back and offered older changes.
+                    if self._types.get(entity_type) is not followed:
                         break
                     followed.cursor = text(entry_id)
                     change = await self._change(entity_type, entry_fields(fields))
-                    if change is not None:
+                    if change is not None and self._types.get(entity_type) is followed:
                         self._offer(followed, change)
 
     async def _xread(self, streams: Mapping[str, str]) -> list[Any]:

@@ -48,6 +48,7 @@ from tests.conftest import (
 )
 from tests.entities.shop import eventually
 from workers.cache import SnapshotCache, connect_redis
+from workers.changes import stream_key
 from workers.settings import Settings
 
 FOLLOW = """subscription($id: ID!, $since: Int) {
@@ -746,6 +747,56 @@ async def test_a_gap_read_behind_the_cache_leaves_the_later_states_to_the_stream
         at_its_end = {**gap, "to": "23", "state_revision": "23"}
         shown = await feed._change("account", at_its_end)
         assert shown is not None and shown.snapshot.revision == 23 and shown.gap
+
+
+async def test_a_type_followed_again_while_a_gap_is_read_gets_nothing_from_before(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader, waiting on the cache for a gap's state, went on with the rest of its
+    batch under whichever follower the type had by then: one that had subscribed meanwhile
+    had its cursor moved back and was offered changes from before it subscribed."""
+    client = connect_redis(settings)
+    prefix = f"{settings.redis_prefix}{new_id()}:"
+    cache = SnapshotCache(client, prefix)
+    feed = ChangeFeed(client, cache, prefix, max_subscribers=10, block_seconds=0.1)
+    stream = stream_key(prefix, "account")
+    gapped = new_id()
+    await cache.put(
+        Snapshot(entity_type="account", entity_id=gapped, revision=2, state={}, incarnation=1)
+    )
+    reading, released = asyncio.Event(), asyncio.Event()
+    get = cache.get
+
+    async def slow_get(entity_type: str, entity_id: str) -> Any:
+        if entity_id == gapped:
+            reading.set()
+            await released.wait()
+        return await get(entity_type, entity_id)
+
+    monkeypatch.setattr(cache, "get", slow_get)
+
+    def change(entity_id: str) -> dict[str, str]:
+        return {"type": "change", "id": entity_id, "incarnation": "1", "revision": "1",
+                "command": "deposit", "command_id": new_id(), "sent_by": "", "at": "",
+                "state": "{}"}  # fmt: skip
+
+    try:
+        async with feed.running():
+            async with feed.subscribe("account", None, capacity=10):
+                gap = {"type": "gap", "id": gapped, "incarnation": "1", "from": "1", "to": "2"}
+                await client.xadd(stream, {**gap, "state_revision": "2"})
+                for before in ("before-1", "before-2"):
+                    await client.xadd(stream, change(before))
+                await asyncio.wait_for(reading.wait(), 5)
+            async with feed.subscribe("account", None, capacity=10) as box:
+                released.set()
+                await asyncio.sleep(0.3)  # the rest of the batch read
+                await client.xadd(stream, change("after"))
+                first = await asyncio.wait_for(box.next(), 5)
+        assert first.snapshot.entity_id == "after"
+    finally:
+        await cache.aclose()
+        await client.aclose()
 
 
 async def test_customers_together_leave_staff_and_services_their_share_of_subscriptions(
