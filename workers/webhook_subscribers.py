@@ -321,8 +321,9 @@ class WebhookSubscribers:
         weights = self.key(subscriber_id, "dead_bytes"), self.key(subscriber_id, "dead_fast")
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.xlen(dead)
-            pipe.mget(weights)
-            kept, (mean, fast) = await pipe.execute()
+            pipe.get(weights[0])
+            pipe.get(weights[1])  # one key a call: a cluster's pipeline takes no MGET
+            kept, mean, fast = await pipe.execute()
         mean_all, mean_last, most = kept_length(
             float(mean or 0),
             float(fast or mean or 0),
@@ -334,7 +335,8 @@ class WebhookSubscribers:
         )
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.xadd(dead, fields, maxlen=most, approximate=True)
-            pipe.mset({weights[0]: str(mean_all), weights[1]: str(mean_last)})
+            pipe.set(weights[0], str(mean_all))
+            pipe.set(weights[1], str(mean_last))
             await pipe.execute()
 
     async def dead_letters(
