@@ -21,11 +21,11 @@ from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
-from temporalio.worker import Replayer
 
 from entities import catalog
 from entities.errors import ErrorCode, TenureError
 from workers.failures import is_missing
+from workers.sandbox import entity_replayer
 
 REAPPLIED = (
     EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
@@ -58,7 +58,7 @@ async def is_stuck(client: Client, workflow_id: str) -> bool:
 async def last_good_task(workflow_id: str, events: list[HistoryEvent]) -> int:
     """The index in `events` of the latest WORKFLOW_TASK_COMPLETED whose task, and all
     history before it, replays with today's workflow code."""
-    replayer = Replayer(workflows=catalog.workflows(), data_converter=pydantic_data_converter)
+    replayer = entity_replayer(pydantic_data_converter)
     completed = [
         i
         for i, event in enumerate(events)

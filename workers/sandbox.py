@@ -9,18 +9,35 @@ code inside the sandbox. With no payload codec and no external storage every one
 steps leaves the payloads as they are, whatever the context, yet the asking cost about a
 fifth of the worker's CPU under load (profiled in `make bench`, README "Performance"). A
 converter that has either gets the SDK's instances unchanged.
+
+Before Python 3.12 a worker could also fail to start, now and then, validating a workflow
+in the sandbox: `KeyError: <thread id>` from importlib's module lock (CPython gh-91351,
+temporalio/sdk-python#585). A garbage collection that ran a finalizer inside one import's
+lock acquisition, where the finalizer imported a module for the first time (a warning's
+`tracemalloc`), undid the outer import's bookkeeping. Validation now runs with the
+collector held, and `tracemalloc` is loaded here, so that a warning never loads it first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import sys
+import threading
+import tracemalloc  # noqa: F401  loaded before any sandbox: see the module's docstring
+from collections.abc import Iterator
+
+from temporalio import workflow
 from temporalio.converter import DataConverter, SerializationContext, StorageDriverStoreContext
 from temporalio.worker import (
+    Replayer,
     UnsandboxedWorkflowRunner,
     WorkflowRunner,
 )
 from temporalio.worker._command_aware_visitor import CommandInfo
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from entities import catalog
 from workers.runners import WrappedInstance, WrappingRunner
 from workers.settings import Settings
 
@@ -37,14 +54,60 @@ def workflow_runner(
     `data_converter` makes those steps do nothing."""
     if not settings.workflow_sandbox:
         return UnsandboxedWorkflowRunner()
-    sandbox = SandboxedWorkflowRunner(
+    sandbox = _sandbox(*passthrough)
+    if data_converter.payload_codec is not None or data_converter.external_storage is not None:
+        return sandbox
+    return ContextFreeRunner(sandbox)
+
+
+def entity_replayer(data_converter: DataConverter) -> Replayer:
+    """A replayer of every workflow in `entities`, in the sandbox the worker runs them in."""
+    return Replayer(
+        workflows=catalog.workflows(), data_converter=data_converter, workflow_runner=_sandbox()
+    )
+
+
+def _sandbox(*passthrough: str) -> SandboxedWorkflowRunner:
+    return _ValidatedHeld(
         restrictions=SandboxRestrictions.default.with_passthrough_modules(
             *_PASSTHROUGH, *passthrough
         )
     )
-    if data_converter.payload_codec is not None or data_converter.external_storage is not None:
-        return sandbox
-    return ContextFreeRunner(sandbox)
+
+
+class _ValidatedHeld(SandboxedWorkflowRunner):
+    """The SDK's sandbox, validating each workflow with the garbage collector held."""
+
+    def prepare_workflow(self, defn: workflow._Definition) -> None:
+        with collector_held():
+            super().prepare_workflow(defn)
+
+
+_held = 0
+_held_lock = threading.Lock()
+_enabled_before = True
+
+
+@contextlib.contextmanager
+def collector_held() -> Iterator[None]:
+    """No garbage collection in any thread while inside (nested or from several threads),
+    before Python 3.12; the collector is left as it was found when the last one leaves."""
+    global _held, _enabled_before
+    if sys.version_info >= (3, 12):
+        yield
+        return
+    with _held_lock:
+        if _held == 0:
+            _enabled_before = gc.isenabled()
+            gc.disable()
+        _held += 1
+    try:
+        yield
+    finally:
+        with _held_lock:
+            _held -= 1
+            if _held == 0 and _enabled_before:
+                gc.enable()
 
 
 class _ContextFreeInstance(WrappedInstance):

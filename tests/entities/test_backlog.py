@@ -9,16 +9,15 @@ import asyncio
 
 from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
 from temporalio.client import Client, WorkflowHistory
-from temporalio.worker import Replayer
 
 from api.gateway import Consistency, EntityGateway
-from entities import catalog
 from entities.runtime.backlog import Backlog
 from entities.runtime.envelope import CommandEnvelope, RuntimeOptions
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import send_as_a_client
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache
+from workers.sandbox import entity_replayer
 from workers.settings import Settings
 
 PER_TASK = 10
@@ -84,9 +83,7 @@ async def test_a_backlog_is_applied_a_task_at_a_time_in_order_and_once(
     assert last.read.snapshot.state["balance"] == 20 + 1
     assert all(r is not None for r in reads)
     assert len(histories) >= 2  # it continued as new, once every held command was applied
-    replayer = Replayer(
-        workflows=catalog.workflows(), data_converter=temporal_client.data_converter
-    )
+    replayer = entity_replayer(temporal_client.data_converter)
     for history in histories:
         result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
         assert result.replay_failure is None, result.replay_failure

@@ -11,9 +11,7 @@ from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
-from temporalio.worker import Replayer
 
-from entities import catalog
 from entities.checkout import CheckoutState, CheckoutWorkflow
 from entities.checkout_input import (
     CheckoutInput,
@@ -37,6 +35,7 @@ from tests.conftest import WorkerFactory, new_id
 from tests.entities.failing_checkout import BALANCE, failed_checkout
 from tests.entities.shop import Shop, eventually, shop_settings
 from workers.cache import SnapshotCache
+from workers.sandbox import entity_replayer
 from workers.settings import Settings
 from workers.worker import TenureWorker
 
@@ -109,7 +108,7 @@ async def test_a_refused_refund_leaves_the_checkout_failed_until_a_retry_after_t
         with pytest.raises(RPCError) as ended:
             await handle.execute_update(CheckoutWorkflow.operate, RETRY)
         assert ended.value.status is RPCStatusCode.NOT_FOUND, ended.value
-        replayer = Replayer(workflows=catalog.workflows(), data_converter=pydantic_data_converter)
+        replayer = entity_replayer(pydantic_data_converter)
         result = await replayer.replay_workflow(await handle.fetch_history())
         assert result.replay_failure is None
 

@@ -8,10 +8,8 @@ from typing import Any
 import pytest
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Replayer
 
 from api.gateway import EntityGateway
-from entities import catalog
 from entities.errors import ErrorCode
 from entities.runtime.envelope import CommandEnvelope, CommandResult, OutcomeStatus
 from entities.runtime.inbox import Unreadable, read_command, read_commands
@@ -21,6 +19,7 @@ from tests.entities.shop import until_idle
 from tests.entities.test_backlog import run_histories
 from tests.entities.test_runtime import live, open_active
 from workers.cache import SnapshotCache
+from workers.sandbox import entity_replayer
 from workers.settings import Settings
 
 CONVERTER = pydantic_data_converter.payload_converter
@@ -115,6 +114,6 @@ async def test_an_unreadable_command_is_refused_under_its_id_and_a_batch_goes_on
         assert result.outcome.message is not None and "unreadable command" in result.outcome.message
     assert "payload" in (outcomes["bad-payload"].outcome.message or "")
     assert outcomes["bad-sender"].outcome.command == "deposit"
-    replayer = Replayer(workflows=catalog.workflows(), data_converter=pydantic_data_converter)
+    replayer = entity_replayer(pydantic_data_converter)
     for history in histories:
         await replayer.replay_workflow(history)

@@ -9,9 +9,7 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Replayer
 
-from entities import catalog
 from entities.checkout_input import checkout_workflow_id
 from entities.runtime.requests import REQUEST_ACTIVITY
 from entities.runtime.saga import SagaStatus
@@ -19,6 +17,7 @@ from tests.conftest import WorkerFactory
 from tests.entities.record_histories import HISTORIES, workflow_id_of
 from tests.entities.shop import FAST_STEP, Shop, eventually, shop_settings
 from workers.cache import SnapshotCache
+from workers.sandbox import entity_replayer
 from workers.settings import Settings
 
 BALANCE = 1_000
@@ -45,7 +44,7 @@ def scheduled_requests(history: WorkflowHistory) -> int:
 
 
 async def replays(history: WorkflowHistory) -> bool:
-    replayer = Replayer(workflows=catalog.workflows(), data_converter=pydantic_data_converter)
+    replayer = entity_replayer(pydantic_data_converter)
     return (await replayer.replay_workflow(history)).replay_failure is None
 
 

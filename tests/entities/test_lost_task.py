@@ -17,16 +17,15 @@ from temporalio.api.workflowservice.v1 import (
     PollWorkflowTaskQueueResponse,
 )
 from temporalio.client import Client
-from temporalio.worker import Replayer
 
 from api.gateway import EntityGateway, Receipt
-from entities import catalog
 from entities.runtime.envelope import RuntimeOptions
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import send_as_a_client, until_idle
 from tests.entities.test_backlog import run_histories
 from tests.entities.test_runtime import live, open_active
 from workers.cache import SnapshotCache
+from workers.sandbox import entity_replayer
 from workers.settings import Settings
 
 SIGNALS = 5  # more than a task applies (3): some are held back, the patch marked
@@ -94,9 +93,7 @@ async def test_a_task_lost_with_its_worker_is_applied_once_and_replays(
         histories = await run_histories(temporal_client, handle.id)
     assert snapshot.state is not None and snapshot.state["balance"] == SIGNALS + 1
     assert snapshot.revision == 2 + SIGNALS + 1  # open, verify, the deposits once each
-    replayer = Replayer(
-        workflows=catalog.workflows(), data_converter=temporal_client.data_converter
-    )
+    replayer = entity_replayer(temporal_client.data_converter)
     for history in histories:
         result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
         assert result.replay_failure is None, result.replay_failure

@@ -14,7 +14,6 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
-from entities import catalog
 from entities.checkout import CHECKOUT_PATCHES, CheckoutInput, CheckoutState, CheckoutWorkflow
 from entities.runtime.backlog import NEXT_TASK_ACTIVITY
 from entities.runtime.saga import Saga
@@ -32,6 +31,7 @@ from tests.entities.record_histories import (
     PUBLISHED_BY_ACTIVITY,
     workflow_id_of,
 )
+from workers.sandbox import entity_replayer
 
 # Each history, and an event it must hold, so that a re-recording that misses a path fails.
 RECORDED = {
@@ -284,7 +284,7 @@ def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
 async def test_a_recorded_history_replays(name: str) -> None:
     recorded = history(name)
     assert EVERY[name] in {event.event_type for event in recorded.events}
-    replayer = Replayer(workflows=catalog.workflows(), data_converter=pydantic_data_converter)
+    replayer = entity_replayer(pydantic_data_converter)
     result = await replayer.replay_workflow(recorded)
     assert result.replay_failure is None
 

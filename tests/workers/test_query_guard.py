@@ -12,9 +12,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.worker import Replayer, WorkflowInstance
+from temporalio.worker import WorkflowInstance
 
-from entities import catalog
 from entities.account import account
 from entities.runtime.envelope import CommandResult, OutcomeStatus
 from tests.api.test_accounts_api import open_active
@@ -22,6 +21,7 @@ from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from tests.deploy.test_shutdown import deposit, fresh
 from workers.query_guard import AHEAD_OF_TASK, AheadOfTask, QueryGuardRunner
 from workers.runners import Activation, Completion
+from workers.sandbox import entity_replayer
 from workers.settings import Settings
 from workers.temporal import ask
 
@@ -61,9 +61,7 @@ async def test_a_query_between_workers_leaves_every_history_replayable(
             histories = [await h.fetch_history() for h in handles]
     assert balances == [3] * ACCOUNTS
     assert all(a.outcome.status is OutcomeStatus.APPLIED for a in answers)
-    replayer = Replayer(
-        workflows=catalog.workflows(), data_converter=temporal_client.data_converter
-    )
+    replayer = entity_replayer(temporal_client.data_converter)
     for history in histories:
         result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
         assert result.replay_failure is None, (history.workflow_id, result.replay_failure)
