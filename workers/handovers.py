@@ -281,6 +281,9 @@ class OverdueHandovers:
                     )
                 except RPCError as exc:
                     return not is_missing(exc)  # asked again later, unless it is gone
+                except Exception as exc:  # its own failure holds back no other promise
+                    log.warning("%s could not tell its outcome, asked again later: %s", member, exc)
+                    return True
             return result.outcome.status is OutcomeStatus.UNKNOWN
 
         answers = await asyncio.gather(*(waiting(member) for member in members))

@@ -28,3 +28,17 @@ class SandboxProbe:
             echo, value, start_to_close_timeout=timedelta(seconds=10)
         )
         return workflow.unsafe.in_sandbox(), echoed
+
+
+@workflow.defn
+class FailingOutcomes:
+    """Answers the entities' `outcome` query with a failure of its own code, as an entity
+    whose query handler raised would, and waits for ever."""
+
+    @workflow.run
+    async def run(self) -> None:
+        await workflow.wait_condition(lambda: False)
+
+    @workflow.query(name="outcome")
+    def outcome(self, command_id: str) -> None:
+        raise ValueError(f"cannot tell {command_id}'s outcome")

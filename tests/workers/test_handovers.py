@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from redis.exceptions import RedisClusterException
 from temporalio.client import Client
+from temporalio.worker import Worker
 
 from api.gateway import EntityGateway
 from deploy.embedded import EmbeddedRedis
@@ -21,6 +22,7 @@ from entities.runtime.workflow import EntityWorkflow
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import eventually, until_cached, until_idle
 from tests.entities.test_publishing import publishes
+from tests.workers.sandboxed_workflows import FailingOutcomes
 from tests.workers.test_change_stream import entries_of, revisions, until_streamed
 from tests.workers.test_requests import published_account
 from workers import handovers as handovers_module
@@ -286,6 +288,36 @@ async def test_the_sweep_goes_on_whatever_fails(
         finally:
             sweeping.cancel()
         assert not failures
+
+
+async def test_one_entity_failing_to_answer_holds_back_no_other_promise(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """A promise whose entity fails its outcome query (an error of its own code, not one of
+    Temporal's) is asked again at a later sweep; the promises swept with it are taken up.
+    Before, that one failure failed the whole sweep, every promise in it stayed leased, and
+    their entities published 10 minutes late."""
+    handovers = Handovers(cache.client, f"{cache.prefix}{new_id()}:")
+    failing_id = f"failing:{new_id()}"
+    queue = f"{settings.task_queue}-failing"
+    async with (
+        run_worker(),
+        Worker(temporal_client, task_queue=queue, workflows=[FailingOutcomes]),
+    ):
+        failing = await temporal_client.start_workflow(
+            FailingOutcomes.run, id=failing_id, task_queue=queue
+        )
+        assert await handovers.promise(failing_id, "c1") is not None
+        account_id, workflow_id = await handed_and_never_published(
+            temporal_client, cache, settings, handovers
+        )
+        try:
+            assert await OverdueHandovers(temporal_client, handovers, overdue=0).sweep() == 1
+            await until_cached(cache, "account", account_id, 4)
+            assert not await noted(handovers, workflow_id, "w1")
+            assert await noted(handovers, failing_id, "c1")  # asked again later
+        finally:
+            await failing.terminate()
 
 
 async def test_a_waited_command_refused_before_it_was_applied_leaves_no_promise(
