@@ -20,6 +20,12 @@ def main() -> None:
     settings = settings_or_exit("tenure api")
     if not port_is_free(settings.api_port, settings.api_host):
         sys.exit(f"error: port {settings.api_port} is already in use (set API_PORT to use another)")
+    metrics_port = settings.api_metrics_port
+    if metrics_port and not port_is_free(metrics_port, settings.api_host):
+        sys.exit(
+            f"error: port {metrics_port} is already in use "
+            "(set TENURE_API_METRICS_PORT to use another)"
+        )
     try:
         configure_logging(settings, "api")
         tracer_provider = configure_tracing("tenure-api")

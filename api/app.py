@@ -444,6 +444,8 @@ def create_app(
                 max_per_holder=settings.max_subscriptions_per_customer,
             )
             await stack.enter_async_context(app.state.change_feed.running())
+            if settings.api_metrics_port:
+                stack.enter_context(metrics.served(settings.api_host, settings.api_metrics_port))
             yield
 
     readiness = Readiness()  # its checks are added once the lifespan has the clients
@@ -529,7 +531,8 @@ def create_app(
             WebSocketRoute("/graphql", graphql),
             # A page with its own policy and no data: its script sends tokens to /graphql
             admin_console(settings, auth_required=verifier is not None),
-            Route("/metrics", metrics.endpoint),  # for Prometheus; keep it off the Internet
+            # For Prometheus, here unless it has a port of its own; keep it off the Internet
+            *([] if settings.api_metrics_port else [Route("/metrics", metrics.endpoint)]),
             # Signed by each source's secret: no token, no GraphQL rate limits (api/webhooks.py)
             Route(
                 "/webhooks/{source}",

@@ -1,4 +1,6 @@
-"""The API's Prometheus metrics, in a registry of each app's own, served at `/metrics`.
+"""The API's Prometheus metrics, in a registry of each app's own, served at `/metrics` on
+the API's port, or on a port of their own (`TENURE_API_METRICS_PORT`, as on Kubernetes),
+where an Ingress in front of the API cannot pass them on.
 
 Every `/graphql` request is counted once, by operation and outcome code, and timed
 (`ObservedRequests`, in `api/request_context.py`); a request refused before GraphQL ran is
@@ -12,7 +14,9 @@ clients send, so it is for the cluster's Prometheus, never for the public.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +25,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    start_http_server,
 )
 from starlette.requests import Request
 from starlette.responses import Response
@@ -143,3 +148,14 @@ class ApiMetrics:
     async def endpoint(self, request: Request) -> Response:
         """`/metrics`, in Prometheus's text format."""
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.contextmanager
+    def served(self, host: str, port: int) -> Iterator[None]:
+        """`/metrics` on `host:port`, by prometheus-client's server (a thread), while inside."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            yield
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)

@@ -163,6 +163,15 @@ class Settings(BaseModel):
     redis_prefix: str = "tenure:"
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
+    api_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description=(
+            "The API's Prometheus /metrics on a port of its own, at api_host (the API's port "
+            "then answers 404 there); 0: at /metrics on the API's port."
+        ),
+    )
     api_shutdown_grace: float = Field(
         default=20.0, ge=0, description="Seconds the API gives requests in flight on SIGTERM."
     )
@@ -452,6 +461,7 @@ class Settings(BaseModel):
             "TENURE_REDIS_PREFIX": "redis_prefix",
             "API_HOST": "api_host",
             "API_PORT": "api_port",
+            "TENURE_API_METRICS_PORT": "api_metrics_port",
             "TENURE_API_SHUTDOWN_GRACE": "api_shutdown_grace",
             "TENURE_API_KEEP_ALIVE": "api_keep_alive",
             "TENURE_WORKER_HEALTH_HOST": "worker_health_host",
@@ -559,6 +569,7 @@ class Settings(BaseModel):
             "TENURE_REDIS_PREFIX": self.redis_prefix,
             "API_HOST": self.api_host,
             "API_PORT": str(self.api_port),
+            "TENURE_API_METRICS_PORT": str(self.api_metrics_port),
             "TENURE_DATA_DIR": str(self.data_dir),
             "TENURE_LIVE_READ_TIMEOUT": str(self.live_read_timeout),
             "TENURE_API_SHUTDOWN_GRACE": str(self.api_shutdown_grace),

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from temporalio.client import Client
 
 from api.metrics import ApiMetrics, OperationNames
+from deploy.embedded import free_port, port_is_free
 from tests.api.test_access import token
 from tests.api.test_cached_reads import replays_of
 from tests.api.test_limits import aliases
@@ -148,3 +149,24 @@ def test_each_app_counts_into_its_own_registry() -> None:
     first.observe_request("Open", "OK", 0.01, refused=False)
     assert first.requests.labels("Open", "OK")._value.get() == 1
     assert second.requests.labels("Open", "OK")._value.get() == 0
+
+
+async def test_metrics_on_a_port_of_their_own_are_not_on_the_api_port(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory
+) -> None:
+    """With TENURE_API_METRICS_PORT set (as on Kubernetes, where an Ingress passes the API's
+    port on), the API's port answers 404 at /metrics and Prometheus scrapes the requests
+    counted there on the port of their own, which closes with the app."""
+    port = free_port()
+    settings = settings.model_copy(update={"api_metrics_port": port})
+    account_id = new_id()
+    async with run_worker(), api_client(settings, temporal_client) as http:
+        opened = await http.post("/graphql", json={"query": OPEN, "variables": {"id": account_id}})
+        assert opened.status_code == 200 and "errors" not in opened.json()
+        assert (await http.get("/metrics")).status_code == 404
+        async with httpx.AsyncClient() as prometheus:
+            response = await prometheus.get(f"http://{settings.api_host}:{port}/metrics")
+        assert response.status_code == 200
+        scraped = Scrape(response.text)
+        assert scraped.value("tenure_api_requests_total", operation="Open", code="OK") == 1
+    assert port_is_free(port, settings.api_host)

@@ -41,6 +41,7 @@ KUBERNETES_VERSION = "1.30"
 WORKERS = ("worker-1", "worker-2")
 APIS = ("api-1", "api-2")
 API_PORT = 8000
+API_METRICS_PORT = 9465
 WORKER_HEALTH_PORT = 8081
 WORKER_METRICS_PORT = 9464
 GRACE_SECONDS = 30
@@ -846,6 +847,18 @@ def test_every_referenced_setting_exists_and_builds_production_settings(
             # preStop (API) and the grace both fit in terminationGracePeriodSeconds.
             if container["args"] == ["api"]:
                 assert (settings.api_host, settings.api_port) == ("0.0.0.0", API_PORT)
+                # /metrics on a port the Service does not expose, where Prometheus looks.
+                assert settings.api_metrics_port == API_METRICS_PORT
+                ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+                assert ports["metrics"] == API_METRICS_PORT
+                annotations = template["metadata"]["annotations"]
+                assert annotations["prometheus.io/port"] == str(API_METRICS_PORT)
+                service = next(
+                    o
+                    for o in rendered
+                    if o["kind"] == "Service" and o["metadata"]["name"] == "tenure-api"
+                )
+                assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
                 assert settings.auth_secret, "the API has no key source"
                 pause = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
                 assert pause + settings.api_shutdown_grace < GRACE_SECONDS
