@@ -402,6 +402,10 @@ class CartMutation:
             # The entity's own model takes 0, as carts recorded before this bound did (their
             # histories must replay); a new line is priced from 1.
             raise TenureError(ErrorCode.INVALID_INPUT, "unitPrice: at least 1")
+        if not 0 < quantity <= domain.MAX_QUANTITY:  # refused as such before a price is looked up
+            raise TenureError(
+                ErrorCode.INVALID_INPUT, f"quantity: 1 to {domain.MAX_QUANTITY} units"
+            )
         return await _command(
             info,
             cart_id,

@@ -73,7 +73,8 @@ IdempotencyKey = Annotated[
     strawberry.argument(
         description="The command's id: the same key sent again to the same entity (a "
         "retry after a timeout, say) is applied once and answered with the first outcome, "
-        "while the entity remembers it (its last 4,096 commands by default); with another "
+        "while the entity remembers it (its last 4,096 commands by default, fewer when they "
+        "weigh over 640 KiB: about 2,000 with 128-character keys); with another "
         "command or payload it is not applied (IDEMPOTENCY_KEY_REUSED when waited for). 1 to "
         "128 printable ASCII characters, no spaces, not beginning "
         f"{', '.join(SYSTEM_COMMAND_PREFIXES)}. A new id each time when not given."

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationInfo, model_validator
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
@@ -20,7 +20,14 @@ with workflow.unsafe.imports_passed_through():
     from entities.errors import ErrorCode, Rejected
     from entities.runtime import CommandContext, EntityRunInput, EntityType, EntityWorkflow
     from entities.runtime.effects import IfOtherRunning, StartWorkflow
-    from entities.runtime.entity import MAX_AMOUNT, MAX_MONEY, Action, EntityId, strict_bound
+    from entities.runtime.entity import (
+        MAX_AMOUNT,
+        MAX_MONEY,
+        Action,
+        EntityId,
+        at_the_edge,
+        strict_bound,
+    )
     from entities.runtime.envelope import Snapshot
     from entities.runtime.policy import READ
 
@@ -84,10 +91,25 @@ class CreateCart(BaseModel, extra="forbid"):
     account_id: EntityId
 
 
+def _chargeable(quantity: int, unit_price: int | None, info: ValidationInfo) -> None:
+    """At the API's edge: a line alone worth more than a cart may total is refused with
+    nothing stored (runs refuse it as LIMIT_REACHED, as they always did)."""
+    if at_the_edge(info) and unit_price is not None and quantity * unit_price > MAX_AMOUNT:
+        raise ValueError(
+            f"a line's quantity times its unit price is at most {MAX_AMOUNT} minor units, "
+            "what a cart's checkout can charge"
+        )
+
+
 class AddCartItem(BaseModel, extra="forbid"):
     sku: EntityId
     quantity: Quantity
     unit_price: UnitPrice
+
+    @model_validator(mode="after")
+    def _within_a_cart(self, info: ValidationInfo) -> AddCartItem:
+        _chargeable(self.quantity, self.unit_price, info)
+        return self
 
 
 class RemoveCartItem(BaseModel, extra="forbid"):
@@ -107,6 +129,11 @@ class SetCartItemQuantity(BaseModel, extra="forbid"):
         description="More units need `unit_price` (a customer's change): without it, the item "
         "having no price, the quantity may only fall.",
     )
+
+    @model_validator(mode="after")
+    def _within_a_cart(self, info: ValidationInfo) -> SetCartItemQuantity:
+        _chargeable(self.quantity, self.unit_price, info)
+        return self
 
 
 class ClearCart(BaseModel, extra="forbid"):

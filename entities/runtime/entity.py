@@ -96,6 +96,12 @@ def strict_bound(holds: Callable[[Any], bool], message: str, since: int = 1) -> 
     return AfterValidator(check)
 
 
+def at_the_edge(info: ValidationInfo) -> bool:
+    """Whether a model is validated at the API's edge (AT_THE_EDGE), where a rule across its
+    fields that the entity's transition already keeps may be checked again, no run's."""
+    return bool((info.context or {}).get(STRICT_INPUTS, STRICTEST) >= AT_THE_EDGE)
+
+
 PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
 """Text a person wrote has no control characters (they would be stored and shown to every
 reader): the pattern of every such field."""

@@ -242,3 +242,45 @@ async def test_a_customer_s_malformed_sku_is_named_as_such(
     error = (await ada.post(add, id=cart)).json()["errors"][0]
     assert error["extensions"]["code"] == "INVALID_INPUT"
     assert error["message"].startswith("sku: ")
+
+
+ADD_UNITS = """mutation($id: ID!, $sku: String!, $quantity: Int!, $price: Long) {
+  addCartItem(cartId: $id, sku: $sku, quantity: $quantity, unitPrice: $price, wait: true)
+  { status } }"""
+SET_UNITS = """mutation($id: ID!, $sku: String!, $quantity: Int!) {
+  setCartItemQuantity(cartId: $id, sku: $sku, quantity: $quantity, wait: true) { status } }"""
+
+
+async def test_a_line_worth_more_than_a_cart_may_total_is_refused_with_nothing_stored(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """10,000 units at 10^12 is 10^16, over the 10^15 a cart may total and its checkout may
+    charge: refused as bad input before the cart takes it, where it was accepted and then
+    refused inside the cart (LIMIT_REACHED), seen only in its history. A customer's line at
+    the item's price is refused so too."""
+    admin, ada, _, cart = await _shop(secured_http)
+    sku = new_id()
+    await admin.data(RESTOCK, sku=sku, price=10**12)
+    too_much = {"id": cart, "sku": sku, "quantity": 10_000, "price": 10**12}
+    assert await admin.code(ADD_UNITS, **too_much) == ErrorCode.INVALID_INPUT
+    assert await ada.code(ADD_UNITS, **{**too_much, "price": None}) == ErrorCode.INVALID_INPUT
+    assert (await admin.data(LINES, id=cart))["cart"]["lines"] == []
+    await ada.data(ADD_UNITS, id=cart, sku=sku, quantity=1000, price=None)  # 10^15: room
+    assert await ada.code(SET_UNITS, id=cart, sku=sku, quantity=1001) == ErrorCode.INVALID_INPUT
+    assert (await admin.data(LINES, id=cart))["cart"]["lines"] == [
+        {"sku": sku, "unitPrice": 10**12}
+    ]
+
+
+async def test_a_customer_s_quantity_out_of_bounds_is_bad_input_whatever_the_item(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """Refused for what it is, before the item is looked up: it was NOT_FOUND for an item
+    that does not exist, and INVALID_TRANSITION for one with no price."""
+    admin, ada, _, cart = await _shop(secured_http)
+    unpriced = new_id()
+    await admin.data(RESTOCK, sku=unpriced, price=None)
+    for sku in (new_id(), unpriced):
+        for quantity in (0, -1, 10_001):
+            code = await ada.code(ADD_UNITS, id=cart, sku=sku, quantity=quantity, price=None)
+            assert code == ErrorCode.INVALID_INPUT, (sku, quantity)
