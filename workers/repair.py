@@ -12,12 +12,18 @@ had already applied.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import UTC
 
 from temporalio.api.common.v1 import WorkflowExecution
-from temporalio.api.enums.v1 import EventType, ResetReapplyType
+from temporalio.api.enums.v1 import EventType, ResetReapplyType, TaskQueueType
 from temporalio.api.history.v1 import HistoryEvent
-from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import (
+    DescribeTaskQueueRequest,
+    ResetWorkflowExecutionRequest,
+)
 from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
@@ -88,11 +94,61 @@ async def last_good_task(workflow_id: str, events: list[HistoryEvent]) -> int:
     return completed[low]
 
 
+POLLED_WITHIN = 120.0
+"""Seconds since a build last polled its task queue within which it counts as running: a
+worker's long poll lasts up to about 70 s."""
+
+
+class RepairDeferred(TenureError):
+    """A repair the watchdog leaves for now: another build that completed the run's later
+    tasks still polls its task queue (a rolling deploy or a rollback under way)."""
+
+
+def _other_builds(events: list[HistoryEvent], build_id: str) -> set[str]:
+    """The builds other than `build_id` that completed a task among `events`."""
+    return {
+        event.workflow_task_completed_event_attributes.worker_version.build_id
+        for event in events
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+    } - {build_id, ""}
+
+
+async def _polling(client: Client, task_queue: str, within: float) -> set[str]:
+    """The builds of the workers that polled `task_queue` for workflow tasks within
+    `within` seconds (Temporal lists pollers for some minutes after their last poll)."""
+    response = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=task_queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+        )
+    )
+    now = time.time()
+    return {
+        poller.worker_version_capabilities.build_id
+        for poller in response.pollers
+        if now - poller.last_access_time.ToDatetime(UTC).timestamp() <= within
+    }
+
+
 async def repair(
-    client: Client, entity_type: str, entity_id: str, *, force: bool = False
+    client: Client,
+    entity_type: str,
+    entity_id: str,
+    *,
+    force: bool = False,
+    only_build: str | None = None,
+    polled_within: float = POLLED_WITHIN,
 ) -> Repair:
     """Reset the entity's current run to its last good task, re-applying later commands.
-    Refuses an entity that is not stuck unless `force`, and one that does not exist."""
+    Refuses an entity that is not stuck unless `force`, and one that does not exist.
+
+    With `only_build` (the watchdog's: its worker's build id), defers (RepairDeferred) while
+    a build that completed a task after that last good one has polled the entity's task
+    queue within `polled_within` seconds. In a rolling deploy or a rollback, a worker of the
+    older code fails the tasks of runs a newer one made, which the newer workers go on
+    with; its reset threw their newer tasks away, bad only to it. Once that build is gone
+    (a bad deploy replaced), the reset goes ahead."""
     known = catalog.entity_types()
     if entity_type not in known:
         raise TenureError(
@@ -116,6 +172,17 @@ async def repair(
     index = await last_good_task(workflow_id, events)
     # Reset re-runs the task that this event completed.
     reset_to = events[index].event_id
+    if only_build is not None and (others := _other_builds(events[index + 1 :], only_build)):
+        task_queue = description.task_queue
+        running = others & await _polling(client, task_queue, polled_within)
+        if running:
+            raise RepairDeferred(
+                ErrorCode.CONFLICT,
+                f"{workflow_id}: its tasks after the last one this build replays were "
+                f"completed by build {', '.join(sorted(running))}, which still polls "
+                f"{task_queue} (a deploy or a rollback under way); repaired once it is gone "
+                "(`tenure repair` does it now)",
+            )
     commands = sum(1 for event in events[index:] if event.event_type in REAPPLIED)
     # Every worker's watchdog repairs a stuck entity: another may have reset this run while
     # this one looked for its last good task (seconds). Reset again, the run it made would

@@ -32,7 +32,7 @@ from entities.errors import TenureError
 from workers import leases
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.failures import REDIS_FAILURES
-from workers.repair import repair
+from workers.repair import RepairDeferred, repair
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,16 @@ class StuckEntityWatchdog:
         task_queue: str,
         interval: float = 10.0,
         auto_repair: bool = False,
+        build_id: str | None = None,
     ) -> None:
         self._client = client
         self._cache = cache
         self._task_queue = task_queue
         self._interval = interval
         self._auto_repair = auto_repair
+        self._build_id = build_id
+        """Its worker's build: a run whose later tasks another build completed is not
+        repaired automatically (`repair`'s `only_build`)."""
         self._types = set(catalog.entity_types())
         self.stuck: dict[str, str] = {}
         """Workflow id of each entity found stuck, and why."""
@@ -140,7 +144,10 @@ class StuckEntityWatchdog:
             return  # another worker's watchdog repairs it now
         entity_type, _, entity_id = workflow_id.partition(":")
         try:
-            done = await repair(self._client, entity_type, entity_id)
+            done = await repair(self._client, entity_type, entity_id, only_build=self._build_id)
+        except RepairDeferred as exc:  # tried again at the next sweep
+            log.warning("not repairing %s yet: %s", workflow_id, exc)
+            return
         except (RPCError, TenureError) as exc:
             if isinstance(exc, RPCError) and exc.status in PASSING:
                 log.warning("could not repair %s yet: %s", workflow_id, exc)

@@ -25,6 +25,7 @@ from temporalio.runtime import (
     TelemetryFilter,
 )
 from temporalio.worker import Worker, WorkflowRunner
+from temporalio.worker._worker import load_default_build_id  # the SDK's default build id
 
 from entities import catalog
 from entities.bulk import BulkCommandWorkflow
@@ -316,7 +317,13 @@ async def run_worker(
     redis_client = connect_redis(settings)
     cache = SnapshotCache(redis_client, settings.redis_prefix, Retention.of(settings))
     watchdog = StuckEntityWatchdog(
-        client, cache, settings.task_queue, settings.watchdog_interval, settings.auto_repair
+        client,
+        cache,
+        settings.task_queue,
+        settings.watchdog_interval,
+        settings.auto_repair,
+        # The SDK's default, which the workers built here take: no build id is set.
+        build_id=load_default_build_id(),
     )
     watching = asyncio.create_task(watchdog.run()) if settings.watchdog_interval else None
     handovers = OverdueHandovers(

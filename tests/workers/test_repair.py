@@ -11,6 +11,7 @@ from temporalio import workflow
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+from temporalio.worker._worker import load_default_build_id
 
 import workers.repair
 import workers.watchdog
@@ -23,7 +24,7 @@ from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import eventually, until_idle
 from tests.entities.test_runtime import open_active
 from workers.cache import CacheUnavailable, SnapshotCache
-from workers.repair import is_stuck, repair
+from workers.repair import RepairDeferred, is_stuck, repair
 from workers.settings import Settings
 from workers.watchdog import StuckEntityWatchdog
 from workers.worker import TenureWorker, activity_functions
@@ -367,3 +368,40 @@ async def test_two_workers_watchdogs_repair_a_stuck_run_once_at_a_time(
     await first
     await other._repair(workflow_id, "run-1")  # over, and not done: the next sweep's
     assert len(repairs) == 2
+
+
+async def test_the_watchdog_s_repair_waits_while_the_build_that_went_on_still_polls(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache
+) -> None:
+    """A rolling deploy: a newer build took the account past what the watchdog's build can
+    replay. Its automatic repair would throw the newer tasks away, bad only to the older
+    code: it waits while that build still polls the task queue, and goes ahead once the
+    build is gone (a bad deploy replaced). An operator's `tenure repair` does not wait."""
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    ours = load_default_build_id()
+    newer = Worker(
+        temporal_client,
+        task_queue=settings.task_queue,
+        workflows=[BadDeployAccount],
+        activities=activity_functions(temporal_client, cache, settings),
+        workflow_runner=UnsandboxedWorkflowRunner(),
+        build_id="a-newer-build",
+    )
+    async with TenureWorker([newer], shutdown_bound=BAD_DEPLOY_SHUTDOWN):
+        await gateway.send(
+            "account", account_id, "open", {"owner_name": "Ada", "email": "a@b.cc"}, wait=True
+        )
+        await gateway.send("account", account_id, "verify", {}, wait=True)
+        await deposit(gateway, account_id, POISON, wait=True)
+        await deposit(gateway, account_id, 7, wait=True)
+        await until_idle(temporal_client, f"account:{account_id}")
+        with pytest.raises(RepairDeferred) as deferred:
+            await repair(temporal_client, "account", account_id, force=True, only_build=ours)
+        assert deferred.value.code is ErrorCode.CONFLICT
+        assert "a-newer-build" in deferred.value.message
+    await asyncio.sleep(1.5)  # gone: it has not polled for a second
+    done = await repair(
+        temporal_client, "account", account_id, force=True, only_build=ours, polled_within=1.0
+    )
+    assert done.new_run_id != done.old_run_id
