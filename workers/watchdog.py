@@ -14,6 +14,10 @@ made it) or could not clear before (Redis away): one only remembered in memory o
 them, and a healthy entity read `stale: true` until its next change. A newer snapshot clears
 the mark as well (see `workers/cache.py`). With
 `auto_repair`, an entity stuck because its history no longer replays is repaired at once.
+
+With a metric meter it exports how many entities it finds stuck (STUCK_METRIC, a gauge set
+at each sweep) and its repairs by outcome (REPAIRS_METRIC), for alerts that page: a log
+line alone told no one of one stuck account.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import uuid
 from typing import Any
 
 from temporalio.client import Client
+from temporalio.common import MetricMeter
 from temporalio.service import RPCError, RPCStatusCode
 
 from entities import catalog
@@ -53,6 +58,15 @@ PASSING = frozenset(
 """Temporal's answers that say nothing of the run (out of reach, busy): a repair met with
 one is tried again at the next sweep; any other is the run's answer, and it is not."""
 NONDETERMINISM = "NonDeterministicError"
+STUCK_METRIC = "tenure_stuck_entities"
+STUCK_DESCRIPTION = (
+    "Entities of the task queue whose workflow tasks keep failing, at the last sweep."
+)
+REPAIRS_METRIC = "tenure_entity_repairs"
+REPAIRS_DESCRIPTION = (
+    "The watchdog's automatic repairs by outcome: repaired; failed (left to an operator); "
+    "deferred (the build that went on still polls)."
+)
 
 
 class StuckEntityWatchdog:
@@ -66,6 +80,7 @@ class StuckEntityWatchdog:
         interval: float = 10.0,
         auto_repair: bool = False,
         build_id: str | None = None,
+        meter: MetricMeter | None = None,
     ) -> None:
         self._client = client
         self._cache = cache
@@ -73,6 +88,8 @@ class StuckEntityWatchdog:
         self._interval = interval
         self._auto_repair = auto_repair
         self._build_id = build_id
+        self._stuck_gauge = meter.create_gauge(STUCK_METRIC, STUCK_DESCRIPTION) if meter else None
+        self._repairs = meter.create_counter(REPAIRS_METRIC, REPAIRS_DESCRIPTION) if meter else None
         """Its worker's build: a run whose later tasks another build completed is not
         repaired automatically (`repair`'s `only_build`)."""
         self._types = set(catalog.entity_types())
@@ -124,7 +141,13 @@ class StuckEntityWatchdog:
             log.warning("entity %s makes progress again", workflow_id)
         self.stuck = found
         self._tried = {w: run for w, run in self._tried.items() if w in found}
+        if self._stuck_gauge is not None:
+            self._stuck_gauge.set(len(found))
         return found
+
+    def _count(self, outcome: str) -> None:
+        if self._repairs is not None:
+            self._repairs.add(1, {"outcome": outcome})
 
     async def _repair(self, workflow_id: str, run_id: str) -> None:
         """Reset an entity whose history its own code no longer replays to its last good
@@ -147,12 +170,14 @@ class StuckEntityWatchdog:
             done = await repair(self._client, entity_type, entity_id, only_build=self._build_id)
         except RepairDeferred as exc:  # tried again at the next sweep
             log.warning("not repairing %s yet: %s", workflow_id, exc)
+            self._count("deferred")
             return
         except (RPCError, TenureError) as exc:
             if isinstance(exc, RPCError) and exc.status in PASSING:
                 log.warning("could not repair %s yet: %s", workflow_id, exc)
                 return
             self._tried[workflow_id] = run_id
+            self._count("failed")
             log.warning(
                 "could not repair %s: %s; its run %s is not tried again (`tenure repair` it "
                 "once its cause is fixed)",
@@ -164,6 +189,7 @@ class StuckEntityWatchdog:
         finally:
             await self._release(workflow_id, claim)
         self._tried[workflow_id] = run_id
+        self._count("repaired")
         log.error(
             "entity %s repaired: reset to the task completed at event %d, %d commands re-applied",
             workflow_id,

@@ -324,6 +324,11 @@ async def run_worker(
         settings.auto_repair,
         # The SDK's default, which the workers built here take: no build id is set.
         build_id=load_default_build_id(),
+        meter=(
+            client.service_client.config.runtime or Runtime.default()
+        ).metric_meter.with_additional_attributes(
+            {"namespace": client.namespace, "task_queue": settings.task_queue}
+        ),
     )
     watching = asyncio.create_task(watchdog.run()) if settings.watchdog_interval else None
     handovers = OverdueHandovers(

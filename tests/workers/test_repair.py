@@ -23,11 +23,12 @@ from entities.runtime.envelope import CommandEnvelope, HistoryPage
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import eventually, until_idle
 from tests.entities.test_runtime import open_active
+from tests.workers.test_metrics import metrics_settings, scrape
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.repair import RepairDeferred, is_stuck, repair
 from workers.settings import Settings
 from workers.watchdog import StuckEntityWatchdog
-from workers.worker import TenureWorker, activity_functions
+from workers.worker import TenureWorker, activity_functions, worker_runtime
 
 POISON = 13
 BAD_DEPLOY_SHUTDOWN = 30.0
@@ -405,3 +406,33 @@ async def test_the_watchdog_s_repair_waits_while_the_build_that_went_on_still_po
         temporal_client, "account", account_id, force=True, only_build=ours, polled_within=1.0
     )
     assert done.new_run_id != done.old_run_id
+
+
+async def test_the_watchdog_counts_stuck_entities_and_its_repairs_for_alerts(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    """What pages an operator (deploy/compose/alerts.yml, TenureEntityStuck): the count of
+    entities found stuck, at each sweep, and the repairs by outcome. A log line alone told
+    no one of one stuck account."""
+    watched = metrics_settings(settings)
+    runtime = worker_runtime(watched)  # its exporter serves while it lives
+    meter = runtime.metric_meter
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = await opened_by_a_bad_deploy(gateway, temporal_client, cache, settings, 5)
+    workflow_id = f"account:{account_id}"
+    async with run_worker():
+        watchdog = StuckEntityWatchdog(temporal_client, cache, settings.task_queue, meter=meter)
+        assert await watchdog.sweep() == {}
+        assert (await scrape(watched)).value("tenure_stuck_entities") == 0
+        await deposit(gateway, account_id, 11, idempotency_key=f"{account_id}-11")
+        await eventually(watchdog.sweep, lambda found: workflow_id in found, 40)
+        assert (await scrape(watched)).value("tenure_stuck_entities") == 1
+
+        repairing = StuckEntityWatchdog(
+            temporal_client, cache, settings.task_queue, auto_repair=True, meter=meter
+        )
+        await repairing.sweep()
+        await eventually(watchdog.sweep, lambda found: workflow_id not in found, 40)
+        metrics = await scrape(watched)
+    assert metrics.value("tenure_stuck_entities") == 0
+    assert metrics.value("tenure_entity_repairs_total", outcome="repaired") == 1
