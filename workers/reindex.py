@@ -5,6 +5,7 @@ finished, its result), written through the cache's own never-backwards script.""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -18,6 +19,8 @@ from entities.runtime.envelope import Snapshot
 from entities.runtime.workflow import EntityWorkflow
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.temporal import ask, within
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 """Called with (done, total) as entities are reindexed."""
@@ -105,6 +108,9 @@ async def reindex(
                     done.written += 1
                 finished += 1
             except (RPCError, TimeoutError, CacheUnavailable):
+                failed.append(f"{entity_type}:{entity_id}")
+            except Exception as exc:  # its own failure (a query its code failed) ends no other
+                log.warning("%s:%s could not be read: %r", entity_type, entity_id, exc)
                 failed.append(f"{entity_type}:{entity_id}")
             if progress is not None:
                 progress(finished, total)

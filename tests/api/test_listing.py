@@ -15,8 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowQueryFailedError
 
+import workers.reindex
 from api.cached_reads import CachedReadResponses
 from deploy.embedded import EmbeddedRedis
 from entities.runtime.envelope import Snapshot
@@ -524,3 +525,35 @@ async def test_the_restore_runbook_leaves_lists_as_the_restored_entities_are(
     held = (await gql.data(ACCOUNTS, filter={"status": ["SUSPENDED"]}))["accounts"]
     assert (ids({"accounts": held}), held["totalCount"]) == ([], 0)
     assert (await gql.data(STATS))["accountStats"]["total"] == 2
+
+
+async def test_a_reindex_goes_on_past_an_entity_that_fails_in_a_way_of_its_own(
+    gql: GraphQLClient,
+    cache: SnapshotCache,
+    settings: Settings,
+    temporal_client: Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One entity whose snapshot query its own code fails (not Temporal's failure) is
+    reported unread, and the rest are written: it ended the whole rebuild with a traceback,
+    no summary and the other entities unwritten."""
+    accounts = [await open_named(gql, f"Owner {n}", f"o{n}@x.org") for n in range(3)]
+    failing = accounts[1]
+    read = workers.reindex.snapshot_of
+
+    async def fails_for_one(
+        client: Client, entity_type: str, entity_id: str, timeout: float
+    ) -> Snapshot | None:
+        if entity_id == failing:
+            raise WorkflowQueryFailedError("the entity's snapshot query failed")
+        return await read(client, entity_type, entity_id, timeout)
+
+    monkeypatch.setattr(workers.reindex, "snapshot_of", fails_for_one)
+    for opened in accounts:
+        await cache.client.delete(cache.key("account", opened))
+    done = await reindex(
+        temporal_client, cache, ["account"], where=f"TaskQueue = '{settings.task_queue}'", pause=0
+    )
+    assert done.failed == [f"account:{failing}"]
+    written = {a: await cache.get("account", a) for a in accounts}
+    assert [a for a, hit in written.items() if hit is not None] == [accounts[0], accounts[2]]
