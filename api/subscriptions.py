@@ -127,6 +127,9 @@ class _Follower:
         since_incarnation: int | None = None,
     ) -> None:
         self._seen: dict[str, tuple[int, int]] = {}
+        # Entities shown leaving the statuses, at the change that took them out: one that
+        # comes back is shown as following it, a jump where it changed meanwhile.
+        self._left: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._since = since
         self._since_incarnation = since_incarnation
         self._viewer = viewer
@@ -165,15 +168,16 @@ class _Follower:
     def change(self, change: FeedChange, render: Render) -> Change[Any] | None:
         incarnation, revision = change.position
         seen = self._seen.get(change.entity_id)
-        if seen is not None and seen >= change.position:
+        last = seen if seen is not None else self._left.get(change.entity_id)
+        if last is not None and last >= change.position:
             return None
         status = (change.snapshot.state or {}).get("status")
         leaving = self._statuses is not None and status not in self._statuses
         if leaving and seen is None and not self._forgot:
             return None  # out, and not shown: nothing to take back
-        previous = seen[1] if seen is not None and _same_life(seen, change.position) else None
+        previous = last[1] if last is not None and _same_life(last, change.position) else None
         after = previous if previous is not None else self._since
-        if seen is not None and previous is None:
+        if last is not None and previous is None:
             after = -1  # another life of the id than the one shown: a jump
         elif after is not None and seen is None:
             named = self._since_incarnation
@@ -190,8 +194,13 @@ class _Follower:
             elif revision <= after:
                 return None  # the subscriber had it before it reconnected
         self._seen.pop(change.entity_id, None)
+        self._left.pop(change.entity_id, None)
         if not leaving:
             self._seen[change.entity_id] = change.position
+        else:
+            self._left[change.entity_id] = change.position
+            if len(self._left) > MAX_REMEMBERED:
+                self._left.popitem(last=False)
         if len(self._seen) > MAX_REMEMBERED:
             del self._seen[next(iter(self._seen))]
             self._forgot = True

@@ -975,3 +975,23 @@ def test_an_entity_from_before_incarnations_that_gets_one_is_the_same_life() -> 
     staying = _Follower(None, admin, "account")
     assert _shown(staying, 5, 0, None) == (5, None, False)
     assert _shown(staying, 6, NEW_LIFE, "deposit") == (6, 5, False)
+
+
+def test_an_entity_back_in_a_status_filtered_view_follows_the_change_that_took_it_out() -> None:
+    """`changes(filter: {status: [SUSPENDED]})`: shown suspended at 5, leaving at 6, quiet
+    (ACTIVE) at 7 and 8, suspended again at 9. Revision 9 came as a first sight (no
+    previous revision, nothing missed), which hid the jump; it follows 6, and says revisions
+    were missed."""
+    follower = _Follower(None, Principal("ops", Role.ADMIN), "account", frozenset({"SUSPENDED"}))
+
+    def shown(revision: int, status: str) -> Any:
+        change = follower.change(
+            _account_change("a", revision, status, "suspend"), lambda read: read.snapshot.state
+        )
+        return None if change is None else (change.previous_revision, change.missed_revisions)
+
+    assert shown(5, "SUSPENDED") == (None, False)
+    assert shown(6, "ACTIVE") == (5, False)
+    assert shown(6, "ACTIVE") is None  # already told
+    assert shown(9, "SUSPENDED") == (6, True)
+    assert shown(10, "SUSPENDED") == (9, False)
