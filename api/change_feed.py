@@ -37,7 +37,14 @@ from workers.failures import REDIS_FAILURES, redis_unavailable
 
 log = logging.getLogger(__name__)
 
-READ_COUNT = 1000
+READ_COUNT = 500
+"""Entries read at once: half of what a `changes` subscriber may hold pending (1,000), so
+that one read alone never ends a subscriber that keeps pace."""
+OFFERS_BETWEEN_TURNS = 32
+"""Entries offered before the reader lets the rest of the process's event loop run: each is
+offered to every subscriber of its type (filters included), and a batch offered in one go
+held every request, socket and probe of the API process for seconds with thousands of
+customers following a type."""
 RETRY_SECONDS = 1.0
 END_ATTEMPTS = 3
 """Tries at finding a stream's end for a type's first subscribers. A burst of subscriptions
@@ -313,7 +320,9 @@ class ChangeFeed:
                 followed = self._types.get(entity_type) if entity_type is not None else None
                 if entity_type is None or followed is None:
                     continue  # nobody follows it any more
-                for entry_id, fields in entries:
+                for offered, (entry_id, fields) in enumerate(entries, 1):
+                    if offered % OFFERS_BETWEEN_TURNS == 0:
+                        await asyncio.sleep(0)  # the rest of the process's turn
                     # Followed again meanwhile (its last subscriber gone while a gap was read
                     # from the cache, and a new one come): the new follower begins at the
                     # stream's end then, and was moved back and offered older changes.

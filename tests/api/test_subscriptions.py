@@ -24,8 +24,8 @@ from websockets.exceptions import ConnectionClosed
 
 from api.app import create_app
 from api.auth import DEVELOPMENT_PRINCIPAL
+from api.change_feed import OFFERS_BETWEEN_TURNS, ChangeFeed, Mailbox
 from api.change_feed import Change as FeedChange
-from api.change_feed import ChangeFeed, Mailbox
 from api.context import TenureContext
 from api.errors import INTERNAL_MESSAGE
 from api.gateway import EntityGateway
@@ -995,3 +995,44 @@ def test_an_entity_back_in_a_status_filtered_view_follows_the_change_that_took_i
     assert shown(6, "ACTIVE") is None  # already told
     assert shown(9, "SUSPENDED") == (6, True)
     assert shown(10, "SUSPENDED") == (9, False)
+
+
+async def test_the_change_feed_lets_the_process_run_while_it_offers_a_batch(
+    settings: Settings,
+) -> None:
+    """A batch of 500 changes offered to 300 `changes` subscribers: the rest of the API
+    process (its requests, sockets and probes) gets turns while it is offered. The reader
+    offered a whole batch in one go, and a few thousand customers following carts stalled
+    every request of the process for seconds."""
+    client = connect_redis(settings)
+    prefix = f"{settings.redis_prefix}{new_id()}:"
+    cache = SnapshotCache(client, prefix)
+    feed = ChangeFeed(client, cache, prefix, max_subscribers=400, block_seconds=0.1)
+    stream = stream_key(prefix, "account")
+    seen_midway: set[int] = set()  # what another task saw offered so far, at its turns
+
+    async def watching(box: Mailbox) -> None:
+        while (pending := len(box._pending)) < 500:
+            if pending:
+                seen_midway.add(pending)
+            await asyncio.sleep(0)
+
+    try:
+        async with feed.running(), contextlib.AsyncExitStack() as held:
+            boxes = [
+                await held.enter_async_context(feed.subscribe("account", None, capacity=1000))
+                for _ in range(300)
+            ]
+            watcher = asyncio.create_task(watching(boxes[-1]))
+            pipe = client.pipeline(transaction=False)
+            for n in range(500):
+                pipe.xadd(stream, {"type": "change", "id": f"e{n}", "incarnation": "1",
+                                   "revision": "1", "command": "deposit", "command_id": f"c{n}",
+                                   "sent_by": "", "at": "", "state": "{}"})  # fmt: skip
+            await pipe.execute()
+            await asyncio.wait_for(watcher, 30)
+    finally:
+        await cache.aclose()
+        await client.aclose()
+    # A turn at least every 32 offers; the batch may come in two reads.
+    assert len(seen_midway) >= 500 // OFFERS_BETWEEN_TURNS - 2, sorted(seen_midway)
