@@ -291,6 +291,8 @@ class BulkMutation:
         if (ids is None) == (filter is None):
             raise TenureError(ErrorCode.INVALID_INPUT, "give either ids or filter")
         if ids is not None:
+            if not ids:  # it would start a bulk that does nothing, and use up its key
+                raise TenureError(ErrorCode.INVALID_INPUT, "ids: at least one")
             if len(ids) > MAX_IDS:
                 raise TenureError(ErrorCode.INVALID_INPUT, f"ids: at most {MAX_IDS}")
             if not all(ENTITY_ID.fullmatch(i) for i in ids):

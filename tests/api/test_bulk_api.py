@@ -472,6 +472,16 @@ async def test_bulk_refuses_the_commands_only_the_checkout_saga_sends(
     assert (await read_account(gql, account_id, "LIVE"))["balance"] == 0  # no refund
 
 
+async def test_a_bulk_of_no_ids_is_refused_and_its_key_stays_free(gql: GraphQLClient) -> None:
+    """An empty list started a bulk command that did nothing and used up its key: the
+    client's command meant for some ids, sent again under that key with them, was answered
+    with the empty bulk."""
+    key = new_id()
+    body = await gql(START, key=key, payload={"amount": 1}, ids=[])
+    assert body["errors"][0]["extensions"]["code"] == "INVALID_INPUT", body
+    assert (await gql.data(READ, id=key))["bulkCommand"] is None
+
+
 async def test_a_bulk_filter_is_held_to_the_listing_s_rules_and_starts_nothing(
     gql: GraphQLClient,
 ) -> None:
