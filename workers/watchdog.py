@@ -15,9 +15,10 @@ them, and a healthy entity read `stale: true` until its next change. A newer sna
 the mark as well (see `workers/cache.py`). With
 `auto_repair`, an entity stuck because its history no longer replays is repaired at once.
 
-With a metric meter it exports how many entities it finds stuck (STUCK_METRIC, a gauge set
-at each sweep) and its repairs by outcome (REPAIRS_METRIC), for alerts that page: a log
-line alone told no one of one stuck account.
+Other workflows of the task queue found so (a checkout saga) are logged once too, with no
+mark or repair: they are no entity. With a metric meter it exports how many workflows it
+finds stuck, by type (STUCK_METRIC, a gauge set at each sweep), and its repairs by outcome
+(REPAIRS_METRIC), for alerts that page: a log line alone told no one of one stuck account.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ PASSING = frozenset(
 """Temporal's answers that say nothing of the run (out of reach, busy): a repair met with
 one is tried again at the next sweep; any other is the run's answer, and it is not."""
 NONDETERMINISM = "NonDeterministicError"
-STUCK_METRIC = "tenure_stuck_entities"
+STUCK_METRIC = "tenure_stuck_workflows"
 STUCK_DESCRIPTION = (
-    "Entities of the task queue whose workflow tasks keep failing, at the last sweep."
+    "Workflows of the task queue whose workflow tasks keep failing, at the last sweep, by "
+    "workflow type: entities, and the checkouts and others the watchdog can only report."
 )
 REPAIRS_METRIC = "tenure_entity_repairs"
 REPAIRS_DESCRIPTION = (
@@ -95,6 +97,9 @@ class StuckEntityWatchdog:
         self._types = set(catalog.entity_types())
         self.stuck: dict[str, str] = {}
         """Workflow id of each entity found stuck, and why."""
+        self.stuck_others: dict[str, str] = {}
+        """Workflow id of each other workflow found stuck (a checkout), and why."""
+        self._types_reported: set[str] = set()
         self._tried: dict[str, str] = {}
         """The run of each stuck entity that auto-repair tried: tried once, not again."""
 
@@ -112,12 +117,28 @@ class StuckEntityWatchdog:
             log.warning("cache unavailable, stuck marks not read: %s", exc)
             marked = set()
         found: dict[str, str] = {}
+        others: dict[str, str] = {}
         runs: dict[str, str] = {}
+        by_type: dict[str, int] = {}
         async for execution in self._client.list_workflows(query):
             entity_type, _, entity_id = execution.id.partition(":")
+            reason = _reason(execution.search_attributes.get(PROBLEMS))
+            by_type[execution.workflow_type] = by_type.get(execution.workflow_type, 0) + 1
             if entity_type in self._types and entity_id:
-                found[execution.id] = _reason(execution.search_attributes.get(PROBLEMS))
+                found[execution.id] = reason
                 runs[execution.id] = execution.run_id
+            else:
+                others[execution.id] = reason
+        for workflow_id, reason in others.items():
+            if workflow_id not in self.stuck_others:
+                log.error(
+                    "workflow %s is stuck: its workflow tasks keep failing (%s). Fix the "
+                    "cause (deploy the fix); it goes on once its code replays its history, "
+                    "or reset it with `temporal workflow reset`.",
+                    workflow_id,
+                    reason,
+                )
+        self.stuck_others = others
         for workflow_id, reason in found.items():
             if workflow_id not in self.stuck:
                 log.error(
@@ -142,7 +163,13 @@ class StuckEntityWatchdog:
         self.stuck = found
         self._tried = {w: run for w, run in self._tried.items() if w in found}
         if self._stuck_gauge is not None:
-            self._stuck_gauge.set(len(found))
+            for workflow_type in self._types_reported | set(by_type):
+                self._stuck_gauge.set(
+                    by_type.get(workflow_type, 0), {"workflow_type": workflow_type}
+                )
+            self._types_reported |= set(by_type)
+            if not self._types_reported:
+                self._stuck_gauge.set(0)  # a series from the first sweep, for the alert
         return found
 
     def _count(self, outcome: str) -> None:

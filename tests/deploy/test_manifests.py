@@ -61,7 +61,7 @@ TENURE_METRICS = {
     "tenure_saga_outcomes_total",
     "tenure_webhooks_total",  # tests/workers/test_metrics.py scrapes both from a worker
     "tenure_webhook_subscribers_lost_total",
-    "tenure_stuck_entities",  # tests/workers/test_repair.py scrapes both from a watchdog
+    "tenure_stuck_workflows",  # tests/workers/test_repair.py scrapes both from a watchdog
     "tenure_entity_repairs_total",
 }
 SDK_METRICS = {

@@ -1,4 +1,4 @@
-"""Workflows for the sandbox test, in a module of their own so the sandbox imports only this."""
+"""Workflows for the worker tests, in a module of their own so the sandbox imports only this."""
 
 from __future__ import annotations
 
@@ -42,3 +42,13 @@ class FailingOutcomes:
     @workflow.query(name="outcome")
     def outcome(self, command_id: str) -> None:
         raise ValueError(f"cannot tell {command_id}'s outcome")
+
+
+@workflow.defn
+class FailingTasks:
+    """Fails every workflow task it is given, as a checkout whose code no longer runs would:
+    Temporal retries the task for ever and flags the workflow."""
+
+    @workflow.run
+    async def run(self) -> None:
+        raise RuntimeError("this code cannot go on")

@@ -4,6 +4,7 @@ today's code cannot replay, then found by the watchdog and reset by `tenure repa
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from entities.runtime.envelope import CommandEnvelope, HistoryPage
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import eventually, until_idle
 from tests.entities.test_runtime import open_active
+from tests.workers.sandboxed_workflows import FailingTasks
 from tests.workers.test_metrics import metrics_settings, scrape
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.repair import RepairDeferred, is_stuck, repair
@@ -423,10 +425,10 @@ async def test_the_watchdog_counts_stuck_entities_and_its_repairs_for_alerts(
     async with run_worker():
         watchdog = StuckEntityWatchdog(temporal_client, cache, settings.task_queue, meter=meter)
         assert await watchdog.sweep() == {}
-        assert (await scrape(watched)).value("tenure_stuck_entities") == 0
+        assert (await scrape(watched)).value("tenure_stuck_workflows") == 0
         await deposit(gateway, account_id, 11, idempotency_key=f"{account_id}-11")
         await eventually(watchdog.sweep, lambda found: workflow_id in found, 40)
-        assert (await scrape(watched)).value("tenure_stuck_entities") == 1
+        assert (await scrape(watched)).value("tenure_stuck_workflows") == 1
 
         repairing = StuckEntityWatchdog(
             temporal_client, cache, settings.task_queue, auto_repair=True, meter=meter
@@ -434,5 +436,38 @@ async def test_the_watchdog_counts_stuck_entities_and_its_repairs_for_alerts(
         await repairing.sweep()
         await eventually(watchdog.sweep, lambda found: workflow_id not in found, 40)
         metrics = await scrape(watched)
-    assert metrics.value("tenure_stuck_entities") == 0
+    assert metrics.value("tenure_stuck_workflows") == 0
     assert metrics.value("tenure_entity_repairs_total", outcome="repaired") == 1
+
+
+async def test_a_stuck_workflow_that_is_no_entity_is_logged_once_and_counted(
+    temporal_client: Client,
+    settings: Settings,
+    cache: SnapshotCache,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A checkout whose tasks keep failing stayed RUNNING for good, with money withdrawn and
+    stock reserved, and no log, mark or alert said so: the watchdog knew only entities. It
+    is named once in the log and counted by type for the alert, and nothing is marked."""
+    watched = metrics_settings(settings)
+    runtime = worker_runtime(watched)  # its exporter serves while it lives
+    watchdog = StuckEntityWatchdog(
+        temporal_client, cache, settings.task_queue, auto_repair=True, meter=runtime.metric_meter
+    )
+    workflow_id = f"checkout:{new_id()}"
+    async with Worker(temporal_client, task_queue=settings.task_queue, workflows=[FailingTasks]):
+        handle = await temporal_client.start_workflow(
+            FailingTasks.run, id=workflow_id, task_queue=settings.task_queue
+        )
+        try:
+            with caplog.at_level(logging.ERROR, logger="workers.watchdog"):
+                await eventually(watchdog.sweep, lambda _: workflow_id in watchdog.stuck_others, 60)
+                await watchdog.sweep()
+            metrics = await scrape(watched)
+        finally:
+            await handle.terminate()
+    assert workflow_id not in watchdog.stuck
+    named = [r for r in caplog.records if workflow_id in r.getMessage()]
+    assert len(named) == 1 and "temporal workflow reset" in named[0].getMessage()
+    assert metrics.value("tenure_stuck_workflows", workflow_type="FailingTasks") == 1
+    assert metrics.value("tenure_entity_repairs_total") == 0
