@@ -489,3 +489,43 @@ async def test_while_its_worker_is_down_an_account_is_shown_and_its_history_says
             "History not available: UNAVAILABLE"
         )
         assert await detail.locator("[data-error]").is_hidden()
+
+
+ON_HAND = "query($sku: String!) { inventoryItem(sku: $sku, consistency: LIVE) { onHand } }"
+
+
+async def test_a_restock_a_proxy_answered_502_for_is_applied_once_when_sent_again(
+    served: str, api: Api, page: Page
+) -> None:
+    """The API took the restock and nginx answered 502 (the API went away before its
+    answer): an answer that is no GraphQL dropped the form's key, and the operator's second
+    press restocked again. The key is kept for it: 10 units, not 20. Once an action has
+    succeeded, the same form sent again is a new command."""
+    sku = f"p{new_id()[:10]}"
+    await api.data(RESTOCK, sku=sku, quantity=5)
+    page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    gone = [True]
+
+    async def bad_gateway_once(route: Route) -> None:
+        if gone and "restock(" in (route.request.post_data or ""):
+            gone.clear()
+            await route.fetch()  # the API takes it
+            await route.fulfill(status=502, content_type="text/html", body="<h1>502</h1>")
+            return
+        await route.continue_()
+
+    await sign_in(page, served, ADMIN)
+    await page.route("**/graphql", bad_gateway_once)
+    await page.get_by_role("button", name="Inventory").click()
+    await open_listed(page, "inventory", "text", sku, sku)
+    detail = page.locator("#detail")
+    await expect(detail.locator('[data-field="onHand"]')).to_have_text("5")
+    await detail.locator('[data-action="restock"] input[name="quantity"]').fill("10")
+    await detail.get_by_role("button", name="Restock").click()
+    await expect(page.locator("#notice")).to_contain_text("failed: HTTP_502")
+    await detail.get_by_role("button", name="Restock").click()  # the operator presses again
+    await expect(page.locator("#notice")).to_contain_text(f"{sku} restocked")
+    assert (await api.data(ON_HAND, sku=sku))["inventoryItem"]["onHand"] == 15
+    await detail.locator('[data-action="restock"] input[name="quantity"]').fill("10")
+    await detail.get_by_role("button", name="Restock").click()  # a new restock
+    await expect(detail.locator('[data-field="onHand"]')).to_have_text("25")

@@ -878,6 +878,7 @@
 
   function openDetail(kind, key) {
     closeDetail();
+    dropKeptKeys();
     detail = { kind, key, last: null };
     detailPane.dataset.kind = kind;
     detailPane.querySelector("[data-title]").textContent = `${KINDS[kind].noun} ${key}`;
@@ -1043,21 +1044,39 @@
     detailPane.querySelector("[data-older]").hidden = !history.hasOlder;
   }
 
-  // Answers that leave a command's fate unknown: retried under the same key.
+  // Answers that leave a command's fate unknown: retried under the same key. A proxy's
+  // answer that is no GraphQL (nginx's 502 or 504 when the API went away mid-request) may
+  // come after the command was taken, as may the API's own 5xx.
   const UNCERTAIN = new Set(["UNAVAILABLE", "OUTCOME_UNKNOWN", "INTERNAL"]);
+  const uncertain = (err) =>
+    err instanceof ApiError && (UNCERTAIN.has(err.code) || /^HTTP_5\d\d$/.test(err.code));
+
+  // Kept keys are dropped when another entity is opened, and when any action on the entity
+  // succeeds: a key kept for an uncertain suspend, sent again after a reactivate, was
+  // answered as that first suspend, and the account stayed ACTIVE.
+  function dropKeptKeys() {
+    for (const form of detailPane.querySelectorAll("form[data-action]")) {
+      delete form.dataset.idempotencyKey;
+      delete form.dataset.keyFor;
+    }
+  }
 
   for (const form of detailPane.querySelectorAll("form[data-action]")) {
     const action = ACTIONS[form.dataset.action];
-    // The same key while the same action is retried after an uncertain answer: the entity
-    // applies it once. Changing a field makes it another command.
-    form.addEventListener("input", () => delete form.dataset.idempotencyKey);
+    // The same key while the same action is retried on the same entity with the same
+    // values after an uncertain answer: the entity applies it once. Anything else is
+    // another command.
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
       if (!detail) return;
       const key = detail.key;
       const values = new FormData(form);
       if (!window.confirm(action.confirm(key, values))) return;
-      form.dataset.idempotencyKey ||= newKey();
+      const sent = JSON.stringify([detailPane.dataset.kind, key, [...values.entries()]]);
+      if (form.dataset.keyFor !== sent) {
+        form.dataset.idempotencyKey = newKey();
+        form.dataset.keyFor = sent;
+      }
       const buttons = form.querySelectorAll("button");
       buttons.forEach((b) => (b.disabled = true));
       try {
@@ -1066,7 +1085,7 @@
           idem: form.dataset.idempotencyKey,
           ...action.variables(values),
         });
-        delete form.dataset.idempotencyKey;
+        dropKeptKeys();
         form.reset();
         say(`${KINDS[detailPane.dataset.kind].noun} ${key} ${action.done}.`);
         if (!operatorPane.hidden) loadNeedingOperator();
@@ -1074,8 +1093,9 @@
         // Refused for good, it is answered so under its key ever after: sent again once its
         // cause is fixed (a balance brought to zero before a close), it needs a new one.
         // Only an answer that may not have come (UNAVAILABLE) keeps it, to apply it once.
-        if (!(err instanceof ApiError && UNCERTAIN.has(err.code))) {
+        if (!uncertain(err)) {
           delete form.dataset.idempotencyKey;
+          delete form.dataset.keyFor;
         }
         say(`${form.dataset.action} ${key} failed: ${failure(err)}`, true);
       } finally {
