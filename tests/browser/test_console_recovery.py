@@ -229,3 +229,37 @@ async def test_next_pages_the_list_shown_not_the_form_being_edited(
     await expect(rows).to_have_count(1)
     await expect(pane.locator("[data-position]")).to_have_text("page 2 · 21 matching")
     await expect(page.locator("#notice")).to_be_hidden()
+
+
+async def test_a_subscribed_detail_whose_read_after_a_change_fails_reads_again(
+    served: str, api: Api, page: Page
+) -> None:
+    """An account's detail, subscribed: a change came, and its read failed UNAVAILABLE. The
+    detail kept the state from before the change, shown live, until another change came,
+    which for a quiet account may be never. It reads again a second later."""
+    account = f"q{new_id()[:10]}"
+    await api.data(OPEN, id=account, owner="Quinn Quiet")
+    await api.data(VERIFY, id=account)
+    await api.data(DEPOSIT, id=account, amount=100)
+    failing = [False]
+
+    async def fails_once(route: Route) -> None:
+        if failing[0] and "entity: account(" in (route.request.post_data or ""):
+            failing[0] = False
+            error = {"message": "Temporal cannot be reached", "extensions": {"code": "UNAVAILABLE"}}
+            await route.fulfill(status=200, json={"data": None, "errors": [error]})
+            return
+        await route.continue_()
+
+    await page.route("**/graphql", fails_once)
+    await sign_in(page, served, ADMIN)
+    await open_listed(page, "accounts", "text", account, account)
+    detail = page.locator("#detail")
+    balance = detail.locator('[data-field="balance"]')
+    await expect(balance).to_have_text("100")
+    await expect(detail).to_have_attribute("data-live", "subscribed")
+    failing[0] = True
+    await api.data(DEPOSIT, id=account, amount=50)  # the one change that comes
+    await expect(detail.locator("[data-error]")).to_contain_text("UNAVAILABLE")
+    await expect(balance).to_have_text("150")
+    assert not failing[0]

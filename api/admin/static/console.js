@@ -215,6 +215,7 @@
     let reading = false;
     let again = false;
     let fallback = null;
+    let retry = 0;
     const read = async () => {
       if (reading) {
         again = true; // changes that come during a read make one more read, not one each
@@ -225,7 +226,15 @@
         const { data, errors } = await graphql(KINDS[kind].read, { key }, true);
         if (!stopped) show(data.entity, errors);
       } catch (err) {
-        if (!stopped) fail(err);
+        if (!stopped) {
+          fail(err);
+          // Read again in a second: the change it was for showed nothing, and the next one
+          // may never come (a quiet account kept its state from before, shown live).
+          if (!(err instanceof ApiError && FINAL_CODES.includes(err.code))) {
+            clearTimeout(retry);
+            retry = setTimeout(() => !stopped && read(), REFRESH_MS);
+          }
+        }
       }
       reading = false;
       if (again && !stopped) {
@@ -280,6 +289,7 @@
     read(); // at once: the entity may not exist yet, and then nothing comes
     return () => {
       stopped = true;
+      clearTimeout(retry);
       socket.close();
       if (fallback) fallback();
     };
