@@ -120,6 +120,8 @@ async def test_an_admin_follows_an_account_live_and_suspends_it(
     await detail.locator('[data-action="suspend"] input[name="reason"]').fill("fraud check")
     await detail.get_by_role("button", name="Suspend").click()
     await expect(detail.locator('[data-field="status"]')).to_have_text("SUSPENDED")
+    # The list on screen (ACTIVE accounts) follows, without Apply pressed again.
+    await expect(row).to_have_count(0)
     line = detail.locator('tr[data-command="suspend"]')
     await expect(line).to_have_count(1)
     await expect(line.locator("[data-by]")).to_have_text("admin:ops-alice")

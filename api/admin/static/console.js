@@ -1098,7 +1098,15 @@
         dropKeptKeys();
         form.reset();
         say(`${KINDS[detailPane.dataset.kind].noun} ${key} ${action.done}.`);
-        if (!operatorPane.hidden) loadNeedingOperator();
+        // The list on screen shows the change too (its row, its counts), where it kept the
+        // state from before until it was applied again. The checkouts needing an operator
+        // come from Temporal's visibility, which follows a moment later: read again as well.
+        for (const listing of Object.values(listings)) {
+          if (!listing.pane.hidden) listing.load();
+        }
+        if (!operatorPane.hidden) {
+          for (const after of [0, 1000, 3000]) setTimeout(() => loadNeedingOperator(), after);
+        }
       } catch (err) {
         // Refused for good, it is answered so under its key ever after: sent again once its
         // cause is fixed (a balance brought to zero before a close), it needs a new one.
