@@ -288,6 +288,17 @@ async def test_a_bulk_command_started_elsewhere_shows_in_the_list_with_its_progr
     await expect(progress).to_have_attribute("max", "3")
     await expect(progress).to_have_attribute("value", "3")
 
+    # A keyboard user on the row's Open button stays there when the list is read again
+    # (every few seconds): the focus fell back to the page's start at each read.
+    await row.get_by_role("button", name="Open").focus()
+    await row.evaluate("row => { row.dataset.before = 'read again' }")
+    await expect(row).not_to_have_attribute("data-before", "read again")  # a new row
+    focused = await page.evaluate(
+        "(() => { const e = document.activeElement;"
+        " return [e.tagName, e.closest('tr') && e.closest('tr').dataset.key] })()"
+    )
+    assert focused == ["BUTTON", bulk]
+
     await row.get_by_role("button", name="Open").click()
     followed = page.locator("#bulk")
     await expect(followed.locator("[data-title]")).to_have_text(f"Bulk command {bulk}")

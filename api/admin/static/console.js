@@ -691,6 +691,7 @@
     bulkPane.querySelector("[data-title]").textContent = `Bulk command ${id}`;
     bulkPane.querySelector("[data-fields]").replaceChildren();
     bulkPane.querySelector("[data-failures]").replaceChildren();
+    bulkShown = "";
     bulkPane.hidden = false;
     readBulk(bulk);
   }
@@ -724,28 +725,37 @@
     }
   }
 
+  let bulkShown = "";
   function renderBulk(b) {
+    // Read every second: rebuilt only when it changed, so that a screen reader is not read
+    // the whole block again each second (only the count is announced, `aria-live`).
+    const shownNow = JSON.stringify(b);
+    const changed = shownNow !== bulkShown;
+    bulkShown = shownNow;
     const progress = bulkPane.querySelector("[data-progress]");
     progress.max = b.total || 1;
     progress.value = b.total ? b.done : 0;
     const total = b.total === null ? "?" : b.total;
-    bulkPane.querySelector("[data-count]").textContent =
-      `${b.done}/${total} done, ${b.delivered}/${total} sent`;
-    const fields = ["status", "entityType", "command", "total", "delivered", "done", "applied",
-      "rejected", "failed", "eta", "startedAt", "startedBy", "deliveredAt", "endedAt",
-      "cancelRequested"];
-    bulkPane.querySelector("[data-fields]").replaceChildren(
-      ...fields.flatMap((name) => [
-        el("dt", {}, name),
-        el("dd", { "data-field": name }, shown(name, b[name])),
-      ]),
-    );
-    const failures = b.failures.map((f) => [f.entityId, f.code, f.message]);
-    bulkPane.querySelector("[data-failures]").replaceChildren(
-      ...(failures.length
-        ? [el("h3", {}, "Failures (the first 20)"), table(["Entity", "Code", "Message"], failures)]
-        : []),
-    );
+    const count = bulkPane.querySelector("[data-count]");
+    const counted = `${b.done}/${total} done, ${b.delivered}/${total} sent`;
+    if (count.textContent !== counted) count.textContent = counted;
+    if (changed) {
+      const fields = ["status", "entityType", "command", "total", "delivered", "done",
+        "applied", "rejected", "failed", "eta", "startedAt", "startedBy", "deliveredAt",
+        "endedAt", "cancelRequested"];
+      bulkPane.querySelector("[data-fields]").replaceChildren(
+        ...fields.flatMap((name) => [
+          el("dt", {}, name),
+          el("dd", { "data-field": name }, shown(name, b[name])),
+        ]),
+      );
+      const failures = b.failures.map((f) => [f.entityId, f.code, f.message]);
+      bulkPane.querySelector("[data-failures]").replaceChildren(
+        ...(failures.length
+          ? [el("h3", {}, "Failures (the first 20)"), table(["Entity", "Code", "Message"], failures)]
+          : []),
+      );
+    }
     // Once every target is sent nothing is left to pause or cancel, and a bulk being
     // cancelled takes no resume: the API refuses each, so they are not offered.
     const ended = ["COMPLETED", "CANCELLED"].includes(b.status);
@@ -855,7 +865,18 @@
 
   function renderBulkList(page) {
     const body = bulkList.pane.querySelector("tbody");
+    // Read again every few seconds: the row (or its Open button) a keyboard user is on
+    // keeps the focus, where it fell back to the page's start at each read.
+    const focused = document.activeElement;
+    const focusedRow = body.contains(focused) ? focused.closest("tr[data-key]") : null;
+    const onButton = focused && focused.tagName === "BUTTON";
     body.replaceChildren(...page.edges.map(({ node }) => bulkRow(node)));
+    if (focusedRow) {
+      const again = [...body.querySelectorAll("tr[data-key]")].find(
+        (row) => row.dataset.key === focusedRow.dataset.key,
+      );
+      if (again) (onButton ? again.querySelector("button") || again : again).focus();
+    }
     const columns = bulkList.pane.querySelectorAll("th[data-column]").length;
     if (!page.edges.length) {
       body.append(el("tr", {}, el("td", { colspan: columns }, "None.")));
