@@ -60,6 +60,20 @@ async def deposit(gateway: EntityGateway, account_id: str, amount: int, **kw: An
     await gateway.send("account", account_id, "deposit", {"amount": amount}, **kw)
 
 
+def bad_deploy_worker(
+    client: Client, cache: SnapshotCache, settings: Settings, build_id: str | None = None
+) -> Worker:
+    """A worker of the bad deploy's code (of build `build_id`, when given)."""
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[BadDeployAccount],
+        activities=activity_functions(client, cache, settings),
+        workflow_runner=UnsandboxedWorkflowRunner(),
+        build_id=build_id,
+    )
+
+
 async def opened_by_a_bad_deploy(
     gateway: EntityGateway,
     client: Client,
@@ -71,13 +85,7 @@ async def opened_by_a_bad_deploy(
     """An account opened, verified and given deposits (`before`, the poison, `after`) by
     the bad deploy: today's code can no longer replay its history."""
     account_id = new_id()
-    bad = Worker(
-        client,
-        task_queue=settings.task_queue,
-        workflows=[BadDeployAccount],
-        activities=activity_functions(client, cache, settings),
-        workflow_runner=UnsandboxedWorkflowRunner(),
-    )
+    bad = bad_deploy_worker(client, cache, settings)
     # Its shutdown bounded as Tenure's worker bounds its own: the SDK's shutdown of this
     # worker once hung here, holding the test past its time limit.
     async with TenureWorker([bad], shutdown_bound=BAD_DEPLOY_SHUTDOWN):
@@ -383,14 +391,7 @@ async def test_the_watchdog_s_repair_waits_while_the_build_that_went_on_still_po
     gateway = EntityGateway(temporal_client, cache, settings)
     account_id = new_id()
     ours = load_default_build_id()
-    newer = Worker(
-        temporal_client,
-        task_queue=settings.task_queue,
-        workflows=[BadDeployAccount],
-        activities=activity_functions(temporal_client, cache, settings),
-        workflow_runner=UnsandboxedWorkflowRunner(),
-        build_id="a-newer-build",
-    )
+    newer = bad_deploy_worker(temporal_client, cache, settings, build_id="a-newer-build")
     async with TenureWorker([newer], shutdown_bound=BAD_DEPLOY_SHUTDOWN):
         await gateway.send(
             "account", account_id, "open", {"owner_name": "Ada", "email": "a@b.cc"}, wait=True
