@@ -448,6 +448,8 @@ def create_app(
                 stack.enter_context(metrics.served(settings.api_host, settings.api_metrics_port))
             yield
 
+    if settings.api_metrics_port and settings.api_metrics_port == settings.api_port:
+        raise ValueError("TENURE_API_METRICS_PORT must differ from API_PORT (or be 0)")
     readiness = Readiness()  # its checks are added once the lifespan has the clients
     verifier = TokenVerifier.from_settings(settings)
     if verifier is None:

@@ -129,11 +129,7 @@ class SetCartItemQuantity(BaseModel, extra="forbid"):
         description="More units need `unit_price` (a customer's change): without it, the item "
         "having no price, the quantity may only fall.",
     )
-
-    @model_validator(mode="after")
-    def _within_a_cart(self, info: ValidationInfo) -> SetCartItemQuantity:
-        _chargeable(self.quantity, self.unit_price, info)
-        return self
+    # No `_chargeable` here: fewer units keep the line's own price, which only the cart knows.
 
 
 class ClearCart(BaseModel, extra="forbid"):

@@ -144,11 +144,11 @@ async def repair(
     Refuses an entity that is not stuck unless `force`, and one that does not exist.
 
     With `only_build` (the watchdog's: its worker's build id), defers (RepairDeferred) while
-    a build that completed a task after that last good one has polled the entity's task
-    queue within `polled_within` seconds. In a rolling deploy or a rollback, a worker of the
-    older code fails the tasks of runs a newer one made, which the newer workers go on
-    with; its reset threw their newer tasks away, bad only to it. Once that build is gone
-    (a bad deploy replaced), the reset goes ahead."""
+    another build that completed a task of the run has polled the entity's task queue
+    within `polled_within` seconds. In a rolling deploy or a rollback, a worker of the older
+    code fails the tasks of runs a newer one made, which the newer workers go on with; its
+    reset threw their newer tasks away, bad only to it. Once that build is gone (a bad
+    deploy replaced), the reset goes ahead."""
     known = catalog.entity_types()
     if entity_type not in known:
         raise TenureError(
@@ -169,20 +169,22 @@ async def repair(
     run_id = description.run_id
     history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
     events = list(history.events)
-    index = await last_good_task(workflow_id, events)
-    # Reset re-runs the task that this event completed.
-    reset_to = events[index].event_id
-    if only_build is not None and (others := _other_builds(events[index + 1 :], only_build)):
+    # Before the replays (seconds of CPU, at every sweep while deferred), and whichever task
+    # is the last good one, none included: a run another build still polling for has made
+    # is that build's to go on with.
+    if only_build is not None and (others := _other_builds(events, only_build)):
         task_queue = description.task_queue
         running = others & await _polling(client, task_queue, polled_within)
         if running:
             raise RepairDeferred(
                 ErrorCode.CONFLICT,
-                f"{workflow_id}: its tasks after the last one this build replays were "
-                f"completed by build {', '.join(sorted(running))}, which still polls "
-                f"{task_queue} (a deploy or a rollback under way); repaired once it is gone "
-                "(`tenure repair` does it now)",
+                f"{workflow_id}: tasks of its run were completed by build "
+                f"{', '.join(sorted(running))}, which still polls {task_queue} (a deploy or a "
+                "rollback under way); repaired once it is gone (`tenure repair` does it now)",
             )
+    index = await last_good_task(workflow_id, events)
+    # Reset re-runs the task that this event completed.
+    reset_to = events[index].event_id
     commands = sum(1 for event in events[index:] if event.event_type in REAPPLIED)
     # Every worker's watchdog repairs a stuck entity: another may have reset this run while
     # this one looked for its last good task (seconds). Reset again, the run it made would

@@ -64,6 +64,7 @@ STUCK_DESCRIPTION = (
     "Workflows of the task queue whose workflow tasks keep failing, at the last sweep, by "
     "workflow type: entities, and the checkouts and others the watchdog can only report."
 )
+REPAIR_OUTCOMES = ("repaired", "failed", "deferred")
 REPAIRS_METRIC = "tenure_entity_repairs"
 REPAIRS_DESCRIPTION = (
     "The watchdog's automatic repairs by outcome: repaired; failed (left to an operator); "
@@ -90,10 +91,15 @@ class StuckEntityWatchdog:
         self._interval = interval
         self._auto_repair = auto_repair
         self._build_id = build_id
-        self._stuck_gauge = meter.create_gauge(STUCK_METRIC, STUCK_DESCRIPTION) if meter else None
-        self._repairs = meter.create_counter(REPAIRS_METRIC, REPAIRS_DESCRIPTION) if meter else None
         """Its worker's build: a run whose later tasks another build completed is not
         repaired automatically (`repair`'s `only_build`)."""
+        self._stuck_gauge = meter.create_gauge(STUCK_METRIC, STUCK_DESCRIPTION) if meter else None
+        self._repairs = meter.create_counter(REPAIRS_METRIC, REPAIRS_DESCRIPTION) if meter else None
+        if self._repairs is not None:
+            # Each series from 0, so that its first repair is an increase Prometheus sees
+            # (TenureRepairFailed): one born at 1 never was.
+            for outcome in REPAIR_OUTCOMES:
+                self._repairs.add(0, {"outcome": outcome})
         self._types = set(catalog.entity_types())
         self.stuck: dict[str, str] = {}
         """Workflow id of each entity found stuck, and why."""
@@ -139,6 +145,7 @@ class StuckEntityWatchdog:
                     reason,
                 )
         self.stuck_others = others
+        self._report(by_type)  # before anything below that may fail: never left stale
         for workflow_id, reason in found.items():
             if workflow_id not in self.stuck:
                 log.error(
@@ -162,15 +169,17 @@ class StuckEntityWatchdog:
             log.warning("entity %s makes progress again", workflow_id)
         self.stuck = found
         self._tried = {w: run for w, run in self._tried.items() if w in found}
-        if self._stuck_gauge is not None:
-            for workflow_type in self._types_reported | set(by_type):
-                self._stuck_gauge.set(
-                    by_type.get(workflow_type, 0), {"workflow_type": workflow_type}
-                )
-            self._types_reported |= set(by_type)
-            if not self._types_reported:
-                self._stuck_gauge.set(0)  # a series from the first sweep, for the alert
         return found
+
+    def _report(self, by_type: dict[str, int]) -> None:
+        """The stuck workflows counted by type; 0 for a type none of which is stuck now."""
+        if self._stuck_gauge is None:
+            return
+        for workflow_type in self._types_reported | set(by_type):
+            self._stuck_gauge.set(by_type.get(workflow_type, 0), {"workflow_type": workflow_type})
+        self._types_reported |= set(by_type)
+        if not self._types_reported:
+            self._stuck_gauge.set(0)  # a series from the first sweep, for the alert
 
     def _count(self, outcome: str) -> None:
         if self._repairs is not None:

@@ -130,6 +130,15 @@ def guarded_runner(
     return OfferingRunner(runner, offered) if offered is not None else runner
 
 
+def queue_meter_of(client: Client, settings: Settings) -> MetricMeter:
+    """The client's runtime's metric meter, labelled as the SDK labels an activity's or a
+    workflow's metrics, but for the settings' task queue."""
+    meter = (client.service_client.config.runtime or Runtime.default()).metric_meter
+    return meter.with_additional_attributes(
+        {"namespace": client.namespace, "task_queue": settings.task_queue}
+    )
+
+
 def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> TenureWorker:
     """A worker hosting every workflow declared in `entities` on the settings' task queue,
     and the bulk commands on their own (`Settings.bulk_task_queue`)."""
@@ -141,11 +150,7 @@ def build_worker(client: Client, settings: Settings, cache: SnapshotCache) -> Te
         "sticky_queue_schedule_to_start_timeout": timedelta(seconds=settings.sticky_timeout),
         "graceful_shutdown_timeout": timedelta(seconds=settings.worker_shutdown_grace),
     }
-    meter = (client.service_client.config.runtime or Runtime.default()).metric_meter
-    # Labelled as the SDK labels an activity's or a workflow's metrics, but for its type.
-    queue_meter = meter.with_additional_attributes(
-        {"namespace": client.namespace, "task_queue": settings.task_queue}
-    )
+    queue_meter = queue_meter_of(client, settings)
     lag = lag_histogram(queue_meter)
     cache.written_back = lambda snapshot: record_lag(lag, snapshot, BY_WRITE_BACK)
     offered = OfferedPublishes(cache, queue_meter)
@@ -324,11 +329,7 @@ async def run_worker(
         settings.auto_repair,
         # The SDK's default, which the workers built here take: no build id is set.
         build_id=load_default_build_id(),
-        meter=(
-            client.service_client.config.runtime or Runtime.default()
-        ).metric_meter.with_additional_attributes(
-            {"namespace": client.namespace, "task_queue": settings.task_queue}
-        ),
+        meter=queue_meter_of(client, settings),
     )
     watching = asyncio.create_task(watchdog.run()) if settings.watchdog_interval else None
     handovers = OverdueHandovers(

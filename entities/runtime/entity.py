@@ -89,17 +89,23 @@ def strict_bound(holds: Callable[[Any], bool], message: str, since: int = 1) -> 
     level's patch (STRICT_INPUTS); at AT_THE_EDGE, by no run."""
 
     def check(value: Any, info: ValidationInfo) -> Any:
-        if (info.context or {}).get(STRICT_INPUTS, STRICTEST) >= since and not holds(value):
+        if _level(info) >= since and not holds(value):
             raise ValueError(message)
         return value
 
     return AfterValidator(check)
 
 
+def _level(info: ValidationInfo) -> int:
+    """The level of bounds a validation applies (STRICT_INPUTS in its context)."""
+    level: int = (info.context or {}).get(STRICT_INPUTS, STRICTEST)
+    return level
+
+
 def at_the_edge(info: ValidationInfo) -> bool:
     """Whether a model is validated at the API's edge (AT_THE_EDGE), where a rule across its
     fields that the entity's transition already keeps may be checked again, no run's."""
-    return bool((info.context or {}).get(STRICT_INPUTS, STRICTEST) >= AT_THE_EDGE)
+    return _level(info) >= AT_THE_EDGE
 
 
 PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"

@@ -439,6 +439,12 @@ async def test_the_watchdog_counts_stuck_entities_and_its_repairs_for_alerts(
         metrics = await scrape(watched)
     assert metrics.value("tenure_stuck_workflows") == 0
     assert metrics.value("tenure_entity_repairs_total", outcome="repaired") == 1
+    # Each outcome's series is there from 0: a first failure is an increase the alert sees.
+    assert metrics.labels("tenure_entity_repairs_total", "outcome") == {
+        "repaired",
+        "failed",
+        "deferred",
+    }
 
 
 async def test_a_stuck_workflow_that_is_no_entity_is_logged_once_and_counted(

@@ -296,6 +296,7 @@
   }
 
   function poll(kind, key, show, fail) {
+    detailPane.dataset.live = "polling";
     let stopped = false;
     let timer = 0;
     const tick = async () => {
@@ -910,6 +911,7 @@
   function openDetail(kind, key) {
     closeDetail();
     dropKeptKeys();
+    delete detailPane.dataset.live; // the last one's: set again as this one is followed
     detail = { kind, key, last: null };
     detailPane.dataset.kind = kind;
     detailPane.querySelector("[data-title]").textContent = `${KINDS[kind].noun} ${key}`;
@@ -938,7 +940,10 @@
         const error = detailPane.querySelector("[data-error]");
         error.textContent = `Cannot read ${current.key}: ${failure(err)}`;
         error.hidden = false;
-        if (FINAL_CODES.includes(err.code)) current.stop();
+        if (FINAL_CODES.includes(err.code)) {
+          current.stop();
+          if (detail === current) detailPane.dataset.live = "stopped";
+        }
       },
     );
   }
@@ -1126,7 +1131,15 @@
           if (!listing.pane.hidden) listing.load();
         }
         if (!operatorPane.hidden) {
-          for (const after of [0, 1000, 3000]) setTimeout(() => loadNeedingOperator(), after);
+          // The page shown then: one paged away from meanwhile is not brought back.
+          const shownThen = operatorCursors;
+          for (const after of [0, 1000, 3000]) {
+            setTimeout(() => {
+              if (!operatorPane.hidden && operatorCursors === shownThen && signedIn()) {
+                loadNeedingOperator(shownThen);
+              }
+            }, after);
+          }
         }
       } catch (err) {
         // Refused for good, it is answered so under its key ever after: sent again once its
