@@ -38,9 +38,13 @@ from entities.errors import TenureError
 from workers import leases
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.failures import REDIS_FAILURES
+from workers.logs import RepeatedLogFilter
 from workers.repair import RepairDeferred, repair
 
 log = logging.getLogger(__name__)
+_deferred = logging.getLogger(f"{__name__}.deferred")
+# Deferred at every sweep (10 s) for as long as a deploy lasts: said once in five minutes.
+_deferred.addFilter(RepeatedLogFilter(window=300.0))
 
 PROBLEMS = "TemporalReportedProblems"
 REPAIR_CLAIM_SECONDS = 300.0
@@ -205,7 +209,7 @@ class StuckEntityWatchdog:
         try:
             done = await repair(self._client, entity_type, entity_id, only_build=self._build_id)
         except RepairDeferred as exc:  # tried again at the next sweep
-            log.warning("not repairing %s yet: %s", workflow_id, exc)
+            _deferred.warning("not repairing %s yet: %s", workflow_id, exc)
             self._count("deferred")
             return
         except (RPCError, TenureError) as exc:
