@@ -464,7 +464,9 @@ class BulkCommandWorkflow:
                 filter=input.filter,
                 cursor=self._progress.cursor,
                 size=input.page_size,
-                count_total=self._progress.total is None,
+                # The first page's count only: a later one counts what still matches, and
+                # the bulk's own commands take entities out of the filter (`_sent`).
+                count_total=self._progress.pages == 0,
             ),
             start_to_close_timeout=_PAGE_TIMEOUT,
             retry_policy=_RETRY,
@@ -487,7 +489,10 @@ class BulkCommandWorkflow:
         """Count a page sent. The total is the filter's count when the first page was read:
         entities that come to match ahead of the cursor raise it to what was sent (`done` went
         past `total`, and the eta into the past), and the last page makes it exact, which
-        one the index could not count (null until then) needs as much."""
+        one the index could not count (null until then) needs as much. Only the first page
+        is counted: a later count, of what still matched once the bulk's own commands had
+        taken entities out of the filter, made the total about what was sent, and the
+        progress read full with pages to go."""
         progress = self._progress
         if page.total is not None:
             progress.total = page.total

@@ -17,12 +17,15 @@ import workers.bulk
 from entities import catalog
 from entities.account import AccountState
 from entities.bulk import (
+    PAGE_ACTIVITY,
     BulkCommandWorkflow,
     BulkInput,
     BulkProgress,
     BulkStatus,
+    PageRequest,
     PageToSend,
     PageToSettle,
+    TargetPage,
     bulk_command_id,
     bulk_workflow_id,
 )
@@ -469,3 +472,64 @@ async def test_a_command_temporal_could_not_take_while_sending_is_sent_again_whi
     assert delivered.settled.applied + counted.applied == 3
     assert delivered.settled.failed + counted.failed == 0
     assert balances == [7, 7, 7]
+
+
+async def test_a_total_the_first_page_could_not_count_stays_null_until_the_last(
+    temporal_client: Client,
+    settings: Settings,
+    run_worker: WorkerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A filter too wide for the index to count at the first page (over 500 candidates):
+    each later page asked for a count again, and once the bulk's own commands had taken
+    entities out of the filter, the index counted those left. `total` became about what
+    was sent (9 of 12 here), and the progress bar read full with a page to go. It stays
+    null until the last page makes it exact.
+
+    The index's answers are scripted (the page activity, not Temporal or Redis): a real one
+    counts the entities left only once their changes are indexed, which a run of this size
+    outpaces."""
+    async with run_worker():
+        ids = sorted(await open_accounts(temporal_client, settings, 12))
+    asked: list[bool] = []
+    looked = asyncio.Event()
+
+    @PAGE_ACTIVITY.defn
+    async def scripted(self: BulkActivities, given: Any) -> TargetPage:
+        request = PageRequest.model_validate(given)  # a local function's hints go unread
+        asked.append(request.count_total)
+        start = int(request.cursor or 0)
+        if start == 9:
+            await looked.wait()  # the last page, once the test has read the progress
+        end = start + 3
+        left = len(ids) - start  # what still matches: the bulk suspended the others
+        return TargetPage(
+            ids=ids[start:end],
+            cursor=str(end) if end < len(ids) else None,
+            total=left if request.count_total and start > 0 else None,
+        )
+
+    monkeypatch.setattr(BulkActivities, "bulk_page", scripted)
+    bulk_id = f"t{uuid.uuid4().hex}"
+    async with run_worker():
+        bulk = await temporal_client.start_workflow(
+            BulkCommandWorkflow.run,
+            BulkInput(
+                bulk_id=bulk_id,
+                sent_by="admin:ops",
+                entity_type="account",
+                command="suspend",
+                payload={"reason": "review"},
+                filter={"tags": {"status": ["ACTIVE"]}},
+                page_size=3,
+                window=3,
+            ),
+            id=bulk_workflow_id(bulk_id),
+            task_queue=settings.bulk_task_queue,
+        )
+        midway = await eventually(lambda: progress(bulk), lambda p: p.delivered == 9)
+        looked.set()
+        done = await bulk.result()
+    assert midway.total is None, midway
+    assert done.status is BulkStatus.COMPLETED and done.total == done.delivered == 12
+    assert asked[0] and not any(asked[1:]), asked
