@@ -93,11 +93,11 @@ async def balance(client: Client, account_id: str) -> int:
     return AccountState.model_validate(snapshot.state).balance
 
 
-async def start_deposits(
-    client: Client, settings: Settings, amount: int, **fields: Any
+async def start_bulk(
+    client: Client, settings: Settings, command: str, payload: dict[str, Any], **fields: Any
 ) -> WorkflowHandle[BulkCommandWorkflow, BulkProgress]:
-    """A bulk command depositing `amount` into the accounts `fields` name (`ids` or a
-    `filter`), paged and paced as they say."""
+    """A bulk command sending `command` with `payload` to the accounts `fields` name (`ids`
+    or a `filter`), paged and paced as they say."""
     bulk_id = uuid.uuid4().hex[:12]
     return await client.start_workflow(
         BulkCommandWorkflow.run,
@@ -105,13 +105,20 @@ async def start_deposits(
             bulk_id=bulk_id,
             sent_by="admin:ops",
             entity_type="account",
-            command="deposit",
-            payload={"amount": amount},
+            command=command,
+            payload=payload,
             **fields,
         ),
         id=bulk_workflow_id(bulk_id),
         task_queue=settings.bulk_task_queue,
     )
+
+
+async def start_deposits(
+    client: Client, settings: Settings, amount: int, **fields: Any
+) -> WorkflowHandle[BulkCommandWorkflow, BulkProgress]:
+    """A bulk command depositing `amount` into the accounts `fields` name."""
+    return await start_bulk(client, settings, "deposit", {"amount": amount}, **fields)
 
 
 async def progress(handle: WorkflowHandle[BulkCommandWorkflow, BulkProgress]) -> BulkProgress:
@@ -510,22 +517,15 @@ async def test_a_total_the_first_page_could_not_count_stays_null_until_the_last(
         )
 
     monkeypatch.setattr(BulkActivities, "bulk_page", scripted)
-    bulk_id = f"t{uuid.uuid4().hex}"
     async with run_worker():
-        bulk = await temporal_client.start_workflow(
-            BulkCommandWorkflow.run,
-            BulkInput(
-                bulk_id=bulk_id,
-                sent_by="admin:ops",
-                entity_type="account",
-                command="suspend",
-                payload={"reason": "review"},
-                filter={"tags": {"status": ["ACTIVE"]}},
-                page_size=3,
-                window=3,
-            ),
-            id=bulk_workflow_id(bulk_id),
-            task_queue=settings.bulk_task_queue,
+        bulk = await start_bulk(
+            temporal_client,
+            settings,
+            "suspend",
+            {"reason": "review"},
+            filter={"tags": {"status": ["ACTIVE"]}},
+            page_size=3,
+            window=3,
         )
         midway = await eventually(lambda: progress(bulk), lambda p: p.delivered == 9)
         looked.set()
