@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
 from api.errors import TooManyQueries
 from api.metrics import ApiMetrics
@@ -39,7 +39,7 @@ from entities.runtime.envelope import (
 from entities.runtime.workflow import EntityWorkflow
 from workers.cache import CachedSnapshot, CacheUnavailable, SnapshotCache
 from workers.delivery import CommandDelivery
-from workers.failures import is_missing, unavailable
+from workers.failures import is_missing, may_have_taken_it, unavailable
 from workers.handovers import Handovers, hand_back
 from workers.settings import Settings
 from workers.temporal import ask, within
@@ -54,16 +54,6 @@ class MayHaveStarted(TenureError):
             "the entity service did not answer in time; it may have started",
         )
 
-
-_MAY_HAVE_TAKEN_IT = frozenset(
-    {
-        RPCStatusCode.DEADLINE_EXCEEDED,
-        RPCStatusCode.UNAVAILABLE,
-        RPCStatusCode.CANCELLED,
-        RPCStatusCode.UNKNOWN,
-    }
-)
-"""Answers after which Temporal may have done what it was asked: not a refusal of it."""
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +499,7 @@ class EntityGateway:
             return False
         except RPCError as exc:
             refused = unavailable(exc)  # logged as any other
-            if exc.status not in _MAY_HAVE_TAKEN_IT:
+            if not may_have_taken_it(exc):
                 raise refused from exc
             # Temporal may have started it and not answered in time: said plainly, since a
             # caller told only "unavailable" took it for not started.

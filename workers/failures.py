@@ -32,6 +32,22 @@ def unavailable(exc: RPCError) -> TenureError:
     return TenureError(ErrorCode.UNAVAILABLE, "the entity service is unavailable; try again")
 
 
+_MAY_HAVE_TAKEN_IT = frozenset(
+    {
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.CANCELLED,
+        RPCStatusCode.UNKNOWN,
+    }
+)
+
+
+def may_have_taken_it(exc: RPCError) -> bool:
+    """Whether Temporal may have done what it was asked before this answer (no answer in
+    time, a connection lost): not a refusal of it."""
+    return exc.status in _MAY_HAVE_TAKEN_IT
+
+
 def is_missing(exc: RPCError) -> bool:
     """Temporal has no such workflow (it never ran, or retention removed it); not a
     namespace it does not know, which it answers NOT_FOUND too (`namespace_missing`)."""
