@@ -2,7 +2,8 @@
 
 Steps, each registering its compensation before it runs: reserve every line on its
 InventoryItem, withdraw the total from the Account, commit every reservation, and report the
-outcome to the Cart. A failure undoes the steps already taken, last first. Every request
+outcome to the Cart. A failure undoes the steps already taken, last first on each entity and
+the entities at once, so that one that does not answer holds back only its own. Every request
 carries a command id derived from the checkout id and the step, so a retried activity or a
 replayed saga never reserves or charges twice.
 
@@ -95,15 +96,23 @@ PARALLEL_RESERVATIONS = "checkout-parallel-reservations"
 # Checkouts begun under older code undid only the steps they had reached.
 UNDO_UNREACHED = "checkout-undo-unreached-steps"
 
+# Checkouts begun under older code ran every compensation one after another: an item that did
+# not answer held back the refund.
+COMPENSATIONS_APART = "checkout-compensations-apart"
+
 CHECKOUT_PATCHES = PatchSet(
-    "checkout-patch-set-3",
-    [UNDO_UNREACHED],
+    "checkout-patch-set-4",
+    [COMPENSATIONS_APART],
     after=PatchSet(
-        "checkout-patch-set-2",
-        [PARALLEL_RESERVATIONS],
+        "checkout-patch-set-3",
+        [UNDO_UNREACHED],
         after=PatchSet(
-            "checkout-patch-set-1",
-            [OPERATOR_TOOLS, PARALLEL_COMMITS, SHORT_RESERVATION_IDS, LOCAL_TRY],
+            "checkout-patch-set-2",
+            [PARALLEL_RESERVATIONS],
+            after=PatchSet(
+                "checkout-patch-set-1",
+                [OPERATOR_TOOLS, PARALLEL_COMMITS, SHORT_RESERVATION_IDS, LOCAL_TRY],
+            ),
         ),
     ),
 )
@@ -246,7 +255,9 @@ class CheckoutWorkflow:
         except RequestFailed as failure:
             if not failure.refused and CHECKOUT_PATCHES.patched(UNDO_UNREACHED):
                 self._undo_unreached(saga)
-            await saga.compensate()
+            # Each entity's compensations in order, the entities' at once: the refund does
+            # not wait for an item that does not answer.
+            await saga.compensate(apart=CHECKOUT_PATCHES.patched(COMPENSATIONS_APART))
             report = partial(
                 self._report,
                 fail_checkout,
@@ -330,10 +341,10 @@ class CheckoutWorkflow:
             await saga.steps(reserves)
         else:
             for reserve in reserves:
-                await saga.step(reserve.name, reserve.action, reserve.undo)
+                await saga.step(reserve)
         if self._state.total > 0:
             pay = self._withdraw()
-            await saga.step(pay.name, pay.action, pay.undo)
+            await saga.step(pay)
         # Once paid for, the lines are committed at once: each commit is to its own item and
         # needs no other. Their returns, should one fail, still run last line first.
         commits = [self._commit(line.sku, reservation) for line in self._input.lines]
@@ -341,7 +352,7 @@ class CheckoutWorkflow:
             await saga.steps(commits)
         else:
             for commit in commits:
-                await saga.step(commit.name, commit.action, commit.undo)
+                await saga.step(commit)
 
     def _undo_unreached(self, saga: Saga) -> None:
         """Undo, as well, the steps after the one whose outcome is not known: an earlier
@@ -366,6 +377,7 @@ class CheckoutWorkflow:
             "withdraw",
             partial(self._step, withdraw, account_id, "withdraw", amount),
             ("refund", self._undo(refund, account_id, "withdraw", amount, sent_since)),
+            lane=f"account:{account_id}",
         )
 
     def _reservation_id(self) -> str:
@@ -390,6 +402,7 @@ class CheckoutWorkflow:
             step,
             partial(self._step, reserve_stock, line.sku, step, reserve),
             (f"release:{line.sku}", self._undo(release_reservation, line.sku, step, reservation)),
+            lane=f"inventory:{line.sku}",
         )
 
     def _commit(
@@ -400,6 +413,7 @@ class CheckoutWorkflow:
             step,
             partial(self._step, commit_reservation, sku, step, reservation),
             (f"return:{sku}", self._undo(return_reservation, sku, step, reservation, sent_since)),
+            lane=f"inventory:{sku}",
         )
 
     def _command_id(self, step: str) -> str:

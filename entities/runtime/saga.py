@@ -142,12 +142,15 @@ Report = Callable[[int], Awaitable[object]]
 
 @dataclass(frozen=True)
 class Step(Generic[T]):
-    """One step of a saga: its name, what it does, and its compensation (name, function),
-    if it has one."""
+    """One step of a saga: its name, what it does, its compensation (name, function), if it
+    has one, and its lane: what its compensation must wait for (the entity it acts on).
+    Compensations of one lane run one after another, those of different lanes at once
+    (`Saga.compensate(apart=True)`); steps with no lane share one."""
 
     name: str
     action: Callable[[], Awaitable[T]]
     undo: tuple[str, Compensation] | None
+    lane: str | None = None
 
 
 @dataclass
@@ -155,6 +158,7 @@ class _Registered:
     name: str
     step: str
     undo: Compensation
+    lane: str | None = None
     record: int = -1  # where its record is in the log's compensations, once it has run
     retry: int = 0  # the retry its request is named after
     refused: bool = False
@@ -174,26 +178,24 @@ class Saga:
         self._registered: list[_Registered] = []
         self._done: set[str] = set()
         self._refused: set[str] = set()
-        self._failed: list[_Registered] = []  # refused compensations, in the order run
+        self._failed: list[_Registered] = []  # refused compensations, last registered first
         self._report: tuple[str, Report] | None = None
         self._report_failed = False
         self._report_retry = 0
         self._report_refused = False
         self.retries = 0
 
-    async def step(
-        self, name: str, action: Callable[[], Awaitable[T]], undo: tuple[str, Compensation] | None
-    ) -> T:
-        """Run one step, its compensation (name, function) registered first: a step that
-        fails after taking effect, or whose outcome is unknown, is undone all the same."""
-        self._register(Step(name, action, undo))
+    async def step(self, step: Step[T]) -> T:
+        """Run one step, its compensation registered first: a step that fails after taking
+        effect, or whose outcome is unknown, is undone all the same."""
+        self._register(step)
         try:
-            result = await action()
+            result = await step.action()
         except RequestFailed as failure:
-            self._record(name, failure)
-            self._failed_at(name, failure)
+            self._record(step.name, failure)
+            self._failed_at(step.name, failure)
             raise
-        self._record(name, None)
+        self._record(step.name, None)
         return result
 
     async def steps(self, group: Sequence[Step[T]]) -> list[T]:
@@ -233,7 +235,7 @@ class Saga:
 
     def _register(self, step: Step[Any]) -> None:
         if step.undo is not None:
-            self._registered.append(_Registered(step.undo[0], step.name, step.undo[1]))
+            self._registered.append(_Registered(step.undo[0], step.name, step.undo[1], step.lane))
 
     def _record(self, name: str, failure: RequestFailed | None, at: datetime | None = None) -> None:
         self.log.steps.append(StepRecord(**_settled(name, failure, at)))
@@ -246,18 +248,46 @@ class Saga:
         self.log.failure_code = failure.code
         self.log.failure_reason = f"{name}: {failure.message}"
 
-    async def compensate(self) -> None:
-        """Run every registered compensation, last registered first."""
+    async def compensate(self, apart: bool = False) -> None:
+        """Run every registered compensation, last registered first. `apart`: each lane's
+        one after another, last registered first, and the lanes at once, so that an entity
+        that does not answer holds back only its own (a refund waited behind the return of
+        an item whose worker was down, past the account's refund hold). The log keeps them
+        in the order they would have run one by one, each entered as it ends."""
         reason = self.log.failure_reason or "a step failed"
-        while self._registered:
-            registered = self._registered.pop()
-            registered.record = len(self.log.compensations)
-            if registered.step in self._refused:
-                record = CompensationRecord(**_settled(registered.name, None), reason=reason)
-                record.message = f"nothing to undo: {registered.step} was refused"
-                self.log.compensations.append(record)
-            else:
-                self.log.compensations.append(await self._undo(registered, reason))
+        order, self._registered = self._registered[::-1], []
+        if not apart:
+            for registered in order:
+                registered.record = len(self.log.compensations)
+                self.log.compensations.append(await self._compensation(registered, reason))
+            return
+        lanes: dict[str | None, list[_Registered]] = {}
+        for registered in order:
+            lanes.setdefault(registered.lane, []).append(registered)
+        rank = {id(registered): at for at, registered in enumerate(order)}
+        base = len(self.log.compensations)
+        ended: list[_Registered] = []  # in the order of `order`
+
+        async def run_lane(lane: list[_Registered]) -> None:
+            for registered in lane:
+                record = await self._compensation(registered, reason)
+                at = sum(rank[id(other)] < rank[id(registered)] for other in ended)
+                ended.insert(at, registered)
+                self.log.compensations.insert(base + at, record)
+
+        await asyncio.gather(*(run_lane(lane) for lane in lanes.values()))
+        for at, registered in enumerate(ended):
+            registered.record = base + at
+        self._failed.sort(key=lambda registered: rank[id(registered)])
+
+    async def _compensation(self, registered: _Registered, reason: str) -> CompensationRecord:
+        """Run one compensation; the record of a refused step's, which has nothing to undo,
+        without running it."""
+        if registered.step in self._refused:
+            record = CompensationRecord(**_settled(registered.name, None), reason=reason)
+            record.message = f"nothing to undo: {registered.step} was refused"
+            return record
+        return await self._undo(registered, reason)
 
     async def _undo(self, registered: _Registered, reason: str) -> CompensationRecord:
         failure: RequestFailed | None = None

@@ -51,6 +51,8 @@ CHECKOUT_SET_1 = "checkout-set-1"
 # Checkouts under the second, which sent their report as a local try in the workflow task of
 # the steps before it, and undid only the steps they had reached.
 CHECKOUT_SET_2 = "checkout-set-2"
+# Checkouts under the third, which ran every compensation one after another.
+CHECKOUT_SET_3 = "checkout-set-3"
 # Entities under the first entity patch set, which took text with invisible formatting.
 ENTITY_SET_1 = "entity-set-1"
 # Entities under the second, whose items took back a sale they had forgotten as returned.

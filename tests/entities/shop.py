@@ -129,10 +129,10 @@ class Shop:
         self.settings = settings
         self.gateway = EntityGateway(client, cache, settings)
 
-    def elsewhere(self) -> Shop:
-        """A shop whose new entities live on a task queue of their own, so that a test can
-        stop and start their worker apart from the rest."""
-        queue = f"{self.settings.task_queue}-elsewhere"
+    def elsewhere(self, place: str = "elsewhere") -> Shop:
+        """A shop whose new entities live on a task queue of their own (named after `place`),
+        so that a test can stop and start their worker apart from the rest."""
+        queue = f"{self.settings.task_queue}-{place}"
         return Shop(self.client, self.cache, self.settings.model_copy(update={"task_queue": queue}))
 
     async def unserved_account(self, run_worker: WorkerFactory, balance: int) -> tuple[Shop, str]:

@@ -21,6 +21,7 @@ from entities.runtime.workflow import ENTITY_PATCHES
 from tests.entities.record_histories import (
     CHECKOUT_SET_1,
     CHECKOUT_SET_2,
+    CHECKOUT_SET_3,
     CURRENT,
     ENTITY_SET_1,
     ENTITY_SET_2,
@@ -105,6 +106,8 @@ def checkout_paths(folder: str) -> dict[str, EventType.ValueType]:
 # second, only the steps reached undone after a step whose outcome was not known.
 CHECKOUTS_OF_SET_1 = checkout_paths(CHECKOUT_SET_1)
 CHECKOUTS_OF_SET_2 = checkout_paths(CHECKOUT_SET_2)
+# Under the third, every compensation one after another.
+CHECKOUTS_OF_SET_3 = checkout_paths(CHECKOUT_SET_3)
 
 
 def entity_paths(folder: str) -> dict[str, EventType.ValueType]:
@@ -155,6 +158,7 @@ EVERY = {
     **OLDER_PATHS,
     **CHECKOUTS_OF_SET_1,
     **CHECKOUTS_OF_SET_2,
+    **CHECKOUTS_OF_SET_3,
     **ENTITIES_OF_SET_1,
     **ENTITIES_OF_SET_2,
     **ENTITIES_OF_SET_3,
@@ -173,6 +177,7 @@ def test_every_recorded_history_is_checked() -> None:
             PUBLISHED_BY_ACTIVITY,
             CHECKOUT_SET_1,
             CHECKOUT_SET_2,
+            CHECKOUT_SET_3,
             ENTITY_SET_1,
             ENTITY_SET_2,
             ENTITY_SET_3,
@@ -265,7 +270,9 @@ def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
     assert fourth_entity_set.patches == {*third_entity_set.patches, "entity-publish-offers"}
     assert ENTITY_PATCHES.name == "entity-patch-set-5"
     assert ENTITY_PATCHES.patches == {*fourth_entity_set.patches, "entity-rules-3"}
-    second_set = CHECKOUT_PATCHES.after
+    third_set = CHECKOUT_PATCHES.after
+    assert third_set is not None and third_set.name == "checkout-patch-set-3"
+    second_set = third_set.after
     assert second_set is not None and second_set.name == "checkout-patch-set-2"
     first_set = second_set.after
     assert first_set is not None and first_set.name == "checkout-patch-set-1"
@@ -276,8 +283,9 @@ def test_a_patch_set_keeps_the_patches_it_was_released_with() -> None:
         "requests-try-local-first",
     }
     assert second_set.patches == {*first_set.patches, "checkout-parallel-reservations"}
-    assert CHECKOUT_PATCHES.name == "checkout-patch-set-3"
-    assert CHECKOUT_PATCHES.patches == {*second_set.patches, "checkout-undo-unreached-steps"}
+    assert third_set.patches == {*second_set.patches, "checkout-undo-unreached-steps"}
+    assert CHECKOUT_PATCHES.name == "checkout-patch-set-4"
+    assert CHECKOUT_PATCHES.patches == {*third_set.patches, "checkout-compensations-apart"}
 
 
 @pytest.mark.parametrize("name", sorted(EVERY))

@@ -91,3 +91,66 @@ async def test_steps_at_once_are_logged_in_order_and_compensated_after_all_end(
     assert events[6:] == ["undo c completed=True", "undo a completed=True"]
     assert [c.name for c in log.compensations] == ["undo:c", "undo:b", "undo:a"]
     assert log.compensations[1].message == "nothing to undo: b was refused"
+
+
+# (name, lane, milliseconds its undo takes); the last step is refused.
+LANED = [("a", "x", 10), ("b", "y", 10), ("c", "x", 1500), ("d", "y", 0)]
+
+
+@workflow.defn(sandboxed=False)
+class CompensationsApart:
+    """Takes LANED's steps one after another, the last refused, then compensates each lane
+    apart; returns the saga's log and every event in the order the workflow saw it."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    async def _act(self, name: str) -> str:
+        if name == LANED[-1][0]:
+            raise RequestFailed(ErrorCode.INSUFFICIENT_FUNDS, f"{name} refused")
+        return name
+
+    async def _undo(self, name: str, ms: int, step_completed: bool, retry: int) -> None:
+        self.events.append(f"undo {name}")
+        await workflow.sleep(timedelta(milliseconds=ms))
+        self.events.append(f"undone {name}")
+
+    @workflow.run
+    async def run(self) -> tuple[SagaLog, list[str]]:
+        log = SagaLog()
+        saga = Saga(log)
+        try:
+            for name, lane, ms in LANED:
+                undo = (f"undo:{name}", partial(self._undo, name, ms))
+                await saga.step(Step(name, partial(self._act, name), undo, lane))
+        except RequestFailed:
+            await saga.compensate(apart=True)
+        return log, self.events
+
+
+async def test_compensations_apart_wait_only_for_their_own_lane(
+    temporal_client: Client, settings: Settings
+) -> None:
+    async with Worker(
+        temporal_client,
+        task_queue=settings.task_queue,
+        workflows=[CompensationsApart],
+        workflow_runner=UnsandboxedWorkflowRunner(),
+    ):
+        log, events = await temporal_client.execute_workflow(
+            CompensationsApart.run,
+            id=f"apart-{uuid.uuid4().hex}",
+            task_queue=settings.task_queue,
+            result_type=tuple[SagaLog, list[str]],
+        )
+    # Lane y's b is undone while lane x's slow c is still being undone; x's a waits for c.
+    assert events.index("undone b") < events.index("undone c")
+    assert events.index("undone c") < events.index("undo a")
+    assert set(events) == {f"{verb} {name}" for verb in ("undo", "undone") for name in "abc"}
+    # The log reads last registered first, as if they had run one by one, whatever order
+    # they ended in; the refused step's is only recorded.
+    assert [c.name for c in log.compensations] == ["undo:d", "undo:c", "undo:b", "undo:a"]
+    assert log.compensations[0].message == "nothing to undo: d was refused"
+    assert all(c.status is StepStatus.DONE for c in log.compensations)
+    # Each is recorded with when it ended: b well before c.
+    assert log.compensations[2].at < log.compensations[1].at
