@@ -23,7 +23,12 @@ from api.history import CommandHistory, command_history
 from api.pacing import holds_long_lists, take_turn
 from entities.errors import ErrorCode, TenureError
 from entities.runtime.entity import Command
-from entities.runtime.envelope import SYSTEM_COMMAND_PREFIXES, command_fingerprint
+from entities.runtime.envelope import (
+    SENDER_ROLES,
+    SYSTEM_COMMAND_PREFIXES,
+    command_fingerprint,
+    shaped_as_sender_key,
+)
 from entities.runtime.policy import READ, Role
 
 
@@ -77,7 +82,8 @@ IdempotencyKey = Annotated[
         "weigh over 640 KiB: about 2,000 with 128-character keys); with another "
         "command or payload it is not applied (IDEMPOTENCY_KEY_REUSED when waited for). 1 to "
         "128 printable ASCII characters, no spaces, not beginning "
-        f"{', '.join(SYSTEM_COMMAND_PREFIXES)}. A new id each time when not given."
+        f"{', '.join(SYSTEM_COMMAND_PREFIXES)} nor as a sender's own id, "
+        "`<role>:<subject>/` (`service:billing/fee-1`). A new id each time when not given."
     ),
 ]
 Wait = Annotated[
@@ -216,6 +222,12 @@ def check_client_key(idempotency_key: str | None) -> None:
             ErrorCode.INVALID_INPUT,
             f"idempotencyKey may not begin with {', '.join(SYSTEM_COMMAND_PREFIXES)}: "
             "Tenure's own command ids begin so",
+        )
+    if shaped_as_sender_key(idempotency_key):
+        raise TenureError(
+            ErrorCode.INVALID_INPUT,
+            f"idempotencyKey may not begin with a sender, `<role>:<subject>/` (role one of "
+            f"{', '.join(sorted(SENDER_ROLES))}): an entity keeps a sender's key apart so",
         )
 
 

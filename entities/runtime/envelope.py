@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from entities.runtime.effects import StartWorkflow
+from entities.runtime.policy import Role
 
 
 class CommandEnvelope(BaseModel):
@@ -163,6 +164,21 @@ def sender_key(sender: str, command_id: str) -> str:
     sender's command took that id first: an idempotency key is its sender's own. Shown to
     clients as the key they sent (`shown_key`)."""
     return f"{sender}/{command_id}"
+
+
+SENDER_ROLES = frozenset({*(role.value for role in Role), "saga"})
+"""The roles a sender is recorded with (`role:subject`): a client's (`Role`), and a saga's
+(`saga_sender`)."""
+
+
+def shaped_as_sender_key(key: str) -> bool:
+    """Whether `key` reads as a sender's own id (`sender_key`): `role:subject/...` with a
+    role of SENDER_ROLES. A client's key so shaped takes that id first: a customer who sent
+    deposits under `fee-1` and `service:billing/fee-1` had billing's fee under `fee-1` dropped
+    as a repeat. `orders/7` and `order:7` are not so shaped."""
+    sender, slash, _ = key.partition("/")
+    role, colon, _ = sender.partition(":")
+    return bool(slash and colon) and role in SENDER_ROLES
 
 
 def listed_id(command_id: str, sender: str | None, subject_shown: bool) -> str:

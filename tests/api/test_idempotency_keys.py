@@ -106,15 +106,26 @@ async def test_a_customer_cannot_take_the_key_of_a_later_service_command(
     assert entries["entries"][0]["commandId"] == f"service:billing/{key}"
 
 
-async def test_a_key_made_to_look_like_another_sender_s_own_takes_nothing_of_it(
+async def test_a_key_made_to_look_like_another_sender_s_own_is_refused(
     secured_http: httpx.AsyncClient,
 ) -> None:
-    """A customer's key can read `service:billing/<key>`, the id under which the entity
-    records billing's command when another took its key: billing's command is still its."""
+    """`service:billing/<key>` is the id under which the entity records billing's command
+    when another sender took its key. A customer who took both that id and the key, with a
+    deposit of 1 under each, had billing's next fee dropped as the deposit's repeat. A
+    client's key shaped as a sender's own id is refused, and stores nothing."""
     account_id, billing, ada = await _account(secured_http)
     key = f"fee-2026-12-{account_id}"
-    await ada.data(DEPOSIT, id=account_id, amount=1, key=f"service:billing/{key}", wait=True)
+    for sender in ("service:billing", "customer:ada", "admin:ops", "saga:checkout:c-1"):
+        shaped = f"{sender}/{key}"
+        code = await ada.code(DEPOSIT, id=account_id, amount=1, key=shaped, wait=True)
+        assert code == "INVALID_INPUT", shaped
+    assert await _balance(billing, account_id) == 1000
+    await ada.data(DEPOSIT, id=account_id, amount=1, key=key, wait=True)
     await _fee_taken_once(billing, account_id, key)
+    # Keys with a slash or a colon of their own are still taken.
+    for mine in (f"orders/{key}", f"order:{key}", f"partner:x-{key}"):
+        await ada.data(DEPOSIT, id=account_id, amount=1, key=mine, wait=True)
+    assert await _balance(billing, account_id) == 1000 + 1 - 500 + 3
 
 
 async def test_a_history_where_keys_meet_pages_through_every_command_once(
