@@ -45,7 +45,7 @@ from workers.cache import SnapshotCache
 from workers.failures import REDIS_FAILURES
 from workers.settings import Settings
 from workers.webhook_entries import Entries, Send
-from workers.webhook_retries import EntryNotes, RetrySchedule
+from workers.webhook_retries import EntryNotes, RetrySchedule, appended_at
 from workers.webhook_subscribers import (
     Subscriber,
     WebhookSubscribers,
@@ -510,9 +510,12 @@ class _Run:
             error = await self._send(item)
         retries.attempts += 1
         now = time.time()
+        # Its period runs from when it was appended: not from its first attempt, which waits
+        # for its entity's changes before it.
+        since = min(first, appended_at(item.entry_ids[0]))
         if error is None:
             self._count(DELIVERED, 1)
-        elif self._schedule.gives_up(first, now):
+        elif self._schedule.gives_up(since, now):
             await self._subscribers.dead_letter(
                 self._subscriber.id, item.dead_letter(error, first, now)
             )
@@ -520,7 +523,7 @@ class _Run:
         else:
             # Kept, so that a run starting meanwhile, or this one reading it back once
             # parked, waits for it as it would have.
-            retries.due = self._schedule.next_due(retries.attempts, first, now)
+            retries.due = self._schedule.next_due(retries.attempts, since, now)
             await self._notes.keep(item.stream, item.entry_ids[0], item.note())
             return False
         await self._done(item)

@@ -9,7 +9,11 @@ deadline. It is JSON, `{"id", "incarnation", "from", "to", "first", "attempts", 
 part only when known; runs before wrote `first:attempts`, which is still read.
 
 A failed send is tried again after the backoff, doubled each time up to an hour, until the
-retry period after its first attempt has passed; then it is dead-lettered.
+retry period has passed since the change was appended to its stream (or since its first
+attempt, should that be earlier by the clocks); then it is dead-lettered. Counted from each
+one's first attempt, a change waiting behind its entity's refused change began its own
+period only once that one was dead-lettered: an entity whose every change a receiver
+refused took a day per change, and its parked changes stopped the subscriber's reading.
 """
 
 from __future__ import annotations
@@ -38,19 +42,27 @@ class Retries:
         return cls(note.get("first"), int(note.get("attempts", 0)), note.get("due"))
 
 
+def appended_at(entry_id: str) -> float:
+    """When Redis appended a stream entry, by its id (`<milliseconds>-<sequence>`), in
+    seconds since the epoch."""
+    return int(entry_id.partition("-")[0]) / 1000
+
+
 @dataclass(frozen=True)
 class RetrySchedule:
-    """How long a failing entry is tried for (`retry_for`, from its first attempt), and how
-    long it waits before its second (`backoff`, doubled for each one after)."""
+    """How long a failing entry is tried for (`retry_for`, from when it was appended or first
+    tried, the earlier), and how long it waits before its second (`backoff`, doubled for each
+    one after)."""
 
     retry_for: float
     backoff: float
 
-    def gives_up(self, first: float, now: float) -> bool:
-        """Whether an entry first tried at `first`, failing at `now`, is to be dead-lettered."""
-        return now - first >= self.retry_for
+    def gives_up(self, since: float, now: float) -> bool:
+        """Whether an entry tried for since `since`, failing at `now`, is to be
+        dead-lettered."""
+        return now - since >= self.retry_for
 
-    def next_due(self, attempts: int, first: float, now: float) -> float:
+    def next_due(self, attempts: int, since: float, now: float) -> float:
         """When an entry that failed `attempts` times is tried again: never past its deadline."""
         # Doubled at most until it passes the cap: 2 ** 1024 overflowed a float, in a retry
         # period over about 42 days, and stopped the subscriber's delivery for good.
@@ -58,7 +70,7 @@ class RetrySchedule:
         wait: float = min(
             self.backoff * 2**doublings,
             MAX_BACKOFF_SECONDS,
-            first + self.retry_for - now,
+            since + self.retry_for - now,
         )
         return now + max(wait, 0)
 

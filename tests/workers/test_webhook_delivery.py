@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,6 +214,48 @@ async def test_a_change_whose_retries_run_out_is_dead_lettered_and_replayed(
         }
         handle = temporal_client.get_workflow_handle(f"webhook:{subscriber_id}")
         await asyncio.wait_for(handle.result(), 20)  # its delivery ended
+
+
+async def test_changes_behind_a_refused_change_are_tried_for_the_period_since_they_were_made(
+    settings: Settings, temporal_client: Client, run_worker: WorkerFactory, receiver: Receiver
+) -> None:
+    """Each change's retry period began at its first attempt, which waits for the entity's
+    change before it: four refused changes took four periods, a day each by default, and the
+    changes parked behind them stopped the subscriber. Each is now tried for the period
+    since it was appended, so those that waited behind the first are dead-lettered soon
+    after it."""
+    retry_for = 3.0
+    brief = settings.model_copy(
+        update={"webhook_backoff_seconds": 0.2, "webhook_retry_for_seconds": retry_for}
+    )
+    async with run_worker(brief), api_client(brief, temporal_client) as http:
+        gql = GraphQLClient(http)
+        account_id = new_id()
+        await open_active(gql, account_id)
+        subscriber_id = (
+            await gql.data(REGISTER, url=receiver.url, events={"account": ["deposit"]})
+        )["registerWebhookSubscriber"]["subscriber"]["id"]
+        receiver.failing = True
+        for amount in (1, 2, 3, 4):
+            await gql.data(DEPOSIT, id=account_id, amount=amount)
+
+        letters: list[dict[str, Any]] = []
+        for _ in range(300):
+            letters = (await gql.data(DEAD, id=subscriber_id))["webhookDeadLetters"]["entries"]
+            if len(letters) == 4:
+                break
+            await asyncio.sleep(0.1)
+        balances = [json.loads(letter["body"])["data"]["state"]["balance"] for letter in letters]
+        assert balances == [1, 3, 6, 10]  # each change, in order
+
+        def tried_for(letter: dict[str, Any]) -> float:
+            failed = datetime.fromisoformat(letter["failedAt"])
+            return (failed - datetime.fromisoformat(letter["firstAttemptAt"])).total_seconds()
+
+        # The first was tried again and again; each after it, which had waited behind it, for
+        # what was left of its own period, where each was tried for a whole period before.
+        assert letters[0]["attempts"] >= 2
+        assert all(tried_for(letter) < retry_for for letter in letters[1:]), letters
 
 
 async def test_a_stopping_worker_ends_its_delivery_run_and_the_next_worker_goes_on(

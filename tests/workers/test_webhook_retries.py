@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from workers.webhook_retries import MAX_BACKOFF_SECONDS, RetrySchedule
+from workers.webhook_retries import MAX_BACKOFF_SECONDS, RetrySchedule, appended_at
 
 
 def test_a_failing_entry_waits_twice_as_long_each_time_never_past_the_cap_or_its_deadline() -> None:
     schedule = RetrySchedule(retry_for=3600.0, backoff=2.0)
-    waits = [schedule.next_due(n, first=0, now=0) for n in (1, 2, 3)]
+    waits = [schedule.next_due(n, since=0, now=0) for n in (1, 2, 3)]
     assert waits == [2, 4, 8]
-    assert schedule.next_due(20, first=0, now=0) == min(MAX_BACKOFF_SECONDS, 3600)
-    assert schedule.next_due(3, first=0, now=3599) == 3600  # its deadline, not later
-    assert schedule.gives_up(first=0, now=3600) and not schedule.gives_up(first=0, now=3599)
+    assert schedule.next_due(20, since=0, now=0) == min(MAX_BACKOFF_SECONDS, 3600)
+    assert schedule.next_due(3, since=0, now=3599) == 3600  # its deadline, not later
+    assert schedule.gives_up(since=0, now=3600) and not schedule.gives_up(since=0, now=3599)
 
 
 def test_a_retry_period_of_months_keeps_its_schedule_after_a_thousand_attempts() -> None:
@@ -22,3 +22,7 @@ def test_a_retry_period_of_months_keeps_its_schedule_after_a_thousand_attempts()
     first, now = 0.0, 50 * days
     for attempts in (1_024, 1_025, 5_000, 10**9):
         assert schedule.next_due(attempts, first, now) == now + MAX_BACKOFF_SECONDS
+
+
+def test_an_entry_is_appended_when_its_stream_id_says() -> None:
+    assert appended_at("1796680000123-7") == 1796680000.123
