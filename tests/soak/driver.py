@@ -86,6 +86,7 @@ class Account:
     acknowledged: dict[str, int] = field(default_factory=dict)
     pending: dict[str, int] = field(default_factory=dict)
     served: int = 0  # the highest revision any read or command has shown
+    served_by: str = ""  # what showed it, and when (seconds into the traffic)
     unreadable: list[str] = field(default_factory=list)  # ids of malformed commands sent
 
     @property
@@ -229,6 +230,7 @@ class Traffic:
         self.report = Report()
         self.sent = 0
         self.stop = asyncio.Event()
+        self.began = time.monotonic()
 
     async def post(self, document: str, **variables: Any) -> dict[str, Any]:
         """The response's data; raises `Failed` with the error's code."""
@@ -260,13 +262,16 @@ class Traffic:
     def _saw(self, account: Account, revision: int, floor: int, what: str) -> None:
         """Note a revision shown; `floor` is the highest shown before this request was sent,
         which it may not go below."""
+        at = time.monotonic() - self.began
         if revision < floor:
             self.report.backwards_reads += 1
             if self.report.backwards_reads <= 3:
                 self.report.problems.append(
-                    f"{what} of {account.id} showed revision {revision} after {floor}"
+                    f"{what} of {account.id} showed revision {revision} after {floor} "
+                    f"({account.served_by}), at {at:.1f} s"
                 )
-        account.served = max(account.served, revision)
+        if revision > account.served:
+            account.served, account.served_by = revision, f"{what} at {at:.1f} s"
 
     async def deposit(self, account: Account, key: str, amount: int, wait: bool) -> bool:
         """Send until acknowledged or told it never will be; True once acknowledged."""
