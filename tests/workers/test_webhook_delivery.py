@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import pytest
