@@ -51,6 +51,12 @@ OTHER_RUNNING_SENDER = "entity:effects"
 """How the runtime signs the `if_other_running` command it applies to its own entity."""
 
 
+def other_running_id(workflow_id: str) -> str:
+    """The id of the `if_other_running` command an entity applies when the workflow
+    `workflow_id` it starts runs already."""
+    return f"other-running:{workflow_id}"
+
+
 class IfOtherRunning(BaseModel):
     """What the entity does when a workflow it starts cannot be, because another of its id
     is running, one whose input differs from the effect's in `same_if` (a reset re-applied

@@ -146,8 +146,9 @@ MAX_HISTORY_PAGE = 100
 
 MAX_COMMAND_ID = 512
 """The longest command id an entity takes (`entities.runtime.inbox.COMMAND_ID`)."""
-SYSTEM_COMMAND_PREFIXES = ("bulk:", "checkout:", "timer:", "webhook:")
-"""How the command ids Tenure makes itself begin: a bulk command's, a checkout's steps, a
+SYSTEM_COMMAND_PREFIXES = ("bulk:", "checkout:", "other-running:", "timer:", "webhook:")
+"""How the command ids Tenure makes itself begin: a bulk command's, a checkout's steps, the
+command an entity applies when a workflow it starts runs already (`IfOtherRunning`), a
 deadline's, an inbound webhook's. A client's idempotency key may not begin so, or it could
 take one of them first, and the entity would take Tenure's own command as its repeat."""
 
@@ -166,9 +167,9 @@ def sender_key(sender: str, command_id: str) -> str:
     return f"{sender}/{command_id}"
 
 
-SENDER_ROLES = frozenset({*(role.value for role in Role), "saga"})
-"""The roles a sender is recorded with (`role:subject`): a client's (`Role`), and a saga's
-(`saga_sender`)."""
+SENDER_ROLES = frozenset({*(role.value for role in Role), "entity", "saga"})
+"""The roles a sender is recorded with (`role:subject`): a client's (`Role`), the runtime's
+own (`OTHER_RUNNING_SENDER`), and a saga's (`saga_sender`)."""
 
 
 def shaped_as_sender_key(key: str) -> bool:

@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
         OTHER_RUNNING_SENDER,
         Effects,
         StartWorkflow,
+        other_running_id,
     )
     from entities.runtime.entity import (
         RULES_1_PATCH,
@@ -876,7 +877,7 @@ class EntityWorkflow:
         assert told is not None
         self._apply(
             CommandEnvelope(
-                command_id=f"other-running:{effect.workflow_id}",
+                command_id=other_running_id(effect.workflow_id),
                 name=told.command,
                 payload=told.payload,
                 sent_by=OTHER_RUNNING_SENDER,

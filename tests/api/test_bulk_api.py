@@ -24,6 +24,7 @@ from entities.bulk import (
     bulk_workflow_id,
 )
 from entities.checkout_input import checkout_workflow_id
+from entities.runtime.effects import other_running_id
 from entities.runtime.envelope import SYSTEM_COMMAND_PREFIXES
 from tests.api.test_access import CLOSE, OPEN, VERIFY, Caller, token
 from tests.api.test_accounts_api import open_active, read_account
@@ -141,7 +142,12 @@ async def test_no_client_key_takes_a_bulk_command_s_id_first(gql: GraphQLClient)
     key = new_id()
     keyed = """mutation($id: ID!, $key: String!) {
       depositToAccount(id: $id, amount: 1, idempotencyKey: $key) { commandId } }"""
-    for taken in (f"bulk:{key}:{account_id}", f"checkout:{account_id}-1:report", "webhook:x:1"):
+    for taken in (
+        f"bulk:{key}:{account_id}",
+        f"checkout:{account_id}-1:report",
+        "webhook:x:1",
+        f"other-running:checkout:{account_id}-2",
+    ):
         assert await gql.error_code(keyed, id=account_id, key=taken) == "INVALID_INPUT", taken
     await gql.data(START, key=key, payload={"amount": 100}, ids=[account_id])
     assert (await finished(gql, key))["applied"] == 1
@@ -152,6 +158,7 @@ async def test_no_client_key_takes_a_bulk_command_s_id_first(gql: GraphQLClient)
         checkout_workflow_id(f"{account_id}-1") + ":report",
         webhook_key("payments", "evt_1"),
         webhook_key("payments", "e" * 200),
+        other_running_id(checkout_workflow_id(f"{account_id}-2")),
     ]
     assert all(i.startswith(SYSTEM_COMMAND_PREFIXES) for i in own), own
 

@@ -10,6 +10,7 @@ import pytest
 from temporalio.client import Client
 
 from entities import catalog
+from entities.runtime.effects import OTHER_RUNNING_SENDER as OTHER
 from entities.runtime.envelope import CommandEnvelope, OutcomeStatus
 from tests.api.test_access import (
     ADD,
@@ -115,7 +116,7 @@ async def test_a_key_made_to_look_like_another_sender_s_own_is_refused(
     client's key shaped as a sender's own id is refused, and stores nothing."""
     account_id, billing, ada = await _account(secured_http)
     key = f"fee-2026-12-{account_id}"
-    for sender in ("service:billing", "customer:ada", "admin:ops", "saga:checkout:c-1"):
+    for sender in ("service:billing", "customer:ada", "admin:ops", "saga:checkout:c-1", OTHER):
         shaped = f"{sender}/{key}"
         code = await ada.code(DEPOSIT, id=account_id, amount=1, key=shaped, wait=True)
         assert code == "INVALID_INPUT", shaped
