@@ -406,6 +406,37 @@ async def test_a_restarted_consumer_finishes_its_own_pending_batch(settings: Set
     assert seen[3:] == list(range(1, 21))  # in revision order, after the replayed ones
 
 
+async def test_entries_trimmed_while_a_dead_consumer_held_them_are_told_apart(
+    settings: Settings,
+) -> None:
+    """What the README's consumer counts on: retention trims entries a dead consumer held.
+    Its own reread (`XREADGROUP` from 0) gives each with no fields; another consumer's
+    `XAUTOCLAIM` gives none of them, only their ids, in its third element. A consumer that
+    dropped that element lost those changes without a gap to tell it."""
+    client = connect_redis(settings)
+    prefix = f"{settings.redis_prefix}{new_id()}:"
+    cache = SnapshotCache(client, prefix)
+    stream = stream_key(prefix, "account")
+    entity_id = new_id()
+    for revision in range(1, 5):
+        await cache.put(snapshot(entity_id, revision), Changes(revision - 1, applied(revision)))
+    try:
+        await client.xgroup_create(stream, "ledger", id="0")
+        held = [message_id for message_id, _ in await consume(client, stream, "ledger", "a", 2)]
+        await client.xtrim(stream, maxlen=0)
+        answer = await client.xreadgroup("ledger", "a", {stream: "0"}, count=10)
+        assert [(message_id, fields) for message_id, fields in answer[0][1]] == [
+            (message_id, {}) for message_id in held
+        ]
+        _, claimed, deleted = await client.xautoclaim(
+            stream, "ledger", "b", min_idle_time=0, count=100
+        )
+        assert (claimed, deleted) == ([], held)
+        assert (await client.xpending(stream, "ledger"))["pending"] == 0
+    finally:
+        await client.aclose()
+
+
 def test_retention_is_read_from_the_environment_and_written_back() -> None:
     settings = Settings.from_env(
         {
