@@ -237,6 +237,10 @@ def checked_secret(secret: str | None) -> str:
         signing_key(secret)
     except ValueError:
         raise _invalid("secret: whsec_ and the base64 of at least 16 bytes") from None
+    if len(secret.removeprefix("whsec_")) % 4:
+        # Tenure would sign with it, but the Standard Webhooks libraries a receiver verifies
+        # with refuse to load it (`Incorrect padding`): no delivery could be verified.
+        raise _invalid("secret: its base64 must be padded with '=' to a multiple of 4")
     return secret
 
 
