@@ -262,7 +262,7 @@ class EntityGateway:
         # A waited command's answer is written to the cache here anyway: the entity hands
         # over its publish with it, once a promise to publish is noted (workers/handovers.py).
         workflow_id = entity.workflow_id(entity_id)
-        promise = await self._handovers.promise(workflow_id, command_id) if wait else None
+        promise = await self._handovers.promise(workflow_id, command_id, sent_by) if wait else None
         envelope = CommandEnvelope(
             command_id=command_id,
             name=command,

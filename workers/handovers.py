@@ -26,11 +26,12 @@ import time
 import uuid
 from datetime import timedelta
 from typing import Any
+from urllib.parse import quote, unquote
 
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from entities.runtime.envelope import CommandResult, OutcomeStatus
+from entities.runtime.envelope import CommandResult, OutcomeStatus, same_sender, sender_key
 from entities.runtime.publisher import PUBLISH_SIGNAL
 from entities.runtime.workflow import EntityWorkflow
 from workers.cache import RedisClient
@@ -124,12 +125,14 @@ class Handovers:
         self._chores: set[asyncio.Future[Any]] = set()
 
     @staticmethod
-    def member(workflow_id: str, command_id: str) -> str:
+    def member(workflow_id: str, command_id: str, sent_by: str | None = None) -> str:
         """A promise of its own for each send, so that two sends of one command (a retry,
-        a key reused for another command) keep theirs apart, and when it was made (this
-        host's clock, for PENDING_FOR). Workflow ids have no spaces (entity ids do not):
-        the first one ends it; nor do command ids."""
-        return f"{workflow_id} {command_id} {uuid.uuid4().hex[:12]}.{int(time.time())}"
+        a key reused for another command) keep theirs apart, with its sender, if known,
+        and when it was made (this host's clock, for PENDING_FOR). Workflow ids have no
+        spaces (entity ids do not): the first one ends it; nor do command ids, nor a
+        sender as written here (quoted)."""
+        sender = f" {quote(sent_by, safe='')}" if sent_by is not None else ""
+        return f"{workflow_id} {command_id}{sender} {uuid.uuid4().hex[:12]}.{int(time.time())}"
 
     @staticmethod
     def workflow_of(member: str) -> str:
@@ -140,15 +143,24 @@ class Handovers:
         return member.split(" ")[1]
 
     @staticmethod
+    def sender_of(member: str) -> str | None:
+        """Who sent the promise's command; None for one made before promises said."""
+        parts = member.split(" ")
+        return unquote(parts[2]) if len(parts) == 4 else None
+
+    @staticmethod
     def made_at(member: str) -> float | None:
         """When the promise was made, epoch seconds; None for one made before they said."""
         _, _, made = member.rpartition(".")
         return float(made) if made.isdigit() else None
 
-    async def promise(self, workflow_id: str, command_id: str) -> str | None:
-        """Note that this process will publish what the entity hands it for this command:
-        the promise, or None when none could be noted (the entity then publishes)."""
-        member = self.member(workflow_id, command_id)
+    async def promise(
+        self, workflow_id: str, command_id: str, sent_by: str | None = None
+    ) -> str | None:
+        """Note that this process will publish what the entity hands it for `sent_by`'s
+        command: the promise, or None when none could be noted (the entity then
+        publishes)."""
+        member = self.member(workflow_id, command_id, sent_by)
         noting = asyncio.ensure_future(self._note(keys=[self.key], args=[member]))
         try:
             done, _ = await asyncio.wait([noting], timeout=PROMISE_WAIT)
@@ -270,15 +282,29 @@ class OverdueHandovers:
             if made is None or time.time() - made > PENDING_FOR:
                 return False
             handle = self._client.get_workflow_handle(Handovers.workflow_of(member))
+            command_id, sender = Handovers.command_of(member), Handovers.sender_of(member)
+
+            async def outcome_of(command_id: str) -> CommandResult:
+                return await ask(
+                    handle,
+                    EntityWorkflow.outcome,
+                    command_id,
+                    result_type=CommandResult,
+                    seconds=OUTCOME_SECONDS,
+                )
+
             async with limit:
                 try:
-                    result = await ask(
-                        handle,
-                        EntityWorkflow.outcome,
-                        Handovers.command_of(member),
-                        result_type=CommandResult,
-                        seconds=OUTCOME_SECONDS,
-                    )
+                    result = await outcome_of(command_id)
+                    # Another sender's command under the key: this sender's is recorded
+                    # under its own id (`sender_key`), applied or not yet.
+                    taken = result.outcome
+                    if (
+                        sender is not None
+                        and taken.status is not OutcomeStatus.UNKNOWN
+                        and not same_sender(taken.sent_by, sender)
+                    ):
+                        result = await outcome_of(sender_key(sender, command_id))
                 except RPCError as exc:
                     return not is_missing(exc)  # asked again later, unless it is gone
                 except Exception as exc:  # its own failure holds back no other promise

@@ -138,8 +138,10 @@ async def test_a_handed_publish_the_cache_refuses_is_handed_back(
     the entity is asked to publish, which it does (to the workers' Redis here)."""
     promise = Handovers.promise
 
-    async def then_redis_stops(self: Handovers, workflow_id: str, command_id: str) -> str | None:
-        noted = await promise(self, workflow_id, command_id)
+    async def then_redis_stops(
+        self: Handovers, workflow_id: str, command_id: str, sent_by: str | None = None
+    ) -> str | None:
+        noted = await promise(self, workflow_id, command_id, sent_by)
         own_redis.stop()
         return noted
 
@@ -228,12 +230,59 @@ async def test_a_promise_whose_command_is_applied_late_waits_for_it(
         assert not await noted(handovers, workflow_id, "late")
 
 
+async def test_a_promise_whose_key_another_sender_took_waits_for_its_own_command(
+    temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
+) -> None:
+    """Another sender's command held the key, applied: the sweep took that outcome for the
+    promise's, asked the entity to publish and let the promise go. The promised command,
+    applied later under its sender's own id, was handed over to no one, and its change
+    reached no cache and no stream until the entity changed again."""
+    handovers = Handovers(cache.client, f"{cache.prefix}{new_id()}:")
+    async with run_worker():
+        account_id = await published_account(temporal_client, cache, settings)
+        workflow_id = f"account:{account_id}"
+        handle = temporal_client.get_workflow_handle(workflow_id)
+
+        async def withdraw(sent_by: str, publishes: bool) -> CommandResult:
+            envelope = CommandEnvelope(
+                command_id="shared",
+                name="withdraw",
+                payload={"amount": 10},
+                sent_by=sent_by,
+                publishes=publishes,
+            )
+            return await handle.execute_update(
+                EntityWorkflow.apply, envelope, result_type=CommandResult
+            )
+
+        await withdraw("service:billing", publishes=False)
+        await until_cached(cache, "account", account_id, 4)
+        assert await handovers.promise(workflow_id, "shared", "customer:ada") is not None
+        assert await OverdueHandovers(temporal_client, handovers, overdue=0).sweep() == 0
+        assert await noted(handovers, workflow_id, "shared")
+
+        handed = await withdraw("customer:ada", publishes=True)
+        assert handed.outcome.command_id == "customer:ada/shared"
+        assert handed.publication() is not None  # handed over to the sender, who is gone
+        assert await OverdueHandovers(temporal_client, handovers, overdue=0).sweep() == 1
+        hit = await until_cached(cache, "account", account_id, 5)
+        assert hit.snapshot.state is not None and hit.snapshot.state["balance"] == 30
+        assert not await noted(handovers, workflow_id, "shared")
+
+
 def test_a_promise_says_when_it_was_made() -> None:
     member = Handovers.member("account:ada", "dep-1")
     made = Handovers.made_at(member)
     assert made is not None and abs(made - time.time()) < 5
     assert Handovers.command_of(member) == "dep-1"
     assert Handovers.made_at("account:ada dep-1 0123456789ab") is None  # made before
+    assert Handovers.sender_of(member) is None
+    signed = Handovers.member("account:ada", "dep-1", "customer:a b.c")
+    assert Handovers.sender_of(signed) == "customer:a b.c"
+    assert Handovers.command_of(signed) == "dep-1"
+    assert Handovers.workflow_of(signed) == "account:ada"
+    made = Handovers.made_at(signed)
+    assert made is not None and abs(made - time.time()) < 5
 
 
 async def test_a_promise_taken_up_by_a_worker_that_stops_is_taken_up_again(
