@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from temporalio import workflow
 from temporalio.common import MetricCounter, RawValue, RetryPolicy
@@ -96,6 +96,13 @@ KEYS_PER_SENDER = "entity-keys-per-sender"
 """Runs from here on record a command whose id another sender's command took first under its
 sender's own id (`EntityWorkflow._own_key`); runs begun before took it for that command's
 repeat. Asked only where two senders' ids meet, so no other run records its marker: it
+belongs to no patch set."""
+
+ENDED_CONTINUES = "entity-ended-continues-as-new"
+"""Runs from here on continue as new, when their history asks it, while their end waits to
+be published (Redis down): commands sent meanwhile, each refused, grew the run's history
+until Temporal ended it at its limit, the end never published. Runs begun before waited on.
+Asked only where an ended run's history asks it, so no other run records its marker: it
 belongs to no patch set."""
 
 RECORD_UNREADABLE_PATCH = "entity-records-unreadable-commands"
@@ -783,19 +790,23 @@ class EntityWorkflow:
                 return self.snapshot()
             if self._should_continue_as_new():
                 await self._quiesce()
-                workflow.metric_meter().create_counter(
-                    CONTINUE_AS_NEW_METRIC, "Entity runs continued as new."
-                ).add(1, {"entity_type": self.entity.name})
-                # The next run publishes whatever this one did not.
-                self._ended = True
-                self._publisher.withdraw_offers()
-                workflow.continue_as_new(self._carry_over())
+                self._continue_as_new()
             if publish_first:
                 self._publisher.schedule(self._revision)
                 await self._effects.run(self._other_running)
             else:
                 await self._effects.run(self._other_running)
                 self._publisher.schedule(self._revision)
+
+    def _continue_as_new(self) -> NoReturn:
+        """End the run and go on in a new one, from `run` once quiet (`_quiesce`)."""
+        workflow.metric_meter().create_counter(
+            CONTINUE_AS_NEW_METRIC, "Entity runs continued as new."
+        ).add(1, {"entity_type": self.entity.name})
+        # The next run publishes whatever this one did not.
+        self._ended = True
+        self._publisher.withdraw_offers()
+        workflow.continue_as_new(self._carry_over())
 
     async def _last_publish(self) -> None:
         """Publish the entity's end, once its children have closed (`children_closed`).
@@ -818,6 +829,10 @@ class EntityWorkflow:
             await self._quiesce()
             if self._end_published():
                 return
+            # Commands sent to the ended entity meanwhile are refused, each in its history:
+            # the next run, ended too, publishes its end.
+            if self._should_continue_as_new() and workflow.patched(ENDED_CONTINUES):
+                self._continue_as_new()
             await self._publisher.backed_off()
             await self._quiesce()
             await self._publisher.publish()

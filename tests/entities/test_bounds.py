@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 
 from api.gateway import Consistency, EntityGateway
+from deploy.embedded import EmbeddedRedis
 from entities.account import account
 from entities.cart import cart
 from entities.errors import ErrorCode, Rejected, TenureError
 from entities.inventory import inventory
+from entities.runtime import publisher
 from entities.runtime.entity import MAX_MONEY, EntityType
-from entities.runtime.envelope import CommandEnvelope, CommandResult, RuntimeOptions
+from entities.runtime.envelope import CommandEnvelope, CommandResult, RuntimeOptions, Snapshot
 from entities.runtime.workflow import EntityWorkflow
 from tests.conftest import WorkerFactory, new_id
-from tests.entities.shop import eventually
+from tests.entities.shop import eventually, until_cached
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache
 from workers.delivery import CommandDelivery
@@ -373,3 +376,43 @@ async def rules_asked(handle: Any) -> set[str]:
                 if patch.startswith("entity-rules-") and int(patch.rsplit("-", 1)[1]) >= 5:
                     asked.add(patch)
     return asked
+
+
+async def test_an_ended_entity_waiting_to_publish_its_end_continues_as_new(
+    temporal_client: Client,
+    own_redis: EmbeddedRedis,
+    own_redis_settings: Settings,
+    own_cache: SnapshotCache,
+    run_worker: WorkerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A closed account whose end could not be published (Redis down) waited in one run:
+    every command sent to it meanwhile, each refused, grew that run's history until
+    Temporal ended the run at its limit, its end never published. It now continues as new
+    when its history asks it, between its tries to publish, and the next run publishes its
+    end once Redis is back."""
+    # Each try gives up after 2 s, not 10 minutes: the workflows run unsandboxed, so that
+    # they read the module's constant as patched here.
+    monkeypatch.setattr(publisher, "PUBLISH_GIVE_UP", timedelta(seconds=2))
+    settings = own_redis_settings.model_copy(
+        update={"runtime": RuntimeOptions(max_commands_per_run=6), "workflow_sandbox": False}
+    )
+    gateway = EntityGateway(temporal_client, own_cache, settings)
+    account_id = new_id()
+    handle = temporal_client.get_workflow_handle(f"account:{account_id}")
+    async with run_worker(settings):
+        await open_active(gateway, account_id)
+        await until_cached(own_cache, "account", account_id, 2)
+        first_run = (await handle.describe()).run_id
+        own_redis.stop()
+        await gateway.send("account", account_id, "close", {}, wait=True)
+        for n in range(8):  # refused by the closed account, each in its history
+            await gateway.send("account", account_id, "deposit", {"amount": n + 1})
+        later = await eventually(lambda: handle.describe(), lambda d: d.run_id != first_run, 60)
+        assert later is not None and later.status is WorkflowExecutionStatus.RUNNING
+        await own_redis.start()
+        last = Snapshot.model_validate(await asyncio.wait_for(handle.result(), 60))
+        hit = await until_cached(own_cache, "account", account_id, last.revision)
+    assert hit.snapshot.closed
+    assert hit.snapshot.state is not None and hit.snapshot.state["status"] == "CLOSED"
+    assert hit.snapshot.state["balance"] == 0  # none of the deposits applied
