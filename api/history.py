@@ -19,6 +19,7 @@ from entities.runtime.envelope import (
     Outcome,
     OutcomeStatus,
     listed_id,
+    shaped_as_sender_key,
 )
 from entities.runtime.inbox import COMMAND_ID, COMMAND_ID_RULE
 from entities.runtime.policy import Principal, Role
@@ -119,7 +120,18 @@ async def command_history(
             ErrorCode.INVALID_INPUT,
             f"before: a command id, {COMMAND_ID_RULE}",
         )
-    await info.context.authorizer.require_history(info.context.principal, entity_type, entity_id)
+    caller = info.context.principal
+    await info.context.authorizer.require_history(caller, entity_type, entity_id)
+    unknown = TenureError(
+        ErrorCode.INVALID_INPUT,
+        f"before: {entity_type} {entity_id} remembers no command {before!r} (it keeps its "
+        "last commands only): ask again without `before`, from the newest",
+    )
+    # Listed to this caller without the sender's subject (`service/fee-1`): found under the
+    # whole id, it would tell a customer whose the command was.
+    hidden = before is not None and shaped_as_sender_key(before)
+    if hidden and sender_shown(str(before).partition("/")[0], caller)[1] is None:
+        raise unknown
     page = await info.context.gateway.history(
         entity_type, entity_id, HistoryPage(last=last, before=before)
     )
@@ -127,12 +139,7 @@ async def command_history(
         return CommandHistory(entries=[], has_older=False)
     if not page.before_found:
         # Not the end of the history: a cursor it no longer has (or never had).
-        raise TenureError(
-            ErrorCode.INVALID_INPUT,
-            f"before: {entity_type} {entity_id} remembers no command {before!r} (it keeps its "
-            "last commands only): ask again without `before`, from the newest",
-        )
-    caller = info.context.principal
+        raise unknown
     return CommandHistory(
         entries=paced(
             _record(o, caller) for o in page.entries if o.status is not OutcomeStatus.UNKNOWN

@@ -36,6 +36,8 @@ WITHDRAW = """mutation($id: ID!, $amount: Long!, $key: String, $wait: Boolean!) 
   { commandId status revision } }"""
 ACCOUNT = """query($id: ID!, $last: Int!) { account(id: $id, consistency: LIVE) { balance
   history(last: $last) { entries { commandId command sentBy { role subject } } } } }"""
+BEFORE = """query($id: ID!, $before: String!) { account(id: $id, consistency: LIVE) {
+  history(last: 1, before: $before) { entries { commandId } } } }"""
 LEDGER = 4
 
 
@@ -105,6 +107,15 @@ async def test_a_customer_cannot_take_the_key_of_a_later_service_command(
     ]
     entries = (await billing.data(ACCOUNT, id=account_id, last=1))["account"]["history"]
     assert entries["entries"][0]["commandId"] == f"service:billing/{key}"
+    # A page before the command as the customer saw it listed; asked under the whole id, a
+    # page told the customer it had guessed billing's name (a wrong guess was refused).
+    assert (await ada.data(BEFORE, id=account_id, before=f"service/{key}"))["account"] == {
+        "history": {"entries": [{"commandId": key}]}
+    }
+    for guess in (f"service:billing/{key}", f"service:someone/{key}"):
+        assert await ada.code(BEFORE, id=account_id, before=guess) == "INVALID_INPUT"
+    older = await billing.data(BEFORE, id=account_id, before=f"service:billing/{key}")
+    assert older["account"] == {"history": {"entries": [{"commandId": key}]}}
 
 
 async def test_a_key_made_to_look_like_another_sender_s_own_is_refused(
