@@ -71,6 +71,12 @@ async def stock_of(shop: Shop, *skus: str) -> list[tuple[int, int, int]]:
     return [(i.on_hand, i.available, i.sold) for i in items]
 
 
+def every_undo(a: str, b: str) -> list[str]:
+    """The compensations of a paid two-line checkout (lines a, b), as its log reads them:
+    last registered first."""
+    return [f"return:{b}", f"return:{a}", "refund", f"release:{b}", f"release:{a}"]
+
+
 def assert_compensated(done: CheckoutState, failed_step: str, code: ErrorCode) -> None:
     assert done.status is SagaStatus.COMPENSATED
     assert done.failure_code == code
@@ -625,13 +631,7 @@ async def test_a_failed_commit_returns_the_sales_refunds_and_releases_last_first
                 f"commit:{b}",
                 "report",
             ]
-            assert names(done.compensations) == [
-                f"return:{b}",
-                f"return:{a}",
-                "refund",
-                f"release:{b}",
-                f"release:{a}",
-            ]
+            assert names(done.compensations) == every_undo(a, b)
             assert await bank.balance(account_id) == BALANCE
             assert await stock_of(shop, a, b) == [(5, 5, 0), (3, 3, 0)]
             assert (await shop.cart_state(cart_id)).status is CartStatus.OPEN
@@ -679,13 +679,7 @@ async def test_a_refund_does_not_wait_for_an_item_that_does_not_answer(
             async with run_worker(store.settings):
                 done = await shop.finished(checkout_id)
                 assert_compensated(done, f"commit:{b}", ErrorCode.UNAVAILABLE)
-                assert names(done.compensations) == [
-                    f"return:{b}",
-                    f"return:{a}",
-                    "refund",
-                    f"release:{b}",
-                    f"release:{a}",
-                ]
+                assert names(done.compensations) == every_undo(a, b)
                 assert await stock_of(shop, a, b) == [(5, 5, 0), (3, 3, 0)]
                 assert await bank.balance(account_id) == BALANCE
 

@@ -58,21 +58,29 @@ class StepsAtOnce:
         return log, self.events
 
 
-async def test_steps_at_once_are_logged_in_order_and_compensated_after_all_end(
-    temporal_client: Client, settings: Settings
-) -> None:
+async def run_saga(
+    client: Client, settings: Settings, saga: type[StepsAtOnce] | type[CompensationsApart]
+) -> tuple[SagaLog, list[str]]:
+    """Run one of this module's saga workflows to its end: its log and its events."""
     async with Worker(
-        temporal_client,
+        client,
         task_queue=settings.task_queue,
-        workflows=[StepsAtOnce],
+        workflows=[saga],
         workflow_runner=UnsandboxedWorkflowRunner(),
     ):
-        log, events = await temporal_client.execute_workflow(
-            StepsAtOnce.run,
-            id=f"steps-{uuid.uuid4().hex}",
+        result: tuple[SagaLog, list[str]] = await client.execute_workflow(
+            saga.run,
+            id=f"saga-{uuid.uuid4().hex}",
             task_queue=settings.task_queue,
             result_type=tuple[SagaLog, list[str]],
         )
+    return result
+
+
+async def test_steps_at_once_are_logged_in_order_and_compensated_after_all_end(
+    temporal_client: Client, settings: Settings
+) -> None:
+    log, events = await run_saga(temporal_client, settings, StepsAtOnce)
     # All three started before any ended, and b (refused) ended first, c last.
     assert events[:3] == ["start a", "start b", "start c"]
     assert events[3:6] == ["end b", "end a", "end c"]
@@ -131,18 +139,7 @@ class CompensationsApart:
 async def test_compensations_apart_wait_only_for_their_own_lane(
     temporal_client: Client, settings: Settings
 ) -> None:
-    async with Worker(
-        temporal_client,
-        task_queue=settings.task_queue,
-        workflows=[CompensationsApart],
-        workflow_runner=UnsandboxedWorkflowRunner(),
-    ):
-        log, events = await temporal_client.execute_workflow(
-            CompensationsApart.run,
-            id=f"apart-{uuid.uuid4().hex}",
-            task_queue=settings.task_queue,
-            result_type=tuple[SagaLog, list[str]],
-        )
+    log, events = await run_saga(temporal_client, settings, CompensationsApart)
     # Lane y's b is undone while lane x's slow c is still being undone; x's a waits for c.
     assert events.index("undone b") < events.index("undone c")
     assert events.index("undone c") < events.index("undo a")

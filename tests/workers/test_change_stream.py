@@ -381,14 +381,19 @@ async def test_a_consumer_killed_mid_batch_loses_nothing(settings: Settings) -> 
     assert len(processed) == len(expected) + 4
 
 
-async def test_a_restarted_consumer_finishes_its_own_pending_batch(settings: Settings) -> None:
+async def one_account_streamed(settings: Settings, revisions: int) -> tuple[Any, str]:
+    """A Redis client and the change stream of one new account's `revisions` changes."""
     client = connect_redis(settings)
     prefix = f"{settings.redis_prefix}{new_id()}:"
     cache = SnapshotCache(client, prefix)
-    stream = stream_key(prefix, "account")
     entity_id = new_id()
-    for revision in range(1, 21):
+    for revision in range(1, revisions + 1):
         await cache.put(snapshot(entity_id, revision), Changes(revision - 1, applied(revision)))
+    return client, stream_key(prefix, "account")
+
+
+async def test_a_restarted_consumer_finishes_its_own_pending_batch(settings: Settings) -> None:
+    client, stream = await one_account_streamed(settings, 20)
     seen: list[int] = []
     try:
         await client.xgroup_create(stream, "warehouse", id="0")
@@ -413,13 +418,7 @@ async def test_entries_trimmed_while_a_dead_consumer_held_them_are_told_apart(
     Its own reread (`XREADGROUP` from 0) gives each with no fields; another consumer's
     `XAUTOCLAIM` gives none of them, only their ids, in its third element. A consumer that
     dropped that element lost those changes without a gap to tell it."""
-    client = connect_redis(settings)
-    prefix = f"{settings.redis_prefix}{new_id()}:"
-    cache = SnapshotCache(client, prefix)
-    stream = stream_key(prefix, "account")
-    entity_id = new_id()
-    for revision in range(1, 5):
-        await cache.put(snapshot(entity_id, revision), Changes(revision - 1, applied(revision)))
+    client, stream = await one_account_streamed(settings, 4)
     try:
         await client.xgroup_create(stream, "ledger", id="0")
         held = [message_id for message_id, _ in await consume(client, stream, "ledger", "a", 2)]
