@@ -178,11 +178,12 @@ class Saga:
         self._registered: list[_Registered] = []
         self._done: set[str] = set()
         self._refused: set[str] = set()
-        self._failed: list[_Registered] = []  # refused compensations, last registered first
+        self._failed: list[_Registered] = []  # refused compensations, in the log's order
         self._report: tuple[str, Report] | None = None
         self._report_failed = False
         self._report_retry = 0
         self._report_refused = False
+        self._apart = False  # compensations run by lane (`compensate`)
         self.retries = 0
 
     async def step(self, step: Step[T]) -> T:
@@ -252,33 +253,33 @@ class Saga:
         """Run every registered compensation, last registered first. `apart`: each lane's
         one after another, last registered first, and the lanes at once, so that an entity
         that does not answer holds back only its own (a refund waited behind the return of
-        an item whose worker was down, past the account's refund hold). The log keeps them
-        in the order they would have run one by one, each entered as it ends."""
+        an item whose worker was down, past the account's refund hold); an operator's retry
+        runs them so too. The log keeps them in the order they would have run one by one,
+        each entered as it ends."""
         reason = self.log.failure_reason or "a step failed"
         order, self._registered = self._registered[::-1], []
+        self._apart = apart
         if not apart:
             for registered in order:
                 registered.record = len(self.log.compensations)
                 self.log.compensations.append(await self._compensation(registered, reason))
             return
-        lanes: dict[str | None, list[_Registered]] = {}
-        for registered in order:
-            lanes.setdefault(registered.lane, []).append(registered)
         rank = {id(registered): at for at, registered in enumerate(order)}
         base = len(self.log.compensations)
         ended: list[_Registered] = []  # in the order of `order`
 
-        async def run_lane(lane: list[_Registered]) -> None:
-            for registered in lane:
-                record = await self._compensation(registered, reason)
-                at = sum(rank[id(other)] < rank[id(registered)] for other in ended)
-                ended.insert(at, registered)
-                self.log.compensations.insert(base + at, record)
+        async def run(registered: _Registered) -> None:
+            record = await self._compensation(registered, reason)
+            at = sum(rank[id(other)] < rank[id(registered)] for other in ended)
+            ended.insert(at, registered)
+            self.log.compensations.insert(base + at, record)
 
-        await asyncio.gather(*(run_lane(lane) for lane in lanes.values()))
-        for at, registered in enumerate(ended):
-            registered.record = base + at
-        self._failed.sort(key=lambda registered: rank[id(registered)])
+        try:
+            await _by_lane(order, run)
+        finally:
+            for at, registered in enumerate(ended):
+                registered.record = base + at
+            self._failed.sort(key=lambda registered: registered.record)
 
     async def _compensation(self, registered: _Registered, reason: str) -> CompensationRecord:
         """Run one compensation; the record of a refused step's, which has nothing to undo,
@@ -319,18 +320,29 @@ class Saga:
         self._settle(failure is not None)
 
     async def retry(self) -> None:
-        """An operator's retry of a FAILED saga: run the refused compensations again, last
-        registered first, each replacing its record, then the report if it failed; and set
+        """An operator's retry of a FAILED saga: run the refused compensations again, in the
+        log's order (by lane, the lanes at once, when they were compensated apart), each
+        replacing its record, then the report if it failed; and set
         the final status again. A request that was refused runs under a new request id (the
         entity remembers the refusal of the old one), which is safe since it took no
         effect; one whose outcome is unknown runs under its old id, applied at most once."""
         self.retries += 1
         failed, self._failed = self._failed, []
-        for registered in failed:
+
+        async def run(registered: _Registered) -> None:
             if registered.refused:
                 registered.retry = self.retries
             reason = self.log.compensations[registered.record].reason
             self.log.compensations[registered.record] = await self._undo(registered, reason)
+
+        try:
+            if self._apart:
+                await _by_lane(failed, run)
+            else:
+                for registered in failed:
+                    await run(registered)
+        finally:
+            self._failed.sort(key=lambda registered: registered.record)
         report_failed = self._report_failed
         if report_failed and self._report is not None:
             name, report = self._report
@@ -358,6 +370,28 @@ class Saga:
             self.log.status = SagaStatus.COMPENSATED
         else:
             self.log.status = SagaStatus.COMPLETED
+
+
+async def _by_lane(
+    registered: Sequence[_Registered], run: Callable[[_Registered], Awaitable[None]]
+) -> None:
+    """`run` each, each lane's one after another in the order given, the lanes at once;
+    once every lane has ended, raise what one raised first (a defect, the run cancelled),
+    so that nothing is still running then."""
+    lanes: dict[str | None, list[_Registered]] = {}
+    for each in registered:
+        lanes.setdefault(each.lane, []).append(each)
+
+    async def run_lane(lane: list[_Registered]) -> None:
+        for each in lane:
+            await run(each)
+
+    ended = await asyncio.gather(
+        *(run_lane(lane) for lane in lanes.values()), return_exceptions=True
+    )
+    for end in ended:
+        if isinstance(end, BaseException):
+            raise end
 
 
 async def _ended(action: Callable[[], Awaitable[R]]) -> tuple[datetime, R | RequestFailed]:

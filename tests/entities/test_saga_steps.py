@@ -59,28 +59,37 @@ class StepsAtOnce:
 
 
 async def run_saga(
-    client: Client, settings: Settings, saga: type[StepsAtOnce] | type[CompensationsApart]
-) -> tuple[SagaLog, list[str]]:
-    """Run one of this module's saga workflows to its end: its log and its events."""
+    client: Client,
+    settings: Settings,
+    saga: type[StepsAtOnce] | type[CompensationsApart],
+    *args: object,
+) -> tuple[SagaLog, list[str], SagaLog | None]:
+    """Run one of this module's saga workflows to its end: its log and its events, and its
+    log before its retry when it took one."""
     async with Worker(
         client,
         task_queue=settings.task_queue,
         workflows=[saga],
         workflow_runner=UnsandboxedWorkflowRunner(),
     ):
-        result: tuple[SagaLog, list[str]] = await client.execute_workflow(
-            saga.run,
+        handle = await client.start_workflow(
+            saga.run,  # type: ignore[arg-type]
+            args=list(args),
             id=f"saga-{uuid.uuid4().hex}",
             task_queue=settings.task_queue,
             result_type=tuple[SagaLog, list[str]],
         )
-    return result
+        log, events = await handle.result()
+        before = None
+        if saga is CompensationsApart:
+            before = await handle.query("before_retry", result_type=SagaLog | None)
+    return log, events, before
 
 
 async def test_steps_at_once_are_logged_in_order_and_compensated_after_all_end(
     temporal_client: Client, settings: Settings
 ) -> None:
-    log, events = await run_saga(temporal_client, settings, StepsAtOnce)
+    log, events, _ = await run_saga(temporal_client, settings, StepsAtOnce)
     # All three started before any ended, and b (refused) ended first, c last.
     assert events[:3] == ["start a", "start b", "start c"]
     assert events[3:6] == ["end b", "end a", "end c"]
@@ -108,10 +117,14 @@ LANED = [("a", "x", 10), ("b", "y", 10), ("c", "x", 1500), ("d", "y", 0)]
 @workflow.defn(sandboxed=False)
 class CompensationsApart:
     """Takes LANED's steps one after another, the last refused, then compensates each lane
-    apart; returns the saga's log and every event in the order the workflow saw it."""
+    apart; returns the saga's log and every event in the order the workflow saw it. With
+    `refusing`, those undoes are refused the first time, and the saga retried once after
+    (`log_before_retry` holds the log as it was)."""
 
     def __init__(self) -> None:
         self.events: list[str] = []
+        self.refusing: set[str] = set()
+        self.log_before_retry: SagaLog | None = None
 
     async def _act(self, name: str) -> str:
         if name == LANED[-1][0]:
@@ -121,10 +134,14 @@ class CompensationsApart:
     async def _undo(self, name: str, ms: int, step_completed: bool, retry: int) -> None:
         self.events.append(f"undo {name}")
         await workflow.sleep(timedelta(milliseconds=ms))
+        if name in self.refusing and retry == 0:
+            self.events.append(f"refused {name}")
+            raise RequestFailed(ErrorCode.LIMIT_REACHED, f"undo {name} refused")
         self.events.append(f"undone {name}")
 
     @workflow.run
-    async def run(self) -> tuple[SagaLog, list[str]]:
+    async def run(self, refusing: list[str] | None = None) -> tuple[SagaLog, list[str]]:
+        self.refusing = set(refusing or [])
         log = SagaLog()
         saga = Saga(log)
         try:
@@ -133,13 +150,21 @@ class CompensationsApart:
                 await saga.step(Step(name, partial(self._act, name), undo, lane))
         except RequestFailed:
             await saga.compensate(apart=True)
+        if self.refusing:
+            self.log_before_retry = log.model_copy(deep=True)
+            self.events.append("retry")
+            await saga.retry()
         return log, self.events
+
+    @workflow.query
+    def before_retry(self) -> SagaLog | None:
+        return self.log_before_retry
 
 
 async def test_compensations_apart_wait_only_for_their_own_lane(
     temporal_client: Client, settings: Settings
 ) -> None:
-    log, events = await run_saga(temporal_client, settings, CompensationsApart)
+    log, events, _ = await run_saga(temporal_client, settings, CompensationsApart)
     # Lane y's b is undone while lane x's slow c is still being undone; x's a waits for c.
     assert events.index("undone b") < events.index("undone c")
     assert events.index("undone c") < events.index("undo a")
@@ -151,3 +176,29 @@ async def test_compensations_apart_wait_only_for_their_own_lane(
     assert all(c.status is StepStatus.DONE for c in log.compensations)
     # Each is recorded with when it ended: b well before c.
     assert log.compensations[2].at < log.compensations[1].at
+
+
+async def test_refused_compensations_apart_are_retried_in_their_places_and_lanes(
+    temporal_client: Client, settings: Settings
+) -> None:
+    """b's undo is refused early and c's late, behind its 1.5 s: each refusal keeps its place
+    in the log, and an operator's retry replaces those two records, lane by lane at once."""
+    log, events, before = await run_saga(temporal_client, settings, CompensationsApart, ["b", "c"])
+    assert before is not None
+    names = ["undo:d", "undo:c", "undo:b", "undo:a"]
+    assert [(c.name, c.status) for c in before.compensations] == [
+        ("undo:d", StepStatus.DONE),
+        ("undo:c", StepStatus.FAILED),
+        ("undo:b", StepStatus.FAILED),
+        ("undo:a", StepStatus.DONE),
+    ]
+    assert events.index("refused b") < events.index("refused c")  # b's refusal came first
+    assert [(c.name, c.status) for c in log.compensations] == [
+        (name, StepStatus.DONE) for name in names
+    ]
+    # Only c's and b's records were replaced, each in its place; the retry ran both at once.
+    replaced = [c.at > d.at for c, d in zip(log.compensations, before.compensations, strict=True)]
+    assert replaced == [False, True, True, False]
+    retried = events[events.index("retry") + 1 :]
+    assert retried[:2] == ["undo c", "undo b"]
+    assert retried.index("undone b") < retried.index("undone c")
