@@ -127,10 +127,15 @@ async def command_history(
         f"before: {entity_type} {entity_id} remembers no command {before!r} (it keeps its "
         "last commands only): ask again without `before`, from the newest",
     )
-    # Listed to this caller without the sender's subject (`service/fee-1`): found under the
-    # whole id, it would tell a customer whose the command was.
-    hidden = before is not None and shaped_as_sender_key(before)
-    if hidden and sender_shown(str(before).partition("/")[0], caller)[1] is None:
+    # Another sender's command is listed to a customer without that sender's subject
+    # (`service/fee-1`): found under its whole id, it would tell whose the command was. The
+    # customer's own (`customer:ada/fee-1`, whose subject may hold a slash) is its to name.
+    if (
+        before is not None
+        and caller.role is Role.CUSTOMER
+        and shaped_as_sender_key(before)
+        and not before.startswith(f"{caller.sender}/")
+    ):
         raise unknown
     page = await info.context.gateway.history(
         entity_type, entity_id, HistoryPage(last=last, before=before)

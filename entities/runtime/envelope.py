@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from entities.runtime.effects import StartWorkflow
+from entities.runtime.effects import OTHER_RUNNING_SENDER, StartWorkflow, saga_sender
 from entities.runtime.policy import Role
 
 
@@ -167,7 +167,13 @@ def sender_key(sender: str, command_id: str) -> str:
     return f"{sender}/{command_id}"
 
 
-SENDER_ROLES = frozenset({*(role.value for role in Role), "entity", "saga"})
+SENDER_ROLES = frozenset(
+    {
+        *(role.value for role in Role),
+        OTHER_RUNNING_SENDER.partition(":")[0],
+        saga_sender("").partition(":")[0],
+    }
+)
 """The roles a sender is recorded with (`role:subject`): a client's (`Role`), the runtime's
 own (`OTHER_RUNNING_SENDER`), and a saga's (`saga_sender`)."""
 

@@ -140,6 +140,22 @@ async def test_a_key_made_to_look_like_another_sender_s_own_is_refused(
     assert await _balance(billing, account_id) == 1000 + 1 - 500 + 3
 
 
+async def test_a_customer_pages_past_its_own_command_recorded_under_its_own_id(
+    secured_http: httpx.AsyncClient,
+) -> None:
+    """A customer whose subject holds a slash sees its command, recorded under its own id
+    after billing took the key, listed under that whole id, and pages past it."""
+    account_id, billing, _ = await _account(secured_http)
+    customer = Caller(secured_http, token("customer", "users/7", [account_id]))
+    key = f"k-{account_id}"
+    await billing.data(DEPOSIT, id=account_id, amount=2, key=key, wait=True)
+    await customer.data(DEPOSIT, id=account_id, amount=1, key=key, wait=True)
+    [entry] = (await customer.data(ACCOUNT, id=account_id, last=1))["account"]["history"]["entries"]
+    assert entry["commandId"] == f"customer:users/7/{key}"
+    older = await customer.data(BEFORE, id=account_id, before=entry["commandId"])
+    assert older["account"] == {"history": {"entries": [{"commandId": key}]}}  # billing's
+
+
 async def test_a_history_where_keys_meet_pages_through_every_command_once(
     secured_http: httpx.AsyncClient,
 ) -> None:
