@@ -11,7 +11,8 @@ read back then): past that, those waiting behind an entity's entry that
 waits to retry are parked (their stream and id kept, the entry read again when its turn
 comes), so that the others go on until `MAX_PARKED` are. A failed send is tried again after
 `webhook_backoff_seconds`, doubled each time up to an hour, until `webhook_retry_for_seconds`
-after its first attempt; then it is dead-lettered. An entry is acknowledged only once done,
+after it was appended to its stream (or first tried, the earlier), and at least three times
+(workers/webhook_retries.py); then it is dead-lettered. An entry is acknowledged only once done,
 so a send is at least once: a duplicate carries the same `webhook-id`. A run ends after its
 `seconds`, letting sends in flight finish, and the workflow starts the next.
 
@@ -515,7 +516,7 @@ class _Run:
         since = min(first, appended_at(item.entry_ids[0]))
         if error is None:
             self._count(DELIVERED, 1)
-        elif self._schedule.gives_up(since, now):
+        elif self._schedule.gives_up(since, now, retries.attempts):
             await self._subscribers.dead_letter(
                 self._subscriber.id, item.dead_letter(error, first, now)
             )

@@ -10,7 +10,8 @@ part only when known; runs before wrote `first:attempts`, which is still read.
 
 A failed send is tried again after the backoff, doubled each time up to an hour, until the
 retry period has passed since the change was appended to its stream (or since its first
-attempt, should that be earlier by the clocks); then it is dead-lettered. Counted from each
+attempt, should that be earlier by the clocks), and it has been tried MIN_ATTEMPTS times;
+then it is dead-lettered. Counted from each
 one's first attempt, a change waiting behind its entity's refused change began its own
 period only once that one was dead-lettered: an entity whose every change a receiver
 refused took a day per change, and its parked changes stopped the subscriber's reading.
@@ -26,6 +27,9 @@ from typing import Any
 from workers.webhook_subscribers import WebhookSubscribers
 
 MAX_BACKOFF_SECONDS = 3600.0
+MIN_ATTEMPTS = 3
+"""Tries each entry has, however long ago it was appended: after an outage of the delivery
+longer than the retry period, one 503 dead-lettered every change it had kept waiting."""
 
 
 @dataclass
@@ -57,21 +61,20 @@ class RetrySchedule:
     retry_for: float
     backoff: float
 
-    def gives_up(self, since: float, now: float) -> bool:
-        """Whether an entry tried for since `since`, failing at `now`, is to be
-        dead-lettered."""
-        return now - since >= self.retry_for
+    def gives_up(self, since: float, now: float, attempts: int = MIN_ATTEMPTS) -> bool:
+        """Whether an entry tried for since `since`, failing at `now` its `attempts`th time,
+        is to be dead-lettered: not before MIN_ATTEMPTS, whenever it was appended."""
+        return attempts >= MIN_ATTEMPTS and now - since >= self.retry_for
 
     def next_due(self, attempts: int, since: float, now: float) -> float:
-        """When an entry that failed `attempts` times is tried again: never past its deadline."""
+        """When an entry that failed `attempts` times is tried again: never past its
+        deadline, once it has had MIN_ATTEMPTS."""
         # Doubled at most until it passes the cap: 2 ** 1024 overflowed a float, in a retry
         # period over about 42 days, and stopped the subscriber's delivery for good.
         doublings = min(max(attempts - 1, 0), 64)
-        wait: float = min(
-            self.backoff * 2**doublings,
-            MAX_BACKOFF_SECONDS,
-            since + self.retry_for - now,
-        )
+        wait: float = min(self.backoff * 2**doublings, MAX_BACKOFF_SECONDS)
+        if attempts >= MIN_ATTEMPTS:
+            wait = min(wait, since + self.retry_for - now)
         return now + max(wait, 0)
 
 

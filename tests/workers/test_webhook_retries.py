@@ -26,3 +26,15 @@ def test_a_retry_period_of_months_keeps_its_schedule_after_a_thousand_attempts()
 
 def test_an_entry_is_appended_when_its_stream_id_says() -> None:
     assert appended_at("1796680000123-7") == 1796680000.123
+
+
+def test_an_entry_appended_long_ago_is_still_tried_a_few_times() -> None:
+    """After an outage of the delivery longer than the retry period, each change kept
+    waiting had one try: one 503 dead-lettered it."""
+    schedule = RetrySchedule(retry_for=3600.0, backoff=2.0)
+    since, now = 0.0, 5 * 3600.0  # appended five hours ago
+    assert not schedule.gives_up(since, now, attempts=1)
+    assert schedule.next_due(1, since, now) == now + 2
+    assert not schedule.gives_up(since, now + 2, attempts=2)
+    assert schedule.next_due(2, since, now + 2) == now + 2 + 4
+    assert schedule.gives_up(since, now + 6, attempts=3)
