@@ -52,6 +52,7 @@ from api.metrics import ApiMetrics
 from api.request_context import ObservedRequests, note_operation, note_outcome
 from entities import catalog
 from entities.errors import ErrorCode, Rejected, TenureError
+from workers.delivery import EntityClosed
 from workers.settings import WebhookEvent, WebhookSource
 
 log = structlog.stdlib.get_logger("api.webhooks")
@@ -320,6 +321,7 @@ class Webhooks:
         )
         gateway: EntityGateway = request.app.state.gateway
         guard = CREATE_GUARDS.get((mapping.entity, mapping.command))
+        sender = f"service:webhook:{name}"
         try:
             if guard is not None:
                 await guard(gateway, entity_id, payload)
@@ -330,8 +332,22 @@ class Webhooks:
                 payload,
                 idempotency_key=key,
                 wait=False,  # answered once Temporal has durably accepted it
-                sent_by=f"service:webhook:{name}",
+                sent_by=sender,
             )
+        except EntityClosed as closed:
+            # A provider's repeat of an event the entity took before it ended (a
+            # `customer.deleted` that closed the account) is answered as the first was: a
+            # 409 had the provider retry it for days and flag the endpoint as failing.
+            try:
+                repeat = await gateway.recorded(mapping.entity, entity_id, key, sender)
+            except TenureError as exc:  # cannot tell now (no worker to answer): sent again later
+                raise Refused(
+                    _STATUS.get(exc.code, 503), exc.code, exc.message, before_sending=False
+                ) from exc
+            if not repeat:
+                raise Refused(409, closed.code, closed.message, before_sending=False) from closed
+            log.info("webhook event taken before its entity ended: answered as the first")
+            return key
         except TenureError as exc:
             status = _STATUS.get(exc.code)
             if status is None:

@@ -47,9 +47,12 @@ STRIPE_DEPOSIT = WebhookEvent(
     entity_id="data.object.metadata.account_id",
     payload={"amount": "data.object.amount"},
 )
+CLOSE_ACCOUNT = WebhookEvent(entity="account", command="close", entity_id="data.account_id")
 SOURCES = {
     "payments": WebhookSource(
-        scheme="standard", secret=STANDARD_SECRET, events={"payment.succeeded": DEPOSIT}
+        scheme="standard",
+        secret=STANDARD_SECRET,
+        events={"payment.succeeded": DEPOSIT, "customer.deleted": CLOSE_ACCOUNT},
     ),
     # The same secret, a tighter window: the tolerance is the source's own.
     "strict": WebhookSource(
@@ -441,6 +444,26 @@ async def test_a_delivery_to_a_closed_account_is_409(
     body = payment(account_id)
     response = await secured_http.post("/webhooks/payments", content=body, headers=standard(body))
     assert (response.status_code, code(response)) == (409, "INVALID_TRANSITION")
+
+
+async def test_a_repeat_of_the_event_that_closed_an_account_is_answered_as_the_first(
+    secured_http: httpx.AsyncClient, admin: Admin, temporal_client: Client
+) -> None:
+    """The provider's retry of the event that closed the account, once its workflow had
+    finished, was answered 409: the provider kept retrying it for days and flagged the
+    endpoint as failing. Another event for the closed account is still 409."""
+    account_id = await admin.open_active()
+    body = payment(account_id, type="customer.deleted")
+    headers = standard(body, msg_id=f"msg_close_{account_id}")
+    first = await secured_http.post("/webhooks/payments", content=body, headers=headers)
+    assert first.status_code == 200, first.text
+    await temporal_client.get_workflow_handle(f"account:{account_id}").result()
+    again = await secured_http.post("/webhooks/payments", content=body, headers=headers)
+    assert (again.status_code, again.json()) == (200, first.json())
+    other = payment(account_id)
+    refused = await secured_http.post("/webhooks/payments", content=other, headers=standard(other))
+    assert (refused.status_code, code(refused)) == (409, "INVALID_TRANSITION")
+    assert (await admin.account(account_id))["status"] == "CLOSED"
 
 
 async def test_a_cart_is_made_by_webhook_only_as_createcart_makes_one(
