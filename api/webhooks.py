@@ -43,6 +43,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+from temporalio.client import WorkflowQueryFailedError
 
 from api.common import CREATE_GUARDS
 from api.errors import RequestRefused
@@ -340,10 +341,11 @@ class Webhooks:
             # 409 had the provider retry it for days and flag the endpoint as failing.
             try:
                 repeat = await gateway.recorded(mapping.entity, entity_id, key, sender)
-            except TenureError as exc:  # cannot tell now (no worker to answer): sent again later
-                raise Refused(
-                    _STATUS.get(exc.code, 503), exc.code, exc.message, before_sending=False
-                ) from exc
+            except (TenureError, WorkflowQueryFailedError) as exc:
+                # Its history could not be replayed in time, or no worker answers: 409, as
+                # before, rather than a 503 the provider would retry for days.
+                log.warning("webhook event to an ended entity: could not tell a repeat: %s", exc)
+                repeat = False
             if not repeat:
                 raise Refused(409, closed.code, closed.message, before_sending=False) from closed
             log.info("webhook event taken before its entity ended: answered as the first")

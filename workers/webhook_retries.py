@@ -61,7 +61,7 @@ class RetrySchedule:
     retry_for: float
     backoff: float
 
-    def gives_up(self, since: float, now: float, attempts: int = MIN_ATTEMPTS) -> bool:
+    def gives_up(self, since: float, now: float, attempts: int) -> bool:
         """Whether an entry tried for since `since`, failing at `now` its `attempts`th time,
         is to be dead-lettered: not before MIN_ATTEMPTS, whenever it was appended."""
         return attempts >= MIN_ATTEMPTS and now - since >= self.retry_for

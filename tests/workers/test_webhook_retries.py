@@ -11,7 +11,8 @@ def test_a_failing_entry_waits_twice_as_long_each_time_never_past_the_cap_or_its
     assert waits == [2, 4, 8]
     assert schedule.next_due(20, since=0, now=0) == min(MAX_BACKOFF_SECONDS, 3600)
     assert schedule.next_due(3, since=0, now=3599) == 3600  # its deadline, not later
-    assert schedule.gives_up(since=0, now=3600) and not schedule.gives_up(since=0, now=3599)
+    assert schedule.gives_up(since=0, now=3600, attempts=3)
+    assert not schedule.gives_up(since=0, now=3599, attempts=3)
 
 
 def test_a_retry_period_of_months_keeps_its_schedule_after_a_thousand_attempts() -> None:
