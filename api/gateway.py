@@ -34,11 +34,10 @@ from entities.runtime.envelope import (
     OutcomeStatus,
     Snapshot,
     same_sender,
-    sender_key,
 )
 from entities.runtime.workflow import EntityWorkflow
 from workers.cache import CachedSnapshot, CacheUnavailable, SnapshotCache
-from workers.delivery import CommandDelivery
+from workers.delivery import CommandDelivery, sender_outcome
 from workers.failures import is_missing, may_have_taken_it, unavailable
 from workers.handovers import Handovers, hand_back
 from workers.settings import Settings
@@ -438,19 +437,18 @@ class EntityGateway:
         sender's command holds it, under the sender's own."""
         entity = self.entity(entity_type)
         handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
-        asked = [command_id] if sent_by is None else [command_id, sender_key(sent_by, command_id)]
+
+        async def outcome_of(each: str) -> CommandResult:
+            return await self._ask(handle, EntityWorkflow.outcome, CommandResult, each)
+
         try:
-            for each in asked:
-                result = await self._ask(handle, EntityWorkflow.outcome, CommandResult, each)
-                outcome = result.outcome
-                known = outcome.status is not OutcomeStatus.UNKNOWN
-                if known and same_sender(outcome.sent_by, sent_by):
-                    return True
+            result = await sender_outcome(outcome_of, command_id, sent_by, unknown_too=True)
         except RPCError as exc:
             if is_missing(exc):
                 return False
             raise unavailable(exc) from exc
-        return False
+        outcome = result.outcome
+        return outcome.status is not OutcomeStatus.UNKNOWN and same_sender(outcome.sent_by, sent_by)
 
     async def read_workflow(
         self, workflow_id: str, query: Callable[..., M], result_type: type[M]

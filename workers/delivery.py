@@ -98,6 +98,31 @@ class EntityClosed(TenureError):
         super().__init__(ErrorCode.INVALID_TRANSITION, f"{entity.name} {entity_id} is closed")
 
 
+async def sender_outcome(
+    outcome_of: Callable[[str], Awaitable[CommandResult]],
+    command_id: str,
+    sender: str | None,
+    unknown_too: bool = False,
+) -> CommandResult:
+    """What became of `sender`'s command `command_id`, each id asked with `outcome_of`: under
+    its id, or, when another sender's command holds that id (or, `unknown_too`, the id is not
+    known: its first holder forgotten), under the sender's own (`sender_key`), as the entity
+    records it then."""
+    result = await outcome_of(command_id)
+    outcome = result.outcome
+    if sender is None:
+        return result
+    if outcome.status is OutcomeStatus.UNKNOWN:
+        if not unknown_too:
+            return result
+    elif same_sender(outcome.sent_by, sender):
+        return result
+    own = await outcome_of(sender_key(sender, command_id))
+    if outcome.status is not OutcomeStatus.UNKNOWN:
+        return own  # the id is another sender's: this one's, not known yet, is asked again
+    return own if own.outcome.status is not OutcomeStatus.UNKNOWN else result
+
+
 class CommandDelivery:
     """Signals commands to entity workflows, starting those a command creates, and reads
     back what became of them. `on_signal` is told how many commands each signal carries."""
@@ -233,19 +258,12 @@ class CommandDelivery:
         forgotten), under the sender's own (`sender_key`), as the entity records it then.
         Not known is most often not applied yet: asked again, it is looked up once more
         only at the last asking."""
-        result = await self._outcome(handle, envelope.command_id, deadline)
-        sender, outcome = envelope.sent_by, result.outcome
-        if sender is None:
-            return result
-        if outcome.status is OutcomeStatus.UNKNOWN:
-            if not unknown_too:
-                return result
-        elif same_sender(outcome.sent_by, sender):
-            return result
-        own = await self._outcome(handle, sender_key(sender, envelope.command_id), deadline)
-        if outcome.status is not OutcomeStatus.UNKNOWN:
-            return own  # the id is another sender's: this one's, not known yet, is asked again
-        return own if own.outcome.status is not OutcomeStatus.UNKNOWN else result
+        return await sender_outcome(
+            lambda command_id: self._outcome(handle, command_id, deadline),
+            envelope.command_id,
+            envelope.sent_by,
+            unknown_too,
+        )
 
     async def _outcome(
         self, handle: WorkflowHandle[Any, Any], command_id: str, deadline: float | None = None

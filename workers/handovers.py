@@ -31,11 +31,11 @@ from urllib.parse import quote, unquote
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from entities.runtime.envelope import CommandResult, OutcomeStatus, same_sender, sender_key
+from entities.runtime.envelope import CommandResult, OutcomeStatus
 from entities.runtime.publisher import PUBLISH_SIGNAL
 from entities.runtime.workflow import EntityWorkflow
 from workers.cache import RedisClient
-from workers.delivery import SIGNAL_TIMEOUT
+from workers.delivery import SIGNAL_TIMEOUT, sender_outcome
 from workers.failures import REDIS_FAILURES, is_missing
 from workers.logs import RepeatedLogFilter
 from workers.temporal import ask, within
@@ -282,7 +282,6 @@ class OverdueHandovers:
             if made is None or time.time() - made > PENDING_FOR:
                 return False
             handle = self._client.get_workflow_handle(Handovers.workflow_of(member))
-            command_id, sender = Handovers.command_of(member), Handovers.sender_of(member)
 
             async def outcome_of(command_id: str) -> CommandResult:
                 return await ask(
@@ -295,16 +294,11 @@ class OverdueHandovers:
 
             async with limit:
                 try:
-                    result = await outcome_of(command_id)
                     # Another sender's command under the key: this sender's is recorded
                     # under its own id (`sender_key`), applied or not yet.
-                    taken = result.outcome
-                    if (
-                        sender is not None
-                        and taken.status is not OutcomeStatus.UNKNOWN
-                        and not same_sender(taken.sent_by, sender)
-                    ):
-                        result = await outcome_of(sender_key(sender, command_id))
+                    result = await sender_outcome(
+                        outcome_of, Handovers.command_of(member), Handovers.sender_of(member)
+                    )
                 except RPCError as exc:
                     return not is_missing(exc)  # asked again later, unless it is gone
                 except Exception as exc:  # its own failure holds back no other promise
