@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+
+from pydantic import BaseModel
 
 from entities.runtime.envelope import Outcome
 
@@ -23,9 +25,21 @@ NEARLY_FULL = 0.9
 have forgotten outcomes as recent as its oldest one."""
 
 
-def _weight(outcome: Outcome) -> int:
-    """What an outcome adds to the serialized ledger, in bytes."""
-    return len(outcome.model_dump_json())
+def in_bytes() -> bool:
+    """Weigh in bytes: the default where no run from before sizes in bytes asks."""
+    return True
+
+
+def json_size(model: BaseModel, bytes_: Callable[[], bool] = in_bytes) -> int:
+    """What `model` weighs as JSON: in bytes, as Temporal counts its payloads, unless
+    `bytes_` answers no (a run begun when sizes were counted in characters; asked only for
+    text that is not ASCII, where the two differ). A character of a name or a subject
+    weighs up to four bytes: counted as one, a ledger and a state within their bounds could
+    together pass Temporal's 2 MB, and the entity would be stuck for good."""
+    encoded = model.__pydantic_serializer__.to_json(model)
+    if encoded.isascii() or bytes_():
+        return len(encoded)
+    return len(encoded.decode())
 
 
 class Ledger:
@@ -45,15 +59,21 @@ class Ledger:
         max_bytes: int = MAX_BYTES,
         forgot_through: datetime | None = None,
         unknown: datetime = UNKNOWN_TIME,
+        bytes_: Callable[[], bool] = in_bytes,
     ) -> None:
         self.capacity = capacity
+        self._in_bytes = bytes_
+        """Whether it weighs in bytes (`json_size`)."""
         self.max_bytes = max_bytes
         self.forgot_through = forgot_through
         self._unknown = unknown
         """When an outcome without a time was settled at the latest, when none held has one:
         before the run that holds it began, for a ledger it was handed."""
         self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
+        self._weights: dict[str, int] = {}
         self._bytes = 0
+        self._kept: dict[str, Outcome] | None = None
+        """What it evicted since `keep_evicted` (None: it keeps nothing evicted)."""
         for entry in entries:
             self.record(entry)
 
@@ -66,15 +86,16 @@ class Ledger:
         told: bool,
         now: datetime,
         max_bytes: int = MAX_BYTES,
+        bytes_: Callable[[], bool] = in_bytes,
     ) -> Ledger:
         """The ledger a run was handed. One handed over by a run that did not tell what it
         forgot (`told`) and that is nearly full is taken to have forgotten everything older
         than what it holds (than `now`, when none of it has a time)."""
         if not told and entries:
-            weight = sum(_weight(entry) for entry in entries)
+            weight = sum(json_size(entry, bytes_) for entry in entries)
             if len(entries) >= capacity or weight >= NEARLY_FULL * max_bytes:
                 forgot_through = min((e.at for e in entries if e.at is not None), default=now)
-        return cls(capacity, entries, max_bytes, forgot_through, unknown=now)
+        return cls(capacity, entries, max_bytes, forgot_through, unknown=now, bytes_=bytes_)
 
     def may_have_forgotten(self, since: datetime | None) -> bool:
         """Whether a command settled at `since` or later (at any time, with no `since`) may
@@ -93,16 +114,19 @@ class Ledger:
         return self._outcomes.get(command_id)
 
     def record(self, outcome: Outcome) -> None:
-        replaced = self._outcomes.get(outcome.command_id)
-        if replaced is not None:  # keeps its place, as it always has
-            self._bytes -= _weight(replaced)
-        self._outcomes[outcome.command_id] = outcome
-        self._bytes += _weight(outcome)
+        command_id = outcome.command_id
+        if command_id in self._outcomes:  # keeps its place, as it always has
+            self._bytes -= self._weights[command_id]
+        self._outcomes[command_id] = outcome
+        weight = self._weights[command_id] = json_size(outcome, self._in_bytes)
+        self._bytes += weight
         while len(self._outcomes) > self.capacity or (
             self._bytes > self.max_bytes and len(self._outcomes) > 1
         ):
             _, evicted = self._outcomes.popitem(last=False)
-            self._bytes -= _weight(evicted)
+            self._bytes -= self._weights.pop(evicted.command_id)
+            if self._kept is not None:
+                self._kept[evicted.command_id] = evicted
             at = evicted.at or self._oldest_time(outcome)
             if self.forgot_through is None or at > self.forgot_through:
                 self.forgot_through = at
@@ -112,6 +136,25 @@ class Ledger:
         one, the one being recorded included."""
         held = (outcome.at for outcome in self._outcomes.values() if outcome.at is not None)
         return next(held, recorded.at or self._unknown)
+
+    def keep_evicted(self) -> None:
+        """Keep, from now until `drop_evicted`, what it evicts, to be `recall`ed.
+
+        A command held back (entities/runtime/backlog.py) is looked up when it is applied,
+        which may be thousands of commands after it came: a client's retry that came while
+        its first copy was remembered, held behind a backlog deeper than the ledger, found
+        it forgotten and was applied again. Kept only in memory, never carried: a run never
+        continues as new with commands held."""
+        if self._kept is None:
+            self._kept = {}
+
+    def drop_evicted(self) -> None:
+        """Forget what `keep_evicted` kept, and keep nothing more."""
+        self._kept = None
+
+    def recall(self, command_id: str) -> Outcome | None:
+        """The outcome of `command_id` if it was evicted while kept (`keep_evicted`)."""
+        return self._kept.get(command_id) if self._kept else None
 
     def entries(self) -> list[Outcome]:
         return list(self._outcomes.values())

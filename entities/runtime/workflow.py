@@ -62,7 +62,7 @@ with workflow.unsafe.imports_passed_through():
         read_command,
         read_commands,
     )
-    from entities.runtime.ledger import Ledger
+    from entities.runtime.ledger import Ledger, json_size
     from entities.runtime.patches import PatchSet
     from entities.runtime.publisher import (
         PUBLISH_BY_ACTIVITY,
@@ -104,6 +104,17 @@ be published (Redis down): commands sent meanwhile, each refused, grew the run's
 until Temporal ended it at its limit, the end never published. Runs begun before waited on.
 Asked only where an ended run's history asks it, so no other run records its marker: it
 belongs to no patch set."""
+
+SIZES_IN_BYTES = "entity-sizes-in-bytes"
+"""Runs from here on weigh their state and ledger in bytes (`json_size`); runs begun before
+counted characters. Asked only where text that is not ASCII makes the two differ, so no
+other run records its marker: it belongs to no patch set."""
+
+HELD_RETRIES = "entity-recalls-held-retries"
+"""Runs from here on take a command held back as the repeat of one the ledger evicted since
+it came (`Ledger.keep_evicted`): a client's retry held behind a backlog deeper than the
+ledger was applied a second time. Asked only where such a repeat is found, so no other run
+records its marker: it belongs to no patch set."""
 
 RECORD_UNREADABLE_PATCH = "entity-records-unreadable-commands"
 """Runs from here on refuse a command whose envelope cannot be read under its id, and apply
@@ -210,7 +221,7 @@ class EntityWorkflow:
         self._state: BaseModel | None = (
             entity.state_model.model_validate(input.state) if input.state is not None else None
         )
-        self._state_bytes = len(self._state.model_dump_json()) if self._state is not None else 0
+        self._state_bytes = json_size(self._state, _in_bytes) if self._state is not None else 0
         self._revision = input.revision
         self._updated_at = input.updated_at
         self._incarnation = (
@@ -224,6 +235,7 @@ class EntityWorkflow:
             input.ledger_forgot_through,
             told="ledger_forgot_through" in input.model_fields_set,
             now=workflow.now(),
+            bytes_=_in_bytes,
         )
         self._received_this_run = 0
         self._updates_this_run = 0
@@ -263,6 +275,8 @@ class EntityWorkflow:
         self._received_this_run += 1
         if self._held_back(envelope):
             return
+        # Nothing is held: every command held before has been applied and answered.
+        self._ledger.drop_evicted()
         self._backlog.applied()
         self._apply(envelope)
 
@@ -272,12 +286,13 @@ class EntityWorkflow:
         task = workflow.info().get_current_history_length()
         if not self._backlog.admits(task) and ENTITY_PATCHES.patched(BOUNDED_TASKS_PATCH):
             self._backlog.hold(item)
+            self._ledger.keep_evicted()
             return True
         return False
 
     def _apply(self, envelope: CommandEnvelope) -> None:
         self._own_key(envelope)
-        if envelope.command_id in self._ledger:
+        if self._recorded(envelope.command_id) is not None:
             self._count("duplicate", OK)
             # Its sender is retrying: an earlier answer may have been handed to nobody (an
             # update the sender gave up on, applied all the same), and a retry by signal, or
@@ -311,7 +326,7 @@ class EntityWorkflow:
             workflow.logger.exception("command %s failed in its transition", envelope.name)
             self._reject(envelope.command_id, ErrorCode.INTERNAL, "internal error", envelope)
             return
-        size = len(new_state.model_dump_json())
+        size = json_size(new_state, _in_bytes)
         if size > self._input.runtime.max_state_bytes:
             self._reject(
                 envelope.command_id,
@@ -399,7 +414,7 @@ class EntityWorkflow:
                 unreadable.reason,
             )
             self._count("rejected", ErrorCode.INVALID_INPUT)
-        elif command_id in self._ledger:
+        elif self._recorded(command_id) is not None:
             self._count("duplicate", OK)
         else:
             self._reject(
@@ -510,17 +525,28 @@ class EntityWorkflow:
         if sender is None:
             return
         own = sender_key(sender, envelope.command_id)
-        mine = self._ledger.get(own)
+        mine = self._recorded(own)
         # Its repeat, or one since the first sender's was forgotten: recorded under its own
         # id by this sender (a client's key may look like one: `service:billing/fee-1`).
         if mine is not None and mine.sent_by == sender and workflow.patched(KEYS_PER_SENDER):
             envelope.command_id = own
             return
-        taken = self._ledger.get(envelope.command_id)
+        taken = self._recorded(envelope.command_id)
         if taken is None or same_sender(taken.sent_by, sender):
             return
         if workflow.patched(KEYS_PER_SENDER):
             envelope.command_id = own
+
+    def _recorded(self, command_id: str) -> Outcome | None:
+        """The outcome recorded under `command_id`: in the ledger, or evicted from it since
+        the command being applied was held back (`HELD_RETRIES`)."""
+        recorded = self._ledger.get(command_id)
+        if recorded is not None:
+            return recorded
+        recalled = self._ledger.recall(command_id)
+        if recalled is not None and workflow.patched(HELD_RETRIES):
+            return recalled
+        return None
 
     def _cannot_tell(self, envelope: CommandEnvelope) -> bool:
         """Refuse, OUTCOME_UNKNOWN, a command first sent before the newest outcome the ledger
@@ -555,7 +581,7 @@ class EntityWorkflow:
         never made, and its checkout ended COMPENSATED. Runs begun before this rule
         (`RULES_1_PATCH`) answered so."""
         assert envelope.undoes is not None
-        undone = self._ledger.get(envelope.undoes)
+        undone = self._recorded(envelope.undoes)
         if undone is not None and undone.status is OutcomeStatus.APPLIED:
             return False
         untold = undone is not None and undone.code == ErrorCode.OUTCOME_UNKNOWN
@@ -646,7 +672,7 @@ class EntityWorkflow:
 
     def _commit(self, state: BaseModel, now: datetime, size: int | None = None) -> None:
         self._state = state
-        self._state_bytes = size if size is not None else len(state.model_dump_json())
+        self._state_bytes = size if size is not None else json_size(state, _in_bytes)
         self._revision += 1
         self._updated_at = now
 
@@ -706,8 +732,10 @@ class EntityWorkflow:
         return CommandResult(outcome=self._outcome(command_id), snapshot=self._snapshot())
 
     def _outcome(self, command_id: str) -> Outcome:
-        return self._ledger.get(command_id) or Outcome(
-            command_id=command_id, status=OutcomeStatus.UNKNOWN, revision=self._revision
+        return (
+            self._ledger.get(command_id)
+            or self._ledger.recall(command_id)
+            or Outcome(command_id=command_id, status=OutcomeStatus.UNKNOWN, revision=self._revision)
         )
 
     @workflow.query(name="history")
@@ -963,6 +991,11 @@ def _rules_from(level: int) -> bool:
     if patch in ENTITY_PATCHES.patches:
         return ENTITY_PATCHES.patched(patch)
     return workflow.patched(patch)
+
+
+def _in_bytes() -> bool:
+    """Whether this run weighs in bytes (`SIZES_IN_BYTES`)."""
+    return workflow.patched(SIZES_IN_BYTES)
 
 
 def _bounded(received: Received) -> Received:

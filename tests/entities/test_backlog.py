@@ -208,3 +208,40 @@ async def test_a_batch_that_is_not_commands_is_dropped_and_the_entity_goes_on(
         if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED
     ]
     assert set(failures) <= {WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND}
+
+
+async def test_a_retry_held_behind_a_backlog_deeper_than_the_ledger_is_applied_once(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    """A deposit, thirty more, then the first deposit's retry under its key wait with no
+    worker. The account remembers its last sixteen commands: when the retry's turn comes,
+    thirty deposits later, its ledger has forgotten the first copy, which it still
+    remembered when the retry came. The retry is still its repeat: the money arrives once."""
+    settings = settings.model_copy(
+        update={"runtime": RuntimeOptions(max_commands_per_task=PER_TASK, ledger_size=16)}
+    )
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    async with run_worker(settings):
+        await open_active(gateway, account_id)
+
+    async def deposit(key: str, amount: int) -> None:
+        await gateway.send(
+            "account", account_id, "deposit", {"amount": amount}, idempotency_key=key
+        )
+
+    await deposit("first", 1000)
+    for n in range(30):
+        await deposit(f"d{n}", 1)
+    await deposit("first", 1000)  # its sender did not hear back, and sends it again
+    async with run_worker(settings):
+        last = await send_as_a_client(
+            gateway, "account", account_id, "deposit", {"amount": 1}, key="last", wait=True
+        )
+        histories = await run_histories(temporal_client, f"account:{account_id}")
+    assert last.read is not None and last.read.snapshot.state is not None
+    assert last.read.snapshot.state["balance"] == 1000 + 30 + 1
+    replayer = entity_replayer(temporal_client.data_converter)
+    for history in histories:
+        result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+        assert result.replay_failure is None, result.replay_failure

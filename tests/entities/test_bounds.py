@@ -327,6 +327,36 @@ async def test_a_command_whose_state_would_weigh_past_the_runtime_bound_is_refus
     assert len(after.snapshot.state["lines"]) == held  # still serving, still at its heaviest
 
 
+async def test_a_state_is_weighed_in_bytes_not_characters(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    """Temporal counts bytes: a character of a name weighs up to four. With the state
+    bounded at 1 KiB, a KYC reference of 200 emoji on an account named in 200 more weighs
+    about 2 KiB and is refused, though it is some 600 characters; the same account in ASCII
+    (some 600 bytes) takes it."""
+    settings = settings.model_copy(update={"runtime": RuntimeOptions(max_state_bytes=1024)})
+    gateway = EntityGateway(temporal_client, cache, settings)
+    wide, narrow = new_id(), new_id()
+    async with run_worker(settings):
+        for account_id, letter in ((wide, "\N{GRINNING FACE}"), (narrow, "a")):
+            await gateway.send(
+                "account",
+                account_id,
+                "open",
+                {"owner_name": letter * 200, "email": "ada@example.com"},
+                wait=True,
+            )
+        verify = {"kyc_reference": "\N{GRINNING FACE}" * 200}
+        refused = await code_of(gateway.send("account", wide, "verify", verify, wait=True))
+        taken = await gateway.send(
+            "account", narrow, "verify", {"kyc_reference": "a" * 200}, wait=True
+        )
+        read = await gateway.read("account", wide, Consistency.LIVE)
+    assert refused is ErrorCode.LIMIT_REACHED and taken.applied
+    assert read is not None and read.snapshot.state is not None
+    assert read.snapshot.state["status"] == "PENDING"  # the refused command stored nothing
+
+
 async def test_a_sender_s_outsized_command_is_refused_without_the_entity_forgetting_the_rest(
     temporal_client: Client, cache: SnapshotCache, settings: Settings, run_worker: WorkerFactory
 ) -> None:

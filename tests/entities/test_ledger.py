@@ -29,6 +29,24 @@ def test_ledger_evicts_the_oldest_beyond_its_capacity() -> None:
     assert "c1" not in ledger
 
 
+def test_what_it_evicts_while_asked_to_keep_it_is_recalled_until_dropped() -> None:
+    """While commands are held back, what the ledger evicts can still be recalled, not
+    listed nor carried; once dropped, it is forgotten, and nothing more is kept."""
+    ledger = Ledger(2)
+    ledger.record(outcome(0))
+    ledger.record(outcome(1))
+    ledger.record(outcome(2))  # c0 evicted before anything was kept
+    ledger.keep_evicted()
+    for n in range(3, 6):
+        ledger.record(outcome(n))
+    assert ledger.recall("c0") is None
+    assert [ledger.recall(f"c{n}") for n in (1, 2, 3)] == [outcome(1), outcome(2), outcome(3)]
+    assert "c1" not in ledger and [e.command_id for e in ledger.entries()] == ["c4", "c5"]
+    ledger.drop_evicted()
+    ledger.record(outcome(6))
+    assert ledger.recall("c1") is None and ledger.recall("c4") is None
+
+
 def test_ledger_round_trips_through_its_entries() -> None:
     ledger = Ledger(4, [outcome(n) for n in range(6)])
     again = Ledger(4, ledger.entries())
@@ -52,6 +70,36 @@ def test_ledger_keeps_fewer_outcomes_when_they_would_weigh_too_much() -> None:
     assert ledger.entries()[-1] == heavy[-1]
     serialized = sum(len(entry.model_dump_json()) for entry in ledger.entries())
     assert serialized <= 640 * 1024
+
+
+def test_ledger_weighs_bytes_as_temporal_does_and_characters_for_runs_from_before() -> None:
+    """4,096 refusals naming a sender in emoji weigh about 1 MB as JSON, though 580 K
+    characters: the ledger keeps what fits in its 640 KiB of bytes (each of its bounded
+    fields up to four times its characters could otherwise take it, with a state, past
+    Temporal's 2 MB). A run begun when it counted characters counts them still."""
+    wide = [
+        Outcome(
+            command_id=f"{n:0>16}",
+            status=OutcomeStatus.REJECTED,
+            message="m",
+            sent_by="customer:" + "\N{GRINNING FACE}" * 40,
+        )
+        for n in range(4096)
+    ]
+    ledger = Ledger(4096, wide, max_bytes=640 * 1024)
+    encoded = sum(len(entry.model_dump_json().encode()) for entry in ledger.entries())
+    assert encoded <= 640 * 1024 and ledger.entries()[-1] == wide[-1]
+    asked: list[bool] = []
+
+    def counts_characters() -> bool:
+        asked.append(False)
+        return False
+
+    before = Ledger(4096, wide, max_bytes=640 * 1024, bytes_=counts_characters)
+    assert len(before) == 4096 > len(ledger) and asked
+    asked.clear()
+    Ledger(4096, [outcome(n) for n in range(10)], bytes_=counts_characters)
+    assert not asked  # ASCII weighs the same either way: nothing asked
 
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
