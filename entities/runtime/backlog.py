@@ -45,8 +45,9 @@ class Backlog(Generic[Batch]):
     ) -> None:
         self.per_task = per_task
         self._unpack = unpack
-        # (ticket, command or batch): a batch's commands share its ticket once unpacked.
-        self._held: deque[tuple[int, CommandEnvelope | Batch]] = deque()
+        # (ticket, command or batch, mark): a batch's commands share its ticket and mark
+        # once unpacked.
+        self._held: deque[tuple[int, CommandEnvelope | Batch, int]] = deque()
         self._task = -1
         self._applied = 0
         self.ever_held = 0
@@ -65,12 +66,17 @@ class Backlog(Generic[Batch]):
         """One command that `admits` let through was applied."""
         self._applied += 1
 
-    def hold(self, item: CommandEnvelope | Batch) -> int:
-        """Hold a command, or a batch of them, back; its ticket, `released` once every
-        command in it was handed out to be applied."""
+    def hold(self, item: CommandEnvelope | Batch, mark: int = 0) -> int:
+        """Hold a command, or a batch of them, back, with a `mark` of when it came (the
+        ledger's evictions then); its ticket, `released` once every command in it was
+        handed out to be applied."""
         self.ever_held += 1
-        self._held.append((self.ever_held, item))
+        self._held.append((self.ever_held, item, mark))
         return self.ever_held
+
+    def front_mark(self) -> int | None:
+        """The mark of the oldest command held; None if none is."""
+        return self._held[0][2] if self._held else None
 
     def released(self, ticket: int) -> bool:
         """Whether everything held under `ticket` was handed out to be applied."""
@@ -83,11 +89,11 @@ class Backlog(Generic[Batch]):
         self._enter(task)
         taken: list[CommandEnvelope] = []
         while self._held:
-            ticket, item = self._held[0]
+            ticket, item, mark = self._held[0]
             if not isinstance(item, CommandEnvelope):
                 self._held.popleft()
                 assert self._unpack is not None, "a batch was held with nothing to unpack it"
-                self._held.extendleft((ticket, e) for e in reversed(self._unpack(item)))
+                self._held.extendleft((ticket, e, mark) for e in reversed(self._unpack(item)))
                 continue
             if self._applied >= self.per_task:
                 break

@@ -72,8 +72,11 @@ class Ledger:
         self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
         self._weights: dict[str, int] = {}
         self._bytes = 0
-        self._kept: dict[str, Outcome] | None = None
-        """What it evicted since `keep_evicted` (None: it keeps nothing evicted)."""
+        self._kept: OrderedDict[str, tuple[int, Outcome]] | None = None
+        """What it evicted since `keep_evicted`, oldest first, each with its eviction's
+        number (None: it keeps nothing evicted)."""
+        self.evictions = 0
+        """How many outcomes it has evicted: the number of the next eviction."""
         for entry in entries:
             self.record(entry)
 
@@ -126,7 +129,9 @@ class Ledger:
             _, evicted = self._outcomes.popitem(last=False)
             self._bytes -= self._weights.pop(evicted.command_id)
             if self._kept is not None:
-                self._kept[evicted.command_id] = evicted
+                self._kept.pop(evicted.command_id, None)
+                self._kept[evicted.command_id] = (self.evictions, evicted)
+            self.evictions += 1
             at = evicted.at or self._oldest_time(outcome)
             if self.forgot_through is None or at > self.forgot_through:
                 self.forgot_through = at
@@ -146,15 +151,26 @@ class Ledger:
         it forgotten and was applied again. Kept only in memory, never carried: a run never
         continues as new with commands held."""
         if self._kept is None:
-            self._kept = {}
+            self._kept = OrderedDict()
 
     def drop_evicted(self) -> None:
         """Forget what `keep_evicted` kept, and keep nothing more."""
         self._kept = None
 
+    def drop_evicted_before(self, number: int) -> None:
+        """Forget the outcomes kept that were evicted before eviction `number`, and keep on.
+        A held command needs only what was evicted after it came: so what is kept is bounded
+        by what was applied since the oldest command held came, not by all a flood brought."""
+        while self._kept:
+            evicted, _ = next(iter(self._kept.values()))
+            if evicted >= number:
+                return
+            self._kept.popitem(last=False)
+
     def recall(self, command_id: str) -> Outcome | None:
         """The outcome of `command_id` if it was evicted while kept (`keep_evicted`)."""
-        return self._kept.get(command_id) if self._kept else None
+        kept = self._kept.get(command_id) if self._kept else None
+        return kept[1] if kept is not None else None
 
     def entries(self) -> list[Outcome]:
         return list(self._outcomes.values())

@@ -106,9 +106,10 @@ Asked only where an ended run's history asks it, so no other run records its mar
 belongs to no patch set."""
 
 SIZES_IN_BYTES = "entity-sizes-in-bytes"
-"""Runs from here on weigh their state and ledger in bytes (`json_size`); runs begun before
-counted characters. Asked only where text that is not ASCII makes the two differ, so no
-other run records its marker: it belongs to no patch set."""
+"""Runs from here on weigh their state and ledger in bytes (`json_size`), and take a command
+that leaves a state past its bound no heavier (`_shrinks`); runs begun before counted
+characters. Asked only where text that is not ASCII makes the two differ, or a state is past
+its bound, so no other run records its marker: it belongs to no patch set."""
 
 HELD_RETRIES = "entity-recalls-held-retries"
 """Runs from here on take a command held back as the repeat of one the ledger evicted since
@@ -285,7 +286,7 @@ class EntityWorkflow:
         commands are held before it (`Backlog`); whether it was."""
         task = workflow.info().get_current_history_length()
         if not self._backlog.admits(task) and ENTITY_PATCHES.patched(BOUNDED_TASKS_PATCH):
-            self._backlog.hold(item)
+            self._backlog.hold(item, self._ledger.evictions)
             self._ledger.keep_evicted()
             return True
         return False
@@ -327,7 +328,7 @@ class EntityWorkflow:
             self._reject(envelope.command_id, ErrorCode.INTERNAL, "internal error", envelope)
             return
         size = json_size(new_state, _in_bytes)
-        if size > self._input.runtime.max_state_bytes:
+        if size > self._input.runtime.max_state_bytes and not self._shrinks(size):
             self._reject(
                 envelope.command_id,
                 ErrorCode.LIMIT_REACHED,
@@ -536,6 +537,13 @@ class EntityWorkflow:
             return
         if workflow.patched(KEYS_PER_SENDER):
             envelope.command_id = own
+
+    def _shrinks(self, size: int) -> bool:
+        """Whether a state already past its bound would weigh no more after the command: a
+        state carried from a run that counted characters may weigh more bytes than its
+        bound, and refusing every command, a close or a withdrawal too, would leave it stuck
+        as it is. Runs begun before (`SIZES_IN_BYTES`) refused it."""
+        return size <= self._state_bytes and _in_bytes()
 
     def _recorded(self, command_id: str) -> Outcome | None:
         """The outcome recorded under `command_id`: in the ledger, or evicted from it since
@@ -904,6 +912,11 @@ class EntityWorkflow:
     async def _catch_up(self) -> None:
         """Apply the commands held back, oldest first, a workflow task's worth at a time."""
         while self._backlog:
+            # What was evicted before the oldest held command came is no repeat's to find;
+            # answers of commands applied in an earlier task have been given.
+            front = self._backlog.front_mark()
+            if front is not None:
+                self._ledger.drop_evicted_before(front)
             task = workflow.info().get_current_history_length()
             for envelope in self._backlog.next_slice(task):
                 self._apply(envelope)

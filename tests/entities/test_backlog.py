@@ -131,6 +131,23 @@ def test_a_task_admits_its_most_then_holds_the_rest_in_order() -> None:
     assert not backlog and backlog.admits(task=20)
 
 
+def test_the_oldest_held_command_tells_when_it_came_batch_or_not() -> None:
+    backlog: Backlog[list[int]] = Backlog(
+        per_task=2, unpack=lambda batch: [envelope(n) for n in batch]
+    )
+    assert backlog.front_mark() is None
+    backlog.hold([1, 2, 3], mark=4)
+    backlog.hold(envelope(9), mark=7)
+    backlog.hold(envelope(10), mark=8)
+    assert backlog.front_mark() == 4
+    assert [e.command_id for e in backlog.next_slice(task=1)] == ["c1", "c2"]
+    assert backlog.front_mark() == 4  # c3, of the batch that came at 4
+    assert [e.command_id for e in backlog.next_slice(task=2)] == ["c3", "c9"]
+    assert backlog.front_mark() == 8
+    backlog.next_slice(task=3)
+    assert backlog.front_mark() is None
+
+
 def test_a_batch_is_held_as_it_came_and_unpacked_only_at_its_turn() -> None:
     """A flood of batches costs the task that brings it one hold each: a batch is unpacked
     when it reaches the front, its commands in order, none applied past the task's bound;

@@ -15,11 +15,18 @@ from api.gateway import Consistency, EntityGateway
 from deploy.embedded import EmbeddedRedis
 from entities.account import account
 from entities.cart import cart
+from entities.catalog import workflow_for
 from entities.errors import ErrorCode, Rejected, TenureError
 from entities.inventory import inventory
 from entities.runtime import publisher
 from entities.runtime.entity import MAX_MONEY, EntityType
-from entities.runtime.envelope import CommandEnvelope, CommandResult, RuntimeOptions, Snapshot
+from entities.runtime.envelope import (
+    CommandEnvelope,
+    CommandResult,
+    EntityRunInput,
+    RuntimeOptions,
+    Snapshot,
+)
 from entities.runtime.workflow import EntityWorkflow
 from tests.conftest import WorkerFactory, new_id
 from tests.entities.shop import eventually, until_cached
@@ -331,9 +338,9 @@ async def test_a_state_is_weighed_in_bytes_not_characters(
     temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
 ) -> None:
     """Temporal counts bytes: a character of a name weighs up to four. With the state
-    bounded at 1 KiB, a KYC reference of 200 emoji on an account named in 200 more weighs
-    about 2 KiB and is refused, though it is some 600 characters; the same account in ASCII
-    (some 600 bytes) takes it."""
+    bounded at 1 KiB, a KYC reference of 200 emoji on an account named in 100 more weighs
+    about 1.4 KiB and is refused, though it is some 500 characters; the same account in
+    ASCII (some 500 bytes) takes it."""
     settings = settings.model_copy(update={"runtime": RuntimeOptions(max_state_bytes=1024)})
     gateway = EntityGateway(temporal_client, cache, settings)
     wide, narrow = new_id(), new_id()
@@ -343,7 +350,7 @@ async def test_a_state_is_weighed_in_bytes_not_characters(
                 "account",
                 account_id,
                 "open",
-                {"owner_name": letter * 200, "email": "ada@example.com"},
+                {"owner_name": letter * 100, "email": "ada@example.com"},
                 wait=True,
             )
         verify = {"kyc_reference": "\N{GRINNING FACE}" * 200}
@@ -355,6 +362,43 @@ async def test_a_state_is_weighed_in_bytes_not_characters(
     assert refused is ErrorCode.LIMIT_REACHED and taken.applied
     assert read is not None and read.snapshot.state is not None
     assert read.snapshot.state["status"] == "PENDING"  # the refused command stored nothing
+
+
+async def test_a_state_carried_past_its_bound_still_takes_what_does_not_grow_it(
+    temporal_client: Client, settings: Settings, cache: SnapshotCache, run_worker: WorkerFactory
+) -> None:
+    """A run that counted characters could carry a state that weighs more bytes than its
+    bound (1 KiB here: some 550 characters, 1.4 KiB). A deposit, which leaves it no
+    heavier, is taken, and a suspension with a reason, which would grow it, is refused: it
+    is not stuck as it was."""
+    account_id = new_id()
+    state = {
+        "status": "ACTIVE",
+        "owner_name": "\N{GRINNING FACE}" * 200,
+        "email": "ada@example.com",
+        "currency": "EUR",
+        "kyc_reference": "\N{GRINNING FACE}" * 100,
+        "last_activity_at": "2026-12-01T00:00:00.123456Z",  # as long as any
+    }
+    gateway = EntityGateway(temporal_client, cache, settings)
+    async with run_worker(settings):
+        await temporal_client.start_workflow(
+            workflow_for("account").run,  # type: ignore[attr-defined]
+            EntityRunInput(
+                entity_id=account_id,
+                runtime=RuntimeOptions(max_state_bytes=1024),
+                state=state,
+                revision=2,
+            ),
+            id=account.workflow_id(account_id),
+            task_queue=settings.task_queue,
+        )
+        deposit = await gateway.send("account", account_id, "deposit", {"amount": 7}, wait=True)
+        suspend = gateway.send("account", account_id, "suspend", {"reason": "x" * 100}, wait=True)
+        refused = await code_of(suspend)
+    assert deposit.applied and deposit.read is not None and deposit.read.snapshot.state
+    assert deposit.read.snapshot.state["balance"] == 7
+    assert refused is ErrorCode.LIMIT_REACHED
 
 
 async def test_a_sender_s_outsized_command_is_refused_without_the_entity_forgetting_the_rest(

@@ -47,6 +47,23 @@ def test_what_it_evicts_while_asked_to_keep_it_is_recalled_until_dropped() -> No
     assert ledger.recall("c1") is None and ledger.recall("c4") is None
 
 
+def test_what_was_kept_before_a_held_command_came_is_let_go() -> None:
+    """What is kept is bounded by what was applied since the oldest command still held came
+    (the eviction number it was held at): under a steady flood it no longer grows with all
+    the flood brought."""
+    ledger = Ledger(1)
+    ledger.keep_evicted()
+    for n in range(6):
+        ledger.record(outcome(n))  # c0..c4 evicted, numbered 0..4
+    assert ledger.evictions == 5
+    ledger.drop_evicted_before(3)
+    assert [ledger.recall(f"c{n}") is not None for n in range(5)] == [False] * 3 + [True] * 2
+    ledger.record(outcome(0))  # c0 again, evicting c5 (number 5)
+    ledger.record(outcome(7))  # evicting c0 (number 6)
+    ledger.drop_evicted_before(6)
+    assert [n for n in (0, 3, 4, 5) if ledger.recall(f"c{n}")] == [0]
+
+
 def test_ledger_round_trips_through_its_entries() -> None:
     ledger = Ledger(4, [outcome(n) for n in range(6)])
     again = Ledger(4, ledger.entries())
