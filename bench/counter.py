@@ -1,7 +1,7 @@
 """The raw baseline: a minimal counter workflow written straight against the Temporal SDK.
 
-It is what a team would hand-write instead of using Tenure: a signal adds, a query reads,
-and the run continues as new after as many signals as an entity run takes, so it can take
+It is what a team would hand-write instead of using Tenure: a signal adds (an update adds and
+answers the total), a query reads, and the run continues as new after as many signals as an entity run takes, so it can take
 any number of them. No ledger, no cache, no GraphQL.
 """
 
@@ -24,7 +24,8 @@ class CounterInput:
 
 @workflow.defn(name=WORKFLOW)
 class CounterWorkflow:
-    """Adds each `add` signal's amount; `value` reads the total."""
+    """Adds each `add` signal's (or `add_and_read` update's) amount; `value` reads the
+    total."""
 
     @workflow.init
     def __init__(self, input: CounterInput) -> None:
@@ -35,6 +36,12 @@ class CounterWorkflow:
     def add(self, amount: int) -> None:
         self._value += amount
         self._signals += 1
+
+    @workflow.update
+    def add_and_read(self, amount: int) -> int:
+        """Add, and answer the total: a waited command, hand-written."""
+        self.add(amount)
+        return self._value
 
     @workflow.query
     def value(self) -> int:

@@ -1,8 +1,9 @@
 """Single operations on an idle stack: one client, one operation at a time, a pause after
 each so that what it left running (snapshot publishes, a saga's report) is done before the
 next starts. Latency, not throughput: a checkout of a two-line cart until its saga ends, a
-`wait: true` deposit, an account opened with `wait: true`, and the raw SDK's start of a
-workflow with a start signal beside the last."""
+`wait: true` deposit beside the raw SDK's update of a counter workflow, an account opened
+with `wait: true`, and the raw SDK's start of a workflow with a start signal beside the
+last."""
 
 from __future__ import annotations
 
@@ -128,6 +129,15 @@ async def idle(bench: Bench) -> list[Result]:
         if payload["status"] != "APPLIED" or payload["account"]["balance"] != i + 1:
             raise RuntimeError(f"deposit {i} not seen applied: {payload}")
 
+    counted = await _start_counter(bench, raw, f"counter:{tag}-updated")
+
+    async def raw_update(i: int) -> None:
+        value = await counted.execute_update(
+            "add_and_read", 1, result_type=int, rpc_timeout=RPC_TIMEOUT
+        )
+        if value != i + 2:  # its start signal added one
+            raise RuntimeError(f"{counted.id}: value {value} after update {i}")
+
     async def open_account(i: int) -> None:
         await gql.command(OPEN, id=f"{tag}-opened{i}", key=f"{tag}-open-{i}", wait=True)
 
@@ -156,6 +166,14 @@ async def idle(bench: Bench) -> list[Result]:
             "commands",
             deposit,
             bench.stack.window(tenure),
+            baseline="idle_raw_update",
+        ),
+        _Kind(
+            "idle_raw_update",
+            "raw SDK update of a counter, idle",
+            "commands",
+            raw_update,
+            bench.stack.window(counter),
         ),
         _Kind(
             "idle_raw_start",
