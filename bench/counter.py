@@ -1,8 +1,8 @@
 """The raw baseline: a minimal counter workflow written straight against the Temporal SDK.
 
 It is what a team would hand-write instead of using Tenure: a signal adds (an update adds and
-answers the total), a query reads, and the run continues as new after as many signals as an entity run takes, so it can take
-any number of them. No ledger, no cache, no GraphQL.
+answers the total), a query reads, and the run continues as new after as many signals as an
+entity run takes, so it can take any number of them. No ledger, no cache, no GraphQL.
 """
 
 from __future__ import annotations
