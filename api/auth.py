@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from entities.errors import ErrorCode, TenureError
-from entities.runtime.policy import Principal, Role
+from entities.runtime.policy import WEBHOOK_SUBJECTS, Principal, Role
 from workers.settings import MIN_SECRET_BYTES, Settings
 
 log = logging.getLogger("tenure.auth")
@@ -315,6 +315,10 @@ class TokenVerifier:
             # name, not a payload, without control or direction characters.
             raise Unauthenticated("token has no valid sub claim")
         role = _role(claim(claims, s.auth_roles_claim))
+        if role is Role.SERVICE and subject.startswith(WEBHOOK_SUBJECTS):
+            raise Unauthenticated(
+                f"token sub {WEBHOOK_SUBJECTS}... is reserved: inbound webhooks send as it"
+            )
         scopes = _strings(claim(claims, s.auth_scopes_claim), "scopes", split=True)
         # Only a customer's accounts mean anything: they are what it owns.
         accounts = _strings(claim(claims, s.auth_accounts_claim), "accounts", split=False)

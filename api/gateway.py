@@ -16,7 +16,12 @@ from typing import Any, TypeVar
 
 import structlog
 from pydantic import BaseModel
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+)
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
@@ -37,7 +42,7 @@ from entities.runtime.envelope import (
 )
 from entities.runtime.workflow import EntityWorkflow
 from workers.cache import CachedSnapshot, CacheUnavailable, SnapshotCache
-from workers.delivery import CommandDelivery, sender_outcome
+from workers.delivery import CommandDelivery, EntityClosed, sender_outcome
 from workers.failures import is_missing, may_have_taken_it, unavailable
 from workers.handovers import Handovers, hand_back
 from workers.settings import Settings
@@ -272,7 +277,14 @@ class EntityGateway:
             fingerprint=fingerprint,
         )
         if not wait:
-            await self._delivery.deliver(entity, entity_id, envelope)
+            try:
+                await self._delivery.deliver(entity, entity_id, envelope)
+            except EntityClosed:
+                if idempotency_key is None or not await self._took_before_it_ended(
+                    entity, entity_id, envelope
+                ):
+                    raise
+                log.info("%s: a repeat of a command it took before it ended", workflow_id)
             return Receipt(entity_id, envelope.command_id, applied=False)
         try:
             result = await self._delivery.request(entity, entity_id, envelope)
@@ -306,6 +318,27 @@ class EntityGateway:
             read=read,
             revision=result.outcome.revision,
         )
+
+    async def _took_before_it_ended(
+        self, entity: EntityType[Any, Any], entity_id: str, envelope: CommandEnvelope
+    ) -> bool:
+        """Whether a command refused because its entity has ended repeats one the entity
+        took before: a client's retry of the command that closed it, or a provider's repeat
+        of the event that did, is answered as the first was, where "is closed" told a client
+        it failed and had a provider retry for days and flag the endpoint. A key the entity
+        recorded for another command is refused (IDEMPOTENCY_KEY_REUSED). When it cannot tell
+        in time (its history not replayed within the wait, no worker, a query failure), the
+        refusal stands, as before."""
+        try:
+            return await self._delivery.ended_outcome(entity, entity_id, envelope) is not None
+        except TenureError as exc:
+            if exc.code is ErrorCode.IDEMPOTENCY_KEY_REUSED:
+                raise
+            failure: Exception = exc
+        except WorkflowQueryFailedError as exc:
+            failure = exc
+        log.warning("%s %s ended: could not tell a repeat: %s", entity.name, entity_id, failure)
+        return False
 
     async def _publish(
         self, workflow_id: str, result: CommandResult, promise: str | None

@@ -43,7 +43,6 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
-from temporalio.client import WorkflowQueryFailedError
 
 from api.common import CREATE_GUARDS
 from api.errors import RequestRefused
@@ -53,6 +52,7 @@ from api.metrics import ApiMetrics
 from api.request_context import ObservedRequests, note_operation, note_outcome
 from entities import catalog
 from entities.errors import ErrorCode, Rejected, TenureError
+from entities.runtime.policy import webhook_sender
 from workers.delivery import EntityClosed
 from workers.settings import WebhookEvent, WebhookSource
 
@@ -322,7 +322,7 @@ class Webhooks:
         )
         gateway: EntityGateway = request.app.state.gateway
         guard = CREATE_GUARDS.get((mapping.entity, mapping.command))
-        sender = f"service:webhook:{name}"
+        sender = webhook_sender(name)
         try:
             if guard is not None:
                 await guard(gateway, entity_id, payload)
@@ -336,20 +336,10 @@ class Webhooks:
                 sent_by=sender,
             )
         except EntityClosed as closed:
-            # A provider's repeat of an event the entity took before it ended (a
-            # `customer.deleted` that closed the account) is answered as the first was: a
-            # 409 had the provider retry it for days and flag the endpoint as failing.
-            try:
-                repeat = await gateway.recorded(mapping.entity, entity_id, key, sender)
-            except (TenureError, WorkflowQueryFailedError) as exc:
-                # Its history could not be replayed in time, or no worker answers: 409, as
-                # before, rather than a 503 the provider would retry for days.
-                log.warning("webhook event to an ended entity: could not tell a repeat: %s", exc)
-                repeat = False
-            if not repeat:
-                raise Refused(409, closed.code, closed.message, before_sending=False) from closed
-            log.info("webhook event taken before its entity ended: answered as the first")
-            return key
+            # Not a repeat of an event the entity took before it ended (which the gateway
+            # answers as the first was), or one it could not tell in time: 409, rather than
+            # a 503 the provider would retry for days.
+            raise Refused(409, closed.code, closed.message, before_sending=False) from closed
         except TenureError as exc:
             status = _STATUS.get(exc.code)
             if status is None:

@@ -315,12 +315,29 @@ class CommandDelivery:
             # can answer UNAVAILABLE) left the signal its own 5 s.
             handle = await self._deliver_by(deadline, entity, entity_id, envelope)
         except EntityClosed:
-            handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
-            result = await self._outcome_of(handle, envelope, deadline=deadline)
-            if result.outcome.status is OutcomeStatus.UNKNOWN:
+            ended = await self.ended_outcome(entity, entity_id, envelope, deadline)
+            if ended is None:
                 raise
-            return _of_this_command(envelope, result)
+            return ended
         return await self.await_outcome(handle, envelope, deadline)
+
+    async def ended_outcome(
+        self,
+        entity: EntityType[Any, Any],
+        entity_id: str,
+        envelope: CommandEnvelope,
+        deadline: float | None = None,
+    ) -> CommandResult | None:
+        """What an entity that has ended recorded of this sender's command, when its sending
+        was refused as too late: the outcome of its first sending (perhaps the very command
+        that ended it), or None when it never took it. A key the entity recorded for
+        another command is refused (`_of_this_command`); one it cannot tell in time,
+        UNAVAILABLE (`_outcome`)."""
+        handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
+        result = await self._outcome_of(handle, envelope, deadline=deadline)
+        if result.outcome.status is OutcomeStatus.UNKNOWN:
+            return None
+        return _of_this_command(envelope, result)
 
     def _may_update(self, workflow_id: str) -> bool:
         until = self._signals_only.get(workflow_id)

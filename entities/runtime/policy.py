@@ -37,6 +37,17 @@ class Principal:
         return f"{self.role.value}:{self.subject}"
 
 
+WEBHOOK_SUBJECTS = "webhook:"
+"""How the subject of an inbound webhook's sender begins (`webhook_sender`): no service
+token's may, or its commands would be recorded as the provider's events, and its keys
+taken for theirs."""
+
+
+def webhook_sender(source: str) -> str:
+    """The sender an inbound webhook's commands from `source` (`stripe`) are recorded as."""
+    return Principal(f"{WEBHOOK_SUBJECTS}{source}", Role.SERVICE).sender
+
+
 READ = "read"
 
 NOBODY = Principal("nobody", Role.SERVICE)

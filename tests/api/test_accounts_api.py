@@ -6,10 +6,11 @@ from typing import Any
 
 import httpx
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 
 from entities.runtime.envelope import RuntimeOptions
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id, reopen_account
+from tests.entities.shop import eventually
 from workers.settings import Settings
 
 ACCOUNT_FIELDS = """
@@ -300,6 +301,31 @@ async def test_an_id_reused_after_its_closed_account_was_deleted_reads_as_the_ne
     await gql.data(VERIFY, id=account_id)
     account = await read_account(gql, account_id)
     assert (account["status"], account["revision"], account["source"]) == ("ACTIVE", 2, "CACHE")
+
+
+async def test_a_retry_of_the_command_that_closed_an_account_is_answered_as_the_first(
+    gql: GraphQLClient, temporal_client: Client
+) -> None:
+    """A client that sent closeAccount without waiting, heard nothing and sends it again
+    under its key once the account has ended is told ACCEPTED, as the first sending was,
+    not "is closed", which told it its close failed. A new command to the closed account is
+    still refused, and the close's key named for another command is a reused key."""
+    account_id = new_id()
+    await open_active(gql, account_id)
+    first = (await gql.data(CLOSE, id=account_id, key="close-1", wait=False))["closeAccount"]
+    handle = temporal_client.get_workflow_handle(f"account:{account_id}")
+    await eventually(handle.describe, lambda d: d.status is WorkflowExecutionStatus.COMPLETED)
+
+    again = (await gql.data(CLOSE, id=account_id, key="close-1", wait=False))["closeAccount"]
+    assert first["status"] == again["status"] == "ACCEPTED"
+    assert again["commandId"] == "close-1"
+    late = await gql(DEPOSIT, id=account_id, amount=5, key="late-1", wait=False)
+    assert late["errors"][0]["extensions"]["code"] == "INVALID_TRANSITION", late
+    assert "is closed" in late["errors"][0]["message"]
+    reused = await gql(DEPOSIT, id=account_id, amount=5, key="close-1", wait=False)
+    assert reused["errors"][0]["extensions"]["code"] == "IDEMPOTENCY_KEY_REUSED", reused
+    account = await read_account(gql, account_id, "LIVE")
+    assert (account["status"], account["balance"]) == ("CLOSED", 0)
 
 
 async def read_account(

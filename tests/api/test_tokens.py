@@ -193,6 +193,20 @@ def test_a_subject_with_control_or_direction_characters_is_refused(sub: str) -> 
     assert verifier().verify(hs256(sub="auth0|Zoë-Ñ.42")).subject == "auth0|Zoë-Ñ.42"
 
 
+def test_a_service_cannot_take_an_inbound_webhook_s_name() -> None:
+    """Stripe's events are recorded as sent by `service:webhook:stripe`, under the event's
+    id: a service token whose sub was `webhook:stripe` sent as the same sender, so its
+    commands read as Stripe's in histories and its keys could take Stripe's events' places
+    (dropped as repeats). A customer of that name is another sender, and a service of
+    another name is taken."""
+    service = {"roles": ["service"], "accounts": None}
+    assert refused(verifier(), hs256(sub="webhook:stripe", **service)).startswith(
+        "token sub webhook:... is reserved"
+    )
+    assert verifier().verify(hs256(sub="webhook:stripe")).sender == "customer:webhook:stripe"
+    assert verifier().verify(hs256(sub="billing-webhook:1", **service)).role is Role.SERVICE
+
+
 def test_an_exp_past_a_float_s_range_is_refused_not_a_server_error() -> None:
     """A 401-digit integer passed PyJWT and overflowed in the API: HTTP 500."""
     assert refused(verifier(), hs256(exp=10**400)) == "token exp claim is out of range"
