@@ -323,17 +323,18 @@ class EntityGateway:
         self, entity: EntityType[Any, Any], entity_id: str, envelope: CommandEnvelope
     ) -> bool:
         """Whether a command refused because its entity has ended repeats one the entity
-        took before: a client's retry of the command that closed it, or a provider's repeat
-        of the event that did, is answered as the first was, where "is closed" told a client
-        it failed and had a provider retry for days and flag the endpoint. A key the entity
-        recorded for another command is refused (IDEMPOTENCY_KEY_REUSED). When it cannot tell
-        in time (its history not replayed within the wait, no worker, a query failure), the
-        refusal stands, as before."""
+        took from its sender before: a client's retry of the command that closed it, or a
+        provider's repeat of the event that did, is answered as the first was (ACCEPTED,
+        whatever the entity made of it, as a running entity answers a repeat), where "is
+        closed" told a client it failed and had a provider retry for days and flag the
+        endpoint. Asked as a read is, within the live-read timeout and from the request's
+        query budget; when it cannot tell in time (its history not replayed, no worker, a
+        query failure), the refusal stands, as before."""
         try:
-            return await self._delivery.ended_outcome(entity, entity_id, envelope) is not None
+            return await self.recorded(
+                entity.name, entity_id, envelope.command_id, envelope.sent_by
+            )
         except TenureError as exc:
-            if exc.code is ErrorCode.IDEMPOTENCY_KEY_REUSED:
-                raise
             failure: Exception = exc
         except WorkflowQueryFailedError as exc:
             failure = exc

@@ -18,7 +18,7 @@ from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from entities.errors import ErrorCode, TenureError
-from entities.runtime.policy import Role
+from entities.runtime.policy import WEBHOOK_SUBJECTS, Role
 from workers.settings import MIN_SECRET_BYTES, Settings, settings_or_exit
 
 if TYPE_CHECKING:
@@ -174,6 +174,14 @@ def _ttl(text: str) -> int:
 def _token(parsed: argparse.Namespace) -> int:
     from deploy.tokens import mint, stored_dev_secret
 
+    if parsed.role == Role.SERVICE.value and parsed.sub.startswith(WEBHOOK_SUBJECTS):
+        # The API refuses it: a service so named would send as a provider's webhook.
+        print(
+            f"tenure token: a service's --sub may not begin {WEBHOOK_SUBJECTS} (inbound "
+            "webhooks send as it)",
+            file=sys.stderr,
+        )
+        return 1
     settings = settings_or_exit("tenure token", 1)
     if not settings.auth_secret and (settings.auth_public_key_file or settings.auth_jwks_url):
         print(

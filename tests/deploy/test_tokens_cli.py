@@ -100,6 +100,15 @@ def test_tenure_token_refuses_when_an_identity_provider_signs(
     assert "identity provider" in err
 
 
+def test_tenure_token_refuses_a_service_named_as_an_inbound_webhook(
+    environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The API would refuse every request with it (401)."""
+    code, out, err = tenure_token(["--role", "service", "--sub", "webhook:stripe"], capsys)
+    assert (code, out) == (1, "")
+    assert err.startswith("tenure token: a service's --sub may not begin webhook:")
+
+
 def test_tenure_token_takes_only_known_roles(
     environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
