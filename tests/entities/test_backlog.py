@@ -32,13 +32,13 @@ async def test_a_backlog_is_applied_a_task_at_a_time_in_order_and_once(
     account's history. A worker then takes them ten a task, in order (the withdrawal,
     last, finds the money), while waited commands, repeats and reads come in; the run
     continues as new meanwhile."""
-    settings = settings.model_copy(
-        update={"runtime": RuntimeOptions(max_commands_per_task=PER_TASK, max_commands_per_run=60)}
+    settings, gateway, account_id = await an_account_left_without_a_worker(
+        temporal_client,
+        settings,
+        cache,
+        run_worker,
+        RuntimeOptions(max_commands_per_task=PER_TASK, max_commands_per_run=60),
     )
-    gateway = EntityGateway(temporal_client, cache, settings)
-    account_id = new_id()
-    async with run_worker(settings):
-        await open_active(gateway, account_id)
     gate = asyncio.Semaphore(16)
 
     async def deposit(n: int, wait: bool = False) -> None:
@@ -95,6 +95,23 @@ async def test_a_backlog_is_applied_a_task_at_a_time_in_order_and_once(
             if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED
         }
         assert causes <= {WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND}
+
+
+async def an_account_left_without_a_worker(
+    temporal_client: Client,
+    settings: Settings,
+    cache: SnapshotCache,
+    run_worker: WorkerFactory,
+    runtime: RuntimeOptions,
+) -> tuple[Settings, EntityGateway, str]:
+    """An active account run with `runtime`, its worker then stopped: the settings, a
+    gateway and the account's id."""
+    settings = settings.model_copy(update={"runtime": runtime})
+    gateway = EntityGateway(temporal_client, cache, settings)
+    account_id = new_id()
+    async with run_worker(settings):
+        await open_active(gateway, account_id)
+    return settings, gateway, account_id
 
 
 async def run_histories(client: Client, workflow_id: str) -> list[WorkflowHistory]:
@@ -234,13 +251,13 @@ async def test_a_retry_held_behind_a_backlog_deeper_than_the_ledger_is_applied_o
     worker. The account remembers its last sixteen commands: when the retry's turn comes,
     thirty deposits later, its ledger has forgotten the first copy, which it still
     remembered when the retry came. The retry is still its repeat: the money arrives once."""
-    settings = settings.model_copy(
-        update={"runtime": RuntimeOptions(max_commands_per_task=PER_TASK, ledger_size=16)}
+    settings, gateway, account_id = await an_account_left_without_a_worker(
+        temporal_client,
+        settings,
+        cache,
+        run_worker,
+        RuntimeOptions(max_commands_per_task=PER_TASK, ledger_size=16),
     )
-    gateway = EntityGateway(temporal_client, cache, settings)
-    account_id = new_id()
-    async with run_worker(settings):
-        await open_active(gateway, account_id)
 
     async def deposit(key: str, amount: int) -> None:
         await gateway.send(
