@@ -505,15 +505,20 @@ class EntityWorkflow:
 
     @apply.validator
     def _sound_command_id(self, envelope: CommandEnvelope) -> None:
-        """Refuse an update whose command id is not one (`inbox.COMMAND_ID`): nothing is
-        recorded, and the sender learns why. Validators are not run in a replay, so runs
-        that applied such ids before replay as they were made."""
-        if not COMMAND_ID.fullmatch(envelope.command_id):
-            raise ApplicationError(
-                f"command_id: {COMMAND_ID_RULE}",
-                type=ErrorCode.INVALID_INPUT,
-                non_retryable=True,
-            )
+        """Refuse an update whose command id is not one (`inbox.COMMAND_ID`), or whose name,
+        `undoes` or fingerprint is too long to record (`outsized`, which the `command`
+        signal refuses as unreadable): nothing is recorded, and the sender learns why. A
+        direct Temporal client's 600,000-character fingerprint, sent as an update, was
+        recorded with its outcome, and the ledger forgot every other command to hold it.
+        Validators are not run in a replay, so runs that took such commands before replay as
+        they were made."""
+        reason = (
+            f"command_id: {COMMAND_ID_RULE}"
+            if not COMMAND_ID.fullmatch(envelope.command_id)
+            else outsized(envelope)
+        )
+        if reason is not None:
+            raise ApplicationError(reason, type=ErrorCode.INVALID_INPUT, non_retryable=True)
 
     def _own_key(self, envelope: CommandEnvelope) -> None:
         """Give `envelope` the id the entity knows its command by: its own, unless another

@@ -102,12 +102,20 @@ async def test_an_unreadable_command_is_refused_under_its_id_and_a_batch_goes_on
         with pytest.raises(WorkflowUpdateFailedError) as refused:
             await handle.execute_update(EntityWorkflow.apply, CommandEnvelope(**deposit("", 16)))
         assert "command_id" in str(refused.value.cause)
+        # As the signal refuses it, an update's fingerprint too long to record: the ledger
+        # would forget every other command to hold it.
+        heavy = CommandEnvelope(**deposit("heavy", 32), fingerprint="f" * 600_000)
+        with pytest.raises(WorkflowUpdateFailedError) as outsized:
+            await handle.execute_update(EntityWorkflow.apply, heavy)
+        assert "fingerprint: at most 64 characters" in str(outsized.value.cause)
         await until_idle(temporal_client, workflow_id)
+        heavy_outcome = await outcome("heavy")
         snapshot = await live(gateway, account_id)
         outcomes = {key: await outcome(key) for key in ("bad-payload", "bad-sender", "b2")}
         histories = await run_histories(temporal_client, workflow_id)
 
     assert snapshot.state is not None and snapshot.state["balance"] == 2 + 4 + 8
+    assert heavy_outcome.outcome.status is OutcomeStatus.UNKNOWN  # nothing recorded
     for key, result in outcomes.items():
         assert result.outcome.status is OutcomeStatus.REJECTED, key
         assert result.outcome.code == ErrorCode.INVALID_INPUT, key
