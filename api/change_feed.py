@@ -95,7 +95,19 @@ class Mailbox:
         self._ended: SubscriberGone | None = None
 
     def offer(self, change: Change) -> None:
-        if self._ended is not None or not self._wants(change):
+        if self._ended is not None:
+            return
+        try:
+            wanted = self._wants(change)
+        except Exception:
+            # Its own filter failed on this change: this subscription ends, with a code its
+            # client can act on; every other subscriber goes on.
+            log.exception("change feed: a subscriber's filter failed on %s", change.entity_id)
+            self.end(
+                SubscriberGone(ErrorCode.INTERNAL, "this subscription failed: subscribe again")
+            )
+            return
+        if not wanted:
             return
         held = self._pending.get(change.entity_id)
         if held is None and len(self._pending) >= self._capacity:
@@ -298,6 +310,19 @@ class ChangeFeed:
             del self._types[entity_type]
 
     async def _read(self) -> None:
+        """Read and offer until stopped. What it did not foresee is logged and read past,
+        never the end of it: one task serves every subscription of the process, and had it
+        ended, each of them would have gone quiet for good, its socket kept open by pings."""
+        while not self._stopped:
+            try:
+                await self._read_on()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("change feed: reading failed; reading on from where it was")
+                await asyncio.sleep(RETRY_SECONDS)
+
+    async def _read_on(self) -> None:
         # The stop flag as well as the cancellation: redis-py may turn a cancelled read into
         # a connection error.
         while not self._stopped:
@@ -329,7 +354,11 @@ class ChangeFeed:
                     if self._types.get(entity_type) is not followed:
                         break
                     followed.cursor = text(entry_id)
-                    change = await self._change(entity_type, entry_fields(fields))
+                    try:
+                        change = await self._change(entity_type, entry_fields(fields))
+                    except Exception:  # an entry it cannot read: its entity's next shows the jump
+                        log.exception("change feed: entry %s of %s skipped", entry_id, entity_type)
+                        continue
                     if change is not None and self._types.get(entity_type) is followed:
                         self._offer(followed, change)
 

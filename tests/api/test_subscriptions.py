@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed
 
 from api.app import create_app
 from api.auth import DEVELOPMENT_PRINCIPAL
-from api.change_feed import OFFERS_BETWEEN_TURNS, ChangeFeed, Mailbox
+from api.change_feed import OFFERS_BETWEEN_TURNS, Change, ChangeFeed, Mailbox, SubscriberGone
 from api.change_feed import Change as FeedChange
 from api.context import TenureContext
 from api.errors import INTERNAL_MESSAGE
@@ -32,7 +32,7 @@ from api.gateway import EntityGateway
 from api.schema import build_schema
 from api.subscriptions import MAX_REMEMBERED, ChangeFilter, _Follower, _scoped
 from entities import catalog
-from entities.errors import TenureError
+from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import Snapshot
 from entities.runtime.policy import Principal, Role
 from tests.api.test_access import ADD as ADD_ITEM
@@ -797,6 +797,50 @@ async def test_a_type_followed_again_while_a_gap_is_read_gets_nothing_from_befor
     finally:
         await cache.aclose()
         await client.aclose()
+
+
+async def test_an_entry_or_a_filter_that_fails_ends_no_one_else_s_subscription(
+    settings: Settings,
+) -> None:
+    """The process has one reader for every subscription: an entry it cannot read (a
+    revision that is not a number, as another version could write) or one subscriber's
+    filter that raises ended it, and every subscription of the process went quiet for good.
+    The entry is skipped and the reader goes on; the subscriber whose filter failed is
+    ended INTERNAL; the others get the next change."""
+    client = connect_redis(settings)
+    prefix = f"{settings.redis_prefix}{new_id()}:"
+    cache = SnapshotCache(client, prefix)
+    feed = ChangeFeed(client, cache, prefix, max_subscribers=10, block_seconds=0.1)
+    stream = stream_key(prefix, "account")
+
+    def change(entity_id: str, revision: str = "1") -> dict[str, str]:
+        return {"type": "change", "id": entity_id, "incarnation": "1", "revision": revision,
+                "command": "deposit", "command_id": new_id(), "sent_by": "", "at": "",
+                "state": "{}"}  # fmt: skip
+
+    def fails_on_b(change: Change) -> bool:
+        if change.entity_id == "b":
+            raise KeyError("status")
+        return True
+
+    try:
+        async with (
+            feed.running(),
+            feed.subscribe("account", None, capacity=10) as everyone,
+            feed.subscribe("account", None, fails_on_b, capacity=10) as failing,
+        ):
+            await client.xadd(stream, change("a", revision="one"))
+            await client.xadd(stream, change("b"))
+            seen = await asyncio.wait_for(everyone.next(), 5)
+            with pytest.raises(SubscriberGone) as ended:
+                await asyncio.wait_for(failing.next(), 5)
+            await client.xadd(stream, change("c"))
+            then = await asyncio.wait_for(everyone.next(), 5)
+    finally:
+        await cache.aclose()
+        await client.aclose()
+    assert (seen.entity_id, then.entity_id) == ("b", "c")
+    assert ended.value.code is ErrorCode.INTERNAL
 
 
 async def test_customers_together_leave_staff_and_services_their_share_of_subscriptions(
