@@ -23,9 +23,12 @@ Each entry is a `change` or a `gap`:
   them reads the entity's snapshot. A gap is never silent; a consumer never has to infer
   one from revisions.
 
-When an entity is first streamed its earlier revisions, made before the stream existed or
-before Redis lost the stream's keys, are not announced as a gap: the stream begins at the
-revision the entity last published.
+When Redis has lost the stream's keys (a restart without persistence, a failover to an
+empty replica), each entity's next publish finds no mark of it and announces a gap from its
+first revision to the one it last published: the entries a consumer may not have read went
+with the keys. (So does an entity first streamed after publishing before the stream
+existed.) An entity that publishes nothing after the loss announces nothing until `tenure
+reindex`, run after Redis was lost, announces it for every entity (workers/reindex.py).
 """
 
 from __future__ import annotations
@@ -66,13 +69,17 @@ local function append_changes(stream, marks, incarnation, revision, id, doc, sta
   local g, r = tonumber(incarnation), tonumber(revision)
   local last = tonumber(doc.s)
   local mark = redis.call('HGET', marks, id)
+  -- An entity that published before, with no mark: Redis lost the stream's keys (a restart
+  -- without persistence, a failover to an empty replica), and with them the entries a
+  -- consumer may not have read. Announced as a gap up to that revision, never silently.
+  local lost = not mark and last > 0
   if mark then
     local sep = string.find(mark, ':', 1, true)
     local marked = tonumber(string.sub(mark, 1, sep - 1))
     if g < marked then return end
     if g == marked then last = tonumber(string.sub(mark, sep + 1)) end
   end
-  if r <= last then return end
+  if r <= last and not lost then return end
   -- The bytes are turned into a length by the entries' sizes (`kept_length`, below, which
   -- keeps dead letters by the same rule), under fields no entity id can be.
   local sizes = redis.call('HMGET', marks, ':bytes', ':fast')
@@ -95,6 +102,7 @@ local function append_changes(stream, marks, incarnation, revision, id, doc, sta
     add({'type', 'gap', 'id', id, 'incarnation', incarnation, 'from', tostring(from),
          'to', tostring(to), 'state_revision', revision})
   end
+  if lost then gap(1, last) end
   for _, change in ipairs(doc.c) do
     local at = tonumber(change[1])
     if at > last and at <= r then

@@ -1,6 +1,8 @@
 """Rebuilding the cache and the listing index from Temporal, for the day Redis is lost:
 every entity that Temporal's visibility lists, asked for its snapshot (or, when it has
-finished, its result), written through the cache's own never-backwards script."""
+finished, its result), written through the cache's own never-backwards script; an entity
+whose change-stream mark was lost with Redis announces a gap up to its revision there, so
+that a consumer learns what it may have missed even of an entity that changes no more."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from entities.errors import ErrorCode, TenureError
 from entities.runtime.envelope import Snapshot
 from entities.runtime.workflow import EntityWorkflow
 from workers.cache import CacheUnavailable, SnapshotCache
+from workers.changes import Changes
 from workers.temporal import ask, within
 
 log = logging.getLogger(__name__)
@@ -104,7 +107,10 @@ async def reindex(
         for entity_type, entity_id in pending:
             try:
                 snapshot = await snapshot_of(client, entity_type, entity_id, timeout)
-                if snapshot is not None and await cache.put(snapshot):
+                # With no changes past its revision: an entity whose stream lost its mark
+                # (Redis lost its keys) announces a gap up to it (workers/changes.py).
+                announced = Changes(snapshot.revision, []) if snapshot is not None else None
+                if snapshot is not None and await cache.put(snapshot, announced):
                     done.written += 1
                 finished += 1
             except (RPCError, TimeoutError, CacheUnavailable):

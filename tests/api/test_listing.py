@@ -26,6 +26,8 @@ from tests.api.test_accounts_api import CLOSE, DEPOSIT, SUSPEND, VERIFY
 from tests.conftest import GraphQLClient, WorkerFactory, api_client, new_id
 from tests.workers.test_index import account
 from workers.cache import SnapshotCache, connect_redis
+from workers.changes import stream_key
+from workers.changes import text as decoded
 from workers.listing import EntityIndex, Page
 from workers.reindex import reindex
 from workers.settings import Settings
@@ -416,10 +418,22 @@ async def test_reindex_after_flushall_restores_listing_and_cache(
                 concurrency=4,
                 progress=lambda n, total: seen.append((n, total)),
             )
+            # The change stream went with the rest: each account announces what a consumer
+            # may have missed, up to its revision, though none of them changes again.
+            raw = await client.xrange(stream_key(settings.redis_prefix, "account"))
         finally:
             await client.aclose()
         assert done.found == done.written == len(accounts) and not done.failed
         assert seen[-1][0] == seen[-1][1] == done.found
+        gaps = {
+            decoded(f[b"id"]): (decoded(f[b"from"]), decoded(f[b"to"]))
+            for _, f in raw
+            if f[b"type"] == b"gap"
+        }
+        assert {account: gaps.get(account, ("", ""))[0] for account in accounts} == dict.fromkeys(
+            accounts, "1"
+        )
+        assert gaps[accounts[1]][1] == "3"  # opened, verified, a deposit
         after = await gql.data(ACCOUNTS)
         assert after == before
         stats = (await gql.data(STATS))["accountStats"]

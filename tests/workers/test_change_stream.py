@@ -28,7 +28,7 @@ from tests.entities.shop import until_cached
 from tests.entities.test_publishing import publishes
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache, connect_redis
-from workers.changes import MIN_KEPT, Changes, Retention, kept_length, stream_key
+from workers.changes import MIN_KEPT, Changes, Retention, kept_length, marks_key, stream_key
 from workers.settings import Settings
 
 Entry = dict[str, str]
@@ -175,6 +175,24 @@ async def test_changes_the_entity_no_longer_remembers_are_a_gap(cache: SnapshotC
     await cache.put(snapshot(entity_id, 12), Changes(7, []))
     last = (await entries_of(cache, "account", entity_id))[-1]
     assert (last["type"], last["from"], last["to"]) == ("gap", "8", "12")
+
+
+async def test_changes_lost_with_redis_s_keys_are_announced_as_a_gap(cache: SnapshotCache) -> None:
+    """Redis lost the stream and its marks (a restart without persistence): revisions 1 to 3
+    may never have been read. The entity's next publish announces them before its own."""
+    entity_id = new_id()
+    await cache.put(snapshot(entity_id, 3), Changes(0, applied(1, 2, 3)))
+    await cache.client.delete(
+        stream_key(cache.prefix, "account"), marks_key(cache.prefix, "account")
+    )
+    await cache.put(snapshot(entity_id, 4), Changes(3, applied(4)))
+    entries = await entries_of(cache, "account", entity_id)
+    shape = [(e["type"], e.get("revision") or f"{e['from']}-{e['to']}") for e in entries]
+    assert shape == [("gap", "1-3"), ("change", "4")]
+    # Its stream has a mark again: the next publish is the next change alone.
+    await cache.put(snapshot(entity_id, 5), Changes(4, applied(5)))
+    assert [e["type"] for e in await entries_of(cache, "account", entity_id)][-1] == "change"
+    assert len(await entries_of(cache, "account", entity_id)) == 3
 
 
 async def test_a_later_incarnation_streams_from_its_first_revision(cache: SnapshotCache) -> None:
