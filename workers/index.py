@@ -52,11 +52,21 @@ _LAST_MS = 10**_MS_DIGITS - 1
 # The stored entry remembers what was written, so the old entries are found without
 # asking the caller. Lua's cjson decodes `{}` and `[]` alike, hence pairs over both.
 # Raises the type's generation, and the generation of each tag value the entity had or
-# has now (see `generations_key`).
+# has now (see `generations_key`), each to a value it never had: at least one more, and at
+# least Redis's clock in microseconds. Counted up by one, a Redis rolled back a moment (a
+# crash with fsync every second, a failover to a replica behind) counted the lost change's
+# value again at the next change, and the API replayed a page rendered before the rollback,
+# with the lost entity and without the new one, until another change came.
 REINDEX = """
 local function reindex(base, id, entry)
   local generations = base .. 'g'
-  redis.call('HINCRBY', generations, 'all', 1)
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+  local function raise(field)
+    local held = tonumber(redis.call('HGET', generations, field) or '0') or 0
+    redis.call('HSET', generations, field, string.format('%.0f', math.max(held + 1, now)))
+  end
+  raise('all')
   local raised = {}
   local old = redis.call('HGET', base .. 'e', id)
   if old then
@@ -66,7 +76,7 @@ local function reindex(base, id, entry)
     redis.call('ZREM', base .. 'i', id)
     for field, value in pairs(old.t) do
       raised['t:' .. field .. ':' .. value] = true
-      redis.call('HINCRBY', generations, 't:' .. field .. ':' .. value, 1)
+      raise('t:' .. field .. ':' .. value)
       redis.call('ZREM', base .. 't:' .. field .. ':' .. value .. ':u', member)
       redis.call('ZREM', base .. 't:' .. field .. ':' .. value .. ':i', id)
       if field == 'status' and redis.call('HINCRBY', base .. 'c', value, -1) <= 0 then
@@ -87,7 +97,7 @@ local function reindex(base, id, entry)
   redis.call('ZADD', base .. 'i', 0, id)
   for field, value in pairs(new.t) do
     if not raised['t:' .. field .. ':' .. value] then
-      redis.call('HINCRBY', generations, 't:' .. field .. ':' .. value, 1)
+      raise('t:' .. field .. ':' .. value)
     end
     redis.call('ZADD', base .. 't:' .. field .. ':' .. value .. ':u', 0, member)
     redis.call('ZADD', base .. 't:' .. field .. ':' .. value .. ':i', 0, id)
@@ -221,9 +231,10 @@ never replayed after it, even when Redis lost the counters and counts them up ag
 
 
 def generations_key(prefix: str, entity_type: str) -> str:
-    """The hash of the type's listing generations: counters that only go up, `all`
-    (`EVERY`), `stuck` and `t:<tag>:<value>` per tag value (raised by every change to an
-    entity that had or has that value), and the `epoch`. A rendered listing stands while
+    """The hash of the type's listing generations: values that only go up, and never to
+    one they had, even across a Redis rolled back (`REINDEX`), `all` (`EVERY`), `stuck`
+    and `t:<tag>:<value>` per tag value (raised by every change to an entity that had or
+    has that value), and the `epoch`. A rendered listing stands while
     the generations it depends on stand (api/cached_reads.py)."""
     return index_base(prefix, entity_type) + "g"
 
