@@ -94,6 +94,11 @@ async def _listed_progress(client: Client, execution: WorkflowExecution) -> Bulk
     except RPCError as exc:
         log.warning("bulk command %s did not answer: %s", execution.id, exc)
         return None
+    except Exception:
+        # Its own failure (a query its code failed, a result of an older shape) is its row's
+        # alone: it failed the whole page INTERNAL, and the console's tab with it.
+        log.exception("bulk command %s: its progress could not be read", execution.id)
+        return None
 
 
 def _listed(wanted: frozenset[BulkStatus], progress: BulkProgress | None) -> bool:

@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowHandle, WorkflowQueryFailedError
 
+from api import bulk_listing
 from api.bulk import BulkCommand
 from api.webhooks import idempotency_key as webhook_key
 from entities.bulk import (
@@ -316,6 +317,33 @@ async def test_an_admin_lists_bulk_commands_with_their_progress_and_by_status(
     await gql.data(CANCEL, id=paused)
     await listed_as(gql, {completed: None, paused: "CANCELLED"}, ["CANCELLED"])
     assert (await read_account(gql, ids[0], "LIVE"))["balance"] == 25  # paused sent nothing
+
+
+async def test_a_bulk_command_whose_progress_fails_is_one_row_without_it_not_a_failed_page(
+    gql: GraphQLClient, temporal_client: Client, settings: Settings, monkeypatch: Any
+) -> None:
+    """A listed bulk's `progress` query failed in its own code (WorkflowQueryFailedError):
+    the whole list was INTERNAL, and the console's tab, which reads it every few seconds,
+    stayed broken while that bulk was listed. Now its row alone shows no progress."""
+    ids = [new_id()]
+    await open_active(gql, ids[0])
+    completed, broken = new_id(), new_id()
+    await gql.data(START, key=completed, ids=ids, payload={"amount": 1})
+    await finished(gql, completed)
+    await paused_bulk(temporal_client, settings.bulk_task_queue, broken, ids)
+    await listed_as(gql, {completed: "COMPLETED", broken: "PAUSED"})
+    asked = bulk_listing.ask
+
+    async def failing(handle: WorkflowHandle[Any, Any], *args: Any, **kwargs: Any) -> Any:
+        if handle.id == bulk_workflow_id(broken):
+            raise WorkflowQueryFailedError("progress: KeyError 'paging'")
+        return await asked(handle, *args, **kwargs)
+
+    monkeypatch.setattr(bulk_listing, "ask", failing)
+    rows = {row["id"]: row for row in await everything_listed(gql)}
+    assert rows[broken]["running"] is True and rows[broken]["bulkCommand"] is None
+    assert rows[completed]["bulkCommand"]["status"] == "COMPLETED"
+    await gql.data(CANCEL, id=broken)
 
 
 async def test_the_bulk_command_list_pages_one_at_a_time_without_losing_one(
