@@ -91,6 +91,7 @@ class ProgressBar:
 async def _reindex(entity_types: list[str], where: str | None, concurrency: int) -> int:
     from entities import catalog
     from workers.cache import SnapshotCache, connect_redis
+    from workers.forgetting import ended_retention
     from workers.reindex import reindex
 
     settings = settings_or_exit("tenure reindex", 1)
@@ -108,6 +109,7 @@ async def _reindex(entity_types: list[str], where: str | None, concurrency: int)
             where=where,
             concurrency=concurrency,
             progress=bar,
+            ended_retention=await ended_retention(client, settings),
         )
     finally:
         bar.close()

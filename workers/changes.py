@@ -73,6 +73,7 @@ local function append_changes(stream, marks, incarnation, revision, id, doc, sta
   -- without persistence, a failover to an empty replica), and with them the entries a
   -- consumer may not have read. Announced as a gap up to that revision, never silently.
   local lost = not mark and last > 0
+  if doc.o == 1 and not lost then return end
   if mark then
     local sep = string.find(mark, ':', 1, true)
     local marked = tonumber(string.sub(mark, 1, sep - 1))
@@ -198,6 +199,10 @@ class Changes:
 
     since: int
     outcomes: Sequence[Outcome]
+    lost_only: bool = False
+    """Stream only the gap of a lost mark (`tenure reindex`): where the stream still has the
+    entity's mark, append nothing and leave the mark, so that a publish still on its way
+    streams its changes as they were."""
 
 
 def stream_key(prefix: str, entity_type: str) -> str:
@@ -229,6 +234,7 @@ def encode(changes: Changes, retention: Retention) -> str:
         "b": str(retention.max_bytes),
         "f": str(MIN_KEPT),
         "a": retention.max_age_ms(),
+        "o": 1 if changes.lost_only else 0,
     }
     return json.dumps(document, separators=(",", ":"))
 

@@ -34,9 +34,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
+from temporalio.client import Client
 
 from entities import catalog
 from workers.cache import CacheUnavailable, SnapshotCache
@@ -44,6 +46,8 @@ from workers.changes import marks_key, text
 from workers.failures import REDIS_FAILURES
 from workers.index import ENDED, REINDEX, index_base
 from workers.logs import RepeatedLogFilter
+from workers.settings import Settings
+from workers.temporal import namespace_retention
 
 log = logging.getLogger(__name__)
 log.addFilter(RepeatedLogFilter(window=600.0))
@@ -233,3 +237,19 @@ class EndedEntities:
             except Exception:
                 log.exception("ended entities not swept")
             await asyncio.sleep(MOST_INTERVAL)
+
+
+async def ended_retention(client: Client, settings: Settings) -> float | None:
+    """How long Redis keeps an ended entity: as set, else as long as Temporal keeps its
+    closed workflow (None while Temporal does not say)."""
+    if settings.ended_retention_seconds is not None:
+        return settings.ended_retention_seconds
+    return await namespace_retention(client, settings.temporal_namespace)
+
+
+def forgotten_by_now(ended: datetime | None, retention: float | None, now: float) -> bool:
+    """Whether an entity that ended at `ended` has been let go of by now (Redis forgets its
+    snapshot, index entries and stream mark), under `retention` (None or 0: never)."""
+    if ended is None or not retention:
+        return False
+    return ended.timestamp() < now - max(retention, LEAST_RETENTION)

@@ -231,10 +231,11 @@ never replayed after it, even when Redis lost the counters and counts them up ag
 
 
 def generations_key(prefix: str, entity_type: str) -> str:
-    """The hash of the type's listing generations: values that only go up, and never to
-    one they had, even across a Redis rolled back (`REINDEX`), `all` (`EVERY`), `stuck`
-    and `t:<tag>:<value>` per tag value (raised by every change to an entity that had or
-    has that value), and the `epoch`. A rendered listing stands while
+    """The hash of the type's listing generations: values that only go up, `all` (`EVERY`),
+    `stuck` and `t:<tag>:<value>` per tag value (raised by every change to an entity that
+    had or has that value), and the `epoch`. The index's script (`REINDEX`) raises `all` and
+    the tags' to values they never had, even across a Redis rolled back; `stuck` counts by
+    one. A rendered listing stands while
     the generations it depends on stand (api/cached_reads.py)."""
     return index_base(prefix, entity_type) + "g"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,6 +22,7 @@ from entities.runtime.envelope import Snapshot
 from entities.runtime.workflow import EntityWorkflow
 from workers.cache import CacheUnavailable, SnapshotCache
 from workers.changes import Changes
+from workers.forgetting import forgotten_by_now
 from workers.temporal import ask, within
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,16 @@ class Reindexed:
     found: int = 0
     written: int = 0
     failed: list[str] = field(default_factory=list)
+
+
+def _announced(snapshot: Snapshot, ended_retention: float | None) -> Changes | None:
+    """What the snapshot's write streams: for an entity whose stream lost its mark (Redis
+    lost its keys), a gap up to its revision (workers/changes.py), and nothing where the
+    mark stands; nothing at all for an ended entity Redis has let go of by now on purpose
+    (its mark with it), which Temporal still lists."""
+    if snapshot.closed and forgotten_by_now(snapshot.updated_at, ended_retention, time.time()):
+        return None
+    return Changes(snapshot.revision, [], lost_only=True)
 
 
 async def entity_ids(client: Client, entity_type: str, where: str | None = None) -> list[str]:
@@ -88,6 +100,7 @@ async def reindex(
     progress: Progress | None = None,
     rounds: int = 3,
     pause: float = 2.0,
+    ended_retention: float | None = None,
 ) -> Reindexed:
     """Write every listed entity's snapshot to the cache and the index, `concurrency` at a
     time; `where` narrows the visibility query (`TaskQueue = 'tenure'`). A snapshot older
@@ -107,9 +120,7 @@ async def reindex(
         for entity_type, entity_id in pending:
             try:
                 snapshot = await snapshot_of(client, entity_type, entity_id, timeout)
-                # With no changes past its revision: an entity whose stream lost its mark
-                # (Redis lost its keys) announces a gap up to it (workers/changes.py).
-                announced = Changes(snapshot.revision, []) if snapshot is not None else None
+                announced = _announced(snapshot, ended_retention) if snapshot else None
                 if snapshot is not None and await cache.put(snapshot, announced):
                     done.written += 1
                 finished += 1

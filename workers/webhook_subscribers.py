@@ -397,7 +397,9 @@ def event_body(
         if number in data and data[number].isdigit():
             data[number] = int(data[number])
     if fields.get("type") == "gap":
-        webhook_id = f"{entity_type}:{entity_id}:{incarnation}:gap:{fields.get('from')}"
+        # Both ends: gaps from 1 are announced again each time Redis loses its keys.
+        gap = f"{fields.get('from')}-{fields.get('to')}"
+        webhook_id = f"{entity_type}:{entity_id}:{incarnation}:gap:{gap}"
         kind = f"{entity_type}.gap"
     else:
         webhook_id = f"{entity_type}:{entity_id}:{incarnation}:{fields.get('revision')}"

@@ -37,7 +37,7 @@ from workers.answer_budget import AnswerBudgetRunner
 from workers.bulk import BulkActivities
 from workers.cache import SnapshotCache, connect_redis
 from workers.changes import Retention
-from workers.forgetting import EndedEntities
+from workers.forgetting import EndedEntities, ended_retention
 from workers.handovers import Handovers, OverdueHandovers
 from workers.offers import OfferedPublishes, OfferingRunner
 from workers.publish_lag import (
@@ -54,7 +54,6 @@ from workers.search_attributes import check_search_attributes
 from workers.settings import Settings
 from workers.temporal import (
     connect_temporal,
-    namespace_retention,
     until_reachable,
     until_unreachable,
 )
@@ -339,7 +338,7 @@ async def run_worker(
     )
     taking_up = asyncio.create_task(handovers.run())
     forgetting = asyncio.create_task(
-        EndedEntities(cache).run(partial(_ended_retention, client, settings))
+        EndedEntities(cache).run(partial(ended_retention, client, settings))
     )
     stopping = asyncio.create_task((stop or asyncio.Event()).wait())
     status = status or WorkerStatus()
@@ -396,14 +395,6 @@ async def run_worker(
         forgetting.cancel()
         await cache.aclose()
         await redis_client.aclose()
-
-
-async def _ended_retention(client: Client, settings: Settings) -> float | None:
-    """How long Redis keeps an ended entity: as set, else as long as Temporal keeps its
-    closed workflow (None while Temporal does not say)."""
-    if settings.ended_retention_seconds is not None:
-        return settings.ended_retention_seconds
-    return await namespace_retention(client, settings.temporal_namespace)
 
 
 HANDOVER_OVERDUE = 60.0

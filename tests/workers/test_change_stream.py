@@ -29,6 +29,7 @@ from tests.entities.test_publishing import publishes
 from tests.entities.test_runtime import open_active
 from workers.cache import SnapshotCache, connect_redis
 from workers.changes import MIN_KEPT, Changes, Retention, kept_length, marks_key, stream_key
+from workers.forgetting import forgotten_by_now
 from workers.settings import Settings
 
 Entry = dict[str, str]
@@ -193,6 +194,37 @@ async def test_changes_lost_with_redis_s_keys_are_announced_as_a_gap(cache: Snap
     await cache.put(snapshot(entity_id, 5), Changes(4, applied(5)))
     assert [e["type"] for e in await entries_of(cache, "account", entity_id)][-1] == "change"
     assert len(await entries_of(cache, "account", entity_id)) == 3
+
+
+async def test_a_reindex_announces_only_a_lost_mark_and_leaves_a_publish_on_its_way_alone(
+    cache: SnapshotCache,
+) -> None:
+    """`tenure reindex` writes each entity's snapshot with a gap that only a lost mark
+    streams. Where the mark stands (revision 5), it appends nothing and leaves the mark, so
+    the publish of 6 and 7 still on its way streams them as changes, not a gap; where the
+    mark went with Redis, it announces 1 to 7."""
+    standing, lost = new_id(), new_id()
+    for entity_id in (standing, lost):
+        await cache.put(snapshot(entity_id, 5), Changes(0, applied(1, 2, 3, 4, 5)))
+    await cache.client.hdel(marks_key(cache.prefix, "account"), lost)
+    for entity_id in (standing, lost):
+        await cache.put(snapshot(entity_id, 7), Changes(7, [], lost_only=True))
+        await cache.put(snapshot(entity_id, 7), Changes(5, applied(6, 7)))
+    kept = await entries_of(cache, "account", standing)
+    assert revisions(kept) == [1, 2, 3, 4, 5, 6, 7]
+    announced = (await entries_of(cache, "account", lost))[5:]
+    assert [(e["type"], e.get("from"), e.get("to")) for e in announced] == [("gap", "1", "7")]
+
+
+def test_an_ended_entity_is_forgotten_by_now_only_past_its_retention() -> None:
+    ended = datetime(2026, 12, 1, tzinfo=UTC)
+    day = 86_400.0
+    now = ended.timestamp()
+    assert forgotten_by_now(ended, day, now + 2 * day)
+    assert not forgotten_by_now(ended, day, now + day / 2)
+    assert not forgotten_by_now(ended, 60.0, now + 1800)  # an hour at least
+    assert not forgotten_by_now(ended, None, now + 100 * day)  # not known: kept
+    assert not forgotten_by_now(ended, 0, now + 100 * day)  # kept for good
 
 
 async def test_a_later_incarnation_streams_from_its_first_revision(cache: SnapshotCache) -> None:
