@@ -327,9 +327,10 @@ class RuntimeOptions(BaseModel):
         default=512 * 1024,
         ge=1024,
         le=1024 * 1024,
-        description="The most an entity's state may weigh as JSON; a command whose result "
-        "would weigh more is refused (LIMIT_REACHED). It travels in every snapshot and in the "
-        "continue-as-new input, which Temporal refuses past 2 MB, failing the workflow task "
+        description="The most an entity's state may weigh as JSON, in UTF-8 bytes; a command "
+        "whose result would weigh more is refused (LIMIT_REACHED). It travels in every "
+        "snapshot and in the continue-as-new input, which Temporal refuses past 2 MB, "
+        "failing the workflow task "
         "for good; each entity type bounds its collections well under the default, and this "
         "refuses any command whose result would not fit, whatever a type forgot.",
     )
