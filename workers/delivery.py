@@ -315,29 +315,26 @@ class CommandDelivery:
             # can answer UNAVAILABLE) left the signal its own 5 s.
             handle = await self._deliver_by(deadline, entity, entity_id, envelope)
         except EntityClosed:
-            ended = await self.ended_outcome(entity, entity_id, envelope, deadline)
+            ended = await self._ended_outcome(entity, entity_id, envelope, deadline)
             if ended is None:
                 raise
-            return ended
+            return _of_this_command(envelope, ended)
         return await self.await_outcome(handle, envelope, deadline)
 
-    async def ended_outcome(
+    async def _ended_outcome(
         self,
         entity: EntityType[Any, Any],
         entity_id: str,
         envelope: CommandEnvelope,
-        deadline: float | None = None,
+        deadline: float,
     ) -> CommandResult | None:
         """What an entity that has ended recorded of this sender's command, when its sending
         was refused as too late: the outcome of its first sending (perhaps the very command
-        that ended it), or None when it never took it. A key the entity recorded for
-        another command is refused (`_of_this_command`); one it cannot tell in time,
+        that ended it), or None when it never took it; one it cannot tell in time is
         UNAVAILABLE (`_outcome`)."""
         handle = self._client.get_workflow_handle(entity.workflow_id(entity_id))
         result = await self._outcome_of(handle, envelope, deadline=deadline)
-        if result.outcome.status is OutcomeStatus.UNKNOWN:
-            return None
-        return _of_this_command(envelope, result)
+        return None if result.outcome.status is OutcomeStatus.UNKNOWN else result
 
     def _may_update(self, workflow_id: str) -> bool:
         until = self._signals_only.get(workflow_id)
@@ -430,11 +427,10 @@ class CommandDelivery:
         try:
             await self._deliver_by(deadline, command.entity, command.entity_id, envelope)
         except EntityClosed:
-            handle = self._client.get_workflow_handle(command.entity.workflow_id(command.entity_id))
-            result = await self._outcome_of(handle, envelope, deadline=deadline)
-            if result.outcome.status is OutcomeStatus.UNKNOWN:
+            ended = await self._ended_outcome(command.entity, command.entity_id, envelope, deadline)
+            if ended is None:
                 raise not_yet_applied(envelope) from None
-            return result
+            return ended
         except TenureError as exc:
             if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.INVALID_INPUT):
                 raise  # the update cannot have applied either
