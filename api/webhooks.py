@@ -53,7 +53,6 @@ from api.request_context import ObservedRequests, note_operation, note_outcome
 from entities import catalog
 from entities.errors import ErrorCode, Rejected, TenureError
 from entities.runtime.policy import webhook_sender
-from workers.delivery import EntityClosed
 from workers.settings import WebhookEvent, WebhookSource
 
 log = structlog.stdlib.get_logger("api.webhooks")
@@ -68,7 +67,7 @@ _HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 _STATUS = {
     ErrorCode.INVALID_INPUT: 400,
     ErrorCode.NOT_FOUND: 404,
-    ErrorCode.INVALID_TRANSITION: 409,
+    ErrorCode.INVALID_TRANSITION: 409,  # an ended entity's too (a repeat the gateway answers)
     ErrorCode.LIMIT_REACHED: 409,
     ErrorCode.UNAVAILABLE: 503,
 }
@@ -335,11 +334,6 @@ class Webhooks:
                 wait=False,  # answered once Temporal has durably accepted it
                 sent_by=sender,
             )
-        except EntityClosed as closed:
-            # Not a repeat of an event the entity took before it ended (which the gateway
-            # answers as the first was), or one it could not tell in time: 409, rather than
-            # a 503 the provider would retry for days.
-            raise Refused(409, closed.code, closed.message, before_sending=False) from closed
         except TenureError as exc:
             status = _STATUS.get(exc.code)
             if status is None:
